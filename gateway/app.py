@@ -1,0 +1,318 @@
+"""The ASGI app: routes, and the request path of `POST /v1/chat/completions`.
+
+    auth -> read + validate -> plan (router: classify, decide) -> reserve budget
+         -> execute (strategies, through backends) -> respond -> record (telemetry) -> settle budget
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from gateway.backends import UpstreamError
+from gateway.calls import Caller, upstream_to_api_error
+from gateway.config import GatewayConfig
+from gateway.effort import apply_effort
+from gateway.errors import EXCEPTION_HANDLERS, ApiError
+from gateway.schemas import ChatRequest, parse_chat_request, parse_json_body
+from gateway.service import Gateway, Plan
+from gateway.strategies import StrategyResult
+from gateway.streaming import PassThrough, synthesized, usage_block
+
+log = logging.getLogger("ponder.app")
+KEEPALIVE_S = 2.0
+
+
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(data), status, headers, media_type="application/json")
+
+
+def gateway_of(request: Request) -> Gateway:
+    return request.app.state.gateway
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"Request body is larger than the {limit} bytes this gateway accepts.",
+                       code="body_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"Request body is larger than the {limit} bytes this gateway accepts.",
+                           code="body_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+# -- health and discovery ---------------------------------------------------------------------------
+
+
+async def healthz(request: Request) -> Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    checks = gateway_of(request).readiness()
+    return json_response(checks, 200 if checks["ready"] else 503)
+
+
+async def list_models(request: Request) -> Response:
+    gw = gateway_of(request)
+    gw.keys.authenticate(request)
+    created = int(gw.started_at)
+    data = [{"id": name, "object": "model", "created": created, "owned_by": "ponder"} for name in gw.models()]
+    return json_response({"object": "list", "data": data})
+
+
+# -- chat completions -------------------------------------------------------------------------------
+
+
+def plan_headers(plan: Plan) -> dict[str, str]:
+    decision = plan.decision
+    return {
+        "x-ponder-request-id": plan.request_id,
+        "x-ponder-arm": decision.arm.key,
+        "x-ponder-task": decision.task,
+        "x-ponder-difficulty": f"{decision.difficulty:.3f}",
+        "x-ponder-policy": decision.policy,
+    }
+
+
+def extension(plan: Plan, caller: Caller, result: StrategyResult | None) -> dict[str, Any]:
+    arm = result.arm if result else plan.decision.arm
+    details = result.details if result else {}
+    return {
+        "request_id": plan.request_id,
+        "arm": arm.key,
+        "strategy": arm.strategy,
+        "effort": arm.effort,
+        "task": plan.decision.task,
+        "difficulty": round(plan.decision.difficulty, 4),
+        "explore": plan.decision.explore,
+        "calls": len(caller.calls),
+        "samples": details.get("samples", 1),
+        "votes": details.get("votes"),
+        "confidence": result.confidence if result else None,
+        "cost_usd": sum(c.cost_usd for c in caller.calls),
+    }
+
+
+def finish_response(plan: Plan, caller: Caller, result: StrategyResult) -> dict[str, Any]:
+    response = result.response
+    response["id"] = plan.request_id  # so clients can send feedback on `completion.id`
+    response["usage"] = usage_block(caller.calls)
+    response["ponder"] = extension(plan, caller, result)
+    return response
+
+
+async def chat_completions(request: Request) -> Response:
+    gw = gateway_of(request)
+    principal = gw.keys.authenticate(request)
+    body = parse_json_body(await read_body(request, gw.config.max_body_bytes))
+    req = parse_chat_request(body, max_n=gw.config.max_n)
+    plan = gw.plan(req, request.headers, principal)
+    reservation = await gw.reserve_budget(plan)
+    caller = gw.caller()
+    if req.stream:
+        return await stream_chat(request, gw, plan, req, caller, reservation)
+    try:
+        result = await until_disconnect(request, gw.execute(plan, req, caller), caller)
+    except ApiError as exc:
+        await settle(gw, plan, caller, reservation, status=exc.status, error=exc.message)
+        return exc.response(plan_headers(plan))
+    response = finish_response(plan, caller, result)
+    await settle(gw, plan, caller, reservation, status=200, result=result)
+    headers = plan_headers(plan)
+    headers["x-ponder-arm"] = result.arm.key
+    headers["x-ponder-cost-usd"] = f"{response['ponder']['cost_usd']:.8f}"
+    headers["x-ponder-samples"] = str(response["ponder"]["samples"])
+    return json_response(response, headers=headers)
+
+
+async def settle(gw: Gateway, plan: Plan, caller: Caller, reservation: Any, *, status: int,
+                 result: StrategyResult | None = None, error: str | None = None) -> None:
+    event = gw.record(plan, caller.calls, status=status, result=result, error=error)
+    if reservation is not None and gw.store is not None:
+        with contextlib.suppress(Exception):  # settling is bookkeeping: never fail the answer for it
+            await gw.store.settle(reservation, event.cost_usd)
+
+
+async def until_disconnect(request: Request, work: Any, caller: Caller) -> StrategyResult:
+    """Run `work`, but stop it (and every upstream call it would still make) if the client leaves."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        caller.cancelled = True
+        task.cancel()
+        raise ApiError(499, "Client closed the request.", code="client_closed")
+    return task.result()
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def stream_chat(request: Request, gw: Gateway, plan: Plan, req: ChatRequest, caller: Caller,
+                      reservation: Any) -> Response:
+    headers = plan_headers(plan)
+    if plan.decision.arm.strategy == "single" and req.n == 1:
+        passthrough = await open_first_stream(gw, plan, req, caller)
+        if isinstance(passthrough, ApiError):
+            await settle(gw, plan, caller, reservation, status=passthrough.status, error=passthrough.message)
+            return passthrough.response(headers)
+        headers["x-ponder-arm"] = f"{passthrough.backend.name}/{plan.decision.arm.effort or '-'}/single/1"
+
+        async def body_iter() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in passthrough.events(caller, include_usage=req.include_usage,
+                                                      extension=lambda: extension(plan, caller, None)):
+                    yield chunk
+            finally:
+                ok = bool(caller.calls) and caller.calls[-1].ok
+                await settle(gw, plan, caller, reservation, status=200 if ok else 502,
+                             error=None if ok else caller.calls[-1].error if caller.calls else "client left")
+
+        return StreamingResponse(body_iter(), media_type="text/event-stream", headers=headers)
+
+    work = asyncio.ensure_future(gw.execute(plan, req, caller))
+
+    def to_chunks(result: StrategyResult) -> list[dict]:
+        response = finish_response(plan, caller, result)
+        return completion_to_chunks(response)
+
+    async def synth_iter() -> AsyncIterator[bytes]:
+        status, error = 200, None
+
+        def on_error(exc: ApiError) -> None:
+            nonlocal status, error
+            status, error = exc.status, exc.message
+
+        try:
+            async for chunk in synthesized(work, include_usage=req.include_usage, keepalive_s=KEEPALIVE_S,
+                                           to_chunks=to_chunks, on_error=on_error):
+                yield chunk
+        finally:
+            caller.cancelled = not work.done()
+            result = work.result() if work.done() and not work.cancelled() and work.exception() is None else None
+            await settle(gw, plan, caller, reservation, status=status, result=result, error=error)
+
+    return StreamingResponse(synth_iter(), media_type="text/event-stream", headers=headers)
+
+
+async def open_first_stream(gw: Gateway, plan: Plan, req: ChatRequest, caller: Caller) -> PassThrough | ApiError:
+    """Open the first arm whose backend sends a first chunk; failures before any byte are invisible."""
+    last: UpstreamError | None = None
+    arms = [a for a in plan.arms() if a.strategy == "single" or a is plan.decision.arm]
+    for index, arm in enumerate(arms):
+        if not caller.available(arm.backend) and index < len(arms) - 1:
+            continue
+        backend = caller.backend(arm.backend)
+        body = apply_effort({k: v for k, v in req.body.items() if k != "n"}, backend.spec, arm.effort)
+        for _attempt in range(1 + backend.spec.max_retries):
+            if caller.remaining() <= 0:
+                return ApiError(504, "The request deadline passed before a backend answered.", code="deadline")
+            try:
+                return await PassThrough.open(backend, body, caller)
+            except UpstreamError as exc:
+                last = exc
+                if not exc.retryable or not backend.health.available(time.monotonic()):
+                    break
+    assert last is not None
+    return upstream_to_api_error(last, caller.retry_after_s() if last.status in (429, 503) else None)
+
+
+def completion_to_chunks(response: dict[str, Any]) -> list[dict[str, Any]]:
+    """A finished chat.completion as the chunk sequence a streaming client expects."""
+    base = {"id": response["id"], "object": "chat.completion.chunk", "created": response.get("created", 0),
+            "model": response.get("model", "")}
+    chunks = []
+    for choice in response.get("choices") or []:
+        message = choice.get("message") or {}
+        index = choice.get("index", 0)
+        delta: dict[str, Any] = {"role": "assistant", "content": message.get("content") or ""}
+        if message.get("tool_calls"):
+            delta["tool_calls"] = [{**call, "index": i} for i, call in enumerate(message["tool_calls"])]
+        chunks.append({**base, "choices": [{"index": index, "delta": delta, "finish_reason": None}]})
+        chunks.append({**base, "choices": [{"index": index, "delta": {},
+                                            "finish_reason": choice.get("finish_reason") or "stop"}]})
+    chunks.append({**base, "choices": [], "usage": response["usage"], "ponder": response["ponder"]})
+    return chunks
+
+
+# -- feedback ---------------------------------------------------------------------------------------
+
+
+async def feedback(request: Request) -> Response:
+    gw = gateway_of(request)
+    principal = gw.keys.authenticate(request)
+    body = parse_json_body(await read_body(request, 64 * 1024))
+    request_id = body.get("request_id")
+    if not isinstance(request_id, str) or not request_id:
+        raise ApiError(400, "'request_id' must be the id of a completion.", param="request_id", code="invalid_value")
+    score = body.get("score", body.get("correct"))
+    if isinstance(score, bool):
+        score = 1.0 if score else 0.0
+    if not isinstance(score, (int, float)) or not 0 <= score <= 1:
+        raise ApiError(400, "Send 'score' in [0, 1] or 'correct': true/false.", param="score", code="invalid_value")
+    assert gw.store is not None
+    outcome = await gw.store.feedback(request_id, float(score), None if not gw.keys.enabled else principal.key_id)
+    status = {"accepted": 200, "duplicate": 200, "unknown_request": 404, "expired": 410, "forbidden": 403}
+    code = getattr(outcome, "status", str(outcome))
+    if status.get(code, 200) >= 400:
+        raise ApiError(status[code], f"Feedback not recorded: {code}.", param="request_id", code=code)
+    return json_response({"request_id": request_id, "status": code})
+
+
+# -- the app ----------------------------------------------------------------------------------------
+
+
+def routes() -> list[Route]:
+    return [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/feedback", feedback, methods=["POST"]),
+    ]
+
+
+def create_app(config: GatewayConfig) -> Starlette:
+    gateway = Gateway(config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await gateway.start()
+        try:
+            yield
+        finally:
+            await gateway.close()
+
+    middleware = []
+    if config.cors_origins:
+        middleware.append(Middleware(CORSMiddleware, allow_origins=config.cors_origins,
+                                     allow_methods=["GET", "POST"], allow_headers=["*"]))
+    app = Starlette(routes=routes(), middleware=middleware, exception_handlers=EXCEPTION_HANDLERS,
+                    lifespan=lifespan)
+    app.state.gateway = gateway
+    return app

@@ -1,0 +1,306 @@
+"""Backends: one callable model endpoint each, with exact accounting and a health record.
+
+Two transports behind one interface:
+- the fast path: OpenAI-compatible endpoints (OpenAI, vLLM, llama.cpp, ...) called directly over a
+  shared aiohttp connection pool; litellm's per-call CPU cost (several ms) would dominate our overhead;
+- litellm for every other provider (Anthropic, Gemini, Bedrock, ...), imported only when needed.
+
+A backend never retries by itself: retries, cool-downs and fallbacks are decided in one place
+(gateway/calls.py) so a request's attempts are bounded as a whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+
+from gateway.prices import call_cost, resolve_prices
+from policies.backends import BackendSpec
+
+FAST_PATH_PROVIDERS = {"openai", "hosted_vllm", "llamacpp", "lm_studio"}
+
+
+@dataclass(slots=True)
+class CallRecord:
+    """One upstream call as billed: what telemetry stores and what `usage` sums."""
+
+    backend: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    reasoning_tokens: int = 0
+    cost_usd: float = 0.0
+    latency_ms: float = 0.0
+    ok: bool = True
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "reasoning_tokens": self.reasoning_tokens,
+            "cost_usd": self.cost_usd,
+            "latency_ms": round(self.latency_ms, 3),
+            "ok": self.ok,
+            "error": self.error,
+        }
+
+
+class UpstreamError(Exception):
+    """A failed upstream call. `status` is what the client would see if nothing else can serve it."""
+
+    def __init__(self, backend: str, status: int, message: str, *, retryable: bool,
+                 retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.backend = backend
+        self.status = status
+        self.message = message
+        self.retryable = retryable
+        self.retry_after = retry_after
+
+
+@dataclass(slots=True)
+class BackendHealth:
+    """Cool a failing backend down so later requests skip it at once instead of waiting on it."""
+
+    consecutive_failures: int = 0
+    cooldown_until: float = 0.0
+    base_cooldown_s: float = 1.0
+    max_cooldown_s: float = 30.0
+
+    def available(self, now: float) -> bool:
+        return now >= self.cooldown_until
+
+    def failed(self, now: float, retry_after: float | None = None) -> None:
+        # One failure may be a blip worth one quick retry; two in a row (or an explicit Retry-After)
+        # means the backend is in trouble, and waiting on it would only add latency.
+        self.consecutive_failures += 1
+        if self.consecutive_failures < 2 and not retry_after:
+            return
+        pause = min(self.base_cooldown_s * 2 ** (self.consecutive_failures - 2), self.max_cooldown_s)
+        if retry_after:
+            pause = max(pause, min(retry_after, self.max_cooldown_s))
+        self.cooldown_until = now + pause
+
+    def succeeded(self) -> None:
+        self.consecutive_failures = 0
+        self.cooldown_until = 0.0
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    reasoning_tokens: int = 0
+
+    @classmethod
+    def from_block(cls, usage: dict | None) -> Usage:
+        if not usage:
+            return cls()
+        details = usage.get("completion_tokens_details") or {}
+        return cls(
+            int(usage.get("prompt_tokens") or 0),
+            int(usage.get("completion_tokens") or 0),
+            int(details.get("reasoning_tokens") or 0),
+        )
+
+
+@dataclass
+class Backend:
+    spec: BackendSpec
+    session: aiohttp.ClientSession | None = None
+    health: BackendHealth = field(default_factory=BackendHealth)
+
+    def __post_init__(self) -> None:
+        self.name = self.spec.name
+        self.prices = resolve_prices(self.spec)
+        provider, _, upstream_model = self.spec.model.partition("/")
+        self.upstream_model = upstream_model or provider
+        self.fast_path = (
+            self.spec.fast_path
+            if self.spec.fast_path is not None
+            else (provider in FAST_PATH_PROVIDERS or (not upstream_model and self.spec.api_base is not None))
+        )
+        base = (self.spec.api_base or "https://api.openai.com/v1").rstrip("/")
+        self.url = f"{base}/chat/completions"
+        self.semaphore = asyncio.Semaphore(self.spec.max_concurrency)
+
+    # -- accounting -------------------------------------------------------------------------
+    def record(self, usage: Usage, started: float, *, ok: bool = True, error: str | None = None) -> CallRecord:
+        return CallRecord(
+            backend=self.name,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            reasoning_tokens=usage.reasoning_tokens,
+            cost_usd=call_cost(self.prices, usage.prompt_tokens, usage.completion_tokens),
+            latency_ms=(time.perf_counter() - started) * 1000,
+            ok=ok,
+            error=error,
+        )
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json"}
+        key = os.environ.get(self.spec.api_key_env) if self.spec.api_key_env else None
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        return headers
+
+    def _payload(self, body: dict[str, Any]) -> dict[str, Any]:
+        return {**body, "model": self.upstream_model}
+
+    # -- non-streaming ----------------------------------------------------------------------
+    async def complete(self, body: dict[str, Any]) -> tuple[dict[str, Any], CallRecord]:
+        started = time.perf_counter()
+        async with self.semaphore:
+            if self.fast_path:
+                data = await self._complete_fast(body)
+            else:
+                data = await self._complete_litellm(body)
+        return data, self.record(Usage.from_block(data.get("usage")), started)
+
+    async def _complete_fast(self, body: dict[str, Any]) -> dict[str, Any]:
+        assert self.session is not None, "backend used before the gateway started"
+        timeout = aiohttp.ClientTimeout(total=self.spec.timeout_s, sock_connect=self.spec.connect_timeout_s)
+        try:
+            async with self.session.post(self.url, data=orjson.dumps(self._payload(body)),
+                                         headers=self._headers(), timeout=timeout) as resp:
+                raw = await resp.read()
+                if resp.status >= 400:
+                    raise self._http_error(resp.status, raw, resp.headers.get("Retry-After"))
+        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+            raise UpstreamError(self.name, 504, f"{self.name}: upstream timed out", retryable=True) from None
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(self.name, 502, f"{self.name}: {type(exc).__name__}: {exc}",
+                                retryable=True) from None
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise UpstreamError(self.name, 502, f"{self.name}: upstream sent invalid JSON", retryable=True) from None
+        if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
+            raise UpstreamError(self.name, 502, f"{self.name}: upstream answer has no choices", retryable=True)
+        return data
+
+    def _http_error(self, status: int, raw: bytes, retry_after: str | None) -> UpstreamError:
+        try:
+            message = orjson.loads(raw)["error"]["message"]
+        except Exception:  # any shape: the upstream's body is only informative
+            message = raw[:500].decode("utf-8", "replace")
+        retryable = status == 429 or status >= 500 or status == 408
+        client_status = status if status in (400, 404, 413, 422) else (429 if status == 429 else 502)
+        return UpstreamError(self.name, client_status, f"{self.name}: upstream {status}: {message}",
+                             retryable=retryable, retry_after=_seconds(retry_after))
+
+    async def _complete_litellm(self, body: dict[str, Any]) -> dict[str, Any]:
+        litellm = _litellm()
+        params = {k: v for k, v in body.items() if k not in ("model", "stream", "stream_options")}
+        try:
+            response = await litellm.acompletion(
+                model=self.spec.model, api_base=self.spec.api_base, api_key=self._api_key(),
+                timeout=self.spec.timeout_s, num_retries=0, **params,
+            )
+        except Exception as exc:  # litellm maps every provider's errors onto its own classes
+            raise _litellm_error(self.name, exc) from None
+        return response.model_dump(exclude_none=True)
+
+    def _api_key(self) -> str | None:
+        return os.environ.get(self.spec.api_key_env) if self.spec.api_key_env else None
+
+    # -- streaming --------------------------------------------------------------------------
+    async def stream(self, body: dict[str, Any]) -> AsyncIterator[tuple[bytes, dict | None]]:
+        """Yield `(payload, parsed)` per SSE data event, ending only after the upstream's [DONE].
+
+        The upstream is always asked for usage so the stream can be billed; the caller decides
+        whether the client sees that chunk. A stream that ends without [DONE] raises UpstreamError.
+        """
+        body = {**body, "stream": True, "stream_options": {**(body.get("stream_options") or {}),
+                                                           "include_usage": True}}
+        async with self.semaphore:
+            source = self._stream_fast(body) if self.fast_path else self._stream_litellm(body)
+            async for item in source:
+                yield item
+
+    async def _stream_fast(self, body: dict[str, Any]) -> AsyncIterator[tuple[bytes, dict | None]]:
+        assert self.session is not None, "backend used before the gateway started"
+        timeout = aiohttp.ClientTimeout(total=self.spec.timeout_s, sock_connect=self.spec.connect_timeout_s,
+                                        sock_read=self.spec.first_byte_timeout_s)
+        try:
+            async with self.session.post(self.url, data=orjson.dumps(self._payload(body)),
+                                         headers=self._headers(), timeout=timeout) as resp:
+                if resp.status >= 400:
+                    raise self._http_error(resp.status, await resp.read(), resp.headers.get("Retry-After"))
+                async for line in resp.content:
+                    if not line.startswith(b"data:"):
+                        continue
+                    payload = line[5:].strip()
+                    if payload == b"[DONE]":
+                        return
+                    try:
+                        parsed = orjson.loads(payload)
+                    except orjson.JSONDecodeError:
+                        raise UpstreamError(self.name, 502, f"{self.name}: invalid JSON in stream",
+                                            retryable=True) from None
+                    if isinstance(parsed, dict) and "error" in parsed:
+                        raise UpstreamError(self.name, 502, f"{self.name}: stream error: {parsed['error']}",
+                                            retryable=True)
+                    yield payload, parsed
+        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+            raise UpstreamError(self.name, 504, f"{self.name}: upstream stream stalled", retryable=True) from None
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(self.name, 502, f"{self.name}: stream broken: {type(exc).__name__}",
+                                retryable=True) from None
+        raise UpstreamError(self.name, 502, f"{self.name}: stream ended without [DONE]", retryable=True)
+
+    async def _stream_litellm(self, body: dict[str, Any]) -> AsyncIterator[tuple[bytes, dict | None]]:
+        litellm = _litellm()
+        params = {k: v for k, v in body.items() if k != "model"}
+        try:
+            response = await litellm.acompletion(model=self.spec.model, api_base=self.spec.api_base,
+                                                 api_key=self._api_key(), timeout=self.spec.timeout_s,
+                                                 num_retries=0, **params)
+            async for chunk in response:
+                parsed = chunk.model_dump(exclude_none=True)
+                yield orjson.dumps(parsed), parsed
+        except UpstreamError:
+            raise
+        except Exception as exc:
+            raise _litellm_error(self.name, exc) from None
+
+
+def _seconds(value: str | None) -> float | None:
+    try:
+        return max(0.0, float(value)) if value else None
+    except ValueError:
+        return None
+
+
+_LITELLM = None
+
+
+def _litellm():
+    """Import litellm once, offline: its cost map is bundled, and it must not phone home."""
+    global _LITELLM
+    if _LITELLM is None:
+        os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+        import litellm
+
+        litellm.suppress_debug_info = True
+        litellm.drop_params = True  # a knob one provider lacks must not fail the call
+        _LITELLM = litellm
+    return _LITELLM
+
+
+def _litellm_error(backend: str, exc: Exception) -> UpstreamError:
+    status = int(getattr(exc, "status_code", 0) or 0)
+    message = str(getattr(exc, "message", None) or exc)[:500]
+    if "Timeout" in type(exc).__name__:
+        return UpstreamError(backend, 504, f"{backend}: upstream timed out", retryable=True)
+    retryable = status in (0, 408, 429) or status >= 500
+    client_status = status if status in (400, 404, 413, 422, 429) else 502
+    return UpstreamError(backend, client_status, f"{backend}: {message}", retryable=retryable)

@@ -1,0 +1,101 @@
+"""Calling backends under one request's rules: bounded attempts, cool-downs, fallbacks, deadline.
+
+Every upstream call of a request goes through `Caller`, so the request's deadline and its
+disconnect are honoured in one place and every attempt, failed or not, is accounted for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.backends import Backend, CallRecord, Usage, UpstreamError
+from gateway.errors import ApiError
+
+BACKOFF_BASE_S = 0.05
+BACKOFF_MAX_S = 1.0
+
+
+@dataclass
+class Caller:
+    """Per-request call context: the backends, the deadline, and the ledger of every call made."""
+
+    backends: dict[str, Backend]
+    deadline: float  # time.monotonic() value
+    calls: list[CallRecord] = field(default_factory=list)
+    cancelled: bool = False
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def backend(self, name: str) -> Backend:
+        try:
+            return self.backends[name]
+        except KeyError:
+            raise ApiError(503, f"Backend {name!r} is not configured.", code="backend_missing") from None
+
+    async def complete(self, backend_name: str, body: dict[str, Any]) -> dict[str, Any]:
+        """One logical call to one backend: retried with backoff while that backend may recover."""
+        backend = self.backend(backend_name)
+        attempts = 1 + backend.spec.max_retries
+        last: UpstreamError | None = None
+        for attempt in range(attempts):
+            if self.cancelled:
+                raise asyncio.CancelledError
+            if not backend.health.available(time.monotonic()):
+                raise last or _cooling(backend)
+            budget = self.remaining()
+            if budget <= 0:
+                raise ApiError(504, "The request deadline passed before a backend answered.", code="deadline")
+            started = time.perf_counter()
+            try:
+                data, record = await asyncio.wait_for(backend.complete(body), timeout=budget)
+            except asyncio.TimeoutError:
+                last = UpstreamError(backend.name, 504, f"{backend.name}: request deadline reached", retryable=False)
+                self._failed(backend, started, last)
+                raise last from None
+            except UpstreamError as exc:
+                last = exc
+                self._failed(backend, started, exc)
+                if not exc.retryable or attempt == attempts - 1:
+                    raise
+                await asyncio.sleep(min(_backoff(attempt, exc.retry_after), max(0.0, self.remaining())))
+                continue
+            backend.health.succeeded()
+            self.calls.append(record)
+            return data
+        raise last or _cooling(backend)
+
+    def _failed(self, backend: Backend, started: float, exc: UpstreamError) -> None:
+        backend.health.failed(time.monotonic(), exc.retry_after)
+        self.calls.append(backend.record(Usage(), started, ok=False, error=exc.message[:300]))
+
+    def available(self, backend_name: str) -> bool:
+        backend = self.backends.get(backend_name)
+        return backend is not None and backend.health.available(time.monotonic())
+
+    def retry_after_s(self) -> float:
+        """When the soonest cooling backend is expected back (for a Retry-After header)."""
+        now = time.monotonic()
+        waits = [b.health.cooldown_until - now for b in self.backends.values() if b.health.cooldown_until > now]
+        return max(1.0, min(waits)) if waits else 1.0
+
+
+def _backoff(attempt: int, retry_after: float | None) -> float:
+    if retry_after is not None:
+        return min(retry_after, BACKOFF_MAX_S)
+    return min(BACKOFF_BASE_S * 2**attempt, BACKOFF_MAX_S) * (0.5 + random.random() / 2)
+
+
+def _cooling(backend: Backend) -> UpstreamError:
+    return UpstreamError(backend.name, 503, f"{backend.name}: cooling down after repeated failures",
+                         retryable=True)
+
+
+def upstream_to_api_error(exc: UpstreamError, retry_after_s: float | None = None) -> ApiError:
+    headers = {"Retry-After": str(int(round(retry_after_s)))} if retry_after_s else {}
+    code = "upstream_timeout" if exc.status == 504 else "upstream_error"
+    return ApiError(exc.status, exc.message, code=code, headers=headers)

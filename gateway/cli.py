@@ -1,0 +1,72 @@
+"""`ponder`: the one place that wires every part together.
+
+    ponder serve [--config FILE] [--host H] [--port P]   run the gateway
+    ponder train ...                                     retrain the classifier
+    ponder classify "TEXT" | --input F --output F        run the classifier
+    ponder policy check FILE...                          validate policies
+    ponder stats ...                                     per-bucket learned stats
+    ponder eval ...                                      replay recorded outcomes
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # before anything can import litellm
+
+
+def serve(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="ponder serve", description="Run the gateway.")
+    parser.add_argument("--config", default=os.environ.get("PONDER_CONFIG"),
+                        help="gateway YAML (default: $PONDER_CONFIG, else the embedded local default)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--log-level", default="info")
+    args = parser.parse_args(argv)
+
+    import uvicorn
+
+    from gateway.app import create_app
+    from gateway.config import ConfigError, load_config
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"ponder: bad config: {exc}", file=sys.stderr)
+        return 2
+    uvicorn.run(create_app(config), host=args.host, port=args.port, loop="uvloop", http="httptools",
+                log_level=args.log_level, access_log=False, timeout_graceful_shutdown=30)
+    return 0
+
+
+def _delegate(module: str, function: str, argv: list[str]) -> int:
+    import importlib
+
+    return int(getattr(importlib.import_module(module), function)(argv) or 0)
+
+
+COMMANDS = {
+    "serve": lambda argv: serve(argv),
+    "train": lambda argv: _delegate("router.train", "cli", argv),
+    "classify": lambda argv: _delegate("router.classifier", "cli", argv),
+    "stats": lambda argv: _delegate("telemetry.cli", "stats_cli", argv),
+    "eval": lambda argv: _delegate("evals.cli", "cli", argv),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["policy", "check"]:
+        return _delegate("policies.loader", "check_cli", argv[2:])
+    if not argv or argv[0] not in COMMANDS:
+        print(__doc__, file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    return COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

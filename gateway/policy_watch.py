@@ -1,0 +1,87 @@
+"""Named policies, hot reloaded: a changed file replaces its policy only if the new file is valid.
+
+A broken edit is logged and the previous policy keeps serving; in-flight requests keep the policy
+object they started with (policies are immutable once loaded).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from policies.backends import BackendSpec
+from policies.loader import PolicyError, load_policy
+from policies.schema import Policy
+from router.decide import CompiledPolicy, compile_policy
+
+log = logging.getLogger("ponder.policy")
+
+
+@dataclass
+class _Entry:
+    path: Path
+    mtime: float
+    compiled: CompiledPolicy
+
+
+class PolicySet:
+    def __init__(self, default: str, extra: dict[str, str], backends: list[BackendSpec]) -> None:
+        self._backends = backends
+        self._entries: dict[str, _Entry] = {}
+        self.default_name = self._load(Path(default))
+        for path in extra.values():
+            self._load(Path(path))
+        self.last_error: str | None = None
+
+    def _load(self, path: Path) -> str:
+        policy: Policy = load_policy(path, extra_backends=self._backends)
+        self._entries[policy.name] = _Entry(path, os.stat(path).st_mtime, compile_policy(policy, self._backends))
+        return policy.name
+
+    def get(self, name: str | None = None) -> CompiledPolicy | None:
+        entry = self._entries.get(name or self.default_name)
+        return entry.compiled if entry else None
+
+    @property
+    def default(self) -> CompiledPolicy:
+        return self._entries[self.default_name].compiled
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def reload_changed(self, *, force: bool = False) -> list[str]:
+        """Reload every policy whose file changed; returns the names reloaded."""
+        reloaded = []
+        for name, entry in list(self._entries.items()):
+            try:
+                mtime = os.stat(entry.path).st_mtime
+            except OSError as exc:
+                self.last_error = f"{entry.path}: {exc}"
+                continue
+            if mtime == entry.mtime and not force:
+                continue
+            entry.mtime = mtime  # a broken file is reported once, not every poll
+            try:
+                policy = load_policy(entry.path, extra_backends=self._backends)
+                compiled = compile_policy(policy, self._backends)
+            except PolicyError as exc:
+                self.last_error = str(exc)
+                log.error("policy reload rejected, the previous %r keeps serving: %s", name, exc)
+                continue
+            if policy.name != name:
+                self._entries.pop(name)
+                if name == self.default_name:
+                    self.default_name = policy.name
+            self._entries[policy.name] = _Entry(entry.path, mtime, compiled)
+            self.last_error = None
+            reloaded.append(policy.name)
+            log.info("policy %r reloaded from %s", policy.name, entry.path)
+        return reloaded
+
+    async def watch(self, interval_s: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            self.reload_changed()

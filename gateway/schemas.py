@@ -1,0 +1,118 @@
+"""The OpenAI chat-completions request, validated just enough to route it and fail early.
+
+The body the client sent is kept as it is and forwarded faithfully; validation only rejects what no
+backend could serve (wrong types, no messages, absurd numbers), with a 400 that names the field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from gateway.errors import ApiError
+
+ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
+REASONING_EFFORTS = {"none", "minimal", "low", "medium", "high", "xhigh"}
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+    @field_validator("role")
+    @classmethod
+    def _known_role(cls, role: str) -> str:
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r}; expected one of {sorted(ROLES)}")
+        return role
+
+
+class _ChatBody(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1)
+    messages: list[_Message] = Field(min_length=1)
+    n: int = Field(default=1, ge=1)
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    user: str | None = None
+    reasoning_effort: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    @field_validator("reasoning_effort")
+    @classmethod
+    def _known_effort(cls, effort: str | None) -> str | None:
+        if effort is not None and effort not in REASONING_EFFORTS:
+            raise ValueError(f"expected one of {sorted(REASONING_EFFORTS)}")
+        return effort
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(stop, list) and len(stop) > 4:
+            raise ValueError("at most 4 stop sequences")
+        return stop
+
+
+@dataclass(slots=True)
+class ChatRequest:
+    """A validated request: the client's body untouched, plus the fields the gateway reads."""
+
+    body: dict[str, Any]
+    model: str
+    messages: list[dict[str, Any]]
+    n: int
+    stream: bool
+    include_usage: bool
+    max_output_tokens: int | None
+    reasoning_effort: str | None
+
+    @property
+    def has_tools(self) -> bool:
+        return bool(self.body.get("tools"))
+
+
+def parse_json_body(raw: bytes) -> dict[str, Any]:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, f"Request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "Request body must be a JSON object.", code="invalid_json")
+    return body
+
+
+def parse_chat_request(body: dict[str, Any], *, max_n: int) -> ChatRequest:
+    try:
+        parsed = _ChatBody.model_validate(body)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        param = ".".join(str(p) for p in err["loc"]) or None
+        raise ApiError(400, f"Invalid value for '{param}': {err['msg']}", param=param,
+                       code="invalid_value") from None
+    if parsed.n > max_n:
+        raise ApiError(400, f"'n' must be at most {max_n}.", param="n", code="invalid_value")
+    stream_options = parsed.stream_options or {}
+    return ChatRequest(
+        body=body,
+        model=parsed.model,
+        messages=body["messages"],
+        n=parsed.n,
+        stream=parsed.stream,
+        include_usage=bool(stream_options.get("include_usage")),
+        max_output_tokens=parsed.max_completion_tokens or parsed.max_tokens,
+        reasoning_effort=parsed.reasoning_effort,
+    )

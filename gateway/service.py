@@ -1,0 +1,244 @@
+"""The gateway's state and its three steps per request: plan (router), execute (strategies), record.
+
+Built once at startup (`Gateway.start`) and shared by every request; `gateway/app.py` holds the
+HTTP handlers that call into it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from gateway.auth import KeyRing, Principal
+from gateway.backends import Backend, CallRecord, UpstreamError
+from gateway.calls import Caller, upstream_to_api_error
+from gateway.config import LOCAL_BACKEND_NAME, GatewayConfig
+from gateway.errors import ApiError
+from gateway.local_model import LocalModelServer
+from gateway.policy_watch import PolicySet
+from gateway.schemas import ChatRequest
+from gateway.strategies import StrategyContext, StrategyResult, run_arm
+from router.classifier import Classifier
+from router.decide import BudgetExhausted, CompiledPolicy, RequestHints, decide
+from router.types import Arm, Classification, Decision
+from telemetry.events import Event
+from telemetry.store import BudgetExceeded, Store, open_store
+
+log = logging.getLogger("ponder.gateway")
+
+
+@dataclass
+class Plan:
+    """What the gateway will do for one request, decided before any backend is called."""
+
+    request_id: str
+    decision: Decision
+    policy: CompiledPolicy | None
+    principal: Principal
+    alias: str
+    started: float = field(default_factory=time.perf_counter)
+    ts: float = field(default_factory=time.time)
+
+    def arms(self) -> list[Arm]:
+        return [self.decision.arm, *self.decision.fallbacks]
+
+    def expected_cost_usd(self) -> float:
+        """The decision engine's estimate for the chosen arm (0 for a directly named backend)."""
+        for candidate in self.decision.candidates:
+            if candidate.arm == self.decision.arm:
+                return candidate.expected_cost_usd
+        return 0.0
+
+
+class Gateway:
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self.keys = KeyRing(config.api_keys)
+        self.backends: dict[str, Backend] = {}
+        self.local_model: LocalModelServer | None = None
+        self.session: aiohttp.ClientSession | None = None
+        self.classifier: Classifier | None = None
+        self.policies: PolicySet | None = None
+        self.store: Store | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._rng = random.Random()
+        self.started_at = time.time()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        specs = list(self.config.backends)
+        if self.config.local_model.enabled and not any(s.name == LOCAL_BACKEND_NAME for s in specs):
+            self.local_model = LocalModelServer(self.config.local_model)
+            specs.append(self.local_model.backend_spec())
+        # One pooled session for every fast-path backend: no per-request client construction.
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, limit_per_host=256, ttl_dns_cache=300),
+            json_serialize=None, auto_decompress=True,
+        )
+        self.backends = {spec.name: Backend(spec, self.session) for spec in specs}
+        self.classifier = Classifier.load(self.config.classifier)
+        self.policies = PolicySet(self.config.policy, self.config.extra_policies, specs)
+        self.store = await open_store(
+            self.config.telemetry.redis_url, Path(self.config.telemetry.data_dir),
+            refresh_s=self.config.telemetry.refresh_s,
+        )
+        if self.local_model is not None:
+            await self.local_model.start()
+        self._tasks.append(asyncio.create_task(self.policies.watch()))
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if self.store is not None:
+            await self.store.close()
+        if self.session is not None:
+            await self.session.close()
+        if self.local_model is not None:
+            self.local_model.stop()
+
+    def readiness(self) -> dict[str, Any]:
+        store = self.store.health() if self.store else {"connected": False}
+        checks = {
+            "backends": bool(self.backends),
+            "classifier": self.classifier is not None,
+            "policy": self.policies is not None,
+            "store": store,
+        }
+        checks["ready"] = checks["backends"] and checks["classifier"] and checks["policy"]
+        return checks
+
+    # -- plan -----------------------------------------------------------------------------------
+    def models(self) -> list[str]:
+        aliases = self.policies.default.aliases if self.policies else []
+        return [*aliases, *self.backends]
+
+    def classify(self, req: ChatRequest) -> Classification:
+        assert self.classifier is not None
+        return self.classifier.classify(req.messages)
+
+    def plan(self, req: ChatRequest, headers: Any, principal: Principal) -> Plan:
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        classification = self.classify(req)
+        if req.model in self.backends:
+            arm = Arm(backend=req.model, strategy="single", effort=req.reasoning_effort, n=1)
+            decision = Decision(arm=arm, task=classification.task, difficulty=classification.difficulty,
+                                task_probs=classification.task_probs, policy="direct", rule="direct",
+                                reasons=(f"client named backend {req.model!r}",))
+            return Plan(request_id, decision, None, principal, req.model)
+        policy = self._policy_for(headers)
+        if req.model not in policy.aliases:
+            raise ApiError(404, f"The model {req.model!r} does not exist; GET /v1/models lists the models "
+                                "and routed aliases.", param="model", code="model_not_found")
+        hints = RequestHints.from_request(req, headers, policy)
+        assert self.store is not None
+        try:
+            decision = decide(classification, policy, self.store.snapshot(policy.name), alias=req.model,
+                              request=hints, rng=self._rng)
+        except BudgetExhausted as exc:
+            raise ApiError(429, str(exc), code="budget_exhausted") from None
+        return Plan(request_id, decision, policy, principal, req.model)
+
+    def _policy_for(self, headers: Any) -> CompiledPolicy:
+        assert self.policies is not None
+        name = headers.get("x-ponder-policy")
+        if name and self.policies.default.allows_override("policy"):
+            chosen = self.policies.get(name)
+            if chosen is None:
+                raise ApiError(400, f"Unknown policy {name!r}; known: {self.policies.names()}.",
+                               param="x-ponder-policy", code="unknown_policy")
+            return chosen
+        return self.policies.default
+
+    # -- execute --------------------------------------------------------------------------------
+    def caller(self) -> Caller:
+        return Caller(self.backends, time.monotonic() + self.config.request_timeout_s)
+
+    async def execute(self, plan: Plan, req: ChatRequest, caller: Caller) -> StrategyResult:
+        """Run the decided arm; on a backend failure fall back through the decision's other arms."""
+        last: UpstreamError | None = None
+        arms = plan.arms()
+        for index, arm in enumerate(arms):
+            is_last = index == len(arms) - 1
+            if not caller.available(arm.backend) and not is_last:
+                continue  # cooling down: skip at once rather than wait on it
+            params = plan.policy.strategy_params(arm) if plan.policy else {}
+            ctx = StrategyContext(task=plan.decision.task, params=params, caller=caller)
+            try:
+                return await run_arm(arm, req.body, ctx)
+            except UpstreamError as exc:
+                last = exc
+                if not exc.retryable:
+                    break
+        assert last is not None
+        raise upstream_to_api_error(last, caller.retry_after_s() if last.status in (429, 503) else None)
+
+    # -- record ---------------------------------------------------------------------------------
+    def record(self, plan: Plan, calls: list[CallRecord], *, status: int, result: StrategyResult | None = None,
+               error: str | None = None) -> Event:
+        decision = plan.decision
+        arm = result.arm if result else decision.arm
+        event = Event(
+            request_id=plan.request_id,
+            ts=plan.ts,
+            key_id=plan.principal.key_id,
+            policy=decision.policy,
+            alias=plan.alias,
+            task=decision.task,
+            task_probs=decision.task_probs,
+            difficulty=decision.difficulty,
+            arm=arm.key,
+            strategy=arm.strategy,
+            effort=arm.effort,
+            n=arm.n,
+            explore=decision.explore,
+            reasons=list(decision.reasons),
+            candidates=[_candidate_dict(c) for c in decision.candidates],
+            calls=[c.as_dict() for c in calls],
+            prompt_tokens=sum(c.prompt_tokens for c in calls),
+            completion_tokens=sum(c.completion_tokens for c in calls),
+            reasoning_tokens=sum(c.reasoning_tokens for c in calls),
+            cost_usd=sum(c.cost_usd for c in calls),
+            latency_ms=(time.perf_counter() - plan.started) * 1000,
+            status=status,
+            error=error,
+            success=result.confidence if result and result.confidence_source in ("vote", "verifier") else None,
+            success_source=result.confidence_source if result and result.confidence_source in ("vote", "verifier")
+            else None,
+            details=result.details if result else {},
+        )
+        if self.store is not None:
+            self.store.record(event)
+        return event
+
+    async def reserve_budget(self, plan: Plan) -> Any:
+        """Hold the request's expected cost against the key's budgets (atomic across replicas)."""
+        limits = dict(plan.principal.budgets)
+        if plan.policy is not None:
+            for period, cap in plan.policy.key_budgets().items():
+                limits[period] = min(cap, limits.get(period, cap))
+        if not limits or self.store is None:
+            return None
+        try:
+            return await self.store.reserve(plan.principal.key_id, plan.expected_cost_usd(), limits)
+        except BudgetExceeded as exc:
+            raise ApiError(429, f"Budget exhausted for this key: {exc}", code="budget_exhausted",
+                           headers={"Retry-After": "3600"}) from None
+
+
+def _candidate_dict(candidate: Any) -> dict[str, Any]:
+    return {
+        "arm": candidate.arm.key,
+        "expected_accuracy": round(candidate.expected_accuracy, 4),
+        "expected_cost_usd": candidate.expected_cost_usd,
+        "expected_latency_ms": round(candidate.expected_latency_ms, 1),
+        "utility": round(candidate.utility, 6),
+        "excluded": candidate.excluded,
+    }

@@ -1,0 +1,246 @@
+"""Strategy orchestration: the I/O around the router's judgements.
+
+Each strategy takes an arm and the request, makes its calls through the request's `Caller`, and
+returns one OpenAI-format answer. Which sample wins, whether sampling may stop, whether a cascade
+escalates, how an answer is extracted: those are pure functions in router/ (the same ones evals/
+replays), so this module only decides *when* to call, never *what counts*.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.backends import UpstreamError
+from gateway.calls import Caller
+from gateway.effort import apply_effort
+from router import cascade, prompts, stopping, voting
+from router.types import Arm
+
+# Knobs a strategy reads from the policy's arm parameters, with their defaults.
+DEFAULT_PARAMS: dict[str, Any] = {
+    "temperature": 0.7,  # sampling temperature for multi-sample strategies when the client set none
+    "confidence": 0.95,  # adaptive consistency: stop when P(leader is the majority) >= this
+    "wave": 2,  # adaptive consistency: samples per wave
+    "max_concurrency": 8,  # parallel calls per request
+    "escalate_below": 0.6,  # cascade: escalate when confidence is below this
+    "min_samples": 2,
+}
+
+
+@dataclass
+class StrategyResult:
+    response: dict[str, Any]
+    arm: Arm
+    confidence: float | None = None
+    confidence_source: str | None = None  # "vote" | "verifier" | "stated" | None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StrategyContext:
+    task: str
+    params: dict[str, Any]
+    caller: Caller
+
+    def param(self, name: str) -> Any:
+        return self.params.get(name, DEFAULT_PARAMS.get(name))
+
+
+async def run_arm(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> StrategyResult:
+    runner = _RUNNERS.get(arm.strategy)
+    if runner is None:
+        raise ValueError(f"unknown strategy {arm.strategy!r}")
+    return await runner(arm, body, ctx)
+
+
+# -- request bodies ---------------------------------------------------------------------------------
+
+
+def _sample_body(arm: Arm, body: dict[str, Any], ctx: StrategyContext, *, sample: int = 0,
+                 n: int = 1, diverse: bool = False, cot: bool = False) -> dict[str, Any]:
+    backend = ctx.caller.backend(arm.backend)
+    out = {k: v for k, v in body.items() if k not in ("stream", "stream_options", "n")}
+    if n > 1:
+        out["n"] = n
+    if diverse:
+        if out.get("temperature") in (None, 0):
+            out["temperature"] = ctx.param("temperature")
+        # Seeded samples: some servers (llama.cpp) ignore `n` and would repeat one greedy answer.
+        out["seed"] = int(body.get("seed") or 0) * 1000 + sample
+    if cot:
+        out["messages"] = prompts.with_cot_instruction(body["messages"], ctx.task, ctx.params.get("cot_template"))
+    return apply_effort(out, backend.spec, arm.effort)
+
+
+def _texts(response: dict[str, Any]) -> list[str]:
+    return [(c.get("message") or {}).get("content") or "" for c in response.get("choices") or []]
+
+
+# -- single and cot ---------------------------------------------------------------------------------
+
+
+async def _single(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> StrategyResult:
+    n = int(body.get("n") or 1)
+    backend = ctx.caller.backend(arm.backend)
+    if n == 1 or backend.spec.supports_n:
+        response = await ctx.caller.complete(arm.backend, _sample_body(arm, body, ctx, n=n))
+    else:
+        responses = await _gather_samples(arm, body, ctx, count=n, diverse=False)
+        response = _merge_choices(responses)
+    confidence = cascade.stated_confidence(_texts(response)[0]) if response.get("choices") else None
+    return StrategyResult(response, arm, confidence, "stated", {"samples": len(ctx.caller.calls)})
+
+
+async def _cot(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> StrategyResult:
+    response = await ctx.caller.complete(arm.backend, _sample_body(arm, body, ctx, cot=True))
+    for choice in response.get("choices") or []:
+        message = choice.get("message") or {}
+        reasoning = message.get("content") or ""
+        message["content"] = prompts.final_answer(reasoning, ctx.task)
+        message["reasoning_content"] = reasoning
+    text = _texts(response)[0] if response.get("choices") else ""
+    return StrategyResult(response, arm, cascade.stated_confidence(text), "stated", {"samples": 1})
+
+
+# -- sampling strategies ----------------------------------------------------------------------------
+
+
+async def _gather_samples(arm: Arm, body: dict[str, Any], ctx: StrategyContext, *, count: int,
+                          first: int = 0, diverse: bool = True, cot: bool = False) -> list[dict[str, Any]]:
+    """`count` independent samples, concurrently but bounded; failed samples are dropped (and billed)."""
+    limit = asyncio.Semaphore(int(ctx.param("max_concurrency")))
+
+    async def one(i: int) -> dict[str, Any] | None:
+        async with limit:
+            try:
+                return await ctx.caller.complete(
+                    arm.backend, _sample_body(arm, body, ctx, sample=first + i, diverse=diverse, cot=cot))
+            except UpstreamError:
+                return None
+
+    results = await asyncio.gather(*(one(i) for i in range(count)))
+    return [r for r in results if r is not None]
+
+
+def _sample_texts(responses: list[dict[str, Any]]) -> list[str]:
+    return [text for r in responses for text in _texts(r)]
+
+
+def _voted(arm: Arm, responses: list[dict[str, Any]], ctx: StrategyContext, details: dict[str, Any],
+           client_n: int) -> StrategyResult:
+    if not responses:
+        raise UpstreamError(arm.backend, 502, f"{arm.backend}: every sample failed", retryable=True)
+    texts = _sample_texts(responses)
+    result = voting.vote(texts, ctx.task)
+    order = voting.ranked(texts, ctx.task, result) if client_n > 1 else [result.winner]
+    response = _pick_choices(responses, order[:client_n])
+    details.update(samples=len(texts), votes=result.counts, agreement=result.agreement, method=result.method,
+                   answer=result.answer)
+    return StrategyResult(response, arm, result.confidence, "vote", details)
+
+
+async def _self_consistency(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> StrategyResult:
+    backend = ctx.caller.backend(arm.backend)
+    cot = ctx.params.get("cot", not backend.spec.reasoning)
+    responses = await _gather_samples(arm, body, ctx, count=arm.n, cot=cot)
+    return _voted(arm, responses, ctx, {"max_n": arm.n}, int(body.get("n") or 1))
+
+
+async def _adaptive_consistency(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> StrategyResult:
+    backend = ctx.caller.backend(arm.backend)
+    cot = ctx.params.get("cot", not backend.spec.reasoning)
+    wave = max(1, int(ctx.param("wave")))
+    responses: list[dict[str, Any]] = []
+    drawn = 0
+    verdict = None
+    while drawn < arm.n:
+        size = min(wave if drawn else max(wave, int(ctx.param("min_samples"))), arm.n - drawn)
+        responses += await _gather_samples(arm, body, ctx, count=size, first=drawn, cot=cot)
+        drawn += size
+        answers = [voting.extract(text, ctx.task) for text in _sample_texts(responses)]
+        verdict = stopping.should_stop(answers, max_n=arm.n, confidence=float(ctx.param("confidence")))
+        if verdict.stop:
+            break
+    details = {"max_n": arm.n, "drawn": drawn, "stop_reason": verdict.reason if verdict else None}
+    return _voted(arm, responses, ctx, details, int(body.get("n") or 1))
+
+
+async def _best_of_n(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> StrategyResult:
+    responses = await _gather_samples(arm, body, ctx, count=arm.n)
+    if not responses:
+        raise UpstreamError(arm.backend, 502, f"{arm.backend}: every sample failed", retryable=True)
+    texts = _sample_texts(responses)
+    verifier = arm.verifier or arm.backend
+    question = prompts.last_user_text(body["messages"])
+
+    async def score(text: str) -> float | None:
+        judge_body = {"messages": prompts.judge_messages(question, text), "temperature": 0, "max_tokens": 16}
+        try:
+            verdict = await ctx.caller.complete(verifier, judge_body)
+        except UpstreamError:
+            return None
+        return prompts.parse_judge_score(_texts(verdict)[0] if verdict.get("choices") else "")
+
+    scores = await asyncio.gather(*(score(t) for t in texts))
+    best = voting.best_of_n(list(scores))
+    response = _pick_choices(responses, [best])
+    confidence = scores[best] if scores[best] is not None else None
+    return StrategyResult(response, arm, confidence, "verifier",
+                          {"samples": len(texts), "scores": scores, "verifier": verifier})
+
+
+async def _cascade(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> StrategyResult:
+    """Answer with the cheap first stage; escalate stage by stage while confidence stays low."""
+    first = Arm(arm.backend, "single" if arm.n <= 1 else "self_consistency", arm.effort, max(1, arm.n))
+    stages = [first, *arm.stages]
+    tried: list[dict[str, Any]] = []
+    result: StrategyResult | None = None
+    for stage in stages:
+        try:
+            result = await run_arm(stage, body, ctx)
+        except UpstreamError as exc:
+            tried.append({"arm": stage.key, "error": exc.message})
+            continue
+        escalate = stage is not stages[-1] and cascade.should_escalate(
+            result.confidence, float(ctx.param("escalate_below")))
+        tried.append({"arm": stage.key, "confidence": result.confidence, "escalated": escalate})
+        if not escalate:
+            break
+    if result is None:
+        raise UpstreamError(arm.backend, 502, f"{arm.backend}: every cascade stage failed", retryable=True)
+    result.details = {**result.details, "stages": tried}
+    result.arm = arm
+    return result
+
+
+# -- assembling responses ---------------------------------------------------------------------------
+
+
+def _merge_choices(responses: list[dict[str, Any]]) -> dict[str, Any]:
+    if not responses:
+        raise UpstreamError("-", 502, "every sample failed", retryable=True)
+    merged = dict(responses[0])
+    merged["choices"] = [c for r in responses for c in r.get("choices") or []]
+    for index, choice in enumerate(merged["choices"]):
+        choice["index"] = index
+    return merged
+
+
+def _pick_choices(responses: list[dict[str, Any]], indices: list[int]) -> dict[str, Any]:
+    """Choices by global sample index (samples are numbered across responses, in order)."""
+    flat = [c for r in responses for c in r.get("choices") or []]
+    out = dict(responses[0])
+    out["choices"] = [{**flat[i], "index": k} for k, i in enumerate(indices)]
+    return out
+
+
+_RUNNERS = {
+    "single": _single,
+    "cot": _cot,
+    "self_consistency": _self_consistency,
+    "adaptive_consistency": _adaptive_consistency,
+    "best_of_n": _best_of_n,
+    "cascade": _cascade,
+}

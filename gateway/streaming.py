@@ -1,0 +1,130 @@
+"""Server-sent events for streaming clients.
+
+Two shapes:
+- pass-through (`single`): upstream chunks are forwarded as they arrive. The first chunk is fetched
+  before the response starts, so a backend that fails before sending anything is replaced by the next
+  arm invisibly (and a request no arm can serve still gets a proper HTTP error). A stream that breaks
+  after bytes reached the client ends with an explicit SSE error event and no [DONE]: a truncated answer
+  is never passed off as complete.
+- synthesized (multi-sample strategies): SSE comments keep the connection alive while samples are
+  drawn and voted on; then the winning answer is sent as chunks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import orjson
+
+from gateway.backends import Backend, CallRecord, Usage, UpstreamError
+from gateway.calls import Caller
+from gateway.errors import ApiError
+
+DONE = b"data: [DONE]\n\n"
+KEEPALIVE = b": ponder is sampling\n\n"
+
+
+def sse(payload: bytes | dict[str, Any]) -> bytes:
+    data = payload if isinstance(payload, bytes) else orjson.dumps(payload)
+    return b"data: " + data + b"\n\n"
+
+
+def sse_error(message: str, code: str = "upstream_stream_error") -> bytes:
+    return sse({"error": {"message": message, "type": "upstream_error", "param": None, "code": code}})
+
+
+class PassThrough:
+    """An upstream stream whose first event has already arrived."""
+
+    def __init__(self, backend: Backend, source: AsyncIterator[tuple[bytes, dict | None]],
+                 first: tuple[bytes, dict | None], started: float) -> None:
+        self.backend = backend
+        self.source = source
+        self.first = first
+        self.started = started
+
+    @classmethod
+    async def open(cls, backend: Backend, body: dict[str, Any], caller: Caller) -> PassThrough:
+        started = time.perf_counter()
+        source = backend.stream(body)
+        try:
+            first = await asyncio.wait_for(anext(source), timeout=min(backend.spec.first_byte_timeout_s,
+                                                                        max(0.01, caller.remaining())))
+        except StopAsyncIteration:
+            error = UpstreamError(backend.name, 502, f"{backend.name}: empty stream", retryable=True)
+        except asyncio.TimeoutError:
+            error = UpstreamError(backend.name, 504, f"{backend.name}: no first byte in time", retryable=True)
+        except UpstreamError as exc:
+            error = exc
+        else:
+            return cls(backend, source, first, started)
+        await source.aclose()
+        caller._failed(backend, started, error)
+        raise error
+
+    async def events(self, caller: Caller, *, include_usage: bool, extension: Callable[[], dict]) -> AsyncIterator[bytes]:
+        """Forward every event; bill the call from the upstream's usage chunk; add our extension."""
+        usage = Usage()
+        item: tuple[bytes, dict | None] | None = self.first
+        try:
+            while item is not None:
+                payload, parsed = item
+                if parsed and parsed.get("usage"):
+                    usage = Usage.from_block(parsed["usage"])
+                    if not parsed.get("choices"):
+                        item = await anext(self.source, None)
+                        continue  # the usage-only chunk is re-sent below, with the whole request's usage
+                yield sse(payload)
+                item = await anext(self.source, None)
+        except UpstreamError as exc:
+            caller.calls.append(self.backend.record(usage, self.started, ok=False, error=exc.message[:300]))
+            self.backend.health.failed(time.monotonic(), exc.retry_after)
+            yield sse_error(f"The upstream stream broke before the answer was complete: {exc.message}")
+            return
+        finally:
+            await self.source.aclose()
+        self.backend.health.succeeded()
+        caller.calls.append(self.backend.record(usage, self.started))
+        if include_usage:
+            yield sse({"id": "", "object": "chat.completion.chunk", "choices": [],
+                       "usage": usage_block(caller.calls), "ponder": extension()})
+        yield DONE
+
+
+def usage_block(calls: list[CallRecord]) -> dict[str, Any]:
+    prompt = sum(c.prompt_tokens for c in calls)
+    completion = sum(c.completion_tokens for c in calls)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "completion_tokens_details": {"reasoning_tokens": sum(c.reasoning_tokens for c in calls)},
+    }
+
+
+async def synthesized(work: asyncio.Task, *, include_usage: bool, keepalive_s: float,
+                      to_chunks: Callable[[Any], list[dict]], on_error: Callable[[ApiError], None]) -> AsyncIterator[bytes]:
+    """Keep the client's connection alive while `work` runs, then stream its answer as chunks."""
+    try:
+        while True:
+            done, _ = await asyncio.wait({work}, timeout=keepalive_s)
+            if done:
+                break
+            yield KEEPALIVE
+        try:
+            result = work.result()
+        except ApiError as exc:
+            on_error(exc)
+            yield sse({"error": exc.body()["error"]})
+            return
+        for chunk in to_chunks(result):
+            if chunk.get("usage") is not None and not chunk.get("choices") and not include_usage:
+                continue
+            yield sse(chunk)
+        yield DONE
+    finally:
+        if not work.done():
+            work.cancel()  # the client went away: stop sampling for it

@@ -1,0 +1,52 @@
+"""Backend declarations: one callable model endpoint each (provider + model + api_base + prices).
+
+Declared here, in the lowest layer, because both the gateway config and policy files may list
+backends, and the decision engine needs their prices and capabilities to estimate cost.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
+
+
+class Prices(BaseModel):
+    """USD per million tokens. Reasoning tokens are billed as output tokens by every provider we know."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input_per_mtok: float = Field(ge=0)
+    output_per_mtok: float = Field(ge=0)
+
+
+class BackendSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$", description="Name clients may use as `model`.")
+    model: str = Field(description="litellm model string, e.g. `openai/gpt-4.1-mini`, `anthropic/claude-sonnet-4-5`.")
+    api_base: str | None = Field(default=None, description="Base URL, e.g. http://127.0.0.1:8080/v1.")
+    api_key_env: str | None = Field(default=None, description="Environment variable holding the API key.")
+    prices: Prices | None = Field(default=None, description="Defaults to litellm's bundled cost map, else zero.")
+    reasoning: bool = Field(default=False, description="A reasoning model (thinks before answering).")
+    efforts: list[Literal["none", "minimal", "low", "medium", "high"]] = Field(default_factory=list)
+    effort_param: Literal["reasoning_effort", "thinking_budget", "enable_thinking", "none"] = Field(
+        default="reasoning_effort",
+        description="How an effort level reaches the provider (see docs/policies.md).",
+    )
+    max_context: PositiveInt = 8192
+    supports_n: bool = Field(default=True, description="Whether the upstream honours `n` > 1 in one call.")
+    timeout_s: PositiveFloat = 60.0
+    first_byte_timeout_s: PositiveFloat = 20.0
+    connect_timeout_s: PositiveFloat = 5.0
+    max_retries: int = Field(default=2, ge=0, le=10)
+    max_concurrency: PositiveInt = 64
+    # Speed, for the decision engine's latency estimate before any outcome is observed (learned
+    # latencies replace it as they accrue).
+    output_tokens_per_s: PositiveFloat = Field(default=60.0, description="Decode speed of one stream, tokens/s.")
+    first_token_ms: PositiveFloat = Field(default=500.0, description="Typical time to first token, ms.")
+    fast_path: bool | None = Field(
+        default=None,
+        description="Call an OpenAI-compatible endpoint directly instead of through litellm. "
+        "Default: on for `openai/...` models and any backend with an api_base.",
+    )

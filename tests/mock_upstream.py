@@ -1,0 +1,161 @@
+"""A real OpenAI-compatible HTTP server on loopback, for backends that would cost money.
+
+Run: `python tests/mock_upstream.py --port P`. It answers `/v1/chat/completions` (JSON and SSE) with
+exact, predictable usage (1 token per whitespace-separated word), and can misbehave on demand:
+
+    POST /control {"script": ["500", "ok", ...], "fail_rate": 0.5, "answers": [...], "delay_ms": 0}
+        script: behaviours for the next requests, in order; then fail_rate picks "500" at random.
+        behaviours: ok | 500 | 429 | hang | reset | truncate | reset_mid | stall | slow_first
+    GET  /calls     {"count": N, "bodies": [...last 200 bodies]}
+    POST /reset     forget everything
+
+`answers` are picked by the request's `seed` (seed % len), else in turn, so voting can be tested.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import time
+
+import orjson
+from aiohttp import web
+
+STATE: dict = {}
+
+
+def reset_state() -> None:
+    STATE.clear()
+    STATE.update(script=[], fail_rate=0.0, answers=["Hello from the mock upstream."], delay_ms=0,
+                 count=0, bodies=[], turn=0, hang_s=30.0, rng=random.Random(7))
+
+
+def words(text: str) -> int:
+    return len(text.split())
+
+
+def prompt_tokens(body: dict) -> int:
+    total = 0
+    for message in body.get("messages") or []:
+        content = message.get("content")
+        if isinstance(content, str):
+            total += words(content)
+        elif isinstance(content, list):
+            total += sum(words(p.get("text", "")) for p in content if isinstance(p, dict))
+    return total
+
+
+def pick_answer(body: dict, index: int) -> str:
+    answers = STATE["answers"]
+    if body.get("seed") is not None:
+        return answers[(int(body["seed"]) + index) % len(answers)]
+    STATE["turn"] += 1
+    return answers[(STATE["turn"] - 1) % len(answers)]
+
+
+def next_behaviour() -> str:
+    if STATE["script"]:
+        return STATE["script"].pop(0)
+    if STATE["fail_rate"] and STATE["rng"].random() < STATE["fail_rate"]:
+        return "500"
+    return "ok"
+
+
+async def chat(request: web.Request) -> web.StreamResponse:
+    body = await request.json()
+    STATE["count"] += 1
+    STATE["bodies"] = (STATE["bodies"] + [body])[-200:]
+    behaviour = next_behaviour()
+    if STATE["delay_ms"]:
+        await asyncio.sleep(STATE["delay_ms"] / 1000)
+    if behaviour == "500":
+        return web.json_response({"error": {"message": "mock upstream failure", "type": "server_error"}}, status=500)
+    if behaviour == "429":
+        return web.json_response({"error": {"message": "slow down", "type": "rate_limit"}}, status=429,
+                                 headers={"Retry-After": "1"})
+    if behaviour == "hang":
+        await asyncio.sleep(STATE["hang_s"])
+    if behaviour == "reset":
+        request.transport.close()
+        return web.Response()
+    n = int(body.get("n") or 1)
+    answers = [pick_answer(body, i) for i in range(n)]
+    usage = {"prompt_tokens": prompt_tokens(body), "completion_tokens": sum(words(a) for a in answers)}
+    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+    if body.get("reasoning_effort"):
+        usage["completion_tokens_details"] = {"reasoning_tokens": 10}
+        usage["completion_tokens"] += 10
+        usage["total_tokens"] += 10
+    base = {"id": f"mock-{STATE['count']}", "created": int(time.time()), "model": body.get("model", "mock")}
+    if not body.get("stream"):
+        choices = [{"index": i, "message": {"role": "assistant", "content": a}, "finish_reason": "stop"}
+                   for i, a in enumerate(answers)]
+        return web.json_response({**base, "object": "chat.completion", "choices": choices, "usage": usage})
+    return await stream(request, body, base, answers[0], usage, behaviour)
+
+
+async def stream(request: web.Request, body: dict, base: dict, answer: str, usage: dict,
+                 behaviour: str) -> web.StreamResponse:
+    if behaviour == "stall":
+        await asyncio.sleep(STATE["hang_s"])
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    chunk = {**base, "object": "chat.completion.chunk"}
+    pieces = answer.split(" ")
+    for i, piece in enumerate(pieces):
+        delta = {"content": piece if i == 0 else " " + piece}
+        if i == 0:
+            delta["role"] = "assistant"
+        await response.write(b"data: " + orjson.dumps({**chunk, "choices": [{"index": 0, "delta": delta,
+                                                                               "finish_reason": None}]}) + b"\n\n")
+        if behaviour == "slow_first" and i == 0:
+            await asyncio.sleep(0.2)
+        if i == len(pieces) // 2 and behaviour in ("truncate", "reset_mid"):
+            if behaviour == "reset_mid":
+                request.transport.close()
+                return response
+            await response.write_eof()  # clean end, but no finish_reason and no [DONE]
+            return response
+    await response.write(b"data: " + orjson.dumps({**chunk, "choices": [{"index": 0, "delta": {},
+                                                                           "finish_reason": "stop"}]}) + b"\n\n")
+    if (body.get("stream_options") or {}).get("include_usage"):
+        await response.write(b"data: " + orjson.dumps({**chunk, "choices": [], "usage": usage}) + b"\n\n")
+    await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
+
+
+async def control(request: web.Request) -> web.Response:
+    update = await request.json()
+    for key in ("script", "fail_rate", "answers", "delay_ms", "hang_s"):
+        if key in update:
+            STATE[key] = list(update[key]) if key in ("script", "answers") else update[key]
+    return web.json_response({"ok": True})
+
+
+async def calls(request: web.Request) -> web.Response:
+    return web.json_response({"count": STATE["count"], "bodies": STATE["bodies"]})
+
+
+async def do_reset(request: web.Request) -> web.Response:
+    reset_state()
+    return web.json_response({"ok": True})
+
+
+def make_app() -> web.Application:
+    reset_state()
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_post("/control", control)
+    app.router.add_get("/calls", calls)
+    app.router.add_post("/reset", do_reset)
+    app.router.add_get("/v1/models", lambda r: web.json_response({"object": "list", "data": []}))
+    return app
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args()
+    web.run_app(make_app(), host="127.0.0.1", port=args.port, print=None, access_log=None)

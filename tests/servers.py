@@ -1,0 +1,98 @@
+"""Real servers on loopback for the tests: the gateway (uvicorn, as `ponder serve` runs it) and the
+mock OpenAI-compatible upstream. Each is a separate process, talked to over HTTP only."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float, process: subprocess.Popen | None = None, ok=(200,)) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode} before {url} answered")
+        try:
+            if httpx.get(url, timeout=1).status_code in ok:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{url} did not answer within {timeout} s")
+
+
+class Process:
+    def __init__(self, args: list[str], url: str, ready_path: str, log_path: Path, timeout: float = 60) -> None:
+        self.url = url
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "PYTHONUNBUFFERED": "1"}
+        self.process = subprocess.Popen(args, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+                                        start_new_session=True)
+        try:
+            wait_http(url + ready_path, timeout, self.process)
+        except Exception:
+            self.stop()
+            raise RuntimeError(f"{args} failed to start:\n{log_path.read_text()[-3000:]}") from None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int | None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, sig)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode
+
+
+def start_mock(tmp: Path) -> Process:
+    port = free_port()
+    return Process([PYTHON, str(ROOT / "tests" / "mock_upstream.py"), "--port", str(port)],
+                   f"http://127.0.0.1:{port}", "/calls", tmp / f"mock-{port}.log")
+
+
+def mock_backend(name: str, mock: Process, **extra) -> dict:
+    spec = {"name": name, "model": f"openai/{name}", "api_base": mock.url + "/v1",
+            "prices": {"input_per_mtok": 1.0, "output_per_mtok": 2.0}, "max_retries": 1,
+            "timeout_s": 5, "first_byte_timeout_s": 2}
+    spec.update(extra)
+    return spec
+
+
+def start_gateway(tmp: Path, config: dict, *, timeout: float = 90, name: str = "gateway") -> Process:
+    port = free_port()
+    config = {"telemetry": {"data_dir": str(tmp / f"{name}-data")}, **config}
+    config.setdefault("local_model", {"enabled": False})
+    path = tmp / f"{name}-{port}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return Process([PYTHON, "-m", "gateway.cli", "serve", "--config", str(path), "--port", str(port),
+                    "--log-level", "warning"], f"http://127.0.0.1:{port}", "/readyz", tmp / f"{name}-{port}.log",
+                   timeout=timeout)
+
+
+def write_policy(tmp: Path, policy: dict, name: str = "policy.yaml") -> str:
+    path = tmp / name
+    path.write_text(yaml.safe_dump(policy, sort_keys=False))
+    return str(path)

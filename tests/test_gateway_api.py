@@ -1,0 +1,247 @@
+"""The gateway core over real HTTP: the openai SDK against `ponder serve`, in front of a mock upstream."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from tests.servers import mock_backend, start_gateway, start_mock, write_policy
+
+KEY = "sk-test-key-123"
+ADMIN_KEY = "sk-admin-456"
+
+
+def policy(tmp) -> str:
+    return write_policy(tmp, {
+        "name": "test",
+        "arms": {
+            "cheap": {"backend": "mock-a", "strategy": "single", "prior": 0.8},
+            "strong": {"backend": "mock-b", "strategy": "single", "prior": 0.7},
+            "vote": {"backend": "mock-a", "strategy": "self_consistency", "n": 5},
+        },
+        "routes": [{"name": "all", "candidates": ["cheap", "strong"]}],
+        "exploration": {"share": 0.0},
+        "overrides": {"strategy_header": ["self_consistency", "single"]},
+    })
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gw")
+    mock = start_mock(tmp)
+    gateway = start_gateway(tmp, {
+        "backends": [mock_backend("mock-a", mock), mock_backend("mock-b", mock)],
+        "policy": policy(tmp),
+        "max_body_bytes": 100_000,
+    })
+    yield gateway, mock
+    gateway.stop()
+    mock.stop()
+
+
+@pytest.fixture
+def gw(stack):
+    gateway, mock = stack
+    httpx.post(mock.url + "/reset")
+    return gateway
+
+
+@pytest.fixture
+def mock(stack):
+    return stack[1]
+
+
+@pytest.fixture
+def client(gw):
+    return openai.OpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0)
+
+
+def control(mock, **kwargs):
+    httpx.post(mock.url + "/control", json=kwargs).raise_for_status()
+
+
+def calls(mock) -> dict:
+    return httpx.get(mock.url + "/calls").json()
+
+
+def test_models_lists_backends_and_routed_aliases(client):
+    ids = {m.id for m in client.models.list()}
+    assert {"auto", "mock-a", "mock-b"} <= ids
+
+
+def test_direct_backend_answer_usage_and_headers(client, mock):
+    control(mock, answers=["four words long here"])
+    raw = client.chat.completions.with_raw_response.create(
+        model="mock-b", messages=[{"role": "user", "content": "one two three"}])
+    completion = raw.parse()
+    assert completion.choices[0].message.content == "four words long here"
+    assert completion.usage.prompt_tokens == 3 and completion.usage.completion_tokens == 4
+    assert raw.headers["x-ponder-arm"] == "mock-b/-/single/1"
+    assert raw.headers["x-ponder-task"] in {"math", "code", "reasoning", "knowledge", "writing", "chat"}
+    assert 0 <= float(raw.headers["x-ponder-difficulty"]) <= 1
+    # prices: $1 per M input tokens, $2 per M output tokens
+    assert float(raw.headers["x-ponder-cost-usd"]) == pytest.approx(3e-6 + 8e-6)
+    assert raw.headers["x-ponder-request-id"] == completion.id
+
+
+def test_auto_routes_through_the_policy(client):
+    raw = client.chat.completions.with_raw_response.create(
+        model="auto", messages=[{"role": "user", "content": "hi there, how are you?"}])
+    completion = raw.parse()
+    assert raw.headers["x-ponder-policy"] == "test"
+    assert raw.headers["x-ponder-arm"].split("/")[0] in {"mock-a", "mock-b"}
+    extension = completion.model_extra["ponder"]
+    assert extension["arm"] == raw.headers["x-ponder-arm"] and extension["calls"] == 1
+
+
+def test_parameters_pass_through_faithfully(client, mock):
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+    client.chat.completions.create(
+        model="mock-a", messages=[{"role": "user", "content": "x"}], temperature=0.3, max_tokens=17, stop=["END"],
+        seed=5, user="u-1", tools=tools, tool_choice="auto", response_format={"type": "json_object"},
+        reasoning_effort="low", max_completion_tokens=20)
+    body = calls(mock)["bodies"][-1]
+    assert body["model"] == "mock-a"
+    for key, value in {"temperature": 0.3, "max_tokens": 17, "stop": ["END"], "seed": 5, "user": "u-1",
+                       "tools": tools, "tool_choice": "auto", "response_format": {"type": "json_object"},
+                       "max_completion_tokens": 20}.items():
+        assert body[key] == value, key
+
+
+def test_n_choices(client, mock):
+    control(mock, answers=["a", "b", "c"])
+    completion = client.chat.completions.create(model="mock-a", messages=[{"role": "user", "content": "x"}], n=3)
+    assert [c.message.content for c in completion.choices] == ["a", "b", "c"]
+    assert completion.usage.completion_tokens == 3
+
+
+def test_streaming_with_usage(client, mock):
+    control(mock, answers=["streamed answer in five"])
+    stream = client.chat.completions.create(model="mock-a", messages=[{"role": "user", "content": "a b"}],
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "streamed answer in five"
+    assert chunks[-1].usage.prompt_tokens == 2 and chunks[-1].usage.completion_tokens == 4
+    assert any(c.choices and c.choices[0].finish_reason == "stop" for c in chunks)
+
+
+def test_streaming_without_usage_sends_no_usage_chunk(client, mock):
+    chunks = list(client.chat.completions.create(model="mock-a", messages=[{"role": "user", "content": "a"}],
+                                                 stream=True))
+    assert chunks and all(c.usage is None for c in chunks)
+
+
+def test_self_consistency_votes_and_counts_every_sample(client, mock):
+    control(mock, answers=["The answer is 7", "The answer is 7", "The answer is 9", "The answer is 7",
+                           "The answer is 9"])
+    raw = client.chat.completions.with_raw_response.create(
+        model="auto", messages=[{"role": "user", "content": "What is 3 + 4?"}],
+        extra_headers={"x-ponder-strategy": "self_consistency"})
+    completion = raw.parse()
+    assert "7" in completion.choices[0].message.content
+    extension = completion.model_extra["ponder"]
+    assert extension["samples"] == 5 and extension["strategy"] == "self_consistency"
+    got = calls(mock)
+    assert got["count"] == 5
+    assert completion.usage.completion_tokens == 5 * 4
+    assert completion.usage.prompt_tokens == sum(
+        sum(len(m["content"].split()) for m in b["messages"]) for b in got["bodies"])
+
+
+def test_stream_that_breaks_before_any_byte_is_retried_invisibly(client, mock):
+    control(mock, script=["500"], answers=["fine after all"])
+    chunks = list(client.chat.completions.create(model="mock-a", messages=[{"role": "user", "content": "a"}],
+                                                 stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "fine after all"
+    assert calls(mock)["count"] == 2
+
+
+def test_stream_truncated_after_bytes_ends_with_an_error_not_done(gw, mock):
+    control(mock, script=["truncate"], answers=["one two three four five six"])
+    with httpx.stream("POST", gw.url + "/v1/chat/completions", json={
+            "model": "mock-a", "messages": [{"role": "user", "content": "a"}], "stream": True}) as response:
+        body = b"".join(response.iter_bytes())
+    assert b"[DONE]" not in body
+    assert b'"error"' in body and b"finish_reason\":\"stop" not in body
+
+
+def test_upstream_failure_is_a_502_with_the_upstream_message(client, mock):
+    control(mock, script=["500", "500"])
+    with pytest.raises(openai.APIStatusError) as info:
+        client.chat.completions.create(model="mock-a", messages=[{"role": "user", "content": "a"}])
+    assert info.value.status_code == 502
+    assert "mock upstream failure" in info.value.body["message"]
+
+
+@pytest.mark.parametrize("payload, status, param", [
+    (b"{not json", 400, None),
+    (b"[1, 2]", 400, None),
+    (b'{"model": "auto"}', 400, "messages"),
+    (b'{"model": "auto", "messages": []}', 400, "messages"),
+    (b'{"model": "auto", "messages": "hi"}', 400, "messages"),
+    (b'{"model": 5, "messages": [{"role": "user", "content": "x"}]}', 400, "model"),
+    (b'{"model": "auto", "messages": [{"role": "wizard", "content": "x"}]}', 400, "messages.0.role"),
+    (b'{"model": "auto", "messages": [{"role": "user", "content": "x"}], "max_tokens": -1}', 400, "max_tokens"),
+    (b'{"model": "auto", "messages": [{"role": "user", "content": "x"}], "n": 100000}', 400, "n"),
+    (b'{"model": "auto", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}', 400, "temperature"),
+    (b'{"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]}', 404, "model"),
+    (b"\xff\xfe\x00garbage", 400, None),
+])
+def test_bad_input_gets_an_openai_error(gw, payload, status, param):
+    response = httpx.post(gw.url + "/v1/chat/completions", content=payload,
+                          headers={"content-type": "application/json"})
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["param"] == param
+
+
+def test_huge_body_is_413(gw):
+    response = httpx.post(gw.url + "/v1/chat/completions", json={
+        "model": "auto", "messages": [{"role": "user", "content": "x" * 200_000}]})
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "body_too_large"
+
+
+def test_unknown_path_and_method_are_openai_errors(gw):
+    assert httpx.get(gw.url + "/v1/nothing").json()["error"]["type"] == "not_found_error"
+    response = httpx.get(gw.url + "/v1/chat/completions")
+    assert response.status_code == 405 and "error" in response.json()
+
+
+def test_health_and_readiness(gw):
+    assert httpx.get(gw.url + "/healthz").json() == {"status": "ok"}
+    ready = httpx.get(gw.url + "/readyz").json()
+    assert ready["ready"] and ready["classifier"] and ready["backends"]
+
+
+@pytest.fixture(scope="module")
+def keyed_gateway(tmp_path_factory):
+    import hashlib
+
+    tmp = tmp_path_factory.mktemp("keys")
+    mock = start_mock(tmp)
+    gateway = start_gateway(tmp, {
+        "backends": [mock_backend("mock-a", mock), mock_backend("mock-b", mock)],
+        "policy": policy(tmp),
+        "api_keys": [{"id": "team-a", "sha256": hashlib.sha256(KEY.encode()).hexdigest()},
+                     {"id": "ops", "sha256": hashlib.sha256(ADMIN_KEY.encode()).hexdigest(), "admin": True}],
+    }, name="keyed")
+    yield gateway
+    gateway.stop()
+    mock.stop()
+
+
+def test_api_keys(keyed_gateway):
+    url = keyed_gateway.url
+    assert httpx.get(url + "/healthz").status_code == 200
+    assert httpx.get(url + "/v1/models").status_code == 401
+    for key in (None, "sk-wrong"):
+        client = openai.OpenAI(base_url=url + "/v1", api_key=key or "", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            client.chat.completions.create(model="mock-a", messages=[{"role": "user", "content": "x"}])
+    client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
+    assert client.chat.completions.create(model="mock-a", messages=[{"role": "user", "content": "x"}]).choices
+    assert "sk-test-key" not in keyed_gateway.log()
