@@ -1,0 +1,61 @@
+"""The no-key default: the gateway starts its own llama.cpp server with the real SmolLM2 model."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from tests.servers import start_gateway
+
+
+@pytest.fixture(scope="module")
+def local_gateway(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("local")
+    # The shipped default config, as `make serve` runs it, but with a small context and 1 thread.
+    gateway = start_gateway(tmp, {"local_model": {"enabled": True, "n_ctx": 1024, "n_threads": 1}},
+                            timeout=120, name="local")
+    yield gateway
+    gateway.stop()
+
+
+def test_default_policy_serves_real_answers_from_the_local_model(local_gateway):
+    client = openai.OpenAI(base_url=local_gateway.url + "/v1", api_key="none", max_retries=0)
+    assert {"auto", "local"} <= {m.id for m in client.models.list()}
+    completion = client.chat.completions.create(
+        model="local", messages=[{"role": "user", "content": "Say hello."}], max_tokens=12, seed=1, temperature=0)
+    text = completion.choices[0].message.content
+    assert isinstance(text, str) and text.strip()
+    assert 0 < completion.usage.completion_tokens <= 12 and completion.usage.prompt_tokens > 0
+
+
+def test_local_model_streams_through_the_gateway(local_gateway):
+    client = openai.OpenAI(base_url=local_gateway.url + "/v1", api_key="none", max_retries=0)
+    chunks = list(client.chat.completions.create(
+        model="auto", messages=[{"role": "user", "content": "Hi!"}], max_tokens=8, seed=2, stream=True,
+        stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.strip()
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+
+
+def test_local_model_votes_on_a_math_question(local_gateway):
+    """A multi-sample strategy on the real model: every sample is a real call and is counted."""
+    response = httpx.post(local_gateway.url + "/v1/chat/completions", timeout=120, json={
+        "model": "local", "messages": [{"role": "user", "content": "What is 2 + 3? Answer with a number."}],
+        "max_tokens": 24, "seed": 3}, headers={"x-ponder-strategy": "self_consistency"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["usage"]["completion_tokens"] > 0
+    assert body["choices"][0]["message"]["content"]
+
+
+def test_gateway_stops_its_local_model(tmp_path):
+    import psutil
+
+    gateway = start_gateway(tmp_path, {"local_model": {"enabled": True, "n_ctx": 512, "n_threads": 1}},
+                            timeout=120, name="stop")
+    children = psutil.Process(gateway.process.pid).children(recursive=True)
+    assert any("llama_cpp.server" in " ".join(c.cmdline()) for c in children)
+    gateway.stop()
+    assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children)
