@@ -1,0 +1,448 @@
+"""Replay recorded samples through the strategies' judgements: voting, stopping, best-of-N, cascade.
+
+Suites (datasets in ../shared/datasets, or $PONDER_DATASETS):
+- ``sc-math``: Qwen2.5-Math, 100 MATH problems x 8 CoT samples with correctness and reward scores.
+- ``sc-cruxeval``: CodeLlama-7B, 800 CRUXEval problems x 10 scored samples, input and output tasks.
+- ``gsm8k-verifier``: OpenAI's GSM8K solutions, 6B/175B x (one fine-tuned sample | verifier best-of-100).
+
+Every judgement is the router's: answers are extracted from the raw texts with ``extract_answer``,
+grouped with ``answers_equivalent``, voted with ``vote``, sampled adaptively with ``wave_size`` and
+``should_stop`` exactly as the adaptive strategy does, ranked with ``best_of_n``. A replayed answer is
+correct when the sample that won was recorded as correct (nothing model-written is ever executed).
+
+Sample order matters for everything that stops early or breaks ties, so each method is reported on the
+recorded order and as a mean over seeded random orders (samples are exchangeable draws, so the random
+orders are the honest estimate; the recorded order is what the issue's bars were measured on).
+
+The bucket gate (stop at one sample where voting does not pay) needs the learner's ``sample_value`` per
+bucket. Here it is cross-fitted: problems are split into folds, and a problem's bucket value is
+estimated only from the *other* folds, the way a learner only knows past traffic. Nothing is fitted on
+the problem it is applied to.
+
+    python -m evals.sampling --suite sc-math --out out/sampling
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from router.answers import extract_answer
+from router.cascade import confidence_signal, should_escalate
+from router.stopping import estimate_sample_value, should_stop, wave_size
+from router.types import bucket_key
+from router.voting import best_of_n, cluster_answers, vote, weighted_vote
+
+SUITES: tuple[str, ...] = ("sc-math", "sc-cruxeval", "gsm8k-verifier")
+DEFAULT_ORDERS = 20
+DEFAULT_FOLDS = 5
+SEED = 1234
+
+
+def datasets_root() -> Path:
+    env = os.environ.get("PONDER_DATASETS")
+    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One prompt with its recorded samples, as the adaptive strategy would have seen them."""
+
+    id: str
+    bucket: str
+    task: str  # the answer format the samples are judged by
+    texts: tuple[str, ...]
+    correct: tuple[bool, ...]
+    answers: tuple[str | None, ...]  # extract_answer of each text
+    scores: tuple[float, ...] | None = None  # reward-model scores, when recorded
+
+
+def _problem(pid: str, bucket: str, task: str, texts: Sequence[str], correct: Sequence[bool], scores=None) -> Problem:
+    answers = tuple(extract_answer(t, task) for t in texts)
+    return Problem(pid, bucket, task, tuple(texts), tuple(bool(c) for c in correct), answers, scores)
+
+
+def load_qwen_math(root: Path | None = None) -> list[Problem]:
+    path = (root or datasets_root()) / "qwen_math_rm_maj_samples" / "math_cot_100.jsonl"
+    problems = []
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        level = int(row["level"].split()[-1])
+        # MATH level 1..5 -> difficulty 0..1 -> the router's tier (easy: 1-2, medium: 3, hard: 4-5)
+        bucket = bucket_key("math", (level - 1) / 4)
+        scores = tuple(float(s[0]) for s in row["pred_score"])
+        problems.append(_problem(str(row["idx"]), bucket, "math", row["code"], row["score"], scores))
+    return problems
+
+
+def load_cruxeval(kind: str, root: Path | None = None) -> list[Problem]:
+    path = (root or datasets_root()) / "cruxeval" / f"sample_scored_codellama-7b_temp0.2_{kind}.json"
+    data = json.loads(path.read_text())
+    scored = data["raw_scored_generations"]
+    return [
+        _problem(pid, f"code:{kind}", "python", texts, scored[pid])
+        for pid, texts in sorted(data["raw_generations"].items(), key=lambda kv: int(kv[0].split("_")[1]))
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Replays of one problem under one sample order
+# ---------------------------------------------------------------------------------------------
+
+
+def _ordered(problem: Problem, order: Sequence[int]) -> tuple[list[str], list[str | None], list[bool]]:
+    return ([problem.texts[i] for i in order], [problem.answers[i] for i in order], [problem.correct[i] for i in order])
+
+
+def replay_vote(problem: Problem, order: Sequence[int], n: int) -> tuple[bool, int]:
+    texts, answers, correct = _ordered(problem, order)
+    result = vote(texts[:n], problem.task, answers=answers[:n])
+    return correct[result.winner], n
+
+
+def replay_adaptive(problem: Problem, order: Sequence[int], **options) -> tuple[bool, int]:
+    """The adaptive strategy's loop: request a wave, extract, ask should_stop, repeat; then vote."""
+    texts, answers, correct = _ordered(problem, order)
+    max_n = len(order)
+    n = 0
+    while True:
+        n += wave_size(answers[:n], max_n=max_n, task=problem.task, **options)
+        if should_stop(answers[:n], max_n=max_n, task=problem.task, **options).stop:
+            break
+    result = vote(texts[:n], problem.task, answers=answers[:n])
+    return correct[result.winner], n
+
+
+def replay_best_of_n(problem: Problem, order: Sequence[int]) -> tuple[bool, int]:
+    _, _, correct = _ordered(problem, order)
+    scores = [problem.scores[i] for i in order]  # type: ignore[index]
+    return correct[best_of_n(scores)], len(order)
+
+
+def replay_reward_weighted(problem: Problem, order: Sequence[int]) -> tuple[bool, int]:
+    """Vote where each sample counts sigmoid(reward): the RM's logit read as P(correct)."""
+    texts, answers, correct = _ordered(problem, order)
+    weights = [1.0 / (1.0 + math.exp(-problem.scores[i])) for i in order]  # type: ignore[index]
+    result = weighted_vote(texts, weights, problem.task, answers=answers)
+    return correct[result.winner], len(order)
+
+
+# ---------------------------------------------------------------------------------------------
+# The learner's view: value of a vote per bucket, cross-fitted
+# ---------------------------------------------------------------------------------------------
+
+
+def vote_gain(problem: Problem) -> float:
+    """E over random orders of (majority-of-N correct) - (single sample correct) for one problem.
+
+    Ties are broken by the earliest sample, which under a random order is each tied answer with
+    equal chance, so the tied answers' accuracies are averaged.
+    """
+    labels = cluster_answers(problem.answers, problem.task)
+    groups: dict[int, list[bool]] = {}
+    for label, ok in zip(labels, problem.correct):
+        if label is not None:
+            groups.setdefault(label, []).append(ok)
+    single = sum(problem.correct) / len(problem.correct)
+    if not groups:
+        return 0.0
+    top = max(len(g) for g in groups.values())
+    tied = [statistics.fmean(g) for g in groups.values() if len(g) == top]
+    return statistics.fmean(tied) - single
+
+
+def cross_fitted_sample_values(problems: Sequence[Problem], folds: int, seed: int) -> tuple[list[float], dict]:
+    """Per problem, its bucket's sample_value learned from the other folds only."""
+    rng = random.Random(seed)
+    fold_of = [i % folds for i in range(len(problems))]
+    rng.shuffle(fold_of)
+    gains = [vote_gain(p) for p in problems]
+    values: list[float] = [0.0] * len(problems)
+    learned: dict[str, list[float]] = {}
+    for fold in range(folds):
+        by_bucket: dict[str, list[float]] = {}
+        for p, f, g in zip(problems, fold_of, gains):
+            if f != fold:
+                by_bucket.setdefault(p.bucket, []).append(g)
+        estimate = {b: estimate_sample_value(gs) for b, gs in by_bucket.items()}
+        for i, (p, f) in enumerate(zip(problems, fold_of)):
+            if f == fold:
+                values[i] = estimate.get(p.bucket, estimate_sample_value([]))
+        for b, v in estimate.items():
+            learned.setdefault(b, []).append(round(v, 4))
+    return values, {"per_bucket_by_fold": learned, "folds": folds}
+
+
+# ---------------------------------------------------------------------------------------------
+# Suites
+# ---------------------------------------------------------------------------------------------
+
+Method = Callable[[Problem, Sequence[int], int], tuple[bool, int]]  # (problem, order, problem index)
+
+
+def _methods(problems: Sequence[Problem], sample_values: Sequence[float]) -> dict[str, Method]:
+    n = len(problems[0].texts)
+    methods: dict[str, Method] = {
+        "first sample": lambda p, o, i: replay_vote(p, o, 1),
+        f"majority of {n}": lambda p, o, i: replay_vote(p, o, n),
+        "adaptive beta 0.95": lambda p, o, i: replay_adaptive(p, o, rule="beta", confidence=0.95),
+        "ESC window 2": lambda p, o, i: replay_adaptive(p, o, rule="window", window=2),
+        "gate + beta 0.95": lambda p, o, i: replay_adaptive(
+            p, o, rule="beta", confidence=0.95, sample_value=sample_values[i]
+        ),
+        "gate + ESC window 2": lambda p, o, i: replay_adaptive(
+            p, o, rule="window", window=2, sample_value=sample_values[i]
+        ),
+    }
+    if problems[0].scores is not None:
+        methods[f"reward best-of-{n}"] = lambda p, o, i: replay_best_of_n(p, o)
+        methods[f"reward-weighted vote of {n}"] = lambda p, o, i: replay_reward_weighted(p, o)
+    return methods
+
+
+def evaluate(problems: Sequence[Problem], *, orders: int = DEFAULT_ORDERS, folds: int = DEFAULT_FOLDS, seed: int = SEED) -> dict:
+    """Every method on the recorded order and on ``orders`` seeded random orders."""
+    n = len(problems[0].texts)
+    sample_values, learned = cross_fitted_sample_values(problems, folds, seed)
+    rng = random.Random(seed)
+    # one order per problem per replicate, shared by all methods (paired comparison)
+    per_problem = [[list(range(n))] + [rng.sample(range(n), n) for _ in range(orders)] for _ in problems]
+    methods = _methods(problems, sample_values)
+    rows = {}
+    for name, method in methods.items():
+        accuracies, samples = [], []
+        for r in range(orders + 1):
+            outcomes = [method(p, per_problem[i][r], i) for i, p in enumerate(problems)]
+            accuracies.append(sum(ok for ok, _ in outcomes) / len(problems))
+            samples.append(sum(k for _, k in outcomes) / len(problems))
+        random_acc, random_n = accuracies[1:], samples[1:]
+        rows[name] = {
+            "recorded_order": {"accuracy": round(accuracies[0], 4), "mean_samples": round(samples[0], 3)},
+            "random_orders": {
+                "accuracy": round(statistics.fmean(random_acc), 4) if random_acc else None,
+                "accuracy_sd": round(statistics.pstdev(random_acc), 4) if random_acc else None,
+                "mean_samples": round(statistics.fmean(random_n), 3) if random_n else None,
+            },
+        }
+    pass_at_1 = statistics.fmean(sum(p.correct) / n for p in problems)
+    # the exact expectations over orders, free of the noise of a finite number of shuffles:
+    # a single sample (also what the gate returns in a bucket it stops at 1) and the majority of n
+    rows["pass@1 (mean over samples)"] = _fixed(pass_at_1, 1)
+    rows[f"majority of {n}, expected over orders"] = _fixed(pass_at_1 + statistics.fmean(map(vote_gain, problems)), n)
+    rows[f"oracle pass@{n}"] = _fixed(sum(any(p.correct) for p in problems) / len(problems), n)
+    buckets = sorted({p.bucket for p in problems})
+    return {
+        "problems": len(problems),
+        "samples_per_problem": n,
+        "orders": orders,
+        "seed": seed,
+        "buckets": {b: sum(p.bucket == b for p in problems) for b in buckets},
+        "invalid_answers": sum(a is None for p in problems for a in p.answers),
+        "sample_value": learned,
+        "methods": rows,
+    }
+
+
+def _fixed(accuracy: float, samples: int) -> dict:
+    """A method that does not depend on order."""
+    row = {"accuracy": round(accuracy, 4), "mean_samples": samples}
+    return {"recorded_order": row, "random_orders": {**row, "accuracy_sd": 0.0}}
+
+
+def _bucket_summary(problems: Sequence[Problem]) -> dict:
+    """Per bucket: how much a vote gains over one sample, and single-sample accuracy."""
+    out = {}
+    for bucket in sorted({p.bucket for p in problems}):
+        subset = [p for p in problems if p.bucket == bucket]
+        gains = [vote_gain(p) for p in subset]
+        out[bucket] = {
+            "problems": len(subset),
+            "mean_vote_gain": round(statistics.fmean(gains), 4),
+            "first_sample_recorded": round(sum(p.correct[0] for p in subset) / len(subset), 4),
+            "pass@1": round(statistics.fmean(sum(p.correct) / len(p.correct) for p in subset), 4),
+        }
+    return out
+
+
+def run_sc_math(orders: int, seed: int) -> dict:
+    problems = load_qwen_math()
+    report = evaluate(problems, orders=orders, seed=seed)
+    report["per_bucket"] = _bucket_summary(problems)
+    report["source"] = "qwen_math_rm_maj_samples/math_cot_100.jsonl (Qwen2.5-Math, 8 CoT samples, reward scores)"
+    report["extraction_agreement"] = _extraction_agreement(problems)
+    return report
+
+
+def _extraction_agreement(problems: Sequence[Problem]) -> dict:
+    """How often our extraction + equivalence with the gold answer matches the recorded correctness."""
+    from router.answers import answers_equivalent
+
+    root = datasets_root() / "qwen_math_rm_maj_samples" / "math_cot_100.jsonl"
+    gold = {str(json.loads(line)["idx"]): json.loads(line)["gt"] for line in root.read_text().splitlines()}
+    agree = total = 0
+    for p in problems:
+        g = extract_answer("\\boxed{" + gold[p.id] + "}", "math")
+        for answer, ok in zip(p.answers, p.correct):
+            total += 1
+            agree += answers_equivalent(answer, g, "math") == ok if answer and g else (not ok)
+    return {"samples": total, "agree_with_recorded_correctness": agree}
+
+
+def run_sc_cruxeval(orders: int, seed: int) -> dict:
+    report: dict = {"source": "cruxeval/sample_scored_codellama-7b_temp0.2_{input,output}.json (temp 0.2, 10 samples)"}
+    for kind in ("input", "output"):
+        report[kind] = evaluate(load_cruxeval(kind), orders=orders, seed=seed)
+    return report
+
+
+def run_gsm8k_verifier(orders: int, seed: int) -> dict:
+    """Verifier re-ranking and a cascade, on OpenAI's recorded GSM8K solutions.
+
+    Only the re-ranked winners are recorded (no per-sample verifier scores), so best-of-100 is the
+    recorded result; what we replay is our extraction/equivalence against the recorded grades and a
+    cascade: answer with 6B (its fine-tuned and verifier-ranked answers as two cheap samples), escalate
+    to 175B-verifier when the two disagree.
+    """
+    from router.answers import answers_equivalent
+
+    path = datasets_root() / "gsm8k" / "example_model_solutions.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    systems = ("6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification")
+    accuracy = {s: round(sum(r[s]["is_correct"] for r in rows) / len(rows), 4) for s in systems}
+    agree = {s: 0 for s in systems}
+    for r in rows:
+        gold = extract_answer(r["ground_truth"], "math")
+        for s in systems:
+            ours = answers_equivalent(extract_answer(r[s]["solution"], "math"), gold, "math") if gold else False
+            agree[s] += ours == r[s]["is_correct"]
+    cascade = {}
+    for threshold in (0.75,):
+        correct = escalated = 0
+        for r in rows:
+            cheap = [r["6b_finetuning"]["solution"], r["6b_verification"]["solution"]]
+            signal = confidence_signal(cheap, "math")
+            if should_escalate(signal, threshold):
+                escalated += 1
+                correct += r["175b_verification"]["is_correct"]
+            else:
+                winner = vote(cheap, "math").winner
+                correct += r[("6b_finetuning", "6b_verification")[winner]]["is_correct"]
+        cascade[f"6B pair -> 175B verifier (escalate below {threshold})"] = {
+            "accuracy": round(correct / len(rows), 4),
+            "escalation_rate": round(escalated / len(rows), 4),
+        }
+    return {
+        "source": "gsm8k/example_model_solutions.jsonl (OpenAI, 1319 test problems)",
+        "problems": len(rows),
+        "recorded_accuracy": accuracy,
+        "verifier_gain": {
+            "6B: best-of-100 by verifier - single fine-tuned sample": round(accuracy["6b_verification"] - accuracy["6b_finetuning"], 4),
+            "175B: best-of-100 by verifier - single fine-tuned sample": round(
+                accuracy["175b_verification"] - accuracy["175b_finetuning"], 4
+            ),
+        },
+        "oracle_any_of_4": round(sum(any(r[s]["is_correct"] for s in systems) for r in rows) / len(rows), 4),
+        "extraction_agreement": {s: f"{agree[s]}/{len(rows)}" for s in systems},
+        "cascade": cascade,
+        "not_replayable": "one recorded solution per system and no per-sample verifier scores: "
+        "fixed-N majority, adaptive stopping and our best_of_n cannot be replayed on this file",
+    }
+
+
+RUNNERS = {"sc-math": run_sc_math, "sc-cruxeval": run_sc_cruxeval, "gsm8k-verifier": run_gsm8k_verifier}
+
+
+def run_suite(name: str, out_dir: Path | None = None, *, orders: int = DEFAULT_ORDERS, seed: int = SEED) -> dict:
+    """Run one suite; with ``out_dir``, write report.json and report.md there."""
+    if name not in RUNNERS:
+        raise ValueError(f"unknown suite {name!r}; expected one of {SUITES}")
+    started = time.perf_counter()
+    report = {"suite": name, **RUNNERS[name](orders, seed)}
+    report["seconds"] = round(time.perf_counter() - started, 2)
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        (out_dir / "report.md").write_text(render_markdown(report))
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown
+# ---------------------------------------------------------------------------------------------
+
+
+def _method_table(result: dict) -> list[str]:
+    lines = [
+        "| method | accuracy (recorded order) | samples | accuracy (random orders, mean ± sd) | samples |",
+        "|---|---|---|---|---|",
+    ]
+    for name, row in result["methods"].items():
+        rec, rnd = row["recorded_order"], row["random_orders"]
+        lines.append(
+            f"| {name} | {rec['accuracy']:.3f} | {rec['mean_samples']:.2f} | "
+            f"{rnd['accuracy']:.3f} ± {rnd['accuracy_sd']:.3f} | {rnd['mean_samples']:.2f} |"
+        )
+    values = {b: statistics.fmean(v) for b, v in result["sample_value"]["per_bucket_by_fold"].items()}
+    lines.append("")
+    lines.append(
+        "Cross-fitted sample_value per bucket (mean over folds): "
+        + ", ".join(f"{b} {v:+.4f}" for b, v in sorted(values.items()))
+    )
+    return lines
+
+
+def render_markdown(report: dict) -> str:
+    name = report["suite"]
+    lines = [f"# Sampling replay: {name}", "", f"Source: {report.get('source', '')}", ""]
+    if name == "sc-math":
+        lines += [f"{report['problems']} problems x {report['samples_per_problem']} samples; {report['orders']} random orders (seed {report['seed']}).", ""]
+        lines += _method_table(report)
+        lines += ["", "| bucket | problems | mean vote gain | first sample | pass@1 |", "|---|---|---|---|---|"]
+        for b, row in report["per_bucket"].items():
+            lines.append(f"| {b} | {row['problems']} | {row['mean_vote_gain']:+.4f} | {row['first_sample_recorded']:.3f} | {row['pass@1']:.3f} |")
+        ea = report["extraction_agreement"]
+        lines += ["", f"Extraction: {ea['agree_with_recorded_correctness']}/{ea['samples']} samples judged as recorded."]
+    elif name == "sc-cruxeval":
+        for kind in ("input", "output"):
+            r = report[kind]
+            lines += [f"## {kind} prediction", "", f"{r['problems']} problems x {r['samples_per_problem']} samples; {r['orders']} random orders.", ""]
+            lines += _method_table(r) + [""]
+    else:
+        lines += ["| system | accuracy (recorded) | our extraction agrees |", "|---|---|---|"]
+        for s, acc in report["recorded_accuracy"].items():
+            lines.append(f"| {s} | {acc:.3f} | {report['extraction_agreement'][s]} |")
+        lines += ["", "Verifier gain: " + "; ".join(f"{k}: {v:+.3f}" for k, v in report["verifier_gain"].items())]
+        lines += [f"Oracle (any of the 4 correct): {report['oracle_any_of_4']:.3f}", ""]
+        for k, v in report["cascade"].items():
+            lines.append(f"Cascade {k}: accuracy {v['accuracy']:.3f}, escalated {v['escalation_rate']:.1%}")
+        lines += ["", f"Not replayable: {report['not_replayable']}."]
+    lines += ["", f"Reproduce: `python -m evals.sampling --suite {name} --out DIR` ({report['seconds']} s)", ""]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--suite", choices=[*SUITES, "all"], default="all")
+    parser.add_argument("--out", type=Path, default=None, help="folder for report.json and report.md")
+    parser.add_argument("--orders", type=int, default=DEFAULT_ORDERS, help="random sample orders to average")
+    parser.add_argument("--seed", type=int, default=SEED)
+    args = parser.parse_args(argv)
+    for name in SUITES if args.suite == "all" else (args.suite,):
+        out = None if args.out is None else (args.out / name if args.suite == "all" else args.out)
+        report = run_suite(name, out, orders=args.orders, seed=args.seed)
+        sys.stdout.write(render_markdown(report) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

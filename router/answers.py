@@ -1,0 +1,357 @@
+"""Answer extraction and equivalence by task type: the first judgement of every multi-sample strategy.
+
+A vote is only as good as its notion of "the same answer". Each task maps to an answer *format*:
+
+- ``math``: the last ``\\boxed{...}``, else an answer marker ("The answer is", "Final answer:",
+  "#### ", "A: "), else the last number; normalised LaTeX; equivalence by ``math_verify``
+  (so ``\\frac{1}{2}``, ``0.5`` and ``\\dfrac12`` are one answer), with string equality as fallback.
+- ``multiple_choice``: a letter A-J.
+- ``number``: a plain number, compared with a small relative tolerance.
+- ``python``: a Python expression (e.g. a predicted call ``f('x')`` or value), compared by its AST
+  (only parsed, never executed), so ``'a'`` and ``"a"`` are one answer.
+- ``short_text``: a short final answer (knowledge, reasoning), normalised like SQuAD (case,
+  punctuation, articles); numbers compared as numbers.
+- ``open``: writing, chat and code: no comparable answer; voting falls back to a medoid.
+
+The router's task types map to formats in ``TASK_FORMATS``; a format name is also accepted as a task.
+Everything here is pure (equivalence verdicts and parses are cached), safe to call from any thread (math_verify's signal-based timeouts
+are disabled, so it is guarded by a size/shape check instead: see ``_math_verify_safe``).
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from fractions import Fraction
+from functools import lru_cache
+
+TASK_FORMATS: dict[str, str] = {
+    "math": "math",
+    "reasoning": "short_text",
+    "knowledge": "short_text",
+    "code": "open",
+    "writing": "open",
+    "chat": "open",
+}
+FORMATS: tuple[str, ...] = ("math", "multiple_choice", "number", "python", "short_text", "open")
+_ALIASES = {"mc": "multiple_choice", "code_output": "python", "expression": "python", "text": "short_text"}
+
+# Text longer than this without an answer marker is not a "short answer": we refuse to guess one.
+_SHORT_ANSWER_WORDS = 12
+# math_verify (sympy) has no timeout here, so only hand it answers that cannot explode.
+_MATH_VERIFY_MAX_CHARS = 120
+
+
+def answer_format(task: str) -> str:
+    """The answer format a task type (or a format name, or an alias) is judged by."""
+    key = task.strip().lower()
+    if key in FORMATS:
+        return key
+    return _ALIASES.get(key) or TASK_FORMATS.get(key, "open")
+
+
+def comparable(task: str) -> bool:
+    """Whether answers of this task can be extracted and compared (so a majority vote makes sense)."""
+    return answer_format(task) != "open"
+
+
+# ---------------------------------------------------------------------------------------------
+# Extraction
+# ---------------------------------------------------------------------------------------------
+
+_MARKER = re.compile(
+    r"(?:final\s+answer\s*(?:is|:)|the\s+(?:correct\s+)?answer\s+is|answer\s*:|^\s*####|^\s*A\s*:)"
+    r"\s*:?\s*(.+)",
+    re.IGNORECASE | re.MULTILINE,
+)
+_NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+)?|[-+]?\.\d+")
+# A letter on its own ("C", "(C)", "C.", "C) text"); after an answer marker also "C because ..."
+# (but not "I think ...": the pronoun is not option I)
+_LETTER = re.compile(r"^\(?([A-J])\)?(?:[.:),]|$)|^\(([A-J])\)")
+_LETTER_IN_SPAN = re.compile(r"^([A-HJ])\s")
+
+
+def _last_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}`` / ``\\fbox{...}`` with balanced braces."""
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if start < 0:
+        return None
+    brace = text.find("{", start)
+    if brace < 0:
+        # "\boxed 5": a single token after a space
+        rest = text[start:].split(None, 2)
+        return rest[1].rstrip("$.") if len(rest) > 1 else None
+    depth = 0
+    for i in range(brace, len(text)):
+        if text[i] == "{":
+            depth += 1
+        elif text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[brace + 1 : i]
+    return None
+
+
+def _marked_span(text: str) -> str | None:
+    """Rest of the line after the last answer marker ("The answer is", "Final answer:", ...)."""
+    matches = list(_MARKER.finditer(text))
+    if not matches:
+        return None
+    span = matches[-1].group(1).strip()
+    # "Final Answer: The final answer is $5$. I hope it is correct." -> "$5$"
+    for _ in range(3):
+        inner = _MARKER.search(span)
+        if not inner:
+            break
+        span = inner.group(1).strip()
+    math = re.search(r"\$+([^$]+)\$+", span)
+    if math:
+        return math.group(1).strip() or None
+    span = re.split(r"(?<=[^\d\s])\.\s|\.\s+(?=[A-Z])", span, maxsplit=1)[0]  # first sentence
+    return span.strip() or None
+
+
+def _strip_wrappers(s: str) -> str:
+    s = s.strip()
+    for left, right in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"), ("**", "**")):
+        if s.startswith(left) and s.endswith(right) and len(s) >= len(left) + len(right):
+            s = s[len(left) : len(s) - len(right)].strip()
+    return s.rstrip(".").strip()
+
+
+def extract_answer(text: str, task: str) -> str | None:
+    """The final answer in a model output, normalised for its task's format; None if there is none.
+
+    Open-ended tasks (writing, chat, code) have no comparable answer and always give None.
+    """
+    if not text or not text.strip():
+        return None
+    return _extract(text, answer_format(task))
+
+
+def _extract(text: str, fmt: str) -> str | None:
+    # not cached: texts are long (a cache would hold whole CoTs) and extraction is a few linear scans
+    if fmt == "math":
+        return _extract_math(text)
+    if fmt == "multiple_choice":
+        return _extract_letter(text)
+    if fmt == "number":
+        return _extract_number(text)
+    if fmt == "python":
+        return _extract_python(text)
+    if fmt == "short_text":
+        return _extract_short_text(text)
+    return None
+
+
+def _extract_math(text: str) -> str | None:
+    span = _last_boxed(text)
+    if span is None:
+        span = _marked_span(text)
+        if span is not None:
+            span = _last_boxed(span) or span
+    if span is None:
+        numbers = _NUMBER.findall(text)
+        span = numbers[-1] if numbers else None
+    if span is None:
+        return None
+    normalized = normalize_math(span)
+    return normalized or None
+
+
+def _extract_letter(text: str) -> str | None:
+    candidates = [(_last_boxed(text), True), (_marked_span(text), True), (text.strip(), False)]
+    for candidate, marked in candidates:
+        if not candidate:
+            continue
+        candidate = _strip_wrappers(re.sub(r"\\text\{([^{}]*)\}", r"\1", candidate))
+        match = _LETTER.match(candidate) or (_LETTER_IN_SPAN.match(candidate) if marked else None)
+        if match:
+            return next(g for g in match.groups() if g)
+    # "... so (C) is right": the last parenthesised letter in the text
+    letters = re.findall(r"\(([A-J])\)", text)
+    return letters[-1] if letters else None
+
+
+def _extract_number(text: str) -> str | None:
+    span = _last_boxed(text) or _marked_span(text)
+    source = span if span and _NUMBER.search(span) else text
+    numbers = _NUMBER.findall(source)
+    if not numbers:
+        return None
+    # inside a marked span the first number is the answer ("42 apples, i.e. 6 each"); else the last
+    value = _parse_number(numbers[0] if source is span else numbers[-1])
+    return _format_number(value) if value is not None else None
+
+
+def _extract_python(text: str) -> str | None:
+    s = text.strip()
+    tagged = re.search(r"\[ANSWER\](.*?)\[/ANSWER\]", s, re.DOTALL)
+    if tagged:
+        s = tagged.group(1)
+    fenced = re.search(r"```(?:python|py)?\s*\n?(.*?)```", s, re.DOTALL)
+    if fenced:
+        s = fenced.group(1)
+    s = s.strip()
+    if s.startswith("assert ") and "==" in s:
+        s = s.split("==", 1)[1]
+    s = s.strip().rstrip(";").strip()
+    if not s:
+        return None
+    return _canonical_python(s)
+
+
+def _extract_short_text(text: str) -> str | None:
+    span = _last_boxed(text) or _marked_span(text)
+    if span is None:
+        if len(text.split()) > _SHORT_ANSWER_WORDS:
+            return None
+        span = text
+    span = _strip_wrappers(re.sub(r"\\text\{([^{}]*)\}", r"\1", span))
+    number = _parse_number(span) if _NUMBER.fullmatch(span.replace("$", "").strip()) else None
+    if number is not None:
+        return _format_number(number)
+    normalized = normalize_text(span)
+    return normalized or None
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalisation
+# ---------------------------------------------------------------------------------------------
+
+
+def normalize_text(s: str) -> str:
+    """SQuAD-style: lower case, no punctuation, no articles, single spaces."""
+    s = s.lower()
+    s = re.sub(r"[^\w\s]", " ", s)
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+def normalize_math(s: str) -> str:
+    """A canonical string for a LaTeX answer: no delimiters, spacing, units text or degree signs.
+
+    Deliberately conservative: it only removes what never changes the value, so that string
+    equality after it is a safe fast path before math_verify.
+    """
+    s = _strip_wrappers(s)
+    s = re.sub(r"\\(?:left|right|displaystyle|!|,|;|:|quad|qquad)", "", s)
+    s = s.replace("{,}", ",").replace("\\ ", "").replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    s = re.sub(r"\\frac\s*(\d)\s*(\d)", r"\\frac{\1}{\2}", s)
+    s = re.sub(r"\\sqrt\s*(\d)", r"\\sqrt{\1}", s)
+    # units: "5 \text{ cm}" -> "5" (a \text{ starting with a space after content is a unit)
+    unit = re.search(r".\s*\\(?:text|mbox|mathrm)\{\s", s)
+    if unit:
+        s = s[: unit.start() + 1]
+    s = re.sub(r"\\(?:text|mbox|mathrm|textbf)\{([^{}]*)\}", r"\1", s)
+    s = re.sub(r"\^\s*\{?\\circ\}?", "", s)
+    s = s.replace("\\%", "").replace("%", "").replace("\\$", "").replace("$", "")
+    s = "".join(s.split()).rstrip(".")
+    # "x=5" -> "5" (a single variable assigned a value), but keep real equations like "y=2x+1"
+    assignment = re.fullmatch(r"[a-zA-Z]=([^=]+)", s)
+    if assignment and not re.search(r"[a-zA-Z]", assignment.group(1).replace("\\frac", "").replace("\\sqrt", "")):
+        s = assignment.group(1)
+    if re.fullmatch(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?", s):
+        s = s.replace(",", "")
+    if re.fullmatch(r"[-+]?\d+\.0+", s):
+        s = s.split(".")[0]
+    return s.lstrip("+")
+
+
+def _parse_number(s: str) -> Fraction | None:
+    s = s.replace(",", "").replace("$", "").replace(" ", "").strip().rstrip(".")
+    try:
+        return Fraction(s)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def _format_number(value: Fraction) -> str:
+    if value.denominator == 1:
+        return str(value.numerator)
+    return format(float(value), ".10g")
+
+
+def _canonical_python(s: str) -> str:
+    """``ast.unparse`` of the expression (quotes, spacing and redundant parentheses normalised).
+
+    Parsing does not execute anything. Anything that does not parse is compared as
+    whitespace-collapsed text.
+    """
+    if len(s) <= 5000:
+        try:
+            return ast.unparse(ast.parse(s, mode="eval"))
+        except (SyntaxError, ValueError, RecursionError, MemoryError):
+            pass
+    return " ".join(s.split())
+
+
+# ---------------------------------------------------------------------------------------------
+# Equivalence
+# ---------------------------------------------------------------------------------------------
+
+
+def answers_equivalent(a: str, b: str, task: str) -> bool:
+    """Whether two extracted answers are the same answer for this task (symmetric, cached)."""
+    if a is None or b is None:
+        return False
+    if a == b:
+        return True
+    fmt = answer_format(task)
+    first, second = (a, b) if a <= b else (b, a)  # one cache entry per unordered pair
+    return _equivalent_cached(first, second, fmt)
+
+
+@lru_cache(maxsize=65536)
+def _equivalent_cached(a: str, b: str, fmt: str) -> bool:
+    if fmt == "math":
+        na, nb = normalize_math(a), normalize_math(b)
+        if na == nb:
+            return True
+        return _math_verify_equal(na, nb)
+    if fmt in ("number", "short_text"):
+        x, y = _parse_number(a), _parse_number(b)
+        if x is not None and y is not None:
+            return abs(x - y) <= Fraction(1, 10**6) * max(1, abs(x), abs(y))
+        return fmt == "short_text" and normalize_text(a) == normalize_text(b)
+    if fmt == "python":
+        return _canonical_python(a) == _canonical_python(b)
+    if fmt == "multiple_choice":
+        return a.strip().upper() == b.strip().upper()
+    return False
+
+
+def _math_verify_safe(s: str) -> bool:
+    """Refuse inputs that can make sympy run for minutes (we run it without a timeout)."""
+    if not s or len(s) > _MATH_VERIFY_MAX_CHARS:
+        return False
+    if re.search(r"\^\s*\{?\s*[-+]?\d{3,}", s):  # huge exponents
+        return False
+    if re.search(r"\d{3,}\s*!", s) or s.count("^") > 3:  # large factorials, power towers
+        return False
+    return True
+
+
+def _math_verify_equal(a: str, b: str) -> bool:
+    if not (_math_verify_safe(a) and _math_verify_safe(b)):
+        return False
+    pa, pb = _math_parse(a), _math_parse(b)
+    if not pa or not pb:
+        return False
+    from math_verify import verify
+
+    try:
+        return bool(verify(list(pa), list(pb), timeout_seconds=None))
+    except Exception:  # math_verify/sympy raise many types on odd input; not equal is the safe answer
+        return False
+
+
+@lru_cache(maxsize=16384)
+def _math_parse(answer: str) -> tuple:
+    """math_verify's parse of one answer, wrapped in \\boxed{} so a bare expression is found."""
+    from math_verify import parse
+
+    try:
+        return tuple(parse("\\boxed{" + answer + "}", parsing_timeout=None))
+    except Exception:
+        return ()

@@ -1,0 +1,149 @@
+"""Prompt text the strategies add, and the parsers that read the replies back.
+
+- CoT: a step-by-step instruction per task type (a template the policy may override) that asks for a
+  last line "Final answer: ...", and ``final_answer`` which hands the client only that answer.
+- Judge: the rubric an LLM judge scores best-of-N samples with, and ``parse_judge_score``.
+
+Templates are plain ``str.format`` strings; unknown placeholders are not used, so a policy can
+write any text. The answer-format wording per task matches what ``router.answers`` extracts.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from router.answers import answer_format
+
+FINAL_ANSWER_MARKER = "Final answer:"
+
+_FORMAT_HINTS: dict[str, str] = {
+    "math": "Put the final answer within \\boxed{} as well.",
+    "multiple_choice": "Give the letter of the correct option as the final answer.",
+    "number": "Give only the number as the final answer.",
+    "python": "Give only the Python expression as the final answer.",
+    "short_text": "Keep the final answer short: a word, a phrase or a number.",
+    "open": "After the final answer marker, write the complete reply for the user.",
+}
+
+DEFAULT_COT_TEMPLATE = (
+    "Think through the problem step by step before answering. {format_hint} "
+    "End your reply with a last line of the form '" + FINAL_ANSWER_MARKER + " <answer>'."
+)
+
+
+def cot_instruction(task: str, template: str | None = None) -> str:
+    """The step-by-step instruction for a task; ``template`` may use ``{format_hint}`` and ``{task}``."""
+    hint = _FORMAT_HINTS[answer_format(task)]
+    return (template or DEFAULT_COT_TEMPLATE).replace("{format_hint}", hint).replace("{task}", task).strip()
+
+
+def with_cot_instruction(messages: Sequence[dict[str, Any]], task: str, template: str | None = None) -> list[dict[str, Any]]:
+    """A copy of an OpenAI ``messages`` list with the CoT instruction appended to the last user turn.
+
+    Appended to the user turn rather than sent as a system message because some chat templates
+    drop or merge system messages; a content-parts list gets an extra text part.
+    """
+    instruction = cot_instruction(task, template)
+    out = [dict(m) for m in messages]
+    for message in reversed(out):
+        if message.get("role") != "user":
+            continue
+        content = message.get("content")
+        if isinstance(content, list):
+            message["content"] = [*content, {"type": "text", "text": instruction}]
+        else:
+            message["content"] = f"{content or ''}\n\n{instruction}".lstrip()
+        return out
+    out.append({"role": "user", "content": instruction})
+    return out
+
+
+_FINAL = re.compile(r"(?:\*\*)?final\s+answer(?:\*\*)?\s*(?:is)?\s*[:：]?(?:\*\*)?\s*", re.IGNORECASE)
+
+
+def final_answer(text: str | None, task: str) -> str:
+    """The clean reply to hand the client from a CoT output.
+
+    Everything after the last "Final answer:" marker (stripped of markdown bold and a math
+    ``\\boxed{}`` wrapper); without a marker, the whole text, so the client never loses an answer.
+    """
+    if not text:
+        return ""
+    matches = list(_FINAL.finditer(text))
+    if not matches:
+        return text.strip()
+    tail = text[matches[-1].end() :].strip().strip("*").strip()
+    if not tail:
+        return text.strip()
+    if answer_format(task) == "math":
+        boxed = re.fullmatch(r"\$*\\boxed\{(.*)\}\$*\.?", tail, re.DOTALL)
+        if boxed:
+            tail = boxed.group(1).strip()
+    return tail
+
+
+DEFAULT_JUDGE_RUBRIC = """You are grading one candidate answer to a user's request.
+Judge it on:
+1. Correctness: is the final answer right? For math, code or reasoning, check the work step by step.
+2. Completeness: does it answer everything that was asked?
+3. Instruction following: format, length and constraints the user set.
+4. Clarity: is it clear and free of irrelevant content?
+Correctness matters most: a wrong final answer scores at most 3.
+
+Reply with a short justification, then a last line exactly of the form:
+Score: <integer from 1 to 10>"""
+
+JUDGE_SCALE = (1.0, 10.0)
+
+
+def last_user_text(messages: Sequence[dict[str, Any]]) -> str:
+    """The text of the last user turn (content parts joined), the question a judge is shown."""
+    for message in reversed(messages):
+        if message.get("role") != "user":
+            continue
+        content = message.get("content")
+        if isinstance(content, list):
+            return "\n".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+        return str(content or "")
+    return ""
+
+
+def judge_messages(question: str, answer: str, rubric: str | None = None) -> list[dict[str, str]]:
+    """Chat messages asking an LLM judge to score one candidate answer with the rubric."""
+    return [
+        {"role": "system", "content": (rubric or DEFAULT_JUDGE_RUBRIC).strip()},
+        {
+            "role": "user",
+            "content": f"User request:\n<request>\n{question}\n</request>\n\n"
+            f"Candidate answer:\n<answer>\n{answer}\n</answer>\n\nGrade the candidate answer.",
+        },
+    ]
+
+
+_SCORE = re.compile(
+    r"(?:score|rating|grade)\s*(?:is)?\s*[:=]?\s*\**\s*\[?(-?\d+(?:\.\d+)?)\s*(?:/\s*(\d+(?:\.\d+)?))?", re.IGNORECASE
+)
+
+
+def parse_judge_score(text: str | None, scale: tuple[float, float] = JUDGE_SCALE) -> float | None:
+    """The judge's score normalised to [0, 1] (1 -> 0.0, 10 -> 1.0), or None if there is none.
+
+    Takes the last "Score: N" (or "N/10") so a judge quoting the rubric first does not count.
+    Out-of-range scores are clamped; a "N/M" score is read on its own scale M.
+    """
+    if not text:
+        return None
+    matches = list(_SCORE.finditer(text))
+    if not matches:
+        return None
+    match = matches[-1]
+    value = float(match.group(1))
+    low, high = scale
+    if match.group(2):
+        high = float(match.group(2))
+        low = 0.0 if low >= high else low
+    if high <= low:
+        return None
+    return min(1.0, max(0.0, (value - low) / (high - low)))

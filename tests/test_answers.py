@@ -1,0 +1,182 @@
+"""Answer extraction and equivalence by task, and the prompt parsers (router/answers.py, router/prompts.py)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from router.answers import answer_format, answers_equivalent, comparable, extract_answer
+from router.prompts import (
+    with_cot_instruction,
+    cot_instruction,
+    final_answer,
+    judge_messages,
+    last_user_text,
+    parse_judge_score,
+)
+
+
+# --- math -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ("\\frac{1}{2}", "0.5"),
+        ("\\dfrac12", "\\frac{1}{2}"),
+        ("\\dfrac12", "0.5"),
+        ("12\\frac{3}{5}", "\\frac{63}{5}"),
+        ("\\frac{\\sqrt2}{2}", "\\sqrt{2}/2"),
+        ("x=3", "3"),
+        ("4a-2", "-2+4a"),
+        ("10{,}000", "10000"),
+        ("90^\\circ", "90"),
+        ("(1,2)", "(1, 2)"),
+    ],
+)
+def test_math_equivalent_forms(a: str, b: str) -> None:
+    assert answers_equivalent(a, b, "math")
+    assert answers_equivalent(b, a, "math")
+
+
+@pytest.mark.parametrize(("a", "b"), [("\\frac{1}{2}", "\\frac{1}{3}"), ("0.333", "\\frac{1}{3}"), ("2", "-2"), ("a", "b")])
+def test_math_different_answers(a: str, b: str) -> None:
+    assert not answers_equivalent(a, b, "math")
+
+
+def test_math_boxed_extraction_takes_the_last_balanced_box() -> None:
+    text = "First try \\boxed{3}. Wait, recompute: the result is \\boxed{\\frac{7}{\\sqrt{2}}}."
+    assert extract_answer(text, "math") == "\\frac{7}{\\sqrt{2}}"
+    assert extract_answer("so we get $\\boxed{4:30 \\text{ p.m.}}$", "math") == "4:30"
+
+
+def test_math_marker_and_last_number_fallbacks() -> None:
+    assert extract_answer("3 + 4 = 7\nThe answer is $7$.", "math") == "7"
+    assert extract_answer("She makes 9 * 2 = $<<9*2=18>>18\nA: 18", "math") == "18"
+    assert extract_answer("Total: 1,250 apples.\n#### 1,250", "math") == "1250"
+    assert extract_answer("we add 2 and 3 and get 5", "math") == "5"
+    assert extract_answer("no numbers at all", "math") is None
+    assert extract_answer("", "math") is None
+
+
+def test_math_verify_runs_outside_the_main_thread() -> None:
+    # math_verify's default signal-based timeout raises in threads; ours must not
+    results: list[bool] = []
+    worker = threading.Thread(target=lambda: results.append(answers_equivalent("\\frac{3}{4}", "0.75", "math")))
+    worker.start()
+    worker.join(timeout=30)
+    assert results == [True]
+
+
+def test_math_verify_is_not_handed_explosive_input() -> None:
+    # sympy would evaluate this for a very long time; we fall back to string inequality
+    assert not answers_equivalent("2^{2^{2^{2^{100000}}}}", "3", "math")
+
+
+# --- other formats ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "letter"),
+    [
+        ("The answer is (C).", "C"),
+        ("Answer: b", None),  # lower-case b is not an option letter
+        ("Answer: B", "B"),
+        ("(D)", "D"),
+        ("J", "J"),
+        ("Let's compare (A) and (B): only (B) fits.", "B"),
+        ("\\boxed{\\text{(E)}}", "E"),
+        ("I cannot tell.", None),
+        ("The answer is B because the others fail.", "B"),
+        ("Answer: I think (G)", "G"),
+    ],
+)
+def test_multiple_choice_letters(text: str, letter: str | None) -> None:
+    assert extract_answer(text, "multiple_choice") == letter
+
+
+def test_multiple_choice_equivalence() -> None:
+    assert answers_equivalent("C", "c", "mc")
+    assert not answers_equivalent("C", "D", "mc")
+
+
+def test_numbers() -> None:
+    assert extract_answer("Roughly 3,000.50 dollars", "number") == "3000.5"
+    assert extract_answer("Final answer: 42 apples, 6 each", "number") == "42"
+    assert answers_equivalent("0.5", "1/2", "number")
+    assert answers_equivalent("1000000", "1000000.0000001", "number")
+    assert not answers_equivalent("1", "2", "number")
+
+
+def test_python_expressions_compare_by_ast_without_executing() -> None:
+    assert extract_answer("f('sea')", "python") == extract_answer('f("sea")', "python")
+    assert answers_equivalent("[1,2]", "[1, 2]", "code_output")
+    assert not answers_equivalent("f('a')", "f('b')", "python")
+    assert extract_answer("```python\nassert f(1) == [1, 2]\n```", "python") == "[1, 2]"
+    # a string that would do harm if run is only ever parsed
+    assert extract_answer("__import__('os').system('false')", "python") == "__import__('os').system('false')"
+
+
+def test_short_text_normalised() -> None:
+    assert extract_answer("The answer is The Eiffel Tower.", "knowledge") == "eiffel tower"
+    assert answers_equivalent("eiffel tower", "Eiffel  Tower!", "knowledge")
+    assert extract_answer("Paris", "knowledge") == "paris"
+    assert extract_answer("So the answer is 1,000.", "reasoning") == "1000"
+    long_reply = "Paris is the capital of France and has been for many centuries, with a long history of art."
+    assert extract_answer(long_reply, "knowledge") is None  # no marker and not short: no answer to vote on
+
+
+def test_open_tasks_are_not_comparable() -> None:
+    for task in ("writing", "chat", "code"):
+        assert not comparable(task)
+        assert extract_answer("Here is a poem about the sea.", task) is None
+    for task in ("math", "reasoning", "knowledge", "multiple_choice", "number", "python"):
+        assert comparable(task)
+    assert answer_format("unknown-task") == "open"
+
+
+# --- prompts ----------------------------------------------------------------------------------
+
+
+def test_cot_instruction_and_application() -> None:
+    assert "\\boxed{}" in cot_instruction("math")
+    assert cot_instruction("chat", "Think. {format_hint}").startswith("Think. After the final answer marker")
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "2+2?"}]
+    out = with_cot_instruction(messages, "math")
+    assert out[1]["content"].startswith("2+2?\n\n") and "Final answer:" in out[1]["content"]
+    assert messages[1]["content"] == "2+2?"  # the caller's list is not modified
+    parts = with_cot_instruction([{"role": "user", "content": [{"type": "text", "text": "hi"}]}], "chat")
+    assert parts[0]["content"][-1]["type"] == "text" and len(parts[0]["content"]) == 2
+
+
+def test_last_user_text() -> None:
+    messages = [
+        {"role": "user", "content": "first"},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image_url"}, {"type": "text", "text": "b"}]},
+    ]
+    assert last_user_text(messages) == "a\nb"
+    assert last_user_text([{"role": "system", "content": "s"}]) == ""
+
+
+def test_final_answer_extraction() -> None:
+    assert final_answer("Step 1: 2+2=4.\nFinal answer: 4", "math") == "4"
+    assert final_answer("Working...\n**Final answer:** $\\boxed{\\frac{1}{2}}$", "math") == "\\frac{1}{2}"
+    assert final_answer("Plan...\nFinal answer:\nDear Anna,\nThank you.", "writing") == "Dear Anna,\nThank you."
+    assert final_answer("No marker here, just the reply.", "chat") == "No marker here, just the reply."
+    assert final_answer("Dangling marker. Final answer:", "chat") == "Dangling marker. Final answer:"
+    assert final_answer(None, "chat") == ""
+
+
+def test_judge_prompt_and_score_parsing() -> None:
+    messages = judge_messages("What is 2+2?", "4")
+    assert messages[0]["role"] == "system" and "Score:" in messages[0]["content"]
+    assert "<answer>\n4\n</answer>" in messages[1]["content"]
+    assert parse_judge_score("Correct and clear.\nScore: 10") == 1.0
+    assert parse_judge_score("Score: 1") == 0.0
+    assert parse_judge_score("The rubric says Score: <integer>. My verdict: score = 7/10") == pytest.approx(6 / 9)
+    assert parse_judge_score("Rating: **4**") == pytest.approx(3 / 9)
+    assert parse_judge_score("Score: 14") == 1.0  # clamped
+    assert parse_judge_score("I refuse to grade.") is None
+    assert parse_judge_score(None) is None

@@ -1,0 +1,236 @@
+"""Voting, adaptive stopping and cascade escalation (router/voting.py, stopping.py, cascade.py),
+and the offline replay on real recorded samples (evals/sampling.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from router.cascade import ConfidenceSignal, confidence_signal, should_escalate, stated_confidence, stated_uncertainty
+from router.stopping import estimate_sample_value, should_stop, wave_size
+from router.voting import best_of_n, cluster_answers, extract, leader_posterior, ranked, vote, weighted_vote
+
+# --- vote -------------------------------------------------------------------------------------
+
+
+def test_majority_groups_equivalent_math_answers() -> None:
+    texts = ["so \\boxed{0.5}", "hence \\boxed{\\frac{1}{2}}", "thus \\boxed{\\dfrac12}", "\\boxed{3}"]
+    result = vote(texts, "math")
+    assert result.method == "majority"
+    assert result.winner == 0 and result.answer == "0.5"
+    assert result.counts == {"0.5": 3, "3": 1}
+    assert result.agreement == pytest.approx(0.75)
+    assert result.n_valid == 4 and result.n == 4
+    assert 0.0 < result.confidence < 1.0
+
+
+def test_ties_go_to_the_earliest_answer_and_its_first_sample() -> None:
+    texts = ["\\boxed{7}", "\\boxed{5}", "\\boxed{5}", "\\boxed{7}"]
+    assert vote(texts, "math").winner == 0
+    assert vote(list(reversed(texts)), "math").winner == 0  # answer 7 again first, at index 0
+    assert vote(["\\boxed{5}", "\\boxed{7}", "\\boxed{7}", "\\boxed{5}"], "math").answer == "5"
+
+
+def test_invalid_and_failed_samples_do_not_vote() -> None:
+    texts = ["I could not solve it.", None, "The answer is (B).", "(B)", "Answer: C"]
+    result = vote(texts, "multiple_choice")
+    assert result.answer == "B" and result.winner == 2
+    assert result.n_valid == 3 and result.n == 5
+    assert result.agreement == pytest.approx(2 / 3)
+    # invalid samples lower the confidence: the same vote without them is more confident
+    assert result.confidence < vote(texts[2:], "multiple_choice").confidence
+
+
+def test_medoid_fallback_for_open_text() -> None:
+    texts = [
+        "The sea is calm and blue under the morning sun.",
+        "Stock prices fell sharply on Tuesday.",
+        "The sea is calm and blue in the morning sun light.",
+        "Under the morning sun the sea is calm and blue.",
+    ]
+    result = vote(texts, "writing")
+    assert result.method == "medoid" and result.answer is None
+    assert result.winner in (0, 2, 3)  # never the off-topic outlier
+    assert result.winner == 0
+    assert 0.0 < result.agreement < 1.0 and result.counts == {}
+    # a comparable task with no extractable answer also falls back to the medoid
+    assert vote(["no idea", "no idea at all", "something else"], "math").method == "medoid"
+    assert vote(["", None], "chat").n_valid == 0
+
+
+def test_medoid_ties_keep_the_earliest_sample() -> None:
+    assert vote(["same words here", "same words here", "same words here"], "chat").winner == 0
+    assert vote(["only one"], "chat").winner == 0
+
+
+def test_weighted_vote_and_best_of_n() -> None:
+    texts = ["\\boxed{1}", "\\boxed{1}", "\\boxed{2}"]
+    assert weighted_vote(texts, [0.1, 0.1, 0.9], "math").answer == "2"
+    assert weighted_vote(texts, [0.5, 0.5, 0.9], "math").answer == "1"
+    assert weighted_vote(texts, [None, None, 0.2], "math").method == "weighted"
+    with pytest.raises(ValueError):
+        weighted_vote(texts, [-1.0, 0.0, 0.0], "math")
+    assert best_of_n([0.2, None, 3.5, 3.5, -1.0]) == 2
+    assert best_of_n([None, float("nan"), 0.0]) == 2
+    assert best_of_n([None, None]) == 0  # the verifier failed everywhere: still answer
+    with pytest.raises(ValueError):
+        best_of_n([])
+
+
+def test_ranked_orders_choices_for_clients_asking_n() -> None:
+    texts = ["\\boxed{2}", "\\boxed{1}", "no answer", "\\boxed{1}", "\\boxed{3}", "\\boxed{2}", "\\boxed{1}"]
+    result = vote(texts, "math")
+    assert result.answer == "1"
+    assert ranked(texts, "math", result) == [1, 0, 4, 3, 6, 5, 2]
+    open_texts = ["the sea is blue", "stocks fell", "the sea is calm and blue", "blue sea"]
+    order = ranked(open_texts, "chat")
+    assert sorted(order) == [0, 1, 2, 3] and order[-1] == 1
+    assert extract(None, "math") is None and extract("\\boxed{4}", "math") == "4"
+
+
+def test_cluster_answers_labels_by_first_member() -> None:
+    assert cluster_answers(["0.5", None, "\\frac{1}{2}", "2", "2"], "math") == [0, None, 0, 3, 3]
+
+
+def test_leader_posterior_matches_the_beta_closed_form() -> None:
+    # Beta(v1+1, v2+1) mass above 1/2; with v2 = 0 it is 1 - 0.5**(v1+1)
+    for v1 in range(1, 8):
+        assert leader_posterior(v1, 0) == pytest.approx(1 - 0.5 ** (v1 + 1))
+    assert leader_posterior(3, 3) == pytest.approx(0.5)
+    assert leader_posterior(4, 1) == pytest.approx(1 - 7 / 64)  # P(Bin(6, .5) <= 4)
+
+
+# --- stopping ---------------------------------------------------------------------------------
+
+
+def test_beta_rule_stops_only_when_confident() -> None:
+    assert not should_stop(["5", "5", "5"], max_n=16).stop  # 0.9375 < 0.95
+    verdict = should_stop(["5", "5", "5", "5"], max_n=16)
+    assert verdict.stop and verdict.posterior == pytest.approx(0.96875) and verdict.leader == "5"
+    assert not should_stop(["5", "5", "5", "5", "6", "6"], max_n=16).stop
+    assert should_stop(["5", "5"], max_n=16, confidence=0.85).stop
+
+
+def test_window_rule_checks_complete_windows() -> None:
+    assert should_stop(["a", "a"], max_n=8, rule="window").stop
+    assert not should_stop(["a", "b"], max_n=8, rule="window").stop
+    assert not should_stop(["a", "b", "b"], max_n=8, rule="window").stop  # window 2 not complete
+    assert should_stop(["a", "b", "b", "b"], max_n=8, rule="window").stop
+    assert not should_stop([None, None], max_n=8, rule="window").stop
+
+
+def test_decided_lead_and_budget() -> None:
+    verdict = should_stop(["x"] * 5 + ["y"], max_n=8, rule="window")
+    assert verdict.stop and verdict.reason.startswith("decided")  # 5-1 with 2 left cannot flip
+    # a tie at the end goes to the answer seen first: y first seen earlier can still win a 4-4 tie
+    assert not should_stop(["y", "x", "x", "x", "x", "y"], max_n=8, rule="window", confidence=1.0).stop
+    assert should_stop(["a", "b", "c"], max_n=3).reason == "max_n=3 reached"
+    assert not should_stop([None, None, None], max_n=8).stop
+
+
+def test_equivalent_answers_count_together_when_task_is_given() -> None:
+    answers = ["0.5", "\\frac{1}{2}", "\\dfrac12", "1/2"]
+    assert not should_stop(answers, max_n=16).stop  # as strings: four different answers
+    assert should_stop(answers, max_n=16, task="math").stop
+
+
+def test_bucket_gate_stops_at_the_first_valid_answer() -> None:
+    assert should_stop(["7"], max_n=8, sample_value=0.0).stop
+    assert not should_stop([None], max_n=8, sample_value=0.0).stop  # keeps going until an answer
+    assert not should_stop(["7"], max_n=8, sample_value=0.05).stop  # voting pays here
+    assert not should_stop(["7"], max_n=8, sample_value=0.0, min_samples=2).stop  # policy floor wins
+    assert "do not pay" in should_stop(["7"], max_n=8, sample_value=-0.01).reason
+
+
+def test_wave_size_is_the_fewest_samples_that_could_decide() -> None:
+    assert wave_size([], max_n=8) == 4  # beta 0.95: 4 unanimous samples are needed
+    assert wave_size(["5", "5", "5"], max_n=8) == 1
+    assert wave_size([], max_n=8, rule="window", window=2) == 2
+    assert wave_size(["a"], max_n=8, rule="window", window=2) == 1
+    assert wave_size([], max_n=8, sample_value=0.0) == 1
+    # the majority of 2 is always the first sample (ties go to the earliest), so 1 decides it
+    assert wave_size([], max_n=2) == 1
+    assert wave_size([], max_n=3) == 2  # two agreeing samples cannot be outvoted by one more
+    assert wave_size(["5"] * 4, max_n=8) == 0
+    assert wave_size([], max_n=8, max_wave=2) == 2
+    with pytest.raises(ValueError):
+        should_stop([], max_n=8, rule="sprt")
+
+
+def test_sample_value_is_shrunk_towards_voting() -> None:
+    assert estimate_sample_value([]) == pytest.approx(0.02)  # an unknown bucket keeps voting
+    assert estimate_sample_value([0.0] * 5) == pytest.approx(0.01)
+    assert estimate_sample_value([0.0] * 1000) < 0.001
+    assert estimate_sample_value([0.1] * 1000) == pytest.approx(0.1, abs=0.001)
+
+
+# --- cascade ----------------------------------------------------------------------------------
+
+
+def test_stated_uncertainty() -> None:
+    assert stated_uncertainty("The capital of France is Paris.") == 0.0
+    assert stated_uncertainty("I'm not sure, but it might be Lyon.") >= 0.8
+    assert stated_uncertainty("I cannot verify this; I might be wrong.") == pytest.approx(0.9)
+    assert 0.0 < stated_uncertainty("It is probably 42.") < 0.5
+    assert stated_uncertainty("Let's double check the sum: 2+2=4.") == 0.0
+    assert stated_uncertainty(None) == 0.0
+
+
+def test_should_escalate_on_each_signal() -> None:
+    assert not should_escalate(ConfidenceSignal(), 0.8)  # nothing to doubt
+    assert should_escalate(ConfidenceSignal(vote_agreement=0.5), 0.8)
+    assert should_escalate(ConfidenceSignal(vote_agreement=1.0, verifier_score=0.3), 0.8)
+    assert should_escalate(ConfidenceSignal(vote_agreement=1.0, stated_uncertainty=0.8), 0.8)
+    assert not should_escalate(ConfidenceSignal(vote_agreement=1.0, verifier_score=0.9, stated_uncertainty=0.0), 0.8)
+    assert should_escalate(0.2, 0.5) and not should_escalate(0.7, 0.5)
+    assert should_escalate([0.9, None, 0.4], 0.5)
+    assert should_escalate(float("nan"), 0.5)
+    assert not should_escalate(None, 0.5)  # nothing measured
+    assert stated_confidence("I'm not sure.") == pytest.approx(0.2)
+
+
+def test_confidence_signal_from_cheap_samples() -> None:
+    agree = confidence_signal(["\\boxed{4}", "The answer is 4."], "math")
+    assert agree.vote_agreement == 1.0 and not should_escalate(agree, 0.75)
+    disagree = confidence_signal(["\\boxed{4}", "\\boxed{5}"], "math")
+    assert disagree.vote_agreement == 0.5 and should_escalate(disagree, 0.75)
+    single = confidence_signal(["I'm not sure, maybe \\boxed{4}"], "math", verifier_scores=[0.9])
+    assert single.vote_agreement is None and single.verifier_score == 0.9
+    assert should_escalate(single, 0.5)  # the stated uncertainty decides
+    failed = confidence_signal(["\\boxed{4}", None, None], "math")
+    assert failed.vote_agreement == pytest.approx(1 / 3)
+
+
+# --- offline proof on real recorded samples ---------------------------------------------------
+
+
+def test_sc_math_replay_reaches_the_issue_targets() -> None:
+    """Qwen2.5-Math on 100 MATH problems: the measured numbers in docs/strategies.md.
+
+    The gate uses each bucket's sample_value cross-fitted on the other folds (no problem's own
+    outcome is used for its own decision). Asserted: what this replay measures, with the issue's bars.
+    """
+    from evals.sampling import run_suite
+
+    report = run_suite("sc-math", None, orders=8)
+    methods = report["methods"]
+    recorded = {name: row["recorded_order"] for name, row in methods.items()}
+    shuffled = {name: row["random_orders"] for name, row in methods.items()}
+
+    assert recorded["first sample"]["accuracy"] == pytest.approx(0.90)
+    assert recorded["majority of 8"]["accuracy"] == pytest.approx(0.93)
+    assert recorded["reward best-of-8"]["accuracy"] == pytest.approx(0.94)
+    assert recorded["oracle pass@8"]["accuracy"] == pytest.approx(0.96)
+    esc = recorded["ESC window 2"]
+    assert esc["accuracy"] == pytest.approx(0.93) and esc["mean_samples"] <= 2.38
+
+    # the target: fixed-N majority's accuracy with fewer samples than ESC window 2
+    gated = recorded["gate + ESC window 2"]
+    assert gated["accuracy"] >= recorded["majority of 8"]["accuracy"] - 1e-9
+    assert gated["mean_samples"] < 2.0
+    gated_random = shuffled["gate + ESC window 2"]
+    assert gated_random["accuracy"] >= shuffled["majority of 8"]["accuracy"] - 0.005
+    assert gated_random["mean_samples"] < shuffled["ESC window 2"]["mean_samples"]
+    # Adaptive-Consistency's Beta rule at 0.95 matches the majority but needs >= 4 samples
+    beta = recorded["adaptive beta 0.95"]
+    assert beta["accuracy"] >= recorded["majority of 8"]["accuracy"] - 1e-9 and 4.0 <= beta["mean_samples"] < 8
+    assert report["extraction_agreement"]["agree_with_recorded_correctness"] >= 799
