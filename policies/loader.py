@@ -1,0 +1,381 @@
+"""Read policy YAML into a checked `Policy`, with errors an operator can act on.
+
+Every error names the file, the line and the key path, and says what was expected. Lines come from a
+walk over the YAML node tree (yaml.compose keeps each node's position), so pydantic's error locations
+and our own cross-field checks both point at the line to fix.
+Also: the `ponder policy check` command and the JSON Schema shipped for editors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.util
+import json
+import sys
+import types
+import typing
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from policies.backends import BackendSpec, Prices
+from policies.schema import (
+    ArmSpec,
+    Loc,
+    Policy,
+    PolicyError,
+    expected_output_tokens,
+    policy_problems,
+)
+
+__all__ = ["PolicyError", "load_policy", "parse_policy", "check_cli", "write_json_schema", "resolve_prices"]
+
+SCHEMA_PATH = Path(__file__).with_name("policy.schema.json")
+SUMMARY_PROMPT_TOKENS = 500  # the prompt size the summary prices arms at
+
+
+def load_policy(path: str | Path, extra_backends: Iterable[BackendSpec] = ()) -> Policy:
+    """Read and check a policy file. `extra_backends` (the gateway config's) win over inline ones by name."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PolicyError([(str(path), None, "", f"cannot read the file: {exc}")]) from exc
+    return parse_policy(text, str(path), extra_backends)
+
+
+def parse_policy(text: str, source_name: str, extra_backends: Iterable[BackendSpec] = ()) -> Policy:
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+        data = loader.construct_document(root) if root is not None else None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        detail = " ".join(str(part) for part in (getattr(exc, "context", None), getattr(exc, "problem", None)) if part)
+        raise PolicyError([(source_name, line, "", f"YAML syntax error: {detail or exc}")]) from exc
+    finally:
+        loader.dispose()
+    if root is None or data is None:
+        raise PolicyError([(source_name, 1, "", "empty policy; expected a mapping with at least name, arms, routes")])
+
+    problems = [(source_name, line, _dotted(loc), message) for loc, line, message in _duplicate_keys(root)]
+    try:
+        policy = Policy.model_validate(data)
+    except ValidationError as exc:
+        for error in exc.errors():
+            loc = tuple(error["loc"])
+            problems.append((source_name, _line_of(root, loc), _dotted(loc), _explain(error)))
+        raise PolicyError(problems) from None
+
+    seen: set[str] = set()
+    for index, spec in enumerate(policy.backends):  # checked before the merge below hides it
+        if spec.name in seen:
+            loc = ("backends", index, "name")
+            problems.append((source_name, _line_of(root, loc), _dotted(loc), f"backend `{spec.name}` is declared twice"))
+        seen.add(spec.name)
+    merged = {spec.name: spec for spec in policy.backends}
+    merged.update({spec.name: spec for spec in extra_backends})
+    policy = policy.model_copy(update={"backends": list(merged.values())})
+    for loc, message in policy_problems(policy):
+        problems.append((source_name, _line_of(root, loc), _dotted(loc), message))
+    if problems:
+        raise PolicyError(problems)
+    return policy
+
+
+# --- mapping error locations to YAML lines -------------------------------------------------------
+
+
+def _line_of(root: yaml.Node, loc: Loc) -> int:
+    """Line of the deepest key on `loc` that exists (a missing key points at its parent).
+
+    A mapping entry is reported on its key's line, where an operator looks for it, not on its value's
+    (a nested mapping starts on the next line).
+    """
+    node, line = root, root.start_mark.line + 1
+    for part in loc:
+        found = _child(node, part)
+        if found is None:
+            break
+        line, node = found
+    return line
+
+
+def _child(node: yaml.Node, part: str | int) -> tuple[int, yaml.Node] | None:
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.value == str(part):
+                return key.start_mark.line + 1, value
+        return None
+    if isinstance(node, yaml.SequenceNode):
+        if isinstance(part, int) and 0 <= part < len(node.value):
+            item = node.value[part]
+            return item.start_mark.line + 1, item
+        for item in node.value:  # a list of names addressed by name (route candidates given as a list)
+            if isinstance(item, yaml.ScalarNode) and item.value == str(part):
+                return item.start_mark.line + 1, item
+    return None
+
+
+def _duplicate_keys(node: yaml.Node, loc: Loc = ()) -> list[tuple[Loc, int, str]]:
+    """YAML quietly keeps the last of two equal keys; in a policy that hides a mistake, so it is an error."""
+    found: list[tuple[Loc, int, str]] = []
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key, value in node.value:
+            name = key.value if isinstance(key, yaml.ScalarNode) else str(key)
+            if name in seen:
+                found.append((loc + (name,), key.start_mark.line + 1, f"key `{name}` appears twice in this mapping"))
+            seen.add(name)
+            found += _duplicate_keys(value, loc + (name,))
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            found += _duplicate_keys(item, loc + (index,))
+    return found
+
+
+def _dotted(loc: Loc) -> str:
+    return "".join(f"[{part}]" if isinstance(part, int) else (f".{part}" if i else str(part)) for i, part in enumerate(loc))
+
+
+def _explain(error: dict) -> str:
+    """Pydantic's message, reworded where it would not tell an operator what to write instead."""
+    kind, loc = error["type"], tuple(error["loc"])
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(loc[:-1])
+        expected = f"; expected one of: {', '.join(allowed)}" if allowed else ""
+        return f"unknown key `{loc[-1]}`{expected}"
+    if not loc and kind in ("model_type", "dict_type"):
+        return f"expected a mapping with at least name, arms, routes; got a {type(error.get('input')).__name__}"
+    if kind == "missing":
+        return f"missing required key `{loc[-1]}`"
+    got = error.get("input")
+    shown = repr(got) if not isinstance(got, (dict, list)) else type(got).__name__
+    return f"{error['msg']} (got {shown})"
+
+
+def _allowed_keys(loc: Loc) -> list[str]:
+    model: object = Policy
+    for part in loc:
+        model = _step(model, part)
+        if model is None:
+            return []
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return list(model.model_fields)
+    return []
+
+
+def _step(annotation: object, part: str | int) -> object:
+    annotation = _unwrap(annotation)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        field = annotation.model_fields.get(str(part))
+        return _unwrap(field.annotation) if field else None
+    origin = typing.get_origin(annotation)
+    if origin in (list, tuple):
+        return _unwrap(typing.get_args(annotation)[0])
+    if origin is dict:
+        return _unwrap(typing.get_args(annotation)[1])
+    return None
+
+
+def _unwrap(annotation: object) -> object:
+    """Strip Annotated[...] and Optional[...] down to the model, list or dict inside."""
+    while True:
+        origin = typing.get_origin(annotation)
+        if origin is typing.Annotated:
+            annotation = typing.get_args(annotation)[0]
+        elif origin in (typing.Union, types.UnionType):
+            options = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+            annotation = options[0] if len(options) == 1 else annotation
+            if len(options) != 1:
+                return annotation
+        else:
+            return annotation
+
+
+# --- prices ---------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _litellm_cost_map() -> dict:
+    """litellm's bundled cost map, read as JSON: importing litellm itself takes seconds."""
+    spec = importlib.util.find_spec("litellm")
+    if spec is None or not spec.submodule_search_locations:
+        return {}
+    path = Path(next(iter(spec.submodule_search_locations))) / "model_prices_and_context_window_backup.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def resolve_prices(spec: BackendSpec) -> tuple[Prices, str]:
+    """The backend's prices and where they came from: the declaration, litellm's cost map, or nowhere (zero)."""
+    if spec.prices is not None:
+        return spec.prices, "declared"
+    table = _litellm_cost_map()
+    for key in (spec.model, spec.model.split("/", 1)[-1]):
+        entry = table.get(key)
+        if entry and "input_cost_per_token" in entry:
+            prices = Prices(
+                input_per_mtok=float(entry["input_cost_per_token"]) * 1e6,
+                output_per_mtok=float(entry.get("output_cost_per_token") or 0.0) * 1e6,
+            )
+            return prices, "litellm cost map"
+    return Prices(input_per_mtok=0.0, output_per_mtok=0.0), "unknown: zero"
+
+
+# --- JSON Schema ----------------------------------------------------------------------------------
+
+
+def json_schema_text() -> str:
+    schema = Policy.model_json_schema()
+    schema = {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "Ponder policy",
+        **{key: value for key, value in schema.items() if key != "title"},
+    }
+    return json.dumps(schema, indent=2, sort_keys=True) + "\n"
+
+
+def write_json_schema(path: str | Path = SCHEMA_PATH) -> Path:
+    """Regenerate the shipped schema (editors validate and complete policy YAML with it)."""
+    path = Path(path)
+    path.write_text(json_schema_text(), encoding="utf-8")
+    return path
+
+
+# --- `ponder policy check` ------------------------------------------------------------------------
+
+
+def check_cli(argv: Sequence[str] | None = None) -> int:
+    """`ponder policy check FILE [FILE...]`: print each policy's summary, or its errors. 0 when all pass."""
+    parser = argparse.ArgumentParser(prog="ponder policy check", description="Validate policy files.")
+    parser.add_argument("files", nargs="+", metavar="FILE")
+    parser.add_argument("--config", help="gateway config whose `backends` the policies may name")
+    parser.add_argument("--quiet", action="store_true", help="print only errors")
+    args = parser.parse_args(argv)
+    try:
+        extra = _config_backends(args.config) if args.config else []
+    except PolicyError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    failed = 0
+    for name in args.files:
+        try:
+            policy = load_policy(name, extra)
+        except PolicyError as exc:
+            failed += 1
+            count = len(exc.problems)
+            print(f"{name}: FAILED ({count} problem{'s' if count != 1 else ''})", file=sys.stderr)
+            print(exc, file=sys.stderr)
+            continue
+        print(f"{name}: OK" if args.quiet else summarize(policy, name))
+    return 1 if failed else 0
+
+
+def _config_backends(path: str) -> list[BackendSpec]:
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        return [BackendSpec.model_validate(item) for item in raw.get("backends") or []]
+    except (OSError, yaml.YAMLError, ValidationError, AttributeError) as exc:
+        raise PolicyError([(path, None, "backends", f"cannot read the gateway config's backends: {exc}")]) from exc
+
+
+def summarize(policy: Policy, source: str = "") -> str:
+    """A readable page about one checked policy: what it can call, what it will try, and its limits."""
+    lines = [f"{source}: OK" if source else "", f"policy `{policy.name}`: {policy.description.strip()}".rstrip(": ")]
+    used = {arm.backend for arm in policy.arms.values()} | {a.verifier for a in policy.arms.values() if a.verifier}
+    lines.append("backends (USD per million input/output tokens):")
+    for spec in policy.backends:
+        if spec.name not in used:
+            continue
+        prices, origin = resolve_prices(spec)
+        efforts = f"efforts {','.join(spec.efforts)} via {spec.effort_param}" if spec.efforts else "no effort knob"
+        where = f" @ {spec.api_base}" if spec.api_base else ""
+        lines.append(
+            f"  {spec.name:<18} {spec.model}{where}  ${prices.input_per_mtok:g}/${prices.output_per_mtok:g} ({origin})"
+            f"  {efforts}"
+        )
+    unused = len(policy.backends) - len([s for s in policy.backends if s.name in used])
+    if unused:
+        lines.append(f"  (+{unused} declared but unused)")
+    lines.append(f"arms (estimated at a {SUMMARY_PROMPT_TOKENS}-token prompt, before any learning):")
+    for name, arm in policy.arms.items():
+        spec = policy.backend(arm.backend)
+        key = f"{arm.backend}/{arm.effort or '-'}/{arm.strategy}/{arm.n}"
+        tokens = expected_output_tokens(arm, spec) if spec else 0
+        lines.append(f"  {name:<18} {key:<44} ~{tokens} out tokens/sample  ~${_rough_cost(policy, arm):.5f}")
+    lines.append("routes (first match wins; candidate: prior P(correct)):")
+    for route in policy.routes:
+        when = route.when
+        tasks = ",".join(when.tasks) if when.tasks else "any task"
+        if when.difficulty is not None:
+            level = f"difficulty {when.difficulty[0]:g}-{when.difficulty[1]:g}"
+        else:
+            level = ",".join(when.tiers) if when.tiers else "any difficulty"
+        arms = ", ".join(
+            f"{arm} {prior if prior is not None else policy.arms[arm].prior:g}" for arm, prior in route.candidates.items()
+        )
+        lines.append(f"  {route.name:<18} {tasks} / {level} -> {arms}")
+    lines.append("aliases: " + ", ".join(sorted(set(policy.aliases) | {"auto"})))
+    objective = policy.objective
+    lines.append(
+        f"objective: P(correct) - {objective.cost_weight:g} x cost_usd - {objective.latency_weight:g} x latency_s"
+        f"; p95 latency <= {_limit(objective.max_p95_latency_ms, 'ms')}; cost <= {_limit(objective.max_cost_usd, 'USD')}"
+    )
+    explore = policy.exploration
+    lines.append(
+        f"exploration: {explore.share:.0%} of requests, at most {_limit(explore.max_extra_cost_usd, 'USD')} "
+        "more than the greedy arm"
+    )
+    budgets = policy.budgets
+    lines.append(
+        f"budgets: per request {_limit(budgets.per_request_usd, 'USD')}; per key per day "
+        f"{_limit(budgets.per_key_daily_usd, 'USD')}, per month {_limit(budgets.per_key_monthly_usd, 'USD')}; "
+        + (f"below {budgets.degrade.below_usd:g} USD left: " + (
+            f"only arms <= {budgets.degrade.max_cost_usd:g} USD" if budgets.degrade.max_cost_usd is not None
+            else "cheapest arm only") + "; " if budgets.degrade.below_usd > 0 else "")
+        + "nothing affordable left: 429"
+    )
+    honoured = [
+        f"{name}={','.join(value)}" if isinstance(value, list) else name
+        for name, value in policy.overrides.model_dump().items()
+        if value
+    ]
+    lines.append("client overrides honoured: " + (", ".join(honoured) or "none"))
+    learner = policy.learner
+    if learner.window:
+        memory = f"last {learner.window} outcomes per arm"
+    elif learner.half_life_hours:
+        memory = f"half-life {learner.half_life_hours:g} h"
+    else:
+        memory = "no decay"
+    lines.append(f"learner: priors worth {learner.prior_strength:g} outcomes; {memory}")
+    return "\n".join(line for line in lines if line)
+
+
+def _rough_cost(policy: Policy, arm: ArmSpec, depth: int = 0) -> float:
+    spec = policy.backend(arm.backend)
+    if spec is None or depth > 8:
+        return 0.0
+    prices, _ = resolve_prices(spec)
+    samples = arm.expected_n or arm.n
+    per_sample = expected_output_tokens(arm, spec) * prices.output_per_mtok / 1e6
+    cost = SUMMARY_PROMPT_TOKENS * prices.input_per_mtok / 1e6 + samples * per_sample
+    rate = arm.escalation_rate if arm.escalation_rate is not None else 0.3
+    for stage in arm.stages:
+        cost += rate * _rough_cost(policy, policy.arms[stage], depth + 1)
+    return cost
+
+
+def _limit(value: float | None, unit: str) -> str:
+    return "unlimited" if value is None else f"{value:g} {unit}"
+
+
+if __name__ == "__main__":
+    raise SystemExit(check_cli())

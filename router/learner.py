@@ -1,0 +1,126 @@
+"""The learner: Beta posteriors per (bucket, arm), Thompson sampling, utility as the policy's objective.
+
+Pure functions over numbers handed in (stats come from telemetry/, priors from the policy), with a
+seeded `random.Random`, so evals/ can replay a stream of outcomes through exactly this code.
+
+How it learns (see docs/policies.md):
+- Each (bucket, arm) has a Beta posterior on P(correct): the route's prior counts as `prior_strength`
+  pseudo-outcomes, then every scored outcome adds its success score. Decay is the store's job (it
+  shrinks `weight` and `successes` with `decay_factor`), so old outcomes fade and a provider that gets
+  worse is noticed.
+- Most requests go to the greedy arm: the highest posterior-mean utility. On a share of requests set
+  by the policy, one Thompson draw among the other eligible arms (those costing at most the allowed
+  extra over the greedy one; a random 8 of them when there are more) picks an arm to explore, so
+  exploration spends where it is still plausibly better, and never more than the policy allows.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+
+from policies.schema import Policy
+from router.types import DIFFICULTY_TIERS, Arm, ArmStats, Classification, StatsSnapshot
+
+
+def decay_factor(half_life: float | None, elapsed: float) -> float:
+    """Weight left on an outcome after `elapsed` (same unit as `half_life`); 1.0 when there is no decay."""
+    if half_life is None or half_life <= 0 or elapsed <= 0:
+        return 1.0
+    return math.exp(-math.log(2.0) * elapsed / half_life)
+
+
+def posterior(prior: float, prior_strength: float, stats: ArmStats | None) -> tuple[float, float]:
+    """Beta(alpha, beta) on P(correct): the prior as pseudo-outcomes plus the scored outcomes."""
+    alpha = prior_strength * prior
+    beta = prior_strength - alpha
+    if stats is not None and stats.weight > 0:
+        successes = min(max(stats.successes, 0.0), stats.weight)
+        alpha += successes
+        beta += stats.weight - successes
+    # A prior of exactly 0 or 1 with no data would make the Beta degenerate; keep it proper.
+    return max(alpha, 1e-6), max(beta, 1e-6)
+
+
+def posterior_mean(prior: float, prior_strength: float, stats: ArmStats | None) -> float:
+    alpha, beta = posterior(prior, prior_strength, stats)
+    return alpha / (alpha + beta)
+
+
+def utility(accuracy: float, cost_usd: float, latency_ms: float, cost_weight: float, latency_weight: float) -> float:
+    """The policy objective: P(correct) - lambda * cost_usd - mu * latency in seconds."""
+    return accuracy - cost_weight * cost_usd - latency_weight * latency_ms / 1000.0
+
+
+GAUSSIAN_ABOVE = 30.0  # alpha and beta both above this: a normal draw matches the Beta closely, 6x cheaper
+EXPLORE_OPTIONS_LIMIT = 8  # at most this many arms enter one exploration draw (bounds its time)
+
+
+def sample_accuracy(alpha: float, beta: float, rng: random.Random) -> float:
+    """One posterior draw of P(correct)."""
+    if alpha > GAUSSIAN_ABOVE and beta > GAUSSIAN_ABOVE:
+        total = alpha + beta
+        mean = alpha / total
+        draw = rng.gauss(mean, math.sqrt(mean * (1.0 - mean) / (total + 1.0)))
+        return 0.0 if draw < 0.0 else 1.0 if draw > 1.0 else draw
+    return rng.betavariate(alpha, beta)
+
+
+def thompson_pick(
+    options: Sequence[tuple[float, float, float, float]],
+    cost_weight: float,
+    latency_weight: float,
+    rng: random.Random,
+) -> int:
+    """Index of the option with the best sampled utility; options are (alpha, beta, cost_usd, latency_ms)."""
+    best, best_value = 0, -math.inf
+    for index, (alpha, beta, cost, latency) in enumerate(options):
+        value = utility(sample_accuracy(alpha, beta, rng), cost, latency, cost_weight, latency_weight)
+        if value > best_value:
+            best, best_value = index, value
+    return best
+
+
+def should_explore(share: float, rng: random.Random | None) -> bool:
+    """One uniform draw per request, always taken when an rng is given, so replays stay aligned."""
+    if rng is None:
+        return False
+    draw = rng.random()
+    return share > 0 and draw < share
+
+
+def explore_pool(greedy: int, eligible: Sequence[int], costs: Sequence[float], max_extra_cost: float | None) -> list[int]:
+    """Eligible arms other than the greedy one whose expected cost stays within the exploration allowance."""
+    if max_extra_cost is None:
+        return [i for i in eligible if i != greedy]
+    ceiling = costs[greedy] + max_extra_cost
+    return [i for i in eligible if i != greedy and costs[i] <= ceiling]
+
+
+def narrow(options: list[int], rng: random.Random) -> list[int]:
+    """A random subset of at most EXPLORE_OPTIONS_LIMIT options, in their original order. With many
+    arms this keeps an exploration draw within the decision's time budget; every arm still gets its
+    turn, and routes of up to 9 arms (the usual) are not narrowed at all."""
+    if len(options) <= EXPLORE_OPTIONS_LIMIT:
+        return options
+    return sorted(rng.sample(options, EXPLORE_OPTIONS_LIMIT))
+
+
+def tier_midpoint(tier: str) -> float:
+    lower = 0.0
+    for name, upper in DIFFICULTY_TIERS:
+        if name == tier:
+            return (lower + min(upper, 1.0)) / 2
+        lower = upper
+    raise KeyError(f"unknown difficulty tier `{tier}`")
+
+
+def current_choice(bucket: str, policy: Policy, stats: StatsSnapshot, alias: str = "auto") -> Arm:
+    """The arm the learner would pick now for a bucket (`task:tier`), with no exploration and no budget
+    pressure: what `ponder stats` and the dashboard show as the current choice."""
+    from router.decide import decide  # decide uses this module's functions; import here to avoid a cycle
+
+    task, _, tier = bucket.partition(":")
+    classification = Classification(task=task, task_probs={task: 1.0}, difficulty=tier_midpoint(tier or "medium"))
+    return decide(classification, policy, stats, alias=alias, rng=None).arm

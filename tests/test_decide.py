@@ -1,0 +1,356 @@
+"""The decision engine's behaviour: routes, limits, budgets, overrides, learning and exploration."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from policies.loader import load_policy, parse_policy
+from router.decide import BudgetExhausted, RequestHints, UnknownAlias, compile_policy, decide
+from router.learner import current_choice
+from router.types import DIFFICULTY_TIERS, TASK_TYPES, ArmStats, Classification
+
+POLICY = """\
+name: test
+backends:
+  - {name: cheap, model: test/cheap, prices: {input_per_mtok: 0.1, output_per_mtok: 0.4},
+     output_tokens_per_s: 100, first_token_ms: 200}
+  - {name: mid, model: test/mid, prices: {input_per_mtok: 1, output_per_mtok: 4}, reasoning: true,
+     efforts: [low, high], output_tokens_per_s: 80, first_token_ms: 300}
+  - {name: strong, model: test/strong, prices: {input_per_mtok: 3, output_per_mtok: 15}, reasoning: true,
+     efforts: [low, medium, high], supports_n: false, output_tokens_per_s: 50, first_token_ms: 800}
+arms:
+  quick:        {backend: cheap}
+  quick-cot:    {backend: cheap, strategy: cot}
+  mid-low:      {backend: mid, effort: low}
+  mid-high:     {backend: mid, effort: high}
+  strong-high:  {backend: strong, effort: high}
+  strong-vote:  {backend: strong, effort: medium, strategy: self_consistency, n: 3}
+routes:
+  - name: hard-math
+    when: {tasks: [math, reasoning], tiers: [hard]}
+    candidates: {strong-high: 0.9, strong-vote: 0.92, mid-high: 0.85, mid-low: 0.7, quick-cot: 0.5}
+  - name: catch-all
+    candidates: {quick: 0.9, quick-cot: 0.88, mid-low: 0.9}
+aliases:
+  auto: {}
+  auto-cheap: {arms: [quick, quick-cot], explore: false}
+objective: {cost_weight: 1, latency_weight: 0.001}
+exploration: {share: EXPLORE_SHARE, max_extra_cost_usd: 1.0}
+budgets:
+  degrade: {below_usd: 1.0, max_cost_usd: 0.001}
+overrides:
+  reasoning_effort: true
+  strategy_header: [self_consistency]
+"""
+
+HARD_MATH = Classification("math", {"math": 1.0}, 0.9)
+EASY_CHAT = Classification("chat", {"chat": 1.0}, 0.1)
+
+
+def make_policy(share: float = 0.05, text: str = POLICY):
+    return parse_policy(text.replace("EXPLORE_SHARE", str(share)), "test.yaml")
+
+
+@pytest.fixture(scope="module")
+def policy():
+    return make_policy()
+
+
+def name_of(policy, arm):
+    return next(name for name, compiled in compile_policy(policy).arms.items() if compiled.arm == arm)
+
+
+def candidate(decision, policy, name):
+    arm = compile_policy(policy).arms[name].arm
+    return next(c for c in decision.candidates if c.arm == arm)
+
+
+def test_easy_chat_gets_the_cheap_arm(policy):
+    decision = decide(EASY_CHAT, policy, {})
+    assert name_of(policy, decision.arm) == "quick"
+    assert decision.rule == "catch-all" and decision.policy == "test" and decision.bucket == "chat:easy"
+    assert not decision.explore
+
+
+def test_hard_math_gets_a_stronger_arm(policy):
+    decision = decide(HARD_MATH, policy, {})
+    assert name_of(policy, decision.arm) == "mid-high"
+    assert decision.arm.effort == "high"
+    assert decision.rule == "hard-math"
+    # every candidate of the route is recorded with its numbers
+    assert len(decision.candidates) == 5
+    chosen = candidate(decision, policy, "mid-high")
+    assert chosen.utility == max(c.utility for c in decision.candidates)
+    assert chosen.expected_cost_usd == pytest.approx((300 * 1 + 6000 * 4) / 1e6)
+    assert any("chose `mid-high`" in reason for reason in decision.reasons)
+
+
+def test_expected_cost_follows_prompt_and_output_tokens(policy):
+    small = decide(HARD_MATH, policy, {}, request=RequestHints(prompt_tokens=100))
+    big = decide(HARD_MATH, policy, {}, request=RequestHints(prompt_tokens=10_000))
+    capped = decide(HARD_MATH, policy, {}, request=RequestHints(prompt_tokens=100, max_output_tokens=500))
+    small, big, capped = (candidate(d, policy, "strong-vote").expected_cost_usd for d in (small, big, capped))
+    assert small == pytest.approx(3 * (100 * 3 + 2500 * 15) / 1e6)  # no `n` upstream: the prompt goes thrice
+    assert big > small > capped
+    assert capped == pytest.approx(3 * (100 * 3 + 500 * 15) / 1e6)
+
+
+def test_cost_cap_excludes_expensive_arms_with_a_reason(policy):
+    decision = decide(HARD_MATH, policy, {}, request=RequestHints(max_cost_usd=0.01))
+    assert name_of(policy, decision.arm) == "mid-low"
+    for name in ("mid-high", "strong-high", "strong-vote"):
+        excluded = candidate(decision, policy, name).excluded
+        assert excluded and "x-ponder-max-cost-usd" in excluded and "expected cost" in excluded
+    assert candidate(decision, policy, "mid-low").excluded is None
+
+
+def test_cost_header_can_only_tighten(policy):
+    capped = make_policy(text=POLICY.replace("objective: {", "objective: {max_cost_usd: 0.01, "))
+    decision = decide(HARD_MATH, capped, {}, request=RequestHints(max_cost_usd=5.0))
+    assert name_of(capped, decision.arm) == "mid-low"
+    assert "policy max_cost_usd" in candidate(decision, capped, "mid-high").excluded
+
+
+def test_latency_cap(policy):
+    decision = decide(HARD_MATH, policy, {}, request=RequestHints(max_latency_ms=30_000))
+    assert name_of(policy, decision.arm) == "mid-low"
+    assert "p95 latency" in candidate(decision, policy, "mid-high").excluded
+    # nothing is fast enough: answer with the fastest affordable arm rather than refuse
+    decision = decide(HARD_MATH, policy, {}, request=RequestHints(max_latency_ms=10))
+    assert name_of(policy, decision.arm) == "quick-cot"
+    assert any("fastest" in reason for reason in decision.reasons)
+
+
+def test_budget_degrades_then_refuses(policy):
+    full = decide(HARD_MATH, policy, {}, budget_left_usd=50.0)
+    assert name_of(policy, full.arm) == "mid-high"
+    low = decide(HARD_MATH, policy, {}, budget_left_usd=0.5)
+    assert name_of(policy, low.arm) == "quick-cot"
+    assert any("degraded" in reason for reason in low.reasons)
+    assert "degrade" in candidate(low, policy, "mid-high").excluded
+    with pytest.raises(BudgetExhausted) as caught:
+        decide(HARD_MATH, policy, {}, budget_left_usd=0.0001)
+    assert caught.value.scope == "key" and caught.value.cheapest_usd == pytest.approx((300 * 0.1 + 600 * 0.4) / 1e6)
+    with pytest.raises(BudgetExhausted, match="used up"):
+        decide(HARD_MATH, policy, {}, budget_left_usd=0.0)
+
+
+def test_degrade_without_a_cost_line_takes_the_cheapest():
+    policy = make_policy(text=POLICY.replace("max_cost_usd: 0.001}", "max_cost_usd: null}"))
+    decision = decide(EASY_CHAT, policy, {}, budget_left_usd=0.5)
+    assert name_of(policy, decision.arm) == "quick"
+    assert candidate(decision, policy, "mid-low").excluded == "budget low: cheapest arm only"
+
+
+def test_request_cap_that_nothing_fits_raises(policy):
+    with pytest.raises(BudgetExhausted) as caught:
+        decide(HARD_MATH, policy, {}, request=RequestHints(max_cost_usd=1e-7))
+    assert caught.value.scope == "request"
+    assert "x-ponder-max-cost-usd" in str(caught.value)
+
+
+def test_strategy_override_only_when_allowed(policy):
+    allowed = decide(HARD_MATH, policy, {}, request=RequestHints(strategy="self_consistency"))
+    assert name_of(policy, allowed.arm) == "strong-vote"
+    assert candidate(allowed, policy, "mid-high").excluded == "client asked strategy=self_consistency"
+    refused = decide(HARD_MATH, policy, {}, request=RequestHints(strategy="cot"))
+    assert name_of(policy, refused.arm) == "mid-high"
+    assert any("ignored x-ponder-strategy=cot" in reason for reason in refused.reasons)
+    # an allowed strategy the route lacks comes from the rest of the policy
+    widened = decide(EASY_CHAT, policy, {}, request=RequestHints(strategy="self_consistency"))
+    assert name_of(policy, widened.arm) == "strong-vote" and widened.rule == "catch-all+override"
+
+
+def test_reasoning_effort_override(policy):
+    decision = decide(HARD_MATH, policy, {}, request=RequestHints(reasoning_effort="low"))
+    assert name_of(policy, decision.arm) == "mid-low"
+    closed = make_policy(text=POLICY.replace("reasoning_effort: true", "reasoning_effort: false"))
+    decision = decide(HARD_MATH, closed, {}, request=RequestHints(reasoning_effort="low"))
+    assert name_of(closed, decision.arm) == "mid-high"
+    assert any("ignored reasoning_effort=low" in reason for reason in decision.reasons)
+
+
+def test_failing_arm_loses_the_choice(policy):
+    key = compile_policy(policy).arms["mid-high"].key
+    stats = {"math:hard": {key: ArmStats(count=100, successes=20, weight=100, cost_usd=2.4, latency_ms=7.5e6)}}
+    decision = decide(HARD_MATH, policy, stats)
+    assert name_of(policy, decision.arm) != "mid-high"
+    assert candidate(decision, policy, "mid-high").expected_accuracy == pytest.approx((8.5 + 20) / 110)
+    # another bucket's stats do not leak into this one
+    assert name_of(policy, decide(Classification("math", {}, 0.9), policy, {"chat:easy": stats["math:hard"]}).arm) \
+        == "mid-high"
+
+
+def test_observed_cost_and_latency_replace_the_estimates(policy):
+    compiled = compile_policy(policy).arms["mid-high"]
+    estimate = compiled.cost_reference
+    stats = {"math:hard": {compiled.key: ArmStats(count=1000, successes=850, weight=1000,
+                                                  cost_usd=1000 * estimate * 3, latency_ms=1000 * 5_000.0,
+                                                  latency_p95_ms=9_000.0)}}
+    seen = candidate(decide(HARD_MATH, policy, stats), policy, "mid-high")
+    assert seen.expected_cost_usd == pytest.approx(estimate * 3, rel=0.05)
+    # blended with the estimate, which counts as prior_strength (10) observations
+    assert seen.expected_latency_ms == pytest.approx((10 * compiled.latency_ms + 1000 * 5_000) / 1010)
+
+
+def test_fallbacks_prefer_other_backends(policy):
+    decision = decide(HARD_MATH, policy, {})
+    assert decision.arm not in decision.fallbacks
+    assert 0 < len(decision.fallbacks) <= 3
+    assert decision.fallbacks[0].backend != decision.arm.backend
+    backends = [arm.backend == decision.arm.backend for arm in decision.fallbacks]
+    assert backends == sorted(backends)  # other backends first, then the same one
+
+
+def test_aliases(policy):
+    cheap = decide(HARD_MATH, policy, {}, alias="auto-cheap", rng=random.Random(1))
+    assert name_of(policy, cheap.arm) == "quick-cot"
+    assert {name_of(policy, c.arm) for c in cheap.candidates} == {"quick-cot"}
+    with pytest.raises(UnknownAlias, match="auto-cheap"):
+        decide(HARD_MATH, policy, {}, alias="auto-deluxe")
+
+
+def test_deterministic_given_seed():
+    policy = make_policy(share=0.3)
+    inputs = [Classification(TASK_TYPES[i % 6], {}, (i * 37 % 100) / 100) for i in range(300)]
+
+    def run(seed):
+        rng = random.Random(seed)
+        return [decide(c, policy, {}, rng=rng) for c in inputs]
+
+    first, second = run(7), run(7)
+    assert first == second
+    assert any(d.explore for d in first)
+    assert run(8) != first
+
+
+def test_no_rng_means_no_exploration():
+    policy = make_policy(share=1.0)
+    assert not any(decide(HARD_MATH, policy, {}).explore for _ in range(50))
+
+
+def test_exploration_share_matches_the_allowance():
+    policy = make_policy(share=0.1)
+    rng = random.Random(42)
+    draws = 20_000
+    decisions = [decide(HARD_MATH, policy, {}, rng=rng) for _ in range(draws)]
+    share = sum(d.explore for d in decisions) / draws
+    assert share == pytest.approx(0.1, abs=0.01)
+    explored = {name_of(policy, d.arm) for d in decisions if d.explore}
+    assert "mid-high" not in explored and len(explored) >= 2  # explores the alternatives, not the greedy arm
+
+
+def test_exploration_stays_within_the_extra_cost():
+    policy = make_policy(share=0.5, text=POLICY.replace("max_extra_cost_usd: 1.0", "max_extra_cost_usd: 0.001"))
+    rng = random.Random(3)
+    greedy_cost = candidate(decide(HARD_MATH, policy, {}), policy, "mid-high").expected_cost_usd
+    for _ in range(2000):
+        decision = decide(HARD_MATH, policy, {}, rng=rng)
+        if decision.explore:
+            chosen = next(c for c in decision.candidates if c.arm == decision.arm)
+            assert chosen.expected_cost_usd <= greedy_cost + 0.001
+
+
+def test_no_exploration_while_degraded():
+    policy = make_policy(share=1.0)
+    rng = random.Random(5)
+    assert not any(decide(HARD_MATH, policy, {}, budget_left_usd=0.5, rng=rng).explore for _ in range(100))
+
+
+def test_current_choice_is_the_greedy_arm(policy):
+    assert current_choice("math:hard", policy, {}) == decide(HARD_MATH, policy, {}).arm
+    assert current_choice("chat:easy", policy, {}) == compile_policy(policy).arms["quick"].arm
+
+
+def test_arm_carries_strategy_params():
+    policy = load_policy(Path(__file__).resolve().parents[1] / "policies" / "local.yaml")
+    adaptive = compile_policy(policy).arms["adaptive"].arm
+    assert adaptive.param("confidence", 0) == 0.75 and adaptive.param("wave", 0) == 2
+    assert adaptive.param("temperature", 0) == 0.7
+    assert adaptive.key == "local/-/adaptive_consistency/8"
+
+
+def test_cascade_arm_has_stages():
+    policy = load_policy(Path(__file__).resolve().parents[1] / "policies" / "cost-saver.yaml")
+    cascade = compile_policy(policy).arms["nano-then-g5nano"].arm
+    assert [stage.backend for stage in cascade.stages] == ["gpt-5-nano", "deepseek"]
+    assert cascade.param("escalate_below", 0) == 0.6
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "policies").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_policy_decides_every_bucket(path):
+    policy = load_policy(path)
+    rng = random.Random(0)
+    for alias in set(policy.aliases) | {"auto"}:
+        for task in TASK_TYPES:
+            for tier, upper in DIFFICULTY_TIERS:
+                decision = decide(Classification(task, {}, upper - 0.01), policy, {}, alias=alias, rng=rng)
+                assert decision.arm in [c.arm for c in decision.candidates if c.excluded is None]
+
+
+def test_local_default_exercises_the_strategies():
+    policy = load_policy(Path(__file__).resolve().parents[1] / "policies" / "local.yaml")
+    assert decide(HARD_MATH, policy, {}).arm.strategy in ("self_consistency", "adaptive_consistency")
+    for simple in (EASY_CHAT, Classification("knowledge", {}, 0.5)):
+        assert decide(simple, policy, {}).arm.strategy == "single"
+
+
+def test_candidates_built_on_the_fast_path_equal_constructed_ones(policy, monkeypatch):
+    import router.decide as engine
+
+    fast = decide(HARD_MATH, policy, {}, request=RequestHints(max_cost_usd=0.01))
+    monkeypatch.setattr(engine, "_CANDIDATE_SETTERS", None)
+    plain = decide(HARD_MATH, policy, {}, request=RequestHints(max_cost_usd=0.01))
+    assert fast.candidates == plain.candidates
+    assert all(type(c) is type(p) for c, p in zip(fast.candidates, plain.candidates))
+    assert hash(fast.candidates[0].arm) == hash(plain.candidates[0].arm)
+    assert repr(fast.candidates[1]) == repr(plain.candidates[1])
+
+
+def test_hints_from_a_request():
+    from types import SimpleNamespace
+
+    from router.decide import InvalidHint
+
+    request = SimpleNamespace(messages=[{"role": "user", "content": "x" * 400},
+                                        {"role": "user", "content": [{"type": "text", "text": "y" * 40}]}],
+                              reasoning_effort="high", max_output_tokens=256)
+    headers = {"x-ponder-max-cost-usd": "0.01", "x-ponder-max-latency-ms": "2500",
+               "x-ponder-strategy": "self_consistency"}
+    hints = RequestHints.from_request(request, headers)
+    assert hints == RequestHints(max_cost_usd=0.01, max_latency_ms=2500.0, strategy="self_consistency",
+                                 reasoning_effort="high", prompt_tokens=118, max_output_tokens=256)
+    assert RequestHints.from_request(SimpleNamespace(messages=[]), {}) == RequestHints(
+        prompt_tokens=0, reasoning_effort=None, max_output_tokens=None)
+    for bad in ({"x-ponder-max-cost-usd": "cheap"}, {"x-ponder-max-latency-ms": "-5"},
+                {"x-ponder-strategy": "mcts"}):
+        with pytest.raises(InvalidHint, match=next(iter(bad))):
+            RequestHints.from_request(request, bad)
+
+
+def test_gateway_facing_helpers(policy):
+    compiled = compile_policy(policy)
+    assert compiled.name == "test"
+    assert compiled.allows_override("reasoning_effort") and compiled.allows_override("strategy")
+    assert not compiled.allows_override("policy") and not compiled.allows_override("anything-else")
+    assert compiled.key_budgets() == {}
+    budgeted = make_policy(text=POLICY.replace("budgets:\n", "budgets:\n  per_key_daily_usd: 2\n"))
+    assert compile_policy(budgeted).key_budgets() == {"day": 2.0}
+    local = load_policy(Path(__file__).resolve().parents[1] / "policies" / "local.yaml")
+    adaptive = compile_policy(local).arms["adaptive"].arm
+    assert compile_policy(local).strategy_params(adaptive) == {"confidence": 0.75, "wave": 2.0, "temperature": 0.7}
+
+
+def test_compile_policy_with_gateway_backends():
+    from policies.backends import BackendSpec
+
+    local = load_policy(Path(__file__).resolve().parents[1] / "policies" / "local.yaml")
+    assert compile_policy(local, [local.backend("local")]) is compile_policy(local)  # nothing new: same tables
+    moved = BackendSpec(name="local", model="openai/smollm2", api_base="http://127.0.0.1:9999/v1")
+    compiled = compile_policy(local, [moved])
+    assert compiled.policy.backend("local").api_base == "http://127.0.0.1:9999/v1"
+    assert local.backend("local").api_base == "http://127.0.0.1:8080/v1"  # the loaded policy is untouched

@@ -1,0 +1,148 @@
+"""The learner: posteriors, decay, and Thompson sampling converging on a synthetic bandit."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from policies.loader import parse_policy
+from router.decide import compile_policy, decide
+from router.learner import (
+    current_choice,
+    decay_factor,
+    explore_pool,
+    posterior,
+    posterior_mean,
+    thompson_pick,
+    utility,
+)
+from router.types import ArmStats, Classification
+
+# Three arms with known success rates and costs (cost_weight 10, so utility = p - 10 * cost):
+#   a: p 0.50, $0.0002 -> 0.498     b: p 0.80, $0.002 -> 0.780 (best)     c: p 0.85, $0.02 -> 0.650
+# The priors say nothing (0.5 each), so the greedy start is the cheapest arm, a.
+BANDIT = """\
+name: bandit
+backends:
+  - {name: a, model: t/a, prices: {input_per_mtok: 0, output_per_mtok: 0.2}}
+  - {name: b, model: t/b, prices: {input_per_mtok: 0, output_per_mtok: 2}}
+  - {name: c, model: t/c, prices: {input_per_mtok: 0, output_per_mtok: 20}}
+arms:
+  a: {backend: a, tokens: 1000}
+  b: {backend: b, tokens: 1000}
+  c: {backend: c, tokens: 1000}
+routes:
+  - name: all
+    candidates: {a: 0.5, b: 0.5, c: 0.5}
+objective: {cost_weight: 10, latency_weight: 0}
+exploration: {share: 0.1, max_extra_cost_usd: 1.0}
+learner: {prior_strength: 10}
+"""
+TRUE_RATE = {"a": 0.5, "b": 0.8, "c": 0.85}
+COST = {"a": 0.0002, "b": 0.002, "c": 0.02}
+QUESTION = Classification("math", {"math": 1.0}, 0.5)
+
+
+def test_decay_factor():
+    assert decay_factor(24.0, 24.0) == pytest.approx(0.5)
+    assert decay_factor(24.0, 48.0) == pytest.approx(0.25)
+    assert decay_factor(None, 1e9) == 1.0
+    assert decay_factor(10.0, 0.0) == 1.0
+
+
+def test_posterior_adds_outcomes_to_the_prior():
+    assert posterior(0.7, 10, None) == pytest.approx((7.0, 3.0))
+    assert posterior(0.7, 10, ArmStats(count=20, successes=5, weight=20)) == pytest.approx((12.0, 18.0))
+    # successes beyond the scored weight are clamped (a late score can race a decay)
+    assert posterior(0.5, 2, ArmStats(count=5, successes=9, weight=4)) == pytest.approx((5.0, 1.0))
+    assert posterior_mean(0.5, 10, ArmStats(count=1000, successes=900, weight=1000)) == pytest.approx(905 / 1010)
+    alpha, beta = posterior(1.0, 10, None)
+    assert alpha > 0 and beta > 0
+
+
+def test_utility_and_pool():
+    assert utility(0.9, 0.01, 2000, 10, 0.05) == pytest.approx(0.9 - 0.1 - 0.1)
+    assert explore_pool(0, [0, 1, 2, 3], [1.0, 0.5, 1.2, 3.0], 0.5) == [1, 2]
+    assert explore_pool(0, [0, 1, 2, 3], [1.0, 0.5, 1.2, 3.0], None) == [1, 2, 3]
+
+
+def test_thompson_sampling_converges_on_a_bernoulli_bandit():
+    rng = random.Random(11)
+    rates, costs = [0.5, 0.8, 0.85], [0.0002, 0.002, 0.02]
+    wins, losses = [0.0] * 3, [0.0] * 3
+    picks = []
+    for _ in range(3000):
+        options = [(1 + wins[i], 1 + losses[i], costs[i], 0.0) for i in range(3)]
+        i = thompson_pick(options, 10.0, 0.0, rng)
+        picks.append(i)
+        if rng.random() < rates[i]:
+            wins[i] += 1
+        else:
+            losses[i] += 1
+    assert picks[-1000:].count(1) / 1000 >= 0.85
+
+
+def run_bandit(policy, rng, steps, rates, stats=None, half_life=None):
+    """Feed `steps` requests through decide(); outcomes drawn from `rates`. Returns picks and stats."""
+    compiled = compile_policy(policy)
+    name_by_key = {arm.key: name for name, arm in compiled.arms.items()}
+    stats = stats if stats is not None else {"math:medium": {}}
+    bucket = stats["math:medium"]
+    picks = []
+    for _ in range(steps):
+        if half_life is not None:  # the store's job in production: fade every aggregate a little each step
+            keep = decay_factor(half_life, 1.0)
+            for key, old in bucket.items():
+                bucket[key] = ArmStats(count=old.count * keep, successes=old.successes * keep,
+                                       weight=old.weight * keep, cost_usd=old.cost_usd * keep,
+                                       latency_ms=old.latency_ms * keep)
+        decision = decide(QUESTION, policy, stats, rng=rng)
+        name = name_by_key[decision.arm.key]
+        picks.append(name)
+        success = 1.0 if rng.random() < rates[name] else 0.0
+        old = bucket.get(decision.arm.key, ArmStats())
+        bucket[decision.arm.key] = ArmStats(count=old.count + 1, successes=old.successes + success,
+                                            weight=old.weight + 1, cost_usd=old.cost_usd + COST[name],
+                                            latency_ms=old.latency_ms + 1000.0)
+    return picks, stats
+
+
+def test_decide_learns_the_best_arm_from_cold_priors():
+    policy = parse_policy(BANDIT, "bandit.yaml")
+    assert current_choice("math:medium", policy, {}) == compile_policy(policy).arms["a"].arm  # cold: cheapest
+    picks, stats = run_bandit(policy, random.Random(2024), 4000, TRUE_RATE)
+    assert current_choice("math:medium", policy, stats) == compile_policy(policy).arms["b"].arm
+    assert picks[-1000:].count("b") / 1000 >= 0.85
+    # cumulative utility close to always playing the best arm in hindsight
+    earned = sum(TRUE_RATE[name] - 10 * COST[name] for name in picks)
+    best = len(picks) * (TRUE_RATE["b"] - 10 * COST["b"])
+    assert earned >= 0.93 * best
+
+
+def test_decay_lets_the_learner_notice_a_provider_getting_worse():
+    policy = parse_policy(BANDIT, "bandit.yaml")
+    rng = random.Random(9)
+    _, stats = run_bandit(policy, rng, 3000, TRUE_RATE, half_life=300)
+    assert current_choice("math:medium", policy, stats) == compile_policy(policy).arms["b"].arm
+    worse = dict(TRUE_RATE, b=0.3)
+    picks, stats = run_bandit(policy, rng, 3000, worse, stats=stats, half_life=300)
+    assert current_choice("math:medium", policy, stats) != compile_policy(policy).arms["b"].arm
+    assert picks[-500:].count("b") / 500 <= 0.15
+
+
+def test_posterior_draws_match_the_beta():
+    from router.learner import narrow, sample_accuracy
+
+    rng = random.Random(4)
+    for alpha, beta in ((3.0, 7.0), (300.0, 700.0)):  # exact Beta, then its normal approximation
+        draws = [sample_accuracy(alpha, beta, rng) for _ in range(20_000)]
+        mean = sum(draws) / len(draws)
+        var = sum((d - mean) ** 2 for d in draws) / len(draws)
+        total = alpha + beta
+        assert mean == pytest.approx(alpha / total, abs=0.005)
+        assert var == pytest.approx(alpha * beta / (total ** 2 * (total + 1)), rel=0.1)
+        assert all(0.0 <= d <= 1.0 for d in draws)
+    assert narrow([1, 2, 3], rng) == [1, 2, 3]
+    picked = narrow(list(range(40)), rng)
+    assert len(picked) == 8 and picked == sorted(picked) and len(set(picked)) == 8

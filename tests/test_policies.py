@@ -1,0 +1,257 @@
+"""Policy files: the shipped examples pass, broken ones fail with a message naming the problem and line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from policies.backends import BackendSpec
+from policies.loader import SCHEMA_PATH, check_cli, json_schema_text, load_policy, parse_policy
+from policies.schema import EffortName, Policy, PolicyError, StrategyName, TaskName, TierName
+from router.types import DIFFICULTY_TIERS, EFFORTS, STRATEGIES, TASK_TYPES
+
+POLICY_DIR = Path(__file__).resolve().parents[1] / "policies"
+SHIPPED = sorted(POLICY_DIR.glob("*.yaml"))
+
+BASE = """\
+name: t
+backends:
+  - name: cheap
+    model: openai/gpt-4.1-mini
+    prices: {input_per_mtok: 0.4, output_per_mtok: 1.6}
+  - name: thinker
+    model: openai/o4-mini
+    reasoning: true
+    efforts: [low, high]
+arms:
+  fast:
+    backend: cheap
+  deep:
+    backend: thinker
+    effort: high
+routes:
+  - name: all
+    candidates: {fast: 0.8, deep: 0.9}
+"""
+
+
+def test_expected_examples_are_shipped():
+    names = {path.name for path in SHIPPED}
+    assert {"local.yaml", "openai-mix.yaml", "multi-provider.yaml", "vllm-local.yaml", "cost-saver.yaml",
+            "quality-first.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_policy_passes_check(path, capsys):
+    policy = load_policy(path)
+    assert policy.routes and policy.arms
+    assert check_cli([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"{path}: OK" in out and "routes" in out and "budgets" in out
+
+
+def test_schema_words_match_router_vocabulary():
+    assert set(StrategyName.__args__) == set(STRATEGIES)
+    assert set(EffortName.__args__) == set(EFFORTS)
+    assert set(TaskName.__args__) == set(TASK_TYPES)
+    assert set(TierName.__args__) == {name for name, _ in DIFFICULTY_TIERS}
+
+
+def test_shipped_json_schema_is_in_sync():
+    assert SCHEMA_PATH.read_text() == json_schema_text(), "run: python -c 'from policies.loader import " \
+        "write_json_schema; write_json_schema()'"
+    schema = json.loads(SCHEMA_PATH.read_text())
+    assert schema["additionalProperties"] is False
+    assert {"name", "arms", "routes"} <= set(schema["required"])
+
+
+def test_base_policy_is_valid():
+    policy = parse_policy(BASE, "base.yaml")
+    assert isinstance(policy, Policy)
+    assert list(policy.arms) == ["fast", "deep"]
+
+
+def replace(old: str, new: str, text: str = BASE) -> str:
+    assert old in text, old
+    return text.replace(old, new, 1)
+
+
+# (id, broken YAML, substring the message must contain, the marker text on the line it must name)
+# The marker is a fragment unique to the line the error should point at; None skips the line check.
+BROKEN = [
+    ("wrong-type-int", replace("    effort: high\n", "    effort: high\n    n: five\n"), "valid integer", "n: five"),
+    ("wrong-type-float", BASE + "objective:\n  cost_weight: cheap\n", "valid number", "cost_weight: cheap"),
+    ("unknown-top-key", BASE + "colour: blue\n", "unknown key `colour`; expected one of: name", "colour: blue"),
+    ("unknown-arm-key", replace("    backend: cheap\n", "    backend: cheap\n    strateg: cot\n"),
+     "unknown key `strateg`; expected one of: backend, strategy", "strateg: cot"),
+    ("unknown-backend-key", replace("    reasoning: true\n", "    reasoning: true\n    thinking: yes\n"),
+     "unknown key `thinking`", "thinking: yes"),
+    ("unknown-backend", replace("    backend: cheap\n", "    backend: nope\n"), "unknown backend `nope`",
+     "backend: nope"),
+    ("unsupported-effort", replace("    effort: high\n", "    effort: medium\n"),
+     "does not support effort `medium`; expected one of: low, high", "effort: medium"),
+    ("effort-on-plain-model", replace("    backend: cheap\n", "    backend: cheap\n    effort: low\n"),
+     "does not support effort `low`", "effort: low"),
+    ("invalid-effort-word", replace("    effort: high\n", "    effort: extreme\n"), "'minimal'", "effort: extreme"),
+    ("bad-strategy", replace("    backend: cheap\n", "    backend: cheap\n    strategy: majority\n"),
+     "'self_consistency'", "strategy: majority"),
+    ("negative-budget", BASE + "budgets:\n  per_request_usd: -1\n", "greater than or equal to 0",
+     "per_request_usd: -1"),
+    ("negative-degrade", BASE + "budgets:\n  degrade:\n    below_usd: -5\n", "greater than or equal to 0",
+     "below_usd: -5"),
+    ("daily-over-monthly", BASE + "budgets:\n  per_key_daily_usd: 10\n  per_key_monthly_usd: 5\n",
+     "daily budget exceeds the monthly", "per_key_daily_usd: 10"),
+    ("empty-routes", BASE.split("routes:")[0] + "routes: []\n", "no routes", "routes: []"),
+    ("route-without-candidates", replace("candidates: {fast: 0.8, deep: 0.9}", "candidates: {}"),
+     "no candidate arms", "candidates: {}"),
+    ("route-unknown-arm", replace("{fast: 0.8, deep: 0.9}", "{fast: 0.8, ghost: 0.9}"), "unknown arm `ghost`",
+     "ghost: 0.9"),
+    ("prior-out-of-range", replace("{fast: 0.8, deep: 0.9}", "{fast: 1.5, deep: 0.9}"), "less than or equal to 1",
+     "fast: 1.5"),
+    ("routes-leave-gap", replace("  - name: all\n", "  - name: all\n    when: {tasks: [math]}\n"),
+     "no route matches code:easy", "routes:"),
+    ("route-bad-task", replace("  - name: all\n", "  - name: all\n    when: {tasks: [poetry]}\n"), "'math'",
+     "poetry"),
+    ("route-bad-range", replace("  - name: all\n", "  - name: all\n    when: {difficulty: [0.8, 0.2]}\n"),
+     "is not [low, high)", "difficulty: [0.8"),
+    ("yaml-unclosed-bracket", replace("efforts: [low, high]", "efforts: [low, high"), "YAML syntax error", None),
+    ("yaml-bad-indent", replace("    backend: cheap\n", "    backend: cheap\n   strategy: cot\n"),
+     "YAML syntax error", "strategy: cot"),
+    ("yaml-tab", replace("    backend: cheap\n", "\tbackend: cheap\n"), "YAML syntax error", "backend: cheap"),
+    ("duplicate-key", replace("    effort: high\n", "    effort: high\n    effort: low\n"), "appears twice",
+     "effort: low"),
+    ("missing-backend", replace("  fast:\n    backend: cheap\n", "  fast:\n    strategy: cot\n"),
+     "missing required key `backend`", "  fast:"),
+    ("missing-name", BASE.replace("name: t\n", "", 1), "missing required key `name`", None),
+    ("cascade-cycle",
+     replace("  deep:\n", "  a:\n    backend: cheap\n    strategy: cascade\n    stages: [b]\n"
+             "  b:\n    backend: thinker\n    effort: low\n    strategy: cascade\n    stages: [a]\n  deep:\n"),
+     "cascade stages form a cycle: a -> b -> a", "stages: [a]"),
+    ("cascade-without-stages", replace("    backend: cheap\n", "    backend: cheap\n    strategy: cascade\n"),
+     "needs `stages`", "  fast:"),
+    ("cascade-unknown-stage",
+     replace("    backend: cheap\n", "    backend: cheap\n    strategy: cascade\n    stages: [nowhere]\n"),
+     "unknown arm `nowhere`", "stages: [nowhere]"),
+    ("vote-of-one", replace("    backend: cheap\n", "    backend: cheap\n    strategy: self_consistency\n"),
+     "needs n >= 2", "  fast:"),
+    ("single-with-n", replace("    backend: cheap\n", "    backend: cheap\n    n: 3\n"), "takes one sample", "n: 3"),
+    ("knob-for-other-strategy", replace("    backend: cheap\n", "    backend: cheap\n    wave: 2\n"),
+     "applies to strategy adaptive_consistency only", "wave: 2"),
+    ("unknown-verifier",
+     replace("    backend: cheap\n", "    backend: cheap\n    strategy: best_of_n\n    n: 4\n    verifier: judge\n"),
+     "unknown backend `judge`", "verifier: judge"),
+    ("same-arm-twice", replace("  deep:\n", "  fast-again:\n    backend: cheap\n  deep:\n"),
+     "same backend/effort/strategy/n as arm `fast`", "fast-again:"),
+    ("alias-unknown-arm", BASE + "aliases:\n  auto-cheap:\n    arms: [fast, slowpoke]\n", "unknown arm `slowpoke`",
+     "arms: [fast, slowpoke]"),
+    ("exploration-share-over-1", BASE + "exploration:\n  share: 2\n", "less than or equal to 1", "share: 2"),
+    ("bad-price", replace("output_per_mtok: 1.6", "output_per_mtok: lots"), "valid number", "output_per_mtok: lots"),
+    ("backend-declared-twice",
+     replace("arms:\n", "  - name: cheap\n    model: openai/gpt-4.1-nano\narms:\n"), "declared twice", None),
+    ("half-life-and-window", BASE + "learner:\n  half_life_hours: 24\n  window: 100\n", "not both", "learner:"),
+    ("bad-override-strategy", BASE + "overrides:\n  strategy_header: [mcts]\n", "'cascade'", "mcts"),
+    ("empty-file", "", "empty policy", None),
+    ("top-level-list", "- name: t\n", "expected a mapping", None),
+]
+
+
+@pytest.mark.parametrize("case_id,text,expected,marker", BROKEN, ids=[case[0] for case in BROKEN])
+def test_broken_policy_names_problem_and_line(case_id, text, expected, marker):
+    with pytest.raises(PolicyError) as caught:
+        parse_policy(text, "broken.yaml")
+    message = str(caught.value)
+    assert expected in message, message
+    assert message.startswith("broken.yaml:"), message
+    lines = [problem[1] for problem in caught.value.problems]
+    assert all(line is not None for line in lines), message
+    if marker is not None:
+        want = next(number for number, line in enumerate(text.splitlines(), 1) if marker in line)
+        assert want in lines, f"expected line {want} ({marker!r}) in: {message}"
+        assert f"broken.yaml:{want}:" in message
+
+
+def test_enough_broken_cases():
+    assert len(BROKEN) >= 20
+
+
+def test_error_names_key_path():
+    with pytest.raises(PolicyError) as caught:
+        parse_policy(replace("    effort: high\n", "    effort: medium\n"), "p.yaml")
+    assert "p.yaml:15: arms.deep.effort:" in str(caught.value)
+    with pytest.raises(PolicyError) as caught:
+        parse_policy(replace("{fast: 0.8, deep: 0.9}", "{fast: 0.8, ghost: 0.9}"), "p.yaml")
+    assert "routes[0].candidates.ghost" in str(caught.value)
+
+
+def test_several_mistakes_are_reported_together():
+    text = replace("    backend: cheap\n", "    backend: nope\n", replace("    effort: high\n", "    effort: medium\n"))
+    with pytest.raises(PolicyError) as caught:
+        parse_policy(text, "p.yaml")
+    assert len(caught.value.problems) == 2
+
+
+def test_gateway_backends_resolve_and_override_inline():
+    text = replace("    backend: cheap\n", "    backend: gateway-only\n")
+    with pytest.raises(PolicyError, match="unknown backend `gateway-only`"):
+        parse_policy(text, "p.yaml")
+    extra = [
+        BackendSpec(name="gateway-only", model="openai/gpt-4.1-nano"),
+        BackendSpec(name="thinker", model="openai/o4-mini", api_base="http://10.0.0.1/v1", reasoning=True,
+                    efforts=["low", "high"]),
+    ]
+    policy = parse_policy(text, "p.yaml", extra)
+    assert policy.backend("gateway-only") is not None
+    assert policy.backend("thinker").api_base == "http://10.0.0.1/v1"  # the deployment's declaration wins
+    # ... and the effort check runs against the winning declaration
+    narrow = [BackendSpec(name="thinker", model="openai/o4-mini", reasoning=True, efforts=["low"])]
+    with pytest.raises(PolicyError, match="does not support effort `high`"):
+        parse_policy(BASE, "p.yaml", narrow)
+
+
+def test_local_policy_uses_the_gateway_local_backend():
+    gateway_local = BackendSpec(name="local", model="openai/smollm2", api_base="http://127.0.0.1:45678/v1")
+    policy = load_policy(POLICY_DIR / "local.yaml", [gateway_local])
+    assert policy.backend("local").api_base == "http://127.0.0.1:45678/v1"
+    strategies = {arm.strategy for arm in policy.arms.values()}
+    assert {"single", "self_consistency", "adaptive_consistency"} <= strategies
+
+
+def test_route_candidates_may_be_a_list_of_names():
+    policy = parse_policy(replace("candidates: {fast: 0.8, deep: 0.9}", "candidates: [fast, deep]"), "p.yaml")
+    assert policy.routes[0].candidates == {"fast": None, "deep": None}
+
+
+def test_check_cli_reports_failures(tmp_path, capsys):
+    good = tmp_path / "good.yaml"
+    good.write_text(BASE)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(replace("    backend: cheap\n", "    backend: nope\n"))
+    assert check_cli([str(good)]) == 0
+    assert check_cli([str(good), str(bad)]) == 1
+    captured = capsys.readouterr()
+    assert f"{bad}:12: arms.fast.backend: unknown backend `nope`" in captured.err
+    assert "FAILED (1 problem)" in captured.err
+    assert check_cli([str(tmp_path / "missing.yaml")]) == 1
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_check_cli_reads_gateway_config_backends(tmp_path, capsys):
+    policy = tmp_path / "p.yaml"
+    policy.write_text(replace("    backend: cheap\n", "    backend: gateway-only\n"))
+    config = tmp_path / "gateway.yaml"
+    config.write_text("backends:\n  - name: gateway-only\n    model: openai/gpt-4.1-nano\n")
+    assert check_cli([str(policy)]) == 1
+    assert check_cli(["--config", str(config), str(policy)]) == 0
+    assert "gateway-only" in capsys.readouterr().out
+
+
+def test_prices_default_to_litellm_cost_map():
+    from policies.loader import resolve_prices
+
+    prices, origin = resolve_prices(BackendSpec(name="x", model="openai/gpt-4.1-mini"))
+    assert origin == "litellm cost map"
+    assert prices.input_per_mtok == pytest.approx(0.4) and prices.output_per_mtok == pytest.approx(1.6)
+    prices, origin = resolve_prices(BackendSpec(name="x", model="openai/smollm2"))
+    assert (prices.input_per_mtok, origin) == (0.0, "unknown: zero")
