@@ -24,6 +24,7 @@ from starlette.routing import Route
 from gateway.backends import UpstreamError
 from gateway.calls import Caller, upstream_to_api_error
 from gateway.config import GatewayConfig
+from gateway.dashboard import dashboard_routes
 from gateway.effort import apply_effort
 from gateway.errors import EXCEPTION_HANDLERS, ApiError
 from gateway.schemas import ChatRequest, parse_chat_request, parse_json_body
@@ -294,6 +295,7 @@ def routes() -> list[Route]:
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/feedback", feedback, methods=["POST"]),
+        *dashboard_routes(),
     ]
 
 

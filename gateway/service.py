@@ -23,6 +23,7 @@ from gateway.calls import Caller, upstream_to_api_error
 from gateway.config import LOCAL_BACKEND_NAME, GatewayConfig
 from gateway.errors import ApiError
 from gateway.local_model import LocalModelServer
+from gateway.metrics import Metrics
 from gateway.policy_watch import PolicySet
 from gateway.schemas import ChatRequest
 from gateway.strategies import StrategyContext, StrategyResult, run_arm
@@ -71,6 +72,7 @@ class Gateway:
         self._tasks: list[asyncio.Task] = []
         self._rng = random.Random()
         self.started_at = time.time()
+        self.metrics = Metrics(store_health=lambda: self.store.health() if self.store else None)
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -216,6 +218,7 @@ class Gateway:
         )
         if self.store is not None:
             self.store.record(event)
+        self.metrics.observe(event)
         return event
 
     async def reserve_budget(self, plan: Plan) -> Any:

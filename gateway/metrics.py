@@ -1,0 +1,147 @@
+"""Prometheus metrics for the gateway: one `Metrics` per process, fed one `Event` per request.
+
+`Gateway.record()` calls `observe(event)` after handing the event to the store; `GET /metrics`
+(gateway/dashboard.py) serves `render()`. Observing is a handful of counter increments on label sets
+that are bounded by configuration, never by clients: arm keys and aliases come from the policy and the
+backend list (an unknown `model` is refused before anything is recorded), tasks from the classifier's
+fixed label set, efforts from a validated enum, and HTTP statuses are grouped into classes (errors keep
+the exact code: the gateway only returns a dozen). Request ids and key ids are never labels.
+
+Multi-process: when the server runs several worker processes, set `PROMETHEUS_MULTIPROC_DIR` to an
+empty, writable folder before the workers start (and wipe it on every deploy). prometheus-client then
+keeps each worker's values in memory-mapped files there, and `render()` merges every worker's files
+with `MultiProcessCollector`, so a scrape that lands on any worker sees the whole server. Gauges say
+how they merge (`multiprocess_mode`): buffered/dropped events are summed over live workers, `connected`
+is the minimum over live workers (one disconnected worker shows as 0).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
+                               disable_created_metrics, generate_latest)
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from telemetry.events import Event
+
+# `*_created` series would double every scrape for a timestamp nobody graphs; the gateway owns its process.
+disable_created_metrics()
+
+# Seconds. Ponder answers range from a cached-feeling 50 ms to minutes of sampled reasoning.
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+SAMPLE_BUCKETS = (1, 2, 3, 4, 5, 8, 16, 32, 64)
+STORE_HEALTH_EVERY_S = 1.0  # observe() refreshes the store gauges at most this often
+
+
+def status_class(status: int) -> str:
+    return f"{status // 100}xx" if 100 <= status < 600 else "other"
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir") or None
+
+
+class Metrics:
+    """The gateway's counters. `store_health` returns `Store.health()` (or None before the store is up)."""
+
+    def __init__(self, store_health: Callable[[], dict[str, Any] | None] | None = None) -> None:
+        # A registry per instance: tests and `create_app` may build several gateways in one process.
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._store_health = store_health
+        self._health_at = 0.0
+        r = self.registry
+        self.requests = Counter("ponder_requests", "Requests answered (or failed), by routed model and status class.",
+                                ["alias", "task", "status_class"], registry=r)
+        self.errors = Counter("ponder_errors", "Requests that ended in an error, by arm and exact HTTP status.",
+                              ["arm", "status"], registry=r)
+        self.tokens = Counter("ponder_tokens", "Tokens billed by backends, by arm and kind.",
+                              ["arm", "kind"], registry=r)
+        self.cost = Counter("ponder_cost_usd", "Backend spend in USD, by arm and task type.",
+                            ["arm", "task"], registry=r)
+        self.latency = Histogram("ponder_request_latency_seconds", "Gateway latency of a request, by arm.",
+                                 ["arm"], buckets=LATENCY_BUCKETS, registry=r)
+        self.decisions = Counter("ponder_decisions", "Routing decisions, by arm, strategy, effort and task type.",
+                                 ["arm", "strategy", "effort", "task"], registry=r)
+        self.learner = Counter("ponder_learner_decisions", "Routed decisions the learner explored vs exploited "
+                               "(exploration share = explore / all).", ["task", "mode"], registry=r)
+        self.samples = Histogram("ponder_samples", "Samples drawn per request (self-consistency, best-of-N ...).",
+                                 ["strategy"], buckets=SAMPLE_BUCKETS, registry=r)
+        self.calls = Counter("ponder_backend_calls", "Calls to backends, by backend and outcome.",
+                             ["backend", "outcome"], registry=r)
+        self.success_score = Counter("ponder_success_score", "Summed automatic success scores (vote agreement, "
+                                     "verifier) in [0, 1]; divide by ponder_success_scored_total.",
+                                     ["arm", "task", "source"], registry=r)
+        self.success_scored = Counter("ponder_success_scored", "Requests that got an automatic success score.",
+                                      ["arm", "task", "source"], registry=r)
+        self.store_connected = Gauge("ponder_store_connected", "1 when the telemetry store is reachable.",
+                                     ["backend"], multiprocess_mode="livemin", registry=r)
+        self.store_buffered = Gauge("ponder_store_buffered_events", "Events waiting in memory to be written.",
+                                    multiprocess_mode="livesum", registry=r)
+        self.store_dropped = Gauge("ponder_store_dropped_events", "Events dropped since start because the "
+                                   "buffer was full (the store was unreachable too long).",
+                                   multiprocess_mode="livesum", registry=r)
+        self.store_written = Gauge("ponder_store_written_events", "Events written to the store since start.",
+                                   multiprocess_mode="livesum", registry=r)
+
+    # -- hot path -------------------------------------------------------------------------------
+    def observe(self, event: Event) -> None:
+        """Count one request. Never raises: metrics must not fail an answer."""
+        try:
+            self._observe(event)
+        except Exception:  # noqa: BLE001 - a bad value in one event must not reach the client
+            pass
+
+    def _observe(self, event: Event) -> None:
+        arm, task = event.arm or "-", event.task or "-"
+        self.requests.labels(event.alias or "-", task, status_class(event.status)).inc()
+        if event.status >= 400 or event.error:
+            self.errors.labels(arm, str(event.status)).inc()
+        for kind, value in (("prompt", event.prompt_tokens), ("completion", event.completion_tokens),
+                            ("reasoning", event.reasoning_tokens)):
+            if value:
+                self.tokens.labels(arm, kind).inc(value)
+        if event.cost_usd > 0:
+            self.cost.labels(arm, task).inc(event.cost_usd)
+        self.latency.labels(arm).observe(max(0.0, event.latency_ms) / 1000.0)
+        self.decisions.labels(arm, event.strategy or "-", event.effort or "-", task).inc()
+        if event.policy != "direct":  # a client that names a backend bypasses the learner
+            self.learner.labels(task, "explore" if event.explore else "exploit").inc()
+        samples = event.details.get("samples") if isinstance(event.details, dict) else None
+        if isinstance(samples, (int, float)) and samples > 0:
+            self.samples.labels(event.strategy or "-").observe(samples)
+        for call in event.calls:
+            self.calls.labels(str(call.get("backend", "-")), "ok" if call.get("ok") else "error").inc()
+        if event.success is not None and event.success_source:
+            self.success_score.labels(arm, task, event.success_source).inc(event.success)
+            self.success_scored.labels(arm, task, event.success_source).inc()
+        now = time.monotonic()
+        if now - self._health_at >= STORE_HEALTH_EVERY_S:
+            self._health_at = now
+            self.refresh_store_health()
+
+    def refresh_store_health(self, health: dict[str, Any] | None = None) -> None:
+        if health is None and self._store_health is not None:
+            try:
+                health = self._store_health()
+            except Exception:  # noqa: BLE001
+                health = None
+        if not health:
+            return
+        self.store_connected.labels(str(health.get("backend", "unknown"))).set(1 if health.get("connected") else 0)
+        self.store_buffered.set(float(health.get("buffered") or 0))
+        self.store_dropped.set(float(health.get("dropped") or 0))
+        self.store_written.set(float(health.get("written") or 0))
+
+    # -- exposition -----------------------------------------------------------------------------
+    def render(self) -> tuple[bytes, str]:
+        """The Prometheus text exposition of this process, or of every worker in multi-process mode."""
+        self.refresh_store_health()
+        if multiprocess_dir():
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+            return generate_latest(registry), CONTENT_TYPE_LATEST
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,463 @@
+"""The dashboard, its JSON and /metrics, against a real gateway with real traffic, in a real browser.
+
+One keyed gateway (`ponder serve`) in front of the mock upstream gets a known mix of requests (routed,
+self-consistency, direct, one failure) and client feedback; every number the JSON, /metrics and the
+page show is then checked against what the client itself saw in the responses. The page is driven by
+Playwright on Debian's /usr/bin/chromium (never `playwright install`); the screenshot lands in
+test-artifacts/dashboard.png.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from router.types import bucket_key
+from tests.servers import ROOT, mock_backend, start_gateway, start_mock, write_policy
+
+USER_KEY = "sk-dash-user-1"
+ADMIN_KEY = "sk-dash-admin-2"
+DAY_BUDGET = 1.0
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
+                 "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"]
+JSON_PATHS = ["/v1/ponder/summary", "/v1/ponder/spend", "/v1/ponder/savings", "/v1/ponder/requests",
+              "/v1/ponder/requests/chatcmpl-none", "/metrics"]
+SC_ARM = "mock-a/-/self_consistency/5"
+PROMPTS = ["What is 17 * 23? Show the steps.", "Write a haiku about routers.", "hi, how are you today?",
+           "Who wrote The Brothers Karamazov?", "Prove that the square root of 2 is irrational.",
+           "def f(x): return x*2  # what does f(3) return?"]
+
+
+def bearer(key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+class Seeded:
+    """What the client saw: one record per request the gateway answered (or failed)."""
+
+    def __init__(self) -> None:
+        self.records: list[dict] = []
+
+    def add(self, response: httpx.Response, scored: float | None = None) -> dict:
+        body = response.json()
+        ext = body.get("ponder") or {}
+        usage = body.get("usage") or {}
+        record = {"id": response.headers["x-ponder-request-id"], "status": response.status_code,
+                  "policy": response.headers.get("x-ponder-policy"), "arm": ext.get("arm"), "task": ext.get("task"),
+                  "bucket": bucket_key(response.headers["x-ponder-task"],
+                                       float(response.headers["x-ponder-difficulty"])),
+                  "strategy": ext.get("strategy"), "cost": ext.get("cost_usd", 0.0), "calls": ext.get("calls", 0),
+                  "samples": ext.get("samples"), "prompt_tokens": usage.get("prompt_tokens", 0),
+                  "completion_tokens": usage.get("completion_tokens", 0), "score": scored}
+        self.records.append(record)
+        return record
+
+    def routed(self) -> list[dict]:
+        return [r for r in self.records if r["policy"] == "dash"]
+
+    def cost(self, records: list[dict] | None = None) -> float:
+        return sum(r["cost"] for r in (self.records if records is None else records))
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dash")
+    mock = start_mock(tmp)
+    policy = write_policy(tmp, {
+        "name": "dash",
+        "arms": {
+            "cheap": {"backend": "mock-a", "strategy": "single", "prior": 0.8},
+            "strong": {"backend": "mock-b", "strategy": "single", "prior": 0.7},
+            "vote": {"backend": "mock-a", "strategy": "self_consistency", "n": 5},
+        },
+        "routes": [{"name": "all", "candidates": ["cheap", "strong"]}],
+        "exploration": {"share": 0.0},
+        "overrides": {"strategy_header": ["self_consistency", "single"]},
+    })
+    gateway = start_gateway(tmp, {
+        "backends": [mock_backend("mock-a", mock), mock_backend("mock-b", mock, prices={"input_per_mtok": 3.0,
+                                                                                       "output_per_mtok": 15.0})],
+        "policy": policy,
+        "telemetry": {"data_dir": str(tmp / "data"), "refresh_s": 0.2},
+        "api_keys": [{"id": "team-a", "sha256": hashlib.sha256(USER_KEY.encode()).hexdigest(),
+                      "budget_usd_per_day": DAY_BUDGET},
+                     {"id": "ops", "sha256": hashlib.sha256(ADMIN_KEY.encode()).hexdigest(), "admin": True}],
+    }, name="dash")
+    seeded = seed(gateway.url, mock.url)
+    yield gateway, mock, seeded
+    gateway.stop()
+    mock.stop()
+
+
+def chat(url: str, model: str, prompt: str, headers: dict | None = None) -> httpx.Response:
+    return httpx.post(url + "/v1/chat/completions", headers={**bearer(USER_KEY), **(headers or {})}, timeout=30,
+                      json={"model": model, "messages": [{"role": "user", "content": prompt}]})
+
+
+def seed(url: str, mock_url: str) -> Seeded:
+    seeded = Seeded()
+    # Six routed requests, each scored by feedback (two wrong), so every success rate is known exactly.
+    for i, prompt in enumerate(PROMPTS):
+        response = chat(url, "auto", prompt)
+        assert response.status_code == 200, response.text
+        seeded.add(response, scored=0.0 if i < 2 else 1.0)
+    # Two self-consistency requests: five samples, a 3-2 vote.
+    httpx.post(mock_url + "/control", json={"answers": ["The answer is 7", "The answer is 7", "The answer is 9",
+                                                        "The answer is 7", "The answer is 9"]}).raise_for_status()
+    for prompt in ("What is 3 + 4?", "What is 10 - 3?"):
+        response = chat(url, "auto", prompt, {"x-ponder-strategy": "self_consistency"})
+        assert response.status_code == 200, response.text
+        seeded.add(response, scored=1.0)
+    httpx.post(mock_url + "/reset").raise_for_status()
+    # Two direct requests (they bypass the learner: policy "direct") and one that fails upstream.
+    for prompt in ("one two three", "four five"):
+        seeded.add(chat(url, "mock-b", prompt))
+    httpx.post(mock_url + "/control", json={"script": ["500", "500"]}).raise_for_status()
+    failed = chat(url, "mock-a", "this one fails")
+    assert failed.status_code == 502
+    seeded.records.append({"id": failed.headers["x-ponder-request-id"], "status": 502, "policy": "direct",
+                           "arm": "mock-a/-/single/1", "task": failed.headers["x-ponder-task"], "strategy": "single",
+                           "bucket": "", 
+                           "cost": 0.0, "calls": 2, "samples": 1, "prompt_tokens": 0, "completion_tokens": 0,
+                           "score": None})
+    httpx.post(mock_url + "/reset").raise_for_status()
+    for record in seeded.routed():
+        response = httpx.post(url + "/v1/feedback", headers=bearer(USER_KEY), timeout=10,
+                              json={"request_id": record["id"], "score": record["score"]})
+        assert response.status_code == 200 and response.json()["status"] == "accepted", response.text
+    # The store writes in the background and refreshes its cache every 0.2 s: wait until it shows it all.
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        summary = get(url, "/v1/ponder/summary").json()
+        scored = summary["totals"]["scored_weight"]
+        if summary["totals"]["requests"] == len(seeded.routed()) and scored == pytest.approx(len(seeded.routed())):
+            break
+        time.sleep(0.2)
+    return seeded
+
+
+def get(url: str, path: str, key: str | None = ADMIN_KEY) -> httpx.Response:
+    return httpx.get(url + path, headers=bearer(key), timeout=10)
+
+
+# -- auth ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", [*JSON_PATHS, "/dashboard"])
+def test_admin_key_is_required(stack, path):
+    url = stack[0].url
+    assert get(url, path, key=None).status_code == 401
+    assert get(url, path, key="sk-wrong").status_code == 401
+    forbidden = get(url, path, key=USER_KEY)
+    assert forbidden.status_code == 403
+    if path != "/dashboard":
+        assert forbidden.json()["error"]["code"] == "admin_required"
+    assert get(url, path).status_code == (404 if path.endswith("chatcmpl-none") else 200)
+    report = httpx.post(url + "/v1/ponder/report", json={}, headers=bearer(USER_KEY))
+    assert report.status_code == 403
+
+
+def test_dashboard_page_without_key_is_a_login_page_and_holds_no_data(stack):
+    gateway, _, seeded = stack
+    page = get(gateway.url, "/dashboard", key=None)
+    assert page.status_code == 401 and page.headers["content-type"].startswith("text/html")
+    assert 'data-testid="key-input"' in page.text
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    assert all(r["id"] not in page.text for r in seeded.records)
+    assert httpx.get(gateway.url + "/dashboard/static/dashboard.js").status_code == 200
+    assert httpx.get(gateway.url + "/dashboard/static/..%2Fdashboard.py").status_code == 404
+
+
+# -- /metrics -------------------------------------------------------------------------------------------
+
+
+def scrape(url: str) -> dict[str, list]:
+    families = text_string_to_metric_families(get(url, "/metrics").text)
+    return {f.name: f.samples for f in families}
+
+
+def total(samples, name: str, **labels) -> float:
+    return sum(s.value for s in samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def test_metrics_count_what_was_sent(stack):
+    gateway, _, seeded = stack
+    m = scrape(gateway.url)
+    n = len(seeded.records)
+    ok = [r for r in seeded.records if r["status"] == 200]
+    assert total(m["ponder_requests"], "ponder_requests_total") == n
+    assert total(m["ponder_requests"], "ponder_requests_total", status_class="2xx") == len(ok)
+    assert total(m["ponder_requests"], "ponder_requests_total", status_class="5xx") == 1
+    assert total(m["ponder_errors"], "ponder_errors_total", arm="mock-a/-/single/1", status="502") == 1
+    assert total(m["ponder_tokens"], "ponder_tokens_total", kind="prompt") == sum(r["prompt_tokens"] for r in ok)
+    completion_tokens = sum(r["completion_tokens"] for r in ok)
+    assert total(m["ponder_tokens"], "ponder_tokens_total", kind="completion") == completion_tokens
+    assert total(m["ponder_cost_usd"], "ponder_cost_usd_total") == pytest.approx(seeded.cost(), rel=1e-9)
+    assert total(m["ponder_request_latency_seconds"], "ponder_request_latency_seconds_count") == n
+    assert total(m["ponder_decisions"], "ponder_decisions_total", strategy="self_consistency") == 2
+    per_arm = defaultdict(int)
+    for r in seeded.records:
+        per_arm[r["arm"]] += 1
+    for arm, count in per_arm.items():
+        assert total(m["ponder_decisions"], "ponder_decisions_total", arm=arm) == count, arm
+    routed = len(seeded.routed())
+    assert total(m["ponder_learner_decisions"], "ponder_learner_decisions_total", mode="exploit") == routed
+    assert total(m["ponder_learner_decisions"], "ponder_learner_decisions_total", mode="explore") == 0
+    assert total(m["ponder_backend_calls"], "ponder_backend_calls_total", outcome="ok") == sum(r["calls"] for r in ok)
+    assert total(m["ponder_backend_calls"], "ponder_backend_calls_total", outcome="error") == 2
+    assert total(m["ponder_samples"], "ponder_samples_count", strategy="self_consistency") == 2
+    assert total(m["ponder_samples"], "ponder_samples_sum", strategy="self_consistency") == 10
+    assert total(m["ponder_store_connected"], "ponder_store_connected", backend="embedded") == 1
+    assert total(m["ponder_store_dropped_events"], "ponder_store_dropped_events") == 0
+    assert "ponder_store_buffered_events" in m
+
+
+def test_metrics_merge_worker_processes(tmp_path):
+    """With PROMETHEUS_MULTIPROC_DIR, a scrape of any worker sums every worker's counters."""
+    script = (
+        "import sys; from gateway.metrics import Metrics; from telemetry.events import Event\n"
+        "m = Metrics()\n"
+        "for i in range(int(sys.argv[1])):\n"
+        "    m.observe(Event(request_id=str(i), arm='a/-/single/1', task='math', alias='auto', policy='p',"
+        " cost_usd=0.5, latency_ms=20))\n"
+        "if len(sys.argv) > 2: sys.stdout.write(m.render()[0].decode())\n"
+    )
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    for count in (3, 4):
+        subprocess.run([sys.executable, "-c", script, str(count)], cwd=ROOT, env=env, check=True)
+    out = subprocess.run([sys.executable, "-c", script, "1", "render"], cwd=ROOT, env=env, check=True,
+                         capture_output=True, text=True).stdout
+    samples = [s for f in text_string_to_metric_families(out) for s in f.samples]
+    assert total(samples, "ponder_requests_total") == 8
+    assert total(samples, "ponder_cost_usd_total") == pytest.approx(4.0)
+
+
+def test_grafana_dashboard_uses_only_metrics_the_gateway_exports():
+    import re
+
+    from gateway.metrics import Metrics
+    from telemetry.events import Event
+
+    metrics = Metrics(store_health=lambda: {"backend": "redis", "connected": True, "buffered": 0, "dropped": 0})
+    metrics.observe(Event(request_id="x", arm="a/-/self_consistency/5", strategy="self_consistency", task="math",
+                          alias="auto", policy="p", cost_usd=0.1, prompt_tokens=1, completion_tokens=1, status=502,
+                          error="boom", success=1.0, success_source="vote", details={"samples": 5},
+                          calls=[{"backend": "a", "ok": True}]))
+    exported = {s.name for f in text_string_to_metric_families(metrics.render()[0].decode()) for s in f.samples}
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "ponder-dashboard.json").read_text())
+    used = {name for p in dashboard["panels"] for t in p["targets"] for name in re.findall(r"ponder_\w+", t["expr"])}
+    assert used and used <= exported, used - exported
+
+
+# -- JSON endpoints -------------------------------------------------------------------------------------
+
+
+def expected_success(records: list[dict]) -> dict[tuple[str, str], float]:
+    scores = defaultdict(list)
+    for r in records:
+        scores[(r["task"], r["arm"])].append(r["score"])
+    return {k: sum(v) / len(v) for k, v in scores.items()}
+
+
+def test_summary_matches_the_seeded_traffic(stack):
+    gateway, _, seeded = stack
+    summary = get(gateway.url, "/v1/ponder/summary").json()
+    routed = seeded.routed()
+    assert summary["policy"] == "dash" and "direct" in summary["policies"]
+    assert summary["totals"]["requests"] == len(routed)
+    assert summary["totals"]["cost_usd"] == pytest.approx(seeded.cost(routed), rel=1e-6)
+    assert summary["totals"]["success_rate"] == pytest.approx(sum(r["score"] for r in routed) / len(routed))
+    success = expected_success(routed)
+    tasks = {t["task"]: t for t in summary["tasks"]}
+    assert set(tasks) == {task for task, _ in success}
+    for (task, arm), rate in success.items():
+        point = next(a for a in tasks[task]["arms"] if a["arm"] == arm)
+        assert point["success_rate"] == pytest.approx(rate, abs=1e-4)
+        assert point["requests"] == sum(1 for r in routed if (r["task"], r["arm"]) == (task, arm))
+    for view in tasks.values():
+        on_frontier = [a for a in view["arms"] if a["pareto"]]
+        assert [a["arm"] for a in sorted(on_frontier, key=lambda a: a["mean_cost_usd"])] == view["frontier"]
+        for tier in view["tiers"]:  # the learner's greedy choice for every bucket with traffic
+            assert tier["current_choice"] in {"mock-a/-/single/1", "mock-b/-/single/1"}
+    strategies = {s["name"]: s for s in summary["shares"]["strategy"]}
+    assert strategies["self_consistency"]["requests"] == 2
+    assert strategies["self_consistency"]["share"] == pytest.approx(2 / len(routed), abs=1e-4)
+    assert {row["arm"] for row in summary["latency"]} == {r["arm"] for r in routed}
+    assert all(0 < row["p50_latency_ms"] <= row["p95_latency_ms"] for row in summary["latency"])
+    assert summary["exploration"] == {"window": len(routed), "explored": 0, "exploited": len(routed), "share": 0.0}
+    assert summary["health"]["connected"] and summary["health"]["dropped"] == 0
+    direct = get(gateway.url, "/v1/ponder/summary?policy=direct").json()
+    assert direct["totals"]["requests"] == len(seeded.records) - len(routed)
+    assert get(gateway.url, "/v1/ponder/summary?policy=nope").status_code == 404
+
+
+def test_spend_by_hour_and_by_key_against_budget(stack):
+    gateway, _, seeded = stack
+    spend = get(gateway.url, "/v1/ponder/spend").json()
+    assert len(spend["by_hour"]) == 24 and len(spend["by_day"]) == 30
+    assert sum(h["cost_usd"] for h in spend["by_hour"]) == pytest.approx(seeded.cost(), rel=1e-6)
+    assert sum(h["requests"] for h in spend["by_hour"]) == len(seeded.records)
+    keys = {k["key_id"]: k for k in spend["keys"]}
+    team = keys["team-a"]
+    assert team["requests_30d"] == len(seeded.records)
+    assert team["cost_usd_30d"] == pytest.approx(seeded.cost(), rel=1e-6)
+    assert team["budget"] == {"day": DAY_BUDGET}
+    assert team["spent"]["day"] == pytest.approx(seeded.cost(), rel=1e-6)  # reservations settle to actual cost
+    assert team["used"]["day"] == pytest.approx(seeded.cost() / DAY_BUDGET, abs=1e-4)
+    assert keys["ops"]["budget"] == {} and keys["ops"]["requests_30d"] == 0
+
+
+def test_savings_against_a_reference_arm(stack):
+    gateway, _, seeded = stack
+    routed = seeded.routed()
+    savings = get(gateway.url, f"/v1/ponder/savings?reference={SC_ARM}").json()
+    assert savings["reference"] == SC_ARM and SC_ARM in savings["references"]
+    assert savings["actual_cost_usd"] == pytest.approx(seeded.cost(routed), rel=1e-6)
+    sc = [r for r in routed if r["arm"] == SC_ARM]
+    expected = 0.0  # per bucket: the reference's mean cost there if it ran there, else its overall mean
+    for bucket in {r["bucket"] for r in routed}:
+        here = [r for r in sc if r["bucket"] == bucket]
+        mean = seeded.cost(here) / len(here) if here else seeded.cost(sc) / len(sc)
+        expected += mean * sum(1 for r in routed if r["bucket"] == bucket)
+    assert savings["reference_cost_usd"] == pytest.approx(expected, rel=1e-6)
+    assert savings["reference_cost_usd"] > savings["actual_cost_usd"]
+    assert savings["saved_usd"] == pytest.approx(savings["reference_cost_usd"] - savings["actual_cost_usd"], abs=1e-9)
+    assert {b["reference_cost_basis"] for b in savings["buckets"]} <= {"observed", "observed_elsewhere"}
+    assert sum(b["requests"] for b in savings["buckets"]) == len(routed)
+    mean_cost = {arm: seeded.cost([r for r in routed if r["arm"] == arm]) / sum(1 for r in routed if r["arm"] == arm)
+                 for arm in {r["arm"] for r in routed}}
+    default = get(gateway.url, "/v1/ponder/savings").json()  # default: the priciest arm seen
+    assert default["reference"] == max(mean_cost, key=mean_cost.get)
+    assert get(gateway.url, "/v1/ponder/savings?reference=nope/-/single/1").status_code == 400
+
+
+def test_requests_list_and_one_requests_reasons(stack):
+    gateway, _, seeded = stack
+    rows = get(gateway.url, "/v1/ponder/requests?limit=100").json()["requests"]
+    assert {r["request_id"] for r in rows} == {r["id"] for r in seeded.records}
+    assert get(gateway.url, "/v1/ponder/requests?limit=0").status_code == 400
+    vote = next(r for r in seeded.records if r["arm"] == SC_ARM)
+    detail = get(gateway.url, f"/v1/ponder/requests/{vote['id']}").json()
+    assert detail["request"]["arm"] == SC_ARM and detail["classifier"]["task"] == vote["task"]
+    assert sum(detail["classifier"]["task_probs"].values()) == pytest.approx(1.0, abs=1e-3)
+    assert detail["decision"]["explore"] is False and detail["decision"]["reasons"]
+    assert any(c["chosen"] for c in detail["decision"]["candidates"])
+    assert detail["execution"]["samples"] == 5 and len(detail["execution"]["calls"]) == vote["calls"]
+    assert detail["request"]["cost_usd"] == pytest.approx(vote["cost"])
+
+
+def test_report_points(stack):
+    report = {"suite": "demo", "methods": {"first sample": {"accuracy": 0.6, "mean_samples": 1},
+                                           "majority@8": {"accuracy": 0.8, "mean_samples": 8},
+                                           "majority@16": {"accuracy": 0.79, "mean_samples": 16}}}
+    got = httpx.post(stack[0].url + "/v1/ponder/report", json=report, headers=bearer(ADMIN_KEY)).json()
+    assert got["cost_unit"] == "mean_samples" and len(got["points"]) == 3
+    assert got["frontier"] == ["methods / first sample", "methods / majority@8"]
+    bad = httpx.post(stack[0].url + "/v1/ponder/report", content=b"{nope", headers=bearer(ADMIN_KEY))
+    assert bad.status_code == 400
+
+
+# -- the page, in Chromium -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    assert Path(CHROMIUM).exists(), "install Debian's chromium (scripts/install.sh --test)"
+    with sync_playwright() as p:
+        instance = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield instance
+        instance.close()
+
+
+def test_dashboard_in_a_browser(stack, browser, tmp_path):
+    from playwright.sync_api import expect  # (the page's CSP forbids eval: wait with locators, not JS strings)
+
+    gateway, mock, seeded = stack
+    routed = seeded.routed()
+    page = browser.new_page(viewport={"width": 1440, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("request", lambda req: errors.append(f"key in URL: {req.url}") if ADMIN_KEY in req.url else None)
+
+    response = page.goto(gateway.url + "/dashboard")
+    assert response.status == 401
+    page.wait_for_selector("[data-testid=login]:not([hidden])")
+    page.fill("[data-testid=key-input]", USER_KEY)  # not an admin: refused, still on the login form
+    page.click("[data-testid=login-submit]")
+    expect(page.get_by_test_id("login-error")).to_contain_text("admin")
+    page.fill("[data-testid=key-input]", ADMIN_KEY)
+    page.click("[data-testid=login-submit]")
+    page.wait_for_selector("[data-testid=request-row]")
+
+    # KPIs and charts carry the seeded numbers.
+    assert page.text_content("[data-testid=total-requests]") == str(len(routed))
+    shown_cost = float(page.get_attribute("[data-testid=total-cost]", "data-value"))
+    assert shown_cost == pytest.approx(seeded.cost(routed), rel=1e-6)
+    tasks = {r["task"] for r in routed}
+    assert page.locator("[data-testid=task-chart]").count() == len(tasks)
+    for task in tasks:
+        arms = {r["arm"] for r in routed if r["task"] == task}
+        chart = page.locator(f"[data-testid=task-chart][data-task={task}]")
+        assert chart.locator("[data-testid=arm-point]").count() == len(arms)
+        assert {chart.locator("[data-testid=arm-point]").nth(i).get_attribute("data-arm")
+                for i in range(len(arms))} == arms
+    assert page.locator("[data-testid=current-choice]").count() >= 1
+    bars = page.locator("[data-testid=spend-bar]")
+    assert bars.count() == 24
+    hourly = [float(bars.nth(i).get_attribute("data-value")) for i in range(24)]
+    assert sum(hourly) == pytest.approx(seeded.cost(), rel=1e-6)
+    assert page.locator("[data-testid=key-spend-row][data-key=team-a]").count() == 1
+    assert page.locator("[data-testid=latency-row]").count() == len({r["arm"] for r in routed})
+    sc_share = page.get_attribute("[data-testid=strategy-shares] [data-name=self_consistency]", "data-share")
+    assert float(sc_share) == pytest.approx(2 / len(routed), abs=1e-3)
+    assert page.locator("[data-testid=request-row]").count() == len(seeded.records)
+
+    # Clicking a row shows that request's reasons.
+    vote = next(r for r in seeded.records if r["arm"] == SC_ARM)
+    page.click(f"[data-testid=request-row][data-request-id='{vote['id']}']")
+    page.wait_for_selector("[data-testid=detail-reasons] li")
+    assert page.text_content("[data-testid=detail-arm]") == SC_ARM
+    assert page.text_content("[data-testid=detail-samples]") == "5"
+    assert page.text_content("[data-testid=detail-task]") == vote["task"]
+    assert page.text_content("[data-testid=detail-mode]") == "exploit"
+    assert page.locator("[data-testid=candidate-row]").count() >= 2
+
+    # An eval report opens in the same scatter.
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"suite": "demo", "baselines": [
+        {"name": "always-cheap", "accuracy": 0.61, "cost_usd": 0.001},
+        {"name": "always-strong", "accuracy": 0.83, "cost_usd": 0.02},
+        {"name": "ponder", "accuracy": 0.82, "cost_usd": 0.006}]}))
+    page.set_input_files("[data-testid=report-input]", str(report))
+    page.wait_for_selector("[data-testid=report-point]")
+    assert page.locator("[data-testid=report-point]").count() == 3
+
+    # Live refresh: a new request shows up without a reload.
+    page.evaluate("window.__sameDocument = true")
+    extra = chat(gateway.url, "auto", "one more question, please")
+    assert extra.status_code == 200
+    seeded.add(extra, scored=None)
+    expect(page.get_by_test_id("total-requests")).to_have_text(str(len(routed) + 1), timeout=15_000)
+    assert page.evaluate("window.__sameDocument") is True
+
+    page.click(f"[data-testid=request-row][data-request-id='{vote['id']}']")
+    page.wait_for_selector("[data-testid=detail-reasons] li")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+    assert not errors, errors
+    page.close()
