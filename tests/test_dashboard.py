@@ -23,6 +23,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from router.types import bucket_key
+from telemetry.redis_server import start_redis
 from tests.servers import ROOT, mock_backend, start_gateway, start_mock, write_policy
 
 USER_KEY = "sk-dash-user-1"
@@ -72,9 +73,15 @@ class Seeded:
         return sum(r["cost"] for r in (self.records if records is None else records))
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("dash")
+@pytest.fixture(scope="module", params=["embedded", "redis"])
+def stack(request, tmp_path_factory):
+    """(gateway, mock, seeded, store backend): the same traffic on the embedded store and on Redis."""
+    backend = request.param
+    tmp = tmp_path_factory.mktemp(f"dash-{backend}")
+    redis_proc = start_redis(data_dir=tmp / "redis") if backend == "redis" else None
+    telemetry = {"data_dir": str(tmp / "data"), "refresh_s": 0.2}
+    if redis_proc is not None:
+        telemetry["redis_url"] = redis_proc.url
     mock = start_mock(tmp)
     policy = write_policy(tmp, {
         "name": "dash",
@@ -91,15 +98,17 @@ def stack(tmp_path_factory):
         "backends": [mock_backend("mock-a", mock), mock_backend("mock-b", mock, prices={"input_per_mtok": 3.0,
                                                                                        "output_per_mtok": 15.0})],
         "policy": policy,
-        "telemetry": {"data_dir": str(tmp / "data"), "refresh_s": 0.2},
+        "telemetry": telemetry,
         "api_keys": [{"id": "team-a", "sha256": hashlib.sha256(USER_KEY.encode()).hexdigest(),
                       "budget_usd_per_day": DAY_BUDGET},
                      {"id": "ops", "sha256": hashlib.sha256(ADMIN_KEY.encode()).hexdigest(), "admin": True}],
     }, name="dash")
     seeded = seed(gateway.url, mock.url)
-    yield gateway, mock, seeded
+    yield gateway, mock, seeded, backend
     gateway.stop()
     mock.stop()
+    if redis_proc is not None:
+        redis_proc.stop()
 
 
 def chat(url: str, model: str, prompt: str, headers: dict | None = None) -> httpx.Response:
@@ -171,7 +180,7 @@ def test_admin_key_is_required(stack, path):
 
 
 def test_dashboard_page_without_key_is_a_login_page_and_holds_no_data(stack):
-    gateway, _, seeded = stack
+    gateway, _, seeded, _ = stack
     page = get(gateway.url, "/dashboard", key=None)
     assert page.status_code == 401 and page.headers["content-type"].startswith("text/html")
     assert 'data-testid="key-input"' in page.text
@@ -194,7 +203,7 @@ def total(samples, name: str, **labels) -> float:
 
 
 def test_metrics_count_what_was_sent(stack):
-    gateway, _, seeded = stack
+    gateway, _, seeded, backend = stack
     m = scrape(gateway.url)
     n = len(seeded.records)
     ok = [r for r in seeded.records if r["status"] == 200]
@@ -220,7 +229,7 @@ def test_metrics_count_what_was_sent(stack):
     assert total(m["ponder_backend_calls"], "ponder_backend_calls_total", outcome="error") == 2
     assert total(m["ponder_samples"], "ponder_samples_count", strategy="self_consistency") == 2
     assert total(m["ponder_samples"], "ponder_samples_sum", strategy="self_consistency") == 10
-    assert total(m["ponder_store_connected"], "ponder_store_connected", backend="embedded") == 1
+    assert total(m["ponder_store_connected"], "ponder_store_connected", backend=backend) == 1
     assert total(m["ponder_store_dropped_events"], "ponder_store_dropped_events") == 0
     assert "ponder_store_buffered_events" in m
 
@@ -273,7 +282,7 @@ def expected_success(records: list[dict]) -> dict[tuple[str, str], float]:
 
 
 def test_summary_matches_the_seeded_traffic(stack):
-    gateway, _, seeded = stack
+    gateway, _, seeded, backend = stack
     summary = get(gateway.url, "/v1/ponder/summary").json()
     routed = seeded.routed()
     assert summary["policy"] == "dash" and "direct" in summary["policies"]
@@ -299,13 +308,14 @@ def test_summary_matches_the_seeded_traffic(stack):
     assert all(0 < row["p50_latency_ms"] <= row["p95_latency_ms"] for row in summary["latency"])
     assert summary["exploration"] == {"window": len(routed), "explored": 0, "exploited": len(routed), "share": 0.0}
     assert summary["health"]["connected"] and summary["health"]["dropped"] == 0
+    assert summary["health"]["backend"] == backend
     direct = get(gateway.url, "/v1/ponder/summary?policy=direct").json()
     assert direct["totals"]["requests"] == len(seeded.records) - len(routed)
     assert get(gateway.url, "/v1/ponder/summary?policy=nope").status_code == 404
 
 
 def test_spend_by_hour_and_by_key_against_budget(stack):
-    gateway, _, seeded = stack
+    gateway, _, seeded, _ = stack
     spend = get(gateway.url, "/v1/ponder/spend").json()
     assert len(spend["by_hour"]) == 24 and len(spend["by_day"]) == 30
     assert sum(h["cost_usd"] for h in spend["by_hour"]) == pytest.approx(seeded.cost(), rel=1e-6)
@@ -321,7 +331,7 @@ def test_spend_by_hour_and_by_key_against_budget(stack):
 
 
 def test_savings_against_a_reference_arm(stack):
-    gateway, _, seeded = stack
+    gateway, _, seeded, _ = stack
     routed = seeded.routed()
     savings = get(gateway.url, f"/v1/ponder/savings?reference={SC_ARM}").json()
     assert savings["reference"] == SC_ARM and SC_ARM in savings["references"]
@@ -345,7 +355,7 @@ def test_savings_against_a_reference_arm(stack):
 
 
 def test_requests_list_and_one_requests_reasons(stack):
-    gateway, _, seeded = stack
+    gateway, _, seeded, _ = stack
     rows = get(gateway.url, "/v1/ponder/requests?limit=100").json()["requests"]
     assert {r["request_id"] for r in rows} == {r["id"] for r in seeded.records}
     assert get(gateway.url, "/v1/ponder/requests?limit=0").status_code == 400
@@ -387,7 +397,7 @@ def browser():
 def test_dashboard_in_a_browser(stack, browser, tmp_path):
     from playwright.sync_api import expect  # (the page's CSP forbids eval: wait with locators, not JS strings)
 
-    gateway, mock, seeded = stack
+    gateway, _, seeded, backend = stack
     routed = seeded.routed()
     page = browser.new_page(viewport={"width": 1440, "height": 900})
     errors: list[str] = []
@@ -458,6 +468,7 @@ def test_dashboard_in_a_browser(stack, browser, tmp_path):
     page.click(f"[data-testid=request-row][data-request-id='{vote['id']}']")
     page.wait_for_selector("[data-testid=detail-reasons] li")
     ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+    name = "dashboard.png" if backend == "embedded" else f"dashboard-{backend}.png"
+    page.screenshot(path=str(ARTIFACTS / name), full_page=True)
     assert not errors, errors
     page.close()
