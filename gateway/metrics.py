@@ -53,6 +53,7 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self._store_health = store_health
         self._health_at = 0.0
+        self._children: dict[tuple, Any] = {}  # bounded like the label sets themselves
         r = self.registry
         self.requests = Counter("ponder_requests", "Requests answered (or failed), by routed model and status class.",
                                 ["alias", "task", "status_class"], registry=r)
@@ -95,29 +96,38 @@ class Metrics:
         except Exception:  # noqa: BLE001 - a bad value in one event must not reach the client
             pass
 
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, memoised: labels() validates and hashes on every call (~2 us each)."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def _observe(self, event: Event) -> None:
+        c = self._child
         arm, task = event.arm or "-", event.task or "-"
-        self.requests.labels(event.alias or "-", task, status_class(event.status)).inc()
+        c(self.requests, event.alias or "-", task, status_class(event.status)).inc()
         if event.status >= 400 or event.error:
-            self.errors.labels(arm, str(event.status)).inc()
+            c(self.errors, arm, str(event.status)).inc()
         for kind, value in (("prompt", event.prompt_tokens), ("completion", event.completion_tokens),
                             ("reasoning", event.reasoning_tokens)):
             if value:
-                self.tokens.labels(arm, kind).inc(value)
+                c(self.tokens, arm, kind).inc(value)
         if event.cost_usd > 0:
-            self.cost.labels(arm, task).inc(event.cost_usd)
-        self.latency.labels(arm).observe(max(0.0, event.latency_ms) / 1000.0)
-        self.decisions.labels(arm, event.strategy or "-", event.effort or "-", task).inc()
+            c(self.cost, arm, task).inc(event.cost_usd)
+        c(self.latency, arm).observe(max(0.0, event.latency_ms) / 1000.0)
+        c(self.decisions, arm, event.strategy or "-", event.effort or "-", task).inc()
         if event.policy != "direct":  # a client that names a backend bypasses the learner
-            self.learner.labels(task, "explore" if event.explore else "exploit").inc()
+            c(self.learner, task, "explore" if event.explore else "exploit").inc()
         samples = event.details.get("samples") if isinstance(event.details, dict) else None
         if isinstance(samples, (int, float)) and samples > 0:
-            self.samples.labels(event.strategy or "-").observe(samples)
+            c(self.samples, event.strategy or "-").observe(samples)
         for call in event.calls:
-            self.calls.labels(str(call.get("backend", "-")), "ok" if call.get("ok") else "error").inc()
+            c(self.calls, str(call.get("backend", "-")), "ok" if call.get("ok") else "error").inc()
         if event.success is not None and event.success_source:
-            self.success_score.labels(arm, task, event.success_source).inc(event.success)
-            self.success_scored.labels(arm, task, event.success_source).inc()
+            c(self.success_score, arm, task, event.success_source).inc(event.success)
+            c(self.success_scored, arm, task, event.success_source).inc()
         now = time.monotonic()
         if now - self._health_at >= STORE_HEALTH_EVERY_S:
             self._health_at = now
