@@ -1,0 +1,131 @@
+"""Per-key spend budgets: period keys, the reservation record, and the in-process ledger.
+
+A request reserves its maximum expected cost before calling any backend and settles the actual cost
+afterwards, so concurrent requests cannot overspend: the check and the increment happen in one atomic
+step (a Lua script on Redis, a synchronous section with no await in-process).
+
+`LocalBudgets` is the embedded store's ledger and the Redis store's fallback while Redis is down: it
+mirrors the last values Redis returned and keeps local changes as `unsynced` deltas that are pushed to
+Redis when it comes back.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+# period -> (strftime pattern of the UTC period id, seconds the counter is kept after it starts)
+PERIODS: dict[str, tuple[str, int]] = {
+    "hour": ("%Y%m%d%H", 3600 + 86400),
+    "day": ("%Y%m%d", 2 * 86400),
+    "week": ("%G-W%V", 8 * 86400),
+    "month": ("%Y%m", 32 * 86400),
+    "total": ("", 0),  # never expires
+}
+
+
+def period_id(period: str, now: float) -> tuple[str, int]:
+    """The UTC id of the period containing `now` (e.g. day -> "20250301") and the counter's TTL."""
+    try:
+        pattern, ttl = PERIODS[period]
+    except KeyError:
+        raise ValueError(f"unknown budget period {period!r}; expected one of {sorted(PERIODS)}") from None
+    return (time.strftime(pattern, time.gmtime(now)) if pattern else "all"), ttl
+
+
+class BudgetExceeded(Exception):
+    def __init__(self, period: str, limit: float, spent: float):
+        super().__init__(f"budget exceeded for period {period}: spent ${spent:.6f} of ${limit:.6f}")
+        self.period = period
+        self.limit = limit
+        self.spent = spent
+
+
+@dataclass(slots=True)
+class Reservation:
+    """Handed back by `reserve` and passed to `settle`. `keys` are the counters it was charged to, so a
+    request that crosses midnight settles in the period it reserved in."""
+
+    key_id: str
+    amount_usd: float
+    periods: tuple[str, ...] = ()
+    keys: tuple[str, ...] = ()
+    ttls: tuple[int, ...] = ()
+    mode: Literal["redis", "local", "none"] = "none"  # none: no limits, nothing was charged
+    settled: bool = False
+
+
+class LocalBudgets:
+    """An in-process ledger: counter key -> spent USD, with expiry.
+
+    As the Redis store's fallback it is deliberately pessimistic: replies to concurrent reservations
+    can arrive out of order, so a reservation reply only ever raises the mirrored value, and amounts
+    of reservations still in flight to Redis count as spent (they may well be applied)."""
+
+    def __init__(self) -> None:
+        self.spent: dict[str, float] = {}
+        self.expires: dict[str, float] = {}  # 0 = never
+        self.unsynced: dict[str, float] = {}  # changes not yet written to Redis
+        self.inflight: dict[str, float] = {}  # reservations sent to Redis, not answered yet
+
+    def get(self, key: str, now: float) -> float:
+        exp = self.expires.get(key, 0.0)
+        if exp and exp < now:
+            return self.unsynced.get(key, 0.0)
+        return self.spent.get(key, 0.0) + self.unsynced.get(key, 0.0)
+
+    def reserve(self, res: Reservation, limits: list[float], now: float, *, track_unsynced: bool) -> None:
+        """Check every period, then charge every period; raises BudgetExceeded and charges nothing."""
+        for period, key, limit in zip(res.periods, res.keys, limits, strict=True):
+            spent = self.get(key, now) + self.inflight.get(key, 0.0)
+            if spent + res.amount_usd > limit + 1e-9:
+                raise BudgetExceeded(period, limit, spent)
+        for key, ttl in zip(res.keys, res.ttls, strict=True):
+            self.add(key, res.amount_usd, ttl, now, track_unsynced=track_unsynced)
+
+    def add(self, key: str, delta: float, ttl: int, now: float, *, track_unsynced: bool) -> None:
+        if track_unsynced:
+            self.unsynced[key] = self.unsynced.get(key, 0.0) + delta
+        else:
+            self.spent[key] = self.get(key, now) + delta
+        if key not in self.expires or (self.expires[key] and self.expires[key] < now):
+            self.expires[key] = now + ttl if ttl else 0.0
+
+    def observe(self, key: str, value: float, ttl: int, now: float, *, at_least: bool = False) -> None:
+        """Record a value Redis returned (it excludes our unsynced deltas). `at_least`: a reservation
+        reply, which may be older than one already seen, so keep the higher value."""
+        if at_least and key in self.spent:
+            value = max(value, self.spent[key])
+        self.spent[key] = value
+        if key not in self.expires:
+            self.expires[key] = now + ttl if ttl else 0.0
+
+    def track_inflight(self, keys: tuple[str, ...], amount: float) -> None:
+        for key in keys:
+            left = self.inflight.get(key, 0.0) + amount
+            if abs(left) < 1e-12:
+                self.inflight.pop(key, None)
+            else:
+                self.inflight[key] = left
+
+    def purge(self, now: float) -> None:
+        for key in [k for k, exp in self.expires.items() if exp and exp < now and not self.unsynced.get(k)]:
+            self.spent.pop(key, None)
+            self.expires.pop(key, None)
+            self.unsynced.pop(key, None)
+
+
+def make_reservation(key_id: str, amount_usd: float, limits: dict[str, float], now: float, counter_key) -> Reservation:
+    """A reservation charged to one counter per limited period; `counter_key(key_id, period, id)`
+    names the counter. Periods are sorted so every caller touches counters in the same order."""
+    periods = tuple(sorted(p for p, cap in limits.items() if cap is not None))
+    ids = [period_id(p, now) for p in periods]
+    return Reservation(
+        key_id=key_id,
+        amount_usd=max(0.0, float(amount_usd)),
+        periods=periods,
+        keys=tuple(counter_key(key_id, p, pid) for p, (pid, _) in zip(periods, ids)),
+        ttls=tuple(ttl for _, ttl in ids),
+        mode="local" if periods else "none",
+    )

@@ -1,0 +1,525 @@
+"""The Redis store: one events stream, per-arm aggregate hashes, budget counters, shared by replicas.
+
+Every key carries a hash tag so the keys one operation touches live in one Redis Cluster slot:
+  {ns}:{events}:stream / :feedback             events and feedback streams (XADD MAXLEN ~)
+  {ns}:{meta}:policies                         set of policy names seen
+  {ns}:{policy:<p>}:arms                       set of "bucket|arm" members of policy p
+  {ns}:{policy:<p>}:agg:<bucket>|<arm>         aggregate hash (fields: see aggregates.py)
+  {ns}:{policy:<p>}:alive                      marker: its absence means Redis lost its data
+  {ns}:{req:<request_id>}:meta / :fb           what feedback needs about a request; the feedback claim
+  {ns}:{budget:<key_id>}:<period>:<period_id>  spend counter per key and period
+  {ns}:{spend}:h:<YYYYMMDDHH> / d:<YYYYMMDD>   spend rollups for the dashboard
+
+Failure behaviour: see docs/telemetry.md. In short, any Redis error marks the store disconnected; the
+flush loop pings with backoff (at most 1 s apart) and flushes the buffer as soon as PING answers;
+budgets fall back to the in-process ledger and push their deltas when Redis is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import orjson
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ReadOnlyError, RedisClusterException
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .aggregates import group_deltas, spend_deltas
+from .budgets import BudgetExceeded, LocalBudgets, Reservation, make_reservation, period_id
+from .events import Event
+from .store import BufferedStore, FeedbackResult
+
+MAX_CONNECTIONS = 32  # per replica
+MAX_BACKOFF_S = 1.0  # reconnect attempts at most this far apart: the buffer flushes < 5 s after recovery
+SPEND_TTL_S = {"h": 2 * 86400, "d": 35 * 86400}
+# READONLY: we are talking to a replica (a failover demoted our primary): reconnect, do not drop.
+DOWN_ERRORS = (
+    RedisConnectionError, RedisTimeoutError, RedisClusterException, ReadOnlyError, OSError, asyncio.TimeoutError
+)
+
+# Add a delta to one aggregate hash (with exponential decay when a half-life is set) and record the
+# hash's member in its policy's set. `deltas` is a flat list: field, delta, field, delta...
+AGG_FUNCTION_LUA = """
+local function agg_update(key, arms_key, member, t, hl, deltas)
+  t = tonumber(t)
+  hl = tonumber(hl)
+  local scale = 1.0
+  if hl > 0 then
+    local t0 = tonumber(redis.call('HGET', key, 't'))
+    if t0 == nil then
+      redis.call('HSET', key, 't', string.format('%.17g', t))
+    elseif t > t0 then
+      local f = 0.5 ^ ((t - t0) / hl)
+      local cur = redis.call('HGETALL', key)
+      local upd = {'t', string.format('%.17g', t)}
+      for i = 1, #cur, 2 do
+        if cur[i] ~= 't' and cur[i] ~= 'total' then
+          upd[#upd + 1] = cur[i]
+          upd[#upd + 1] = string.format('%.17g', tonumber(cur[i + 1]) * f)
+        end
+      end
+      redis.call('HSET', key, unpack(upd))
+    elseif t < t0 then
+      scale = 0.5 ^ ((t0 - t) / hl)  -- a late event: age it to the stored reference time
+    end
+  end
+  for i = 1, #deltas, 2 do
+    local v = tonumber(deltas[i + 1])
+    if deltas[i] ~= 'total' then v = v * scale end
+    redis.call('HINCRBYFLOAT', key, deltas[i], string.format('%.17g', v))
+  end
+  redis.call('SADD', arms_key, member)
+end
+"""
+
+# One aggregate update. KEYS[1] aggregate hash, KEYS[2] the policy's member set;
+# ARGV[1] time the delta is expressed at, ARGV[2] half-life s (0: none), ARGV[3] member, ARGV[4..] deltas
+AGG_UPDATE_LUA = AGG_FUNCTION_LUA + """
+agg_update(KEYS[1], KEYS[2], ARGV[3], ARGV[1], ARGV[2], {unpack(ARGV, 4)})
+return 1
+"""
+
+# A whole batch in one atomic call (single-server Redis only: it touches keys of many slots, so the
+# Cluster path uses a pipeline instead). One command instead of thousands keeps the gateway's CPU for
+# requests. ARGV[1] JSON: {stream, maxlen, ttl, hl, policies_key, policies: [...],
+#   meta: [[key, json], ...], aggs: [[key, arms_key, member, t, [field, delta, ...]], ...],
+#   spend: [[key, ttl, [field, value, ...]], ...]};  ARGV[2..] event bodies, appended in order.
+BATCH_LUA = AGG_FUNCTION_LUA + """
+local c = cjson.decode(ARGV[1])
+for i = 2, #ARGV do
+  redis.call('XADD', c.stream, 'MAXLEN', '~', c.maxlen, '*', 'e', ARGV[i])
+end
+for _, m in ipairs(c.meta) do
+  redis.call('SET', m[1], m[2], 'EX', c.ttl)
+end
+for _, a in ipairs(c.aggs) do
+  agg_update(a[1], a[2], a[3], a[4], c.hl, a[5])
+end
+if #c.policies > 0 then
+  redis.call('SADD', c.policies_key, unpack(c.policies))
+end
+for _, sp in ipairs(c.spend) do
+  for i = 1, #sp[3], 2 do
+    redis.call('HINCRBYFLOAT', sp[1], sp[3][i], string.format('%.17g', sp[3][i + 1]))
+  end
+  redis.call('EXPIRE', sp[1], sp[2])
+end
+return #ARGV - 1
+"""
+
+# Check every period's cap, then charge all of them, or charge none.
+# KEYS one counter per period; ARGV[1] amount, ARGV[2..n+1] caps, ARGV[n+2..2n+1] TTLs (0: none)
+RESERVE_LUA = """
+local n = #KEYS
+local amount = tonumber(ARGV[1])
+for i = 1, n do
+  local spent = tonumber(redis.call('GET', KEYS[i]) or '0')
+  if spent + amount > tonumber(ARGV[1 + i]) + 1e-9 then
+    return {0, i, string.format('%.17g', spent)}
+  end
+end
+local out = {1}
+for i = 1, n do
+  out[#out + 1] = redis.call('INCRBYFLOAT', KEYS[i], ARGV[1])
+  local ttl = tonumber(ARGV[1 + n + i])
+  if ttl > 0 and redis.call('TTL', KEYS[i]) < 0 then redis.call('EXPIRE', KEYS[i], ttl) end
+end
+return out
+"""
+
+
+def _tag(name: str) -> str:
+    # A brace inside a name would end the hash tag early and scatter a policy's keys over slots.
+    return name.replace("{", "(").replace("}", ")")
+
+
+class RedisKeys:
+    def __init__(self, ns: str) -> None:
+        self.ns = ns
+        self.stream = f"{ns}:{{events}}:stream"
+        self.feedback_stream = f"{ns}:{{events}}:feedback"
+        self.policies = f"{ns}:{{meta}}:policies"
+
+    def arms(self, policy: str) -> str:
+        return f"{self.ns}:{{policy:{_tag(policy)}}}:arms"
+
+    def agg(self, policy: str, bucket: str, arm: str) -> str:
+        return f"{self.ns}:{{policy:{_tag(policy)}}}:agg:{bucket}|{arm}"
+
+    def alive(self, policy: str) -> str:
+        return f"{self.ns}:{{policy:{_tag(policy)}}}:alive"
+
+    def meta(self, request_id: str) -> str:
+        return f"{self.ns}:{{req:{_tag(request_id)}}}:meta"
+
+    def claim(self, request_id: str) -> str:
+        return f"{self.ns}:{{req:{_tag(request_id)}}}:fb"
+
+    def budget(self, key_id: str, period: str, pid: str) -> str:
+        return f"{self.ns}:{{budget:{_tag(key_id)}}}:{period}:{pid}"
+
+    def spend(self, period: str) -> str:
+        return f"{self.ns}:{{spend}}:{period}"
+
+
+def make_client(url: str, op_timeout_s: float) -> tuple[Redis | RedisCluster, bool]:
+    """`?cluster=1` in the URL selects the Redis Cluster client. No client-side retries: the store
+    has its own reconnect loop, and a request must not wait on retries while Redis is down."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query)
+    cluster = any(k == "cluster" and v.lower() in ("1", "true", "yes") for k, v in query)
+    url = urlunsplit(parts._replace(query=urlencode([(k, v) for k, v in query if k != "cluster"])))
+    kwargs: dict[str, Any] = dict(
+        socket_timeout=op_timeout_s,
+        socket_connect_timeout=op_timeout_s,
+        decode_responses=True,
+        retry=Retry(NoBackoff(), 0),
+    )
+    if cluster:
+        return RedisCluster.from_url(url, **kwargs), True
+    # A bounded pool: a burst of concurrent reservations queues for a connection (each is held for a
+    # fraction of a millisecond) instead of opening hundreds of sockets at once, which under load
+    # overflows the server's accept backlog and shows up as spurious connection errors.
+    pool = BlockingConnectionPool.from_url(url, max_connections=MAX_CONNECTIONS, timeout=op_timeout_s, **kwargs)
+    return Redis.from_pool(pool), False
+
+
+class RedisStore(BufferedStore):
+    backend = "redis"
+
+    def __init__(self, url: str, *, namespace: str = "ponder", op_timeout_s: float = 1.0, **common: Any) -> None:
+        super().__init__(**common)
+        self.url = url
+        self.op_timeout_s = op_timeout_s
+        self.keys = RedisKeys(namespace)
+        self._client, self._cluster = make_client(url, op_timeout_s)
+        self._agg_script = self._client.register_script(AGG_UPDATE_LUA)
+        self._reserve_script = self._client.register_script(RESERVE_LUA)
+        self._batch_script = self._client.register_script(BATCH_LUA)
+        self._budgets = LocalBudgets()
+        self._connected = False
+        self._backoff = 0.0
+        self._next_attempt = 0.0
+        self.reconnects = 0
+        self.restores = 0
+
+    # --- connection state ----------------------------------------------------------------------------
+
+    async def _ensure_connected(self, force: bool = False) -> bool:
+        if self._connected:
+            return True
+        now = time.monotonic()
+        if not force and now < self._next_attempt:
+            return False
+        try:
+            if not self._cluster:
+                await self._client.connection_pool.disconnect()  # drop sockets to the dead server
+            await asyncio.wait_for(self._client.ping(), self.op_timeout_s)
+        except Exception as exc:
+            self._backoff = min(MAX_BACKOFF_S, self._backoff * 2 if self._backoff else 0.05)
+            self._next_attempt = now + self._backoff
+            self._on_error("connect", exc)
+            return False
+        self._connected, self._backoff = True, 0.0
+        self.reconnects += 1
+        return True
+
+    def _loop_timeout(self) -> float:
+        return 1.0 if self._connected else max(0.01, self._next_attempt - time.monotonic())
+
+    def _is_down(self, exc: BaseException) -> bool:
+        return isinstance(exc, DOWN_ERRORS) or super()._is_down(exc)
+
+    def _on_error(self, where: str, exc: BaseException) -> None:
+        super()._on_error(where, exc)
+        if isinstance(exc, DOWN_ERRORS):
+            self._connected = False
+
+    # --- writes ----------------------------------------------------------------------------------------
+
+    async def _queue_agg(self, pipe, later: list, policy: str, bucket: str, arm: str, t: float, delta: dict[str, float]) -> None:
+        """Queue one aggregate update on `pipe`; on Redis Cluster, where redis-py refuses scripts in
+        pipelines, append the call to `later` instead (run with `_execute`, after the pipeline)."""
+        args: list[Any] = [repr(t), repr(float(self.half_life_s or 0)), f"{bucket}|{arm}"]
+        for name, value in delta.items():
+            args += [name, repr(float(value))]
+        keys = [self.keys.agg(policy, bucket, arm), self.keys.arms(policy)]
+        if self._cluster:
+            later.append((keys, args))
+        else:
+            await self._agg_script(keys=keys, args=args, client=pipe)
+
+    async def _execute(self, pipe, later: list) -> list:
+        results = await pipe.execute()
+        if later:
+            await asyncio.gather(*(self._agg_script(keys=keys, args=args) for keys, args in later))
+        return results
+
+    async def _write_batch(self, batch: list[Event]) -> None:
+        k = self.keys
+        bodies: list[bytes] = []
+        metas: list[tuple[str, str]] = []
+        for ev in batch:
+            try:
+                bodies.append(ev.to_json())
+            except Exception as exc:
+                self.dropped += 1
+                self._on_error("serialise", exc)
+                continue
+            if ev.request_id:
+                meta = {"p": ev.policy, "b": ev.bucket, "a": ev.arm, "ts": ev.ts, "k": ev.key_id}
+                meta.update(s=ev.success, w=ev.success_weight)
+                metas.append((k.meta(ev.request_id), orjson.dumps(meta).decode()))
+        aggs = group_deltas(batch, self.half_life_s)
+        policies = sorted({ev.policy for ev in batch})
+        spend = spend_deltas(batch)
+        meta_ttl = int(self.feedback_window_s + 86400)
+        if not self._cluster:
+            # One script call: once Redis starts it, it runs to the end with nothing interleaved, so a
+            # dropped connection never leaves half a batch behind (events are validated beforehand so
+            # the script itself does not fail half way). A batch is counted twice only if the reply to
+            # a completed call was lost and the batch retried.
+            control = {
+                "stream": k.stream, "maxlen": self.stream_maxlen, "ttl": meta_ttl,
+                "hl": float(self.half_life_s or 0), "policies_key": k.policies, "policies": policies,
+                "meta": metas,
+                "aggs": [[k.agg(p, b, a), k.arms(p), f"{b}|{a}", t, [x for kv in delta.items() for x in kv]]
+                         for (p, b, a), (t, delta) in aggs.items()],
+                "spend": [[k.spend(period), SPEND_TTL_S[period[0]], [x for kv in fields.items() for x in kv]]
+                          for period, fields in spend.items()],
+            }
+            await self._batch_script(keys=[], args=[orjson.dumps(control), *bodies])
+            return
+        # Redis Cluster: the keys live in many slots, so a non-transactional pipeline (at-least-once: a
+        # batch that failed half way is retried whole).
+        pipe, later = self._client.pipeline(transaction=False), []
+        for body in bodies:
+            pipe.xadd(k.stream, {"e": body}, maxlen=self.stream_maxlen, approximate=True)
+        for key, meta in metas:
+            pipe.set(key, meta, ex=meta_ttl)
+        for (policy, bucket, arm), (t, delta) in aggs.items():
+            await self._queue_agg(pipe, later, policy, bucket, arm, t, delta)
+        pipe.sadd(k.policies, *policies)
+        for period, fields in spend.items():
+            for name, value in fields.items():
+                pipe.hincrbyfloat(k.spend(period), name, value)
+            pipe.expire(k.spend(period), SPEND_TTL_S[period[0]])
+        await self._execute(pipe, later)
+
+    async def _periodic(self) -> None:
+        """Push budget changes made while Redis was down (or settled locally) back to Redis."""
+        now = time.time()
+        self._budgets.purge(now)
+        pending = [(key, delta) for key, delta in self._budgets.unsynced.items() if delta]
+        if not pending:
+            return
+        pipe = self._client.pipeline(transaction=False)
+        for key, delta in pending:
+            pipe.incrbyfloat(key, delta)
+        for key, _ in pending:
+            exp = self._budgets.expires.get(key, 0.0)
+            if exp:  # a counter created by this push needs the TTL its period would have given it
+                pipe.expire(key, max(1, int(exp - now)))
+        values = (await pipe.execute())[: len(pending)]
+        for (key, delta), value in zip(pending, values):
+            self._budgets.unsynced[key] -= delta
+            if abs(self._budgets.unsynced[key]) < 1e-12:
+                del self._budgets.unsynced[key]
+            self._budgets.observe(key, float(value), 0, now)
+
+    # --- reads -----------------------------------------------------------------------------------------
+
+    async def _load_aggregates(self) -> dict[str, dict[tuple[str, str], dict[str, float]]]:
+        k = self.keys
+        names = sorted(set(await self._client.smembers(k.policies)) | set(self._raw))
+        if not names:
+            return {}
+        pipe = self._client.pipeline(transaction=False)
+        for p in names:
+            pipe.set(k.alive(p), "1", nx=True)
+            pipe.smembers(k.arms(p))
+        res = await pipe.execute()
+        members = {p: res[2 * i + 1] for i, p in enumerate(names)}
+        # A missing marker next to a policy we hold stats for means Redis restarted without its data:
+        # the replica that re-created the marker adds its cached aggregates back (additively, so events
+        # other replicas flushed since the restart are kept).
+        lost = [p for i, p in enumerate(names) if res[2 * i] and self._raw.get(p)]
+        if lost:
+            pipe, later = self._client.pipeline(transaction=False), []
+            for p in lost:
+                for (bucket, arm), fields in self._raw[p].items():
+                    delta = {n: v for n, v in fields.items() if n != "t"}
+                    await self._queue_agg(pipe, later, p, bucket, arm, fields.get("t", time.time()), delta)
+                pipe.sadd(k.policies, p)
+            await self._execute(pipe, later)
+            self.restores += len(lost)
+            for p in lost:
+                members[p] = await self._client.smembers(k.arms(p))
+        order = [(p, m) for p in names for m in sorted(members[p])]
+        pipe = self._client.pipeline(transaction=False)
+        for p, m in order:
+            bucket, _, arm = m.partition("|")
+            pipe.hgetall(k.agg(p, bucket, arm))
+        hashes = await pipe.execute() if order else []
+        out: dict[str, dict[tuple[str, str], dict[str, float]]] = {p: {} for p in names}
+        for (p, m), h in zip(order, hashes):
+            if h:
+                bucket, _, arm = m.partition("|")
+                out[p][(bucket, arm)] = {n: float(v) for n, v in h.items()}
+        return out
+
+    async def _load_spend(self, periods: list[str]) -> dict[str, dict[str, float]]:
+        if not self._connected:
+            return {}
+        pipe = self._client.pipeline(transaction=False)
+        for period in periods:
+            pipe.hgetall(self.keys.spend(period))
+        res = await pipe.execute()
+        return {p: {n: float(v) for n, v in h.items()} for p, h in zip(periods, res) if h}
+
+    async def recent_events(self, limit: int = 100) -> list[dict[str, Any]]:
+        out = self._buffered_dicts(limit)
+        if len(out) < limit and self._connected:
+            try:
+                entries = await self._client.xrevrange(self.keys.stream, count=limit - len(out))
+                out += [orjson.loads(fields["e"]) for _, fields in entries if "e" in fields]
+            except Exception as exc:
+                self._on_error("recent_events", exc)
+        return out
+
+    # --- feedback --------------------------------------------------------------------------------------
+
+    async def feedback(self, request_id: str, score: float, key_id: str | None) -> FeedbackResult:
+        score = min(1.0, max(0.0, float(score)))
+        if not await self._ensure_connected():
+            return FeedbackResult("unavailable", request_id)
+        k = self.keys
+        claimed = False
+        try:
+            raw = await self._client.get(k.meta(request_id))
+            if raw is None and (self._buffer or self._flush_lock.locked()):
+                await self.flush()  # feedback may arrive before the request's event was written
+                raw = await self._client.get(k.meta(request_id))
+            if raw is None:
+                return FeedbackResult("unknown_request", request_id)
+            m = orjson.loads(raw)
+            found = dict(policy=m["p"], bucket=m["b"], arm=m["a"])
+            if key_id is not None and m.get("k") is not None and m["k"] != key_id:
+                return FeedbackResult("forbidden", request_id)
+            now = time.time()
+            if now - float(m["ts"]) > self.feedback_window_s:
+                return FeedbackResult("expired", request_id, **found)
+            record = orjson.dumps({"request_id": request_id, "score": score, "ts": now, "key_id": key_id})
+            claimed = bool(await self._client.set(k.claim(request_id), record, nx=True, ex=int(self.feedback_window_s + 86400)))
+            if not claimed:
+                return FeedbackResult("duplicate", request_id, **found)
+            # Replace the automatic signal (weight w, score s) with the feedback at full weight. The
+            # delta is expressed at the request's time so decay ages it like the original outcome.
+            weight, auto = float(m.get("w") or 0.0), float(m.get("s") or 0.0)
+            delta = {"successes": score - weight * auto, "weight": 1.0 - weight}
+            pipe, later = self._client.pipeline(transaction=False), []
+            await self._queue_agg(pipe, later, m["p"], m["b"], m["a"], float(m["ts"]), delta)
+            pipe.xadd(k.feedback_stream, {"f": record}, maxlen=self.stream_maxlen, approximate=True)
+            await self._execute(pipe, later)
+            return FeedbackResult("accepted", request_id, **found)
+        except Exception as exc:
+            self._on_error("feedback", exc)
+            if claimed:  # let the client retry: the aggregate update may not have happened
+                try:
+                    await self._client.delete(k.claim(request_id))
+                except Exception:
+                    pass
+            return FeedbackResult("unavailable", request_id)
+
+    # --- budgets ---------------------------------------------------------------------------------------
+
+    async def reserve(self, key_id: str, amount_usd: float, limits: dict[str, float]) -> Reservation:
+        now = time.time()
+        res = make_reservation(key_id, amount_usd, limits, now, self.keys.budget)
+        if not res.keys:
+            return res
+        caps = [float(limits[p]) for p in res.periods]
+        if self._connected:
+            self._budgets.track_inflight(res.keys, res.amount_usd)
+            try:
+                out = await self._reserve_script(keys=list(res.keys), args=[repr(res.amount_usd), *map(repr, caps), *res.ttls])
+            except Exception as exc:
+                self._on_error("reserve", exc)  # fall through to the local ledger
+            else:
+                if int(out[0]) == 0:
+                    i = int(out[1]) - 1
+                    self._budgets.observe(res.keys[i], float(out[2]), res.ttls[i], now, at_least=True)
+                    raise BudgetExceeded(res.periods[i], caps[i], float(out[2]))
+                for key, ttl, value in zip(res.keys, res.ttls, out[1:]):
+                    self._budgets.observe(key, float(value), ttl, now, at_least=True)
+                res.mode = "redis"
+                return res
+            finally:
+                self._budgets.track_inflight(res.keys, -res.amount_usd)
+        # Redis unreachable: check against the last values Redis gave plus this replica's own changes.
+        self._budgets.reserve(res, caps, now, track_unsynced=True)
+        res.mode = "local"
+        return res
+
+    async def settle(self, reservation: Reservation, actual_usd: float) -> None:
+        if reservation.settled or reservation.mode == "none":
+            return
+        reservation.settled = True
+        delta = max(0.0, float(actual_usd)) - reservation.amount_usd
+        if abs(delta) < 1e-12:
+            return
+        now = time.time()
+        if reservation.mode == "redis" and self._connected:
+            try:
+                pipe = self._client.pipeline(transaction=False)
+                for key in reservation.keys:
+                    pipe.incrbyfloat(key, delta)
+                values = await pipe.execute()
+                for key, ttl, value in zip(reservation.keys, reservation.ttls, values):
+                    self._budgets.observe(key, float(value), ttl, now)
+                return
+            except Exception as exc:
+                self._on_error("settle", exc)
+        for key, ttl in zip(reservation.keys, reservation.ttls):
+            self._budgets.add(key, delta, ttl, now, track_unsynced=True)
+        self._wake.set()
+
+    async def spent(self, key_id: str, periods=("day", "month")) -> dict[str, float]:
+        now = time.time()
+        ids = {p: period_id(p, now) for p in periods}
+        keys = {p: self.keys.budget(key_id, p, pid) for p, (pid, _) in ids.items()}
+        if self._connected:
+            try:
+                values = await self._client.mget(list(keys.values()))
+                for (p, key), value in zip(keys.items(), values):
+                    self._budgets.observe(key, float(value or 0.0), ids[p][1], now)
+            except Exception as exc:
+                self._on_error("spent", exc)
+        return {p: self._budgets.get(key, now) for p, key in keys.items()}
+
+    # --- lifecycle -------------------------------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        h = super().health()
+        h.update(
+            connected=self._connected,
+            budget_mode="redis" if self._connected else "local",
+            unsynced_budget_usd=sum(self._budgets.unsynced.values()),
+            reconnects=self.reconnects,
+            restores=self.restores,
+        )
+        return h
+
+    async def close(self, timeout_s: float = 5.0) -> None:
+        await super().close(timeout_s)
+        try:
+            await self._client.aclose()
+        except Exception:
+            pass

@@ -1,0 +1,514 @@
+"""The telemetry store against a real redis-server, and the embedded store against a real sqlite file."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from telemetry.aggregates import arm_stats, latency_bucket, percentile
+from telemetry.budgets import BudgetExceeded
+from telemetry.cli import stats_cli
+from telemetry.events import Event
+from telemetry.redis_server import free_port, start_redis
+from telemetry.store import open_store
+
+ARM = "mock/-/single/1"
+ARM2 = "mock/high/self_consistency/5"
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def event(i: int, **kw) -> Event:
+    base = dict(
+        request_id=f"req-{i}",
+        key_id="key-a",
+        policy="p",
+        task="math",
+        difficulty=0.9,
+        arm=ARM,
+        latency_ms=50.0 + i % 200,
+        cost_usd=0.001 * (1 + i % 3),
+        prompt_tokens=10,
+        completion_tokens=20 + i % 5,
+        calls=[{"backend": "mock", "prompt_tokens": 10, "completion_tokens": 20, "ok": True}],
+    )
+    base.update(kw)
+    return Event(**base)
+
+
+async def wait_for(predicate, timeout: float = 5.0, step: float = 0.02) -> float:
+    """Seconds until predicate() (sync or async) is true; fails the test after `timeout`."""
+    start = time.monotonic()
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return time.monotonic() - start
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(step)
+
+
+def test_events_land_in_the_stream(redis_url, tmp_path):
+    async def go():
+        store = await open_store(redis_url, tmp_path)
+        try:
+            for i in range(50):
+                store.record(event(i, reasons=["hard math"], details={"votes": {"42": 3}}))
+            assert await store.flush()
+            client = aioredis.from_url(redis_url, decode_responses=True)
+            assert await client.xlen("ponder:{events}:stream") == 50
+            await client.aclose()
+            recent = await store.recent_events(10)
+            assert [e["request_id"] for e in recent] == [f"req-{i}" for i in range(49, 39, -1)]
+            assert recent[0]["details"] == {"votes": {"42": 3}} and recent[0]["bucket"] == "math:hard"
+            assert Event.from_dict(recent[0]).calls[0]["backend"] == "mock"
+        finally:
+            await store.close()
+
+    run(go())
+
+
+def test_aggregates_exact_under_concurrent_records(redis_url, tmp_path):
+    async def go():
+        store = await open_store(redis_url, tmp_path, refresh_s=0.1)
+        rng = random.Random(7)
+        expected = {"count": 0, "successes": 0.0, "weight": 0.0, "cost": 0.0, "latency": []}
+        events = []
+        for i in range(2000):
+            score = rng.random()
+            source = rng.choice(["vote", "verifier", None])
+            ev = event(i, latency_ms=rng.lognormvariate(6, 0.6), success=score if source else None, success_source=source)
+            events.append(ev)
+            expected["count"] += 1
+            expected["weight"] += 0.3 if source else 0.0
+            expected["successes"] += 0.3 * score if source else 0.0
+            expected["cost"] += ev.cost_usd
+            expected["latency"].append(ev.latency_ms)
+
+        async def producer(chunk):
+            for ev in chunk:
+                store.record(ev)
+                if rng.random() < 0.3:
+                    await asyncio.sleep(0)  # interleave with the flush task mid-stream
+
+        try:
+            await asyncio.gather(*(producer(events[i::50]) for i in range(50)))
+            assert await store.flush()
+            await store.refresh()
+            stats = store.snapshot("p")["math:hard"][ARM]
+            assert stats.count == expected["count"]
+            assert stats.weight == pytest.approx(expected["weight"], rel=1e-9)
+            assert stats.successes == pytest.approx(expected["successes"], rel=1e-9)
+            assert stats.cost_usd == pytest.approx(expected["cost"], rel=1e-9)
+            assert stats.latency_ms == pytest.approx(sum(expected["latency"]), rel=1e-9)
+            exact_p95 = sorted(expected["latency"])[int(0.95 * 2000)]
+            assert stats.latency_p95_ms == pytest.approx(exact_p95, rel=0.10)
+            assert store.health()["dropped"] == 0
+        finally:
+            await store.close()
+
+    run(go())
+
+
+def test_two_replicas_converge_on_one_snapshot(redis_url, tmp_path):
+    async def go():
+        a = await open_store(redis_url, tmp_path / "a", refresh_s=0.1)
+        b = await open_store(redis_url, tmp_path / "b", refresh_s=0.1)
+        try:
+            for i in range(30):
+                (a if i % 2 else b).record(event(i, arm=ARM if i % 3 else ARM2, success=1.0, success_source="verifier"))
+            await wait_for(lambda: a.snapshot("p") == b.snapshot("p") and sum(
+                s.count for arms in a.snapshot("p").values() for s in arms.values()) == 30)
+        finally:
+            await a.close()
+            await b.close()
+
+    run(go())
+
+
+async def _race_reserves(stores, n=64, amount=1.0, cap=10.0):
+    async def one(i):
+        try:
+            await stores[i % len(stores)].reserve("key-b", amount, {"day": cap, "month": 100.0})
+            return True
+        except BudgetExceeded as exc:
+            assert exc.period == "day" and exc.limit == cap and exc.spent >= cap - amount
+            return False
+
+    return sum(await asyncio.gather(*(one(i) for i in range(n))))
+
+
+def test_budget_reserve_is_atomic_on_one_and_two_replicas(redis_url, tmp_path):
+    async def go():
+        a = await open_store(redis_url, tmp_path / "a")
+        b = await open_store(redis_url, tmp_path / "b")
+        try:
+            assert await _race_reserves([a]) == 10, a.health()
+            assert (await a.spent("key-b"))["day"] == pytest.approx(10.0)
+            client = aioredis.from_url(redis_url)
+            await client.flushdb()
+            await client.aclose()
+            assert await _race_reserves([a, b]) == 10, repr((a.health(), b.health()))
+            assert (await b.spent("key-b")) == {"day": pytest.approx(10.0), "month": pytest.approx(10.0)}
+        finally:
+            await a.close()
+            await b.close()
+
+    run(go())
+
+
+def test_settle_replaces_the_reservation(redis_url, tmp_path):
+    async def go():
+        store = await open_store(redis_url, tmp_path)
+        try:
+            res = await store.reserve("key-c", 2.0, {"day": 3.0})
+            assert res.mode == "redis" and (await store.spent("key-c", ["day"]))["day"] == pytest.approx(2.0)
+            with pytest.raises(BudgetExceeded):
+                await store.reserve("key-c", 1.5, {"day": 3.0})
+            await store.settle(res, 0.25)
+            await store.settle(res, 0.25)  # idempotent
+            assert (await store.spent("key-c", ["day"]))["day"] == pytest.approx(0.25)
+            free = await store.reserve("key-c", 5.0, {})
+            assert free.mode == "none"  # no limits: no round trip, nothing charged
+        finally:
+            await store.close()
+
+    run(go())
+
+
+async def _feedback_checks(store):
+    now = time.time()
+    store.record(event(1, success=1.0, success_source="vote"))
+    store.record(event(2, ts=now - 8 * 86400))  # older than the 7-day window
+    store.record(event(3, key_id=None, success=0.0, success_source="verifier"))
+    # Feedback right after the response: the event may still be buffered, and must still be found.
+    first = await store.feedback("req-1", 0.0, "key-a")
+    assert first.status == "accepted" and first.arm == ARM and first.bucket == "math:hard"
+    assert (await store.feedback("req-1", 1.0, "key-a")).status == "duplicate"
+    assert (await store.feedback("req-2", 1.0, "key-a")).status == "expired"
+    assert (await store.feedback("req-3", 1.0, "key-x")).status == "accepted"  # recorded without a key
+    assert (await store.feedback("req-1", 1.0, "key-other")).status == "forbidden"
+    assert (await store.feedback("nope", 1.0, None)).status == "unknown_request"
+    await store.refresh()
+    stats = store.snapshot("p")["math:hard"][ARM]
+    # req-1: vote 1.0 at weight 0.3 replaced by feedback 0.0 at weight 1; req-3: verifier 0 -> feedback 1.
+    assert stats.count == 3
+    assert stats.weight == pytest.approx(2.0)
+    assert stats.successes == pytest.approx(1.0)
+
+
+def test_feedback_is_idempotent_windowed_and_replaces_the_auto_signal(redis_url, tmp_path):
+    async def go():
+        store = await open_store(redis_url, tmp_path)
+        try:
+            await _feedback_checks(store)
+        finally:
+            await store.close()
+
+    run(go())
+
+
+def test_embedded_store_has_the_same_semantics_and_survives_restart(tmp_path):
+    async def go():
+        store = await open_store(None, tmp_path, refresh_s=0.1)
+        await _feedback_checks(store)
+        assert await _race_reserves([store]) == 10
+        res = await store.reserve("key-c", 2.0, {"day": 3.0, "month": 10.0})
+        await store.settle(res, 0.5)
+        for i in range(10, 40):
+            store.record(event(i, arm=ARM2, success=1.0, success_source="verifier"))
+        await store.flush()
+        await store.refresh()
+        before = store.snapshot("p")
+        assert before["math:hard"][ARM2].count == 30
+        with pytest.raises(RuntimeError, match="in use"):
+            await open_store(None, tmp_path)  # one process per data_dir
+        await store.close()
+
+        again = await open_store(None, tmp_path)
+        try:
+            assert again.snapshot("p") == before
+            assert (await again.spent("key-b"))["day"] == pytest.approx(10.0)
+            assert await again.spent("key-c") == {"day": pytest.approx(0.5), "month": pytest.approx(0.5)}
+            assert (await again.feedback("req-1", 1.0, "key-a")).status == "duplicate"
+            assert (await again.recent_events(1))[0]["request_id"] == "req-39"
+            summary = await again.summary("p")
+            assert summary["policies"]["p"]["math:hard"][ARM2]["requests"] == 30
+            assert summary["spend"]["by_key"]["key-a"]["requests"] == 32
+        finally:
+            await again.close()
+
+    run(go())
+
+
+def test_decay_is_the_same_in_lua_and_python(redis_url, tmp_path):
+    """The Redis (Lua) and embedded (Python) updates agree, with out-of-order event times too."""
+
+    async def go():
+        now = time.time()
+        rng = random.Random(3)
+        events = [event(i, ts=now - rng.uniform(0, 7200), success=rng.random(), success_source="vote") for i in range(300)]
+        snaps = []
+        for url, path in ((redis_url, tmp_path / "r"), (None, tmp_path / "e")):
+            store = await open_store(url, path, decay_half_life_s=3600.0)
+            try:
+                for start in range(0, 300, 37):  # several batches, arriving out of time order
+                    for ev in events[start : start + 37]:
+                        store.record(ev)
+                    await store.flush()
+                await store.refresh()
+                snaps.append(dict(store._raw["p"][("math:hard", ARM)]))
+            finally:
+                await store.close()
+        t_read = time.time()
+        red, emb = (arm_stats(fields, t_read, 3600.0) for fields in snaps)
+        expected_count = sum(0.5 ** ((t_read - ev.ts) / 3600.0) for ev in events)
+        for got in (red, emb):
+            assert got.count == pytest.approx(expected_count, rel=1e-3)
+            assert 0 < got.weight < 0.3 * 300
+        assert red.count == pytest.approx(emb.count, rel=1e-6)
+        assert red.successes == pytest.approx(emb.successes, rel=1e-6)
+        assert red.latency_p95_ms == pytest.approx(emb.latency_p95_ms, rel=1e-6)
+
+    run(go())
+
+
+def test_redis_killed_then_restarted(tmp_path):
+    """Kill -9 Redis: nothing raises into the request path, stats stay cached, events buffer, budgets go
+    local; restart on the same port: the buffer is flushed within 5 s and the learned stats restored."""
+    proc = start_redis(data_dir=tmp_path / "redis")
+
+    async def go():
+        nonlocal proc
+        store = await open_store(proc.url, tmp_path, refresh_s=0.2, buffer_max=1000)
+        try:
+            for i in range(100):
+                store.record(event(i, success=1.0, success_source="vote"))
+            await store.flush()
+            await store.refresh()
+            cached = store.snapshot("p")
+            assert cached["math:hard"][ARM].count == 100
+            await store.reserve("key-d", 4.0, {"day": 10.0})
+
+            proc.kill()
+            for i in range(100, 400):
+                store.record(event(i))  # must not raise
+                if i % 50 == 0:
+                    await asyncio.sleep(0.05)
+            await wait_for(lambda: not store.health()["connected"])
+            await asyncio.sleep(0.5)  # refreshes fail meanwhile
+            assert store.snapshot("p") == cached
+            health = store.health()
+            assert health["buffered"] == 300 and health["budget_mode"] == "local" and health["last_error"]
+            # Budgets still answer, from the last known spend plus this replica's own reservations.
+            local = await store.reserve("key-d", 5.0, {"day": 10.0})
+            assert local.mode == "local"
+            with pytest.raises(BudgetExceeded):
+                await store.reserve("key-d", 2.0, {"day": 10.0})
+            await store.settle(local, 1.0)
+            assert (await store.feedback("req-1", 1.0, "key-a")).status == "unavailable"
+
+            proc = start_redis(port=proc.port, data_dir=tmp_path / "redis")  # empty: no persistence
+            client = aioredis.from_url(proc.url)
+            took = await wait_for(lambda: client.xlen("ponder:{events}:stream"), timeout=5.0, step=0.05)
+            await wait_for(lambda: store.health()["buffered"] == 0, timeout=5.0)
+            assert await client.xlen("ponder:{events}:stream") == 300
+            # The replica noticed Redis came back empty and re-added its cached aggregates.
+            await wait_for(lambda: store.snapshot("p").get("math:hard", {}).get(ARM) is not None
+                           and store.snapshot("p")["math:hard"][ARM].count == 400, timeout=5.0)
+            assert store.health()["restores"] == 1
+            # Budget changes made while Redis was down were pushed: 5 reserved, settled at 1.
+            await wait_for(lambda: store.health()["unsynced_budget_usd"] == 0, timeout=5.0)
+            assert float(await client.get(store.keys.budget("key-d", "day", time.strftime("%Y%m%d", time.gmtime())))) == 1.0
+            await client.aclose()
+            print(f"events flowed again {took:.2f}s after restart")
+        finally:
+            await store.close()
+
+    try:
+        run(go())
+    finally:
+        proc.stop()
+
+
+def test_buffer_is_bounded_and_redis_down_at_start_is_served(tmp_path):
+    async def go():
+        url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+        t0 = time.monotonic()
+        store = await open_store(url, tmp_path, buffer_max=10)
+        try:
+            assert time.monotonic() - t0 < 2.0
+            for i in range(25):
+                store.record(event(i))
+            health = store.health()
+            assert (health["connected"], health["buffered"], health["dropped"]) == (False, 10, 15)
+            assert store.snapshot("p") == {}
+            assert [e["request_id"] for e in await store.recent_events(3)] == ["req-24", "req-23", "req-22"]
+            t0 = time.monotonic()
+            assert (await store.reserve("key-e", 1.0, {"day": 1.0})).mode == "local"
+            assert time.monotonic() - t0 < 0.1  # no waiting on a dead Redis in the request path
+        finally:
+            await store.close(timeout_s=0.5)
+
+    run(go())
+
+
+def test_stats_cli_prints_the_table(tmp_path, capsys, redis_url):
+    async def fill(url):
+        store = await open_store(url, tmp_path / "data")
+        for i in range(12):
+            store.record(event(i, arm=ARM if i % 4 else ARM2, success=1.0 if i % 2 else 0.0, success_source="vote"))
+        await store.close()
+
+    run(fill(None))
+    assert stats_cli(["--data-dir", str(tmp_path / "data")]) == 0
+    out = capsys.readouterr().out
+    assert "policy p" in out and ARM in out and ARM2 in out and "p95 ms" in out
+    assert stats_cli(["--data-dir", str(tmp_path / "data"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["p"]["math:hard"][ARM]["requests"] == 9
+    assert report["p"]["math:hard"][ARM2]["success_rate"] == 0.0
+
+    run(fill(redis_url))
+    assert stats_cli(["--redis-url", redis_url, "--policy", "p", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["p"]["math:hard"][ARM]["requests"] == 9
+    assert stats_cli(["--redis-url", f"redis://127.0.0.1:{free_port()}/0"]) == 1
+
+
+def test_percentile_of_the_log_histogram():
+    hist = {}
+    values = [float(v) for v in range(1, 1001)]
+    for v in values:
+        hist[latency_bucket(v)] = hist.get(latency_bucket(v), 0) + 1
+    for q in (0.5, 0.95, 0.99):
+        assert percentile(hist, q) == pytest.approx(values[int(q * 1000) - 1], rel=0.09)
+    assert percentile({}, 0.95) == 0.0
+
+
+def test_redis_cluster_keys_share_slots(tmp_path):
+    """Every multi-key operation (Lua aggregate update, budget reservation) works on Redis Cluster."""
+    from telemetry.redis_server import start_redis_cluster
+
+    nodes = start_redis_cluster(3, data_dir=tmp_path / "cluster")
+
+    async def go():
+        url = nodes[0].url + "?cluster=1"
+        a = await open_store(url, tmp_path / "a", refresh_s=0.1)
+        b = await open_store(url, tmp_path / "b", refresh_s=0.1)
+        try:
+            for i in range(40):
+                (a if i % 2 else b).record(event(i, policy=f"pol{i % 4}", success=1.0, success_source="vote"))
+            assert await a.flush() and await b.flush(), repr((a.health(), b.health()))
+            assert (await a.feedback("req-1", 0.0, "key-a")).status == "accepted"
+            def both_see_the_feedback():
+                stats = [s.snapshot("pol1").get("math:hard", {}).get(ARM) for s in (a, b)]
+                return all(st and st.count == 10 and abs(st.weight - (0.3 * 9 + 1)) < 1e-9 for st in stats)
+
+            await wait_for(both_see_the_feedback)
+            assert await _race_reserves([a, b]) == 10, repr((a.health(), b.health()))
+            assert a.health()["connected"] and b.health()["connected"], (a.health(), b.health())
+        finally:
+            await a.close()
+            await b.close()
+
+    try:
+        run(go())
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+def test_stats_cli_shows_the_learners_choice_when_available(tmp_path, capsys):
+    try:
+        from policies.loader import load_policy
+        from router.learner import current_choice
+
+        policy = load_policy(Path(__file__).resolve().parents[1] / "policies" / "local.yaml")
+        expected = current_choice("math:hard", policy, {}).key
+    except Exception as exc:  # the learner is optional for `ponder stats`
+        pytest.skip(f"learner or shipped policy unavailable: {exc}")
+
+    async def fill():
+        store = await open_store(None, tmp_path)
+        store.record(event(1, policy="local", arm=expected))
+        store.record(event(2, policy="local", arm="local/-/single/1"))
+        await store.close()
+
+    run(fill())
+    assert stats_cli(["--data-dir", str(tmp_path), "--policy", "local"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].rstrip().endswith("choice")
+    assert [line.split()[1] for line in lines if line.rstrip().endswith("*")] == [expected]
+
+
+def test_local_budget_ledger_is_pessimistic():
+    """The fallback ledger never under-counts: late replies cannot lower it, in-flight reservations count."""
+    from telemetry.budgets import LocalBudgets, make_reservation
+
+    ledger = LocalBudgets()
+    now = time.time()
+    res = make_reservation("k", 3.0, {"day": 10.0}, now, lambda *parts: "|".join(parts))
+    key = res.keys[0]
+    ledger.observe(key, 6.0, 60, now, at_least=True)
+    ledger.observe(key, 4.0, 60, now, at_least=True)  # an older reply arriving late
+    assert ledger.get(key, now) == 6.0
+    ledger.track_inflight(res.keys, 3.0)  # another reservation on its way to Redis
+    with pytest.raises(BudgetExceeded):
+        ledger.reserve(res, [10.0], now, track_unsynced=True)
+    ledger.track_inflight(res.keys, -3.0)
+    ledger.reserve(res, [10.0], now, track_unsynced=True)
+    assert ledger.unsynced == {key: 3.0} and ledger.get(key, now) == 9.0
+
+
+def test_a_bad_event_does_not_poison_the_batch(redis_url, tmp_path):
+    async def go():
+        for url, path in ((redis_url, tmp_path / "r"), (None, tmp_path / "e")):
+            store = await open_store(url, path)
+            try:
+                store.record(event(1))
+                store.record(event(2, cost_usd=None))
+                store.record(event(3, latency_ms=float("nan")))
+                store.record({"request_id": "not-an-event"})
+                store.record(event(4, details={"obj": object()}))  # serialised with str()
+                assert await store.flush()
+                await store.refresh()
+                assert store.snapshot("p")["math:hard"][ARM].count == 2
+                assert store.health()["dropped"] == 3 and "invalid event" in store.health()["last_error"]
+            finally:
+                await store.close()
+
+    run(go())
+
+
+def test_a_batch_redis_keeps_refusing_is_dropped_not_retried_forever(redis_url, tmp_path):
+    async def go():
+        client = aioredis.from_url(redis_url)
+        await client.set("ponder:{events}:stream", "not a stream")  # XADD now fails with WRONGTYPE
+        store = await open_store(redis_url, tmp_path)
+        try:
+            for i in range(5):
+                store.record(event(i))
+            for _ in range(3):
+                await store.flush()
+            health = store.health()
+            assert (health["buffered"], health["dropped"], health["connected"]) == (0, 5, True)
+            assert "WRONGTYPE" in health["last_error"]
+            await client.delete("ponder:{events}:stream")
+            store.record(event(9))
+            assert await store.flush()
+            assert await client.xlen("ponder:{events}:stream") == 1
+        finally:
+            await store.close()
+            await client.aclose()
+
+    run(go())
