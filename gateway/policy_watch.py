@@ -38,7 +38,7 @@ class PolicySet:
 
     def _load(self, path: Path) -> str:
         policy: Policy = load_policy(path, extra_backends=self._backends)
-        self._entries[policy.name] = _Entry(path, os.stat(path).st_mtime, compile_policy(policy, self._backends))
+        self._entries[policy.name] = _Entry(path, os.stat(path).st_mtime, compile_policy(policy))
         return policy.name
 
     def get(self, name: str | None = None) -> CompiledPolicy | None:
@@ -51,6 +51,9 @@ class PolicySet:
 
     def names(self) -> list[str]:
         return list(self._entries)
+
+    def all(self) -> list[CompiledPolicy]:
+        return [entry.compiled for entry in self._entries.values()]
 
     def reload_changed(self, *, force: bool = False) -> list[str]:
         """Reload every policy whose file changed; returns the names reloaded."""
@@ -66,7 +69,7 @@ class PolicySet:
             entry.mtime = mtime  # a broken file is reported once, not every poll
             try:
                 policy = load_policy(entry.path, extra_backends=self._backends)
-                compiled = compile_policy(policy, self._backends)
+                compiled = compile_policy(policy)
             except PolicyError as exc:
                 self.last_error = str(exc)
                 log.error("policy reload rejected, the previous %r keeps serving: %s", name, exc)

@@ -34,6 +34,7 @@ from telemetry.events import Event
 from telemetry.store import BudgetExceeded, Store, open_store
 
 log = logging.getLogger("ponder.gateway")
+DIRECT_SAMPLES = 5  # samples when a client asks a named backend for a multi-sample strategy
 
 
 @dataclass
@@ -88,6 +89,10 @@ class Gateway:
         self.backends = {spec.name: Backend(spec, self.session) for spec in specs}
         self.classifier = Classifier.load(self.config.classifier)
         self.policies = PolicySet(self.config.policy, self.config.extra_policies, specs)
+        # Backends a policy declares inline serve too; the gateway config's win by name.
+        for compiled in self.policies.all():
+            for spec in compiled.policy.backends:
+                self.backends.setdefault(spec.name, Backend(spec, self.session))
         self.store = await open_store(
             self.config.telemetry.redis_url, Path(self.config.telemetry.data_dir),
             refresh_s=self.config.telemetry.refresh_s,
@@ -119,7 +124,7 @@ class Gateway:
 
     # -- plan -----------------------------------------------------------------------------------
     def models(self) -> list[str]:
-        aliases = self.policies.default.aliases if self.policies else []
+        aliases = sorted(self.policies.default.aliases) if self.policies else []
         return [*aliases, *self.backends]
 
     def classify(self, req: ChatRequest) -> Classification:
@@ -129,35 +134,55 @@ class Gateway:
     def plan(self, req: ChatRequest, headers: Any, principal: Principal) -> Plan:
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         classification = self.classify(req)
-        if req.model in self.backends:
-            arm = Arm(backend=req.model, strategy="single", effort=req.reasoning_effort, n=1)
-            decision = Decision(arm=arm, task=classification.task, difficulty=classification.difficulty,
-                                task_probs=classification.task_probs, policy="direct", rule="direct",
-                                reasons=(f"client named backend {req.model!r}",))
-            return Plan(request_id, decision, None, principal, req.model)
         policy = self._policy_for(headers)
+        if req.model in self.backends:
+            return Plan(request_id, self._direct(req, headers, classification, policy), policy, principal, req.model)
         if req.model not in policy.aliases:
             raise ApiError(404, f"The model {req.model!r} does not exist; GET /v1/models lists the models "
                                 "and routed aliases.", param="model", code="model_not_found")
-        hints = RequestHints.from_request(req, headers, policy)
+        hints = RequestHints(
+            max_cost_usd=_float_header(headers, "x-ponder-max-cost-usd"),
+            max_latency_ms=_float_header(headers, "x-ponder-max-latency-ms"),
+            strategy=headers.get("x-ponder-strategy"),
+            reasoning_effort=req.reasoning_effort,
+            prompt_tokens=estimate_prompt_tokens(req.messages),
+            max_output_tokens=req.max_output_tokens,
+        )
         assert self.store is not None
         try:
-            decision = decide(classification, policy, self.store.snapshot(policy.name), alias=req.model,
-                              request=hints, rng=self._rng)
+            decision = decide(classification, policy, self.store.snapshot(policy.policy.name), alias=req.model,
+                              request=hints, budget_left_usd=None, rng=self._rng)
         except BudgetExhausted as exc:
             raise ApiError(429, str(exc), code="budget_exhausted") from None
         return Plan(request_id, decision, policy, principal, req.model)
 
+    def _direct(self, req: ChatRequest, headers: Any, classification: Classification,
+                policy: CompiledPolicy) -> Decision:
+        """A backend named as `model`: no routing, but the policy may let the client pick a strategy."""
+        strategy, n, reasons = "single", 1, [f"client named backend {req.model!r}"]
+        asked = headers.get("x-ponder-strategy")
+        if asked:
+            if asked in policy.policy.overrides.strategy_header:
+                strategy = asked
+                n = 1 if asked in ("single", "cot") else DIRECT_SAMPLES
+                reasons.append(f"x-ponder-strategy={asked} (n={n})")
+            else:
+                reasons.append(f"ignored x-ponder-strategy={asked}: not allowed by policy `{policy.policy.name}`")
+        arm = Arm(backend=req.model, strategy=strategy, effort=req.reasoning_effort, n=n)
+        return Decision(arm=arm, task=classification.task, difficulty=classification.difficulty,
+                        task_probs=classification.task_probs, policy="direct", rule="direct", reasons=tuple(reasons))
+
     def _policy_for(self, headers: Any) -> CompiledPolicy:
         assert self.policies is not None
         name = headers.get("x-ponder-policy")
-        if name and self.policies.default.allows_override("policy"):
+        default = self.policies.default
+        if name and name != default.policy.name and default.policy.overrides.policy_header:
             chosen = self.policies.get(name)
             if chosen is None:
                 raise ApiError(400, f"Unknown policy {name!r}; known: {self.policies.names()}.",
                                param="x-ponder-policy", code="unknown_policy")
             return chosen
-        return self.policies.default
+        return default
 
     # -- execute --------------------------------------------------------------------------------
     def caller(self) -> Caller:
@@ -171,7 +196,7 @@ class Gateway:
             is_last = index == len(arms) - 1
             if not caller.available(arm.backend) and not is_last:
                 continue  # cooling down: skip at once rather than wait on it
-            params = plan.policy.strategy_params(arm) if plan.policy else {}
+            params = dict(arm.params)
             ctx = StrategyContext(task=plan.decision.task, params=params, caller=caller)
             try:
                 return await run_arm(arm, req.body, ctx)
@@ -225,8 +250,10 @@ class Gateway:
         """Hold the request's expected cost against the key's budgets (atomic across replicas)."""
         limits = dict(plan.principal.budgets)
         if plan.policy is not None:
-            for period, cap in plan.policy.key_budgets().items():
-                limits[period] = min(cap, limits.get(period, cap))
+            budgets = plan.policy.policy.budgets
+            for period, cap in (("day", budgets.per_key_daily_usd), ("month", budgets.per_key_monthly_usd)):
+                if cap is not None and period not in limits:  # a key's own budget beats the policy default
+                    limits[period] = cap
         if not limits or self.store is None:
             return None
         try:
@@ -234,6 +261,31 @@ class Gateway:
         except BudgetExceeded as exc:
             raise ApiError(429, f"Budget exhausted for this key: {exc}", code="budget_exhausted",
                            headers={"Retry-After": "3600"}) from None
+
+
+def _float_header(headers: Any, name: str) -> float | None:
+    value = headers.get(name)
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        raise ApiError(400, f"Header {name} must be a number.", param=name, code="invalid_header") from None
+    if not number >= 0 or number == float("inf"):
+        raise ApiError(400, f"Header {name} must be a non-negative number.", param=name, code="invalid_header")
+    return number
+
+
+def estimate_prompt_tokens(messages: list[dict[str, Any]]) -> int:
+    """About 4 characters a token: enough for a cost estimate, and free (no tokenizer on the hot path)."""
+    chars = 0
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            chars += len(content)
+        elif isinstance(content, list):
+            chars += sum(len(part.get("text") or "") for part in content if isinstance(part, dict))
+    return chars // 4 + 4 * len(messages)
 
 
 def _candidate_dict(candidate: Any) -> dict[str, Any]:

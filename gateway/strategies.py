@@ -21,11 +21,10 @@ from router.types import Arm
 # Knobs a strategy reads from the policy's arm parameters, with their defaults.
 DEFAULT_PARAMS: dict[str, Any] = {
     "temperature": 0.7,  # sampling temperature for multi-sample strategies when the client set none
-    "confidence": 0.95,  # adaptive consistency: stop when P(leader is the majority) >= this
-    "wave": 2,  # adaptive consistency: samples per wave
+    "confidence": 0.8,  # adaptive consistency: stop when P(leader is the majority) >= this
+    "wave": 4,  # adaptive consistency: at most this many samples per wave
     "max_concurrency": 8,  # parallel calls per request
     "escalate_below": 0.6,  # cascade: escalate when confidence is below this
-    "min_samples": 2,
 }
 
 
@@ -149,21 +148,27 @@ async def _self_consistency(arm: Arm, body: dict[str, Any], ctx: StrategyContext
 
 
 async def _adaptive_consistency(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> StrategyResult:
+    """Sample in waves until router.stopping says the vote is settled (or max n is reached)."""
     backend = ctx.caller.backend(arm.backend)
     cot = ctx.params.get("cot", not backend.spec.reasoning)
-    wave = max(1, int(ctx.param("wave")))
+    rule = {"rule": "beta", "confidence": float(ctx.param("confidence")), "task": ctx.task}
+    if "sample_value" in ctx.params:  # the bucket's learned value of extra samples gates voting off
+        rule["sample_value"] = float(ctx.params["sample_value"])
     responses: list[dict[str, Any]] = []
-    drawn = 0
-    verdict = None
-    while drawn < arm.n:
-        size = min(wave if drawn else max(wave, int(ctx.param("min_samples"))), arm.n - drawn)
-        responses += await _gather_samples(arm, body, ctx, count=size, first=drawn, cot=cot)
-        drawn += size
-        answers = [voting.extract(text, ctx.task) for text in _sample_texts(responses)]
-        verdict = stopping.should_stop(answers, max_n=arm.n, confidence=float(ctx.param("confidence")))
-        if verdict.stop:
+    answers: list[str | None] = []
+    while True:
+        size = stopping.wave_size(answers, max_n=arm.n, max_wave=int(ctx.param("wave")), **rule)
+        if size == 0:
             break
-    details = {"max_n": arm.n, "drawn": drawn, "stop_reason": verdict.reason if verdict else None}
+        wave = await _gather_samples(arm, body, ctx, count=size, first=len(answers), cot=cot)
+        if not wave and not responses:
+            break  # every sample of the first wave failed: nothing to vote on
+        responses += wave
+        # failed samples still count against max n, so a flaky backend cannot loop forever
+        answers += [voting.extract(text, ctx.task) for text in _sample_texts(wave)]
+        answers += [None] * (size - len(wave))
+    verdict = stopping.should_stop(answers, max_n=arm.n, **rule)
+    details = {"max_n": arm.n, "drawn": len(answers), "stop_reason": verdict.reason}
     return _voted(arm, responses, ctx, details, int(body.get("n") or 1))
 
 
