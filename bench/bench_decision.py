@@ -85,21 +85,26 @@ def measure(policy, stats, classification, iterations: int) -> dict:
     hints = [RequestHints(prompt_tokens=random.Random(i).randint(20, 4000)) for i in range(64)]
     for i in range(2000):  # warm up
         decide(classification, policy, stats, request=hints[i % 64], rng=rng)
-    samples = []
-    clock = time.perf_counter_ns
-    cpu_start = time.process_time()
+    samples, cpu_samples = [], []
+    clock, cpu_clock = time.perf_counter_ns, time.thread_time_ns
     for i in range(iterations):
         hint = hints[i % 64]
-        start = clock()
+        start, cpu_start = clock(), cpu_clock()
         decide(classification, policy, stats, request=hint, rng=rng)
+        cpu_samples.append(cpu_clock() - cpu_start)
         samples.append(clock() - start)
-    cpu_us = (time.process_time() - cpu_start) / iterations * 1e6  # includes the clock calls; not preempted time
     samples.sort()
-    pick = lambda q: samples[min(len(samples) - 1, int(q * len(samples)))] / 1000  # noqa: E731
+    cpu_samples.sort()
+
+    def pick(q: float, values: list[int] = samples) -> float:
+        return values[min(len(values) - 1, int(q * len(values)))] / 1000
+
     return {"candidates": len(decide(classification, policy, stats, rng=rng).candidates),
             "p50_us": round(pick(0.50), 2), "p90_us": round(pick(0.90), 2), "p99_us": round(pick(0.99), 2),
             "max_us": round(samples[-1] / 1000, 2), "mean_us": round(statistics.fmean(samples) / 1000, 2),
-            "cpu_mean_us": round(cpu_us, 2),
+            # CPU time of the calling thread: what a call costs when the machine is not preempting us
+            # (the wall-clock tail above includes other processes' time slices on a shared machine)
+            "cpu_p50_us": round(pick(0.50, cpu_samples), 2), "cpu_p99_us": round(pick(0.99, cpu_samples), 2),
             "iterations": iterations}
 
 
@@ -130,9 +135,12 @@ def main() -> int:
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     for name, case in cases.items():
         print(f"{name:<30} candidates={case['candidates']:<3} p50={case['p50_us']:.1f} us  "
-              f"p99={case['p99_us']:.1f} us  max={case['max_us']:.0f} us  cpu mean={case['cpu_mean_us']:.1f} us")
+              f"p99={case['p99_us']:.1f} us  max={case['max_us']:.0f} us | cpu p50={case['cpu_p50_us']:.1f} "
+              f"p99={case['cpu_p99_us']:.1f} us")
     print(f"compile {compile_ms:.1f} ms; load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cpus; wrote {RESULTS}")
     worst = max(case["p99_us"] for case in cases.values())
+    if worst > 100:
+        print(f"wall-clock p99 {worst:.0f} us is over the 100 us target (see the cpu columns and the load)")
     return 0 if worst <= 100 else 1
 
 

@@ -94,9 +94,14 @@ class RouteMatch(_Strict):
 class RouteSpec(_Strict):
     name: Name
     when: RouteMatch = Field(default_factory=RouteMatch, description="Leave out for a catch-all route.")
-    candidates: Annotated[dict[Name, Annotated[float, Field(ge=0, le=1)] | None], BeforeValidator(_names_to_priors)] = (
-        Field(description="Arm name -> cold-start P(correct) for requests of this route (null: the arm's prior).")
-    )
+    candidates: Annotated[
+        dict[Name, Annotated[float, Field(ge=0, le=1)] | None],
+        BeforeValidator(
+            _names_to_priors,
+            # editors should accept the list form too
+            json_schema_input_type=dict[Name, Annotated[float, Field(ge=0, le=1)] | None] | list[Name],
+        ),
+    ] = Field(description="Arm name -> cold-start P(correct) (null: the arm's prior), or a list of arm names.")
     description: str = ""
 
 

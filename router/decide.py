@@ -14,8 +14,9 @@ and maximises utility = P(correct) - lambda * cost - mu * latency within the cos
 when it could not win, the reason.
 
 Speed: everything that does not depend on the request is computed once per policy (`CompiledPolicy`,
-cached on the Policy object), so decide() is one pass over the route's arms; bench/bench_decision.py
-measures it on a 50-arm policy (target p99 <= 0.1 ms).
+cached on the Policy object), and what the learned stats imply for an arm is kept until the store
+hands in a new ArmStats object for it, so decide() is one light pass over the route's arms;
+bench/bench_decision.py measures it on a 50-arm policy (target p99 <= 0.1 ms).
 """
 
 from __future__ import annotations
@@ -66,7 +67,6 @@ class RequestHints:
     reasoning_effort: str | None = None  # body `reasoning_effort`
     prompt_tokens: int | None = None  # estimated
     max_output_tokens: int | None = None  # body `max_tokens` / `max_completion_tokens`
-
 
     @classmethod
     def from_request(cls, request: Any, headers: Mapping[str, str], policy: Any = None) -> RequestHints:
@@ -197,7 +197,7 @@ def _row(arm: CompiledArm, prior: float, prior_strength: float) -> tuple:
 
 
 class CompiledRoute:
-    __slots__ = ("name", "tasks", "tiers", "low", "high", "candidates", "rows")
+    __slots__ = ("name", "tasks", "tiers", "low", "high", "candidates", "rows", "learned")
 
     def __init__(self, name, tasks, tiers, window, candidates, prior_strength):
         self.name = name
@@ -206,6 +206,10 @@ class CompiledRoute:
         self.low, self.high = window if window is not None else (None, None)
         self.candidates: tuple[tuple[CompiledArm, float], ...] = candidates
         self.rows = tuple(_row(arm, prior, prior_strength) for arm, prior in candidates)
+        # bucket -> per row: (the ArmStats it was computed from, accuracy, cost factor, cost addend,
+        # latency, p95). ArmStats are immutable, so the same object means the same numbers; a new
+        # snapshot simply misses and recomputes.
+        self.learned: dict[str, list] = {}
 
     def matches(self, task: str, difficulty: float, tier: str) -> bool:
         if self.tasks is not None and task not in self.tasks:
@@ -391,6 +395,36 @@ def _estimate(spec: ArmSpec, policy: Policy, backends: dict[str, BackendSpec], p
     return cost, latency, p95
 
 
+def _learned(seen: ArmStats | None, alpha: float, beta: float, reference: float, latency: float, p95: float,
+             prior_strength: float) -> tuple[float, float, float, float, float]:
+    """What the learned stats make of one candidate: (P(correct), cost factor, cost addend, latency, p95).
+
+    P(correct) is the Beta posterior mean (prior pseudo-counts + scored outcomes). Cost, latency and
+    p95 move from the estimate toward the observed means as outcomes accrue, the estimate counting as
+    `prior_strength` observations; cost via the observed/estimated ratio, so a long prompt still
+    costs more than a short one.
+    """
+    factor, addend = 1.0, 0.0
+    if seen is not None:
+        weight = seen.weight
+        if weight > 0:
+            wins = min(seen.successes, weight)
+            alpha += wins
+            beta += weight - wins
+        count = seen.count
+        if count > 0:
+            share = count / (prior_strength + count)
+            if reference > 0:
+                factor = 1.0 + share * (seen.cost_usd / count / reference - 1.0)
+            else:
+                addend = share * seen.cost_usd / count
+            observed = seen.latency_ms / count
+            p95 += share * ((seen.latency_p95_ms or observed * P95_OVER_MEAN) - p95)
+            latency += share * (observed - latency)
+    alpha, beta = max(alpha, 1e-6), max(beta, 1e-6)
+    return alpha / (alpha + beta), factor, addend, latency, p95
+
+
 def _posterior_of(candidate: Candidate, seen: ArmStats | None, prior_strength: float) -> tuple[float, float]:
     """Beta(alpha, beta) behind a candidate's expected accuracy: its mean, over prior + scored weight.
     Recovered here for the few explored requests rather than stored for every arm on the hot path."""
@@ -495,7 +529,8 @@ def decide(
 
     # One pass over the candidates: the numbers, then the verdict, then the Candidate record. This
     # loop is the hot path (up to 50 arms within a 0.1 ms budget): locals only, one dict lookup per
-    # arm, and the Candidate is built in place (see _fast_candidate_factory).
+    # arm, learned numbers from the route's cache (`_learned`), the Candidate built in place
+    # (see _candidate_setters).
     prompt_tokens = hints.prompt_tokens if hints.prompt_tokens is not None else DEFAULT_PROMPT_TOKENS
     max_out = hints.max_output_tokens if hints.max_output_tokens is not None else _NO_CAP
     bucket_stats = stats.get(classification.bucket) or _NO_STATS
@@ -512,36 +547,30 @@ def decide(
     kinds: dict[int, int] = {}  # why an arm is out: 1 override, 2 cost, 3 latency
     add_candidate, add_cost, add_util, add_eligible = candidates.append, costs.append, utils.append, eligible.append
     stats_for = bucket_stats.get
+    memo = None
+    if rows is route.rows and bucket_stats:
+        memo = route.learned.get(classification.bucket)
+        if memo is None or len(route.learned) > 64:
+            if len(route.learned) > 64:
+                route.learned.clear()
+            memo = route.learned[classification.bucket] = [None] * len(rows)
     i = -1
     for carm, key, arm, alpha, beta, tokens, per_token, fixed, reference, latency, p95 in rows:
         i += 1
+        seen = stats_for(key)
         if max_out < tokens:
             per_token, fixed, latency, p95 = carm.under_cap(max_out)
-        cost = per_token * prompt_tokens + fixed
-        seen = stats_for(key)
-        if seen is not None:
-            weight = seen.weight
-            if weight > 0:
-                wins = seen.successes
-                if wins > weight:
-                    wins = weight
-                alpha += wins
-                beta += weight - wins
-            n = seen.count
-            if n > 0:  # blend the estimates toward what was observed, prior weight = prior_strength
-                share = n / (strength + n)
-                if reference > 0:
-                    cost *= 1.0 + share * (seen.cost_usd / n / reference - 1.0)
-                else:
-                    cost += share * seen.cost_usd / n
-                observed = seen.latency_ms / n
-                p95 += share * ((seen.latency_p95_ms or observed * P95_OVER_MEAN) - p95)
-                latency += share * (observed - latency)
-        if alpha <= 0:
-            alpha = 1e-6
-        if beta <= 0:
-            beta = 1e-6
-        acc = alpha / (alpha + beta)
+            acc, factor, addend, latency, p95 = _learned(seen, alpha, beta, reference, latency, p95, strength)
+        elif seen is None:
+            acc, factor, addend = alpha / (alpha + beta), 1.0, 0.0
+        elif memo is not None:
+            found = memo[i]
+            if found is None or found[0] is not seen:
+                found = memo[i] = (seen, *_learned(seen, alpha, beta, reference, latency, p95, strength))
+            _, acc, factor, addend, latency, p95 = found
+        else:
+            acc, factor, addend, latency, p95 = _learned(seen, alpha, beta, reference, latency, p95, strength)
+        cost = (per_token * prompt_tokens + fixed) * factor + addend
         util = acc - cost_weight * cost - latency_weight * latency
         if mismatch and key in mismatch:
             verdict, kinds[i] = mismatch[key], 1

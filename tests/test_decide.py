@@ -354,3 +354,17 @@ def test_compile_policy_with_gateway_backends():
     compiled = compile_policy(local, [moved])
     assert compiled.policy.backend("local").api_base == "http://127.0.0.1:9999/v1"
     assert local.backend("local").api_base == "http://127.0.0.1:8080/v1"  # the loaded policy is untouched
+
+
+def test_new_stats_are_never_served_from_the_cache():
+    policy = make_policy()
+    key = compile_policy(policy).arms["mid-high"].key
+    for successes in (90.0, 10.0, 90.0):  # each a new ArmStats object, as after a store refresh
+        stats = {"math:hard": {key: ArmStats(count=100, successes=successes, weight=100, cost_usd=2.4,
+                                             latency_ms=7.5e6)}}
+        seen = candidate(decide(HARD_MATH, policy, stats), policy, "mid-high")
+        assert seen.expected_accuracy == pytest.approx((8.5 + successes) / 110)
+    # the same object mutated in place is a different dict entry, still seen afresh
+    stats["math:hard"][key] = ArmStats(count=100, successes=50, weight=100, cost_usd=2.4, latency_ms=7.5e6)
+    assert candidate(decide(HARD_MATH, policy, stats), policy, "mid-high").expected_accuracy == \
+        pytest.approx(58.5 / 110)

@@ -255,3 +255,15 @@ def test_prices_default_to_litellm_cost_map():
     assert prices.input_per_mtok == pytest.approx(0.4) and prices.output_per_mtok == pytest.approx(1.6)
     prices, origin = resolve_prices(BackendSpec(name="x", model="openai/smollm2"))
     assert (prices.input_per_mtok, origin) == (0.0, "unknown: zero")
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_policies_validate_against_the_json_schema(path):
+    """What editors check (the JSON Schema) agrees with what the loader accepts."""
+    import jsonschema
+    import yaml
+
+    schema = json.loads(SCHEMA_PATH.read_text())
+    jsonschema.validate(yaml.safe_load(path.read_text()), schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(yaml.safe_load(BASE + "colour: blue\n"), schema)
