@@ -1,0 +1,309 @@
+"""Scale-out on one machine: two real gateway processes (`ponder serve`) sharing one real redis-server.
+
+- One learned state: outcomes recorded through either replica, and feedback sent to the other one,
+  change what both replicas decide, and `ponder stats` reads the combined counts.
+- One budget: concurrent requests spread over both replicas never spend more than the key's cap.
+- SIGKILL of one replica loses no recorded outcome of the other (nor any the killed one had flushed).
+- SIGTERM: the listening socket closes at once, in-flight requests finish with 200, and their events
+  are in Redis when the process has exited.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import orjson
+import pytest
+import redis
+
+from telemetry.redis_server import start_redis
+from tests.servers import PYTHON, ROOT, mock_backend, start_gateway, start_mock, write_policy
+
+STREAM = "ponder:{events}:stream"  # telemetry/redis_store.py RedisKeys(namespace="ponder").stream
+FREE_KEY = "sk-scale-free"       # no budget
+CAPPED_KEY = "sk-scale-capped"   # a small daily budget
+ANSWER = "one two three four five six seven eight nine ten"  # 10 completion tokens at the mock
+PRICE_PER_TOKEN = 0.001          # output $1000 per M tokens: $0.01 per answer, prompts free
+COST = 10 * PRICE_PER_TOKEN
+CAP = 5.5 * COST                 # room for exactly 5 answers
+PROMPT = "hello there, how is it going today?"
+
+
+def sha(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def auth(key: str = FREE_KEY) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("scale")
+    redis_proc = start_redis(data_dir=tmp / "redis")
+    try:
+        mock = start_mock(tmp)
+    except BaseException:
+        redis_proc.stop()
+        raise
+    prices = {"prices": {"input_per_mtok": 0.0, "output_per_mtok": PRICE_PER_TOKEN * 1e6}}
+    backends = [mock_backend("mock-a", mock, **prices), mock_backend("mock-b", mock, **prices)]
+    policy_path = write_policy(tmp, {
+        "name": "scale",
+        "backends": backends,  # also inline, so `ponder stats --policy-file` can load the policy alone
+        "arms": {
+            "a": {"backend": "mock-a", "strategy": "single", "tokens": 10},
+            "b": {"backend": "mock-b", "strategy": "single", "tokens": 10},
+        },
+        "routes": [{"name": "all", "candidates": {"a": 0.8, "b": 0.7}}],
+        "objective": {"cost_weight": 0.0, "latency_weight": 0.0},
+        "exploration": {"share": 0.0},
+        "learner": {"prior_strength": 2, "half_life_hours": None},
+    })
+    config = {
+        "backends": backends,
+        "policy": policy_path,
+        "telemetry": {"redis_url": redis_proc.url, "refresh_s": 0.2},
+        "api_keys": [
+            {"id": "free", "sha256": sha(FREE_KEY), "admin": True},
+            {"id": "capped", "sha256": sha(CAPPED_KEY), "budget_usd_per_day": CAP},
+        ],
+    }
+    httpx.post(mock.url + "/control", json={"answers": [ANSWER]}).raise_for_status()
+
+    def gateway(name: str):
+        cfg = {**config, "telemetry": {**config["telemetry"], "data_dir": str(tmp / f"{name}-data")}}
+        return start_gateway(tmp, cfg, name=name)
+
+    yield {"tmp": tmp, "redis": redis_proc, "mock": mock, "gateway": gateway, "policy": policy_path}
+    mock.stop()
+    redis_proc.stop()
+
+
+def start_two(shared, first: str, second: str):
+    one = shared["gateway"](first)
+    try:
+        return one, shared["gateway"](second)
+    except BaseException:
+        one.stop()
+        raise
+
+
+@pytest.fixture(scope="module")
+def pair(shared):
+    one, two = start_two(shared, "gw1", "gw2")
+    yield one, two
+    one.stop()
+    two.stop()
+
+
+@pytest.fixture
+def r(shared):
+    client = redis.Redis.from_url(shared["redis"].url, decode_responses=True)
+    yield client
+    client.close()
+
+
+def chat(gw, key: str = FREE_KEY, timeout: float = 30, **body) -> httpx.Response:
+    payload = {"model": "auto", "messages": [{"role": "user", "content": PROMPT}], **body}
+    return httpx.post(gw.url + "/v1/chat/completions", json=payload, headers=auth(key), timeout=timeout)
+
+
+def stream_ids(client: redis.Redis) -> set[str]:
+    return {orjson.loads(fields["e"])["request_id"] for _, fields in client.xrange(STREAM) if "e" in fields}
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
+
+def ponder_stats(redis_url: str, policy_file: str) -> dict:
+    out = subprocess.run([PYTHON, "-m", "gateway.cli", "stats", "--redis-url", redis_url, "--policy", "scale",
+                          "--policy-file", policy_file, "--json"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"})
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout).get("scale", {})
+
+
+def arm_of(response: httpx.Response) -> str:
+    assert response.status_code == 200, response.text
+    return response.headers["x-ponder-arm"].split("/")[0]
+
+
+def test_both_replicas_learn_one_state(pair, shared):
+    one, two = pair
+    # Cold start: both replicas follow the priors (a: 0.8 > b: 0.7; no exploration, cost and latency free).
+    served = []
+    for i in range(16):
+        gw = (one, two)[i % 2]
+        response = chat(gw)
+        assert arm_of(response) == "mock-a"
+        served.append((gw, response.json()["id"]))
+    # Feedback on every answer goes to the *other* replica: the request was recorded by its replica,
+    # so the other one can only find it through Redis.
+    for gw, request_id in served:
+        other = two if gw is one else one
+
+        def send():
+            fb = httpx.post(other.url + "/v1/feedback", headers=auth(),
+                            json={"request_id": request_id, "correct": False})
+            return fb if fb.status_code != 404 else None  # not flushed by its replica yet
+
+        fb = wait_for(send, timeout=5)
+        assert fb is not None and fb.status_code == 200, request_id
+        assert fb.json()["status"] == "accepted"
+    # 16 failures of `a` (posterior mean ~0.09) put it below `b` on both replicas within a refresh.
+    switched = {gw.url: wait_for(lambda gw=gw: arm_of(chat(gw)) == "mock-b", timeout=10, interval=0.2)
+                for gw in (one, two)}
+    assert all(switched.values()), switched
+
+    # `ponder stats` over the same Redis shows what both replicas recorded together.
+    table = wait_for(lambda: ponder_stats(shared["redis"].url, shared["policy"]), timeout=10)
+    rows = {arm: row for bucket in table.values() for arm, row in bucket.items()}
+    a_key = next(k for k in rows if k.startswith("mock-a/"))
+    b_key = next(k for k in rows if k.startswith("mock-b/"))
+    assert rows[a_key]["requests"] == 16
+    assert rows[a_key]["success_rate"] == pytest.approx(0.0)
+    assert rows[b_key]["requests"] >= 2
+    assert rows[b_key].get("current_choice") is True and not rows[a_key].get("current_choice")
+
+
+def test_one_budget_across_both_replicas(pair, r):
+    one, two = pair
+    barrier = threading.Barrier(24)
+
+    def call(i: int) -> httpx.Response:
+        barrier.wait()
+        return chat((one, two)[i % 2], key=CAPPED_KEY)
+
+    with ThreadPoolExecutor(24) as pool:
+        responses = list(pool.map(call, range(24)))
+    statuses = [resp.status_code for resp in responses]
+    assert set(statuses) <= {200, 429}, [resp.text for resp in responses if resp.status_code not in (200, 429)]
+    ok = [resp for resp in responses if resp.status_code == 200]
+    spent = sum(float(resp.headers["x-ponder-cost-usd"]) for resp in ok)
+    # Expected cost equals actual cost here, so the atomic reserve admits exactly floor(cap / cost).
+    assert len(ok) == int(CAP // COST) == 5, statuses
+    assert spent <= CAP + COST
+    assert {"mock-a", "mock-b"} & {arm_of(resp) for resp in ok}
+    rejected = [resp for resp in responses if resp.status_code == 429]
+    assert all(resp.json()["error"]["code"] == "budget_exhausted" for resp in rejected)
+    # Both replicas answered and refused: the cap is shared, not per replica.
+    assert {i % 2 for i, resp in enumerate(responses) if resp.status_code == 200} | \
+           {i % 2 for i, resp in enumerate(responses) if resp.status_code == 429} == {0, 1}
+    # The counter in Redis holds the settled spend of both replicas.
+    (counter,) = r.keys("ponder:{budget:capped}:day:*")
+    assert float(r.get(counter)) == pytest.approx(spent)
+    assert chat(one, key=CAPPED_KEY).status_code == 429 and chat(two, key=CAPPED_KEY).status_code == 429
+
+
+def test_sigkill_of_one_replica_loses_no_outcome_of_the_other(shared, r):
+    victim, survivor = start_two(shared, "victim", "survivor")
+    try:
+        # The victim answers some requests; after a quiet second its events have been flushed.
+        victim_ids = [chat(victim).json()["id"] for _ in range(8)]
+        assert wait_for(lambda: set(victim_ids) <= stream_ids(r), timeout=5)
+
+        survivor_ids: list[str] = []
+        failures: list[str] = []
+        stop = threading.Event()
+
+        def load():
+            while not stop.is_set():
+                response = chat(survivor)
+                if response.status_code == 200:
+                    survivor_ids.append(response.json()["id"])
+                else:
+                    failures.append(response.text)
+
+        threads = [threading.Thread(target=load) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        # Traffic on the victim too, so it dies with work in hand.
+        with ThreadPoolExecutor(4) as pool:
+            inflight = [pool.submit(chat, victim) for _ in range(8)]
+            time.sleep(0.5)
+            os.killpg(victim.process.pid, signal.SIGKILL)
+            victim.process.wait(10)
+            for future in inflight:
+                try:
+                    future.result()
+                except httpx.HTTPError:
+                    pass
+        time.sleep(1.0)  # the survivor keeps serving after its peer died
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+        assert not failures
+        assert len(survivor_ids) >= 10
+        # Every outcome the survivor answered is in the stream within its flush interval ...
+        missing = wait_for(lambda: not (set(survivor_ids) - stream_ids(r)), timeout=5)
+        assert missing, f"{len(set(survivor_ids) - stream_ids(r))} survivor events lost"
+        # ... and so is everything the victim had flushed before it died.
+        assert set(victim_ids) <= stream_ids(r)
+        assert httpx.get(survivor.url + "/readyz").status_code == 200
+    finally:
+        victim.stop()
+        survivor.stop()
+
+
+def connection_refused(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return False
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
+
+
+def test_sigterm_drains_in_flight_requests_and_flushes_telemetry(shared, r):
+    mock = shared["mock"]
+    gw = shared["gateway"]("drain")
+    port = int(gw.url.rsplit(":", 1)[1])
+    try:
+        httpx.post(mock.url + "/control", json={"delay_ms": 1500}).raise_for_status()
+        before = httpx.get(mock.url + "/calls").json()["count"]
+        with ThreadPoolExecutor(2) as pool:
+            plain = pool.submit(chat, gw)
+            streamed = pool.submit(lambda: httpx.post(
+                gw.url + "/v1/chat/completions", headers=auth(), timeout=30,
+                json={"model": "auto", "stream": True, "messages": [{"role": "user", "content": PROMPT}]}))
+            # Both requests have reached the (slow) upstream: they are in flight.
+            assert wait_for(lambda: httpx.get(mock.url + "/calls").json()["count"] >= before + 2, timeout=10)
+            sent_term = time.monotonic()
+            gw.process.send_signal(signal.SIGTERM)
+            # New connections are refused while the in-flight requests are still running.
+            assert wait_for(lambda: connection_refused(port), timeout=1.0, interval=0.02)
+            refused_after = time.monotonic() - sent_term
+            assert not plain.done() and not streamed.done()
+            plain_response, streamed_response = plain.result(30), streamed.result(30)
+        assert refused_after < 1.0
+        assert plain_response.status_code == 200, plain_response.text
+        assert plain_response.json()["choices"][0]["message"]["content"] == ANSWER
+        assert streamed_response.status_code == 200
+        assert streamed_response.text.rstrip().endswith("data: [DONE]")
+        # uvicorn re-raises the signal once its shutdown (lifespan included) has finished: -SIGTERM
+        # (exit status 143 in a container) is the clean end of a graceful shutdown.
+        assert gw.process.wait(40) in (0, -signal.SIGTERM)
+        assert "Traceback" not in gw.log()
+        # Both events were written to Redis before the process exited (nothing can flush them later).
+        ids = {plain_response.json()["id"], streamed_response.headers["x-ponder-request-id"]}
+        assert ids <= stream_ids(r)
+    finally:
+        httpx.post(mock.url + "/control", json={"delay_ms": 0})
+        gw.stop()
