@@ -1,0 +1,104 @@
+"""The eval price table: USD per million tokens for every model a suite replays, and where each came from.
+
+One file holds the table (evals/price_table.yaml); this module reads it. An entry with a `litellm` key
+takes its price from the installed litellm's bundled cost map, read as JSON (evals/ must not import
+gateway/, and importing litellm itself takes seconds); the numbers written in the table are the
+fallback if that key ever disappears. An entry without one cites a public price page in `source`.
+A user's own table (`ponder eval --prices FILE`, same format) is merged over the shipped one.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+PRICE_TABLE_PATH = Path(__file__).with_name("price_table.yaml")
+CHARS_PER_TOKEN = 4.0  # the usual English rule of thumb, for tables that record characters, not tokens
+
+
+@dataclass(frozen=True)
+class ModelPrice:
+    model: str
+    input_per_mtok: float
+    output_per_mtok: float
+    origin: str  # "litellm:<key>", "litellm key missing, table value:<key>", or the cited source
+    note: str = ""
+
+    def cost_usd(self, prompt_tokens: float, completion_tokens: float) -> float:
+        return (prompt_tokens * self.input_per_mtok + completion_tokens * self.output_per_mtok) / 1e6
+
+
+@functools.cache
+def litellm_cost_map() -> dict:
+    spec = importlib.util.find_spec("litellm")
+    if spec is None or not spec.submodule_search_locations:
+        return {}
+    path = Path(next(iter(spec.submodule_search_locations))) / "model_prices_and_context_window_backup.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _from_litellm(key: str) -> tuple[float, float] | None:
+    entry = litellm_cost_map().get(key)
+    if not entry or entry.get("input_cost_per_token") is None:
+        return None
+    return float(entry["input_cost_per_token"]) * 1e6, float(entry.get("output_cost_per_token") or 0.0) * 1e6
+
+
+def _entry(model: str, raw: dict) -> ModelPrice:
+    key = raw.get("litellm")
+    note = str(raw.get("note", ""))
+    if key:
+        found = _from_litellm(key)
+        if found is not None:
+            return ModelPrice(model, found[0], found[1], f"litellm:{key}", note)
+        if "input_per_mtok" not in raw:
+            raise KeyError(f"price of `{model}`: litellm key `{key}` not in the installed cost map and no fallback")
+        return ModelPrice(model, float(raw["input_per_mtok"]), float(raw["output_per_mtok"]),
+                          f"litellm key missing, table value:{key}", note)
+    if "source" not in raw:
+        raise ValueError(f"price of `{model}`: give a `litellm` key or cite a `source`")
+    return ModelPrice(model, float(raw["input_per_mtok"]), float(raw["output_per_mtok"]), str(raw["source"]), note)
+
+
+def read_price_file(path: str | Path) -> dict[str, ModelPrice]:
+    data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    return {str(model): _entry(str(model), raw or {}) for model, raw in (data.get("models") or {}).items()}
+
+
+@functools.cache
+def shipped_prices() -> dict[str, ModelPrice]:
+    return read_price_file(PRICE_TABLE_PATH)
+
+
+def price_table(extra: str | Path | None = None) -> dict[str, ModelPrice]:
+    table = dict(shipped_prices())
+    if extra is not None:
+        table.update(read_price_file(extra))
+    return table
+
+
+HOST_PREFIXES = ("", "together_ai/", "deepinfra/", "fireworks_ai/accounts/fireworks/models/")
+
+
+def find_price(model: str, table: dict[str, ModelPrice] | None = None) -> ModelPrice | None:
+    """The table's entry (by name, or by the name after its last `/`), else litellm's entry for the
+    name itself (a user's column may be a litellm model string such as `gpt-4-1106-preview`, or a
+    Hugging Face id such as `mistralai/Mixtral-8x7B-Instruct-v0.1` that a serverless host lists), else None."""
+    table = table if table is not None else shipped_prices()
+    for name in (model, model.rsplit("/", 1)[-1]):
+        if name in table:
+            return table[name]
+    for key in (model, model.split("/", 1)[-1]):
+        for prefix in HOST_PREFIXES:
+            found = _from_litellm(prefix + key)
+            if found is not None:
+                return ModelPrice(model, found[0], found[1], f"litellm:{prefix + key}")
+    return None

@@ -1,0 +1,422 @@
+"""Recorded outcome tables: one row per prompt, one column per arm (model or effort arm).
+
+Every format becomes one `OutcomeTable`: for each prompt and arm, the recorded score in [0, 1] (NaN
+where the arm has no record: the replay treats that as a failed call), the cost in USD and the output
+tokens. Formats (docs/eval.md has examples):
+
+- RouteLLM-style CSV: a `prompt` column and one column per model holding 0/1, True/False or a 0..1
+  score. Other columns (`<model>_response`, ids, ...) are ignored unless named with `models=`; a
+  `<model>_response` column, when present, gives that model's output length. Several files (or a
+  glob, e.g. one CSV per subject) are read as one table.
+- RouterBench-style CSV: per-model score columns plus `<model>|total_cost`; `eval_name` (if present)
+  is the row's group.
+- JSONL: {"id", "prompt" or "messages", "group"?, "task"?, "outcomes": {arm: score | {"score" or
+  "correct", "cost_usd"?, "output_tokens"?, "samples"?: [{"answer" or "text", "correct"}]}}}. An arm
+  with samples also yields `<arm>@vote<N>`: the majority vote of its N samples, grouped by
+  router.voting exactly as the self-consistency strategy does.
+- Built-in suites from ../shared/datasets: `mmlu-pro` (29 models), `bbh-effort` (code-davinci-002
+  direct vs CoT), and the two-model tables `gsm8k-2` (GPT-3 6B vs 175B) and `mmlu-2`.
+
+Costs: a table that records them (RouterBench, JSONL) is taken as is; otherwise cost = prompt tokens
+x input price + output tokens x output price from evals/prices.py, with tokens = characters / 4.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import gzip
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from evals.prices import CHARS_PER_TOKEN, ModelPrice, find_price, price_table
+
+DEFAULT_OUTPUT_TOKENS = 300.0  # when a table records neither output text nor length (policies' DIRECT_TOKENS)
+NOT_MODEL_COLUMNS = frozenset({"prompt", "id", "idx", "index", "question_id", "sample_id", "eval_name", "group",
+                               "task", "category", "subject", "label", "answer", "target", "oracle_model_to_route_to"})
+csv.field_size_limit(1 << 28)
+
+
+@dataclass(frozen=True)
+class ArmInfo:
+    """What the policy needs to know about one arm: the backend model it calls and how."""
+
+    name: str
+    model: str
+    strategy: str = "single"
+    n: int = 1
+
+
+@dataclass
+class OutcomeTable:
+    name: str
+    arms: list[ArmInfo]
+    ids: list[str]
+    prompts: list[str]
+    groups: list[str]
+    scores: np.ndarray  # (prompts, arms), NaN = no record
+    cost_usd: np.ndarray  # (prompts, arms), NaN = price unknown
+    output_tokens: np.ndarray  # (prompts, arms)
+    prompt_tokens: np.ndarray  # (prompts,)
+    description: str = ""
+    strong: str | None = None
+    weak: str | None = None
+    price_origins: dict[str, str] = field(default_factory=dict)
+    tasks: list[str] | None = None  # a task type recorded with each prompt (JSONL), else None
+    bills_prompt: bool = True  # False: the table's costs count output tokens only (bbh-effort)
+
+    @property
+    def arm_names(self) -> list[str]:
+        return [arm.name for arm in self.arms]
+
+    def index(self, arm: str) -> int:
+        return self.arm_names.index(arm)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def has_costs(self) -> bool:
+        return bool(np.isfinite(self.cost_usd[np.isfinite(self.scores)]).all())
+
+    def subset(self, rows: Sequence[int] | np.ndarray) -> OutcomeTable:
+        rows = np.asarray(rows, dtype=int)
+        pick = lambda values: [values[i] for i in rows]  # noqa: E731
+        return OutcomeTable(self.name, self.arms, pick(self.ids), pick(self.prompts), pick(self.groups),
+                            self.scores[rows], self.cost_usd[rows], self.output_tokens[rows], self.prompt_tokens[rows],
+                            self.description, self.strong, self.weak, self.price_origins,
+                            pick(self.tasks) if self.tasks is not None else None, self.bills_prompt)
+
+    def select_arms(self, names: Sequence[str]) -> OutcomeTable:
+        cols = [self.index(name) for name in names]
+        table = OutcomeTable(self.name, [self.arms[c] for c in cols], self.ids, self.prompts, self.groups,
+                             self.scores[:, cols], self.cost_usd[:, cols], self.output_tokens[:, cols],
+                             self.prompt_tokens, self.description, None, None,
+                             {k: v for k, v in self.price_origins.items()
+                              if k in {self.arms[c].model for c in cols}}, self.tasks, self.bills_prompt)
+        if len(names) == 2:
+            table.weak, table.strong = names[0], names[1]
+        return table
+
+
+# --- parsing helpers ---------------------------------------------------------------------------------
+
+
+def _score(value: object) -> float:
+    """0/1, True/False, yes/no or a number in [0, 1]; NaN for empty; ValueError for anything else."""
+    if value is None:
+        return math.nan
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, (int, float)):
+        number = float(value)
+    else:
+        text = str(value).strip().lower()
+        if text in ("", "nan", "none", "null"):
+            return math.nan
+        if text in ("true", "yes", "correct"):
+            return 1.0
+        if text in ("false", "no", "incorrect"):
+            return 0.0
+        number = float(text)
+    if not 0.0 <= number <= 1.0:
+        raise ValueError(f"score {value!r} is not in [0, 1]")
+    return number
+
+
+def _is_score_column(values: Sequence[str]) -> bool:
+    seen = False
+    for value in values:
+        try:
+            score = _score(value)
+        except ValueError:
+            return False
+        seen = seen or not math.isnan(score)
+    return seen
+
+
+def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
+    found: list[Path] = []
+    for item in paths:
+        text = str(item)
+        matches = sorted(glob.glob(text)) if any(ch in text for ch in "*?[") else [text]
+        if not matches:
+            raise FileNotFoundError(f"no file matches {text}")
+        found += [Path(match) for match in matches]
+    return found
+
+
+def _read_csv_rows(paths: Sequence[Path]) -> tuple[list[str], list[dict[str, str]], list[str]]:
+    """Rows of several CSVs as one; the header is the union; each row remembers its file's stem."""
+    header: list[str] = []
+    rows: list[dict[str, str]] = []
+    stems: list[str] = []
+    for path in paths:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt", encoding="utf-8", newline="") as handle:
+            reader = csv.DictReader(handle)
+            for name in reader.fieldnames or []:
+                if name not in header:
+                    header.append(name)
+            for row in reader:
+                rows.append(row)
+                stems.append(path.name.split(".")[0])
+    return header, rows, stems
+
+
+def _costs(models: Sequence[str], prompt_tokens: np.ndarray, output_tokens: np.ndarray,
+           prices: dict[str, ModelPrice]) -> tuple[np.ndarray, dict[str, str]]:
+    cost = np.full(output_tokens.shape, np.nan)
+    origins: dict[str, str] = {}
+    for j, model in enumerate(models):
+        price = find_price(model, prices)
+        if price is None:
+            origins[model] = "unknown: add it with --prices FILE"
+            continue
+        origins[model] = price.origin
+        cost[:, j] = (prompt_tokens * price.input_per_mtok + output_tokens[:, j] * price.output_per_mtok) / 1e6
+    return cost, origins
+
+
+def _tokens(text: str | None) -> float:
+    return len(text) / CHARS_PER_TOKEN if text else 0.0
+
+
+# --- user formats ------------------------------------------------------------------------------------
+
+
+def load_routellm_csv(paths: Sequence[str | Path], models: Sequence[str] | None = None,
+                      prices_file: str | Path | None = None) -> OutcomeTable:
+    files = expand_paths(paths)
+    header, rows, stems = _read_csv_rows(files)
+    if "prompt" not in header:
+        raise ValueError(f"{files[0]}: no `prompt` column (columns: {', '.join(header)})")
+    if models is None:
+        models = [name for name in header if name.lower() not in NOT_MODEL_COLUMNS and not name.endswith("_response")
+                  and "|" not in name and _is_score_column([row.get(name, "") for row in rows])]
+    missing = [m for m in models if m not in header]
+    if missing or len(models) < 2:
+        raise ValueError(f"need at least two model columns; missing {missing}, found {list(models)}")
+    prompt_tokens = np.array([_tokens(row["prompt"]) for row in rows])
+    scores = np.array([[_score(row.get(m)) for m in models] for row in rows], dtype=float)
+    output = np.array([[_tokens(row.get(f"{m}_response")) if f"{m}_response" in header else DEFAULT_OUTPUT_TOKENS
+                        for m in models] for row in rows], dtype=float)
+    cost, origins = _costs(models, prompt_tokens, output, price_table(prices_file))
+    group_column = next((g for g in ("group", "eval_name", "subject", "category") if g in header), None)
+    groups = [row.get(group_column, "") if group_column else (stems[i] if len(files) > 1 else "")
+              for i, row in enumerate(rows)]
+    ids = [row.get("id") or row.get("idx") or str(i) for i, row in enumerate(rows)]
+    return OutcomeTable(" + ".join(p.name for p in files[:3]) + (" ..." if len(files) > 3 else ""),
+                        [ArmInfo(m, m) for m in models], ids, [row["prompt"] for row in rows], groups, scores,
+                        cost, output, prompt_tokens, f"RouteLLM-style CSV, {len(files)} file(s)",
+                        price_origins=origins)
+
+
+def load_routerbench_csv(paths: Sequence[str | Path], models: Sequence[str] | None = None) -> OutcomeTable:
+    files = expand_paths(paths)
+    header, rows, _ = _read_csv_rows(files)
+    if models is None:
+        models = [name[: -len("|total_cost")] for name in header if name.endswith("|total_cost")]
+    if len(models) < 2 or "prompt" not in header:
+        raise ValueError("RouterBench CSV needs a `prompt` column and `<model>|total_cost` columns for 2+ models")
+    prompt_tokens = np.array([_tokens(row["prompt"]) for row in rows])
+    scores = np.array([[_score(row.get(m)) for m in models] for row in rows], dtype=float)
+    cost = np.array([[float(row.get(f"{m}|total_cost") or "nan") for m in models] for row in rows], dtype=float)
+    output = np.array([[_tokens(row.get(f"{m}|model_response")) for m in models] for row in rows], dtype=float)
+    ids = [row.get("sample_id") or str(i) for i, row in enumerate(rows)]
+    return OutcomeTable(files[0].name, [ArmInfo(m, m) for m in models], ids, [row["prompt"] for row in rows],
+                        [row.get("eval_name", "") for row in rows], scores, cost, output, prompt_tokens,
+                        "RouterBench-style CSV (costs as recorded)",
+                        price_origins={m: "recorded in the table" for m in models})
+
+
+def _prompt_text(record: dict) -> str:
+    if isinstance(record.get("prompt"), str):
+        return record["prompt"]
+    messages = record.get("messages") or []
+    return "\n".join(m.get("content", "") for m in messages if isinstance(m, dict) and isinstance(m.get("content"), str))
+
+
+def load_jsonl(paths: Sequence[str | Path], prices_file: str | Path | None = None) -> OutcomeTable:
+    from router.voting import vote  # the self-consistency strategy's own grouping of answers
+
+    records = []
+    for path in expand_paths(paths):
+        with open(path, encoding="utf-8") as handle:
+            records += [json.loads(line) for line in handle if line.strip()]
+    arms: list[str] = []
+    for record in records:
+        for arm, outcome in (record.get("outcomes") or {}).items():
+            for name in [arm] + ([f"{arm}@vote{len(outcome['samples'])}"] if isinstance(outcome, dict)
+                                 and outcome.get("samples") else []):
+                if name not in arms:
+                    arms.append(name)
+    n, k = len(records), len(arms)
+    scores, cost, output = np.full((n, k), np.nan), np.full((n, k), np.nan), np.full((n, k), np.nan)
+    prompts = [_prompt_text(r) for r in records]
+    prompt_tokens = np.array([_tokens(p) for p in prompts])
+    prices = price_table(prices_file)
+    for i, record in enumerate(records):
+        task = record.get("task") or "reasoning"
+        for arm, outcome in (record.get("outcomes") or {}).items():
+            j = arms.index(arm)
+            if not isinstance(outcome, dict):
+                outcome = {"score": outcome}
+            samples = outcome.get("samples") or []
+            first = samples[0] if samples else {}
+            raw = outcome.get("score", outcome.get("correct", first.get("score", first.get("correct"))))
+            scores[i, j] = _score(raw)
+            output[i, j] = float(outcome.get("output_tokens", _tokens(first.get("text")) or DEFAULT_OUTPUT_TOKENS))
+            price = find_price(arm.split("@")[0], prices)
+            one = outcome.get("cost_usd")
+            if one is None and price is not None:
+                one = price.cost_usd(prompt_tokens[i], output[i, j])
+            cost[i, j] = float(one) if one is not None else math.nan
+            if samples:
+                answers = [s.get("answer") for s in samples]
+                texts = [s.get("text") or s.get("answer") for s in samples]
+                winner = vote(texts, task, answers=answers if any(a is not None for a in answers) else None).winner
+                v = arms.index(f"{arm}@vote{len(samples)}")
+                scores[i, v] = _score(samples[winner].get("correct", samples[winner].get("score")))
+                sample_costs = [s.get("cost_usd") for s in samples]
+                cost[i, v] = (sum(sample_costs) if all(c is not None for c in sample_costs)
+                              else cost[i, j] * len(samples))
+                output[i, v] = output[i, j] * len(samples)
+    infos = [ArmInfo(a, a.split("@")[0], "self_consistency" if "@vote" in a else "single",
+                     int(a.split("@vote")[1]) if "@vote" in a else 1) for a in arms]
+    origins = {a: ("recorded in the table" if np.isfinite(cost[:, j]).any() else "unknown") for j, a in enumerate(arms)}
+    tasks = [r.get("task") for r in records]
+    return OutcomeTable(Path(str(paths[0])).name, infos, [str(r.get("id", i)) for i, r in enumerate(records)],
+                        prompts, [str(r.get("group", "")) for r in records], scores, cost, output, prompt_tokens,
+                        "JSONL outcomes", price_origins=origins, tasks=tasks if any(tasks) else None)
+
+
+def load_table(paths: Sequence[str | Path], fmt: str | None = None, models: Sequence[str] | None = None,
+               prices_file: str | Path | None = None) -> OutcomeTable:
+    """Any user table; the format is guessed from the extension and the header when not given."""
+    files = expand_paths(paths)
+    if fmt is None:
+        if files[0].suffix in (".jsonl", ".json"):
+            fmt = "jsonl"
+        else:
+            header, _, _ = _read_csv_rows(files[:1])
+            fmt = "routerbench" if any(name.endswith("|total_cost") for name in header) else "routellm"
+    if fmt == "jsonl":
+        return load_jsonl(files, prices_file)
+    if fmt == "routerbench":
+        return load_routerbench_csv(files, models)
+    if fmt == "routellm":
+        return load_routellm_csv(files, models, prices_file)
+    raise ValueError(f"unknown format `{fmt}`; expected routellm, routerbench or jsonl")
+
+
+# --- built-in suites ---------------------------------------------------------------------------------
+
+
+def datasets_root() -> Path:
+    env = os.environ.get("PONDER_DATASETS")
+    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+
+
+def _mc_prompt(question: str, options: Sequence[str]) -> str:
+    letters = "ABCDEFGHIJKLMNOP"
+    return question + "\n" + "\n".join(f"{letters[i]}. {option}" for i, option in enumerate(options))
+
+
+def load_mmlu_pro(limit: int | None = None, root: Path | None = None) -> OutcomeTable:
+    """29 models' 5-shot CoT correctness on 12,032 MMLU-Pro questions, priced by evals/price_table.yaml.
+
+    Billed prompt = the question with its options (what a gateway user sends; the recording's 5-shot
+    exemplars are not billed); billed output = the recorded CoT length (generated_chars / 4)."""
+    base = (root or datasets_root()) / "mmlu_pro"
+    questions = {}
+    with gzip.open(base / "questions.jsonl.gz", "rt", encoding="utf-8") as handle:
+        for line in handle:
+            q = json.loads(line)
+            questions[int(q["question_id"])] = q
+    order = sorted(questions)
+    if limit is not None:
+        order = order[:limit]
+    row_of = {qid: i for i, qid in enumerate(order)}
+    with open(base / "correctness_matrix.csv", encoding="utf-8") as handle:
+        models = [name for name in next(csv.reader(handle)) if name != "question_id"]
+    n, k = len(order), len(models)
+    scores, output = np.full((n, k), np.nan), np.full((n, k), np.nan)
+    col_of = {m: j for j, m in enumerate(models)}
+    with gzip.open(base / "predictions_long.csv.gz", "rt", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            i = row_of.get(int(row["question_id"]))
+            if i is not None:
+                j = col_of[row["model"]]
+                scores[i, j] = float(row["correct"])
+                output[i, j] = float(row["generated_chars"] or 0) / CHARS_PER_TOKEN
+    prompts = [_mc_prompt(questions[q]["question"], questions[q]["options"]) for q in order]
+    prompt_tokens = np.array([_tokens(p) for p in prompts])
+    cost, origins = _costs(models, prompt_tokens, np.nan_to_num(output), price_table())
+    return OutcomeTable("mmlu-pro", [ArmInfo(m, m) for m in models], [str(q) for q in order], prompts,
+                        [questions[q]["category"] for q in order], scores, cost, output, prompt_tokens,
+                        "MMLU-Pro (TIGER-Lab), 29 models' recorded 5-shot CoT correctness", price_origins=origins)
+
+
+def load_bbh_effort(root: Path | None = None) -> OutcomeTable:
+    """code-davinci-002 on BIG-Bench Hard, answering directly or with chain of thought.
+
+    Cost = output length only (both arms are the same model; the prompt is the same question): CoT's
+    recorded output characters, and the direct answer's characters."""
+    base = (root or datasets_root()) / "bbh"
+    inputs: dict[str, list[dict]] = {}
+    with open(base / "code-davinci-002_cot_vs_direct.csv", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    for task in {row["task"] for row in rows}:
+        inputs[task] = json.loads((base / "bbh" / f"{task}.json").read_text(encoding="utf-8"))["examples"]
+    prompts = [inputs[row["task"]][int(row["index"])]["input"] for row in rows]
+    scores = np.array([[float(row["direct_correct"]), float(row["cot_correct"])] for row in rows])
+    output = np.array([[max(1.0, _tokens(row["direct_answer"])), int(row["cot_chars"]) / CHARS_PER_TOKEN]
+                       for row in rows])
+    price = find_price("code-davinci-002")
+    cost = output * price.output_per_mtok / 1e6
+    return OutcomeTable("bbh-effort", [ArmInfo("direct", "code-davinci-002", "single"),
+                                       ArmInfo("cot", "code-davinci-002", "cot")],
+                        [f"{row['task']}/{row['index']}" for row in rows], prompts, [row["task"] for row in rows],
+                        scores, cost, output, np.array([_tokens(p) for p in prompts]),
+                        "BIG-Bench Hard, code-davinci-002 3-shot direct vs CoT (cost = output length)",
+                        weak="direct", strong="cot", price_origins={"code-davinci-002": price.origin},
+                        bills_prompt=False)
+
+
+def load_gsm8k_two_model(root: Path | None = None) -> OutcomeTable:
+    """OpenAI's GSM8K test solutions: fine-tuned GPT-3 6B (weak) vs 175B (strong), one sample each."""
+    path = (root or datasets_root()) / "gsm8k" / "example_model_solutions.jsonl"
+    with open(path, encoding="utf-8") as handle:
+        rows = [json.loads(line) for line in handle if line.strip()]
+    columns = (("gsm8k-6b", "6b_finetuning"), ("gsm8k-175b", "175b_finetuning"))
+    prompts = [row["question"] for row in rows]
+    scores = np.array([[float(row[c]["is_correct"]) for _, c in columns] for row in rows])
+    output = np.array([[_tokens(row[c]["solution"]) for _, c in columns] for row in rows])
+    prompt_tokens = np.array([_tokens(p) for p in prompts])
+    cost, origins = _costs([m for m, _ in columns], prompt_tokens, output, price_table())
+    return OutcomeTable("gsm8k-2", [ArmInfo(m, m) for m, _ in columns], [str(i) for i in range(len(rows))], prompts,
+                        [""] * len(rows), scores, cost, output, prompt_tokens,
+                        "GSM8K test, OpenAI fine-tuned GPT-3 6B vs 175B (one sample each)", weak="gsm8k-6b",
+                        strong="gsm8k-175b", price_origins=origins)
+
+
+MMLU_TWO_MODEL = ("Mixtral-8x7B-Instruct-v0.1", "gemini-1.5-pro-002")  # RouteLLM's weak model; the strongest here
+
+
+def load_mmlu_two_model(limit: int | None = None, root: Path | None = None) -> OutcomeTable:
+    table = load_mmlu_pro(limit, root).select_arms(MMLU_TWO_MODEL)
+    table.name = "mmlu-2"
+    table.description = f"MMLU-Pro, {MMLU_TWO_MODEL[0]} (weak) vs {MMLU_TWO_MODEL[1]} (strong)"
+    keep = np.isfinite(table.scores).all(axis=1)
+    return table.subset(np.flatnonzero(keep))
+
+
+SUITE_LOADERS = {"mmlu-pro": load_mmlu_pro, "bbh-effort": load_bbh_effort, "gsm8k-2": load_gsm8k_two_model,
+                 "mmlu-2": load_mmlu_two_model}
