@@ -31,6 +31,7 @@ from gateway.schemas import ChatRequest, parse_chat_request, parse_json_body
 from gateway.service import Gateway, Plan
 from gateway.strategies import StrategyResult
 from gateway.streaming import PassThrough, synthesized, usage_block
+from router.decide import estimate_prompt_tokens
 
 log = logging.getLogger("ponder.app")
 KEEPALIVE_S = 2.0
@@ -125,7 +126,7 @@ async def chat_completions(request: Request) -> Response:
     principal = gw.keys.authenticate(request)
     body = parse_json_body(await read_body(request, gw.config.max_body_bytes))
     req = parse_chat_request(body, max_n=gw.config.max_n)
-    plan = gw.plan(req, request.headers, principal)
+    plan = await gw.plan(req, request.headers, principal)
     reservation = await gw.reserve_budget(plan)
     caller = gw.caller()
     if req.stream:
@@ -178,7 +179,11 @@ async def stream_chat(request: Request, gw: Gateway, plan: Plan, req: ChatReques
                       reservation: Any) -> Response:
     headers = plan_headers(plan)
     if plan.decision.arm.strategy == "single" and req.n == 1:
-        passthrough = await open_first_stream(gw, plan, req, caller)
+        try:
+            # The client may leave while the first byte is awaited: then no retry and no fallback.
+            passthrough = await until_disconnect(request, open_first_stream(gw, plan, req, caller), caller)
+        except ApiError as exc:
+            passthrough = exc
         if isinstance(passthrough, ApiError):
             await settle(gw, plan, caller, reservation, status=passthrough.status, error=passthrough.message)
             return passthrough.response(headers)
@@ -186,8 +191,11 @@ async def stream_chat(request: Request, gw: Gateway, plan: Plan, req: ChatReques
 
         async def body_iter() -> AsyncIterator[bytes]:
             try:
+                def stream_extension() -> dict[str, Any]:
+                    return {**extension(plan, caller, None), "usage_estimated": passthrough.usage_estimated}
+
                 async for chunk in passthrough.events(caller, include_usage=req.include_usage,
-                                                      extension=lambda: extension(plan, caller, None)):
+                                                      extension=stream_extension):
                     yield chunk
             finally:
                 ok = bool(caller.calls) and caller.calls[-1].ok
@@ -234,7 +242,9 @@ async def open_first_stream(gw: Gateway, plan: Plan, req: ChatRequest, caller: C
             if caller.remaining() <= 0:
                 return ApiError(504, "The request deadline passed before a backend answered.", code="deadline")
             try:
-                return await PassThrough.open(backend, body, caller)
+                passthrough = await PassThrough.open(backend, body, caller)
+                passthrough.prompt_tokens_estimate = estimate_prompt_tokens(req.messages)
+                return passthrough
             except UpstreamError as exc:
                 last = exc
                 if not exc.retryable or not backend.health.available(time.monotonic()):

@@ -28,7 +28,7 @@ from gateway.policy_watch import PolicySet
 from gateway.schemas import ChatRequest
 from gateway.strategies import StrategyContext, StrategyResult, run_arm
 from router.classifier import Classifier
-from router.decide import BudgetExhausted, CompiledPolicy, RequestHints, decide
+from router.decide import BudgetExhausted, CompiledPolicy, InvalidHint, RequestHints, decide
 from router.types import Arm, Classification, Decision
 from telemetry.events import Event
 from telemetry.store import BudgetExceeded, Store, open_store
@@ -131,7 +131,7 @@ class Gateway:
         assert self.classifier is not None
         return self.classifier.classify(req.messages)
 
-    def plan(self, req: ChatRequest, headers: Any, principal: Principal) -> Plan:
+    async def plan(self, req: ChatRequest, headers: Any, principal: Principal) -> Plan:
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         classification = self.classify(req)
         policy = self._policy_for(headers)
@@ -140,20 +140,17 @@ class Gateway:
         if req.model not in policy.aliases:
             raise ApiError(404, f"The model {req.model!r} does not exist; GET /v1/models lists the models "
                                 "and routed aliases.", param="model", code="model_not_found")
-        hints = RequestHints(
-            max_cost_usd=_float_header(headers, "x-ponder-max-cost-usd"),
-            max_latency_ms=_float_header(headers, "x-ponder-max-latency-ms"),
-            strategy=headers.get("x-ponder-strategy"),
-            reasoning_effort=req.reasoning_effort,
-            prompt_tokens=estimate_prompt_tokens(req.messages),
-            max_output_tokens=req.max_output_tokens,
-        )
+        try:
+            hints = RequestHints.from_request(req, headers, policy)
+        except InvalidHint as exc:
+            raise ApiError(400, str(exc), code="invalid_header") from None
         assert self.store is not None
+        budget_left = await self._budget_left(principal, policy)
         try:
             decision = decide(classification, policy, self.store.snapshot(policy.policy.name), alias=req.model,
-                              request=hints, budget_left_usd=None, rng=self._rng)
+                              request=hints, budget_left_usd=budget_left, rng=self._rng)
         except BudgetExhausted as exc:
-            raise ApiError(429, str(exc), code="budget_exhausted") from None
+            raise ApiError(429, str(exc), code="budget_exhausted", headers={"Retry-After": "3600"}) from None
         return Plan(request_id, decision, policy, principal, req.model)
 
     def _direct(self, req: ChatRequest, headers: Any, classification: Classification,
@@ -246,14 +243,33 @@ class Gateway:
         self.metrics.observe(event)
         return event
 
+    @staticmethod
+    def budget_limits(principal: Principal, policy: CompiledPolicy | None) -> dict[str, float]:
+        """USD caps per period for this key: its own, else the policy's default for keys."""
+        limits = dict(principal.budgets)
+        if policy is not None:
+            budgets = policy.policy.budgets
+            for period, cap in (("day", budgets.per_key_daily_usd), ("month", budgets.per_key_monthly_usd)):
+                if cap is not None and period not in limits:
+                    limits[period] = cap
+        return limits
+
+    async def _budget_left(self, principal: Principal, policy: CompiledPolicy) -> float | None:
+        """What the key may still spend (the tightest period), so the decision can degrade in time.
+        One store read, only for keys that have a budget."""
+        limits = self.budget_limits(principal, policy)
+        if not limits or self.store is None:
+            return None
+        try:
+            spent = await self.store.spent(principal.key_id, tuple(limits))
+        except Exception:  # the store being away must not refuse service: reserve() still guards
+            log.warning("could not read spend for %s; deciding without the remaining budget", principal.key_id)
+            return None
+        return min(cap - spent.get(period, 0.0) for period, cap in limits.items())
+
     async def reserve_budget(self, plan: Plan) -> Any:
         """Hold the request's expected cost against the key's budgets (atomic across replicas)."""
-        limits = dict(plan.principal.budgets)
-        if plan.policy is not None:
-            budgets = plan.policy.policy.budgets
-            for period, cap in (("day", budgets.per_key_daily_usd), ("month", budgets.per_key_monthly_usd)):
-                if cap is not None and period not in limits:  # a key's own budget beats the policy default
-                    limits[period] = cap
+        limits = self.budget_limits(plan.principal, plan.policy)
         if not limits or self.store is None:
             return None
         try:
@@ -261,31 +277,6 @@ class Gateway:
         except BudgetExceeded as exc:
             raise ApiError(429, f"Budget exhausted for this key: {exc}", code="budget_exhausted",
                            headers={"Retry-After": "3600"}) from None
-
-
-def _float_header(headers: Any, name: str) -> float | None:
-    value = headers.get(name)
-    if value is None:
-        return None
-    try:
-        number = float(value)
-    except ValueError:
-        raise ApiError(400, f"Header {name} must be a number.", param=name, code="invalid_header") from None
-    if not number >= 0 or number == float("inf"):
-        raise ApiError(400, f"Header {name} must be a non-negative number.", param=name, code="invalid_header")
-    return number
-
-
-def estimate_prompt_tokens(messages: list[dict[str, Any]]) -> int:
-    """About 4 characters a token: enough for a cost estimate, and free (no tokenizer on the hot path)."""
-    chars = 0
-    for message in messages:
-        content = message.get("content")
-        if isinstance(content, str):
-            chars += len(content)
-        elif isinstance(content, list):
-            chars += sum(len(part.get("text") or "") for part in content if isinstance(part, dict))
-    return chars // 4 + 4 * len(messages)
 
 
 def _candidate_dict(candidate: Any) -> dict[str, Any]:

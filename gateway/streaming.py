@@ -45,6 +45,8 @@ class PassThrough:
         self.source = source
         self.first = first
         self.started = started
+        self.prompt_tokens_estimate = 0
+        self.usage_estimated = False
 
     @classmethod
     async def open(cls, backend: Backend, body: dict[str, Any], caller: Caller) -> PassThrough:
@@ -65,21 +67,31 @@ class PassThrough:
         caller._failed(backend, started, error)
         raise error
 
+    def _estimated(self, content_chunks: int) -> Usage:
+        """Some servers (llama.cpp's) never send usage on a stream. Then one content chunk counts as
+        one token (what llama.cpp sends) and the prompt is estimated; the call says it was estimated."""
+        self.usage_estimated = True
+        return Usage(self.prompt_tokens_estimate, content_chunks)
+
     async def events(self, caller: Caller, *, include_usage: bool, extension: Callable[[], dict]) -> AsyncIterator[bytes]:
         """Forward every event; bill the call from the upstream's usage chunk; add our extension."""
-        usage = Usage()
+        usage: Usage | None = None
+        content_chunks = 0
         item: tuple[bytes, dict | None] | None = self.first
         try:
             while item is not None:
                 payload, parsed = item
                 if parsed and parsed.get("usage"):
                     usage = Usage.from_block(parsed["usage"])
+                elif parsed and _has_content(parsed):
+                    content_chunks += 1
                     if not parsed.get("choices"):
                         item = await anext(self.source, None)
                         continue  # the usage-only chunk is re-sent below, with the whole request's usage
                 yield sse(payload)
                 item = await anext(self.source, None)
         except UpstreamError as exc:
+            usage = usage or self._estimated(content_chunks)
             caller.calls.append(self.backend.record(usage, self.started, ok=False, error=exc.message[:300]))
             self.backend.health.failed(time.monotonic(), exc.retry_after)
             yield sse_error(f"The upstream stream broke before the answer was complete: {exc.message}")
@@ -87,11 +99,19 @@ class PassThrough:
         finally:
             await self.source.aclose()
         self.backend.health.succeeded()
-        caller.calls.append(self.backend.record(usage, self.started))
+        caller.calls.append(self.backend.record(usage or self._estimated(content_chunks), self.started))
         if include_usage:
             yield sse({"id": "", "object": "chat.completion.chunk", "choices": [],
                        "usage": usage_block(caller.calls), "ponder": extension()})
         yield DONE
+
+
+def _has_content(chunk: dict) -> bool:
+    for choice in chunk.get("choices") or ():
+        delta = choice.get("delta") or {}
+        if delta.get("content") or delta.get("reasoning_content") or delta.get("tool_calls"):
+            return True
+    return False
 
 
 def usage_block(calls: list[CallRecord]) -> dict[str, Any]:

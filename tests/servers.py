@@ -3,12 +3,14 @@ mock OpenAI-compatible upstream. Each is a separate process, talked to over HTTP
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -63,8 +65,18 @@ class Process:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
-        self._log.close()
+        if not self._log.closed:
+            self._log.close()
         return self.process.returncode
+
+
+@contextlib.contextmanager
+def running(process: Process) -> Iterator[Process]:
+    """Stop the process however the block ends (a failed fixture must not leak servers)."""
+    try:
+        yield process
+    finally:
+        process.stop()
 
 
 def start_mock(tmp: Path) -> Process:

@@ -6,7 +6,7 @@ import httpx
 import openai
 import pytest
 
-from tests.servers import mock_backend, start_gateway, start_mock, write_policy
+from tests.servers import mock_backend, running, start_gateway, start_mock, write_policy
 
 KEY = "sk-test-key-123"
 ADMIN_KEY = "sk-admin-456"
@@ -29,15 +29,13 @@ def policy(tmp) -> str:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("gw")
-    mock = start_mock(tmp)
-    gateway = start_gateway(tmp, {
-        "backends": [mock_backend("mock-a", mock), mock_backend("mock-b", mock)],
-        "policy": policy(tmp),
-        "max_body_bytes": 100_000,
-    })
-    yield gateway, mock
-    gateway.stop()
-    mock.stop()
+    with running(start_mock(tmp)) as mock:
+        with running(start_gateway(tmp, {
+            "backends": [mock_backend("mock-a", mock), mock_backend("mock-b", mock)],
+            "policy": policy(tmp),
+            "max_body_bytes": 100_000,
+        })) as gateway:
+            yield gateway, mock
 
 
 @pytest.fixture
@@ -163,7 +161,7 @@ def test_stream_truncated_after_bytes_ends_with_an_error_not_done(gw, mock):
     with httpx.stream("POST", gw.url + "/v1/chat/completions", json={
             "model": "mock-a", "messages": [{"role": "user", "content": "a"}], "stream": True}) as response:
         body = b"".join(response.iter_bytes())
-    assert b"[DONE]" not in body
+    assert b"data: [DONE]" not in body
     assert b'"error"' in body and b"finish_reason\":\"stop" not in body
 
 
@@ -222,26 +220,25 @@ def keyed_gateway(tmp_path_factory):
     import hashlib
 
     tmp = tmp_path_factory.mktemp("keys")
-    mock = start_mock(tmp)
-    gateway = start_gateway(tmp, {
-        "backends": [mock_backend("mock-a", mock), mock_backend("mock-b", mock)],
-        "policy": policy(tmp),
-        "api_keys": [{"id": "team-a", "sha256": hashlib.sha256(KEY.encode()).hexdigest()},
-                     {"id": "ops", "sha256": hashlib.sha256(ADMIN_KEY.encode()).hexdigest(), "admin": True}],
-    }, name="keyed")
-    yield gateway
-    gateway.stop()
-    mock.stop()
+    with running(start_mock(tmp)) as mock:
+        with running(start_gateway(tmp, {
+            "backends": [mock_backend("mock-a", mock), mock_backend("mock-b", mock)],
+            "policy": policy(tmp),
+            "api_keys": [{"id": "team-a", "sha256": hashlib.sha256(KEY.encode()).hexdigest()},
+                         {"id": "ops", "sha256": hashlib.sha256(ADMIN_KEY.encode()).hexdigest(), "admin": True}],
+        }, name="keyed")) as gateway:
+            yield gateway
 
 
 def test_api_keys(keyed_gateway):
     url = keyed_gateway.url
     assert httpx.get(url + "/healthz").status_code == 200
     assert httpx.get(url + "/v1/models").status_code == 401
-    for key in (None, "sk-wrong"):
-        client = openai.OpenAI(base_url=url + "/v1", api_key=key or "", max_retries=0)
-        with pytest.raises(openai.AuthenticationError):
-            client.chat.completions.create(model="mock-a", messages=[{"role": "user", "content": "x"}])
+    missing = httpx.post(url + "/v1/chat/completions", json={"model": "mock-a", "messages": []})
+    assert missing.status_code == 401 and missing.json()["error"]["code"] == "missing_api_key"
+    client = openai.OpenAI(base_url=url + "/v1", api_key="sk-wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        client.chat.completions.create(model="mock-a", messages=[{"role": "user", "content": "x"}])
     client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
     assert client.chat.completions.create(model="mock-a", messages=[{"role": "user", "content": "x"}]).choices
     assert "sk-test-key" not in keyed_gateway.log()
