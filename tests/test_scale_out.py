@@ -196,15 +196,13 @@ def test_one_budget_across_both_replicas(pair, r):
     assert set(statuses) <= {200, 429}, [resp.text for resp in responses if resp.status_code not in (200, 429)]
     ok = [resp for resp in responses if resp.status_code == 200]
     spent = sum(float(resp.headers["x-ponder-cost-usd"]) for resp in ok)
-    # Expected cost equals actual cost here, so the atomic reserve admits exactly floor(cap / cost).
+    # Expected cost equals actual cost here, so the atomic reserve admits exactly floor(cap / cost) over
+    # both replicas together (per-replica caps would admit up to 10).
     assert len(ok) == int(CAP // COST) == 5, statuses
     assert spent <= CAP + COST
     assert {"mock-a", "mock-b"} & {arm_of(resp) for resp in ok}
     rejected = [resp for resp in responses if resp.status_code == 429]
     assert all(resp.json()["error"]["code"] == "budget_exhausted" for resp in rejected)
-    # Both replicas answered and refused: the cap is shared, not per replica.
-    assert {i % 2 for i, resp in enumerate(responses) if resp.status_code == 200} | \
-           {i % 2 for i, resp in enumerate(responses) if resp.status_code == 429} == {0, 1}
     # The counter in Redis holds the settled spend of both replicas.
     (counter,) = r.keys("ponder:{budget:capped}:day:*")
     assert float(r.get(counter)) == pytest.approx(spent)
