@@ -96,6 +96,8 @@ def load_config(path: str | Path | None) -> GatewayConfig:
         )
         raise ConfigError(f"{path}: {problems}") from exc
     base = path.resolve().parent
+    if config.telemetry.redis_url:  # `redis://:${REDIS_PASSWORD}@host` keeps the secret out of the file
+        config.telemetry.redis_url = os.path.expandvars(config.telemetry.redis_url)
     config.policy = _resolve(base, config.policy)
     config.extra_policies = {k: _resolve(base, v) for k, v in config.extra_policies.items()}
     if config.classifier:

@@ -28,13 +28,15 @@ from gateway.policy_watch import PolicySet
 from gateway.schemas import ChatRequest
 from gateway.strategies import StrategyContext, StrategyResult, run_arm
 from router.classifier import Classifier
-from router.decide import BudgetExhausted, CompiledPolicy, InvalidHint, RequestHints, decide
+from gateway.prices import call_cost
+from router.decide import BudgetExhausted, CompiledPolicy, InvalidHint, RequestHints, decide, estimate_prompt_tokens
 from router.types import Arm, Classification, Decision
 from telemetry.events import Event
 from telemetry.store import BudgetExceeded, Store, open_store
 
 log = logging.getLogger("ponder.gateway")
 DIRECT_SAMPLES = 5  # samples when a client asks a named backend for a multi-sample strategy
+DIRECT_OUTPUT_TOKENS = 1024  # held against a key's budget when a direct request sets no max_tokens
 
 
 @dataclass
@@ -46,6 +48,7 @@ class Plan:
     policy: CompiledPolicy | None
     principal: Principal
     alias: str
+    direct_cost_usd: float = 0.0  # for a directly named backend: what it may cost at most
     started: float = field(default_factory=time.perf_counter)
     ts: float = field(default_factory=time.time)
 
@@ -53,11 +56,12 @@ class Plan:
         return [self.decision.arm, *self.decision.fallbacks]
 
     def expected_cost_usd(self) -> float:
-        """The decision engine's estimate for the chosen arm (0 for a directly named backend)."""
+        """What the budget holds for this request until it settles: the decision engine's estimate
+        for the chosen arm, or the worst case of a directly named backend."""
         for candidate in self.decision.candidates:
             if candidate.arm == self.decision.arm:
                 return candidate.expected_cost_usd
-        return 0.0
+        return self.direct_cost_usd
 
 
 class Gateway:
@@ -136,7 +140,12 @@ class Gateway:
         classification = self.classify(req)
         policy = self._policy_for(headers)
         if req.model in self.backends:
-            return Plan(request_id, self._direct(req, headers, classification, policy), policy, principal, req.model)
+            decision = self._direct(req, headers, classification, policy)
+            backend = self.backends[req.model]
+            out_tokens = req.max_output_tokens or DIRECT_OUTPUT_TOKENS
+            samples = max(decision.arm.n, req.n)
+            worst = call_cost(backend.prices, estimate_prompt_tokens(req.messages), out_tokens) * samples
+            return Plan(request_id, decision, policy, principal, req.model, direct_cost_usd=worst)
         if req.model not in policy.aliases:
             raise ApiError(404, f"The model {req.model!r} does not exist; GET /v1/models lists the models "
                                 "and routed aliases.", param="model", code="model_not_found")
