@@ -78,11 +78,12 @@ class BackendHealth:
     def available(self, now: float) -> bool:
         return now >= self.cooldown_until
 
-    def failed(self, now: float, retry_after: float | None = None) -> None:
-        # One failure may be a blip worth one quick retry; two in a row (or an explicit Retry-After)
-        # means the backend is in trouble, and waiting on it would only add latency.
+    def failed(self, now: float, retry_after: float | None = None, *, slow: bool = False) -> None:
+        # One failure may be a blip worth one quick retry; two in a row, an explicit Retry-After, or
+        # one timeout (`slow`: no answer or no first byte in time, which already cost the whole
+        # timeout) means the backend is in trouble, and waiting on it again would only add latency.
         self.consecutive_failures += 1
-        if self.consecutive_failures < 2 and not retry_after:
+        if self.consecutive_failures < 2 and not retry_after and not slow:
             return
         pause = min(self.base_cooldown_s * 2 ** (self.consecutive_failures - 2), self.max_cooldown_s)
         if retry_after:

@@ -7,6 +7,7 @@ disconnect are honoured in one place and every attempt, failed or not, is accoun
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -60,7 +61,9 @@ class Caller:
             except UpstreamError as exc:
                 last = exc
                 self._failed(backend, started, exc)
-                if not exc.retryable or attempt == attempts - 1:
+                # A backend that has just gone into cool-down (Retry-After, a timeout, repeated
+                # failures) is not waited for: the next arm answers sooner than a backoff would.
+                if not exc.retryable or attempt == attempts - 1 or not backend.health.available(time.monotonic()):
                     raise
                 await asyncio.sleep(min(_backoff(attempt, exc.retry_after), max(0.0, self.remaining())))
                 continue
@@ -70,7 +73,12 @@ class Caller:
         raise last or _cooling(backend)
 
     def _failed(self, backend: Backend, started: float, exc: UpstreamError) -> None:
-        backend.health.failed(time.monotonic(), exc.retry_after)
+        now = time.monotonic()
+        if exc.status >= 500 or exc.status == 429:  # a 4xx about the request itself says nothing of the backend
+            backend.health.failed(now, exc.retry_after, slow=exc.status == 504)
+        if exc.retry_after is None and not backend.health.available(now):
+            # If this error reaches the client, it carries when this backend is expected back.
+            exc.retry_after = backend.health.cooldown_until - now
         self.calls.append(backend.record(Usage(), started, ok=False, error=exc.message[:300]))
 
     def available(self, backend_name: str) -> bool:
@@ -96,6 +104,9 @@ def _cooling(backend: Backend) -> UpstreamError:
 
 
 def upstream_to_api_error(exc: UpstreamError, retry_after_s: float | None = None) -> ApiError:
-    headers = {"Retry-After": str(int(round(retry_after_s)))} if retry_after_s else {}
+    """The client's error for a request no backend could serve. Retry-After: when a cooling backend
+    is expected back (given, or carried by the error), whole seconds, at least 1."""
+    seconds = retry_after_s or exc.retry_after
+    headers = {"Retry-After": str(max(1, math.ceil(seconds)))} if seconds else {}
     code = "upstream_timeout" if exc.status == 504 else "upstream_error"
     return ApiError(exc.status, exc.message, code=code, headers=headers)

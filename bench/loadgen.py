@@ -1,0 +1,123 @@
+"""Load generator for the benchmarks: an asyncio aiohttp client in its own process.
+
+It runs apart from the servers it measures, so its CPU is not charged to them, and every target is
+measured with the same client, so the client's own cost cancels out of "added latency".
+
+Run:  python bench/loadgen.py '{"mode": "closed", "url": ..., "body": {...}, "concurrency": 16, ...}'
+Prints one JSON object on stdout. Modes:
+  closed    `concurrency` workers back to back, for `requests` requests or `duration_s` seconds
+            (after `warmup` requests): latency percentiles, requests/s, errors.
+  stream    `requests` streamed completions one after another: time to first byte, time from the
+            first to the last byte, events received, and whether each ended with [DONE].
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import sys
+import time
+from typing import Any
+
+import aiohttp
+import orjson
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"n": 0}
+    ordered = sorted(values)
+
+    def pick(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    return {"n": len(ordered), "p50": pick(0.50), "p90": pick(0.90), "p99": pick(0.99),
+            "mean": statistics.fmean(ordered), "max": ordered[-1]}
+
+
+async def closed_loop(spec: dict[str, Any]) -> dict[str, Any]:
+    url, body = spec["url"], orjson.dumps(spec["body"])
+    headers = {"Content-Type": "application/json", **spec.get("headers", {})}
+    concurrency = int(spec.get("concurrency", 1))
+    accept = set(spec.get("accept", [200]))  # statuses that count as answered (probes time errors too)
+    limit_requests = spec.get("requests")
+    duration = spec.get("duration_s")
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    connector = aiohttp.TCPConnector(limit=0, force_close=False)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
+
+        async def one() -> None:
+            started = time.perf_counter()
+            try:
+                async with session.post(url, data=body, headers=headers) as response:
+                    await response.read()
+                    ok = response.status in accept
+                    key = str(response.status)
+            except Exception as exc:  # every failure is counted, none aborts the run
+                ok, key = False, type(exc).__name__
+            if ok:
+                latencies.append(time.perf_counter() - started)
+            else:
+                errors[key] = errors.get(key, 0) + 1
+
+        for _ in range(int(spec.get("warmup", 0))):
+            await one()
+        latencies.clear()
+        errors.clear()
+        issued = 0
+        started = time.perf_counter()
+        stop_at = started + duration if duration else float("inf")
+
+        async def worker() -> None:
+            nonlocal issued
+            while time.perf_counter() < stop_at and (limit_requests is None or issued < limit_requests):
+                issued += 1
+                await one()
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    done = len(latencies) + sum(errors.values())
+    return {"mode": "closed", "concurrency": concurrency, "elapsed_s": elapsed, "requests": done,
+            "ok": len(latencies), "errors": errors, "rps": len(latencies) / elapsed if elapsed else 0.0,
+            "latency_ms": {k: (v * 1000 if k != "n" else v) for k, v in percentiles(latencies).items()}}
+
+
+async def streams(spec: dict[str, Any]) -> dict[str, Any]:
+    url, body = spec["url"], orjson.dumps({**spec["body"], "stream": True})
+    headers = {"Content-Type": "application/json", **spec.get("headers", {})}
+    ttfb, spans, events, complete = [], [], [], 0
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+        for i in range(int(spec.get("warmup", 0)) + int(spec["requests"])):
+            started = time.perf_counter()
+            first = last = None
+            data = b""
+            async with session.post(url, data=body, headers=headers) as response:
+                async for chunk in response.content.iter_any():
+                    now = time.perf_counter()
+                    if first is None:
+                        first = now
+                    last = now
+                    data += chunk
+            if i < int(spec.get("warmup", 0)) or first is None:
+                continue
+            ttfb.append(first - started)
+            spans.append(last - first)
+            events.append(data.count(b"data:"))
+            complete += data.rstrip().endswith(b"data: [DONE]")
+    ms = lambda values: {k: (v * 1000 if k != "n" else v) for k, v in percentiles(values).items()}  # noqa: E731
+    return {"mode": "stream", "requests": len(ttfb), "complete": complete, "ttfb_ms": ms(ttfb),
+            "first_to_last_ms": ms(spans), "events_p50": statistics.median(events) if events else 0}
+
+
+def main() -> None:
+    spec = orjson.loads(sys.argv[1])
+    import uvloop
+
+    runner = {"closed": closed_loop, "stream": streams}[spec["mode"]]
+    result = uvloop.run(runner(spec))
+    sys.stdout.write(orjson.dumps(result).decode() + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,644 @@
+"""Reliability and security of the gateway under load, upstream faults, Redis loss and hostile input.
+
+Everything runs over real HTTP against `ponder serve` processes on loopback, in front of mock
+upstreams (tests/mock_upstream.py) that misbehave on demand. Fast enough for CI (about 2 minutes);
+PONDER_SOAK=1 lengthens the load runs (60 s) and fuzzes with fresh random cases instead of the
+fixed, derandomized set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import httpx
+import orjson
+import psutil
+import pytest
+import redis
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.servers import PYTHON, Process, free_port, mock_backend, start_gateway, start_mock, write_policy
+
+SOAK = os.environ.get("PONDER_SOAK") == "1"
+ERROR_FIELDS = {"message", "type", "param", "code"}
+LONG_ANSWER = "one two three four five six seven eight nine ten"
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+
+
+def control(mock: Process, **kwargs: Any) -> None:
+    httpx.post(mock.url + "/control", json=kwargs).raise_for_status()
+
+
+def reset(*mocks: Process) -> None:
+    for mock in mocks:
+        httpx.post(mock.url + "/reset").raise_for_status()
+
+
+def upstream_calls(mock: Process) -> int:
+    return httpx.get(mock.url + "/calls").json()["count"]
+
+
+def chat(model: str, content: str = "hello there", **extra: Any) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": content}], **extra}
+
+
+def assert_openai_error(response: httpx.Response | Any, body: bytes | None = None) -> dict[str, Any]:
+    data = orjson.loads(body if body is not None else response.content)
+    assert set(data) == {"error"} and set(data["error"]) == ERROR_FIELDS, data
+    assert isinstance(data["error"]["message"], str) and data["error"]["message"]
+    return data["error"]
+
+
+def sse_payloads(body: bytes) -> list[bytes]:
+    return [line[5:].strip() for line in body.split(b"\n") if line.startswith(b"data:")]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def fire(url: str, bodies: list[dict[str, Any]], concurrency: int,
+               headers: dict[str, str] | None = None) -> list[tuple[int, float, dict[str, str], bytes]]:
+    """POST every body, `concurrency` at a time: (status, seconds, headers, body) per request, in order."""
+    results: list[Any] = [None] * len(bodies)
+    queue = list(enumerate(bodies))
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        async def worker() -> None:
+            while queue:
+                index, body = queue.pop(0)
+                started = time.perf_counter()
+                async with session.post(url + "/v1/chat/completions", json=body, headers=headers or {}) as resp:
+                    data = await resp.read()
+                    results[index] = (resp.status, time.perf_counter() - started, dict(resp.headers), data)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return results
+
+
+async def fixed_rate(url: str, rate: float, duration: float, on_tick=None) -> list[tuple[float, int, float, str]]:
+    """Open-loop load: one request every 1/rate s whatever the answers do. (sent_at, status, s, id)."""
+    results: list[tuple[float, int, float, str]] = []
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                     timeout=aiohttp.ClientTimeout(total=30)) as session:
+        async def one(i: int, sent_at: float) -> None:
+            started = time.perf_counter()
+            try:
+                async with session.post(url + "/v1/chat/completions",
+                                        json=chat("auto", f"request {i}: what is {i} plus {i}?")) as resp:
+                    data = await resp.json(content_type=None)
+                    results.append((sent_at, resp.status, time.perf_counter() - started, data.get("id", "")))
+            except Exception as exc:  # a transport failure is a failed request too
+                results.append((sent_at, 0, time.perf_counter() - started, type(exc).__name__))
+
+        tasks, start = [], time.perf_counter()
+        for i in range(int(rate * duration)):
+            delay = start + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if on_tick is not None:
+                on_tick(time.perf_counter() - start)
+            tasks.append(asyncio.create_task(one(i, time.perf_counter() - start)))
+        await asyncio.gather(*tasks)
+    return results
+
+
+def raw_request_then_close(url: str, body: dict[str, Any], after_s: float) -> None:
+    """Send a request on a bare socket and hang up after `after_s`, as a client that gives up does."""
+    host, port = url.removeprefix("http://").split(":")
+    payload = orjson.dumps(body)
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+        time.sleep(after_s)
+
+
+# -- servers ----------------------------------------------------------------------------------------
+
+
+def simple_policy(tmp: Path, backend: str, **extra: Any) -> str:
+    return write_policy(tmp, {
+        "name": "simple",
+        "arms": {"direct": {"backend": backend, "strategy": "single", "tokens": 16}},
+        "routes": [{"name": "all", "candidates": ["direct"]}],
+        "exploration": {"share": 0.0},
+        **extra,
+    }, name=f"simple-{backend}.yaml")
+
+
+@pytest.fixture(scope="module")
+def healthy(tmp_path_factory):
+    """One gateway in front of one well-behaved mock: load and fuzzing."""
+    tmp = tmp_path_factory.mktemp("healthy")
+    mock = start_mock(tmp)
+    gateway = start_gateway(tmp, {"backends": [mock_backend("m", mock)], "policy": simple_policy(tmp, "m"),
+                                  "max_body_bytes": 200_000}, name="healthy")
+    yield gateway, mock
+    gateway.stop()
+    mock.stop()
+
+
+# Each fault test routes through its own alias, whose two arms sit on their own pair of backends
+# (one on the faulty mock A, one on the healthy mock B): cool-downs from one test never leak into
+# the next. Arm A always wins the decision (higher prior; cost and latency weigh nothing), so the
+# fault is always met first and B is the fallback.
+FAULT_TAGS = ("flaky", "ratelimit", "hang", "reset", "early-500", "early-reset", "early-429", "late-truncate",
+              "late-reset_mid", "stall", "allfail", "gone", "streamgone")
+FAULTY_EXTRA = {"hang": {"timeout_s": 1.0}, "stall": {"first_byte_timeout_s": 0.5},
+                "gone": {"timeout_s": 1.0}, "streamgone": {"first_byte_timeout_s": 1.0}}
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("faults")
+    mock_a, mock_b = start_mock(tmp), start_mock(tmp)
+    backends, arms, aliases = [], {}, {"auto": {"description": "every arm"}}
+    for tag in FAULT_TAGS:
+        backends += [mock_backend(f"a-{tag}", mock_a, **FAULTY_EXTRA.get(tag, {})), mock_backend(f"b-{tag}", mock_b)]
+        arms[f"{tag}-a"] = {"backend": f"a-{tag}", "strategy": "single", "prior": 0.9}
+        arms[f"{tag}-b"] = {"backend": f"b-{tag}", "strategy": "single", "prior": 0.5}
+        aliases[tag] = {"arms": [f"{tag}-a", f"{tag}-b"], "explore": False}
+    policy = write_policy(tmp, {"name": "faults", "arms": arms, "routes": [{"name": "all", "candidates": list(arms)}],
+                                "aliases": aliases, "objective": {"cost_weight": 0, "latency_weight": 0},
+                                "exploration": {"share": 0.0}})
+    gateway = start_gateway(tmp, {"backends": backends, "policy": policy}, name="faults")
+    yield gateway, mock_a, mock_b
+    gateway.stop()
+    mock_a.stop()
+    mock_b.stop()
+
+
+# -- load -------------------------------------------------------------------------------------------
+
+
+def test_fixed_rate_load_has_no_errors_bounded_p99_and_flat_memory(healthy):
+    gateway, _mock = healthy
+    rate, duration = 50.0, 15.0  # CI: a fixed rate well below what two shared cores sustain
+    if SOAK:  # 60 s at 80% of the requests/s measured here and now
+        started = time.perf_counter()
+        burst = asyncio.run(fire(gateway.url, [chat("auto")] * 2000, concurrency=16))
+        assert all(status == 200 for status, *_ in burst)
+        rate, duration = 0.8 * len(burst) / (time.perf_counter() - started), 60.0
+    process = psutil.Process(gateway.process.pid)
+    asyncio.run(fixed_rate(gateway.url, rate, 3.0))  # warm: imports, caches, pools, allocator arenas
+    rss_before = process.memory_info().rss
+    results = asyncio.run(fixed_rate(gateway.url, rate, duration))
+    rss_after = process.memory_info().rss
+    failed = [r for r in results if r[1] != 200]
+    assert not failed, f"{len(failed)} of {len(results)} failed, e.g. {failed[:3]}"
+    latencies = [r[2] for r in results]
+    assert percentile(latencies, 0.99) < 0.5, f"p99 {percentile(latencies, 0.99):.3f} s"
+    assert rss_after <= rss_before * 1.10, f"RSS grew {rss_before / 2**20:.1f} -> {rss_after / 2**20:.1f} MB"
+
+
+# -- faults with two backends -----------------------------------------------------------------------
+
+
+def test_half_failing_backend_is_masked_by_retry_and_fallback_and_cooled_down(pair):
+    gateway, mock_a, mock_b = pair
+    reset(mock_a, mock_b)
+    control(mock_a, fail_rate=0.5)
+    requests = 2000 if SOAK else 1000
+    results = asyncio.run(fire(gateway.url, [chat("flaky")] * requests, concurrency=16))
+    ok = sum(1 for status, *_ in results if status == 200)
+    assert ok / requests >= 0.999, f"{requests - ok} of {requests} failed"
+    served_by_b = sum(1 for _s, _t, headers, _b in results if headers.get("x-ponder-arm", "").startswith("b-"))
+    # Without a cool-down every request would try A first (and half of them twice).
+    assert upstream_calls(mock_a) < requests, "the failing backend was never skipped"
+    assert served_by_b > 0
+
+
+def test_429_with_retry_after_cools_the_backend_down_and_falls_back_at_once(pair):
+    gateway, mock_a, mock_b = pair
+    reset(mock_a, mock_b)
+    control(mock_a, script=["429"] * 20)
+    started = time.perf_counter()
+    first = httpx.post(gateway.url + "/v1/chat/completions", json=chat("ratelimit"), timeout=10)
+    first_s = time.perf_counter() - started
+    assert first.status_code == 200 and first.headers["x-ponder-arm"].startswith("b-")
+    assert first_s < 0.5, f"waited {first_s:.2f} s on a backend that said Retry-After"
+    for _ in range(10):  # within Retry-After (1 s): A is not asked again
+        assert httpx.post(gateway.url + "/v1/chat/completions", json=chat("ratelimit")).status_code == 200
+    assert upstream_calls(mock_a) == 1
+
+
+def test_hanging_backend_times_out_then_falls_back_within_the_timeout_plus_10_percent(pair):
+    gateway, mock_a, mock_b = pair
+    reset(mock_a, mock_b)
+    control(mock_a, script=["hang"] * 200, hang_s=30)
+    timeout = FAULTY_EXTRA["hang"]["timeout_s"]
+    results = asyncio.run(fire(gateway.url, [chat("hang")] * 60, concurrency=4))
+    assert all(status == 200 for status, *_ in results)
+    seconds = [s for _status, s, _h, _b in results]
+    assert percentile(seconds, 0.99) <= timeout * 1.10, f"p99 {percentile(seconds, 0.99):.3f} s"
+    assert upstream_calls(mock_a) < 20, "the hanging backend was not cooled down"
+
+
+def test_connection_reset_is_retried_or_falls_back(pair):
+    gateway, mock_a, mock_b = pair
+    reset(mock_a, mock_b)
+    control(mock_a, script=["reset"] * 30)
+    results = asyncio.run(fire(gateway.url, [chat("reset")] * 30, concurrency=4))
+    assert all(status == 200 for status, *_ in results)
+
+
+def stream(gateway: Process, model: str, timeout: float = 10) -> tuple[int, bytes, float]:
+    started = time.perf_counter()
+    with httpx.stream("POST", gateway.url + "/v1/chat/completions", json=chat(model, stream=True),
+                      timeout=timeout) as response:
+        body = b"".join(response.iter_bytes())
+    return response.status_code, body, time.perf_counter() - started
+
+
+def assert_complete_stream(body: bytes, answer: str) -> None:
+    payloads = sse_payloads(body)
+    assert payloads[-1] == b"[DONE]"
+    chunks = [orjson.loads(p) for p in payloads[:-1]]
+    assert not any("error" in c for c in chunks)
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c.get("choices")) == answer
+    assert any(c["choices"][0].get("finish_reason") == "stop" for c in chunks if c.get("choices"))
+
+
+@pytest.mark.parametrize("failure", ["500", "reset", "429"])
+def test_stream_that_fails_before_any_byte_is_retried_invisibly(pair, failure):
+    gateway, mock_a, mock_b = pair
+    reset(mock_a, mock_b)
+    for mock in (mock_a, mock_b):
+        control(mock, answers=[LONG_ANSWER])
+    control(mock_a, script=[failure] * 3)
+    status, body, _ = stream(gateway, f"early-{failure}")
+    assert status == 200
+    assert_complete_stream(body, LONG_ANSWER)
+
+
+@pytest.mark.parametrize("break_kind", ["truncate", "reset_mid"])
+def test_stream_that_breaks_after_bytes_ends_with_an_error_event_not_a_finish(pair, break_kind):
+    gateway, mock_a, mock_b = pair
+    reset(mock_a, mock_b)
+    control(mock_a, answers=[LONG_ANSWER], script=[break_kind])
+    status, body, _ = stream(gateway, f"late-{break_kind}")
+    assert status == 200  # the headers had gone out with the first bytes
+    payloads = sse_payloads(body)
+    assert b"[DONE]" not in payloads
+    assert b"finish_reason\":\"stop" not in body
+    chunks = [orjson.loads(p) for p in payloads]
+    assert "error" in chunks[-1] and set(chunks[-1]["error"]) == ERROR_FIELDS
+    assert all(c["choices"][0].get("finish_reason") is None for c in chunks[:-1] if c.get("choices"))
+
+
+def test_stream_stalled_before_the_first_chunk_falls_back(pair):
+    gateway, mock_a, mock_b = pair
+    reset(mock_a, mock_b)
+    for mock in (mock_a, mock_b):
+        control(mock, answers=[LONG_ANSWER])
+    control(mock_a, script=["stall"] * 10, hang_s=30)
+    first_byte_timeout = FAULTY_EXTRA["stall"]["first_byte_timeout_s"]
+    status, body, seconds = stream(gateway, "stall")
+    assert status == 200
+    assert_complete_stream(body, LONG_ANSWER)
+    assert seconds <= first_byte_timeout * 1.10 + 0.2, f"{seconds:.2f} s to fall back"
+    _, body, seconds = stream(gateway, "stall")  # A is cooling down now: straight to B
+    assert_complete_stream(body, LONG_ANSWER)
+    assert seconds < first_byte_timeout
+
+
+def test_all_backends_failing_gives_a_fast_clean_error_with_retry_after(pair):
+    gateway, mock_a, mock_b = pair
+    reset(mock_a, mock_b)
+    for mock in (mock_a, mock_b):
+        control(mock, fail_rate=1.0)
+    for _ in range(3):  # the first failures put both backends into cool-down
+        httpx.post(gateway.url + "/v1/chat/completions", json=chat("allfail"), timeout=10)
+    seconds = []
+    for _ in range(30):
+        started = time.perf_counter()
+        response = httpx.post(gateway.url + "/v1/chat/completions", json=chat("allfail"), timeout=10)
+        seconds.append(time.perf_counter() - started)
+        assert response.status_code in (502, 503), response.text
+        assert_openai_error(response)
+        assert int(response.headers.get("retry-after", 0)) >= 1, (response.status_code, response.text)
+    assert percentile(seconds, 0.5) <= 0.100, f"p50 {percentile(seconds, 0.5) * 1000:.0f} ms"
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["json", "stream"])
+def test_client_disconnect_stops_every_upstream_call_and_retry(pair, streaming):
+    gateway, mock_a, mock_b = pair
+    reset(mock_a, mock_b)
+    control(mock_a, script=["stall" if streaming else "hang"] * 10, hang_s=30)
+    tag = "streamgone" if streaming else "gone"
+    raw_request_then_close(gateway.url, chat(tag, stream=streaming), after_s=0.3)
+    assert upstream_calls(mock_a) == 1
+    time.sleep(2.5)  # past the backend timeout (1 s) and a retry's backoff: nothing more may go out
+    assert (upstream_calls(mock_a), upstream_calls(mock_b)) == (1, 0)
+
+
+# -- Redis lost and back during load ----------------------------------------------------------------
+
+
+def test_redis_killed_and_restarted_during_load_loses_no_request_and_telemetry_resumes(tmp_path):
+    from telemetry.redis_server import start_redis
+
+    redis_proc = start_redis(data_dir=tmp_path / "redis")
+    mock = start_mock(tmp_path)
+    gateway = start_gateway(tmp_path, {"backends": [mock_backend("m", mock)], "policy": simple_policy(tmp_path, "m"),
+                                       "telemetry": {"redis_url": redis_proc.url, "refresh_s": 0.5}}, name="redis")
+    port, events = redis_proc.port, {}
+    try:
+        def chaos(t: float) -> None:
+            if t >= 2.0 and "killed" not in events:
+                events["killed"] = t
+                redis_proc.kill()
+            elif t >= 5.0 and "restarted" not in events:
+                events["restarted"] = t
+                events["proc"] = start_redis(port=port, data_dir=tmp_path / "redis2")
+
+        results = asyncio.run(fixed_rate(gateway.url, 30.0, 10.0, on_tick=chaos))
+        failed = [r for r in results if r[1] != 200]
+        assert not failed, f"{len(failed)} of {len(results)} failed while Redis was away: {failed[:3]}"
+        after = {r[3] for r in results if r[0] > events["restarted"] + 0.5}
+        client = redis.Redis.from_url(f"redis://127.0.0.1:{port}/0")
+        deadline, seen = time.monotonic() + 8, set()
+        while time.monotonic() < deadline and not after <= seen:
+            entries = client.xrange("ponder:{events}:stream")
+            seen = {orjson.loads(fields[b"e"])["request_id"] for _id, fields in entries}
+            time.sleep(0.3)
+        client.close()
+        assert after and after <= seen, f"{len(after - seen)} of {len(after)} events after the restart missing"
+    finally:
+        gateway.stop()
+        mock.stop()
+        if "proc" in events:
+            events["proc"].stop()
+        redis_proc.stop()
+
+
+# -- hostile input ----------------------------------------------------------------------------------
+
+_ascii = st.characters(min_codepoint=32, max_codepoint=126)
+_leaf = (st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False, allow_infinity=False)
+         | st.text(max_size=40))
+_json = st.recursive(_leaf, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                         max_size=4), max_leaves=12)
+_roles = st.sampled_from(["user", "system", "assistant", "developer", "tool", "function"])
+_part = st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url"]) | _leaf},
+                              optional={"text": st.text(max_size=60) | _leaf, "image_url": _json})
+_content = st.text(max_size=300) | st.none() | st.lists(_part | _json, max_size=3) | _json
+# Mostly well-formed messages (so requests get past validation into classify, decide and the upstream
+# call), some with hostile parts.
+_good_message = st.fixed_dictionaries({"role": _roles, "content": st.text(st.characters(exclude_categories=("Cs",)),
+                                                                          max_size=300)})
+_odd_message = st.fixed_dictionaries({"role": _roles | _leaf}, optional={
+    "content": _content, "name": _leaf, "tool_calls": _json, "tool_call_id": _leaf})
+_messages = (st.lists(_good_message, min_size=1, max_size=3) | st.lists(_good_message | _odd_message, min_size=1,
+                                                                        max_size=4) | _json)
+_number = st.integers(0, 20) | st.integers(-(10**6), 10**6) | st.sampled_from([0, -1, 10**30, 2**63, 1e308, -0.0]) | _leaf
+_optional_fields = {
+    "n": _number, "max_tokens": _number, "max_completion_tokens": _number, "temperature": _number, "top_p": _number,
+    "seed": _number, "stream": st.booleans() | _leaf, "stream_options": _json, "stop": _json, "tools": _json,
+    "reasoning_effort": st.sampled_from(["low", "high", "xhigh", "turbo"]) | _leaf, "tool_choice": _json,
+    "response_format": _json, "user": _leaf, "logit_bias": _json}
+_plausible_body = st.fixed_dictionaries(
+    {"model": st.sampled_from(["auto", "m"]), "messages": st.lists(_good_message, min_size=1, max_size=3)},
+    optional={k: v for k, v in _optional_fields.items() if k in ("n", "max_tokens", "temperature", "stream", "seed")})
+_wild_body = st.fixed_dictionaries(
+    {"model": st.sampled_from(["auto", "m", "no-such-model", ""]) | _leaf, "messages": _messages},
+    optional=_optional_fields)
+
+
+@st.composite
+def _payload(draw) -> bytes:
+    # Drawn by hand rather than with `|`, whose early, derandomized examples favour the first branch.
+    kind = draw(st.sampled_from(["plausible"] * 4 + ["wild"] * 3 + ["json", "bytes", "bad_utf8"]))
+    if kind == "bytes":
+        return draw(st.binary(max_size=400))
+    text = _dumps(draw(_json) if kind == "json" else draw(_plausible_body if kind == "plausible" else _wild_body))
+    if kind == "bad_utf8":
+        at = draw(st.integers(0, len(text)))
+        text = text[:at] + draw(st.sampled_from([b"\xff", b"\xc3(", b"\xed\xa0\x80", b"\x80"])) + text[at:]
+    return text
+
+
+def _dumps(value: Any) -> bytes:
+    import json  # the stdlib writes integers of any size, which orjson refuses
+
+    return json.dumps(value).encode()
+
+
+_request = st.fixed_dictionaries({
+    "path": st.sampled_from(["/v1/chat/completions"] * 8 + ["/v1/feedback", "/v1/models"]),
+    "body": _payload(),
+    "content_type": st.sampled_from(["application/json", "text/plain", "application/x-www-form-urlencoded", "",
+                                     "multipart/form-data; boundary=x", "application/json; charset=latin-1"]),
+    "headers": st.dictionaries(st.sampled_from(["x-ponder-strategy", "x-ponder-max-cost-usd", "x-ponder-policy",
+                                                "x-ponder-max-latency-ms", "authorization"]),
+                               st.text(_ascii, max_size=20).map(str.strip), max_size=2),
+})
+
+
+def check_no_5xx_and_openai_errors(client: httpx.Client, case: dict[str, Any]) -> None:
+    headers = {**case["headers"], **({"content-type": case["content_type"]} if case["content_type"] else {})}
+    method = "GET" if case["path"] == "/v1/models" else "POST"
+    response = client.request(method, case["path"], content=case["body"], headers=headers)
+    assert response.status_code < 500, (case, response.status_code, response.text[:500])
+    if response.status_code >= 400:
+        assert_openai_error(response)
+    elif response.headers.get("content-type", "").startswith("text/event-stream"):
+        assert b"data:" in response.content or b": ponder" in response.content
+    else:
+        assert isinstance(response.json(), dict)
+
+
+def test_fuzzed_requests_never_get_a_5xx_and_every_error_is_an_openai_error(healthy):
+    gateway, mock = healthy
+    reset(mock)
+    cases = 0
+    with httpx.Client(base_url=gateway.url, timeout=30) as client:
+        @settings(max_examples=5000 if SOAK else 2000, deadline=None, database=None, derandomize=not SOAK,
+                  suppress_health_check=list(HealthCheck))
+        @given(_request)
+        def run(case: dict[str, Any]) -> None:
+            nonlocal cases
+            cases += 1
+            check_no_5xx_and_openai_errors(client, case)
+
+        run()
+    assert cases >= 2000
+    assert upstream_calls(mock) > 0, "no fuzzed request was valid enough to reach the upstream"
+
+
+def _nested(depth: int) -> bytes:
+    return b'{"model": "auto", "messages": [{"role": "user", "content": "x"}], "extra": ' + b"[" * depth + b"]" * depth + b"}"
+
+
+@pytest.mark.parametrize("payload, content_type, status", [
+    (_nested(50_000), "application/json", 400),  # deep nesting: refused by the parser's depth limit
+    (b'{"model": "auto", "messages": [{"role": "user", "content": "\xff\xfe bad"}]}', "application/json", 400),
+    (b'{"model": "auto", "messages": [{"role": "user", "content": "\\ud800 lone surrogate"}]}', "application/json", 400),
+    (b'{"model": "auto", "messages": [{"role": "user", "content": "x"}], "n": 100000000000000000000000000000}',
+     "application/json", 400),
+    (b'{"model": "auto", "messages": [{"role": "user", "content": "x"}], "n": 1e308}', "application/json", 400),
+    (b'{"model": "auto", "messages": [{"role": "user", "content": "x"}], "max_tokens": -5}', "application/json", 400),
+    (b'{"model": "auto", "messages": [{"role": "hacker", "content": "x"}]}', "application/json", 400),
+    (b'{"model": "auto", "messages": [{"role": "user", "content": "x"}], "temperature": NaN}', "application/json", 400),
+    (b"model=auto&messages=hi", "application/x-www-form-urlencoded", 400),
+    (b"", "application/json", 400),
+    (b"null", "text/plain", 400),
+])
+def test_hostile_bodies_get_a_clean_4xx(healthy, payload, content_type, status):
+    gateway, _mock = healthy
+    response = httpx.post(gateway.url + "/v1/chat/completions", content=payload,
+                          headers={"content-type": content_type}, timeout=30)
+    assert response.status_code == status, response.text[:300]
+    assert_openai_error(response)
+
+
+def test_oversized_bodies_are_413_with_or_without_a_content_length(healthy):
+    gateway, _mock = healthy
+    big = _dumps(chat("auto", "x" * 300_000))
+    declared = httpx.post(gateway.url + "/v1/chat/completions", content=big,
+                          headers={"content-type": "application/json"})
+    chunked = httpx.post(gateway.url + "/v1/chat/completions", content=iter([big[i:i + 8192] for i in
+                                                                             range(0, len(big), 8192)]),
+                         headers={"content-type": "application/json"})
+    for response in (declared, chunked):
+        assert response.status_code == 413
+        assert assert_openai_error(response)["code"] == "body_too_large"
+
+
+# -- security ---------------------------------------------------------------------------------------
+
+USER_KEY = "sk-user-needle-7f3a9c"
+ADMIN_KEY = "sk-admin-needle-19be22"
+WRONG_KEY = "sk-wrong-needle-5d0e41"
+PROMPT_NEEDLE = "zebra-needle-prompt-4412"
+BUDGET_USD = 0.03  # about five requests at the prices below
+
+
+@pytest.fixture(scope="module")
+def keyed(tmp_path_factory):
+    """API keys, a per-key budget, and the log at `ponder serve`'s default level (info)."""
+    tmp = tmp_path_factory.mktemp("keyed")
+    mock = start_mock(tmp)
+    # $0.001 a token both ways: a request of 2 prompt + 4 answer tokens costs $0.006.
+    backend = mock_backend("m", mock, prices={"input_per_mtok": 1000.0, "output_per_mtok": 1000.0})
+    config = {
+        "backends": [backend], "policy": simple_policy(tmp, "m"), "local_model": {"enabled": False},
+        "telemetry": {"data_dir": str(tmp / "data")},
+        "api_keys": [{"id": "user", "sha256": hashlib.sha256(USER_KEY.encode()).hexdigest(),
+                      "budget_usd_per_day": BUDGET_USD},
+                     {"id": "admin", "sha256": hashlib.sha256(ADMIN_KEY.encode()).hexdigest(), "admin": True}],
+    }
+    port = free_port()
+    path = tmp / "keyed.yaml"
+    path.write_text(yaml.safe_dump(config))
+    gateway = Process([PYTHON, "-m", "gateway.cli", "serve", "--config", str(path), "--port", str(port),
+                       "--log-level", "info"], f"http://127.0.0.1:{port}", "/readyz", tmp / "keyed.log")
+    yield gateway, mock
+    gateway.stop()
+    mock.stop()
+
+
+def test_keys_are_stored_hashed_and_compared_in_constant_time(tmp_path, monkeypatch):
+    from gateway import auth
+    from gateway.config import ApiKey, ConfigError, load_config
+
+    raw = tmp_path / "raw-key.yaml"
+    raw.write_text(yaml.safe_dump({"api_keys": [{"id": "x", "key": USER_KEY}]}))
+    with pytest.raises(ConfigError):  # a plain key is not even accepted in the config
+        load_config(raw)
+    keys = [ApiKey(id=f"k{i}", sha256=hashlib.sha256(f"key-{i}".encode()).hexdigest()) for i in range(3)]
+    ring = auth.KeyRing(keys)
+    compared: list[tuple[bytes, bytes]] = []
+    real = hmac.compare_digest
+    monkeypatch.setattr(auth.hmac, "compare_digest", lambda a, b: compared.append((a, b)) or real(a, b))
+
+    class FakeRequest:
+        def __init__(self, key: str) -> None:
+            self.headers = {"authorization": f"Bearer {key}"}
+
+    for key in ("key-0", "key-2", "not-a-key"):  # first, last, none: the same work every time
+        compared.clear()
+        try:
+            ring.authenticate(FakeRequest(key))  # type: ignore[arg-type]
+        except Exception:
+            pass
+        assert len(compared) == len(keys)
+        assert all(a != key.encode() and b != key.encode() for a, b in compared)  # digests, never the key
+
+
+def test_admin_endpoints_need_the_admin_key(keyed):
+    gateway, _mock = keyed
+    for path in ("/v1/ponder/summary", "/v1/ponder/requests", "/v1/ponder/spend", "/metrics"):
+        assert httpx.get(gateway.url + path).status_code == 401, path
+        assert httpx.get(gateway.url + path, headers={"authorization": f"Bearer {WRONG_KEY}"}).status_code == 401
+        user = httpx.get(gateway.url + path, headers={"authorization": f"Bearer {USER_KEY}"})
+        assert user.status_code == 403, path
+        assert_openai_error(user)
+        assert httpx.get(gateway.url + path, headers={"authorization": f"Bearer {ADMIN_KEY}"}).status_code == 200
+
+
+def test_logs_hold_no_key_and_no_prompt_text_by_default(keyed):
+    gateway, mock = keyed
+    reset(mock)
+    url = gateway.url + "/v1/chat/completions"
+    user = {"authorization": f"Bearer {ADMIN_KEY}"}
+    httpx.post(url, json=chat("auto", PROMPT_NEEDLE), headers=user)
+    httpx.post(url, json={"model": "auto", "messages": [{"role": "spy", "content": PROMPT_NEEDLE}]}, headers=user)
+    control(mock, script=["500", "500", "500"])
+    httpx.post(url, json=chat("auto", PROMPT_NEEDLE), headers=user)
+    httpx.post(url, json=chat("auto", PROMPT_NEEDLE, stream=True), headers=user)
+    httpx.post(url, json=chat("auto", PROMPT_NEEDLE), headers={"authorization": f"Bearer {WRONG_KEY}"})
+    deadline = time.monotonic() + 10  # let the backend's cool-down pass before the next test needs it
+    while httpx.post(url, json=chat("auto"), headers=user).status_code != 200 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    log = gateway.log()
+    for secret in (USER_KEY, ADMIN_KEY, WRONG_KEY, PROMPT_NEEDLE):
+        assert secret not in log, f"{secret!r} appears in the log"
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "gateway/service.py reserve_budget holds the decision's *expected* cost (router/decide.py blends the "
+    "estimate toward the learned observed/estimated cost ratio), not a bound on the request's cost "
+    "(prompt estimate + max output tokens at the arm's prices): once the learned ratio is below 1, each "
+    "of 64 concurrent requests reserves less than it then spends; measured: 14-15 served, $0.084-0.09 spent of a "
+    "$0.03 budget"))
+def test_per_key_budget_holds_under_64_concurrent_requests(keyed):
+    gateway, mock = keyed
+    reset(mock)
+    # Outcomes that cost less than estimated (empty answers to the same prompt, on another key) teach
+    # the learner that this arm is cheap; the key's budget must hold all the same when it is not.
+    control(mock, answers=[""])
+    admin = {"authorization": f"Bearer {ADMIN_KEY}"}
+    asyncio.run(fire(gateway.url, [chat("auto", "x y", max_tokens=4)] * 30, concurrency=4, headers=admin))
+    time.sleep(1.5)  # the learned stats refresh (telemetry.refresh_s = 1 s)
+    control(mock, answers=["a b c d"])
+    bodies = [chat("auto", "x y", max_tokens=4)] * 64
+    results = asyncio.run(fire(gateway.url, bodies, concurrency=64, headers={"authorization": f"Bearer {USER_KEY}"}))
+    costs = [float(headers["x-ponder-cost-usd"]) for status, _s, headers, _b in results if status == 200]
+    refused = [orjson.loads(body) for status, _s, _h, body in results if status == 429]
+    assert costs and refused, f"{len(costs)} served, {len(refused)} refused: {[r[3][:300] for r in results[:3]]}"
+    assert all(set(r["error"]) == ERROR_FIELDS for r in refused)
+    assert sum(costs) <= BUDGET_USD + max(costs) + 1e-12, f"spent {sum(costs):.4f} of {BUDGET_USD}"
+    assert len(costs) + len(refused) == 64
+
+
+def test_cors_is_off_by_default(healthy):
+    gateway, _mock = healthy
+    preflight = httpx.options(gateway.url + "/v1/chat/completions", headers={
+        "origin": "https://evil.example", "access-control-request-method": "POST",
+        "access-control-request-headers": "authorization, content-type"})
+    assert "access-control-allow-origin" not in preflight.headers
+    simple = httpx.get(gateway.url + "/v1/models", headers={"origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in simple.headers
