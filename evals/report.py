@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -22,10 +23,11 @@ import numpy as np  # noqa: E402
 from evals.metrics import pareto_frontier, upper_hull  # noqa: E402
 
 SIZE, DPI = (6.4, 4.2), 80
-COLORS = {"ponder warm (recorded)": "tab:blue", "ponder warm": "tab:cyan", "ponder cold": "tab:olive",
+COLORS = {"ponder warm (recorded)": "tab:blue", "ponder warm (recorded, no exploration)": "navy",
+          "ponder warm (recorded, no exploration) [group buckets]": "indigo", "ponder warm": "tab:cyan", "ponder cold": "tab:olive",
           "ponder warm (recorded) [group buckets]": "tab:purple", "ponder warm [group buckets]": "tab:pink",
-          "ponder cold [group buckets]": "tab:brown", "zero-shot router": "tab:green",
-          "zero-shot difficulty": "tab:green", "prompt length": "tab:orange", "random": "tab:gray",
+          "ponder cold [group buckets]": "tab:brown", "difficulty router": "tab:green",
+          "difficulty": "tab:green", "prompt length": "tab:orange", "random": "tab:gray",
           "oracle": "tab:red"}
 
 
@@ -48,21 +50,23 @@ def plot_cost_accuracy(result: dict, path: Path) -> Path | None:
     arms = [a for a in result["arms"] if a["cost_usd"] is not None]
     if not arms or not result["methods"]:
         return None
-    fig, ax = plt.subplots(figsize=SIZE)
+    fig, ax = plt.subplots(figsize=(SIZE[0] * 1.45, SIZE[1]))
     cost = np.array([a["cost_usd"] for a in arms])
     acc = np.array([a["accuracy"] for a in arms])
     ax.scatter(cost, acc, s=12, color="0.6", label="single arms", zorder=2)
-    front = pareto_frontier(cost, acc)
-    ax.plot(cost[front], acc[front], color="0.45", lw=1, label="single-arm Pareto frontier")
-    hull = upper_hull(cost, acc)
-    ax.plot(cost[hull], acc[hull], color="0.3", lw=1, ls="--", label="random mix at matched cost")
+    front = pareto_frontier(cost, acc)  # the best single arm within a budget: a staircase
+    ax.step(cost[front], acc[front], where="post", color="0.45", lw=1, label="single-arm Pareto frontier")
+    hull = upper_hull(cost, acc)  # a random mix is linear in cost: curved on the log axis, so sample it densely
+    dense = np.geomspace(cost[hull][0], cost[hull][-1], 200)
+    ax.plot(dense, np.interp(dense, cost[hull], acc[hull]), color="0.3", lw=1, ls="--",
+            label="random mix at matched cost")
     table = result["table"]
     for key in ("cheapest", "strongest"):
         arm = next(a for a in arms if a["arm"] == table[key])
         ax.annotate(f"always-{key}\n{arm['arm']}", (arm["cost_usd"], arm["accuracy"]), fontsize=6,
                     xytext=(3, -14 if key == "strongest" else 4), textcoords="offset points")
     for name, curve in result["pair"]["routers"].items():
-        if name in ("prompt length", "zero-shot difficulty"):
+        if name in ("prompt length", "difficulty"):
             ax.plot(curve["cost_usd"], curve["accuracy"], color=COLORS[name], lw=1, alpha=0.8,
                     label=f"{name} threshold ({table['weak']} / {table['strong']})")
     for name, method in result["methods"].items():
@@ -73,11 +77,14 @@ def plot_cost_accuracy(result: dict, path: Path) -> Path | None:
         ax.scatter([result["oracle"]["cost_usd"]], [result["oracle"]["accuracy"]], marker="*", s=80,
                    color=COLORS["oracle"], label="oracle", zorder=3)
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:.0e}"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels collide on a short log axis
     ax.set_xlabel("mean cost per request (USD, log)")
     ax.set_ylabel("accuracy")
     ax.set_title(f"{table['name']}: cost vs accuracy", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, loc="lower right")
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _save(fig, path)
 
 
@@ -90,7 +97,7 @@ def plot_pgr(result: dict, path: Path) -> Path:
         recovered = (np.array(curve["accuracy"]) - pair["weak_accuracy"]) / gap if gap else share * 0
         ax.plot(share, recovered, color=COLORS.get(name), lw=1.2,
                 label=f"{name}: CPT50 {_pct(curve['cpt50'])}, APGR {curve['apgr']:.2f}")
-    for name in ("zero-shot router", "ponder warm (recorded)"):
+    for name in ("difficulty router", "ponder warm (recorded)"):
         method = result["methods"].get(name)
         if method and gap:
             pts = sorted(method["points"], key=lambda p: p["strong_share"])

@@ -14,9 +14,9 @@ Methods, each swept over the policy's cost weight lambda where it has one:
   either online (the learner decided those prompts itself, bandit feedback) or recorded (every arm's
   recorded outcome on those prompts loaded into the aggregates, like a router trained on part of a
   table and tested on the rest);
-- zero-shot router (two-arm tables): decide() over difficulty-window routes whose priors come from the
+- difficulty router (two-arm tables): decide() over difficulty-window routes whose priors come from the
   difficulty alone (weak arm 1 - d, strong arm 1 - RHO d), no learning; and the same score as a plain
-  threshold for RouteLLM's CPT/APGR;
+  threshold for RouteLLM's CPT/APGR (zero-shot when the scores are `source-out`);
 - baselines: prompt length (the longest prompts go to the strong arm), always-cheapest,
   always-strongest, every single arm, random at matched cost (the best random mix of single arms),
   and the oracle (per prompt, the cheapest arm that is right).
@@ -43,8 +43,8 @@ from telemetry.aggregates import apply_delta, arm_stats
 ARRIVAL_SEED = 7
 WARM_FOLDS = 2
 LAMBDA_STEPS = tuple(float(k) for k in np.geomspace(0.004, 2.0, 10))  # x 1 / mean cost of the strongest arm
-RHO = 0.5  # zero-shot prior of the strong arm: 1 - RHO * d (any RHO < 1 traces the same decisions over lambda)
-WINDOW = 0.02  # difficulty-window width of the zero-shot router's routes
+RHO = 0.5  # difficulty-only prior of the strong arm: 1 - RHO * d (any RHO < 1 traces the same decisions over lambda)
+WINDOW = 0.02  # difficulty-window width of the difficulty router's routes
 HEADLINE = "ponder warm (recorded)"
 SHORT_ANSWER_TOKENS = 5  # the policy's guess for a direct (no-CoT) arm, before costs are learned
 Progress = Callable[[int], None]
@@ -200,7 +200,7 @@ def run_cold(table, classes, policy, seed: int = ARRIVAL_SEED, progress: Progres
 
 
 def run_warm(table, classes, policy, seed: int = ARRIVAL_SEED, progress: Progress | None = None,
-             recorded: bool = False) -> Run:
+             recorded: bool = False, explore: bool = True) -> Run:
     """Each fold is answered by a learner warmed up on the other folds, then still learning online.
 
     Online warm-up (default): the learner decided the other folds itself, with bandit feedback.
@@ -222,7 +222,7 @@ def run_warm(table, classes, policy, seed: int = ARRIVAL_SEED, progress: Progres
         else:
             replay(table, classes, compiled, others, book, rng, progress=progress)
         held = order[fold_of[order] == fold]
-        run = replay(table, classes, compiled, held, book, rng, run, progress=progress)
+        run = replay(table, classes, compiled, held, book, rng if explore else None, run, progress=progress)
         measured.append(held)
     run.rows = np.concatenate(measured)
     return run
@@ -274,7 +274,7 @@ def pair_curves(table: OutcomeTable, weak: int, strong: int, difficulty: np.ndar
     w, s = table.scores[rows, weak], table.scores[rows, strong]
     cw, cs = table.cost_usd[rows, weak], table.cost_usd[rows, strong]
     routers = {
-        "zero-shot difficulty": difficulty[rows],
+        "difficulty": difficulty[rows],
         "prompt length": np.array([len(table.prompts[i]) for i in rows], dtype=float),
         "random": np.zeros(len(rows)),  # all tied: the exact expectation over random orders
         "oracle": s - w - 1e-9 * (cs - cw),  # the gain, cheaper strong calls first among equal gains
@@ -384,7 +384,9 @@ def evaluate(table: OutcomeTable, scores: Scores, *, bucket_modes: Sequence[str]
     for mode in bucket_modes:
         classes = classify_rows(table, scores, mode)
         suffix = "" if mode == "classifier" else " [group buckets]"
-        runners = (("warm (recorded)", lambda *a: run_warm(*a, recorded=True)), ("warm", run_warm), ("cold", run_cold))
+        runners = (("warm (recorded)", lambda *a: run_warm(*a, recorded=True)),
+                   ("warm (recorded, no exploration)", lambda *a: run_warm(*a, recorded=True, explore=False)),
+                   ("warm", run_warm), ("cold", run_cold))
         for kind, runner in runners:
             name, points = f"ponder {kind}{suffix}", []
             for k in lambdas:
@@ -401,7 +403,7 @@ def evaluate(table: OutcomeTable, scores: Scores, *, bucket_modes: Sequence[str]
         policy = zero.model_copy(update={"objective": Objective(cost_weight=k / unit, latency_weight=0.0)})
         run = replay(pair_table, classes, policy, np.arange(len(table)), None, None, progress=progress)
         points.append({"k": k, "lambda": k / unit, **run.summary(), "strong_share": float((run.chosen == 1).mean())})
-    result["methods"]["zero-shot router"] = {"points": points, **operating_points(points, strongest)}
+    result["methods"]["difficulty router"] = {"points": points, **operating_points(points, strongest)}
 
     # The operating point shown in the tier table and the regret curve: the cheapest point of the
     # recorded warm-up within one point of the strongest arm, else its most accurate one.

@@ -159,9 +159,10 @@ def test_oracle_beats_every_baseline_and_report_files(tmp_path):
     accuracies += [p["accuracy"] for m in result["methods"].values() for p in m["points"]]
     accuracies += [max(r["accuracy"]) for r in result["pair"]["routers"].values()]
     assert oracle >= max(accuracies) - 1e-12
-    assert set(result["methods"]) == {f"ponder {kind}{suffix}" for kind in ("warm (recorded)", "warm", "cold")
-                                      for suffix in ("", " [group buckets]")} | {"zero-shot router"}
-    assert set(result["pair"]["routers"]) == {"zero-shot difficulty", "prompt length", "random", "oracle"}
+    kinds = ("warm (recorded)", "warm (recorded, no exploration)", "warm", "cold")
+    assert set(result["methods"]) == {f"ponder {kind}{suffix}" for kind in kinds
+                                      for suffix in ("", " [group buckets]")} | {"difficulty router"}
+    assert set(result["pair"]["routers"]) == {"difficulty", "prompt length", "random", "oracle"}
     plots = write_report(result, tmp_path)
     for name in ("report.json", "report.md", *plots.values()):
         assert (tmp_path / name).stat().st_size > 0
@@ -186,8 +187,8 @@ def test_mmlu_pro_small_run_reports_every_baseline(tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["table"]["prompts"] == 300 and report["table"]["arms"] == 29
     assert {"ponder warm (recorded)", "ponder warm", "ponder cold", "ponder warm (recorded) [group buckets]",
-            "zero-shot router"} <= set(report["methods"])
-    assert set(report["pair"]["routers"]) == {"zero-shot difficulty", "prompt length", "random", "oracle"}
+            "difficulty router"} <= set(report["methods"])
+    assert set(report["pair"]["routers"]) == {"difficulty", "prompt length", "random", "oracle"}
     assert report["oracle"] and report["random_matched"] and report["by_tier"] and report["regret"]
     names = {report["table"]["cheapest"], report["table"]["strongest"]}
     assert "gemini-1.5-pro-002" in names  # always-strongest
