@@ -622,11 +622,14 @@ def decide(
     chosen, explore = greedy, False
     if not degraded and view.explore and learner.should_explore(policy.exploration.share, rng):
         options = learner.explore_pool(greedy, eligible, costs, policy.exploration.max_extra_cost_usd)
-        if options:
+        if len(options) > 1:
             options = learner.narrow(options, rng)
+            if greedy not in options:
+                options[0] = greedy
             draws = [_posterior_of(candidates[i], stats_for(rows[i][1]), strength) + (costs[i],
                      candidates[i].expected_latency_ms) for i in options]
-            chosen, explore = options[learner.thompson_pick(draws, cost_weight, objective.latency_weight, rng)], True
+            chosen = options[learner.thompson_pick(draws, cost_weight, objective.latency_weight, rng)]
+            explore = chosen != greedy
     winner = rows[chosen][0]
     if explore:
         reasons.append(f"explore: Thompson draw chose `{winner.name}` over greedy `{rows[greedy][0].name}` "

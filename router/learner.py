@@ -91,11 +91,15 @@ def should_explore(share: float, rng: random.Random | None) -> bool:
 
 
 def explore_pool(greedy: int, eligible: Sequence[int], costs: Sequence[float], max_extra_cost: float | None) -> list[int]:
-    """Eligible arms other than the greedy one whose expected cost stays within the exploration allowance."""
+    """Eligible arms whose expected cost stays within the exploration allowance, the greedy one included.
+
+    The greedy arm takes part in the Thompson draw: leaving it out would make every explored request
+    a forced switch, and an arm that looked best by luck early would never have its own uncertainty
+    sampled, so a bucket could lock onto it (seen in the MMLU-Pro replay with flat priors)."""
     if max_extra_cost is None:
-        return [i for i in eligible if i != greedy]
+        return list(eligible)
     ceiling = costs[greedy] + max_extra_cost
-    return [i for i in eligible if i != greedy and costs[i] <= ceiling]
+    return [i for i in eligible if i == greedy or costs[i] <= ceiling]
 
 
 def narrow(options: list[int], rng: random.Random) -> list[int]:
