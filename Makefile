@@ -21,3 +21,7 @@ test: install-test
 
 bench: install-test
 	.venv/bin/python bench/run_all.py
+
+# Replays every recorded-outcome suite and rewrites the results in docs/eval.md and docs/img/.
+eval: install-test
+	.venv/bin/python -m evals.cli --suite all --out out/eval --docs docs
