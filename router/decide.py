@@ -622,14 +622,11 @@ def decide(
     chosen, explore = greedy, False
     if not degraded and view.explore and learner.should_explore(policy.exploration.share, rng):
         options = learner.explore_pool(greedy, eligible, costs, policy.exploration.max_extra_cost_usd)
-        if len(options) > 1:
+        if options:
             options = learner.narrow(options, rng)
-            if greedy not in options:
-                options[0] = greedy
             draws = [_posterior_of(candidates[i], stats_for(rows[i][1]), strength) + (costs[i],
                      candidates[i].expected_latency_ms) for i in options]
-            chosen = options[learner.thompson_pick(draws, cost_weight, objective.latency_weight, rng)]
-            explore = chosen != greedy
+            chosen, explore = options[learner.thompson_pick(draws, cost_weight, objective.latency_weight, rng)], True
     winner = rows[chosen][0]
     if explore:
         reasons.append(f"explore: Thompson draw chose `{winner.name}` over greedy `{rows[greedy][0].name}` "

@@ -91,15 +91,11 @@ def should_explore(share: float, rng: random.Random | None) -> bool:
 
 
 def explore_pool(greedy: int, eligible: Sequence[int], costs: Sequence[float], max_extra_cost: float | None) -> list[int]:
-    """Eligible arms whose expected cost stays within the exploration allowance, the greedy one included.
-
-    The greedy arm takes part in the Thompson draw: leaving it out would make every explored request
-    a forced switch, and an arm that looked best by luck early would never have its own uncertainty
-    sampled, so a bucket could lock onto it (seen in the MMLU-Pro replay with flat priors)."""
+    """Eligible arms other than the greedy one whose expected cost stays within the exploration allowance."""
     if max_extra_cost is None:
-        return list(eligible)
+        return [i for i in eligible if i != greedy]
     ceiling = costs[greedy] + max_extra_cost
-    return [i for i in eligible if i == greedy or costs[i] <= ceiling]
+    return [i for i in eligible if i != greedy and costs[i] <= ceiling]
 
 
 def narrow(options: list[int], rng: random.Random) -> list[int]:
