@@ -83,11 +83,11 @@ class PassThrough:
                 payload, parsed = item
                 if parsed and parsed.get("usage"):
                     usage = Usage.from_block(parsed["usage"])
-                elif parsed and _has_content(parsed):
-                    content_chunks += 1
                     if not parsed.get("choices"):
                         item = await anext(self.source, None)
                         continue  # the usage-only chunk is re-sent below, with the whole request's usage
+                elif parsed and _has_content(parsed):
+                    content_chunks += 1
                 yield sse(payload)
                 item = await anext(self.source, None)
         except UpstreamError as exc:
