@@ -36,7 +36,10 @@ from telemetry.store import BudgetExceeded, Store, open_store
 
 log = logging.getLogger("ponder.gateway")
 DIRECT_SAMPLES = 5  # samples when a client asks a named backend for a multi-sample strategy
-DIRECT_OUTPUT_TOKENS = 1024  # held against a key's budget when a direct request sets no max_tokens
+# Output tokens per call held against a key's budget when a request sets no max_tokens.
+DIRECT_OUTPUT_TOKENS = 1024
+REASONING_OUTPUT_TOKENS = 8192
+JUDGE_OUTPUT_TOKENS = 16
 
 
 @dataclass
@@ -48,20 +51,18 @@ class Plan:
     policy: CompiledPolicy | None
     principal: Principal
     alias: str
-    direct_cost_usd: float = 0.0  # for a directly named backend: what it may cost at most
+    worst_cost_usd: float = 0.0  # what the request may cost at most (see Gateway.worst_case_usd)
     started: float = field(default_factory=time.perf_counter)
     ts: float = field(default_factory=time.time)
 
     def arms(self) -> list[Arm]:
         return [self.decision.arm, *self.decision.fallbacks]
 
-    def expected_cost_usd(self) -> float:
-        """What the budget holds for this request until it settles: the decision engine's estimate
-        for the chosen arm, or the worst case of a directly named backend."""
-        for candidate in self.decision.candidates:
-            if candidate.arm == self.decision.arm:
-                return candidate.expected_cost_usd
-        return self.direct_cost_usd
+    def reserve_usd(self) -> float:
+        """What the budget holds until the request settles: its worst case, never below the decision
+        engine's estimate (estimates learn from cheap past answers; a bound must not)."""
+        expected = next((c.expected_cost_usd for c in self.decision.candidates if c.arm == self.decision.arm), 0.0)
+        return max(expected, self.worst_cost_usd)
 
 
 class Gateway:
@@ -141,11 +142,8 @@ class Gateway:
         policy = self._policy_for(headers)
         if req.model in self.backends:
             decision = self._direct(req, headers, classification, policy)
-            backend = self.backends[req.model]
-            out_tokens = req.max_output_tokens or DIRECT_OUTPUT_TOKENS
-            samples = max(decision.arm.n, req.n)
-            worst = call_cost(backend.prices, estimate_prompt_tokens(req.messages), out_tokens) * samples
-            return Plan(request_id, decision, policy, principal, req.model, direct_cost_usd=worst)
+            return Plan(request_id, decision, policy, principal, req.model,
+                        worst_cost_usd=self.worst_case_usd(decision.arm, req))
         if req.model not in policy.aliases:
             raise ApiError(404, f"The model {req.model!r} does not exist; GET /v1/models lists the models "
                                 "and routed aliases.", param="model", code="model_not_found")
@@ -160,7 +158,24 @@ class Gateway:
                               request=hints, budget_left_usd=budget_left, rng=self._rng)
         except BudgetExhausted as exc:
             raise ApiError(429, str(exc), code="budget_exhausted", headers={"Retry-After": "3600"}) from None
-        return Plan(request_id, decision, policy, principal, req.model)
+        return Plan(request_id, decision, policy, principal, req.model,
+                    worst_cost_usd=self.worst_case_usd(decision.arm, req))
+
+    def worst_case_usd(self, arm: Arm, req: ChatRequest) -> float:
+        """What answering with this arm can cost at most (every sample writing its whole `max_tokens`):
+        what a budget must hold while the request runs, so that concurrent requests cannot overspend.
+        Without `max_tokens` the bound is a default output length per call."""
+        backend = self.backends.get(arm.backend)
+        if backend is None:
+            return 0.0
+        prompt = estimate_prompt_tokens(req.messages)
+        out = req.max_output_tokens or (REASONING_OUTPUT_TOKENS if backend.spec.reasoning else DIRECT_OUTPUT_TOKENS)
+        samples = max(arm.n, req.n)
+        cost = call_cost(backend.prices, prompt, out) * samples
+        if arm.strategy == "best_of_n":
+            judge = self.backends.get(arm.verifier or arm.backend, backend)
+            cost += call_cost(judge.prices, prompt + out, JUDGE_OUTPUT_TOKENS) * samples
+        return cost + sum(self.worst_case_usd(stage, req) for stage in arm.stages)
 
     def _direct(self, req: ChatRequest, headers: Any, classification: Classification,
                 policy: CompiledPolicy) -> Decision:
@@ -282,7 +297,7 @@ class Gateway:
         if not limits or self.store is None:
             return None
         try:
-            return await self.store.reserve(plan.principal.key_id, plan.expected_cost_usd(), limits)
+            return await self.store.reserve(plan.principal.key_id, plan.reserve_usd(), limits)
         except BudgetExceeded as exc:
             raise ApiError(429, f"Budget exhausted for this key: {exc}", code="budget_exhausted",
                            headers={"Retry-After": "3600"}) from None
