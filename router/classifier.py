@@ -1,0 +1,215 @@
+"""Runtime task-type and difficulty classifier: features (numpy) + one onnxruntime session.
+
+Imports only numpy, onnxruntime and the standard library (no scikit-learn): the gateway loads this
+at startup and must be ready in well under 3 s. The session is created once, single-threaded (the
+gateway's own concurrency is the parallelism; a thread pool per call would cost more than the model).
+
+Nothing here raises into the request path: any failure gives SAFE_DEFAULT and one log line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+
+from router import features as F
+from router.types import TASK_TYPES, Classification
+
+log = logging.getLogger("ponder.classifier")
+
+ARTIFACT_DIR = Path(__file__).resolve().parent / "artifacts"
+CARD_NAME = "classifier.json"
+# When the classifier cannot answer: chat (cheapest arm), no type favoured, difficulty unknown.
+SAFE_DEFAULT = Classification(task="chat", task_probs={t: 1.0 / len(TASK_TYPES) for t in TASK_TYPES}, difficulty=0.5)
+
+
+class ClassifierError(RuntimeError):
+    """The artifact cannot be loaded (missing, corrupt, or built for other features)."""
+
+
+class Classifier:
+    def __init__(self, session: Any, card: dict[str, Any]):
+        self._session = session
+        self.card = card
+        self.labels: tuple[str, ...] = tuple(card["labels"])
+        self._outputs = ["task_probs", "difficulty"]
+        self._warned: set[str] = set()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, path: str | Path | None = None) -> "Classifier":
+        """Load an artifact: a directory holding classifier.json, the card itself, or the .onnx file.
+
+        Raises ClassifierError (startup is the place to fail loudly; the request path never does).
+        """
+        import onnxruntime as ort
+
+        card_path = _card_path(Path(path) if path else ARTIFACT_DIR)
+        try:
+            card = json.loads(card_path.read_text(encoding="utf-8"))
+            onnx_path = card_path.parent / card["onnx"]
+            if card.get("feature_version") != F.FEATURE_VERSION or card.get("n_features") != F.N_FEATURES:
+                raise ClassifierError(
+                    f"{card_path}: built for features v{card.get('feature_version')} ({card.get('n_features')}), "
+                    f"this code computes v{F.FEATURE_VERSION} ({F.N_FEATURES}); retrain with `ponder train`"
+                )
+            if tuple(card["labels"]) != TASK_TYPES:
+                raise ClassifierError(f"{card_path}: labels {card['labels']} differ from {TASK_TYPES}")
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = 1
+            options.inter_op_num_threads = 1
+            options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            options.log_severity_level = 3
+            session = ort.InferenceSession(str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"])
+        except ClassifierError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any load failure is the same failure to the caller
+            raise ClassifierError(f"cannot load classifier from {card_path}: {exc}") from exc
+        classifier = cls(session, card)
+        classifier.classify_batch([[]])  # first run allocates; do it before the first request does
+        return classifier
+
+    def classify(self, messages: Any) -> Classification:
+        """Classify one OpenAI `messages` list (system prompt, last user turn and turn counts)."""
+        return self.classify_batch([messages])[0]
+
+    def classify_text(self, text: str, system: str = "") -> Classification:
+        return self._run([F.prompt_from_text(text, system)])[0]
+
+    def classify_batch(self, batch: Iterable[Any]) -> list[Classification]:
+        try:
+            prompts = [F.prompt_from_messages(m) for m in batch]
+        except Exception as exc:  # noqa: BLE001 - e.g. a generator that raises
+            self._warn_once("batch", exc)
+            return [SAFE_DEFAULT]
+        return self._run(prompts)
+
+    def _run(self, prompts: Sequence[F.Prompt]) -> list[Classification]:
+        if not prompts:
+            return []
+        try:
+            task_probs, difficulty = self._session.run(self._outputs, {"features": F.featurize(prompts)})
+            return [self._result(p, d) for p, d in zip(task_probs.tolist(), difficulty.tolist())]
+        except Exception as exc:  # noqa: BLE001 - the request path gets a safe answer, never an error
+            self._warn_once("run", exc)
+            return [SAFE_DEFAULT] * len(prompts)
+
+    def _result(self, probs: list[float], difficulty: float) -> Classification:
+        if not all(p == p for p in probs) or difficulty != difficulty:  # NaN guard
+            return SAFE_DEFAULT
+        best = max(range(len(probs)), key=probs.__getitem__)
+        return Classification(
+            task=self.labels[best],
+            task_probs=dict(zip(self.labels, probs)),
+            difficulty=min(max(difficulty, 0.0), 1.0),
+        )
+
+    def _warn_once(self, where: str, exc: BaseException) -> None:
+        with self._lock:
+            if where in self._warned:
+                return
+            self._warned.add(where)
+        log.error("classifier failed in %s, answering the safe default: %r", where, exc)
+
+
+def _card_path(path: Path) -> Path:
+    if path.is_dir():
+        return path / CARD_NAME
+    if path.suffix == ".onnx":
+        return path.with_suffix(".json")
+    return path
+
+
+_default: Classifier | None = None
+_default_lock = threading.Lock()
+
+
+def default_classifier() -> Classifier:
+    """The shipped artifact, loaded once per process."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = Classifier.load()
+        return _default
+
+
+def classify(messages: Any) -> Classification:
+    """Module-level shortcut on the shipped artifact; SAFE_DEFAULT if it cannot be loaded."""
+    try:
+        return default_classifier().classify(messages)
+    except ClassifierError as exc:
+        log.error("%s", exc)
+        return SAFE_DEFAULT
+
+
+def _as_json(c: Classification) -> dict[str, Any]:
+    return {"task": c.task, "task_probs": {k: round(v, 6) for k, v in c.task_probs.items()}, "difficulty": round(c.difficulty, 6)}
+
+
+def _read_rows(path: str) -> Iterable[tuple[dict[str, Any] | None, Any]]:
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                yield None, []
+                continue
+            if not isinstance(row, dict):
+                yield None, []
+            elif "messages" in row:
+                yield row, row["messages"]
+            else:
+                yield row, str(row.get("prompt", ""))
+
+
+def cli(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="ponder classify",
+        description="Print task type, task probabilities and difficulty as JSON.",
+        epilog='Input rows: {"prompt": "..."} or {"messages": [...]}; output rows add "task", "task_probs", "difficulty".',
+    )
+    parser.add_argument("text", nargs="?", help="the prompt to classify")
+    parser.add_argument("--system", default="", help="system prompt to go with TEXT")
+    parser.add_argument("--input", metavar="FILE.jsonl", help="classify every row of this file")
+    parser.add_argument("--output", metavar="FILE.jsonl", help="where to write rows (default: stdout)")
+    parser.add_argument("--artifact", default=None, help="artifact dir or classifier.json (default: shipped)")
+    parser.add_argument("--batch-size", type=int, default=256)
+    args = parser.parse_args(argv)
+    if (args.text is None) == (args.input is None):
+        parser.error("give either TEXT or --input FILE.jsonl")
+    try:
+        classifier = Classifier.load(args.artifact)
+    except ClassifierError as exc:
+        print(f"ponder classify: {exc}", file=sys.stderr)
+        return 1
+    if args.text is not None:
+        print(json.dumps(_as_json(classifier.classify_text(args.text, args.system))))
+        return 0
+    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    try:
+        rows = list(_read_rows(args.input))
+        for start in range(0, len(rows), max(args.batch_size, 1)):
+            chunk = rows[start : start + args.batch_size]
+            results = classifier.classify_batch([messages for _, messages in chunk])
+            for (row, _), result in zip(chunk, results):
+                out.write(json.dumps({**(row or {}), **_as_json(result)}, ensure_ascii=False) + "\n")
+    except OSError as exc:
+        print(f"ponder classify: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

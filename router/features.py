@@ -1,0 +1,397 @@
+"""Prompt features for the task-type and difficulty classifier: text extraction plus hashed n-grams.
+
+Shared by training (router/train.py) and the runtime (router/classifier.py), so it imports only numpy
+and the standard library. Two rules shape everything here:
+
+- Never raise. Whatever the client put in `messages` (nothing, only a system prompt, 1 MB of text,
+  binary junk, emoji, the wrong types), the request path gets a feature vector.
+- Be fast and identical for one prompt or a batch. Word and character n-grams are hashed with
+  vectorised numpy over the UTF-8 bytes of the whole batch at once (no per-token Python loop), and
+  a prompt's row does not depend on which other prompts share its batch.
+
+The vector is: [hashed user word/bigram counts | hashed system-prompt word/bigram counts | hashed
+user char n-gram counts | handcrafted numbers], with counts sublinear (log1p). Inverse document
+frequency, the L2 norms and the linear heads are applied inside the ONNX model (scikit-learn's
+TfidfTransformer and heads, converted by skl2onnx).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+# Bump when anything below changes the vector for the same prompt: the artifact card records it and
+# the runtime refuses an artifact trained on another version (it would silently score garbage).
+FEATURE_VERSION = 1
+
+# Deterministic truncation: long pastes usually end with the actual question, so keep head and tail.
+# 2,500 characters hold every MATH, GSM8K, HumanEval and nearly every BBH prompt whole; beyond that
+# more text changes the vector little and costs latency linearly.
+USER_HEAD_CHARS = 2000
+USER_TAIL_CHARS = 500
+SYSTEM_CHARS = 1000
+# Byte caps bound the cost of non-Latin text (up to 4 bytes a character) in the n-gram pass.
+MAX_USER_BYTES = 4000
+MAX_SYSTEM_BYTES = 1500
+CHUNK_BYTES = 16384  # featurize() vectorises over groups of prompts about this big
+MAX_PARTS = 64  # content parts looked at per message, and messages looked at from the end
+MAX_PART_CHARS = USER_HEAD_CHARS + USER_TAIL_CHARS + 1  # enough to truncate; avoids joining 1 MB
+
+WORD_BITS = 13
+SYSTEM_BITS = 11
+CHAR_BITS = 13
+N_WORD = 1 << WORD_BITS
+N_SYSTEM = 1 << SYSTEM_BITS  # the system prompt has its own block: its own TF-IDF norm, so a long
+N_CHAR = 1 << CHAR_BITS  # user turn cannot drown it out
+N_HASHED = N_WORD + N_SYSTEM + N_CHAR
+SYSTEM_OFFSET = N_WORD
+CHAR_OFFSET = N_WORD + N_SYSTEM
+CHAR_NGRAMS = (3, 4, 5)
+
+HANDCRAFTED: tuple[str, ...] = (
+    "log_user_chars",
+    "log_system_chars",
+    "log_user_turns",
+    "log_assistant_turns",
+    "has_system",
+    "digit_ratio",
+    "non_ascii_ratio",
+    "log_backslashes",  # LaTeX
+    "log_dollars",  # LaTeX math mode
+    "log_code_fences",
+    "log_code_keywords",
+    "log_braces_semicolons",
+    "log_indented_lines",
+    "log_math_operators",
+    "log_question_marks",
+    "ends_with_question",
+    "log_newlines",
+    "log_words",
+    "mean_word_bytes",
+)
+N_HANDCRAFTED = len(HANDCRAFTED)
+N_FEATURES = N_HASHED + N_HANDCRAFTED
+
+SYSTEM_ROLES = frozenset({"system", "developer"})
+ASSISTANT_ROLES = frozenset({"assistant", "tool", "function"})
+TEXT_PART_TYPES = frozenset({"text", "input_text"})
+
+
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    """What the classifier reads from a conversation: already truncated, always valid."""
+
+    user: str = ""  # last user turn (head + tail when long)
+    system: str = ""  # system/developer prompts, first SYSTEM_CHARS characters
+    user_turns: int = 0
+    assistant_turns: int = 0
+    user_chars: int = 0  # length before truncation: long inputs are a signal in themselves
+    system_chars: int = 0
+
+
+EMPTY_PROMPT = Prompt()
+
+
+def _part_text(part: Any) -> str:
+    if isinstance(part, str):
+        return part[:MAX_PART_CHARS]
+    if isinstance(part, dict) and part.get("type", "text") in TEXT_PART_TYPES:
+        text = part.get("text")
+        if isinstance(text, str):
+            return text[:MAX_PART_CHARS]
+    return ""  # images, audio, files, junk: not text, ignored
+
+
+def _content_text(content: Any) -> tuple[str, int]:
+    """(text truncated to what we may keep, full length) of a message's `content`."""
+    if isinstance(content, str):
+        return content, len(content)
+    if isinstance(content, (bytes, bytearray)):
+        text = bytes(content[: 4 * MAX_PART_CHARS]).decode("utf-8", "replace")
+        return text, len(content)
+    if isinstance(content, (list, tuple)):
+        texts, total = [], 0
+        for part in content[:MAX_PARTS]:
+            text = _part_text(part)
+            if text:
+                texts.append(text)
+                full = part.get("text") if isinstance(part, dict) else part
+                total += len(full) if isinstance(full, str) else len(text)
+        return "\n".join(texts), total
+    return "", 0
+
+
+def truncate_user(text: str) -> str:
+    if len(text) <= USER_HEAD_CHARS + USER_TAIL_CHARS:
+        return text
+    return text[:USER_HEAD_CHARS] + "\n" + text[-USER_TAIL_CHARS:]
+
+
+def prompt_from_messages(messages: Any) -> Prompt:
+    """Read an OpenAI `messages` list (or a bare string) into a Prompt. Never raises."""
+    try:
+        return _prompt_from_messages(messages)
+    except Exception:  # noqa: BLE001 - malformed input must not reach the request path
+        return EMPTY_PROMPT
+
+
+def _prompt_from_messages(messages: Any) -> Prompt:
+    if isinstance(messages, str):
+        return prompt_from_text(messages)
+    if isinstance(messages, dict):
+        messages = [messages]
+    if not isinstance(messages, (list, tuple)):
+        return EMPTY_PROMPT
+    user, user_chars, user_turns, assistant_turns = None, 0, 0, 0
+    systems, system_chars = [], 0
+    for message in messages:
+        if not isinstance(message, dict):
+            continue
+        role = message.get("role")
+        if role == "user":
+            user_turns += 1
+        elif role in ASSISTANT_ROLES:
+            assistant_turns += 1
+        elif role in SYSTEM_ROLES and system_chars < SYSTEM_CHARS:
+            text, full = _content_text(message.get("content"))
+            systems.append(text[:SYSTEM_CHARS])
+            system_chars += full
+    # The last user turn is what must be answered now; scan from the end, it is usually there.
+    for message in reversed(messages[-4 * MAX_PARTS :] if len(messages) > 4 * MAX_PARTS else messages):
+        if isinstance(message, dict) and message.get("role") == "user":
+            user, user_chars = _content_text(message.get("content"))
+            break
+    system = "\n".join(systems)[:SYSTEM_CHARS]
+    return Prompt(
+        user=truncate_user(user or ""),
+        system=system,
+        user_turns=user_turns,
+        assistant_turns=assistant_turns,
+        user_chars=user_chars,
+        system_chars=system_chars,
+    )
+
+
+def prompt_from_text(text: Any, system: str = "") -> Prompt:
+    """A single-turn prompt from plain text (the `ponder classify "TEXT"` case). Never raises."""
+    try:
+        body, full = _content_text(text)
+        sys_text, sys_full = _content_text(system)
+        return Prompt(
+            user=truncate_user(body),
+            system=sys_text[:SYSTEM_CHARS],
+            user_turns=1,
+            assistant_turns=0,
+            user_chars=full,
+            system_chars=sys_full,
+        )
+    except Exception:  # noqa: BLE001
+        return EMPTY_PROMPT
+
+
+# ---------------------------------------------------------------------------------------------
+# Hashing. Everything is uint64 arithmetic that wraps modulo 2**64 (numpy does not check integer
+# overflow on arrays), which is exactly what a polynomial rolling hash needs.
+
+_P = 0x100000001B3  # odd, so invertible modulo 2**64
+_P_INV = pow(_P, -1, 1 << 64)
+_MIX = 0x9E3779B97F4A7C15
+_SALT_USER_WORD = 0x51ED270B
+_SALT_USER_BIGRAM = 0xA24BAED4
+_SALT_FIRST_WORD = 0x3C6EF372
+_SALT_SYSTEM_WORD = 0x7F4A7C15
+_SEP = 0  # byte between prompts in a batch buffer; never part of a word
+
+# Word bytes: ASCII letters, digits, underscore, and every non-ASCII byte (so any script forms words).
+_WORD_BYTE = np.zeros(256, dtype=bool)
+for _b in b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_":
+    _WORD_BYTE[_b] = True
+_WORD_BYTE[128:] = True
+# Digits are folded to '0' before hashing: "17" and "42" should look alike, the exact value rarely
+# says anything about task type or difficulty (their count and length still do).
+_FOLD = np.arange(256, dtype=np.uint8)
+_FOLD[ord("1") : ord("9") + 1] = ord("0")
+_FOLD[_SEP] = _SEP
+
+_pow_cache = np.ones(1, dtype=np.uint64)
+_inv_cache = np.ones(1, dtype=np.uint64)
+
+
+def _powers(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """P**i and P**-i modulo 2**64 for i < n, grown on demand and kept (a few hundred KB)."""
+    global _pow_cache, _inv_cache
+    if len(_pow_cache) < n:
+        size = max(n, 2 * len(_pow_cache), 8192)
+        ones = np.ones(1, dtype=np.uint64)
+        _pow_cache = np.concatenate((ones, np.cumprod(np.full(size - 1, _P, dtype=np.uint64))))
+        _inv_cache = np.concatenate((ones, np.cumprod(np.full(size - 1, _P_INV, dtype=np.uint64))))
+    return _pow_cache[:n], _inv_cache[:n]
+
+
+def _bucket(h: np.ndarray, bits: int) -> np.ndarray:
+    """Finalise 64-bit hashes and keep the top `bits` bits (multiplicative hashing). Overwrites h.
+
+    In place because batches make these arrays large, and fresh large arrays cost page faults.
+    """
+    tmp = np.right_shift(h, np.uint64(29))
+    np.bitwise_xor(h, tmp, out=h)
+    np.multiply(h, np.uint64(_MIX), out=h)
+    np.right_shift(h, np.uint64(64 - bits), out=h)
+    return h.view(np.int64)  # < 2**bits, so the same bits read as int64
+
+
+def _pack(texts: Sequence[bytes]) -> tuple[bytes, np.ndarray | None]:
+    """One buffer for the batch, each text framed by separators; each byte's row (None for one text).
+
+    The framing makes every word start after a non-word byte, so no bounds checks are needed, and
+    marks the start and end of a prompt in the character n-grams.
+    """
+    framed = [b"\0" + t.replace(b"\0", b" ") + b"\0" for t in texts]
+    if len(framed) == 1:
+        return framed[0], None
+    rows = np.repeat(np.arange(len(framed), dtype=np.intp), [len(f) for f in framed])
+    return b"".join(framed), rows
+
+
+def _word_hashes(raw: bytes, rows: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Position-independent polynomial hash of every word: (hashes, row of each word, word bytes a row)."""
+    buf = _FOLD[np.frombuffer(raw, dtype=np.uint8)]
+    is_word = _WORD_BYTE[buf]
+    starts = np.flatnonzero(is_word[1:] > is_word[:-1]) + 1
+    n_rows = 1 if rows is None else int(rows[-1]) + 1
+    word_rows = np.zeros(len(starts), dtype=np.intp) if rows is None else rows[starts]
+    word_bytes = np.bincount(rows[is_word], minlength=n_rows) if rows is not None else np.array([is_word.sum()])
+    if len(starts) == 0:
+        return np.zeros(0, dtype=np.uint64), word_rows, word_bytes
+    pw, inv = _powers(len(buf))
+    terms = buf.astype(np.uint64) * pw
+    terms[~is_word] = 0  # so a segment sum from one word start to the next covers just the word
+    return np.add.reduceat(terms, starts) * inv[starts], word_rows, word_bytes
+
+
+_LOW_BYTES = {n: np.uint64((1 << (8 * n)) - 1) for n in CHAR_NGRAMS}
+_NGRAM_SALT = {n: np.uint64(n << 56) for n in CHAR_NGRAMS}
+
+
+def _char_ngrams(raw: bytes, rows: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Hashed byte n-grams (CHAR_NGRAMS) that stay inside one prompt: (bucket, row)."""
+    size = len(raw)
+    counts = [max(size - n + 1, 0) for n in CHAR_NGRAMS]
+    grams = np.empty(sum(counts), dtype=np.uint64)
+    # Each element of this strided view is the 8 bytes starting at one position (little endian, so
+    # masking the low n bytes gives the n-gram there): all n-grams with no Python loop over bytes.
+    windows = np.ndarray(shape=(size,), dtype="<u8", buffer=raw + bytes(8), strides=(1,))
+    at = 0
+    for n, count in zip(CHAR_NGRAMS, counts):
+        part = grams[at : at + count]
+        np.bitwise_and(windows[:count], _LOW_BYTES[n], out=part)
+        np.bitwise_or(part, _NGRAM_SALT[n], out=part)
+        at += count
+    if rows is None:
+        return _bucket(grams, CHAR_BITS), np.zeros(len(grams), dtype=np.intp)
+    # In a batch, drop n-grams that start in one prompt and end in the next.
+    starts = np.concatenate([rows[:count] for count in counts])
+    ends = np.concatenate([rows[n - 1 : n - 1 + count] for n, count in zip(CHAR_NGRAMS, counts)])
+    inside = starts == ends
+    return _bucket(grams[inside], CHAR_BITS), starts[inside]
+
+
+def _encode(text: str, limit: int) -> bytes:
+    # "replace" also covers lone surrogates, which plain utf-8 encoding rejects.
+    return text.lower().encode("utf-8", "replace")[:limit]
+
+
+# Single-byte signals are counted from one byte histogram of the text (one numpy call) instead of
+# one str.count pass per symbol.
+_CODE_WORDS = (b"def ", b"return", b"import ", b"class ", b"function", b"print(", b"#include", b"const ")
+_DIGITS = tuple(b"0123456789")
+_OPERATORS = tuple(b"=+^*<>")
+_BRACES = tuple(b"{};")
+
+
+def _handcrafted(p: Prompt, user_bytes: bytes, n_words: float, word_bytes: float) -> list[float]:
+    n = max(len(user_bytes), 1)
+    hist = np.bincount(np.frombuffer(user_bytes, dtype=np.uint8), minlength=256).tolist()
+    log1p = math.log1p
+    return [
+        log1p(p.user_chars) / 8.0,
+        log1p(p.system_chars) / 8.0,
+        log1p(p.user_turns),
+        log1p(p.assistant_turns),
+        1.0 if p.system else 0.0,
+        sum(hist[d] for d in _DIGITS) / n,
+        max(len(user_bytes) - len(p.user), 0) / n,  # bytes beyond one per character: non-ASCII text
+        log1p(hist[92]),  # backslash
+        log1p(hist[36]),  # $
+        log1p(user_bytes.count(b"```")),
+        log1p(sum(user_bytes.count(w) for w in _CODE_WORDS)),
+        log1p(sum(hist[c] for c in _BRACES)),
+        log1p(user_bytes.count(b"\n    ") + user_bytes.count(b"\n\t")),
+        log1p(sum(hist[c] for c in _OPERATORS)),
+        log1p(hist[63]),  # ?
+        1.0 if p.user.rstrip().endswith("?") else 0.0,
+        log1p(hist[10]),  # newline
+        log1p(n_words) / 4.0,
+        min(word_bytes / n_words, 20.0) / 10.0 if n_words else 0.0,
+    ]
+
+
+def featurize(prompts: Sequence[Prompt]) -> np.ndarray:
+    """Feature matrix (len(prompts), N_FEATURES) float32. A row depends only on its own prompt."""
+    out = np.zeros((len(prompts), N_FEATURES), dtype=np.float32)
+    user_bytes = [_encode(p.user, MAX_USER_BYTES) for p in prompts]
+    # Vectorise over groups of about CHUNK_BYTES: large enough to amortise numpy's per-call cost,
+    # small enough for the temporaries to stay in cache.
+    start, size = 0, 0
+    for end, ub in enumerate(user_bytes, 1):
+        size += len(ub)
+        if size >= CHUNK_BYTES or end == len(prompts):
+            _featurize_chunk(prompts[start:end], user_bytes[start:end], out[start:end])
+            start, size = end, 0
+    return out
+
+
+def _featurize_chunk(prompts: Sequence[Prompt], user_bytes: list[bytes], out: np.ndarray) -> None:
+    batch = len(prompts)
+    raw, rows = _pack(user_bytes)
+    words, word_rows, word_bytes = _word_hashes(raw, rows)
+    same = word_rows[:-1] == word_rows[1:]
+    bigrams = words[:-1][same] * np.uint64(_P) + words[1:][same]
+    if batch == 1:
+        first = np.zeros(min(len(words), 1), dtype=np.intp)
+    else:  # each row's first word
+        first = np.flatnonzero(np.concatenate((np.ones(min(len(words), 1), dtype=bool), ~same)))
+    char_idx, char_rows = _char_ngrams(raw, rows)
+    word_keys = np.concatenate(
+        (words ^ np.uint64(_SALT_USER_WORD), bigrams ^ np.uint64(_SALT_USER_BIGRAM), words[first] ^ np.uint64(_SALT_FIRST_WORD))
+    )
+    index = [_bucket(word_keys, WORD_BITS), char_idx + CHAR_OFFSET]
+    index_rows = [word_rows, word_rows[:-1][same], word_rows[first], char_rows]
+    if any(p.system for p in prompts):  # most requests have none: skip the pass
+        sys_raw, sys_rows = _pack([_encode(p.system, MAX_SYSTEM_BYTES) for p in prompts])
+        sys_words, sys_word_rows, _ = _word_hashes(sys_raw, sys_rows)
+        sys_same = sys_word_rows[:-1] == sys_word_rows[1:]
+        sys_bigrams = sys_words[:-1][sys_same] * np.uint64(_P) + sys_words[1:][sys_same]
+        index += [
+            _bucket(sys_words ^ np.uint64(_SALT_SYSTEM_WORD), SYSTEM_BITS) + SYSTEM_OFFSET,
+            _bucket(sys_bigrams ^ np.uint64(_SALT_USER_BIGRAM), SYSTEM_BITS) + SYSTEM_OFFSET,
+        ]
+        index_rows += [sys_word_rows, sys_word_rows[:-1][sys_same]]
+    flat = np.concatenate(index_rows) * N_FEATURES + np.concatenate(index)
+    cells = out.reshape(-1)  # a view: `out` is a contiguous block of rows
+    np.add.at(cells, flat, np.float32(1))  # a float32 one: a float64 1.0 takes a slow cast path
+    # Sublinear tf on the counted cells: via the hit list when short, via a nonzero scan when long.
+    hit = flat if len(flat) * 8 < cells.size else np.flatnonzero(cells)
+    cells[hit] = np.log1p(cells[hit])
+
+    n_words = np.bincount(word_rows, minlength=batch)
+    hand = [_handcrafted(p, ub, float(n_words[i]), float(word_bytes[i])) for i, (p, ub) in enumerate(zip(prompts, user_bytes))]
+    out[:, N_HASHED:] = np.asarray(hand, dtype=np.float32).reshape(batch, N_HANDCRAFTED)
+
+
+def featurize_messages(batch: Sequence[Any]) -> np.ndarray:
+    """Features for a batch of `messages` lists (or strings). Never raises on malformed items."""
+    return featurize([prompt_from_messages(m) for m in batch])

@@ -1,0 +1,685 @@
+"""`ponder train`: fit the task-type and difficulty classifier, convert it to ONNX, measure it, ship it.
+
+Pipeline (scikit-learn, then skl2onnx):
+  router.features hashed counts -> ColumnTransformer(TF-IDF words | TF-IDF chars | scaled handcrafted)
+    -> LogisticRegression (6 task types)          -> output "task_probs"
+    -> Ridge, one output per task type (logit P(wrong) for that type)
+    -> difficulty = sum_k task_probs[k] * sigmoid(expert_k)                      -> output "difficulty"
+Both heads share one preprocessing graph in one .onnx file, so the runtime makes one session call.
+
+Evaluation is kept honest: the held-out split is by problem id (all prompts made from one problem,
+conversation or instruction stay on one side), test items that are near-duplicates of a training item
+are dropped, and a leave-one-source-out run measures prompts unlike anything trained on.
+The labelled set and the difficulty target are built in router/train_data.py; see docs/classifier.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import sys
+import time
+import warnings
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import scipy.sparse as sp
+from scipy.stats import spearmanr
+from sklearn.compose import ColumnTransformer
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.feature_extraction.text import TfidfTransformer
+from sklearn.linear_model import LogisticRegression, Ridge
+from sklearn.metrics import f1_score, roc_auc_score
+from sklearn.preprocessing import StandardScaler
+
+from router import features as F
+from router.train_data import DIFFICULTY_NOTES, SYNTHETIC_SOURCE, Example, data_hashes, default_datasets_dir, load_examples, load_extra
+from router.types import TASK_TYPES
+
+ARTIFACT_DIR = Path(__file__).resolve().parent / "artifacts"
+ONNX_NAME = "classifier.onnx"
+CARD_NAME = "classifier.json"
+TEST_PERCENT = 20  # share of problem ids held out
+SOURCE_CAP = 3000  # per-source weight cap, so MATH and GSM8K (21k prompts) do not drown the rest
+TASK_C = 10.0
+EXPERT_ALPHA = 3.0
+HANDCRAFTED_WEIGHT = 0.2
+MAX_ITER = 200
+SYNTHETIC_WEIGHT = 4.0
+LOSO_CAP = 1500  # prompts per source in each leave-one-source-out refit
+SPLIT_SALT = "ponder-split-v1"  # fixed: the held-out set must not move when the seed changes
+
+
+@dataclass
+class Models:
+    pre: ColumnTransformer
+    task: LogisticRegression
+    experts: Ridge  # one output per task type: logit of P(wrong) for prompts of that type
+
+    def predict(self, X: sp.spmatrix) -> tuple[np.ndarray, np.ndarray]:
+        """scikit-learn predictions: (task probabilities (n, 6) in TASK_TYPES order, difficulty (n,))."""
+        Z = self.pre.transform(X)
+        probs = self.task.predict_proba(Z)
+        return probs, mix_difficulty(probs, self.experts.predict(Z))
+
+
+def mix_difficulty(task_probs: np.ndarray, expert_logits: np.ndarray) -> np.ndarray:
+    """P(wrong) = sum over task types of P(type) * P(wrong | type): each type has its own expert,
+    because what makes a math problem hard (level, steps) is not what makes trivia hard."""
+    return (task_probs * (1.0 / (1.0 + np.exp(-expert_logits)))).sum(axis=1)
+
+
+# --- split ---------------------------------------------------------------------------------------
+
+
+def is_test_group(group: str) -> bool:
+    if group.startswith(SYNTHETIC_SOURCE):
+        return False
+    digest = hashlib.sha256(f"{SPLIT_SALT}:{group}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") % 100 < TEST_PERCENT
+
+
+def _last_user_text(ex: Example) -> str:
+    for m in reversed(ex.messages):
+        if m.get("role") == "user" and isinstance(m.get("content"), str):
+            return m["content"]
+    return ""
+
+
+def _shingles(text: str) -> set[int]:
+    tokens = re.findall(r"\w+", text.lower())
+    if len(tokens) < 5:
+        return {hash(" ".join(tokens))}
+    return {hash(" ".join(tokens[i : i + 5])) for i in range(len(tokens) - 4)}
+
+
+def near_duplicates(train: Sequence[Example], test: Sequence[Example], threshold: float = 0.5) -> list[bool]:
+    """For each test example: does one training prompt contain >= threshold of its word 5-grams?
+
+    5-grams found in more than 20 training prompts are template text (BBH, MC headers) and are not
+    evidence of duplication, so they are left out of both the overlap and the denominator.
+    """
+    train_sets = [_shingles(_last_user_text(ex)) for ex in train]
+    df: Counter[int] = Counter(s for shingles in train_sets for s in shingles)
+    postings: dict[int, list[int]] = defaultdict(list)
+    for i, shingles in enumerate(train_sets):
+        for s in shingles:
+            if df[s] <= 20:
+                postings[s].append(i)
+    train_texts = {" ".join(_last_user_text(ex).lower().split()) for ex in train}
+    flags = []
+    for ex in test:
+        text = _last_user_text(ex)
+        if " ".join(text.lower().split()) in train_texts:
+            flags.append(True)
+            continue
+        informative = [s for s in _shingles(text) if df.get(s, 0) <= 20]
+        hits: Counter[int] = Counter(i for s in informative for i in postings.get(s, ()))
+        best = max(hits.values()) if hits else 0
+        flags.append(bool(informative) and best / len(informative) >= threshold)
+    return flags
+
+
+def split(examples: Sequence[Example]) -> tuple[list[Example], list[Example], Counter[str]]:
+    """(train, test, near-duplicates dropped from test per source)."""
+    train = [ex for ex in examples if not is_test_group(ex.group)]
+    test = [ex for ex in examples if is_test_group(ex.group)]
+    flags = near_duplicates(train, test)
+    dropped = Counter(ex.source for ex, f in zip(test, flags) if f)
+    return train, [ex for ex, f in zip(test, flags) if not f], dropped
+
+
+# --- features and fitting ------------------------------------------------------------------------
+
+
+def feature_matrix(examples: Sequence[Example], progress: Callable[[int], None] | None = None) -> sp.csr_matrix:
+    """The scikit-learn training matrix: exactly router.features' vectors, stored sparse."""
+    blocks = []
+    for start in range(0, len(examples), 512):
+        chunk = examples[start : start + 512]
+        blocks.append(sp.csr_matrix(F.featurize_messages([ex.messages for ex in chunk])))
+        if progress:
+            progress(len(chunk))
+    return sp.vstack(blocks, format="csr") if blocks else sp.csr_matrix((0, F.N_FEATURES), dtype=np.float32)
+
+
+def make_preprocessor() -> ColumnTransformer:
+    return ColumnTransformer(
+        [
+            ("words", TfidfTransformer(), slice(0, F.N_WORD)),
+            ("system", TfidfTransformer(), slice(F.SYSTEM_OFFSET, F.CHAR_OFFSET)),
+            ("chars", TfidfTransformer(), slice(F.CHAR_OFFSET, F.N_HASHED)),
+            ("handcrafted", StandardScaler(with_mean=False), slice(F.N_HASHED, F.N_FEATURES)),
+        ],
+        # Each TF-IDF block has unit norm; 19 standardised numbers at full scale would dominate the
+        # row and make lbfgs crawl (300+ iterations). At 0.2 it converges in ~100, same accuracy.
+        transformer_weights={"handcrafted": HANDCRAFTED_WEIGHT},
+    )
+
+
+def _source_weights(examples: Sequence[Example]) -> np.ndarray:
+    counts = Counter(ex.source for ex in examples)
+    # The synthetic system-prompt examples are few but the only ones whose label depends on the
+    # system prompt alone; upweighted so that signal is not regularised away.
+    boost = {SYNTHETIC_SOURCE: SYNTHETIC_WEIGHT}
+    return np.array([min(1.0, SOURCE_CAP / counts[ex.source]) * boost.get(ex.source, 1.0) for ex in examples])
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, 1e-3, 1 - 1e-3)
+    return np.log(p / (1 - p))
+
+
+def fit(examples: Sequence[Example], X: sp.csr_matrix, seed: int = 0, with_experts: bool = True) -> Models:
+    with warnings.catch_warnings():  # lbfgs stopping at MAX_ITER is expected and measured, not news
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return _fit(examples, X, seed, with_experts)
+
+
+def _fit(examples: Sequence[Example], X: sp.csr_matrix, seed: int, with_experts: bool) -> Models:
+    pre = make_preprocessor().fit(X)
+    Z = pre.transform(X).tocsr()
+
+    # Task head: sources capped, then classes balanced by weight (writing has ~300 prompts, math 20k).
+    rows = [i for i, ex in enumerate(examples) if ex.task is not None]
+    y = np.array([TASK_TYPES.index(examples[i].task) for i in rows])
+    if len(set(y)) != len(TASK_TYPES):
+        missing = sorted(set(TASK_TYPES) - {TASK_TYPES[k] for k in set(y)})
+        raise ValueError(f"no training prompts for task types {missing}")
+    w = _source_weights([examples[i] for i in rows])
+    class_total = np.bincount(y, weights=w, minlength=len(TASK_TYPES))
+    w = w * (w.sum() / (len(TASK_TYPES) * class_total[y]))
+    task = LogisticRegression(C=TASK_C, max_iter=MAX_ITER, random_state=seed)
+    task.fit(Z[rows], y, sample_weight=w / w.mean())
+
+    # Difficulty experts: one ridge regression per task type on the logit of the target, fitted on
+    # that type's prompts (difficulty-only prompts, e.g. MMLU-Pro physics, join the knowledge expert:
+    # same exam format and target scale). Stacked as one multi-output Ridge so ONNX has one node.
+    coefs, intercepts = [], []
+    for k, name in enumerate(TASK_TYPES):
+        rows = [i for i, ex in enumerate(examples) if ex.difficulty is not None and (ex.task or "knowledge") == name]
+        rows = rows if with_experts else []
+        expert = Ridge(alpha=EXPERT_ALPHA, solver="sparse_cg", random_state=seed)
+        if rows:
+            expert.fit(Z[rows], _logit(np.array([examples[i].difficulty for i in rows])))
+            coefs.append(expert.coef_.astype(np.float64))
+            intercepts.append(float(expert.intercept_))
+        else:  # no graded prompt of this type (possible with --extra only data): neutral 0.5
+            coefs.append(np.zeros(Z.shape[1]))
+            intercepts.append(0.0)
+    experts = Ridge(alpha=EXPERT_ALPHA)
+    experts.coef_, experts.intercept_ = np.vstack(coefs), np.array(intercepts)
+    experts.n_features_in_ = Z.shape[1]
+    return Models(pre, task, experts)
+
+
+# --- ONNX ----------------------------------------------------------------------------------------
+
+
+def to_onnx(models: Models, streamline: bool = True) -> Any:
+    """One ONNX model: input "features" (n, N_FEATURES) -> "task_probs" (n, 6), "difficulty" (n,).
+
+    skl2onnx converts the three fitted parts; they are joined here into one graph (shared TF-IDF,
+    then both heads, then the expert mixture) so the runtime pays for one session call, and its
+    slow ai.onnx.ml ops are rewritten into standard ones (streamline=False keeps them, for tests).
+    """
+    import onnx
+    from onnx import compose, helper
+    from skl2onnx import convert_sklearn
+    from skl2onnx.common.data_types import FloatTensorType
+
+    opset = {"": 17, "ai.onnx.ml": 1}
+    pre = convert_sklearn(models.pre, initial_types=[("features", FloatTensorType([None, F.N_FEATURES]))], target_opset=opset)
+    nodes, inits = list(pre.graph.node), list(pre.graph.initializer)
+    pre_out = pre.graph.output[0].name
+    head_outputs = {}
+    for prefix, head in (("task_", models.task), ("experts_", models.experts)):
+        options = {id(head): {"zipmap": False}} if prefix == "task_" else None
+        converted = convert_sklearn(
+            head, initial_types=[("z", FloatTensorType([None, F.N_FEATURES]))], options=options, target_opset=opset
+        )
+        converted = compose.add_prefix(converted, prefix)
+        for node in converted.graph.node:  # feed the head from the shared preprocessing output
+            node.input[:] = [pre_out if name == prefix + "z" else name for name in node.input]
+        nodes += converted.graph.node
+        inits += converted.graph.initializer
+        head_outputs[prefix] = converted.graph.output[-1].name  # probabilities / variable
+    nodes += [
+        helper.make_node("Identity", [head_outputs["task_"]], ["task_probs"]),
+        helper.make_node("Sigmoid", [head_outputs["experts_"]], ["expert_wrong"]),
+        helper.make_node("Mul", ["task_probs", "expert_wrong"], ["weighted_wrong"]),
+        helper.make_node("ReduceSum", ["weighted_wrong", "mix_axis"], ["difficulty"], keepdims=0),
+    ]
+    inits.append(onnx.numpy_helper.from_array(np.array([1], dtype=np.int64), "mix_axis"))
+    outputs = [
+        helper.make_tensor_value_info("task_probs", onnx.TensorProto.FLOAT, [None, len(TASK_TYPES)]),
+        helper.make_tensor_value_info("difficulty", onnx.TensorProto.FLOAT, [None]),
+    ]
+    graph = helper.make_graph(nodes, "ponder_classifier", list(pre.graph.input), outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opset.items()])
+    model.ir_version = pre.ir_version
+    model.producer_name = "ponder-train"
+    onnx.checker.check_model(model)
+    return _streamline(model) if streamline else model
+
+
+def _streamline(model: Any) -> Any:
+    """Rewrite the slow ai.onnx.ml ops skl2onnx emits into standard ONNX ops, same arithmetic.
+
+    Measured with onnxruntime's profiler on one prompt: Normalizer(L2) took ~50 us per 16k-wide
+    block, ArrayFeatureExtractor ~15 us, LinearClassifier/LinearRegressor ~15 us each; Slice and
+    ReduceL2 take a few us, and the heads become one MatMul per block (both heads at once) scaled by
+    the block's norm, so no Div or Concat pass over the wide blocks. The agreement check in train()
+    and in tests/test_classifier.py runs on the rewritten graph.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    new_nodes, new_inits, dropped_inits = [], [], set()
+    heads: dict[str, Any] = {}
+    col_range: dict[str, tuple[int, int]] = {}  # tensor -> the input columns it holds
+    normalised: dict[str, tuple[str, str]] = {}  # L2-normalised block -> (unnormalised block, its norm)
+    concat_out, concat_in = None, []
+
+    def const(name: str, value: np.ndarray) -> str:
+        new_inits.append(numpy_helper.from_array(value, name))
+        return name
+
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "ArrayFeatureExtractor" and node.input[1] in inits:
+            cols = numpy_helper.to_array(inits[node.input[1]])
+            if len(cols) and np.array_equal(cols, np.arange(cols[0], cols[0] + len(cols))):
+                out = node.output[0]
+                bounds = (const(out + "_start", np.array([cols[0]], np.int64)), const(out + "_end", np.array([cols[-1] + 1], np.int64)))
+                new_nodes.append(helper.make_node("Slice", [node.input[0], *bounds, const(out + "_axis", np.array([1], np.int64))], [out]))
+                dropped_inits.add(node.input[1])
+                col_range[out] = (int(cols[0]), int(cols[-1]) + 1)
+                continue
+        if node.input and node.input[0] in col_range and node.op_type in ("Mul", "Scaler", "Normalizer"):
+            col_range[node.output[0]] = col_range[node.input[0]]  # same columns, transformed
+        if node.op_type == "Normalizer" and attrs.get("norm") == b"L2":
+            # Only the norm is computed here: the heads multiply the unnormalised block and divide
+            # their 12 outputs by it, instead of dividing the 8k-wide block (see below).
+            x, out = node.input[0], node.output[0]
+            new_nodes += [
+                helper.make_node("ReduceL2", [x], [out + "_norm"], axes=[1], keepdims=1),
+                # scikit-learn leaves all-zero rows at zero; max() with a tiny value does the same
+                helper.make_node("Max", [out + "_norm", const(out + "_tiny", np.array(1e-30, np.float32))], [out + "_safe"]),
+            ]
+            normalised[out] = (x, out + "_safe")
+            continue
+        if node.op_type == "Concat" and all(name in col_range for name in node.input):
+            concat_out, concat_in = node.output[0], list(node.input)
+            continue
+        if node.op_type in ("LinearClassifier", "LinearRegressor"):
+            k = len(attrs["intercepts"])
+            heads[node.op_type] = (node, np.array(attrs["coefficients"], np.float32).reshape(k, -1), np.array(attrs["intercepts"], np.float32))
+            continue
+        if node.op_type == "Normalizer" and attrs.get("norm") == b"L1" and node.input[0] == "task_probability_tensor":
+            continue  # after a softmax the L1 normalisation is the identity
+        new_nodes.append(node)
+    if set(heads) == {"LinearClassifier", "LinearRegressor"}:
+        (cls_node, cls_w, cls_b), (reg_node, reg_w, reg_b) = heads["LinearClassifier"], heads["LinearRegressor"]
+        assert helper.get_attribute_value(cls_node.attribute[[a.name for a in cls_node.attribute].index("post_transform")]) == b"SOFTMAX"
+        assert cls_node.input[0] == concat_out and reg_node.input[0] == concat_out
+        k = len(cls_b)
+        weights = np.vstack([cls_w, reg_w]).T.copy()  # (N_FEATURES, 6 + 6): both heads in one product
+        # Per block: block @ W[block rows], divided by the block's norm when it is L2-normalised:
+        # the same as normalising then concatenating, with no pass over the wide blocks but one.
+        fused, partials = [], []
+        for name in concat_in:
+            start, end = col_range[name]
+            block, norm = normalised.get(name, (name, None))
+            part = f"heads_part_{start}"
+            fused.append(helper.make_node("MatMul", [block, const(f"heads_weights_{start}", weights[start:end].copy())], [part]))
+            if norm:
+                fused.append(helper.make_node("Div", [part, norm], [part + "_normalised"]))
+                part += "_normalised"
+            partials.append(part)
+        fused += [
+            helper.make_node("Sum", partials, ["heads_matmul"]),
+            helper.make_node("Add", ["heads_matmul", const("heads_bias", np.concatenate([cls_b, reg_b]))], ["heads_logits"]),
+            helper.make_node("Split", ["heads_logits", const("heads_split", np.array([k, len(reg_b)], np.int64))], ["task_scores", reg_node.output[0]], axis=1),
+            helper.make_node("Softmax", ["task_scores"], ["task_probabilities"], axis=1),
+        ]
+        at = min(i for i, n in enumerate(new_nodes) if any(inp in ("task_probabilities", reg_node.output[0]) for inp in n.input))
+        new_nodes[at:at] = fused
+    kept = [i for i in graph.initializer if i.name not in dropped_inits]
+    new_graph = helper.make_graph(new_nodes, graph.name, list(graph.input), list(graph.output), kept + new_inits)
+    streamlined = helper.make_model(new_graph, opset_imports=list(model.opset_import))
+    streamlined.ir_version = model.ir_version
+    streamlined.producer_name = model.producer_name
+    onnx.checker.check_model(streamlined)
+    return streamlined
+
+
+def onnx_predict(model_bytes: bytes, examples: Sequence[Example], chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """onnxruntime predictions for examples, through the runtime's own feature path."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+    tasks, difficulties = [np.zeros((0, len(TASK_TYPES)), np.float32)], [np.zeros(0, np.float32)]
+    for start in range(0, len(examples), chunk):
+        features = F.featurize_messages([ex.messages for ex in examples[start : start + chunk]])
+        task, difficulty = session.run(["task_probs", "difficulty"], {"features": features})
+        tasks.append(task)
+        difficulties.append(difficulty)
+    return np.concatenate(tasks), np.concatenate(difficulties)
+
+
+def agreement(models: Models, model_bytes: bytes, examples: Sequence[Example]) -> dict[str, float]:
+    """Max absolute difference between scikit-learn and onnxruntime on the same prompts."""
+    if not examples:
+        return {"rows": 0, "task_probs_max_abs_diff": 0.0, "difficulty_max_abs_diff": 0.0, "task_argmax_agreement": 1.0}
+    task_sk, diff_sk = models.predict(feature_matrix(examples))
+    task_ox, diff_ox = onnx_predict(model_bytes, examples)
+    return {
+        "rows": len(examples),
+        "task_probs_max_abs_diff": float(np.abs(task_sk - task_ox).max()),
+        "difficulty_max_abs_diff": float(np.abs(diff_sk - diff_ox).max()),
+        "task_argmax_agreement": float((task_sk.argmax(1) == task_ox.argmax(1)).mean()),
+    }
+
+
+# --- metrics -------------------------------------------------------------------------------------
+
+
+def _spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
+    if len(a) < 3 or len(set(a)) < 2 or len(set(b)) < 2:
+        return None
+    return round(float(spearmanr(a, b).statistic), 4)
+
+
+def reliability(pred: np.ndarray, target: np.ndarray, bins: int = 10) -> list[dict[str, float]]:
+    table = []
+    edges = np.linspace(0, 1, bins + 1)
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        inside = (pred >= lo) & ((pred < hi) if hi < 1 else (pred <= hi))
+        if inside.any():
+            table.append(
+                {
+                    "bin": f"{lo:.1f}-{hi:.1f}",
+                    "n": int(inside.sum()),
+                    "mean_predicted": round(float(pred[inside].mean()), 3),
+                    "mean_observed": round(float(target[inside].mean()), 3),
+                }
+            )
+    return table
+
+
+def task_metrics(examples: Sequence[Example], probs: np.ndarray) -> dict[str, Any]:
+    rows = [i for i, ex in enumerate(examples) if ex.task is not None]
+    if not rows:
+        return {}
+    y = np.array([TASK_TYPES.index(examples[i].task) for i in rows])
+    pred = probs[rows].argmax(1)
+    labels = list(range(len(TASK_TYPES)))
+    per_class = f1_score(y, pred, labels=labels, average=None, zero_division=0)
+    by_source: dict[str, list[bool]] = defaultdict(list)
+    for i, p in zip(rows, pred):
+        by_source[examples[i].source].append(TASK_TYPES[p] == examples[i].task)
+    confusion = np.zeros((len(TASK_TYPES), len(TASK_TYPES)), dtype=int)
+    np.add.at(confusion, (y, pred), 1)
+    return {
+        "n": len(rows),
+        "macro_f1": round(float(f1_score(y, pred, labels=labels, average="macro", zero_division=0)), 4),
+        "f1": {t: round(float(f), 4) for t, f in zip(TASK_TYPES, per_class)},
+        "accuracy_by_source": {s: round(float(np.mean(v)), 4) for s, v in sorted(by_source.items())},
+        "confusion": {"rows_true_cols_pred": list(TASK_TYPES), "matrix": confusion.tolist()},
+    }
+
+
+def difficulty_metrics(examples: Sequence[Example], diff: np.ndarray) -> dict[str, Any]:
+    def graded(key: str, source: str | None = None) -> tuple[list[float], list[float]]:
+        pairs = [(diff[i], ex.grades[key]) for i, ex in enumerate(examples) if key in ex.grades and (source is None or ex.source == source)]
+        return [p for p, _ in pairs], [g for _, g in pairs]
+
+    out: dict[str, Any] = {}
+    p, g = graded("math_level", "math")
+    out["spearman_math_level"] = _spearman(p, g)
+    p, g = graded("mmlu_fail_share")
+    out["spearman_mmlu_pro_failure_rate"] = _spearman(p, g)
+    p, g = graded("gsm8k_fail_share")
+    out["spearman_gsm8k_failure_share"] = _spearman(p, g)
+    p, g = graded("crux_fail_share")
+    out["spearman_cruxeval_failure_rate"] = _spearman(p, g)
+    per_task: dict[str, list[float]] = defaultdict(list)
+    task_fail: dict[str, float] = {}
+    for i, ex in enumerate(examples):
+        if "bbh_task_direct_fail" in ex.grades:
+            per_task[ex.subset].append(float(diff[i]))
+            task_fail[ex.subset] = ex.grades["bbh_task_direct_fail"]
+    names = sorted(per_task)
+    out["spearman_bbh_task_failure_rate"] = _spearman([float(np.mean(per_task[n])) for n in names], [task_fail[n] for n in names])
+    p, g = graded("direct_wrong")
+    out["auc_bbh_direct_wrong"] = round(float(roc_auc_score(g, p)), 4) if len(set(g)) == 2 else None
+    p, g = graded("ref_wrong")
+    out["auc_mmlu_pro_reference_wrong"] = round(float(roc_auc_score(g, p)), 4) if len(set(g)) == 2 else None
+    out["reliability_mmlu_pro_reference_outcomes"] = reliability(np.array(p), np.array(g)) if p else []
+    levels = defaultdict(list)
+    for i, ex in enumerate(examples):
+        if ex.source == "math" and "math_level" in ex.grades:
+            levels[int(ex.grades["math_level"])].append(float(diff[i]))
+        elif ex.source == "gsm8k":
+            levels[0].append(float(diff[i]))
+    out["mean_by_math_level"] = {("gsm8k" if k == 0 else f"level_{k}"): round(float(np.mean(v)), 4) for k, v in sorted(levels.items())}
+    by_source = defaultdict(list)
+    for i, ex in enumerate(examples):
+        by_source[ex.source].append(float(diff[i]))
+    out["mean_by_source"] = {s: round(float(np.mean(v)), 4) for s, v in sorted(by_source.items())}
+    rows = [i for i, ex in enumerate(examples) if ex.difficulty is not None]
+    if rows:
+        pred, target = diff[rows], np.array([examples[i].difficulty for i in rows])
+        out["mae_vs_target"] = round(float(np.abs(pred - target).mean()), 4)
+        out["spearman_vs_target"] = _spearman(list(pred), list(target))
+        out["reliability_vs_target"] = reliability(pred, target)
+    return out
+
+
+GRADED_SOURCES = ("math", "gsm8k", "mmlu_pro", "bbh", "cruxeval")
+
+
+def leave_one_source_out(
+    train: Sequence[Example], everything: Sequence[Example], X_all: sp.csr_matrix, seed: int, bar: Any = None
+) -> dict[str, Any]:
+    """Train without one source, test on all of it (both splits: none of it was seen).
+
+    To keep 14 refits affordable each is trained on at most LOSO_CAP prompts per remaining source
+    (seeded sample), and difficulty experts are refitted only when the left-out source is graded.
+    """
+    index = {id(ex): i for i, ex in enumerate(everything)}
+    rng = np.random.default_rng(seed)
+    by_source: dict[str, list[Example]] = defaultdict(list)
+    for ex in train:
+        by_source[ex.source].append(ex)
+    capped = []
+    for source in sorted(by_source):
+        items = by_source[source]
+        keep = rng.permutation(len(items))[:LOSO_CAP]
+        capped += [items[i] for i in sorted(keep)]
+    real = [ex for ex in everything if ex.source not in ("extra", SYNTHETIC_SOURCE)]
+    label_sources = defaultdict(set)
+    for ex in real:
+        if ex.task is not None:
+            label_sources[ex.task].add(ex.source)
+    sources = sorted({ex.source for ex in everything if ex.task is not None and ex.source not in ("extra", SYNTHETIC_SOURCE)})
+    pooled_true, pooled_pred, per_source, graded = [], [], {}, {}
+    for source in sources:
+        kept = [ex for ex in capped if ex.source != source]
+        held = [ex for ex in everything if ex.source == source]
+        models = fit(kept, X_all[[index[id(ex)] for ex in kept]], seed, with_experts=source in GRADED_SOURCES)
+        probs, diff = models.predict(X_all[[index[id(ex)] for ex in held]])
+        labelled = [(ex.task, TASK_TYPES[p]) for ex, p in zip(held, probs.argmax(1)) if ex.task is not None]
+        only_source = all(len(label_sources[t]) == 1 for t, _ in labelled)
+        per_source[source] = {
+            "n": len(labelled),
+            "accuracy": round(float(np.mean([t == p for t, p in labelled])), 4),
+            "predicted": dict(Counter(p for _, p in labelled).most_common()),
+            "label_has_other_sources": not only_source,
+        }
+        if not only_source:
+            pooled_true += [t for t, _ in labelled]
+            pooled_pred += [p for _, p in labelled]
+        if source in GRADED_SOURCES:
+            d = difficulty_metrics(held, diff)
+            graded[source] = {k: v for k, v in d.items() if k.startswith(("spearman_", "auc_")) and v is not None and k != "spearman_vs_target"}
+        if bar:
+            bar.update(1)
+    return {
+        "macro_f1_pooled": round(float(f1_score(pooled_true, pooled_pred, labels=list(TASK_TYPES), average="macro", zero_division=0)), 4),
+        "training_cap_per_source": LOSO_CAP,
+        "note": "pooled over left-out sources whose label has another dataset to learn from; topical_chat "
+        "is the only chat dataset (only the synthetic system-prompt chat rows remain), so it is reported but not pooled",
+        "by_source": per_source,
+        "difficulty": graded,
+    }
+
+
+# --- the whole run -------------------------------------------------------------------------------
+
+
+def train(
+    out_dir: Path = ARTIFACT_DIR,
+    seed: int = 0,
+    datasets: str | Path | None = None,
+    extra: Sequence[str] = (),
+    loso: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    started = time.time()
+    root = default_datasets_dir(datasets)
+    examples = load_examples(root, seed)
+    for path in extra:
+        examples += load_extra(path)
+    train_set, test_set, dropped = split(examples)
+    everything = train_set + test_set
+    steps = len(everything) // 512 + 5 + (len({ex.source for ex in everything}) if loso else 0)
+    bar = tqdm(total=steps, desc="ponder train", unit="step", disable=not progress)
+    X_all = feature_matrix(everything, progress=lambda n: bar.update(1) if n else None)
+    X_train, X_test = X_all[: len(train_set)], X_all[len(train_set) :]
+    bar.set_postfix_str("fitting")
+    models = fit(train_set, X_train, seed)
+    bar.update(1)
+    model_bytes = to_onnx(models).SerializeToString()
+    bar.update(1)
+    sample = np.random.default_rng(seed).permutation(len(test_set))[:2000]
+    agree = agreement(models, model_bytes, [test_set[i] for i in sample])
+    if agree["task_probs_max_abs_diff"] > 1e-4 or agree["difficulty_max_abs_diff"] > 1e-4:
+        raise RuntimeError(f"ONNX and scikit-learn disagree: {agree}")
+    # Metrics are computed on the ONNX model's own outputs: what ships is what is measured.
+    task_probs, difficulty = onnx_predict(model_bytes, test_set)
+    bar.update(1)
+    metrics = {"held_out": {"task": task_metrics(test_set, task_probs), "difficulty": difficulty_metrics(test_set, difficulty)}}
+    if loso:
+        bar.set_postfix_str("leave-one-source-out")
+        metrics["leave_one_source_out"] = leave_one_source_out(train_set, everything, X_all, seed, bar)
+    bar.close()
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / ONNX_NAME).write_bytes(model_bytes)
+    card = {
+        "name": "ponder-classifier",
+        "feature_version": F.FEATURE_VERSION,
+        "n_features": F.N_FEATURES,
+        "handcrafted_features": list(F.HANDCRAFTED),
+        "labels": list(TASK_TYPES),
+        "onnx": ONNX_NAME,
+        "onnx_sha256": hashlib.sha256(model_bytes).hexdigest(),
+        "inputs": {"features": [None, F.N_FEATURES], "built_by": "router.features.featurize"},
+        "features": {
+            "word_hash_bits": F.WORD_BITS,
+            "system_hash_bits": F.SYSTEM_BITS,
+            "char_hash_bits": F.CHAR_BITS,
+            "char_ngrams": list(F.CHAR_NGRAMS),
+            "user_chars_kept": f"first {F.USER_HEAD_CHARS} + last {F.USER_TAIL_CHARS} of the last user turn",
+            "system_chars_kept": F.SYSTEM_CHARS,
+        },
+        "outputs": {"task_probs": "task type probabilities, columns = labels", "difficulty": "P(cheap answer wrong)"},
+        "seed": seed,
+        "hyperparameters": {"task_C": TASK_C, "expert_alpha": EXPERT_ALPHA, "handcrafted_weight": HANDCRAFTED_WEIGHT, "max_iter": MAX_ITER, "source_cap": SOURCE_CAP, "synthetic_weight": SYNTHETIC_WEIGHT},
+        "training_data": {
+            "datasets_sha256": data_hashes(root),
+            "extra_files_sha256": {Path(p).name: hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in extra},
+            "examples": dict(Counter(ex.source for ex in examples)),
+            "train": len(train_set),
+            "test": len(test_set),
+            "test_near_duplicates_dropped": dict(dropped),
+            "split": f"sha256('{SPLIT_SALT}:' + problem id) % 100 < {TEST_PERCENT} -> test",
+        },
+        "difficulty_target": DIFFICULTY_NOTES,
+        "onnx_vs_sklearn": agree,
+        "leave_one_source_out_ran": loso,
+        "metrics": metrics,
+        "train_seconds": round(time.time() - started, 1),
+    }
+    (out_dir / CARD_NAME).write_text(json.dumps(card, indent=1, sort_keys=False) + "\n", encoding="utf-8")
+    return card
+
+
+def metrics_table(card: dict[str, Any]) -> str:
+    held = card["metrics"]["held_out"]
+    lines = [f"{'metric':<44}{'value':>10}  target", "-" * 64]
+
+    def row(name: str, value: Any, target: str = "") -> None:
+        text = "n/a" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+        lines.append(f"{name:<44}{text:>10}  {target}")
+
+    row("task macro-F1 (held-out)", held["task"]["macro_f1"], ">= 0.90")
+    for t, f in held["task"]["f1"].items():
+        row(f"  F1 {t}", f)
+    loso = card["metrics"].get("leave_one_source_out")
+    if loso:
+        row("task macro-F1 (left-out sources, pooled)", loso["macro_f1_pooled"], ">= 0.80")
+        for s, v in loso["by_source"].items():
+            row(f"  accuracy left out: {s}", v["accuracy"])
+    d = held["difficulty"]
+    row("difficulty Spearman vs MATH level", d["spearman_math_level"], ">= 0.5")
+    row("difficulty Spearman vs MMLU-Pro failure rate", d["spearman_mmlu_pro_failure_rate"], ">= 0.5")
+    row("difficulty Spearman vs BBH task failure", d["spearman_bbh_task_failure_rate"])
+    row("difficulty Spearman vs GSM8K failure share", d["spearman_gsm8k_failure_share"])
+    row("difficulty Spearman vs CRUXEval failure", d["spearman_cruxeval_failure_rate"])
+    row("difficulty AUC vs reference-model MMLU-Pro miss", d["auc_mmlu_pro_reference_wrong"])
+    row("difficulty MAE vs target", d.get("mae_vs_target"))
+    for k, v in d["mean_by_math_level"].items():
+        row(f"  mean difficulty {k}", v)
+    row("onnx vs sklearn max |diff|", max(card["onnx_vs_sklearn"]["task_probs_max_abs_diff"], card["onnx_vs_sklearn"]["difficulty_max_abs_diff"]), "<= 1e-4")
+    return "\n".join(lines)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="ponder train",
+        description="Train the task-type and difficulty classifier and write the ONNX artifact + JSON card.",
+        epilog='Extra JSONL rows: {"prompt": "..."} or {"messages": [...]}, "task": one of '
+        + ", ".join(TASK_TYPES)
+        + ', optional "difficulty": P(cheap answer wrong) in [0, 1].',
+    )
+    parser.add_argument("--out", default=str(ARTIFACT_DIR), help="artifact directory (default: the shipped one)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--extra", action="append", default=[], metavar="FILE.jsonl", help="your own labelled prompts (repeatable)")
+    parser.add_argument("--datasets", default=None, help="datasets dir (default: $PONDER_DATASETS or ../shared/datasets)")
+    parser.add_argument("--loso", action="store_true", help="also run the leave-one-source-out evaluation (14 refits, several minutes)")
+    args = parser.parse_args(argv)
+    try:
+        card = train(Path(args.out), args.seed, args.datasets, args.extra, loso=args.loso)
+    except (OSError, ValueError, RuntimeError) as exc:
+        print(f"ponder train: {exc}", file=sys.stderr)
+        return 1
+    print(metrics_table(card))
+    print(f"\nwrote {Path(args.out) / ONNX_NAME} and {CARD_NAME} in {card['train_seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

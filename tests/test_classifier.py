@@ -1,0 +1,316 @@
+"""Task-type and difficulty classifier: ONNX = scikit-learn, bad input never raises, sane answers.
+
+Needs only the repo and ../shared/datasets (for the small retrain and the held-out checks).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from router import features as F
+from router.classifier import SAFE_DEFAULT, Classifier, ClassifierError
+from router.classifier import cli as classify_cli
+from router.types import TASK_TYPES, Classification
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "router" / "artifacts"
+
+
+@pytest.fixture(scope="module")
+def clf() -> Classifier:
+    return Classifier.load()
+
+
+@pytest.fixture(scope="module")
+def examples():
+    from router.train_data import default_datasets_dir, load_examples
+
+    if not default_datasets_dir().exists():
+        pytest.skip("../shared/datasets not found")
+    sources = ["math", "gsm8k", "mmlu_pro", "bbh", "mbpp", "humaneval", "nq_open", "topical_chat", "self_instruct"]
+    return load_examples(sources=sources, seed=0)
+
+
+def _valid(c: Classification) -> None:
+    assert isinstance(c, Classification)
+    assert c.task in TASK_TYPES
+    assert set(c.task_probs) == set(TASK_TYPES)
+    assert all(0.0 <= p <= 1.0 and not math.isnan(p) for p in c.task_probs.values())
+    assert abs(sum(c.task_probs.values()) - 1.0) < 1e-3
+    assert 0.0 <= c.difficulty <= 1.0
+    assert c.tier in ("easy", "medium", "hard")
+
+
+# --- ONNX agrees with scikit-learn ---------------------------------------------------------------
+
+
+def test_onnx_matches_sklearn_on_held_out(examples):
+    """Retrain a small model, convert it exactly as `ponder train` does, compare on held-out prompts:
+    scikit-learn vs the shipped graph (through the runtime's feature path) and vs skl2onnx's raw output."""
+    import onnxruntime as ort
+
+    from router import train as T
+
+    rng = random.Random(0)
+    train_pool = [ex for ex in examples if not T.is_test_group(ex.group)]
+    test_pool = [ex for ex in examples if T.is_test_group(ex.group)]
+    small = []
+    for task in TASK_TYPES:
+        of_task = [ex for ex in train_pool if ex.task == task]
+        small += rng.sample(of_task, min(150, len(of_task)))
+    small += rng.sample([ex for ex in train_pool if ex.task is None], 100)  # difficulty-only rows
+    held = rng.sample(test_pool, 300) + [ex for ex in test_pool if ex.messages[0]["role"] == "system"][:50]
+    models = T.fit(small, T.feature_matrix(small), seed=0)
+
+    agree = T.agreement(models, T.to_onnx(models).SerializeToString(), held)
+    assert agree["rows"] == len(held)
+    assert agree["task_probs_max_abs_diff"] < 1e-4
+    assert agree["difficulty_max_abs_diff"] < 1e-4
+    assert agree["task_argmax_agreement"] == 1.0
+
+    X = T.feature_matrix(held)
+    dense = ort.InferenceSession(T.to_onnx(models, streamline=False).SerializeToString(), providers=["CPUExecutionProvider"])
+    task_ox, diff_ox = dense.run(["task_probs", "difficulty"], {"features": X.toarray().astype(np.float32)})
+    task_sk, diff_sk = models.predict(X)
+    assert np.abs(task_ox - task_sk).max() < 1e-4 and np.abs(diff_ox - diff_sk).max() < 1e-4
+
+
+def test_runtime_features_match_training_features(clf):
+    """The runtime featurises a conversation exactly as training did (one code path, batch = single)."""
+    batch = [
+        [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What is 2+2?"}],
+        [{"role": "user", "content": "def f(x):\n    return x"}],
+        "plain string prompt",
+        [],
+    ]
+    together = F.featurize_messages(batch)
+    alone = np.vstack([F.featurize_messages([m]) for m in batch])
+    assert np.array_equal(together, alone)
+    assert [clf.classify(m) for m in batch] == clf.classify_batch(batch)
+
+
+# --- bad input -----------------------------------------------------------------------------------
+
+MEGABYTE = "The quick brown fox jumps over the lazy dog. " * 23302
+JUNK = "".join(chr(random.Random(1).randrange(0, 0x3000)) for _ in range(5000)) + "\x00\ud800\udfff"
+BAD_INPUTS = [
+    [],
+    [{"role": "system", "content": "You are a helpful assistant."}],
+    [{"role": "user", "content": MEGABYTE}],
+    [{"role": "user", "content": JUNK}],
+    [{"role": "user", "content": bytes(range(256)) * 10}],
+    [{"role": "user", "content": "这个问题的答案是什么？请详细解释量子力学的基本原理。"}],
+    [{"role": "user", "content": "ما هي عاصمة فرنسا؟"}],
+    [{"role": "user", "content": "Привет! Как дела? Что нового?"}],
+    [{"role": "user", "content": "😀🎉🔥💯🙏" * 200}],
+    [{"role": "user", "content": ""}],
+    [{"role": "user", "content": None}],
+    [{"role": "user", "content": 42}],
+    [{"role": "user"}],
+    [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}],
+    [{"role": "user", "content": [{"type": "text", "text": "Solve x^2 = 4"}, {"type": "input_audio"}, None, 7]}],
+    [{"role": "user", "content": [{"type": "text", "text": None}, {"type": "text"}]}],
+    [{"role": None, "content": "x"}, {"role": 5, "content": "y"}],
+    [None, 1, "str", ["nested"], {"role": "user", "content": {"weird": "dict"}}],
+    [{"role": "assistant", "content": "only the assistant spoke"}],
+    [{"role": "tool", "content": "{}", "tool_call_id": "a"}, {"role": "user", "content": "ok"}],
+    [{"role": "user", "content": "hi"}] * 10_000,
+    None,
+    42,
+    "a bare string",
+    {"role": "user", "content": "a single message dict"},
+    b"bytes",
+    object(),
+]
+
+
+@pytest.mark.parametrize("messages", BAD_INPUTS, ids=range(len(BAD_INPUTS)))
+def test_bad_input_gives_valid_classification(clf, messages):
+    _valid(clf.classify(messages))
+
+
+def test_bad_inputs_in_one_batch(clf):
+    results = clf.classify_batch(BAD_INPUTS)
+    assert len(results) == len(BAD_INPUTS)
+    for c in results:
+        _valid(c)
+
+
+def test_classify_text_and_features_on_junk(clf):
+    for text in ("", MEGABYTE, JUNK, "\x00" * 1000, None, 3.5):
+        _valid(clf.classify_text(text))  # type: ignore[arg-type]
+        assert F.featurize([F.prompt_from_text(text)]).shape == (1, F.N_FEATURES)
+
+
+def test_long_input_is_truncated_deterministically(clf):
+    prompt = F.prompt_from_messages([{"role": "user", "content": MEGABYTE}])
+    assert len(prompt.user) <= F.USER_HEAD_CHARS + F.USER_TAIL_CHARS + 1
+    assert prompt.user_chars == len(MEGABYTE)
+    assert clf.classify([{"role": "user", "content": MEGABYTE}]) == clf.classify([{"role": "user", "content": MEGABYTE}])
+
+
+def test_internal_failure_returns_safe_default(clf):
+    class BrokenSession:
+        def run(self, *args, **kwargs):
+            raise RuntimeError("boom")
+
+    broken = Classifier(BrokenSession(), clf.card)
+    assert broken.classify([{"role": "user", "content": "hi"}]) == SAFE_DEFAULT
+    assert broken.classify_batch([[], []]) == [SAFE_DEFAULT, SAFE_DEFAULT]
+    assert broken.classify_batch(x for x in [1, 2] if 1 / 0) == [SAFE_DEFAULT]  # a raising iterable
+
+
+def test_load_errors_are_clear(tmp_path):
+    with pytest.raises(ClassifierError):
+        Classifier.load(tmp_path)  # no card
+    card = json.loads((ARTIFACTS / "classifier.json").read_text())
+    card["feature_version"] = -1
+    (tmp_path / "classifier.json").write_text(json.dumps(card))
+    with pytest.raises(ClassifierError, match="features"):
+        Classifier.load(tmp_path)
+
+
+# --- uses the conversation -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "user,system,task",
+    [
+        # Wordings that appear nowhere in training (see train_data.TASK_SYSTEM_PROMPTS / TASK_ROLES).
+        ("How do I reverse a list?", "You are a programming assistant that writes Python code.", "code"),
+        ("What is the answer?", "You are a math homework helper. Always show the steps.", "math"),
+        ("Make it shorter.", "You are an editor who rewrites text to be concise.", "writing"),
+    ],
+)
+def test_system_prompt_changes_the_result(clf, user, system, task):
+    alone = clf.classify([{"role": "user", "content": user}])
+    with_system = clf.classify([{"role": "system", "content": system}, {"role": "user", "content": user}])
+    assert alone.task != task
+    assert with_system.task == task
+    assert with_system.task_probs[task] > alone.task_probs[task] + 0.3
+
+
+def test_last_user_turn_is_what_is_classified(clf):
+    convo = [
+        {"role": "user", "content": "Hi there! How was your weekend?"},
+        {"role": "assistant", "content": "Great, thanks for asking!"},
+        {"role": "user", "content": "Find all real x such that $x^2 - 5x + 6 = 0$."},
+    ]
+    assert clf.classify(convo).task == "math"
+    assert clf.classify(convo[:1]).task == "chat"
+
+
+def test_parts_content_is_read(clf):
+    parts = [{"type": "text", "text": "Write a Python function"}, {"type": "image_url", "image_url": {"url": "x"}},
+             {"type": "text", "text": "that returns the n-th Fibonacci number."}]
+    assert clf.classify([{"role": "user", "content": parts}]).task == "code"
+
+
+# --- sanity --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text,task",
+    [
+        ("Let $f(x) = 3x^2 - 2x + 1$. Compute $f(4) - f(-1)$.", "math"),
+        ("A train travels 60 miles per hour for 3 hours and then 40 miles per hour for 2 hours. How many miles does it travel in total?", "math"),
+        ("Write a Python function `is_palindrome(s: str) -> bool` that ignores case and punctuation.", "code"),
+        ("```python\ndef f(xs):\n    return sorted(xs)[::-1]\n```\nWhat does f([3, 1, 2]) return?", "code"),
+        ("hey! how's it going? did you watch the game last night?", "chat"),
+        ("I love hiking in the fall, the colors are amazing. Do you have a favorite season?", "chat"),
+        ("who wrote the novel pride and prejudice", "knowledge"),
+        ("Write a polite email to my landlord asking to fix the heating this week.", "writing"),
+    ],
+)
+def test_clear_prompts(clf, text, task):
+    assert clf.classify_text(text).task == task
+
+
+def test_math_level5_harder_than_easy_gsm8k(clf, examples):
+    from router.train import is_test_group
+
+    held = [ex for ex in examples if is_test_group(ex.group)]
+    level5 = [ex.messages for ex in held if ex.source == "math" and ex.grades.get("math_level") == 5][:300]
+    level1 = [ex.messages for ex in held if ex.source == "math" and ex.grades.get("math_level") == 1][:300]
+    easy_gsm8k = [ex.messages for ex in held if ex.source == "gsm8k" and ex.grades.get("gsm8k_fail_share") == 0][:300]
+    assert len(level5) > 50 and len(easy_gsm8k) > 20
+    mean = lambda batch: float(np.mean([c.difficulty for c in clf.classify_batch(batch)]))  # noqa: E731
+    assert mean(level5) > mean(easy_gsm8k) + 0.15
+    assert mean(level5) > mean(level1) + 0.1
+
+
+# --- artifact and CLI ----------------------------------------------------------------------------
+
+
+def test_artifact_is_small_and_documented():
+    card = json.loads((ARTIFACTS / "classifier.json").read_text())
+    size = sum(p.stat().st_size for p in ARTIFACTS.iterdir() if p.is_file())
+    assert size <= 5 * 1024 * 1024
+    assert card["labels"] == list(TASK_TYPES)
+    assert card["feature_version"] == F.FEATURE_VERSION
+    assert card["training_data"]["datasets_sha256"]
+    assert card["difficulty_target"]["definition"]
+    assert card["metrics"]["held_out"]["task"]["macro_f1"] >= 0.9
+
+
+def test_runtime_does_not_import_sklearn_and_loads_fast():
+    code = (
+        "import sys, time; t = time.perf_counter(); from router.classifier import Classifier; "
+        "c = Classifier.load(); c.classify([{'role': 'user', 'content': 'hi'}]); "
+        "print(time.perf_counter() - t); assert 'sklearn' not in sys.modules and 'scipy' not in sys.modules"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout.strip()) < 3.0  # gateway readiness budget; bench/ measures the real number
+
+
+def test_cli_text_and_files(tmp_path, capsys):
+    assert classify_cli(["Solve for x: 2x + 3 = 11."]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["task"] == "math" and set(row) == {"task", "task_probs", "difficulty"}
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text(
+        json.dumps({"prompt": "hello, how are you?", "id": 1}) + "\n"
+        + json.dumps({"messages": [{"role": "user", "content": "def add(a, b): return a + b  # add tests"}]}) + "\n"
+        + "not json\n"
+    )
+    assert classify_cli(["--input", str(src), "--output", str(dst)]) == 0
+    rows = [json.loads(line) for line in dst.read_text().splitlines()]
+    assert len(rows) == 3 and rows[0]["id"] == 1 and rows[0]["task"] == "chat"
+    assert all(r["task"] in TASK_TYPES for r in rows)
+
+
+def test_extra_jsonl_format(tmp_path):
+    from router.train_data import load_extra
+
+    good = tmp_path / "extra.jsonl"
+    good.write_text(
+        json.dumps({"prompt": "Summarise this memo", "task": "writing"}) + "\n"
+        + json.dumps({"messages": [{"role": "user", "content": "2+2?"}], "task": "math", "difficulty": 0.01}) + "\n"
+    )
+    rows = load_extra(good)
+    assert [r.task for r in rows] == ["writing", "math"] and rows[1].difficulty == 0.01
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "x", "task": "poetry"}) + "\n")
+    with pytest.raises(ValueError, match="task must be one of"):
+        load_extra(bad)
+
+
+def test_datasets_path_override(monkeypatch, tmp_path):
+    from router.train_data import default_datasets_dir
+
+    monkeypatch.setenv("PONDER_DATASETS", str(tmp_path))
+    assert default_datasets_dir() == tmp_path
+    assert default_datasets_dir("/elsewhere") == Path("/elsewhere")
+    monkeypatch.delenv("PONDER_DATASETS")
+    assert default_datasets_dir() == REPO.parent / "shared" / "datasets"
+    assert os.path.basename(os.path.dirname(default_datasets_dir())) == "shared"
