@@ -188,7 +188,8 @@ def test_one_budget_across_both_replicas(pair, r):
 
     def call(i: int) -> httpx.Response:
         barrier.wait()
-        return chat((one, two)[i % 2], key=CAPPED_KEY)
+        # max_tokens bounds each answer's cost, so a reservation (the worst case) equals the actual cost
+        return chat((one, two)[i % 2], key=CAPPED_KEY, max_tokens=10)
 
     with ThreadPoolExecutor(24) as pool:
         responses = list(pool.map(call, range(24)))
