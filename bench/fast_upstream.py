@@ -7,7 +7,8 @@ chat.completion (or, if the body asks for `"stream": true`, the same pre-encoded
 
 Run:  python bench/fast_upstream.py --port P [--delay-ms D] [--chunks K]
 `--delay-ms` holds every completion that long before answering (the fan-out bench uses it); the
-server stays concurrent while it waits.
+server stays concurrent while it waits. A streamed answer has as many content chunks as the request's
+`max_tokens` (else `--chunks`), so one server serves short and long streams.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import orjson
 
 ANSWER = "The answer is 42."
 STREAM_FLAG = re.compile(rb'"stream"\s*:\s*true')
+MAX_TOKENS = re.compile(rb'"max_tokens"\s*:\s*(\d+)')
 USAGE = {"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17}
 
 
@@ -55,9 +57,10 @@ HEALTH = _http("200 OK", b'{"ok": true}')
 
 
 class Upstream(asyncio.Protocol):
-    def __init__(self, completion: bytes, frames: list[bytes], delay_s: float) -> None:
+    def __init__(self, completion: bytes, frames: dict[int, list[bytes]], chunks: int, delay_s: float) -> None:
         self.completion = completion
-        self.frames = frames
+        self.frames = frames  # chunk count -> pre-encoded stream, shared by every connection
+        self.chunks = chunks
         self.delay_s = delay_s
         self.buffer = b""
         self.transport: asyncio.Transport | None = None
@@ -82,20 +85,26 @@ class Upstream(asyncio.Protocol):
                 return
             body = self.buffer[head_end + 4:end]
             self.buffer = self.buffer[end:]
-            self.respond(head.startswith(b"POST"), STREAM_FLAG.search(body) is not None)
+            self.respond(head.startswith(b"POST"), body)
 
-    def respond(self, is_post: bool, stream: bool) -> None:
+    def respond(self, is_post: bool, body: bytes) -> None:
         if not is_post:
             self.write([HEALTH])
         elif self.delay_s:
             # Requests on one connection are answered in order, so a delayed answer is never
             # overtaken; concurrent requests come on separate connections and wait in parallel.
-            asyncio.get_running_loop().call_later(self.delay_s, self.write, self.payload(stream))
+            asyncio.get_running_loop().call_later(self.delay_s, self.write, self.payload(body))
         else:
-            self.write(self.payload(stream))
+            self.write(self.payload(body))
 
-    def payload(self, stream: bool) -> list[bytes]:
-        return [STREAM_HEAD, *self.frames] if stream else [self.completion]
+    def payload(self, body: bytes) -> list[bytes]:
+        if STREAM_FLAG.search(body) is None:
+            return [self.completion]
+        asked = MAX_TOKENS.search(body)
+        chunks = min(4096, max(1, int(asked.group(1)))) if asked else self.chunks
+        if chunks not in self.frames:
+            self.frames[chunks] = stream_frames(chunks)
+        return [STREAM_HEAD, *self.frames[chunks]]
 
     def write(self, parts: list[bytes]) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -105,8 +114,8 @@ class Upstream(asyncio.Protocol):
 
 async def serve(port: int, delay_ms: float, chunks: int) -> None:
     loop = asyncio.get_running_loop()
-    completion, frames = completion_response(), stream_frames(chunks)
-    server = await loop.create_server(lambda: Upstream(completion, frames, delay_ms / 1000), "127.0.0.1", port,
+    completion, frames = completion_response(), {chunks: stream_frames(chunks)}
+    server = await loop.create_server(lambda: Upstream(completion, frames, chunks, delay_ms / 1000), "127.0.0.1", port,
                                       backlog=1024, reuse_address=True)
     async with server:
         await server.serve_forever()

@@ -136,8 +136,9 @@ def start_ponder(tmp: Path, upstream: Server, policy: dict[str, Any], *, name: s
         config["api_keys"] = [{"id": "bench", "sha256": hashlib.sha256(api_key.encode()).hexdigest()}]
     config_path = tmp / f"{name}.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    return Server(name, [*(wrapper or [PYTHON]), "-m", "gateway.cli", "serve", "--config", str(config_path), "--port", str(port),
-                         "--log-level", "warning"], port, "/readyz", tmp / f"{name}.log")
+    args = [*(wrapper or [PYTHON]), "-m", "gateway.cli", "serve", "--config", str(config_path), "--port", str(port),
+            "--log-level", "warning"]
+    return Server(name, args, port, "/readyz", tmp / f"{name}.log")
 
 
 def loadgen(spec: dict[str, Any], timeout: float = 600) -> dict[str, Any]:
