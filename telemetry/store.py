@@ -37,6 +37,10 @@ BATCH_MAX = 500  # events per pipeline / transaction
 MAX_BATCH_FAILURES = 3
 
 
+FLUSH_LINGER_S = 0.02  # how long a flush waits for more events before writing
+FLUSH_BATCH_HINT = 200  # with this many buffered, write at once
+
+
 @dataclass(frozen=True, slots=True)
 class FeedbackResult:
     """`unavailable` means the store could not be reached (Redis down): the client may retry."""
@@ -252,6 +256,10 @@ class BufferedStore(Store):
             self._wake.clear()
             if self._closing:
                 break
+            # Linger a moment so events that arrive together are written together: one write per
+            # batch instead of one per request keeps the flush off the request path's event loop.
+            if len(self._buffer) < FLUSH_BATCH_HINT:
+                await asyncio.sleep(FLUSH_LINGER_S)
             try:
                 if not await self._ensure_connected():
                     continue
