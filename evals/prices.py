@@ -10,12 +10,12 @@ A user's own table (`ponder eval --prices FILE`, same format) is merged over the
 from __future__ import annotations
 
 import functools
-import importlib.util
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+
+from policies.loader import litellm_cost_map  # the one reader of litellm's bundled cost map
 
 PRICE_TABLE_PATH = Path(__file__).with_name("price_table.yaml")
 CHARS_PER_TOKEN = 4.0  # the usual English rule of thumb, for tables that record characters, not tokens
@@ -31,18 +31,6 @@ class ModelPrice:
 
     def cost_usd(self, prompt_tokens: float, completion_tokens: float) -> float:
         return (prompt_tokens * self.input_per_mtok + completion_tokens * self.output_per_mtok) / 1e6
-
-
-@functools.cache
-def litellm_cost_map() -> dict:
-    spec = importlib.util.find_spec("litellm")
-    if spec is None or not spec.submodule_search_locations:
-        return {}
-    path = Path(next(iter(spec.submodule_search_locations))) / "model_prices_and_context_window_backup.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def _from_litellm(key: str) -> tuple[float, float] | None:

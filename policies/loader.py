@@ -201,7 +201,7 @@ def _unwrap(annotation: object) -> object:
 
 
 @functools.cache
-def _litellm_cost_map() -> dict:
+def litellm_cost_map() -> dict:
     """litellm's bundled cost map, read as JSON: importing litellm itself takes seconds."""
     spec = importlib.util.find_spec("litellm")
     if spec is None or not spec.submodule_search_locations:
@@ -217,7 +217,7 @@ def resolve_prices(spec: BackendSpec) -> tuple[Prices, str]:
     """The backend's prices and where they came from: the declaration, litellm's cost map, or nowhere (zero)."""
     if spec.prices is not None:
         return spec.prices, "declared"
-    table = _litellm_cost_map()
+    table = litellm_cost_map()
     for key in (spec.model, spec.model.split("/", 1)[-1]):
         entry = table.get(key)
         if entry and "input_cost_per_token" in entry:
