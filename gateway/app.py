@@ -314,7 +314,11 @@ def create_app(config: GatewayConfig) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await gateway.start()
+        try:
+            await gateway.start()
+        except BaseException:
+            await gateway.close()  # a failed start must not leave the model process or sessions behind
+            raise
         try:
             yield
         finally:

@@ -42,6 +42,20 @@ def default_model_path() -> Path:
     return found[0]
 
 
+# llama_cpp.server reads its settings from environment variables too (pydantic-settings), and a
+# variable named like one of them beats nothing we pass safely: `make serve PORT=8000` exports PORT,
+# which would put the model server on the gateway's own port. The child gets none of these.
+_SERVER_SETTINGS_ENV = {"HOST", "PORT", "MODEL", "MODEL_ALIAS", "CONFIG_FILE", "API_KEY", "N_CTX", "N_THREADS",
+                        "N_THREADS_BATCH", "N_GPU_LAYERS", "VERBOSE", "SSL_KEYFILE", "SSL_CERTFILE", "ROOT_PATH",
+                        "INTERRUPT_REQUESTS", "CHAT_FORMAT", "SEED"}
+
+
+def _child_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k.upper() not in _SERVER_SETTINGS_ENV}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -95,7 +109,7 @@ class LocalModelServer:
         # Its log goes to a file, not a pipe nobody reads (a full pipe would stall the model).
         self._log = tempfile.TemporaryFile()
         self.process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self._log,
-                                        start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                        start_new_session=True, env=_child_env())
         await self._wait_ready()
 
     async def _wait_ready(self) -> None:

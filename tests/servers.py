@@ -41,11 +41,12 @@ def wait_http(url: str, timeout: float, process: subprocess.Popen | None = None,
 
 
 class Process:
-    def __init__(self, args: list[str], url: str, ready_path: str, log_path: Path, timeout: float = 60) -> None:
+    def __init__(self, args: list[str], url: str, ready_path: str, log_path: Path, timeout: float = 60,
+                 env: dict[str, str] | None = None) -> None:
         self.url = url
         self.log_path = log_path
         self._log = open(log_path, "wb")
-        env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "PYTHONUNBUFFERED": "1", **(env or {})}
         self.process = subprocess.Popen(args, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env=env,
                                         start_new_session=True)
         try:
@@ -93,7 +94,8 @@ def mock_backend(name: str, mock: Process, **extra) -> dict:
     return spec
 
 
-def start_gateway(tmp: Path, config: dict, *, timeout: float = 90, name: str = "gateway") -> Process:
+def start_gateway(tmp: Path, config: dict, *, timeout: float = 90, name: str = "gateway",
+                  env: dict[str, str] | None = None) -> Process:
     port = free_port()
     config = {"telemetry": {"data_dir": str(tmp / f"{name}-data")}, **config}
     config.setdefault("local_model", {"enabled": False})
@@ -101,7 +103,7 @@ def start_gateway(tmp: Path, config: dict, *, timeout: float = 90, name: str = "
     path.write_text(yaml.safe_dump(config))
     return Process([PYTHON, "-m", "gateway.cli", "serve", "--config", str(path), "--port", str(port),
                     "--log-level", "warning"], f"http://127.0.0.1:{port}", "/readyz", tmp / f"{name}-{port}.log",
-                   timeout=timeout)
+                   timeout=timeout, env=env)
 
 
 def write_policy(tmp: Path, policy: dict, name: str = "policy.yaml") -> str:

@@ -13,8 +13,10 @@ from tests.servers import running, start_gateway
 def local_gateway(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("local")
     # The shipped default config, as `make serve` runs it, but with a small context and 1 thread.
+    # PORT and HOST in the environment (as `make serve PORT=...` exports them) must not reach the model
+    # server, which would read them as its own settings and take the gateway's port.
     with running(start_gateway(tmp, {"local_model": {"enabled": True, "n_ctx": 1024, "n_threads": 1}},
-                               timeout=120, name="local")) as gateway:
+                               timeout=120, name="local", env={"PORT": "1", "HOST": "0.0.0.0"})) as gateway:
         yield gateway
 
 
