@@ -242,3 +242,39 @@ def test_api_keys(keyed_gateway):
     client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
     assert client.chat.completions.create(model="mock-a", messages=[{"role": "user", "content": "x"}]).choices
     assert "sk-test-key" not in keyed_gateway.log()
+
+
+def test_policy_hot_reload_keeps_serving_through_a_broken_edit(tmp_path):
+    import time
+
+    import yaml
+
+    def routed_to(url: str) -> str:
+        response = httpx.post(url + "/v1/chat/completions",
+                              json={"model": "auto", "messages": [{"role": "user", "content": "hello"}]})
+        assert response.status_code == 200, response.text
+        return response.headers["x-ponder-arm"].split("/")[0]
+
+    def wait_for(url: str, backend: str) -> bool:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if routed_to(url) == backend:
+                return True
+            time.sleep(0.2)
+        return False
+
+    spec = {"name": "reloading",
+            "arms": {"cheap": {"backend": "mock-a"}, "strong": {"backend": "mock-b"}},
+            "routes": [{"name": "all", "candidates": ["cheap"]}], "exploration": {"share": 0.0}}
+    path = write_policy(tmp_path, spec, "reloading.yaml")
+    with running(start_mock(tmp_path)) as mock:
+        with running(start_gateway(tmp_path, {"backends": [mock_backend("mock-a", mock), mock_backend("mock-b", mock)],
+                                              "policy": path}, name="reload")) as gateway:
+            assert routed_to(gateway.url) == "mock-a"
+            spec["routes"][0]["candidates"] = ["strong"]
+            (tmp_path / "reloading.yaml").write_text(yaml.safe_dump(spec))
+            assert wait_for(gateway.url, "mock-b")
+            (tmp_path / "reloading.yaml").write_text("name: reloading\narms: {cheap: {backend: nowhere}}\nroutes: [")
+            time.sleep(2.5)  # more than one reload poll
+            assert all(routed_to(gateway.url) == "mock-b" for _ in range(5))  # the previous policy serves
+            assert "policy reload rejected" in gateway.log()
