@@ -55,6 +55,14 @@ class Reservation:
     mode: Literal["redis", "local", "none"] = "none"  # none: no limits, nothing was charged
     settled: bool = False
 
+    def close(self, actual_usd: float) -> float | None:
+        """Mark it settled and return what the counters still need (actual - reserved), or None when
+        there is nothing to do: settled before, or nothing was charged. Settling twice is harmless."""
+        if self.settled or self.mode == "none":
+            return None
+        self.settled = True
+        return max(0.0, float(actual_usd)) - self.amount_usd
+
 
 class LocalBudgets:
     """An in-process ledger: counter key -> spent USD, with expiry.

@@ -291,10 +291,9 @@ class EmbeddedStore(BufferedStore):
         return res
 
     async def settle(self, reservation: Reservation, actual_usd: float) -> None:
-        if reservation.settled or reservation.mode == "none":
+        delta = reservation.close(actual_usd)
+        if delta is None:
             return
-        reservation.settled = True
-        delta = max(0.0, float(actual_usd)) - reservation.amount_usd
         now = time.time()
         for key, ttl in zip(reservation.keys, reservation.ttls):
             self._budgets.add(key, delta, ttl, now, track_unsynced=False)

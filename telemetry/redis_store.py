@@ -469,11 +469,8 @@ class RedisStore(BufferedStore):
         return res
 
     async def settle(self, reservation: Reservation, actual_usd: float) -> None:
-        if reservation.settled or reservation.mode == "none":
-            return
-        reservation.settled = True
-        delta = max(0.0, float(actual_usd)) - reservation.amount_usd
-        if abs(delta) < 1e-12:
+        delta = reservation.close(actual_usd)
+        if delta is None or abs(delta) < 1e-12:
             return
         now = time.time()
         if reservation.mode == "redis" and self._connected:

@@ -110,3 +110,19 @@ def write_policy(tmp: Path, policy: dict, name: str = "policy.yaml") -> str:
     path = tmp / name
     path.write_text(yaml.safe_dump(policy, sort_keys=False))
     return str(path)
+
+
+def two_mock_policy(tmp: Path, name: str) -> str:
+    """A policy over backends `mock-a` (cheap) and `mock-b` (strong), with a 5-sample vote arm, no
+    exploration, and the strategy header honoured for `single` and `self_consistency`."""
+    return write_policy(tmp, {
+        "name": name,
+        "arms": {
+            "cheap": {"backend": "mock-a", "strategy": "single", "prior": 0.8},
+            "strong": {"backend": "mock-b", "strategy": "single", "prior": 0.7},
+            "vote": {"backend": "mock-a", "strategy": "self_consistency", "n": 5},
+        },
+        "routes": [{"name": "all", "candidates": ["cheap", "strong"]}],
+        "exploration": {"share": 0.0},
+        "overrides": {"strategy_header": ["self_consistency", "single"]},
+    }, f"{name}.yaml")

@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from router.types import bucket_key
 from telemetry.redis_server import start_redis
-from tests.servers import ROOT, mock_backend, start_gateway, start_mock, write_policy
+from tests.servers import ROOT, mock_backend, start_gateway, start_mock, two_mock_policy
 
 USER_KEY = "sk-dash-user-1"
 ADMIN_KEY = "sk-dash-admin-2"
@@ -83,17 +83,7 @@ def stack(request, tmp_path_factory):
     if redis_proc is not None:
         telemetry["redis_url"] = redis_proc.url
     mock = start_mock(tmp)
-    policy = write_policy(tmp, {
-        "name": "dash",
-        "arms": {
-            "cheap": {"backend": "mock-a", "strategy": "single", "prior": 0.8},
-            "strong": {"backend": "mock-b", "strategy": "single", "prior": 0.7},
-            "vote": {"backend": "mock-a", "strategy": "self_consistency", "n": 5},
-        },
-        "routes": [{"name": "all", "candidates": ["cheap", "strong"]}],
-        "exploration": {"share": 0.0},
-        "overrides": {"strategy_header": ["self_consistency", "single"]},
-    })
+    policy = two_mock_policy(tmp, "dash")
     gateway = start_gateway(tmp, {
         "backends": [mock_backend("mock-a", mock), mock_backend("mock-b", mock, prices={"input_per_mtok": 3.0,
                                                                                        "output_per_mtok": 15.0})],

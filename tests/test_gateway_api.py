@@ -6,24 +6,14 @@ import httpx
 import openai
 import pytest
 
-from tests.servers import mock_backend, running, start_gateway, start_mock, write_policy
+from tests.servers import mock_backend, running, start_gateway, start_mock, two_mock_policy, write_policy
 
 KEY = "sk-test-key-123"
 ADMIN_KEY = "sk-admin-456"
 
 
 def policy(tmp) -> str:
-    return write_policy(tmp, {
-        "name": "test",
-        "arms": {
-            "cheap": {"backend": "mock-a", "strategy": "single", "prior": 0.8},
-            "strong": {"backend": "mock-b", "strategy": "single", "prior": 0.7},
-            "vote": {"backend": "mock-a", "strategy": "self_consistency", "n": 5},
-        },
-        "routes": [{"name": "all", "candidates": ["cheap", "strong"]}],
-        "exploration": {"share": 0.0},
-        "overrides": {"strategy_header": ["self_consistency", "single"]},
-    })
+    return two_mock_policy(tmp, "test")
 
 
 @pytest.fixture(scope="module")
