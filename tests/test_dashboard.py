@@ -9,6 +9,7 @@ test-artifacts/dashboard.png.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -24,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from router.types import bucket_key
 from telemetry.redis_server import start_redis
-from tests.servers import ROOT, mock_backend, start_gateway, start_mock, two_mock_policy
+from tests.servers import ROOT, mock_backend, running, start_gateway, start_mock, two_mock_policy
 
 USER_KEY = "sk-dash-user-1"
 ADMIN_KEY = "sk-dash-admin-2"
@@ -78,27 +79,25 @@ def stack(request, tmp_path_factory):
     """(gateway, mock, seeded, store backend): the same traffic on the embedded store and on Redis."""
     backend = request.param
     tmp = tmp_path_factory.mktemp(f"dash-{backend}")
-    redis_proc = start_redis(data_dir=tmp / "redis") if backend == "redis" else None
-    telemetry = {"data_dir": str(tmp / "data"), "refresh_s": 0.2}
-    if redis_proc is not None:
-        telemetry["redis_url"] = redis_proc.url
-    mock = start_mock(tmp)
-    policy = two_mock_policy(tmp, "dash")
-    gateway = start_gateway(tmp, {
-        "backends": [mock_backend("mock-a", mock), mock_backend("mock-b", mock, prices={"input_per_mtok": 3.0,
-                                                                                       "output_per_mtok": 15.0})],
-        "policy": policy,
-        "telemetry": telemetry,
-        "api_keys": [{"id": "team-a", "sha256": hashlib.sha256(USER_KEY.encode()).hexdigest(),
-                      "budget_usd_per_day": DAY_BUDGET},
-                     {"id": "ops", "sha256": hashlib.sha256(ADMIN_KEY.encode()).hexdigest(), "admin": True}],
-    }, name="dash")
-    seeded = seed(gateway.url, mock.url)
-    yield gateway, mock, seeded, backend
-    gateway.stop()
-    mock.stop()
-    if redis_proc is not None:
-        redis_proc.stop()
+    with contextlib.ExitStack() as cleanup:  # stops whatever started, however the fixture ends
+        redis_proc = start_redis(data_dir=tmp / "redis") if backend == "redis" else None
+        telemetry = {"data_dir": str(tmp / "data"), "refresh_s": 0.2}
+        if redis_proc is not None:
+            cleanup.callback(redis_proc.stop)
+            telemetry["redis_url"] = redis_proc.url
+        mock = cleanup.enter_context(running(start_mock(tmp)))
+        policy = two_mock_policy(tmp, "dash")
+        gateway = cleanup.enter_context(running(start_gateway(tmp, {
+            "backends": [mock_backend("mock-a", mock), mock_backend("mock-b", mock, prices={
+                "input_per_mtok": 3.0, "output_per_mtok": 15.0})],
+            "policy": policy,
+            "telemetry": telemetry,
+            "api_keys": [{"id": "team-a", "sha256": hashlib.sha256(USER_KEY.encode()).hexdigest(),
+                          "budget_usd_per_day": DAY_BUDGET},
+                         {"id": "ops", "sha256": hashlib.sha256(ADMIN_KEY.encode()).hexdigest(), "admin": True}],
+        }, name="dash")))
+        seeded = seed(gateway.url, mock.url)
+        yield gateway, mock, seeded, backend
 
 
 def chat(url: str, model: str, prompt: str, headers: dict | None = None) -> httpx.Response:
