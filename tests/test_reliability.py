@@ -27,7 +27,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.servers import PYTHON, Process, free_port, mock_backend, start_gateway, start_mock, write_policy
+from tests.servers import PYTHON, Process, free_port, mock_backend, running, start_gateway, start_mock, write_policy
 
 SOAK = os.environ.get("PONDER_SOAK") == "1"
 ERROR_FIELDS = {"message", "type", "param", "code"}
@@ -142,12 +142,10 @@ def simple_policy(tmp: Path, backend: str, **extra: Any) -> str:
 def healthy(tmp_path_factory):
     """One gateway in front of one well-behaved mock: load and fuzzing."""
     tmp = tmp_path_factory.mktemp("healthy")
-    mock = start_mock(tmp)
-    gateway = start_gateway(tmp, {"backends": [mock_backend("m", mock)], "policy": simple_policy(tmp, "m"),
-                                  "max_body_bytes": 200_000}, name="healthy")
-    yield gateway, mock
-    gateway.stop()
-    mock.stop()
+    with running(start_mock(tmp)) as mock, running(start_gateway(
+            tmp, {"backends": [mock_backend("m", mock)], "policy": simple_policy(tmp, "m"),
+                  "max_body_bytes": 200_000}, name="healthy")) as gateway:
+        yield gateway, mock
 
 
 # Each fault test routes through its own alias, whose two arms sit on their own pair of backends
@@ -163,7 +161,11 @@ FAULTY_EXTRA = {"hang": {"timeout_s": 1.0}, "stall": {"first_byte_timeout_s": 0.
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("faults")
-    mock_a, mock_b = start_mock(tmp), start_mock(tmp)
+    with running(start_mock(tmp)) as mock_a, running(start_mock(tmp)) as mock_b:
+        yield from _fault_stack(tmp, mock_a, mock_b)
+
+
+def _fault_stack(tmp, mock_a, mock_b):
     backends, arms, aliases = [], {}, {"auto": {"description": "every arm"}}
     for tag in FAULT_TAGS:
         backends += [mock_backend(f"a-{tag}", mock_a, **FAULTY_EXTRA.get(tag, {})), mock_backend(f"b-{tag}", mock_b)]
@@ -173,11 +175,8 @@ def pair(tmp_path_factory):
     policy = write_policy(tmp, {"name": "faults", "arms": arms, "routes": [{"name": "all", "candidates": list(arms)}],
                                 "aliases": aliases, "objective": {"cost_weight": 0, "latency_weight": 0},
                                 "exploration": {"share": 0.0}})
-    gateway = start_gateway(tmp, {"backends": backends, "policy": policy}, name="faults")
-    yield gateway, mock_a, mock_b
-    gateway.stop()
-    mock_a.stop()
-    mock_b.stop()
+    with running(start_gateway(tmp, {"backends": backends, "policy": policy}, name="faults")) as gateway:
+        yield gateway, mock_a, mock_b
 
 
 # -- load -------------------------------------------------------------------------------------------
