@@ -32,6 +32,7 @@ from gateway.service import Gateway, Plan
 from gateway.strategies import StrategyResult
 from gateway.streaming import PassThrough, synthesized, usage_block
 from router.decide import estimate_prompt_tokens
+from router.types import Arm
 
 log = logging.getLogger("ponder.app")
 KEEPALIVE_S = 2.0
@@ -187,7 +188,9 @@ async def stream_chat(request: Request, gw: Gateway, plan: Plan, req: ChatReques
         if isinstance(passthrough, ApiError):
             await settle(gw, plan, caller, reservation, status=passthrough.status, error=passthrough.message)
             return passthrough.response(headers)
-        headers["x-ponder-arm"] = f"{passthrough.backend.name}/{plan.decision.arm.effort or '-'}/single/1"
+        served = plan.decision.arm if passthrough.backend.name == plan.decision.arm.backend else \
+            Arm(backend=passthrough.backend.name, effort=plan.decision.arm.effort)  # a fallback answered
+        headers["x-ponder-arm"] = served.key
 
         async def body_iter() -> AsyncIterator[bytes]:
             try:
@@ -208,7 +211,7 @@ async def stream_chat(request: Request, gw: Gateway, plan: Plan, req: ChatReques
 
     def to_chunks(result: StrategyResult) -> list[dict]:
         response = finish_response(plan, caller, result)
-        return completion_to_chunks(response)
+        return completion_to_chunks(response, include_usage=req.include_usage)
 
     async def synth_iter() -> AsyncIterator[bytes]:
         status, error = 200, None
@@ -218,8 +221,7 @@ async def stream_chat(request: Request, gw: Gateway, plan: Plan, req: ChatReques
             status, error = exc.status, exc.message
 
         try:
-            async for chunk in synthesized(work, include_usage=req.include_usage, keepalive_s=KEEPALIVE_S,
-                                           to_chunks=to_chunks, on_error=on_error):
+            async for chunk in synthesized(work, keepalive_s=KEEPALIVE_S, to_chunks=to_chunks, on_error=on_error):
                 yield chunk
         finally:
             caller.cancelled = not work.done()
@@ -253,7 +255,7 @@ async def open_first_stream(gw: Gateway, plan: Plan, req: ChatRequest, caller: C
     return upstream_to_api_error(last, caller.retry_after_s() if last.status in (429, 503) else None)
 
 
-def completion_to_chunks(response: dict[str, Any]) -> list[dict[str, Any]]:
+def completion_to_chunks(response: dict[str, Any], *, include_usage: bool) -> list[dict[str, Any]]:
     """A finished chat.completion as the chunk sequence a streaming client expects."""
     base = {"id": response["id"], "object": "chat.completion.chunk", "created": response.get("created", 0),
             "model": response.get("model", "")}
@@ -267,7 +269,8 @@ def completion_to_chunks(response: dict[str, Any]) -> list[dict[str, Any]]:
         chunks.append({**base, "choices": [{"index": index, "delta": delta, "finish_reason": None}]})
         chunks.append({**base, "choices": [{"index": index, "delta": {},
                                             "finish_reason": choice.get("finish_reason") or "stop"}]})
-    chunks.append({**base, "choices": [], "usage": response["usage"], "ponder": response["ponder"]})
+    if include_usage:
+        chunks.append({**base, "choices": [], "usage": response["usage"], "ponder": response["ponder"]})
     return chunks
 
 

@@ -125,7 +125,7 @@ def usage_block(calls: list[CallRecord]) -> dict[str, Any]:
     }
 
 
-async def synthesized(work: asyncio.Task, *, include_usage: bool, keepalive_s: float,
+async def synthesized(work: asyncio.Task, *, keepalive_s: float,
                       to_chunks: Callable[[Any], list[dict]], on_error: Callable[[ApiError], None]) -> AsyncIterator[bytes]:
     """Keep the client's connection alive while `work` runs, then stream its answer as chunks."""
     try:
@@ -141,8 +141,6 @@ async def synthesized(work: asyncio.Task, *, include_usage: bool, keepalive_s: f
             yield sse({"error": exc.body()["error"]})
             return
         for chunk in to_chunks(result):
-            if chunk.get("usage") is not None and not chunk.get("choices") and not include_usage:
-                continue
             yield sse(chunk)
         yield DONE
     finally:
