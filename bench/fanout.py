@@ -23,7 +23,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import machine, start_ponder, start_upstream, write_result  # noqa: E402
+from harness import machine, print_checks, start_ponder, start_upstream, write_result  # noqa: E402
 
 SAMPLES = 8
 BODY = {"messages": [{"role": "user", "content": "What is 6 times 7?"}], "max_tokens": 16}
@@ -110,8 +110,7 @@ def main() -> int:
     print(f"| Ponder, self_consistency n={SAMPLES} ({extension.get('samples')} samples + vote) | "
           f"{result['ponder_self_consistency_ms']['p50']:.1f} |")
     print(f"| ratio (self_consistency / direct) | {ratio:.3f} |")
-    for check in result["checks"]:
-        print(f"{'PASS' if check['ok'] else 'MISS'}  {check['check']}: {check['value']} (limit {check['limit']})")
+    print_checks(result["checks"])
     print(f"wrote {path}")
     return 0
 

@@ -163,6 +163,12 @@ def machine() -> dict[str, Any]:
             "load_avg_at_start": [round(x, 2) for x in os.getloadavg()]}
 
 
+def print_checks(checks: list[dict[str, Any]]) -> None:
+    """One PASS/MISS line per target, the way every bench reports them."""
+    for check in checks:
+        print(f"{'PASS' if check['ok'] else 'MISS'}  {check['check']}: {check['value']} (limit {check['limit']})")
+
+
 def write_result(name: str, data: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / name

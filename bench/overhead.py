@@ -32,7 +32,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import (  # noqa: E402
-    BENCH, PYTHON, Server, free_port, loadgen, machine, start_ponder, start_upstream, write_result,
+    BENCH, PYTHON, Server, free_port, loadgen, machine, print_checks, start_ponder, start_upstream, write_result,
 )
 
 LITELLM_VERSION = "1.110.2"
@@ -441,8 +441,7 @@ def main() -> int:
     print()
     print(result["table_md"])
     print()
-    for c in result["checks"]:
-        print(f"{'PASS' if c['ok'] else 'MISS'}  {c['check']}: {c['value']} (limit {c['limit']})")
+    print_checks(result["checks"])
     print(f"\nwrote {path}")
     return 0
 
