@@ -8,7 +8,9 @@ A vote is only as good as its notion of "the same answer". Each task maps to an 
 - ``multiple_choice``: a letter A-J.
 - ``number``: a plain number, compared with a small relative tolerance.
 - ``python``: a Python expression (e.g. a predicted call ``f('x')`` or value), compared by its AST
-  (only parsed, never executed), so ``'a'`` and ``"a"`` are one answer.
+  (only parsed, never executed), so ``'a'`` and ``"a"`` are one answer. Text that does not parse as
+  an expression (a generation cut off mid-literal, a runaway repetition) is no answer: it is dropped
+  from the vote like a failed sample, and adaptive sampling draws another.
 - ``short_text``: a short final answer (knowledge, reasoning), normalised like SQuAD (case,
   punctuation, articles); numbers compared as numbers.
 - ``open``: writing, chat and code: no comparable answer; voting falls back to a medoid.
@@ -198,7 +200,7 @@ def _extract_python(text: str) -> str | None:
     s = s.strip().rstrip(";").strip()
     if not s:
         return None
-    return _canonical_python(s)
+    return _parsed_python(s)
 
 
 def _extract_short_text(text: str) -> str | None:
@@ -272,18 +274,22 @@ def _format_number(value: Fraction) -> str:
     return format(float(value), ".10g")
 
 
-def _canonical_python(s: str) -> str:
-    """``ast.unparse`` of the expression (quotes, spacing and redundant parentheses normalised).
+@lru_cache(maxsize=65536)
+def _parsed_python(s: str) -> str | None:
+    """``ast.unparse`` of the expression (quotes, spacing and redundant parentheses normalised), or
+    None when ``s`` is not a Python expression of at most 5000 characters. Parsing executes nothing."""
+    if len(s) > 5000:
+        return None
+    try:
+        return ast.unparse(ast.parse(s, mode="eval"))
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return None
 
-    Parsing does not execute anything. Anything that does not parse is compared as
-    whitespace-collapsed text.
-    """
-    if len(s) <= 5000:
-        try:
-            return ast.unparse(ast.parse(s, mode="eval"))
-        except (SyntaxError, ValueError, RecursionError, MemoryError):
-            pass
-    return " ".join(s.split())
+
+def _canonical_python(s: str) -> str:
+    """``_parsed_python``, falling back to whitespace-collapsed text (for equivalence of raw strings)."""
+    parsed = _parsed_python(s)
+    return parsed if parsed is not None else " ".join(s.split())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -118,6 +118,14 @@ def test_python_expressions_compare_by_ast_without_executing() -> None:
     assert extract_answer("__import__('os').system('false')", "python") == "__import__('os').system('false')"
 
 
+def test_python_text_that_does_not_parse_is_no_answer() -> None:
+    # a generation cut off inside a literal (max_tokens, runaway repetition) is dropped from the vote
+    assert extract_answer("[1, 1, 1, 1, 1, 1, 1, 1", "python") is None
+    assert extract_answer("f('abc', '99999", "python") is None
+    assert extract_answer("[1, 2, 3]", "python") == "[1, 2, 3]"
+    assert answers_equivalent("f(1 ,2)", "f(1, 2)", "python")  # equivalence of raw strings still works
+
+
 def test_short_text_normalised() -> None:
     assert extract_answer("The answer is The Eiffel Tower.", "knowledge") == "eiffel tower"
     assert answers_equivalent("eiffel tower", "Eiffel  Tower!", "knowledge")
