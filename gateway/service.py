@@ -218,7 +218,8 @@ class Gateway:
             if not caller.available(arm.backend) and not is_last:
                 continue  # cooling down: skip at once rather than wait on it
             params = dict(arm.params)
-            ctx = StrategyContext(task=plan.decision.task, params=params, caller=caller)
+            stats = self.store.snapshot(plan.decision.policy).get(plan.decision.bucket, {}) if self.store else {}
+            ctx = StrategyContext(task=plan.decision.task, params=params, caller=caller, bucket_stats=stats)
             try:
                 return await run_arm(arm, req.body, ctx)
             except UpstreamError as exc:

@@ -9,6 +9,7 @@ replays), so this module only decides *when* to call, never *what counts*.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +17,7 @@ from gateway.backends import UpstreamError
 from gateway.calls import Caller
 from gateway.effort import apply_effort
 from router import cascade, prompts, stopping, voting
-from router.types import Arm
+from router.types import Arm, ArmStats
 
 # Knobs a strategy reads from the policy's arm parameters, with their defaults.
 DEFAULT_PARAMS: dict[str, Any] = {
@@ -25,6 +26,7 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "wave": 4,  # adaptive consistency: at most this many samples per wave
     "max_concurrency": 8,  # parallel calls per request
     "escalate_below": 0.6,  # cascade: escalate when confidence is below this
+    "min_gain": stopping.DEFAULT_MIN_GAIN,  # adaptive: answer with one sample where a vote gains less
 }
 
 
@@ -42,6 +44,9 @@ class StrategyContext:
     task: str
     params: dict[str, Any]
     caller: Caller
+    # the learner's stats of the request's bucket (arm key -> ArmStats): adaptive consistency reads
+    # the bucket's value of a vote from them (router.stopping.bucket_sample_value)
+    bucket_stats: Mapping[str, ArmStats] = field(default_factory=dict)
 
     def param(self, name: str) -> Any:
         return self.params.get(name, DEFAULT_PARAMS.get(name))
@@ -151,9 +156,17 @@ async def _adaptive_consistency(arm: Arm, body: dict[str, Any], ctx: StrategyCon
     """Sample in waves until router.stopping says the vote is settled (or max n is reached)."""
     backend = ctx.caller.backend(arm.backend)
     cot = ctx.params.get("cot", not backend.spec.reasoning)
-    rule = {"rule": "beta", "confidence": float(ctx.param("confidence")), "task": ctx.task}
-    if "sample_value" in ctx.params:  # the bucket's learned value of extra samples gates voting off
-        rule["sample_value"] = float(ctx.params["sample_value"])
+    rule = {"rule": "beta", "confidence": float(ctx.param("confidence")), "task": ctx.task,
+            "min_gain": float(ctx.param("min_gain"))}
+    # the bucket's value of a vote over one sample gates voting off where it does not pay: a value
+    # fixed in the policy wins, else the one learned from this bucket's stats (None: no evidence yet)
+    if "sample_value" in ctx.params:
+        value, source = float(ctx.params["sample_value"]), "policy"
+    else:
+        value = stopping.bucket_sample_value(ctx.bucket_stats, arm, one_sample="cot" if cot else "single")
+        source = "learned" if value is not None else None
+    if value is not None:
+        rule["sample_value"] = value
     responses: list[dict[str, Any]] = []
     answers: list[str | None] = []
     while True:
@@ -169,6 +182,8 @@ async def _adaptive_consistency(arm: Arm, body: dict[str, Any], ctx: StrategyCon
         answers += [None] * (size - len(wave))
     verdict = stopping.should_stop(answers, max_n=arm.n, **rule)
     details = {"max_n": arm.n, "drawn": len(answers), "stop_reason": verdict.reason}
+    if value is not None:
+        details.update(sample_value=round(value, 4), sample_value_source=source)
     return _voted(arm, responses, ctx, details, int(body.get("n") or 1))
 
 

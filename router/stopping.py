@@ -20,18 +20,28 @@ extracted so far (None for a sample without an answer or a failed one). Its chec
 
 ``wave_size`` says how many samples to request next: the fewest that could let the rule stop if
 they all agree, so a wave is never too small to decide nor larger than needed.
+
+Where ``sample_value`` comes from: ``estimate_sample_value`` when per-request gains are known (the
+offline replay), ``bucket_sample_value`` from the learner's per-(bucket, arm) stats in the live
+gateway: the success of fixed-N voting arms of the same backend and effort minus that of their
+one-sample arm, shrunk towards a small positive prior gain.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+
+from router.types import Arm, ArmStats
 
 from router.voting import cluster_answers, leader_posterior
 
 RULES: tuple[str, ...] = ("beta", "window")
 DEFAULT_CONFIDENCE = 0.95
 DEFAULT_MIN_GAIN = 0.01  # one accuracy point: below it, a vote is not worth its extra samples
+PRIOR_GAIN = 0.02  # what a bucket without evidence is assumed to gain from a vote: it keeps voting
+PRIOR_WEIGHT = 5.0  # ... with the weight of this many requests
+VOTING_STRATEGIES: tuple[str, ...] = ("self_consistency",)  # fixed N: never gated, so unbiased evidence
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,8 +177,8 @@ def wave_size(
 def estimate_sample_value(
     gains: Iterable[float],
     *,
-    prior_gain: float = 0.02,
-    prior_weight: float = 5.0,
+    prior_gain: float = PRIOR_GAIN,
+    prior_weight: float = PRIOR_WEIGHT,
 ) -> float:
     """A bucket's expected accuracy gain of voting over a single sample, shrunk towards a prior.
 
@@ -182,3 +192,41 @@ def estimate_sample_value(
         total += gain
         count += 1
     return (total + prior_gain * prior_weight) / (count + prior_weight)
+
+
+def bucket_sample_value(
+    stats: Mapping[str, ArmStats],
+    arm: Arm,
+    *,
+    one_sample: str = "single",
+    prior_gain: float = PRIOR_GAIN,
+    prior_weight: float = PRIOR_WEIGHT,
+) -> float | None:
+    """The learner's ``sample_value`` for ``arm``'s bucket, from that bucket's arm stats.
+
+    ``stats``: arm key -> ArmStats of one bucket (a ``StatsSnapshot`` entry). The gain of a vote is
+    the mean success of the fixed-N voting arms (``self_consistency``, any n >= 2) of the same
+    backend and effort, pooled, minus the mean success of the one-sample arm that samples the same
+    way (``one_sample``: ``single``, or ``cot`` when the votes are over chain-of-thought samples).
+    Adaptive arms are not evidence: once gated they answer with one sample, and would confirm the
+    gate forever. The difference counts as ``1 / (1/w_vote + 1/w_one)`` requests (the weight of a
+    difference of two independent means) and is shrunk like ``estimate_sample_value``.
+
+    None when either side has no scored outcome: no evidence, so no gate.
+    """
+    one_key = Arm(arm.backend, one_sample, arm.effort, 1).key
+    one = stats.get(one_key)
+    vote_weight = vote_successes = 0.0
+    prefix = f"{arm.backend}/{arm.effort or '-'}/"
+    for key, arm_stats in stats.items():
+        if not key.startswith(prefix):
+            continue
+        strategy, _, n = key[len(prefix) :].partition("/")
+        if strategy in VOTING_STRATEGIES and n.isdigit() and int(n) >= 2:
+            vote_weight += arm_stats.weight
+            vote_successes += arm_stats.successes
+    if one is None or one.weight <= 0 or vote_weight <= 0:
+        return None
+    gain = vote_successes / vote_weight - one.successes / one.weight
+    weight = 1.0 / (1.0 / vote_weight + 1.0 / one.weight)
+    return (gain * weight + prior_gain * prior_weight) / (weight + prior_weight)

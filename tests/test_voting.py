@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from router.cascade import ConfidenceSignal, confidence_signal, should_escalate, stated_confidence, stated_uncertainty
-from router.stopping import estimate_sample_value, should_stop, wave_size
+from router.stopping import bucket_sample_value, estimate_sample_value, should_stop, wave_size
+from router.types import Arm, ArmStats
 from router.voting import best_of_n, cluster_answers, extract, leader_posterior, ranked, vote, weighted_vote
 
 # --- vote -------------------------------------------------------------------------------------
@@ -161,6 +162,75 @@ def test_sample_value_is_shrunk_towards_voting() -> None:
     assert estimate_sample_value([0.0] * 5) == pytest.approx(0.01)
     assert estimate_sample_value([0.0] * 1000) < 0.001
     assert estimate_sample_value([0.1] * 1000) == pytest.approx(0.1, abs=0.001)
+
+
+def _stats(successes: float, weight: float) -> ArmStats:
+    return ArmStats(count=weight, successes=successes, weight=weight)
+
+
+def test_bucket_sample_value_from_the_learners_stats() -> None:
+    adaptive = Arm("m/7b", "adaptive_consistency", None, 8)
+    # no evidence on either side: no gate
+    assert bucket_sample_value({}, adaptive) is None
+    assert bucket_sample_value({"m/7b/-/single/1": _stats(30, 100)}, adaptive) is None
+    # votes (any fixed n, pooled) no better than one sample, on lots of traffic: the gate closes
+    flat = {"m/7b/-/single/1": _stats(340, 1000), "m/7b/-/self_consistency/5": _stats(170, 500),
+            "m/7b/-/self_consistency/10": _stats(172, 500)}
+    assert bucket_sample_value(flat, adaptive) < 0.01
+    # adaptive arms are not evidence (once gated they answer with one sample); other backends neither
+    noisy = {**flat, "m/7b/-/adaptive_consistency/8": _stats(900, 1000), "big/-/self_consistency/5": _stats(99, 100)}
+    assert bucket_sample_value(noisy, adaptive) == pytest.approx(bucket_sample_value(flat, adaptive))
+    # votes that pay keep it open; a little evidence is shrunk towards the prior gain (0.02)
+    paying = {"m/7b/-/single/1": _stats(600, 1000), "m/7b/-/self_consistency/5": _stats(700, 1000)}
+    assert bucket_sample_value(paying, adaptive) == pytest.approx(0.1, abs=0.01)
+    few = {"m/7b/-/single/1": _stats(1, 2), "m/7b/-/self_consistency/5": _stats(1, 2)}
+    assert 0.01 < bucket_sample_value(few, adaptive) < 0.02
+    # chain-of-thought votes compare with the cot arm; the effort must match
+    cot = {"m/7b/high/cot/1": _stats(500, 1000), "m/7b/high/self_consistency/5": _stats(500, 1000)}
+    assert bucket_sample_value(cot, Arm("m/7b", "adaptive_consistency", "high", 8), one_sample="cot") < 0.01
+    assert bucket_sample_value(cot, adaptive, one_sample="cot") is None
+
+
+def test_adaptive_strategy_reads_the_bucket_gate_from_the_stats() -> None:
+    """The live strategy: a bucket where votes do not pay answers with one sample; else it votes."""
+    import asyncio
+
+    from gateway.strategies import StrategyContext, run_arm
+    from policies.backends import BackendSpec
+
+    class FakeBackend:
+        spec = BackendSpec(name="m", model="openai/m", reasoning=True)
+
+    class FakeCaller:
+        def __init__(self) -> None:
+            self.calls: list[dict] = []
+
+        def backend(self, name: str) -> FakeBackend:
+            return FakeBackend()
+
+        async def complete(self, name: str, body: dict) -> dict:
+            self.calls.append(body)
+            answer = "7" if len(self.calls) % 3 else "9"
+            return {"choices": [{"index": 0, "message": {"role": "assistant", "content": f"The answer is {answer}"}}]}
+
+    arm = Arm("m", "adaptive_consistency", None, 8)
+    flat = {"m/-/single/1": _stats(340, 1000), "m/-/self_consistency/5": _stats(340, 1000)}
+    paying = {"m/-/single/1": _stats(300, 1000), "m/-/self_consistency/5": _stats(400, 1000)}
+
+    def run(stats: dict, params: dict | None = None):
+        caller = FakeCaller()
+        ctx = StrategyContext(task="math", params=params or {}, caller=caller, bucket_stats=stats)  # type: ignore[arg-type]
+        return asyncio.run(run_arm(arm, {"messages": [{"role": "user", "content": "3+4?"}]}, ctx)), caller
+
+    gated, caller = run(flat)
+    assert len(caller.calls) == 1 and gated.details["sample_value_source"] == "learned"
+    assert "do not pay" in gated.details["stop_reason"]
+    voted, caller = run(paying)
+    assert len(caller.calls) > 1 and voted.details["sample_value"] > 0.05
+    unknown, caller = run({})
+    assert len(caller.calls) > 1 and "sample_value" not in unknown.details
+    fixed, caller = run(paying, {"sample_value": 0.0})  # a value in the policy wins over the learned one
+    assert len(caller.calls) == 1 and fixed.details["sample_value_source"] == "policy"
 
 
 # --- cascade ----------------------------------------------------------------------------------
