@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
@@ -38,8 +39,9 @@ log = logging.getLogger("ponder.app")
 KEEPALIVE_S = 2.0
 
 
-def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(data), status, headers, media_type="application/json")
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None,
+                  background: BackgroundTask | None = None) -> Response:
+    return Response(orjson.dumps(data), status, headers, media_type="application/json", background=background)
 
 
 def gateway_of(request: Request) -> Gateway:
@@ -135,15 +137,19 @@ async def chat_completions(request: Request) -> Response:
     try:
         result = await until_disconnect(request, gw.execute(plan, req, caller), caller)
     except ApiError as exc:
-        await settle(gw, plan, caller, reservation, status=exc.status, error=exc.message)
-        return exc.response(plan_headers(plan))
+        failed = exc.response(plan_headers(plan))
+        failed.background = BackgroundTask(settle, gw, plan, caller, reservation, status=exc.status,
+                                           error=exc.message)
+        return failed
     response = finish_response(plan, caller, result)
-    await settle(gw, plan, caller, reservation, status=200, result=result)
     headers = plan_headers(plan)
     headers["x-ponder-arm"] = result.arm.key
     headers["x-ponder-cost-usd"] = f"{response['ponder']['cost_usd']:.8f}"
     headers["x-ponder-samples"] = str(response["ponder"]["samples"])
-    return json_response(response, headers=headers)
+    # Recorded and settled right after the last byte is written: no await comes between the two, so
+    # the event is in the store before this process reads any other request (feedback included).
+    return json_response(response, headers=headers,
+                         background=BackgroundTask(settle, gw, plan, caller, reservation, status=200, result=result))
 
 
 async def settle(gw: Gateway, plan: Plan, caller: Caller, reservation: Any, *, status: int,
@@ -155,18 +161,30 @@ async def settle(gw: Gateway, plan: Plan, caller: Caller, reservation: Any, *, s
 
 
 async def until_disconnect(request: Request, work: Any, caller: Caller) -> StrategyResult:
-    """Run `work`, but stop it (and every upstream call it would still make) if the client leaves."""
-    task = asyncio.ensure_future(work)
+    """Await `work` in this task, but stop it (and every upstream call it would still make) if the
+    client leaves. One watcher task and a done-callback: cheaper than racing two tasks."""
+    task = asyncio.current_task()
+    assert task is not None
+    left = False
+
+    def on_disconnect(watcher: asyncio.Future) -> None:
+        nonlocal left
+        if not watcher.cancelled() and watcher.exception() is None:
+            left = caller.cancelled = True
+            task.cancel()
+
     watcher = asyncio.ensure_future(_wait_disconnect(request))
+    watcher.add_done_callback(on_disconnect)
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        return await work
+    except asyncio.CancelledError:
+        if not left:
+            raise  # the server is shutting down: not ours to swallow
+        task.uncancel()
+        raise ApiError(499, "Client closed the request.", code="client_closed") from None
     finally:
+        watcher.remove_done_callback(on_disconnect)
         watcher.cancel()
-    if not task.done():
-        caller.cancelled = True
-        task.cancel()
-        raise ApiError(499, "Client closed the request.", code="client_closed")
-    return task.result()
 
 
 async def _wait_disconnect(request: Request) -> None:

@@ -132,6 +132,11 @@ class Backend:
         base = (self.spec.api_base or "https://api.openai.com/v1").rstrip("/")
         self.url = f"{base}/chat/completions"
         self.semaphore = asyncio.Semaphore(self.spec.max_concurrency)
+        # Built once: aiohttp timeouts are immutable, and per-call construction shows on the hot path.
+        self._timeout = aiohttp.ClientTimeout(total=self.spec.timeout_s, sock_connect=self.spec.connect_timeout_s)
+        self._stream_timeout = aiohttp.ClientTimeout(total=self.spec.timeout_s,
+                                                     sock_connect=self.spec.connect_timeout_s,
+                                                     sock_read=self.spec.first_byte_timeout_s)
 
     # -- accounting -------------------------------------------------------------------------
     def record(self, usage: Usage, started: float, *, ok: bool = True, error: str | None = None) -> CallRecord:
@@ -168,10 +173,9 @@ class Backend:
 
     async def _complete_fast(self, body: dict[str, Any]) -> dict[str, Any]:
         assert self.session is not None, "backend used before the gateway started"
-        timeout = aiohttp.ClientTimeout(total=self.spec.timeout_s, sock_connect=self.spec.connect_timeout_s)
         try:
             async with self.session.post(self.url, data=orjson.dumps(self._payload(body)),
-                                         headers=self._headers(), timeout=timeout) as resp:
+                                         headers=self._headers(), timeout=self._timeout) as resp:
                 raw = await resp.read()
                 if resp.status >= 400:
                     raise self._http_error(resp.status, raw, resp.headers.get("Retry-After"))
@@ -229,11 +233,9 @@ class Backend:
 
     async def _stream_fast(self, body: dict[str, Any]) -> AsyncIterator[tuple[bytes, dict | None]]:
         assert self.session is not None, "backend used before the gateway started"
-        timeout = aiohttp.ClientTimeout(total=self.spec.timeout_s, sock_connect=self.spec.connect_timeout_s,
-                                        sock_read=self.spec.first_byte_timeout_s)
         try:
             async with self.session.post(self.url, data=orjson.dumps(self._payload(body)),
-                                         headers=self._headers(), timeout=timeout) as resp:
+                                         headers=self._headers(), timeout=self._stream_timeout) as resp:
                 if resp.status >= 400:
                     raise self._http_error(resp.status, await resp.read(), resp.headers.get("Retry-After"))
                 async for line in resp.content:
