@@ -304,3 +304,17 @@ def test_sc_math_replay_reaches_the_issue_targets() -> None:
     beta = recorded["adaptive beta 0.95"]
     assert beta["accuracy"] >= recorded["majority of 8"]["accuracy"] - 1e-9 and 4.0 <= beta["mean_samples"] < 8
     assert report["extraction_agreement"]["agree_with_recorded_correctness"] >= 799
+
+
+def test_online_gate_closes_where_votes_never_change_the_answer() -> None:
+    """Replay's online gate: the gateway's bucket_sample_value over the problems that came before."""
+    from evals.sampling import Problem, online_outcomes
+
+    # every problem: 6 unanimous samples, so a vote never beats the first answer
+    problems = [Problem(str(i), "code:output", "python", ("1",) * 6, (i % 2 == 0,) * 6, ("1",) * 6) for i in range(60)]
+    orders = [list(range(6))] * len(problems)
+    outcomes, final = online_outcomes(problems, orders, list(range(len(problems))), rule="window", window=2)
+    samples = [k for _, k in outcomes]
+    assert samples[0] == 2 and samples[-1] == 1  # the first arrival only has the prior: it votes
+    assert sum(samples[30:]) == 30 and final["code:output"] < 0.01
+    assert [ok for ok, _ in outcomes] == [p.correct[0] for p in problems]
