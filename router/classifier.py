@@ -3,6 +3,8 @@
 Imports only numpy, onnxruntime and the standard library (no scikit-learn): the gateway loads this
 at startup and must be ready in well under 3 s. The session is created once, single-threaded (the
 gateway's own concurrency is the parallelism; a thread pool per call would cost more than the model).
+The model reads sparse input (router.features.SparseFeatures: the prompt's hashed n-gram columns and
+log counts), so a call touches only the weights of the n-grams the prompt has.
 
 Nothing here raises into the request path: any failure gives SAFE_DEFAULT and one log line.
 """
@@ -68,6 +70,11 @@ class Classifier:
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             options.log_severity_level = 3
             session = ort.InferenceSession(str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"])
+            inputs = tuple(i.name for i in session.get_inputs())
+            if inputs != F.SparseFeatures._fields:
+                raise ClassifierError(
+                    f"{onnx_path}: model inputs {inputs}, this code feeds {F.SparseFeatures._fields}; retrain with `ponder train`"
+                )
         except ClassifierError:
             raise
         except Exception as exc:  # noqa: BLE001 - any load failure is the same failure to the caller
@@ -95,7 +102,7 @@ class Classifier:
         if not prompts:
             return []
         try:
-            task_probs, difficulty = self._session.run(self._outputs, {"features": F.featurize(prompts)})
+            task_probs, difficulty = self._session.run(self._outputs, F.featurize_sparse(prompts)._asdict())
             return [self._result(p, d) for p, d in zip(task_probs.tolist(), difficulty.tolist())]
         except Exception as exc:  # noqa: BLE001 - the request path gets a safe answer, never an error
             self._warn_once("run", exc)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
@@ -50,6 +50,7 @@ N_HASHED = N_WORD + N_SYSTEM + N_CHAR
 SYSTEM_OFFSET = N_WORD
 CHAR_OFFSET = N_WORD + N_SYSTEM
 CHAR_NGRAMS = (3, 4, 5)
+assert N_HASHED <= 1 << 16  # featurize_sparse sorts columns as uint16 (radix sort)
 
 HANDCRAFTED: tuple[str, ...] = (
     "log_user_chars",
@@ -339,22 +340,107 @@ def _handcrafted(p: Prompt, user_bytes: bytes, n_words: float, word_bytes: float
     ]
 
 
+class SparseFeatures(NamedTuple):
+    """The hashed part of a batch as sorted (column, log1p count) pairs, plus the handcrafted numbers.
+
+    Row r's pairs are indices[bounds[3r]:bounds[3r+3]], in three segments, one per TF-IDF block
+    (user words, system words, user chars): segment s of the batch is bounds[s]:bounds[s+1]. This is
+    what the ONNX model reads (router/train.py builds it): it gathers only the weights of the n-grams
+    a prompt has (a few hundred) instead of multiplying an 18k-wide, mostly-zero row.
+    """
+
+    indices: np.ndarray  # (nnz,) int64, column in [0, N_HASHED)
+    tf: np.ndarray  # (nnz,) float32, log1p(count)
+    bounds: np.ndarray  # (3 * batch + 1,) int64
+    handcrafted: np.ndarray  # (batch, N_HANDCRAFTED) float32
+
+
+_BLOCK_STARTS = np.array([0, SYSTEM_OFFSET, CHAR_OFFSET], dtype=np.int64)
+_EMPTY_INT = np.zeros(0, dtype=np.int64)
+_ZERO_BOUND = np.zeros(1, dtype=np.int64)
+
+
+def featurize_sparse(prompts: Sequence[Prompt]) -> SparseFeatures:
+    """SparseFeatures for a batch. Same numbers as featurize(), without the dense matrix."""
+    indices, tf, bounds, hand = [], [], [_ZERO_BOUND], []
+    nnz = 0
+    for chunk, chunk_bytes in _chunks(prompts):
+        cols, rows, chunk_hand = _chunk_keys(chunk, chunk_bytes)
+        # Sort by (row, column) and merge repeats. Columns fit in 16 bits, where numpy's stable sort
+        # is a radix sort (~10x faster than sorting int64 keys): a column pass, then a row pass.
+        cols16 = cols.astype(np.uint16)
+        if rows is None:
+            cols16.sort(kind="stable")
+            rows_sorted = None
+        else:
+            order = np.argsort(cols16, kind="stable")
+            by_row = np.argsort(rows[order].astype(np.uint16), kind="stable")
+            order = order[by_row]
+            cols16, rows_sorted = cols16[order], rows[order]
+        n = len(cols16)
+        if n:
+            new = np.empty(n, dtype=bool)
+            new[0] = True
+            np.not_equal(cols16[1:], cols16[:-1], out=new[1:])
+            if rows_sorted is not None:
+                new[1:] |= rows_sorted[1:] != rows_sorted[:-1]
+            starts = np.flatnonzero(new)
+            counts = np.diff(np.append(starts, n)).astype(np.float32)
+            cols16 = cols16[starts]
+            keys = cols16.astype(np.int64)
+            if rows_sorted is not None:
+                keys += rows_sorted[starts].astype(np.int64) * N_FEATURES
+        else:
+            counts, keys = np.zeros(0, dtype=np.float32), _EMPTY_INT
+        edges = (np.arange(len(chunk), dtype=np.int64)[:, None] * N_FEATURES + _BLOCK_STARTS).reshape(-1)
+        bounds.append(np.append(np.searchsorted(keys, edges[1:]), len(keys)) + nnz)
+        indices.append(cols16.astype(np.int64))
+        tf.append(np.log1p(counts))
+        hand += chunk_hand
+        nnz += len(keys)
+    if len(indices) == 1:
+        return SparseFeatures(indices[0], tf[0], np.concatenate(bounds), _hand_matrix(hand))
+    return SparseFeatures(
+        np.concatenate(indices) if indices else _EMPTY_INT,
+        np.concatenate(tf) if tf else np.zeros(0, dtype=np.float32),
+        np.concatenate(bounds),
+        _hand_matrix(hand),
+    )
+
+
+def _hand_matrix(hand: list[list[float]]) -> np.ndarray:
+    return np.asarray(hand, dtype=np.float32).reshape(len(hand), N_HANDCRAFTED)
+
+
 def featurize(prompts: Sequence[Prompt]) -> np.ndarray:
-    """Feature matrix (len(prompts), N_FEATURES) float32. A row depends only on its own prompt."""
+    """Dense feature matrix (len(prompts), N_FEATURES) float32 (tests, tools; the runtime and
+    training use featurize_sparse). A row depends only on its own prompt."""
+    sparse = featurize_sparse(prompts)
     out = np.zeros((len(prompts), N_FEATURES), dtype=np.float32)
+    rows = np.repeat(np.arange(len(prompts)), np.diff(sparse.bounds[::3]))
+    out[rows, sparse.indices] = sparse.tf
+    out[:, N_HASHED:] = sparse.handcrafted
+    return out
+
+
+def _chunks(prompts: Sequence[Prompt]):
+    """Groups of prompts of about CHUNK_BYTES, with their encoded user turns: large enough to
+    amortise numpy's per-call cost, small enough for the temporaries to stay in cache."""
+    if len(prompts) == 1:
+        yield prompts, [_encode(prompts[0].user, MAX_USER_BYTES)]
+        return
     user_bytes = [_encode(p.user, MAX_USER_BYTES) for p in prompts]
-    # Vectorise over groups of about CHUNK_BYTES: large enough to amortise numpy's per-call cost,
-    # small enough for the temporaries to stay in cache.
     start, size = 0, 0
     for end, ub in enumerate(user_bytes, 1):
         size += len(ub)
         if size >= CHUNK_BYTES or end == len(prompts):
-            _featurize_chunk(prompts[start:end], user_bytes[start:end], out[start:end])
+            yield prompts[start:end], user_bytes[start:end]
             start, size = end, 0
-    return out
 
 
-def _featurize_chunk(prompts: Sequence[Prompt], user_bytes: list[bytes], out: np.ndarray) -> None:
+def _chunk_keys(prompts: Sequence[Prompt], user_bytes: list[bytes]) -> tuple[np.ndarray, np.ndarray | None, list[list[float]]]:
+    """Every hashed n-gram occurrence: (column, row or None for one prompt), unsorted and repeated,
+    and the handcrafted numbers of each prompt."""
     batch = len(prompts)
     raw, rows = _pack(user_bytes)
     words, word_rows, word_bytes = _word_hashes(raw, rows)
@@ -380,18 +466,17 @@ def _featurize_chunk(prompts: Sequence[Prompt], user_bytes: list[bytes], out: np
             _bucket(sys_bigrams ^ np.uint64(_SALT_USER_BIGRAM), SYSTEM_BITS) + SYSTEM_OFFSET,
         ]
         index_rows += [sys_word_rows, sys_word_rows[:-1][sys_same]]
-    flat = np.concatenate(index_rows) * N_FEATURES + np.concatenate(index)
-    cells = out.reshape(-1)  # a view: `out` is a contiguous block of rows
-    np.add.at(cells, flat, np.float32(1))  # a float32 one: a float64 1.0 takes a slow cast path
-    # Sublinear tf on the counted cells: via the hit list when short, via a nonzero scan when long.
-    hit = flat if len(flat) * 8 < cells.size else np.flatnonzero(cells)
-    cells[hit] = np.log1p(cells[hit])
-
+    cols = np.concatenate(index)
+    rows_of = np.concatenate(index_rows) if batch > 1 else None
     n_words = np.bincount(word_rows, minlength=batch)
     hand = [_handcrafted(p, ub, float(n_words[i]), float(word_bytes[i])) for i, (p, ub) in enumerate(zip(prompts, user_bytes))]
-    out[:, N_HASHED:] = np.asarray(hand, dtype=np.float32).reshape(batch, N_HANDCRAFTED)
+    return cols, rows_of, hand
 
 
 def featurize_messages(batch: Sequence[Any]) -> np.ndarray:
-    """Features for a batch of `messages` lists (or strings). Never raises on malformed items."""
+    """Dense features for a batch of `messages` lists (or strings). Never raises on malformed items."""
     return featurize([prompt_from_messages(m) for m in batch])
+
+
+def featurize_messages_sparse(batch: Sequence[Any]) -> SparseFeatures:
+    return featurize_sparse([prompt_from_messages(m) for m in batch])

@@ -451,10 +451,22 @@ def load_commonsenseqa(root: Path, seed: int) -> list[Example]:
 
 
 def load_strategyqa(root: Path, seed: int) -> list[Example]:
+    """StrategyQA questions are reasoning (implicit multi-hop); the single-hop steps of their
+    annotated decompositions ("How many kids did Julius Caesar have?") are plain factual questions,
+    so they are knowledge examples. The pair teaches the difference between the two on the same
+    topics, which the question text alone cannot. Steps that refer to other steps ("Is #2 > #1?")
+    are not standalone questions and are skipped. The steps are source `strategyqa_steps`, same
+    group as their question (same side of the split), in family `strategyqa` (left out together)."""
     out = []
     for split in ("train", "dev"):
         for r in _jsonl(root / "strategyqa" / f"{split}.jsonl"):
-            out.append(Example("strategyqa", "sqa:" + r["qid"], _user(r["question"]), "reasoning", PRIORS["strategyqa"]))
+            group = "sqa:" + r["qid"]
+            out.append(Example("strategyqa", group, _user(r["question"]), "reasoning", PRIORS["strategyqa"]))
+            for step in r.get("decomposition") or []:
+                step = " ".join(str(step).split())
+                if "#" in step or len(step) < 12 or not step.endswith("?"):
+                    continue
+                out.append(Example("strategyqa_steps", group, _user(step), "knowledge", None))
     return out
 
 
@@ -478,7 +490,7 @@ def load_topical_chat(root: Path, seed: int, per_conversation: int = 8) -> list[
 
 CODE_APPS = {"StackOverflow", "Leetcode", "GeeksforGeeks", "w3schools", "Github"}
 MATH_APPS = {"Wolfram alpha", "(Wolfram alpha)?"}
-DROP_APPS = {"Sudoku", "Wordle"}
+PUZZLE_APPS = {"Sudoku", "Wordle"}  # puzzles: reasoning
 
 
 def _self_instruct_task(name: str) -> str | None:
@@ -488,7 +500,9 @@ def _self_instruct_task(name: str) -> str | None:
         return "code"
     if any(k in lowered for k in ("math", "equation", "numbers", "conversion", "numerical")):
         return "math"
-    if any(k in lowered for k in ("chess", "syllogism", "sorting", "largest")):
+    if any(k in lowered for k in ("syllogism", "analogy", "riddle", "logic", "puzzle")):
+        return "reasoning"
+    if any(k in lowered for k in ("chess", "sorting", "largest")):
         return None
     return "writing"
 
@@ -498,7 +512,7 @@ def load_self_instruct(root: Path, seed: int) -> list[Example]:
     folder = root / "self_instruct_eval"
     for r in _jsonl(folder / "user_oriented_instructions.jsonl"):
         app = r["motivation_app"]
-        task = "code" if app in CODE_APPS else "math" if app in MATH_APPS else None if app in DROP_APPS else "writing"
+        task = "code" if app in CODE_APPS else "math" if app in MATH_APPS else "reasoning" if app in PUZZLE_APPS else "writing"
         out += _self_instruct_examples("self_instruct_user", r, task)
     for r in _jsonl(folder / "seed_tasks.jsonl"):
         out += _self_instruct_examples("self_instruct_seed", r, _self_instruct_task(r["name"]))
@@ -539,6 +553,12 @@ def load_system_prompted(root: Path, seed: int, per_task: int = 150) -> list[Exa
 
 
 SYNTHETIC_SOURCE = "synthetic_system_prompt"  # always trained on, never evaluated on
+# Sources derived from another dataset: left out with it in the leave-one-source-out evaluation.
+SOURCE_FAMILY = {"strategyqa_steps": "strategyqa"}
+
+
+def family(source: str) -> str:
+    return SOURCE_FAMILY.get(source, source)
 
 LOADERS = {
     "math": load_math,
