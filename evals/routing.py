@@ -37,7 +37,7 @@ from evals.tables import OutcomeTable
 from policies.backends import BackendSpec, Prices
 from policies.schema import ArmSpec, Exploration, LearnerSettings, Objective, Policy, RouteMatch, RouteSpec
 from router.decide import CompiledPolicy, RequestHints, compile_policy, decide
-from router.types import DIFFICULTY_TIERS, difficulty_tier
+from router.types import DIFFICULTY_TIERS, POOLED_BUCKET, difficulty_tier
 from telemetry.aggregates import apply_delta, arm_stats
 
 ARRIVAL_SEED = 7
@@ -124,9 +124,13 @@ class StatsBook:
         self.snapshot: dict = {}
 
     def record(self, bucket: str, arm_key: str, score: float, cost: float) -> None:
-        fields = self.fields.setdefault((bucket, arm_key), {})
-        apply_delta(fields, {"count": 1.0, "total": 1.0, "weight": 1.0, "successes": score, "cost_usd": cost}, 0.0, None)
-        self.snapshot.setdefault(bucket, {})[arm_key] = arm_stats(fields, 0.0)
+        delta = {"count": 1.0, "total": 1.0, "weight": 1.0, "successes": score, "cost_usd": cost}
+        for level in (bucket, POOLED_BUCKET):  # the bucket, and the arm's record over all buckets
+            fields = self.fields.setdefault((level, arm_key), {})
+            apply_delta(fields, delta, 0.0, None)
+            # A new dict rather than an edit, as a store's refresh hands decide() new stats objects
+            # (decide keeps what it derived from them until they change).
+            self.snapshot[level] = {**self.snapshot.get(level, {}), arm_key: arm_stats(fields, 0.0)}
 
 
 @dataclass

@@ -197,7 +197,7 @@ def _row(arm: CompiledArm, prior: float, prior_strength: float) -> tuple:
 
 
 class CompiledRoute:
-    __slots__ = ("name", "tasks", "tiers", "low", "high", "candidates", "rows", "learned")
+    __slots__ = ("name", "tasks", "tiers", "low", "high", "candidates", "rows", "learned", "calibrated")
 
     def __init__(self, name, tasks, tiers, window, candidates, prior_strength):
         self.name = name
@@ -210,6 +210,7 @@ class CompiledRoute:
         # latency, p95). ArmStats are immutable, so the same object means the same numbers; a new
         # snapshot simply misses and recomputes.
         self.learned: dict[str, list] = {}
+        self.calibrated: tuple | None = None  # (the pooled stats it was computed from, cost calibration)
 
     def matches(self, task: str, difficulty: float, tier: str) -> bool:
         if self.tasks is not None and task not in self.tasks:
@@ -395,16 +396,45 @@ def _estimate(spec: ArmSpec, policy: Policy, backends: dict[str, BackendSpec], p
     return cost, latency, p95
 
 
-def _learned(seen: ArmStats | None, alpha: float, beta: float, reference: float, latency: float, p95: float,
-             prior_strength: float) -> tuple[float, float, float, float, float]:
+def _learned(seen: ArmStats | None, shared: ArmStats | None, alpha: float, beta: float, reference: float,
+             latency: float, p95: float, prior_strength: float, calibration: float = 1.0
+             ) -> tuple[float, float, float, float, float]:
     """What the learned stats make of one candidate: (P(correct), cost factor, cost addend, latency, p95).
 
-    P(correct) is the Beta posterior mean (prior pseudo-counts + scored outcomes). Cost, latency and
-    p95 move from the estimate toward the observed means as outcomes accrue, the estimate counting as
-    `prior_strength` observations; cost via the observed/estimated ratio, so a long prompt still
-    costs more than a short one.
+    Two levels (see router.learner.pooled_stats): `shared` is the arm's record summed over every bucket,
+    `seen` its record in this bucket. The route's prior, updated by the other buckets' record (the
+    shared one less this bucket's, so no outcome counts twice), becomes the
+    bucket's prior (still worth `prior_strength` pseudo-outcomes); P(correct) is then the Beta
+    posterior mean of that prior plus the bucket's scored outcomes. So an arm's record elsewhere
+    informs a bucket that has not tried it yet, and the bucket's own outcomes outweigh it after a few
+    dozen. Cost, latency and p95 move the same way from the estimate, through the shared observed
+    means, to the bucket's (each level counting its estimate as `prior_strength` observations); cost
+    via the observed/estimated ratio, so a long prompt still costs more than a short one. Before an
+    arm has any outcome its cost ratio is `calibration`: how far the route's other arms' estimates
+    were off (see _calibration), since an estimate's error (e.g. the guessed output length) is
+    usually shared by the arms of a route.
     """
-    factor, addend = 1.0, 0.0
+    factor, addend = calibration, 0.0
+    if shared is not None:
+        # the other buckets' record: the shared one less this bucket's own (counted below)
+        weight, wins, count = shared.weight, shared.successes, shared.count
+        cost_usd, latency_ms = shared.cost_usd, shared.latency_ms
+        if seen is not None:
+            weight, wins, count = weight - seen.weight, wins - seen.successes, count - seen.count
+            cost_usd, latency_ms = cost_usd - seen.cost_usd, latency_ms - seen.latency_ms
+        if weight > 1e-9:
+            wins = min(max(wins, 0.0), weight)
+            mean = (alpha + wins) / (alpha + beta + weight)
+            alpha, beta = prior_strength * mean, prior_strength * (1.0 - mean)
+        if count > 1e-9:
+            share = count / (prior_strength + count)
+            if reference > 0:
+                factor = calibration + share * (max(cost_usd, 0.0) / count / reference - calibration)
+            else:
+                addend = share * max(cost_usd, 0.0) / count
+            observed = max(latency_ms, 0.0) / count
+            p95 += share * ((shared.latency_p95_ms or observed * P95_OVER_MEAN) - p95)
+            latency += share * (observed - latency)
     if seen is not None:
         weight = seen.weight
         if weight > 0:
@@ -415,14 +445,35 @@ def _learned(seen: ArmStats | None, alpha: float, beta: float, reference: float,
         if count > 0:
             share = count / (prior_strength + count)
             if reference > 0:
-                factor = 1.0 + share * (seen.cost_usd / count / reference - 1.0)
+                factor += share * (seen.cost_usd / count / reference - factor)
             else:
-                addend = share * seen.cost_usd / count
+                addend += share * (seen.cost_usd / count - addend)
             observed = seen.latency_ms / count
             p95 += share * ((seen.latency_p95_ms or observed * P95_OVER_MEAN) - p95)
             latency += share * (observed - latency)
     alpha, beta = max(alpha, 1e-6), max(beta, 1e-6)
     return alpha / (alpha + beta), factor, addend, latency, p95
+
+
+def _calibration(route: CompiledRoute, pooled: Mapping[str, ArmStats], prior_strength: float) -> float:
+    """Observed / estimated cost over the route's arms that have outcomes (their records summed over
+    all buckets), shrunk toward 1 as if the estimate had `prior_strength` outcomes of its own. Kept on
+    the route until the pooled stats change (once per snapshot)."""
+    cached = route.calibrated
+    if cached is not None and cached[0] is pooled:
+        return cached[1]
+    observed = estimated = count = 0.0
+    for row in route.rows:
+        shared = pooled.get(row[1])
+        if shared is not None and shared.count > 0 and row[8] > 0:
+            observed += shared.cost_usd
+            estimated += shared.count * row[8]
+            count += shared.count
+    value = 1.0
+    if estimated > 0:
+        value = 1.0 + count / (prior_strength + count) * (observed / estimated - 1.0)
+    route.calibrated = (pooled, value)
+    return value
 
 
 def _posterior_of(candidate: Candidate, seen: ArmStats | None, prior_strength: float) -> tuple[float, float]:
@@ -534,6 +585,7 @@ def decide(
     prompt_tokens = hints.prompt_tokens if hints.prompt_tokens is not None else DEFAULT_PROMPT_TOKENS
     max_out = hints.max_output_tokens if hints.max_output_tokens is not None else _NO_CAP
     bucket_stats = stats.get(classification.bucket) or _NO_STATS
+    pooled = learner.pooled_stats(stats) if stats else _NO_STATS
     cost_weight, latency_weight = objective.cost_weight, objective.latency_weight / 1000.0
     cost_limit = cost_cap if cost_cap is not None else math.inf
     latency_limit = latency_cap if latency_cap is not None else math.inf
@@ -546,9 +598,10 @@ def decide(
     eligible: list[int] = []
     kinds: dict[int, int] = {}  # why an arm is out: 1 override, 2 cost, 3 latency
     add_candidate, add_cost, add_util, add_eligible = candidates.append, costs.append, utils.append, eligible.append
-    stats_for = bucket_stats.get
+    stats_for, shared_for = bucket_stats.get, pooled.get
+    calibration = _calibration(route, pooled, strength) if pooled else 1.0
     memo = None
-    if rows is route.rows and bucket_stats:
+    if rows is route.rows and (bucket_stats or pooled):
         memo = route.learned.get(classification.bucket)
         if memo is None or len(route.learned) > 64:
             if len(route.learned) > 64:
@@ -558,18 +611,22 @@ def decide(
     for carm, key, arm, alpha, beta, tokens, per_token, fixed, reference, latency, p95 in rows:
         i += 1
         seen = stats_for(key)
+        shared = shared_for(key)
         if max_out < tokens:
             per_token, fixed, latency, p95 = carm.under_cap(max_out)
-            acc, factor, addend, latency, p95 = _learned(seen, alpha, beta, reference, latency, p95, strength)
-        elif seen is None:
-            acc, factor, addend = alpha / (alpha + beta), 1.0, 0.0
+            acc, factor, addend, latency, p95 = _learned(seen, shared, alpha, beta, reference, latency, p95, strength,
+                                                         calibration)
+        elif seen is None and shared is None:
+            acc, factor, addend = alpha / (alpha + beta), calibration, 0.0
         elif memo is not None:
             found = memo[i]
-            if found is None or found[0] is not seen:
-                found = memo[i] = (seen, *_learned(seen, alpha, beta, reference, latency, p95, strength))
-            _, acc, factor, addend, latency, p95 = found
+            if found is None or found[0] is not seen or found[1] is not shared or found[2] != calibration:
+                found = memo[i] = (seen, shared, calibration, *_learned(seen, shared, alpha, beta, reference, latency,
+                                                                        p95, strength, calibration))
+            _, _, _, acc, factor, addend, latency, p95 = found
         else:
-            acc, factor, addend, latency, p95 = _learned(seen, alpha, beta, reference, latency, p95, strength)
+            acc, factor, addend, latency, p95 = _learned(seen, shared, alpha, beta, reference, latency, p95, strength,
+                                                         calibration)
         cost = (per_token * prompt_tokens + fixed) * factor + addend
         util = acc - cost_weight * cost - latency_weight * latency
         if mismatch and key in mismatch:
@@ -623,14 +680,18 @@ def decide(
     if not degraded and view.explore and learner.should_explore(policy.exploration.share, rng):
         options = learner.explore_pool(greedy, eligible, costs, policy.exploration.max_extra_cost_usd)
         if options:
-            options = learner.narrow(options, rng)
+            # One Thompson draw among the greedy arm and the others within the allowance: an arm that
+            # is plausibly better gets its turn, and where the greedy arm is clearly best it keeps the
+            # request (then nothing is explored).
+            options = [greedy, *learner.narrow(options, rng)]
             draws = [_posterior_of(candidates[i], stats_for(rows[i][1]), strength) + (costs[i],
                      candidates[i].expected_latency_ms) for i in options]
-            chosen, explore = options[learner.thompson_pick(draws, cost_weight, objective.latency_weight, rng)], True
+            chosen = options[learner.thompson_pick(draws, cost_weight, objective.latency_weight, rng)]
+            explore = chosen != greedy
     winner = rows[chosen][0]
     if explore:
         reasons.append(f"explore: Thompson draw chose `{winner.name}` over greedy `{rows[greedy][0].name}` "
-                       f"({policy.exploration.share:.0%} of traffic)")
+                       f"({policy.exploration.share:.0%} of traffic draws)")
     picked = candidates[chosen]
     reasons.append(
         f"chose `{winner.name}` ({winner.key}): utility {picked.utility:.4f} = P(correct) "

@@ -21,7 +21,7 @@ import random
 from collections.abc import Sequence
 
 from policies.schema import Policy
-from router.types import DIFFICULTY_TIERS, Arm, ArmStats, Classification, StatsSnapshot
+from router.types import DIFFICULTY_TIERS, POOLED_BUCKET, Arm, ArmStats, Classification, StatsSnapshot
 
 
 def decay_factor(half_life: float | None, elapsed: float) -> float:
@@ -105,6 +105,43 @@ def narrow(options: list[int], rng: random.Random) -> list[int]:
     if len(options) <= EXPLORE_OPTIONS_LIMIT:
         return options
     return sorted(rng.sample(options, EXPLORE_OPTIONS_LIMIT))
+
+
+_POOLED_CACHE: list = [None, None]  # the last snapshot pooled, and its pooled stats
+
+
+def pool(per_bucket: Sequence[ArmStats]) -> ArmStats:
+    """One arm's aggregates summed over buckets (p95: the highest of theirs)."""
+    return ArmStats(
+        count=sum(s.count for s in per_bucket),
+        successes=sum(s.successes for s in per_bucket),
+        weight=sum(s.weight for s in per_bucket),
+        cost_usd=sum(s.cost_usd for s in per_bucket),
+        latency_ms=sum(s.latency_ms for s in per_bucket),
+        latency_p95_ms=max((s.latency_p95_ms for s in per_bucket), default=0.0),
+    )
+
+
+def pooled_stats(snapshot: StatsSnapshot) -> dict[str, ArmStats]:
+    """Every arm's stats summed over the snapshot's buckets: the shared level of the learner's
+    two-level model (an arm's record across all buckets is its prior inside each bucket).
+
+    A store may put this under POOLED_BUCKET when it builds a snapshot (then it is read as is);
+    otherwise it is computed here once per snapshot object (snapshots are replaced, never edited, by
+    the stores) and kept until the next one comes."""
+    given = snapshot.get(POOLED_BUCKET)
+    if given is not None:
+        return given
+    cached_for, cached = _POOLED_CACHE
+    if cached_for is snapshot:
+        return cached
+    per_arm: dict[str, list[ArmStats]] = {}
+    for arms in snapshot.values():
+        for key, stats in arms.items():
+            per_arm.setdefault(key, []).append(stats)
+    pooled = {key: pool(found) for key, found in per_arm.items()}
+    _POOLED_CACHE[0], _POOLED_CACHE[1] = snapshot, pooled
+    return pooled
 
 
 def tier_midpoint(tier: str) -> float:

@@ -148,3 +148,7 @@ class ArmStats:
 
 # bucket -> arm key -> stats
 StatsSnapshot = dict[str, dict[str, ArmStats]]
+
+# A snapshot may carry, under this key, every arm's aggregates summed over all buckets (the learner's
+# shared level: see router.learner.pooled_stats). Real buckets are `task:tier`, so it cannot clash.
+POOLED_BUCKET = "*"

@@ -146,3 +146,20 @@ def test_posterior_draws_match_the_beta():
     assert narrow([1, 2, 3], rng) == [1, 2, 3]
     picked = narrow(list(range(40)), rng)
     assert len(picked) == 8 and picked == sorted(picked) and len(set(picked)) == 8
+
+
+def test_pooled_stats_sum_buckets_once_per_snapshot():
+    from router.learner import pooled_stats
+    from router.types import POOLED_BUCKET
+
+    a = ArmStats(count=2, successes=1, weight=2, cost_usd=0.2, latency_ms=100, latency_p95_ms=80)
+    b = ArmStats(count=3, successes=3, weight=3, cost_usd=0.3, latency_ms=300, latency_p95_ms=150)
+    snapshot = {"math:hard": {"x": a}, "chat:easy": {"x": b, "y": a}}
+    pooled = pooled_stats(snapshot)
+    assert pooled["x"] == ArmStats(count=5, successes=4, weight=5, cost_usd=pytest.approx(0.5), latency_ms=400,
+                                   latency_p95_ms=150)
+    assert pooled["y"] == a
+    assert pooled_stats(snapshot) is pooled  # kept for the same snapshot object
+    assert pooled_stats({**snapshot}) is not pooled  # a new snapshot is pooled anew
+    given = {"x": b}
+    assert pooled_stats({**snapshot, POOLED_BUCKET: given}) is given  # a store's own pooled level wins
