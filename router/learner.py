@@ -4,14 +4,16 @@ Pure functions over numbers handed in (stats come from telemetry/, priors from t
 seeded `random.Random`, so evals/ can replay a stream of outcomes through exactly this code.
 
 How it learns (see docs/policies.md):
-- Each (bucket, arm) has a Beta posterior on P(correct): the route's prior counts as `prior_strength`
-  pseudo-outcomes, then every scored outcome adds its success score. Decay is the store's job (it
-  shrinks `weight` and `successes` with `decay_factor`), so old outcomes fade and a provider that gets
-  worse is noticed.
+- Each (bucket, arm) has a Beta posterior on P(correct) with two levels: the route's prior, updated by
+  the arm's outcomes in the other buckets (`pooled_stats`), is the bucket's prior, worth
+  `prior_strength` pseudo-outcomes; then every scored outcome in the bucket adds its success score
+  (router.decide._learned). Decay is the store's job (it shrinks `weight` and `successes` with
+  `decay_factor`), so old outcomes fade and a provider that gets worse is noticed.
 - Most requests go to the greedy arm: the highest posterior-mean utility. On a share of requests set
-  by the policy, one Thompson draw among the other eligible arms (those costing at most the allowed
-  extra over the greedy one; a random 8 of them when there are more) picks an arm to explore, so
-  exploration spends where it is still plausibly better, and never more than the policy allows.
+  by the policy, one Thompson draw among the greedy arm and the other eligible arms (those costing at
+  most the allowed extra over the greedy one; a random 8 of them when there are more) picks the arm,
+  so exploration spends where an arm is still plausibly better, fades where the greedy arm is
+  clearly best, and never exceeds what the policy allows.
 """
 
 from __future__ import annotations
