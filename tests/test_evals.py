@@ -234,3 +234,24 @@ def test_leak_free_scores_never_train_on_the_source(monkeypatch, tmp_path):
     again = leak_free_scores(prompts, source="bbh", limit_per_source=40, sources=few)  # from the cache: no second fit
     assert np.allclose(again.difficulty, scores.difficulty)
     assert isinstance(again, Scores)
+
+
+def test_stats_book_pooled_level_is_the_sum_of_its_buckets():
+    """The replay hands decide() the shared level a store's snapshot would give (router.learner.pooled_stats
+    over the buckets), and new stats objects on every record, never edited ones."""
+    from evals.routing import StatsBook
+    from router.learner import pooled_stats
+    from router.types import POOLED_BUCKET
+
+    book = StatsBook()
+    book.record("math:hard", "a", 1.0, 0.01)
+    before = book.snapshot[POOLED_BUCKET]
+    book.record("chat:easy", "a", 0.0, 0.03)
+    book.record("chat:easy", "b", 1.0, 0.02)
+    assert book.snapshot[POOLED_BUCKET] is not before and before["a"].count == 1
+    buckets = {k: v for k, v in book.snapshot.items() if k != POOLED_BUCKET}
+    summed = pooled_stats(buckets)
+    for key, stats in book.snapshot[POOLED_BUCKET].items():
+        assert (stats.count, stats.successes, stats.weight) == (summed[key].count, summed[key].successes,
+                                                                 summed[key].weight)
+        assert stats.cost_usd == pytest.approx(summed[key].cost_usd)
