@@ -37,7 +37,7 @@ from evals.tables import OutcomeTable
 from policies.backends import BackendSpec, Prices
 from policies.schema import ArmSpec, Exploration, LearnerSettings, Objective, Policy, RouteMatch, RouteSpec
 from router.decide import CompiledPolicy, RequestHints, compile_policy, decide
-from router.types import DIFFICULTY_TIERS, POOLED_BUCKET, difficulty_tier
+from router.types import DIFFICULTY_TIERS, POOLED_BUCKET, POOLED_TIER, difficulty_tier
 from telemetry.aggregates import apply_delta, arm_stats
 
 ARRIVAL_SEED = 7
@@ -125,7 +125,9 @@ class StatsBook:
 
     def record(self, bucket: str, arm_key: str, score: float, cost: float) -> None:
         delta = {"count": 1.0, "total": 1.0, "weight": 1.0, "successes": score, "cost_usd": cost}
-        for level in (bucket, POOLED_BUCKET):  # the bucket, and the arm's record over all buckets
+        task = bucket.partition(":")[0]
+        # the bucket, and the arm's record over its task's buckets and over all (the shared levels)
+        for level in (bucket, f"{task}:{POOLED_TIER}", POOLED_BUCKET):
             fields = self.fields.setdefault((level, arm_key), {})
             apply_delta(fields, delta, 0.0, None)
             # A new dict rather than an edit, as a store's refresh hands decide() new stats objects

@@ -397,44 +397,48 @@ def _estimate(spec: ArmSpec, policy: Policy, backends: dict[str, BackendSpec], p
 
 
 def _learned(seen: ArmStats | None, shared: ArmStats | None, alpha: float, beta: float, reference: float,
-             latency: float, p95: float, prior_strength: float, calibration: float = 1.0
-             ) -> tuple[float, float, float, float, float]:
+             latency: float, p95: float, prior_strength: float, calibration: float = 1.0,
+             task: ArmStats | None = None) -> tuple[float, float, float, float, float]:
     """What the learned stats make of one candidate: (P(correct), cost factor, cost addend, latency, p95).
 
-    Two levels (see router.learner.pooled_stats): `shared` is the arm's record summed over every bucket,
-    `seen` its record in this bucket. The route's prior, updated by the other buckets' record (the
-    shared one less this bucket's, so no outcome counts twice), becomes the
-    bucket's prior (still worth `prior_strength` pseudo-outcomes); P(correct) is then the Beta
-    posterior mean of that prior plus the bucket's scored outcomes. So an arm's record elsewhere
-    informs a bucket that has not tried it yet, and the bucket's own outcomes outweigh it after a few
-    dozen. Cost, latency and p95 move the same way from the estimate, through the shared observed
-    means, to the bucket's (each level counting its estimate as `prior_strength` observations); cost
-    via the observed/estimated ratio, so a long prompt still costs more than a short one. Before an
-    arm has any outcome its cost ratio is `calibration`: how far the route's other arms' estimates
-    were off (see _calibration), since an estimate's error (e.g. the guessed output length) is
-    usually shared by the arms of a route.
+    Up to three levels (see router.learner.shared_levels): `shared` is the arm's record summed over
+    every bucket, `task` over the buckets of this request's task (every tier), `seen` its record in
+    this bucket. Outermost first, each level's record less the next one's (so no outcome counts
+    twice) updates the prior, which is then worth `prior_strength` pseudo-outcomes again: the route's
+    prior, updated by the other tasks' record, is the task's prior; updated by the task's other
+    tiers, the bucket's; then the bucket's own scored outcomes are added and P(correct) is that
+    Beta posterior's mean. So an arm's record elsewhere informs a bucket that has not tried it yet
+    (nearer buckets more), and the bucket's own outcomes outweigh it after a few dozen. Cost,
+    latency and p95 move the same way from the estimate through the levels' observed means (each
+    level counting what it inherits as `prior_strength` observations); cost via the
+    observed/estimated ratio, so a long prompt still costs more than a short one. Before an arm has
+    any outcome its cost ratio is `calibration`: how far the route's other arms' estimates were off
+    (see _calibration), since an estimate's error (e.g. the guessed output length) is usually shared
+    by the arms of a route.
     """
     factor, addend = calibration, 0.0
     if shared is not None:
-        # the other buckets' record: the shared one less this bucket's own (counted below)
-        weight, wins, count = shared.weight, shared.successes, shared.count
-        cost_usd, latency_ms = shared.cost_usd, shared.latency_ms
-        if seen is not None:
-            weight, wins, count = weight - seen.weight, wins - seen.successes, count - seen.count
-            cost_usd, latency_ms = cost_usd - seen.cost_usd, latency_ms - seen.latency_ms
-        if weight > 1e-9:
-            wins = min(max(wins, 0.0), weight)
-            mean = (alpha + wins) / (alpha + beta + weight)
-            alpha, beta = prior_strength * mean, prior_strength * (1.0 - mean)
-        if count > 1e-9:
-            share = count / (prior_strength + count)
-            if reference > 0:
-                factor = calibration + share * (max(cost_usd, 0.0) / count / reference - calibration)
-            else:
-                addend = share * max(cost_usd, 0.0) / count
-            observed = max(latency_ms, 0.0) / count
-            p95 += share * ((shared.latency_p95_ms or observed * P95_OVER_MEAN) - p95)
-            latency += share * (observed - latency)
+        levels = ((shared, task), (task, seen)) if task is not None else ((shared, seen),)
+        for record, inner in levels:
+            # this level's record less the inner level's (counted there)
+            weight, wins, count = record.weight, record.successes, record.count
+            cost_usd, latency_ms = record.cost_usd, record.latency_ms
+            if inner is not None:
+                weight, wins, count = weight - inner.weight, wins - inner.successes, count - inner.count
+                cost_usd, latency_ms = cost_usd - inner.cost_usd, latency_ms - inner.latency_ms
+            if weight > 1e-9:
+                wins = min(max(wins, 0.0), weight)
+                mean = (alpha + wins) / (alpha + beta + weight)
+                alpha, beta = prior_strength * mean, prior_strength * (1.0 - mean)
+            if count > 1e-9:
+                share = count / (prior_strength + count)
+                if reference > 0:
+                    factor += share * (max(cost_usd, 0.0) / count / reference - factor)
+                else:
+                    addend += share * (max(cost_usd, 0.0) / count - addend)
+                observed = max(latency_ms, 0.0) / count
+                p95 += share * ((record.latency_p95_ms or observed * P95_OVER_MEAN) - p95)
+                latency += share * (observed - latency)
     if seen is not None:
         weight = seen.weight
         if weight > 0:
@@ -585,7 +589,7 @@ def decide(
     prompt_tokens = hints.prompt_tokens if hints.prompt_tokens is not None else DEFAULT_PROMPT_TOKENS
     max_out = hints.max_output_tokens if hints.max_output_tokens is not None else _NO_CAP
     bucket_stats = stats.get(classification.bucket) or _NO_STATS
-    pooled = learner.pooled_stats(stats) if stats else _NO_STATS
+    pooled, within_task = learner.shared_levels(stats, task) if stats else (_NO_STATS, _NO_STATS)
     cost_weight, latency_weight = objective.cost_weight, objective.latency_weight / 1000.0
     cost_limit = cost_cap if cost_cap is not None else math.inf
     latency_limit = latency_cap if latency_cap is not None else math.inf
@@ -598,35 +602,42 @@ def decide(
     eligible: list[int] = []
     kinds: dict[int, int] = {}  # why an arm is out: 1 override, 2 cost, 3 latency
     add_candidate, add_cost, add_util, add_eligible = candidates.append, costs.append, utils.append, eligible.append
-    stats_for, shared_for = bucket_stats.get, pooled.get
-    calibration = _calibration(route, pooled, strength) if pooled else 1.0
+    stats_for, shared_for, task_for = bucket_stats.get, pooled.get, within_task.get
+    calibration = 1.0
+    if pooled:
+        calibrated = route.calibrated
+        calibration = calibrated[1] if calibrated is not None and calibrated[0] is pooled else \
+            _calibration(route, pooled, strength)
     memo = None
     if rows is route.rows and (bucket_stats or pooled):
+        # per row: (the bucket's ArmStats it was computed from, the numbers); the last three slots hold
+        # what every entry assumed: the cost calibration and the shared levels (replaced, never
+        # edited, like the snapshot: a new one starts a new memo)
         memo = route.learned.get(classification.bucket)
-        if memo is None or len(route.learned) > 64:
+        if (memo is None or memo[-3] != calibration or memo[-2] is not pooled or memo[-1] is not within_task
+                or len(route.learned) > 64):
             if len(route.learned) > 64:
                 route.learned.clear()
-            memo = route.learned[classification.bucket] = [None] * len(rows)
+            memo = route.learned[classification.bucket] = [None] * len(rows) + [calibration, pooled, within_task]
     i = -1
     for carm, key, arm, alpha, beta, tokens, per_token, fixed, reference, latency, p95 in rows:
         i += 1
         seen = stats_for(key)
-        shared = shared_for(key)
         if max_out < tokens:
             per_token, fixed, latency, p95 = carm.under_cap(max_out)
-            acc, factor, addend, latency, p95 = _learned(seen, shared, alpha, beta, reference, latency, p95, strength,
-                                                         calibration)
-        elif seen is None and shared is None:
-            acc, factor, addend = alpha / (alpha + beta), calibration, 0.0
+            acc, factor, addend, latency, p95 = _learned(seen, shared_for(key), alpha, beta, reference, latency, p95,
+                                                         strength, calibration, task_for(key))
         elif memo is not None:
             found = memo[i]
-            if found is None or found[0] is not seen or found[1] is not shared or found[2] != calibration:
-                found = memo[i] = (seen, shared, calibration, *_learned(seen, shared, alpha, beta, reference, latency,
-                                                                        p95, strength, calibration))
-            _, _, _, acc, factor, addend, latency, p95 = found
+            if found is None or found[0] is not seen:
+                found = memo[i] = (seen, *_learned(seen, shared_for(key), alpha, beta, reference, latency, p95,
+                                                   strength, calibration, task_for(key)))
+            _, acc, factor, addend, latency, p95 = found
+        elif seen is None and not pooled:
+            acc, factor, addend = alpha / (alpha + beta), calibration, 0.0
         else:
-            acc, factor, addend, latency, p95 = _learned(seen, shared, alpha, beta, reference, latency, p95, strength,
-                                                         calibration)
+            acc, factor, addend, latency, p95 = _learned(seen, shared_for(key), alpha, beta, reference, latency, p95,
+                                                         strength, calibration, task_for(key))
         cost = (per_token * prompt_tokens + fixed) * factor + addend
         util = acc - cost_weight * cost - latency_weight * latency
         if mismatch and key in mismatch:

@@ -4,10 +4,10 @@ Pure functions over numbers handed in (stats come from telemetry/, priors from t
 seeded `random.Random`, so evals/ can replay a stream of outcomes through exactly this code.
 
 How it learns (see docs/policies.md):
-- Each (bucket, arm) has a Beta posterior on P(correct) with two levels: the route's prior, updated by
-  the arm's outcomes in the other buckets (`pooled_stats`), is the bucket's prior, worth
-  `prior_strength` pseudo-outcomes; then every scored outcome in the bucket adds its success score
-  (router.decide._learned). Decay is the store's job (it shrinks `weight` and `successes` with
+- Each (bucket, arm) has a Beta posterior on P(correct) over three levels: the route's prior, updated
+  by the arm's outcomes in the other tasks' buckets, is the task's prior; updated by the task's other
+  tiers, the bucket's (each worth `prior_strength` pseudo-outcomes; `shared_levels`); then every
+  scored outcome in the bucket adds its success score (router.decide._learned). Decay is the store's job (it shrinks `weight` and `successes` with
   `decay_factor`), so old outcomes fade and a provider that gets worse is noticed.
 - Most requests go to the greedy arm: the highest posterior-mean utility. On a share of requests set
   by the policy, one Thompson draw among the greedy arm and the other eligible arms (those costing at
@@ -23,7 +23,7 @@ import random
 from collections.abc import Sequence
 
 from policies.schema import Policy
-from router.types import DIFFICULTY_TIERS, POOLED_BUCKET, Arm, ArmStats, Classification, StatsSnapshot
+from router.types import DIFFICULTY_TIERS, POOLED_BUCKET, POOLED_TIER, Arm, ArmStats, Classification, StatsSnapshot
 
 
 def decay_factor(half_life: float | None, elapsed: float) -> float:
@@ -109,7 +109,7 @@ def narrow(options: list[int], rng: random.Random) -> list[int]:
     return sorted(rng.sample(options, EXPLORE_OPTIONS_LIMIT))
 
 
-_POOLED_CACHE: list = [None, None]  # the last snapshot pooled, and its pooled stats
+_POOLED_CACHE: list = [None, None, None]  # the last snapshot pooled, its pooled stats, and per task
 
 
 def pool(per_bucket: Sequence[ArmStats]) -> ArmStats:
@@ -124,26 +124,48 @@ def pool(per_bucket: Sequence[ArmStats]) -> ArmStats:
     )
 
 
-def pooled_stats(snapshot: StatsSnapshot) -> dict[str, ArmStats]:
-    """Every arm's stats summed over the snapshot's buckets: the shared level of the learner's
-    two-level model (an arm's record across all buckets is its prior inside each bucket).
-
-    A store may put this under POOLED_BUCKET when it builds a snapshot (then it is read as is);
-    otherwise it is computed here once per snapshot object (snapshots are replaced, never edited, by
-    the stores) and kept until the next one comes."""
-    given = snapshot.get(POOLED_BUCKET)
-    if given is not None:
-        return given
-    cached_for, cached = _POOLED_CACHE
+def _pool_snapshot(snapshot: StatsSnapshot) -> tuple[dict[str, ArmStats], dict[str, dict[str, ArmStats]]]:
+    cached_for, everywhere, by_task = _POOLED_CACHE
     if cached_for is snapshot:
-        return cached
+        return everywhere, by_task
     per_arm: dict[str, list[ArmStats]] = {}
-    for arms in snapshot.values():
+    per_task: dict[str, dict[str, list[ArmStats]]] = {}
+    for bucket, arms in snapshot.items():
+        task, _, tier = bucket.partition(":")
+        if tier == POOLED_TIER:
+            continue
+        inside = per_task.setdefault(task, {})
         for key, stats in arms.items():
             per_arm.setdefault(key, []).append(stats)
-    pooled = {key: pool(found) for key, found in per_arm.items()}
-    _POOLED_CACHE[0], _POOLED_CACHE[1] = snapshot, pooled
-    return pooled
+            inside.setdefault(key, []).append(stats)
+    everywhere = {key: pool(found) for key, found in per_arm.items()}
+    by_task = {task: {key: pool(found) for key, found in arms.items()} for task, arms in per_task.items()}
+    _POOLED_CACHE[:] = [snapshot, everywhere, by_task]
+    return everywhere, by_task
+
+
+def shared_levels(snapshot: StatsSnapshot, task: str) -> tuple[dict[str, ArmStats], dict[str, ArmStats]]:
+    """The learner's shared levels for a request of `task`: every arm's stats summed over all the
+    snapshot's buckets, and over the buckets of that task (every tier). An arm's record there is its
+    prior in a bucket (router.decide._learned).
+
+    A store may put these in the snapshot when it builds one, under POOLED_BUCKET (`*`) and
+    `<task>:*`; they are then read as they are. Otherwise they are computed here once per snapshot
+    object (snapshots are replaced, never edited, by the stores) and kept until the next one comes."""
+    given = snapshot.get(POOLED_BUCKET)
+    if given is not None:
+        return given, snapshot.get(f"{task}:{POOLED_TIER}") or _EMPTY
+    everywhere, by_task = _pool_snapshot(snapshot)
+    return everywhere, by_task.get(task) or _EMPTY
+
+
+def pooled_stats(snapshot: StatsSnapshot) -> dict[str, ArmStats]:
+    """Every arm's stats summed over the snapshot's buckets (see shared_levels)."""
+    given = snapshot.get(POOLED_BUCKET)
+    return given if given is not None else _pool_snapshot(snapshot)[0]
+
+
+_EMPTY: dict[str, ArmStats] = {}
 
 
 def tier_midpoint(tier: str) -> float:

@@ -149,6 +149,8 @@ class ArmStats:
 # bucket -> arm key -> stats
 StatsSnapshot = dict[str, dict[str, ArmStats]]
 
-# A snapshot may carry, under this key, every arm's aggregates summed over all buckets (the learner's
-# shared level: see router.learner.pooled_stats). Real buckets are `task:tier`, so it cannot clash.
+# A snapshot may carry, under this key, every arm's aggregates summed over all buckets, and under
+# `<task>:*` summed over that task's buckets (the learner's shared levels: see
+# router.learner.shared_levels). Real buckets are `task:tier`, so neither can clash.
 POOLED_BUCKET = "*"
+POOLED_TIER = "*"

@@ -198,6 +198,22 @@ def test_shared_level_counts_no_outcome_twice(policy):
             pytest.approx((8.5 + 20) / 110)
 
 
+def test_the_same_task_weighs_before_other_tasks(policy):
+    """Three levels: other tasks' record -> the task's other tiers -> the bucket."""
+    key = compile_policy(policy).arms["mid-high"].key
+    stats = {"chat:easy": {key: ArmStats(count=100, successes=20, weight=100)},
+             "math:easy": {key: ArmStats(count=100, successes=90, weight=100)}}
+    task_prior = (8.5 + 20) / 110  # the route prior (0.85, strength 10) after the other task's record
+    expected = (10 * task_prior + 90) / 110  # then the task's other tier's record
+    assert candidate(decide(HARD_MATH, policy, stats), policy, "mid-high").expected_accuracy == \
+        pytest.approx(expected)
+    # a store may hand the levels in itself; then they are read as they are
+    given = {**stats, POOLED_BUCKET: {key: ArmStats(count=200, successes=110, weight=200)},
+             "math:*": {key: ArmStats(count=100, successes=90, weight=100)}}
+    assert candidate(decide(HARD_MATH, policy, given), policy, "mid-high").expected_accuracy == \
+        pytest.approx(expected)
+
+
 def test_cost_calibration_carries_to_untried_arms(policy):
     """An arm whose cost came out 3x its estimate makes the route's untried arms' estimates 3x too
     (shrunk toward 1 by prior_strength observations)."""
