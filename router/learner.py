@@ -109,38 +109,45 @@ def narrow(options: list[int], rng: random.Random) -> list[int]:
     return sorted(rng.sample(options, EXPLORE_OPTIONS_LIMIT))
 
 
-_POOLED_CACHE: list = [None, None, None]  # the last snapshot pooled, its pooled stats, and per task
-
-
-def pool(per_bucket: Sequence[ArmStats]) -> ArmStats:
-    """One arm's aggregates summed over buckets (p95: the highest of theirs)."""
-    return ArmStats(
-        count=sum(s.count for s in per_bucket),
-        successes=sum(s.successes for s in per_bucket),
-        weight=sum(s.weight for s in per_bucket),
-        cost_usd=sum(s.cost_usd for s in per_bucket),
-        latency_ms=sum(s.latency_ms for s in per_bucket),
-        latency_p95_ms=max((s.latency_p95_ms for s in per_bucket), default=0.0),
-    )
+_POOLED_CACHE: dict[int, tuple] = {}  # id(snapshot) -> (snapshot, pooled stats, per task): the last few
+_POOLED_CACHE_SIZE = 16  # snapshots kept pooled (one per policy in use is what a gateway needs)
 
 
 def _pool_snapshot(snapshot: StatsSnapshot) -> tuple[dict[str, ArmStats], dict[str, dict[str, ArmStats]]]:
-    cached_for, everywhere, by_task = _POOLED_CACHE
-    if cached_for is snapshot:
-        return everywhere, by_task
-    per_arm: dict[str, list[ArmStats]] = {}
-    per_task: dict[str, dict[str, list[ArmStats]]] = {}
+    cached = _POOLED_CACHE.get(id(snapshot))
+    if cached is not None and cached[0] is snapshot:
+        return cached[1], cached[2]
+    # One pass of float sums (count, successes, weight, cost, latency, max p95) per arm, everywhere and
+    # per task; ArmStats built at the end. Once per snapshot (a store refresh), about a microsecond per
+    # (bucket, arm).
+    totals: dict[str, list[float]] = {}
+    per_task: dict[str, dict[str, list[float]]] = {}
     for bucket, arms in snapshot.items():
         task, _, tier = bucket.partition(":")
         if tier == POOLED_TIER:
             continue
-        inside = per_task.setdefault(task, {})
-        for key, stats in arms.items():
-            per_arm.setdefault(key, []).append(stats)
-            inside.setdefault(key, []).append(stats)
-    everywhere = {key: pool(found) for key, found in per_arm.items()}
-    by_task = {task: {key: pool(found) for key, found in arms.items()} for task, arms in per_task.items()}
-    _POOLED_CACHE[:] = [snapshot, everywhere, by_task]
+        inside = per_task.get(task)
+        if inside is None:
+            inside = per_task[task] = {}
+        for key, s in arms.items():
+            values = (s.count, s.successes, s.weight, s.cost_usd, s.latency_ms, s.latency_p95_ms)
+            for level in (totals, inside):
+                sums = level.get(key)
+                if sums is None:
+                    level[key] = list(values)
+                else:
+                    sums[0] += values[0]
+                    sums[1] += values[1]
+                    sums[2] += values[2]
+                    sums[3] += values[3]
+                    sums[4] += values[4]
+                    if values[5] > sums[5]:
+                        sums[5] = values[5]
+    everywhere = {key: ArmStats(*sums) for key, sums in totals.items()}
+    by_task = {task: {key: ArmStats(*sums) for key, sums in arms.items()} for task, arms in per_task.items()}
+    if len(_POOLED_CACHE) >= _POOLED_CACHE_SIZE:
+        _POOLED_CACHE.pop(next(iter(_POOLED_CACHE)), None)  # the oldest
+    _POOLED_CACHE[id(snapshot)] = (snapshot, everywhere, by_task)
     return everywhere, by_task
 
 

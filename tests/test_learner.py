@@ -163,3 +163,17 @@ def test_pooled_stats_sum_buckets_once_per_snapshot():
     assert pooled_stats({**snapshot}) is not pooled  # a new snapshot is pooled anew
     given = {"x": b}
     assert pooled_stats({**snapshot, POOLED_BUCKET: given}) is given  # a store's own pooled level wins
+
+
+def test_shared_levels_per_task_and_per_snapshot():
+    from router.learner import shared_levels
+
+    a = ArmStats(count=2, successes=1, weight=2)
+    b = ArmStats(count=3, successes=3, weight=3)
+    one = {"math:hard": {"x": a}, "math:easy": {"x": b}, "chat:easy": {"x": a}}
+    other = {"chat:easy": {"x": b}}
+    everywhere, math = shared_levels(one, "math")
+    assert everywhere["x"].count == 7 and math["x"].count == 5
+    assert shared_levels(one, "code")[1] == {}
+    assert shared_levels(other, "chat")[0]["x"] == b  # two snapshots (two policies) cached side by side
+    assert shared_levels(one, "math")[0] is everywhere
