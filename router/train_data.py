@@ -152,6 +152,21 @@ AMBIGUOUS_REQUESTS = (
     "Another one, please.",
     "Ready when you are.",
     "Let's try a different one.",
+    # Question-form requests: without them "what is ...?" alone reads as a factual question, and a
+    # short question under a task's system prompt is classified knowledge.
+    "What's the answer to this one?",
+    "What would you say?",
+    "Is this right?",
+    "How would you do it?",
+    "Which one is correct?",
+    "What comes next?",
+    "Can you solve it?",
+    "How do I start?",
+    "What's the result here?",
+    "Why is that?",
+    "What is your answer?",
+    "Tell me the answer.",
+    "What is the next step?",
 )
 GENERIC_SYSTEM_PROMPTS = (
     "You are a helpful assistant.",
