@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from router.learner import pooled_stats
 from router.types import StatsSnapshot
 
 from .aggregates import arm_stats, event_problem, format_spend, spend_periods, summary_row
@@ -301,6 +302,9 @@ class BufferedStore(Store):
             for (bucket, arm), fields in arms.items():
                 snap.setdefault(bucket, {})[arm] = arm_stats(fields, now, self.half_life_s)
             cache[policy] = snap
+            # The learner's shared levels (each arm summed over buckets) are computed once per snapshot:
+            # here, in the refresh loop, rather than by the first request that decides after it.
+            pooled_stats(snap)
         self._raw, self._cache = raw, cache
         self.last_refresh_ts = now
 
