@@ -54,6 +54,16 @@ class ArmSpec(_Strict):
     )
     wave: int | None = Field(default=None, ge=1, le=64, description="adaptive_consistency: samples per round.")
     min_samples: int | None = Field(default=None, ge=1, le=64, description="adaptive_consistency: first round size.")
+    min_gain: float | None = Field(
+        default=None, ge=0, le=1,
+        description="adaptive_consistency: answer with one sample where a vote is expected to gain less accuracy "
+                    "than this over one sample (default 0.01).",
+    )
+    sample_value: float | None = Field(
+        default=None, ge=-1, le=1,
+        description="adaptive_consistency: the expected accuracy gain of a vote over one sample, fixed; "
+                    "by default it is learned per bucket from the stats of this backend's voting and single arms.",
+    )
     max_concurrency: int | None = Field(default=None, ge=1, le=64, description="Parallel calls for this request.")
     expected_n: float | None = Field(
         default=None, ge=1, description="adaptive_consistency: expected samples, for cost estimates before learning."
@@ -343,6 +353,8 @@ def _arm_problems(name: str, arm: ArmSpec, policy: Policy, backends: dict[str, B
         "wave": ("adaptive_consistency", arm.wave is not None),
         "expected_n": ("adaptive_consistency", arm.expected_n is not None),
         "min_samples": ("adaptive_consistency", arm.min_samples is not None),
+        "min_gain": ("adaptive_consistency", arm.min_gain is not None),
+        "sample_value": ("adaptive_consistency", arm.sample_value is not None),
     }
     for key, (owner, given) in only_for.items():
         if given and strategy != owner:

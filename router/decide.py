@@ -334,7 +334,8 @@ def compile_policy(policy: Policy, extra_backends: Iterable[BackendSpec] = ()) -
 
 # Strategy knobs an arm may set; passed on in Arm.params only when the policy sets them, so the
 # strategies' own defaults (gateway/strategies.py) apply otherwise.
-STRATEGY_KNOBS = ("confidence", "wave", "min_samples", "max_concurrency", "escalate_below", "temperature")
+STRATEGY_KNOBS = ("confidence", "wave", "min_samples", "min_gain", "sample_value", "max_concurrency", "escalate_below",
+                  "temperature")
 
 
 def _build_arm(spec: ArmSpec, policy: Policy) -> Arm:

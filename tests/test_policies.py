@@ -139,6 +139,8 @@ BROKEN = [
     ("single-with-n", replace("    backend: cheap\n", "    backend: cheap\n    n: 3\n"), "takes one sample", "n: 3"),
     ("knob-for-other-strategy", replace("    backend: cheap\n", "    backend: cheap\n    wave: 2\n"),
      "applies to strategy adaptive_consistency only", "wave: 2"),
+    ("gate-for-other-strategy", replace("    backend: cheap\n", "    backend: cheap\n    sample_value: 0.0\n"),
+     "applies to strategy adaptive_consistency only", "sample_value: 0.0"),
     ("unknown-verifier",
      replace("    backend: cheap\n", "    backend: cheap\n    strategy: best_of_n\n    n: 4\n    verifier: judge\n"),
      "unknown backend `judge`", "verifier: judge"),
@@ -221,6 +223,21 @@ def test_local_policy_uses_the_gateway_local_backend():
 def test_route_candidates_may_be_a_list_of_names():
     policy = parse_policy(replace("candidates: {fast: 0.8, deep: 0.9}", "candidates: [fast, deep]"), "p.yaml")
     assert policy.routes[0].candidates == {"fast": None, "deep": None}
+
+
+def test_adaptive_gate_knobs_reach_the_strategy():
+    """`min_gain` and a fixed `sample_value` are arm knobs: compiled into the arm's params, which the
+    adaptive strategy reads (gateway/strategies.py), and absent when the policy does not set them."""
+    from router.decide import compile_policy
+
+    text = BASE.replace("  deep:\n", "  vote:\n    backend: cheap\n    strategy: adaptive_consistency\n    n: 8\n"
+                                       "    min_gain: 0.03\n    sample_value: 0.0\n"
+                                       "  vote-learned:\n    backend: cheap\n    strategy: adaptive_consistency\n"
+                                       "    n: 6\n  deep:\n")
+    compiled = compile_policy(parse_policy(text, "gate.yaml"))
+    params = {c.arm.n: dict(c.arm.params) for c in compiled.arms.values() if c.strategy == "adaptive_consistency"}
+    assert params[8] == {"min_gain": 0.03, "sample_value": 0.0}
+    assert "sample_value" not in params[6] and "min_gain" not in params[6]
 
 
 def test_check_cli_reports_failures(tmp_path, capsys):
