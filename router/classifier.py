@@ -3,8 +3,9 @@
 Imports only numpy, onnxruntime and the standard library (no scikit-learn): the gateway loads this
 at startup and must be ready in well under 3 s. The session is created once, single-threaded (the
 gateway's own concurrency is the parallelism; a thread pool per call would cost more than the model).
-The model reads sparse input (router.features.SparseFeatures: the prompt's hashed n-gram columns and
-log counts), so a call touches only the weights of the n-grams the prompt has.
+The model reads sparse input (router.features.onnx_feeds: the prompt's hashed n-gram columns and a
+6 x n-grams matrix of log counts per block), so a call touches only the weights of the n-grams the
+prompt has.
 
 Nothing here raises into the request path: any failure gives SAFE_DEFAULT and one log line.
 """
@@ -71,9 +72,9 @@ class Classifier:
             options.log_severity_level = 3
             session = ort.InferenceSession(str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"])
             inputs = tuple(i.name for i in session.get_inputs())
-            if inputs != F.SparseFeatures._fields:
+            if inputs != F.ONNX_INPUTS:
                 raise ClassifierError(
-                    f"{onnx_path}: model inputs {inputs}, this code feeds {F.SparseFeatures._fields}; retrain with `ponder train`"
+                    f"{onnx_path}: model inputs {inputs}, this code feeds {F.ONNX_INPUTS}; retrain with `ponder train`"
                 )
         except ClassifierError:
             raise
@@ -102,8 +103,13 @@ class Classifier:
         if not prompts:
             return []
         try:
-            task_probs, difficulty = self._session.run(self._outputs, F.featurize_sparse(prompts)._asdict())
-            return [self._result(p, d) for p, d in zip(task_probs.tolist(), difficulty.tolist())]
+            results: list[Classification] = [SAFE_DEFAULT] * len(prompts)
+            # one call for one prompt; a batch is sorted by length and cut into a few calls
+            for rows, feeds in F.onnx_feeds(F.featurize_sparse(prompts)):
+                task_probs, difficulty = self._session.run(self._outputs, feeds)
+                for row, p, d in zip(rows.tolist(), task_probs.tolist(), difficulty.tolist()):
+                    results[row] = self._result(p, d)
+            return results
         except Exception as exc:  # noqa: BLE001 - the request path gets a safe answer, never an error
             self._warn_once("run", exc)
             return [SAFE_DEFAULT] * len(prompts)

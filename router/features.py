@@ -508,6 +508,68 @@ def _hand_matrix(hand: list[list[float]]) -> np.ndarray:
     return np.asarray(hand, dtype=np.float32).reshape(len(hand), N_HANDCRAFTED)
 
 
+# The ONNX model's inputs (router/train.py builds the graph), per session call of b prompts padded
+# to L n-gram slots: "indices" (b, L) the columns each prompt has (padding: column 0), "weights"
+# (b, 6, L) where row k < 3 holds block k's tf values at its n-grams (zero elsewhere and in the
+# padding) and row 3 + k their squares, and "handcrafted" (b, 19). The model multiplies each
+# prompt's weights by its gathered weight rows: one small batched MatMul gives every block's head
+# sums and squared norm.
+ONNX_INPUTS = ("indices", "weights", "handcrafted")
+MAX_SLOTS = 1 << 14  # b * L per session call (the weights input is 6x that, 384 KB); longer batches are cut
+
+
+def onnx_feeds(sf: SparseFeatures) -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
+    """[(rows of the batch, feeds)] for the ONNX session: one call for one prompt; a batch is sorted
+    by n-gram count and cut into calls of prompts of similar length, so padding stays small."""
+    batch = len(sf.handcrafted)
+    if batch == 1:
+        return [(_ONE_ROW, _feeds_one(sf))]
+    lengths = sf.bounds[3::3] - sf.bounds[:-1:3]
+    order = np.argsort(lengths, kind="stable")
+    block = np.repeat(np.arange(3 * batch) % 3, np.diff(sf.bounds))  # TF-IDF block of each n-gram
+    out, start = [], 0
+    while start < batch:
+        end = start + 1
+        while end < batch and (end + 1 - start) * max(int(lengths[order[end]]), 1) <= MAX_SLOTS:
+            end += 1
+        rows = order[start:end]
+        out.append((rows, _feeds_rows(sf, rows, lengths[rows], block)))
+        start = end
+    return out
+
+
+_ONE_ROW = np.zeros(1, dtype=np.intp)
+
+
+def _feeds_one(sf: SparseFeatures) -> dict[str, np.ndarray]:
+    n = len(sf.indices)
+    weights = np.zeros((1, 6, n), dtype=np.float32)
+    b = sf.bounds.tolist()
+    for k in range(3):
+        weights[0, k, b[k] : b[k + 1]] = sf.tf[b[k] : b[k + 1]]
+    np.multiply(weights[:, :3], weights[:, :3], out=weights[:, 3:])
+    return {"indices": sf.indices.reshape(1, n), "weights": weights, "handcrafted": sf.handcrafted}
+
+
+def _feeds_rows(sf: SparseFeatures, rows: np.ndarray, lengths: np.ndarray, blocks: np.ndarray) -> dict[str, np.ndarray]:
+    b, width = len(rows), max(int(lengths.max()), 1)
+    total = int(lengths.sum())
+    indices = np.zeros((b, width), dtype=np.int64)
+    weights = np.zeros((b, 6, width), dtype=np.float32)
+    if total:
+        first = sf.bounds[3 * rows]  # each row's first element in sf
+        offset = np.cumsum(lengths) - lengths  # its first element in this call
+        row = np.repeat(np.arange(b), lengths)
+        pos = np.arange(total) - np.repeat(offset, lengths)  # slot within the row
+        elem = pos + np.repeat(first, lengths)  # element of sf
+        block = blocks[elem]
+        tf = sf.tf[elem]
+        indices[row, pos] = sf.indices[elem]
+        weights[row, block, pos] = tf
+        weights[row, block + 3, pos] = tf * tf
+    return {"indices": indices, "weights": weights, "handcrafted": sf.handcrafted[rows]}
+
+
 def featurize(prompts: Sequence[Prompt]) -> np.ndarray:
     """Dense feature matrix (len(prompts), N_FEATURES) float32 (tests, tools; the runtime and
     training use featurize_sparse). A row depends only on its own prompt."""

@@ -84,7 +84,9 @@ def test_onnx_matches_sklearn_on_held_out(examples):
     session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
     for batch in ([ex.messages for ex in held[:40]] + BAD_INPUTS, [[], []], [[]]):
         prompts = [F.prompt_from_messages(m) for m in batch]
-        task_ox, diff_ox = session.run(["task_probs", "difficulty"], F.featurize_sparse(prompts)._asdict())
+        task_ox, diff_ox = np.zeros((len(prompts), len(TASK_TYPES)), np.float32), np.zeros(len(prompts), np.float32)
+        for rows, feeds in F.onnx_feeds(F.featurize_sparse(prompts)):
+            task_ox[rows], diff_ox[rows] = session.run(["task_probs", "difficulty"], feeds)
         dense = F.featurize(prompts)
         import scipy.sparse as sp
 
@@ -111,6 +113,30 @@ def test_sparse_features_are_the_dense_vector():
             assert np.all((cols >= start) & (cols < end)) and np.all(np.diff(cols) > 0)
         alone = F.featurize_sparse([batch[r]])
         assert np.array_equal(alone.indices, sf.indices[lo:hi]) and np.array_equal(alone.tf, sf.tf[lo:hi])
+    # What the session is fed: calls covering every row once, each row's n-grams in its first slots
+    # (padding: column 0, weight 0), its tf in its block's row of `weights`, the squares 3 rows below.
+    calls = F.onnx_feeds(sf)
+    assert sorted(np.concatenate([rows for rows, _ in calls]).tolist()) == list(range(len(batch)))
+    for rows, feeds in calls:
+        indices, weights = feeds["indices"], feeds["weights"]
+        assert indices.shape[0] == len(rows) and weights.shape == (len(rows), 6, indices.shape[1]) and weights.dtype == np.float32
+        assert np.array_equal(feeds["handcrafted"], sf.handcrafted[rows])
+        assert np.array_equal(weights[:, 3:], weights[:, :3] ** 2)
+        for i, r in enumerate(rows):
+            lo, hi = sf.bounds[3 * r], sf.bounds[3 * r + 3]
+            n = hi - lo
+            assert np.array_equal(indices[i, :n], sf.indices[lo:hi]) and not indices[i, n:].any()
+            assert not weights[i, :, n:].any()
+            for block in range(3):
+                a, b = sf.bounds[3 * r + block] - lo, sf.bounds[3 * r + block + 1] - lo
+                assert np.array_equal(weights[i, block, a:b], sf.tf[lo + a : lo + b])
+                assert not weights[i, block, :a].any() and not weights[i, block, b:n].any()
+    rng = random.Random(0)
+    varied = "".join(chr(rng.randrange(0x20, 0x3000)) for _ in range(3000))  # thousands of distinct n-grams
+    big = F.featurize_sparse([F.prompt_from_text(varied[i : i + 40 * i]) for i in range(64)])
+    calls = F.onnx_feeds(big)
+    assert len(calls) > 1  # long batches are cut, so padding and the weights input stay small
+    assert all(f["indices"].size <= F.MAX_SLOTS for rows, f in calls if len(rows) > 1)
 
 
 def test_runtime_features_match_training_features(clf):
@@ -124,8 +150,8 @@ def test_runtime_features_match_training_features(clf):
     together = F.featurize_messages(batch)
     alone = np.vstack([F.featurize_messages([m]) for m in batch])
     assert np.array_equal(together, alone)
-    # Batched segment sums are differences of one float64 running sum, so a row's numbers can differ
-    # from its single-prompt numbers in the last float32 bit; never more.
+    # A batch's segment sums come from one larger MatMul (other summation blocking), so a row's
+    # numbers can differ from its single-prompt numbers in the last float32 bits; never more.
     for one, many in zip([clf.classify(m) for m in batch], clf.classify_batch(batch)):
         assert one.task == many.task and abs(one.difficulty - many.difficulty) < 1e-6
         assert all(abs(one.task_probs[t] - many.task_probs[t]) < 1e-6 for t in TASK_TYPES)
