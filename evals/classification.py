@@ -111,7 +111,7 @@ def leak_free_scores(prompts: Sequence[str], *, source: str | None, mode: str = 
         saved = np.load(path, allow_pickle=False)
         return Scores(saved["task_probs"], saved["difficulty"], str(saved["how"]))
 
-    from router.train_data import load_examples
+    from router.train_data import family, load_examples
 
     examples = load_examples(seed=seed, sources=list(sources) if sources else None)
     if limit_per_source is not None:  # an even subsample per source, deterministic
@@ -123,7 +123,7 @@ def leak_free_scores(prompts: Sequence[str], *, source: str | None, mode: str = 
     task_probs, difficulty = np.zeros((n, len(TASK_TYPES))), np.zeros(n)
     size = f" (training subsampled to ~{limit_per_source} prompts per source)" if limit_per_source or sources else ""
     if mode == "source-out":
-        training = [ex for ex in examples if ex.source != source]
+        training = [ex for ex in examples if family(ex.source) != source]  # derived sources go with theirs
         log(f"fitting the classifier without source `{source}` on {len(training)} prompts (minutes)")
         task_probs[:], difficulty[:], dropped = _fit_and_score(training, prompts, seed)
         how = (f"classifier refitted with router.train.fit without the `{source}` source" if source else
