@@ -220,19 +220,25 @@ _FOLD = np.arange(256, dtype=np.uint8)
 _FOLD[ord("1") : ord("9") + 1] = ord("0")
 _FOLD[_SEP] = _SEP
 
-_pow_cache = np.ones(1, dtype=np.uint64)
-_inv_cache = np.ones(1, dtype=np.uint64)
+_powers_cache = (np.ones(1, dtype=np.uint64), np.ones(1, dtype=np.uint64))
 
 
 def _powers(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """P**i and P**-i modulo 2**64 for i < n, grown on demand and kept (a few hundred KB)."""
-    global _pow_cache, _inv_cache
-    if len(_pow_cache) < n:
-        size = max(n, 2 * len(_pow_cache), 8192)
+    """P**i and P**-i modulo 2**64 for i < n, grown on demand and kept (a few hundred KB).
+
+    One tuple swapped in one assignment, so a thread never sees powers and inverses of two sizes.
+    """
+    global _powers_cache
+    cache = _powers_cache
+    if len(cache[0]) < n:
+        size = max(n, 2 * len(cache[0]), 8192)
         ones = np.ones(1, dtype=np.uint64)
-        _pow_cache = np.concatenate((ones, np.cumprod(np.full(size - 1, _P, dtype=np.uint64))))
-        _inv_cache = np.concatenate((ones, np.cumprod(np.full(size - 1, _P_INV, dtype=np.uint64))))
-    return _pow_cache[:n], _inv_cache[:n]
+        cache = (
+            np.concatenate((ones, np.cumprod(np.full(size - 1, _P, dtype=np.uint64)))),
+            np.concatenate((ones, np.cumprod(np.full(size - 1, _P_INV, dtype=np.uint64)))),
+        )
+        _powers_cache = cache
+    return cache[0][:n], cache[1][:n]
 
 
 def _bucket(h: np.ndarray, bits: int) -> np.ndarray:
