@@ -85,8 +85,16 @@ class Classifier:
         return classifier
 
     def classify(self, messages: Any) -> Classification:
-        """Classify one OpenAI `messages` list (system prompt, last user turn and turn counts)."""
-        return self.classify_batch([messages])[0]
+        """Classify one OpenAI `messages` list (system prompt, last user turn and turn counts).
+
+        The request path: one prompt, one session call, no batch bookkeeping."""
+        try:
+            (_, feeds), = F.onnx_feeds(F.featurize_sparse([F.prompt_from_messages(messages)]))
+            task_probs, difficulty = self._session.run(self._outputs, feeds)
+            return self._result(task_probs[0].tolist(), float(difficulty[0]))
+        except Exception as exc:  # noqa: BLE001 - the request path gets a safe answer, never an error
+            self._warn_once("run", exc)
+            return SAFE_DEFAULT
 
     def classify_text(self, text: str, system: str = "") -> Classification:
         return self._run([F.prompt_from_text(text, system)])[0]
