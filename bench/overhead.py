@@ -361,16 +361,18 @@ def components(repeats: int = 2000) -> None:
     req = parse_chat_request(parse_json_body(raw), max_n=16)
     classifier = Classifier.load()
     prompt = features.prompt_from_messages(req.messages)
-    matrix = features.featurize([prompt])
+    sparse = features.featurize_sparse([prompt])
+    ((_, feeds),) = features.onnx_feeds(sparse)
     session = classifier._session  # the step inside classify() that is the model itself
-    inputs, outputs = {session.get_inputs()[0].name: matrix}, ["task_probs", "difficulty"]
+    outputs = ["task_probs", "difficulty"]
     steps = [
         ("gateway/schemas.py: parse_json_body + parse_chat_request", lambda: parse_chat_request(
             parse_json_body(raw), max_n=16)),
         ("router/classifier.py: Classifier.classify (all of it)", lambda: classifier.classify(req.messages)),
         ("  router/features.py: prompt_from_messages", lambda: features.prompt_from_messages(req.messages)),
-        ("  router/features.py: featurize", lambda: features.featurize([prompt])),
-        ("  onnxruntime InferenceSession.run", lambda: session.run(outputs, inputs)),
+        ("  router/features.py: featurize_sparse", lambda: features.featurize_sparse([prompt])),
+        ("  router/features.py: onnx_feeds", lambda: features.onnx_feeds(sparse)),
+        ("  onnxruntime InferenceSession.run", lambda: session.run(outputs, feeds)),
     ]
     print("\nIn-process timings of single steps (no profiler), µs per request, median of 5 rounds:")
     for label, step in steps:

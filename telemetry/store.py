@@ -228,10 +228,16 @@ class BufferedStore(Store):
                 self.last_error, self.last_error_ts = f"invalid event dropped: {problem}", time.time()
         return good
 
-    async def _flush_buffer(self) -> None:
+    async def _flush_buffer(self, drain: bool = True) -> None:
+        """Write the buffer in batches. `drain=False` (the flush loop) writes only what was buffered when
+        it started: events that arrive during the write wait for the loop's next linger, so a busy
+        gateway writes a few large batches per second instead of a stream of tiny ones."""
         async with self._flush_lock:
-            while self._buffer:
-                batch = self._valid([self._buffer.popleft() for _ in range(min(BATCH_MAX, len(self._buffer)))])
+            left = len(self._buffer)
+            while self._buffer and (drain or left > 0):
+                size = min(BATCH_MAX, len(self._buffer))
+                left -= size
+                batch = self._valid([self._buffer.popleft() for _ in range(size)])
                 if not batch:
                     continue
                 try:
@@ -265,7 +271,7 @@ class BufferedStore(Store):
                 if not await self._ensure_connected():
                     continue
                 await self._periodic()
-                await self._flush_buffer()
+                await self._flush_buffer(drain=False)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
