@@ -33,7 +33,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from router.types import Arm, ArmStats
-
 from router.voting import cluster_answers, leader_posterior
 
 RULES: tuple[str, ...] = ("beta", "window")
