@@ -133,7 +133,10 @@ def sampling_headline(name: str, result: dict) -> list[str]:
         if majority is None:
             continue
         bar = methods[majority]["accuracy"] - 0.005
-        ok = [m for m, v in methods.items() if v["accuracy"] >= bar and "oracle" not in m]
+        ok = [m for m, v in methods.items()
+              if v["accuracy"] >= bar and v.get("mean_samples") is not None and "oracle" not in m]
+        if not ok:
+            continue
         best = min(ok, key=lambda m: methods[m]["mean_samples"])
         rows.append(f"| {label} | fewest samples within 0.5 pt of {majority} | {best}: acc "
                     f"{methods[best]['accuracy']:.3f} with {methods[best]['mean_samples']:.2f} samples | "
