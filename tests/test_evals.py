@@ -255,3 +255,17 @@ def test_stats_book_pooled_level_is_the_sum_of_its_buckets():
         assert (stats.count, stats.successes, stats.weight) == (summed[key].count, summed[key].successes,
                                                                  summed[key].weight)
         assert stats.cost_usd == pytest.approx(summed[key].cost_usd)
+
+
+def test_sampling_headline_names_the_cheapest_method_within_half_a_point():
+    """The summary row of a sampling suite: rows with no sample count (exact expectations) are
+    skipped, never compared, and the cheapest method within 0.5 point of majority is named."""
+    from evals.cli import sampling_headline
+
+    def row(accuracy, samples):
+        return {"random_orders": {"accuracy": accuracy, "mean_samples": samples}}
+
+    result = {"methods": {"majority of 8": row(0.93, 8.0), "first sample": row(0.90, 1.0),
+                          "gate + ESC window 2": row(0.928, 1.7), "first valid (expected)": row(0.93, None)}}
+    (line,) = sampling_headline("sc-math", result)
+    assert "gate + ESC window 2: acc 0.928 with 1.70 samples" in line and "majority of 8: acc 0.930" in line
