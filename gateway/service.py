@@ -213,12 +213,13 @@ class Gateway:
         """Run the decided arm; on a backend failure fall back through the decision's other arms."""
         last: UpstreamError | None = None
         arms = plan.arms()
+        # the learner's stats of the request's bucket, for strategies that gate on them (one lookup)
+        stats = self.store.snapshot(plan.decision.policy).get(plan.decision.bucket, {}) if self.store else {}
         for index, arm in enumerate(arms):
             is_last = index == len(arms) - 1
             if not caller.available(arm.backend) and not is_last:
                 continue  # cooling down: skip at once rather than wait on it
             params = dict(arm.params)
-            stats = self.store.snapshot(plan.decision.policy).get(plan.decision.bucket, {}) if self.store else {}
             ctx = StrategyContext(task=plan.decision.task, params=params, caller=caller, bucket_stats=stats)
             try:
                 return await run_arm(arm, req.body, ctx)
