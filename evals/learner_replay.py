@@ -81,3 +81,37 @@ def render_markdown(results: dict) -> str:
     if first:
         lines.insert(3, f"Classification: {first['classification']}.\n")
     return "\n".join(lines)
+
+
+def seed_sweep(streams: dict[str, tuple[OutcomeTable, Scores]], seeds,
+               requests: int = REQUESTS) -> dict[str, list[float]]:
+    """The final ratio per stream and cost weight for each arrival order: one seed's ratio moves by
+    several points with the order, so the learner is judged on a sweep (docs/eval.md)."""
+    ratios: dict[str, list[float]] = {}
+    for seed in seeds:
+        for key, s in learner_replay(streams, None, requests=requests, seed=seed)["streams"].items():
+            ratios.setdefault(key, []).append(s["ratio"])
+    return ratios
+
+
+def main(argv=None) -> None:
+    """`python -m evals.learner_replay [FIRST LAST]`: the ratios over seeds FIRST..LAST (default 7..14),
+    with the suite's default (source-out) classifier scores, as `ponder eval --suite learner` uses."""
+    import sys
+
+    from evals.classification import SUITE_SOURCES, leak_free_scores
+    from evals.tables import load_bbh_effort, load_mmlu_pro
+
+    args = sys.argv[1:] if argv is None else argv
+    first, last = (int(args[0]), int(args[1])) if len(args) == 2 else (7, 14)
+    streams = {}
+    for name, loader in (("mmlu-pro", load_mmlu_pro), ("bbh-effort", load_bbh_effort)):
+        table = loader()
+        streams[name] = (table, leak_free_scores(table.prompts, source=SUITE_SOURCES[name], mode="source-out"))
+    for key, ratios in seed_sweep(streams, range(first, last + 1)).items():
+        print(f"{key:22s} mean {np.mean(ratios):.3f} min {np.min(ratios):.3f} | "
+              + " ".join(f"{r:.3f}" for r in ratios))
+
+
+if __name__ == "__main__":
+    main()

@@ -690,20 +690,21 @@ def decide(
     greedy = max(eligible, key=utils.__getitem__)
     chosen, explore = greedy, False
     if not degraded and view.explore and learner.should_explore(policy.exploration.share, rng):
-        options = learner.explore_pool(greedy, eligible, costs, policy.exploration.max_extra_cost_usd)
-        if options:
-            # One Thompson draw among the greedy arm and the others within the allowance: an arm that
-            # is plausibly better gets its turn, and where the greedy arm is clearly best it keeps the
-            # request (then nothing is explored).
-            options = [greedy, *learner.narrow(options, rng)]
-            draws = [_posterior_of(candidates[i], stats_for(rows[i][1]), strength) + (costs[i],
-                     candidates[i].expected_latency_ms) for i in options]
-            chosen = options[learner.thompson_pick(draws, cost_weight, objective.latency_weight, rng)]
-            explore = chosen != greedy
+        # Top-two Thompson: one draw among the arms within the allowance that could still beat the
+        # greedy arm (learner.challengers); where none can, the greedy arm keeps the request.
+        reach = utils[greedy] - learner.most_optimism(strength)
+        pool = [i for i in learner.explore_pool(greedy, eligible, costs, policy.exploration.max_extra_cost_usd)
+                if utils[i] > reach]
+        draws = [_posterior_of(candidates[i], stats_for(rows[i][1]), strength) + (costs[i],
+                 candidates[i].expected_latency_ms) for i in pool]
+        shortlist = learner.challengers(utils[greedy], draws, cost_weight, objective.latency_weight)
+        if shortlist:
+            drawn = learner.thompson_pick([draws[k] for k in shortlist], cost_weight, objective.latency_weight, rng)
+            chosen, explore = pool[shortlist[drawn]], True
     winner = rows[chosen][0]
     if explore:
-        reasons.append(f"explore: Thompson draw chose `{winner.name}` over greedy `{rows[greedy][0].name}` "
-                       f"({policy.exploration.share:.0%} of traffic draws)")
+        reasons.append(f"explore: Thompson draw chose `{winner.name}` among {len(shortlist)} arm(s) that could "
+                       f"still beat greedy `{rows[greedy][0].name}` ({policy.exploration.share:.0%} of traffic)")
     picked = candidates[chosen]
     reasons.append(
         f"chose `{winner.name}` ({winner.key}): utility {picked.utility:.4f} = P(correct) "

@@ -10,10 +10,13 @@ How it learns (see docs/policies.md):
   scored outcome in the bucket adds its success score (router.decide._learned). Decay is the store's job (it shrinks `weight` and `successes` with
   `decay_factor`), so old outcomes fade and a provider that gets worse is noticed.
 - Most requests go to the greedy arm: the highest posterior-mean utility. On a share of requests set
-  by the policy, one Thompson draw among the greedy arm and the other eligible arms (those costing at
-  most the allowed extra over the greedy one; a random 8 of them when there are more) picks the arm,
-  so exploration spends where an arm is still plausibly better, fades where the greedy arm is
-  clearly best, and never exceeds what the policy allows.
+  by the policy, the request goes to a challenger (top-two Thompson sampling): among the other
+  eligible arms costing at most the allowed extra over the greedy one, those whose optimistic
+  utility (P(correct) at `PLAUSIBLE_SD` posterior sd above its mean) still beats the greedy arm's
+  expected utility (the 8 most promising when there are more), one Thompson draw picks the arm.
+  So every exploring request tests an arm that could still be better, an arm ruled out with
+  confidence is not drawn again (its share goes to the arms still in doubt), exploration stops
+  where no challenger is left, and it never exceeds what the policy allows.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ def utility(accuracy: float, cost_usd: float, latency_ms: float, cost_weight: fl
 
 GAUSSIAN_ABOVE = 30.0  # alpha and beta both above this: a normal draw matches the Beta closely, 6x cheaper
 EXPLORE_OPTIONS_LIMIT = 8  # at most this many arms enter one exploration draw (bounds its time)
+PLAUSIBLE_SD = 2.0  # ruled out: an arm that cannot beat the greedy one even this many posterior sd above its mean
 
 
 def sample_accuracy(alpha: float, beta: float, rng: random.Random) -> float:
@@ -100,13 +104,41 @@ def explore_pool(greedy: int, eligible: Sequence[int], costs: Sequence[float], m
     return [i for i in eligible if i != greedy and costs[i] <= ceiling]
 
 
-def narrow(options: list[int], rng: random.Random) -> list[int]:
-    """A random subset of at most EXPLORE_OPTIONS_LIMIT options, in their original order. With many
-    arms this keeps an exploration draw within the decision's time budget; every arm still gets its
-    turn, and routes of up to 9 arms (the usual) are not narrowed at all."""
-    if len(options) <= EXPLORE_OPTIONS_LIMIT:
-        return options
-    return sorted(rng.sample(options, EXPLORE_OPTIONS_LIMIT))
+def optimistic_accuracy(alpha: float, beta: float, sds: float = PLAUSIBLE_SD) -> float:
+    """P(correct) `sds` posterior standard deviations above the Beta's mean (at most 1)."""
+    total = alpha + beta
+    mean = alpha / total
+    return min(1.0, mean + sds * math.sqrt(mean * (1.0 - mean) / (total + 1.0)))
+
+
+def most_optimism(prior_strength: float) -> float:
+    """The most optimistic_accuracy can add to a posterior mean backed by at least `prior_strength`
+    pseudo-outcomes (the sd of a Beta is at most 0.5 / sqrt(total + 1)). An arm whose expected utility
+    is further than this below the greedy arm's cannot be a challenger, which saves computing its
+    posterior on routes with many arms."""
+    return PLAUSIBLE_SD * 0.5 / math.sqrt(prior_strength + 1.0)
+
+
+def challengers(
+    greedy_utility: float,
+    options: Sequence[tuple[float, float, float, float]],
+    cost_weight: float,
+    latency_weight: float,
+) -> list[int]:
+    """Indices of the options (alpha, beta, cost_usd, latency_ms) that could still beat the greedy arm:
+    their optimistic utility is above the greedy arm's expected utility. The most promising first, at
+    most EXPLORE_OPTIONS_LIMIT (bounds the draw's time on routes with many arms).
+
+    Ruling out arms that are worse with confidence is what makes a small exploration share enough on
+    a route with many arms: the share then goes to the few arms still in doubt rather than being
+    spread over all of them."""
+    promising = []
+    for index, (alpha, beta, cost, latency) in enumerate(options):
+        best_case = utility(optimistic_accuracy(alpha, beta), cost, latency, cost_weight, latency_weight)
+        if best_case > greedy_utility:
+            promising.append((-best_case, index))
+    promising.sort()
+    return [index for _, index in promising[:EXPLORE_OPTIONS_LIMIT]]
 
 
 _POOLED_CACHE: dict[int, tuple] = {}  # id(snapshot) -> (snapshot, pooled stats, per task): the last few
