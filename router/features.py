@@ -18,6 +18,7 @@ TfidfTransformer and heads, converted by skl2onnx).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Sequence
 
@@ -25,7 +26,7 @@ import numpy as np
 
 # Bump when anything below changes the vector for the same prompt: the artifact card records it and
 # the runtime refuses an artifact trained on another version (it would silently score garbage).
-FEATURE_VERSION = 2  # 2: char n-grams 3 and 4 (v1 also had 5-grams)
+FEATURE_VERSION = 3  # 3: 14-bit word and char hashing, multiple-choice layout numbers; 2: char n-grams 3 and 4
 
 # Deterministic truncation: long pastes usually end with the actual question, so keep head and tail.
 # 2,500 characters hold every MATH, GSM8K, HumanEval and nearly every BBH prompt whole; beyond that
@@ -40,9 +41,9 @@ CHUNK_BYTES = 16384  # featurize() vectorises over groups of prompts about this 
 MAX_PARTS = 64  # content parts looked at per message, and messages looked at from the end
 MAX_PART_CHARS = USER_HEAD_CHARS + USER_TAIL_CHARS + 1  # enough to truncate; avoids joining 1 MB
 
-WORD_BITS = 13
+WORD_BITS = 14
 SYSTEM_BITS = 11
-CHAR_BITS = 13
+CHAR_BITS = 14
 N_WORD = 1 << WORD_BITS
 N_SYSTEM = 1 << SYSTEM_BITS  # the system prompt has its own block: its own TF-IDF norm, so a long
 N_CHAR = 1 << CHAR_BITS  # user turn cannot drown it out
@@ -75,6 +76,13 @@ HANDCRAFTED: tuple[str, ...] = (
     "log_newlines",
     "log_words",
     "mean_word_bytes",
+    # Multiple-choice layout (option lines "A. ", "(B) ", "C) "): the question stem and the options
+    # apart, because a long stem with numbers (a calculation) reads harder than its options do.
+    "log_stem_chars",
+    "log_option_lines",
+    "log_option_mean_bytes",
+    "log_stem_digits",
+    "log_option_digits",
 )
 N_HANDCRAFTED = len(HANDCRAFTED)
 N_FEATURES = N_HASHED + N_HANDCRAFTED
@@ -318,6 +326,29 @@ _CODE_WORDS = (b"def ", b"return", b"import ", b"class ", b"function", b"print("
 _DIGITS = b"0123456789"
 _OPERATORS = b"=+^*<>"
 _BRACES = b"{};"
+_OPTION_LINE = re.compile(rb"\n\(?[a-j][.)] ")  # "A. ", "(A) ", "A) " at a line start (the bytes are lowercased)
+
+
+def _digit_count(data: bytes) -> int:
+    return len(data) - len(data.translate(None, _DIGITS))
+
+
+def _options_layout(user_bytes: bytes, digits: int) -> list[float]:
+    """Stem length, number of option lines, mean option length, digits in the stem and in the options.
+    Without option lines the whole turn is the stem."""
+    first = _OPTION_LINE.search(user_bytes)
+    if first is None:
+        return [math.log1p(len(user_bytes)) / 8.0, 0.0, 0.0, math.log1p(digits), 0.0]
+    start = first.start()
+    n_options = 1 + len(_OPTION_LINE.findall(user_bytes, first.end()))
+    stem_digits = _digit_count(user_bytes[:start])
+    return [
+        math.log1p(start) / 8.0,
+        math.log1p(n_options),
+        math.log1p((len(user_bytes) - start) / n_options) / 5.0,
+        math.log1p(stem_digits),
+        math.log1p(digits - stem_digits),
+    ]
 
 
 def _handcrafted(p: Prompt, user_bytes: bytes, n_words: float, word_bytes: float) -> list[float]:
@@ -326,13 +357,14 @@ def _handcrafted(p: Prompt, user_bytes: bytes, n_words: float, word_bytes: float
     size = len(user_bytes)
     count = user_bytes.count
     log1p = math.log1p
+    digits = _digit_count(user_bytes)
     return [
         log1p(p.user_chars) / 8.0,
         log1p(p.system_chars) / 8.0,
         log1p(p.user_turns),
         log1p(p.assistant_turns),
         1.0 if p.system else 0.0,
-        (size - len(user_bytes.translate(None, _DIGITS))) / n,
+        digits / n,
         max(size - len(p.user), 0) / n,  # bytes beyond one per character: non-ASCII text
         log1p(count(b"\\")),  # LaTeX
         log1p(count(b"$")),
@@ -346,6 +378,7 @@ def _handcrafted(p: Prompt, user_bytes: bytes, n_words: float, word_bytes: float
         log1p(count(b"\n")),
         log1p(n_words) / 4.0,
         min(word_bytes / n_words, 20.0) / 10.0 if n_words else 0.0,
+        *_options_layout(user_bytes, digits),
     ]
 
 
@@ -517,7 +550,7 @@ def _hand_matrix(hand: list[list[float]]) -> np.ndarray:
 # The ONNX model's inputs (router/train.py builds the graph), per session call of b prompts padded
 # to L n-gram slots: "indices" (b, L) the columns each prompt has (padding: column 0), "weights"
 # (b, 6, L) where row k < 3 holds block k's tf values at its n-grams (zero elsewhere and in the
-# padding) and row 3 + k their squares, and "handcrafted" (b, 19). The model multiplies each
+# padding) and row 3 + k their squares, and "handcrafted" (b, N_HANDCRAFTED). The model multiplies each
 # prompt's weights by its gathered weight rows: one small batched MatMul gives every block's head
 # sums and squared norm.
 ONNX_INPUTS = ("indices", "weights", "handcrafted")

@@ -160,7 +160,7 @@ def make_preprocessor() -> ColumnTransformer:
             ("chars", TfidfTransformer(), slice(F.CHAR_OFFSET, F.N_HASHED)),
             ("handcrafted", StandardScaler(with_mean=False), slice(F.N_HASHED, F.N_FEATURES)),
         ],
-        # Each TF-IDF block has unit norm; 19 standardised numbers at full scale would dominate the
+        # Each TF-IDF block has unit norm; 24 standardised numbers at full scale would dominate the
         # row and make lbfgs crawl (300+ iterations). At 0.2 it converges in ~100, same accuracy.
         transformer_weights={"handcrafted": HANDCRAFTED_WEIGHT},
     )
@@ -241,7 +241,7 @@ def to_onnx(models: Models) -> Any:
     Inputs (router.features.onnx_feeds), per call of b prompts padded to L n-gram slots: "indices"
     (b, L) int64 hashed columns of each prompt's n-grams (padding: column 0), "weights" (b, 6, L)
     float: row k < 3 holds TF-IDF block k's log1p counts tf at its n-grams and zeros elsewhere, row
-    3 + k their squares; "handcrafted" (b, 19). Outputs "task_probs" (b, 6) and "difficulty" (b,).
+    3 + k their squares; "handcrafted" (b, N_HANDCRAFTED). Outputs "task_probs" (b, 6) and "difficulty" (b,).
 
     The arithmetic is scikit-learn's: TfidfTransformer (tf * idf, then L2 norm per block),
     StandardScaler(with_mean=False) times the ColumnTransformer weight, then the two linear heads and
@@ -268,7 +268,7 @@ def to_onnx(models: Models) -> Any:
     weights = np.vstack([models.task.coef_, models.experts.coef_]).T  # (N_FEATURES, 12)
     bias = np.concatenate([models.task.intercept_, models.experts.intercept_])
     table = np.hstack([weights[: F.N_HASHED] * idf[:, None], (idf * idf)[:, None]]).astype(np.float32)  # (N_HASHED, 13)
-    hand = (weights[F.N_HASHED :] * hand_scale[:, None]).astype(np.float32)  # (19, 12)
+    hand = (weights[F.N_HASHED :] * hand_scale[:, None]).astype(np.float32)  # (N_HANDCRAFTED, 12)
 
     inits = []
 

@@ -294,6 +294,41 @@ def test_clear_prompts(clf, text, task):
     assert clf.classify_text(text).task == task
 
 
+def _layout(text: str) -> dict[str, float]:
+    hand = F.featurize_sparse([F.prompt_from_text(text)]).handcrafted[0]
+    return {name: float(hand[F.HANDCRAFTED.index(name)]) for name in F.HANDCRAFTED if name.startswith(("log_stem", "log_option"))}
+
+
+def test_multiple_choice_layout_features():
+    """Option lines in any of the layouts the training set uses are counted, and the stem's length
+    and digits are measured apart from the options'."""
+    stem = "A car travels 120 km in 1.5 hours. What is its average speed?"
+    for style in ("{l}. {t}", "({l}) {t}", "{l}) {t}"):
+        options = "\n".join(style.format(l=l, t=t) for l, t in zip("ABCD", ("60 km/h", "80 km/h", "90 km/h", "100 km/h")))
+        layout = _layout(f"{stem}\nOptions:\n{options}")
+        assert layout["log_option_lines"] == pytest.approx(math.log1p(4))
+        assert layout["log_stem_chars"] == pytest.approx(math.log1p(len(stem + "\nOptions:")) / 8.0)
+        assert layout["log_stem_digits"] == pytest.approx(math.log1p(5))  # 120 and 1.5
+        assert layout["log_option_digits"] == pytest.approx(math.log1p(9))
+        assert layout["log_option_mean_bytes"] > 0
+    plain = _layout(stem)  # no options: the whole turn is the stem
+    assert plain["log_option_lines"] == plain["log_option_mean_bytes"] == plain["log_option_digits"] == 0.0
+    assert plain["log_stem_chars"] == pytest.approx(math.log1p(len(stem)) / 8.0)
+    assert _layout("Plan A) first, then plan B) second.")["log_option_lines"] == 0.0  # not at a line start
+
+
+def test_mmlu_pro_difficulty_tracks_model_failures(clf, examples):
+    """On held-out MMLU-Pro questions, predicted difficulty ranks like the share of the 29 models that miss."""
+    from scipy.stats import spearmanr
+
+    from router.train import is_test_group
+
+    held = [ex for ex in examples if ex.source == "mmlu_pro" and is_test_group(ex.group) and "mmlu_fail_share" in ex.grades][:1500]
+    assert len(held) > 1000
+    predicted = [c.difficulty for c in clf.classify_batch([ex.messages for ex in held])]
+    assert spearmanr(predicted, [ex.grades["mmlu_fail_share"] for ex in held])[0] > 0.4
+
+
 def test_math_level5_harder_than_easy_gsm8k(clf, examples):
     from router.train import is_test_group
 
