@@ -399,7 +399,8 @@ def _estimate(spec: ArmSpec, policy: Policy, backends: dict[str, BackendSpec], p
 
 def _learned(seen: ArmStats | None, shared: ArmStats | None, alpha: float, beta: float, reference: float,
              latency: float, p95: float, prior_strength: float, calibration: float = 1.0,
-             task: ArmStats | None = None) -> tuple[float, float, float, float, float]:
+             task: ArmStats | None = None, bucket_strength: float | None = None,
+             ) -> tuple[float, float, float, float, float]:
     """What the learned stats make of one candidate: (P(correct), cost factor, cost addend, latency, p95).
 
     Up to three levels (see router.learner.shared_levels): `shared` is the arm's record summed over
@@ -407,9 +408,11 @@ def _learned(seen: ArmStats | None, shared: ArmStats | None, alpha: float, beta:
     this bucket. Outermost first, each level's record less the next one's (so no outcome counts
     twice) updates the prior, which is then worth `prior_strength` pseudo-outcomes again: the route's
     prior, updated by the other tasks' record, is the task's prior; updated by the task's other
-    tiers, the bucket's; then the bucket's own scored outcomes are added and P(correct) is that
-    Beta posterior's mean. So an arm's record elsewhere informs a bucket that has not tried it yet
-    (nearer buckets more), and the bucket's own outcomes outweigh it after a few dozen. Cost,
+    tiers, the bucket's, worth `bucket_strength` (learner.bucket_strength: more than prior_strength
+    where the snapshot's tiers of a task behave alike, capped by what the task level knows); then the
+    bucket's own scored outcomes are added and P(correct) is that Beta posterior's mean. So an arm's
+    record elsewhere informs a bucket that has not tried it yet (nearer buckets more), and the
+    bucket's own outcomes outweigh it after a few dozen (more where tiers are alike). Cost,
     latency and p95 move the same way from the estimate through the levels' observed means (each
     level counting what it inherits as `prior_strength` observations); cost via the
     observed/estimated ratio, so a long prompt still costs more than a short one. Before an arm has
@@ -419,8 +422,10 @@ def _learned(seen: ArmStats | None, shared: ArmStats | None, alpha: float, beta:
     """
     factor, addend = calibration, 0.0
     if shared is not None:
-        levels = ((shared, task), (task, seen)) if task is not None else ((shared, seen),)
-        for record, inner in levels:
+        # the task's prior is worth prior_strength; the bucket's what learner.bucket_strength estimates
+        levels = ((shared, task, prior_strength), (task, seen, bucket_strength or prior_strength)) \
+            if task is not None else ((shared, seen, prior_strength),)
+        for record, inner, strength in levels:
             # this level's record less the inner level's (counted there)
             weight, wins, count = record.weight, record.successes, record.count
             cost_usd, latency_ms = record.cost_usd, record.latency_ms
@@ -429,8 +434,15 @@ def _learned(seen: ArmStats | None, shared: ArmStats | None, alpha: float, beta:
                 cost_usd, latency_ms = cost_usd - inner.cost_usd, latency_ms - inner.latency_ms
             if weight > 1e-9:
                 wins = min(max(wins, 0.0), weight)
-                mean = (alpha + wins) / (alpha + beta + weight)
-                alpha, beta = prior_strength * mean, prior_strength * (1.0 - mean)
+                total = alpha + beta + weight
+                mean = (alpha + wins) / total
+                if strength > prior_strength:
+                    # An estimated strength (learner.bucket_strength) must not claim more than the parent
+                    # knows: the child's prior is uncertain twice over, children differ from the parent's
+                    # mean and that mean is known to `total` pseudo-outcomes; the variances (1 / (n + 1)
+                    # of m(1 - m) each) add. Never below the policy's prior_strength.
+                    strength = max(prior_strength, 1.0 / (1.0 / (strength + 1.0) + 1.0 / (total + 1.0)) - 1.0)
+                alpha, beta = strength * mean, strength * (1.0 - mean)
             if count > 1e-9:
                 share = count / (prior_strength + count)
                 if reference > 0:
@@ -591,6 +603,7 @@ def decide(
     max_out = hints.max_output_tokens if hints.max_output_tokens is not None else _NO_CAP
     bucket_stats = stats.get(classification.bucket) or _NO_STATS
     pooled, within_task = learner.shared_levels(stats, task) if stats else (_NO_STATS, _NO_STATS)
+    bucket_strength = learner.bucket_strength(stats, strength) if pooled else None
     cost_weight, latency_weight = objective.cost_weight, objective.latency_weight / 1000.0
     cost_limit = cost_cap if cost_cap is not None else math.inf
     latency_limit = latency_cap if latency_cap is not None else math.inf
@@ -612,14 +625,15 @@ def decide(
     memo = None
     if rows is route.rows and (bucket_stats or pooled):
         # per row: (the bucket's ArmStats it was computed from, the numbers); the last three slots hold
-        # what every entry assumed: the cost calibration and the shared levels (replaced, never
-        # edited, like the snapshot: a new one starts a new memo)
+        # what every entry assumed: the cost calibration with the bucket level's strength, and the shared
+        # levels (replaced, never edited, like the snapshot: a new one starts a new memo)
         memo = route.learned.get(classification.bucket)
-        if (memo is None or memo[-3] != calibration or memo[-2] is not pooled or memo[-1] is not within_task
+        assumed = (calibration, bucket_strength)
+        if (memo is None or memo[-3] != assumed or memo[-2] is not pooled or memo[-1] is not within_task
                 or len(route.learned) > 64):
             if len(route.learned) > 64:
                 route.learned.clear()
-            memo = route.learned[classification.bucket] = [None] * len(rows) + [calibration, pooled, within_task]
+            memo = route.learned[classification.bucket] = [None] * len(rows) + [assumed, pooled, within_task]
     i = -1
     for carm, key, arm, alpha, beta, tokens, per_token, fixed, reference, latency, p95 in rows:
         i += 1
@@ -627,18 +641,18 @@ def decide(
         if max_out < tokens:
             per_token, fixed, latency, p95 = carm.under_cap(max_out)
             acc, factor, addend, latency, p95 = _learned(seen, shared_for(key), alpha, beta, reference, latency, p95,
-                                                         strength, calibration, task_for(key))
+                                                         strength, calibration, task_for(key), bucket_strength)
         elif memo is not None:
             found = memo[i]
             if found is None or found[0] is not seen:
                 found = memo[i] = (seen, *_learned(seen, shared_for(key), alpha, beta, reference, latency, p95,
-                                                   strength, calibration, task_for(key)))
+                                                   strength, calibration, task_for(key), bucket_strength))
             _, acc, factor, addend, latency, p95 = found
         elif seen is None and not pooled:
             acc, factor, addend = alpha / (alpha + beta), calibration, 0.0
         else:
             acc, factor, addend, latency, p95 = _learned(seen, shared_for(key), alpha, beta, reference, latency, p95,
-                                                         strength, calibration, task_for(key))
+                                                         strength, calibration, task_for(key), bucket_strength)
         cost = (per_token * prompt_tokens + fixed) * factor + addend
         util = acc - cost_weight * cost - latency_weight * latency
         if mismatch and key in mismatch:

@@ -5,10 +5,12 @@ seeded `random.Random`, so evals/ can replay a stream of outcomes through exactl
 
 How it learns (see docs/policies.md):
 - Each (bucket, arm) has a Beta posterior on P(correct) over three levels: the route's prior, updated
-  by the arm's outcomes in the other tasks' buckets, is the task's prior; updated by the task's other
-  tiers, the bucket's (each worth `prior_strength` pseudo-outcomes; `shared_levels`); then every
-  scored outcome in the bucket adds its success score (router.decide._learned). Decay is the store's job (it shrinks `weight` and `successes` with
-  `decay_factor`), so old outcomes fade and a provider that gets worse is noticed.
+  by the arm's outcomes in the other tasks' buckets, is the task's prior (worth `prior_strength`
+  pseudo-outcomes); updated by the task's other tiers, the bucket's (worth `bucket_strength`: at
+  least `prior_strength`, more where the snapshot's buckets differ from their task's other tiers
+  no more than noise explains; `shared_levels`); then every scored outcome in the bucket adds its
+  success score (router.decide._learned). Decay is the store's job (it shrinks `weight` and
+  `successes` with `decay_factor`), so old outcomes fade and a provider that gets worse is noticed.
 - Most requests go to the greedy arm: the highest posterior-mean utility. On a share of requests set
   by the policy, the request goes to a challenger (top-two Thompson sampling): among the other
   eligible arms costing at most the allowed extra over the greedy one, those whose optimistic
@@ -205,6 +207,84 @@ def pooled_stats(snapshot: StatsSnapshot) -> dict[str, ArmStats]:
 
 
 _EMPTY: dict[str, ArmStats] = {}
+
+STRENGTH_MAX = 1000.0  # the estimated bucket-level strength stays below this many pseudo-outcomes
+STRENGTH_MIN_UNITS = 4  # fewer (bucket, arm) pairs with data on both sides: keep the policy's prior_strength
+STRENGTH_REFRESH = 0.01  # re-estimate when the snapshot's total weight has moved by this share
+_STRENGTH_CACHE: dict[int, tuple] = {}  # id(snapshot) -> (snapshot, total weight, strength)
+
+
+def _strength(units: list[tuple[float, float, float, float, float]], fallback: float) -> float:
+    """Empirical-Bayes strength of a level from (n, p, n_rest, p_rest, v) per (child, arm): the child's
+    weight and success rate, its siblings' (the parent less the child), and the arm's p(1 - p).
+
+    Children of one parent with Beta(kappa m, kappa (1 - m)) rates differ from each other by
+    rho = 1 / (kappa + 1) of m(1 - m) beyond binomial noise: method of moments on the squared
+    child-vs-siblings differences less their expected noise, weighted at the fallback's rho. The
+    estimate only raises the strength above `fallback` (the policy's prior_strength, which stays the
+    least a level is worth: a low estimate from a thin or cold snapshot would otherwise let one bucket's
+    first outcomes override everything else). Fewer than STRENGTH_MIN_UNITS pairs: `fallback`."""
+    if len(units) < STRENGTH_MIN_UNITS:
+        return fallback
+    rho0 = 1.0 / (fallback + 1.0)
+    num = den = 0.0
+    for n, p, n_rest, p_rest, v in units:
+        noise = 1.0 / n + 1.0 / n_rest
+        w = 1.0 / (rho0 + noise)
+        num += w * ((p - p_rest) ** 2 / v - noise)
+        den += w
+    rho = num / den
+    if rho <= 1.0 / (STRENGTH_MAX + 1.0):
+        return STRENGTH_MAX
+    return max(fallback, min(STRENGTH_MAX, 1.0 / rho - 1.0))
+
+
+def bucket_strength(snapshot: StatsSnapshot, fallback: float) -> float:
+    """How many pseudo-outcomes the prior a bucket inherits from its task's other tiers is worth,
+    estimated from how much the snapshot's buckets differ from their task's other tiers (per arm,
+    pooled over arms): where a task's tiers behave alike a sparse bucket leans on its task (its noise
+    is what differs); where they differ it trusts its own outcomes sooner. At least `fallback` (the
+    policy's prior_strength). router.decide._learned also caps it by what the task level knows."""
+    pooled = snapshot.get(POOLED_BUCKET)
+    total = sum(s.weight for s in pooled.values()) if pooled is not None else 0.0
+    cached = _STRENGTH_CACHE.get(id(snapshot))
+    # A store hands over a new snapshot per refresh; a replay (evals/routing.StatsBook) edits one in place,
+    # keeping its pooled level current: re-estimate when that has moved (the strength moves slowly).
+    if cached is not None and cached[0] is snapshot and (
+            pooled is None or abs(total - cached[1]) <= STRENGTH_REFRESH * cached[1]):
+        return cached[2]
+    per_task: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for bucket, arms in snapshot.items():
+        task, _, tier = bucket.partition(":")
+        if tier == POOLED_TIER or bucket == POOLED_BUCKET:
+            continue
+        inside = per_task.setdefault(task, {})
+        for key, s in arms.items():
+            if s.weight > 0:
+                inside.setdefault(key, []).append((s.weight, min(max(s.successes, 0.0), s.weight)))
+    everywhere: dict[str, list[float]] = {}
+    for arms in per_task.values():
+        for key, records in arms.items():
+            sums = everywhere.setdefault(key, [0.0, 0.0])
+            sums[0] += sum(r[0] for r in records)
+            sums[1] += sum(r[1] for r in records)
+    units = []
+    for arms in per_task.values():
+        for key, records in arms.items():
+            if len(records) < 2:
+                continue
+            n_all, k_all = everywhere[key]
+            v = k_all / n_all * (1.0 - k_all / n_all)
+            if v <= 0:
+                continue
+            n_task, k_task = sum(r[0] for r in records), sum(r[1] for r in records)
+            for n, k in records:
+                units.append((n, k / n, n_task - n, (k_task - k) / (n_task - n), v))
+    found = _strength(units, fallback)
+    if len(_STRENGTH_CACHE) >= _POOLED_CACHE_SIZE:
+        _STRENGTH_CACHE.pop(next(iter(_STRENGTH_CACHE)), None)  # the oldest
+    _STRENGTH_CACHE[id(snapshot)] = (snapshot, total, found)
+    return found
 
 
 def tier_midpoint(tier: str) -> float:

@@ -174,3 +174,58 @@ def test_shared_levels_per_task_and_per_snapshot():
     assert shared_levels(one, "code")[1] == {}
     assert shared_levels(other, "chat")[0]["x"] == b  # two snapshots (two policies) cached side by side
     assert shared_levels(one, "math")[0] is everywhere
+
+
+# Two arms at the same price, so utility is P(correct): a is right 80% of the time, b 60%, on average.
+TWIN = """\
+name: twin
+backends:
+  - {name: a, model: t/a, prices: {input_per_mtok: 0, output_per_mtok: 1}}
+  - {name: b, model: t/b, prices: {input_per_mtok: 0, output_per_mtok: 1}}
+arms:
+  a: {backend: a, tokens: 100}
+  b: {backend: b, tokens: 100}
+routes:
+  - name: all
+    candidates: {a: 0.5, b: 0.5}
+objective: {cost_weight: 0, latency_weight: 0}
+learner: {prior_strength: 10}
+"""
+
+
+def _twin_world(tiers_alike: bool, keys: tuple[str, str]) -> dict:
+    """Six tasks with an easy and a medium bucket, 200 outcomes per arm each. Alike: a 0.8 and b 0.6 in
+    both tiers; differ: a 0.95 / 0.65 and b 0.85 / 0.35 (the same averages). math:hard has only b's 15
+    outcomes, all right (a lucky streak of the worse arm)."""
+    rates = {"easy": (0.8, 0.6), "medium": (0.8, 0.6)} if tiers_alike else \
+        {"easy": (0.95, 0.85), "medium": (0.65, 0.35)}
+    snapshot = {}
+    for task in ("math", "code", "chat", "qa", "logic", "write"):
+        for tier, pair in rates.items():
+            snapshot[f"{task}:{tier}"] = {key: ArmStats(count=200, successes=200 * p, weight=200, cost_usd=0.02)
+                                          for key, p in zip(keys, pair)}
+    snapshot["math:hard"] = {keys[1]: ArmStats(count=15, successes=15, weight=15, cost_usd=0.0015)}
+    return snapshot
+
+
+def test_bucket_strength_is_estimated_from_how_much_tiers_differ():
+    from router.learner import STRENGTH_MAX, bucket_strength
+
+    keys = ("x", "y")
+    alike, differ = _twin_world(True, keys), _twin_world(False, keys)
+    assert bucket_strength(alike, 10.0) >= 100  # tiers alike: a bucket's noise is what differs
+    assert bucket_strength(alike, 10.0) <= STRENGTH_MAX
+    assert bucket_strength(differ, 10.0) == 10.0  # tiers differ: never below the policy's prior_strength
+    thin = {"math:easy": {"x": ArmStats(count=5, successes=5, weight=5)},
+            "math:medium": {"x": ArmStats(count=5, successes=0, weight=5)}}
+    assert bucket_strength(thin, 10.0) == 10.0  # two buckets cannot say how much buckets differ
+
+
+def test_a_sparse_bucket_leans_on_its_task_only_where_tiers_behave_alike():
+    policy = compile_policy(parse_policy(TWIN, "twin.yaml"))
+    keys = (policy.arms["a"].key, policy.arms["b"].key)
+    hard_math = Classification("math", {"math": 1.0}, 0.9)
+    # Tiers alike: b's 15 lucky outcomes are noise against its 0.6 in the task's other tiers; a stays.
+    assert decide(hard_math, policy, _twin_world(True, keys)).arm == policy.arms["a"].arm
+    # Tiers differ as much as 0.3: the bucket's own outcomes are evidence that this tier is different.
+    assert decide(hard_math, policy, _twin_world(False, keys)).arm == policy.arms["b"].arm
