@@ -119,6 +119,11 @@ def headline(name: str, result: dict) -> list[str]:
             got = f"acc {p['accuracy']:.3f} at {100 * p['cost_ratio']:.1f}% of its cost" if p else "not reached"
             rows.append(f"| {name} | {method}: within 1 pt of the best model at <= 30% of its cost | {got} | "
                         f"best at <= its cost: acc {q['accuracy']:.3f} ({100 * q['cost_ratio']:.1f}%) |")
+    ceiling = result.get("group_hindsight")
+    if ceiling and name == "bbh-effort":
+        p = ceiling["at_least_strongest"]
+        got = f"acc {p['accuracy']:.3f} at {100 * p['tokens_ratio']:.1f}% of CoT length" if p else "not reached"
+        rows.append(f"| {name} | ceiling, not a router: per-task arm best in hindsight on the same k values | {got} | |")
     return rows
 
 

@@ -175,6 +175,12 @@ def render_markdown(result: dict, plots: dict[str, str]) -> str:
             lines.append(f"| {name} | {_point(m['within_1pt'], 'cost')} | {_point(m['at_least_strongest'], 'cost')} "
                          f"(output {_pct(m['at_least_strongest']['tokens_ratio']) if m['at_least_strongest'] else 'n/a'}) "
                          f"| {_point(best, 'cost')} |")
+        ceiling = result.get("group_hindsight")
+        if ceiling:
+            lines += ["", "Ceiling of group buckets on these k values (not a router: per group, the arm best in "
+                      "hindsight on the whole table): " f"within 1 pt {_point(ceiling['within_1pt'], 'cost')}; "
+                      f">= strongest {_point(ceiling['at_least_strongest'], 'cost')} (output "
+                      f"{_pct(ceiling['at_least_strongest']['tokens_ratio']) if ceiling['at_least_strongest'] else 'n/a'})."]
         oracle = result["oracle"]
         lines += ["", f"Always-cheapest ({t['cheapest']}): acc {cheapest['accuracy']:.3f} at "
                   f"{_pct(cheapest['cost_usd'] / strongest['cost_usd'])} of the strongest's cost. "

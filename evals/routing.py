@@ -340,6 +340,26 @@ def regret_curve(table: OutcomeTable, run: Run, cost_weight: float, points: int 
             "final_ratio": float(learner[-1] / hindsight[-1]) if hindsight[-1] else None}
 
 
+def group_hindsight(table: OutcomeTable, lambdas: Sequence[float], unit: float) -> list[dict]:
+    """Not a router: per group (BBH task, MMLU-Pro category), the arm with the best utility on the whole
+    table in hindsight (in-sample, every arm's outcome known), at each k of the sweep. What any learner
+    keyed on the group could at best reach at those k values: it separates what the learner loses to
+    noise from what the sweep's k values cannot express (a target between two of them)."""
+    groups = np.array([g or "" for g in table.groups])
+    scores, cost = np.nan_to_num(table.scores), np.nan_to_num(table.cost_usd)
+    rows = np.arange(len(table))
+    members = [groups == g for g in np.unique(groups)]
+    points = []
+    for k in lambdas:
+        pick = np.zeros(len(table), dtype=int)
+        for inside in members:
+            pick[inside] = int(np.argmax(scores[inside].mean(axis=0) - k / unit * cost[inside].mean(axis=0)))
+        points.append({"k": k, "lambda": k / unit, "accuracy": float(scores[rows, pick].mean()),
+                       "cost_usd": float(cost[rows, pick].mean()),
+                       "output_tokens": float(table.output_tokens[rows, pick].mean())})
+    return points
+
+
 # --- one table, every method -------------------------------------------------------------------------
 
 
@@ -410,6 +430,9 @@ def evaluate(table: OutcomeTable, scores: Scores, *, bucket_modes: Sequence[str]
         run = replay(pair_table, classes, policy, np.arange(len(table)), None, None, progress=progress)
         points.append({"k": k, "lambda": k / unit, **run.summary(), "strong_share": float((run.chosen == 1).mean())})
     result["methods"]["difficulty router"] = {"points": points, **operating_points(points, strongest)}
+    if any(table.groups):
+        ceiling = group_hindsight(table, lambdas, unit)
+        result["group_hindsight"] = {"points": ceiling, **operating_points(ceiling, strongest)}
 
     # The operating point shown in the tier table and the regret curve: the cheapest point of the
     # recorded warm-up within one point of the strongest arm, else its most accurate one.

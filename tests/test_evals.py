@@ -170,6 +170,26 @@ def test_oracle_beats_every_baseline_and_report_files(tmp_path):
     assert "CPT(50%)" in (tmp_path / "report.md").read_text()
 
 
+def test_group_hindsight_ceiling_beats_every_single_arm_at_each_k(tmp_path):
+    from evals.report import write_report
+    from evals.routing import arm_summary, evaluate, group_hindsight
+
+    table = _synthetic_table()
+    singles = arm_summary(table)
+    unit = singles[2]["cost_usd"]
+    for k, point in zip((0.001, 0.3, 50.0), group_hindsight(table, (0.001, 0.3, 50.0), unit)):
+        lam = k / unit
+        best_single = max(a["accuracy"] - lam * a["cost_usd"] for a in singles)
+        assert point["accuracy"] - lam * point["cost_usd"] >= best_single - 1e-12
+    # nearly free: per group its most accurate arm, so at least the most accurate single arm
+    first = group_hindsight(table, (1e-6,), unit)[0]
+    assert first["accuracy"] >= max(a["accuracy"] for a in singles)
+    result = evaluate(table, length_scores(table.prompts), lambdas=(0.01, 0.3))
+    assert len(result["group_hindsight"]["points"]) == 2
+    write_report(result, tmp_path)
+    assert "Ceiling of group buckets" in (tmp_path / "report.md").read_text()
+
+
 def test_replay_uses_decide_fallbacks_for_missing_records():
     from evals.routing import build_policy, classify_rows, replay
 
