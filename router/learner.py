@@ -209,42 +209,50 @@ def pooled_stats(snapshot: StatsSnapshot) -> dict[str, ArmStats]:
 _EMPTY: dict[str, ArmStats] = {}
 
 STRENGTH_MAX = 1000.0  # the estimated bucket-level strength stays below this many pseudo-outcomes
-STRENGTH_MIN_UNITS = 4  # fewer (bucket, arm) pairs with data on both sides: keep the policy's prior_strength
+STRENGTH_MIN_UNITS = 4  # fewer (bucket, arm) pairs with data on both sides: no estimate
 STRENGTH_REFRESH = 0.01  # re-estimate when the snapshot's total weight has moved by this share
-_STRENGTH_CACHE: dict[int, tuple] = {}  # id(snapshot) -> (snapshot, total weight, strength)
+# The moment estimate weighs each pair at this between-bucket spread (the default prior_strength 10's),
+# so the estimate belongs to the snapshot alone and the store can compute it off the request path.
+STRENGTH_WEIGHT_RHO = 1.0 / 11.0
+_STRENGTH_CACHE: dict[int, tuple] = {}  # id(snapshot) -> (snapshot, total weight, estimate)
 
 
-def _strength(units: list[tuple[float, float, float, float, float]], fallback: float) -> float:
+def _strength(units: list[tuple[float, float, float, float, float]]) -> float | None:
     """Empirical-Bayes strength of a level from (n, p, n_rest, p_rest, v) per (child, arm): the child's
     weight and success rate, its siblings' (the parent less the child), and the arm's p(1 - p).
 
     Children of one parent with Beta(kappa m, kappa (1 - m)) rates differ from each other by
     rho = 1 / (kappa + 1) of m(1 - m) beyond binomial noise: method of moments on the squared
-    child-vs-siblings differences less their expected noise, weighted at the fallback's rho. The
-    estimate only raises the strength above `fallback` (the policy's prior_strength, which stays the
-    least a level is worth: a low estimate from a thin or cold snapshot would otherwise let one bucket's
-    first outcomes override everything else). Fewer than STRENGTH_MIN_UNITS pairs: `fallback`."""
+    child-vs-siblings differences less their expected noise. None with fewer than
+    STRENGTH_MIN_UNITS pairs (a thin or cold snapshot cannot say how much buckets differ)."""
     if len(units) < STRENGTH_MIN_UNITS:
-        return fallback
-    rho0 = 1.0 / (fallback + 1.0)
+        return None
     num = den = 0.0
     for n, p, n_rest, p_rest, v in units:
         noise = 1.0 / n + 1.0 / n_rest
-        w = 1.0 / (rho0 + noise)
+        w = 1.0 / (STRENGTH_WEIGHT_RHO + noise)
         num += w * ((p - p_rest) ** 2 / v - noise)
         den += w
     rho = num / den
     if rho <= 1.0 / (STRENGTH_MAX + 1.0):
         return STRENGTH_MAX
-    return max(fallback, min(STRENGTH_MAX, 1.0 / rho - 1.0))
+    return min(STRENGTH_MAX, 1.0 / rho - 1.0)
 
 
 def bucket_strength(snapshot: StatsSnapshot, fallback: float) -> float:
     """How many pseudo-outcomes the prior a bucket inherits from its task's other tiers is worth,
     estimated from how much the snapshot's buckets differ from their task's other tiers (per arm,
     pooled over arms): where a task's tiers behave alike a sparse bucket leans on its task (its noise
-    is what differs); where they differ it trusts its own outcomes sooner. At least `fallback` (the
-    policy's prior_strength). router.decide._learned also caps it by what the task level knows."""
+    is what differs); where they differ it trusts its own outcomes sooner. Never below `fallback`
+    (the policy's prior_strength: a low estimate must not let one bucket's first outcomes override
+    everything else). router.decide._learned also caps it by what the task level knows."""
+    found = estimated_strength(snapshot)
+    return fallback if found is None else max(fallback, found)
+
+
+def estimated_strength(snapshot: StatsSnapshot) -> float | None:
+    """bucket_strength's estimate, computed once per snapshot (the stores call this in their refresh
+    loop, so no request pays for it) and kept in a small cache."""
     pooled = snapshot.get(POOLED_BUCKET)
     total = sum(s.weight for s in pooled.values()) if pooled is not None else 0.0
     cached = _STRENGTH_CACHE.get(id(snapshot))
@@ -280,7 +288,7 @@ def bucket_strength(snapshot: StatsSnapshot, fallback: float) -> float:
             n_task, k_task = sum(r[0] for r in records), sum(r[1] for r in records)
             for n, k in records:
                 units.append((n, k / n, n_task - n, (k_task - k) / (n_task - n), v))
-    found = _strength(units, fallback)
+    found = _strength(units)
     if len(_STRENGTH_CACHE) >= _POOLED_CACHE_SIZE:
         _STRENGTH_CACHE.pop(next(iter(_STRENGTH_CACHE)), None)  # the oldest
     _STRENGTH_CACHE[id(snapshot)] = (snapshot, total, found)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from router.learner import pooled_stats
+from router.learner import estimated_strength, pooled_stats
 from router.types import StatsSnapshot
 
 from .aggregates import arm_stats, event_problem, format_spend, spend_periods, summary_row
@@ -308,9 +308,11 @@ class BufferedStore(Store):
             for (bucket, arm), fields in arms.items():
                 snap.setdefault(bucket, {})[arm] = arm_stats(fields, now, self.half_life_s)
             cache[policy] = snap
-            # The learner's shared levels (each arm summed over buckets) are computed once per snapshot:
-            # here, in the refresh loop, rather than by the first request that decides after it.
+            # The learner's shared levels (each arm summed over buckets) and its bucket-level strength are
+            # computed once per snapshot: here, in the refresh loop, rather than by the first request
+            # that decides after it.
             pooled_stats(snap)
+            estimated_strength(snap)
         self._raw, self._cache = raw, cache
         self.last_refresh_ts = now
 

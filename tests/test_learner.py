@@ -221,6 +221,19 @@ def test_bucket_strength_is_estimated_from_how_much_tiers_differ():
     assert bucket_strength(thin, 10.0) == 10.0  # two buckets cannot say how much buckets differ
 
 
+def test_bucket_strength_is_estimated_once_per_snapshot_whatever_the_policy_floor():
+    """The stores estimate it in their refresh loop; each policy then applies its own prior_strength."""
+    from router.learner import bucket_strength, estimated_strength
+
+    alike, differ = _twin_world(True, ("x", "y")), _twin_world(False, ("x", "y"))
+    estimate = estimated_strength(alike)
+    assert estimate is not None and bucket_strength(alike, 10.0) == estimate
+    assert bucket_strength(alike, estimate + 50.0) == estimate + 50.0  # a higher floor wins
+    assert estimated_strength(differ) < 10.0
+    assert bucket_strength(differ, 10.0) == 10.0
+    assert bucket_strength(differ, 3.0) == max(3.0, estimated_strength(differ))  # not the first floor's answer
+
+
 def test_a_sparse_bucket_leans_on_its_task_only_where_tiers_behave_alike():
     policy = compile_policy(parse_policy(TWIN, "twin.yaml"))
     keys = (policy.arms["a"].key, policy.arms["b"].key)
