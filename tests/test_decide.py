@@ -283,8 +283,8 @@ def test_exploration_share_matches_the_allowance():
     draws = 20_000
     decisions = [decide(HARD_MATH, policy, {}, rng=rng) for _ in range(draws)]
     share = sum(d.explore for d in decisions) / draws
-    # 10% of requests get a Thompson draw that includes the greedy arm: with cold priors the others win
-    # it often, never on more than the allowed share
+    # 10% of requests go to a challenger (an arm that could still beat the greedy one): with cold priors
+    # every alternative is in doubt, so nearly all of the share is spent, never more than allowed
     assert 0.03 < share <= 0.1 + 0.01
     explored = {name_of(policy, d.arm) for d in decisions if d.explore}
     assert "mid-high" not in explored and len(explored) >= 2  # explores the alternatives, not the greedy arm
