@@ -94,20 +94,35 @@ def seed_sweep(streams: dict[str, tuple[OutcomeTable, Scores]], seeds,
     return ratios
 
 
+# Tuned for chat (what a gateway fronts) by name, or a hosted API model; the rest are base checkpoints.
+CHAT_MARKERS = ("instruct", "chat", "gemini", "deepseek", "jamba", "command")
+
+
+def chat_arms(names: list[str]) -> list[str]:
+    return [n for n in names if any(m in n.lower() for m in CHAT_MARKERS)]
+
+
 def main(argv=None) -> None:
-    """`python -m evals.learner_replay [FIRST LAST]`: the ratios over seeds FIRST..LAST (default 7..14),
-    with the suite's default (source-out) classifier scores, as `ponder eval --suite learner` uses."""
-    import sys
+    """`python -m evals.learner_replay [FIRST LAST] [--chat-arms]`: the ratios over seeds FIRST..LAST
+    (default 7..14), with the suite's default (source-out) classifier scores, as `ponder eval --suite
+    learner` uses. --chat-arms keeps MMLU-Pro's 14 chat-tuned and API models (no base checkpoints)."""
+    import argparse
 
     from evals.classification import SUITE_SOURCES, leak_free_scores
     from evals.tables import load_bbh_effort, load_mmlu_pro
 
-    args = sys.argv[1:] if argv is None else argv
-    first, last = (int(args[0]), int(args[1])) if len(args) == 2 else (7, 14)
+    parser = argparse.ArgumentParser(prog="python -m evals.learner_replay")
+    parser.add_argument("seeds", nargs="*", type=int, help="FIRST LAST (default 7 14)")
+    parser.add_argument("--chat-arms", action="store_true", help="MMLU-Pro with its chat-tuned and API models only")
+    args = parser.parse_args(argv)
+    first, last = args.seeds if len(args.seeds) == 2 else (7, 14)
     streams = {}
     for name, loader in (("mmlu-pro", load_mmlu_pro), ("bbh-effort", load_bbh_effort)):
         table = loader()
-        streams[name] = (table, leak_free_scores(table.prompts, source=SUITE_SOURCES[name], mode="source-out"))
+        scores = leak_free_scores(table.prompts, source=SUITE_SOURCES[name], mode="source-out")
+        if name == "mmlu-pro" and args.chat_arms:
+            table = table.select_arms(chat_arms(table.arm_names))
+        streams[name] = (table, scores)
     for key, ratios in seed_sweep(streams, range(first, last + 1)).items():
         print(f"{key:22s} mean {np.mean(ratios):.3f} min {np.min(ratios):.3f} | "
               + " ".join(f"{r:.3f}" for r in ratios))

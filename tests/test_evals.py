@@ -289,3 +289,12 @@ def test_sampling_headline_names_the_cheapest_method_within_half_a_point():
                           "gate + ESC window 2": row(0.928, 1.7), "first valid (expected)": row(0.93, None)}}
     (line,) = sampling_headline("sc-math", result)
     assert "gate + ESC window 2: acc 0.928 with 1.70 samples" in line and "majority of 8: acc 0.930" in line
+
+
+def test_chat_arms_keep_chat_tuned_and_api_models_only():
+    from evals.learner_replay import chat_arms
+
+    names = ["Meta-Llama-3_1-70B", "Meta-Llama-3_1-70B-Instruct", "Qwen1.5-110B", "Qwen1.5-72B-Chat",
+             "gemini-1.5-pro-002", "DeepSeek-Coder-V2", "Mistral-7B-v0.1", "Yi-6b-Chat"]
+    assert chat_arms(names) == ["Meta-Llama-3_1-70B-Instruct", "Qwen1.5-72B-Chat", "gemini-1.5-pro-002",
+                                "DeepSeek-Coder-V2", "Yi-6b-Chat"]
