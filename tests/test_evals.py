@@ -225,11 +225,15 @@ def test_learner_replay_small_stream_is_close_to_hindsight(tmp_path):
 
     table = load_bbh_effort()
     result = learner_replay({"bbh": (table, length_scores(table.prompts))}, tmp_path, requests=1500,
-                            cost_weights=(100.0,))
+                            cost_weights=(100.0,), sweep_seeds=(7, 8))
     stream = result["streams"]["bbh lambda=100"]
     assert stream["requests"] == 1500
     assert stream["ratio"] >= 0.90
     assert (tmp_path / "report.md").exists() and (tmp_path / stream["plot"]).exists()
+    # the bar is judged on the mean over arrival orders; order 7 is the plotted run itself
+    assert len(stream["sweep_ratios"]) == 2 and stream["sweep_ratios"][0] == stream["ratio"]
+    assert stream["meets_bar"] == (stream["sweep_mean"] >= result["bar"])
+    assert "Over arrival orders 7-8" in (tmp_path / "report.md").read_text()
 
 
 def test_leak_free_scores_never_train_on_the_source(monkeypatch, tmp_path):
