@@ -67,8 +67,12 @@ def learner_replay(streams: dict[str, tuple[OutcomeTable, Scores]], out_dir: str
                 results["streams"][key]["plot"] = f"{slug}.png"
     if sweep_seeds:
         results["sweep_seeds"] = list(sweep_seeds)
-        for key, ratios in seed_sweep(streams, sweep_seeds, requests, cost_weights).items():
-            stream = results["streams"][key]
+        others = [order for order in sweep_seeds if order != seed]  # this run's own order is not replayed
+        swept = seed_sweep(streams, others, requests, cost_weights) if others else {}
+        for key, stream in results["streams"].items():
+            by_order = dict(zip(others, swept.get(key, [])))
+            by_order[seed] = stream["ratio"]
+            ratios = [by_order[order] for order in sweep_seeds]
             stream["sweep_ratios"] = ratios
             stream["sweep_mean"], stream["sweep_min"] = float(np.mean(ratios)), float(np.min(ratios))
             stream["meets_bar"] = stream["sweep_mean"] >= BAR
