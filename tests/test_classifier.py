@@ -139,6 +139,34 @@ def test_sparse_features_are_the_dense_vector():
     assert all(f["indices"].size <= F.MAX_SLOTS for rows, f in calls if len(rows) > 1)
 
 
+def test_native_hashing_is_the_numpy_reference(examples):
+    """router/_ngrams.c (built by `pip install`) gives exactly the numpy path's columns, counts and
+    handcrafted numbers: on held-out prompts of every source, on junk, and with system prompts."""
+    if F._native is None:
+        pytest.fail("router._ngrams is not built: run `pip install -e .` (scripts/install.sh does)")
+    prompts = [F.prompt_from_messages(m) for m in BAD_INPUTS]
+    prompts += [F.prompt_from_messages(ex.messages) for ex in examples[::7]]
+    prompts += [
+        F.prompt_from_text("Zürich 1234 snake_case\n(a) 12\n(B) x\x00y", system="You are\x00 terse. 42"),
+        F.prompt_from_text("", system="only a system prompt"),
+        F.prompt_from_text("ab"),
+        F.prompt_from_text("\x00"),
+    ]
+    for p in prompts:
+        native, reference = F._sparse_one(p), F._sparse_one_numpy(p)
+        for name, a, b in zip(native._fields, native, reference):
+            assert a.dtype == b.dtype and np.array_equal(a, b), (name, p.user[:60])
+    # the batch path is the single rows, concatenated
+    batch = F.featurize_sparse(prompts[:200])
+    native = F._native
+    try:
+        F._native = None
+        reference = F.featurize_sparse(prompts[:200])
+    finally:
+        F._native = native
+    assert all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(batch, reference))
+
+
 def test_runtime_features_match_training_features(clf):
     """The runtime featurises a conversation exactly as training did (one code path, batch = single)."""
     batch = [
