@@ -13,10 +13,16 @@
  *   system_start, char_start   where the system and char blocks begin in `columns`
  *   n_words, word_bytes        the user turn's word count and word bytes (handcrafted features)
  *
+ * handcrafted(user, user_chars, system_chars, user_turns, assistant_turns, has_system, user_len,
+ *             ends_with_question, n_words, word_bytes) -> bytes
+ *   the N_HANDCRAFTED float32 numbers of features._handcrafted, in its order, from the same inputs
+ *   (user_len: the user turn's length in characters; ends_with_question: 0 or 1).
+ *
  * Every constant below is the one of the same name in router/features.py.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -163,8 +169,106 @@ done:
     return result;
 }
 
+/* How often `pat` occurs in `s`, not overlapping (bytes.count). */
+static Py_ssize_t count_of(const unsigned char *s, Py_ssize_t len, const char *pat) {
+    Py_ssize_t m = (Py_ssize_t)strlen(pat), n = 0;
+    for (Py_ssize_t i = 0; i + m <= len;) {
+        if (s[i] == (unsigned char)pat[0] && memcmp(s + i, pat, (size_t)m) == 0) {
+            n++;
+            i += m;
+        } else {
+            i++;
+        }
+    }
+    return n;
+}
+
+/* End of the option line starting at the newline s[i] ("\n(a) ", "\na. ", "\na) "), or 0:
+ * features._OPTION_LINE, rb"\n\(?[a-j][.)] ". */
+static Py_ssize_t option_line_end(const unsigned char *s, Py_ssize_t len, Py_ssize_t i) {
+    Py_ssize_t j = i + 1;
+    if (j < len && s[j] == '(') j++;
+    if (j + 2 < len && s[j] >= 'a' && s[j] <= 'j' && (s[j + 1] == '.' || s[j + 1] == ')') && s[j + 2] == ' ')
+        return j + 3;
+    return 0;
+}
+
+#define N_HANDCRAFTED 24
+static const char *CODE_WORDS[] = {"def ", "return", "import ", "class ", "function", "print(", "#include", "const "};
+
+static PyObject *handcrafted(PyObject *self, PyObject *args) {
+    Py_buffer user;
+    Py_ssize_t user_chars, system_chars, user_turns, assistant_turns, user_len, n_words, word_bytes;
+    int has_system, ends_q;
+    if (!PyArg_ParseTuple(args, "y*nnnnpnpnn", &user, &user_chars, &system_chars, &user_turns, &assistant_turns,
+                          &has_system, &user_len, &ends_q, &n_words, &word_bytes))
+        return NULL;
+    const unsigned char *s = user.buf;
+    Py_ssize_t size = user.len, n = size > 1 ? size : 1;
+    Py_ssize_t digits = 0, backslashes = 0, dollars = 0, braces = 0, operators = 0, questions = 0, newlines = 0;
+    Py_ssize_t first_option = -1, first_option_end = 0, options = 0, stem_digits = 0;
+    for (Py_ssize_t i = 0; i < size; i++) {
+        unsigned char c = s[i];
+        if (c >= '0' && c <= '9') digits++;
+        else if (c == '\\') backslashes++;
+        else if (c == '$') dollars++;
+        else if (c == '{' || c == '}' || c == ';') braces++;
+        else if (c == '=' || c == '+' || c == '^' || c == '*' || c == '<' || c == '>') operators++;
+        else if (c == '?') questions++;
+        else if (c == '\n') {
+            newlines++;
+            if (first_option < 0 || i >= first_option_end) {
+                Py_ssize_t end = option_line_end(s, size, i);
+                if (end && first_option < 0) {
+                    first_option = i, first_option_end = end, stem_digits = digits;
+                    options = 1;
+                } else if (end) {
+                    options++;
+                }
+            }
+        }
+    }
+    Py_ssize_t code_words = 0;
+    for (size_t w = 0; w < sizeof(CODE_WORDS) / sizeof(CODE_WORDS[0]); w++) code_words += count_of(s, size, CODE_WORDS[w]);
+    double f[N_HANDCRAFTED] = {
+        log1p((double)user_chars) / 8.0,
+        log1p((double)system_chars) / 8.0,
+        log1p((double)user_turns),
+        log1p((double)assistant_turns),
+        has_system ? 1.0 : 0.0,
+        (double)digits / (double)n,
+        (double)(size - user_len > 0 ? size - user_len : 0) / (double)n,
+        log1p((double)backslashes),
+        log1p((double)dollars),
+        log1p((double)count_of(s, size, "```")),
+        log1p((double)code_words),
+        log1p((double)braces),
+        log1p((double)(count_of(s, size, "\n    ") + count_of(s, size, "\n\t"))),
+        log1p((double)operators),
+        log1p((double)questions),
+        ends_q ? 1.0 : 0.0,
+        log1p((double)newlines),
+        log1p((double)n_words) / 4.0,
+        n_words ? fmin((double)word_bytes / (double)n_words, 20.0) / 10.0 : 0.0,
+    };
+    if (first_option < 0) {
+        f[19] = log1p((double)size) / 8.0, f[20] = 0.0, f[21] = 0.0, f[22] = log1p((double)digits), f[23] = 0.0;
+    } else {
+        f[19] = log1p((double)first_option) / 8.0;
+        f[20] = log1p((double)options);
+        f[21] = log1p((double)(size - first_option) / (double)options) / 5.0;
+        f[22] = log1p((double)stem_digits);
+        f[23] = log1p((double)(digits - stem_digits));
+    }
+    float out[N_HANDCRAFTED];
+    for (int k = 0; k < N_HANDCRAFTED; k++) out[k] = (float)f[k];
+    PyBuffer_Release(&user);
+    return PyBytes_FromStringAndSize((const char *)out, sizeof(out));
+}
+
 static PyMethodDef methods[] = {
     {"sparse_one", sparse_one, METH_VARARGS, "Hashed n-gram columns and counts of one prompt (see the module source)."},
+    {"handcrafted", handcrafted, METH_VARARGS, "features._handcrafted's numbers as float32 bytes (see the module source)."},
     {NULL, NULL, 0, NULL},
 };
 

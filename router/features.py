@@ -487,7 +487,9 @@ def _sparse_one(p: Prompt) -> SparseFeatures:
         np.frombuffer(cols, dtype=np.uint16).astype(np.int64),
         np.log1p(counts, dtype=np.float32),
         np.array((0, system_start, char_start, len(counts)), dtype=np.int64),
-        np.array((_handcrafted(p, user_bytes, float(n_words), float(word_bytes)),), dtype=np.float32),
+        np.frombuffer(_native.handcrafted(user_bytes, p.user_chars, p.system_chars, p.user_turns, p.assistant_turns,
+                                          bool(p.system), len(p.user), p.user.rstrip().endswith("?"), n_words,
+                                          word_bytes), dtype=np.float32).reshape(1, N_HANDCRAFTED),
     )
 
 
