@@ -42,16 +42,17 @@ def stream_table(table: OutcomeTable, scores: Scores, requests: int, seed: int =
 
 def learner_replay(streams: dict[str, tuple[OutcomeTable, Scores]], out_dir: str | Path | None = None,
                    requests: int = REQUESTS, cost_weights=COST_WEIGHTS, seed: int = ARRIVAL_SEED,
-                   progress=None, sweep_seeds: Sequence[int] = ()) -> dict:
+                   progress=None, sweep_seeds: Sequence[int] = (), policy_options: dict | None = None) -> dict:
     """One seeded run per stream and cost weight (curves, plots); with `sweep_seeds`, also the ratio over
-    those arrival orders, and the bar is judged on their mean."""
+    those arrival orders, and the bar is judged on their mean. `policy_options` go to build_policy
+    (e.g. price_prior)."""
     results: dict = {"requests": requests, "bar": BAR, "seed": seed, "streams": {}}
     out = Path(out_dir) if out_dir is not None else None
     for name, (table, scores) in streams.items():
         sub, sub_scores = stream_table(table, scores, requests, seed)
         classes = classify_rows(sub, sub_scores, "classifier")
         for weight in cost_weights:
-            run = run_cold(sub, classes, build_policy(sub, weight), seed, progress)
+            run = run_cold(sub, classes, build_policy(sub, weight, **(policy_options or {})), seed, progress)
             curve = regret_curve(sub, run, weight)
             key = f"{name} lambda={weight:g}"
             results["streams"][key] = {"classification": scores.how, "requests": len(sub), "arms": len(sub.arms),
@@ -68,7 +69,7 @@ def learner_replay(streams: dict[str, tuple[OutcomeTable, Scores]], out_dir: str
     if sweep_seeds:
         results["sweep_seeds"] = list(sweep_seeds)
         others = [order for order in sweep_seeds if order != seed]  # this run's own order is not replayed
-        swept = seed_sweep(streams, others, requests, cost_weights) if others else {}
+        swept = seed_sweep(streams, others, requests, cost_weights, policy_options) if others else {}
         for key, stream in results["streams"].items():
             by_order = dict(zip(others, swept.get(key, [])))
             by_order[seed] = stream["ratio"]
@@ -108,13 +109,14 @@ def render_markdown(results: dict) -> str:
 
 
 def seed_sweep(streams: dict[str, tuple[OutcomeTable, Scores]], seeds,
-               requests: int = REQUESTS, cost_weights=COST_WEIGHTS) -> dict[str, list[float]]:
+               requests: int = REQUESTS, cost_weights=COST_WEIGHTS, policy_options: dict | None = None
+               ) -> dict[str, list[float]]:
     """The final ratio per stream and cost weight for each arrival order: one seed's ratio moves by
     several points with the order, so the learner is judged on a sweep (docs/eval.md)."""
     ratios: dict[str, list[float]] = {}
     for seed in seeds:
         for key, s in learner_replay(streams, None, requests=requests, cost_weights=cost_weights,
-                                     seed=seed)["streams"].items():
+                                     seed=seed, policy_options=policy_options)["streams"].items():
             ratios.setdefault(key, []).append(s["ratio"])
     return ratios
 
@@ -128,9 +130,11 @@ def chat_arms(names: list[str]) -> list[str]:
 
 
 def main(argv=None) -> None:
-    """`python -m evals.learner_replay [FIRST LAST] [--chat-arms]`: the ratios over seeds FIRST..LAST
-    (default 7..14), with the suite's default (source-out) classifier scores, as `ponder eval --suite
-    learner` uses. --chat-arms keeps MMLU-Pro's 14 chat-tuned and API models (no base checkpoints)."""
+    """`python -m evals.learner_replay [FIRST LAST] [--chat-arms] [--price-prior LO HI [--price-scale S]]`:
+    the ratios over seeds FIRST..LAST (default 7..14), with the suite's default (source-out) classifier
+    scores, as `ponder eval --suite learner` uses. --chat-arms keeps MMLU-Pro's 14 chat-tuned and API
+    models (no base checkpoints). --price-prior sets cold priors rising with each arm's cost per call
+    (build_policy's price_prior), linear in log cost or in cost rank (--price-scale log|rank)."""
     import argparse
 
     from evals.classification import SUITE_SOURCES, leak_free_scores
@@ -139,16 +143,26 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m evals.learner_replay")
     parser.add_argument("seeds", nargs="*", type=int, help="FIRST LAST (default 7 14)")
     parser.add_argument("--chat-arms", action="store_true", help="MMLU-Pro with its chat-tuned and API models only")
+    parser.add_argument("--price-prior", nargs=2, type=float, metavar=("LO", "HI"),
+                        help="cold priors from LO (cheapest arm) to HI (priciest) by cost per call")
+    parser.add_argument("--price-scale", choices=("log", "rank"), default="log")
+    parser.add_argument("--streams", nargs="+", choices=("mmlu-pro", "bbh-effort"), default=None)
+    parser.add_argument("--lambdas", nargs="+", type=float, default=None, help="cost weights (default 10 100)")
     args = parser.parse_args(argv)
+    options = {"price_prior": tuple(args.price_prior), "price_scale": args.price_scale} if args.price_prior else None
     first, last = args.seeds if len(args.seeds) == 2 else (7, 14)
     streams = {}
     for name, loader in (("mmlu-pro", load_mmlu_pro), ("bbh-effort", load_bbh_effort)):
+        if args.streams and name not in args.streams:
+            continue
         table = loader()
         scores = leak_free_scores(table.prompts, source=SUITE_SOURCES[name], mode="source-out")
         if name == "mmlu-pro" and args.chat_arms:
             table = table.select_arms(chat_arms(table.arm_names))
         streams[name] = (table, scores)
-    for key, ratios in seed_sweep(streams, range(first, last + 1)).items():
+    weights = tuple(args.lambdas) if args.lambdas else COST_WEIGHTS
+    for key, ratios in seed_sweep(streams, range(first, last + 1), cost_weights=weights,
+                                  policy_options=options).items():
         print(f"{key:22s} mean {np.mean(ratios):.3f} min {np.min(ratios):.3f} | "
               + " ".join(f"{r:.3f}" for r in ratios))
 
