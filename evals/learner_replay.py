@@ -5,7 +5,7 @@ Two streams, each in a seeded arrival order:
   so no call fails and every arm is judged on the same prompts);
 - BBH: code-davinci-002 answering directly or with chain of thought (cost = output length).
 Each request is classified (leak-free scores, see evals/classification.py), decided by router.decide
-with flat cold priors (every arm 0.5) and the shipped exploration settings, answered from the table,
+with the policy default's cold priors (rising with price, no outcome data) and the shipped exploration settings, answered from the table,
 and its outcome added to the (bucket, arm) aggregates the next decision reads (evals/routing.replay).
 
 Measured: the cumulative utility (correct - lambda x cost) after `requests` requests, against the best
@@ -130,26 +130,31 @@ def chat_arms(names: list[str]) -> list[str]:
 
 
 def main(argv=None) -> None:
-    """`python -m evals.learner_replay [FIRST LAST] [--chat-arms] [--price-prior LO HI [--price-scale S]]`:
+    """`python -m evals.learner_replay [FIRST LAST] [--chat-arms] [--price-prior LO HI | --flat-priors]`:
     the ratios over seeds FIRST..LAST (default 7..14), with the suite's default (source-out) classifier
     scores, as `ponder eval --suite learner` uses. --chat-arms keeps MMLU-Pro's 14 chat-tuned and API
-    models (no base checkpoints). --price-prior sets cold priors rising with each arm's cost per call
-    (build_policy's price_prior), linear in log cost or in cost rank (--price-scale log|rank)."""
+    models (no base checkpoints). Cold priors are the policy default's (learner.price_prior, rising with
+    each arm's cost per call); --price-prior sets other bounds, --flat-priors turns it off (0.5 each)."""
     import argparse
 
     from evals.classification import SUITE_SOURCES, leak_free_scores
     from evals.tables import load_bbh_effort, load_mmlu_pro
+    from policies.schema import PricePrior
 
     parser = argparse.ArgumentParser(prog="python -m evals.learner_replay")
     parser.add_argument("seeds", nargs="*", type=int, help="FIRST LAST (default 7 14)")
     parser.add_argument("--chat-arms", action="store_true", help="MMLU-Pro with its chat-tuned and API models only")
     parser.add_argument("--price-prior", nargs=2, type=float, metavar=("LO", "HI"),
-                        help="cold priors from LO (cheapest arm) to HI (priciest) by cost per call")
-    parser.add_argument("--price-scale", choices=("log", "rank"), default="log")
+                        help="cold priors from LO (cheapest arm) to HI (priciest), linear in log cost per call")
+    parser.add_argument("--flat-priors", action="store_true", help="every arm's cold prior 0.5")
     parser.add_argument("--streams", nargs="+", choices=("mmlu-pro", "bbh-effort"), default=None)
     parser.add_argument("--lambdas", nargs="+", type=float, default=None, help="cost weights (default 10 100)")
     args = parser.parse_args(argv)
-    options = {"price_prior": tuple(args.price_prior), "price_scale": args.price_scale} if args.price_prior else None
+    options = None
+    if args.flat_priors:
+        options = {"price_prior": None}
+    elif args.price_prior:
+        options = {"price_prior": PricePrior(low=args.price_prior[0], high=args.price_prior[1])}
     first, last = args.seeds if len(args.seeds) == 2 else (7, 14)
     streams = {}
     for name, loader in (("mmlu-pro", load_mmlu_pro), ("bbh-effort", load_bbh_effort)):

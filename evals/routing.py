@@ -35,7 +35,9 @@ from evals.classification import Scores
 from evals.metrics import random_mix_accuracy, routellm_metrics, threshold_curve
 from evals.tables import OutcomeTable
 from policies.backends import BackendSpec, Prices
-from policies.schema import ArmSpec, Exploration, LearnerSettings, Objective, Policy, RouteMatch, RouteSpec
+from policies.schema import (
+    ArmSpec, Exploration, LearnerSettings, Objective, Policy, PricePrior, RouteMatch, RouteSpec,
+)
 from router.decide import CompiledPolicy, RequestHints, compile_policy, decide
 from router.types import DIFFICULTY_TIERS, POOLED_BUCKET, POOLED_TIER, difficulty_tier
 from telemetry.aggregates import apply_delta, arm_stats
@@ -60,16 +62,12 @@ def _name(text: str) -> str:
 
 
 def build_policy(table: OutcomeTable, cost_weight: float, windows: Sequence[tuple[float, float, list[float]]] = (),
-                 explore: float = Exploration().share, price_prior: tuple[float, float] | None = None,
-                 price_scale: str = "log") -> Policy:
+                 explore: float = Exploration().share,
+                 price_prior: PricePrior | None = LearnerSettings().price_prior) -> Policy:
     """A policy whose arms are the table's arms. Prices come from the price table; for a table that only
     records costs, the mean recorded cost per call stands in as the list price. Latency is not recorded,
-    so its weight is zero; outcomes do not decay (a replay has no wall clock).
-
-    `price_prior` (LO, HI): cold priors that rise with an arm's estimated cost per call (the router's own
-    estimate for a typical prompt), "you get what you pay for": LO for the cheapest arm, HI for the
-    priciest, in between linear in log cost (`price_scale="log"`) or in cost rank ("rank"). Off by
-    default (every arm 0.5)."""
+    so its weight is zero; outcomes do not decay (a replay has no wall clock). The arms' cold priors are
+    the policy default's (learner.price_prior: rising with price); `price_prior=None` makes them flat."""
     backends: dict[str, BackendSpec] = {}
     arms: dict[str, ArmSpec] = {}
     listed = _prices(table)
@@ -86,35 +84,14 @@ def build_policy(table: OutcomeTable, cost_weight: float, windows: Sequence[tupl
         else:
             tokens = None if info.model in listed else 300
         arms[_name(info.name)] = ArmSpec(backend=backend, strategy=info.strategy, n=info.n, tokens=tokens)
-    if price_prior is not None:
-        arms = _price_priors(arms, list(backends.values()), cost_weight, price_prior, price_scale)
     names = list(arms)
     routes = [RouteSpec(name=f"d{k}", when=RouteMatch(difficulty=(lo, hi)), candidates=dict(zip(names, priors)))
               for k, (lo, hi, priors) in enumerate(windows)]
     routes.append(RouteSpec(name="all", candidates=names))
     return Policy(name=_name(f"eval-{table.name}"), backends=list(backends.values()), arms=arms, routes=routes,
                   objective=Objective(cost_weight=cost_weight, latency_weight=0.0),
-                  exploration=Exploration(share=explore), learner=LearnerSettings(half_life_hours=None))
-
-
-def _price_priors(arms: dict[str, ArmSpec], backends: list[BackendSpec], cost_weight: float,
-                  bounds: tuple[float, float], scale: str) -> dict[str, ArmSpec]:
-    """Each arm's prior from its estimated cost per call (CompiledArm.cost_reference), scaled to [LO, HI]."""
-    lo, hi = bounds
-    probe = compile_policy(Policy(name="price-probe", backends=backends, arms=arms,
-                                  routes=[RouteSpec(name="all", candidates=list(arms))],
-                                  objective=Objective(cost_weight=cost_weight, latency_weight=0.0)))
-    log_cost = np.round(np.log([max(probe.arms[name].cost_reference, 1e-12) for name in arms]), 9)
-    if scale == "rank":  # tied costs share their mean rank
-        position = np.array([(log_cost < c).sum() + ((log_cost == c).sum() - 1) / 2 for c in log_cost])
-    elif scale == "log":
-        position = log_cost
-    else:
-        raise ValueError(f"price_scale must be 'log' or 'rank', not {scale!r}")
-    spread = position.max() - position.min()
-    unit = (position - position.min()) / spread if spread > 0 else np.full(len(position), 0.5)
-    return {name: spec.model_copy(update={"prior": float(lo + (hi - lo) * u)})
-            for (name, spec), u in zip(arms.items(), unit)}
+                  exploration=Exploration(share=explore),
+                  learner=LearnerSettings(half_life_hours=None, price_prior=price_prior))
 
 
 def _prices(table: OutcomeTable) -> dict[str, Prices]:

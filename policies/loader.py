@@ -310,7 +310,12 @@ def summarize(policy: Policy, source: str = "") -> str:
         key = f"{arm.backend}/{arm.effort or '-'}/{arm.strategy}/{arm.n}"
         tokens = expected_output_tokens(arm, spec) if spec else 0
         lines.append(f"  {name:<18} {key:<44} ~{tokens} out tokens/sample  ~${_rough_cost(policy, arm):.5f}")
-    lines.append("routes (first match wins; candidate: prior P(correct)):")
+    from router.decide import compile_policy  # the compiler imports this module
+
+    arm_priors = {name: arm.prior for name, arm in compile_policy(policy).arms.items()}
+    price_prior = policy.learner.price_prior
+    how = f"rising with price, {price_prior.low:g} to {price_prior.high:g}" if price_prior else "flat 0.5"
+    lines.append(f"routes (first match wins; candidate: prior P(correct), arms without one {how}):")
     for route in policy.routes:
         when = route.when
         tasks = ",".join(when.tasks) if when.tasks else "any task"
@@ -319,7 +324,7 @@ def summarize(policy: Policy, source: str = "") -> str:
         else:
             level = ",".join(when.tiers) if when.tiers else "any difficulty"
         arms = ", ".join(
-            f"{arm} {prior if prior is not None else policy.arms[arm].prior:g}" for arm, prior in route.candidates.items()
+            f"{arm} {prior if prior is not None else arm_priors[arm]:.2f}" for arm, prior in route.candidates.items()
         )
         lines.append(f"  {route.name:<18} {tasks} / {level} -> {arms}")
     lines.append("aliases: " + ", ".join(sorted(set(policy.aliases) | {"auto"})))

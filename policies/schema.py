@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, model_validator
 
 from policies.backends import BackendSpec
 from router.types import DIFFICULTY_TIERS, EFFORTS, STRATEGIES, TASK_TYPES, difficulty_tier
@@ -80,7 +80,10 @@ class ArmSpec(_Strict):
     )
     tokens: int | None = Field(default=None, ge=1, description="Expected output tokens per sample, reasoning included.")
     latency_ms: float | None = Field(default=None, gt=0, description="Expected latency, overriding the estimate.")
-    prior: float = Field(default=0.5, ge=0, le=1, description="Cold-start P(correct) where a route gives none.")
+    prior: float | None = Field(
+        default=None, ge=0, le=1,
+        description="Cold-start P(correct) where a route gives none; unset: from learner.price_prior (0.5 without it).",
+    )
     description: str = ""
 
 
@@ -179,8 +182,29 @@ class Overrides(_Strict):
     direct_backend: bool = Field(default=True, description="A backend name as `model` bypasses routing.")
 
 
+class PricePrior(_Strict):
+    """Cold priors that rise with price: an arm's P(correct) before any outcome goes from `low` for the
+    policy's cheapest arm to `high` for its priciest, linear in the log of its estimated cost per call.
+    Pricier arms (bigger models, more samples, more reasoning) are usually the better ones; without
+    any prior knowledge a flat prior makes the learner settle on the first cheap arm that is good
+    enough and rarely try the expensive ones. An arm's or a route's own prior wins over it."""
+
+    low: float = Field(default=0.4, ge=0, le=1, description="Prior of the cheapest arm (and of free arms).")
+    high: float = Field(default=0.7, ge=0, le=1, description="Prior of the priciest arm.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "PricePrior":
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low:g}) must not be above high ({self.high:g})")
+        return self
+
+
 class LearnerSettings(_Strict):
     prior_strength: float = Field(default=10.0, gt=0, description="Pseudo-outcomes behind each route prior.")
+    price_prior: PricePrior | None = Field(
+        default_factory=PricePrior,
+        description="Cold priors rising with each arm's price (null: every arm without a prior starts at 0.5).",
+    )
     half_life_hours: float | None = Field(default=72.0, gt=0, description="Outcomes lose half their weight per half-life.")
     window: int | None = Field(default=None, ge=1, description="Alternatively: only the last N outcomes per arm.")
 

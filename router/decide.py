@@ -30,7 +30,9 @@ from typing import Any
 
 from policies.backends import BackendSpec
 from policies.loader import resolve_prices
-from policies.schema import ArmSpec, Objective, Policy, PolicyError, expected_output_tokens, policy_problems
+from policies.schema import (
+    ArmSpec, Objective, Policy, PolicyError, PricePrior, expected_output_tokens, policy_problems,
+)
 from router import learner
 from router.types import (
     DIFFICULTY_TIERS,
@@ -53,6 +55,7 @@ MAX_FALLBACKS = 3
 DEFAULT_WAVE = 2  # as gateway/strategies.py, for estimates when the arm sets none
 DEFAULT_REQUEST_CONCURRENCY = 8  # likewise: parallel calls per request
 DEFAULT_ESCALATION_RATE = 0.3
+DEFAULT_PRIOR = 0.5  # an arm's cold P(correct) when neither it, its route nor learner.price_prior gives one
 _NO_STATS: dict[str, ArmStats] = {}
 _NO_CAP = 1 << 62  # max_output_tokens when the client sets none
 
@@ -165,7 +168,8 @@ class CompiledArm:
         self.spec, self._policy = spec, (policy, backends)
         self.arm = _build_arm(spec, policy)
         self.key = self.arm.key
-        self.backend, self.effort, self.strategy, self.prior = spec.backend, spec.effort, spec.strategy, spec.prior
+        self.backend, self.effort, self.strategy = spec.backend, spec.effort, spec.strategy
+        self.prior = spec.prior if spec.prior is not None else DEFAULT_PRIOR  # CompiledPolicy sets cold_priors()
         self.tokens = expected_output_tokens(spec, backends[spec.backend])
         # Cost is linear in prompt tokens for every strategy: cost(p) = per_token * p + fixed.
         fixed, latency, p95 = _estimate(spec, policy, backends, 0, None)
@@ -187,6 +191,29 @@ class CompiledArm:
                 self._capped.clear()
             self._capped[max_output_tokens] = found
         return found
+
+
+def cold_priors(arms: dict[str, CompiledArm], price_prior: PricePrior | None) -> dict[str, float]:
+    """Each arm's cold-start P(correct): its own `prior` if set; else, with `price_prior`, linear in
+    the log of its estimated cost per call (cost_reference) from `low` at the policy's cheapest priced
+    arm to `high` at its priciest (free arms: `low`; one price for all: the middle); else 0.5."""
+    own = {name: arm.spec.prior for name, arm in arms.items() if arm.spec.prior is not None}
+    if price_prior is None:
+        return {name: own.get(name, DEFAULT_PRIOR) for name in arms}
+    logs = {name: math.log(arm.cost_reference) for name, arm in arms.items() if arm.cost_reference > 0}
+    lowest, highest = min(logs.values(), default=0.0), max(logs.values(), default=0.0)
+    span = price_prior.high - price_prior.low
+    priors = {}
+    for name in arms:
+        if name in own:
+            priors[name] = own[name]
+        elif name not in logs:
+            priors[name] = price_prior.low
+        elif highest > lowest:
+            priors[name] = price_prior.low + span * (logs[name] - lowest) / (highest - lowest)
+        else:
+            priors[name] = price_prior.low + span / 2
+    return priors
 
 
 def _row(arm: CompiledArm, prior: float, prior_strength: float) -> tuple:
@@ -255,6 +282,8 @@ class CompiledPolicy:
         self.policy = policy
         backends = {spec.name: spec for spec in policy.backends}
         self.arms = {name: CompiledArm(name, spec, policy, backends) for name, spec in policy.arms.items()}
+        for name, prior in cold_priors(self.arms, policy.learner.price_prior).items():
+            self.arms[name].prior = prior
         self.by_key = {arm.key: arm for arm in self.arms.values()}
         self.aliases: dict[str, CompiledAlias] = {}
         for alias_name in set(policy.aliases) | {"auto"}:
@@ -269,7 +298,7 @@ class CompiledPolicy:
             routes = []
             for route in chosen:
                 candidates = tuple(
-                    (self.arms[name], prior if prior is not None else policy.arms[name].prior)
+                    (self.arms[name], prior if prior is not None else self.arms[name].prior)
                     for name, prior in route.candidates.items()
                     if allowed is None or name in allowed
                 )

@@ -425,3 +425,65 @@ def test_new_stats_are_never_served_from_the_cache():
     stats["math:hard"][key] = ArmStats(count=100, successes=50, weight=100, cost_usd=2.4, latency_ms=7.5e6)
     assert candidate(decide(HARD_MATH, policy, stats), policy, "mid-high").expected_accuracy == \
         pytest.approx(58.5 / 110)
+
+
+# --- cold priors ---------------------------------------------------------------------------------
+
+PRICED = """\
+name: priced
+backends:
+  - {name: free, model: local/free, prices: {input_per_mtok: 0, output_per_mtok: 0}}
+  - {name: cheap, model: test/cheap, prices: {input_per_mtok: 0.1, output_per_mtok: 0.4}}
+  - {name: mid, model: test/mid, prices: {input_per_mtok: 1, output_per_mtok: 4}}
+  - {name: strong, model: test/strong, prices: {input_per_mtok: 10, output_per_mtok: 40}}
+arms:
+  local:  {backend: free}
+  quick:  {backend: cheap}
+  middle: {backend: mid}
+  big:    {backend: strong}
+  pinned: {backend: cheap, strategy: cot, prior: 0.3}
+routes:
+  - name: given
+    when: {tasks: [math]}
+    candidates: {big: 0.2, quick: null}
+  - name: all
+    candidates: {local: null, quick: null, middle: null, big: null, pinned: null}
+objective: {cost_weight: 0, latency_weight: 0}
+exploration: {share: 0}
+LEARNER
+"""
+
+
+def _priced(learner: str = ""):
+    return compile_policy(parse_policy(PRICED.replace("LEARNER", learner), "priced.yaml"))
+
+
+def test_cold_priors_rise_with_price():
+    """Without a prior of its own, an arm's cold P(correct) runs from learner.price_prior.low at the
+    cheapest priced arm to .high at the priciest, linear in log cost per call; free arms get low."""
+    import math
+
+    compiled = _priced()
+    arms = compiled.arms
+    assert arms["quick"].prior == pytest.approx(0.4) and arms["big"].prior == pytest.approx(0.7)
+    assert arms["local"].prior == pytest.approx(0.4)  # free: the low end
+    assert arms["pinned"].prior == 0.3  # its own prior wins
+    costs = {name: math.log(arms[name].cost_reference) for name in ("quick", "middle", "big")}
+    share = (costs["middle"] - costs["quick"]) / (costs["big"] - costs["quick"])
+    assert 0.0 < share < 1.0 and arms["middle"].prior == pytest.approx(0.4 + 0.3 * share)
+    # With nothing learned and no cost in the objective, the priciest arm is the greedy choice.
+    decision = decide(Classification("knowledge", {"knowledge": 1.0}, 0.5), compiled, {})
+    assert decision.arm == arms["big"].arm
+    # A route's own prior wins over both.
+    math_route = compiled.aliases["auto"].route("math", 0.5, "medium")
+    assert dict((arm.name, prior) for arm, prior in math_route.candidates) == {"big": 0.2, "quick": pytest.approx(0.4)}
+
+
+def test_price_prior_bounds_and_off():
+    custom = _priced("learner: {price_prior: {low: 0.2, high: 0.9}}").arms
+    assert custom["quick"].prior == pytest.approx(0.2) and custom["big"].prior == pytest.approx(0.9)
+    flat = _priced("learner: {price_prior: null}").arms
+    assert {name: arm.prior for name, arm in flat.items()} == {
+        "local": 0.5, "quick": 0.5, "middle": 0.5, "big": 0.5, "pinned": 0.3}
+    with pytest.raises(Exception, match="must not be above high"):
+        _priced("learner: {price_prior: {low: 0.8, high: 0.6}}")

@@ -196,7 +196,8 @@ def test_replay_uses_decide_fallbacks_for_missing_records():
     table = _synthetic_table(60)
     table.scores[:, 0] = np.nan  # the cheapest arm never answers: every request fails over
     classes = classify_rows(table, length_scores(table.prompts), "classifier")
-    run = replay(table, classes, build_policy(table, 1000.0, explore=0.0), np.arange(60), None, None)
+    # flat cold priors, so the greedy pick is the cheapest arm
+    run = replay(table, classes, build_policy(table, 1000.0, explore=0.0, price_prior=None), np.arange(60), None, None)
     assert run.failovers == 60 and (run.chosen != 0).all()
 
 
