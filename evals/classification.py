@@ -38,10 +38,10 @@ class Scores:
     difficulty: np.ndarray  # (n,)
     how: str  # one sentence for the report: which model scored these prompts
 
-    def classification(self, i: int, task: str | None = None) -> Classification:
-        """The router's view of prompt i; `task` overrides the predicted type (source-keyed buckets)."""
+    def classification(self, i: int) -> Classification:
+        """The router's view of prompt i."""
         probs = self.task_probs[i]
-        return Classification(task=task or TASK_TYPES[int(probs.argmax())],
+        return Classification(task=TASK_TYPES[int(probs.argmax())],
                               task_probs={t: float(p) for t, p in zip(TASK_TYPES, probs)},
                               difficulty=float(self.difficulty[i]))
 

@@ -36,10 +36,10 @@ from evals.metrics import random_mix_accuracy, routellm_metrics, threshold_curve
 from evals.tables import OutcomeTable
 from policies.backends import BackendSpec, Prices
 from policies.schema import (
-    ArmSpec, Exploration, LearnerSettings, Objective, Policy, PricePrior, RouteMatch, RouteSpec,
+    ArmSpec, Exploration, LearnerSettings, Objective, Overrides, Policy, PricePrior, RouteMatch, RouteSpec,
 )
 from router.decide import CompiledPolicy, RequestHints, compile_policy, decide
-from router.types import DIFFICULTY_TIERS, POOLED_BUCKET, POOLED_TIER, difficulty_tier
+from router.types import DIFFICULTY_TIERS, POOLED_BUCKET, POOLED_TIER, Classification, bucket_key, difficulty_tier
 from telemetry.aggregates import apply_delta, arm_stats
 
 ARRIVAL_SEED = 7
@@ -88,8 +88,10 @@ def build_policy(table: OutcomeTable, cost_weight: float, windows: Sequence[tupl
     routes = [RouteSpec(name=f"d{k}", when=RouteMatch(difficulty=(lo, hi)), candidates=dict(zip(names, priors)))
               for k, (lo, hi, priors) in enumerate(windows)]
     routes.append(RouteSpec(name="all", candidates=names))
+    labels = sorted({task_label(group) for group in table.groups if group})  # x-ponder-task, for group buckets
     return Policy(name=_name(f"eval-{table.name}"), backends=list(backends.values()), arms=arms, routes=routes,
                   objective=Objective(cost_weight=cost_weight, latency_weight=0.0),
+                  overrides=Overrides(task_header=labels),
                   exploration=Exploration(share=explore),
                   learner=LearnerSettings(half_life_hours=None, price_prior=price_prior))
 
@@ -157,12 +159,32 @@ class Run:
                 "output_tokens": float(self.tokens[rows].mean())}
 
 
-def classify_rows(table: OutcomeTable, scores: Scores, bucket_by: str) -> list:
-    """The router's classification per row; `group` keys the learner on the table's own groups
-    (e.g. the BBH task) by passing the group as the task (decide() then uses the catch-all route)."""
+@dataclass(frozen=True, slots=True)
+class Row:
+    """What the gateway knows of a request before deciding: the classifier's view, and the task label
+    a client may send in x-ponder-task (here: the table's group, for `[group buckets]`)."""
+
+    classification: Classification
+    label: str | None = None
+
+    @property
+    def bucket(self) -> str:
+        """decide()'s bucket for this row (the label, allowed by build_policy's policies, replaces the task)."""
+        return bucket_key(self.label or self.classification.task, self.classification.difficulty)
+
+
+def task_label(group: str) -> str:
+    """A table group as an x-ponder-task label: lowercase, runs of other characters as '-'."""
+    return re.sub(r"[^a-z0-9_.-]+", "-", group.lower()).strip("-._")[:64] or "group"
+
+
+def classify_rows(table: OutcomeTable, scores: Scores, bucket_by: str) -> list[Row]:
+    """The router's view of each row; `group` keys the learner on the table's own groups (e.g. the BBH
+    task) the way a client would through the gateway: the group as its x-ponder-task label."""
     if bucket_by == "group":
-        return [scores.classification(i, task=table.groups[i] or None) for i in range(len(table))]
-    return [scores.classification(i) for i in range(len(table))]
+        return [Row(scores.classification(i), task_label(table.groups[i]) if table.groups[i] else None)
+                for i in range(len(table))]
+    return [Row(scores.classification(i)) for i in range(len(table))]
 
 
 def replay(table: OutcomeTable, classes: list, policy: Policy | CompiledPolicy, rows: np.ndarray,
@@ -176,8 +198,9 @@ def replay(table: OutcomeTable, classes: list, policy: Policy | CompiledPolicy, 
         run = Run(np.array([], dtype=int), np.full(n, -1), np.zeros(n), np.zeros(n), np.zeros(n))
     empty: dict = {}
     for count, i in enumerate(rows):
-        hints = RequestHints(prompt_tokens=int(table.prompt_tokens[i]))
-        decision = decide(classes[i], compiled, book.snapshot if book else empty, request=hints, rng=rng)
+        row = classes[i]
+        hints = RequestHints(prompt_tokens=int(table.prompt_tokens[i]), task=row.label)
+        decision = decide(row.classification, compiled, book.snapshot if book else empty, request=hints, rng=rng)
         run.explored += decision.explore
         for attempt, arm in enumerate((decision.arm, *decision.fallbacks)):
             j = column[arm.key]

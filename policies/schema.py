@@ -22,6 +22,10 @@ EffortName = Literal[EFFORTS]  # type: ignore[valid-type]
 TaskName = Literal[TASK_TYPES]  # type: ignore[valid-type]
 TierName = Literal[tuple(name for name, _ in DIFFICULTY_TIERS)]  # type: ignore[misc]
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")]
+# A client's task label (x-ponder-task): it becomes part of the learner's bucket key (`label:tier`),
+# so no `:`, `*` or uppercase, and short.
+TASK_LABEL_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
+TaskLabel = Annotated[str, Field(pattern=TASK_LABEL_PATTERN)]
 Usd = Annotated[float, Field(ge=0)]
 
 SAMPLING_STRATEGIES = ("self_consistency", "adaptive_consistency", "best_of_n")
@@ -180,6 +184,12 @@ class Overrides(_Strict):
         default_factory=list, description="Strategies a client may ask for with x-ponder-strategy."
     )
     direct_backend: bool = Field(default=True, description="A backend name as `model` bypasses routing.")
+    task_header: list[TaskLabel] = Field(
+        default_factory=list,
+        description="Task labels a client may send in x-ponder-task instead of the classifier's task type: "
+        "a task type picks its routes, any other label the catch-all route; either way the learner keys its "
+        "buckets on the label (e.g. one per app or subject, `legal-qa:hard`).",
+    )
 
 
 class PricePrior(_Strict):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +32,8 @@ from typing import Any
 from policies.backends import BackendSpec
 from policies.loader import resolve_prices
 from policies.schema import (
-    ArmSpec, Objective, Policy, PolicyError, PricePrior, expected_output_tokens, policy_problems,
+    TASK_LABEL_PATTERN, ArmSpec, Objective, Policy, PolicyError, PricePrior, expected_output_tokens,
+    policy_problems,
 )
 from router import learner
 from router.types import (
@@ -67,6 +69,7 @@ class RequestHints:
     max_cost_usd: float | None = None  # x-ponder-max-cost-usd
     max_latency_ms: float | None = None  # x-ponder-max-latency-ms
     strategy: str | None = None  # x-ponder-strategy
+    task: str | None = None  # x-ponder-task: the client's task label
     reasoning_effort: str | None = None  # body `reasoning_effort`
     prompt_tokens: int | None = None  # estimated
     max_output_tokens: int | None = None  # body `max_tokens` / `max_completion_tokens`
@@ -79,7 +82,12 @@ class RequestHints:
         strategy = headers.get("x-ponder-strategy") or None
         if strategy is not None and strategy not in STRATEGIES:
             raise InvalidHint(f"x-ponder-strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
+        task = headers.get("x-ponder-task") or None
+        if task is not None and not _TASK_LABEL.match(task):
+            raise InvalidHint(f"x-ponder-task must be a lowercase label of letters, digits, '_', '.' or '-' "
+                              f"(at most 64); got {task[:80]!r}")
         return cls(
+            task=task,
             max_cost_usd=_header_number(headers, "x-ponder-max-cost-usd"),
             max_latency_ms=_header_number(headers, "x-ponder-max-latency-ms"),
             strategy=strategy,
@@ -90,6 +98,7 @@ class RequestHints:
 
 
 _NO_HINTS = RequestHints()
+_TASK_LABEL = re.compile(TASK_LABEL_PATTERN)
 
 
 class InvalidHint(ValueError):
@@ -315,7 +324,7 @@ class CompiledPolicy:
 
     def allows_override(self, name: str) -> bool:
         """Whether the policy honours a client override: policy, strategy, reasoning_effort, max_cost,
-        max_latency or direct_backend (unknown names: no)."""
+        max_latency, direct_backend or task (unknown names: no)."""
         overrides = self.policy.overrides
         return bool({
             "policy": overrides.policy_header,
@@ -324,6 +333,7 @@ class CompiledPolicy:
             "max_cost": overrides.max_cost_header,
             "max_latency": overrides.max_latency_header,
             "direct_backend": overrides.direct_backend,
+            "task": overrides.task_header,
         }.get(name, False))
 
     def strategy_params(self, arm: Arm) -> dict[str, Any]:
@@ -556,10 +566,19 @@ def decide(
     hints = request or _NO_HINTS
     overrides = policy.overrides
     objective = view.objective
+    labelled = None
+    if hints.task is not None:
+        if hints.task in overrides.task_header:
+            labelled = f"task {hints.task} from x-ponder-task (the classifier said {classification.task})"
+            classification = dataclasses.replace(classification, task=hints.task)
+        else:
+            labelled = f"ignored x-ponder-task={hints.task}: not allowed by policy `{policy.name}`"
     task, difficulty = classification.task, classification.difficulty
     tier = difficulty_tier(difficulty)
     route = view.route(task, difficulty, tier)
     reasons = [f"{task}:{tier} (difficulty {difficulty:.2f}) -> route `{route.name}`"]
+    if labelled:
+        reasons.append(labelled)
     rule = route.name
     rows = route.rows
     strength = policy.learner.prior_strength

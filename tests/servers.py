@@ -114,7 +114,8 @@ def write_policy(tmp: Path, policy: dict, name: str = "policy.yaml") -> str:
 
 def two_mock_policy(tmp: Path, name: str) -> str:
     """A policy over backends `mock-a` (cheap) and `mock-b` (strong), with a 5-sample vote arm, no
-    exploration, and the strategy header honoured for `single` and `self_consistency`."""
+    exploration, the strategy header honoured for `single` and `self_consistency`, and the task
+    label `legal-qa` allowed."""
     return write_policy(tmp, {
         "name": name,
         "arms": {
@@ -124,5 +125,5 @@ def two_mock_policy(tmp: Path, name: str) -> str:
         },
         "routes": [{"name": "all", "candidates": ["cheap", "strong"]}],
         "exploration": {"share": 0.0},
-        "overrides": {"strategy_header": ["self_consistency", "single"]},
+        "overrides": {"strategy_header": ["self_consistency", "single"], "task_header": ["legal-qa"]},
     }, f"{name}.yaml")

@@ -487,3 +487,40 @@ def test_price_prior_bounds_and_off():
         "local": 0.5, "quick": 0.5, "middle": 0.5, "big": 0.5, "pinned": 0.3}
     with pytest.raises(Exception, match="must not be above high"):
         _priced("learner: {price_prior: {low: 0.8, high: 0.6}}")
+
+
+# --- a client's task label -----------------------------------------------------------------------
+
+LABELLED = POLICY.replace("  strategy_header: [self_consistency]\n",
+                          "  strategy_header: [self_consistency]\n  task_header: [legal-qa, math]\n")
+
+
+def test_client_task_label_keys_the_bucket():
+    """x-ponder-task (allowed by the policy) replaces the classifier's task: a task type picks its
+    routes, another label the catch-all route; the bucket is label x the classifier's tier."""
+    policy = make_policy(0.0, LABELLED)
+    chat = Classification("chat", {"chat": 1.0}, 0.9)
+    labelled = decide(chat, policy, {}, request=RequestHints(task="legal-qa"))
+    assert labelled.task == "legal-qa" and labelled.bucket == "legal-qa:hard" and labelled.rule == "catch-all"
+    assert any("task legal-qa from x-ponder-task (the classifier said chat)" in r for r in labelled.reasons)
+    as_math = decide(chat, policy, {}, request=RequestHints(task="math"))
+    assert as_math.rule == "hard-math" and as_math.bucket == "math:hard"
+    # the label's own record decides: what was learned under legal-qa:hard, not chat:hard
+    arm = compile_policy(policy).arms["mid-low"].arm
+    learned = {"legal-qa:hard": {arm.key: ArmStats(count=50, successes=50, weight=50, cost_usd=0.01)},
+               "chat:hard": {arm.key: ArmStats(count=50, successes=0, weight=50, cost_usd=0.01)}}
+    with_label = decide(chat, policy, learned, request=RequestHints(task="legal-qa"))
+    without = decide(chat, policy, learned)
+    assert candidate(with_label, policy, "mid-low").expected_accuracy > 0.8 > 0.2 > candidate(
+        without, policy, "mid-low").expected_accuracy
+    refused = decide(chat, policy, {}, request=RequestHints(task="tax"))
+    assert refused.task == "chat" and any("ignored x-ponder-task=tax" in r for r in refused.reasons)
+    assert decide(chat, make_policy(0.0), {}, request=RequestHints(task="math")).task == "chat"  # not allowed
+
+
+@pytest.mark.parametrize("label", ["Legal", "a:b", "x" * 65, "*", "-lead", "two words"])
+def test_malformed_task_label_is_a_bad_request(label):
+    from router.decide import InvalidHint
+
+    with pytest.raises(InvalidHint, match="x-ponder-task"):
+        RequestHints.from_request(object(), {"x-ponder-task": label})

@@ -303,3 +303,19 @@ def test_chat_arms_keep_chat_tuned_and_api_models_only():
              "gemini-1.5-pro-002", "DeepSeek-Coder-V2", "Mistral-7B-v0.1", "Yi-6b-Chat"]
     assert chat_arms(names) == ["Meta-Llama-3_1-70B-Instruct", "Qwen1.5-72B-Chat", "gemini-1.5-pro-002",
                                 "DeepSeek-Coder-V2", "Yi-6b-Chat"]
+
+
+def test_group_buckets_go_through_the_client_task_label():
+    """`[group buckets]` is what a client gets by sending its group as x-ponder-task: the replay's
+    policy allows the labels and decide() keys the bucket on them."""
+    from evals.routing import build_policy, classify_rows, replay, task_label
+
+    assert task_label("Computer Science") == "computer-science" and task_label("boolean_expressions") == "boolean_expressions"
+    table = _synthetic_table(40)
+    table.groups[:] = ["Hard Ones" if g == "g1" else "easy" for g in table.groups]
+    policy = build_policy(table, 1.0, explore=0.0)
+    assert policy.overrides.task_header == ["easy", "hard-ones"]
+    rows = classify_rows(table, length_scores(table.prompts), "group")
+    run = replay(table, rows, policy, np.arange(40), None, None)
+    expected = [row.bucket for row in rows]
+    assert run.buckets == expected and {b.split(":")[0] for b in expected} == {"easy", "hard-ones"}

@@ -138,6 +138,23 @@ def test_self_consistency_votes_and_counts_every_sample(client, mock):
         sum(len(m["content"].split()) for m in b["messages"]) for b in got["bodies"])
 
 
+def test_client_task_label_keys_the_learner(client, gw):
+    """x-ponder-task: the policy allows `legal-qa`, so the decision, the response and the recorded
+    event carry it (the learner's bucket is legal-qa x tier); a malformed label is a clean 400."""
+    raw = client.chat.completions.with_raw_response.create(
+        model="auto", messages=[{"role": "user", "content": "Is a verbal contract binding?"}],
+        extra_headers={"x-ponder-task": "legal-qa"})
+    completion = raw.parse()
+    assert raw.headers["x-ponder-task"] == "legal-qa" and completion.model_extra["ponder"]["task"] == "legal-qa"
+    detail = httpx.get(f"{gw.url}/v1/ponder/requests/{completion.id}").json()
+    assert detail["classifier"]["bucket"].startswith("legal-qa:")
+    assert any("from x-ponder-task" in reason for reason in detail["decision"]["reasons"])
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "x"}],
+                                       extra_headers={"x-ponder-task": "Legal QA"})
+    assert info.value.body["code"] == "invalid_header" and "x-ponder-task" in info.value.body["message"]
+
+
 def test_stream_that_breaks_before_any_byte_is_retried_invisibly(client, mock):
     control(mock, script=["500"], answers=["fine after all"])
     chunks = list(client.chat.completions.create(model="mock-a", messages=[{"role": "user", "content": "a"}],
