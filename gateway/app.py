@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -341,9 +340,6 @@ def create_app(config: GatewayConfig) -> Starlette:
         except BaseException:
             await gateway.close()  # a failed start must not leave the model process or sessions behind
             raise
-        # Everything loaded so far (litellm, onnxruntime, pydantic schemas: ~400k objects) lives as long
-        # as the process: keep it out of the cyclic collector, whose full passes over it take 0.1-0.2 s.
-        gc.freeze()
         try:
             yield
         finally:
