@@ -237,6 +237,24 @@ def test_learner_replay_small_stream_is_close_to_hindsight(tmp_path):
     assert "Over arrival orders 7-8" in (tmp_path / "report.md").read_text()
 
 
+def test_learner_replay_mmlu_pro_from_cold_price_priors():
+    """Issue 5's MMLU-Pro stream at full length (5,000 requests, 29 priced arms, lambda 10) over the
+    suite's eight arrival orders, on plumbing scores (length tiers; the classifier-scored run is in
+    docs/eval.md): the default cold priors (rising with price) keep >= 95% of the hindsight utility
+    on average, flat priors do not (measured 0.967 and 0.917)."""
+    from evals.learner_replay import SWEEP_SEEDS, learner_replay
+    from evals.tables import load_mmlu_pro
+
+    table = load_mmlu_pro()
+    streams = {"mmlu": (table, length_scores(table.prompts))}
+    default = learner_replay(streams, None, cost_weights=(10.0,), sweep_seeds=SWEEP_SEEDS)["streams"]["mmlu lambda=10"]
+    flat = learner_replay(streams, None, cost_weights=(10.0,), sweep_seeds=SWEEP_SEEDS,
+                          policy_options={"price_prior": None})["streams"]["mmlu lambda=10"]
+    assert default["requests"] == 5000 and default["arms"] == 29 and len(default["sweep_ratios"]) == 8
+    assert default["sweep_mean"] >= 0.95 and default["meets_bar"]
+    assert flat["sweep_mean"] < default["sweep_mean"] - 0.02
+
+
 def test_leak_free_scores_never_train_on_the_source(monkeypatch, tmp_path):
     """A tiny source-out fit: the held-out source is absent from what the classifier is fitted on."""
     from router import train as T
