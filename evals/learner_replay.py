@@ -5,8 +5,9 @@ Two streams, each in a seeded arrival order:
   so no call fails and every arm is judged on the same prompts);
 - BBH: code-davinci-002 answering directly or with chain of thought (cost = output length).
 Each request is classified (leak-free scores, see evals/classification.py), decided by router.decide
-with the policy default's cold priors (rising with price, no outcome data) and the shipped exploration settings, answered from the table,
-and its outcome added to the (bucket, arm) aggregates the next decision reads (evals/routing.replay).
+with the policy default's cold priors (rising with price, no outcome data) and the shipped exploration
+settings, answered from the table, and its outcome added to the (bucket, arm) aggregates the next
+decision reads (evals/routing.replay).
 
 Measured: the cumulative utility (correct - lambda x cost) after `requests` requests, against the best
 fixed arm per bucket in hindsight (the arm whose recorded utility summed over that bucket's requests is

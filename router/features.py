@@ -466,7 +466,8 @@ def _concat_rows(rows: list[SparseFeatures]) -> SparseFeatures:
     """One SparseFeatures from single-prompt ones, in order."""
     sizes = np.array([len(r.indices) for r in rows], dtype=np.int64)
     starts = np.cumsum(sizes) - sizes
-    bounds = np.concatenate([r.bounds[:-1] + start for r, start in zip(rows, starts.tolist())] + [sizes.sum(keepdims=True)])
+    shifted = [r.bounds[:-1] + start for r, start in zip(rows, starts.tolist())]
+    bounds = np.concatenate(shifted + [sizes.sum(keepdims=True)])
     return SparseFeatures(
         np.concatenate([r.indices for r in rows]),
         np.concatenate([r.tf for r in rows]),
