@@ -442,7 +442,7 @@ _request = st.fixed_dictionaries({
     "content_type": st.sampled_from(["application/json", "text/plain", "application/x-www-form-urlencoded", "",
                                      "multipart/form-data; boundary=x", "application/json; charset=latin-1"]),
     "headers": st.dictionaries(st.sampled_from(["x-ponder-strategy", "x-ponder-max-cost-usd", "x-ponder-policy",
-                                                "x-ponder-max-latency-ms", "authorization"]),
+                                                "x-ponder-max-latency-ms", "x-ponder-task", "authorization"]),
                                st.text(_ascii, max_size=20).map(str.strip), max_size=2),
 })
 
