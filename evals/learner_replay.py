@@ -156,7 +156,7 @@ def main(argv=None) -> None:
         options = {"price_prior": None}
     elif args.price_prior:
         options = {"price_prior": PricePrior(low=args.price_prior[0], high=args.price_prior[1])}
-    first, last = args.seeds if len(args.seeds) == 2 else (7, 14)
+    first, last = args.seeds if len(args.seeds) == 2 else (SWEEP_SEEDS[0], SWEEP_SEEDS[-1])
     streams = {}
     for name, loader in (("mmlu-pro", load_mmlu_pro), ("bbh-effort", load_bbh_effort)):
         if args.streams and name not in args.streams:

@@ -178,7 +178,8 @@ class CompiledArm:
         self.arm = _build_arm(spec, policy)
         self.key = self.arm.key
         self.backend, self.effort, self.strategy = spec.backend, spec.effort, spec.strategy
-        self.prior = spec.prior if spec.prior is not None else DEFAULT_PRIOR  # CompiledPolicy sets cold_priors()
+        # an arm without a prior of its own: CompiledPolicy replaces this with price_priors()'s
+        self.prior = spec.prior if spec.prior is not None else DEFAULT_PRIOR
         self.tokens = expected_output_tokens(spec, backends[spec.backend])
         # Cost is linear in prompt tokens for every strategy: cost(p) = per_token * p + fixed.
         fixed, latency, p95 = _estimate(spec, policy, backends, 0, None)
@@ -202,21 +203,21 @@ class CompiledArm:
         return found
 
 
-def cold_priors(arms: dict[str, CompiledArm], price_prior: PricePrior | None) -> dict[str, float]:
-    """Each arm's cold-start P(correct): its own `prior` if set; else, with `price_prior`, linear in
-    the log of its estimated cost per call (cost_reference) from `low` at the policy's cheapest priced
-    arm to `high` at its priciest (free arms: `low`; one price for all: the middle); else 0.5."""
-    own = {name: arm.spec.prior for name, arm in arms.items() if arm.spec.prior is not None}
+def price_priors(arms: dict[str, CompiledArm], price_prior: PricePrior | None) -> dict[str, float]:
+    """The cold-start P(correct) of the arms without a `prior` of their own (those keep theirs, and
+    with no `price_prior` DEFAULT_PRIOR stands): linear in the log of the arm's estimated cost per
+    call (cost_reference) from `low` at the policy's cheapest priced arm to `high` at its priciest
+    (free arms: `low`; one price for all: the middle)."""
     if price_prior is None:
-        return {name: own.get(name, DEFAULT_PRIOR) for name in arms}
+        return {}
     logs = {name: math.log(arm.cost_reference) for name, arm in arms.items() if arm.cost_reference > 0}
     lowest, highest = min(logs.values(), default=0.0), max(logs.values(), default=0.0)
     span = price_prior.high - price_prior.low
     priors = {}
-    for name in arms:
-        if name in own:
-            priors[name] = own[name]
-        elif name not in logs:
+    for name, arm in arms.items():
+        if arm.spec.prior is not None:
+            continue
+        if name not in logs:
             priors[name] = price_prior.low
         elif highest > lowest:
             priors[name] = price_prior.low + span * (logs[name] - lowest) / (highest - lowest)
@@ -291,7 +292,7 @@ class CompiledPolicy:
         self.policy = policy
         backends = {spec.name: spec for spec in policy.backends}
         self.arms = {name: CompiledArm(name, spec, policy, backends) for name, spec in policy.arms.items()}
-        for name, prior in cold_priors(self.arms, policy.learner.price_prior).items():
+        for name, prior in price_priors(self.arms, policy.learner.price_prior).items():
             self.arms[name].prior = prior
         self.by_key = {arm.key: arm for arm in self.arms.values()}
         self.aliases: dict[str, CompiledAlias] = {}
