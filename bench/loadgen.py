@@ -6,7 +6,8 @@ measured with the same client, so the client's own cost cancels out of "added la
 Run:  python bench/loadgen.py '{"mode": "closed", "url": ..., "body": {...}, "concurrency": 16, ...}'
 Prints one JSON object on stdout. Modes:
   closed    `concurrency` workers back to back, for `requests` requests or `duration_s` seconds
-            (after `warmup` requests): latency percentiles, requests/s, errors.
+            (after `warmup` requests): latency percentiles, requests/s, errors; with
+            `"server_timing": true` also the percentiles of each Server-Timing entry the server sent.
   stream    `requests` streamed completions one after another: time to first byte, time from the
             first to the last byte, to the last byte, events received, whether each ended with [DONE].
 """
@@ -44,6 +45,8 @@ async def closed_loop(spec: dict[str, Any]) -> dict[str, Any]:
     duration = spec.get("duration_s")
     latencies: list[float] = []
     errors: dict[str, int] = {}
+    timing_headers: list[str] = []  # parsed after the run, off the timed path
+    want_timing = bool(spec.get("server_timing"))
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
 
@@ -54,10 +57,13 @@ async def closed_loop(spec: dict[str, Any]) -> dict[str, Any]:
                     await response.read()
                     ok = response.status in accept
                     key = str(response.status)
+                    timing = response.headers.get("Server-Timing") if want_timing else None
             except Exception as exc:  # every failure is counted, none aborts the run
-                ok, key = False, type(exc).__name__
+                ok, key, timing = False, type(exc).__name__, None
             if ok:
                 latencies.append(time.perf_counter() - started)
+                if timing:
+                    timing_headers.append(timing)
             else:
                 errors[key] = errors.get(key, 0) + 1
 
@@ -65,6 +71,7 @@ async def closed_loop(spec: dict[str, Any]) -> dict[str, Any]:
             await one()
         latencies.clear()
         errors.clear()
+        timing_headers.clear()
         issued = 0
         started = time.perf_counter()
         stop_at = started + duration if duration else float("inf")
@@ -78,9 +85,24 @@ async def closed_loop(spec: dict[str, Any]) -> dict[str, Any]:
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
     done = len(latencies) + sum(errors.values())
-    return {"mode": "closed", "concurrency": concurrency, "elapsed_s": elapsed, "requests": done,
-            "ok": len(latencies), "errors": errors, "rps": len(latencies) / elapsed if elapsed else 0.0,
-            "latency_ms": {k: (v * 1000 if k != "n" else v) for k, v in percentiles(latencies).items()}}
+    out = {"mode": "closed", "concurrency": concurrency, "elapsed_s": elapsed, "requests": done,
+           "ok": len(latencies), "errors": errors, "rps": len(latencies) / elapsed if elapsed else 0.0,
+           "latency_ms": {k: (v * 1000 if k != "n" else v) for k, v in percentiles(latencies).items()}}
+    if want_timing:
+        out["server_timing_ms"] = {name: percentiles(values) for name, values in server_timings(timing_headers).items()}
+    return out
+
+
+def server_timings(headers: list[str]) -> dict[str, list[float]]:
+    """`Server-Timing: classify;dur=0.1, total;dur=0.5` headers as {name: [ms, ...]}."""
+    found: dict[str, list[float]] = {}
+    for header in headers:
+        for entry in header.split(","):
+            name, *params = (part.strip() for part in entry.split(";"))
+            for param in params:
+                if param.startswith("dur="):
+                    found.setdefault(name, []).append(float(param[4:]))
+    return found
 
 
 async def streams(spec: dict[str, Any]) -> dict[str, Any]:

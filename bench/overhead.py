@@ -8,7 +8,9 @@ Targets, each in front of the same minimal upstream (bench/fast_upstream.py) on 
 
 Per target: startup time to ready, RSS idle and under load, added latency p50/p99 at concurrency 1
 (paired with a direct run just before it), requests/s at concurrency 16 and 64, server CPU ms per
-request, and for streaming the added time to first byte and the added time per chunk.
+request, and for streaming the added time to first byte and the added time per chunk. Ponder runs
+with `server_timing: true`, so its answers also say where its time went (classify, decide, the
+upstream call, the handler in all): reported for the median latency round.
 
 Run:  .venv/bin/python bench/overhead.py                  (about 4 minutes; installs LiteLLM the first time)
       .venv/bin/python bench/overhead.py --quick          (shorter runs, for a smoke test)
@@ -188,7 +190,7 @@ def measure(name: str, url: str, model: str, server: Server | None, direct_url: 
     rounds = []
     for _ in range(ROUNDS):
         base = loadgen({**single, "url": direct_endpoint, "body": {**REQUEST, "model": "bench"}})
-        lat = loadgen({**single, "url": endpoint, "body": body, **auth})
+        lat = loadgen({**single, "url": endpoint, "body": body, "server_timing": name == "ponder", **auth})
         rounds.append((lat["latency_ms"]["p50"] - base["latency_ms"]["p50"], lat, base))
     rounds.sort(key=lambda r: r[0])
     _, lat, base = rounds[len(rounds) // 2]
@@ -196,6 +198,8 @@ def measure(name: str, url: str, model: str, server: Server | None, direct_url: 
     out["direct_c1_ms"] = base["latency_ms"]
     out["errors_c1"] = merge_errors([r[1] for r in rounds])
     out["added_p50_ms_rounds"] = [r[0] for r in rounds]
+    if "server_timing_ms" in lat:  # Ponder's own account of the same round: where its time went
+        out["server_timing_c1_p50_ms"] = {step: v["p50"] for step, v in lat["server_timing_ms"].items()}
     if server is not None:
         out["added_p50_ms"] = lat["latency_ms"]["p50"] - base["latency_ms"]["p50"]
         out["added_p99_ms"] = lat["latency_ms"]["p99"] - base["latency_ms"]["p99"]
@@ -315,6 +319,20 @@ def table(targets: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def steps_table(ponder: dict[str, Any]) -> str:
+    """Ponder's own account (Server-Timing, p50 of the median c=1 round) of where its time went."""
+    steps = ponder.get("server_timing_c1_p50_ms")
+    if not steps:
+        return ""
+    lines = ["", "", "Where Ponder's time went at c=1 (its Server-Timing header, p50 in ms, median round):", "",
+             "| classify | decide | upstream call | execute | handler total | handler minus upstream |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    own = steps["total"] - steps["upstream"]
+    lines.append("| " + " | ".join(f"{steps[k]:.3f}" for k in ("classify", "decide", "upstream", "execute", "total"))
+                 + f" | {own:.3f} |")
+    return "\n".join(lines)
+
+
 # -- profiling --------------------------------------------------------------------------------------
 
 
@@ -423,7 +441,7 @@ def main() -> int:
                 print(f"{name}: starting", flush=True)
                 try:
                     if name == "ponder":
-                        server = start_ponder(tmp, upstream, PONDER_POLICY, api_key=API_KEY)
+                        server = start_ponder(tmp, upstream, PONDER_POLICY, api_key=API_KEY, server_timing=True)
                     else:
                         server = start(tmp, upstream)
                 except Exception as exc:  # noqa: BLE001 (report a target that cannot start, keep the rest)
@@ -436,7 +454,7 @@ def main() -> int:
                     server.stop()
             result["machine"]["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]
             result["checks"] = checks(targets)
-            result["table_md"] = table(targets)
+            result["table_md"] = table(targets) + steps_table(targets.get("ponder", {}))
         finally:
             upstream.stop()
     path = write_result("overhead.json", result)

@@ -97,6 +97,22 @@ def plan_headers(plan: Plan) -> dict[str, str]:
     }
 
 
+def server_timing(plan: Plan, caller: Caller, received: float, executing: float | None = None, *,
+                  finished_calls: bool = True) -> str:
+    """The `Server-Timing` header (opt-in, `server_timing: true`): where this request's time went, in ms.
+    `execute` is the strategy's wall time (for a relayed stream: until the first chunk); `upstream`
+    sums the finished calls' latencies (parallel samples overlap)."""
+    now = time.perf_counter()
+    parts = [f"classify;dur={plan.classify_s * 1000:.3f}", f"decide;dur={plan.decide_s * 1000:.3f}"]
+    if executing is not None:
+        if finished_calls:
+            upstream_ms = sum(call.latency_ms for call in caller.calls)
+            parts.append(f'upstream;dur={upstream_ms:.3f};desc="{len(caller.calls)} call(s)"')
+        parts.append(f"execute;dur={(now - executing) * 1000:.3f}")
+    parts.append(f"total;dur={(now - received) * 1000:.3f}")
+    return ", ".join(parts)
+
+
 def extension(plan: Plan, caller: Caller, result: StrategyResult | None) -> dict[str, Any]:
     arm = result.arm if result else plan.decision.arm
     details = result.details if result else {}
@@ -125,6 +141,7 @@ def finish_response(plan: Plan, caller: Caller, result: StrategyResult) -> dict[
 
 
 async def chat_completions(request: Request) -> Response:
+    received = time.perf_counter()
     gw = gateway_of(request)
     principal = gw.keys.authenticate(request)
     body = parse_json_body(await read_body(request, gw.config.max_body_bytes))
@@ -133,7 +150,8 @@ async def chat_completions(request: Request) -> Response:
     reservation = await gw.reserve_budget(plan)
     caller = gw.caller()
     if req.stream:
-        return await stream_chat(request, gw, plan, req, caller, reservation)
+        return await stream_chat(request, gw, plan, req, caller, reservation, received)
+    executing = time.perf_counter()
     try:
         result = await until_disconnect(request, gw.execute(plan, req, caller), caller)
     except ApiError as exc:
@@ -146,6 +164,8 @@ async def chat_completions(request: Request) -> Response:
     headers["x-ponder-arm"] = result.arm.key
     headers["x-ponder-cost-usd"] = f"{response['ponder']['cost_usd']:.8f}"
     headers["x-ponder-samples"] = str(response["ponder"]["samples"])
+    if gw.config.server_timing:
+        headers["server-timing"] = server_timing(plan, caller, received, executing)
     # Recorded and settled right after the last byte is written: no await comes between the two, so
     # the event is in the store before this process reads any other request (feedback included).
     return json_response(response, headers=headers,
@@ -195,9 +215,10 @@ async def _wait_disconnect(request: Request) -> None:
 
 
 async def stream_chat(request: Request, gw: Gateway, plan: Plan, req: ChatRequest, caller: Caller,
-                      reservation: Any) -> Response:
+                      reservation: Any, received: float) -> Response:
     headers = plan_headers(plan)
     if plan.decision.arm.strategy == "single" and req.n == 1:
+        executing = time.perf_counter()
         try:
             # The client may leave while the first byte is awaited: then no retry and no fallback.
             passthrough = await until_disconnect(request, open_first_stream(gw, plan, req, caller), caller)
@@ -209,6 +230,8 @@ async def stream_chat(request: Request, gw: Gateway, plan: Plan, req: ChatReques
         served = plan.decision.arm if passthrough.backend.name == plan.decision.arm.backend else \
             Arm(backend=passthrough.backend.name, effort=plan.decision.arm.effort)  # a fallback answered
         headers["x-ponder-arm"] = served.key
+        if gw.config.server_timing:
+            headers["server-timing"] = server_timing(plan, caller, received, executing, finished_calls=False)
 
         async def body_iter() -> AsyncIterator[bytes]:
             try:
@@ -225,6 +248,8 @@ async def stream_chat(request: Request, gw: Gateway, plan: Plan, req: ChatReques
 
         return StreamingResponse(body_iter(), media_type="text/event-stream", headers=headers)
 
+    if gw.config.server_timing:  # the headers go out before the strategy has run
+        headers["server-timing"] = server_timing(plan, caller, received)
     work = asyncio.ensure_future(gw.execute(plan, req, caller))
 
     def to_chunks(result: StrategyResult) -> list[dict]:

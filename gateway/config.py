@@ -69,6 +69,8 @@ class GatewayConfig(BaseModel):
     request_timeout_s: PositiveFloat = 120.0
     cors_origins: list[str] = Field(default_factory=list, description="CORS is off unless origins are listed.")
     log_prompts: bool = False
+    server_timing: bool = Field(
+        default=False, description="Add a Server-Timing header (classify, decide, upstream, total; ms) to answers.")
 
 
 class ConfigError(Exception):

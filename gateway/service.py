@@ -52,6 +52,8 @@ class Plan:
     principal: Principal
     alias: str
     worst_cost_usd: float = 0.0  # what the request may cost at most (see Gateway.worst_case_usd)
+    classify_s: float = 0.0  # how long the classifier and the decision took (Server-Timing)
+    decide_s: float = 0.0
     started: float = field(default_factory=time.perf_counter)
     ts: float = field(default_factory=time.time)
 
@@ -138,12 +140,15 @@ class Gateway:
 
     async def plan(self, req: ChatRequest, headers: Any, principal: Principal) -> Plan:
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        started = time.perf_counter()
         classification = self.classify(req)
+        classified = time.perf_counter()
         policy = self._policy_for(headers)
         if req.model in self.backends:
             decision = self._direct(req, headers, classification, policy)
             return Plan(request_id, decision, policy, principal, req.model,
-                        worst_cost_usd=self.worst_case_usd(decision.arm, req))
+                        worst_cost_usd=self.worst_case_usd(decision.arm, req), classify_s=classified - started,
+                        decide_s=time.perf_counter() - classified)
         if req.model not in policy.aliases:
             raise ApiError(404, f"The model {req.model!r} does not exist; GET /v1/models lists the models "
                                 "and routed aliases.", param="model", code="model_not_found")
@@ -159,7 +164,8 @@ class Gateway:
         except BudgetExhausted as exc:
             raise ApiError(429, str(exc), code="budget_exhausted", headers={"Retry-After": "3600"}) from None
         return Plan(request_id, decision, policy, principal, req.model,
-                    worst_cost_usd=self.worst_case_usd(decision.arm, req))
+                    worst_cost_usd=self.worst_case_usd(decision.arm, req), classify_s=classified - started,
+                    decide_s=time.perf_counter() - classified)
 
     def worst_case_usd(self, arm: Arm, req: ChatRequest) -> float:
         """What answering with this arm can cost at most (every sample writing its whole `max_tokens`):
