@@ -75,12 +75,24 @@ async def readyz(request: Request) -> Response:
     return json_response(checks, 200 if checks["ready"] else 503)
 
 
+def model_card(gw: Gateway, name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": int(gw.started_at), "owned_by": "ponder"}
+
+
 async def list_models(request: Request) -> Response:
     gw = gateway_of(request)
     gw.keys.authenticate(request)
-    created = int(gw.started_at)
-    data = [{"id": name, "object": "model", "created": created, "owned_by": "ponder"} for name in gw.models()]
-    return json_response({"object": "list", "data": data})
+    return json_response({"object": "list", "data": [model_card(gw, name) for name in gw.models()]})
+
+
+async def retrieve_model(request: Request) -> Response:
+    gw = gateway_of(request)
+    gw.keys.authenticate(request)
+    name = request.path_params["model"]
+    if name not in gw.models():
+        raise ApiError(404, f"The model {name!r} does not exist; GET /v1/models lists the models and routed aliases.",
+                       param="model", code="model_not_found")
+    return json_response(model_card(gw, name))
 
 
 # -- chat completions -------------------------------------------------------------------------------
@@ -349,6 +361,7 @@ def routes() -> list[Route]:
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", retrieve_model, methods=["GET"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/feedback", feedback, methods=["POST"]),
         *dashboard_routes(),

@@ -25,6 +25,9 @@ from gateway.prices import call_cost, resolve_prices
 from policies.backends import BackendSpec
 
 FAST_PATH_PROVIDERS = {"openai", "hosted_vllm", "llamacpp", "lm_studio"}
+# Upstream statuses that are about the request itself: passed on to the client as they are, never
+# retried, and no mark against the backend's health.
+REQUEST_ERRORS = frozenset({400, 404, 413, 422})
 
 
 @dataclass(slots=True)
@@ -57,13 +60,14 @@ class UpstreamError(Exception):
     """A failed upstream call. `status` is what the client would see if nothing else can serve it."""
 
     def __init__(self, backend: str, status: int, message: str, *, retryable: bool,
-                 retry_after: float | None = None) -> None:
+                 retry_after: float | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.backend = backend
         self.status = status
         self.message = message
         self.retryable = retryable
         self.retry_after = retry_after
+        self.code = code  # the client's error code, when more precise than upstream_error
 
 
 @dataclass(slots=True)
@@ -74,15 +78,21 @@ class BackendHealth:
     cooldown_until: float = 0.0
     base_cooldown_s: float = 1.0
     max_cooldown_s: float = 30.0
+    last_failed_request: int | None = None
 
     def available(self, now: float) -> bool:
         return now >= self.cooldown_until
 
-    def failed(self, now: float, retry_after: float | None = None, *, slow: bool = False) -> None:
-        # One failure may be a blip worth one quick retry; two in a row, an explicit Retry-After, or
-        # one timeout (`slow`: no answer or no first byte in time, which already cost the whole
-        # timeout) means the backend is in trouble, and waiting on it again would only add latency.
-        self.consecutive_failures += 1
+    def failed(self, now: float, retry_after: float | None = None, *, slow: bool = False,
+               request: int | None = None) -> None:
+        # One failure may be a blip worth one quick retry; failures of two requests in a row, an
+        # explicit Retry-After, or one timeout (`slow`: no answer or no first byte in time, which
+        # already cost the whole timeout) mean the backend is in trouble, and waiting on it again
+        # would only add latency. A request failing again counts once: a body this upstream cannot
+        # take fails every attempt, and must not cool the backend down for every other client.
+        if request is None or request != self.last_failed_request:
+            self.consecutive_failures += 1
+        self.last_failed_request = request
         if self.consecutive_failures < 2 and not retry_after and not slow:
             return
         pause = min(self.base_cooldown_s * 2 ** (self.consecutive_failures - 2), self.max_cooldown_s)
@@ -93,6 +103,7 @@ class BackendHealth:
     def succeeded(self) -> None:
         self.consecutive_failures = 0
         self.cooldown_until = 0.0
+        self.last_failed_request = None
 
 
 @dataclass(slots=True)
@@ -132,6 +143,7 @@ class Backend:
         base = (self.spec.api_base or "https://api.openai.com/v1").rstrip("/")
         self.url = f"{base}/chat/completions"
         self.semaphore = asyncio.Semaphore(self.spec.max_concurrency)
+        self.basic_messages = self.spec.message_format == "basic"
         # Built once: aiohttp timeouts are immutable, and per-call construction shows on the hot path.
         self._timeout = aiohttp.ClientTimeout(total=self.spec.timeout_s, sock_connect=self.spec.connect_timeout_s)
         self._stream_timeout = aiohttp.ClientTimeout(total=self.spec.timeout_s,
@@ -161,9 +173,16 @@ class Backend:
     def _payload(self, body: dict[str, Any]) -> dict[str, Any]:
         return {**body, "model": self.upstream_model}
 
+    def _adapt(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The body as this upstream can take it (see BackendSpec.message_format)."""
+        if self.basic_messages and any(_needs_basic(m) for m in body["messages"]):
+            return {**body, "messages": [_basic_message(self.name, m) for m in body["messages"]]}
+        return body
+
     # -- non-streaming ----------------------------------------------------------------------
     async def complete(self, body: dict[str, Any]) -> tuple[dict[str, Any], CallRecord]:
         started = time.perf_counter()
+        body = self._adapt(body)
         async with self.semaphore:
             if self.fast_path:
                 data = await self._complete_fast(body)
@@ -198,7 +217,7 @@ class Backend:
         except Exception:  # any shape: the upstream's body is only informative
             message = raw[:500].decode("utf-8", "replace")
         retryable = status == 429 or status >= 500 or status == 408
-        client_status = status if status in (400, 404, 413, 422) else (429 if status == 429 else 502)
+        client_status = status if status in REQUEST_ERRORS else (429 if status == 429 else 502)
         return UpstreamError(self.name, client_status, f"{self.name}: upstream {status}: {message}",
                              retryable=retryable, retry_after=_seconds(retry_after))
 
@@ -224,8 +243,8 @@ class Backend:
         The upstream is always asked for usage so the stream can be billed; the caller decides
         whether the client sees that chunk. A stream that ends without [DONE] raises UpstreamError.
         """
-        body = {**body, "stream": True, "stream_options": {**(body.get("stream_options") or {}),
-                                                           "include_usage": True}}
+        body = {**self._adapt(body), "stream": True, "stream_options": {**(body.get("stream_options") or {}),
+                                                                        "include_usage": True}}
         async with self.semaphore:
             source = self._stream_fast(body) if self.fast_path else self._stream_litellm(body)
             async for item in source:
@@ -274,6 +293,31 @@ class Backend:
             raise
         except Exception as exc:
             raise _litellm_error(self.name, exc) from None
+
+
+def _needs_basic(message: dict[str, Any]) -> bool:
+    content = message.get("content")
+    return content is None or isinstance(content, list) or message.get("role") == "developer"
+
+
+def _basic_message(backend: str, message: dict[str, Any]) -> dict[str, Any]:
+    """The message in the basic chat format: `developer` as `system`, a string `content` always
+    (an assistant turn that only called tools has none), text parts joined into one string."""
+    if message.get("role") == "developer":
+        message = {**message, "role": "system"}
+    content = message.get("content")
+    if content is None:
+        return {**message, "content": ""}
+    if not isinstance(content, list):
+        return message
+    texts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text":
+            raise UpstreamError(backend, 400, f"{backend} takes text only; the request has a {kind!r} content part",
+                                retryable=False, code="unsupported_content")
+        texts.append(str(part.get("text") or ""))
+    return {**message, "content": "\n".join(texts)}
 
 
 def _seconds(value: str | None) -> float | None:

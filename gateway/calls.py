@@ -7,6 +7,7 @@ disconnect are honoured in one place and every attempt, failed or not, is accoun
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import random
 import time
@@ -18,6 +19,7 @@ from gateway.errors import ApiError
 
 BACKOFF_BASE_S = 0.05
 BACKOFF_MAX_S = 1.0
+_request_ids = itertools.count()
 
 
 @dataclass
@@ -28,6 +30,7 @@ class Caller:
     deadline: float  # time.monotonic() value
     calls: list[CallRecord] = field(default_factory=list)
     cancelled: bool = False
+    ident: int = field(default_factory=_request_ids.__next__)  # tells backends' health one request from another
 
     def remaining(self) -> float:
         return self.deadline - time.monotonic()
@@ -77,7 +80,7 @@ class Caller:
     def _failed(self, backend: Backend, started: float, exc: UpstreamError) -> None:
         now = time.monotonic()
         if exc.status >= 500 or exc.status == 429:  # a 4xx about the request itself says nothing of the backend
-            backend.health.failed(now, exc.retry_after, slow=exc.status == 504)
+            backend.health.failed(now, exc.retry_after, slow=exc.status == 504, request=self.ident)
         if exc.retry_after is None and not backend.health.available(now):
             # If this error reaches the client, it carries when this backend is expected back.
             exc.retry_after = backend.health.cooldown_until - now
@@ -110,5 +113,5 @@ def upstream_to_api_error(exc: UpstreamError, retry_after_s: float | None = None
     is expected back (given, or carried by the error), whole seconds, at least 1."""
     seconds = retry_after_s or exc.retry_after
     headers = {"Retry-After": str(max(1, math.ceil(seconds)))} if seconds else {}
-    code = "upstream_timeout" if exc.status == 504 else "upstream_error"
+    code = exc.code or ("upstream_timeout" if exc.status == 504 else "upstream_error")
     return ApiError(exc.status, exc.message, code=code, headers=headers)

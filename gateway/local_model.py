@@ -80,6 +80,7 @@ class LocalModelServer:
             prices=Prices(input_per_mtok=0.0, output_per_mtok=0.0),  # it runs on our own CPU
             max_context=self.config.n_ctx,
             supports_n=False,  # llama.cpp's server ignores `n`
+            message_format="basic",  # content parts or a `developer` role fail there with a 500
             timeout_s=120.0,
             first_byte_timeout_s=60.0,
             max_retries=1,

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.backends import UpstreamError
+from gateway.backends import REQUEST_ERRORS, UpstreamError
 from gateway.calls import Caller
 from gateway.effort import apply_effort
 from router import cascade, prompts, stopping, voting
@@ -73,6 +73,9 @@ def _sample_body(arm: Arm, body: dict[str, Any], ctx: StrategyContext, *, sample
             out["temperature"] = ctx.param("temperature")
         # Seeded samples: some servers (llama.cpp) ignore `n` and would repeat one greedy answer.
         out["seed"] = int(body.get("seed") or 0) * 1000 + sample
+    elif sample and body.get("seed") is not None:
+        # A client's `n` sent as separate calls: its one seed would make every choice the same one.
+        out["seed"] = int(body["seed"]) + sample
     if cot:
         out["messages"] = prompts.with_cot_instruction(body["messages"], ctx.task, ctx.params.get("cot_template"))
     return apply_effort(out, backend.spec, arm.effort)
@@ -121,7 +124,9 @@ async def _gather_samples(arm: Arm, body: dict[str, Any], ctx: StrategyContext, 
             try:
                 return await ctx.caller.complete(
                     arm.backend, _sample_body(arm, body, ctx, sample=first + i, diverse=diverse, cot=cot))
-            except UpstreamError:
+            except UpstreamError as exc:
+                if exc.status in REQUEST_ERRORS:
+                    raise  # about the request, not this sample: every sample would fail alike
                 return None
 
     results = await asyncio.gather(*(one(i) for i in range(count)))

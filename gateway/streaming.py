@@ -93,7 +93,7 @@ class PassThrough:
         except UpstreamError as exc:
             usage = usage or self._estimated(content_chunks)
             caller.calls.append(self.backend.record(usage, self.started, ok=False, error=exc.message[:300]))
-            self.backend.health.failed(time.monotonic(), exc.retry_after)
+            self.backend.health.failed(time.monotonic(), exc.retry_after, request=caller.ident)
             yield sse_error(f"The upstream stream broke before the answer was complete: {exc.message}")
             return
         finally:

@@ -36,6 +36,14 @@ class BackendSpec(BaseModel):
     )
     max_context: PositiveInt = 8192
     supports_n: bool = Field(default=True, description="Whether the upstream honours `n` > 1 in one call.")
+    message_format: Literal["openai", "basic"] = Field(
+        default="openai",
+        description="`openai`: the upstream takes today's chat format as it is. `basic`: only string "
+        "contents and the system/user/assistant/tool roles (llama.cpp's server, older OpenAI-compatible "
+        "servers): text parts are joined into one string, a missing content is sent as an empty one, "
+        "`developer` is sent as `system`, and a request with any other part (an image, audio) is refused "
+        "with a 400 instead of being sent.",
+    )
     timeout_s: PositiveFloat = 60.0
     first_byte_timeout_s: PositiveFloat = 20.0
     connect_timeout_s: PositiveFloat = 5.0

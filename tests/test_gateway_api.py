@@ -56,6 +56,20 @@ def calls(mock) -> dict:
 def test_models_lists_backends_and_routed_aliases(client):
     ids = {m.id for m in client.models.list()}
     assert {"auto", "mock-a", "mock-b"} <= ids
+    assert client.models.retrieve("auto").id == "auto" and client.models.retrieve("mock-b").id == "mock-b"
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.models.retrieve("gpt-9")
+    assert missing.value.code == "model_not_found"
+
+
+def test_a_request_the_backend_fails_does_not_cool_it_down_for_the_next(client, mock):
+    """Both attempts of one request fail (a body this upstream cannot take fails every time): that is
+    one failure of the backend, not two, so the next request is served instead of refused."""
+    control(mock, script=["500", "500"])
+    with pytest.raises(openai.APIStatusError) as failed:
+        client.chat.completions.create(model="mock-a", messages=[{"role": "user", "content": "x"}])
+    assert failed.value.status_code == 502 and len(calls(mock)["bodies"]) == 2
+    assert client.chat.completions.create(model="mock-a", messages=[{"role": "user", "content": "y"}]).choices
 
 
 def test_direct_backend_answer_usage_and_headers(client, mock):
@@ -224,13 +238,15 @@ def test_health_and_readiness(gw):
 
 @pytest.fixture(scope="module")
 def keyed_stack(tmp_path_factory):
-    """A second gateway with the opt-in settings on: API keys and the Server-Timing header."""
+    """A second gateway with the opt-in settings on: API keys, the Server-Timing header, and a backend
+    (`mock-text`) that takes only the basic chat format and no `n`."""
     import hashlib
 
     tmp = tmp_path_factory.mktemp("keys")
     with running(start_mock(tmp)) as mock:
         with running(start_gateway(tmp, {
-            "backends": [mock_backend("mock-a", mock), mock_backend("mock-b", mock)],
+            "backends": [mock_backend("mock-a", mock), mock_backend("mock-b", mock),
+                         mock_backend("mock-text", mock, message_format="basic", supports_n=False)],
             "policy": policy(tmp),
             "api_keys": [{"id": "team-a", "sha256": hashlib.sha256(KEY.encode()).hexdigest()},
                          {"id": "ops", "sha256": hashlib.sha256(ADMIN_KEY.encode()).hexdigest(), "admin": True}],
@@ -256,6 +272,49 @@ def test_api_keys(keyed_gateway):
     client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
     assert client.chat.completions.create(model="mock-a", messages=[{"role": "user", "content": "x"}]).choices
     assert "sk-test-key" not in keyed_gateway.log()
+
+
+def test_basic_format_backend_gets_messages_it_can_take(keyed_stack):
+    gateway, mock = keyed_stack
+    httpx.post(mock.url + "/reset")
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0)
+    messages = [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "What is 2 + 3?"}, {"type": "text", "text": "Use f."}]},
+        {"role": "assistant", "content": None,
+         "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "5"},
+    ]
+    client.chat.completions.create(model="mock-text", messages=messages)
+    sent = calls(mock)["bodies"][-1]["messages"]
+    assert [m["role"] for m in sent] == ["system", "user", "assistant", "tool"]
+    assert sent[1]["content"] == "What is 2 + 3?\nUse f." and sent[2]["content"] == ""
+    assert sent[2]["tool_calls"] == messages[2]["tool_calls"]
+    client.chat.completions.create(model="mock-a", messages=messages)  # today's format goes as it is
+    assert calls(mock)["bodies"][-1]["messages"] == messages
+
+    sent_before = len(calls(mock)["bodies"])
+    image = [{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": "https://x/y.png"}}]
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model="mock-text", messages=[{"role": "user", "content": image}],
+                                           stream=stream)
+        assert refused.value.code == "unsupported_content" and "image_url" in refused.value.message
+    assert len(calls(mock)["bodies"]) == sent_before  # refused here, not sent
+
+
+def test_n_without_upstream_n_draws_distinct_seeded_samples(keyed_stack):
+    gateway, mock = keyed_stack
+    httpx.post(mock.url + "/reset")
+    control(mock, answers=["a", "b", "c"])
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0)
+    completion = client.chat.completions.create(model="mock-text", messages=[{"role": "user", "content": "x"}],
+                                                n=3, seed=7, temperature=0.9)
+    bodies = calls(mock)["bodies"]
+    assert len(bodies) == 3 and all("n" not in b for b in bodies)
+    # one client seed for three separate calls would give three copies of one answer
+    assert sorted(b["seed"] for b in bodies) == [7, 8, 9]
+    assert len(completion.choices) == 3 and completion.usage.completion_tokens == 3
 
 
 def timings(header: str) -> dict[str, float]:

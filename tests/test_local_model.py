@@ -45,6 +45,29 @@ def test_local_model_streams_through_the_gateway(local_gateway):
     assert chunks[-1].model_extra["ponder"]["usage_estimated"] is True
 
 
+def test_todays_chat_format_reaches_the_basic_local_model(local_gateway):
+    """llama.cpp's server answers a 500 to content parts, a `developer` turn or a tool-calling assistant
+    turn without content: the gateway sends them in the basic format it takes, and refuses images."""
+    client = openai.OpenAI(base_url=local_gateway.url + "/v1", api_key="none", max_retries=0)
+    messages = [
+        {"role": "developer", "content": "Answer briefly."},
+        {"role": "user", "content": [{"type": "text", "text": "What is 2 + 3?"}, {"type": "text", "text": "Use f."}]},
+        {"role": "assistant", "content": None,
+         "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "5"},
+    ]
+    completion = client.chat.completions.create(model="local", messages=messages, max_tokens=8, seed=4)
+    assert completion.choices[0].message.content.strip()
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="local", max_tokens=8,
+                                       messages=[{"role": "user", "content": [{"type": "text", "text": "What is it?"}, image]}])
+    assert refused.value.code == "unsupported_content"
+    # the refusal was about that request: the model still answers the next one
+    assert client.chat.completions.create(model="local", messages=[{"role": "user", "content": "Hi"}],
+                                          max_tokens=4, seed=5).choices[0].message.content is not None
+
+
 def test_local_model_votes_on_a_math_question(local_gateway):
     """A multi-sample strategy on the real model: every sample is a real call and is counted."""
     response = httpx.post(local_gateway.url + "/v1/chat/completions", timeout=120, json={
