@@ -15,7 +15,8 @@
  *
  * handcrafted(user, user_chars, system_chars, user_turns, assistant_turns, has_system, user_len,
  *             ends_with_question, n_words, word_bytes) -> bytes
- *   the N_HANDCRAFTED float32 numbers of features._handcrafted, in its order, from the same inputs
+ *   the first N_HANDCRAFTED float32 numbers of features._handcrafted, in its order, from the same inputs
+ *   (features.py appends the task-term counts, a set intersection that is no faster here)
  *   (user_len: the user turn's length in characters; ends_with_question: 0 or 1).
  *
  * Every constant below is the one of the same name in router/features.py.
@@ -193,7 +194,7 @@ static Py_ssize_t option_line_end(const unsigned char *s, Py_ssize_t len, Py_ssi
     return 0;
 }
 
-#define N_HANDCRAFTED 24
+#define N_HANDCRAFTED 24  /* features.HANDCRAFTED up to the task-term counts */
 static const char *CODE_WORDS[] = {"def ", "return", "import ", "class ", "function", "print(", "#include", "const "};
 
 static PyObject *handcrafted(PyObject *self, PyObject *args) {

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import re
+import struct
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Sequence
 
@@ -31,7 +32,7 @@ except ImportError:  # not built (no compiler): the numpy path gives the same nu
 
 # Bump when anything below changes the vector for the same prompt: the artifact card records it and
 # the runtime refuses an artifact trained on another version (it would silently score garbage).
-FEATURE_VERSION = 3  # 3: 14-bit word and char hashing, multiple-choice layout numbers; 2: char n-grams 3 and 4
+FEATURE_VERSION = 4  # 4: task-term counts; 3: 14-bit word and char hashing, multiple-choice layout numbers
 
 # Deterministic truncation: long pastes usually end with the actual question, so keep head and tail.
 # 2,500 characters hold every MATH, GSM8K, HumanEval and nearly every BBH prompt whole; beyond that
@@ -88,6 +89,11 @@ HANDCRAFTED: tuple[str, ...] = (
     "log_option_mean_bytes",
     "log_stem_digits",
     "log_option_digits",
+    # Distinct words of each TASK_TERMS list in the user turn (below).
+    "log_code_terms",
+    "log_math_terms",
+    "log_writing_terms",
+    "log_reasoning_terms",
 )
 N_HANDCRAFTED = len(HANDCRAFTED)
 N_FEATURES = N_HASHED + N_HANDCRAFTED
@@ -356,6 +362,68 @@ def _options_layout(user_bytes: bytes, digits: int) -> list[float]:
     ]
 
 
+# Task vocabulary the datasets barely show. The code sets are Python functions, the math sets mostly
+# LaTeX problems, the writing set a few hundred instructions, so "Implement quicksort in Rust" or
+# "Draft an email declining a meeting" had nothing to go by (docs/classifier.md, "Natural prompts").
+# Each word here counts for its task wherever it stands; how much a count says is learned from the
+# training prompts that have such words. Words that are common in another task ("function",
+# "solve", "write", "post", "mean") are left out.
+TASK_TERMS: dict[str, frozenset[bytes]] = {
+    "code": frozenset(b"""
+        python python3 javascript typescript js ts java kotlin rust golang c++ c# cpp csharp ruby php swift
+        scala haskell perl lua matlab bash shell zsh powershell sql mysql postgres postgresql sqlite mongodb
+        redis html css scss json yaml xml regex regexp git github gitlab docker dockerfile kubernetes k8s
+        kubectl helm terraform ansible nginx linux unix ubuntu npm pip conda pandas numpy pytorch tensorflow
+        sklearn react angular vue svelte django flask fastapi express node nodejs jquery api apis graphql
+        http https curl endpoint webhook sdk cli compiler compile compiles debug debugging debugger bug bugs
+        segfault exception exceptions traceback stacktrace nullpointerexception typeerror valueerror
+        syntaxerror nonetype null runtime refactor refactoring codebase repo repository commit rebase
+        deploy deployment backend frontend database query queries async await thread threads mutex pointer
+        pointers struct enum inheritance polymorphism recursion recursive algorithm algorithms snippet
+        script scripts code coding programming programmer array arrays string strings loop loops iterator
+        dictionary dict hashmap boolean tuple lambda closure callback promise component components method
+        methods yield div flexbox
+    """.split()),
+    "math": frozenset(b"""
+        math maths mathematics algebra calculus geometry trigonometry arithmetic equation equations
+        inequality derivative derivatives differentiate integral integrals integrate antiderivative
+        polynomial quadratic cubic roots sqrt logarithm log ln exponent exponential factorial prime primes
+        divisor divisors divisible gcd lcm remainder modulo fraction fractions decimal percent percentage
+        ratio proportion probability expected variance deviation median average matrix matrices
+        determinant eigenvalue eigenvalues vector vectors theorem lemma proof area perimeter volume radius
+        diameter circumference triangle triangles rectangle circle sphere cylinder cone polygon hexagon
+        octagon angle angles hypotenuse pythagorean slope intercept parabola asymptote infinity infinite
+        series converge convergence integer integers irrational rational subsets combinations permutations
+        combinatorics binomial simplify calculate factor factorize factorise dice
+    """.split()),
+    "writing": frozenset(b"""
+        email emails letter letters essay essays poem poems poetry haiku sonnet limerick verse rhyme rhymes
+        lyrics song story stories tale novel chapter narrative slogan slogans tagline taglines caption
+        captions headline headlines speech toast eulogy blog article articles tweet tweets linkedin
+        instagram newsletter memo summarize summarise summary paraphrase rewrite rephrase reword proofread
+        translate translation draft compose formal informal concise persuasive tone apology resume cv bio
+        biography outline invitation greeting paragraph creative fiction prose
+    """.split()),
+    "reasoning": frozenset(b"""
+        puzzle puzzles riddle riddles logic logical liar liars lies lying truthful truth deduce deduction
+        deductive infer inference conclude conclusion syllogism premise premises valid invalid argument
+        fallacy taller shorter older younger heavier lighter leftmost rightmost arrange arrangement seated
+        seating knights knaves
+    """.split()),
+}
+# Words on the lowercased bytes: letters, digits, `+` and `#` (c++, c#, python3); anything else
+# separates. translate + split are C loops: a 4,000-byte turn costs microseconds, not a regex pass.
+_TERM_SEPARATORS = bytes(b if chr(b).isalnum() and b < 128 or b in b"+#" or b >= 128 else 32 for b in range(256))
+_TERMS_FORMAT = struct.Struct(f"<{len(TASK_TERMS)}f")  # appended to the C extension's numbers
+_ANY_TERM = frozenset().union(*TASK_TERMS.values())
+_TERM_LISTS = tuple(TASK_TERMS.values())
+
+
+def _task_terms(user_bytes: bytes) -> list[float]:
+    found = _ANY_TERM.intersection(user_bytes.translate(_TERM_SEPARATORS).split())  # the few hits, distinct
+    return [math.log1p(len(found & terms)) for terms in _TERM_LISTS]
+
+
 def _handcrafted(p: Prompt, user_bytes: bytes, n_words: float, word_bytes: float) -> list[float]:
     # Byte counts with bytes methods (C loops, no numpy call): delete a set and compare lengths.
     n = max(len(user_bytes), 1)
@@ -384,6 +452,7 @@ def _handcrafted(p: Prompt, user_bytes: bytes, n_words: float, word_bytes: float
         log1p(n_words) / 4.0,
         min(word_bytes / n_words, 20.0) / 10.0 if n_words else 0.0,
         *_options_layout(user_bytes, digits),
+        *_task_terms(user_bytes),
     ]
 
 
@@ -490,7 +559,8 @@ def _sparse_one(p: Prompt) -> SparseFeatures:
         np.array((0, system_start, char_start, len(counts)), dtype=np.int64),
         np.frombuffer(_native.handcrafted(user_bytes, p.user_chars, p.system_chars, p.user_turns, p.assistant_turns,
                                           bool(p.system), len(p.user), p.user.rstrip().endswith("?"), n_words,
-                                          word_bytes), dtype=np.float32).reshape(1, N_HANDCRAFTED),
+                                          word_bytes) + _TERMS_FORMAT.pack(*_task_terms(user_bytes)),
+                      dtype=np.float32).reshape(1, N_HANDCRAFTED),
     )
 
 

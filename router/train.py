@@ -42,6 +42,7 @@ from router.train_data import DIFFICULTY_NOTES, SOURCE_FAMILY, SYNTHETIC_SOURCE,
 from router.types import TASK_TYPES
 
 ARTIFACT_DIR = Path(__file__).resolve().parent / "artifacts"
+NATURAL_PROMPTS_DIR = Path(__file__).resolve().parent / "data"
 ONNX_NAME = "classifier.onnx"
 CARD_NAME = "classifier.json"
 TEST_PERCENT = 20  # share of problem ids held out
@@ -493,6 +494,20 @@ def difficulty_metrics(examples: Sequence[Example], diff: np.ndarray) -> dict[st
 GRADED_SOURCES = ("math", "gsm8k", "mmlu_pro", "bbh", "cruxeval")
 
 
+def natural_prompt_metrics(model_bytes: bytes) -> dict[str, Any]:
+    """Task type on short prompts written as people type them (router/data/natural_prompts*.jsonl,
+    hand-written for this check, never trained on): the benchmarks' formats are not how users ask."""
+    out = {}
+    for path in sorted(NATURAL_PROMPTS_DIR.glob("natural_prompts*.jsonl")):
+        examples = load_extra(path)
+        probs, _ = onnx_predict(model_bytes, examples)
+        found = task_metrics(examples, probs)
+        out[path.stem] = {"n": found["n"], "accuracy": round(float(np.mean(
+            [TASK_TYPES[p] == ex.task for p, ex in zip(probs.argmax(1), examples)])), 4),
+            "macro_f1": found["macro_f1"], "f1": found["f1"]}
+    return out
+
+
 def leave_one_source_out(
     train: Sequence[Example], everything: Sequence[Example], X_all: sp.csr_matrix, seed: int, bar: Any = None
 ) -> dict[str, Any]:
@@ -612,7 +627,8 @@ def train(
     # Metrics are computed on the ONNX model's own outputs: what ships is what is measured.
     task_probs, difficulty = onnx_predict(model_bytes, test_set)
     bar.update(1)
-    metrics = {"held_out": {"task": task_metrics(test_set, task_probs), "difficulty": difficulty_metrics(test_set, difficulty)}}
+    metrics = {"held_out": {"task": task_metrics(test_set, task_probs), "difficulty": difficulty_metrics(test_set, difficulty)},
+               "natural_prompts": natural_prompt_metrics(model_bytes)}
     if loso:
         bar.set_postfix_str("leave-one-source-out")
         metrics["leave_one_source_out"] = leave_one_source_out(train_set, everything, X_all, seed, bar)
@@ -672,6 +688,8 @@ def metrics_table(card: dict[str, Any]) -> str:
     row("task macro-F1 (held-out)", held["task"]["macro_f1"], ">= 0.90")
     for t, f in held["task"]["f1"].items():
         row(f"  F1 {t}", f)
+    for name, found in card["metrics"].get("natural_prompts", {}).items():
+        row(f"task macro-F1 ({name}, n={found['n']})", found["macro_f1"])
     loso = card["metrics"].get("leave_one_source_out")
     if loso:
         row("task macro-F1 (left-out sources, pooled)", loso["macro_f1_pooled"], ">= 0.80")

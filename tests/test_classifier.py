@@ -322,6 +322,30 @@ def test_clear_prompts(clf, text, task):
     assert clf.classify_text(text).task == task
 
 
+def test_task_terms_count_distinct_words_of_each_list():
+    hand = F.featurize_sparse([F.prompt_from_text("Implement quicksort in Rust, then RUST it in C++ and write an email")]).handcrafted[0]
+    terms = {name: float(hand[F.HANDCRAFTED.index(f"log_{name}_terms")]) for name in F.TASK_TERMS}
+    assert terms["code"] == pytest.approx(math.log1p(2))  # rust (once, whatever its case) and c++
+    assert terms["writing"] == pytest.approx(math.log1p(1)) and terms["math"] == terms["reasoning"] == 0.0
+    for a, b in [("code", "math"), ("code", "writing"), ("math", "writing"), ("math", "reasoning")]:
+        assert not F.TASK_TERMS[a] & F.TASK_TERMS[b], (a, b)  # a word counts for one task only
+
+
+def test_natural_prompts_are_read_as_people_type_them(clf):
+    """Short prompts in everyday wording (router/data, hand-written, never trained on): the benchmarks'
+    formats are not how users ask. Features v3 read 62% / 65% of the two sets right; the task terms
+    lifted that to 73% / 77% (docs/classifier.md)."""
+    from router.train_data import load_extra
+
+    for path in sorted((REPO / "router" / "data").glob("natural_prompts*.jsonl")):
+        examples = load_extra(path)
+        predicted = clf.classify_batch([ex.messages for ex in examples])
+        right = [c.task == ex.task for c, ex in zip(predicted, examples)]
+        assert sum(right) / len(right) >= 0.70, path.name
+        for task in TASK_TYPES:  # and no type is lost on them
+            assert sum(r for r, ex in zip(right, examples) if ex.task == task) >= 0.4 * sum(ex.task == task for ex in examples)
+
+
 def _layout(text: str) -> dict[str, float]:
     hand = F.featurize_sparse([F.prompt_from_text(text)]).handcrafted[0]
     return {name: float(hand[F.HANDCRAFTED.index(name)]) for name in F.HANDCRAFTED if name.startswith(("log_stem", "log_option"))}
@@ -382,6 +406,7 @@ def test_artifact_is_small_and_documented():
     assert card["training_data"]["datasets_sha256"]
     assert card["difficulty_target"]["definition"]
     assert card["metrics"]["held_out"]["task"]["macro_f1"] >= 0.9
+    assert set(card["metrics"]["natural_prompts"]) == {"natural_prompts", "natural_prompts_b"}
 
 
 def test_runtime_does_not_import_sklearn_and_loads_fast():
