@@ -174,29 +174,31 @@ def _as_json(c: Classification) -> dict[str, Any]:
     return {"task": c.task, "task_probs": {k: round(v, 6) for k, v in c.task_probs.items()}, "difficulty": round(c.difficulty, 6)}
 
 
-def _read_rows(path: str) -> Iterable[tuple[dict[str, Any] | None, Any]]:
+def _read_rows(path: str) -> Iterable[tuple[dict[str, Any], Any, str | None]]:
+    """(row, what to classify, why the row cannot be read or None), one per non-empty line."""
     with open(path, encoding="utf-8") as handle:
-        for line in handle:
+        for n, line in enumerate(handle, 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError:
-                yield None, []
+            except json.JSONDecodeError as exc:
+                yield {"line": n}, [], f"line {n}: not JSON ({exc.msg})"
                 continue
-            if not isinstance(row, dict):
-                yield None, []
+            if not isinstance(row, dict) or ("messages" not in row and "prompt" not in row):
+                yield {"line": n}, [], f'line {n}: not an object with "prompt" or "messages"'
             elif "messages" in row:
-                yield row, row["messages"]
+                yield row, row["messages"], None
             else:
-                yield row, str(row.get("prompt", ""))
+                yield row, str(row["prompt"]), None
 
 
 def cli(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="ponder classify",
         description="Print task type, task probabilities and difficulty as JSON.",
-        epilog='Input rows: {"prompt": "..."} or {"messages": [...]}; output rows add "task", "task_probs", "difficulty".',
+        epilog='Input rows: {"prompt": "..."} or {"messages": [...]}; output rows add "task", "task_probs", '
+        '"difficulty" (or "line" and "error" for a row that is neither).',
     )
     parser.add_argument("text", nargs="?", help="the prompt to classify")
     parser.add_argument("--system", default="", help="system prompt to go with TEXT")
@@ -216,19 +218,27 @@ def cli(argv: list[str] | None = None) -> int:
         print(json.dumps(_as_json(classifier.classify_text(args.text, args.system))))
         return 0
     out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    problems = []
     try:
         rows = list(_read_rows(args.input))
         for start in range(0, len(rows), max(args.batch_size, 1)):
             chunk = rows[start : start + args.batch_size]
-            results = classifier.classify_batch([messages for _, messages in chunk])
-            for (row, _), result in zip(chunk, results):
-                out.write(json.dumps({**(row or {}), **_as_json(result)}, ensure_ascii=False) + "\n")
+            results = classifier.classify_batch([messages for _, messages, _ in chunk])
+            for (row, _, problem), result in zip(chunk, results):
+                # one output row per input row, so the two files line up; a bad row says why
+                found = {"error": problem} if problem else _as_json(result)
+                out.write(json.dumps({**row, **found}, ensure_ascii=False) + "\n")
+                if problem:
+                    problems.append(problem)
     except OSError as exc:
         print(f"ponder classify: {exc}", file=sys.stderr)
         return 1
     finally:
         if out is not sys.stdout:
             out.close()
+    if problems:
+        print(f"ponder classify: {len(problems)} row(s) not classified: {'; '.join(problems[:5])}"
+              + (" ..." if len(problems) > 5 else ""), file=sys.stderr)
     return 0
 
 

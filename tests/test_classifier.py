@@ -429,11 +429,16 @@ def test_cli_text_and_files(tmp_path, capsys):
         json.dumps({"prompt": "hello, how are you?", "id": 1}) + "\n"
         + json.dumps({"messages": [{"role": "user", "content": "def add(a, b): return a + b  # add tests"}]}) + "\n"
         + "not json\n"
+        + json.dumps({"text": "no prompt key"}) + "\n"
     )
     assert classify_cli(["--input", str(src), "--output", str(dst)]) == 0
     rows = [json.loads(line) for line in dst.read_text().splitlines()]
-    assert len(rows) == 3 and rows[0]["id"] == 1 and rows[0]["task"] == "chat"
-    assert all(r["task"] in TASK_TYPES for r in rows)
+    assert len(rows) == 4 and rows[0]["id"] == 1 and rows[0]["task"] == "chat"
+    assert all(r["task"] in TASK_TYPES for r in rows[:2])
+    # a row that cannot be read keeps its place and says why, instead of a guess about nothing
+    assert rows[2] == {"line": 3, "error": "line 3: not JSON (Expecting value)"}
+    assert rows[3]["line"] == 4 and "prompt" in rows[3]["error"] and "task" not in rows[3]
+    assert "2 row(s) not classified" in capsys.readouterr().err
 
 
 def test_extra_jsonl_format(tmp_path):
