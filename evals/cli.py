@@ -77,6 +77,7 @@ def run_routing(args, name: str | None, out: Path, log) -> dict:
     bar = _bar(_routing_steps(len(table), len(modes), len(lambdas)), name or "table")
     result = evaluate(table, scores, bucket_modes=modes, lambdas=lambdas, strong=args.strong, weak=args.weak,
                       progress=bar.update)
+    bar.update(bar.total - bar.n)  # without prices the replays are skipped: done all the same
     bar.close()
     if "group" in modes:
         result["group_buckets"] = GROUP_BUCKETS.get(name or "", "the table's group column")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import random
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -280,8 +281,10 @@ def pick_pair(table: OutcomeTable, strong: str | None = None, weak: str | None =
     """(weak, strong) columns: as given, else the table's own, else the most accurate arm and the most
     accurate arm costing at most a fifth of it (the cheapest arm if none does)."""
     names = table.arm_names
-    acc = np.nanmean(table.scores, axis=0)
-    cost = np.nanmean(table.cost_usd, axis=0)
+    with warnings.catch_warnings():  # an arm with no price has an all-NaN cost column: NaN is the answer
+        warnings.simplefilter("ignore", RuntimeWarning)
+        acc = np.nanmean(table.scores, axis=0)
+        cost = np.nanmean(table.cost_usd, axis=0)
     s = names.index(strong or table.strong) if (strong or table.strong) else int(np.argmax(acc))
     if weak or table.weak:
         return names.index(weak or table.weak), s
