@@ -81,8 +81,17 @@ class ChatRequest:
     reasoning_effort: str | None
 
     @property
-    def has_tools(self) -> bool:
-        return bool(self.body.get("tools"))
+    def exact_output(self) -> str | None:
+        """Why the answer must be the model's own, from one call (no vote, no rewritten text), or None."""
+        body = self.body
+        if body.get("tools") or body.get("functions"):
+            return "tools"
+        response_format = body.get("response_format")
+        if isinstance(response_format, dict) and response_format.get("type") not in (None, "text"):
+            return f"response_format {response_format.get('type')}"
+        if body.get("logprobs"):
+            return "logprobs"
+        return None
 
 
 def parse_json_body(raw: bytes) -> dict[str, Any]:

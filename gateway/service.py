@@ -188,7 +188,9 @@ class Gateway:
         """A backend named as `model`: no routing, but the policy may let the client pick a strategy."""
         strategy, n, reasons = "single", 1, [f"client named backend {req.model!r}"]
         asked = headers.get("x-ponder-strategy")
-        if asked:
+        if asked and asked != "single" and req.exact_output:
+            reasons.append(f"ignored x-ponder-strategy={asked}: the request has {req.exact_output}")
+        elif asked:
             if asked in policy.policy.overrides.strategy_header:
                 strategy = asked
                 n = 1 if asked in ("single", "cot") else DIRECT_SAMPLES

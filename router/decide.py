@@ -73,6 +73,7 @@ class RequestHints:
     reasoning_effort: str | None = None  # body `reasoning_effort`
     prompt_tokens: int | None = None  # estimated
     max_output_tokens: int | None = None  # body `max_tokens` / `max_completion_tokens`
+    exact_output: str | None = None  # why the answer must be the model's own ("tools"), if it must
 
     @classmethod
     def from_request(cls, request: Any, headers: Mapping[str, str], policy: Any = None) -> RequestHints:
@@ -94,6 +95,7 @@ class RequestHints:
             reasoning_effort=getattr(request, "reasoning_effort", None),
             prompt_tokens=estimate_prompt_tokens(getattr(request, "messages", None) or []),
             max_output_tokens=getattr(request, "max_output_tokens", None),
+            exact_output=getattr(request, "exact_output", None),
         )
 
 
@@ -596,6 +598,13 @@ def decide(
             want_effort = hints.reasoning_effort
         else:
             reasons.append(f"ignored reasoning_effort={hints.reasoning_effort}: not honoured by policy `{policy.name}`")
+    why = "client asked"
+    if hints.exact_output is not None and want_strategy != "single":
+        # Votes, reasoning instructions and cascades read and rewrite the answer's text: a tool call,
+        # a JSON-mode object or logprobs must come back as the model wrote them, from one call.
+        if want_strategy is not None:
+            reasons.append(f"ignored x-ponder-strategy={want_strategy}: the request has {hints.exact_output}")
+        want_strategy, why = "single", f"the request has {hints.exact_output}, so"
     mismatch: dict[str, str] = {}
     if want_strategy is not None or want_effort is not None:
         def fits(arm: CompiledArm) -> bool:
@@ -607,12 +616,12 @@ def decide(
             present = {row[0] for row in rows}
             wider = tuple(_row(arm, arm.prior, strength) for arm in view.arms if fits(arm) and arm not in present)
             if wider:
-                reasons.append(f"client asked {asked}: no such arm in route `{route.name}`, using the policy's")
+                reasons.append(f"{why} {asked}: no such arm in route `{route.name}`, using the policy's")
                 rows, rule = rows + wider, f"{route.name}+override"
             else:
-                reasons.append(f"client asked {asked}: the policy has no such arm; override ignored")
+                reasons.append(f"{why} {asked}: the policy has no such arm; override ignored")
         if any(fits(row[0]) for row in rows):
-            mismatch = {row[1]: f"client asked {asked}" for row in rows if not fits(row[0])}
+            mismatch = {row[1]: f"{why} {asked}" for row in rows if not fits(row[0])}
 
     # Limits: the tightest of policy, alias, client header and the key's remaining budget.
     cost_cap, cost_cap_why = objective.max_cost_usd, "policy max_cost_usd"

@@ -164,6 +164,23 @@ def test_strategy_override_only_when_allowed(policy):
     assert name_of(policy, widened.arm) == "strong-vote" and widened.rule == "catch-all+override"
 
 
+def test_tools_or_json_mode_get_one_plain_answer(policy):
+    """A vote or a reasoning instruction reads and rewrites the answer's text: a tool call or a JSON
+    object must come from one plain call, whatever the route or the client's strategy header says."""
+    preferred = decide(HARD_MATH, policy, {}, request=RequestHints(strategy="self_consistency"))
+    assert preferred.arm.strategy == "self_consistency"
+    decision = decide(HARD_MATH, policy, {}, request=RequestHints(strategy="self_consistency", exact_output="tools"))
+    assert decision.arm.strategy == "single" and all(arm.strategy == "single" for arm in decision.fallbacks)
+    assert any("ignored x-ponder-strategy=self_consistency: the request has tools" in r for r in decision.reasons)
+    assert candidate(decision, policy, "quick-cot").excluded == "the request has tools, so strategy=single"
+    # a route with no single arm answers from the policy's single arms
+    cot_only = make_policy(text=POLICY.replace("candidates: {quick: 0.9, quick-cot: 0.88, mid-low: 0.9}",
+                                               "candidates: {quick-cot: 0.88}"))
+    assert decide(EASY_CHAT, cot_only, {}).arm.strategy == "cot"
+    json_mode = decide(EASY_CHAT, cot_only, {}, request=RequestHints(exact_output="response_format json_object"))
+    assert json_mode.arm.strategy == "single" and json_mode.rule == "catch-all+override"
+
+
 def test_reasoning_effort_override(policy):
     decision = decide(HARD_MATH, policy, {}, request=RequestHints(reasoning_effort="low"))
     assert name_of(policy, decision.arm) == "mid-low"

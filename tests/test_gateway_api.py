@@ -152,6 +152,21 @@ def test_self_consistency_votes_and_counts_every_sample(client, mock):
         sum(len(m["content"].split()) for m in b["messages"]) for b in got["bodies"])
 
 
+@pytest.mark.parametrize("model", ["auto", "mock-a"])
+@pytest.mark.parametrize("structured", [
+    {"tools": [{"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {}}}}]},
+    {"response_format": {"type": "json_object"}},
+])
+def test_tools_and_json_mode_are_answered_by_one_plain_call(client, mock, model, structured):
+    """Voting five samples of a tool call, or reasoning text in JSON mode, would break the answer: such
+    a request gets one untouched call even when the client asks for self-consistency."""
+    raw = client.chat.completions.with_raw_response.create(
+        model=model, messages=[{"role": "user", "content": "What is 3 + 4?"}],
+        extra_headers={"x-ponder-strategy": "self_consistency"}, **structured)
+    assert raw.headers["x-ponder-arm"].endswith("/single/1")
+    assert raw.parse().model_extra["ponder"]["samples"] == 1 and calls(mock)["count"] == 1
+
+
 def test_client_task_label_keys_the_learner(client, gw):
     """x-ponder-task: the policy allows `legal-qa`, so the decision, the response and the recorded
     event carry it (the learner's bucket is legal-qa x tier); a malformed label is a clean 400."""
