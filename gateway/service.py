@@ -162,6 +162,8 @@ class Gateway:
             decision = decide(classification, policy, self.store.snapshot(policy.policy.name), alias=req.model,
                               request=hints, budget_left_usd=budget_left, rng=self._rng)
         except BudgetExhausted as exc:
+            if exc.scope == "request":  # the request's own cost cap: asking again will not help
+                raise ApiError(400, str(exc), code="over_cost_limit") from None
             raise ApiError(429, str(exc), code="budget_exhausted", headers={"Retry-After": "3600"}) from None
         return Plan(request_id, decision, policy, principal, req.model,
                     worst_cost_usd=self.worst_case_usd(decision.arm, req), classify_s=classified - started,

@@ -167,6 +167,14 @@ def test_tools_and_json_mode_are_answered_by_one_plain_call(client, mock, model,
     assert raw.parse().model_extra["ponder"]["samples"] == 1 and calls(mock)["count"] == 1
 
 
+def test_a_cost_cap_no_arm_fits_is_a_400_not_a_retry_later(client, mock):
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "What is 3 + 4?"}],
+                                       extra_headers={"x-ponder-max-cost-usd": "0.000000001"})
+    assert refused.value.code == "over_cost_limit" and "x-ponder-max-cost-usd" in refused.value.message
+    assert "retry-after" not in refused.value.response.headers and calls(mock)["count"] == 0
+
+
 def test_client_task_label_keys_the_learner(client, gw):
     """x-ponder-task: the policy allows `legal-qa`, so the decision, the response and the recorded
     event carry it (the learner's bucket is legal-qa x tier); a malformed label is a clean 400."""
