@@ -31,10 +31,12 @@ def serve(argv: list[str]) -> int:
 
     from gateway.app import create_app
     from gateway.config import ConfigError, load_config
+    from gateway.service import Gateway
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = load_config(args.config)
+        Gateway.check(config)
     except ConfigError as exc:
         print(f"ponder: bad config: {exc}", file=sys.stderr)
         return 2

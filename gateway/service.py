@@ -20,15 +20,16 @@ import aiohttp
 from gateway.auth import KeyRing, Principal
 from gateway.backends import Backend, CallRecord, UpstreamError
 from gateway.calls import Caller, upstream_to_api_error
-from gateway.config import LOCAL_BACKEND_NAME, GatewayConfig
+from gateway.config import LOCAL_BACKEND_NAME, ConfigError, GatewayConfig
 from gateway.errors import ApiError
 from gateway.local_model import LocalModelServer
 from gateway.metrics import Metrics
 from gateway.policy_watch import PolicySet
+from gateway.prices import call_cost
 from gateway.schemas import ChatRequest
 from gateway.strategies import StrategyContext, StrategyResult, run_arm
-from router.classifier import Classifier
-from gateway.prices import call_cost
+from policies.schema import PolicyError
+from router.classifier import Classifier, ClassifierError
 from router.decide import BudgetExhausted, CompiledPolicy, InvalidHint, RequestHints, decide, estimate_prompt_tokens
 from router.types import Arm, Classification, Decision
 from telemetry.events import Event
@@ -83,6 +84,19 @@ class Gateway:
         self.metrics = Metrics(store_health=lambda: self.store.health() if self.store else None)
 
     # -- lifecycle ------------------------------------------------------------------------------
+    @staticmethod
+    def check(config: GatewayConfig) -> None:
+        """Raise ConfigError with a readable message for what start() would fail on (a policy that
+        does not load, a classifier artifact that does not), before a server is started for it."""
+        specs = list(config.backends)
+        if config.local_model.enabled and not any(s.name == LOCAL_BACKEND_NAME for s in specs):
+            specs.append(LocalModelServer(config.local_model).backend_spec())
+        try:
+            Classifier.load(config.classifier)
+            PolicySet(config.policy, config.extra_policies, specs)
+        except (ClassifierError, PolicyError) as exc:
+            raise ConfigError(str(exc)) from None
+
     async def start(self) -> None:
         specs = list(self.config.backends)
         if self.config.local_model.enabled and not any(s.name == LOCAL_BACKEND_NAME for s in specs):

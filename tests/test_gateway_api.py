@@ -377,6 +377,25 @@ def test_server_timing_is_off_by_default(client):
     assert "server-timing" not in raw.headers
 
 
+@pytest.mark.parametrize("config,says", [
+    ({"policy": "/nonexistent/policy.yaml"}, "cannot read the file"),
+    ({"classifier": "/nonexistent/artifact"}, "cannot load classifier"),
+    ({"backends": [{"name": "a", "model": "openai/a", "api_bse": "http://x"}]}, "Extra inputs are not permitted"),
+])
+def test_serve_refuses_a_bad_config_in_one_line(tmp_path, config, says):
+    """Before any server starts: exit 2 and what is wrong, not a lifespan traceback."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    path = tmp_path / "ponder.yaml"
+    path.write_text(yaml.safe_dump({"local_model": {"enabled": False}, **config}))
+    done = subprocess.run([sys.executable, "-m", "gateway.cli", "serve", "--config", str(path), "--port", "9"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and says in done.stderr and "Traceback" not in done.stderr
+
+
 def test_policy_hot_reload_keeps_serving_through_a_broken_edit(tmp_path):
     import time
 
