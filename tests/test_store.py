@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from telemetry.aggregates import arm_stats, latency_bucket, percentile
+from telemetry.aggregates import arm_stats, event_delta, histogram, latency_bucket, percentile
 from telemetry.budgets import BudgetExceeded
 from telemetry.cli import stats_cli
 from telemetry.events import Event
@@ -393,6 +393,18 @@ def test_percentile_of_the_log_histogram():
     for q in (0.5, 0.95, 0.99):
         assert percentile(hist, q) == pytest.approx(values[int(q * 1000) - 1], rel=0.09)
     assert percentile({}, 0.95) == 0.0
+
+
+def test_latency_percentiles_are_of_answered_requests():
+    """Two answers at 800 ms and two requests refused at once (a cooling backend): the arm's p50 is
+    800 ms, not 1 ms; the refusals count as errors."""
+    fields: dict[str, float] = {}
+    for status, latency in ((200, 800.0), (503, 0.4), (200, 800.0), (503, 0.4)):
+        for k, v in event_delta(Event(request_id="r", status=status, latency_ms=latency,
+                                      error=None if status == 200 else "cooling down")).items():
+            fields[k] = fields.get(k, 0.0) + v
+    assert percentile(histogram(fields), 0.5) == pytest.approx(800, rel=0.09)
+    assert fields["count"] == 4 and fields["errors"] == 2
 
 
 def test_redis_cluster_keys_share_slots(tmp_path):
