@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 import uuid
@@ -33,6 +34,7 @@ from router.classifier import Classifier, ClassifierError
 from router.decide import BudgetExhausted, CompiledPolicy, InvalidHint, RequestHints, decide, estimate_prompt_tokens
 from router.types import Arm, Classification, Decision
 from telemetry.events import Event
+from telemetry.budgets import seconds_until_reset
 from telemetry.store import BudgetExceeded, Store, open_store
 
 log = logging.getLogger("ponder.gateway")
@@ -171,14 +173,14 @@ class Gateway:
         except InvalidHint as exc:
             raise ApiError(400, str(exc), code="invalid_header") from None
         assert self.store is not None
-        budget_left = await self._budget_left(principal, policy)
+        budget_left, budget_period = await self._budget_left(principal, policy) or (None, None)
         try:
             decision = decide(classification, policy, self.store.snapshot(policy.policy.name), alias=req.model,
                               request=hints, budget_left_usd=budget_left, rng=self._rng)
         except BudgetExhausted as exc:
             if exc.scope == "request":  # the request's own cost cap: asking again will not help
                 raise ApiError(400, str(exc), code="over_cost_limit") from None
-            raise ApiError(429, str(exc), code="budget_exhausted", headers={"Retry-After": "3600"}) from None
+            raise ApiError(429, str(exc), code="budget_exhausted", headers=_retry_at_reset(budget_period)) from None
         return Plan(request_id, decision, policy, principal, req.model,
                     worst_cost_usd=self.worst_case_usd(decision.arm, req), classify_s=classified - started,
                     decide_s=time.perf_counter() - classified)
@@ -304,9 +306,9 @@ class Gateway:
                     limits[period] = cap
         return limits
 
-    async def _budget_left(self, principal: Principal, policy: CompiledPolicy) -> float | None:
-        """What the key may still spend (the tightest period), so the decision can degrade in time.
-        One store read, only for keys that have a budget."""
+    async def _budget_left(self, principal: Principal, policy: CompiledPolicy) -> tuple[float, str] | None:
+        """What the key may still spend and in which period (the tightest), so the decision can
+        degrade in time. One store read, only for keys that have a budget."""
         limits = self.budget_limits(principal, policy)
         if not limits or self.store is None:
             return None
@@ -315,7 +317,7 @@ class Gateway:
         except Exception:  # the store being away must not refuse service: reserve() still guards
             log.warning("could not read spend for %s; deciding without the remaining budget", principal.key_id)
             return None
-        return min(cap - spent.get(period, 0.0) for period, cap in limits.items())
+        return min((cap - spent.get(period, 0.0), period) for period, cap in limits.items())
 
     async def reserve_budget(self, plan: Plan) -> Any:
         """Hold the request's expected cost against the key's budgets (atomic across replicas)."""
@@ -325,8 +327,18 @@ class Gateway:
         try:
             return await self.store.reserve(plan.principal.key_id, plan.reserve_usd(), limits)
         except BudgetExceeded as exc:
-            raise ApiError(429, f"Budget exhausted for this key: {exc}", code="budget_exhausted",
-                           headers={"Retry-After": "3600"}) from None
+            if exc.amount > exc.limit:  # waiting cannot help: the request's worst case is over the whole cap
+                raise ApiError(400, f"This request may cost up to ${exc.amount:.6f}, more than this key's whole "
+                                    f"{exc.period} budget (${exc.limit:.6f}); send a lower max_tokens (without "
+                                    "one, a default output length per call is held).", code="over_budget_cap") from None
+            raise ApiError(429, f"Budget exhausted for this key: {exc}.", code="budget_exhausted",
+                           headers=_retry_at_reset(exc.period)) from None
+
+
+def _retry_at_reset(period: str | None) -> dict[str, str]:
+    """Retry-After for a spent budget: when its period starts anew (none for a lifetime budget)."""
+    seconds = seconds_until_reset(period, time.time()) if period else 3600.0
+    return {"Retry-After": str(max(1, math.ceil(seconds)))} if seconds is not None else {}
 
 
 def _candidate_dict(candidate: Any) -> dict[str, Any]:

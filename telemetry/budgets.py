@@ -11,6 +11,7 @@ Redis when it comes back.
 
 from __future__ import annotations
 
+import calendar
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -34,12 +35,33 @@ def period_id(period: str, now: float) -> tuple[str, int]:
     return (time.strftime(pattern, time.gmtime(now)) if pattern else "all"), ttl
 
 
+def seconds_until_reset(period: str, now: float) -> float | None:
+    """Seconds until the UTC period containing `now` ends (None for `total`, which never does)."""
+    t = time.gmtime(now)
+    start_of_day = now - (t.tm_hour * 3600 + t.tm_min * 60 + t.tm_sec + now % 1)
+    if period == "hour":
+        return 3600 - (t.tm_min * 60 + t.tm_sec + now % 1)
+    if period == "day":
+        return start_of_day + 86400 - now
+    if period == "week":  # ISO weeks start on Monday
+        return start_of_day + 86400 * (7 - t.tm_wday) - now
+    if period == "month":
+        year, month = (t.tm_year + 1, 1) if t.tm_mon == 12 else (t.tm_year, t.tm_mon + 1)
+        return calendar.timegm((year, month, 1, 0, 0, 0, 0, 0, 0)) - now
+    return None
+
+
 class BudgetExceeded(Exception):
-    def __init__(self, period: str, limit: float, spent: float):
-        super().__init__(f"budget exceeded for period {period}: spent ${spent:.6f} of ${limit:.6f}")
+    """A reservation that does not fit: `spent` (settled and held by requests in flight) plus `amount`
+    (this request's hold) would pass `limit`."""
+
+    def __init__(self, period: str, limit: float, spent: float, amount: float = 0.0):
+        super().__init__(f"{period} budget ${limit:.6f}: ${spent:.6f} spent or held, this request holds up to "
+                         f"${amount:.6f}")
         self.period = period
         self.limit = limit
         self.spent = spent
+        self.amount = amount
 
 
 @dataclass(slots=True)
@@ -88,7 +110,7 @@ class LocalBudgets:
         for period, key, limit in zip(res.periods, res.keys, limits, strict=True):
             spent = self.get(key, now) + self.inflight.get(key, 0.0)
             if spent + res.amount_usd > limit + 1e-9:
-                raise BudgetExceeded(period, limit, spent)
+                raise BudgetExceeded(period, limit, spent, res.amount_usd)
         for key, ttl in zip(res.keys, res.ttls, strict=True):
             self.add(key, res.amount_usd, ttl, now, track_unsynced=track_unsynced)
 

@@ -456,7 +456,7 @@ class RedisStore(BufferedStore):
                 if int(out[0]) == 0:
                     i = int(out[1]) - 1
                     self._budgets.observe(res.keys[i], float(out[2]), res.ttls[i], now, at_least=True)
-                    raise BudgetExceeded(res.periods[i], caps[i], float(out[2]))
+                    raise BudgetExceeded(res.periods[i], caps[i], float(out[2]), res.amount_usd)
                 for key, ttl, value in zip(res.keys, res.ttls, out[1:]):
                     self._budgets.observe(key, float(value), ttl, now, at_least=True)
                 res.mode = "redis"

@@ -10,6 +10,7 @@ from tests.servers import mock_backend, running, start_gateway, start_mock, two_
 
 KEY = "sk-test-key-123"
 ADMIN_KEY = "sk-admin-456"
+SMALL_BUDGET_KEY = "sk-small-789"
 
 
 def policy(tmp) -> str:
@@ -272,7 +273,9 @@ def keyed_stack(tmp_path_factory):
                          mock_backend("mock-text", mock, message_format="basic", supports_n=False)],
             "policy": policy(tmp),
             "api_keys": [{"id": "team-a", "sha256": hashlib.sha256(KEY.encode()).hexdigest()},
-                         {"id": "ops", "sha256": hashlib.sha256(ADMIN_KEY.encode()).hexdigest(), "admin": True}],
+                         {"id": "ops", "sha256": hashlib.sha256(ADMIN_KEY.encode()).hexdigest(), "admin": True},
+                         {"id": "small", "sha256": hashlib.sha256(SMALL_BUDGET_KEY.encode()).hexdigest(),
+                          "budget_usd_per_day": 0.00005}],
             "server_timing": True,
         }, name="keyed")) as gateway:
             yield gateway, mock
@@ -295,6 +298,31 @@ def test_api_keys(keyed_gateway):
     client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
     assert client.chat.completions.create(model="mock-a", messages=[{"role": "user", "content": "x"}]).choices
     assert "sk-test-key" not in keyed_gateway.log()
+
+
+def test_budget_refusals_say_what_to_do(keyed_stack):
+    """A day budget of $0.00005 (mock prices: $1 / $2 per M tokens). Without max_tokens a request holds
+    1,024 output tokens a call: more than the whole budget, which waiting cannot fix (400). With a small
+    max_tokens requests are served until the day's money is gone, then 429 with Retry-After at the
+    next UTC midnight, when the budget starts anew."""
+    import calendar
+    import time
+
+    gateway, _ = keyed_stack
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=SMALL_BUDGET_KEY, max_retries=0)
+    question = [{"role": "user", "content": "x"}]
+    with pytest.raises(openai.BadRequestError) as too_big:
+        client.chat.completions.create(model="mock-a", messages=question)
+    assert too_big.value.code == "over_budget_cap" and "max_tokens" in too_big.value.message
+    served = 0
+    with pytest.raises(openai.RateLimitError) as spent:
+        for _ in range(10):
+            client.chat.completions.create(model="mock-a", messages=question, max_tokens=5)
+            served += 1
+    assert served >= 2 and spent.value.code == "budget_exhausted"
+    now = time.time()
+    midnight = calendar.timegm(time.gmtime(now)[:3] + (0, 0, 0, 0, 0, 0)) + 86400
+    assert abs(int(spent.value.response.headers["retry-after"]) - (midnight - now)) <= 5
 
 
 def test_basic_format_backend_gets_messages_it_can_take(keyed_stack):

@@ -395,6 +395,18 @@ def test_percentile_of_the_log_histogram():
     assert percentile({}, 0.95) == 0.0
 
 
+def test_budget_periods_reset_at_utc_boundaries():
+    import calendar
+
+    from telemetry.budgets import seconds_until_reset
+
+    now = calendar.timegm((2026, 12, 31, 23, 30, 0, 0, 0, 0)) + 0.25  # a Thursday, 30 min to the new year
+    assert seconds_until_reset("hour", now) == seconds_until_reset("day", now) == 1799.75
+    assert seconds_until_reset("month", now) == 1799.75
+    assert seconds_until_reset("week", now) == 1799.75 + 3 * 86400  # ISO weeks start on Monday
+    assert seconds_until_reset("total", now) is None
+
+
 def test_latency_percentiles_are_of_answered_requests():
     """Two answers at 800 ms and two requests refused at once (a cooling backend): the arm's p50 is
     800 ms, not 1 ms; the refusals count as errors."""
