@@ -7,7 +7,7 @@ tests compare both backends on the same events.
 
 Fields (all floats):
   count, successes, weight, cost_usd, latency_ms, prompt_tokens, completion_tokens, reasoning_tokens,
-  errors, h<i> (latency histogram bucket i, answered requests only)  -- decayed when a half-life is configured
+  errors, h<i> (latency histogram bucket i, requests that reached a backend)  -- decayed when a half-life is configured
   total  -- raw request count, never decayed (for dashboards)
   t      -- the time the decayed fields are expressed at (only with a half-life)
 
@@ -83,11 +83,13 @@ def event_delta(event: Event) -> dict[str, float]:
     if weight > 0:
         delta["weight"] = weight
         delta["successes"] = weight * float(event.success or 0.0)
-    if event.status >= 400 or event.error:
+    failed = event.status >= 400 or bool(event.error)
+    if failed:
         delta["errors"] = 1.0
-    else:
-        # Percentiles are of answers: a request refused at once (a cooling backend) would read as a
-        # 1 ms arm, and one that failed after the whole timeout is counted in `errors` instead.
+    if not failed or event.calls:
+        # Percentiles of the requests that reached a backend: one refused before any call (every
+        # backend cooling down) would read as a 1 ms arm, while one that waited out a timeout
+        # says something true about this arm's latency.
         delta[f"h{latency_bucket(event.latency_ms)}"] = 1.0
     return {k: v for k, v in delta.items() if v}
 

@@ -407,16 +407,19 @@ def test_budget_periods_reset_at_utc_boundaries():
     assert seconds_until_reset("total", now) is None
 
 
-def test_latency_percentiles_are_of_answered_requests():
-    """Two answers at 800 ms and two requests refused at once (a cooling backend): the arm's p50 is
-    800 ms, not 1 ms; the refusals count as errors."""
+def test_latency_percentiles_are_of_requests_that_reached_a_backend():
+    """Two answers at 800 ms and two requests refused before any call (every backend cooling down):
+    the arm's p50 is 800 ms, not 1 ms. A timeout did reach the backend and does count."""
+    refused = dict(status=503, latency_ms=0.4, error="cooling down")
+    timeout = dict(status=504, latency_ms=60_000.0, error="timed out", calls=[{"backend": "b", "ok": False}])
     fields: dict[str, float] = {}
-    for status, latency in ((200, 800.0), (503, 0.4), (200, 800.0), (503, 0.4)):
-        for k, v in event_delta(Event(request_id="r", status=status, latency_ms=latency,
-                                      error=None if status == 200 else "cooling down")).items():
+    for kind in (dict(latency_ms=800.0), refused, dict(latency_ms=800.0), refused, timeout):
+        for k, v in event_delta(Event(request_id="r", **kind)).items():
             fields[k] = fields.get(k, 0.0) + v
-    assert percentile(histogram(fields), 0.5) == pytest.approx(800, rel=0.09)
-    assert fields["count"] == 4 and fields["errors"] == 2
+    hist = histogram(fields)
+    assert sum(hist.values()) == 3 and percentile(hist, 0.5) == pytest.approx(800, rel=0.09)
+    assert percentile(hist, 0.95) > 10_000
+    assert fields["count"] == 5 and fields["errors"] == 3
 
 
 def test_redis_cluster_keys_share_slots(tmp_path):
