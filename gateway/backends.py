@@ -234,7 +234,11 @@ class Backend:
         return response.model_dump(exclude_none=True)
 
     def _api_key(self) -> str | None:
-        return os.environ.get(self.spec.api_key_env) if self.spec.api_key_env else None
+        if self.spec.api_key_env:
+            return os.environ.get(self.spec.api_key_env)
+        # A self-hosted endpoint with no key configured (as the fast path sends none): provider SDKs
+        # behind litellm refuse to call without some key, and such a server ignores it.
+        return "no-key" if self.spec.api_base else None
 
     # -- streaming --------------------------------------------------------------------------
     async def stream(self, body: dict[str, Any]) -> AsyncIterator[tuple[bytes, dict | None]]:

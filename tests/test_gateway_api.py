@@ -22,7 +22,8 @@ def stack(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("gw")
     with running(start_mock(tmp)) as mock:
         with running(start_gateway(tmp, {
-            "backends": [mock_backend("mock-a", mock), mock_backend("mock-b", mock)],
+            "backends": [mock_backend("mock-a", mock), mock_backend("mock-b", mock),
+                         mock_backend("mock-litellm", mock, fast_path=False)],
             "policy": policy(tmp),
             "max_body_bytes": 100_000,
         })) as gateway:
@@ -110,6 +111,29 @@ def test_parameters_pass_through_faithfully(client, mock):
                        "tools": tools, "tool_choice": "auto", "response_format": {"type": "json_object"},
                        "max_completion_tokens": 20}.items():
         assert body[key] == value, key
+
+
+def test_a_backend_called_through_litellm(client, mock):
+    """Providers without an OpenAI-compatible endpoint go through litellm: the same answer, usage,
+    price, streaming and error mapping as the fast path (here litellm's OpenAI client against the mock)."""
+    control(mock, answers=["four words long here"])
+    raw = client.chat.completions.with_raw_response.create(
+        model="mock-litellm", messages=[{"role": "user", "content": "one two three"}], max_tokens=9)
+    completion = raw.parse()
+    assert completion.choices[0].message.content == "four words long here"
+    assert completion.usage.prompt_tokens == 3 and completion.usage.completion_tokens == 4
+    assert float(raw.headers["x-ponder-cost-usd"]) == pytest.approx(3e-6 + 8e-6)
+    assert calls(mock)["bodies"][-1]["max_tokens"] == 9
+
+    chunks = list(client.chat.completions.create(model="mock-litellm", messages=[{"role": "user", "content": "a b"}],
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "four words long here"
+    assert chunks[-1].usage.completion_tokens == 4
+
+    control(mock, script=["500", "500"])
+    with pytest.raises(openai.APIStatusError) as failed:
+        client.chat.completions.create(model="mock-litellm", messages=[{"role": "user", "content": "x"}])
+    assert failed.value.status_code == 502 and "mock-litellm" in failed.value.message
 
 
 def test_n_choices(client, mock):
