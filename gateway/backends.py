@@ -353,5 +353,7 @@ def _litellm_error(backend: str, exc: Exception) -> UpstreamError:
     if "Timeout" in type(exc).__name__:
         return UpstreamError(backend, 504, f"{backend}: upstream timed out", retryable=True)
     retryable = status in (0, 408, 429) or status >= 500
-    client_status = status if status in (400, 404, 413, 422, 429) else 502
-    return UpstreamError(backend, client_status, f"{backend}: {message}", retryable=retryable)
+    client_status = status if status in REQUEST_ERRORS or status == 429 else 502
+    headers = getattr(getattr(exc, "response", None), "headers", None)
+    retry_after = _seconds(headers.get("retry-after")) if headers is not None else None
+    return UpstreamError(backend, client_status, f"{backend}: {message}", retryable=retryable, retry_after=retry_after)

@@ -134,6 +134,10 @@ def test_a_backend_called_through_litellm(client, mock):
     with pytest.raises(openai.APIStatusError) as failed:
         client.chat.completions.create(model="mock-litellm", messages=[{"role": "user", "content": "x"}])
     assert failed.value.status_code == 502 and "mock-litellm" in failed.value.message
+    control(mock, script=["429"])  # the upstream's Retry-After reaches the client
+    with pytest.raises(openai.RateLimitError) as limited:
+        client.chat.completions.create(model="mock-litellm", messages=[{"role": "user", "content": "x"}])
+    assert int(limited.value.response.headers["retry-after"]) >= 1
 
 
 def test_n_choices(client, mock):
