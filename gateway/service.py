@@ -33,8 +33,8 @@ from policies.schema import PolicyError
 from router.classifier import Classifier, ClassifierError
 from router.decide import BudgetExhausted, CompiledPolicy, InvalidHint, RequestHints, decide, estimate_prompt_tokens
 from router.types import Arm, Classification, Decision
-from telemetry.events import Event
 from telemetry.budgets import seconds_until_reset
+from telemetry.events import Event
 from telemetry.store import BudgetExceeded, Store, open_store
 
 log = logging.getLogger("ponder.gateway")
@@ -55,8 +55,8 @@ class Plan:
     principal: Principal
     alias: str
     worst_cost_usd: float = 0.0  # what the request may cost at most (see Gateway.worst_case_usd)
-    classify_s: float = 0.0  # how long the classifier and the decision took (Server-Timing)
-    decide_s: float = 0.0
+    classify_s: float = 0.0  # how long the classifier took (Server-Timing)
+    decide_s: float = 0.0  # and the rest of planning: policy, hints, budget read, the decision
     started: float = field(default_factory=time.perf_counter)
     ts: float = field(default_factory=time.time)
 
