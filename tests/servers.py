@@ -127,3 +127,14 @@ def two_mock_policy(tmp: Path, name: str) -> str:
         "exploration": {"share": 0.0},
         "overrides": {"strategy_header": ["self_consistency", "single"], "task_header": ["legal-qa"]},
     }, f"{name}.yaml")
+
+
+# Today's chat format, which basic servers (llama.cpp's) answer with a 500: a developer turn, text
+# parts, an assistant turn that only called a tool (no content), and the tool's result.
+TODAYS_CHAT_MESSAGES = [
+    {"role": "developer", "content": "Be brief."},
+    {"role": "user", "content": [{"type": "text", "text": "What is 2 + 3?"}, {"type": "text", "text": "Use f."}]},
+    {"role": "assistant", "content": None,
+     "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+    {"role": "tool", "tool_call_id": "c1", "content": "5"},
+]

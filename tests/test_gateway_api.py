@@ -6,7 +6,8 @@ import httpx
 import openai
 import pytest
 
-from tests.servers import mock_backend, running, start_gateway, start_mock, two_mock_policy, write_policy
+from tests.servers import (TODAYS_CHAT_MESSAGES, mock_backend, running, start_gateway, start_mock, two_mock_policy,
+                           write_policy)
 
 KEY = "sk-test-key-123"
 ADMIN_KEY = "sk-admin-456"
@@ -357,13 +358,7 @@ def test_basic_format_backend_gets_messages_it_can_take(keyed_stack):
     gateway, mock = keyed_stack
     httpx.post(mock.url + "/reset")
     client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0)
-    messages = [
-        {"role": "developer", "content": "Be brief."},
-        {"role": "user", "content": [{"type": "text", "text": "What is 2 + 3?"}, {"type": "text", "text": "Use f."}]},
-        {"role": "assistant", "content": None,
-         "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
-        {"role": "tool", "tool_call_id": "c1", "content": "5"},
-    ]
+    messages = TODAYS_CHAT_MESSAGES
     client.chat.completions.create(model="mock-text", messages=messages)
     sent = calls(mock)["bodies"][-1]["messages"]
     assert [m["role"] for m in sent] == ["system", "user", "assistant", "tool"]

@@ -6,7 +6,7 @@ import httpx
 import openai
 import pytest
 
-from tests.servers import running, start_gateway
+from tests.servers import TODAYS_CHAT_MESSAGES, running, start_gateway
 
 
 @pytest.fixture(scope="module")
@@ -49,14 +49,7 @@ def test_todays_chat_format_reaches_the_basic_local_model(local_gateway):
     """llama.cpp's server answers a 500 to content parts, a `developer` turn or a tool-calling assistant
     turn without content: the gateway sends them in the basic format it takes, and refuses images."""
     client = openai.OpenAI(base_url=local_gateway.url + "/v1", api_key="none", max_retries=0)
-    messages = [
-        {"role": "developer", "content": "Answer briefly."},
-        {"role": "user", "content": [{"type": "text", "text": "What is 2 + 3?"}, {"type": "text", "text": "Use f."}]},
-        {"role": "assistant", "content": None,
-         "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
-        {"role": "tool", "tool_call_id": "c1", "content": "5"},
-    ]
-    completion = client.chat.completions.create(model="local", messages=messages, max_tokens=8, seed=4)
+    completion = client.chat.completions.create(model="local", messages=TODAYS_CHAT_MESSAGES, max_tokens=8, seed=4)
     assert completion.choices[0].message.content.strip()
     image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
     with pytest.raises(openai.BadRequestError) as refused:
