@@ -16,6 +16,7 @@ The labelled set and the difficulty target are built in router/train_data.py; se
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import re
@@ -494,18 +495,33 @@ def difficulty_metrics(examples: Sequence[Example], diff: np.ndarray) -> dict[st
 GRADED_SOURCES = ("math", "gsm8k", "mmlu_pro", "bbh", "cruxeval")
 
 
+# Style-only system prompts apps send, none of them in the training set (train_data's generic ones
+# differ): they must not change what a request is.
+STYLE_SYSTEM_PROMPTS = ("Keep answers short.", "Respond briefly.", "Be succinct and polite.",
+                        "Answer in English.", "You are an assistant. Use short sentences.")
+
+
 def natural_prompt_metrics(model_bytes: bytes) -> dict[str, Any]:
     """Task type on short prompts written as people type them (router/data/natural_prompts*.jsonl,
-    hand-written for this check, never trained on): the benchmarks' formats are not how users ask."""
+    hand-written for this check, never trained on): the benchmarks' formats are not how users ask.
+    Each set is scored as it is and under each of STYLE_SYSTEM_PROMPTS."""
     out = {}
     for path in sorted(NATURAL_PROMPTS_DIR.glob("natural_prompts*.jsonl")):
         examples = load_extra(path)
         probs, _ = onnx_predict(model_bytes, examples)
         found = task_metrics(examples, probs)
-        out[path.stem] = {"n": found["n"], "accuracy": round(float(np.mean(
-            [TASK_TYPES[p] == ex.task for p, ex in zip(probs.argmax(1), examples)])), 4),
-            "macro_f1": found["macro_f1"], "f1": found["f1"]}
+        styled = {}
+        for system in STYLE_SYSTEM_PROMPTS:
+            with_system = [dataclasses.replace(ex, messages=[{"role": "system", "content": system}, *ex.messages])
+                           for ex in examples]
+            styled[system] = _accuracy(onnx_predict(model_bytes, with_system)[0], with_system)
+        out[path.stem] = {"n": found["n"], "accuracy": _accuracy(probs, examples), "macro_f1": found["macro_f1"],
+                          "f1": found["f1"], "accuracy_with_style_system_prompt": styled}
     return out
+
+
+def _accuracy(probs: np.ndarray, examples: Sequence[Example]) -> float:
+    return round(float(np.mean([TASK_TYPES[p] == ex.task for p, ex in zip(probs.argmax(1), examples)])), 4)
 
 
 def leave_one_source_out(
@@ -690,6 +706,9 @@ def metrics_table(card: dict[str, Any]) -> str:
         row(f"  F1 {t}", f)
     for name, found in card["metrics"].get("natural_prompts", {}).items():
         row(f"task macro-F1 ({name}, n={found['n']})", found["macro_f1"])
+        styled = found.get("accuracy_with_style_system_prompt") or {}
+        if styled:
+            row("  accuracy, worst style system prompt", min(styled.values()))
     loso = card["metrics"].get("leave_one_source_out")
     if loso:
         row("task macro-F1 (left-out sources, pooled)", loso["macro_f1_pooled"], ">= 0.80")

@@ -88,8 +88,8 @@ TASK_SYSTEM_PROMPTS = {
         "Act as a puzzle master: reason carefully about the constraints before giving an answer.",
     ),
     "knowledge": (
-        "You are a knowledgeable assistant. Answer factual questions accurately and briefly.",
-        "You are an encyclopedia. Give the short factual answer.",
+        "You are a knowledgeable assistant. Answer factual questions accurately.",
+        "You are an encyclopedia. Give the factual answer.",
         "You are a trivia expert who answers questions about history, geography, science and culture.",
         "Act as a reference librarian: give accurate facts and name the source if you know it.",
     ),
@@ -120,7 +120,7 @@ TASK_INSTRUCTIONS = {
     "math": ("Show every step of the calculation.", "Give the final numeric answer.", "Explain the math clearly."),
     "code": ("Write correct, idiomatic code.", "Include code in fenced blocks.", "Explain bugs and how to fix them."),
     "reasoning": ("Work through the logic before answering.", "Check each constraint of the puzzle.", "Explain your deduction."),
-    "knowledge": ("Answer with accurate facts.", "Be brief and factual.", "Say when you are unsure of a fact."),
+    "knowledge": ("Answer with accurate facts.", "Be factual.", "Say when you are unsure of a fact."),
     "writing": ("Polish the user's text.", "Write in a clear, engaging style.", "Keep the user's voice."),
     "chat": ("Keep it casual and friendly.", "Ask the user about their day.", "Be warm and chatty."),
 }
@@ -168,6 +168,9 @@ AMBIGUOUS_REQUESTS = (
     "Tell me the answer.",
     "What is the next step?",
 )
+# Style only: they go with prompts of every type (augment). A task's prompts above must not carry style
+# words either: "briefly" in knowledge's made "Be brief." as a system prompt send most requests to
+# knowledge (docs/classifier.md, "Natural prompts").
 GENERIC_SYSTEM_PROMPTS = (
     "You are a helpful assistant.",
     "You are a helpful, respectful and honest assistant.",
