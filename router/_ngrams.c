@@ -13,6 +13,13 @@
  *   system_start, char_start   where the system and char blocks begin in `columns`
  *   n_words, word_bytes        the user turn's word count and word bytes (handcrafted features)
  *
+ * feeds(columns, counts, system_start, char_start, log1p_table) -> (indices, weights)
+ *   sparse_one's output as the ONNX model's inputs for a batch of one (features.onnx_feeds):
+ *   indices  bytes: the columns as int64
+ *   weights  bytes: float32 (6, n): row k < 3 holds TF-IDF block k's tf at its columns and zeros
+ *            elsewhere, row 3 + k the squares; tf = log1p_table[count], a float32 table numpy
+ *            computed, so the numbers are numpy's to the bit
+ *
  * handcrafted(user, user_chars, system_chars, user_turns, assistant_turns, has_system, user_len,
  *             ends_with_question, n_words, word_bytes) -> bytes
  *   the first N_HANDCRAFTED float32 numbers of features._handcrafted, in its order, from the same inputs
@@ -267,8 +274,44 @@ static PyObject *handcrafted(PyObject *self, PyObject *args) {
     return PyBytes_FromStringAndSize((const char *)out, sizeof(out));
 }
 
+static PyObject *feeds(PyObject *self, PyObject *args) {
+    Py_buffer cols, counts, table;
+    Py_ssize_t system_start, char_start;
+    if (!PyArg_ParseTuple(args, "y*y*nny*", &cols, &counts, &system_start, &char_start, &table)) return NULL;
+    PyObject *result = NULL, *indices = NULL, *weights = NULL;
+    Py_ssize_t n = cols.len / (Py_ssize_t)sizeof(uint16_t), table_len = table.len / (Py_ssize_t)sizeof(float);
+    if (counts.len != cols.len || table_len < 65536) {
+        PyErr_SetString(PyExc_ValueError, "feeds: counts must match columns, and the table must cover every uint16");
+        goto done;
+    }
+    indices = PyBytes_FromStringAndSize(NULL, n * (Py_ssize_t)sizeof(int64_t));
+    weights = PyBytes_FromStringAndSize(NULL, 6 * n * (Py_ssize_t)sizeof(float));
+    if (!indices || !weights) goto done;
+    int64_t *ix = (int64_t *)PyBytes_AS_STRING(indices);
+    float *w = (float *)PyBytes_AS_STRING(weights);
+    memset(w, 0, (size_t)(6 * n) * sizeof(float));
+    const uint16_t *c = cols.buf, *k = counts.buf;
+    const float *log1p_of = table.buf;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_ssize_t block = i < system_start ? 0 : i < char_start ? 1 : 2;
+        float tf = log1p_of[k[i]];
+        ix[i] = c[i];
+        w[block * n + i] = tf;
+        w[(3 + block) * n + i] = tf * tf;
+    }
+    result = Py_BuildValue("(OO)", indices, weights);
+done:
+    Py_XDECREF(indices);
+    Py_XDECREF(weights);
+    PyBuffer_Release(&cols);
+    PyBuffer_Release(&counts);
+    PyBuffer_Release(&table);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"sparse_one", sparse_one, METH_VARARGS, "Hashed n-gram columns and counts of one prompt (see the module source)."},
+    {"feeds", feeds, METH_VARARGS, "sparse_one's output as the ONNX inputs of a batch of one (see the module source)."},
     {"handcrafted", handcrafted, METH_VARARGS, "features._handcrafted's numbers as float32 bytes (see the module source)."},
     {NULL, NULL, 0, NULL},
 };

@@ -89,8 +89,7 @@ class Classifier:
 
         The request path: one prompt, one session call, no batch bookkeeping."""
         try:
-            (_, feeds), = F.onnx_feeds(F.featurize_sparse([F.prompt_from_messages(messages)]))
-            task_probs, difficulty = self._session.run(self._outputs, feeds)
+            task_probs, difficulty = self._session.run(self._outputs, F.onnx_feeds_one(F.prompt_from_messages(messages)))
             return self._result(task_probs[0].tolist(), float(difficulty[0]))
         except Exception as exc:  # noqa: BLE001 - the request path gets a safe answer, never an error
             self._warn_once("run", exc)

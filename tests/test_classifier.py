@@ -140,8 +140,9 @@ def test_sparse_features_are_the_dense_vector():
 
 
 def test_native_hashing_is_the_numpy_reference(examples):
-    """router/_ngrams.c (built by `pip install`) gives exactly the numpy path's columns, counts and
-    handcrafted numbers: on held-out prompts of every source, on junk, and with system prompts."""
+    """router/_ngrams.c (built by `pip install`) gives exactly the numpy path's columns, counts,
+    handcrafted numbers and ONNX inputs: on held-out prompts of every source, on junk, and with
+    system prompts."""
     if F._native is None:
         pytest.fail("router._ngrams is not built: run `pip install -e .` (scripts/install.sh does)")
     prompts = [F.prompt_from_messages(m) for m in BAD_INPUTS]
@@ -156,6 +157,11 @@ def test_native_hashing_is_the_numpy_reference(examples):
         native, reference = F._sparse_one(p), F._sparse_one_numpy(p)
         for name, a, b in zip(native._fields, native, reference):
             assert a.dtype == b.dtype and np.array_equal(a, b), (name, p.user[:60])
+        # and the request path's ONNX inputs, built in C, are the numpy path's feeds
+        (_, expected), = F.onnx_feeds(reference)
+        for name, a in F.onnx_feeds_one(p).items():
+            b = expected[name]
+            assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b), (name, p.user[:60])
     # the batch path is the single rows, concatenated
     batch = F.featurize_sparse(prompts[:200])
     native = F._native
