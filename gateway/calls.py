@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import math
 import random
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.backends import Backend, CallRecord, Usage, UpstreamError
-from gateway.errors import ApiError
+from gateway.errors import ApiError, retry_after
 
 BACKOFF_BASE_S = 0.05
 BACKOFF_MAX_S = 1.0
@@ -111,7 +110,5 @@ def _cooling(backend: Backend) -> UpstreamError:
 def upstream_to_api_error(exc: UpstreamError, retry_after_s: float | None = None) -> ApiError:
     """The client's error for a request no backend could serve. Retry-After: when a cooling backend
     is expected back (given, or carried by the error), whole seconds, at least 1."""
-    seconds = retry_after_s or exc.retry_after
-    headers = {"Retry-After": str(max(1, math.ceil(seconds)))} if seconds else {}
     code = exc.code or ("upstream_timeout" if exc.status == 504 else "upstream_error")
-    return ApiError(exc.status, exc.message, code=code, headers=headers)
+    return ApiError(exc.status, exc.message, code=code, headers=retry_after(retry_after_s or exc.retry_after))

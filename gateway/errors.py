@@ -6,6 +6,7 @@ Every failure a client can see goes through `ApiError`, so no handler ever leaks
 from __future__ import annotations
 
 import logging
+import math
 
 import orjson
 from starlette.exceptions import HTTPException
@@ -26,6 +27,11 @@ _TYPE_BY_STATUS = {
     503: "service_unavailable",
     504: "timeout_error",
 }
+
+
+def retry_after(seconds: float | None) -> dict[str, str]:
+    """A Retry-After header in whole seconds, at least 1; none when there is no time to give."""
+    return {"Retry-After": str(max(1, math.ceil(seconds)))} if seconds else {}
 
 
 class ApiError(Exception):

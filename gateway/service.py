@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import random
 import time
 import uuid
@@ -22,7 +21,7 @@ from gateway.auth import KeyRing, Principal
 from gateway.backends import Backend, CallRecord, UpstreamError
 from gateway.calls import Caller, upstream_to_api_error
 from gateway.config import LOCAL_BACKEND_NAME, ConfigError, GatewayConfig
-from gateway.errors import ApiError
+from gateway.errors import ApiError, retry_after
 from gateway.local_model import LocalModelServer
 from gateway.metrics import Metrics
 from gateway.policy_watch import PolicySet
@@ -337,8 +336,7 @@ class Gateway:
 
 def _retry_at_reset(period: str | None) -> dict[str, str]:
     """Retry-After for a spent budget: when its period starts anew (none for a lifetime budget)."""
-    seconds = seconds_until_reset(period, time.time()) if period else 3600.0
-    return {"Retry-After": str(max(1, math.ceil(seconds)))} if seconds is not None else {}
+    return retry_after(seconds_until_reset(period, time.time()) if period else 3600.0)
 
 
 def _candidate_dict(candidate: Any) -> dict[str, Any]:

@@ -413,7 +413,7 @@ TASK_TERMS: dict[str, frozenset[bytes]] = {
 }
 # Words on the lowercased bytes: letters, digits, `+` and `#` (c++, c#, python3); anything else
 # separates. translate + split are C loops: a 4,000-byte turn costs microseconds, not a regex pass.
-_TERM_SEPARATORS = bytes(b if chr(b).isalnum() and b < 128 or b in b"+#" or b >= 128 else 32 for b in range(256))
+_TERM_SEPARATORS = bytes(b if b >= 128 or chr(b).isalnum() or b in b"+#" else 32 for b in range(256))
 _TERMS_FORMAT = struct.Struct(f"<{len(TASK_TERMS)}f")  # appended to the C extension's numbers
 _ANY_TERM = frozenset().union(*TASK_TERMS.values())
 _TERM_LISTS = tuple(TASK_TERMS.values())
@@ -549,9 +549,7 @@ def _sparse_one(p: Prompt) -> SparseFeatures:
     """featurize_sparse for one prompt (the request path): router/_ngrams.c when built, else numpy."""
     if _native is None:
         return _sparse_one_numpy(p)
-    user_bytes = _encode(p.user, MAX_USER_BYTES)
-    system_bytes = _encode(p.system, MAX_SYSTEM_BYTES) if p.system else b""
-    cols, counts, system_start, char_start, n_words, word_bytes = _native.sparse_one(user_bytes, system_bytes)
+    user_bytes, (cols, counts, system_start, char_start, n_words, word_bytes) = _native_columns(p)
     counts = np.frombuffer(counts, dtype=np.uint16)
     return SparseFeatures(
         np.frombuffer(cols, dtype=np.uint16).astype(np.int64),
@@ -695,9 +693,7 @@ def onnx_feeds_one(p: Prompt) -> dict[str, np.ndarray]:
     fixed cost and cache footprint are most of a short prompt's time."""
     if _native is None:
         return _feeds_one(_sparse_one_numpy(p))
-    user_bytes = _encode(p.user, MAX_USER_BYTES)
-    system_bytes = _encode(p.system, MAX_SYSTEM_BYTES) if p.system else b""
-    cols, counts, system_start, char_start, n_words, word_bytes = _native.sparse_one(user_bytes, system_bytes)
+    user_bytes, (cols, counts, system_start, char_start, n_words, word_bytes) = _native_columns(p)
     indices, weights = _native.feeds(cols, counts, system_start, char_start, _LOG1P_TABLE)
     n = len(indices) // 8
     return {
@@ -705,6 +701,13 @@ def onnx_feeds_one(p: Prompt) -> dict[str, np.ndarray]:
         "weights": np.frombuffer(weights, dtype=np.float32).reshape(1, 6, n),
         "handcrafted": _native_handcrafted(p, user_bytes, n_words, word_bytes),
     }
+
+
+def _native_columns(p: Prompt) -> tuple[bytes, tuple]:
+    """The user turn's bytes as hashed, and router/_ngrams.c's sparse_one of the prompt."""
+    user_bytes = _encode(p.user, MAX_USER_BYTES)
+    system_bytes = _encode(p.system, MAX_SYSTEM_BYTES) if p.system else b""
+    return user_bytes, _native.sparse_one(user_bytes, system_bytes)
 
 
 def _native_handcrafted(p: Prompt, user_bytes: bytes, n_words: int, word_bytes: int) -> np.ndarray:
