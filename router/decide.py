@@ -615,6 +615,11 @@ def decide(
         if not any(fits(row[0]) for row in rows):
             present = {row[0] for row in rows}
             wider = tuple(_row(arm, arm.prior, strength) for arm in view.arms if fits(arm) and arm not in present)
+            if not wider and hints.exact_output is not None:
+                # A tool call or JSON object must come from one plain call even when the alias
+                # itself lists only votes: the policy's single arms serve it (docs/api.md).
+                wider = tuple(_row(arm, arm.prior, strength) for arm in compiled.arms.values()
+                              if fits(arm) and arm not in present)
             if wider:
                 reasons.append(f"{why} {asked}: no such arm in route `{route.name}`, using the policy's")
                 rows, rule = rows + wider, f"{route.name}+override"

@@ -179,6 +179,12 @@ def test_tools_or_json_mode_get_one_plain_answer(policy):
     assert decide(EASY_CHAT, cot_only, {}).arm.strategy == "cot"
     json_mode = decide(EASY_CHAT, cot_only, {}, request=RequestHints(exact_output="response_format json_object"))
     assert json_mode.arm.strategy == "single" and json_mode.rule == "catch-all+override"
+    # an alias that lists only a vote: its single arms are none, the policy's serve the tool call
+    vote_only = make_policy(text=POLICY.replace("auto-cheap: {arms: [quick, quick-cot], explore: false}",
+                                                "auto-vote: {arms: [strong-vote]}"))
+    assert decide(HARD_MATH, vote_only, {}, alias="auto-vote").arm.strategy == "self_consistency"
+    tools = decide(HARD_MATH, vote_only, {}, alias="auto-vote", request=RequestHints(exact_output="tools"))
+    assert tools.arm.strategy == "single" and tools.rule == "hard-math+override"
 
 
 def test_reasoning_effort_override(policy):
