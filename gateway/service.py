@@ -146,8 +146,11 @@ class Gateway:
 
     # -- plan -----------------------------------------------------------------------------------
     def models(self) -> list[str]:
-        aliases = sorted(self.policies.default.aliases) if self.policies else []
-        return [*aliases, *self.backends]
+        if self.policies is None:
+            return [*self.backends]
+        default = self.policies.default
+        backends = list(self.backends) if default.allows_override("direct_backend") else []
+        return [*sorted(default.aliases), *backends]
 
     def classify(self, req: ChatRequest) -> Classification:
         assert self.classifier is not None
@@ -159,18 +162,23 @@ class Gateway:
         classification = self.classify(req)
         classified = time.perf_counter()
         policy = self._policy_for(headers)
-        if req.model in self.backends:
-            decision = self._direct(req, headers, classification, policy)
-            return Plan(request_id, decision, policy, principal, req.model,
-                        worst_cost_usd=self.worst_case_usd(decision.arm, req), classify_s=classified - started,
-                        decide_s=time.perf_counter() - classified)
-        if req.model not in policy.aliases:
-            raise ApiError(404, f"The model {req.model!r} does not exist; GET /v1/models lists the models "
-                                "and routed aliases.", param="model", code="model_not_found")
         try:
             hints = RequestHints.from_request(req, headers, policy)
         except InvalidHint as exc:
             raise ApiError(400, str(exc), code="invalid_header") from None
+        if req.model in self.backends:
+            if not policy.allows_override("direct_backend"):
+                raise ApiError(404, f"The model {req.model!r} is a backend, and policy `{policy.name}` routes only "
+                                    "its aliases (overrides.direct_backend: false); GET /v1/models lists them.",
+                               param="model", code="model_not_found")
+            decision = self._direct(req, headers, classification, policy)
+            worst = self.worst_case_usd(decision.arm, req)
+            self._check_direct_cost(worst, hints, policy)
+            return Plan(request_id, decision, policy, principal, req.model, worst_cost_usd=worst,
+                        classify_s=classified - started, decide_s=time.perf_counter() - classified)
+        if req.model not in policy.aliases:
+            raise ApiError(404, f"The model {req.model!r} does not exist; GET /v1/models lists the models "
+                                "and routed aliases.", param="model", code="model_not_found")
         assert self.store is not None
         budget_left, budget_period = await self._budget_left(principal, policy) or (None, None)
         try:
@@ -217,6 +225,19 @@ class Gateway:
         arm = Arm(backend=req.model, strategy=strategy, effort=req.reasoning_effort, n=n)
         return Decision(arm=arm, task=classification.task, difficulty=classification.difficulty,
                         task_probs=classification.task_probs, policy="direct", rule="direct", reasons=tuple(reasons))
+
+    @staticmethod
+    def _check_direct_cost(worst_usd: float, hints: RequestHints, policy: CompiledPolicy) -> None:
+        """A named backend skips the decision, not the request's cost caps (budgets.per_request_usd,
+        x-ponder-max-cost-usd where the policy honours it): with no arms to choose from, the caps
+        bound the call's worst case (max_tokens, else a default output length per call)."""
+        caps = [(policy.policy.budgets.per_request_usd, "budgets.per_request_usd")]
+        if policy.allows_override("max_cost"):
+            caps.append((hints.max_cost_usd, "x-ponder-max-cost-usd"))
+        for cap, why in caps:
+            if cap is not None and worst_usd > cap:
+                raise ApiError(400, f"This request may cost up to ${worst_usd:.6f}, over its cost cap (${cap:.6f}, "
+                                    f"{why}); send a lower max_tokens.", code="over_cost_limit")
 
     def _policy_for(self, headers: Any) -> CompiledPolicy:
         assert self.policies is not None
@@ -326,7 +347,7 @@ class Gateway:
         try:
             return await self.store.reserve(plan.principal.key_id, plan.reserve_usd(), limits)
         except BudgetExceeded as exc:
-            if exc.amount > exc.limit:  # waiting cannot help: the request's worst case is over the whole cap
+            if exc.amount > exc.limit > exc.spent:  # waiting cannot help: the worst case is over the whole cap
                 raise ApiError(400, f"This request may cost up to ${exc.amount:.6f}, more than this key's whole "
                                     f"{exc.period} budget (${exc.limit:.6f}); send a lower max_tokens (without "
                                     "one, a default output length per call is held).", code="over_budget_cap") from None

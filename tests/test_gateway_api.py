@@ -12,6 +12,7 @@ from tests.servers import (TODAYS_CHAT_MESSAGES, mock_backend, running, start_ga
 KEY = "sk-test-key-123"
 ADMIN_KEY = "sk-admin-456"
 SMALL_BUDGET_KEY = "sk-small-789"
+ZERO_BUDGET_KEY = "sk-zero-000"
 
 
 def policy(tmp) -> str:
@@ -197,12 +198,32 @@ def test_tools_and_json_mode_are_answered_by_one_plain_call(client, mock, model,
     assert raw.parse().model_extra["ponder"]["samples"] == 1 and calls(mock)["count"] == 1
 
 
-def test_a_cost_cap_no_arm_fits_is_a_400_not_a_retry_later(client, mock):
+@pytest.mark.parametrize("model", ["auto", "mock-a"])
+def test_a_cost_cap_no_arm_fits_is_a_400_not_a_retry_later(client, mock, model):
+    """The request's cost cap holds for a routed alias and for a backend named as `model` alike."""
     with pytest.raises(openai.BadRequestError) as refused:
-        client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "What is 3 + 4?"}],
+        client.chat.completions.create(model=model, messages=[{"role": "user", "content": "What is 3 + 4?"}],
                                        extra_headers={"x-ponder-max-cost-usd": "0.000000001"})
     assert refused.value.code == "over_cost_limit" and "x-ponder-max-cost-usd" in refused.value.message
     assert "retry-after" not in refused.value.response.headers and calls(mock)["count"] == 0
+
+
+def test_a_policy_can_keep_clients_off_its_backends(tmp_path):
+    """overrides.direct_backend: false: a backend name is not a model for clients (404, and not listed),
+    so no request skips the policy's routing and caps."""
+    path = write_policy(tmp_path, {"name": "routed-only", "arms": {"cheap": {"backend": "mock-a"}},
+                                   "routes": [{"name": "all", "candidates": ["cheap"]}],
+                                   "overrides": {"direct_backend": False}}, "routed.yaml")
+    with running(start_mock(tmp_path)) as mock:
+        with running(start_gateway(tmp_path, {"backends": [mock_backend("mock-a", mock)], "policy": path},
+                                   name="routed")) as gateway:
+            client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+            assert [m.id for m in client.models.list()] == ["auto"]
+            with pytest.raises(openai.NotFoundError) as refused:
+                client.chat.completions.create(model="mock-a", messages=[{"role": "user", "content": "x"}])
+            assert refused.value.code == "model_not_found" and "direct_backend" in refused.value.message
+            assert calls(mock)["count"] == 0
+            assert client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "x"}]).choices
 
 
 def test_client_task_label_keys_the_learner(client, gw):
@@ -304,7 +325,9 @@ def keyed_stack(tmp_path_factory):
             "api_keys": [{"id": "team-a", "sha256": hashlib.sha256(KEY.encode()).hexdigest()},
                          {"id": "ops", "sha256": hashlib.sha256(ADMIN_KEY.encode()).hexdigest(), "admin": True},
                          {"id": "small", "sha256": hashlib.sha256(SMALL_BUDGET_KEY.encode()).hexdigest(),
-                          "budget_usd_per_day": 0.00005}],
+                          "budget_usd_per_day": 0.00005},
+                         {"id": "none", "sha256": hashlib.sha256(ZERO_BUDGET_KEY.encode()).hexdigest(),
+                          "budget_usd_per_day": 0}],
             "server_timing": True,
         }, name="keyed")) as gateway:
             yield gateway, mock
@@ -352,6 +375,12 @@ def test_budget_refusals_say_what_to_do(keyed_stack):
     now = time.time()
     midnight = calendar.timegm(time.gmtime(now)[:3] + (0, 0, 0, 0, 0, 0)) + 86400
     assert abs(int(spent.value.response.headers["retry-after"]) - (midnight - now)) <= 5
+    # a key whose budget is $0 has nothing to spend, whatever max_tokens says: 429 on either path
+    broke = openai.OpenAI(base_url=gateway.url + "/v1", api_key=ZERO_BUDGET_KEY, max_retries=0)
+    for model in ("mock-a", "auto"):
+        with pytest.raises(openai.RateLimitError) as empty:
+            broke.chat.completions.create(model=model, messages=question, max_tokens=5)
+        assert empty.value.code == "budget_exhausted" and "retry-after" in empty.value.response.headers
 
 
 def test_basic_format_backend_gets_messages_it_can_take(keyed_stack):
