@@ -27,7 +27,7 @@ from gateway.calls import Caller, upstream_to_api_error
 from gateway.config import GatewayConfig
 from gateway.dashboard import dashboard_routes
 from gateway.effort import apply_effort
-from gateway.errors import EXCEPTION_HANDLERS, ApiError
+from gateway.errors import EXCEPTION_HANDLERS, ApiError, retry_after
 from gateway.schemas import ChatRequest, parse_chat_request, parse_json_body
 from gateway.service import Gateway, Plan
 from gateway.strategies import StrategyResult
@@ -345,12 +345,20 @@ async def feedback(request: Request) -> Response:
     if not isinstance(score, (int, float)) or not 0 <= score <= 1:
         raise ApiError(400, "Send 'score' in [0, 1] or 'correct': true/false.", param="score", code="invalid_value")
     assert gw.store is not None
-    outcome = await gw.store.feedback(request_id, float(score), None if not gw.keys.enabled else principal.key_id)
-    status = {"accepted": 200, "duplicate": 200, "unknown_request": 404, "expired": 410, "forbidden": 403}
+    # An admin key may grade any request (an operator labelling traffic); others only their own.
+    owner = None if principal.admin else principal.key_id
+    outcome = await gw.store.feedback(request_id, float(score), owner)
     code = getattr(outcome, "status", str(outcome))
-    if status.get(code, 200) >= 400:
-        raise ApiError(status[code], f"Feedback not recorded: {code}.", param="request_id", code=code)
+    status = _FEEDBACK_STATUS.get(code, 200)
+    if status >= 400:
+        headers = retry_after(FEEDBACK_RETRY_AFTER_S) if status == 503 else None
+        raise ApiError(status, f"Feedback not recorded: {code}.", param="request_id", code=code, headers=headers)
     return json_response({"request_id": request_id, "status": code})
+
+
+_FEEDBACK_STATUS = {"accepted": 200, "duplicate": 200, "unknown_request": 404, "expired": 410, "forbidden": 403,
+                    "unavailable": 503}
+FEEDBACK_RETRY_AFTER_S = 5.0  # the store reconnects in the background within seconds
 
 
 # -- the app ----------------------------------------------------------------------------------------

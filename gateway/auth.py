@@ -46,6 +46,10 @@ class KeyRing:
             raise ApiError(401, "Invalid API key.", code="invalid_api_key")
         if admin and not match.admin:
             raise ApiError(403, "This endpoint needs an admin key.", code="admin_required")
-        budgets = {p: v for p, v in (("day", match.budget_usd_per_day), ("month", match.budget_usd_per_month))
-                   if v is not None}
-        return Principal(key_id=match.id, admin=match.admin, budgets=budgets)
+        return principal_of(match)
+
+
+def principal_of(key: ApiKey) -> Principal:
+    budgets = {p: v for p, v in (("day", key.budget_usd_per_day), ("month", key.budget_usd_per_month))
+               if v is not None}
+    return Principal(key_id=key.id, admin=key.admin, budgets=budgets)

@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from gateway.auth import ANONYMOUS, principal_of
 from gateway.errors import ApiError
 from telemetry import summaries
 
@@ -105,25 +106,11 @@ def cost_estimate(gw: Any, policy: str):
 
 
 def key_budgets(gw: Any) -> dict[str, dict[str, float]]:
-    """key id -> period -> USD cap: the key's own caps, tightened by the default policy's (as budgets are
-    enforced in `Gateway.reserve_budget`)."""
-    policy_caps: dict[str, float] = {}
-    compiled = gw.policies.default if gw.policies is not None else None
-    if compiled is not None:
-        budgets = compiled.policy.budgets
-        for period, cap in (("day", budgets.per_key_daily_usd), ("month", budgets.per_key_monthly_usd)):
-            if cap is not None:
-                policy_caps[period] = cap
-    keys = [(k.id, {"day": k.budget_usd_per_day, "month": k.budget_usd_per_month}) for k in gw.config.api_keys]
-    if not keys:
-        keys = [("anonymous", {})]
-    out = {}
-    for key_id, own in keys:
-        caps = {p: v for p, v in own.items() if v is not None}
-        for period, cap in policy_caps.items():
-            caps[period] = min(cap, caps.get(period, cap))
-        out[key_id] = caps
-    return out
+    """key id -> period -> USD cap, exactly as `Gateway.reserve_budget` enforces them: the key's own
+    caps, else the default policy's caps for keys."""
+    principals = [principal_of(k) for k in gw.config.api_keys] or [ANONYMOUS]
+    policy = gw.policies.default if gw.policies is not None else None
+    return {p.key_id: gw.budget_limits(p, policy) for p in principals}
 
 
 # -- JSON endpoints ---------------------------------------------------------------------------------

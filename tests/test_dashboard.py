@@ -168,6 +168,16 @@ def test_admin_key_is_required(stack, path):
     assert report.status_code == 403
 
 
+def test_an_admin_key_may_grade_any_keys_request(stack):
+    """An operator labels traffic with the admin key: feedback on another key's request is taken (here
+    the same score again, so `duplicate`), as telemetry.md says; a user key may grade only its own."""
+    url = stack[0].url
+    record = stack[2].routed()[0]
+    response = httpx.post(url + "/v1/feedback", headers=bearer(ADMIN_KEY), timeout=10,
+                          json={"request_id": record["id"], "score": record["score"]})
+    assert response.status_code == 200 and response.json()["status"] == "duplicate", response.text
+
+
 def test_dashboard_page_without_key_is_a_login_page_and_holds_no_data(stack):
     gateway, _, seeded, _ = stack
     page = get(gateway.url, "/dashboard", key=None)
@@ -461,3 +471,26 @@ def test_dashboard_in_a_browser(stack, browser, tmp_path):
     page.screenshot(path=str(ARTIFACTS / name), full_page=True)
     assert not errors, errors
     page.close()
+
+
+def test_spend_view_shows_the_budgets_the_gateway_enforces(tmp_path):
+    """A key's own cap wins over the policy's default for keys (policies.md), in the dashboard as in
+    enforcement: the view must not show a tighter budget than the one that refuses requests."""
+    policy = tmp_path / "capped.yaml"
+    policy.write_text(open(two_mock_policy(tmp_path, "capped")).read()
+                      + "budgets: {per_key_daily_usd: 10, per_key_monthly_usd: 100}\n")
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("mock-a", mock), mock_backend("mock-b", mock)],
+            "policy": str(policy),
+            "api_keys": [{"id": "own", "sha256": hashlib.sha256(USER_KEY.encode()).hexdigest(),
+                          "budget_usd_per_day": 20},
+                         {"id": "ops", "sha256": hashlib.sha256(ADMIN_KEY.encode()).hexdigest(), "admin": True}],
+    }, name="capped")) as gateway:
+        keys = {row["key_id"]: row["budget"] for row in get(gateway.url, "/v1/ponder/spend").json()["keys"]}
+        assert keys["own"] == {"day": 20, "month": 100} and keys["ops"] == {"day": 10, "month": 100}
+        # and enforcement agrees: a worst case of ~$15 fits the key's own $20 day, not the policy's $10
+        # (mock-a: $2 per M output tokens)
+        fits = httpx.post(gateway.url + "/v1/chat/completions", headers=bearer(USER_KEY), timeout=10,
+                          json={"model": "mock-a", "max_tokens": 7_500_000,
+                                "messages": [{"role": "user", "content": "x"}]})
+        assert fits.status_code == 200, fits.text

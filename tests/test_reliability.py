@@ -383,6 +383,27 @@ def test_redis_killed_and_restarted_during_load_loses_no_request_and_telemetry_r
         redis_proc.stop()
 
 
+def test_feedback_while_redis_is_away_is_a_503_to_retry(tmp_path):
+    """Feedback cannot be kept while the store is down: the client hears 503 with Retry-After (and
+    sends it again), not a 200 for a grade that was dropped."""
+    from telemetry.redis_server import start_redis
+
+    redis_proc = start_redis(data_dir=tmp_path / "redis")
+    try:
+        with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+                "backends": [mock_backend("m", mock)], "policy": simple_policy(tmp_path, "m"),
+                "telemetry": {"redis_url": redis_proc.url, "refresh_s": 0.5}}, name="fb")) as gateway:
+            answer = httpx.post(gateway.url + "/v1/chat/completions", timeout=10,
+                                json={"model": "auto", "messages": [{"role": "user", "content": "hi"}]})
+            grade = {"request_id": answer.headers["x-ponder-request-id"], "correct": True}
+            redis_proc.kill()
+            refused = httpx.post(gateway.url + "/v1/feedback", json=grade, timeout=10)
+            assert refused.status_code == 503 and refused.json()["error"]["code"] == "unavailable"
+            assert int(refused.headers["retry-after"]) >= 1
+    finally:
+        redis_proc.stop()
+
+
 # -- hostile input ----------------------------------------------------------------------------------
 
 _ascii = st.characters(min_codepoint=32, max_codepoint=126)
