@@ -72,13 +72,19 @@ def _sample_body(arm: Arm, body: dict[str, Any], ctx: StrategyContext, *, sample
         if out.get("temperature") in (None, 0):
             out["temperature"] = ctx.param("temperature")
         # Seeded samples: some servers (llama.cpp) ignore `n` and would repeat one greedy answer.
-        out["seed"] = int(body.get("seed") or 0) * 1000 + sample
+        out["seed"] = _seed(int(body.get("seed") or 0) * 1000 + sample)
     elif sample and body.get("seed") is not None:
         # A client's `n` sent as separate calls: its one seed would make every choice the same one.
-        out["seed"] = int(body["seed"]) + sample
+        out["seed"] = _seed(int(body["seed"]) + sample)
     if cot:
         out["messages"] = prompts.with_cot_instruction(body["messages"], ctx.task, ctx.params.get("cot_template"))
     return apply_effort(out, backend.spec, arm.effort)
+
+
+def _seed(value: int) -> int:
+    """A derived seed kept in int64, which providers' `seed` is: a client's seed near the top of
+    the range must not become a 400 upstream."""
+    return value % (2**63)
 
 
 def _texts(response: dict[str, Any]) -> list[str]:
@@ -97,7 +103,8 @@ async def _single(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> Strat
         responses = await _gather_samples(arm, body, ctx, count=n, diverse=False)
         response = _merge_choices(responses)
     confidence = cascade.stated_confidence(_texts(response)[0]) if response.get("choices") else None
-    return StrategyResult(response, arm, confidence, "stated", {"samples": len(ctx.caller.calls)})
+    # samples are the answers drawn: a failed attempt before them (retried) is a call, not a sample
+    return StrategyResult(response, arm, confidence, "stated", {"samples": len(response.get("choices") or ())})
 
 
 async def _cot(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> StrategyResult:
@@ -153,8 +160,11 @@ def _voted(arm: Arm, responses: list[dict[str, Any]], ctx: StrategyContext, deta
 async def _self_consistency(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> StrategyResult:
     backend = ctx.caller.backend(arm.backend)
     cot = ctx.params.get("cot", not backend.spec.reasoning)
-    responses = await _gather_samples(arm, body, ctx, count=arm.n, cot=cot)
-    return _voted(arm, responses, ctx, {"max_n": arm.n}, int(body.get("n") or 1))
+    client_n = int(body.get("n") or 1)
+    # a client asking for more choices than the arm's samples gets them: n is drawn (and budgeted)
+    count = max(arm.n, client_n)
+    responses = await _gather_samples(arm, body, ctx, count=count, cot=cot)
+    return _voted(arm, responses, ctx, {"max_n": count}, client_n)
 
 
 async def _adaptive_consistency(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> StrategyResult:
@@ -174,8 +184,12 @@ async def _adaptive_consistency(arm: Arm, body: dict[str, Any], ctx: StrategyCon
         rule["sample_value"] = value
     responses: list[dict[str, Any]] = []
     answers: list[str | None] = []
+    client_n = int(body.get("n") or 1)
+    max_n = max(arm.n, client_n)
     while True:
-        size = stopping.wave_size(answers, max_n=arm.n, max_wave=int(ctx.param("wave")), **rule)
+        size = stopping.wave_size(answers, max_n=max_n, max_wave=int(ctx.param("wave")), **rule)
+        if size == 0 and len(answers) < client_n:
+            size = client_n - len(answers)  # settled, but the client asked for this many choices
         if size == 0:
             break
         wave = await _gather_samples(arm, body, ctx, count=size, first=len(answers), cot=cot)
@@ -185,15 +199,16 @@ async def _adaptive_consistency(arm: Arm, body: dict[str, Any], ctx: StrategyCon
         # failed samples still count against max n, so a flaky backend cannot loop forever
         answers += [voting.extract(text, ctx.task) for text in _sample_texts(wave)]
         answers += [None] * (size - len(wave))
-    verdict = stopping.should_stop(answers, max_n=arm.n, **rule)
-    details = {"max_n": arm.n, "drawn": len(answers), "stop_reason": verdict.reason}
+    verdict = stopping.should_stop(answers, max_n=max_n, **rule)
+    details = {"max_n": max_n, "drawn": len(answers), "stop_reason": verdict.reason}
     if value is not None:
         details.update(sample_value=round(value, 4), sample_value_source=source)
-    return _voted(arm, responses, ctx, details, int(body.get("n") or 1))
+    return _voted(arm, responses, ctx, details, client_n)
 
 
 async def _best_of_n(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> StrategyResult:
-    responses = await _gather_samples(arm, body, ctx, count=arm.n)
+    client_n = int(body.get("n") or 1)
+    responses = await _gather_samples(arm, body, ctx, count=max(arm.n, client_n))
     if not responses:
         raise UpstreamError(arm.backend, 502, f"{arm.backend}: every sample failed", retryable=True)
     texts = _sample_texts(responses)
@@ -210,7 +225,9 @@ async def _best_of_n(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> St
 
     scores = await asyncio.gather(*(score(t) for t in texts))
     best = voting.best_of_n(list(scores))
-    response = _pick_choices(responses, [best])
+    # n > 1: the best, then the rest by score (unscored last, in order)
+    rest = sorted((i for i in range(len(texts)) if i != best), key=lambda i: -(scores[i] if scores[i] is not None else -1.0))
+    response = _pick_choices(responses, [best, *rest][:client_n])
     confidence = scores[best] if scores[best] is not None else None
     return StrategyResult(response, arm, confidence, "verifier",
                           {"samples": len(texts), "scores": scores, "verifier": verifier})

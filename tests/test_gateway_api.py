@@ -183,6 +183,26 @@ def test_self_consistency_votes_and_counts_every_sample(client, mock):
         sum(len(m["content"].split()) for m in b["messages"]) for b in got["bodies"])
 
 
+def test_a_client_asking_more_choices_than_the_vote_draws_gets_them_all(client, mock):
+    """n=7 against a 5-sample vote: 7 samples are drawn (the budget already held for 7), 7 choices come
+    back; and seeds derived from a client seed near the int64 limit stay inside it."""
+    completion = client.chat.completions.create(
+        model="auto", messages=[{"role": "user", "content": "What is 3 + 4?"}], n=7, seed=2**63 - 2,
+        extra_headers={"x-ponder-strategy": "self_consistency"})
+    assert len(completion.choices) == 7 and [c.index for c in completion.choices] == list(range(7))
+    seeds = [b["seed"] for b in calls(mock)["bodies"]]
+    assert len(seeds) == 7 == len(set(seeds)) and all(0 <= seed < 2**63 for seed in seeds)
+    assert completion.model_extra["ponder"]["samples"] == 7
+
+
+def test_a_retried_attempt_is_a_call_not_a_sample(client, mock):
+    control(mock, script=["500"])
+    raw = client.chat.completions.with_raw_response.create(model="mock-a",
+                                                           messages=[{"role": "user", "content": "x"}])
+    assert calls(mock)["count"] == 2
+    assert raw.headers["x-ponder-samples"] == "1" and raw.parse().model_extra["ponder"]["samples"] == 1
+
+
 @pytest.mark.parametrize("model", ["auto", "mock-a"])
 @pytest.mark.parametrize("structured", [
     {"tools": [{"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {}}}}]},

@@ -217,10 +217,11 @@ def test_adaptive_strategy_reads_the_bucket_gate_from_the_stats() -> None:
     flat = {"m/-/single/1": _stats(340, 1000), "m/-/self_consistency/5": _stats(340, 1000)}
     paying = {"m/-/single/1": _stats(300, 1000), "m/-/self_consistency/5": _stats(400, 1000)}
 
-    def run(stats: dict, params: dict | None = None):
+    def run(stats: dict, params: dict | None = None, n: int = 1):
         caller = FakeCaller()
         ctx = StrategyContext(task="math", params=params or {}, caller=caller, bucket_stats=stats)  # type: ignore[arg-type]
-        return asyncio.run(run_arm(arm, {"messages": [{"role": "user", "content": "3+4?"}]}, ctx)), caller
+        body = {"messages": [{"role": "user", "content": "3+4?"}], "n": n}
+        return asyncio.run(run_arm(arm, body, ctx)), caller
 
     gated, caller = run(flat)
     assert len(caller.calls) == 1 and gated.details["sample_value_source"] == "learned"
@@ -231,6 +232,9 @@ def test_adaptive_strategy_reads_the_bucket_gate_from_the_stats() -> None:
     assert len(caller.calls) > 1 and "sample_value" not in unknown.details
     fixed, caller = run(paying, {"sample_value": 0.0})  # a value in the policy wins over the learned one
     assert len(caller.calls) == 1 and fixed.details["sample_value_source"] == "policy"
+    # settled after one sample, but the client asked for three choices: three are drawn and returned
+    three, caller = run(flat, n=3)
+    assert len(caller.calls) == 3 and len(three.response["choices"]) == 3
 
 
 # --- cascade ----------------------------------------------------------------------------------
@@ -318,3 +322,39 @@ def test_online_gate_closes_where_votes_never_change_the_answer() -> None:
     assert samples[0] == 2 and samples[-1] == 1  # the first arrival only has the prior: it votes
     assert sum(samples[30:]) == 30 and final["code:output"] < 0.01
     assert [ok for ok, _ in outcomes] == [p.correct[0] for p in problems]
+
+
+def test_best_of_n_returns_the_clients_n_choices_best_first() -> None:
+    import asyncio
+
+    from gateway.strategies import StrategyContext, run_arm
+    from policies.backends import BackendSpec
+
+    class FakeBackend:
+        spec = BackendSpec(name="m", model="openai/m")
+
+    class FakeCaller:
+        """Samples answer A, B, C, D in order; the judge scores a sample by its letter."""
+
+        def __init__(self) -> None:
+            self.calls: list[dict] = []
+
+        def backend(self, name: str) -> FakeBackend:
+            return FakeBackend()
+
+        async def complete(self, name: str, body: dict) -> dict:
+            self.calls.append(body)
+            prompt = body["messages"][-1]["content"]
+            if body.get("max_tokens") == 16:  # the judge
+                score = next(s for letter, s in (("A", 3), ("B", 9), ("C", 6), ("D", 1)) if f"answer {letter}" in prompt)
+                text = f"Score: {score}"
+            else:
+                text = f"answer {'ABCD'[len(self.calls) - 1]}"
+            return {"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]}
+
+    caller = FakeCaller()
+    ctx = StrategyContext(task="chat", params={}, caller=caller)  # type: ignore[arg-type]
+    body = {"messages": [{"role": "user", "content": "pick one"}], "n": 3}
+    result = asyncio.run(run_arm(Arm("m", "best_of_n", None, 4), body, ctx))
+    assert [c["message"]["content"] for c in result.response["choices"]] == ["answer B", "answer C", "answer A"]
+    assert [c["index"] for c in result.response["choices"]] == [0, 1, 2] and result.details["samples"] == 4
