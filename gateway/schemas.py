@@ -10,16 +10,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gateway.errors import ApiError
 
 ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
+CONTENT_REQUIRED = {"system", "developer", "user", "tool"}
 REASONING_EFFORTS = {"none", "minimal", "low", "medium", "high", "xhigh"}
 
 
+# Strict types: the body is forwarded as sent, so `"n": "2"` or `"stream": "yes"` must be refused
+# here, not coerced for routing and then sent upstream as a string.
 class _Message(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     role: str
     content: str | list[dict[str, Any]] | None = None
@@ -31,9 +34,16 @@ class _Message(BaseModel):
             raise ValueError(f"unknown role {role!r}; expected one of {sorted(ROLES)}")
         return role
 
+    @model_validator(mode="after")
+    def _content_where_required(self) -> _Message:
+        # only an assistant turn (one that called a tool) may come without content
+        if self.content is None and self.role in CONTENT_REQUIRED:
+            raise ValueError(f"a {self.role} message needs 'content'")
+        return self
+
 
 class _ChatBody(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     model: str = Field(min_length=1)
     messages: list[_Message] = Field(min_length=1)

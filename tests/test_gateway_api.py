@@ -300,6 +300,13 @@ def test_upstream_failure_is_a_502_with_the_upstream_message(client, mock):
     (b'{"model": "auto", "messages": [{"role": "user", "content": "x"}], "n": 100000}', 400, "n"),
     (b'{"model": "auto", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}', 400, "temperature"),
     (b'{"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]}', 404, "model"),
+    # wrong types are refused, not coerced (the body is forwarded as sent)
+    (b'{"model": "auto", "messages": [{"role": "user", "content": "x"}], "n": "2"}', 400, "n"),
+    (b'{"model": "auto", "messages": [{"role": "user", "content": "x"}], "n": true}', 400, "n"),
+    (b'{"model": "auto", "messages": [{"role": "user", "content": "x"}], "n": 2.0}', 400, "n"),
+    (b'{"model": "auto", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}', 400, "stream"),
+    (b'{"model": "auto", "messages": [{"role": "user", "content": null}]}', 400, "messages.0"),
+    (b'{"model": "auto", "messages": [{"role": "user"}]}', 400, "messages.0"),
     (b"\xff\xfe\x00garbage", 400, None),
 ])
 def test_bad_input_gets_an_openai_error(gw, payload, status, param):
