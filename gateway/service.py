@@ -89,12 +89,9 @@ class Gateway:
     def check(config: GatewayConfig) -> None:
         """Raise ConfigError with a readable message for what start() would fail on (a policy that
         does not load, a classifier artifact that does not), before a server is started for it."""
-        specs = list(config.backends)
-        if config.local_model.enabled and not any(s.name == LOCAL_BACKEND_NAME for s in specs):
-            specs.append(LocalModelServer(config.local_model).backend_spec())
         try:
             Classifier.load(config.classifier)
-            PolicySet(config.policy, config.extra_policies, specs)
+            configured_policies(config)
         except (ClassifierError, PolicyError) as exc:
             raise ConfigError(str(exc)) from None
 
@@ -353,6 +350,15 @@ class Gateway:
                                     "one, a default output length per call is held).", code="over_budget_cap") from None
             raise ApiError(429, f"Budget exhausted for this key: {exc}.", code="budget_exhausted",
                            headers=_retry_at_reset(exc.period)) from None
+
+
+def configured_policies(config: GatewayConfig) -> PolicySet:
+    """The policies a gateway with this config serves, loaded as it loads them (its backends and the
+    local model's declared), without starting anything. Raises PolicyError."""
+    specs = list(config.backends)
+    if config.local_model.enabled and not any(s.name == LOCAL_BACKEND_NAME for s in specs):
+        specs.append(LocalModelServer(config.local_model).backend_spec())
+    return PolicySet(config.policy, config.extra_policies, specs)
 
 
 def _retry_at_reset(period: str | None) -> dict[str, str]:

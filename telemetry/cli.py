@@ -37,16 +37,10 @@ async def _read_redis(url: str, half_life_s: float | None) -> RawAggregates:
         await store._client.aclose()
 
 
-def _choice_column(policy_name: str, policy_file: str | None, snapshot: StatsSnapshot):
-    """bucket -> arm key the learner would pick now, or None when the learner or policy is unavailable."""
-    try:
-        from policies.loader import load_policy
-        from router.learner import current_choice
+def _choice_column(policy: Any, snapshot: StatsSnapshot):
+    """bucket -> arm key the learner would pick now under this policy (a loaded Policy)."""
+    from router.learner import current_choice
 
-        path = Path(policy_file) if policy_file else Path(__file__).resolve().parents[1] / "policies" / f"{policy_name}.yaml"
-        policy = load_policy(path)
-    except Exception:
-        return None
     chosen: dict[str, str] = {}
 
     def choice(bucket: str) -> str:
@@ -57,20 +51,64 @@ def _choice_column(policy_name: str, policy_file: str | None, snapshot: StatsSna
     return choice
 
 
+def _policy_loader(policy_file: str | None, config: Any):
+    """policy name -> loaded Policy, or None (with a warning on stderr: the column is left out, the
+    table is still printed). From the gateway config (its policies with its backends, as it serves
+    them), else --policy-file, else policies/<name>.yaml."""
+    if config is not None:
+        from gateway.service import configured_policies
+
+        policies = configured_policies(config)  # raises: a config whose policy does not load is an error
+        return lambda name: policies.get(name).policy if policies.get(name) is not None else None
+
+    def load(name: str) -> Any:
+        from policies.loader import load_policy
+
+        path = Path(policy_file) if policy_file else Path(__file__).resolve().parents[1] / "policies" / f"{name}.yaml"
+        if not policy_file and not path.exists():
+            return None
+        try:
+            return load_policy(path)
+        except Exception as exc:  # noqa: BLE001 - any load failure only drops the column
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            print(f"ponder stats: no current-choice column for policy {name!r}: {first}"
+                  " (a policy whose backends are in the gateway config needs --config)", file=sys.stderr)
+            return None
+
+    return load
+
+
 def _fmt_rate(value: Any) -> str:
     return "-" if value is None else f"{100 * value:5.1f}%"
 
 
 def stats_cli(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ponder stats", description=__doc__.splitlines()[0])
-    parser.add_argument("--redis-url", default=os.environ.get("PONDER_REDIS_URL"))
-    parser.add_argument("--data-dir", default=os.environ.get("PONDER_DATA_DIR", ".ponder"))
+    parser.add_argument("--redis-url", help="default: --config's, else $PONDER_REDIS_URL")
+    parser.add_argument("--data-dir", help="default: --config's, else $PONDER_DATA_DIR, else .ponder")
     parser.add_argument("--policy", help="only this policy")
     parser.add_argument("--policy-file", help="policy YAML for the learner's current-choice column")
+    parser.add_argument("--config", help="the gateway's config: its policies (with its backends) and its telemetry")
     parser.add_argument("--half-life-s", type=float, default=None, help="decay the gateway is configured with")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
 
+    try:
+        config = None
+        if args.config:
+            from gateway.config import load_config
+
+            config = load_config(args.config)
+        policy_for = _policy_loader(args.policy_file, config)
+    except Exception as exc:  # noqa: BLE001 - a config or policy that does not load: say why, once
+        print(f"ponder stats: cannot load {args.config}: {exc}", file=sys.stderr)
+        return 2
+    telemetry = config.telemetry if config is not None else None
+    if telemetry is not None:  # the config named on the command line beats the environment
+        args.redis_url = args.redis_url or telemetry.redis_url
+        args.data_dir = args.data_dir or telemetry.data_dir
+    args.redis_url = args.redis_url or os.environ.get("PONDER_REDIS_URL")
+    args.data_dir = args.data_dir or os.environ.get("PONDER_DATA_DIR", ".ponder")
     try:
         if args.redis_url:
             raw = asyncio.run(_read_redis(args.redis_url, args.half_life_s))
@@ -90,7 +128,8 @@ def stats_cli(argv: list[str] | None = None) -> int:
         snapshot: StatsSnapshot = {}
         for (bucket, arm), fields in arms.items():
             snapshot.setdefault(bucket, {})[arm] = arm_stats(fields, now, args.half_life_s)
-        choose = _choice_column(policy, args.policy_file, snapshot)
+        loaded = policy_for(policy)
+        choose = _choice_column(loaded, snapshot) if loaded is not None else None
         table: dict[str, dict[str, dict[str, Any]]] = {}
         for (bucket, arm), fields in sorted(arms.items()):
             row = summary_row(fields, now, args.half_life_s)

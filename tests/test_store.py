@@ -478,6 +478,37 @@ def test_stats_cli_shows_the_learners_choice_when_available(tmp_path, capsys):
     assert [line.split()[1] for line in lines if line.rstrip().endswith("*")] == [expected]
 
 
+def test_stats_cli_reads_a_gateway_config(tmp_path, capsys):
+    """The README's pattern: backends in the gateway config, the policy naming them. --policy-file
+    alone cannot load such a policy: it says so (the table still prints); --config loads it as the
+    gateway does and reads the config's telemetry."""
+    import yaml
+
+    from tests.servers import two_mock_policy
+
+    policy_path = two_mock_policy(tmp_path, "shared")
+    backends = [{"name": name, "model": f"openai/{name}", "api_base": "http://127.0.0.1:9/v1"}
+                for name in ("mock-a", "mock-b")]
+    config = tmp_path / "ponder.yaml"
+    config.write_text(yaml.safe_dump({"backends": backends, "policy": policy_path, "local_model": {"enabled": False},
+                                      "telemetry": {"data_dir": str(tmp_path / "data")}}))
+
+    async def fill():
+        store = await open_store(None, tmp_path / "data")
+        store.record(event(1, policy="shared", arm="mock-a/-/single/1"))
+        await store.close()
+
+    run(fill())
+    assert stats_cli(["--data-dir", str(tmp_path / "data"), "--policy-file", policy_path]) == 0
+    printed = capsys.readouterr()
+    assert "no current-choice column for policy 'shared'" in printed.err and "--config" in printed.err
+    assert "mock-a/-/single/1" in printed.out and not printed.out.splitlines()[1].rstrip().endswith("choice")
+    assert stats_cli(["--config", str(config)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].rstrip().endswith("choice") and "mock-a/-/single/1" in lines[2]
+    assert stats_cli(["--config", str(tmp_path / "missing.yaml")]) == 2
+
+
 def test_local_budget_ledger_is_pessimistic():
     """The fallback ledger never under-counts: late replies cannot lower it, in-flight reservations count."""
     from telemetry.budgets import LocalBudgets, make_reservation
