@@ -250,8 +250,8 @@ async def stream_chat(request: Request, gw: Gateway, plan: Plan, req: ChatReques
                 def stream_extension() -> dict[str, Any]:
                     return {**extension(plan, caller, None), "usage_estimated": passthrough.usage_estimated}
 
-                async for chunk in passthrough.events(caller, include_usage=req.include_usage,
-                                                      extension=stream_extension):
+                async for chunk in passthrough.events(caller, request_id=plan.request_id,
+                                                      include_usage=req.include_usage, extension=stream_extension):
                     yield chunk
             finally:
                 ok = bool(caller.calls) and caller.calls[-1].ok

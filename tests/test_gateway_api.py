@@ -239,6 +239,22 @@ def test_stream_truncated_after_bytes_ends_with_an_error_not_done(gw, mock):
     assert b'"error"' in body and b"finish_reason\":\"stop" not in body
 
 
+def test_stream_chunks_carry_the_request_id_to_send_feedback_on(client, gw):
+    """A relayed stream's chunks say the gateway's request id (x-ponder-request-id), not the upstream's,
+    so feedback on `chunk.id` is accepted; the usage chunk is a whole chunk like the others."""
+    with client.chat.completions.with_streaming_response.create(
+            model="auto", messages=[{"role": "user", "content": "hi there"}], stream=True,
+            stream_options={"include_usage": True}) as raw:
+        request_id = raw.headers["x-ponder-request-id"]
+        chunks = list(raw.parse())
+    assert len(chunks) >= 3 and {c.id for c in chunks} == {request_id}
+    last = chunks[-1]
+    assert last.usage is not None and not last.choices and last.object == "chat.completion.chunk"
+    assert (last.created, last.model) == (chunks[0].created, chunks[0].model)
+    accepted = httpx.post(gw.url + "/v1/feedback", json={"request_id": chunks[0].id, "correct": True})
+    assert accepted.status_code == 200, accepted.text
+
+
 def test_upstream_failure_is_a_502_with_the_upstream_message(client, mock):
     control(mock, script=["500", "500"])
     with pytest.raises(openai.APIStatusError) as info:
