@@ -47,6 +47,7 @@ class PassThrough:
         self.started = started
         self.prompt_tokens_estimate = 0
         self.usage_estimated = False
+        self.client_left = False
 
     @classmethod
     async def open(cls, backend: Backend, body: dict[str, Any], caller: Caller) -> PassThrough:
@@ -75,8 +76,8 @@ class PassThrough:
 
     async def events(self, caller: Caller, *, request_id: str, include_usage: bool,
                      extension: Callable[[], dict]) -> AsyncIterator[bytes]:
-        """Forward every event under our request id; bill the call from the upstream's usage chunk; add
-        our extension."""
+        """Forward every event under our request id; bill the call from the upstream's usage chunk
+        (or, if the client leaves first, from what was streamed so far); add our extension."""
         usage: Usage | None = None
         content_chunks = 0
         relabel = _relabeller(request_id, self.first[1])
@@ -99,6 +100,12 @@ class PassThrough:
             self.backend.health.failed(time.monotonic(), exc.retry_after, request=caller.ident)
             yield sse_error(f"The upstream stream broke before the answer was complete: {exc.message}")
             return
+        except (asyncio.CancelledError, GeneratorExit):
+            # The client went away mid-answer: the tokens written so far are billed all the same,
+            # and the backend did nothing wrong (no mark against its health).
+            self.client_left = True
+            caller.calls.append(self.backend.record(usage or self._estimated(content_chunks), self.started))
+            raise
         finally:
             await self.source.aclose()
         self.backend.health.succeeded()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import openai
 import pytest
@@ -12,6 +14,7 @@ from tests.servers import (TODAYS_CHAT_MESSAGES, mock_backend, running, start_ga
 KEY = "sk-test-key-123"
 ADMIN_KEY = "sk-admin-456"
 SMALL_BUDGET_KEY = "sk-small-789"
+METERED_KEY = "sk-metered-246"
 
 
 def policy(tmp) -> str:
@@ -320,7 +323,9 @@ def keyed_stack(tmp_path_factory):
             "api_keys": [{"id": "team-a", "sha256": hashlib.sha256(KEY.encode()).hexdigest()},
                          {"id": "ops", "sha256": hashlib.sha256(ADMIN_KEY.encode()).hexdigest(), "admin": True},
                          {"id": "small", "sha256": hashlib.sha256(SMALL_BUDGET_KEY.encode()).hexdigest(),
-                          "budget_usd_per_day": 0.00005}],
+                          "budget_usd_per_day": 0.00005},
+                         {"id": "metered", "sha256": hashlib.sha256(METERED_KEY.encode()).hexdigest(),
+                          "budget_usd_per_day": 1.0}],
             "server_timing": True,
         }, name="keyed")) as gateway:
             yield gateway, mock
@@ -497,3 +502,36 @@ def test_policy_hot_reload_keeps_serving_through_a_broken_edit(tmp_path):
             time.sleep(2.5)  # more than one reload poll
             assert all(routed_to(gateway.url) == "mock-b" for _ in range(5))  # the previous policy serves
             assert "policy reload rejected" in gateway.log()
+
+
+def test_a_client_that_drops_a_stream_pays_for_what_was_streamed(keyed_stack):
+    """The client reads one chunk of a relayed stream and hangs up: the tokens the upstream wrote so
+    far are billed (estimated: the upstream's usage comes at the end) and charged to the key's budget,
+    the request is recorded as 499 (client closed), and the backend is not marked as failing."""
+    gateway, mock = keyed_stack
+    httpx.post(mock.url + "/reset")
+    admin = {"authorization": f"Bearer {ADMIN_KEY}"}
+    control(mock, script=["slow_first", "slow_first"], answers=["one two three four five six seven eight"])
+    served, rows = set(), []
+    for _ in range(2):  # two requests in a row: a failure of each would cool the backend down
+        with httpx.stream("POST", gateway.url + "/v1/chat/completions",
+                          json={"model": "auto", "messages": [{"role": "user", "content": "count to eight"}],
+                                "stream": True}, headers={"authorization": f"Bearer {METERED_KEY}"}) as response:
+            request_id = response.headers["x-ponder-request-id"]
+            served.add(response.headers["x-ponder-arm"].split("/")[0])
+            assert next(response.iter_lines()).startswith("data: ")
+        deadline = time.monotonic() + 5
+        while (detail := httpx.get(f"{gateway.url}/v1/ponder/requests/{request_id}", headers=admin)).status_code != 200:
+            assert time.monotonic() < deadline, detail.text
+            time.sleep(0.05)
+        row, calls_made = detail.json()["request"], detail.json()["execution"]["calls"]
+        assert row["status"] == 499 and row["prompt_tokens"] > 0 and row["completion_tokens"] >= 1, row
+        assert len(calls_made) == 1 and calls_made[0]["ok"]  # cut short by the client, not failed
+        assert row["cost_usd"] > 0 and row["cost_usd"] == pytest.approx(calls_made[0]["cost_usd"])
+        rows.append(row)
+    spend = httpx.get(gateway.url + "/v1/ponder/spend", headers=admin).json()
+    metered = next(k for k in spend["keys"] if k["key_id"] == "metered")
+    assert metered["spent"]["day"] == pytest.approx(sum(r["cost_usd"] for r in rows))  # not settled to $0
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0)
+    for backend in served:  # not cooling down: a named backend that is answers 503
+        assert client.chat.completions.create(model=backend, messages=[{"role": "user", "content": "x"}]).choices
