@@ -37,6 +37,10 @@ from router.types import Arm
 
 log = logging.getLogger("ponder.app")
 KEEPALIVE_S = 2.0
+# How long a synthesized stream's headers wait for its strategy. Past this the answer is a 200 kept
+# alive by SSE comments (idle proxies cut silent connections, often at 30-60 s), and a failure after
+# it can only be an SSE error event.
+SYNTH_HOLD_S = 20.0
 CLIENT_CLOSED = "Client closed the request."
 
 
@@ -267,9 +271,25 @@ async def stream_chat(request: Request, gw: Gateway, plan: Plan, req: ChatReques
 
         return StreamingResponse(body_iter(), media_type="text/event-stream", headers=headers)
 
-    if gw.config.server_timing:  # the headers go out before the strategy has run
-        headers["server-timing"] = server_timing(plan, caller, received)
+    executing = time.perf_counter()
     work = asyncio.ensure_future(gw.execute(plan, req, caller))
+    try:
+        # The headers wait for the strategy, so that a request no backend could serve gets its HTTP
+        # error; only one still sampling after SYNTH_HOLD_S is answered 200 and kept alive with comments.
+        await until_disconnect(request, asyncio.wait({work}, timeout=SYNTH_HOLD_S), caller)
+    except ApiError as exc:  # the client left: stop sampling for it
+        work.cancel()
+        await settle(gw, plan, caller, reservation, status=exc.status, error=exc.message)
+        return exc.response(headers)
+    if work.done():
+        try:
+            result = work.result()
+        except ApiError as exc:
+            await settle(gw, plan, caller, reservation, status=exc.status, error=exc.message)
+            return exc.response(headers)
+        headers["x-ponder-arm"] = result.arm.key
+    if gw.config.server_timing:
+        headers["server-timing"] = server_timing(plan, caller, received, executing if work.done() else None)
 
     def to_chunks(result: StrategyResult) -> list[dict]:
         response = finish_response(plan, caller, result)

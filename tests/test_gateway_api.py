@@ -27,7 +27,8 @@ def stack(tmp_path_factory):
     with running(start_mock(tmp)) as mock:
         with running(start_gateway(tmp, {
             "backends": [mock_backend("mock-a", mock), mock_backend("mock-b", mock),
-                         mock_backend("mock-litellm", mock, fast_path=False)],
+                         mock_backend("mock-litellm", mock, fast_path=False),
+                         mock_backend("mock-split", mock, supports_n=False)],
             "policy": policy(tmp),
             "max_body_bytes": 100_000,
         })) as gateway:
@@ -256,6 +257,35 @@ def test_stream_chunks_carry_the_request_id_to_send_feedback_on(client, gw):
     assert (last.created, last.model) == (chunks[0].created, chunks[0].model)
     accepted = httpx.post(gw.url + "/v1/feedback", json={"request_id": chunks[0].id, "correct": True})
     assert accepted.status_code == 200, accepted.text
+
+
+@pytest.mark.parametrize("model", ["auto", "mock-split"])
+def test_a_multi_sample_stream_nobody_can_serve_is_an_http_error(gw, mock, model):
+    """n > 1 streams a synthesized answer; when every backend fails before anything was sent, the
+    client gets the HTTP status and OpenAI error body a one-sample stream gets, with the upstream's
+    message (`mock-split` takes no `n`: its two samples are two calls that both fail)."""
+    control(mock, fail_rate=1.0)
+    response = httpx.post(gw.url + "/v1/chat/completions", json={
+        "model": model, "messages": [{"role": "user", "content": "a"}], "n": 2, "stream": True})
+    assert response.status_code == 502, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and "mock upstream failure" in error["message"]
+    assert error["message"].startswith("mock-") and response.headers["x-ponder-request-id"]
+
+
+def test_a_client_that_leaves_a_multi_sample_stream_stops_the_sampling(gw, mock):
+    """A synthesized stream holds its headers while it samples; a client that gives up meanwhile
+    cancels the samples, and the request is recorded as 499."""
+    control(mock, script=["hang"] * 5, hang_s=2)  # short: the mock waits for its handlers when stopped
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(gw.url + "/v1/chat/completions", timeout=0.5, headers={"x-ponder-strategy": "self_consistency"},
+                   json={"model": "mock-a", "messages": [{"role": "user", "content": "a"}], "stream": True})
+    deadline = time.monotonic() + 5
+    while (latest := httpx.get(gw.url + "/v1/ponder/requests?limit=1").json()["requests"][0])["status"] != 499:
+        assert time.monotonic() < deadline, latest
+        time.sleep(0.05)
+    assert latest["strategy"] == "self_consistency" and calls(mock)["count"] == 5
 
 
 def test_upstream_failure_is_a_502_with_the_upstream_message(client, mock):
