@@ -37,6 +37,11 @@ from router.types import Arm
 
 log = logging.getLogger("ponder.app")
 KEEPALIVE_S = 2.0
+# How long a synthesized stream's headers wait for its strategy. Past this the answer is a 200 kept
+# alive by SSE comments (idle proxies cut silent connections, often at 30-60 s), and a failure after
+# it can only be an SSE error event.
+SYNTH_HOLD_S = 20.0
+CLIENT_CLOSED = "Client closed the request."
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None,
@@ -213,7 +218,7 @@ async def until_disconnect(request: Request, work: Any, caller: Caller) -> Strat
         if not left:
             raise  # the server is shutting down: not ours to swallow
         task.uncancel()
-        raise ApiError(499, "Client closed the request.", code="client_closed") from None
+        raise ApiError(499, CLIENT_CLOSED, code="client_closed") from None
     finally:
         watcher.remove_done_callback(on_disconnect)
         watcher.cancel()
@@ -246,23 +251,45 @@ async def stream_chat(request: Request, gw: Gateway, plan: Plan, req: ChatReques
             headers["server-timing"] = server_timing(plan, caller, received, executing, finished_calls=False)
 
         async def body_iter() -> AsyncIterator[bytes]:
-            try:
-                def stream_extension() -> dict[str, Any]:
-                    return {**extension(plan, caller, None), "usage_estimated": passthrough.usage_estimated}
+            def stream_extension() -> dict[str, Any]:
+                return {**extension(plan, caller, None), "usage_estimated": passthrough.usage_estimated}
 
-                async for chunk in passthrough.events(caller, include_usage=req.include_usage,
-                                                      extension=stream_extension):
-                    yield chunk
+            try:
+                # closed here, not whenever it is collected: its last call must be in the ledger
+                # before the request is settled, also when the client leaves
+                async with contextlib.aclosing(passthrough.events(
+                        caller, request_id=plan.request_id, include_usage=req.include_usage,
+                        extension=stream_extension)) as events:
+                    async for chunk in events:
+                        yield chunk
             finally:
-                ok = bool(caller.calls) and caller.calls[-1].ok
-                await settle(gw, plan, caller, reservation, status=200 if ok else 502,
-                             error=None if ok else caller.calls[-1].error if caller.calls else "client left")
+                settling = settle(gw, plan, caller, reservation, **stream_outcome(passthrough, caller))
+                if passthrough.client_left:  # this task is being cancelled: a store that awaits would be cut short
+                    await asyncio.shield(settling)
+                else:
+                    await settling
 
         return StreamingResponse(body_iter(), media_type="text/event-stream", headers=headers)
 
-    if gw.config.server_timing:  # the headers go out before the strategy has run
-        headers["server-timing"] = server_timing(plan, caller, received)
+    executing = time.perf_counter()
     work = asyncio.ensure_future(gw.execute(plan, req, caller))
+    try:
+        # The headers wait for the strategy, so that a request no backend could serve gets its HTTP
+        # error; only one still sampling after SYNTH_HOLD_S is answered 200 and kept alive with comments.
+        await until_disconnect(request, asyncio.wait({work}, timeout=SYNTH_HOLD_S), caller)
+    except ApiError as exc:  # the client left: stop sampling for it
+        work.cancel()
+        await settle(gw, plan, caller, reservation, status=exc.status, error=exc.message)
+        return exc.response(headers)
+    if work.done():
+        try:
+            result = work.result()
+        except ApiError as exc:
+            await settle(gw, plan, caller, reservation, status=exc.status, error=exc.message)
+            return exc.response(headers)
+        headers["x-ponder-arm"] = result.arm.key
+    if gw.config.server_timing:
+        headers["server-timing"] = server_timing(plan, caller, received, executing if work.done() else None)
 
     def to_chunks(result: StrategyResult) -> list[dict]:
         response = finish_response(plan, caller, result)
@@ -284,6 +311,14 @@ async def stream_chat(request: Request, gw: Gateway, plan: Plan, req: ChatReques
             await settle(gw, plan, caller, reservation, status=status, result=result, error=error)
 
     return StreamingResponse(synth_iter(), media_type="text/event-stream", headers=headers)
+
+
+def stream_outcome(passthrough: PassThrough, caller: Caller) -> dict[str, Any]:
+    """What a relayed stream is recorded as: 200, 502 when the upstream broke, 499 when the client left."""
+    if caller.calls and not passthrough.client_left:
+        last = caller.calls[-1]
+        return {"status": 200} if last.ok else {"status": 502, "error": last.error}
+    return {"status": 499, "error": CLIENT_CLOSED}
 
 
 async def open_first_stream(gw: Gateway, plan: Plan, req: ChatRequest, caller: Caller) -> PassThrough | ApiError:

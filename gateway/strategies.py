@@ -101,6 +101,8 @@ async def _single(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> Strat
         response = await ctx.caller.complete(arm.backend, _sample_body(arm, body, ctx, n=n))
     else:
         responses = await _gather_samples(arm, body, ctx, count=n, diverse=False)
+        if not responses:
+            raise _every_sample_failed(arm.backend, ctx)
         response = _merge_choices(responses)
     confidence = cascade.stated_confidence(_texts(response)[0]) if response.get("choices") else None
     # samples are the answers drawn: a failed attempt before them (retried) is a call, not a sample
@@ -140,6 +142,13 @@ async def _gather_samples(arm: Arm, body: dict[str, Any], ctx: StrategyContext, 
     return [r for r in results if r is not None]
 
 
+def _every_sample_failed(backend: str, ctx: StrategyContext) -> UpstreamError:
+    """No sample came back: the client's error says why the last call to `backend` failed."""
+    last = next((call.error for call in reversed(ctx.caller.calls) if call.backend == backend and call.error), None)
+    why = f" (the last: {last})" if last else ""
+    return UpstreamError(backend, 502, f"{backend}: every sample failed{why}", retryable=True)
+
+
 def _sample_texts(responses: list[dict[str, Any]]) -> list[str]:
     return [text for r in responses for text in _texts(r)]
 
@@ -147,7 +156,7 @@ def _sample_texts(responses: list[dict[str, Any]]) -> list[str]:
 def _voted(arm: Arm, responses: list[dict[str, Any]], ctx: StrategyContext, details: dict[str, Any],
            client_n: int) -> StrategyResult:
     if not responses:
-        raise UpstreamError(arm.backend, 502, f"{arm.backend}: every sample failed", retryable=True)
+        raise _every_sample_failed(arm.backend, ctx)
     texts = _sample_texts(responses)
     result = voting.vote(texts, ctx.task)
     order = voting.ranked(texts, ctx.task, result) if client_n > 1 else [result.winner]
@@ -210,7 +219,7 @@ async def _best_of_n(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> St
     client_n = int(body.get("n") or 1)
     responses = await _gather_samples(arm, body, ctx, count=max(arm.n, client_n))
     if not responses:
-        raise UpstreamError(arm.backend, 502, f"{arm.backend}: every sample failed", retryable=True)
+        raise _every_sample_failed(arm.backend, ctx)
     texts = _sample_texts(responses)
     verifier = arm.verifier or arm.backend
     question = prompts.last_user_text(body["messages"])
@@ -251,7 +260,8 @@ async def _cascade(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> Stra
         if not escalate:
             break
     if result is None:
-        raise UpstreamError(arm.backend, 502, f"{arm.backend}: every cascade stage failed", retryable=True)
+        raise UpstreamError(arm.backend, 502, f"{arm.backend}: every cascade stage failed (the last: "
+                                              f"{tried[-1]['error']})", retryable=True)
     result.details = {**result.details, "stages": tried}
     result.arm = arm
     return result
@@ -261,8 +271,7 @@ async def _cascade(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> Stra
 
 
 def _merge_choices(responses: list[dict[str, Any]]) -> dict[str, Any]:
-    if not responses:
-        raise UpstreamError("-", 502, "every sample failed", retryable=True)
+    """One answer holding every response's choices (at least one response)."""
     merged = dict(responses[0])
     merged["choices"] = [c for r in responses for c in r.get("choices") or []]
     for index, choice in enumerate(merged["choices"]):

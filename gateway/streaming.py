@@ -1,13 +1,14 @@
 """Server-sent events for streaming clients.
 
 Two shapes:
-- pass-through (`single`): upstream chunks are forwarded as they arrive. The first chunk is fetched
-  before the response starts, so a backend that fails before sending anything is replaced by the next
-  arm invisibly (and a request no arm can serve still gets a proper HTTP error). A stream that breaks
-  after bytes reached the client ends with an explicit SSE error event and no [DONE]: a truncated answer
-  is never passed off as complete.
-- synthesized (multi-sample strategies): SSE comments keep the connection alive while samples are
-  drawn and voted on; then the winning answer is sent as chunks.
+- pass-through (`single`): upstream chunks are forwarded as they arrive, under our request id. The
+  first chunk is fetched before the response starts, so a backend that fails before sending anything is
+  replaced by the next arm invisibly (and a request no arm can serve still gets a proper HTTP error). A
+  stream that breaks after bytes reached the client ends with an explicit SSE error event and no
+  [DONE]: a truncated answer is never passed off as complete.
+- synthesized (multi-sample strategies, n > 1): the headers wait for the answer (gateway/app.py), so a
+  failure is an HTTP error; sampling that outlasts that wait is kept alive with SSE comments; then the
+  winning answer is sent as chunks.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class PassThrough:
         self.started = started
         self.prompt_tokens_estimate = 0
         self.usage_estimated = False
+        self.client_left = False
 
     @classmethod
     async def open(cls, backend: Backend, body: dict[str, Any], caller: Caller) -> PassThrough:
@@ -73,10 +75,13 @@ class PassThrough:
         self.usage_estimated = True
         return Usage(self.prompt_tokens_estimate, content_chunks)
 
-    async def events(self, caller: Caller, *, include_usage: bool, extension: Callable[[], dict]) -> AsyncIterator[bytes]:
-        """Forward every event; bill the call from the upstream's usage chunk; add our extension."""
+    async def events(self, caller: Caller, *, request_id: str, include_usage: bool,
+                     extension: Callable[[], dict]) -> AsyncIterator[bytes]:
+        """Forward every event under our request id; bill the call from the upstream's usage chunk
+        (or, if the client leaves first, from what was streamed so far); add our extension."""
         usage: Usage | None = None
         content_chunks = 0
+        relabel = _relabeller(request_id, self.first[1])
         item: tuple[bytes, dict | None] | None = self.first
         try:
             while item is not None:
@@ -88,7 +93,7 @@ class PassThrough:
                         continue  # the usage-only chunk is re-sent below, with the whole request's usage
                 elif parsed and _has_content(parsed):
                     content_chunks += 1
-                yield sse(payload)
+                yield sse(relabel(payload, parsed))
                 item = await anext(self.source, None)
         except UpstreamError as exc:
             usage = usage or self._estimated(content_chunks)
@@ -96,14 +101,42 @@ class PassThrough:
             self.backend.health.failed(time.monotonic(), exc.retry_after, request=caller.ident)
             yield sse_error(f"The upstream stream broke before the answer was complete: {exc.message}")
             return
+        except (asyncio.CancelledError, GeneratorExit):
+            # The client went away mid-answer: the tokens written so far are billed all the same,
+            # and the backend did nothing wrong (no mark against its health).
+            self.client_left = True
+            caller.calls.append(self.backend.record(usage or self._estimated(content_chunks), self.started))
+            raise
         finally:
             await self.source.aclose()
         self.backend.health.succeeded()
         caller.calls.append(self.backend.record(usage or self._estimated(content_chunks), self.started))
         if include_usage:
-            yield sse({"id": "", "object": "chat.completion.chunk", "choices": [],
-                       "usage": usage_block(caller.calls), "ponder": extension()})
+            first = self.first[1] or {}
+            yield sse({"id": request_id, "object": "chat.completion.chunk", "created": first.get("created", 0),
+                       "model": first.get("model", ""), "choices": [], "usage": usage_block(caller.calls),
+                       "ponder": extension()})
         yield DONE
+
+
+def _relabeller(request_id: str, first: dict | None) -> Callable[[bytes, dict | None], bytes]:
+    """Relayed chunks with `id` set to the gateway's request id (the id feedback takes). The upstream's
+    id is swapped in the bytes as they came: 2x (8x with logprobs) cheaper than re-serialising, which
+    is left for a chunk written otherwise (a space after the colon, another id or none)."""
+    upstream_id = (first or {}).get("id")
+    theirs = b'"id":' + orjson.dumps(upstream_id) if isinstance(upstream_id, str) else None
+    ours = b'"id":' + orjson.dumps(request_id)
+
+    def relabel(payload: bytes, parsed: dict | None) -> bytes:
+        if not isinstance(parsed, dict):
+            return payload
+        if theirs is not None and parsed.get("id") == upstream_id and theirs in payload:
+            # the first match is the chunk's own id: a string value holds no unescaped quote, and a
+            # nested id (a tool call's) is not the completion's
+            return payload.replace(theirs, ours, 1)
+        return orjson.dumps({**parsed, "id": request_id})
+
+    return relabel
 
 
 def _has_content(chunk: dict) -> bool:

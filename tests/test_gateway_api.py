@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import openai
 import pytest
@@ -13,6 +15,7 @@ KEY = "sk-test-key-123"
 ADMIN_KEY = "sk-admin-456"
 SMALL_BUDGET_KEY = "sk-small-789"
 ZERO_BUDGET_KEY = "sk-zero-000"
+METERED_KEY = "sk-metered-246"
 
 
 def policy(tmp) -> str:
@@ -25,7 +28,8 @@ def stack(tmp_path_factory):
     with running(start_mock(tmp)) as mock:
         with running(start_gateway(tmp, {
             "backends": [mock_backend("mock-a", mock), mock_backend("mock-b", mock),
-                         mock_backend("mock-litellm", mock, fast_path=False)],
+                         mock_backend("mock-litellm", mock, fast_path=False),
+                         mock_backend("mock-split", mock, supports_n=False)],
             "policy": policy(tmp),
             "max_body_bytes": 100_000,
         })) as gateway:
@@ -280,6 +284,51 @@ def test_stream_truncated_after_bytes_ends_with_an_error_not_done(gw, mock):
     assert b'"error"' in body and b"finish_reason\":\"stop" not in body
 
 
+def test_stream_chunks_carry_the_request_id_to_send_feedback_on(client, gw):
+    """A relayed stream's chunks say the gateway's request id (x-ponder-request-id), not the upstream's,
+    so feedback on `chunk.id` is accepted; the usage chunk is a whole chunk like the others."""
+    with client.chat.completions.with_streaming_response.create(
+            model="auto", messages=[{"role": "user", "content": "hi there"}], stream=True,
+            stream_options={"include_usage": True}) as raw:
+        request_id = raw.headers["x-ponder-request-id"]
+        chunks = list(raw.parse())
+    assert len(chunks) >= 3 and {c.id for c in chunks} == {request_id}
+    last = chunks[-1]
+    assert last.usage is not None and not last.choices and last.object == "chat.completion.chunk"
+    assert (last.created, last.model) == (chunks[0].created, chunks[0].model)
+    accepted = httpx.post(gw.url + "/v1/feedback", json={"request_id": chunks[0].id, "correct": True})
+    assert accepted.status_code == 200, accepted.text
+
+
+@pytest.mark.parametrize("model", ["auto", "mock-split"])
+def test_a_multi_sample_stream_nobody_can_serve_is_an_http_error(gw, mock, model):
+    """n > 1 streams a synthesized answer; when every backend fails before anything was sent, the
+    client gets the HTTP status and OpenAI error body a one-sample stream gets, with the upstream's
+    message (`mock-split` takes no `n`: its two samples are two calls that both fail)."""
+    control(mock, fail_rate=1.0)
+    response = httpx.post(gw.url + "/v1/chat/completions", json={
+        "model": model, "messages": [{"role": "user", "content": "a"}], "n": 2, "stream": True})
+    assert response.status_code == 502, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and "mock upstream failure" in error["message"]
+    assert error["message"].startswith("mock-") and response.headers["x-ponder-request-id"]
+
+
+def test_a_client_that_leaves_a_multi_sample_stream_stops_the_sampling(gw, mock):
+    """A synthesized stream holds its headers while it samples; a client that gives up meanwhile
+    cancels the samples, and the request is recorded as 499."""
+    control(mock, script=["hang"] * 5, hang_s=2)  # short: the mock waits for its handlers when stopped
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(gw.url + "/v1/chat/completions", timeout=0.5, headers={"x-ponder-strategy": "self_consistency"},
+                   json={"model": "mock-a", "messages": [{"role": "user", "content": "a"}], "stream": True})
+    deadline = time.monotonic() + 5
+    while (latest := httpx.get(gw.url + "/v1/ponder/requests?limit=1").json()["requests"][0])["status"] != 499:
+        assert time.monotonic() < deadline, latest
+        time.sleep(0.05)
+    assert latest["strategy"] == "self_consistency" and calls(mock)["count"] == 5
+
+
 def test_upstream_failure_is_a_502_with_the_upstream_message(client, mock):
     control(mock, script=["500", "500"])
     with pytest.raises(openai.APIStatusError) as info:
@@ -354,7 +403,9 @@ def keyed_stack(tmp_path_factory):
                          {"id": "small", "sha256": hashlib.sha256(SMALL_BUDGET_KEY.encode()).hexdigest(),
                           "budget_usd_per_day": 0.00005},
                          {"id": "none", "sha256": hashlib.sha256(ZERO_BUDGET_KEY.encode()).hexdigest(),
-                          "budget_usd_per_day": 0}],
+                          "budget_usd_per_day": 0},
+                         {"id": "metered", "sha256": hashlib.sha256(METERED_KEY.encode()).hexdigest(),
+                          "budget_usd_per_day": 1.0}],
             "server_timing": True,
         }, name="keyed")) as gateway:
             yield gateway, mock
@@ -537,3 +588,36 @@ def test_policy_hot_reload_keeps_serving_through_a_broken_edit(tmp_path):
             time.sleep(2.5)  # more than one reload poll
             assert all(routed_to(gateway.url) == "mock-b" for _ in range(5))  # the previous policy serves
             assert "policy reload rejected" in gateway.log()
+
+
+def test_a_client_that_drops_a_stream_pays_for_what_was_streamed(keyed_stack):
+    """The client reads one chunk of a relayed stream and hangs up: the tokens the upstream wrote so
+    far are billed (estimated: the upstream's usage comes at the end) and charged to the key's budget,
+    the request is recorded as 499 (client closed), and the backend is not marked as failing."""
+    gateway, mock = keyed_stack
+    httpx.post(mock.url + "/reset")
+    admin = {"authorization": f"Bearer {ADMIN_KEY}"}
+    control(mock, script=["slow_first", "slow_first"], answers=["one two three four five six seven eight"])
+    served, rows = set(), []
+    for _ in range(2):  # two requests in a row: a failure of each would cool the backend down
+        with httpx.stream("POST", gateway.url + "/v1/chat/completions",
+                          json={"model": "auto", "messages": [{"role": "user", "content": "count to eight"}],
+                                "stream": True}, headers={"authorization": f"Bearer {METERED_KEY}"}) as response:
+            request_id = response.headers["x-ponder-request-id"]
+            served.add(response.headers["x-ponder-arm"].split("/")[0])
+            assert next(response.iter_lines()).startswith("data: ")
+        deadline = time.monotonic() + 5
+        while (detail := httpx.get(f"{gateway.url}/v1/ponder/requests/{request_id}", headers=admin)).status_code != 200:
+            assert time.monotonic() < deadline, detail.text
+            time.sleep(0.05)
+        row, calls_made = detail.json()["request"], detail.json()["execution"]["calls"]
+        assert row["status"] == 499 and row["prompt_tokens"] > 0 and row["completion_tokens"] >= 1, row
+        assert len(calls_made) == 1 and calls_made[0]["ok"]  # cut short by the client, not failed
+        assert row["cost_usd"] > 0 and row["cost_usd"] == pytest.approx(calls_made[0]["cost_usd"])
+        rows.append(row)
+    spend = httpx.get(gateway.url + "/v1/ponder/spend", headers=admin).json()
+    metered = next(k for k in spend["keys"] if k["key_id"] == "metered")
+    assert metered["spent"]["day"] == pytest.approx(sum(r["cost_usd"] for r in rows))  # not settled to $0
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0)
+    for backend in served:  # not cooling down: a named backend that is answers 503
+        assert client.chat.completions.create(model=backend, messages=[{"role": "user", "content": "x"}]).choices
