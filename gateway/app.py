@@ -279,6 +279,7 @@ async def stream_chat(request: Request, gw: Gateway, plan: Plan, req: ChatReques
         await until_disconnect(request, asyncio.wait({work}, timeout=SYNTH_HOLD_S), caller)
     except ApiError as exc:  # the client left: stop sampling for it
         work.cancel()
+        await asyncio.wait({work})  # its cancelled calls enter the ledger before the request is settled
         await settle(gw, plan, caller, reservation, status=exc.status, error=exc.message)
         return exc.response(headers)
     if work.done():

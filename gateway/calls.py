@@ -15,7 +15,9 @@ from typing import Any
 
 from gateway.backends import Backend, CallRecord, Usage, UpstreamError
 from gateway.errors import ApiError, retry_after
+from router.decide import estimate_prompt_tokens
 
+CANCELLED = "cancelled: the client left before the answer (prompt tokens estimated)"
 BACKOFF_BASE_S = 0.05
 BACKOFF_MAX_S = 1.0
 _request_ids = itertools.count()
@@ -58,6 +60,9 @@ class Caller:
                 # asyncio.timeout, not wait_for: no extra task per call on the hot path
                 async with asyncio.timeout(budget):
                     data, record = await backend.complete(body)
+            except asyncio.CancelledError:
+                self.cancelled_call(backend, body, started)
+                raise
             except TimeoutError:
                 last = UpstreamError(backend.name, 504, f"{backend.name}: request deadline reached", retryable=False)
                 self._failed(backend, started, last)
@@ -84,6 +89,13 @@ class Caller:
             # If this error reaches the client, it carries when this backend is expected back.
             exc.retry_after = backend.health.cooldown_until - now
         self.calls.append(backend.record(Usage(), started, ok=False, error=exc.message[:300]))
+
+    def cancelled_call(self, backend: Backend, body: dict[str, Any], started: float) -> None:
+        """A call cut off by the client leaving (or the server stopping) before it answered: the
+        upstream had read the prompt, billed at its estimate; what it wrote is unknowable. No mark
+        against the backend's health: it did nothing wrong."""
+        prompt = estimate_prompt_tokens(body.get("messages") or [])
+        self.calls.append(backend.record(Usage(prompt_tokens=prompt), started, ok=False, error=CANCELLED))
 
     def available(self, backend_name: str) -> bool:
         backend = self.backends.get(backend_name)

@@ -63,6 +63,10 @@ class PassThrough:
             error = UpstreamError(backend.name, 504, f"{backend.name}: no first byte in time", retryable=True)
         except UpstreamError as exc:
             error = exc
+        except asyncio.CancelledError:
+            caller.cancelled_call(backend, body, started)
+            await source.aclose()
+            raise
         else:
             return cls(backend, source, first, started)
         await source.aclose()

@@ -68,6 +68,9 @@ def percentile(hist: Mapping[int, float], q: float) -> float:
     return _bucket_bounds(max(hist))[1]
 
 
+CLIENT_CLOSED_STATUS = 499  # the status a request the client left is recorded with
+
+
 def event_delta(event: Event) -> dict[str, float]:
     """What one event adds to its arm's aggregates (zero fields left out)."""
     weight = event.success_weight
@@ -83,6 +86,10 @@ def event_delta(event: Event) -> dict[str, float]:
     if weight > 0:
         delta["weight"] = weight
         delta["successes"] = weight * float(event.success or 0.0)
+    if event.status == CLIENT_CLOSED_STATUS:
+        # The client hung up: not the arm's error, and not its latency either (the answer's time is
+        # unknown, only that it took longer than the client waited). Its cost and tokens count above.
+        return {k: v for k, v in delta.items() if v}
     failed = event.status >= 400 or bool(event.error)
     if failed:
         delta["errors"] = 1.0

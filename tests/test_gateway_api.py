@@ -327,6 +327,11 @@ def test_a_client_that_leaves_a_multi_sample_stream_stops_the_sampling(gw, mock)
         assert time.monotonic() < deadline, latest
         time.sleep(0.05)
     assert latest["strategy"] == "self_consistency" and calls(mock)["count"] == 5
+    # the five cancelled calls had read the prompt: billed at its estimate, not at $0
+    detail = httpx.get(f"{gw.url}/v1/ponder/requests/{latest['request_id']}").json()
+    cancelled = detail["execution"]["calls"]
+    assert len(cancelled) == 5 and all(not c["ok"] and c["error"].startswith("cancelled") for c in cancelled)
+    assert latest["prompt_tokens"] == sum(c["prompt_tokens"] for c in cancelled) > 0 and latest["cost_usd"] > 0
 
 
 def test_upstream_failure_is_a_502_with_the_upstream_message(client, mock):

@@ -341,6 +341,9 @@ def test_client_disconnect_stops_every_upstream_call_and_retry(pair, streaming):
     assert upstream_calls(mock_a) == 1
     time.sleep(2.5)  # past the backend timeout (1 s) and a retry's backoff: nothing more may go out
     assert (upstream_calls(mock_a), upstream_calls(mock_b)) == (1, 0)
+    # recorded as the client's doing (499), the prompt the upstream had read billed at its estimate
+    latest = httpx.get(gateway.url + "/v1/ponder/requests?limit=1").json()["requests"][0]
+    assert latest["status"] == 499 and latest["prompt_tokens"] > 0 and latest["cost_usd"] > 0, latest
 
 
 # -- Redis lost and back during load ----------------------------------------------------------------
@@ -409,8 +412,13 @@ def test_feedback_while_redis_is_away_is_a_503_to_retry(tmp_path):
 _ascii = st.characters(min_codepoint=32, max_codepoint=126)
 _leaf = (st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False, allow_infinity=False)
          | st.text(max_size=40))
-_json = st.recursive(_leaf, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
-                                                                                         max_size=4), max_leaves=12)
+
+
+def _nested(inner: st.SearchStrategy) -> st.SearchStrategy:
+    return st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+
+
+_json = st.recursive(_leaf, _nested, max_leaves=12)
 _roles = st.sampled_from(["user", "system", "assistant", "developer", "tool", "function"])
 _part = st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url"]) | _leaf},
                               optional={"text": st.text(max_size=60) | _leaf, "image_url": _json})

@@ -420,6 +420,11 @@ def test_latency_percentiles_are_of_requests_that_reached_a_backend():
     assert sum(hist.values()) == 3 and percentile(hist, 0.5) == pytest.approx(800, rel=0.09)
     assert percentile(hist, 0.95) > 10_000
     assert fields["count"] == 5 and fields["errors"] == 3
+    # a client that hung up (499) is billed, but is neither the arm's error nor a latency sample
+    left = event_delta(Event(request_id="r", status=499, latency_ms=300.0, error="client left", cost_usd=0.01,
+                             calls=[{"backend": "b", "ok": False}]))
+    assert left["count"] == 1 and left["cost_usd"] == 0.01 and "errors" not in left
+    assert not any(k.startswith("h") for k in left)
 
 
 def test_redis_cluster_keys_share_slots(tmp_path):
