@@ -19,7 +19,7 @@ from starlette.background import BackgroundTask
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway.backends import UpstreamError
@@ -31,7 +31,7 @@ from gateway.errors import EXCEPTION_HANDLERS, ApiError, retry_after
 from gateway.schemas import ChatRequest, parse_chat_request, parse_json_body
 from gateway.service import Gateway, Plan
 from gateway.strategies import StrategyResult
-from gateway.streaming import PassThrough, synthesized, usage_block
+from gateway.streaming import EventStream, PassThrough, synthesized, usage_block
 from router.decide import estimate_prompt_tokens
 from router.types import Arm
 
@@ -42,6 +42,7 @@ KEEPALIVE_S = 2.0
 # it can only be an SSE error event.
 SYNTH_HOLD_S = 20.0
 CLIENT_CLOSED = "Client closed the request."
+CLIENT_CLOSED_STATUS = 499
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None,
@@ -218,7 +219,7 @@ async def until_disconnect(request: Request, work: Any, caller: Caller) -> Strat
         if not left:
             raise  # the server is shutting down: not ours to swallow
         task.uncancel()
-        raise ApiError(499, CLIENT_CLOSED, code="client_closed") from None
+        raise ApiError(CLIENT_CLOSED_STATUS, CLIENT_CLOSED, code="client_closed") from None
     finally:
         watcher.remove_done_callback(on_disconnect)
         watcher.cancel()
@@ -250,10 +251,20 @@ async def stream_chat(request: Request, gw: Gateway, plan: Plan, req: ChatReques
         if gw.config.server_timing:
             headers["server-timing"] = server_timing(plan, caller, received, executing, finished_calls=False)
 
-        async def body_iter() -> AsyncIterator[bytes]:
-            def stream_extension() -> dict[str, Any]:
-                return {**extension(plan, caller, None), "usage_estimated": passthrough.usage_estimated}
+        def stream_extension() -> dict[str, Any]:
+            return {**extension(plan, caller, None), "usage_estimated": passthrough.usage_estimated}
 
+        settled = False
+
+        async def finish() -> None:
+            nonlocal settled
+            if settled:
+                return
+            settled = True
+            await passthrough.abandon(caller)  # a no-op once the relay has started: it bills its own call
+            await settle(gw, plan, caller, reservation, **stream_outcome(passthrough, caller))
+
+        async def body_iter() -> AsyncIterator[bytes]:
             try:
                 # closed here, not whenever it is collected: its last call must be in the ledger
                 # before the request is settled, also when the client leaves
@@ -263,13 +274,12 @@ async def stream_chat(request: Request, gw: Gateway, plan: Plan, req: ChatReques
                     async for chunk in events:
                         yield chunk
             finally:
-                settling = settle(gw, plan, caller, reservation, **stream_outcome(passthrough, caller))
                 if passthrough.client_left:  # this task is being cancelled: a store that awaits would be cut short
-                    await asyncio.shield(settling)
+                    await asyncio.shield(finish())
                 else:
-                    await settling
+                    await finish()
 
-        return StreamingResponse(body_iter(), media_type="text/event-stream", headers=headers)
+        return EventStream(body_iter(), finish, headers)
 
     executing = time.perf_counter()
     work = asyncio.ensure_future(gw.execute(plan, req, caller))
@@ -296,22 +306,33 @@ async def stream_chat(request: Request, gw: Gateway, plan: Plan, req: ChatReques
         response = finish_response(plan, caller, result)
         return completion_to_chunks(response, include_usage=req.include_usage)
 
+    settled = False
+
+    async def finish() -> None:
+        nonlocal settled
+        if settled:
+            return
+        settled = True
+        if not work.done():  # the client went away: stop sampling for it, and bill what was cut off
+            work.cancel()
+            await asyncio.wait({work})
+        if work.cancelled():  # here or by synthesized() when the body was closed early
+            caller.cancelled = True
+            await settle(gw, plan, caller, reservation, status=CLIENT_CLOSED_STATUS, error=CLIENT_CLOSED)
+        elif (failure := work.exception()) is not None:
+            failed = failure if isinstance(failure, ApiError) else ApiError(500, str(failure))
+            await settle(gw, plan, caller, reservation, status=failed.status, error=failed.message)
+        else:
+            await settle(gw, plan, caller, reservation, status=200, result=work.result())
+
     async def synth_iter() -> AsyncIterator[bytes]:
-        status, error = 200, None
-
-        def on_error(exc: ApiError) -> None:
-            nonlocal status, error
-            status, error = exc.status, exc.message
-
         try:
-            async for chunk in synthesized(work, keepalive_s=KEEPALIVE_S, to_chunks=to_chunks, on_error=on_error):
+            async for chunk in synthesized(work, keepalive_s=KEEPALIVE_S, to_chunks=to_chunks):
                 yield chunk
         finally:
-            caller.cancelled = not work.done()
-            result = work.result() if work.done() and not work.cancelled() and work.exception() is None else None
-            await settle(gw, plan, caller, reservation, status=status, result=result, error=error)
+            await asyncio.shield(finish())
 
-    return StreamingResponse(synth_iter(), media_type="text/event-stream", headers=headers)
+    return EventStream(synth_iter(), finish, headers)
 
 
 def stream_outcome(passthrough: PassThrough, caller: Caller) -> dict[str, Any]:
@@ -319,7 +340,7 @@ def stream_outcome(passthrough: PassThrough, caller: Caller) -> dict[str, Any]:
     if caller.calls and not passthrough.client_left:
         last = caller.calls[-1]
         return {"status": 200} if last.ok else {"status": 502, "error": last.error}
-    return {"status": 499, "error": CLIENT_CLOSED}
+    return {"status": CLIENT_CLOSED_STATUS, "error": CLIENT_CLOSED}
 
 
 async def open_first_stream(gw: Gateway, plan: Plan, req: ChatRequest, caller: Caller) -> PassThrough | ApiError:

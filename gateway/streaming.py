@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
+from starlette.responses import StreamingResponse
 
 from gateway.backends import Backend, CallRecord, Usage, UpstreamError
 from gateway.calls import Caller
@@ -49,6 +50,7 @@ class PassThrough:
         self.prompt_tokens_estimate = 0
         self.usage_estimated = False
         self.client_left = False
+        self.relaying = False  # events() has started: from then on it closes the source and bills the call
 
     @classmethod
     async def open(cls, backend: Backend, body: dict[str, Any], caller: Caller) -> PassThrough:
@@ -73,6 +75,14 @@ class PassThrough:
         caller._failed(backend, started, error)
         raise error
 
+    async def abandon(self, caller: Caller) -> None:
+        """The client left before the relay started: bill the call so far, let the upstream go."""
+        if self.relaying:
+            return
+        self.relaying = self.client_left = True
+        caller.calls.append(self.backend.record(self._estimated(0), self.started))
+        await self.source.aclose()
+
     def _estimated(self, content_chunks: int) -> Usage:
         """Some servers (llama.cpp's) never send usage on a stream. Then one content chunk counts as
         one token (what llama.cpp sends) and the prompt is estimated; the call says it was estimated."""
@@ -85,6 +95,7 @@ class PassThrough:
         (or, if the client leaves first, from what was streamed so far); add our extension."""
         usage: Usage | None = None
         content_chunks = 0
+        self.relaying = True
         relabel = _relabeller(request_id, self.first[1])
         item: tuple[bytes, dict | None] | None = self.first
         try:
@@ -121,6 +132,25 @@ class PassThrough:
                        "model": first.get("model", ""), "choices": [], "usage": usage_block(caller.calls),
                        "ponder": extension()})
         yield DONE
+
+
+class EventStream(StreamingResponse):
+    """An SSE response whose `finish` (close the upstream, settle the request) runs however it ends.
+
+    The body's own `finally` calls it too; the response's is for a client gone before the body
+    started, when Starlette cancels the send and the body generator never runs at all. `finish`
+    must be idempotent."""
+
+    def __init__(self, body: AsyncIterator[bytes], finish: Callable[[], Awaitable[None]],
+                 headers: dict[str, str]) -> None:
+        super().__init__(body, media_type="text/event-stream", headers=headers)
+        self._finish = finish
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await asyncio.shield(self._finish())  # a server shutting down must not cut the bookkeeping short
 
 
 def _relabeller(request_id: str, first: dict | None) -> Callable[[bytes, dict | None], bytes]:
@@ -163,7 +193,7 @@ def usage_block(calls: list[CallRecord]) -> dict[str, Any]:
 
 
 async def synthesized(work: asyncio.Task, *, keepalive_s: float,
-                      to_chunks: Callable[[Any], list[dict]], on_error: Callable[[ApiError], None]) -> AsyncIterator[bytes]:
+                      to_chunks: Callable[[Any], list[dict]]) -> AsyncIterator[bytes]:
     """Keep the client's connection alive while `work` runs, then stream its answer as chunks."""
     try:
         while True:
@@ -174,7 +204,6 @@ async def synthesized(work: asyncio.Task, *, keepalive_s: float,
         try:
             result = work.result()
         except ApiError as exc:
-            on_error(exc)
             yield sse({"error": exc.body()["error"]})
             return
         for chunk in to_chunks(result):

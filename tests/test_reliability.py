@@ -346,6 +346,32 @@ def test_client_disconnect_stops_every_upstream_call_and_retry(pair, streaming):
     assert latest["status"] == 499 and latest["prompt_tokens"] > 0 and latest["cost_usd"] > 0, latest
 
 
+def test_a_stream_whose_client_left_before_its_body_started_is_still_settled():
+    """Starlette cancels a streaming response's send when the client disconnects; if that happens
+    before the body generator started, the generator's `finally` never runs. EventStream runs the
+    request's `finish` (close the upstream, settle the budget hold, record the event) all the same."""
+    from gateway.streaming import EventStream
+
+    finished, started = [], []
+
+    async def finish() -> None:
+        finished.append(True)
+
+    async def body():
+        started.append(True)
+        yield b"data: {}\n\n"
+
+    async def receive() -> dict:
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        await asyncio.sleep(0.2)  # a slow socket: the disconnect is seen first
+
+    scope = {"type": "http", "asgi": {"spec_version": "2.3"}}
+    asyncio.run(EventStream(body(), finish, {})(scope, receive, send))
+    assert finished == [True] and not started
+
+
 # -- Redis lost and back during load ----------------------------------------------------------------
 
 
