@@ -109,8 +109,7 @@ def key_budgets(gw: Any) -> dict[str, dict[str, float]]:
     """key id -> period -> USD cap, exactly as `Gateway.reserve_budget` enforces them: the key's own
     caps, else the default policy's caps for keys."""
     principals = [principal_of(k) for k in gw.config.api_keys] or [ANONYMOUS]
-    policy = gw.policies.default if gw.policies is not None else None
-    return {p.key_id: gw.budget_limits(p, policy) for p in principals}
+    return {p.key_id: gw.budget_limits(p) for p in principals}
 
 
 # -- JSON endpoints ---------------------------------------------------------------------------------

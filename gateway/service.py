@@ -177,7 +177,7 @@ class Gateway:
             raise ApiError(404, f"The model {req.model!r} does not exist; GET /v1/models lists the models "
                                 "and routed aliases.", param="model", code="model_not_found")
         assert self.store is not None
-        budget_left, budget_period = await self._budget_left(principal, policy) or (None, None)
+        budget_left, budget_period = await self._budget_left(principal) or (None, None)
         try:
             decision = decide(classification, policy, self.store.snapshot(policy.policy.name), alias=req.model,
                               request=hints, budget_left_usd=budget_left, rng=self._rng)
@@ -312,21 +312,21 @@ class Gateway:
         self.metrics.observe(event)
         return event
 
-    @staticmethod
-    def budget_limits(principal: Principal, policy: CompiledPolicy | None) -> dict[str, float]:
-        """USD caps per period for this key: its own, else the policy's default for keys."""
+    def budget_limits(self, principal: Principal) -> dict[str, float]:
+        """USD caps per period for this key: its own, else the default policy's caps for keys. Always
+        the default policy's: a client picking another policy (x-ponder-policy) does not pick its budget."""
         limits = dict(principal.budgets)
-        if policy is not None:
-            budgets = policy.policy.budgets
+        if self.policies is not None:
+            budgets = self.policies.default.policy.budgets
             for period, cap in (("day", budgets.per_key_daily_usd), ("month", budgets.per_key_monthly_usd)):
                 if cap is not None and period not in limits:
                     limits[period] = cap
         return limits
 
-    async def _budget_left(self, principal: Principal, policy: CompiledPolicy) -> tuple[float, str] | None:
+    async def _budget_left(self, principal: Principal) -> tuple[float, str] | None:
         """What the key may still spend and in which period (the tightest), so the decision can
         degrade in time. One store read, only for keys that have a budget."""
-        limits = self.budget_limits(principal, policy)
+        limits = self.budget_limits(principal)
         if not limits or self.store is None:
             return None
         try:
@@ -338,7 +338,7 @@ class Gateway:
 
     async def reserve_budget(self, plan: Plan) -> Any:
         """Hold the request's expected cost against the key's budgets (atomic across replicas)."""
-        limits = self.budget_limits(plan.principal, plan.policy)
+        limits = self.budget_limits(plan.principal)
         if not limits or self.store is None:
             return None
         try:

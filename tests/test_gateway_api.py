@@ -250,6 +250,32 @@ def test_a_policy_can_keep_clients_off_its_backends(tmp_path):
             assert client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "x"}]).choices
 
 
+def test_a_policy_chosen_by_header_does_not_choose_the_keys_budget(tmp_path):
+    """The default policy caps keys at $0.00005 a day and lets clients pick the policy `open`, which
+    sets no budget: picking it must not lift the key's cap (mock prices $1 / $2 per M tokens)."""
+    import hashlib
+
+    arms = {"cheap": {"backend": "mock-a"}}
+    capped = write_policy(tmp_path, {"name": "capped", "arms": arms, "routes": [{"name": "all", "candidates": ["cheap"]}],
+                                     "budgets": {"per_key_daily_usd": 0.00005},
+                                     "overrides": {"policy_header": True}}, "capped.yaml")
+    open_policy = write_policy(tmp_path, {"name": "open", "arms": arms,
+                                          "routes": [{"name": "all", "candidates": ["cheap"]}]}, "open.yaml")
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("mock-a", mock)], "policy": capped, "extra_policies": {"open": open_policy},
+            "api_keys": [{"id": "k", "sha256": hashlib.sha256(KEY.encode()).hexdigest()}]}, name="pick")) as gateway:
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0)
+        question = [{"role": "user", "content": "x"}]
+        with pytest.raises(openai.RateLimitError):
+            for _ in range(20):
+                client.chat.completions.create(model="auto", messages=question, max_tokens=5)
+        for policy_name in ("open", "capped"):
+            with pytest.raises(openai.RateLimitError) as refused:
+                client.chat.completions.create(model="auto", messages=question, max_tokens=5,
+                                               extra_headers={"x-ponder-policy": policy_name})
+            assert refused.value.code == "budget_exhausted"
+
+
 def test_client_task_label_keys_the_learner(client, gw):
     """x-ponder-task: the policy allows `legal-qa`, so the decision, the response and the recorded
     event carry it (the learner's bucket is legal-qa x tier); a malformed label is a clean 400."""
