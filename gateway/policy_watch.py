@@ -38,8 +38,17 @@ class PolicySet:
 
     def _load(self, path: Path) -> str:
         policy: Policy = load_policy(path, extra_backends=self._backends)
+        self._check_unique(policy.name, path)
         self._entries[policy.name] = _Entry(path, os.stat(path).st_mtime, compile_policy(policy))
         return policy.name
+
+    def _check_unique(self, name: str, path: Path) -> None:
+        """Policies are chosen by name (x-ponder-policy, telemetry): a second file with a name already
+        served would silently replace the first, the default included."""
+        other = self._entries.get(name)
+        if other is not None and other.path.resolve() != path.resolve():
+            raise PolicyError([(str(path), None, "name", f"{name!r} is already the name of the policy in "
+                                                        f"{other.path}; each policy file needs its own name")])
 
     def get(self, name: str | None = None) -> CompiledPolicy | None:
         entry = self._entries.get(name or self.default_name)
@@ -69,6 +78,7 @@ class PolicySet:
             entry.mtime = mtime  # a broken file is reported once, not every poll
             try:
                 policy = load_policy(entry.path, extra_backends=self._backends)
+                self._check_unique(policy.name, entry.path)
                 compiled = compile_policy(policy)
             except PolicyError as exc:
                 self.last_error = str(exc)

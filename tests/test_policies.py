@@ -284,3 +284,23 @@ def test_shipped_policies_validate_against_the_json_schema(path):
     jsonschema.validate(yaml.safe_load(path.read_text()), schema)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(yaml.safe_load(BASE + "colour: blue\n"), schema)
+
+
+def test_two_policy_files_may_not_share_a_name(tmp_path):
+    """Policies are picked by name: an extra policy named like the default would replace it."""
+    from gateway.policy_watch import PolicySet
+
+    backend = [BackendSpec(name="b", model="openai/b")]
+    text = "name: {name}\narms: {{one: {{backend: b}}}}\nroutes: [{{name: all, candidates: [one]}}]\n"
+    main, alt, other = tmp_path / "main.yaml", tmp_path / "alt.yaml", tmp_path / "other.yaml"
+    main.write_text(text.format(name="main"))
+    alt.write_text(text.format(name="main"))
+    other.write_text(text.format(name="other"))
+    with pytest.raises(PolicyError) as clash:
+        PolicySet(str(main), {"alt": str(alt)}, backend)
+    assert "'main' is already the name of the policy in" in str(clash.value) and str(alt) in str(clash.value)
+    # a hot reload renaming one policy to another's name is rejected; both keep serving
+    policies = PolicySet(str(main), {"other": str(other)}, backend)
+    other.write_text(text.format(name="main") + "# renamed\n")
+    assert policies.reload_changed(force=True) == ["main"]  # main itself reloads; the rename does not
+    assert sorted(policies.names()) == ["main", "other"] and "already the name" in (policies.last_error or "")
