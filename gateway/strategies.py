@@ -9,6 +9,7 @@ replays), so this module only decides *when* to call, never *what counts*.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -191,6 +192,8 @@ async def _adaptive_consistency(arm: Arm, body: dict[str, Any], ctx: StrategyCon
         source = "learned" if value is not None else None
     if value is not None:
         rule["sample_value"] = value
+    if "min_samples" in ctx.params:  # the policy's floor: no verdict before this many samples
+        rule["min_samples"] = int(ctx.params["min_samples"])
     responses: list[dict[str, Any]] = []
     answers: list[str | None] = []
     client_n = int(body.get("n") or 1)
@@ -249,8 +252,10 @@ async def _cascade(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> Stra
     tried: list[dict[str, Any]] = []
     result: StrategyResult | None = None
     for stage in stages:
+        # each stage samples with its own arm's knobs; the first is this arm's own answer
+        stage_ctx = ctx if stage is first else dataclasses.replace(ctx, params=dict(stage.params))
         try:
-            result = await run_arm(stage, body, ctx)
+            result = await run_arm(stage, body, stage_ctx)
         except UpstreamError as exc:
             tried.append({"arm": stage.key, "error": exc.message})
             continue

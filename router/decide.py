@@ -339,14 +339,6 @@ class CompiledPolicy:
             "task": overrides.task_header,
         }.get(name, False))
 
-    def strategy_params(self, arm: Arm) -> dict[str, Any]:
-        """The knobs the policy set for this arm (confidence, wave, temperature, cot_template, ...)."""
-        params: dict[str, Any] = dict(arm.params)
-        compiled = self.by_key.get(arm.key)
-        if compiled is not None and compiled.spec.cot_template is not None:
-            params["cot_template"] = compiled.spec.cot_template
-        return params
-
     def key_budgets(self) -> dict[str, float]:
         """The policy's default per-key caps by period ("day", "month"), for the budget store."""
         budgets = self.policy.budgets
@@ -381,7 +373,10 @@ STRATEGY_KNOBS = ("confidence", "wave", "min_samples", "min_gain", "sample_value
 
 
 def _build_arm(spec: ArmSpec, policy: Policy) -> Arm:
-    params = {name: float(getattr(spec, name)) for name in STRATEGY_KNOBS if getattr(spec, name) is not None}
+    params: dict[str, float | str] = {name: float(getattr(spec, name)) for name in STRATEGY_KNOBS
+                                      if getattr(spec, name) is not None}
+    if spec.cot_template is not None:
+        params["cot_template"] = spec.cot_template
     stages = tuple(_build_arm(policy.arms[name], policy) for name in spec.stages)
     verifier = spec.verifier or (spec.backend if spec.strategy == "best_of_n" else None)
     return Arm(backend=spec.backend, strategy=spec.strategy, effort=spec.effort, n=spec.n, stages=stages,

@@ -76,7 +76,7 @@ class Arm:
     # Strategy knobs from the policy, sorted by name so equal arms compare equal, e.g.
     # (("confidence", 0.8), ("wave", 2.0)) for adaptive_consistency. Not part of `key`: a policy may not
     # declare two arms that differ only in params (the learner keys its stats on `key`).
-    params: tuple[tuple[str, float], ...] = ()
+    params: tuple[tuple[str, float | str], ...] = ()  # str: cot_template
 
     def param(self, name: str, default: float) -> float:
         for key, value in self.params:

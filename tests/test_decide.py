@@ -422,7 +422,10 @@ def test_gateway_facing_helpers(policy):
     assert compile_policy(budgeted).key_budgets() == {"day": 2.0}
     local = load_policy(Path(__file__).resolve().parents[1] / "policies" / "local.yaml")
     adaptive = compile_policy(local).arms["adaptive"].arm
-    assert compile_policy(local).strategy_params(adaptive) == {"confidence": 0.75, "wave": 2.0, "temperature": 0.7}
+    assert dict(adaptive.params) == {"confidence": 0.75, "wave": 2.0, "temperature": 0.7}
+    templated = make_policy(text=POLICY.replace("quick-cot:    {backend: cheap, strategy: cot}",
+                                                 "quick-cot:    {backend: cheap, strategy: cot, cot_template: 'Go. {task}'}"))
+    assert dict(compile_policy(templated).arms["quick-cot"].arm.params) == {"cot_template": "Go. {task}"}
 
 
 def test_compile_policy_with_gateway_backends():

@@ -276,6 +276,18 @@ def test_a_policy_chosen_by_header_does_not_choose_the_keys_budget(tmp_path):
             assert refused.value.code == "budget_exhausted"
 
 
+def test_an_arms_cot_template_is_what_the_upstream_gets(tmp_path):
+    path = write_policy(tmp_path, {"name": "templated", "arms": {"think": {
+        "backend": "mock-a", "strategy": "cot", "cot_template": "HOUSE STYLE: reason about this {task} question."}},
+        "routes": [{"name": "all", "candidates": ["think"]}]}, "templated.yaml")
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(
+            tmp_path, {"backends": [mock_backend("mock-a", mock)], "policy": path}, name="tpl")) as gateway:
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+        client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "What is 3 + 4?"}])
+        sent = calls(mock)["bodies"][-1]["messages"]
+        assert any("HOUSE STYLE: reason about this" in str(m["content"]) for m in sent), sent
+
+
 def test_client_task_label_keys_the_learner(client, gw):
     """x-ponder-task: the policy allows `legal-qa`, so the decision, the response and the recorded
     event carry it (the learner's bucket is legal-qa x tier); a malformed label is a clean 400."""

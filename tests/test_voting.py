@@ -235,6 +235,18 @@ def test_adaptive_strategy_reads_the_bucket_gate_from_the_stats() -> None:
     # settled after one sample, but the client asked for three choices: three are drawn and returned
     three, caller = run(flat, n=3)
     assert len(caller.calls) == 3 and len(three.response["choices"]) == 3
+    # the policy's floor: no verdict before min_samples, even where one sample would do
+    floored, caller = run(flat, {"min_samples": 4.0})
+    assert len(caller.calls) >= 4 and floored.details["drawn"] >= 4
+    # a cascade (escalating always: 1.01) samples its stage with the stage's knobs, not its own: wave 1,
+    # and its confidence 0.99 needs more agreeing samples than the default 0.8
+    strict = Arm("m", "adaptive_consistency", None, 8, params=(("confidence", 0.99), ("wave", 1.0)))
+    cascade_arm = Arm("m", "cascade", None, 1, stages=(strict,), params=(("escalate_below", 1.01),))
+    caller = FakeCaller()
+    ctx = StrategyContext(task="math", params={"escalate_below": 1.01}, caller=caller)  # type: ignore[arg-type]
+    result = asyncio.run(run_arm(cascade_arm, {"messages": [{"role": "user", "content": "3+4?"}]}, ctx))
+    stage = result.details
+    assert stage["stages"][-1]["arm"] == strict.key and stage["drawn"] == 6  # with the cascade's knobs: 4 (0.812 >= 0.8)
 
 
 # --- cascade ----------------------------------------------------------------------------------
