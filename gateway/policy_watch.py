@@ -6,7 +6,6 @@ object they started with (policies are immutable once loaded).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 from dataclasses import dataclass
@@ -93,8 +92,3 @@ class PolicySet:
             reloaded.append(policy.name)
             log.info("policy %r reloaded from %s", policy.name, entry.path)
         return reloaded
-
-    async def watch(self, interval_s: float = 1.0) -> None:
-        while True:
-            await asyncio.sleep(interval_s)
-            self.reload_changed()

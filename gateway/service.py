@@ -114,11 +114,25 @@ class Gateway:
                 self.backends.setdefault(spec.name, Backend(spec, self.session))
         self.store = await open_store(
             self.config.telemetry.redis_url, Path(self.config.telemetry.data_dir),
-            refresh_s=self.config.telemetry.refresh_s,
+            refresh_s=self.config.telemetry.refresh_s, decay_half_life_s=self.learner_half_life_s(),
         )
         if self.local_model is not None:
             await self.local_model.start()
-        self._tasks.append(asyncio.create_task(self.policies.watch()))
+        self._tasks.append(asyncio.create_task(self._watch_policies()))
+
+    def learner_half_life_s(self) -> float | None:
+        """How fast outcomes fade in the store: the default policy's `learner.half_life_hours` (one store
+        serves every policy, so one setting applies)."""
+        assert self.policies is not None
+        hours = self.policies.default.policy.learner.half_life_hours
+        return hours * 3600.0 if hours else None
+
+    async def _watch_policies(self, interval_s: float = 1.0) -> None:
+        assert self.policies is not None
+        while True:
+            await asyncio.sleep(interval_s)
+            if self.policies.reload_changed() and self.store is not None:
+                self.store.half_life_s = self.learner_half_life_s()
 
     async def close(self) -> None:
         for task in self._tasks:

@@ -354,9 +354,7 @@ def summarize(policy: Policy, source: str = "") -> str:
     ]
     lines.append("client overrides honoured: " + (", ".join(honoured) or "none"))
     learner = policy.learner
-    if learner.window:
-        memory = f"last {learner.window} outcomes per arm"
-    elif learner.half_life_hours:
+    if learner.half_life_hours:
         memory = f"half-life {learner.half_life_hours:g} h"
     else:
         memory = "no decay"

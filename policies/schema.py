@@ -215,8 +215,10 @@ class LearnerSettings(_Strict):
         default_factory=PricePrior,
         description="Cold priors rising with each arm's price (null: every arm without a prior starts at 0.5).",
     )
-    half_life_hours: float | None = Field(default=72.0, gt=0, description="Outcomes lose half their weight per half-life.")
-    window: int | None = Field(default=None, ge=1, description="Alternatively: only the last N outcomes per arm.")
+    half_life_hours: float | None = Field(
+        default=72.0, gt=0,
+        description="Outcomes lose half their weight per half-life (null: never). The telemetry store is one for "
+                    "every policy: the default policy's setting is the one applied.")
 
 
 class Policy(_Strict):
@@ -351,8 +353,6 @@ def policy_problems(policy: Policy) -> list[tuple[Loc, str]]:
         and budgets.per_key_daily_usd > budgets.per_key_monthly_usd
     ):
         problems.append((("budgets", "per_key_daily_usd"), "daily budget exceeds the monthly one"))
-    if policy.learner.half_life_hours is not None and policy.learner.window is not None:
-        problems.append((("learner",), "give `half_life_hours` or `window`, not both (set the other to null)"))
     return problems
 
 

@@ -59,7 +59,7 @@ def _policy_loader(policy_file: str | None, config: Any):
         from gateway.service import configured_policies
 
         policies = configured_policies(config)  # raises: a config whose policy does not load is an error
-        return lambda name: policies.get(name).policy if policies.get(name) is not None else None
+        return lambda name: policies.get(name).policy if policies.get(name) is not None else None  # None: default
 
     def load(name: str) -> Any:
         from policies.loader import load_policy
@@ -89,7 +89,8 @@ def stats_cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--policy", help="only this policy")
     parser.add_argument("--policy-file", help="policy YAML for the learner's current-choice column")
     parser.add_argument("--config", help="the gateway's config: its policies (with its backends) and its telemetry")
-    parser.add_argument("--half-life-s", type=float, default=None, help="decay the gateway is configured with")
+    parser.add_argument("--half-life-s", type=float, default=None,
+                        help="decay to apply to the displayed numbers (default: --config's, else none)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
 
@@ -103,10 +104,12 @@ def stats_cli(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - a config or policy that does not load: say why, once
         print(f"ponder stats: cannot load {args.config}: {exc}", file=sys.stderr)
         return 2
-    telemetry = config.telemetry if config is not None else None
-    if telemetry is not None:  # the config named on the command line beats the environment
-        args.redis_url = args.redis_url or telemetry.redis_url
-        args.data_dir = args.data_dir or telemetry.data_dir
+    if config is not None:  # the config named on the command line beats the environment
+        args.redis_url = args.redis_url or config.telemetry.redis_url
+        args.data_dir = args.data_dir or config.telemetry.data_dir
+        if args.half_life_s is None:  # the decay the gateway applies: its default policy's
+            hours = policy_for(None).learner.half_life_hours
+            args.half_life_s = hours * 3600.0 if hours else None
     args.redis_url = args.redis_url or os.environ.get("PONDER_REDIS_URL")
     args.data_dir = args.data_dir or os.environ.get("PONDER_DATA_DIR", ".ponder")
     try:

@@ -126,6 +126,8 @@ def two_mock_policy(tmp: Path, name: str) -> str:
         "routes": [{"name": "all", "candidates": ["cheap", "strong"]}],
         "exploration": {"share": 0.0},
         "overrides": {"strategy_header": ["self_consistency", "single"], "task_header": ["legal-qa"]},
+        # no decay: the tests compare recorded sums with what they sent, exactly
+        "learner": {"half_life_hours": None},
     }, f"{name}.yaml")
 
 

@@ -494,3 +494,21 @@ def test_spend_view_shows_the_budgets_the_gateway_enforces(tmp_path):
                           json={"model": "mock-a", "max_tokens": 7_500_000,
                                 "messages": [{"role": "user", "content": "x"}]})
         assert fits.status_code == 200, fits.text
+
+
+def test_the_default_policys_half_life_ages_the_learned_stats(tmp_path):
+    """learner.half_life_hours reaches the store: with a 1.8 s half-life, what the learner sees of
+    four requests has faded by half a few seconds later, while the raw request count has not."""
+    policy = tmp_path / "fading.yaml"
+    policy.write_text(open(two_mock_policy(tmp_path, "fading")).read().replace(
+        "half_life_hours: null", "half_life_hours: 0.0005"))
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("mock-a", mock), mock_backend("mock-b", mock)], "policy": str(policy),
+            "telemetry": {"data_dir": str(tmp_path / "data"), "refresh_s": 0.2}}, name="fading")) as gateway:
+        for _ in range(4):
+            assert chat(gateway.url, "auto", "hello there").status_code == 200
+        time.sleep(2.5)
+        arms = [a for t in httpx.get(gateway.url + "/v1/ponder/summary").json()["tasks"] for a in t["arms"]]
+        assert sum(a["requests"] for a in arms) == 4
+        learned = sum(a["count"] for a in arms)
+        assert 0 < learned < 2.2, learned

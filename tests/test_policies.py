@@ -152,7 +152,8 @@ BROKEN = [
     ("bad-price", replace("output_per_mtok: 1.6", "output_per_mtok: lots"), "valid number", "output_per_mtok: lots"),
     ("backend-declared-twice",
      replace("arms:\n", "  - name: cheap\n    model: openai/gpt-4.1-nano\narms:\n"), "declared twice", None),
-    ("half-life-and-window", BASE + "learner:\n  half_life_hours: 24\n  window: 100\n", "not both", "learner:"),
+    # an outcome window was never kept by the store (decayed sums only): refused, not silently ignored
+    ("learner-window", BASE + "learner:\n  half_life_hours: 24\n  window: 100\n", "unknown key `window`", "window:"),
     ("bad-override-strategy", BASE + "overrides:\n  strategy_header: [mcts]\n", "'cascade'", "mcts"),
     ("empty-file", "", "empty policy", None),
     ("top-level-list", "- name: t\n", "expected a mapping", None),
