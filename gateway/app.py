@@ -161,11 +161,16 @@ def finish_response(plan: Plan, caller: Caller, result: StrategyResult) -> dict[
 async def chat_completions(request: Request) -> Response:
     received = time.perf_counter()
     gw = gateway_of(request)
-    principal = gw.keys.authenticate(request)
-    body = parse_json_body(await read_body(request, gw.config.max_body_bytes))
-    req = parse_chat_request(body, max_n=gw.config.max_n)
-    plan = await gw.plan(req, request.headers, principal)
-    reservation = await gw.reserve_budget(plan)
+    req = None
+    try:
+        principal = gw.keys.authenticate(request)
+        body = parse_json_body(await read_body(request, gw.config.max_body_bytes))
+        req = parse_chat_request(body, max_n=gw.config.max_n)
+        plan = await gw.plan(req, request.headers, principal)
+        reservation = await gw.reserve_budget(plan)
+    except ApiError as exc:
+        gw.metrics.refused(req.model if req is not None and req.model in gw.models() else "-", exc.status)
+        raise
     caller = gw.caller()
     if req.stream:
         return await stream_chat(request, gw, plan, req, caller, reservation, received)

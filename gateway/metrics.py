@@ -96,6 +96,16 @@ class Metrics:
         except Exception:  # noqa: BLE001 - a bad value in one event must not reach the client
             pass
 
+    def refused(self, alias: str, status: int) -> None:
+        """Count a chat request refused before any decision ran (auth, bad input, budget, cost cap):
+        no event is recorded for it, but operators must see it. `alias` is a known model name or "-"
+        (never the client's string: labels stay a fixed set)."""
+        try:
+            self._child(self.requests, alias, "-", status_class(status)).inc()
+            self._child(self.errors, "-", str(status)).inc()
+        except Exception:  # noqa: BLE001 - metrics must not fail an answer
+            pass
+
     def _child(self, metric: Any, *labels: str) -> Any:
         """`metric.labels(*labels)`, memoised: labels() validates and hashes on every call (~2 us each)."""
         key = (id(metric), labels)

@@ -288,6 +288,28 @@ def test_an_arms_cot_template_is_what_the_upstream_gets(tmp_path):
         assert any("HOUSE STYLE: reason about this" in str(m["content"]) for m in sent), sent
 
 
+def test_refused_requests_are_counted_in_metrics(gw, client):
+    """A request refused before any decision (bad input, a cost cap) has no event, but /metrics counts it
+    by status; the alias label is the model only when it is a known one."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def refusals() -> dict[tuple[str, str], float]:
+        families = text_string_to_metric_families(httpx.get(gw.url + "/metrics").text)
+        return {(s.labels["alias"], s.labels["status_class"]): s.value for f in families if f.name == "ponder_requests"
+                for s in f.samples if s.name == "ponder_requests_total" and s.labels["task"] == "-"}
+
+    before = refusals()
+    httpx.post(gw.url + "/v1/chat/completions", json={"model": "auto", "messages": [], "n": 1})
+    httpx.post(gw.url + "/v1/chat/completions", json={"model": "no-such-model-x1", "messages": [{"role": "user", "content": "x"}]})
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "x"}],
+                                       extra_headers={"x-ponder-max-cost-usd": "0.000000001"})
+    after = refusals()
+    assert after[("auto", "4xx")] - before.get(("auto", "4xx"), 0) == 1  # the cost cap
+    assert after[("-", "4xx")] - before.get(("-", "4xx"), 0) == 2  # no valid request, an unknown model
+    assert not any("no-such-model" in alias for alias, _ in after)
+
+
 def test_client_task_label_keys_the_learner(client, gw):
     """x-ponder-task: the policy allows `legal-qa`, so the decision, the response and the recorded
     event carry it (the learner's bucket is legal-qa x tier); a malformed label is a clean 400."""
