@@ -26,7 +26,7 @@ from gateway.backends import UpstreamError
 from gateway.calls import Caller, upstream_to_api_error
 from gateway.config import GatewayConfig
 from gateway.dashboard import dashboard_routes
-from gateway.effort import apply_effort
+from gateway.effort import apply_effort, effective_effort
 from gateway.errors import EXCEPTION_HANDLERS, ApiError, retry_after
 from gateway.schemas import ChatRequest, parse_chat_request, parse_json_body
 from gateway.service import Gateway, Plan
@@ -251,7 +251,8 @@ async def stream_chat(request: Request, gw: Gateway, plan: Plan, req: ChatReques
             await settle(gw, plan, caller, reservation, status=passthrough.status, error=passthrough.message)
             return passthrough.response(headers)
         served = plan.decision.arm if passthrough.backend.name == plan.decision.arm.backend else \
-            Arm(backend=passthrough.backend.name, effort=plan.decision.arm.effort)  # a fallback answered
+            Arm(backend=passthrough.backend.name,  # a fallback answered
+                effort=effective_effort(passthrough.backend.spec, plan.decision.arm.effort))
         headers["x-ponder-arm"] = served.key
         if gw.config.server_timing:
             headers["server-timing"] = server_timing(plan, caller, received, executing, finished_calls=False)

@@ -16,16 +16,37 @@ from policies.backends import BackendSpec
 THINKING_BUDGET_TOKENS = {"none": 0, "minimal": 512, "low": 1024, "medium": 4096, "high": 16384}
 
 
-def apply_effort(body: dict[str, Any], spec: BackendSpec, effort: str | None) -> dict[str, Any]:
-    """Return the body with the effort knob set for this backend (the input is not modified)."""
+def takes_reasoning_effort(spec: BackendSpec) -> bool:
+    """Whether the backend's API has OpenAI's `reasoning_effort` (a non-reasoning OpenAI model
+    answers it with a 400)."""
+    return spec.effort_param == "reasoning_effort" and bool(spec.reasoning or spec.efforts)
+
+
+def effective_effort(spec: BackendSpec, effort: str | None) -> str | None:
+    """The effort this backend actually gets for `effort`: the closest level it declares, or None
+    when it has no knob (what an arm key and telemetry should say was used)."""
     if effort is None or spec.effort_param == "none":
-        return body
+        return None
+    if spec.effort_param == "reasoning_effort" and not takes_reasoning_effort(spec):
+        return None
     if spec.efforts and effort not in spec.efforts:
-        effort = _closest(effort, spec.efforts)
+        return _closest(effort, spec.efforts)
+    return effort
+
+
+def apply_effort(body: dict[str, Any], spec: BackendSpec, effort: str | None) -> dict[str, Any]:
+    """Return the body with the effort knob set for this backend (the input is not modified).
+
+    A client's own `reasoning_effort` goes only to a backend whose API has it: elsewhere it was a
+    routing hint, translated here to the backend's knob when the arm carries it."""
+    if "reasoning_effort" in body and not takes_reasoning_effort(spec):
+        body = {k: v for k, v in body.items() if k != "reasoning_effort"}
+    effort = effective_effort(spec, effort)
+    if effort is None:
+        return body
     body = dict(body)
     if spec.effort_param == "reasoning_effort":
-        if spec.reasoning or spec.efforts:
-            body["reasoning_effort"] = effort
+        body["reasoning_effort"] = effort
     elif spec.effort_param == "thinking_budget":
         budget = THINKING_BUDGET_TOKENS.get(effort, 0)
         kwargs = dict(body.get("chat_template_kwargs") or {})

@@ -21,6 +21,7 @@ from gateway.auth import KeyRing, Principal
 from gateway.backends import Backend, CallRecord, UpstreamError
 from gateway.calls import Caller, upstream_to_api_error
 from gateway.config import LOCAL_BACKEND_NAME, ConfigError, GatewayConfig
+from gateway.effort import effective_effort
 from gateway.errors import ApiError, retry_after
 from gateway.local_model import LocalModelServer
 from gateway.metrics import Metrics
@@ -233,7 +234,8 @@ class Gateway:
                 reasons.append(f"x-ponder-strategy={asked} (n={n})")
             else:
                 reasons.append(f"ignored x-ponder-strategy={asked}: not allowed by policy `{policy.policy.name}`")
-        arm = Arm(backend=req.model, strategy=strategy, effort=req.reasoning_effort, n=n)
+        effort = effective_effort(self.backends[req.model].spec, req.reasoning_effort)  # what is sent, not asked
+        arm = Arm(backend=req.model, strategy=strategy, effort=effort, n=n)
         return Decision(arm=arm, task=classification.task, difficulty=classification.difficulty,
                         task_probs=classification.task_probs, policy="direct", rule="direct", reasons=tuple(reasons))
 

@@ -29,7 +29,11 @@ def stack(tmp_path_factory):
         with running(start_gateway(tmp, {
             "backends": [mock_backend("mock-a", mock), mock_backend("mock-b", mock),
                          mock_backend("mock-litellm", mock, fast_path=False),
-                         mock_backend("mock-split", mock, supports_n=False)],
+                         mock_backend("mock-split", mock, supports_n=False),
+                         # one backend per effort knob (docs/policies.md, "Effort levels per provider")
+                         mock_backend("mock-o", mock, reasoning=True, efforts=["low", "medium", "high"]),
+                         mock_backend("mock-think", mock, reasoning=True, effort_param="thinking_budget"),
+                         mock_backend("mock-qwen", mock, reasoning=True, effort_param="enable_thinking")],
             "policy": policy(tmp),
             "max_body_bytes": 100_000,
         })) as gateway:
@@ -117,6 +121,21 @@ def test_parameters_pass_through_faithfully(client, mock):
                        "tools": tools, "tool_choice": "auto", "response_format": {"type": "json_object"},
                        "max_completion_tokens": 20}.items():
         assert body[key] == value, key
+
+
+@pytest.mark.parametrize("model, asked, arm_effort, sent", [
+    ("mock-o", "minimal", "low", {"reasoning_effort": "low"}),  # the closest level it declares
+    ("mock-think", "high", "high", {"thinking": {"type": "enabled", "budget_tokens": 16384},
+                                    "chat_template_kwargs": {"enable_thinking": True}}),
+    ("mock-qwen", "none", "none", {"chat_template_kwargs": {"enable_thinking": False}}),
+    ("mock-a", "low", "-", {}),  # not a reasoning model: OpenAI would refuse the parameter
+])
+def test_a_clients_reasoning_effort_is_translated_for_the_backend(client, mock, model, asked, arm_effort, sent):
+    raw = client.chat.completions.with_raw_response.create(
+        model=model, messages=[{"role": "user", "content": "x"}], reasoning_effort=asked)
+    body = calls(mock)["bodies"][-1]
+    assert {k: body[k] for k in ("reasoning_effort", "thinking", "chat_template_kwargs") if k in body} == sent
+    assert raw.headers["x-ponder-arm"] == f"{model}/{arm_effort}/single/1"  # what was sent, not what was asked
 
 
 def test_a_backend_called_through_litellm(client, mock):
