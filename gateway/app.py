@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -239,54 +239,73 @@ async def _wait_disconnect(request: Request) -> None:
 
 async def stream_chat(request: Request, gw: Gateway, plan: Plan, req: ChatRequest, caller: Caller,
                       reservation: Any, received: float) -> Response:
-    headers = plan_headers(plan)
+    """One answer relayed as the upstream writes it, or a multi-sample one sent once it is decided."""
     if plan.decision.arm.strategy == "single" and req.n == 1:
-        executing = time.perf_counter()
+        return await _relayed_stream(request, gw, plan, req, caller, reservation, received)
+    return await _synthesized_stream(request, gw, plan, req, caller, reservation, received)
+
+
+def _once(action: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
+    """`action` run at most once, however many ways a response ends in it."""
+    done = False
+
+    async def run() -> None:
+        nonlocal done
+        if not done:
+            done = True
+            await action()
+
+    return run
+
+
+async def _relayed_stream(request: Request, gw: Gateway, plan: Plan, req: ChatRequest, caller: Caller,
+                          reservation: Any, received: float) -> Response:
+    headers = plan_headers(plan)
+    executing = time.perf_counter()
+    try:
+        # The client may leave while the first byte is awaited: then no retry and no fallback.
+        passthrough = await until_disconnect(request, open_first_stream(gw, plan, req, caller), caller)
+    except ApiError as exc:
+        passthrough = exc
+    if isinstance(passthrough, ApiError):
+        await settle(gw, plan, caller, reservation, status=passthrough.status, error=passthrough.message)
+        return passthrough.response(headers)
+    served = plan.decision.arm if passthrough.backend.name == plan.decision.arm.backend else \
+        Arm(backend=passthrough.backend.name,  # a fallback answered
+            effort=effective_effort(passthrough.backend.spec, plan.decision.arm.effort))
+    headers["x-ponder-arm"] = served.key
+    if gw.config.server_timing:
+        headers["server-timing"] = server_timing(plan, caller, received, executing, finished_calls=False)
+
+    def stream_extension() -> dict[str, Any]:
+        return {**extension(plan, caller, None), "usage_estimated": passthrough.usage_estimated}
+
+    @_once
+    async def finish() -> None:
+        await passthrough.abandon(caller)  # a no-op once the relay has started: it bills its own call
+        await settle(gw, plan, caller, reservation, **stream_outcome(passthrough, caller))
+
+    async def body() -> AsyncIterator[bytes]:
         try:
-            # The client may leave while the first byte is awaited: then no retry and no fallback.
-            passthrough = await until_disconnect(request, open_first_stream(gw, plan, req, caller), caller)
-        except ApiError as exc:
-            passthrough = exc
-        if isinstance(passthrough, ApiError):
-            await settle(gw, plan, caller, reservation, status=passthrough.status, error=passthrough.message)
-            return passthrough.response(headers)
-        served = plan.decision.arm if passthrough.backend.name == plan.decision.arm.backend else \
-            Arm(backend=passthrough.backend.name,  # a fallback answered
-                effort=effective_effort(passthrough.backend.spec, plan.decision.arm.effort))
-        headers["x-ponder-arm"] = served.key
-        if gw.config.server_timing:
-            headers["server-timing"] = server_timing(plan, caller, received, executing, finished_calls=False)
+            # closed here, not whenever it is collected: its last call must be in the ledger
+            # before the request is settled, also when the client leaves
+            async with contextlib.aclosing(passthrough.events(
+                    caller, request_id=plan.request_id, include_usage=req.include_usage,
+                    extension=stream_extension)) as events:
+                async for chunk in events:
+                    yield chunk
+        finally:
+            if passthrough.client_left:  # this task is being cancelled: a store that awaits would be cut short
+                await asyncio.shield(finish())
+            else:
+                await finish()
 
-        def stream_extension() -> dict[str, Any]:
-            return {**extension(plan, caller, None), "usage_estimated": passthrough.usage_estimated}
+    return EventStream(body(), finish, headers)
 
-        settled = False
 
-        async def finish() -> None:
-            nonlocal settled
-            if settled:
-                return
-            settled = True
-            await passthrough.abandon(caller)  # a no-op once the relay has started: it bills its own call
-            await settle(gw, plan, caller, reservation, **stream_outcome(passthrough, caller))
-
-        async def body_iter() -> AsyncIterator[bytes]:
-            try:
-                # closed here, not whenever it is collected: its last call must be in the ledger
-                # before the request is settled, also when the client leaves
-                async with contextlib.aclosing(passthrough.events(
-                        caller, request_id=plan.request_id, include_usage=req.include_usage,
-                        extension=stream_extension)) as events:
-                    async for chunk in events:
-                        yield chunk
-            finally:
-                if passthrough.client_left:  # this task is being cancelled: a store that awaits would be cut short
-                    await asyncio.shield(finish())
-                else:
-                    await finish()
-
-        return EventStream(body_iter(), finish, headers)
-
+async def _synthesized_stream(request: Request, gw: Gateway, plan: Plan, req: ChatRequest, caller: Caller,
+                              reservation: Any, received: float) -> Response:
+    headers = plan_headers(plan)
     executing = time.perf_counter()
     work = asyncio.ensure_future(gw.execute(plan, req, caller))
     try:
@@ -312,13 +331,8 @@ async def stream_chat(request: Request, gw: Gateway, plan: Plan, req: ChatReques
         response = finish_response(plan, caller, result)
         return completion_to_chunks(response, include_usage=req.include_usage)
 
-    settled = False
-
+    @_once
     async def finish() -> None:
-        nonlocal settled
-        if settled:
-            return
-        settled = True
         if not work.done():  # the client went away: stop sampling for it, and bill what was cut off
             work.cancel()
             await asyncio.wait({work})
@@ -331,14 +345,14 @@ async def stream_chat(request: Request, gw: Gateway, plan: Plan, req: ChatReques
         else:
             await settle(gw, plan, caller, reservation, status=200, result=work.result())
 
-    async def synth_iter() -> AsyncIterator[bytes]:
+    async def body() -> AsyncIterator[bytes]:
         try:
             async for chunk in synthesized(work, keepalive_s=KEEPALIVE_S, to_chunks=to_chunks):
                 yield chunk
         finally:
             await asyncio.shield(finish())
 
-    return EventStream(synth_iter(), finish, headers)
+    return EventStream(body(), finish, headers)
 
 
 def stream_outcome(passthrough: PassThrough, caller: Caller) -> dict[str, Any]:
