@@ -42,6 +42,13 @@ def _scores(args, name: str | None, table, log):
     return Scores(scores.task_probs[rows], scores.difficulty[rows], scores.how)
 
 
+def _check_pair(args, table) -> None:
+    """--strong and --weak must name arms of the table: said before the scoring and the replay, not after."""
+    for flag, arm in (("--strong", args.strong), ("--weak", args.weak)):
+        if arm is not None and arm not in table.arm_names:
+            raise ValueError(f"{flag} {arm}: the table has no such arm (its arms: {', '.join(table.arm_names)})")
+
+
 def _limited(table, limit: int | None):
     if limit is None or limit >= len(table):
         return table
@@ -68,6 +75,7 @@ def run_routing(args, name: str | None, out: Path, log) -> dict:
         table = load_table(args.table, args.format, args.models, args.prices)
     else:
         table = SUITE_LOADERS[name]()
+    _check_pair(args, table)
     table = _limited(table, args.limit)
     scores = _scores(args, name, table, log)
     modes = ["classifier"]
@@ -173,6 +181,18 @@ def write_summary(out: Path, results: dict[str, dict]) -> None:
     (out / "summary.json").write_text(json.dumps(slim, indent=1, default=str) + "\n", encoding="utf-8")
 
 
+def positive_int(text: str) -> int:
+    """An argparse type for counts (--limit, --steps, ...): 0 or less used to fail deep in numpy, or to
+    quietly replay a different sample."""
+    try:
+        number = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {number}")
+    return number
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ponder eval", description=__doc__.split("\n\n")[0])
     what = p.add_mutually_exclusive_group(required=True)
@@ -189,10 +209,11 @@ def parser() -> argparse.ArgumentParser:
                         "(auto: both for mmlu-pro and bbh-effort)")
     p.add_argument("--leak-free", choices=["source-out", "cross-fit"], default="source-out",
                    help="how the classifier scores are kept from seeing the table (see docs/eval.md)")
-    p.add_argument("--train-subsample", type=int, help="fit the classifier on ~N prompts per source (quick looks)")
+    p.add_argument("--train-subsample", type=positive_int,
+                   help="fit the classifier on ~N prompts per source (quick looks)")
     p.add_argument("--no-classifier", action="store_true", help="score by prompt length only (plumbing tests)")
-    p.add_argument("--limit", type=int, help="replay a seeded sample of N prompts (quick looks)")
-    p.add_argument("--steps", type=int, help="points in each lambda sweep (default 10)")
+    p.add_argument("--limit", type=positive_int, help="replay a seeded sample of N prompts (quick looks)")
+    p.add_argument("--steps", type=positive_int, help="points in each lambda sweep (default 10)")
     p.add_argument("--docs", type=Path, help="with --suite all: copy the headline plots to DOCS/img and the summary "
                    "table into DOCS/eval.md (between its results markers)")
     return p

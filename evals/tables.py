@@ -243,20 +243,41 @@ def _prompt_text(record: dict) -> str:
     return "\n".join(m.get("content", "") for m in messages if isinstance(m, dict) and isinstance(m.get("content"), str))
 
 
+def _jsonl_record(line: str, path: Path, n: int) -> dict:
+    """One line of an outcomes file; ValueError naming the file and line when it is not a record."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} line {n}: not JSON ({exc.msg})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{path} line {n}: not an object")
+    if not isinstance(record.get("outcomes"), dict):
+        raise ValueError(f'{path} line {n}: no "outcomes" object ({{arm: score, ...}})')
+    return record
+
+
+def _jsonl_records(files: Sequence[Path]) -> list[dict]:
+    records = []
+    for path in files:
+        with open(path, encoding="utf-8") as handle:
+            records += [_jsonl_record(line, path, n) for n, line in enumerate(handle, 1) if line.strip()]
+    return records
+
+
 def load_jsonl(paths: Sequence[str | Path], prices_file: str | Path | None = None) -> OutcomeTable:
     from router.voting import vote  # the self-consistency strategy's own grouping of answers
 
-    records = []
-    for path in expand_paths(paths):
-        with open(path, encoding="utf-8") as handle:
-            records += [json.loads(line) for line in handle if line.strip()]
+    files = expand_paths(paths)
+    records = _jsonl_records(files)
     arms: list[str] = []
     for record in records:
-        for arm, outcome in (record.get("outcomes") or {}).items():
+        for arm, outcome in record["outcomes"].items():
             for name in [arm] + ([f"{arm}@vote{len(outcome['samples'])}"] if isinstance(outcome, dict)
                                  and outcome.get("samples") else []):
                 if name not in arms:
                     arms.append(name)
+    if not arms:  # nothing to replay: said here rather than as an empty argmax deep in the replay
+        raise ValueError(f"{', '.join(map(str, files))}: no row records an outcome")
     n, k = len(records), len(arms)
     scores, cost, output = np.full((n, k), np.nan), np.full((n, k), np.nan), np.full((n, k), np.nan)
     prompts = [_prompt_text(r) for r in records]
@@ -264,7 +285,7 @@ def load_jsonl(paths: Sequence[str | Path], prices_file: str | Path | None = Non
     prices = price_table(prices_file)
     for i, record in enumerate(records):
         task = record.get("task") or "reasoning"
-        for arm, outcome in (record.get("outcomes") or {}).items():
+        for arm, outcome in record["outcomes"].items():
             j = arms.index(arm)
             if not isinstance(outcome, dict):
                 outcome = {"score": outcome}

@@ -18,13 +18,28 @@ import sys
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # before anything can import litellm
 
 
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")  # what both logging and uvicorn accept
+
+
+def port_number(text: str) -> int:
+    """An argparse type: a TCP port, 0 meaning any free one (uvicorn logs the one it got). Without the range
+    check the socket layer wraps 99999 to 34463 and a negative port fails inside the server's startup."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (0-65535)") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text} is not a port (0-65535)")
+    return port
+
+
 def serve(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="ponder serve", description="Run the gateway.")
     parser.add_argument("--config", default=os.environ.get("PONDER_CONFIG"),
                         help="gateway YAML (default: $PONDER_CONFIG, else the embedded local default)")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--log-level", default="info")
+    parser.add_argument("--port", type=port_number, default=8000, help="0: any free port (default: 8000)")
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default="info")
     args = parser.parse_args(argv)
 
     import uvicorn

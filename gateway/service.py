@@ -34,6 +34,7 @@ from router.classifier import Classifier, ClassifierError
 from router.decide import BudgetExhausted, CompiledPolicy, InvalidHint, RequestHints, decide, estimate_prompt_tokens
 from router.types import Arm, Classification, Decision
 from telemetry.budgets import seconds_until_reset
+from telemetry.embedded_store import check_data_dir
 from telemetry.events import Event
 from telemetry.store import BudgetExceeded, Store, open_store
 
@@ -89,12 +90,18 @@ class Gateway:
     @staticmethod
     def check(config: GatewayConfig) -> None:
         """Raise ConfigError with a readable message for what start() would fail on (a policy that
-        does not load, a classifier artifact that does not), before a server is started for it."""
+        does not load, a classifier artifact that does not, a data dir it cannot create or another
+        gateway holds), before a server is started for it."""
         try:
             Classifier.load(config.classifier)
             configured_policies(config)
         except (ClassifierError, PolicyError) as exc:
             raise ConfigError(str(exc)) from None
+        if not config.telemetry.redis_url:  # with Redis the data dir is not used at all (telemetry/store.py)
+            try:
+                check_data_dir(Path(config.telemetry.data_dir))
+            except RuntimeError as exc:
+                raise ConfigError(f"telemetry.data_dir: {exc}") from None
 
     async def start(self) -> None:
         specs = list(self.config.backends)

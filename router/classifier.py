@@ -192,6 +192,17 @@ def _read_rows(path: str) -> Iterable[tuple[dict[str, Any], Any, str | None]]:
                 yield row, str(row["prompt"]), None
 
 
+def positive_int(text: str) -> int:
+    """An argparse type for counts such as --batch-size, where 0 or less means nothing sensible."""
+    try:
+        number = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {number}")
+    return number
+
+
 def cli(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="ponder classify",
@@ -204,7 +215,7 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", metavar="FILE.jsonl", help="classify every row of this file")
     parser.add_argument("--output", metavar="FILE.jsonl", help="where to write rows (default: stdout)")
     parser.add_argument("--artifact", default=None, help="artifact dir or classifier.json (default: shipped)")
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=positive_int, default=256, help="rows classified together (default: 256)")
     args = parser.parse_args(argv)
     if (args.text is None) == (args.input is None):
         parser.error("give either TEXT or --input FILE.jsonl")
@@ -220,7 +231,7 @@ def cli(argv: list[str] | None = None) -> int:
     problems = []
     try:
         rows = list(_read_rows(args.input))
-        for start in range(0, len(rows), max(args.batch_size, 1)):
+        for start in range(0, len(rows), args.batch_size):
             chunk = rows[start : start + args.batch_size]
             results = classifier.classify_batch([messages for _, messages, _ in chunk])
             for (row, _, problem), result in zip(chunk, results):

@@ -47,6 +47,30 @@ def _budget_key(key_id: str, period: str, pid: str) -> str:
     return f"{key_id}|{period}|{pid}"
 
 
+def lock_data_dir(data_dir: Path) -> int:
+    """Create `data_dir` and take its exclusive lock: the returned fd holds it (closing it lets go).
+    RuntimeError, with what is wrong, when the directory cannot be used or another store holds it."""
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(data_dir / "telemetry.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise RuntimeError(f"cannot create {data_dir} or write in it ({exc.strerror or exc})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise RuntimeError(f"{data_dir} is in use by another Ponder store (telemetry.lock)") from None
+    return fd
+
+
+def check_data_dir(data_dir: Path) -> None:
+    """Raise the RuntimeError that opening a store on `data_dir` would, before a server is started for it.
+    The lock is taken and let go at once, so the store that starts next can take it."""
+    os.close(lock_data_dir(data_dir))
+    if not os.access(data_dir, os.W_OK | os.X_OK):  # sqlite creates its files next to the lock file
+        raise RuntimeError(f"cannot create {data_dir} or write in it (Permission denied)")
+
+
 class EmbeddedStore(BufferedStore):
     backend = "embedded"
     requeue_failed_batches = False
@@ -70,14 +94,7 @@ class EmbeddedStore(BufferedStore):
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def _open_db(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.data_dir / "telemetry.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            raise RuntimeError(f"{self.data_dir} is in use by another Ponder store (telemetry.lock)") from None
-        self._lock_fd = fd
+        self._lock_fd = lock_data_dir(self.data_dir)
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")

@@ -453,6 +453,24 @@ def test_cli_text_and_files(tmp_path, capsys):
     assert "2 row(s) not classified" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("size", ["0", "-3", "two"])
+def test_cli_refuses_a_batch_size_below_one(tmp_path, capsys, size):
+    """0 used to write nothing and -3 every row twice, both exiting 0."""
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text(json.dumps({"prompt": "hello"}) + "\n")
+    with pytest.raises(SystemExit) as done:
+        classify_cli(["--input", str(src), "--output", str(dst), "--batch-size", size])
+    assert done.value.code == 2 and not dst.exists()
+    assert "argument --batch-size: " in capsys.readouterr().err
+
+
+def test_cli_small_batches_write_each_row_once(tmp_path):
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps({"prompt": f"question {i}?", "id": i}) + "\n" for i in range(5)) + "not json\n")
+    assert classify_cli(["--input", str(src), "--output", str(dst), "--batch-size", "2"]) == 0
+    assert [json.loads(line).get("id", "bad") for line in dst.read_text().splitlines()] == [0, 1, 2, 3, 4, "bad"]
+
+
 def test_extra_jsonl_format(tmp_path):
     from router.train_data import load_extra
 

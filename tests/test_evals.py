@@ -218,6 +218,78 @@ def test_mmlu_pro_small_run_reports_every_baseline(tmp_path):
         assert (tmp_path / png).exists()
 
 
+def _outcomes_file(path, rows=6, missing_at=None):
+    """A tiny JSONL table over arms `a` and `b`; the row at index `missing_at` has no outcomes."""
+    records = [{"id": str(i), "prompt": "q" * (i + 1), "outcomes": {"a": i % 2, "b": 1}} for i in range(rows)]
+    if missing_at is not None:
+        del records[missing_at]["outcomes"]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def _table_cli(tmp_path, *extra):
+    from evals.cli import cli
+
+    return cli(["--table", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "out"), "--no-classifier",
+                "--steps", "2", *extra])
+
+
+@pytest.fixture
+def no_scoring(monkeypatch):
+    """The checks come before any expensive work: scoring the table must not start."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("scored the table before checking the arguments")
+
+    monkeypatch.setattr("evals.cli._scores", refuse)
+
+
+@pytest.mark.parametrize("flag", ["--limit", "--steps", "--train-subsample"])
+@pytest.mark.parametrize("value", ["0", "-2"])
+def test_table_run_refuses_counts_below_one(tmp_path, capsys, no_scoring, flag, value):
+    _outcomes_file(tmp_path / "t.jsonl")
+    with pytest.raises(SystemExit) as done:
+        _table_cli(tmp_path, flag, value)
+    assert done.value.code == 2
+    assert f"argument {flag}: must be at least 1, not {value}" in capsys.readouterr().err
+
+
+def test_table_run_names_the_line_without_outcomes(tmp_path, capsys, no_scoring):
+    table = _outcomes_file(tmp_path / "t.jsonl", missing_at=2)
+    assert _table_cli(tmp_path) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f'ponder eval: error: {table} line 3: no "outcomes" object ({{arm: score, ...}})']
+    assert not (tmp_path / "out" / "report.md").exists()
+
+
+def test_table_loader_refuses_lines_that_are_not_records(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({"prompt": "x", "outcomes": {"a": 1}}) + "\n\n[1, 2]\n")
+    with pytest.raises(ValueError, match=r"t.jsonl line 3: not an object"):
+        load_table([path])
+    path.write_text(json.dumps({"prompt": "x", "outcomes": {"a": 1}}) + "\n{oops\n")
+    with pytest.raises(ValueError, match=r"t.jsonl line 2: not JSON"):
+        load_table([path])
+    path.write_text(json.dumps({"prompt": "x", "outcomes": {}}) + "\n")
+    with pytest.raises(ValueError, match=r"t.jsonl: no row records an outcome"):
+        load_table([path])
+
+
+@pytest.mark.parametrize("flag", ["--strong", "--weak"])
+def test_table_run_refuses_an_arm_the_table_lacks_before_replaying(tmp_path, capsys, no_scoring, flag):
+    _outcomes_file(tmp_path / "t.jsonl")
+    assert _table_cli(tmp_path, flag, "nope") == 1
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"ponder eval: error: {flag} nope: the table has no such arm (its arms: a, b)"]
+    assert not (tmp_path / "out" / "report.md").exists()
+
+
+def test_table_run_with_a_limit_and_a_named_pair(tmp_path):
+    _outcomes_file(tmp_path / "t.jsonl")
+    assert _table_cli(tmp_path, "--limit", "4", "--strong", "b", "--weak", "a") == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["table"]["prompts"] == 4 and (report["table"]["weak"], report["table"]["strong"]) == ("a", "b")
+
+
 def test_learner_replay_small_stream_is_close_to_hindsight(tmp_path):
     """A smaller version of issue 5's proof (the full 5,000-request run is in docs/eval.md): 1,500
     BBH requests, two arms, plumbing scores. Bound measured, not tuned: the learner keeps >= 90%."""

@@ -638,6 +638,79 @@ def test_serve_refuses_a_bad_config_in_one_line(tmp_path, config, says):
     assert done.returncode == 2 and says in done.stderr and "Traceback" not in done.stderr
 
 
+def _serve(*argv: str, config: dict | None = None, tmp_path=None):
+    """`ponder serve` in a subprocess that must give up before a server starts."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    args = [sys.executable, "-m", "gateway.cli", "serve", *argv]
+    if config is not None:
+        path = tmp_path / "ponder.yaml"
+        path.write_text(yaml.safe_dump({"local_model": {"enabled": False}, **config}))
+        args += ["--config", str(path)]
+    return subprocess.run(args, capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.parametrize("flags,says", [
+    (["--port", "99999"], "--port: 99999 is not a port (0-65535)"),
+    (["--port", "-5"], "--port: -5 is not a port (0-65535)"),
+    (["--port", "http"], "--port: 'http' is not a port (0-65535)"),
+    (["--log-level", "loud"], "--log-level: invalid choice: 'loud'"),
+])
+def test_serve_refuses_a_bad_flag_before_starting(flags, says):
+    done = _serve(*flags)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert says in done.stderr.strip().splitlines()[-1]  # argparse's usage line, then what is wrong
+
+
+def test_serve_refuses_a_data_dir_it_cannot_create(tmp_path):
+    done = _serve("--port", "9", config={"telemetry": {"data_dir": "/proc/forbidden"}}, tmp_path=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == ["ponder: bad config: telemetry.data_dir: "
+                                                "cannot create /proc/forbidden or write in it (No such file or directory)"]
+
+
+def test_serve_refuses_a_data_dir_another_gateway_holds(tmp_path):
+    """Another running gateway holds the data dir's lock: this one says so instead of a lifespan traceback,
+    and the check leaves no lock behind (the dir is usable once the other one is gone)."""
+    import fcntl
+    import os
+
+    data = tmp_path / "data"
+    data.mkdir()
+    held = os.open(data / "telemetry.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what a running gateway's embedded store holds
+    try:
+        done = _serve("--port", "9", config={"telemetry": {"data_dir": str(data)}}, tmp_path=tmp_path)
+    finally:
+        os.close(held)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"ponder: bad config: telemetry.data_dir: {data} is in use by another Ponder store (telemetry.lock)"]
+
+
+def test_data_dir_check_releases_the_lock_and_skips_it_with_redis(tmp_path):
+    from gateway.config import ConfigError, GatewayConfig
+    from gateway.service import Gateway
+    from telemetry.embedded_store import EmbeddedStore
+
+    data = tmp_path / "new" / "data"
+    Gateway.check(GatewayConfig(local_model={"enabled": False}, telemetry={"data_dir": str(data)}))
+    store = EmbeddedStore(data, stream_maxlen=10, refresh_s=1.0, buffer_max=10, decay_half_life_s=None,
+                          feedback_window_s=60.0)
+    store._open_db()  # the real start takes the lock the check took and let go
+    try:
+        with pytest.raises(ConfigError, match="in use by another Ponder store"):
+            Gateway.check(GatewayConfig(local_model={"enabled": False}, telemetry={"data_dir": str(data)}))
+    finally:
+        store._close_db()
+    # with Redis the data dir is never used, so it is not checked
+    Gateway.check(GatewayConfig(local_model={"enabled": False},
+                                telemetry={"redis_url": "redis://127.0.0.1:1/0", "data_dir": "/proc/forbidden"}))
+
+
 def test_policy_hot_reload_keeps_serving_through_a_broken_edit(tmp_path):
     import time
 
