@@ -43,6 +43,9 @@ KEEPALIVE_S = 2.0
 SYNTH_HOLD_S = 20.0
 CLIENT_CLOSED = "Client closed the request."
 CLIENT_CLOSED_STATUS = 499
+# What a browser app may read of an answer when CORS is on (the rest of the headers are hidden from it).
+EXPOSED_HEADERS = ["x-ponder-request-id", "x-ponder-arm", "x-ponder-task", "x-ponder-difficulty", "x-ponder-policy",
+                   "x-ponder-cost-usd", "x-ponder-samples", "retry-after", "server-timing"]
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None,
@@ -471,7 +474,8 @@ def create_app(config: GatewayConfig) -> Starlette:
     middleware = []
     if config.cors_origins:
         middleware.append(Middleware(CORSMiddleware, allow_origins=config.cors_origins,
-                                     allow_methods=["GET", "POST"], allow_headers=["*"]))
+                                     allow_methods=["GET", "POST"], allow_headers=["*"],
+                                     expose_headers=EXPOSED_HEADERS))
     app = Starlette(routes=routes(), middleware=middleware, exception_handlers=EXCEPTION_HANDLERS,
                     lifespan=lifespan)
     app.state.gateway = gateway

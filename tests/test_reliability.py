@@ -685,6 +685,26 @@ def test_per_key_budget_holds_under_64_concurrent_requests(keyed):
     assert len(costs) + len(refused) == 64
 
 
+def test_cors_when_configured_lets_a_browser_app_read_ponders_headers(tmp_path):
+    """With cors_origins set, an allowed origin gets its preflight and can read x-ponder-request-id
+    (the id feedback takes), the cost and Retry-After; another origin gets nothing."""
+    app_origin = "https://app.example"
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("m", mock)], "policy": simple_policy(tmp_path, "m"),
+            "cors_origins": [app_origin]}, name="cors")) as gateway:
+        url = gateway.url + "/v1/chat/completions"
+        preflight = httpx.options(url, headers={"origin": app_origin, "access-control-request-method": "POST",
+                                                "access-control-request-headers": "authorization, content-type"})
+        assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == app_origin
+        answer = httpx.post(url, headers={"origin": app_origin}, timeout=10,
+                            json={"model": "auto", "messages": [{"role": "user", "content": "hi"}]})
+        exposed = {h.strip() for h in answer.headers["access-control-expose-headers"].split(",")}
+        assert {"x-ponder-request-id", "x-ponder-cost-usd", "retry-after"} <= exposed
+        other = httpx.post(url, headers={"origin": "https://evil.example"}, timeout=10,
+                           json={"model": "auto", "messages": [{"role": "user", "content": "hi"}]})
+        assert "access-control-allow-origin" not in other.headers
+
+
 def test_cors_is_off_by_default(healthy):
     gateway, _mock = healthy
     preflight = httpx.options(gateway.url + "/v1/chat/completions", headers={
