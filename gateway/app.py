@@ -174,6 +174,7 @@ async def chat_completions(request: Request) -> Response:
     except ApiError as exc:
         gw.metrics.refused(req.model if req is not None and req.model in gw.models() else "-", exc.status)
         raise
+    gw.unsettled.add()  # from here every path ends in settle(): shutdown waits for it
     caller = gw.caller()
     if req.stream:
         return await stream_chat(request, gw, plan, req, caller, reservation, received)
@@ -200,10 +201,13 @@ async def chat_completions(request: Request) -> Response:
 
 async def settle(gw: Gateway, plan: Plan, caller: Caller, reservation: Any, *, status: int,
                  result: StrategyResult | None = None, error: str | None = None) -> None:
-    event = gw.record(plan, caller.calls, status=status, result=result, error=error)
-    if reservation is not None and gw.store is not None:
-        with contextlib.suppress(Exception):  # settling is bookkeeping: never fail the answer for it
-            await gw.store.settle(reservation, event.cost_usd)
+    try:
+        event = gw.record(plan, caller.calls, status=status, result=result, error=error)
+        if reservation is not None and gw.store is not None:
+            with contextlib.suppress(Exception):  # settling is bookkeeping: never fail the answer for it
+                await gw.store.settle(reservation, event.cost_usd)
+    finally:
+        gw.unsettled.done()
 
 
 async def until_disconnect(request: Request, work: Any, caller: Caller) -> StrategyResult:
@@ -224,9 +228,12 @@ async def until_disconnect(request: Request, work: Any, caller: Caller) -> Strat
     try:
         return await work
     except asyncio.CancelledError:
-        if not left:
-            raise  # the server is shutting down: not ours to swallow
         task.uncancel()
+        if not left:
+            # The server cancels what still runs when its graceful shutdown is up: the client gets an
+            # answer it can retry elsewhere, and the request is recorded and its budget hold settled.
+            raise ApiError(503, "The server is shutting down; send the request again.", code="shutting_down",
+                           headers=retry_after(1.0)) from None
         raise ApiError(CLIENT_CLOSED_STATUS, CLIENT_CLOSED, code="client_closed") from None
     finally:
         watcher.remove_done_callback(on_disconnect)

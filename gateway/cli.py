@@ -56,7 +56,7 @@ def serve(argv: list[str]) -> int:
         print(f"ponder: bad config: {exc}", file=sys.stderr)
         return 2
     uvicorn.run(create_app(config), host=args.host, port=args.port, loop="uvloop", http="httptools",
-                log_level=args.log_level, access_log=False, timeout_graceful_shutdown=30)
+                log_level=args.log_level, access_log=False, timeout_graceful_shutdown=config.shutdown_grace_s)
     return 0
 
 

@@ -67,6 +67,9 @@ class GatewayConfig(BaseModel):
     max_body_bytes: PositiveInt = 4 * 1024 * 1024
     max_n: PositiveInt = 16
     request_timeout_s: PositiveFloat = 120.0
+    shutdown_grace_s: PositiveFloat = Field(
+        default=30.0, description="After SIGTERM, how long in-flight requests may run before they are answered "
+                                  "503 shutting_down (recorded, budget holds settled).")
     cors_origins: list[str] = Field(default_factory=list, description="CORS is off unless origins are listed.")
     log_prompts: bool = False
     server_timing: bool = Field(

@@ -44,6 +44,7 @@ DIRECT_SAMPLES = 5  # samples when a client asks a named backend for a multi-sam
 DIRECT_OUTPUT_TOKENS = 1024
 REASONING_OUTPUT_TOKENS = 8192
 JUDGE_OUTPUT_TOKENS = 16
+CLOSE_WAIT_S = 5.0  # at shutdown, how long the store waits for requests still settling
 
 
 @dataclass
@@ -83,6 +84,7 @@ class Gateway:
         self.store: Store | None = None
         self._tasks: list[asyncio.Task] = []
         self._rng = random.Random()
+        self.unsettled = InFlight()  # requests planned and not yet settled (recorded, hold released)
         self.started_at = time.time()
         self.metrics = Metrics(store_health=lambda: self.store.health() if self.store else None)
 
@@ -145,6 +147,9 @@ class Gateway:
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
+        # Requests the server has just cancelled still record their events and settle their holds:
+        # the store closes after them (bounded: a request whose response never got out may not).
+        await self.unsettled.wait_idle(CLOSE_WAIT_S)
         if self.store is not None:
             await self.store.close()
         if self.session is not None:
@@ -373,6 +378,32 @@ class Gateway:
                                     "one, a default output length per call is held).", code="over_budget_cap") from None
             raise ApiError(429, f"Budget exhausted for this key: {exc}.", code="budget_exhausted",
                            headers=_retry_at_reset(exc.period)) from None
+
+
+class InFlight:
+    """A count of things under way, and a wait for none to be left."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def add(self) -> None:
+        self.count += 1
+        self._idle.clear()
+
+    def done(self) -> None:
+        self.count = max(0, self.count - 1)
+        if self.count == 0:
+            self._idle.set()
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._idle.wait()
+            return True
+        except TimeoutError:
+            return False
 
 
 def configured_policies(config: GatewayConfig) -> PolicySet:

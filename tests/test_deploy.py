@@ -165,11 +165,15 @@ def test_gateway_deployment_probes_security_and_shutdown():
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
-    # uvicorn drains for up to 30 s (gateway/cli.py), the store flushes for up to 5 s, preStop sleeps first.
-    cli = (ROOT / "gateway" / "cli.py").read_text()
-    drain = int(re.search(r"timeout_graceful_shutdown=(\d+)", cli).group(1))
+    # uvicorn drains for up to shutdown_grace_s (the deployed config's), the store flushes for up to 5 s
+    # (gateway.service.CLOSE_WAIT_S for requests still settling, then the flush), preStop sleeps first.
+    from gateway.config import load_config
+
+    drain = load_config(K8S / "config" / "gateway.yaml").shutdown_grace_s
+    from gateway.service import CLOSE_WAIT_S
+
     pre_stop = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
-    assert pod["terminationGracePeriodSeconds"] >= drain + 5 + pre_stop
+    assert pod["terminationGracePeriodSeconds"] >= drain + CLOSE_WAIT_S + 5 + pre_stop
     assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
 
 

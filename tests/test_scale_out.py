@@ -80,8 +80,8 @@ def shared(tmp_path_factory):
     }
     httpx.post(mock.url + "/control", json={"answers": [ANSWER]}).raise_for_status()
 
-    def gateway(name: str):
-        cfg = {**config, "telemetry": {**config["telemetry"], "data_dir": str(tmp / f"{name}-data")}}
+    def gateway(name: str, **extra):
+        cfg = {**config, "telemetry": {**config["telemetry"], "data_dir": str(tmp / f"{name}-data")}, **extra}
         return start_gateway(tmp, cfg, name=name)
 
     yield {"tmp": tmp, "redis": redis_proc, "mock": mock, "gateway": gateway, "policy": policy_path}
@@ -306,3 +306,35 @@ def test_sigterm_drains_in_flight_requests_and_flushes_telemetry(shared, r):
     finally:
         httpx.post(mock.url + "/control", json={"delay_ms": 0})
         gw.stop()
+
+
+def test_a_request_outlasting_the_shutdown_grace_gets_a_503_and_is_settled(shared, r):
+    """SIGTERM with a request that will not finish within shutdown_grace_s (1 s here): the client gets
+    a 503 shutting_down to retry elsewhere (not a bare 500), the request is recorded, and the key's
+    budget hold is settled to what was spent (the prompt, free here), not left at its worst case."""
+    mock = shared["mock"]
+    gw = shared["gateway"]("grace", shutdown_grace_s=1.0)
+    admin = shared["gateway"]("grace-admin")
+    try:
+        spent_before = _capped_spent(admin)
+        httpx.post(mock.url + "/control", json={"delay_ms": 4000}).raise_for_status()
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(chat, gw, CAPPED_KEY, 30, max_tokens=10)
+            time.sleep(0.5)  # in flight: the upstream answers after 4 s
+            gw.process.send_signal(signal.SIGTERM)
+            response = pending.result(20)
+        assert response.status_code == 503, response.text
+        assert response.json()["error"]["code"] == "shutting_down" and int(response.headers["retry-after"]) >= 1
+        assert gw.process.wait(20) in (0, -signal.SIGTERM)
+        request_id = response.headers["x-ponder-request-id"]
+        assert wait_for(lambda: request_id in stream_ids(r), timeout=5)
+        assert wait_for(lambda: abs(_capped_spent(admin) - spent_before) < 1e-9, timeout=5), _capped_spent(admin)
+    finally:
+        httpx.post(mock.url + "/control", json={"delay_ms": 0})
+        gw.stop()
+        admin.stop()
+
+
+def _capped_spent(gw) -> float:
+    keys = httpx.get(gw.url + "/v1/ponder/spend", headers=auth(), timeout=10).json()["keys"]
+    return next((k["spent"].get("day", 0.0) for k in keys if k["key_id"] == "capped"), 0.0)
