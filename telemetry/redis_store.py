@@ -37,6 +37,8 @@ from .events import Event
 from .store import BufferedStore, FeedbackResult
 
 MAX_CONNECTIONS = 32  # per replica
+OTHER_REPLICA_WAIT_S = 0.5  # feedback for an id not written yet: how long to look again (polls)
+OTHER_REPLICA_POLL_S = 0.05
 MAX_BACKOFF_S = 1.0  # reconnect attempts at most this far apart: the buffer flushes < 5 s after recovery
 SPEND_TTL_S = {"h": 2 * 86400, "d": 35 * 86400}
 # READONLY: we are talking to a replica (a failover demoted our primary): reconnect, do not drop.
@@ -406,6 +408,13 @@ class RedisStore(BufferedStore):
             raw = await self._client.get(k.meta(request_id))
             if raw is None and (self._buffer or self._flush_lock.locked()):
                 await self.flush()  # feedback may arrive before the request's event was written
+                raw = await self._client.get(k.meta(request_id))
+            waited = 0.0
+            while raw is None and waited < OTHER_REPLICA_WAIT_S:
+                # Answered by another replica a moment ago: its event is written tens of ms after the
+                # answer went out (linger + round trip). A 404 would tell the client not to retry.
+                await asyncio.sleep(OTHER_REPLICA_POLL_S)
+                waited += OTHER_REPLICA_POLL_S
                 raw = await self._client.get(k.meta(request_id))
             if raw is None:
                 return FeedbackResult("unknown_request", request_id)
