@@ -32,6 +32,7 @@ from gateway.schemas import ChatRequest, parse_chat_request, parse_json_body
 from gateway.service import Gateway, Plan
 from gateway.strategies import StrategyResult
 from gateway.streaming import EventStream, PassThrough, synthesized, usage_block
+from router import prompts
 from router.decide import estimate_prompt_tokens
 from router.types import Arm
 
@@ -175,6 +176,8 @@ async def chat_completions(request: Request) -> Response:
         gw.metrics.refused(req.model if req is not None and req.model in gw.models() else "-", exc.status)
         raise
     gw.unsettled.add()  # from here every path ends in settle(): shutdown waits for it
+    if gw.config.log_prompts:  # opt-in only: prompts are the users' data
+        log.info("%s %s prompt: %s", plan.request_id, req.model, prompts.last_user_text(req.messages)[:2000])
     caller = gw.caller()
     if req.stream:
         return await stream_chat(request, gw, plan, req, caller, reservation, received)

@@ -19,6 +19,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # before anything
 
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")  # what both logging and uvicorn accept
+LITELLM_LOGGERS = ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy", "litellm")
 
 
 def port_number(text: str) -> int:
@@ -55,6 +56,11 @@ def serve(argv: list[str]) -> int:
     except ConfigError as exc:
         print(f"ponder: bad config: {exc}", file=sys.stderr)
         return 2
+    if not config.log_prompts:
+        # litellm's debug lines print whole requests (messages included): prompts stay out of the logs
+        # unless the operator asked for them, whatever the log level.
+        for name in LITELLM_LOGGERS:
+            logging.getLogger(name).setLevel(max(logging.INFO, logging.getLogger().level))
     uvicorn.run(create_app(config), host=args.host, port=args.port, loop="uvloop", http="httptools",
                 log_level=args.log_level, access_log=False, timeout_graceful_shutdown=config.shutdown_grace_s)
     return 0

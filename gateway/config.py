@@ -71,7 +71,9 @@ class GatewayConfig(BaseModel):
         default=30.0, description="After SIGTERM, how long in-flight requests may run before they are answered "
                                   "503 shutting_down (recorded, budget holds settled).")
     cors_origins: list[str] = Field(default_factory=list, description="CORS is off unless origins are listed.")
-    log_prompts: bool = False
+    log_prompts: bool = Field(
+        default=False, description="Log each request's last user message (first 2,000 characters) at INFO. Off: no "
+                                   "prompt text in the logs at any level, litellm's debug output included.")
     server_timing: bool = Field(
         default=False, description="Add a Server-Timing header (classify, decide, upstream, total; ms) to answers.")
 

@@ -95,14 +95,14 @@ def mock_backend(name: str, mock: Process, **extra) -> dict:
 
 
 def start_gateway(tmp: Path, config: dict, *, timeout: float = 90, name: str = "gateway",
-                  env: dict[str, str] | None = None) -> Process:
+                  env: dict[str, str] | None = None, log_level: str = "warning") -> Process:
     port = free_port()
     config = {"telemetry": {"data_dir": str(tmp / f"{name}-data")}, **config}
     config.setdefault("local_model", {"enabled": False})
     path = tmp / f"{name}-{port}.yaml"
     path.write_text(yaml.safe_dump(config))
     return Process([PYTHON, "-m", "gateway.cli", "serve", "--config", str(path), "--port", str(port),
-                    "--log-level", "warning"], f"http://127.0.0.1:{port}", "/readyz", tmp / f"{name}-{port}.log",
+                    "--log-level", log_level], f"http://127.0.0.1:{port}", "/readyz", tmp / f"{name}-{port}.log",
                    timeout=timeout, env=env)
 
 

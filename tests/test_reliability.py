@@ -705,6 +705,23 @@ def test_cors_when_configured_lets_a_browser_app_read_ponders_headers(tmp_path):
         assert "access-control-allow-origin" not in other.headers
 
 
+@pytest.mark.parametrize("log_prompts", [False, True], ids=["default", "log_prompts"])
+def test_prompts_reach_the_logs_only_when_configured(tmp_path, log_prompts):
+    """Even at --log-level debug, with a backend called through litellm (whose debug lines print whole
+    requests), no prompt text is logged unless `log_prompts: true`; then each prompt is, once."""
+    secret = "zebra-quartz-17 private question"
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("m", mock, fast_path=False)], "policy": simple_policy(tmp_path, "m"),
+            "log_prompts": log_prompts}, name="logs", log_level="debug")) as gateway:
+        answer = httpx.post(gateway.url + "/v1/chat/completions", timeout=30,
+                            json={"model": "auto", "messages": [{"role": "user", "content": secret}]})
+        assert answer.status_code == 200, answer.text
+        time.sleep(0.3)
+        log = gateway.log()
+    assert "DEBUG" in log  # the level was really debug
+    assert (secret in log) is log_prompts, log[-2000:]
+
+
 def test_cors_is_off_by_default(healthy):
     gateway, _mock = healthy
     preflight = httpx.options(gateway.url + "/v1/chat/completions", headers={
