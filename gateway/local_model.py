@@ -7,6 +7,7 @@ requests and stops it on shutdown; it is an ordinary fast-path backend in betwee
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import importlib.util
 import logging
 import os
@@ -16,7 +17,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -24,6 +27,9 @@ from gateway.config import LOCAL_BACKEND_NAME, LocalModelConfig
 from policies.backends import BackendSpec, Prices
 
 log = logging.getLogger("ponder.local_model")
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+RESTART_PAUSE_S = 1.0
+MAX_RESTART_PAUSE_S = 30.0
 
 
 class LocalModelError(RuntimeError):
@@ -67,6 +73,8 @@ class LocalModelServer:
         self.config = config
         self.port = config.port or free_port()
         self.process: subprocess.Popen[bytes] | None = None
+        self._log: Any = None
+        self._serving = False
 
     @property
     def api_base(self) -> str:
@@ -106,21 +114,54 @@ class LocalModelServer:
         ]
         log.info("starting local model %s on port %d", model.name, self.port)
         # Own process group: a Ctrl-C aimed at the gateway must not kill the model mid-request;
-        # the gateway stops it itself on shutdown.
+        # the gateway stops it itself on shutdown, and the kernel if the gateway dies unannounced.
         # Its log goes to a file, not a pipe nobody reads (a full pipe would stall the model).
+        if self._log is not None:
+            self._log.close()
         self._log = tempfile.TemporaryFile()
+        self._serving = False
         self.process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self._log,
-                                        start_new_session=True, env=_child_env())
+                                        start_new_session=True, env=_child_env(), preexec_fn=_die_with_parent())
         await self._wait_ready()
+        self._serving = True
+
+    def alive(self) -> bool:
+        """Running and answering (a process still loading its model is not)."""
+        return self._serving and self.process is not None and self.process.poll() is None  # poll() reaps too
+
+    async def watch(self, interval_s: float = 1.0) -> None:
+        """Restart the model server if it dies (said in the log), pausing longer after each failed try.
+        Meanwhile the backend fails fast (cool-down) and readiness says the model is down."""
+        pause = RESTART_PAUSE_S
+        while True:
+            await asyncio.sleep(interval_s)
+            if self.alive():
+                pause = RESTART_PAUSE_S
+                continue
+            assert self.process is not None
+            log.error("local model server exited with %s; restarting it. Its last words: %s",
+                      self.process.returncode, self._stderr_tail(500) or "(none)")
+            try:
+                await self.start()
+                log.info("local model server is back on port %d", self.port)
+            except LocalModelError as exc:
+                log.error("local model server did not restart (%s); next try in %.0f s", exc, pause)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, MAX_RESTART_PAUSE_S)
+
+    def _stderr_tail(self, chars: int) -> str:
+        if self._log is None or self._log.closed:
+            return ""
+        self._log.seek(0)
+        return self._log.read().decode(errors="replace")[-chars:].strip()
 
     async def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.config.startup_timeout_s
         async with aiohttp.ClientSession() as session:
             while time.monotonic() < deadline:
                 if self.process is not None and self.process.poll() is not None:
-                    self._log.seek(0)
-                    err = self._log.read().decode(errors="replace")[-2000:]
-                    raise LocalModelError(f"local model server exited with {self.process.returncode}: {err}")
+                    raise LocalModelError(f"local model server exited with {self.process.returncode}: "
+                                          f"{self._stderr_tail(2000)}")
                 try:
                     async with session.get(f"{self.api_base}/models", timeout=aiohttp.ClientTimeout(total=1)) as r:
                         if r.status == 200:
@@ -132,12 +173,32 @@ class LocalModelServer:
         raise LocalModelError(f"local model server not ready after {self.config.startup_timeout_s} s")
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-        self._log.close()
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        if self._log is not None:
+            self._log.close()
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A preexec_fn asking Linux to SIGTERM the child when the gateway dies, even by SIGKILL (which
+    runs no shutdown): else the model server lives on, orphaned, holding its port and memory. Resolved
+    here, in the parent: the child between fork and exec only makes the call."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def set_death_signal() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the gateway died before the call took effect
+            os._exit(1)
+
+    return set_death_signal

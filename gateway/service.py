@@ -128,6 +128,7 @@ class Gateway:
         )
         if self.local_model is not None:
             await self.local_model.start()
+            self._tasks.append(asyncio.create_task(self.local_model.watch()))
         self._tasks.append(asyncio.create_task(self._watch_policies()))
 
     def learner_half_life_s(self) -> float | None:
@@ -165,7 +166,10 @@ class Gateway:
             "policy": self.policies is not None,
             "store": store,
         }
-        checks["ready"] = checks["backends"] and checks["classifier"] and checks["policy"]
+        if self.local_model is not None:  # a dead model server is restarted: not ready until it is back
+            checks["local_model"] = self.local_model.alive()
+        checks["ready"] = checks["backends"] and checks["classifier"] and checks["policy"] and \
+            checks.get("local_model", True)
         return checks
 
     # -- plan -----------------------------------------------------------------------------------

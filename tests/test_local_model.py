@@ -81,3 +81,54 @@ def test_gateway_stops_its_local_model(tmp_path):
     assert any("llama_cpp.server" in " ".join(c.cmdline()) for c in children)
     gateway.stop()
     assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children)
+
+
+def test_a_dead_model_server_is_reported_and_restarted(tmp_path):
+    """The llama.cpp child dies (here: SIGKILL): readiness says so at once, the gateway logs it and
+    starts a new one on the same port, and answers come back; stopping the gateway leaves no child."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    with running(start_gateway(tmp_path, {"local_model": {"enabled": True, "n_ctx": 512, "n_threads": 1}},
+                               timeout=120, name="revive", log_level="info")) as gateway:
+        (child,) = psutil.Process(gateway.process.pid).children(recursive=True)
+        os.kill(child.pid, signal.SIGKILL)
+        seen_down = False
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            ready = httpx.get(gateway.url + "/readyz")
+            seen_down = seen_down or (ready.status_code == 503 and ready.json()["local_model"] is False)
+            if seen_down and ready.status_code == 200:
+                break
+            time.sleep(0.05)
+        assert seen_down and ready.status_code == 200, ready.text
+        assert "local model server exited with -9; restarting it" in gateway.log()
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="none", max_retries=0)
+        answer = client.chat.completions.create(model="local", messages=[{"role": "user", "content": "Hi"}],
+                                                max_tokens=4, seed=1)
+        assert answer.choices[0].message.content is not None
+        (revived,) = psutil.Process(gateway.process.pid).children(recursive=True)
+        assert revived.pid != child.pid
+    assert not psutil.pid_exists(revived.pid) or revived.status() == psutil.STATUS_ZOMBIE
+
+
+def test_the_model_server_dies_with_a_killed_gateway(tmp_path):
+    """SIGKILL of the gateway runs no shutdown: the kernel's parent-death signal stops the model server
+    anyway, instead of leaving an orphan holding its port and memory."""
+    import os
+    import signal
+
+    import psutil
+
+    gateway = start_gateway(tmp_path, {"local_model": {"enabled": True, "n_ctx": 512, "n_threads": 1}},
+                            timeout=120, name="orphan")
+    try:
+        (child,) = psutil.Process(gateway.process.pid).children(recursive=True)
+        os.kill(gateway.process.pid, signal.SIGKILL)
+        gone, alive = psutil.wait_procs([child], timeout=10)
+        assert child in gone, f"model server {child.pid} outlived its gateway"
+    finally:
+        gateway.stop()
