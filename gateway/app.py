@@ -58,18 +58,24 @@ def gateway_of(request: Request) -> Gateway:
     return request.app.state.gateway
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"Request body is larger than the {limit} bytes this gateway accepts.",
                        code="body_too_large")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"Request body is larger than the {limit} bytes this gateway accepts.",
-                           code="body_too_large")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):  # a body that stalls must not hold its connection forever
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise ApiError(413, f"Request body is larger than the {limit} bytes this gateway accepts.",
+                                   code="body_too_large")
+                chunks.append(chunk)
+    except TimeoutError:
+        # the rest of the body may still come: the connection is closed after the answer, not reused
+        raise ApiError(408, f"The request body did not arrive within {timeout_s:g} s.", code="body_timeout",
+                       headers={"Connection": "close"}) from None
     return b"".join(chunks)
 
 
@@ -168,7 +174,7 @@ async def chat_completions(request: Request) -> Response:
     req = None
     try:
         principal = gw.keys.authenticate(request)
-        body = parse_json_body(await read_body(request, gw.config.max_body_bytes))
+        body = parse_json_body(await read_body(request, gw.config.max_body_bytes, gw.config.body_timeout_s))
         req = parse_chat_request(body, max_n=gw.config.max_n)
         plan = await gw.plan(req, request.headers, principal)
         reservation = await gw.reserve_budget(plan)
@@ -425,7 +431,7 @@ def completion_to_chunks(response: dict[str, Any], *, include_usage: bool) -> li
 async def feedback(request: Request) -> Response:
     gw = gateway_of(request)
     principal = gw.keys.authenticate(request)
-    body = parse_json_body(await read_body(request, 64 * 1024))
+    body = parse_json_body(await read_body(request, 64 * 1024, gw.config.body_timeout_s))
     request_id = body.get("request_id")
     if not isinstance(request_id, str) or not request_id:
         raise ApiError(400, "'request_id' must be the id of a completion.", param="request_id", code="invalid_value")

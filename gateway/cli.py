@@ -46,6 +46,7 @@ def serve(argv: list[str]) -> int:
     import uvicorn
 
     from gateway.app import create_app
+    from gateway.connections import guarded_protocol
     from gateway.config import ConfigError, load_config
     from gateway.service import Gateway
 
@@ -61,7 +62,8 @@ def serve(argv: list[str]) -> int:
         # unless the operator asked for them, whatever the log level.
         for name in LITELLM_LOGGERS:
             logging.getLogger(name).setLevel(max(logging.INFO, logging.getLogger().level))
-    uvicorn.run(create_app(config), host=args.host, port=args.port, loop="uvloop", http="httptools",
+    http = guarded_protocol(config.max_header_bytes, config.header_timeout_s)  # httptools, with limits
+    uvicorn.run(create_app(config), host=args.host, port=args.port, loop="uvloop", http=http,
                 log_level=args.log_level, access_log=False, timeout_graceful_shutdown=config.shutdown_grace_s)
     return 0
 

@@ -65,6 +65,11 @@ class GatewayConfig(BaseModel):
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     api_keys: list[ApiKey] = Field(default_factory=list)
     max_body_bytes: PositiveInt = 4 * 1024 * 1024
+    max_header_bytes: PositiveInt = Field(default=64 * 1024, description="Request line and headers, at most (431).")
+    header_timeout_s: PositiveFloat = Field(
+        default=30.0, description="A request's headers must arrive within this (408): slow clients cannot hold "
+                                  "connections open.")
+    body_timeout_s: PositiveFloat = Field(default=60.0, description="A request's body must arrive within this (408).")
     max_n: PositiveInt = 16
     request_timeout_s: PositiveFloat = 120.0
     shutdown_grace_s: PositiveFloat = Field(

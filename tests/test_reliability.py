@@ -705,6 +705,55 @@ def test_cors_when_configured_lets_a_browser_app_read_ponders_headers(tmp_path):
         assert "access-control-allow-origin" not in other.headers
 
 
+def _exchange(url: str, data: bytes | list[bytes], wait_s: float) -> tuple[bytes, float]:
+    """Send raw bytes (a list: pieces 0.1 s apart), then read until the server closes the connection:
+    (what came back, seconds)."""
+    host, port = url.removeprefix("http://").split(":")
+    started = time.monotonic()
+    with socket.create_connection((host, int(port))) as sock:
+        sock.settimeout(wait_s)
+        for piece in data if isinstance(data, list) else [data] if data else []:
+            try:
+                sock.sendall(piece)
+            except OSError:  # refused and closed before the rest was sent
+                break
+            time.sleep(0.1)
+        received = b""
+        try:
+            while chunk := sock.recv(65536):
+                received += chunk
+        except TimeoutError:
+            pass
+    return received, time.monotonic() - started
+
+
+def test_slow_or_oversized_requests_cannot_hold_the_gateway(tmp_path):
+    """Before any API key is read: headers over max_header_bytes get a 431 (not hundreds of MB held),
+    headers or a body that do not arrive in time a 408, each an OpenAI error, and the connection is
+    closed; ordinary keep-alive traffic on the same gateway is untouched."""
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("m", mock)], "policy": simple_policy(tmp_path, "m"),
+            "max_header_bytes": 8192, "header_timeout_s": 1.0, "body_timeout_s": 1.0}, name="guard")) as gateway:
+        url = gateway.url
+        # a header line that keeps coming (as a 200 MB one does, read after read) is cut off
+        big, _ = _exchange(url, [b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000, b"a" * 20000,
+                                 b"\r\n\r\n"], 5)
+        assert big.startswith(b"HTTP/1.1 431") and b'"code":"headers_too_large"' in big
+        for partial in (b"GET /healthz HTTP/1.1\r\nHost: x\r\n", b""):  # unfinished headers, or none at all
+            slow, seconds = _exchange(url, partial, 5)
+            assert slow.startswith(b"HTTP/1.1 408") and b'"code":"header_timeout"' in slow and seconds < 3
+        body = b'{"model": "auto", "messages": ['
+        stalled, seconds = _exchange(url, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                                          b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n" + body, 5)
+        assert stalled.startswith(b"HTTP/1.1 408") and b'"code":"body_timeout"' in stalled and seconds < 3
+        with httpx.Client(base_url=url) as client:  # one kept-alive connection, several requests
+            for _ in range(3):
+                answer = client.post("/v1/chat/completions", json={"model": "auto", "messages": [
+                    {"role": "user", "content": "hi"}]})
+                assert answer.status_code == 200
+                time.sleep(0.4)
+
+
 @pytest.mark.parametrize("log_prompts", [False, True], ids=["default", "log_prompts"])
 def test_prompts_reach_the_logs_only_when_configured(tmp_path, log_prompts):
     """Even at --log-level debug, with a backend called through litellm (whose debug lines print whole

@@ -1,0 +1,87 @@
+"""The HTTP connection guard: uvicorn's httptools protocol with limits it does not have.
+
+httptools gathers a request's headers for as long and as large as a client sends them: a 200 MB header
+line is held in memory, and a client that never finishes its headers (slowloris) keeps its connection
+forever. Both happen before the app or any API key is seen, so they are refused here: headers still
+unfinished past `max_header_bytes` get a 431 (counted read by read: a header block that arrives whole in
+one read, at most a few hundred KB, passes), headers not complete within `header_timeout_s` of their
+first byte (or of the connection) a 408. A body that stalls is the app's to time out (gateway.app.read_body).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+
+
+def guarded_protocol(max_header_bytes: int, header_timeout_s: float) -> type[HttpToolsProtocol]:
+    """An httptools protocol class (uvicorn's `http=`) enforcing these two limits."""
+
+    class GuardedHttpToolsProtocol(HttpToolsProtocol):
+        _in_headers = True  # the bytes arriving now belong to a request's line and headers
+        _header_bytes = 0
+        _header_timer: asyncio.TimerHandle | None = None
+        _headers_ended = False  # during one data_received: a request's headers were completed in it
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm_header_timer()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm_header_timer()
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            if self._in_headers and self._header_timer is None:
+                self._arm_header_timer()
+            self._headers_ended = False
+            super().data_received(data)
+            # Counted after parsing, and only while a request's headers are still unfinished: the same
+            # read may carry the end of the headers and a body, which is no header. A header line that
+            # never ends is cut off one read (at most a few hundred KB) past the limit.
+            if self._in_headers and not self._headers_ended and not self.transport.is_closing():
+                self._header_bytes += len(data)
+                if self._header_bytes > max_header_bytes:
+                    self._refuse(431, f"Request headers are larger than the {max_header_bytes} bytes this gateway "
+                                      "accepts.", "headers_too_large")
+
+        def on_headers_complete(self) -> None:
+            self._in_headers, self._headers_ended = False, True
+            self._disarm_header_timer()
+            super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            super().on_message_complete()
+            # What comes next on this connection is the next request's headers (keep-alive); its
+            # timer starts with its first byte (uvicorn's keep-alive timeout covers the idle gap).
+            self._in_headers, self._header_bytes = True, 0
+
+        def _arm_header_timer(self) -> None:
+            self._header_timer = self.loop.call_later(header_timeout_s, self._headers_too_slow)
+
+        def _disarm_header_timer(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _headers_too_slow(self) -> None:
+            self._header_timer = None
+            if self._in_headers and not self.transport.is_closing():
+                self._refuse(408, f"Request headers did not arrive within {header_timeout_s:g} s.", "header_timeout")
+
+        def _refuse(self, status: int, message: str, code: str) -> None:
+            """An OpenAI-schema error, then the connection closes: nothing else of it is read."""
+            self._in_headers = False
+            self._disarm_header_timer()
+            body = orjson.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
+                                           "code": code}})
+            head = b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % (
+                status, REASONS[status], len(body))
+            self.transport.write(head + body)
+            self.transport.close()
+
+    return GuardedHttpToolsProtocol
