@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from router.classifier import positive_int  # the same argparse type as `ponder classify --batch-size`
+
 ROUTING_SUITES = ("mmlu-pro", "mmlu-2", "gsm8k-2", "bbh-effort")
 SAMPLING_SUITES = ("sc-math", "sc-cruxeval", "gsm8k-verifier")
 ALL_SUITES = (*ROUTING_SUITES, "learner", *SAMPLING_SUITES)
@@ -179,18 +181,6 @@ def write_summary(out: Path, results: dict[str, dict]) -> None:
     slim = {k: {kk: vv for kk, vv in v.items() if kk not in ("pair", "regret", "random_matched")}
             for k, v in results.items()}
     (out / "summary.json").write_text(json.dumps(slim, indent=1, default=str) + "\n", encoding="utf-8")
-
-
-def positive_int(text: str) -> int:
-    """An argparse type for counts (--limit, --steps, ...): 0 or less used to fail deep in numpy, or to
-    quietly replay a different sample."""
-    try:
-        number = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {number}")
-    return number
 
 
 def parser() -> argparse.ArgumentParser:

@@ -10,6 +10,26 @@ from router.stopping import bucket_sample_value, estimate_sample_value, should_s
 from router.types import Arm, ArmStats
 from router.voting import best_of_n, cluster_answers, extract, leader_posterior, ranked, vote, weighted_vote
 
+
+class ScriptedCaller:
+    """The slice of gateway.calls.Caller the strategies use, answering call k (from 1) with
+    `reply(body, k)`; `calls` keeps every body sent."""
+
+    def __init__(self, reply, reasoning: bool = False) -> None:
+        from policies.backends import BackendSpec
+
+        self.calls: list[dict] = []
+        self._reply = reply
+        self._backend = type("Backend", (), {"spec": BackendSpec(name="m", model="openai/m", reasoning=reasoning)})()
+
+    def backend(self, name: str):
+        return self._backend
+
+    async def complete(self, name: str, body: dict) -> dict:
+        self.calls.append(body)
+        text = self._reply(body, len(self.calls))
+        return {"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]}
+
 # --- vote -------------------------------------------------------------------------------------
 
 
@@ -196,29 +216,16 @@ def test_adaptive_strategy_reads_the_bucket_gate_from_the_stats() -> None:
     import asyncio
 
     from gateway.strategies import StrategyContext, run_arm
-    from policies.backends import BackendSpec
 
-    class FakeBackend:
-        spec = BackendSpec(name="m", model="openai/m", reasoning=True)
-
-    class FakeCaller:
-        def __init__(self) -> None:
-            self.calls: list[dict] = []
-
-        def backend(self, name: str) -> FakeBackend:
-            return FakeBackend()
-
-        async def complete(self, name: str, body: dict) -> dict:
-            self.calls.append(body)
-            answer = "7" if len(self.calls) % 3 else "9"
-            return {"choices": [{"index": 0, "message": {"role": "assistant", "content": f"The answer is {answer}"}}]}
+    def seven_seven_nine(body: dict, call: int) -> str:
+        return f"The answer is {'7' if call % 3 else '9'}"
 
     arm = Arm("m", "adaptive_consistency", None, 8)
     flat = {"m/-/single/1": _stats(340, 1000), "m/-/self_consistency/5": _stats(340, 1000)}
     paying = {"m/-/single/1": _stats(300, 1000), "m/-/self_consistency/5": _stats(400, 1000)}
 
     def run(stats: dict, params: dict | None = None, n: int = 1):
-        caller = FakeCaller()
+        caller = ScriptedCaller(seven_seven_nine, reasoning=True)
         ctx = StrategyContext(task="math", params=params or {}, caller=caller, bucket_stats=stats)  # type: ignore[arg-type]
         body = {"messages": [{"role": "user", "content": "3+4?"}], "n": n}
         return asyncio.run(run_arm(arm, body, ctx)), caller
@@ -242,7 +249,7 @@ def test_adaptive_strategy_reads_the_bucket_gate_from_the_stats() -> None:
     # and its confidence 0.99 needs more agreeing samples than the default 0.8
     strict = Arm("m", "adaptive_consistency", None, 8, params=(("confidence", 0.99), ("wave", 1.0)))
     cascade_arm = Arm("m", "cascade", None, 1, stages=(strict,), params=(("escalate_below", 1.01),))
-    caller = FakeCaller()
+    caller = ScriptedCaller(seven_seven_nine, reasoning=True)
     ctx = StrategyContext(task="math", params={"escalate_below": 1.01}, caller=caller)  # type: ignore[arg-type]
     result = asyncio.run(run_arm(cascade_arm, {"messages": [{"role": "user", "content": "3+4?"}]}, ctx))
     stage = result.details
@@ -340,31 +347,15 @@ def test_best_of_n_returns_the_clients_n_choices_best_first() -> None:
     import asyncio
 
     from gateway.strategies import StrategyContext, run_arm
-    from policies.backends import BackendSpec
 
-    class FakeBackend:
-        spec = BackendSpec(name="m", model="openai/m")
-
-    class FakeCaller:
+    def letters_and_judge(body: dict, call: int) -> str:
         """Samples answer A, B, C, D in order; the judge scores a sample by its letter."""
+        prompt = body["messages"][-1]["content"]
+        if body.get("max_tokens") == 16:  # the judge
+            return f"Score: {next(s for letter, s in (('A', 3), ('B', 9), ('C', 6), ('D', 1)) if f'answer {letter}' in prompt)}"
+        return f"answer {'ABCD'[call - 1]}"
 
-        def __init__(self) -> None:
-            self.calls: list[dict] = []
-
-        def backend(self, name: str) -> FakeBackend:
-            return FakeBackend()
-
-        async def complete(self, name: str, body: dict) -> dict:
-            self.calls.append(body)
-            prompt = body["messages"][-1]["content"]
-            if body.get("max_tokens") == 16:  # the judge
-                score = next(s for letter, s in (("A", 3), ("B", 9), ("C", 6), ("D", 1)) if f"answer {letter}" in prompt)
-                text = f"Score: {score}"
-            else:
-                text = f"answer {'ABCD'[len(self.calls) - 1]}"
-            return {"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]}
-
-    caller = FakeCaller()
+    caller = ScriptedCaller(letters_and_judge)
     ctx = StrategyContext(task="chat", params={}, caller=caller)  # type: ignore[arg-type]
     body = {"messages": [{"role": "user", "content": "pick one"}], "n": 3}
     result = asyncio.run(run_arm(Arm("m", "best_of_n", None, 4), body, ctx))
