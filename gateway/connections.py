@@ -25,7 +25,7 @@ def guarded_protocol(max_header_bytes: int, header_timeout_s: float) -> type[Htt
         _in_headers = True  # the bytes arriving now belong to a request's line and headers
         _header_bytes = 0
         _header_timer: asyncio.TimerHandle | None = None
-        _headers_ended = False  # during one data_received: a request's headers were completed in it
+        _boundary = False  # during one data_received: a request's headers or a whole request ended in it
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -38,19 +38,20 @@ def guarded_protocol(max_header_bytes: int, header_timeout_s: float) -> type[Htt
         def data_received(self, data: bytes) -> None:
             if self._in_headers and self._header_timer is None:
                 self._arm_header_timer()
-            self._headers_ended = False
+            self._boundary = False
             super().data_received(data)
-            # Counted after parsing, and only while a request's headers are still unfinished: the same
-            # read may carry the end of the headers and a body, which is no header. A header line that
-            # never ends is cut off one read (at most a few hundred KB) past the limit.
-            if self._in_headers and not self._headers_ended and not self.transport.is_closing():
+            # Counted after parsing, and only for a read that crossed no boundary (headers ended, or a
+            # request ended): such a read may carry a body, which is no header, and must not count
+            # toward the next request's headers. A header line that never ends is cut off one read (at
+            # most a few hundred KB) past the limit.
+            if self._in_headers and not self._boundary and not self.transport.is_closing():
                 self._header_bytes += len(data)
                 if self._header_bytes > max_header_bytes:
                     self._refuse(431, f"Request headers are larger than the {max_header_bytes} bytes this gateway "
                                       "accepts.", "headers_too_large")
 
         def on_headers_complete(self) -> None:
-            self._in_headers, self._headers_ended = False, True
+            self._in_headers, self._boundary = False, True
             self._disarm_header_timer()
             super().on_headers_complete()
 
@@ -58,7 +59,7 @@ def guarded_protocol(max_header_bytes: int, header_timeout_s: float) -> type[Htt
             super().on_message_complete()
             # What comes next on this connection is the next request's headers (keep-alive); its
             # timer starts with its first byte (uvicorn's keep-alive timeout covers the idle gap).
-            self._in_headers, self._header_bytes = True, 0
+            self._in_headers, self._header_bytes, self._boundary = True, 0, True
 
         def _arm_header_timer(self) -> None:
             self._header_timer = self.loop.call_later(header_timeout_s, self._headers_too_slow)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +19,8 @@ from gateway.backends import REQUEST_ERRORS, UpstreamError
 from gateway.calls import Caller
 from gateway.effort import apply_effort
 from router import cascade, prompts, stopping, voting
-from router.types import Arm, ArmStats
+from router.decide import estimate_prompt_tokens
+from router.types import TASK_TYPES, Arm, ArmStats
 
 # Knobs a strategy reads from the policy's arm parameters, with their defaults.
 DEFAULT_PARAMS: dict[str, Any] = {
@@ -58,6 +60,29 @@ async def run_arm(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> Strat
     if runner is None:
         raise ValueError(f"unknown strategy {arm.strategy!r}")
     return await runner(arm, body, ctx)
+
+
+# -- what a strategy sends (also what the budget holds for it: Gateway.worst_case_usd) -------------
+
+
+def uses_cot(arm: Arm, spec: Any, params: Mapping[str, Any]) -> bool:
+    """Whether this arm's samples carry the reasoning instruction: `cot` always; votes when the
+    backend does not reason on its own (or the arm says so with `cot`)."""
+    if arm.strategy == "cot":
+        return True
+    return arm.strategy in ("self_consistency", "adaptive_consistency") and bool(params.get("cot", not spec.reasoning))
+
+
+def first_stage(arm: Arm) -> Arm:
+    """A cascade's own answer, before any escalation: one call, or a vote of its n samples."""
+    return Arm(arm.backend, "single" if arm.n <= 1 else "self_consistency", arm.effort, max(1, arm.n))
+
+
+@functools.lru_cache(maxsize=64)
+def cot_instruction_tokens(template: str | None = None) -> int:
+    """The most tokens the reasoning instruction adds to a prompt, whatever the task."""
+    return max(estimate_prompt_tokens([{"role": "user", "content": prompts.cot_instruction(task, template)}])
+               for task in TASK_TYPES)
 
 
 # -- request bodies ---------------------------------------------------------------------------------
@@ -155,32 +180,41 @@ def _sample_texts(responses: list[dict[str, Any]]) -> list[str]:
 
 
 def _voted(arm: Arm, responses: list[dict[str, Any]], ctx: StrategyContext, details: dict[str, Any],
-           client_n: int) -> StrategyResult:
+           client_n: int, failed: int = 0) -> StrategyResult:
+    """The vote over the samples that came back; the `failed` ones vote as invalid, so the vote's
+    confidence (the learner's signal, a cascade's reason to escalate) counts them as doubt."""
     if not responses:
         raise _every_sample_failed(arm.backend, ctx)
     texts = _sample_texts(responses)
-    result = voting.vote(texts, ctx.task)
+    result = voting.vote([*texts, *[None] * failed], ctx.task)
     order = voting.ranked(texts, ctx.task, result) if client_n > 1 else [result.winner]
     response = _pick_choices(responses, order[:client_n])
     details.update(samples=len(texts), votes=result.counts, agreement=result.agreement, method=result.method,
                    answer=result.answer)
+    if failed:
+        details["failed_samples"] = failed
     return StrategyResult(response, arm, result.confidence, "vote", details)
 
 
 async def _self_consistency(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> StrategyResult:
     backend = ctx.caller.backend(arm.backend)
-    cot = ctx.params.get("cot", not backend.spec.reasoning)
+    cot = uses_cot(arm, backend.spec, ctx.params)
     client_n = int(body.get("n") or 1)
     # a client asking for more choices than the arm's samples gets them: n is drawn (and budgeted)
     count = max(arm.n, client_n)
     responses = await _gather_samples(arm, body, ctx, count=count, cot=cot)
-    return _voted(arm, responses, ctx, {"max_n": count}, client_n)
+    drawn = count
+    if 0 < len(responses) < client_n:  # failures left fewer answers than choices asked: one more round
+        missing = client_n - len(responses)
+        responses += await _gather_samples(arm, body, ctx, count=missing, first=count, cot=cot)
+        drawn += missing
+    return _voted(arm, responses, ctx, {"max_n": count}, client_n, failed=drawn - len(responses))
 
 
 async def _adaptive_consistency(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> StrategyResult:
     """Sample in waves until router.stopping says the vote is settled (or max n is reached)."""
     backend = ctx.caller.backend(arm.backend)
-    cot = ctx.params.get("cot", not backend.spec.reasoning)
+    cot = uses_cot(arm, backend.spec, ctx.params)
     rule = {"rule": "beta", "confidence": float(ctx.param("confidence")), "task": ctx.task,
             "min_gain": float(ctx.param("min_gain"))}
     # the bucket's value of a vote over one sample gates voting off where it does not pay: a value
@@ -215,7 +249,7 @@ async def _adaptive_consistency(arm: Arm, body: dict[str, Any], ctx: StrategyCon
     details = {"max_n": max_n, "drawn": len(answers), "stop_reason": verdict.reason}
     if value is not None:
         details.update(sample_value=round(value, 4), sample_value_source=source)
-    return _voted(arm, responses, ctx, details, client_n)
+    return _voted(arm, responses, ctx, details, client_n, failed=len(answers) - len(_sample_texts(responses)))
 
 
 async def _best_of_n(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> StrategyResult:
@@ -247,10 +281,11 @@ async def _best_of_n(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> St
 
 async def _cascade(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> StrategyResult:
     """Answer with the cheap first stage; escalate stage by stage while confidence stays low."""
-    first = Arm(arm.backend, "single" if arm.n <= 1 else "self_consistency", arm.effort, max(1, arm.n))
+    first = first_stage(arm)
     stages = [first, *arm.stages]
     tried: list[dict[str, Any]] = []
     result: StrategyResult | None = None
+    samples = 0
     for stage in stages:
         # each stage samples with its own arm's knobs; the first is this arm's own answer
         stage_ctx = ctx if stage is first else dataclasses.replace(ctx, params=dict(stage.params))
@@ -259,15 +294,22 @@ async def _cascade(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> Stra
         except UpstreamError as exc:
             tried.append({"arm": stage.key, "error": exc.message})
             continue
-        escalate = stage is not stages[-1] and cascade.should_escalate(
-            result.confidence, float(ctx.param("escalate_below")))
-        tried.append({"arm": stage.key, "confidence": result.confidence, "escalated": escalate})
+        samples += int(result.details.get("samples", 1))
+        # The answer's own doubt counts next to the vote's (or verifier's) confidence: a unanimous
+        # "I'm not sure, maybe 7" is not a sure answer (router.cascade: the lowest signal decides).
+        text = _texts(result.response)[0] if result.response.get("choices") else ""
+        confidence = min((c for c in (result.confidence, cascade.stated_confidence(text)) if c is not None),
+                         default=None)
+        escalate = stage is not stages[-1] and cascade.should_escalate(confidence, float(ctx.param("escalate_below")))
+        tried.append({"arm": stage.key, "confidence": confidence, "escalated": escalate,
+                      "samples": result.details.get("samples", 1),
+                      **({"votes": result.details["votes"]} if "votes" in result.details else {})})
         if not escalate:
             break
     if result is None:
         raise UpstreamError(arm.backend, 502, f"{arm.backend}: every cascade stage failed (the last: "
                                               f"{tried[-1]['error']})", retryable=True)
-    result.details = {**result.details, "stages": tried}
+    result.details = {**result.details, "stages": tried, "samples": samples}
     result.arm = arm
     return result
 

@@ -282,7 +282,8 @@ REQUEST_FIELDS = ("request_id", "ts", "key_id", "alias", "policy", "task", "diff
 def request_row(event: Mapping[str, Any]) -> dict[str, Any]:
     row = {name: event.get(name) for name in REQUEST_FIELDS}
     details = event.get("details") or {}
-    row["samples"] = details.get("samples", len(event.get("calls") or []) or 1)
+    # answers drawn, not calls: a retried failure or a call the client's leaving cut off is no sample
+    row["samples"] = details.get("samples", sum(1 for call in event.get("calls") or () if call.get("ok", True)))
     return row
 
 

@@ -361,3 +361,78 @@ def test_best_of_n_returns_the_clients_n_choices_best_first() -> None:
     result = asyncio.run(run_arm(Arm("m", "best_of_n", None, 4), body, ctx))
     assert [c["message"]["content"] for c in result.response["choices"]] == ["answer B", "answer C", "answer A"]
     assert [c["index"] for c in result.response["choices"]] == [0, 1, 2] and result.details["samples"] == 4
+
+
+def _run(arm: Arm, reply, n: int = 1, task: str = "math", params: dict | None = None):
+    import asyncio
+
+    from gateway.strategies import StrategyContext, run_arm
+
+    caller = ScriptedCaller(reply)
+    ctx = StrategyContext(task=task, params=params or {}, caller=caller)  # type: ignore[arg-type]
+    return asyncio.run(run_arm(arm, {"messages": [{"role": "user", "content": "3+4?"}], "n": n}, ctx)), caller
+
+
+def _failing_at(calls: set[int], text: str = "The answer is 7"):
+    from gateway.backends import UpstreamError
+
+    def reply(body: dict, call: int) -> str:
+        if call in calls:
+            raise UpstreamError("m", 500, "m: upstream 500", retryable=True)
+        return text
+
+    return reply
+
+
+def test_a_cascade_escalates_on_stated_doubt_and_on_failed_samples() -> None:
+    """A unanimous vote of "I'm not sure" answers, or one answer out of four samples (three failed),
+    is no reason for confidence: the cascade escalates, and counts every stage's samples."""
+    strong = Arm("m", "single")
+    unsure, caller = _run(Arm("m", "cascade", None, 3, stages=(strong,), params=(("escalate_below", 0.9),)),
+                          lambda body, call: "I'm not sure, but the answer is 7", params={"escalate_below": 0.9})
+    assert unsure.details["stages"][0]["escalated"] and unsure.details["samples"] == 4 and len(caller.calls) == 4
+    assert unsure.details["stages"][0]["votes"] == {"7": 3}
+    thin, caller = _run(Arm("m", "cascade", None, 4, stages=(strong,), params=(("escalate_below", 0.6),)),
+                        _failing_at({2, 3, 4}), params={"escalate_below": 0.6})
+    assert thin.details["stages"][0]["escalated"] and thin.details["stages"][0]["confidence"] < 0.6
+    # the same four samples all answering: confident, no escalation
+    sure, _ = _run(Arm("m", "cascade", None, 4, stages=(strong,), params=(("escalate_below", 0.6),)),
+                   _failing_at(set()), params={"escalate_below": 0.6})
+    assert not sure.details["stages"][0]["escalated"] and sure.details["samples"] == 4
+
+
+def test_failed_samples_are_replaced_for_the_clients_choices_and_count_as_doubt() -> None:
+    voted, caller = _run(Arm("m", "self_consistency", None, 3), _failing_at({1, 2}), n=3)
+    assert len(voted.response["choices"]) == 3 and len(caller.calls) == 5  # 3 drawn, 2 failed, 2 more
+    alone, _ = _run(Arm("m", "self_consistency", None, 4), _failing_at({1, 2, 3}))
+    full, _ = _run(Arm("m", "self_consistency", None, 4), _failing_at(set()))
+    assert alone.details["failed_samples"] == 3 and alone.confidence < full.confidence / 2
+
+
+def test_the_budget_hold_covers_what_the_gateway_adds_to_each_prompt() -> None:
+    """The worst case held against a key counts the reasoning instruction each voted sample carries
+    and the judge's rubric, question and answer: else one request spends several times its hold."""
+    from gateway.backends import Backend
+    from gateway.config import GatewayConfig
+    from gateway.prices import call_cost
+    from gateway.schemas import parse_chat_request
+    from gateway.service import JUDGE_OUTPUT_TOKENS, Gateway
+    from gateway.strategies import StrategyContext, _sample_body
+    from policies.backends import BackendSpec
+    from router import prompts
+    from router.decide import estimate_prompt_tokens
+
+    spec = BackendSpec(name="m", model="openai/m", prices={"input_per_mtok": 1000, "output_per_mtok": 2000})
+    gw = Gateway(GatewayConfig(local_model={"enabled": False}))
+    gw.backends = {"m": Backend(spec, None)}  # type: ignore[arg-type]
+    messages = [{"role": "user", "content": "What is 3 + 4 ?"}]
+    req = parse_chat_request({"model": "m", "messages": messages, "max_tokens": 2}, max_n=16)
+    vote = Arm("m", "self_consistency", None, 3)
+    ctx = StrategyContext(task="math", params={}, caller=ScriptedCaller(lambda b, c: "", reasoning=False))  # type: ignore[arg-type]
+    sent = _sample_body(vote, req.body, ctx, cot=True)["messages"]
+    per_sample = call_cost(gw.backends["m"].prices, estimate_prompt_tokens(sent), 2)
+    assert gw.worst_case_usd(vote, req) >= 3 * per_sample > 3 * call_cost(gw.backends["m"].prices, 7, 2)
+    judged = prompts.judge_messages(prompts.last_user_text(messages), "x" * 8)  # an answer of 2 tokens
+    judge_cost = call_cost(gw.backends["m"].prices, estimate_prompt_tokens(judged), JUDGE_OUTPUT_TOKENS)
+    best = Arm("m", "best_of_n", None, 3, verifier="m")
+    assert gw.worst_case_usd(best, req) >= 3 * (call_cost(gw.backends["m"].prices, 7, 2) + judge_cost)
