@@ -3,8 +3,10 @@
 A vote is only as good as its notion of "the same answer". Each task maps to an answer *format*:
 
 - ``math``: the last ``\\boxed{...}``, else an answer marker ("The answer is", "Final answer:",
-  "#### ", "A: "), else the last number; normalised LaTeX; equivalence by ``math_verify``
-  (so ``\\frac{1}{2}``, ``0.5`` and ``\\dfrac12`` are one answer), with string equality as fallback.
+  "#### ", "A: "), else the last math expression whole (a fraction, root, decimal: never a digit
+  cut out of LaTeX); markdown emphasis around a marker or answer dropped; normalised LaTeX;
+  equivalence by ``math_verify`` (so ``\\frac{1}{2}``, ``0.5`` and ``\\dfrac12`` are one answer),
+  with string equality as fallback.
 - ``multiple_choice``: a letter A-J.
 - ``number``: a plain number, compared with a small relative tolerance.
 - ``python``: a Python expression (e.g. a predicted call ``f('x')`` or value), compared by its AST
@@ -61,12 +63,30 @@ def comparable(task: str) -> bool:
 # Extraction
 # ---------------------------------------------------------------------------------------------
 
+# "Final answer:", "The final answer is"; markdown emphasis may close the marker ("**Final Answer**:")
+_FINAL = r"final\s+answer[*_]*\s*(?:is\b|[:：])"  # a full-width colon too
 _MARKER = re.compile(
-    r"(?:final\s+answer\s*(?:is|:)|the\s+(?:correct\s+)?answer\s+is|answer\s*:|^\s*####|^\s*A\s*:)"
-    r"\s*:?\s*(.+)",
+    rf"(?:{_FINAL}|the\s+(?:correct\s+)?answer[*_]*\s+is|answer[*_]*\s*:|^\s*####|^\s*A\s*:)"
+    r"[*_]*\s*:?[*_]*\s*(.+)",
     re.IGNORECASE | re.MULTILINE,
 )
+# Only the CoT prompt's own marker, also as a heading line ("### Final Answer", "**Final Answer**"):
+# a heading is a marker only on a line of its own, so "Final answer check: ..." is none.
+_FINAL_MARKER = re.compile(
+    rf"(?:{_FINAL}|^[#*_\s]*final\s+answer[*_\s]*$)[*_]*\s*:?[*_]*\s*(.+)",
+    re.IGNORECASE | re.MULTILINE,
+)
+# The Minerva/lm-eval sign-off after an answer ("$5$. I hope it is correct."): never part of it
+_CLOSING_REMARK = re.compile(r"\.?\s*\b(?:I\s+)?hope\s+(?:it|this|that)\s+is\s+correct\s*[.!]?\s*$", re.IGNORECASE)
 _NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+)?|[-+]?\.\d+")
+# A whole math expression for the math fallback: a LaTeX fraction or root (with an optional
+# coefficient, "12\frac{3}{5}", "2\sqrt{3}"), a plain fraction, a decimal. Digits inside LaTeX are
+# never taken alone, and a minus right after a number, letter or bracket is a subtraction, not a sign.
+_BRACED = r"\{(?:[^{}]|\{[^{}]*\})*\}"  # one level of nesting: \frac{\sqrt{2}}{2}
+_LATEX_TERM = rf"\\[dt]?frac\s*(?:{_BRACED}\s*{_BRACED}|\d\s*\d)|\\sqrt\s*(?:\[[^\]]*\])?\s*(?:{_BRACED}|\d+)"
+_PLAIN_NUMBER = r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+)?|\.\d+"
+_SIGN = r"(?:(?<![\w)}\]])[-+])?"
+_MATH_EXPRESSION = re.compile(rf"{_SIGN}(?:(?:\d+(?:\.\d+)?)?(?:{_LATEX_TERM})|{_PLAIN_NUMBER})")
 # A letter on its own ("C", "(C)", "C.", "C) text"); after an answer marker also "C because ..."
 # (but not "I think ...": the pronoun is not option I)
 _LETTER = re.compile(r"^\(?([A-J])\)?(?:[.:),]|$)|^\(([A-J])\)")
@@ -94,18 +114,33 @@ def _last_boxed(text: str) -> str | None:
     return None
 
 
-def _marked_span(text: str) -> str | None:
-    """Rest of the line after the last answer marker ("The answer is", "Final answer:", ...)."""
-    matches = list(_MARKER.finditer(text))
-    if not matches:
-        return None
-    span = matches[-1].group(1).strip()
-    # "Final Answer: The final answer is $5$. I hope it is correct." -> "$5$"
+def last_marker(text: str, *, final_only: bool = False) -> re.Match[str] | None:
+    """The last answer marker followed by an answer (group 1 starts it); ``final_only``: only the
+    CoT prompt's "Final answer" marker, in any of its forms, heading included."""
+    matches = list((_FINAL_MARKER if final_only else _MARKER).finditer(text))
+    return matches[-1] if matches else None
+
+
+def answer_line(span: str) -> str:
+    """The answer in the line after a marker: a nested marker unwrapped, the closing remark dropped.
+
+    "The final answer is $5$. I hope it is correct." -> "$5$"
+    """
+    span = span.strip()
     for _ in range(3):
         inner = _MARKER.search(span)
         if not inner:
             break
         span = inner.group(1).strip()
+    return _CLOSING_REMARK.sub("", span).strip()
+
+
+def _marked_span(text: str) -> str | None:
+    """The answer after the last answer marker ("The answer is", "Final answer:", ...)."""
+    marker = last_marker(text)
+    if marker is None:
+        return None
+    span = answer_line(marker.group(1))
     math = re.search(r"\$+([^$]+)\$+", span)
     if math:
         return math.group(1).strip() or None
@@ -113,8 +148,12 @@ def _marked_span(text: str) -> str | None:
     return span.strip() or None
 
 
+# Markdown emphasis at the edges ("**7", "7**."); a "^*" (conjugate, optimum) is LaTeX, not emphasis
+_EMPHASIS_EDGES = re.compile(r"^[*_]+\s*|\s*(?<![\^*_])[*_]+(?=\.?$)")
+
+
 def _strip_wrappers(s: str) -> str:
-    s = s.strip()
+    s = _EMPHASIS_EDGES.sub("", s.strip())
     for left, right in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"), ("**", "**")):
         if s.startswith(left) and s.endswith(right) and len(s) >= len(left) + len(right):
             s = s[len(left) : len(s) - len(right)].strip()
@@ -153,8 +192,8 @@ def _extract_math(text: str) -> str | None:
         if span is not None:
             span = _last_boxed(span) or span
     if span is None:
-        numbers = _NUMBER.findall(text)
-        span = numbers[-1] if numbers else None
+        expressions = _MATH_EXPRESSION.findall(text)
+        span = expressions[-1] if expressions else None
     if span is None:
         return None
     normalized = normalize_math(span)

@@ -14,7 +14,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from router.answers import answer_format
+from router.answers import answer_format, answer_line, last_marker
 
 FINAL_ANSWER_MARKER = "Final answer:"
 
@@ -60,28 +60,32 @@ def with_cot_instruction(messages: Sequence[dict[str, Any]], task: str, template
     return out
 
 
-_FINAL = re.compile(r"(?:\*\*)?final\s+answer(?:\*\*)?\s*(?:is)?\s*[:：]?(?:\*\*)?\s*", re.IGNORECASE)
-
-
 def final_answer(text: str | None, task: str) -> str:
     """The clean reply to hand the client from a CoT output.
 
-    Everything after the last "Final answer:" marker (stripped of markdown bold and a math
-    ``\\boxed{}`` wrapper); without a marker, the whole text, so the client never loses an answer.
+    The answer after the last "Final answer" marker that is followed by one (the markers of
+    ``router.answers``, so "Final answer check: ..." is none), stripped of markdown bold and a math
+    ``\\boxed{}`` wrapper. For an open task (writing, chat, code) that is everything after the
+    marker; for a task with a comparable answer, its first paragraph without a closing "I hope it is
+    correct.". Without a marker, the whole text, so the client never loses an answer.
     """
     if not text:
         return ""
-    matches = list(_FINAL.finditer(text))
-    if not matches:
+    marker = last_marker(text, final_only=True)
+    if marker is None:
         return text.strip()
-    tail = text[matches[-1].end() :].strip().strip("*").strip()
-    if not tail:
+    reply = text[marker.start(1) :]
+    if answer_format(task) != "open":
+        # later paragraphs are checks and sign-offs, not the answer
+        reply = answer_line(re.split(r"\n\s*\n", reply, maxsplit=1)[0])
+    reply = reply.strip().strip("*").strip()
+    if not reply:
         return text.strip()
     if answer_format(task) == "math":
-        boxed = re.fullmatch(r"\$*\\boxed\{(.*)\}\$*\.?", tail, re.DOTALL)
+        boxed = re.fullmatch(r"\$*\s*\\boxed\{(.*)\}\s*\$*\.?", reply, re.DOTALL)
         if boxed:
-            tail = boxed.group(1).strip()
-    return tail
+            reply = boxed.group(1).strip()
+    return reply
 
 
 DEFAULT_JUDGE_RUBRIC = """You are grading one candidate answer to a user's request.
@@ -92,8 +96,9 @@ Judge it on:
 4. Clarity: is it clear and free of irrelevant content?
 Correctness matters most: a wrong final answer scores at most 3.
 
-Reply with a short justification, then a last line exactly of the form:
-Score: <integer from 1 to 10>"""
+Reply with the score first, on a first line exactly of the form:
+Score: <integer from 1 to 10>
+then, optionally, one short sentence giving the reason."""
 
 JUDGE_SCALE = (1.0, 10.0)
 
@@ -130,12 +135,16 @@ _SCORE = re.compile(
 def parse_judge_score(text: str | None, scale: tuple[float, float] = JUDGE_SCALE) -> float | None:
     """The judge's score normalised to [0, 1] (1 -> 0.0, 10 -> 1.0), or None if there is none.
 
-    Takes the last "Score: N" (or "N/10") so a judge quoting the rubric first does not count.
+    The rubric asks for the score first (the gateway reads only a few tokens of the reply), so a reply
+    whose first line starts with "Score: N" is read there and a reason after it cannot override it.
+    Otherwise the last "Score: N" (or "N/10") counts, so a judge quoting the rubric first does not.
     Out-of-range scores are clamped; a "N/M" score is read on its own scale M.
     """
     if not text:
         return None
-    matches = list(_SCORE.finditer(text))
+    first_line = text.strip().split("\n", 1)[0]
+    leading = _SCORE.match(first_line.lstrip("*_# "))
+    matches = [leading] if leading else list(_SCORE.finditer(text))
     if not matches:
         return None
     match = matches[-1]

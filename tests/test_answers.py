@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from router.answers import answer_format, answers_equivalent, comparable, extract_answer
+from router.answers import answer_format, answers_equivalent, comparable, extract_answer, normalize_math
 from router.prompts import (
     with_cot_instruction,
     cot_instruction,
@@ -58,6 +58,48 @@ def test_math_marker_and_last_number_fallbacks() -> None:
     assert extract_answer("we add 2 and 3 and get 5", "math") == "5"
     assert extract_answer("no numbers at all", "math") is None
     assert extract_answer("", "math") is None
+
+
+@pytest.mark.parametrize(
+    ("text", "answer"),
+    [
+        ("$\\frac{1}{3}$", "\\frac{1}{3}"),
+        ("The value is \\dfrac{15}{2}", "\\frac{15}{2}"),
+        ("it is $\\sqrt{2}$", "\\sqrt{2}"),
+        ("so we get \\frac{\\sqrt{2}}{2}", "\\frac{\\sqrt{2}}{2}"),
+        ("the ratio is 3/4", "3/4"),
+        ("the mean is 7.5", "7.5"),
+        ("it drops to -3", "-3"),
+        ("then 5-3 leaves 2 and 9-4", "4"),  # a minus between numbers is subtraction, not a sign
+        ("x is -\\frac{1}{2}", "-\\frac{1}{2}"),
+    ],
+)
+def test_math_fallback_takes_the_last_expression_whole(text: str, answer: str) -> None:
+    # no \\boxed and no marker: the last math expression, not a number cut out of its LaTeX
+    assert extract_answer(text, "math") == answer
+
+
+@pytest.mark.parametrize(
+    ("text", "fmt", "answer"),
+    [
+        ("**Final Answer:** 7", "math", "7"),
+        ("**Answer: 7**", "math", "7"),
+        ("**Final Answer**: 7", "math", "7"),
+        ("__Answer:__ 7.", "math", "7"),
+        ("*The answer is* 7", "math", "7"),
+        ("**Answer: B**", "multiple_choice", "B"),
+        ("**Final Answer:** Paris", "knowledge", "paris"),
+        ("**Answer: 42**", "number", "42"),
+    ],
+)
+def test_markdown_emphasis_is_not_part_of_the_answer(text: str, fmt: str, answer: str) -> None:
+    assert extract_answer(text, fmt) == answer
+
+
+def test_markdown_emphasis_does_not_split_equivalence() -> None:
+    assert answers_equivalent("**7", "7", "math")
+    assert answers_equivalent("7**", "7", "math")
+    assert normalize_math("z^*") == "z^*"  # a starred exponent is not emphasis
 
 
 def test_math_verify_runs_outside_the_main_thread() -> None:
@@ -175,6 +217,32 @@ def test_final_answer_extraction() -> None:
     assert final_answer("No marker here, just the reply.", "chat") == "No marker here, just the reply."
     assert final_answer("Dangling marker. Final answer:", "chat") == "Dangling marker. Final answer:"
     assert final_answer(None, "chat") == ""
+
+
+def test_final_answer_uses_the_answer_markers_of_answers_py() -> None:
+    # the Minerva/lm-eval phrasing: the closing remark is not part of the answer
+    assert final_answer("The final answer is $7$. I hope it is correct.", "math") == "$7$"
+    assert final_answer("Final Answer: The final answer is $5$. I hope it is correct.", "math") == "$5$"
+    # "Final answer check" is no marker: the last marker followed by an answer wins
+    assert final_answer("Final answer: 7\n\nFinal answer check: verified", "math") == "7"
+    assert final_answer("Final answer: 7\n\nFinal answer:", "math") == "7"
+    assert final_answer("Final answer:\n$$\n\\boxed{5}\n$$", "math") == "5"  # a display block is one answer
+    assert final_answer("**Final Answer**: 12", "number") == "12"
+    assert final_answer("### Final Answer\n$\\boxed{9}$", "math") == "9"
+    # an open reply is everything after the marker, its own closing words included
+    assert final_answer("Plan.\nFinal answer:\nDear Anna,\nI hope this helps.", "writing") == "Dear Anna,\nI hope this helps."
+
+
+def test_judge_is_asked_for_the_score_first() -> None:
+    # the gateway gives the judge 16 output tokens: a score after a justification would be cut off
+    lines = judge_messages("q", "a")[0]["content"].splitlines()
+    score_line = next(i for i, line in enumerate(lines) if line.startswith("Score:"))
+    assert "first" in lines[score_line - 1] and score_line < len(lines) - 1  # a reason may follow it
+    assert parse_judge_score("Score: 8\nCorrect, but the second step could say Score: 2 is wrong") == pytest.approx(7 / 9)
+    assert parse_judge_score("**Score: 9/10**\nClear.") == pytest.approx(8 / 9)
+    assert parse_judge_score("Score: 6") == pytest.approx(5 / 9)  # cut off after the score: still read
+    # a reply that does not start with a score: the last one, so a quoted rubric does not count
+    assert parse_judge_score("The rubric asks for Score: 1 to 10.\nScore: 7") == pytest.approx(6 / 9)
 
 
 def test_judge_prompt_and_score_parsing() -> None:

@@ -44,6 +44,19 @@ def test_majority_groups_equivalent_math_answers() -> None:
     assert 0.0 < result.confidence < 1.0
 
 
+def test_bare_fractions_vote_whole_and_equal_their_decimals() -> None:
+    # no \\boxed, no marker: the fallback took the denominator of \\frac{15}{2} ("2") and 2 won 4 to 1
+    texts = ["The value is 2", "The value is \\frac{15}{2}", "The value is \\frac{15}{2}", "The value is 7.5", "The value is 2"]
+    result = vote(texts, "math")
+    assert result.counts == {"2": 2, "\\frac{15}{2}": 3}
+    assert result.winner == 1 and result.answer == "\\frac{15}{2}"
+
+
+def test_markdown_bold_markers_do_not_split_the_vote() -> None:
+    texts = ["**Final Answer:** 7", "**Answer: 7**", "Final answer: 7", "**Final Answer:** 8"]
+    assert vote(texts, "math").counts == {"7": 3, "8": 1}
+
+
 def test_ties_go_to_the_earliest_answer_and_its_first_sample() -> None:
     texts = ["\\boxed{7}", "\\boxed{5}", "\\boxed{5}", "\\boxed{7}"]
     assert vote(texts, "math").winner == 0
