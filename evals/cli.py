@@ -12,7 +12,6 @@ leak-free classifiers (a few minutes each on two cores); their scores are cached
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -161,6 +160,8 @@ def sampling_headline(name: str, result: dict) -> list[str]:
 
 
 def write_summary(out: Path, results: dict[str, dict]) -> None:
+    from evals.report import json_text
+
     lines = ["# Ponder eval summary", "", "| suite | target | measured | also |", "|---|---|---|---|"]
     for name, result in results.items():
         if name in ROUTING_SUITES:
@@ -180,7 +181,7 @@ def write_summary(out: Path, results: dict[str, dict]) -> None:
     (out / "summary.md").write_text("\n".join(lines), encoding="utf-8")
     slim = {k: {kk: vv for kk, vv in v.items() if kk not in ("pair", "regret", "random_matched")}
             for k, v in results.items()}
-    (out / "summary.json").write_text(json.dumps(slim, indent=1, default=str) + "\n", encoding="utf-8")
+    (out / "summary.json").write_text(json_text(slim), encoding="utf-8")
 
 
 def parser() -> argparse.ArgumentParser:

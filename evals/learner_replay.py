@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from evals.classification import Scores
-from evals.report import plot_regret
+from evals.report import json_text, plot_regret
 from evals.routing import ARRIVAL_SEED, build_policy, classify_rows, regret_curve, run_cold
 from evals.tables import OutcomeTable
 
@@ -79,9 +79,7 @@ def learner_replay(streams: dict[str, tuple[OutcomeTable, Scores]], out_dir: str
             stream["sweep_mean"], stream["sweep_min"] = float(np.mean(ratios)), float(np.min(ratios))
             stream["meets_bar"] = stream["sweep_mean"] >= BAR
     if out is not None:
-        import json
-
-        (out / "report.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+        (out / "report.json").write_text(json_text(results), encoding="utf-8")
         (out / "report.md").write_text(render_markdown(results), encoding="utf-8")
     return results
 

@@ -11,7 +11,9 @@ Plots (matplotlib, Agg backend, small files so docs/img can hold them):
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 import matplotlib.ticker
@@ -227,6 +229,21 @@ def render_markdown(result: dict, plots: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+def json_text(data: Any, indent: int = 1) -> str:
+    """Strict JSON for a report: a NaN or an infinity (a metric with nothing to average) is null, which
+    every JSON reader takes (the dashboard's, browsers'), unlike Python's bare NaN."""
+    def clean(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return value
+
+    return json.dumps(clean(data), indent=indent, allow_nan=False, default=str) + "\n"
+
+
 def write_report(result: dict, out_dir: str | Path) -> dict[str, str]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -238,6 +255,6 @@ def write_report(result: dict, out_dir: str | Path) -> dict[str, str]:
         if maker(out / f"{name}.png") is not None:
             plots[name] = f"{name}.png"
     result = {**result, "plots": plots}
-    (out / "report.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    (out / "report.json").write_text(json_text(result), encoding="utf-8")
     (out / "report.md").write_text(render_markdown(result, plots), encoding="utf-8")
     return plots

@@ -387,7 +387,7 @@ def group_hindsight(table: OutcomeTable, lambdas: Sequence[float], unit: float) 
             pick[inside] = int(np.argmax(scores[inside].mean(axis=0) - k / unit * cost[inside].mean(axis=0)))
         points.append({"k": k, "lambda": k / unit, "accuracy": float(scores[rows, pick].mean()),
                        "cost_usd": float(cost[rows, pick].mean()),
-                       "output_tokens": float(table.output_tokens[rows, pick].mean())})
+                       "output_tokens": float(np.nan_to_num(table.output_tokens[rows, pick]).mean())})
     return points
 
 

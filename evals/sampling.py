@@ -472,9 +472,11 @@ def run_suite(name: str, out_dir: Path | None = None, *, orders: int = DEFAULT_O
     report = {"suite": name, **RUNNERS[name](orders, seed)}
     report["seconds"] = round(time.perf_counter() - started, 2)
     if out_dir is not None:
+        from evals.report import json_text  # matplotlib comes with it: only when writing
+
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        (out_dir / "report.json").write_text(json_text(report, indent=2))
         (out_dir / "report.md").write_text(render_markdown(report))
     return report
 

@@ -409,3 +409,21 @@ def test_group_buckets_go_through_the_client_task_label():
     run = replay(table, rows, policy, np.arange(40), None, None)
     expected = [row.bucket for row in rows]
     assert run.buckets == expected and {b.split(":")[0] for b in expected} == {"easy", "hard-ones"}
+
+
+def test_reports_are_strict_json_even_where_a_metric_has_nothing_to_average(tmp_path):
+    """An arm missing on a whole group leaves some averages empty: the report says null there (it wrote a
+    bare NaN, which JSON readers, the dashboard's included, refuse)."""
+    from evals.cli import cli
+
+    rows = [{"id": str(i), "prompt": "q" * (i + 1), "group": "g1" if i % 2 else "g2",
+             "outcomes": {"a": i % 3 == 0, **({"b": 1} if i % 2 else {})}} for i in range(40)]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert cli(["--table", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "out"), "--no-classifier",
+                "--steps", "3"]) == 0
+
+    def refuse(constant: str):
+        raise AssertionError(f"{constant} in report.json")
+
+    report = json.loads((tmp_path / "out" / "report.json").read_text(), parse_constant=refuse)
+    assert report["table"]["prompts"] == 40
