@@ -85,11 +85,17 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:2] == ["policy", "check"]:
-        return _delegate("policies.loader", "check_cli", argv[2:])
+    if argv[:1] == ["policy"]:
+        # `policy check` is the one policy command: `ponder policy --help` shows its help
+        rest = argv[2:] if argv[1:2] == ["check"] else argv[1:] if argv[1:2] in (["-h"], ["--help"]) else None
+        if rest is not None:
+            return _delegate("policies.loader", "check_cli", rest)
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__)  # asked for: to stdout, so `ponder --help | less` shows it
+        return 0
     if not argv or argv[0] not in COMMANDS:
         print(__doc__, file=sys.stderr)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+        return 2
     return COMMANDS[argv[0]](argv[1:])
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import time
 import uuid
@@ -117,6 +118,10 @@ class Gateway:
             json_serialize=None, auto_decompress=True,
         )
         self.backends = {spec.name: Backend(spec, self.session) for spec in specs}
+        for spec in specs:  # said once at startup, not discovered as a 401 on the first request
+            if spec.api_key_env and not os.environ.get(spec.api_key_env):
+                log.warning("backend %s: $%s is not set; its calls will be refused upstream until it is",
+                            spec.name, spec.api_key_env)
         self.classifier = Classifier.load(self.config.classifier)
         self.policies = PolicySet(self.config.policy, self.config.extra_policies, specs)
         # Backends a policy declares inline serve too; the gateway config's win by name.

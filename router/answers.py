@@ -25,6 +25,7 @@ are disabled, so it is guarded by a size/shape check instead: see ``_math_verify
 from __future__ import annotations
 
 import ast
+import logging
 import re
 from fractions import Fraction
 from functools import lru_cache
@@ -42,7 +43,9 @@ _ALIASES = {"mc": "multiple_choice", "code_output": "python", "expression": "pyt
 
 # Text longer than this without an answer marker is not a "short answer": we refuse to guess one.
 _SHORT_ANSWER_WORDS = 12
-# math_verify (sympy) has no timeout here, so only hand it answers that cannot explode.
+# math_verify (sympy) has no timeout here, so only hand it answers that cannot explode. It says so
+# in a WARNING on first use ("Timeout is disabled ..."): known and intended, not for operators' logs.
+logging.getLogger("math_verify").setLevel(logging.ERROR)
 _MATH_VERIFY_MAX_CHARS = 120
 
 

@@ -251,6 +251,15 @@ def test_a_cost_cap_no_arm_fits_is_a_400_not_a_retry_later(client, mock, model):
     assert "retry-after" not in refused.value.response.headers and calls(mock)["count"] == 0
 
 
+def test_a_backend_key_missing_from_the_environment_is_said_at_startup(tmp_path):
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("m", mock, api_key_env="PONDER_TEST_UNSET_KEY")],
+            "policy": write_policy(tmp_path, {"name": "k", "arms": {"one": {"backend": "m"}},
+                                              "routes": [{"name": "all", "candidates": ["one"]}]})},
+                                                 name="nokey")) as gateway:
+        assert "backend m: $PONDER_TEST_UNSET_KEY is not set" in gateway.log()
+
+
 def test_a_policy_can_keep_clients_off_its_backends(tmp_path):
     """overrides.direct_backend: false: a backend name is not a model for clients (404, and not listed),
     so no request skips the policy's routing and caps."""

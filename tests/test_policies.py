@@ -305,3 +305,15 @@ def test_two_policy_files_may_not_share_a_name(tmp_path):
     other.write_text(text.format(name="main") + "# renamed\n")
     assert policies.reload_changed(force=True) == ["main"]  # main itself reloads; the rename does not
     assert sorted(policies.names()) == ["main", "other"] and "already the name" in (policies.last_error or "")
+
+
+def test_cli_help_goes_to_stdout_and_policy_help_is_policy_checks(capsys):
+    from gateway.cli import main
+
+    assert main(["--help"]) == 0
+    out = capsys.readouterr()
+    assert "ponder serve" in out.out and not out.err  # `ponder --help | less` shows it
+    with pytest.raises(SystemExit) as done:
+        main(["policy", "--help"])
+    assert done.value.code == 0 and "usage: ponder policy check" in capsys.readouterr().out
+    assert main(["nonsense"]) == 2 and "ponder serve" in capsys.readouterr().err
