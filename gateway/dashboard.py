@@ -139,9 +139,11 @@ async def spend_endpoint(request: Request) -> Response:
     summary = await gw.store.summary()
     budgets = key_budgets(gw)
     spent = {}
-    for key_id in list(budgets)[:200]:
+    for key_id, caps in list(budgets.items())[:200]:
+        # The budget ledger counts only periods with a cap (what enforcement needs): an uncapped
+        # period has no ledger to show, rather than a $0 that reads as nothing spent.
         try:
-            spent[key_id] = await gw.store.spent(key_id, ("day", "month"))
+            spent[key_id] = await gw.store.spent(key_id, tuple(caps)) if caps else {}
         except Exception:  # noqa: BLE001 - store unreachable: the rollups still show
             spent[key_id] = {}
     return json_response({"generated_at": summary.get("generated_at"),

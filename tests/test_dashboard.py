@@ -326,7 +326,8 @@ def test_spend_by_hour_and_by_key_against_budget(stack):
     assert team["budget"] == {"day": DAY_BUDGET}
     assert team["spent"]["day"] == pytest.approx(seeded.cost(), rel=1e-6)  # reservations settle to actual cost
     assert team["used"]["day"] == pytest.approx(seeded.cost() / DAY_BUDGET, abs=1e-4)
-    assert keys["ops"]["budget"] == {} and keys["ops"]["requests_30d"] == 0
+    assert set(team["spent"]) == {"day"}  # no monthly cap: no monthly ledger, rather than a $0
+    assert keys["ops"]["budget"] == {} and keys["ops"]["spent"] == {} and keys["ops"]["requests_30d"] == 0
 
 
 def test_savings_against_a_reference_arm(stack):
