@@ -86,6 +86,7 @@ class Gateway:
         self.store: Store | None = None
         self._tasks: list[asyncio.Task] = []
         self._rng = random.Random()
+        self._configured: set[str] = set()  # backends of the gateway config (policies' inline ones may not replace them)
         self.unsettled = InFlight()  # requests planned and not yet settled (recorded, hold released)
         self.started_at = time.time()
         self.metrics = Metrics(store_health=lambda: self.store.health() if self.store else None)
@@ -124,10 +125,8 @@ class Gateway:
                             spec.name, spec.api_key_env)
         self.classifier = Classifier.load(self.config.classifier)
         self.policies = PolicySet(self.config.policy, self.config.extra_policies, specs)
-        # Backends a policy declares inline serve too; the gateway config's win by name.
-        for compiled in self.policies.all():
-            for spec in compiled.policy.backends:
-                self.backends.setdefault(spec.name, Backend(spec, self.session))
+        self._configured = {spec.name for spec in specs}
+        self._serve_inline_backends()
         self.store = await open_store(
             self.config.telemetry.redis_url, Path(self.config.telemetry.data_dir),
             refresh_s=self.config.telemetry.refresh_s, decay_half_life_s=self.learner_half_life_s(),
@@ -148,8 +147,20 @@ class Gateway:
         assert self.policies is not None
         while True:
             await asyncio.sleep(interval_s)
-            if self.policies.reload_changed() and self.store is not None:
-                self.store.half_life_s = self.learner_half_life_s()
+            if self.policies.reload_changed():
+                self._serve_inline_backends()
+                if self.store is not None:
+                    self.store.half_life_s = self.learner_half_life_s()
+
+    def _serve_inline_backends(self) -> None:
+        """Backends a policy declares inline serve too (the gateway config's win by name), also when a
+        reloaded policy adds or changes one: else its arms would be chosen and never served."""
+        assert self.policies is not None
+        for compiled in self.policies.all():
+            for spec in compiled.policy.backends:
+                current = self.backends.get(spec.name)
+                if spec.name not in self._configured and (current is None or current.spec != spec):
+                    self.backends[spec.name] = Backend(spec, self.session)
 
     async def close(self) -> None:
         for task in self._tasks:
