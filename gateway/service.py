@@ -59,6 +59,8 @@ class Plan:
     principal: Principal
     alias: str
     worst_cost_usd: float = 0.0  # what the request may cost at most (see Gateway.worst_case_usd)
+    prompt_tokens: int = 0  # estimated, as the decision saw it
+    max_output_tokens: int | None = None
     classify_s: float = 0.0  # how long the classifier took (Server-Timing)
     decide_s: float = 0.0  # and the rest of planning: policy, hints, budget read, the decision
     started: float = field(default_factory=time.perf_counter)
@@ -220,6 +222,7 @@ class Gateway:
             worst = self.plan_worst_case_usd(decision, req)
             self._check_direct_cost(worst, hints, policy)
             return Plan(request_id, decision, policy, principal, req.model, worst_cost_usd=worst,
+                        prompt_tokens=hints.prompt_tokens or 0, max_output_tokens=req.max_output_tokens,
                         classify_s=classified - started, decide_s=time.perf_counter() - classified)
         if req.model not in policy.aliases:
             raise ApiError(404, f"The model {req.model!r} does not exist; GET /v1/models lists the models "
@@ -234,7 +237,8 @@ class Gateway:
                 raise ApiError(400, str(exc), code="over_cost_limit") from None
             raise ApiError(429, str(exc), code="budget_exhausted", headers=_retry_at_reset(budget_period)) from None
         return Plan(request_id, decision, policy, principal, req.model,
-                    worst_cost_usd=self.plan_worst_case_usd(decision, req), classify_s=classified - started,
+                    worst_cost_usd=self.plan_worst_case_usd(decision, req), prompt_tokens=hints.prompt_tokens or 0,
+                    max_output_tokens=req.max_output_tokens, classify_s=classified - started,
                     decide_s=time.perf_counter() - classified)
 
     def worst_case_usd(self, arm: Arm, req: ChatRequest) -> float:
@@ -358,6 +362,9 @@ class Gateway:
             completion_tokens=sum(c.completion_tokens for c in calls),
             reasoning_tokens=sum(c.reasoning_tokens for c in calls),
             cost_usd=sum(c.cost_usd for c in calls),
+            # what the cost model expected of this answer: the learner's cost ratio compares the two
+            estimated_cost_usd=plan.policy.estimated_cost_usd(arm.key, plan.prompt_tokens, plan.max_output_tokens)
+            if plan.policy is not None and calls and decision.policy != "direct" else 0.0,
             latency_ms=(time.perf_counter() - plan.started) * 1000,
             status=status,
             error=error,

@@ -339,6 +339,18 @@ class CompiledPolicy:
             "task": overrides.task_header,
         }.get(name, False))
 
+    def estimated_cost_usd(self, arm_key: str, prompt_tokens: int, max_output_tokens: int | None) -> float:
+        """The cost model's estimate for one request answered by this arm, before any learning (what
+        decide() scales by the learned ratio), 0 for an arm this policy does not declare. Recorded
+        with each outcome, so the ratio compares a cost with the estimate for that same request."""
+        carm = self.by_key.get(arm_key)
+        if carm is None:
+            return 0.0
+        per_token, fixed = carm.cost_per_prompt_token, carm.cost_fixed
+        if max_output_tokens is not None and max_output_tokens < carm.tokens:
+            per_token, fixed, _, _ = carm.under_cap(max_output_tokens)
+        return per_token * prompt_tokens + fixed
+
     def key_budgets(self) -> dict[str, float]:
         """The policy's default per-key caps by period ("day", "month"), for the budget store."""
         budgets = self.policy.budgets
@@ -465,10 +477,11 @@ def _learned(seen: ArmStats | None, shared: ArmStats | None, alpha: float, beta:
         for record, inner, strength in levels:
             # this level's record less the inner level's (counted there)
             weight, wins, count = record.weight, record.successes, record.count
-            cost_usd, latency_ms = record.cost_usd, record.latency_ms
+            cost_usd, latency_ms, estimated = record.cost_usd, record.latency_ms, record.estimated_cost_usd
             if inner is not None:
                 weight, wins, count = weight - inner.weight, wins - inner.successes, count - inner.count
                 cost_usd, latency_ms = cost_usd - inner.cost_usd, latency_ms - inner.latency_ms
+                estimated -= inner.estimated_cost_usd
             if weight > 1e-9:
                 wins = min(max(wins, 0.0), weight)
                 total = alpha + beta + weight
@@ -483,7 +496,7 @@ def _learned(seen: ArmStats | None, shared: ArmStats | None, alpha: float, beta:
             if count > 1e-9:
                 share = count / (prior_strength + count)
                 if reference > 0:
-                    factor += share * (max(cost_usd, 0.0) / count / reference - factor)
+                    factor += share * (_cost_ratio(cost_usd, estimated, count, reference) - factor)
                 else:
                     addend += share * (max(cost_usd, 0.0) / count - addend)
                 observed = max(latency_ms, 0.0) / count
@@ -499,7 +512,7 @@ def _learned(seen: ArmStats | None, shared: ArmStats | None, alpha: float, beta:
         if count > 0:
             share = count / (prior_strength + count)
             if reference > 0:
-                factor += share * (seen.cost_usd / count / reference - factor)
+                factor += share * (_cost_ratio(seen.cost_usd, seen.estimated_cost_usd, count, reference) - factor)
             else:
                 addend += share * (seen.cost_usd / count - addend)
             observed = seen.latency_ms / count
@@ -507,6 +520,15 @@ def _learned(seen: ArmStats | None, shared: ArmStats | None, alpha: float, beta:
             latency += share * (observed - latency)
     alpha, beta = max(alpha, 1e-6), max(beta, 1e-6)
     return alpha / (alpha + beta), factor, addend, latency, p95
+
+
+def _cost_ratio(cost_usd: float, estimated_usd: float, count: float, reference: float) -> float:
+    """Observed / estimated cost: against the estimates recorded for those same requests (their own
+    prompt lengths and output caps), else against the arm's estimate for a typical prompt (records
+    from before estimates were recorded, or a replay that keeps none)."""
+    if estimated_usd > 1e-15:
+        return max(cost_usd, 0.0) / estimated_usd
+    return max(cost_usd, 0.0) / count / reference
 
 
 def _calibration(route: CompiledRoute, pooled: Mapping[str, ArmStats], prior_strength: float) -> float:
@@ -521,7 +543,7 @@ def _calibration(route: CompiledRoute, pooled: Mapping[str, ArmStats], prior_str
         shared = pooled.get(row[1])
         if shared is not None and shared.count > 0 and row[8] > 0:
             observed += shared.cost_usd
-            estimated += shared.count * row[8]
+            estimated += shared.estimated_cost_usd if shared.estimated_cost_usd > 1e-15 else shared.count * row[8]
             count += shared.count
     value = 1.0
     if estimated > 0:

@@ -136,6 +136,9 @@ class ArmStats:
     cost_usd: float = 0.0  # summed
     latency_ms: float = 0.0  # summed
     latency_p95_ms: float = 0.0
+    # summed: what the policy's cost model estimated for these same requests (their prompts, their
+    # max_tokens), before learning; cost_usd / estimated_cost_usd is how far it was off. 0: not known.
+    estimated_cost_usd: float = 0.0
 
     @property
     def mean_cost_usd(self) -> float:

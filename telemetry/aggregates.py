@@ -6,7 +6,8 @@ update rule is written twice, here in Python (embedded store) and in Lua (redis_
 tests compare both backends on the same events.
 
 Fields (all floats):
-  count, successes, weight, cost_usd, latency_ms, prompt_tokens, completion_tokens, reasoning_tokens,
+  count, successes, weight, cost_usd, est_cost_usd (the cost model's estimate for the same requests),
+  latency_ms, prompt_tokens, completion_tokens, reasoning_tokens,
   errors, h<i> (latency histogram bucket i, requests that reached a backend)  -- decayed when a half-life is configured
   total  -- raw request count, never decayed (for dashboards)
   t      -- the time the decayed fields are expressed at (only with a half-life)
@@ -78,6 +79,7 @@ def event_delta(event: Event) -> dict[str, float]:
         "count": 1.0,
         "total": 1.0,
         "cost_usd": float(event.cost_usd),
+        "est_cost_usd": float(event.estimated_cost_usd),
         "latency_ms": float(event.latency_ms),
         "prompt_tokens": float(event.prompt_tokens),
         "completion_tokens": float(event.completion_tokens),
@@ -181,6 +183,7 @@ def arm_stats(fields: Mapping[str, float], now: float, half_life_s: float | None
         cost_usd=max(0.0, d.get("cost_usd", 0.0)),
         latency_ms=max(0.0, d.get("latency_ms", 0.0)),
         latency_p95_ms=percentile(histogram(d), 0.95),
+        estimated_cost_usd=max(0.0, d.get("est_cost_usd", 0.0)),
     )
 
 

@@ -550,3 +550,28 @@ def test_malformed_task_label_is_a_bad_request(label):
 
     with pytest.raises(InvalidHint, match="x-ponder-task"):
         RequestHints.from_request(object(), {"x-ponder-task": label})
+
+
+def test_learned_cost_compares_each_request_with_its_own_estimate():
+    """Long prompts (8,000 tokens) that cost exactly what the cost model estimated for them: the
+    learned cost stays that estimate. Compared with the estimate for a typical 300-token prompt
+    instead, the same record read as ~6x over budget, and a cost cap then locked the arm out for
+    good (an excluded arm gets no new outcome)."""
+    policy = make_policy(share=0.0)
+    compiled = compile_policy(policy)
+    quick = compiled.arms["quick"]
+    hints = RequestHints(prompt_tokens=8000, max_cost_usd=1.0)
+    cold = candidate(decide(EASY_CHAT, policy, {}, request=hints), policy, "quick").expected_cost_usd
+    true_cost = compiled.estimated_cost_usd(quick.key, 8000, None)
+    assert cold == pytest.approx(true_cost)
+    for n in (10, 100, 1000):
+        record = ArmStats(count=n, successes=0.9 * n, weight=n, cost_usd=n * true_cost, latency_ms=n * 500.0,
+                          estimated_cost_usd=n * true_cost)
+        learned = decide(EASY_CHAT, policy, {"chat:easy": {quick.key: record}}, request=hints)
+        assert candidate(learned, policy, "quick").expected_cost_usd == pytest.approx(true_cost, rel=1e-9)
+    # a record that is really twice its estimates is read as twice, whatever the prompt length
+    twice = ArmStats(count=1000, successes=900, weight=1000, cost_usd=2000 * true_cost, latency_ms=5e5,
+                     estimated_cost_usd=1000 * true_cost)
+    learned = decide(EASY_CHAT, policy, {"chat:easy": {quick.key: twice}}, request=RequestHints(prompt_tokens=100))
+    short = compiled.estimated_cost_usd(quick.key, 100, None)
+    assert candidate(learned, policy, "quick").expected_cost_usd == pytest.approx(2 * short, rel=0.02)

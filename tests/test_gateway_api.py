@@ -260,6 +260,28 @@ def test_a_backend_key_missing_from_the_environment_is_said_at_startup(tmp_path)
         assert "backend m: $PONDER_TEST_UNSET_KEY is not set" in gateway.log()
 
 
+def test_long_prompts_under_a_cost_cap_stay_served_as_the_learner_learns(tmp_path):
+    """3,000-word prompts that fit a $0.001 cap: once their outcomes are learned, the learned cost must
+    still compare each request with its own estimate (it compared with a 300-token prompt's, read
+    them as ~10x over, and refused every request from the third on, for good)."""
+    import time
+
+    path = write_policy(tmp_path, {"name": "long", "arms": {"one": {"backend": "mock-a", "tokens": 5}},
+                                   "routes": [{"name": "all", "candidates": ["one"]}],
+                                   "exploration": {"share": 0.0}, "learner": {"half_life_hours": None}}, "long.yaml")
+    cheap_input = {"prices": {"input_per_mtok": 0.1, "output_per_mtok": 0.2}}
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("mock-a", mock, **cheap_input)], "policy": path,
+            "telemetry": {"data_dir": str(tmp_path / "long-data"), "refresh_s": 0.1}}, name="long")) as gateway:
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+        long_prompt = [{"role": "user", "content": "word " * 3000}]
+        for _ in range(6):
+            answer = client.chat.completions.create(model="auto", messages=long_prompt, max_tokens=5,
+                                                    extra_headers={"x-ponder-max-cost-usd": "0.001"})
+            assert answer.choices
+            time.sleep(0.3)  # the next decision sees this outcome
+
+
 def test_a_policy_can_keep_clients_off_its_backends(tmp_path):
     """overrides.direct_backend: false: a backend name is not a model for clients (404, and not listed),
     so no request skips the policy's routing and caps."""
