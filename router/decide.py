@@ -449,8 +449,9 @@ def _estimate(spec: ArmSpec, policy: Policy, backends: dict[str, BackendSpec], p
 def _learned(seen: ArmStats | None, shared: ArmStats | None, alpha: float, beta: float, reference: float,
              latency: float, p95: float, prior_strength: float, calibration: float = 1.0,
              task: ArmStats | None = None, bucket_strength: float | None = None,
-             ) -> tuple[float, float, float, float, float]:
-    """What the learned stats make of one candidate: (P(correct), cost factor, cost addend, latency, p95).
+             ) -> tuple[float, float, float, float, float, float]:
+    """What the learned stats make of one candidate: (P(correct), cost factor, cost addend, latency, p95,
+    pseudo-outcomes behind P(correct): what exploration's optimism is measured against).
 
     Up to three levels (see router.learner.shared_levels): `shared` is the arm's record summed over
     every bucket, `task` over the buckets of this request's task (every tier), `seen` its record in
@@ -519,7 +520,7 @@ def _learned(seen: ArmStats | None, shared: ArmStats | None, alpha: float, beta:
             p95 += share * ((seen.latency_p95_ms or observed * P95_OVER_MEAN) - p95)
             latency += share * (observed - latency)
     alpha, beta = max(alpha, 1e-6), max(beta, 1e-6)
-    return alpha / (alpha + beta), factor, addend, latency, p95
+    return alpha / (alpha + beta), factor, addend, latency, p95, alpha + beta
 
 
 def _cost_ratio(cost_usd: float, estimated_usd: float, count: float, reference: float) -> float:
@@ -552,12 +553,13 @@ def _calibration(route: CompiledRoute, pooled: Mapping[str, ArmStats], prior_str
     return value
 
 
-def _posterior_of(candidate: Candidate, seen: ArmStats | None, prior_strength: float) -> tuple[float, float]:
-    """Beta(alpha, beta) behind a candidate's expected accuracy: its mean, over prior + scored weight.
-    Recovered here for the few explored requests rather than stored for every arm on the hot path."""
-    total = prior_strength + (seen.weight if seen is not None and seen.weight > 0 else 0.0)
-    alpha = min(max(candidate.expected_accuracy * total, 1e-6), total - 1e-6)
-    return alpha, total - alpha
+def _posterior_of(candidate: Candidate, evidence: float) -> tuple[float, float]:
+    """Beta(alpha, beta) behind a candidate's expected accuracy: its mean, over the pseudo-outcomes
+    every level gave it (the route's prior, the arm's record in other buckets, this bucket's own), so
+    an arm ruled out by a thousand outcomes elsewhere is as sure as that evidence. Recovered here for
+    the few explored requests rather than stored as a Beta for every arm on the hot path."""
+    alpha = min(max(candidate.expected_accuracy * evidence, 1e-6), evidence - 1e-6)
+    return alpha, evidence - alpha
 
 
 # --- the decision ---------------------------------------------------------------------------------
@@ -696,6 +698,8 @@ def decide(
     eligible: list[int] = []
     kinds: dict[int, int] = {}  # why an arm is out: 1 override, 2 cost, 3 latency
     add_candidate, add_cost, add_util, add_eligible = candidates.append, costs.append, utils.append, eligible.append
+    evidences: list[float] = []  # pseudo-outcomes behind each candidate's P(correct), all levels counted
+    add_evidence = evidences.append
     stats_for, shared_for, task_for = bucket_stats.get, pooled.get, within_task.get
     calibration = 1.0
     if pooled:
@@ -720,19 +724,21 @@ def decide(
         seen = stats_for(key)
         if max_out < tokens:
             per_token, fixed, latency, p95 = carm.under_cap(max_out)
-            acc, factor, addend, latency, p95 = _learned(seen, shared_for(key), alpha, beta, reference, latency, p95,
-                                                         strength, calibration, task_for(key), bucket_strength)
+            acc, factor, addend, latency, p95, evidence = _learned(
+                seen, shared_for(key), alpha, beta, reference, latency, p95, strength, calibration, task_for(key),
+                bucket_strength)
         elif memo is not None:
             found = memo[i]
             if found is None or found[0] is not seen:
                 found = memo[i] = (seen, *_learned(seen, shared_for(key), alpha, beta, reference, latency, p95,
                                                    strength, calibration, task_for(key), bucket_strength))
-            _, acc, factor, addend, latency, p95 = found
+            _, acc, factor, addend, latency, p95, evidence = found
         elif seen is None and not pooled:
-            acc, factor, addend = alpha / (alpha + beta), calibration, 0.0
+            acc, factor, addend, evidence = alpha / (alpha + beta), calibration, 0.0, alpha + beta
         else:
-            acc, factor, addend, latency, p95 = _learned(seen, shared_for(key), alpha, beta, reference, latency, p95,
-                                                         strength, calibration, task_for(key), bucket_strength)
+            acc, factor, addend, latency, p95, evidence = _learned(
+                seen, shared_for(key), alpha, beta, reference, latency, p95, strength, calibration, task_for(key),
+                bucket_strength)
         cost = (per_token * prompt_tokens + fixed) * factor + addend
         util = acc - cost_weight * cost - latency_weight * latency
         if mismatch and key in mismatch:
@@ -757,6 +763,7 @@ def decide(
         add_candidate(candidate)
         add_cost(cost)
         add_util(util)
+        add_evidence(evidence)
 
     if not eligible:
         affordable = [i for i, kind in kinds.items() if kind == 3]
@@ -789,8 +796,8 @@ def decide(
         reach = utils[greedy] - learner.most_optimism(strength)
         pool = [i for i in learner.explore_pool(greedy, eligible, costs, policy.exploration.max_extra_cost_usd)
                 if utils[i] > reach]
-        draws = [_posterior_of(candidates[i], stats_for(rows[i][1]), strength) + (costs[i],
-                 candidates[i].expected_latency_ms) for i in pool]
+        draws = [_posterior_of(candidates[i], evidences[i]) + (costs[i], candidates[i].expected_latency_ms)
+                 for i in pool]
         shortlist = learner.challengers(utils[greedy], draws, cost_weight, objective.latency_weight)
         if shortlist:
             drawn = learner.thompson_pick([draws[k] for k in shortlist], cost_weight, objective.latency_weight, rng)

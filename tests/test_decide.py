@@ -575,3 +575,29 @@ def test_learned_cost_compares_each_request_with_its_own_estimate():
     learned = decide(EASY_CHAT, policy, {"chat:easy": {quick.key: twice}}, request=RequestHints(prompt_tokens=100))
     short = compiled.estimated_cost_usd(quick.key, 100, None)
     assert candidate(learned, policy, "quick").expected_cost_usd == pytest.approx(2 * short, rel=0.02)
+
+
+def test_an_arm_ruled_out_by_its_record_elsewhere_is_not_explored():
+    """`b` is worse than `a` on 2,000 outcomes in each of six other buckets, and new in math:hard: its
+    P(correct) there rests on all of that, not on the route prior's 10 pseudo-outcomes, so it is no
+    plausible challenger and exploration (share 1.0 here) leaves the request to `a`."""
+    import random
+
+    two = parse_policy(
+        "name: two\n"
+        "backends:\n  - {name: x, model: t/x, prices: {input_per_mtok: 1, output_per_mtok: 1}}\n"
+        "arms:\n  a: {backend: x}\n  b: {backend: x, effort: null, strategy: cot}\n"
+        "routes:\n  - {name: all, candidates: {a: 0.7, b: 0.7}}\n"
+        "objective: {cost_weight: 0, latency_weight: 0}\n"
+        "exploration: {share: 1.0}\nlearner: {prior_strength: 10, price_prior: null}\n", "two.yaml")
+    keys = {name: arm.key for name, arm in compile_policy(two).arms.items()}
+    stats = {f"{task}:{tier}": {keys["a"]: ArmStats(2000, 1600, 2000), keys["b"]: ArmStats(2000, 1200, 2000)}
+             for task in ("math", "code", "chat") for tier in ("easy", "medium")}
+    stats["math:hard"] = {keys["a"]: ArmStats(200, 160, 200)}
+    rng = random.Random(7)
+    decisions = [decide(HARD_MATH, two, stats, rng=rng) for _ in range(300)]
+    assert not any(d.explore for d in decisions)
+    assert all(name_of(two, d.arm) == "a" for d in decisions)
+    # with no record anywhere, the same two arms are both in doubt: exploration does draw `b`
+    cold = [decide(HARD_MATH, two, {}, rng=rng) for _ in range(300)]
+    assert any(d.explore and name_of(two, d.arm) == "b" for d in cold)
