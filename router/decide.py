@@ -447,7 +447,7 @@ def _estimate(spec: ArmSpec, policy: Policy, backends: dict[str, BackendSpec], p
 
 
 def _learned(seen: ArmStats | None, shared: ArmStats | None, alpha: float, beta: float, reference: float,
-             latency: float, p95: float, prior_strength: float, calibration: float = 1.0,
+             latency: float, p95: float, prior_strength: float, calibration: tuple | None = None,
              task: ArmStats | None = None, bucket_strength: float | None = None,
              ) -> tuple[float, float, float, float, float, float]:
     """What the learned stats make of one candidate: (P(correct), cost factor, cost addend, latency, p95,
@@ -466,11 +466,12 @@ def _learned(seen: ArmStats | None, shared: ArmStats | None, alpha: float, beta:
     latency and p95 move the same way from the estimate through the levels' observed means (each
     level counting what it inherits as `prior_strength` observations); cost via the
     observed/estimated ratio, so a long prompt still costs more than a short one. Before an arm has
-    any outcome its cost ratio is `calibration`: how far the route's other arms' estimates were off
-    (see _calibration), since an estimate's error (e.g. the guessed output length) is usually shared
-    by the arms of a route.
+    any outcome its cost ratio is what `calibration` (the route's sums, see _calibration) says of the
+    route's *other* arms' estimates, since an estimate's error (e.g. the guessed output length) is
+    usually shared by the arms of a route; the arm's own record then moves it level by level, counted
+    once.
     """
-    factor, addend = calibration, 0.0
+    factor, addend = _others_ratio(calibration, shared, reference, prior_strength), 0.0
     if shared is not None:
         # the task's prior is worth prior_strength; the bucket's what learner.bucket_strength estimates
         levels = ((shared, task, prior_strength), (task, seen, bucket_strength or prior_strength)) \
@@ -532,9 +533,9 @@ def _cost_ratio(cost_usd: float, estimated_usd: float, count: float, reference: 
     return max(cost_usd, 0.0) / count / reference
 
 
-def _calibration(route: CompiledRoute, pooled: Mapping[str, ArmStats], prior_strength: float) -> float:
-    """Observed / estimated cost over the route's arms that have outcomes (their records summed over
-    all buckets), shrunk toward 1 as if the estimate had `prior_strength` outcomes of its own. Kept on
+def _calibration(route: CompiledRoute, pooled: Mapping[str, ArmStats], prior_strength: float) -> tuple:
+    """(observed cost, estimated cost, outcomes) summed over the route's arms that have outcomes (their
+    records over all buckets): what _others_ratio turns into each arm's starting cost ratio. Kept on
     the route until the pooled stats change (once per snapshot)."""
     cached = route.calibrated
     if cached is not None and cached[0] is pooled:
@@ -544,13 +545,28 @@ def _calibration(route: CompiledRoute, pooled: Mapping[str, ArmStats], prior_str
         shared = pooled.get(row[1])
         if shared is not None and shared.count > 0 and row[8] > 0:
             observed += shared.cost_usd
-            estimated += shared.estimated_cost_usd if shared.estimated_cost_usd > 1e-15 else shared.count * row[8]
+            estimated += _estimated_of(shared, row[8])
             count += shared.count
-    value = 1.0
-    if estimated > 0:
-        value = 1.0 + count / (prior_strength + count) * (observed / estimated - 1.0)
-    route.calibrated = (pooled, value)
-    return value
+    sums = (observed, estimated, count)
+    route.calibrated = (pooled, sums)
+    return sums
+
+
+def _estimated_of(record: ArmStats, reference: float) -> float:
+    return record.estimated_cost_usd if record.estimated_cost_usd > 1e-15 else record.count * reference
+
+
+def _others_ratio(calibration: tuple | None, own: ArmStats | None, reference: float, prior_strength: float) -> float:
+    """Observed / estimated cost of the route's arms other than this one, shrunk toward 1 as if the
+    estimate had `prior_strength` outcomes of its own: an arm's own record is its levels' to add."""
+    if calibration is None:
+        return 1.0
+    observed, estimated, count = calibration
+    if own is not None and own.count > 0 and reference > 0:
+        observed, estimated, count = observed - own.cost_usd, estimated - _estimated_of(own, reference), count - own.count
+    if estimated <= 1e-15 or count <= 1e-9:
+        return 1.0
+    return 1.0 + count / (prior_strength + count) * (observed / estimated - 1.0)
 
 
 def _posterior_of(candidate: Candidate, evidence: float) -> tuple[float, float]:
@@ -701,7 +717,7 @@ def decide(
     evidences: list[float] = []  # pseudo-outcomes behind each candidate's P(correct), all levels counted
     add_evidence = evidences.append
     stats_for, shared_for, task_for = bucket_stats.get, pooled.get, within_task.get
-    calibration = 1.0
+    calibration = None
     if pooled:
         calibrated = route.calibrated
         calibration = calibrated[1] if calibrated is not None and calibrated[0] is pooled else \
@@ -734,7 +750,7 @@ def decide(
                                                    strength, calibration, task_for(key), bucket_strength))
             _, acc, factor, addend, latency, p95, evidence = found
         elif seen is None and not pooled:
-            acc, factor, addend, evidence = alpha / (alpha + beta), calibration, 0.0, alpha + beta
+            acc, factor, addend, evidence = alpha / (alpha + beta), 1.0, 0.0, alpha + beta  # nothing learned yet
         else:
             acc, factor, addend, latency, p95, evidence = _learned(
                 seen, shared_for(key), alpha, beta, reference, latency, p95, strength, calibration, task_for(key),

@@ -601,3 +601,19 @@ def test_an_arm_ruled_out_by_its_record_elsewhere_is_not_explored():
     # with no record anywhere, the same two arms are both in doubt: exploration does draw `b`
     cold = [decide(HARD_MATH, two, {}, rng=rng) for _ in range(300)]
     assert any(d.explore and name_of(two, d.arm) == "b" for d in cold)
+
+
+def test_an_arms_own_cost_record_counts_once():
+    """`quick` cost twice its estimates over 10 outcomes (prior_strength 10): its cost factor moves
+    halfway, to 1.5; an untried arm of the route takes the same 1.5 from it. (Its own record was
+    also inside the route-wide starting ratio, which put it at 1.75.)"""
+    policy = make_policy(share=0.0)
+    compiled = compile_policy(policy)
+    quick, cot = compiled.arms["quick"], compiled.arms["quick-cot"]
+    estimate = compiled.estimated_cost_usd(quick.key, 300, None)
+    record = ArmStats(count=10, successes=9, weight=10, cost_usd=20 * estimate, latency_ms=10 * 500.0,
+                      estimated_cost_usd=10 * estimate)
+    decision = decide(EASY_CHAT, policy, {"chat:easy": {quick.key: record}}, request=RequestHints(prompt_tokens=300))
+    assert candidate(decision, policy, "quick").expected_cost_usd == pytest.approx(1.5 * estimate, rel=1e-9)
+    untried = compiled.estimated_cost_usd(cot.key, 300, None)
+    assert candidate(decision, policy, "quick-cot").expected_cost_usd == pytest.approx(1.5 * untried, rel=1e-9)
