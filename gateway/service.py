@@ -363,8 +363,8 @@ class Gateway:
             reasoning_tokens=sum(c.reasoning_tokens for c in calls),
             cost_usd=sum(c.cost_usd for c in calls),
             # what the cost model expected of this answer: the learner's cost ratio compares the two
-            estimated_cost_usd=plan.policy.estimated_cost_usd(arm.key, plan.prompt_tokens, plan.max_output_tokens)
-            if plan.policy is not None and calls and decision.policy != "direct" else 0.0,
+            estimated_cost_usd=(plan.policy.estimated_cost_usd(arm.key, plan.prompt_tokens, plan.max_output_tokens)
+                                if calls else 0.0) if plan.policy is not None and decision.policy != "direct" else None,
             latency_ms=(time.perf_counter() - plan.started) * 1000,
             status=status,
             error=error,

@@ -448,7 +448,7 @@ def _estimate(spec: ArmSpec, policy: Policy, backends: dict[str, BackendSpec], p
 
 def _learned(seen: ArmStats | None, shared: ArmStats | None, alpha: float, beta: float, reference: float,
              latency: float, p95: float, prior_strength: float, calibration: tuple | None = None,
-             task: ArmStats | None = None, bucket_strength: float | None = None,
+             task: ArmStats | None = None, bucket_strength: float | None = None, in_calibration: bool = True,
              ) -> tuple[float, float, float, float, float, float]:
     """What the learned stats make of one candidate: (P(correct), cost factor, cost addend, latency, p95,
     pseudo-outcomes behind P(correct): what exploration's optimism is measured against).
@@ -471,7 +471,8 @@ def _learned(seen: ArmStats | None, shared: ArmStats | None, alpha: float, beta:
     usually shared by the arms of a route; the arm's own record then moves it level by level, counted
     once.
     """
-    factor, addend = _others_ratio(calibration, shared, reference, prior_strength), 0.0
+    # (an arm widened in from outside the route by an override was never in the route's sums)
+    factor, addend = _others_ratio(calibration, shared if in_calibration else None, reference, prior_strength), 0.0
     if shared is not None:
         # the task's prior is worth prior_strength; the bucket's what learner.bucket_strength estimates
         levels = ((shared, task, prior_strength), (task, seen, bucket_strength or prior_strength)) \
@@ -479,11 +480,12 @@ def _learned(seen: ArmStats | None, shared: ArmStats | None, alpha: float, beta:
         for record, inner, strength in levels:
             # this level's record less the inner level's (counted there)
             weight, wins, count = record.weight, record.successes, record.count
-            cost_usd, latency_ms, estimated = record.cost_usd, record.latency_ms, record.estimated_cost_usd
+            cost_usd, latency_ms = record.cost_usd, record.latency_ms
+            estimated = _estimated_of(record, reference)
             if inner is not None:
                 weight, wins, count = weight - inner.weight, wins - inner.successes, count - inner.count
                 cost_usd, latency_ms = cost_usd - inner.cost_usd, latency_ms - inner.latency_ms
-                estimated -= inner.estimated_cost_usd
+                estimated -= _estimated_of(inner, reference)
             if weight > 1e-9:
                 wins = min(max(wins, 0.0), weight)
                 total = alpha + beta + weight
@@ -498,7 +500,7 @@ def _learned(seen: ArmStats | None, shared: ArmStats | None, alpha: float, beta:
             if count > 1e-9:
                 share = count / (prior_strength + count)
                 if reference > 0:
-                    factor += share * (_cost_ratio(cost_usd, estimated, count, reference) - factor)
+                    factor += share * (_cost_ratio(cost_usd, estimated) - factor)
                 else:
                     addend += share * (max(cost_usd, 0.0) / count - addend)
                 observed = max(latency_ms, 0.0) / count
@@ -514,7 +516,7 @@ def _learned(seen: ArmStats | None, shared: ArmStats | None, alpha: float, beta:
         if count > 0:
             share = count / (prior_strength + count)
             if reference > 0:
-                factor += share * (_cost_ratio(seen.cost_usd, seen.estimated_cost_usd, count, reference) - factor)
+                factor += share * (_cost_ratio(seen.cost_usd, _estimated_of(seen, reference)) - factor)
             else:
                 addend += share * (seen.cost_usd / count - addend)
             observed = seen.latency_ms / count
@@ -524,13 +526,9 @@ def _learned(seen: ArmStats | None, shared: ArmStats | None, alpha: float, beta:
     return alpha / (alpha + beta), factor, addend, latency, p95, alpha + beta
 
 
-def _cost_ratio(cost_usd: float, estimated_usd: float, count: float, reference: float) -> float:
-    """Observed / estimated cost: against the estimates recorded for those same requests (their own
-    prompt lengths and output caps), else against the arm's estimate for a typical prompt (records
-    from before estimates were recorded, or a replay that keeps none)."""
-    if estimated_usd > 1e-15:
-        return max(cost_usd, 0.0) / estimated_usd
-    return max(cost_usd, 0.0) / count / reference
+def _cost_ratio(cost_usd: float, estimated_usd: float) -> float:
+    """Observed / estimated cost of the same requests (1 when nothing was estimated)."""
+    return max(cost_usd, 0.0) / estimated_usd if estimated_usd > 1e-15 else 1.0
 
 
 def _calibration(route: CompiledRoute, pooled: Mapping[str, ArmStats], prior_strength: float) -> tuple:
@@ -553,7 +551,11 @@ def _calibration(route: CompiledRoute, pooled: Mapping[str, ArmStats], prior_str
 
 
 def _estimated_of(record: ArmStats, reference: float) -> float:
-    return record.estimated_cost_usd if record.estimated_cost_usd > 1e-15 else record.count * reference
+    """What the cost model estimated for a record's requests: their own estimates where they carry one
+    (their prompt lengths, their max_tokens), a typical prompt's (`reference`) for the rest (records
+    from before estimates were kept, replays that keep none): a mixed record is never divided by
+    only part of its estimates."""
+    return record.estimated_cost_usd + max(record.count - record.estimated_count, 0.0) * reference
 
 
 def _others_ratio(calibration: tuple | None, own: ArmStats | None, reference: float, prior_strength: float) -> float:
@@ -735,6 +737,7 @@ def decide(
                 route.learned.clear()
             memo = route.learned[classification.bucket] = [None] * len(rows) + [assumed, pooled, within_task]
     i = -1
+    in_route = len(route.rows)  # rows past these were widened in by an override: not in the route's sums
     for carm, key, arm, alpha, beta, tokens, per_token, fixed, reference, latency, p95 in rows:
         i += 1
         seen = stats_for(key)
@@ -742,7 +745,7 @@ def decide(
             per_token, fixed, latency, p95 = carm.under_cap(max_out)
             acc, factor, addend, latency, p95, evidence = _learned(
                 seen, shared_for(key), alpha, beta, reference, latency, p95, strength, calibration, task_for(key),
-                bucket_strength)
+                bucket_strength, i < in_route)
         elif memo is not None:
             found = memo[i]
             if found is None or found[0] is not seen:
@@ -754,7 +757,7 @@ def decide(
         else:
             acc, factor, addend, latency, p95, evidence = _learned(
                 seen, shared_for(key), alpha, beta, reference, latency, p95, strength, calibration, task_for(key),
-                bucket_strength)
+                bucket_strength, i < in_route)
         cost = (per_token * prompt_tokens + fixed) * factor + addend
         util = acc - cost_weight * cost - latency_weight * latency
         if mismatch and key in mismatch:

@@ -165,7 +165,7 @@ def _pool_snapshot(snapshot: StatsSnapshot) -> tuple[dict[str, ArmStats], dict[s
             inside = per_task[task] = {}
         for key, s in arms.items():
             values = (s.count, s.successes, s.weight, s.cost_usd, s.latency_ms, s.latency_p95_ms,
-                      s.estimated_cost_usd)
+                      s.estimated_cost_usd, s.estimated_count)
             for level in (totals, inside):
                 sums = level.get(key)
                 if sums is None:
@@ -179,6 +179,7 @@ def _pool_snapshot(snapshot: StatsSnapshot) -> tuple[dict[str, ArmStats], dict[s
                     if values[5] > sums[5]:
                         sums[5] = values[5]
                     sums[6] += values[6]
+                    sums[7] += values[7]
     everywhere = {key: ArmStats(*sums) for key, sums in totals.items()}
     by_task = {task: {key: ArmStats(*sums) for key, sums in arms.items()} for task, arms in per_task.items()}
     if len(_POOLED_CACHE) >= _POOLED_CACHE_SIZE:

@@ -136,9 +136,11 @@ class ArmStats:
     cost_usd: float = 0.0  # summed
     latency_ms: float = 0.0  # summed
     latency_p95_ms: float = 0.0
-    # summed: what the policy's cost model estimated for these same requests (their prompts, their
-    # max_tokens), before learning; cost_usd / estimated_cost_usd is how far it was off. 0: not known.
+    # What the policy's cost model estimated for these same requests (their prompts, their max_tokens),
+    # before learning, summed over the `estimated_count` of them that carry one (records from before
+    # estimates were kept carry none): how far the model was off is the learner's cost ratio.
     estimated_cost_usd: float = 0.0
+    estimated_count: float = 0.0
 
     @property
     def mean_cost_usd(self) -> float:

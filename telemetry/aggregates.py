@@ -6,7 +6,8 @@ update rule is written twice, here in Python (embedded store) and in Lua (redis_
 tests compare both backends on the same events.
 
 Fields (all floats):
-  count, successes, weight, cost_usd, est_cost_usd (the cost model's estimate for the same requests),
+  count, successes, weight, cost_usd, est_cost_usd and est_count (the cost model's estimates for the
+  requests that carry one, and how many do),
   latency_ms, prompt_tokens, completion_tokens, reasoning_tokens,
   errors, h<i> (latency histogram bucket i, requests that reached a backend)  -- decayed when a half-life is configured
   total  -- raw request count, never decayed (for dashboards)
@@ -79,12 +80,14 @@ def event_delta(event: Event) -> dict[str, float]:
         "count": 1.0,
         "total": 1.0,
         "cost_usd": float(event.cost_usd),
-        "est_cost_usd": float(event.estimated_cost_usd),
         "latency_ms": float(event.latency_ms),
         "prompt_tokens": float(event.prompt_tokens),
         "completion_tokens": float(event.completion_tokens),
         "reasoning_tokens": float(event.reasoning_tokens),
     }
+    if event.estimated_cost_usd is not None:  # the cost model's estimate, and that this outcome has one
+        delta["est_cost_usd"] = float(event.estimated_cost_usd)
+        delta["est_count"] = 1.0
     if weight > 0:
         delta["weight"] = weight
         delta["successes"] = weight * float(event.success or 0.0)
@@ -184,6 +187,7 @@ def arm_stats(fields: Mapping[str, float], now: float, half_life_s: float | None
         latency_ms=max(0.0, d.get("latency_ms", 0.0)),
         latency_p95_ms=percentile(histogram(d), 0.95),
         estimated_cost_usd=max(0.0, d.get("est_cost_usd", 0.0)),
+        estimated_count=min(max(0.0, d.get("est_count", 0.0)), count),
     )
 
 

@@ -60,7 +60,7 @@ class Event:
     completion_tokens: int = 0
     reasoning_tokens: int = 0
     cost_usd: float = 0.0
-    estimated_cost_usd: float = 0.0  # the policy's cost model for this request, before learning (0: none)
+    estimated_cost_usd: float | None = None  # the policy's cost model for this request, before learning
     latency_ms: float = 0.0
     status: int = 200  # HTTP status returned to the client
     error: str | None = None

@@ -566,12 +566,12 @@ def test_learned_cost_compares_each_request_with_its_own_estimate():
     assert cold == pytest.approx(true_cost)
     for n in (10, 100, 1000):
         record = ArmStats(count=n, successes=0.9 * n, weight=n, cost_usd=n * true_cost, latency_ms=n * 500.0,
-                          estimated_cost_usd=n * true_cost)
+                          estimated_cost_usd=n * true_cost, estimated_count=n)
         learned = decide(EASY_CHAT, policy, {"chat:easy": {quick.key: record}}, request=hints)
         assert candidate(learned, policy, "quick").expected_cost_usd == pytest.approx(true_cost, rel=1e-9)
     # a record that is really twice its estimates is read as twice, whatever the prompt length
     twice = ArmStats(count=1000, successes=900, weight=1000, cost_usd=2000 * true_cost, latency_ms=5e5,
-                     estimated_cost_usd=1000 * true_cost)
+                     estimated_cost_usd=1000 * true_cost, estimated_count=1000)
     learned = decide(EASY_CHAT, policy, {"chat:easy": {quick.key: twice}}, request=RequestHints(prompt_tokens=100))
     short = compiled.estimated_cost_usd(quick.key, 100, None)
     assert candidate(learned, policy, "quick").expected_cost_usd == pytest.approx(2 * short, rel=0.02)
@@ -612,8 +612,40 @@ def test_an_arms_own_cost_record_counts_once():
     quick, cot = compiled.arms["quick"], compiled.arms["quick-cot"]
     estimate = compiled.estimated_cost_usd(quick.key, 300, None)
     record = ArmStats(count=10, successes=9, weight=10, cost_usd=20 * estimate, latency_ms=10 * 500.0,
-                      estimated_cost_usd=10 * estimate)
+                      estimated_cost_usd=10 * estimate, estimated_count=10)
     decision = decide(EASY_CHAT, policy, {"chat:easy": {quick.key: record}}, request=RequestHints(prompt_tokens=300))
     assert candidate(decision, policy, "quick").expected_cost_usd == pytest.approx(1.5 * estimate, rel=1e-9)
     untried = compiled.estimated_cost_usd(cot.key, 300, None)
     assert candidate(decision, policy, "quick-cot").expected_cost_usd == pytest.approx(1.5 * untried, rel=1e-9)
+
+
+def test_a_record_only_partly_estimated_is_compared_with_all_its_estimates():
+    """1,000 outcomes from before estimates were kept (each on its typical-prompt estimate) and one new
+    outcome with its own: the ratio stays 1 (dividing all the cost by the one new estimate read ~1000)."""
+    policy = make_policy(share=0.0)
+    compiled = compile_policy(policy)
+    quick = compiled.arms["quick"]
+    reference = compiled.estimated_cost_usd(quick.key, 300, None)
+    mixed = ArmStats(count=1001, successes=900, weight=1001, cost_usd=1001 * reference, latency_ms=1001 * 500.0,
+                     estimated_cost_usd=reference, estimated_count=1)
+    decision = decide(EASY_CHAT, policy, {"chat:easy": {quick.key: mixed}}, request=RequestHints(prompt_tokens=300))
+    assert candidate(decision, policy, "quick").expected_cost_usd == pytest.approx(reference, rel=1e-6)
+
+
+def test_an_arm_widened_in_by_an_override_keeps_its_own_cost_ratio():
+    """A strategy override brings in `strong-vote` from outside the catch-all route; it has cost 3x its
+    estimates. Its starting ratio is the route's (its record was never in the route's sums, so none is
+    taken out of them), and its own record then moves it toward 3, never below 1."""
+    policy = make_policy(share=0.0)
+    compiled = compile_policy(policy)
+    vote, quick = compiled.arms["strong-vote"], compiled.arms["quick"]
+    ref_vote = compiled.estimated_cost_usd(vote.key, 300, None)
+    ref_quick = compiled.estimated_cost_usd(quick.key, 300, None)
+    stats = {"chat:easy": {
+        quick.key: ArmStats(count=100, successes=90, weight=100, cost_usd=100 * ref_quick, latency_ms=5e4,
+                            estimated_cost_usd=100 * ref_quick, estimated_count=100),
+        vote.key: ArmStats(count=5, successes=5, weight=5, cost_usd=15 * ref_vote, latency_ms=5e3,
+                           estimated_cost_usd=5 * ref_vote, estimated_count=5)}}
+    decision = decide(EASY_CHAT, policy, stats, request=RequestHints(strategy="self_consistency", prompt_tokens=300))
+    factor = candidate(decision, policy, "strong-vote").expected_cost_usd / ref_vote
+    assert 1.0 < factor < 3.0 and factor == pytest.approx(1 + 5 / 15 * 2, rel=0.05)
