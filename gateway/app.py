@@ -195,6 +195,9 @@ async def chat_completions(request: Request) -> Response:
         failed.background = BackgroundTask(settle, gw, plan, caller, reservation, status=exc.status,
                                            error=exc.message)
         return failed
+    except Exception as exc:  # a bug, not an upstream's doing: still recorded and settled, then a 500
+        await settle(gw, plan, caller, reservation, status=500, error=f"{type(exc).__name__}: {exc}")
+        raise
     response = finish_response(plan, caller, result)
     headers = plan_headers(plan)
     headers["x-ponder-arm"] = result.arm.key
@@ -287,7 +290,8 @@ async def _relayed_stream(request: Request, gw: Gateway, plan: Plan, req: ChatRe
     except ApiError as exc:
         passthrough = exc
     if isinstance(passthrough, ApiError):
-        await settle(gw, plan, caller, reservation, status=passthrough.status, error=passthrough.message)
+        await asyncio.shield(settle(gw, plan, caller, reservation, status=passthrough.status,
+                                    error=passthrough.message))
         return passthrough.response(headers)
     served = plan.decision.arm if passthrough.backend.name == plan.decision.arm.backend else \
         Arm(backend=passthrough.backend.name,  # a fallback answered
@@ -314,10 +318,9 @@ async def _relayed_stream(request: Request, gw: Gateway, plan: Plan, req: ChatRe
                 async for chunk in events:
                     yield chunk
         finally:
-            if passthrough.client_left:  # this task is being cancelled: a store that awaits would be cut short
-                await asyncio.shield(finish())
-            else:
-                await finish()
+            # shielded: a client that leaves (or a shutdown) may cancel this task mid-settle, also right
+            # after [DONE], and a store that awaits (Redis) would lose the settlement
+            await asyncio.shield(finish())
 
     return EventStream(body(), finish, headers)
 
@@ -333,8 +336,12 @@ async def _synthesized_stream(request: Request, gw: Gateway, plan: Plan, req: Ch
         await until_disconnect(request, asyncio.wait({work}, timeout=SYNTH_HOLD_S), caller)
     except ApiError as exc:  # the client left: stop sampling for it
         work.cancel()
-        await asyncio.wait({work})  # its cancelled calls enter the ledger before the request is settled
-        await settle(gw, plan, caller, reservation, status=exc.status, error=exc.message)
+
+        async def cancelled() -> None:
+            await asyncio.wait({work})  # its cancelled calls enter the ledger before the request is settled
+            await settle(gw, plan, caller, reservation, status=exc.status, error=exc.message)
+
+        await asyncio.shield(cancelled())
         return exc.response(headers)
     if work.done():
         try:
@@ -342,6 +349,9 @@ async def _synthesized_stream(request: Request, gw: Gateway, plan: Plan, req: Ch
         except ApiError as exc:
             await settle(gw, plan, caller, reservation, status=exc.status, error=exc.message)
             return exc.response(headers)
+        except Exception as exc:  # a bug, not an upstream's doing: still recorded and settled, then a 500
+            await settle(gw, plan, caller, reservation, status=500, error=f"{type(exc).__name__}: {exc}")
+            raise
         headers["x-ponder-arm"] = result.arm.key
     if gw.config.server_timing:
         headers["server-timing"] = server_timing(plan, caller, received, executing if work.done() else None)

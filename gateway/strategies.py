@@ -183,9 +183,9 @@ def _voted(arm: Arm, responses: list[dict[str, Any]], ctx: StrategyContext, deta
            client_n: int, failed: int = 0) -> StrategyResult:
     """The vote over the samples that came back; the `failed` ones vote as invalid, so the vote's
     confidence (the learner's signal, a cascade's reason to escalate) counts them as doubt."""
-    if not responses:
-        raise _every_sample_failed(arm.backend, ctx)
     texts = _sample_texts(responses)
+    if not texts:  # no sample came back, or only answers without a choice (an upstream's empty 200)
+        raise _every_sample_failed(arm.backend, ctx)
     result = voting.vote([*texts, *[None] * failed], ctx.task)
     order = voting.ranked(texts, ctx.task, result) if client_n > 1 else [result.winner]
     response = _pick_choices(responses, order[:client_n])

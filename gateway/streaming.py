@@ -14,6 +14,7 @@ Two shapes:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -150,7 +151,14 @@ class EventStream(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await asyncio.shield(self._finish())  # a server shutting down must not cut the bookkeeping short
+            await asyncio.shield(self._close_and_finish())  # a server shutting down must not cut it short
+
+    async def _close_and_finish(self) -> None:
+        # A client gone while a send was blocked leaves the body paused at a `yield`, never closed:
+        # closing it first runs its own ending (the relayed call billed) before the request settles.
+        with contextlib.suppress(RuntimeError):  # a body still running elsewhere: its finally does this
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]
+        await self._finish()
 
 
 def _relabeller(request_id: str, first: dict | None) -> Callable[[bytes, dict | None], bytes]:

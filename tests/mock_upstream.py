@@ -5,7 +5,7 @@ exact, predictable usage (1 token per whitespace-separated word), and can misbeh
 
     POST /control {"script": ["500", "ok", ...], "fail_rate": 0.5, "answers": [...], "delay_ms": 0}
         script: behaviours for the next requests, in order; then fail_rate picks "500" at random.
-        behaviours: ok | 500 | 429 | hang | reset | truncate | reset_mid | stall | slow_first
+        behaviours: ok | 500 | 429 | empty | hang | reset | truncate | reset_mid | stall | slow_first
     GET  /calls     {"count": N, "bodies": [...last 200 bodies]}
     POST /reset     forget everything
 
@@ -74,6 +74,10 @@ async def chat(request: web.Request) -> web.StreamResponse:
     if behaviour == "429":
         return web.json_response({"error": {"message": "slow down", "type": "rate_limit"}}, status=429,
                                  headers={"Retry-After": "1"})
+    if behaviour == "empty":  # a 200 with no choices at all: some servers answer so under load
+        return web.json_response({"id": "mock-empty", "object": "chat.completion", "model": body.get("model"),
+                                  "choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 0,
+                                                           "total_tokens": 1}})
     if behaviour == "hang":
         await asyncio.sleep(STATE["hang_s"])
     if behaviour == "reset":

@@ -218,6 +218,19 @@ def test_a_client_asking_more_choices_than_the_vote_draws_gets_them_all(client, 
     assert completion.model_extra["ponder"]["samples"] == 7
 
 
+def test_a_vote_of_answers_without_choices_is_a_clean_502_and_recorded(client, mock, gw):
+    """Five 200s with no choices: nothing to vote on. A 502 naming it (it was a ValueError: a 500 never
+    recorded, its budget hold never settled)."""
+    control(mock, script=["empty"] * 5)
+    with pytest.raises(openai.APIStatusError) as failed:
+        client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "What is 3 + 4?"}],
+                                       extra_headers={"x-ponder-strategy": "self_consistency"})
+    assert failed.value.status_code == 502 and "every sample failed" in failed.value.message
+    request_id = failed.value.response.headers["x-ponder-request-id"]
+    recorded = httpx.get(f"{gw.url}/v1/ponder/requests/{request_id}")
+    assert recorded.status_code == 200 and recorded.json()["request"]["status"] == 502
+
+
 def test_a_retried_attempt_is_a_call_not_a_sample(client, mock):
     control(mock, script=["500"])
     raw = client.chat.completions.with_raw_response.create(model="mock-a",

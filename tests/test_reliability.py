@@ -372,6 +372,43 @@ def test_a_stream_whose_client_left_before_its_body_started_is_still_settled():
     assert finished == [True] and not started
 
 
+def test_a_stream_whose_client_left_during_a_blocked_send_is_billed_before_it_settles():
+    """The client leaves while a send waits on a full buffer: Starlette cancels the send, and the body
+    generator stays paused at its `yield`, never closed. EventStream closes it first (the relayed call
+    is billed there), then settles: in that order."""
+    from gateway.streaming import EventStream
+
+    order: list[str] = []
+    disconnect = asyncio.Event()
+
+    async def finish() -> None:
+        order.append("settled")
+
+    async def body():
+        try:
+            yield b"data: 1\n\n"
+            yield b"data: 2\n\n"
+        finally:
+            order.append("billed")
+
+    sent = 0
+
+    async def send(message: dict) -> None:
+        nonlocal sent
+        sent += 1
+        if sent == 3:  # start, first chunk; the second chunk's send blocks while the client goes
+            disconnect.set()
+            await asyncio.sleep(5)
+
+    async def receive() -> dict:
+        await disconnect.wait()
+        return {"type": "http.disconnect"}
+
+    scope = {"type": "http", "asgi": {"spec_version": "2.3"}}
+    asyncio.run(EventStream(body(), finish, {})(scope, receive, send))
+    assert order == ["billed", "settled"]
+
+
 # -- Redis lost and back during load ----------------------------------------------------------------
 
 
