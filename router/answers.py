@@ -82,11 +82,12 @@ _FINAL_MARKER = re.compile(
 # The Minerva/lm-eval sign-off after an answer ("$5$. I hope it is correct."): never part of it
 _CLOSING_REMARK = re.compile(r"\.?\s*\b(?:I\s+)?hope\s+(?:it|this|that)\s+is\s+correct\s*[.!]?\s*$", re.IGNORECASE)
 _NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+)?|[-+]?\.\d+")
-# A whole math expression for the math fallback: a LaTeX fraction or root (with an optional
-# coefficient, "12\frac{3}{5}", "2\sqrt{3}"), a plain fraction, a decimal. Digits inside LaTeX are
+# A whole math expression for the math fallback: a LaTeX fraction, root or pi (with an optional
+# coefficient, "12\frac{3}{5}", "2\sqrt{3}", "2\pi"), a plain fraction, a decimal. Digits inside LaTeX are
 # never taken alone, and a minus right after a number, letter or bracket is a subtraction, not a sign.
 _BRACED = r"\{(?:[^{}]|\{[^{}]*\})*\}"  # one level of nesting: \frac{\sqrt{2}}{2}
-_LATEX_TERM = rf"\\[dt]?frac\s*(?:{_BRACED}\s*{_BRACED}|\d\s*\d)|\\sqrt\s*(?:\[[^\]]*\])?\s*(?:{_BRACED}|\d+)"
+_LATEX_TERM = (rf"\\[dt]?frac\s*(?:{_BRACED}\s*{_BRACED}|\d\s*\d)|\\sqrt\s*(?:\[[^\]]*\])?\s*(?:{_BRACED}|\d+)"
+               r"|\\pi(?![A-Za-z])")  # "2\pi": the coefficient alone would be another answer
 _PLAIN_NUMBER = r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+)?|\.\d+"
 _SIGN = r"(?:(?<![\w)}\]])[-+])?"
 _MATH_EXPRESSION = re.compile(rf"{_SIGN}(?:(?:\d+(?:\.\d+)?)?(?:{_LATEX_TERM})|{_PLAIN_NUMBER})")

@@ -72,6 +72,8 @@ def test_math_marker_and_last_number_fallbacks() -> None:
         ("it drops to -3", "-3"),
         ("then 5-3 leaves 2 and 9-4", "4"),  # a minus between numbers is subtraction, not a sign
         ("x is -\\frac{1}{2}", "-\\frac{1}{2}"),
+        ("The area is 2\\pi", "2\\pi"),  # the coefficient alone would be another answer
+        ("we get \\pi", "\\pi"),
     ],
 )
 def test_math_fallback_takes_the_last_expression_whole(text: str, answer: str) -> None:
