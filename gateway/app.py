@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -192,11 +192,10 @@ async def chat_completions(request: Request) -> Response:
         result = await until_disconnect(request, gw.execute(plan, req, caller), caller)
     except ApiError as exc:
         failed = exc.response(plan_headers(plan))
-        failed.background = BackgroundTask(settle, gw, plan, caller, reservation, status=exc.status,
-                                           error=exc.message)
+        failed.background = BackgroundTask(settle, gw, plan, caller, reservation, **failure_outcome(exc))
         return failed
     except Exception as exc:  # a bug, not an upstream's doing: still recorded and settled, then a 500
-        await settle(gw, plan, caller, reservation, status=500, error=f"{type(exc).__name__}: {exc}")
+        await settle(gw, plan, caller, reservation, **failure_outcome(exc))
         raise
     response = finish_response(plan, caller, result)
     headers = plan_headers(plan)
@@ -267,19 +266,6 @@ async def stream_chat(request: Request, gw: Gateway, plan: Plan, req: ChatReques
     return await _synthesized_stream(request, gw, plan, req, caller, reservation, received)
 
 
-def _once(action: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
-    """`action` run at most once, however many ways a response ends in it."""
-    done = False
-
-    async def run() -> None:
-        nonlocal done
-        if not done:
-            done = True
-            await action()
-
-    return run
-
-
 async def _relayed_stream(request: Request, gw: Gateway, plan: Plan, req: ChatRequest, caller: Caller,
                           reservation: Any, received: float) -> Response:
     headers = plan_headers(plan)
@@ -303,26 +289,13 @@ async def _relayed_stream(request: Request, gw: Gateway, plan: Plan, req: ChatRe
     def stream_extension() -> dict[str, Any]:
         return {**extension(plan, caller, None), "usage_estimated": passthrough.usage_estimated}
 
-    @_once
-    async def finish() -> None:
+    async def finish() -> None:  # once the body is closed (EventStream): its call is in the ledger
         await passthrough.abandon(caller)  # a no-op once the relay has started: it bills its own call
         await settle(gw, plan, caller, reservation, **stream_outcome(passthrough, caller))
 
-    async def body() -> AsyncIterator[bytes]:
-        try:
-            # closed here, not whenever it is collected: its last call must be in the ledger
-            # before the request is settled, also when the client leaves
-            async with contextlib.aclosing(passthrough.events(
-                    caller, request_id=plan.request_id, include_usage=req.include_usage,
-                    extension=stream_extension)) as events:
-                async for chunk in events:
-                    yield chunk
-        finally:
-            # shielded: a client that leaves (or a shutdown) may cancel this task mid-settle, also right
-            # after [DONE], and a store that awaits (Redis) would lose the settlement
-            await asyncio.shield(finish())
-
-    return EventStream(body(), finish, headers)
+    events = passthrough.events(caller, request_id=plan.request_id, include_usage=req.include_usage,
+                                extension=stream_extension)
+    return EventStream(events, finish, headers)
 
 
 async def _synthesized_stream(request: Request, gw: Gateway, plan: Plan, req: ChatRequest, caller: Caller,
@@ -346,12 +319,11 @@ async def _synthesized_stream(request: Request, gw: Gateway, plan: Plan, req: Ch
     if work.done():
         try:
             result = work.result()
-        except ApiError as exc:
-            await settle(gw, plan, caller, reservation, status=exc.status, error=exc.message)
-            return exc.response(headers)
-        except Exception as exc:  # a bug, not an upstream's doing: still recorded and settled, then a 500
-            await settle(gw, plan, caller, reservation, status=500, error=f"{type(exc).__name__}: {exc}")
-            raise
+        except Exception as exc:
+            await settle(gw, plan, caller, reservation, **failure_outcome(exc))
+            if isinstance(exc, ApiError):
+                return exc.response(headers)
+            raise  # a bug, not an upstream's doing: recorded and settled, then a 500
         headers["x-ponder-arm"] = result.arm.key
     if gw.config.server_timing:
         headers["server-timing"] = server_timing(plan, caller, received, executing if work.done() else None)
@@ -360,7 +332,6 @@ async def _synthesized_stream(request: Request, gw: Gateway, plan: Plan, req: Ch
         response = finish_response(plan, caller, result)
         return completion_to_chunks(response, include_usage=req.include_usage)
 
-    @_once
     async def finish() -> None:
         if not work.done():  # the client went away: stop sampling for it, and bill what was cut off
             work.cancel()
@@ -369,19 +340,18 @@ async def _synthesized_stream(request: Request, gw: Gateway, plan: Plan, req: Ch
             caller.cancelled = True
             await settle(gw, plan, caller, reservation, status=CLIENT_CLOSED_STATUS, error=CLIENT_CLOSED)
         elif (failure := work.exception()) is not None:
-            failed = failure if isinstance(failure, ApiError) else ApiError(500, str(failure))
-            await settle(gw, plan, caller, reservation, status=failed.status, error=failed.message)
+            await settle(gw, plan, caller, reservation, **failure_outcome(failure))
         else:
             await settle(gw, plan, caller, reservation, status=200, result=work.result())
 
-    async def body() -> AsyncIterator[bytes]:
-        try:
-            async for chunk in synthesized(work, keepalive_s=KEEPALIVE_S, to_chunks=to_chunks):
-                yield chunk
-        finally:
-            await asyncio.shield(finish())
+    return EventStream(synthesized(work, keepalive_s=KEEPALIVE_S, to_chunks=to_chunks), finish, headers)
 
-    return EventStream(body(), finish, headers)
+
+def failure_outcome(exc: BaseException) -> dict[str, Any]:
+    """What a failed request is recorded as: the client's error, or a 500 for anything else."""
+    if isinstance(exc, ApiError):
+        return {"status": exc.status, "error": exc.message}
+    return {"status": 500, "error": f"{type(exc).__name__}: {exc}"}
 
 
 def stream_outcome(passthrough: PassThrough, caller: Caller) -> dict[str, Any]:

@@ -136,11 +136,9 @@ class PassThrough:
 
 
 class EventStream(StreamingResponse):
-    """An SSE response whose `finish` (close the upstream, settle the request) runs however it ends.
-
-    The body's own `finally` calls it too; the response's is for a client gone before the body
-    started, when Starlette cancels the send and the body generator never runs at all. `finish`
-    must be idempotent."""
+    """An SSE response whose `finish` (settle the request) runs once, however it ends, after its body
+    is closed: normally, on an upstream error, when the client leaves while a send is blocked (the body
+    then sits paused at a `yield`) or before the body started (Starlette then never starts it)."""
 
     def __init__(self, body: AsyncIterator[bytes], finish: Callable[[], Awaitable[None]],
                  headers: dict[str, str]) -> None:
@@ -154,9 +152,8 @@ class EventStream(StreamingResponse):
             await asyncio.shield(self._close_and_finish())  # a server shutting down must not cut it short
 
     async def _close_and_finish(self) -> None:
-        # A client gone while a send was blocked leaves the body paused at a `yield`, never closed:
-        # closing it first runs its own ending (the relayed call billed) before the request settles.
-        with contextlib.suppress(RuntimeError):  # a body still running elsewhere: its finally does this
+        # Closing the body runs its own ending first (a relayed call billed, sampling stopped)
+        with contextlib.suppress(RuntimeError):  # a body still running elsewhere
             await self.body_iterator.aclose()  # type: ignore[attr-defined]
         await self._finish()
 
