@@ -219,7 +219,7 @@ class Gateway:
                                     "its aliases (overrides.direct_backend: false); GET /v1/models lists them.",
                                param="model", code="model_not_found")
             decision = self._direct(req, headers, classification, policy)
-            worst = self.plan_worst_case_usd(decision, req)
+            worst = self.plan_worst_case_usd(decision, req, hints.prompt_tokens)
             self._check_direct_cost(worst, hints, policy)
             return Plan(request_id, decision, policy, principal, req.model, worst_cost_usd=worst,
                         prompt_tokens=hints.prompt_tokens or 0, max_output_tokens=req.max_output_tokens,
@@ -237,35 +237,38 @@ class Gateway:
                 raise ApiError(400, str(exc), code="over_cost_limit") from None
             raise ApiError(429, str(exc), code="budget_exhausted", headers=_retry_at_reset(budget_period)) from None
         return Plan(request_id, decision, policy, principal, req.model,
-                    worst_cost_usd=self.plan_worst_case_usd(decision, req), prompt_tokens=hints.prompt_tokens or 0,
+                    worst_cost_usd=self.plan_worst_case_usd(decision, req, hints.prompt_tokens),
+                    prompt_tokens=hints.prompt_tokens or 0,
                     max_output_tokens=req.max_output_tokens, classify_s=classified - started,
                     decide_s=time.perf_counter() - classified)
 
-    def worst_case_usd(self, arm: Arm, req: ChatRequest) -> float:
+    def worst_case_usd(self, arm: Arm, req: ChatRequest, prompt_tokens: int | None = None) -> float:
         """What answering with this arm can cost at most (every sample writing its whole `max_tokens`):
         what a budget must hold while the request runs, so that concurrent requests cannot overspend.
         Without `max_tokens` the bound is a default output length per call. Every prompt counts what
         the gateway adds to it: the reasoning instruction of a sample that gets one, and a best-of-N
-        judge's rubric, question and candidate answer."""
+        judge's rubric, question and candidate answer. `prompt_tokens`: the messages' estimate, if made."""
         backend = self.backends.get(arm.backend)
         if backend is None:
             return 0.0
-        prompt = estimate_prompt_tokens(req.messages)
+        if prompt_tokens is None:
+            prompt_tokens = estimate_prompt_tokens(req.messages)
+        prompt = prompt_tokens
         out = req.max_output_tokens or (REASONING_OUTPUT_TOKENS if backend.spec.reasoning else DIRECT_OUTPUT_TOKENS)
         samples = max(arm.n, req.n)
-        sampled = arm if arm.strategy != "cascade" else first_stage(arm)
-        if uses_cot(sampled, backend.spec, dict(arm.params)):
-            prompt += cot_instruction_tokens(dict(arm.params).get("cot_template"))
+        params = dict(arm.params)
+        if uses_cot(arm if arm.strategy != "cascade" else first_stage(arm), backend.spec, params):
+            prompt += cot_instruction_tokens(params.get("cot_template"))
         cost = call_cost(backend.prices, prompt, out) * samples
         if arm.strategy == "best_of_n":
             judge = self.backends.get(arm.verifier or arm.backend, backend)
             judged = estimate_prompt_tokens(prompts.judge_messages(prompts.last_user_text(req.messages), "")) + out
             cost += call_cost(judge.prices, judged, JUDGE_OUTPUT_TOKENS) * samples
-        return cost + sum(self.worst_case_usd(stage, req) for stage in arm.stages)
+        return cost + sum(self.worst_case_usd(stage, req, prompt_tokens) for stage in arm.stages)
 
-    def plan_worst_case_usd(self, decision: Decision, req: ChatRequest) -> float:
+    def plan_worst_case_usd(self, decision: Decision, req: ChatRequest, prompt_tokens: int) -> float:
         """The most any of the decision's arms can cost: a fallback may answer instead of the choice."""
-        return max(self.worst_case_usd(arm, req) for arm in (decision.arm, *decision.fallbacks))
+        return max(self.worst_case_usd(arm, req, prompt_tokens) for arm in (decision.arm, *decision.fallbacks))
 
     def _direct(self, req: ChatRequest, headers: Any, classification: Classification,
                 policy: CompiledPolicy) -> Decision:
