@@ -194,7 +194,7 @@ def _extract_math(text: str) -> str | None:
     if span is None:
         span = _marked_span(text)
         if span is not None:
-            span = _last_boxed(span) or span
+            span = _last_boxed(span) or _number_in_prose(span) or span
     if span is None:
         expressions = _MATH_EXPRESSION.findall(text)
         span = expressions[-1] if expressions else None
@@ -202,6 +202,21 @@ def _extract_math(text: str) -> str | None:
         return None
     normalized = normalize_math(span)
     return normalized or None
+
+
+# A plain word of two or more letters, not a LaTeX command's name ("\\frac")
+_PROSE_WORD = re.compile(r"(?<![\\a-zA-Z])[a-zA-Z]{2,}")
+
+
+def _number_in_prose(span: str) -> str | None:
+    """The one number or expression in a worded answer ("The value is 7", "10 apples" -> "7", "10").
+
+    With several ("7 hours and 30 minutes") it is not clear which one is meant: None.
+    """
+    if not _PROSE_WORD.search(span):
+        return None
+    expressions = _MATH_EXPRESSION.findall(span)
+    return expressions[0] if len(expressions) == 1 else None
 
 
 def _extract_letter(text: str) -> str | None:

@@ -82,6 +82,23 @@ def test_math_fallback_takes_the_last_expression_whole(text: str, answer: str) -
 
 
 @pytest.mark.parametrize(
+    ("text", "answer"),
+    [
+        ("Final answer: The value is 7", "7"),
+        ("Final answer: 10 apples", "10"),
+        ("The answer is x = 5 meters", "5"),
+        ("Final answer: 1,000 dollars", "1000"),
+        ("Final answer: y = 2x + 1", "y=2x+1"),  # no prose: the expression as written
+        ("The answer is 7 hours and 30 minutes", "7hoursand30minutes"),  # two numbers: not guessed
+    ],
+)
+def test_math_worded_answer_after_a_marker_is_its_one_number(text: str, answer: str) -> None:
+    # "The value is 7" and "7" must vote together; the words used to be glued onto the number
+    assert extract_answer(text, "math") == answer
+    assert answers_equivalent(extract_answer(text, "math"), "7", "math") == (answer == "7")
+
+
+@pytest.mark.parametrize(
     ("text", "fmt", "answer"),
     [
         ("**Final Answer:** 7", "math", "7"),
