@@ -53,6 +53,30 @@ def test_routellm_csv_rejects_out_of_range_scores(tmp_path):
         load_routellm_csv([tmp_path / "t.csv"], models=["a", "b"])
 
 
+def test_routellm_csv_as_spreadsheets_write_it(tmp_path):
+    """Excel's "CSV UTF-8" (a byte-order mark, CRLF line ends, a prompt with a line break in quotes) and
+    NA cells: every model is read, an NA is a missing record, not a reason to drop the model."""
+    path = tmp_path / "excel.csv"
+    path.write_bytes("\ufeffprompt,gpt-4o,gpt-4o-mini,gpt-3.5-turbo\r\n"
+                     "\"Line one\r\nline two\",1,0,N/A\r\nWhat is 2+2?,1,NA,1\r\ncafé?,0,1,#N/A\r\n".encode())
+    table = load_table([path])
+    assert table.arm_names == ["gpt-4o", "gpt-4o-mini", "gpt-3.5-turbo"]
+    assert table.prompts == ["Line one\r\nline two", "What is 2+2?", "café?"]
+    assert np.isnan(table.scores[1, 1]) and np.isnan(table.scores[0, 2]) and np.isnan(table.scores[2, 2])
+    assert table.scores[:, 0].tolist() == [1.0, 1.0, 0.0]
+
+
+def test_routellm_csv_bad_cells_are_named(tmp_path):
+    _write_csv(tmp_path / "t.csv", ["prompt", "a", "b", "c", "level"],
+               [["p", "1", "0", "1", "1"], ["q", "0", "error", "1", "4"], ["r", "1", "1", "0", "2"]])
+    with pytest.raises(ValueError, match=r"t.csv line 3, column `b`: 'error' is not a score"):
+        load_routellm_csv([tmp_path / "t.csv"], models=["a", "b"])
+    table = load_routellm_csv([tmp_path / "t.csv"])  # guessed: a column with a bad cell is left out, and said so
+    assert table.arm_names == ["a", "c"]
+    assert "`b` (" in table.description and "line 3: 'error' is not a score" in table.description
+    assert "`level` (" in table.description
+
+
 def test_routerbench_csv_uses_recorded_costs(tmp_path):
     header = ["sample_id", "prompt", "eval_name", "WizardLM/WizardLM-13B-V1.2", "WizardLM/WizardLM-13B-V1.2|total_cost",
               "WizardLM/WizardLM-13B-V1.2|model_response", "gpt-4-1106-preview", "gpt-4-1106-preview|total_cost",
@@ -83,6 +107,39 @@ def test_jsonl_per_arm_outcomes_and_samples(tmp_path):
     assert table.cost_usd[0, 1] == pytest.approx(0.003)  # three samples at the arm's cost
     assert table.prompts[1] == "Capital of France?"
     assert table.arms[1] == ArmInfo("small@vote3", "small", "self_consistency", 3)
+
+
+def test_jsonl_numbers_nulls_and_a_byte_order_mark(tmp_path):
+    """Answers recorded as JSON numbers are voted on like text; null fields are not recorded."""
+    records = [
+        {"id": None, "prompt": "6*7?", "task": "math", "group": None, "outcomes": {
+            "small": {"output_tokens": None, "cost_usd": None, "samples": [
+                {"answer": 41, "correct": False}, {"answer": 42.0, "correct": True}, {"answer": 42, "correct": True}]},
+            "big": {"correct": True, "cost_usd": 0.01, "output_tokens": 7}}},
+    ]
+    (tmp_path / "o.jsonl").write_text("\ufeff" + "\n".join(json.dumps(r) for r in records), encoding="utf-8")
+    table = load_table([tmp_path / "o.jsonl"])
+    assert table.arm_names == ["small", "small@vote3", "big"]
+    assert table.scores[0].tolist() == [0.0, 1.0, 1.0]  # the first sample wrong, the majority 42 right
+    assert table.output_tokens[0].tolist() == [300.0, 900.0, 7.0]
+    assert table.groups == [""] and table.ids == ["0"]
+
+
+@pytest.mark.parametrize("outcome, message", [
+    ({"samples": "42"}, '"samples" must be a list of objects'),
+    ({"samples": [1, 0]}, '"samples" must be a list of objects'),
+    ({"samples": [{"answer": [4, 2], "correct": True}]}, "a sample's \"answer\" must be a string or a number"),
+    ({"correct": 1, "output_tokens": "many"}, "output_tokens: could not convert string to float: 'many'"),
+    ({"correct": 1, "cost_usd": -1}, "cost_usd: -1 is negative"),
+    ("maybe", "'maybe' is not a score"),
+])
+def test_table_run_names_a_bad_outcome_instead_of_a_traceback(tmp_path, capsys, no_scoring, outcome, message):
+    (tmp_path / "t.jsonl").write_text(json.dumps({"prompt": "p", "outcomes": {"b": 1}}) + "\n"
+                                      + json.dumps({"prompt": "q", "outcomes": {"a": outcome, "b": 1}}) + "\n")
+    assert _table_cli(tmp_path) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"ponder eval: error: {tmp_path / 't.jsonl'} line 2, arm `a`")
+    assert message in err[0]
 
 
 # --- RouteLLM metrics on cases known analytically ------------------------------------------------------
