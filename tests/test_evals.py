@@ -331,6 +331,23 @@ def test_table_loader_refuses_lines_that_are_not_records(tmp_path):
         load_table([path])
 
 
+@pytest.mark.parametrize("body, message", [
+    ("gpt-4o:\n  input_per_mtok: 2.5\n  output_per_mtok: 10\n  source: mine\n",  # no `models:` level
+     "expected a `models:` mapping of model name to prices"),
+    ("models:\n  - gpt-4o\n", "expected a `models:` mapping"),
+    ("models:\n  mine: {input_per_mtok: 1, output_per_mtok: 2, source: me\n", "line 3: not YAML (expected ','"),
+    ("models:\n  mine:\n    input_per_mtok: 1\n    source: me\n", "`mine` has no 'output_per_mtok'"),
+    ("models:\n  mine: 0.5\n", "`mine` must map to input_per_mtok, output_per_mtok and source"),
+    ("models:\n  mine: {input_per_mtok: cheap, output_per_mtok: 2, source: me}\n", "`mine`: could not convert"),
+])
+def test_table_run_refuses_a_price_file_it_cannot_read(tmp_path, capsys, no_scoring, body, message):
+    _outcomes_file(tmp_path / "t.jsonl")
+    (tmp_path / "prices.yaml").write_text(body)
+    assert _table_cli(tmp_path, "--prices", str(tmp_path / "prices.yaml")) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"ponder eval: error: {tmp_path / 'prices.yaml'}") and message in err[0]
+
+
 @pytest.mark.parametrize("flag", ["--strong", "--weak"])
 def test_table_run_refuses_an_arm_the_table_lacks_before_replaying(tmp_path, capsys, no_scoring, flag):
     _outcomes_file(tmp_path / "t.jsonl")
