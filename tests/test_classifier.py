@@ -471,6 +471,22 @@ def test_cli_small_batches_write_each_row_once(tmp_path):
     assert [json.loads(line).get("id", "bad") for line in dst.read_text().splitlines()] == [0, 1, 2, 3, 4, "bad"]
 
 
+def test_cli_output_may_be_its_input_and_odd_lines_are_rows(tmp_path):
+    """--output naming the --input file used to empty it before it was read (exit 0, every row lost); a
+    byte-order mark, a line in another encoding and a lone surrogate escape were tracebacks or bad rows."""
+    path = tmp_path / "prompts.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"prompt": "What is 2+2?", "id": 1}).encode() + b"\n"
+                     + b'{"prompt": "caf\xe9"}\n'  # Latin-1, not UTF-8
+                     + b'{"prompt": "half an emoji \\ud83d"}\n'
+                     + json.dumps({"prompt": "Write a haiku about rain", "id": 4}).encode() + b"\n")
+    assert classify_cli(["--input", str(path), "--output", str(path)]) == 0
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert [r.get("id") for r in rows] == [1, None, None, 4]
+    assert rows[0]["task"] in TASK_TYPES and rows[3]["task"] in TASK_TYPES
+    assert rows[1] == {"line": 2, "error": "line 2: not UTF-8"}
+    assert rows[2]["prompt"] == "half an emoji \ud83d" and rows[2]["task"] in TASK_TYPES
+
+
 def test_extra_jsonl_format(tmp_path):
     from router.train_data import load_extra
 
