@@ -503,6 +503,29 @@ def test_extra_jsonl_format(tmp_path):
         load_extra(bad)
 
 
+@pytest.mark.parametrize("line, message", [
+    ('{"text": "Summarise this memo", "task": "writing"}', 'a row needs "prompt" (a string) or "messages"'),
+    ('{"messages": "Summarise this memo", "task": "writing"}', '"messages" must be a non-empty list'),
+    ('["Summarise this memo", "writing"]', "expected an object"),
+    ('{"prompt": "x", "difficulty": "hard"}', "difficulty must be a number in [0, 1], got 'hard'"),
+    ('{"prompt": "x", "task": "math", "difficulty": NaN}', "difficulty must be a number in [0, 1], got nan"),
+    ("{'prompt': 'x', 'task': 'math'}", "not JSON (Expecting property name"),
+])
+def test_train_refuses_a_bad_extra_row_before_loading_the_datasets(tmp_path, monkeypatch, capsys, line, message):
+    """A typo in the user's file used to train on an empty prompt ("text" for "prompt"), or fail after
+    minutes (NaN), or be a traceback; now it is one line naming the file and line, at once."""
+    from router import train as T
+
+    monkeypatch.setattr(T, "load_examples", lambda *a, **k: pytest.fail("loaded the datasets first"))
+    path = tmp_path / "mine.jsonl"
+    path.write_text("\ufeff" + json.dumps({"prompt": "Fix my SQL join", "task": "code"}) + "\n\n" + line + "\n",
+                    encoding="utf-8")
+    assert T.cli(["--out", str(tmp_path / "art"), "--extra", str(path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"ponder train: {path}:3: ") and message in err and "\n" not in err
+    assert not (tmp_path / "art").exists()
+
+
 def test_datasets_path_override(monkeypatch, tmp_path):
     from router.train_data import default_datasets_dir
 
