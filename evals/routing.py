@@ -316,6 +316,8 @@ def pair_curves(table: OutcomeTable, weak: int, strong: int, difficulty: np.ndar
         "random": np.zeros(len(rows)),  # all tied: the exact expectation over random orders
         "oracle": s - w - 1e-9 * (cs - cw),  # the gain, cheaper strong calls first among equal gains
     }
+    if not len(rows):  # the two arms never answered the same prompt: nothing to compare
+        return {"rows": 0, "weak_accuracy": None, "strong_accuracy": None, "routers": {}}
     out = {"rows": int(len(rows)), "weak_accuracy": float(w.mean()), "strong_accuracy": float(s.mean()),
            "routers": {}}
     for name, score in routers.items():

@@ -205,6 +205,24 @@ def _synthetic_table(n=400, seed=3) -> OutcomeTable:
                         price_origins={a.model: "litellm:test" for a in arms})
 
 
+@pytest.mark.parametrize("rows", [
+    [["p", "1", "1"], ["q", "0", "0"]],  # equally accurate: no gap to recover
+    [["p", "1", ""], ["q", "", "0"]],  # never answered the same prompt
+])
+def test_pair_metrics_are_undefined_without_a_gap(tmp_path, rows):
+    """They read CPT 100% and APGR 0.000 (a random router "scored" 0, not 0.5), or nan."""
+    from evals.cli import cli
+
+    _write_csv(tmp_path / "t.csv", ["prompt", "gpt-4o", "gpt-4o-mini"], rows)
+    assert cli(["--table", str(tmp_path / "t.csv"), "--out", str(tmp_path / "out"), "--no-classifier",
+                "--steps", "2"]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert all(r[m] is None for r in report["pair"]["routers"].values() for m in ("cpt50", "cpt80", "apgr"))
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "no gap, so no CPT or APGR" in markdown and "nan" not in markdown and "100.0% | 100.0%" not in markdown
+    assert not (tmp_path / "out" / "pgr.png").exists()
+
+
 def test_oracle_beats_every_baseline_and_report_files(tmp_path):
     from evals.report import write_report
     from evals.routing import evaluate
