@@ -443,6 +443,19 @@ def test_leak_free_scores_never_train_on_the_source(monkeypatch, tmp_path):
     assert isinstance(again, Scores)
 
 
+def test_leak_free_scores_of_a_user_table_say_what_they_fit(monkeypatch):
+    """A user table has no source to leave out: the log said "without source `None`"."""
+    from evals import classification
+
+    monkeypatch.setattr(classification, "_fit_and_score",
+                        lambda training, held, seed: (np.full((len(held), 6), 1 / 6), np.zeros(len(held)), 0))
+    logs = []
+    scores = leak_free_scores(["Who wrote Hamlet?"], source=None, sources=["humaneval"], use_cache=False,
+                              log=logs.append)
+    assert logs and logs[0].startswith("fitting the classifier on ") and "None" not in logs[0]
+    assert "None" not in scores.how
+
+
 def test_stats_book_pooled_level_is_the_sum_of_its_buckets():
     """The replay hands decide() the shared level a store's snapshot would give (router.learner.pooled_stats
     over the buckets), and new stats objects on every record, never edited ones."""
