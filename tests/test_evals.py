@@ -223,6 +223,21 @@ def test_pair_metrics_are_undefined_without_a_gap(tmp_path, rows):
     assert not (tmp_path / "out" / "pgr.png").exists()
 
 
+def test_columns_with_the_same_policy_name_stay_two_arms(tmp_path):
+    """"gpt 4o" and "gpt/4o" both clean to the policy name gpt-4o: one arm answered for both, so a
+    router that always picked the always-right column scored as the always-wrong one."""
+    from evals.cli import cli
+
+    _write_csv(tmp_path / "t.csv", ["prompt", "gpt 4o", "gpt/4o"], [[f"q{i}", "1", "0"] for i in range(6)])
+    (tmp_path / "prices.yaml").write_text("models:\n  gpt 4o: {input_per_mtok: 1, output_per_mtok: 2, source: me}\n"
+                                          "  gpt/4o: {input_per_mtok: 1, output_per_mtok: 2, source: me}\n")
+    assert cli(["--table", str(tmp_path / "t.csv"), "--out", str(tmp_path / "out"), "--no-classifier",
+                "--steps", "2", "--prices", str(tmp_path / "prices.yaml")]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    greedy = report["methods"]["ponder warm (recorded, no exploration)"]["points"]
+    assert all(p["accuracy"] == 1.0 for p in greedy)  # equal prices: the warm learner keeps the right one
+
+
 def test_oracle_beats_every_baseline_and_report_files(tmp_path):
     from evals.report import write_report
     from evals.routing import evaluate
