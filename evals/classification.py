@@ -121,10 +121,12 @@ def leak_free_scores(prompts: Sequence[str], *, source: str | None, mode: str = 
         examples = [ex for group in by_source.values() for ex in group[:: max(1, len(group) // limit_per_source)]]
     n = len(prompts)
     task_probs, difficulty = np.zeros((n, len(TASK_TYPES))), np.zeros(n)
-    size = f" (training subsampled to ~{limit_per_source} prompts per source)" if limit_per_source or sources else ""
+    size = (f" (training subsampled to ~{limit_per_source} prompts per source)" if limit_per_source else
+            f" (trained on the sources {', '.join(sources)} only)" if sources else "")
     if mode == "source-out":
         training = [ex for ex in examples if family(ex.source) != source]  # derived sources go with theirs
-        log(f"fitting the classifier without source `{source}` on {len(training)} prompts (minutes)")
+        left_out = f" without source `{source}`" if source else ""  # a user's table has no source to leave out
+        log(f"fitting the classifier{left_out} on {len(training)} prompts (minutes)")
         task_probs[:], difficulty[:], dropped = _fit_and_score(training, prompts, seed)
         how = (f"classifier refitted with router.train.fit without the `{source}` source" if source else
                "classifier refitted with router.train.fit") + \

@@ -77,6 +77,8 @@ def run_routing(args, name: str | None, out: Path, log) -> dict:
     else:
         table = SUITE_LOADERS[name]()
     _check_pair(args, table)
+    if name is None:  # what was read from the user's files, before minutes of scoring
+        log(f"{table.description}: {len(table)} prompts, arms {', '.join(table.arm_names)}")
     table = _limited(table, args.limit)
     scores = _scores(args, name, table, log)
     modes = ["classifier"]

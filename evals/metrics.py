@@ -67,6 +67,8 @@ def apgr(share: np.ndarray, quality: np.ndarray, weak_quality: float, strong_qua
 
 
 def routellm_metrics(share: np.ndarray, quality: np.ndarray, weak_quality: float, strong_quality: float) -> dict:
+    if not abs(strong_quality - weak_quality) > 1e-12:  # no gap to recover (or no prompts): the ratios are undefined
+        return {"cpt50": None, "cpt80": None, "apgr": None}
     return {
         "cpt50": cpt(share, quality, weak_quality, strong_quality, 0.5),
         "cpt80": cpt(share, quality, weak_quality, strong_quality, 0.8),

@@ -57,8 +57,28 @@ def _entry(model: str, raw: dict) -> ModelPrice:
 
 
 def read_price_file(path: str | Path) -> dict[str, ModelPrice]:
-    data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    return {str(model): _entry(str(model), raw or {}) for model, raw in (data.get("models") or {}).items()}
+    """A price file's entries; ValueError naming the file for one that is not YAML or not in the table's shape
+    (a file without its `models:` mapping used to be read as no prices at all)."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8-sig"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ValueError(f"{path}{where}: not YAML ({getattr(exc, 'problem', None) or exc})") from None
+    models = data.get("models") if isinstance(data, dict) else None
+    if not isinstance(models, dict):
+        raise ValueError(f"{path}: expected a `models:` mapping of model name to prices, as in {PRICE_TABLE_PATH.name}")
+    prices = {}
+    for model, raw in models.items():
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: `{model}` must map to input_per_mtok, output_per_mtok and source (or litellm)")
+        try:
+            prices[str(model)] = _entry(str(model), raw)
+        except KeyError as exc:
+            raise ValueError(f"{path}: `{model}` has no {exc}") from None
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: `{model}`: {exc}") from None
+    return prices
 
 
 @functools.cache

@@ -90,15 +90,17 @@ def plot_cost_accuracy(result: dict, path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def plot_pgr(result: dict, path: Path) -> Path:
+def plot_pgr(result: dict, path: Path) -> Path | None:
     pair = result["pair"]
+    if not pair["routers"] or pair["routers"]["random"]["apgr"] is None:
+        return None  # no gap between the pair on their common prompts: no gap to recover
     fig, ax = plt.subplots(figsize=SIZE)
     gap = pair["strong_accuracy"] - pair["weak_accuracy"]
     for name, curve in pair["routers"].items():
         share = np.array(curve["share"])
         recovered = (np.array(curve["accuracy"]) - pair["weak_accuracy"]) / gap if gap else share * 0
         ax.plot(share, recovered, color=COLORS.get(name), lw=1.2,
-                label=f"{name}: CPT50 {_pct(curve['cpt50'])}, APGR {curve['apgr']:.2f}")
+                label=f"{name}: CPT50 {_pct(curve['cpt50'])}, APGR {_num(curve['apgr'], '.2f')}")
     for name in ("difficulty router", "ponder warm (recorded)"):
         method = result["methods"].get(name)
         if method and gap:
@@ -199,12 +201,14 @@ def render_markdown(result: dict, plots: dict[str, str]) -> str:
         lines.append("")
     pair = result["pair"]
     lines += ["## Two-arm routing (RouteLLM metrics)", "",
-              f"Weak {t['weak']} (acc {pair['weak_accuracy']:.3f}) vs strong {t['strong']} (acc "
-              f"{pair['strong_accuracy']:.3f}) on the {pair['rows']} prompts both answered. CPT(x): share of strong "
-              "calls needed to recover x of the gap; APGR: area under the recovered-gap curve (random = 0.5).", "",
+              f"Weak {t['weak']} (acc {_num(pair['weak_accuracy'])}) vs strong {t['strong']} (acc "
+              f"{_num(pair['strong_accuracy'])}) on the {pair['rows']} prompts both answered. CPT(x): share of strong "
+              "calls needed to recover x of the gap; APGR: area under the recovered-gap curve (random = 0.5)."
+              + ("" if pair["routers"] and pair["routers"]["random"]["apgr"] is not None else
+                 " The two are equally accurate there (or share no prompt): no gap, so no CPT or APGR."), "",
               "| router (threshold on its score) | CPT(50%) | CPT(80%) | APGR |", "|---|---|---|---|"]
     for name, r in pair["routers"].items():
-        lines.append(f"| {name} | {_pct(r['cpt50'])} | {_pct(r['cpt80'])} | {r['apgr']:.3f} |")
+        lines.append(f"| {name} | {_pct(r['cpt50'])} | {_pct(r['cpt80'])} | {_num(r['apgr'])} |")
     lines.append("")
     if result.get("by_tier"):
         tiers = result["by_tier"]

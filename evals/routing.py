@@ -59,6 +59,25 @@ def _name(text: str) -> str:
     return cleaned if cleaned[:1].isalnum() else "m" + cleaned
 
 
+def _names(texts: Sequence[str]) -> dict[str, str]:
+    """Each distinct text's policy-safe name, unique: columns that clean to the same name ("gpt 4o" and
+    "gpt/4o") get -2, -3, ... rather than one arm answering for both."""
+    names: dict[str, str] = {}
+    for text in texts:
+        if text not in names:
+            name, k = _name(text), 2
+            while name in names.values():
+                name, k = f"{_name(text)}-{k}", k + 1
+            names[text] = name
+    return names
+
+
+def _arm_keys(table: OutcomeTable, compiled: CompiledPolicy) -> list[str]:
+    """The compiled policy's arm key of each table column, in column order."""
+    names = _names(table.arm_names)
+    return [compiled.arms[names[info.name]].key for info in table.arms]
+
+
 # --- the policy ------------------------------------------------------------------------------------
 
 
@@ -72,10 +91,12 @@ def build_policy(table: OutcomeTable, cost_weight: float, windows: Sequence[tupl
     backends: dict[str, BackendSpec] = {}
     arms: dict[str, ArmSpec] = {}
     listed = _prices(table)
+    # A priced model is one backend whatever its arms; an unpriced arm gets its own backend whose
+    # stand-in list price makes 300 output tokens cost the arm's mean recorded cost.
+    backend_of = [info.model if info.model in listed else info.name for info in table.arms]
+    backend_names, arm_names = _names(backend_of), _names(table.arm_names)
     for j, info in enumerate(table.arms):
-        # A priced model is one backend whatever its arms; an unpriced arm gets its own backend whose
-        # stand-in list price makes 300 output tokens cost the arm's mean recorded cost.
-        backend = _name(info.model if info.model in listed else info.name)
+        backend = backend_names[backend_of[j]]
         if backend not in backends:
             mean_cost = float(np.nanmean(table.cost_usd[:, j]))
             prices = listed.get(info.model) or Prices(input_per_mtok=0.0, output_per_mtok=max(mean_cost, 0.0) * 1e6 / 300)
@@ -84,7 +105,7 @@ def build_policy(table: OutcomeTable, cost_weight: float, windows: Sequence[tupl
             tokens = SHORT_ANSWER_TOKENS  # an operator knows a direct answer is a few tokens
         else:
             tokens = None if info.model in listed else 300
-        arms[_name(info.name)] = ArmSpec(backend=backend, strategy=info.strategy, n=info.n, tokens=tokens)
+        arms[arm_names[info.name]] = ArmSpec(backend=backend, strategy=info.strategy, n=info.n, tokens=tokens)
     names = list(arms)
     routes = [RouteSpec(name=f"d{k}", when=RouteMatch(difficulty=(lo, hi)), candidates=dict(zip(names, priors)))
               for k, (lo, hi, priors) in enumerate(windows)]
@@ -193,7 +214,7 @@ def replay(table: OutcomeTable, classes: list, policy: Policy | CompiledPolicy, 
            progress: Progress | None = None) -> Run:
     """Decide and answer `rows` in order; learn after each answer when a book is given."""
     compiled = policy if isinstance(policy, CompiledPolicy) else compile_policy(policy)
-    column = {compiled.arms[_name(info.name)].key: j for j, info in enumerate(table.arms)}
+    column = {key: j for j, key in enumerate(_arm_keys(table, compiled))}
     n = len(table)
     if run is None:
         run = Run(np.array([], dtype=int), np.full(n, -1), np.zeros(n), np.zeros(n), np.zeros(n))
@@ -244,7 +265,7 @@ def run_warm(table, classes, policy, seed: int = ARRIVAL_SEED, progress: Progres
     on one part of the table, testing on the rest)."""
     order, fold_of = arrival_order(len(table), seed), warm_folds(len(table), seed=seed)
     compiled = policy if isinstance(policy, CompiledPolicy) else compile_policy(policy)
-    keys = [compiled.arms[_name(info.name)].key for info in table.arms]
+    keys = _arm_keys(table, compiled)
     run = None
     measured = []
     for fold in range(WARM_FOLDS):
@@ -316,6 +337,8 @@ def pair_curves(table: OutcomeTable, weak: int, strong: int, difficulty: np.ndar
         "random": np.zeros(len(rows)),  # all tied: the exact expectation over random orders
         "oracle": s - w - 1e-9 * (cs - cw),  # the gain, cheaper strong calls first among equal gains
     }
+    if not len(rows):  # the two arms never answered the same prompt: nothing to compare
+        return {"rows": 0, "weak_accuracy": None, "strong_accuracy": None, "routers": {}}
     out = {"rows": int(len(rows)), "weak_accuracy": float(w.mean()), "strong_accuracy": float(s.mean()),
            "routers": {}}
     for name, score in routers.items():

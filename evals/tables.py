@@ -5,8 +5,8 @@ where the arm has no record: the replay treats that as a failed call), the cost 
 tokens. Formats (docs/eval.md has examples):
 
 - RouteLLM-style CSV: a `prompt` column and one column per model holding 0/1, True/False or a 0..1
-  score. Other columns (`<model>_response`, ids, ...) are ignored unless named with `models=`; a
-  `<model>_response` column, when present, gives that model's output length. Several files (or a
+  score (NA-style cells are missing records). Other columns (`<model>_response`, ids, ...) are ignored
+  unless named with `models=`; a `<model>_response` column, when present, gives that model's output length. Several files (or a
   glob, e.g. one CSV per subject) are read as one table.
 - RouterBench-style CSV: per-model score columns plus `<model>|total_cost`; `eval_name` (if present)
   is the row's group.
@@ -40,6 +40,9 @@ from evals.prices import CHARS_PER_TOKEN, ModelPrice, find_price, price_table
 DEFAULT_OUTPUT_TOKENS = 300.0  # when a table records neither output text nor length (policies' DIRECT_TOKENS)
 NOT_MODEL_COLUMNS = frozenset({"prompt", "id", "idx", "index", "question_id", "sample_id", "eval_name", "group",
                                "task", "category", "subject", "label", "answer", "target", "oracle_model_to_route_to"})
+# Cells that mean "no record": empty, and the NA spellings of spreadsheets, R and pandas (a hand-edited
+# table says NA or N/A where pandas' to_csv leaves the cell empty).
+MISSING_CELLS = frozenset({"", "nan", "-nan", "none", "null", "na", "n/a", "#n/a", "<na>"})
 csv.field_size_limit(1 << 28)
 
 
@@ -118,27 +121,46 @@ def _score(value: object) -> float:
         number = float(value)
     else:
         text = str(value).strip().lower()
-        if text in ("", "nan", "none", "null"):
+        if text in MISSING_CELLS:
             return math.nan
         if text in ("true", "yes", "correct"):
             return 1.0
         if text in ("false", "no", "incorrect"):
             return 0.0
-        number = float(text)
+        try:
+            number = float(text)
+        except ValueError:
+            raise ValueError(f"{value!r} is not a score (0/1, True/False or a number in [0, 1])") from None
     if not 0.0 <= number <= 1.0:
         raise ValueError(f"score {value!r} is not in [0, 1]")
     return number
 
 
-def _is_score_column(values: Sequence[str]) -> bool:
-    seen = False
-    for value in values:
-        try:
-            score = _score(value)
-        except ValueError:
-            return False
-        seen = seen or not math.isnan(score)
-    return seen
+def _number(value: object) -> float:
+    """A recorded cost or token count: a number >= 0, NaN for a missing cell, ValueError for anything else."""
+    if value is None or isinstance(value, str) and value.strip().lower() in MISSING_CELLS:
+        return math.nan
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a number")
+    number = float(value)  # type: ignore[arg-type]
+    if number < 0:
+        raise ValueError(f"{value!r} is negative")
+    return number
+
+
+def _read(parse, value: object, where: str) -> float:
+    """parse(value), with the place of a bad value in the error (a user's table can be thousands of rows)."""
+    try:
+        return parse(value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: {exc}") from None
+
+
+def _score_or_none(value: object) -> float | None:
+    try:
+        return _score(value)
+    except ValueError:
+        return None
 
 
 def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
@@ -152,22 +174,28 @@ def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
     return found
 
 
-def _read_csv_rows(paths: Sequence[Path]) -> tuple[list[str], list[dict[str, str]], list[str]]:
-    """Rows of several CSVs as one; the header is the union; each row remembers its file's stem."""
+def _read_csv_rows(paths: Sequence[Path]) -> tuple[list[str], list[dict[str, str]], list[tuple[Path, int]]]:
+    """Rows of several CSVs as one; the header is the union; each row remembers its file and line.
+    utf-8-sig: Excel's "CSV UTF-8" starts the file with a byte-order mark, which would otherwise
+    become part of the first column's name."""
     header: list[str] = []
     rows: list[dict[str, str]] = []
-    stems: list[str] = []
+    origins: list[tuple[Path, int]] = []
     for path in paths:
         opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rt", encoding="utf-8", newline="") as handle:
+        with opener(path, "rt", encoding="utf-8-sig", newline="") as handle:
             reader = csv.DictReader(handle)
             for name in reader.fieldnames or []:
                 if name not in header:
                     header.append(name)
             for row in reader:
                 rows.append(row)
-                stems.append(path.name.split(".")[0])
-    return header, rows, stems
+                origins.append((path, reader.line_num))
+    return header, rows, origins
+
+
+def _where(origin: tuple[Path, int]) -> str:
+    return f"{origin[0]} line {origin[1]}"
 
 
 def _costs(models: Sequence[str], prompt_tokens: np.ndarray, output_tokens: np.ndarray,
@@ -194,40 +222,58 @@ def _tokens(text: str | None) -> float:
 def load_routellm_csv(paths: Sequence[str | Path], models: Sequence[str] | None = None,
                       prices_file: str | Path | None = None) -> OutcomeTable:
     files = expand_paths(paths)
-    header, rows, stems = _read_csv_rows(files)
+    header, rows, origins = _read_csv_rows(files)
     if "prompt" not in header:
         raise ValueError(f"{files[0]}: no `prompt` column (columns: {', '.join(header)})")
+    ignored = []
     if models is None:
-        models = [name for name in header if name.lower() not in NOT_MODEL_COLUMNS and not name.endswith("_response")
-                  and "|" not in name and _is_score_column([row.get(name, "") for row in rows])]
+        models = []
+        for name in header:
+            if name.lower() in NOT_MODEL_COLUMNS or name.endswith("_response") or "|" in name:
+                continue
+            values = [row.get(name) for row in rows]
+            parsed = [_score_or_none(value) for value in values]
+            bad = next((i for i, score in enumerate(parsed) if score is None), None)
+            if not any(score is not None and not math.isnan(score) for score in parsed):
+                continue
+            if bad is None:
+                models.append(name)
+            else:  # scores in some rows, something else in another: say which cell kept it out
+                ignored.append(f"`{name}` ({_where(origins[bad])}: {values[bad]!r} is not a score)")
     missing = [m for m in models if m not in header]
     if missing or len(models) < 2:
-        raise ValueError(f"need at least two model columns; missing {missing}, found {list(models)}")
+        raise ValueError(f"need at least two model columns; missing {missing}, found {list(models)}"
+                         + (f"; not read as models: {', '.join(ignored)}" if ignored else ""))
     prompt_tokens = np.array([_tokens(row["prompt"]) for row in rows])
-    scores = np.array([[_score(row.get(m)) for m in models] for row in rows], dtype=float)
+    scores = np.array([[_read(_score, row.get(m), f"{_where(origins[i])}, column `{m}`") for m in models]
+                       for i, row in enumerate(rows)], dtype=float)
     output = np.array([[_tokens(row.get(f"{m}_response")) if f"{m}_response" in header else DEFAULT_OUTPUT_TOKENS
                         for m in models] for row in rows], dtype=float)
-    cost, origins = _costs(models, prompt_tokens, output, price_table(prices_file))
+    cost, origins_of_prices = _costs(models, prompt_tokens, output, price_table(prices_file))
     group_column = next((g for g in ("group", "eval_name", "subject", "category") if g in header), None)
-    groups = [row.get(group_column, "") if group_column else (stems[i] if len(files) > 1 else "")
+    groups = [row.get(group_column, "") if group_column else (origins[i][0].name.split(".")[0] if len(files) > 1 else "")
               for i, row in enumerate(rows)]
     ids = [row.get("id") or row.get("idx") or str(i) for i, row in enumerate(rows)]
+    description = f"RouteLLM-style CSV, {len(files)} file(s)"
+    if ignored:
+        description += f"; columns not read as models: {', '.join(ignored)}"
     return OutcomeTable(" + ".join(p.name for p in files[:3]) + (" ..." if len(files) > 3 else ""),
                         [ArmInfo(m, m) for m in models], ids, [row["prompt"] for row in rows], groups, scores,
-                        cost, output, prompt_tokens, f"RouteLLM-style CSV, {len(files)} file(s)",
-                        price_origins=origins)
+                        cost, output, prompt_tokens, description, price_origins=origins_of_prices)
 
 
 def load_routerbench_csv(paths: Sequence[str | Path], models: Sequence[str] | None = None) -> OutcomeTable:
     files = expand_paths(paths)
-    header, rows, _ = _read_csv_rows(files)
+    header, rows, origins = _read_csv_rows(files)
     if models is None:
         models = [name[: -len("|total_cost")] for name in header if name.endswith("|total_cost")]
     if len(models) < 2 or "prompt" not in header:
         raise ValueError("RouterBench CSV needs a `prompt` column and `<model>|total_cost` columns for 2+ models")
     prompt_tokens = np.array([_tokens(row["prompt"]) for row in rows])
-    scores = np.array([[_score(row.get(m)) for m in models] for row in rows], dtype=float)
-    cost = np.array([[float(row.get(f"{m}|total_cost") or "nan") for m in models] for row in rows], dtype=float)
+    scores = np.array([[_read(_score, row.get(m), f"{_where(origins[i])}, column `{m}`") for m in models]
+                       for i, row in enumerate(rows)], dtype=float)
+    cost = np.array([[_read(_number, row.get(f"{m}|total_cost"), f"{_where(origins[i])}, column `{m}|total_cost`")
+                      for m in models] for i, row in enumerate(rows)], dtype=float)
     output = np.array([[_tokens(row.get(f"{m}|model_response")) for m in models] for row in rows], dtype=float)
     ids = [row.get("sample_id") or str(i) for i, row in enumerate(rows)]
     return OutcomeTable(files[0].name, [ArmInfo(m, m) for m in models], ids, [row["prompt"] for row in rows],
@@ -253,14 +299,47 @@ def _jsonl_record(line: str, path: Path, n: int) -> dict:
         raise ValueError(f"{path} line {n}: not an object")
     if not isinstance(record.get("outcomes"), dict):
         raise ValueError(f'{path} line {n}: no "outcomes" object ({{arm: score, ...}})')
+    if record.get("task") is not None and not isinstance(record["task"], str):
+        raise ValueError(f'{path} line {n}: "task" must be a string, not {record["task"]!r}')
+    record["outcomes"] = {arm: _jsonl_outcome(outcome, f"{path} line {n}, arm `{arm}`")
+                          for arm, outcome in record["outcomes"].items()}
     return record
 
 
-def _jsonl_records(files: Sequence[Path]) -> list[dict]:
+def _answer(value: object, where: str) -> str | None:
+    """A sample's answer as the voting code reads it: text. JSON numbers are answers too (42, 0.5)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise ValueError(f'{where}: a sample\'s "answer" must be a string or a number, not {value!r}')
+
+
+def _jsonl_outcome(outcome: object, where: str) -> dict:
+    """One arm's outcome as a dict with checked fields (a bare value is its score); null means not recorded."""
+    if not isinstance(outcome, dict):
+        outcome = {"score": outcome}
+    samples = outcome.get("samples") or []
+    if not isinstance(samples, list) or not all(isinstance(sample, dict) for sample in samples):
+        raise ValueError(f'{where}: "samples" must be a list of objects like {{"answer": "42", "correct": true}}')
+    checked = {key: _read(_number, outcome.get(key), f"{where}, {key}") for key in ("cost_usd", "output_tokens")}
+    samples = [{**sample, "answer": _answer(sample.get("answer"), where),
+                "cost_usd": _read(_number, sample.get("cost_usd"), f"{where}, a sample's cost_usd")}
+               for sample in samples]
+    if any(not isinstance(sample.get("text"), (str, type(None))) for sample in samples):
+        raise ValueError(f'{where}: a sample\'s "text" must be a string')
+    return {**outcome, **{key: None if math.isnan(value) else value for key, value in checked.items()},
+            "samples": [{**sample, "cost_usd": None if math.isnan(sample["cost_usd"]) else sample["cost_usd"]}
+                        for sample in samples]}
+
+
+def _jsonl_records(files: Sequence[Path]) -> list[tuple[str, dict]]:
+    """(where, record) for every non-empty line; utf-8-sig reads a file saved with a byte-order mark."""
     records = []
     for path in files:
-        with open(path, encoding="utf-8") as handle:
-            records += [_jsonl_record(line, path, n) for n, line in enumerate(handle, 1) if line.strip()]
+        with open(path, encoding="utf-8-sig") as handle:
+            records += [(f"{path} line {n}", _jsonl_record(line, path, n))
+                        for n, line in enumerate(handle, 1) if line.strip()]
     return records
 
 
@@ -268,12 +347,12 @@ def load_jsonl(paths: Sequence[str | Path], prices_file: str | Path | None = Non
     from router.voting import vote  # the self-consistency strategy's own grouping of answers
 
     files = expand_paths(paths)
-    records = _jsonl_records(files)
+    located = _jsonl_records(files)
+    records = [record for _, record in located]
     arms: list[str] = []
     for record in records:
         for arm, outcome in record["outcomes"].items():
-            for name in [arm] + ([f"{arm}@vote{len(outcome['samples'])}"] if isinstance(outcome, dict)
-                                 and outcome.get("samples") else []):
+            for name in [arm] + ([f"{arm}@vote{len(outcome['samples'])}"] if outcome["samples"] else []):
                 if name not in arms:
                     arms.append(name)
     if not arms:  # nothing to replay: said here rather than as an empty argmax deep in the replay
@@ -283,29 +362,29 @@ def load_jsonl(paths: Sequence[str | Path], prices_file: str | Path | None = Non
     prompts = [_prompt_text(r) for r in records]
     prompt_tokens = np.array([_tokens(p) for p in prompts])
     prices = price_table(prices_file)
-    for i, record in enumerate(records):
+    for i, (where, record) in enumerate(located):
         task = record.get("task") or "reasoning"
         for arm, outcome in record["outcomes"].items():
             j = arms.index(arm)
-            if not isinstance(outcome, dict):
-                outcome = {"score": outcome}
-            samples = outcome.get("samples") or []
+            samples = outcome["samples"]
             first = samples[0] if samples else {}
             raw = outcome.get("score", outcome.get("correct", first.get("score", first.get("correct"))))
-            scores[i, j] = _score(raw)
-            output[i, j] = float(outcome.get("output_tokens", _tokens(first.get("text")) or DEFAULT_OUTPUT_TOKENS))
+            scores[i, j] = _read(_score, raw, f"{where}, arm `{arm}`")
+            tokens = outcome["output_tokens"]
+            output[i, j] = tokens if tokens is not None else _tokens(first.get("text")) or DEFAULT_OUTPUT_TOKENS
             price = find_price(arm.split("@")[0], prices)
-            one = outcome.get("cost_usd")
+            one = outcome["cost_usd"]
             if one is None and price is not None:
                 one = price.cost_usd(prompt_tokens[i], output[i, j])
             cost[i, j] = float(one) if one is not None else math.nan
             if samples:
-                answers = [s.get("answer") for s in samples]
-                texts = [s.get("text") or s.get("answer") for s in samples]
+                answers = [s["answer"] for s in samples]
+                texts = [s.get("text") or s["answer"] for s in samples]
                 winner = vote(texts, task, answers=answers if any(a is not None for a in answers) else None).winner
                 v = arms.index(f"{arm}@vote{len(samples)}")
-                scores[i, v] = _score(samples[winner].get("correct", samples[winner].get("score")))
-                sample_costs = [s.get("cost_usd") for s in samples]
+                scores[i, v] = _read(_score, samples[winner].get("correct", samples[winner].get("score")),
+                                     f"{where}, arm `{arm}`, sample {winner + 1}")
+                sample_costs = [s["cost_usd"] for s in samples]
                 cost[i, v] = (sum(sample_costs) if all(c is not None for c in sample_costs)
                               else cost[i, j] * len(samples))
                 output[i, v] = output[i, j] * len(samples)
@@ -313,8 +392,9 @@ def load_jsonl(paths: Sequence[str | Path], prices_file: str | Path | None = Non
                      int(a.split("@vote")[1]) if "@vote" in a else 1) for a in arms]
     origins = {a: ("recorded in the table" if np.isfinite(cost[:, j]).any() else "unknown") for j, a in enumerate(arms)}
     tasks = [r.get("task") for r in records]
-    return OutcomeTable(Path(str(paths[0])).name, infos, [str(r.get("id", i)) for i, r in enumerate(records)],
-                        prompts, [str(r.get("group", "")) for r in records], scores, cost, output, prompt_tokens,
+    return OutcomeTable(Path(str(paths[0])).name, infos,
+                        [str(i if r.get("id") is None else r["id"]) for i, r in enumerate(records)], prompts,
+                        [str(r.get("group") or "") for r in records], scores, cost, output, prompt_tokens,
                         "JSONL outcomes", price_origins=origins, tasks=tasks if any(tasks) else None)
 
 

@@ -174,9 +174,15 @@ def _as_json(c: Classification) -> dict[str, Any]:
 
 
 def _read_rows(path: str) -> Iterable[tuple[dict[str, Any], Any, str | None]]:
-    """(row, what to classify, why the row cannot be read or None), one per non-empty line."""
-    with open(path, encoding="utf-8") as handle:
-        for n, line in enumerate(handle, 1):
+    """(row, what to classify, why the row cannot be read or None), one per non-empty line. Lines are
+    decoded one by one, so one line in another encoding is one bad row; a leading byte-order mark is dropped."""
+    with open(path, "rb") as handle:
+        for n, raw in enumerate(handle, 1):
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError:
+                yield {"line": n}, [], f"line {n}: not UTF-8"
+                continue
             if not line.strip():
                 continue
             try:
@@ -190,6 +196,15 @@ def _read_rows(path: str) -> Iterable[tuple[dict[str, Any], Any, str | None]]:
                 yield row, row["messages"], None
             else:
                 yield row, str(row["prompt"]), None
+
+
+def _json_line(row: dict[str, Any]) -> str:
+    text = json.dumps(row, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (from a \ud800 escape in the input): written escaped, as it came
+        text = json.dumps(row)
+    return text + "\n"
 
 
 def positive_int(text: str) -> int:
@@ -227,17 +242,19 @@ def cli(argv: list[str] | None = None) -> int:
     if args.text is not None:
         print(json.dumps(_as_json(classifier.classify_text(args.text, args.system))))
         return 0
-    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
     problems = []
+    out = sys.stdout
     try:
-        rows = list(_read_rows(args.input))
+        rows = list(_read_rows(args.input))  # all read before the output is opened: it may be the same file
+        if args.output:
+            out = open(args.output, "w", encoding="utf-8")
         for start in range(0, len(rows), args.batch_size):
             chunk = rows[start : start + args.batch_size]
             results = classifier.classify_batch([messages for _, messages, _ in chunk])
             for (row, _, problem), result in zip(chunk, results):
                 # one output row per input row, so the two files line up; a bad row says why
                 found = {"error": problem} if problem else _as_json(result)
-                out.write(json.dumps({**row, **found}, ensure_ascii=False) + "\n")
+                out.write(_json_line({**row, **found}))
                 if problem:
                     problems.append(problem)
     except OSError as exc:

@@ -622,9 +622,8 @@ def train(
 
     started = time.time()
     root = default_datasets_dir(datasets)
-    examples = load_examples(root, seed)
-    for path in extra:
-        examples += load_extra(path)
+    mine = [ex for path in extra for ex in load_extra(path)]  # a bad row is said before the datasets load
+    examples = load_examples(root, seed) + mine
     train_set, test_set, dropped = split(examples)
     everything = train_set + test_set
     steps = len(everything) // 512 + 5 + (len({ex.source for ex in everything}) if loso else 0)

@@ -667,24 +667,42 @@ def load_examples(root: Path | None = None, seed: int = 0, sources: list[str] | 
 
 
 def load_extra(path: str | os.PathLike[str]) -> list[Example]:
-    """User-labelled prompts: JSONL rows {"prompt": str | "messages": [...], "task": str, "difficulty"?: float}."""
+    """User-labelled prompts: JSONL rows {"prompt": str | "messages": [...], "task": str, "difficulty"?: float}.
+    ValueError naming the file and line for a row that is not one (a byte-order mark is dropped)."""
+    out = []
+    with open(path, encoding="utf-8-sig") as handle:
+        for n, line in enumerate(handle, 1):
+            if line.strip():
+                out.append(_extra_example(line, f"{path}:{n}"))
+    return out
+
+
+def _extra_example(line: str, where: str) -> Example:
     from router.types import TASK_TYPES
 
-    out = []
-    with open(path, encoding="utf-8") as handle:
-        for n, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            messages = row.get("messages") or _user(str(row.get("prompt", "")))
-            task = row.get("task")
-            if task is not None and task not in TASK_TYPES:
-                raise ValueError(f"{path}:{n}: task must be one of {TASK_TYPES}, got {task!r}")
-            diff = row.get("difficulty")
-            if diff is not None:
-                diff = min(max(float(diff), 0.0), 1.0)
-            if task is None and diff is None:
-                raise ValueError(f"{path}:{n}: a row needs a task, a difficulty, or both")
-            group = "extra:" + hashlib.sha1(json.dumps(messages, sort_keys=True).encode()).hexdigest()[:16]
-            out.append(Example("extra", group, messages, task, diff))
-    return out
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{where}: not JSON ({exc.msg})") from None
+    if not isinstance(row, dict):
+        raise ValueError(f'{where}: expected an object like {{"prompt": "...", "task": "writing"}}')
+    if "messages" in row:
+        messages = row["messages"]
+        if not (isinstance(messages, list) and messages and all(isinstance(m, dict) and "role" in m for m in messages)):
+            raise ValueError(f'{where}: "messages" must be a non-empty list of {{"role": ..., "content": ...}} objects')
+    elif isinstance(row.get("prompt"), str):
+        messages = _user(row["prompt"])
+    else:
+        raise ValueError(f'{where}: a row needs "prompt" (a string) or "messages"')
+    task = row.get("task")
+    if task is not None and task not in TASK_TYPES:
+        raise ValueError(f"{where}: task must be one of {TASK_TYPES}, got {task!r}")
+    diff = row.get("difficulty")
+    if diff is not None:
+        if isinstance(diff, bool) or not isinstance(diff, (int, float)) or not math.isfinite(diff):
+            raise ValueError(f"{where}: difficulty must be a number in [0, 1], got {diff!r}")
+        diff = min(max(float(diff), 0.0), 1.0)
+    if task is None and diff is None:
+        raise ValueError(f"{where}: a row needs a task, a difficulty, or both")
+    group = "extra:" + hashlib.sha1(json.dumps(messages, sort_keys=True).encode()).hexdigest()[:16]
+    return Example("extra", group, messages, task, diff)

@@ -471,6 +471,22 @@ def test_cli_small_batches_write_each_row_once(tmp_path):
     assert [json.loads(line).get("id", "bad") for line in dst.read_text().splitlines()] == [0, 1, 2, 3, 4, "bad"]
 
 
+def test_cli_output_may_be_its_input_and_odd_lines_are_rows(tmp_path):
+    """--output naming the --input file used to empty it before it was read (exit 0, every row lost); a
+    byte-order mark, a line in another encoding and a lone surrogate escape were tracebacks or bad rows."""
+    path = tmp_path / "prompts.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"prompt": "What is 2+2?", "id": 1}).encode() + b"\n"
+                     + b'{"prompt": "caf\xe9"}\n'  # Latin-1, not UTF-8
+                     + b'{"prompt": "half an emoji \\ud83d"}\n'
+                     + json.dumps({"prompt": "Write a haiku about rain", "id": 4}).encode() + b"\n")
+    assert classify_cli(["--input", str(path), "--output", str(path)]) == 0
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert [r.get("id") for r in rows] == [1, None, None, 4]
+    assert rows[0]["task"] in TASK_TYPES and rows[3]["task"] in TASK_TYPES
+    assert rows[1] == {"line": 2, "error": "line 2: not UTF-8"}
+    assert rows[2]["prompt"] == "half an emoji \ud83d" and rows[2]["task"] in TASK_TYPES
+
+
 def test_extra_jsonl_format(tmp_path):
     from router.train_data import load_extra
 
@@ -485,6 +501,29 @@ def test_extra_jsonl_format(tmp_path):
     bad.write_text(json.dumps({"prompt": "x", "task": "poetry"}) + "\n")
     with pytest.raises(ValueError, match="task must be one of"):
         load_extra(bad)
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"text": "Summarise this memo", "task": "writing"}', 'a row needs "prompt" (a string) or "messages"'),
+    ('{"messages": "Summarise this memo", "task": "writing"}', '"messages" must be a non-empty list'),
+    ('["Summarise this memo", "writing"]', "expected an object"),
+    ('{"prompt": "x", "difficulty": "hard"}', "difficulty must be a number in [0, 1], got 'hard'"),
+    ('{"prompt": "x", "task": "math", "difficulty": NaN}', "difficulty must be a number in [0, 1], got nan"),
+    ("{'prompt': 'x', 'task': 'math'}", "not JSON (Expecting property name"),
+])
+def test_train_refuses_a_bad_extra_row_before_loading_the_datasets(tmp_path, monkeypatch, capsys, line, message):
+    """A typo in the user's file used to train on an empty prompt ("text" for "prompt"), or fail after
+    minutes (NaN), or be a traceback; now it is one line naming the file and line, at once."""
+    from router import train as T
+
+    monkeypatch.setattr(T, "load_examples", lambda *a, **k: pytest.fail("loaded the datasets first"))
+    path = tmp_path / "mine.jsonl"
+    path.write_text("\ufeff" + json.dumps({"prompt": "Fix my SQL join", "task": "code"}) + "\n\n" + line + "\n",
+                    encoding="utf-8")
+    assert T.cli(["--out", str(tmp_path / "art"), "--extra", str(path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"ponder train: {path}:3: ") and message in err and "\n" not in err
+    assert not (tmp_path / "art").exists()
 
 
 def test_datasets_path_override(monkeypatch, tmp_path):

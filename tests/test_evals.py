@@ -53,6 +53,30 @@ def test_routellm_csv_rejects_out_of_range_scores(tmp_path):
         load_routellm_csv([tmp_path / "t.csv"], models=["a", "b"])
 
 
+def test_routellm_csv_as_spreadsheets_write_it(tmp_path):
+    """Excel's "CSV UTF-8" (a byte-order mark, CRLF line ends, a prompt with a line break in quotes) and
+    NA cells: every model is read, an NA is a missing record, not a reason to drop the model."""
+    path = tmp_path / "excel.csv"
+    path.write_bytes("\ufeffprompt,gpt-4o,gpt-4o-mini,gpt-3.5-turbo\r\n"
+                     "\"Line one\r\nline two\",1,0,N/A\r\nWhat is 2+2?,1,NA,1\r\ncafé?,0,1,#N/A\r\n".encode())
+    table = load_table([path])
+    assert table.arm_names == ["gpt-4o", "gpt-4o-mini", "gpt-3.5-turbo"]
+    assert table.prompts == ["Line one\r\nline two", "What is 2+2?", "café?"]
+    assert np.isnan(table.scores[1, 1]) and np.isnan(table.scores[0, 2]) and np.isnan(table.scores[2, 2])
+    assert table.scores[:, 0].tolist() == [1.0, 1.0, 0.0]
+
+
+def test_routellm_csv_bad_cells_are_named(tmp_path):
+    _write_csv(tmp_path / "t.csv", ["prompt", "a", "b", "c", "level"],
+               [["p", "1", "0", "1", "1"], ["q", "0", "error", "1", "4"], ["r", "1", "1", "0", "2"]])
+    with pytest.raises(ValueError, match=r"t.csv line 3, column `b`: 'error' is not a score"):
+        load_routellm_csv([tmp_path / "t.csv"], models=["a", "b"])
+    table = load_routellm_csv([tmp_path / "t.csv"])  # guessed: a column with a bad cell is left out, and said so
+    assert table.arm_names == ["a", "c"]
+    assert "`b` (" in table.description and "line 3: 'error' is not a score" in table.description
+    assert "`level` (" in table.description
+
+
 def test_routerbench_csv_uses_recorded_costs(tmp_path):
     header = ["sample_id", "prompt", "eval_name", "WizardLM/WizardLM-13B-V1.2", "WizardLM/WizardLM-13B-V1.2|total_cost",
               "WizardLM/WizardLM-13B-V1.2|model_response", "gpt-4-1106-preview", "gpt-4-1106-preview|total_cost",
@@ -83,6 +107,39 @@ def test_jsonl_per_arm_outcomes_and_samples(tmp_path):
     assert table.cost_usd[0, 1] == pytest.approx(0.003)  # three samples at the arm's cost
     assert table.prompts[1] == "Capital of France?"
     assert table.arms[1] == ArmInfo("small@vote3", "small", "self_consistency", 3)
+
+
+def test_jsonl_numbers_nulls_and_a_byte_order_mark(tmp_path):
+    """Answers recorded as JSON numbers are voted on like text; null fields are not recorded."""
+    records = [
+        {"id": None, "prompt": "6*7?", "task": "math", "group": None, "outcomes": {
+            "small": {"output_tokens": None, "cost_usd": None, "samples": [
+                {"answer": 41, "correct": False}, {"answer": 42.0, "correct": True}, {"answer": 42, "correct": True}]},
+            "big": {"correct": True, "cost_usd": 0.01, "output_tokens": 7}}},
+    ]
+    (tmp_path / "o.jsonl").write_text("\ufeff" + "\n".join(json.dumps(r) for r in records), encoding="utf-8")
+    table = load_table([tmp_path / "o.jsonl"])
+    assert table.arm_names == ["small", "small@vote3", "big"]
+    assert table.scores[0].tolist() == [0.0, 1.0, 1.0]  # the first sample wrong, the majority 42 right
+    assert table.output_tokens[0].tolist() == [300.0, 900.0, 7.0]
+    assert table.groups == [""] and table.ids == ["0"]
+
+
+@pytest.mark.parametrize("outcome, message", [
+    ({"samples": "42"}, '"samples" must be a list of objects'),
+    ({"samples": [1, 0]}, '"samples" must be a list of objects'),
+    ({"samples": [{"answer": [4, 2], "correct": True}]}, "a sample's \"answer\" must be a string or a number"),
+    ({"correct": 1, "output_tokens": "many"}, "output_tokens: could not convert string to float: 'many'"),
+    ({"correct": 1, "cost_usd": -1}, "cost_usd: -1 is negative"),
+    ("maybe", "'maybe' is not a score"),
+])
+def test_table_run_names_a_bad_outcome_instead_of_a_traceback(tmp_path, capsys, no_scoring, outcome, message):
+    (tmp_path / "t.jsonl").write_text(json.dumps({"prompt": "p", "outcomes": {"b": 1}}) + "\n"
+                                      + json.dumps({"prompt": "q", "outcomes": {"a": outcome, "b": 1}}) + "\n")
+    assert _table_cli(tmp_path) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"ponder eval: error: {tmp_path / 't.jsonl'} line 2, arm `a`")
+    assert message in err[0]
 
 
 # --- RouteLLM metrics on cases known analytically ------------------------------------------------------
@@ -146,6 +203,39 @@ def _synthetic_table(n=400, seed=3) -> OutcomeTable:
     return OutcomeTable("synthetic", arms, [str(i) for i in range(n)], prompts, ["g1" if h else "g2" for h in hard],
                         scores, cost, tokens, prompt_tokens, "synthetic",
                         price_origins={a.model: "litellm:test" for a in arms})
+
+
+@pytest.mark.parametrize("rows", [
+    [["p", "1", "1"], ["q", "0", "0"]],  # equally accurate: no gap to recover
+    [["p", "1", ""], ["q", "", "0"]],  # never answered the same prompt
+])
+def test_pair_metrics_are_undefined_without_a_gap(tmp_path, rows):
+    """They read CPT 100% and APGR 0.000 (a random router "scored" 0, not 0.5), or nan."""
+    from evals.cli import cli
+
+    _write_csv(tmp_path / "t.csv", ["prompt", "gpt-4o", "gpt-4o-mini"], rows)
+    assert cli(["--table", str(tmp_path / "t.csv"), "--out", str(tmp_path / "out"), "--no-classifier",
+                "--steps", "2"]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert all(r[m] is None for r in report["pair"]["routers"].values() for m in ("cpt50", "cpt80", "apgr"))
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "no gap, so no CPT or APGR" in markdown and "nan" not in markdown and "100.0% | 100.0%" not in markdown
+    assert not (tmp_path / "out" / "pgr.png").exists()
+
+
+def test_columns_with_the_same_policy_name_stay_two_arms(tmp_path):
+    """"gpt 4o" and "gpt/4o" both clean to the policy name gpt-4o: one arm answered for both, so a
+    router that always picked the always-right column scored as the always-wrong one."""
+    from evals.cli import cli
+
+    _write_csv(tmp_path / "t.csv", ["prompt", "gpt 4o", "gpt/4o"], [[f"q{i}", "1", "0"] for i in range(6)])
+    (tmp_path / "prices.yaml").write_text("models:\n  gpt 4o: {input_per_mtok: 1, output_per_mtok: 2, source: me}\n"
+                                          "  gpt/4o: {input_per_mtok: 1, output_per_mtok: 2, source: me}\n")
+    assert cli(["--table", str(tmp_path / "t.csv"), "--out", str(tmp_path / "out"), "--no-classifier",
+                "--steps", "2", "--prices", str(tmp_path / "prices.yaml")]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    greedy = report["methods"]["ponder warm (recorded, no exploration)"]["points"]
+    assert all(p["accuracy"] == 1.0 for p in greedy)  # equal prices: the warm learner keeps the right one
 
 
 def test_oracle_beats_every_baseline_and_report_files(tmp_path):
@@ -274,6 +364,23 @@ def test_table_loader_refuses_lines_that_are_not_records(tmp_path):
         load_table([path])
 
 
+@pytest.mark.parametrize("body, message", [
+    ("gpt-4o:\n  input_per_mtok: 2.5\n  output_per_mtok: 10\n  source: mine\n",  # no `models:` level
+     "expected a `models:` mapping of model name to prices"),
+    ("models:\n  - gpt-4o\n", "expected a `models:` mapping"),
+    ("models:\n  mine: {input_per_mtok: 1, output_per_mtok: 2, source: me\n", "line 3: not YAML (expected ','"),
+    ("models:\n  mine:\n    input_per_mtok: 1\n    source: me\n", "`mine` has no 'output_per_mtok'"),
+    ("models:\n  mine: 0.5\n", "`mine` must map to input_per_mtok, output_per_mtok and source"),
+    ("models:\n  mine: {input_per_mtok: cheap, output_per_mtok: 2, source: me}\n", "`mine`: could not convert"),
+])
+def test_table_run_refuses_a_price_file_it_cannot_read(tmp_path, capsys, no_scoring, body, message):
+    _outcomes_file(tmp_path / "t.jsonl")
+    (tmp_path / "prices.yaml").write_text(body)
+    assert _table_cli(tmp_path, "--prices", str(tmp_path / "prices.yaml")) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"ponder eval: error: {tmp_path / 'prices.yaml'}") and message in err[0]
+
+
 @pytest.mark.parametrize("flag", ["--strong", "--weak"])
 def test_table_run_refuses_an_arm_the_table_lacks_before_replaying(tmp_path, capsys, no_scoring, flag):
     _outcomes_file(tmp_path / "t.jsonl")
@@ -349,6 +456,19 @@ def test_leak_free_scores_never_train_on_the_source(monkeypatch, tmp_path):
     again = leak_free_scores(prompts, source="bbh", limit_per_source=40, sources=few)  # from the cache: no second fit
     assert np.allclose(again.difficulty, scores.difficulty)
     assert isinstance(again, Scores)
+
+
+def test_leak_free_scores_of_a_user_table_say_what_they_fit(monkeypatch):
+    """A user table has no source to leave out: the log said "without source `None`"."""
+    from evals import classification
+
+    monkeypatch.setattr(classification, "_fit_and_score",
+                        lambda training, held, seed: (np.full((len(held), 6), 1 / 6), np.zeros(len(held)), 0))
+    logs = []
+    scores = leak_free_scores(["Who wrote Hamlet?"], source=None, sources=["humaneval"], use_cache=False,
+                              log=logs.append)
+    assert logs and logs[0].startswith("fitting the classifier on ") and "None" not in logs[0]
+    assert "None" not in scores.how
 
 
 def test_stats_book_pooled_level_is_the_sum_of_its_buckets():
