@@ -174,10 +174,12 @@ def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
     return found
 
 
-def _read_csv_rows(paths: Sequence[Path]) -> tuple[list[str], list[dict[str, str]], list[tuple[Path, int]]]:
+def _read_csv_rows(paths: Sequence[Path], required: Sequence[str] = ("prompt",),
+                   ) -> tuple[list[str], list[dict[str, str]], list[tuple[Path, int]]]:
     """Rows of several CSVs as one; the header is the union; each row remembers its file and line.
     utf-8-sig: Excel's "CSV UTF-8" starts the file with a byte-order mark, which would otherwise
-    become part of the first column's name."""
+    become part of the first column's name. Every file must have the `required` columns; a row with
+    every cell empty (",,," from a spreadsheet) is no prompt and is skipped."""
     header: list[str] = []
     rows: list[dict[str, str]] = []
     origins: list[tuple[Path, int]] = []
@@ -185,12 +187,18 @@ def _read_csv_rows(paths: Sequence[Path]) -> tuple[list[str], list[dict[str, str
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rt", encoding="utf-8-sig", newline="") as handle:
             reader = csv.DictReader(handle)
-            for name in reader.fieldnames or []:
+            names = reader.fieldnames or []
+            absent = [column for column in required if column not in names]
+            if absent:
+                raise ValueError(f"{path}: no {', '.join(f'`{c}`' for c in absent)} column "
+                                 f"(columns: {', '.join(names) or 'none'})")
+            for name in names:
                 if name not in header:
                     header.append(name)
             for row in reader:
-                rows.append(row)
-                origins.append((path, reader.line_num))
+                if any(value and value.strip() for value in row.values() if isinstance(value, str)):
+                    rows.append(row)
+                    origins.append((path, reader.line_num))
     return header, rows, origins
 
 
@@ -223,8 +231,6 @@ def load_routellm_csv(paths: Sequence[str | Path], models: Sequence[str] | None 
                       prices_file: str | Path | None = None) -> OutcomeTable:
     files = expand_paths(paths)
     header, rows, origins = _read_csv_rows(files)
-    if "prompt" not in header:
-        raise ValueError(f"{files[0]}: no `prompt` column (columns: {', '.join(header)})")
     ignored = []
     if models is None:
         models = []

@@ -77,6 +77,16 @@ def test_routellm_csv_bad_cells_are_named(tmp_path):
     assert "`level` (" in table.description
 
 
+def test_several_csvs_each_need_a_prompt_column_and_blank_rows_are_no_prompts(tmp_path):
+    _write_csv(tmp_path / "a.csv", ["prompt", "m1", "m2"], [["p", "1", "0"], ["", "", ""], ["q", "0", "1"]])
+    _write_csv(tmp_path / "b.csv", ["question", "m1", "m2"], [["r", "1", "1"]])
+    with pytest.raises(ValueError, match=r"b.csv: no `prompt` column \(columns: question, m1, m2\)"):
+        load_table([str(tmp_path / "*.csv")])
+    table = load_table([tmp_path / "a.csv"])  # the spreadsheet's empty row is not a prompt every model failed
+    assert table.prompts == ["p", "q"]
+    assert table.scores.tolist() == [[1.0, 0.0], [0.0, 1.0]]
+
+
 def test_routerbench_csv_uses_recorded_costs(tmp_path):
     header = ["sample_id", "prompt", "eval_name", "WizardLM/WizardLM-13B-V1.2", "WizardLM/WizardLM-13B-V1.2|total_cost",
               "WizardLM/WizardLM-13B-V1.2|model_response", "gpt-4-1106-preview", "gpt-4-1106-preview|total_cost",
