@@ -7,6 +7,7 @@ HTTP handlers that call into it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import random
@@ -236,6 +237,8 @@ class Gateway:
             if exc.scope == "request":  # the request's own cost cap: asking again will not help
                 raise ApiError(400, str(exc), code="over_cost_limit") from None
             raise ApiError(429, str(exc), code="budget_exhausted", headers=_retry_at_reset(budget_period)) from None
+        if budget_left is not None:
+            decision = self._fallbacks_within(decision, req, hints.prompt_tokens, budget_left)
         return Plan(request_id, decision, policy, principal, req.model,
                     worst_cost_usd=self.plan_worst_case_usd(decision, req, hints.prompt_tokens),
                     prompt_tokens=hints.prompt_tokens or 0,
@@ -269,6 +272,20 @@ class Gateway:
     def plan_worst_case_usd(self, decision: Decision, req: ChatRequest, prompt_tokens: int) -> float:
         """The most any of the decision's arms can cost: a fallback may answer instead of the choice."""
         return max(self.worst_case_usd(arm, req, prompt_tokens) for arm in (decision.arm, *decision.fallbacks))
+
+    def _fallbacks_within(self, decision: Decision, req: ChatRequest, prompt_tokens: int | None,
+                          budget_left_usd: float) -> Decision:
+        """The decision without the fallbacks whose worst case is more than the key has left. The budget
+        hold covers every arm that may answer, so one costly fallback (eligible by its expected cost)
+        would refuse a request whose chosen arm fits, and lock the key out for the rest of the period."""
+        kept = tuple(arm for arm in decision.fallbacks
+                     if self.worst_case_usd(arm, req, prompt_tokens) <= budget_left_usd)
+        if len(kept) == len(decision.fallbacks):
+            return decision
+        dropped = ", ".join(arm.key for arm in decision.fallbacks if arm not in kept)
+        return dataclasses.replace(decision, fallbacks=kept, reasons=(
+            *decision.reasons, f"fallbacks dropped: {dropped} may cost more than the key's remaining "
+                               f"{budget_left_usd:.6f} USD"))
 
     def _direct(self, req: ChatRequest, headers: Any, classification: Classification,
                 policy: CompiledPolicy) -> Decision:

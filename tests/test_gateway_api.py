@@ -589,6 +589,40 @@ def test_budget_refusals_say_what_to_do(keyed_stack):
         assert empty.value.code == "budget_exhausted" and "retry-after" in empty.value.response.headers
 
 
+def test_a_costly_fallback_does_not_lock_a_key_out_of_what_it_has_left(tmp_path):
+    """A cheap arm wins; a 5-sample vote is eligible as its fallback by its expected cost, but its worst
+    case (5 samples with the reasoning instruction, each writing max_tokens) is more than the key's
+    whole day. The hold covers the arms that may answer: the fallback that cannot fit goes, and the
+    key spends its day on the cheap arm instead of getting 400 over_budget_cap (then 429 all day)."""
+    import hashlib
+
+    path = write_policy(tmp_path, {
+        "name": "thrifty",
+        "arms": {"cheap": {"backend": "mock-a", "prior": 0.9},
+                 "vote": {"backend": "mock-a", "strategy": "self_consistency", "n": 5, "prior": 0.5}},
+        "routes": [{"name": "all", "candidates": ["cheap", "vote"]}],
+        "exploration": {"share": 0.0},
+    }, "thrifty.yaml")
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("mock-a", mock, prices={"input_per_mtok": 1000, "output_per_mtok": 2000})],
+            "policy": path,
+            "api_keys": [{"id": "k", "sha256": hashlib.sha256(KEY.encode()).hexdigest(), "budget_usd_per_day": 0.3},
+                         {"id": "ops", "sha256": hashlib.sha256(ADMIN_KEY.encode()).hexdigest(), "admin": True}],
+    }, name="thrifty")) as gateway:
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0)
+        question = [{"role": "user", "content": "Who wrote Hamlet?"}]
+        served = []
+        with pytest.raises(openai.RateLimitError) as spent:
+            for _ in range(40):
+                served.append(client.chat.completions.create(model="auto", messages=question, max_tokens=20))
+        assert spent.value.code == "budget_exhausted"
+        assert served and {c.ponder["arm"] for c in served} == {"mock-a/-/single/1"}
+        cost = sum(c.ponder["cost_usd"] for c in served)
+        assert 0.3 - 0.05 < cost <= 0.3  # the day's money is spent, up to less than one request's hold
+        day = httpx.get(gateway.url + "/v1/ponder/spend", headers={"authorization": f"Bearer {ADMIN_KEY}"}).json()
+        assert abs(next(k for k in day["keys"] if k["key_id"] == "k")["spent"]["day"] - cost) < 1e-9
+
+
 def test_basic_format_backend_gets_messages_it_can_take(keyed_stack):
     gateway, mock = keyed_stack
     httpx.post(mock.url + "/reset")
