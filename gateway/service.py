@@ -133,6 +133,8 @@ class Gateway:
         self.store = await open_store(
             self.config.telemetry.redis_url, Path(self.config.telemetry.data_dir),
             refresh_s=self.config.telemetry.refresh_s, decay_half_life_s=self.learner_half_life_s(),
+            feedback_window_s=self.config.telemetry.feedback_window_s,
+            stream_maxlen=self.config.telemetry.stream_maxlen,
         )
         if self.local_model is not None:
             await self.local_model.start()

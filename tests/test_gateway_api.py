@@ -789,6 +789,25 @@ def test_data_dir_check_releases_the_lock_and_skips_it_with_redis(tmp_path):
                                 telemetry={"redis_url": "redis://127.0.0.1:1/0", "data_dir": "/proc/forbidden"}))
 
 
+def test_telemetry_retention_is_set_in_the_gateway_config(tmp_path):
+    """docs/deploy.md tells operators with heavy traffic to lower `feedback_window_s` (the per-request
+    records dominate Redis memory) and the stream holds `stream_maxlen` events: both are config keys, and
+    the store keeps to them (feedback after the window is 410 expired; only the newest events are kept)."""
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("mock-a", mock), mock_backend("mock-b", mock)], "policy": policy(tmp_path),
+            "telemetry": {"data_dir": str(tmp_path / "data"), "feedback_window_s": 1, "stream_maxlen": 5}},
+            name="retention")) as gateway:
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+        question = [{"role": "user", "content": "x"}]
+        ids = [client.chat.completions.create(model="mock-a", messages=question).id for _ in range(8)]
+        assert httpx.post(gateway.url + "/v1/feedback", json={"request_id": ids[-1], "score": 1}).status_code == 200
+        time.sleep(1.2)
+        late = httpx.post(gateway.url + "/v1/feedback", json={"request_id": ids[-2], "score": 1})
+        assert late.status_code == 410 and late.json()["error"]["code"] == "expired"
+        kept = httpx.get(gateway.url + "/v1/ponder/requests", params={"limit": 100}).json()["requests"]
+        assert [row["request_id"] for row in kept] == ids[::-1][:5]
+
+
 def test_policy_hot_reload_keeps_serving_through_a_broken_edit(tmp_path):
     import time
 
