@@ -92,7 +92,8 @@ class Gateway:
         self._configured: set[str] = set()  # backends of the gateway config (policies' inline ones may not replace them)
         self.unsettled = InFlight()  # requests planned and not yet settled (recorded, hold released)
         self.started_at = time.time()
-        self.metrics = Metrics(store_health=lambda: self.store.health() if self.store else None)
+        self.metrics = Metrics(store_health=lambda: self.store.health() if self.store else None,
+                               policy_rejections=self._policy_rejections)
 
     # -- lifecycle ------------------------------------------------------------------------------
     @staticmethod
@@ -156,6 +157,12 @@ class Gateway:
                 self._serve_inline_backends()
                 if self.store is not None:
                     self.store.half_life_s = self.learner_half_life_s()
+
+    def _policy_rejections(self) -> dict[str, bool]:
+        """policy -> whether its file's last edit was rejected (the previous version serves)."""
+        if self.policies is None:
+            return {}
+        return {name: name in self.policies.rejected for name in self.policies.names()}
 
     def _serve_inline_backends(self) -> None:
         """Backends a policy declares inline serve too (the gateway config's win by name), also when a

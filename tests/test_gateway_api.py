@@ -842,12 +842,15 @@ def test_policy_hot_reload_keeps_serving_through_a_broken_edit(tmp_path):
             time.sleep(2.5)  # more than one reload poll
             assert all(routed_to(gateway.url) == "mock-b" for _ in range(5))  # the previous policy serves
             assert "policy reload rejected" in gateway.log()
+            # and /metrics says so, for an alert: the file on disk is not what serves
+            assert 'ponder_policy_reload_rejected{policy="reloading"} 1.0' in httpx.get(gateway.url + "/metrics").text
             # a reload that declares a new backend inline: its arm is chosen and served by it
             spec["backends"] = [mock_backend("inline-c", mock)]
             spec["arms"]["fresh"] = {"backend": "inline-c"}
             spec["routes"][0]["candidates"] = ["fresh"]
             (tmp_path / "reloading.yaml").write_text(yaml.safe_dump(spec))
             assert wait_for(gateway.url, "inline-c")
+            assert 'ponder_policy_reload_rejected{policy="reloading"} 0.0' in httpx.get(gateway.url + "/metrics").text
 
 
 def test_a_client_that_drops_a_stream_pays_for_what_was_streamed(keyed_stack):
