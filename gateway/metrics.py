@@ -84,8 +84,9 @@ class Metrics:
                                      ["backend"], multiprocess_mode="livemin", registry=r)
         self.store_buffered = Gauge("ponder_store_buffered_events", "Events waiting in memory to be written.",
                                     multiprocess_mode="livesum", registry=r)
-        self.store_dropped = Gauge("ponder_store_dropped_events", "Events dropped since start because the "
-                                   "buffer was full (the store was unreachable too long).",
+        self.store_dropped = Gauge("ponder_store_dropped_events", "Events dropped since start: the buffer was "
+                                   "full (the store unreachable too long), or the store kept refusing a batch (e.g. "
+                                   "Redis OOM at maxmemory).",
                                    multiprocess_mode="livesum", registry=r)
         self.store_written = Gauge("ponder_store_written_events", "Events written to the store since start.",
                                    multiprocess_mode="livesum", registry=r)
