@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError
 
 from policies.backends import BackendSpec
+from telemetry.store import DEFAULT_FEEDBACK_WINDOW_S, DEFAULT_STREAM_MAXLEN
 
 PACKAGE_POLICIES = Path(__file__).resolve().parents[1] / "policies"
 DEFAULT_POLICY = PACKAGE_POLICIES / "local.yaml"
@@ -50,6 +51,11 @@ class TelemetryConfig(BaseModel):
     redis_url: str | None = None
     data_dir: str = ".ponder"
     refresh_s: PositiveFloat = 1.0
+    # Retention: what bounds the store's memory (Redis) or disk (sqlite); docs/telemetry.md sizes them.
+    feedback_window_s: PositiveFloat = Field(
+        default=DEFAULT_FEEDBACK_WINDOW_S, description="Feedback on a request is accepted this long; its record "
+                                                       "(~200 bytes) is kept this long + 1 day.")
+    stream_maxlen: PositiveInt = Field(default=DEFAULT_STREAM_MAXLEN, description="Events kept (~1-3 KB each).")
 
 
 class GatewayConfig(BaseModel):

@@ -48,10 +48,12 @@ def multiprocess_dir() -> str | None:
 class Metrics:
     """The gateway's counters. `store_health` returns `Store.health()` (or None before the store is up)."""
 
-    def __init__(self, store_health: Callable[[], dict[str, Any] | None] | None = None) -> None:
+    def __init__(self, store_health: Callable[[], dict[str, Any] | None] | None = None,
+                 policy_rejections: Callable[[], dict[str, bool]] | None = None) -> None:
         # A registry per instance: tests and `create_app` may build several gateways in one process.
         self.registry = CollectorRegistry(auto_describe=True)
         self._store_health = store_health
+        self._policy_rejections = policy_rejections
         self._health_at = 0.0
         self._children: dict[tuple, Any] = {}  # bounded like the label sets themselves
         r = self.registry
@@ -82,11 +84,15 @@ class Metrics:
                                      ["backend"], multiprocess_mode="livemin", registry=r)
         self.store_buffered = Gauge("ponder_store_buffered_events", "Events waiting in memory to be written.",
                                     multiprocess_mode="livesum", registry=r)
-        self.store_dropped = Gauge("ponder_store_dropped_events", "Events dropped since start because the "
-                                   "buffer was full (the store was unreachable too long).",
+        self.store_dropped = Gauge("ponder_store_dropped_events", "Events dropped since start: the buffer was "
+                                   "full (the store unreachable too long), or the store kept refusing a batch (e.g. "
+                                   "Redis OOM at maxmemory).",
                                    multiprocess_mode="livesum", registry=r)
         self.store_written = Gauge("ponder_store_written_events", "Events written to the store since start.",
                                    multiprocess_mode="livesum", registry=r)
+        self.policy_rejected = Gauge("ponder_policy_reload_rejected", "1 while a policy file's last edit failed "
+                                     "its check: the previous version keeps serving (the log says why).",
+                                     ["policy"], multiprocess_mode="livemax", registry=r)
 
     # -- hot path -------------------------------------------------------------------------------
     def observe(self, event: Event) -> None:
@@ -156,10 +162,20 @@ class Metrics:
         self.store_dropped.set(float(health.get("dropped") or 0))
         self.store_written.set(float(health.get("written") or 0))
 
+    def refresh_policy_rejections(self) -> None:
+        if self._policy_rejections is None:
+            return
+        try:
+            for policy, rejected in self._policy_rejections().items():
+                self.policy_rejected.labels(policy).set(1 if rejected else 0)
+        except Exception:  # noqa: BLE001 - a scrape must not fail for it
+            pass
+
     # -- exposition -----------------------------------------------------------------------------
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text exposition of this process, or of every worker in multi-process mode."""
         self.refresh_store_health()
+        self.refresh_policy_rejections()
         if multiprocess_dir():
             registry = CollectorRegistry()
             MultiProcessCollector(registry)

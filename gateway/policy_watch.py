@@ -1,6 +1,7 @@
 """Named policies, hot reloaded: a changed file replaces its policy only if the new file is valid.
 
-A broken edit is logged and the previous policy keeps serving; in-flight requests keep the policy
+A broken edit is logged, kept in `rejected` until the file loads again (the gateway's /metrics shows
+it), and the previous policy keeps serving; in-flight requests keep the policy
 object they started with (policies are immutable once loaded).
 """
 
@@ -34,6 +35,7 @@ class PolicySet:
         for path in extra.values():
             self._load(Path(path))
         self.last_error: str | None = None
+        self.rejected: dict[str, str] = {}  # policy -> why the file on disk is not what serves (its last edit failed)
 
     def _load(self, path: Path) -> str:
         policy: Policy = load_policy(path, extra_backends=self._backends)
@@ -70,7 +72,8 @@ class PolicySet:
             try:
                 mtime = os.stat(entry.path).st_mtime
             except OSError as exc:
-                self.last_error = f"{entry.path}: {exc}"
+                self.last_error = self.rejected[name] = f"{entry.path}: {exc}"
+                entry.mtime = -1.0  # once the file is back it is loaded, whatever its mtime
                 continue
             if mtime == entry.mtime and not force:
                 continue
@@ -80,7 +83,7 @@ class PolicySet:
                 self._check_unique(policy.name, entry.path)
                 compiled = compile_policy(policy)
             except PolicyError as exc:
-                self.last_error = str(exc)
+                self.last_error = self.rejected[name] = str(exc)
                 log.error("policy reload rejected, the previous %r keeps serving: %s", name, exc)
                 continue
             if policy.name != name:
@@ -89,6 +92,7 @@ class PolicySet:
                     self.default_name = policy.name
             self._entries[policy.name] = _Entry(entry.path, mtime, compiled)
             self.last_error = None
+            self.rejected.pop(name, None)
             reloaded.append(policy.name)
             log.info("policy %r reloaded from %s", policy.name, entry.path)
         return reloaded

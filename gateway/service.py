@@ -7,6 +7,7 @@ HTTP handlers that call into it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import random
@@ -91,7 +92,8 @@ class Gateway:
         self._configured: set[str] = set()  # backends of the gateway config (policies' inline ones may not replace them)
         self.unsettled = InFlight()  # requests planned and not yet settled (recorded, hold released)
         self.started_at = time.time()
-        self.metrics = Metrics(store_health=lambda: self.store.health() if self.store else None)
+        self.metrics = Metrics(store_health=lambda: self.store.health() if self.store else None,
+                               policy_rejections=self._policy_rejections)
 
     # -- lifecycle ------------------------------------------------------------------------------
     @staticmethod
@@ -132,6 +134,8 @@ class Gateway:
         self.store = await open_store(
             self.config.telemetry.redis_url, Path(self.config.telemetry.data_dir),
             refresh_s=self.config.telemetry.refresh_s, decay_half_life_s=self.learner_half_life_s(),
+            feedback_window_s=self.config.telemetry.feedback_window_s,
+            stream_maxlen=self.config.telemetry.stream_maxlen,
         )
         if self.local_model is not None:
             await self.local_model.start()
@@ -153,6 +157,12 @@ class Gateway:
                 self._serve_inline_backends()
                 if self.store is not None:
                     self.store.half_life_s = self.learner_half_life_s()
+
+    def _policy_rejections(self) -> dict[str, bool]:
+        """policy -> whether its file's last edit was rejected (the previous version serves)."""
+        if self.policies is None:
+            return {}
+        return {name: name in self.policies.rejected for name in self.policies.names()}
 
     def _serve_inline_backends(self) -> None:
         """Backends a policy declares inline serve too (the gateway config's win by name), also when a
@@ -236,6 +246,8 @@ class Gateway:
             if exc.scope == "request":  # the request's own cost cap: asking again will not help
                 raise ApiError(400, str(exc), code="over_cost_limit") from None
             raise ApiError(429, str(exc), code="budget_exhausted", headers=_retry_at_reset(budget_period)) from None
+        if budget_left is not None:
+            decision = self._fallbacks_within(decision, req, hints.prompt_tokens, budget_left)
         return Plan(request_id, decision, policy, principal, req.model,
                     worst_cost_usd=self.plan_worst_case_usd(decision, req, hints.prompt_tokens),
                     prompt_tokens=hints.prompt_tokens or 0,
@@ -269,6 +281,20 @@ class Gateway:
     def plan_worst_case_usd(self, decision: Decision, req: ChatRequest, prompt_tokens: int) -> float:
         """The most any of the decision's arms can cost: a fallback may answer instead of the choice."""
         return max(self.worst_case_usd(arm, req, prompt_tokens) for arm in (decision.arm, *decision.fallbacks))
+
+    def _fallbacks_within(self, decision: Decision, req: ChatRequest, prompt_tokens: int | None,
+                          budget_left_usd: float) -> Decision:
+        """The decision without the fallbacks whose worst case is more than the key has left. The budget
+        hold covers every arm that may answer, so one costly fallback (eligible by its expected cost)
+        would refuse a request whose chosen arm fits, and lock the key out for the rest of the period."""
+        kept = tuple(arm for arm in decision.fallbacks
+                     if self.worst_case_usd(arm, req, prompt_tokens) <= budget_left_usd)
+        if len(kept) == len(decision.fallbacks):
+            return decision
+        dropped = ", ".join(arm.key for arm in decision.fallbacks if arm not in kept)
+        return dataclasses.replace(decision, fallbacks=kept, reasons=(
+            *decision.reasons, f"fallbacks dropped: {dropped} may cost more than the key's remaining "
+                               f"{budget_left_usd:.6f} USD"))
 
     def _direct(self, req: ChatRequest, headers: Any, classification: Classification,
                 policy: CompiledPolicy) -> Decision:

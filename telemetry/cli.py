@@ -32,7 +32,7 @@ async def _read_redis(url: str, half_life_s: float | None) -> RawAggregates:
     try:
         if not await store._ensure_connected(force=True):
             raise ConnectionError(store.last_error or f"cannot reach {url}")
-        return await store._load_aggregates()
+        return await store._load_aggregates(read_only=True)
     finally:
         await store._client.aclose()
 

@@ -338,21 +338,26 @@ class RedisStore(BufferedStore):
 
     # --- reads -----------------------------------------------------------------------------------------
 
-    async def _load_aggregates(self) -> dict[str, dict[tuple[str, str], dict[str, float]]]:
+    async def _load_aggregates(self, *, read_only: bool = False) -> dict[str, dict[tuple[str, str], dict[str, float]]]:
+        """Every policy's aggregates. A replica also re-creates each policy's marker, and restores its
+        cached aggregates where the marker was gone; `read_only` (`ponder stats`) writes nothing: a
+        reader must work on a read replica, and must not take a marker a replica's restore needs."""
         k = self.keys
         names = sorted(set(await self._client.smembers(k.policies)) | set(self._raw))
         if not names:
             return {}
         pipe = self._client.pipeline(transaction=False)
         for p in names:
-            pipe.set(k.alive(p), "1", nx=True)
             pipe.smembers(k.arms(p))
+            if not read_only:
+                pipe.set(k.alive(p), "1", nx=True)
         res = await pipe.execute()
-        members = {p: res[2 * i + 1] for i, p in enumerate(names)}
+        step = 1 if read_only else 2
+        members = {p: res[step * i] for i, p in enumerate(names)}
         # A missing marker next to a policy we hold stats for means Redis restarted without its data:
         # the replica that re-created the marker adds its cached aggregates back (additively, so events
         # other replicas flushed since the restart are kept).
-        lost = [p for i, p in enumerate(names) if res[2 * i] and self._raw.get(p)]
+        lost = [] if read_only else [p for i, p in enumerate(names) if res[2 * i + 1] and self._raw.get(p)]
         if lost:
             pipe, later = self._client.pipeline(transaction=False), []
             for p in lost:

@@ -34,6 +34,7 @@ __all__ = ["BudgetExceeded", "FeedbackResult", "Reservation", "Store", "open_sto
 
 FeedbackStatus = Literal["accepted", "duplicate", "unknown_request", "expired", "forbidden", "unavailable"]
 DEFAULT_FEEDBACK_WINDOW_S = 7 * 86400
+DEFAULT_STREAM_MAXLEN = 100_000
 BATCH_MAX = 500  # events per pipeline / transaction
 MAX_BATCH_FAILURES = 3
 
@@ -378,7 +379,7 @@ async def open_store(
     redis_url: str | None,
     data_dir: Path,
     *,
-    stream_maxlen: int = 100_000,
+    stream_maxlen: int = DEFAULT_STREAM_MAXLEN,
     refresh_s: float = 1.0,
     buffer_max: int = 10_000,
     decay_half_life_s: float | None = None,

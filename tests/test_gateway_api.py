@@ -589,6 +589,40 @@ def test_budget_refusals_say_what_to_do(keyed_stack):
         assert empty.value.code == "budget_exhausted" and "retry-after" in empty.value.response.headers
 
 
+def test_a_costly_fallback_does_not_lock_a_key_out_of_what_it_has_left(tmp_path):
+    """A cheap arm wins; a 5-sample vote is eligible as its fallback by its expected cost, but its worst
+    case (5 samples with the reasoning instruction, each writing max_tokens) is more than the key's
+    whole day. The hold covers the arms that may answer: the fallback that cannot fit goes, and the
+    key spends its day on the cheap arm instead of getting 400 over_budget_cap (then 429 all day)."""
+    import hashlib
+
+    path = write_policy(tmp_path, {
+        "name": "thrifty",
+        "arms": {"cheap": {"backend": "mock-a", "prior": 0.9},
+                 "vote": {"backend": "mock-a", "strategy": "self_consistency", "n": 5, "prior": 0.5}},
+        "routes": [{"name": "all", "candidates": ["cheap", "vote"]}],
+        "exploration": {"share": 0.0},
+    }, "thrifty.yaml")
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("mock-a", mock, prices={"input_per_mtok": 1000, "output_per_mtok": 2000})],
+            "policy": path,
+            "api_keys": [{"id": "k", "sha256": hashlib.sha256(KEY.encode()).hexdigest(), "budget_usd_per_day": 0.3},
+                         {"id": "ops", "sha256": hashlib.sha256(ADMIN_KEY.encode()).hexdigest(), "admin": True}],
+    }, name="thrifty")) as gateway:
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0)
+        question = [{"role": "user", "content": "Who wrote Hamlet?"}]
+        served = []
+        with pytest.raises(openai.RateLimitError) as spent:
+            for _ in range(40):
+                served.append(client.chat.completions.create(model="auto", messages=question, max_tokens=20))
+        assert spent.value.code == "budget_exhausted"
+        assert served and {c.ponder["arm"] for c in served} == {"mock-a/-/single/1"}
+        cost = sum(c.ponder["cost_usd"] for c in served)
+        assert 0.3 - 0.05 < cost <= 0.3  # the day's money is spent, up to less than one request's hold
+        day = httpx.get(gateway.url + "/v1/ponder/spend", headers={"authorization": f"Bearer {ADMIN_KEY}"}).json()
+        assert abs(next(k for k in day["keys"] if k["key_id"] == "k")["spent"]["day"] - cost) < 1e-9
+
+
 def test_basic_format_backend_gets_messages_it_can_take(keyed_stack):
     gateway, mock = keyed_stack
     httpx.post(mock.url + "/reset")
@@ -755,6 +789,25 @@ def test_data_dir_check_releases_the_lock_and_skips_it_with_redis(tmp_path):
                                 telemetry={"redis_url": "redis://127.0.0.1:1/0", "data_dir": "/proc/forbidden"}))
 
 
+def test_telemetry_retention_is_set_in_the_gateway_config(tmp_path):
+    """docs/deploy.md tells operators with heavy traffic to lower `feedback_window_s` (the per-request
+    records dominate Redis memory) and the stream holds `stream_maxlen` events: both are config keys, and
+    the store keeps to them (feedback after the window is 410 expired; only the newest events are kept)."""
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("mock-a", mock), mock_backend("mock-b", mock)], "policy": policy(tmp_path),
+            "telemetry": {"data_dir": str(tmp_path / "data"), "feedback_window_s": 1, "stream_maxlen": 5}},
+            name="retention")) as gateway:
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+        question = [{"role": "user", "content": "x"}]
+        ids = [client.chat.completions.create(model="mock-a", messages=question).id for _ in range(8)]
+        assert httpx.post(gateway.url + "/v1/feedback", json={"request_id": ids[-1], "score": 1}).status_code == 200
+        time.sleep(1.2)
+        late = httpx.post(gateway.url + "/v1/feedback", json={"request_id": ids[-2], "score": 1})
+        assert late.status_code == 410 and late.json()["error"]["code"] == "expired"
+        kept = httpx.get(gateway.url + "/v1/ponder/requests", params={"limit": 100}).json()["requests"]
+        assert [row["request_id"] for row in kept] == ids[::-1][:5]
+
+
 def test_policy_hot_reload_keeps_serving_through_a_broken_edit(tmp_path):
     import time
 
@@ -789,12 +842,15 @@ def test_policy_hot_reload_keeps_serving_through_a_broken_edit(tmp_path):
             time.sleep(2.5)  # more than one reload poll
             assert all(routed_to(gateway.url) == "mock-b" for _ in range(5))  # the previous policy serves
             assert "policy reload rejected" in gateway.log()
+            # and /metrics says so, for an alert: the file on disk is not what serves
+            assert 'ponder_policy_reload_rejected{policy="reloading"} 1.0' in httpx.get(gateway.url + "/metrics").text
             # a reload that declares a new backend inline: its arm is chosen and served by it
             spec["backends"] = [mock_backend("inline-c", mock)]
             spec["arms"]["fresh"] = {"backend": "inline-c"}
             spec["routes"][0]["candidates"] = ["fresh"]
             (tmp_path / "reloading.yaml").write_text(yaml.safe_dump(spec))
             assert wait_for(gateway.url, "inline-c")
+            assert 'ponder_policy_reload_rejected{policy="reloading"} 0.0' in httpx.get(gateway.url + "/metrics").text
 
 
 def test_a_client_that_drops_a_stream_pays_for_what_was_streamed(keyed_stack):

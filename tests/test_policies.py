@@ -307,6 +307,28 @@ def test_two_policy_files_may_not_share_a_name(tmp_path):
     assert sorted(policies.names()) == ["main", "other"] and "already the name" in (policies.last_error or "")
 
 
+def test_a_policy_file_that_fails_or_vanishes_is_rejected_until_it_loads_again(tmp_path):
+    """`rejected` (the gateway's ponder_policy_reload_rejected) says the file on disk is not what serves:
+    a broken edit, or a file gone; a file put back is loaded even with the mtime it had (a restore)."""
+    import os
+
+    from gateway.policy_watch import PolicySet
+
+    backend = [BackendSpec(name="b", model="openai/b")]
+    path = tmp_path / "main.yaml"
+    path.write_text("name: main\narms: {one: {backend: b}}\nroutes: [{name: all, candidates: [one]}]\n")
+    good, stamp = path.read_text(), os.stat(path).st_mtime_ns
+    policies = PolicySet(str(path), {}, backend)
+    assert policies.rejected == {}
+    path.write_text("name: main\nroutes: [")
+    assert policies.reload_changed(force=True) == [] and "YAML" in policies.rejected["main"]
+    path.unlink()
+    assert policies.reload_changed() == [] and "No such file" in policies.rejected["main"]
+    path.write_text(good)
+    os.utime(path, ns=(stamp, stamp))
+    assert policies.reload_changed() == ["main"] and policies.rejected == {}
+
+
 def test_cli_help_goes_to_stdout_and_policy_help_is_policy_checks(capsys):
     from gateway.cli import main
 

@@ -385,6 +385,38 @@ def test_stats_cli_prints_the_table(tmp_path, capsys, redis_url):
     assert stats_cli(["--redis-url", f"redis://127.0.0.1:{free_port()}/0"]) == 1
 
 
+def test_stats_cli_writes_nothing_to_redis(tmp_path, capsys, redis_url):
+    """`ponder stats` is a reader: it works against a read replica, and it takes no policy's marker (a
+    replica whose refresh finds the marker gone restores its cached stats after Redis lost its data;
+    a marker taken by the CLI would leave those stats lost)."""
+    import redis as sync_redis
+
+    async def fill():
+        store = await open_store(redis_url, tmp_path / "data")
+        for i in range(5):
+            store.record(event(i))
+        await store.close()
+
+    run(fill())
+    primary = sync_redis.Redis.from_url(redis_url)
+    primary.delete("ponder:{policy:p}:alive")  # as after a restart without data, with the policy re-added
+    replica = start_redis(data_dir=tmp_path / "replica")
+    try:
+        client = sync_redis.Redis(port=replica.port)
+        client.replicaof("127.0.0.1", int(redis_url.rsplit(":", 1)[1].split("/")[0]))
+        deadline = time.monotonic() + 10
+        while client.info("replication").get("master_link_status") != "up" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert stats_cli(["--redis-url", f"redis://127.0.0.1:{replica.port}/0", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["p"]["math:hard"][ARM]["requests"] == 5
+        client.close()
+    finally:
+        replica.stop()
+    assert stats_cli(["--redis-url", redis_url, "--json"]) == 0
+    assert not primary.exists("ponder:{policy:p}:alive")
+    primary.close()
+
+
 def test_percentile_of_the_log_histogram():
     hist = {}
     values = [float(v) for v in range(1, 1001)]
