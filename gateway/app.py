@@ -214,9 +214,9 @@ async def settle(gw: Gateway, plan: Plan, caller: Caller, reservation: Any, *, s
                  result: StrategyResult | None = None, error: str | None = None) -> None:
     try:
         event = gw.record(plan, caller.calls, status=status, result=result, error=error)
-        if reservation is not None and gw.store is not None:
+        if reservation is not None:
             with contextlib.suppress(Exception):  # settling is bookkeeping: never fail the answer for it
-                await gw.store.settle(reservation, event.cost_usd)
+                await gw.settle_budget(reservation, event.cost_usd)
     finally:
         gw.unsettled.done()
 

@@ -36,7 +36,7 @@ from router import prompts
 from router.classifier import Classifier, ClassifierError
 from router.decide import BudgetExhausted, CompiledPolicy, InvalidHint, RequestHints, decide, estimate_prompt_tokens
 from router.types import Arm, Classification, Decision
-from telemetry.budgets import seconds_until_reset
+from telemetry.budgets import Reservation, seconds_until_reset
 from telemetry.embedded_store import check_data_dir
 from telemetry.events import Event
 from telemetry.store import BudgetExceeded, Store, open_store
@@ -91,6 +91,7 @@ class Gateway:
         self._rng = random.Random()
         self._configured: set[str] = set()  # backends of the gateway config (policies' inline ones may not replace them)
         self.unsettled = InFlight()  # requests planned and not yet settled (recorded, hold released)
+        self._held_usd: dict[str, float] = {}  # key id -> this process's budget holds not yet settled
         self.started_at = time.time()
         self.metrics = Metrics(store_health=lambda: self.store.health() if self.store else None,
                                policy_rejections=self._policy_rejections)
@@ -431,20 +432,43 @@ class Gateway:
             return None
         return min((cap - spent.get(period, 0.0), period) for period, cap in limits.items())
 
-    async def reserve_budget(self, plan: Plan) -> Any:
+    async def reserve_budget(self, plan: Plan) -> Reservation | None:
         """Hold the request's expected cost against the key's budgets (atomic across replicas)."""
         limits = self.budget_limits(plan.principal)
         if not limits or self.store is None:
             return None
+        key_id = plan.principal.key_id
         try:
-            return await self.store.reserve(plan.principal.key_id, plan.reserve_usd(), limits)
+            reservation = await self.store.reserve(key_id, plan.reserve_usd(), limits)
         except BudgetExceeded as exc:
             if exc.amount > exc.limit > exc.spent:  # waiting cannot help: the worst case is over the whole cap
                 raise ApiError(400, f"This request may cost up to ${exc.amount:.6f}, more than this key's whole "
                                     f"{exc.period} budget (${exc.limit:.6f}); send a lower max_tokens (without "
                                     "one, a default output length per call is held).", code="over_budget_cap") from None
+            held = self._held_usd.get(key_id, 0.0)
+            if exc.spent - held + exc.amount <= exc.limit:
+                # Only this process's requests in flight stand in the way, and their holds are mostly
+                # returned when they settle: worth retrying in a moment, not at the period's end.
+                raise ApiError(429, f"This key's {exc.period} budget is held by its requests in flight "
+                                    f"(${held:.6f} of ${exc.spent:.6f} spent or held); retry shortly.",
+                               code="budget_held", headers=retry_after(1.0)) from None
             raise ApiError(429, f"Budget exhausted for this key: {exc}.", code="budget_exhausted",
                            headers=_retry_at_reset(exc.period)) from None
+        if reservation.mode != "none":
+            self._held_usd[key_id] = self._held_usd.get(key_id, 0.0) + reservation.amount_usd
+        return reservation
+
+    async def settle_budget(self, reservation: Reservation, actual_usd: float) -> None:
+        """Charge a request's actual cost in place of its hold (settling twice changes nothing)."""
+        if reservation.settled or reservation.mode == "none":
+            return
+        left = self._held_usd.get(reservation.key_id, 0.0) - reservation.amount_usd
+        if left > 1e-12:
+            self._held_usd[reservation.key_id] = left
+        else:
+            self._held_usd.pop(reservation.key_id, None)
+        if self.store is not None:
+            await self.store.settle(reservation, actual_usd)
 
 
 class InFlight:

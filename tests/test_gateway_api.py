@@ -589,6 +589,42 @@ def test_budget_refusals_say_what_to_do(keyed_stack):
         assert empty.value.code == "budget_exhausted" and "retry-after" in empty.value.response.headers
 
 
+def test_a_budget_held_by_requests_in_flight_is_retried_in_a_moment_not_at_midnight(tmp_path):
+    """Two holds fit the day's $0.12; four requests at once against a slow upstream: two are served, two
+    get 429 `budget_held` with Retry-After 1, since only holds that settle in a moment stand in the way
+    (not 429 `budget_exhausted` with Retry-After at midnight, which an SDK takes as "give up"). After
+    they settle at their actual cost, the key is served again."""
+    import hashlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("mock-a", mock, prices={"input_per_mtok": 1000, "output_per_mtok": 2000}),
+                         mock_backend("mock-b", mock)],
+            "policy": policy(tmp_path),
+            "api_keys": [{"id": "k", "sha256": hashlib.sha256(KEY.encode()).hexdigest(), "budget_usd_per_day": 0.12}],
+    }, name="held")) as gateway:
+        httpx.post(mock.url + "/control", json={"delay_ms": 800})
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0)
+        question = [{"role": "user", "content": "Who wrote Hamlet?"}]
+
+        def ask(_):
+            try:
+                return client.chat.completions.with_raw_response.create(model="mock-a", messages=question,
+                                                                        max_tokens=20).parse()
+            except openai.RateLimitError as exc:
+                return exc
+
+        with ThreadPoolExecutor(4) as pool:
+            outcomes = list(pool.map(ask, range(4)))
+        refused = [o for o in outcomes if isinstance(o, openai.RateLimitError)]
+        served = [o for o in outcomes if not isinstance(o, Exception)]
+        assert len(served) == 2 and len(refused) == 2, outcomes
+        for exc in refused:
+            assert exc.code == "budget_held" and exc.response.headers["retry-after"] == "1"
+        httpx.post(mock.url + "/control", json={"delay_ms": 0})
+        assert client.chat.completions.create(model="mock-a", messages=question, max_tokens=20).choices
+
+
 def test_a_costly_fallback_does_not_lock_a_key_out_of_what_it_has_left(tmp_path):
     """A cheap arm wins; a 5-sample vote is eligible as its fallback by its expected cost, but its worst
     case (5 samples with the reasoning instruction, each writing max_tokens) is more than the key's
