@@ -6,6 +6,7 @@
     ponder policy check FILE...                          validate policies
     ponder stats ...                                     per-bucket learned stats
     ponder eval ...                                      replay recorded outcomes
+    ponder key [--id ID] | --hash                        a new API key and its config line
 """
 
 from __future__ import annotations
@@ -68,6 +69,31 @@ def serve(argv: list[str]) -> int:
     return 0
 
 
+def key(argv: list[str]) -> int:
+    """A new API key and the `api_keys` line that admits it (the config holds only its sha256), or
+    with --hash the sha256 of a key read from stdin (for a key that already exists)."""
+    import secrets
+
+    from gateway.config import hash_key
+
+    parser = argparse.ArgumentParser(prog="ponder key", description=key.__doc__)
+    parser.add_argument("--id", default="my-app", help="the key's id in the config, telemetry and budgets")
+    parser.add_argument("--hash", action="store_true", help="print the sha256 of the key on stdin instead")
+    args = parser.parse_args(argv)
+    if args.hash:
+        text = sys.stdin.read().strip()
+        if not text:
+            print("ponder key --hash: no key on stdin", file=sys.stderr)
+            return 2
+        print(hash_key(text))
+        return 0
+    new_key = "pk-" + secrets.token_urlsafe(32)
+    print(f"key (give it to the client; it is not stored anywhere): {new_key}")
+    print("config line, under api_keys:")
+    print(f'  - {{id: {args.id}, sha256: "{hash_key(new_key)}"}}')
+    return 0
+
+
 def _delegate(module: str, function: str, argv: list[str]) -> int:
     import importlib
 
@@ -80,6 +106,7 @@ COMMANDS = {
     "classify": lambda argv: _delegate("router.classifier", "cli", argv),
     "stats": lambda argv: _delegate("telemetry.cli", "stats_cli", argv),
     "eval": lambda argv: _delegate("evals.cli", "cli", argv),
+    "key": lambda argv: key(argv),
 }
 
 

@@ -589,6 +589,31 @@ def test_budget_refusals_say_what_to_do(keyed_stack):
         assert empty.value.code == "budget_exhausted" and "retry-after" in empty.value.response.headers
 
 
+def test_ponder_key_makes_a_key_and_the_config_line_that_admits_it(tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    made = subprocess.run([sys.executable, "-m", "gateway.cli", "key", "--id", "made"], capture_output=True,
+                          text=True, check=True).stdout.splitlines()
+    new_key = made[0].rsplit(" ", 1)[1]
+    line = yaml.safe_load(made[-1])
+    assert line[0]["id"] == "made" and new_key not in made[-1]  # the config holds only the hash
+    hashed = subprocess.run([sys.executable, "-m", "gateway.cli", "key", "--hash"], input=new_key + "\n",
+                            capture_output=True, text=True, check=True).stdout.strip()
+    assert hashed == line[0]["sha256"]
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("mock-a", mock), mock_backend("mock-b", mock)],
+            "policy": policy(tmp_path), "api_keys": line}, name="made-key")) as gateway:
+        question = [{"role": "user", "content": "hi"}]
+        served = openai.OpenAI(base_url=gateway.url + "/v1", api_key=new_key, max_retries=0)
+        assert served.chat.completions.create(model="auto", messages=question).choices
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=gateway.url + "/v1", api_key=new_key + "x", max_retries=0
+                          ).chat.completions.create(model="auto", messages=question)
+
+
 def test_a_budget_held_by_requests_in_flight_is_retried_in_a_moment_not_at_midnight(tmp_path):
     """Two holds fit the day's $0.12; four requests at once against a slow upstream: two are served, two
     get 429 `budget_held` with Retry-After 1, since only holds that settle in a moment stand in the way
