@@ -50,11 +50,6 @@ def posterior(prior: float, prior_strength: float, stats: ArmStats | None) -> tu
     return max(alpha, 1e-6), max(beta, 1e-6)
 
 
-def posterior_mean(prior: float, prior_strength: float, stats: ArmStats | None) -> float:
-    alpha, beta = posterior(prior, prior_strength, stats)
-    return alpha / (alpha + beta)
-
-
 def utility(accuracy: float, cost_usd: float, latency_ms: float, cost_weight: float, latency_weight: float) -> float:
     """The policy objective: P(correct) - lambda * cost_usd - mu * latency in seconds."""
     return accuracy - cost_weight * cost_usd - latency_weight * latency_ms / 1000.0

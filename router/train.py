@@ -629,7 +629,7 @@ def train(
     steps = len(everything) // 512 + 5 + (len({ex.source for ex in everything}) if loso else 0)
     bar = tqdm(total=steps, desc="ponder train", unit="step", disable=not progress)
     X_all = feature_matrix(everything, progress=lambda n: bar.update(1) if n else None)
-    X_train, X_test = X_all[: len(train_set)], X_all[len(train_set) :]
+    X_train = X_all[: len(train_set)]
     bar.set_postfix_str("fitting")
     models = fit(train_set, X_train, seed)
     bar.update(1)

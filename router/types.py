@@ -142,14 +142,6 @@ class ArmStats:
     estimated_cost_usd: float = 0.0
     estimated_count: float = 0.0
 
-    @property
-    def mean_cost_usd(self) -> float:
-        return self.cost_usd / self.count if self.count else 0.0
-
-    @property
-    def mean_latency_ms(self) -> float:
-        return self.latency_ms / self.count if self.count else 0.0
-
 
 # bucket -> arm key -> stats
 StatsSnapshot = dict[str, dict[str, ArmStats]]

@@ -13,7 +13,6 @@ from router.learner import (
     decay_factor,
     explore_pool,
     posterior,
-    posterior_mean,
     thompson_pick,
     utility,
 )
@@ -56,7 +55,8 @@ def test_posterior_adds_outcomes_to_the_prior():
     assert posterior(0.7, 10, ArmStats(count=20, successes=5, weight=20)) == pytest.approx((12.0, 18.0))
     # successes beyond the scored weight are clamped (a late score can race a decay)
     assert posterior(0.5, 2, ArmStats(count=5, successes=9, weight=4)) == pytest.approx((5.0, 1.0))
-    assert posterior_mean(0.5, 10, ArmStats(count=1000, successes=900, weight=1000)) == pytest.approx(905 / 1010)
+    alpha, beta = posterior(0.5, 10, ArmStats(count=1000, successes=900, weight=1000))
+    assert alpha / (alpha + beta) == pytest.approx(905 / 1010)
     alpha, beta = posterior(1.0, 10, None)
     assert alpha > 0 and beta > 0
 
