@@ -24,7 +24,7 @@ from gateway.calls import Caller, upstream_to_api_error
 from gateway.config import LOCAL_BACKEND_NAME, ConfigError, GatewayConfig
 from gateway.effort import effective_effort
 from gateway.errors import ApiError, retry_after
-from gateway.local_model import LocalModelServer
+from gateway.local_model import LocalModelError, LocalModelServer, check_local_model
 from gateway.metrics import Metrics
 from gateway.policy_watch import PolicySet
 from gateway.prices import call_cost
@@ -97,13 +97,19 @@ class Gateway:
     @staticmethod
     def check(config: GatewayConfig) -> None:
         """Raise ConfigError with a readable message for what start() would fail on (a policy that
-        does not load, a classifier artifact that does not, a data dir it cannot create or another
-        gateway holds), before a server is started for it."""
+        does not load, a classifier artifact that does not, a local model file that is missing or a
+        fixed local model port that is taken, a data dir it cannot create or another gateway holds),
+        before a server is started for it."""
         try:
             Classifier.load(config.classifier)
             configured_policies(config)
         except (ClassifierError, PolicyError) as exc:
             raise ConfigError(str(exc)) from None
+        if config.local_model.enabled and not any(s.name == LOCAL_BACKEND_NAME for s in config.backends):
+            try:
+                check_local_model(config.local_model)
+            except LocalModelError as exc:
+                raise ConfigError(str(exc)) from None
         if not config.telemetry.redis_url:  # with Redis the data dir is not used at all (telemetry/store.py)
             try:
                 check_data_dir(Path(config.telemetry.data_dir))
