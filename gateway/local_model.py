@@ -160,9 +160,10 @@ class LocalModelServer:
         """Running and answering (a process still loading its model is not)."""
         return self._serving and self.process is not None and self.process.poll() is None  # poll() reaps too
 
-    async def watch(self, interval_s: float = 1.0) -> None:
+    async def watch(self, interval_s: float = 1.0, on_back: Callable[[], None] | None = None) -> None:
         """Restart the model server if it dies (said in the log), pausing longer after each failed try.
-        Meanwhile the backend fails fast (cool-down) and readiness says the model is down."""
+        Meanwhile the backend fails fast (cool-down) and readiness says the model is down; `on_back`
+        runs once a new server answers."""
         pause = RESTART_PAUSE_S
         while True:
             await asyncio.sleep(interval_s)
@@ -175,6 +176,8 @@ class LocalModelServer:
             try:
                 await self.start()
                 log.info("local model server is back on port %d", self.port)
+                if on_back is not None:
+                    on_back()
             except LocalModelError as exc:
                 log.error("local model server did not restart (%s); next try in %.0f s", exc, pause)
                 await asyncio.sleep(pause)

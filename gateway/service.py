@@ -141,7 +141,10 @@ class Gateway:
         )
         if self.local_model is not None:
             await self.local_model.start()
-            self._tasks.append(asyncio.create_task(self.local_model.watch()))
+            # Calls that failed while it was down cooled its backend down; ready again means serving
+            # again, not a 503 for as long as the cool-down had left to run.
+            local = self.backends[LOCAL_BACKEND_NAME]
+            self._tasks.append(asyncio.create_task(self.local_model.watch(on_back=local.health.succeeded)))
         self._tasks.append(asyncio.create_task(self._watch_policies()))
 
     def learner_half_life_s(self) -> float | None:

@@ -219,3 +219,29 @@ def test_a_model_server_port_taken_while_it_was_down_is_not_reported_as_back(tmp
             time.sleep(0.2)
         assert httpx.get(gateway.url + "/readyz").status_code == 200
         assert "local model server is back" in gateway.log()
+
+
+def test_requests_are_served_as_soon_as_a_restarted_model_server_is_ready(tmp_path):
+    """Requests sent while the model server is down fail and cool its backend down (fail fast, not
+    wait); once readiness says it is back, the next request is answered, not refused with a 503 for
+    whatever that cool-down had left to run."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    with running(start_gateway(tmp_path, {"local_model": {"enabled": True, "n_ctx": 512, "n_threads": 1}},
+                               timeout=120, name="back")) as gateway:
+        (child,) = psutil.Process(gateway.process.pid).children(recursive=True)
+        os.kill(child.pid, signal.SIGKILL)
+        body = {"model": "local", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "seed": 1}
+        refused = 0
+        deadline = time.monotonic() + 60
+        while httpx.get(gateway.url + "/readyz").status_code != 200:  # clients keep asking meanwhile
+            assert time.monotonic() < deadline
+            refused += httpx.post(gateway.url + "/v1/chat/completions", json=body, timeout=30).status_code >= 500
+            time.sleep(0.02)
+        assert refused >= 2  # enough failures in a row to cool the backend down
+        answer = httpx.post(gateway.url + "/v1/chat/completions", json=body, timeout=30)
+        assert answer.status_code == 200, answer.text
