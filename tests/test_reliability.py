@@ -347,6 +347,26 @@ def test_requests_timed_out_in_the_gateways_queue_do_not_cool_the_backend_down(t
                 assert b"[DONE]" in b"".join(chunks)
 
 
+def test_a_vote_whose_samples_all_failed_answers_with_their_failures_status(tmp_path):
+    """Every sample timed out: a 504 as for one call, not a 502; every sample refused by a cooling
+    backend: a 503 with Retry-After, so clients back off as long as they should."""
+    with running(start_mock(tmp_path)) as mock:
+        backend = mock_backend("voter", mock, max_retries=0, timeout_s=1, supports_n=False)  # one call a sample
+        policy = write_policy(tmp_path, {
+            "name": "voter", "arms": {"vote": {"backend": "voter", "strategy": "self_consistency", "n": 3}},
+            "routes": [{"name": "all", "candidates": ["vote"]}]})
+        with running(start_gateway(tmp_path, {"backends": [backend], "policy": policy}, name="voter")) as gateway:
+            control(mock, script=["hang"] * 3, hang_s=5)
+            timed_out = httpx.post(gateway.url + "/v1/chat/completions", json=chat("auto"), timeout=10)
+            assert timed_out.status_code == 504, timed_out.text
+            assert_openai_error(timed_out)
+            error = timed_out.json()["error"]
+            assert error["code"] == "upstream_timeout" and "every sample failed" in error["message"]
+            cooling = httpx.post(gateway.url + "/v1/chat/completions", json=chat("auto"), timeout=10)
+            assert cooling.status_code == 503, cooling.text
+            assert int(cooling.headers["retry-after"]) >= 1
+
+
 def test_all_backends_failing_gives_a_fast_clean_error_with_retry_after(pair):
     gateway, mock_a, mock_b = pair
     reset(mock_a, mock_b)
