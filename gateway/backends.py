@@ -224,13 +224,18 @@ class Backend:
 
     def _http_error(self, status: int, raw: bytes, retry_after: str | None) -> UpstreamError:
         try:
-            message = orjson.loads(raw)["error"]["message"]
+            error = orjson.loads(raw)["error"]
+            message = error["message"]
         except Exception:  # any shape: the upstream's body is only informative
-            message = raw[:500].decode("utf-8", "replace")
+            error, message = None, raw[:500].decode("utf-8", "replace")
         retryable = status == 429 or status >= 500 or status == 408
         client_status = status if status in REQUEST_ERRORS else (429 if status == 429 else 502)
+        # An error about the request keeps the upstream's code: clients act on OpenAI's codes
+        # (`context_length_exceeded`: trim the history and send it again).
+        code = error.get("code") if client_status in REQUEST_ERRORS and isinstance(error, dict) else None
         return UpstreamError(self.name, client_status, f"{self.name}: upstream {status}: {message}",
-                             retryable=retryable, retry_after=_seconds(retry_after))
+                             retryable=retryable, retry_after=_seconds(retry_after),
+                             code=code if isinstance(code, str) and code else None)
 
     async def _complete_litellm(self, body: dict[str, Any]) -> dict[str, Any]:
         litellm = _litellm()
