@@ -107,6 +107,14 @@ class BackendHealth:
 
 
 @dataclass(slots=True)
+class Admission:
+    """Whether a call got one of its backend's slots (`max_concurrency`). A call that ran out of time
+    before that waited in the gateway's own queue: it says nothing about the backend's health."""
+
+    admitted: bool = False
+
+
+@dataclass(slots=True)
 class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -180,10 +188,13 @@ class Backend:
         return body
 
     # -- non-streaming ----------------------------------------------------------------------
-    async def complete(self, body: dict[str, Any]) -> tuple[dict[str, Any], CallRecord]:
+    async def complete(self, body: dict[str, Any],
+                       admission: Admission | None = None) -> tuple[dict[str, Any], CallRecord]:
         started = time.perf_counter()
         body = self._adapt(body)
         async with self.semaphore:
+            if admission is not None:
+                admission.admitted = True
             if self.fast_path:
                 data = await self._complete_fast(body)
             else:
@@ -213,13 +224,18 @@ class Backend:
 
     def _http_error(self, status: int, raw: bytes, retry_after: str | None) -> UpstreamError:
         try:
-            message = orjson.loads(raw)["error"]["message"]
+            error = orjson.loads(raw)["error"]
+            message = error["message"]
         except Exception:  # any shape: the upstream's body is only informative
-            message = raw[:500].decode("utf-8", "replace")
+            error, message = None, raw[:500].decode("utf-8", "replace")
         retryable = status == 429 or status >= 500 or status == 408
         client_status = status if status in REQUEST_ERRORS else (429 if status == 429 else 502)
+        # An error about the request keeps the upstream's code: clients act on OpenAI's codes
+        # (`context_length_exceeded`: trim the history and send it again).
+        code = error.get("code") if client_status in REQUEST_ERRORS and isinstance(error, dict) else None
         return UpstreamError(self.name, client_status, f"{self.name}: upstream {status}: {message}",
-                             retryable=retryable, retry_after=_seconds(retry_after))
+                             retryable=retryable, retry_after=_seconds(retry_after),
+                             code=code if isinstance(code, str) and code else None)
 
     async def _complete_litellm(self, body: dict[str, Any]) -> dict[str, Any]:
         litellm = _litellm()
@@ -241,18 +257,34 @@ class Backend:
         return "no-key" if self.spec.api_base else None
 
     # -- streaming --------------------------------------------------------------------------
-    async def stream(self, body: dict[str, Any]) -> AsyncIterator[tuple[bytes, dict | None]]:
+    async def stream(self, body: dict[str, Any],
+                     admission: Admission | None = None) -> AsyncIterator[tuple[bytes, dict | None]]:
         """Yield `(payload, parsed)` per SSE data event, ending only after the upstream's [DONE].
 
         The upstream is always asked for usage so the stream can be billed; the caller decides
-        whether the client sees that chunk. A stream that ends without [DONE] raises UpstreamError.
+        whether the client sees that chunk. A stream that ends without [DONE] raises UpstreamError,
+        and one whose first event takes longer than `first_byte_timeout_s` (counted once a slot is
+        free, not while queued for one) a 504 one.
         """
         body = {**self._adapt(body), "stream": True, "stream_options": {**(body.get("stream_options") or {}),
                                                                         "include_usage": True}}
         async with self.semaphore:
+            if admission is not None:
+                admission.admitted = True
             source = self._stream_fast(body) if self.fast_path else self._stream_litellm(body)
-            async for item in source:
-                yield item
+            try:
+                try:
+                    async with asyncio.timeout(self.spec.first_byte_timeout_s):
+                        first = await anext(source, None)
+                except TimeoutError:
+                    raise UpstreamError(self.name, 504, f"{self.name}: no first byte in time", retryable=True) from None
+                if first is None:
+                    return
+                yield first
+                async for item in source:
+                    yield item
+            finally:
+                await source.aclose()
 
     async def _stream_fast(self, body: dict[str, Any]) -> AsyncIterator[tuple[bytes, dict | None]]:
         assert self.session is not None, "backend used before the gateway started"

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.backends import Backend, CallRecord, Usage, UpstreamError
+from gateway.backends import Admission, Backend, CallRecord, Usage, UpstreamError
 from gateway.errors import ApiError, retry_after
 from router.decide import estimate_prompt_tokens
 
@@ -56,16 +56,16 @@ class Caller:
             if budget <= 0:
                 raise ApiError(504, "The request deadline passed before a backend answered.", code="deadline")
             started = time.perf_counter()
+            admission = Admission()
             try:
                 # asyncio.timeout, not wait_for: no extra task per call on the hot path
                 async with asyncio.timeout(budget):
-                    data, record = await backend.complete(body)
+                    data, record = await backend.complete(body, admission)
             except asyncio.CancelledError:
                 self.cancelled_call(backend, body, started)
                 raise
             except TimeoutError:
-                last = UpstreamError(backend.name, 504, f"{backend.name}: request deadline reached", retryable=False)
-                self._failed(backend, started, last)
+                last = self.deadline_reached(backend, started, admission)
                 raise last from None
             except UpstreamError as exc:
                 last = exc
@@ -89,6 +89,18 @@ class Caller:
             # If this error reaches the client, it carries when this backend is expected back.
             exc.retry_after = backend.health.cooldown_until - now
         self.calls.append(backend.record(Usage(), started, ok=False, error=exc.message[:300]))
+
+    def deadline_reached(self, backend: Backend, started: float, admission: Admission) -> UpstreamError:
+        """The request's deadline passed during a call: the backend's fault (a mark against its health)
+        only if the call had reached it, not while it waited for one of its slots."""
+        if admission.admitted:
+            error = UpstreamError(backend.name, 504, f"{backend.name}: request deadline reached", retryable=False)
+            self._failed(backend, started, error)
+            return error
+        error = UpstreamError(backend.name, 504, f"{backend.name}: request deadline reached while queued for a "
+                              f"free slot (max_concurrency {backend.spec.max_concurrency})", retryable=False)
+        self.calls.append(backend.record(Usage(), started, ok=False, error=error.message[:300]))
+        return error
 
     def cancelled_call(self, backend: Backend, body: dict[str, Any], started: float) -> None:
         """A call cut off by the client leaving (or the server stopping) before it answered: the

@@ -68,6 +68,35 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def port_in_use(port: int) -> bool:
+    """Whether something listens on the loopback port. SO_REUSEADDR as the model server binds, so the
+    lingering TIME_WAIT connections of a server that just died do not count."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def model_path(config: LocalModelConfig) -> Path:
+    return Path(config.model_path) if config.model_path else default_model_path()
+
+
+def check_local_model(config: LocalModelConfig) -> None:
+    """Raise LocalModelError for what would make the model server fail to start, before it is started:
+    a missing model file, or a fixed port another process holds (its server would answer our readiness
+    probe while ours exits, and every restart would fail alike)."""
+    path = model_path(config)
+    if not path.is_file():
+        raise LocalModelError(f"local_model.model_path: {path} is not a file")
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise LocalModelError("llama-cpp-python is not installed (see scripts/install.sh)")
+    if config.port and port_in_use(config.port):
+        raise LocalModelError(f"local_model.port: 127.0.0.1:{config.port} is already in use by another process")
+
+
 class LocalModelServer:
     def __init__(self, config: LocalModelConfig) -> None:
         self.config = config
@@ -98,9 +127,11 @@ class LocalModelServer:
         )
 
     async def start(self) -> None:
-        model = Path(self.config.model_path) if self.config.model_path else default_model_path()
+        model = model_path(self.config)
         if importlib.util.find_spec("llama_cpp") is None:
             raise LocalModelError("llama-cpp-python is not installed (see scripts/install.sh)")
+        if port_in_use(self.port):  # e.g. taken while the model server was down: not ours to serve from
+            raise LocalModelError(f"port {self.port} on 127.0.0.1 is in use by another process")
         cmd = [
             sys.executable, "-m", "llama_cpp.server",
             "--model", str(model),
@@ -129,9 +160,10 @@ class LocalModelServer:
         """Running and answering (a process still loading its model is not)."""
         return self._serving and self.process is not None and self.process.poll() is None  # poll() reaps too
 
-    async def watch(self, interval_s: float = 1.0) -> None:
+    async def watch(self, interval_s: float = 1.0, on_back: Callable[[], None] | None = None) -> None:
         """Restart the model server if it dies (said in the log), pausing longer after each failed try.
-        Meanwhile the backend fails fast (cool-down) and readiness says the model is down."""
+        Meanwhile the backend fails fast (cool-down) and readiness says the model is down; `on_back`
+        runs once a new server answers."""
         pause = RESTART_PAUSE_S
         while True:
             await asyncio.sleep(interval_s)
@@ -144,6 +176,8 @@ class LocalModelServer:
             try:
                 await self.start()
                 log.info("local model server is back on port %d", self.port)
+                if on_back is not None:
+                    on_back()
             except LocalModelError as exc:
                 log.error("local model server did not restart (%s); next try in %.0f s", exc, pause)
                 await asyncio.sleep(pause)

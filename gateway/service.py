@@ -25,7 +25,7 @@ from gateway.calls import Caller, upstream_to_api_error
 from gateway.config import LOCAL_BACKEND_NAME, ConfigError, GatewayConfig
 from gateway.effort import effective_effort
 from gateway.errors import ApiError, retry_after
-from gateway.local_model import LocalModelServer
+from gateway.local_model import LocalModelError, LocalModelServer, check_local_model
 from gateway.metrics import Metrics
 from gateway.policy_watch import PolicySet
 from gateway.prices import call_cost
@@ -100,13 +100,19 @@ class Gateway:
     @staticmethod
     def check(config: GatewayConfig) -> None:
         """Raise ConfigError with a readable message for what start() would fail on (a policy that
-        does not load, a classifier artifact that does not, a data dir it cannot create or another
-        gateway holds), before a server is started for it."""
+        does not load, a classifier artifact that does not, a local model file that is missing or a
+        fixed local model port that is taken, a data dir it cannot create or another gateway holds),
+        before a server is started for it."""
         try:
             Classifier.load(config.classifier)
             configured_policies(config)
         except (ClassifierError, PolicyError) as exc:
             raise ConfigError(str(exc)) from None
+        if config.local_model.enabled and not any(s.name == LOCAL_BACKEND_NAME for s in config.backends):
+            try:
+                check_local_model(config.local_model)
+            except LocalModelError as exc:
+                raise ConfigError(str(exc)) from None
         if not config.telemetry.redis_url:  # with Redis the data dir is not used at all (telemetry/store.py)
             try:
                 check_data_dir(Path(config.telemetry.data_dir))
@@ -140,7 +146,10 @@ class Gateway:
         )
         if self.local_model is not None:
             await self.local_model.start()
-            self._tasks.append(asyncio.create_task(self.local_model.watch()))
+            # Calls that failed while it was down cooled its backend down; ready again means serving
+            # again, not a 503 for as long as the cool-down had left to run.
+            local = self.backends[LOCAL_BACKEND_NAME]
+            self._tasks.append(asyncio.create_task(self.local_model.watch(on_back=local.health.succeeded)))
         self._tasks.append(asyncio.create_task(self._watch_policies()))
 
     def learner_half_life_s(self) -> float | None:

@@ -50,6 +50,7 @@ class StrategyContext:
     # the learner's stats of the request's bucket (arm key -> ArmStats): adaptive consistency reads
     # the bucket's value of a vote from them (router.stopping.bucket_sample_value)
     bucket_stats: Mapping[str, ArmStats] = field(default_factory=dict)
+    last_sample_error: UpstreamError | None = None  # why the last dropped sample failed
 
     def param(self, name: str) -> Any:
         return self.params.get(name, DEFAULT_PARAMS.get(name))
@@ -162,6 +163,7 @@ async def _gather_samples(arm: Arm, body: dict[str, Any], ctx: StrategyContext, 
             except UpstreamError as exc:
                 if exc.status in REQUEST_ERRORS:
                     raise  # about the request, not this sample: every sample would fail alike
+                ctx.last_sample_error = exc
                 return None
 
     results = await asyncio.gather(*(one(i) for i in range(count)))
@@ -169,10 +171,16 @@ async def _gather_samples(arm: Arm, body: dict[str, Any], ctx: StrategyContext, 
 
 
 def _every_sample_failed(backend: str, ctx: StrategyContext) -> UpstreamError:
-    """No sample came back: the client's error says why the last call to `backend` failed."""
+    """No sample came back: the client's error says why the last call to `backend` failed, with that
+    failure's status (a 504 for a deadline, a 503 with Retry-After for a cool-down), as a single call's
+    error would; a 502 when the samples came back without choices."""
     last = next((call.error for call in reversed(ctx.caller.calls) if call.backend == backend and call.error), None)
     why = f" (the last: {last})" if last else ""
-    return UpstreamError(backend, 502, f"{backend}: every sample failed{why}", retryable=True)
+    error = ctx.last_sample_error
+    if error is None:
+        return UpstreamError(backend, 502, f"{backend}: every sample failed{why}", retryable=True)
+    return UpstreamError(backend, error.status, f"{backend}: every sample failed{why}", retryable=error.retryable,
+                         retry_after=error.retry_after, code=error.code)
 
 
 def _sample_texts(responses: list[dict[str, Any]]) -> list[str]:

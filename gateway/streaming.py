@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 from starlette.responses import StreamingResponse
 
-from gateway.backends import Backend, CallRecord, Usage, UpstreamError
+from gateway.backends import Admission, Backend, CallRecord, Usage, UpstreamError
 from gateway.calls import Caller
 from gateway.errors import ApiError
 
@@ -56,14 +56,15 @@ class PassThrough:
     @classmethod
     async def open(cls, backend: Backend, body: dict[str, Any], caller: Caller) -> PassThrough:
         started = time.perf_counter()
-        source = backend.stream(body)
+        admission = Admission()
+        source = backend.stream(body, admission)  # it bounds the wait for the first byte itself
         try:
-            first = await asyncio.wait_for(anext(source), timeout=min(backend.spec.first_byte_timeout_s,
-                                                                        max(0.01, caller.remaining())))
+            first = await asyncio.wait_for(anext(source), timeout=max(0.01, caller.remaining()))
         except StopAsyncIteration:
             error = UpstreamError(backend.name, 502, f"{backend.name}: empty stream", retryable=True)
         except asyncio.TimeoutError:
-            error = UpstreamError(backend.name, 504, f"{backend.name}: no first byte in time", retryable=True)
+            await source.aclose()
+            raise caller.deadline_reached(backend, started, admission) from None
         except UpstreamError as exc:
             error = exc
         except asyncio.CancelledError:

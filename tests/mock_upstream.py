@@ -5,7 +5,8 @@ exact, predictable usage (1 token per whitespace-separated word), and can misbeh
 
     POST /control {"script": ["500", "ok", ...], "fail_rate": 0.5, "answers": [...], "delay_ms": 0}
         script: behaviours for the next requests, in order; then fail_rate picks "500" at random.
-        behaviours: ok | 500 | 429 | empty | hang | reset | truncate | reset_mid | stall | slow_first
+        behaviours: ok | 500 | 429 | empty | hang | reset | truncate | reset_mid | stall | slow_first | hold
+        (hold: a stream pauses hang_s after its first chunk)
     GET  /calls     {"count": N, "bodies": [...last 200 bodies]}
     POST /reset     forget everything
 
@@ -115,6 +116,8 @@ async def stream(request: web.Request, body: dict, base: dict, answer: str, usag
                                                                                "finish_reason": None}]}) + b"\n\n")
         if behaviour == "slow_first" and i == 0:
             await asyncio.sleep(0.2)
+        if behaviour == "hold" and i == 0:
+            await asyncio.sleep(STATE["hang_s"])
         if i == len(pieces) // 2 and behaviour in ("truncate", "reset_mid"):
             if behaviour == "reset_mid":
                 request.transport.close()

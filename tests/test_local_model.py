@@ -132,3 +132,127 @@ def test_the_model_server_dies_with_a_killed_gateway(tmp_path):
         assert child in gone, f"model server {child.pid} outlived its gateway"
     finally:
         gateway.stop()
+
+
+def _serve_refused(tmp_path, local_model: dict):
+    """`ponder serve` with this local model config, in a subprocess that must give up before starting."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    path = tmp_path / "ponder.yaml"
+    path.write_text(yaml.safe_dump({"local_model": local_model, "telemetry": {"data_dir": str(tmp_path / "data")}}))
+    return subprocess.run([sys.executable, "-m", "gateway.cli", "serve", "--config", str(path), "--port", "9"],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_serve_refuses_a_missing_model_file(tmp_path):
+    done = _serve_refused(tmp_path, {"model_path": str(tmp_path / "nowhere.gguf")})
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"ponder: bad config: local_model.model_path: {tmp_path / 'nowhere.gguf'} is not a file"]
+
+
+def test_serve_refuses_a_local_model_port_another_process_holds(tmp_path):
+    """Else the other process's server answers the readiness probe (for a second gateway sharing one
+    config: the first one's model server) while our model server exits, restarted every second."""
+    import socket
+
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        done = _serve_refused(tmp_path, {"port": port})
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"ponder: bad config: local_model.port: 127.0.0.1:{port} is already in use by another process"]
+
+
+def test_a_model_server_port_taken_while_it_was_down_is_not_reported_as_back(tmp_path):
+    """The model server dies and another HTTP server takes its port: the watchdog says it cannot restart
+    there (and keeps trying, slower and slower) instead of taking the other server's answer to its
+    readiness probe for its own model server being back."""
+    import http.server
+    import os
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    class Answers200(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args):
+            pass
+
+    with running(start_gateway(tmp_path, {"local_model": {"enabled": True, "n_ctx": 512, "n_threads": 1}},
+                               timeout=120, name="taken", log_level="info")) as gateway:
+        port = int(gateway.log().split("on port ")[1].split()[0])
+        (child,) = psutil.Process(gateway.process.pid).children(recursive=True)
+        os.kill(child.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while True:  # at once: the watchdog looks every second, and a new model server binds seconds later
+            try:
+                squatter = http.server.HTTPServer(("127.0.0.1", port), Answers200)
+                break
+            except OSError:
+                assert time.monotonic() < deadline
+        threading.Thread(target=squatter.serve_forever, daemon=True).start()
+        try:
+            time.sleep(5)
+            ready = httpx.get(gateway.url + "/readyz")
+            assert ready.status_code == 503 and ready.json()["local_model"] is False
+            assert f"did not restart (port {port} on 127.0.0.1 is in use by another process)" in gateway.log()
+            assert "is back" not in gateway.log()
+            assert gateway.log().count("starting local model") <= 4  # the first start, then 1, 2, 4 s apart
+        finally:
+            squatter.shutdown()
+            squatter.server_close()
+        deadline = time.monotonic() + 60  # the port is free again: a later try brings the model back
+        while time.monotonic() < deadline and httpx.get(gateway.url + "/readyz").status_code != 200:
+            time.sleep(0.2)
+        assert httpx.get(gateway.url + "/readyz").status_code == 200
+        assert "local model server is back" in gateway.log()
+
+
+def test_requests_are_served_as_soon_as_a_restarted_model_server_is_ready(tmp_path):
+    """Requests sent while the model server is down fail and cool its backend down (fail fast, not
+    wait); once readiness says it is back, the next request is answered, not refused with a 503 for
+    whatever that cool-down had left to run."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    with running(start_gateway(tmp_path, {"local_model": {"enabled": True, "n_ctx": 512, "n_threads": 1}},
+                               timeout=120, name="back")) as gateway:
+        (child,) = psutil.Process(gateway.process.pid).children(recursive=True)
+        os.kill(child.pid, signal.SIGKILL)
+        body = {"model": "local", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "seed": 1}
+        refused = 0
+        deadline = time.monotonic() + 60
+        while httpx.get(gateway.url + "/readyz").status_code != 200:  # clients keep asking meanwhile
+            assert time.monotonic() < deadline
+            refused += httpx.post(gateway.url + "/v1/chat/completions", json=body, timeout=30).status_code >= 500
+            time.sleep(0.02)
+        assert refused >= 2  # enough failures in a row to cool the backend down
+        answer = httpx.post(gateway.url + "/v1/chat/completions", json=body, timeout=30)
+        assert answer.status_code == 200, answer.text
+
+
+def test_a_prompt_longer_than_the_context_is_a_400_with_openais_code(local_gateway):
+    """llama.cpp's server says so in OpenAI's words and code; clients that trim their history on
+    `context_length_exceeded` must see that code, not a generic one."""
+    client = openai.OpenAI(base_url=local_gateway.url + "/v1", api_key="none", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="local", max_tokens=8,
+                                       messages=[{"role": "user", "content": "word " * 1500}])
+    assert refused.value.code == "context_length_exceeded"
+    assert "maximum context length is 1024 tokens" in refused.value.message

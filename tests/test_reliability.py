@@ -313,6 +313,60 @@ def test_stream_stalled_before_the_first_chunk_falls_back(pair):
     assert seconds < first_byte_timeout
 
 
+def test_requests_timed_out_in_the_gateways_queue_do_not_cool_the_backend_down(tmp_path):
+    """A backend with one slot (the local model's `max_concurrency: 1`) is busy: requests queued behind
+    it that reach their deadline get a 504 saying so, but the backend did nothing wrong, and the next
+    request is queued and answered, not refused with a 503 'cooling down'."""
+    with running(start_mock(tmp_path)) as mock:
+        backend = mock_backend("one-slot", mock, max_concurrency=1, max_retries=0, timeout_s=10,
+                               first_byte_timeout_s=5)
+        policy = write_policy(tmp_path, {"name": "one-slot", "arms": {"only": {"backend": "one-slot"}},
+                                         "routes": [{"name": "all", "candidates": ["only"]}]})
+        with running(start_gateway(tmp_path, {"backends": [backend], "policy": policy, "request_timeout_s": 2},
+                                   name="queue")) as gateway:
+            control(mock, answers=[LONG_ANSWER], script=["hold"], hang_s=3)  # one stream holds the slot 3 s
+            with httpx.stream("POST", gateway.url + "/v1/chat/completions", timeout=10,
+                              json=chat("one-slot", stream=True)) as holder:
+                chunks = holder.iter_bytes()
+                next(chunks)  # relaying: the slot is taken
+
+                async def queued() -> list[httpx.Response]:
+                    async with httpx.AsyncClient(timeout=10) as client:
+                        return await asyncio.gather(
+                            client.post(gateway.url + "/v1/chat/completions", json=chat("one-slot")),
+                            client.post(gateway.url + "/v1/chat/completions", json=chat("one-slot", stream=True)))
+
+                for response in asyncio.run(queued()):  # both wait 2 s in the queue, then give up
+                    assert response.status_code == 504, response.text
+                    assert_openai_error(response)
+                    assert "while queued for a free slot (max_concurrency 1)" in response.json()["error"]["message"]
+                started = time.perf_counter()
+                after = httpx.post(gateway.url + "/v1/chat/completions", json=chat("one-slot"), timeout=10)
+                assert after.status_code == 200, after.text  # queued until the stream is done, then answered
+                assert time.perf_counter() - started < 2
+                assert b"[DONE]" in b"".join(chunks)
+
+
+def test_a_vote_whose_samples_all_failed_answers_with_their_failures_status(tmp_path):
+    """Every sample timed out: a 504 as for one call, not a 502; every sample refused by a cooling
+    backend: a 503 with Retry-After, so clients back off as long as they should."""
+    with running(start_mock(tmp_path)) as mock:
+        backend = mock_backend("voter", mock, max_retries=0, timeout_s=1, supports_n=False)  # one call a sample
+        policy = write_policy(tmp_path, {
+            "name": "voter", "arms": {"vote": {"backend": "voter", "strategy": "self_consistency", "n": 3}},
+            "routes": [{"name": "all", "candidates": ["vote"]}]})
+        with running(start_gateway(tmp_path, {"backends": [backend], "policy": policy}, name="voter")) as gateway:
+            control(mock, script=["hang"] * 3, hang_s=5)
+            timed_out = httpx.post(gateway.url + "/v1/chat/completions", json=chat("auto"), timeout=10)
+            assert timed_out.status_code == 504, timed_out.text
+            assert_openai_error(timed_out)
+            error = timed_out.json()["error"]
+            assert error["code"] == "upstream_timeout" and "every sample failed" in error["message"]
+            cooling = httpx.post(gateway.url + "/v1/chat/completions", json=chat("auto"), timeout=10)
+            assert cooling.status_code == 503, cooling.text
+            assert int(cooling.headers["retry-after"]) >= 1
+
+
 def test_all_backends_failing_gives_a_fast_clean_error_with_retry_after(pair):
     gateway, mock_a, mock_b = pair
     reset(mock_a, mock_b)
