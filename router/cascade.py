@@ -11,9 +11,8 @@ answer costs the client):
 No signal at all gives confidence 1.0 (nothing to doubt): a policy that wants a check must ask for
 k >= 2 samples or a verifier.
 
-The same signals are automatic success signals for the learner, weighted by how well they predict
-correctness: ``SIGNAL_WEIGHTS`` (client feedback and recorded ground truth count fully; a medoid's
-similarity, which says nothing about correctness, counts least).
+A vote's or a verifier's confidence is also the learner's automatic success signal, weighted in
+telemetry.events.SIGNAL_WEIGHTS.
 """
 
 from __future__ import annotations
@@ -23,16 +22,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from router.voting import VoteResult, vote
-
-# How much one outcome's success signal counts for the learner, by source.
-SIGNAL_WEIGHTS: dict[str, float] = {
-    "ground_truth": 1.0,  # evals: a recorded correct/incorrect
-    "feedback": 1.0,  # the client said so via the API
-    "verifier": 0.7,  # reward model / LLM judge: correlated with correctness, but biased
-    "vote": 0.5,  # agreement of samples: consistent answers can be consistently wrong
-    "stated_uncertainty": 0.3,  # the model's own hedging: cheap, noisy
-    "medoid": 0.2,  # similarity of open-ended texts: barely about correctness
-}
 
 _UNCERTAIN_PHRASES = (
     r"i(?:'| a)m not (?:entirely |completely |totally |100% )?(?:sure|certain|confident)",

@@ -412,14 +412,13 @@ def _estimate(spec: ArmSpec, policy: Policy, backends: dict[str, BackendSpec], p
     if spec.strategy == "adaptive_consistency":
         wave = spec.wave if spec.wave is not None else min(DEFAULT_WAVE, spec.n)
         samples = spec.expected_n if spec.expected_n is not None else (wave + spec.n) / 2
-        rounds = math.ceil(samples / wave)
-        calls = rounds if backend.supports_n else samples
-        sequential = rounds * math.ceil(wave / parallel)
+        sequential = math.ceil(samples / wave) * math.ceil(wave / parallel)
     else:  # single and cot have n == 1; self_consistency, best_of_n and a cascade's first stage take n
         samples = spec.n
-        calls = 1 if backend.supports_n else samples
         sequential = math.ceil(samples / parallel)
-    cost = calls * prompt_tokens * price_in + samples * tokens * price_out
+    # The gateway draws each sample as its own seeded call (gateway/strategies.py; not every provider
+    # takes `n`), so every sample pays for the prompt, whatever the backend's `supports_n`.
+    cost = samples * (prompt_tokens * price_in + tokens * price_out)
     latency = sequential * _call_ms(backend, tokens) * (PARALLEL_STRAGGLER if samples > 1 else 1.0)
     p95 = latency * P95_OVER_MEAN
     if spec.strategy == "best_of_n":

@@ -552,6 +552,26 @@ def test_malformed_task_label_is_a_bad_request(label):
         RequestHints.from_request(object(), {"x-ponder-task": label})
 
 
+def test_every_sample_of_a_vote_pays_for_the_prompt():
+    """The gateway draws each sample as its own call, on any backend: a 5-sample vote on a long
+    prompt costs five prompts. The estimate took one prompt on a `supports_n` backend (one call with
+    n=5, which the gateway never makes), so a vote over a 10,000-token prompt looked barely dearer
+    than one answer and passed a cost cap it then overshot 4x (seen over HTTP: $0.0023 estimated,
+    $0.0102 billed)."""
+    policy = parse_policy(POLICY.replace("EXPLORE_SHARE", "0.0").replace(
+        "  strong-vote:", "  mid-vote:     {backend: mid, effort: low, strategy: self_consistency, n: 5}\n"
+                          "  mid-wave:     {backend: mid, effort: low, strategy: adaptive_consistency, n: 5, "
+                          "wave: 2, expected_n: 4}\n  strong-vote:").replace("strong-vote: 0.92,",
+                                                                              "mid-vote: 0.95,"), "test.yaml")
+    compiled = compile_policy(policy)
+    one = compiled.estimated_cost_usd(compiled.arms["mid-low"].key, 10_000, 5)
+    assert compiled.estimated_cost_usd(compiled.arms["mid-vote"].key, 10_000, 5) == pytest.approx(5 * one)
+    assert compiled.estimated_cost_usd(compiled.arms["mid-wave"].key, 10_000, 5) == pytest.approx(4 * one)
+    capped = decide(HARD_MATH, policy, {}, request=RequestHints(prompt_tokens=10_000, max_output_tokens=5,
+                                                                 max_cost_usd=3 * one))
+    assert candidate(capped, policy, "mid-vote").excluded
+
+
 def test_learned_cost_compares_each_request_with_its_own_estimate():
     """Long prompts (8,000 tokens) that cost exactly what the cost model estimated for them: the
     learned cost stays that estimate. Compared with the estimate for a typical 300-token prompt
