@@ -380,7 +380,9 @@ async def open_first_stream(gw: Gateway, plan: Plan, req: ChatRequest, caller: C
                 return passthrough
             except UpstreamError as exc:
                 last = exc
-                if not exc.retryable or not backend.health.available(time.monotonic()):
+                if not exc.retryable:  # about the request (a 400): every arm would refuse it alike
+                    return upstream_to_api_error(exc)
+                if not backend.health.available(time.monotonic()):
                     break
     assert last is not None
     return upstream_to_api_error(last, caller.retry_after_s() if last.status in (429, 503) else None)

@@ -60,7 +60,7 @@ class UpstreamError(Exception):
     """A failed upstream call. `status` is what the client would see if nothing else can serve it."""
 
     def __init__(self, backend: str, status: int, message: str, *, retryable: bool,
-                 retry_after: float | None = None, code: str | None = None) -> None:
+                 retry_after: float | None = None, code: str | None = None, param: str | None = None) -> None:
         super().__init__(message)
         self.backend = backend
         self.status = status
@@ -68,6 +68,7 @@ class UpstreamError(Exception):
         self.retryable = retryable
         self.retry_after = retry_after
         self.code = code  # the client's error code, when more precise than upstream_error
+        self.param = param  # the request field the error is about, when the upstream named one
 
 
 @dataclass(slots=True)
@@ -213,13 +214,15 @@ class Backend:
 
     def _http_error(self, status: int, raw: bytes, retry_after: str | None) -> UpstreamError:
         try:
-            message = orjson.loads(raw)["error"]["message"]
+            error = orjson.loads(raw)["error"]
+            message = error["message"]
         except Exception:  # any shape: the upstream's body is only informative
-            message = raw[:500].decode("utf-8", "replace")
+            error, message = None, raw[:500].decode("utf-8", "replace")
         retryable = status == 429 or status >= 500 or status == 408
         client_status = status if status in REQUEST_ERRORS else (429 if status == 429 else 502)
+        code, param = _passed_on(client_status, error)
         return UpstreamError(self.name, client_status, f"{self.name}: upstream {status}: {message}",
-                             retryable=retryable, retry_after=_seconds(retry_after))
+                             retryable=retryable, retry_after=_seconds(retry_after), code=code, param=param)
 
     async def _complete_litellm(self, body: dict[str, Any]) -> dict[str, Any]:
         litellm = _litellm()
@@ -324,6 +327,16 @@ def _basic_message(backend: str, message: dict[str, Any]) -> dict[str, Any]:
     return {**message, "content": "\n".join(texts)}
 
 
+def _passed_on(client_status: int, error: Any) -> tuple[str | None, str | None]:
+    """The upstream's `code` and `param` of an error the client gets with the upstream's own status
+    (a request error, a rate limit): apps branch on them (`context_length_exceeded` -> trim the
+    history, `content_filter`, `insufficient_quota`). A 5xx becomes our 502, with our code."""
+    if (client_status not in REQUEST_ERRORS and client_status != 429) or not isinstance(error, dict):
+        return None, None
+    code, param = error.get("code"), error.get("param")
+    return (code if isinstance(code, str) and code else None), (param if isinstance(param, str) and param else None)
+
+
 def _seconds(value: str | None) -> float | None:
     try:
         return max(0.0, float(value)) if value else None
@@ -356,4 +369,16 @@ def _litellm_error(backend: str, exc: Exception) -> UpstreamError:
     client_status = status if status in REQUEST_ERRORS or status == 429 else 502
     headers = getattr(getattr(exc, "response", None), "headers", None)
     retry_after = _seconds(headers.get("retry-after")) if headers is not None else None
-    return UpstreamError(backend, client_status, f"{backend}: {message}", retryable=retryable, retry_after=retry_after)
+    body = getattr(exc, "body", None)
+    error = dict(body) if isinstance(body, dict) else {}
+    if not error.get("code") and type(exc).__name__ in _LITELLM_CODES:
+        # litellm names these alike for every provider, and does not always keep the upstream's body
+        error["code"] = _LITELLM_CODES[type(exc).__name__]
+    code, param = _passed_on(client_status, error)
+    return UpstreamError(backend, client_status, f"{backend}: {message}", retryable=retryable, retry_after=retry_after,
+                         code=code, param=param)
+
+
+# OpenAI's codes for the errors litellm maps every provider's own onto
+_LITELLM_CODES = {"ContextWindowExceededError": "context_length_exceeded",
+                  "ContentPolicyViolationError": "content_filter"}

@@ -5,7 +5,7 @@ exact, predictable usage (1 token per whitespace-separated word), and can misbeh
 
     POST /control {"script": ["500", "ok", ...], "fail_rate": 0.5, "answers": [...], "delay_ms": 0}
         script: behaviours for the next requests, in order; then fail_rate picks "500" at random.
-        behaviours: ok | 500 | 429 | empty | hang | reset | truncate | reset_mid | stall | slow_first
+        behaviours: ok | 500 | 429 | too_long | empty | hang | reset | truncate | reset_mid | stall | slow_first
     GET  /calls     {"count": N, "bodies": [...last 200 bodies]}
     POST /reset     forget everything
 
@@ -74,6 +74,11 @@ async def chat(request: web.Request) -> web.StreamResponse:
     if behaviour == "429":
         return web.json_response({"error": {"message": "slow down", "type": "rate_limit"}}, status=429,
                                  headers={"Retry-After": "1"})
+    if behaviour == "too_long":  # OpenAI's answer to a prompt over the model's context window
+        return web.json_response({"error": {
+            "message": "This model's maximum context length is 8192 tokens. However, your messages resulted in "
+                       "9000 tokens. Please reduce the length of the messages.",
+            "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"}}, status=400)
     if behaviour == "empty":  # a 200 with no choices at all: some servers answer so under load
         return web.json_response({"id": "mock-empty", "object": "chat.completion", "model": body.get("model"),
                                   "choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 0,

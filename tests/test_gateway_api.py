@@ -163,6 +163,22 @@ def test_a_backend_called_through_litellm(client, mock):
     with pytest.raises(openai.RateLimitError) as limited:
         client.chat.completions.create(model="mock-litellm", messages=[{"role": "user", "content": "x"}])
     assert int(limited.value.response.headers["retry-after"]) >= 1
+    time.sleep(int(limited.value.response.headers["retry-after"]) + 0.1)  # its cool-down is over: served again
+    assert client.chat.completions.create(model="mock-litellm", messages=[{"role": "user", "content": "x"}]).choices
+
+
+@pytest.mark.parametrize("model", ["mock-a", "mock-litellm", "auto"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_upstream_request_error_keeps_its_code_and_param(client, mock, model, stream):
+    """Apps branch on the upstream's error code (a context-length error: trim the history and send
+    again), so the 400 passes it on, with its param, on every path (it came as upstream_error)."""
+    control(mock, script=["too_long"])
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=model, messages=[{"role": "user", "content": "a"}], stream=stream)
+    assert refused.value.code == "context_length_exceeded" and "maximum context length" in refused.value.message
+    if model != "mock-litellm":  # litellm keeps its own exception for it, without the upstream's param
+        assert refused.value.param == "messages"
+    assert calls(mock)["count"] == 1  # about the request: never retried
 
 
 def test_n_choices(client, mock):
