@@ -42,6 +42,9 @@ class CallRecord:
     latency_ms: float = 0.0
     ok: bool = True
     error: str | None = None
+    # the upstream's other counts (`prompt_tokens_details.cached_tokens`, audio, predicted tokens),
+    # by block and name: the client's `usage` sums them over the request's calls
+    usage_details: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -107,21 +110,31 @@ class BackendHealth:
         self.last_failed_request = None
 
 
+USAGE_DETAIL_BLOCKS = ("prompt_tokens_details", "completion_tokens_details")
+
+
 @dataclass(slots=True)
 class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     reasoning_tokens: int = 0
+    details: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @classmethod
     def from_block(cls, usage: dict | None) -> Usage:
         if not usage:
             return cls()
-        details = usage.get("completion_tokens_details") or {}
+        details = {}
+        for block in USAGE_DETAIL_BLOCKS:
+            counts = usage.get(block)
+            if isinstance(counts, dict):
+                details[block] = {name: value for name, value in counts.items()
+                                  if isinstance(value, int) and not isinstance(value, bool)}
         return cls(
             int(usage.get("prompt_tokens") or 0),
             int(usage.get("completion_tokens") or 0),
-            int(details.get("reasoning_tokens") or 0),
+            int(details.get("completion_tokens_details", {}).get("reasoning_tokens") or 0),
+            details,
         )
 
 
@@ -162,6 +175,7 @@ class Backend:
             latency_ms=(time.perf_counter() - started) * 1000,
             ok=ok,
             error=error,
+            usage_details=usage.details,
         )
 
     def _headers(self) -> dict[str, str]:

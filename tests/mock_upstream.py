@@ -3,8 +3,10 @@
 Run: `python tests/mock_upstream.py --port P`. It answers `/v1/chat/completions` (JSON and SSE) with
 exact, predictable usage (1 token per whitespace-separated word), and can misbehave on demand:
 
-    POST /control {"script": ["500", "ok", ...], "fail_rate": 0.5, "answers": [...], "delay_ms": 0}
+    POST /control {"script": ["500", "ok", ...], "fail_rate": 0.5, "answers": [...], "delay_ms": 0,
+                   "cached_tokens": 0}
         script: behaviours for the next requests, in order; then fail_rate picks "500" at random.
+        cached_tokens: reported in every answer's `usage.prompt_tokens_details` (a prompt cache hit).
         behaviours: ok | 500 | 429 | too_long | empty | hang | reset | truncate | reset_mid | stall | slow_first
     GET  /calls     {"count": N, "bodies": [...last 200 bodies]}
     POST /reset     forget everything
@@ -28,7 +30,7 @@ STATE: dict = {}
 def reset_state() -> None:
     STATE.clear()
     STATE.update(script=[], fail_rate=0.0, answers=["Hello from the mock upstream."], delay_ms=0,
-                 count=0, bodies=[], turn=0, hang_s=30.0, rng=random.Random(7))
+                 count=0, bodies=[], turn=0, hang_s=30.0, rng=random.Random(7), cached_tokens=0)
 
 
 def words(text: str) -> int:
@@ -92,6 +94,8 @@ async def chat(request: web.Request) -> web.StreamResponse:
     answers = [pick_answer(body, i) for i in range(n)]
     usage = {"prompt_tokens": prompt_tokens(body), "completion_tokens": sum(words(a) for a in answers)}
     usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+    if STATE["cached_tokens"]:
+        usage["prompt_tokens_details"] = {"cached_tokens": STATE["cached_tokens"], "audio_tokens": 0}
     if body.get("reasoning_effort"):
         usage["completion_tokens_details"] = {"reasoning_tokens": 10}
         usage["completion_tokens"] += 10
@@ -137,7 +141,7 @@ async def stream(request: web.Request, body: dict, base: dict, answer: str, usag
 
 async def control(request: web.Request) -> web.Response:
     update = await request.json()
-    for key in ("script", "fail_rate", "answers", "delay_ms", "hang_s"):
+    for key in ("script", "fail_rate", "answers", "delay_ms", "hang_s", "cached_tokens"):
         if key in update:
             STATE[key] = list(update[key]) if key in ("script", "answers") else update[key]
     return web.json_response({"ok": True})

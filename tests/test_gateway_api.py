@@ -222,6 +222,23 @@ def test_self_consistency_votes_and_counts_every_sample(client, mock):
         sum(len(m["content"].split()) for m in b["messages"]) for b in got["bodies"])
 
 
+def test_usage_details_are_passed_on_and_summed_over_samples(client, mock):
+    """The upstream's detail counts (a prompt cache hit's cached_tokens, reasoning tokens) reach the
+    client, streaming or not, and a vote's usage sums them exactly over its samples (they were dropped)."""
+    control(mock, cached_tokens=2)
+    messages = [{"role": "user", "content": "What is 3 + 4?"}]
+    single = client.chat.completions.create(model="mock-o", messages=messages, reasoning_effort="low")
+    assert single.usage.prompt_tokens_details.cached_tokens == 2
+    assert single.usage.completion_tokens_details.reasoning_tokens == 10
+    chunks = list(client.chat.completions.create(model="mock-a", messages=messages, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == 2
+    vote = client.chat.completions.create(model="mock-a", messages=messages,
+                                          extra_headers={"x-ponder-strategy": "self_consistency"})
+    assert vote.model_extra["ponder"]["calls"] == 5 and vote.usage.prompt_tokens_details.cached_tokens == 5 * 2
+    assert vote.usage.prompt_tokens_details.audio_tokens == 0
+
+
 def test_a_client_asking_more_choices_than_the_vote_draws_gets_them_all(client, mock):
     """n=7 against a 5-sample vote: 7 samples are drawn (the budget already held for 7), 7 choices come
     back; and seeds derived from a client seed near the int64 limit stay inside it."""
