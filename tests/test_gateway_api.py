@@ -123,6 +123,17 @@ def test_parameters_pass_through_faithfully(client, mock):
         assert body[key] == value, key
 
 
+def test_parameters_sent_as_null_are_the_defaults(client, mock):
+    """The openai SDK sends an argument given as None as null, which the API reads as its default:
+    `n=None` or `stream=None` is answered (it was a 400), and no null is forwarded (llama.cpp's
+    server answers `"temperature": null` with a 500)."""
+    completion = client.chat.completions.create(model="mock-a", messages=[{"role": "user", "content": "x"}],
+                                                n=None, stream=None, temperature=None, max_tokens=None, seed=None)
+    assert len(completion.choices) == 1
+    sent = calls(mock)["bodies"][-1]
+    assert None not in sent.values() and not {"n", "stream", "temperature", "max_tokens", "seed"} & set(sent)
+
+
 @pytest.mark.parametrize("model, asked, arm_effort, sent", [
     ("mock-o", "minimal", "low", {"reasoning_effort": "low"}),  # the closest level it declares
     ("mock-think", "high", "high", {"thinking": {"type": "enabled", "budget_tokens": 16384},
