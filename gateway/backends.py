@@ -190,8 +190,14 @@ class Backend:
 
     def _adapt(self, body: dict[str, Any]) -> dict[str, Any]:
         """The body as this upstream can take it (see BackendSpec.message_format)."""
-        if self.basic_messages and any(_needs_basic(m) for m in body["messages"]):
-            return {**body, "messages": [_basic_message(self.name, m) for m in body["messages"]]}
+        if not self.basic_messages:
+            return body
+        if any(_needs_basic(m) for m in body["messages"]):
+            body = {**body, "messages": [_basic_message(self.name, m) for m in body["messages"]]}
+        if "max_completion_tokens" in body:
+            # basic servers know only max_tokens: llama-cpp-python ignores the other, and writes on
+            limit = min(body[k] for k in ("max_tokens", "max_completion_tokens") if k in body)
+            body = {**{k: v for k, v in body.items() if k != "max_completion_tokens"}, "max_tokens": limit}
         return body
 
     # -- non-streaming ----------------------------------------------------------------------
@@ -318,17 +324,22 @@ class Backend:
 
 def _needs_basic(message: dict[str, Any]) -> bool:
     content = message.get("content")
-    return content is None or isinstance(content, list) or message.get("role") == "developer"
+    return (content is None or isinstance(content, list) or message.get("role") == "developer"
+            or None in message.values())
 
 
 def _basic_message(backend: str, message: dict[str, Any]) -> dict[str, Any]:
     """The message in the basic chat format: `developer` as `system`, a string `content` always
-    (an assistant turn that only called tools has none), text parts joined into one string."""
+    (an assistant turn that only called tools has none), text parts joined into one string, and no
+    field sent as null (an assistant turn an app kept as the SDK dumps it has `"tool_calls": null`,
+    which llama.cpp's server fails on)."""
+    message = {key: value for key, value in message.items() if value is not None}
     if message.get("role") == "developer":
-        message = {**message, "role": "system"}
+        message["role"] = "system"
     content = message.get("content")
     if content is None:
-        return {**message, "content": ""}
+        message["content"] = ""
+        return message
     if not isinstance(content, list):
         return message
     texts = []

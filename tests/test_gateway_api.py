@@ -656,6 +656,27 @@ def test_basic_format_backend_gets_messages_it_can_take(keyed_stack):
     assert len(calls(mock)["bodies"]) == sent_before  # refused here, not sent
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_basic_format_backend_gets_a_kept_history_and_its_output_limit(keyed_stack, stream):
+    """An app that keeps the assistant's turn as the SDK dumps it sends `"tool_calls": null` (and
+    `function_call`, `audio`, ...), and today's SDK limits output with max_completion_tokens: a basic
+    server (llama-cpp-python) fails on the first with a 500 and ignores the second, writing on."""
+    gateway, mock = keyed_stack
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0)
+    first = client.chat.completions.create(model="mock-text", messages=[{"role": "user", "content": "Say hi."}])
+    history = [{"role": "user", "content": "Say hi."}, first.choices[0].message.model_dump(),
+               {"role": "user", "content": "Again."}]
+    assert history[1]["tool_calls"] is None  # what the SDK gives the app to keep
+    httpx.post(mock.url + "/reset")
+    answer = client.chat.completions.create(model="mock-text", messages=history, max_completion_tokens=7,
+                                            stream=stream)
+    if stream:
+        assert "".join(c.choices[0].delta.content or "" for c in answer if c.choices)
+    sent = calls(mock)["bodies"][-1]
+    assert sent["messages"][1] == {"role": "assistant", "content": first.choices[0].message.content}
+    assert sent["max_tokens"] == 7 and "max_completion_tokens" not in sent
+
+
 def test_n_without_upstream_n_draws_distinct_seeded_samples(keyed_stack):
     gateway, mock = keyed_stack
     httpx.post(mock.url + "/reset")
