@@ -198,6 +198,11 @@ class Backend:
             # basic servers know only max_tokens: llama-cpp-python ignores the other, and writes on
             limit = min(body[k] for k in ("max_tokens", "max_completion_tokens") if k in body)
             body = {**{k: v for k, v in body.items() if k != "max_completion_tokens"}, "max_tokens": limit}
+        response_format = body.get("response_format")
+        if isinstance(response_format, dict) and response_format.get("type") == "json_schema":
+            # structured outputs as basic servers take them (llama-cpp-python fails on json_schema)
+            schema = (response_format.get("json_schema") or {}).get("schema")
+            body = {**body, "response_format": {"type": "json_object", **({"schema": schema} if schema else {})}}
         return body
 
     # -- non-streaming ----------------------------------------------------------------------
