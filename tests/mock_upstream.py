@@ -100,10 +100,15 @@ async def chat(request: web.Request) -> web.StreamResponse:
         usage["completion_tokens_details"] = {"reasoning_tokens": 10}
         usage["completion_tokens"] += 10
         usage["total_tokens"] += 10
-    base = {"id": f"mock-{STATE['count']}", "created": int(time.time()), "model": body.get("model", "mock")}
+    base = {"id": f"mock-{STATE['count']}", "created": int(time.time()), "model": body.get("model", "mock"),
+            "system_fingerprint": "fp_mock"}
     if not body.get("stream"):
         choices = [{"index": i, "message": {"role": "assistant", "content": a}, "finish_reason": "stop"}
                    for i, a in enumerate(answers)]
+        if body.get("logprobs"):  # one entry per word
+            for choice, a in zip(choices, answers):
+                choice["logprobs"] = {"content": [{"token": w, "logprob": -0.5, "bytes": list(w.encode()),
+                                                   "top_logprobs": []} for w in a.split()]}
         return web.json_response({**base, "object": "chat.completion", "choices": choices, "usage": usage})
     return await stream(request, body, base, answers[0], usage, behaviour)
 

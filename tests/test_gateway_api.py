@@ -210,6 +210,20 @@ def test_streaming_with_usage(client, mock):
     assert any(c.choices and c.choices[0].finish_reason == "stop" for c in chunks)
 
 
+def test_a_synthesized_stream_keeps_what_the_answer_carries(client, mock):
+    """n > 1 streams the finished answer as chunks: each choice's logprobs (asked for) and the
+    system_fingerprint come with it, as they do without streaming (they were dropped)."""
+    control(mock, answers=["two words", "three more words"])
+    asked = dict(model="mock-a", messages=[{"role": "user", "content": "x"}], n=2, logprobs=True, seed=0)
+    whole = client.chat.completions.create(**asked)
+    chunks = list(client.chat.completions.create(**asked, stream=True))
+    assert whole.system_fingerprint == "fp_mock" and all(c.system_fingerprint == "fp_mock" for c in chunks)
+    for choice in whole.choices:
+        streamed = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == choice.index]
+        tokens = [t.token for s in streamed if s.logprobs for t in s.logprobs.content]
+        assert tokens == [t.token for t in choice.logprobs.content] == choice.message.content.split()
+
+
 def test_streaming_without_usage_sends_no_usage_chunk(client, mock):
     chunks = list(client.chat.completions.create(model="mock-a", messages=[{"role": "user", "content": "a"}],
                                                  stream=True))
