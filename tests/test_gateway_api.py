@@ -371,6 +371,30 @@ def test_a_policy_can_keep_clients_off_its_backends(tmp_path):
             assert client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "x"}]).choices
 
 
+def test_a_routed_request_sends_its_arms_effort_not_the_clients(tmp_path):
+    """A policy that does not let clients pick the effort (overrides.reasoning_effort: false) routes to
+    an arm that sends none: the client's `reasoning_effort: high` must not reach the reasoning model
+    anyway (it did, while x-ponder-arm said no effort was sent, and the learner recorded that)."""
+    path = write_policy(tmp_path, {"name": "fixed-effort", "arms": {"o": {"backend": "mock-o"},
+                                                                   "o-low": {"backend": "mock-o", "effort": "low"}},
+                                   "routes": [{"name": "all", "candidates": ["o"]}], "exploration": {"share": 0.0},
+                                   "overrides": {"reasoning_effort": False}}, "effort.yaml")
+    with running(start_mock(tmp_path)) as mock:
+        backend = mock_backend("mock-o", mock, reasoning=True, efforts=["low", "medium", "high"])
+        with running(start_gateway(tmp_path, {"backends": [backend], "policy": path}, name="effort")) as gateway:
+            client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+            for stream in (False, True):
+                raw = client.chat.completions.with_raw_response.create(
+                    model="auto", messages=[{"role": "user", "content": "x"}], reasoning_effort="high", stream=stream)
+                assert raw.headers["x-ponder-arm"] == "mock-o/-/single/1"
+                assert "reasoning_effort" not in calls(mock)["bodies"][-1]
+            # a request naming the backend gets the effort it asked for (the arm carries it)
+            raw = client.chat.completions.with_raw_response.create(
+                model="mock-o", messages=[{"role": "user", "content": "x"}], reasoning_effort="high")
+            assert raw.headers["x-ponder-arm"] == "mock-o/high/single/1"
+            assert calls(mock)["bodies"][-1]["reasoning_effort"] == "high"
+
+
 def test_a_policy_chosen_by_header_does_not_choose_the_keys_budget(tmp_path):
     """The default policy caps keys at $0.00005 a day and lets clients pick the policy `open`, which
     sets no budget: picking it must not lift the key's cap (mock prices $1 / $2 per M tokens)."""
