@@ -588,6 +588,7 @@ def test_unknown_path_and_method_are_openai_errors(gw):
     assert httpx.get(gw.url + "/v1/nothing").json()["error"]["type"] == "not_found_error"
     response = httpx.get(gw.url + "/v1/chat/completions")
     assert response.status_code == 405 and "error" in response.json()
+    assert response.headers["allow"] == "POST"  # required on a 405 (RFC 9110)
 
 
 def test_health_and_readiness(gw):
