@@ -380,7 +380,9 @@ async def open_first_stream(gw: Gateway, plan: Plan, req: ChatRequest, caller: C
                 return passthrough
             except UpstreamError as exc:
                 last = exc
-                if not exc.retryable or not backend.health.available(time.monotonic()):
+                if not exc.retryable:  # about the request (a 400): every arm would refuse it alike
+                    return upstream_to_api_error(exc)
+                if not backend.health.available(time.monotonic()):
                     break
     assert last is not None
     return upstream_to_api_error(last, caller.retry_after_s() if last.status in (429, 503) else None)
@@ -390,14 +392,22 @@ def completion_to_chunks(response: dict[str, Any], *, include_usage: bool) -> li
     """A finished chat.completion as the chunk sequence a streaming client expects."""
     base = {"id": response["id"], "object": "chat.completion.chunk", "created": response.get("created", 0),
             "model": response.get("model", "")}
+    if response.get("system_fingerprint"):
+        base["system_fingerprint"] = response["system_fingerprint"]
     chunks = []
     for choice in response.get("choices") or []:
         message = choice.get("message") or {}
         index = choice.get("index", 0)
         delta: dict[str, Any] = {"role": "assistant", "content": message.get("content") or ""}
+        for extra in ("refusal", "reasoning_content"):  # what the answer says besides its content
+            if message.get(extra):
+                delta[extra] = message[extra]
         if message.get("tool_calls"):
             delta["tool_calls"] = [{**call, "index": i} for i, call in enumerate(message["tool_calls"])]
-        chunks.append({**base, "choices": [{"index": index, "delta": delta, "finish_reason": None}]})
+        content = {"index": index, "delta": delta, "finish_reason": None}
+        if choice.get("logprobs"):  # asked for (`logprobs`): the choice's whole, in its one content chunk
+            content["logprobs"] = choice["logprobs"]
+        chunks.append({**base, "choices": [content]})
         chunks.append({**base, "choices": [{"index": index, "delta": {},
                                             "finish_reason": choice.get("finish_reason") or "stop"}]})
     if include_usage:

@@ -42,6 +42,9 @@ class CallRecord:
     latency_ms: float = 0.0
     ok: bool = True
     error: str | None = None
+    # the upstream's other counts (`prompt_tokens_details.cached_tokens`, audio, predicted tokens),
+    # by block and name: the client's `usage` sums them over the request's calls
+    usage_details: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -60,7 +63,7 @@ class UpstreamError(Exception):
     """A failed upstream call. `status` is what the client would see if nothing else can serve it."""
 
     def __init__(self, backend: str, status: int, message: str, *, retryable: bool,
-                 retry_after: float | None = None, code: str | None = None) -> None:
+                 retry_after: float | None = None, code: str | None = None, param: str | None = None) -> None:
         super().__init__(message)
         self.backend = backend
         self.status = status
@@ -68,6 +71,7 @@ class UpstreamError(Exception):
         self.retryable = retryable
         self.retry_after = retry_after
         self.code = code  # the client's error code, when more precise than upstream_error
+        self.param = param  # the request field the error is about, when the upstream named one
 
 
 @dataclass(slots=True)
@@ -106,6 +110,9 @@ class BackendHealth:
         self.last_failed_request = None
 
 
+USAGE_DETAIL_BLOCKS = ("prompt_tokens_details", "completion_tokens_details")
+
+
 @dataclass(slots=True)
 class Admission:
     """Whether a call got one of its backend's slots (`max_concurrency`). A call that ran out of time
@@ -119,16 +126,23 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     reasoning_tokens: int = 0
+    details: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @classmethod
     def from_block(cls, usage: dict | None) -> Usage:
         if not usage:
             return cls()
-        details = usage.get("completion_tokens_details") or {}
+        details = {}
+        for block in USAGE_DETAIL_BLOCKS:
+            counts = usage.get(block)
+            if isinstance(counts, dict):
+                details[block] = {name: value for name, value in counts.items()
+                                  if isinstance(value, int) and not isinstance(value, bool)}
         return cls(
             int(usage.get("prompt_tokens") or 0),
             int(usage.get("completion_tokens") or 0),
-            int(details.get("reasoning_tokens") or 0),
+            int(details.get("completion_tokens_details", {}).get("reasoning_tokens") or 0),
+            details,
         )
 
 
@@ -169,6 +183,7 @@ class Backend:
             latency_ms=(time.perf_counter() - started) * 1000,
             ok=ok,
             error=error,
+            usage_details=usage.details,
         )
 
     def _headers(self) -> dict[str, str]:
@@ -183,8 +198,19 @@ class Backend:
 
     def _adapt(self, body: dict[str, Any]) -> dict[str, Any]:
         """The body as this upstream can take it (see BackendSpec.message_format)."""
-        if self.basic_messages and any(_needs_basic(m) for m in body["messages"]):
-            return {**body, "messages": [_basic_message(self.name, m) for m in body["messages"]]}
+        if not self.basic_messages:
+            return body
+        if any(_needs_basic(m) for m in body["messages"]):
+            body = {**body, "messages": [_basic_message(self.name, m) for m in body["messages"]]}
+        if "max_completion_tokens" in body:
+            # basic servers know only max_tokens: llama-cpp-python ignores the other, and writes on
+            limit = min(body[k] for k in ("max_tokens", "max_completion_tokens") if k in body)
+            body = {**{k: v for k, v in body.items() if k != "max_completion_tokens"}, "max_tokens": limit}
+        response_format = body.get("response_format")
+        if isinstance(response_format, dict) and response_format.get("type") == "json_schema":
+            # structured outputs as basic servers take them (llama-cpp-python fails on json_schema)
+            schema = (response_format.get("json_schema") or {}).get("schema")
+            body = {**body, "response_format": {"type": "json_object", **({"schema": schema} if schema else {})}}
         return body
 
     # -- non-streaming ----------------------------------------------------------------------
@@ -230,12 +256,9 @@ class Backend:
             error, message = None, raw[:500].decode("utf-8", "replace")
         retryable = status == 429 or status >= 500 or status == 408
         client_status = status if status in REQUEST_ERRORS else (429 if status == 429 else 502)
-        # An error about the request keeps the upstream's code: clients act on OpenAI's codes
-        # (`context_length_exceeded`: trim the history and send it again).
-        code = error.get("code") if client_status in REQUEST_ERRORS and isinstance(error, dict) else None
+        code, param = _passed_on(client_status, error)
         return UpstreamError(self.name, client_status, f"{self.name}: upstream {status}: {message}",
-                             retryable=retryable, retry_after=_seconds(retry_after),
-                             code=code if isinstance(code, str) and code else None)
+                             retryable=retryable, retry_after=_seconds(retry_after), code=code, param=param)
 
     async def _complete_litellm(self, body: dict[str, Any]) -> dict[str, Any]:
         litellm = _litellm()
@@ -333,17 +356,22 @@ class Backend:
 
 def _needs_basic(message: dict[str, Any]) -> bool:
     content = message.get("content")
-    return content is None or isinstance(content, list) or message.get("role") == "developer"
+    return (content is None or isinstance(content, list) or message.get("role") == "developer"
+            or None in message.values())
 
 
 def _basic_message(backend: str, message: dict[str, Any]) -> dict[str, Any]:
     """The message in the basic chat format: `developer` as `system`, a string `content` always
-    (an assistant turn that only called tools has none), text parts joined into one string."""
+    (an assistant turn that only called tools has none), text parts joined into one string, and no
+    field sent as null (an assistant turn an app kept as the SDK dumps it has `"tool_calls": null`,
+    which llama.cpp's server fails on)."""
+    message = {key: value for key, value in message.items() if value is not None}
     if message.get("role") == "developer":
-        message = {**message, "role": "system"}
+        message["role"] = "system"
     content = message.get("content")
     if content is None:
-        return {**message, "content": ""}
+        message["content"] = ""
+        return message
     if not isinstance(content, list):
         return message
     texts = []
@@ -354,6 +382,16 @@ def _basic_message(backend: str, message: dict[str, Any]) -> dict[str, Any]:
                                 retryable=False, code="unsupported_content")
         texts.append(str(part.get("text") or ""))
     return {**message, "content": "\n".join(texts)}
+
+
+def _passed_on(client_status: int, error: Any) -> tuple[str | None, str | None]:
+    """The upstream's `code` and `param` of an error the client gets with the upstream's own status
+    (a request error, a rate limit): apps branch on them (`context_length_exceeded` -> trim the
+    history, `content_filter`, `insufficient_quota`). A 5xx becomes our 502, with our code."""
+    if (client_status not in REQUEST_ERRORS and client_status != 429) or not isinstance(error, dict):
+        return None, None
+    code, param = error.get("code"), error.get("param")
+    return (code if isinstance(code, str) and code else None), (param if isinstance(param, str) and param else None)
 
 
 def _seconds(value: str | None) -> float | None:
@@ -388,4 +426,16 @@ def _litellm_error(backend: str, exc: Exception) -> UpstreamError:
     client_status = status if status in REQUEST_ERRORS or status == 429 else 502
     headers = getattr(getattr(exc, "response", None), "headers", None)
     retry_after = _seconds(headers.get("retry-after")) if headers is not None else None
-    return UpstreamError(backend, client_status, f"{backend}: {message}", retryable=retryable, retry_after=retry_after)
+    body = getattr(exc, "body", None)
+    error = dict(body) if isinstance(body, dict) else {}
+    if not error.get("code") and type(exc).__name__ in _LITELLM_CODES:
+        # litellm names these alike for every provider, and does not always keep the upstream's body
+        error["code"] = _LITELLM_CODES[type(exc).__name__]
+    code, param = _passed_on(client_status, error)
+    return UpstreamError(backend, client_status, f"{backend}: {message}", retryable=retryable, retry_after=retry_after,
+                         code=code, param=param)
+
+
+# OpenAI's codes for the errors litellm maps every provider's own onto
+_LITELLM_CODES = {"ContextWindowExceededError": "context_length_exceeded",
+                  "ContentPolicyViolationError": "content_filter"}

@@ -135,4 +135,5 @@ def upstream_to_api_error(exc: UpstreamError, retry_after_s: float | None = None
     """The client's error for a request no backend could serve. Retry-After: when a cooling backend
     is expected back (given, or carried by the error), whole seconds, at least 1."""
     code = exc.code or ("upstream_timeout" if exc.status == 504 else "upstream_error")
-    return ApiError(exc.status, exc.message, code=code, headers=retry_after(retry_after_s or exc.retry_after))
+    return ApiError(exc.status, exc.message, param=exc.param, code=code,
+                    headers=retry_after(retry_after_s or exc.retry_after))

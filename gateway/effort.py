@@ -37,9 +37,11 @@ def effective_effort(spec: BackendSpec, effort: str | None) -> str | None:
 def apply_effort(body: dict[str, Any], spec: BackendSpec, effort: str | None) -> dict[str, Any]:
     """Return the body with the effort knob set for this backend (the input is not modified).
 
-    A client's own `reasoning_effort` goes only to a backend whose API has it: elsewhere it was a
-    routing hint, translated here to the backend's knob when the arm carries it."""
-    if "reasoning_effort" in body and not takes_reasoning_effort(spec):
+    What is sent is the arm's effort, never the client's own `reasoning_effort` as it came: that was
+    a routing hint, which the policy may not honour (then the arm has another effort, or none), and
+    which the arm of a request naming a backend carries, translated for it (`x-ponder-arm` names the
+    effort sent)."""
+    if "reasoning_effort" in body:
         body = {k: v for k, v in body.items() if k != "reasoning_effort"}
     effort = effective_effort(spec, effort)
     if effort is None:

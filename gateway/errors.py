@@ -70,7 +70,8 @@ async def api_error_handler(request: Request, exc: Exception) -> Response:
 async def http_exception_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = "method_not_allowed" if exc.status_code == 405 else "not_found" if exc.status_code == 404 else None
-    return ApiError(exc.status_code, str(exc.detail), code=code).response()
+    # Starlette's headers: a 405's Allow (which methods the path takes) is required there (RFC 9110)
+    return ApiError(exc.status_code, str(exc.detail), code=code, headers=dict(exc.headers or {})).response()
 
 
 async def unhandled_error_handler(request: Request, exc: Exception) -> Response:

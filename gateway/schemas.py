@@ -115,6 +115,9 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
 
 
 def parse_chat_request(body: dict[str, Any], *, max_n: int) -> ChatRequest:
+    # A parameter sent as null is the API's default, as if left out (the openai SDK sends `n=None` so);
+    # left out it is: basic servers (llama.cpp's) fail on `"temperature": null` with a 500.
+    body = {key: value for key, value in body.items() if value is not None}
     try:
         parsed = _ChatBody.model_validate(body)
     except ValidationError as exc:

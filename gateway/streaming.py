@@ -188,14 +188,19 @@ def _has_content(chunk: dict) -> bool:
 
 
 def usage_block(calls: list[CallRecord]) -> dict[str, Any]:
+    """The request's usage: every call's tokens, and every detail count an upstream reported
+    (`prompt_tokens_details.cached_tokens`, ...), summed exactly."""
     prompt = sum(c.prompt_tokens for c in calls)
     completion = sum(c.completion_tokens for c in calls)
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-        "completion_tokens_details": {"reasoning_tokens": sum(c.reasoning_tokens for c in calls)},
-    }
+    details: dict[str, dict[str, int]] = {}
+    for call in calls:
+        for block, counts in call.usage_details.items():
+            sums = details.setdefault(block, {})
+            for name, value in counts.items():
+                sums[name] = sums.get(name, 0) + value
+    completion_details = details.setdefault("completion_tokens_details", {})
+    completion_details["reasoning_tokens"] = sum(c.reasoning_tokens for c in calls)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion, **details}
 
 
 async def synthesized(work: asyncio.Task, *, keepalive_s: float,

@@ -41,8 +41,9 @@ class BackendSpec(BaseModel):
         description="`openai`: the upstream takes today's chat format as it is. `basic`: only string "
         "contents and the system/user/assistant/tool roles (llama.cpp's server, older OpenAI-compatible "
         "servers): text parts are joined into one string, a missing content is sent as an empty one, "
-        "`developer` is sent as `system`, and a request with any other part (an image, audio) is refused "
-        "with a 400 instead of being sent.",
+        "`developer` is sent as `system`, a message field sent as null is left out, `max_completion_tokens` "
+        "is sent as `max_tokens`, a `json_schema` response_format as `json_object` with its `schema`, and a "
+        "request with any other part (an image, audio) is refused with a 400 instead of being sent.",
     )
     timeout_s: PositiveFloat = 60.0
     first_byte_timeout_s: PositiveFloat = 20.0

@@ -3,9 +3,11 @@
 Run: `python tests/mock_upstream.py --port P`. It answers `/v1/chat/completions` (JSON and SSE) with
 exact, predictable usage (1 token per whitespace-separated word), and can misbehave on demand:
 
-    POST /control {"script": ["500", "ok", ...], "fail_rate": 0.5, "answers": [...], "delay_ms": 0}
+    POST /control {"script": ["500", "ok", ...], "fail_rate": 0.5, "answers": [...], "delay_ms": 0,
+                   "cached_tokens": 0}
         script: behaviours for the next requests, in order; then fail_rate picks "500" at random.
-        behaviours: ok | 500 | 429 | empty | hang | reset | truncate | reset_mid | stall | slow_first | hold
+        cached_tokens: reported in every answer's `usage.prompt_tokens_details` (a prompt cache hit).
+        behaviours: ok | 500 | 429 | too_long | empty | hang | reset | truncate | reset_mid | stall | slow_first | hold
         (hold: a stream pauses hang_s after its first chunk)
     GET  /calls     {"count": N, "bodies": [...last 200 bodies]}
     POST /reset     forget everything
@@ -29,7 +31,7 @@ STATE: dict = {}
 def reset_state() -> None:
     STATE.clear()
     STATE.update(script=[], fail_rate=0.0, answers=["Hello from the mock upstream."], delay_ms=0,
-                 count=0, bodies=[], turn=0, hang_s=30.0, rng=random.Random(7))
+                 count=0, bodies=[], turn=0, hang_s=30.0, rng=random.Random(7), cached_tokens=0)
 
 
 def words(text: str) -> int:
@@ -75,6 +77,11 @@ async def chat(request: web.Request) -> web.StreamResponse:
     if behaviour == "429":
         return web.json_response({"error": {"message": "slow down", "type": "rate_limit"}}, status=429,
                                  headers={"Retry-After": "1"})
+    if behaviour == "too_long":  # OpenAI's answer to a prompt over the model's context window
+        return web.json_response({"error": {
+            "message": "This model's maximum context length is 8192 tokens. However, your messages resulted in "
+                       "9000 tokens. Please reduce the length of the messages.",
+            "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"}}, status=400)
     if behaviour == "empty":  # a 200 with no choices at all: some servers answer so under load
         return web.json_response({"id": "mock-empty", "object": "chat.completion", "model": body.get("model"),
                                   "choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 0,
@@ -88,14 +95,21 @@ async def chat(request: web.Request) -> web.StreamResponse:
     answers = [pick_answer(body, i) for i in range(n)]
     usage = {"prompt_tokens": prompt_tokens(body), "completion_tokens": sum(words(a) for a in answers)}
     usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+    if STATE["cached_tokens"]:
+        usage["prompt_tokens_details"] = {"cached_tokens": STATE["cached_tokens"], "audio_tokens": 0}
     if body.get("reasoning_effort"):
         usage["completion_tokens_details"] = {"reasoning_tokens": 10}
         usage["completion_tokens"] += 10
         usage["total_tokens"] += 10
-    base = {"id": f"mock-{STATE['count']}", "created": int(time.time()), "model": body.get("model", "mock")}
+    base = {"id": f"mock-{STATE['count']}", "created": int(time.time()), "model": body.get("model", "mock"),
+            "system_fingerprint": "fp_mock"}
     if not body.get("stream"):
         choices = [{"index": i, "message": {"role": "assistant", "content": a}, "finish_reason": "stop"}
                    for i, a in enumerate(answers)]
+        if body.get("logprobs"):  # one entry per word
+            for choice, a in zip(choices, answers):
+                choice["logprobs"] = {"content": [{"token": w, "logprob": -0.5, "bytes": list(w.encode()),
+                                                   "top_logprobs": []} for w in a.split()]}
         return web.json_response({**base, "object": "chat.completion", "choices": choices, "usage": usage})
     return await stream(request, body, base, answers[0], usage, behaviour)
 
@@ -135,7 +149,7 @@ async def stream(request: web.Request, body: dict, base: dict, answer: str, usag
 
 async def control(request: web.Request) -> web.Response:
     update = await request.json()
-    for key in ("script", "fail_rate", "answers", "delay_ms", "hang_s"):
+    for key in ("script", "fail_rate", "answers", "delay_ms", "hang_s", "cached_tokens"):
         if key in update:
             STATE[key] = list(update[key]) if key in ("script", "answers") else update[key]
     return web.json_response({"ok": True})

@@ -123,6 +123,17 @@ def test_parameters_pass_through_faithfully(client, mock):
         assert body[key] == value, key
 
 
+def test_parameters_sent_as_null_are_the_defaults(client, mock):
+    """The openai SDK sends an argument given as None as null, which the API reads as its default:
+    `n=None` or `stream=None` is answered (it was a 400), and no null is forwarded (llama.cpp's
+    server answers `"temperature": null` with a 500)."""
+    completion = client.chat.completions.create(model="mock-a", messages=[{"role": "user", "content": "x"}],
+                                                n=None, stream=None, temperature=None, max_tokens=None, seed=None)
+    assert len(completion.choices) == 1
+    sent = calls(mock)["bodies"][-1]
+    assert None not in sent.values() and not {"n", "stream", "temperature", "max_tokens", "seed"} & set(sent)
+
+
 @pytest.mark.parametrize("model, asked, arm_effort, sent", [
     ("mock-o", "minimal", "low", {"reasoning_effort": "low"}),  # the closest level it declares
     ("mock-think", "high", "high", {"thinking": {"type": "enabled", "budget_tokens": 16384},
@@ -163,6 +174,22 @@ def test_a_backend_called_through_litellm(client, mock):
     with pytest.raises(openai.RateLimitError) as limited:
         client.chat.completions.create(model="mock-litellm", messages=[{"role": "user", "content": "x"}])
     assert int(limited.value.response.headers["retry-after"]) >= 1
+    time.sleep(int(limited.value.response.headers["retry-after"]) + 0.1)  # its cool-down is over: served again
+    assert client.chat.completions.create(model="mock-litellm", messages=[{"role": "user", "content": "x"}]).choices
+
+
+@pytest.mark.parametrize("model", ["mock-a", "mock-litellm", "auto"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_upstream_request_error_keeps_its_code_and_param(client, mock, model, stream):
+    """Apps branch on the upstream's error code (a context-length error: trim the history and send
+    again), so the 400 passes it on, with its param, on every path (it came as upstream_error)."""
+    control(mock, script=["too_long"])
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=model, messages=[{"role": "user", "content": "a"}], stream=stream)
+    assert refused.value.code == "context_length_exceeded" and "maximum context length" in refused.value.message
+    if model != "mock-litellm":  # litellm keeps its own exception for it, without the upstream's param
+        assert refused.value.param == "messages"
+    assert calls(mock)["count"] == 1  # about the request: never retried
 
 
 def test_n_choices(client, mock):
@@ -181,6 +208,20 @@ def test_streaming_with_usage(client, mock):
     assert text == "streamed answer in five"
     assert chunks[-1].usage.prompt_tokens == 2 and chunks[-1].usage.completion_tokens == 4
     assert any(c.choices and c.choices[0].finish_reason == "stop" for c in chunks)
+
+
+def test_a_synthesized_stream_keeps_what_the_answer_carries(client, mock):
+    """n > 1 streams the finished answer as chunks: each choice's logprobs (asked for) and the
+    system_fingerprint come with it, as they do without streaming (they were dropped)."""
+    control(mock, answers=["two words", "three more words"])
+    asked = dict(model="mock-a", messages=[{"role": "user", "content": "x"}], n=2, logprobs=True, seed=0)
+    whole = client.chat.completions.create(**asked)
+    chunks = list(client.chat.completions.create(**asked, stream=True))
+    assert whole.system_fingerprint == "fp_mock" and all(c.system_fingerprint == "fp_mock" for c in chunks)
+    for choice in whole.choices:
+        streamed = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == choice.index]
+        tokens = [t.token for s in streamed if s.logprobs for t in s.logprobs.content]
+        assert tokens == [t.token for t in choice.logprobs.content] == choice.message.content.split()
 
 
 def test_streaming_without_usage_sends_no_usage_chunk(client, mock):
@@ -204,6 +245,23 @@ def test_self_consistency_votes_and_counts_every_sample(client, mock):
     assert completion.usage.completion_tokens == 5 * 4
     assert completion.usage.prompt_tokens == sum(
         sum(len(m["content"].split()) for m in b["messages"]) for b in got["bodies"])
+
+
+def test_usage_details_are_passed_on_and_summed_over_samples(client, mock):
+    """The upstream's detail counts (a prompt cache hit's cached_tokens, reasoning tokens) reach the
+    client, streaming or not, and a vote's usage sums them exactly over its samples (they were dropped)."""
+    control(mock, cached_tokens=2)
+    messages = [{"role": "user", "content": "What is 3 + 4?"}]
+    single = client.chat.completions.create(model="mock-o", messages=messages, reasoning_effort="low")
+    assert single.usage.prompt_tokens_details.cached_tokens == 2
+    assert single.usage.completion_tokens_details.reasoning_tokens == 10
+    chunks = list(client.chat.completions.create(model="mock-a", messages=messages, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == 2
+    vote = client.chat.completions.create(model="mock-a", messages=messages,
+                                          extra_headers={"x-ponder-strategy": "self_consistency"})
+    assert vote.model_extra["ponder"]["calls"] == 5 and vote.usage.prompt_tokens_details.cached_tokens == 5 * 2
+    assert vote.usage.prompt_tokens_details.audio_tokens == 0
 
 
 def test_a_client_asking_more_choices_than_the_vote_draws_gets_them_all(client, mock):
@@ -311,6 +369,30 @@ def test_a_policy_can_keep_clients_off_its_backends(tmp_path):
             assert refused.value.code == "model_not_found" and "direct_backend" in refused.value.message
             assert calls(mock)["count"] == 0
             assert client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "x"}]).choices
+
+
+def test_a_routed_request_sends_its_arms_effort_not_the_clients(tmp_path):
+    """A policy that does not let clients pick the effort (overrides.reasoning_effort: false) routes to
+    an arm that sends none: the client's `reasoning_effort: high` must not reach the reasoning model
+    anyway (it did, while x-ponder-arm said no effort was sent, and the learner recorded that)."""
+    path = write_policy(tmp_path, {"name": "fixed-effort", "arms": {"o": {"backend": "mock-o"},
+                                                                   "o-low": {"backend": "mock-o", "effort": "low"}},
+                                   "routes": [{"name": "all", "candidates": ["o"]}], "exploration": {"share": 0.0},
+                                   "overrides": {"reasoning_effort": False}}, "effort.yaml")
+    with running(start_mock(tmp_path)) as mock:
+        backend = mock_backend("mock-o", mock, reasoning=True, efforts=["low", "medium", "high"])
+        with running(start_gateway(tmp_path, {"backends": [backend], "policy": path}, name="effort")) as gateway:
+            client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+            for stream in (False, True):
+                raw = client.chat.completions.with_raw_response.create(
+                    model="auto", messages=[{"role": "user", "content": "x"}], reasoning_effort="high", stream=stream)
+                assert raw.headers["x-ponder-arm"] == "mock-o/-/single/1"
+                assert "reasoning_effort" not in calls(mock)["bodies"][-1]
+            # a request naming the backend gets the effort it asked for (the arm carries it)
+            raw = client.chat.completions.with_raw_response.create(
+                model="mock-o", messages=[{"role": "user", "content": "x"}], reasoning_effort="high")
+            assert raw.headers["x-ponder-arm"] == "mock-o/high/single/1"
+            assert calls(mock)["bodies"][-1]["reasoning_effort"] == "high"
 
 
 def test_a_policy_chosen_by_header_does_not_choose_the_keys_budget(tmp_path):
@@ -506,6 +588,7 @@ def test_unknown_path_and_method_are_openai_errors(gw):
     assert httpx.get(gw.url + "/v1/nothing").json()["error"]["type"] == "not_found_error"
     response = httpx.get(gw.url + "/v1/chat/completions")
     assert response.status_code == 405 and "error" in response.json()
+    assert response.headers["allow"] == "POST"  # required on a 405 (RFC 9110)
 
 
 def test_health_and_readiness(gw):
@@ -705,6 +788,27 @@ def test_basic_format_backend_gets_messages_it_can_take(keyed_stack):
                                            stream=stream)
         assert refused.value.code == "unsupported_content" and "image_url" in refused.value.message
     assert len(calls(mock)["bodies"]) == sent_before  # refused here, not sent
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_basic_format_backend_gets_a_kept_history_and_its_output_limit(keyed_stack, stream):
+    """An app that keeps the assistant's turn as the SDK dumps it sends `"tool_calls": null` (and
+    `function_call`, `audio`, ...), and today's SDK limits output with max_completion_tokens: a basic
+    server (llama-cpp-python) fails on the first with a 500 and ignores the second, writing on."""
+    gateway, mock = keyed_stack
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0)
+    first = client.chat.completions.create(model="mock-text", messages=[{"role": "user", "content": "Say hi."}])
+    history = [{"role": "user", "content": "Say hi."}, first.choices[0].message.model_dump(),
+               {"role": "user", "content": "Again."}]
+    assert history[1]["tool_calls"] is None  # what the SDK gives the app to keep
+    httpx.post(mock.url + "/reset")
+    answer = client.chat.completions.create(model="mock-text", messages=history, max_completion_tokens=7,
+                                            stream=stream)
+    if stream:
+        assert "".join(c.choices[0].delta.content or "" for c in answer if c.choices)
+    sent = calls(mock)["bodies"][-1]
+    assert sent["messages"][1] == {"role": "assistant", "content": first.choices[0].message.content}
+    assert sent["max_tokens"] == 7 and "max_completion_tokens" not in sent
 
 
 def test_n_without_upstream_n_draws_distinct_seeded_samples(keyed_stack):

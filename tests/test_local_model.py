@@ -61,6 +61,34 @@ def test_todays_chat_format_reaches_the_basic_local_model(local_gateway):
                                           max_tokens=4, seed=5).choices[0].message.content is not None
 
 
+def test_the_local_model_takes_what_todays_sdk_sends(local_gateway):
+    """What an ordinary app sends through the openai SDK: a kept assistant turn as the SDK dumps it
+    (`"tool_calls": null`, which llama.cpp's server failed on with a 500), an argument given as None
+    (`"temperature": null`, a 500 too), and max_completion_tokens (ignored there: it wrote on)."""
+    client = openai.OpenAI(base_url=local_gateway.url + "/v1", api_key="none", max_retries=0)
+    question = [{"role": "user", "content": "Say hi."}]
+    first = client.chat.completions.create(model="local", messages=question, max_completion_tokens=4, seed=6,
+                                           temperature=None)
+    assert 0 < first.usage.completion_tokens <= 4
+    history = [*question, first.choices[0].message.model_dump(), {"role": "user", "content": "Tell me a long story."}]
+    second = client.chat.completions.create(model="local", messages=history, max_completion_tokens=6, seed=7)
+    assert second.choices[0].message.content and 0 < second.usage.completion_tokens <= 6
+
+
+def test_the_local_model_answers_structured_outputs(local_gateway):
+    """`client.chat.completions.parse(response_format=Model)` sends a json_schema response_format, which
+    llama-cpp-python refuses (a 500, the backend cooled down): it gets the schema as json_object + schema."""
+    from pydantic import BaseModel
+
+    class Sum(BaseModel):
+        answer: int
+
+    client = openai.OpenAI(base_url=local_gateway.url + "/v1", api_key="none", max_retries=0)
+    completion = client.chat.completions.parse(model="local", response_format=Sum, max_completion_tokens=40, seed=8,
+                                               messages=[{"role": "user", "content": "What is 2 + 3?"}])
+    assert isinstance(completion.choices[0].message.parsed, Sum)
+
+
 def test_local_model_votes_on_a_math_question(local_gateway):
     """A multi-sample strategy on the real model: every sample is a real call and is counted."""
     response = httpx.post(local_gateway.url + "/v1/chat/completions", timeout=120, json={
