@@ -107,7 +107,7 @@ class Gateway:
             configured_policies(config)
         except (ClassifierError, PolicyError) as exc:
             raise ConfigError(str(exc)) from None
-        if not config.telemetry.redis_url:  # with Redis the data dir is not used at all (telemetry/store.py)
+        if not config.telemetry.redis_url:  # with Redis it only keeps budget changes at shutdown, made when needed
             try:
                 check_data_dir(Path(config.telemetry.data_dir))
             except RuntimeError as exc:

@@ -6,15 +6,21 @@ step (a Lua script on Redis, a synchronous section with no await in-process).
 
 `LocalBudgets` is the embedded store's ledger and the Redis store's fallback while Redis is down: it
 mirrors the last values Redis returned and keeps local changes as `unsynced` deltas that are pushed to
-Redis when it comes back.
+Redis when it comes back. Deltas still unsynced when the gateway shuts down are saved to a file in its
+data directory (`save_unsynced`) and pushed by the next start (`take_unsynced`).
 """
 
 from __future__ import annotations
 
 import calendar
+import os
 import time
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
+
+import orjson
 
 # period -> (strftime pattern of the UTC period id, seconds the counter is kept after it starts)
 PERIODS: dict[str, tuple[str, int]] = {
@@ -139,6 +145,19 @@ class LocalBudgets:
             else:
                 self.inflight[key] = left
 
+    def unsynced_rows(self) -> list[tuple[str, float, float]]:
+        """(counter key, delta, expiry) of every change Redis has not got yet."""
+        return [(key, delta, self.expires.get(key, 0.0)) for key, delta in self.unsynced.items() if abs(delta) > 1e-12]
+
+    def add_unsynced(self, rows: list[tuple[str, float, float]], now: float) -> None:
+        """Take back changes saved by an earlier process (`unsynced_rows`); those whose counter has
+        expired since are dropped: there is nothing left to correct."""
+        for key, delta, expires in rows:
+            if expires and expires < now:
+                continue
+            self.unsynced[key] = self.unsynced.get(key, 0.0) + delta
+            self.expires.setdefault(key, expires)
+
     def purge(self, now: float) -> None:
         for key in [k for k, exp in self.expires.items() if exp and exp < now and not self.unsynced.get(k)]:
             self.spent.pop(key, None)
@@ -159,3 +178,42 @@ def make_reservation(key_id: str, amount_usd: float, limits: dict[str, float], n
         ttls=tuple(ttl for _, ttl in ids),
         mode="local" if periods else "none",
     )
+
+
+UNSYNCED_FILE_PREFIX = "budget-unsynced-"
+
+
+def save_unsynced(data_dir: Path, rows: list[tuple[str, float, float]]) -> Path:
+    """Write budget changes Redis has not got (counter key, delta, expiry) to a new file in `data_dir`,
+    atomically and durably. One file per writer, so replicas sharing a directory keep each other's."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / f"{UNSYNCED_FILE_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}.json"
+    partial = path.with_suffix(".partial")
+    with open(partial, "wb") as f:
+        f.write(orjson.dumps([list(row) for row in rows]))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(partial, path)
+    return path
+
+
+def take_unsynced(data_dir: Path) -> tuple[list[tuple[str, float, float]], list[str]]:
+    """The rows every earlier `save_unsynced` left in `data_dir`, and a line per file that could not be
+    read (renamed `*.bad`, kept for an operator). Each file is claimed by a rename before it is read, so
+    of two replicas starting together only one pushes it."""
+    rows: list[tuple[str, float, float]] = []
+    problems: list[str] = []
+    for path in sorted(data_dir.glob(f"{UNSYNCED_FILE_PREFIX}*.json")):
+        claimed = path.with_suffix(f".taking-{os.getpid()}")
+        try:
+            os.rename(path, claimed)
+        except OSError:
+            continue  # another process took it
+        try:
+            rows += [(str(key), float(delta), float(expires)) for key, delta, expires in orjson.loads(claimed.read_bytes())]
+        except (OSError, ValueError, TypeError) as exc:
+            problems.append(f"{path}: {exc}")
+            os.replace(claimed, path.with_suffix(".bad"))
+        else:
+            claimed.unlink()
+    return rows, problems

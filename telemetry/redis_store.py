@@ -12,13 +12,16 @@ Every key carries a hash tag so the keys one operation touches live in one Redis
 
 Failure behaviour: see docs/telemetry.md. In short, any Redis error marks the store disconnected; the
 flush loop pings with backoff (at most 1 s apart) and flushes the buffer as soon as PING answers;
-budgets fall back to the in-process ledger and push their deltas when Redis is back.
+budgets fall back to the in-process ledger and push their deltas when Redis is back (deltas still
+unpushed at shutdown are saved under data_dir and pushed by the next start).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -32,10 +35,11 @@ from redis.exceptions import ReadOnlyError, RedisClusterException
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .aggregates import group_deltas, spend_deltas
-from .budgets import BudgetExceeded, LocalBudgets, Reservation, make_reservation, period_id
+from .budgets import BudgetExceeded, LocalBudgets, Reservation, make_reservation, period_id, save_unsynced, take_unsynced
 from .events import Event
 from .store import BufferedStore, FeedbackResult
 
+log = logging.getLogger("ponder.telemetry")
 MAX_CONNECTIONS = 32  # per replica
 OTHER_REPLICA_WAIT_S = 0.5  # feedback for an id not written yet: how long to look again (polls)
 OTHER_REPLICA_POLL_S = 0.05
@@ -196,9 +200,11 @@ def make_client(url: str, op_timeout_s: float) -> tuple[Redis | RedisCluster, bo
 class RedisStore(BufferedStore):
     backend = "redis"
 
-    def __init__(self, url: str, *, namespace: str = "ponder", op_timeout_s: float = 1.0, **common: Any) -> None:
+    def __init__(self, url: str, *, namespace: str = "ponder", op_timeout_s: float = 1.0,
+                 data_dir: Path | None = None, **common: Any) -> None:
         super().__init__(**common)
         self.url = url
+        self.data_dir = data_dir  # where budget changes Redis has not got are kept over a restart
         self.op_timeout_s = op_timeout_s
         self.keys = RedisKeys(namespace)
         self._client, self._cluster = make_client(url, op_timeout_s)
@@ -528,9 +534,55 @@ class RedisStore(BufferedStore):
         )
         return h
 
+    async def start(self) -> None:
+        if self._started:
+            return
+        self._take_saved_budgets()
+        await super().start()
+        if self._budgets.unsynced and self._connected:
+            try:  # now, before the first request reserves against counters that lack them
+                await self._periodic()
+            except Exception as exc:
+                self._on_error("budget push", exc)
+
     async def close(self, timeout_s: float = 5.0) -> None:
         await super().close(timeout_s)
+        self._save_unpushed_budgets()
         try:
             await self._client.aclose()
         except Exception:
             pass
+
+    def _take_saved_budgets(self) -> None:
+        if self.data_dir is None or not self.data_dir.is_dir():
+            return
+        try:
+            rows, problems = take_unsynced(self.data_dir)
+        except OSError as exc:
+            self._on_error("budget load", exc)
+            return
+        for problem in problems:
+            log.error("unreadable saved budget changes, not pushed: %s", problem)
+        if rows:
+            self._budgets.add_unsynced(rows, time.time())
+            log.info("pushing $%.6f of budget changes saved by an earlier shutdown", sum(d for _, d, _ in rows))
+
+    def _save_unpushed_budgets(self) -> None:
+        """Budget changes made while Redis was away and still not pushed (it is away at shutdown too)
+        would be lost, and the keys could overspend by them after a restart: keep them on disk."""
+        rows = self._budgets.unsynced_rows()
+        if not rows:
+            return
+        total = sum(delta for _, delta, _ in rows)
+        if self.data_dir is None:
+            log.error("Redis is unreachable at shutdown: $%.6f of budget changes are lost", total)
+            return
+        try:
+            path = save_unsynced(self.data_dir, rows)
+        except OSError as exc:
+            self._on_error("budget save", exc)
+            log.error("Redis is unreachable at shutdown and $%.6f of budget changes could not be saved: %s", total, exc)
+            return
+        self._budgets.unsynced.clear()
+        log.warning("Redis is unreachable at shutdown: $%.6f of budget changes saved to %s; the next start "
+                    "pushes them", total, path)
