@@ -212,6 +212,9 @@ class RedisStore(BufferedStore):
         self._reserve_script = self._client.register_script(RESERVE_LUA)
         self._batch_script = self._client.register_script(BATCH_LUA)
         self._budgets = LocalBudgets()
+        # Redis refused or did not answer the last reservation (down, or refusing writes: OOM at
+        # maxmemory), so reservations are checked in the in-process ledger until it takes one again.
+        self._budgets_fallback = False
         self._connected = False
         self._backoff = 0.0
         self._next_attempt = 0.0
@@ -236,6 +239,7 @@ class RedisStore(BufferedStore):
             self._on_error("connect", exc)
             return False
         self._connected, self._backoff = True, 0.0
+        self._budgets_fallback = False
         self.reconnects += 1
         return True
 
@@ -335,12 +339,22 @@ class RedisStore(BufferedStore):
             exp = self._budgets.expires.get(key, 0.0)
             if exp:  # a counter created by this push needs the TTL its period would have given it
                 pipe.expire(key, max(1, int(exp - now)))
-        values = (await pipe.execute())[: len(pending)]
+        # Each reply on its own: a push Redis refuses half way (OOM at maxmemory) must not push the
+        # deltas it did take a second time on the next turn.
+        values = (await pipe.execute(raise_on_error=False))[: len(pending)]
+        refused = None
         for (key, delta), value in zip(pending, values):
+            if isinstance(value, Exception):
+                refused = value
+                continue
             self._budgets.unsynced[key] -= delta
             if abs(self._budgets.unsynced[key]) < 1e-12:
                 del self._budgets.unsynced[key]
             self._budgets.observe(key, float(value), 0, now)
+        if refused is not None:
+            self._on_error("budget push", refused)
+        else:
+            self._budgets_fallback = False  # Redis takes writes again
 
     # --- reads -----------------------------------------------------------------------------------------
 
@@ -357,9 +371,18 @@ class RedisStore(BufferedStore):
             pipe.smembers(k.arms(p))
             if not read_only:
                 pipe.set(k.alive(p), "1", nx=True)
-        res = await pipe.execute()
+        # A marker Redis refuses to write (OOM at maxmemory with noeviction) must not stop the reads:
+        # the stats would go stale for as long as Redis is full. Nothing could be restored then anyway.
+        res = await pipe.execute(raise_on_error=False)
         step = 1 if read_only else 2
         members = {p: res[step * i] for i, p in enumerate(names)}
+        for value in members.values():
+            if isinstance(value, Exception):
+                raise value
+        refused = next((v for v in res[1::2] if isinstance(v, Exception)), None) if not read_only else None
+        if refused is not None:
+            self._on_error("refresh marker", refused)
+            res = [False if isinstance(v, Exception) else v for v in res]
         # A missing marker next to a policy we hold stats for means Redis restarted without its data:
         # the replica that re-created the marker adds its cached aggregates back (additively, so events
         # other replicas flushed since the restart are kept).
@@ -472,7 +495,9 @@ class RedisStore(BufferedStore):
                 out = await self._reserve_script(keys=list(res.keys), args=[repr(res.amount_usd), *map(repr, caps), *res.ttls])
             except Exception as exc:
                 self._on_error("reserve", exc)  # fall through to the local ledger
+                self._budgets_fallback = True
             else:
+                self._budgets_fallback = False
                 if int(out[0]) == 0:
                     i = int(out[1]) - 1
                     self._budgets.observe(res.keys[i], float(out[2]), res.ttls[i], now, at_least=True)
@@ -527,7 +552,7 @@ class RedisStore(BufferedStore):
         h = super().health()
         h.update(
             connected=self._connected,
-            budget_mode="redis" if self._connected else "local",
+            budget_mode="redis" if self._connected and not self._budgets_fallback else "local",
             unsynced_budget_usd=sum(self._budgets.unsynced.values()),
             reconnects=self.reconnects,
             restores=self.restores,
@@ -568,21 +593,22 @@ class RedisStore(BufferedStore):
             log.info("pushing $%.6f of budget changes saved by an earlier shutdown", sum(d for _, d, _ in rows))
 
     def _save_unpushed_budgets(self) -> None:
-        """Budget changes made while Redis was away and still not pushed (it is away at shutdown too)
+        """Budget changes made while Redis was away (or refusing writes) and still not pushed at shutdown
         would be lost, and the keys could overspend by them after a restart: keep them on disk."""
         rows = self._budgets.unsynced_rows()
         if not rows:
             return
         total = sum(delta for _, delta, _ in rows)
         if self.data_dir is None:
-            log.error("Redis is unreachable at shutdown: $%.6f of budget changes are lost", total)
+            log.error("Redis did not take $%.6f of budget changes by shutdown: they are lost", total)
             return
         try:
             path = save_unsynced(self.data_dir, rows)
         except OSError as exc:
             self._on_error("budget save", exc)
-            log.error("Redis is unreachable at shutdown and $%.6f of budget changes could not be saved: %s", total, exc)
+            log.error("Redis did not take $%.6f of budget changes by shutdown, and they could not be saved: %s",
+                      total, exc)
             return
         self._budgets.unsynced.clear()
-        log.warning("Redis is unreachable at shutdown: $%.6f of budget changes saved to %s; the next start "
+        log.warning("Redis did not take $%.6f of budget changes by shutdown: saved to %s; the next start "
                     "pushes them", total, path)

@@ -376,7 +376,7 @@ def test_budget_spent_while_redis_is_away_survives_a_sigterm(shared, r):
         gw.stop()
         gw = shared["gateway"]("outage", **config)  # the same data directory
         assert float(r.get(counter)) == pytest.approx(4 * COST)  # pushed before it served anything
-        assert "budget changes saved to" in first_log
+        assert "budget changes by shutdown: saved to" in first_log
         assert not list((shared["tmp"] / "outage-data").glob("budget-unsynced-*"))
     finally:
         gw.stop()
