@@ -13,6 +13,7 @@ data directory (`save_unsynced`) and pushed by the next start (`take_unsynced`).
 from __future__ import annotations
 
 import calendar
+import math
 import os
 import time
 import uuid
@@ -59,15 +60,38 @@ def seconds_until_reset(period: str, now: float) -> float | None:
 
 class BudgetExceeded(Exception):
     """A reservation that does not fit: `spent` (settled and held by requests in flight) plus `amount`
-    (this request's hold) would pass `limit`."""
+    (this request's hold) would pass `limit`. `failures` holds (period, limit, spent) of every period it
+    does not fit; the one named is the one that frees it last (see `exceeded`)."""
 
-    def __init__(self, period: str, limit: float, spent: float, amount: float = 0.0):
+    def __init__(self, period: str, limit: float, spent: float, amount: float = 0.0,
+                 failures: tuple[tuple[str, float, float], ...] = ()):
         super().__init__(f"{period} budget ${limit:.6f}: ${spent:.6f} spent or held, this request holds up to "
                          f"${amount:.6f}")
         self.period = period
         self.limit = limit
         self.spent = spent
         self.amount = amount
+        self.failures = failures or ((period, limit, spent),)
+
+
+def latest_reset(periods: list[str], now: float) -> str:
+    """Of the periods a request does not fit, the one it has to wait for: the one that resets last
+    (`total` never does). Waiting for the first to reset (a day) is no use when a month is spent too."""
+    def reset(period: str) -> float:
+        seconds = seconds_until_reset(period, now)
+        return math.inf if seconds is None else seconds
+
+    return max(periods, key=reset)
+
+
+def exceeded(failures: list[tuple[str, float, float]], amount: float, now: float) -> BudgetExceeded:
+    """The error for a reservation of `amount` that fails in every (period, limit, spent) of `failures`,
+    naming the period that frees it last: one whose whole cap is less than `amount` (never), else the
+    one that resets last."""
+    never = [f for f in failures if amount > f[1] + 1e-9]
+    binding = latest_reset([f[0] for f in never or failures], now)
+    period, limit, spent = next(f for f in failures if f[0] == binding)
+    return BudgetExceeded(period, limit, spent, amount, tuple(failures))
 
 
 @dataclass(slots=True)
@@ -113,10 +137,13 @@ class LocalBudgets:
 
     def reserve(self, res: Reservation, limits: list[float], now: float, *, track_unsynced: bool) -> None:
         """Check every period, then charge every period; raises BudgetExceeded and charges nothing."""
+        failures = []
         for period, key, limit in zip(res.periods, res.keys, limits, strict=True):
             spent = self.get(key, now) + self.inflight.get(key, 0.0)
             if spent + res.amount_usd > limit + 1e-9:
-                raise BudgetExceeded(period, limit, spent, res.amount_usd)
+                failures.append((period, limit, spent))
+        if failures:
+            raise exceeded(failures, res.amount_usd, now)
         for key, ttl in zip(res.keys, res.ttls, strict=True):
             self.add(key, res.amount_usd, ttl, now, track_unsynced=track_unsynced)
 

@@ -35,7 +35,7 @@ from redis.exceptions import ReadOnlyError, RedisClusterException
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .aggregates import group_deltas, spend_deltas
-from .budgets import BudgetExceeded, LocalBudgets, Reservation, make_reservation, period_id, save_unsynced, take_unsynced
+from .budgets import LocalBudgets, Reservation, exceeded, make_reservation, period_id, save_unsynced, take_unsynced
 from .events import Event
 from .store import BufferedStore, FeedbackResult
 
@@ -120,17 +120,21 @@ end
 return #ARGV - 1
 """
 
-# Check every period's cap, then charge all of them, or charge none.
+# Check every period's cap, then charge all of them, or charge none (and name every period that does
+# not fit: {0, i, spent, i, spent...}; the caller picks the one the client must wait for).
 # KEYS one counter per period; ARGV[1] amount, ARGV[2..n+1] caps, ARGV[n+2..2n+1] TTLs (0: none)
 RESERVE_LUA = """
 local n = #KEYS
 local amount = tonumber(ARGV[1])
+local over = {0}
 for i = 1, n do
   local spent = tonumber(redis.call('GET', KEYS[i]) or '0')
   if spent + amount > tonumber(ARGV[1 + i]) + 1e-9 then
-    return {0, i, string.format('%.17g', spent)}
+    over[#over + 1] = i
+    over[#over + 1] = string.format('%.17g', spent)
   end
 end
+if #over > 1 then return over end
 local out = {1}
 for i = 1, n do
   out[#out + 1] = redis.call('INCRBYFLOAT', KEYS[i], ARGV[1])
@@ -499,9 +503,11 @@ class RedisStore(BufferedStore):
             else:
                 self._budgets_fallback = False
                 if int(out[0]) == 0:
-                    i = int(out[1]) - 1
-                    self._budgets.observe(res.keys[i], float(out[2]), res.ttls[i], now, at_least=True)
-                    raise BudgetExceeded(res.periods[i], caps[i], float(out[2]), res.amount_usd)
+                    failures = []
+                    for i, spent in zip(map(int, out[1::2]), map(float, out[2::2])):
+                        self._budgets.observe(res.keys[i - 1], spent, res.ttls[i - 1], now, at_least=True)
+                        failures.append((res.periods[i - 1], caps[i - 1], spent))
+                    raise exceeded(failures, res.amount_usd, now)
                 for key, ttl, value in zip(res.keys, res.ttls, out[1:]):
                     self._budgets.observe(key, float(value), ttl, now, at_least=True)
                 res.mode = "redis"

@@ -677,3 +677,28 @@ def test_a_budget_push_redis_refuses_half_way_is_not_pushed_twice(redis_url, tmp
             await client.aclose()
 
     run(go())
+
+
+def test_a_reservation_over_several_caps_names_the_one_that_frees_it_last(redis_url, tmp_path):
+    """Day and month both spent: the error names the month (the day resets first, which frees nothing),
+    with every failing period in `failures`; a request over a whole cap names that cap (it never fits)."""
+    async def go():
+        for url, path in ((redis_url, tmp_path / "r"), (None, tmp_path / "e")):
+            store = await open_store(url, path)
+            try:
+                limits = {"day": 2.0, "month": 2.0}
+                await store.reserve("key-h", 2.0, limits)
+                with pytest.raises(BudgetExceeded) as both:
+                    await store.reserve("key-h", 1.0, limits)
+                assert both.value.period == "month" and both.value.spent == pytest.approx(2.0)
+                assert sorted(p for p, _, _ in both.value.failures) == ["day", "month"]
+                # over the whole hourly cap, which no reset helps, though the month resets later
+                limits = {"hour": 1.0, "month": 1.5}
+                await store.reserve("key-i", 1.0, limits)
+                with pytest.raises(BudgetExceeded) as never:
+                    await store.reserve("key-i", 1.2, limits)
+                assert never.value.period == "hour" and len(never.value.failures) == 2
+            finally:
+                await store.close()
+
+    run(go())
