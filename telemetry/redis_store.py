@@ -524,20 +524,28 @@ class RedisStore(BufferedStore):
         if delta is None or abs(delta) < 1e-12:
             return
         now = time.time()
+        unsettled = list(zip(reservation.keys, reservation.ttls))
         if reservation.mode == "redis" and self._connected:
             try:
                 pipe = self._client.pipeline(transaction=False)
                 for key in reservation.keys:
                     pipe.incrbyfloat(key, delta)
-                values = await pipe.execute()
+                # Each reply on its own: counters Redis took must not get the delta again from the ledger
+                # when it refuses another one (OOM at maxmemory, a key of the wrong type).
+                values = await pipe.execute(raise_on_error=False)
+                unsettled = []
                 for key, ttl, value in zip(reservation.keys, reservation.ttls, values):
-                    self._budgets.observe(key, float(value), ttl, now)
-                return
+                    if isinstance(value, Exception):
+                        self._on_error("settle", value)
+                        unsettled.append((key, ttl))
+                    else:
+                        self._budgets.observe(key, float(value), ttl, now)
             except Exception as exc:
                 self._on_error("settle", exc)
-        for key, ttl in zip(reservation.keys, reservation.ttls):
+        for key, ttl in unsettled:
             self._budgets.add(key, delta, ttl, now, track_unsynced=True)
-        self._wake.set()
+        if unsettled:
+            self._wake.set()
 
     async def spent(self, key_id: str, periods=("day", "month")) -> dict[str, float]:
         now = time.time()

@@ -702,3 +702,27 @@ def test_a_reservation_over_several_caps_names_the_one_that_frees_it_last(redis_
                 await store.close()
 
     run(go())
+
+
+def test_a_settle_redis_takes_in_one_period_only_is_not_charged_twice_there(redis_url, tmp_path):
+    """A settle writes the day and the month counters; when Redis refuses one (here WRONGTYPE, as OOM
+    would), the other, already corrected, must not get the delta again from the ledger's push."""
+    async def go():
+        store = await open_store(redis_url, tmp_path)
+        client = aioredis.from_url(redis_url, decode_responses=True)
+        try:
+            res = await store.reserve("key-j", 1.0, {"day": 10.0, "month": 10.0})
+            day, month = res.keys
+            await client.delete(month)
+            await client.rpush(month, "not a counter")
+            await store.settle(res, 0.25)
+            for _ in range(3):
+                with contextlib.suppress(Exception):
+                    await store._periodic()
+            assert float(await client.get(day)) == pytest.approx(0.25)
+            assert store._budgets.unsynced == {month: pytest.approx(-0.75)}
+        finally:
+            await store.close()
+            await client.aclose()
+
+    run(go())
