@@ -90,6 +90,10 @@ class Metrics:
                                    multiprocess_mode="livesum", registry=r)
         self.store_written = Gauge("ponder_store_written_events", "Events written to the store since start.",
                                    multiprocess_mode="livesum", registry=r)
+        self.store_budget_fallback = Gauge("ponder_store_budget_fallback", "1 while budget reservations are "
+                                           "checked in this process's ledger, not in Redis (Redis away, or refusing "
+                                           "writes: OOM at maxmemory); each replica then enforces the caps alone.",
+                                           multiprocess_mode="livemax", registry=r)
         self.policy_rejected = Gauge("ponder_policy_reload_rejected", "1 while a policy file's last edit failed "
                                      "its check: the previous version keeps serving (the log says why).",
                                      ["policy"], multiprocess_mode="livemax", registry=r)
@@ -161,6 +165,8 @@ class Metrics:
         self.store_buffered.set(float(health.get("buffered") or 0))
         self.store_dropped.set(float(health.get("dropped") or 0))
         self.store_written.set(float(health.get("written") or 0))
+        fallback = health.get("backend") == "redis" and health.get("budget_mode") == "local"
+        self.store_budget_fallback.set(1 if fallback else 0)
 
     def refresh_policy_rejections(self) -> None:
         if self._policy_rejections is None:

@@ -36,7 +36,7 @@ from router import prompts
 from router.classifier import Classifier, ClassifierError
 from router.decide import BudgetExhausted, CompiledPolicy, InvalidHint, RequestHints, decide, estimate_prompt_tokens
 from router.types import Arm, Classification, Decision
-from telemetry.budgets import Reservation, seconds_until_reset
+from telemetry.budgets import Reservation, exceeded, latest_reset, seconds_until_reset
 from telemetry.embedded_store import check_data_dir
 from telemetry.events import Event
 from telemetry.store import BudgetExceeded, Store, open_store
@@ -113,7 +113,7 @@ class Gateway:
                 check_local_model(config.local_model)
             except LocalModelError as exc:
                 raise ConfigError(str(exc)) from None
-        if not config.telemetry.redis_url:  # with Redis the data dir is not used at all (telemetry/store.py)
+        if not config.telemetry.redis_url:  # with Redis it only keeps budget changes at shutdown, made when needed
             try:
                 check_data_dir(Path(config.telemetry.data_dir))
             except RuntimeError as exc:
@@ -248,14 +248,16 @@ class Gateway:
             raise ApiError(404, f"The model {req.model!r} does not exist; GET /v1/models lists the models "
                                 "and routed aliases.", param="model", code="model_not_found")
         assert self.store is not None
-        budget_left, budget_period = await self._budget_left(principal) or (None, None)
+        left_by_period = await self._budget_left(principal)
+        budget_left = min(left_by_period.values()) if left_by_period else None
         try:
             decision = decide(classification, policy, self.store.snapshot(policy.policy.name), alias=req.model,
                               request=hints, budget_left_usd=budget_left, rng=self._rng)
         except BudgetExhausted as exc:
             if exc.scope == "request":  # the request's own cost cap: asking again will not help
                 raise ApiError(400, str(exc), code="over_cost_limit") from None
-            raise ApiError(429, str(exc), code="budget_exhausted", headers=_retry_at_reset(budget_period)) from None
+            raise ApiError(429, str(exc), code="budget_exhausted",
+                           headers=_retry_at_reset(_period_to_wait_for(left_by_period, exc.cheapest_usd))) from None
         if budget_left is not None:
             decision = self._fallbacks_within(decision, req, hints.prompt_tokens, budget_left)
         return Plan(request_id, decision, policy, principal, req.model,
@@ -428,9 +430,9 @@ class Gateway:
                     limits[period] = cap
         return limits
 
-    async def _budget_left(self, principal: Principal) -> tuple[float, str] | None:
-        """What the key may still spend and in which period (the tightest), so the decision can
-        degrade in time. One store read, only for keys that have a budget."""
+    async def _budget_left(self, principal: Principal) -> dict[str, float] | None:
+        """What the key may still spend in each period it has a cap for (the decision takes the lowest,
+        so it can degrade in time). One store read, only for keys that have a budget."""
         limits = self.budget_limits(principal)
         if not limits or self.store is None:
             return None
@@ -439,7 +441,7 @@ class Gateway:
         except Exception:  # the store being away must not refuse service: reserve() still guards
             log.warning("could not read spend for %s; deciding without the remaining budget", principal.key_id)
             return None
-        return min((cap - spent.get(period, 0.0), period) for period, cap in limits.items())
+        return {period: cap - spent.get(period, 0.0) for period, cap in limits.items()}
 
     async def reserve_budget(self, plan: Plan) -> Reservation | None:
         """Hold the request's expected cost against the key's budgets (atomic across replicas)."""
@@ -450,19 +452,23 @@ class Gateway:
         try:
             reservation = await self.store.reserve(key_id, plan.reserve_usd(), limits)
         except BudgetExceeded as exc:
-            if exc.amount > exc.limit > exc.spent:  # waiting cannot help: the worst case is over the whole cap
-                raise ApiError(400, f"This request may cost up to ${exc.amount:.6f}, more than this key's whole "
-                                    f"{exc.period} budget (${exc.limit:.6f}); send a lower max_tokens (without "
-                                    "one, a default output length per call is held).", code="over_budget_cap") from None
+            for period, limit, spent in exc.failures:
+                if exc.amount > limit > spent:  # waiting cannot help: the worst case is over the whole cap
+                    raise ApiError(400, f"This request may cost up to ${exc.amount:.6f}, more than this key's whole "
+                                        f"{period} budget (${limit:.6f}); send a lower max_tokens (without one, a "
+                                        "default output length per call is held).", code="over_budget_cap") from None
             held = self._held_usd.get(key_id, 0.0)
-            if exc.spent - held + exc.amount <= exc.limit:
+            # The periods the request would not fit even without this process's requests in flight.
+            spent_out = [f for f in exc.failures if f[2] - held + exc.amount > f[1]]
+            if not spent_out:
                 # Only this process's requests in flight stand in the way, and their holds are mostly
                 # returned when they settle: worth retrying in a moment, not at the period's end.
                 raise ApiError(429, f"This key's {exc.period} budget is held by its requests in flight "
                                     f"(${held:.6f} of ${exc.spent:.6f} spent or held); retry shortly.",
                                code="budget_held", headers=retry_after(1.0)) from None
-            raise ApiError(429, f"Budget exhausted for this key: {exc}.", code="budget_exhausted",
-                           headers=_retry_at_reset(exc.period)) from None
+            binding = exceeded(spent_out, exc.amount, time.time())  # the period that frees it last
+            raise ApiError(429, f"Budget exhausted for this key: {binding}.", code="budget_exhausted",
+                           headers=_retry_at_reset(binding.period)) from None
         if reservation.mode != "none":
             self._held_usd[key_id] = self._held_usd.get(key_id, 0.0) + reservation.amount_usd
         return reservation
@@ -513,6 +519,16 @@ def configured_policies(config: GatewayConfig) -> PolicySet:
     if config.local_model.enabled and not any(s.name == LOCAL_BACKEND_NAME for s in specs):
         specs.append(LocalModelServer(config.local_model).backend_spec())
     return PolicySet(config.policy, config.extra_policies, specs)
+
+
+def _period_to_wait_for(left_by_period: dict[str, float] | None, cheapest_usd: float | None) -> str | None:
+    """The period a key refused by the decision must wait for: of those with less left than the cheapest
+    arm costs (nothing left, when that is unknown), the one that resets last."""
+    if not left_by_period:
+        return None
+    need = cheapest_usd if cheapest_usd is not None else 1e-9
+    short = [period for period, left in left_by_period.items() if left < need]
+    return latest_reset(short, time.time()) if short else min(left_by_period, key=left_by_period.__getitem__)
 
 
 def _retry_at_reset(period: str | None) -> dict[str, str]:

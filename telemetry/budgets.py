@@ -6,15 +6,22 @@ step (a Lua script on Redis, a synchronous section with no await in-process).
 
 `LocalBudgets` is the embedded store's ledger and the Redis store's fallback while Redis is down: it
 mirrors the last values Redis returned and keeps local changes as `unsynced` deltas that are pushed to
-Redis when it comes back.
+Redis when it comes back. Deltas still unsynced when the gateway shuts down are saved to a file in its
+data directory (`save_unsynced`) and pushed by the next start (`take_unsynced`).
 """
 
 from __future__ import annotations
 
 import calendar
+import math
+import os
 import time
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
+
+import orjson
 
 # period -> (strftime pattern of the UTC period id, seconds the counter is kept after it starts)
 PERIODS: dict[str, tuple[str, int]] = {
@@ -53,15 +60,38 @@ def seconds_until_reset(period: str, now: float) -> float | None:
 
 class BudgetExceeded(Exception):
     """A reservation that does not fit: `spent` (settled and held by requests in flight) plus `amount`
-    (this request's hold) would pass `limit`."""
+    (this request's hold) would pass `limit`. `failures` holds (period, limit, spent) of every period it
+    does not fit; the one named is the one that frees it last (see `exceeded`)."""
 
-    def __init__(self, period: str, limit: float, spent: float, amount: float = 0.0):
+    def __init__(self, period: str, limit: float, spent: float, amount: float = 0.0,
+                 failures: tuple[tuple[str, float, float], ...] = ()):
         super().__init__(f"{period} budget ${limit:.6f}: ${spent:.6f} spent or held, this request holds up to "
                          f"${amount:.6f}")
         self.period = period
         self.limit = limit
         self.spent = spent
         self.amount = amount
+        self.failures = failures or ((period, limit, spent),)
+
+
+def latest_reset(periods: list[str], now: float) -> str:
+    """Of the periods a request does not fit, the one it has to wait for: the one that resets last
+    (`total` never does). Waiting for the first to reset (a day) is no use when a month is spent too."""
+    def reset(period: str) -> float:
+        seconds = seconds_until_reset(period, now)
+        return math.inf if seconds is None else seconds
+
+    return max(periods, key=reset)
+
+
+def exceeded(failures: list[tuple[str, float, float]], amount: float, now: float) -> BudgetExceeded:
+    """The error for a reservation of `amount` that fails in every (period, limit, spent) of `failures`,
+    naming the period that frees it last: one whose whole cap is less than `amount` (never), else the
+    one that resets last."""
+    never = [f for f in failures if amount > f[1] + 1e-9]
+    binding = latest_reset([f[0] for f in never or failures], now)
+    period, limit, spent = next(f for f in failures if f[0] == binding)
+    return BudgetExceeded(period, limit, spent, amount, tuple(failures))
 
 
 @dataclass(slots=True)
@@ -107,10 +137,13 @@ class LocalBudgets:
 
     def reserve(self, res: Reservation, limits: list[float], now: float, *, track_unsynced: bool) -> None:
         """Check every period, then charge every period; raises BudgetExceeded and charges nothing."""
+        failures = []
         for period, key, limit in zip(res.periods, res.keys, limits, strict=True):
             spent = self.get(key, now) + self.inflight.get(key, 0.0)
             if spent + res.amount_usd > limit + 1e-9:
-                raise BudgetExceeded(period, limit, spent, res.amount_usd)
+                failures.append((period, limit, spent))
+        if failures:
+            raise exceeded(failures, res.amount_usd, now)
         for key, ttl in zip(res.keys, res.ttls, strict=True):
             self.add(key, res.amount_usd, ttl, now, track_unsynced=track_unsynced)
 
@@ -139,6 +172,19 @@ class LocalBudgets:
             else:
                 self.inflight[key] = left
 
+    def unsynced_rows(self) -> list[tuple[str, float, float]]:
+        """(counter key, delta, expiry) of every change Redis has not got yet."""
+        return [(key, delta, self.expires.get(key, 0.0)) for key, delta in self.unsynced.items() if abs(delta) > 1e-12]
+
+    def add_unsynced(self, rows: list[tuple[str, float, float]], now: float) -> None:
+        """Take back changes saved by an earlier process (`unsynced_rows`); those whose counter has
+        expired since are dropped: there is nothing left to correct."""
+        for key, delta, expires in rows:
+            if expires and expires < now:
+                continue
+            self.unsynced[key] = self.unsynced.get(key, 0.0) + delta
+            self.expires.setdefault(key, expires)
+
     def purge(self, now: float) -> None:
         for key in [k for k, exp in self.expires.items() if exp and exp < now and not self.unsynced.get(k)]:
             self.spent.pop(key, None)
@@ -159,3 +205,42 @@ def make_reservation(key_id: str, amount_usd: float, limits: dict[str, float], n
         ttls=tuple(ttl for _, ttl in ids),
         mode="local" if periods else "none",
     )
+
+
+UNSYNCED_FILE_PREFIX = "budget-unsynced-"
+
+
+def save_unsynced(data_dir: Path, rows: list[tuple[str, float, float]]) -> Path:
+    """Write budget changes Redis has not got (counter key, delta, expiry) to a new file in `data_dir`,
+    atomically and durably. One file per writer, so replicas sharing a directory keep each other's."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / f"{UNSYNCED_FILE_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}.json"
+    partial = path.with_suffix(".partial")
+    with open(partial, "wb") as f:
+        f.write(orjson.dumps([list(row) for row in rows]))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(partial, path)
+    return path
+
+
+def take_unsynced(data_dir: Path) -> tuple[list[tuple[str, float, float]], list[str]]:
+    """The rows every earlier `save_unsynced` left in `data_dir`, and a line per file that could not be
+    read (renamed `*.bad`, kept for an operator). Each file is claimed by a rename before it is read, so
+    of two replicas starting together only one pushes it."""
+    rows: list[tuple[str, float, float]] = []
+    problems: list[str] = []
+    for path in sorted(data_dir.glob(f"{UNSYNCED_FILE_PREFIX}*.json")):
+        claimed = path.with_suffix(f".taking-{os.getpid()}")
+        try:
+            os.rename(path, claimed)
+        except OSError:
+            continue  # another process took it
+        try:
+            rows += [(str(key), float(delta), float(expires)) for key, delta, expires in orjson.loads(claimed.read_bytes())]
+        except (OSError, ValueError, TypeError) as exc:
+            problems.append(f"{path}: {exc}")
+            os.replace(claimed, path.with_suffix(".bad"))
+        else:
+            claimed.unlink()
+    return rows, problems

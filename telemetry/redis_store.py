@@ -12,13 +12,16 @@ Every key carries a hash tag so the keys one operation touches live in one Redis
 
 Failure behaviour: see docs/telemetry.md. In short, any Redis error marks the store disconnected; the
 flush loop pings with backoff (at most 1 s apart) and flushes the buffer as soon as PING answers;
-budgets fall back to the in-process ledger and push their deltas when Redis is back.
+budgets fall back to the in-process ledger and push their deltas when Redis is back (deltas still
+unpushed at shutdown are saved under data_dir and pushed by the next start).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -32,10 +35,11 @@ from redis.exceptions import ReadOnlyError, RedisClusterException
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .aggregates import group_deltas, spend_deltas
-from .budgets import BudgetExceeded, LocalBudgets, Reservation, make_reservation, period_id
+from .budgets import LocalBudgets, Reservation, exceeded, make_reservation, period_id, save_unsynced, take_unsynced
 from .events import Event
 from .store import BufferedStore, FeedbackResult
 
+log = logging.getLogger("ponder.telemetry")
 MAX_CONNECTIONS = 32  # per replica
 OTHER_REPLICA_WAIT_S = 0.5  # feedback for an id not written yet: how long to look again (polls)
 OTHER_REPLICA_POLL_S = 0.05
@@ -116,17 +120,21 @@ end
 return #ARGV - 1
 """
 
-# Check every period's cap, then charge all of them, or charge none.
+# Check every period's cap, then charge all of them, or charge none (and name every period that does
+# not fit: {0, i, spent, i, spent...}; the caller picks the one the client must wait for).
 # KEYS one counter per period; ARGV[1] amount, ARGV[2..n+1] caps, ARGV[n+2..2n+1] TTLs (0: none)
 RESERVE_LUA = """
 local n = #KEYS
 local amount = tonumber(ARGV[1])
+local over = {0}
 for i = 1, n do
   local spent = tonumber(redis.call('GET', KEYS[i]) or '0')
   if spent + amount > tonumber(ARGV[1 + i]) + 1e-9 then
-    return {0, i, string.format('%.17g', spent)}
+    over[#over + 1] = i
+    over[#over + 1] = string.format('%.17g', spent)
   end
 end
+if #over > 1 then return over end
 local out = {1}
 for i = 1, n do
   out[#out + 1] = redis.call('INCRBYFLOAT', KEYS[i], ARGV[1])
@@ -196,9 +204,11 @@ def make_client(url: str, op_timeout_s: float) -> tuple[Redis | RedisCluster, bo
 class RedisStore(BufferedStore):
     backend = "redis"
 
-    def __init__(self, url: str, *, namespace: str = "ponder", op_timeout_s: float = 1.0, **common: Any) -> None:
+    def __init__(self, url: str, *, namespace: str = "ponder", op_timeout_s: float = 1.0,
+                 data_dir: Path | None = None, **common: Any) -> None:
         super().__init__(**common)
         self.url = url
+        self.data_dir = data_dir  # where budget changes Redis has not got are kept over a restart
         self.op_timeout_s = op_timeout_s
         self.keys = RedisKeys(namespace)
         self._client, self._cluster = make_client(url, op_timeout_s)
@@ -206,6 +216,9 @@ class RedisStore(BufferedStore):
         self._reserve_script = self._client.register_script(RESERVE_LUA)
         self._batch_script = self._client.register_script(BATCH_LUA)
         self._budgets = LocalBudgets()
+        # Redis refused or did not answer the last reservation (down, or refusing writes: OOM at
+        # maxmemory), so reservations are checked in the in-process ledger until it takes one again.
+        self._budgets_fallback = False
         self._connected = False
         self._backoff = 0.0
         self._next_attempt = 0.0
@@ -230,6 +243,7 @@ class RedisStore(BufferedStore):
             self._on_error("connect", exc)
             return False
         self._connected, self._backoff = True, 0.0
+        self._budgets_fallback = False
         self.reconnects += 1
         return True
 
@@ -329,12 +343,22 @@ class RedisStore(BufferedStore):
             exp = self._budgets.expires.get(key, 0.0)
             if exp:  # a counter created by this push needs the TTL its period would have given it
                 pipe.expire(key, max(1, int(exp - now)))
-        values = (await pipe.execute())[: len(pending)]
+        # Each reply on its own: a push Redis refuses half way (OOM at maxmemory) must not push the
+        # deltas it did take a second time on the next turn.
+        values = (await pipe.execute(raise_on_error=False))[: len(pending)]
+        refused = None
         for (key, delta), value in zip(pending, values):
+            if isinstance(value, Exception):
+                refused = value
+                continue
             self._budgets.unsynced[key] -= delta
             if abs(self._budgets.unsynced[key]) < 1e-12:
                 del self._budgets.unsynced[key]
             self._budgets.observe(key, float(value), 0, now)
+        if refused is not None:
+            self._on_error("budget push", refused)
+        else:
+            self._budgets_fallback = False  # Redis takes writes again
 
     # --- reads -----------------------------------------------------------------------------------------
 
@@ -351,9 +375,18 @@ class RedisStore(BufferedStore):
             pipe.smembers(k.arms(p))
             if not read_only:
                 pipe.set(k.alive(p), "1", nx=True)
-        res = await pipe.execute()
+        # A marker Redis refuses to write (OOM at maxmemory with noeviction) must not stop the reads:
+        # the stats would go stale for as long as Redis is full. Nothing could be restored then anyway.
+        res = await pipe.execute(raise_on_error=False)
         step = 1 if read_only else 2
         members = {p: res[step * i] for i, p in enumerate(names)}
+        for value in members.values():
+            if isinstance(value, Exception):
+                raise value
+        refused = next((v for v in res[1::2] if isinstance(v, Exception)), None) if not read_only else None
+        if refused is not None:
+            self._on_error("refresh marker", refused)
+            res = [False if isinstance(v, Exception) else v for v in res]
         # A missing marker next to a policy we hold stats for means Redis restarted without its data:
         # the replica that re-created the marker adds its cached aggregates back (additively, so events
         # other replicas flushed since the restart are kept).
@@ -466,11 +499,15 @@ class RedisStore(BufferedStore):
                 out = await self._reserve_script(keys=list(res.keys), args=[repr(res.amount_usd), *map(repr, caps), *res.ttls])
             except Exception as exc:
                 self._on_error("reserve", exc)  # fall through to the local ledger
+                self._budgets_fallback = True
             else:
+                self._budgets_fallback = False
                 if int(out[0]) == 0:
-                    i = int(out[1]) - 1
-                    self._budgets.observe(res.keys[i], float(out[2]), res.ttls[i], now, at_least=True)
-                    raise BudgetExceeded(res.periods[i], caps[i], float(out[2]), res.amount_usd)
+                    failures = []
+                    for i, spent in zip(map(int, out[1::2]), map(float, out[2::2])):
+                        self._budgets.observe(res.keys[i - 1], spent, res.ttls[i - 1], now, at_least=True)
+                        failures.append((res.periods[i - 1], caps[i - 1], spent))
+                    raise exceeded(failures, res.amount_usd, now)
                 for key, ttl, value in zip(res.keys, res.ttls, out[1:]):
                     self._budgets.observe(key, float(value), ttl, now, at_least=True)
                 res.mode = "redis"
@@ -487,20 +524,28 @@ class RedisStore(BufferedStore):
         if delta is None or abs(delta) < 1e-12:
             return
         now = time.time()
+        unsettled = list(zip(reservation.keys, reservation.ttls))
         if reservation.mode == "redis" and self._connected:
             try:
                 pipe = self._client.pipeline(transaction=False)
                 for key in reservation.keys:
                     pipe.incrbyfloat(key, delta)
-                values = await pipe.execute()
+                # Each reply on its own: counters Redis took must not get the delta again from the ledger
+                # when it refuses another one (OOM at maxmemory, a key of the wrong type).
+                values = await pipe.execute(raise_on_error=False)
+                unsettled = []
                 for key, ttl, value in zip(reservation.keys, reservation.ttls, values):
-                    self._budgets.observe(key, float(value), ttl, now)
-                return
+                    if isinstance(value, Exception):
+                        self._on_error("settle", value)
+                        unsettled.append((key, ttl))
+                    else:
+                        self._budgets.observe(key, float(value), ttl, now)
             except Exception as exc:
                 self._on_error("settle", exc)
-        for key, ttl in zip(reservation.keys, reservation.ttls):
+        for key, ttl in unsettled:
             self._budgets.add(key, delta, ttl, now, track_unsynced=True)
-        self._wake.set()
+        if unsettled:
+            self._wake.set()
 
     async def spent(self, key_id: str, periods=("day", "month")) -> dict[str, float]:
         now = time.time()
@@ -521,16 +566,63 @@ class RedisStore(BufferedStore):
         h = super().health()
         h.update(
             connected=self._connected,
-            budget_mode="redis" if self._connected else "local",
+            budget_mode="redis" if self._connected and not self._budgets_fallback else "local",
             unsynced_budget_usd=sum(self._budgets.unsynced.values()),
             reconnects=self.reconnects,
             restores=self.restores,
         )
         return h
 
+    async def start(self) -> None:
+        if self._started:
+            return
+        self._take_saved_budgets()
+        await super().start()
+        if self._budgets.unsynced and self._connected:
+            try:  # now, before the first request reserves against counters that lack them
+                await self._periodic()
+            except Exception as exc:
+                self._on_error("budget push", exc)
+
     async def close(self, timeout_s: float = 5.0) -> None:
         await super().close(timeout_s)
+        self._save_unpushed_budgets()
         try:
             await self._client.aclose()
         except Exception:
             pass
+
+    def _take_saved_budgets(self) -> None:
+        if self.data_dir is None or not self.data_dir.is_dir():
+            return
+        try:
+            rows, problems = take_unsynced(self.data_dir)
+        except OSError as exc:
+            self._on_error("budget load", exc)
+            return
+        for problem in problems:
+            log.error("unreadable saved budget changes, not pushed: %s", problem)
+        if rows:
+            self._budgets.add_unsynced(rows, time.time())
+            log.info("pushing $%.6f of budget changes saved by an earlier shutdown", sum(d for _, d, _ in rows))
+
+    def _save_unpushed_budgets(self) -> None:
+        """Budget changes made while Redis was away (or refusing writes) and still not pushed at shutdown
+        would be lost, and the keys could overspend by them after a restart: keep them on disk."""
+        rows = self._budgets.unsynced_rows()
+        if not rows:
+            return
+        total = sum(delta for _, delta, _ in rows)
+        if self.data_dir is None:
+            log.error("Redis did not take $%.6f of budget changes by shutdown: they are lost", total)
+            return
+        try:
+            path = save_unsynced(self.data_dir, rows)
+        except OSError as exc:
+            self._on_error("budget save", exc)
+            log.error("Redis did not take $%.6f of budget changes by shutdown, and they could not be saved: %s",
+                      total, exc)
+            return
+        self._budgets.unsynced.clear()
+        log.warning("Redis did not take $%.6f of budget changes by shutdown: saved to %s; the next start "
+                    "pushes them", total, path)

@@ -388,7 +388,8 @@ async def open_store(
     op_timeout_s: float = 1.0,
 ) -> Store:
     """A started store: Redis when `redis_url` is set (even if Redis is down right now: it keeps
-    retrying), else the embedded store persisted under `data_dir`."""
+    retrying; `data_dir` then only keeps budget changes Redis was away for at shutdown), else the
+    embedded store persisted under `data_dir`."""
     common = dict(
         stream_maxlen=stream_maxlen,
         refresh_s=refresh_s,
@@ -400,7 +401,7 @@ async def open_store(
     if redis_url:
         from .redis_store import RedisStore
 
-        store = RedisStore(redis_url, namespace=namespace, op_timeout_s=op_timeout_s, **common)
+        store = RedisStore(redis_url, namespace=namespace, op_timeout_s=op_timeout_s, data_dir=Path(data_dir), **common)
     else:
         from .embedded_store import EmbeddedStore
 

@@ -15,6 +15,7 @@ KEY = "sk-test-key-123"
 ADMIN_KEY = "sk-admin-456"
 SMALL_BUDGET_KEY = "sk-small-789"
 ZERO_BUDGET_KEY = "sk-zero-000"
+MONTH_BUDGET_KEY = "sk-month-321"
 METERED_KEY = "sk-metered-246"
 
 
@@ -616,7 +617,9 @@ def keyed_stack(tmp_path_factory):
                          {"id": "none", "sha256": hashlib.sha256(ZERO_BUDGET_KEY.encode()).hexdigest(),
                           "budget_usd_per_day": 0},
                          {"id": "metered", "sha256": hashlib.sha256(METERED_KEY.encode()).hexdigest(),
-                          "budget_usd_per_day": 1.0}],
+                          "budget_usd_per_day": 1.0},
+                         {"id": "month", "sha256": hashlib.sha256(MONTH_BUDGET_KEY.encode()).hexdigest(),
+                          "budget_usd_per_day": 0.00005, "budget_usd_per_month": 0.00005}],
             "server_timing": True,
         }, name="keyed")) as gateway:
             yield gateway, mock
@@ -695,6 +698,28 @@ def test_ponder_key_makes_a_key_and_the_config_line_that_admits_it(tmp_path):
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=gateway.url + "/v1", api_key=new_key + "x", max_retries=0
                           ).chat.completions.create(model="auto", messages=question)
+
+
+def test_a_key_out_of_its_month_too_is_told_to_wait_for_the_month_not_midnight(keyed_stack):
+    """Day and month caps both spent: midnight frees the day but not the month, so Retry-After is the
+    start of next month (UTC), on both paths: a named backend (the reservation refuses) and a routed
+    alias (the decision refuses, from what the key has left)."""
+    import calendar
+    import time
+
+    gateway, _ = keyed_stack
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=MONTH_BUDGET_KEY, max_retries=0)
+    question = [{"role": "user", "content": "x"}]
+    with pytest.raises(openai.RateLimitError):
+        for _ in range(10):
+            client.chat.completions.create(model="mock-a", messages=question, max_tokens=5)
+    now = time.gmtime()
+    next_month = calendar.timegm((now.tm_year + now.tm_mon // 12, now.tm_mon % 12 + 1, 1, 0, 0, 0, 0, 0, 0))
+    for model in ("mock-a", "auto"):
+        with pytest.raises(openai.RateLimitError) as spent:
+            client.chat.completions.create(model=model, messages=question, max_tokens=5)
+        assert spent.value.code == "budget_exhausted"
+        assert abs(int(spent.value.response.headers["retry-after"]) - (next_month - time.time())) <= 5, model
 
 
 def test_a_budget_held_by_requests_in_flight_is_retried_in_a_moment_not_at_midnight(tmp_path):

@@ -345,3 +345,38 @@ def test_a_request_outlasting_the_shutdown_grace_gets_a_503_and_is_settled(share
 def _spent(gw, key_id: str) -> float:
     keys = httpx.get(gw.url + "/v1/ponder/spend", headers=auth(), timeout=10).json()["keys"]
     return next((k["spent"].get("day", 0.0) for k in keys if k["key_id"] == key_id), 0.0)
+
+
+def test_budget_spent_while_redis_is_away_survives_a_sigterm(shared, r):
+    """Redis hangs (SIGSTOP), the gateway keeps answering a capped key from its in-process ledger, and
+    is then shut down (SIGTERM) while Redis is still away: the spend it could not push is saved in its
+    data directory, and the next start pushes it, so the key cannot overspend by it after a restart."""
+    key = "sk-scale-outage"
+    config = {"api_keys": [{"id": "outage", "sha256": sha(key), "budget_usd_per_day": CAP}]}
+    counter = f"ponder:{{budget:outage}}:day:{time.strftime('%Y%m%d', time.gmtime())}"
+    gw = shared["gateway"]("outage", **config)
+    redis_pid = shared["redis"].pid
+    try:
+        assert chat(gw, key=key, max_tokens=10).status_code == 200
+        assert float(r.get(counter)) == pytest.approx(COST)
+        os.kill(redis_pid, signal.SIGSTOP)
+        try:
+            for _ in range(3):
+                response = chat(gw, key=key, max_tokens=10)
+                assert response.status_code == 200, response.text
+            store = httpx.get(gw.url + "/readyz").json()["store"]
+            assert store["budget_mode"] == "local" and store["unsynced_budget_usd"] == pytest.approx(3 * COST)
+            gw.process.send_signal(signal.SIGTERM)
+            assert gw.process.wait(40) in (0, -signal.SIGTERM)
+        finally:
+            os.kill(redis_pid, signal.SIGCONT)
+        first_log = gw.log()
+        assert "Traceback" not in first_log
+        assert float(r.get(counter)) == pytest.approx(COST)  # nothing reached Redis during the outage
+        gw.stop()
+        gw = shared["gateway"]("outage", **config)  # the same data directory
+        assert float(r.get(counter)) == pytest.approx(4 * COST)  # pushed before it served anything
+        assert "budget changes by shutdown: saved to" in first_log
+        assert not list((shared["tmp"] / "outage-data").glob("budget-unsynced-*"))
+    finally:
+        gw.stop()

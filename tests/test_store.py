@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import time
@@ -12,7 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from telemetry.aggregates import arm_stats, event_delta, histogram, latency_bucket, percentile
-from telemetry.budgets import BudgetExceeded
+from telemetry.budgets import BudgetExceeded, period_id
 from telemetry.cli import stats_cli
 from telemetry.events import Event
 from telemetry.redis_server import free_port, start_redis
@@ -602,6 +603,124 @@ def test_a_batch_redis_keeps_refusing_is_dropped_not_retried_forever(redis_url, 
             store.record(event(9))
             assert await store.flush()
             assert await client.xlen("ponder:{events}:stream") == 1
+        finally:
+            await store.close()
+            await client.aclose()
+
+    run(go())
+
+
+def test_redis_full_says_budgets_are_local_and_stats_keep_refreshing(tmp_path):
+    """Redis at maxmemory with noeviction refuses every write but still answers: reservations fall back
+    to the in-process ledger, and health (budget_mode, read by /readyz, the dashboard and /metrics) must
+    say so; the refresh, whose data-loss marker is a write, must keep reading the stats; and when Redis
+    takes writes again the ledger's changes are pushed once."""
+    proc = start_redis(data_dir=tmp_path / "redis")
+
+    async def go():
+        store = await open_store(proc.url, tmp_path, refresh_s=0.1)
+        client = aioredis.from_url(proc.url, decode_responses=True)
+        try:
+            for i in range(10):
+                store.record(event(i))
+            await store.flush()
+            assert (await store.reserve("key-f", 1.0, {"day": 10.0})).mode == "redis"
+            await client.config_set("maxmemory-policy", "noeviction")
+            await client.config_set("maxmemory", 1)  # every write refused with OOM from now on
+            local = await store.reserve("key-f", 2.0, {"day": 10.0})
+            assert local.mode == "local"
+            health = store.health()
+            assert health["connected"] and health["budget_mode"] == "local", health
+            # Another replica's outcomes (written straight to the aggregate, as Redis allows reads and
+            # this is only a check of the reads) reach this replica's snapshot while Redis is full.
+            await client.config_set("maxmemory", 0)
+            await client.hincrbyfloat(store.keys.agg("p", "math:hard", ARM), "count", 5)
+            await client.config_set("maxmemory", 1)
+            await wait_for(lambda: getattr(store.snapshot("p").get("math:hard", {}).get(ARM), "count", 0) == 15,
+                           timeout=3.0)
+            assert "OOM" in store.health()["last_error"] or "maxmemory" in store.health()["last_error"]
+            await client.config_set("maxmemory", 0)
+            await wait_for(lambda: store.health()["budget_mode"] == "redis", timeout=3.0)
+            await wait_for(lambda: store.health()["unsynced_budget_usd"] == 0, timeout=3.0)
+            day = time.strftime("%Y%m%d", time.gmtime())
+            assert float(await client.get(store.keys.budget("key-f", "day", day))) == pytest.approx(3.0)
+        finally:
+            await store.close()
+            await client.aclose()
+
+    try:
+        run(go())
+    finally:
+        proc.stop()
+
+
+def test_a_budget_push_redis_refuses_half_way_is_not_pushed_twice(redis_url, tmp_path):
+    """The push of the ledger's changes is one pipeline of INCRBYFLOATs: when Redis takes some and
+    refuses others, the ones it took must not be pushed again on the next turn."""
+    async def go():
+        store = await open_store(redis_url, tmp_path)
+        client = aioredis.from_url(redis_url, decode_responses=True)
+        try:
+            now = time.time()
+            day, month = (store.keys.budget("key-g", p, period_id(p, now)[0]) for p in ("day", "month"))
+            await client.rpush(month, "not a counter")  # INCRBYFLOAT on it fails with WRONGTYPE
+            store._budgets.add(day, 1.0, 86400, now, track_unsynced=True)
+            store._budgets.add(month, 1.0, 86400, now, track_unsynced=True)
+            for _ in range(3):
+                with contextlib.suppress(Exception):
+                    await store._periodic()
+            assert float(await client.get(day)) == pytest.approx(1.0)
+            assert "WRONGTYPE" in store.health()["last_error"]
+            assert store._budgets.unsynced == {month: 1.0}
+        finally:
+            await store.close()
+            await client.aclose()
+
+    run(go())
+
+
+def test_a_reservation_over_several_caps_names_the_one_that_frees_it_last(redis_url, tmp_path):
+    """Day and month both spent: the error names the month (the day resets first, which frees nothing),
+    with every failing period in `failures`; a request over a whole cap names that cap (it never fits)."""
+    async def go():
+        for url, path in ((redis_url, tmp_path / "r"), (None, tmp_path / "e")):
+            store = await open_store(url, path)
+            try:
+                limits = {"day": 2.0, "month": 2.0}
+                await store.reserve("key-h", 2.0, limits)
+                with pytest.raises(BudgetExceeded) as both:
+                    await store.reserve("key-h", 1.0, limits)
+                assert both.value.period == "month" and both.value.spent == pytest.approx(2.0)
+                assert sorted(p for p, _, _ in both.value.failures) == ["day", "month"]
+                # over the whole hourly cap, which no reset helps, though the month resets later
+                limits = {"hour": 1.0, "month": 1.5}
+                await store.reserve("key-i", 1.0, limits)
+                with pytest.raises(BudgetExceeded) as never:
+                    await store.reserve("key-i", 1.2, limits)
+                assert never.value.period == "hour" and len(never.value.failures) == 2
+            finally:
+                await store.close()
+
+    run(go())
+
+
+def test_a_settle_redis_takes_in_one_period_only_is_not_charged_twice_there(redis_url, tmp_path):
+    """A settle writes the day and the month counters; when Redis refuses one (here WRONGTYPE, as OOM
+    would), the other, already corrected, must not get the delta again from the ledger's push."""
+    async def go():
+        store = await open_store(redis_url, tmp_path)
+        client = aioredis.from_url(redis_url, decode_responses=True)
+        try:
+            res = await store.reserve("key-j", 1.0, {"day": 10.0, "month": 10.0})
+            day, month = res.keys
+            await client.delete(month)
+            await client.rpush(month, "not a counter")
+            await store.settle(res, 0.25)
+            for _ in range(3):
+                with contextlib.suppress(Exception):
+                    await store._periodic()
+            assert float(await client.get(day)) == pytest.approx(0.25)
+            assert store._budgets.unsynced == {month: pytest.approx(-0.75)}
         finally:
             await store.close()
             await client.aclose()

@@ -212,8 +212,11 @@ function renderKpis(summary, spend) {
   $("kpi-explore").textContent = e.window ? `${pct(e.share, 1)} of ${e.window}` : "–";
   const hl = summary.health || {};
   const ok = hl.connected !== false;
-  $("kpi-store").textContent = `${hl.backend || "?"} · ${ok ? "connected" : "DISCONNECTED"} · ${hl.buffered ?? 0} buffered · ${hl.dropped ?? 0} dropped`;
-  $("kpi-store").className = "value small " + (ok && !hl.dropped ? "" : "bad");
+  // budgets checked per replica (Redis away or refusing writes) is worth a red mark even while connected
+  const fallback = hl.backend === "redis" && hl.budget_mode === "local";
+  $("kpi-store").textContent = `${hl.backend || "?"} · ${ok ? "connected" : "DISCONNECTED"} · ${hl.buffered ?? 0} buffered · ${hl.dropped ?? 0} dropped` +
+    (fallback ? " · budgets per replica" : "");
+  $("kpi-store").className = "value small " + (ok && !hl.dropped && !fallback ? "" : "bad");
 }
 
 // -- scatter: cost (x) vs success rate (y) ---------------------------------------------------------
