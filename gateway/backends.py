@@ -128,6 +128,11 @@ class Usage:
     reasoning_tokens: int = 0
     details: dict[str, dict[str, int]] = field(default_factory=dict)
 
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens the provider served from its prompt cache (billed at the cached price)."""
+        return self.details.get("prompt_tokens_details", {}).get("cached_tokens", 0)
+
     @classmethod
     def from_block(cls, usage: dict | None) -> Usage:
         if not usage:
@@ -179,7 +184,7 @@ class Backend:
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,
             reasoning_tokens=usage.reasoning_tokens,
-            cost_usd=call_cost(self.prices, usage.prompt_tokens, usage.completion_tokens),
+            cost_usd=call_cost(self.prices, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens),
             latency_ms=(time.perf_counter() - started) * 1000,
             ok=ok,
             error=error,

@@ -18,6 +18,10 @@ class Prices(BaseModel):
 
     input_per_mtok: float = Field(ge=0)
     output_per_mtok: float = Field(ge=0)
+    cached_input_per_mtok: float | None = Field(
+        default=None, ge=0,
+        description="Prompt tokens the provider read from its cache (`usage.prompt_tokens_details."
+                    "cached_tokens`); default: the input price.")
 
 
 class BackendSpec(BaseModel):

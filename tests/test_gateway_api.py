@@ -265,6 +265,33 @@ def test_usage_details_are_passed_on_and_summed_over_samples(client, mock):
     assert vote.usage.prompt_tokens_details.audio_tokens == 0
 
 
+def test_cached_prompt_tokens_are_billed_at_the_cached_price(tmp_path):
+    """Input $1000/M, cached input $100/M, output $2000/M: an answer whose usage says 3 of its prompt
+    tokens came from the provider's cache pays the cached price for those 3, JSON and stream alike
+    (they were billed at the full input price: up to 10x too much for a cached prompt)."""
+    from policies.backends import BackendSpec
+    from policies.loader import resolve_prices
+
+    prices = {"input_per_mtok": 1000, "output_per_mtok": 2000, "cached_input_per_mtok": 100}
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("mock-a", mock, prices=prices), mock_backend("mock-b", mock)],
+            "policy": policy(tmp_path)}, name="cached")) as gateway:
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+        messages = [{"role": "user", "content": "Tell me about caching, briefly."}]
+        control(mock, cached_tokens=3)
+        raw = client.chat.completions.with_raw_response.create(model="mock-a", messages=messages)
+        usage = raw.parse().usage
+        expected = ((usage.prompt_tokens - 3) * 1000 + 3 * 100 + usage.completion_tokens * 2000) / 1e6
+        assert usage.prompt_tokens > 3 and float(raw.headers["x-ponder-cost-usd"]) == pytest.approx(expected)
+        chunks = list(client.chat.completions.create(model="mock-a", messages=messages, stream=True,
+                                                     stream_options={"include_usage": True}))
+        streamed = chunks[-1].usage
+        assert chunks[-1].model_extra["ponder"]["cost_usd"] == pytest.approx(
+            ((streamed.prompt_tokens - 3) * 1000 + 3 * 100 + streamed.completion_tokens * 2000) / 1e6)
+    # litellm's cost map knows providers' cached prices
+    assert resolve_prices(BackendSpec(name="m", model="openai/gpt-4.1-mini"))[0].cached_input_per_mtok == pytest.approx(0.1)
+
+
 def test_a_client_asking_more_choices_than_the_vote_draws_gets_them_all(client, mock):
     """n=7 against a 5-sample vote: 7 samples are drawn (the budget already held for 7), 7 choices come
     back; and seeds derived from a client seed near the int64 limit stay inside it."""
