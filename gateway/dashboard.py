@@ -129,7 +129,7 @@ async def summary_endpoint(request: Request) -> Response:
         "tasks": summaries.task_views(table, current_choices(gw, policy, sorted(table))),
         "latency": summaries.latency_by_arm(table),
         "shares": summaries.shares(table),
-        "exploration": summaries.exploration(events),
+        "exploration": summaries.exploration(e for e in events if e.get("policy") == policy),
         "health": summary.get("health") or gw.store.health(),
     })
 

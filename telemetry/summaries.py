@@ -181,7 +181,7 @@ def totals(table: Table) -> dict[str, Any]:
 
 
 def exploration(events: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
-    """Explore vs exploit over recent routed requests (direct backend requests bypass the learner)."""
+    """Explore vs exploit over recent routed requests of one policy (direct backend requests bypass the learner)."""
     routed = [e for e in events if e.get("policy") != "direct"]
     explored = sum(1 for e in routed if e.get("explore"))
     return {"window": len(routed), "explored": explored, "exploited": len(routed) - explored,

@@ -310,6 +310,7 @@ def test_summary_matches_the_seeded_traffic(stack):
     assert summary["health"]["backend"] == backend
     direct = get(gateway.url, "/v1/ponder/summary?policy=direct").json()
     assert direct["totals"]["requests"] == len(seeded.records) - len(routed)
+    assert direct["exploration"]["window"] == 0  # like every other number there, this policy's own
     assert get(gateway.url, "/v1/ponder/summary?policy=nope").status_code == 404
 
 
