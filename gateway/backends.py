@@ -23,6 +23,7 @@ import orjson
 
 from gateway.prices import call_cost, resolve_prices
 from policies.backends import BackendSpec
+from policies.loader import resolve_max_context
 
 FAST_PATH_PROVIDERS = {"openai", "hosted_vllm", "llamacpp", "lm_studio"}
 # Upstream statuses that are about the request itself: passed on to the client as they are, never
@@ -141,6 +142,7 @@ class Backend:
     def __post_init__(self) -> None:
         self.name = self.spec.name
         self.prices = resolve_prices(self.spec)
+        self.max_context = resolve_max_context(self.spec)[0]  # tokens; None: no known limit
         provider, _, upstream_model = self.spec.model.partition("/")
         self.upstream_model = upstream_model or provider
         self.fast_path = (
