@@ -65,6 +65,8 @@ _NO_CAP = 1 << 62  # max_output_tokens when the client sets none
 # real count (measured with cl100k and SmolLM2's tokenizers), so a prompt that might fit is sent, and
 # the backend answers with its exact count.
 CONTEXT_MARGIN = 1.5
+# ...and it can be this many times below the real count (Chinese text: 5.5x; digits, base64: 4x).
+CONTEXT_UNDERCOUNT = 6
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +169,11 @@ class ContextTooLong(ValueError):
 def exceeds_context(prompt_tokens: int, max_context: int | None) -> bool:
     """Whether an estimated prompt is clearly too long for a context window (None: no known limit)."""
     return max_context is not None and prompt_tokens > max_context * CONTEXT_MARGIN
+
+
+def may_exceed_context(prompt_tokens: int, max_context: int | None) -> bool:
+    """Whether an estimated prompt might be too long for a context window (None: no known limit)."""
+    return max_context is not None and prompt_tokens * CONTEXT_UNDERCOUNT > max_context
 
 
 def context_message(prompt_tokens: int, max_context: int, model: str | None = None) -> str:
