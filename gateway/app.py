@@ -33,7 +33,6 @@ from gateway.service import Gateway, Plan
 from gateway.strategies import StrategyResult
 from gateway.streaming import EventStream, PassThrough, synthesized, usage_block
 from router import prompts
-from router.decide import estimate_prompt_tokens
 from router.types import Arm
 
 log = logging.getLogger("ponder.app")
@@ -375,9 +374,7 @@ async def open_first_stream(gw: Gateway, plan: Plan, req: ChatRequest, caller: C
             if caller.remaining() <= 0:
                 return ApiError(504, "The request deadline passed before a backend answered.", code="deadline")
             try:
-                passthrough = await PassThrough.open(backend, body, caller)
-                passthrough.prompt_tokens_estimate = estimate_prompt_tokens(req.messages)
-                return passthrough
+                return await PassThrough.open(backend, body, caller, plan.prompt_tokens)
             except UpstreamError as exc:
                 last = exc
                 if not exc.retryable:  # about the request (a 400): every arm would refuse it alike

@@ -23,6 +23,7 @@ import orjson
 
 from gateway.prices import call_cost, resolve_prices
 from policies.backends import BackendSpec
+from policies.loader import resolve_max_context
 
 FAST_PATH_PROVIDERS = {"openai", "hosted_vllm", "llamacpp", "lm_studio"}
 # Upstream statuses that are about the request itself: passed on to the client as they are, never
@@ -160,6 +161,7 @@ class Backend:
     def __post_init__(self) -> None:
         self.name = self.spec.name
         self.prices = resolve_prices(self.spec)
+        self.max_context = resolve_max_context(self.spec)[0]  # tokens; None: no known limit
         provider, _, upstream_model = self.spec.model.partition("/")
         self.upstream_model = upstream_model or provider
         self.fast_path = (
@@ -321,6 +323,7 @@ class Backend:
                                          headers=self._headers(), timeout=self._stream_timeout) as resp:
                 if resp.status >= 400:
                     raise self._http_error(resp.status, await resp.read(), resp.headers.get("Retry-After"))
+                protocol = resp.connection.protocol if resp.connection is not None else None
                 async for line in resp.content:
                     if not line.startswith(b"data:"):
                         continue
@@ -336,6 +339,11 @@ class Backend:
                         raise UpstreamError(self.name, 502, f"{self.name}: stream error: {parsed['error']}",
                                             retryable=True)
                     yield payload, parsed
+                # The body ended without [DONE]: a server that gives up on a stream this way (llama-cpp-
+                # python's, for a prompt over its context window) closes the connection a moment later,
+                # and the pool, which took it back at the body's end, would hand it to the next call.
+                if protocol is not None:
+                    protocol.close()
         except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
             raise UpstreamError(self.name, 504, f"{self.name}: upstream stream stalled", retryable=True) from None
         except aiohttp.ClientError as exc:

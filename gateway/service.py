@@ -34,7 +34,10 @@ from gateway.strategies import StrategyContext, StrategyResult, cot_instruction_
 from policies.schema import PolicyError
 from router import prompts
 from router.classifier import Classifier, ClassifierError
-from router.decide import BudgetExhausted, CompiledPolicy, InvalidHint, RequestHints, decide, estimate_prompt_tokens
+from router.decide import (
+    BudgetExhausted, CompiledPolicy, ContextTooLong, InvalidHint, RequestHints, context_message, decide,
+    estimate_prompt_tokens, exceeds_context,
+)
 from router.types import Arm, Classification, Decision
 from telemetry.budgets import Reservation, exceeded, latest_reset, seconds_until_reset
 from telemetry.embedded_store import check_data_dir
@@ -238,6 +241,10 @@ class Gateway:
                 raise ApiError(404, f"The model {req.model!r} is a backend, and policy `{policy.name}` routes only "
                                     "its aliases (overrides.direct_backend: false); GET /v1/models lists them.",
                                param="model", code="model_not_found")
+            backend = self.backends[req.model]
+            if exceeds_context(hints.prompt_tokens or 0, backend.max_context):
+                raise ApiError(400, context_message(hints.prompt_tokens or 0, backend.max_context), param="messages",
+                               code="context_length_exceeded")
             decision = self._direct(req, headers, classification, policy)
             worst = self.plan_worst_case_usd(decision, req, hints.prompt_tokens)
             self._check_direct_cost(worst, hints, policy)
@@ -253,6 +260,8 @@ class Gateway:
         try:
             decision = decide(classification, policy, self.store.snapshot(policy.policy.name), alias=req.model,
                               request=hints, budget_left_usd=budget_left, rng=self._rng)
+        except ContextTooLong as exc:
+            raise ApiError(400, str(exc), param="messages", code="context_length_exceeded") from None
         except BudgetExhausted as exc:
             if exc.scope == "request":  # the request's own cost cap: asking again will not help
                 raise ApiError(400, str(exc), code="over_cost_limit") from None

@@ -25,6 +25,7 @@ from starlette.responses import StreamingResponse
 from gateway.backends import Admission, Backend, CallRecord, Usage, UpstreamError
 from gateway.calls import Caller
 from gateway.errors import ApiError
+from router.decide import may_exceed_context
 
 DONE = b"data: [DONE]\n\n"
 KEEPALIVE = b": ponder is sampling\n\n"
@@ -54,7 +55,8 @@ class PassThrough:
         self.relaying = False  # events() has started: from then on it closes the source and bills the call
 
     @classmethod
-    async def open(cls, backend: Backend, body: dict[str, Any], caller: Caller) -> PassThrough:
+    async def open(cls, backend: Backend, body: dict[str, Any], caller: Caller, prompt_tokens: int = 0) -> PassThrough:
+        """The stream, once its first event is in. `prompt_tokens`: the prompt's estimate."""
         started = time.perf_counter()
         admission = Admission()
         source = backend.stream(body, admission)  # it bounds the wait for the first byte itself
@@ -72,8 +74,17 @@ class PassThrough:
             await source.aclose()
             raise
         else:
-            return cls(backend, source, first, started)
+            passthrough = cls(backend, source, first, started)
+            passthrough.prompt_tokens_estimate = prompt_tokens
+            return passthrough
         await source.aclose()
+        if error.status == 502 and may_exceed_context(prompt_tokens, backend.max_context):
+            # llama-cpp-python's server starts the stream (200) and then drops it for a prompt over its
+            # context window: no mark against the backend before one call without streaming says whose
+            # fault it is (a 400 `context_length_exceeded` is the client's, passed on as it is).
+            caller.calls.append(backend.record(Usage(), started, ok=False, error=error.message[:300]))
+            await caller.complete(backend.name, _probe_body(body))
+            raise error  # the prompt fits: a stream broken for another reason, worth a retry
         caller._failed(backend, started, error)
         raise error
 
@@ -157,6 +168,13 @@ class EventStream(StreamingResponse):
         with contextlib.suppress(RuntimeError):  # a body still running elsewhere
             await self.body_iterator.aclose()  # type: ignore[attr-defined]
         await self._finish()
+
+
+def _probe_body(body: dict[str, Any]) -> dict[str, Any]:
+    """The request without streaming, for one token: enough for the upstream to check the prompt."""
+    probe = {k: v for k, v in body.items() if k not in ("stream", "stream_options", "max_completion_tokens")}
+    probe["max_tokens"] = 1
+    return probe
 
 
 def _relabeller(request_id: str, first: dict | None) -> Callable[[bytes, dict | None], bytes]:

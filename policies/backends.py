@@ -38,7 +38,12 @@ class BackendSpec(BaseModel):
         default="reasoning_effort",
         description="How an effort level reaches the provider (see docs/policies.md).",
     )
-    max_context: PositiveInt = 8192
+    max_context: PositiveInt | None = Field(
+        default=None,
+        description="Context window in tokens. A prompt estimated well over it (see docs/policies.md) is "
+        "not sent to this backend: other arms answer, or the client gets a 400 `context_length_exceeded`. "
+        "Default: litellm's model map for a provider's own endpoint (no api_base), else no limit.",
+    )
     supports_n: bool = Field(default=True, description="Whether the upstream honours `n` > 1 in one call.")
     message_format: Literal["openai", "basic"] = Field(
         default="openai",

@@ -31,7 +31,8 @@ from policies.schema import (
     policy_problems,
 )
 
-__all__ = ["PolicyError", "load_policy", "parse_policy", "check_cli", "write_json_schema", "resolve_prices"]
+__all__ = ["PolicyError", "load_policy", "parse_policy", "check_cli", "write_json_schema", "resolve_prices",
+           "resolve_max_context"]
 
 SCHEMA_PATH = Path(__file__).with_name("policy.schema.json")
 SUMMARY_PROMPT_TOKENS = 500  # the prompt size the summary prices arms at
@@ -229,6 +230,21 @@ def resolve_prices(spec: BackendSpec) -> tuple[Prices, str]:
             )
             return prices, "litellm cost map"
     return Prices(input_per_mtok=0.0, output_per_mtok=0.0), "unknown: zero"
+
+
+def resolve_max_context(spec: BackendSpec) -> tuple[int | None, str]:
+    """The backend's context window in tokens and where it came from: the declaration, litellm's model
+    map (`max_input_tokens`), or nowhere (None: no limit). The map describes the provider's own
+    endpoint: a backend with an api_base (vLLM, llama.cpp, a proxy) is served as its operator set it up."""
+    if spec.max_context is not None:
+        return spec.max_context, "declared"
+    if spec.api_base is None:
+        table = litellm_cost_map()
+        for key in (spec.model, spec.model.split("/", 1)[-1]):
+            window = (table.get(key) or {}).get("max_input_tokens")
+            if isinstance(window, int) and window > 0:
+                return window, "litellm model map"
+    return None, "unknown: no limit"
 
 
 # --- JSON Schema ----------------------------------------------------------------------------------

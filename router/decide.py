@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from policies.backends import BackendSpec
-from policies.loader import resolve_prices
+from policies.loader import resolve_max_context, resolve_prices
 from policies.schema import (
     TASK_LABEL_PATTERN, ArmSpec, Objective, Policy, PolicyError, PricePrior, expected_output_tokens,
     policy_problems,
@@ -60,6 +60,13 @@ DEFAULT_ESCALATION_RATE = 0.3
 DEFAULT_PRIOR = 0.5  # an arm's cold P(correct) when neither it, its route nor learner.price_prior gives one
 _NO_STATS: dict[str, ArmStats] = {}
 _NO_CAP = 1 << 62  # max_output_tokens when the client sets none
+# A prompt is kept from a backend only when its estimate (about 4 characters a token) is this much over
+# the backend's context window: the estimate of real prose, code or JSON comes within 1.25x of the
+# real count (measured with cl100k and SmolLM2's tokenizers), so a prompt that might fit is sent, and
+# the backend answers with its exact count.
+CONTEXT_MARGIN = 1.5
+# ...and it can be this many times below the real count (Chinese text: 5.5x; digits, base64: 4x).
+CONTEXT_UNDERCOUNT = 6
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +157,33 @@ class UnknownAlias(LookupError):
     pass
 
 
+class ContextTooLong(ValueError):
+    """No arm's backend can hold the prompt: the gateway answers 400 `context_length_exceeded`."""
+
+    def __init__(self, message: str, *, prompt_tokens: int, max_context: int) -> None:
+        super().__init__(message)
+        self.prompt_tokens = prompt_tokens
+        self.max_context = max_context
+
+
+def exceeds_context(prompt_tokens: int, max_context: int | None) -> bool:
+    """Whether an estimated prompt is clearly too long for a context window (None: no known limit)."""
+    return max_context is not None and prompt_tokens > max_context * CONTEXT_MARGIN
+
+
+def may_exceed_context(prompt_tokens: int, max_context: int | None) -> bool:
+    """Whether an estimated prompt might be too long for a context window (None: no known limit)."""
+    return max_context is not None and prompt_tokens * CONTEXT_UNDERCOUNT > max_context
+
+
+def context_message(prompt_tokens: int, max_context: int, model: str | None = None) -> str:
+    """OpenAI's words for a prompt too long for the model, saying that the count is an estimate."""
+    whose = f"The largest maximum context length of the models `{model}` may use here is" if model else \
+        "This model's maximum context length is"
+    return (f"{whose} {max_context} tokens. However, your messages resulted in about {prompt_tokens} tokens "
+            "(estimated). Please reduce the length of the messages.")
+
+
 def _candidate_setters() -> tuple | None:
     """Slot setters to build Candidate records without the frozen dataclass __init__, which routes
     every field through object.__setattr__: a third of the cost, and decide() builds one per arm.
@@ -172,7 +206,7 @@ class CompiledArm:
 
     __slots__ = ("name", "arm", "key", "backend", "effort", "strategy", "prior", "cost_per_prompt_token",
                  "cost_fixed", "cost_reference", "latency_ms", "latency_p95_ms", "tokens", "spec", "_policy",
-                 "_capped")
+                 "_capped", "max_context")
 
     def __init__(self, name: str, spec: ArmSpec, policy: Policy, backends: dict[str, BackendSpec]):
         self.name = name
@@ -183,6 +217,9 @@ class CompiledArm:
         # an arm without a prior of its own: CompiledPolicy replaces this with price_priors()'s
         self.prior = spec.prior if spec.prior is not None else DEFAULT_PRIOR
         self.tokens = expected_output_tokens(spec, backends[spec.backend])
+        # the first call's backend: a cascade stage that cannot hold the prompt fails alone (400), and
+        # the answer so far stands
+        self.max_context = resolve_max_context(backends[spec.backend])[0]
         # Cost is linear in prompt tokens for every strategy: cost(p) = per_token * p + fixed.
         fixed, latency, p95 = _estimate(spec, policy, backends, 0, None)
         at_1k, _, _ = _estimate(spec, policy, backends, 1000, None)
@@ -297,6 +334,9 @@ class CompiledPolicy:
         for name, prior in price_priors(self.arms, policy.learner.price_prior).items():
             self.arms[name].prior = prior
         self.by_key = {arm.key: arm for arm in self.arms.values()}
+        # a prompt estimated at or below this fits every arm: decide() checks windows only above it
+        self.context_floor = min((arm.max_context * CONTEXT_MARGIN for arm in self.arms.values()
+                                  if arm.max_context is not None), default=math.inf)
         self.aliases: dict[str, CompiledAlias] = {}
         for alias_name in set(policy.aliases) | {"auto"}:
             spec = policy.alias(alias_name)
@@ -592,7 +632,8 @@ def decide(
     budget_left_usd: float | None = None,
     rng: random.Random | None = None,
 ) -> Decision:
-    """Choose the arm for one request. Raises BudgetExhausted (-> 429) when nothing affordable fits.
+    """Choose the arm for one request. Raises BudgetExhausted (-> 429) when nothing affordable fits, and
+    ContextTooLong (-> 400) when no arm's backend can hold the prompt.
 
     `budget_left_usd` is what the API key has left (the lower of its day and month), None if unlimited.
     `rng` drives exploration; with None the decision is greedy (replays, `ponder stats`).
@@ -641,7 +682,7 @@ def decide(
         if want_strategy is not None:
             reasons.append(f"ignored x-ponder-strategy={want_strategy}: the request has {hints.exact_output}")
         want_strategy, why = "single", f"the request has {hints.exact_output}, so"
-    mismatch: dict[str, str] = {}
+    ruled_out: dict[str, str] = {}  # arm key -> why: not what the client asked for, or the prompt is too long
     if want_strategy is not None or want_effort is not None:
         def fits(arm: CompiledArm) -> bool:
             return (want_strategy is None or arm.strategy == want_strategy) and (
@@ -662,7 +703,30 @@ def decide(
             else:
                 reasons.append(f"{why} {asked}: the policy has no such arm; override ignored")
         if any(fits(row[0]) for row in rows):
-            mismatch = {row[1]: f"{why} {asked}" for row in rows if not fits(row[0])}
+            ruled_out = {row[1]: f"{why} {asked}" for row in rows if not fits(row[0])}
+
+    prompt_tokens = hints.prompt_tokens if hints.prompt_tokens is not None else DEFAULT_PROMPT_TOKENS
+    if prompt_tokens > compiled.context_floor:  # rare: some arm of the policy cannot hold this prompt
+        def holds(arm: CompiledArm) -> bool:
+            return not exceeds_context(prompt_tokens, arm.max_context)
+
+        if not any(holds(row[0]) and row[1] not in ruled_out for row in rows):
+            present = {row[0] for row in rows}
+            wider = [arm for arm in view.arms if holds(arm) and arm not in present]
+            if ruled_out:  # what the client's override (or a tool call) narrowed to, it narrows here too
+                wider = [arm for arm in wider if fits(arm)]
+            if not wider:
+                # (a fitting row cannot hold it, or the override would have ruled none out)
+                largest = max(row[0].max_context for row in rows if not holds(row[0]))
+                raise ContextTooLong(context_message(prompt_tokens, largest, view.name), prompt_tokens=prompt_tokens,
+                                     max_context=largest)
+            reasons.append(f"no arm of route `{route.name}` holds a prompt of ~{prompt_tokens} tokens: "
+                           f"using the alias's that do")
+            rows, rule = rows + tuple(_row(arm, arm.prior, strength) for arm in wider), f"{rule}+context"
+        for row in rows:
+            if not holds(row[0]):
+                ruled_out[row[1]] = (f"prompt of ~{prompt_tokens} tokens (estimated) is over backend "
+                                     f"`{row[0].backend}`'s context window of {row[0].max_context}")
 
     # Limits: the tightest of policy, alias, client header and the key's remaining budget.
     cost_cap, cost_cap_why = objective.max_cost_usd, "policy max_cost_usd"
@@ -698,7 +762,6 @@ def decide(
     # loop is the hot path (up to 50 arms within a 0.1 ms budget): locals only, one dict lookup per
     # arm, learned numbers from the route's cache (`_learned`), the Candidate built in place
     # (see _candidate_setters).
-    prompt_tokens = hints.prompt_tokens if hints.prompt_tokens is not None else DEFAULT_PROMPT_TOKENS
     max_out = hints.max_output_tokens if hints.max_output_tokens is not None else _NO_CAP
     bucket_stats = stats.get(classification.bucket) or _NO_STATS
     pooled, within_task = learner.shared_levels(stats, task) if stats else (_NO_STATS, _NO_STATS)
@@ -713,7 +776,7 @@ def decide(
     costs: list[float] = []
     utils: list[float] = []
     eligible: list[int] = []
-    kinds: dict[int, int] = {}  # why an arm is out: 1 override, 2 cost, 3 latency
+    kinds: dict[int, int] = {}  # why an arm is out: 1 ruled out (override, context window), 2 cost, 3 latency
     add_candidate, add_cost, add_util, add_eligible = candidates.append, costs.append, utils.append, eligible.append
     evidences: list[float] = []  # pseudo-outcomes behind each candidate's P(correct), all levels counted
     add_evidence = evidences.append
@@ -759,8 +822,8 @@ def decide(
                 bucket_strength, i < in_route)
         cost = (per_token * prompt_tokens + fixed) * factor + addend
         util = acc - cost_weight * cost - latency_weight * latency
-        if mismatch and key in mismatch:
-            verdict, kinds[i] = mismatch[key], 1
+        if ruled_out and key in ruled_out:
+            verdict, kinds[i] = ruled_out[key], 1
         elif cost > cost_limit:
             verdict, kinds[i] = f"expected cost {cost:.6f} USD > {cost_cap:g} ({cost_cap_why})", 2
         elif p95 > latency_limit:

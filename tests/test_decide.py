@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from policies.loader import load_policy, parse_policy
-from router.decide import BudgetExhausted, RequestHints, UnknownAlias, compile_policy, decide
+from router.decide import BudgetExhausted, ContextTooLong, RequestHints, UnknownAlias, compile_policy, decide
 from router.learner import current_choice
 from router.types import DIFFICULTY_TIERS, POOLED_BUCKET, TASK_TYPES, ArmStats, Classification
 
@@ -185,6 +185,60 @@ def test_tools_or_json_mode_get_one_plain_answer(policy):
     assert decide(HARD_MATH, vote_only, {}, alias="auto-vote").arm.strategy == "self_consistency"
     tools = decide(HARD_MATH, vote_only, {}, alias="auto-vote", request=RequestHints(exact_output="tools"))
     assert tools.arm.strategy == "single" and tools.rule == "hard-math+override"
+
+
+def windowed(**windows: int):
+    """POLICY with these backends' context windows (max_context) declared."""
+    text = POLICY
+    for backend, window in windows.items():
+        text = text.replace(f"{{name: {backend}, ", f"{{name: {backend}, max_context: {window}, ")
+    return make_policy(text=text)
+
+
+def test_an_arm_whose_backend_cannot_hold_the_prompt_is_not_chosen_nor_a_fallback():
+    policy = windowed(cheap=1000, mid=8000)
+    long = RequestHints(prompt_tokens=5000)  # an estimate; cheap's window is 1000
+    decision = decide(EASY_CHAT, policy, {}, request=long)
+    assert name_of(policy, decision.arm) == "mid-low"
+    assert decision.fallbacks == ()  # quick and quick-cot cannot take it either
+    assert candidate(decision, policy, "quick").excluded == (
+        "prompt of ~5000 tokens (estimated) is over backend `cheap`'s context window of 1000")
+    # hard math: the strong backend (no max_context, and not in litellm's map) is never excluded
+    decision = decide(HARD_MATH, policy, {}, request=RequestHints(prompt_tokens=20_000))
+    assert decision.arm.backend == "strong" and {arm.backend for arm in decision.fallbacks} == {"strong"}
+    # a short prompt: nothing changes
+    assert name_of(policy, decide(EASY_CHAT, policy, {}, request=RequestHints(prompt_tokens=800)).arm) == "quick"
+
+
+def test_a_borderline_prompt_still_goes_to_the_backend():
+    """The estimate is ~4 characters a token: only a prompt clearly over the window is kept away from
+    it, so one that may fit is sent, and the backend answers with its exact count."""
+    policy = windowed(cheap=1000)
+    decision = decide(EASY_CHAT, policy, {}, request=RequestHints(prompt_tokens=1400))
+    assert name_of(policy, decision.arm) == "quick"
+    assert candidate(decision, policy, "quick").excluded is None
+
+
+def test_a_route_none_of_whose_arms_holds_the_prompt_uses_the_aliass_that_do():
+    policy = windowed(cheap=1000, mid=1000)
+    decision = decide(EASY_CHAT, policy, {}, request=RequestHints(prompt_tokens=5000))
+    assert decision.arm.backend == "strong" and decision.rule == "catch-all+context"
+    assert any("no arm of route `catch-all` holds a prompt of ~5000 tokens" in r for r in decision.reasons)
+
+
+def test_no_arm_that_can_hold_the_prompt_is_context_too_long():
+    policy = windowed(cheap=1000, mid=2000, strong=4000)
+    with pytest.raises(ContextTooLong) as refused:
+        decide(HARD_MATH, policy, {}, request=RequestHints(prompt_tokens=9000))
+    assert refused.value.max_context == 4000 and refused.value.prompt_tokens == 9000
+    assert "maximum context length of the models `auto` may use here is 4000 tokens" in str(refused.value)
+    # an alias is held to its own arms
+    with pytest.raises(ContextTooLong):
+        decide(EASY_CHAT, windowed(cheap=1000), {}, alias="auto-cheap", request=RequestHints(prompt_tokens=5000))
+    # a client's strategy override narrows what may hold it
+    with pytest.raises(ContextTooLong):
+        decide(HARD_MATH, windowed(strong=1000), {},
+               request=RequestHints(prompt_tokens=5000, strategy="self_consistency"))
 
 
 def test_reasoning_effort_override(policy):

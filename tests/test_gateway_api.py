@@ -34,7 +34,8 @@ def stack(tmp_path_factory):
                          # one backend per effort knob (docs/policies.md, "Effort levels per provider")
                          mock_backend("mock-o", mock, reasoning=True, efforts=["low", "medium", "high"]),
                          mock_backend("mock-think", mock, reasoning=True, effort_param="thinking_budget"),
-                         mock_backend("mock-qwen", mock, reasoning=True, effort_param="enable_thinking")],
+                         mock_backend("mock-qwen", mock, reasoning=True, effort_param="enable_thinking"),
+                         mock_backend("mock-small", mock, max_context=100)],
             "policy": policy(tmp),
             "max_body_bytes": 100_000,
         })) as gateway:
@@ -83,6 +84,20 @@ def test_a_request_the_backend_fails_does_not_cool_it_down_for_the_next(client, 
         client.chat.completions.create(model="mock-a", messages=[{"role": "user", "content": "x"}])
     assert failed.value.status_code == 502 and len(calls(mock)["bodies"]) == 2
     assert client.chat.completions.create(model="mock-a", messages=[{"role": "user", "content": "y"}]).choices
+
+
+def test_a_prompt_clearly_over_a_backends_context_window_is_refused_before_any_call(client, mock):
+    """OpenAI's 400 `context_length_exceeded` (clients trim their history on it), streamed or not,
+    and the upstream is not asked: its window is declared (max_context: 100)."""
+    long = [{"role": "user", "content": "word " * 200}]  # ~254 tokens by the estimate
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model="mock-small", messages=long, stream=stream)
+        assert refused.value.code == "context_length_exceeded" and refused.value.param == "messages"
+        assert "maximum context length is 100 tokens" in refused.value.message
+    assert calls(mock)["count"] == 0
+    # one that may fit is sent: the upstream knows its exact count
+    assert client.chat.completions.create(model="mock-small", messages=[{"role": "user", "content": "word " * 80}]).choices
 
 
 def test_direct_backend_answer_usage_and_headers(client, mock):

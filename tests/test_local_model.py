@@ -277,10 +277,33 @@ def test_requests_are_served_as_soon_as_a_restarted_model_server_is_ready(tmp_pa
 
 def test_a_prompt_longer_than_the_context_is_a_400_with_openais_code(local_gateway):
     """llama.cpp's server says so in OpenAI's words and code; clients that trim their history on
-    `context_length_exceeded` must see that code, not a generic one."""
+    `context_length_exceeded` must see that code, not a generic one. (A prompt this close to the window
+    is sent: the gateway's estimate, 1379 tokens, may be over the real count.)"""
     client = openai.OpenAI(base_url=local_gateway.url + "/v1", api_key="none", max_retries=0)
     with pytest.raises(openai.BadRequestError) as refused:
         client.chat.completions.create(model="local", max_tokens=8,
-                                       messages=[{"role": "user", "content": "word " * 1500}])
+                                       messages=[{"role": "user", "content": "word " * 1100}])
     assert refused.value.code == "context_length_exceeded"
-    assert "maximum context length is 1024 tokens" in refused.value.message
+    assert "local: upstream 400: This model's maximum context length is 1024 tokens" in refused.value.message
+
+
+def test_a_streamed_prompt_longer_than_the_context_is_a_400_and_cools_nothing_down(local_gateway):
+    """llama-cpp-python answers such a stream 200, then drops it: that was a 502, and two of them cooled
+    the local model down for everyone. A prompt clearly over the window (3000 words) is refused before
+    any call; one that may fit (1100 words) is sent, and when its stream breaks, one call without
+    streaming gets the server's own 400. Neither counts against the backend."""
+    client = openai.OpenAI(base_url=local_gateway.url + "/v1", api_key="none", max_retries=0)
+    for words, says in ((3000, "(estimated)"), (1100, "local: upstream 400")):
+        for _ in range(2):
+            with pytest.raises(openai.BadRequestError) as refused:
+                list(client.chat.completions.create(model="local", max_tokens=8, stream=True,
+                                                    messages=[{"role": "user", "content": "word " * words}]))
+            assert refused.value.code == "context_length_exceeded" and says in refused.value.message
+            assert "maximum context length is 1024 tokens" in refused.value.message
+    # routed too: every arm of the local policy runs on the local model
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="auto", max_tokens=8, messages=[{"role": "user", "content": "word " * 3000}])
+    assert refused.value.code == "context_length_exceeded"
+    chunks = list(client.chat.completions.create(model="local", messages=[{"role": "user", "content": "Hi"}],
+                                                 max_tokens=4, seed=1, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).strip()

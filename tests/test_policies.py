@@ -275,6 +275,18 @@ def test_prices_default_to_litellm_cost_map():
     assert (prices.input_per_mtok, origin) == (0.0, "unknown: zero")
 
 
+def test_context_windows_default_to_litellms_model_map_for_a_providers_own_endpoint():
+    from policies.loader import resolve_max_context
+
+    assert resolve_max_context(BackendSpec(name="x", model="openai/gpt-4.1-mini")) == (1047576, "litellm model map")
+    assert resolve_max_context(BackendSpec(name="x", model="anthropic/claude-sonnet-4-5"))[0] == 200000
+    # a server of one's own (an api_base) is as its operator set it up: no limit unless declared
+    assert resolve_max_context(BackendSpec(name="x", model="openai/gpt-4.1-mini", api_base="http://127.0.0.1:1/v1")) \
+        == (None, "unknown: no limit")
+    assert resolve_max_context(BackendSpec(name="x", model="openai/smollm2")) == (None, "unknown: no limit")
+    assert resolve_max_context(BackendSpec(name="x", model="openai/smollm2", max_context=2048)) == (2048, "declared")
+
+
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_shipped_policies_validate_against_the_json_schema(path):
     """What editors check (the JSON Schema) agrees with what the loader accepts."""
