@@ -6,8 +6,10 @@ step (a Lua script on Redis, a synchronous section with no await in-process).
 
 `LocalBudgets` is the embedded store's ledger and the Redis store's fallback while Redis is down: it
 mirrors the last values Redis returned and keeps local changes as `unsynced` deltas that are pushed to
-Redis when it comes back. Deltas still unsynced when the gateway shuts down are saved to a file in its
-data directory (`save_unsynced`) and pushed by the next start (`take_unsynced`).
+Redis when it comes back, and changes whose reply was lost (a timeout after Redis may have applied them)
+as `pending` `BudgetChange`s, sent again under the same token so Redis applies each at most once.
+Changes still unpushed when the gateway shuts down are saved to a file in its data directory
+(`save_unsynced`) and pushed by the next start (`take_unsynced`).
 """
 
 from __future__ import annotations
@@ -106,6 +108,7 @@ class Reservation:
     ttls: tuple[int, ...] = ()
     mode: Literal["redis", "local", "none"] = "none"  # none: no limits, nothing was charged
     settled: bool = False
+    hold: str = ""  # on Redis: the key of the hold the reservation left, consumed by its settle
 
     def close(self, actual_usd: float) -> float | None:
         """Mark it settled and return what the counters still need (actual - reserved), or None when
@@ -114,6 +117,31 @@ class Reservation:
             return None
         self.settled = True
         return max(0.0, float(actual_usd)) - self.amount_usd
+
+
+@dataclass(slots=True)
+class BudgetChange:
+    """A delta to some counters that Redis has not confirmed, applied there at most once however often it
+    is sent. `token` names it in Redis: with `consumes_hold`, the reservation's hold, which the change
+    deletes (a settle, or the release of a reservation whose reply was lost); else a mark the change
+    leaves behind (a push of the ledger's deltas). `expires`: each counter's expiry (0 = never).
+    `counted`: part of the ledger's view of spend; a release is not (the reservation may never have
+    reached Redis, and the ledger must not under-count)."""
+
+    token: str
+    consumes_hold: bool
+    keys: tuple[str, ...]
+    expires: tuple[float, ...]
+    delta: float
+    counted: bool = True
+
+    def ttls(self, now: float) -> list[int]:
+        """The TTL each counter gets if the change creates it (0: none)."""
+        return [max(1, math.ceil(exp - now)) if exp else 0 for exp in self.expires]
+
+    def stale(self, now: float) -> bool:
+        """Every counter's period is over: nothing left to correct."""
+        return all(exp and exp < now for exp in self.expires)
 
 
 class LocalBudgets:
@@ -127,13 +155,15 @@ class LocalBudgets:
         self.spent: dict[str, float] = {}
         self.expires: dict[str, float] = {}  # 0 = never
         self.unsynced: dict[str, float] = {}  # changes not yet written to Redis
+        self.pending: dict[str, BudgetChange] = {}  # token -> change sent to Redis, outcome unknown
         self.inflight: dict[str, float] = {}  # reservations sent to Redis, not answered yet
 
     def get(self, key: str, now: float) -> float:
         exp = self.expires.get(key, 0.0)
+        local = self.unsynced.get(key, 0.0) + sum(c.delta for c in self.pending.values() if c.counted and key in c.keys)
         if exp and exp < now:
-            return self.unsynced.get(key, 0.0)
-        return self.spent.get(key, 0.0) + self.unsynced.get(key, 0.0)
+            return local
+        return self.spent.get(key, 0.0) + local
 
     def reserve(self, res: Reservation, limits: list[float], now: float, *, track_unsynced: bool) -> None:
         """Check every period, then charge every period; raises BudgetExceeded and charges nothing."""
@@ -172,20 +202,33 @@ class LocalBudgets:
             else:
                 self.inflight[key] = left
 
-    def unsynced_rows(self) -> list[tuple[str, float, float]]:
-        """(counter key, delta, expiry) of every change Redis has not got yet."""
-        return [(key, delta, self.expires.get(key, 0.0)) for key, delta in self.unsynced.items() if abs(delta) > 1e-12]
+    def stage_unsynced(self, token_for) -> None:
+        """Turn each counter's unsynced delta into a pending change under a new token (`token_for(key)`):
+        from now on it is sent under that token until Redis answers, so a push whose reply is lost
+        cannot be applied twice."""
+        for key, delta in self.unsynced.items():
+            if abs(delta) > 1e-12:
+                token = token_for(key)
+                self.pending[token] = BudgetChange(token, False, (key,), (self.expires.get(key, 0.0),), delta)
+        self.unsynced.clear()
 
-    def add_unsynced(self, rows: list[tuple[str, float, float]], now: float) -> None:
-        """Take back changes saved by an earlier process (`unsynced_rows`); those whose counter has
-        expired since are dropped: there is nothing left to correct."""
-        for key, delta, expires in rows:
-            if expires and expires < now:
+    def unpushed_usd(self) -> float:
+        """The changes Redis has not confirmed, summed over counters (a settle in doubt counts in each)."""
+        return sum(self.unsynced.values()) + sum(c.delta * len(c.keys) for c in self.pending.values() if c.counted)
+
+    def add_unsynced(self, changes: list[BudgetChange], now: float) -> None:
+        """Take back changes saved by an earlier process; those whose counters have expired since are
+        dropped: there is nothing left to correct."""
+        for change in changes:
+            if change.stale(now):
                 continue
-            self.unsynced[key] = self.unsynced.get(key, 0.0) + delta
-            self.expires.setdefault(key, expires)
+            self.pending[change.token] = change
+            for key, exp in zip(change.keys, change.expires, strict=True):
+                self.expires.setdefault(key, exp)
 
     def purge(self, now: float) -> None:
+        for token in [t for t, change in self.pending.items() if change.stale(now)]:
+            del self.pending[token]
         for key in [k for k, exp in self.expires.items() if exp and exp < now and not self.unsynced.get(k)]:
             self.spent.pop(key, None)
             self.expires.pop(key, None)
@@ -210,25 +253,35 @@ def make_reservation(key_id: str, amount_usd: float, limits: dict[str, float], n
 UNSYNCED_FILE_PREFIX = "budget-unsynced-"
 
 
-def save_unsynced(data_dir: Path, rows: list[tuple[str, float, float]]) -> Path:
-    """Write budget changes Redis has not got (counter key, delta, expiry) to a new file in `data_dir`,
-    atomically and durably. One file per writer, so replicas sharing a directory keep each other's."""
+def save_unsynced(data_dir: Path, changes: list[BudgetChange]) -> Path:
+    """Write budget changes Redis has not confirmed to a new file in `data_dir`, with their tokens (one
+    sent before may have been applied), atomically and durably. One file per writer, so replicas sharing
+    a directory keep each other's."""
     data_dir.mkdir(parents=True, exist_ok=True)
     path = data_dir / f"{UNSYNCED_FILE_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}.json"
     partial = path.with_suffix(".partial")
     with open(partial, "wb") as f:
-        f.write(orjson.dumps([list(row) for row in rows]))
+        f.write(orjson.dumps(changes))
         f.flush()
         os.fsync(f.fileno())
     os.replace(partial, path)
     return path
 
 
-def take_unsynced(data_dir: Path) -> tuple[list[tuple[str, float, float]], list[str]]:
-    """The rows every earlier `save_unsynced` left in `data_dir`, and a line per file that could not be
-    read (renamed `*.bad`, kept for an operator). Each file is claimed by a rename before it is read, so
-    of two replicas starting together only one pushes it."""
-    rows: list[tuple[str, float, float]] = []
+def _saved_change(row, token_for) -> BudgetChange:
+    if isinstance(row, list):  # [counter key, delta, expiry], written before changes carried tokens
+        key, delta, expires = row
+        return BudgetChange(token_for(str(key)), False, (str(key),), (float(expires),), float(delta))
+    return BudgetChange(str(row["token"]), bool(row["consumes_hold"]), tuple(map(str, row["keys"])),
+                        tuple(map(float, row["expires"])), float(row["delta"]), bool(row["counted"]))
+
+
+def take_unsynced(data_dir: Path, token_for) -> tuple[list[BudgetChange], list[str]]:
+    """The changes every earlier `save_unsynced` left in `data_dir`, and a line per file that could not
+    be read (renamed `*.bad`, kept for an operator). Each file is claimed by a rename before it is read,
+    so of two replicas starting together only one pushes it. `token_for(key)` names a change saved by
+    an older version, which had no token."""
+    rows: list[BudgetChange] = []
     problems: list[str] = []
     for path in sorted(data_dir.glob(f"{UNSYNCED_FILE_PREFIX}*.json")):
         claimed = path.with_suffix(f".taking-{os.getpid()}")
@@ -237,8 +290,8 @@ def take_unsynced(data_dir: Path) -> tuple[list[tuple[str, float, float]], list[
         except OSError:
             continue  # another process took it
         try:
-            rows += [(str(key), float(delta), float(expires)) for key, delta, expires in orjson.loads(claimed.read_bytes())]
-        except (OSError, ValueError, TypeError) as exc:
+            rows += [_saved_change(row, token_for) for row in orjson.loads(claimed.read_bytes())]
+        except (OSError, ValueError, TypeError, KeyError) as exc:
             problems.append(f"{path}: {exc}")
             os.replace(claimed, path.with_suffix(".bad"))
         else:

@@ -8,12 +8,15 @@ Every key carries a hash tag so the keys one operation touches live in one Redis
   {ns}:{policy:<p>}:alive                      marker: its absence means Redis lost its data
   {ns}:{req:<request_id>}:meta / :fb           what feedback needs about a request; the feedback claim
   {ns}:{budget:<key_id>}:<period>:<period_id>  spend counter per key and period
+  {ns}:{budget:<key_id>}:hold:<id>             a reservation not settled yet (its amount)
+  {ns}:{budget:<key_id>}:<period>:<period_id>:push:<id>  mark of a pushed ledger change
   {ns}:{spend}:h:<YYYYMMDDHH> / d:<YYYYMMDD>   spend rollups for the dashboard
 
 Failure behaviour: see docs/telemetry.md. In short, any Redis error marks the store disconnected; the
 flush loop pings with backoff (at most 1 s apart) and flushes the buffer as soon as PING answers;
 budgets fall back to the in-process ledger and push their deltas when Redis is back (deltas still
-unpushed at shutdown are saved under data_dir and pushed by the next start).
+unpushed at shutdown are saved under data_dir and pushed by the next start). Settles and pushes are
+applied at most once, so one whose reply was lost is simply sent again.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -35,7 +39,9 @@ from redis.exceptions import ReadOnlyError, RedisClusterException
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .aggregates import group_deltas, spend_deltas
-from .budgets import LocalBudgets, Reservation, exceeded, make_reservation, period_id, save_unsynced, take_unsynced
+from .budgets import (
+    BudgetChange, LocalBudgets, Reservation, exceeded, make_reservation, period_id, save_unsynced, take_unsynced,
+)
 from .events import Event
 from .store import BufferedStore, FeedbackResult
 
@@ -44,6 +50,10 @@ MAX_CONNECTIONS = 32  # per replica
 OTHER_REPLICA_WAIT_S = 0.5  # feedback for an id not written yet: how long to look again (polls)
 OTHER_REPLICA_POLL_S = 0.05
 MAX_BACKOFF_S = 1.0  # reconnect attempts at most this far apart: the buffer flushes < 5 s after recovery
+# How long Redis keeps a reservation's hold and a push's mark. A hold gone unsettled this long (its
+# replica died) is dropped, charged at its full amount; a change retried later than this (saved over a
+# longer shutdown) could be applied twice.
+ONCE_TTL_S = 7 * 86400
 SPEND_TTL_S = {"h": 2 * 86400, "d": 35 * 86400}
 # READONLY: we are talking to a replica (a failover demoted our primary): reconnect, do not drop.
 DOWN_ERRORS = (
@@ -120,11 +130,13 @@ end
 return #ARGV - 1
 """
 
-# Check every period's cap, then charge all of them, or charge none (and name every period that does
-# not fit: {0, i, spent, i, spent...}; the caller picks the one the client must wait for).
-# KEYS one counter per period; ARGV[1] amount, ARGV[2..n+1] caps, ARGV[n+2..2n+1] TTLs (0: none)
+# Check every period's cap, then charge all of them and leave a hold (its settle consumes it), or charge
+# none (and name every period that does not fit: {0, i, spent, i, spent...}; the caller picks the one
+# the client must wait for).
+# KEYS one counter per period, then the hold; ARGV[1] amount, ARGV[2..n+1] caps, ARGV[n+2..2n+1] TTLs
+# (0: none), ARGV[2n+2] the hold's TTL
 RESERVE_LUA = """
-local n = #KEYS
+local n = #KEYS - 1
 local amount = tonumber(ARGV[1])
 local over = {0}
 for i = 1, n do
@@ -141,6 +153,38 @@ for i = 1, n do
   local ttl = tonumber(ARGV[1 + n + i])
   if ttl > 0 and redis.call('TTL', KEYS[i]) < 0 then redis.call('EXPIRE', KEYS[i], ttl) end
 end
+redis.call('SET', KEYS[n + 1], ARGV[1], 'EX', ARGV[2 + 2 * n])
+return out
+"""
+
+# Add a delta to some counters at most once, however often it is sent (a reply lost to a timeout after
+# Redis applied it must not make a retry apply it again). KEYS[1] names the change: ARGV[1] 'hold' (a
+# settle) applies it only if deleting the reservation's hold does; 'mark' (a push) only if the mark is
+# not there, and leaves it for ARGV[3] seconds. KEYS[2..] counters; ARGV[2] delta, ARGV[4..] their TTLs
+# (0: none). Returns {1, value or refusal per counter} (a refused counter, e.g. WRONGTYPE or OOM, never
+# got it), or {0, value per counter} when it was applied before.
+APPLY_ONCE_LUA = """
+local first
+if ARGV[1] == 'hold' then
+  first = redis.call('DEL', KEYS[1]) == 1
+else
+  first = redis.call('EXISTS', KEYS[1]) == 0
+end
+local out, took = {first and 1 or 0}, false
+for i = 2, #KEYS do
+  if first then
+    out[i] = redis.pcall('INCRBYFLOAT', KEYS[i], ARGV[2])
+    if type(out[i]) == 'string' then
+      took = true
+      local ttl = tonumber(ARGV[2 + i])
+      if ttl > 0 and redis.call('TTL', KEYS[i]) < 0 then redis.call('EXPIRE', KEYS[i], ttl) end
+    end
+  else
+    out[i] = redis.pcall('GET', KEYS[i])
+  end
+end
+-- No mark where no counter took it: that push goes back to the ledger and is sent anew.
+if took and ARGV[1] == 'mark' then redis.call('SET', KEYS[1], '1', 'EX', ARGV[3]) end
 return out
 """
 
@@ -174,6 +218,13 @@ class RedisKeys:
 
     def budget(self, key_id: str, period: str, pid: str) -> str:
         return f"{self.ns}:{{budget:{_tag(key_id)}}}:{period}:{pid}"
+
+    def hold(self, key_id: str) -> str:
+        return f"{self.ns}:{{budget:{_tag(key_id)}}}:hold:{uuid.uuid4().hex}"
+
+    @staticmethod
+    def push_mark(counter: str) -> str:
+        return f"{counter}:push:{uuid.uuid4().hex}"  # the counter's hash tag: one slot
 
     def spend(self, period: str) -> str:
         return f"{self.ns}:{{spend}}:{period}"
@@ -214,6 +265,7 @@ class RedisStore(BufferedStore):
         self._client, self._cluster = make_client(url, op_timeout_s)
         self._agg_script = self._client.register_script(AGG_UPDATE_LUA)
         self._reserve_script = self._client.register_script(RESERVE_LUA)
+        self._apply_once_script = self._client.register_script(APPLY_ONCE_LUA)
         self._batch_script = self._client.register_script(BATCH_LUA)
         self._budgets = LocalBudgets()
         # Redis refused or did not answer the last reservation (down, or refusing writes: OOM at
@@ -330,35 +382,51 @@ class RedisStore(BufferedStore):
         await self._execute(pipe, later)
 
     async def _periodic(self) -> None:
-        """Push budget changes made while Redis was down (or settled locally) back to Redis."""
+        """Push budget changes made while Redis was down (or settled locally) back to Redis, and send
+        again the changes whose reply was lost (each under its token: applied at most once)."""
         now = time.time()
         self._budgets.purge(now)
-        pending = [(key, delta) for key, delta in self._budgets.unsynced.items() if delta]
-        if not pending:
+        self._budgets.stage_unsynced(RedisKeys.push_mark)
+        changes = list(self._budgets.pending.values())
+        if not changes:
             return
-        pipe = self._client.pipeline(transaction=False)
-        for key, delta in pending:
-            pipe.incrbyfloat(key, delta)
-        for key, _ in pending:
-            exp = self._budgets.expires.get(key, 0.0)
-            if exp:  # a counter created by this push needs the TTL its period would have given it
-                pipe.expire(key, max(1, int(exp - now)))
-        # Each reply on its own: a push Redis refuses half way (OOM at maxmemory) must not push the
-        # deltas it did take a second time on the next turn.
-        values = (await pipe.execute(raise_on_error=False))[: len(pending)]
+        if self._cluster:  # redis-py refuses scripts in cluster pipelines
+            replies = await asyncio.gather(*(self._apply_once(c, now) for c in changes), return_exceptions=True)
+        else:
+            pipe = self._client.pipeline(transaction=False)
+            for change in changes:
+                await self._apply_once(change, now, client=pipe)
+            # Each reply on its own: a change Redis refuses (OOM at maxmemory) stays for the next turn,
+            # the others are done.
+            replies = await pipe.execute(raise_on_error=False)
         refused = None
-        for (key, delta), value in zip(pending, values):
-            if isinstance(value, Exception):
-                refused = value
+        for change, reply in zip(changes, replies):
+            if isinstance(reply, BaseException):
+                refused = reply
                 continue
-            self._budgets.unsynced[key] -= delta
-            if abs(self._budgets.unsynced[key]) < 1e-12:
-                del self._budgets.unsynced[key]
-            self._budgets.observe(key, float(value), 0, now)
+            del self._budgets.pending[change.token]
+            refused = self._applied(change, reply, now) or refused
         if refused is not None:
             self._on_error("budget push", refused)
         else:
             self._budgets_fallback = False  # Redis takes writes again
+
+    def _apply_once(self, change: BudgetChange, now: float, client=None):
+        args = ["hold" if change.consumes_hold else "mark", repr(change.delta), ONCE_TTL_S, *change.ttls(now)]
+        return self._apply_once_script(keys=[change.token, *change.keys], args=args, client=client)
+
+    def _applied(self, change: BudgetChange, reply: list, now: float) -> Exception | None:
+        """Mirror the counters an `APPLY_ONCE_LUA` reply gives; a counter that refused the change (e.g.
+        WRONGTYPE) never got it, so its delta goes back to the ledger. Returns the last refusal."""
+        refused = None
+        for key, exp, value in zip(change.keys, change.expires, reply[1:]):
+            if isinstance(value, Exception):
+                refused = value
+                if int(reply[0]) == 1:
+                    self._budgets.add(key, change.delta, max(0, int(exp - now)) if exp else 0, now, track_unsynced=True)
+            elif value is not None:
+                self._budgets.observe(key, float(value), 0, now)
+        return refused
 
     # --- reads -----------------------------------------------------------------------------------------
 
@@ -495,11 +563,18 @@ class RedisStore(BufferedStore):
         caps = [float(limits[p]) for p in res.periods]
         if self._connected:
             self._budgets.track_inflight(res.keys, res.amount_usd)
+            hold = self.keys.hold(key_id)
             try:
-                out = await self._reserve_script(keys=list(res.keys), args=[repr(res.amount_usd), *map(repr, caps), *res.ttls])
+                out = await self._reserve_script(keys=[*res.keys, hold],
+                                                 args=[repr(res.amount_usd), *map(repr, caps), *res.ttls, ONCE_TTL_S])
             except Exception as exc:
                 self._on_error("reserve", exc)  # fall through to the local ledger
                 self._budgets_fallback = True
+                # Redis may have charged it all the same (a timeout after it ran): when it answers
+                # again, give the amount back if the hold is there. Not counted meanwhile (pessimistic).
+                expires = tuple(now + ttl if ttl else 0.0 for ttl in res.ttls)
+                release = BudgetChange(hold, True, res.keys, expires, -res.amount_usd, counted=False)
+                self._budgets.pending[hold] = release
             else:
                 self._budgets_fallback = False
                 if int(out[0]) == 0:
@@ -510,7 +585,7 @@ class RedisStore(BufferedStore):
                     raise exceeded(failures, res.amount_usd, now)
                 for key, ttl, value in zip(res.keys, res.ttls, out[1:]):
                     self._budgets.observe(key, float(value), ttl, now, at_least=True)
-                res.mode = "redis"
+                res.mode, res.hold = "redis", hold
                 return res
             finally:
                 self._budgets.track_inflight(res.keys, -res.amount_usd)
@@ -521,31 +596,32 @@ class RedisStore(BufferedStore):
 
     async def settle(self, reservation: Reservation, actual_usd: float) -> None:
         delta = reservation.close(actual_usd)
-        if delta is None or abs(delta) < 1e-12:
+        if delta is None:
             return
         now = time.time()
-        unsettled = list(zip(reservation.keys, reservation.ttls))
-        if reservation.mode == "redis" and self._connected:
+        if reservation.mode == "local":
+            if abs(delta) > 1e-12:
+                for key, ttl in zip(reservation.keys, reservation.ttls):
+                    self._budgets.add(key, delta, ttl, now, track_unsynced=True)
+                self._wake.set()
+            return
+        # Consuming the hold applies the delta at most once: a settle whose reply is lost (a timeout
+        # after Redis applied it) is sent again as it is. Sent even when the delta is 0, to free the hold.
+        expires = tuple(now + ttl if ttl else 0.0 for ttl in reservation.ttls)
+        change = BudgetChange(reservation.hold, True, reservation.keys, expires, delta)
+        if self._connected:
             try:
-                pipe = self._client.pipeline(transaction=False)
-                for key in reservation.keys:
-                    pipe.incrbyfloat(key, delta)
-                # Each reply on its own: counters Redis took must not get the delta again from the ledger
-                # when it refuses another one (OOM at maxmemory, a key of the wrong type).
-                values = await pipe.execute(raise_on_error=False)
-                unsettled = []
-                for key, ttl, value in zip(reservation.keys, reservation.ttls, values):
-                    if isinstance(value, Exception):
-                        self._on_error("settle", value)
-                        unsettled.append((key, ttl))
-                    else:
-                        self._budgets.observe(key, float(value), ttl, now)
+                reply = await self._apply_once(change, now)
             except Exception as exc:
                 self._on_error("settle", exc)
-        for key, ttl in unsettled:
-            self._budgets.add(key, delta, ttl, now, track_unsynced=True)
-        if unsettled:
-            self._wake.set()
+            else:
+                refused = self._applied(change, reply, now)
+                if refused is not None:  # Redis took the other counters' changes; the ledger pushes this one
+                    self._on_error("settle", refused)
+                    self._wake.set()
+                return
+        self._budgets.pending[change.token] = change  # sent again by the flush loop
+        self._wake.set()
 
     async def spent(self, key_id: str, periods=("day", "month")) -> dict[str, float]:
         now = time.time()
@@ -567,7 +643,7 @@ class RedisStore(BufferedStore):
         h.update(
             connected=self._connected,
             budget_mode="redis" if self._connected and not self._budgets_fallback else "local",
-            unsynced_budget_usd=sum(self._budgets.unsynced.values()),
+            unsynced_budget_usd=self._budgets.unpushed_usd(),
             reconnects=self.reconnects,
             restores=self.restores,
         )
@@ -578,7 +654,7 @@ class RedisStore(BufferedStore):
             return
         self._take_saved_budgets()
         await super().start()
-        if self._budgets.unsynced and self._connected:
+        if (self._budgets.unsynced or self._budgets.pending) and self._connected:
             try:  # now, before the first request reserves against counters that lack them
                 await self._periodic()
             except Exception as exc:
@@ -596,33 +672,34 @@ class RedisStore(BufferedStore):
         if self.data_dir is None or not self.data_dir.is_dir():
             return
         try:
-            rows, problems = take_unsynced(self.data_dir)
+            changes, problems = take_unsynced(self.data_dir, RedisKeys.push_mark)
         except OSError as exc:
             self._on_error("budget load", exc)
             return
         for problem in problems:
             log.error("unreadable saved budget changes, not pushed: %s", problem)
-        if rows:
-            self._budgets.add_unsynced(rows, time.time())
-            log.info("pushing $%.6f of budget changes saved by an earlier shutdown", sum(d for _, d, _ in rows))
+        if changes:
+            self._budgets.add_unsynced(changes, time.time())
+            log.info("pushing $%.6f of budget changes saved by an earlier shutdown", self._budgets.unpushed_usd())
 
     def _save_unpushed_budgets(self) -> None:
         """Budget changes made while Redis was away (or refusing writes) and still not pushed at shutdown
         would be lost, and the keys could overspend by them after a restart: keep them on disk."""
-        rows = self._budgets.unsynced_rows()
-        if not rows:
+        self._budgets.stage_unsynced(RedisKeys.push_mark)
+        changes = list(self._budgets.pending.values())
+        if not changes:
             return
-        total = sum(delta for _, delta, _ in rows)
+        total = self._budgets.unpushed_usd()
         if self.data_dir is None:
             log.error("Redis did not take $%.6f of budget changes by shutdown: they are lost", total)
             return
         try:
-            path = save_unsynced(self.data_dir, rows)
+            path = save_unsynced(self.data_dir, changes)
         except OSError as exc:
             self._on_error("budget save", exc)
             log.error("Redis did not take $%.6f of budget changes by shutdown, and they could not be saved: %s",
                       total, exc)
             return
-        self._budgets.unsynced.clear()
+        self._budgets.pending.clear()
         log.warning("Redis did not take $%.6f of budget changes by shutdown: saved to %s; the next start "
                     "pushes them", total, path)

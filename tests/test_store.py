@@ -461,7 +461,8 @@ def test_latency_percentiles_are_of_requests_that_reached_a_backend():
 
 
 def test_redis_cluster_keys_share_slots(tmp_path):
-    """Every multi-key operation (Lua aggregate update, budget reservation) works on Redis Cluster."""
+    """Every multi-key operation (Lua aggregate update, budget reservation, settle, push) works on Redis
+    Cluster."""
     from telemetry.redis_server import start_redis_cluster
 
     nodes = start_redis_cluster(3, data_dir=tmp_path / "cluster")
@@ -481,6 +482,12 @@ def test_redis_cluster_keys_share_slots(tmp_path):
 
             await wait_for(both_see_the_feedback)
             assert await _race_reserves([a, b]) == 10, repr((a.health(), b.health()))
+            # a settle (counters + hold) and a push of the ledger's changes (counter + mark): one slot each
+            res = await a.reserve("key-c", 1.0, {"day": 5.0, "month": 5.0})
+            await a.settle(res, 0.5)
+            a._budgets.add(res.keys[0], 0.25, 86400, time.time(), track_unsynced=True)
+            await a._periodic()
+            assert await b.spent("key-c") == {"day": pytest.approx(0.75), "month": pytest.approx(0.5)}
             assert a.health()["connected"] and b.health()["connected"], (a.health(), b.health())
         finally:
             await a.close()
@@ -721,6 +728,103 @@ def test_a_settle_redis_takes_in_one_period_only_is_not_charged_twice_there(redi
                     await store._periodic()
             assert float(await client.get(day)) == pytest.approx(0.25)
             assert store._budgets.unsynced == {month: pytest.approx(-0.75)}
+        finally:
+            await store.close()
+            await client.aclose()
+
+    run(go())
+
+
+# A script that keeps Redis busy for ARGV[1] µs: every other client waits (a latency spike, a blocked
+# server), so a command sent meanwhile times out on our side and is applied by Redis all the same.
+BUSY_LUA = ("local t = redis.call('TIME') while true do local n = redis.call('TIME') "
+            "if (n[1] - t[1]) * 1000000 + (n[2] - t[2]) > tonumber(ARGV[1]) then return 1 end end")
+
+
+@contextlib.asynccontextmanager
+async def redis_blocked(url: str, seconds: float):
+    client = aioredis.from_url(url)
+    busy = asyncio.create_task(client.eval(BUSY_LUA, 0, int(seconds * 1e6)))
+    await asyncio.sleep(0.1)  # the script is running
+    try:
+        yield
+    finally:
+        await busy
+        await client.aclose()
+
+
+def test_a_settle_or_push_whose_reply_is_lost_is_applied_once(redis_url, tmp_path):
+    """Redis blocked past the store's timeout while it settles a reservation, or pushes the ledger's
+    changes: it applies the command once it is free, but the store saw a timeout and sends it again
+    when Redis answers. The key must end at its actual spend, not refunded (or charged) twice."""
+    async def go():
+        store = await open_store(redis_url, tmp_path, op_timeout_s=0.3)
+        client = aioredis.from_url(redis_url, decode_responses=True)
+        try:
+            res = await store.reserve("key-k", 1.0, {"day": 10.0, "month": 10.0})
+            async with redis_blocked(redis_url, 0.8):
+                await store.settle(res, 0.2)
+            assert store.health()["unsynced_budget_usd"] == pytest.approx(-1.6)  # day and month
+            await wait_for(lambda: store.health()["unsynced_budget_usd"] == 0, timeout=5.0)
+            assert [float(v) for v in await client.mget(res.keys)] == [pytest.approx(0.2)] * 2
+            assert not await client.keys("*hold*")  # the settle consumed the reservation's hold
+
+            day = res.keys[0]
+            store._budgets.add(day, 0.5, 86400, time.time(), track_unsynced=True)
+            async with redis_blocked(redis_url, 0.8):
+                with contextlib.suppress(Exception):
+                    await store._periodic()
+            await wait_for(lambda: store.health()["unsynced_budget_usd"] == 0, timeout=5.0)
+            assert float(await client.get(day)) == pytest.approx(0.7)
+        finally:
+            await store.close()
+            await client.aclose()
+
+    run(go())
+
+
+def test_a_reservation_whose_reply_is_lost_is_not_charged_twice(redis_url, tmp_path):
+    """A reservation that times out falls back to the in-process ledger, which charges it too; when
+    Redis did apply it, its amount is given back once Redis answers, so the key ends at its spend."""
+    async def go():
+        store = await open_store(redis_url, tmp_path, op_timeout_s=0.3)
+        client = aioredis.from_url(redis_url, decode_responses=True)
+        try:
+            async with redis_blocked(redis_url, 0.8):
+                res = await store.reserve("key-l", 1.0, {"day": 10.0})
+            assert res.mode == "local"
+            await store.settle(res, 0.25)
+
+            async def pushed():  # the hold is gone once the ledger's changes reached Redis
+                return store.health()["unsynced_budget_usd"] == 0 and not await client.keys("*hold*")
+
+            await wait_for(pushed, timeout=5.0)
+            assert float(await client.get(res.keys[0])) == pytest.approx(0.25)
+        finally:
+            await store.close()
+            await client.aclose()
+
+    run(go())
+
+
+def test_a_settle_in_doubt_at_shutdown_is_saved_and_applied_once_by_the_next_start(redis_url, tmp_path):
+    """A settle whose reply is lost just before shutdown is saved with its hold, and the next start
+    sends it again: applied once whether or not Redis had applied it. A file an older version saved
+    ([counter, delta, expiry] rows, no tokens) is still pushed."""
+    async def go():
+        client = aioredis.from_url(redis_url, decode_responses=True)
+        store = await open_store(redis_url, tmp_path, op_timeout_s=0.3)
+        res = await store.reserve("key-m", 1.0, {"day": 10.0})
+        async with redis_blocked(redis_url, 1.5):
+            await store.settle(res, 0.4)
+            await store.close(timeout_s=0.2)  # Redis is still blocked: nothing reaches it
+        assert list(tmp_path.glob("budget-unsynced-*.json"))
+        old = tmp_path / "budget-unsynced-1-old.json"
+        old.write_bytes(json.dumps([[res.keys[0], 0.1, time.time() + 3600]]).encode())
+        try:
+            store = await open_store(redis_url, tmp_path)
+            assert store.health()["unsynced_budget_usd"] == 0 and not list(tmp_path.glob("budget-unsynced-*"))
+            assert float(await client.get(res.keys[0])) == pytest.approx(0.5)
         finally:
             await store.close()
             await client.aclose()
