@@ -2,7 +2,7 @@
 
 Both stores keep an arm's aggregates as one flat map (a Redis hash, or a dict persisted to sqlite) so
 an update is a handful of float additions that Redis can apply atomically in one Lua call. The same
-update rule is written twice, here in Python (embedded store) and in Lua (redis_store.AGG_UPDATE_LUA);
+update rule is written twice, here in Python (embedded store) and in Lua (redis_schema.AGG_UPDATE_LUA);
 tests compare both backends on the same events.
 
 Fields (all floats):

@@ -28,7 +28,7 @@ import redis
 from telemetry.redis_server import start_redis
 from tests.servers import PYTHON, ROOT, mock_backend, start_gateway, start_mock, write_policy
 
-STREAM = "ponder:{events}:stream"  # telemetry/redis_store.py RedisKeys(namespace="ponder").stream
+STREAM = "ponder:{events}:stream"  # telemetry/redis_schema.py RedisKeys(namespace="ponder").stream
 FREE_KEY = "sk-scale-free"       # no budget
 CAPPED_KEY = "sk-scale-capped"   # a small daily budget
 GRACE_KEY = "sk-scale-grace"     # the same budget, for the shutdown test alone
