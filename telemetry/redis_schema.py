@@ -7,6 +7,7 @@ Every key carries a hash tag so the keys one operation touches live in one Redis
   {ns}:{policy:<p>}:agg:<bucket>|<arm>         aggregate hash (fields: see aggregates.py)
   {ns}:{policy:<p>}:alive                      marker: its absence means Redis lost its data
   {ns}:{req:<request_id>}:meta / :fb           what feedback needs about a request; the feedback claim
+  {ns}:{policy:<p>}:fb:<request_id>            mark: that feedback is in the aggregates (applied once)
   {ns}:{budget:<key_id>}:<period>:<period_id>  spend counter per key and period
   {ns}:{budget:<key_id>}:hold:<id>             a reservation not settled yet (its amount)
   {ns}:{budget:<key_id>}:<period>:<period_id>:push:<id>  mark of a pushed ledger change
@@ -60,10 +61,13 @@ local function agg_update(key, arms_key, member, t, hl, deltas)
 end
 """
 
-# One aggregate update. KEYS[1] aggregate hash, KEYS[2] the policy's member set;
-# ARGV[1] time the delta is expressed at, ARGV[2] half-life s (0: none), ARGV[3] member, ARGV[4..] deltas
+# One aggregate update. KEYS[1] aggregate hash, KEYS[2] the policy's member set, KEYS[3] (optional) a
+# mark that makes it apply at most once (a feedback whose reply was lost may be sent again): kept
+# ARGV[4] seconds. ARGV[1] time the delta is expressed at, ARGV[2] half-life s (0: none), ARGV[3]
+# member, ARGV[5..] deltas. Returns 1, or 0 when the mark says it was applied before.
 AGG_UPDATE_LUA = AGG_FUNCTION_LUA + """
-agg_update(KEYS[1], KEYS[2], ARGV[3], ARGV[1], ARGV[2], {unpack(ARGV, 4)})
+if KEYS[3] and not redis.call('SET', KEYS[3], '1', 'NX', 'EX', ARGV[4]) then return 0 end
+agg_update(KEYS[1], KEYS[2], ARGV[3], ARGV[1], ARGV[2], {unpack(ARGV, 5)})
 return 1
 """
 
@@ -177,6 +181,10 @@ class RedisKeys:
 
     def meta(self, request_id: str) -> str:
         return f"{self.ns}:{{req:{_tag(request_id)}}}:meta"
+
+    def feedback_applied(self, policy: str, request_id: str) -> str:
+        """In the policy's slot, so the aggregate script can check and set it in one step."""
+        return f"{self.ns}:{{policy:{_tag(policy)}}}:fb:{_tag(request_id)}"
 
     def claim(self, request_id: str) -> str:
         return f"{self.ns}:{{req:{_tag(request_id)}}}:fb"

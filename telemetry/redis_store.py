@@ -130,13 +130,15 @@ class RedisStore(BufferedStore):
 
     # --- writes ----------------------------------------------------------------------------------------
 
-    async def _queue_agg(self, pipe, later: list, policy: str, bucket: str, arm: str, t: float, delta: dict[str, float]) -> None:
+    async def _queue_agg(self, pipe, later: list, policy: str, bucket: str, arm: str, t: float, delta: dict[str, float],
+                         once: tuple[str, int] | None = None) -> None:
         """Queue one aggregate update on `pipe`; on Redis Cluster, where redis-py refuses scripts in
-        pipelines, append the call to `later` instead (run with `_execute`, after the pipeline)."""
-        args: list[Any] = [repr(t), repr(float(self.half_life_s or 0)), f"{bucket}|{arm}"]
+        pipelines, append the call to `later` instead (run with `_execute`, after the pipeline).
+        `once`: (mark key, seconds) that make the update apply at most once however often it is sent."""
+        args: list[Any] = [repr(t), repr(float(self.half_life_s or 0)), f"{bucket}|{arm}", once[1] if once else 0]
         for name, value in delta.items():
             args += [name, repr(float(value))]
-        keys = [self.keys.agg(policy, bucket, arm), self.keys.arms(policy)]
+        keys = [self.keys.agg(policy, bucket, arm), self.keys.arms(policy), *([once[0]] if once else [])]
         if self._cluster:
             later.append((keys, args))
         else:
@@ -350,15 +352,19 @@ class RedisStore(BufferedStore):
             if now - float(m["ts"]) > self.feedback_window_s:
                 return FeedbackResult("expired", request_id, **found)
             record = orjson.dumps({"request_id": request_id, "score": score, "ts": now, "key_id": key_id})
-            claimed = bool(await self._client.set(k.claim(request_id), record, nx=True, ex=int(self.feedback_window_s + 86400)))
+            keep_s = int(self.feedback_window_s + 86400)
+            claimed = bool(await self._client.set(k.claim(request_id), record, nx=True, ex=keep_s))
             if not claimed:
                 return FeedbackResult("duplicate", request_id, **found)
             # Replace the automatic signal (weight w, score s) with the feedback at full weight. The
             # delta is expressed at the request's time so decay ages it like the original outcome.
+            # Applied at most once: a reply lost to a timeout frees the claim below for the client's
+            # retry, and the update may have happened all the same.
             weight, auto = float(m.get("w") or 0.0), float(m.get("s") or 0.0)
             delta = {"successes": score - weight * auto, "weight": 1.0 - weight}
             pipe, later = self._client.pipeline(transaction=False), []
-            await self._queue_agg(pipe, later, m["p"], m["b"], m["a"], float(m["ts"]), delta)
+            await self._queue_agg(pipe, later, m["p"], m["b"], m["a"], float(m["ts"]), delta,
+                                  once=(k.feedback_applied(m["p"], request_id), keep_s))
             pipe.xadd(k.feedback_stream, {"f": record}, maxlen=self.stream_maxlen, approximate=True)
             await self._execute(pipe, later)
             return FeedbackResult("accepted", request_id, **found)

@@ -219,6 +219,29 @@ def test_feedback_is_idempotent_windowed_and_replaces_the_auto_signal(redis_url,
     run(go())
 
 
+def test_a_feedback_whose_reply_was_lost_is_counted_once_when_sent_again(redis_url, tmp_path):
+    """The store frees a feedback's claim when its aggregate update fails, so the client can retry; a
+    reply lost to a timeout after Redis applied the update looks the same. The retry must not count
+    the feedback a second time (the learner would see two outcomes for one request)."""
+    async def go():
+        store = await open_store(redis_url, tmp_path)
+        try:
+            store.record(event(1, success=1.0, success_source="vote"))
+            assert (await store.feedback("req-1", 0.0, "key-a")).status == "accepted"
+            await store.refresh()
+            once = store.snapshot("p")["math:hard"][ARM]
+            await store._client.delete(store.keys.claim("req-1"))  # what the failure path does
+            assert (await store.feedback("req-1", 0.0, "key-a")).status == "accepted"
+            await store.refresh()
+            again = store.snapshot("p")["math:hard"][ARM]
+            assert (again.weight, again.successes) == pytest.approx((once.weight, once.successes))
+            assert once.weight == pytest.approx(1.0) and once.successes == pytest.approx(0.0)
+        finally:
+            await store.close()
+
+    run(go())
+
+
 def test_embedded_store_has_the_same_semantics_and_survives_restart(tmp_path):
     async def go():
         store = await open_store(None, tmp_path, refresh_s=0.1)
