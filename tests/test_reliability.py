@@ -367,6 +367,28 @@ def test_a_vote_whose_samples_all_failed_answers_with_their_failures_status(tmp_
             assert int(cooling.headers["retry-after"]) >= 1
 
 
+def test_a_vote_refused_by_its_upstream_starts_no_sample_after_the_client_has_its_error(tmp_path):
+    """A request error (400) on one sample fails the vote: the samples still queued for a slot must not
+    call the upstream afterwards (asyncio.gather left them running: calls made for nobody, and never
+    billed, since the request was recorded before they ended)."""
+    with running(start_mock(tmp_path)) as mock:
+        backend = mock_backend("voter", mock, max_retries=0, supports_n=False)  # one call a sample
+        policy = write_policy(tmp_path, {
+            "name": "voter",
+            "arms": {"vote": {"backend": "voter", "strategy": "self_consistency", "n": 5, "max_concurrency": 1}},
+            "routes": [{"name": "all", "candidates": ["vote"]}], "exploration": {"share": 0.0}})
+        with running(start_gateway(tmp_path, {"backends": [backend], "policy": policy}, name="voter")) as gateway:
+            control(mock, script=["too_long"], delay_ms=100)
+            refused = httpx.post(gateway.url + "/v1/chat/completions", json=chat("auto"), timeout=10)
+            assert refused.status_code == 400, refused.text
+            assert refused.json()["error"]["code"] == "context_length_exceeded"
+            time.sleep(1.0)  # four more samples would have called by now (100 ms each)
+            assert upstream_calls(mock) == 1
+            request_id = refused.headers["x-ponder-request-id"]
+            detail = httpx.get(gateway.url + f"/v1/ponder/requests/{request_id}").json()
+            assert detail["request"]["status"] == 400 and len(detail["execution"]["calls"]) == 1, detail
+
+
 def test_all_backends_failing_gives_a_fast_clean_error_with_retry_after(pair):
     gateway, mock_a, mock_b = pair
     reset(mock_a, mock_b)
