@@ -153,7 +153,8 @@ def healthy(tmp_path_factory):
 # the next. Arm A always wins the decision (higher prior; cost and latency weigh nothing), so the
 # fault is always met first and B is the fallback.
 FAULT_TAGS = ("flaky", "ratelimit", "hang", "reset", "early-500", "early-reset", "early-429", "late-truncate",
-              "late-reset_mid", "stall", "allfail", "gone", "streamgone")
+              "late-reset_mid", "stall", "allfail", "gone", "streamgone",
+              "stream-fallback")
 FAULTY_EXTRA = {"hang": {"timeout_s": 1.0}, "stall": {"first_byte_timeout_s": 0.5},
                 "gone": {"timeout_s": 1.0}, "streamgone": {"first_byte_timeout_s": 1.0}}
 
@@ -280,6 +281,29 @@ def test_stream_that_fails_before_any_byte_is_retried_invisibly(pair, failure):
     status, body, _ = stream(gateway, f"early-{failure}")
     assert status == 200
     assert_complete_stream(body, LONG_ANSWER)
+
+
+def test_a_stream_a_fallback_answered_is_said_and_recorded_as_the_fallbacks(pair):
+    """The chosen arm fails before its first byte and the fallback relays the answer: the header, the
+    usage chunk's `ponder` and the recorded event (what the learner reads) all name the fallback's arm.
+    The event and the chunk named the chosen arm, crediting it with an answer it never gave."""
+    gateway, mock_a, mock_b = pair
+    reset(mock_a, mock_b)
+    control(mock_a, script=["500"] * 2)
+    with httpx.stream("POST", gateway.url + "/v1/chat/completions", timeout=10, json=chat(
+            "stream-fallback", stream=True, stream_options={"include_usage": True})) as response:
+        body = b"".join(response.iter_bytes())
+    assert response.status_code == 200 and response.headers["x-ponder-arm"] == "b-stream-fallback/-/single/1"
+    usage_chunk = orjson.loads(sse_payloads(body)[-2])
+    assert usage_chunk["ponder"]["arm"] == "b-stream-fallback/-/single/1", usage_chunk
+    request_id = response.headers["x-ponder-request-id"]
+    for _ in range(50):  # recorded once the body is closed
+        detail = httpx.get(gateway.url + f"/v1/ponder/requests/{request_id}")
+        if detail.status_code == 200:
+            break
+        time.sleep(0.05)
+    recorded = detail.json()["request"]
+    assert (recorded["arm"], recorded["status"]) == ("b-stream-fallback/-/single/1", 200), recorded
 
 
 @pytest.mark.parametrize("break_kind", ["truncate", "reset_mid"])
