@@ -18,6 +18,7 @@ from typing import Any
 from gateway.backends import REQUEST_ERRORS, UpstreamError
 from gateway.calls import Caller
 from gateway.effort import apply_effort
+from gateway.errors import ApiError
 from router import cascade, prompts, stopping, voting
 from router.decide import estimate_prompt_tokens
 from router.types import TASK_TYPES, Arm, ArmStats
@@ -306,6 +307,7 @@ async def _cascade(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> Stra
     stages = [first, *arm.stages]
     tried: list[dict[str, Any]] = []
     result: StrategyResult | None = None
+    failure: UpstreamError | None = None
     samples = 0
     for stage in stages:
         # each stage samples with its own arm's knobs; the first is this arm's own answer
@@ -313,8 +315,15 @@ async def _cascade(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> Stra
         try:
             result = await run_arm(stage, body, stage_ctx)
         except UpstreamError as exc:
+            failure = exc
             tried.append({"arm": stage.key, "error": exc.message})
             continue
+        except ApiError as exc:
+            if exc.code != "deadline" or result is None:
+                raise
+            # past the deadline after a stage answered: that answer, not a 504 for the request
+            tried.append({"arm": stage.key, "error": exc.message})
+            break
         samples += int(result.details.get("samples", 1))
         # The answer's own doubt counts next to the vote's (or verifier's) confidence: a unanimous
         # "I'm not sure, maybe 7" is not a sure answer (router.cascade: the lowest signal decides).
@@ -328,8 +337,11 @@ async def _cascade(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> Stra
         if not escalate:
             break
     if result is None:
-        raise UpstreamError(arm.backend, 502, f"{arm.backend}: every cascade stage failed (the last: "
-                                              f"{tried[-1]['error']})", retryable=True)
+        # the last stage's failure status and code, as a single call's error: a 400 stays the client's 400
+        assert failure is not None
+        raise UpstreamError(arm.backend, failure.status, f"{arm.backend}: every cascade stage failed (the last: "
+                                                         f"{failure.message})", retryable=failure.retryable,
+                            retry_after=failure.retry_after, code=failure.code, param=failure.param)
     result.details = {**result.details, "stages": tried, "samples": samples}
     result.arm = arm
     return result

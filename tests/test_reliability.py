@@ -413,6 +413,40 @@ def test_a_vote_refused_by_its_upstream_starts_no_sample_after_the_client_has_it
             assert detail["request"]["status"] == 400 and len(detail["execution"]["calls"]) == 1, detail
 
 
+def test_a_cascade_passes_a_request_error_on_and_answers_past_the_deadline_with_what_it_has(tmp_path):
+    """A cascade every stage of which refused the request (400 context_length_exceeded) answers the
+    client's 400 with its code (it was a 502 `upstream_error`, which SDKs retry, then sent to the
+    fallback arms); and a stage that runs into the
+    deadline after an earlier stage answered leaves that answer, not a 504 `deadline` (with 3 stages
+    the next one hit the passed deadline and failed the request)."""
+    with running(start_mock(tmp_path)) as mock_a, running(start_mock(tmp_path)) as mock_b:
+        backends = [mock_backend(name, mock, max_retries=0) for name, mock in
+                    (("cheap", mock_a), ("strong", mock_b), ("strongest", mock_b))]
+        policy = write_policy(tmp_path, {
+            "name": "cascading",
+            "arms": {"strong": {"backend": "strong", "strategy": "single"},
+                     "strongest": {"backend": "strongest", "strategy": "single"},
+                     "escalate": {"backend": "cheap", "strategy": "cascade", "stages": ["strong", "strongest"],
+                                  "escalate_below": 0.9}},
+            "routes": [{"name": "all", "candidates": ["escalate"]}], "exploration": {"share": 0.0}})
+        with running(start_gateway(tmp_path, {"backends": backends, "policy": policy, "request_timeout_s": 1.0},
+                                   name="cascading")) as gateway:
+            control(mock_a, script=["too_long"])
+            control(mock_b, script=["too_long"] * 2)
+            refused = httpx.post(gateway.url + "/v1/chat/completions", json=chat("auto"), timeout=10)
+            assert refused.status_code == 400, refused.text
+            assert refused.json()["error"]["code"] == "context_length_exceeded"
+            reset(mock_b)
+
+            control(mock_a, answers=["I'm not sure, maybe 7"])  # unsure: escalated
+            control(mock_b, script=["hang"], hang_s=3)  # the strong stage runs into the deadline
+            answered = httpx.post(gateway.url + "/v1/chat/completions", json=chat("auto", "what is 3 + 4?"),
+                                  timeout=10)
+            assert answered.status_code == 200, answered.text
+            assert answered.json()["choices"][0]["message"]["content"] == "I'm not sure, maybe 7"
+            assert upstream_calls(mock_b) == 1  # the strongest stage was not called past the deadline
+
+
 def test_all_backends_failing_gives_a_fast_clean_error_with_retry_after(pair):
     gateway, mock_a, mock_b = pair
     reset(mock_a, mock_b)
