@@ -54,7 +54,10 @@ class Caller:
                 raise last or _cooling(backend)
             budget = self.remaining()
             if budget <= 0:
-                raise ApiError(504, "The request deadline passed before a backend answered.", code="deadline")
+                # An UpstreamError, as the call timing out would be: a strategy holding answers already
+                # (a best-of-n judge, a cascade's later stage, another wave) answers with them.
+                raise UpstreamError(backend.name, 504, "The request deadline passed before a backend answered.",
+                                    retryable=False, code="deadline")
             started = time.perf_counter()
             admission = Admission()
             try:

@@ -18,7 +18,6 @@ from typing import Any
 from gateway.backends import REQUEST_ERRORS, UpstreamError
 from gateway.calls import Caller
 from gateway.effort import apply_effort
-from gateway.errors import ApiError
 from router import cascade, prompts, stopping, voting
 from router.decide import estimate_prompt_tokens
 from router.types import TASK_TYPES, Arm, ArmStats
@@ -318,12 +317,6 @@ async def _cascade(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> Stra
             failure = exc
             tried.append({"arm": stage.key, "error": exc.message})
             continue
-        except ApiError as exc:
-            if exc.code != "deadline" or result is None:
-                raise
-            # past the deadline after a stage answered: that answer, not a 504 for the request
-            tried.append({"arm": stage.key, "error": exc.message})
-            break
         samples += int(result.details.get("samples", 1))
         # The answer's own doubt counts next to the vote's (or verifier's) confidence: a unanimous
         # "I'm not sure, maybe 7" is not a sure answer (router.cascade: the lowest signal decides).

@@ -447,6 +447,27 @@ def test_a_cascade_passes_a_request_error_on_and_answers_past_the_deadline_with_
             assert upstream_calls(mock_b) == 1  # the strongest stage was not called past the deadline
 
 
+def test_a_best_of_n_whose_judge_would_start_past_the_deadline_answers_with_its_sample(tmp_path):
+    """A sample answered, the others ran into the deadline: the verifier (another backend, not cooling
+    down) is not called past it, and the request answers with the unscored sample (best_of_n's rule
+    when nothing was scored), not a 504 `deadline passed before a backend answered`."""
+    with running(start_mock(tmp_path)) as mock:
+        backends = [mock_backend("sampler", mock, max_retries=0, supports_n=False),
+                    mock_backend("judge", mock, max_retries=0)]
+        policy = write_policy(tmp_path, {
+            "name": "judged", "arms": {"best": {"backend": "sampler", "strategy": "best_of_n", "n": 3,
+                                                "verifier": "judge"}},
+            "routes": [{"name": "all", "candidates": ["best"]}], "exploration": {"share": 0.0}})
+        with running(start_gateway(tmp_path, {"backends": backends, "policy": policy, "request_timeout_s": 1.0},
+                                   name="judged")) as gateway:
+            control(mock, script=["ok", "hang", "hang"], hang_s=3, answers=["7"])
+            answered = httpx.post(gateway.url + "/v1/chat/completions", json=chat("auto", "what is 3 + 4?"),
+                                  timeout=10)
+            assert answered.status_code == 200, answered.text
+            assert answered.json()["choices"][0]["message"]["content"] == "7"
+            assert upstream_calls(mock) == 3  # the three samples, no judge
+
+
 def test_all_backends_failing_gives_a_fast_clean_error_with_retry_after(pair):
     gateway, mock_a, mock_b = pair
     reset(mock_a, mock_b)
