@@ -23,7 +23,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway.backends import UpstreamError
-from gateway.calls import Caller, upstream_to_api_error
+from gateway.calls import Caller, cooling_error, upstream_to_api_error
 from gateway.config import GatewayConfig
 from gateway.dashboard import dashboard_routes
 from gateway.effort import apply_effort
@@ -370,7 +370,11 @@ async def open_first_stream(gw: Gateway, plan: Plan, req: ChatRequest,
             continue
         backend = caller.backend(arm.backend)
         body = apply_effort({k: v for k, v in req.body.items() if k != "n"}, backend.spec, arm.effort)
-        for _attempt in range(1 + backend.spec.max_retries):
+        for attempt in range(1 + backend.spec.max_retries):
+            if not backend.health.available(time.monotonic()):
+                # cooling down (a Retry-After, failures): not called, as Caller.complete would not call it
+                last = last if attempt else cooling_error(backend)
+                break
             if caller.remaining() <= 0:
                 return ApiError(504, "The request deadline passed before a backend answered.", code="deadline")
             try:
@@ -381,8 +385,6 @@ async def open_first_stream(gw: Gateway, plan: Plan, req: ChatRequest,
                 last = exc
                 if not exc.retryable:  # about the request (a 400): every arm would refuse it alike
                     return upstream_to_api_error(exc)
-                if not backend.health.available(time.monotonic()):
-                    break
     assert last is not None
     return upstream_to_api_error(last, caller.retry_after_s() if last.status in (429, 503) else None)
 

@@ -51,7 +51,7 @@ class Caller:
             if self.cancelled:
                 raise asyncio.CancelledError
             if not backend.health.available(time.monotonic()):
-                raise last or _cooling(backend)
+                raise last or cooling_error(backend)
             budget = self.remaining()
             if budget <= 0:
                 # An UpstreamError, as the call timing out would be: a strategy holding answers already
@@ -82,7 +82,7 @@ class Caller:
             backend.health.succeeded()
             self.calls.append(record)
             return data
-        raise last or _cooling(backend)
+        raise last or cooling_error(backend)
 
     def _failed(self, backend: Backend, started: float, exc: UpstreamError) -> None:
         now = time.monotonic()
@@ -129,7 +129,7 @@ def _backoff(attempt: int, retry_after: float | None) -> float:
     return min(BACKOFF_BASE_S * 2**attempt, BACKOFF_MAX_S) * (0.5 + random.random() / 2)
 
 
-def _cooling(backend: Backend) -> UpstreamError:
+def cooling_error(backend: Backend) -> UpstreamError:
     return UpstreamError(backend.name, 503, f"{backend.name}: cooling down after repeated failures",
                          retryable=True)
 

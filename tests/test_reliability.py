@@ -306,6 +306,24 @@ def test_a_stream_a_fallback_answered_is_said_and_recorded_as_the_fallbacks(pair
     assert (recorded["arm"], recorded["status"]) == ("b-stream-fallback/-/single/1", 200), recorded
 
 
+def test_a_stream_does_not_call_a_backend_cooling_down_after_its_retry_after(tmp_path):
+    """A backend said 429 with Retry-After: 1. Within that second a JSON request is refused at once
+    (503, Retry-After) without calling it, and so is a stream: it called the backend again."""
+    with running(start_mock(tmp_path)) as mock:
+        policy = simple_policy(tmp_path, "limited")
+        with running(start_gateway(tmp_path, {"backends": [mock_backend("limited", mock, max_retries=0)],
+                                              "policy": policy}, name="limited")) as gateway:
+            control(mock, script=["429"] * 5)
+            limited = httpx.post(gateway.url + "/v1/chat/completions", json=chat("auto"), timeout=10)
+            assert limited.status_code == 429, limited.text
+            for streaming in (False, True):
+                cooling = httpx.post(gateway.url + "/v1/chat/completions", json=chat("auto", stream=streaming),
+                                     timeout=10)
+                assert cooling.status_code == 503 and cooling.headers["retry-after"] == "1", cooling.text
+                assert_openai_error(cooling)
+            assert upstream_calls(mock) == 1
+
+
 @pytest.mark.parametrize("break_kind", ["truncate", "reset_mid"])
 def test_stream_that_breaks_after_bytes_ends_with_an_error_event_not_a_finish(pair, break_kind):
     gateway, mock_a, mock_b = pair
