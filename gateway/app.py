@@ -227,11 +227,13 @@ async def until_disconnect(request: Request, work: Any, caller: Caller) -> Strat
     client leaves. One watcher task and a done-callback: cheaper than racing two tasks."""
     task = asyncio.current_task()
     assert task is not None
-    left = False
+    left = finished = False
 
     def on_disconnect(watcher: asyncio.Future) -> None:
         nonlocal left
-        if not watcher.cancelled() and watcher.exception() is None:
+        # `finished`: the disconnect came in the same loop turn as the answer, and this callback was
+        # already scheduled: cancelling now would hit the answer's send and its settling instead
+        if not finished and not watcher.cancelled() and watcher.exception() is None:
             left = caller.cancelled = True
             task.cancel()
 
@@ -248,6 +250,7 @@ async def until_disconnect(request: Request, work: Any, caller: Caller) -> Strat
                            headers=retry_after(1.0)) from None
         raise ApiError(CLIENT_CLOSED_STATUS, CLIENT_CLOSED, code="client_closed") from None
     finally:
+        finished = True
         watcher.remove_done_callback(on_disconnect)
         watcher.cancel()
 

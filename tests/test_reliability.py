@@ -582,6 +582,42 @@ def test_a_stream_whose_client_left_during_a_blocked_send_is_billed_before_it_se
     assert order == ["billed", "settled"]
 
 
+def test_a_client_leaving_as_its_answer_completes_does_not_cancel_the_answers_settling():
+    """The disconnect is seen in the same loop turn as the work finishing: the watcher's callback was
+    already scheduled when until_disconnect returned, and it cancelled the handler afterwards, in the
+    answer's send or its settling (the event unrecorded, the budget hold never settled)."""
+    from starlette.requests import Request
+
+    from gateway.app import until_disconnect
+    from gateway.calls import Caller
+
+    async def main() -> str:
+        gate = asyncio.Event()
+
+        async def receive() -> dict:
+            await gate.wait()
+            return {"type": "http.disconnect"}
+
+        async def work() -> str:
+            await asyncio.sleep(0)  # the watcher waits on the gate first, so it wakes first
+            await gate.wait()
+            return "answer"
+
+        caller = Caller({}, time.monotonic() + 10)
+
+        async def handler() -> str:
+            answer = await until_disconnect(Request({"type": "http"}, receive), work(), caller)
+            await asyncio.sleep(0.05)  # the answer's send, then its settling
+            return answer
+
+        task = asyncio.create_task(handler())
+        await asyncio.sleep(0.01)
+        gate.set()
+        return await task
+
+    assert asyncio.run(main()) == "answer"
+
+
 # -- Redis lost and back during load ----------------------------------------------------------------
 
 
