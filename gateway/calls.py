@@ -18,6 +18,7 @@ from gateway.errors import ApiError, retry_after
 from router.decide import estimate_prompt_tokens
 
 CANCELLED = "cancelled: the client left before the answer (prompt tokens estimated)"
+CANCELLED_QUEUED = "cancelled while queued for a free slot: never sent"
 BACKOFF_BASE_S = 0.05
 BACKOFF_MAX_S = 1.0
 _request_ids = itertools.count()
@@ -65,7 +66,7 @@ class Caller:
                 async with asyncio.timeout(budget):
                     data, record = await backend.complete(body, admission)
             except asyncio.CancelledError:
-                self.cancelled_call(backend, body, started)
+                self.cancelled_call(backend, body, started, admission)
                 raise
             except TimeoutError:
                 last = self.deadline_reached(backend, started, admission)
@@ -105,10 +106,14 @@ class Caller:
         self.calls.append(backend.record(Usage(), started, ok=False, error=error.message[:300]))
         return error
 
-    def cancelled_call(self, backend: Backend, body: dict[str, Any], started: float) -> None:
+    def cancelled_call(self, backend: Backend, body: dict[str, Any], started: float, admission: Admission) -> None:
         """A call cut off by the client leaving (or the server stopping) before it answered: the
-        upstream had read the prompt, billed at its estimate; what it wrote is unknowable. No mark
+        upstream had read the prompt, billed at its estimate; what it wrote is unknowable. One still
+        queued for a slot (`max_concurrency`) never reached the upstream: nothing to bill. No mark
         against the backend's health: it did nothing wrong."""
+        if not admission.admitted:
+            self.calls.append(backend.record(Usage(), started, ok=False, error=CANCELLED_QUEUED))
+            return
         prompt = estimate_prompt_tokens(body.get("messages") or [])
         self.calls.append(backend.record(Usage(prompt_tokens=prompt), started, ok=False, error=CANCELLED))
 

@@ -389,6 +389,34 @@ def test_requests_timed_out_in_the_gateways_queue_do_not_cool_the_backend_down(t
                 assert b"[DONE]" in b"".join(chunks)
 
 
+def test_a_client_that_leaves_while_queued_for_a_slot_is_billed_nothing(tmp_path):
+    """Requests queued behind a busy one-slot backend whose clients leave never reached the upstream:
+    recorded as 499 at no cost. They were billed their prompt's estimate, as calls the upstream had read."""
+    with running(start_mock(tmp_path)) as mock:
+        backend = mock_backend("one-slot", mock, max_concurrency=1, max_retries=0, timeout_s=10)
+        policy = write_policy(tmp_path, {"name": "one-slot", "arms": {"only": {"backend": "one-slot"}},
+                                         "routes": [{"name": "all", "candidates": ["only"]}]})
+        with running(start_gateway(tmp_path, {"backends": [backend], "policy": policy}, name="queue")) as gateway:
+            control(mock, script=["hang"], hang_s=3)  # one request holds the slot 3 s
+
+            async def hold_the_slot_while_two_leave() -> None:
+                async with httpx.AsyncClient(timeout=10) as client:
+                    holder = asyncio.create_task(client.post(gateway.url + "/v1/chat/completions",
+                                                             json=chat("auto")))
+                    await asyncio.sleep(0.3)
+                    for streaming in (False, True):
+                        await asyncio.to_thread(raw_request_then_close, gateway.url,
+                                                chat("auto", "a long prompt " * 50, stream=streaming), 0.3)
+                    await asyncio.sleep(0.3)
+                    assert upstream_calls(mock) == 1  # only the holder's
+                    left = httpx.get(gateway.url + "/v1/ponder/requests?limit=3").json()["requests"]
+                    assert [r["status"] for r in left[:2]] == [499, 499], left
+                    assert all(r["cost_usd"] == 0 and r["prompt_tokens"] == 0 for r in left[:2]), left
+                    assert (await holder).status_code == 200
+
+            asyncio.run(hold_the_slot_while_two_leave())
+
+
 def test_a_vote_whose_samples_all_failed_answers_with_their_failures_status(tmp_path):
     """Every sample timed out: a 504 as for one call, not a 502; every sample refused by a cooling
     backend: a 503 with Retry-After, so clients back off as long as they should."""
