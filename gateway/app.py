@@ -23,10 +23,10 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway.backends import UpstreamError
-from gateway.calls import Caller, upstream_to_api_error
+from gateway.calls import Caller, cooling_error, upstream_to_api_error
 from gateway.config import GatewayConfig
 from gateway.dashboard import dashboard_routes
-from gateway.effort import apply_effort, effective_effort
+from gateway.effort import apply_effort
 from gateway.errors import EXCEPTION_HANDLERS, ApiError, retry_after
 from gateway.schemas import ChatRequest, parse_chat_request, parse_json_body
 from gateway.service import Gateway, Plan
@@ -140,8 +140,9 @@ def server_timing(plan: Plan, caller: Caller, received: float, executing: float 
     return ", ".join(parts)
 
 
-def extension(plan: Plan, caller: Caller, result: StrategyResult | None) -> dict[str, Any]:
-    arm = result.arm if result else plan.decision.arm
+def extension(plan: Plan, caller: Caller, result: StrategyResult | None, served: Arm | None = None) -> dict[str, Any]:
+    """`served`: the arm that answered where no result says so (a relayed stream)."""
+    arm = result.arm if result else served or plan.decision.arm
     details = result.details if result else {}
     return {
         "request_id": plan.request_id,
@@ -210,9 +211,9 @@ async def chat_completions(request: Request) -> Response:
 
 
 async def settle(gw: Gateway, plan: Plan, caller: Caller, reservation: Any, *, status: int,
-                 result: StrategyResult | None = None, error: str | None = None) -> None:
+                 result: StrategyResult | None = None, error: str | None = None, served: Arm | None = None) -> None:
     try:
-        event = gw.record(plan, caller.calls, status=status, result=result, error=error)
+        event = gw.record(plan, caller.calls, status=status, result=result, error=error, served=served)
         if reservation is not None:
             with contextlib.suppress(Exception):  # settling is bookkeeping: never fail the answer for it
                 await gw.settle_budget(reservation, event.cost_usd)
@@ -225,11 +226,13 @@ async def until_disconnect(request: Request, work: Any, caller: Caller) -> Strat
     client leaves. One watcher task and a done-callback: cheaper than racing two tasks."""
     task = asyncio.current_task()
     assert task is not None
-    left = False
+    left = finished = False
 
     def on_disconnect(watcher: asyncio.Future) -> None:
         nonlocal left
-        if not watcher.cancelled() and watcher.exception() is None:
+        # `finished`: the disconnect came in the same loop turn as the answer, and this callback was
+        # already scheduled: cancelling now would hit the answer's send and its settling instead
+        if not finished and not watcher.cancelled() and watcher.exception() is None:
             left = caller.cancelled = True
             task.cancel()
 
@@ -246,6 +249,7 @@ async def until_disconnect(request: Request, work: Any, caller: Caller) -> Strat
                            headers=retry_after(1.0)) from None
         raise ApiError(CLIENT_CLOSED_STATUS, CLIENT_CLOSED, code="client_closed") from None
     finally:
+        finished = True
         watcher.remove_done_callback(on_disconnect)
         watcher.cancel()
 
@@ -271,26 +275,23 @@ async def _relayed_stream(request: Request, gw: Gateway, plan: Plan, req: ChatRe
     executing = time.perf_counter()
     try:
         # The client may leave while the first byte is awaited: then no retry and no fallback.
-        passthrough = await until_disconnect(request, open_first_stream(gw, plan, req, caller), caller)
+        opened = await until_disconnect(request, open_first_stream(gw, plan, req, caller), caller)
     except ApiError as exc:
-        passthrough = exc
-    if isinstance(passthrough, ApiError):
-        await asyncio.shield(settle(gw, plan, caller, reservation, status=passthrough.status,
-                                    error=passthrough.message))
-        return passthrough.response(headers)
-    served = plan.decision.arm if passthrough.backend.name == plan.decision.arm.backend else \
-        Arm(backend=passthrough.backend.name,  # a fallback answered
-            effort=effective_effort(passthrough.backend.spec, plan.decision.arm.effort))
+        opened = exc
+    if isinstance(opened, ApiError):
+        await asyncio.shield(settle(gw, plan, caller, reservation, status=opened.status, error=opened.message))
+        return opened.response(headers)
+    served, passthrough = opened  # a fallback's arm, when the chosen one failed before its first byte
     headers["x-ponder-arm"] = served.key
     if gw.config.server_timing:
         headers["server-timing"] = server_timing(plan, caller, received, executing, finished_calls=False)
 
     def stream_extension() -> dict[str, Any]:
-        return {**extension(plan, caller, None), "usage_estimated": passthrough.usage_estimated}
+        return {**extension(plan, caller, None, served), "usage_estimated": passthrough.usage_estimated}
 
     async def finish() -> None:  # once the body is closed (EventStream): its call is in the ledger
         await passthrough.abandon(caller)  # a no-op once the relay has started: it bills its own call
-        await settle(gw, plan, caller, reservation, **stream_outcome(passthrough, caller))
+        await settle(gw, plan, caller, reservation, served=served, **stream_outcome(passthrough, caller))
 
     events = passthrough.events(caller, request_id=plan.request_id, include_usage=req.include_usage,
                                 extension=stream_extension)
@@ -309,11 +310,11 @@ async def _synthesized_stream(request: Request, gw: Gateway, plan: Plan, req: Ch
     except ApiError as exc:  # the client left: stop sampling for it
         work.cancel()
 
-        async def cancelled() -> None:
+        async def cancelled(refusal: ApiError) -> None:
             await asyncio.wait({work})  # its cancelled calls enter the ledger before the request is settled
-            await settle(gw, plan, caller, reservation, status=exc.status, error=exc.message)
+            await settle(gw, plan, caller, reservation, status=refusal.status, error=refusal.message)
 
-        await asyncio.shield(cancelled())
+        await asyncio.shield(cancelled(exc))
         return exc.response(headers)
     if work.done():
         try:
@@ -361,7 +362,8 @@ def stream_outcome(passthrough: PassThrough, caller: Caller) -> dict[str, Any]:
     return {"status": CLIENT_CLOSED_STATUS, "error": CLIENT_CLOSED}
 
 
-async def open_first_stream(gw: Gateway, plan: Plan, req: ChatRequest, caller: Caller) -> PassThrough | ApiError:
+async def open_first_stream(gw: Gateway, plan: Plan, req: ChatRequest,
+                            caller: Caller) -> tuple[Arm, PassThrough] | ApiError:
     """Open the first arm whose backend sends a first chunk; failures before any byte are invisible."""
     last: UpstreamError | None = None
     arms = [a for a in plan.arms() if a.strategy == "single" or a is plan.decision.arm]
@@ -370,17 +372,19 @@ async def open_first_stream(gw: Gateway, plan: Plan, req: ChatRequest, caller: C
             continue
         backend = caller.backend(arm.backend)
         body = apply_effort({k: v for k, v in req.body.items() if k != "n"}, backend.spec, arm.effort)
-        for _attempt in range(1 + backend.spec.max_retries):
+        for attempt in range(1 + backend.spec.max_retries):
+            if not backend.health.available(time.monotonic()):
+                # cooling down (a Retry-After, failures): not called, as Caller.complete would not call it
+                last = last if attempt else cooling_error(backend)
+                break
             if caller.remaining() <= 0:
                 return ApiError(504, "The request deadline passed before a backend answered.", code="deadline")
             try:
-                return await PassThrough.open(backend, body, caller, plan.prompt_tokens)
+                return arm, await PassThrough.open(backend, body, caller, plan.prompt_tokens)
             except UpstreamError as exc:
                 last = exc
                 if not exc.retryable:  # about the request (a 400): every arm would refuse it alike
                     return upstream_to_api_error(exc)
-                if not backend.health.available(time.monotonic()):
-                    break
     assert last is not None
     return upstream_to_api_error(last, caller.retry_after_s() if last.status in (429, 503) else None)
 

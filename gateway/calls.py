@@ -18,6 +18,7 @@ from gateway.errors import ApiError, retry_after
 from router.decide import estimate_prompt_tokens
 
 CANCELLED = "cancelled: the client left before the answer (prompt tokens estimated)"
+CANCELLED_QUEUED = "cancelled while queued for a free slot: never sent"
 BACKOFF_BASE_S = 0.05
 BACKOFF_MAX_S = 1.0
 _request_ids = itertools.count()
@@ -51,10 +52,13 @@ class Caller:
             if self.cancelled:
                 raise asyncio.CancelledError
             if not backend.health.available(time.monotonic()):
-                raise last or _cooling(backend)
+                raise last or cooling_error(backend)
             budget = self.remaining()
             if budget <= 0:
-                raise ApiError(504, "The request deadline passed before a backend answered.", code="deadline")
+                # An UpstreamError, as the call timing out would be: a strategy holding answers already
+                # (a best-of-n judge, a cascade's later stage, another wave) answers with them.
+                raise UpstreamError(backend.name, 504, "The request deadline passed before a backend answered.",
+                                    retryable=False, code="deadline")
             started = time.perf_counter()
             admission = Admission()
             try:
@@ -62,7 +66,7 @@ class Caller:
                 async with asyncio.timeout(budget):
                     data, record = await backend.complete(body, admission)
             except asyncio.CancelledError:
-                self.cancelled_call(backend, body, started)
+                self.cancelled_call(backend, body, started, admission)
                 raise
             except TimeoutError:
                 last = self.deadline_reached(backend, started, admission)
@@ -79,7 +83,7 @@ class Caller:
             backend.health.succeeded()
             self.calls.append(record)
             return data
-        raise last or _cooling(backend)
+        raise last or cooling_error(backend)
 
     def _failed(self, backend: Backend, started: float, exc: UpstreamError) -> None:
         now = time.monotonic()
@@ -102,10 +106,14 @@ class Caller:
         self.calls.append(backend.record(Usage(), started, ok=False, error=error.message[:300]))
         return error
 
-    def cancelled_call(self, backend: Backend, body: dict[str, Any], started: float) -> None:
+    def cancelled_call(self, backend: Backend, body: dict[str, Any], started: float, admission: Admission) -> None:
         """A call cut off by the client leaving (or the server stopping) before it answered: the
-        upstream had read the prompt, billed at its estimate; what it wrote is unknowable. No mark
+        upstream had read the prompt, billed at its estimate; what it wrote is unknowable. One still
+        queued for a slot (`max_concurrency`) never reached the upstream: nothing to bill. No mark
         against the backend's health: it did nothing wrong."""
+        if not admission.admitted:
+            self.calls.append(backend.record(Usage(), started, ok=False, error=CANCELLED_QUEUED))
+            return
         prompt = estimate_prompt_tokens(body.get("messages") or [])
         self.calls.append(backend.record(Usage(prompt_tokens=prompt), started, ok=False, error=CANCELLED))
 
@@ -126,7 +134,7 @@ def _backoff(attempt: int, retry_after: float | None) -> float:
     return min(BACKOFF_BASE_S * 2**attempt, BACKOFF_MAX_S) * (0.5 + random.random() / 2)
 
 
-def _cooling(backend: Backend) -> UpstreamError:
+def cooling_error(backend: Backend) -> UpstreamError:
     return UpstreamError(backend.name, 503, f"{backend.name}: cooling down after repeated failures",
                          retryable=True)
 

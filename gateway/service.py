@@ -388,9 +388,10 @@ class Gateway:
 
     # -- record ---------------------------------------------------------------------------------
     def record(self, plan: Plan, calls: list[CallRecord], *, status: int, result: StrategyResult | None = None,
-               error: str | None = None) -> Event:
+               error: str | None = None, served: Arm | None = None) -> Event:
+        """`served`: the arm that answered where no result says so (a relayed stream's fallback)."""
         decision = plan.decision
-        arm = result.arm if result else decision.arm
+        arm = result.arm if result else served or decision.arm
         event = Event(
             request_id=plan.request_id,
             ts=plan.ts,

@@ -152,22 +152,35 @@ async def _cot(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> Strategy
 
 async def _gather_samples(arm: Arm, body: dict[str, Any], ctx: StrategyContext, *, count: int,
                           first: int = 0, diverse: bool = True, cot: bool = False) -> list[dict[str, Any]]:
-    """`count` independent samples, concurrently but bounded; failed samples are dropped (and billed)."""
+    """`count` independent samples, concurrently but bounded; failed samples are dropped (and billed).
+    A failure that fails the request (a request error, the deadline) raises once every sample under
+    way has ended, and no sample starts after it: none calls an upstream after the client has its
+    error, and every call is in the ledger before the request is billed."""
     limit = asyncio.Semaphore(int(ctx.param("max_concurrency")))
+    fatal: list[Exception] = []
 
     async def one(i: int) -> dict[str, Any] | None:
         async with limit:
+            if fatal:
+                return None
             try:
                 return await ctx.caller.complete(
                     arm.backend, _sample_body(arm, body, ctx, sample=first + i, diverse=diverse, cot=cot))
             except UpstreamError as exc:
-                if exc.status in REQUEST_ERRORS:
-                    raise  # about the request, not this sample: every sample would fail alike
-                ctx.last_sample_error = exc
-                return None
+                if exc.status not in REQUEST_ERRORS:
+                    ctx.last_sample_error = exc
+                    return None
+                fatal.append(exc)  # about the request, not this sample: every sample would fail alike
+            except Exception as exc:
+                fatal.append(exc)
+            return None
 
-    results = await asyncio.gather(*(one(i) for i in range(count)))
-    return [r for r in results if r is not None]
+    # return_exceptions: a request cancelled (the client left) ends here only once every sample has,
+    # its cut-off call billed; by default gather ends at the first sample cancelled
+    results = await asyncio.gather(*(one(i) for i in range(count)), return_exceptions=True)
+    if fatal:
+        raise fatal[0]
+    return [r for r in results if isinstance(r, dict)]
 
 
 def _every_sample_failed(backend: str, ctx: StrategyContext) -> UpstreamError:
@@ -293,6 +306,7 @@ async def _cascade(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> Stra
     stages = [first, *arm.stages]
     tried: list[dict[str, Any]] = []
     result: StrategyResult | None = None
+    failure: UpstreamError | None = None
     samples = 0
     for stage in stages:
         # each stage samples with its own arm's knobs; the first is this arm's own answer
@@ -300,6 +314,7 @@ async def _cascade(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> Stra
         try:
             result = await run_arm(stage, body, stage_ctx)
         except UpstreamError as exc:
+            failure = exc
             tried.append({"arm": stage.key, "error": exc.message})
             continue
         samples += int(result.details.get("samples", 1))
@@ -315,8 +330,11 @@ async def _cascade(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> Stra
         if not escalate:
             break
     if result is None:
-        raise UpstreamError(arm.backend, 502, f"{arm.backend}: every cascade stage failed (the last: "
-                                              f"{tried[-1]['error']})", retryable=True)
+        # the last stage's failure status and code, as a single call's error: a 400 stays the client's 400
+        assert failure is not None
+        raise UpstreamError(arm.backend, failure.status, f"{arm.backend}: every cascade stage failed (the last: "
+                                                         f"{failure.message})", retryable=failure.retryable,
+                            retry_after=failure.retry_after, code=failure.code, param=failure.param)
     result.details = {**result.details, "stages": tried, "samples": samples}
     result.arm = arm
     return result

@@ -70,7 +70,7 @@ class PassThrough:
         except UpstreamError as exc:
             error = exc
         except asyncio.CancelledError:
-            caller.cancelled_call(backend, body, started)
+            caller.cancelled_call(backend, body, started, admission)
             await source.aclose()
             raise
         else:

@@ -153,7 +153,8 @@ def healthy(tmp_path_factory):
 # the next. Arm A always wins the decision (higher prior; cost and latency weigh nothing), so the
 # fault is always met first and B is the fallback.
 FAULT_TAGS = ("flaky", "ratelimit", "hang", "reset", "early-500", "early-reset", "early-429", "late-truncate",
-              "late-reset_mid", "stall", "allfail", "gone", "streamgone")
+              "late-reset_mid", "stall", "allfail", "gone", "streamgone",
+              "stream-fallback")
 FAULTY_EXTRA = {"hang": {"timeout_s": 1.0}, "stall": {"first_byte_timeout_s": 0.5},
                 "gone": {"timeout_s": 1.0}, "streamgone": {"first_byte_timeout_s": 1.0}}
 
@@ -282,6 +283,47 @@ def test_stream_that_fails_before_any_byte_is_retried_invisibly(pair, failure):
     assert_complete_stream(body, LONG_ANSWER)
 
 
+def test_a_stream_a_fallback_answered_is_said_and_recorded_as_the_fallbacks(pair):
+    """The chosen arm fails before its first byte and the fallback relays the answer: the header, the
+    usage chunk's `ponder` and the recorded event (what the learner reads) all name the fallback's arm.
+    The event and the chunk named the chosen arm, crediting it with an answer it never gave."""
+    gateway, mock_a, mock_b = pair
+    reset(mock_a, mock_b)
+    control(mock_a, script=["500"] * 2)
+    with httpx.stream("POST", gateway.url + "/v1/chat/completions", timeout=10, json=chat(
+            "stream-fallback", stream=True, stream_options={"include_usage": True})) as response:
+        body = b"".join(response.iter_bytes())
+    assert response.status_code == 200 and response.headers["x-ponder-arm"] == "b-stream-fallback/-/single/1"
+    usage_chunk = orjson.loads(sse_payloads(body)[-2])
+    assert usage_chunk["ponder"]["arm"] == "b-stream-fallback/-/single/1", usage_chunk
+    request_id = response.headers["x-ponder-request-id"]
+    for _ in range(50):  # recorded once the body is closed
+        detail = httpx.get(gateway.url + f"/v1/ponder/requests/{request_id}")
+        if detail.status_code == 200:
+            break
+        time.sleep(0.05)
+    recorded = detail.json()["request"]
+    assert (recorded["arm"], recorded["status"]) == ("b-stream-fallback/-/single/1", 200), recorded
+
+
+def test_a_stream_does_not_call_a_backend_cooling_down_after_its_retry_after(tmp_path):
+    """A backend said 429 with Retry-After: 1. Within that second a JSON request is refused at once
+    (503, Retry-After) without calling it, and so is a stream: it called the backend again."""
+    with running(start_mock(tmp_path)) as mock:
+        policy = simple_policy(tmp_path, "limited")
+        with running(start_gateway(tmp_path, {"backends": [mock_backend("limited", mock, max_retries=0)],
+                                              "policy": policy}, name="limited")) as gateway:
+            control(mock, script=["429"] * 5)
+            limited = httpx.post(gateway.url + "/v1/chat/completions", json=chat("auto"), timeout=10)
+            assert limited.status_code == 429, limited.text
+            for streaming in (False, True):
+                cooling = httpx.post(gateway.url + "/v1/chat/completions", json=chat("auto", stream=streaming),
+                                     timeout=10)
+                assert cooling.status_code == 503 and cooling.headers["retry-after"] == "1", cooling.text
+                assert_openai_error(cooling)
+            assert upstream_calls(mock) == 1
+
+
 @pytest.mark.parametrize("break_kind", ["truncate", "reset_mid"])
 def test_stream_that_breaks_after_bytes_ends_with_an_error_event_not_a_finish(pair, break_kind):
     gateway, mock_a, mock_b = pair
@@ -347,6 +389,34 @@ def test_requests_timed_out_in_the_gateways_queue_do_not_cool_the_backend_down(t
                 assert b"[DONE]" in b"".join(chunks)
 
 
+def test_a_client_that_leaves_while_queued_for_a_slot_is_billed_nothing(tmp_path):
+    """Requests queued behind a busy one-slot backend whose clients leave never reached the upstream:
+    recorded as 499 at no cost. They were billed their prompt's estimate, as calls the upstream had read."""
+    with running(start_mock(tmp_path)) as mock:
+        backend = mock_backend("one-slot", mock, max_concurrency=1, max_retries=0, timeout_s=10)
+        policy = write_policy(tmp_path, {"name": "one-slot", "arms": {"only": {"backend": "one-slot"}},
+                                         "routes": [{"name": "all", "candidates": ["only"]}]})
+        with running(start_gateway(tmp_path, {"backends": [backend], "policy": policy}, name="queue")) as gateway:
+            control(mock, script=["hang"], hang_s=3)  # one request holds the slot 3 s
+
+            async def hold_the_slot_while_two_leave() -> None:
+                async with httpx.AsyncClient(timeout=10) as client:
+                    holder = asyncio.create_task(client.post(gateway.url + "/v1/chat/completions",
+                                                             json=chat("auto")))
+                    await asyncio.sleep(0.3)
+                    for streaming in (False, True):
+                        await asyncio.to_thread(raw_request_then_close, gateway.url,
+                                                chat("auto", "a long prompt " * 50, stream=streaming), 0.3)
+                    await asyncio.sleep(0.3)
+                    assert upstream_calls(mock) == 1  # only the holder's
+                    left = httpx.get(gateway.url + "/v1/ponder/requests?limit=3").json()["requests"]
+                    assert [r["status"] for r in left[:2]] == [499, 499], left
+                    assert all(r["cost_usd"] == 0 and r["prompt_tokens"] == 0 for r in left[:2]), left
+                    assert (await holder).status_code == 200
+
+            asyncio.run(hold_the_slot_while_two_leave())
+
+
 def test_a_vote_whose_samples_all_failed_answers_with_their_failures_status(tmp_path):
     """Every sample timed out: a 504 as for one call, not a 502; every sample refused by a cooling
     backend: a 503 with Retry-After, so clients back off as long as they should."""
@@ -365,6 +435,83 @@ def test_a_vote_whose_samples_all_failed_answers_with_their_failures_status(tmp_
             cooling = httpx.post(gateway.url + "/v1/chat/completions", json=chat("auto"), timeout=10)
             assert cooling.status_code == 503, cooling.text
             assert int(cooling.headers["retry-after"]) >= 1
+
+
+def test_a_vote_refused_by_its_upstream_starts_no_sample_after_the_client_has_its_error(tmp_path):
+    """A request error (400) on one sample fails the vote: the samples still queued for a slot must not
+    call the upstream afterwards (asyncio.gather left them running: calls made for nobody, and never
+    billed, since the request was recorded before they ended)."""
+    with running(start_mock(tmp_path)) as mock:
+        backend = mock_backend("voter", mock, max_retries=0, supports_n=False)  # one call a sample
+        policy = write_policy(tmp_path, {
+            "name": "voter",
+            "arms": {"vote": {"backend": "voter", "strategy": "self_consistency", "n": 5, "max_concurrency": 1}},
+            "routes": [{"name": "all", "candidates": ["vote"]}], "exploration": {"share": 0.0}})
+        with running(start_gateway(tmp_path, {"backends": [backend], "policy": policy}, name="voter")) as gateway:
+            control(mock, script=["too_long"], delay_ms=100)
+            refused = httpx.post(gateway.url + "/v1/chat/completions", json=chat("auto"), timeout=10)
+            assert refused.status_code == 400, refused.text
+            assert refused.json()["error"]["code"] == "context_length_exceeded"
+            time.sleep(1.0)  # four more samples would have called by now (100 ms each)
+            assert upstream_calls(mock) == 1
+            request_id = refused.headers["x-ponder-request-id"]
+            detail = httpx.get(gateway.url + f"/v1/ponder/requests/{request_id}").json()
+            assert detail["request"]["status"] == 400 and len(detail["execution"]["calls"]) == 1, detail
+
+
+def test_a_cascade_passes_a_request_error_on_and_answers_past_the_deadline_with_what_it_has(tmp_path):
+    """A cascade every stage of which refused the request (400 context_length_exceeded) answers the
+    client's 400 with its code (it was a 502 `upstream_error`, which SDKs retry, then sent to the
+    fallback arms); and a stage that runs into the
+    deadline after an earlier stage answered leaves that answer, not a 504 `deadline` (with 3 stages
+    the next one hit the passed deadline and failed the request)."""
+    with running(start_mock(tmp_path)) as mock_a, running(start_mock(tmp_path)) as mock_b:
+        backends = [mock_backend(name, mock, max_retries=0) for name, mock in
+                    (("cheap", mock_a), ("strong", mock_b), ("strongest", mock_b))]
+        policy = write_policy(tmp_path, {
+            "name": "cascading",
+            "arms": {"strong": {"backend": "strong", "strategy": "single"},
+                     "strongest": {"backend": "strongest", "strategy": "single"},
+                     "escalate": {"backend": "cheap", "strategy": "cascade", "stages": ["strong", "strongest"],
+                                  "escalate_below": 0.9}},
+            "routes": [{"name": "all", "candidates": ["escalate"]}], "exploration": {"share": 0.0}})
+        with running(start_gateway(tmp_path, {"backends": backends, "policy": policy, "request_timeout_s": 1.0},
+                                   name="cascading")) as gateway:
+            control(mock_a, script=["too_long"])
+            control(mock_b, script=["too_long"] * 2)
+            refused = httpx.post(gateway.url + "/v1/chat/completions", json=chat("auto"), timeout=10)
+            assert refused.status_code == 400, refused.text
+            assert refused.json()["error"]["code"] == "context_length_exceeded"
+            reset(mock_b)
+
+            control(mock_a, answers=["I'm not sure, maybe 7"])  # unsure: escalated
+            control(mock_b, script=["hang"], hang_s=3)  # the strong stage runs into the deadline
+            answered = httpx.post(gateway.url + "/v1/chat/completions", json=chat("auto", "what is 3 + 4?"),
+                                  timeout=10)
+            assert answered.status_code == 200, answered.text
+            assert answered.json()["choices"][0]["message"]["content"] == "I'm not sure, maybe 7"
+            assert upstream_calls(mock_b) == 1  # the strongest stage was not called past the deadline
+
+
+def test_a_best_of_n_whose_judge_would_start_past_the_deadline_answers_with_its_sample(tmp_path):
+    """A sample answered, the others ran into the deadline: the verifier (another backend, not cooling
+    down) is not called past it, and the request answers with the unscored sample (best_of_n's rule
+    when nothing was scored), not a 504 `deadline passed before a backend answered`."""
+    with running(start_mock(tmp_path)) as mock:
+        backends = [mock_backend("sampler", mock, max_retries=0, supports_n=False),
+                    mock_backend("judge", mock, max_retries=0)]
+        policy = write_policy(tmp_path, {
+            "name": "judged", "arms": {"best": {"backend": "sampler", "strategy": "best_of_n", "n": 3,
+                                                "verifier": "judge"}},
+            "routes": [{"name": "all", "candidates": ["best"]}], "exploration": {"share": 0.0}})
+        with running(start_gateway(tmp_path, {"backends": backends, "policy": policy, "request_timeout_s": 1.0},
+                                   name="judged")) as gateway:
+            control(mock, script=["ok", "hang", "hang"], hang_s=3, answers=["7"])
+            answered = httpx.post(gateway.url + "/v1/chat/completions", json=chat("auto", "what is 3 + 4?"),
+                                  timeout=10)
+            assert answered.status_code == 200, answered.text
+            assert answered.json()["choices"][0]["message"]["content"] == "7"
+            assert upstream_calls(mock) == 3  # the three samples, no judge
 
 
 def test_all_backends_failing_gives_a_fast_clean_error_with_retry_after(pair):
@@ -461,6 +608,42 @@ def test_a_stream_whose_client_left_during_a_blocked_send_is_billed_before_it_se
     scope = {"type": "http", "asgi": {"spec_version": "2.3"}}
     asyncio.run(EventStream(body(), finish, {})(scope, receive, send))
     assert order == ["billed", "settled"]
+
+
+def test_a_client_leaving_as_its_answer_completes_does_not_cancel_the_answers_settling():
+    """The disconnect is seen in the same loop turn as the work finishing: the watcher's callback was
+    already scheduled when until_disconnect returned, and it cancelled the handler afterwards, in the
+    answer's send or its settling (the event unrecorded, the budget hold never settled)."""
+    from starlette.requests import Request
+
+    from gateway.app import until_disconnect
+    from gateway.calls import Caller
+
+    async def main() -> str:
+        gate = asyncio.Event()
+
+        async def receive() -> dict:
+            await gate.wait()
+            return {"type": "http.disconnect"}
+
+        async def work() -> str:
+            await asyncio.sleep(0)  # the watcher waits on the gate first, so it wakes first
+            await gate.wait()
+            return "answer"
+
+        caller = Caller({}, time.monotonic() + 10)
+
+        async def handler() -> str:
+            answer = await until_disconnect(Request({"type": "http"}, receive), work(), caller)
+            await asyncio.sleep(0.05)  # the answer's send, then its settling
+            return answer
+
+        task = asyncio.create_task(handler())
+        await asyncio.sleep(0.01)
+        gate.set()
+        return await task
+
+    assert asyncio.run(main()) == "answer"
 
 
 # -- Redis lost and back during load ----------------------------------------------------------------
