@@ -316,6 +316,8 @@ async def _cascade(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> Stra
         except UpstreamError as exc:
             failure = exc
             tried.append({"arm": stage.key, "error": exc.message})
+            if not exc.retryable:  # about the request (a 400, a content filter): no stage is sent it
+                break
             continue
         samples += int(result.details.get("samples", 1))
         # The answer's own doubt counts next to the vote's (or verifier's) confidence: a unanimous

@@ -460,9 +460,9 @@ def test_a_vote_refused_by_its_upstream_starts_no_sample_after_the_client_has_it
 
 
 def test_a_cascade_passes_a_request_error_on_and_answers_past_the_deadline_with_what_it_has(tmp_path):
-    """A cascade every stage of which refused the request (400 context_length_exceeded) answers the
-    client's 400 with its code (it was a 502 `upstream_error`, which SDKs retry, then sent to the
-    fallback arms); and a stage that runs into the
+    """A cascade whose stage refused the request (400 context_length_exceeded) answers the client's 400
+    with its code, without sending it to a later stage (it was a 502 `upstream_error`, which SDKs retry,
+    then sent to the fallback arms); and a stage that runs into the
     deadline after an earlier stage answered leaves that answer, not a 504 `deadline` (with 3 stages
     the next one hit the passed deadline and failed the request)."""
     with running(start_mock(tmp_path)) as mock_a, running(start_mock(tmp_path)) as mock_b:
@@ -478,10 +478,12 @@ def test_a_cascade_passes_a_request_error_on_and_answers_past_the_deadline_with_
         with running(start_gateway(tmp_path, {"backends": backends, "policy": policy, "request_timeout_s": 1.0},
                                    name="cascading")) as gateway:
             control(mock_a, script=["too_long"])
-            control(mock_b, script=["too_long"] * 2)
             refused = httpx.post(gateway.url + "/v1/chat/completions", json=chat("auto"), timeout=10)
             assert refused.status_code == 400, refused.text
             assert refused.json()["error"]["code"] == "context_length_exceeded"
+            # a request error is the client's, as on every other path: no later stage is sent it (a
+            # content-filtered prompt must not be answered by the next provider)
+            assert upstream_calls(mock_b) == 0
             reset(mock_b)
 
             control(mock_a, answers=["I'm not sure, maybe 7"])  # unsure: escalated
