@@ -542,8 +542,10 @@ def _period_to_wait_for(left_by_period: dict[str, float] | None, cheapest_usd: f
 
 
 def _retry_at_reset(period: str | None) -> dict[str, str]:
-    """Retry-After for a spent budget: when its period starts anew (none for a lifetime budget)."""
-    return retry_after(seconds_until_reset(period, time.time()) if period else 3600.0)
+    """Retry-After for a spent budget: when its period starts anew (none for a lifetime budget). And
+    `x-should-retry: false`, which the OpenAI SDKs honour: their own retries (a second or two apart,
+    since they ignore a Retry-After of hours) would only be refused again."""
+    return {**retry_after(seconds_until_reset(period, time.time()) if period else 3600.0), "x-should-retry": "false"}
 
 
 def _candidate_dict(candidate: Any) -> dict[str, Any]:

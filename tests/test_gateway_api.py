@@ -709,6 +709,13 @@ def test_budget_refusals_say_what_to_do(keyed_stack):
     now = time.time()
     midnight = calendar.timegm(time.gmtime(now)[:3] + (0, 0, 0, 0, 0, 0)) + 86400
     assert abs(int(spent.value.response.headers["retry-after"]) - (midnight - now)) <= 5
+    # the SDK's own retries would be refused again until midnight: it is told not to make them
+    sent = []
+    retrying = openai.OpenAI(base_url=gateway.url + "/v1", api_key=SMALL_BUDGET_KEY, max_retries=2,
+                             http_client=httpx.Client(event_hooks={"request": [sent.append]}))
+    with pytest.raises(openai.RateLimitError) as again:
+        retrying.chat.completions.create(model="mock-a", messages=question, max_tokens=5)
+    assert again.value.response.headers["x-should-retry"] == "false" and len(sent) == 1
     # a key whose budget is $0 has nothing to spend, whatever max_tokens says: 429 on either path
     broke = openai.OpenAI(base_url=gateway.url + "/v1", api_key=ZERO_BUDGET_KEY, max_retries=0)
     for model in ("mock-a", "auto"):
