@@ -17,6 +17,7 @@ from gateway.errors import ApiError
 ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
 CONTENT_REQUIRED = {"system", "developer", "user", "tool"}
 REASONING_EFFORTS = {"none", "minimal", "low", "medium", "high", "xhigh"}
+MAX_DEPTH = 254  # levels of JSON nesting orjson can write (it refuses 255)
 
 
 # Strict types: the body is forwarded as sent, so `"n": "2"` or `"stream": "yes"` must be refused
@@ -111,6 +112,14 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
         raise ApiError(400, f"Request body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, "Request body must be a JSON object.", code="invalid_json")
+    # orjson reads 1,024 levels of nesting but writes only MAX_DEPTH: a deeper body would fail as it
+    # is forwarded (a 500 after the budget hold). Only a body with that many brackets can be so deep.
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH:
+        try:
+            orjson.dumps(body)
+        except orjson.JSONEncodeError:
+            raise ApiError(400, f"Request body is nested more than {MAX_DEPTH} levels deep.",
+                           code="invalid_json") from None
     return body
 
 
