@@ -123,6 +123,19 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
     return body
 
 
+def _check_messages(messages: list[dict[str, Any]]) -> None:
+    """What the message schema cannot say: a text part's text is a string (the router, the token
+    estimate and the judge read it)."""
+    for i, message in enumerate(messages):
+        content = message.get("content")
+        if isinstance(content, list):
+            for j, part in enumerate(content):
+                if part.get("type") == "text" and not isinstance(part.get("text"), str):
+                    param = f"messages.{i}.content.{j}.text"
+                    raise ApiError(400, f"Invalid value for '{param}': a text part's 'text' must be a string",
+                                   param=param, code="invalid_value")
+
+
 def parse_chat_request(body: dict[str, Any], *, max_n: int) -> ChatRequest:
     # A parameter sent as null is the API's default, as if left out (the openai SDK sends `n=None` so);
     # left out it is: basic servers (llama.cpp's) fail on `"temperature": null` with a 500.
@@ -134,6 +147,7 @@ def parse_chat_request(body: dict[str, Any], *, max_n: int) -> ChatRequest:
         param = ".".join(str(p) for p in err["loc"]) or None
         raise ApiError(400, f"Invalid value for '{param}': {err['msg']}", param=param,
                        code="invalid_value") from None
+    _check_messages(body["messages"])
     if parsed.n > max_n:
         raise ApiError(400, f"'n' must be at most {max_n}.", param="n", code="invalid_value")
     stream_options = parsed.stream_options or {}

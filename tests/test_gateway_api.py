@@ -609,6 +609,13 @@ def test_upstream_failure_is_a_502_with_the_upstream_message(client, mock):
     (b'{"model": "auto", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}', 400, "stream"),
     (b'{"model": "auto", "messages": [{"role": "user", "content": null}]}', 400, "messages.0"),
     (b'{"model": "auto", "messages": [{"role": "user"}]}', 400, "messages.0"),
+    # a text part's text must be a string: the router and the token estimate read it (it was a 500)
+    (b'{"model": "auto", "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}', 400,
+     "messages.0.content.0.text"),
+    (b'{"model": "mock-a", "messages": [{"role": "user", "content": [{"type": "text", "text": {"a": 1}}]}]}', 400,
+     "messages.0.content.0.text"),
+    (b'{"model": "auto", "messages": [{"role": "user", "content": [{"type": "text", "text": null}]}]}', 400,
+     "messages.0.content.0.text"),
     (b"\xff\xfe\x00garbage", 400, None),
 ])
 def test_bad_input_gets_an_openai_error(gw, payload, status, param):
