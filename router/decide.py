@@ -135,7 +135,8 @@ def estimate_prompt_tokens(messages: list) -> int:
         if isinstance(content, str):
             chars += len(content)
         elif isinstance(content, list):
-            chars += sum(len(part.get("text") or "") for part in content if isinstance(part, dict))
+            chars += sum(len(text) for part in content
+                         if isinstance(part, dict) and isinstance(text := part.get("text"), str))
     return chars // 4 + 4 * len(messages)
 
 

@@ -23,6 +23,10 @@ from router.types import bucket_key
 
 SuccessSource = Literal["vote", "verifier", "feedback"]
 
+# An event's `error` is cut to this: an upstream's message may quote the request (OpenAI's "Invalid
+# value: '...'" does), and one event must stay the 1-3 KB the store's retention is sized for.
+MAX_ERROR_CHARS = 500
+
 # How much one scored outcome counts in an arm's `weight` (and `successes` = weight x score).
 SIGNAL_WEIGHTS: dict[str, float] = {"feedback": 1.0, "verifier": 0.3, "vote": 0.3}
 
@@ -69,6 +73,8 @@ class Event:
     details: dict[str, Any] = field(default_factory=dict)  # votes, samples used, stop reason...
 
     def __post_init__(self) -> None:
+        if self.error is not None and len(self.error) > MAX_ERROR_CHARS:
+            self.error = self.error[:MAX_ERROR_CHARS] + "..."
         if not self.bucket:
             self.bucket = bucket_key(self.task, self.difficulty)
         if self.success is not None:

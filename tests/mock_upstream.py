@@ -7,7 +7,7 @@ exact, predictable usage (1 token per whitespace-separated word), and can misbeh
                    "cached_tokens": 0}
         script: behaviours for the next requests, in order; then fail_rate picks "500" at random.
         cached_tokens: reported in every answer's `usage.prompt_tokens_details` (a prompt cache hit).
-        behaviours: ok | 500 | 429 | too_long | empty | hang | reset | truncate | reset_mid | stall | slow_first | hold
+        behaviours: ok | 500 | 429 | too_long | echo_400 | empty | hang | reset | truncate | reset_mid | stall | slow_first | hold
         (hold: a stream pauses hang_s after its first chunk)
     GET  /calls     {"count": N, "bodies": [...last 200 bodies]}
     POST /reset     forget everything
@@ -82,6 +82,11 @@ async def chat(request: web.Request) -> web.StreamResponse:
             "message": "This model's maximum context length is 8192 tokens. However, your messages resulted in "
                        "9000 tokens. Please reduce the length of the messages.",
             "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"}}, status=400)
+    if behaviour == "echo_400":  # OpenAI's answer to a value it does not know: it quotes the value
+        text = str((body.get("messages") or [{}])[-1].get("content"))
+        return web.json_response({"error": {
+            "message": f"Invalid value: '{text}'. Supported values are: 'a' and 'b'.",
+            "type": "invalid_request_error", "param": "messages", "code": "invalid_value"}}, status=400)
     if behaviour == "empty":  # a 200 with no choices at all: some servers answer so under load
         return web.json_response({"id": "mock-empty", "object": "chat.completion", "model": body.get("model"),
                                   "choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 0,

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from policies.loader import load_policy, parse_policy
-from router.decide import BudgetExhausted, ContextTooLong, RequestHints, UnknownAlias, compile_policy, decide
+from router.decide import (
+    BudgetExhausted, ContextTooLong, RequestHints, UnknownAlias, compile_policy, decide, estimate_prompt_tokens,
+)
 from router.learner import current_choice
 from router.types import DIFFICULTY_TIERS, POOLED_BUCKET, TASK_TYPES, ArmStats, Classification
 
@@ -217,6 +219,15 @@ def test_a_borderline_prompt_still_goes_to_the_backend():
     decision = decide(EASY_CHAT, policy, {}, request=RequestHints(prompt_tokens=1400))
     assert name_of(policy, decision.arm) == "quick"
     assert candidate(decision, policy, "quick").excluded is None
+
+
+def test_the_prompt_estimate_counts_only_text_and_never_raises():
+    """Content parts as clients send them, odd ones too (a part with no type and a number for text,
+    an image): only string text counts, at ~4 characters a token plus 4 a message."""
+    messages = [{"role": "user", "content": [{"text": 5}, {"text": None}, {"type": "image_url", "image_url": {}},
+                                             {"type": "text", "text": "x" * 40}]},
+                {"role": "assistant", "content": None}, "junk"]
+    assert estimate_prompt_tokens(messages) == 40 // 4 + 4 * 3
 
 
 def test_a_route_none_of_whose_arms_holds_the_prompt_uses_the_aliass_that_do():

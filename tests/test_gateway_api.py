@@ -332,6 +332,24 @@ def test_a_vote_of_answers_without_choices_is_a_clean_502_and_recorded(client, m
     assert recorded.status_code == 200 and recorded.json()["request"]["status"] == 502
 
 
+def test_an_upstream_error_quoting_a_huge_prompt_is_recorded_short(client, mock, gw):
+    """An upstream 400 whose message quotes the request's 70 KB: the client gets it whole, the event
+    keeps its first 500 characters (events are sized at 1-3 KB each for the store's retention)."""
+    control(mock, script=["echo_400"])
+    prompt = "needle " * 10_000
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="mock-a", messages=[{"role": "user", "content": prompt}])
+    assert prompt in refused.value.message
+    request_id = refused.value.response.headers["x-ponder-request-id"]
+    deadline = time.monotonic() + 5
+    while (recorded := httpx.get(f"{gw.url}/v1/ponder/requests/{request_id}")).status_code != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    event, calls = recorded.json()["request"], recorded.json()["execution"]["calls"]
+    assert event["status"] == 400 and event["error"].startswith("mock-a: upstream 400: Invalid value: 'needle")
+    assert len(event["error"]) <= 503 and calls and all(len(call["error"] or "") <= 300 for call in calls)
+
+
 def test_a_retried_attempt_is_a_call_not_a_sample(client, mock):
     control(mock, script=["500"])
     raw = client.chat.completions.with_raw_response.create(model="mock-a",
@@ -609,6 +627,13 @@ def test_upstream_failure_is_a_502_with_the_upstream_message(client, mock):
     (b'{"model": "auto", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}', 400, "stream"),
     (b'{"model": "auto", "messages": [{"role": "user", "content": null}]}', 400, "messages.0"),
     (b'{"model": "auto", "messages": [{"role": "user"}]}', 400, "messages.0"),
+    # a text part's text must be a string: the router and the token estimate read it (it was a 500)
+    (b'{"model": "auto", "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}', 400,
+     "messages.0.content.0.text"),
+    (b'{"model": "mock-a", "messages": [{"role": "user", "content": [{"type": "text", "text": {"a": 1}}]}]}', 400,
+     "messages.0.content.0.text"),
+    (b'{"model": "auto", "messages": [{"role": "user", "content": [{"type": "text", "text": null}]}]}', 400,
+     "messages.0.content.0.text"),
     (b"\xff\xfe\x00garbage", 400, None),
 ])
 def test_bad_input_gets_an_openai_error(gw, payload, status, param):

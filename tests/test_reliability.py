@@ -809,13 +809,16 @@ def test_fuzzed_requests_never_get_a_5xx_and_every_error_is_an_openai_error(heal
     assert upstream_calls(mock) > 0, "no fuzzed request was valid enough to reach the upstream"
 
 
-def _nested(depth: int) -> bytes:
-    head = b'{"model": "auto", "messages": [{"role": "user", "content": "x"}], "extra": '
+def _nested(depth: int, *, stream: bool = False) -> bytes:
+    head = b'{"model": "auto", "messages": [{"role": "user", "content": "x"}], ' + \
+        (b'"stream": true, ' if stream else b"") + b'"extra": '
     return head + b"[" * depth + b"]" * depth + b"}"
 
 
 @pytest.mark.parametrize("payload, content_type, status", [
     (_nested(50_000), "application/json", 400),  # deep nesting: refused by the parser's depth limit
+    (_nested(300), "application/json", 400),  # read by the parser, too deep to forward (orjson writes 254 levels)
+    (_nested(300, stream=True), "application/json", 400),
     (b'{"model": "auto", "messages": [{"role": "user", "content": "\xff\xfe bad"}]}', "application/json", 400),
     (b'{"model": "auto", "messages": [{"role": "user", "content": "\\ud800 lone surrogate"}]}', "application/json",
      400),
