@@ -129,6 +129,15 @@ def _check_messages(messages: list[dict[str, Any]]) -> None:
                                    param=param, code="invalid_value")
 
 
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+
+
+def _is_type_tag(part: Any) -> bool:
+    """A union member pydantic names in an error's location ("stop.str", "content.list[...]"): not a
+    field, so not part of OpenAI's `param`."""
+    return isinstance(part, str) and (part in _TYPE_TAGS or "[" in part or "-" in part)
+
+
 def parse_chat_request(body: dict[str, Any], *, max_n: int) -> ChatRequest:
     # A parameter sent as null is the API's default, as if left out (the openai SDK sends `n=None` so);
     # left out it is: basic servers (llama.cpp's) fail on `"temperature": null` with a 500.
@@ -137,7 +146,7 @@ def parse_chat_request(body: dict[str, Any], *, max_n: int) -> ChatRequest:
         parsed = _ChatBody.model_validate(body)
     except ValidationError as exc:
         err = exc.errors()[0]
-        param = ".".join(str(p) for p in err["loc"]) or None
+        param = ".".join(str(p) for p in err["loc"] if not _is_type_tag(p)) or None
         raise ApiError(400, f"Invalid value for '{param}': {err['msg']}", param=param,
                        code="invalid_value") from None
     _check_messages(body["messages"])

@@ -634,6 +634,10 @@ def test_upstream_failure_is_a_502_with_the_upstream_message(client, mock):
      "messages.0.content.0.text"),
     (b'{"model": "auto", "messages": [{"role": "user", "content": [{"type": "text", "text": null}]}]}', 400,
      "messages.0.content.0.text"),
+    # a union-typed field is named as the field, not as pydantic's union member ("stop.str")
+    (b'{"model": "auto", "messages": [{"role": "user", "content": "x"}], "stop": [1]}', 400, "stop"),
+    (b'{"model": "auto", "messages": [{"role": "user", "content": 5}]}', 400, "messages.0.content"),
+    (b'{"model": "auto", "messages": [{"role": "user", "content": "x"}], "tool_choice": 5}', 400, "tool_choice"),
     (b"\xff\xfe\x00garbage", 400, None),
 ])
 def test_bad_input_gets_an_openai_error(gw, payload, status, param):
