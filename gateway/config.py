@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator
 
 from policies.backends import BackendSpec
 from telemetry.store import DEFAULT_FEEDBACK_WINDOW_S, DEFAULT_STREAM_MAXLEN
@@ -87,6 +87,23 @@ class GatewayConfig(BaseModel):
                                    "prompt text in the logs at any level, litellm's debug output included.")
     server_timing: bool = Field(
         default=False, description="Add a Server-Timing header (classify, decide, upstream, total; ms) to answers.")
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_are_unambiguous(cls, keys: list[ApiKey]) -> list[ApiKey]:
+        """One key, one entry: a sha256 listed twice would be admitted as whichever entry came last. One
+        id may have several keys (a rotation: old and new), sharing its budget, so they must agree on it."""
+        by_hash: dict[str, str] = {}
+        by_id: dict[str, ApiKey] = {}
+        for key in keys:
+            if key.sha256 in by_hash:
+                raise ValueError(f"keys `{by_hash[key.sha256]}` and `{key.id}` have the same sha256")
+            by_hash[key.sha256] = key.id
+            first = by_id.setdefault(key.id, key)
+            if key.model_dump(exclude={"sha256"}) != first.model_dump(exclude={"sha256"}):
+                raise ValueError(f"the keys of id `{key.id}` differ in admin or budgets; an id's keys share "
+                                 "its budget (a rotation lists the old and the new key with the same settings)")
+        return keys
 
 
 class ConfigError(Exception):

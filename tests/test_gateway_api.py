@@ -1011,6 +1011,22 @@ def test_serve_refuses_a_bad_flag_before_starting(flags, says):
     assert says in done.stderr.strip().splitlines()[-1]  # argparse's usage line, then what is wrong
 
 
+def test_serve_refuses_api_keys_that_are_ambiguous(tmp_path):
+    """One sha256 listed under two ids was admitted as whichever came last (an admin or not); one id's
+    keys (a rotation) share its budget counters, so they must say the same budget."""
+    import hashlib
+
+    digest = hashlib.sha256(b"the key").hexdigest()
+    twice = [{"id": "a", "sha256": digest}, {"id": "ops", "sha256": digest, "admin": True}]
+    done = _serve("--port", "9", config={"api_keys": twice}, tmp_path=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "keys `a` and `ops` have the same sha256" in done.stderr
+    rotation = [{"id": "a", "sha256": digest, "budget_usd_per_day": 5},
+                {"id": "a", "sha256": hashlib.sha256(b"new").hexdigest(), "budget_usd_per_day": 50}]
+    done = _serve("--port", "9", config={"api_keys": rotation}, tmp_path=tmp_path)
+    assert done.returncode == 2 and "the keys of id `a` differ in admin or budgets" in done.stderr
+
+
 def test_serve_refuses_a_data_dir_it_cannot_create(tmp_path):
     done = _serve("--port", "9", config={"telemetry": {"data_dir": "/proc/forbidden"}}, tmp_path=tmp_path)
     assert done.returncode == 2 and "Traceback" not in done.stderr
