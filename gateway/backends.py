@@ -426,6 +426,11 @@ def _seconds(value: str | None) -> float | None:
 _LITELLM = None
 
 
+def import_litellm() -> None:
+    """Import litellm now (seconds), not at a backend's first call (service.Gateway starts with it)."""
+    _litellm()
+
+
 def _litellm():
     """Import litellm once, offline: its cost map is bundled, and it must not phone home."""
     global _LITELLM

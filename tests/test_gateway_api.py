@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import httpx
@@ -193,6 +194,37 @@ def test_a_backend_called_through_litellm(client, mock):
     assert int(limited.value.response.headers["retry-after"]) >= 1
     time.sleep(int(limited.value.response.headers["retry-after"]) + 0.1)  # its cool-down is over: served again
     assert client.chat.completions.create(model="mock-litellm", messages=[{"role": "user", "content": "x"}]).choices
+
+
+def test_a_first_call_through_litellm_waits_for_no_import(tmp_path):
+    """litellm takes seconds to import, all of them with the event loop blocked. Imported by the first
+    call that needed it, that call's first-byte timeout ran out (a 504 that cooled the backend down)
+    and every other stream in flight froze meanwhile; the gateway now imports it as it starts."""
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("mock-a", mock), mock_backend("mock-b", mock),
+                         mock_backend("mock-litellm", mock, fast_path=False, first_byte_timeout_s=1.5)],
+            "policy": policy(tmp_path)}, name="litellm")) as gateway:
+        pieces = upstream_sse([f"w{i} " for i in range(25)], USAGE)
+        control(mock, script=["raw"], raw=[p for piece in pieces for p in (piece.hex(), 0.1)])
+        gaps: list[float] = []
+
+        def read_other_stream() -> None:
+            with httpx.stream("POST", gateway.url + "/v1/chat/completions", timeout=30, json={
+                    "model": "mock-a", "messages": [{"role": "user", "content": "a"}], "stream": True}) as other:
+                last = time.monotonic()
+                for _ in other.iter_lines():
+                    gaps.append(time.monotonic() - last)
+                    last = time.monotonic()
+
+        other = threading.Thread(target=read_other_stream)
+        other.start()
+        time.sleep(0.5)
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+        chunks = list(client.chat.completions.create(model="mock-litellm", messages=[{"role": "user", "content": "a"}],
+                                                     stream=True))
+        other.join()
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello from the mock upstream."
+    assert len(gaps) > 25 and max(gaps) < 1.5, max(gaps)
 
 
 @pytest.mark.parametrize("model", ["mock-a", "mock-litellm", "auto"])
