@@ -12,6 +12,7 @@ A backend never retries by itself: retries, cool-downs and fallbacks are decided
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import AsyncIterator
@@ -22,6 +23,7 @@ import aiohttp
 import orjson
 
 from gateway.prices import call_cost, resolve_prices
+from gateway.sse import EventTooLarge, read_events
 from policies.backends import BackendSpec
 from policies.loader import resolve_max_context
 
@@ -29,6 +31,9 @@ FAST_PATH_PROVIDERS = {"openai", "hosted_vllm", "llamacpp", "lm_studio"}
 # Upstream statuses that are about the request itself: passed on to the client as they are, never
 # retried, and no mark against the backend's health.
 REQUEST_ERRORS = frozenset({400, 404, 413, 422})
+# One streamed event, at most: a chunk with a whole long answer in it (1 MB of text, JSON-escaped) fits;
+# a stream that never ends its event does not hold the gateway's memory.
+MAX_EVENT_BYTES = 16 * 1024 * 1024
 
 
 @dataclass(slots=True)
@@ -324,21 +329,14 @@ class Backend:
                 if resp.status >= 400:
                     raise self._http_error(resp.status, await resp.read(), resp.headers.get("Retry-After"))
                 protocol = resp.connection.protocol if resp.connection is not None else None
-                async for line in resp.content:
-                    if not line.startswith(b"data:"):
-                        continue
-                    payload = line[5:].strip()
-                    if payload == b"[DONE]":
-                        return
-                    try:
-                        parsed = orjson.loads(payload)
-                    except orjson.JSONDecodeError:
-                        raise UpstreamError(self.name, 502, f"{self.name}: invalid JSON in stream",
-                                            retryable=True) from None
-                    if isinstance(parsed, dict) and "error" in parsed:
-                        raise UpstreamError(self.name, 502, f"{self.name}: stream error: {parsed['error']}",
-                                            retryable=True)
-                    yield payload, parsed
+                async with contextlib.aclosing(read_events(resp.content.iter_any(), MAX_EVENT_BYTES)) as events:
+                    async for payload in events:
+                        if payload.strip() == b"[DONE]":
+                            return
+                        parsed = self._stream_event(payload)
+                        if b"\n" in payload:  # data of several lines: relayed as one (a data line holds no LF)
+                            payload = orjson.dumps(parsed)
+                        yield payload, parsed
                 # The body ended without [DONE]: a server that gives up on a stream this way (llama-cpp-
                 # python's, for a prompt over its context window) closes the connection a moment later,
                 # and the pool, which took it back at the body's end, would hand it to the next call.
@@ -349,7 +347,18 @@ class Backend:
         except aiohttp.ClientError as exc:
             raise UpstreamError(self.name, 502, f"{self.name}: stream broken: {type(exc).__name__}",
                                 retryable=True) from None
+        except EventTooLarge as exc:
+            raise UpstreamError(self.name, 502, f"{self.name}: stream broken: {exc}", retryable=True) from None
         raise UpstreamError(self.name, 502, f"{self.name}: stream ended without [DONE]", retryable=True)
+
+    def _stream_event(self, payload: bytes) -> Any:
+        try:
+            parsed = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            raise UpstreamError(self.name, 502, f"{self.name}: invalid JSON in stream", retryable=True) from None
+        if isinstance(parsed, dict) and "error" in parsed:
+            raise UpstreamError(self.name, 502, f"{self.name}: stream error: {parsed['error']}", retryable=True)
+        return parsed
 
     async def _stream_litellm(self, body: dict[str, Any]) -> AsyncIterator[tuple[bytes, dict | None]]:
         litellm = _litellm()
@@ -415,6 +424,11 @@ def _seconds(value: str | None) -> float | None:
 
 
 _LITELLM = None
+
+
+def import_litellm() -> None:
+    """Import litellm now (seconds), not at a backend's first call (service.Gateway starts with it)."""
+    _litellm()
 
 
 def _litellm():

@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 
 from gateway.auth import KeyRing, Principal
-from gateway.backends import Backend, CallRecord, UpstreamError
+from gateway.backends import Backend, CallRecord, UpstreamError, import_litellm
 from gateway.calls import Caller, upstream_to_api_error
 from gateway.config import LOCAL_BACKEND_NAME, ConfigError, GatewayConfig
 from gateway.effort import effective_effort
@@ -141,6 +141,7 @@ class Gateway:
         self.policies = PolicySet(self.config.policy, self.config.extra_policies, specs)
         self._configured = {spec.name for spec in specs}
         self._serve_inline_backends()
+        await self._import_litellm_if_used()
         self.store = await open_store(
             self.config.telemetry.redis_url, Path(self.config.telemetry.data_dir),
             refresh_s=self.config.telemetry.refresh_s, decay_half_life_s=self.learner_half_life_s(),
@@ -168,6 +169,7 @@ class Gateway:
             await asyncio.sleep(interval_s)
             if self.policies.reload_changed():
                 self._serve_inline_backends()
+                await self._import_litellm_if_used()
                 if self.store is not None:
                     self.store.half_life_s = self.learner_half_life_s()
 
@@ -186,6 +188,13 @@ class Gateway:
                 current = self.backends.get(spec.name)
                 if spec.name not in self._configured and (current is None or current.spec != spec):
                     self.backends[spec.name] = Backend(spec, self.session)
+
+    async def _import_litellm_if_used(self) -> None:
+        """litellm takes seconds to import, all of them with the event loop blocked: imported by the first
+        call that needs it, it froze every request in flight, and that call's first-byte timeout ran out
+        (a 504, and its backend cooled down). Imported now in a thread, before any call needs it."""
+        if any(not backend.fast_path for backend in self.backends.values()):
+            await asyncio.to_thread(import_litellm)
 
     async def close(self) -> None:
         for task in self._tasks:

@@ -8,7 +8,10 @@ exact, predictable usage (1 token per whitespace-separated word), and can misbeh
         script: behaviours for the next requests, in order; then fail_rate picks "500" at random.
         cached_tokens: reported in every answer's `usage.prompt_tokens_details` (a prompt cache hit).
         behaviours: ok | 500 | 429 | too_long | echo_400 | empty | hang | reset | truncate | reset_mid | stall | slow_first | hold
-        (hold: a stream pauses hang_s after its first chunk)
+                    | raw
+        (hold: a stream pauses hang_s after its first chunk; raw: a 200 text/event-stream whose body is
+        `raw`, a list of hex strings, each sent as one write, and numbers, seconds to sleep between them,
+        so a test says byte for byte how an upstream writes its SSE)
     GET  /calls     {"count": N, "bodies": [...last 200 bodies]}
     POST /reset     forget everything
 
@@ -31,7 +34,7 @@ STATE: dict = {}
 def reset_state() -> None:
     STATE.clear()
     STATE.update(script=[], fail_rate=0.0, answers=["Hello from the mock upstream."], delay_ms=0,
-                 count=0, bodies=[], turn=0, hang_s=30.0, rng=random.Random(7), cached_tokens=0)
+                 count=0, bodies=[], turn=0, hang_s=30.0, rng=random.Random(7), cached_tokens=0, raw=[])
 
 
 def words(text: str) -> int:
@@ -96,6 +99,8 @@ async def chat(request: web.Request) -> web.StreamResponse:
     if behaviour == "reset":
         request.transport.close()
         return web.Response()
+    if behaviour == "raw":
+        return await raw_stream(request)
     n = int(body.get("n") or 1)
     answers = [pick_answer(body, i) for i in range(n)]
     usage = {"prompt_tokens": prompt_tokens(body), "completion_tokens": sum(words(a) for a in answers)}
@@ -152,11 +157,23 @@ async def stream(request: web.Request, body: dict, base: dict, answer: str, usag
     return response
 
 
+async def raw_stream(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    for piece in STATE["raw"]:
+        if isinstance(piece, (int, float)):
+            await asyncio.sleep(piece)
+        else:
+            await response.write(bytes.fromhex(piece))
+    await response.write_eof()
+    return response
+
+
 async def control(request: web.Request) -> web.Response:
     update = await request.json()
-    for key in ("script", "fail_rate", "answers", "delay_ms", "hang_s", "cached_tokens"):
+    for key in ("script", "fail_rate", "answers", "delay_ms", "hang_s", "cached_tokens", "raw"):
         if key in update:
-            STATE[key] = list(update[key]) if key in ("script", "answers") else update[key]
+            STATE[key] = list(update[key]) if key in ("script", "answers", "raw") else update[key]
     return web.json_response({"ok": True})
 
 

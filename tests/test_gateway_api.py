@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import httpx
 import openai
+import orjson
 import pytest
 
 from tests.servers import (TODAYS_CHAT_MESSAGES, mock_backend, running, start_gateway, start_mock, two_mock_policy,
@@ -192,6 +194,37 @@ def test_a_backend_called_through_litellm(client, mock):
     assert int(limited.value.response.headers["retry-after"]) >= 1
     time.sleep(int(limited.value.response.headers["retry-after"]) + 0.1)  # its cool-down is over: served again
     assert client.chat.completions.create(model="mock-litellm", messages=[{"role": "user", "content": "x"}]).choices
+
+
+def test_a_first_call_through_litellm_waits_for_no_import(tmp_path):
+    """litellm takes seconds to import, all of them with the event loop blocked. Imported by the first
+    call that needed it, that call's first-byte timeout ran out (a 504 that cooled the backend down)
+    and every other stream in flight froze meanwhile; the gateway now imports it as it starts."""
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("mock-a", mock), mock_backend("mock-b", mock),
+                         mock_backend("mock-litellm", mock, fast_path=False, first_byte_timeout_s=1.5)],
+            "policy": policy(tmp_path)}, name="litellm")) as gateway:
+        pieces = upstream_sse([f"w{i} " for i in range(25)], USAGE)
+        control(mock, script=["raw"], raw=[p for piece in pieces for p in (piece.hex(), 0.1)])
+        gaps: list[float] = []
+
+        def read_other_stream() -> None:
+            with httpx.stream("POST", gateway.url + "/v1/chat/completions", timeout=30, json={
+                    "model": "mock-a", "messages": [{"role": "user", "content": "a"}], "stream": True}) as other:
+                last = time.monotonic()
+                for _ in other.iter_lines():
+                    gaps.append(time.monotonic() - last)
+                    last = time.monotonic()
+
+        other = threading.Thread(target=read_other_stream)
+        other.start()
+        time.sleep(0.5)
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+        chunks = list(client.chat.completions.create(model="mock-litellm", messages=[{"role": "user", "content": "a"}],
+                                                     stream=True))
+        other.join()
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello from the mock upstream."
+    assert len(gaps) > 25 and max(gaps) < 1.5, max(gaps)
 
 
 @pytest.mark.parametrize("model", ["mock-a", "mock-litellm", "auto"])
@@ -564,6 +597,85 @@ def test_stream_chunks_carry_the_request_id_to_send_feedback_on(client, gw):
     assert (last.created, last.model) == (chunks[0].created, chunks[0].model)
     accepted = httpx.post(gw.url + "/v1/feedback", json={"request_id": chunks[0].id, "correct": True})
     assert accepted.status_code == 200, accepted.text
+
+
+def upstream_sse(contents: list[str], usage: dict, *, end: bytes = b"\n\n", data: bytes = b"data: ") -> list[bytes]:
+    """A chat stream as an upstream writes it: one event per content piece, a finish, a usage chunk."""
+    chunks = [{"id": "up-1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+               "choices": [{"index": 0, "delta": {"content": c}, "finish_reason": None}]} for c in contents]
+    chunks.append({**chunks[0], "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    chunks.append({**chunks[0], "choices": [], "usage": usage})
+    return [data + orjson.dumps(c) + end for c in chunks] + [data + b"[DONE]" + end]
+
+
+def relay(gw, mock, pieces: list, **body) -> tuple[str, openai.types.chat.ChatCompletionChunk, dict]:
+    """`pieces` (bytes, each one write, or seconds to wait) relayed to the openai SDK: the content,
+    the last chunk (usage) and the recorded request."""
+    control(mock, script=["raw"], raw=[p.hex() if isinstance(p, bytes) else p for p in pieces])
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0)
+    chunks = list(client.chat.completions.create(model="mock-a", messages=[{"role": "user", "content": "a b"}],
+                                                 stream=True, stream_options={"include_usage": True}, **body))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert calls(mock)["count"] == 1  # no retry: the first stream was read right
+    return text, chunks[-1], httpx.get(f"{gw.url}/v1/ponder/requests/{chunks[0].id}").json()
+
+
+WORDS = ["Caf\u00e9 ", "\u4e16\u754c ", "\U0001F600", " done"]
+USAGE = {"prompt_tokens": 7, "completion_tokens": 4, "total_tokens": 11}
+
+
+def split_everywhere() -> list:
+    """The stream in small writes with pauses between, cut inside a UTF-8 character and a CRLF."""
+    whole = b"".join(upstream_sse(WORDS, USAGE, end=b"\r\n\r\n"))
+    cut = whole.index("\u4e16".encode()) + 1
+    crlf = whole.index(b"\r\n") + 1
+    points = sorted({crlf, cut, *range(0, len(whole), 97)} - {0})
+    pieces: list = []
+    for start, stop in zip([0, *points], [*points, len(whole)]):
+        pieces += [whole[start:stop], 0.002]
+    return pieces
+
+
+SSE_STYLES = {
+    "lf": lambda: upstream_sse(WORDS, USAGE),
+    "crlf": lambda: upstream_sse(WORDS, USAGE, end=b"\r\n\r\n"),
+    "cr": lambda: upstream_sse(WORDS, USAGE, end=b"\r\r"),  # valid SSE: it was "invalid JSON", then retried
+    "no_space": lambda: upstream_sse(WORDS, USAGE, data=b"data:"),
+    "comments_and_fields": lambda: [b": keep-alive\n\n", b"retry: 1000\n"] + [
+        b"event: message\nid: 1\n" + event for event in upstream_sse(WORDS, USAGE)] + [b": bye\n\n"],
+    # one event's data on several lines (joined with LF): relayed as one line, or the client would lose it
+    "multi_line_data": lambda: [e.replace(b'","choices"', b'",\ndata: "choices"') for e in upstream_sse(WORDS, USAGE)],
+    "split_everywhere": split_everywhere,
+}
+
+
+@pytest.mark.parametrize("style", list(SSE_STYLES))
+def test_a_relayed_stream_reads_sse_however_the_upstream_writes_it(gw, mock, style):
+    """Every way the SSE format lets an upstream end lines, name fields and split its writes is read
+    as the same events: each content piece arrives once and in order, and the request is billed what
+    the upstream reported."""
+    text, last, recorded = relay(gw, mock, SSE_STYLES[style]())
+    assert text == "".join(WORDS)
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (7, 4)
+    assert last.model_extra["ponder"]["usage_estimated"] is False
+    row, made = recorded["request"], recorded["execution"]["calls"]
+    assert row["status"] == 200 and len(made) == 1 and made[0]["ok"]
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (7, 4)
+    assert row["cost_usd"] == pytest.approx((7 * 1.0 + 4 * 2.0) / 1e6)
+
+
+def test_a_relayed_stream_takes_a_megabyte_in_one_event(gw, mock):
+    """One chunk holding a whole long answer (aiohttp's line reader stops at 512 KiB: the relay died
+    with a traceback, no error event, and the request was recorded as a 499 billed $0)."""
+    long = "word " * 200_000
+    pieces = upstream_sse(["Start: ", long, "end"], {"prompt_tokens": 7, "completion_tokens": 200_002,
+                                                     "total_tokens": 200_009})
+    text, last, recorded = relay(gw, mock, pieces)
+    assert text == "Start: " + long + "end"
+    assert last.usage.completion_tokens == 200_002
+    row = recorded["request"]
+    assert row["status"] == 200 and row["completion_tokens"] == 200_002
+    assert row["cost_usd"] == pytest.approx((7 * 1.0 + 200_002 * 2.0) / 1e6)
 
 
 @pytest.mark.parametrize("model", ["auto", "mock-split"])
