@@ -96,18 +96,19 @@ class PassThrough:
         caller.calls.append(self.backend.record(self._estimated(0), self.started))
         await self.source.aclose()
 
-    def _estimated(self, content_chunks: int) -> Usage:
-        """Some servers (llama.cpp's) never send usage on a stream. Then one content chunk counts as
-        one token (what llama.cpp sends) and the prompt is estimated; the call says it was estimated."""
+    def _estimated(self, content_chunks: int, content_chars: int = 0) -> Usage:
+        """Some servers (llama.cpp's) never send usage on a stream. Then a content chunk counts as at
+        least one token (what llama.cpp sends), a long one as its characters / 4 (as the prompt's
+        estimate counts), and the prompt is estimated; the call says it was estimated."""
         self.usage_estimated = True
-        return Usage(self.prompt_tokens_estimate, content_chunks)
+        return Usage(self.prompt_tokens_estimate, max(content_chunks, -(-content_chars // 4)))
 
     async def events(self, caller: Caller, *, request_id: str, include_usage: bool,
                      extension: Callable[[], dict]) -> AsyncIterator[bytes]:
         """Forward every event under our request id; bill the call from the upstream's usage chunk
         (or, if the client leaves first, from what was streamed so far); add our extension."""
         usage: Usage | None = None
-        content_chunks = 0
+        content_chunks = content_chars = 0
         self.relaying = True
         relabel = _relabeller(request_id, self.first[1])
         item: tuple[bytes, dict | None] | None = self.first
@@ -119,12 +120,13 @@ class PassThrough:
                     if not parsed.get("choices"):
                         item = await anext(self.source, None)
                         continue  # the usage-only chunk is re-sent below, with the whole request's usage
-                elif parsed and _has_content(parsed):
+                elif parsed and (chars := _content_chars(parsed)):
                     content_chunks += 1
+                    content_chars += chars
                 yield sse(relabel(payload, parsed))
                 item = await anext(self.source, None)
         except UpstreamError as exc:
-            usage = usage or self._estimated(content_chunks)
+            usage = usage or self._estimated(content_chunks, content_chars)
             caller.calls.append(self.backend.record(usage, self.started, ok=False, error=exc.message[:300]))
             self.backend.health.failed(time.monotonic(), exc.retry_after, request=caller.ident)
             yield sse_error(f"The upstream stream broke before the answer was complete: {exc.message}")
@@ -133,12 +135,13 @@ class PassThrough:
             # The client went away mid-answer: the tokens written so far are billed all the same,
             # and the backend did nothing wrong (no mark against its health).
             self.client_left = True
-            caller.calls.append(self.backend.record(usage or self._estimated(content_chunks), self.started))
+            usage = usage or self._estimated(content_chunks, content_chars)
+            caller.calls.append(self.backend.record(usage, self.started))
             raise
         finally:
             await self.source.aclose()
         self.backend.health.succeeded()
-        caller.calls.append(self.backend.record(usage or self._estimated(content_chunks), self.started))
+        caller.calls.append(self.backend.record(usage or self._estimated(content_chunks, content_chars), self.started))
         if include_usage:
             first = self.first[1] or {}
             yield sse({"id": request_id, "object": "chat.completion.chunk", "created": first.get("created", 0),
@@ -197,12 +200,18 @@ def _relabeller(request_id: str, first: dict | None) -> Callable[[bytes, dict | 
     return relabel
 
 
-def _has_content(chunk: dict) -> bool:
+def _content_chars(chunk: dict) -> int:
+    """Characters of answer in a chunk (text, reasoning, tool-call arguments); 0: no content."""
+    chars = 0
     for choice in chunk.get("choices") or ():
         delta = choice.get("delta") or {}
-        if delta.get("content") or delta.get("reasoning_content") or delta.get("tool_calls"):
-            return True
-    return False
+        for key in ("content", "reasoning_content"):
+            if isinstance(delta.get(key), str):
+                chars += len(delta[key])
+        for call in delta.get("tool_calls") or ():
+            arguments = ((call or {}).get("function") or {}).get("arguments")
+            chars += len(arguments) if isinstance(arguments, str) else 1
+    return chars
 
 
 def usage_block(calls: list[CallRecord]) -> dict[str, Any]:

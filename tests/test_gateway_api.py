@@ -664,6 +664,16 @@ def test_a_relayed_stream_reads_sse_however_the_upstream_writes_it(gw, mock, sty
     assert row["cost_usd"] == pytest.approx((7 * 1.0 + 4 * 2.0) / 1e6)
 
 
+def test_a_stream_without_usage_is_billed_by_its_length_not_its_chunk_count(gw, mock):
+    """An upstream that sends no usage: a chunk counts as at least one token (llama.cpp sends one a
+    chunk), and a long chunk as its characters / 4; two chunks of 350 characters were billed 2 tokens."""
+    pieces = [e for e in upstream_sse(["x" * 350, "y" * 350], USAGE) if b'"usage"' not in e]
+    text, last, recorded = relay(gw, mock, pieces)
+    assert text == "x" * 350 + "y" * 350
+    assert last.model_extra["ponder"]["usage_estimated"] is True
+    assert last.usage.completion_tokens == recorded["request"]["completion_tokens"] == 700 // 4
+
+
 def test_a_relayed_stream_takes_a_megabyte_in_one_event(gw, mock):
     """One chunk holding a whole long answer (aiohttp's line reader stops at 512 KiB: the relay died
     with a traceback, no error event, and the request was recorded as a 499 billed $0)."""
