@@ -476,6 +476,32 @@ def test_an_arms_cot_template_is_what_the_upstream_gets(tmp_path):
         assert any("HOUSE STYLE: reason about this" in str(m["content"]) for m in sent), sent
 
 
+def test_a_cot_arm_answers_the_n_choices_asked_for(tmp_path):
+    """docs/api.md: a client asking `n` choices gets `n`, whichever arm the learner routes to; a cot arm
+    answered one. On a backend that takes `n` they come from one call, else from one call each."""
+    path = write_policy(tmp_path, {
+        "name": "cot-n",
+        "arms": {"think": {"backend": "mock-a", "strategy": "cot"},
+                 "think-split": {"backend": "mock-split", "strategy": "cot"}},
+        "routes": [{"name": "all", "candidates": ["think"]}],
+        "aliases": {"auto": {}, "auto-split": {"arms": ["think-split"]}}}, "cot-n.yaml")
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("mock-a", mock), mock_backend("mock-split", mock, supports_n=False)],
+            "policy": path}, name="cot-n")) as gateway:
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+        control(mock, answers=["6 times 7 makes 42", "so it is 42", "it is 42"])
+        for model, upstream_calls in (("auto", 1), ("auto-split", 3)):
+            before = calls(mock)["count"]
+            raw = client.chat.completions.with_raw_response.create(
+                model=model, n=3, messages=[{"role": "user", "content": "What is 6 * 7?"}])
+            completion = raw.parse()
+            assert raw.headers["x-ponder-arm"].endswith("/cot/1")
+            assert [c.index for c in completion.choices] == [0, 1, 2]
+            assert all(c.message.model_extra.get("reasoning_content") for c in completion.choices)
+            assert completion.model_extra["ponder"]["samples"] == 3
+            assert calls(mock)["count"] - before == upstream_calls
+
+
 def test_refused_requests_are_counted_in_metrics(gw, client):
     """A request refused before any decision (bad input, a cost cap) has no event, but /metrics counts it
     by status; the alias label is the model only when it is a known one."""
