@@ -4,6 +4,7 @@ and feedback sent for every answer (compared with the known right one), as an ap
 - Traffic moves to the arm that pays (utility = P(correct) - lambda x cost), exploration stays within
   its share, and /v1/ponder/summary and `ponder stats` say what the client saw and sent.
 - A change in the world (the good arm starts failing) moves the traffic back within the half-life.
+- A client's `n` choices do not make the learner read an arm as dearer than it is.
 """
 
 from __future__ import annotations
@@ -141,3 +142,22 @@ def test_the_good_arm_failing_is_noticed_within_the_half_life(tmp_path):
         else:
             pytest.fail(f"still on strong {3 * half_life_s:.0f} s after it failed: "
                         f"{Counter(row['arm'] for row in app.log[-40:])}")
+
+
+def test_a_clients_n_choices_leave_one_answers_cost_as_it_is(tmp_path):
+    """Apps that ask for n=4 choices pay for four answers. The outcomes were compared with the cost
+    model's estimate for one, so the learner read the arm (and, through the route's calibration, the
+    untried one) as costing ~3.5x what one answer does, and priced every later request so."""
+    essay = " ".join(["word"] * 300)
+    arms = {"cheap": {"backend": "mock-a", "prior": 0.9}, "strong": {"backend": "mock-b", "prior": 0.5}}
+    with two_arm_gateway(tmp_path, "choices", half_life_hours=None, cheap=[essay], strong=[essay],
+                         arms=arms) as (gateway, _, _, _):
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+        for _ in range(40):
+            asked = client.chat.completions.with_raw_response.create(model="auto", messages=QUESTION, n=4)
+            assert asked.headers["x-ponder-arm"] == CHEAP and len(asked.parse().choices) == 4
+        time.sleep(0.3)
+        one = client.chat.completions.with_raw_response.create(model="auto", messages=QUESTION)
+        detail = httpx.get(f"{gateway.url}/v1/ponder/requests/{one.headers['x-ponder-request-id']}").json()
+        expected = next(c["expected_cost_usd"] for c in detail["decision"]["candidates"] if c["arm"] == CHEAP)
+        assert expected == pytest.approx(float(one.headers["x-ponder-cost-usd"]), rel=0.1)
