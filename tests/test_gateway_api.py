@@ -541,6 +541,16 @@ def test_client_task_label_keys_the_learner(client, gw):
     assert info.value.body["code"] == "invalid_header" and "x-ponder-task" in info.value.body["message"]
 
 
+def test_feedback_with_the_unused_field_null_is_accepted(client, gw):
+    """A typed client sends every optional field, the one it does not use as null: `score: null`
+    next to `correct` is the correct flag, not a 400."""
+    completion = client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "hi"}])
+    graded = httpx.post(gw.url + "/v1/feedback", json={"request_id": completion.id, "score": None, "correct": False})
+    assert graded.status_code == 200 and graded.json()["status"] == "accepted", graded.text
+    missing = httpx.post(gw.url + "/v1/feedback", json={"request_id": completion.id, "score": None, "correct": None})
+    assert missing.status_code == 400 and missing.json()["error"]["param"] == "score"
+
+
 def test_stream_that_breaks_before_any_byte_is_retried_invisibly(client, mock):
     control(mock, script=["500"], answers=["fine after all"])
     chunks = list(client.chat.completions.create(model="mock-a", messages=[{"role": "user", "content": "a"}],
