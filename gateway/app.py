@@ -426,7 +426,8 @@ async def feedback(request: Request) -> Response:
     request_id = body.get("request_id")
     if not isinstance(request_id, str) or not request_id:
         raise ApiError(400, "'request_id' must be the id of a completion.", param="request_id", code="invalid_value")
-    score = body.get("score", body.get("correct"))
+    # a field sent as null is one not sent (typed clients serialise every optional field)
+    score = body.get("score") if body.get("score") is not None else body.get("correct")
     if isinstance(score, bool):
         score = 1.0 if score else 0.0
     if not isinstance(score, (int, float)) or not 0 <= score <= 1:

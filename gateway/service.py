@@ -65,6 +65,7 @@ class Plan:
     worst_cost_usd: float = 0.0  # what the request may cost at most (see Gateway.worst_case_usd)
     prompt_tokens: int = 0  # estimated, as the decision saw it
     max_output_tokens: int | None = None
+    choices: int = 1  # the client's `n`
     classify_s: float = 0.0  # how long the classifier took (Server-Timing)
     decide_s: float = 0.0  # and the rest of planning: policy, hints, budget read, the decision
     started: float = field(default_factory=time.perf_counter)
@@ -259,7 +260,7 @@ class Gateway:
             self._check_direct_cost(worst, hints, policy)
             return Plan(request_id, decision, policy, principal, req.model, worst_cost_usd=worst,
                         prompt_tokens=hints.prompt_tokens or 0, max_output_tokens=req.max_output_tokens,
-                        classify_s=classified - started, decide_s=time.perf_counter() - classified)
+                        choices=req.n, classify_s=classified - started, decide_s=time.perf_counter() - classified)
         if req.model not in policy.aliases:
             raise ApiError(404, f"The model {req.model!r} does not exist; GET /v1/models lists the models "
                                 "and routed aliases.", param="model", code="model_not_found")
@@ -281,7 +282,7 @@ class Gateway:
         return Plan(request_id, decision, policy, principal, req.model,
                     worst_cost_usd=self.plan_worst_case_usd(decision, req, hints.prompt_tokens),
                     prompt_tokens=hints.prompt_tokens or 0,
-                    max_output_tokens=req.max_output_tokens, classify_s=classified - started,
+                    max_output_tokens=req.max_output_tokens, choices=req.n, classify_s=classified - started,
                     decide_s=time.perf_counter() - classified)
 
     def worst_case_usd(self, arm: Arm, req: ChatRequest, prompt_tokens: int | None = None) -> float:
@@ -423,7 +424,8 @@ class Gateway:
             reasoning_tokens=sum(c.reasoning_tokens for c in calls),
             cost_usd=sum(c.cost_usd for c in calls),
             # what the cost model expected of this answer: the learner's cost ratio compares the two
-            estimated_cost_usd=(plan.policy.estimated_cost_usd(arm.key, plan.prompt_tokens, plan.max_output_tokens)
+            estimated_cost_usd=(plan.policy.estimated_cost_usd(arm.key, plan.prompt_tokens, plan.max_output_tokens,
+                                                               plan.choices)
                                 if calls else 0.0) if plan.policy is not None and decision.policy != "direct" else None,
             latency_ms=(time.perf_counter() - plan.started) * 1000,
             status=status,

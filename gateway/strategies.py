@@ -137,14 +137,23 @@ async def _single(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> Strat
 
 
 async def _cot(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> StrategyResult:
-    response = await ctx.caller.complete(arm.backend, _sample_body(arm, body, ctx, cot=True))
+    n = int(body.get("n") or 1)  # the client's choices, drawn as _single draws them
+    backend = ctx.caller.backend(arm.backend)
+    if n == 1 or backend.spec.supports_n:
+        response = await ctx.caller.complete(arm.backend, _sample_body(arm, body, ctx, n=n, cot=True))
+    else:
+        responses = await _gather_samples(arm, body, ctx, count=n, diverse=False, cot=True)
+        if not responses:
+            raise _every_sample_failed(arm.backend, ctx)
+        response = _merge_choices(responses)
     for choice in response.get("choices") or []:
         message = choice.get("message") or {}
         reasoning = message.get("content") or ""
         message["content"] = prompts.final_answer(reasoning, ctx.task)
         message["reasoning_content"] = reasoning
     text = _texts(response)[0] if response.get("choices") else ""
-    return StrategyResult(response, arm, cascade.stated_confidence(text), "stated", {"samples": 1})
+    return StrategyResult(response, arm, cascade.stated_confidence(text), "stated",
+                          {"samples": len(response.get("choices") or ())})
 
 
 # -- sampling strategies ----------------------------------------------------------------------------

@@ -80,6 +80,7 @@ class RequestHints:
     reasoning_effort: str | None = None  # body `reasoning_effort`
     prompt_tokens: int | None = None  # estimated
     max_output_tokens: int | None = None  # body `max_tokens` / `max_completion_tokens`
+    choices: int = 1  # body `n`: the answers the client asks for
     exact_output: str | None = None  # why the answer must be the model's own ("tools"), if it must
 
     @classmethod
@@ -102,6 +103,7 @@ class RequestHints:
             reasoning_effort=getattr(request, "reasoning_effort", None),
             prompt_tokens=estimate_prompt_tokens(getattr(request, "messages", None) or []),
             max_output_tokens=getattr(request, "max_output_tokens", None),
+            choices=int(getattr(request, "n", None) or 1),
             exact_output=getattr(request, "exact_output", None),
         )
 
@@ -207,7 +209,7 @@ class CompiledArm:
 
     __slots__ = ("name", "arm", "key", "backend", "effort", "strategy", "prior", "cost_per_prompt_token",
                  "cost_fixed", "cost_reference", "latency_ms", "latency_p95_ms", "tokens", "spec", "_policy",
-                 "_capped", "max_context")
+                 "_capped", "max_context", "samples", "prompt_once")
 
     def __init__(self, name: str, spec: ArmSpec, policy: Policy, backends: dict[str, BackendSpec]):
         self.name = name
@@ -228,6 +230,16 @@ class CompiledArm:
         self.cost_reference = fixed + self.cost_per_prompt_token * DEFAULT_PROMPT_TOKENS
         self.latency_ms, self.latency_p95_ms = latency, p95
         self._capped: dict[int, tuple[float, float, float, float]] = {}
+        # A client's `n` choices beyond the arm's samples are drawn as more samples (gateway/strategies.py):
+        # one call with `n` for a single or cot arm on a backend that takes it (the prompt paid once),
+        # else one call each.
+        self.samples = _expected_samples(spec)
+        self.prompt_once = spec.strategy in ("single", "cot") and backends[spec.backend].supports_n
+
+    def choice_scales(self, choices: int) -> tuple[float, float]:
+        """(prompt cost, output cost) multipliers of a request asking for `choices` answers (body `n`)."""
+        more = max(self.samples, choices) / self.samples
+        return (1.0 if self.prompt_once else more), more
 
     def under_cap(self, max_output_tokens: int) -> tuple[float, float, float, float]:
         """(cost per prompt token, fixed cost, latency, p95) when the client caps output tokens."""
@@ -380,17 +392,20 @@ class CompiledPolicy:
             "task": overrides.task_header,
         }.get(name, False))
 
-    def estimated_cost_usd(self, arm_key: str, prompt_tokens: int, max_output_tokens: int | None) -> float:
+    def estimated_cost_usd(self, arm_key: str, prompt_tokens: int, max_output_tokens: int | None,
+                           choices: int = 1) -> float:
         """The cost model's estimate for one request answered by this arm, before any learning (what
         decide() scales by the learned ratio), 0 for an arm this policy does not declare. Recorded
-        with each outcome, so the ratio compares a cost with the estimate for that same request."""
+        with each outcome, so the ratio compares a cost with the estimate for that same request
+        (its prompt, its max_tokens, the choices it asked for)."""
         carm = self.by_key.get(arm_key)
         if carm is None:
             return 0.0
         per_token, fixed = carm.cost_per_prompt_token, carm.cost_fixed
         if max_output_tokens is not None and max_output_tokens < carm.tokens:
             per_token, fixed, _, _ = carm.under_cap(max_output_tokens)
-        return per_token * prompt_tokens + fixed
+        prompt_scale, output_scale = carm.choice_scales(choices) if choices > 1 else (1.0, 1.0)
+        return per_token * prompt_tokens * prompt_scale + fixed * output_scale
 
     def key_budgets(self) -> dict[str, float]:
         """The policy's default per-key caps by period ("day", "month"), for the budget store."""
@@ -436,6 +451,14 @@ def _build_arm(spec: ArmSpec, policy: Policy) -> Arm:
                verifier=verifier, params=tuple(sorted(params.items())))
 
 
+def _expected_samples(spec: ArmSpec) -> float:
+    """Samples one request answered by this arm draws, as the cost model counts them (_estimate)."""
+    if spec.strategy == "adaptive_consistency":
+        wave = spec.wave if spec.wave is not None else min(DEFAULT_WAVE, spec.n)
+        return spec.expected_n if spec.expected_n is not None else (wave + spec.n) / 2
+    return spec.n  # single and cot have n == 1; self_consistency, best_of_n and a cascade's first stage take n
+
+
 def _call_ms(backend: BackendSpec, tokens: float) -> float:
     return backend.first_token_ms + tokens / backend.output_tokens_per_s * 1000.0
 
@@ -450,12 +473,11 @@ def _estimate(spec: ArmSpec, policy: Policy, backends: dict[str, BackendSpec], p
     if max_output_tokens is not None:
         tokens = min(tokens, max_output_tokens)
     parallel = min(backend.max_concurrency, spec.max_concurrency or DEFAULT_REQUEST_CONCURRENCY)
+    samples = _expected_samples(spec)
     if spec.strategy == "adaptive_consistency":
         wave = spec.wave if spec.wave is not None else min(DEFAULT_WAVE, spec.n)
-        samples = spec.expected_n if spec.expected_n is not None else (wave + spec.n) / 2
         sequential = math.ceil(samples / wave) * math.ceil(wave / parallel)
-    else:  # single and cot have n == 1; self_consistency, best_of_n and a cascade's first stage take n
-        samples = spec.n
+    else:
         sequential = math.ceil(samples / parallel)
     # The gateway draws each sample as its own seeded call (gateway/strategies.py; not every provider
     # takes `n`), so every sample pays for the prompt, whatever the backend's `supports_n`.
@@ -764,6 +786,7 @@ def decide(
     # arm, learned numbers from the route's cache (`_learned`), the Candidate built in place
     # (see _candidate_setters).
     max_out = hints.max_output_tokens if hints.max_output_tokens is not None else _NO_CAP
+    choices = hints.choices
     bucket_stats = stats.get(classification.bucket) or _NO_STATS
     pooled, within_task = learner.shared_levels(stats, task) if stats else (_NO_STATS, _NO_STATS)
     bucket_strength = learner.bucket_strength(stats, strength) if pooled else None
@@ -821,7 +844,11 @@ def decide(
             acc, factor, addend, latency, p95, evidence = _learned(
                 seen, shared_for(key), alpha, beta, reference, latency, p95, strength, calibration, task_for(key),
                 bucket_strength, i < in_route)
-        cost = (per_token * prompt_tokens + fixed) * factor + addend
+        if choices > 1:  # the client's `n`: more answers than the arm draws cost more samples
+            prompt_scale, output_scale = carm.choice_scales(choices)
+            cost = (per_token * prompt_tokens * prompt_scale + fixed * output_scale) * factor + addend * output_scale
+        else:
+            cost = (per_token * prompt_tokens + fixed) * factor + addend
         util = acc - cost_weight * cost - latency_weight * latency
         if ruled_out and key in ruled_out:
             verdict, kinds[i] = ruled_out[key], 1

@@ -637,6 +637,38 @@ def test_every_sample_of_a_vote_pays_for_the_prompt():
     assert candidate(capped, policy, "mid-vote").excluded
 
 
+def test_a_clients_n_choices_are_priced_as_more_samples():
+    """A client's `n` is drawn as more samples (gateway/strategies.py): one call with `n` for a single
+    arm on a backend that takes it (the prompt paid once), else one call per answer. The cost model
+    priced every request as one answer, so a cost cap let an n=8 request through at 8x its cap, and
+    the outcomes of n > 1 traffic, compared with one answer's estimate, read as the arm (and through
+    the route's calibration every untried arm) costing several times what it does."""
+    policy = make_policy(share=0.0)
+    compiled = compile_policy(policy)
+    quick, strong, vote = (compiled.arms[name] for name in ("quick", "strong-high", "strong-vote"))
+    prompt_in, answer_out = 100 * 0.1 / 1e6, 300 * 0.4 / 1e6  # `quick`: one prompt, one 300-token answer
+    assert compiled.estimated_cost_usd(quick.key, 100, None) == pytest.approx(prompt_in + answer_out)
+    assert compiled.estimated_cost_usd(quick.key, 100, None, 4) == pytest.approx(prompt_in + 4 * answer_out)
+    one_strong = compiled.estimated_cost_usd(strong.key, 100, None)  # `strong` takes no `n`: a call each
+    assert compiled.estimated_cost_usd(strong.key, 100, None, 4) == pytest.approx(4 * one_strong)
+    three = compiled.estimated_cost_usd(vote.key, 100, None)  # a 3-sample vote: 3 choices are free, 6 are 6
+    assert compiled.estimated_cost_usd(vote.key, 100, None, 3) == pytest.approx(three)
+    assert compiled.estimated_cost_usd(vote.key, 100, None, 6) == pytest.approx(2 * three)
+
+    asked = decide(EASY_CHAT, policy, {}, request=RequestHints(prompt_tokens=100, choices=4))
+    assert candidate(asked, policy, "quick").expected_cost_usd == pytest.approx(prompt_in + 4 * answer_out)
+    cap = 2 * (prompt_in + answer_out)
+    assert decide(EASY_CHAT, policy, {}, request=RequestHints(prompt_tokens=100, max_cost_usd=cap)).arm == quick.arm
+    with pytest.raises(BudgetExhausted) as refused:
+        decide(EASY_CHAT, policy, {}, request=RequestHints(prompt_tokens=100, choices=8, max_cost_usd=cap))
+    assert refused.value.scope == "request"
+    # outcomes recorded with their own (n = 4) estimates keep one answer's cost where it is
+    record = ArmStats(count=50, successes=45, weight=50, cost_usd=50 * (prompt_in + 4 * answer_out),
+                      latency_ms=50 * 500.0, estimated_cost_usd=50 * (prompt_in + 4 * answer_out), estimated_count=50)
+    learned = decide(EASY_CHAT, policy, {"chat:easy": {quick.key: record}}, request=RequestHints(prompt_tokens=100))
+    assert candidate(learned, policy, "quick").expected_cost_usd == pytest.approx(prompt_in + answer_out)
+
+
 def test_learned_cost_compares_each_request_with_its_own_estimate():
     """Long prompts (8,000 tokens) that cost exactly what the cost model estimated for them: the
     learned cost stays that estimate. Compared with the estimate for a typical 300-token prompt

@@ -527,6 +527,32 @@ def test_an_arms_cot_template_is_what_the_upstream_gets(tmp_path):
         assert any("HOUSE STYLE: reason about this" in str(m["content"]) for m in sent), sent
 
 
+def test_a_cot_arm_answers_the_n_choices_asked_for(tmp_path):
+    """docs/api.md: a client asking `n` choices gets `n`, whichever arm the learner routes to; a cot arm
+    answered one. On a backend that takes `n` they come from one call, else from one call each."""
+    path = write_policy(tmp_path, {
+        "name": "cot-n",
+        "arms": {"think": {"backend": "mock-a", "strategy": "cot"},
+                 "think-split": {"backend": "mock-split", "strategy": "cot"}},
+        "routes": [{"name": "all", "candidates": ["think"]}],
+        "aliases": {"auto": {}, "auto-split": {"arms": ["think-split"]}}}, "cot-n.yaml")
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("mock-a", mock), mock_backend("mock-split", mock, supports_n=False)],
+            "policy": path}, name="cot-n")) as gateway:
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+        control(mock, answers=["6 times 7 makes 42", "so it is 42", "it is 42"])
+        for model, upstream_calls in (("auto", 1), ("auto-split", 3)):
+            before = calls(mock)["count"]
+            raw = client.chat.completions.with_raw_response.create(
+                model=model, n=3, messages=[{"role": "user", "content": "What is 6 * 7?"}])
+            completion = raw.parse()
+            assert raw.headers["x-ponder-arm"].endswith("/cot/1")
+            assert [c.index for c in completion.choices] == [0, 1, 2]
+            assert all(c.message.model_extra.get("reasoning_content") for c in completion.choices)
+            assert completion.model_extra["ponder"]["samples"] == 3
+            assert calls(mock)["count"] - before == upstream_calls
+
+
 def test_refused_requests_are_counted_in_metrics(gw, client):
     """A request refused before any decision (bad input, a cost cap) has no event, but /metrics counts it
     by status; the alias label is the model only when it is a known one."""
@@ -564,6 +590,16 @@ def test_client_task_label_keys_the_learner(client, gw):
         client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "x"}],
                                        extra_headers={"x-ponder-task": "Legal QA"})
     assert info.value.body["code"] == "invalid_header" and "x-ponder-task" in info.value.body["message"]
+
+
+def test_feedback_with_the_unused_field_null_is_accepted(client, gw):
+    """A typed client sends every optional field, the one it does not use as null: `score: null`
+    next to `correct` is the correct flag, not a 400."""
+    completion = client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "hi"}])
+    graded = httpx.post(gw.url + "/v1/feedback", json={"request_id": completion.id, "score": None, "correct": False})
+    assert graded.status_code == 200 and graded.json()["status"] == "accepted", graded.text
+    missing = httpx.post(gw.url + "/v1/feedback", json={"request_id": completion.id, "score": None, "correct": None})
+    assert missing.status_code == 400 and missing.json()["error"]["param"] == "score"
 
 
 def test_stream_that_breaks_before_any_byte_is_retried_invisibly(client, mock):

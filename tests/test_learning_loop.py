@@ -1,0 +1,163 @@
+"""The learning loop, live: `ponder serve` in front of two mock upstreams, the openai SDK as the client,
+and feedback sent for every answer (compared with the known right one), as an app would.
+
+- Traffic moves to the arm that pays (utility = P(correct) - lambda x cost), exploration stays within
+  its share, and /v1/ponder/summary and `ponder stats` say what the client saw and sent.
+- A change in the world (the good arm starts failing) moves the traffic back within the half-life.
+- A client's `n` choices do not make the learner read an arm as dearer than it is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+
+from tests.servers import PYTHON, ROOT, Process, mock_backend, running, start_gateway, start_mock, write_policy
+
+RIGHT, WRONG = "42", "17"
+QUESTION = [{"role": "user", "content": "What is 6 times 7? Reply with the number only."}]
+CHEAP, STRONG = "mock-a/-/single/1", "mock-b/-/single/1"
+
+
+def answers(accuracy: float) -> list[str]:
+    """What a mock answers in turn: `accuracy` of them right, spread over 20."""
+    right = round(accuracy * 20)
+    return [RIGHT if (i * right) % 20 < right else WRONG for i in range(20)]
+
+
+def control(mock: Process, **kwargs) -> None:
+    httpx.post(mock.url + "/control", json=kwargs).raise_for_status()
+
+
+@contextlib.contextmanager
+def two_arm_gateway(tmp, name: str, *, half_life_hours: float | None, cheap: list[str], strong: list[str],
+                    arms: dict | None = None) -> Iterator[tuple[Process, Process, Process, str]]:
+    """`cheap` on mock-a ($1/$2 per M tokens) starts ahead on its prior; `strong` on mock-b ($0.01 per
+    output token, prompts free) is dearer. Both arms expect one-word answers, so the cost model is
+    right from the start."""
+    policy = write_policy(tmp, {
+        "name": name,
+        "arms": arms or {"cheap": {"backend": "mock-a", "prior": 0.8, "tokens": 1},
+                         "strong": {"backend": "mock-b", "prior": 0.5, "tokens": 1}},
+        "routes": [{"name": "all", "candidates": ["cheap", "strong"]}],
+        "objective": {"cost_weight": 20, "latency_weight": 0},
+        "exploration": {"share": 0.1, "max_extra_cost_usd": 1.0},
+        "learner": {"half_life_hours": half_life_hours},
+    }, f"{name}.yaml")
+    with running(start_mock(tmp)) as mock_a, running(start_mock(tmp)) as mock_b:
+        control(mock_a, answers=cheap)
+        control(mock_b, answers=strong)
+        config = {"backends": [mock_backend("mock-a", mock_a),
+                               mock_backend("mock-b", mock_b, prices={"input_per_mtok": 0.0, "output_per_mtok": 10_000.0})],
+                  "policy": policy, "telemetry": {"data_dir": str(tmp / f"{name}-data"), "refresh_s": 0.05}}
+        with running(start_gateway(tmp, config, name=name)) as gateway:
+            yield gateway, mock_a, mock_b, str(next(tmp.glob(f"{name}-*.yaml")))
+
+
+class App:
+    """An app that grades every answer it gets and says so (POST /v1/feedback)."""
+
+    def __init__(self, gateway: Process) -> None:
+        self.url = gateway.url
+        self.client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+        self.log: list[dict] = []
+
+    def ask(self) -> dict:
+        raw = self.client.chat.completions.with_raw_response.create(model="auto", messages=QUESTION)
+        completion = raw.parse()
+        correct = completion.choices[0].message.content.strip() == RIGHT
+        graded = httpx.post(self.url + "/v1/feedback", json={"request_id": completion.id, "correct": correct})
+        assert graded.json()["status"] == "accepted", graded.text
+        row = {"arm": raw.headers["x-ponder-arm"], "correct": correct, "cost": float(raw.headers["x-ponder-cost-usd"]),
+               "explore": completion.model_extra["ponder"]["explore"]}
+        self.log.append(row)
+        return row
+
+
+def test_traffic_moves_to_the_arm_that_pays_and_every_view_agrees(tmp_path):
+    """`cheap` is right 40% of the time, `strong` 90% at ~1000x the price: utility 0.40 against
+    0.9 - 20 x $0.01 = 0.70. The learner starts on `cheap` (its prior) and must move."""
+    with two_arm_gateway(tmp_path, "moves", half_life_hours=None, cheap=answers(0.4),
+                         strong=answers(0.9)) as (gateway, _, _, config):
+        app = App(gateway)
+        for _ in range(300):
+            app.ask()
+        arms = Counter(row["arm"] for row in app.log)
+        assert app.log[0]["arm"] == CHEAP  # the cold start follows the priors
+        assert Counter(row["arm"] for row in app.log[-100:])[STRONG] >= 90, arms
+        explored = sum(row["explore"] for row in app.log)
+        assert explored <= 0.1 * 300 + 15  # the share is an upper bound (3 sd of binomial noise over it)
+
+        time.sleep(0.3)  # the events are written and the stats refreshed
+        summary = httpx.get(gateway.url + "/v1/ponder/summary").json()
+        (task,) = summary["tasks"]
+        rows = {row["arm"]: row for row in task["arms"]}
+        assert set(rows) == set(arms)
+        for arm, sent in arms.items():
+            mine = [row for row in app.log if row["arm"] == arm]
+            assert rows[arm]["requests"] == sent
+            assert rows[arm]["success_rate"] == pytest.approx(sum(r["correct"] for r in mine) / sent, abs=1e-4)
+            assert rows[arm]["cost_usd"] == pytest.approx(sum(r["cost"] for r in mine), rel=1e-4)
+        assert rows[STRONG]["current_choice_for"] == [task["tiers"][0]["tier"]]
+        assert summary["totals"]["requests"] == 300
+        assert summary["exploration"] == {"window": 300, "explored": explored, "exploited": 300 - explored,
+                                          "share": pytest.approx(explored / 300, abs=1e-4)}
+
+        stats = subprocess.run([PYTHON, "-m", "gateway.cli", "stats", "--config", config, "--json"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=60)
+        assert stats.returncode == 0, stats.stderr
+        (table,) = json.loads(stats.stdout)["moves"].values()
+        for arm, sent in arms.items():
+            assert table[arm]["requests"] == sent
+            assert table[arm]["success_rate"] == pytest.approx(rows[arm]["success_rate"], abs=1e-4)
+            assert table[arm]["current_choice"] == (arm == STRONG)
+
+
+def test_the_good_arm_failing_is_noticed_within_the_half_life(tmp_path):
+    """Once traffic is on `strong`, it starts answering wrong (10% right): its own outcomes and the
+    decay of its good record (half-life 3.6 s) must hand the traffic back to `cheap` (utility 0.4,
+    against 0.9 - 0.2 before and 0.1 - 0.2 after)."""
+    half_life_s = 3.6
+    with two_arm_gateway(tmp_path, "drift", half_life_hours=half_life_s / 3600, cheap=answers(0.4),
+                         strong=answers(0.9)) as (gateway, _, mock_b, _):
+        app = App(gateway)
+        for _ in range(200):
+            app.ask()
+        assert Counter(row["arm"] for row in app.log[-50:])[STRONG] >= 45
+        control(mock_b, answers=answers(0.1))
+        changed, seen = time.monotonic(), len(app.log)
+        while time.monotonic() - changed < 3 * half_life_s:
+            app.ask()
+            recent = app.log[-40:]
+            if len(app.log) - seen >= 40 and Counter(row["arm"] for row in recent)[CHEAP] >= 36:
+                break
+        else:
+            pytest.fail(f"still on strong {3 * half_life_s:.0f} s after it failed: "
+                        f"{Counter(row['arm'] for row in app.log[-40:])}")
+
+
+def test_a_clients_n_choices_leave_one_answers_cost_as_it_is(tmp_path):
+    """Apps that ask for n=4 choices pay for four answers. The outcomes were compared with the cost
+    model's estimate for one, so the learner read the arm (and, through the route's calibration, the
+    untried one) as costing ~3.5x what one answer does, and priced every later request so."""
+    essay = " ".join(["word"] * 300)
+    arms = {"cheap": {"backend": "mock-a", "prior": 0.9}, "strong": {"backend": "mock-b", "prior": 0.5}}
+    with two_arm_gateway(tmp_path, "choices", half_life_hours=None, cheap=[essay], strong=[essay],
+                         arms=arms) as (gateway, _, _, _):
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+        for _ in range(40):
+            asked = client.chat.completions.with_raw_response.create(model="auto", messages=QUESTION, n=4)
+            assert asked.headers["x-ponder-arm"] == CHEAP and len(asked.parse().choices) == 4
+        time.sleep(0.3)
+        one = client.chat.completions.with_raw_response.create(model="auto", messages=QUESTION)
+        detail = httpx.get(f"{gateway.url}/v1/ponder/requests/{one.headers['x-ponder-request-id']}").json()
+        expected = next(c["expected_cost_usd"] for c in detail["decision"]["candidates"] if c["arm"] == CHEAP)
+        assert expected == pytest.approx(float(one.headers["x-ponder-cost-usd"]), rel=0.1)
