@@ -206,17 +206,35 @@ def _extract_math(text: str) -> str | None:
 
 # A plain word of two or more letters, not a LaTeX command's name ("\\frac")
 _PROSE_WORD = re.compile(r"(?<![\\a-zA-Z])[a-zA-Z]{2,}")
+# Words that are part of the answer's value, not prose around it: "2 pi", "sqrt(2)", "ln 2",
+# "3.5 million", "5 squared" are not 2, 2, 2, 3.5 and 5.
+_VALUE_WORDS = frozenset(
+    "pi tau inf infinity sqrt cbrt root roots ln log lg exp sin cos tan cot sec csc arcsin arccos arctan sinh cosh "
+    "tanh mod choose factorial squared cubed power times over plus minus divided dozen dozens hundred hundreds "
+    "thousand thousands million millions billion billions trillion trillions half halves third thirds quarter "
+    "quarters".split()
+)
+# A number written onto something ("2x", "x^2", "(2)", "2/pi"): not a number standing alone in prose
+_GLUED_BEFORE = re.compile(r"[\w^_/*(\\]$")
+_GLUED_AFTER = re.compile(r"^[\w^_/*(!]")
 
 
 def _number_in_prose(span: str) -> str | None:
     """The one number or expression in a worded answer ("The value is 7", "10 apples" -> "7", "10").
 
-    With several ("7 hours and 30 minutes") it is not clear which one is meant: None.
+    With several ("7 hours and 30 minutes"), or one the words are part of ("2 pi", "sqrt(2)",
+    "3 million", "x^2 meters"), it is not clear what is meant: None.
     """
-    if not _PROSE_WORD.search(span):
+    words = _PROSE_WORD.findall(span)
+    if not words or any(word.lower() in _VALUE_WORDS for word in words):
         return None
-    expressions = _MATH_EXPRESSION.findall(span)
-    return expressions[0] if len(expressions) == 1 else None
+    found = list(_MATH_EXPRESSION.finditer(span))
+    if len(found) != 1:
+        return None
+    number = found[0]
+    if _GLUED_BEFORE.search(span[: number.start()]) or _GLUED_AFTER.match(span[number.end() :]):
+        return None
+    return number.group(0)
 
 
 def _extract_letter(text: str) -> str | None:

@@ -99,6 +99,25 @@ def test_math_worded_answer_after_a_marker_is_its_one_number(text: str, answer: 
 
 
 @pytest.mark.parametrize(
+    ("text", "answer"),
+    [
+        ("Final answer: 2 pi", "2pi"),
+        ("Final answer: 2pi", "2pi"),
+        ("Final answer: pi/2", "pi/2"),
+        ("Final answer: sqrt(2)", "sqrt(2)"),
+        ("Final answer: ln 2", "ln2"),
+        ("The answer is 3.5 million", "3.5million"),
+        ("The answer is 5 squared", "5squared"),
+        ("Final answer: x^2 meters", "x^2meters"),
+    ],
+)
+def test_math_worded_answer_whose_words_are_part_of_its_value_is_not_cut_to_a_number(text: str, answer: str) -> None:
+    # "pi/2" and "sqrt(2)" are not 2: a vote of "2", "pi/2" and "sqrt(2)" must not agree on "2"
+    assert extract_answer(text, "math") == answer
+    assert not answers_equivalent(extract_answer(text, "math"), "2", "math")
+
+
+@pytest.mark.parametrize(
     ("text", "fmt", "answer"),
     [
         ("**Final Answer:** 7", "math", "7"),
