@@ -6,8 +6,8 @@ update rule is written twice, here in Python (embedded store) and in Lua (redis_
 tests compare both backends on the same events.
 
 Fields (all floats):
-  count, successes, weight, cost_usd, est_cost_usd and est_count (the cost model's estimates for the
-  requests that carry one, and how many do),
+  count, successes, weight, cost_usd, est2_cost_usd and est2_count (the cost model's estimates for the
+  requests that carry one, and how many do; named after the cost model's version, see EST_COST),
   latency_ms, prompt_tokens, completion_tokens, reasoning_tokens,
   errors, h<i> (latency histogram bucket i, requests that reached a backend)  -- decayed when a half-life is configured
   total  -- raw request count, never decayed (for dashboards)
@@ -31,6 +31,12 @@ from .events import Event
 HIST_PER_DOUBLING = 4
 HIST_MAX_INDEX = 80
 UNDECAYED_FIELDS = frozenset({"total", "t"})
+
+# The cost model's estimates are summed under names that change when the model does: the learned
+# cost ratio (actual / estimated) must compare like with like. v1 (`est_cost_usd`) charged a vote's
+# prompt once, v2 once per sample; v1 sums left in old records are ignored, and those records count
+# as records without an estimate (router.decide: the typical prompt's estimate stands in).
+EST_COST, EST_COUNT = "est2_cost_usd", "est2_count"
 
 
 def latency_bucket(latency_ms: float) -> int:
@@ -86,8 +92,8 @@ def event_delta(event: Event) -> dict[str, float]:
         "reasoning_tokens": float(event.reasoning_tokens),
     }
     if event.estimated_cost_usd is not None:  # the cost model's estimate, and that this outcome has one
-        delta["est_cost_usd"] = float(event.estimated_cost_usd)
-        delta["est_count"] = 1.0
+        delta[EST_COST] = float(event.estimated_cost_usd)
+        delta[EST_COUNT] = 1.0
     if weight > 0:
         delta["weight"] = weight
         delta["successes"] = weight * float(event.success or 0.0)
@@ -186,8 +192,8 @@ def arm_stats(fields: Mapping[str, float], now: float, half_life_s: float | None
         cost_usd=max(0.0, d.get("cost_usd", 0.0)),
         latency_ms=max(0.0, d.get("latency_ms", 0.0)),
         latency_p95_ms=percentile(histogram(d), 0.95),
-        estimated_cost_usd=max(0.0, d.get("est_cost_usd", 0.0)),
-        estimated_count=min(max(0.0, d.get("est_count", 0.0)), count),
+        estimated_cost_usd=max(0.0, d.get(EST_COST, 0.0)),
+        estimated_count=min(max(0.0, d.get(EST_COUNT, 0.0)), count),
     )
 
 

@@ -59,6 +59,20 @@ async def wait_for(predicate, timeout: float = 5.0, step: float = 0.02) -> float
         await asyncio.sleep(step)
 
 
+
+def test_estimates_of_an_older_cost_model_are_not_compared_with_todays_costs():
+    """The cost model changed (a vote's prompt was charged once, now once per sample): estimates it
+    summed before would make the learned ratio 3-4x for vote arms. They are ignored; the record
+    counts as one without an estimate."""
+    t = time.time()
+    old = {"count": 10.0, "cost_usd": 0.05, "est_cost_usd": 0.0125, "est_count": 10.0}
+    assert (arm_stats(old, t).estimated_cost_usd, arm_stats(old, t).estimated_count) == (0.0, 0.0)
+    fresh = event_delta(event(1, estimated_cost_usd=0.004))
+    both = {k: old.get(k, 0.0) + fresh.get(k, 0.0) for k in old.keys() | fresh.keys()}
+    stats = arm_stats(both, t)
+    assert (stats.count, stats.estimated_count) == (11.0, 1.0)
+    assert stats.estimated_cost_usd == pytest.approx(0.004)
+
 def test_events_land_in_the_stream(redis_url, tmp_path):
     async def go():
         store = await open_store(redis_url, tmp_path)
