@@ -119,6 +119,8 @@ def _score(value: object) -> float:
         return float(value)
     if isinstance(value, (int, float)):
         number = float(value)
+        if math.isnan(number):  # what Python's json writes for a missing float: a missing record
+            return math.nan
     else:
         text = str(value).strip().lower()
         if text in MISSING_CELLS:

@@ -133,6 +133,11 @@ def test_jsonl_numbers_nulls_and_a_byte_order_mark(tmp_path):
     assert table.scores[0].tolist() == [0.0, 1.0, 1.0]  # the first sample wrong, the majority 42 right
     assert table.output_tokens[0].tolist() == [300.0, 900.0, 7.0]
     assert table.groups == [""] and table.ids == ["0"]
+    # Python's json writes a missing float as NaN: a missing record, as the string "nan" is
+    (tmp_path / "n.jsonl").write_text(json.dumps({"prompt": "p", "outcomes": {"a": float("nan"), "b": 1}}) + "\n"
+                                      + json.dumps({"prompt": "q", "outcomes": {"a": 1, "b": "nan"}}))
+    scores = load_table([tmp_path / "n.jsonl"]).scores
+    assert np.isnan(scores[0, 0]) and np.isnan(scores[1, 1]) and scores[0, 1] == scores[1, 0] == 1.0
 
 
 @pytest.mark.parametrize("outcome, message", [
