@@ -1168,3 +1168,16 @@ def test_a_client_that_drops_a_stream_pays_for_what_was_streamed(keyed_stack):
     client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0)
     for backend in served:  # not cooling down: a named backend that is answers 503
         assert client.chat.completions.create(model=backend, messages=[{"role": "user", "content": "x"}]).choices
+
+
+def test_a_stream_refused_with_a_server_error_is_retried_without_a_probe(client, mock, gw):
+    """The non-streaming probe is for a stream the upstream accepted (200) and then dropped (llama-cpp-
+    python, for a prompt over its window). An upstream 500 is the backend's failure, whatever the prompt's
+    length: it is retried as such, with no extra call, and counts against the backend."""
+    control(mock, script=["500"], answers=["fine after all"])
+    prompt = "word " * 30  # may be over mock-small's window of 100 (estimates can be 6x under), clearly is not
+    chunks = list(client.chat.completions.create(model="mock-small", stream=True,
+                                                 messages=[{"role": "user", "content": prompt}]))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "fine after all"
+    sent = calls(mock)["bodies"]
+    assert [body.get("stream") for body in sent] == [True, True]
