@@ -1181,3 +1181,40 @@ def test_a_stream_refused_with_a_server_error_is_retried_without_a_probe(client,
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "fine after all"
     sent = calls(mock)["bodies"]
     assert [body.get("stream") for body in sent] == [True, True]
+
+
+def test_a_routed_request_refused_for_holds_in_flight_is_retried_in_a_moment(tmp_path):
+    """The routed path decides with what the key has left, holds in flight subtracted: with the day held
+    by two slow requests, a third to `auto` found no arm that fits, and was told budget_exhausted, retry
+    at midnight, do not retry (x-should-retry: false), with most of the day unspent. It gets what the
+    direct path gets: 429 `budget_held`, Retry-After 1; and once the holds settle it is served."""
+    import hashlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = write_policy(tmp_path, {
+        "name": "one", "arms": {"cheap": {"backend": "mock-a"}},
+        "routes": [{"name": "all", "candidates": ["cheap"]}], "exploration": {"share": 0.0},
+    }, "one.yaml")
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("mock-a", mock, prices={"input_per_mtok": 1000, "output_per_mtok": 2000})],
+            "policy": path,
+            "api_keys": [{"id": "k", "sha256": hashlib.sha256(KEY.encode()).hexdigest(), "budget_usd_per_day": 0.1}],
+    }, name="routed-held")) as gateway:
+        httpx.post(mock.url + "/control", json={"delay_ms": 1500})
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0)
+        question = [{"role": "user", "content": "Who wrote Hamlet?"}]
+
+        def ask(_=None):
+            return client.chat.completions.create(model="auto", messages=question, max_tokens=20)
+
+        with ThreadPoolExecutor(2) as pool:
+            slow = [pool.submit(ask) for _ in range(2)]  # each holds its worst case, ~$0.05
+            time.sleep(0.7)
+            with pytest.raises(openai.RateLimitError) as held:
+                ask()
+            assert held.value.code == "budget_held", held.value.message
+            assert held.value.response.headers["retry-after"] == "1"
+            assert "x-should-retry" not in held.value.response.headers
+            assert all(future.result().choices for future in slow)
+        httpx.post(mock.url + "/control", json={"delay_ms": 0})
+        assert ask().choices  # the holds settled at their actual cost, well under the day's $0.1
