@@ -278,6 +278,9 @@ async def _relayed_stream(request: Request, gw: Gateway, plan: Plan, req: ChatRe
         opened = await until_disconnect(request, open_first_stream(gw, plan, req, caller), caller)
     except ApiError as exc:
         opened = exc
+    except Exception as exc:  # a bug, not an upstream's doing: still recorded and settled, then a 500
+        await asyncio.shield(settle(gw, plan, caller, reservation, **failure_outcome(exc)))
+        raise
     if isinstance(opened, ApiError):
         await asyncio.shield(settle(gw, plan, caller, reservation, status=opened.status, error=opened.message))
         return opened.response(headers)

@@ -59,6 +59,15 @@ class _ChatBody(BaseModel):
             raise ValueError(f"expected one of {sorted(REASONING_EFFORTS)}")
         return effort
 
+    @field_validator("response_format")
+    @classmethod
+    def _json_schema_object(cls, response_format: dict[str, Any] | None) -> dict[str, Any] | None:
+        # as OpenAI requires; what a basic backend is sent is built from it (Backend._adapt)
+        if response_format is not None and response_format.get("type") == "json_schema" and \
+                not isinstance(response_format.get("json_schema"), dict):
+            raise ValueError("a json_schema response_format needs its 'json_schema' object")
+        return response_format
+
     @field_validator("stop")
     @classmethod
     def _stop_list(cls, stop: str | list[str] | None) -> str | list[str] | None:

@@ -1218,3 +1218,19 @@ def test_a_routed_request_refused_for_holds_in_flight_is_retried_in_a_moment(tmp
             assert all(future.result().choices for future in slow)
         httpx.post(mock.url + "/control", json={"delay_ms": 0})
         assert ask().choices  # the holds settled at their actual cost, well under the day's $0.1
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_json_schema_response_format_without_its_object_is_a_400(keyed_stack, stream):
+    """What a basic backend is sent is built from `response_format.json_schema`: a string there was a
+    500 (AttributeError), and on a relayed stream one never recorded nor settled, its budget hold left
+    standing on the key. OpenAI refuses it with a 400 naming the field; so does the gateway."""
+    gateway, mock = keyed_stack
+    httpx.post(mock.url + "/reset")
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0)
+    for response_format in ({"type": "json_schema", "json_schema": "answer"}, {"type": "json_schema"}):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model="mock-text", messages=[{"role": "user", "content": "x"}],
+                                           response_format=response_format, stream=stream)
+        assert refused.value.code == "invalid_value" and refused.value.param == "response_format"
+    assert calls(mock)["count"] == 0
