@@ -51,6 +51,7 @@ class _ChatBody(BaseModel):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM's; the effort knob is written into it (gateway.effort)
 
     @field_validator("reasoning_effort")
     @classmethod

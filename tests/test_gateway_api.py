@@ -1234,3 +1234,14 @@ def test_a_json_schema_response_format_without_its_object_is_a_400(keyed_stack, 
                                            response_format=response_format, stream=stream)
         assert refused.value.code == "invalid_value" and refused.value.param == "response_format"
     assert calls(mock)["count"] == 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_template_kwargs_that_is_not_an_object_is_a_400(client, mock, stream):
+    """vLLM's chat_template_kwargs is where an enable_thinking backend's effort is written: sent as a
+    string it was a 500 (ValueError), and on a relayed stream an unrecorded one."""
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="mock-qwen", messages=[{"role": "user", "content": "x"}],
+                                       reasoning_effort="high", stream=stream, extra_body={"chat_template_kwargs": "x"})
+    assert refused.value.code == "invalid_value" and refused.value.param == "chat_template_kwargs"
+    assert calls(mock)["count"] == 0
