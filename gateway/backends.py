@@ -78,6 +78,13 @@ class UpstreamError(Exception):
         # (no answer, or a stream it accepted and then broke)
         self.upstream_status = upstream_status
 
+    @property
+    def about_request(self) -> bool:
+        """The upstream refused the request itself (400, 404, 413, 422): every backend would refuse it
+        alike, so no fallback arm is sent it. Other failures a call is not retried for (a 401 for the
+        backend's key) are the backend's, and another backend may serve."""
+        return self.status in REQUEST_ERRORS
+
 
 @dataclass(slots=True)
 class BackendHealth:

@@ -1245,3 +1245,19 @@ def test_chat_template_kwargs_that_is_not_an_object_is_a_400(client, mock, strea
                                        reasoning_effort="high", stream=stream, extra_body={"chat_template_kwargs": "x"})
     assert refused.value.code == "invalid_value" and refused.value.param == "chat_template_kwargs"
     assert calls(mock)["count"] == 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_backend_refusing_its_key_is_replaced_by_a_fallback_arm(client, mock, stream):
+    """A 401 (a revoked key, a key unset in the environment) is about the backend, not the request: not
+    retried on that backend, but the request's fallback arms on other backends answer it (only an
+    upstream's 400/404/413/422 about the request itself goes to no fallback)."""
+    control(mock, script=["401"], answers=["served by the fallback"])
+    answer = client.chat.completions.with_raw_response.create(
+        model="auto", messages=[{"role": "user", "content": "Who wrote Hamlet?"}], stream=stream)
+    assert answer.headers["x-ponder-arm"].startswith("mock-b/")
+    if stream:
+        assert "".join(c.choices[0].delta.content or "" for c in answer.parse() if c.choices) == "served by the fallback"
+    else:
+        assert answer.parse().choices[0].message.content == "served by the fallback"
+    assert [body["model"] for body in calls(mock)["bodies"]] == ["mock-a", "mock-b"]
