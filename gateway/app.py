@@ -278,6 +278,9 @@ async def _relayed_stream(request: Request, gw: Gateway, plan: Plan, req: ChatRe
         opened = await until_disconnect(request, open_first_stream(gw, plan, req, caller), caller)
     except ApiError as exc:
         opened = exc
+    except Exception as exc:  # a bug, not an upstream's doing: still recorded and settled, then a 500
+        await asyncio.shield(settle(gw, plan, caller, reservation, **failure_outcome(exc)))
+        raise
     if isinstance(opened, ApiError):
         await asyncio.shield(settle(gw, plan, caller, reservation, status=opened.status, error=opened.message))
         return opened.response(headers)
@@ -383,8 +386,10 @@ async def open_first_stream(gw: Gateway, plan: Plan, req: ChatRequest,
                 return arm, await PassThrough.open(backend, body, caller, plan.prompt_tokens)
             except UpstreamError as exc:
                 last = exc
-                if not exc.retryable:  # about the request (a 400): every arm would refuse it alike
+                if exc.about_request or caller.remaining() <= 0:  # every arm would refuse it alike, or time is up
                     return upstream_to_api_error(exc)
+                if not exc.retryable:  # not on this backend (a 401 for its key); another may serve
+                    break
     assert last is not None
     return upstream_to_api_error(last, caller.retry_after_s() if last.status in (429, 503) else None)
 

@@ -69,7 +69,8 @@ class UpstreamError(Exception):
     """A failed upstream call. `status` is what the client would see if nothing else can serve it."""
 
     def __init__(self, backend: str, status: int, message: str, *, retryable: bool,
-                 retry_after: float | None = None, code: str | None = None, param: str | None = None) -> None:
+                 retry_after: float | None = None, code: str | None = None, param: str | None = None,
+                 upstream_status: int | None = None) -> None:
         super().__init__(message)
         self.backend = backend
         self.status = status
@@ -78,6 +79,16 @@ class UpstreamError(Exception):
         self.retry_after = retry_after
         self.code = code  # the client's error code, when more precise than upstream_error
         self.param = param  # the request field the error is about, when the upstream named one
+        # the HTTP status the upstream refused the call with; None when it did not answer with one
+        # (no answer, or a stream it accepted and then broke)
+        self.upstream_status = upstream_status
+
+    @property
+    def about_request(self) -> bool:
+        """The upstream refused the request itself (400, 404, 413, 422): every backend would refuse it
+        alike, so no fallback arm is sent it. Other failures a call is not retried for (a 401 for the
+        backend's key) are the backend's, and another backend may serve."""
+        return self.status in REQUEST_ERRORS
 
 
 @dataclass(slots=True)
@@ -270,7 +281,8 @@ class Backend:
         client_status = status if status in REQUEST_ERRORS else (429 if status == 429 else 502)
         code, param = _passed_on(client_status, error)
         return UpstreamError(self.name, client_status, f"{self.name}: upstream {status}: {message}",
-                             retryable=retryable, retry_after=_seconds(retry_after), code=code, param=param)
+                             retryable=retryable, retry_after=_seconds(retry_after), code=code, param=param,
+                             upstream_status=status)
 
     async def _complete_litellm(self, body: dict[str, Any]) -> dict[str, Any]:
         litellm = _litellm()

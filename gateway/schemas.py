@@ -51,6 +51,7 @@ class _ChatBody(BaseModel):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM's; the effort knob is written into it (gateway.effort)
 
     @field_validator("reasoning_effort")
     @classmethod
@@ -58,6 +59,15 @@ class _ChatBody(BaseModel):
         if effort is not None and effort not in REASONING_EFFORTS:
             raise ValueError(f"expected one of {sorted(REASONING_EFFORTS)}")
         return effort
+
+    @field_validator("response_format")
+    @classmethod
+    def _json_schema_object(cls, response_format: dict[str, Any] | None) -> dict[str, Any] | None:
+        # as OpenAI requires; what a basic backend is sent is built from it (Backend._adapt)
+        if response_format is not None and response_format.get("type") == "json_schema" and \
+                not isinstance(response_format.get("json_schema"), dict):
+            raise ValueError("a json_schema response_format needs its 'json_schema' object")
+        return response_format
 
     @field_validator("stop")
     @classmethod

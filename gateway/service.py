@@ -275,8 +275,12 @@ class Gateway:
         except BudgetExhausted as exc:
             if exc.scope == "request":  # the request's own cost cap: asking again will not help
                 raise ApiError(400, str(exc), code="over_cost_limit") from None
-            raise ApiError(429, str(exc), code="budget_exhausted",
-                           headers=_retry_at_reset(_period_to_wait_for(left_by_period, exc.cheapest_usd))) from None
+            assert left_by_period is not None  # a key's budget refused it: the key has one
+            period = _period_to_wait_for(left_by_period, exc.cheapest_usd)
+            held = self._held_usd.get(principal.key_id, 0.0)
+            if _short_only_by(held, left_by_period, exc.cheapest_usd):
+                raise _budget_held(period, held) from None
+            raise ApiError(429, str(exc), code="budget_exhausted", headers=_retry_at_reset(period)) from None
         if budget_left is not None:
             decision = self._fallbacks_within(decision, req, hints.prompt_tokens, budget_left)
         return Plan(request_id, decision, policy, principal, req.model,
@@ -391,7 +395,7 @@ class Gateway:
                 return await run_arm(arm, req.body, ctx)
             except UpstreamError as exc:
                 last = exc
-                if not exc.retryable:
+                if exc.about_request or caller.remaining() <= 0:
                     break
         assert last is not None
         raise upstream_to_api_error(last, caller.retry_after_s() if last.status in (429, 503) else None)
@@ -482,11 +486,7 @@ class Gateway:
             # The periods the request would not fit even without this process's requests in flight.
             spent_out = [f for f in exc.failures if f[2] - held + exc.amount > f[1]]
             if not spent_out:
-                # Only this process's requests in flight stand in the way, and their holds are mostly
-                # returned when they settle: worth retrying in a moment, not at the period's end.
-                raise ApiError(429, f"This key's {exc.period} budget is held by its requests in flight "
-                                    f"(${held:.6f} of ${exc.spent:.6f} spent or held); retry shortly.",
-                               code="budget_held", headers=retry_after(1.0)) from None
+                raise _budget_held(exc.period, held) from None
             binding = exceeded(spent_out, exc.amount, time.time())  # the period that frees it last
             raise ApiError(429, f"Budget exhausted for this key: {binding}.", code="budget_exhausted",
                            headers=_retry_at_reset(binding.period)) from None
@@ -540,6 +540,23 @@ def configured_policies(config: GatewayConfig) -> PolicySet:
     if config.local_model.enabled and not any(s.name == LOCAL_BACKEND_NAME for s in specs):
         specs.append(LocalModelServer(config.local_model).backend_spec())
     return PolicySet(config.policy, config.extra_policies, specs)
+
+
+def _short_only_by(held_usd: float, left_by_period: dict[str, float], cheapest_usd: float | None) -> bool:
+    """Whether a key the decision found no affordable arm for would have had one without this process's
+    holds in flight (`held_usd`): every period short of the cheapest arm (of anything, when that is
+    unknown) has it once they are returned."""
+    need = cheapest_usd if cheapest_usd is not None else 1e-9
+    short = [left for left in left_by_period.values() if left < need]
+    return held_usd > 0 and bool(short) and all(left + held_usd >= need for left in short)
+
+
+def _budget_held(period: str | None, held_usd: float) -> ApiError:
+    """429 for a key whose budget only this process's requests in flight stand in the way of: their holds
+    (each request's worst case) mostly come back when they settle, so worth retrying in a moment, not at
+    the period's end."""
+    return ApiError(429, f"This key's {period} budget is held by its requests in flight (${held_usd:.6f} "
+                         "held); retry shortly.", code="budget_held", headers=retry_after(1.0))
 
 
 def _period_to_wait_for(left_by_period: dict[str, float] | None, cheapest_usd: float | None) -> str | None:

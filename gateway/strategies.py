@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.backends import REQUEST_ERRORS, UpstreamError
+from gateway.backends import UpstreamError
 from gateway.calls import Caller
 from gateway.effort import apply_effort
 from router import cascade, prompts, stopping, voting
@@ -176,7 +176,7 @@ async def _gather_samples(arm: Arm, body: dict[str, Any], ctx: StrategyContext, 
                 return await ctx.caller.complete(
                     arm.backend, _sample_body(arm, body, ctx, sample=first + i, diverse=diverse, cot=cot))
             except UpstreamError as exc:
-                if exc.status not in REQUEST_ERRORS:
+                if not exc.about_request:
                     ctx.last_sample_error = exc
                     return None
                 fatal.append(exc)  # about the request, not this sample: every sample would fail alike
@@ -325,7 +325,7 @@ async def _cascade(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> Stra
         except UpstreamError as exc:
             failure = exc
             tried.append({"arm": stage.key, "error": exc.message})
-            if not exc.retryable:  # about the request (a 400, a content filter): no stage is sent it
+            if exc.about_request or ctx.caller.remaining() <= 0:  # a 400, a content filter: no stage is sent it
                 break
             continue
         samples += int(result.details.get("samples", 1))

@@ -78,10 +78,12 @@ class PassThrough:
             passthrough.prompt_tokens_estimate = prompt_tokens
             return passthrough
         await source.aclose()
-        if error.status == 502 and may_exceed_context(prompt_tokens, backend.max_context):
+        if error.status == 502 and error.upstream_status is None and may_exceed_context(prompt_tokens,
+                                                                                         backend.max_context):
             # llama-cpp-python's server starts the stream (200) and then drops it for a prompt over its
             # context window: no mark against the backend before one call without streaming says whose
-            # fault it is (a 400 `context_length_exceeded` is the client's, passed on as it is).
+            # fault it is (a 400 `context_length_exceeded` is the client's, passed on as it is). A stream
+            # refused with a 5xx is the backend's failure, whatever the prompt: no probe for it.
             caller.calls.append(backend.record(Usage(), started, ok=False, error=error.message[:300]))
             await caller.complete(backend.name, _probe_body(body))
             raise error  # the prompt fits: a stream broken for another reason, worth a retry

@@ -7,7 +7,7 @@ exact, predictable usage (1 token per whitespace-separated word), and can misbeh
                    "cached_tokens": 0}
         script: behaviours for the next requests, in order; then fail_rate picks "500" at random.
         cached_tokens: reported in every answer's `usage.prompt_tokens_details` (a prompt cache hit).
-        behaviours: ok | 500 | 429 | too_long | echo_400 | empty | hang | reset | truncate | reset_mid | stall | slow_first | hold
+        behaviours: ok | 500 | 429 | 401 | too_long | echo_400 | empty | hang | reset | truncate | reset_mid | stall | slow_first | hold
                     | raw
         (hold: a stream pauses hang_s after its first chunk; raw: a 200 text/event-stream whose body is
         `raw`, a list of hex strings, each sent as one write, and numbers, seconds to sleep between them,
@@ -80,6 +80,9 @@ async def chat(request: web.Request) -> web.StreamResponse:
     if behaviour == "429":
         return web.json_response({"error": {"message": "slow down", "type": "rate_limit"}}, status=429,
                                  headers={"Retry-After": "1"})
+    if behaviour == "401":  # OpenAI's answer to a key it does not know (revoked, or another provider's)
+        return web.json_response({"error": {"message": "Incorrect API key provided.", "type": "invalid_request_error",
+                                            "param": None, "code": "invalid_api_key"}}, status=401)
     if behaviour == "too_long":  # OpenAI's answer to a prompt over the model's context window
         return web.json_response({"error": {
             "message": "This model's maximum context length is 8192 tokens. However, your messages resulted in "

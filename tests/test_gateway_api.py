@@ -1326,3 +1326,96 @@ def test_a_client_that_drops_a_stream_pays_for_what_was_streamed(keyed_stack):
     client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0)
     for backend in served:  # not cooling down: a named backend that is answers 503
         assert client.chat.completions.create(model=backend, messages=[{"role": "user", "content": "x"}]).choices
+
+
+def test_a_stream_refused_with_a_server_error_is_retried_without_a_probe(client, mock, gw):
+    """The non-streaming probe is for a stream the upstream accepted (200) and then dropped (llama-cpp-
+    python, for a prompt over its window). An upstream 500 is the backend's failure, whatever the prompt's
+    length: it is retried as such, with no extra call, and counts against the backend."""
+    control(mock, script=["500"], answers=["fine after all"])
+    prompt = "word " * 30  # may be over mock-small's window of 100 (estimates can be 6x under), clearly is not
+    chunks = list(client.chat.completions.create(model="mock-small", stream=True,
+                                                 messages=[{"role": "user", "content": prompt}]))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "fine after all"
+    sent = calls(mock)["bodies"]
+    assert [body.get("stream") for body in sent] == [True, True]
+
+
+def test_a_routed_request_refused_for_holds_in_flight_is_retried_in_a_moment(tmp_path):
+    """The routed path decides with what the key has left, holds in flight subtracted: with the day held
+    by two slow requests, a third to `auto` found no arm that fits, and was told budget_exhausted, retry
+    at midnight, do not retry (x-should-retry: false), with most of the day unspent. It gets what the
+    direct path gets: 429 `budget_held`, Retry-After 1; and once the holds settle it is served."""
+    import hashlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = write_policy(tmp_path, {
+        "name": "one", "arms": {"cheap": {"backend": "mock-a"}},
+        "routes": [{"name": "all", "candidates": ["cheap"]}], "exploration": {"share": 0.0},
+    }, "one.yaml")
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("mock-a", mock, prices={"input_per_mtok": 1000, "output_per_mtok": 2000})],
+            "policy": path,
+            "api_keys": [{"id": "k", "sha256": hashlib.sha256(KEY.encode()).hexdigest(), "budget_usd_per_day": 0.1}],
+    }, name="routed-held")) as gateway:
+        httpx.post(mock.url + "/control", json={"delay_ms": 1500})
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0)
+        question = [{"role": "user", "content": "Who wrote Hamlet?"}]
+
+        def ask(_=None):
+            return client.chat.completions.create(model="auto", messages=question, max_tokens=20)
+
+        with ThreadPoolExecutor(2) as pool:
+            slow = [pool.submit(ask) for _ in range(2)]  # each holds its worst case, ~$0.05
+            time.sleep(0.7)
+            with pytest.raises(openai.RateLimitError) as held:
+                ask()
+            assert held.value.code == "budget_held", held.value.message
+            assert held.value.response.headers["retry-after"] == "1"
+            assert "x-should-retry" not in held.value.response.headers
+            assert all(future.result().choices for future in slow)
+        httpx.post(mock.url + "/control", json={"delay_ms": 0})
+        assert ask().choices  # the holds settled at their actual cost, well under the day's $0.1
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_json_schema_response_format_without_its_object_is_a_400(keyed_stack, stream):
+    """What a basic backend is sent is built from `response_format.json_schema`: a string there was a
+    500 (AttributeError), and on a relayed stream one never recorded nor settled, its budget hold left
+    standing on the key. OpenAI refuses it with a 400 naming the field; so does the gateway."""
+    gateway, mock = keyed_stack
+    httpx.post(mock.url + "/reset")
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0)
+    for response_format in ({"type": "json_schema", "json_schema": "answer"}, {"type": "json_schema"}):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model="mock-text", messages=[{"role": "user", "content": "x"}],
+                                           response_format=response_format, stream=stream)
+        assert refused.value.code == "invalid_value" and refused.value.param == "response_format"
+    assert calls(mock)["count"] == 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_template_kwargs_that_is_not_an_object_is_a_400(client, mock, stream):
+    """vLLM's chat_template_kwargs is where an enable_thinking backend's effort is written: sent as a
+    string it was a 500 (ValueError), and on a relayed stream an unrecorded one."""
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="mock-qwen", messages=[{"role": "user", "content": "x"}],
+                                       reasoning_effort="high", stream=stream, extra_body={"chat_template_kwargs": "x"})
+    assert refused.value.code == "invalid_value" and refused.value.param == "chat_template_kwargs"
+    assert calls(mock)["count"] == 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_backend_refusing_its_key_is_replaced_by_a_fallback_arm(client, mock, stream):
+    """A 401 (a revoked key, a key unset in the environment) is about the backend, not the request: not
+    retried on that backend, but the request's fallback arms on other backends answer it (only an
+    upstream's 400/404/413/422 about the request itself goes to no fallback)."""
+    control(mock, script=["401"], answers=["served by the fallback"])
+    answer = client.chat.completions.with_raw_response.create(
+        model="auto", messages=[{"role": "user", "content": "Who wrote Hamlet?"}], stream=stream)
+    assert answer.headers["x-ponder-arm"].startswith("mock-b/")
+    if stream:
+        assert "".join(c.choices[0].delta.content or "" for c in answer.parse() if c.choices) == "served by the fallback"
+    else:
+        assert answer.parse().choices[0].message.content == "served by the fallback"
+    assert [body["model"] for body in calls(mock)["bodies"]] == ["mock-a", "mock-b"]

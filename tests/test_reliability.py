@@ -494,6 +494,16 @@ def test_a_cascade_passes_a_request_error_on_and_answers_past_the_deadline_with_
             assert answered.json()["choices"][0]["message"]["content"] == "I'm not sure, maybe 7"
             assert upstream_calls(mock_b) == 1  # the strongest stage was not called past the deadline
 
+            # a stage refusing its own key (401) is that backend's failure, not the request's: the next
+            # stage answers (it ended the cascade, a 502)
+            reset(mock_a, mock_b)
+            control(mock_a, script=["401"])
+            control(mock_b, answers=["7"])
+            answered = httpx.post(gateway.url + "/v1/chat/completions", json=chat("auto", "what is 3 + 4?"),
+                                  timeout=10)
+            assert answered.status_code == 200, answered.text
+            assert answered.json()["choices"][0]["message"]["content"] == "7"
+
 
 def test_a_best_of_n_whose_judge_would_start_past_the_deadline_answers_with_its_sample(tmp_path):
     """A sample answered, the others ran into the deadline: the verifier (another backend, not cooling
