@@ -85,7 +85,7 @@ class PassThrough:
             # fault it is (a 400 `context_length_exceeded` is the client's, passed on as it is). A stream
             # refused with a 5xx is the backend's failure, whatever the prompt: no probe for it.
             caller.calls.append(backend.record(Usage(), started, ok=False, error=error.message[:300]))
-            await caller.complete(backend.name, _probe_body(body))
+            await caller.complete(backend.name, _probe_body(body, reasoning=backend.spec.reasoning))
             raise error  # the prompt fits: a stream broken for another reason, worth a retry
         caller._failed(backend, started, error)
         raise error
@@ -175,10 +175,13 @@ class EventStream(StreamingResponse):
         await self._finish()
 
 
-def _probe_body(body: dict[str, Any]) -> dict[str, Any]:
-    """The request without streaming, for one token: enough for the upstream to check the prompt."""
-    probe = {k: v for k, v in body.items() if k not in ("stream", "stream_options", "max_completion_tokens")}
-    probe["max_tokens"] = 1
+def _probe_body(body: dict[str, Any], *, reasoning: bool) -> dict[str, Any]:
+    """The request without streaming, for one token: enough for the upstream to check the prompt.
+    OpenAI's reasoning models refuse `max_tokens` (a 400 that would read as the prompt's fault)."""
+    limit = "max_completion_tokens" if reasoning else "max_tokens"
+    probe = {k: v for k, v in body.items() if k not in ("stream", "stream_options", "max_tokens",
+                                                        "max_completion_tokens")}
+    probe[limit] = 1
     return probe
 
 

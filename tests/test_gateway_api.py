@@ -1419,3 +1419,14 @@ def test_a_backend_refusing_its_key_is_replaced_by_a_fallback_arm(client, mock, 
     else:
         assert answer.parse().choices[0].message.content == "served by the fallback"
     assert [body["model"] for body in calls(mock)["bodies"]] == ["mock-a", "mock-b"]
+
+
+def test_the_context_probe_asks_for_one_token_in_the_words_the_backend_takes():
+    """A stream dropped before its first byte is checked with one non-streamed token. OpenAI's reasoning
+    models refuse `max_tokens` with a 400 (it would have read as the prompt's fault)."""
+    from gateway.streaming import _probe_body
+
+    body = {"model": "m", "messages": [], "stream": True, "stream_options": {"include_usage": True},
+            "max_tokens": 500, "max_completion_tokens": 400}
+    assert _probe_body(body, reasoning=True) == {"model": "m", "messages": [], "max_completion_tokens": 1}
+    assert _probe_body(body, reasoning=False) == {"model": "m", "messages": [], "max_tokens": 1}
