@@ -13,7 +13,8 @@ from typing import Any
 
 from policies.backends import BackendSpec
 
-THINKING_BUDGET_TOKENS = {"none": 0, "minimal": 512, "low": 1024, "medium": 4096, "high": 16384}
+# In increasing order; "xhigh" (OpenAI's level above high) is accepted from clients naming a backend
+THINKING_BUDGET_TOKENS = {"none": 0, "minimal": 512, "low": 1024, "medium": 4096, "high": 16384, "xhigh": 32768}
 
 
 def takes_reasoning_effort(spec: BackendSpec) -> bool:

@@ -157,6 +157,11 @@ def test_parameters_sent_as_null_are_the_defaults(client, mock):
     ("mock-think", "high", "high", {"thinking": {"type": "enabled", "budget_tokens": 16384},
                                     "chat_template_kwargs": {"enable_thinking": True}}),
     ("mock-qwen", "none", "none", {"chat_template_kwargs": {"enable_thinking": False}}),
+    # OpenAI's level above high: the most thinking, not none (it turned thinking off), and on a
+    # backend declaring levels its highest (it was "low")
+    ("mock-think", "xhigh", "xhigh", {"thinking": {"type": "enabled", "budget_tokens": 32768},
+                                      "chat_template_kwargs": {"enable_thinking": True}}),
+    ("mock-o", "xhigh", "high", {"reasoning_effort": "high"}),
     ("mock-a", "low", "-", {}),  # not a reasoning model: OpenAI would refuse the parameter
 ])
 def test_a_clients_reasoning_effort_is_translated_for_the_backend(client, mock, model, asked, arm_effort, sent):
