@@ -494,9 +494,11 @@ def test_a_cascade_passes_a_request_error_on_and_answers_past_the_deadline_with_
             assert answered.json()["choices"][0]["message"]["content"] == "I'm not sure, maybe 7"
             assert upstream_calls(mock_b) == 1  # the strongest stage was not called past the deadline
 
-            # a stage refusing its own key (401) is that backend's failure, not the request's: the next
-            # stage answers (it ended the cascade, a 502)
-            reset(mock_a, mock_b)
+        # a stage refusing its own key (401) is that backend's failure, not the request's: the next
+        # stage answers (it ended the cascade, a 502). A fresh gateway: the hang above cooled `strong`.
+        reset(mock_a, mock_b)
+        with running(start_gateway(tmp_path, {"backends": backends, "policy": policy, "request_timeout_s": 1.0},
+                                   name="cascading-401")) as gateway:
             control(mock_a, script=["401"])
             control(mock_b, answers=["7"])
             answered = httpx.post(gateway.url + "/v1/chat/completions", json=chat("auto", "what is 3 + 4?"),
