@@ -281,7 +281,8 @@ def test_decay_is_the_same_in_lua_and_python(redis_url, tmp_path):
     async def go():
         now = time.time()
         rng = random.Random(3)
-        events = [event(i, ts=now - rng.uniform(0, 7200), success=rng.random(), success_source="vote") for i in range(300)]
+        events = [event(i, ts=now - rng.uniform(0, 7200), success=rng.random(), success_source="vote",
+                        estimated_prompt_tokens=rng.randint(5, 500) if i % 3 else None) for i in range(300)]
         snaps = []
         for url, path in ((redis_url, tmp_path / "r"), (None, tmp_path / "e")):
             store = await open_store(url, path, decay_half_life_s=3600.0)
@@ -303,8 +304,30 @@ def test_decay_is_the_same_in_lua_and_python(redis_url, tmp_path):
         assert red.count == pytest.approx(emb.count, rel=1e-6)
         assert red.successes == pytest.approx(emb.successes, rel=1e-6)
         assert red.latency_p95_ms == pytest.approx(emb.latency_p95_ms, rel=1e-6)
+        estimated = [ev for ev in events if ev.estimated_prompt_tokens is not None]
+        expected_tokens = sum(ev.estimated_prompt_tokens * 0.5 ** ((t_read - ev.ts) / 3600.0) for ev in estimated)
+        expected_estimates = sum(0.5 ** ((t_read - ev.ts) / 3600.0) for ev in estimated)
+        for got in (red, emb):
+            assert got.estimated_prompt_tokens == pytest.approx(expected_tokens, rel=1e-3)
+            assert got.estimated_prompt_count == pytest.approx(expected_estimates, rel=1e-3)
+        assert red.estimated_prompt_tokens == pytest.approx(emb.estimated_prompt_tokens, rel=1e-6)
+        assert red.estimated_prompt_count == pytest.approx(emb.estimated_prompt_count, rel=1e-6)
 
     run(go())
+
+
+def test_records_from_before_prompt_estimates_still_load():
+    """Events and aggregates written before the decision's prompt estimate was kept carry none: they
+    load, count as requests, and add nothing to the estimate's sum or count."""
+    old = event(1).to_dict()
+    del old["estimated_prompt_tokens"]
+    loaded = Event.from_dict(json.loads(json.dumps(old)))
+    assert loaded.estimated_prompt_tokens is None
+    delta = event_delta(loaded)
+    assert delta["count"] == 1.0 and "est_prompt_tokens" not in delta and "est_prompt_count" not in delta
+    stats = arm_stats({"count": 4.0, "total": 4.0, "cost_usd": 0.01, "est_cost_usd": 0.01, "est_count": 4.0}, time.time())
+    assert (stats.count, stats.estimated_prompt_tokens, stats.estimated_prompt_count) == (4.0, 0.0, 0.0)
+    assert event_delta(event(2, estimated_prompt_tokens=15))["est_prompt_tokens"] == 15.0
 
 
 def test_redis_killed_then_restarted(tmp_path):
