@@ -569,6 +569,43 @@ def test_stats_cli_shows_the_learners_choice_when_available(tmp_path, capsys):
     assert [line.split()[1] for line in lines if line.rstrip().endswith("*")] == [expected]
 
 
+def test_stats_cli_marks_every_bucket_it_can_when_one_has_no_choice(tmp_path, capsys):
+    """`auto` has only a 1000-token backend, `auto-long` only a large one. chat:easy's requests came
+    through `auto-long` with ~20,000-token prompts: no arm of `auto` holds its typical prompt, so it
+    has no current choice; math:hard (after it in the table) still has its own."""
+    policy = tmp_path / "long.yaml"
+    policy.write_text("""\
+name: long
+backends:
+  - {name: small, model: t/small, max_context: 1000}
+  - {name: big, model: t/big, max_context: 200000}
+arms:
+  small: {backend: small}
+  big: {backend: big}
+routes:
+  - {name: short, candidates: [small]}
+  - {name: long, candidates: [big]}
+aliases:
+  auto: {routes: [short], arms: [small]}
+  auto-long: {routes: [long], arms: [big]}
+""")
+
+    async def fill():
+        store = await open_store(None, tmp_path / "data")
+        store.record(event(1, policy="long", task="chat", difficulty=0.1, arm="big/-/single/1",
+                           estimated_prompt_tokens=20_000))
+        store.record(event(2, policy="long", arm="small/-/single/1", estimated_prompt_tokens=20))
+        await store.close()
+
+    run(fill())
+    assert stats_cli(["--data-dir", str(tmp_path / "data"), "--policy-file", str(policy)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].rstrip().endswith("choice")
+    assert [line.split()[:2] for line in lines[2:4]] == [["chat:easy", "big/-/single/1"],
+                                                         ["math:hard", "small/-/single/1"]]
+    assert not lines[2].rstrip().endswith("*") and lines[3].rstrip().endswith("*")
+
+
 def test_stats_cli_reads_a_gateway_config(tmp_path, capsys):
     """The README's pattern: backends in the gateway config, the policy naming them. --policy-file
     alone cannot load such a policy: it says so (the table still prints); --config loads it as the
