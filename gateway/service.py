@@ -431,6 +431,7 @@ class Gateway:
             estimated_cost_usd=(plan.policy.estimated_cost_usd(arm.key, plan.prompt_tokens, plan.max_output_tokens,
                                                                plan.choices)
                                 if calls else 0.0) if plan.policy is not None and decision.policy != "direct" else None,
+            estimated_prompt_tokens=plan.prompt_tokens,
             latency_ms=(time.perf_counter() - plan.started) * 1000,
             status=status,
             error=error,

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from policies.schema import Policy
 from router.types import DIFFICULTY_TIERS, POOLED_BUCKET, POOLED_TIER, Arm, ArmStats, Classification, StatsSnapshot
@@ -146,9 +146,9 @@ def _pool_snapshot(snapshot: StatsSnapshot) -> tuple[dict[str, ArmStats], dict[s
     cached = _POOLED_CACHE.get(id(snapshot))
     if cached is not None and cached[0] is snapshot:
         return cached[1], cached[2]
-    # One pass of float sums (count, successes, weight, cost, latency, max p95) per arm, everywhere and
-    # per task; ArmStats built at the end. Once per snapshot (a store refresh), about a microsecond per
-    # (bucket, arm).
+    # One pass of float sums (count, successes, weight, cost, latency, max p95, estimates) per arm,
+    # everywhere and per task; ArmStats built at the end. Once per snapshot (a store refresh), about a
+    # microsecond per (bucket, arm).
     totals: dict[str, list[float]] = {}
     per_task: dict[str, dict[str, list[float]]] = {}
     for bucket, arms in snapshot.items():
@@ -160,7 +160,7 @@ def _pool_snapshot(snapshot: StatsSnapshot) -> tuple[dict[str, ArmStats], dict[s
             inside = per_task[task] = {}
         for key, s in arms.items():
             values = (s.count, s.successes, s.weight, s.cost_usd, s.latency_ms, s.latency_p95_ms,
-                      s.estimated_cost_usd, s.estimated_count)
+                      s.estimated_cost_usd, s.estimated_count, s.estimated_prompt_tokens, s.estimated_prompt_count)
             for level in (totals, inside):
                 sums = level.get(key)
                 if sums is None:
@@ -175,6 +175,8 @@ def _pool_snapshot(snapshot: StatsSnapshot) -> tuple[dict[str, ArmStats], dict[s
                         sums[5] = values[5]
                     sums[6] += values[6]
                     sums[7] += values[7]
+                    sums[8] += values[8]
+                    sums[9] += values[9]
     everywhere = {key: ArmStats(*sums) for key, sums in totals.items()}
     by_task = {task: {key: ArmStats(*sums) for key, sums in arms.items()} for task, arms in per_task.items()}
     if len(_POOLED_CACHE) >= _POOLED_CACHE_SIZE:
@@ -302,11 +304,22 @@ def tier_midpoint(tier: str) -> float:
     raise KeyError(f"unknown difficulty tier `{tier}`")
 
 
+def typical_prompt_tokens(arms: Mapping[str, ArmStats]) -> int | None:
+    """The mean prompt-token estimate of a bucket's requests (every arm's), None when none carries one."""
+    tokens = sum(s.estimated_prompt_tokens for s in arms.values())
+    count = sum(s.estimated_prompt_count for s in arms.values())
+    return round(tokens / count) if count > 0 else None
+
+
 def current_choice(bucket: str, policy: Policy, stats: StatsSnapshot, alias: str = "auto") -> Arm:
     """The arm the learner would pick now for a bucket (`task:tier`), with no exploration and no budget
-    pressure: what `ponder stats` and the dashboard show as the current choice."""
-    from router.decide import decide  # decide uses this module's functions; import here to avoid a cycle
+    pressure: what `ponder stats` and the dashboard show as the current choice.
+
+    Priced for the bucket's own traffic: at the mean of its requests' prompt estimates (cost is linear
+    in the prompt, so that arm has the best mean utility over them), else at decide()'s default."""
+    from router.decide import RequestHints, decide  # decide uses this module's functions: avoid a cycle
 
     task, _, tier = bucket.partition(":")
     classification = Classification(task=task, task_probs={task: 1.0}, difficulty=tier_midpoint(tier or "medium"))
-    return decide(classification, policy, stats, alias=alias, rng=None).arm
+    hints = RequestHints(prompt_tokens=typical_prompt_tokens(stats.get(bucket) or _EMPTY))
+    return decide(classification, policy, stats, alias=alias, request=hints, rng=None).arm

@@ -141,6 +141,10 @@ class ArmStats:
     # estimates were kept carry none): how far the model was off is the learner's cost ratio.
     estimated_cost_usd: float = 0.0
     estimated_count: float = 0.0
+    # The decision's prompt-token estimates for the `estimated_prompt_count` requests that carry one,
+    # summed: their mean is the bucket's typical prompt (router.learner.current_choice prices it).
+    estimated_prompt_tokens: float = 0.0
+    estimated_prompt_count: float = 0.0
 
 
 # bucket -> arm key -> stats

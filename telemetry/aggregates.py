@@ -8,6 +8,7 @@ tests compare both backends on the same events.
 Fields (all floats):
   count, successes, weight, cost_usd, est2_cost_usd and est2_count (the cost model's estimates for the
   requests that carry one, and how many do; named after the cost model's version, see EST_COST),
+  est_prompt_tokens and est_prompt_count (likewise the decision's prompt-token estimates),
   latency_ms, prompt_tokens, completion_tokens, reasoning_tokens,
   errors, h<i> (latency histogram bucket i, requests that reached a backend)  -- decayed when a half-life is configured
   total  -- raw request count, never decayed (for dashboards)
@@ -94,6 +95,9 @@ def event_delta(event: Event) -> dict[str, float]:
     if event.estimated_cost_usd is not None:  # the cost model's estimate, and that this outcome has one
         delta[EST_COST] = float(event.estimated_cost_usd)
         delta[EST_COUNT] = 1.0
+    if event.estimated_prompt_tokens is not None:
+        delta["est_prompt_tokens"] = float(event.estimated_prompt_tokens)
+        delta["est_prompt_count"] = 1.0
     if weight > 0:
         delta["weight"] = weight
         delta["successes"] = weight * float(event.success or 0.0)
@@ -194,6 +198,8 @@ def arm_stats(fields: Mapping[str, float], now: float, half_life_s: float | None
         latency_p95_ms=percentile(histogram(d), 0.95),
         estimated_cost_usd=max(0.0, d.get(EST_COST, 0.0)),
         estimated_count=min(max(0.0, d.get(EST_COUNT, 0.0)), count),
+        estimated_prompt_tokens=max(0.0, d.get("est_prompt_tokens", 0.0)),
+        estimated_prompt_count=min(max(0.0, d.get("est_prompt_count", 0.0)), count),
     )
 
 

@@ -38,14 +38,18 @@ async def _read_redis(url: str, half_life_s: float | None) -> RawAggregates:
 
 
 def _choice_column(policy: Any, snapshot: StatsSnapshot):
-    """bucket -> arm key the learner would pick now under this policy (a loaded Policy)."""
+    """bucket -> arm key the learner would pick now under this policy (a loaded Policy), None for a
+    bucket it has none for (e.g. no arm of `auto` holds the bucket's typical prompt)."""
     from router.learner import current_choice
 
-    chosen: dict[str, str] = {}
+    chosen: dict[str, str | None] = {}
 
-    def choice(bucket: str) -> str:
+    def choice(bucket: str) -> str | None:
         if bucket not in chosen:
-            chosen[bucket] = current_choice(bucket, policy, snapshot).key
+            try:
+                chosen[bucket] = current_choice(bucket, policy, snapshot).key
+            except Exception:  # noqa: BLE001 - that bucket goes unmarked; the others keep their mark
+                chosen[bucket] = None
         return chosen[bucket]
 
     return choice
@@ -137,10 +141,7 @@ def stats_cli(argv: list[str] | None = None) -> int:
         for (bucket, arm), fields in sorted(arms.items()):
             row = summary_row(fields, now, args.half_life_s)
             if choose is not None:
-                try:
-                    row["current_choice"] = choose(bucket) == arm
-                except Exception:
-                    choose = None
+                row["current_choice"] = choose(bucket) == arm
             table.setdefault(bucket, {})[arm] = row
         report[policy] = table
 

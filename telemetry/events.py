@@ -65,6 +65,9 @@ class Event:
     reasoning_tokens: int = 0
     cost_usd: float = 0.0
     estimated_cost_usd: float | None = None  # the policy's cost model for this request, before learning
+    # The prompt's size as the decision estimated it (what priced the arms); its mean per bucket lets
+    # the current choice be priced for the bucket's real prompts (router.learner.current_choice).
+    estimated_prompt_tokens: int | None = None
     latency_ms: float = 0.0
     status: int = 200  # HTTP status returned to the client
     error: str | None = None

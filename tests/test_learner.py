@@ -131,6 +131,61 @@ def test_decay_lets_the_learner_notice_a_provider_getting_worse():
     assert picks[-500:].count("b") / 500 <= 0.15
 
 
+# `strong` is paid by the prompt token ($2000 per M): on a 15-token prompt it costs $0.03 (utility
+# 0.90 - 0.03 = 0.87, against `cheap`'s 0.40); on decide()'s default 300-token prompt $0.60 (0.30).
+PROMPT_PRICED = """\
+name: prompt-priced
+backends:
+  - {name: cheap, model: t/cheap, prices: {input_per_mtok: 0, output_per_mtok: 0}}
+  - {name: strong, model: t/strong, prices: {input_per_mtok: 2000, output_per_mtok: 0}}
+arms:
+  cheap: {backend: cheap, tokens: 1}
+  strong: {backend: strong, tokens: 1}
+routes:
+  - name: all
+    candidates: {cheap: 0.5, strong: 0.5}
+objective: {cost_weight: 1, latency_weight: 0}
+"""
+
+
+def _short_prompt_traffic(with_estimates: bool) -> dict[str, dict[str, ArmStats]]:
+    """1000 outcomes per arm on 15-token prompts, billed as the cost model said (each carries its
+    estimate when `with_estimates`: records from before prompt estimates were kept carry none)."""
+    def record(rate: float, cost: float) -> ArmStats:
+        return ArmStats(count=1000, successes=1000 * rate, weight=1000, cost_usd=1000 * cost,
+                        estimated_cost_usd=1000 * cost, estimated_count=1000,
+                        estimated_prompt_tokens=15_000 if with_estimates else 0.0,
+                        estimated_prompt_count=1000 if with_estimates else 0.0)
+
+    return {"math:medium": {"cheap/-/single/1": record(0.4, 0.0), "strong/-/single/1": record(0.9, 0.03)}}
+
+
+def test_current_choice_is_priced_for_the_buckets_own_prompts():
+    """The dashboard's and `ponder stats`' current choice is what decide() picks for the bucket's real
+    prompts, not for a 300-token prompt nobody sends."""
+    from router.decide import RequestHints
+
+    policy = parse_policy(PROMPT_PRICED, "prompt-priced.yaml")
+    arms = compile_policy(policy).arms
+    stats = _short_prompt_traffic(with_estimates=True)
+    live = decide(QUESTION, policy, stats, request=RequestHints(prompt_tokens=15)).arm
+    assert live == arms["strong"].arm
+    assert current_choice("math:medium", policy, stats) == live
+    # no estimate recorded (older records): priced at decide()'s default prompt, as before
+    assert current_choice("math:medium", policy, _short_prompt_traffic(with_estimates=False)) == arms["cheap"].arm
+
+
+def test_typical_prompt_is_the_mean_estimate_over_the_buckets_arms():
+    from router.learner import typical_prompt_tokens
+
+    arms = {"x": ArmStats(count=3, estimated_prompt_tokens=30, estimated_prompt_count=3),
+            "y": ArmStats(count=2, estimated_prompt_tokens=1000, estimated_prompt_count=1),  # one old record
+            "z": ArmStats(count=5)}  # only old records
+    assert typical_prompt_tokens(arms) == 258  # (30 + 1000) / 4
+    assert typical_prompt_tokens({"z": arms["z"]}) is None
+    assert typical_prompt_tokens({}) is None
+
+
 def test_posterior_draws_match_the_beta():
     from router.learner import sample_accuracy
 
@@ -149,12 +204,14 @@ def test_pooled_stats_sum_buckets_once_per_snapshot():
     from router.learner import pooled_stats
     from router.types import POOLED_BUCKET
 
-    a = ArmStats(count=2, successes=1, weight=2, cost_usd=0.2, latency_ms=100, latency_p95_ms=80)
-    b = ArmStats(count=3, successes=3, weight=3, cost_usd=0.3, latency_ms=300, latency_p95_ms=150)
+    a = ArmStats(count=2, successes=1, weight=2, cost_usd=0.2, latency_ms=100, latency_p95_ms=80,
+                 estimated_prompt_tokens=40, estimated_prompt_count=2)
+    b = ArmStats(count=3, successes=3, weight=3, cost_usd=0.3, latency_ms=300, latency_p95_ms=150,
+                 estimated_prompt_tokens=600, estimated_prompt_count=1)
     snapshot = {"math:hard": {"x": a}, "chat:easy": {"x": b, "y": a}}
     pooled = pooled_stats(snapshot)
     assert pooled["x"] == ArmStats(count=5, successes=4, weight=5, cost_usd=pytest.approx(0.5), latency_ms=400,
-                                   latency_p95_ms=150)
+                                   latency_p95_ms=150, estimated_prompt_tokens=640, estimated_prompt_count=3)
     assert pooled["y"] == a
     assert pooled_stats(snapshot) is pooled  # kept for the same snapshot object
     assert pooled_stats({**snapshot}) is not pooled  # a new snapshot is pooled anew

@@ -40,9 +40,9 @@ def control(mock: Process, **kwargs) -> None:
 @contextlib.contextmanager
 def two_arm_gateway(tmp, name: str, *, half_life_hours: float | None, cheap: list[str], strong: list[str],
                     arms: dict | None = None) -> Iterator[tuple[Process, Process, Process, str]]:
-    """`cheap` on mock-a ($1/$2 per M tokens) starts ahead on its prior; `strong` on mock-b ($0.01 per
-    output token, prompts free) is dearer. Both arms expect one-word answers, so the cost model is
-    right from the start."""
+    """`cheap` on mock-a ($1/$2 per M tokens) starts ahead on its prior; `strong` on mock-b ($0.0001 per
+    prompt token, $0.01 per output token) is dearer, the more so the longer the prompt. Both arms
+    expect one-word answers, so the cost model is right from the start."""
     policy = write_policy(tmp, {
         "name": name,
         "arms": arms or {"cheap": {"backend": "mock-a", "prior": 0.8, "tokens": 1},
@@ -56,7 +56,7 @@ def two_arm_gateway(tmp, name: str, *, half_life_hours: float | None, cheap: lis
         control(mock_a, answers=cheap)
         control(mock_b, answers=strong)
         config = {"backends": [mock_backend("mock-a", mock_a),
-                               mock_backend("mock-b", mock_b, prices={"input_per_mtok": 0.0, "output_per_mtok": 10_000.0})],
+                               mock_backend("mock-b", mock_b, prices={"input_per_mtok": 100.0, "output_per_mtok": 10_000.0})],
                   "policy": policy, "telemetry": {"data_dir": str(tmp / f"{name}-data"), "refresh_s": 0.05}}
         with running(start_gateway(tmp, config, name=name)) as gateway:
             yield gateway, mock_a, mock_b, str(next(tmp.glob(f"{name}-*.yaml")))
@@ -84,7 +84,9 @@ class App:
 
 def test_traffic_moves_to_the_arm_that_pays_and_every_view_agrees(tmp_path):
     """`cheap` is right 40% of the time, `strong` 90% at ~1000x the price: utility 0.40 against
-    0.9 - 20 x $0.01 = 0.70. The learner starts on `cheap` (its prior) and must move."""
+    0.9 - 20 x $0.011 = 0.68 on these ~10-token prompts. The learner starts on `cheap` (its prior) and
+    must move, and the dashboard and `ponder stats` must name `strong` as the current choice: priced
+    for a typical 300-token prompt instead of the bucket's own (~$0.04: utility 0.13) they named `cheap`."""
     with two_arm_gateway(tmp_path, "moves", half_life_hours=None, cheap=answers(0.4),
                          strong=answers(0.9)) as (gateway, _, _, config):
         app = App(gateway)
@@ -124,7 +126,7 @@ def test_traffic_moves_to_the_arm_that_pays_and_every_view_agrees(tmp_path):
 def test_the_good_arm_failing_is_noticed_within_the_half_life(tmp_path):
     """Once traffic is on `strong`, it starts answering wrong (10% right): its own outcomes and the
     decay of its good record (half-life 3.6 s) must hand the traffic back to `cheap` (utility 0.4,
-    against 0.9 - 0.2 before and 0.1 - 0.2 after)."""
+    against 0.9 - 0.22 before and 0.1 - 0.22 after)."""
     half_life_s = 3.6
     with two_arm_gateway(tmp_path, "drift", half_life_hours=half_life_s / 3600, cheap=answers(0.4),
                          strong=answers(0.9)) as (gateway, _, mock_b, _):

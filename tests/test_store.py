@@ -295,7 +295,8 @@ def test_decay_is_the_same_in_lua_and_python(redis_url, tmp_path):
     async def go():
         now = time.time()
         rng = random.Random(3)
-        events = [event(i, ts=now - rng.uniform(0, 7200), success=rng.random(), success_source="vote") for i in range(300)]
+        events = [event(i, ts=now - rng.uniform(0, 7200), success=rng.random(), success_source="vote",
+                        estimated_prompt_tokens=rng.randint(5, 500) if i % 3 else None) for i in range(300)]
         snaps = []
         for url, path in ((redis_url, tmp_path / "r"), (None, tmp_path / "e")):
             store = await open_store(url, path, decay_half_life_s=3600.0)
@@ -317,8 +318,30 @@ def test_decay_is_the_same_in_lua_and_python(redis_url, tmp_path):
         assert red.count == pytest.approx(emb.count, rel=1e-6)
         assert red.successes == pytest.approx(emb.successes, rel=1e-6)
         assert red.latency_p95_ms == pytest.approx(emb.latency_p95_ms, rel=1e-6)
+        estimated = [ev for ev in events if ev.estimated_prompt_tokens is not None]
+        expected_tokens = sum(ev.estimated_prompt_tokens * 0.5 ** ((t_read - ev.ts) / 3600.0) for ev in estimated)
+        expected_estimates = sum(0.5 ** ((t_read - ev.ts) / 3600.0) for ev in estimated)
+        for got in (red, emb):
+            assert got.estimated_prompt_tokens == pytest.approx(expected_tokens, rel=1e-3)
+            assert got.estimated_prompt_count == pytest.approx(expected_estimates, rel=1e-3)
+        assert red.estimated_prompt_tokens == pytest.approx(emb.estimated_prompt_tokens, rel=1e-6)
+        assert red.estimated_prompt_count == pytest.approx(emb.estimated_prompt_count, rel=1e-6)
 
     run(go())
+
+
+def test_records_from_before_prompt_estimates_still_load():
+    """Events and aggregates written before the decision's prompt estimate was kept carry none: they
+    load, count as requests, and add nothing to the estimate's sum or count."""
+    old = event(1).to_dict()
+    del old["estimated_prompt_tokens"]
+    loaded = Event.from_dict(json.loads(json.dumps(old)))
+    assert loaded.estimated_prompt_tokens is None
+    delta = event_delta(loaded)
+    assert delta["count"] == 1.0 and "est_prompt_tokens" not in delta and "est_prompt_count" not in delta
+    stats = arm_stats({"count": 4.0, "total": 4.0, "cost_usd": 0.01, "est_cost_usd": 0.01, "est_count": 4.0}, time.time())
+    assert (stats.count, stats.estimated_prompt_tokens, stats.estimated_prompt_count) == (4.0, 0.0, 0.0)
+    assert event_delta(event(2, estimated_prompt_tokens=15))["est_prompt_tokens"] == 15.0
 
 
 def test_redis_killed_then_restarted(tmp_path):
@@ -558,6 +581,43 @@ def test_stats_cli_shows_the_learners_choice_when_available(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].rstrip().endswith("choice")
     assert [line.split()[1] for line in lines if line.rstrip().endswith("*")] == [expected]
+
+
+def test_stats_cli_marks_every_bucket_it_can_when_one_has_no_choice(tmp_path, capsys):
+    """`auto` has only a 1000-token backend, `auto-long` only a large one. chat:easy's requests came
+    through `auto-long` with ~20,000-token prompts: no arm of `auto` holds its typical prompt, so it
+    has no current choice; math:hard (after it in the table) still has its own."""
+    policy = tmp_path / "long.yaml"
+    policy.write_text("""\
+name: long
+backends:
+  - {name: small, model: t/small, max_context: 1000}
+  - {name: big, model: t/big, max_context: 200000}
+arms:
+  small: {backend: small}
+  big: {backend: big}
+routes:
+  - {name: short, candidates: [small]}
+  - {name: long, candidates: [big]}
+aliases:
+  auto: {routes: [short], arms: [small]}
+  auto-long: {routes: [long], arms: [big]}
+""")
+
+    async def fill():
+        store = await open_store(None, tmp_path / "data")
+        store.record(event(1, policy="long", task="chat", difficulty=0.1, arm="big/-/single/1",
+                           estimated_prompt_tokens=20_000))
+        store.record(event(2, policy="long", arm="small/-/single/1", estimated_prompt_tokens=20))
+        await store.close()
+
+    run(fill())
+    assert stats_cli(["--data-dir", str(tmp_path / "data"), "--policy-file", str(policy)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].rstrip().endswith("choice")
+    assert [line.split()[:2] for line in lines[2:4]] == [["chat:easy", "big/-/single/1"],
+                                                         ["math:hard", "small/-/single/1"]]
+    assert not lines[2].rstrip().endswith("*") and lines[3].rstrip().endswith("*")
 
 
 def test_stats_cli_reads_a_gateway_config(tmp_path, capsys):
