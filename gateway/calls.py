@@ -15,7 +15,7 @@ from typing import Any
 
 from gateway.backends import Admission, Backend, CallRecord, Usage, UpstreamError
 from gateway.errors import ApiError, retry_after
-from router.decide import estimate_prompt_tokens
+from router.estimates import estimate_prompt_tokens
 
 CANCELLED = "cancelled: the client left before the answer (prompt tokens estimated)"
 CANCELLED_QUEUED = "cancelled while queued for a free slot: never sent"

@@ -15,7 +15,7 @@ from pathlib import Path
 from policies.backends import BackendSpec
 from policies.loader import PolicyError, load_policy
 from policies.schema import Policy
-from router.decide import CompiledPolicy, compile_policy
+from router.estimates import CompiledPolicy, compile_policy
 
 log = logging.getLogger("ponder.policy")
 

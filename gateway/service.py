@@ -34,10 +34,8 @@ from gateway.strategies import StrategyContext, StrategyResult, cot_instruction_
 from policies.schema import PolicyError
 from router import prompts
 from router.classifier import Classifier, ClassifierError
-from router.decide import (
-    BudgetExhausted, CompiledPolicy, ContextTooLong, InvalidHint, RequestHints, context_message, decide,
-    estimate_prompt_tokens, exceeds_context,
-)
+from router.decide import BudgetExhausted, ContextTooLong, InvalidHint, RequestHints, context_message, decide
+from router.estimates import CompiledPolicy, estimate_prompt_tokens, exceeds_context
 from router.types import Arm, Classification, Decision
 from telemetry.budgets import Reservation, exceeded, latest_reset, seconds_until_reset
 from telemetry.embedded_store import check_data_dir

@@ -19,7 +19,7 @@ from gateway.backends import UpstreamError
 from gateway.calls import Caller
 from gateway.effort import apply_effort
 from router import cascade, prompts, stopping, voting
-from router.decide import estimate_prompt_tokens
+from router.estimates import estimate_prompt_tokens
 from router.types import TASK_TYPES, Arm, ArmStats
 
 # Knobs a strategy reads from the policy's arm parameters, with their defaults.

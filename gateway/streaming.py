@@ -25,7 +25,7 @@ from starlette.responses import StreamingResponse
 from gateway.backends import Admission, Backend, CallRecord, Usage, UpstreamError
 from gateway.calls import Caller
 from gateway.errors import ApiError
-from router.decide import may_exceed_context
+from router.estimates import may_exceed_context
 
 DONE = b"data: [DONE]\n\n"
 KEEPALIVE = b": ponder is sampling\n\n"

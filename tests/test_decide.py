@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 
 from policies.loader import load_policy, parse_policy
-from router.decide import (
-    BudgetExhausted, ContextTooLong, RequestHints, UnknownAlias, compile_policy, decide, estimate_prompt_tokens,
-)
+from router.decide import BudgetExhausted, ContextTooLong, RequestHints, UnknownAlias, decide
+from router.estimates import compile_policy, estimate_prompt_tokens
 from router.learner import current_choice
 from router.types import DIFFICULTY_TIERS, POOLED_BUCKET, TASK_TYPES, ArmStats, Classification
 

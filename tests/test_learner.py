@@ -7,7 +7,8 @@ import random
 import pytest
 
 from policies.loader import parse_policy
-from router.decide import compile_policy, decide
+from router.decide import decide
+from router.estimates import compile_policy
 from router.learner import (
     current_choice,
     decay_factor,

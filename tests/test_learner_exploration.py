@@ -5,7 +5,8 @@ from __future__ import annotations
 import random
 
 from policies.loader import parse_policy
-from router.decide import compile_policy, decide
+from router.decide import decide
+from router.estimates import compile_policy
 from router.learner import EXPLORE_OPTIONS_LIMIT, challengers, current_choice, most_optimism, optimistic_accuracy
 from router.types import ArmStats, Classification
 

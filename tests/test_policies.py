@@ -229,7 +229,7 @@ def test_route_candidates_may_be_a_list_of_names():
 def test_adaptive_gate_knobs_reach_the_strategy():
     """`min_gain` and a fixed `sample_value` are arm knobs: compiled into the arm's params, which the
     adaptive strategy reads (gateway/strategies.py), and absent when the policy does not set them."""
-    from router.decide import compile_policy
+    from router.estimates import compile_policy
 
     text = BASE.replace("  deep:\n", "  vote:\n    backend: cheap\n    strategy: adaptive_consistency\n    n: 8\n"
                                        "    min_gain: 0.03\n    sample_value: 0.0\n"

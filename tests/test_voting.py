@@ -433,7 +433,7 @@ def test_the_budget_hold_covers_what_the_gateway_adds_to_each_prompt() -> None:
     from gateway.strategies import StrategyContext, _sample_body
     from policies.backends import BackendSpec
     from router import prompts
-    from router.decide import estimate_prompt_tokens
+    from router.estimates import estimate_prompt_tokens
 
     spec = BackendSpec(name="m", model="openai/m", prices={"input_per_mtok": 1000, "output_per_mtok": 2000})
     gw = Gateway(GatewayConfig(local_model={"enabled": False}))
