@@ -553,7 +553,9 @@ def _short_only_by(held_usd: float, left_by_period: dict[str, float], cheapest_u
 def _budget_held(period: str | None, held_usd: float) -> ApiError:
     """429 for a key whose budget only this process's requests in flight stand in the way of: their holds
     (each request's worst case) mostly come back when they settle, so worth retrying in a moment, not at
-    the period's end."""
+    the period's end. When they do not (answers as long as their max_tokens), the retry is told
+    `budget_exhausted`: one extra round trip, where the other mistake would send a client away until
+    midnight with money left."""
     return ApiError(429, f"This key's {period} budget is held by its requests in flight (${held_usd:.6f} "
                          "held); retry shortly.", code="budget_held", headers=retry_after(1.0))
 

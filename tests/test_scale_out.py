@@ -198,11 +198,16 @@ def test_one_budget_across_both_replicas(pair, r):
     assert spent <= CAP + COST
     assert {"mock-a", "mock-b"} & {arm_of(resp) for resp in ok}
     rejected = [resp for resp in responses if resp.status_code == 429]
-    assert all(resp.json()["error"]["code"] == "budget_exhausted" for resp in rejected)
+    # refused while its replica's own requests were still in flight: told to retry in a moment
+    # (budget_held; their holds might have come back), else budget_exhausted
+    assert {resp.json()["error"]["code"] for resp in rejected} <= {"budget_exhausted", "budget_held"}
     # The counter in Redis holds the settled spend of both replicas.
     (counter,) = r.keys("ponder:{budget:capped}:day:*")
     assert float(r.get(counter)) == pytest.approx(spent)
-    assert chat(one, key=CAPPED_KEY).status_code == 429 and chat(two, key=CAPPED_KEY).status_code == 429
+    # all settled: the budget is spent, and both replicas say so until the period ends
+    for replica in (one, two):
+        spent_out = chat(replica, key=CAPPED_KEY)
+        assert spent_out.status_code == 429 and spent_out.json()["error"]["code"] == "budget_exhausted"
 
 
 def test_sigkill_of_one_replica_loses_no_outcome_of_the_other(shared, r):
