@@ -18,7 +18,7 @@ from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -71,6 +71,9 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
                     raise ApiError(413, f"Request body is larger than the {limit} bytes this gateway accepts.",
                                    code="body_too_large")
                 chunks.append(chunk)
+    except ClientDisconnect:
+        # the client hung up mid-body (a cancelled upload, a dropped link): its doing, no traceback
+        raise ApiError(CLIENT_CLOSED_STATUS, CLIENT_CLOSED, code="client_closed") from None
     except TimeoutError:
         # the rest of the body may still come: the connection is closed after the answer, not reused
         raise ApiError(408, f"The request body did not arrive within {timeout_s:g} s.", code="body_timeout",

@@ -2,6 +2,7 @@
 
 Every key carries a hash tag so the keys one operation touches live in one Redis Cluster slot:
   {ns}:{events}:stream / :feedback             events and feedback streams (XADD MAXLEN ~)
+  {ns}:{events}:batch:<digest>                 mark: that batch of events is written (applied once)
   {ns}:{meta}:policies                         set of policy names seen
   {ns}:{policy:<p>}:arms                       set of "bucket|arm" members of policy p
   {ns}:{policy:<p>}:agg:<bucket>|<arm>         aggregate hash (fields: see aggregates.py)
@@ -19,12 +20,16 @@ The scripts are the one place where several keys change together; everything els
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 
 # How long Redis keeps a reservation's hold and a push's mark. A hold gone unsettled this long (its
 # replica died) is dropped, charged at its full amount; a change retried later than this (saved over a
 # longer shutdown) could be applied twice.
 ONCE_TTL_S = 7 * 86400
+# How long a written batch of events is remembered. A batch is retried as soon as Redis answers again,
+# so an hour covers any retry after a lost reply; marks are one per batch, not per event.
+BATCH_MARK_TTL_S = 3600
 
 # Add a delta to one aggregate hash (with exponential decay when a half-life is set) and record the
 # hash's member in its policy's set. `deltas` is a flat list: field, delta, field, delta...
@@ -73,11 +78,14 @@ return 1
 
 # A whole batch in one atomic call (single-server Redis only: it touches keys of many slots, so the
 # Cluster path uses a pipeline instead). One command instead of thousands keeps the gateway's CPU for
-# requests. ARGV[1] JSON: {stream, maxlen, ttl, hl, policies_key, policies: [...],
+# requests. A batch applies at most once: its mark (its bodies' digest) is set once it is written, and
+# the batch sent again after a lost reply finds it and changes nothing (returns 0). ARGV[1] JSON: {mark, mark_ttl,
+#   stream, maxlen, ttl, hl, policies_key, policies: [...],
 #   meta: [[key, json], ...], aggs: [[key, arms_key, member, t, [field, delta, ...]], ...],
 #   spend: [[key, ttl, [field, value, ...]], ...]};  ARGV[2..] event bodies, appended in order.
 BATCH_LUA = AGG_FUNCTION_LUA + """
 local c = cjson.decode(ARGV[1])
+if redis.call('EXISTS', c.mark) == 1 then return 0 end
 for i = 2, #ARGV do
   redis.call('XADD', c.stream, 'MAXLEN', '~', c.maxlen, '*', 'e', ARGV[i])
 end
@@ -96,6 +104,7 @@ for _, sp in ipairs(c.spend) do
   end
   redis.call('EXPIRE', sp[1], sp[2])
 end
+redis.call('SET', c.mark, '1', 'EX', c.mark_ttl)  -- last: a batch that failed half way is not marked
 return #ARGV - 1
 """
 
@@ -178,6 +187,11 @@ class RedisKeys:
 
     def alive(self, policy: str) -> str:
         return f"{self.ns}:{{policy:{_tag(policy)}}}:alive"
+
+    def batch_mark(self, bodies: list[bytes]) -> str:
+        """The mark of a batch of events: its bodies' digest, the same however often it is sent."""
+        digest = hashlib.blake2b(b"\n".join(bodies), digest_size=16).hexdigest()
+        return f"{self.ns}:{{events}}:batch:{digest}"
 
     def meta(self, request_id: str) -> str:
         return f"{self.ns}:{{req:{_tag(request_id)}}}:meta"

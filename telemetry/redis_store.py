@@ -32,7 +32,9 @@ from .budgets import (
     BudgetChange, LocalBudgets, Reservation, exceeded, make_reservation, period_id, save_unsynced, take_unsynced,
 )
 from .events import Event
-from .redis_schema import AGG_UPDATE_LUA, APPLY_ONCE_LUA, BATCH_LUA, ONCE_TTL_S, RESERVE_LUA, RedisKeys
+from .redis_schema import (
+    AGG_UPDATE_LUA, APPLY_ONCE_LUA, BATCH_LUA, BATCH_MARK_TTL_S, ONCE_TTL_S, RESERVE_LUA, RedisKeys,
+)
 from .store import BufferedStore, FeedbackResult
 
 log = logging.getLogger("ponder.telemetry")
@@ -172,9 +174,10 @@ class RedisStore(BufferedStore):
         if not self._cluster:
             # One script call: once Redis starts it, it runs to the end with nothing interleaved, so a
             # dropped connection never leaves half a batch behind (events are validated beforehand so
-            # the script itself does not fail half way). A batch is counted twice only if the reply to
-            # a completed call was lost and the batch retried.
+            # the script itself does not fail half way). A batch whose reply was lost (a timeout after
+            # Redis ran it) is retried as the same batch, which its mark makes Redis skip.
             control = {
+                "mark": k.batch_mark(bodies), "mark_ttl": BATCH_MARK_TTL_S,
                 "stream": k.stream, "maxlen": self.stream_maxlen, "ttl": meta_ttl,
                 "hl": float(self.half_life_s or 0), "policies_key": k.policies, "policies": policies,
                 "meta": metas,

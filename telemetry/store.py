@@ -142,6 +142,9 @@ class BufferedStore(Store):
         self._closing = False
         self._started = False
         self._batch_failures = 0
+        # A failed batch goes back to the head of the buffer and is retried as that same batch (not
+        # merged into a larger one), so a store can tell a retry of a batch it already wrote.
+        self._retry_size = 0
         # policy -> (bucket, arm) -> raw aggregate fields, and the ArmStats built from them
         self._raw: dict[str, dict[tuple[str, str], dict[str, float]]] = {}
         self._cache: dict[str, StatsSnapshot] = {}
@@ -236,7 +239,8 @@ class BufferedStore(Store):
         async with self._flush_lock:
             left = len(self._buffer)
             while self._buffer and (drain or left > 0):
-                size = min(BATCH_MAX, len(self._buffer))
+                size = min(self._retry_size or BATCH_MAX, len(self._buffer))
+                self._retry_size = 0
                 left -= size
                 batch = self._valid([self._buffer.popleft() for _ in range(size)])
                 if not batch:
@@ -252,6 +256,7 @@ class BufferedStore(Store):
                         self.dropped += len(batch)
                     elif self.requeue_failed_batches:
                         self._requeue(batch)
+                        self._retry_size = len(batch)
                     raise
                 self._batch_failures = 0
                 self.written += len(batch)

@@ -1052,6 +1052,23 @@ def test_slow_or_oversized_requests_cannot_hold_the_gateway(tmp_path):
                 time.sleep(0.4)
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/feedback"])
+def test_a_client_hanging_up_mid_body_is_not_a_traceback(healthy, path):
+    """A client that gives up while sending its body (a cancelled upload, a dropped link) is the
+    client's doing: no internal error in the log, and a chat request counts as a refused 499."""
+    gateway, _mock = healthy
+    host, port = gateway.url.removeprefix("http://").split(":")
+    logged = len(gateway.log())
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     "Content-Length: 1000\r\n\r\n".encode() + b'{"model": "auto", "mess')
+        time.sleep(0.2)
+    time.sleep(0.5)
+    assert "Traceback" not in gateway.log()[logged:], gateway.log()[logged:][-2000:]
+    if path == "/v1/chat/completions":
+        assert 'ponder_errors_total{arm="-",status="499"} 1.0' in httpx.get(gateway.url + "/metrics").text
+
+
 @pytest.mark.parametrize("log_prompts", [False, True], ids=["default", "log_prompts"])
 def test_prompts_reach_the_logs_only_when_configured(tmp_path, log_prompts):
     """Even at --log-level debug, with a backend called through litellm (whose debug lines print whole

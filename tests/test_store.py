@@ -880,6 +880,70 @@ def test_a_settle_or_push_whose_reply_is_lost_is_applied_once(redis_url, tmp_pat
     run(go())
 
 
+@contextlib.asynccontextmanager
+async def reply_delaying_proxy(redis_port: int):
+    """A TCP proxy in front of Redis whose replies can be held back (`proxy.hold_s`): Redis runs a
+    command at once, and its reply reaches the client late, as after a stall or a lost packet."""
+    class Proxy:
+        hold_s = 0.0
+        url = ""
+
+    proxy, handlers = Proxy(), set()
+
+    async def relay(reader, writer, delayed: bool) -> None:
+        with contextlib.suppress(Exception):
+            while data := await reader.read(65536):
+                if delayed and proxy.hold_s:
+                    await asyncio.sleep(proxy.hold_s)
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def connection(client_reader, client_writer) -> None:
+        handlers.add(asyncio.current_task())
+        server_reader, server_writer = await asyncio.open_connection("127.0.0.1", redis_port)
+        await asyncio.gather(relay(client_reader, server_writer, False), relay(server_reader, client_writer, True))
+
+    server = await asyncio.start_server(connection, "127.0.0.1", 0)
+    proxy.url = f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}/0"
+    try:
+        yield proxy
+    finally:
+        server.close()
+        for task in handlers:
+            task.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
+
+
+def test_a_batch_of_events_whose_reply_is_lost_is_written_once(redis_server, redis_url, tmp_path):
+    """Redis runs a batch, but its reply comes after the store's timeout: the store sends the batch
+    again when Redis answers. Each event must be in the stream once, and counted once in the learned
+    stats and the spend rollups."""
+    async def go():
+        client = aioredis.from_url(redis_url, decode_responses=True)
+        async with reply_delaying_proxy(redis_server.port) as proxy:
+            store = await open_store(proxy.url, tmp_path, op_timeout_s=0.3)
+            try:
+                store.record(event(0))  # the batch script is loaded
+                await wait_for(lambda: store.written == 1)
+                proxy.hold_s = 0.6
+                for i in range(1, 4):
+                    store.record(event(i))
+                await wait_for(lambda: store.health()["connected"] is False, timeout=2.0)  # the write timed out
+                proxy.hold_s = 0.0
+                await wait_for(lambda: store.written == 4, timeout=5.0)
+                assert await client.xlen(store.keys.stream) == 4
+                await store.refresh()
+                assert store.snapshot("p")["math:hard"][ARM].count == pytest.approx(4.0)
+                spend = (await store.summary("p"))["spend"]["by_key"]
+                assert spend["key-a"] == {"cost_usd": pytest.approx(0.007), "requests": 4}, spend
+            finally:
+                await store.close()
+        await client.aclose()
+
+    run(go())
+
+
 def test_a_reservation_whose_reply_is_lost_is_not_charged_twice(redis_url, tmp_path):
     """A reservation that times out falls back to the in-process ledger, which charges it too; when
     Redis did apply it, its amount is given back once Redis answers, so the key ends at its spend."""
