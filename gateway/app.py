@@ -383,13 +383,13 @@ async def open_first_stream(gw: Gateway, plan: Plan, req: ChatRequest,
                 # cooling down (a Retry-After, failures): not called, as Caller.complete would not call it
                 last = last if attempt else cooling_error(backend)
                 break
-            if caller.remaining() <= 0:
+            if caller.out_of_time():
                 return ApiError(504, "The request deadline passed before a backend answered.", code="deadline")
             try:
                 return arm, await PassThrough.open(backend, body, caller, plan.prompt_tokens)
             except UpstreamError as exc:
                 last = exc
-                if exc.about_request or caller.remaining() <= 0:  # every arm would refuse it alike, or time is up
+                if exc.about_request or caller.out_of_time():  # every arm would refuse it alike, or time is up
                     return upstream_to_api_error(exc)
                 if not exc.retryable:  # not on this backend (a 401 for its key); another may serve
                     break

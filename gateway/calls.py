@@ -17,6 +17,7 @@ from gateway.backends import Admission, Backend, CallRecord, Usage, UpstreamErro
 from gateway.errors import ApiError, retry_after
 from router.estimates import estimate_prompt_tokens
 
+MIN_CALL_S = 0.01  # less time than this left: a call is not started (see Caller.out_of_time)
 CANCELLED = "cancelled: the client left before the answer (prompt tokens estimated)"
 CANCELLED_QUEUED = "cancelled while queued for a free slot: never sent"
 BACKOFF_BASE_S = 0.05
@@ -37,6 +38,12 @@ class Caller:
     def remaining(self) -> float:
         return self.deadline - time.monotonic()
 
+    def out_of_time(self) -> bool:
+        """Whether the request's deadline is (as good as) past: no call started now could answer. The
+        margin is not only prudence: uvloop's timers fire up to a millisecond early, so a call cut at
+        the deadline can end with a sliver of it left, in which another call would start."""
+        return self.remaining() < MIN_CALL_S
+
     def backend(self, name: str) -> Backend:
         try:
             return self.backends[name]
@@ -54,7 +61,7 @@ class Caller:
             if not backend.health.available(time.monotonic()):
                 raise last or cooling_error(backend)
             budget = self.remaining()
-            if budget <= 0:
+            if budget < MIN_CALL_S:
                 # An UpstreamError, as the call timing out would be: a strategy holding answers already
                 # (a best-of-n judge, a cascade's later stage, another wave) answers with them.
                 raise UpstreamError(backend.name, 504, "The request deadline passed before a backend answered.",

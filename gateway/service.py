@@ -393,7 +393,7 @@ class Gateway:
                 return await run_arm(arm, req.body, ctx)
             except UpstreamError as exc:
                 last = exc
-                if exc.about_request or caller.remaining() <= 0:
+                if exc.about_request or caller.out_of_time():
                     break
         assert last is not None
         raise upstream_to_api_error(last, caller.retry_after_s() if last.status in (429, 503) else None)

@@ -325,7 +325,7 @@ async def _cascade(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> Stra
         except UpstreamError as exc:
             failure = exc
             tried.append({"arm": stage.key, "error": exc.message})
-            if exc.about_request or ctx.caller.remaining() <= 0:  # a 400, a content filter: no stage is sent it
+            if exc.about_request or ctx.caller.out_of_time():  # a 400, a content filter: no stage is sent it
                 break
             continue
         samples += int(result.details.get("samples", 1))
