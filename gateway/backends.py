@@ -191,8 +191,10 @@ class Backend:
         self.basic_messages = self.spec.message_format == "basic"
         # Built once: aiohttp timeouts are immutable, and per-call construction shows on the hot path.
         self._timeout = aiohttp.ClientTimeout(total=self.spec.timeout_s, sock_connect=self.spec.connect_timeout_s)
-        self._stream_timeout = aiohttp.ClientTimeout(total=self.spec.timeout_s,
-                                                     sock_connect=self.spec.connect_timeout_s,
+        # A stream has no whole-call limit: a long answer that keeps flowing is not cut at timeout_s
+        # (nor is one a slow client reads slowly, which would count against the backend); it is cut
+        # when it stalls, first_byte_timeout_s between two reads, as its first event is.
+        self._stream_timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.spec.connect_timeout_s,
                                                      sock_read=self.spec.first_byte_timeout_s)
 
     # -- accounting -------------------------------------------------------------------------

@@ -715,6 +715,26 @@ def test_a_stream_without_usage_is_billed_by_its_length_not_its_chunk_count(gw, 
     assert last.usage.completion_tokens == recorded["request"]["completion_tokens"] == 700 // 4
 
 
+def test_a_stream_that_keeps_flowing_outlasts_the_backends_call_timeout(tmp_path):
+    """timeout_s bounds a call; a relayed stream is bounded only by its pauses (first_byte_timeout_s
+    between reads). A long answer flowing for twice timeout_s used to be cut at timeout_s: an SSE error
+    mid-answer, recorded as the backend's failure."""
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("mock-a", mock, timeout_s=1.0, first_byte_timeout_s=1.0),
+                         mock_backend("mock-b", mock)],
+            "policy": policy(tmp_path)}, name="flowing")) as gateway:
+        words = [f"w{i} " for i in range(6)]
+        pieces = [p for piece in upstream_sse(words, USAGE) for p in (piece.hex(), 0.4)]  # ~3.6 s in all
+        control(mock, script=["raw"], raw=pieces)
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+        chunks = list(client.chat.completions.create(model="mock-a", messages=[{"role": "user", "content": "a"}],
+                                                     stream=True, stream_options={"include_usage": True}))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "".join(words)
+        assert chunks[-1].usage.completion_tokens == USAGE["completion_tokens"]
+        recorded = httpx.get(f"{gateway.url}/v1/ponder/requests/{chunks[0].id}").json()["request"]
+        assert recorded["status"] == 200
+
+
 def test_a_relayed_stream_takes_a_megabyte_in_one_event(gw, mock):
     """One chunk holding a whole long answer (aiohttp's line reader stops at 512 KiB: the relay died
     with a traceback, no error event, and the request was recorded as a 499 billed $0)."""
