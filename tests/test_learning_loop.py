@@ -133,13 +133,15 @@ def test_the_good_arm_failing_is_noticed_within_the_half_life(tmp_path):
         app = App(gateway)
         for _ in range(200):
             app.ask()
-        assert Counter(row["arm"] for row in app.log[-50:])[STRONG] >= 45
+        # (thresholds leave room for exploration and for decay on a busy machine: the half-life is
+        # wall time, and 200 requests take longer there)
+        assert Counter(row["arm"] for row in app.log[-50:])[STRONG] >= 40
         control(mock_b, answers=answers(0.1))
         changed, seen = time.monotonic(), len(app.log)
         while time.monotonic() - changed < 3 * half_life_s:
             app.ask()
             recent = app.log[-40:]
-            if len(app.log) - seen >= 40 and Counter(row["arm"] for row in recent)[CHEAP] >= 36:
+            if len(app.log) - seen >= 40 and Counter(row["arm"] for row in recent)[CHEAP] >= 32:
                 break
         else:
             pytest.fail(f"still on strong {3 * half_life_s:.0f} s after it failed: "
