@@ -285,7 +285,7 @@ async def _relayed_stream(request: Request, gw: Gateway, plan: Plan, req: ChatRe
         await asyncio.shield(settle(gw, plan, caller, reservation, **failure_outcome(exc)))
         raise
     if isinstance(opened, ApiError):
-        await asyncio.shield(settle(gw, plan, caller, reservation, status=opened.status, error=opened.message))
+        await asyncio.shield(settle(gw, plan, caller, reservation, **failure_outcome(opened)))
         return opened.response(headers)
     served, passthrough = opened  # a fallback's arm, when the chosen one failed before its first byte
     headers["x-ponder-arm"] = served.key
@@ -318,7 +318,7 @@ async def _synthesized_stream(request: Request, gw: Gateway, plan: Plan, req: Ch
 
         async def cancelled(refusal: ApiError) -> None:
             await asyncio.wait({work})  # its cancelled calls enter the ledger before the request is settled
-            await settle(gw, plan, caller, reservation, status=refusal.status, error=refusal.message)
+            await settle(gw, plan, caller, reservation, **failure_outcome(refusal))
 
         await asyncio.shield(cancelled(exc))
         return exc.response(headers)

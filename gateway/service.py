@@ -273,10 +273,14 @@ class Gateway:
         except BudgetExhausted as exc:
             if exc.scope == "request":  # the request's own cost cap: asking again will not help
                 raise ApiError(400, str(exc), code="over_cost_limit") from None
-            assert left_by_period is not None  # a key's budget refused it: the key has one
-            period = _period_to_wait_for(left_by_period, exc.cheapest_usd)
+            assert left_by_period  # a key's budget refused it: the key has one
+            # The periods with less left than the cheapest arm costs (than nothing, when that is
+            # unknown); the one to wait for is the one that resets last.
+            need = exc.cheapest_usd if exc.cheapest_usd is not None else 1e-9
+            short = [period for period, left in left_by_period.items() if left < need]
+            period = latest_reset(short, time.time()) if short else min(left_by_period, key=left_by_period.__getitem__)
             held = self._held_usd.get(principal.key_id, 0.0)
-            if _short_only_by(held, left_by_period, exc.cheapest_usd):
+            if held > 0 and short and not _spent_out(left_by_period, need, held):
                 raise _budget_held(period, held) from None
             raise ApiError(429, str(exc), code="budget_exhausted", headers=_retry_at_reset(period)) from None
         if budget_left is not None:
@@ -482,11 +486,11 @@ class Gateway:
                                         f"{period} budget (${limit:.6f}); send a lower max_tokens (without one, a "
                                         "default output length per call is held).", code="over_budget_cap") from None
             held = self._held_usd.get(key_id, 0.0)
-            # The periods the request would not fit even without this process's requests in flight.
-            spent_out = [f for f in exc.failures if f[2] - held + exc.amount > f[1]]
-            if not spent_out:
+            waited_for = _spent_out({period: limit - spent for period, limit, spent in exc.failures}, exc.amount, held)
+            if not waited_for:
                 raise _budget_held(exc.period, held) from None
-            binding = exceeded(spent_out, exc.amount, time.time())  # the period that frees it last
+            binding = exceeded([failure for failure in exc.failures if failure[0] in waited_for], exc.amount,
+                               time.time())  # of the periods worth waiting for, the one that frees it last
             raise ApiError(429, f"Budget exhausted for this key: {binding}.", code="budget_exhausted",
                            headers=_retry_at_reset(binding.period)) from None
         if reservation.mode != "none":
@@ -541,13 +545,10 @@ def configured_policies(config: GatewayConfig) -> PolicySet:
     return PolicySet(config.policy, config.extra_policies, specs)
 
 
-def _short_only_by(held_usd: float, left_by_period: dict[str, float], cheapest_usd: float | None) -> bool:
-    """Whether a key the decision found no affordable arm for would have had one without this process's
-    holds in flight (`held_usd`): every period short of the cheapest arm (of anything, when that is
-    unknown) has it once they are returned."""
-    need = cheapest_usd if cheapest_usd is not None else 1e-9
-    short = [left for left in left_by_period.values() if left < need]
-    return held_usd > 0 and bool(short) and all(left + held_usd >= need for left in short)
+def _spent_out(left_by_period: dict[str, float], need_usd: float, held_usd: float) -> list[str]:
+    """The periods with less left than `need_usd` even once this process's holds in flight (`held_usd`)
+    are returned: the ones worth waiting for. None: only the holds stand in the way (`_budget_held`)."""
+    return [period for period, left in left_by_period.items() if left + held_usd < need_usd]
 
 
 def _budget_held(period: str | None, held_usd: float) -> ApiError:
@@ -558,16 +559,6 @@ def _budget_held(period: str | None, held_usd: float) -> ApiError:
     midnight with money left."""
     return ApiError(429, f"This key's {period} budget is held by its requests in flight (${held_usd:.6f} "
                          "held); retry shortly.", code="budget_held", headers=retry_after(1.0))
-
-
-def _period_to_wait_for(left_by_period: dict[str, float] | None, cheapest_usd: float | None) -> str | None:
-    """The period a key refused by the decision must wait for: of those with less left than the cheapest
-    arm costs (nothing left, when that is unknown), the one that resets last."""
-    if not left_by_period:
-        return None
-    need = cheapest_usd if cheapest_usd is not None else 1e-9
-    short = [period for period, left in left_by_period.items() if left < need]
-    return latest_reset(short, time.time()) if short else min(left_by_period, key=left_by_period.__getitem__)
 
 
 def _retry_at_reset(period: str | None) -> dict[str, str]:
