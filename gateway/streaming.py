@@ -44,12 +44,12 @@ class PassThrough:
     """An upstream stream whose first event has already arrived."""
 
     def __init__(self, backend: Backend, source: AsyncIterator[tuple[bytes, dict | None]],
-                 first: tuple[bytes, dict | None], started: float) -> None:
+                 first: tuple[bytes, dict | None], started: float, prompt_tokens_estimate: int = 0) -> None:
         self.backend = backend
         self.source = source
         self.first = first
         self.started = started
-        self.prompt_tokens_estimate = 0
+        self.prompt_tokens_estimate = prompt_tokens_estimate
         self.usage_estimated = False
         self.client_left = False
         self.relaying = False  # events() has started: from then on it closes the source and bills the call
@@ -74,9 +74,7 @@ class PassThrough:
             await source.aclose()
             raise
         else:
-            passthrough = cls(backend, source, first, started)
-            passthrough.prompt_tokens_estimate = prompt_tokens
-            return passthrough
+            return cls(backend, source, first, started, prompt_tokens)
         await source.aclose()
         if error.status == 502 and error.upstream_status is None and may_exceed_context(prompt_tokens,
                                                                                          backend.max_context):
