@@ -313,6 +313,24 @@ def test_compose_redis_persistence_and_named_volumes():
                 assert source in doc["volumes"], f"{name}: undeclared volume {source}"
 
 
+def test_compose_gateway_keeps_its_data_dir_on_a_named_volume():
+    """With Redis, telemetry.data_dir keeps the budget changes a replica could not push by its SIGTERM
+    (Redis away), for the next start to push. In the container's own filesystem they were lost with it
+    whenever compose recreated or scaled it down, and the key could spend them again."""
+    doc = compose()
+    gateway = doc["services"]["gateway"]
+    config = load_config(container_path_to_repo(gateway, gateway["environment"]["PONDER_CONFIG"]))
+    data_dir = str(config.telemetry.data_dir).rstrip("/")
+    named = [source for source, target in (v.split(":")[:2] for v in gateway.get("volumes", []) if isinstance(v, str))
+             if not source.startswith((".", "/")) and (data_dir + "/").startswith(target.rstrip("/") + "/")]
+    assert named and named[0] in doc["volumes"], f"{data_dir} is not on a named volume"
+    # A new named volume takes the image's directory (and its owner): it must exist there, owned by the
+    # runtime user, or the non-root gateway could not write in it.
+    run = " ".join(args for word, args in final_stage() if word == "RUN")
+    assert re.search(rf"mkdir -p [^&]*{re.escape(data_dir)}\b", run)
+    assert "chown -R ponder:ponder /var/lib/ponder" in run and data_dir.startswith("/var/lib/ponder/")
+
+
 def test_compose_mounts_only_files_that_exist():
     for name, service in compose()["services"].items():
         for source, target in bind_mounts(service):
