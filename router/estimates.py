@@ -9,7 +9,10 @@ request's prompt length, output cap and the learned stats.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import orjson
 
 from policies.backends import BackendSpec
 from policies.loader import resolve_max_context, resolve_prices
@@ -35,17 +38,40 @@ CONTEXT_MARGIN = 1.5
 CONTEXT_UNDERCOUNT = 6
 
 
-def estimate_prompt_tokens(messages: list) -> int:
-    """About 4 characters per token plus a few per message: close enough to price a request."""
+# A request's fields the provider reads (and bills) as prompt besides its messages: an agent's tool
+# definitions are often thousands of tokens under a one-line question, and a structured output's schema
+# is sent to the model too.
+PROMPT_FIELDS = ("tools", "functions", "response_format")
+
+
+def estimate_prompt_tokens(messages: list, body: Mapping[str, Any] | None = None) -> int:
+    """About 4 characters per token plus a few per message: close enough to price a request. An
+    assistant turn's tool calls count; so do the request `body`'s tool definitions and response_format
+    (as their JSON), when it is given."""
     chars = 0
     for message in messages:
-        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(message, dict):
+            continue
+        content = message.get("content")
         if isinstance(content, str):
             chars += len(content)
         elif isinstance(content, list):
             chars += sum(len(text) for part in content
                          if isinstance(part, dict) and isinstance(text := part.get("text"), str))
+        if message.get("tool_calls") or message.get("function_call"):
+            chars += _json_chars(message.get("tool_calls")) + _json_chars(message.get("function_call"))
+    if body is not None:
+        chars += sum(_json_chars(body.get(field)) for field in PROMPT_FIELDS)
     return chars // 4 + 4 * len(messages)
+
+
+def _json_chars(value: Any) -> int:
+    if not value:
+        return 0
+    try:
+        return len(orjson.dumps(value))
+    except (TypeError, orjson.JSONEncodeError):  # not JSON (the body was forwarded as JSON, so rare)
+        return 0
 
 
 def exceeds_context(prompt_tokens: int, max_context: int | None) -> bool:

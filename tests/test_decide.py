@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import orjson
 import pytest
 
 from policies.loader import load_policy, parse_policy
@@ -227,6 +228,22 @@ def test_the_prompt_estimate_counts_only_text_and_never_raises():
                                              {"type": "text", "text": "x" * 40}]},
                 {"role": "assistant", "content": None}, "junk"]
     assert estimate_prompt_tokens(messages) == 40 // 4 + 4 * 3
+
+
+def test_the_prompt_estimate_counts_tool_definitions_calls_and_the_response_schema():
+    """What the provider bills as prompt besides message text: the body's tools (or functions) and
+    response_format, and an assistant turn's tool calls, each as its JSON's length / 4."""
+    call = [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"q": "' + "y" * 400 + '"}'}}]
+    messages = [{"role": "user", "content": "x" * 40}, {"role": "assistant", "content": None, "tool_calls": call},
+                {"role": "tool", "tool_call_id": "c1", "content": "done"}]
+    tools = [{"type": "function", "function": {"name": "f", "description": "z" * 800, "parameters": {}}}]
+    schema = {"type": "json_schema", "json_schema": {"name": "s", "schema": {"description": "w" * 400}}}
+    text_only = (40 + 4) // 4 + 4 * 3
+    with_calls = estimate_prompt_tokens(messages)
+    assert with_calls - text_only == pytest.approx(len(orjson.dumps(call)) / 4, abs=1)
+    whole = estimate_prompt_tokens(messages, {"messages": messages, "tools": tools, "response_format": schema})
+    assert whole - with_calls == pytest.approx((len(orjson.dumps(tools)) + len(orjson.dumps(schema))) / 4, abs=1)
+    assert estimate_prompt_tokens(messages, {"functions": tools}) > with_calls + 200
 
 
 def test_a_route_none_of_whose_arms_holds_the_prompt_uses_the_aliass_that_do():

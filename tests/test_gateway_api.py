@@ -421,6 +421,29 @@ def test_a_cost_cap_no_arm_fits_is_a_400_not_a_retry_later(client, mock, model):
     assert "retry-after" not in refused.value.response.headers and calls(mock)["count"] == 0
 
 
+# An agent's toolbox: 40 functions with described parameters, ~47 KB of JSON (~11,800 prompt tokens at
+# the mock's 4 characters a token, $0.0118 at its $1 per million) under a one-word question.
+TOOLBOX = [{"type": "function", "function": {
+    "name": f"lookup_{i}", "description": "Looks up a record in the company database. " * 8,
+    "parameters": {"type": "object", "properties": {
+        f"field_{j}": {"type": "string", "description": "A field of the record to match exactly."} for j in range(8)}}}}
+    for i in range(40)]
+
+
+@pytest.mark.parametrize("model", ["auto", "mock-a"])
+def test_a_cost_cap_counts_the_tool_definitions_the_prompt_carries(client, mock, model):
+    """Tool definitions are prompt the provider bills: a request whose toolbox alone costs more than its
+    cap is refused before any call (it was sent, priced as a one-word prompt, and cost 10x its cap),
+    and one under a cap that holds it is served for less than the cap."""
+    asked = dict(model=model, messages=[{"role": "user", "content": "hi"}], tools=TOOLBOX, max_tokens=10)
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(**asked, extra_headers={"x-ponder-max-cost-usd": "0.005"})
+    assert refused.value.code == "over_cost_limit" and calls(mock)["count"] == 0
+    raw = client.chat.completions.with_raw_response.create(**asked, extra_headers={"x-ponder-max-cost-usd": "0.02"})
+    assert raw.parse().usage.prompt_tokens > 11_000
+    assert 0.01 < float(raw.headers["x-ponder-cost-usd"]) <= 0.02
+
+
 def test_a_backend_key_missing_from_the_environment_is_said_at_startup(tmp_path):
     with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
             "backends": [mock_backend("m", mock, api_key_env="PONDER_TEST_UNSET_KEY")],
