@@ -59,7 +59,8 @@ def answer_tokens(answer: str | dict) -> int:
 
 
 def finish_reason(answer: str | dict) -> str:
-    return "tool_calls" if as_message(answer).get("tool_calls") else "stop"
+    message = as_message(answer)
+    return "tool_calls" if message.get("tool_calls") else "function_call" if message.get("function_call") else "stop"
 
 
 def prompt_tokens(body: dict) -> int:

@@ -278,6 +278,49 @@ def test_a_synthesized_stream_keeps_what_the_answer_carries(client, mock):
         assert tokens == [t.token for t in choice.logprobs.content] == choice.message.content.split()
 
 
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+def weather_call(city: str, call_id: str) -> dict:
+    return {"id": call_id, "type": "function", "function": {"name": "get_weather", "arguments": f'{{"city": "{city}"}}'}}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_tool_calls_stream_as_they_are_answered(client, mock, stream):
+    """Parallel tool calls reach the openai SDK's stream helper whole (ids, names, argument fragments
+    joined by index), relayed (n = 1) or synthesized from the finished answer (n = 2), with a null
+    content as in the JSON answer (the synthesized stream sent "" for it) and a legacy function_call
+    kept (the synthesized stream dropped it)."""
+    calls_asked = [weather_call("Paris, France", "call_1"), weather_call("Lyon", "call_2")]
+    for n in (1, 2):
+        control(mock, answers=[{"tool_calls": calls_asked}])
+        asked = dict(model="mock-a", messages=[{"role": "user", "content": "Weather in Paris and Lyon?"}],
+                     tools=[WEATHER], n=n)
+        if stream:
+            with client.chat.completions.stream(**asked) as events:
+                completion = events.get_final_completion()
+        else:
+            completion = client.chat.completions.create(**asked)
+        assert len(completion.choices) == n
+        for choice in completion.choices:
+            assert choice.finish_reason == "tool_calls" and choice.message.content is None
+            assert [(c.id, c.type, c.function.name, c.function.arguments) for c in choice.message.tool_calls] == \
+                [(c["id"], c["type"], c["function"]["name"], c["function"]["arguments"]) for c in calls_asked]
+    control(mock, answers=[{"function_call": {"name": "get_weather", "arguments": '{"city": "Lyon"}'}}])
+    functions = dict(model="mock-a", messages=[{"role": "user", "content": "Weather in Lyon?"}],
+                     functions=[WEATHER["function"]], n=2)
+    if stream:
+        chunks = list(client.chat.completions.create(**functions, stream=True))
+        called = [c.choices[0].delta.function_call for c in chunks if c.choices and c.choices[0].delta.function_call]
+        finished = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    else:
+        choices = client.chat.completions.create(**functions).choices
+        called, finished = [c.message.function_call for c in choices], [c.finish_reason for c in choices]
+    assert [(f.name, f.arguments) for f in called] == [("get_weather", '{"city": "Lyon"}')] * 2
+    assert finished == ["function_call"] * 2
+
+
 def test_streaming_without_usage_sends_no_usage_chunk(client, mock):
     chunks = list(client.chat.completions.create(model="mock-a", messages=[{"role": "user", "content": "a"}],
                                                  stream=True))
