@@ -369,10 +369,14 @@ def decide(
             present = {row[0] for row in rows}
             wider = tuple(candidate_row(arm, arm.prior, strength) for arm in view.arms if fits(arm) and arm not in present)
             if not wider and hints.exact_output is not None:
-                # A tool call or JSON object must come from one plain call even when the alias
-                # itself lists only votes: the policy's single arms serve it (docs/api.md).
-                wider = tuple(candidate_row(arm, arm.prior, strength) for arm in compiled.arms.values()
-                              if fits(arm) and arm not in present)
+                # A tool call or JSON object must come from one plain call even when the alias itself
+                # lists only votes: the policy's single arms serve it, else plain calls standing in
+                # for its arms, when it has none there (docs/api.md)
+                for pool in (compiled.arms.values(), compiled.plain_stand_ins):
+                    wider = tuple(candidate_row(arm, arm.prior, strength) for arm in pool
+                                  if fits(arm) and arm not in present)
+                    if wider:
+                        break
             if wider:
                 reasons.append(f"{why} {asked}: no such arm in route `{route.name}`, using the policy's")
                 rows, rule = rows + wider, f"{route.name}+override"

@@ -230,6 +230,8 @@ class CompiledPolicy:
         for name, prior in price_priors(self.arms, policy.learner.price_prior).items():
             self.arms[name].prior = prior
         self.by_key = {arm.key: arm for arm in self.arms.values()}
+        self.plain_stand_ins = self._plain_stand_ins(policy, backends)
+        self.by_key.update((arm.key, arm) for arm in self.plain_stand_ins)
         # a prompt estimated at or below this fits every arm: decide() checks windows only above it
         self.context_floor = min((arm.max_context * CONTEXT_MARGIN for arm in self.arms.values()
                                   if arm.max_context is not None), default=math.inf)
@@ -256,6 +258,23 @@ class CompiledPolicy:
                 routes.append(CompiledRoute(route.name, when.tasks, when.tiers, when.difficulty, candidates,
                                             policy.learner.prior_strength))
             self.aliases[alias_name] = CompiledAlias(alias_name, objective, routes, arms, spec.explore)
+
+    def _plain_stand_ins(self, policy: Policy, backends: dict[str, BackendSpec]) -> list[CompiledArm]:
+        """A plain call (`single`) for each backend and effort the arms use that the policy has none
+        for, standing in for the arms there (their prior, their expected tokens): a request that must
+        be answered by one call (tools, JSON mode, logprobs: decide()) has one even in a policy whose
+        arms all vote, reason or cascade, rather than having its tool call voted on or its JSON
+        object asked for a 'Final answer:' line."""
+        plain = {(arm.backend, arm.effort) for arm in self.arms.values() if arm.strategy == "single"}
+        stand_ins = []
+        for name, arm in self.arms.items():
+            if (arm.backend, arm.effort) not in plain:
+                plain.add((arm.backend, arm.effort))
+                spec = ArmSpec(backend=arm.backend, effort=arm.effort, tokens=arm.spec.tokens)
+                stand_in = CompiledArm(f"{name} (one call)", spec, policy, backends)
+                stand_in.prior = arm.prior
+                stand_ins.append(stand_in)
+        return stand_ins
 
     @property
     def name(self) -> str:

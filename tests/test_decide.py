@@ -189,6 +189,32 @@ def test_tools_or_json_mode_get_one_plain_answer(policy):
     assert tools.arm.strategy == "single" and tools.rule == "hard-math+override"
 
 
+def test_a_policy_with_no_single_arm_answers_tools_by_one_call_on_its_arms_backends():
+    """A policy whose arms all vote or reason still answers a tool call or JSON object by one plain call:
+    one standing in for its arms on their backend and effort (a tool call was voted on, and JSON mode
+    asked for a 'Final answer:' line), priced by the cost model like any arm."""
+    no_single = make_policy(share=0.0, text=POLICY.replace(
+        """  quick:        {backend: cheap}
+  quick-cot:    {backend: cheap, strategy: cot}
+  mid-low:      {backend: mid, effort: low}
+  mid-high:     {backend: mid, effort: high}
+  strong-high:  {backend: strong, effort: high}
+""", "  quick-cot:    {backend: cheap, strategy: cot}\n").replace(
+        "candidates: {strong-high: 0.9, strong-vote: 0.92, mid-high: 0.85, mid-low: 0.7, quick-cot: 0.5}",
+        "candidates: {strong-vote: 0.92, quick-cot: 0.5}").replace(
+        "candidates: {quick: 0.9, quick-cot: 0.88, mid-low: 0.9}", "candidates: {quick-cot: 0.88}").replace(
+        "auto-cheap: {arms: [quick, quick-cot], explore: false}", "auto-cheap: {arms: [quick-cot], explore: false}"))
+    assert decide(HARD_MATH, no_single, {}).arm.strategy in ("self_consistency", "cot")
+    for task in (HARD_MATH, EASY_CHAT):
+        decision = decide(task, no_single, {}, request=RequestHints(exact_output="tools"))
+        plain = [decision.arm, *decision.fallbacks]
+        assert all(arm.strategy == "single" and arm.n == 1 for arm in plain)
+        assert {(arm.backend, arm.effort) for arm in plain} <= {("cheap", None), ("strong", "medium")}
+    compiled = compile_policy(no_single)
+    assert compiled.estimated_cost_usd(decision.arm.key, 100, 50) > 0
+    assert {arm.key for arm in compiled.plain_stand_ins} == {"cheap/-/single/1", "strong/medium/single/1"}
+
+
 def windowed(**windows: int):
     """POLICY with these backends' context windows (max_context) declared."""
     text = POLICY

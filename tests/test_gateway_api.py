@@ -454,6 +454,30 @@ def test_tools_and_json_mode_are_answered_by_one_plain_call(client, mock, model,
     assert raw.parse().model_extra["ponder"]["samples"] == 1 and calls(mock)["count"] == 1
 
 
+def test_a_policy_whose_arms_all_vote_or_reason_answers_tools_and_json_by_one_call(tmp_path):
+    """With no single arm anywhere in the policy, a tool call was voted on (three billed samples, and the
+    vote's confidence of 0 recorded as the arm's success signal) and JSON mode got the reasoning
+    instruction ("End your reply with a last line of the form 'Final answer: <answer>'"): now one plain
+    call on the arms' backend answers them, with the messages as the client sent them."""
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("mock-a", mock)],
+            "policy": write_policy(tmp_path, {
+                "name": "reasoned", "exploration": {"share": 0.0},
+                "arms": {"vote": {"backend": "mock-a", "strategy": "self_consistency", "n": 3},
+                         "think": {"backend": "mock-a", "strategy": "cot"}},
+                "routes": [{"name": "all", "candidates": ["vote", "think"]}]})})) as gateway:
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+        messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+        control(mock, answers=[{"tool_calls": [weather_call("Paris", "call_1")]}])
+        raw = client.chat.completions.with_raw_response.create(model="auto", messages=messages, tools=[WEATHER])
+        assert raw.headers["x-ponder-arm"] == "mock-a/-/single/1" and calls(mock)["count"] == 1
+        assert raw.parse().choices[0].message.tool_calls[0].function.arguments == '{"city": "Paris"}'
+        control(mock, answers=['{"city": "Paris", "sky": "clear"}'])
+        parsed = client.chat.completions.create(model="auto", messages=messages, response_format={"type": "json_object"})
+        assert orjson.loads(parsed.choices[0].message.content) == {"city": "Paris", "sky": "clear"}
+        assert calls(mock)["count"] == 2 and calls(mock)["bodies"][-1]["messages"] == messages
+
+
 @pytest.mark.parametrize("model", ["auto", "mock-a"])
 def test_a_cost_cap_no_arm_fits_is_a_400_not_a_retry_later(client, mock, model):
     """The request's cost cap holds for a routed alias and for a backend named as `model` alike."""
