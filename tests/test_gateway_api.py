@@ -321,6 +321,32 @@ def test_tool_calls_stream_as_they_are_answered(client, mock, stream):
     assert finished == ["function_call"] * 2
 
 
+def test_a_stream_repeating_each_tool_calls_id_and_name_reaches_the_client_as_openai_streams_it(client, mock):
+    """llama-cpp-python's server (the local model) repeats a tool call's id, type and name in every
+    delta (and a legacy function_call's name): the SDK's stream helper, which joins every string, made
+    a call to 'get_weatherget_weatherget_weather' with an id three times over. Only the call's first
+    delta says them now; the arguments' pieces pass as they came."""
+    def chunk(delta: dict, finish: str | None = None) -> bytes:
+        return b"data: " + orjson.dumps({"id": "up-1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                                         "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}) + b"\n\n"
+
+    def piece(arguments: str) -> dict:  # as llama-cpp-python writes each delta of a named tool_choice
+        return {"role": None, "content": None, "function_call": {"name": "get_weather", "arguments": arguments},
+                "tool_calls": [{"index": 0, "id": "call_0", "type": "function",
+                                "function": {"name": "get_weather", "arguments": arguments}}]}
+
+    pieces = [chunk({"role": "assistant", "content": None}), *(chunk(piece(a)) for a in ('{"city', '": "Pa', 'ris"}')),
+              chunk({}, "tool_calls"), b"data: [DONE]\n\n"]
+    control(mock, script=["raw"], raw=[p.hex() for p in pieces])
+    with client.chat.completions.stream(model="mock-a", messages=[{"role": "user", "content": "Weather in Paris?"}],
+                                        tools=[WEATHER]) as events:
+        message = events.get_final_completion().choices[0].message
+    (call,) = message.tool_calls
+    assert (call.id, call.type, call.function.name, call.function.arguments) == (
+        "call_0", "function", "get_weather", '{"city": "Paris"}')
+    assert message.function_call.name == "get_weather"
+
+
 def test_streaming_without_usage_sends_no_usage_chunk(client, mock):
     chunks = list(client.chat.completions.create(model="mock-a", messages=[{"role": "user", "content": "a"}],
                                                  stream=True))
