@@ -407,8 +407,9 @@ def completion_to_chunks(response: dict[str, Any], *, include_usage: bool) -> li
     for choice in response.get("choices") or []:
         message = choice.get("message") or {}
         index = choice.get("index", 0)
-        delta: dict[str, Any] = {"role": "assistant", "content": message.get("content") or ""}
-        for extra in ("refusal", "reasoning_content"):  # what the answer says besides its content
+        # null content stays null (a tool call's, a refusal's), as OpenAI streams it and as the JSON answer has it
+        delta: dict[str, Any] = {"role": "assistant", "content": message.get("content")}
+        for extra in ("refusal", "reasoning_content", "function_call"):  # what the answer says besides its content
             if message.get(extra):
                 delta[extra] = message[extra]
         if message.get("tool_calls"):

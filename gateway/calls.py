@@ -121,7 +121,7 @@ class Caller:
         if not admission.admitted:
             self.calls.append(backend.record(Usage(), started, ok=False, error=CANCELLED_QUEUED))
             return
-        prompt = estimate_prompt_tokens(body.get("messages") or [])
+        prompt = estimate_prompt_tokens(body.get("messages") or [], body)
         self.calls.append(backend.record(Usage(prompt_tokens=prompt), started, ok=False, error=CANCELLED))
 
     def available(self, backend_name: str) -> bool:

@@ -301,7 +301,7 @@ class Gateway:
         if backend is None:
             return 0.0
         if prompt_tokens is None:
-            prompt_tokens = estimate_prompt_tokens(req.messages)
+            prompt_tokens = estimate_prompt_tokens(req.messages, req.body)
         prompt = prompt_tokens
         out = req.max_output_tokens or (REASONING_OUTPUT_TOKENS if backend.spec.reasoning else DIRECT_OUTPUT_TOKENS)
         samples = max(arm.n, req.n)
@@ -363,7 +363,7 @@ class Gateway:
         for cap, why in caps:
             if cap is not None and worst_usd > cap:
                 raise ApiError(400, f"This request may cost up to ${worst_usd:.6f}, over its cost cap (${cap:.6f}, "
-                                    f"{why}); send a lower max_tokens.", code="over_cost_limit")
+                                    f"{why}); send a lower max_tokens or a shorter prompt.", code="over_cost_limit")
 
     def _policy_for(self, headers: Any) -> CompiledPolicy:
         assert self.policies is not None

@@ -111,10 +111,13 @@ class PassThrough:
         content_chunks = content_chars = 0
         self.relaying = True
         relabel = _relabeller(request_id, self.first[1])
+        call_heads = ToolCallHeads()
         item: tuple[bytes, dict | None] | None = self.first
         try:
             while item is not None:
                 payload, parsed = item
+                if parsed and call_heads.drop_repeats(parsed):
+                    payload = orjson.dumps(parsed)
                 if parsed and parsed.get("usage"):
                     usage = Usage.from_block(parsed["usage"])
                     if not parsed.get("choices"):
@@ -201,6 +204,42 @@ def _relabeller(request_id: str, first: dict | None) -> Callable[[bytes, dict | 
         return orjson.dumps({**parsed, "id": request_id})
 
     return relabel
+
+
+class ToolCallHeads:
+    """A streamed tool call's id, type and name come once, in its first delta, then only pieces of its
+    arguments: clients join every string a delta brings (the openai SDK's stream helper, agent
+    frameworks). llama-cpp-python's server (the local model) repeats them in every delta, which joined
+    make a call to 'get_weatherget_weather...' with an id as long: a repeat of what the call's first
+    delta said is dropped (as it is of a legacy function_call's name). Compliant streams pass as sent."""
+
+    __slots__ = ("_heads",)
+
+    def __init__(self) -> None:
+        self._heads: dict[tuple, dict[str, Any]] = {}  # (choice, tool call index | "function_call") -> first fields
+
+    def drop_repeats(self, chunk: dict) -> bool:
+        """Remove repeated heads from the chunk in place; whether any was removed."""
+        dropped = False
+        for choice in chunk.get("choices") or ():
+            delta = choice.get("delta") if isinstance(choice, dict) else None
+            if not isinstance(delta, dict):
+                continue
+            calls = [((choice.get("index"), call.get("index")), call, call.get("function"))
+                     for call in delta.get("tool_calls") or () if isinstance(call, dict)]
+            if isinstance(delta.get("function_call"), dict):
+                calls.append(((choice.get("index"), "function_call"), {}, delta["function_call"]))
+            for key, call, function in calls:
+                function = function if isinstance(function, dict) else {}
+                head = {"id": call.get("id"), "type": call.get("type"), "name": function.get("name")}
+                first = self._heads.setdefault(key, head)
+                if first is head:
+                    continue
+                for field, holder in (("id", call), ("type", call), ("name", function)):
+                    if holder.get(field) is not None and holder[field] == first[field]:
+                        del holder[field]
+                        dropped = True
+        return dropped
 
 
 def _content_chars(chunk: dict) -> int:

@@ -67,8 +67,9 @@ class RequestHints:
     @classmethod
     def from_request(cls, request: Any, headers: Mapping[str, str], policy: Any = None) -> RequestHints:
         """Hints from a parsed chat request (anything with `messages`, `reasoning_effort`,
-        `max_output_tokens`) and its headers. Whether each is honoured is the policy's call, made in
-        decide() where the reason is recorded. Raises InvalidHint (-> 400) on a malformed header."""
+        `max_output_tokens`, and the `body`, whose tool definitions are prompt too) and its headers.
+        Whether each is honoured is the policy's call, made in decide() where the reason is recorded.
+        Raises InvalidHint (-> 400) on a malformed header."""
         strategy = headers.get("x-ponder-strategy") or None
         if strategy is not None and strategy not in STRATEGIES:
             raise InvalidHint(f"x-ponder-strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
@@ -82,7 +83,8 @@ class RequestHints:
             max_latency_ms=_header_number(headers, "x-ponder-max-latency-ms"),
             strategy=strategy,
             reasoning_effort=getattr(request, "reasoning_effort", None),
-            prompt_tokens=estimate_prompt_tokens(getattr(request, "messages", None) or []),
+            prompt_tokens=estimate_prompt_tokens(getattr(request, "messages", None) or [],
+                                                 getattr(request, "body", None)),
             max_output_tokens=getattr(request, "max_output_tokens", None),
             choices=int(getattr(request, "n", None) or 1),
             exact_output=getattr(request, "exact_output", None),
@@ -367,10 +369,14 @@ def decide(
             present = {row[0] for row in rows}
             wider = tuple(candidate_row(arm, arm.prior, strength) for arm in view.arms if fits(arm) and arm not in present)
             if not wider and hints.exact_output is not None:
-                # A tool call or JSON object must come from one plain call even when the alias
-                # itself lists only votes: the policy's single arms serve it (docs/api.md).
-                wider = tuple(candidate_row(arm, arm.prior, strength) for arm in compiled.arms.values()
-                              if fits(arm) and arm not in present)
+                # A tool call or JSON object must come from one plain call even when the alias itself
+                # lists only votes: the policy's single arms serve it, else plain calls standing in
+                # for its arms, when it has none there (docs/api.md)
+                for pool in (compiled.arms.values(), compiled.plain_stand_ins):
+                    wider = tuple(candidate_row(arm, arm.prior, strength) for arm in pool
+                                  if fits(arm) and arm not in present)
+                    if wider:
+                        break
             if wider:
                 reasons.append(f"{why} {asked}: no such arm in route `{route.name}`, using the policy's")
                 rows, rule = rows + wider, f"{route.name}+override"

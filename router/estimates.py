@@ -9,7 +9,10 @@ request's prompt length, output cap and the learned stats.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import orjson
 
 from policies.backends import BackendSpec
 from policies.loader import resolve_max_context, resolve_prices
@@ -35,17 +38,40 @@ CONTEXT_MARGIN = 1.5
 CONTEXT_UNDERCOUNT = 6
 
 
-def estimate_prompt_tokens(messages: list) -> int:
-    """About 4 characters per token plus a few per message: close enough to price a request."""
+# A request's fields the provider reads (and bills) as prompt besides its messages: an agent's tool
+# definitions are often thousands of tokens under a one-line question, and a structured output's schema
+# is sent to the model too.
+PROMPT_FIELDS = ("tools", "functions", "response_format")
+
+
+def estimate_prompt_tokens(messages: list, body: Mapping[str, Any] | None = None) -> int:
+    """About 4 characters per token plus a few per message: close enough to price a request. An
+    assistant turn's tool calls count; so do the request `body`'s tool definitions and response_format
+    (as their JSON), when it is given."""
     chars = 0
     for message in messages:
-        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(message, dict):
+            continue
+        content = message.get("content")
         if isinstance(content, str):
             chars += len(content)
         elif isinstance(content, list):
             chars += sum(len(text) for part in content
                          if isinstance(part, dict) and isinstance(text := part.get("text"), str))
+        if message.get("tool_calls") or message.get("function_call"):
+            chars += _json_chars(message.get("tool_calls")) + _json_chars(message.get("function_call"))
+    if body is not None:
+        chars += sum(_json_chars(body.get(field)) for field in PROMPT_FIELDS)
     return chars // 4 + 4 * len(messages)
+
+
+def _json_chars(value: Any) -> int:
+    if not value:
+        return 0
+    try:
+        return len(orjson.dumps(value))
+    except (TypeError, orjson.JSONEncodeError):  # not JSON (the body was forwarded as JSON, so rare)
+        return 0
 
 
 def exceeds_context(prompt_tokens: int, max_context: int | None) -> bool:
@@ -204,6 +230,8 @@ class CompiledPolicy:
         for name, prior in price_priors(self.arms, policy.learner.price_prior).items():
             self.arms[name].prior = prior
         self.by_key = {arm.key: arm for arm in self.arms.values()}
+        self.plain_stand_ins = self._plain_stand_ins(policy, backends)
+        self.by_key.update((arm.key, arm) for arm in self.plain_stand_ins)
         # a prompt estimated at or below this fits every arm: decide() checks windows only above it
         self.context_floor = min((arm.max_context * CONTEXT_MARGIN for arm in self.arms.values()
                                   if arm.max_context is not None), default=math.inf)
@@ -230,6 +258,23 @@ class CompiledPolicy:
                 routes.append(CompiledRoute(route.name, when.tasks, when.tiers, when.difficulty, candidates,
                                             policy.learner.prior_strength))
             self.aliases[alias_name] = CompiledAlias(alias_name, objective, routes, arms, spec.explore)
+
+    def _plain_stand_ins(self, policy: Policy, backends: dict[str, BackendSpec]) -> list[CompiledArm]:
+        """A plain call (`single`) for each backend and effort the arms use that the policy has none
+        for, standing in for the arms there (their prior, their expected tokens): a request that must
+        be answered by one call (tools, JSON mode, logprobs: decide()) has one even in a policy whose
+        arms all vote, reason or cascade, rather than having its tool call voted on or its JSON
+        object asked for a 'Final answer:' line."""
+        plain = {(arm.backend, arm.effort) for arm in self.arms.values() if arm.strategy == "single"}
+        stand_ins = []
+        for name, arm in self.arms.items():
+            if (arm.backend, arm.effort) not in plain:
+                plain.add((arm.backend, arm.effort))
+                spec = ArmSpec(backend=arm.backend, effort=arm.effort, tokens=arm.spec.tokens)
+                stand_in = CompiledArm(f"{name} (one call)", spec, policy, backends)
+                stand_in.prior = arm.prior
+                stand_ins.append(stand_in)
+        return stand_ins
 
     @property
     def name(self) -> str:

@@ -16,6 +16,9 @@ exact, predictable usage (1 token per whitespace-separated word), and can misbeh
     POST /reset     forget everything
 
 `answers` are picked by the request's `seed` (seed % len), else in turn, so voting can be tested.
+An answer is a text, or a message object (`{"content": null, "tool_calls": [...]}`, `{"refusal": ...}`):
+its tool calls stream as OpenAI streams them (the call's id, type and name with empty arguments, then
+the arguments in pieces of a few characters, under the call's index) and finish with "tool_calls".
 """
 
 from __future__ import annotations
@@ -41,7 +44,28 @@ def words(text: str) -> int:
     return len(text.split())
 
 
+def as_message(answer: str | dict) -> dict:
+    message = {"role": "assistant", "content": answer} if isinstance(answer, str) else \
+        {"role": "assistant", "content": None, **answer}
+    return message
+
+
+def answer_tokens(answer: str | dict) -> int:
+    """Words of the text, and of each tool call's name and arguments (the arguments' characters / 4)."""
+    message = as_message(answer)
+    calls = message.get("tool_calls") or []
+    return words(message.get("content") or message.get("refusal") or "") + sum(
+        1 + len(call["function"]["arguments"]) // 4 for call in calls)
+
+
+def finish_reason(answer: str | dict) -> str:
+    message = as_message(answer)
+    return "tool_calls" if message.get("tool_calls") else "function_call" if message.get("function_call") else "stop"
+
+
 def prompt_tokens(body: dict) -> int:
+    """Words of the messages; tool definitions, a response_format and an assistant turn's tool calls
+    count as providers bill them, 1 token per 4 characters of their JSON."""
     total = 0
     for message in body.get("messages") or []:
         content = message.get("content")
@@ -49,6 +73,11 @@ def prompt_tokens(body: dict) -> int:
             total += words(content)
         elif isinstance(content, list):
             total += sum(words(p.get("text", "")) for p in content if isinstance(p, dict))
+        if message.get("tool_calls"):
+            total += len(orjson.dumps(message["tool_calls"])) // 4
+    for key in ("tools", "functions", "response_format"):
+        if body.get(key):
+            total += len(orjson.dumps(body[key])) // 4
     return total
 
 
@@ -106,7 +135,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
         return await raw_stream(request)
     n = int(body.get("n") or 1)
     answers = [pick_answer(body, i) for i in range(n)]
-    usage = {"prompt_tokens": prompt_tokens(body), "completion_tokens": sum(words(a) for a in answers)}
+    usage = {"prompt_tokens": prompt_tokens(body), "completion_tokens": sum(answer_tokens(a) for a in answers)}
     usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
     if STATE["cached_tokens"]:
         usage["prompt_tokens_details"] = {"cached_tokens": STATE["cached_tokens"], "audio_tokens": 0}
@@ -117,23 +146,26 @@ async def chat(request: web.Request) -> web.StreamResponse:
     base = {"id": f"mock-{STATE['count']}", "created": int(time.time()), "model": body.get("model", "mock"),
             "system_fingerprint": "fp_mock"}
     if not body.get("stream"):
-        choices = [{"index": i, "message": {"role": "assistant", "content": a}, "finish_reason": "stop"}
+        choices = [{"index": i, "message": as_message(a), "finish_reason": finish_reason(a)}
                    for i, a in enumerate(answers)]
         if body.get("logprobs"):  # one entry per word
             for choice, a in zip(choices, answers):
+                a = as_message(a).get("content") or ""
                 choice["logprobs"] = {"content": [{"token": w, "logprob": -0.5, "bytes": list(w.encode()),
                                                    "top_logprobs": []} for w in a.split()]}
         return web.json_response({**base, "object": "chat.completion", "choices": choices, "usage": usage})
     return await stream(request, body, base, answers[0], usage, behaviour)
 
 
-async def stream(request: web.Request, body: dict, base: dict, answer: str, usage: dict,
+async def stream(request: web.Request, body: dict, base: dict, answer: str | dict, usage: dict,
                  behaviour: str) -> web.StreamResponse:
     if behaviour == "stall":
         await asyncio.sleep(STATE["hang_s"])
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await response.prepare(request)
     chunk = {**base, "object": "chat.completion.chunk"}
+    if not isinstance(answer, str):
+        return await stream_message(response, body, chunk, as_message(answer), usage)
     pieces = answer.split(" ")
     for i, piece in enumerate(pieces):
         delta = {"content": piece if i == 0 else " " + piece}
@@ -153,6 +185,33 @@ async def stream(request: web.Request, body: dict, base: dict, answer: str, usag
             return response
     await response.write(b"data: " + orjson.dumps({**chunk, "choices": [{"index": 0, "delta": {},
                                                                            "finish_reason": "stop"}]}) + b"\n\n")
+    if (body.get("stream_options") or {}).get("include_usage"):
+        await response.write(b"data: " + orjson.dumps({**chunk, "choices": [], "usage": usage}) + b"\n\n")
+    await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
+
+
+async def stream_message(response: web.StreamResponse, body: dict, chunk: dict, message: dict,
+                         usage: dict) -> web.StreamResponse:
+    """A message answer as OpenAI streams it: role first, tool calls as id/name then argument pieces."""
+    async def send(delta: dict, finish: str | None = None) -> None:
+        await response.write(b"data: " + orjson.dumps(
+            {**chunk, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}) + b"\n\n")
+
+    first = {"role": "assistant", "content": None}
+    if message.get("refusal"):
+        first["refusal"] = message["refusal"]
+    if message.get("content"):
+        first["content"] = message["content"]
+    await send(first)
+    for index, call in enumerate(message.get("tool_calls") or []):
+        await send({"tool_calls": [{"index": index, "id": call["id"], "type": "function",
+                                    "function": {"name": call["function"]["name"], "arguments": ""}}]})
+        arguments = call["function"]["arguments"]
+        for start in range(0, len(arguments), 5):
+            await send({"tool_calls": [{"index": index, "function": {"arguments": arguments[start:start + 5]}}]})
+    await send({}, "tool_calls" if message.get("tool_calls") else "stop")
     if (body.get("stream_options") or {}).get("include_usage"):
         await response.write(b"data: " + orjson.dumps({**chunk, "choices": [], "usage": usage}) + b"\n\n")
     await response.write(b"data: [DONE]\n\n")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import orjson
 import pytest
 
 from policies.loader import load_policy, parse_policy
@@ -188,6 +189,32 @@ def test_tools_or_json_mode_get_one_plain_answer(policy):
     assert tools.arm.strategy == "single" and tools.rule == "hard-math+override"
 
 
+def test_a_policy_with_no_single_arm_answers_tools_by_one_call_on_its_arms_backends():
+    """A policy whose arms all vote or reason still answers a tool call or JSON object by one plain call:
+    one standing in for its arms on their backend and effort (a tool call was voted on, and JSON mode
+    asked for a 'Final answer:' line), priced by the cost model like any arm."""
+    no_single = make_policy(share=0.0, text=POLICY.replace(
+        """  quick:        {backend: cheap}
+  quick-cot:    {backend: cheap, strategy: cot}
+  mid-low:      {backend: mid, effort: low}
+  mid-high:     {backend: mid, effort: high}
+  strong-high:  {backend: strong, effort: high}
+""", "  quick-cot:    {backend: cheap, strategy: cot}\n").replace(
+        "candidates: {strong-high: 0.9, strong-vote: 0.92, mid-high: 0.85, mid-low: 0.7, quick-cot: 0.5}",
+        "candidates: {strong-vote: 0.92, quick-cot: 0.5}").replace(
+        "candidates: {quick: 0.9, quick-cot: 0.88, mid-low: 0.9}", "candidates: {quick-cot: 0.88}").replace(
+        "auto-cheap: {arms: [quick, quick-cot], explore: false}", "auto-cheap: {arms: [quick-cot], explore: false}"))
+    assert decide(HARD_MATH, no_single, {}).arm.strategy in ("self_consistency", "cot")
+    for task in (HARD_MATH, EASY_CHAT):
+        decision = decide(task, no_single, {}, request=RequestHints(exact_output="tools"))
+        plain = [decision.arm, *decision.fallbacks]
+        assert all(arm.strategy == "single" and arm.n == 1 for arm in plain)
+        assert {(arm.backend, arm.effort) for arm in plain} <= {("cheap", None), ("strong", "medium")}
+    compiled = compile_policy(no_single)
+    assert compiled.estimated_cost_usd(decision.arm.key, 100, 50) > 0
+    assert {arm.key for arm in compiled.plain_stand_ins} == {"cheap/-/single/1", "strong/medium/single/1"}
+
+
 def windowed(**windows: int):
     """POLICY with these backends' context windows (max_context) declared."""
     text = POLICY
@@ -227,6 +254,22 @@ def test_the_prompt_estimate_counts_only_text_and_never_raises():
                                              {"type": "text", "text": "x" * 40}]},
                 {"role": "assistant", "content": None}, "junk"]
     assert estimate_prompt_tokens(messages) == 40 // 4 + 4 * 3
+
+
+def test_the_prompt_estimate_counts_tool_definitions_calls_and_the_response_schema():
+    """What the provider bills as prompt besides message text: the body's tools (or functions) and
+    response_format, and an assistant turn's tool calls, each as its JSON's length / 4."""
+    call = [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"q": "' + "y" * 400 + '"}'}}]
+    messages = [{"role": "user", "content": "x" * 40}, {"role": "assistant", "content": None, "tool_calls": call},
+                {"role": "tool", "tool_call_id": "c1", "content": "done"}]
+    tools = [{"type": "function", "function": {"name": "f", "description": "z" * 800, "parameters": {}}}]
+    schema = {"type": "json_schema", "json_schema": {"name": "s", "schema": {"description": "w" * 400}}}
+    text_only = (40 + 4) // 4 + 4 * 3
+    with_calls = estimate_prompt_tokens(messages)
+    assert with_calls - text_only == pytest.approx(len(orjson.dumps(call)) / 4, abs=1)
+    whole = estimate_prompt_tokens(messages, {"messages": messages, "tools": tools, "response_format": schema})
+    assert whole - with_calls == pytest.approx((len(orjson.dumps(tools)) + len(orjson.dumps(schema))) / 4, abs=1)
+    assert estimate_prompt_tokens(messages, {"functions": tools}) > with_calls + 200
 
 
 def test_a_route_none_of_whose_arms_holds_the_prompt_uses_the_aliass_that_do():

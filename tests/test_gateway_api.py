@@ -278,6 +278,75 @@ def test_a_synthesized_stream_keeps_what_the_answer_carries(client, mock):
         assert tokens == [t.token for t in choice.logprobs.content] == choice.message.content.split()
 
 
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+def weather_call(city: str, call_id: str) -> dict:
+    return {"id": call_id, "type": "function", "function": {"name": "get_weather", "arguments": f'{{"city": "{city}"}}'}}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_tool_calls_stream_as_they_are_answered(client, mock, stream):
+    """Parallel tool calls reach the openai SDK's stream helper whole (ids, names, argument fragments
+    joined by index), relayed (n = 1) or synthesized from the finished answer (n = 2), with a null
+    content as in the JSON answer (the synthesized stream sent "" for it) and a legacy function_call
+    kept (the synthesized stream dropped it)."""
+    calls_asked = [weather_call("Paris, France", "call_1"), weather_call("Lyon", "call_2")]
+    for n in (1, 2):
+        control(mock, answers=[{"tool_calls": calls_asked}])
+        asked = dict(model="mock-a", messages=[{"role": "user", "content": "Weather in Paris and Lyon?"}],
+                     tools=[WEATHER], n=n)
+        if stream:
+            with client.chat.completions.stream(**asked) as events:
+                completion = events.get_final_completion()
+        else:
+            completion = client.chat.completions.create(**asked)
+        assert len(completion.choices) == n
+        for choice in completion.choices:
+            assert choice.finish_reason == "tool_calls" and choice.message.content is None
+            assert [(c.id, c.type, c.function.name, c.function.arguments) for c in choice.message.tool_calls] == \
+                [(c["id"], c["type"], c["function"]["name"], c["function"]["arguments"]) for c in calls_asked]
+    control(mock, answers=[{"function_call": {"name": "get_weather", "arguments": '{"city": "Lyon"}'}}])
+    functions = dict(model="mock-a", messages=[{"role": "user", "content": "Weather in Lyon?"}],
+                     functions=[WEATHER["function"]], n=2)
+    if stream:
+        chunks = list(client.chat.completions.create(**functions, stream=True))
+        called = [c.choices[0].delta.function_call for c in chunks if c.choices and c.choices[0].delta.function_call]
+        finished = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    else:
+        choices = client.chat.completions.create(**functions).choices
+        called, finished = [c.message.function_call for c in choices], [c.finish_reason for c in choices]
+    assert [(f.name, f.arguments) for f in called] == [("get_weather", '{"city": "Lyon"}')] * 2
+    assert finished == ["function_call"] * 2
+
+
+def test_a_stream_repeating_each_tool_calls_id_and_name_reaches_the_client_as_openai_streams_it(client, mock):
+    """llama-cpp-python's server (the local model) repeats a tool call's id, type and name in every
+    delta (and a legacy function_call's name): the SDK's stream helper, which joins every string, made
+    a call to 'get_weatherget_weatherget_weather' with an id three times over. Only the call's first
+    delta says them now; the arguments' pieces pass as they came."""
+    def chunk(delta: dict, finish: str | None = None) -> bytes:
+        return b"data: " + orjson.dumps({"id": "up-1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                                         "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}) + b"\n\n"
+
+    def piece(arguments: str) -> dict:  # as llama-cpp-python writes each delta of a named tool_choice
+        return {"role": None, "content": None, "function_call": {"name": "get_weather", "arguments": arguments},
+                "tool_calls": [{"index": 0, "id": "call_0", "type": "function",
+                                "function": {"name": "get_weather", "arguments": arguments}}]}
+
+    pieces = [chunk({"role": "assistant", "content": None}), *(chunk(piece(a)) for a in ('{"city', '": "Pa', 'ris"}')),
+              chunk({}, "tool_calls"), b"data: [DONE]\n\n"]
+    control(mock, script=["raw"], raw=[p.hex() for p in pieces])
+    with client.chat.completions.stream(model="mock-a", messages=[{"role": "user", "content": "Weather in Paris?"}],
+                                        tools=[WEATHER]) as events:
+        message = events.get_final_completion().choices[0].message
+    (call,) = message.tool_calls
+    assert (call.id, call.type, call.function.name, call.function.arguments) == (
+        "call_0", "function", "get_weather", '{"city": "Paris"}')
+    assert message.function_call.name == "get_weather"
+
+
 def test_streaming_without_usage_sends_no_usage_chunk(client, mock):
     chunks = list(client.chat.completions.create(model="mock-a", messages=[{"role": "user", "content": "a"}],
                                                  stream=True))
@@ -411,6 +480,30 @@ def test_tools_and_json_mode_are_answered_by_one_plain_call(client, mock, model,
     assert raw.parse().model_extra["ponder"]["samples"] == 1 and calls(mock)["count"] == 1
 
 
+def test_a_policy_whose_arms_all_vote_or_reason_answers_tools_and_json_by_one_call(tmp_path):
+    """With no single arm anywhere in the policy, a tool call was voted on (three billed samples, and the
+    vote's confidence of 0 recorded as the arm's success signal) and JSON mode got the reasoning
+    instruction ("End your reply with a last line of the form 'Final answer: <answer>'"): now one plain
+    call on the arms' backend answers them, with the messages as the client sent them."""
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("mock-a", mock)],
+            "policy": write_policy(tmp_path, {
+                "name": "reasoned", "exploration": {"share": 0.0},
+                "arms": {"vote": {"backend": "mock-a", "strategy": "self_consistency", "n": 3},
+                         "think": {"backend": "mock-a", "strategy": "cot"}},
+                "routes": [{"name": "all", "candidates": ["vote", "think"]}]})})) as gateway:
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+        messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+        control(mock, answers=[{"tool_calls": [weather_call("Paris", "call_1")]}])
+        raw = client.chat.completions.with_raw_response.create(model="auto", messages=messages, tools=[WEATHER])
+        assert raw.headers["x-ponder-arm"] == "mock-a/-/single/1" and calls(mock)["count"] == 1
+        assert raw.parse().choices[0].message.tool_calls[0].function.arguments == '{"city": "Paris"}'
+        control(mock, answers=['{"city": "Paris", "sky": "clear"}'])
+        parsed = client.chat.completions.create(model="auto", messages=messages, response_format={"type": "json_object"})
+        assert orjson.loads(parsed.choices[0].message.content) == {"city": "Paris", "sky": "clear"}
+        assert calls(mock)["count"] == 2 and calls(mock)["bodies"][-1]["messages"] == messages
+
+
 @pytest.mark.parametrize("model", ["auto", "mock-a"])
 def test_a_cost_cap_no_arm_fits_is_a_400_not_a_retry_later(client, mock, model):
     """The request's cost cap holds for a routed alias and for a backend named as `model` alike."""
@@ -419,6 +512,29 @@ def test_a_cost_cap_no_arm_fits_is_a_400_not_a_retry_later(client, mock, model):
                                        extra_headers={"x-ponder-max-cost-usd": "0.000000001"})
     assert refused.value.code == "over_cost_limit" and "x-ponder-max-cost-usd" in refused.value.message
     assert "retry-after" not in refused.value.response.headers and calls(mock)["count"] == 0
+
+
+# An agent's toolbox: 40 functions with described parameters, ~47 KB of JSON (~11,800 prompt tokens at
+# the mock's 4 characters a token, $0.0118 at its $1 per million) under a one-word question.
+TOOLBOX = [{"type": "function", "function": {
+    "name": f"lookup_{i}", "description": "Looks up a record in the company database. " * 8,
+    "parameters": {"type": "object", "properties": {
+        f"field_{j}": {"type": "string", "description": "A field of the record to match exactly."} for j in range(8)}}}}
+    for i in range(40)]
+
+
+@pytest.mark.parametrize("model", ["auto", "mock-a"])
+def test_a_cost_cap_counts_the_tool_definitions_the_prompt_carries(client, mock, model):
+    """Tool definitions are prompt the provider bills: a request whose toolbox alone costs more than its
+    cap is refused before any call (it was sent, priced as a one-word prompt, and cost 10x its cap),
+    and one under a cap that holds it is served for less than the cap."""
+    asked = dict(model=model, messages=[{"role": "user", "content": "hi"}], tools=TOOLBOX, max_tokens=10)
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(**asked, extra_headers={"x-ponder-max-cost-usd": "0.005"})
+    assert refused.value.code == "over_cost_limit" and calls(mock)["count"] == 0
+    raw = client.chat.completions.with_raw_response.create(**asked, extra_headers={"x-ponder-max-cost-usd": "0.02"})
+    assert raw.parse().usage.prompt_tokens > 11_000
+    assert 0.01 < float(raw.headers["x-ponder-cost-usd"]) <= 0.02
 
 
 def test_a_backend_key_missing_from_the_environment_is_said_at_startup(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import openai
 import pytest
@@ -87,6 +89,22 @@ def test_the_local_model_answers_structured_outputs(local_gateway):
     completion = client.chat.completions.parse(model="local", response_format=Sum, max_completion_tokens=40, seed=8,
                                                messages=[{"role": "user", "content": "What is 2 + 3?"}])
     assert isinstance(completion.choices[0].message.parsed, Sum)
+
+
+def test_a_streamed_tool_call_of_the_local_model_is_one_call(local_gateway):
+    """llama-cpp-python streams a tool call with its id and name repeated in every delta: the SDK's stream
+    helper joined them into a call to 'get_weatherget_weather...'. It gets them once, as OpenAI sends."""
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+    client = openai.OpenAI(base_url=local_gateway.url + "/v1", api_key="none", max_retries=0)
+    asked = dict(model="local", messages=[{"role": "user", "content": "What is the weather in Paris?"}], tools=[weather],
+                 tool_choice={"type": "function", "function": {"name": "get_weather"}}, max_tokens=30, seed=1)
+    with client.chat.completions.stream(**asked) as events:
+        streamed = events.get_final_completion().choices[0].message.tool_calls
+    whole = client.chat.completions.create(**asked).choices[0].message.tool_calls
+    assert len(streamed) == len(whole) == 1 and streamed[0].function.name == "get_weather"
+    assert streamed[0].id.startswith("call_") and len(streamed[0].id) == len(whole[0].id)
+    assert isinstance(json.loads(streamed[0].function.arguments), dict)
 
 
 def test_local_model_votes_on_a_math_question(local_gateway):
