@@ -161,10 +161,11 @@ async def _cot(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> Strategy
 
 async def _gather_samples(arm: Arm, body: dict[str, Any], ctx: StrategyContext, *, count: int,
                           first: int = 0, diverse: bool = True, cot: bool = False) -> list[dict[str, Any]]:
-    """`count` independent samples, concurrently but bounded; failed samples are dropped (and billed).
-    A failure that fails the request (a request error, the deadline) raises once every sample under
-    way has ended, and no sample starts after it: none calls an upstream after the client has its
-    error, and every call is in the ledger before the request is billed."""
+    """`count` independent samples, concurrently but bounded; failed samples are dropped (and billed),
+    an answer without choices (an upstream's empty 200) with them. A failure that fails the request (a
+    request error, the deadline) raises once every sample under way has ended, and no sample starts
+    after it: none calls an upstream after the client has its error, and every call is in the ledger
+    before the request is billed."""
     limit = asyncio.Semaphore(int(ctx.param("max_concurrency")))
     fatal: list[Exception] = []
 
@@ -173,8 +174,11 @@ async def _gather_samples(arm: Arm, body: dict[str, Any], ctx: StrategyContext, 
             if fatal:
                 return None
             try:
-                return await ctx.caller.complete(
+                response = await ctx.caller.complete(
                     arm.backend, _sample_body(arm, body, ctx, sample=first + i, diverse=diverse, cot=cot))
+                # kept, it would count as a sample drawn with no answer to count: adaptive waves of
+                # them never reached max n, and called the upstream until the deadline
+                return response if response.get("choices") else None
             except UpstreamError as exc:
                 if not exc.about_request:
                     ctx.last_sample_error = exc

@@ -437,6 +437,29 @@ def test_a_vote_whose_samples_all_failed_answers_with_their_failures_status(tmp_
             assert int(cooling.headers["retry-after"]) >= 1
 
 
+def test_adaptive_sampling_of_answers_without_choices_stops_at_its_max_n(tmp_path):
+    """An upstream answering 200 with no choices (some do under load): each such sample is a failed
+    one, counted against max n. They counted as drawn samples with no answer, so the waves never
+    reached max n: one request called the upstream thousands of times, until its deadline."""
+    with running(start_mock(tmp_path)) as mock:
+        backend = mock_backend("sampler", mock, max_retries=0, supports_n=False)
+        policy = write_policy(tmp_path, {
+            "name": "adaptive", "arms": {"waves": {"backend": "sampler", "strategy": "adaptive_consistency", "n": 6}},
+            "routes": [{"name": "all", "candidates": ["waves"]}], "exploration": {"share": 0.0}})
+        with running(start_gateway(tmp_path, {"backends": [backend], "policy": policy, "request_timeout_s": 3},
+                                   name="adaptive")) as gateway:
+            control(mock, script=["ok"] + ["empty"] * 10_000, answers=["7"])
+            answered = httpx.post(gateway.url + "/v1/chat/completions", json=chat("auto", "what is 3 + 4?"),
+                                  timeout=10)
+            assert answered.status_code == 200, answered.text
+            assert answered.json()["choices"][0]["message"]["content"] == "7"
+            made = upstream_calls(mock)
+            assert made <= 6  # max n (the vote may be decided sooner)
+            detail = httpx.get(gateway.url + f"/v1/ponder/requests/{answered.json()['id']}").json()
+            assert len(detail["execution"]["calls"]) == made, detail
+            assert detail["execution"]["details"]["failed_samples"] == made - 1, detail
+
+
 def test_a_vote_refused_by_its_upstream_starts_no_sample_after_the_client_has_its_error(tmp_path):
     """A request error (400) on one sample fails the vote: the samples still queued for a slot must not
     call the upstream afterwards (asyncio.gather left them running: calls made for nobody, and never
