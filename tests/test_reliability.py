@@ -389,6 +389,34 @@ def test_requests_timed_out_in_the_gateways_queue_do_not_cool_the_backend_down(t
                 assert b"[DONE]" in b"".join(chunks)
 
 
+def test_calls_cut_by_the_deadline_soon_after_a_slot_freed_do_not_cool_the_backend_down(tmp_path):
+    """A burst of votes on a busy backend (2 slots, 0.3 s an answer, 1 s a request): the calls that got
+    a slot last are cut by their request's deadline a moment later. The backend answered every call it
+    had time for; it must serve the next request at once, not refuse it as 'cooling down' (each cut
+    call counted as a timeout against its health: a second request's put it in cool-down, more
+    requests' for up to 30 s)."""
+    with running(start_mock(tmp_path)) as mock:
+        backend = mock_backend("busy", mock, max_concurrency=2, max_retries=0, timeout_s=10, supports_n=False)
+        policy = write_policy(tmp_path, {
+            "name": "busy", "arms": {"vote": {"backend": "busy", "strategy": "self_consistency", "n": 2,
+                                              "max_concurrency": 1}},
+            "routes": [{"name": "all", "candidates": ["vote"]}], "exploration": {"share": 0.0}})
+        with running(start_gateway(tmp_path, {"backends": [backend], "policy": policy, "request_timeout_s": 1.0},
+                                   name="busy")) as gateway:
+            control(mock, delay_ms=300, answers=["7"])
+            burst = asyncio.run(fire(gateway.url, [chat("auto", f"what is {i} + 4?") for i in range(8)], 8))
+            control(mock, delay_ms=0)
+            after = httpx.post(gateway.url + "/v1/chat/completions", json=chat("auto"), timeout=10)
+            assert after.status_code == 200, after.text
+            for status, _, _, body in burst:
+                assert status in (200, 504), body
+                if status == 504:
+                    assert_openai_error(None, body)
+            errors = [call["error"] for _, _, headers, _ in burst for call in httpx.get(
+                gateway.url + f"/v1/ponder/requests/{headers['x-ponder-request-id']}").json()["execution"]["calls"]]
+            assert "busy: request deadline reached" in errors, errors  # calls were cut after they got a slot
+
+
 def test_a_client_that_leaves_while_queued_for_a_slot_is_billed_nothing(tmp_path):
     """Requests queued behind a busy one-slot backend whose clients leave never reached the upstream:
     recorded as 499 at no cost. They were billed their prompt's estimate, as calls the upstream had read."""
