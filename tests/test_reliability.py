@@ -488,6 +488,30 @@ def test_adaptive_sampling_of_answers_without_choices_stops_at_its_max_n(tmp_pat
             assert detail["execution"]["details"]["failed_samples"] == made - 1, detail
 
 
+def test_a_failed_sample_still_leaves_the_client_its_n_choices_whatever_the_strategy(tmp_path):
+    """n=3 and one sample failing (a 500, no retry): every strategy draws one more, as the fixed vote
+    did, and answers 3 choices. Best-of-N, adaptive consistency and n split into calls answered 2, an
+    `IndexError` for an app reading `choices[2]` of the `n=3` it asked for."""
+    with running(start_mock(tmp_path)) as mock:
+        backends = [mock_backend("sampler", mock, max_retries=0, supports_n=False), mock_backend("judge", mock)]
+        arms = {"best": {"backend": "sampler", "strategy": "best_of_n", "n": 3, "verifier": "judge"},
+                "waves": {"backend": "sampler", "strategy": "adaptive_consistency", "n": 3},
+                "split": {"backend": "sampler", "strategy": "single"}}
+        policy = write_policy(tmp_path, {
+            "name": "choices", "arms": arms, "routes": [{"name": "all", "candidates": list(arms)}],
+            "aliases": {name: {"arms": [name], "explore": False} for name in arms}, "exploration": {"share": 0.0}})
+        with running(start_gateway(tmp_path, {"backends": backends, "policy": policy}, name="choices")) as gateway:
+            for alias in arms:
+                reset(mock)
+                control(mock, script=["ok", "500"], answers=["Score: 7"])  # a judge reads the same answer
+                answered = httpx.post(gateway.url + "/v1/chat/completions", json=chat(alias, "what is 3 + 4?", n=3),
+                                      timeout=10)
+                assert answered.status_code == 200, (alias, answered.text)
+                choices = answered.json()["choices"]
+                assert [choice["index"] for choice in choices] == [0, 1, 2], (alias, choices)
+                assert all(choice["message"]["content"] == "Score: 7" for choice in choices), (alias, choices)
+
+
 def test_a_vote_refused_by_its_upstream_starts_no_sample_after_the_client_has_its_error(tmp_path):
     """A request error (400) on one sample fails the vote: the samples still queued for a slot must not
     call the upstream afterwards (asyncio.gather left them running: calls made for nobody, and never
