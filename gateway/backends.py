@@ -132,10 +132,14 @@ USAGE_DETAIL_BLOCKS = ("prompt_tokens_details", "completion_tokens_details")
 
 @dataclass(slots=True)
 class Admission:
-    """Whether a call got one of its backend's slots (`max_concurrency`). A call that ran out of time
-    before that waited in the gateway's own queue: it says nothing about the backend's health."""
+    """Whether a call got one of its backend's slots (`max_concurrency`), and when. A call that ran out
+    of time before that waited in the gateway's own queue: it says nothing about the backend's health."""
 
     admitted: bool = False
+    admitted_at: float = 0.0  # time.monotonic()
+
+    def admit(self) -> None:
+        self.admitted, self.admitted_at = True, time.monotonic()
 
 
 @dataclass(slots=True)
@@ -245,7 +249,7 @@ class Backend:
         body = self._adapt(body)
         async with self.semaphore:
             if admission is not None:
-                admission.admitted = True
+                admission.admit()
             if self.fast_path:
                 data = await self._complete_fast(body)
             else:
@@ -319,7 +323,7 @@ class Backend:
                                                                         "include_usage": True}}
         async with self.semaphore:
             if admission is not None:
-                admission.admitted = True
+                admission.admit()
             source = self._stream_fast(body) if self.fast_path else self._stream_litellm(body)
             try:
                 try:

@@ -18,6 +18,9 @@ from gateway.errors import ApiError, retry_after
 from router.estimates import estimate_prompt_tokens
 
 MIN_CALL_S = 0.01  # less time than this left: a call is not started (see Caller.out_of_time)
+# A call the request's deadline cut off is the backend's fault (a timeout, see Caller.deadline_reached)
+# only if it had the backend for at least this share of the request's time.
+SLOW_CALL_SHARE = 0.5
 CANCELLED = "cancelled: the client left before the answer (prompt tokens estimated)"
 CANCELLED_QUEUED = "cancelled while queued for a free slot: never sent"
 BACKOFF_BASE_S = 0.05
@@ -33,6 +36,7 @@ class Caller:
     deadline: float  # time.monotonic() value
     calls: list[CallRecord] = field(default_factory=list)
     cancelled: bool = False
+    opened: float = field(default_factory=time.monotonic)  # when the request's time started to run
     ident: int = field(default_factory=_request_ids.__next__)  # tells backends' health one request from another
 
     def remaining(self) -> float:
@@ -102,11 +106,17 @@ class Caller:
         self.calls.append(backend.record(Usage(), started, ok=False, error=exc.message[:300]))
 
     def deadline_reached(self, backend: Backend, started: float, admission: Admission) -> UpstreamError:
-        """The request's deadline passed during a call: the backend's fault (a mark against its health)
-        only if the call had reached it, not while it waited for one of its slots."""
+        """The request's deadline passed during a call: the backend's fault (a mark against its health,
+        as a timeout) only if the call had reached it, not while it waited for one of its slots, and had
+        it for a good share of the request's time (SLOW_CALL_SHARE). A call that started late (the tail
+        of a queue, a later wave, stage or judge) and was cut a moment later says nothing of the
+        backend: marking it cooled a busy but healthy backend down for everyone."""
         if admission.admitted:
             error = UpstreamError(backend.name, 504, f"{backend.name}: request deadline reached", retryable=False)
-            self._failed(backend, started, error)
+            if time.monotonic() - admission.admitted_at >= SLOW_CALL_SHARE * (self.deadline - self.opened):
+                self._failed(backend, started, error)
+            else:
+                self.calls.append(backend.record(Usage(), started, ok=False, error=error.message[:300]))
             return error
         error = UpstreamError(backend.name, 504, f"{backend.name}: request deadline reached while queued for a "
                               f"free slot (max_concurrency {backend.spec.max_concurrency})", retryable=False)

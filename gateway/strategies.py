@@ -128,6 +128,7 @@ async def _single(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> Strat
         response = await ctx.caller.complete(arm.backend, _sample_body(arm, body, ctx, n=n))
     else:
         responses = await _gather_samples(arm, body, ctx, count=n, diverse=False)
+        responses += (await _missing_choices(arm, body, ctx, responses, client_n=n, first=n, diverse=False))[0]
         if not responses:
             raise _every_sample_failed(arm.backend, ctx)
         response = _merge_choices(responses)
@@ -143,6 +144,8 @@ async def _cot(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> Strategy
         response = await ctx.caller.complete(arm.backend, _sample_body(arm, body, ctx, n=n, cot=True))
     else:
         responses = await _gather_samples(arm, body, ctx, count=n, diverse=False, cot=True)
+        responses += (await _missing_choices(arm, body, ctx, responses, client_n=n, first=n, diverse=False,
+                                             cot=True))[0]
         if not responses:
             raise _every_sample_failed(arm.backend, ctx)
         response = _merge_choices(responses)
@@ -161,10 +164,11 @@ async def _cot(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> Strategy
 
 async def _gather_samples(arm: Arm, body: dict[str, Any], ctx: StrategyContext, *, count: int,
                           first: int = 0, diverse: bool = True, cot: bool = False) -> list[dict[str, Any]]:
-    """`count` independent samples, concurrently but bounded; failed samples are dropped (and billed).
-    A failure that fails the request (a request error, the deadline) raises once every sample under
-    way has ended, and no sample starts after it: none calls an upstream after the client has its
-    error, and every call is in the ledger before the request is billed."""
+    """`count` independent samples, concurrently but bounded; failed samples are dropped (and billed),
+    an answer without choices (an upstream's empty 200) with them. A failure that fails the request (a
+    request error, the deadline) raises once every sample under way has ended, and no sample starts
+    after it: none calls an upstream after the client has its error, and every call is in the ledger
+    before the request is billed."""
     limit = asyncio.Semaphore(int(ctx.param("max_concurrency")))
     fatal: list[Exception] = []
 
@@ -173,8 +177,11 @@ async def _gather_samples(arm: Arm, body: dict[str, Any], ctx: StrategyContext, 
             if fatal:
                 return None
             try:
-                return await ctx.caller.complete(
+                response = await ctx.caller.complete(
                     arm.backend, _sample_body(arm, body, ctx, sample=first + i, diverse=diverse, cot=cot))
+                # kept, it would count as a sample drawn with no answer to count: adaptive waves of
+                # them never reached max n, and called the upstream until the deadline
+                return response if response.get("choices") else None
             except UpstreamError as exc:
                 if not exc.about_request:
                     ctx.last_sample_error = exc
@@ -190,6 +197,17 @@ async def _gather_samples(arm: Arm, body: dict[str, Any], ctx: StrategyContext, 
     if fatal:
         raise fatal[0]
     return [r for r in results if isinstance(r, dict)]
+
+
+async def _missing_choices(arm: Arm, body: dict[str, Any], ctx: StrategyContext, responses: list[dict[str, Any]], *,
+                           client_n: int, first: int, **sampling: bool) -> tuple[list[dict[str, Any]], int]:
+    """Failures left fewer answers than the client's `n` choices: one more round draws the missing ones
+    (the budget holds n answers, and a failed sample costs nothing), sampled as the others were
+    (`sampling`: _gather_samples' `diverse`, `cot`). (the new answers, samples drawn)"""
+    missing = client_n - len(_sample_texts(responses))
+    if not responses or missing <= 0:
+        return [], 0
+    return await _gather_samples(arm, body, ctx, count=missing, first=first, **sampling), missing
 
 
 def _every_sample_failed(backend: str, ctx: StrategyContext) -> UpstreamError:
@@ -233,12 +251,9 @@ async def _self_consistency(arm: Arm, body: dict[str, Any], ctx: StrategyContext
     # a client asking for more choices than the arm's samples gets them: n is drawn (and budgeted)
     count = max(arm.n, client_n)
     responses = await _gather_samples(arm, body, ctx, count=count, cot=cot)
-    drawn = count
-    if 0 < len(responses) < client_n:  # failures left fewer answers than choices asked: one more round
-        missing = client_n - len(responses)
-        responses += await _gather_samples(arm, body, ctx, count=missing, first=count, cot=cot)
-        drawn += missing
-    return _voted(arm, responses, ctx, {"max_n": count}, client_n, failed=drawn - len(responses))
+    more, extra = await _missing_choices(arm, body, ctx, responses, client_n=client_n, first=count, cot=cot)
+    responses += more
+    return _voted(arm, responses, ctx, {"max_n": count}, client_n, failed=count + extra - len(responses))
 
 
 async def _adaptive_consistency(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> StrategyResult:
@@ -275,6 +290,9 @@ async def _adaptive_consistency(arm: Arm, body: dict[str, Any], ctx: StrategyCon
         # failed samples still count against max n, so a flaky backend cannot loop forever
         answers += [voting.extract(text, ctx.task) for text in _sample_texts(wave)]
         answers += [None] * (size - len(wave))
+    more, extra = await _missing_choices(arm, body, ctx, responses, client_n=client_n, first=len(answers), cot=cot)
+    responses += more
+    answers += [voting.extract(text, ctx.task) for text in _sample_texts(more)] + [None] * (extra - len(more))
     verdict = stopping.should_stop(answers, max_n=max_n, **rule)
     details = {"max_n": max_n, "drawn": len(answers), "stop_reason": verdict.reason}
     if value is not None:
@@ -284,7 +302,9 @@ async def _adaptive_consistency(arm: Arm, body: dict[str, Any], ctx: StrategyCon
 
 async def _best_of_n(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> StrategyResult:
     client_n = int(body.get("n") or 1)
-    responses = await _gather_samples(arm, body, ctx, count=max(arm.n, client_n))
+    count = max(arm.n, client_n)
+    responses = await _gather_samples(arm, body, ctx, count=count)
+    responses += (await _missing_choices(arm, body, ctx, responses, client_n=client_n, first=count))[0]
     if not responses:
         raise _every_sample_failed(arm.backend, ctx)
     texts = _sample_texts(responses)

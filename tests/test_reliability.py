@@ -389,6 +389,34 @@ def test_requests_timed_out_in_the_gateways_queue_do_not_cool_the_backend_down(t
                 assert b"[DONE]" in b"".join(chunks)
 
 
+def test_calls_cut_by_the_deadline_soon_after_a_slot_freed_do_not_cool_the_backend_down(tmp_path):
+    """A burst of votes on a busy backend (2 slots, 0.3 s an answer, 1 s a request): the calls that got
+    a slot last are cut by their request's deadline a moment later. The backend answered every call it
+    had time for; it must serve the next request at once, not refuse it as 'cooling down' (each cut
+    call counted as a timeout against its health: a second request's put it in cool-down, more
+    requests' for up to 30 s)."""
+    with running(start_mock(tmp_path)) as mock:
+        backend = mock_backend("busy", mock, max_concurrency=2, max_retries=0, timeout_s=10, supports_n=False)
+        policy = write_policy(tmp_path, {
+            "name": "busy", "arms": {"vote": {"backend": "busy", "strategy": "self_consistency", "n": 2,
+                                              "max_concurrency": 1}},
+            "routes": [{"name": "all", "candidates": ["vote"]}], "exploration": {"share": 0.0}})
+        with running(start_gateway(tmp_path, {"backends": [backend], "policy": policy, "request_timeout_s": 1.0},
+                                   name="busy")) as gateway:
+            control(mock, delay_ms=300, answers=["7"])
+            burst = asyncio.run(fire(gateway.url, [chat("auto", f"what is {i} + 4?") for i in range(8)], 8))
+            control(mock, delay_ms=0)
+            after = httpx.post(gateway.url + "/v1/chat/completions", json=chat("auto"), timeout=10)
+            assert after.status_code == 200, after.text
+            for status, _, _, body in burst:
+                assert status in (200, 504), body
+                if status == 504:
+                    assert_openai_error(None, body)
+            errors = [call["error"] for _, _, headers, _ in burst for call in httpx.get(
+                gateway.url + f"/v1/ponder/requests/{headers['x-ponder-request-id']}").json()["execution"]["calls"]]
+            assert "busy: request deadline reached" in errors, errors  # calls were cut after they got a slot
+
+
 def test_a_client_that_leaves_while_queued_for_a_slot_is_billed_nothing(tmp_path):
     """Requests queued behind a busy one-slot backend whose clients leave never reached the upstream:
     recorded as 499 at no cost. They were billed their prompt's estimate, as calls the upstream had read."""
@@ -435,6 +463,53 @@ def test_a_vote_whose_samples_all_failed_answers_with_their_failures_status(tmp_
             cooling = httpx.post(gateway.url + "/v1/chat/completions", json=chat("auto"), timeout=10)
             assert cooling.status_code == 503, cooling.text
             assert int(cooling.headers["retry-after"]) >= 1
+
+
+def test_adaptive_sampling_of_answers_without_choices_stops_at_its_max_n(tmp_path):
+    """An upstream answering 200 with no choices (some do under load): each such sample is a failed
+    one, counted against max n. They counted as drawn samples with no answer, so the waves never
+    reached max n: one request called the upstream thousands of times, until its deadline."""
+    with running(start_mock(tmp_path)) as mock:
+        backend = mock_backend("sampler", mock, max_retries=0, supports_n=False)
+        policy = write_policy(tmp_path, {
+            "name": "adaptive", "arms": {"waves": {"backend": "sampler", "strategy": "adaptive_consistency", "n": 6}},
+            "routes": [{"name": "all", "candidates": ["waves"]}], "exploration": {"share": 0.0}})
+        with running(start_gateway(tmp_path, {"backends": [backend], "policy": policy, "request_timeout_s": 3},
+                                   name="adaptive")) as gateway:
+            control(mock, script=["ok"] + ["empty"] * 10_000, answers=["7"])
+            answered = httpx.post(gateway.url + "/v1/chat/completions", json=chat("auto", "what is 3 + 4?"),
+                                  timeout=10)
+            assert answered.status_code == 200, answered.text
+            assert answered.json()["choices"][0]["message"]["content"] == "7"
+            made = upstream_calls(mock)
+            assert made <= 6  # max n (the vote may be decided sooner)
+            detail = httpx.get(gateway.url + f"/v1/ponder/requests/{answered.json()['id']}").json()
+            assert len(detail["execution"]["calls"]) == made, detail
+            assert detail["execution"]["details"]["failed_samples"] == made - 1, detail
+
+
+def test_a_failed_sample_still_leaves_the_client_its_n_choices_whatever_the_strategy(tmp_path):
+    """n=3 and one sample failing (a 500, no retry): every strategy draws one more, as the fixed vote
+    did, and answers 3 choices. Best-of-N, adaptive consistency and n split into calls answered 2, an
+    `IndexError` for an app reading `choices[2]` of the `n=3` it asked for."""
+    with running(start_mock(tmp_path)) as mock:
+        backends = [mock_backend("sampler", mock, max_retries=0, supports_n=False), mock_backend("judge", mock)]
+        arms = {"best": {"backend": "sampler", "strategy": "best_of_n", "n": 3, "verifier": "judge"},
+                "waves": {"backend": "sampler", "strategy": "adaptive_consistency", "n": 3},
+                "split": {"backend": "sampler", "strategy": "single"}}
+        policy = write_policy(tmp_path, {
+            "name": "choices", "arms": arms, "routes": [{"name": "all", "candidates": list(arms)}],
+            "aliases": {name: {"arms": [name], "explore": False} for name in arms}, "exploration": {"share": 0.0}})
+        with running(start_gateway(tmp_path, {"backends": backends, "policy": policy}, name="choices")) as gateway:
+            for alias in arms:
+                reset(mock)
+                control(mock, script=["ok", "500"], answers=["Score: 7"])  # a judge reads the same answer
+                answered = httpx.post(gateway.url + "/v1/chat/completions", json=chat(alias, "what is 3 + 4?", n=3),
+                                      timeout=10)
+                assert answered.status_code == 200, (alias, answered.text)
+                choices = answered.json()["choices"]
+                assert [choice["index"] for choice in choices] == [0, 1, 2], (alias, choices)
+                assert all(choice["message"]["content"] == "Score: 7" for choice in choices), (alias, choices)
 
 
 def test_a_vote_refused_by_its_upstream_starts_no_sample_after_the_client_has_its_error(tmp_path):
