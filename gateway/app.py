@@ -1,10 +1,10 @@
-"""The ASGI app: routes, and the request path of `POST /v1/chat/completions`.
+"""The ASGI app: routes, and the request path of `POST /v1/chat/completions` and `POST /v1/responses`.
 
     auth -> read + validate -> plan (router: classify, decide) -> reserve budget
          -> execute (strategies, through backends) -> respond -> record (telemetry) -> settle budget
 
-A `Wire` reads the API's body into the internal chat request at the edge, and writes the chat answer
-(whole, synthesized or relayed as it streams) back in the API's format.
+Both APIs take this one path: a `Wire` reads the API's body into the internal chat request at the
+edge, and writes the chat answer (whole, synthesized or relayed as it streams) back in the API's format.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from gateway.config import GatewayConfig
 from gateway.dashboard import dashboard_routes
 from gateway.effort import apply_effort
 from gateway.errors import EXCEPTION_HANDLERS, ApiError, retry_after
+from gateway.responses import ResponsesWire, parse_responses_request
 from gateway.schemas import ChatRequest, parse_chat_request, parse_json_body
 from gateway.service import Gateway, Plan
 from gateway.strategies import StrategyResult
@@ -117,7 +118,7 @@ async def retrieve_model(request: Request) -> Response:
     return json_response(model_card(gw, name))
 
 
-# -- chat completions -------------------------------------------------------------------------------
+# -- the request path: chat completions and responses -----------------------------------------------
 
 
 def plan_headers(plan: Plan) -> dict[str, str]:
@@ -225,6 +226,19 @@ class ChatWire:
 
 async def chat_completions(request: Request) -> Response:
     return await serve(request, lambda body, max_n: ChatWire(parse_chat_request(body, max_n=max_n)))
+
+
+async def responses(request: Request) -> Response:
+    """The Responses API, stateless: translated at the edge, served by the chat request path."""
+    return await serve(request, lambda body, max_n: ResponsesWire(*parse_responses_request(body, max_n=max_n)))
+
+
+async def responses_not_stored(request: Request) -> Response:
+    """Retrieving, deleting, cancelling a stored response: Ponder stores none (docs/api.md)."""
+    gateway_of(request).keys.authenticate(request)
+    raise ApiError(404, f"No response {request.path_params['response_id']!r}: Ponder's Responses API is stateless "
+                        "and stores no responses (`store` is ignored); send the whole conversation as `input`.",
+                   param="response_id", code="not_found")
 
 
 async def serve(request: Request, read: Callable[[dict[str, Any], int], Wire]) -> Response:
@@ -497,6 +511,8 @@ def routes() -> list[Route]:
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", retrieve_model, methods=["GET"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/responses", responses, methods=["POST"]),
+        Route("/v1/responses/{response_id:path}", responses_not_stored, methods=["GET", "POST", "DELETE"]),
         Route("/v1/feedback", feedback, methods=["POST"]),
         *dashboard_routes(),
     ]
