@@ -17,6 +17,7 @@ from pydantic import TypeAdapter
 from tests.servers import mock_backend, running, start_gateway, start_mock, two_mock_policy
 
 KEY = "sk-resp-key-123"
+ADMIN_KEY = "sk-resp-admin-456"
 ZERO_BUDGET_KEY = "sk-resp-zero-000"
 VOTE = {"x-ponder-strategy": "self_consistency"}  # 5 samples of mock-a (the policy allows the header)
 WEATHER = {"type": "function", "name": "get_weather", "description": "The weather in a city.", "strict": True,
@@ -33,6 +34,7 @@ def stack(tmp_path_factory):
                          mock_backend("mock-o", mock, reasoning=True, efforts=["low", "medium", "high"])],
             "policy": two_mock_policy(tmp, "resp"),
             "api_keys": [{"id": "team", "sha256": hashlib.sha256(KEY.encode()).hexdigest()},
+                         {"id": "ops", "sha256": hashlib.sha256(ADMIN_KEY.encode()).hexdigest(), "admin": True},
                          {"id": "broke", "sha256": hashlib.sha256(ZERO_BUDGET_KEY.encode()).hexdigest(),
                           "budget_usd_per_day": 0}],
         })) as gateway:
@@ -186,6 +188,15 @@ def test_a_json_schema_format(client, mock):
     client.responses.create(model="mock-a", input="JSON please", text={"format": {"type": "json_object"}})
     assert sent(mock)[-1]["response_format"] == {"type": "json_object"}
 
+    from pydantic import BaseModel
+
+    class Sum(BaseModel):
+        sum: int
+
+    parsed = client.responses.parse(model="mock-a", input="2 + 3", text_format=Sum)  # the SDK's helper
+    assert parsed.output_parsed == Sum(sum=5)
+    assert sent(mock)[-1]["response_format"]["json_schema"]["name"] == "Sum"
+
 
 def test_max_output_tokens_cut_is_incomplete(client, mock):
     control(mock, script=["length"], answers=["one two three four five six"])
@@ -234,6 +245,35 @@ def test_a_relayed_stream_is_not_buffered(client, mock):
     for event in client.responses.create(model="mock-a", input="x", stream=True):
         arrived.setdefault(event.type, time.monotonic())
     assert arrived["response.completed"] - arrived["response.output_text.delta"] > 1.0
+
+
+def recorded(gw, request_id: str) -> dict:
+    """The request as telemetry recorded it (it is settled right after the answer's last byte)."""
+    import time
+
+    deadline = time.monotonic() + 5
+    admin = {"authorization": f"Bearer {ADMIN_KEY}"}
+    while (detail := httpx.get(f"{gw.url}/v1/ponder/requests/{request_id}", headers=admin)).status_code != 200:
+        assert time.monotonic() < deadline, detail.text
+        time.sleep(0.05)
+    return detail.json()["request"]
+
+
+def test_telemetry_records_responses_as_chat_requests_and_bills_a_dropped_stream(client, gw, mock):
+    control(mock, answers=["one two three four five six seven eight"])
+    response = client.responses.create(model="auto", input="count to eight")
+    row = recorded(gw, response.id)
+    assert row["status"] == 200 and row["prompt_tokens"] == response.usage.input_tokens
+    assert row["completion_tokens"] == response.usage.output_tokens == 8
+    assert row["cost_usd"] == pytest.approx(response.model_extra["ponder"]["cost_usd"])
+
+    control(mock, script=["slow_first"])  # the client reads the first delta and hangs up
+    with httpx.stream("POST", gw.url + "/v1/responses", json={"model": "mock-a", "input": "count", "stream": True},
+                      headers={"authorization": f"Bearer {KEY}"}) as streamed:
+        request_id = streamed.headers["x-ponder-request-id"]
+        assert any("response.output_text.delta" in line for line in streamed.iter_lines())
+    row = recorded(gw, request_id)
+    assert row["status"] == 499 and row["completion_tokens"] >= 1 and row["cost_usd"] > 0, row
 
 
 def test_a_streamed_answer_through_the_sdk_helper(client, mock):
