@@ -1,7 +1,10 @@
-"""The ASGI app: routes, and the request path of `POST /v1/chat/completions`.
+"""The ASGI app: routes, and the request path of `POST /v1/chat/completions` and `POST /v1/responses`.
 
     auth -> read + validate -> plan (router: classify, decide) -> reserve budget
          -> execute (strategies, through backends) -> respond -> record (telemetry) -> settle budget
+
+Both APIs take this one path: a `Wire` reads the API's body into the internal chat request at the
+edge, and writes the chat answer (whole, synthesized or relayed as it streams) back in the API's format.
 """
 
 from __future__ import annotations
@@ -10,8 +13,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Protocol
 
 import orjson
 from starlette.applications import Starlette
@@ -28,10 +31,12 @@ from gateway.config import GatewayConfig
 from gateway.dashboard import dashboard_routes
 from gateway.effort import apply_effort
 from gateway.errors import EXCEPTION_HANDLERS, ApiError, retry_after
+from gateway.responses import ResponsesWire, parse_responses_request
 from gateway.schemas import ChatRequest, parse_chat_request, parse_json_body
 from gateway.service import Gateway, Plan
 from gateway.strategies import StrategyResult
-from gateway.streaming import EventStream, PassThrough, synthesized, usage_block
+from gateway.streaming import (DONE, EventStream, PassThrough, completion_to_chunks, sse, synthesized,
+                                usage_block)
 from router import prompts
 from router.types import Arm
 
@@ -113,7 +118,7 @@ async def retrieve_model(request: Request) -> Response:
     return json_response(model_card(gw, name))
 
 
-# -- chat completions -------------------------------------------------------------------------------
+# -- the request path: chat completions and responses -----------------------------------------------
 
 
 def plan_headers(plan: Plan) -> dict[str, str]:
@@ -171,15 +176,81 @@ def finish_response(plan: Plan, caller: Caller, result: StrategyResult) -> dict[
     return response
 
 
+class Wire(Protocol):
+    """One API at the edge of the shared request path: the internal chat request read from its body
+    (`req`), and the chat answer written back in its format."""
+
+    req: ChatRequest
+    id_prefix: str  # of the request id, which is also the answer's `id` (feedback takes it)
+
+    def answer(self, completion: dict[str, Any]) -> dict[str, Any]:
+        """A finished chat.completion (our id, usage and `ponder` set) as this API's JSON answer."""
+        ...
+
+    def synthesized(self, completion: dict[str, Any]) -> list[bytes]:
+        """A finished chat.completion as this API's SSE frames, whole stream."""
+        ...
+
+    def stream_error(self, request_id: str, error: ApiError) -> bytes:
+        """A failure after the stream's headers, as this API's SSE error."""
+        ...
+
+    def relay(self, passthrough: PassThrough, caller: Caller, request_id: str,
+              extension: Callable[[], dict[str, Any]]) -> AsyncIterator[bytes]:
+        """An upstream stream translated chunk by chunk as it arrives (billed by `passthrough.chunks`)."""
+        ...
+
+
+class ChatWire:
+    """The chat-completions API: the body is the request, and the answer goes back as it came."""
+
+    id_prefix = "chatcmpl-"
+
+    def __init__(self, req: ChatRequest) -> None:
+        self.req = req
+
+    def answer(self, completion: dict[str, Any]) -> dict[str, Any]:
+        return completion
+
+    def synthesized(self, completion: dict[str, Any]) -> list[bytes]:
+        return [*map(sse, completion_to_chunks(completion, include_usage=self.req.include_usage)), DONE]
+
+    def stream_error(self, request_id: str, error: ApiError) -> bytes:
+        return sse(error.body())
+
+    def relay(self, passthrough: PassThrough, caller: Caller, request_id: str,
+              extension: Callable[[], dict[str, Any]]) -> AsyncIterator[bytes]:
+        return passthrough.events(caller, request_id=request_id, include_usage=self.req.include_usage,
+                                  extension=extension)
+
+
 async def chat_completions(request: Request) -> Response:
+    return await serve(request, lambda body, max_n: ChatWire(parse_chat_request(body, max_n=max_n)))
+
+
+async def responses(request: Request) -> Response:
+    """The Responses API, stateless: translated at the edge, served by the chat request path."""
+    return await serve(request, lambda body, max_n: ResponsesWire(*parse_responses_request(body, max_n=max_n)))
+
+
+async def responses_not_stored(request: Request) -> Response:
+    """Retrieving, deleting, cancelling a stored response: Ponder stores none (docs/api.md)."""
+    gateway_of(request).keys.authenticate(request)
+    raise ApiError(404, f"No response {request.path_params['response_id']!r}: Ponder's Responses API is stateless "
+                        "and stores no responses (`store` is ignored); send the whole conversation as `input`.",
+                   param="response_id", code="not_found")
+
+
+async def serve(request: Request, read: Callable[[dict[str, Any], int], Wire]) -> Response:
     received = time.perf_counter()
     gw = gateway_of(request)
     req = None
     try:
         principal = gw.keys.authenticate(request)
         body = parse_json_body(await read_body(request, gw.config.max_body_bytes, gw.config.body_timeout_s))
-        req = parse_chat_request(body, max_n=gw.config.max_n)
-        plan = await gw.plan(req, request.headers, principal)
+        wire = read(body, gw.config.max_n)
+        req = wire.req
+        plan = await gw.plan(req, request.headers, principal, id_prefix=wire.id_prefix)
         reservation = await gw.reserve_budget(plan)
     except ApiError as exc:
         gw.metrics.refused(req.model if req is not None and req.model in gw.models() else "-", exc.status)
@@ -189,7 +260,7 @@ async def chat_completions(request: Request) -> Response:
         log.info("%s %s prompt: %s", plan.request_id, req.model, prompts.last_user_text(req.messages)[:2000])
     caller = gw.caller()
     if req.stream:
-        return await stream_chat(request, gw, plan, req, caller, reservation, received)
+        return await stream_answer(request, gw, plan, wire, caller, reservation, received)
     executing = time.perf_counter()
     try:
         result = await until_disconnect(request, gw.execute(plan, req, caller), caller)
@@ -205,6 +276,7 @@ async def chat_completions(request: Request) -> Response:
     headers["x-ponder-arm"] = result.arm.key
     headers["x-ponder-cost-usd"] = f"{response['ponder']['cost_usd']:.8f}"
     headers["x-ponder-samples"] = str(response["ponder"]["samples"])
+    response = wire.answer(response)
     if gw.config.server_timing:
         headers["server-timing"] = server_timing(plan, caller, received, executing)
     # Recorded and settled right after the last byte is written: no await comes between the two, so
@@ -264,21 +336,21 @@ async def _wait_disconnect(request: Request) -> None:
             return
 
 
-async def stream_chat(request: Request, gw: Gateway, plan: Plan, req: ChatRequest, caller: Caller,
-                      reservation: Any, received: float) -> Response:
+async def stream_answer(request: Request, gw: Gateway, plan: Plan, wire: Wire, caller: Caller,
+                        reservation: Any, received: float) -> Response:
     """One answer relayed as the upstream writes it, or a multi-sample one sent once it is decided."""
-    if plan.decision.arm.strategy == "single" and req.n == 1:
-        return await _relayed_stream(request, gw, plan, req, caller, reservation, received)
-    return await _synthesized_stream(request, gw, plan, req, caller, reservation, received)
+    if plan.decision.arm.strategy == "single" and wire.req.n == 1:
+        return await _relayed_stream(request, gw, plan, wire, caller, reservation, received)
+    return await _synthesized_stream(request, gw, plan, wire, caller, reservation, received)
 
 
-async def _relayed_stream(request: Request, gw: Gateway, plan: Plan, req: ChatRequest, caller: Caller,
+async def _relayed_stream(request: Request, gw: Gateway, plan: Plan, wire: Wire, caller: Caller,
                           reservation: Any, received: float) -> Response:
     headers = plan_headers(plan)
     executing = time.perf_counter()
     try:
         # The client may leave while the first byte is awaited: then no retry and no fallback.
-        opened = await until_disconnect(request, open_first_stream(gw, plan, req, caller), caller)
+        opened = await until_disconnect(request, open_first_stream(gw, plan, wire.req, caller), caller)
     except ApiError as exc:
         opened = exc
     except Exception as exc:  # a bug, not an upstream's doing: still recorded and settled, then a 500
@@ -299,16 +371,14 @@ async def _relayed_stream(request: Request, gw: Gateway, plan: Plan, req: ChatRe
         await passthrough.abandon(caller)  # a no-op once the relay has started: it bills its own call
         await settle(gw, plan, caller, reservation, served=served, **stream_outcome(passthrough, caller))
 
-    events = passthrough.events(caller, request_id=plan.request_id, include_usage=req.include_usage,
-                                extension=stream_extension)
-    return EventStream(events, finish, headers)
+    return EventStream(wire.relay(passthrough, caller, plan.request_id, stream_extension), finish, headers)
 
 
-async def _synthesized_stream(request: Request, gw: Gateway, plan: Plan, req: ChatRequest, caller: Caller,
+async def _synthesized_stream(request: Request, gw: Gateway, plan: Plan, wire: Wire, caller: Caller,
                               reservation: Any, received: float) -> Response:
     headers = plan_headers(plan)
     executing = time.perf_counter()
-    work = asyncio.ensure_future(gw.execute(plan, req, caller))
+    work = asyncio.ensure_future(gw.execute(plan, wire.req, caller))
     try:
         # The headers wait for the strategy, so that a request no backend could serve gets its HTTP
         # error; only one still sampling after SYNTH_HOLD_S is answered 200 and kept alive with comments.
@@ -334,9 +404,8 @@ async def _synthesized_stream(request: Request, gw: Gateway, plan: Plan, req: Ch
     if gw.config.server_timing:
         headers["server-timing"] = server_timing(plan, caller, received, executing if work.done() else None)
 
-    def to_chunks(result: StrategyResult) -> list[dict]:
-        response = finish_response(plan, caller, result)
-        return completion_to_chunks(response, include_usage=req.include_usage)
+    def render(result: StrategyResult) -> list[bytes]:
+        return wire.synthesized(finish_response(plan, caller, result))
 
     async def finish() -> None:
         if not work.done():  # the client went away: stop sampling for it, and bill what was cut off
@@ -350,7 +419,9 @@ async def _synthesized_stream(request: Request, gw: Gateway, plan: Plan, req: Ch
         else:
             await settle(gw, plan, caller, reservation, status=200, result=work.result())
 
-    return EventStream(synthesized(work, keepalive_s=KEEPALIVE_S, to_chunks=to_chunks), finish, headers)
+    events = synthesized(work, keepalive_s=KEEPALIVE_S, render=render,
+                         render_error=lambda exc: wire.stream_error(plan.request_id, exc))
+    return EventStream(events, finish, headers)
 
 
 def failure_outcome(exc: BaseException) -> dict[str, Any]:
@@ -397,34 +468,6 @@ async def open_first_stream(gw: Gateway, plan: Plan, req: ChatRequest,
     return upstream_to_api_error(last, caller.retry_after_s() if last.status in (429, 503) else None)
 
 
-def completion_to_chunks(response: dict[str, Any], *, include_usage: bool) -> list[dict[str, Any]]:
-    """A finished chat.completion as the chunk sequence a streaming client expects."""
-    base = {"id": response["id"], "object": "chat.completion.chunk", "created": response.get("created", 0),
-            "model": response.get("model", "")}
-    if response.get("system_fingerprint"):
-        base["system_fingerprint"] = response["system_fingerprint"]
-    chunks = []
-    for choice in response.get("choices") or []:
-        message = choice.get("message") or {}
-        index = choice.get("index", 0)
-        # null content stays null (a tool call's, a refusal's), as OpenAI streams it and as the JSON answer has it
-        delta: dict[str, Any] = {"role": "assistant", "content": message.get("content")}
-        for extra in ("refusal", "reasoning_content", "function_call"):  # what the answer says besides its content
-            if message.get(extra):
-                delta[extra] = message[extra]
-        if message.get("tool_calls"):
-            delta["tool_calls"] = [{**call, "index": i} for i, call in enumerate(message["tool_calls"])]
-        content = {"index": index, "delta": delta, "finish_reason": None}
-        if choice.get("logprobs"):  # asked for (`logprobs`): the choice's whole, in its one content chunk
-            content["logprobs"] = choice["logprobs"]
-        chunks.append({**base, "choices": [content]})
-        chunks.append({**base, "choices": [{"index": index, "delta": {},
-                                            "finish_reason": choice.get("finish_reason") or "stop"}]})
-    if include_usage:
-        chunks.append({**base, "choices": [], "usage": response["usage"], "ponder": response["ponder"]})
-    return chunks
-
-
 # -- feedback ---------------------------------------------------------------------------------------
 
 
@@ -468,6 +511,8 @@ def routes() -> list[Route]:
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", retrieve_model, methods=["GET"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/responses", responses, methods=["POST"]),
+        Route("/v1/responses/{response_id:path}", responses_not_stored, methods=["GET", "POST", "DELETE"]),
         Route("/v1/feedback", feedback, methods=["POST"]),
         *dashboard_routes(),
     ]

@@ -142,7 +142,7 @@ def _check_messages(messages: list[dict[str, Any]]) -> None:
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
 
 
-def _is_type_tag(part: Any) -> bool:
+def is_type_tag(part: Any) -> bool:
     """A union member pydantic names in an error's location ("stop.str", "content.list[...]"): not a
     field, so not part of OpenAI's `param`."""
     return isinstance(part, str) and (part in _TYPE_TAGS or "[" in part or "-" in part)
@@ -156,7 +156,7 @@ def parse_chat_request(body: dict[str, Any], *, max_n: int) -> ChatRequest:
         parsed = _ChatBody.model_validate(body)
     except ValidationError as exc:
         err = exc.errors()[0]
-        param = ".".join(str(p) for p in err["loc"] if not _is_type_tag(p)) or None
+        param = ".".join(str(p) for p in err["loc"] if not is_type_tag(p)) or None
         raise ApiError(400, f"Invalid value for '{param}': {err['msg']}", param=param,
                        code="invalid_value") from None
     _check_messages(body["messages"])

@@ -234,8 +234,10 @@ class Gateway:
         assert self.classifier is not None
         return self.classifier.classify(req.messages)
 
-    async def plan(self, req: ChatRequest, headers: Any, principal: Principal) -> Plan:
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    async def plan(self, req: ChatRequest, headers: Any, principal: Principal, *,
+                   id_prefix: str = "chatcmpl-") -> Plan:
+        """`id_prefix`: of the request id, which is also the answer's id (`chatcmpl-`, a response's `resp_`)."""
+        request_id = f"{id_prefix}{uuid.uuid4().hex}"
         started = time.perf_counter()
         classification = self.classify(req)
         classified = time.perf_counter()

@@ -103,37 +103,36 @@ class PassThrough:
         self.usage_estimated = True
         return Usage(self.prompt_tokens_estimate, max(content_chunks, -(-content_chars // 4)))
 
-    async def events(self, caller: Caller, *, request_id: str, include_usage: bool,
-                     extension: Callable[[], dict]) -> AsyncIterator[bytes]:
-        """Forward every event under our request id; bill the call from the upstream's usage chunk
-        (or, if the client leaves first, from what was streamed so far); add our extension."""
+    async def chunks(self, caller: Caller) -> AsyncIterator[tuple[bytes, dict | None]]:
+        """The upstream's events as they arrive, `(payload, parsed)`, its usage-only chunk kept back.
+        The call is billed however the stream ends: from the upstream's usage chunk, else (or if the
+        client leaves first) from what was streamed so far. An upstream that breaks mid-answer is
+        billed, marked as failing, and its UpstreamError raised here; each API writes that its way."""
         usage: Usage | None = None
         content_chunks = content_chars = 0
         self.relaying = True
-        relabel = _relabeller(request_id, self.first[1])
         call_heads = ToolCallHeads()
         item: tuple[bytes, dict | None] | None = self.first
         try:
             while item is not None:
-                payload, parsed = item
+                parsed = item[1]
                 if parsed and call_heads.drop_repeats(parsed):
-                    payload = orjson.dumps(parsed)
+                    item = (orjson.dumps(parsed), parsed)
                 if parsed and parsed.get("usage"):
                     usage = Usage.from_block(parsed["usage"])
                     if not parsed.get("choices"):
                         item = await anext(self.source, None)
-                        continue  # the usage-only chunk is re-sent below, with the whole request's usage
+                        continue  # the usage-only chunk: each API sends the whole request's usage its way
                 elif parsed and (chars := _content_chars(parsed)):
                     content_chunks += 1
                     content_chars += chars
-                yield sse(relabel(payload, parsed))
+                yield item
                 item = await anext(self.source, None)
         except UpstreamError as exc:
             usage = usage or self._estimated(content_chunks, content_chars)
             caller.calls.append(self.backend.record(usage, self.started, ok=False, error=exc.message[:300]))
             self.backend.health.failed(time.monotonic(), exc.retry_after, request=caller.ident)
-            yield sse_error(f"The upstream stream broke before the answer was complete: {exc.message}")
-            return
+            raise
         except (asyncio.CancelledError, GeneratorExit):
             # The client went away mid-answer: the tokens written so far are billed all the same,
             # and the backend did nothing wrong (no mark against its health).
@@ -145,6 +144,19 @@ class PassThrough:
             await self.source.aclose()
         self.backend.health.succeeded()
         caller.calls.append(self.backend.record(usage or self._estimated(content_chunks, content_chars), self.started))
+
+    async def events(self, caller: Caller, *, request_id: str, include_usage: bool,
+                     extension: Callable[[], dict]) -> AsyncIterator[bytes]:
+        """The chat-completions stream: every event under our request id, then (if asked) the whole
+        request's usage and our extension, then [DONE]; a broken upstream ends it with an error event."""
+        relabel = _relabeller(request_id, self.first[1])
+        async with contextlib.aclosing(self.chunks(caller)) as chunks:
+            try:
+                async for payload, parsed in chunks:
+                    yield sse(relabel(payload, parsed))
+            except UpstreamError as exc:
+                yield sse_error(f"The upstream stream broke before the answer was complete: {exc.message}")
+                return
         if include_usage:
             first = self.first[1] or {}
             yield sse({"id": request_id, "object": "chat.completion.chunk", "created": first.get("created", 0),
@@ -272,9 +284,10 @@ def usage_block(calls: list[CallRecord]) -> dict[str, Any]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion, **details}
 
 
-async def synthesized(work: asyncio.Task, *, keepalive_s: float,
-                      to_chunks: Callable[[Any], list[dict]]) -> AsyncIterator[bytes]:
-    """Keep the client's connection alive while `work` runs, then stream its answer as chunks."""
+async def synthesized(work: asyncio.Task, *, keepalive_s: float, render: Callable[[Any], list[bytes]],
+                      render_error: Callable[[ApiError], bytes]) -> AsyncIterator[bytes]:
+    """Keep the client's connection alive while `work` runs, then stream its answer (`render`: the
+    result as this API's SSE frames; `render_error`: a failure as its error event)."""
     try:
         while True:
             done, _ = await asyncio.wait({work}, timeout=keepalive_s)
@@ -284,11 +297,38 @@ async def synthesized(work: asyncio.Task, *, keepalive_s: float,
         try:
             result = work.result()
         except ApiError as exc:
-            yield sse({"error": exc.body()["error"]})
+            yield render_error(exc)
             return
-        for chunk in to_chunks(result):
-            yield sse(chunk)
-        yield DONE
+        for frame in render(result):
+            yield frame
     finally:
         if not work.done():
             work.cancel()  # the client went away: stop sampling for it
+
+
+def completion_to_chunks(response: dict[str, Any], *, include_usage: bool) -> list[dict[str, Any]]:
+    """A finished chat.completion as the chunk sequence a streaming client expects."""
+    base = {"id": response["id"], "object": "chat.completion.chunk", "created": response.get("created", 0),
+            "model": response.get("model", "")}
+    if response.get("system_fingerprint"):
+        base["system_fingerprint"] = response["system_fingerprint"]
+    chunks = []
+    for choice in response.get("choices") or []:
+        message = choice.get("message") or {}
+        index = choice.get("index", 0)
+        # null content stays null (a tool call's, a refusal's), as OpenAI streams it and as the JSON answer has it
+        delta: dict[str, Any] = {"role": "assistant", "content": message.get("content")}
+        for extra in ("refusal", "reasoning_content", "function_call"):  # what the answer says besides its content
+            if message.get(extra):
+                delta[extra] = message[extra]
+        if message.get("tool_calls"):
+            delta["tool_calls"] = [{**call, "index": i} for i, call in enumerate(message["tool_calls"])]
+        content = {"index": index, "delta": delta, "finish_reason": None}
+        if choice.get("logprobs"):  # asked for (`logprobs`): the choice's whole, in its one content chunk
+            content["logprobs"] = choice["logprobs"]
+        chunks.append({**base, "choices": [content]})
+        chunks.append({**base, "choices": [{"index": index, "delta": {},
+                                            "finish_reason": choice.get("finish_reason") or "stop"}]})
+    if include_usage:
+        chunks.append({**base, "choices": [], "usage": response["usage"], "ponder": response["ponder"]})
+    return chunks

@@ -8,7 +8,10 @@ exact, predictable usage (1 token per whitespace-separated word), and can misbeh
         script: behaviours for the next requests, in order; then fail_rate picks "500" at random.
         cached_tokens: reported in every answer's `usage.prompt_tokens_details` (a prompt cache hit).
         behaviours: ok | 500 | 429 | 401 | too_long | echo_400 | empty | hang | reset | truncate | reset_mid | stall | slow_first | hold
-                    | raw
+                    | raw | tool_call | length
+        (tool_call: the answer is a call of the request's first tool, the picked answer its arguments,
+        streamed a word at a time; length: the answer cut at max_tokens/max_completion_tokens words,
+        finish_reason "length")
         (hold: a stream pauses hang_s after its first chunk; raw: a 200 text/event-stream whose body is
         `raw`, a list of hex strings, each sent as one write, and numbers, seconds to sleep between them,
         so a test says byte for byte how an upstream writes its SSE)
@@ -135,6 +138,10 @@ async def chat(request: web.Request) -> web.StreamResponse:
         return await raw_stream(request)
     n = int(body.get("n") or 1)
     answers = [pick_answer(body, i) for i in range(n)]
+    finish = "tool_calls" if behaviour == "tool_call" else None  # None: the answer's own
+    if behaviour == "length":
+        limit = body.get("max_completion_tokens") or body.get("max_tokens") or 1
+        answers, finish = [" ".join(a.split()[:limit]) if isinstance(a, str) else a for a in answers], "length"
     usage = {"prompt_tokens": prompt_tokens(body), "completion_tokens": sum(answer_tokens(a) for a in answers)}
     usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
     if STATE["cached_tokens"]:
@@ -146,7 +153,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
     base = {"id": f"mock-{STATE['count']}", "created": int(time.time()), "model": body.get("model", "mock"),
             "system_fingerprint": "fp_mock"}
     if not body.get("stream"):
-        choices = [{"index": i, "message": as_message(a), "finish_reason": finish_reason(a)}
+        choices = [{"index": i, "message": message(body, a, behaviour), "finish_reason": finish or finish_reason(a)}
                    for i, a in enumerate(answers)]
         if body.get("logprobs"):  # one entry per word
             for choice, a in zip(choices, answers):
@@ -154,11 +161,23 @@ async def chat(request: web.Request) -> web.StreamResponse:
                 choice["logprobs"] = {"content": [{"token": w, "logprob": -0.5, "bytes": list(w.encode()),
                                                    "top_logprobs": []} for w in a.split()]}
         return web.json_response({**base, "object": "chat.completion", "choices": choices, "usage": usage})
-    return await stream(request, body, base, answers[0], usage, behaviour)
+    return await stream(request, body, base, answers[0], usage, behaviour, finish or "stop")
+
+
+def tool_name(body: dict) -> str:
+    return ((body.get("tools") or [{}])[0].get("function") or {}).get("name", "f")
+
+
+def message(body: dict, answer: str | dict, behaviour: str) -> dict:
+    if behaviour == "tool_call" and isinstance(answer, str):  # the answer's text as a call of the first tool
+        return {"role": "assistant", "content": None, "tool_calls": [
+            {"id": f"call_mock_{STATE['count']}", "type": "function",
+             "function": {"name": tool_name(body), "arguments": answer}}]}
+    return as_message(answer)
 
 
 async def stream(request: web.Request, body: dict, base: dict, answer: str | dict, usage: dict,
-                 behaviour: str) -> web.StreamResponse:
+                 behaviour: str, finish: str = "stop") -> web.StreamResponse:
     if behaviour == "stall":
         await asyncio.sleep(STATE["hang_s"])
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -169,6 +188,12 @@ async def stream(request: web.Request, body: dict, base: dict, answer: str | dic
     pieces = answer.split(" ")
     for i, piece in enumerate(pieces):
         delta = {"content": piece if i == 0 else " " + piece}
+        if behaviour == "tool_call":
+            call = {"index": 0, "function": {"arguments": delta.pop("content")}}
+            if i == 0:
+                call.update(id=f"call_mock_{STATE['count']}", type="function")
+                call["function"]["name"] = tool_name(body)
+            delta["tool_calls"] = [call]
         if i == 0:
             delta["role"] = "assistant"
         await response.write(b"data: " + orjson.dumps({**chunk, "choices": [{"index": 0, "delta": delta,
@@ -184,7 +209,7 @@ async def stream(request: web.Request, body: dict, base: dict, answer: str | dic
             await response.write_eof()  # clean end, but no finish_reason and no [DONE]
             return response
     await response.write(b"data: " + orjson.dumps({**chunk, "choices": [{"index": 0, "delta": {},
-                                                                           "finish_reason": "stop"}]}) + b"\n\n")
+                                                                           "finish_reason": finish}]}) + b"\n\n")
     if (body.get("stream_options") or {}).get("include_usage"):
         await response.write(b"data: " + orjson.dumps({**chunk, "choices": [], "usage": usage}) + b"\n\n")
     await response.write(b"data: [DONE]\n\n")

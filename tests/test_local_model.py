@@ -47,6 +47,22 @@ def test_local_model_streams_through_the_gateway(local_gateway):
     assert chunks[-1].model_extra["ponder"]["usage_estimated"] is True
 
 
+def test_the_responses_api_is_answered_by_the_local_model(local_gateway):
+    """`client.responses.create` (the OpenAI Agents SDK's default) against the real model, whole and
+    streamed: the Responses body is translated into the chat request llama.cpp's server takes."""
+    client = openai.OpenAI(base_url=local_gateway.url + "/v1", api_key="none", max_retries=0)
+    response = client.responses.create(model="local", instructions="Be brief.", input="Say hello.",
+                                       max_output_tokens=12, temperature=0)
+    assert response.output_text.strip() and response.status in ("completed", "incomplete")
+    assert 0 < response.usage.output_tokens <= 12 and response.usage.input_tokens > 0
+    events = list(client.responses.create(model="local", input=[{"role": "user", "content": "Hi!"}],
+                                          max_output_tokens=8, stream=True))
+    last = events[-1]
+    assert last.type in ("response.completed", "response.incomplete") and last.response.output_text.strip()
+    assert last.response.output_text == "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert 0 < last.response.usage.output_tokens <= 8
+
+
 def test_todays_chat_format_reaches_the_basic_local_model(local_gateway):
     """llama.cpp's server answers a 500 to content parts, a `developer` turn or a tool-calling assistant
     turn without content: the gateway sends them in the basic format it takes, and refuses images."""

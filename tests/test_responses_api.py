@@ -1,0 +1,420 @@
+"""The Responses API (`POST /v1/responses`) over real HTTP: the openai SDK against `ponder serve`, in
+front of the mock upstream. It is the chat request path with a translation at each end, so these tests
+check the translation (what the upstream is sent, what the SDK parses) and that the path's guarantees
+(usage, headers, auth, budgets, streaming failures) hold on this API too."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import httpx
+import openai
+import pytest
+from openai.types.responses import Response, ResponseStreamEvent
+from pydantic import TypeAdapter
+
+from tests.servers import mock_backend, running, start_gateway, start_mock, two_mock_policy
+
+KEY = "sk-resp-key-123"
+ADMIN_KEY = "sk-resp-admin-456"
+ZERO_BUDGET_KEY = "sk-resp-zero-000"
+VOTE = {"x-ponder-strategy": "self_consistency"}  # 5 samples of mock-a (the policy allows the header)
+WEATHER = {"type": "function", "name": "get_weather", "description": "The weather in a city.", "strict": True,
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+                          "additionalProperties": False}}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("responses")
+    with running(start_mock(tmp)) as mock:
+        with running(start_gateway(tmp, {
+            "backends": [mock_backend("mock-a", mock), mock_backend("mock-b", mock),
+                         mock_backend("mock-o", mock, reasoning=True, efforts=["low", "medium", "high"])],
+            "policy": two_mock_policy(tmp, "resp"),
+            "api_keys": [{"id": "team", "sha256": hashlib.sha256(KEY.encode()).hexdigest()},
+                         {"id": "ops", "sha256": hashlib.sha256(ADMIN_KEY.encode()).hexdigest(), "admin": True},
+                         {"id": "broke", "sha256": hashlib.sha256(ZERO_BUDGET_KEY.encode()).hexdigest(),
+                          "budget_usd_per_day": 0}],
+        })) as gateway:
+            yield gateway, mock
+
+
+@pytest.fixture
+def gw(stack):
+    gateway, mock = stack
+    httpx.post(mock.url + "/reset")
+    return gateway
+
+
+@pytest.fixture
+def mock(stack):
+    return stack[1]
+
+
+@pytest.fixture
+def client(gw):
+    return openai.OpenAI(base_url=gw.url + "/v1", api_key=KEY, max_retries=0)
+
+
+def control(mock, **kwargs):
+    httpx.post(mock.url + "/control", json=kwargs).raise_for_status()
+
+
+def sent(mock) -> list[dict]:
+    """The chat bodies the upstream received."""
+    return httpx.get(mock.url + "/calls").json()["bodies"]
+
+
+def words(body: dict) -> int:
+    """The mock's prompt token count of a body it was sent (a word a token)."""
+    total = 0
+    for message in body["messages"]:
+        content = message.get("content") or ""
+        total += len(content.split()) if isinstance(content, str) else sum(len(p["text"].split()) for p in content)
+    return total
+
+
+def test_a_text_answer_with_usage_headers_and_echoed_fields(client, mock):
+    control(mock, answers=["four words long here"])
+    raw = client.responses.with_raw_response.create(model="mock-b", input="one two three", temperature=0.3,
+                                                    top_p=0.9, metadata={"app": "t"}, store=True)
+    response = raw.parse()
+    Response.model_validate(raw.http_response.json())  # validated, where the SDK only constructs it
+    assert response.output_text == "four words long here"
+    assert response.id.startswith("resp_") and response.object == "response" and response.status == "completed"
+    assert response.id == raw.headers["x-ponder-request-id"]
+    [message] = response.output
+    assert message.type == "message" and message.role == "assistant" and message.status == "completed"
+    assert message.content[0].type == "output_text" and message.content[0].annotations == []
+    assert response.usage.input_tokens == 3 and response.usage.output_tokens == 4 and response.usage.total_tokens == 7
+    assert response.usage.input_tokens_details.cached_tokens == 0
+    assert response.usage.output_tokens_details.reasoning_tokens == 0
+    assert (response.temperature, response.top_p, response.metadata) == (0.3, 0.9, {"app": "t"})
+    assert response.tools == [] and response.tool_choice == "auto" and response.parallel_tool_calls is True
+    assert response.error is None and response.model_extra["store"] is False  # accepted, nothing stored
+    assert raw.headers["x-ponder-arm"] == "mock-b/-/single/1"
+    assert float(raw.headers["x-ponder-cost-usd"]) == pytest.approx(3e-6 + 8e-6)  # $1 / $2 per M tokens
+    assert raw.headers["x-ponder-samples"] == "1" and raw.headers["x-ponder-policy"] == "direct"
+    assert response.model_extra["ponder"]["arm"] == "mock-b/-/single/1"
+    [body] = sent(mock)
+    assert body["messages"] == [{"role": "user", "content": "one two three"}]
+    assert (body["temperature"], body["top_p"]) == (0.3, 0.9)
+    assert not {"metadata", "store", "input"} & set(body)  # Responses-only fields are not forwarded
+
+
+def test_routed_alias_and_feedback_on_the_response_id(client, gw):
+    raw = client.responses.with_raw_response.create(model="auto", input="hi there, how are you?")
+    response = raw.parse()
+    assert raw.headers["x-ponder-arm"].split("/")[0] in {"mock-a", "mock-b"}
+    assert raw.headers["x-ponder-policy"] == "resp"
+    assert raw.headers["x-ponder-task"] and 0 <= float(raw.headers["x-ponder-difficulty"]) <= 1
+    fed = httpx.post(gw.url + "/v1/feedback", json={"request_id": response.id, "correct": True},
+                     headers={"Authorization": f"Bearer {KEY}"})
+    assert fed.status_code == 200 and fed.json()["status"] == "accepted"
+
+
+def test_instructions_and_a_multi_turn_input(client, mock):
+    client.responses.create(model="mock-a", instructions="Be brief.", max_output_tokens=50,
+                            reasoning={"effort": "low"}, user="u-1", input=[
+        {"role": "developer", "content": "Answer in English."},
+        {"role": "user", "content": [{"type": "input_text", "text": "What is 2 + 3?"}]},
+        {"type": "message", "role": "assistant", "status": "completed", "id": "msg_1",
+         "content": [{"type": "output_text", "text": "5", "annotations": []}]},
+        {"role": "user", "content": "And 3 + 4?"},
+    ])
+    [body] = sent(mock)
+    assert body["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "developer", "content": "Answer in English."},
+        {"role": "user", "content": [{"type": "text", "text": "What is 2 + 3?"}]},
+        {"role": "assistant", "content": "5"},
+        {"role": "user", "content": "And 3 + 4?"},
+    ]
+    assert body["max_completion_tokens"] == 50 and body["user"] == "u-1"
+    assert "reasoning_effort" not in body  # mock-a is not a reasoning model: the knob is not sent
+
+
+def test_reasoning_effort_and_reasoning_tokens(client, mock):
+    raw = client.responses.with_raw_response.create(model="mock-o", input="x", reasoning={"effort": "high"})
+    response = raw.parse()
+    assert sent(mock)[-1]["reasoning_effort"] == "high" and raw.headers["x-ponder-arm"] == "mock-o/high/single/1"
+    assert response.usage.output_tokens_details.reasoning_tokens == 10
+    assert response.reasoning.effort == "high"
+
+
+def test_a_function_tool_round_trip(client, mock):
+    control(mock, script=["tool_call"], answers=['{"city": "Paris"}'])
+    first = client.responses.create(model="auto", input="Weather in Paris?", tools=[WEATHER],
+                                    tool_choice={"type": "function", "name": "get_weather"}, parallel_tool_calls=False)
+    [call] = first.output
+    assert call.type == "function_call" and call.name == "get_weather" and call.status == "completed"
+    assert json.loads(call.arguments) == {"city": "Paris"} and call.call_id.startswith("call_mock_")
+    assert first.output_text == "" and first.tools[0].name == "get_weather"
+    upstream = sent(mock)[-1]
+    assert upstream["tools"] == [{"type": "function", "function": {
+        "name": "get_weather", "description": "The weather in a city.", "parameters": WEATHER["parameters"],
+        "strict": True}}]
+    assert upstream["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
+    assert upstream["parallel_tool_calls"] is False
+
+    control(mock, answers=["It is sunny."])
+    second = client.responses.create(model="auto", tools=[WEATHER], input=[
+        {"role": "user", "content": "Weather in Paris?"},
+        *[item.model_dump(exclude_none=True) for item in first.output],  # as the SDK's apps send it back
+        {"type": "function_call_output", "call_id": call.call_id, "output": "sunny, 21 C"},
+    ])
+    assert second.output_text == "It is sunny."
+    assert sent(mock)[-1]["messages"][1:] == [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": call.call_id, "type": "function",
+             "function": {"name": "get_weather", "arguments": call.arguments}}]},
+        {"role": "tool", "tool_call_id": call.call_id, "content": "sunny, 21 C"},
+    ]
+
+
+def test_a_json_schema_format(client, mock):
+    control(mock, answers=['{"sum": 5}'])
+    schema = {"type": "object", "properties": {"sum": {"type": "integer"}}, "required": ["sum"],
+              "additionalProperties": False}
+    response = client.responses.create(model="mock-a", input="2 + 3 as JSON",
+                                       text={"format": {"type": "json_schema", "name": "Sum", "schema": schema,
+                                                        "strict": True}})
+    assert json.loads(response.output_text) == {"sum": 5}
+    assert response.text.format.type == "json_schema"
+    assert sent(mock)[-1]["response_format"] == {"type": "json_schema", "json_schema": {
+        "name": "Sum", "schema": schema, "strict": True}}
+    client.responses.create(model="mock-a", input="JSON please", text={"format": {"type": "json_object"}})
+    assert sent(mock)[-1]["response_format"] == {"type": "json_object"}
+
+    from pydantic import BaseModel
+
+    class Sum(BaseModel):
+        sum: int
+
+    parsed = client.responses.parse(model="mock-a", input="2 + 3", text_format=Sum)  # the SDK's helper
+    assert parsed.output_parsed == Sum(sum=5)
+    assert sent(mock)[-1]["response_format"]["json_schema"]["name"] == "Sum"
+
+
+def test_max_output_tokens_cut_is_incomplete(client, mock):
+    control(mock, script=["length"], answers=["one two three four five six"])
+    response = client.responses.create(model="mock-a", input="count", max_output_tokens=3)
+    assert response.status == "incomplete" and response.incomplete_details.reason == "max_output_tokens"
+    assert response.output_text == "one two three" and response.output[0].status == "incomplete"
+    assert response.max_output_tokens == 3 and response.usage.output_tokens == 3
+
+
+def event_types(events) -> list[str]:
+    return [e.type for e in events]
+
+
+TEXT_EVENTS = ["response.created", "response.in_progress", "response.output_item.added",
+               "response.content_part.added"]
+TEXT_END = ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+            "response.completed"]
+
+
+def test_a_streamed_text_answer_raw_events(client, mock):
+    control(mock, answers=["streamed in four pieces"])
+    raw = client.responses.with_raw_response.create(model="mock-a", input="a b", stream=True)
+    events = list(raw.parse())
+    for event in events:  # validated, where the SDK only constructs them
+        TypeAdapter(ResponseStreamEvent).validate_python(event.to_dict())
+    assert raw.headers["x-ponder-arm"] == "mock-a/-/single/1" and raw.headers["content-type"].startswith(
+        "text/event-stream")
+    deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+    assert deltas == ["streamed", " in", " four", " pieces"]  # relayed as the upstream wrote them
+    assert event_types(events) == TEXT_EVENTS + ["response.output_text.delta"] * 4 + TEXT_END
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    created, done = events[0].response, events[-1].response
+    assert created.status == "in_progress" and created.output == [] and created.id == done.id
+    assert done.id == raw.headers["x-ponder-request-id"] and done.output_text == "streamed in four pieces"
+    assert (done.usage.input_tokens, done.usage.output_tokens) == (2, 4)
+    assert events[-3].item_id == events[2].item.id == done.output[0].id
+
+
+def test_a_relayed_stream_is_not_buffered(client, mock):
+    """The upstream pauses 1.8 s after its first word (under its 2 s pause limit): the first delta
+    reaches the client before the pause, not with the rest of the answer."""
+    import time
+
+    control(mock, script=["hold"], hang_s=1.8, answers=["first then the rest"])
+    arrived = {}
+    for event in client.responses.create(model="mock-a", input="x", stream=True):
+        arrived.setdefault(event.type, time.monotonic())
+    assert arrived["response.completed"] - arrived["response.output_text.delta"] > 1.0
+
+
+def recorded(gw, request_id: str) -> dict:
+    """The request as telemetry recorded it (it is settled right after the answer's last byte)."""
+    import time
+
+    deadline = time.monotonic() + 5
+    admin = {"authorization": f"Bearer {ADMIN_KEY}"}
+    while (detail := httpx.get(f"{gw.url}/v1/ponder/requests/{request_id}", headers=admin)).status_code != 200:
+        assert time.monotonic() < deadline, detail.text
+        time.sleep(0.05)
+    return detail.json()["request"]
+
+
+def test_telemetry_records_responses_as_chat_requests_and_bills_a_dropped_stream(client, gw, mock):
+    control(mock, answers=["one two three four five six seven eight"])
+    response = client.responses.create(model="auto", input="count to eight")
+    row = recorded(gw, response.id)
+    assert row["status"] == 200 and row["prompt_tokens"] == response.usage.input_tokens
+    assert row["completion_tokens"] == response.usage.output_tokens == 8
+    assert row["cost_usd"] == pytest.approx(response.model_extra["ponder"]["cost_usd"])
+
+    control(mock, script=["slow_first"])  # the client reads the first delta and hangs up
+    with httpx.stream("POST", gw.url + "/v1/responses", json={"model": "mock-a", "input": "count", "stream": True},
+                      headers={"authorization": f"Bearer {KEY}"}) as streamed:
+        request_id = streamed.headers["x-ponder-request-id"]
+        assert any("response.output_text.delta" in line for line in streamed.iter_lines())
+    row = recorded(gw, request_id)
+    assert row["status"] == 499 and row["completion_tokens"] >= 1 and row["cost_usd"] > 0, row
+
+
+def test_a_streamed_answer_through_the_sdk_helper(client, mock):
+    control(mock, answers=["helper stream works"])
+    with client.responses.stream(model="auto", input="hello") as stream:
+        text = "".join(event.delta for event in stream if event.type == "response.output_text.delta")
+        final = stream.get_final_response()
+    assert text == final.output_text == "helper stream works"
+    assert final.status == "completed" and final.usage.output_tokens == 3
+
+
+def test_a_streamed_function_call(client, mock):
+    control(mock, script=["tool_call"], answers=['{"city": "Rome"}'])
+    with client.responses.stream(model="mock-a", input="Weather in Rome?", tools=[WEATHER]) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    assert event_types(events) == ["response.created", "response.in_progress", "response.output_item.added",
+                                   "response.function_call_arguments.delta", "response.function_call_arguments.delta",
+                                   "response.function_call_arguments.done", "response.output_item.done",
+                                   "response.completed"]
+    [call] = final.output
+    assert call.type == "function_call" and call.name == "get_weather" and json.loads(call.arguments) == {
+        "city": "Rome"}
+    assert events[5].arguments == call.arguments
+
+
+def test_a_multi_sample_answer_counts_every_sample_streamed_or_not(client, mock):
+    control(mock, answers=["The answer is 7", "The answer is 7", "The answer is 9", "The answer is 7",
+                           "The answer is 9"])
+    raw = client.responses.with_raw_response.create(model="auto", input="What is 3 + 4?", extra_headers=VOTE)
+    response = raw.parse()
+    assert "7" in response.output_text and raw.headers["x-ponder-samples"] == "5"
+    bodies = sent(mock)
+    assert len(bodies) == 5 and response.model_extra["ponder"]["samples"] == 5
+    assert response.usage.output_tokens == 5 * 4
+    assert response.usage.input_tokens == sum(words(b) for b in bodies)
+
+    httpx.post(mock.url + "/reset")
+    control(mock, answers=["The answer is 7"], cached_tokens=2)
+    with client.responses.stream(model="auto", input="What is 3 + 4?", extra_headers=VOTE) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    assert event_types(events) == TEXT_EVENTS + ["response.output_text.delta"] + TEXT_END  # the whole answer once
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    bodies = sent(mock)
+    assert len(bodies) == 5 and final.usage.output_tokens == 5 * 4
+    assert final.usage.input_tokens == sum(words(b) for b in bodies)
+    assert final.usage.input_tokens_details.cached_tokens == 5 * 2
+
+
+def test_a_stream_that_breaks_after_bytes_is_failed_not_completed(client, mock):
+    control(mock, script=["truncate"], answers=["this answer will be cut in the middle"])
+    events = list(client.responses.create(model="mock-a", input="x", stream=True))
+    assert events[-1].type == "response.failed" and "response.completed" not in event_types(events)
+    failed = events[-1].response
+    assert failed.status == "failed" and "upstream stream broke" in failed.error.message
+    assert failed.error.code == "server_error" and failed.output[0].status == "incomplete"
+    assert any(e.type == "response.output_text.delta" for e in events)  # bytes reached the client first
+    with pytest.raises(RuntimeError, match="response.completed"):
+        control(mock, script=["truncate"], answers=["this answer will be cut in the middle"])
+        with client.responses.stream(model="mock-a", input="x") as stream:
+            stream.until_done().get_final_response()
+
+
+def test_a_stream_nobody_can_serve_is_an_http_error(client, mock):
+    control(mock, script=["500", "500"])  # both attempts on mock-b (max_retries: 1), before any byte
+    with pytest.raises(openai.APIStatusError) as failed:
+        client.responses.create(model="mock-b", input="x", stream=True)
+    assert failed.value.status_code == 502 and failed.value.body["type"] == "upstream_error"
+    assert "mock upstream failure" in failed.value.message and len(sent(mock)) == 2
+
+
+def test_auth_and_budget_errors_in_the_error_schema(gw):
+    missing = httpx.post(gw.url + "/v1/responses", json={"model": "mock-a", "input": "x"})
+    assert missing.status_code == 401 and missing.json()["error"]["code"] == "missing_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=gw.url + "/v1", api_key="sk-wrong", max_retries=0).responses.create(
+            model="mock-a", input="x")
+    broke = openai.OpenAI(base_url=gw.url + "/v1", api_key=ZERO_BUDGET_KEY, max_retries=0)
+    for stream in (False, True):
+        with pytest.raises(openai.RateLimitError) as empty:
+            broke.responses.create(model="mock-a", input="x", max_output_tokens=5, stream=stream)
+        assert empty.value.code == "budget_exhausted" and "retry-after" in empty.value.response.headers
+
+
+@pytest.mark.parametrize("params, param, code", [
+    ({"previous_response_id": "resp_123"}, "previous_response_id", "unsupported_parameter"),
+    ({"conversation": "conv_123"}, "conversation", "unsupported_parameter"),
+    ({"background": True}, "background", "unsupported_parameter"),
+    ({"truncation": "auto"}, "truncation", "unsupported_parameter"),
+    ({"prompt": {"id": "pmpt_1"}}, "prompt", "unsupported_parameter"),
+    ({"tools": [{"type": "web_search"}]}, "tools.0.type", "unsupported_parameter"),
+    ({"tool_choice": {"type": "file_search"}}, "tool_choice", "unsupported_parameter"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "file_id": "file-1"}]}]},
+     "input.0.content.0", "unsupported_parameter"),
+    ({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "file-1"}]}]},
+     "input.0.content.0", "unsupported_parameter"),
+    ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input.0", "unsupported_parameter"),
+    ({"top_logprobs": 2}, "top_logprobs", "unsupported_parameter"),
+    ({"temperature": "hot"}, "temperature", "invalid_value"),
+    ({"max_output_tokens": 0}, "max_output_tokens", "invalid_value"),
+    ({"reasoning": {"effort": "extreme"}}, "reasoning.effort", "invalid_value"),
+    ({"text": {"format": {"type": "yaml"}}}, "text.format.type", "invalid_value"),
+    ({"input": []}, "input", "invalid_value"),
+])
+def test_what_is_not_supported_is_a_400_naming_the_param(client, mock, params, param, code):
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.create(**{"model": "mock-a", "input": "x", **params})
+    assert refused.value.param == param and refused.value.code == code, refused.value.message
+    assert f"'{param}'" in refused.value.message  # named as the client sent it, not as the chat request has it
+    assert refused.value.body["type"] == "invalid_request_error"
+    assert sent(mock) == []  # refused before any call
+
+
+def test_an_image_url_part_reaches_the_upstream_as_a_chat_image(client, mock):
+    client.responses.create(model="mock-a", input=[{"role": "user", "content": [
+        {"type": "input_text", "text": "What is this?"},
+        {"type": "input_image", "image_url": "https://example.com/cat.png", "detail": "low"}]}])
+    assert sent(mock)[-1]["messages"][0]["content"][1] == {
+        "type": "image_url", "image_url": {"url": "https://example.com/cat.png", "detail": "low"}}
+
+
+def test_stored_responses_are_not_found(client):
+    for call in (lambda: client.responses.retrieve("resp_123"), lambda: client.responses.delete("resp_123"),
+                 lambda: client.responses.cancel("resp_123")):
+        with pytest.raises(openai.NotFoundError) as missing:
+            call()
+        assert "stores no responses" in missing.value.message and missing.value.code == "not_found"
+
+
+def test_a_failure_after_a_synthesized_streams_headers_is_a_failed_response():
+    """A multi-sample stream that outlasts its 20 s hold gets its 200 before it is decided; if it then
+    fails, the client must read a failure (`response.failed` after the `response.created` the SDK
+    needs first), not a completion. Pure: the wire's rendering of that failure."""
+    from gateway.errors import ApiError
+    from gateway.responses import ResponsesWire, parse_responses_request
+
+    wire = ResponsesWire(*parse_responses_request({"model": "auto", "input": "x", "stream": True}, max_n=4))
+    frames = wire.stream_error("resp_abc", ApiError(502, "mock-a: upstream timed out")).decode()
+    events = [TypeAdapter(ResponseStreamEvent).validate_json(frame.split("\ndata: ", 1)[1])
+              for frame in frames.strip().split("\n\n")]
+    assert [e.type for e in events] == ["response.created", "response.in_progress", "response.failed"]
+    assert [e.sequence_number for e in events] == [0, 1, 2] and {e.response.id for e in events} == {"resp_abc"}
+    assert events[-1].response.error.message == "mock-a: upstream timed out"
