@@ -30,7 +30,7 @@ from gateway.effort import apply_effort
 from gateway.errors import EXCEPTION_HANDLERS, ApiError, retry_after
 from gateway.schemas import ChatRequest, parse_chat_request, parse_json_body
 from gateway.service import Gateway, Plan
-from gateway.strategies import StrategyResult
+from gateway.strategies import StrategyResult, with_output_limit
 from gateway.streaming import EventStream, PassThrough, synthesized, usage_block
 from router import prompts
 from router.types import Arm
@@ -147,6 +147,7 @@ def extension(plan: Plan, caller: Caller, result: StrategyResult | None, served:
     """`served`: the arm that answered where no result says so (a relayed stream)."""
     arm = result.arm if result else served or plan.decision.arm
     details = result.details if result else {}
+    extra = {"max_tokens_sent": plan.output_caps} if plan.output_caps else {}  # only where the gateway added one
     return {
         "request_id": plan.request_id,
         "arm": arm.key,
@@ -160,6 +161,7 @@ def extension(plan: Plan, caller: Caller, result: StrategyResult | None, served:
         "votes": details.get("votes"),
         "confidence": result.confidence if result else None,
         "cost_usd": sum(c.cost_usd for c in caller.calls),
+        **extra,
     }
 
 
@@ -180,7 +182,7 @@ async def chat_completions(request: Request) -> Response:
         body = parse_json_body(await read_body(request, gw.config.max_body_bytes, gw.config.body_timeout_s))
         req = parse_chat_request(body, max_n=gw.config.max_n)
         plan = await gw.plan(req, request.headers, principal)
-        reservation = await gw.reserve_budget(plan)
+        reservation = await gw.reserve_budget(plan, req)
     except ApiError as exc:
         gw.metrics.refused(req.model if req is not None and req.model in gw.models() else "-", exc.status)
         raise
@@ -378,6 +380,7 @@ async def open_first_stream(gw: Gateway, plan: Plan, req: ChatRequest,
             continue
         backend = caller.backend(arm.backend)
         body = apply_effort({k: v for k, v in req.body.items() if k != "n"}, backend.spec, arm.effort)
+        body = with_output_limit(body, backend.spec, plan.output_caps.get(arm.backend))
         for attempt in range(1 + backend.spec.max_retries):
             if not backend.health.available(time.monotonic()):
                 # cooling down (a Retry-After, failures): not called, as Caller.complete would not call it

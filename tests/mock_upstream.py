@@ -12,10 +12,12 @@ exact, predictable usage (1 token per whitespace-separated word), and can misbeh
         (hold: a stream pauses hang_s after its first chunk; raw: a 200 text/event-stream whose body is
         `raw`, a list of hex strings, each sent as one write, and numbers, seconds to sleep between them,
         so a test says byte for byte how an upstream writes its SSE)
-    GET  /calls     {"count": N, "bodies": [...last 200 bodies]}
+    GET  /calls     {"count": N, "bodies": [...last 200 bodies], "raw_bodies": [...the same, as the bytes sent]}
     POST /reset     forget everything
 
 `answers` are picked by the request's `seed` (seed % len), else in turn, so voting can be tested.
+An answer longer than the request's `max_tokens` / `max_completion_tokens` is cut there (its reasoning
+tokens counted in), with finish_reason `length`, as a real upstream cuts it.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ STATE: dict = {}
 def reset_state() -> None:
     STATE.clear()
     STATE.update(script=[], fail_rate=0.0, answers=["Hello from the mock upstream."], delay_ms=0,
-                 count=0, bodies=[], turn=0, hang_s=30.0, rng=random.Random(7), cached_tokens=0, raw=[])
+                 count=0, bodies=[], raw_bodies=[], turn=0, hang_s=30.0, rng=random.Random(7), cached_tokens=0,
+                 raw=[])
 
 
 def words(text: str) -> int:
@@ -69,9 +72,11 @@ def next_behaviour() -> str:
 
 
 async def chat(request: web.Request) -> web.StreamResponse:
-    body = await request.json()
+    raw = await request.read()
+    body = orjson.loads(raw)
     STATE["count"] += 1
     STATE["bodies"] = (STATE["bodies"] + [body])[-200:]
+    STATE["raw_bodies"] = (STATE["raw_bodies"] + [raw.decode()])[-200:]
     behaviour = next_behaviour()
     if STATE["delay_ms"]:
         await asyncio.sleep(STATE["delay_ms"] / 1000)
@@ -105,30 +110,35 @@ async def chat(request: web.Request) -> web.StreamResponse:
     if behaviour == "raw":
         return await raw_stream(request)
     n = int(body.get("n") or 1)
+    limits = [body[k] for k in ("max_tokens", "max_completion_tokens") if isinstance(body.get(k), int)]
+    reasoning = min([10, *limits]) if body.get("reasoning_effort") else 0
     answers = [pick_answer(body, i) for i in range(n)]
+    cut = [bool(limits) and words(a) + reasoning > min(limits) for a in answers]
+    answers = [" ".join(a.split()[:min(limits) - reasoning]) if c else a for a, c in zip(answers, cut)]
+    finish = ["length" if c else "stop" for c in cut]
     usage = {"prompt_tokens": prompt_tokens(body), "completion_tokens": sum(words(a) for a in answers)}
     usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
     if STATE["cached_tokens"]:
         usage["prompt_tokens_details"] = {"cached_tokens": STATE["cached_tokens"], "audio_tokens": 0}
-    if body.get("reasoning_effort"):
-        usage["completion_tokens_details"] = {"reasoning_tokens": 10}
-        usage["completion_tokens"] += 10
-        usage["total_tokens"] += 10
+    if reasoning:
+        usage["completion_tokens_details"] = {"reasoning_tokens": reasoning}
+        usage["completion_tokens"] += reasoning
+        usage["total_tokens"] += reasoning
     base = {"id": f"mock-{STATE['count']}", "created": int(time.time()), "model": body.get("model", "mock"),
             "system_fingerprint": "fp_mock"}
     if not body.get("stream"):
-        choices = [{"index": i, "message": {"role": "assistant", "content": a}, "finish_reason": "stop"}
-                   for i, a in enumerate(answers)]
+        choices = [{"index": i, "message": {"role": "assistant", "content": a}, "finish_reason": f}
+                   for i, (a, f) in enumerate(zip(answers, finish))]
         if body.get("logprobs"):  # one entry per word
             for choice, a in zip(choices, answers):
                 choice["logprobs"] = {"content": [{"token": w, "logprob": -0.5, "bytes": list(w.encode()),
                                                    "top_logprobs": []} for w in a.split()]}
         return web.json_response({**base, "object": "chat.completion", "choices": choices, "usage": usage})
-    return await stream(request, body, base, answers[0], usage, behaviour)
+    return await stream(request, body, base, answers[0], usage, behaviour, finish[0])
 
 
 async def stream(request: web.Request, body: dict, base: dict, answer: str, usage: dict,
-                 behaviour: str) -> web.StreamResponse:
+                 behaviour: str, finish: str = "stop") -> web.StreamResponse:
     if behaviour == "stall":
         await asyncio.sleep(STATE["hang_s"])
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -152,7 +162,7 @@ async def stream(request: web.Request, body: dict, base: dict, answer: str, usag
             await response.write_eof()  # clean end, but no finish_reason and no [DONE]
             return response
     await response.write(b"data: " + orjson.dumps({**chunk, "choices": [{"index": 0, "delta": {},
-                                                                           "finish_reason": "stop"}]}) + b"\n\n")
+                                                                           "finish_reason": finish}]}) + b"\n\n")
     if (body.get("stream_options") or {}).get("include_usage"):
         await response.write(b"data: " + orjson.dumps({**chunk, "choices": [], "usage": usage}) + b"\n\n")
     await response.write(b"data: [DONE]\n\n")
@@ -181,7 +191,7 @@ async def control(request: web.Request) -> web.Response:
 
 
 async def calls(request: web.Request) -> web.Response:
-    return web.json_response({"count": STATE["count"], "bodies": STATE["bodies"]})
+    return web.json_response({"count": STATE["count"], "bodies": STATE["bodies"], "raw_bodies": STATE["raw_bodies"]})
 
 
 async def do_reset(request: web.Request) -> web.Response:
