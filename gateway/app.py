@@ -34,7 +34,7 @@ from gateway.errors import EXCEPTION_HANDLERS, ApiError, retry_after
 from gateway.responses import ResponsesWire, parse_responses_request
 from gateway.schemas import ChatRequest, parse_chat_request, parse_json_body
 from gateway.service import Gateway, Plan
-from gateway.strategies import StrategyResult
+from gateway.strategies import StrategyResult, with_output_limit
 from gateway.streaming import (DONE, EventStream, PassThrough, completion_to_chunks, sse, synthesized,
                                 usage_block)
 from router import prompts
@@ -152,6 +152,7 @@ def extension(plan: Plan, caller: Caller, result: StrategyResult | None, served:
     """`served`: the arm that answered where no result says so (a relayed stream)."""
     arm = result.arm if result else served or plan.decision.arm
     details = result.details if result else {}
+    extra = {"max_tokens_sent": plan.output_caps} if plan.output_caps else {}  # only where the gateway added one
     return {
         "request_id": plan.request_id,
         "arm": arm.key,
@@ -165,6 +166,7 @@ def extension(plan: Plan, caller: Caller, result: StrategyResult | None, served:
         "votes": details.get("votes"),
         "confidence": result.confidence if result else None,
         "cost_usd": sum(c.cost_usd for c in caller.calls),
+        **extra,
     }
 
 
@@ -251,7 +253,7 @@ async def serve(request: Request, read: Callable[[dict[str, Any], int], Wire]) -
         wire = read(body, gw.config.max_n)
         req = wire.req
         plan = await gw.plan(req, request.headers, principal, id_prefix=wire.id_prefix)
-        reservation = await gw.reserve_budget(plan)
+        reservation = await gw.reserve_budget(plan, req)
     except ApiError as exc:
         gw.metrics.refused(req.model if req is not None and req.model in gw.models() else "-", exc.status)
         raise
@@ -449,6 +451,7 @@ async def open_first_stream(gw: Gateway, plan: Plan, req: ChatRequest,
             continue
         backend = caller.backend(arm.backend)
         body = apply_effort({k: v for k, v in req.body.items() if k != "n"}, backend.spec, arm.effort)
+        body = with_output_limit(body, backend.spec, plan.output_caps.get(arm.backend))
         for attempt in range(1 + backend.spec.max_retries):
             if not backend.health.available(time.monotonic()):
                 # cooling down (a Retry-After, failures): not called, as Caller.complete would not call it

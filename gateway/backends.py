@@ -25,7 +25,7 @@ import orjson
 from gateway.prices import call_cost, resolve_prices
 from gateway.sse import EventTooLarge, read_events
 from policies.backends import BackendSpec
-from policies.loader import resolve_max_context
+from policies.loader import resolve_max_context, resolve_max_output
 
 FAST_PATH_PROVIDERS = {"openai", "hosted_vllm", "llamacpp", "lm_studio"}
 # Upstream statuses that are about the request itself: passed on to the client as they are, never
@@ -182,6 +182,7 @@ class Backend:
         self.name = self.spec.name
         self.prices = resolve_prices(self.spec)
         self.max_context = resolve_max_context(self.spec)[0]  # tokens; None: no known limit
+        self.max_output = resolve_max_output(self.spec)[0]  # tokens one call can write; None: unknown
         provider, _, upstream_model = self.spec.model.partition("/")
         self.upstream_model = upstream_model or provider
         self.fast_path = (

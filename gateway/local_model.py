@@ -116,6 +116,7 @@ class LocalModelServer:
             api_base=self.api_base,
             prices=Prices(input_per_mtok=0.0, output_per_mtok=0.0),  # it runs on our own CPU
             max_context=self.config.n_ctx,
+            max_output_tokens=self.config.n_ctx,  # prompt and answer share the context: it cannot write more
             supports_n=False,  # llama.cpp's server ignores `n`
             message_format="basic",  # content parts or a `developer` role fail there with a 500
             timeout_s=120.0,

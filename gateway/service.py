@@ -30,7 +30,10 @@ from gateway.metrics import Metrics
 from gateway.policy_watch import PolicySet
 from gateway.prices import call_cost
 from gateway.schemas import ChatRequest
-from gateway.strategies import StrategyContext, StrategyResult, cot_instruction_tokens, first_stage, run_arm, uses_cot
+from gateway.strategies import (
+    JUDGE_OUTPUT_TOKENS, OutputBound, StrategyContext, StrategyResult, cot_instruction_tokens, first_stage,
+    output_bound, run_arm, uses_cot,
+)
 from policies.schema import PolicyError
 from router import prompts
 from router.classifier import Classifier, ClassifierError
@@ -44,10 +47,6 @@ from telemetry.store import BudgetExceeded, Store, open_store
 
 log = logging.getLogger("ponder.gateway")
 DIRECT_SAMPLES = 5  # samples when a client asks a named backend for a multi-sample strategy
-# Output tokens per call held against a key's budget when a request sets no max_tokens.
-DIRECT_OUTPUT_TOKENS = 1024
-REASONING_OUTPUT_TOKENS = 8192
-JUDGE_OUTPUT_TOKENS = 16
 CLOSE_WAIT_S = 5.0  # at shutdown, how long the store waits for requests still settling
 
 
@@ -62,8 +61,11 @@ class Plan:
     alias: str
     worst_cost_usd: float = 0.0  # what the request may cost at most (see Gateway.worst_case_usd)
     prompt_tokens: int = 0  # estimated, as the decision saw it
-    max_output_tokens: int | None = None
+    max_output_tokens: int | None = None  # the client's
     choices: int = 1  # the client's `n`
+    capped: bool = False  # the key has a budget: worst_cost_usd is the request's true bound (output_bound)
+    # backend -> the output limit sent where the client set none, so that the hold is a bound
+    output_caps: dict[str, int] = field(default_factory=dict)
     classify_s: float = 0.0  # how long the classifier took (Server-Timing)
     decide_s: float = 0.0  # and the rest of planning: policy, hints, budget read, the decision
     started: float = field(default_factory=time.perf_counter)
@@ -256,11 +258,14 @@ class Gateway:
                 raise ApiError(400, context_message(hints.prompt_tokens or 0, backend.max_context), param="messages",
                                code="context_length_exceeded")
             decision = self._direct(req, headers, classification, policy)
-            worst = self.plan_worst_case_usd(decision, req, hints.prompt_tokens)
+            capped = self.has_budget(principal)
+            worst = self.plan_worst_case_usd(decision, req, hints.prompt_tokens, capped=capped)
             self._check_direct_cost(worst, hints, policy)
+            decision, caps = self._with_output_caps(decision, req, capped)
             return Plan(request_id, decision, policy, principal, req.model, worst_cost_usd=worst,
                         prompt_tokens=hints.prompt_tokens or 0, max_output_tokens=req.max_output_tokens,
-                        choices=req.n, classify_s=classified - started, decide_s=time.perf_counter() - classified)
+                        choices=req.n, capped=capped, output_caps=caps, classify_s=classified - started,
+                        decide_s=time.perf_counter() - classified)
         if req.model not in policy.aliases:
             raise ApiError(404, f"The model {req.model!r} does not exist; GET /v1/models lists the models "
                                 "and routed aliases.", param="model", code="model_not_found")
@@ -286,26 +291,36 @@ class Gateway:
                 raise _budget_held(period, held) from None
             raise ApiError(429, str(exc), code="budget_exhausted", headers=_retry_at_reset(period)) from None
         if budget_left is not None:
-            decision = self._fallbacks_within(decision, req, hints.prompt_tokens, budget_left)
+            decision = self._arms_within(decision, req, hints.prompt_tokens, budget_left)
+        capped = self.has_budget(principal)
+        decision, caps = self._with_output_caps(decision, req, capped)
         return Plan(request_id, decision, policy, principal, req.model,
-                    worst_cost_usd=self.plan_worst_case_usd(decision, req, hints.prompt_tokens),
+                    worst_cost_usd=self.plan_worst_case_usd(decision, req, hints.prompt_tokens, capped=capped),
                     prompt_tokens=hints.prompt_tokens or 0,
-                    max_output_tokens=req.max_output_tokens, choices=req.n, classify_s=classified - started,
-                    decide_s=time.perf_counter() - classified)
+                    max_output_tokens=req.max_output_tokens, choices=req.n, capped=capped, output_caps=caps,
+                    classify_s=classified - started, decide_s=time.perf_counter() - classified)
 
-    def worst_case_usd(self, arm: Arm, req: ChatRequest, prompt_tokens: int | None = None) -> float:
-        """What answering with this arm can cost at most (every sample writing its whole `max_tokens`):
-        what a budget must hold while the request runs, so that concurrent requests cannot overspend.
-        Without `max_tokens` the bound is a default output length per call. Every prompt counts what
-        the gateway adds to it: the reasoning instruction of a sample that gets one, and a best-of-N
-        judge's rubric, question and candidate answer. `prompt_tokens`: the messages' estimate, if made."""
+    def worst_case_usd(self, arm: Arm, req: ChatRequest, prompt_tokens: int | None = None, *,
+                       capped: bool = False, output_tokens: int | None = None) -> float:
+        """What answering with this arm can cost at most (every sample writing as much as its call may:
+        `output_bound`): what a budget must hold while the request runs, so that concurrent requests
+        cannot overspend. `capped`: the key has a budget, so this must be a true bound (without
+        max_tokens: the backend's maximum output, else the default length, then sent as the limit);
+        without it, calls without max_tokens count a default length, only for a named backend's
+        per-request cost caps. Every prompt counts what the gateway adds to it: the reasoning
+        instruction of a sample that gets one, and a best-of-N judge's rubric, question and candidate
+        answer. `prompt_tokens`: the messages' estimate, if made. `output_tokens`: what each call would
+        write with that max_tokens (for `affordable_max_tokens`)."""
         backend = self.backends.get(arm.backend)
         if backend is None:
             return 0.0
         if prompt_tokens is None:
             prompt_tokens = estimate_prompt_tokens(req.messages, req.body)
         prompt = prompt_tokens
-        out = req.max_output_tokens or (REASONING_OUTPUT_TOKENS if backend.spec.reasoning else DIRECT_OUTPUT_TOKENS)
+        out = output_tokens if output_tokens is not None else \
+            output_bound(backend, req.max_output_tokens, capped=capped).tokens
+        # every sample a strategy may draw: self-consistency's extra round for a client's `n` replaces
+        # failed samples (no output), and adaptive waves stop at max(n, the client's n)
         samples = max(arm.n, req.n)
         params = dict(arm.params)
         if uses_cot(arm if arm.strategy != "cascade" else first_stage(arm), backend.spec, params):
@@ -315,25 +330,76 @@ class Gateway:
             judge = self.backends.get(arm.verifier or arm.backend, backend)
             judged = estimate_prompt_tokens(prompts.judge_messages(prompts.last_user_text(req.messages), "")) + out
             cost += call_cost(judge.prices, judged, JUDGE_OUTPUT_TOKENS) * samples
-        return cost + sum(self.worst_case_usd(stage, req, prompt_tokens) for stage in arm.stages)
+        return cost + sum(self.worst_case_usd(stage, req, prompt_tokens, capped=capped, output_tokens=output_tokens)
+                          for stage in arm.stages)
 
-    def plan_worst_case_usd(self, decision: Decision, req: ChatRequest, prompt_tokens: int) -> float:
+    def plan_worst_case_usd(self, decision: Decision, req: ChatRequest, prompt_tokens: int | None, *,
+                            capped: bool = False) -> float:
         """The most any of the decision's arms can cost: a fallback may answer instead of the choice."""
-        return max(self.worst_case_usd(arm, req, prompt_tokens) for arm in (decision.arm, *decision.fallbacks))
+        return max(self.worst_case_usd(arm, req, prompt_tokens, capped=capped)
+                   for arm in (decision.arm, *decision.fallbacks))
 
-    def _fallbacks_within(self, decision: Decision, req: ChatRequest, prompt_tokens: int | None,
-                          budget_left_usd: float) -> Decision:
-        """The decision without the fallbacks whose worst case is more than the key has left. The budget
-        hold covers every arm that may answer, so one costly fallback (eligible by its expected cost)
-        would refuse a request whose chosen arm fits, and lock the key out for the rest of the period."""
-        kept = tuple(arm for arm in decision.fallbacks
-                     if self.worst_case_usd(arm, req, prompt_tokens) <= budget_left_usd)
-        if len(kept) == len(decision.fallbacks):
+    def affordable_max_tokens(self, arms: list[Arm], req: ChatRequest, prompt_tokens: int | None,
+                              usd: float) -> int | None:
+        """The largest max_tokens with which these arms' worst case is at most `usd` (a request's worst
+        case is linear in it); 0 when not even one token fits (the prompts alone cost more); None when
+        the output is free, so no max_tokens would change it."""
+        most: int | None = None
+        for arm in arms:
+            base = self.worst_case_usd(arm, req, prompt_tokens, output_tokens=0)
+            per_token = self.worst_case_usd(arm, req, prompt_tokens, output_tokens=1) - base
+            if base > usd:
+                return 0
+            if per_token > 0:
+                fits = int((usd - base) / per_token + 1e-6)
+                most = fits if most is None else min(most, fits)
+        # float rounding at the edge; the stores admit what passes the limit by less than 1e-9 USD
+        while most and any(self.worst_case_usd(arm, req, prompt_tokens, output_tokens=most) > usd + 1e-9
+                           for arm in arms):
+            most -= 1
+        return most
+
+    def _arms_within(self, decision: Decision, req: ChatRequest, prompt_tokens: int | None,
+                     budget_left_usd: float) -> Decision:
+        """The decision without the arms whose worst case is more than the key has left. The budget hold
+        covers every arm that may answer, so one costly fallback (eligible by its expected cost) would
+        refuse a request whose chosen arm fits, and lock the key out for the rest of the period. The
+        chosen arm goes too when a fallback fits in its place: it was chosen by its expected cost, and
+        its worst case (a backend's whole maximum output, without max_tokens) can be far above that.
+        When no arm fits, the chosen one stays, and the reservation says what to send instead."""
+        arms = (decision.arm, *decision.fallbacks)
+        fits = [self.worst_case_usd(arm, req, prompt_tokens, capped=True) <= budget_left_usd for arm in arms]
+        if all(fits):
             return decision
-        dropped = ", ".join(arm.key for arm in decision.fallbacks if arm not in kept)
-        return dataclasses.replace(decision, fallbacks=kept, reasons=(
-            *decision.reasons, f"fallbacks dropped: {dropped} may cost more than the key's remaining "
-                               f"{budget_left_usd:.6f} USD"))
+        kept = [arm for arm, ok in zip(arms, fits) if ok] or [decision.arm]
+        reasons = list(decision.reasons)
+        left = f"the key's remaining {budget_left_usd:.6f} USD"
+        if kept[0] is not decision.arm:
+            reasons.append(f"{decision.arm.key} may cost more than {left}: {kept[0].key} answers instead")
+        dropped = [arm.key for arm in decision.fallbacks if not any(arm is k for k in kept)]
+        if dropped:
+            reasons.append(f"fallbacks dropped: {', '.join(dropped)} may cost more than {left}")
+        return dataclasses.replace(decision, arm=kept[0], fallbacks=tuple(kept[1:]), reasons=tuple(reasons))
+
+    def _with_output_caps(self, decision: Decision, req: ChatRequest,
+                          capped: bool) -> tuple[Decision, dict[str, int]]:
+        """The output limits the gateway sends this request's calls (output_bound: a key with a budget, no
+        max_tokens, a backend whose maximum output is unknown), and the decision saying so."""
+        if not capped or req.max_output_tokens is not None:
+            return decision, {}
+        caps: dict[str, int] = {}
+        for name in dict.fromkeys(_backends_of((decision.arm, *decision.fallbacks))):
+            backend = self.backends.get(name)
+            bound = output_bound(backend, None, capped=True) if backend is not None else None
+            if bound is not None and bound.sent:
+                caps[name] = bound.tokens
+        if not caps:
+            return decision, caps
+        sent = ", ".join(f"{tokens} to {name}" for name, tokens in caps.items())
+        return dataclasses.replace(decision, reasons=(
+            *decision.reasons, f"max_tokens sent ({sent}): the key has a budget, the request no max_tokens, "
+                               "and the backend's maximum output is unknown, so the default length held is "
+                               "sent as the limit")), caps
 
     def _direct(self, req: ChatRequest, headers: Any, classification: Classification,
                 policy: CompiledPolicy) -> Decision:
@@ -394,7 +460,8 @@ class Gateway:
             if not caller.available(arm.backend) and not is_last:
                 continue  # cooling down: skip at once rather than wait on it
             params = dict(arm.params)
-            ctx = StrategyContext(task=plan.decision.task, params=params, caller=caller, bucket_stats=stats)
+            ctx = StrategyContext(task=plan.decision.task, params=params, caller=caller, bucket_stats=stats,
+                                  output_caps=plan.output_caps)
             try:
                 return await run_arm(arm, req.body, ctx)
             except UpstreamError as exc:
@@ -473,8 +540,12 @@ class Gateway:
             return None
         return {period: cap - spent.get(period, 0.0) for period, cap in limits.items()}
 
-    async def reserve_budget(self, plan: Plan) -> Reservation | None:
-        """Hold the request's expected cost against the key's budgets (atomic across replicas)."""
+    def has_budget(self, principal: Principal) -> bool:
+        """Whether the key's requests are held against a budget (reserve_budget holds them)."""
+        return bool(self.budget_limits(principal)) and self.store is not None
+
+    async def reserve_budget(self, plan: Plan, req: ChatRequest) -> Reservation | None:
+        """Hold the request's worst case against the key's budgets (atomic across replicas)."""
         limits = self.budget_limits(plan.principal)
         if not limits or self.store is None:
             return None
@@ -485,19 +556,42 @@ class Gateway:
             for period, limit, spent in exc.failures:
                 if exc.amount > limit > spent:  # waiting cannot help: the worst case is over the whole cap
                     raise ApiError(400, f"This request may cost up to ${exc.amount:.6f}, more than this key's whole "
-                                        f"{period} budget (${limit:.6f}); send a lower max_tokens (without one, a "
-                                        "default output length per call is held).", code="over_budget_cap") from None
+                                        f"{period} budget (${limit:.6f}); "
+                                        f"{self._what_fits(plan, req, limit, 'in that budget')}.",
+                                   code="over_budget_cap") from None
+            left = min(limit - spent for _period, limit, spent in exc.failures)
             held = self._held_usd.get(key_id, 0.0)
             waited_for = _spent_out({period: limit - spent for period, limit, spent in exc.failures}, exc.amount, held)
             if not waited_for:
-                raise _budget_held(exc.period, held) from None
+                raise _budget_held(exc.period, held, self._what_fits(plan, req, left, "now", only_if_fits=True)) \
+                    from None
             binding = exceeded([failure for failure in exc.failures if failure[0] in waited_for], exc.amount,
                                time.time())  # of the periods worth waiting for, the one that frees it last
-            raise ApiError(429, f"Budget exhausted for this key: {binding}.", code="budget_exhausted",
-                           headers=_retry_at_reset(binding.period)) from None
+            advice = self._what_fits(plan, req, left, "in what is left", only_if_fits=True)
+            raise ApiError(429, f"Budget exhausted for this key: {binding}" + (f"; {advice}." if advice else "."),
+                           code="budget_exhausted", headers=_retry_at_reset(binding.period)) from None
         if reservation.mode != "none":
             self._held_usd[key_id] = self._held_usd.get(key_id, 0.0) + reservation.amount_usd
         return reservation
+
+    def _what_fits(self, plan: Plan, req: ChatRequest, usd: float, where: str, *, only_if_fits: bool = False) -> str:
+        """What a client whose request's worst case does not fit `usd` can send instead: a lower
+        max_tokens, and the most that fits (`where` it fits). What the request held without one is said
+        (the backend's maximum output, or the default length the gateway sends as the limit), since a
+        client that sent none cannot guess it. "" with `only_if_fits` when no max_tokens would fit."""
+        arms = plan.arms()
+        most = self.affordable_max_tokens(arms, req, plan.prompt_tokens, usd)
+        if only_if_fits and not most:
+            return ""
+        costliest = max(arms, key=lambda arm: self.worst_case_usd(arm, req, plan.prompt_tokens, capped=plan.capped))
+        backend = self.backends.get(costliest.backend)
+        bound = output_bound(backend, req.max_output_tokens, capped=plan.capped) if backend is not None else None
+        advice = _held_without_max_tokens(bound, costliest.backend)
+        if most is None:
+            return advice
+        if most == 0:
+            return advice + " and a shorter prompt: its prompts alone may cost more than that"
+        return advice + f" (at most {most:,} fits {where})"
 
     async def settle_budget(self, reservation: Reservation, actual_usd: float) -> None:
         """Charge a request's actual cost in place of its hold (settling twice changes nothing)."""
@@ -553,14 +647,34 @@ def _spent_out(left_by_period: dict[str, float], need_usd: float, held_usd: floa
     return [period for period, left in left_by_period.items() if left + held_usd < need_usd]
 
 
-def _budget_held(period: str | None, held_usd: float) -> ApiError:
+def _held_without_max_tokens(bound: OutputBound | None, backend: str) -> str:
+    """The advice to send a (lower) max_tokens, saying what a request without one held per call."""
+    if bound is None or bound.source == "max_tokens":
+        return "send a lower max_tokens"
+    if bound.source == "backend":
+        return f"without max_tokens each call holds {backend}'s maximum output ({bound.tokens:,} tokens); " \
+               "send max_tokens"
+    sent = " and is sent that as its max_tokens" if bound.sent else ""
+    return f"without max_tokens each call holds {bound.tokens:,} tokens{sent} ({backend}'s maximum output is " \
+           "unknown); send a lower max_tokens"
+
+
+def _backends_of(arms: tuple[Arm, ...]):
+    """The backends these arms send the client's body to: each arm's, and its cascade stages'."""
+    for arm in arms:
+        yield arm.backend
+        yield from _backends_of(arm.stages)
+
+
+def _budget_held(period: str | None, held_usd: float, advice: str = "") -> ApiError:
     """429 for a key whose budget only this process's requests in flight stand in the way of: their holds
     (each request's worst case) mostly come back when they settle, so worth retrying in a moment, not at
     the period's end. When they do not (answers as long as their max_tokens), the retry is told
     `budget_exhausted`: one extra round trip, where the other mistake would send a client away until
     midnight with money left."""
     return ApiError(429, f"This key's {period} budget is held by its requests in flight (${held_usd:.6f} "
-                         "held); retry shortly.", code="budget_held", headers=retry_after(1.0))
+                         f"held); retry shortly{f', or: {advice}' if advice else ''}.", code="budget_held",
+                    headers=retry_after(1.0))
 
 
 def _retry_at_reset(period: str | None) -> dict[str, str]:

@@ -15,9 +15,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.backends import UpstreamError
+from gateway.backends import Backend, UpstreamError
 from gateway.calls import Caller
 from gateway.effort import apply_effort
+from policies.backends import BackendSpec
 from router import cascade, prompts, stopping, voting
 from router.estimates import estimate_prompt_tokens
 from router.types import TASK_TYPES, Arm, ArmStats
@@ -51,6 +52,9 @@ class StrategyContext:
     # the bucket's value of a vote from them (router.stopping.bucket_sample_value)
     bucket_stats: Mapping[str, ArmStats] = field(default_factory=dict)
     last_sample_error: UpstreamError | None = None  # why the last dropped sample failed
+    # backend -> the output limit the gateway sends with the client's body where the client set none
+    # (output_bound: a key with a budget, a backend whose maximum output is unknown); empty for others
+    output_caps: Mapping[str, int] = field(default_factory=dict)
 
     def param(self, name: str) -> Any:
         return self.params.get(name, DEFAULT_PARAMS.get(name))
@@ -64,6 +68,51 @@ async def run_arm(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> Strat
 
 
 # -- what a strategy sends (also what the budget holds for it: Gateway.worst_case_usd) -------------
+
+# The output tokens a call is held to when neither the client (max_tokens) nor the backend
+# (max_output_tokens, declared or from litellm's map) bounds it; for a key with a budget the gateway
+# then sends this length as the call's limit, so that what is held is a bound.
+DIRECT_OUTPUT_TOKENS = 1024
+REASONING_OUTPUT_TOKENS = 8192
+JUDGE_OUTPUT_TOKENS = 16  # a best-of-N judge writes a score: sent as its max_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class OutputBound:
+    """The most output tokens one call may write, where that number comes from, and whether the
+    gateway sends it as the call's limit."""
+
+    tokens: int
+    source: str  # "max_tokens": the client's; "backend": the backend's maximum output; "default": ours
+    sent: bool = False
+
+
+def output_bound(backend: Backend, client_max: int | None, *, capped: bool) -> OutputBound:
+    """The one rule for how long a call's answer may be, as a budget holds it (Gateway.worst_case_usd)
+    and as strategies send it (`StrategyContext.output_caps`). `capped`: the request's key has a
+    budget, which must hold the request's true worst case.
+
+    - The client's max_tokens (or max_completion_tokens) bounds every call.
+    - Without one, for a key with a budget: the backend's maximum output when known; when it is not, a
+      default length (1024, 8192 for a reasoning backend), *sent* to the upstream as the limit so the
+      hold is a bound (not for a backend whose output is free: nothing to bound).
+    - A key without a budget holds nothing, and nothing is added to its requests: the default length is
+      only the worst case a named backend's per-request cost caps are checked against, as always."""
+    if client_max is not None:
+        return OutputBound(client_max, "max_tokens")
+    if capped and backend.max_output is not None:
+        return OutputBound(backend.max_output, "backend")
+    default = REASONING_OUTPUT_TOKENS if backend.spec.reasoning else DIRECT_OUTPUT_TOKENS
+    return OutputBound(default, "default", sent=capped and backend.prices.output_per_mtok > 0)
+
+
+def with_output_limit(body: dict[str, Any], spec: BackendSpec, tokens: int | None) -> dict[str, Any]:
+    """The body with `tokens` as its output limit where the client set none (the input is not
+    modified): `max_completion_tokens` for a reasoning backend (OpenAI's reasoning models refuse
+    `max_tokens`; a basic backend is sent it as `max_tokens`), else `max_tokens`."""
+    if tokens is None or "max_tokens" in body or "max_completion_tokens" in body:
+        return body
+    return {**body, ("max_completion_tokens" if spec.reasoning else "max_tokens"): tokens}
 
 
 def uses_cot(arm: Arm, spec: Any, params: Mapping[str, Any]) -> bool:
@@ -105,7 +154,8 @@ def _sample_body(arm: Arm, body: dict[str, Any], ctx: StrategyContext, *, sample
         out["seed"] = _seed(int(body["seed"]) + sample)
     if cot:
         out["messages"] = prompts.with_cot_instruction(body["messages"], ctx.task, ctx.params.get("cot_template"))
-    return apply_effort(out, backend.spec, arm.effort)
+    out = apply_effort(out, backend.spec, arm.effort)
+    return with_output_limit(out, backend.spec, ctx.output_caps.get(arm.backend))
 
 
 def _seed(value: int) -> int:
@@ -312,7 +362,8 @@ async def _best_of_n(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> St
     question = prompts.last_user_text(body["messages"])
 
     async def score(text: str) -> float | None:
-        judge_body = {"messages": prompts.judge_messages(question, text), "temperature": 0, "max_tokens": 16}
+        judge_body = {"messages": prompts.judge_messages(question, text), "temperature": 0,
+                      "max_tokens": JUDGE_OUTPUT_TOKENS}
         try:
             verdict = await ctx.caller.complete(verifier, judge_body)
         except UpstreamError:

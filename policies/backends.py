@@ -44,6 +44,13 @@ class BackendSpec(BaseModel):
         "not sent to this backend: other arms answer, or the client gets a 400 `context_length_exceeded`. "
         "Default: litellm's model map for a provider's own endpoint (no api_base), else no limit.",
     )
+    max_output_tokens: PositiveInt | None = Field(
+        default=None,
+        description="The most tokens one call can write (reasoning included). What a key with a budget holds "
+        "for a call whose client sent no max_tokens (see docs/policies.md, Budgets). Default: litellm's "
+        "model map for a provider's own endpoint (no api_base), else unknown: such a key's calls are then "
+        "sent a default max_tokens (1024; 8192 for a reasoning backend), which is what they hold.",
+    )
     supports_n: bool = Field(default=True, description="Whether the upstream honours `n` > 1 in one call.")
     message_format: Literal["openai", "basic"] = Field(
         default="openai",

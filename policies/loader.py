@@ -32,7 +32,7 @@ from policies.schema import (
 )
 
 __all__ = ["PolicyError", "load_policy", "parse_policy", "check_cli", "write_json_schema", "resolve_prices",
-           "resolve_max_context"]
+           "resolve_max_context", "resolve_max_output"]
 
 SCHEMA_PATH = Path(__file__).with_name("policy.schema.json")
 SUMMARY_PROMPT_TOKENS = 500  # the prompt size the summary prices arms at
@@ -247,6 +247,21 @@ def resolve_max_context(spec: BackendSpec) -> tuple[int | None, str]:
     return None, "unknown: no limit"
 
 
+def resolve_max_output(spec: BackendSpec) -> tuple[int | None, str]:
+    """The most tokens one call to the backend can write, and where that came from: the declaration,
+    litellm's model map (`max_output_tokens`, for a provider's own endpoint only, as resolve_max_context),
+    or nowhere (None: unknown)."""
+    if spec.max_output_tokens is not None:
+        return spec.max_output_tokens, "declared"
+    if spec.api_base is None:
+        table = litellm_cost_map()
+        for key in (spec.model, spec.model.split("/", 1)[-1]):
+            most = (table.get(key) or {}).get("max_output_tokens")
+            if isinstance(most, int) and not isinstance(most, bool) and most > 0:
+                return most, "litellm model map"
+    return None, "unknown"
+
+
 # --- JSON Schema ----------------------------------------------------------------------------------
 
 
@@ -315,9 +330,10 @@ def summarize(policy: Policy, source: str = "") -> str:
         prices, origin = resolve_prices(spec)
         efforts = f"efforts {','.join(spec.efforts)} via {spec.effort_param}" if spec.efforts else "no effort knob"
         where = f" @ {spec.api_base}" if spec.api_base else ""
+        most, most_origin = resolve_max_output(spec)
         lines.append(
             f"  {spec.name:<18} {spec.model}{where}  ${prices.input_per_mtok:g}/${prices.output_per_mtok:g} ({origin})"
-            f"  {efforts}"
+            f"  {efforts}  max output {f'{most} tokens ({most_origin})' if most else 'unknown'}"
         )
     unused = len(policy.backends) - len([s for s in policy.backends if s.name in used])
     if unused:

@@ -15,13 +15,15 @@ exact, predictable usage (1 token per whitespace-separated word), and can misbeh
         (hold: a stream pauses hang_s after its first chunk; raw: a 200 text/event-stream whose body is
         `raw`, a list of hex strings, each sent as one write, and numbers, seconds to sleep between them,
         so a test says byte for byte how an upstream writes its SSE)
-    GET  /calls     {"count": N, "bodies": [...last 200 bodies]}
+    GET  /calls     {"count": N, "bodies": [...last 200 bodies], "raw_bodies": [...the same, as the bytes sent]}
     POST /reset     forget everything
 
 `answers` are picked by the request's `seed` (seed % len), else in turn, so voting can be tested.
 An answer is a text, or a message object (`{"content": null, "tool_calls": [...]}`, `{"refusal": ...}`):
 its tool calls stream as OpenAI streams them (the call's id, type and name with empty arguments, then
 the arguments in pieces of a few characters, under the call's index) and finish with "tool_calls".
+A text answer longer than the request's `max_tokens` / `max_completion_tokens` is cut there (its
+reasoning tokens counted in), with finish_reason `length`, as a real upstream cuts it.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ STATE: dict = {}
 def reset_state() -> None:
     STATE.clear()
     STATE.update(script=[], fail_rate=0.0, answers=["Hello from the mock upstream."], delay_ms=0,
-                 count=0, bodies=[], turn=0, hang_s=30.0, rng=random.Random(7), cached_tokens=0, raw=[])
+                 count=0, bodies=[], raw_bodies=[], turn=0, hang_s=30.0, rng=random.Random(7), cached_tokens=0,
+                 raw=[])
 
 
 def words(text: str) -> int:
@@ -101,9 +104,11 @@ def next_behaviour() -> str:
 
 
 async def chat(request: web.Request) -> web.StreamResponse:
-    body = await request.json()
+    raw = await request.read()
+    body = orjson.loads(raw)
     STATE["count"] += 1
     STATE["bodies"] = (STATE["bodies"] + [body])[-200:]
+    STATE["raw_bodies"] = (STATE["raw_bodies"] + [raw.decode()])[-200:]
     behaviour = next_behaviour()
     if STATE["delay_ms"]:
         await asyncio.sleep(STATE["delay_ms"] / 1000)
@@ -137,31 +142,33 @@ async def chat(request: web.Request) -> web.StreamResponse:
     if behaviour == "raw":
         return await raw_stream(request)
     n = int(body.get("n") or 1)
+    limits = [body[k] for k in ("max_tokens", "max_completion_tokens") if isinstance(body.get(k), int)]
+    reasoning = min([10, *limits]) if body.get("reasoning_effort") else 0
     answers = [pick_answer(body, i) for i in range(n)]
-    finish = "tool_calls" if behaviour == "tool_call" else None  # None: the answer's own
-    if behaviour == "length":
-        limit = body.get("max_completion_tokens") or body.get("max_tokens") or 1
-        answers, finish = [" ".join(a.split()[:limit]) if isinstance(a, str) else a for a in answers], "length"
+    cut = [bool(limits) and isinstance(a, str) and words(a) + reasoning > min(limits) for a in answers]
+    answers = [" ".join(a.split()[:min(limits) - reasoning]) if c else a for a, c in zip(answers, cut)]
+    finish = ["length" if c or behaviour == "length" else "tool_calls" if behaviour == "tool_call" else finish_reason(a)
+              for a, c in zip(answers, cut)]
     usage = {"prompt_tokens": prompt_tokens(body), "completion_tokens": sum(answer_tokens(a) for a in answers)}
     usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
     if STATE["cached_tokens"]:
         usage["prompt_tokens_details"] = {"cached_tokens": STATE["cached_tokens"], "audio_tokens": 0}
-    if body.get("reasoning_effort"):
-        usage["completion_tokens_details"] = {"reasoning_tokens": 10}
-        usage["completion_tokens"] += 10
-        usage["total_tokens"] += 10
+    if reasoning:
+        usage["completion_tokens_details"] = {"reasoning_tokens": reasoning}
+        usage["completion_tokens"] += reasoning
+        usage["total_tokens"] += reasoning
     base = {"id": f"mock-{STATE['count']}", "created": int(time.time()), "model": body.get("model", "mock"),
             "system_fingerprint": "fp_mock"}
     if not body.get("stream"):
-        choices = [{"index": i, "message": message(body, a, behaviour), "finish_reason": finish or finish_reason(a)}
-                   for i, a in enumerate(answers)]
+        choices = [{"index": i, "message": message(body, a, behaviour), "finish_reason": f}
+                   for i, (a, f) in enumerate(zip(answers, finish))]
         if body.get("logprobs"):  # one entry per word
             for choice, a in zip(choices, answers):
                 a = as_message(a).get("content") or ""
                 choice["logprobs"] = {"content": [{"token": w, "logprob": -0.5, "bytes": list(w.encode()),
                                                    "top_logprobs": []} for w in a.split()]}
         return web.json_response({**base, "object": "chat.completion", "choices": choices, "usage": usage})
-    return await stream(request, body, base, answers[0], usage, behaviour, finish or "stop")
+    return await stream(request, body, base, answers[0], usage, behaviour, finish[0])
 
 
 def tool_name(body: dict) -> str:
@@ -265,7 +272,7 @@ async def control(request: web.Request) -> web.Response:
 
 
 async def calls(request: web.Request) -> web.Response:
-    return web.json_response({"count": STATE["count"], "bodies": STATE["bodies"]})
+    return web.json_response({"count": STATE["count"], "bodies": STATE["bodies"], "raw_bodies": STATE["raw_bodies"]})
 
 
 async def do_reset(request: web.Request) -> web.Response:

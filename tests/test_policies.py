@@ -287,6 +287,21 @@ def test_context_windows_default_to_litellms_model_map_for_a_providers_own_endpo
     assert resolve_max_context(BackendSpec(name="x", model="openai/smollm2", max_context=2048)) == (2048, "declared")
 
 
+def test_maximum_output_defaults_to_litellms_model_map_for_a_providers_own_endpoint():
+    """What a key with a budget holds per call without max_tokens (docs/policies.md, Budgets)."""
+    from pydantic import ValidationError
+
+    from policies.loader import resolve_max_output
+
+    assert resolve_max_output(BackendSpec(name="x", model="openai/gpt-4.1-mini")) == (32768, "litellm model map")
+    assert resolve_max_output(BackendSpec(name="x", model="anthropic/claude-sonnet-4-5"))[0] == 64000
+    assert resolve_max_output(BackendSpec(name="x", model="openai/gpt-4.1-mini", api_base="http://127.0.0.1:1/v1")) \
+        == (None, "unknown")
+    assert resolve_max_output(BackendSpec(name="x", model="openai/smollm2", max_output_tokens=512)) == (512, "declared")
+    with pytest.raises(ValidationError):
+        BackendSpec(name="x", model="openai/smollm2", max_output_tokens=0)
+
+
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_shipped_policies_validate_against_the_json_schema(path):
     """What editors check (the JSON Schema) agrees with what the loader accepts."""

@@ -1,0 +1,255 @@
+"""Per-key budgets are a true bound for requests without max_tokens (issue #10).
+
+A request without `max_tokens` used to hold a default output length (1,024 tokens a call) that nothing
+enforced: an upstream writing 5,000 let 20 concurrent requests near a key's cap spend several times it.
+Now a key with a budget holds the backend's maximum output when that is known (`max_output_tokens`,
+declared or from litellm's map), else the default length, which is then sent to the upstream as the
+call's limit. Keys without a budget are untouched. Real `ponder serve` processes in front of the mock
+upstream (which cuts an answer at the max_tokens it is sent, as a real one does), a real redis-server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+
+import httpx
+import orjson
+import pytest
+
+from tests.servers import mock_backend, running, start_gateway, start_mock, write_policy
+
+PROMPT = "Write a long essay."  # the gateway's estimate: 19 // 4 + 4 = 8 tokens; the mock counts 4 words
+ESTIMATED_PROMPT = 8
+LONG = " ".join(["word"] * 5000)  # 5,000 completion tokens at the mock
+PRICES = {"input_per_mtok": 1.0, "output_per_mtok": 2.0}  # mock_backend's: $2 per million output tokens
+DEFAULT_HOLD = (ESTIMATED_PROMPT * 1.0 + 1024 * 2.0) / 1e6  # one call without max_tokens, unknown maximum
+DECLARED_MAX = 3000
+DECLARED_HOLD = (ESTIMATED_PROMPT * 1.0 + DECLARED_MAX * 2.0) / 1e6
+
+KEYS = {  # key -> (id, daily budget or None)
+    "sk-free": ("free", None),
+    "sk-capped": ("capped", 5.0),
+    "sk-tiny": ("tiny", 0.001),
+    "sk-burst": ("burst", 0.02),
+    "sk-burst-max": ("burst-max", 2.5 * DECLARED_HOLD),
+    "sk-left": ("left", 0.05),
+}
+
+
+def key_lines(keys: dict[str, tuple[str, float | None]]) -> list[dict]:
+    return [{"id": ident, "sha256": hashlib.sha256(key.encode()).hexdigest(),
+             **({"budget_usd_per_day": cap} if cap is not None else {})} for key, (ident, cap) in keys.items()]
+
+
+def policy(tmp) -> str:
+    return write_policy(tmp, {
+        "name": "bounds",
+        "arms": {"one": {"backend": "m", "strategy": "single"},
+                 "vote": {"backend": "m", "strategy": "self_consistency", "n": 3}},
+        "routes": [{"name": "all", "candidates": ["one"]}],
+        "exploration": {"share": 0.0},
+        "overrides": {"strategy_header": ["self_consistency", "single"]},
+    }, "bounds.yaml")
+
+
+def backends(mock) -> list[dict]:
+    return [mock_backend("m", mock),  # an api_base: its maximum output is unknown
+            mock_backend("m-max", mock, max_output_tokens=DECLARED_MAX),
+            mock_backend("m-think", mock, reasoning=True),
+            mock_backend("m-free", mock, prices={"input_per_mtok": 0.0, "output_per_mtok": 0.0})]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bounds")
+    with running(start_mock(tmp)) as mock, running(start_gateway(tmp, {
+            "backends": backends(mock), "policy": policy(tmp), "api_keys": key_lines(KEYS)}, name="bounds")) as gw:
+        yield {"tmp": tmp, "mock": mock, "gateway": gw}
+
+
+@pytest.fixture
+def mock(stack):
+    httpx.post(stack["mock"].url + "/reset").raise_for_status()
+    return stack["mock"]
+
+
+def control(mock, **state) -> None:
+    httpx.post(mock.url + "/control", json=state).raise_for_status()
+
+
+def sent(mock) -> dict:
+    return httpx.get(mock.url + "/calls").json()
+
+
+def post(url: str, key: str, headers: dict | None = None, **body) -> httpx.Response:
+    payload = {"model": "auto", "messages": [{"role": "user", "content": PROMPT}], **body}
+    return httpx.post(url + "/v1/chat/completions", json=payload, timeout=30,
+                      headers={"authorization": f"Bearer {key}", **(headers or {})})
+
+
+async def burst(urls: list[str], key: str, count: int, **body) -> list[httpx.Response]:
+    """`count` requests at once, spread over `urls`."""
+    payload = {"model": "auto", "messages": [{"role": "user", "content": PROMPT}], **body}
+    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=count)) as client:
+        return await asyncio.gather(*(client.post(urls[i % len(urls)] + "/v1/chat/completions", json=payload,
+                                                  headers={"authorization": f"Bearer {key}"}) for i in range(count)))
+
+
+def spent_by(responses: list[httpx.Response]) -> float:
+    return sum(float(r.headers["x-ponder-cost-usd"]) for r in responses if r.status_code == 200)
+
+
+@pytest.mark.parametrize("store", ["embedded", "redis"])
+def test_concurrent_requests_without_max_tokens_stay_within_one_requests_hold(stack, mock, store, request):
+    """The issue's repro: an upstream answering 5,000 tokens, a key with a $0.02 day, 20 requests at once
+    without max_tokens. Before: about 10 admitted, each holding 1,024 tokens and spending 5,000 (the key
+    ended at ~4.5x its cap). Now each call is sent max_tokens 1024, the length it holds, so the key ends
+    within one request's hold of its cap: on the embedded store, and on Redis across two replicas."""
+    control(mock, answers=[LONG], delay_ms=400)
+    if store == "embedded":
+        urls, key = [stack["gateway"].url], "sk-burst"
+        responses = asyncio.run(burst(urls, key, 20))
+    else:
+        redis_url = request.getfixturevalue("redis_url")
+        config = {"backends": backends(mock), "policy": policy(stack["tmp"]), "api_keys": key_lines(KEYS),
+                  "telemetry": {"redis_url": redis_url}}
+        with running(start_gateway(stack["tmp"], {**config, "telemetry": {
+                **config["telemetry"], "data_dir": str(stack["tmp"] / "r1")}}, name="r1")) as one, \
+             running(start_gateway(stack["tmp"], {**config, "telemetry": {
+                **config["telemetry"], "data_dir": str(stack["tmp"] / "r2")}}, name="r2")) as two:
+            responses = asyncio.run(burst([one.url, two.url], "sk-burst", 20))
+    ok = [r for r in responses if r.status_code == 200]
+    assert {r.status_code for r in responses} <= {200, 429}, [r.text for r in responses if r.status_code != 200][:2]
+    assert len(ok) >= 5, [r.text for r in responses][:2]
+    cap = KEYS["sk-burst"][1]
+    assert spent_by(responses) <= cap + DEFAULT_HOLD + 1e-12, f"spent {spent_by(responses):.6f} of {cap}"
+    assert all(r.json()["usage"]["completion_tokens"] == 1024 for r in ok)
+    assert all(r.json()["choices"][0]["finish_reason"] == "length" for r in ok)
+    assert all(r.json()["ponder"]["max_tokens_sent"] == {"m": 1024} for r in ok)
+    assert [body.get("max_tokens") for body in sent(mock)["bodies"]] == [1024] * len(ok)
+    for refused in (r for r in responses if r.status_code == 429):  # told what would fit now
+        assert "max_tokens" in refused.json()["error"]["message"]
+
+
+def test_a_declared_maximum_output_is_held_and_nothing_is_added(stack, mock):
+    """A backend with max_output_tokens: 3000 declared: a key's request without max_tokens holds 3,000
+    tokens a call (a budget of 2.5 holds admits 2 of 10 at once) and is sent as it came."""
+    control(mock, answers=[" ".join(["word"] * 2500)], delay_ms=1000)
+    responses = asyncio.run(burst([stack["gateway"].url], "sk-burst-max", 10, model="m-max"))
+    ok = [r for r in responses if r.status_code == 200]
+    assert len(ok) == 2, [r.text for r in responses]
+    assert spent_by(responses) <= KEYS["sk-burst-max"][1]
+    assert all("max_tokens" not in body and "max_completion_tokens" not in body for body in sent(mock)["bodies"])
+    assert all("max_tokens_sent" not in r.json()["ponder"] for r in ok)
+
+
+def test_a_request_over_a_keys_whole_budget_is_told_the_max_tokens_that_fits(stack, mock):
+    """$0.001 a day. Without max_tokens a request to the declared backend holds its 3,000-token maximum
+    ($0.006): 400 over_budget_cap, saying so and how many tokens fit; that many is served, one more is
+    not. Against a backend of unknown maximum the message says the default it holds and sends."""
+    url = stack["gateway"].url
+    too_big = post(url, "sk-tiny", model="m-max")
+    assert too_big.status_code == 400
+    error = too_big.json()["error"]
+    assert error["code"] == "over_budget_cap"
+    assert "m-max's maximum output (3,000 tokens)" in error["message"] and "send max_tokens" in error["message"]
+    fits = int(re.search(r"at most ([\d,]+) fits", error["message"]).group(1).replace(",", ""))
+    assert fits == int((0.001 * 1e6 - ESTIMATED_PROMPT) / 2.0)  # $1 / $2 per million tokens
+    over = post(url, "sk-tiny", model="m-max", max_tokens=fits + 1)
+    assert over.status_code == 400 and over.json()["error"]["code"] == "over_budget_cap"
+    assert "send a lower max_tokens" in over.json()["error"]["message"]
+    assert post(url, "sk-tiny", model="m-max", max_tokens=fits).status_code == 200
+    unknown = post(url, "sk-tiny", model="m").json()["error"]
+    assert unknown["code"] == "over_budget_cap"
+    assert "1,024 tokens and is sent that as its max_tokens (m's maximum output is unknown)" in unknown["message"]
+
+
+def test_a_key_with_money_left_is_told_the_max_tokens_that_fits_it(stack, mock):
+    """$0.05 a day, $0.044 of it spent: a request holding m-max's 3,000 tokens ($0.006) does not fit what
+    is left. The 429 says so, and that a max_tokens it names fits: sent with it, the request is served."""
+    url = stack["gateway"].url
+    control(mock, answers=[" ".join(["word"] * 2200)])
+    for _ in range(10):  # $0.0044 each (2,200 tokens; 4 prompt tokens at the mock)
+        post(url, "sk-left", model="m-max")
+    control(mock, answers=[LONG])
+    refused = post(url, "sk-left", model="m-max")
+    assert refused.status_code == 429, refused.text
+    error = refused.json()["error"]
+    assert error["code"] == "budget_exhausted" and "m-max's maximum output (3,000 tokens)" in error["message"]
+    fits = int(re.search(r"at most ([\d,]+) fits in what is left", error["message"]).group(1).replace(",", ""))
+    assert 0 < fits < DECLARED_MAX
+    served = post(url, "sk-left", model="m-max", max_tokens=fits)
+    assert served.status_code == 200 and served.json()["usage"]["completion_tokens"] == fits
+
+
+def test_an_unknown_maximum_is_sent_as_max_tokens_only_for_keys_with_a_budget(stack, mock):
+    """Where the backend's maximum output is unknown, a capped key's calls are sent the default length
+    they hold (max_completion_tokens for a reasoning backend; every sample of a vote; a relayed stream;
+    nothing for a backend whose output is free, nor where the client set its own). A key without a
+    budget gets its body upstream byte for byte as before."""
+    url = stack["gateway"].url
+    control(mock, answers=["a short answer"])
+    cases = [  # (model, headers, extra body, what each upstream call gets)
+        ("m", {}, {}, {"max_tokens": 1024}),
+        ("auto", {}, {}, {"max_tokens": 1024}),
+        ("m", {}, {"stream": True}, {"max_tokens": 1024}),
+        ("m", {"x-ponder-strategy": "self_consistency"}, {}, {"max_tokens": 1024}),
+        ("m-think", {}, {}, {"max_completion_tokens": 8192}),
+        ("m-free", {}, {}, {}),
+        ("m", {}, {"max_completion_tokens": 50}, {}),
+    ]
+    for model, headers, extra, added in cases:
+        httpx.post(mock.url + "/reset")
+        control(mock, answers=["a short answer"])
+        answer = post(url, "sk-capped", headers, model=model, **extra)
+        assert answer.status_code == 200, answer.text
+        bodies = sent(mock)["bodies"]
+        assert bodies, model
+        for body in bodies:
+            limits = {k: body[k] for k in ("max_tokens", "max_completion_tokens") if k in body}
+            assert limits == (added or {k: v for k, v in extra.items() if k.startswith("max_")}), (model, extra, body)
+        if not extra.get("stream"):
+            assert answer.json()["ponder"].get("max_tokens_sent", {}) == \
+                ({model if model != "auto" else "m": next(iter(added.values()))} if added else {})
+
+    # a key without a budget: exactly the client's bytes (mock_backend's upstream model names are the
+    # backends' own: `openai/m` is sent as `m`)
+    for model in ("m", "m-think"):
+        httpx.post(mock.url + "/reset")
+        body = orjson.dumps({"model": model, "messages": [{"role": "user", "content": PROMPT}], "temperature": 0.3})
+        answer = httpx.post(url + "/v1/chat/completions", content=body, timeout=30,
+                            headers={"authorization": "Bearer sk-free", "content-type": "application/json"})
+        assert answer.status_code == 200 and "max_tokens_sent" not in answer.json()["ponder"]
+        assert sent(mock)["raw_bodies"] == [body.decode()], model
+    httpx.post(mock.url + "/reset")
+    streamed = post(url, "sk-free", model="m", stream=True)
+    assert streamed.status_code == 200
+    assert sent(mock)["bodies"] == [{"model": "m", "messages": [{"role": "user", "content": PROMPT}], "stream": True,
+                                     "stream_options": {"include_usage": True}}]
+
+
+def test_an_arm_whose_maximum_output_would_not_fit_gives_way_to_one_that_does(tmp_path):
+    """A strong arm on a backend that may write 100,000 tokens ($0.2 held without max_tokens) is chosen
+    by its expected cost; a key with $0.05 a day could never hold it. Its fallback, whose calls are held
+    (and sent) 1,024 tokens, answers instead of a 429 until midnight; a key without a budget still gets
+    the strong arm."""
+    path = write_policy(tmp_path, {
+        "name": "giving-way",
+        "arms": {"strong": {"backend": "big", "prior": 0.9}, "plain": {"backend": "m", "prior": 0.5}},
+        "routes": [{"name": "all", "candidates": ["strong", "plain"]}],
+        "objective": {"cost_weight": 0.0, "latency_weight": 0.0},
+        "exploration": {"share": 0.0},
+    }, "giving-way.yaml")
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("big", mock, max_output_tokens=100_000), mock_backend("m", mock)],
+            "policy": path, "api_keys": key_lines({"sk-free": ("free", None), "sk-left": ("left", 0.05)}),
+    }, name="giving-way")) as gateway:
+        capped = post(gateway.url, "sk-left")
+        assert capped.status_code == 200, capped.text
+        assert capped.headers["x-ponder-arm"].startswith("m/") and capped.json()["ponder"]["max_tokens_sent"] == {"m": 1024}
+        assert sent(mock)["bodies"][-1]["max_tokens"] == 1024
+        free = post(gateway.url, "sk-free")
+        assert free.status_code == 200 and free.headers["x-ponder-arm"].startswith("big/")
+        assert "max_tokens" not in sent(mock)["bodies"][-1]
