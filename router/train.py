@@ -39,7 +39,7 @@ from sklearn.metrics import f1_score, roc_auc_score
 from sklearn.preprocessing import StandardScaler
 
 from router import features as F
-from router.train_data import DIFFICULTY_NOTES, SOURCE_FAMILY, SYNTHETIC_SOURCE, Example, data_hashes, default_datasets_dir, family, load_examples, load_extra
+from router.train_data import DIFFICULTY_NOTES, SOURCE_FAMILY, SHORT_SOURCE, SYNTHETIC_SOURCE, SYNTHETIC_SOURCES, Example, data_hashes, default_datasets_dir, family, load_examples, load_extra
 from router.types import TASK_TYPES
 
 ARTIFACT_DIR = Path(__file__).resolve().parent / "artifacts"
@@ -54,6 +54,7 @@ EXPERT_MIN_WEIGHT = 0.02  # a difficulty-only prompt joins the experts of types 
 HANDCRAFTED_WEIGHT = 0.2
 MAX_ITER = 200
 SYNTHETIC_WEIGHT = 4.0
+SHORT_WEIGHT = 2.0  # the short synthetic requests (1,000 against 64,000 dataset prompts)
 LOSO_CAP = 1500  # prompts per source in each leave-one-source-out refit
 SPLIT_SALT = "ponder-split-v1"  # fixed: the held-out set must not move when the seed changes
 
@@ -81,7 +82,7 @@ def mix_difficulty(task_probs: np.ndarray, expert_logits: np.ndarray) -> np.ndar
 
 
 def is_test_group(group: str) -> bool:
-    if group.startswith(SYNTHETIC_SOURCE):
+    if group.split(":", 1)[0] in SYNTHETIC_SOURCES:
         return False
     digest = hashlib.sha256(f"{SPLIT_SALT}:{group}".encode()).digest()
     return int.from_bytes(digest[:4], "big") % 100 < TEST_PERCENT
@@ -172,7 +173,7 @@ def _source_weights(examples: Sequence[Example]) -> np.ndarray:
     counts = Counter(ex.source for ex in examples)
     # The synthetic system-prompt examples are few but the only ones whose label depends on the
     # system prompt alone; upweighted so that signal is not regularised away.
-    boost = {SYNTHETIC_SOURCE: SYNTHETIC_WEIGHT}
+    boost = {SYNTHETIC_SOURCE: SYNTHETIC_WEIGHT, SHORT_SOURCE: SHORT_WEIGHT}
     return np.array([min(1.0, SOURCE_CAP / counts[ex.source]) * boost.get(ex.source, 1.0) for ex in examples])
 
 
@@ -542,14 +543,14 @@ def leave_one_source_out(
         items = by_source[source]
         keep = rng.permutation(len(items))[:LOSO_CAP]
         capped += [items[i] for i in sorted(keep)]
-    real = [ex for ex in everything if ex.source not in ("extra", SYNTHETIC_SOURCE)]
+    real = [ex for ex in everything if ex.source != "extra" and ex.source not in SYNTHETIC_SOURCES]
     label_sources = defaultdict(set)
     for ex in real:
         if ex.task is not None:
             label_sources[ex.task].add(family(ex.source))
     # One fold per dataset; a source derived from another (SOURCE_FAMILY) is left out with it and
     # is not a fold of its own (the fold is scored on the original dataset's prompts only).
-    sources = sorted({ex.source for ex in everything if ex.task is not None and ex.source not in ("extra", SYNTHETIC_SOURCE)} - set(SOURCE_FAMILY))
+    sources = sorted({ex.source for ex in everything if ex.task is not None and ex.source != "extra" and ex.source not in SYNTHETIC_SOURCES} - set(SOURCE_FAMILY))
     pooled_true, pooled_pred, per_source, graded = [], [], {}, {}
     for source in sources:
         kept = [ex for ex in capped if family(ex.source) != source]
@@ -597,7 +598,7 @@ def validate(seed: int = 0, datasets: str | Path | None = None) -> dict[str, Any
 
     def held(ex: Example) -> bool:
         digest = hashlib.sha256(f"{VALIDATION_SALT}:{ex.group}".encode()).digest()
-        return ex.source != SYNTHETIC_SOURCE and int.from_bytes(digest[:4], "big") % 100 < TEST_PERCENT
+        return ex.source not in SYNTHETIC_SOURCES and int.from_bytes(digest[:4], "big") % 100 < TEST_PERCENT
 
     fit_set = [ex for ex in train_set if not held(ex)]
     val_set = [ex for ex in train_set if held(ex)]
@@ -672,7 +673,7 @@ def train(
         },
         "outputs": {"task_probs": "task type probabilities, columns = labels", "difficulty": "P(cheap answer wrong)"},
         "seed": seed,
-        "hyperparameters": {"task_C": TASK_C, "expert_alpha": EXPERT_ALPHA, "expert_min_weight": EXPERT_MIN_WEIGHT, "handcrafted_weight": HANDCRAFTED_WEIGHT, "max_iter": MAX_ITER, "source_cap": SOURCE_CAP, "synthetic_weight": SYNTHETIC_WEIGHT},
+        "hyperparameters": {"task_C": TASK_C, "expert_alpha": EXPERT_ALPHA, "expert_min_weight": EXPERT_MIN_WEIGHT, "handcrafted_weight": HANDCRAFTED_WEIGHT, "max_iter": MAX_ITER, "source_cap": SOURCE_CAP, "synthetic_weight": SYNTHETIC_WEIGHT, "short_weight": SHORT_WEIGHT},
         "training_data": {
             "datasets_sha256": data_hashes(root),
             "extra_files_sha256": {Path(p).name: hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in extra},

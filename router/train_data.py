@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from router.short_requests import short_requests
+
 # --- reference scores (accuracy of the reference cheap model or a documented stand-in) ------------
 REF_MODEL = "Meta-Llama-3_1-8B-Instruct"  # column name in mmlu_pro/correctness_matrix.csv
 REF_MATH_ACCURACY = 0.519  # Llama-3.1-8B-Instruct MATH (0-shot CoT), Meta model card, July 2024
@@ -570,7 +572,15 @@ def load_system_prompted(root: Path, seed: int, per_task: int = 150) -> list[Exa
     return out
 
 
-SYNTHETIC_SOURCE = "synthetic_system_prompt"  # always trained on, never evaluated on
+def load_short_requests(root: Path, seed: int) -> list[Example]:
+    """Synthetic, training only: short everyday requests of every type (router/short_requests.py)."""
+    return [Example(SHORT_SOURCE, f"{SHORT_SOURCE}:{task}:{i}", _user(text), task, None)
+            for i, (text, task) in enumerate(short_requests(seed))]
+
+
+SYNTHETIC_SOURCE = "synthetic_system_prompt"
+SHORT_SOURCE = "synthetic_short"
+SYNTHETIC_SOURCES = frozenset({SYNTHETIC_SOURCE, SHORT_SOURCE})  # always trained on, never evaluated on
 # Sources derived from another dataset: left out with it in the leave-one-source-out evaluation.
 SOURCE_FAMILY = {"strategyqa_steps": "strategyqa"}
 
@@ -593,6 +603,7 @@ LOADERS = {
     "topical_chat": load_topical_chat,
     "self_instruct": load_self_instruct,
     "system_prompted": load_system_prompted,
+    "short_requests": load_short_requests,
 }
 
 # Files read above, hashed into the card so a model can be traced to its exact data.

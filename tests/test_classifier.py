@@ -281,7 +281,9 @@ def test_load_errors_are_clear(tmp_path):
         # Wordings that appear nowhere in training (see train_data.TASK_SYSTEM_PROMPTS / TASK_ROLES).
         ("How do I reverse a list?", "You are a programming assistant that writes Python code.", "code"),
         ("What is the answer?", "You are a math homework helper. Always show the steps.", "math"),
-        ("Make it shorter.", "You are an editor who rewrites text to be concise.", "writing"),
+        # ("Make it shorter." was the editor's case until the short synthetic requests taught the
+        # model that it is a writing request on its own.)
+        ("Improve this for me.", "You are an editor who rewrites text to be concise.", "writing"),
     ],
 )
 def test_system_prompt_changes_the_result(clf, user, system, task):
@@ -339,13 +341,18 @@ def test_task_terms_count_distinct_words_of_each_list():
 
 def test_natural_prompts_are_read_as_people_type_them(clf):
     """Short prompts in everyday wording (router/data, hand-written, never trained on): the benchmarks'
-    formats are not how users ask. Features v3 read 62% / 65% of the two sets right, v4 77% / 80%
-    (docs/classifier.md). A style-only system prompt must not change what a request is: "Be brief."
+    formats are not how users ask. Features v3 read 62% / 65% of sets A / B right, v4 77% / 80%, v4 with
+    the short synthetic requests 83% / 80% (and set C 72%, 64% before them; docs/classifier.md). A style-only system prompt must not change what a request is: "Be brief."
     used to send most of them to knowledge (47% right)."""
     from router.train import STYLE_SYSTEM_PROMPTS
     from router.train_data import load_extra
 
-    for path in sorted((REPO / "router" / "data").glob("natural_prompts*.jsonl")):
+    # Set C (480 prompts, written apart from the training data and never used to choose) is harder:
+    # its everyday puzzles are read right a third of the time, so its floor per type is lower.
+    type_floor = {"natural_prompts_c": 0.3}
+    paths = sorted((REPO / "router" / "data").glob("natural_prompts*.jsonl"))
+    assert [p.stem for p in paths] == ["natural_prompts", "natural_prompts_b", "natural_prompts_c"]
+    for path in paths:
         examples = load_extra(path)
         for system, floor in ((None, 0.70), ("Be brief.", 0.65), *((s, 0.65) for s in STYLE_SYSTEM_PROMPTS)):
             prefix = [{"role": "system", "content": system}] if system else []
@@ -355,7 +362,7 @@ def test_natural_prompts_are_read_as_people_type_them(clf):
             if system is None:  # and no type is lost on them
                 for task in TASK_TYPES:
                     assert sum(r for r, ex in zip(right, examples) if ex.task == task) >= \
-                        0.4 * sum(ex.task == task for ex in examples)
+                        type_floor.get(path.stem, 0.4) * sum(ex.task == task for ex in examples), (path.name, task)
 
 
 def _layout(text: str) -> dict[str, float]:
@@ -418,7 +425,7 @@ def test_artifact_is_small_and_documented():
     assert card["training_data"]["datasets_sha256"]
     assert card["difficulty_target"]["definition"]
     assert card["metrics"]["held_out"]["task"]["macro_f1"] >= 0.9
-    assert set(card["metrics"]["natural_prompts"]) == {"natural_prompts", "natural_prompts_b"}
+    assert set(card["metrics"]["natural_prompts"]) == {"natural_prompts", "natural_prompts_b", "natural_prompts_c"}
 
 
 def test_runtime_does_not_import_sklearn_and_loads_fast():
@@ -535,3 +542,19 @@ def test_datasets_path_override(monkeypatch, tmp_path):
     monkeypatch.delenv("PONDER_DATASETS")
     assert default_datasets_dir() == REPO.parent / "shared" / "datasets"
     assert os.path.basename(os.path.dirname(default_datasets_dir())) == "shared"
+
+
+def test_short_requests_are_seeded_labelled_and_apart_from_the_check_sets():
+    """The synthetic short requests (training only) are the same every run, cover every type, and
+    share no text with the natural prompt sets that check them (else the check would measure recall
+    of training rows)."""
+    from router.short_requests import PER_TASK, short_requests
+    from router.train_data import load_extra
+
+    rows = short_requests(0)
+    assert rows == short_requests(0) and rows != short_requests(1)
+    assert {task for _, task in rows} == set(TASK_TYPES) == set(PER_TASK)
+    assert len({text for text, _ in rows}) == len(rows)
+    checked = {" ".join(ex.messages[-1]["content"].lower().split())
+               for path in (REPO / "router" / "data").glob("natural_prompts*.jsonl") for ex in load_extra(path)}
+    assert not checked & {" ".join(text.lower().split()) for text, _ in rows}
