@@ -480,6 +480,7 @@ class ResponsesWire:
 
     def _build(self, completion: dict[str, Any], *, stream: bool) -> tuple[ResponseBuilder, dict[str, Any]]:
         builder = ResponseBuilder(completion["id"], self.echo, stream=stream)
+        builder.model = completion.get("model") or ""  # `response.created` says it, as a relayed stream's does
         builder.start()
         for chunk in completion_to_chunks(completion, include_usage=False):
             builder.feed(chunk)

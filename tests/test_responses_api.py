@@ -321,6 +321,7 @@ def test_a_multi_sample_answer_counts_every_sample_streamed_or_not(client, mock)
         final = stream.get_final_response()
     assert event_types(events) == TEXT_EVENTS + ["response.output_text.delta"] + TEXT_END  # the whole answer once
     assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert events[0].response.model == final.model == "mock-a"  # known from the first event, as when relayed
     bodies = sent(mock)
     assert len(bodies) == 5 and final.usage.output_tokens == 5 * 4
     assert final.usage.input_tokens == sum(words(b) for b in bodies)
