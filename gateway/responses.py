@@ -85,7 +85,9 @@ def parse_responses_request(body: dict[str, Any], *, max_n: int) -> tuple[ChatRe
     try:
         parsed = _ResponsesBody.model_validate(body)
     except ValidationError as exc:
-        err = exc.errors()[0]
+        # of a union's (`input`: a string or a list of items) errors, the one deepest in what was sent:
+        # `input: [{...}, "hi"]` is about item 1, not about `input` not being a string
+        err = max(exc.errors(), key=lambda error: len(error["loc"]))
         param = ".".join(str(p) for p in err["loc"] if not is_type_tag(p))
         if err["type"] == "extra_forbidden":
             raise ApiError(400, f"Unsupported parameter: '{param}' is not supported by Ponder's stateless Responses "

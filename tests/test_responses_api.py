@@ -410,6 +410,7 @@ def test_an_upstreams_param_is_named_as_the_responses_field(upstream_param, para
     ({"reasoning": {"effort": "extreme"}}, "reasoning.effort", "invalid_value"),
     ({"text": {"format": {"type": "yaml"}}}, "text.format.type", "invalid_value"),
     ({"input": []}, "input", "invalid_value"),
+    ({"input": [{"role": "user", "content": "x"}, "y"]}, "input.1", "invalid_value"),
 ])
 def test_what_is_not_supported_is_a_400_naming_the_param(client, mock, params, param, code):
     with pytest.raises(openai.BadRequestError) as refused:
