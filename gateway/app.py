@@ -193,6 +193,10 @@ class Wire(Protocol):
         """A finished chat.completion as this API's SSE frames, whole stream."""
         ...
 
+    def error(self, error: ApiError) -> ApiError:
+        """An error of the shared path as this API names the request's fields (`param`)."""
+        ...
+
     def stream_error(self, request_id: str, error: ApiError) -> bytes:
         """A failure after the stream's headers, as this API's SSE error."""
         ...
@@ -216,6 +220,9 @@ class ChatWire:
 
     def synthesized(self, completion: dict[str, Any]) -> list[bytes]:
         return [*map(sse, completion_to_chunks(completion, include_usage=self.req.include_usage)), DONE]
+
+    def error(self, error: ApiError) -> ApiError:
+        return error
 
     def stream_error(self, request_id: str, error: ApiError) -> bytes:
         return sse(error.body())
@@ -256,7 +263,9 @@ async def serve(request: Request, read: Callable[[dict[str, Any], int], Wire]) -
         reservation = await gw.reserve_budget(plan, req)
     except ApiError as exc:
         gw.metrics.refused(req.model if req is not None and req.model in gw.models() else "-", exc.status)
-        raise
+        if req is None:
+            raise
+        raise wire.error(exc) from None
     gw.unsettled.add()  # from here every path ends in settle(): shutdown waits for it
     if gw.config.log_prompts:  # opt-in only: prompts are the users' data
         log.info("%s %s prompt: %s", plan.request_id, req.model, prompts.last_user_text(req.messages)[:2000])
@@ -267,7 +276,7 @@ async def serve(request: Request, read: Callable[[dict[str, Any], int], Wire]) -
     try:
         result = await until_disconnect(request, gw.execute(plan, req, caller), caller)
     except ApiError as exc:
-        failed = exc.response(plan_headers(plan))
+        failed = wire.error(exc).response(plan_headers(plan))
         failed.background = BackgroundTask(settle, gw, plan, caller, reservation, **failure_outcome(exc))
         return failed
     except Exception as exc:  # a bug, not an upstream's doing: still recorded and settled, then a 500
@@ -360,7 +369,7 @@ async def _relayed_stream(request: Request, gw: Gateway, plan: Plan, wire: Wire,
         raise
     if isinstance(opened, ApiError):
         await asyncio.shield(settle(gw, plan, caller, reservation, **failure_outcome(opened)))
-        return opened.response(headers)
+        return wire.error(opened).response(headers)
     served, passthrough = opened  # a fallback's arm, when the chosen one failed before its first byte
     headers["x-ponder-arm"] = served.key
     if gw.config.server_timing:
@@ -400,7 +409,7 @@ async def _synthesized_stream(request: Request, gw: Gateway, plan: Plan, wire: W
         except Exception as exc:
             await settle(gw, plan, caller, reservation, **failure_outcome(exc))
             if isinstance(exc, ApiError):
-                return exc.response(headers)
+                return wire.error(exc).response(headers)
             raise  # a bug, not an upstream's doing: recorded and settled, then a 500
         headers["x-ponder-arm"] = result.arm.key
     if gw.config.server_timing:

@@ -10,6 +10,7 @@ built-in tools, uploaded files) is refused with a 400 that names the parameter.
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -84,7 +85,9 @@ def parse_responses_request(body: dict[str, Any], *, max_n: int) -> tuple[ChatRe
     try:
         parsed = _ResponsesBody.model_validate(body)
     except ValidationError as exc:
-        err = exc.errors()[0]
+        # of a union's (`input`: a string or a list of items) errors, the one deepest in what was sent:
+        # `input: [{...}, "hi"]` is about item 1, not about `input` not being a string
+        err = max(exc.errors(), key=lambda error: len(error["loc"]))
         param = ".".join(str(p) for p in err["loc"] if not is_type_tag(p))
         if err["type"] == "extra_forbidden":
             raise ApiError(400, f"Unsupported parameter: '{param}' is not supported by Ponder's stateless Responses "
@@ -113,11 +116,8 @@ def parse_responses_request(body: dict[str, Any], *, max_n: int) -> tuple[ChatRe
         chat["verbosity"] = text["verbosity"]
     try:
         req = parse_chat_request(chat, max_n=max_n)
-    except ApiError as exc:  # about a field made from a Responses one: named as the client sent it
-        if exc.param is not None:
-            ours = _responses_param(exc.param)
-            exc.message, exc.param = exc.message.replace(f"'{exc.param}'", f"'{ours}'"), ours
-        raise
+    except ApiError as exc:
+        raise responses_error(exc) from None
     echo = {
         "instructions": parsed.instructions,
         "max_output_tokens": parsed.max_output_tokens,
@@ -140,12 +140,34 @@ def parse_responses_request(body: dict[str, Any], *, max_n: int) -> tuple[ChatRe
     return req, echo
 
 
+# A chat field's name as the Responses field it is made from (`max_tokens`: what a backend may be sent).
+_RESPONSES_NAMES = {"messages": "input", "max_completion_tokens": "max_output_tokens",
+                    "max_tokens": "max_output_tokens", "reasoning_effort": "reasoning.effort",
+                    "response_format": "text.format"}
+# The output limit as the gateway's own messages (budget advice) and upstreams' name it in a message.
+_CHAT_OUTPUT_LIMIT = re.compile(r"\bmax_(?:completion_)?tokens\b")
+
+
+def responses_error(exc: ApiError) -> ApiError:
+    """An error of the chat request path (the gateway's own, or an upstream's passed on) about a field
+    made from a Responses one, naming it as the client sent it: `param` (`messages` -> `input`) and
+    the output limit in the message (advice to send a lower `max_tokens` is `max_output_tokens` here)."""
+    if exc.param is not None:
+        ours = _responses_param(exc.param)
+        exc.message, exc.param = exc.message.replace(f"'{exc.param}'", f"'{ours}'"), ours
+    exc.message = _CHAT_OUTPUT_LIMIT.sub("max_output_tokens", exc.message)
+    return exc
+
+
 def _responses_param(param: str) -> str:
-    """A chat parameter as the Responses parameter it was made from."""
-    head = param.partition(".")[0]
-    names = {"messages": "input", "max_completion_tokens": "max_output_tokens", "reasoning_effort": "reasoning.effort",
-             "response_format": "text.format"}
-    return names[head] if head in names else param
+    """A chat parameter as the Responses parameter it was made from. Upstreams write an index either
+    way (`messages.2.content`, OpenAI's `messages[2].content`); a chat tool's fields are under
+    `function`, a Responses tool's are flat (`tools[0].function.parameters` -> `tools[0].parameters`)."""
+    head = re.split(r"[.\[]", param, maxsplit=1)[0]
+    rest = param[len(head):]
+    if head in ("tools", "tool_choice"):
+        return head + re.sub(r"^((?:\.\d+|\[\d+\])?)\.function\b", r"\1", rest)
+    return _RESPONSES_NAMES[head] if head in _RESPONSES_NAMES else param
 
 
 # -- request: input items -> chat messages ---------------------------------------------------------
@@ -460,6 +482,7 @@ class ResponsesWire:
 
     def _build(self, completion: dict[str, Any], *, stream: bool) -> tuple[ResponseBuilder, dict[str, Any]]:
         builder = ResponseBuilder(completion["id"], self.echo, stream=stream)
+        builder.model = completion.get("model") or ""  # `response.created` says it, as a relayed stream's does
         builder.start()
         for chunk in completion_to_chunks(completion, include_usage=False):
             builder.feed(chunk)
@@ -471,10 +494,13 @@ class ResponsesWire:
     def synthesized(self, completion: dict[str, Any]) -> list[bytes]:
         return [self._build(completion, stream=True)[0].take()]
 
+    def error(self, error: ApiError) -> ApiError:
+        return responses_error(error)
+
     def stream_error(self, request_id: str, error: ApiError) -> bytes:
         builder = ResponseBuilder(request_id, self.echo, stream=True)
         builder.start()
-        builder.fail(error.message)
+        builder.fail(responses_error(error).message)
         return builder.take()
 
     async def relay(self, passthrough: PassThrough, caller: Caller, request_id: str,

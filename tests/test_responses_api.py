@@ -19,6 +19,7 @@ from tests.servers import mock_backend, running, start_gateway, start_mock, two_
 KEY = "sk-resp-key-123"
 ADMIN_KEY = "sk-resp-admin-456"
 ZERO_BUDGET_KEY = "sk-resp-zero-000"
+SMALL_BUDGET_KEY = "sk-resp-small-001"  # $0.0001 a day: a few dozen of the mock's tokens
 VOTE = {"x-ponder-strategy": "self_consistency"}  # 5 samples of mock-a (the policy allows the header)
 WEATHER = {"type": "function", "name": "get_weather", "description": "The weather in a city.", "strict": True,
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
@@ -36,7 +37,9 @@ def stack(tmp_path_factory):
             "api_keys": [{"id": "team", "sha256": hashlib.sha256(KEY.encode()).hexdigest()},
                          {"id": "ops", "sha256": hashlib.sha256(ADMIN_KEY.encode()).hexdigest(), "admin": True},
                          {"id": "broke", "sha256": hashlib.sha256(ZERO_BUDGET_KEY.encode()).hexdigest(),
-                          "budget_usd_per_day": 0}],
+                          "budget_usd_per_day": 0},
+                         {"id": "small", "sha256": hashlib.sha256(SMALL_BUDGET_KEY.encode()).hexdigest(),
+                          "budget_usd_per_day": 0.0001}],
         })) as gateway:
             yield gateway, mock
 
@@ -318,6 +321,7 @@ def test_a_multi_sample_answer_counts_every_sample_streamed_or_not(client, mock)
         final = stream.get_final_response()
     assert event_types(events) == TEXT_EVENTS + ["response.output_text.delta"] + TEXT_END  # the whole answer once
     assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert events[0].response.model == final.model == "mock-a"  # known from the first event, as when relayed
     bodies = sent(mock)
     assert len(bodies) == 5 and final.usage.output_tokens == 5 * 4
     assert final.usage.input_tokens == sum(words(b) for b in bodies)
@@ -359,6 +363,34 @@ def test_auth_and_budget_errors_in_the_error_schema(gw):
         assert empty.value.code == "budget_exhausted" and "retry-after" in empty.value.response.headers
 
 
+def test_errors_of_the_chat_path_name_the_responses_field(client, gw, mock):
+    """An error about a field made from a Responses one (an upstream's, the gateway's own) names it as
+    the client sent it: a Responses request has no `messages` and no `max_tokens` to fix."""
+    for stream in (False, True):
+        control(mock, script=["too_long"])  # OpenAI's 400 for a prompt over the window: param `messages`
+        with pytest.raises(openai.BadRequestError) as too_long:
+            client.responses.create(model="mock-o", input="x", stream=stream)  # failed by no other test
+        assert too_long.value.code == "context_length_exceeded" and too_long.value.param == "input"
+    small = openai.OpenAI(base_url=gw.url + "/v1", api_key=SMALL_BUDGET_KEY, max_retries=0)
+    with pytest.raises(openai.BadRequestError) as over:
+        small.responses.create(model="mock-a", input="x")  # holds 1,024 tokens: more than the whole budget
+    assert over.value.code == "over_budget_cap" and "send a lower max_output_tokens (at most" in over.value.message
+    assert "max_tokens" not in over.value.message  # a Responses request sending it is refused
+
+
+@pytest.mark.parametrize("upstream_param, param", [
+    ("messages[3].content", "input"), ("max_tokens", "max_output_tokens"), ("response_format", "text.format"),
+    ("tools[0].function.parameters", "tools[0].parameters"), ("tool_choice.function.name", "tool_choice.name"),
+])
+def test_an_upstreams_param_is_named_as_the_responses_field(upstream_param, param):
+    """OpenAI's own errors index with brackets, and a chat tool's fields are under `function`. Pure."""
+    from gateway.errors import ApiError
+    from gateway.responses import responses_error
+
+    error = responses_error(ApiError(400, f"Invalid '{upstream_param}': bad.", param=upstream_param))
+    assert error.param == param and error.message == f"Invalid '{param}': bad."
+
+
 @pytest.mark.parametrize("params, param, code", [
     ({"previous_response_id": "resp_123"}, "previous_response_id", "unsupported_parameter"),
     ({"conversation": "conv_123"}, "conversation", "unsupported_parameter"),
@@ -378,6 +410,7 @@ def test_auth_and_budget_errors_in_the_error_schema(gw):
     ({"reasoning": {"effort": "extreme"}}, "reasoning.effort", "invalid_value"),
     ({"text": {"format": {"type": "yaml"}}}, "text.format.type", "invalid_value"),
     ({"input": []}, "input", "invalid_value"),
+    ({"input": [{"role": "user", "content": "x"}, "y"]}, "input.1", "invalid_value"),
 ])
 def test_what_is_not_supported_is_a_400_naming_the_param(client, mock, params, param, code):
     with pytest.raises(openai.BadRequestError) as refused:
