@@ -19,6 +19,7 @@ from tests.servers import mock_backend, running, start_gateway, start_mock, two_
 KEY = "sk-resp-key-123"
 ADMIN_KEY = "sk-resp-admin-456"
 ZERO_BUDGET_KEY = "sk-resp-zero-000"
+TIGHT_KEY = "sk-resp-tight-789"  # $0.003 a day: one request of max_output_tokens=1000 at a time (mock-a: $2/M out)
 VOTE = {"x-ponder-strategy": "self_consistency"}  # 5 samples of mock-a (the policy allows the header)
 WEATHER = {"type": "function", "name": "get_weather", "description": "The weather in a city.", "strict": True,
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
@@ -36,7 +37,9 @@ def stack(tmp_path_factory):
             "api_keys": [{"id": "team", "sha256": hashlib.sha256(KEY.encode()).hexdigest()},
                          {"id": "ops", "sha256": hashlib.sha256(ADMIN_KEY.encode()).hexdigest(), "admin": True},
                          {"id": "broke", "sha256": hashlib.sha256(ZERO_BUDGET_KEY.encode()).hexdigest(),
-                          "budget_usd_per_day": 0}],
+                          "budget_usd_per_day": 0},
+                         {"id": "tight", "sha256": hashlib.sha256(TIGHT_KEY.encode()).hexdigest(),
+                          "budget_usd_per_day": 0.003}],
         })) as gateway:
             yield gateway, mock
 
@@ -274,6 +277,22 @@ def test_telemetry_records_responses_as_chat_requests_and_bills_a_dropped_stream
         assert any("response.output_text.delta" in line for line in streamed.iter_lines())
     row = recorded(gw, request_id)
     assert row["status"] == 499 and row["completion_tokens"] >= 1 and row["cost_usd"] > 0, row
+
+
+def test_an_answer_that_cannot_be_written_is_recorded_and_its_hold_settled(gw, mock):
+    """Whatever fails while the Response is written (here a tool call whose `function` is not an
+    object), the request's calls are recorded and its budget hold settled: the hold was kept for good,
+    and the key refused `budget_held` ("retry shortly") until the gateway restarted."""
+    tight = openai.OpenAI(base_url=gw.url + "/v1", api_key=TIGHT_KEY, max_retries=0)
+    control(mock, answers=[{"tool_calls": [{"id": "call_1", "type": "function", "function": "get_weather"}]}])
+    with pytest.raises(openai.InternalServerError) as failed:
+        tight.responses.create(model="mock-a", input="Weather in Rome?", tools=[WEATHER], max_output_tokens=1000)
+    assert "Internal error" in failed.value.message
+    rows = httpx.get(f"{gw.url}/v1/ponder/requests?limit=1", headers={"authorization": f"Bearer {ADMIN_KEY}"}
+                     ).json()["requests"]  # recorded before the 500 was sent
+    assert rows and rows[0]["key_id"] == "tight" and rows[0]["status"] == 500 and rows[0]["cost_usd"] > 0, rows
+    control(mock, answers=["Sunny."])
+    assert tight.responses.create(model="mock-a", input="Weather?", max_output_tokens=1000).output_text == "Sunny."
 
 
 def test_a_streamed_answer_through_the_sdk_helper(client, mock):
