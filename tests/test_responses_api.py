@@ -279,6 +279,15 @@ def test_telemetry_records_responses_as_chat_requests_and_bills_a_dropped_stream
     assert row["status"] == 499 and row["completion_tokens"] >= 1 and row["cost_usd"] > 0, row
 
 
+def test_tool_call_arguments_written_as_an_object_are_its_json_text(client, mock):
+    """Chat passes on a tool call as the upstream wrote it; a Response's `arguments` are JSON text
+    (the SDK types them so): arguments written as an object were a 500."""
+    control(mock, answers=[{"tool_calls": [{"id": "call_1", "type": "function",
+                                            "function": {"name": "get_weather", "arguments": {"city": "Rome"}}}]}])
+    [call] = client.responses.create(model="mock-a", input="Weather in Rome?", tools=[WEATHER]).output
+    assert call.type == "function_call" and json.loads(call.arguments) == {"city": "Rome"}
+
+
 def test_an_answer_that_cannot_be_written_is_recorded_and_its_hold_settled(gw, mock):
     """Whatever fails while the Response is written (here a tool call whose `function` is not an
     object), the request's calls are recorded and its budget hold settled: the hold was kept for good,
