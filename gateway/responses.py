@@ -10,6 +10,7 @@ built-in tools, uploaded files) is refused with a 400 that names the parameter.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -118,6 +119,8 @@ def parse_responses_request(body: dict[str, Any], *, max_n: int) -> tuple[ChatRe
             ours = _responses_param(exc.param)
             exc.message, exc.param = exc.message.replace(f"'{exc.param}'", f"'{ours}'"), ours
         raise
+    # the refusals made later (budgets, cost caps, context windows) name these as the client sends them
+    req = dataclasses.replace(req, output_limit_param="max_output_tokens", prompt_param="input")
     echo = {
         "instructions": parsed.instructions,
         "max_output_tokens": parsed.max_output_tokens,

@@ -89,6 +89,9 @@ class ChatRequest:
     include_usage: bool
     max_output_tokens: int | None
     reasoning_effort: str | None
+    # what the client's API calls the output limit and the prompt, for the errors that name them
+    output_limit_param: str = "max_tokens"
+    prompt_param: str = "messages"
 
     @property
     def exact_output(self) -> str | None:

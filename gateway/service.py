@@ -255,12 +255,12 @@ class Gateway:
                                param="model", code="model_not_found")
             backend = self.backends[req.model]
             if exceeds_context(hints.prompt_tokens or 0, backend.max_context):
-                raise ApiError(400, context_message(hints.prompt_tokens or 0, backend.max_context), param="messages",
-                               code="context_length_exceeded")
+                raise ApiError(400, context_message(hints.prompt_tokens or 0, backend.max_context),
+                               param=req.prompt_param, code="context_length_exceeded")
             decision = self._direct(req, headers, classification, policy)
             capped = self.has_budget(principal)
             worst = self.plan_worst_case_usd(decision, req, hints.prompt_tokens, capped=capped)
-            self._check_direct_cost(worst, hints, policy)
+            self._check_direct_cost(worst, hints, policy, req.output_limit_param)
             decision, caps = self._with_output_caps(decision, req, capped)
             return Plan(request_id, decision, policy, principal, req.model, worst_cost_usd=worst,
                         prompt_tokens=hints.prompt_tokens or 0, max_output_tokens=req.max_output_tokens,
@@ -276,7 +276,7 @@ class Gateway:
             decision = decide(classification, policy, self.store.snapshot(policy.policy.name), alias=req.model,
                               request=hints, budget_left_usd=budget_left, rng=self._rng)
         except ContextTooLong as exc:
-            raise ApiError(400, str(exc), param="messages", code="context_length_exceeded") from None
+            raise ApiError(400, str(exc), param=req.prompt_param, code="context_length_exceeded") from None
         except BudgetExhausted as exc:
             if exc.scope == "request":  # the request's own cost cap: asking again will not help
                 raise ApiError(400, str(exc), code="over_cost_limit") from None
@@ -423,7 +423,7 @@ class Gateway:
                         task_probs=classification.task_probs, policy="direct", rule="direct", reasons=tuple(reasons))
 
     @staticmethod
-    def _check_direct_cost(worst_usd: float, hints: RequestHints, policy: CompiledPolicy) -> None:
+    def _check_direct_cost(worst_usd: float, hints: RequestHints, policy: CompiledPolicy, limit_param: str) -> None:
         """A named backend skips the decision, not the request's cost caps (budgets.per_request_usd,
         x-ponder-max-cost-usd where the policy honours it): with no arms to choose from, the caps
         bound the call's worst case (max_tokens, else a default output length per call)."""
@@ -433,7 +433,7 @@ class Gateway:
         for cap, why in caps:
             if cap is not None and worst_usd > cap:
                 raise ApiError(400, f"This request may cost up to ${worst_usd:.6f}, over its cost cap (${cap:.6f}, "
-                                    f"{why}); send a lower max_tokens or a shorter prompt.", code="over_cost_limit")
+                                    f"{why}); send a lower {limit_param} or a shorter prompt.", code="over_cost_limit")
 
     def _policy_for(self, headers: Any) -> CompiledPolicy:
         assert self.policies is not None
@@ -588,7 +588,7 @@ class Gateway:
         costliest = max(arms, key=lambda arm: self.worst_case_usd(arm, req, plan.prompt_tokens, capped=plan.capped))
         backend = self.backends.get(costliest.backend)
         bound = output_bound(backend, req.max_output_tokens, capped=plan.capped) if backend is not None else None
-        advice = _held_without_max_tokens(bound, costliest.backend)
+        advice = _held_without_max_tokens(bound, costliest.backend, req.output_limit_param)
         if most is None:
             return advice
         if most == 0:
@@ -649,16 +649,16 @@ def _spent_out(left_by_period: dict[str, float], need_usd: float, held_usd: floa
     return [period for period, left in left_by_period.items() if left + held_usd < need_usd]
 
 
-def _held_without_max_tokens(bound: OutputBound | None, backend: str) -> str:
-    """The advice to send a (lower) max_tokens, saying what a request without one held per call."""
+def _held_without_max_tokens(bound: OutputBound | None, backend: str, param: str = "max_tokens") -> str:
+    """The advice to send a (lower) max_tokens (`param`: what the client's API calls it), saying what a
+    request without one held per call."""
     if bound is None or bound.source == "max_tokens":
-        return "send a lower max_tokens"
+        return f"send a lower {param}"
     if bound.source == "backend":
-        return f"without max_tokens each call holds {backend}'s maximum output ({bound.tokens:,} tokens); " \
-               "send max_tokens"
+        return f"without {param} each call holds {backend}'s maximum output ({bound.tokens:,} tokens); send {param}"
     sent = " and is sent that as its max_tokens" if bound.sent else ""
-    return f"without max_tokens each call holds {bound.tokens:,} tokens{sent} ({backend}'s maximum output is " \
-           "unknown); send a lower max_tokens"
+    return f"without {param} each call holds {bound.tokens:,} tokens{sent} ({backend}'s maximum output is " \
+           f"unknown); send a lower {param}"
 
 
 def _backends_of(arms: tuple[Arm, ...]):

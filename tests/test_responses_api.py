@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 import httpx
 import openai
@@ -20,6 +21,7 @@ KEY = "sk-resp-key-123"
 ADMIN_KEY = "sk-resp-admin-456"
 ZERO_BUDGET_KEY = "sk-resp-zero-000"
 TIGHT_KEY = "sk-resp-tight-789"  # $0.003 a day: one request of max_output_tokens=1000 at a time (mock-a: $2/M out)
+ADVISED_KEY = "sk-resp-advised-321"  # $0.003 a day too, unspent by other tests
 VOTE = {"x-ponder-strategy": "self_consistency"}  # 5 samples of mock-a (the policy allows the header)
 WEATHER = {"type": "function", "name": "get_weather", "description": "The weather in a city.", "strict": True,
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
@@ -32,13 +34,16 @@ def stack(tmp_path_factory):
     with running(start_mock(tmp)) as mock:
         with running(start_gateway(tmp, {
             "backends": [mock_backend("mock-a", mock), mock_backend("mock-b", mock),
-                         mock_backend("mock-o", mock, reasoning=True, efforts=["low", "medium", "high"])],
+                         mock_backend("mock-o", mock, reasoning=True, efforts=["low", "medium", "high"]),
+                         mock_backend("mock-small", mock, max_context=100)],
             "policy": two_mock_policy(tmp, "resp"),
             "api_keys": [{"id": "team", "sha256": hashlib.sha256(KEY.encode()).hexdigest()},
                          {"id": "ops", "sha256": hashlib.sha256(ADMIN_KEY.encode()).hexdigest(), "admin": True},
                          {"id": "broke", "sha256": hashlib.sha256(ZERO_BUDGET_KEY.encode()).hexdigest(),
                           "budget_usd_per_day": 0},
                          {"id": "tight", "sha256": hashlib.sha256(TIGHT_KEY.encode()).hexdigest(),
+                          "budget_usd_per_day": 0.003},
+                         {"id": "advised", "sha256": hashlib.sha256(ADVISED_KEY.encode()).hexdigest(),
                           "budget_usd_per_day": 0.003}],
         })) as gateway:
             yield gateway, mock
@@ -302,6 +307,24 @@ def test_an_answer_that_cannot_be_written_is_recorded_and_its_hold_settled(gw, m
     assert rows and rows[0]["key_id"] == "tight" and rows[0]["status"] == 500 and rows[0]["cost_usd"] > 0, rows
     control(mock, answers=["Sunny."])
     assert tight.responses.create(model="mock-a", input="Weather?", max_output_tokens=1000).output_text == "Sunny."
+
+
+def test_refusals_name_the_responses_parameters(client, gw, mock):
+    """A refusal made after the translation (a budget, a context window) tells the client what to
+    send in its own API's words: a Responses client cannot send `max_tokens` (a 400), nor has it
+    `messages`. The advice given is then taken."""
+    advised = openai.OpenAI(base_url=gw.url + "/v1", api_key=ADVISED_KEY, max_retries=0)
+    with pytest.raises(openai.BadRequestError) as over:
+        advised.responses.create(model="mock-o", input="Think hard.")  # 8,192 tokens held, over the whole $0.003
+    assert over.value.code == "over_budget_cap"
+    assert "without max_output_tokens each call holds 8,192 tokens" in over.value.message, over.value.message
+    fits = int(re.search(r"send a lower max_output_tokens \(at most ([\d,]+) fits", over.value.message)[1].replace(",", ""))
+    control(mock, answers=["Thought."])
+    assert advised.responses.create(model="mock-o", input="Think hard.", max_output_tokens=fits).output_text == "Thought."
+
+    with pytest.raises(openai.BadRequestError) as too_long:
+        client.responses.create(model="mock-small", input="word " * 1000)
+    assert too_long.value.code == "context_length_exceeded" and too_long.value.param == "input"
 
 
 def test_a_streamed_answer_through_the_sdk_helper(client, mock):
