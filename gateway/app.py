@@ -282,12 +282,16 @@ async def serve(request: Request, read: Callable[[dict[str, Any], int], Wire]) -
     except Exception as exc:  # a bug, not an upstream's doing: still recorded and settled, then a 500
         await settle(gw, plan, caller, reservation, **failure_outcome(exc))
         raise
-    response = finish_response(plan, caller, result)
-    headers = plan_headers(plan)
-    headers["x-ponder-arm"] = result.arm.key
-    headers["x-ponder-cost-usd"] = f"{response['ponder']['cost_usd']:.8f}"
-    headers["x-ponder-samples"] = str(response["ponder"]["samples"])
-    response = wire.answer(response)
+    try:
+        response = finish_response(plan, caller, result)
+        headers = plan_headers(plan)
+        headers["x-ponder-arm"] = result.arm.key
+        headers["x-ponder-cost-usd"] = f"{response['ponder']['cost_usd']:.8f}"
+        headers["x-ponder-samples"] = str(response["ponder"]["samples"])
+        response = wire.answer(response)
+    except Exception as exc:  # the answer could not be written (a bug): its calls still billed, its hold settled
+        await settle(gw, plan, caller, reservation, **failure_outcome(exc))
+        raise
     if gw.config.server_timing:
         headers["server-timing"] = server_timing(plan, caller, received, executing)
     # Recorded and settled right after the last byte is written: no await comes between the two, so

@@ -412,10 +412,12 @@ class ResponseBuilder:
             self.calls[call.get("index", 0)] = item
         elif function.get("name") and not item["name"]:
             item["name"] = function["name"]
-        if function.get("arguments"):
-            item["arguments"] += function["arguments"]
+        if arguments := function.get("arguments"):
+            if not isinstance(arguments, str):  # an object, as some servers write it: a Response's are JSON text
+                arguments = orjson.dumps(arguments).decode()
+            item["arguments"] += arguments
             self._emit("response.function_call_arguments.delta", item_id=item["id"],
-                       output_index=self.output.index(item), delta=function["arguments"])
+                       output_index=self.output.index(item), delta=arguments)
 
     def _add(self, item: dict[str, Any]) -> dict[str, Any]:
         self._close_item()

@@ -379,7 +379,9 @@ class Gateway:
         dropped = [arm.key for arm in decision.fallbacks if not any(arm is k for k in kept)]
         if dropped:
             reasons.append(f"fallbacks dropped: {', '.join(dropped)} may cost more than {left}")
-        return dataclasses.replace(decision, arm=kept[0], fallbacks=tuple(kept[1:]), reasons=tuple(reasons))
+        # an explored arm that gives way explores nothing: a fallback (the greedy arm, mostly) answers
+        return dataclasses.replace(decision, arm=kept[0], fallbacks=tuple(kept[1:]), reasons=tuple(reasons),
+                                   explore=decision.explore and kept[0] is decision.arm)
 
     def _with_output_caps(self, decision: Decision, req: ChatRequest,
                           capped: bool) -> tuple[Decision, dict[str, int]]:

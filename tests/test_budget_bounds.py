@@ -253,3 +253,26 @@ def test_an_arm_whose_maximum_output_would_not_fit_gives_way_to_one_that_does(tm
         free = post(gateway.url, "sk-free")
         assert free.status_code == 200 and free.headers["x-ponder-arm"].startswith("big/")
         assert "max_tokens" not in sent(mock)["bodies"][-1]
+
+
+def test_an_explored_arm_that_gives_way_is_not_recorded_as_explored(tmp_path):
+    """Every request explores (share 1.0): the draw picks `strong`, the challenger, over the greedy
+    `plain`. A key that cannot hold strong's worst case is answered by plain, the greedy arm: that
+    request explored nothing, and was recorded (and counted in the dashboard's exploration share) as
+    explored."""
+    path = write_policy(tmp_path, {
+        "name": "explored-giving-way",
+        "arms": {"strong": {"backend": "big", "prior": 0.59}, "plain": {"backend": "m", "prior": 0.6}},
+        "routes": [{"name": "all", "candidates": ["strong", "plain"]}],
+        "objective": {"cost_weight": 0.0, "latency_weight": 0.0},
+        "exploration": {"share": 1.0},
+    }, "explored-giving-way.yaml")
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("big", mock, max_output_tokens=100_000), mock_backend("m", mock)],
+            "policy": path, "api_keys": key_lines({"sk-free": ("free", None), "sk-left": ("left", 0.05)}),
+    }, name="explored-giving-way")) as gateway:
+        free = post(gateway.url, "sk-free")
+        assert free.headers["x-ponder-arm"].startswith("big/") and free.json()["ponder"]["explore"] is True
+        capped = post(gateway.url, "sk-left")
+        assert capped.status_code == 200, capped.text
+        assert capped.headers["x-ponder-arm"].startswith("m/") and capped.json()["ponder"]["explore"] is False

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 import httpx
 import openai
@@ -20,6 +21,8 @@ KEY = "sk-resp-key-123"
 ADMIN_KEY = "sk-resp-admin-456"
 ZERO_BUDGET_KEY = "sk-resp-zero-000"
 SMALL_BUDGET_KEY = "sk-resp-small-001"  # $0.0001 a day: a few dozen of the mock's tokens
+TIGHT_KEY = "sk-resp-tight-789"  # $0.003 a day: one request of max_output_tokens=1000 at a time (mock-a: $2/M out)
+ADVISED_KEY = "sk-resp-advised-321"  # $0.003 a day too, unspent by other tests
 VOTE = {"x-ponder-strategy": "self_consistency"}  # 5 samples of mock-a (the policy allows the header)
 WEATHER = {"type": "function", "name": "get_weather", "description": "The weather in a city.", "strict": True,
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
@@ -32,14 +35,19 @@ def stack(tmp_path_factory):
     with running(start_mock(tmp)) as mock:
         with running(start_gateway(tmp, {
             "backends": [mock_backend("mock-a", mock), mock_backend("mock-b", mock),
-                         mock_backend("mock-o", mock, reasoning=True, efforts=["low", "medium", "high"])],
+                         mock_backend("mock-o", mock, reasoning=True, efforts=["low", "medium", "high"]),
+                         mock_backend("mock-small", mock, max_context=100)],
             "policy": two_mock_policy(tmp, "resp"),
             "api_keys": [{"id": "team", "sha256": hashlib.sha256(KEY.encode()).hexdigest()},
                          {"id": "ops", "sha256": hashlib.sha256(ADMIN_KEY.encode()).hexdigest(), "admin": True},
                          {"id": "broke", "sha256": hashlib.sha256(ZERO_BUDGET_KEY.encode()).hexdigest(),
                           "budget_usd_per_day": 0},
                          {"id": "small", "sha256": hashlib.sha256(SMALL_BUDGET_KEY.encode()).hexdigest(),
-                          "budget_usd_per_day": 0.0001}],
+                          "budget_usd_per_day": 0.0001},
+                         {"id": "tight", "sha256": hashlib.sha256(TIGHT_KEY.encode()).hexdigest(),
+                          "budget_usd_per_day": 0.003},
+                         {"id": "advised", "sha256": hashlib.sha256(ADVISED_KEY.encode()).hexdigest(),
+                          "budget_usd_per_day": 0.003}],
         })) as gateway:
             yield gateway, mock
 
@@ -277,6 +285,49 @@ def test_telemetry_records_responses_as_chat_requests_and_bills_a_dropped_stream
         assert any("response.output_text.delta" in line for line in streamed.iter_lines())
     row = recorded(gw, request_id)
     assert row["status"] == 499 and row["completion_tokens"] >= 1 and row["cost_usd"] > 0, row
+
+
+def test_tool_call_arguments_written_as_an_object_are_its_json_text(client, mock):
+    """Chat passes on a tool call as the upstream wrote it; a Response's `arguments` are JSON text
+    (the SDK types them so): arguments written as an object were a 500."""
+    control(mock, answers=[{"tool_calls": [{"id": "call_1", "type": "function",
+                                            "function": {"name": "get_weather", "arguments": {"city": "Rome"}}}]}])
+    [call] = client.responses.create(model="mock-a", input="Weather in Rome?", tools=[WEATHER]).output
+    assert call.type == "function_call" and json.loads(call.arguments) == {"city": "Rome"}
+
+
+def test_an_answer_that_cannot_be_written_is_recorded_and_its_hold_settled(gw, mock):
+    """Whatever fails while the Response is written (here a tool call whose `function` is not an
+    object), the request's calls are recorded and its budget hold settled: the hold was kept for good,
+    and the key refused `budget_held` ("retry shortly") until the gateway restarted."""
+    tight = openai.OpenAI(base_url=gw.url + "/v1", api_key=TIGHT_KEY, max_retries=0)
+    control(mock, answers=[{"tool_calls": [{"id": "call_1", "type": "function", "function": "get_weather"}]}])
+    with pytest.raises(openai.InternalServerError) as failed:
+        tight.responses.create(model="mock-a", input="Weather in Rome?", tools=[WEATHER], max_output_tokens=1000)
+    assert "Internal error" in failed.value.message
+    rows = httpx.get(f"{gw.url}/v1/ponder/requests?limit=1", headers={"authorization": f"Bearer {ADMIN_KEY}"}
+                     ).json()["requests"]  # recorded before the 500 was sent
+    assert rows and rows[0]["key_id"] == "tight" and rows[0]["status"] == 500 and rows[0]["cost_usd"] > 0, rows
+    control(mock, answers=["Sunny."])
+    assert tight.responses.create(model="mock-a", input="Weather?", max_output_tokens=1000).output_text == "Sunny."
+
+
+def test_refusals_name_the_responses_parameters(client, gw, mock):
+    """A refusal made after the translation (a budget, a context window) tells the client what to
+    send in its own API's words: a Responses client cannot send `max_tokens` (a 400), nor has it
+    `messages`. The advice given is then taken."""
+    advised = openai.OpenAI(base_url=gw.url + "/v1", api_key=ADVISED_KEY, max_retries=0)
+    with pytest.raises(openai.BadRequestError) as over:
+        advised.responses.create(model="mock-o", input="Think hard.")  # 8,192 tokens held, over the whole $0.003
+    assert over.value.code == "over_budget_cap"
+    assert "without max_output_tokens each call holds 8,192 tokens" in over.value.message, over.value.message
+    fits = int(re.search(r"send a lower max_output_tokens \(at most ([\d,]+) fits", over.value.message)[1].replace(",", ""))
+    control(mock, answers=["Thought."])
+    assert advised.responses.create(model="mock-o", input="Think hard.", max_output_tokens=fits).output_text == "Thought."
+
+    with pytest.raises(openai.BadRequestError) as too_long:
+        client.responses.create(model="mock-small", input="word " * 1000)
+    assert too_long.value.code == "context_length_exceeded" and too_long.value.param == "input"
 
 
 def test_a_streamed_answer_through_the_sdk_helper(client, mock):
