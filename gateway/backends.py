@@ -255,6 +255,8 @@ class Backend:
                 data = await self._complete_fast(body)
             else:
                 data = await self._complete_litellm(body)
+        for choice in data.get("choices") or ():
+            _text_content(choice.get("message") if isinstance(choice, dict) else None)
         return data, self.record(Usage.from_block(data.get("usage")), started)
 
     async def _complete_fast(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -443,6 +445,27 @@ def _seconds(value: str | None) -> float | None:
 
 
 _LITELLM = None
+
+
+def _text_content(message: Any) -> None:
+    """A message whose content is a list of parts (Mistral's reasoning models answer so) as chat
+    completions have it, in place: its text parts joined, its thinking parts as `reasoning_content`.
+    Clients (the openai SDK types content as a string) and the strategies read text."""
+    if not isinstance(message, dict) or not isinstance(message.get("content"), list):
+        return
+    text, thinking = [], []
+    for part in message["content"]:
+        if isinstance(part, str):
+            text.append(part)
+        elif isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+            text.append(part["text"])
+        elif isinstance(part, dict) and part.get("type") == "thinking":
+            inner = part.get("thinking")
+            inner = inner if isinstance(inner, list) else [inner]
+            thinking += [p.get("text", "") if isinstance(p, dict) else p for p in inner if isinstance(p, (str, dict))]
+    message["content"] = "".join(text)
+    if thinking and not message.get("reasoning_content"):
+        message["reasoning_content"] = "".join(str(t) for t in thinking)
 
 
 def import_litellm() -> None:

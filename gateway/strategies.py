@@ -182,9 +182,11 @@ async def _single(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> Strat
         if not responses:
             raise _every_sample_failed(arm.backend, ctx)
         response = _merge_choices(responses)
-    confidence = cascade.stated_confidence(_texts(response)[0]) if response.get("choices") else None
+    if not response.get("choices"):  # a 200 with nothing in it (some servers under load): the next arm answers
+        raise UpstreamError(arm.backend, 502, f"{arm.backend}: upstream answer has no choices", retryable=False)
     # samples are the answers drawn: a failed attempt before them (retried) is a call, not a sample
-    return StrategyResult(response, arm, confidence, "stated", {"samples": len(response.get("choices") or ())})
+    return StrategyResult(response, arm, cascade.stated_confidence(_texts(response)[0]), "stated",
+                          {"samples": len(response["choices"])})
 
 
 async def _cot(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> StrategyResult:
@@ -199,14 +201,15 @@ async def _cot(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> Strategy
         if not responses:
             raise _every_sample_failed(arm.backend, ctx)
         response = _merge_choices(responses)
-    for choice in response.get("choices") or []:
+    if not response.get("choices"):
+        raise UpstreamError(arm.backend, 502, f"{arm.backend}: upstream answer has no choices", retryable=False)
+    for choice in response["choices"]:
         message = choice.get("message") or {}
         reasoning = message.get("content") or ""
         message["content"] = prompts.final_answer(reasoning, ctx.task)
         message["reasoning_content"] = reasoning
-    text = _texts(response)[0] if response.get("choices") else ""
-    return StrategyResult(response, arm, cascade.stated_confidence(text), "stated",
-                          {"samples": len(response.get("choices") or ())})
+    return StrategyResult(response, arm, cascade.stated_confidence(_texts(response)[0]), "stated",
+                          {"samples": len(response["choices"])})
 
 
 # -- sampling strategies ----------------------------------------------------------------------------

@@ -60,7 +60,10 @@ def answer_tokens(answer: str | dict) -> int:
     """Words of the text, and of each tool call's name and arguments (the arguments' characters / 4)."""
     message = as_message(answer)
     calls = message.get("tool_calls") or []
-    return words(message.get("content") or message.get("refusal") or "") + sum(
+    content = message.get("content") or message.get("refusal") or ""
+    if isinstance(content, list):  # parts, as Mistral's reasoning models answer: their text counts
+        content = " ".join(str(p.get("text", "")) if isinstance(p, dict) else str(p) for p in content)
+    return words(content) + sum(
         1 + len(str(call["function"].get("arguments", ""))) // 4
         for call in calls if isinstance(call.get("function"), dict))  # a malformed call (a test's) counts 0
 

@@ -1571,3 +1571,34 @@ def test_the_context_probe_asks_for_one_token_in_the_words_the_backend_takes():
             "max_tokens": 500, "max_completion_tokens": 400}
     assert _probe_body(body, reasoning=True) == {"model": "m", "messages": [], "max_completion_tokens": 1}
     assert _probe_body(body, reasoning=False) == {"model": "m", "messages": [], "max_tokens": 1}
+
+
+def test_an_answer_in_content_parts_reads_as_text(client, mock):
+    """Mistral's reasoning models answer `content` as a list of parts (thinking, then text). Clients
+    (the SDK types content as a string) get the text, with the thinking as `reasoning_content`; the
+    strategies read text too: a single arm's confidence and a vote raised a TypeError (a 500)."""
+    parts = {"content": [{"type": "thinking", "thinking": [{"type": "text", "text": "six times seven"}]},
+                         {"type": "text", "text": "The answer is 42."}]}
+    control(mock, answers=[parts])
+    single = client.chat.completions.create(model="mock-a", messages=[{"role": "user", "content": "6 * 7?"}])
+    assert single.choices[0].message.content == "The answer is 42."
+    assert single.choices[0].message.model_extra["reasoning_content"] == "six times seven"
+    voted = client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "6 * 7?"}],
+                                           extra_headers={"x-ponder-strategy": "self_consistency"})
+    assert voted.choices[0].message.content == "The answer is 42."
+    assert voted.model_extra["ponder"]["samples"] >= 2
+
+
+def test_an_answer_without_choices_is_a_failed_call(client, mock):
+    """A 200 with `choices: []` (some servers answer so under load) reached the client as a 200 with no
+    choices: `choices[0]` raised in the app. A routed request goes to its next arm; a named backend
+    answers 502, which the SDKs retry."""
+    control(mock, script=["empty"])
+    routed = client.chat.completions.with_raw_response.create(
+        model="auto", messages=[{"role": "user", "content": "hello there"}])
+    assert routed.parse().choices[0].message.content
+    assert calls(mock)["count"] == 2  # the empty answer, then the fallback's
+    control(mock, script=["empty"])
+    with pytest.raises(openai.APIStatusError) as failed:
+        client.chat.completions.create(model="mock-a", messages=[{"role": "user", "content": "hello there"}])
+    assert failed.value.status_code == 502 and "no choices" in failed.value.message
