@@ -268,8 +268,10 @@ def _string(item: dict[str, Any], key: str, param: str) -> str:
 def chat_tool(tool: dict[str, Any], i: int) -> dict[str, Any]:
     """A Responses function tool (flat: type, name, description, parameters, strict) in chat's nested shape."""
     if tool.get("type") != "function":
-        raise refuse(f"tools.{i}.type", f"only function tools are supported; {tool.get('type')!r} is a tool OpenAI's "
-                                        "servers run, which the backends behind this gateway cannot")
+        kind = tool.get("type")
+        why = ("custom (freeform) tools are not translated to chat backends yet" if kind == "custom" else
+               f"{kind!r} is a tool OpenAI's servers run, which the backends behind this gateway cannot")
+        raise refuse(f"tools.{i}.type", f"only function tools are supported; {why}")
     function = {"name": _string(tool, "name", f"tools.{i}")}
     function.update({key: tool[key] for key in ("description", "parameters", "strict") if tool.get(key) is not None})
     return {"type": "function", "function": function}

@@ -449,6 +449,7 @@ def test_an_upstreams_param_is_named_as_the_responses_field(upstream_param, para
     ({"truncation": "auto"}, "truncation", "unsupported_parameter"),
     ({"prompt": {"id": "pmpt_1"}}, "prompt", "unsupported_parameter"),
     ({"tools": [{"type": "web_search"}]}, "tools.0.type", "unsupported_parameter"),
+    ({"tools": [{"type": "custom", "name": "apply_patch"}]}, "tools.0.type", "unsupported_parameter"),
     ({"tool_choice": {"type": "file_search"}}, "tool_choice", "unsupported_parameter"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "file_id": "file-1"}]}]},
      "input.0.content.0", "unsupported_parameter"),
