@@ -154,6 +154,14 @@ class Usage:
         """Prompt tokens the provider served from its prompt cache (billed at the cached price)."""
         return self.details.get("prompt_tokens_details", {}).get("cached_tokens", 0)
 
+    @property
+    def cache_write_tokens(self) -> int:
+        """Prompt tokens the provider wrote to its prompt cache (billed at the cache-write price):
+        litellm's `cache_creation_tokens` (Anthropic's `cache_creation_input_tokens`), else the
+        `cache_write_tokens` of OpenAI-compatible routers."""
+        prompt = self.details.get("prompt_tokens_details", {})
+        return prompt.get("cache_creation_tokens", prompt.get("cache_write_tokens", 0))
+
     @classmethod
     def from_block(cls, usage: dict | None) -> Usage:
         if not usage:
@@ -209,7 +217,8 @@ class Backend:
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,
             reasoning_tokens=usage.reasoning_tokens,
-            cost_usd=call_cost(self.prices, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens),
+            cost_usd=call_cost(self.prices, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens,
+                               usage.cache_write_tokens),
             latency_ms=(time.perf_counter() - started) * 1000,
             ok=ok,
             error=error,

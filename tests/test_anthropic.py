@@ -1,0 +1,79 @@
+"""Claude behind litellm: the openai SDK against `ponder serve`, in front of a real HTTP mock of
+Anthropic's Messages API (tests/mock_anthropic.py), which refuses what Anthropic refuses."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from tests.servers import running, start_anthropic_mock, start_gateway, write_policy
+
+# litellm's cost map for claude-sonnet-4-5, USD per token
+SONNET_INPUT, SONNET_OUTPUT, SONNET_CACHE_READ, SONNET_CACHE_WRITE = 3e-6, 15e-6, 0.3e-6, 3.75e-6
+
+
+def claude_backend(name: str, mock, model: str = "anthropic/claude-sonnet-4-5", **extra) -> dict:
+    return {"name": name, "model": model, "api_base": mock.url, "api_key_env": "ANTHROPIC_API_KEY",
+            "supports_n": False, "max_retries": 1, "timeout_s": 5, "first_byte_timeout_s": 3, **extra}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("anthropic")
+    policy = write_policy(tmp, {
+        "name": "claude",
+        "arms": {"plain": {"backend": "sonnet", "effort": "none", "prior": 0.8},
+                 "vote": {"backend": "haiku", "effort": "low", "strategy": "self_consistency", "n": 3}},
+        "routes": [{"name": "all", "candidates": ["plain"]}],
+        "exploration": {"share": 0.0},
+        "overrides": {"reasoning_effort": True},
+    }, "claude.yaml")
+    efforts = ["none", "low", "medium", "high"]
+    with running(start_anthropic_mock(tmp)) as mock, running(start_gateway(tmp, {
+            "backends": [claude_backend("sonnet", mock, reasoning=True, efforts=efforts),
+                         claude_backend("haiku", mock, "anthropic/claude-haiku-4-5", reasoning=True, efforts=efforts),
+                         claude_backend("sonnet-budget", mock, reasoning=True, efforts=efforts,
+                                        effort_param="thinking_budget"),
+                         # one per test that leaves its backend cooling down
+                         *(claude_backend(f"plain-haiku-{i}", mock, "anthropic/claude-haiku-4-5") for i in range(2))],
+            "policy": policy}, name="anthropic", env={"ANTHROPIC_API_KEY": "sk-ant-test"})) as gateway:
+        yield gateway, mock
+
+
+@pytest.fixture
+def mock(stack):
+    httpx.post(stack[1].url + "/reset")
+    return stack[1]
+
+
+@pytest.fixture
+def client(stack, mock):
+    return openai.OpenAI(base_url=stack[0].url + "/v1", api_key="unused", max_retries=0)
+
+
+def control(mock, **kwargs):
+    httpx.post(mock.url + "/control", json=kwargs).raise_for_status()
+
+
+def sent(mock) -> list[dict]:
+    return httpx.get(mock.url + "/calls").json()["bodies"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_prompt_cache_writes_are_billed_at_the_cache_write_price(client, mock, stream):
+    """Anthropic bills the prompt tokens it wrote to its cache at 1.25x the input price, and those it
+    read from it at 0.1x; both were billed at the input price's, or the cache-read price's, rate."""
+    control(mock, answers=["four words long here"], cache_read=1000, cache_creation=2000)
+    raw = client.chat.completions.with_raw_response.create(
+        model="sonnet", messages=[{"role": "user", "content": "one two three"}], stream=stream,
+        **({"stream_options": {"include_usage": True}} if stream else {}))
+    if stream:
+        usage_chunk = list(raw.parse())[-1]
+        usage, cost = usage_chunk.usage, usage_chunk.model_extra["ponder"]["cost_usd"]
+    else:
+        completion = raw.parse()
+        usage, cost = completion.usage, float(raw.headers["x-ponder-cost-usd"])
+    assert usage.prompt_tokens == 3003 and usage.prompt_tokens_details.cached_tokens == 1000
+    assert cost == pytest.approx(3 * SONNET_INPUT + 1000 * SONNET_CACHE_READ + 2000 * SONNET_CACHE_WRITE
+                                 + 4 * SONNET_OUTPUT, rel=1e-3)
