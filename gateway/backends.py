@@ -479,8 +479,7 @@ def _litellm_error(backend: str, exc: Exception) -> UpstreamError:
         return UpstreamError(backend, 504, f"{backend}: upstream timed out", retryable=True)
     retryable = status in (0, 408, 429) or status >= 500
     client_status = status if status in REQUEST_ERRORS or status == 429 else 502
-    headers = getattr(getattr(exc, "response", None), "headers", None)
-    retry_after = _seconds(headers.get("retry-after")) if headers is not None else None
+    retry_after = _seconds(_litellm_headers(exc).get("retry-after"))
     body = getattr(exc, "body", None)
     error = dict(body) if isinstance(body, dict) else {}
     if not error.get("code") and type(exc).__name__ in _LITELLM_CODES:
@@ -489,6 +488,17 @@ def _litellm_error(backend: str, exc: Exception) -> UpstreamError:
     code, param = _passed_on(client_status, error)
     return UpstreamError(backend, client_status, f"{backend}: {message}", retryable=retryable, retry_after=retry_after,
                          code=code, param=param)
+
+
+def _litellm_headers(exc: Exception) -> Any:
+    """The upstream's response headers of a litellm error. litellm keeps them on
+    `litellm_response_headers`; its `response` has them only for some providers (for Anthropic's 429 it
+    is a stand-in with none, which lost the upstream's Retry-After)."""
+    for headers in (getattr(exc, "litellm_response_headers", None),
+                    getattr(getattr(exc, "response", None), "headers", None)):
+        if headers:
+            return headers
+    return {}
 
 
 # OpenAI's codes for the errors litellm maps every provider's own onto

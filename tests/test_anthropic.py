@@ -77,3 +77,22 @@ def test_prompt_cache_writes_are_billed_at_the_cache_write_price(client, mock, s
     assert usage.prompt_tokens == 3003 and usage.prompt_tokens_details.cached_tokens == 1000
     assert cost == pytest.approx(3 * SONNET_INPUT + 1000 * SONNET_CACHE_READ + 2000 * SONNET_CACHE_WRITE
                                  + 4 * SONNET_OUTPUT, rel=1e-3)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_rate_limit_passes_on_anthropics_retry_after(client, mock, stream):
+    """litellm keeps Anthropic's response headers apart from its exception's `response`: the client's
+    429 lost the upstream's Retry-After (and the backend cooled down for less than it asked)."""
+    control(mock, script=["429"])
+    backend = f"plain-haiku-{int(stream)}"
+    with pytest.raises(openai.RateLimitError) as limited:
+        response = client.chat.completions.create(model=backend, messages=[{"role": "user", "content": "x"}],
+                                                  stream=stream)
+        list(response) if stream else None
+    assert limited.value.response.headers["retry-after"] == "7"  # the mock's
+    assert len(sent(mock)) == 1
+    # the backend waits as long as Anthropic asked: no call reaches it meanwhile
+    with pytest.raises(openai.APIStatusError) as cooling:
+        client.chat.completions.create(model=backend, messages=[{"role": "user", "content": "x"}])
+    assert cooling.value.status_code == 503 and int(cooling.value.response.headers["retry-after"]) >= 5
+    assert len(sent(mock)) == 1
