@@ -17,6 +17,12 @@ from policies.backends import BackendSpec
 THINKING_BUDGET_TOKENS = {"none": 0, "minimal": 512, "low": 1024, "medium": 4096, "high": 16384, "xhigh": 32768}
 
 
+def is_claude_api(spec: BackendSpec) -> bool:
+    """Whether the backend is Claude on Anthropic's Messages API (litellm's `anthropic/` provider),
+    which has no chat template and refuses fields it does not know."""
+    return spec.model.partition("/")[0] == "anthropic"
+
+
 def takes_reasoning_effort(spec: BackendSpec) -> bool:
     """Whether the backend's API has OpenAI's `reasoning_effort` (a non-reasoning OpenAI model
     answers it with a 400)."""
@@ -52,9 +58,10 @@ def apply_effort(body: dict[str, Any], spec: BackendSpec, effort: str | None) ->
         body["reasoning_effort"] = effort
     elif spec.effort_param == "thinking_budget":
         budget = THINKING_BUDGET_TOKENS.get(effort, 0)
-        kwargs = dict(body.get("chat_template_kwargs") or {})
-        kwargs["enable_thinking"] = budget > 0
-        body["chat_template_kwargs"] = kwargs
+        if not is_claude_api(spec):  # Anthropic answers a field it does not know with a 400
+            kwargs = dict(body.get("chat_template_kwargs") or {})
+            kwargs["enable_thinking"] = budget > 0
+            body["chat_template_kwargs"] = kwargs
         if budget > 0:
             body["thinking"] = {"type": "enabled", "budget_tokens": budget}
     elif spec.effort_param == "enable_thinking":

@@ -96,3 +96,16 @@ def test_a_rate_limit_passes_on_anthropics_retry_after(client, mock, stream):
         client.chat.completions.create(model=backend, messages=[{"role": "user", "content": "x"}])
     assert cooling.value.status_code == 503 and int(cooling.value.response.headers["retry-after"]) >= 5
     assert len(sent(mock)) == 1
+
+
+def test_a_thinking_budget_backend_sends_claude_only_its_thinking_block(client, mock):
+    """`effort_param: thinking_budget` (docs/policies.md: "Anthropic-style budgets") also sent
+    `chat_template_kwargs`, a vLLM field that Anthropic's API refuses (400, extra inputs are not
+    permitted): every call to such a Claude backend failed, thinking or not."""
+    for effort, thinking in (("high", {"type": "enabled", "budget_tokens": 16384}), ("none", None)):
+        completion = client.chat.completions.create(model="sonnet-budget", reasoning_effort=effort,
+                                                    messages=[{"role": "user", "content": "hi"}])
+        assert completion.choices[0].message.content == "Hello from the mock Anthropic."
+        body = sent(mock)[-1]
+        assert body.get("thinking") == thinking and "chat_template_kwargs" not in body
+
