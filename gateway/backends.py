@@ -22,6 +22,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from gateway.effort import fit_claude_thinking, is_claude_api
 from gateway.prices import call_cost, resolve_prices
 from gateway.sse import EventTooLarge, read_events
 from policies.backends import BackendSpec
@@ -202,6 +203,7 @@ class Backend:
         self.url = f"{base}/chat/completions"
         self.semaphore = asyncio.Semaphore(self.spec.max_concurrency)
         self.basic_messages = self.spec.message_format == "basic"
+        self.claude = is_claude_api(self.spec) and not self.fast_path
         # Built once: aiohttp timeouts are immutable, and per-call construction shows on the hot path.
         self._timeout = aiohttp.ClientTimeout(total=self.spec.timeout_s, sock_connect=self.spec.connect_timeout_s)
         # A stream has no whole-call limit: a long answer that keeps flowing is not cut at timeout_s
@@ -300,9 +302,29 @@ class Backend:
                              retryable=retryable, retry_after=_seconds(retry_after), code=code, param=param,
                              upstream_status=status)
 
+    def _litellm_params(self, body: dict[str, Any], leave_out: tuple[str, ...]) -> dict[str, Any]:
+        params = {k: v for k, v in body.items() if k not in leave_out}
+        if self.claude:
+            params = fit_claude_thinking(params, self._claude_thinking(params))
+        return params
+
+    def _claude_thinking(self, params: dict[str, Any]) -> dict[str, Any] | None:
+        """The thinking a call to Claude turns on: its own `thinking` block, else what litellm makes of
+        its `reasoning_effort` (litellm sends that budget whatever the call's max_tokens, and Anthropic
+        refuses one that is not below it)."""
+        if isinstance(params.get("thinking"), dict):
+            return params["thinking"]
+        effort = params.get("reasoning_effort")
+        if not isinstance(effort, str):
+            return None
+        try:
+            return _litellm().AnthropicConfig.map_reasoning_effort(effort, self.upstream_model, "anthropic")
+        except Exception:  # a level litellm does not know: the call fails with litellm's own error
+            return None
+
     async def _complete_litellm(self, body: dict[str, Any]) -> dict[str, Any]:
         litellm = _litellm()
-        params = {k: v for k, v in body.items() if k not in ("model", "stream", "stream_options")}
+        params = self._litellm_params(body, ("model", "stream", "stream_options"))
         try:
             response = await litellm.acompletion(
                 model=self.spec.model, api_base=self.spec.api_base, api_key=self._api_key(),
@@ -390,7 +412,7 @@ class Backend:
 
     async def _stream_litellm(self, body: dict[str, Any]) -> AsyncIterator[tuple[bytes, dict | None]]:
         litellm = _litellm()
-        params = {k: v for k, v in body.items() if k != "model"}
+        params = self._litellm_params(body, ("model",))
         try:
             response = await litellm.acompletion(model=self.spec.model, api_base=self.spec.api_base,
                                                  api_key=self._api_key(), timeout=self.spec.timeout_s,

@@ -5,8 +5,9 @@ Run: `python tests/mock_anthropic.py --port P`. `POST /v1/messages` answers as A
 SSE (message_start, content_block_start/delta/stop with text_delta, thinking_delta + signature_delta,
 input_json_delta for tool_use, message_delta with stop_reason and usage, message_stop), with exact
 usage (1 token per whitespace-separated word of the messages' text; cache counts as set), and refuses
-what Anthropic refuses (no max_tokens, a `system` role in messages, thinking with budget_tokens under
-1024 or not below max_tokens, temperature other than 1 or top_k with thinking) with its 400.
+what Anthropic refuses (no max_tokens, a field the Messages API does not have, a `system` role in
+messages; with thinking: budget_tokens under 1024 or not below max_tokens, a temperature other than 1,
+top_k, top_p under 0.95, a forced tool call) with its 400.
 
     POST /control {"script": [...], "answers": [...], "cache_read": 0, "cache_creation": 0,
                    "thinking": "...", "hang_s": 30}
@@ -94,6 +95,8 @@ def refusal(body: dict) -> str | None:
             return "`temperature` may only be set to 1 when thinking is enabled."
         if body.get("top_k") is not None:
             return "`top_k` is not supported when thinking is enabled."
+        if body.get("top_p") is not None and not 0.95 <= body["top_p"] <= 1:
+            return "`top_p` must be between 0.95 and 1 when thinking is enabled."
         if (body.get("tool_choice") or {}).get("type") in ("any", "tool"):
             return "Thinking may not be enabled when tool_choice forces tool use."
     return None

@@ -109,3 +109,53 @@ def test_a_thinking_budget_backend_sends_claude_only_its_thinking_block(client, 
         body = sent(mock)[-1]
         assert body.get("thinking") == thinking and "chat_template_kwargs" not in body
 
+
+@pytest.mark.parametrize("model, effort, max_tokens, thinking", [
+    ("sonnet", "high", 2000, {"type": "enabled", "budget_tokens": 1999}),  # litellm's 4096, cut to fit
+    ("sonnet", "high", 1024, None),  # no room for the smallest budget (1024): no thinking
+    ("sonnet", "low", 5000, {"type": "enabled", "budget_tokens": 1024}),  # fits: as litellm sends it
+    ("sonnet-budget", "high", 4000, {"type": "enabled", "budget_tokens": 3999}),  # Ponder's own 16384
+])
+def test_claudes_thinking_budget_fits_the_clients_output_limit(client, mock, model, effort, max_tokens, thinking):
+    """Anthropic refuses a thinking budget that is not below max_tokens. The effort's budget (the
+    arm's, which the client may not have chosen) ignored the client's max_tokens, so a request OpenAI
+    takes (reasoning spent within the output limit) got a 400 and no fallback."""
+    completion = client.chat.completions.create(model=model, reasoning_effort=effort, max_tokens=max_tokens,
+                                                messages=[{"role": "user", "content": "What is 6 x 7?"}])
+    assert completion.choices[0].message.content == "Hello from the mock Anthropic."
+    body = sent(mock)[-1]
+    assert body["max_tokens"] == max_tokens and body.get("thinking") == thinking
+
+
+def test_a_vote_on_a_thinking_claude_arm_samples_at_claudes_temperature(client, mock):
+    """A vote draws its samples at a sampling temperature (0.7), which Claude refuses while it thinks
+    (only 1): every sample of a self-consistency arm on a thinking Claude failed with a 400."""
+    control(mock, answers=["The answer is 42"])
+    raw = client.chat.completions.with_raw_response.create(
+        model="auto", reasoning_effort="low", messages=[{"role": "user", "content": "What is 6 x 7?"}])
+    assert raw.headers["x-ponder-arm"] == "haiku/low/self_consistency/3"
+    assert raw.parse().choices[0].message.content == "The answer is 42"
+    bodies = sent(mock)
+    assert len(bodies) == 3 and all(b["thinking"]["budget_tokens"] == 1024 and "temperature" not in b
+                                    for b in bodies)
+
+
+def test_a_clients_sampling_knobs_and_forced_tool_call_meet_claudes_thinking(client, mock):
+    """The client's temperature, a top_p under 0.95 and a forced tool call are refused by Claude while
+    it thinks; the thinking is the arm's effort, so the client's request must not fail for it."""
+    messages = [{"role": "user", "content": "What is 6 x 7?"}]
+    client.chat.completions.create(model="sonnet", reasoning_effort="high", temperature=0.2, top_p=0.5,
+                                   messages=messages)
+    body = sent(mock)[-1]
+    assert body["thinking"]["budget_tokens"] == 4096 and "temperature" not in body and "top_p" not in body
+    client.chat.completions.create(model="sonnet", reasoning_effort="none", temperature=0.2, messages=messages)
+    assert sent(mock)[-1]["temperature"] == 0.2  # not thinking: sent as the client asked
+
+    tools = [{"type": "function", "function": {"name": "multiply", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}}}]
+    control(mock, script=["tool_use"], answers=['{"a": 6, "b": 7}'])
+    completion = client.chat.completions.create(model="sonnet", reasoning_effort="high", tools=tools,
+                                                tool_choice="required", messages=messages)
+    call = completion.choices[0].message.tool_calls[0]
+    assert (call.function.name, call.function.arguments) == ("multiply", '{"a": 6, "b": 7}')
+    assert "thinking" not in sent(mock)[-1]  # the forced call wins: answered without thinking
