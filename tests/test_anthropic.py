@@ -35,6 +35,8 @@ def stack(tmp_path_factory):
                          claude_backend("haiku", mock, "anthropic/claude-haiku-4-5", reasoning=True, efforts=efforts),
                          claude_backend("sonnet-budget", mock, reasoning=True, efforts=efforts,
                                         effort_param="thinking_budget"),
+                         # `supports_n` left at its default (true), as an operator may
+                         {**claude_backend("haiku-n", mock, "anthropic/claude-haiku-4-5"), "supports_n": True},
                          # one per test that leaves its backend cooling down
                          *(claude_backend(f"plain-haiku-{i}", mock, "anthropic/claude-haiku-4-5") for i in range(2))],
             "policy": policy}, name="anthropic", env={"ANTHROPIC_API_KEY": "sk-ant-test"})) as gateway:
@@ -159,3 +161,21 @@ def test_a_clients_sampling_knobs_and_forced_tool_call_meet_claudes_thinking(cli
     call = completion.choices[0].message.tool_calls[0]
     assert (call.function.name, call.function.arguments) == ("multiply", '{"a": 6, "b": 7}')
     assert "thinking" not in sent(mock)[-1]  # the forced call wins: answered without thinking
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_asking_n_choices_of_claude_gets_n(client, mock, stream):
+    """Anthropic's API has no `n`, and litellm drops it: a backend that kept `supports_n` at its
+    default answered a client's n=3 with one choice. The missing choices are drawn as separate calls."""
+    control(mock, answers=["one", "two", "three"])
+    response = client.chat.completions.create(model="haiku-n", n=3, messages=[{"role": "user", "content": "a word"}],
+                                              stream=stream)
+    if stream:
+        texts = {}
+        for chunk in response:
+            for choice in chunk.choices:
+                texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+    else:
+        texts = {choice.index: choice.message.content for choice in response.choices}
+    assert sorted(texts.values()) == ["one", "three", "two"] and sorted(texts) == [0, 1, 2]
+    assert len(sent(mock)) == 3
