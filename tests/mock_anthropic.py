@@ -12,7 +12,7 @@ top_k, top_p under 0.95, a forced tool call) with its 400.
     POST /control {"script": [...], "answers": [...], "cache_read": 0, "cache_creation": 0,
                    "thinking": "...", "hang_s": 30}
         script: behaviours for the next requests, in order, then "ok".
-        behaviours: ok | tool_use | 400 | 401 | 429 | 500 | 529 | hang | break_mid | truncate | error_event
+        behaviours: ok | tool_use | 400 | too_long | 401 | 429 | 500 | 529 | hang | break_mid | truncate | error_event
         (tool_use: a call of the request's first tool with the answer, a JSON object text, as its input;
         break_mid: the stream's connection closes after its first text delta; truncate: the body ends
         there, cleanly, with no message_delta nor message_stop; error_event: the stream
@@ -115,6 +115,8 @@ async def messages(request: web.Request) -> web.StreamResponse:
     behaviour = STATE["script"].pop(0) if STATE["script"] else "ok"
     if behaviour == "400" or (problem := refusal(body)):
         return error(400, "invalid_request_error", "mock refused the request" if behaviour == "400" else problem)
+    if behaviour == "too_long":
+        return error(400, "invalid_request_error", "prompt is too long: 208310 tokens > 200000 maximum")
     if behaviour == "401":
         return error(401, "authentication_error", "invalid x-api-key")
     if behaviour == "429":

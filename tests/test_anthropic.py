@@ -179,3 +179,16 @@ def test_a_client_asking_n_choices_of_claude_gets_n(client, mock, stream):
         texts = {choice.index: choice.message.content for choice in response.choices}
     assert sorted(texts.values()) == ["one", "three", "two"] and sorted(texts) == [0, 1, 2]
     assert len(sent(mock)) == 3
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_prompt_over_claudes_window_is_openais_context_length_error(client, mock, stream):
+    """Anthropic says "prompt is too long"; apps branch on OpenAI's code (trim the history): the 400 has
+    it, and is neither retried nor sent to another backend."""
+    control(mock, script=["too_long"])
+    with pytest.raises(openai.BadRequestError) as refused:
+        response = client.chat.completions.create(model="haiku", messages=[{"role": "user", "content": "x"}],
+                                                  stream=stream)
+        list(response) if stream else None
+    assert refused.value.code == "context_length_exceeded" and "prompt is too long" in refused.value.message
+    assert len(sent(mock)) == 1
