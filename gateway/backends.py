@@ -22,6 +22,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from gateway.effort import fit_claude_thinking, is_claude_api
 from gateway.prices import call_cost, resolve_prices
 from gateway.sse import EventTooLarge, read_events
 from policies.backends import BackendSpec
@@ -154,6 +155,14 @@ class Usage:
         """Prompt tokens the provider served from its prompt cache (billed at the cached price)."""
         return self.details.get("prompt_tokens_details", {}).get("cached_tokens", 0)
 
+    @property
+    def cache_write_tokens(self) -> int:
+        """Prompt tokens the provider wrote to its prompt cache (billed at the cache-write price):
+        litellm's `cache_creation_tokens` (Anthropic's `cache_creation_input_tokens`), else the
+        `cache_write_tokens` of OpenAI-compatible routers."""
+        prompt = self.details.get("prompt_tokens_details", {})
+        return prompt.get("cache_creation_tokens", prompt.get("cache_write_tokens", 0))
+
     @classmethod
     def from_block(cls, usage: dict | None) -> Usage:
         if not usage:
@@ -194,6 +203,7 @@ class Backend:
         self.url = f"{base}/chat/completions"
         self.semaphore = asyncio.Semaphore(self.spec.max_concurrency)
         self.basic_messages = self.spec.message_format == "basic"
+        self.claude = is_claude_api(self.spec) and not self.fast_path
         # Built once: aiohttp timeouts are immutable, and per-call construction shows on the hot path.
         self._timeout = aiohttp.ClientTimeout(total=self.spec.timeout_s, sock_connect=self.spec.connect_timeout_s)
         # A stream has no whole-call limit: a long answer that keeps flowing is not cut at timeout_s
@@ -209,7 +219,8 @@ class Backend:
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,
             reasoning_tokens=usage.reasoning_tokens,
-            cost_usd=call_cost(self.prices, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens),
+            cost_usd=call_cost(self.prices, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens,
+                               usage.cache_write_tokens),
             latency_ms=(time.perf_counter() - started) * 1000,
             ok=ok,
             error=error,
@@ -293,9 +304,29 @@ class Backend:
                              retryable=retryable, retry_after=_seconds(retry_after), code=code, param=param,
                              upstream_status=status)
 
+    def _litellm_params(self, body: dict[str, Any], leave_out: tuple[str, ...]) -> dict[str, Any]:
+        params = {k: v for k, v in body.items() if k not in leave_out}
+        if self.claude:
+            params = fit_claude_thinking(params, self._claude_thinking(params))
+        return params
+
+    def _claude_thinking(self, params: dict[str, Any]) -> dict[str, Any] | None:
+        """The thinking a call to Claude turns on: its own `thinking` block, else what litellm makes of
+        its `reasoning_effort` (litellm sends that budget whatever the call's max_tokens, and Anthropic
+        refuses one that is not below it)."""
+        if isinstance(params.get("thinking"), dict):
+            return params["thinking"]
+        effort = params.get("reasoning_effort")
+        if not isinstance(effort, str):
+            return None
+        try:
+            return _litellm().AnthropicConfig.map_reasoning_effort(effort, self.upstream_model, "anthropic")
+        except Exception:  # a level litellm does not know: the call fails with litellm's own error
+            return None
+
     async def _complete_litellm(self, body: dict[str, Any]) -> dict[str, Any]:
         litellm = _litellm()
-        params = {k: v for k, v in body.items() if k not in ("model", "stream", "stream_options")}
+        params = self._litellm_params(body, ("model", "stream", "stream_options"))
         try:
             response = await litellm.acompletion(
                 model=self.spec.model, api_base=self.spec.api_base, api_key=self._api_key(),
@@ -383,7 +414,7 @@ class Backend:
 
     async def _stream_litellm(self, body: dict[str, Any]) -> AsyncIterator[tuple[bytes, dict | None]]:
         litellm = _litellm()
-        params = {k: v for k, v in body.items() if k != "model"}
+        params = self._litellm_params(body, ("model",))
         try:
             response = await litellm.acompletion(model=self.spec.model, api_base=self.spec.api_base,
                                                  api_key=self._api_key(), timeout=self.spec.timeout_s,
@@ -493,8 +524,7 @@ def _litellm_error(backend: str, exc: Exception) -> UpstreamError:
         return UpstreamError(backend, 504, f"{backend}: upstream timed out", retryable=True)
     retryable = status in (0, 408, 429) or status >= 500
     client_status = status if status in REQUEST_ERRORS or status == 429 else 502
-    headers = getattr(getattr(exc, "response", None), "headers", None)
-    retry_after = _seconds(headers.get("retry-after")) if headers is not None else None
+    retry_after = _seconds(_litellm_headers(exc).get("retry-after"))
     body = getattr(exc, "body", None)
     error = dict(body) if isinstance(body, dict) else {}
     if not error.get("code") and type(exc).__name__ in _LITELLM_CODES:
@@ -503,6 +533,17 @@ def _litellm_error(backend: str, exc: Exception) -> UpstreamError:
     code, param = _passed_on(client_status, error)
     return UpstreamError(backend, client_status, f"{backend}: {message}", retryable=retryable, retry_after=retry_after,
                          code=code, param=param)
+
+
+def _litellm_headers(exc: Exception) -> Any:
+    """The upstream's response headers of a litellm error. litellm keeps them on
+    `litellm_response_headers`; its `response` has them only for some providers (for Anthropic's 429 it
+    is a stand-in with none, which lost the upstream's Retry-After)."""
+    for headers in (getattr(exc, "litellm_response_headers", None),
+                    getattr(getattr(exc, "response", None), "headers", None)):
+        if headers:
+            return headers
+    return {}
 
 
 # OpenAI's codes for the errors litellm maps every provider's own onto

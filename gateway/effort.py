@@ -5,6 +5,8 @@
   litellm forwards; vLLM reasoning models read `chat_template_kwargs` plus the budget).
 - `enable_thinking`: on/off models (DeepSeek V3.x hybrid, Qwen3 on vLLM): thinking on above `low`.
 - `none`: the backend has no knob; effort only shapes the strategy.
+
+Claude refuses some calls while it thinks; `fit_claude_thinking` makes a call to it fit.
 """
 
 from __future__ import annotations
@@ -15,6 +17,16 @@ from policies.backends import BackendSpec
 
 # In increasing order; "xhigh" (OpenAI's level above high) is accepted from clients naming a backend
 THINKING_BUDGET_TOKENS = {"none": 0, "minimal": 512, "low": 1024, "medium": 4096, "high": 16384, "xhigh": 32768}
+# Claude's extended thinking: a budget of at least this, and below the call's max_tokens
+CLAUDE_MIN_THINKING_BUDGET = 1024
+# top_p Claude takes while it thinks: from this to 1
+CLAUDE_THINKING_MIN_TOP_P = 0.95
+
+
+def is_claude_api(spec: BackendSpec) -> bool:
+    """Whether the backend is Claude on Anthropic's Messages API (litellm's `anthropic/` provider),
+    which has no chat template and refuses fields it does not know."""
+    return spec.model.partition("/")[0] == "anthropic"
 
 
 def takes_reasoning_effort(spec: BackendSpec) -> bool:
@@ -52,15 +64,50 @@ def apply_effort(body: dict[str, Any], spec: BackendSpec, effort: str | None) ->
         body["reasoning_effort"] = effort
     elif spec.effort_param == "thinking_budget":
         budget = THINKING_BUDGET_TOKENS.get(effort, 0)
-        kwargs = dict(body.get("chat_template_kwargs") or {})
-        kwargs["enable_thinking"] = budget > 0
-        body["chat_template_kwargs"] = kwargs
+        if not is_claude_api(spec):  # Anthropic answers a field it does not know with a 400
+            kwargs = dict(body.get("chat_template_kwargs") or {})
+            kwargs["enable_thinking"] = budget > 0
+            body["chat_template_kwargs"] = kwargs
         if budget > 0:
             body["thinking"] = {"type": "enabled", "budget_tokens": budget}
     elif spec.effort_param == "enable_thinking":
         kwargs = dict(body.get("chat_template_kwargs") or {})
         kwargs["enable_thinking"] = effort not in ("none", "minimal", "low")
         body["chat_template_kwargs"] = kwargs
+    return body
+
+
+def fit_claude_thinking(body: dict[str, Any], thinking: dict[str, Any] | None) -> dict[str, Any]:
+    """The body as Claude takes it while it thinks (the input is not modified). `thinking` is what the
+    call turns on: the body's own `thinking` block, or what litellm makes of its `reasoning_effort`.
+
+    Anthropic refuses with a 400 a thinking budget not below max_tokens, a temperature other than 1,
+    top_k, a top_p under 0.95, and a forced tool call while thinking. The effort is the gateway's
+    choice (a routed arm's, a vote's sampling temperature), so the client's own request must not fail
+    for it: the budget is cut to fit the client's output limit (as OpenAI's reasoning models spend
+    reasoning within max_completion_tokens), thinking is left off where no budget fits or a tool call is
+    forced, and sampling knobs Claude cannot take while thinking are left out (it samples at 1)."""
+    if not isinstance(thinking, dict) or thinking.get("type") not in ("enabled", "adaptive"):
+        return body
+    limits = [body[k] for k in ("max_tokens", "max_completion_tokens") if isinstance(body.get(k), int)]
+    limit = min(limits) if limits else None
+    budget = thinking.get("budget_tokens")
+    tool_choice = body.get("tool_choice")
+    forced = tool_choice == "required" or (isinstance(tool_choice, dict) and tool_choice.get("type") == "function")
+    if forced or (limit is not None and isinstance(budget, int) and limit <= CLAUDE_MIN_THINKING_BUDGET):
+        body = {k: v for k, v in body.items() if k != "thinking"}
+        if "reasoning_effort" in body:
+            body["reasoning_effort"] = "none"
+        return body
+    body = dict(body)
+    if limit is not None and isinstance(budget, int) and budget >= limit:
+        body.pop("reasoning_effort", None)
+        body["thinking"] = {**thinking, "budget_tokens": limit - 1}
+    if body.get("temperature") not in (None, 1):
+        del body["temperature"]
+    body.pop("top_k", None)
+    if isinstance(body.get("top_p"), (int, float)) and body["top_p"] < CLAUDE_THINKING_MIN_TOP_P:
+        del body["top_p"]
     return body
 
 

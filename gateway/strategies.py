@@ -176,6 +176,7 @@ async def _single(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> Strat
     backend = ctx.caller.backend(arm.backend)
     if n == 1 or backend.spec.supports_n:
         response = await ctx.caller.complete(arm.backend, _sample_body(arm, body, ctx, n=n))
+        response = await _with_all_choices(arm, body, ctx, response, n)
     else:
         responses = await _gather_samples(arm, body, ctx, count=n, diverse=False)
         responses += (await _missing_choices(arm, body, ctx, responses, client_n=n, first=n, diverse=False))[0]
@@ -194,6 +195,7 @@ async def _cot(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> Strategy
     backend = ctx.caller.backend(arm.backend)
     if n == 1 or backend.spec.supports_n:
         response = await ctx.caller.complete(arm.backend, _sample_body(arm, body, ctx, n=n, cot=True))
+        response = await _with_all_choices(arm, body, ctx, response, n, cot=True)
     else:
         responses = await _gather_samples(arm, body, ctx, count=n, diverse=False, cot=True)
         responses += (await _missing_choices(arm, body, ctx, responses, client_n=n, first=n, diverse=False,
@@ -261,6 +263,19 @@ async def _missing_choices(arm: Arm, body: dict[str, Any], ctx: StrategyContext,
     if not responses or missing <= 0:
         return [], 0
     return await _gather_samples(arm, body, ctx, count=missing, first=first, **sampling), missing
+
+
+async def _with_all_choices(arm: Arm, body: dict[str, Any], ctx: StrategyContext, response: dict[str, Any],
+                            client_n: int, *, cot: bool = False) -> dict[str, Any]:
+    """The answer to a call asked for the client's `n` choices, with as many: an upstream that ignores
+    `n` answers one (litellm drops it for providers without it, such as Anthropic), and the missing
+    ones are drawn as separate calls, as for a backend declared `supports_n: false`."""
+    got = len(response.get("choices") or ())
+    if client_n <= 1 or got >= client_n:
+        return response
+    more, _ = await _missing_choices(arm, body, ctx, [response], client_n=client_n, first=max(got, 1),
+                                     diverse=False, cot=cot)
+    return _merge_choices([response, *more])
 
 
 def _every_sample_failed(backend: str, ctx: StrategyContext) -> UpstreamError:

@@ -22,6 +22,10 @@ class Prices(BaseModel):
         default=None, ge=0,
         description="Prompt tokens the provider read from its cache (`usage.prompt_tokens_details."
                     "cached_tokens`); default: the input price.")
+    cache_write_input_per_mtok: float | None = Field(
+        default=None, ge=0,
+        description="Prompt tokens the provider wrote to its cache (`usage.prompt_tokens_details."
+                    "cache_creation_tokens`: Anthropic bills them above the input price); default: the input price.")
 
 
 class BackendSpec(BaseModel):

@@ -222,11 +222,12 @@ def resolve_prices(spec: BackendSpec) -> tuple[Prices, str]:
     for key in (spec.model, spec.model.split("/", 1)[-1]):
         entry = table.get(key)
         if entry and "input_cost_per_token" in entry:
-            cached = entry.get("cache_read_input_token_cost")
+            cached, written = entry.get("cache_read_input_token_cost"), entry.get("cache_creation_input_token_cost")
             prices = Prices(
                 input_per_mtok=float(entry["input_cost_per_token"]) * 1e6,
                 output_per_mtok=float(entry.get("output_cost_per_token") or 0.0) * 1e6,
                 cached_input_per_mtok=float(cached) * 1e6 if cached is not None else None,
+                cache_write_input_per_mtok=float(written) * 1e6 if written is not None else None,
             )
             return prices, "litellm cost map"
     return Prices(input_per_mtok=0.0, output_per_mtok=0.0), "unknown: zero"

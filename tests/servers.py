@@ -1,5 +1,5 @@
-"""Real servers on loopback for the tests: the gateway (uvicorn, as `ponder serve` runs it) and the
-mock OpenAI-compatible upstream. Each is a separate process, talked to over HTTP only."""
+"""Real servers on loopback for the tests: the gateway (uvicorn, as `ponder serve` runs it), the mock
+OpenAI-compatible upstream and the mock Anthropic API. Each is a separate process, talked to over HTTP only."""
 
 from __future__ import annotations
 
@@ -84,6 +84,13 @@ def start_mock(tmp: Path) -> Process:
     port = free_port()
     return Process([PYTHON, str(ROOT / "tests" / "mock_upstream.py"), "--port", str(port)],
                    f"http://127.0.0.1:{port}", "/calls", tmp / f"mock-{port}.log")
+
+
+def start_anthropic_mock(tmp: Path) -> Process:
+    """A mock of Anthropic's Messages API (tests/mock_anthropic.py), for backends called through litellm."""
+    port = free_port()
+    return Process([PYTHON, str(ROOT / "tests" / "mock_anthropic.py"), "--port", str(port)],
+                   f"http://127.0.0.1:{port}", "/calls", tmp / f"anthropic-{port}.log")
 
 
 def mock_backend(name: str, mock: Process, **extra) -> dict:

@@ -273,6 +273,9 @@ def test_prices_default_to_litellm_cost_map():
     assert prices.input_per_mtok == pytest.approx(0.4) and prices.output_per_mtok == pytest.approx(1.6)
     prices, origin = resolve_prices(BackendSpec(name="x", model="openai/smollm2"))
     assert (prices.input_per_mtok, origin) == (0.0, "unknown: zero")
+    # Anthropic's prompt cache: reads at 0.1x the input price, writes at 1.25x
+    prices, _ = resolve_prices(BackendSpec(name="x", model="anthropic/claude-sonnet-4-5"))
+    assert (prices.cached_input_per_mtok, prices.cache_write_input_per_mtok) == (pytest.approx(0.3), pytest.approx(3.75))
 
 
 def test_context_windows_default_to_litellms_model_map_for_a_providers_own_endpoint():
