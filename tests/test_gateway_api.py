@@ -1573,10 +1573,21 @@ def test_the_context_probe_asks_for_one_token_in_the_words_the_backend_takes():
     assert _probe_body(body, reasoning=False) == {"model": "m", "messages": [], "max_tokens": 1}
 
 
-def test_an_answer_in_content_parts_reads_as_text(client, mock):
+@pytest.fixture(scope="module")
+def own_stack(tmp_path_factory):
+    """A gateway and mock of their own: the tests above leave `mock-a` cooling down in the shared one."""
+    tmp = tmp_path_factory.mktemp("own")
+    with running(start_mock(tmp)) as mock:
+        with running(start_gateway(tmp, {"backends": [mock_backend("mock-a", mock), mock_backend("mock-b", mock)],
+                                         "policy": two_mock_policy(tmp, "own")}, name="own")) as gateway:
+            yield openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0), mock
+
+
+def test_an_answer_in_content_parts_reads_as_text(own_stack):
     """Mistral's reasoning models answer `content` as a list of parts (thinking, then text). Clients
     (the SDK types content as a string) get the text, with the thinking as `reasoning_content`; the
     strategies read text too: a single arm's confidence and a vote raised a TypeError (a 500)."""
+    client, mock = own_stack
     parts = {"content": [{"type": "thinking", "thinking": [{"type": "text", "text": "six times seven"}]},
                          {"type": "text", "text": "The answer is 42."}]}
     control(mock, answers=[parts])
@@ -1589,10 +1600,12 @@ def test_an_answer_in_content_parts_reads_as_text(client, mock):
     assert voted.model_extra["ponder"]["samples"] >= 2
 
 
-def test_an_answer_without_choices_is_a_failed_call(client, mock):
+def test_an_answer_without_choices_is_a_failed_call(own_stack):
     """A 200 with `choices: []` (some servers answer so under load) reached the client as a 200 with no
     choices: `choices[0]` raised in the app. A routed request goes to its next arm; a named backend
     answers 502, which the SDKs retry."""
+    client, mock = own_stack
+    httpx.post(mock.url + "/reset")
     control(mock, script=["empty"])
     routed = client.chat.completions.with_raw_response.create(
         model="auto", messages=[{"role": "user", "content": "hello there"}])
