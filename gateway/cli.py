@@ -94,6 +94,26 @@ def key(argv: list[str]) -> int:
     return 0
 
 
+def policy_check(argv: list[str]) -> int:
+    from policies.loader import check_cli
+
+    return check_cli(argv, config_backends=served_backends)
+
+
+def served_backends(path: str) -> list:
+    """--config's backends as the gateway serves them: the config's, and the managed local model's
+    `local` (a policy naming it passes the check only if serving it would work)."""
+    from gateway.config import ConfigError, load_config
+    from gateway.service import configured_backends
+    from policies.schema import PolicyError
+
+    try:
+        return configured_backends(load_config(path))
+    except ConfigError as exc:
+        raise PolicyError([(path, None, "", f"not a valid gateway config: {str(exc).removeprefix(f'{path}: ')}")]) \
+            from None
+
+
 def _delegate(module: str, function: str, argv: list[str]) -> int:
     import importlib
 
@@ -116,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         # `policy check` is the one policy command: `ponder policy --help` shows its help
         rest = argv[2:] if argv[1:2] == ["check"] else argv[1:] if argv[1:2] in (["-h"], ["--help"]) else None
         if rest is not None:
-            return _delegate("policies.loader", "check_cli", rest)
+            return policy_check(rest)
     if argv[:1] in (["-h"], ["--help"]):
         print(__doc__)  # asked for: to stdout, so `ponder --help | less` shows it
         return 0

@@ -34,6 +34,7 @@ from gateway.strategies import (
     JUDGE_OUTPUT_TOKENS, OutputBound, StrategyContext, StrategyResult, cot_instruction_tokens, first_stage,
     output_bound, run_arm, uses_cot,
 )
+from policies.backends import BackendSpec
 from policies.schema import PolicyError
 from router import prompts
 from router.classifier import Classifier, ClassifierError
@@ -632,13 +633,19 @@ class InFlight:
             return False
 
 
-def configured_policies(config: GatewayConfig) -> PolicySet:
-    """The policies a gateway with this config serves, loaded as it loads them (its backends and the
-    local model's declared), without starting anything. Raises PolicyError."""
+def configured_backends(config: GatewayConfig) -> list[BackendSpec]:
+    """The backends a gateway with this config offers its policies: the config's, and the managed local
+    model's `local` unless the config declares its own (as start() declares them, without starting it)."""
     specs = list(config.backends)
     if config.local_model.enabled and not any(s.name == LOCAL_BACKEND_NAME for s in specs):
         specs.append(LocalModelServer(config.local_model).backend_spec())
-    return PolicySet(config.policy, config.extra_policies, specs)
+    return specs
+
+
+def configured_policies(config: GatewayConfig) -> PolicySet:
+    """The policies a gateway with this config serves, loaded as it loads them (its backends and the
+    local model's declared), without starting anything. Raises PolicyError."""
+    return PolicySet(config.policy, config.extra_policies, configured_backends(config))
 
 
 def _spent_out(left_by_period: dict[str, float], need_usd: float, held_usd: float) -> list[str]:

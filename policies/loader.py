@@ -15,7 +15,7 @@ import json
 import sys
 import types
 import typing
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import yaml
@@ -285,15 +285,20 @@ def write_json_schema(path: str | Path = SCHEMA_PATH) -> Path:
 # --- `ponder policy check` ------------------------------------------------------------------------
 
 
-def check_cli(argv: Sequence[str] | None = None) -> int:
-    """`ponder policy check FILE [FILE...]`: print each policy's summary, or its errors. 0 when all pass."""
+def check_cli(argv: Sequence[str] | None = None,
+              config_backends: Callable[[str], list[BackendSpec]] | None = None) -> int:
+    """`ponder policy check FILE [FILE...]`: print each policy's summary, or its errors. 0 when all pass.
+
+    `config_backends` reads --config's backends (raising PolicyError): `ponder` passes the gateway's
+    own reader, which adds the managed local model's `local` as serving does; this module alone (which
+    may not import the gateway) reads the file's `backends` list."""
     parser = argparse.ArgumentParser(prog="ponder policy check", description="Validate policy files.")
     parser.add_argument("files", nargs="+", metavar="FILE")
-    parser.add_argument("--config", help="gateway config whose `backends` the policies may name")
+    parser.add_argument("--config", help="gateway config whose backends the policies may name")
     parser.add_argument("--quiet", action="store_true", help="print only errors")
     args = parser.parse_args(argv)
     try:
-        extra = _config_backends(args.config) if args.config else []
+        extra = (config_backends or _config_backends)(args.config) if args.config else []
     except PolicyError as exc:
         print(exc, file=sys.stderr)
         return 1

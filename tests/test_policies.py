@@ -265,6 +265,29 @@ def test_check_cli_reads_gateway_config_backends(tmp_path, capsys):
     assert "gateway-only" in capsys.readouterr().out
 
 
+def test_ponder_policy_check_config_offers_the_managed_local_model_as_serving_does(tmp_path, capsys):
+    """The gateway serves its managed local model as backend `local` (unless the config disables it):
+    a policy naming it without declaring it passes `ponder policy check --config` as it serves, and a
+    `local` declared inline is replaced by the gateway's, as in serving (it failed the check, and the
+    inline one was shown)."""
+    from gateway.cli import main
+
+    policy = tmp_path / "p.yaml"
+    policy.write_text(replace("    backend: cheap\n", "    backend: local\n"))
+    config = tmp_path / "gateway.yaml"
+    config.write_text("policy: p.yaml\nlocal_model: {n_ctx: 4096}\n")
+    assert main(["policy", "check", "--config", str(config), str(policy)]) == 0
+    assert "max output 4096 tokens (declared)" in capsys.readouterr().out  # the gateway's n_ctx
+    shipped = main(["policy", "check", "--config", str(config), str(POLICY_DIR / "local.yaml")])
+    assert shipped == 0 and "@ http://127.0.0.1:8080/v1" not in capsys.readouterr().out
+    config.write_text("policy: p.yaml\nlocal_model: {enabled: false}\n")
+    assert main(["policy", "check", "--config", str(config), str(policy)]) == 1
+    assert "unknown backend `local`" in capsys.readouterr().err
+    config.write_text("policy: p.yaml\nlocal_model: {n_ctx: -1}\n")
+    assert main(["policy", "check", "--config", str(config), str(policy)]) == 1
+    assert f"{config}: not a valid gateway config: local_model.n_ctx" in capsys.readouterr().err
+
+
 def test_prices_default_to_litellm_cost_map():
     from policies.loader import resolve_prices
 
