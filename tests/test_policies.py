@@ -116,6 +116,11 @@ BROKEN = [
      "poetry"),
     ("route-bad-range", replace("  - name: all\n", "  - name: all\n    when: {difficulty: [0.8, 0.2]}\n"),
      "is not [low, high)", "difficulty: [0.8"),
+    # first match wins: a route after a catch-all, or one whose `tasks` list is empty, is never used
+    ("route-after-catch-all", BASE + "  - name: math-only\n    when: {tasks: [math]}\n    candidates: [deep]\n",
+     "route `math-only` can never match: the routes before it match every request", "- name: math-only"),
+    ("route-with-no-tasks", replace("routes:\n", "routes:\n  - name: nothing\n    when: {tasks: []}\n"
+                                    "    candidates: [deep]\n"), "its `tasks` list is empty", "- name: nothing"),
     ("yaml-unclosed-bracket", replace("efforts: [low, high]", "efforts: [low, high"), "YAML syntax error", None),
     ("yaml-bad-indent", replace("    backend: cheap\n", "    backend: cheap\n   strategy: cot\n"),
      "YAML syntax error", "strategy: cot"),
@@ -173,6 +178,29 @@ def test_broken_policy_names_problem_and_line(case_id, text, expected, marker):
         want = next(number for number, line in enumerate(text.splitlines(), 1) if marker in line)
         assert want in lines, f"expected line {want} ({marker!r}) in: {message}"
         assert f"broken.yaml:{want}:" in message
+
+
+def test_a_route_shadowed_in_the_policy_order_may_serve_an_alias_or_a_task_label():
+    """A route is dead only where no alias's `routes` order and no client task label can reach it."""
+    shadowed = BASE + "  - name: math-only\n    when: {tasks: [math]}\n    candidates: [deep]\n"
+    with pytest.raises(PolicyError, match="`math-only` can never match"):
+        parse_policy(shadowed, "p.yaml")
+    parse_policy(shadowed + "aliases:\n  auto-math:\n    routes: [math-only, all]\n", "p.yaml")
+    # after routes for every task type, a route without `tasks` still serves the labels of x-ponder-task
+    tasks = ", ".join(TASK_TYPES)
+    labelled = replace("  - name: all\n", f"  - name: typed\n    when: {{tasks: [{tasks}]}}\n    candidates: [fast]\n"
+                                           "  - name: all\n")
+    tiered = labelled.replace("  - name: all\n", "  - name: hard\n    when: {tiers: [hard]}\n    candidates: [deep]\n"
+                                                 "  - name: all\n")
+    with pytest.raises(PolicyError, match="`hard` can never match"):
+        parse_policy(tiered, "p.yaml")
+    parse_policy(tiered + "overrides:\n  task_header: [legal-qa]\n", "p.yaml")
+    # a catch-all after routes that cover everything is a safety net, not a mistake
+    assert parse_policy(labelled, "p.yaml").routes[-1].name == "all"
+    # difficulty ranges are compared exactly, not on a grid: a narrow window that is reachable passes
+    narrow = replace("  - name: all\n", "  - name: sliver\n    when: {difficulty: [0.305, 0.309]}\n"
+                                         "    candidates: [deep]\n  - name: all\n")
+    assert parse_policy(narrow, "p.yaml").routes[0].name == "sliver"
 
 
 def test_enough_broken_cases():
