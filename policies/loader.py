@@ -20,6 +20,7 @@ from pathlib import Path
 
 import yaml
 from pydantic import BaseModel, ValidationError
+from pydantic.json_schema import GenerateJsonSchema
 
 from policies.backends import BackendSpec, Prices
 from policies.schema import (
@@ -265,8 +266,20 @@ def resolve_max_output(spec: BackendSpec) -> tuple[int | None, str]:
 # --- JSON Schema ----------------------------------------------------------------------------------
 
 
+class _PolicyJsonSchema(GenerateJsonSchema):
+    """Pydantic writes a mapping with constrained names (arms, aliases, candidates) as `patternProperties`
+    alone, which JSON Schema reads as "other names allowed, with any value": an arm named `fast arm` (which
+    the check refuses) was accepted by editors, its body unchecked. No other names, as the models say."""
+
+    def dict_schema(self, schema):
+        json_schema = super().dict_schema(schema)
+        if "patternProperties" in json_schema:
+            json_schema.setdefault("additionalProperties", False)
+        return json_schema
+
+
 def json_schema_text() -> str:
-    schema = Policy.model_json_schema()
+    schema = Policy.model_json_schema(schema_generator=_PolicyJsonSchema)
     schema = {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "Ponder policy",

@@ -365,6 +365,24 @@ def test_shipped_policies_validate_against_the_json_schema(path):
         jsonschema.validate(yaml.safe_load(BASE + "colour: blue\n"), schema)
 
 
+@pytest.mark.parametrize("old,new", [
+    ("  fast:\n", "  fast arm:\n"),  # an arm name with a space
+    ("aliases:\n  auto: {}\n", "aliases:\n  -auto: {}\n"),  # an alias name the check refuses
+    ("candidates: {fast: 0.8, deep: 0.9}", "candidates: {fast: 0.8, deep: 0.9, 'ghost arm': 0.5}"),
+])
+def test_the_json_schema_refuses_names_the_check_refuses(old, new):
+    """Arms, aliases and route candidates are mappings whose names have a pattern: a name outside it
+    must fail in the editor too (the schema let any such key through, with any value under it)."""
+    import jsonschema
+    import yaml
+
+    text = replace(old, new, BASE + "aliases:\n  auto: {}\n")
+    with pytest.raises(PolicyError):
+        parse_policy(text, "p.yaml")
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(yaml.safe_load(text), json.loads(SCHEMA_PATH.read_text()))
+
+
 def test_two_policy_files_may_not_share_a_name(tmp_path):
     """Policies are picked by name: an extra policy named like the default would replace it."""
     from gateway.policy_watch import PolicySet
