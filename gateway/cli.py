@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -87,10 +88,15 @@ def key(argv: list[str]) -> int:
             return 2
         print(hash_key(text))
         return 0
+    if not args.id.strip():
+        print("ponder key: --id must not be empty", file=sys.stderr)
+        return 2
     new_key = "pk-" + secrets.token_urlsafe(32)
     print(f"key (give it to the client; it is not stored anywhere): {new_key}")
     print("config line, under api_keys:")
-    print(f'  - {{id: {args.id}, sha256: "{hash_key(new_key)}"}}')
+    # quoted (a JSON string is a YAML one): `--id 2024` or `--id yes` unquoted read back as a number or
+    # a boolean, which the config refuses, and `--id "team: web"` as broken YAML
+    print(f'  - {{id: {json.dumps(args.id)}, sha256: "{hash_key(new_key)}"}}')
     return 0
 
 

@@ -1077,6 +1077,27 @@ def test_ponder_key_makes_a_key_and_the_config_line_that_admits_it(tmp_path):
                           ).chat.completions.create(model="auto", messages=question)
 
 
+@pytest.mark.parametrize("key_id", ["2024", "yes", "team: web", "{x}", "null"])
+def test_ponder_key_config_line_keeps_any_id_a_string(tmp_path, key_id):
+    """The printed line is pasted into the config: an id that YAML reads as a number, a boolean, a
+    mapping or null (or cannot read) must still come back as the id, and the config must load."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from gateway.config import load_config
+
+    made = subprocess.run([sys.executable, "-m", "gateway.cli", "key", "--id", key_id], capture_output=True,
+                          text=True, check=True).stdout.splitlines()
+    config = tmp_path / "gateway.yaml"
+    config.write_text("api_keys:\n" + made[-1] + "\n")
+    assert yaml.safe_load(config.read_text())["api_keys"][0]["id"] == key_id
+    assert load_config(config).api_keys[0].id == key_id
+    empty = subprocess.run([sys.executable, "-m", "gateway.cli", "key", "--id", " "], capture_output=True, text=True)
+    assert empty.returncode == 2 and "--id must not be empty" in empty.stderr
+
+
 def test_a_key_out_of_its_month_too_is_told_to_wait_for_the_month_not_midnight(keyed_stack):
     """Day and month caps both spent: midnight frees the day but not the month, so Retry-After is the
     start of next month (UTC), on both paths: a named backend (the reservation refuses) and a routed
