@@ -292,6 +292,15 @@ def test_a_user_table_replayed_on_group_buckets_only(tmp_path):
     assert report["headline"] in next(iter(report["by_tier"].values()))
 
 
+def test_an_out_folder_that_cannot_be_made_is_an_error_not_a_traceback(tmp_path, capsys):
+    from evals.cli import cli
+
+    (tmp_path / "runs.csv").write_text('prompt,a,b\n"x",1,0\n')
+    (tmp_path / "taken").write_text("a file where the report folder would go")
+    assert cli(["--table", str(tmp_path / "runs.csv"), "--out", str(tmp_path / "taken"), "--no-classifier"]) == 1
+    assert "ponder eval: error:" in capsys.readouterr().err and (tmp_path / "taken").is_file()
+
+
 def test_group_hindsight_ceiling_beats_every_single_arm_at_each_k(tmp_path):
     from evals.report import write_report
     from evals.routing import arm_summary, evaluate, group_hindsight
