@@ -147,6 +147,11 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)  # asked for: to stdout, so `ponder --help | less` shows it
         return 0
     if not argv or argv[0] not in COMMANDS:
+        if argv[:1] == ["policy"]:
+            print(f"ponder policy: {'unknown subcommand ' + repr(argv[1]) if argv[1:] else 'no subcommand'}; "
+                  "the one there is: ponder policy check FILE...", file=sys.stderr)
+        elif argv:
+            print(f"ponder: unknown command {argv[0]!r}", file=sys.stderr)
         print(__doc__, file=sys.stderr)
         return 2
     return COMMANDS[argv[0]](argv[1:])

@@ -434,4 +434,9 @@ def test_cli_help_goes_to_stdout_and_policy_help_is_policy_checks(capsys):
     with pytest.raises(SystemExit) as done:
         main(["policy", "--help"])
     assert done.value.code == 0 and "usage: ponder policy check" in capsys.readouterr().out
-    assert main(["nonsense"]) == 2 and "ponder serve" in capsys.readouterr().err
+    assert main(["nonsense"]) == 2
+    err = capsys.readouterr().err
+    assert "ponder: unknown command 'nonsense'" in err and "ponder serve" in err
+    assert main(["policy", "chek", "p.yaml"]) == 2  # a typo is named, not answered with the bare usage
+    assert "ponder policy: unknown subcommand 'chek'; the one there is: ponder policy check" in capsys.readouterr().err
+    assert main(["policy"]) == 2 and "ponder policy: no subcommand" in capsys.readouterr().err
