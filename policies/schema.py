@@ -336,6 +336,14 @@ def policy_problems(policy: Policy) -> list[tuple[Loc, str]]:
                    else "the routes before it match every request it would (first match wins): move it up or drop it")
             problems.append((("routes", index), f"route `{policy.routes[index].name}` can never match: {why}"))
 
+    for alias_name in set(policy.aliases) | {"auto"}:
+        if alias_name in backends:  # the gateway takes a backend's name as the backend: the alias is never used
+            index = next(i for i, spec in enumerate(policy.backends) if spec.name == alias_name)
+            declared = "aliases" in policy.model_fields_set and alias_name in policy.aliases  # `auto` by default
+            loc = ("aliases", alias_name) if declared else ("backends", index, "name")
+            problems.append((loc, f"alias `{alias_name}` has the name of a backend: a client's `model: {alias_name}` "
+                                  "calls that backend directly (a 404 with overrides.direct_backend false), never "
+                                  "the alias; rename one"))
     for alias_name, alias in policy.aliases.items():
         for index, route_name in enumerate(alias.routes or ()):
             if route_name not in route_names:

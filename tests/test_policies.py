@@ -121,6 +121,11 @@ BROKEN = [
      "route `math-only` can never match: the routes before it match every request", "- name: math-only"),
     ("route-with-no-tasks", replace("routes:\n", "routes:\n  - name: nothing\n    when: {tasks: []}\n"
                                     "    candidates: [deep]\n"), "its `tasks` list is empty", "- name: nothing"),
+    # a backend's name as `model` is that backend (or a 404): an alias of the same name is never used
+    ("alias-named-like-a-backend", BASE + "aliases:\n  cheap: {arms: [deep]}\n", "alias `cheap` has the name of a "
+     "backend", "cheap: {arms: [deep]}"),
+    ("backend-named-auto", replace("  - name: cheap\n", "  - name: auto\n").replace("backend: cheap", "backend: auto"),
+     "alias `auto` has the name of a backend", "- name: auto"),
     ("yaml-unclosed-bracket", replace("efforts: [low, high]", "efforts: [low, high"), "YAML syntax error", None),
     ("yaml-bad-indent", replace("    backend: cheap\n", "    backend: cheap\n   strategy: cot\n"),
      "YAML syntax error", "strategy: cot"),
