@@ -367,6 +367,9 @@ def policy_problems(policy: Policy) -> list[tuple[Loc, str]]:
         and budgets.per_key_daily_usd > budgets.per_key_monthly_usd
     ):
         problems.append((("budgets", "per_key_daily_usd"), "daily budget exceeds the monthly one"))
+    if budgets.degrade.max_cost_usd is not None and budgets.degrade.below_usd <= 0:
+        problems.append((("budgets", "degrade", "max_cost_usd"), "has no effect without `below_usd`: a key is "
+                         "degraded only while it has less than `below_usd` left (default 0: never)"))
     return problems
 
 

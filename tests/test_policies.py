@@ -104,6 +104,8 @@ BROKEN = [
     ("daily-over-monthly", BASE + "budgets:\n  per_key_daily_usd: 10\n  per_key_monthly_usd: 5\n",
      "daily budget exceeds the monthly", "per_key_daily_usd: 10"),
     ("empty-routes", BASE.split("routes:")[0] + "routes: []\n", "no routes", "routes: []"),
+    ("degrade-without-threshold", BASE + "budgets:\n  per_key_daily_usd: 5\n  degrade: {max_cost_usd: 0.001}\n",
+     "has no effect without `below_usd`", "degrade: {max_cost_usd"),
     ("route-without-candidates", replace("candidates: {fast: 0.8, deep: 0.9}", "candidates: {}"),
      "no candidate arms", "candidates: {}"),
     ("route-unknown-arm", replace("{fast: 0.8, deep: 0.9}", "{fast: 0.8, ghost: 0.9}"), "unknown arm `ghost`",
