@@ -24,7 +24,6 @@ from pydantic.json_schema import GenerateJsonSchema
 
 from policies.backends import BackendSpec, Prices
 from policies.schema import (
-    ArmSpec,
     Loc,
     Policy,
     PolicyError,
@@ -356,15 +355,19 @@ def summarize(policy: Policy, source: str = "") -> str:
     unused = len(policy.backends) - len([s for s in policy.backends if s.name in used])
     if unused:
         lines.append(f"  (+{unused} declared but unused)")
+    from router.estimates import compile_policy  # the compiler imports this module
+
+    # the decision's own cost model (every sample's prompt, a judge's calls, a cascade's stages), so
+    # that the numbers shown are the ones cost caps are checked against
+    compiled = compile_policy(policy)
     lines.append(f"arms (estimated at a {SUMMARY_PROMPT_TOKENS}-token prompt, before any learning):")
     for name, arm in policy.arms.items():
         spec = policy.backend(arm.backend)
-        key = f"{arm.backend}/{arm.effort or '-'}/{arm.strategy}/{arm.n}"
+        key = compiled.arms[name].key
         tokens = expected_output_tokens(arm, spec) if spec else 0
-        lines.append(f"  {name:<18} {key:<44} ~{tokens} out tokens/sample  ~${_rough_cost(policy, arm):.5f}")
-    from router.decide import compile_policy  # the compiler imports this module
-
-    arm_priors = {name: arm.prior for name, arm in compile_policy(policy).arms.items()}
+        cost = compiled.estimated_cost_usd(key, SUMMARY_PROMPT_TOKENS, None)
+        lines.append(f"  {name:<18} {key:<44} ~{tokens} out tokens/sample  ~${cost:.5f}")
+    arm_priors = {name: arm.prior for name, arm in compiled.arms.items()}
     price_prior = policy.learner.price_prior
     how = f"rising with price, {price_prior.low:g} to {price_prior.high:g}" if price_prior else "flat 0.5"
     lines.append(f"routes (first match wins; candidate: prior P(correct), arms without one {how}):")
@@ -412,20 +415,6 @@ def summarize(policy: Policy, source: str = "") -> str:
         memory = "no decay"
     lines.append(f"learner: priors worth {learner.prior_strength:g} outcomes; {memory}")
     return "\n".join(line for line in lines if line)
-
-
-def _rough_cost(policy: Policy, arm: ArmSpec, depth: int = 0) -> float:
-    spec = policy.backend(arm.backend)
-    if spec is None or depth > 8:
-        return 0.0
-    prices, _ = resolve_prices(spec)
-    samples = arm.expected_n or arm.n
-    per_sample = expected_output_tokens(arm, spec) * prices.output_per_mtok / 1e6
-    cost = SUMMARY_PROMPT_TOKENS * prices.input_per_mtok / 1e6 + samples * per_sample
-    rate = arm.escalation_rate if arm.escalation_rate is not None else 0.3
-    for stage in arm.stages:
-        cost += rate * _rough_cost(policy, policy.arms[stage], depth + 1)
-    return cost
 
 
 def _limit(value: float | None, unit: str) -> str:

@@ -323,6 +323,23 @@ def test_ponder_policy_check_config_offers_the_managed_local_model_as_serving_do
     assert f"{config}: not a valid gateway config: local_model.n_ctx" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_check_summary_shows_the_cost_the_decision_checks_caps_against(path):
+    """The summary's cost per arm is the cost model's (a vote's every sample paying the prompt, a
+    best-of-N judge, a cascade's stages): an operator sets max_cost_usd from it. Its own rough formula
+    was off by up to 35% (a best-of-4 shown at $0.045 was estimated at $0.060 by decide())."""
+    from policies.loader import SUMMARY_PROMPT_TOKENS, summarize
+    from router.estimates import compile_policy
+
+    policy = load_policy(path)
+    compiled = compile_policy(policy)
+    shown = {line.split()[0]: line.rsplit("~$", 1)[1] for line in summarize(policy).splitlines()
+             if line.startswith("  ") and "out tokens/sample" in line}
+    assert shown.keys() == policy.arms.keys()
+    for name, arm in compiled.arms.items():
+        assert shown[name] == f"{compiled.estimated_cost_usd(arm.key, SUMMARY_PROMPT_TOKENS, None):.5f}", name
+
+
 def test_prices_default_to_litellm_cost_map():
     from policies.loader import resolve_prices
 
