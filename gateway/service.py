@@ -183,13 +183,19 @@ class Gateway:
 
     def _serve_inline_backends(self) -> None:
         """Backends a policy declares inline serve too (the gateway config's win by name), also when a
-        reloaded policy adds or changes one: else its arms would be chosen and never served."""
+        reloaded policy adds or changes one: else its arms would be chosen and never served. One that
+        no policy declares any more stops serving (it stayed in /v1/models and callable by name, at
+        its cost, after the operator removed it). A new mapping each time: a request in flight keeps
+        the one its calls started with (Caller), so its backend does not vanish under it."""
         assert self.policies is not None
+        served = {name: backend for name, backend in self.backends.items() if name in self._configured}
         for compiled in self.policies.all():
             for spec in compiled.policy.backends:
-                current = self.backends.get(spec.name)
-                if spec.name not in self._configured and (current is None or current.spec != spec):
-                    self.backends[spec.name] = Backend(spec, self.session)
+                if spec.name not in self._configured:
+                    current = self.backends.get(spec.name)
+                    served[spec.name] = current if current is not None and current.spec == spec else \
+                        Backend(spec, self.session)
+        self.backends = served
 
     async def _import_litellm_if_used(self) -> None:
         """litellm takes seconds to import, all of them with the event loop blocked: imported by the first

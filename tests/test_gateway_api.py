@@ -1455,6 +1455,26 @@ def test_policy_hot_reload_keeps_serving_through_a_broken_edit(tmp_path):
             (tmp_path / "reloading.yaml").write_text(yaml.safe_dump(spec))
             assert wait_for(gateway.url, "inline-c")
             assert 'ponder_policy_reload_rejected{policy="reloading"} 0.0' in httpx.get(gateway.url + "/metrics").text
+            # ... and a reload that removes it: a request on it in flight is answered, later ones are not
+            # sent to it (it stayed listed and callable by name, at its cost, after the operator removed it)
+            control(mock, delay_ms=2500)
+            direct = {"model": "inline-c", "messages": [{"role": "user", "content": "hello"}]}
+            in_flight: list[httpx.Response] = []
+            sender = threading.Thread(target=lambda: in_flight.append(
+                httpx.post(gateway.url + "/v1/chat/completions", json=direct, timeout=30)))
+            sender.start()
+            time.sleep(0.5)
+            del spec["backends"], spec["arms"]["fresh"]
+            spec["routes"][0]["candidates"] = ["strong"]
+            (tmp_path / "reloading.yaml").write_text(yaml.safe_dump(spec))
+            sender.join()
+            control(mock, delay_ms=0)
+            assert in_flight[0].status_code == 200, in_flight[0].text
+            assert wait_for(gateway.url, "mock-b")
+            models = [m["id"] for m in httpx.get(gateway.url + "/v1/models").json()["data"]]
+            assert "inline-c" not in models and {"mock-a", "mock-b"} <= set(models)
+            gone = httpx.post(gateway.url + "/v1/chat/completions", json=direct)
+            assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
 
 
 def test_a_client_that_drops_a_stream_pays_for_what_was_streamed(keyed_stack):
