@@ -460,6 +460,19 @@ def test_cli_text_and_files(tmp_path, capsys):
     assert "2 row(s) not classified" in capsys.readouterr().err
 
 
+def test_cli_text_goes_to_output_and_system_does_not_go_with_input(tmp_path, capsys):
+    """`ponder classify TEXT --output F` wrote to stdout and never F (exit 0); `--system` with --input
+    was ignored (each row's messages carry their own): the one is done, the other refused."""
+    dst = tmp_path / "one.jsonl"
+    assert classify_cli(["Solve for x: 2x + 3 = 11.", "--output", str(dst)]) == 0
+    assert json.loads(dst.read_text())["task"] == "math" and capsys.readouterr().out == ""
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"prompt": "hello"}) + "\n")
+    with pytest.raises(SystemExit) as done:
+        classify_cli(["--input", str(src), "--system", "You are terse."])
+    assert done.value.code == 2 and "--system goes with TEXT" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("size", ["0", "-3", "two"])
 def test_cli_refuses_a_batch_size_below_one(tmp_path, capsys, size):
     """0 used to write nothing and -3 every row twice, both exiting 0."""
