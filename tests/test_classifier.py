@@ -544,6 +544,29 @@ def test_train_refuses_a_bad_extra_row_before_loading_the_datasets(tmp_path, mon
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"ponder train: {path}:3: ") and message in err and "\n" not in err
     assert not (tmp_path / "art").exists()
+    assert T.cli(["--validate", "--extra", str(path)]) == 1  # --validate reads them too (it ignored them)
+    assert capsys.readouterr().err.strip() == err
+
+
+def test_train_validate_fits_and_scores_the_extra_rows_too(tmp_path, monkeypatch, capsys):
+    """`ponder train --validate --extra F` is how an operator sees what their prompts change before
+    writing an artifact: the rows join the fit and the validation split as in a training run (they
+    were ignored: the same scores with or without them). A datasets dir that is not there is an error
+    line, not a traceback."""
+    from router import train as T
+    from router.train_data import load_extra
+
+    base = load_extra(REPO / "router" / "data" / "natural_prompts.jsonl")  # a small stand-in for the datasets
+    monkeypatch.setattr(T, "load_examples", lambda *a, **k: list(base))
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text("".join(json.dumps({"prompt": f"Draft a memo about item {i}", "task": "writing"}) + "\n"
+                            for i in range(40)))
+    alone, with_mine = T.validate(0), T.validate(0, extra=[str(mine)])
+    assert with_mine["task"]["n"] > alone["task"]["n"]
+    assert T.cli(["--validate", "--extra", str(mine)]) == 0 and json.loads(capsys.readouterr().out)["macro_f1"] > 0
+    monkeypatch.undo()
+    assert T.cli(["--validate", "--datasets", str(tmp_path / "nowhere")]) == 1
+    assert capsys.readouterr().err.startswith("ponder train: ")
 
 
 def test_datasets_path_override(monkeypatch, tmp_path):
