@@ -636,6 +636,25 @@ def test_a_policy_chosen_by_header_does_not_choose_the_keys_budget(tmp_path):
             assert refused.value.code == "budget_exhausted"
 
 
+def test_extra_policies_the_default_policy_lets_no_client_pick_are_said_at_startup(tmp_path):
+    """extra_policies are picked with x-ponder-policy, honoured only with the default policy's
+    overrides.policy_header (false by default): without it the header is ignored, so the log says so
+    rather than leaving the operator to find that every request gets the default."""
+    arms = {"cheap": {"backend": "mock-a"}}
+    main = write_policy(tmp_path, {"name": "main", "arms": arms, "routes": [{"name": "all", "candidates": ["cheap"]}]},
+                        "main.yaml")
+    other = write_policy(tmp_path, {"name": "other", "arms": arms, "routes": [{"name": "all", "candidates": ["cheap"]}]},
+                         "other.yaml")
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("mock-a", mock)], "policy": main, "extra_policies": {"other": other}},
+            name="unpickable")) as gateway:
+        answer = httpx.post(gateway.url + "/v1/chat/completions", headers={"x-ponder-policy": "other"},
+                            json={"model": "auto", "messages": [{"role": "user", "content": "x"}]})
+        assert answer.status_code == 200 and answer.headers["x-ponder-policy"] == "main"  # the header is ignored
+        assert "policies other cannot be picked: the default policy 'main' does not honour x-ponder-policy" \
+            in gateway.log()
+
+
 def test_an_arms_cot_template_is_what_the_upstream_gets(tmp_path):
     path = write_policy(tmp_path, {"name": "templated", "arms": {"think": {
         "backend": "mock-a", "strategy": "cot", "cot_template": "HOUSE STYLE: reason about this {task} question."}},
