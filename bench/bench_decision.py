@@ -53,8 +53,10 @@ def fifty_arm_policy() -> Policy:
     for i, task in enumerate(TASK_TYPES):
         for j, (tier, _) in enumerate(DIFFICULTY_TIERS):
             chosen = rng.sample(names, 10)
-            routes.append({"name": f"{task}-{tier}", "when": {"tasks": [task], "tiers": [tier]},
-                           "candidates": {name: round(rng.uniform(0.5, 0.95), 3) for name in chosen}})
+            route = {"name": f"{task}-{tier}", "when": {"tasks": [task], "tiers": [tier]},
+                     "candidates": {name: round(rng.uniform(0.5, 0.95), 3) for name in chosen}}
+            if (task, tier) != ("math", "hard"):  # that one is the 50-arm route's, which comes first
+                routes.append(route)
     routes.append({"name": "catch-all", "candidates": names[:10]})
     return Policy.model_validate({
         "name": "bench-50", "backends": [spec.model_dump() for spec in backends], "arms": arms, "routes": routes,

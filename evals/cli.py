@@ -246,12 +246,12 @@ def update_docs(docs: Path, out: Path, results: dict[str, dict]) -> None:
 
 def cli(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
 
     def log(message: str) -> None:
         print(f"ponder eval: {message}", file=sys.stderr, flush=True)
 
     try:
+        args.out.mkdir(parents=True, exist_ok=True)  # a file there, or no permission: said, not a traceback
         if args.table:
             result = run_routing(args, None, args.out, log)
             log(f"wrote {args.out / 'report.md'}")

@@ -101,7 +101,7 @@ def plot_pgr(result: dict, path: Path) -> Path | None:
         recovered = (np.array(curve["accuracy"]) - pair["weak_accuracy"]) / gap if gap else share * 0
         ax.plot(share, recovered, color=COLORS.get(name), lw=1.2,
                 label=f"{name}: CPT50 {_pct(curve['cpt50'])}, APGR {_num(curve['apgr'], '.2f')}")
-    for name in ("difficulty router", "ponder warm (recorded)"):
+    for name in ("difficulty router", result.get("headline", "ponder warm (recorded)")):
         method = result["methods"].get(name)
         if method and gap:
             pts = sorted(method["points"], key=lambda p: p["strong_share"])
@@ -192,9 +192,10 @@ def render_markdown(result: dict, plots: dict[str, str]) -> str:
         lines += ["## Lambda sweeps", "", "| method | k | accuracy | cost/request (USD) | output tokens | strong share | "
                   "explored | failovers | random mix at this cost |", "|---|---|---|---|---|---|---|---|---|"]
         matched = {round(r["cost_usd"], 12): r["accuracy"] for r in result.get("random_matched", [])}
+        headline = result.get("headline", "ponder warm (recorded)")
         for name, m in result["methods"].items():
             for p in m["points"]:
-                rnd = matched.get(round(p["cost_usd"], 12)) if name == "ponder warm (recorded)" else None
+                rnd = matched.get(round(p["cost_usd"], 12)) if name == headline else None
                 lines.append(f"| {name} | {p['k']:.3g} | {p['accuracy']:.3f} | {p['cost_usd']:.3g} | "
                              f"{p['output_tokens']:.0f} | {_pct(p['strong_share'])} | {p.get('explored', '-')} | "
                              f"{p.get('failovers', '-')} | {_num(rnd)} |")

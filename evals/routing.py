@@ -490,17 +490,20 @@ def evaluate(table: OutcomeTable, scores: Scores, *, bucket_modes: Sequence[str]
         result["group_hindsight"] = {"points": ceiling, **operating_points(ceiling, strongest)}
 
     # The operating point shown in the tier table and the regret curve: the cheapest point of the
-    # recorded warm-up within one point of the strongest arm, else its most accurate one.
-    warm = result["methods"][HEADLINE]
+    # recorded warm-up within one point of the strongest arm, else its most accurate one; the first
+    # bucket mode's (with group buckets only, the methods are all named `... [group buckets]`).
+    suffix = "" if bucket_modes[0] == "classifier" else " [group buckets]"
+    headline, cold = HEADLINE + suffix, "ponder cold" + suffix
+    warm = result["methods"][headline]
     pick = warm["within_1pt"] or max(warm["points"], key=lambda p: p["accuracy"])
     k = pick["k"]
-    result["headline_k"] = k
+    result["headline"], result["headline_k"] = headline, k
     outcomes = {"cheapest": np.nan_to_num(table.scores[:, cheapest]),
                 "strongest": np.nan_to_num(table.scores[:, top]),
-                HEADLINE: headline_runs[HEADLINE][k].score, "ponder cold": headline_runs["ponder cold"][k].score,
+                headline: headline_runs[headline][k].score, cold: headline_runs[cold][k].score,
                 "oracle": np.clip(np.nan_to_num(table.scores, nan=0.0).max(axis=1), 0, 1)}
     result["by_tier"] = by_tier(scores.difficulty, outcomes)
-    result["regret"] = regret_curve(table, headline_runs["ponder cold"][k], k / unit)
+    result["regret"] = regret_curve(table, headline_runs[cold][k], k / unit)
     result["random_matched"] = [{"cost_usd": p["cost_usd"], "accuracy": random_at_matched_cost(singles, p["cost_usd"])}
                                 for p in warm["points"]]
     return result

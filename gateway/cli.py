@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -87,11 +88,36 @@ def key(argv: list[str]) -> int:
             return 2
         print(hash_key(text))
         return 0
+    if not args.id.strip():
+        print("ponder key: --id must not be empty", file=sys.stderr)
+        return 2
     new_key = "pk-" + secrets.token_urlsafe(32)
     print(f"key (give it to the client; it is not stored anywhere): {new_key}")
     print("config line, under api_keys:")
-    print(f'  - {{id: {args.id}, sha256: "{hash_key(new_key)}"}}')
+    # quoted (a JSON string is a YAML one): `--id 2024` or `--id yes` unquoted read back as a number or
+    # a boolean, which the config refuses, and `--id "team: web"` as broken YAML
+    print(f'  - {{id: {json.dumps(args.id)}, sha256: "{hash_key(new_key)}"}}')
     return 0
+
+
+def policy_check(argv: list[str]) -> int:
+    from policies.loader import check_cli
+
+    return check_cli(argv, config_backends=served_backends)
+
+
+def served_backends(path: str) -> list:
+    """--config's backends as the gateway serves them: the config's, and the managed local model's
+    `local` (a policy naming it passes the check only if serving it would work)."""
+    from gateway.config import ConfigError, load_config
+    from gateway.service import configured_backends
+    from policies.schema import PolicyError
+
+    try:
+        return configured_backends(load_config(path))
+    except ConfigError as exc:
+        raise PolicyError([(path, None, "", f"not a valid gateway config: {str(exc).removeprefix(f'{path}: ')}")]) \
+            from None
 
 
 def _delegate(module: str, function: str, argv: list[str]) -> int:
@@ -116,11 +142,16 @@ def main(argv: list[str] | None = None) -> int:
         # `policy check` is the one policy command: `ponder policy --help` shows its help
         rest = argv[2:] if argv[1:2] == ["check"] else argv[1:] if argv[1:2] in (["-h"], ["--help"]) else None
         if rest is not None:
-            return _delegate("policies.loader", "check_cli", rest)
+            return policy_check(rest)
     if argv[:1] in (["-h"], ["--help"]):
         print(__doc__)  # asked for: to stdout, so `ponder --help | less` shows it
         return 0
     if not argv or argv[0] not in COMMANDS:
+        if argv[:1] == ["policy"]:
+            print(f"ponder policy: {'unknown subcommand ' + repr(argv[1]) if argv[1:] else 'no subcommand'}; "
+                  "the one there is: ponder policy check FILE...", file=sys.stderr)
+        elif argv:
+            print(f"ponder: unknown command {argv[0]!r}", file=sys.stderr)
         print(__doc__, file=sys.stderr)
         return 2
     return COMMANDS[argv[0]](argv[1:])

@@ -34,6 +34,7 @@ from gateway.strategies import (
     JUDGE_OUTPUT_TOKENS, OutputBound, StrategyContext, StrategyResult, cot_instruction_tokens, first_stage,
     output_bound, run_arm, uses_cot,
 )
+from policies.backends import BackendSpec
 from policies.schema import PolicyError
 from router import prompts
 from router.classifier import Classifier, ClassifierError
@@ -142,6 +143,7 @@ class Gateway:
         self.policies = PolicySet(self.config.policy, self.config.extra_policies, specs)
         self._configured = {spec.name for spec in specs}
         self._serve_inline_backends()
+        self._warn_if_policies_cannot_be_picked()
         await self._import_litellm_if_used()
         self.store = await open_store(
             self.config.telemetry.redis_url, Path(self.config.telemetry.data_dir),
@@ -170,9 +172,22 @@ class Gateway:
             await asyncio.sleep(interval_s)
             if self.policies.reload_changed():
                 self._serve_inline_backends()
+                self._warn_if_policies_cannot_be_picked()
                 await self._import_litellm_if_used()
                 if self.store is not None:
                     self.store.half_life_s = self.learner_half_life_s()
+
+    def _warn_if_policies_cannot_be_picked(self) -> None:
+        """extra_policies are picked with x-ponder-policy, which only a default policy with
+        overrides.policy_header (off by default) honours: else the header is ignored and every request
+        gets the default, with nothing said. Said once at startup and at each reload that leaves it so."""
+        assert self.policies is not None
+        default = self.policies.default.policy
+        others = [name for name in self.policies.names() if name != default.name]
+        if others and not default.overrides.policy_header:
+            log.warning("policies %s cannot be picked: the default policy %r does not honour x-ponder-policy "
+                        "(overrides.policy_header: false), so every request gets %r", ", ".join(others),
+                        default.name, default.name)
 
     def _policy_rejections(self) -> dict[str, bool]:
         """policy -> whether its file's last edit was rejected (the previous version serves)."""
@@ -182,13 +197,19 @@ class Gateway:
 
     def _serve_inline_backends(self) -> None:
         """Backends a policy declares inline serve too (the gateway config's win by name), also when a
-        reloaded policy adds or changes one: else its arms would be chosen and never served."""
+        reloaded policy adds or changes one: else its arms would be chosen and never served. One that
+        no policy declares any more stops serving (it stayed in /v1/models and callable by name, at
+        its cost, after the operator removed it). A new mapping each time: a request in flight keeps
+        the one its calls started with (Caller), so its backend does not vanish under it."""
         assert self.policies is not None
+        served = {name: backend for name, backend in self.backends.items() if name in self._configured}
         for compiled in self.policies.all():
             for spec in compiled.policy.backends:
-                current = self.backends.get(spec.name)
-                if spec.name not in self._configured and (current is None or current.spec != spec):
-                    self.backends[spec.name] = Backend(spec, self.session)
+                if spec.name not in self._configured:
+                    current = self.backends.get(spec.name)
+                    served[spec.name] = current if current is not None and current.spec == spec else \
+                        Backend(spec, self.session)
+        self.backends = served
 
     async def _import_litellm_if_used(self) -> None:
         """litellm takes seconds to import, all of them with the event loop blocked: imported by the first
@@ -634,13 +655,19 @@ class InFlight:
             return False
 
 
-def configured_policies(config: GatewayConfig) -> PolicySet:
-    """The policies a gateway with this config serves, loaded as it loads them (its backends and the
-    local model's declared), without starting anything. Raises PolicyError."""
+def configured_backends(config: GatewayConfig) -> list[BackendSpec]:
+    """The backends a gateway with this config offers its policies: the config's, and the managed local
+    model's `local` unless the config declares its own (as start() declares them, without starting it)."""
     specs = list(config.backends)
     if config.local_model.enabled and not any(s.name == LOCAL_BACKEND_NAME for s in specs):
         specs.append(LocalModelServer(config.local_model).backend_spec())
-    return PolicySet(config.policy, config.extra_policies, specs)
+    return specs
+
+
+def configured_policies(config: GatewayConfig) -> PolicySet:
+    """The policies a gateway with this config serves, loaded as it loads them (its backends and the
+    local model's declared), without starting anything. Raises PolicyError."""
+    return PolicySet(config.policy, config.extra_policies, configured_backends(config))
 
 
 def _spent_out(left_by_period: dict[str, float], need_usd: float, held_usd: float) -> list[str]:

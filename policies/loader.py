@@ -15,15 +15,15 @@ import json
 import sys
 import types
 import typing
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import yaml
 from pydantic import BaseModel, ValidationError
+from pydantic.json_schema import GenerateJsonSchema
 
 from policies.backends import BackendSpec, Prices
 from policies.schema import (
-    ArmSpec,
     Loc,
     Policy,
     PolicyError,
@@ -266,8 +266,20 @@ def resolve_max_output(spec: BackendSpec) -> tuple[int | None, str]:
 # --- JSON Schema ----------------------------------------------------------------------------------
 
 
+class _PolicyJsonSchema(GenerateJsonSchema):
+    """Pydantic writes a mapping with constrained names (arms, aliases, candidates) as `patternProperties`
+    alone, which JSON Schema reads as "other names allowed, with any value": an arm named `fast arm` (which
+    the check refuses) was accepted by editors, its body unchecked. No other names, as the models say."""
+
+    def dict_schema(self, schema):
+        json_schema = super().dict_schema(schema)
+        if "patternProperties" in json_schema:
+            json_schema.setdefault("additionalProperties", False)
+        return json_schema
+
+
 def json_schema_text() -> str:
-    schema = Policy.model_json_schema()
+    schema = Policy.model_json_schema(schema_generator=_PolicyJsonSchema)
     schema = {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "Ponder policy",
@@ -286,15 +298,20 @@ def write_json_schema(path: str | Path = SCHEMA_PATH) -> Path:
 # --- `ponder policy check` ------------------------------------------------------------------------
 
 
-def check_cli(argv: Sequence[str] | None = None) -> int:
-    """`ponder policy check FILE [FILE...]`: print each policy's summary, or its errors. 0 when all pass."""
+def check_cli(argv: Sequence[str] | None = None,
+              config_backends: Callable[[str], list[BackendSpec]] | None = None) -> int:
+    """`ponder policy check FILE [FILE...]`: print each policy's summary, or its errors. 0 when all pass.
+
+    `config_backends` reads --config's backends (raising PolicyError): `ponder` passes the gateway's
+    own reader, which adds the managed local model's `local` as serving does; this module alone (which
+    may not import the gateway) reads the file's `backends` list."""
     parser = argparse.ArgumentParser(prog="ponder policy check", description="Validate policy files.")
     parser.add_argument("files", nargs="+", metavar="FILE")
-    parser.add_argument("--config", help="gateway config whose `backends` the policies may name")
+    parser.add_argument("--config", help="gateway config whose backends the policies may name")
     parser.add_argument("--quiet", action="store_true", help="print only errors")
     args = parser.parse_args(argv)
     try:
-        extra = _config_backends(args.config) if args.config else []
+        extra = (config_backends or _config_backends)(args.config) if args.config else []
     except PolicyError as exc:
         print(exc, file=sys.stderr)
         return 1
@@ -339,15 +356,19 @@ def summarize(policy: Policy, source: str = "") -> str:
     unused = len(policy.backends) - len([s for s in policy.backends if s.name in used])
     if unused:
         lines.append(f"  (+{unused} declared but unused)")
+    from router.estimates import compile_policy  # the compiler imports this module
+
+    # the decision's own cost model (every sample's prompt, a judge's calls, a cascade's stages), so
+    # that the numbers shown are the ones cost caps are checked against
+    compiled = compile_policy(policy)
     lines.append(f"arms (estimated at a {SUMMARY_PROMPT_TOKENS}-token prompt, before any learning):")
     for name, arm in policy.arms.items():
         spec = policy.backend(arm.backend)
-        key = f"{arm.backend}/{arm.effort or '-'}/{arm.strategy}/{arm.n}"
+        key = compiled.arms[name].key
         tokens = expected_output_tokens(arm, spec) if spec else 0
-        lines.append(f"  {name:<18} {key:<44} ~{tokens} out tokens/sample  ~${_rough_cost(policy, arm):.5f}")
-    from router.decide import compile_policy  # the compiler imports this module
-
-    arm_priors = {name: arm.prior for name, arm in compile_policy(policy).arms.items()}
+        cost = compiled.estimated_cost_usd(key, SUMMARY_PROMPT_TOKENS, None)
+        lines.append(f"  {name:<18} {key:<44} ~{tokens} out tokens/sample  ~${cost:.5f}")
+    arm_priors = {name: arm.prior for name, arm in compiled.arms.items()}
     price_prior = policy.learner.price_prior
     how = f"rising with price, {price_prior.low:g} to {price_prior.high:g}" if price_prior else "flat 0.5"
     lines.append(f"routes (first match wins; candidate: prior P(correct), arms without one {how}):")
@@ -395,20 +416,6 @@ def summarize(policy: Policy, source: str = "") -> str:
         memory = "no decay"
     lines.append(f"learner: priors worth {learner.prior_strength:g} outcomes; {memory}")
     return "\n".join(line for line in lines if line)
-
-
-def _rough_cost(policy: Policy, arm: ArmSpec, depth: int = 0) -> float:
-    spec = policy.backend(arm.backend)
-    if spec is None or depth > 8:
-        return 0.0
-    prices, _ = resolve_prices(spec)
-    samples = arm.expected_n or arm.n
-    per_sample = expected_output_tokens(arm, spec) * prices.output_per_mtok / 1e6
-    cost = SUMMARY_PROMPT_TOKENS * prices.input_per_mtok / 1e6 + samples * per_sample
-    rate = arm.escalation_rate if arm.escalation_rate is not None else 0.3
-    for stage in arm.stages:
-        cost += rate * _rough_cost(policy, policy.arms[stage], depth + 1)
-    return cost
 
 
 def _limit(value: float | None, unit: str) -> str:

@@ -329,7 +329,21 @@ def policy_problems(policy: Policy) -> list[tuple[Loc, str]]:
         gap = coverage_gap(policy.routes)
         if gap:
             problems.append((("routes",), f"no route matches {gap}; add a catch-all route (no `when`) at the end"))
+        for index in unreachable_routes(policy):
+            when = policy.routes[index].when
+            empty = [key for key in ("tasks", "tiers") if getattr(when, key) == []]
+            why = (f"its `{empty[0]}` list is empty, which matches nothing (leave the key out to match all)" if empty
+                   else "the routes before it match every request it would (first match wins): move it up or drop it")
+            problems.append((("routes", index), f"route `{policy.routes[index].name}` can never match: {why}"))
 
+    for alias_name in set(policy.aliases) | {"auto"}:
+        if alias_name in backends:  # the gateway takes a backend's name as the backend: the alias is never used
+            index = next(i for i, spec in enumerate(policy.backends) if spec.name == alias_name)
+            declared = "aliases" in policy.model_fields_set and alias_name in policy.aliases  # `auto` by default
+            loc = ("aliases", alias_name) if declared else ("backends", index, "name")
+            problems.append((loc, f"alias `{alias_name}` has the name of a backend: a client's `model: {alias_name}` "
+                                  "calls that backend directly (a 404 with overrides.direct_backend false), never "
+                                  "the alias; rename one"))
     for alias_name, alias in policy.aliases.items():
         for index, route_name in enumerate(alias.routes or ()):
             if route_name not in route_names:
@@ -353,6 +367,9 @@ def policy_problems(policy: Policy) -> list[tuple[Loc, str]]:
         and budgets.per_key_daily_usd > budgets.per_key_monthly_usd
     ):
         problems.append((("budgets", "per_key_daily_usd"), "daily budget exceeds the monthly one"))
+    if budgets.degrade.max_cost_usd is not None and budgets.degrade.below_usd <= 0:
+        problems.append((("budgets", "degrade", "max_cost_usd"), "has no effect without `below_usd`: a key is "
+                         "degraded only while it has less than `below_usd` left (default 0: never)"))
     return problems
 
 
@@ -439,6 +456,37 @@ def route_matches(route: RouteSpec, task: str, difficulty: float) -> bool:
     if when.tiers is not None:
         return difficulty_tier(difficulty) in when.tiers
     return True
+
+
+def unreachable_routes(policy: Policy) -> list[int]:
+    """Indexes of the routes no request can reach: in the policy's order (what `auto` and every alias
+    without `routes` use) and in each alias's own `routes` order, an earlier route matches every task
+    (and client task label) and difficulty it matches, or it matches none at all. A catch-all (no
+    `when`) is never reported: after routes that already cover everything it is a harmless safety net."""
+    routes = policy.routes
+    views = [list(range(len(routes)))] if "auto" not in policy.aliases or any(
+        alias.routes is None for alias in policy.aliases.values()) else []
+    for alias in policy.aliases.values():
+        if alias.routes:
+            views.append([i for name in alias.routes for i, route in enumerate(routes) if route.name == name])
+    # A label that is not a task type matches only routes without `tasks`, else the view's last route.
+    label = "\0label" if any(label not in TASK_TYPES for label in policy.overrides.task_header) else None
+    # Matching is constant between these difficulties, so the boundaries and the midpoints decide it exactly.
+    edges = {0.0, 1.0, *(upper for _, upper in DIFFICULTY_TIERS[:-1])}
+    edges |= {value for route in routes if route.when.difficulty for value in route.when.difficulty if 0 <= value <= 1}
+    edges = sorted(edges)
+    points = edges + [(low + high) / 2 for low, high in zip(edges, edges[1:])]
+    reached: set[int] = set()
+    for view in views:
+        for task in (*TASK_TYPES, label) if label else TASK_TYPES:
+            for difficulty in points:
+                hit = next((i for i in view if route_matches(routes[i], task, difficulty)), None)
+                if hit is None and task == label and view:
+                    hit = view[-1]
+                if hit is not None:
+                    reached.add(hit)
+    catch_all = RouteMatch()
+    return [index for index in range(len(routes)) if index not in reached and routes[index].when != catch_all]
 
 
 def coverage_gap(routes: list[RouteSpec]) -> str | None:

@@ -234,13 +234,23 @@ def cli(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.text is None) == (args.input is None):
         parser.error("give either TEXT or --input FILE.jsonl")
+    if args.system and args.input is not None:  # it was ignored: each row says its own
+        parser.error("--system goes with TEXT; an --input row gives its system prompt in `messages`")
     try:
         classifier = Classifier.load(args.artifact)
     except ClassifierError as exc:
         print(f"ponder classify: {exc}", file=sys.stderr)
         return 1
-    if args.text is not None:
-        print(json.dumps(_as_json(classifier.classify_text(args.text, args.system))))
+    if args.text is not None:  # to --output when given (it was ignored: exit 0, the file never written)
+        line = json.dumps(_as_json(classifier.classify_text(args.text, args.system)))
+        try:
+            if args.output:
+                Path(args.output).write_text(line + "\n", encoding="utf-8")
+            else:
+                print(line)
+        except OSError as exc:
+            print(f"ponder classify: {exc}", file=sys.stderr)
+            return 1
         return 0
     problems = []
     out = sys.stdout

@@ -588,12 +588,14 @@ def leave_one_source_out(
 VALIDATION_SALT = "dev-val"
 
 
-def validate(seed: int = 0, datasets: str | Path | None = None) -> dict[str, Any]:
+def validate(seed: int = 0, datasets: str | Path | None = None, extra: Sequence[str] = ()) -> dict[str, Any]:
     """Fit on the training split minus 20% of its problem ids, score those ids (salt `dev-val`).
+    `extra` rows (--extra) join the datasets' as in train().
 
     The held-out split is for reporting; settings (features, expert fitting) are compared here.
     """
-    examples = load_examples(default_datasets_dir(datasets), seed)
+    mine = [ex for path in extra for ex in load_extra(path)]  # a bad row is said before the datasets load
+    examples = load_examples(default_datasets_dir(datasets), seed) + mine
     train_set = [ex for ex in examples if not is_test_group(ex.group)]
 
     def held(ex: Example) -> bool:
@@ -743,13 +745,15 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--loso", action="store_true", help="also run the leave-one-source-out evaluation (14 refits, several minutes)")
     parser.add_argument("--validate", action="store_true", help="only fit and score the validation split of the training set (writes nothing)")
     args = parser.parse_args(argv)
-    if args.validate:
-        result = validate(args.seed, args.datasets)
-        d = result["difficulty"]
-        print(json.dumps({"ngrams_per_prompt": round(result["ngrams_per_prompt"], 1), "macro_f1": result["task"]["macro_f1"],
-                          **{k: d[k] for k in ("spearman_math_level", "spearman_mmlu_pro_failure_rate", "spearman_gsm8k_failure_share", "spearman_cruxeval_failure_rate")}}))
-        return 0
+    if args.validate and args.loso:
+        parser.error("--loso is a run of train (it writes the artifact); --validate only scores the validation split")
     try:
+        if args.validate:  # with the --extra rows (they were ignored: the same scores, a malformed file passed)
+            result = validate(args.seed, args.datasets, args.extra)
+            d = result["difficulty"]
+            print(json.dumps({"ngrams_per_prompt": round(result["ngrams_per_prompt"], 1), "macro_f1": result["task"]["macro_f1"],
+                              **{k: d[k] for k in ("spearman_math_level", "spearman_mmlu_pro_failure_rate", "spearman_gsm8k_failure_share", "spearman_cruxeval_failure_rate")}}))
+            return 0
         card = train(Path(args.out), args.seed, args.datasets, args.extra, loso=args.loso)
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"ponder train: {exc}", file=sys.stderr)

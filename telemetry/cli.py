@@ -57,29 +57,47 @@ def _choice_column(policy: Any, snapshot: StatsSnapshot):
 
 def _policy_loader(policy_file: str | None, config: Any):
     """policy name -> loaded Policy, or None (with a warning on stderr: the column is left out, the
-    table is still printed). From the gateway config (its policies with its backends, as it serves
-    them), else --policy-file, else policies/<name>.yaml."""
+    table is still printed), and the --policy-file's policy (None without one, or when it does not load).
+    From the gateway config (its policies with its backends, as it serves them), else --policy-file for
+    the policy of its name, else policies/<name>.yaml."""
     if config is not None:
         from gateway.service import configured_policies
 
         policies = configured_policies(config)  # raises: a config whose policy does not load is an error
-        return lambda name: policies.get(name).policy if policies.get(name) is not None else None  # None: default
+        return (lambda name: policies.get(name).policy if policies.get(name) is not None else None), None
 
-    def load(name: str) -> Any:
+    def read(path: Path, what: str) -> Any:
         from policies.loader import load_policy
 
-        path = Path(policy_file) if policy_file else Path(__file__).resolve().parents[1] / "policies" / f"{name}.yaml"
-        if not policy_file and not path.exists():
-            return None
         try:
             return load_policy(path)
         except Exception as exc:  # noqa: BLE001 - any load failure only drops the column
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            print(f"ponder stats: no current-choice column for policy {name!r}: {first}"
+            print(f"ponder stats: no current-choice column from {what}: {first}"
                   " (a policy whose backends are in the gateway config needs --config)", file=sys.stderr)
             return None
 
-    return load
+    given = read(Path(policy_file), f"--policy-file {policy_file}") if policy_file else None
+
+    def load(name: str) -> Any:
+        # --policy-file marks the policy of its own name only: another policy's stats are of other arms
+        if given is not None and given.name == name:
+            return given
+        path = Path(__file__).resolve().parents[1] / "policies" / f"{name}.yaml"
+        return read(path, f"policy {name!r}") if path.exists() else None
+
+    return load, given
+
+
+def _half_life(text: str) -> float:
+    """An argparse type: a half-life in seconds, above 0 (0 or less would silently mean no decay)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a half-life: it must be above 0 seconds")
+    return value
 
 
 def _fmt_rate(value: Any) -> str:
@@ -93,7 +111,7 @@ def stats_cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--policy", help="only this policy")
     parser.add_argument("--policy-file", help="policy YAML for the learner's current-choice column")
     parser.add_argument("--config", help="the gateway's config: its policies (with its backends) and its telemetry")
-    parser.add_argument("--half-life-s", type=float, default=None,
+    parser.add_argument("--half-life-s", type=_half_life, default=None,
                         help="decay to apply to the displayed numbers (default: --config's, else none)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
@@ -104,7 +122,7 @@ def stats_cli(argv: list[str] | None = None) -> int:
             from gateway.config import load_config
 
             config = load_config(args.config)
-        policy_for = _policy_loader(args.policy_file, config)
+        policy_for, given = _policy_loader(args.policy_file, config)
     except Exception as exc:  # noqa: BLE001 - a config or policy that does not load: say why, once
         print(f"ponder stats: cannot load {args.config}: {exc}", file=sys.stderr)
         return 2
@@ -127,6 +145,9 @@ def stats_cli(argv: list[str] | None = None) -> int:
         print(f"ponder stats: cannot read telemetry: {exc}", file=sys.stderr)
         return 1
 
+    if given is not None and given.name not in raw:
+        print(f"ponder stats: --policy-file {args.policy_file} is policy {given.name!r}, which has no telemetry here "
+              f"(recorded: {', '.join(sorted(raw)) or 'none'}); it marks no current choice", file=sys.stderr)
     now = time.time()
     report: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
     for policy, arms in sorted(raw.items()):

@@ -460,6 +460,19 @@ def test_cli_text_and_files(tmp_path, capsys):
     assert "2 row(s) not classified" in capsys.readouterr().err
 
 
+def test_cli_text_goes_to_output_and_system_does_not_go_with_input(tmp_path, capsys):
+    """`ponder classify TEXT --output F` wrote to stdout and never F (exit 0); `--system` with --input
+    was ignored (each row's messages carry their own): the one is done, the other refused."""
+    dst = tmp_path / "one.jsonl"
+    assert classify_cli(["Solve for x: 2x + 3 = 11.", "--output", str(dst)]) == 0
+    assert json.loads(dst.read_text())["task"] == "math" and capsys.readouterr().out == ""
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"prompt": "hello"}) + "\n")
+    with pytest.raises(SystemExit) as done:
+        classify_cli(["--input", str(src), "--system", "You are terse."])
+    assert done.value.code == 2 and "--system goes with TEXT" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("size", ["0", "-3", "two"])
 def test_cli_refuses_a_batch_size_below_one(tmp_path, capsys, size):
     """0 used to write nothing and -3 every row twice, both exiting 0."""
@@ -531,6 +544,29 @@ def test_train_refuses_a_bad_extra_row_before_loading_the_datasets(tmp_path, mon
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"ponder train: {path}:3: ") and message in err and "\n" not in err
     assert not (tmp_path / "art").exists()
+    assert T.cli(["--validate", "--extra", str(path)]) == 1  # --validate reads them too (it ignored them)
+    assert capsys.readouterr().err.strip() == err
+
+
+def test_train_validate_fits_and_scores_the_extra_rows_too(tmp_path, monkeypatch, capsys):
+    """`ponder train --validate --extra F` is how an operator sees what their prompts change before
+    writing an artifact: the rows join the fit and the validation split as in a training run (they
+    were ignored: the same scores with or without them). A datasets dir that is not there is an error
+    line, not a traceback."""
+    from router import train as T
+    from router.train_data import load_extra
+
+    base = load_extra(REPO / "router" / "data" / "natural_prompts.jsonl")  # a small stand-in for the datasets
+    monkeypatch.setattr(T, "load_examples", lambda *a, **k: list(base))
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text("".join(json.dumps({"prompt": f"Draft a memo about item {i}", "task": "writing"}) + "\n"
+                            for i in range(40)))
+    alone, with_mine = T.validate(0), T.validate(0, extra=[str(mine)])
+    assert with_mine["task"]["n"] > alone["task"]["n"]
+    assert T.cli(["--validate", "--extra", str(mine)]) == 0 and json.loads(capsys.readouterr().out)["macro_f1"] > 0
+    monkeypatch.undo()
+    assert T.cli(["--validate", "--datasets", str(tmp_path / "nowhere")]) == 1
+    assert capsys.readouterr().err.startswith("ponder train: ")
 
 
 def test_datasets_path_override(monkeypatch, tmp_path):

@@ -275,6 +275,32 @@ def test_oracle_beats_every_baseline_and_report_files(tmp_path):
     assert "CPT(50%)" in (tmp_path / "report.md").read_text()
 
 
+def test_a_user_table_replayed_on_group_buckets_only(tmp_path):
+    """`ponder eval --table ... --buckets group`: every method is then named `... [group buckets]`, and the
+    headline (tier table, regret curve, random mix at matched cost) is theirs; it failed after the whole
+    replay with the bare message 'ponder warm (recorded)'."""
+    from evals.cli import cli
+
+    rows = ["prompt,gpt-4o-mini,gpt-4o"] + [f'"question {i} {"hard " * (i % 7)}",{i % 3 != 0:d},{i % 5 != 0:d}'
+                                           for i in range(40)]
+    (tmp_path / "runs.csv").write_text("\n".join(rows) + "\n")
+    assert cli(["--table", str(tmp_path / "runs.csv"), "--out", str(tmp_path / "out"), "--no-classifier",
+                "--steps", "2", "--buckets", "group"]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["headline"] == "ponder warm (recorded) [group buckets]" in report["methods"]
+    assert "ponder warm (recorded)" not in report["methods"] and report["by_tier"] and report["regret"]
+    assert report["headline"] in next(iter(report["by_tier"].values()))
+
+
+def test_an_out_folder_that_cannot_be_made_is_an_error_not_a_traceback(tmp_path, capsys):
+    from evals.cli import cli
+
+    (tmp_path / "runs.csv").write_text('prompt,a,b\n"x",1,0\n')
+    (tmp_path / "taken").write_text("a file where the report folder would go")
+    assert cli(["--table", str(tmp_path / "runs.csv"), "--out", str(tmp_path / "taken"), "--no-classifier"]) == 1
+    assert "ponder eval: error:" in capsys.readouterr().err and (tmp_path / "taken").is_file()
+
+
 def test_group_hindsight_ceiling_beats_every_single_arm_at_each_k(tmp_path):
     from evals.report import write_report
     from evals.routing import arm_summary, evaluate, group_hindsight

@@ -636,6 +636,25 @@ def test_a_policy_chosen_by_header_does_not_choose_the_keys_budget(tmp_path):
             assert refused.value.code == "budget_exhausted"
 
 
+def test_extra_policies_the_default_policy_lets_no_client_pick_are_said_at_startup(tmp_path):
+    """extra_policies are picked with x-ponder-policy, honoured only with the default policy's
+    overrides.policy_header (false by default): without it the header is ignored, so the log says so
+    rather than leaving the operator to find that every request gets the default."""
+    arms = {"cheap": {"backend": "mock-a"}}
+    main = write_policy(tmp_path, {"name": "main", "arms": arms, "routes": [{"name": "all", "candidates": ["cheap"]}]},
+                        "main.yaml")
+    other = write_policy(tmp_path, {"name": "other", "arms": arms, "routes": [{"name": "all", "candidates": ["cheap"]}]},
+                         "other.yaml")
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("mock-a", mock)], "policy": main, "extra_policies": {"other": other}},
+            name="unpickable")) as gateway:
+        answer = httpx.post(gateway.url + "/v1/chat/completions", headers={"x-ponder-policy": "other"},
+                            json={"model": "auto", "messages": [{"role": "user", "content": "x"}]})
+        assert answer.status_code == 200 and answer.headers["x-ponder-policy"] == "main"  # the header is ignored
+        assert "policies other cannot be picked: the default policy 'main' does not honour x-ponder-policy" \
+            in gateway.log()
+
+
 def test_an_arms_cot_template_is_what_the_upstream_gets(tmp_path):
     path = write_policy(tmp_path, {"name": "templated", "arms": {"think": {
         "backend": "mock-a", "strategy": "cot", "cot_template": "HOUSE STYLE: reason about this {task} question."}},
@@ -1077,6 +1096,27 @@ def test_ponder_key_makes_a_key_and_the_config_line_that_admits_it(tmp_path):
                           ).chat.completions.create(model="auto", messages=question)
 
 
+@pytest.mark.parametrize("key_id", ["2024", "yes", "team: web", "{x}", "null"])
+def test_ponder_key_config_line_keeps_any_id_a_string(tmp_path, key_id):
+    """The printed line is pasted into the config: an id that YAML reads as a number, a boolean, a
+    mapping or null (or cannot read) must still come back as the id, and the config must load."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from gateway.config import load_config
+
+    made = subprocess.run([sys.executable, "-m", "gateway.cli", "key", "--id", key_id], capture_output=True,
+                          text=True, check=True).stdout.splitlines()
+    config = tmp_path / "gateway.yaml"
+    config.write_text("api_keys:\n" + made[-1] + "\n")
+    assert yaml.safe_load(config.read_text())["api_keys"][0]["id"] == key_id
+    assert load_config(config).api_keys[0].id == key_id
+    empty = subprocess.run([sys.executable, "-m", "gateway.cli", "key", "--id", " "], capture_output=True, text=True)
+    assert empty.returncode == 2 and "--id must not be empty" in empty.stderr
+
+
 def test_a_key_out_of_its_month_too_is_told_to_wait_for_the_month_not_midnight(keyed_stack):
     """Day and month caps both spent: midnight frees the day but not the month, so Retry-After is the
     start of next month (UTC), on both paths: a named backend (the reservation refuses) and a routed
@@ -1434,6 +1474,26 @@ def test_policy_hot_reload_keeps_serving_through_a_broken_edit(tmp_path):
             (tmp_path / "reloading.yaml").write_text(yaml.safe_dump(spec))
             assert wait_for(gateway.url, "inline-c")
             assert 'ponder_policy_reload_rejected{policy="reloading"} 0.0' in httpx.get(gateway.url + "/metrics").text
+            # ... and a reload that removes it: a request on it in flight is answered, later ones are not
+            # sent to it (it stayed listed and callable by name, at its cost, after the operator removed it)
+            control(mock, delay_ms=2500)
+            direct = {"model": "inline-c", "messages": [{"role": "user", "content": "hello"}]}
+            in_flight: list[httpx.Response] = []
+            sender = threading.Thread(target=lambda: in_flight.append(
+                httpx.post(gateway.url + "/v1/chat/completions", json=direct, timeout=30)))
+            sender.start()
+            time.sleep(0.5)
+            del spec["backends"], spec["arms"]["fresh"]
+            spec["routes"][0]["candidates"] = ["strong"]
+            (tmp_path / "reloading.yaml").write_text(yaml.safe_dump(spec))
+            sender.join()
+            control(mock, delay_ms=0)
+            assert in_flight[0].status_code == 200, in_flight[0].text
+            assert wait_for(gateway.url, "mock-b")
+            models = [m["id"] for m in httpx.get(gateway.url + "/v1/models").json()["data"]]
+            assert "inline-c" not in models and {"mock-a", "mock-b"} <= set(models)
+            gone = httpx.post(gateway.url + "/v1/chat/completions", json=direct)
+            assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
 
 
 def test_a_client_that_drops_a_stream_pays_for_what_was_streamed(keyed_stack):

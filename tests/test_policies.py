@@ -104,6 +104,8 @@ BROKEN = [
     ("daily-over-monthly", BASE + "budgets:\n  per_key_daily_usd: 10\n  per_key_monthly_usd: 5\n",
      "daily budget exceeds the monthly", "per_key_daily_usd: 10"),
     ("empty-routes", BASE.split("routes:")[0] + "routes: []\n", "no routes", "routes: []"),
+    ("degrade-without-threshold", BASE + "budgets:\n  per_key_daily_usd: 5\n  degrade: {max_cost_usd: 0.001}\n",
+     "has no effect without `below_usd`", "degrade: {max_cost_usd"),
     ("route-without-candidates", replace("candidates: {fast: 0.8, deep: 0.9}", "candidates: {}"),
      "no candidate arms", "candidates: {}"),
     ("route-unknown-arm", replace("{fast: 0.8, deep: 0.9}", "{fast: 0.8, ghost: 0.9}"), "unknown arm `ghost`",
@@ -116,6 +118,16 @@ BROKEN = [
      "poetry"),
     ("route-bad-range", replace("  - name: all\n", "  - name: all\n    when: {difficulty: [0.8, 0.2]}\n"),
      "is not [low, high)", "difficulty: [0.8"),
+    # first match wins: a route after a catch-all, or one whose `tasks` list is empty, is never used
+    ("route-after-catch-all", BASE + "  - name: math-only\n    when: {tasks: [math]}\n    candidates: [deep]\n",
+     "route `math-only` can never match: the routes before it match every request", "- name: math-only"),
+    ("route-with-no-tasks", replace("routes:\n", "routes:\n  - name: nothing\n    when: {tasks: []}\n"
+                                    "    candidates: [deep]\n"), "its `tasks` list is empty", "- name: nothing"),
+    # a backend's name as `model` is that backend (or a 404): an alias of the same name is never used
+    ("alias-named-like-a-backend", BASE + "aliases:\n  cheap: {arms: [deep]}\n", "alias `cheap` has the name of a "
+     "backend", "cheap: {arms: [deep]}"),
+    ("backend-named-auto", replace("  - name: cheap\n", "  - name: auto\n").replace("backend: cheap", "backend: auto"),
+     "alias `auto` has the name of a backend", "- name: auto"),
     ("yaml-unclosed-bracket", replace("efforts: [low, high]", "efforts: [low, high"), "YAML syntax error", None),
     ("yaml-bad-indent", replace("    backend: cheap\n", "    backend: cheap\n   strategy: cot\n"),
      "YAML syntax error", "strategy: cot"),
@@ -173,6 +185,29 @@ def test_broken_policy_names_problem_and_line(case_id, text, expected, marker):
         want = next(number for number, line in enumerate(text.splitlines(), 1) if marker in line)
         assert want in lines, f"expected line {want} ({marker!r}) in: {message}"
         assert f"broken.yaml:{want}:" in message
+
+
+def test_a_route_shadowed_in_the_policy_order_may_serve_an_alias_or_a_task_label():
+    """A route is dead only where no alias's `routes` order and no client task label can reach it."""
+    shadowed = BASE + "  - name: math-only\n    when: {tasks: [math]}\n    candidates: [deep]\n"
+    with pytest.raises(PolicyError, match="`math-only` can never match"):
+        parse_policy(shadowed, "p.yaml")
+    parse_policy(shadowed + "aliases:\n  auto-math:\n    routes: [math-only, all]\n", "p.yaml")
+    # after routes for every task type, a route without `tasks` still serves the labels of x-ponder-task
+    tasks = ", ".join(TASK_TYPES)
+    labelled = replace("  - name: all\n", f"  - name: typed\n    when: {{tasks: [{tasks}]}}\n    candidates: [fast]\n"
+                                           "  - name: all\n")
+    tiered = labelled.replace("  - name: all\n", "  - name: hard\n    when: {tiers: [hard]}\n    candidates: [deep]\n"
+                                                 "  - name: all\n")
+    with pytest.raises(PolicyError, match="`hard` can never match"):
+        parse_policy(tiered, "p.yaml")
+    parse_policy(tiered + "overrides:\n  task_header: [legal-qa]\n", "p.yaml")
+    # a catch-all after routes that cover everything is a safety net, not a mistake
+    assert parse_policy(labelled, "p.yaml").routes[-1].name == "all"
+    # difficulty ranges are compared exactly, not on a grid: a narrow window that is reachable passes
+    narrow = replace("  - name: all\n", "  - name: sliver\n    when: {difficulty: [0.305, 0.309]}\n"
+                                         "    candidates: [deep]\n  - name: all\n")
+    assert parse_policy(narrow, "p.yaml").routes[0].name == "sliver"
 
 
 def test_enough_broken_cases():
@@ -265,6 +300,46 @@ def test_check_cli_reads_gateway_config_backends(tmp_path, capsys):
     assert "gateway-only" in capsys.readouterr().out
 
 
+def test_ponder_policy_check_config_offers_the_managed_local_model_as_serving_does(tmp_path, capsys):
+    """The gateway serves its managed local model as backend `local` (unless the config disables it):
+    a policy naming it without declaring it passes `ponder policy check --config` as it serves, and a
+    `local` declared inline is replaced by the gateway's, as in serving (it failed the check, and the
+    inline one was shown)."""
+    from gateway.cli import main
+
+    policy = tmp_path / "p.yaml"
+    policy.write_text(replace("    backend: cheap\n", "    backend: local\n"))
+    config = tmp_path / "gateway.yaml"
+    config.write_text("policy: p.yaml\nlocal_model: {n_ctx: 4096}\n")
+    assert main(["policy", "check", "--config", str(config), str(policy)]) == 0
+    assert "max output 4096 tokens (declared)" in capsys.readouterr().out  # the gateway's n_ctx
+    shipped = main(["policy", "check", "--config", str(config), str(POLICY_DIR / "local.yaml")])
+    assert shipped == 0 and "@ http://127.0.0.1:8080/v1" not in capsys.readouterr().out
+    config.write_text("policy: p.yaml\nlocal_model: {enabled: false}\n")
+    assert main(["policy", "check", "--config", str(config), str(policy)]) == 1
+    assert "unknown backend `local`" in capsys.readouterr().err
+    config.write_text("policy: p.yaml\nlocal_model: {n_ctx: -1}\n")
+    assert main(["policy", "check", "--config", str(config), str(policy)]) == 1
+    assert f"{config}: not a valid gateway config: local_model.n_ctx" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_check_summary_shows_the_cost_the_decision_checks_caps_against(path):
+    """The summary's cost per arm is the cost model's (a vote's every sample paying the prompt, a
+    best-of-N judge, a cascade's stages): an operator sets max_cost_usd from it. Its own rough formula
+    was off by up to 35% (a best-of-4 shown at $0.045 was estimated at $0.060 by decide())."""
+    from policies.loader import SUMMARY_PROMPT_TOKENS, summarize
+    from router.estimates import compile_policy
+
+    policy = load_policy(path)
+    compiled = compile_policy(policy)
+    shown = {line.split()[0]: line.rsplit("~$", 1)[1] for line in summarize(policy).splitlines()
+             if line.startswith("  ") and "out tokens/sample" in line}
+    assert shown.keys() == policy.arms.keys()
+    for name, arm in compiled.arms.items():
+        assert shown[name] == f"{compiled.estimated_cost_usd(arm.key, SUMMARY_PROMPT_TOKENS, None):.5f}", name
+
+
 def test_prices_default_to_litellm_cost_map():
     from policies.loader import resolve_prices
 
@@ -315,6 +390,24 @@ def test_shipped_policies_validate_against_the_json_schema(path):
     jsonschema.validate(yaml.safe_load(path.read_text()), schema)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(yaml.safe_load(BASE + "colour: blue\n"), schema)
+
+
+@pytest.mark.parametrize("old,new", [
+    ("  fast:\n", "  fast arm:\n"),  # an arm name with a space
+    ("aliases:\n  auto: {}\n", "aliases:\n  -auto: {}\n"),  # an alias name the check refuses
+    ("candidates: {fast: 0.8, deep: 0.9}", "candidates: {fast: 0.8, deep: 0.9, 'ghost arm': 0.5}"),
+])
+def test_the_json_schema_refuses_names_the_check_refuses(old, new):
+    """Arms, aliases and route candidates are mappings whose names have a pattern: a name outside it
+    must fail in the editor too (the schema let any such key through, with any value under it)."""
+    import jsonschema
+    import yaml
+
+    text = replace(old, new, BASE + "aliases:\n  auto: {}\n")
+    with pytest.raises(PolicyError):
+        parse_policy(text, "p.yaml")
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(yaml.safe_load(text), json.loads(SCHEMA_PATH.read_text()))
 
 
 def test_two_policy_files_may_not_share_a_name(tmp_path):
@@ -368,4 +461,9 @@ def test_cli_help_goes_to_stdout_and_policy_help_is_policy_checks(capsys):
     with pytest.raises(SystemExit) as done:
         main(["policy", "--help"])
     assert done.value.code == 0 and "usage: ponder policy check" in capsys.readouterr().out
-    assert main(["nonsense"]) == 2 and "ponder serve" in capsys.readouterr().err
+    assert main(["nonsense"]) == 2
+    err = capsys.readouterr().err
+    assert "ponder: unknown command 'nonsense'" in err and "ponder serve" in err
+    assert main(["policy", "chek", "p.yaml"]) == 2  # a typo is named, not answered with the bare usage
+    assert "ponder policy: unknown subcommand 'chek'; the one there is: ponder policy check" in capsys.readouterr().err
+    assert main(["policy"]) == 2 and "ponder policy: no subcommand" in capsys.readouterr().err

@@ -583,6 +583,39 @@ def test_stats_cli_shows_the_learners_choice_when_available(tmp_path, capsys):
     assert [line.split()[1] for line in lines if line.rstrip().endswith("*")] == [expected]
 
 
+def test_stats_cli_policy_file_marks_only_the_policy_of_its_name(tmp_path, capsys):
+    """Two policies recorded the same arm: --policy-file local.yaml marks `local`'s table, not the other
+    policy's (whose choice it cannot know: it was marked as if it were `local`), and a policy file whose
+    name has no telemetry says so instead of printing no mark without a word."""
+    from policies.loader import load_policy
+    from router.learner import current_choice
+
+    shipped = Path(__file__).resolve().parents[1] / "policies" / "local.yaml"
+    expected = current_choice("math:hard", load_policy(shipped), {}).key
+
+    async def fill():
+        store = await open_store(None, tmp_path / "data")
+        store.record(event(1, policy="local", arm=expected))
+        store.record(event(2, policy="other", arm=expected))
+        await store.close()
+
+    run(fill())
+    copy = tmp_path / "mine.yaml"
+    copy.write_text(shipped.read_text())
+    assert stats_cli(["--data-dir", str(tmp_path / "data"), "--policy-file", str(copy), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["local"]["math:hard"][expected]["current_choice"] is True
+    assert "current_choice" not in report["other"]["math:hard"][expected]
+    copy.write_text(shipped.read_text().replace("\nname: local\n", "\nname: local-v2\n"))
+    assert stats_cli(["--data-dir", str(tmp_path / "data"), "--policy-file", str(copy), "--json"]) == 0
+    printed = capsys.readouterr()
+    assert "is policy 'local-v2', which has no telemetry here (recorded: local, other)" in printed.err
+    assert "current_choice" not in json.loads(printed.out)["other"]["math:hard"][expected]
+    with pytest.raises(SystemExit):
+        stats_cli(["--data-dir", str(tmp_path / "data"), "--half-life-s", "-5"])
+    assert "must be above 0 seconds" in capsys.readouterr().err
+
+
 def test_stats_cli_marks_every_bucket_it_can_when_one_has_no_choice(tmp_path, capsys):
     """`auto` has only a 1000-token backend, `auto-long` only a large one. chat:easy's requests came
     through `auto-long` with ~20,000-token prompts: no arm of `auto` holds its typical prompt, so it
@@ -643,7 +676,7 @@ def test_stats_cli_reads_a_gateway_config(tmp_path, capsys):
     run(fill())
     assert stats_cli(["--data-dir", str(tmp_path / "data"), "--policy-file", policy_path]) == 0
     printed = capsys.readouterr()
-    assert "no current-choice column for policy 'shared'" in printed.err and "--config" in printed.err
+    assert f"no current-choice column from --policy-file {policy_path}" in printed.err and "--config" in printed.err
     assert "mock-a/-/single/1" in printed.out and not printed.out.splitlines()[1].rstrip().endswith("choice")
     assert stats_cli(["--config", str(config)]) == 0
     lines = capsys.readouterr().out.splitlines()
