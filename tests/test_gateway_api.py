@@ -1308,6 +1308,11 @@ def test_server_timing_is_off_by_default(client):
     ({"policy": "/nonexistent/policy.yaml"}, "cannot read the file"),
     ({"classifier": "/nonexistent/artifact"}, "cannot load classifier"),
     ({"backends": [{"name": "a", "model": "openai/a", "api_bse": "http://x"}]}, "Extra inputs are not permitted"),
+    ({"backends": [{"name": "a", "model": "openai/a", "prices": {"input_per_mtok": float("inf"),
+                                                               "output_per_mtok": 1}}]}, "finite number"),
+    # a policy file given as the config: said so, not "name: Extra inputs are not permitted; arms: ..."
+    ({"name": "p", "arms": {"a": {"backend": "local"}}, "routes": [{"name": "all", "candidates": ["a"]}]},
+     "this is a policy, not a gateway config"),
 ])
 def test_serve_refuses_a_bad_config_in_one_line(tmp_path, config, says):
     """Before any server starts: exit 2 and what is wrong, not a lifespan traceback."""

@@ -83,6 +83,7 @@ def replace(old: str, new: str, text: str = BASE) -> str:
 BROKEN = [
     ("wrong-type-int", replace("    effort: high\n", "    effort: high\n    n: five\n"), "valid integer", "n: five"),
     ("wrong-type-float", BASE + "objective:\n  cost_weight: cheap\n", "valid number", "cost_weight: cheap"),
+    ("infinite-number", BASE + "objective:\n  cost_weight: .inf\n", "finite number", "cost_weight: .inf"),
     ("unknown-top-key", BASE + "colour: blue\n", "unknown key `colour`; expected one of: name", "colour: blue"),
     ("unknown-arm-key", replace("    backend: cheap\n", "    backend: cheap\n    strateg: cot\n"),
      "unknown key `strateg`; expected one of: backend, strategy", "strateg: cot"),
