@@ -498,22 +498,39 @@ def test_spend_view_shows_the_budgets_the_gateway_enforces(tmp_path):
         assert fits.status_code == 200, fits.text
 
 
-def test_the_default_policys_half_life_ages_the_learned_stats(tmp_path):
+def test_the_default_policys_half_life_ages_the_learned_stats(tmp_path, browser):
     """learner.half_life_hours reaches the store: with a 1.8 s half-life, what the learner sees of
-    four requests has faded by half a few seconds later, while the raw request count has not."""
+    four requests has faded by half a few seconds later, while the raw request count has not, nor
+    has the money: the spend and the savings the page shows are what the requests cost."""
     policy = tmp_path / "fading.yaml"
     policy.write_text(open(two_mock_policy(tmp_path, "fading")).read().replace(
         "half_life_hours: null", "half_life_hours: 0.0005"))
     with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
             "backends": [mock_backend("mock-a", mock), mock_backend("mock-b", mock)], "policy": str(policy),
             "telemetry": {"data_dir": str(tmp_path / "data"), "refresh_s": 0.2}}, name="fading")) as gateway:
+        paid = 0.0
         for _ in range(4):
-            assert chat(gateway.url, "auto", "hello there").status_code == 200
+            response = chat(gateway.url, "auto", "hello there")
+            assert response.status_code == 200
+            paid += float(response.headers["x-ponder-cost-usd"])
         time.sleep(2.5)
-        arms = [a for t in httpx.get(gateway.url + "/v1/ponder/summary").json()["tasks"] for a in t["arms"]]
+        summary = httpx.get(gateway.url + "/v1/ponder/summary").json()
+        arms = [a for t in summary["tasks"] for a in t["arms"]]
         assert sum(a["requests"] for a in arms) == 4
         learned = sum(a["count"] for a in arms)
         assert 0 < learned < 2.2, learned
+        assert summary["totals"]["spent_usd"] == pytest.approx(paid, rel=1e-6)
+        assert sum(t["spent_usd"] for t in summary["tasks"]) == pytest.approx(paid, rel=1e-6)
+        assert summary["totals"]["cost_usd"] < paid / 2  # the learner's faded view
+        savings = httpx.get(gateway.url + "/v1/ponder/savings").json()
+        assert savings["actual_cost_usd"] == pytest.approx(paid, rel=1e-6)
+        assert savings["reference_cost_usd"] == pytest.approx(paid, rel=1e-6)  # one arm: it is the reference
+        page = browser.new_page()
+        page.goto(gateway.url + "/dashboard")
+        page.wait_for_selector("[data-testid=arm-point]")
+        assert float(page.get_attribute("[data-testid=total-cost]", "data-value")) == pytest.approx(paid, rel=1e-6)
+        assert page.text_content("[data-testid=actual-cost]") == page.text_content("[data-testid=total-cost]")
+        page.close()
 
 
 def test_dashboard_fits_a_phone_screen(stack, browser):

@@ -203,8 +203,9 @@ function renderKpis(summary, spend) {
   // data-value: the exact number behind the rounded text (for tests and for copying).
   $("kpi-requests").textContent = count(t.requests);
   $("kpi-requests").dataset.value = t.requests;
-  $("kpi-cost").textContent = usd(t.cost_usd);
-  $("kpi-cost").dataset.value = t.cost_usd;
+  // spent_usd: what was paid (cost_usd fades with the learner's half-life)
+  $("kpi-cost").textContent = usd(t.spent_usd);
+  $("kpi-cost").dataset.value = t.spent_usd;
   $("kpi-24h").textContent = usd(spend.cost_usd_24h);
   $("kpi-24h").dataset.value = spend.cost_usd_24h;
   $("kpi-success").textContent = t.success_rate === null ? "no signal yet" : pct(t.success_rate, 1);
@@ -320,7 +321,7 @@ function renderTasks(tasks) {
       h("span", { text: t.current_choice ? `${shortArm(t.current_choice)} — ${pct(t.current_choice_share)} of ${count(t.requests)} requests` : `${count(t.requests)} requests` }))));
     return h("div", { class: "task-card", "data-testid": "task-chart", "data-task": task.task },
       h("h3", { text: task.task }),
-      h("div", { class: "meta", text: `${count(task.requests)} requests · ${usd(task.cost_usd)} · success ${task.success_rate === null ? "not scored" : pct(task.success_rate, 1)}` }),
+      h("div", { class: "meta", text: `${count(task.requests)} requests · ${usd(task.spent_usd)} · success ${task.success_rate === null ? "not scored" : pct(task.success_rate, 1)}` }),
       scatter(points, { xLabel: "mean cost per request (USD)", xFormat: usdTick, testid: "task-scatter" }),
       choices);
   }));
