@@ -475,6 +475,33 @@ def test_dashboard_in_a_browser(stack, browser, tmp_path):
     page.close()
 
 
+def test_a_policy_picked_while_a_refresh_is_on_its_way_is_kept(stack, browser):
+    """The page refreshes every 4 s; a policy picked while one refresh's answers are still coming
+    must not be put back to the old one when they arrive (it was, and the pick was lost for good)."""
+    from playwright.sync_api import expect
+
+    gateway, _, seeded, backend = stack
+    if backend != "embedded":
+        pytest.skip("the page's behaviour, the same on either store")
+    page = browser.new_page()
+    page.goto(gateway.url + "/dashboard#key=" + ADMIN_KEY)
+    page.wait_for_selector("[data-testid=request-row]")
+    held = []  # the next refresh's summary request, held until the pick is made; later ones pass
+    page.route("**/v1/ponder/summary*", lambda route: route.continue_() if held else held.append(route))
+    deadline = time.monotonic() + 15
+    while not held and time.monotonic() < deadline:
+        page.wait_for_timeout(100)
+    assert held, "no refresh within 15 s"
+    page.select_option("[data-testid=policy-select]", "direct")
+    held[0].continue_()
+    direct = len(seeded.records) - len(seeded.routed())
+    expect(page.get_by_test_id("total-requests")).to_have_text(str(direct), timeout=10_000)
+    page.wait_for_timeout(500)  # whatever was still on its way has landed
+    expect(page.get_by_test_id("policy-select")).to_have_value("direct")
+    expect(page.get_by_test_id("total-requests")).to_have_text(str(direct))
+    page.close()
+
+
 def test_spend_view_shows_the_budgets_the_gateway_enforces(tmp_path):
     """A key's own cap wins over the policy's default for keys (policies.md), in the dashboard as in
     enforcement: the view must not show a tighter budget than the one that refuses requests."""

@@ -14,7 +14,7 @@ const TIER_LETTER = { easy: "E", medium: "M", hard: "H" };
 
 const state = {
   key: sessionStorage.getItem(KEY_STORAGE) || "",
-  policy: "", reference: "", spendMode: "hour", selected: null, timer: null, busy: false, lastOk: 0,
+  policy: "", reference: "", spendMode: "hour", selected: null, timer: null, busy: false, again: false, lastOk: 0,
   spend: null,
 };
 
@@ -150,16 +150,23 @@ function schedule() {
 }
 
 async function refresh() {
-  if (state.busy) return;
+  if (state.busy) { state.again = true; return; }  // the refresh in flight runs once more when it ends
   state.busy = true;
+  state.again = false;
   try {
-    const p = { policy: state.policy };
+    const asked = { policy: state.policy, reference: state.reference };
     const [summary, spend, savings, requests] = await Promise.all([
-      api("/v1/ponder/summary" + query(p)),
+      api("/v1/ponder/summary" + query({ policy: asked.policy })),
       api("/v1/ponder/spend"),
-      api("/v1/ponder/savings" + query({ ...p, reference: state.reference })),
+      api("/v1/ponder/savings" + query(asked)),
       api("/v1/ponder/requests?limit=50"),
     ]);
+    if (state.policy !== asked.policy || state.reference !== asked.reference) {
+      // A policy or reference picked while these were on their way: drawing them would put the old
+      // choice back in the select (and in state.policy); fetch the new one instead.
+      state.busy = false;
+      return refresh();
+    }
     showApp();
     state.policy = summary.policy;
     renderPolicies(summary);
@@ -184,7 +191,8 @@ async function refresh() {
     $("status").classList.add("stale");
   }
   state.busy = false;
-  schedule();
+  if (state.again) refresh();
+  else schedule();
 }
 
 // -- header and KPIs -----------------------------------------------------------------------------
