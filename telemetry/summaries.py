@@ -267,7 +267,8 @@ def spend_view(spend: Mapping[str, Any], budgets: Mapping[str, Mapping[str, floa
     for key_id in sorted(set(by_key) | set(budgets) | set(spent)):
         caps = dict(budgets.get(key_id) or {})
         now = spent.get(key_id) or {}
-        used = {p: (round(float(now.get(p, 0.0)) / cap, 4) if cap else None) for p, cap in caps.items()}
+        # a cap of 0 (a key that may spend nothing) is used up, not absent
+        used = {p: (round(float(now.get(p, 0.0)) / cap, 4) if cap else 1.0) for p, cap in caps.items()}
         keys.append({"key_id": key_id, "cost_usd_30d": round(float(by_key.get(key_id, {}).get("cost_usd", 0.0)), 10),
                      "requests_30d": int(by_key.get(key_id, {}).get("requests", 0)),
                      "spent": {p: round(float(v), 10) for p, v in now.items()}, "budget": caps, "used": used})

@@ -502,9 +502,10 @@ def test_a_policy_picked_while_a_refresh_is_on_its_way_is_kept(stack, browser):
     page.close()
 
 
-def test_spend_view_shows_the_budgets_the_gateway_enforces(tmp_path):
+def test_spend_view_shows_the_budgets_the_gateway_enforces(tmp_path, browser):
     """A key's own cap wins over the policy's default for keys (policies.md), in the dashboard as in
-    enforcement: the view must not show a tighter budget than the one that refuses requests."""
+    enforcement: the view must not show a tighter budget than the one that refuses requests. A cap of
+    $0 (a key that may spend nothing) is a cap, used up, not "no cap"."""
     policy = tmp_path / "capped.yaml"
     policy.write_text(open(two_mock_policy(tmp_path, "capped")).read()
                       + "budgets: {per_key_daily_usd: 10, per_key_monthly_usd: 100}\n")
@@ -513,10 +514,22 @@ def test_spend_view_shows_the_budgets_the_gateway_enforces(tmp_path):
             "policy": str(policy),
             "api_keys": [{"id": "own", "sha256": hashlib.sha256(USER_KEY.encode()).hexdigest(),
                           "budget_usd_per_day": 20},
+                         {"id": "frozen", "sha256": hashlib.sha256(b"sk-frozen").hexdigest(), "budget_usd_per_day": 0},
                          {"id": "ops", "sha256": hashlib.sha256(ADMIN_KEY.encode()).hexdigest(), "admin": True}],
     }, name="capped")) as gateway:
-        keys = {row["key_id"]: row["budget"] for row in get(gateway.url, "/v1/ponder/spend").json()["keys"]}
+        rows = {row["key_id"]: row for row in get(gateway.url, "/v1/ponder/spend").json()["keys"]}
+        keys = {key_id: row["budget"] for key_id, row in rows.items()}
         assert keys["own"] == {"day": 20, "month": 100} and keys["ops"] == {"day": 10, "month": 100}
+        assert keys["frozen"] == {"day": 0, "month": 100} and rows["frozen"]["used"]["day"] == 1.0
+        refused = httpx.post(gateway.url + "/v1/chat/completions", headers=bearer("sk-frozen"), timeout=10,
+                             json={"model": "auto", "messages": [{"role": "user", "content": "x"}]})
+        assert refused.status_code == 429 and refused.json()["error"]["code"] == "budget_exhausted"
+        page = browser.new_page()
+        page.goto(gateway.url + "/dashboard#key=" + ADMIN_KEY)
+        frozen = page.locator("[data-testid=key-spend-row][data-key=frozen] td")
+        assert frozen.nth(3).text_content() == "$0 / $0"
+        assert frozen.nth(3).locator(".meter.over").count() == 1
+        page.close()
         # and enforcement agrees: a worst case of ~$15 fits the key's own $20 day, not the policy's $10
         # (mock-a: $2 per M output tokens)
         fits = httpx.post(gateway.url + "/v1/chat/completions", headers=bearer(USER_KEY), timeout=10,

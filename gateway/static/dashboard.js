@@ -367,7 +367,8 @@ function renderSpend() {
   fill($("spend-chart"), bars(rows.map((r) => r.cost_usd), { labels, format: usd, testid: "spend-svg", barTestid: "spend-bar", every: hourly ? 3 : 5 }));
   const head = h("tr", {}, ["key", "30 days", "requests", "today vs daily budget", "this month vs monthly budget"].map((t, i) => h("th", { class: i && i < 3 ? "num" : "", text: t })));
   const meter = (spent, cap, used) => {
-    if (!cap) return h("span", { text: "no cap" });  // no ledger without a cap: 30-day spend is beside it
+    // no ledger without a cap: 30-day spend is beside it (a cap of $0 is a cap: the key may spend nothing)
+    if (cap === undefined || cap === null) return h("span", { text: "no cap" });
     const over = used >= 1;
     return h("span", {}, h("span", { class: "meter" + (over ? " over" : "") }, h("span", { style: `width:${Math.min(100, 100 * used).toFixed(1)}%` })),
       `${usd(spent || 0)} / ${usd(cap)}`);
