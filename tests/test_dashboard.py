@@ -502,6 +502,30 @@ def test_a_policy_picked_while_a_refresh_is_on_its_way_is_kept(stack, browser):
     page.close()
 
 
+def test_a_request_opens_from_the_keyboard(stack, browser):
+    """Tab reaches the recent requests and Enter opens one's reasons, as a click does; the 4 s refresh
+    that redraws the rows leaves the keyboard on the same request."""
+    gateway, _, seeded, backend = stack
+    if backend != "embedded":
+        pytest.skip("the page's behaviour, the same on either store")
+    page = browser.new_page()
+    page.goto(gateway.url + "/dashboard#key=" + ADMIN_KEY)
+    page.wait_for_selector("[data-testid=request-row]")
+    focused = lambda: page.evaluate("document.activeElement.dataset.requestId || null")  # noqa: E731
+    for _ in range(40):  # the controls, the tabs and the reference select come first
+        page.keyboard.press("Tab")
+        if focused():
+            break
+    first = focused()
+    assert first in {r["id"] for r in seeded.records}, "Tab never reached a request row"
+    page.keyboard.press("Enter")
+    page.wait_for_selector("[data-testid=detail-reasons]")
+    assert page.text_content("[data-testid=request-detail] .hint") == first
+    page.wait_for_timeout(4500)  # a refresh has redrawn the table
+    assert focused() == first
+    page.close()
+
+
 def test_spend_view_shows_the_budgets_the_gateway_enforces(tmp_path, browser):
     """A key's own cap wins over the policy's default for keys (policies.md), in the dashboard as in
     enforcement: the view must not show a tighter budget than the one that refuses requests. A cap of

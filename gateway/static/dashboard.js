@@ -40,7 +40,7 @@ function setAttrs(node, attrs) {
   for (const [name, value] of Object.entries(attrs || {})) {
     if (value === null || value === undefined || value === false) continue;
     if (name === "text") node.textContent = value;
-    else if (name === "onclick") node.addEventListener("click", value);
+    else if (name.startsWith("on")) node.addEventListener(name.slice(2), value);
     // The CSP forbids style attributes; styles set through the CSSOM are allowed.
     else if (name === "style") node.style.cssText = value;
     else node.setAttribute(name, value === true ? "" : String(value));
@@ -454,14 +454,20 @@ function renderShares(shares) {
 function renderRequests(rows) {
   const head = h("tr", {}, ["time", "bucket", "arm", "mode", "samples", "cost", "latency", "status"].map((t, i) => h("th", { class: i >= 4 && i <= 6 ? "num" : "", text: t })));
   const body = h("tbody", {}, rows.map((r) => {
-    const tr = h("tr", { "data-testid": "request-row", "data-request-id": r.request_id, class: r.request_id === state.selected ? "selected" : "", onclick: () => openRequest(r.request_id) },
+    // a row opens with a click, or from the keyboard (Tab to it, Enter or Space)
+    const tr = h("tr", { "data-testid": "request-row", "data-request-id": r.request_id, class: r.request_id === state.selected ? "selected" : "",
+      tabindex: 0, onclick: () => openRequest(r.request_id),
+      onkeydown: (ev) => { if (ev.key === "Enter" || ev.key === " ") { ev.preventDefault(); openRequest(r.request_id); } } },
       h("td", { text: time(r.ts) }), h("td", { text: r.bucket }), h("td", { title: r.arm, text: shortArm(r.arm) }),
       h("td", {}, r.policy === "direct" ? h("span", { class: "tag", text: "direct" }) : h("span", { class: "tag" + (r.explore ? " explore" : ""), text: r.explore ? "explore" : "exploit" })),
       h("td", { class: "num", text: r.samples }), h("td", { class: "num", text: usd(r.cost_usd) }), h("td", { class: "num", text: ms(r.latency_ms) }),
       h("td", {}, h("span", { class: "tag " + (r.status < 400 ? "ok" : "err"), text: r.status })));
     return tr;
   }));
+  const focused = document.activeElement?.dataset.testid === "request-row" ? document.activeElement.dataset.requestId : null;
   fill($("requests"), h("thead", {}, head), body);
+  // the refresh redraws the rows: the keyboard's place stays on the same request
+  if (focused) [...body.children].find((tr) => tr.dataset.requestId === focused)?.focus();
 }
 
 async function openRequest(id) {
@@ -561,7 +567,10 @@ function boot() {
   for (const tab of document.querySelectorAll("[data-spend]")) {
     tab.addEventListener("click", () => {
       state.spendMode = tab.dataset.spend;
-      document.querySelectorAll("[data-spend]").forEach((t) => t.classList.toggle("active", t === tab));
+      document.querySelectorAll("[data-spend]").forEach((t) => {
+        t.classList.toggle("active", t === tab);
+        t.setAttribute("aria-selected", String(t === tab));
+      });
       renderSpend();
     });
   }
