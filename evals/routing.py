@@ -154,7 +154,7 @@ class StatsBook:
         self.snapshot: dict = {}
 
     def record(self, bucket: str, arm_key: str, score: float, cost: float) -> None:
-        delta = {"count": 1.0, "total": 1.0, "weight": 1.0, "successes": score, "cost_usd": cost}
+        delta = {"count": 1.0, "total": 1.0, "weight": 1.0, "successes": score, "cost_usd": cost, "spent_usd": cost}
         task = bucket.partition(":")[0]
         # the bucket, and the arm's record over its task's buckets and over all (the shared levels)
         for level in (bucket, f"{task}:{POOLED_TIER}", POOLED_BUCKET):

@@ -12,6 +12,8 @@ Fields (all floats):
   latency_ms, prompt_tokens, completion_tokens, reasoning_tokens,
   errors, h<i> (latency histogram bucket i, requests that reached a backend)  -- decayed when a half-life is configured
   total  -- raw request count, never decayed (for dashboards)
+  spent_usd  -- what the requests cost, never decayed: the spend the dashboard shows (cost_usd is the
+               learner's, faded with its half-life)
   t      -- the time the decayed fields are expressed at (only with a half-life)
 
 Latency histogram: fixed log buckets, 4 per doubling, bucket i holds latencies in
@@ -31,7 +33,7 @@ from .events import Event
 
 HIST_PER_DOUBLING = 4
 HIST_MAX_INDEX = 80
-UNDECAYED_FIELDS = frozenset({"total", "t"})
+UNDECAYED_FIELDS = frozenset({"total", "spent_usd", "t"})
 
 # The cost model's estimates are summed under names that change when the model does: the learned
 # cost ratio (actual / estimated) must compare like with like. v1 (`est_cost_usd`) charged a vote's
@@ -87,6 +89,7 @@ def event_delta(event: Event) -> dict[str, float]:
         "count": 1.0,
         "total": 1.0,
         "cost_usd": float(event.cost_usd),
+        "spent_usd": float(event.cost_usd),
         "latency_ms": float(event.latency_ms),
         "prompt_tokens": float(event.prompt_tokens),
         "completion_tokens": float(event.completion_tokens),
@@ -159,6 +162,10 @@ def group_deltas(
 
 def apply_delta(fields: dict[str, float], delta: Mapping[str, float], t: float, half_life_s: float | None) -> None:
     """Add `delta` (expressed at time t) to `fields` in place. Mirror of the Lua AGG_UPDATE script."""
+    if "spent_usd" not in fields and "count" in fields:
+        # a record from before spent_usd was kept: its cost so far (exact unless it was decayed) is the
+        # best start there is
+        fields["spent_usd"] = fields.get("cost_usd", 0.0)
     if half_life_s:
         t0 = fields.get("t")
         scale = 1.0
@@ -227,6 +234,7 @@ def summary_row(fields: Mapping[str, float], now: float, half_life_s: float | No
         "mean_completion_tokens": mean("completion_tokens"),
         "mean_reasoning_tokens": mean("reasoning_tokens"),
         "cost_usd": d.get("cost_usd", 0.0),
+        "spent_usd": d.get("spent_usd", d.get("cost_usd", 0.0)),
     }
 
 

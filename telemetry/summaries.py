@@ -5,8 +5,8 @@ Input shapes are the store's: a policy table `{bucket: {arm_key: summary_row}}` 
 I/O or knows about HTTP, so the numbers the page shows can be tested on plain dicts.
 
 Arithmetic note: a summary row's `count` and `cost_usd` may be decayed (when the store has a half-life)
-while `requests` is the raw total. Everything that combines rows uses `count` (consistent with the
-decayed means the learner sees); `requests` is only displayed.
+while `requests` and `spent_usd` are the raw totals. Means and shares use `count` (consistent with the
+decayed means the learner sees); what was spent is `spent_usd`, money a decay must not shrink.
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ def merge_rows(rows: Iterable[Row]) -> dict[str, Any]:
         "success_rate": successes / weight if weight > 0 else None,
         "error_rate": by_count("error_rate"),
         "cost_usd": cost,
+        "spent_usd": sum(float(r.get("spent_usd", r.get("cost_usd")) or 0) for r in rows),
         "mean_cost_usd": cost / count if count else 0.0,
         "mean_latency_ms": by_count("mean_latency_ms"),
         "p50_latency_ms": by_count("p50_latency_ms"),
@@ -139,7 +140,8 @@ def task_views(table: Table, choices: Mapping[str, str | None]) -> list[dict[str
                               **arm_points(arms, {tier: choice} if choice else {})})
         merged = merge_rows(r for rows in per_arm.values() for r in rows)
         views.append({"task": task, "requests": merged["requests"], "cost_usd": round(merged["cost_usd"], 10),
-                      "success_rate": merged["success_rate"], **view, "tiers": tier_rows})
+                      "spent_usd": round(merged["spent_usd"], 10), "success_rate": merged["success_rate"], **view,
+                      "tiers": tier_rows})
     return views
 
 
@@ -176,8 +178,8 @@ def shares(table: Table) -> dict[str, list[dict[str, Any]]]:
 def totals(table: Table) -> dict[str, Any]:
     merged = merge_rows(r for arms in table.values() for r in arms.values())
     return {"requests": merged["requests"], "cost_usd": round(merged["cost_usd"], 10),
-            "scored_weight": round(merged["scored_weight"], 4), "success_rate": merged["success_rate"],
-            "error_rate": round(merged["error_rate"], 4)}
+            "spent_usd": round(merged["spent_usd"], 10), "scored_weight": round(merged["scored_weight"], 4),
+            "success_rate": merged["success_rate"], "error_rate": round(merged["error_rate"], 4)}
 
 
 def exploration(events: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
@@ -199,8 +201,10 @@ def savings(table: Table, reference: str, estimate: CostEstimate | None = None) 
     The reference's cost per request in a bucket is, in order of preference: its observed mean there
     (`observed`), its observed mean over all buckets (`observed_elsewhere`), the policy's estimate for
     the bucket's mean prompt size (`policy_estimate`). A bucket with none of them is left out of both
-    totals (`unknown`). The success delta compares, over the buckets where both were scored, the actual
-    success rate with the reference's own success rate there, weighted by the bucket's traffic."""
+    totals (`unknown`). Both sides are money spent, which a half-life must not fade: the bucket's
+    `spent_usd` against that cost per request times its `requests`. The success delta compares, over the
+    buckets where both were scored, the actual success rate with the reference's own success rate there,
+    weighted by the bucket's traffic."""
     overall = per_arm(table).get(reference)
     buckets = []
     actual_cost = reference_cost = 0.0
@@ -218,14 +222,15 @@ def savings(table: Table, reference: str, estimate: CostEstimate | None = None) 
             guess = estimate(reference, merged["mean_prompt_tokens"]) if estimate else None
             per_request, basis = (guess, "policy_estimate") if guess is not None else (None, "unknown")
         ref_success = ref_row.get("success_rate") if ref_row is not None else None
-        row = {"bucket": bucket, "requests": merged["requests"], "actual_cost_usd": round(merged["cost_usd"], 10),
-               "reference_cost_usd": round(per_request * count, 10) if per_request is not None else None,
+        requests = merged["requests"]
+        row = {"bucket": bucket, "requests": requests, "actual_cost_usd": round(merged["spent_usd"], 10),
+               "reference_cost_usd": round(per_request * requests, 10) if per_request is not None else None,
                "reference_cost_basis": basis, "actual_success_rate": merged["success_rate"],
                "reference_success_rate": ref_success}
         buckets.append(row)
         if per_request is not None:
-            actual_cost += merged["cost_usd"]
-            reference_cost += per_request * count
+            actual_cost += merged["spent_usd"]
+            reference_cost += per_request * requests
         if merged["success_rate"] is not None and ref_success is not None:
             acc_num += merged["success_rate"] * count
             ref_num += float(ref_success) * count
@@ -262,7 +267,8 @@ def spend_view(spend: Mapping[str, Any], budgets: Mapping[str, Mapping[str, floa
     for key_id in sorted(set(by_key) | set(budgets) | set(spent)):
         caps = dict(budgets.get(key_id) or {})
         now = spent.get(key_id) or {}
-        used = {p: (round(float(now.get(p, 0.0)) / cap, 4) if cap else None) for p, cap in caps.items()}
+        # a cap of 0 (a key that may spend nothing) is used up, not absent
+        used = {p: (round(float(now.get(p, 0.0)) / cap, 4) if cap else 1.0) for p, cap in caps.items()}
         keys.append({"key_id": key_id, "cost_usd_30d": round(float(by_key.get(key_id, {}).get("cost_usd", 0.0)), 10),
                      "requests_30d": int(by_key.get(key_id, {}).get("requests", 0)),
                      "spent": {p: round(float(v), 10) for p, v in now.items()}, "budget": caps, "used": used})

@@ -475,9 +475,61 @@ def test_dashboard_in_a_browser(stack, browser, tmp_path):
     page.close()
 
 
-def test_spend_view_shows_the_budgets_the_gateway_enforces(tmp_path):
+def test_a_policy_picked_while_a_refresh_is_on_its_way_is_kept(stack, browser):
+    """The page refreshes every 4 s; a policy picked while one refresh's answers are still coming
+    must not be put back to the old one when they arrive (it was, and the pick was lost for good)."""
+    from playwright.sync_api import expect
+
+    gateway, _, seeded, backend = stack
+    if backend != "embedded":
+        pytest.skip("the page's behaviour, the same on either store")
+    page = browser.new_page()
+    page.goto(gateway.url + "/dashboard#key=" + ADMIN_KEY)
+    page.wait_for_selector("[data-testid=request-row]")
+    held = []  # the next refresh's summary request, held until the pick is made; later ones pass
+    page.route("**/v1/ponder/summary*", lambda route: route.continue_() if held else held.append(route))
+    deadline = time.monotonic() + 15
+    while not held and time.monotonic() < deadline:
+        page.wait_for_timeout(100)
+    assert held, "no refresh within 15 s"
+    page.select_option("[data-testid=policy-select]", "direct")
+    held[0].continue_()
+    direct = len(seeded.records) - len(seeded.routed())
+    expect(page.get_by_test_id("total-requests")).to_have_text(str(direct), timeout=10_000)
+    page.wait_for_timeout(500)  # whatever was still on its way has landed
+    expect(page.get_by_test_id("policy-select")).to_have_value("direct")
+    expect(page.get_by_test_id("total-requests")).to_have_text(str(direct))
+    page.close()
+
+
+def test_a_request_opens_from_the_keyboard(stack, browser):
+    """Tab reaches the recent requests and Enter opens one's reasons, as a click does; the 4 s refresh
+    that redraws the rows leaves the keyboard on the same request."""
+    gateway, _, seeded, backend = stack
+    if backend != "embedded":
+        pytest.skip("the page's behaviour, the same on either store")
+    page = browser.new_page()
+    page.goto(gateway.url + "/dashboard#key=" + ADMIN_KEY)
+    page.wait_for_selector("[data-testid=request-row]")
+    focused = lambda: page.evaluate("document.activeElement.dataset.requestId || null")  # noqa: E731
+    for _ in range(40):  # the controls, the tabs and the reference select come first
+        page.keyboard.press("Tab")
+        if focused():
+            break
+    first = focused()
+    assert first in {r["id"] for r in seeded.records}, "Tab never reached a request row"
+    page.keyboard.press("Enter")
+    page.wait_for_selector("[data-testid=detail-reasons]")
+    assert page.text_content("[data-testid=request-detail] .hint") == first
+    page.wait_for_timeout(4500)  # a refresh has redrawn the table
+    assert focused() == first
+    page.close()
+
+
+def test_spend_view_shows_the_budgets_the_gateway_enforces(tmp_path, browser):
     """A key's own cap wins over the policy's default for keys (policies.md), in the dashboard as in
-    enforcement: the view must not show a tighter budget than the one that refuses requests."""
+    enforcement: the view must not show a tighter budget than the one that refuses requests. A cap of
+    $0 (a key that may spend nothing) is a cap, used up, not "no cap"."""
     policy = tmp_path / "capped.yaml"
     policy.write_text(open(two_mock_policy(tmp_path, "capped")).read()
                       + "budgets: {per_key_daily_usd: 10, per_key_monthly_usd: 100}\n")
@@ -486,10 +538,22 @@ def test_spend_view_shows_the_budgets_the_gateway_enforces(tmp_path):
             "policy": str(policy),
             "api_keys": [{"id": "own", "sha256": hashlib.sha256(USER_KEY.encode()).hexdigest(),
                           "budget_usd_per_day": 20},
+                         {"id": "frozen", "sha256": hashlib.sha256(b"sk-frozen").hexdigest(), "budget_usd_per_day": 0},
                          {"id": "ops", "sha256": hashlib.sha256(ADMIN_KEY.encode()).hexdigest(), "admin": True}],
     }, name="capped")) as gateway:
-        keys = {row["key_id"]: row["budget"] for row in get(gateway.url, "/v1/ponder/spend").json()["keys"]}
+        rows = {row["key_id"]: row for row in get(gateway.url, "/v1/ponder/spend").json()["keys"]}
+        keys = {key_id: row["budget"] for key_id, row in rows.items()}
         assert keys["own"] == {"day": 20, "month": 100} and keys["ops"] == {"day": 10, "month": 100}
+        assert keys["frozen"] == {"day": 0, "month": 100} and rows["frozen"]["used"]["day"] == 1.0
+        refused = httpx.post(gateway.url + "/v1/chat/completions", headers=bearer("sk-frozen"), timeout=10,
+                             json={"model": "auto", "messages": [{"role": "user", "content": "x"}]})
+        assert refused.status_code == 429 and refused.json()["error"]["code"] == "budget_exhausted"
+        page = browser.new_page()
+        page.goto(gateway.url + "/dashboard#key=" + ADMIN_KEY)
+        frozen = page.locator("[data-testid=key-spend-row][data-key=frozen] td")
+        assert frozen.nth(3).text_content() == "$0 / $0"
+        assert frozen.nth(3).locator(".meter.over").count() == 1
+        page.close()
         # and enforcement agrees: a worst case of ~$15 fits the key's own $20 day, not the policy's $10
         # (mock-a: $2 per M output tokens)
         fits = httpx.post(gateway.url + "/v1/chat/completions", headers=bearer(USER_KEY), timeout=10,
@@ -498,22 +562,39 @@ def test_spend_view_shows_the_budgets_the_gateway_enforces(tmp_path):
         assert fits.status_code == 200, fits.text
 
 
-def test_the_default_policys_half_life_ages_the_learned_stats(tmp_path):
+def test_the_default_policys_half_life_ages_the_learned_stats(tmp_path, browser):
     """learner.half_life_hours reaches the store: with a 1.8 s half-life, what the learner sees of
-    four requests has faded by half a few seconds later, while the raw request count has not."""
+    four requests has faded by half a few seconds later, while the raw request count has not, nor
+    has the money: the spend and the savings the page shows are what the requests cost."""
     policy = tmp_path / "fading.yaml"
     policy.write_text(open(two_mock_policy(tmp_path, "fading")).read().replace(
         "half_life_hours: null", "half_life_hours: 0.0005"))
     with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
             "backends": [mock_backend("mock-a", mock), mock_backend("mock-b", mock)], "policy": str(policy),
             "telemetry": {"data_dir": str(tmp_path / "data"), "refresh_s": 0.2}}, name="fading")) as gateway:
+        paid = 0.0
         for _ in range(4):
-            assert chat(gateway.url, "auto", "hello there").status_code == 200
+            response = chat(gateway.url, "auto", "hello there")
+            assert response.status_code == 200
+            paid += float(response.headers["x-ponder-cost-usd"])
         time.sleep(2.5)
-        arms = [a for t in httpx.get(gateway.url + "/v1/ponder/summary").json()["tasks"] for a in t["arms"]]
+        summary = httpx.get(gateway.url + "/v1/ponder/summary").json()
+        arms = [a for t in summary["tasks"] for a in t["arms"]]
         assert sum(a["requests"] for a in arms) == 4
         learned = sum(a["count"] for a in arms)
         assert 0 < learned < 2.2, learned
+        assert summary["totals"]["spent_usd"] == pytest.approx(paid, rel=1e-6)
+        assert sum(t["spent_usd"] for t in summary["tasks"]) == pytest.approx(paid, rel=1e-6)
+        assert summary["totals"]["cost_usd"] < paid / 2  # the learner's faded view
+        savings = httpx.get(gateway.url + "/v1/ponder/savings").json()
+        assert savings["actual_cost_usd"] == pytest.approx(paid, rel=1e-6)
+        assert savings["reference_cost_usd"] == pytest.approx(paid, rel=1e-6)  # one arm: it is the reference
+        page = browser.new_page()
+        page.goto(gateway.url + "/dashboard")
+        page.wait_for_selector("[data-testid=arm-point]")
+        assert float(page.get_attribute("[data-testid=total-cost]", "data-value")) == pytest.approx(paid, rel=1e-6)
+        assert page.text_content("[data-testid=actual-cost]") == page.text_content("[data-testid=total-cost]")
+        page.close()
 
 
 def test_dashboard_fits_a_phone_screen(stack, browser):

@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from telemetry.aggregates import arm_stats, event_delta, histogram, latency_bucket, percentile
+from telemetry.aggregates import (apply_delta, arm_stats, event_delta, histogram, latency_bucket, percentile,
+                                  summary_row)
 from telemetry.budgets import BudgetExceeded, period_id
 from telemetry.cli import stats_cli
 from telemetry.events import Event
+from telemetry.redis_schema import RedisKeys
 from telemetry.redis_server import free_port, start_redis
 from telemetry.store import open_store
 
@@ -326,8 +328,39 @@ def test_decay_is_the_same_in_lua_and_python(redis_url, tmp_path):
             assert got.estimated_prompt_count == pytest.approx(expected_estimates, rel=1e-3)
         assert red.estimated_prompt_tokens == pytest.approx(emb.estimated_prompt_tokens, rel=1e-6)
         assert red.estimated_prompt_count == pytest.approx(emb.estimated_prompt_count, rel=1e-6)
+        for fields in snaps:  # money spent is never decayed (the dashboard's spend and savings)
+            row = summary_row(fields, t_read, 3600.0)
+            assert row["spent_usd"] == pytest.approx(sum(ev.cost_usd for ev in events), rel=1e-9)
+            assert row["cost_usd"] < 0.9 * row["spent_usd"]
 
     run(go())
+
+
+def test_records_from_before_spent_usd_keep_their_cost(redis_url, tmp_path):
+    """An aggregate written before `spent_usd` was kept starts it from its cost so far, in Lua and in
+    Python alike, so the dashboard's spend does not restart from zero after an upgrade."""
+    old = {"count": 2.0, "total": 2.0, "cost_usd": 0.004, "latency_ms": 100.0}
+    fields = dict(old)
+    apply_delta(fields, event_delta(event(1, cost_usd=0.001)), time.time(), None)
+    assert fields["spent_usd"] == pytest.approx(0.005)
+    assert summary_row(old, time.time())["spent_usd"] == pytest.approx(0.004)  # not updated since: its cost
+
+    async def go():
+        client = aioredis.Redis.from_url(redis_url)
+        try:
+            await client.hset(RedisKeys("ponder").agg("p", "math:hard", ARM), mapping=old)
+        finally:
+            await client.aclose()
+        store = await open_store(redis_url, tmp_path, decay_half_life_s=3600.0)
+        try:
+            store.record(event(1, cost_usd=0.001))
+            await store.flush()
+            await store.refresh()
+            return dict(store._raw["p"][("math:hard", ARM)])
+        finally:
+            await store.close()
+
+    assert run(go())["spent_usd"] == pytest.approx(0.005)
 
 
 def test_records_from_before_prompt_estimates_still_load():

@@ -14,7 +14,7 @@ const TIER_LETTER = { easy: "E", medium: "M", hard: "H" };
 
 const state = {
   key: sessionStorage.getItem(KEY_STORAGE) || "",
-  policy: "", reference: "", spendMode: "hour", selected: null, timer: null, busy: false, lastOk: 0,
+  policy: "", reference: "", spendMode: "hour", selected: null, timer: null, busy: false, again: false, lastOk: 0,
   spend: null,
 };
 
@@ -40,7 +40,7 @@ function setAttrs(node, attrs) {
   for (const [name, value] of Object.entries(attrs || {})) {
     if (value === null || value === undefined || value === false) continue;
     if (name === "text") node.textContent = value;
-    else if (name === "onclick") node.addEventListener("click", value);
+    else if (name.startsWith("on")) node.addEventListener(name.slice(2), value);
     // The CSP forbids style attributes; styles set through the CSSOM are allowed.
     else if (name === "style") node.style.cssText = value;
     else node.setAttribute(name, value === true ? "" : String(value));
@@ -150,16 +150,23 @@ function schedule() {
 }
 
 async function refresh() {
-  if (state.busy) return;
+  if (state.busy) { state.again = true; return; }  // the refresh in flight runs once more when it ends
   state.busy = true;
+  state.again = false;
   try {
-    const p = { policy: state.policy };
+    const asked = { policy: state.policy, reference: state.reference };
     const [summary, spend, savings, requests] = await Promise.all([
-      api("/v1/ponder/summary" + query(p)),
+      api("/v1/ponder/summary" + query({ policy: asked.policy })),
       api("/v1/ponder/spend"),
-      api("/v1/ponder/savings" + query({ ...p, reference: state.reference })),
+      api("/v1/ponder/savings" + query(asked)),
       api("/v1/ponder/requests?limit=50"),
     ]);
+    if (state.policy !== asked.policy || state.reference !== asked.reference) {
+      // A policy or reference picked while these were on their way: drawing them would put the old
+      // choice back in the select (and in state.policy); fetch the new one instead.
+      state.busy = false;
+      return refresh();
+    }
     showApp();
     state.policy = summary.policy;
     renderPolicies(summary);
@@ -184,7 +191,8 @@ async function refresh() {
     $("status").classList.add("stale");
   }
   state.busy = false;
-  schedule();
+  if (state.again) refresh();
+  else schedule();
 }
 
 // -- header and KPIs -----------------------------------------------------------------------------
@@ -203,8 +211,9 @@ function renderKpis(summary, spend) {
   // data-value: the exact number behind the rounded text (for tests and for copying).
   $("kpi-requests").textContent = count(t.requests);
   $("kpi-requests").dataset.value = t.requests;
-  $("kpi-cost").textContent = usd(t.cost_usd);
-  $("kpi-cost").dataset.value = t.cost_usd;
+  // spent_usd: what was paid (cost_usd fades with the learner's half-life)
+  $("kpi-cost").textContent = usd(t.spent_usd);
+  $("kpi-cost").dataset.value = t.spent_usd;
   $("kpi-24h").textContent = usd(spend.cost_usd_24h);
   $("kpi-24h").dataset.value = spend.cost_usd_24h;
   $("kpi-success").textContent = t.success_rate === null ? "no signal yet" : pct(t.success_rate, 1);
@@ -320,7 +329,7 @@ function renderTasks(tasks) {
       h("span", { text: t.current_choice ? `${shortArm(t.current_choice)} — ${pct(t.current_choice_share)} of ${count(t.requests)} requests` : `${count(t.requests)} requests` }))));
     return h("div", { class: "task-card", "data-testid": "task-chart", "data-task": task.task },
       h("h3", { text: task.task }),
-      h("div", { class: "meta", text: `${count(task.requests)} requests · ${usd(task.cost_usd)} · success ${task.success_rate === null ? "not scored" : pct(task.success_rate, 1)}` }),
+      h("div", { class: "meta", text: `${count(task.requests)} requests · ${usd(task.spent_usd)} · success ${task.success_rate === null ? "not scored" : pct(task.success_rate, 1)}` }),
       scatter(points, { xLabel: "mean cost per request (USD)", xFormat: usdTick, testid: "task-scatter" }),
       choices);
   }));
@@ -358,7 +367,8 @@ function renderSpend() {
   fill($("spend-chart"), bars(rows.map((r) => r.cost_usd), { labels, format: usd, testid: "spend-svg", barTestid: "spend-bar", every: hourly ? 3 : 5 }));
   const head = h("tr", {}, ["key", "30 days", "requests", "today vs daily budget", "this month vs monthly budget"].map((t, i) => h("th", { class: i && i < 3 ? "num" : "", text: t })));
   const meter = (spent, cap, used) => {
-    if (!cap) return h("span", { text: "no cap" });  // no ledger without a cap: 30-day spend is beside it
+    // no ledger without a cap: 30-day spend is beside it (a cap of $0 is a cap: the key may spend nothing)
+    if (cap === undefined || cap === null) return h("span", { text: "no cap" });
     const over = used >= 1;
     return h("span", {}, h("span", { class: "meter" + (over ? " over" : "") }, h("span", { style: `width:${Math.min(100, 100 * used).toFixed(1)}%` })),
       `${usd(spent || 0)} / ${usd(cap)}`);
@@ -444,14 +454,20 @@ function renderShares(shares) {
 function renderRequests(rows) {
   const head = h("tr", {}, ["time", "bucket", "arm", "mode", "samples", "cost", "latency", "status"].map((t, i) => h("th", { class: i >= 4 && i <= 6 ? "num" : "", text: t })));
   const body = h("tbody", {}, rows.map((r) => {
-    const tr = h("tr", { "data-testid": "request-row", "data-request-id": r.request_id, class: r.request_id === state.selected ? "selected" : "", onclick: () => openRequest(r.request_id) },
+    // a row opens with a click, or from the keyboard (Tab to it, Enter or Space)
+    const tr = h("tr", { "data-testid": "request-row", "data-request-id": r.request_id, class: r.request_id === state.selected ? "selected" : "",
+      tabindex: 0, onclick: () => openRequest(r.request_id),
+      onkeydown: (ev) => { if (ev.key === "Enter" || ev.key === " ") { ev.preventDefault(); openRequest(r.request_id); } } },
       h("td", { text: time(r.ts) }), h("td", { text: r.bucket }), h("td", { title: r.arm, text: shortArm(r.arm) }),
       h("td", {}, r.policy === "direct" ? h("span", { class: "tag", text: "direct" }) : h("span", { class: "tag" + (r.explore ? " explore" : ""), text: r.explore ? "explore" : "exploit" })),
       h("td", { class: "num", text: r.samples }), h("td", { class: "num", text: usd(r.cost_usd) }), h("td", { class: "num", text: ms(r.latency_ms) }),
       h("td", {}, h("span", { class: "tag " + (r.status < 400 ? "ok" : "err"), text: r.status })));
     return tr;
   }));
+  const focused = document.activeElement?.dataset.testid === "request-row" ? document.activeElement.dataset.requestId : null;
   fill($("requests"), h("thead", {}, head), body);
+  // the refresh redraws the rows: the keyboard's place stays on the same request
+  if (focused) [...body.children].find((tr) => tr.dataset.requestId === focused)?.focus();
 }
 
 async function openRequest(id) {
@@ -551,7 +567,10 @@ function boot() {
   for (const tab of document.querySelectorAll("[data-spend]")) {
     tab.addEventListener("click", () => {
       state.spendMode = tab.dataset.spend;
-      document.querySelectorAll("[data-spend]").forEach((t) => t.classList.toggle("active", t === tab));
+      document.querySelectorAll("[data-spend]").forEach((t) => {
+        t.classList.toggle("active", t === tab);
+        t.setAttribute("aria-selected", String(t === tab));
+      });
       renderSpend();
     });
   }
