@@ -7,7 +7,7 @@ exact, predictable usage (1 token per whitespace-separated word), and can misbeh
                    "cached_tokens": 0}
         script: behaviours for the next requests, in order; then fail_rate picks "500" at random.
         cached_tokens: reported in every answer's `usage.prompt_tokens_details` (a prompt cache hit).
-        behaviours: ok | 500 | 429 | 401 | too_long | echo_400 | empty | hang | reset | truncate | reset_mid | stall | slow_first | hold
+        behaviours: ok | 500 | 429 | 429_google | 401 | too_long | echo_400 | empty | hang | reset | truncate | reset_mid | stall | slow_first | hold
                     | raw | tool_call | length
         (tool_call: the answer is a call of the request's first tool, the picked answer its arguments,
         streamed a word at a time; length: the answer cut at max_tokens/max_completion_tokens words,
@@ -121,6 +121,10 @@ async def chat(request: web.Request) -> web.StreamResponse:
     if behaviour == "429":
         return web.json_response({"error": {"message": "slow down", "type": "rate_limit"}}, status=429,
                                  headers={"Retry-After": "1"})
+    if behaviour == "429_google":  # Gemini's OpenAI-compatible endpoint: no Retry-After, the wait in RetryInfo
+        return web.json_response([{"error": {
+            "code": 429, "message": "You exceeded your current quota.", "status": "RESOURCE_EXHAUSTED",
+            "details": [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "7s"}]}}], status=429)
     if behaviour == "401":  # OpenAI's answer to a key it does not know (revoked, or another provider's)
         return web.json_response({"error": {"message": "Incorrect API key provided.", "type": "invalid_request_error",
                                             "param": None, "code": "invalid_api_key"}}, status=401)
