@@ -301,6 +301,8 @@ class Backend:
         retryable = status == 429 or status >= 500 or status == 408
         client_status = status if status in REQUEST_ERRORS else (429 if status == 429 else 502)
         code, param = _passed_on(client_status, error)
+        if code is None and client_status == 400 and _says_context_exceeded(str(message)):
+            code, param = "context_length_exceeded", param or "messages"
         wait = _seconds(retry_after) or _google_retry_delay(raw.decode("utf-8", "replace"))
         return UpstreamError(self.name, client_status, f"{self.name}: upstream {status}: {message}",
                              retryable=retryable, retry_after=wait, code=code, param=param,
@@ -468,6 +470,19 @@ def _passed_on(client_status: int, error: Any) -> tuple[str | None, str | None]:
         return None, None
     code, param = error.get("code"), error.get("param")
     return (code if isinstance(code, str) and code else None), (param if isinstance(param, str) and param else None)
+
+
+# How OpenAI-compatible servers word a prompt over the model's window when their error has no string
+# `code` (vLLM's and llama.cpp's `code` is the HTTP status): vLLM ("This model's maximum context length
+# is ...", "The decoder prompt ... is longer than the maximum model length"), SGLang, llama.cpp's server.
+# litellm knows these phrases too, but the fast path does not import it.
+CONTEXT_EXCEEDED_PHRASES = ("maximum context length", "longer than the maximum model length",
+                            "longer than the model's context length", "exceeds the available context size")
+
+
+def _says_context_exceeded(message: str) -> bool:
+    message = message.lower()
+    return any(phrase in message for phrase in CONTEXT_EXCEEDED_PHRASES)
 
 
 def _seconds(value: str | None) -> float | None:

@@ -7,7 +7,7 @@ exact, predictable usage (1 token per whitespace-separated word), and can misbeh
                    "cached_tokens": 0}
         script: behaviours for the next requests, in order; then fail_rate picks "500" at random.
         cached_tokens: reported in every answer's `usage.prompt_tokens_details` (a prompt cache hit).
-        behaviours: ok | 500 | 429 | 429_google | 401 | too_long | echo_400 | empty | hang | reset | truncate | reset_mid | stall | slow_first | hold
+        behaviours: ok | 500 | 429 | 429_google | 401 | too_long | too_long_vllm | echo_400 | empty | hang | reset | truncate | reset_mid | stall | slow_first | hold
                     | raw | tool_call | length
         (tool_call: the answer is a call of the request's first tool, the picked answer its arguments,
         streamed a word at a time; length: the answer cut at max_tokens/max_completion_tokens words,
@@ -133,6 +133,11 @@ async def chat(request: web.Request) -> web.StreamResponse:
             "message": "This model's maximum context length is 8192 tokens. However, your messages resulted in "
                        "9000 tokens. Please reduce the length of the messages.",
             "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"}}, status=400)
+    if behaviour == "too_long_vllm":  # vLLM's answer to a prompt over --max-model-len: `code` is the status
+        return web.json_response({"error": {
+            "message": "This model's maximum context length is 32768 tokens. However, your request has 40000 input "
+                       "tokens. Please reduce the length of the input messages. None",
+            "type": "BadRequestError", "param": None, "code": 400}}, status=400)
     if behaviour == "echo_400":  # OpenAI's answer to a value it does not know: it quotes the value
         text = str((body.get("messages") or [{}])[-1].get("content"))
         return web.json_response({"error": {
