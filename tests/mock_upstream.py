@@ -19,7 +19,9 @@ exact, predictable usage (1 token per whitespace-separated word), and can misbeh
     POST /reset     forget everything
 
 `answers` are picked by the request's `seed` (seed % len), else in turn, so voting can be tested.
-An answer is a text, or a message object (`{"content": null, "tool_calls": [...]}`, `{"refusal": ...}`):
+An answer is a text, or a message object (`{"content": null, "tool_calls": [...]}`, `{"refusal": ...}`,
+`{"content": ..., "reasoning_content": ...}` as vLLM's reasoning parsers answer, or `"reasoning"` as newer
+vLLM names it: its words are output tokens, and it streams first):
 its tool calls stream as OpenAI streams them (the call's id, type and name with empty arguments, then
 the arguments in pieces of a few characters, under the call's index) and finish with "tool_calls".
 A text answer longer than the request's `max_tokens` / `max_completion_tokens` is cut there (its
@@ -63,7 +65,9 @@ def answer_tokens(answer: str | dict) -> int:
     content = message.get("content") or message.get("refusal") or ""
     if isinstance(content, list):  # parts, as Mistral's reasoning models answer: their text counts
         content = " ".join(str(p.get("text", "")) if isinstance(p, dict) else str(p) for p in content)
-    return words(content) + sum(
+    # a reasoning server's chain of thought (vLLM's `reasoning_content`, or `reasoning`) is output too
+    thought = message.get("reasoning_content") or message.get("reasoning") or ""
+    return words(content) + words(thought) + sum(
         1 + len(str(call["function"].get("arguments", ""))) // 4
         for call in calls if isinstance(call.get("function"), dict))  # a malformed call (a test's) counts 0
 
@@ -204,7 +208,7 @@ async def stream(request: web.Request, body: dict, base: dict, answer: str | dic
     await response.prepare(request)
     chunk = {**base, "object": "chat.completion.chunk"}
     if not isinstance(answer, str):
-        return await stream_message(response, body, chunk, as_message(answer), usage)
+        return await stream_message(request, response, body, chunk, as_message(answer), usage, behaviour)
     pieces = answer.split(" ")
     for i, piece in enumerate(pieces):
         delta = {"content": piece if i == 0 else " " + piece}
@@ -237,13 +241,19 @@ async def stream(request: web.Request, body: dict, base: dict, answer: str | dic
     return response
 
 
-async def stream_message(response: web.StreamResponse, body: dict, chunk: dict, message: dict,
-                         usage: dict) -> web.StreamResponse:
+async def stream_message(request: web.Request, response: web.StreamResponse, body: dict, chunk: dict,
+                         message: dict, usage: dict, behaviour: str = "ok") -> web.StreamResponse:
     """A message answer as OpenAI streams it: role first, tool calls as id/name then argument pieces."""
     async def send(delta: dict, finish: str | None = None) -> None:
         await response.write(b"data: " + orjson.dumps(
             {**chunk, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}) + b"\n\n")
 
+    for field in ("reasoning_content", "reasoning"):  # as vLLM streams it: the thought first, a word at a time
+        for i, piece in enumerate((message.get(field) or "").split(" ") if message.get(field) else ()):
+            await send({"role": "assistant", field: piece if i == 0 else " " + piece})
+    if behaviour == "reset_mid" and (message.get("reasoning_content") or message.get("reasoning")):
+        request.transport.close()  # broken after the thought, before the answer
+        return response
     first = {"role": "assistant", "content": None}
     if message.get("refusal"):
         first["refusal"] = message["refusal"]
