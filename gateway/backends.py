@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -300,8 +301,11 @@ class Backend:
         retryable = status == 429 or status >= 500 or status == 408
         client_status = status if status in REQUEST_ERRORS else (429 if status == 429 else 502)
         code, param = _passed_on(client_status, error)
+        if code is None and client_status == 400 and _says_context_exceeded(str(message)):
+            code, param = "context_length_exceeded", param or "messages"
+        wait = _seconds(retry_after) or _google_retry_delay(raw.decode("utf-8", "replace"))
         return UpstreamError(self.name, client_status, f"{self.name}: upstream {status}: {message}",
-                             retryable=retryable, retry_after=_seconds(retry_after), code=code, param=param,
+                             retryable=retryable, retry_after=wait, code=code, param=param,
                              upstream_status=status)
 
     def _litellm_params(self, body: dict[str, Any], leave_out: tuple[str, ...]) -> dict[str, Any]:
@@ -468,11 +472,34 @@ def _passed_on(client_status: int, error: Any) -> tuple[str | None, str | None]:
     return (code if isinstance(code, str) and code else None), (param if isinstance(param, str) and param else None)
 
 
+# How OpenAI-compatible servers word a prompt over the model's window when their error has no string
+# `code` (vLLM's and llama.cpp's `code` is the HTTP status): vLLM ("This model's maximum context length
+# is ...", "The decoder prompt ... is longer than the maximum model length"), SGLang, llama.cpp's server.
+# litellm knows these phrases too, but the fast path does not import it.
+CONTEXT_EXCEEDED_PHRASES = ("maximum context length", "longer than the maximum model length",
+                            "longer than the model's context length", "exceeds the available context size")
+
+
+def _says_context_exceeded(message: str) -> bool:
+    message = message.lower()
+    return any(phrase in message for phrase in CONTEXT_EXCEEDED_PHRASES)
+
+
 def _seconds(value: str | None) -> float | None:
     try:
         return max(0.0, float(value)) if value else None
     except ValueError:
         return None
+
+
+# Google's APIs (Gemini, Vertex AI) send no Retry-After: a 429's wait is in the error body's RetryInfo
+# detail, a protobuf Duration such as "7s" or "0.5s"
+_GOOGLE_RETRY_DELAY = re.compile(r'"retryDelay"\s*:\s*"(\d+(?:\.\d+)?)s"')
+
+
+def _google_retry_delay(text: str) -> float | None:
+    match = _GOOGLE_RETRY_DELAY.search(text)
+    return float(match.group(1)) if match else None
 
 
 _LITELLM = None
@@ -524,7 +551,8 @@ def _litellm_error(backend: str, exc: Exception) -> UpstreamError:
         return UpstreamError(backend, 504, f"{backend}: upstream timed out", retryable=True)
     retryable = status in (0, 408, 429) or status >= 500
     client_status = status if status in REQUEST_ERRORS or status == 429 else 502
-    retry_after = _seconds(_litellm_headers(exc).get("retry-after"))
+    # litellm keeps the upstream's error body only as text in its message (Google's RetryInfo with it)
+    retry_after = _seconds(_litellm_headers(exc).get("retry-after")) or _google_retry_delay(str(exc))
     body = getattr(exc, "body", None)
     error = dict(body) if isinstance(body, dict) else {}
     if not error.get("code") and type(exc).__name__ in _LITELLM_CODES:

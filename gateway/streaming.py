@@ -28,6 +28,9 @@ from gateway.errors import ApiError
 from router.estimates import may_exceed_context
 
 DONE = b"data: [DONE]\n\n"
+# Where reasoning servers put the chain of thought: `reasoning_content` (DeepSeek, vLLM's reasoning
+# parsers until 0.11, litellm), `reasoning` (vLLM since, OpenRouter)
+REASONING_FIELDS = ("reasoning_content", "reasoning")
 KEEPALIVE = b": ponder is sampling\n\n"
 
 
@@ -259,7 +262,7 @@ def _content_chars(chunk: dict) -> int:
     chars = 0
     for choice in chunk.get("choices") or ():
         delta = choice.get("delta") or {}
-        for key in ("content", "reasoning_content"):
+        for key in REASONING_FIELDS + ("content",):
             if isinstance(delta.get(key), str):
                 chars += len(delta[key])
         for call in delta.get("tool_calls") or ():
@@ -318,7 +321,7 @@ def completion_to_chunks(response: dict[str, Any], *, include_usage: bool) -> li
         index = choice.get("index", 0)
         # null content stays null (a tool call's, a refusal's), as OpenAI streams it and as the JSON answer has it
         delta: dict[str, Any] = {"role": "assistant", "content": message.get("content")}
-        for extra in ("refusal", "reasoning_content", "function_call"):  # what the answer says besides its content
+        for extra in ("refusal", *REASONING_FIELDS, "function_call"):  # what the answer says besides its content
             if message.get(extra):
                 delta[extra] = message[extra]
         if message.get("tool_calls"):

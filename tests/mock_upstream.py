@@ -7,7 +7,7 @@ exact, predictable usage (1 token per whitespace-separated word), and can misbeh
                    "cached_tokens": 0}
         script: behaviours for the next requests, in order; then fail_rate picks "500" at random.
         cached_tokens: reported in every answer's `usage.prompt_tokens_details` (a prompt cache hit).
-        behaviours: ok | 500 | 429 | 401 | too_long | echo_400 | empty | hang | reset | truncate | reset_mid | stall | slow_first | hold
+        behaviours: ok | 500 | 429 | 429_google | 401 | too_long | too_long_vllm | echo_400 | empty | hang | reset | truncate | reset_mid | stall | slow_first | hold
                     | raw | tool_call | length
         (tool_call: the answer is a call of the request's first tool, the picked answer its arguments,
         streamed a word at a time; length: the answer cut at max_tokens/max_completion_tokens words,
@@ -19,7 +19,9 @@ exact, predictable usage (1 token per whitespace-separated word), and can misbeh
     POST /reset     forget everything
 
 `answers` are picked by the request's `seed` (seed % len), else in turn, so voting can be tested.
-An answer is a text, or a message object (`{"content": null, "tool_calls": [...]}`, `{"refusal": ...}`):
+An answer is a text, or a message object (`{"content": null, "tool_calls": [...]}`, `{"refusal": ...}`,
+`{"content": ..., "reasoning_content": ...}` as vLLM's reasoning parsers answer, or `"reasoning"` as newer
+vLLM names it: its words are output tokens, and it streams first):
 its tool calls stream as OpenAI streams them (the call's id, type and name with empty arguments, then
 the arguments in pieces of a few characters, under the call's index) and finish with "tool_calls".
 A text answer longer than the request's `max_tokens` / `max_completion_tokens` is cut there (its
@@ -63,7 +65,9 @@ def answer_tokens(answer: str | dict) -> int:
     content = message.get("content") or message.get("refusal") or ""
     if isinstance(content, list):  # parts, as Mistral's reasoning models answer: their text counts
         content = " ".join(str(p.get("text", "")) if isinstance(p, dict) else str(p) for p in content)
-    return words(content) + sum(
+    # a reasoning server's chain of thought (vLLM's `reasoning_content`, or `reasoning`) is output too
+    thought = message.get("reasoning_content") or message.get("reasoning") or ""
+    return words(content) + words(thought) + sum(
         1 + len(str(call["function"].get("arguments", ""))) // 4
         for call in calls if isinstance(call.get("function"), dict))  # a malformed call (a test's) counts 0
 
@@ -121,6 +125,10 @@ async def chat(request: web.Request) -> web.StreamResponse:
     if behaviour == "429":
         return web.json_response({"error": {"message": "slow down", "type": "rate_limit"}}, status=429,
                                  headers={"Retry-After": "1"})
+    if behaviour == "429_google":  # Gemini's OpenAI-compatible endpoint: no Retry-After, the wait in RetryInfo
+        return web.json_response([{"error": {
+            "code": 429, "message": "You exceeded your current quota.", "status": "RESOURCE_EXHAUSTED",
+            "details": [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "7s"}]}}], status=429)
     if behaviour == "401":  # OpenAI's answer to a key it does not know (revoked, or another provider's)
         return web.json_response({"error": {"message": "Incorrect API key provided.", "type": "invalid_request_error",
                                             "param": None, "code": "invalid_api_key"}}, status=401)
@@ -129,6 +137,11 @@ async def chat(request: web.Request) -> web.StreamResponse:
             "message": "This model's maximum context length is 8192 tokens. However, your messages resulted in "
                        "9000 tokens. Please reduce the length of the messages.",
             "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"}}, status=400)
+    if behaviour == "too_long_vllm":  # vLLM's answer to a prompt over --max-model-len: `code` is the status
+        return web.json_response({"error": {
+            "message": "This model's maximum context length is 32768 tokens. However, your request has 40000 input "
+                       "tokens. Please reduce the length of the input messages. None",
+            "type": "BadRequestError", "param": None, "code": 400}}, status=400)
     if behaviour == "echo_400":  # OpenAI's answer to a value it does not know: it quotes the value
         text = str((body.get("messages") or [{}])[-1].get("content"))
         return web.json_response({"error": {
@@ -195,7 +208,7 @@ async def stream(request: web.Request, body: dict, base: dict, answer: str | dic
     await response.prepare(request)
     chunk = {**base, "object": "chat.completion.chunk"}
     if not isinstance(answer, str):
-        return await stream_message(response, body, chunk, as_message(answer), usage)
+        return await stream_message(request, response, body, chunk, as_message(answer), usage, behaviour)
     pieces = answer.split(" ")
     for i, piece in enumerate(pieces):
         delta = {"content": piece if i == 0 else " " + piece}
@@ -228,13 +241,19 @@ async def stream(request: web.Request, body: dict, base: dict, answer: str | dic
     return response
 
 
-async def stream_message(response: web.StreamResponse, body: dict, chunk: dict, message: dict,
-                         usage: dict) -> web.StreamResponse:
+async def stream_message(request: web.Request, response: web.StreamResponse, body: dict, chunk: dict,
+                         message: dict, usage: dict, behaviour: str = "ok") -> web.StreamResponse:
     """A message answer as OpenAI streams it: role first, tool calls as id/name then argument pieces."""
     async def send(delta: dict, finish: str | None = None) -> None:
         await response.write(b"data: " + orjson.dumps(
             {**chunk, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}) + b"\n\n")
 
+    for field in ("reasoning_content", "reasoning"):  # as vLLM streams it: the thought first, a word at a time
+        for i, piece in enumerate((message.get(field) or "").split(" ") if message.get(field) else ()):
+            await send({"role": "assistant", field: piece if i == 0 else " " + piece})
+    if behaviour == "reset_mid" and (message.get("reasoning_content") or message.get("reasoning")):
+        request.transport.close()  # broken after the thought, before the answer
+        return response
     first = {"role": "assistant", "content": None}
     if message.get("refusal"):
         first["refusal"] = message["refusal"]

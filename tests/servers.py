@@ -1,5 +1,6 @@
 """Real servers on loopback for the tests: the gateway (uvicorn, as `ponder serve` runs it), the mock
-OpenAI-compatible upstream and the mock Anthropic API. Each is a separate process, talked to over HTTP only."""
+OpenAI-compatible upstream, and the mock Anthropic and Gemini APIs. Each is a separate process, talked
+to over HTTP only."""
 
 from __future__ import annotations
 
@@ -91,6 +92,13 @@ def start_anthropic_mock(tmp: Path) -> Process:
     port = free_port()
     return Process([PYTHON, str(ROOT / "tests" / "mock_anthropic.py"), "--port", str(port)],
                    f"http://127.0.0.1:{port}", "/calls", tmp / f"anthropic-{port}.log")
+
+
+def start_gemini_mock(tmp: Path) -> Process:
+    """A mock of the Gemini API (tests/mock_gemini.py), for `gemini/` backends called through litellm."""
+    port = free_port()
+    return Process([PYTHON, str(ROOT / "tests" / "mock_gemini.py"), "--port", str(port)],
+                   f"http://127.0.0.1:{port}", "/calls", tmp / f"gemini-{port}.log")
 
 
 def mock_backend(name: str, mock: Process, **extra) -> dict:

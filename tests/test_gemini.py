@@ -1,0 +1,124 @@
+"""Gemini behind litellm: the openai SDK against `ponder serve`, in front of a real HTTP mock of the
+Gemini API (tests/mock_gemini.py), which refuses what Gemini refuses."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from tests.servers import running, start_gateway, start_gemini_mock, start_mock, write_policy
+
+# litellm's cost map for gemini-2.5-flash, USD per token
+FLASH_INPUT, FLASH_OUTPUT, FLASH_CACHE_READ = 0.3e-6, 2.5e-6, 0.03e-6
+
+
+def gemini_backend(name: str, mock, model: str = "gemini/gemini-2.5-flash", **extra) -> dict:
+    return {"name": name, "model": model, "api_base": mock.url + "/v1beta", "api_key_env": "GEMINI_API_KEY",
+            "reasoning": True, "efforts": ["none", "low", "medium", "high"], "max_retries": 1, "timeout_s": 5,
+            "first_byte_timeout_s": 3, **extra}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gemini")
+    policy = write_policy(tmp, {
+        "name": "gemini",
+        "arms": {"plain": {"backend": "flash", "effort": "none", "prior": 0.8},
+                 "vote": {"backend": "flash", "effort": "low", "strategy": "self_consistency", "n": 3}},
+        "routes": [{"name": "all", "candidates": ["plain"]}],
+        "exploration": {"share": 0.0},
+        "overrides": {"reasoning_effort": True},
+    }, "gemini.yaml")
+    with running(start_gemini_mock(tmp)) as mock, running(start_mock(tmp)) as openai_mock, \
+            running(start_gateway(tmp, {
+            "backends": [gemini_backend("flash", mock),
+                         # one per test that leaves its backend cooling down
+                         *(gemini_backend(f"flash-{i}", mock) for i in range(2)),
+                         # Gemini's OpenAI-compatible endpoint, on the fast path
+                         {"name": "flash-openai", "model": "openai/gemini-2.5-flash",
+                          "api_base": openai_mock.url + "/v1", "max_retries": 1, "timeout_s": 5}],
+            "policy": policy}, name="gemini", env={"GEMINI_API_KEY": "gemini-test-key"})) as gateway:
+        yield gateway, mock, openai_mock
+
+
+@pytest.fixture
+def mock(stack):
+    httpx.post(stack[1].url + "/reset")
+    return stack[1]
+
+
+@pytest.fixture
+def client(stack, mock):
+    return openai.OpenAI(base_url=stack[0].url + "/v1", api_key="unused", max_retries=0)
+
+
+def control(mock, **kwargs):
+    httpx.post(mock.url + "/control", json=kwargs).raise_for_status()
+
+
+def sent(mock) -> list[dict]:
+    return httpx.get(mock.url + "/calls").json()["bodies"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_thinking_and_cached_tokens_are_billed_as_gemini_bills_them(client, mock, stream):
+    """Gemini reports thoughts apart from the answer (thoughtsTokenCount) and the prompt's cached part
+    (cachedContentTokenCount): thoughts are billed as output, cached tokens at the cached price."""
+    control(mock, answers=["four words long here"], cached=2, thinking="one two three four five six")
+    raw = client.chat.completions.with_raw_response.create(
+        model="flash", reasoning_effort="low", messages=[{"role": "user", "content": "one two three"}],
+        stream=stream, **({"stream_options": {"include_usage": True}} if stream else {}))
+    if stream:
+        usage_chunk = list(raw.parse())[-1]
+        usage, cost = usage_chunk.usage, usage_chunk.model_extra["ponder"]["cost_usd"]
+    else:
+        completion = raw.parse()
+        usage, cost = completion.usage, float(raw.headers["x-ponder-cost-usd"])
+        assert completion.choices[0].message.content == "four words long here"
+    assert sent(mock)[-1]["generationConfig"]["thinkingConfig"]["thinkingBudget"] == 1024
+    assert (usage.prompt_tokens, usage.completion_tokens) == (3, 4 + 6)
+    assert usage.completion_tokens_details.reasoning_tokens == 6 and usage.prompt_tokens_details.cached_tokens == 2
+    assert cost == pytest.approx(1 * FLASH_INPUT + 2 * FLASH_CACHE_READ + 10 * FLASH_OUTPUT, rel=1e-3)
+
+
+def test_a_vote_on_gemini_reads_the_answers_not_the_thoughts(client, mock):
+    control(mock, answers=["The answer is 42", "The answer is 41", "The answer is 42"],
+            thinking="Perhaps it is 41 or maybe 41")
+    raw = client.chat.completions.with_raw_response.create(
+        model="auto", reasoning_effort="low", messages=[{"role": "user", "content": "What is 6 x 7?"}])
+    assert raw.headers["x-ponder-arm"] == "flash/low/self_consistency/3"
+    assert raw.parse().choices[0].message.content == "The answer is 42"
+    bodies = sent(mock)
+    assert len(bodies) == 3 and all(b["generationConfig"]["thinkingConfig"]["thinkingBudget"] == 1024 for b in bodies)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_rate_limit_passes_on_geminis_retry_delay(client, mock, stream):
+    """Gemini sends no Retry-After: its 429 RESOURCE_EXHAUSTED says when to come back in the body's
+    RetryInfo (retryDelay "7s"). That was lost: the backend was called again at once (spending the
+    exhausted quota's next request), and the client's 429 said to retry in 1 s."""
+    control(mock, script=["429", "429"])
+    backend = f"flash-{int(stream)}"
+    with pytest.raises(openai.RateLimitError) as limited:
+        response = client.chat.completions.create(model=backend, messages=[{"role": "user", "content": "x"}],
+                                                  stream=stream)
+        list(response) if stream else None
+    assert limited.value.response.headers["retry-after"] == "7"  # the mock's retryDelay
+    assert len(sent(mock)) == 1
+    # the backend waits as long as Gemini asked: no call reaches it meanwhile
+    with pytest.raises(openai.APIStatusError) as cooling:
+        client.chat.completions.create(model=backend, messages=[{"role": "user", "content": "x"}])
+    assert cooling.value.status_code == 503 and int(cooling.value.response.headers["retry-after"]) >= 5
+    assert len(sent(mock)) == 1
+
+
+def test_a_rate_limit_from_geminis_openai_compatible_endpoint_passes_on_its_retry_delay(stack, client):
+    """The same RetryInfo, in the list-wrapped error body of Gemini's OpenAI-compatible endpoint."""
+    openai_mock = stack[2]
+    httpx.post(openai_mock.url + "/reset")
+    httpx.post(openai_mock.url + "/control", json={"script": ["429_google", "429_google"]}).raise_for_status()
+    with pytest.raises(openai.RateLimitError) as limited:
+        client.chat.completions.create(model="flash-openai", messages=[{"role": "user", "content": "x"}])
+    assert limited.value.response.headers["retry-after"] == "7"
+    assert httpx.get(openai_mock.url + "/calls").json()["count"] == 1
