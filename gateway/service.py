@@ -49,6 +49,12 @@ from telemetry.store import BudgetExceeded, Store, open_store
 log = logging.getLogger("ponder.gateway")
 DIRECT_SAMPLES = 5  # samples when a client asks a named backend for a multi-sample strategy
 CLOSE_WAIT_S = 5.0  # at shutdown, how long the store waits for requests still settling
+# An output limit the gateway sends leaves the prompt room in the context window. The prompt estimate
+# (characters / 4) can undercount a tokenizer by a quarter, and a sample may carry the reasoning
+# instruction; the limit never drops below MIN_OUTPUT_LIMIT (a prompt that near the window fails anyway).
+PROMPT_UNDERCOUNT = 1.25
+PROMPT_ADDITIONS = 256
+MIN_OUTPUT_LIMIT = 256
 
 
 @dataclass
@@ -282,7 +288,7 @@ class Gateway:
             capped = self.has_budget(principal)
             worst = self.plan_worst_case_usd(decision, req, hints.prompt_tokens, capped=capped)
             self._check_direct_cost(worst, hints, policy)
-            decision, caps = self._with_output_caps(decision, req, capped)
+            decision, caps = self._with_output_caps(decision, req, capped, hints.prompt_tokens or 0)
             return Plan(request_id, decision, policy, principal, req.model, worst_cost_usd=worst,
                         prompt_tokens=hints.prompt_tokens or 0, max_output_tokens=req.max_output_tokens,
                         choices=req.n, capped=capped, output_caps=caps, classify_s=classified - started,
@@ -314,7 +320,7 @@ class Gateway:
         if budget_left is not None:
             decision = self._arms_within(decision, req, hints.prompt_tokens, budget_left)
         capped = self.has_budget(principal)
-        decision, caps = self._with_output_caps(decision, req, capped)
+        decision, caps = self._with_output_caps(decision, req, capped, hints.prompt_tokens or 0)
         return Plan(request_id, decision, policy, principal, req.model,
                     worst_cost_usd=self.plan_worst_case_usd(decision, req, hints.prompt_tokens, capped=capped),
                     prompt_tokens=hints.prompt_tokens or 0,
@@ -404,10 +410,12 @@ class Gateway:
         return dataclasses.replace(decision, arm=kept[0], fallbacks=tuple(kept[1:]), reasons=tuple(reasons),
                                    explore=decision.explore and kept[0] is decision.arm)
 
-    def _with_output_caps(self, decision: Decision, req: ChatRequest,
-                          capped: bool) -> tuple[Decision, dict[str, int]]:
+    def _with_output_caps(self, decision: Decision, req: ChatRequest, capped: bool,
+                          prompt_tokens: int) -> tuple[Decision, dict[str, int]]:
         """The output limits the gateway sends this request's calls (output_bound: a key with a budget, no
-        max_tokens, a backend whose maximum output is unknown), and the decision saying so."""
+        max_tokens, a backend whose maximum output is unknown), and the decision saying so. A limit leaves
+        the prompt its room in the backend's context window: vLLM refuses a request whose prompt plus
+        max_tokens is over it, which the request without the limit was not."""
         if not capped or req.max_output_tokens is not None:
             return decision, {}
         caps: dict[str, int] = {}
@@ -415,7 +423,9 @@ class Gateway:
             backend = self.backends.get(name)
             bound = output_bound(backend, None, capped=True) if backend is not None else None
             if bound is not None and bound.sent:
-                caps[name] = bound.tokens
+                room = None if backend.max_context is None else \
+                    backend.max_context - int(prompt_tokens * PROMPT_UNDERCOUNT) - PROMPT_ADDITIONS
+                caps[name] = bound.tokens if room is None else max(MIN_OUTPUT_LIMIT, min(bound.tokens, room))
         if not caps:
             return decision, caps
         sent = ", ".join(f"{tokens} to {name}" for name, tokens in caps.items())

@@ -58,7 +58,8 @@ def backends(mock) -> list[dict]:
     return [mock_backend("m", mock),  # an api_base: its maximum output is unknown
             mock_backend("m-max", mock, max_output_tokens=DECLARED_MAX),
             mock_backend("m-think", mock, reasoning=True),
-            mock_backend("m-free", mock, prices={"input_per_mtok": 0.0, "output_per_mtok": 0.0})]
+            mock_backend("m-free", mock, prices={"input_per_mtok": 0.0, "output_per_mtok": 0.0}),
+            mock_backend("m-window", mock, max_context=4000)]
 
 
 @pytest.fixture(scope="module")
@@ -276,3 +277,21 @@ def test_an_explored_arm_that_gives_way_is_not_recorded_as_explored(tmp_path):
         capped = post(gateway.url, "sk-left")
         assert capped.status_code == 200, capped.text
         assert capped.headers["x-ponder-arm"].startswith("m/") and capped.json()["ponder"]["explore"] is False
+
+
+def test_a_limit_sent_leaves_the_prompt_its_room_in_the_context_window(stack, mock):
+    """vLLM refuses a request whose prompt plus max_tokens is over its window (--max-model-len); the
+    request without the gateway's limit was served. A limit sent for a capped key is cut to the room
+    the prompt leaves (its estimate with a quarter's slack and the reasoning instruction's)."""
+    from gateway.service import MIN_OUTPUT_LIMIT, PROMPT_ADDITIONS, PROMPT_UNDERCOUNT
+    from router.estimates import estimate_prompt_tokens
+
+    messages = [{"role": "user", "content": "word " * 2000}]
+    answer = httpx.post(stack["gateway"].url + "/v1/chat/completions", timeout=30,
+                        json={"model": "m-window", "messages": messages},
+                        headers={"authorization": "Bearer sk-capped"})
+    assert answer.status_code == 200, answer.text
+    room = 4000 - int(estimate_prompt_tokens(messages) * PROMPT_UNDERCOUNT) - PROMPT_ADDITIONS
+    assert MIN_OUTPUT_LIMIT < room < 1024
+    assert [body["max_tokens"] for body in sent(mock)["bodies"]] == [room]
+    assert answer.json()["ponder"]["max_tokens_sent"] == {"m-window": room}
