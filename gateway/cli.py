@@ -24,6 +24,15 @@ LOG_LEVELS = ("critical", "error", "warning", "info", "debug")  # what both logg
 LITELLM_LOGGERS = ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy", "litellm")
 
 
+class WithoutUserMedia(logging.Filter):
+    """Drops litellm's lines about fetching a user's image or file (for a provider that takes them
+    inline, as Claude does an `http://` image): each names its URL, which is part of the prompt (a
+    signed URL is a credential), at WARNING and ERROR, where `log_prompts` keeps only debug lines out."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.module != "image_handling"
+
+
 def port_number(text: str) -> int:
     """An argparse type: a TCP port, 0 meaning any free one (uvicorn logs the one it got). Without the range
     check the socket layer wraps 99999 to 34463 and a negative port fails inside the server's startup."""
@@ -64,6 +73,7 @@ def serve(argv: list[str]) -> int:
         # unless the operator asked for them, whatever the log level.
         for name in LITELLM_LOGGERS:
             logging.getLogger(name).setLevel(max(logging.INFO, logging.getLogger().level))
+            logging.getLogger(name).addFilter(WithoutUserMedia())
     http = guarded_protocol(config.max_header_bytes, config.header_timeout_s)  # httptools, with limits
     uvicorn.run(create_app(config), host=args.host, port=args.port, loop="uvloop", http=http,
                 log_level=args.log_level, access_log=False, timeout_graceful_shutdown=config.shutdown_grace_s)

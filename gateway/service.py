@@ -13,6 +13,7 @@ import os
 import random
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ from policies.schema import PolicyError
 from router import prompts
 from router.classifier import Classifier, ClassifierError
 from router.decide import BudgetExhausted, ContextTooLong, InvalidHint, RequestHints, context_message, decide
-from router.estimates import CompiledPolicy, estimate_prompt_tokens, exceeds_context
+from router.estimates import CompiledPolicy, estimate_prompt_tokens, exceeds_context, prompt_tokens_bound
 from router.types import Arm, Classification, Decision
 from telemetry.budgets import Reservation, exceeded, latest_reset, seconds_until_reset
 from telemetry.embedded_store import check_data_dir
@@ -68,6 +69,7 @@ class Plan:
     alias: str
     worst_cost_usd: float = 0.0  # what the request may cost at most (see Gateway.worst_case_usd)
     prompt_tokens: int = 0  # estimated, as the decision saw it
+    held_prompt_tokens: int | None = None  # counted as the budget holds it (prompt_counter)
     max_output_tokens: int | None = None  # the client's
     choices: int = 1  # the client's `n`
     capped: bool = False  # the key has a budget: worst_cost_usd is the request's true bound (output_bound)
@@ -286,11 +288,13 @@ class Gateway:
                                code="context_length_exceeded")
             decision = self._direct(req, headers, classification, policy)
             capped = self.has_budget(principal)
-            worst = self.plan_worst_case_usd(decision, req, hints.prompt_tokens, capped=capped)
+            held = prompt_tokens_bound(req.messages, req.body) if capped else hints.prompt_tokens
+            worst = self.plan_worst_case_usd(decision, req, held, capped=capped)
             self._check_direct_cost(worst, hints, policy)
             decision, caps = self._with_output_caps(decision, req, capped, hints.prompt_tokens or 0)
             return Plan(request_id, decision, policy, principal, req.model, worst_cost_usd=worst,
-                        prompt_tokens=hints.prompt_tokens or 0, max_output_tokens=req.max_output_tokens,
+                        prompt_tokens=hints.prompt_tokens or 0, held_prompt_tokens=held,
+                        max_output_tokens=req.max_output_tokens,
                         choices=req.n, capped=capped, output_caps=caps, classify_s=classified - started,
                         decide_s=time.perf_counter() - classified)
         if req.model not in policy.aliases:
@@ -317,13 +321,14 @@ class Gateway:
             if held > 0 and short and not _spent_out(left_by_period, need, held):
                 raise _budget_held(period, held) from None
             raise ApiError(429, str(exc), code="budget_exhausted", headers=_retry_at_reset(period)) from None
-        if budget_left is not None:
-            decision = self._arms_within(decision, req, hints.prompt_tokens, budget_left)
         capped = self.has_budget(principal)
+        held = prompt_tokens_bound(req.messages, req.body) if capped else hints.prompt_tokens
+        if budget_left is not None:
+            decision = self._arms_within(decision, req, held, budget_left)
         decision, caps = self._with_output_caps(decision, req, capped, hints.prompt_tokens or 0)
         return Plan(request_id, decision, policy, principal, req.model,
-                    worst_cost_usd=self.plan_worst_case_usd(decision, req, hints.prompt_tokens, capped=capped),
-                    prompt_tokens=hints.prompt_tokens or 0,
+                    worst_cost_usd=self.plan_worst_case_usd(decision, req, held, capped=capped),
+                    prompt_tokens=hints.prompt_tokens or 0, held_prompt_tokens=held,
                     max_output_tokens=req.max_output_tokens, choices=req.n, capped=capped, output_caps=caps,
                     classify_s=classified - started, decide_s=time.perf_counter() - classified)
 
@@ -336,14 +341,19 @@ class Gateway:
         without it, calls without max_tokens count a default length, only for a named backend's
         per-request cost caps. Every prompt counts what the gateway adds to it: the reasoning
         instruction of a sample that gets one, and a best-of-N judge's rubric, question and candidate
-        answer. `prompt_tokens`: the messages' estimate, if made. `output_tokens`: what each call would
-        write with that max_tokens (for `affordable_max_tokens`)."""
+        answer. Prompts are counted by `prompt_counter`: for a key with a budget by their bound, not
+        their estimate, which can be 8x under (digits, Chinese, emoji); `prompt_tokens`: the messages'
+        count so made, if made. `output_tokens`: what each call would write with that max_tokens (for
+        `affordable_max_tokens`)."""
         backend = self.backends.get(arm.backend)
         if backend is None:
             return 0.0
+        count = prompt_counter(capped)
         if prompt_tokens is None:
-            prompt_tokens = estimate_prompt_tokens(req.messages, req.body)
+            prompt_tokens = count(req.messages, req.body)
         prompt = prompt_tokens
+        if capped and backend.max_context is not None:  # a longer prompt is refused, and costs nothing
+            prompt = min(prompt, backend.max_context)
         out = output_tokens if output_tokens is not None else \
             output_bound(backend, req.max_output_tokens, capped=capped).tokens
         # every sample a strategy may draw: self-consistency's extra round for a client's `n` replaces
@@ -351,11 +361,11 @@ class Gateway:
         samples = max(arm.n, req.n)
         params = dict(arm.params)
         if uses_cot(arm if arm.strategy != "cascade" else first_stage(arm), backend.spec, params):
-            prompt += cot_instruction_tokens(params.get("cot_template"))
+            prompt += cot_instruction_tokens(params.get("cot_template"), count)
         cost = call_cost(backend.prices, prompt, out) * samples
         if arm.strategy == "best_of_n":
             judge = self.backends.get(arm.verifier or arm.backend, backend)
-            judged = estimate_prompt_tokens(prompts.judge_messages(prompts.last_user_text(req.messages), "")) + out
+            judged = count(prompts.judge_messages(prompts.last_user_text(req.messages), "")) + out
             cost += call_cost(judge.prices, judged, JUDGE_OUTPUT_TOKENS) * samples
         return cost + sum(self.worst_case_usd(stage, req, prompt_tokens, capped=capped, output_tokens=output_tokens)
                           for stage in arm.stages)
@@ -367,21 +377,21 @@ class Gateway:
                    for arm in (decision.arm, *decision.fallbacks))
 
     def affordable_max_tokens(self, arms: list[Arm], req: ChatRequest, prompt_tokens: int | None,
-                              usd: float) -> int | None:
+                              usd: float, *, capped: bool = False) -> int | None:
         """The largest max_tokens with which these arms' worst case is at most `usd` (a request's worst
         case is linear in it); 0 when not even one token fits (the prompts alone cost more); None when
         the output is free, so no max_tokens would change it."""
         most: int | None = None
         for arm in arms:
-            base = self.worst_case_usd(arm, req, prompt_tokens, output_tokens=0)
-            per_token = self.worst_case_usd(arm, req, prompt_tokens, output_tokens=1) - base
+            base = self.worst_case_usd(arm, req, prompt_tokens, capped=capped, output_tokens=0)
+            per_token = self.worst_case_usd(arm, req, prompt_tokens, capped=capped, output_tokens=1) - base
             if base > usd:
                 return 0
             if per_token > 0:
                 fits = int((usd - base) / per_token + 1e-6)
                 most = fits if most is None else min(most, fits)
         # float rounding at the edge; the stores admit what passes the limit by less than 1e-9 USD
-        while most and any(self.worst_case_usd(arm, req, prompt_tokens, output_tokens=most) > usd + 1e-9
+        while most and any(self.worst_case_usd(arm, req, prompt_tokens, capped=capped, output_tokens=most) > usd + 1e-9
                            for arm in arms):
             most -= 1
         return most
@@ -613,10 +623,11 @@ class Gateway:
         (the backend's maximum output, or the default length the gateway sends as the limit), since a
         client that sent none cannot guess it. "" with `only_if_fits` when no max_tokens would fit."""
         arms = plan.arms()
-        most = self.affordable_max_tokens(arms, req, plan.prompt_tokens, usd)
+        most = self.affordable_max_tokens(arms, req, plan.held_prompt_tokens, usd, capped=plan.capped)
         if only_if_fits and not most:
             return ""
-        costliest = max(arms, key=lambda arm: self.worst_case_usd(arm, req, plan.prompt_tokens, capped=plan.capped))
+        costliest = max(arms, key=lambda arm: self.worst_case_usd(arm, req, plan.held_prompt_tokens,
+                                                                  capped=plan.capped))
         backend = self.backends.get(costliest.backend)
         bound = output_bound(backend, req.max_output_tokens, capped=plan.capped) if backend is not None else None
         advice = _held_without_max_tokens(bound, costliest.backend)
@@ -721,6 +732,12 @@ def _retry_at_reset(period: str | None) -> dict[str, str]:
     `x-should-retry: false`, which the OpenAI SDKs honour: their own retries (a second or two apart,
     since they ignore a Retry-After of hours) would only be refused again."""
     return {**retry_after(seconds_until_reset(period, time.time()) if period else 3600.0), "x-should-retry": "false"}
+
+
+def prompt_counter(capped: bool) -> Callable[..., int]:
+    """How a request's prompts are counted for its worst case: for a key with a budget, whose hold must
+    be a bound, by their bytes (`prompt_tokens_bound`); else by the estimate the decision prices with."""
+    return prompt_tokens_bound if capped else estimate_prompt_tokens
 
 
 def _candidate_dict(candidate: Any) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -129,10 +129,10 @@ def first_stage(arm: Arm) -> Arm:
 
 
 @functools.lru_cache(maxsize=64)
-def cot_instruction_tokens(template: str | None = None) -> int:
-    """The most tokens the reasoning instruction adds to a prompt, whatever the task."""
-    return max(estimate_prompt_tokens([{"role": "user", "content": prompts.cot_instruction(task, template)}])
-               for task in TASK_TYPES)
+def cot_instruction_tokens(template: str | None = None, count: Callable[..., int] = estimate_prompt_tokens) -> int:
+    """The most tokens the reasoning instruction adds to a prompt, whatever the task, as `count` counts
+    prompts (the estimate, or a budget's bound)."""
+    return max(count([{"role": "user", "content": prompts.cot_instruction(task, template)}]) for task in TASK_TYPES)
 
 
 # -- request bodies ---------------------------------------------------------------------------------

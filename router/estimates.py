@@ -42,6 +42,8 @@ CONTEXT_UNDERCOUNT = 6
 # definitions are often thousands of tokens under a one-line question, and a structured output's schema
 # is sent to the model too.
 PROMPT_FIELDS = ("tools", "functions", "response_format")
+# The most tokens a chat template adds around one message (ChatML and Llama 3 add 5, OpenAI 3 or 4).
+TEMPLATE_TOKENS_PER_MESSAGE = 8
 
 
 def estimate_prompt_tokens(messages: list, body: Mapping[str, Any] | None = None) -> int:
@@ -63,6 +65,30 @@ def estimate_prompt_tokens(messages: list, body: Mapping[str, Any] | None = None
     if body is not None:
         chars += sum(_json_chars(body.get(field)) for field in PROMPT_FIELDS)
     return chars // 4 + 4 * len(messages)
+
+
+def prompt_tokens_bound(messages: list, body: Mapping[str, Any] | None = None) -> int:
+    """The most tokens the same text can be as a prompt, where `estimate_prompt_tokens` is only close:
+    a token of a byte-level BPE (OpenAI's, Llama's, Qwen's) or of a SentencePiece vocabulary with byte
+    fallback is at least one byte, so the text's UTF-8 bytes bound its tokens (4 characters a token is
+    4x under for digits or base64, 5x for Chinese, 8x for emoji: CONTEXT_UNDERCOUNT), plus what a chat
+    template wraps each message in. What a budget holds (Gateway.worst_case_usd). An image or audio
+    part counts nothing: its tokens depend on the provider and the image, which the gateway never fetches."""
+    size = 0
+    for message in messages:
+        if not isinstance(message, dict):
+            continue
+        content = message.get("content")
+        if isinstance(content, str):
+            size += len(content.encode("utf-8", "surrogatepass"))
+        elif isinstance(content, list):
+            size += sum(len(text.encode("utf-8", "surrogatepass")) for part in content
+                        if isinstance(part, dict) and isinstance(text := part.get("text"), str))
+        if message.get("tool_calls") or message.get("function_call"):
+            size += _json_chars(message.get("tool_calls")) + _json_chars(message.get("function_call"))
+    if body is not None:
+        size += sum(_json_chars(body.get(field)) for field in PROMPT_FIELDS)
+    return size + TEMPLATE_TOKENS_PER_MESSAGE * len(messages)
 
 
 def _json_chars(value: Any) -> int:

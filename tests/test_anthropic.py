@@ -3,6 +3,8 @@ Anthropic's Messages API (tests/mock_anthropic.py), which refuses what Anthropic
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import openai
 import pytest
@@ -192,3 +194,21 @@ def test_a_prompt_over_claudes_window_is_openais_context_length_error(client, mo
         list(response) if stream else None
     assert refused.value.code == "context_length_exceeded" and "prompt is too long" in refused.value.message
     assert len(sent(mock)) == 1
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_image_url_litellm_cannot_fetch_stays_out_of_the_log(stack, client, mock, stream):
+    """litellm fetches an `http://` image itself for Claude (Anthropic takes URLs over https only), and
+    logged the URL of one it refused or failed to fetch at WARNING: part of the prompt, and a signed
+    URL is a credential. Without `log_prompts` no prompt text reaches the log: the client still gets
+    its 400, which names the URL."""
+    gateway = stack[0]
+    url = f"http://127.0.0.1:9/private/scan-{stream}.png?X-Amz-Signature=zebra-quartz-{stream}"
+    content = [{"type": "text", "text": "What is on this page?"}, {"type": "image_url", "image_url": {"url": url}}]
+    with pytest.raises(openai.BadRequestError) as refused:
+        answer = client.chat.completions.create(model="sonnet", messages=[{"role": "user", "content": content}],
+                                                max_tokens=50, stream=stream)
+        list(answer) if stream else None
+    assert url in refused.value.message
+    time.sleep(0.3)
+    assert f"zebra-quartz-{stream}" not in gateway.log()

@@ -20,13 +20,13 @@ import pytest
 
 from tests.servers import mock_backend, running, start_gateway, start_mock, write_policy
 
-PROMPT = "Write a long essay."  # the gateway's estimate: 19 // 4 + 4 = 8 tokens; the mock counts 4 words
-ESTIMATED_PROMPT = 8
+PROMPT = "Write a long essay."  # the mock counts 4 words
+HELD_PROMPT = 19 + 8  # a budget holds a prompt's bytes, plus 8 a message (its estimate, 19 // 4 + 4, is no bound)
 LONG = " ".join(["word"] * 5000)  # 5,000 completion tokens at the mock
 PRICES = {"input_per_mtok": 1.0, "output_per_mtok": 2.0}  # mock_backend's: $2 per million output tokens
-DEFAULT_HOLD = (ESTIMATED_PROMPT * 1.0 + 1024 * 2.0) / 1e6  # one call without max_tokens, unknown maximum
+DEFAULT_HOLD = (HELD_PROMPT * 1.0 + 1024 * 2.0) / 1e6  # one call without max_tokens, unknown maximum
 DECLARED_MAX = 3000
-DECLARED_HOLD = (ESTIMATED_PROMPT * 1.0 + DECLARED_MAX * 2.0) / 1e6
+DECLARED_HOLD = (HELD_PROMPT * 1.0 + DECLARED_MAX * 2.0) / 1e6
 
 KEYS = {  # key -> (id, daily budget or None)
     "sk-free": ("free", None),
@@ -35,6 +35,7 @@ KEYS = {  # key -> (id, daily budget or None)
     "sk-burst": ("burst", 0.02),
     "sk-burst-max": ("burst-max", 2.5 * DECLARED_HOLD),
     "sk-left": ("left", 0.05),
+    "sk-digits": ("digits", 0.01),
 }
 
 
@@ -134,6 +135,36 @@ def test_concurrent_requests_without_max_tokens_stay_within_one_requests_hold(st
         assert "max_tokens" in refused.json()["error"]["message"]
 
 
+def test_prompts_the_estimate_undercounts_cannot_overspend_a_budget(stack, mock):
+    """A prompt of 2,000 digits ("7 7 7 ..."): the gateway's estimate (4 characters a token) says 1,004
+    tokens, the mock bills 2,000 (a real tokenizer: 2,000 to 4,000; Chinese or emoji up to 8x the
+    estimate). 64 requests at once on a $0.01 day, chat and Responses, streamed or not: the holds
+    counted the estimate, so 9 were admitted and the provider billed $0.018. A budget holds the
+    prompt's bytes, which no tokenizer's count exceeds: what the provider bills stays within the cap
+    and one request's hold."""
+    control(mock, answers=["ok"], delay_ms=400)
+    prompt = "7 " * 2000
+    per_call = (2000 * 1.0 + 1 * 2.0) / 1e6  # what the mock bills: 2,000 prompt tokens, 1 answer token
+    hold = ((len(prompt) + 8) * 1.0 + 1 * 2.0) / 1e6
+    chat = {"model": "auto", "max_tokens": 1, "messages": [{"role": "user", "content": prompt}]}
+    responses = {"model": "auto", "max_output_tokens": 1, "input": prompt}
+    requests = [("/v1/chat/completions", chat), ("/v1/chat/completions", {**chat, "stream": True}),
+                ("/v1/responses", responses), ("/v1/responses", {**responses, "stream": True})] * 16
+
+    async def fire() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=stack["gateway"].url, timeout=60,
+                                     headers={"authorization": "Bearer sk-digits"},
+                                     limits=httpx.Limits(max_connections=64)) as client:
+            return await asyncio.gather(*(client.post(path, json=body) for path, body in requests))
+
+    answers = asyncio.run(fire())
+    assert {r.status_code for r in answers} <= {200, 429}, [r.text for r in answers if r.status_code != 200][:2]
+    served = [r for r in answers if r.status_code == 200]
+    billed = sent(mock)["count"] * per_call
+    assert served and sent(mock)["count"] == len(served)
+    assert billed <= KEYS["sk-digits"][1] + hold + 1e-12, f"{len(served)} served, billed ${billed:.6f}"
+
+
 def test_a_declared_maximum_output_is_held_and_nothing_is_added(stack, mock):
     """A backend with max_output_tokens: 3000 declared: a key's request without max_tokens holds 3,000
     tokens a call (a budget of 2.5 holds admits 2 of 10 at once) and is sent as it came."""
@@ -157,7 +188,7 @@ def test_a_request_over_a_keys_whole_budget_is_told_the_max_tokens_that_fits(sta
     assert error["code"] == "over_budget_cap"
     assert "m-max's maximum output (3,000 tokens)" in error["message"] and "send max_tokens" in error["message"]
     fits = int(re.search(r"at most ([\d,]+) fits", error["message"]).group(1).replace(",", ""))
-    assert fits == int((0.001 * 1e6 - ESTIMATED_PROMPT) / 2.0)  # $1 / $2 per million tokens
+    assert fits == int((0.001 * 1e6 - HELD_PROMPT) / 2.0)  # $1 / $2 per million tokens
     over = post(url, "sk-tiny", model="m-max", max_tokens=fits + 1)
     assert over.status_code == 400 and over.json()["error"]["code"] == "over_budget_cap"
     assert "send a lower max_tokens" in over.json()["error"]["message"]

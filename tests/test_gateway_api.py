@@ -1140,10 +1140,11 @@ def test_a_key_out_of_its_month_too_is_told_to_wait_for_the_month_not_midnight(k
 
 
 def test_a_budget_held_by_requests_in_flight_is_retried_in_a_moment_not_at_midnight(tmp_path):
-    """Two holds fit the day's $0.12; four requests at once against a slow upstream: two are served, two
-    get 429 `budget_held` with Retry-After 1, since only holds that settle in a moment stand in the way
-    (not 429 `budget_exhausted` with Retry-After at midnight, which an SDK takes as "give up"). After
-    they settle at their actual cost, the key is served again."""
+    """Two holds ($0.065: 25 prompt tokens held, 20 answer tokens) fit the day's $0.15; four requests at
+    once against a slow upstream: two are served, two get 429 `budget_held` with Retry-After 1, since
+    only holds that settle in a moment stand in the way (not 429 `budget_exhausted` with Retry-After at
+    midnight, which an SDK takes as "give up"). After they settle at their actual cost, the key is
+    served again."""
     import hashlib
     from concurrent.futures import ThreadPoolExecutor
 
@@ -1151,7 +1152,7 @@ def test_a_budget_held_by_requests_in_flight_is_retried_in_a_moment_not_at_midni
             "backends": [mock_backend("mock-a", mock, prices={"input_per_mtok": 1000, "output_per_mtok": 2000}),
                          mock_backend("mock-b", mock)],
             "policy": policy(tmp_path),
-            "api_keys": [{"id": "k", "sha256": hashlib.sha256(KEY.encode()).hexdigest(), "budget_usd_per_day": 0.12}],
+            "api_keys": [{"id": "k", "sha256": hashlib.sha256(KEY.encode()).hexdigest(), "budget_usd_per_day": 0.15}],
     }, name="held")) as gateway:
         httpx.post(mock.url + "/control", json={"delay_ms": 800})
         client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0)
@@ -1204,7 +1205,9 @@ def test_a_costly_fallback_does_not_lock_a_key_out_of_what_it_has_left(tmp_path)
         assert spent.value.code == "budget_exhausted"
         assert served and {c.ponder["arm"] for c in served} == {"mock-a/-/single/1"}
         cost = sum(c.ponder["cost_usd"] for c in served)
-        assert 0.3 - 0.05 < cost <= 0.3  # the day's money is spent, up to less than one request's hold
+        # the day's money is spent, up to less than one request's hold ($0.025 for the prompt's 17 bytes
+        # and 8 template tokens, $0.04 for 20 answer tokens)
+        assert 0.3 - 0.065 < cost <= 0.3
         day = httpx.get(gateway.url + "/v1/ponder/spend", headers={"authorization": f"Bearer {ADMIN_KEY}"}).json()
         assert abs(next(k for k in day["keys"] if k["key_id"] == "k")["spent"]["day"] - cost) < 1e-9
 
@@ -1562,7 +1565,7 @@ def test_a_routed_request_refused_for_holds_in_flight_is_retried_in_a_moment(tmp
     with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
             "backends": [mock_backend("mock-a", mock, prices={"input_per_mtok": 1000, "output_per_mtok": 2000})],
             "policy": path,
-            "api_keys": [{"id": "k", "sha256": hashlib.sha256(KEY.encode()).hexdigest(), "budget_usd_per_day": 0.1}],
+            "api_keys": [{"id": "k", "sha256": hashlib.sha256(KEY.encode()).hexdigest(), "budget_usd_per_day": 0.15}],
     }, name="routed-held")) as gateway:
         httpx.post(mock.url + "/control", json={"delay_ms": 1500})
         client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0)
@@ -1572,7 +1575,7 @@ def test_a_routed_request_refused_for_holds_in_flight_is_retried_in_a_moment(tmp
             return client.chat.completions.create(model="auto", messages=question, max_tokens=20)
 
         with ThreadPoolExecutor(2) as pool:
-            slow = [pool.submit(ask) for _ in range(2)]  # each holds its worst case, ~$0.05
+            slow = [pool.submit(ask) for _ in range(2)]  # each holds its worst case, $0.065
             time.sleep(0.7)
             with pytest.raises(openai.RateLimitError) as held:
                 ask()
@@ -1581,7 +1584,7 @@ def test_a_routed_request_refused_for_holds_in_flight_is_retried_in_a_moment(tmp
             assert "x-should-retry" not in held.value.response.headers
             assert all(future.result().choices for future in slow)
         httpx.post(mock.url + "/control", json={"delay_ms": 0})
-        assert ask().choices  # the holds settled at their actual cost, well under the day's $0.1
+        assert ask().choices  # the holds settled at their actual cost, well under the day's $0.15
 
 
 @pytest.mark.parametrize("stream", [False, True])
