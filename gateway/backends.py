@@ -268,7 +268,7 @@ class Backend:
             else:
                 data = await self._complete_litellm(body)
         for choice in data.get("choices") or ():
-            _text_content(choice.get("message") if isinstance(choice, dict) else None)
+            text_content(choice.get("message") if isinstance(choice, dict) else None)
         return data, self.record(Usage.from_block(data.get("usage")), started)
 
     async def _complete_fast(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -505,12 +505,13 @@ def _google_retry_delay(text: str) -> float | None:
 _LITELLM = None
 
 
-def _text_content(message: Any) -> None:
-    """A message whose content is a list of parts (Mistral's reasoning models answer so) as chat
-    completions have it, in place: its text parts joined, its thinking parts as `reasoning_content`.
-    Clients (the openai SDK types content as a string) and the strategies read text."""
+def text_content(message: Any) -> bool:
+    """A message (or a stream's delta) whose content is a list of parts (Mistral's reasoning models
+    answer and stream so) as chat completions have it, in place: its text parts joined, its thinking
+    parts as `reasoning_content`. Clients (the openai SDK types content as a string), the Responses
+    API's translation and the strategies read text. Whether it was a list."""
     if not isinstance(message, dict) or not isinstance(message.get("content"), list):
-        return
+        return False
     text, thinking = [], []
     for part in message["content"]:
         if isinstance(part, str):
@@ -524,6 +525,7 @@ def _text_content(message: Any) -> None:
     message["content"] = "".join(text)
     if thinking and not message.get("reasoning_content"):
         message["reasoning_content"] = "".join(str(t) for t in thinking)
+    return True
 
 
 def import_litellm() -> None:

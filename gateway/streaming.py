@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 from starlette.responses import StreamingResponse
 
-from gateway.backends import Admission, Backend, CallRecord, Usage, UpstreamError
+from gateway.backends import Admission, Backend, CallRecord, Usage, UpstreamError, text_content
 from gateway.calls import Caller
 from gateway.errors import ApiError
 from router.estimates import may_exceed_context
@@ -119,7 +119,8 @@ class PassThrough:
         try:
             while item is not None:
                 parsed = item[1]
-                if parsed and call_heads.drop_repeats(parsed):
+                # both edit the chunk in place (`|`: each must run), and then it is written anew
+                if parsed and (call_heads.drop_repeats(parsed) | _text_deltas(parsed)):
                     item = (orjson.dumps(parsed), parsed)
                 if parsed and parsed.get("usage"):
                     usage = Usage.from_block(parsed["usage"])
@@ -255,6 +256,17 @@ class ToolCallHeads:
                         del holder[field]
                         dropped = True
         return dropped
+
+
+def _text_deltas(chunk: dict) -> bool:
+    """A chunk whose deltas carry content as a list of parts (Mistral's reasoning models stream so) as
+    text and `reasoning_content`, in place (`text_content`); whether any did. Relayed as it came, a list
+    reached clients that read a string and broke the Responses API's translation mid-stream."""
+    changed = False
+    for choice in chunk.get("choices") or ():
+        if isinstance(choice, dict) and text_content(choice.get("delta")):
+            changed = True
+    return changed
 
 
 def _content_chars(chunk: dict) -> int:

@@ -1668,6 +1668,22 @@ def test_an_answer_in_content_parts_reads_as_text(own_stack):
     assert voted.model_extra["ponder"]["samples"] >= 2
 
 
+def test_a_stream_in_content_parts_reads_as_text(own_stack):
+    """Mistral's reasoning models stream `delta.content` as a list of parts too. Relayed as it came, the
+    chat stream's clients got a list where the SDK types a string, and the Responses API's stream broke
+    after its headers (a TypeError in its translation: the SDK's connection error, nothing answered)."""
+    client, mock = own_stack
+    parts = {"content": [{"type": "thinking", "thinking": [{"type": "text", "text": "six times seven"}]},
+                         {"type": "text", "text": "The answer is 42."}]}
+    control(mock, answers=[parts])
+    chunks = [c for c in client.chat.completions.create(
+        model="mock-a", messages=[{"role": "user", "content": "6 * 7?"}], stream=True) if c.choices]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "The answer is 42."
+    assert "".join(c.choices[0].delta.model_extra.get("reasoning_content") or "" for c in chunks) == "six times seven"
+    events = list(client.responses.create(model="mock-a", input="6 * 7?", stream=True))
+    assert events[-1].type == "response.completed" and events[-1].response.output_text == "The answer is 42."
+
+
 def test_an_answer_without_choices_is_a_failed_call(own_stack):
     """A 200 with `choices: []` (some servers answer so under load) reached the client as a 200 with no
     choices: `choices[0]` raised in the app. A routed request goes to its next arm; a named backend
