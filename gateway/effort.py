@@ -84,7 +84,8 @@ def fit_claude_thinking(body: dict[str, Any], thinking: dict[str, Any] | None) -
     Anthropic refuses with a 400 a thinking budget not below max_tokens, a temperature other than 1,
     top_k, a top_p under 0.95, and a forced tool call while thinking. The effort is the gateway's
     choice (a routed arm's, a vote's sampling temperature), so the client's own request must not fail
-    for it: the budget is cut to fit the client's output limit (as OpenAI's reasoning models spend
+    for it: a budget under Claude's least (1,024; `minimal` is 512) is raised to it, as litellm maps
+    `minimal`; the budget is cut to fit the client's output limit (as OpenAI's reasoning models spend
     reasoning within max_completion_tokens), thinking is left off where no budget fits or a tool call is
     forced, and sampling knobs Claude cannot take while thinking are left out (it samples at 1)."""
     if not isinstance(thinking, dict) or thinking.get("type") not in ("enabled", "adaptive"):
@@ -92,6 +93,10 @@ def fit_claude_thinking(body: dict[str, Any], thinking: dict[str, Any] | None) -
     limits = [body[k] for k in ("max_tokens", "max_completion_tokens") if isinstance(body.get(k), int)]
     limit = min(limits) if limits else None
     budget = thinking.get("budget_tokens")
+    if isinstance(budget, int) and budget < CLAUDE_MIN_THINKING_BUDGET and body.get("thinking") is thinking:
+        budget = CLAUDE_MIN_THINKING_BUDGET
+        thinking = {**thinking, "budget_tokens": budget}
+        body = {**body, "thinking": thinking}
     tool_choice = body.get("tool_choice")
     forced = tool_choice == "required" or (isinstance(tool_choice, dict) and tool_choice.get("type") == "function")
     if forced or (limit is not None and isinstance(budget, int) and limit <= CLAUDE_MIN_THINKING_BUDGET):

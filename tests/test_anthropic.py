@@ -37,6 +37,8 @@ def stack(tmp_path_factory):
                          claude_backend("haiku", mock, "anthropic/claude-haiku-4-5", reasoning=True, efforts=efforts),
                          claude_backend("sonnet-budget", mock, reasoning=True, efforts=efforts,
                                         effort_param="thinking_budget"),
+                         # no `efforts` list: every level is sent as asked
+                         claude_backend("sonnet-budget-any", mock, reasoning=True, effort_param="thinking_budget"),
                          # `supports_n` left at its default (true), as an operator may
                          {**claude_backend("haiku-n", mock, "anthropic/claude-haiku-4-5"), "supports_n": True},
                          # one per test that leaves its backend cooling down
@@ -119,6 +121,8 @@ def test_a_thinking_budget_backend_sends_claude_only_its_thinking_block(client, 
     ("sonnet", "high", 1024, None),  # no room for the smallest budget (1024): no thinking
     ("sonnet", "low", 5000, {"type": "enabled", "budget_tokens": 1024}),  # fits: as litellm sends it
     ("sonnet-budget", "high", 4000, {"type": "enabled", "budget_tokens": 3999}),  # Ponder's own 16384
+    # Ponder's `minimal` (512) is under Claude's least: raised to it, as litellm maps `minimal` (was a 400)
+    ("sonnet-budget-any", "minimal", 4000, {"type": "enabled", "budget_tokens": 1024}),
 ])
 def test_claudes_thinking_budget_fits_the_clients_output_limit(client, mock, model, effort, max_tokens, thinking):
     """Anthropic refuses a thinking budget that is not below max_tokens. The effort's budget (the
