@@ -290,7 +290,11 @@ class Gateway:
             capped = self.has_budget(principal)
             held = prompt_tokens_bound(req.messages, req.body) if capped else hints.prompt_tokens
             worst = self.plan_worst_case_usd(decision, req, held, capped=capped)
-            self._check_direct_cost(worst, hints, policy)
+            # the request's own cost cap prices the prompt as routed requests are priced (the estimate):
+            # the bytes bound is for the key's budget, and would refuse a budgeted key what it lets others do
+            self._check_direct_cost(worst if not capped else
+                                    self.plan_worst_case_usd(decision, req, hints.prompt_tokens, capped=True),
+                                    hints, policy)
             decision, caps = self._with_output_caps(decision, req, capped, hints.prompt_tokens or 0)
             return Plan(request_id, decision, policy, principal, req.model, worst_cost_usd=worst,
                         prompt_tokens=hints.prompt_tokens or 0, held_prompt_tokens=held,

@@ -326,3 +326,20 @@ def test_a_limit_sent_leaves_the_prompt_its_room_in_the_context_window(stack, mo
     assert MIN_OUTPUT_LIMIT < room < 1024
     assert [body["max_tokens"] for body in sent(mock)["bodies"]] == [room]
     assert answer.json()["ponder"]["max_tokens_sent"] == {"m-window": room}
+
+
+def test_a_named_backends_cost_cap_prices_the_prompt_as_routed_requests_do(stack, mock):
+    """The request's own cost cap (x-ponder-max-cost-usd, budgets.per_request_usd) prices the prompt at
+    its estimate for every key, as the decision does for routed requests: the bytes bound is what a
+    key's budget holds, and checked against the cap it refused a budgeted key's 10,000-character
+    prompt that a key without a budget (or `auto`) was served."""
+    prompt = "word " * 2000  # estimate ~2,504 tokens ($0.0025 at $1/M), bytes 10,000 ($0.010)
+    for key in ("sk-capped", "sk-free"):
+        answer = httpx.post(stack["gateway"].url + "/v1/chat/completions", timeout=30,
+                            json={"model": "m", "messages": [{"role": "user", "content": prompt}], "max_tokens": 1},
+                            headers={"authorization": f"Bearer {key}", "x-ponder-max-cost-usd": "0.005"})
+        assert answer.status_code == 200, (key, answer.text)
+    refused = httpx.post(stack["gateway"].url + "/v1/chat/completions", timeout=30,
+                         json={"model": "m", "messages": [{"role": "user", "content": prompt}], "max_tokens": 1},
+                         headers={"authorization": "Bearer sk-capped", "x-ponder-max-cost-usd": "0.001"})
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "over_cost_limit"
