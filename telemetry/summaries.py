@@ -87,7 +87,8 @@ def _rounded(row: Mapping[str, Any]) -> dict[str, Any]:
     out = {}
     for key, value in row.items():
         if isinstance(value, float):
-            out[key] = round(value, 10) if "cost" in key else round(value, 4)
+            # money (cost_usd, spent_usd, ...) is fractions of a cent a request: 4 places would show $0
+            out[key] = round(value, 10) if key.endswith("_usd") else round(value, 4)
         else:
             out[key] = value
     return out

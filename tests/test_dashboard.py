@@ -585,6 +585,10 @@ def test_the_default_policys_half_life_ages_the_learned_stats(tmp_path, browser)
         assert 0 < learned < 2.2, learned
         assert summary["totals"]["spent_usd"] == pytest.approx(paid, rel=1e-6)
         assert sum(t["spent_usd"] for t in summary["tasks"]) == pytest.approx(paid, rel=1e-6)
+        # each arm's too, per task and per tier (they were rounded to 4 places: $0.0 for these)
+        assert sum(a["spent_usd"] for a in arms) == pytest.approx(paid, rel=1e-6)
+        tier_arms = [a for t in summary["tasks"] for tier in t["tiers"] for a in tier["arms"]]
+        assert sum(a["spent_usd"] for a in tier_arms) == pytest.approx(paid, rel=1e-6)
         assert summary["totals"]["cost_usd"] < paid / 2  # the learner's faded view
         savings = httpx.get(gateway.url + "/v1/ponder/savings").json()
         assert savings["actual_cost_usd"] == pytest.approx(paid, rel=1e-6)
