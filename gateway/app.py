@@ -245,7 +245,8 @@ async def responses(request: Request) -> Response:
 async def responses_not_stored(request: Request) -> Response:
     """Retrieving, deleting, cancelling a stored response: Ponder stores none (docs/api.md)."""
     gateway_of(request).keys.authenticate(request)
-    raise ApiError(404, f"No response {request.path_params['response_id']!r}: Ponder's Responses API is stateless "
+    response_id = request.path_params["response_id"].split("/")[0]  # .../cancel, .../input_items name the same id
+    raise ApiError(404, f"No response {response_id!r}: Ponder's Responses API is stateless "
                         "and stores no responses (`store` is ignored); send the whole conversation as `input`.",
                    param="response_id", code="not_found")
 

@@ -483,10 +483,11 @@ def test_an_image_url_part_reaches_the_upstream_as_a_chat_image(client, mock):
 
 def test_stored_responses_are_not_found(client):
     for call in (lambda: client.responses.retrieve("resp_123"), lambda: client.responses.delete("resp_123"),
-                 lambda: client.responses.cancel("resp_123")):
+                 lambda: client.responses.cancel("resp_123"), lambda: client.responses.input_items.list("resp_123")):
         with pytest.raises(openai.NotFoundError) as missing:
             call()
         assert "stores no responses" in missing.value.message and missing.value.code == "not_found"
+        assert "No response 'resp_123':" in missing.value.message  # the id, not 'resp_123/cancel'
 
 
 def test_a_failure_after_a_synthesized_streams_headers_is_a_failed_response():
