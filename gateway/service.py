@@ -710,7 +710,7 @@ def _held_without_max_tokens(bound: OutputBound | None, backend: str) -> str:
                "send max_tokens"
     sent = " and is sent that as its max_tokens" if bound.sent else ""
     return f"without max_tokens each call holds {bound.tokens:,} tokens{sent} ({backend}'s maximum output is " \
-           "unknown); send a lower max_tokens"
+           "unknown); send max_tokens"  # the client sent none: there is no lower one to send
 
 
 def _backends_of(arms: tuple[Arm, ...]):

@@ -196,6 +196,7 @@ def test_a_request_over_a_keys_whole_budget_is_told_the_max_tokens_that_fits(sta
     unknown = post(url, "sk-tiny", model="m").json()["error"]
     assert unknown["code"] == "over_budget_cap"
     assert "1,024 tokens and is sent that as its max_tokens (m's maximum output is unknown)" in unknown["message"]
+    assert "send max_tokens" in unknown["message"] and "send a lower" not in unknown["message"]  # it sent none
 
 
 def test_a_key_with_money_left_is_told_the_max_tokens_that_fits_it(stack, mock):
