@@ -117,6 +117,8 @@ def fit_claude_thinking(body: dict[str, Any], thinking: dict[str, Any] | None) -
 
 
 def _closest(effort: str, supported: list[str]) -> str:
+    """The declared level nearest `effort`; between two as near, the cheaper, but never "none" for a
+    request that asked for some thinking: "minimal" on a backend with none and low is low."""
     order = list(THINKING_BUDGET_TOKENS)
     want = order.index(effort) if effort in order else 2
-    return min(supported, key=lambda e: abs(order.index(e) - want))
+    return min(supported, key=lambda e: (abs(order.index(e) - want), e == "none" != effort, order.index(e)))

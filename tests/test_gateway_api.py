@@ -1699,3 +1699,17 @@ def test_an_answer_without_choices_is_a_failed_call(own_stack):
     with pytest.raises(openai.APIStatusError) as failed:
         client.chat.completions.create(model="mock-a", messages=[{"role": "user", "content": "hello there"}])
     assert failed.value.status_code == 502 and "no choices" in failed.value.message
+
+
+def test_an_effort_between_two_declared_levels_goes_to_the_cheaper_but_not_to_none():
+    """`minimal` on a backend declaring none, low, medium, high (Gemini's knobs) was sent as none: a
+    tie, taken in list order, turned off the thinking the client asked a little of."""
+    from gateway.effort import effective_effort
+    from policies.backends import BackendSpec
+
+    gemini = BackendSpec(name="flash", model="gemini/gemini-2.5-flash", reasoning=True,
+                         efforts=["none", "low", "medium", "high"])
+    assert effective_effort(gemini, "minimal") == "low"
+    assert effective_effort(gemini, "none") == "none"
+    o_series = BackendSpec(name="o", model="openai/o4-mini", reasoning=True, efforts=["low", "high"])
+    assert effective_effort(o_series, "medium") == "low"  # a tie between two levels: the cheaper
