@@ -81,24 +81,25 @@ def running(process: Process) -> Iterator[Process]:
         process.stop()
 
 
-def start_mock(tmp: Path) -> Process:
+def start_mock_server(tmp: Path, script: str, log_name: str) -> Process:
+    """One of the mocks (tests/mock_*.py, their control plumbing in tests/mock_server.py) on a free port."""
     port = free_port()
-    return Process([PYTHON, str(ROOT / "tests" / "mock_upstream.py"), "--port", str(port)],
-                   f"http://127.0.0.1:{port}", "/calls", tmp / f"mock-{port}.log")
+    return Process([PYTHON, str(ROOT / "tests" / script), "--port", str(port)],
+                   f"http://127.0.0.1:{port}", "/calls", tmp / f"{log_name}-{port}.log")
+
+
+def start_mock(tmp: Path) -> Process:
+    return start_mock_server(tmp, "mock_upstream.py", "mock")
 
 
 def start_anthropic_mock(tmp: Path) -> Process:
     """A mock of Anthropic's Messages API (tests/mock_anthropic.py), for backends called through litellm."""
-    port = free_port()
-    return Process([PYTHON, str(ROOT / "tests" / "mock_anthropic.py"), "--port", str(port)],
-                   f"http://127.0.0.1:{port}", "/calls", tmp / f"anthropic-{port}.log")
+    return start_mock_server(tmp, "mock_anthropic.py", "anthropic")
 
 
 def start_gemini_mock(tmp: Path) -> Process:
     """A mock of the Gemini API (tests/mock_gemini.py), for `gemini/` backends called through litellm."""
-    port = free_port()
-    return Process([PYTHON, str(ROOT / "tests" / "mock_gemini.py"), "--port", str(port)],
-                   f"http://127.0.0.1:{port}", "/calls", tmp / f"gemini-{port}.log")
+    return start_mock_server(tmp, "mock_gemini.py", "gemini")
 
 
 def mock_backend(name: str, mock: Process, **extra) -> dict:
