@@ -102,6 +102,27 @@ def start_gemini_mock(tmp: Path) -> Process:
     return start_mock_server(tmp, "mock_gemini.py", "gemini")
 
 
+def control(mock: Process, **state) -> None:
+    """Set the mock's state for the next requests (its POST /control: script, answers, ...)."""
+    httpx.post(mock.url + "/control", json=state).raise_for_status()
+
+
+def calls(mock: Process) -> dict:
+    """What the mock got: {"count": N, "bodies": [...], ...} (its GET /calls)."""
+    return httpx.get(mock.url + "/calls").json()
+
+
+def sent(mock: Process) -> list[dict]:
+    """The request bodies the mock got, the latest last."""
+    return calls(mock)["bodies"]
+
+
+def reset(*mocks: Process) -> None:
+    """Each mock as it started: no script, no calls (its POST /reset)."""
+    for mock in mocks:
+        httpx.post(mock.url + "/reset").raise_for_status()
+
+
 def mock_backend(name: str, mock: Process, **extra) -> dict:
     spec = {"name": name, "model": f"openai/{name}", "api_base": mock.url + "/v1",
             "prices": {"input_per_mtok": 1.0, "output_per_mtok": 2.0}, "max_retries": 1,
