@@ -24,19 +24,19 @@ top_k, top_p under 0.95, a forced tool call) with its 400.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 
 import orjson
 from aiohttp import web
 
+from mock_server import control_app, record, serve  # a sibling: run as a script, tests/ is on sys.path
+
 STATE: dict = {}
 
 
-def reset_state() -> None:
-    STATE.clear()
-    STATE.update(script=[], answers=["Hello from the mock Anthropic."], count=0, bodies=[], headers=[],
-                 cache_read=0, cache_creation=0, thinking="Let me think step by step.", hang_s=30.0, turn=0)
+def initial_state() -> dict:
+    return dict(script=[], answers=["Hello from the mock Anthropic."], cache_read=0, cache_creation=0,
+                thinking="Let me think step by step.", hang_s=30.0, turn=0)
 
 
 def words(text: str) -> int:
@@ -109,9 +109,7 @@ def next_answer() -> str:
 
 async def messages(request: web.Request) -> web.StreamResponse:
     body = orjson.loads(await request.read())
-    STATE["count"] += 1
-    STATE["bodies"] = (STATE["bodies"] + [body])[-200:]
-    STATE["headers"] = (STATE["headers"] + [dict(request.headers)])[-200:]
+    record(STATE, bodies=body, headers=dict(request.headers))
     behaviour = STATE["script"].pop(0) if STATE["script"] else "ok"
     if behaviour == "400" or (problem := refusal(body)):
         return error(400, "invalid_request_error", "mock refused the request" if behaviour == "400" else problem)
@@ -204,35 +202,12 @@ async def stream(request: web.Request, message: dict, behaviour: str) -> web.Str
     return response
 
 
-async def control(request: web.Request) -> web.Response:
-    update = await request.json()
-    for key in ("script", "answers", "cache_read", "cache_creation", "thinking", "hang_s"):
-        if key in update:
-            STATE[key] = list(update[key]) if key in ("script", "answers") else update[key]
-    return web.json_response({"ok": True})
-
-
-async def calls(request: web.Request) -> web.Response:
-    return web.json_response({"count": STATE["count"], "bodies": STATE["bodies"], "headers": STATE["headers"]})
-
-
-async def do_reset(request: web.Request) -> web.Response:
-    reset_state()
-    return web.json_response({"ok": True})
-
-
 def make_app() -> web.Application:
-    reset_state()
-    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app = control_app(STATE, initial_state, recorded=("bodies", "headers"),
+                      settable=("script", "answers", "cache_read", "cache_creation", "thinking", "hang_s"))
     app.router.add_post("/v1/messages", messages)
-    app.router.add_post("/control", control)
-    app.router.add_get("/calls", calls)
-    app.router.add_post("/reset", do_reset)
     return app
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--port", type=int, required=True)
-    args = parser.parse_args()
-    web.run_app(make_app(), host="127.0.0.1", port=args.port, print=None, access_log=None)
+    serve(make_app())

@@ -28,11 +28,12 @@ maxOutputTokens as Gemini counts it; its text is sent only with `includeThoughts
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 
 import orjson
 from aiohttp import web
+
+from mock_server import control_app, record, serve  # a sibling: run as a script, tests/ is on sys.path
 
 STATE: dict = {}
 
@@ -72,10 +73,9 @@ def normalized(body: dict) -> dict:
     return body
 
 
-def reset_state() -> None:
-    STATE.clear()
-    STATE.update(script=[], answers=["Hello from the mock Gemini."], count=0, bodies=[], paths=[], headers=[],
-                 cached=0, thinking="Let me think this through step by step before answering.", hang_s=30.0, turn=0)
+def initial_state() -> dict:
+    return dict(script=[], answers=["Hello from the mock Gemini."], cached=0,
+                thinking="Let me think this through step by step before answering.", hang_s=30.0, turn=0)
 
 
 def words(text: str) -> int:
@@ -182,10 +182,7 @@ def candidate(body: dict, index: int, behaviour: str, thoughts: int, limit: int 
 async def generate(request: web.Request) -> web.StreamResponse:
     model, _, method = request.match_info["target"].partition(":")
     body = normalized(orjson.loads(await request.read()))
-    STATE["count"] += 1
-    STATE["bodies"] = (STATE["bodies"] + [body])[-200:]
-    STATE["paths"] = (STATE["paths"] + [request.path_qs])[-200:]
-    STATE["headers"] = (STATE["headers"] + [dict(request.headers)])[-200:]
+    record(STATE, bodies=body, paths=request.path_qs, headers=dict(request.headers))
     behaviour = STATE["script"].pop(0) if STATE["script"] else "ok"
     key = request.headers.get("x-goog-api-key") or request.query.get("key")
     if behaviour == "bad_key":
@@ -273,36 +270,12 @@ async def stream(request: web.Request, answer: dict, behaviour: str) -> web.Stre
     return response
 
 
-async def control(request: web.Request) -> web.Response:
-    update = await request.json()
-    for key in ("script", "answers", "cached", "thinking", "hang_s"):
-        if key in update:
-            STATE[key] = list(update[key]) if key in ("script", "answers") else update[key]
-    return web.json_response({"ok": True})
-
-
-async def calls(request: web.Request) -> web.Response:
-    return web.json_response({"count": STATE["count"], "bodies": STATE["bodies"], "paths": STATE["paths"],
-                              "headers": STATE["headers"]})
-
-
-async def do_reset(request: web.Request) -> web.Response:
-    reset_state()
-    return web.json_response({"ok": True})
-
-
 def make_app() -> web.Application:
-    reset_state()
-    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app = control_app(STATE, initial_state, recorded=("bodies", "paths", "headers"),
+                      settable=("script", "answers", "cached", "thinking", "hang_s"))
     app.router.add_post("/v1beta/models/{target}", generate)
-    app.router.add_post("/control", control)
-    app.router.add_get("/calls", calls)
-    app.router.add_post("/reset", do_reset)
     return app
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--port", type=int, required=True)
-    args = parser.parse_args()
-    web.run_app(make_app(), host="127.0.0.1", port=args.port, print=None, access_log=None)
+    serve(make_app())

@@ -30,7 +30,6 @@ reasoning tokens counted in), with finish_reason `length`, as a real upstream cu
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import random
 import time
@@ -38,14 +37,14 @@ import time
 import orjson
 from aiohttp import web
 
+from mock_server import control_app, record, serve  # a sibling: run as a script, tests/ is on sys.path
+
 STATE: dict = {}
 
 
-def reset_state() -> None:
-    STATE.clear()
-    STATE.update(script=[], fail_rate=0.0, answers=["Hello from the mock upstream."], delay_ms=0,
-                 count=0, bodies=[], raw_bodies=[], turn=0, hang_s=30.0, rng=random.Random(7), cached_tokens=0,
-                 raw=[])
+def initial_state() -> dict:
+    return dict(script=[], fail_rate=0.0, answers=["Hello from the mock upstream."], delay_ms=0, turn=0,
+                hang_s=30.0, rng=random.Random(7), cached_tokens=0, raw=[])
 
 
 def words(text: str) -> int:
@@ -114,9 +113,7 @@ def next_behaviour() -> str:
 async def chat(request: web.Request) -> web.StreamResponse:
     raw = await request.read()
     body = orjson.loads(raw)
-    STATE["count"] += 1
-    STATE["bodies"] = (STATE["bodies"] + [body])[-200:]
-    STATE["raw_bodies"] = (STATE["raw_bodies"] + [raw.decode()])[-200:]
+    record(STATE, bodies=body, raw_bodies=raw.decode())
     behaviour = next_behaviour()
     if STATE["delay_ms"]:
         await asyncio.sleep(STATE["delay_ms"] / 1000)
@@ -286,36 +283,13 @@ async def raw_stream(request: web.Request) -> web.StreamResponse:
     return response
 
 
-async def control(request: web.Request) -> web.Response:
-    update = await request.json()
-    for key in ("script", "fail_rate", "answers", "delay_ms", "hang_s", "cached_tokens", "raw"):
-        if key in update:
-            STATE[key] = list(update[key]) if key in ("script", "answers", "raw") else update[key]
-    return web.json_response({"ok": True})
-
-
-async def calls(request: web.Request) -> web.Response:
-    return web.json_response({"count": STATE["count"], "bodies": STATE["bodies"], "raw_bodies": STATE["raw_bodies"]})
-
-
-async def do_reset(request: web.Request) -> web.Response:
-    reset_state()
-    return web.json_response({"ok": True})
-
-
 def make_app() -> web.Application:
-    reset_state()
-    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app = control_app(STATE, initial_state, recorded=("bodies", "raw_bodies"),
+                      settable=("script", "fail_rate", "answers", "delay_ms", "hang_s", "cached_tokens", "raw"))
     app.router.add_post("/v1/chat/completions", chat)
-    app.router.add_post("/control", control)
-    app.router.add_get("/calls", calls)
-    app.router.add_post("/reset", do_reset)
     app.router.add_get("/v1/models", lambda r: web.json_response({"object": "list", "data": []}))
     return app
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--port", type=int, required=True)
-    args = parser.parse_args()
-    web.run_app(make_app(), host="127.0.0.1", port=args.port, print=None, access_log=None)
+    serve(make_app())

@@ -81,24 +81,46 @@ def running(process: Process) -> Iterator[Process]:
         process.stop()
 
 
-def start_mock(tmp: Path) -> Process:
+def start_mock_server(tmp: Path, script: str, log_name: str) -> Process:
+    """One of the mocks (tests/mock_*.py, their control plumbing in tests/mock_server.py) on a free port."""
     port = free_port()
-    return Process([PYTHON, str(ROOT / "tests" / "mock_upstream.py"), "--port", str(port)],
-                   f"http://127.0.0.1:{port}", "/calls", tmp / f"mock-{port}.log")
+    return Process([PYTHON, str(ROOT / "tests" / script), "--port", str(port)],
+                   f"http://127.0.0.1:{port}", "/calls", tmp / f"{log_name}-{port}.log")
+
+
+def start_mock(tmp: Path) -> Process:
+    return start_mock_server(tmp, "mock_upstream.py", "mock")
 
 
 def start_anthropic_mock(tmp: Path) -> Process:
     """A mock of Anthropic's Messages API (tests/mock_anthropic.py), for backends called through litellm."""
-    port = free_port()
-    return Process([PYTHON, str(ROOT / "tests" / "mock_anthropic.py"), "--port", str(port)],
-                   f"http://127.0.0.1:{port}", "/calls", tmp / f"anthropic-{port}.log")
+    return start_mock_server(tmp, "mock_anthropic.py", "anthropic")
 
 
 def start_gemini_mock(tmp: Path) -> Process:
     """A mock of the Gemini API (tests/mock_gemini.py), for `gemini/` backends called through litellm."""
-    port = free_port()
-    return Process([PYTHON, str(ROOT / "tests" / "mock_gemini.py"), "--port", str(port)],
-                   f"http://127.0.0.1:{port}", "/calls", tmp / f"gemini-{port}.log")
+    return start_mock_server(tmp, "mock_gemini.py", "gemini")
+
+
+def control(mock: Process, **state) -> None:
+    """Set the mock's state for the next requests (its POST /control: script, answers, ...)."""
+    httpx.post(mock.url + "/control", json=state).raise_for_status()
+
+
+def calls(mock: Process) -> dict:
+    """What the mock got: {"count": N, "bodies": [...], ...} (its GET /calls)."""
+    return httpx.get(mock.url + "/calls").json()
+
+
+def sent(mock: Process) -> list[dict]:
+    """The request bodies the mock got, the latest last."""
+    return calls(mock)["bodies"]
+
+
+def reset(*mocks: Process) -> None:
+    """Each mock as it started: no script, no calls (its POST /reset)."""
+    for mock in mocks:
+        httpx.post(mock.url + "/reset").raise_for_status()
 
 
 def mock_backend(name: str, mock: Process, **extra) -> dict:

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import time
 
-import httpx
 import openai
 import pytest
 
-from tests.servers import running, start_anthropic_mock, start_gateway, write_policy
+from tests.servers import control, running, sent, start_anthropic_mock, start_gateway, write_policy
 
 # litellm's cost map for claude-sonnet-4-5, USD per token
 SONNET_INPUT, SONNET_OUTPUT, SONNET_CACHE_READ, SONNET_CACHE_WRITE = 3e-6, 15e-6, 0.3e-6, 3.75e-6
@@ -45,25 +44,6 @@ def stack(tmp_path_factory):
                          *(claude_backend(f"plain-haiku-{i}", mock, "anthropic/claude-haiku-4-5") for i in range(2))],
             "policy": policy}, name="anthropic", env={"ANTHROPIC_API_KEY": "sk-ant-test"})) as gateway:
         yield gateway, mock
-
-
-@pytest.fixture
-def mock(stack):
-    httpx.post(stack[1].url + "/reset")
-    return stack[1]
-
-
-@pytest.fixture
-def client(stack, mock):
-    return openai.OpenAI(base_url=stack[0].url + "/v1", api_key="unused", max_retries=0)
-
-
-def control(mock, **kwargs):
-    httpx.post(mock.url + "/control", json=kwargs).raise_for_status()
-
-
-def sent(mock) -> list[dict]:
-    return httpx.get(mock.url + "/calls").json()["bodies"]
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -18,7 +18,7 @@ import httpx
 import orjson
 import pytest
 
-from tests.servers import mock_backend, running, start_gateway, start_mock, write_policy
+from tests.servers import calls, control, mock_backend, reset, running, sent, start_gateway, start_mock, write_policy
 
 PROMPT = "Write a long essay."  # the mock counts 4 words
 HELD_PROMPT = 19 + 8  # a budget holds a prompt's bytes, plus 8 a message (its estimate, 19 // 4 + 4, is no bound)
@@ -73,16 +73,8 @@ def stack(tmp_path_factory):
 
 @pytest.fixture
 def mock(stack):
-    httpx.post(stack["mock"].url + "/reset").raise_for_status()
+    reset(stack["mock"])
     return stack["mock"]
-
-
-def control(mock, **state) -> None:
-    httpx.post(mock.url + "/control", json=state).raise_for_status()
-
-
-def sent(mock) -> dict:
-    return httpx.get(mock.url + "/calls").json()
 
 
 def post(url: str, key: str, headers: dict | None = None, **body) -> httpx.Response:
@@ -130,7 +122,7 @@ def test_concurrent_requests_without_max_tokens_stay_within_one_requests_hold(st
     assert all(r.json()["usage"]["completion_tokens"] == 1024 for r in ok)
     assert all(r.json()["choices"][0]["finish_reason"] == "length" for r in ok)
     assert all(r.json()["ponder"]["max_tokens_sent"] == {"m": 1024} for r in ok)
-    assert [body.get("max_tokens") for body in sent(mock)["bodies"]] == [1024] * len(ok)
+    assert [body.get("max_tokens") for body in sent(mock)] == [1024] * len(ok)
     for refused in (r for r in responses if r.status_code == 429):  # told what would fit now
         assert "max_tokens" in refused.json()["error"]["message"]
 
@@ -160,8 +152,8 @@ def test_prompts_the_estimate_undercounts_cannot_overspend_a_budget(stack, mock)
     answers = asyncio.run(fire())
     assert {r.status_code for r in answers} <= {200, 429}, [r.text for r in answers if r.status_code != 200][:2]
     served = [r for r in answers if r.status_code == 200]
-    billed = sent(mock)["count"] * per_call
-    assert served and sent(mock)["count"] == len(served)
+    billed = calls(mock)["count"] * per_call
+    assert served and calls(mock)["count"] == len(served)
     assert billed <= KEYS["sk-digits"][1] + hold + 1e-12, f"{len(served)} served, billed ${billed:.6f}"
 
 
@@ -173,7 +165,7 @@ def test_a_declared_maximum_output_is_held_and_nothing_is_added(stack, mock):
     ok = [r for r in responses if r.status_code == 200]
     assert len(ok) == 2, [r.text for r in responses]
     assert spent_by(responses) <= KEYS["sk-burst-max"][1]
-    assert all("max_tokens" not in body and "max_completion_tokens" not in body for body in sent(mock)["bodies"])
+    assert all("max_tokens" not in body and "max_completion_tokens" not in body for body in sent(mock))
     assert all("max_tokens_sent" not in r.json()["ponder"] for r in ok)
 
 
@@ -234,11 +226,11 @@ def test_an_unknown_maximum_is_sent_as_max_tokens_only_for_keys_with_a_budget(st
         ("m", {}, {"max_completion_tokens": 50}, {}),
     ]
     for model, headers, extra, added in cases:
-        httpx.post(mock.url + "/reset")
+        reset(mock)
         control(mock, answers=["a short answer"])
         answer = post(url, "sk-capped", headers, model=model, **extra)
         assert answer.status_code == 200, answer.text
-        bodies = sent(mock)["bodies"]
+        bodies = sent(mock)
         assert bodies, model
         for body in bodies:
             limits = {k: body[k] for k in ("max_tokens", "max_completion_tokens") if k in body}
@@ -250,17 +242,17 @@ def test_an_unknown_maximum_is_sent_as_max_tokens_only_for_keys_with_a_budget(st
     # a key without a budget: exactly the client's bytes (mock_backend's upstream model names are the
     # backends' own: `openai/m` is sent as `m`)
     for model in ("m", "m-think"):
-        httpx.post(mock.url + "/reset")
+        reset(mock)
         body = orjson.dumps({"model": model, "messages": [{"role": "user", "content": PROMPT}], "temperature": 0.3})
         answer = httpx.post(url + "/v1/chat/completions", content=body, timeout=30,
                             headers={"authorization": "Bearer sk-free", "content-type": "application/json"})
         assert answer.status_code == 200 and "max_tokens_sent" not in answer.json()["ponder"]
-        assert sent(mock)["raw_bodies"] == [body.decode()], model
-    httpx.post(mock.url + "/reset")
+        assert calls(mock)["raw_bodies"] == [body.decode()], model
+    reset(mock)
     streamed = post(url, "sk-free", model="m", stream=True)
     assert streamed.status_code == 200
-    assert sent(mock)["bodies"] == [{"model": "m", "messages": [{"role": "user", "content": PROMPT}], "stream": True,
-                                     "stream_options": {"include_usage": True}}]
+    assert sent(mock) == [{"model": "m", "messages": [{"role": "user", "content": PROMPT}], "stream": True,
+                          "stream_options": {"include_usage": True}}]
 
 
 def test_an_arm_whose_maximum_output_would_not_fit_gives_way_to_one_that_does(tmp_path):
@@ -282,10 +274,10 @@ def test_an_arm_whose_maximum_output_would_not_fit_gives_way_to_one_that_does(tm
         capped = post(gateway.url, "sk-left")
         assert capped.status_code == 200, capped.text
         assert capped.headers["x-ponder-arm"].startswith("m/") and capped.json()["ponder"]["max_tokens_sent"] == {"m": 1024}
-        assert sent(mock)["bodies"][-1]["max_tokens"] == 1024
+        assert sent(mock)[-1]["max_tokens"] == 1024
         free = post(gateway.url, "sk-free")
         assert free.status_code == 200 and free.headers["x-ponder-arm"].startswith("big/")
-        assert "max_tokens" not in sent(mock)["bodies"][-1]
+        assert "max_tokens" not in sent(mock)[-1]
 
 
 def test_an_explored_arm_that_gives_way_is_not_recorded_as_explored(tmp_path):
@@ -325,7 +317,7 @@ def test_a_limit_sent_leaves_the_prompt_its_room_in_the_context_window(stack, mo
     assert answer.status_code == 200, answer.text
     room = 4000 - int(estimate_prompt_tokens(messages) * PROMPT_UNDERCOUNT) - PROMPT_ADDITIONS
     assert MIN_OUTPUT_LIMIT < room < 1024
-    assert [body["max_tokens"] for body in sent(mock)["bodies"]] == [room]
+    assert [body["max_tokens"] for body in sent(mock)] == [room]
     assert answer.json()["ponder"]["max_tokens_sent"] == {"m-window": room}
 
 

@@ -10,8 +10,8 @@ import openai
 import orjson
 import pytest
 
-from tests.servers import (TODAYS_CHAT_MESSAGES, mock_backend, running, start_gateway, start_mock, two_mock_policy,
-                           write_policy)
+from tests.servers import (TODAYS_CHAT_MESSAGES, calls, control, mock_backend, reset, running, start_gateway,
+                           start_mock, two_mock_policy, write_policy)
 
 KEY = "sk-test-key-123"
 ADMIN_KEY = "sk-admin-456"
@@ -42,31 +42,6 @@ def stack(tmp_path_factory):
             "max_body_bytes": 100_000,
         })) as gateway:
             yield gateway, mock
-
-
-@pytest.fixture
-def gw(stack):
-    gateway, mock = stack
-    httpx.post(mock.url + "/reset")
-    return gateway
-
-
-@pytest.fixture
-def mock(stack):
-    return stack[1]
-
-
-@pytest.fixture
-def client(gw):
-    return openai.OpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0)
-
-
-def control(mock, **kwargs):
-    httpx.post(mock.url + "/control", json=kwargs).raise_for_status()
-
-
-def calls(mock) -> dict:
-    return httpx.get(mock.url + "/calls").json()
 
 
 def test_models_lists_backends_and_routed_aliases(client):
@@ -1154,7 +1129,7 @@ def test_a_budget_held_by_requests_in_flight_is_retried_in_a_moment_not_at_midni
             "policy": policy(tmp_path),
             "api_keys": [{"id": "k", "sha256": hashlib.sha256(KEY.encode()).hexdigest(), "budget_usd_per_day": 0.15}],
     }, name="held")) as gateway:
-        httpx.post(mock.url + "/control", json={"delay_ms": 800})
+        control(mock, delay_ms=800)
         client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0)
         question = [{"role": "user", "content": "Who wrote Hamlet?"}]
 
@@ -1172,7 +1147,7 @@ def test_a_budget_held_by_requests_in_flight_is_retried_in_a_moment_not_at_midni
         assert len(served) == 2 and len(refused) == 2, outcomes
         for exc in refused:
             assert exc.code == "budget_held" and exc.response.headers["retry-after"] == "1"
-        httpx.post(mock.url + "/control", json={"delay_ms": 0})
+        control(mock, delay_ms=0)
         assert client.chat.completions.create(model="mock-a", messages=question, max_tokens=20).choices
 
 
@@ -1214,7 +1189,7 @@ def test_a_costly_fallback_does_not_lock_a_key_out_of_what_it_has_left(tmp_path)
 
 def test_basic_format_backend_gets_messages_it_can_take(keyed_stack):
     gateway, mock = keyed_stack
-    httpx.post(mock.url + "/reset")
+    reset(mock)
     client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0)
     messages = TODAYS_CHAT_MESSAGES
     client.chat.completions.create(model="mock-text", messages=messages)
@@ -1246,7 +1221,7 @@ def test_basic_format_backend_gets_a_kept_history_and_its_output_limit(keyed_sta
     history = [{"role": "user", "content": "Say hi."}, first.choices[0].message.model_dump(),
                {"role": "user", "content": "Again."}]
     assert history[1]["tool_calls"] is None  # what the SDK gives the app to keep
-    httpx.post(mock.url + "/reset")
+    reset(mock)
     answer = client.chat.completions.create(model="mock-text", messages=history, max_completion_tokens=7,
                                             stream=stream)
     if stream:
@@ -1258,7 +1233,7 @@ def test_basic_format_backend_gets_a_kept_history_and_its_output_limit(keyed_sta
 
 def test_n_without_upstream_n_draws_distinct_seeded_samples(keyed_stack):
     gateway, mock = keyed_stack
-    httpx.post(mock.url + "/reset")
+    reset(mock)
     control(mock, answers=["a", "b", "c"])
     client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0)
     completion = client.chat.completions.create(model="mock-text", messages=[{"role": "user", "content": "x"}],
@@ -1509,7 +1484,7 @@ def test_a_client_that_drops_a_stream_pays_for_what_was_streamed(keyed_stack):
     far are billed (estimated: the upstream's usage comes at the end) and charged to the key's budget,
     the request is recorded as 499 (client closed), and the backend is not marked as failing."""
     gateway, mock = keyed_stack
-    httpx.post(mock.url + "/reset")
+    reset(mock)
     admin = {"authorization": f"Bearer {ADMIN_KEY}"}
     control(mock, script=["slow_first", "slow_first"], answers=["one two three four five six seven eight"])
     served, rows = set(), []
@@ -1567,7 +1542,7 @@ def test_a_routed_request_refused_for_holds_in_flight_is_retried_in_a_moment(tmp
             "policy": path,
             "api_keys": [{"id": "k", "sha256": hashlib.sha256(KEY.encode()).hexdigest(), "budget_usd_per_day": 0.15}],
     }, name="routed-held")) as gateway:
-        httpx.post(mock.url + "/control", json={"delay_ms": 1500})
+        control(mock, delay_ms=1500)
         client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0)
         question = [{"role": "user", "content": "Who wrote Hamlet?"}]
 
@@ -1583,7 +1558,7 @@ def test_a_routed_request_refused_for_holds_in_flight_is_retried_in_a_moment(tmp
             assert held.value.response.headers["retry-after"] == "1"
             assert "x-should-retry" not in held.value.response.headers
             assert all(future.result().choices for future in slow)
-        httpx.post(mock.url + "/control", json={"delay_ms": 0})
+        control(mock, delay_ms=0)
         assert ask().choices  # the holds settled at their actual cost, well under the day's $0.15
 
 
@@ -1593,7 +1568,7 @@ def test_a_json_schema_response_format_without_its_object_is_a_400(keyed_stack, 
     500 (AttributeError), and on a relayed stream one never recorded nor settled, its budget hold left
     standing on the key. OpenAI refuses it with a 400 naming the field; so does the gateway."""
     gateway, mock = keyed_stack
-    httpx.post(mock.url + "/reset")
+    reset(mock)
     client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0)
     for response_format in ({"type": "json_schema", "json_schema": "answer"}, {"type": "json_schema"}):
         with pytest.raises(openai.BadRequestError) as refused:
@@ -1689,7 +1664,7 @@ def test_an_answer_without_choices_is_a_failed_call(own_stack):
     choices: `choices[0]` raised in the app. A routed request goes to its next arm; a named backend
     answers 502, which the SDKs retry."""
     client, mock = own_stack
-    httpx.post(mock.url + "/reset")
+    reset(mock)
     control(mock, script=["empty"])
     routed = client.chat.completions.with_raw_response.create(
         model="auto", messages=[{"role": "user", "content": "hello there"}])

@@ -3,11 +3,11 @@ Gemini API (tests/mock_gemini.py), which refuses what Gemini refuses."""
 
 from __future__ import annotations
 
-import httpx
 import openai
 import pytest
 
-from tests.servers import running, start_gateway, start_gemini_mock, start_mock, write_policy
+from tests.servers import (calls, control, reset, running, sent, start_gateway, start_gemini_mock, start_mock,
+                           write_policy)
 
 # litellm's cost map for gemini-2.5-flash, USD per token
 FLASH_INPUT, FLASH_OUTPUT, FLASH_CACHE_READ = 0.3e-6, 2.5e-6, 0.03e-6
@@ -40,25 +40,6 @@ def stack(tmp_path_factory):
                           "api_base": openai_mock.url + "/v1", "max_retries": 1, "timeout_s": 5}],
             "policy": policy}, name="gemini", env={"GEMINI_API_KEY": "gemini-test-key"})) as gateway:
         yield gateway, mock, openai_mock
-
-
-@pytest.fixture
-def mock(stack):
-    httpx.post(stack[1].url + "/reset")
-    return stack[1]
-
-
-@pytest.fixture
-def client(stack, mock):
-    return openai.OpenAI(base_url=stack[0].url + "/v1", api_key="unused", max_retries=0)
-
-
-def control(mock, **kwargs):
-    httpx.post(mock.url + "/control", json=kwargs).raise_for_status()
-
-
-def sent(mock) -> list[dict]:
-    return httpx.get(mock.url + "/calls").json()["bodies"]
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -116,9 +97,9 @@ def test_a_rate_limit_passes_on_geminis_retry_delay(client, mock, stream):
 def test_a_rate_limit_from_geminis_openai_compatible_endpoint_passes_on_its_retry_delay(stack, client):
     """The same RetryInfo, in the list-wrapped error body of Gemini's OpenAI-compatible endpoint."""
     openai_mock = stack[2]
-    httpx.post(openai_mock.url + "/reset")
-    httpx.post(openai_mock.url + "/control", json={"script": ["429_google", "429_google"]}).raise_for_status()
+    reset(openai_mock)
+    control(openai_mock, script=["429_google", "429_google"])
     with pytest.raises(openai.RateLimitError) as limited:
         client.chat.completions.create(model="flash-openai", messages=[{"role": "user", "content": "x"}])
     assert limited.value.response.headers["retry-after"] == "7"
-    assert httpx.get(openai_mock.url + "/calls").json()["count"] == 1
+    assert calls(openai_mock)["count"] == 1

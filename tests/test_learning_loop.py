@@ -20,7 +20,8 @@ import httpx
 import openai
 import pytest
 
-from tests.servers import PYTHON, ROOT, Process, mock_backend, running, start_gateway, start_mock, write_policy
+from tests.servers import (PYTHON, ROOT, Process, control, mock_backend, running, start_gateway, start_mock,
+                           write_policy)
 
 RIGHT, WRONG = "42", "17"
 QUESTION = [{"role": "user", "content": "What is 6 times 7? Reply with the number only."}]
@@ -31,10 +32,6 @@ def answers(accuracy: float) -> list[str]:
     """What a mock answers in turn: `accuracy` of them right, spread over 20."""
     right = round(accuracy * 20)
     return [RIGHT if (i * right) % 20 < right else WRONG for i in range(20)]
-
-
-def control(mock: Process, **kwargs) -> None:
-    httpx.post(mock.url + "/control", json=kwargs).raise_for_status()
 
 
 @contextlib.contextmanager

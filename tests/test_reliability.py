@@ -27,7 +27,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.servers import PYTHON, Process, free_port, mock_backend, running, start_gateway, start_mock, write_policy
+from tests.servers import (PYTHON, Process, calls, control, free_port, mock_backend, reset, running, start_gateway,
+                           start_mock, write_policy)
 
 SOAK = os.environ.get("PONDER_SOAK") == "1"
 ERROR_FIELDS = {"message", "type", "param", "code"}
@@ -37,17 +38,8 @@ LONG_ANSWER = "one two three four five six seven eight nine ten"
 # -- helpers ----------------------------------------------------------------------------------------
 
 
-def control(mock: Process, **kwargs: Any) -> None:
-    httpx.post(mock.url + "/control", json=kwargs).raise_for_status()
-
-
-def reset(*mocks: Process) -> None:
-    for mock in mocks:
-        httpx.post(mock.url + "/reset").raise_for_status()
-
-
 def upstream_calls(mock: Process) -> int:
-    return httpx.get(mock.url + "/calls").json()["count"]
+    return calls(mock)["count"]
 
 
 def chat(model: str, content: str = "hello there", **extra: Any) -> dict[str, Any]:

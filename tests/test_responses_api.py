@@ -15,7 +15,7 @@ import pytest
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
-from tests.servers import mock_backend, running, start_gateway, start_mock, two_mock_policy
+from tests.servers import control, mock_backend, reset, running, sent, start_gateway, start_mock, two_mock_policy
 
 KEY = "sk-resp-key-123"
 ADMIN_KEY = "sk-resp-admin-456"
@@ -53,29 +53,8 @@ def stack(tmp_path_factory):
 
 
 @pytest.fixture
-def gw(stack):
-    gateway, mock = stack
-    httpx.post(mock.url + "/reset")
-    return gateway
-
-
-@pytest.fixture
-def mock(stack):
-    return stack[1]
-
-
-@pytest.fixture
 def client(gw):
     return openai.OpenAI(base_url=gw.url + "/v1", api_key=KEY, max_retries=0)
-
-
-def control(mock, **kwargs):
-    httpx.post(mock.url + "/control", json=kwargs).raise_for_status()
-
-
-def sent(mock) -> list[dict]:
-    """The chat bodies the upstream received."""
-    return httpx.get(mock.url + "/calls").json()["bodies"]
 
 
 def words(body: dict) -> int:
@@ -365,7 +344,7 @@ def test_a_multi_sample_answer_counts_every_sample_streamed_or_not(client, mock)
     assert response.usage.output_tokens == 5 * 4
     assert response.usage.input_tokens == sum(words(b) for b in bodies)
 
-    httpx.post(mock.url + "/reset")
+    reset(mock)
     control(mock, answers=["The answer is 7"], cached_tokens=2)
     with client.responses.stream(model="auto", input="What is 3 + 4?", extra_headers=VOTE) as stream:
         events = list(stream)

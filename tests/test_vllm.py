@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from tests.servers import running, start_gateway, start_mock, write_policy
+from tests.servers import control, running, start_gateway, start_mock, write_policy
 
 THOUGHT = " ".join(f"step{i}" for i in range(40))
 
@@ -37,21 +37,6 @@ def stack(tmp_path_factory):
             "backends": [r1_backend(name, mock) for name in ("r1", "r1-broken")],
             "policy": policy}, name="vllm")) as gateway:
         yield gateway, mock
-
-
-@pytest.fixture
-def mock(stack):
-    httpx.post(stack[1].url + "/reset")
-    return stack[1]
-
-
-@pytest.fixture
-def client(stack, mock):
-    return openai.OpenAI(base_url=stack[0].url + "/v1", api_key="unused", max_retries=0)
-
-
-def control(mock, **kwargs):
-    httpx.post(mock.url + "/control", json=kwargs).raise_for_status()
 
 
 @pytest.mark.parametrize("stream", [False, True])
