@@ -107,7 +107,9 @@ def parse_responses_request(body: dict[str, Any], *, max_n: int) -> tuple[ChatRe
         if parsed.parallel_tool_calls is not None:
             chat["parallel_tool_calls"] = parsed.parallel_tool_calls
     if parsed.tool_choice is not None:
-        chat["tool_choice"] = chat_tool_choice(parsed.tool_choice)
+        tool_choice = chat_tool_choice(parsed.tool_choice)  # checked either way
+        if parsed.tools:  # chat APIs refuse a tool_choice with no tools (OpenAI, vLLM: a 400)
+            chat["tool_choice"] = tool_choice
     text = parsed.text or {}
     response_format = chat_response_format(text.get("format"))
     if response_format is not None:

@@ -274,9 +274,10 @@ def _content_chars(chunk: dict) -> int:
     chars = 0
     for choice in chunk.get("choices") or ():
         delta = choice.get("delta") or {}
-        for key in REASONING_FIELDS + ("content",):
-            if isinstance(delta.get(key), str):
-                chars += len(delta[key])
+        # one reasoning text: a vLLM that writes it under both names (during the rename) bills it once
+        chars += max((len(delta[key]) for key in REASONING_FIELDS if isinstance(delta.get(key), str)), default=0)
+        if isinstance(delta.get("content"), str):
+            chars += len(delta["content"])
         for call in delta.get("tool_calls") or ():
             arguments = ((call or {}).get("function") or {}).get("arguments")
             chars += len(arguments) if isinstance(arguments, str) else 1

@@ -483,3 +483,13 @@ def test_a_failure_after_a_synthesized_streams_headers_is_a_failed_response():
     assert [e.type for e in events] == ["response.created", "response.in_progress", "response.failed"]
     assert [e.sequence_number for e in events] == [0, 1, 2] and {e.response.id for e in events} == {"resp_abc"}
     assert events[-1].response.error.message == "mock-a: upstream timed out"
+
+
+def test_a_tool_choice_without_tools_is_not_sent_upstream(client, mock):
+    """Chat APIs refuse a `tool_choice` when there are no tools (OpenAI's and vLLM's 400), so a Responses
+    request carrying one with no tools (an agent loop's last turn, say) is sent without it; it is
+    still checked, and echoed in the Response."""
+    control(mock, answers=["no tools here"])
+    response = client.responses.create(model="mock-a", input="hello", tool_choice="auto")
+    assert response.output_text == "no tools here" and response.tool_choice == "auto"
+    assert "tool_choice" not in sent(mock)[-1]

@@ -34,3 +34,13 @@ def test_an_event_that_never_ends_is_refused_past_the_limit():
     with pytest.raises(EventTooLarge):
         reader.feed(b"data: " + b"x" * 60 + b"\ndata: " + b"x" * 60 + b"\n")  # one event of two lines
     assert EventReader(100).feed(b"data: " + b"x" * 60 + b"\n\ndata: " + b"x" * 60 + b"\n\n") == [b"x" * 60] * 2
+
+
+def test_a_reasoning_text_under_both_names_counts_once():
+    """vLLM has renamed `reasoning_content` to `reasoning`; a version writing both in one delta must not
+    have its thought billed twice when a broken stream is billed by length."""
+    from gateway.streaming import _content_chars
+
+    both = {"choices": [{"delta": {"reasoning_content": "abcd", "reasoning": "abcd", "content": "xy"}}]}
+    assert _content_chars(both) == 6
+    assert _content_chars({"choices": [{"delta": {"reasoning": "abcd"}}]}) == 4
