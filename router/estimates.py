@@ -9,7 +9,7 @@ request's prompt length, output cap and the learned stats.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import orjson
@@ -50,21 +50,7 @@ def estimate_prompt_tokens(messages: list, body: Mapping[str, Any] | None = None
     """About 4 characters per token plus a few per message: close enough to price a request. An
     assistant turn's tool calls count; so do the request `body`'s tool definitions and response_format
     (as their JSON), when it is given."""
-    chars = 0
-    for message in messages:
-        if not isinstance(message, dict):
-            continue
-        content = message.get("content")
-        if isinstance(content, str):
-            chars += len(content)
-        elif isinstance(content, list):
-            chars += sum(len(text) for part in content
-                         if isinstance(part, dict) and isinstance(text := part.get("text"), str))
-        if message.get("tool_calls") or message.get("function_call"):
-            chars += _json_chars(message.get("tool_calls")) + _json_chars(message.get("function_call"))
-    if body is not None:
-        chars += sum(_json_chars(body.get(field)) for field in PROMPT_FIELDS)
-    return chars // 4 + 4 * len(messages)
+    return _prompt_size(messages, body, len) // 4 + 4 * len(messages)
 
 
 def prompt_tokens_bound(messages: list, body: Mapping[str, Any] | None = None) -> int:
@@ -74,21 +60,31 @@ def prompt_tokens_bound(messages: list, body: Mapping[str, Any] | None = None) -
     4x under for digits or base64, 5x for Chinese, 8x for emoji: CONTEXT_UNDERCOUNT), plus what a chat
     template wraps each message in. What a budget holds (Gateway.worst_case_usd). An image or audio
     part counts nothing: its tokens depend on the provider and the image, which the gateway never fetches."""
+    return _prompt_size(messages, body, _utf8_bytes) + TEMPLATE_TOKENS_PER_MESSAGE * len(messages)
+
+
+def _prompt_size(messages: list, body: Mapping[str, Any] | None, measure: Callable[[str], int]) -> int:
+    """The prompt's text measured by `measure` (characters, bytes), plus the JSON of its tool calls and
+    of the body's PROMPT_FIELDS: what the two counts above share."""
     size = 0
     for message in messages:
         if not isinstance(message, dict):
             continue
         content = message.get("content")
         if isinstance(content, str):
-            size += len(content.encode("utf-8", "surrogatepass"))
+            size += measure(content)
         elif isinstance(content, list):
-            size += sum(len(text.encode("utf-8", "surrogatepass")) for part in content
+            size += sum(measure(text) for part in content
                         if isinstance(part, dict) and isinstance(text := part.get("text"), str))
         if message.get("tool_calls") or message.get("function_call"):
             size += _json_chars(message.get("tool_calls")) + _json_chars(message.get("function_call"))
     if body is not None:
         size += sum(_json_chars(body.get(field)) for field in PROMPT_FIELDS)
-    return size + TEMPLATE_TOKENS_PER_MESSAGE * len(messages)
+    return size
+
+
+def _utf8_bytes(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
 
 
 def _json_chars(value: Any) -> int:
