@@ -475,17 +475,24 @@ def test_dashboard_in_a_browser(stack, browser, tmp_path):
     page.close()
 
 
-def test_a_policy_picked_while_a_refresh_is_on_its_way_is_kept(stack, browser):
-    """The page refreshes every 4 s; a policy picked while one refresh's answers are still coming
-    must not be put back to the old one when they arrive (it was, and the pick was lost for good)."""
-    from playwright.sync_api import expect
-
+def _dashboard_with_requests(stack, browser):
+    """The page, as the admin sees it, once its recent requests are drawn (embedded store only: what
+    the page does is the same on either store)."""
     gateway, _, seeded, backend = stack
     if backend != "embedded":
         pytest.skip("the page's behaviour, the same on either store")
     page = browser.new_page()
     page.goto(gateway.url + "/dashboard#key=" + ADMIN_KEY)
     page.wait_for_selector("[data-testid=request-row]")
+    return page, seeded
+
+
+def test_a_policy_picked_while_a_refresh_is_on_its_way_is_kept(stack, browser):
+    """The page refreshes every 4 s; a policy picked while one refresh's answers are still coming
+    must not be put back to the old one when they arrive (it was, and the pick was lost for good)."""
+    from playwright.sync_api import expect
+
+    page, seeded = _dashboard_with_requests(stack, browser)
     held = []  # the next refresh's summary request, held until the pick is made; later ones pass
     page.route("**/v1/ponder/summary*", lambda route: route.continue_() if held else held.append(route))
     deadline = time.monotonic() + 15
@@ -505,12 +512,7 @@ def test_a_policy_picked_while_a_refresh_is_on_its_way_is_kept(stack, browser):
 def test_a_request_opens_from_the_keyboard(stack, browser):
     """Tab reaches the recent requests and Enter opens one's reasons, as a click does; the 4 s refresh
     that redraws the rows leaves the keyboard on the same request."""
-    gateway, _, seeded, backend = stack
-    if backend != "embedded":
-        pytest.skip("the page's behaviour, the same on either store")
-    page = browser.new_page()
-    page.goto(gateway.url + "/dashboard#key=" + ADMIN_KEY)
-    page.wait_for_selector("[data-testid=request-row]")
+    page, seeded = _dashboard_with_requests(stack, browser)
     focused = lambda: page.evaluate("document.activeElement.dataset.requestId || null")  # noqa: E731
     for _ in range(40):  # the controls, the tabs and the reference select come first
         page.keyboard.press("Tab")
