@@ -239,13 +239,8 @@ def resolve_max_context(spec: BackendSpec) -> tuple[int | None, str]:
     endpoint: a backend with an api_base (vLLM, llama.cpp, a proxy) is served as its operator set it up."""
     if spec.max_context is not None:
         return spec.max_context, "declared"
-    if spec.api_base is None:
-        table = litellm_cost_map()
-        for key in (spec.model, spec.model.split("/", 1)[-1]):
-            window = (table.get(key) or {}).get("max_input_tokens")
-            if isinstance(window, int) and window > 0:
-                return window, "litellm model map"
-    return None, "unknown: no limit"
+    window = _model_map_tokens(spec, "max_input_tokens")
+    return (window, "litellm model map") if window is not None else (None, "unknown: no limit")
 
 
 def resolve_max_output(spec: BackendSpec) -> tuple[int | None, str]:
@@ -254,13 +249,21 @@ def resolve_max_output(spec: BackendSpec) -> tuple[int | None, str]:
     or nowhere (None: unknown)."""
     if spec.max_output_tokens is not None:
         return spec.max_output_tokens, "declared"
-    if spec.api_base is None:
-        table = litellm_cost_map()
-        for key in (spec.model, spec.model.split("/", 1)[-1]):
-            most = (table.get(key) or {}).get("max_output_tokens")
-            if isinstance(most, int) and not isinstance(most, bool) and most > 0:
-                return most, "litellm model map"
-    return None, "unknown"
+    most = _model_map_tokens(spec, "max_output_tokens")
+    return (most, "litellm model map") if most is not None else (None, "unknown")
+
+
+def _model_map_tokens(spec: BackendSpec, field: str) -> int | None:
+    """A token count from litellm's model map for the backend's model (with or without its provider
+    prefix), for a provider's own endpoint only (no api_base): None where the map has none."""
+    if spec.api_base is not None:
+        return None
+    table = litellm_cost_map()
+    for key in (spec.model, spec.model.split("/", 1)[-1]):
+        tokens = (table.get(key) or {}).get(field)
+        if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens > 0:
+            return tokens
+    return None
 
 
 # --- JSON Schema ----------------------------------------------------------------------------------
