@@ -288,7 +288,7 @@ class Gateway:
                                code="context_length_exceeded")
             decision = self._direct(req, headers, classification, policy)
             capped = self.has_budget(principal)
-            held = prompt_tokens_bound(req.messages, req.body) if capped else hints.prompt_tokens
+            held = _held_prompt_tokens(req, hints, capped)
             worst = self.plan_worst_case_usd(decision, req, held, capped=capped)
             # the request's own cost cap prices the prompt as routed requests are priced (the estimate):
             # the bytes bound is for the key's budget, and would refuse a budgeted key what it lets others do
@@ -326,7 +326,7 @@ class Gateway:
                 raise _budget_held(period, held) from None
             raise ApiError(429, str(exc), code="budget_exhausted", headers=_retry_at_reset(period)) from None
         capped = self.has_budget(principal)
-        held = prompt_tokens_bound(req.messages, req.body) if capped else hints.prompt_tokens
+        held = _held_prompt_tokens(req, hints, capped)
         if budget_left is not None:
             decision = self._arms_within(decision, req, held, budget_left)
         decision, caps = self._with_output_caps(decision, req, capped, hints.prompt_tokens or 0)
@@ -736,6 +736,12 @@ def _retry_at_reset(period: str | None) -> dict[str, str]:
     `x-should-retry: false`, which the OpenAI SDKs honour: their own retries (a second or two apart,
     since they ignore a Retry-After of hours) would only be refused again."""
     return {**retry_after(seconds_until_reset(period, time.time()) if period else 3600.0), "x-should-retry": "false"}
+
+
+def _held_prompt_tokens(req: ChatRequest, hints: RequestHints, capped: bool) -> int | None:
+    """The request's prompt counted as its worst case counts it (prompt_counter): the bytes bound for a
+    key with a budget, else the estimate the hints already made."""
+    return prompt_tokens_bound(req.messages, req.body) if capped else hints.prompt_tokens
 
 
 def prompt_counter(capped: bool) -> Callable[..., int]:
