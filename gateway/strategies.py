@@ -183,11 +183,17 @@ async def _single(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> Strat
         if not responses:
             raise _every_sample_failed(arm.backend, ctx)
         response = _merge_choices(responses)
-    if not response.get("choices"):  # a 200 with nothing in it (some servers under load): the next arm answers
-        raise UpstreamError(arm.backend, 502, f"{arm.backend}: upstream answer has no choices", retryable=False)
+    _require_choices(arm, response)
     # samples are the answers drawn: a failed attempt before them (retried) is a call, not a sample
     return StrategyResult(response, arm, cascade.stated_confidence(_texts(response)[0]), "stated",
                           {"samples": len(response["choices"])})
+
+
+def _require_choices(arm: Arm, response: dict[str, Any]) -> None:
+    """A one-answer strategy's answer with no choices (a 200 some servers send under load) is a failed
+    call: the next arm answers. Multi-sample strategies count such answers as failed samples instead."""
+    if not response.get("choices"):
+        raise UpstreamError(arm.backend, 502, f"{arm.backend}: upstream answer has no choices", retryable=False)
 
 
 async def _cot(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> StrategyResult:
@@ -203,8 +209,7 @@ async def _cot(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> Strategy
         if not responses:
             raise _every_sample_failed(arm.backend, ctx)
         response = _merge_choices(responses)
-    if not response.get("choices"):
-        raise UpstreamError(arm.backend, 502, f"{arm.backend}: upstream answer has no choices", retryable=False)
+    _require_choices(arm, response)
     for choice in response["choices"]:
         message = choice.get("message") or {}
         reasoning = message.get("content") or ""
