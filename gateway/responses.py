@@ -341,7 +341,6 @@ class ResponseBuilder:
         self.created_at = int(time.time())
         self.model = ""
         self.output: list[dict[str, Any]] = []
-        self.open: dict[str, Any] | None = None  # the output item being written
         self.calls: dict[int, dict[str, Any]] = {}  # a chat tool call's index -> its function_call item
         self.finish_reason: str | None = None
         self.frames: list[bytes] | None = [] if stream else None
@@ -385,8 +384,8 @@ class ResponseBuilder:
             self.finish_reason = choice.get("finish_reason") or self.finish_reason
 
     def _text(self, kind: str, piece: str) -> None:
-        item = self.open
-        if item is None or item["type"] != "message":
+        item = self.output[-1] if self.output else None
+        if item is None or item["type"] != "message" or item["status"] != "in_progress":
             item = self._add({"id": f"msg_{uuid.uuid4().hex}", "type": "message", "role": "assistant",
                               "status": "in_progress", "content": []})
         index = self.output.index(item)
@@ -424,9 +423,10 @@ class ResponseBuilder:
                        output_index=self.output.index(item), delta=arguments)
 
     def _add(self, item: dict[str, Any]) -> dict[str, Any]:
-        self._close_item()
+        # Parallel function calls stay open together until the answer ends: a server may interleave
+        # their arguments (call 0, call 1, call 0 again), and no delta may follow its item's `.done`.
+        self._close_items(keep_calls=item["type"] == "function_call")
         self.output.append(item)
-        self.open = item
         self._emit("response.output_item.added", output_index=len(self.output) - 1,
                    item={**item, "content": []} if item["type"] == "message" else {**item, "arguments": ""})
         return item
@@ -440,10 +440,13 @@ class ResponseBuilder:
         self._emit("response.content_part.done", item_id=item["id"], output_index=index,
                    content_index=len(item["content"]) - 1, part=part)
 
-    def _close_item(self, status: str = "completed") -> None:
-        item, self.open = self.open, None
-        if item is None:
-            return
+    def _close_items(self, status: str = "completed", *, keep_calls: bool = False) -> None:
+        """Every output item still being written, finished in output order (`keep_calls`: but function calls)."""
+        for item in self.output:
+            if item["status"] == "in_progress" and not (keep_calls and item["type"] == "function_call"):
+                self._close_item(item, status)
+
+    def _close_item(self, item: dict[str, Any], status: str) -> None:
         index = self.output.index(item)
         if item["type"] == "message":
             self._close_part(item, index)
@@ -459,7 +462,7 @@ class ResponseBuilder:
         reason = INCOMPLETE.get(self.finish_reason or "")
         if not self.output:  # an empty answer is an empty message, not no output at all
             self._text("output_text", "")
-        self._close_item("incomplete" if reason else "completed")
+        self._close_items("incomplete" if reason else "completed")
         if reason:
             response = self.response("incomplete", incomplete_details={"reason": reason})
         else:
@@ -473,7 +476,6 @@ class ResponseBuilder:
         for item in self.output:
             if item["status"] == "in_progress":
                 item["status"] = "incomplete"
-        self.open = None
         self._emit("response.failed", response=self.response("failed", error={"code": code, "message": message}))
 
 

@@ -493,3 +493,44 @@ def test_a_tool_choice_without_tools_is_not_sent_upstream(client, mock):
     response = client.responses.create(model="mock-a", input="hello", tool_choice="auto")
     assert response.output_text == "no tools here" and response.tool_choice == "auto"
     assert "tool_choice" not in sent(mock)[-1]
+
+
+def sse_chunks(*deltas: dict, finish: str = "tool_calls") -> list[str]:
+    """A chat stream, as hex pieces for the mock's `raw` behaviour: one chunk per delta, then the finish."""
+    base = {"id": "chatcmpl-raw", "object": "chat.completion.chunk", "created": 0, "model": "mock-a"}
+    chunks = [{**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]} for delta in deltas]
+    chunks.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
+    return [f"data: {json.dumps(chunk)}\n\n".encode().hex() for chunk in chunks] + [b"data: [DONE]\n\n".hex()]
+
+
+def call_delta(index: int, arguments: str, name: str | None = None) -> dict:
+    call = {"index": index, "function": {"arguments": arguments}}
+    if name:
+        call.update(id=f"call_{index}", type="function")
+        call["function"]["name"] = name
+    return {"tool_calls": [call]}
+
+
+def test_interleaved_parallel_calls_close_each_item_after_its_last_delta(client, mock):
+    """A server may stream parallel calls' arguments interleaved (call 0, call 1, call 0 again): each
+    call's `.done` events come after all of its deltas, so a client that builds the calls from the
+    events (and takes an item as finished at `output_item.done`) gets the whole arguments."""
+    control(mock, script=["raw"], raw=sse_chunks(
+        call_delta(0, "", "get_weather"), call_delta(0, '{"city": '), call_delta(1, "", "get_weather"),
+        call_delta(1, '{"city": "Oslo"}'), call_delta(0, '"Rome"}')))
+    events = list(client.responses.create(model="mock-a", input="Weather in Rome and Oslo?", tools=[WEATHER],
+                                          stream=True))
+    for event in events:
+        TypeAdapter(ResponseStreamEvent).validate_python(event.to_dict())
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    for index, city in ((0, "Rome"), (1, "Oslo")):
+        mine = [(i, e) for i, e in enumerate(events) if getattr(e, "output_index", None) == index]
+        deltas = [i for i, e in mine if e.type == "response.function_call_arguments.delta"]
+        [(done_at, done)] = [(i, e) for i, e in mine if e.type == "response.output_item.done"]
+        [arguments_done] = [e for _, e in mine if e.type == "response.function_call_arguments.done"]
+        assert max(deltas) < done_at, event_types(events)
+        assert json.loads(done.item.arguments) == json.loads(arguments_done.arguments) == {"city": city}
+        assert "".join(e.delta for _, e in mine if e.type.endswith("arguments.delta")) == done.item.arguments
+    final = events[-1].response
+    assert final.status == "completed" and [json.loads(c.arguments)["city"] for c in final.output] == ["Rome", "Oslo"]
+    assert all(c.status == "completed" for c in final.output)
