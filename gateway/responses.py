@@ -23,7 +23,7 @@ from gateway.backends import UpstreamError
 from gateway.calls import Caller
 from gateway.errors import ApiError
 from gateway.schemas import ChatRequest, is_type_tag, parse_chat_request
-from gateway.streaming import PassThrough, completion_to_chunks, usage_block
+from gateway.streaming import REASONING_FIELDS, PassThrough, completion_to_chunks, usage_block
 
 # What needs state or OpenAI's servers, and why it is refused (each one's 400 says so).
 STATEFUL = {
@@ -197,12 +197,14 @@ def chat_messages(input: str | list[dict[str, Any]], instructions: str | None) -
             content = output if isinstance(output, str) else _text_of(output, f"input.{i}.output")
             messages.append({"role": "tool", "tool_call_id": _string(item, "call_id", f"input.{i}"),
                              "content": content})
+        elif kind == "reasoning":
+            continue  # an earlier answer's thought, sent back with its other output items: chat takes none back
         elif kind == "item_reference":
             raise refuse(f"input.{i}", "Ponder's Responses API is stateless: items are not stored to be referenced; "
                                        "send the item itself")
         else:
             raise refuse(f"input.{i}.type", f"an input item of type {kind!r} is not supported (messages, "
-                                            "function_call and function_call_output items are)")
+                                            "function_call, function_call_output and reasoning items are)")
     return messages
 
 
@@ -328,7 +330,8 @@ def responses_usage(usage: dict[str, Any]) -> dict[str, Any]:
 
 # How a chat finish_reason that cut the answer short reads as a Response's incomplete_details.reason.
 INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
-_DONE_TEXT = {"output_text": ("response.output_text.done", "text"), "refusal": ("response.refusal.done", "refusal")}
+_DONE_TEXT = {"output_text": ("response.output_text.done", "text"), "refusal": ("response.refusal.done", "refusal"),
+              "reasoning_text": ("response.reasoning_text.done", "text")}
 
 
 class ResponseBuilder:
@@ -376,6 +379,10 @@ class ResponseBuilder:
             if choice.get("index", 0) != 0:
                 continue  # a Response has one answer (no `n`)
             delta = choice.get("delta") or {}
+            # one thought: a server that writes it under both names (vLLM during the rename) says it once
+            thought = next((delta[key] for key in REASONING_FIELDS if isinstance(delta.get(key), str)), "")
+            if thought:
+                self._reasoning(thought)
             for kind, key in (("output_text", "content"), ("refusal", "refusal")):
                 if delta.get(key):
                     self._text(kind, delta[key])
@@ -405,6 +412,21 @@ class ResponseBuilder:
         self._emit(f"response.{'refusal' if kind == 'refusal' else 'output_text'}.delta", item_id=item["id"],
                    output_index=index, content_index=len(item["content"]) - 1, delta=piece, **delta)
 
+    def _reasoning(self, piece: str) -> None:
+        """The backend's chain of thought, as a `reasoning` item's `reasoning_text` content (what
+        OpenAI's open-weight models and vLLM's Responses API return): it is the thought itself, not a
+        `summary` of it, which no backend writes."""
+        item = self.output[-1] if self.output else None
+        if item is None or item["type"] != "reasoning" or item["status"] != "in_progress":
+            item = self._add({"id": f"rs_{uuid.uuid4().hex}", "type": "reasoning", "status": "in_progress",
+                              "summary": [], "content": []})
+            item["content"].append({"type": "reasoning_text", "text": ""})
+            self._emit("response.content_part.added", item_id=item["id"], output_index=self.output.index(item),
+                       content_index=0, part=item["content"][0])
+        item["content"][0]["text"] += piece
+        self._emit("response.reasoning_text.delta", item_id=item["id"], output_index=self.output.index(item),
+                   content_index=0, delta=piece)
+
     def _tool_call(self, call: dict[str, Any]) -> None:
         function = call.get("function") or {}
         item = self.calls.get(call.get("index", 0))
@@ -428,7 +450,7 @@ class ResponseBuilder:
         self._close_items(keep_calls=item["type"] == "function_call")
         self.output.append(item)
         self._emit("response.output_item.added", output_index=len(self.output) - 1,
-                   item={**item, "content": []} if item["type"] == "message" else {**item, "arguments": ""})
+                   item={**item, "arguments": ""} if item["type"] == "function_call" else {**item, "content": []})
         return item
 
     def _close_part(self, item: dict[str, Any], index: int) -> None:
@@ -448,7 +470,7 @@ class ResponseBuilder:
 
     def _close_item(self, item: dict[str, Any], status: str) -> None:
         index = self.output.index(item)
-        if item["type"] == "message":
+        if item["type"] in ("message", "reasoning"):
             self._close_part(item, index)
         else:
             self._emit("response.function_call_arguments.done", item_id=item["id"], output_index=index,

@@ -534,3 +534,42 @@ def test_interleaved_parallel_calls_close_each_item_after_its_last_delta(client,
     final = events[-1].response
     assert final.status == "completed" and [json.loads(c.arguments)["city"] for c in final.output] == ["Rome", "Oslo"]
     assert all(c.status == "completed" for c in final.output)
+
+
+@pytest.mark.parametrize("field", ["reasoning_content", "reasoning"])
+def test_a_backends_reasoning_is_a_reasoning_item_before_the_message(client, mock, field):
+    """A reasoning server's chain of thought (vLLM's `reasoning_content`, or `reasoning` as newer vLLM
+    names it) is a `reasoning` item before the message, its text as `reasoning_text` content (not a
+    `summary`: no backend writes one), whole or streamed; sent back as input, it is dropped."""
+    answer = {"content": "It is 5.", field: "two plus three is five"}
+    control(mock, answers=[answer])
+    response = client.responses.create(model="mock-a", input="What is 2 + 3?", reasoning={"summary": "auto"})
+    Response.model_validate(response.to_dict())
+    thought, message = response.output
+    assert thought.type == "reasoning" and thought.id.startswith("rs_") and thought.status == "completed"
+    assert thought.summary == [] and [(c.type, c.text) for c in thought.content] == [
+        ("reasoning_text", "two plus three is five")]
+    assert message.type == "message" and response.output_text == "It is 5."
+
+    control(mock, answers=[answer])
+    with client.responses.stream(model="mock-a", input="What is 2 + 3?") as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    for event in events:
+        TypeAdapter(ResponseStreamEvent).validate_python(event.to_dict())
+    assert event_types(events) == [
+        "response.created", "response.in_progress", "response.output_item.added", "response.content_part.added",
+        *["response.reasoning_text.delta"] * 5, "response.reasoning_text.done", "response.content_part.done",
+        "response.output_item.done", *TEXT_EVENTS[2:], "response.output_text.delta", *TEXT_END]
+    assert "".join(e.delta for e in events if e.type == "response.reasoning_text.delta") == "two plus three is five"
+    assert events[9].text == "two plus three is five" and events[11].item.content[0].text == "two plus three is five"
+    assert [e.output_index for e in events if e.type == "response.output_text.delta"] == [1]
+    assert final.output[0].content[0].text == "two plus three is five" and final.output_text == "It is 5."
+
+    control(mock, answers=["Then 8."])
+    client.responses.create(model="mock-a", input=[
+        {"role": "user", "content": "What is 2 + 3?"}, *[item.to_dict() for item in final.output],
+        {"role": "user", "content": "And + 3?"}])
+    assert sent(mock)[-1]["messages"] == [{"role": "user", "content": "What is 2 + 3?"},
+                                          {"role": "assistant", "content": "It is 5."},
+                                          {"role": "user", "content": "And + 3?"}]
