@@ -31,7 +31,7 @@ from gateway.config import GatewayConfig
 from gateway.dashboard import dashboard_routes
 from gateway.effort import apply_effort
 from gateway.errors import EXCEPTION_HANDLERS, ApiError, retry_after
-from gateway.responses import ResponsesWire, parse_responses_request
+from gateway.responses import ResponsesWire, count_input_tokens, parse_responses_request
 from gateway.schemas import ChatRequest, parse_chat_request, parse_json_body
 from gateway.service import Gateway, Plan
 from gateway.strategies import StrategyResult, with_output_limit
@@ -240,6 +240,22 @@ async def chat_completions(request: Request) -> Response:
 async def responses(request: Request) -> Response:
     """The Responses API, stateless: translated at the edge, served by the chat request path."""
     return await serve(request, lambda body, max_n: ResponsesWire(*parse_responses_request(body, max_n=max_n)))
+
+
+async def responses_input_tokens(request: Request) -> Response:
+    """`client.responses.input_tokens.count(...)`: the prompt's tokens, estimated (gateway/responses.py)."""
+    gw = gateway_of(request)
+    gw.keys.authenticate(request)
+    body = parse_json_body(await read_body(request, gw.config.max_body_bytes, gw.config.body_timeout_s))
+    return json_response(count_input_tokens(body))
+
+
+async def responses_compact(request: Request) -> Response:
+    """`client.responses.compact(...)`: OpenAI's compaction writes an encrypted item only its servers read."""
+    gateway_of(request).keys.authenticate(request)
+    raise ApiError(400, "Compaction (POST /v1/responses/compact) is not supported: Ponder's Responses API is stateless, "
+                        "and a compacted item is encrypted for OpenAI's servers to read; trim `input` instead.",
+                   code="unsupported_endpoint")
 
 
 async def responses_not_stored(request: Request) -> Response:
@@ -529,6 +545,8 @@ def routes() -> list[Route]:
         Route("/v1/models/{model:path}", retrieve_model, methods=["GET"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/responses", responses, methods=["POST"]),
+        Route("/v1/responses/input_tokens", responses_input_tokens, methods=["POST"]),
+        Route("/v1/responses/compact", responses_compact, methods=["POST"]),
         Route("/v1/responses/{response_id:path}", responses_not_stored, methods=["GET", "POST", "DELETE"]),
         Route("/v1/feedback", feedback, methods=["POST"]),
         *dashboard_routes(),

@@ -14,7 +14,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -24,6 +24,7 @@ from gateway.calls import Caller
 from gateway.errors import ApiError
 from gateway.schemas import ChatRequest, is_type_tag, parse_chat_request
 from gateway.streaming import REASONING_FIELDS, PassThrough, completion_to_chunks, usage_block
+from router.estimates import estimate_prompt_tokens, prompt_tokens_bound
 
 # What needs state or OpenAI's servers, and why it is refused (each one's 400 says so).
 STATEFUL = {
@@ -66,6 +67,25 @@ class _ResponsesBody(BaseModel):
     background: Literal[False] | None = None
 
 
+class _InputTokensBody(BaseModel):
+    """`POST /v1/responses/input_tokens`: what of a Responses body makes its prompt (`model` optional)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = None
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    reasoning: dict[str, Any] | None = None
+    text: dict[str, Any] | None = None
+    truncation: Literal["disabled"] | None = None
+
+
+_Body = TypeVar("_Body", bound=BaseModel)
+
+
 def refuse(param: str, message: str, code: str = "unsupported_parameter") -> ApiError:
     return ApiError(400, f"Unsupported value for '{param}': {message}.", param=param, code=code)
 
@@ -82,17 +102,7 @@ def parse_responses_request(body: dict[str, Any], *, max_n: int) -> tuple[ChatRe
                                    "stored to be fetched; stream it instead")
     if body.get("truncation") == "auto":
         raise refuse("truncation", "`auto` drops context the gateway cannot see the model's window of; trim `input`")
-    try:
-        parsed = _ResponsesBody.model_validate(body)
-    except ValidationError as exc:
-        # of a union's (`input`: a string or a list of items) errors, the one deepest in what was sent:
-        # `input: [{...}, "hi"]` is about item 1, not about `input` not being a string
-        err = max(exc.errors(), key=lambda error: len(error["loc"]))
-        param = ".".join(str(p) for p in err["loc"] if not is_type_tag(p))
-        if err["type"] == "extra_forbidden":
-            raise ApiError(400, f"Unsupported parameter: '{param}' is not supported by Ponder's stateless Responses "
-                                "API (docs/api.md lists what is).", param=param, code="unsupported_parameter") from None
-        raise ApiError(400, f"Invalid value for '{param}': {err['msg']}", param=param, code="invalid_value") from None
+    parsed = _validated(_ResponsesBody, body)
     chat: dict[str, Any] = {"model": parsed.model, "messages": chat_messages(parsed.input, parsed.instructions)}
     chat.update({key: body[key] for key in SAME_IN_CHAT if key in body})
     if parsed.stream:
@@ -140,6 +150,41 @@ def parse_responses_request(body: dict[str, Any], *, max_n: int) -> tuple[ChatRe
         "safety_identifier": parsed.safety_identifier,
     }
     return req, echo
+
+
+def _validated(model: type[_Body], body: dict[str, Any]) -> _Body:
+    """The body as `model` types it, with its fields' defaults for nulls; or a 400 naming the parameter."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        # of a union's (`input`: a string or a list of items) errors, the one deepest in what was sent:
+        # `input: [{...}, "hi"]` is about item 1, not about `input` not being a string
+        err = max(exc.errors(), key=lambda error: len(error["loc"]))
+        param = ".".join(str(p) for p in err["loc"] if not is_type_tag(p))
+        if err["type"] == "extra_forbidden":
+            raise ApiError(400, f"Unsupported parameter: '{param}' is not supported by Ponder's stateless Responses "
+                                "API (docs/api.md lists what is).", param=param, code="unsupported_parameter") from None
+        raise ApiError(400, f"Invalid value for '{param}': {err['msg']}", param=param, code="invalid_value") from None
+
+
+def count_input_tokens(body: dict[str, Any]) -> dict[str, Any]:
+    """`POST /v1/responses/input_tokens`: the prompt a Responses body makes (its messages, tool
+    definitions and JSON format), counted as the gateway estimates a prompt it has no count of (about
+    4 characters a token): the backends' tokenizers are not known here, so `ponder.estimated` says so,
+    and `ponder.input_tokens_bound` is the most tokens it can be (its UTF-8 bytes), what a budget holds."""
+    body = {key: value for key, value in body.items() if value is not None}
+    for param, why in STATEFUL.items():
+        if param in body:
+            raise refuse(param, f"Ponder's Responses API is stateless: {why}")
+    parsed = _validated(_InputTokensBody, body)
+    messages = chat_messages(parsed.input, parsed.instructions)
+    prompt: dict[str, Any] = {}
+    if parsed.tools:
+        prompt["tools"] = [chat_tool(tool, i) for i, tool in enumerate(parsed.tools)]
+    if (response_format := chat_response_format((parsed.text or {}).get("format"))) is not None:
+        prompt["response_format"] = response_format
+    return {"object": "response.input_tokens", "input_tokens": estimate_prompt_tokens(messages, prompt),
+            "ponder": {"estimated": True, "input_tokens_bound": prompt_tokens_bound(messages, prompt)}}
 
 
 # A chat field's name as the Responses field it is made from (`max_tokens`: what a backend may be sent).

@@ -573,3 +573,34 @@ def test_a_backends_reasoning_is_a_reasoning_item_before_the_message(client, moc
     assert sent(mock)[-1]["messages"] == [{"role": "user", "content": "What is 2 + 3?"},
                                           {"role": "assistant", "content": "It is 5."},
                                           {"role": "user", "content": "And + 3?"}]
+
+
+def test_input_tokens_are_counted_as_estimated_and_compaction_is_refused_clearly(client, gw):
+    """`client.responses.input_tokens.count(...)` was a 404 "No response 'input_tokens'", and
+    `client.responses.compact(...)` a 404 "No response 'compact'": the count is the gateway's estimate
+    of the prompt (the backends' tokenizers are not known), compaction a 400 that says it is unsupported."""
+    from router.estimates import estimate_prompt_tokens
+
+    text = "Count the tokens of this prompt, please. " * 20
+    raw = client.responses.input_tokens.with_raw_response.count(model="mock-a", instructions="Be brief.", input=text)
+    counted = raw.parse()
+    assert counted.object == "response.input_tokens" and raw.http_response.json()["ponder"]["estimated"] is True
+    assert counted.input_tokens == estimate_prompt_tokens(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": text}])
+    assert counted.input_tokens <= raw.http_response.json()["ponder"]["input_tokens_bound"]
+    with_tools = client.responses.input_tokens.count(input=text, instructions="Be brief.", tools=[WEATHER])
+    assert with_tools.input_tokens > counted.input_tokens + 20  # the tool's definition is prompt too
+
+    with pytest.raises(openai.BadRequestError) as stateful:
+        client.responses.input_tokens.count(model="mock-a", input="x", previous_response_id="resp_1")
+    assert stateful.value.param == "previous_response_id" and stateful.value.code == "unsupported_parameter"
+    with pytest.raises(openai.BadRequestError) as bad_item:
+        client.responses.input_tokens.count(model="mock-a", input=[{"type": "web_search_call", "id": "ws_1"}])
+    assert bad_item.value.param == "input.0.type"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=gw.url + "/v1", api_key="sk-wrong", max_retries=0).responses.input_tokens.count(
+            model="mock-a", input="x")
+
+    with pytest.raises(openai.BadRequestError) as compact:
+        client.responses.compact(model="mock-a", input="x")
+    assert compact.value.code == "unsupported_endpoint" and "Compaction" in compact.value.message
