@@ -37,6 +37,13 @@ STATEFUL = {
 SAME_IN_CHAT = ("temperature", "top_p", "user", "safety_identifier", "prompt_cache_key", "service_tier")
 
 
+# What `include` may ask for: the output text's logprobs, and data of what only OpenAI's servers make
+# (built-in tools' results, encrypted reasoning, a stored input image's URL), which no answer here has.
+Includable = Literal["message.output_text.logprobs", "reasoning.encrypted_content", "file_search_call.results",
+                     "web_search_call.results", "web_search_call.action.sources", "message.input_image.image_url",
+                     "computer_call_output.output.image_url", "code_interpreter_call.outputs"]
+
+
 class _ResponsesBody(BaseModel):
     """The supported subset, typed strictly (a parameter not here is refused by name)."""
 
@@ -61,7 +68,8 @@ class _ResponsesBody(BaseModel):
     store: bool | None = None  # accepted; nothing is stored either way
     stream: bool = False
     stream_options: dict[str, Any] | None = None  # include_obfuscation: nothing to obfuscate, ignored
-    include: list[str] | None = None  # extra output data (encrypted reasoning, logprobs...): none is made
+    include: list[Includable] | None = None  # logprobs are asked of the backend; the rest is none of ours
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
     max_tool_calls: int | None = Field(default=None, ge=1)  # bounds built-in tools, which are refused
     truncation: Literal["disabled"] | None = None
     background: Literal[False] | None = None
@@ -109,6 +117,10 @@ def parse_responses_request(body: dict[str, Any], *, max_n: int) -> tuple[ChatRe
         chat["stream"] = True
     if parsed.max_output_tokens is not None:
         chat["max_completion_tokens"] = parsed.max_output_tokens
+    if "message.output_text.logprobs" in (parsed.include or ()) or parsed.top_logprobs is not None:
+        chat["logprobs"] = True  # chat takes top_logprobs only with logprobs
+        if parsed.top_logprobs is not None:
+            chat["top_logprobs"] = parsed.top_logprobs
     reasoning = parsed.reasoning or {}
     if reasoning.get("effort") is not None:
         chat["reasoning_effort"] = reasoning["effort"]  # `summary`: no reasoning summaries are made
@@ -144,6 +156,7 @@ def parse_responses_request(body: dict[str, Any], *, max_n: int) -> tuple[ChatRe
         "tool_choice": parsed.tool_choice if parsed.tool_choice is not None else "auto",
         "tools": parsed.tools or [],
         "top_p": parsed.top_p,
+        "top_logprobs": parsed.top_logprobs,
         "truncation": "disabled",
         "background": False,
         "user": parsed.user,
@@ -190,7 +203,7 @@ def count_input_tokens(body: dict[str, Any]) -> dict[str, Any]:
 # A chat field's name as the Responses field it is made from (`max_tokens`: what a backend may be sent).
 _RESPONSES_NAMES = {"messages": "input", "max_completion_tokens": "max_output_tokens",
                     "max_tokens": "max_output_tokens", "reasoning_effort": "reasoning.effort",
-                    "response_format": "text.format"}
+                    "response_format": "text.format", "logprobs": "include"}
 # The output limit as the gateway's own messages (budget advice) and upstreams' name it in a message.
 _CHAT_OUTPUT_LIMIT = re.compile(r"\bmax_(?:completion_)?tokens\b")
 
@@ -428,14 +441,15 @@ class ResponseBuilder:
             thought = next((delta[key] for key in REASONING_FIELDS if isinstance(delta.get(key), str)), "")
             if thought:
                 self._reasoning(thought)
+            logprobs = (choice.get("logprobs") or {}).get("content") or []  # asked for: `include`
             for kind, key in (("output_text", "content"), ("refusal", "refusal")):
                 if delta.get(key):
-                    self._text(kind, delta[key])
+                    self._text(kind, delta[key], logprobs if kind == "output_text" else [])
             for call in delta.get("tool_calls") or ():
                 self._tool_call(call)
             self.finish_reason = choice.get("finish_reason") or self.finish_reason
 
-    def _text(self, kind: str, piece: str) -> None:
+    def _text(self, kind: str, piece: str, logprobs: list[dict[str, Any]] | None = None) -> None:
         item = self.output[-1] if self.output else None
         if item is None or item["type"] != "message" or item["status"] != "in_progress":
             item = self._add({"id": f"msg_{uuid.uuid4().hex}", "type": "message", "role": "assistant",
@@ -453,7 +467,10 @@ class ResponseBuilder:
         part = item["content"][-1]
         field = "refusal" if kind == "refusal" else "text"
         part[field] += piece
-        delta = {"logprobs": []} if kind == "output_text" else {}
+        if kind == "output_text":
+            logprobs = [_logprob(entry) for entry in logprobs or ()]
+            part["logprobs"] += logprobs
+        delta = {"logprobs": logprobs} if kind == "output_text" else {}
         self._emit(f"response.{'refusal' if kind == 'refusal' else 'output_text'}.delta", item_id=item["id"],
                    output_index=index, content_index=len(item["content"]) - 1, delta=piece, **delta)
 
@@ -501,7 +518,7 @@ class ResponseBuilder:
     def _close_part(self, item: dict[str, Any], index: int) -> None:
         part = item["content"][-1]
         kind, field = _DONE_TEXT[part["type"]]
-        extra = {"logprobs": []} if part["type"] == "output_text" else {}
+        extra = {"logprobs": part["logprobs"]} if part["type"] == "output_text" else {}
         self._emit(kind, item_id=item["id"], output_index=index, content_index=len(item["content"]) - 1,
                    **{field: part[field]}, **extra)
         self._emit("response.content_part.done", item_id=item["id"], output_index=index,
@@ -544,6 +561,13 @@ class ResponseBuilder:
             if item["status"] == "in_progress":
                 item["status"] = "incomplete"
         self._emit("response.failed", response=self.response("failed", error={"code": code, "message": message}))
+
+
+def _logprob(entry: dict[str, Any]) -> dict[str, Any]:
+    """A chat token logprob as a Response's (the same fields; `bytes` a list, never null as chat allows)."""
+    def token(t: dict[str, Any]) -> dict[str, Any]:
+        return {"token": t.get("token", ""), "logprob": t.get("logprob", 0.0), "bytes": t.get("bytes") or []}
+    return {**token(entry), "top_logprobs": [token(t) for t in entry.get("top_logprobs") or ()]}
 
 
 class ResponsesWire:

@@ -435,7 +435,8 @@ def test_an_upstreams_param_is_named_as_the_responses_field(upstream_param, para
     ({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "file-1"}]}]},
      "input.0.content.0", "unsupported_parameter"),
     ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input.0", "unsupported_parameter"),
-    ({"top_logprobs": 2}, "top_logprobs", "unsupported_parameter"),
+    ({"top_logprobs": 21}, "top_logprobs", "invalid_value"),
+    ({"include": ["message.output_text.logprobs", "output_text.annotations"]}, "include.1", "invalid_value"),
     ({"temperature": "hot"}, "temperature", "invalid_value"),
     ({"max_output_tokens": 0}, "max_output_tokens", "invalid_value"),
     ({"reasoning": {"effort": "extreme"}}, "reasoning.effort", "invalid_value"),
@@ -604,3 +605,22 @@ def test_input_tokens_are_counted_as_estimated_and_compaction_is_refused_clearly
     with pytest.raises(openai.BadRequestError) as compact:
         client.responses.compact(model="mock-a", input="x")
     assert compact.value.code == "unsupported_endpoint" and "Compaction" in compact.value.message
+
+
+def test_logprobs_asked_by_include_are_the_output_texts(client, mock):
+    """`include: ["message.output_text.logprobs"]` (and `top_logprobs`) was accepted and answered
+    `logprobs: []`, as if the answer had no tokens: it asks the backend for them (chat's `logprobs`,
+    `top_logprobs`), and they are the output text's."""
+    control(mock, answers=["two words"])
+    raw = client.responses.with_raw_response.create(model="mock-a", input="x", top_logprobs=2,
+                                                    include=["message.output_text.logprobs"])
+    response = raw.parse()
+    Response.model_validate(raw.http_response.json())
+    assert (sent(mock)[-1]["logprobs"], sent(mock)[-1]["top_logprobs"]) == (True, 2)
+    [text] = response.output[0].content
+    assert [(t.token, t.logprob, t.bytes) for t in text.logprobs] == [("two", -0.5, list(b"two")),
+                                                                      ("words", -0.5, list(b"words"))]
+    assert response.top_logprobs == 2
+    control(mock, answers=["no logprobs"])
+    client.responses.create(model="mock-a", input="x", include=["reasoning.encrypted_content"])
+    assert "logprobs" not in sent(mock)[-1]  # asked for only when the client asks
