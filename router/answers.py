@@ -171,7 +171,12 @@ def extract_answer(text: str, task: str) -> str | None:
     """
     if not text or not text.strip():
         return None
-    return _extract(text, answer_format(task))
+    fmt = answer_format(task)
+    if fmt != "python":  # in code it may be a string literal's character
+        # U+2212, the typographic minus models write in prose ("−5"), is a sign: dropped as a symbol,
+        # "−5" voted with 5
+        text = text.replace("\u2212", "-")
+    return _extract(text, fmt)
 
 
 def _extract(text: str, fmt: str) -> str | None:
@@ -299,9 +304,10 @@ def _extract_short_text(text: str) -> str | None:
 
 
 def normalize_text(s: str) -> str:
-    """SQuAD-style: lower case, no punctuation, no articles, single spaces."""
+    """SQuAD-style: lower case, no punctuation, no articles, single spaces; a number's minus sign stays
+    ("-5 degrees" is not "5 degrees")."""
     s = s.lower()
-    s = re.sub(r"[^\w\s]", " ", s)
+    s = re.sub(r"(?!(?<![\w-])-(?=\d))[^\w\s]", " ", s)
     s = re.sub(r"\b(a|an|the)\b", " ", s)
     return " ".join(s.split())
 
