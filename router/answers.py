@@ -90,7 +90,12 @@ _LATEX_TERM = (rf"\\[dt]?frac\s*(?:{_BRACED}\s*{_BRACED}|\d\s*\d)|\\sqrt\s*(?:\[
                r"|\\pi(?![A-Za-z])")  # "2\pi": the coefficient alone would be another answer
 _PLAIN_NUMBER = r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+)?|\.\d+"
 _SIGN = r"(?:(?<![\w)}\]])[-+])?"
-_MATH_EXPRESSION = re.compile(rf"{_SIGN}(?:(?:\d+(?:\.\d+)?)?(?:{_LATEX_TERM})|{_PLAIN_NUMBER})")
+# A power ("10^5", "2^{10}", "3 \times 10^5") whole: its exponent or base alone is another answer; and
+# nothing is taken out of an exponent or subscript ("x^2", "a_{3}") or off a power's base ("2^n")
+_POWER = r"(?:\d+(?:\.\d+)?\s*(?:\\times|\\cdot|×)\s*)?\d+(?:\.\d+)?\s*\^\s*(?:\{\s*[-+]?\d+\s*\}|[-+]?\d+)"
+_MATH_EXPRESSION = re.compile(
+    rf"(?<!\^)(?<!\^\{{)(?<!_)(?<!_\{{){_SIGN}(?:{_POWER}|(?:\d+(?:\.\d+)?)?(?:{_LATEX_TERM})|{_PLAIN_NUMBER})"
+    r"(?![\d.]*\s*\^)")
 # A letter on its own ("C", "(C)", "C.", "C) text"); after an answer marker also "C because ..."
 # (but not "I think ...": the pronoun is not option I)
 _LETTER = re.compile(r"^\(?([A-J])\)?(?:[.:),]|$)|^\(([A-J])\)")

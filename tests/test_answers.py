@@ -74,6 +74,12 @@ def test_math_marker_and_last_number_fallbacks() -> None:
         ("x is -\\frac{1}{2}", "-\\frac{1}{2}"),
         ("The area is 2\\pi", "2\\pi"),  # the coefficient alone would be another answer
         ("we get \\pi", "\\pi"),
+        ("so the population is 10^5", "10^5"),  # was 5: a power's exponent is not its value
+        ("So we get $3 \\times 10^5$", "3\\times10^5"),
+        ("the result is $2^{10}$", "2^{10}"),
+        ("we are left with x^2", None),  # not "2"
+        ("hence a_{3}", None),
+        ("which is 2^n", None),
     ],
 )
 def test_math_fallback_takes_the_last_expression_whole(text: str, answer: str) -> None:
