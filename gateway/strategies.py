@@ -300,6 +300,12 @@ def _sample_texts(responses: list[dict[str, Any]]) -> list[str]:
     return [text for r in responses for text in _texts(r)]
 
 
+def _sample_answers(responses: list[dict[str, Any]], task: str) -> list[str | None]:
+    """Each sample's answer as the vote counts it (router.voting.sample_answer), in `_sample_texts` order."""
+    return [voting.sample_answer((c.get("message") or {}).get("content") or "", task, c.get("finish_reason"))
+            for r in responses for c in r.get("choices") or []]
+
+
 def _voted(arm: Arm, responses: list[dict[str, Any]], ctx: StrategyContext, details: dict[str, Any],
            client_n: int, failed: int = 0) -> StrategyResult:
     """The vote over the samples that came back; the `failed` ones vote as invalid, so the vote's
@@ -307,8 +313,9 @@ def _voted(arm: Arm, responses: list[dict[str, Any]], ctx: StrategyContext, deta
     texts = _sample_texts(responses)
     if not texts:  # no sample came back, or only answers without a choice (an upstream's empty 200)
         raise _every_sample_failed(arm.backend, ctx)
-    result = voting.vote([*texts, *[None] * failed], ctx.task)
-    order = voting.ranked(texts, ctx.task, result) if client_n > 1 else [result.winner]
+    answers = _sample_answers(responses, ctx.task)
+    result = voting.vote([*texts, *[None] * failed], ctx.task, answers=[*answers, *[None] * failed])
+    order = voting.ranked(texts, ctx.task, result, answers=answers) if client_n > 1 else [result.winner]
     response = _pick_choices(responses, order[:client_n])
     details.update(samples=len(texts), votes=result.counts, agreement=result.agreement, method=result.method,
                    answer=result.answer)
@@ -361,11 +368,11 @@ async def _adaptive_consistency(arm: Arm, body: dict[str, Any], ctx: StrategyCon
             break  # every sample of the first wave failed: nothing to vote on
         responses += wave
         # failed samples still count against max n, so a flaky backend cannot loop forever
-        answers += [voting.extract(text, ctx.task) for text in _sample_texts(wave)]
+        answers += _sample_answers(wave, ctx.task)
         answers += [None] * (size - len(wave))
     more, extra = await _missing_choices(arm, body, ctx, responses, client_n=client_n, first=len(answers), cot=cot)
     responses += more
-    answers += [voting.extract(text, ctx.task) for text in _sample_texts(more)] + [None] * (extra - len(more))
+    answers += _sample_answers(more, ctx.task) + [None] * (extra - len(more))
     verdict = stopping.should_stop(answers, max_n=max_n, **rule)
     details = {"max_n": max_n, "drawn": len(answers), "stop_reason": verdict.reason}
     if value is not None:

@@ -90,7 +90,12 @@ _LATEX_TERM = (rf"\\[dt]?frac\s*(?:{_BRACED}\s*{_BRACED}|\d\s*\d)|\\sqrt\s*(?:\[
                r"|\\pi(?![A-Za-z])")  # "2\pi": the coefficient alone would be another answer
 _PLAIN_NUMBER = r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+)?|\.\d+"
 _SIGN = r"(?:(?<![\w)}\]])[-+])?"
-_MATH_EXPRESSION = re.compile(rf"{_SIGN}(?:(?:\d+(?:\.\d+)?)?(?:{_LATEX_TERM})|{_PLAIN_NUMBER})")
+# A power ("10^5", "2^{10}", "3 \times 10^5") whole: its exponent or base alone is another answer; and
+# nothing is taken out of an exponent or subscript ("x^2", "a_{3}") or off a power's base ("2^n")
+_POWER = r"(?:\d+(?:\.\d+)?\s*(?:\\times|\\cdot|×)\s*)?\d+(?:\.\d+)?\s*\^\s*(?:\{\s*[-+]?\d+\s*\}|[-+]?\d+)"
+_MATH_EXPRESSION = re.compile(
+    rf"(?<!\^)(?<!\^\{{)(?<!_)(?<!_\{{){_SIGN}(?:{_POWER}|(?:\d+(?:\.\d+)?)?(?:{_LATEX_TERM})|{_PLAIN_NUMBER})"
+    r"(?![\d.]*\s*\^)")
 # A letter on its own ("C", "(C)", "C.", "C) text"); after an answer marker also "C because ..."
 # (but not "I think ...": the pronoun is not option I)
 _LETTER = re.compile(r"^\(?([A-J])\)?(?:[.:),]|$)|^\(([A-J])\)")
@@ -171,7 +176,12 @@ def extract_answer(text: str, task: str) -> str | None:
     """
     if not text or not text.strip():
         return None
-    return _extract(text, answer_format(task))
+    fmt = answer_format(task)
+    if fmt != "python":  # in code it may be a string literal's character
+        # U+2212, the typographic minus models write in prose ("−5"), is a sign: dropped as a symbol,
+        # "−5" voted with 5
+        text = text.replace("\u2212", "-")
+    return _extract(text, fmt)
 
 
 def _extract(text: str, fmt: str) -> str | None:
@@ -299,9 +309,10 @@ def _extract_short_text(text: str) -> str | None:
 
 
 def normalize_text(s: str) -> str:
-    """SQuAD-style: lower case, no punctuation, no articles, single spaces."""
+    """SQuAD-style: lower case, no punctuation, no articles, single spaces; a number's minus sign stays
+    ("-5 degrees" is not "5 degrees")."""
     s = s.lower()
-    s = re.sub(r"[^\w\s]", " ", s)
+    s = re.sub(r"(?!(?<![\w-])-(?=\d))[^\w\s]", " ", s)
     s = re.sub(r"\b(a|an|the)\b", " ", s)
     return " ".join(s.split())
 

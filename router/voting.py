@@ -40,6 +40,13 @@ def extract(text: str | None, task: str) -> str | None:
     return extract_answer(text, task) if text else None
 
 
+def sample_answer(text: str | None, task: str, finish_reason: str | None = None) -> str | None:
+    """The answer a sample votes with: ``extract``, but none for a sample cut off at its length limit
+    (``finish_reason`` "length"): a cut chain of thought ends on an intermediate result, not on its answer,
+    and cut samples tend to stop at the same early step (they out-voted the finished ones)."""
+    return None if finish_reason == "length" else extract(text, task)
+
+
 # ---------------------------------------------------------------------------------------------
 # Grouping answers
 # ---------------------------------------------------------------------------------------------
@@ -247,13 +254,15 @@ def best_of_n(scores: Sequence[float | None]) -> int:
     return 0 if best is None else best
 
 
-def ranked(texts: Sequence[str | None], task: str, result: VoteResult | None = None) -> list[int]:
+def ranked(texts: Sequence[str | None], task: str, result: VoteResult | None = None, *,
+           answers: Sequence[str | None] | None = None) -> list[int]:
     """All sample indices, best first: for clients that asked for n > 1 choices.
 
     Majority: the winner, then the other answers' representatives by votes (ties: first seen), then
     the remaining samples of each answer, then invalid samples. Medoid: by mean similarity.
+    ``answers``: the ones the vote counted, when the caller passed them to it.
     """
-    result = result or vote(texts, task)
+    result = result or vote(texts, task, answers=answers)
     n = len(texts)
     if result.method == "medoid":
         token_sets = [_tokens(t) if t else frozenset() for t in texts]
@@ -266,7 +275,7 @@ def ranked(texts: Sequence[str | None], task: str, result: VoteResult | None = N
 
         rest = sorted((i for i in range(n) if i != result.winner), key=lambda i: -centrality(i))
         return [result.winner, *rest]
-    labels = cluster_answers([extract(t, task) for t in texts], task)
+    labels = cluster_answers([extract(t, task) for t in texts] if answers is None else answers, task)
     sizes: dict[int, int] = {}
     for label in labels:
         if label is not None:

@@ -74,6 +74,12 @@ def test_math_marker_and_last_number_fallbacks() -> None:
         ("x is -\\frac{1}{2}", "-\\frac{1}{2}"),
         ("The area is 2\\pi", "2\\pi"),  # the coefficient alone would be another answer
         ("we get \\pi", "\\pi"),
+        ("so the population is 10^5", "10^5"),  # was 5: a power's exponent is not its value
+        ("So we get $3 \\times 10^5$", "3\\times10^5"),
+        ("the result is $2^{10}$", "2^{10}"),
+        ("we are left with x^2", None),  # not "2"
+        ("hence a_{3}", None),
+        ("which is 2^n", None),
     ],
 )
 def test_math_fallback_takes_the_last_expression_whole(text: str, answer: str) -> None:
@@ -187,6 +193,24 @@ def test_numbers() -> None:
     assert answers_equivalent("0.5", "1/2", "number")
     assert answers_equivalent("1000000", "1000000.0000001", "number")
     assert not answers_equivalent("1", "2", "number")
+
+
+@pytest.mark.parametrize("fmt", ["math", "number", "short_text"])
+@pytest.mark.parametrize("text", ["The answer is \u22125", "\\boxed{\u22125}", "\u22125"])
+def test_a_typographic_minus_is_a_sign(text: str, fmt: str) -> None:
+    """U+2212 (the minus sign models write in prose) was dropped as a symbol: "−5" extracted as 5, and
+    a vote of three "−5" against two "5" answered 5, unanimous."""
+    answer = extract_answer(text, fmt)
+    assert answers_equivalent(answer, "-5", fmt) and not answers_equivalent(answer, "5", fmt)
+    assert extract_answer("So the temperature is \u22125", "math") == "-5"
+
+
+@pytest.mark.parametrize(("text", "other"), [("The answer is -5 degrees", "The answer is 5 degrees"),
+                                             ("It is \u22125", "It is 5"), ("-5 \u00b0C", "5 \u00b0C")])
+def test_a_short_text_answer_keeps_its_minus_sign(text: str, other: str) -> None:
+    """SQuAD normalisation dropped the minus with the punctuation: "-5 degrees" was "5 degrees"."""
+    assert not answers_equivalent(extract_answer(text, "short_text"), extract_answer(other, "short_text"), "short_text")
+    assert extract_answer("3-5 apples", "short_text") == "3 5 apples"  # a hyphen between words still goes
 
 
 def test_python_expressions_compare_by_ast_without_executing() -> None:

@@ -345,6 +345,20 @@ def test_self_consistency_votes_and_counts_every_sample(client, mock):
         sum(len(m["content"].split()) for m in b["messages"]) for b in got["bodies"])
 
 
+def test_samples_cut_at_max_tokens_do_not_vote(client, mock):
+    """Three samples cut at max_tokens after the same first step ("48/2 = 24") out-voted two finished
+    answers of 72: the client got 24, a cut text (finish_reason "length"), at 3 votes to 2."""
+    worked = "Natalia sold 48/2 = 24 clips in May. Altogether she sold 48 + 24 = 72 clips. The answer is 72"
+    control(mock, answers=[worked, worked, worked, "So 24 and 48: 72. The answer is 72", "The answer is 72"])
+    completion = client.chat.completions.create(
+        model="auto", messages=[{"role": "user", "content": "How many clips did Natalia sell?"}], max_tokens=10,
+        extra_headers={"x-ponder-strategy": "self_consistency"})
+    choice, extension = completion.choices[0], completion.model_extra["ponder"]
+    assert choice.message.content == "So 24 and 48: 72. The answer is 72" and choice.finish_reason == "stop"
+    assert extension["votes"] == {"72": 2} and extension["samples"] == 5
+    assert completion.usage.completion_tokens == 3 * 10 + 9 + 4  # the cut samples are billed all the same
+
+
 def test_usage_details_are_passed_on_and_summed_over_samples(client, mock):
     """The upstream's detail counts (a prompt cache hit's cached_tokens, reasoning tokens) reach the
     client, streaming or not, and a vote's usage sums them exactly over its samples (they were dropped)."""

@@ -8,7 +8,8 @@ import pytest
 from router.cascade import ConfidenceSignal, confidence_signal, should_escalate, stated_confidence, stated_uncertainty
 from router.stopping import bucket_sample_value, estimate_sample_value, should_stop, wave_size
 from router.types import Arm, ArmStats
-from router.voting import best_of_n, cluster_answers, extract, leader_posterior, ranked, vote, weighted_vote
+from router.voting import (best_of_n, cluster_answers, extract, leader_posterior, ranked, sample_answer, vote,
+                           weighted_vote)
 
 
 class ScriptedCaller:
@@ -119,6 +120,16 @@ def test_ranked_orders_choices_for_clients_asking_n() -> None:
     order = ranked(open_texts, "chat")
     assert sorted(order) == [0, 1, 2, 3] and order[-1] == 1
     assert extract(None, "math") is None and extract("\\boxed{4}", "math") == "4"
+
+
+def test_a_sample_cut_at_its_length_limit_does_not_vote() -> None:
+    cut = "Natalia sold 48/2 = 24 clips in May. Altogether she"
+    texts, finishes = [cut, cut, "The answer is 72"], ["length", "length", "stop"]
+    answers = [sample_answer(text, "math", finish) for text, finish in zip(texts, finishes)]
+    assert answers == [None, None, "72"] and sample_answer(cut, "math") == "24"
+    result = vote(texts, "math", answers=answers)
+    assert (result.winner, result.answer, result.n_valid) == (2, "72", 1)
+    assert ranked(texts, "math", result, answers=answers) == [2, 0, 1]
 
 
 def test_cluster_answers_labels_by_first_member() -> None:
