@@ -126,7 +126,7 @@ class Gateway:
                 check_local_model(config.local_model)
             except LocalModelError as exc:
                 raise ConfigError(str(exc)) from None
-        if not config.telemetry.redis_url:  # with Redis it only keeps budget changes at shutdown, made when needed
+        if not config.telemetry.redis_url:  # with Redis it only journals budget changes, made when needed
             try:
                 check_data_dir(Path(config.telemetry.data_dir))
             except RuntimeError as exc:

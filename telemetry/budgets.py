@@ -8,22 +8,23 @@ step (a Lua script on Redis, a synchronous section with no await in-process).
 mirrors the last values Redis returned and keeps local changes as `unsynced` deltas that are pushed to
 Redis when it comes back, and changes whose reply was lost (a timeout after Redis may have applied them)
 as `pending` `BudgetChange`s, sent again under the same token so Redis applies each at most once.
-Changes still unpushed when the gateway shuts down are saved to a file in its data directory
-(`save_unsynced`) and pushed by the next start (`take_unsynced`).
+Every such change is written to the ledger's journal (budget_journal.py) as it is made, so a crash
+does not lose it: the next start on the same data directory pushes it.
 """
 
 from __future__ import annotations
 
 import calendar
 import math
-import os
 import time
-import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import orjson
+from .redis_schema import RedisKeys
+
+if TYPE_CHECKING:
+    from .budget_journal import BudgetJournal
 
 # period -> (strftime pattern of the UTC period id, seconds the counter is kept after it starts)
 PERIODS: dict[str, tuple[str, int]] = {
@@ -151,12 +152,18 @@ class LocalBudgets:
     can arrive out of order, so a reservation reply only ever raises the mirrored value, and amounts
     of reservations still in flight to Redis count as spent (they may well be applied)."""
 
-    def __init__(self) -> None:
+    def __init__(self, journal: BudgetJournal | None = None,
+                 token_for: Callable[[str], str] = RedisKeys.push_mark) -> None:
         self.spent: dict[str, float] = {}
         self.expires: dict[str, float] = {}  # 0 = never
         self.unsynced: dict[str, float] = {}  # changes not yet written to Redis
+        # The token each counter's unsynced delta will be pushed under (`token_for(counter)`), named
+        # when the delta starts so the journal can record it under that name from the first cent.
+        self.unsynced_tokens: dict[str, str] = {}
         self.pending: dict[str, BudgetChange] = {}  # token -> change sent to Redis, outcome unknown
         self.inflight: dict[str, float] = {}  # reservations sent to Redis, not answered yet
+        self.journal = journal
+        self.token_for = token_for
 
     def get(self, key: str, now: float) -> float:
         exp = self.expires.get(key, 0.0)
@@ -174,16 +181,38 @@ class LocalBudgets:
                 failures.append((period, limit, spent))
         if failures:
             raise exceeded(failures, res.amount_usd, now)
-        for key, ttl in zip(res.keys, res.ttls, strict=True):
-            self.add(key, res.amount_usd, ttl, now, track_unsynced=track_unsynced)
+        self.charge(res.keys, res.ttls, res.amount_usd, now, track_unsynced=track_unsynced)
 
     def add(self, key: str, delta: float, ttl: int, now: float, *, track_unsynced: bool) -> None:
-        if track_unsynced:
-            self.unsynced[key] = self.unsynced.get(key, 0.0) + delta
-        else:
-            self.spent[key] = self.get(key, now) + delta
-        if key not in self.expires or (self.expires[key] and self.expires[key] < now):
-            self.expires[key] = now + ttl if ttl else 0.0
+        self.charge((key,), (ttl,), delta, now, track_unsynced=track_unsynced)
+
+    def charge(self, keys: tuple[str, ...], ttls: tuple[int, ...], delta: float, now: float, *,
+               track_unsynced: bool) -> None:
+        """Add `delta` to each counter; `track_unsynced`: as a change Redis has yet to get (journaled,
+        all counters in one write)."""
+        added = []
+        for key, ttl in zip(keys, ttls, strict=True):
+            if track_unsynced:
+                self.unsynced[key] = self.unsynced.get(key, 0.0) + delta
+            else:
+                self.spent[key] = self.get(key, now) + delta
+            if key not in self.expires or (self.expires[key] and self.expires[key] < now):
+                self.expires[key] = now + ttl if ttl else 0.0
+            if track_unsynced:
+                token = self.unsynced_tokens.get(key) or self.unsynced_tokens.setdefault(key, self.token_for(key))
+                added.append((token, key, self.expires[key], delta))
+        if added:
+            self._journal(added=added)
+
+    def hold_pending(self, change: BudgetChange) -> None:
+        """A change Redis may or may not have applied: sent again (under its token) until it answers."""
+        self.pending[change.token] = change
+        self._journal(put=[change])
+
+    def confirm(self, token: str) -> None:
+        """Redis answered the change of `token`: it is done (applied now or before)."""
+        if self.pending.pop(token, None) is not None:
+            self._journal(done=[token])
 
     def observe(self, key: str, value: float, ttl: int, now: float, *, at_least: bool = False) -> None:
         """Record a value Redis returned (it excludes our unsynced deltas). `at_least`: a reservation
@@ -202,29 +231,41 @@ class LocalBudgets:
             else:
                 self.inflight[key] = left
 
-    def stage_unsynced(self, token_for) -> None:
-        """Turn each counter's unsynced delta into a pending change under a new token (`token_for(key)`):
-        from now on it is sent under that token until Redis answers, so a push whose reply is lost
-        cannot be applied twice."""
+    def stage_unsynced(self) -> None:
+        """Turn each counter's unsynced delta into a pending change under its token: from now on it is
+        sent under that token until Redis answers, so a push whose reply is lost cannot be applied
+        twice. (The journal already has it under that token: nothing to write.)"""
         for key, delta in self.unsynced.items():
+            token = self.unsynced_tokens.pop(key, None) or self.token_for(key)
             if abs(delta) > 1e-12:
-                token = token_for(key)
                 self.pending[token] = BudgetChange(token, False, (key,), (self.expires.get(key, 0.0),), delta)
         self.unsynced.clear()
+        self.unsynced_tokens.clear()
+
+    def unconfirmed(self) -> list[BudgetChange]:
+        """Every change Redis has not confirmed: the pending ones and the unsynced deltas, each under the
+        token it is (or will be) sent under."""
+        return [*self.pending.values(), *(
+            BudgetChange(self.unsynced_tokens[key], False, (key,), (self.expires.get(key, 0.0),), delta)
+            for key, delta in self.unsynced.items() if key in self.unsynced_tokens)]
 
     def unpushed_usd(self) -> float:
         """The changes Redis has not confirmed, summed over counters (a settle in doubt counts in each)."""
         return sum(self.unsynced.values()) + sum(c.delta * len(c.keys) for c in self.pending.values() if c.counted)
 
-    def add_unsynced(self, changes: list[BudgetChange], now: float) -> None:
-        """Take back changes saved by an earlier process; those whose counters have expired since are
-        dropped: there is nothing left to correct."""
+    def add_unsynced(self, changes: list[BudgetChange], now: float) -> bool:
+        """Take over changes an earlier process left (its journal); those whose counters have expired
+        since are dropped (there is nothing left to correct), and one this ledger has under the same
+        token already is the same change. True when they are journaled here too."""
+        taken = []
         for change in changes:
-            if change.stale(now):
+            if change.stale(now) or change.token in self.pending:
                 continue
             self.pending[change.token] = change
+            taken.append(change)
             for key, exp in zip(change.keys, change.expires, strict=True):
                 self.expires.setdefault(key, exp)
+        return self._journal(put=taken) if taken else True
 
     def purge(self, now: float) -> None:
         for token in [t for t, change in self.pending.items() if change.stale(now)]:
@@ -233,6 +274,24 @@ class LocalBudgets:
             self.spent.pop(key, None)
             self.expires.pop(key, None)
             self.unsynced.pop(key, None)
+            self.unsynced_tokens.pop(key, None)
+        self._journal()
+
+    def _journal(self, **lines) -> bool:
+        """Write `lines` to the journal, then drop its file when Redis has everything, or rewrite it
+        when it has grown long. False when a line could not be written."""
+        if self.journal is None:
+            return True
+        if lines and self.journal.path is None:
+            # A new file (the first change since Redis had everything, or one after shutdown) starts
+            # with every change not confirmed, so no file depends on another.
+            lines = {"put": self.unconfirmed()}
+        ok = self.journal.append(**lines) if lines else True
+        if not self.unsynced and not self.pending:
+            self.journal.discard()
+        elif self.journal.due(len(self.unsynced) + len(self.pending)) or not self.journal.ok:
+            ok = self.journal.rewrite(self.unconfirmed()) and ok
+        return ok
 
 
 def make_reservation(key_id: str, amount_usd: float, limits: dict[str, float], now: float, counter_key) -> Reservation:
@@ -248,52 +307,3 @@ def make_reservation(key_id: str, amount_usd: float, limits: dict[str, float], n
         ttls=tuple(ttl for _, ttl in ids),
         mode="local" if periods else "none",
     )
-
-
-UNSYNCED_FILE_PREFIX = "budget-unsynced-"
-
-
-def save_unsynced(data_dir: Path, changes: list[BudgetChange]) -> Path:
-    """Write budget changes Redis has not confirmed to a new file in `data_dir`, with their tokens (one
-    sent before may have been applied), atomically and durably. One file per writer, so replicas sharing
-    a directory keep each other's."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    path = data_dir / f"{UNSYNCED_FILE_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}.json"
-    partial = path.with_suffix(".partial")
-    with open(partial, "wb") as f:
-        f.write(orjson.dumps(changes))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(partial, path)
-    return path
-
-
-def _saved_change(row, token_for) -> BudgetChange:
-    if isinstance(row, list):  # [counter key, delta, expiry], written before changes carried tokens
-        key, delta, expires = row
-        return BudgetChange(token_for(str(key)), False, (str(key),), (float(expires),), float(delta))
-    return BudgetChange(str(row["token"]), bool(row["consumes_hold"]), tuple(map(str, row["keys"])),
-                        tuple(map(float, row["expires"])), float(row["delta"]), bool(row["counted"]))
-
-
-def take_unsynced(data_dir: Path, token_for) -> tuple[list[BudgetChange], list[str]]:
-    """The changes every earlier `save_unsynced` left in `data_dir`, and a line per file that could not
-    be read (renamed `*.bad`, kept for an operator). Each file is claimed by a rename before it is read,
-    so of two replicas starting together only one pushes it. `token_for(key)` names a change saved by
-    an older version, which had no token."""
-    rows: list[BudgetChange] = []
-    problems: list[str] = []
-    for path in sorted(data_dir.glob(f"{UNSYNCED_FILE_PREFIX}*.json")):
-        claimed = path.with_suffix(f".taking-{os.getpid()}")
-        try:
-            os.rename(path, claimed)
-        except OSError:
-            continue  # another process took it
-        try:
-            rows += [_saved_change(row, token_for) for row in orjson.loads(claimed.read_bytes())]
-        except (OSError, ValueError, TypeError, KeyError) as exc:
-            problems.append(f"{path}: {exc}")
-            os.replace(claimed, path.with_suffix(".bad"))
-        else:
-            claimed.unlink()
-    return rows, problems

@@ -4,9 +4,10 @@ What lives where, and the scripts that change it atomically: redis_schema.py.
 
 Failure behaviour: see docs/telemetry.md. In short, any Redis error marks the store disconnected; the
 flush loop pings with backoff (at most 1 s apart) and flushes the buffer as soon as PING answers;
-budgets fall back to the in-process ledger and push their deltas when Redis is back (deltas still
-unpushed at shutdown are saved under data_dir and pushed by the next start). Settles and pushes are
-applied at most once, so one whose reply was lost is simply sent again.
+budgets fall back to the in-process ledger and push their deltas when Redis is back (deltas Redis has
+not confirmed are journaled under data_dir as they are made, and the next start pushes what a
+stopped or crashed process left there). Settles and pushes are applied at most once, so one whose
+reply was lost is simply sent again.
 """
 
 from __future__ import annotations
@@ -28,9 +29,8 @@ from redis.exceptions import ReadOnlyError, RedisClusterException
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .aggregates import group_deltas, spend_deltas
-from .budgets import (
-    BudgetChange, LocalBudgets, Reservation, exceeded, make_reservation, period_id, save_unsynced, take_unsynced,
-)
+from .budget_journal import BudgetJournal, take_over
+from .budgets import BudgetChange, LocalBudgets, Reservation, exceeded, make_reservation, period_id
 from .events import Event
 from .redis_schema import (
     AGG_UPDATE_LUA, APPLY_ONCE_LUA, BATCH_LUA, BATCH_MARK_TTL_S, ONCE_TTL_S, RESERVE_LUA, RedisKeys,
@@ -79,7 +79,7 @@ class RedisStore(BufferedStore):
                  data_dir: Path | None = None, **common: Any) -> None:
         super().__init__(**common)
         self.url = url
-        self.data_dir = data_dir  # where budget changes Redis has not got are kept over a restart
+        self.data_dir = data_dir  # where budget changes Redis has not confirmed are journaled
         self.op_timeout_s = op_timeout_s
         self.keys = RedisKeys(namespace)
         self._client, self._cluster = make_client(url, op_timeout_s)
@@ -87,7 +87,7 @@ class RedisStore(BufferedStore):
         self._reserve_script = self._client.register_script(RESERVE_LUA)
         self._apply_once_script = self._client.register_script(APPLY_ONCE_LUA)
         self._batch_script = self._client.register_script(BATCH_LUA)
-        self._budgets = LocalBudgets()
+        self._budgets = LocalBudgets(BudgetJournal(data_dir) if data_dir is not None else None, RedisKeys.push_mark)
         # Redis refused or did not answer the last reservation (down, or refusing writes: OOM at
         # maxmemory), so reservations are checked in the in-process ledger until it takes one again.
         self._budgets_fallback = False
@@ -209,7 +209,7 @@ class RedisStore(BufferedStore):
         again the changes whose reply was lost (each under its token: applied at most once)."""
         now = time.time()
         self._budgets.purge(now)
-        self._budgets.stage_unsynced(RedisKeys.push_mark)
+        self._budgets.stage_unsynced()
         changes = list(self._budgets.pending.values())
         if not changes:
             return
@@ -227,8 +227,9 @@ class RedisStore(BufferedStore):
             if isinstance(reply, BaseException):
                 refused = reply
                 continue
-            del self._budgets.pending[change.token]
+            # What a counter refused goes back to the ledger (journaled) before the change is marked done.
             refused = self._applied(change, reply, now) or refused
+            self._budgets.confirm(change.token)
         if refused is not None:
             self._on_error("budget push", refused)
         else:
@@ -401,7 +402,7 @@ class RedisStore(BufferedStore):
                 # again, give the amount back if the hold is there. Not counted meanwhile (pessimistic).
                 expires = tuple(now + ttl if ttl else 0.0 for ttl in res.ttls)
                 release = BudgetChange(hold, True, res.keys, expires, -res.amount_usd, counted=False)
-                self._budgets.pending[hold] = release
+                self._budgets.hold_pending(release)
             else:
                 self._budgets_fallback = False
                 if int(out[0]) == 0:
@@ -428,8 +429,7 @@ class RedisStore(BufferedStore):
         now = time.time()
         if reservation.mode == "local":
             if abs(delta) > 1e-12:
-                for key, ttl in zip(reservation.keys, reservation.ttls):
-                    self._budgets.add(key, delta, ttl, now, track_unsynced=True)
+                self._budgets.charge(reservation.keys, reservation.ttls, delta, now, track_unsynced=True)
                 self._wake.set()
             return
         # Consuming the hold applies the delta at most once: a settle whose reply is lost (a timeout
@@ -447,7 +447,7 @@ class RedisStore(BufferedStore):
                     self._on_error("settle", refused)
                     self._wake.set()
                 return
-        self._budgets.pending[change.token] = change  # sent again by the flush loop
+        self._budgets.hold_pending(change)  # sent again by the flush loop
         self._wake.set()
 
     async def spent(self, key_id: str, periods=("day", "month")) -> dict[str, float]:
@@ -496,37 +496,46 @@ class RedisStore(BufferedStore):
             pass
 
     def _take_saved_budgets(self) -> None:
+        """Take over the budget changes that processes gone from `data_dir` (stopped, or killed before
+        Redis had them) left in their journals: into this one's journal first, then off theirs."""
         if self.data_dir is None or not self.data_dir.is_dir():
             return
+        journal = self._budgets.journal
+        assert journal is not None
+
+        def adopt(changes: list[BudgetChange]) -> bool:
+            return self._budgets.add_unsynced(changes, time.time()) and journal.rewrite(self._budgets.unconfirmed())
+
         try:
-            changes, problems = take_unsynced(self.data_dir, RedisKeys.push_mark)
+            problems = take_over(self.data_dir, adopt, RedisKeys.push_mark)
         except OSError as exc:
             self._on_error("budget load", exc)
             return
         for problem in problems:
             log.error("unreadable saved budget changes, not pushed: %s", problem)
-        if changes:
-            self._budgets.add_unsynced(changes, time.time())
-            log.info("pushing $%.6f of budget changes saved by an earlier shutdown", self._budgets.unpushed_usd())
+        if self._budgets.pending:
+            log.info("pushing $%.6f of budget changes an earlier process left unpushed", self._budgets.unpushed_usd())
 
     def _save_unpushed_budgets(self) -> None:
         """Budget changes made while Redis was away (or refusing writes) and still not pushed at shutdown
-        would be lost, and the keys could overspend by them after a restart: keep them on disk."""
-        self._budgets.stage_unsynced(RedisKeys.push_mark)
-        changes = list(self._budgets.pending.values())
+        would be lost, and the keys could overspend by them after a restart: the journal keeps them for
+        the next start (rewritten whole, synced). Staged first: a change a late settle makes after this
+        goes to a new journal under a new token, not onto a token this file has closed."""
+        self._budgets.stage_unsynced()
+        changes = self._budgets.unconfirmed()
+        journal = self._budgets.journal
         if not changes:
+            if journal is not None:
+                journal.discard()
             return
         total = self._budgets.unpushed_usd()
-        if self.data_dir is None:
+        if journal is None:
             log.error("Redis did not take $%.6f of budget changes by shutdown: they are lost", total)
             return
-        try:
-            path = save_unsynced(self.data_dir, changes)
-        except OSError as exc:
-            self._on_error("budget save", exc)
-            log.error("Redis did not take $%.6f of budget changes by shutdown, and they could not be saved: %s",
-                      total, exc)
-            return
-        self._budgets.pending.clear()
-        log.warning("Redis did not take $%.6f of budget changes by shutdown: saved to %s; the next start "
-                    "pushes them", total, path)
+        if not journal.rewrite(changes):
+            log.error("Redis did not take $%.6f of budget changes by shutdown, and they could not be saved "
+                      "(see the error above)", total)
+        else:
+            log.warning("Redis did not take $%.6f of budget changes by shutdown: saved to %s; the next start "
+                        "pushes them", total, journal.path)
+        journal.close()

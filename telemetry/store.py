@@ -393,7 +393,7 @@ async def open_store(
     op_timeout_s: float = 1.0,
 ) -> Store:
     """A started store: Redis when `redis_url` is set (even if Redis is down right now: it keeps
-    retrying; `data_dir` then only keeps budget changes Redis was away for at shutdown), else the
+    retrying; `data_dir` then only journals budget changes Redis has not confirmed), else the
     embedded store persisted under `data_dir`."""
     common = dict(
         stream_maxlen=stream_maxlen,

@@ -385,3 +385,70 @@ def test_budget_spent_while_redis_is_away_survives_a_sigterm(shared, r):
         assert not list((shared["tmp"] / "outage-data").glob("budget-unsynced-*"))
     finally:
         gw.stop()
+
+
+def _outage_spend(gw, key: str, redis_pid: int, requests: int) -> None:
+    """With Redis hung (SIGSTOP), `requests` answers for `key` that the gateway admits from its ledger."""
+    os.kill(redis_pid, signal.SIGSTOP)
+    for _ in range(requests):
+        response = chat(gw, key=key, max_tokens=10)
+        assert response.status_code == 200, response.text
+    store = httpx.get(gw.url + "/readyz").json()["store"]
+    assert store["budget_mode"] == "local" and store["unsynced_budget_usd"] == pytest.approx(requests * COST)
+
+
+def test_budget_spent_while_redis_is_away_survives_a_sigkill(shared, r):
+    """A replica killed (SIGKILL: no shutdown runs) while Redis is away has journaled the spend it
+    admitted locally; the next start on its data directory pushes it, once: a later restart pushes
+    nothing more, so the key can neither overspend by it nor be charged twice."""
+    key = "sk-scale-killed"
+    config = {"api_keys": [{"id": "killed", "sha256": sha(key), "budget_usd_per_day": CAP}]}
+    counter = f"ponder:{{budget:killed}}:day:{time.strftime('%Y%m%d', time.gmtime())}"
+    data = shared["tmp"] / "killed-data"
+    gw = shared["gateway"]("killed", **config)
+    redis_pid = shared["redis"].pid
+    try:
+        assert chat(gw, key=key, max_tokens=10).status_code == 200
+        assert float(r.get(counter)) == pytest.approx(COST)
+        try:
+            _outage_spend(gw, key, redis_pid, 3)
+            gw.stop(signal.SIGKILL)
+        finally:
+            os.kill(redis_pid, signal.SIGCONT)
+        assert float(r.get(counter)) == pytest.approx(COST)  # nothing reached Redis during the outage
+        gw = shared["gateway"]("killed", **config)  # the same data directory
+        assert float(r.get(counter)) == pytest.approx(4 * COST)  # pushed before it served anything
+        assert wait_for(lambda: not list(data.glob("budget-unsynced-*")), timeout=5)
+        gw.stop()
+        gw = shared["gateway"]("killed", **config)
+        assert float(r.get(counter)) == pytest.approx(4 * COST)  # exactly once
+        assert "Traceback" not in gw.log()
+    finally:
+        gw.stop()
+
+
+def test_budget_saved_at_shutdown_survives_a_start_while_redis_is_still_away(shared, r):
+    """The start that takes the spend an earlier replica saved cannot push it (Redis still away) and is
+    killed: the spend is not lost with it. The one after, with Redis back, pushes it once, and a
+    replica that starts while Redis is away counts it against the key's cap."""
+    key = "sk-scale-restart"
+    config = {"api_keys": [{"id": "restart", "sha256": sha(key), "budget_usd_per_day": CAP}]}
+    counter = f"ponder:{{budget:restart}}:day:{time.strftime('%Y%m%d', time.gmtime())}"
+    gw = shared["gateway"]("restart", **config)
+    redis_pid = shared["redis"].pid
+    try:
+        assert chat(gw, key=key, max_tokens=10).status_code == 200
+        try:
+            _outage_spend(gw, key, redis_pid, 3)
+            gw.stop(signal.SIGTERM)  # saves what it could not push
+            gw = shared["gateway"]("restart", **config)  # Redis still away: takes it, cannot push it
+            store = httpx.get(gw.url + "/readyz").json()["store"]
+            assert store["unsynced_budget_usd"] == pytest.approx(3 * COST)
+            gw.stop(signal.SIGKILL)
+        finally:
+            os.kill(redis_pid, signal.SIGCONT)
+        assert float(r.get(counter)) == pytest.approx(COST)
+        gw = shared["gateway"]("restart", **config)
+        assert float(r.get(counter)) == pytest.approx(4 * COST)
+    finally:
+        gw.stop()

@@ -1045,7 +1045,7 @@ def test_a_settle_in_doubt_at_shutdown_is_saved_and_applied_once_by_the_next_sta
         async with redis_blocked(redis_url, 1.5):
             await store.settle(res, 0.4)
             await store.close(timeout_s=0.2)  # Redis is still blocked: nothing reaches it
-        assert list(tmp_path.glob("budget-unsynced-*.json"))
+        assert list(tmp_path.glob("budget-unsynced-*"))
         old = tmp_path / "budget-unsynced-1-old.json"
         old.write_bytes(json.dumps([[res.keys[0], 0.1, time.time() + 3600]]).encode())
         try:
@@ -1057,3 +1057,81 @@ def test_a_settle_in_doubt_at_shutdown_is_saved_and_applied_once_by_the_next_sta
             await client.aclose()
 
     run(go())
+
+
+def test_a_journaled_change_pushed_just_before_a_crash_is_not_applied_twice(redis_url, tmp_path):
+    """A replica dies after Redis applied its push but before its journal said so: the next start takes
+    the journal over and pushes the changes again under their marks and holds, and Redis applies
+    none of them twice."""
+    async def go():
+        store = await open_store(redis_url, tmp_path, op_timeout_s=0.3)
+        client = aioredis.from_url(redis_url, decode_responses=True)
+        try:
+            async with redis_blocked(redis_url, 0.8):
+                res = await store.reserve("key-j", 1.0, {"day": 10.0})  # times out: the ledger admits it
+                await store.settle(res, 0.25)
+                [journal] = tmp_path.glob("budget-unsynced-*.jsonl")
+                as_at_the_crash = journal.read_bytes()
+            assert res.mode == "local" and as_at_the_crash
+            await wait_for(lambda: store.health()["unsynced_budget_usd"] == 0, timeout=5.0)
+            assert not journal.exists()  # Redis confirmed everything in it
+            assert float(await client.get(res.keys[0])) == pytest.approx(0.25)
+        finally:
+            await store.close()
+        (tmp_path / "budget-unsynced-1-dead.jsonl").write_bytes(as_at_the_crash)  # no process holds it
+        store = await open_store(redis_url, tmp_path)
+        try:
+            assert store.health()["unsynced_budget_usd"] == 0 and not list(tmp_path.glob("budget-unsynced-*"))
+            assert float(await client.get(res.keys[0])) == pytest.approx(0.25)
+        finally:
+            await store.close()
+            await client.aclose()
+
+    run(go())
+
+
+def test_a_live_replicas_journal_is_not_taken_and_a_long_one_is_compacted(tmp_path, monkeypatch):
+    """Replicas share the data directory: a start takes over only the journals no live process holds
+    (the owner's lock), so a change is never pushed by two. A journal written through a long outage is
+    rewritten with just its live changes, and still replays to the ledger's unpushed spend."""
+    from telemetry import budget_journal
+    from telemetry.budget_journal import BudgetJournal, replay, take_over
+    from telemetry.budgets import LocalBudgets
+
+    monkeypatch.setattr(budget_journal, "COMPACT_AFTER", 10)
+    now = time.time()
+    ledger = LocalBudgets(BudgetJournal(tmp_path))
+    for _ in range(25):
+        ledger.charge(("day-counter", "month-counter"), (86400, 86400), 0.5, now, track_unsynced=True)
+    path = ledger.journal.path
+    assert path is not None and len(path.read_bytes().splitlines()) <= 10
+    changes, bad = replay(path.read_bytes())
+    assert bad == 0 and sorted((c.keys, c.delta) for c in changes) == [
+        (("day-counter",), pytest.approx(12.5)), (("month-counter",), pytest.approx(12.5))]
+
+    adopted: list = []
+    assert take_over(tmp_path, lambda c: adopted.append(c) or True, str) == []
+    assert adopted == [] and path.exists()  # its process (this one) is alive
+    ledger.journal.close()  # as the process dying lets go of it
+    assert take_over(tmp_path, lambda c: adopted.append(c) or True, str) == []
+    assert [sum(c.delta for c in batch) for batch in adopted] == [pytest.approx(25.0)] and not path.exists()
+
+
+def test_spend_a_late_settle_adds_after_shutdown_saved_the_journal_is_kept_too(tmp_path):
+    """A request the shutdown did not wait for settles after the store saved its journal: that change
+    goes to a new journal under a new token, so taking over both files counts every cent once."""
+    from telemetry.budget_journal import BudgetJournal, take_over
+    from telemetry.budgets import LocalBudgets
+
+    now = time.time()
+    ledger = LocalBudgets(BudgetJournal(tmp_path))
+    ledger.charge(("day-counter",), (86400,), 1.0, now, track_unsynced=True)
+    ledger.stage_unsynced()  # as the shutdown does, before it rewrites and lets go of the journal
+    assert ledger.journal.rewrite(ledger.unconfirmed())
+    ledger.journal.close()
+    ledger.charge(("day-counter",), (86400,), 0.5, now, track_unsynced=True)  # the late settle
+    ledger.journal.close()  # the process exits
+    assert len(list(tmp_path.glob("budget-unsynced-*.jsonl"))) == 2
+    taker = LocalBudgets(BudgetJournal(tmp_path / "next"))
+    assert take_over(tmp_path, lambda changes: taker.add_unsynced(changes, now), str) == []
+    assert taker.unpushed_usd() == pytest.approx(1.5) and not list(tmp_path.glob("budget-unsynced-*"))
