@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import psutil
 
 from gateway.config import LOCAL_BACKEND_NAME, LocalModelConfig
 from policies.backends import BackendSpec, Prices
@@ -30,6 +31,10 @@ log = logging.getLogger("ponder.local_model")
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 RESTART_PAUSE_S = 1.0
 MAX_RESTART_PAUSE_S = 30.0
+# A model server stopped by a signal (SIGSTOP, SIGTSTP) keeps its port and accepts connections, but
+# answers nothing: every call to it would wait out its whole timeout. Stopped this long, it is no
+# one's brief pause, and it is replaced as a dead one is. (A debugger's stop is a tracing stop: not counted.)
+STOPPED_GRACE_S = 5.0
 
 
 class LocalModelError(RuntimeError):
@@ -104,6 +109,7 @@ class LocalModelServer:
         self.process: subprocess.Popen[bytes] | None = None
         self._log: Any = None
         self._serving = False
+        self._stopped_since: float | None = None
 
     @property
     def api_base(self) -> str:
@@ -158,11 +164,26 @@ class LocalModelServer:
         self._serving = True
 
     def alive(self) -> bool:
-        """Running and answering (a process still loading its model is not)."""
-        return self._serving and self.process is not None and self.process.poll() is None  # poll() reaps too
+        """Running and answering (a process still loading its model is not, nor one stopped too long)."""
+        return self._serving and self.process is not None and self.process.poll() is None and \
+            not self._stopped_too_long()  # poll() reaps too
+
+    def _stopped_too_long(self) -> bool:
+        assert self.process is not None
+        try:
+            stopped = psutil.Process(self.process.pid).status() == psutil.STATUS_STOPPED
+        except psutil.Error:  # gone meanwhile: poll() says so next time
+            stopped = False
+        if not stopped:
+            self._stopped_since = None
+            return False
+        now = time.monotonic()
+        self._stopped_since = self._stopped_since or now
+        return now - self._stopped_since >= STOPPED_GRACE_S
 
     async def watch(self, interval_s: float = 1.0, on_back: Callable[[], None] | None = None) -> None:
-        """Restart the model server if it dies (said in the log), pausing longer after each failed try.
+        """Restart the model server if it dies or stays stopped (said in the log), pausing longer after
+        each failed try.
         Meanwhile the backend fails fast (cool-down) and readiness says the model is down; `on_back`
         runs once a new server answers."""
         pause = RESTART_PAUSE_S
@@ -172,8 +193,13 @@ class LocalModelServer:
                 pause = RESTART_PAUSE_S
                 continue
             assert self.process is not None
-            log.error("local model server exited with %s; restarting it. Its last words: %s",
-                      self.process.returncode, self._stderr_tail(500) or "(none)")
+            if self.process.poll() is None:  # stopped: killed, so that the calls it holds fail (and fall back) now
+                log.error("local model server has been stopped (SIGSTOP) for %.0f s, holding its calls; "
+                          "killing and restarting it", STOPPED_GRACE_S)
+                self.kill()
+            else:
+                log.error("local model server exited with %s; restarting it. Its last words: %s",
+                          self.process.returncode, self._stderr_tail(500) or "(none)")
             try:
                 await self.start()
                 log.info("local model server is back on port %d", self.port)
@@ -210,6 +236,7 @@ class LocalModelServer:
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
+            os.killpg(self.process.pid, signal.SIGCONT)  # a stopped server acts on the SIGTERM only once continued
             try:
                 self.process.wait(timeout=5)
             except subprocess.TimeoutExpired:
@@ -217,6 +244,13 @@ class LocalModelServer:
                 self.process.wait()
         if self._log is not None:
             self._log.close()
+
+    def kill(self) -> None:
+        """SIGKILL, which a stopped process obeys at once (SIGTERM would wait until it is continued)."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        self._stopped_since = None
 
 
 def _die_with_parent() -> Callable[[], None] | None:

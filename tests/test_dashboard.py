@@ -437,6 +437,9 @@ def test_dashboard_in_a_browser(stack, browser, tmp_path):
     sc_share = page.get_attribute("[data-testid=strategy-shares] [data-name=self_consistency]", "data-share")
     assert float(sc_share) == pytest.approx(2 / len(routed), abs=1e-3)
     assert page.locator("[data-testid=request-row]").count() == len(seeded.records)
+    # every chart is an image with a name that reads its numbers (its parts are hidden from screen readers)
+    charts = page.evaluate("[...document.querySelectorAll('svg')].map(s => [s.getAttribute('role'), s.getAttribute('aria-label')])")
+    assert len(charts) >= 5 and all(role == "img" and name for role, name in charts), charts
 
     # Clicking a row shows that request's reasons.
     vote = next(r for r in seeded.records if r["arm"] == SC_ARM)
@@ -562,6 +565,37 @@ def test_spend_view_shows_the_budgets_the_gateway_enforces(tmp_path, browser):
                           json={"model": "mock-a", "max_tokens": 7_500_000,
                                 "messages": [{"role": "user", "content": "x"}]})
         assert fits.status_code == 200, fits.text
+
+
+def test_an_empty_dashboard_says_so_and_draws_no_made_up_scales(tmp_path, browser):
+    """Before any request each panel says there is nothing yet (the recent requests and the shares
+    were blank, the spend chart a $0 to $1 scale of no data); with one request to a free backend,
+    not scored, its scatter shows a $0 tick and the n/a strip, no 0-100 % or $0 to $1 scale, and
+    its name reads the arm's numbers."""
+    from playwright.sync_api import expect
+
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("mock-a", mock, prices={"input_per_mtok": 0, "output_per_mtok": 0}),
+                         mock_backend("mock-b", mock)],
+            "policy": two_mock_policy(tmp_path, "empty"),
+            "telemetry": {"data_dir": str(tmp_path / "data"), "refresh_s": 0.2}}, name="empty")) as gateway:
+        page = browser.new_page()
+        page.goto(gateway.url + "/dashboard")
+        expect(page.get_by_test_id("requests-empty")).to_have_text("No requests yet.")
+        expect(page.get_by_test_id("shares")).to_have_text("No requests yet.")
+        expect(page.get_by_test_id("spend-empty")).to_have_text("Nothing spent in the last 24 hours.")
+        page.click("[data-testid=spend-day]")
+        expect(page.get_by_test_id("spend-empty")).to_have_text("Nothing spent in the last 30 days.")
+        assert page.locator("svg").count() == 0
+        response = chat(gateway.url, "auto", "hello there")
+        assert response.status_code == 200 and float(response.headers["x-ponder-cost-usd"]) == 0
+        page.wait_for_selector("[data-testid=arm-point]", timeout=15_000)
+        scatter = page.locator("[data-testid=task-scatter]")
+        ticks = scatter.locator("text").all_text_contents()
+        assert "n/a" in ticks and "$0" in ticks and not any(t.endswith("%") or t.startswith("$1") for t in ticks), ticks
+        assert "mock-a: $0, not scored" in scatter.get_attribute("aria-label")
+        assert page.get_by_test_id("requests-empty").count() == 0
+        page.close()
 
 
 def test_the_default_policys_half_life_ages_the_learned_stats(tmp_path, browser):

@@ -177,6 +177,39 @@ def test_a_dead_model_server_is_reported_and_restarted(tmp_path):
     assert not psutil.pid_exists(revived.pid) or revived.status() == psutil.STATUS_ZOMBIE
 
 
+def test_a_stopped_model_server_is_replaced_and_its_calls_fail_fast(tmp_path):
+    """The llama.cpp child is stopped (SIGSTOP): alive, holding its port, answering nothing. A call sent
+    to it fails once the stop outlasts its grace (it hung for its whole 120 s timeout), readiness says
+    the model is down, and a new server answers; the stopped one is gone."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    with running(start_gateway(tmp_path, {"local_model": {"enabled": True, "n_ctx": 512, "n_threads": 1}},
+                               timeout=120, name="stopped", log_level="info")) as gateway:
+        (child,) = psutil.Process(gateway.process.pid).children(recursive=True)
+        os.kill(child.pid, signal.SIGSTOP)
+        try:
+            body = {"model": "local", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "seed": 1}
+            started = time.monotonic()
+            failed = httpx.post(gateway.url + "/v1/chat/completions", json=body, timeout=60)
+            assert time.monotonic() - started < 20
+            assert failed.status_code == 502, failed.text
+            assert httpx.get(gateway.url + "/readyz").json()["local_model"] is False
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and httpx.get(gateway.url + "/readyz").status_code != 200:
+                time.sleep(0.2)
+            answer = httpx.post(gateway.url + "/v1/chat/completions", json=body, timeout=60)
+            assert answer.status_code == 200, answer.text
+            assert "local model server has been stopped (SIGSTOP)" in gateway.log()
+            assert not child.is_running()
+        finally:
+            if child.is_running():
+                child.resume()
+
+
 def test_the_model_server_dies_with_a_killed_gateway(tmp_path):
     """SIGKILL of the gateway runs no shutdown: the kernel's parent-death signal stops the model server
     anyway, instead of leaving an orphan holding its port and memory."""

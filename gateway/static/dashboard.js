@@ -255,9 +255,11 @@ function niceTicks(lo, hi, log) {
 }
 
 // points: [{key, label, x, y (0..1 or null), r, color, pareto, rings: [letters], tip, testid}]
-function scatter(points, { xLabel, xFormat, testid, width = 420, height = 270, labels = "none", yLabel = "success rate" }) {
+// name: what the chart is of; the points' numbers are added (an image's parts are hidden from screen readers)
+function scatter(points, { xLabel, xFormat, testid, name, width = 420, height = 270, labels = "none", yLabel = "success rate" }) {
   const m = { l: 44, r: 16, t: 12, b: 40 };
-  const svg = s("svg", { viewBox: `0 0 ${width} ${height}`, role: "img", "data-testid": testid });
+  const read = points.map((p) => `${p.label}: ${xFormat(p.x)}, ${p.y === null ? "not scored" : pct(p.y, 1)}`).join("; ");
+  const svg = s("svg", { viewBox: `0 0 ${width} ${height}`, role: "img", "aria-label": `${name}. ${read}`, "data-testid": testid });
   const costs = points.map((p) => p.x).filter((x) => x > 0);
   let lo = costs.length ? Math.min(...costs) : 0, hi = costs.length ? Math.max(...costs) : 1;
   const log = costs.length > 1 && hi / lo > 20;
@@ -269,14 +271,15 @@ function scatter(points, { xLabel, xFormat, testid, width = 420, height = 270, l
   const yHi = rates.length ? Math.min(1, Math.ceil((Math.max(...rates) + 0.02) * 10) / 10) : 1;
   const yStep = yHi - yLo > 0.5 ? 0.25 : yHi - yLo > 0.2 ? 0.1 : 0.05;
   const X = scale(lo, hi, m.l, width - m.r, log), Y = scale(yLo, yHi, height - m.b - 26, m.t, false);
-  const yTicks = [];
-  for (let v = Math.ceil(yLo / yStep - 1e-9) * yStep; v <= yHi + 1e-9; v += yStep) yTicks.push(Math.round(v * 100) / 100);
+  const yTicks = [];  // none while no arm is scored: its dots sit on the n/a strip, under no made-up 0-100 % scale
+  for (let v = Math.ceil(yLo / yStep - 1e-9) * yStep; rates.length && v <= yHi + 1e-9; v += yStep) yTicks.push(Math.round(v * 100) / 100);
   for (const v of yTicks) {
     svg.append(s("line", { class: "gridline", x1: m.l, x2: width - m.r, y1: Y(v), y2: Y(v) }));
     svg.append(s("text", { x: m.l - 6, y: Y(v) + 3, "text-anchor": "end", text: pct(v) }));
   }
   if (points.some((p) => p.y === null)) svg.append(s("text", { x: m.l - 6, y: yLow + 3, "text-anchor": "end", text: "n/a" }));
-  for (const v of niceTicks(lo || 1e-9, hi, log)) {
+  // every point at no cost (a local model's): one $0 tick, not a made-up $0 to $1 scale
+  for (const v of costs.length ? niceTicks(lo || 1e-9, hi, log) : [0]) {
     svg.append(s("line", { class: "gridline", x1: X(v), x2: X(v), y1: m.t, y2: height - m.b }));
     svg.append(s("text", { x: X(v), y: height - m.b + 13, "text-anchor": "middle", text: xFormat(v) }));
   }
@@ -330,16 +333,18 @@ function renderTasks(tasks) {
     return h("div", { class: "task-card", "data-testid": "task-chart", "data-task": task.task },
       h("h3", { text: task.task }),
       h("div", { class: "meta", text: `${count(task.requests)} requests · ${usd(task.spent_usd)} · success ${task.success_rate === null ? "not scored" : pct(task.success_rate, 1)}` }),
-      scatter(points, { xLabel: "mean cost per request (USD)", xFormat: usdTick, testid: "task-scatter" }),
+      scatter(points, { xLabel: "mean cost per request (USD)", xFormat: usdTick, testid: "task-scatter",
+        name: `${task.task}: mean cost per request and success rate of each arm` }),
       choices);
   }));
 }
 
 // -- spend -----------------------------------------------------------------------------------------
 
-function bars(values, { labels, format, testid, barTestid, width = 560, height = 170, every = 1 }) {
+function bars(values, { labels, format, testid, barTestid, name, width = 560, height = 170, every = 1 }) {
   const m = { l: 50, r: 8, t: 10, b: 24 };
-  const svg = s("svg", { viewBox: `0 0 ${width} ${height}`, "data-testid": testid });
+  const read = values.map((v, i) => `${labels[i].long} ${format(v)}`).join("; ");
+  const svg = s("svg", { viewBox: `0 0 ${width} ${height}`, role: "img", "aria-label": `${name}. ${read}`, "data-testid": testid });
   const max = Math.max(...values, 0) || 1;
   const step = (width - m.l - m.r) / Math.max(values.length, 1);
   const Y = scale(0, max, height - m.b, m.t, false);
@@ -364,7 +369,12 @@ function renderSpend() {
   const labels = rows.map((r) => hourly
     ? { long: r.hour.replace("T", " ").replace(":00Z", ":00 UTC"), short: r.hour.slice(11, 13) + "h" }
     : { long: r.day, short: r.day.slice(5) });
-  fill($("spend-chart"), bars(rows.map((r) => r.cost_usd), { labels, format: usd, testid: "spend-svg", barTestid: "spend-bar", every: hourly ? 3 : 5 }));
+  const period = hourly ? "the last 24 hours" : "the last 30 days";
+  // nothing spent: said, not drawn on a $0 to $1 scale of no data
+  fill($("spend-chart"), rows.some((r) => r.cost_usd > 0)
+    ? bars(rows.map((r) => r.cost_usd), { labels, format: usd, testid: "spend-svg", barTestid: "spend-bar", every: hourly ? 3 : 5,
+      name: `Spend per ${hourly ? "hour" : "day"} over ${period}` })
+    : h("p", { class: "empty", "data-testid": "spend-empty", text: `Nothing spent in ${period}.` }));
   const head = h("tr", {}, ["key", "30 days", "requests", "today vs daily budget", "this month vs monthly budget"].map((t, i) => h("th", { class: i && i < 3 ? "num" : "", text: t })));
   const meter = (spent, cap, used) => {
     // no ledger without a cap: 30-day spend is beside it (a cap of $0 is a cap: the key may spend nothing)
@@ -412,7 +422,8 @@ function renderLatency(rows) {
   const width = 560, rowH = 30, m = { l: 190, r: 70, t: 4 }, height = m.t + rows.length * rowH + 4;
   const max = Math.max(...rows.map((r) => r.p95_latency_ms), 1);
   const X = scale(0, max, m.l, width - m.r, false);
-  const svg = s("svg", { viewBox: `0 0 ${width} ${height}`, "data-testid": "latency-svg" });
+  const read = rows.map((r) => `${r.arm}: p50 ${ms(r.p50_latency_ms)}, p95 ${ms(r.p95_latency_ms)}`).join("; ");
+  const svg = s("svg", { viewBox: `0 0 ${width} ${height}`, role: "img", "aria-label": `Latency per arm. ${read}`, "data-testid": "latency-svg" });
   rows.forEach((r, i) => {
     const y = m.t + i * rowH;
     const g = s("g", { "data-testid": "latency-row", "data-arm": r.arm });
@@ -428,7 +439,8 @@ function renderLatency(rows) {
 
 function stacked(label, rows, colors, testid) {
   const width = 560, height = 34, m = { l: 70 };
-  const svg = s("svg", { viewBox: `0 0 ${width} ${height}`, "data-testid": testid });
+  const read = rows.map((r) => `${r.name} ${pct(r.share, 1)}`).join(", ");
+  const svg = s("svg", { viewBox: `0 0 ${width} ${height}`, role: "img", "aria-label": `Share of requests by ${label}: ${read}`, "data-testid": testid });
   svg.append(s("text", { class: "value-label", x: 0, y: 20, text: label }));
   let x = m.l;
   const span = width - m.l;
@@ -445,6 +457,7 @@ function stacked(label, rows, colors, testid) {
 }
 
 function renderShares(shares) {
+  if (!shares.strategy.length) { fill($("shares"), h("p", { class: "empty", text: "No requests yet." })); return; }
   fill($("shares"), stacked("strategy", shares.strategy, STRATEGY_COLORS, "strategy-shares"),
     stacked("effort", shares.effort, EFFORT_COLORS, "effort-shares"));
 }
@@ -464,6 +477,7 @@ function renderRequests(rows) {
       h("td", {}, h("span", { class: "tag " + (r.status < 400 ? "ok" : "err"), text: r.status })));
     return tr;
   }));
+  if (!rows.length) body.append(h("tr", {}, h("td", { colspan: head.children.length, class: "empty", "data-testid": "requests-empty", text: "No requests yet." })));
   const focused = document.activeElement?.dataset.testid === "request-row" ? document.activeElement.dataset.requestId : null;
   fill($("requests"), h("thead", {}, head), body);
   // the refresh redraws the rows: the keyboard's place stays on the same request
@@ -535,7 +549,8 @@ async function openReport(file) {
     fill(root, 
       h("p", { class: "hint", text: `${report.title || file.name}: ${report.points.length} points, x = ${report.cost_unit}` +
         (Object.keys(report.left_out).length ? ` (left out, other units: ${JSON.stringify(report.left_out)})` : "") }),
-      scatter(points, { xLabel: report.cost_unit, xFormat: fmt, testid: "report-scatter", width: 900, height: 320, yLabel: "accuracy" }),
+      scatter(points, { xLabel: report.cost_unit, xFormat: fmt, testid: "report-scatter", width: 900, height: 320, yLabel: "accuracy",
+        name: `${report.title || file.name}: ${report.cost_unit} and accuracy of each point` }),
       h("div", { class: "legend" }, groups.map((g) => h("span", {}, h("i", { style: `background:${colour(g)}` }), g))));
   } catch (err) {
     if (err instanceof AuthError) return showLogin(err.message);
