@@ -36,6 +36,9 @@ REQUEST_ERRORS = frozenset({400, 404, 413, 422})
 # One streamed event, at most: a chunk with a whole long answer in it (1 MB of text, JSON-escaped) fits;
 # a stream that never ends its event does not hold the gateway's memory.
 MAX_EVENT_BYTES = 16 * 1024 * 1024
+# How a cut call's error starts (Backend.cut): telemetry and dashboards tell cut calls, billed what the
+# upstream had read and written, from failed ones that cost nothing.
+CUT_OFF = "cut off"
 
 
 @dataclass(slots=True)
@@ -72,7 +75,7 @@ class UpstreamError(Exception):
 
     def __init__(self, backend: str, status: int, message: str, *, retryable: bool,
                  retry_after: float | None = None, code: str | None = None, param: str | None = None,
-                 upstream_status: int | None = None) -> None:
+                 upstream_status: int | None = None, cut: bool = False) -> None:
         super().__init__(message)
         self.backend = backend
         self.status = status
@@ -84,6 +87,9 @@ class UpstreamError(Exception):
         # the HTTP status the upstream refused the call with; None when it did not answer with one
         # (no answer, or a stream it accepted and then broke)
         self.upstream_status = upstream_status
+        # the upstream had the whole request and was answering when the gateway stopped waiting (a
+        # timeout): a cut call, billed as one (Backend.cut), not a failure that cost nothing
+        self.cut = cut
 
     @property
     def about_request(self) -> bool:
@@ -181,6 +187,14 @@ class Usage:
             details,
         )
 
+    @classmethod
+    def estimated(cls, prompt_tokens: int, content_chunks: int = 0, content_chars: int = 0) -> Usage:
+        """A call's usage where the upstream reported none (a stream from llama.cpp's server, a call cut
+        off before its end): the prompt at its estimate, and what it wrote so far: a content chunk at
+        least one token (what llama.cpp sends), a long one its characters / 4 (as the prompt's
+        estimate counts)."""
+        return cls(prompt_tokens, max(content_chunks, -(-content_chars // 4)))
+
 
 @dataclass
 class Backend:
@@ -227,6 +241,15 @@ class Backend:
             error=error,
             usage_details=usage.details,
         )
+
+    def cut(self, usage: Usage, started: float, why: str) -> CallRecord:
+        """A call cut off before its end: by the request's deadline, the backend's timeout, the client
+        leaving (or the server stopping), a stream broken mid-answer. The upstream had read the prompt
+        and written what reached the gateway, and the provider bills both, so every cut is billed by
+        this one rule: `usage` is the upstream's own if it sent one, else the prompt at its estimate plus
+        the output received so far (Usage.estimated), priced as usual. The call is not ok, and its error
+        says it was cut (CUT_OFF)."""
+        return self.record(usage, started, ok=False, error=f"{CUT_OFF}: {why}"[:300])
 
     def _headers(self) -> dict[str, str]:
         headers = {"Content-Type": "application/json"}
@@ -279,8 +302,10 @@ class Backend:
                 raw = await resp.read()
                 if resp.status >= 400:
                     raise self._http_error(resp.status, raw, resp.headers.get("Retry-After"))
+        except aiohttp.ConnectionTimeoutError:  # never connected: nothing was sent, nothing to bill
+            raise UpstreamError(self.name, 504, f"{self.name}: upstream connection timed out", retryable=True) from None
         except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
-            raise UpstreamError(self.name, 504, f"{self.name}: upstream timed out", retryable=True) from None
+            raise UpstreamError(self.name, 504, f"{self.name}: upstream timed out", retryable=True, cut=True) from None
         except aiohttp.ClientError as exc:
             raise UpstreamError(self.name, 502, f"{self.name}: {type(exc).__name__}: {exc}",
                                 retryable=True) from None
@@ -368,7 +393,8 @@ class Backend:
                     async with asyncio.timeout(self.spec.first_byte_timeout_s):
                         first = await anext(source, None)
                 except TimeoutError:
-                    raise UpstreamError(self.name, 504, f"{self.name}: no first byte in time", retryable=True) from None
+                    raise UpstreamError(self.name, 504, f"{self.name}: no first byte in time", retryable=True,
+                                        cut=True) from None
                 if first is None:
                     return
                 yield first
@@ -398,8 +424,11 @@ class Backend:
                 # and the pool, which took it back at the body's end, would hand it to the next call.
                 if protocol is not None:
                     protocol.close()
+        except aiohttp.ConnectionTimeoutError:
+            raise UpstreamError(self.name, 504, f"{self.name}: upstream connection timed out", retryable=True) from None
         except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
-            raise UpstreamError(self.name, 504, f"{self.name}: upstream stream stalled", retryable=True) from None
+            raise UpstreamError(self.name, 504, f"{self.name}: upstream stream stalled", retryable=True,
+                                cut=True) from None
         except aiohttp.ClientError as exc:
             raise UpstreamError(self.name, 502, f"{self.name}: stream broken: {type(exc).__name__}",
                                 retryable=True) from None
@@ -550,7 +579,7 @@ def _litellm_error(backend: str, exc: Exception) -> UpstreamError:
     status = int(getattr(exc, "status_code", 0) or 0)
     message = str(getattr(exc, "message", None) or exc)[:500]
     if "Timeout" in type(exc).__name__:
-        return UpstreamError(backend, 504, f"{backend}: upstream timed out", retryable=True)
+        return UpstreamError(backend, 504, f"{backend}: upstream timed out", retryable=True, cut=True)
     retryable = status in (0, 408, 429) or status >= 500
     client_status = status if status in REQUEST_ERRORS or status == 429 else 502
     # litellm keeps the upstream's error body only as text in its message (Google's RetryInfo with it)

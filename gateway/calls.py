@@ -21,7 +21,7 @@ MIN_CALL_S = 0.01  # less time than this left: a call is not started (see Caller
 # A call the request's deadline cut off is the backend's fault (a timeout, see Caller.deadline_reached)
 # only if it had the backend for at least this share of the request's time.
 SLOW_CALL_SHARE = 0.5
-CANCELLED = "cancelled: the client left before the answer (prompt tokens estimated)"
+CLIENT_LEFT = "the client left (or the server stopped) before the answer"
 CANCELLED_QUEUED = "cancelled while queued for a free slot: never sent"
 BACKOFF_BASE_S = 0.05
 BACKOFF_MAX_S = 1.0
@@ -80,11 +80,11 @@ class Caller:
                 self.cancelled_call(backend, body, started, admission)
                 raise
             except TimeoutError:
-                last = self.deadline_reached(backend, started, admission)
+                last = self.deadline_reached(backend, body, started, admission)
                 raise last from None
             except UpstreamError as exc:
                 last = exc
-                self._failed(backend, started, exc)
+                self._failed(backend, body, started, exc)
                 # A backend that has just gone into cool-down (Retry-After, a timeout, repeated
                 # failures) is not waited for: the next arm answers sooner than a backoff would.
                 if not exc.retryable or attempt == attempts - 1 or not backend.health.available(time.monotonic()):
@@ -96,43 +96,52 @@ class Caller:
             return data
         raise last or cooling_error(backend)
 
-    def _failed(self, backend: Backend, started: float, exc: UpstreamError) -> None:
+    def _failed(self, backend: Backend, body: dict[str, Any], started: float, exc: UpstreamError) -> None:
         now = time.monotonic()
         if exc.status >= 500 or exc.status == 429:  # a 4xx about the request itself says nothing of the backend
             backend.health.failed(now, exc.retry_after, slow=exc.status == 504, request=self.ident)
         if exc.retry_after is None and not backend.health.available(now):
             # If this error reaches the client, it carries when this backend is expected back.
             exc.retry_after = backend.health.cooldown_until - now
-        self.calls.append(backend.record(Usage(), started, ok=False, error=exc.message[:300]))
+        self._ended(backend, body, started, exc)
 
-    def deadline_reached(self, backend: Backend, started: float, admission: Admission) -> UpstreamError:
-        """The request's deadline passed during a call: the backend's fault (a mark against its health,
-        as a timeout) only if the call had reached it, not while it waited for one of its slots, and had
-        it for a good share of the request's time (SLOW_CALL_SHARE). A call that started late (the tail
-        of a queue, a later wave, stage or judge) and was cut a moment later says nothing of the
-        backend: marking it cooled a busy but healthy backend down for everyone."""
+    def _ended(self, backend: Backend, body: dict[str, Any], started: float, exc: UpstreamError) -> None:
+        """A call that did not answer, in the ledger: one cut off while the upstream was at it (a
+        timeout, the deadline) billed as every cut call is (Backend.cut), a refused one at nothing."""
+        if exc.cut:
+            self.calls.append(backend.cut(Usage.estimated(prompt_estimate(body)), started, exc.message))
+        else:
+            self.calls.append(backend.record(Usage(), started, ok=False, error=exc.message[:300]))
+
+    def deadline_reached(self, backend: Backend, body: dict[str, Any], started: float,
+                         admission: Admission) -> UpstreamError:
+        """The request's deadline passed during a call. One that had reached the upstream is cut off,
+        and billed so; one still waiting for one of its backend's slots was never sent. The backend's
+        fault (a mark against its health, as a timeout) only if the call had reached it and had it for
+        a good share of the request's time (SLOW_CALL_SHARE). A call that started late (the tail of a
+        queue, a later wave, stage or judge) and was cut a moment later says nothing of the backend:
+        marking it cooled a busy but healthy backend down for everyone."""
         if admission.admitted:
-            error = UpstreamError(backend.name, 504, f"{backend.name}: request deadline reached", retryable=False)
+            error = UpstreamError(backend.name, 504, f"{backend.name}: request deadline reached", retryable=False,
+                                  cut=True)
             if time.monotonic() - admission.admitted_at >= SLOW_CALL_SHARE * (self.deadline - self.opened):
-                self._failed(backend, started, error)
+                self._failed(backend, body, started, error)
             else:
-                self.calls.append(backend.record(Usage(), started, ok=False, error=error.message[:300]))
+                self._ended(backend, body, started, error)
             return error
         error = UpstreamError(backend.name, 504, f"{backend.name}: request deadline reached while queued for a "
                               f"free slot (max_concurrency {backend.spec.max_concurrency})", retryable=False)
-        self.calls.append(backend.record(Usage(), started, ok=False, error=error.message[:300]))
+        self._ended(backend, body, started, error)
         return error
 
     def cancelled_call(self, backend: Backend, body: dict[str, Any], started: float, admission: Admission) -> None:
-        """A call cut off by the client leaving (or the server stopping) before it answered: the
-        upstream had read the prompt, billed at its estimate; what it wrote is unknowable. One still
-        queued for a slot (`max_concurrency`) never reached the upstream: nothing to bill. No mark
-        against the backend's health: it did nothing wrong."""
+        """A call cut off by the client leaving (or the server stopping) before it answered: billed as
+        every cut call is (Backend.cut). One still queued for a slot (`max_concurrency`) never reached
+        the upstream: nothing to bill. No mark against the backend's health: it did nothing wrong."""
         if not admission.admitted:
             self.calls.append(backend.record(Usage(), started, ok=False, error=CANCELLED_QUEUED))
             return
-        prompt = estimate_prompt_tokens(body.get("messages") or [], body)
-        self.calls.append(backend.record(Usage(prompt_tokens=prompt), started, ok=False, error=CANCELLED))
+        self.calls.append(backend.cut(Usage.estimated(prompt_estimate(body)), started, CLIENT_LEFT))
 
     def available(self, backend_name: str) -> bool:
         backend = self.backends.get(backend_name)
@@ -149,6 +158,11 @@ def _backoff(attempt: int, retry_after: float | None) -> float:
     if retry_after is not None:
         return min(retry_after, BACKOFF_MAX_S)
     return min(BACKOFF_BASE_S * 2**attempt, BACKOFF_MAX_S) * (0.5 + random.random() / 2)
+
+
+def prompt_estimate(body: dict[str, Any]) -> int:
+    """The prompt of a call's body as every estimate counts it (router.estimates)."""
+    return estimate_prompt_tokens(body.get("messages") or [], body)
 
 
 def cooling_error(backend: Backend) -> UpstreamError:

@@ -26,6 +26,7 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
                                disable_created_metrics, generate_latest)
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from gateway.backends import CUT_OFF
 from telemetry.events import Event
 
 # `*_created` series would double every scrape for a timestamp nobody graphs; the gateway owns its process.
@@ -39,6 +40,14 @@ STORE_HEALTH_EVERY_S = 1.0  # observe() refreshes the store gauges at most this 
 
 def status_class(status: int) -> str:
     return f"{status // 100}xx" if 100 <= status < 600 else "other"
+
+
+def call_outcome(call: dict[str, Any]) -> str:
+    """`ok`, `cut` (cut off before its end, and billed for what the upstream had read and written:
+    Backend.cut) or `error` (failed, at no cost)."""
+    if call.get("ok"):
+        return "ok"
+    return "cut" if str(call.get("error") or "").startswith(CUT_OFF) else "error"
 
 
 def multiprocess_dir() -> str | None:
@@ -144,7 +153,7 @@ class Metrics:
         if isinstance(samples, (int, float)) and samples > 0:
             c(self.samples, event.strategy or "-").observe(samples)
         for call in event.calls:
-            c(self.calls, str(call.get("backend", "-")), "ok" if call.get("ok") else "error").inc()
+            c(self.calls, str(call.get("backend", "-")), call_outcome(call)).inc()
         if event.success is not None and event.success_source:
             c(self.success_score, arm, task, event.success_source).inc(event.success)
             c(self.success_scored, arm, task, event.success_source).inc()

@@ -23,7 +23,7 @@ import orjson
 from starlette.responses import StreamingResponse
 
 from gateway.backends import Admission, Backend, CallRecord, Usage, UpstreamError, text_content
-from gateway.calls import Caller
+from gateway.calls import CLIENT_LEFT, Caller
 from gateway.errors import ApiError
 from router.estimates import may_exceed_context
 
@@ -32,6 +32,7 @@ DONE = b"data: [DONE]\n\n"
 # parsers until 0.11, litellm), `reasoning` (vLLM since, OpenRouter)
 REASONING_FIELDS = ("reasoning_content", "reasoning")
 KEEPALIVE = b": ponder is sampling\n\n"
+CLIENT_LEFT_MID_ANSWER = "the client left mid-answer"
 
 
 def sse(payload: bytes | dict[str, Any]) -> bytes:
@@ -69,7 +70,7 @@ class PassThrough:
             error = UpstreamError(backend.name, 502, f"{backend.name}: empty stream", retryable=True)
         except asyncio.TimeoutError:
             await source.aclose()
-            raise caller.deadline_reached(backend, started, admission) from None
+            raise caller.deadline_reached(backend, body, started, admission) from None
         except UpstreamError as exc:
             error = exc
         except asyncio.CancelledError:
@@ -88,23 +89,25 @@ class PassThrough:
             caller.calls.append(backend.record(Usage(), started, ok=False, error=error.message[:300]))
             await caller.complete(backend.name, _probe_body(body, reasoning=backend.spec.reasoning))
             raise error  # the prompt fits: a stream broken for another reason, worth a retry
-        caller._failed(backend, started, error)
+        caller._failed(backend, body, started, error)
         raise error
 
     async def abandon(self, caller: Caller) -> None:
-        """The client left before the relay started: bill the call so far, let the upstream go."""
+        """The client left before the relay started: the call is cut off with its first event in (its
+        content, if any, received), and the upstream let go."""
         if self.relaying:
             return
         self.relaying = self.client_left = True
-        caller.calls.append(self.backend.record(self._estimated(0), self.started))
+        chars = _content_chars(self.first[1]) if self.first[1] else 0
+        caller.calls.append(self.backend.cut(self._estimated(1 if chars else 0, chars), self.started, CLIENT_LEFT))
         await self.source.aclose()
 
     def _estimated(self, content_chunks: int, content_chars: int = 0) -> Usage:
-        """Some servers (llama.cpp's) never send usage on a stream. Then a content chunk counts as at
-        least one token (what llama.cpp sends), a long one as its characters / 4 (as the prompt's
-        estimate counts), and the prompt is estimated; the call says it was estimated."""
+        """Some servers (llama.cpp's) never send usage on a stream, and a stream cut off has sent none
+        yet: then the prompt's estimate and the content streamed so far (Usage.estimated); the call
+        says it was estimated."""
         self.usage_estimated = True
-        return Usage(self.prompt_tokens_estimate, max(content_chunks, -(-content_chars // 4)))
+        return Usage.estimated(self.prompt_tokens_estimate, content_chunks, content_chars)
 
     async def chunks(self, caller: Caller) -> AsyncIterator[tuple[bytes, dict | None]]:
         """The upstream's events as they arrive, `(payload, parsed)`, its usage-only chunk kept back.
@@ -134,7 +137,7 @@ class PassThrough:
                 item = await anext(self.source, None)
         except UpstreamError as exc:
             usage = usage or self._estimated(content_chunks, content_chars)
-            caller.calls.append(self.backend.record(usage, self.started, ok=False, error=exc.message[:300]))
+            caller.calls.append(self.backend.cut(usage, self.started, exc.message))
             self.backend.health.failed(time.monotonic(), exc.retry_after, request=caller.ident)
             raise
         except (asyncio.CancelledError, GeneratorExit):
@@ -142,7 +145,7 @@ class PassThrough:
             # and the backend did nothing wrong (no mark against its health).
             self.client_left = True
             usage = usage or self._estimated(content_chunks, content_chars)
-            caller.calls.append(self.backend.record(usage, self.started))
+            caller.calls.append(self.backend.cut(usage, self.started, CLIENT_LEFT_MID_ANSWER))
             raise
         finally:
             await self.source.aclose()

@@ -903,7 +903,8 @@ def test_a_client_that_leaves_a_multi_sample_stream_stops_the_sampling(gw, mock)
     # the five cancelled calls had read the prompt: billed at its estimate, not at $0
     detail = httpx.get(f"{gw.url}/v1/ponder/requests/{latest['request_id']}").json()
     cancelled = detail["execution"]["calls"]
-    assert len(cancelled) == 5 and all(not c["ok"] and c["error"].startswith("cancelled") for c in cancelled)
+    assert len(cancelled) == 5 and all(not c["ok"] and c["error"].startswith("cut off: the client left")
+                                       for c in cancelled)
     assert latest["prompt_tokens"] == sum(c["prompt_tokens"] for c in cancelled) > 0 and latest["cost_usd"] > 0
 
 
@@ -1515,7 +1516,9 @@ def test_a_client_that_drops_a_stream_pays_for_what_was_streamed(keyed_stack):
             time.sleep(0.05)
         row, calls_made = detail.json()["request"], detail.json()["execution"]["calls"]
         assert row["status"] == 499 and row["prompt_tokens"] > 0 and row["completion_tokens"] >= 1, row
-        assert len(calls_made) == 1 and calls_made[0]["ok"]  # cut short by the client, not failed
+        # cut short by the client: marked so (not a complete call), but no mark against the backend (below)
+        assert len(calls_made) == 1 and not calls_made[0]["ok"], calls_made
+        assert calls_made[0]["error"] == "cut off: the client left mid-answer", calls_made
         assert row["cost_usd"] > 0 and row["cost_usd"] == pytest.approx(calls_made[0]["cost_usd"])
         rows.append(row)
     spend = httpx.get(gateway.url + "/v1/ponder/spend", headers=admin).json()

@@ -406,7 +406,7 @@ def test_calls_cut_by_the_deadline_soon_after_a_slot_freed_do_not_cool_the_backe
                     assert_openai_error(None, body)
             errors = [call["error"] for _, _, headers, _ in burst for call in httpx.get(
                 gateway.url + f"/v1/ponder/requests/{headers['x-ponder-request-id']}").json()["execution"]["calls"]]
-            assert "busy: request deadline reached" in errors, errors  # calls were cut after they got a slot
+            assert "cut off: busy: request deadline reached" in errors, errors  # calls were cut after they got a slot
 
 
 def test_a_client_that_leaves_while_queued_for_a_slot_is_billed_nothing(tmp_path):
