@@ -277,7 +277,7 @@ async def serve(request: Request, read: Callable[[dict[str, Any], int], Wire]) -
         wire = read(body, gw.config.max_n)
         req = wire.req
         plan = await gw.plan(req, request.headers, principal, id_prefix=wire.id_prefix)
-        reservation = await gw.reserve_budget(plan, req)
+        reservation = await gw.budgets.reserve(plan, req)
     except ApiError as exc:
         gw.metrics.refused(req.model if req is not None and req.model in gw.models() else "-", exc.status)
         if req is None:
@@ -323,7 +323,7 @@ async def settle(gw: Gateway, plan: Plan, caller: Caller, reservation: Any, *, s
         event = gw.record(plan, caller.calls, status=status, result=result, error=error, served=served)
         if reservation is not None:
             with contextlib.suppress(Exception):  # settling is bookkeeping: never fail the answer for it
-                await gw.settle_budget(reservation, event.cost_usd)
+                await gw.budgets.settle(reservation, event.cost_usd)
     finally:
         gw.unsettled.done()
 

@@ -106,10 +106,10 @@ def cost_estimate(gw: Any, policy: str):
 
 
 def key_budgets(gw: Any) -> dict[str, dict[str, float]]:
-    """key id -> period -> USD cap, exactly as `Gateway.reserve_budget` enforces them: the key's own
+    """key id -> period -> USD cap, exactly as `KeyBudgets.reserve` enforces them: the key's own
     caps, else the default policy's caps for keys."""
     principals = [principal_of(k) for k in gw.config.api_keys] or [ANONYMOUS]
-    return {p.key_id: gw.budget_limits(p) for p in principals}
+    return {p.key_id: gw.budgets.limits(p) for p in principals}
 
 
 # -- JSON endpoints ---------------------------------------------------------------------------------

@@ -67,7 +67,7 @@ async def run_arm(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> Strat
     return await runner(arm, body, ctx)
 
 
-# -- what a strategy sends (also what the budget holds for it: Gateway.worst_case_usd) -------------
+# -- what a strategy sends (also what the budget holds for it: cost_bounds.worst_case_usd) -----------
 
 # The output tokens a call is held to when neither the client (max_tokens) nor the backend
 # (max_output_tokens, declared or from litellm's map) bounds it; for a key with a budget the gateway
@@ -88,7 +88,7 @@ class OutputBound:
 
 
 def output_bound(backend: Backend, client_max: int | None, *, capped: bool) -> OutputBound:
-    """The one rule for how long a call's answer may be, as a budget holds it (Gateway.worst_case_usd)
+    """The one rule for how long a call's answer may be, as a budget holds it (cost_bounds.worst_case_usd)
     and as strategies send it (`StrategyContext.output_caps`). `capped`: the request's key has a
     budget, which must hold the request's true worst case.
 

@@ -58,7 +58,7 @@ def prompt_tokens_bound(messages: list, body: Mapping[str, Any] | None = None) -
     a token of a byte-level BPE (OpenAI's, Llama's, Qwen's) or of a SentencePiece vocabulary with byte
     fallback is at least one byte, so the text's UTF-8 bytes bound its tokens (4 characters a token is
     4x under for digits or base64, 5x for Chinese, 8x for emoji: CONTEXT_UNDERCOUNT), plus what a chat
-    template wraps each message in. What a budget holds (Gateway.worst_case_usd). An image or audio
+    template wraps each message in. What a budget holds (gateway.cost_bounds.worst_case_usd). An image or audio
     part counts nothing: its tokens depend on the provider and the image, which the gateway never fetches."""
     return _prompt_size(messages, body, _utf8_bytes) + TEMPLATE_TOKENS_PER_MESSAGE * len(messages)
 

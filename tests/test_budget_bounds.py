@@ -307,7 +307,7 @@ def test_a_limit_sent_leaves_the_prompt_its_room_in_the_context_window(stack, mo
     """vLLM refuses a request whose prompt plus max_tokens is over its window (--max-model-len); the
     request without the gateway's limit was served. A limit sent for a capped key is cut to the room
     the prompt leaves (its estimate with a quarter's slack and the reasoning instruction's)."""
-    from gateway.service import MIN_OUTPUT_LIMIT, PROMPT_ADDITIONS, PROMPT_UNDERCOUNT
+    from gateway.cost_bounds import MIN_OUTPUT_LIMIT, PROMPT_ADDITIONS, PROMPT_UNDERCOUNT
     from router.estimates import estimate_prompt_tokens
 
     messages = [{"role": "user", "content": "word " * 2000}]
@@ -336,3 +336,33 @@ def test_a_named_backends_cost_cap_prices_the_prompt_as_routed_requests_do(stack
                          json={"model": "m", "messages": [{"role": "user", "content": prompt}], "max_tokens": 1},
                          headers={"authorization": "Bearer sk-capped", "x-ponder-max-cost-usd": "0.001"})
     assert refused.status_code == 400 and refused.json()["error"]["code"] == "over_cost_limit"
+
+
+def test_the_hold_counts_the_prompts_of_the_arms_a_fallback_follows():
+    """A fallback answers after the arms before it failed, and an arm cut off mid-call (a timeout) is
+    billed its prompt: the hold is the most any arm can cost plus the prompts of the arms before it,
+    not only the costliest arm's worst case. An arm whose bound so counted is over what the key has
+    left is dropped."""
+    from gateway.backends import Backend
+    from gateway.cost_bounds import arms_within, plan_worst_case_usd, worst_case_usd
+    from gateway.schemas import parse_chat_request
+    from policies.backends import BackendSpec
+    from router.types import Arm, Decision
+
+    spec = {"input_per_mtok": 1000.0, "output_per_mtok": 0.0}  # the prompt is all a call costs
+    backends = {name: Backend(BackendSpec(name=name, model=f"openai/{name}", prices=spec), None)  # type: ignore[arg-type]
+                for name in ("a", "b", "c")}
+    req = parse_chat_request({"model": "auto", "messages": [{"role": "user", "content": "7" * 4000}],
+                              "max_tokens": 1}, max_n=16)
+    a, b, c = Arm("a", "single", None, 1), Arm("b", "self_consistency", None, 3), Arm("c", "single", None, 1)
+    one, vote = worst_case_usd(backends, a, req, capped=True), worst_case_usd(backends, b, req, capped=True)
+    assert vote > 2.5 * one > 0
+    decision = Decision(arm=a, fallbacks=(b, c))
+    # c answers after a and b were cut: a's prompt, b's three samples' prompts, and c
+    assert plan_worst_case_usd(backends, decision, req, None, capped=True) == pytest.approx(one + vote + one)
+    assert plan_worst_case_usd(backends, Decision(arm=c), req, None, capped=True) == pytest.approx(one)
+
+    kept = arms_within(backends, decision, req, None, budget_left_usd=one + vote + 0.5 * one)
+    assert (kept.arm, kept.fallbacks) == (a, (b,))  # c would cost more than is left once a and b were cut
+    assert any("fallbacks dropped: c/" in reason for reason in kept.reasons)
+    assert arms_within(backends, decision, req, None, budget_left_usd=2 * one + vote) is decision

@@ -437,26 +437,24 @@ def test_the_budget_hold_covers_what_the_gateway_adds_to_each_prompt() -> None:
     """The worst case held against a key counts the reasoning instruction each voted sample carries
     and the judge's rubric, question and answer: else one request spends several times its hold."""
     from gateway.backends import Backend
-    from gateway.config import GatewayConfig
+    from gateway.cost_bounds import worst_case_usd
     from gateway.prices import call_cost
     from gateway.schemas import parse_chat_request
-    from gateway.service import JUDGE_OUTPUT_TOKENS, Gateway
-    from gateway.strategies import StrategyContext, _sample_body
+    from gateway.strategies import JUDGE_OUTPUT_TOKENS, StrategyContext, _sample_body
     from policies.backends import BackendSpec
     from router import prompts
     from router.estimates import estimate_prompt_tokens
 
     spec = BackendSpec(name="m", model="openai/m", prices={"input_per_mtok": 1000, "output_per_mtok": 2000})
-    gw = Gateway(GatewayConfig(local_model={"enabled": False}))
-    gw.backends = {"m": Backend(spec, None)}  # type: ignore[arg-type]
+    backends = {"m": Backend(spec, None)}  # type: ignore[arg-type]
     messages = [{"role": "user", "content": "What is 3 + 4 ?"}]
     req = parse_chat_request({"model": "m", "messages": messages, "max_tokens": 2}, max_n=16)
     vote = Arm("m", "self_consistency", None, 3)
     ctx = StrategyContext(task="math", params={}, caller=ScriptedCaller(lambda b, c: "", reasoning=False))  # type: ignore[arg-type]
     sent = _sample_body(vote, req.body, ctx, cot=True)["messages"]
-    per_sample = call_cost(gw.backends["m"].prices, estimate_prompt_tokens(sent), 2)
-    assert gw.worst_case_usd(vote, req) >= 3 * per_sample > 3 * call_cost(gw.backends["m"].prices, 7, 2)
+    per_sample = call_cost(backends["m"].prices, estimate_prompt_tokens(sent), 2)
+    assert worst_case_usd(backends, vote, req) >= 3 * per_sample > 3 * call_cost(backends["m"].prices, 7, 2)
     judged = prompts.judge_messages(prompts.last_user_text(messages), "x" * 8)  # an answer of 2 tokens
-    judge_cost = call_cost(gw.backends["m"].prices, estimate_prompt_tokens(judged), JUDGE_OUTPUT_TOKENS)
+    judge_cost = call_cost(backends["m"].prices, estimate_prompt_tokens(judged), JUDGE_OUTPUT_TOKENS)
     best = Arm("m", "best_of_n", None, 3, verifier="m")
-    assert gw.worst_case_usd(best, req) >= 3 * (call_cost(gw.backends["m"].prices, 7, 2) + judge_cost)
+    assert worst_case_usd(backends, best, req) >= 3 * (call_cost(backends["m"].prices, 7, 2) + judge_cost)
