@@ -37,6 +37,8 @@ def stack(tmp_path_factory):
                          mock_backend("mock-o", mock, reasoning=True, efforts=["low", "medium", "high"]),
                          mock_backend("mock-think", mock, reasoning=True, effort_param="thinking_budget"),
                          mock_backend("mock-qwen", mock, reasoning=True, effort_param="enable_thinking"),
+                         # upstream model `o4-mini`: the mock refuses what OpenAI's reasoning models refuse
+                         mock_backend("o4-mini", mock, reasoning=True, efforts=["low", "medium", "high"]),
                          mock_backend("mock-small", mock, max_context=100)],
             "policy": policy(tmp),
             "max_body_bytes": 100_000,
@@ -559,6 +561,44 @@ def test_a_policy_can_keep_clients_off_its_backends(tmp_path):
             assert refused.value.code == "model_not_found" and "direct_backend" in refused.value.message
             assert calls(mock)["count"] == 0
             assert client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "x"}]).choices
+
+
+def test_a_vote_on_an_openai_reasoning_model_samples_at_its_only_temperature(client, mock):
+    """A vote draws its samples at a sampling temperature (0.7), which OpenAI's reasoning models
+    (o-series, gpt-5) refuse with a 400: every vote on them failed, for a knob the client never sent.
+    They sample at 1, so the samples differ all the same."""
+    control(mock, answers=["7", "7", "9"])
+    raw = client.chat.completions.with_raw_response.create(
+        model="o4-mini", messages=[{"role": "user", "content": "What is 3 + 4?"}], reasoning_effort="high",
+        extra_headers={"x-ponder-strategy": "self_consistency"})
+    assert raw.headers["x-ponder-arm"] == "o4-mini/high/self_consistency/5"
+    assert raw.parse().choices[0].message.content == "7"
+    bodies = calls(mock)["bodies"]
+    assert len(bodies) == 5 and not any("temperature" in body for body in bodies)
+    assert len({body["seed"] for body in bodies}) == 5  # still one draw each
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_openai_reasoning_models_get_the_clients_output_limit_by_the_name_they_take(client, mock, stream):
+    """An app written for chat models sends `max_tokens` and a `temperature`; OpenAI's reasoning models
+    refuse both (a 400 naming a knob the app did not choose this model for, when it was routed there).
+    The limit is sent as `max_completion_tokens`, the sampling knobs they refuse are left out."""
+    response = client.chat.completions.create(
+        model="o4-mini", messages=[{"role": "user", "content": "x"}], max_tokens=50, temperature=0.2, top_p=0.5,
+        presence_penalty=0.1, stop=["END"], stream=stream)
+    assert (list(response)[0].choices if stream else response.choices)
+    body = calls(mock)["bodies"][-1]
+    assert body["max_completion_tokens"] == 50 and body["stop"] == ["END"]
+    assert not {"max_tokens", "temperature", "top_p", "presence_penalty"} & set(body)
+    # both limits: the one the budget held (max_completion_tokens) is the one sent
+    client.chat.completions.create(model="o4-mini", messages=[{"role": "user", "content": "x"}], max_tokens=500,
+                                   max_completion_tokens=40)
+    body = calls(mock)["bodies"][-1]
+    assert body["max_completion_tokens"] == 40 and "max_tokens" not in body
+    # a chat model on the same API gets them as sent
+    client.chat.completions.create(model="mock-a", messages=[{"role": "user", "content": "x"}], max_tokens=50,
+                                   temperature=0.2)
+    assert {"max_tokens": 50, "temperature": 0.2}.items() <= calls(mock)["bodies"][-1].items()
 
 
 def test_a_routed_request_sends_its_arms_effort_not_the_clients(tmp_path):
