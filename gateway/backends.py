@@ -36,6 +36,8 @@ REQUEST_ERRORS = frozenset({400, 404, 413, 422})
 # Sampling knobs, and the old name of the output limit, that OpenAI's reasoning models (o-series, gpt-5)
 # refuse with a 400 or take under another name: what litellm maps for them is sent (Backend._fit_openai_reasoning)
 OPENAI_REASONING_KNOBS = ("max_tokens", "temperature", "top_p", "presence_penalty", "frequency_penalty")
+# What a client asks to get back in the answer, by the litellm parameters that carry it to a provider
+ANSWER_PARAMS = {"logprobs": ("logprobs",), "audio": ("audio", "modalities")}
 # One streamed event, at most: a chunk with a whole long answer in it (1 MB of text, JSON-escaped) fits;
 # a stream that never ends its event does not hold the gateway's memory.
 MAX_EVENT_BYTES = 16 * 1024 * 1024
@@ -212,6 +214,7 @@ class Backend:
         # which knobs is applied on the fast path too (litellm applies it on its own path)
         self.openai_reasoning = self.fast_path and provider == "openai" and bool(self.spec.reasoning)
         self._reasoning_config: Any = None
+        self._supported_params: frozenset[str] | None = None  # litellm's list for the provider, once needed
         # Built once: aiohttp timeouts are immutable, and per-call construction shows on the hot path.
         self._timeout = aiohttp.ClientTimeout(total=self.spec.timeout_s, sock_connect=self.spec.connect_timeout_s)
         # A stream has no whole-call limit: a long answer that keeps flowing is not cut at timeout_s
@@ -348,9 +351,32 @@ class Backend:
 
     def _litellm_params(self, body: dict[str, Any], leave_out: tuple[str, ...]) -> dict[str, Any]:
         params = {k: v for k, v in body.items() if k not in leave_out}
+        self._refuse_what_would_be_dropped(params)
         if self.claude:
             params = fit_claude_thinking(params, self._claude_thinking(params))
         return params
+
+    def _refuse_what_would_be_dropped(self, params: dict[str, Any]) -> None:
+        """litellm drops a parameter the provider does not have (`drop_params`: a sampling knob one
+        provider lacks must not fail the call), but an answer asked for logprobs or audio would come
+        back without them, and without a word: refused instead, with OpenAI's code for it, before
+        any call (Claude, Mistral and Bedrock give no logprobs, and speak no audio)."""
+        asked = {"logprobs": params.get("logprobs") or params.get("top_logprobs"),
+                 "audio": params.get("audio") or "audio" in (params.get("modalities") or ())}
+        if not any(asked.values()):
+            return
+        if self._supported_params is None:
+            provider = self.spec.model.partition("/")[0]
+            supported = _litellm().get_supported_openai_params(model=self.upstream_model, custom_llm_provider=provider)
+            # a provider litellm has no list for: the upstream is sent what it is asked, and answers for it
+            self._supported_params = frozenset(supported if supported is not None else
+                                               (p for names in ANSWER_PARAMS.values() for p in names))
+        for name, wanted in asked.items():
+            # what litellm sends the provider for it: `logprobs`; `audio` or output `modalities`
+            if wanted and self._supported_params.isdisjoint(ANSWER_PARAMS[name]):
+                raise UpstreamError(self.name, 400, f"{self.name} ({self.spec.model}) cannot give {name}, which the "
+                                                    f"request asks for: leave '{name}' out, or ask a backend that can.",
+                                    retryable=False, code="unsupported_parameter", param=name)
 
     def _claude_thinking(self, params: dict[str, Any]) -> dict[str, Any] | None:
         """The thinking a call to Claude turns on: its own `thinking` block, else what litellm makes of
