@@ -446,10 +446,12 @@ def test_a_retried_attempt_is_a_call_not_a_sample(client, mock):
 @pytest.mark.parametrize("structured", [
     {"tools": [{"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {}}}}]},
     {"response_format": {"type": "json_object"}},
+    {"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}},
 ])
 def test_tools_and_json_mode_are_answered_by_one_plain_call(client, mock, model, structured):
     """Voting five samples of a tool call, or reasoning text in JSON mode, would break the answer: such
-    a request gets one untouched call even when the client asks for self-consistency."""
+    a request gets one untouched call even when the client asks for self-consistency. So does a spoken
+    answer (its `content` is null: a vote counted five empty answers as unanimous, five audio answers billed)."""
     raw = client.chat.completions.with_raw_response.create(
         model=model, messages=[{"role": "user", "content": "What is 3 + 4?"}],
         extra_headers={"x-ponder-strategy": "self_consistency"}, **structured)
