@@ -30,6 +30,7 @@ reasoning tokens counted in), with finish_reason `length`, as a real upstream cu
 A request for one of OpenAI's reasoning models (`model` o1, o3, o4-mini, gpt-5, gpt-5-mini, ...) is refused
 as OpenAI refuses it, with its 400: `max_tokens` (`unsupported_parameter`), a `temperature` or `top_p`
 other than 1 (`unsupported_value`), `presence_penalty` or `frequency_penalty` (`unsupported_parameter`).
+One for its chat models (`gpt-4o`, `gpt-4.1-mini`, ...) is refused a `verbosity` other than `medium`.
 """
 
 from __future__ import annotations
@@ -104,7 +105,12 @@ OPENAI_REASONING_MODEL = re.compile(r"^(o\d+(-mini|-pro)?|gpt-5(\.\d+)?(-mini|-n
 
 
 def reasoning_model_refusal(body: dict) -> dict | None:
-    """What OpenAI's reasoning models refuse of a chat request, as its 400's error object, or None."""
+    """What OpenAI's reasoning models (and its chat models) refuse of a chat request, as its 400's error
+    object, or None."""
+    if str(body.get("model")).startswith("gpt-4") and body.get("verbosity") not in (None, "medium"):
+        return {"message": f"Unsupported value: 'verbosity' does not support '{body['verbosity']}' with this model. "
+                           "Supported values are: 'medium'.", "type": "invalid_request_error", "param": "verbosity",
+                "code": "unsupported_value"}
     if not OPENAI_REASONING_MODEL.match(str(body.get("model"))):
         return None
     if "max_tokens" in body:

@@ -39,6 +39,7 @@ def stack(tmp_path_factory):
                          mock_backend("mock-qwen", mock, reasoning=True, effort_param="enable_thinking"),
                          # upstream model `o4-mini`: the mock refuses what OpenAI's reasoning models refuse
                          mock_backend("o4-mini", mock, reasoning=True, efforts=["low", "medium", "high"]),
+                         mock_backend("gpt-4.1-mini", mock),  # and what its chat models refuse
                          mock_backend("mock-small", mock, max_context=100)],
             "policy": policy(tmp),
             "max_body_bytes": 100_000,
@@ -147,6 +148,17 @@ def test_a_clients_reasoning_effort_is_translated_for_the_backend(client, mock, 
     body = calls(mock)["bodies"][-1]
     assert {k: body[k] for k in ("reasoning_effort", "thinking", "chat_template_kwargs") if k in body} == sent
     assert raw.headers["x-ponder-arm"] == f"{model}/{arm_effort}/single/1"  # what was sent, not what was asked
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_verbosity_reaches_only_the_models_that_take_it(client, mock, stream):
+    """`verbosity` is gpt-5's knob, as `reasoning_effort` is: an app written for gpt-5 that sends it
+    got a 400 from OpenAI's chat models (any value but `medium`), also where the policy routed it there."""
+    for model, kept in (("gpt-4.1-mini", False), ("o4-mini", True)):
+        response = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}],
+                                                  verbosity="low", stream=stream)
+        assert (list(response)[0].choices if stream else response.choices)
+        assert ("verbosity" in calls(mock)["bodies"][-1]) is kept
 
 
 def test_a_backend_called_through_litellm(client, mock):
