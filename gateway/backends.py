@@ -33,6 +33,8 @@ FAST_PATH_PROVIDERS = {"openai", "hosted_vllm", "llamacpp", "lm_studio"}
 # Upstream statuses that are about the request itself: passed on to the client as they are, never
 # retried, and no mark against the backend's health.
 REQUEST_ERRORS = frozenset({400, 404, 413, 422})
+# OpenAI's codes for a parameter (or value) the model does not take: another backend's may take it
+MODEL_REFUSALS = frozenset({"unsupported_parameter", "unsupported_value"})
 # Sampling knobs, and the old name of the output limit, that OpenAI's reasoning models (o-series, gpt-5)
 # refuse with a 400 or take under another name: what litellm maps for them is sent (Backend._fit_openai_reasoning)
 OPENAI_REASONING_KNOBS = ("max_tokens", "temperature", "top_p", "presence_penalty", "frequency_penalty")
@@ -94,7 +96,14 @@ class UpstreamError(Exception):
     def about_request(self) -> bool:
         """The upstream refused the request itself (400, 404, 413, 422): every backend would refuse it
         alike, so no fallback arm is sent it. Other failures a call is not retried for (a 401 for the
-        backend's key) are the backend's, and another backend may serve."""
+        backend's key) are the backend's, and another backend may serve; so may a 400 for a parameter
+        this model does not take (`logprobs` of a reasoning model, of Claude), which another takes."""
+        return self.refuses_body and self.code not in MODEL_REFUSALS
+
+    @property
+    def refuses_body(self) -> bool:
+        """The upstream refused what it was sent (a 4xx about the request or a parameter of it): every
+        call of that body to this backend would fail alike, so none is made again."""
         return self.status in REQUEST_ERRORS
 
 

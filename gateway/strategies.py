@@ -243,7 +243,7 @@ async def _gather_samples(arm: Arm, body: dict[str, Any], ctx: StrategyContext, 
                 # them never reached max n, and called the upstream until the deadline
                 return response if response.get("choices") else None
             except UpstreamError as exc:
-                if not exc.about_request:
+                if not exc.refuses_body:
                     ctx.last_sample_error = exc
                     return None
                 fatal.append(exc)  # about the request, not this sample: every sample would fail alike

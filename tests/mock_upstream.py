@@ -29,7 +29,7 @@ reasoning tokens counted in), with finish_reason `length`, as a real upstream cu
 
 A request for one of OpenAI's reasoning models (`model` o1, o3, o4-mini, gpt-5, gpt-5-mini, ...) is refused
 as OpenAI refuses it, with its 400: `max_tokens` (`unsupported_parameter`), a `temperature` or `top_p`
-other than 1 (`unsupported_value`), `presence_penalty` or `frequency_penalty` (`unsupported_parameter`).
+other than 1 (`unsupported_value`), `presence_penalty`, `frequency_penalty` or `logprobs` (`unsupported_parameter`).
 One for its chat models (`gpt-4o`, `gpt-4.1-mini`, ...) is refused a `verbosity` other than `medium`.
 """
 
@@ -122,7 +122,7 @@ def reasoning_model_refusal(body: dict) -> dict | None:
             return {"message": f"Unsupported value: '{knob}' does not support {body[knob]} with this model. Only "
                                "the default (1) value is supported.", "type": "invalid_request_error",
                     "param": knob, "code": "unsupported_value"}
-    for knob in ("presence_penalty", "frequency_penalty"):
+    for knob in ("presence_penalty", "frequency_penalty", "logprobs"):
         if knob in body:
             return {"message": f"Unsupported parameter: '{knob}' is not supported with this model.",
                     "type": "invalid_request_error", "param": knob, "code": "unsupported_parameter"}

@@ -615,6 +615,38 @@ def test_openai_reasoning_models_get_the_clients_output_limit_by_the_name_they_t
     assert {"max_tokens": 50, "temperature": 0.2}.items() <= calls(mock)["bodies"][-1].items()
 
 
+def test_a_parameter_the_chosen_model_does_not_take_goes_to_the_next_arm(tmp_path):
+    """OpenAI's reasoning models refuse `logprobs` (400 `unsupported_parameter`): a routed request
+    asking for them got that 400 whenever the policy chose such an arm, as if no model could answer
+    it (a 400 was never sent to a fallback). Another model may take the parameter: the next arm
+    answers. A request naming that backend gets its 400, as OpenAI answers it."""
+    path = write_policy(tmp_path, {"name": "mixed", "exploration": {"share": 0.0},
+                                   "arms": {"think": {"backend": "o4-mini", "effort": "high", "prior": 0.95},
+                                            "plain": {"backend": "mock-a", "prior": 0.3}},
+                                   "routes": [{"name": "all", "candidates": ["think", "plain"]}]}, "mixed.yaml")
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("o4-mini", mock, reasoning=True, efforts=["high"]), mock_backend("mock-a", mock)],
+            "policy": path}, name="mixed")) as gateway:
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+        messages = [{"role": "user", "content": "x"}]
+        assert client.chat.completions.with_raw_response.create(
+            model="auto", messages=messages).headers["x-ponder-arm"] == "o4-mini/high/single/1"
+        for stream in (False, True):
+            raw = client.chat.completions.with_raw_response.create(model="auto", messages=messages, logprobs=True,
+                                                                   stream=stream)
+            assert raw.headers["x-ponder-arm"] == "mock-a/-/single/1"
+            answer = raw.parse()
+            if stream:
+                assert "".join(c.choices[0].delta.content or "" for c in answer if c.choices)
+            else:
+                assert answer.choices[0].logprobs.content  # the mock's streams carry none
+            assert [(b["model"], b["logprobs"]) for b in calls(mock)["bodies"][-2:]] == [("o4-mini", True),
+                                                                                       ("mock-a", True)]
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model="o4-mini", messages=messages, logprobs=True)
+        assert (refused.value.code, refused.value.param) == ("unsupported_parameter", "logprobs")
+
+
 def test_a_routed_request_sends_its_arms_effort_not_the_clients(tmp_path):
     """A policy that does not let clients pick the effort (overrides.reasoning_effort: false) routes to
     an arm that sends none: the client's `reasoning_effort: high` must not reach the reasoning model
