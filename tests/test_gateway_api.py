@@ -267,6 +267,22 @@ def test_a_synthesized_stream_keeps_what_the_answer_carries(client, mock):
         assert tokens == [t.token for t in choice.logprobs.content] == choice.message.content.split()
 
 
+@pytest.mark.parametrize("model", ["mock-a", "auto"])
+def test_a_synthesized_stream_keeps_a_search_answers_citations(client, mock, model):
+    """A search model's answer (`web_search_options`) carries its citations in `annotations`, which a
+    vote (the strategy header on `auto`) or n > 1 streamed as chunks without: the links were lost."""
+    citation = {"type": "url_citation", "url_citation": {"start_index": 0, "end_index": 5, "url": "https://x.org",
+                                                          "title": "X"}}
+    control(mock, answers=[{"content": "Paris is the capital.", "annotations": [citation]}])
+    chunks = list(client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "The capital of France?"}], web_search_options={},
+        stream=True, extra_headers={"x-ponder-strategy": "self_consistency"}, **({"n": 2} if model == "mock-a" else {})))
+    # the SDK's delta type has no `annotations` field yet: it keeps them as an extra
+    streamed = [choice.delta.model_extra.get("annotations") for chunk in chunks for choice in chunk.choices
+                if choice.delta.content]
+    assert streamed and all(annotations == [citation] for annotations in streamed)
+
+
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
 
