@@ -25,7 +25,7 @@ from router.types import TASK_TYPES, Arm, ArmStats
 
 # Knobs a strategy reads from the policy's arm parameters, with their defaults.
 DEFAULT_PARAMS: dict[str, Any] = {
-    "temperature": 0.7,  # sampling temperature for multi-sample strategies when the client set none
+    "temperature": 0.7,  # sampling temperature for multi-sample strategies when the client set none (or 0)
     "confidence": 0.8,  # adaptive consistency: stop when P(leader is the majority) >= this
     "wave": 4,  # adaptive consistency: at most this many samples per wave
     "max_concurrency": 8,  # parallel calls per request
