@@ -33,6 +33,13 @@ FAST_PATH_PROVIDERS = {"openai", "hosted_vllm", "llamacpp", "lm_studio"}
 # Upstream statuses that are about the request itself: passed on to the client as they are, never
 # retried, and no mark against the backend's health.
 REQUEST_ERRORS = frozenset({400, 404, 413, 422})
+# OpenAI's codes for a parameter (or value) the model does not take: another backend's may take it
+MODEL_REFUSALS = frozenset({"unsupported_parameter", "unsupported_value"})
+# Sampling knobs, and the old name of the output limit, that OpenAI's reasoning models (o-series, gpt-5)
+# refuse with a 400 or take under another name: what litellm maps for them is sent (Backend._fit_openai_reasoning)
+OPENAI_REASONING_KNOBS = ("max_tokens", "temperature", "top_p", "presence_penalty", "frequency_penalty")
+# What a client asks to get back in the answer, by the litellm parameters that carry it to a provider
+ANSWER_PARAMS = {"logprobs": ("logprobs",), "audio": ("audio", "modalities")}
 # One streamed event, at most: a chunk with a whole long answer in it (1 MB of text, JSON-escaped) fits;
 # a stream that never ends its event does not hold the gateway's memory.
 MAX_EVENT_BYTES = 16 * 1024 * 1024
@@ -95,7 +102,14 @@ class UpstreamError(Exception):
     def about_request(self) -> bool:
         """The upstream refused the request itself (400, 404, 413, 422): every backend would refuse it
         alike, so no fallback arm is sent it. Other failures a call is not retried for (a 401 for the
-        backend's key) are the backend's, and another backend may serve."""
+        backend's key) are the backend's, and another backend may serve; so may a 400 for a parameter
+        this model does not take (`logprobs` of a reasoning model, of Claude), which another takes."""
+        return self.refuses_body and self.code not in MODEL_REFUSALS
+
+    @property
+    def refuses_body(self) -> bool:
+        """The upstream refused what it was sent (a 4xx about the request or a parameter of it): every
+        call of that body to this backend would fail alike, so none is made again."""
         return self.status in REQUEST_ERRORS
 
 
@@ -219,6 +233,11 @@ class Backend:
         self.semaphore = asyncio.Semaphore(self.spec.max_concurrency)
         self.basic_messages = self.spec.message_format == "basic"
         self.claude = is_claude_api(self.spec) and not self.fast_path
+        # OpenAI's API called directly for a reasoning model: litellm's knowledge of which of them refuse
+        # which knobs is applied on the fast path too (litellm applies it on its own path)
+        self.openai_reasoning = self.fast_path and provider == "openai" and bool(self.spec.reasoning)
+        self._reasoning_config: Any = None
+        self._supported_params: frozenset[str] | None = None  # litellm's list for the provider, once needed
         # Built once: aiohttp timeouts are immutable, and per-call construction shows on the hot path.
         self._timeout = aiohttp.ClientTimeout(total=self.spec.timeout_s, sock_connect=self.spec.connect_timeout_s)
         # A stream has no whole-call limit: a long answer that keeps flowing is not cut at timeout_s
@@ -261,8 +280,15 @@ class Backend:
     def _payload(self, body: dict[str, Any]) -> dict[str, Any]:
         return {**body, "model": self.upstream_model}
 
+    @property
+    def needs_litellm(self) -> bool:
+        """Whether its calls use litellm (imported at startup, not by the first call: Gateway.start)."""
+        return not self.fast_path or self.openai_reasoning
+
     def _adapt(self, body: dict[str, Any]) -> dict[str, Any]:
         """The body as this upstream can take it (see BackendSpec.message_format)."""
+        if self.openai_reasoning:
+            body = self._fit_openai_reasoning(body)
         if not self.basic_messages:
             return body
         if any(_needs_basic(m) for m in body["messages"]):
@@ -277,6 +303,30 @@ class Backend:
             schema = (response_format.get("json_schema") or {}).get("schema")
             body = {**body, "response_format": {"type": "json_object", **({"schema": schema} if schema else {})}}
         return body
+
+    def _fit_openai_reasoning(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The body as OpenAI's reasoning models take it (the input is not modified): `max_tokens` sent
+        as `max_completion_tokens`, and a temperature, top_p or penalty they refuse (every level but
+        the default, 1; gpt-5.1 takes them at effort `none`) left out, as litellm maps them. A vote's
+        sampling temperature, a routed client's own `max_tokens` or `temperature`: a 400 for a knob
+        the request never chose this model for. Other fields pass as sent (a `logprobs` they do not
+        give is refused upstream, not dropped)."""
+        knobs = {key: body[key] for key in OPENAI_REASONING_KNOBS if key in body}
+        if not knobs:
+            return body
+        if "max_completion_tokens" in body:  # the limit the budget held (ChatRequest.max_output_tokens)
+            knobs.pop("max_tokens", None)
+        if self._reasoning_config is None:
+            litellm = _litellm()
+            self._reasoning_config = litellm.utils.ProviderConfigManager.get_provider_chat_config(
+                self.upstream_model, litellm.types.utils.LlmProviders.OPENAI)
+        if not isinstance(self._reasoning_config, (_litellm().OpenAIOSeriesConfig, _litellm().OpenAIGPT5Config)):
+            return body  # not one of OpenAI's reasoning models (a self-hosted one under `openai/`)
+        effort = {"reasoning_effort": body["reasoning_effort"]} if "reasoning_effort" in body else {}
+        mapped = self._reasoning_config.map_openai_params(knobs, dict(effort), self.upstream_model, drop_params=True)
+        fitted = {key: value for key, value in body.items() if key not in OPENAI_REASONING_KNOBS}
+        fitted.update({key: value for key, value in mapped.items() if key != "reasoning_effort"})
+        return fitted
 
     # -- non-streaming ----------------------------------------------------------------------
     async def complete(self, body: dict[str, Any],
@@ -335,9 +385,32 @@ class Backend:
 
     def _litellm_params(self, body: dict[str, Any], leave_out: tuple[str, ...]) -> dict[str, Any]:
         params = {k: v for k, v in body.items() if k not in leave_out}
+        self._refuse_what_would_be_dropped(params)
         if self.claude:
             params = fit_claude_thinking(params, self._claude_thinking(params))
         return params
+
+    def _refuse_what_would_be_dropped(self, params: dict[str, Any]) -> None:
+        """litellm drops a parameter the provider does not have (`drop_params`: a sampling knob one
+        provider lacks must not fail the call), but an answer asked for logprobs or audio would come
+        back without them, and without a word: refused instead, with OpenAI's code for it, before
+        any call (Claude, Mistral and Bedrock give no logprobs, and speak no audio)."""
+        asked = {"logprobs": params.get("logprobs") or params.get("top_logprobs"),
+                 "audio": params.get("audio") or "audio" in (params.get("modalities") or ())}
+        if not any(asked.values()):
+            return
+        if self._supported_params is None:
+            provider = self.spec.model.partition("/")[0]
+            supported = _litellm().get_supported_openai_params(model=self.upstream_model, custom_llm_provider=provider)
+            # a provider litellm has no list for: the upstream is sent what it is asked, and answers for it
+            self._supported_params = frozenset(supported if supported is not None else
+                                               (p for names in ANSWER_PARAMS.values() for p in names))
+        for name, wanted in asked.items():
+            # what litellm sends the provider for it: `logprobs`; `audio` or output `modalities`
+            if wanted and self._supported_params.isdisjoint(ANSWER_PARAMS[name]):
+                raise UpstreamError(self.name, 400, f"{self.name} ({self.spec.model}) cannot give {name}, which the "
+                                                    f"request asks for: leave '{name}' out, or ask a backend that can.",
+                                    retryable=False, code="unsupported_parameter", param=name)
 
     def _claude_thinking(self, params: dict[str, Any]) -> dict[str, Any] | None:
         """The thinking a call to Claude turns on: its own `thinking` block, else what litellm makes of

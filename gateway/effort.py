@@ -53,9 +53,11 @@ def apply_effort(body: dict[str, Any], spec: BackendSpec, effort: str | None) ->
     What is sent is the arm's effort, never the client's own `reasoning_effort` as it came: that was
     a routing hint, which the policy may not honour (then the arm has another effort, or none), and
     which the arm of a request naming a backend carries, translated for it (`x-ponder-arm` names the
-    effort sent)."""
-    if "reasoning_effort" in body:
-        body = {k: v for k, v in body.items() if k != "reasoning_effort"}
+    effort sent). `verbosity`, the other knob of OpenAI's reasoning models (gpt-5), reaches only a
+    backend that takes `reasoning_effort`: OpenAI's chat models refuse any but `medium` with a 400."""
+    if "reasoning_effort" in body or ("verbosity" in body and not takes_reasoning_effort(spec)):
+        body = {k: v for k, v in body.items()
+                if k != "reasoning_effort" and (k != "verbosity" or takes_reasoning_effort(spec))}
     effort = effective_effort(spec, effort)
     if effort is None:
         return body

@@ -101,6 +101,11 @@ class ChatRequest:
             return f"response_format {response_format.get('type')}"
         if body.get("logprobs"):
             return "logprobs"
+        modalities = body.get("modalities")
+        if isinstance(modalities, list) and "audio" in modalities:
+            # a spoken answer's text is its audio's transcript, not `content` (null): a vote counted
+            # every sample as the same empty answer, and the reasoning instruction was spoken
+            return "audio output"
         return None
 
 

@@ -212,7 +212,7 @@ class Gateway:
         """litellm takes seconds to import, all of them with the event loop blocked: imported by the first
         call that needs it, it froze every request in flight, and that call's first-byte timeout ran out
         (a 504, and its backend cooled down). Imported now in a thread, before any call needs it."""
-        if any(not backend.fast_path for backend in self.backends.values()):
+        if any(backend.needs_litellm for backend in self.backends.values()):
             await asyncio.to_thread(import_litellm)
 
     async def close(self) -> None:

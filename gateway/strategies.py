@@ -25,7 +25,7 @@ from router.types import TASK_TYPES, Arm, ArmStats
 
 # Knobs a strategy reads from the policy's arm parameters, with their defaults.
 DEFAULT_PARAMS: dict[str, Any] = {
-    "temperature": 0.7,  # sampling temperature for multi-sample strategies when the client set none
+    "temperature": 0.7,  # sampling temperature for multi-sample strategies when the client set none (or 0)
     "confidence": 0.8,  # adaptive consistency: stop when P(leader is the majority) >= this
     "wave": 4,  # adaptive consistency: at most this many samples per wave
     "max_concurrency": 8,  # parallel calls per request
@@ -243,7 +243,7 @@ async def _gather_samples(arm: Arm, body: dict[str, Any], ctx: StrategyContext, 
                 # them never reached max n, and called the upstream until the deadline
                 return response if response.get("choices") else None
             except UpstreamError as exc:
-                if not exc.about_request:
+                if not exc.refuses_body:
                     ctx.last_sample_error = exc
                     return None
                 fatal.append(exc)  # about the request, not this sample: every sample would fail alike

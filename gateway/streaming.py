@@ -337,7 +337,9 @@ def completion_to_chunks(response: dict[str, Any], *, include_usage: bool) -> li
         index = choice.get("index", 0)
         # null content stays null (a tool call's, a refusal's), as OpenAI streams it and as the JSON answer has it
         delta: dict[str, Any] = {"role": "assistant", "content": message.get("content")}
-        for extra in ("refusal", *REASONING_FIELDS, "function_call"):  # what the answer says besides its content
+        # what the answer says besides its content: a search model's citations (`web_search_options`) and a
+        # spoken answer's audio come in deltas too, as OpenAI streams them
+        for extra in ("refusal", *REASONING_FIELDS, "function_call", "annotations", "audio"):
             if message.get(extra):
                 delta[extra] = message[extra]
         if message.get("tool_calls"):

@@ -26,12 +26,18 @@ its tool calls stream as OpenAI streams them (the call's id, type and name with 
 the arguments in pieces of a few characters, under the call's index) and finish with "tool_calls".
 A text answer longer than the request's `max_tokens` / `max_completion_tokens` is cut there (its
 reasoning tokens counted in), with finish_reason `length`, as a real upstream cuts it.
+
+A request for one of OpenAI's reasoning models (`model` o1, o3, o4-mini, gpt-5, gpt-5-mini, ...) is refused
+as OpenAI refuses it, with its 400: `max_tokens` (`unsupported_parameter`), a `temperature` or `top_p`
+other than 1 (`unsupported_value`), `presence_penalty`, `frequency_penalty` or `logprobs` (`unsupported_parameter`).
+One for its chat models (`gpt-4o`, `gpt-4.1-mini`, ...) is refused a `verbosity` other than `medium`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+import re
 import time
 
 import orjson
@@ -94,6 +100,35 @@ def prompt_tokens(body: dict) -> int:
     return total
 
 
+# OpenAI's reasoning models, by name: the o-series and the gpt-5 family (not gpt-5-chat, which samples)
+OPENAI_REASONING_MODEL = re.compile(r"^(o\d+(-mini|-pro)?|gpt-5(\.\d+)?(-mini|-nano|-pro)?)(-\d{4}-\d{2}-\d{2})?$")
+
+
+def reasoning_model_refusal(body: dict) -> dict | None:
+    """What OpenAI's reasoning models (and its chat models) refuse of a chat request, as its 400's error
+    object, or None."""
+    if str(body.get("model")).startswith("gpt-4") and body.get("verbosity") not in (None, "medium"):
+        return {"message": f"Unsupported value: 'verbosity' does not support '{body['verbosity']}' with this model. "
+                           "Supported values are: 'medium'.", "type": "invalid_request_error", "param": "verbosity",
+                "code": "unsupported_value"}
+    if not OPENAI_REASONING_MODEL.match(str(body.get("model"))):
+        return None
+    if "max_tokens" in body:
+        return {"message": "Unsupported parameter: 'max_tokens' is not supported with this model. Use "
+                           "'max_completion_tokens' instead.", "type": "invalid_request_error", "param": "max_tokens",
+                "code": "unsupported_parameter"}
+    for knob in ("temperature", "top_p"):
+        if body.get(knob) not in (None, 1):
+            return {"message": f"Unsupported value: '{knob}' does not support {body[knob]} with this model. Only "
+                               "the default (1) value is supported.", "type": "invalid_request_error",
+                    "param": knob, "code": "unsupported_value"}
+    for knob in ("presence_penalty", "frequency_penalty", "logprobs"):
+        if knob in body:
+            return {"message": f"Unsupported parameter: '{knob}' is not supported with this model.",
+                    "type": "invalid_request_error", "param": knob, "code": "unsupported_parameter"}
+    return None
+
+
 def pick_answer(body: dict, index: int) -> str:
     answers = STATE["answers"]
     if body.get("seed") is not None:
@@ -114,6 +149,8 @@ async def chat(request: web.Request) -> web.StreamResponse:
     raw = await request.read()
     body = orjson.loads(raw)
     record(STATE, bodies=body, raw_bodies=raw.decode())
+    if (refusal := reasoning_model_refusal(body)) is not None:
+        return web.json_response({"error": refusal}, status=400)
     behaviour = next_behaviour()
     if STATE["delay_ms"]:
         await asyncio.sleep(STATE["delay_ms"] / 1000)

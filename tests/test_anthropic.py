@@ -196,3 +196,23 @@ def test_an_image_url_litellm_cannot_fetch_stays_out_of_the_log(stack, client, m
     assert url in refused.value.message
     time.sleep(0.3)
     assert f"zebra-quartz-{stream}" not in gateway.log()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(("asked", "param"), [({"logprobs": True, "top_logprobs": 2}, "logprobs"),
+                                              ({"modalities": ["text", "audio"],
+                                                "audio": {"voice": "alloy", "format": "wav"}}, "audio")])
+def test_logprobs_or_audio_claude_cannot_give_are_refused_not_dropped(client, mock, stream, asked, param):
+    """litellm drops what Anthropic's API does not have: an app that asked for logprobs (or a spoken
+    answer) got a 200 without them, and without a word (`choice.logprobs` None, its code's crash).
+    Refused with OpenAI's code instead, naming the parameter, before any call."""
+    with pytest.raises(openai.BadRequestError) as refused:
+        response = client.chat.completions.create(model="sonnet", messages=[{"role": "user", "content": "x"}],
+                                                  stream=stream, **asked)
+        list(response) if stream else None
+    assert (refused.value.code, refused.value.param) == ("unsupported_parameter", param)
+    assert "sonnet (anthropic/claude-sonnet-4-5) cannot give" in refused.value.message
+    assert sent(mock) == []
+    # what Claude can do is sent as before: stop sequences become Anthropic's
+    client.chat.completions.create(model="sonnet", messages=[{"role": "user", "content": "x"}], stop=["END"])
+    assert sent(mock)[-1]["stop_sequences"] == ["END"]

@@ -37,6 +37,9 @@ def stack(tmp_path_factory):
                          mock_backend("mock-o", mock, reasoning=True, efforts=["low", "medium", "high"]),
                          mock_backend("mock-think", mock, reasoning=True, effort_param="thinking_budget"),
                          mock_backend("mock-qwen", mock, reasoning=True, effort_param="enable_thinking"),
+                         # upstream model `o4-mini`: the mock refuses what OpenAI's reasoning models refuse
+                         mock_backend("o4-mini", mock, reasoning=True, efforts=["low", "medium", "high"]),
+                         mock_backend("gpt-4.1-mini", mock),  # and what its chat models refuse
                          mock_backend("mock-small", mock, max_context=100)],
             "policy": policy(tmp),
             "max_body_bytes": 100_000,
@@ -147,6 +150,17 @@ def test_a_clients_reasoning_effort_is_translated_for_the_backend(client, mock, 
     assert raw.headers["x-ponder-arm"] == f"{model}/{arm_effort}/single/1"  # what was sent, not what was asked
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_verbosity_reaches_only_the_models_that_take_it(client, mock, stream):
+    """`verbosity` is gpt-5's knob, as `reasoning_effort` is: an app written for gpt-5 that sends it
+    got a 400 from OpenAI's chat models (any value but `medium`), also where the policy routed it there."""
+    for model, kept in (("gpt-4.1-mini", False), ("o4-mini", True)):
+        response = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}],
+                                                  verbosity="low", stream=stream)
+        assert (list(response)[0].choices if stream else response.choices)
+        assert ("verbosity" in calls(mock)["bodies"][-1]) is kept
+
+
 def test_a_backend_called_through_litellm(client, mock):
     """Providers without an OpenAI-compatible endpoint go through litellm: the same answer, usage,
     price, streaming and error mapping as the fast path (here litellm's OpenAI client against the mock)."""
@@ -251,6 +265,22 @@ def test_a_synthesized_stream_keeps_what_the_answer_carries(client, mock):
         streamed = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == choice.index]
         tokens = [t.token for s in streamed if s.logprobs for t in s.logprobs.content]
         assert tokens == [t.token for t in choice.logprobs.content] == choice.message.content.split()
+
+
+@pytest.mark.parametrize("model", ["mock-a", "auto"])
+def test_a_synthesized_stream_keeps_a_search_answers_citations(client, mock, model):
+    """A search model's answer (`web_search_options`) carries its citations in `annotations`, which a
+    vote (the strategy header on `auto`) or n > 1 streamed as chunks without: the links were lost."""
+    citation = {"type": "url_citation", "url_citation": {"start_index": 0, "end_index": 5, "url": "https://x.org",
+                                                          "title": "X"}}
+    control(mock, answers=[{"content": "Paris is the capital.", "annotations": [citation]}])
+    chunks = list(client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "The capital of France?"}], web_search_options={},
+        stream=True, extra_headers={"x-ponder-strategy": "self_consistency"}, **({"n": 2} if model == "mock-a" else {})))
+    # the SDK's delta type has no `annotations` field yet: it keeps them as an extra
+    streamed = [choice.delta.model_extra.get("annotations") for chunk in chunks for choice in chunk.choices
+                if choice.delta.content]
+    assert streamed and all(annotations == [citation] for annotations in streamed)
 
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
@@ -458,10 +488,12 @@ def test_a_retried_attempt_is_a_call_not_a_sample(client, mock):
 @pytest.mark.parametrize("structured", [
     {"tools": [{"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {}}}}]},
     {"response_format": {"type": "json_object"}},
+    {"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}},
 ])
 def test_tools_and_json_mode_are_answered_by_one_plain_call(client, mock, model, structured):
     """Voting five samples of a tool call, or reasoning text in JSON mode, would break the answer: such
-    a request gets one untouched call even when the client asks for self-consistency."""
+    a request gets one untouched call even when the client asks for self-consistency. So does a spoken
+    answer (its `content` is null: a vote counted five empty answers as unanimous, five audio answers billed)."""
     raw = client.chat.completions.with_raw_response.create(
         model=model, messages=[{"role": "user", "content": "What is 3 + 4?"}],
         extra_headers={"x-ponder-strategy": "self_consistency"}, **structured)
@@ -573,6 +605,76 @@ def test_a_policy_can_keep_clients_off_its_backends(tmp_path):
             assert refused.value.code == "model_not_found" and "direct_backend" in refused.value.message
             assert calls(mock)["count"] == 0
             assert client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "x"}]).choices
+
+
+def test_a_vote_on_an_openai_reasoning_model_samples_at_its_only_temperature(client, mock):
+    """A vote draws its samples at a sampling temperature (0.7), which OpenAI's reasoning models
+    (o-series, gpt-5) refuse with a 400: every vote on them failed, for a knob the client never sent.
+    They sample at 1, so the samples differ all the same."""
+    control(mock, answers=["7", "7", "9"])
+    raw = client.chat.completions.with_raw_response.create(
+        model="o4-mini", messages=[{"role": "user", "content": "What is 3 + 4?"}], reasoning_effort="high",
+        extra_headers={"x-ponder-strategy": "self_consistency"})
+    assert raw.headers["x-ponder-arm"] == "o4-mini/high/self_consistency/5"
+    assert raw.parse().choices[0].message.content == "7"
+    bodies = calls(mock)["bodies"]
+    assert len(bodies) == 5 and not any("temperature" in body for body in bodies)
+    assert len({body["seed"] for body in bodies}) == 5  # still one draw each
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_openai_reasoning_models_get_the_clients_output_limit_by_the_name_they_take(client, mock, stream):
+    """An app written for chat models sends `max_tokens` and a `temperature`; OpenAI's reasoning models
+    refuse both (a 400 naming a knob the app did not choose this model for, when it was routed there).
+    The limit is sent as `max_completion_tokens`, the sampling knobs they refuse are left out."""
+    response = client.chat.completions.create(
+        model="o4-mini", messages=[{"role": "user", "content": "x"}], max_tokens=50, temperature=0.2, top_p=0.5,
+        presence_penalty=0.1, stop=["END"], stream=stream)
+    assert (list(response)[0].choices if stream else response.choices)
+    body = calls(mock)["bodies"][-1]
+    assert body["max_completion_tokens"] == 50 and body["stop"] == ["END"]
+    assert not {"max_tokens", "temperature", "top_p", "presence_penalty"} & set(body)
+    # both limits: the one the budget held (max_completion_tokens) is the one sent
+    client.chat.completions.create(model="o4-mini", messages=[{"role": "user", "content": "x"}], max_tokens=500,
+                                   max_completion_tokens=40)
+    body = calls(mock)["bodies"][-1]
+    assert body["max_completion_tokens"] == 40 and "max_tokens" not in body
+    # a chat model on the same API gets them as sent
+    client.chat.completions.create(model="mock-a", messages=[{"role": "user", "content": "x"}], max_tokens=50,
+                                   temperature=0.2)
+    assert {"max_tokens": 50, "temperature": 0.2}.items() <= calls(mock)["bodies"][-1].items()
+
+
+def test_a_parameter_the_chosen_model_does_not_take_goes_to_the_next_arm(tmp_path):
+    """OpenAI's reasoning models refuse `logprobs` (400 `unsupported_parameter`): a routed request
+    asking for them got that 400 whenever the policy chose such an arm, as if no model could answer
+    it (a 400 was never sent to a fallback). Another model may take the parameter: the next arm
+    answers. A request naming that backend gets its 400, as OpenAI answers it."""
+    path = write_policy(tmp_path, {"name": "mixed", "exploration": {"share": 0.0},
+                                   "arms": {"think": {"backend": "o4-mini", "effort": "high", "prior": 0.95},
+                                            "plain": {"backend": "mock-a", "prior": 0.3}},
+                                   "routes": [{"name": "all", "candidates": ["think", "plain"]}]}, "mixed.yaml")
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("o4-mini", mock, reasoning=True, efforts=["high"]), mock_backend("mock-a", mock)],
+            "policy": path}, name="mixed")) as gateway:
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+        messages = [{"role": "user", "content": "x"}]
+        assert client.chat.completions.with_raw_response.create(
+            model="auto", messages=messages).headers["x-ponder-arm"] == "o4-mini/high/single/1"
+        for stream in (False, True):
+            raw = client.chat.completions.with_raw_response.create(model="auto", messages=messages, logprobs=True,
+                                                                   stream=stream)
+            assert raw.headers["x-ponder-arm"] == "mock-a/-/single/1"
+            answer = raw.parse()
+            if stream:
+                assert "".join(c.choices[0].delta.content or "" for c in answer if c.choices)
+            else:
+                assert answer.choices[0].logprobs.content  # the mock's streams carry none
+            assert [(b["model"], b["logprobs"]) for b in calls(mock)["bodies"][-2:]] == [("o4-mini", True),
+                                                                                       ("mock-a", True)]
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model="o4-mini", messages=messages, logprobs=True)
+        assert (refused.value.code, refused.value.param) == ("unsupported_parameter", "logprobs")
 
 
 def test_a_routed_request_sends_its_arms_effort_not_the_clients(tmp_path):
