@@ -13,7 +13,7 @@ from gateway.backends import Backend
 from gateway.prices import call_cost
 from gateway.schemas import ChatRequest
 from gateway.strategies import (
-    JUDGE_OUTPUT_TOKENS, OutputBound, cot_instruction_tokens, first_stage, output_bound, uses_cot,
+    OutputBound, cot_instruction_tokens, first_stage, judge_output_tokens, output_bound, uses_cot,
 )
 from router import prompts
 from router.decide import RequestHints
@@ -64,7 +64,7 @@ def worst_case_usd(backends: Backends, arm: Arm, req: ChatRequest, prompt_tokens
     if arm.strategy == "best_of_n":
         judge = backends.get(arm.verifier or arm.backend, backend)
         judged = count(prompts.judge_messages(prompts.last_user_text(req.messages), "")) + out
-        cost += call_cost(judge.prices, judged, JUDGE_OUTPUT_TOKENS) * samples
+        cost += call_cost(judge.prices, judged, judge_output_tokens(judge.spec)) * samples
     return cost + sum(worst_case_usd(backends, stage, req, prompt_tokens, capped=capped, output_tokens=output_tokens)
                       for stage in arm.stages)
 

@@ -47,6 +47,28 @@ def effective_effort(spec: BackendSpec, effort: str | None) -> str | None:
     return effort
 
 
+def lowest_effort(spec: BackendSpec) -> str:
+    """The least thinking this backend can be asked for: its lowest declared level, else "low" (the
+    lowest level every OpenAI reasoning model takes)."""
+    order = list(THINKING_BUDGET_TOKENS)
+    return min(spec.efforts, key=order.index) if spec.efforts else "low"
+
+
+def thinks_at(spec: BackendSpec, effort: str | None) -> bool:
+    """Whether a call to this backend at this effort thinks before it answers, spending output tokens
+    the answer never shows: a reasoning model does unless its knob turns thinking off."""
+    if not spec.reasoning:
+        return False
+    effort = effective_effort(spec, effort)
+    if effort is None:
+        return True  # no knob (an always-thinking model on vLLM): it thinks at its own length
+    if spec.effort_param == "thinking_budget":
+        return THINKING_BUDGET_TOKENS.get(effort, 0) > 0
+    if spec.effort_param == "enable_thinking":
+        return effort not in ("none", "minimal", "low")
+    return effort != "none"
+
+
 def apply_effort(body: dict[str, Any], spec: BackendSpec, effort: str | None) -> dict[str, Any]:
     """Return the body with the effort knob set for this backend (the input is not modified).
 

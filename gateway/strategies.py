@@ -17,7 +17,7 @@ from typing import Any
 
 from gateway.backends import Backend, UpstreamError
 from gateway.calls import Caller
-from gateway.effort import apply_effort
+from gateway.effort import apply_effort, lowest_effort, thinks_at
 from policies.backends import BackendSpec
 from router import cascade, prompts, stopping, voting
 from router.estimates import estimate_prompt_tokens
@@ -75,6 +75,10 @@ async def run_arm(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> Strat
 DIRECT_OUTPUT_TOKENS = 1024
 REASONING_OUTPUT_TOKENS = 8192
 JUDGE_OUTPUT_TOKENS = 16  # a best-of-N judge writes a score: sent as its max_tokens
+# A judge that thinks (a reasoning model, even at its lowest effort) spends its thinking out of the same
+# limit: with 16 tokens gpt-5 or o4-mini never reaches the score, and best-of-N answered with its first
+# sample at N times the cost. Such a judge gets this much more room.
+JUDGE_THINKING_TOKENS = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +108,19 @@ def output_bound(backend: Backend, client_max: int | None, *, capped: bool) -> O
         return OutputBound(backend.max_output, "backend")
     default = REASONING_OUTPUT_TOKENS if backend.spec.reasoning else DIRECT_OUTPUT_TOKENS
     return OutputBound(default, "default", sent=capped and backend.prices.output_per_mtok > 0)
+
+
+def judge_output_tokens(spec: BackendSpec) -> int:
+    """The output limit a best-of-N judge on this backend is sent (and a budget holds for it)."""
+    return JUDGE_OUTPUT_TOKENS + (JUDGE_THINKING_TOKENS if thinks_at(spec, lowest_effort(spec)) else 0)
+
+
+def judge_body(spec: BackendSpec, question: str, answer: str) -> dict[str, Any]:
+    """A best-of-N judge's call: the rubric, question and answer, at the judge's lowest effort (a
+    score needs no long thinking) and with room for what that effort still thinks."""
+    body = apply_effort({"messages": prompts.judge_messages(question, answer), "temperature": 0},
+                        spec, lowest_effort(spec))
+    return with_output_limit(body, spec, judge_output_tokens(spec))
 
 
 def with_output_limit(body: dict[str, Any], spec: BackendSpec, tokens: int | None) -> dict[str, Any]:
@@ -391,11 +408,11 @@ async def _best_of_n(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> St
     verifier = arm.verifier or arm.backend
     question = prompts.last_user_text(body["messages"])
 
+    judge = ctx.caller.backend(verifier).spec
+
     async def score(text: str) -> float | None:
-        judge_body = {"messages": prompts.judge_messages(question, text), "temperature": 0,
-                      "max_tokens": JUDGE_OUTPUT_TOKENS}
         try:
-            verdict = await ctx.caller.complete(verifier, judge_body)
+            verdict = await ctx.caller.complete(verifier, judge_body(judge, question, text))
         except UpstreamError:
             return None
         return prompts.parse_judge_score(_texts(verdict)[0] if verdict.get("choices") else "")

@@ -387,6 +387,56 @@ def test_best_of_n_returns_the_clients_n_choices_best_first() -> None:
     assert [c["index"] for c in result.response["choices"]] == [0, 1, 2] and result.details["samples"] == 4
 
 
+
+def test_a_judge_that_thinks_gets_its_lowest_effort_and_room_to_reach_the_score() -> None:
+    """A reasoning judge spends its thinking out of the output limit: sent the score's 16 tokens, gpt-5
+    or o4-mini never wrote the score, and best-of-N answered with its first sample at N times the
+    cost. A judge that does not think (a chat model, Claude at effort none) is sent 16 tokens as ever."""
+    from gateway.strategies import JUDGE_OUTPUT_TOKENS, judge_body, judge_output_tokens
+    from policies.backends import BackendSpec
+
+    gpt5 = BackendSpec(name="gpt-5", model="openai/gpt-5", reasoning=True, efforts=["minimal", "low", "medium", "high"])
+    o4 = BackendSpec(name="o4-mini", model="openai/o4-mini", reasoning=True)
+    claude = BackendSpec(name="claude", model="anthropic/claude-sonnet-4-5", reasoning=True,
+                         efforts=["none", "low", "medium", "high"])
+    chat = BackendSpec(name="mini", model="openai/gpt-4.1-mini")
+    for spec, effort in ((gpt5, "minimal"), (o4, "low")):
+        body = judge_body(spec, "What is 6 * 7?", "42")
+        assert body["reasoning_effort"] == effort
+        assert body["max_completion_tokens"] == judge_output_tokens(spec) > 50 * JUDGE_OUTPUT_TOKENS
+        assert "max_tokens" not in body
+    for spec in (claude, chat):
+        body = judge_body(spec, "What is 6 * 7?", "42")
+        assert body.get("reasoning_effort", "none") == "none" and "thinking" not in body
+        assert body.get("max_tokens", body.get("max_completion_tokens")) == JUDGE_OUTPUT_TOKENS
+
+
+def test_best_of_n_judged_by_a_reasoning_model_is_sent_room_and_held_for_it() -> None:
+    import asyncio
+
+    from gateway.backends import Backend
+    from gateway.cost_bounds import worst_case_usd
+    from gateway.schemas import parse_chat_request
+    from gateway.strategies import StrategyContext, judge_output_tokens, run_arm
+    from policies.backends import BackendSpec
+
+    def sample_or_judge(body: dict, call: int) -> str:
+        return "Score: 7" if "max_completion_tokens" in body else f"answer {call}"
+
+    caller = ScriptedCaller(sample_or_judge, reasoning=True)
+    ctx = StrategyContext(task="chat", params={}, caller=caller)  # type: ignore[arg-type]
+    body = {"messages": [{"role": "user", "content": "pick one"}]}
+    result = asyncio.run(run_arm(Arm("m", "best_of_n", None, 3, verifier="m"), body, ctx))
+    judged = [b for b in caller.calls if "max_completion_tokens" in b]
+    assert len(judged) == 3 and all(b["reasoning_effort"] == "low" for b in judged)
+    assert result.details["scores"] == [pytest.approx(2 / 3)] * 3  # "Score: 7" of 1..10
+
+    prices = {"input_per_mtok": 0.0, "output_per_mtok": 1000.0}  # output is all a call costs
+    spec = BackendSpec(name="m", model="openai/m", reasoning=True, prices=prices)
+    req = parse_chat_request({"model": "m", "messages": body["messages"], "max_tokens": 10}, max_n=16)
+    held = worst_case_usd({"m": Backend(spec, None)}, Arm("m", "best_of_n", None, 3, verifier="m"), req)  # type: ignore[arg-type]
+    assert held == pytest.approx(3 * (10 + judge_output_tokens(spec)) * 1000 / 1e6)
+
 def _run(arm: Arm, reply, n: int = 1, task: str = "math", params: dict | None = None):
     import asyncio
 
