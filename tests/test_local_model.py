@@ -216,6 +216,17 @@ def test_serve_refuses_a_missing_model_file(tmp_path):
         f"ponder: bad config: local_model.model_path: {tmp_path / 'nowhere.gguf'} is not a file"]
 
 
+def test_a_model_file_llama_cpp_cannot_load_is_reported_in_a_line_not_two_tracebacks(tmp_path):
+    """The file exists but is no model (a download page saved as .gguf, a truncated file): the model
+    server exits at start. The operator reads why, as for a bad config, not Starlette's traceback of
+    the startup wrapped around llama-cpp-python's own."""
+    (tmp_path / "page.gguf").write_text("<html>Not found</html>")
+    done = _serve_refused(tmp_path, {"model_path": str(tmp_path / "page.gguf")})
+    assert done.returncode == 3 and "Traceback" not in done.stderr, done.stderr
+    assert ("ponder: the local model did not start: local model server exited with 1: "
+            f"ValueError: Failed to load model from file: {tmp_path / 'page.gguf'}") in done.stderr
+
+
 def test_serve_refuses_a_local_model_port_another_process_holds(tmp_path):
     """Else the other process's server answers the readiness probe (for a second gateway sharing one
     config: the first one's model server) while our model server exits, restarted every second."""
