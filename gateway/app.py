@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
@@ -31,6 +32,7 @@ from gateway.config import GatewayConfig
 from gateway.dashboard import dashboard_routes
 from gateway.effort import apply_effort
 from gateway.errors import EXCEPTION_HANDLERS, ApiError, retry_after
+from gateway.local_model import LocalModelError
 from gateway.responses import ResponsesWire, count_input_tokens, parse_responses_request
 from gateway.schemas import ChatRequest, parse_chat_request, parse_json_body
 from gateway.service import Gateway, Plan
@@ -568,7 +570,7 @@ def create_app(config: GatewayConfig) -> Starlette:
         finally:
             await gateway.close()
 
-    middleware = []
+    middleware = [Middleware(ReadableStartupFailure)]
     if config.cors_origins:
         middleware.append(Middleware(CORSMiddleware, allow_origins=config.cors_origins,
                                      allow_methods=["GET", "POST"], allow_headers=["*"],
@@ -577,3 +579,25 @@ def create_app(config: GatewayConfig) -> Starlette:
                     lifespan=lifespan)
     app.state.gateway = gateway
     return app
+
+
+class ReadableStartupFailure:
+    """Starlette reports a failed startup with the whole traceback (uvicorn logs it): a local model that
+    would not start (a file that is no model, a model llama.cpp cannot load, a load slower than
+    `startup_timeout_s`) is the operator's to fix, and gets its reason alone, as a bad config does."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "lifespan":
+            return await self.app(scope, receive, send)
+
+        async def reported(message: dict[str, Any]) -> None:
+            # sent from within Starlette's `except` around the lifespan: the failure is the one handled
+            if message["type"] == "lifespan.startup.failed" and isinstance(failure := sys.exc_info()[1],
+                                                                          LocalModelError):
+                message = {**message, "message": f"ponder: the local model did not start: {failure}"}
+            await send(message)
+
+        await self.app(scope, receive, reported)

@@ -202,12 +202,15 @@ class Usage:
         )
 
     @classmethod
-    def estimated(cls, prompt_tokens: int, content_chunks: int = 0, content_chars: int = 0) -> Usage:
+    def estimated(cls, prompt_tokens: int, content_chunks: int = 0, content_chars: int = 0, *,
+                  output_limit: int | None = None) -> Usage:
         """A call's usage where the upstream reported none (a stream from llama.cpp's server, a call cut
         off before its end): the prompt at its estimate, and what it wrote so far: a content chunk at
         least one token (what llama.cpp sends), a long one its characters / 4 (as the prompt's
-        estimate counts)."""
-        return cls(prompt_tokens, max(content_chunks, -(-content_chars // 4)))
+        estimate counts), but no more than the call's `output_limit` (its max_tokens), which the
+        upstream did not pass."""
+        written = max(content_chunks, -(-content_chars // 4))
+        return cls(prompt_tokens, written if output_limit is None else min(written, output_limit))
 
 
 @dataclass
@@ -215,6 +218,10 @@ class Backend:
     spec: BackendSpec
     session: aiohttp.ClientSession | None = None
     health: BackendHealth = field(default_factory=BackendHealth)
+    # The server writes a non-streamed answer to its end even once the gateway stopped waiting for it
+    # (llama-cpp-python's cannot stop one): the call keeps its slot until then, so the next call waits
+    # in the gateway's queue, not inside a busy server with its first-byte timeout running.
+    finishes_abandoned_calls: bool = False
 
     def __post_init__(self) -> None:
         self.name = self.spec.name
@@ -333,16 +340,31 @@ class Backend:
                        admission: Admission | None = None) -> tuple[dict[str, Any], CallRecord]:
         started = time.perf_counter()
         body = self._adapt(body)
-        async with self.semaphore:
-            if admission is not None:
-                admission.admit()
-            if self.fast_path:
-                data = await self._complete_fast(body)
-            else:
-                data = await self._complete_litellm(body)
+        if self.finishes_abandoned_calls:
+            data = await self._complete_holding_slot(body, admission)
+        else:
+            async with self.semaphore:
+                if admission is not None:
+                    admission.admit()
+                data = await (self._complete_fast(body) if self.fast_path else self._complete_litellm(body))
         for choice in data.get("choices") or ():
             text_content(choice.get("message") if isinstance(choice, dict) else None)
         return data, self.record(Usage.from_block(data.get("usage")), started)
+
+    async def _complete_holding_slot(self, body: dict[str, Any], admission: Admission | None) -> dict[str, Any]:
+        """The call, its slot released only when the upstream is done with it: a caller that stops
+        waiting (the client left, the deadline) leaves it to finish in the background."""
+        await self.semaphore.acquire()
+        if admission is not None:
+            admission.admit()
+        call = asyncio.ensure_future(self._complete_fast(body) if self.fast_path else self._complete_litellm(body))
+        call.add_done_callback(self._release_slot)
+        return await asyncio.shield(call)
+
+    def _release_slot(self, call: asyncio.Future) -> None:
+        self.semaphore.release()
+        if not call.cancelled():
+            call.exception()  # an abandoned call's failure is nobody's to report
 
     async def _complete_fast(self, body: dict[str, Any]) -> dict[str, Any]:
         assert self.session is not None, "backend used before the gateway started"

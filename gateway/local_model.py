@@ -216,13 +216,20 @@ class LocalModelServer:
         self._log.seek(0)
         return self._log.read().decode(errors="replace")[-chars:].strip()
 
+    def _last_words(self) -> str:
+        """What the model server said last: its error, without the Python traceback that led to it
+        (llama-cpp-python raises `ValueError: Failed to load model from file: ...` for a file that is no
+        model, or one of an architecture it does not know)."""
+        lines = self._stderr_tail(2000).splitlines()
+        return lines[-1].strip() if lines else "(it said nothing)"
+
     async def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.config.startup_timeout_s
         async with aiohttp.ClientSession() as session:
             while time.monotonic() < deadline:
                 if self.process is not None and self.process.poll() is not None:
                     raise LocalModelError(f"local model server exited with {self.process.returncode}: "
-                                          f"{self._stderr_tail(2000)}")
+                                          f"{self._last_words()}")
                 try:
                     async with session.get(f"{self.api_base}/models", timeout=aiohttp.ClientTimeout(total=1)) as r:
                         if r.status == 200:

@@ -131,6 +131,8 @@ class Gateway:
             json_serialize=None, auto_decompress=True,
         )
         self.backends = {spec.name: Backend(spec, self.session) for spec in specs}
+        if self.local_model is not None:
+            self.backends[LOCAL_BACKEND_NAME].finishes_abandoned_calls = True
         for spec in specs:  # said once at startup, not discovered as a 401 on the first request
             if spec.api_key_env and not os.environ.get(spec.api_key_env):
                 log.warning("backend %s: $%s is not set; its calls will be refused upstream until it is",

@@ -48,12 +48,14 @@ class PassThrough:
     """An upstream stream whose first event has already arrived."""
 
     def __init__(self, backend: Backend, source: AsyncIterator[tuple[bytes, dict | None]],
-                 first: tuple[bytes, dict | None], started: float, prompt_tokens_estimate: int = 0) -> None:
+                 first: tuple[bytes, dict | None], started: float, prompt_tokens_estimate: int = 0,
+                 output_limit: int | None = None) -> None:
         self.backend = backend
         self.source = source
         self.first = first
         self.started = started
         self.prompt_tokens_estimate = prompt_tokens_estimate
+        self.output_limit = output_limit  # the call's max_tokens: the upstream wrote no more
         self.usage_estimated = False
         self.client_left = False
         self.relaying = False  # events() has started: from then on it closes the source and bills the call
@@ -78,7 +80,7 @@ class PassThrough:
             await source.aclose()
             raise
         else:
-            return cls(backend, source, first, started, prompt_tokens)
+            return cls(backend, source, first, started, prompt_tokens, _output_limit(body))
         await source.aclose()
         if error.status == 502 and error.upstream_status is None and may_exceed_context(prompt_tokens,
                                                                                          backend.max_context):
@@ -104,10 +106,12 @@ class PassThrough:
 
     def _estimated(self, content_chunks: int, content_chars: int = 0) -> Usage:
         """Some servers (llama.cpp's) never send usage on a stream, and a stream cut off has sent none
-        yet: then the prompt's estimate and the content streamed so far (Usage.estimated); the call
+        yet: then the prompt's estimate and the content streamed so far (Usage.estimated), never more
+        than the call's max_tokens (short words made a capped answer's estimate exceed it); the call
         says it was estimated."""
         self.usage_estimated = True
-        return Usage.estimated(self.prompt_tokens_estimate, content_chunks, content_chars)
+        return Usage.estimated(self.prompt_tokens_estimate, content_chunks, content_chars,
+                               output_limit=self.output_limit)
 
     async def chunks(self, caller: Caller) -> AsyncIterator[tuple[bytes, dict | None]]:
         """The upstream's events as they arrive, `(payload, parsed)`, its usage-only chunk kept back.
@@ -193,6 +197,13 @@ class EventStream(StreamingResponse):
         with contextlib.suppress(RuntimeError):  # a body still running elsewhere
             await self.body_iterator.aclose()  # type: ignore[attr-defined]
         await self._finish()
+
+
+def _output_limit(body: dict[str, Any]) -> int | None:
+    """The most tokens a call with this body may write (its max_tokens or max_completion_tokens)."""
+    limits = [v for k in ("max_tokens", "max_completion_tokens")
+              if isinstance(v := body.get(k), int) and not isinstance(v, bool)]
+    return min(limits) if limits else None
 
 
 def _probe_body(body: dict[str, Any], *, reasoning: bool) -> dict[str, Any]:

@@ -941,6 +941,18 @@ def test_a_stream_without_usage_is_billed_by_its_length_not_its_chunk_count(gw, 
     assert last.usage.completion_tokens == recorded["request"]["completion_tokens"] == 700 // 4
 
 
+def test_a_stream_without_usage_is_never_billed_more_than_its_max_tokens(gw, mock):
+    """The characters / 4 estimate of an answer cut at max_tokens (llama.cpp's: a token a chunk, some of
+    them whole words) is held to that limit: 8 chunks of 33 characters read 9 completion tokens."""
+    answer = ["Hello", "!", " How", " can", " I", " assist", " you", " today"]
+    pieces = [e for e in upstream_sse(answer, USAGE) if b'"usage"' not in e]
+    for limit in ({"max_tokens": 8}, {"max_completion_tokens": 8}):
+        text, last, recorded = relay(gw, mock, pieces, **limit)
+        assert text == "".join(answer) and last.model_extra["ponder"]["usage_estimated"] is True
+        assert last.usage.completion_tokens == recorded["request"]["completion_tokens"] == 8
+        reset(mock)
+
+
 def test_a_stream_that_keeps_flowing_outlasts_the_backends_call_timeout(tmp_path):
     """timeout_s bounds a call; a relayed stream is bounded only by its pauses (first_byte_timeout_s
     between reads). A long answer flowing for twice timeout_s used to be cut at timeout_s: an SSE error

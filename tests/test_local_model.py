@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import openai
@@ -134,6 +135,38 @@ def test_local_model_votes_on_a_math_question(local_gateway):
     assert body["choices"][0]["message"]["content"]
 
 
+def test_a_call_the_client_left_keeps_the_local_models_slot_until_the_model_is_done(local_gateway):
+    """llama-cpp-python writes a non-streamed answer to its end after the gateway stopped waiting for it.
+    The slot stays taken meanwhile: a request queued behind it whose client leaves too was never sent
+    (nothing billed), where it used to be sent at once into a busy server and billed as cut off."""
+    import asyncio
+
+    url = local_gateway.url + "/v1/chat/completions"
+    # 900 tokens, the end of the answer banned: seconds of writing after its client left
+    endless = {"model": "local", "max_tokens": 900, "logit_bias": {"2": -100, "0": -100},
+               "messages": [{"role": "user", "content": "Write a very long story."}]}
+
+    async def leaves(after_s: float, wait_s: float) -> None:
+        await asyncio.sleep(after_s)
+        async with httpx.AsyncClient(timeout=wait_s) as client:
+            with pytest.raises(httpx.TimeoutException):
+                await client.post(url, json=endless)
+
+    async def both() -> None:
+        await asyncio.gather(leaves(0, 1.5), leaves(1.7, 1.0))
+
+    asyncio.run(both())
+    time.sleep(0.3)  # the second request is recorded once its handler has unwound
+    first, second = sorted((r for r in httpx.get(local_gateway.url + "/v1/ponder/requests").json()["requests"]
+                            if r["status"] == 499), key=lambda r: r["ts"])[-2:]
+    calls = httpx.get(f"{local_gateway.url}/v1/ponder/requests/{second['request_id']}").json()["execution"]["calls"]
+    assert [c["error"] for c in calls] == ["cancelled while queued for a free slot: never sent"]
+    assert second["prompt_tokens"] == 0 < first["prompt_tokens"]
+    answer = httpx.post(url, json={"model": "local", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2},
+                        timeout=120)  # served once the model is done with the abandoned answer
+    assert answer.status_code == 200
+
+
 def test_gateway_stops_its_local_model(tmp_path):
     import psutil
 
@@ -247,6 +280,17 @@ def test_serve_refuses_a_missing_model_file(tmp_path):
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines() == [
         f"ponder: bad config: local_model.model_path: {tmp_path / 'nowhere.gguf'} is not a file"]
+
+
+def test_a_model_file_llama_cpp_cannot_load_is_reported_in_a_line_not_two_tracebacks(tmp_path):
+    """The file exists but is no model (a download page saved as .gguf, a truncated file): the model
+    server exits at start. The operator reads why, as for a bad config, not Starlette's traceback of
+    the startup wrapped around llama-cpp-python's own."""
+    (tmp_path / "page.gguf").write_text("<html>Not found</html>")
+    done = _serve_refused(tmp_path, {"model_path": str(tmp_path / "page.gguf")})
+    assert done.returncode == 3 and "Traceback" not in done.stderr, done.stderr
+    assert ("ponder: the local model did not start: local model server exited with 1: "
+            f"ValueError: Failed to load model from file: {tmp_path / 'page.gguf'}") in done.stderr
 
 
 def test_serve_refuses_a_local_model_port_another_process_holds(tmp_path):
