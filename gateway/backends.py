@@ -28,6 +28,7 @@ from gateway.prices import call_cost, resolve_prices
 from gateway.sse import EventTooLarge, read_events
 from policies.backends import BackendSpec
 from policies.loader import resolve_max_context, resolve_max_output
+from router.estimates import estimate_prompt_tokens
 
 FAST_PATH_PROVIDERS = {"openai", "hosted_vllm", "llamacpp", "lm_studio"}
 # Upstream statuses that are about the request itself: passed on to the client as they are, never
@@ -349,7 +350,8 @@ class Backend:
                 data = await (self._complete_fast(body) if self.fast_path else self._complete_litellm(body))
         for choice in data.get("choices") or ():
             text_content(choice.get("message") if isinstance(choice, dict) else None)
-        return data, self.record(Usage.from_block(data.get("usage")), started)
+        usage = data.get("usage")
+        return data, self.record(Usage.from_block(usage) if usage else _estimated_usage(body, data), started)
 
     async def _complete_holding_slot(self, body: dict[str, Any], admission: Admission | None) -> dict[str, Any]:
         """The call, its slot released only when the upstream is done with it: a caller that stops
@@ -627,6 +629,28 @@ def _google_retry_delay(text: str) -> float | None:
 
 
 _LITELLM = None
+
+
+def output_limit(body: dict[str, Any]) -> int | None:
+    """The most tokens a call with this body may write (its max_tokens or max_completion_tokens)."""
+    limits = [v for k in ("max_tokens", "max_completion_tokens")
+              if isinstance(v := body.get(k), int) and not isinstance(v, bool)]
+    return min(limits) if limits else None
+
+
+def _estimated_usage(body: dict[str, Any], data: dict[str, Any]) -> Usage:
+    """An answer that came without `usage` (a server that leaves it out) is billed as a stream without
+    one is (Usage.estimated): the prompt at its estimate and what was written, never $0."""
+    written = 0
+    for choice in data.get("choices") or ():
+        message = choice.get("message") if isinstance(choice, dict) else None
+        if isinstance(message, dict):
+            written += sum(len(v) for k in ("content", "reasoning_content", "reasoning")
+                           if isinstance(v := message.get(k), str))
+            written += sum(len(str((call.get("function") or {}).get("arguments") or ""))
+                           for call in message.get("tool_calls") or () if isinstance(call, dict))
+    return Usage.estimated(estimate_prompt_tokens(body.get("messages") or [], body), content_chars=written,
+                           output_limit=output_limit(body))
 
 
 def text_content(message: Any) -> bool:

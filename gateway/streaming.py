@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 from starlette.responses import StreamingResponse
 
-from gateway.backends import Admission, Backend, CallRecord, Usage, UpstreamError, text_content
+from gateway.backends import Admission, Backend, CallRecord, Usage, UpstreamError, output_limit, text_content
 from gateway.calls import CLIENT_LEFT, Caller
 from gateway.errors import ApiError
 from router.estimates import may_exceed_context
@@ -80,7 +80,7 @@ class PassThrough:
             await source.aclose()
             raise
         else:
-            return cls(backend, source, first, started, prompt_tokens, _output_limit(body))
+            return cls(backend, source, first, started, prompt_tokens, output_limit(body))
         await source.aclose()
         if error.status == 502 and error.upstream_status is None and may_exceed_context(prompt_tokens,
                                                                                          backend.max_context):
@@ -197,13 +197,6 @@ class EventStream(StreamingResponse):
         with contextlib.suppress(RuntimeError):  # a body still running elsewhere
             await self.body_iterator.aclose()  # type: ignore[attr-defined]
         await self._finish()
-
-
-def _output_limit(body: dict[str, Any]) -> int | None:
-    """The most tokens a call with this body may write (its max_tokens or max_completion_tokens)."""
-    limits = [v for k in ("max_tokens", "max_completion_tokens")
-              if isinstance(v := body.get(k), int) and not isinstance(v, bool)]
-    return min(limits) if limits else None
 
 
 def _probe_body(body: dict[str, Any], *, reasoning: bool) -> dict[str, Any]:

@@ -8,10 +8,10 @@ exact, predictable usage (1 token per whitespace-separated word), and can misbeh
         script: behaviours for the next requests, in order; then fail_rate picks "500" at random.
         cached_tokens: reported in every answer's `usage.prompt_tokens_details` (a prompt cache hit).
         behaviours: ok | 500 | 429 | 429_google | 401 | too_long | too_long_vllm | echo_400 | empty | hang | reset | truncate | reset_mid | stall | slow_first | hold
-                    | raw | tool_call | length
+                    | raw | tool_call | length | no_usage
         (tool_call: the answer is a call of the request's first tool, the picked answer its arguments,
         streamed a word at a time; length: the answer cut at max_tokens/max_completion_tokens words,
-        finish_reason "length")
+        finish_reason "length"; no_usage: a JSON answer without its `usage` block, as some servers write it)
         (hold: a stream pauses hang_s after its first chunk; raw: a 200 text/event-stream whose body is
         `raw`, a list of hex strings, each sent as one write, and numbers, seconds to sleep between them,
         so a test says byte for byte how an upstream writes its SSE)
@@ -218,6 +218,8 @@ async def chat(request: web.Request) -> web.StreamResponse:
                 a = as_message(a).get("content") or ""
                 choice["logprobs"] = {"content": [{"token": w, "logprob": -0.5, "bytes": list(w.encode()),
                                                    "top_logprobs": []} for w in a.split()]}
+        if behaviour == "no_usage":
+            return web.json_response({**base, "object": "chat.completion", "choices": choices})
         return web.json_response({**base, "object": "chat.completion", "choices": choices, "usage": usage})
     return await stream(request, body, base, answers[0], usage, behaviour, finish[0])
 

@@ -53,7 +53,8 @@ def stack(tmp_path_factory):
     with running(start_mock(tmp)) as mock:
         backends = [mock_backend(name, mock, prices=PRICES, max_retries=0, **CUTS[name][0]) for name in CUTS]
         backends += [mock_backend(name, mock, prices=PRICES, max_retries=0, **timeouts) for name, timeouts in
-                     (("voter", PATIENT), ("first", QUICK), ("second", PATIENT), ("left", PATIENT))]
+                     (("voter", PATIENT), ("first", QUICK), ("second", PATIENT), ("left", PATIENT),
+                      ("quiet", PATIENT))]
         policy = write_policy(tmp, {
             "name": "cut",
             "arms": {"vote": {"backend": "voter", "strategy": "self_consistency", "n": 3},
@@ -223,3 +224,21 @@ def test_a_call_the_client_left_is_billed_by_the_same_rule(stack, stream):
     output = 1 if stream else 0
     assert (call["prompt_tokens"], call["completion_tokens"]) == (prompt_tokens(sent(mock)[0]), output)
     assert_billed(gateway, before, call["prompt_tokens"] * IN_USD + output * OUT_USD)
+
+
+def test_an_answer_without_usage_is_billed_by_its_estimate_not_nothing(stack):
+    """A server that leaves `usage` out of a JSON answer: billed as a stream without usage is, the prompt
+    at its estimate and the answer's characters / 4 (never over max_tokens); it was billed $0."""
+    gateway, mock = stack
+    reset(mock)
+    control(mock, answers=[ANSWER], script=["no_usage"])
+    before = ledger(gateway), metered(gateway)
+    response = post(gateway, body("quiet", max_tokens=100))
+    assert response.status_code == 200, response.text
+    [call] = recorded(gateway, response.headers["x-ponder-request-id"])["execution"]["calls"]
+    written = -(-len(ANSWER) // 4)
+    assert call["ok"] is True
+    assert (call["prompt_tokens"], call["completion_tokens"]) == (prompt_tokens(sent(mock)[0]), written)
+    usage = response.json()["usage"]
+    assert (usage["prompt_tokens"], usage["completion_tokens"]) == (call["prompt_tokens"], written)
+    assert_billed(gateway, before, call["prompt_tokens"] * IN_USD + written * OUT_USD)
