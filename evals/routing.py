@@ -336,7 +336,9 @@ def pair_curves(table: OutcomeTable, weak: int, strong: int, difficulty: np.ndar
         "difficulty": difficulty[rows],
         "prompt length": np.array([len(table.prompts[i]) for i in rows], dtype=float),
         "random": np.zeros(len(rows)),  # all tied: the exact expectation over random orders
-        "oracle": s - w - 1e-9 * (cs - cw),  # the gain, cheaper strong calls first among equal gains
+        # the gain, cheaper strong calls first among equal gains (an unpriced arm's NaN cost must not
+        # make every score NaN: NaN scores sort as distinct, in table order, a worse-than-random oracle)
+        "oracle": s - w - 1e-9 * np.nan_to_num(cs - cw),
     }
     if not len(rows):  # the two arms never answered the same prompt: nothing to compare
         return {"rows": 0, "weak_accuracy": None, "strong_accuracy": None, "routers": {}}

@@ -238,6 +238,25 @@ def test_pair_metrics_are_undefined_without_a_gap(tmp_path, rows):
     assert not (tmp_path / "out" / "pgr.png").exists()
 
 
+def test_oracle_router_is_exact_when_an_arm_has_no_price(tmp_path):
+    """Without a price for one arm, the oracle's cost tie-break made every score NaN: it routed in table
+    order and read worse than random (CPT(50%) 52.6%, APGR 0.487 on RouteLLM's GSM8K file)."""
+    from evals.cli import cli
+
+    weak = [1, 0, 0, 1, 0, 0, 1, 0]
+    strong = [1, 0, 0, 1, 1, 1, 1, 0]  # the gain sits in the last rows: table order is the worst order
+    _write_csv(tmp_path / "t.csv", ["prompt", "my-own-model", "gpt-4o"],
+               [[f"question {i}", w, s] for i, (w, s) in enumerate(zip(weak, strong))])
+    assert cli(["--table", str(tmp_path / "t.csv"), "--out", str(tmp_path / "out"), "--no-classifier",
+                "--steps", "2"]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["note"].startswith("no prices for some arms")
+    oracle = report["pair"]["routers"]["oracle"]
+    # 2 of 8 prompts gain: half the gap at 1/8 of the calls, 80% at 1/8 + 0.6/8; APGR = 1 - 2/8 / 2
+    assert oracle["cpt50"] == pytest.approx(1 / 8) and oracle["cpt80"] == pytest.approx(1.6 / 8)
+    assert oracle["apgr"] == pytest.approx(0.875)
+
+
 def test_columns_with_the_same_policy_name_stay_two_arms(tmp_path):
     """"gpt 4o" and "gpt/4o" both clean to the policy name gpt-4o: one arm answered for both, so a
     router that always picked the always-right column scored as the always-wrong one."""
