@@ -290,11 +290,21 @@ def load_routerbench_csv(paths: Sequence[str | Path], models: Sequence[str] | No
                         price_origins={m: "recorded in the table" for m in models})
 
 
+def _content_text(content: object) -> str:
+    """A message's text: a string, or the text of OpenAI content parts ([{"type": "text", "text": ...}])."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(part["text"] for part in content if isinstance(part, dict) and isinstance(part.get("text"), str))
+    return ""
+
+
 def _prompt_text(record: dict) -> str:
     if isinstance(record.get("prompt"), str):
         return record["prompt"]
     messages = record.get("messages") or []
-    return "\n".join(m.get("content", "") for m in messages if isinstance(m, dict) and isinstance(m.get("content"), str))
+    texts = (_content_text(m.get("content")) for m in messages if isinstance(m, dict))
+    return "\n".join(text for text in texts if text)
 
 
 def _jsonl_record(line: str, path: Path, n: int) -> dict:

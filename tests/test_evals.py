@@ -119,6 +119,20 @@ def test_jsonl_per_arm_outcomes_and_samples(tmp_path):
     assert table.arms[1] == ArmInfo("small@vote3", "small", "self_consistency", 3)
 
 
+def test_jsonl_messages_with_content_parts_are_the_prompt(tmp_path):
+    """OpenAI's content parts ([{"type": "text", "text": ...}], what logged chat requests hold) were read
+    as no text: the prompt was empty, so it was scored as "" and billed no input tokens."""
+    record = {"messages": [{"role": "system", "content": "Be brief."},
+                           {"role": "user", "content": [{"type": "text", "text": "Capital of France?"},
+                                                        {"type": "image_url", "image_url": {"url": "data:,"}}]},
+                           {"role": "assistant", "content": None, "tool_calls": []}],
+              "outcomes": {"gpt-4o-mini": 1, "gpt-4o": 1}}
+    (tmp_path / "o.jsonl").write_text(json.dumps(record) + "\n")
+    table = load_table([tmp_path / "o.jsonl"])
+    assert table.prompts == ["Be brief.\nCapital of France?"]
+    assert table.prompt_tokens[0] == pytest.approx(len("Be brief.\nCapital of France?") / 4)
+
+
 def test_jsonl_numbers_nulls_and_a_byte_order_mark(tmp_path):
     """Answers recorded as JSON numbers are voted on like text; null fields are not recorded."""
     records = [
