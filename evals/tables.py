@@ -361,6 +361,12 @@ def _jsonl_records(files: Sequence[Path]) -> list[tuple[str, dict]]:
     return records
 
 
+def _votes(outcome: dict) -> bool:
+    """Whether an arm's samples make a vote arm: two or more (one sample is the arm itself, and a
+    self-consistency arm needs n >= 2)."""
+    return len(outcome["samples"]) >= 2
+
+
 def load_jsonl(paths: Sequence[str | Path], prices_file: str | Path | None = None) -> OutcomeTable:
     from router.voting import vote  # the self-consistency strategy's own grouping of answers
 
@@ -370,7 +376,7 @@ def load_jsonl(paths: Sequence[str | Path], prices_file: str | Path | None = Non
     arms: list[str] = []
     for record in records:
         for arm, outcome in record["outcomes"].items():
-            for name in [arm] + ([f"{arm}@vote{len(outcome['samples'])}"] if outcome["samples"] else []):
+            for name in [arm] + ([f"{arm}@vote{len(outcome['samples'])}"] if _votes(outcome) else []):
                 if name not in arms:
                     arms.append(name)
     if not arms:  # nothing to replay: said here rather than as an empty argmax deep in the replay
@@ -395,7 +401,7 @@ def load_jsonl(paths: Sequence[str | Path], prices_file: str | Path | None = Non
             if one is None and price is not None:
                 one = price.cost_usd(prompt_tokens[i], output[i, j])
             cost[i, j] = float(one) if one is not None else math.nan
-            if samples:
+            if _votes(outcome):
                 answers = [s["answer"] for s in samples]
                 texts = [s.get("text") or s["answer"] for s in samples]
                 winner = vote(texts, task, answers=answers if any(a is not None for a in answers) else None).winner

@@ -119,6 +119,23 @@ def test_jsonl_per_arm_outcomes_and_samples(tmp_path):
     assert table.arms[1] == ArmInfo("small@vote3", "small", "self_consistency", 3)
 
 
+def test_jsonl_one_sample_is_no_vote(tmp_path):
+    """A row that kept one sample made an arm `small@vote1`, a self-consistency arm of n=1 that the
+    replay's policy refuses: the whole run failed with 'self_consistency needs n >= 2 samples'."""
+    from evals.cli import cli
+
+    one = {"correct": True, "samples": [{"answer": "42", "correct": True}]}
+    three = {"correct": False, "samples": [{"answer": "1", "correct": False}, {"answer": "2", "correct": True},
+                                           {"answer": "2", "correct": True}]}
+    records = [{"prompt": f"question {i}", "outcomes": {"gpt-4o-mini": one if i % 2 else three, "gpt-4o": 1}}
+               for i in range(6)]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert load_table([tmp_path / "t.jsonl"]).arm_names == ["gpt-4o-mini", "gpt-4o-mini@vote3", "gpt-4o"]
+    assert _table_cli(tmp_path) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [a["arm"] for a in report["arms"]] == ["gpt-4o-mini", "gpt-4o-mini@vote3", "gpt-4o"]
+
+
 def test_jsonl_messages_with_content_parts_are_the_prompt(tmp_path):
     """OpenAI's content parts ([{"type": "text", "text": ...}], what logged chat requests hold) were read
     as no text: the prompt was empty, so it was scored as "" and billed no input tokens."""
