@@ -120,16 +120,11 @@ def build_policy(table: OutcomeTable, cost_weight: float, windows: Sequence[tupl
 
 
 def _prices(table: OutcomeTable) -> dict[str, Prices]:
-    from evals.prices import find_price
-
-    found = {}
-    for info in table.arms:
-        price = find_price(info.model)
-        origin = table.price_origins.get(info.model, "unknown")
-        if price is not None and not origin.startswith(("recorded", "unknown")):  # a list price, not a stand-in
-            found[info.model] = Prices(input_per_mtok=price.input_per_mtok if table.bills_prompt else 0.0,
-                                       output_per_mtok=price.output_per_mtok)
-    return found
+    """The list price of each model whose costs the table computed: the very price behind its costs
+    (--prices included), so the policy's estimates and the recorded costs agree."""
+    return {model: Prices(input_per_mtok=price.input_per_mtok if table.bills_prompt else 0.0,
+                          output_per_mtok=price.output_per_mtok)
+            for model, price in table.list_prices.items() if model in {info.model for info in table.arms}}
 
 
 def zero_shot_windows(n_arms: int, weak: int, strong: int) -> list[tuple[float, float, list[float]]]:

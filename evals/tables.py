@@ -73,6 +73,9 @@ class OutcomeTable:
     price_origins: dict[str, str] = field(default_factory=dict)
     tasks: list[str] | None = None  # a task type recorded with each prompt (JSONL), else None
     bills_prompt: bool = True  # False: the table's costs count output tokens only (bbh-effort)
+    # the list price each model's costs were computed from (the shipped table merged with --prices);
+    # none for models whose costs the table records
+    list_prices: dict[str, ModelPrice] = field(default_factory=dict)
 
     @property
     def arm_names(self) -> list[str]:
@@ -94,7 +97,8 @@ class OutcomeTable:
         return OutcomeTable(self.name, self.arms, pick(self.ids), pick(self.prompts), pick(self.groups),
                             self.scores[rows], self.cost_usd[rows], self.output_tokens[rows], self.prompt_tokens[rows],
                             self.description, self.strong, self.weak, self.price_origins,
-                            pick(self.tasks) if self.tasks is not None else None, self.bills_prompt)
+                            pick(self.tasks) if self.tasks is not None else None, self.bills_prompt,
+                            list_prices=self.list_prices)
 
     def select_arms(self, names: Sequence[str]) -> OutcomeTable:
         cols = [self.index(name) for name in names]
@@ -102,7 +106,9 @@ class OutcomeTable:
                              self.scores[:, cols], self.cost_usd[:, cols], self.output_tokens[:, cols],
                              self.prompt_tokens, self.description, None, None,
                              {k: v for k, v in self.price_origins.items()
-                              if k in {self.arms[c].model for c in cols}}, self.tasks, self.bills_prompt)
+                              if k in {self.arms[c].model for c in cols}}, self.tasks, self.bills_prompt,
+                             list_prices={k: v for k, v in self.list_prices.items()
+                                          if k in {self.arms[c].model for c in cols}})
         if len(names) == 2:
             table.weak, table.strong = names[0], names[1]
         return table
@@ -209,17 +215,19 @@ def _where(origin: tuple[Path, int]) -> str:
 
 
 def _costs(models: Sequence[str], prompt_tokens: np.ndarray, output_tokens: np.ndarray,
-           prices: dict[str, ModelPrice]) -> tuple[np.ndarray, dict[str, str]]:
+           prices: dict[str, ModelPrice]) -> tuple[np.ndarray, dict[str, str], dict[str, ModelPrice]]:
+    """Each model's costs, where its price came from, and the price itself (None found: NaN costs)."""
     cost = np.full(output_tokens.shape, np.nan)
     origins: dict[str, str] = {}
+    found: dict[str, ModelPrice] = {}
     for j, model in enumerate(models):
         price = find_price(model, prices)
         if price is None:
             origins[model] = "unknown: add it with --prices FILE"
             continue
-        origins[model] = price.origin
+        origins[model], found[model] = price.origin, price
         cost[:, j] = (prompt_tokens * price.input_per_mtok + output_tokens[:, j] * price.output_per_mtok) / 1e6
-    return cost, origins
+    return cost, origins, found
 
 
 def _tokens(text: str | None) -> float:
@@ -257,7 +265,7 @@ def load_routellm_csv(paths: Sequence[str | Path], models: Sequence[str] | None 
                        for i, row in enumerate(rows)], dtype=float)
     output = np.array([[_tokens(row.get(f"{m}_response")) if f"{m}_response" in header else DEFAULT_OUTPUT_TOKENS
                         for m in models] for row in rows], dtype=float)
-    cost, origins_of_prices = _costs(models, prompt_tokens, output, price_table(prices_file))
+    cost, origins_of_prices, list_prices = _costs(models, prompt_tokens, output, price_table(prices_file))
     group_column = next((g for g in ("group", "eval_name", "subject", "category") if g in header), None)
     groups = [row.get(group_column, "") if group_column else (origins[i][0].name.split(".")[0] if len(files) > 1 else "")
               for i, row in enumerate(rows)]
@@ -267,7 +275,8 @@ def load_routellm_csv(paths: Sequence[str | Path], models: Sequence[str] | None 
         description += f"; columns not read as models: {', '.join(ignored)}"
     return OutcomeTable(" + ".join(p.name for p in files[:3]) + (" ..." if len(files) > 3 else ""),
                         [ArmInfo(m, m) for m in models], ids, [row["prompt"] for row in rows], groups, scores,
-                        cost, output, prompt_tokens, description, price_origins=origins_of_prices)
+                        cost, output, prompt_tokens, description, price_origins=origins_of_prices,
+                        list_prices=list_prices)
 
 
 def load_routerbench_csv(paths: Sequence[str | Path], models: Sequence[str] | None = None) -> OutcomeTable:
@@ -483,10 +492,11 @@ def load_mmlu_pro(limit: int | None = None, root: Path | None = None) -> Outcome
                 output[i, j] = float(row["generated_chars"] or 0) / CHARS_PER_TOKEN
     prompts = [_mc_prompt(questions[q]["question"], questions[q]["options"]) for q in order]
     prompt_tokens = np.array([_tokens(p) for p in prompts])
-    cost, origins = _costs(models, prompt_tokens, np.nan_to_num(output), price_table())
+    cost, origins, list_prices = _costs(models, prompt_tokens, np.nan_to_num(output), price_table())
     return OutcomeTable("mmlu-pro", [ArmInfo(m, m) for m in models], [str(q) for q in order], prompts,
                         [questions[q]["category"] for q in order], scores, cost, output, prompt_tokens,
-                        "MMLU-Pro (TIGER-Lab), 29 models' recorded 5-shot CoT correctness", price_origins=origins)
+                        "MMLU-Pro (TIGER-Lab), 29 models' recorded 5-shot CoT correctness", price_origins=origins,
+                        list_prices=list_prices)
 
 
 def load_bbh_effort(root: Path | None = None) -> OutcomeTable:
@@ -512,6 +522,7 @@ def load_bbh_effort(root: Path | None = None) -> OutcomeTable:
                         scores, cost, output, np.array([_tokens(p) for p in prompts]),
                         "BIG-Bench Hard, code-davinci-002 3-shot direct vs CoT (cost = output length)",
                         weak="direct", strong="cot", price_origins={"code-davinci-002": price.origin},
+                        list_prices={"code-davinci-002": price},
                         bills_prompt=False)
 
 
@@ -525,11 +536,11 @@ def load_gsm8k_two_model(root: Path | None = None) -> OutcomeTable:
     scores = np.array([[float(row[c]["is_correct"]) for _, c in columns] for row in rows])
     output = np.array([[_tokens(row[c]["solution"]) for _, c in columns] for row in rows])
     prompt_tokens = np.array([_tokens(p) for p in prompts])
-    cost, origins = _costs([m for m, _ in columns], prompt_tokens, output, price_table())
+    cost, origins, list_prices = _costs([m for m, _ in columns], prompt_tokens, output, price_table())
     return OutcomeTable("gsm8k-2", [ArmInfo(m, m) for m, _ in columns], [str(i) for i in range(len(rows))], prompts,
                         [""] * len(rows), scores, cost, output, prompt_tokens,
                         "GSM8K test, OpenAI fine-tuned GPT-3 6B vs 175B (one sample each)", weak="gsm8k-6b",
-                        strong="gsm8k-175b", price_origins=origins)
+                        strong="gsm8k-175b", price_origins=origins, list_prices=list_prices)
 
 
 MMLU_TWO_MODEL = ("Mixtral-8x7B-Instruct-v0.1", "gemini-1.5-pro-002")  # RouteLLM's weak model; the strongest here

@@ -248,7 +248,8 @@ def _synthetic_table(n=400, seed=3) -> OutcomeTable:
     cost = np.c_[[find_price(a.model).cost_usd(prompt_tokens, tokens[:, j]) for j, a in enumerate(arms)]].T
     return OutcomeTable("synthetic", arms, [str(i) for i in range(n)], prompts, ["g1" if h else "g2" for h in hard],
                         scores, cost, tokens, prompt_tokens, "synthetic",
-                        price_origins={a.model: "litellm:test" for a in arms})
+                        price_origins={a.model: "litellm:test" for a in arms},
+                        list_prices={a.model: find_price(a.model) for a in arms})
 
 
 @pytest.mark.parametrize("rows", [
@@ -470,6 +471,28 @@ def test_table_run_refuses_a_price_file_it_cannot_read(tmp_path, capsys, no_scor
     assert _table_cli(tmp_path, "--prices", str(tmp_path / "prices.yaml")) == 1
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith(f"ponder eval: error: {tmp_path / 'prices.yaml'}") and message in err[0]
+
+
+def test_the_replay_decides_on_the_prices_given_with_prices_file(tmp_path):
+    """--prices for a model litellm also prices (a self-hosted or discounted gpt-4o) made the costs but
+    not the replay's policy, which kept litellm's list price: the cold learner thought gpt-4o 15x the
+    price of gpt-4o-mini and answered everything with mini, though gpt-4o was cheaper and better."""
+    from evals.routing import build_policy
+
+    rows = [[f"question {i}", int(i % 2 == 0), 1] for i in range(40)]
+    _write_csv(tmp_path / "t.csv", ["prompt", "gpt-4o-mini", "gpt-4o"], rows)
+    (tmp_path / "prices.yaml").write_text("models:\n  gpt-4o: {input_per_mtok: 0.01, output_per_mtok: 0.02, "
+                                          "source: self-hosted}\n")
+    table = load_table([tmp_path / "t.csv"], prices_file=tmp_path / "prices.yaml")
+    backends = {b.model: b.prices for b in build_policy(table, 1.0).backends}
+    assert (backends["eval/gpt-4o"].input_per_mtok, backends["eval/gpt-4o"].output_per_mtok) == (0.01, 0.02)
+    assert backends["eval/gpt-4o-mini"].input_per_mtok == table.list_prices["gpt-4o-mini"].input_per_mtok
+    from evals.cli import cli
+
+    assert cli(["--table", str(tmp_path / "t.csv"), "--out", str(tmp_path / "out"), "--no-classifier",
+                "--steps", "2", "--prices", str(tmp_path / "prices.yaml")]) == 0
+    cold = json.loads((tmp_path / "out" / "report.json").read_text())["methods"]["ponder cold"]["points"]
+    assert cold[-1]["accuracy"] > 0.9  # it was 0.5: always gpt-4o-mini
 
 
 @pytest.mark.parametrize("flag", ["--strong", "--weak"])
