@@ -15,6 +15,7 @@ import pytest
 
 from evals import metrics
 from evals.classification import Scores, leak_free_scores, length_scores
+from evals.prices import find_price
 from evals.tables import ArmInfo, OutcomeTable, load_routellm_csv, load_routerbench_csv, load_table
 
 pytestmark = pytest.mark.timeout(120)
@@ -45,6 +46,16 @@ def test_routellm_csv_true_false_and_01_columns_several_files(tmp_path):
     assert table.has_costs
     named = load_routellm_csv([tmp_path / "algebra.csv"], models=["gpt-4-1106-preview", "id"])
     assert named.arm_names == ["gpt-4-1106-preview", "id"]  # a named column is used even if it looks like an id
+
+
+def test_routellm_published_header_is_priced(tmp_path):
+    """RouteLLM's own files (gsm8k_responses.csv, mmlu/responses/*.csv) name their weak model
+    `mixtral-8x7b-instruct-v0.1`, in lower case: it had no price, so nothing was replayed."""
+    _write_csv(tmp_path / "gsm8k_responses.csv", ["prompt", "mixtral-8x7b-instruct-v0.1", "gpt-4-1106-preview"],
+               [["Janet's ducks lay 16 eggs per day.", "True", "True"], ["A robe takes 2 bolts.", "False", "True"]])
+    table = load_table([tmp_path / "gsm8k_responses.csv"])
+    assert table.has_costs
+    assert table.price_origins["mixtral-8x7b-instruct-v0.1"] == find_price("Mixtral-8x7B-Instruct-v0.1").origin
 
 
 def test_routellm_csv_rejects_out_of_range_scores(tmp_path):
@@ -243,8 +254,6 @@ def _synthetic_table(n=400, seed=3) -> OutcomeTable:
     arms = [ArmInfo(m, m) for m in ("Llama-2-7b-hf", "gemini-1.5-flash-002", "gemini-1.5-pro-002")]
     tokens = np.full((n, 3), 100.0)
     prompt_tokens = np.array([len(x) / 4 for x in prompts])
-    from evals.prices import find_price
-
     cost = np.c_[[find_price(a.model).cost_usd(prompt_tokens, tokens[:, j]) for j, a in enumerate(arms)]].T
     return OutcomeTable("synthetic", arms, [str(i) for i in range(n)], prompts, ["g1" if h else "g2" for h in hard],
                         scores, cost, tokens, prompt_tokens, "synthetic",
