@@ -159,6 +159,11 @@ def _point(p: dict | None, unit: str) -> str:
     return f"acc {p['accuracy']:.3f}, {unit} {_pct(p['cost_ratio' if unit == 'cost' else 'tokens_ratio'])} (k={p['k']:.3g})"
 
 
+def _cell(text: str) -> str:
+    """Text for a markdown table cell: a `|` (RouterBench-style names such as `openai|gpt-4o`) would split it."""
+    return text.replace("|", "\\|")
+
+
 def render_markdown(result: dict, plots: dict[str, str]) -> str:
     t = result["table"]
     lines = [f"# Routing replay: {t['name']}", "", f"{t['description']}. {t['prompts']} prompts, {t['arms']} arms; "
@@ -228,8 +233,8 @@ def render_markdown(result: dict, plots: dict[str, str]) -> str:
     lines += ["## Single arms", "", "| arm | accuracy | cost/request (USD) | output tokens | coverage | price |",
               "|---|---|---|---|---|---|"]
     for a in sorted(result["arms"], key=lambda a: -a["accuracy"]):
-        lines.append(f"| {a['arm']} | {a['accuracy']:.3f} | {_num(a['cost_usd'], '.3g')} | {a['output_tokens']:.0f} | "
-                     f"{_pct(a['coverage'])} | {a['price'][:60]} |")
+        lines.append(f"| {_cell(a['arm'])} | {a['accuracy']:.3f} | {_num(a['cost_usd'], '.3g')} | "
+                     f"{a['output_tokens']:.0f} | {_pct(a['coverage'])} | {_cell(a['price'][:60])} |")
     lines += [""] + [f"![{name}]({file})" for name, file in plots.items()] + [""]
     return "\n".join(lines)
 

@@ -29,6 +29,7 @@ import gzip
 import json
 import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -237,6 +238,16 @@ def _tokens(text: str | None) -> float:
 # --- user formats ------------------------------------------------------------------------------------
 
 
+def _not_a_model(name: str, header: Sequence[str]) -> bool:
+    """Columns a RouteLLM-style table holds besides its models: ids and labels, a model's response
+    (`<model>_response`, `<model>|model_response`), and the row index pandas' to_csv writes (an unnamed
+    column, `Unnamed: 0` once read and written again), which a table of one or two rows would
+    otherwise turn into a model that scored its row numbers."""
+    return (name.lower() in NOT_MODEL_COLUMNS or name.endswith("_response") or not name.strip()
+            or re.fullmatch(r"Unnamed: \d+", name) is not None
+            or "|" in name and name.rsplit("|", 1)[0] in header)
+
+
 def load_routellm_csv(paths: Sequence[str | Path], models: Sequence[str] | None = None,
                       prices_file: str | Path | None = None) -> OutcomeTable:
     files = expand_paths(paths)
@@ -245,7 +256,7 @@ def load_routellm_csv(paths: Sequence[str | Path], models: Sequence[str] | None 
     if models is None:
         models = []
         for name in header:
-            if name.lower() in NOT_MODEL_COLUMNS or name.endswith("_response") or "|" in name:
+            if _not_a_model(name, header):
                 continue
             values = [row.get(name) for row in rows]
             parsed = [_score_or_none(value) for value in values]

@@ -48,6 +48,32 @@ def test_routellm_csv_true_false_and_01_columns_several_files(tmp_path):
     assert named.arm_names == ["gpt-4-1106-preview", "id"]  # a named column is used even if it looks like an id
 
 
+@pytest.mark.parametrize("index", ["", "Unnamed: 0"])
+def test_a_pandas_row_index_is_no_model(tmp_path, index):
+    """pandas' to_csv writes the row index as an unnamed first column (`Unnamed: 0` once read and
+    written again): in a table of one or two rows its 0 and 1 were read as a third model."""
+    _write_csv(tmp_path / "t.csv", [index, "prompt", "gpt-4o-mini", "gpt-4o"],
+               [["0", "What is 2+2?", "1", "1"], ["1", "Integrate x dx", "0", "1"]])
+    assert load_table([tmp_path / "t.csv"]).arm_names == ["gpt-4o-mini", "gpt-4o"]
+
+
+def test_model_names_with_a_bar_are_models_and_stay_whole_in_the_report(tmp_path):
+    """Every `|` column was skipped as a RouterBench attribute, so `openai|gpt-4o` columns gave 'need at
+    least two model columns; ... found []'; only `<column>|...` attributes of another column are skipped."""
+    from evals.cli import cli
+
+    _write_csv(tmp_path / "t.csv", ["prompt", "openai|gpt-4o-mini", "openai|gpt-4o", "openai|gpt-4o|model_response"],
+               [[f"question {i}", i % 2, 1, "x" * 40] for i in range(6)])
+    (tmp_path / "prices.yaml").write_text('models:\n  "openai|gpt-4o-mini": {input_per_mtok: 0.15, output_per_mtok: '
+                                          '0.6, source: me}\n  "openai|gpt-4o": {input_per_mtok: 2.5, '
+                                          'output_per_mtok: 10, source: me}\n')
+    assert load_table([tmp_path / "t.csv"]).arm_names == ["openai|gpt-4o-mini", "openai|gpt-4o"]
+    assert cli(["--table", str(tmp_path / "t.csv"), "--out", str(tmp_path / "out"), "--no-classifier",
+                "--steps", "2", "--prices", str(tmp_path / "prices.yaml")]) == 0
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "| openai\\|gpt-4o | 1.000 |" in markdown and "| openai\\|gpt-4o-mini | 0.500 |" in markdown
+
+
 def test_routellm_published_header_is_priced(tmp_path):
     """RouteLLM's own files (gsm8k_responses.csv, mmlu/responses/*.csv) name their weak model
     `mixtral-8x7b-instruct-v0.1`, in lower case: it had no price, so nothing was replayed."""
