@@ -48,6 +48,8 @@ def _check_pair(args, table) -> None:
     for flag, arm in (("--strong", args.strong), ("--weak", args.weak)):
         if arm is not None and arm not in table.arm_names:
             raise ValueError(f"{flag} {arm}: the table has no such arm (its arms: {', '.join(table.arm_names)})")
+    if args.strong is not None and args.strong == args.weak:
+        raise ValueError(f"--strong and --weak both name {args.strong}: the pair needs two arms")
 
 
 def _limited(table, limit: int | None):

@@ -302,7 +302,10 @@ def pick_pair(table: OutcomeTable, strong: str | None = None, weak: str | None =
         warnings.simplefilter("ignore", RuntimeWarning)
         acc = np.nanmean(table.scores, axis=0)
         cost = np.nanmean(table.cost_usd, axis=0)
-    s = names.index(strong or table.strong) if (strong or table.strong) else int(np.argmax(acc))
+    if strong or table.strong:
+        s = names.index(strong or table.strong)
+    else:  # the most accurate arm, other than a weak arm named on its own
+        s = int(np.argmax(np.where(np.array(names) == weak, -np.inf, acc)))
     if weak or table.weak:
         return names.index(weak or table.weak), s
     coverage = np.isfinite(table.scores).mean(axis=0)

@@ -248,10 +248,17 @@ def _not_a_model(name: str, header: Sequence[str]) -> bool:
             or "|" in name and name.rsplit("|", 1)[0] in header)
 
 
+def _some_rows(files: Sequence[Path], rows: list) -> None:
+    """A header and nothing below it is said as such, not as a column or array error further on."""
+    if not rows:
+        raise ValueError(f"{', '.join(map(str, files))}: no rows below the header")
+
+
 def load_routellm_csv(paths: Sequence[str | Path], models: Sequence[str] | None = None,
                       prices_file: str | Path | None = None) -> OutcomeTable:
     files = expand_paths(paths)
     header, rows, origins = _read_csv_rows(files)
+    _some_rows(files, rows)
     ignored = []
     if models is None:
         models = []
@@ -293,6 +300,7 @@ def load_routellm_csv(paths: Sequence[str | Path], models: Sequence[str] | None 
 def load_routerbench_csv(paths: Sequence[str | Path], models: Sequence[str] | None = None) -> OutcomeTable:
     files = expand_paths(paths)
     header, rows, origins = _read_csv_rows(files)
+    _some_rows(files, rows)
     if models is None:
         models = [name[: -len("|total_cost")] for name in header if name.endswith("|total_cost")]
     if len(models) < 2 or "prompt" not in header:
@@ -401,6 +409,9 @@ def load_jsonl(paths: Sequence[str | Path], prices_file: str | Path | None = Non
                     arms.append(name)
     if not arms:  # nothing to replay: said here rather than as an empty argmax deep in the replay
         raise ValueError(f"{', '.join(map(str, files))}: no row records an outcome")
+    if len(arms) < 2:  # nothing to route between (the report compared the arm with itself)
+        raise ValueError(f"{', '.join(map(str, files))}: every outcome is of one arm, `{arms[0]}`; "
+                         "routing needs two or more")
     n, k = len(records), len(arms)
     scores, cost, output = np.full((n, k), np.nan), np.full((n, k), np.nan), np.full((n, k), np.nan)
     prompts = [_prompt_text(r) for r in records]

@@ -539,6 +539,37 @@ def test_table_run_refuses_an_arm_the_table_lacks_before_replaying(tmp_path, cap
     assert not (tmp_path / "out" / "report.md").exists()
 
 
+@pytest.mark.parametrize("name, body, message", [
+    # RouteLLM header only: it said 'need at least two model columns; missing [], found []'
+    ("t.csv", "prompt,gpt-4o-mini,gpt-4o\n", "t.csv: no rows below the header"),
+    # RouterBench header only: 'zero-size array to reduction operation maximum which has no identity'
+    ("t.csv", "prompt,a,b,a|total_cost,b|total_cost\r\n", "t.csv: no rows below the header"),
+    # one arm: a report comparing the arm with itself ("Weak a vs strong a")
+    ("t.jsonl", '{"prompt": "x", "outcomes": {"a": 1}}\n', "every outcome is of one arm, `a`; routing needs two"),
+])
+def test_a_table_with_nothing_to_route_is_said_so(tmp_path, capsys, no_scoring, name, body, message):
+    (tmp_path / name).write_text(body)
+    from evals.cli import cli
+
+    assert cli(["--table", str(tmp_path / name), "--out", str(tmp_path / "out"), "--no-classifier"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("ponder eval: error: ") and message in err[0]
+    assert not (tmp_path / "out" / "report.md").exists()
+
+
+def test_the_pair_is_two_arms(tmp_path, capsys, no_scoring):
+    """`--strong M --weak M` replayed a pair of one arm; `--weak` naming the most accurate arm made it
+    the strong arm too."""
+    _outcomes_file(tmp_path / "t.jsonl")
+    assert _table_cli(tmp_path, "--strong", "b", "--weak", "b") == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "ponder eval: error: --strong and --weak both name b: the pair needs two arms"]
+    from evals.routing import pick_pair
+
+    table = load_table([tmp_path / "t.jsonl"])
+    assert pick_pair(table, weak="b") == (1, 0)  # b is the most accurate arm: the strong one is a
+
+
 def test_table_run_with_a_limit_and_a_named_pair(tmp_path):
     _outcomes_file(tmp_path / "t.jsonl")
     assert _table_cli(tmp_path, "--limit", "4", "--strong", "b", "--weak", "a") == 0
