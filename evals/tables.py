@@ -23,6 +23,7 @@ x input price + output tokens x output price from evals/prices.py, with tokens =
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import gzip
@@ -194,13 +195,18 @@ def _read_csv_rows(paths: Sequence[Path], required: Sequence[str] = ("prompt",),
     origins: list[tuple[Path, int]] = []
     for path in paths:
         opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rt", encoding="utf-8-sig", newline="") as handle:
+        with opener(path, "rt", encoding="utf-8-sig", newline="") as handle, _utf8(path):
             reader = csv.DictReader(handle)
             names = reader.fieldnames or []
             absent = [column for column in required if column not in names]
             if absent:
                 raise ValueError(f"{path}: no {', '.join(f'`{c}`' for c in absent)} column "
                                  f"(columns: {', '.join(names) or 'none'})")
+            # a row holds one value per name: a second `gpt-4o` column silently replaced the first's scores
+            twice = sorted({name for name in names if name.strip() and names.count(name) > 1})
+            if twice:
+                raise ValueError(f"{path}: {', '.join(f'`{c}`' for c in twice)} named by two columns; "
+                                 "rename one to read both")
             for name in names:
                 if name not in header:
                     header.append(name)
@@ -209,6 +215,16 @@ def _read_csv_rows(paths: Sequence[Path], required: Sequence[str] = ("prompt",),
                     rows.append(row)
                     origins.append((path, reader.line_num))
     return header, rows, origins
+
+
+@contextlib.contextmanager
+def _utf8(path: Path):
+    """A file that is not UTF-8 (Excel's plain "CSV" is the Windows code page) named, with the way out."""
+    try:
+        yield
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text (it holds the byte {exc.object[exc.start]:#04x}); save it as "
+                         'UTF-8 (Excel: "CSV UTF-8") or convert it, e.g. iconv -f cp1252 -t utf-8') from None
 
 
 def _where(origin: tuple[Path, int]) -> str:
@@ -383,7 +399,7 @@ def _jsonl_records(files: Sequence[Path]) -> list[tuple[str, dict]]:
     """(where, record) for every non-empty line; utf-8-sig reads a file saved with a byte-order mark."""
     records = []
     for path in files:
-        with open(path, encoding="utf-8-sig") as handle:
+        with open(path, encoding="utf-8-sig") as handle, _utf8(path):
             records += [(f"{path} line {n}", _jsonl_record(line, path, n))
                         for n, line in enumerate(handle, 1) if line.strip()]
     return records

@@ -114,6 +114,28 @@ def test_routellm_csv_bad_cells_are_named(tmp_path):
     assert "`level` (" in table.description
 
 
+def test_a_column_named_twice_is_refused_not_half_read(tmp_path):
+    """csv.DictReader keeps the last of two same-named columns: the first `gpt-4o`'s scores were
+    silently replaced by the second's. Blank names (a spreadsheet's trailing empty columns) may repeat."""
+    _write_csv(tmp_path / "t.csv", ["prompt", "gpt-4o", "gpt-4o-mini", "gpt-4o", "", ""],
+               [["p", "1", "0", "0", "", ""], ["q", "1", "1", "0", "", ""]])
+    with pytest.raises(ValueError, match=r"t.csv: `gpt-4o` named by two columns; rename one to read both"):
+        load_table([tmp_path / "t.csv"])
+    _write_csv(tmp_path / "t.csv", ["prompt", "gpt-4o", "gpt-4o-mini", "", ""], [["p", "1", "0", "", ""]])
+    assert load_table([tmp_path / "t.csv"]).arm_names == ["gpt-4o", "gpt-4o-mini"]
+
+
+@pytest.mark.parametrize("name, body", [
+    ("t.csv", "prompt,gpt-4o,gpt-4o-mini\nWhat\u2019s 2+2?,1,0\n"),  # Excel's plain "CSV": Windows-1252
+    ("t.jsonl", '{"prompt": "caf\xe9", "outcomes": {"a": 1, "b": 0}}\n'),
+])
+def test_a_file_that_is_not_utf8_is_named(tmp_path, name, body):
+    """It was the bare 'utf-8' codec can't decode byte 0x92 in position 30: which file, and what to do?"""
+    (tmp_path / name).write_bytes(body.encode("cp1252"))
+    with pytest.raises(ValueError, match=rf"{name}: not UTF-8 text \(it holds the byte 0x(92|e9)\); save it as UTF-8"):
+        load_table([tmp_path / name])
+
+
 def test_several_csvs_each_need_a_prompt_column_and_blank_rows_are_no_prompts(tmp_path):
     _write_csv(tmp_path / "a.csv", ["prompt", "m1", "m2"], [["p", "1", "0"], ["", "", ""], ["q", "0", "1"]])
     _write_csv(tmp_path / "b.csv", ["question", "m1", "m2"], [["r", "1", "1"]])
