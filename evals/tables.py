@@ -451,6 +451,8 @@ def load_jsonl(paths: Sequence[str | Path], prices_file: str | Path | None = Non
             if _votes(outcome):
                 answers = [s["answer"] for s in samples]
                 texts = [s.get("text") or s["answer"] for s in samples]
+                if all(text is None for text in texts):  # the vote would be "the first sample", silently
+                    raise ValueError(f'{where}, arm `{arm}`: no sample has an "answer" or a "text" to vote on')
                 winner = vote(texts, task, answers=answers if any(a is not None for a in answers) else None).winner
                 v = arms.index(f"{arm}@vote{len(samples)}")
                 scores[i, v] = _read(_score, samples[winner].get("correct", samples[winner].get("score")),

@@ -236,6 +236,8 @@ def test_jsonl_numbers_nulls_and_a_byte_order_mark(tmp_path):
     ({"samples": [{"answer": [4, 2], "correct": True}]}, "a sample's \"answer\" must be a string or a number"),
     ({"correct": 1, "output_tokens": "many"}, "output_tokens: could not convert string to float: 'many'"),
     ({"correct": 1, "cost_usd": -1}, "cost_usd: -1 is negative"),
+    # correctness only: the @vote2 arm silently scored the first sample
+    ({"samples": [{"correct": True}, {"correct": False}]}, 'no sample has an "answer" or a "text" to vote on'),
     ("maybe", "'maybe' is not a score"),
 ])
 def test_table_run_names_a_bad_outcome_instead_of_a_traceback(tmp_path, capsys, no_scoring, outcome, message):
