@@ -294,22 +294,33 @@ def arm_summary(table: OutcomeTable) -> list[dict]:
     return rows
 
 
+FULL_COVERAGE = 0.99  # an arm recorded on this share of the prompts can stand for the whole table
+
+
+def covering(table: OutcomeTable) -> np.ndarray:
+    """Which arms may be a reference (always-strongest, the pair): those recorded on nearly every prompt,
+    if any. An arm of a second file's 3 rows, right on all 3, is no reference for a 300-prompt table."""
+    full = np.isfinite(table.scores).mean(axis=0) >= FULL_COVERAGE
+    return full if full.any() else np.ones(len(table.arms), dtype=bool)
+
+
 def pick_pair(table: OutcomeTable, strong: str | None = None, weak: str | None = None) -> tuple[int, int]:
     """(weak, strong) columns: as given, else the table's own, else the most accurate arm and the most
-    accurate arm costing at most a fifth of it (the cheapest arm if none does)."""
+    accurate arm costing at most a fifth of it (the cheapest arm if none does), among the arms recorded
+    on nearly every prompt."""
     names = table.arm_names
     with warnings.catch_warnings():  # an arm with no price has an all-NaN cost column: NaN is the answer
         warnings.simplefilter("ignore", RuntimeWarning)
         acc = np.nanmean(table.scores, axis=0)
         cost = np.nanmean(table.cost_usd, axis=0)
+    full = covering(table)
     if strong or table.strong:
         s = names.index(strong or table.strong)
     else:  # the most accurate arm, other than a weak arm named on its own
-        s = int(np.argmax(np.where(np.array(names) == weak, -np.inf, acc)))
+        s = int(np.argmax(np.where((np.array(names) == weak) | ~full, -np.inf, acc)))
     if weak or table.weak:
         return names.index(weak or table.weak), s
-    coverage = np.isfinite(table.scores).mean(axis=0)
-    cheap = [j for j in range(len(names)) if j != s and cost[j] <= cost[s] / 5 and coverage[j] >= 0.99]
+    cheap = [j for j in range(len(names)) if j != s and cost[j] <= cost[s] / 5 and full[j]]
     w = max(cheap, key=lambda j: acc[j]) if cheap else int(np.argmin(np.where(np.arange(len(names)) == s, np.inf, cost)))
     return w, s
 
@@ -446,8 +457,9 @@ def evaluate(table: OutcomeTable, scores: Scores, *, bucket_modes: Sequence[str]
     singles = arm_summary(table)
     w, s = pick_pair(table, strong, weak)
     priced = table.has_costs
-    cheapest = min(range(len(singles)), key=lambda j: singles[j]["cost_usd"] if priced else j)
-    top = int(np.argmax([a["accuracy"] for a in singles]))
+    full = covering(table)  # the references (always-cheapest, always-strongest) answer nearly every prompt
+    cheapest = min(np.flatnonzero(full), key=lambda j: singles[j]["cost_usd"] if priced else j)
+    top = int(np.argmax(np.where(full, [a["accuracy"] for a in singles], -np.inf)))
     result: dict = {
         "table": {"name": table.name, "description": table.description, "prompts": len(table),
                   "arms": len(table.arms), "weak": table.arm_names[w], "strong": table.arm_names[s],

@@ -348,6 +348,24 @@ def test_oracle_router_is_exact_when_an_arm_has_no_price(tmp_path):
     assert oracle["apgr"] == pytest.approx(0.875)
 
 
+def test_an_arm_of_a_few_rows_is_no_reference(tmp_path):
+    """Files with different model sets: o1, in a second file of 3 rows and right on all 3, was the
+    'strongest' arm (acc 1.000), so every operating point read 'not reached' and the pair (gpt-4o vs o1)
+    shared no prompt: no CPT. The references are the arms recorded on nearly every prompt."""
+    from evals.cli import cli
+
+    _write_csv(tmp_path / "a.csv", ["prompt", "gpt-4o-mini", "gpt-4o"],
+               [[f"question {i}", int(i % 2 == 0), int(i % 5 != 0)] for i in range(300)])
+    _write_csv(tmp_path / "b.csv", ["prompt", "gpt-4o-mini", "o1"], [[f"puzzle {i}", 0, 1] for i in range(3)])
+    assert cli(["--table", str(tmp_path / "a.csv"), str(tmp_path / "b.csv"), "--out", str(tmp_path / "out"),
+                "--no-classifier", "--steps", "2"]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    t = report["table"]
+    assert (t["weak"], t["strong"], t["strongest"], t["cheapest"]) == ("gpt-4o-mini", "gpt-4o", "gpt-4o", "gpt-4o-mini")
+    assert report["pair"]["rows"] == 300 and report["pair"]["routers"]["oracle"]["cpt50"] is not None
+    assert report["methods"]["ponder warm (recorded, no exploration)"]["within_1pt"] is not None
+
+
 def test_columns_with_the_same_policy_name_stay_two_arms(tmp_path):
     """"gpt 4o" and "gpt/4o" both clean to the policy name gpt-4o: one arm answered for both, so a
     router that always picked the always-right column scored as the always-wrong one."""
