@@ -181,7 +181,11 @@ def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
         if not matches:
             raise FileNotFoundError(f"no file matches {text}")
         found += [Path(match) for match in matches]
-    return found
+    # once each: `runs/*.csv runs/extra.csv` read extra.csv twice, every one of its rows counted double
+    once: dict[Path, Path] = {}
+    for path in found:
+        once.setdefault(path.resolve(), path)
+    return list(once.values())
 
 
 def _read_csv_rows(paths: Sequence[Path], required: Sequence[str] = ("prompt",),

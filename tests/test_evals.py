@@ -146,6 +146,14 @@ def test_several_csvs_each_need_a_prompt_column_and_blank_rows_are_no_prompts(tm
     assert table.scores.tolist() == [[1.0, 0.0], [0.0, 1.0]]
 
 
+def test_a_file_named_twice_is_read_once(tmp_path):
+    """`--table 'runs/*.csv' runs/b.csv` (a glob and a file it already matches) read b.csv twice."""
+    _write_csv(tmp_path / "a.csv", ["prompt", "m1", "m2"], [["p", "1", "0"]])
+    _write_csv(tmp_path / "b.csv", ["prompt", "m1", "m2"], [["q", "0", "1"], ["r", "1", "1"]])
+    table = load_table([str(tmp_path / "*.csv"), str(tmp_path / "b.csv"), tmp_path / "." / "a.csv"])
+    assert table.prompts == ["p", "q", "r"] and table.groups == ["a", "b", "b"]
+
+
 def test_routerbench_csv_uses_recorded_costs(tmp_path):
     header = ["sample_id", "prompt", "eval_name", "WizardLM/WizardLM-13B-V1.2", "WizardLM/WizardLM-13B-V1.2|total_cost",
               "WizardLM/WizardLM-13B-V1.2|model_response", "gpt-4-1106-preview", "gpt-4-1106-preview|total_cost",
