@@ -232,9 +232,9 @@ def render_markdown(result: dict, plots: dict[str, str]) -> str:
                   f"in hindsight (ratio {_num(r['final_ratio'])}).", ""]
     lines += ["## Single arms", "", "| arm | accuracy | cost/request (USD) | output tokens | coverage | price |",
               "|---|---|---|---|---|---|"]
-    for a in sorted(result["arms"], key=lambda a: -a["accuracy"]):
-        lines.append(f"| {_cell(a['arm'])} | {a['accuracy']:.3f} | {_num(a['cost_usd'], '.3g')} | "
-                     f"{a['output_tokens']:.0f} | {_pct(a['coverage'])} | {_cell(a['price'][:60])} |")
+    for a in sorted(result["arms"], key=lambda a: 1.0 if a["accuracy"] is None else -a["accuracy"]):
+        lines.append(f"| {_cell(a['arm'])} | {_num(a['accuracy'])} | {_num(a['cost_usd'], '.3g')} | "
+                     f"{_num(a['output_tokens'], '.0f')} | {_pct(a['coverage'])} | {_cell(a['price'][:60])} |")
     lines += [""] + [f"![{name}]({file})" for name, file in plots.items()] + [""]
     return "\n".join(lines)
 

@@ -287,6 +287,10 @@ def arm_summary(table: OutcomeTable) -> list[dict]:
     rows = []
     for j, info in enumerate(table.arms):
         have = np.isfinite(table.scores[:, j])
+        if not have.any():  # no record here (e.g. a sparse arm outside a --limit sample): nothing to average
+            rows.append({"arm": info.name, "model": info.model, "accuracy": None, "cost_usd": None,
+                         "output_tokens": None, "coverage": 0.0, "price": table.price_origins.get(info.model, "")})
+            continue
         rows.append({"arm": info.name, "model": info.model, "accuracy": float(np.nanmean(table.scores[:, j])),
                      "cost_usd": float(np.nanmean(table.cost_usd[:, j])) if np.isfinite(table.cost_usd[have, j]).all()
                      else None, "output_tokens": float(np.nanmean(table.output_tokens[:, j])),
@@ -459,7 +463,8 @@ def evaluate(table: OutcomeTable, scores: Scores, *, bucket_modes: Sequence[str]
     priced = table.has_costs
     full = covering(table)  # the references (always-cheapest, always-strongest) answer nearly every prompt
     cheapest = min(np.flatnonzero(full), key=lambda j: singles[j]["cost_usd"] if priced else j)
-    top = int(np.argmax(np.where(full, [a["accuracy"] for a in singles], -np.inf)))
+    top = int(np.argmax([a["accuracy"] if full[j] and a["accuracy"] is not None else -np.inf
+                         for j, a in enumerate(singles)]))
     result: dict = {
         "table": {"name": table.name, "description": table.description, "prompts": len(table),
                   "arms": len(table.arms), "weak": table.arm_names[w], "strong": table.arm_names[s],

@@ -777,3 +777,19 @@ def test_reports_are_strict_json_even_where_a_metric_has_nothing_to_average(tmp_
 
     report = json.loads((tmp_path / "out" / "report.json").read_text(), parse_constant=refuse)
     assert report["table"]["prompts"] == 40
+
+
+def test_an_arm_with_no_record_in_the_sample_reads_n_a(tmp_path, recwarn):
+    """An arm recorded only outside a --limit sample (or only as nulls) printed numpy's 'Mean of empty
+    slice' warning and 'nan' in report.md's single arms."""
+    from evals.cli import cli
+
+    rows = [{"prompt": f"question {i}", "outcomes": {"gpt-4o-mini": i % 2, "gpt-4o": 1, "o1": None}} for i in range(8)]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert cli(["--table", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "out"), "--no-classifier",
+                "--steps", "2"]) == 0
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "nan" not in markdown and markdown.rstrip().split("## Single arms")[1].count("| o1 | n/a | n/a | n/a | 0.0% |") == 1
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["table"]["strongest"] == "gpt-4o"
