@@ -793,3 +793,20 @@ def test_an_arm_with_no_record_in_the_sample_reads_n_a(tmp_path, recwarn):
     assert "nan" not in markdown and markdown.rstrip().split("## Single arms")[1].count("| o1 | n/a | n/a | n/a | 0.0% |") == 1
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["table"]["strongest"] == "gpt-4o"
+
+
+@pytest.mark.parametrize("free", ["gpt-4o-mini", "gpt-4o"])
+def test_a_free_self_hosted_arm_gets_a_report(tmp_path, free):
+    """A model priced 0 (self-hosted, `--prices`) failed the run after the whole replay, no report
+    written: 'Geometric sequence cannot include zero' (the cost plot's log axis), and a free strongest
+    arm divided by zero in report.md."""
+    from evals.cli import cli
+
+    _write_csv(tmp_path / "t.csv", ["prompt", "gpt-4o-mini", "gpt-4o"],
+               [[f"question {i}", int(i % 2 == 0), int(i % 5 != 0)] for i in range(40)])
+    (tmp_path / "prices.yaml").write_text(f"models:\n  {free}: {{input_per_mtok: 0, output_per_mtok: 0, source: mine}}\n")
+    assert cli(["--table", str(tmp_path / "t.csv"), "--out", str(tmp_path / "out"), "--no-classifier",
+                "--steps", "2", "--prices", str(tmp_path / "prices.yaml")]) == 0
+    assert (tmp_path / "out" / "cost_accuracy.png").stat().st_size > 0
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "Always-cheapest (gpt-4o" in markdown and "nan" not in markdown
