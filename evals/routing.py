@@ -111,7 +111,7 @@ def build_policy(table: OutcomeTable, cost_weight: float, windows: Sequence[tupl
     routes = [RouteSpec(name=f"d{k}", when=RouteMatch(difficulty=(lo, hi)), candidates=dict(zip(names, priors)))
               for k, (lo, hi, priors) in enumerate(windows)]
     routes.append(RouteSpec(name="all", candidates=names))
-    labels = sorted({task_label(group) for group in table.groups if group})  # x-ponder-task, for group buckets
+    labels = sorted(set(task_labels(table.groups).values()))  # x-ponder-task, for group buckets
     return Policy(name=_name(f"eval-{table.name}"), backends=list(backends.values()), arms=arms, routes=routes,
                   objective=Objective(cost_weight=cost_weight, latency_weight=0.0),
                   overrides=Overrides(task_header=labels),
@@ -196,12 +196,25 @@ def task_label(group: str) -> str:
     return re.sub(r"[^a-z0-9_.-]+", "-", group.lower()).strip("-._")[:64] or "group"
 
 
+def task_labels(groups: Sequence[str]) -> dict[str, str]:
+    """Each distinct group's label, unique: groups that clean to the same label ("C++" and "C#", or
+    names in another script, which clean to nothing) get -2, -3, ... rather than sharing one bucket."""
+    labels: dict[str, str] = {}
+    for group in groups:
+        if group and group not in labels:
+            label, k = task_label(group), 2
+            while label in labels.values():
+                label, k = f"{task_label(group)[:60]}-{k}", k + 1
+            labels[group] = label
+    return labels
+
+
 def classify_rows(table: OutcomeTable, scores: Scores, bucket_by: str) -> list[Row]:
     """The router's view of each row; `group` keys the learner on the table's own groups (e.g. the BBH
     task) the way a client would through the gateway: the group as its x-ponder-task label."""
     if bucket_by == "group":
-        return [Row(scores.classification(i), task_label(table.groups[i]) if table.groups[i] else None)
-                for i in range(len(table))]
+        labels = task_labels(table.groups)
+        return [Row(scores.classification(i), labels.get(table.groups[i])) for i in range(len(table))]
     return [Row(scores.classification(i)) for i in range(len(table))]
 
 

@@ -761,6 +761,21 @@ def test_group_buckets_go_through_the_client_task_label():
     assert run.buckets == expected and {b.split(":")[0] for b in expected} == {"easy", "hard-ones"}
 
 
+def test_groups_that_clean_to_one_label_stay_apart():
+    """Groups in another script clean to nothing ('group') and "C++" / "C#" both to "c": the group
+    buckets merged them, while the group ceiling kept them apart."""
+    from evals.routing import build_policy, classify_rows
+
+    table = _synthetic_table(40)
+    table.groups[:] = ["数学" if g == "g1" else "物理" for g in table.groups]
+    assert build_policy(table, 1.0).overrides.task_header == ["group", "group-2"]
+    rows = classify_rows(table, length_scores(table.prompts), "group")
+    assert {row.label for row, group in zip(rows, table.groups) if group == "物理"} == {"group-2"}
+    from evals.routing import task_labels
+
+    assert task_labels(["C++", "C#", "C++", ""]) == {"C++": "c", "C#": "c-2"}
+
+
 def test_reports_are_strict_json_even_where_a_metric_has_nothing_to_average(tmp_path):
     """An arm missing on a whole group leaves some averages empty: the report says null there (it wrote a
     bare NaN, which JSON readers, the dashboard's included, refuse)."""
