@@ -437,6 +437,7 @@ def load_jsonl(paths: Sequence[str | Path], prices_file: str | Path | None = Non
     prompts = [_prompt_text(r) for r in records]
     prompt_tokens = np.array([_tokens(p) for p in prompts])
     prices = price_table(prices_file)
+    price_of: dict[str, ModelPrice | None] = {}  # per arm, looked up once (100k rows x arms)
     for i, (where, record) in enumerate(located):
         task = record.get("task") or "reasoning"
         for arm, outcome in record["outcomes"].items():
@@ -447,7 +448,9 @@ def load_jsonl(paths: Sequence[str | Path], prices_file: str | Path | None = Non
             scores[i, j] = _read(_score, raw, f"{where}, arm `{arm}`")
             tokens = outcome["output_tokens"]
             output[i, j] = tokens if tokens is not None else _tokens(first.get("text")) or DEFAULT_OUTPUT_TOKENS
-            price = find_price(arm.split("@")[0], prices)
+            if arm not in price_of:
+                price_of[arm] = find_price(arm.split("@")[0], prices)
+            price = price_of[arm]
             one = outcome["cost_usd"]
             if one is None and price is not None:
                 one = price.cost_usd(prompt_tokens[i], output[i, j])
