@@ -81,6 +81,11 @@ def run_routing(args, name: str | None, out: Path, log) -> dict:
     _check_pair(args, table)
     if name is None:  # what was read from the user's files, before minutes of scoring
         log(f"{table.description}: {len(table)} prompts, arms {', '.join(table.arm_names)}")
+        unpriced = [arm for arm, costs, scores in zip(table.arm_names, table.cost_usd.T, table.scores.T)
+                    if np.isnan(costs[np.isfinite(scores)]).any()]  # what table.has_costs will find
+        if unpriced:
+            log(f"no price or cost for {', '.join(unpriced)}: only the two-arm call-share metrics (CPT/APGR) "
+                "will be computed; give prices with --prices FILE")
     table = _limited(table, args.limit)
     scores = _scores(args, name, table, log)
     modes = ["classifier"]

@@ -374,6 +374,18 @@ def test_an_arm_of_a_few_rows_is_no_reference(tmp_path):
     assert report["methods"]["ponder warm (recorded, no exploration)"]["within_1pt"] is not None
 
 
+def test_a_missing_price_is_said_before_the_scoring(tmp_path, capsys, no_scoring):
+    """A model litellm does not price meant minutes of classifier fits before the report's note said only
+    the call-share metrics were computed; it is said with what was read, before any scoring."""
+    from evals.cli import cli
+
+    _write_csv(tmp_path / "t.csv", ["prompt", "my-own-model", "gpt-4o"], [["p", "1", "0"], ["q", "0", "1"]])
+    with pytest.raises(AssertionError, match="scored the table"):
+        cli(["--table", str(tmp_path / "t.csv"), "--out", str(tmp_path / "out")])
+    assert ("ponder eval: no price or cost for my-own-model: only the two-arm call-share metrics (CPT/APGR) will be "
+            "computed; give prices with --prices FILE") in capsys.readouterr().err.splitlines()
+
+
 def test_columns_with_the_same_policy_name_stay_two_arms(tmp_path):
     """"gpt 4o" and "gpt/4o" both clean to the policy name gpt-4o: one arm answered for both, so a
     router that always picked the always-right column scored as the always-wrong one."""
