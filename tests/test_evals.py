@@ -713,6 +713,20 @@ def test_leak_free_scores_of_a_user_table_say_what_they_fit(monkeypatch):
     assert "None" not in scores.how
 
 
+def test_cross_fit_of_a_table_whose_prompts_fill_one_fold(monkeypatch):
+    """`--leak-free cross-fit` on a one-row table fitted the empty fold too and failed with scikit-learn's
+    'Found array with 0 sample(s) ... required by TfidfTransformer'."""
+    from evals import classification
+
+    def fit_and_score(training, held, seed):
+        assert held, "fitted a fold with no prompt"
+        return np.full((len(held), 6), 1 / 6), np.full(len(held), 0.5), 0
+
+    monkeypatch.setattr(classification, "_fit_and_score", fit_and_score)
+    scores = leak_free_scores(["What is 2+2?"], source=None, mode="cross-fit", sources=["humaneval"], use_cache=False)
+    assert scores.difficulty.tolist() == [0.5]
+
+
 def test_stats_book_pooled_level_is_the_sum_of_its_buckets():
     """The replay hands decide() the shared level a store's snapshot would give (router.learner.pooled_stats
     over the buckets), and new stats objects on every record, never edited ones."""
