@@ -216,6 +216,10 @@ def _read_csv_rows(paths: Sequence[Path], required: Sequence[str] = ("prompt",),
                     header.append(name)
             for row in reader:
                 if any(value and value.strip() for value in row.values() if isinstance(value, str)):
+                    if None in row.values():  # DictReader's filler for cells the line lacks
+                        cells = sum(value is not None for key, value in row.items() if key is not None)
+                        raise ValueError(f"{path} line {reader.line_num}: {cells} cell{'s' * (cells != 1)} where the header has "
+                                         f"{len(names)} (a line break in an unquoted prompt?)")
                     rows.append(row)
                     origins.append((path, reader.line_num))
     return header, rows, origins

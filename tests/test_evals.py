@@ -114,6 +114,18 @@ def test_routellm_csv_bad_cells_are_named(tmp_path):
     assert "`level` (" in table.description
 
 
+@pytest.mark.parametrize("body, line, cells", [
+    ("id,prompt,gpt-4o,gpt-4o-mini\n1,What?,1,0\n2\n", 3, "1 cell where the header has 4"),  # was a TypeError
+    ("prompt,gpt-4o,gpt-4o-mini\nWhat is\nthe answer?,1,0\n", 2, "1 cell where the header has 3"),
+])
+def test_a_row_short_of_cells_is_named(tmp_path, body, line, cells):
+    """A truncated row, or a line break in an unquoted prompt: the missing cells were None, so the prompt
+    of the first was None (a TypeError traceback) and the second became two prompts with no records."""
+    (tmp_path / "t.csv").write_text(body)
+    with pytest.raises(ValueError, match=rf"t.csv line {line}: {cells} \(a line break in an unquoted prompt\?\)"):
+        load_table([tmp_path / "t.csv"])
+
+
 def test_a_column_named_twice_is_refused_not_half_read(tmp_path):
     """csv.DictReader keeps the last of two same-named columns: the first `gpt-4o`'s scores were
     silently replaced by the second's. Blank names (a spreadsheet's trailing empty columns) may repeat."""
