@@ -371,6 +371,8 @@ def _jsonl_record(line: str, path: Path, n: int) -> dict:
         raise ValueError(f'{path} line {n}: no "outcomes" object ({{arm: score, ...}})')
     if record.get("task") is not None and not isinstance(record["task"], str):
         raise ValueError(f'{path} line {n}: "task" must be a string, not {record["task"]!r}')
+    if not isinstance(record.get("prompt"), str) and not isinstance(record.get("messages"), list):
+        raise ValueError(f'{path} line {n}: no "prompt" string or "messages" list (keys: {", ".join(record)})')
     record["outcomes"] = {arm: _jsonl_outcome(outcome, f"{path} line {n}, arm `{arm}`")
                           for arm, outcome in record["outcomes"].items()}
     return record

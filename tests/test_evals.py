@@ -563,6 +563,11 @@ def test_table_loader_refuses_lines_that_are_not_records(tmp_path):
     path.write_text(json.dumps({"prompt": "x", "outcomes": {}}) + "\n")
     with pytest.raises(ValueError, match=r"t.jsonl: no row records an outcome"):
         load_table([path])
+    # a "question" key and no prompt: it was scored and billed as the empty prompt
+    path.write_text(json.dumps({"prompt": "x", "outcomes": {"a": 1, "b": 0}}) + "\n"
+                    + json.dumps({"question": "y", "outcomes": {"a": 1, "b": 0}}) + "\n")
+    with pytest.raises(ValueError, match=r'line 2: no "prompt" string or "messages" list \(keys: question, outcomes\)'):
+        load_table([path])
 
 
 @pytest.mark.parametrize("body, message", [
