@@ -198,7 +198,7 @@ def _read_csv_rows(paths: Sequence[Path], required: Sequence[str] = ("prompt",),
     rows: list[dict[str, str]] = []
     origins: list[tuple[Path, int]] = []
     for path in paths:
-        opener = gzip.open if path.suffix == ".gz" else open
+        opener = gzip.open if path.suffix.lower() == ".gz" else open
         with opener(path, "rt", encoding="utf-8-sig", newline="") as handle, _utf8(path):
             reader = csv.DictReader(handle)
             names = reader.fieldnames or []
@@ -489,7 +489,7 @@ def load_table(paths: Sequence[str | Path], fmt: str | None = None, models: Sequ
     """Any user table; the format is guessed from the extension and the header when not given."""
     files = expand_paths(paths)
     if fmt is None:
-        if files[0].suffix in (".jsonl", ".json"):
+        if files[0].suffix.lower() in (".jsonl", ".json"):  # RUNS.JSONL from Windows too
             fmt = "jsonl"
         else:
             header, _, _ = _read_csv_rows(files[:1])

@@ -198,6 +198,12 @@ def test_jsonl_per_arm_outcomes_and_samples(tmp_path):
     assert table.arms[1] == ArmInfo("small@vote3", "small", "self_consistency", 3)
 
 
+def test_an_upper_case_extension_is_the_same_format(tmp_path):
+    """RUNS.JSONL (a Windows habit) was read as a CSV: 'no `prompt` column (columns: {"prompt": ...'."""
+    (tmp_path / "RUNS.JSONL").write_text(json.dumps({"prompt": "p", "outcomes": {"a": 1, "b": 0}}) + "\n")
+    assert load_table([tmp_path / "RUNS.JSONL"]).arm_names == ["a", "b"]
+
+
 def test_jsonl_one_sample_is_no_vote(tmp_path):
     """A row that kept one sample made an arm `small@vote1`, a self-consistency arm of n=1 that the
     replay's policy refuses: the whole run failed with 'self_consistency needs n >= 2 samples'."""
