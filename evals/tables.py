@@ -440,6 +440,7 @@ def load_jsonl(paths: Sequence[str | Path], prices_file: str | Path | None = Non
                          "routing needs two or more")
     n, k = len(records), len(arms)
     scores, cost, output = np.full((n, k), np.nan), np.full((n, k), np.nan), np.full((n, k), np.nan)
+    recorded = np.zeros((n, k), dtype=bool)  # a cost the line gives, not one computed from a price
     prompts = [_prompt_text(r) for r in records]
     prompt_tokens = np.array([_tokens(p) for p in prompts])
     prices = price_table(prices_file)
@@ -458,6 +459,7 @@ def load_jsonl(paths: Sequence[str | Path], prices_file: str | Path | None = Non
                 price_of[arm] = find_price(arm.split("@")[0], prices)
             price = price_of[arm]
             one = outcome["cost_usd"]
+            recorded[i, j] = one is not None
             if one is None and price is not None:
                 one = price.cost_usd(prompt_tokens[i], output[i, j])
             cost[i, j] = float(one) if one is not None else math.nan
@@ -471,17 +473,27 @@ def load_jsonl(paths: Sequence[str | Path], prices_file: str | Path | None = Non
                 scores[i, v] = _read(_score, samples[winner].get("correct", samples[winner].get("score")),
                                      f"{where}, arm `{arm}`, sample {winner + 1}")
                 sample_costs = [s["cost_usd"] for s in samples]
-                cost[i, v] = (sum(sample_costs) if all(c is not None for c in sample_costs)
-                              else cost[i, j] * len(samples))
+                recorded[i, v] = all(c is not None for c in sample_costs)
+                cost[i, v] = sum(sample_costs) if recorded[i, v] else cost[i, j] * len(samples)
                 output[i, v] = output[i, j] * len(samples)
     infos = [ArmInfo(a, a.split("@")[0], "self_consistency" if "@vote" in a else "single",
                      int(a.split("@vote")[1]) if "@vote" in a else 1) for a in arms]
-    origins = {a: ("recorded in the table" if np.isfinite(cost[:, j]).any() else "unknown") for j, a in enumerate(arms)}
+    origins = {}
+    for j, a in enumerate(arms):  # what the report's price column says: recorded, or whose list price
+        price = price_of.get(a.split("@")[0])
+        listed = price.origin if price is not None else "unknown: add it with --prices FILE"
+        answered = np.isfinite(scores[:, j])
+        origins[a] = ("recorded in the table" if recorded[answered, j].all() else
+                      listed if not recorded[:, j].any() else f"recorded in the table, else {listed}")
+    # the list price the policy decides on, for models whose every cost came from it (as for a CSV)
+    list_prices = {a: price_of[a] for j, a in enumerate(arms)
+                   if price_of.get(a) is not None and not recorded[:, j].any()}
     tasks = [r.get("task") for r in records]
     return OutcomeTable(Path(str(paths[0])).name, infos,
                         [str(i if r.get("id") is None else r["id"]) for i, r in enumerate(records)], prompts,
                         [str(r.get("group") or "") for r in records], scores, cost, output, prompt_tokens,
-                        "JSONL outcomes", price_origins=origins, tasks=tasks if any(tasks) else None)
+                        "JSONL outcomes", price_origins=origins, tasks=tasks if any(tasks) else None,
+                        list_prices=list_prices)
 
 
 def load_table(paths: Sequence[str | Path], fmt: str | None = None, models: Sequence[str] | None = None,

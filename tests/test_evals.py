@@ -198,6 +198,23 @@ def test_jsonl_per_arm_outcomes_and_samples(tmp_path):
     assert table.arms[1] == ArmInfo("small@vote3", "small", "self_consistency", 3)
 
 
+def test_jsonl_prices_say_where_the_costs_came_from(tmp_path):
+    """Every JSONL arm with a cost read 'recorded in the table', those priced from litellm or --prices
+    too, and the replay's policy then decided on a stand-in price instead of that list price."""
+    from evals.routing import build_policy
+
+    records = [{"prompt": "p", "outcomes": {"gpt-4o-mini": 1, "gpt-4o": {"correct": 1, "cost_usd": 0.01},
+                                            "gpt-4o-2024-08-06": {"correct": 0, "cost_usd": 0.002}}},
+               {"prompt": "q", "outcomes": {"gpt-4o-mini": 0, "gpt-4o": {"correct": 1, "cost_usd": 0.02},
+                                            "gpt-4o-2024-08-06": 1}}]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    table = load_table([tmp_path / "t.jsonl"])
+    assert table.price_origins == {"gpt-4o-mini": "litellm:gpt-4o-mini", "gpt-4o": "recorded in the table",
+                                   "gpt-4o-2024-08-06": "recorded in the table, else litellm:gpt-4o-2024-08-06"}
+    backends = {b.model: b.prices for b in build_policy(table, 1.0).backends}
+    assert backends["eval/gpt-4o-mini"].input_per_mtok == find_price("gpt-4o-mini").input_per_mtok
+
+
 def test_an_upper_case_extension_is_the_same_format(tmp_path):
     """RUNS.JSONL (a Windows habit) was read as a CSV: 'no `prompt` column (columns: {"prompt": ...'."""
     (tmp_path / "RUNS.JSONL").write_text(json.dumps({"prompt": "p", "outcomes": {"a": 1, "b": 0}}) + "\n")
