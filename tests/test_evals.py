@@ -417,8 +417,14 @@ def test_a_missing_price_is_said_before_the_scoring(tmp_path, capsys, no_scoring
     _write_csv(tmp_path / "t.csv", ["prompt", "my-own-model", "gpt-4o"], [["p", "1", "0"], ["q", "0", "1"]])
     with pytest.raises(AssertionError, match="scored the table"):
         cli(["--table", str(tmp_path / "t.csv"), "--out", str(tmp_path / "out")])
-    assert ("ponder eval: no price or cost for my-own-model: only the two-arm call-share metrics (CPT/APGR) will be "
-            "computed; give prices with --prices FILE") in capsys.readouterr().err.splitlines()
+    assert ("ponder eval: no price for my-own-model (give prices with --prices FILE): only the two-arm call-share "
+            "metrics (CPT/APGR) will be computed") in capsys.readouterr().err.splitlines()
+    # RouterBench records costs (--prices does not apply): a missing one is said as such
+    (tmp_path / "rb.csv").write_text("prompt,a,b,a|total_cost,b|total_cost\np,1,0,0.001,\nq,0,1,0.001,0.01\n")
+    with pytest.raises(AssertionError, match="scored the table"):
+        cli(["--table", str(tmp_path / "rb.csv"), "--out", str(tmp_path / "out")])
+    assert ("ponder eval: a recorded score without its cost for b: only the two-arm call-share metrics (CPT/APGR) "
+            "will be computed") in capsys.readouterr().err.splitlines()
 
 
 def test_columns_with_the_same_policy_name_stay_two_arms(tmp_path):
