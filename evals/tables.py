@@ -200,7 +200,9 @@ def _read_csv_rows(paths: Sequence[Path], required: Sequence[str] = ("prompt",),
     for path in paths:
         opener = gzip.open if path.suffix.lower() == ".gz" else open
         with opener(path, "rt", encoding="utf-8-sig", newline="") as handle, _utf8(path):
-            reader = csv.DictReader(handle)
+            # skipinitialspace: a hand-written "prompt, gpt-4o, gpt-4o-mini" named its models " gpt-4o"
+            # (no price found) and broke the quotes of `, "a prompt, with commas"`
+            reader = csv.DictReader(handle, skipinitialspace=True)
             names = reader.fieldnames or []
             absent = [column for column in required if column not in names]
             if absent:

@@ -114,6 +114,15 @@ def test_routellm_csv_bad_cells_are_named(tmp_path):
     assert "`level` (" in table.description
 
 
+def test_a_hand_written_csv_with_spaces_after_the_commas(tmp_path):
+    """"prompt, gpt-4o, gpt-4o-mini" named the models " gpt-4o" (no price found: no replay), and a
+    quoted prompt after ", " was cut at its first comma."""
+    (tmp_path / "t.csv").write_text('prompt, gpt-4o, gpt-4o-mini\nHi, 1, 0\n  "What, exactly, is 2+2?", 1, 1\n')
+    table = load_table([tmp_path / "t.csv"])
+    assert table.arm_names == ["gpt-4o", "gpt-4o-mini"] and table.has_costs
+    assert table.prompts == ["Hi", "What, exactly, is 2+2?"] and table.scores.tolist() == [[1, 0], [1, 1]]
+
+
 @pytest.mark.parametrize("body, line, cells", [
     ("id,prompt,gpt-4o,gpt-4o-mini\n1,What?,1,0\n2\n", 3, "1 cell where the header has 4"),  # was a TypeError
     ("prompt,gpt-4o,gpt-4o-mini\nWhat is\nthe answer?,1,0\n", 2, "1 cell where the header has 3"),
