@@ -203,6 +203,8 @@ def _read_csv_rows(paths: Sequence[Path], required: Sequence[str] = ("prompt",),
             # skipinitialspace: a hand-written "prompt, gpt-4o, gpt-4o-mini" named its models " gpt-4o"
             # (no price found) and broke the quotes of `, "a prompt, with commas"`
             reader = csv.DictReader(handle, skipinitialspace=True)
+            if reader.fieldnames:  # a spreadsheet cell "prompt " or "gpt-4o " is the column `prompt`, `gpt-4o`
+                reader.fieldnames = [name.strip() for name in reader.fieldnames]
             names = reader.fieldnames or []
             absent = [column for column in required if column not in names]
             if absent:

@@ -121,6 +121,9 @@ def test_a_hand_written_csv_with_spaces_after_the_commas(tmp_path):
     table = load_table([tmp_path / "t.csv"])
     assert table.arm_names == ["gpt-4o", "gpt-4o-mini"] and table.has_costs
     assert table.prompts == ["Hi", "What, exactly, is 2+2?"] and table.scores.tolist() == [[1, 0], [1, 1]]
+    # a spreadsheet header cell with a trailing space: 'no `prompt` column (columns: prompt , ...)'
+    (tmp_path / "t.csv").write_text('prompt ,gpt-4o ,gpt-4o-mini\nHi,1,0\n')
+    assert load_table([tmp_path / "t.csv"]).arm_names == ["gpt-4o", "gpt-4o-mini"]
 
 
 @pytest.mark.parametrize("body, line, cells", [
