@@ -202,7 +202,11 @@ def _read_csv_rows(paths: Sequence[Path], required: Sequence[str] = ("prompt",),
         with opener(path, "rt", encoding="utf-8-sig", newline="") as handle, _utf8(path):
             # skipinitialspace: a hand-written "prompt, gpt-4o, gpt-4o-mini" named its models " gpt-4o"
             # (no price found) and broke the quotes of `, "a prompt, with commas"`
-            reader = csv.DictReader(handle, skipinitialspace=True)
+            # Excel in a locale whose decimal mark is a comma (de, fr, ...) separates cells with ';'
+            header_line = handle.readline()
+            handle.seek(0)
+            delimiter = next((mark for mark in (",", ";", "\t") if mark in header_line), ",")
+            reader = csv.DictReader(handle, delimiter=delimiter, skipinitialspace=True)
             if reader.fieldnames:  # a spreadsheet cell "prompt " or "gpt-4o " is the column `prompt`, `gpt-4o`
                 reader.fieldnames = [name.strip() for name in reader.fieldnames]
             names = reader.fieldnames or []

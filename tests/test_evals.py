@@ -126,6 +126,17 @@ def test_a_hand_written_csv_with_spaces_after_the_commas(tmp_path):
     assert load_table([tmp_path / "t.csv"]).arm_names == ["gpt-4o", "gpt-4o-mini"]
 
 
+@pytest.mark.parametrize("mark", [";", "\t"])
+def test_a_csv_separated_by_semicolons_or_tabs(tmp_path, mark):
+    """Excel's "CSV UTF-8" in a German or French locale separates cells with ';': it read as one column,
+    'no `prompt` column (columns: prompt;gpt-4o;gpt-4o-mini)'."""
+    rows = ["prompt", "gpt-4o", "gpt-4o-mini"], ["What, or which; is 2+2?", "1", "0"], ["Hi", "1", "1"]
+    with open(tmp_path / "t.csv", "w", newline="", encoding="utf-8-sig") as handle:
+        csv.writer(handle, delimiter=mark, lineterminator="\r\n").writerows(rows)
+    table = load_table([tmp_path / "t.csv"])
+    assert table.arm_names == ["gpt-4o", "gpt-4o-mini"] and table.prompts == ["What, or which; is 2+2?", "Hi"]
+
+
 @pytest.mark.parametrize("body, line, cells", [
     ("id,prompt,gpt-4o,gpt-4o-mini\n1,What?,1,0\n2\n", 3, "1 cell where the header has 4"),  # was a TypeError
     ("prompt,gpt-4o,gpt-4o-mini\nWhat is\nthe answer?,1,0\n", 2, "1 cell where the header has 3"),
