@@ -200,15 +200,7 @@ def _read_csv_rows(paths: Sequence[Path], required: Sequence[str] = ("prompt",),
     for path in paths:
         opener = gzip.open if path.suffix.lower() == ".gz" else open
         with opener(path, "rt", encoding="utf-8-sig", newline="") as handle, _utf8(path):
-            # skipinitialspace: a hand-written "prompt, gpt-4o, gpt-4o-mini" named its models " gpt-4o"
-            # (no price found) and broke the quotes of `, "a prompt, with commas"`
-            # Excel in a locale whose decimal mark is a comma (de, fr, ...) separates cells with ';'
-            header_line = handle.readline()
-            handle.seek(0)
-            delimiter = next((mark for mark in (",", ";", "\t") if mark in header_line), ",")
-            reader = csv.DictReader(handle, delimiter=delimiter, skipinitialspace=True)
-            if reader.fieldnames:  # a spreadsheet cell "prompt " or "gpt-4o " is the column `prompt`, `gpt-4o`
-                reader.fieldnames = [name.strip() for name in reader.fieldnames]
+            reader = _csv_reader(handle)
             names = reader.fieldnames or []
             absent = [column for column in required if column not in names]
             if absent:
@@ -226,11 +218,25 @@ def _read_csv_rows(paths: Sequence[Path], required: Sequence[str] = ("prompt",),
                 if any(value and value.strip() for value in row.values() if isinstance(value, str)):
                     if None in row.values():  # DictReader's filler for cells the line lacks
                         cells = sum(value is not None for key, value in row.items() if key is not None)
-                        raise ValueError(f"{path} line {reader.line_num}: {cells} cell{'s' * (cells != 1)} where the header has "
-                                         f"{len(names)} (a line break in an unquoted prompt?)")
+                        raise ValueError(f"{path} line {reader.line_num}: {cells} cell{'s' * (cells != 1)} where "
+                                         f"the header has {len(names)} (a line break in an unquoted prompt?)")
                     rows.append(row)
                     origins.append((path, reader.line_num))
     return header, rows, origins
+
+
+def _csv_reader(handle) -> csv.DictReader:
+    """A DictReader for the ways people save tables: cells separated by ',', or by ';' (Excel in a
+    locale whose decimal mark is a comma) or tabs, as the header line shows; spaces after a separator
+    skipped (a hand-written "prompt, gpt-4o" named its model " gpt-4o", and broke the quotes of
+    `, "a prompt, with commas"`); header names trimmed (a spreadsheet cell "prompt ")."""
+    header_line = handle.readline()
+    handle.seek(0)
+    delimiter = next((mark for mark in (",", ";", "\t") if mark in header_line), ",")
+    reader = csv.DictReader(handle, delimiter=delimiter, skipinitialspace=True)
+    if reader.fieldnames:
+        reader.fieldnames = [name.strip() for name in reader.fieldnames]
+    return reader
 
 
 @contextlib.contextmanager
