@@ -136,6 +136,8 @@ def leak_free_scores(prompts: Sequence[str], *, source: str | None, mode: str = 
         dropped = 0
         for fold in range(folds):
             rows = np.flatnonzero(fold_of == fold)
+            if not len(rows):  # a small table's prompts may all hash to the other fold: nothing to score here
+                continue
             log(f"cross-fit fold {fold + 1}/{folds}: fitting without {len(rows)} held prompts (minutes)")
             probs, diff, d = _fit_and_score(examples, [prompts[i] for i in rows], seed)
             task_probs[rows], difficulty[rows], dropped = probs, diff, dropped + d

@@ -48,6 +48,8 @@ def _check_pair(args, table) -> None:
     for flag, arm in (("--strong", args.strong), ("--weak", args.weak)):
         if arm is not None and arm not in table.arm_names:
             raise ValueError(f"{flag} {arm}: the table has no such arm (its arms: {', '.join(table.arm_names)})")
+    if args.strong is not None and args.strong == args.weak:
+        raise ValueError(f"--strong and --weak both name {args.strong}: the pair needs two arms")
 
 
 def _limited(table, limit: int | None):
@@ -79,6 +81,17 @@ def run_routing(args, name: str | None, out: Path, log) -> dict:
     _check_pair(args, table)
     if name is None:  # what was read from the user's files, before minutes of scoring
         log(f"{table.description}: {len(table)} prompts, arms {', '.join(table.arm_names)}")
+        unpriced = [info for info, costs, scores in zip(table.arms, table.cost_usd.T, table.scores.T)
+                    if np.isnan(costs[np.isfinite(scores)]).any()]  # what table.has_costs will find
+        costless = [info.name for info in unpriced if table.price_origins.get(info.model, "").startswith("recorded")]
+        unlisted = [info.name for info in unpriced if info.name not in costless]
+        reasons = []
+        if unlisted:
+            reasons.append(f"no price for {', '.join(unlisted)} (give prices with --prices FILE)")
+        if costless:  # RouterBench-style costs are taken as recorded: --prices does not fill them
+            reasons.append(f"a recorded score without its cost for {', '.join(costless)}")
+        if reasons:
+            log("; ".join(reasons) + ": only the two-arm call-share metrics (CPT/APGR) will be computed")
     table = _limited(table, args.limit)
     scores = _scores(args, name, table, log)
     modes = ["classifier"]

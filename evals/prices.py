@@ -97,13 +97,19 @@ HOST_PREFIXES = ("", "together_ai/", "deepinfra/", "fireworks_ai/accounts/firewo
 
 
 def find_price(model: str, table: dict[str, ModelPrice] | None = None) -> ModelPrice | None:
-    """The table's entry (by name, or by the name after its last `/`), else litellm's entry for the
-    name itself (a user's column may be a litellm model string such as `gpt-4-1106-preview`, or a
-    Hugging Face id such as `mistralai/Mixtral-8x7B-Instruct-v0.1` that a serverless host lists), else None."""
+    """The table's entry (by name, or by the name after its last `/`; in any letter case), else
+    litellm's entry for the name itself (a user's column may be a litellm model string such as
+    `gpt-4-1106-preview`, or a Hugging Face id such as `mistralai/Mixtral-8x7B-Instruct-v0.1` that a
+    serverless host lists), else None."""
     table = table if table is not None else shipped_prices()
-    for name in (model, model.rsplit("/", 1)[-1]):
+    names = (model, model.rsplit("/", 1)[-1])
+    for name in names:
         if name in table:
             return table[name]
+    folded = {key.casefold(): price for key, price in table.items()}
+    for name in names:
+        if name.casefold() in folded:  # RouteLLM's files name `mixtral-8x7b-instruct-v0.1` in lower case
+            return folded[name.casefold()]
     for key in (model, model.split("/", 1)[-1]):
         for prefix in HOST_PREFIXES:
             found = _from_litellm(prefix + key)

@@ -37,6 +37,11 @@ def _pct(value: float | None, digits: int = 1) -> str:
     return "n/a" if value is None else f"{100 * value:.{digits}f}%"
 
 
+def _ratio(value: float, of: float) -> float | None:
+    """value / of; none where `of` is 0 (a free strongest arm: no share of its cost to speak of)."""
+    return value / of if of else None
+
+
 def _num(value: float | None, fmt: str = ".3f") -> str:
     return "n/a" if value is None else format(value, fmt)
 
@@ -46,6 +51,13 @@ def _save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return path
+
+
+def _cost_grid(lo: float, hi: float, points: int = 200) -> np.ndarray:
+    """Costs from lo to hi, evenly spaced on a log axis; a free arm (cost 0) starts the grid at 0."""
+    if lo > 0:
+        return np.geomspace(lo, hi, points)
+    return np.r_[0.0, np.geomspace(hi / 1e3, hi, points)] if hi > 0 else np.array([0.0])
 
 
 def plot_cost_accuracy(result: dict, path: Path) -> Path | None:
@@ -59,7 +71,7 @@ def plot_cost_accuracy(result: dict, path: Path) -> Path | None:
     front = pareto_frontier(cost, acc)  # the best single arm within a budget: a staircase
     ax.step(cost[front], acc[front], where="post", color="0.45", lw=1, label="single-arm Pareto frontier")
     hull = upper_hull(cost, acc)  # a random mix is linear in cost: curved on the log axis, so sample it densely
-    dense = np.geomspace(cost[hull][0], cost[hull][-1], 200)
+    dense = _cost_grid(cost[hull][0], cost[hull][-1])
     ax.plot(dense, np.interp(dense, cost[hull], acc[hull]), color="0.3", lw=1, ls="--",
             label="random mix at matched cost")
     table = result["table"]
@@ -78,10 +90,13 @@ def plot_cost_accuracy(result: dict, path: Path) -> Path | None:
     if result.get("oracle"):
         ax.scatter([result["oracle"]["cost_usd"]], [result["oracle"]["accuracy"]], marker="*", s=80,
                    color=COLORS["oracle"], label="oracle", zorder=3)
-    ax.set_xscale("log")
-    ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
-    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:.0e}"))
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels collide on a short log axis
+    if (cost > 0).all():
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:.0e}"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels collide on a short log axis
+    else:  # a free arm (a self-hosted model priced 0) has no place on a log axis: linear up to the cheapest paid one
+        ax.set_xscale("symlog", linthresh=float(cost[cost > 0].min()) if (cost > 0).any() else 1e-6)
     ax.set_xlabel("mean cost per request (USD, log)")
     ax.set_ylabel("accuracy")
     ax.set_title(f"{table['name']}: cost vs accuracy", fontsize=10)
@@ -159,6 +174,11 @@ def _point(p: dict | None, unit: str) -> str:
     return f"acc {p['accuracy']:.3f}, {unit} {_pct(p['cost_ratio' if unit == 'cost' else 'tokens_ratio'])} (k={p['k']:.3g})"
 
 
+def _cell(text: str) -> str:
+    """Text for a markdown table cell: a `|` (RouterBench-style names such as `openai|gpt-4o`) would split it."""
+    return text.replace("|", "\\|")
+
+
 def render_markdown(result: dict, plots: dict[str, str]) -> str:
     t = result["table"]
     lines = [f"# Routing replay: {t['name']}", "", f"{t['description']}. {t['prompts']} prompts, {t['arms']} arms; "
@@ -187,8 +207,8 @@ def render_markdown(result: dict, plots: dict[str, str]) -> str:
                       f"{_pct(ceiling['at_least_strongest']['tokens_ratio']) if ceiling['at_least_strongest'] else 'n/a'})."]
         oracle = result["oracle"]
         lines += ["", f"Always-cheapest ({t['cheapest']}): acc {cheapest['accuracy']:.3f} at "
-                  f"{_pct(cheapest['cost_usd'] / strongest['cost_usd'])} of the strongest's cost. "
-                  f"Oracle: acc {oracle['accuracy']:.3f} at {_pct(oracle['cost_usd'] / strongest['cost_usd'])}.", ""]
+                  f"{_pct(_ratio(cheapest['cost_usd'], strongest['cost_usd']))} of the strongest's cost. "
+                  f"Oracle: acc {oracle['accuracy']:.3f} at {_pct(_ratio(oracle['cost_usd'], strongest['cost_usd']))}.", ""]
         lines += ["## Lambda sweeps", "", "| method | k | accuracy | cost/request (USD) | output tokens | strong share | "
                   "explored | failovers | random mix at this cost |", "|---|---|---|---|---|---|---|---|---|"]
         matched = {round(r["cost_usd"], 12): r["accuracy"] for r in result.get("random_matched", [])}
@@ -227,9 +247,9 @@ def render_markdown(result: dict, plots: dict[str, str]) -> str:
                   f"in hindsight (ratio {_num(r['final_ratio'])}).", ""]
     lines += ["## Single arms", "", "| arm | accuracy | cost/request (USD) | output tokens | coverage | price |",
               "|---|---|---|---|---|---|"]
-    for a in sorted(result["arms"], key=lambda a: -a["accuracy"]):
-        lines.append(f"| {a['arm']} | {a['accuracy']:.3f} | {_num(a['cost_usd'], '.3g')} | {a['output_tokens']:.0f} | "
-                     f"{_pct(a['coverage'])} | {a['price'][:60]} |")
+    for a in sorted(result["arms"], key=lambda a: 1.0 if a["accuracy"] is None else -a["accuracy"]):
+        lines.append(f"| {_cell(a['arm'])} | {_num(a['accuracy'])} | {_num(a['cost_usd'], '.3g')} | "
+                     f"{_num(a['output_tokens'], '.0f')} | {_pct(a['coverage'])} | {_cell(a['price'][:60])} |")
     lines += [""] + [f"![{name}]({file})" for name, file in plots.items()] + [""]
     return "\n".join(lines)
 

@@ -111,7 +111,7 @@ def build_policy(table: OutcomeTable, cost_weight: float, windows: Sequence[tupl
     routes = [RouteSpec(name=f"d{k}", when=RouteMatch(difficulty=(lo, hi)), candidates=dict(zip(names, priors)))
               for k, (lo, hi, priors) in enumerate(windows)]
     routes.append(RouteSpec(name="all", candidates=names))
-    labels = sorted({task_label(group) for group in table.groups if group})  # x-ponder-task, for group buckets
+    labels = sorted(set(task_labels(table.groups).values()))  # x-ponder-task, for group buckets
     return Policy(name=_name(f"eval-{table.name}"), backends=list(backends.values()), arms=arms, routes=routes,
                   objective=Objective(cost_weight=cost_weight, latency_weight=0.0),
                   overrides=Overrides(task_header=labels),
@@ -120,16 +120,11 @@ def build_policy(table: OutcomeTable, cost_weight: float, windows: Sequence[tupl
 
 
 def _prices(table: OutcomeTable) -> dict[str, Prices]:
-    from evals.prices import find_price
-
-    found = {}
-    for info in table.arms:
-        price = find_price(info.model)
-        origin = table.price_origins.get(info.model, "unknown")
-        if price is not None and not origin.startswith(("recorded", "unknown")):  # a list price, not a stand-in
-            found[info.model] = Prices(input_per_mtok=price.input_per_mtok if table.bills_prompt else 0.0,
-                                       output_per_mtok=price.output_per_mtok)
-    return found
+    """The list price of each model whose costs the table computed: the very price behind its costs
+    (--prices included), so the policy's estimates and the recorded costs agree."""
+    return {model: Prices(input_per_mtok=price.input_per_mtok if table.bills_prompt else 0.0,
+                          output_per_mtok=price.output_per_mtok)
+            for model, price in table.list_prices.items() if model in {info.model for info in table.arms}}
 
 
 def zero_shot_windows(n_arms: int, weak: int, strong: int) -> list[tuple[float, float, list[float]]]:
@@ -201,12 +196,25 @@ def task_label(group: str) -> str:
     return re.sub(r"[^a-z0-9_.-]+", "-", group.lower()).strip("-._")[:64] or "group"
 
 
+def task_labels(groups: Sequence[str]) -> dict[str, str]:
+    """Each distinct group's label, unique: groups that clean to the same label ("C++" and "C#", or
+    names in another script, which clean to nothing) get -2, -3, ... rather than sharing one bucket."""
+    labels: dict[str, str] = {}
+    for group in groups:
+        if group and group not in labels:
+            label, k = task_label(group), 2
+            while label in labels.values():
+                label, k = f"{task_label(group)[:60]}-{k}", k + 1
+            labels[group] = label
+    return labels
+
+
 def classify_rows(table: OutcomeTable, scores: Scores, bucket_by: str) -> list[Row]:
     """The router's view of each row; `group` keys the learner on the table's own groups (e.g. the BBH
     task) the way a client would through the gateway: the group as its x-ponder-task label."""
     if bucket_by == "group":
-        return [Row(scores.classification(i), task_label(table.groups[i]) if table.groups[i] else None)
-                for i in range(len(table))]
+        labels = task_labels(table.groups)
+        return [Row(scores.classification(i), labels.get(table.groups[i])) for i in range(len(table))]
     return [Row(scores.classification(i)) for i in range(len(table))]
 
 
@@ -292,6 +300,10 @@ def arm_summary(table: OutcomeTable) -> list[dict]:
     rows = []
     for j, info in enumerate(table.arms):
         have = np.isfinite(table.scores[:, j])
+        if not have.any():  # no record here (e.g. a sparse arm outside a --limit sample): nothing to average
+            rows.append({"arm": info.name, "model": info.model, "accuracy": None, "cost_usd": None,
+                         "output_tokens": None, "coverage": 0.0, "price": table.price_origins.get(info.model, "")})
+            continue
         rows.append({"arm": info.name, "model": info.model, "accuracy": float(np.nanmean(table.scores[:, j])),
                      "cost_usd": float(np.nanmean(table.cost_usd[:, j])) if np.isfinite(table.cost_usd[have, j]).all()
                      else None, "output_tokens": float(np.nanmean(table.output_tokens[:, j])),
@@ -299,19 +311,33 @@ def arm_summary(table: OutcomeTable) -> list[dict]:
     return rows
 
 
+FULL_COVERAGE = 0.99  # an arm recorded on this share of the prompts can stand for the whole table
+
+
+def covering(table: OutcomeTable) -> np.ndarray:
+    """Which arms may be a reference (always-strongest, the pair): those recorded on nearly every prompt,
+    if any. An arm of a second file's 3 rows, right on all 3, is no reference for a 300-prompt table."""
+    full = np.isfinite(table.scores).mean(axis=0) >= FULL_COVERAGE
+    return full if full.any() else np.ones(len(table.arms), dtype=bool)
+
+
 def pick_pair(table: OutcomeTable, strong: str | None = None, weak: str | None = None) -> tuple[int, int]:
     """(weak, strong) columns: as given, else the table's own, else the most accurate arm and the most
-    accurate arm costing at most a fifth of it (the cheapest arm if none does)."""
+    accurate arm costing at most a fifth of it (the cheapest arm if none does), among the arms recorded
+    on nearly every prompt."""
     names = table.arm_names
     with warnings.catch_warnings():  # an arm with no price has an all-NaN cost column: NaN is the answer
         warnings.simplefilter("ignore", RuntimeWarning)
         acc = np.nanmean(table.scores, axis=0)
         cost = np.nanmean(table.cost_usd, axis=0)
-    s = names.index(strong or table.strong) if (strong or table.strong) else int(np.argmax(acc))
+    full = covering(table)
+    if strong or table.strong:
+        s = names.index(strong or table.strong)
+    else:  # the most accurate arm, other than a weak arm named on its own
+        s = int(np.argmax(np.where((np.array(names) == weak) | ~full, -np.inf, acc)))
     if weak or table.weak:
         return names.index(weak or table.weak), s
-    coverage = np.isfinite(table.scores).mean(axis=0)
-    cheap = [j for j in range(len(names)) if j != s and cost[j] <= cost[s] / 5 and coverage[j] >= 0.99]
+    cheap = [j for j in range(len(names)) if j != s and cost[j] <= cost[s] / 5 and full[j]]
     w = max(cheap, key=lambda j: acc[j]) if cheap else int(np.argmin(np.where(np.arange(len(names)) == s, np.inf, cost)))
     return w, s
 
@@ -336,7 +362,9 @@ def pair_curves(table: OutcomeTable, weak: int, strong: int, difficulty: np.ndar
         "difficulty": difficulty[rows],
         "prompt length": np.array([len(table.prompts[i]) for i in rows], dtype=float),
         "random": np.zeros(len(rows)),  # all tied: the exact expectation over random orders
-        "oracle": s - w - 1e-9 * (cs - cw),  # the gain, cheaper strong calls first among equal gains
+        # the gain, cheaper strong calls first among equal gains (an unpriced arm's NaN cost must not
+        # make every score NaN: NaN scores sort as distinct, in table order, a worse-than-random oracle)
+        "oracle": s - w - 1e-9 * np.nan_to_num(cs - cw),
     }
     if not len(rows):  # the two arms never answered the same prompt: nothing to compare
         return {"rows": 0, "weak_accuracy": None, "strong_accuracy": None, "routers": {}}
@@ -446,8 +474,10 @@ def evaluate(table: OutcomeTable, scores: Scores, *, bucket_modes: Sequence[str]
     singles = arm_summary(table)
     w, s = pick_pair(table, strong, weak)
     priced = table.has_costs
-    cheapest = min(range(len(singles)), key=lambda j: singles[j]["cost_usd"] if priced else j)
-    top = int(np.argmax([a["accuracy"] for a in singles]))
+    full = covering(table)  # the references (always-cheapest, always-strongest) answer nearly every prompt
+    cheapest = min(np.flatnonzero(full), key=lambda j: singles[j]["cost_usd"] if priced else j)
+    top = int(np.argmax([a["accuracy"] if full[j] and a["accuracy"] is not None else -np.inf
+                         for j, a in enumerate(singles)]))
     result: dict = {
         "table": {"name": table.name, "description": table.description, "prompts": len(table),
                   "arms": len(table.arms), "weak": table.arm_names[w], "strong": table.arm_names[s],

@@ -23,12 +23,14 @@ x input price + output tokens x output price from evals/prices.py, with tokens =
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import gzip
 import json
 import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +75,9 @@ class OutcomeTable:
     price_origins: dict[str, str] = field(default_factory=dict)
     tasks: list[str] | None = None  # a task type recorded with each prompt (JSONL), else None
     bills_prompt: bool = True  # False: the table's costs count output tokens only (bbh-effort)
+    # the list price each model's costs were computed from (the shipped table merged with --prices);
+    # none for models whose costs the table records
+    list_prices: dict[str, ModelPrice] = field(default_factory=dict)
 
     @property
     def arm_names(self) -> list[str]:
@@ -94,7 +99,8 @@ class OutcomeTable:
         return OutcomeTable(self.name, self.arms, pick(self.ids), pick(self.prompts), pick(self.groups),
                             self.scores[rows], self.cost_usd[rows], self.output_tokens[rows], self.prompt_tokens[rows],
                             self.description, self.strong, self.weak, self.price_origins,
-                            pick(self.tasks) if self.tasks is not None else None, self.bills_prompt)
+                            pick(self.tasks) if self.tasks is not None else None, self.bills_prompt,
+                            list_prices=self.list_prices)
 
     def select_arms(self, names: Sequence[str]) -> OutcomeTable:
         cols = [self.index(name) for name in names]
@@ -102,7 +108,9 @@ class OutcomeTable:
                              self.scores[:, cols], self.cost_usd[:, cols], self.output_tokens[:, cols],
                              self.prompt_tokens, self.description, None, None,
                              {k: v for k, v in self.price_origins.items()
-                              if k in {self.arms[c].model for c in cols}}, self.tasks, self.bills_prompt)
+                              if k in {self.arms[c].model for c in cols}}, self.tasks, self.bills_prompt,
+                             list_prices={k: v for k, v in self.list_prices.items()
+                                          if k in {self.arms[c].model for c in cols}})
         if len(names) == 2:
             table.weak, table.strong = names[0], names[1]
         return table
@@ -173,7 +181,11 @@ def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
         if not matches:
             raise FileNotFoundError(f"no file matches {text}")
         found += [Path(match) for match in matches]
-    return found
+    # once each: `runs/*.csv runs/extra.csv` read extra.csv twice, every one of its rows counted double
+    once: dict[Path, Path] = {}
+    for path in found:
+        once.setdefault(path.resolve(), path)
+    return list(once.values())
 
 
 def _read_csv_rows(paths: Sequence[Path], required: Sequence[str] = ("prompt",),
@@ -186,22 +198,55 @@ def _read_csv_rows(paths: Sequence[Path], required: Sequence[str] = ("prompt",),
     rows: list[dict[str, str]] = []
     origins: list[tuple[Path, int]] = []
     for path in paths:
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rt", encoding="utf-8-sig", newline="") as handle:
-            reader = csv.DictReader(handle)
+        opener = gzip.open if path.suffix.lower() == ".gz" else open
+        with opener(path, "rt", encoding="utf-8-sig", newline="") as handle, _utf8(path):
+            reader = _csv_reader(handle)
             names = reader.fieldnames or []
             absent = [column for column in required if column not in names]
             if absent:
                 raise ValueError(f"{path}: no {', '.join(f'`{c}`' for c in absent)} column "
                                  f"(columns: {', '.join(names) or 'none'})")
+            # a row holds one value per name: a second `gpt-4o` column silently replaced the first's scores
+            twice = sorted({name for name in names if name.strip() and names.count(name) > 1})
+            if twice:
+                raise ValueError(f"{path}: {', '.join(f'`{c}`' for c in twice)} named by two columns; "
+                                 "rename one to read both")
             for name in names:
                 if name not in header:
                     header.append(name)
             for row in reader:
                 if any(value and value.strip() for value in row.values() if isinstance(value, str)):
+                    if None in row.values():  # DictReader's filler for cells the line lacks
+                        cells = sum(value is not None for key, value in row.items() if key is not None)
+                        raise ValueError(f"{path} line {reader.line_num}: {cells} cell{'s' * (cells != 1)} where "
+                                         f"the header has {len(names)} (a line break in an unquoted prompt?)")
                     rows.append(row)
                     origins.append((path, reader.line_num))
     return header, rows, origins
+
+
+def _csv_reader(handle) -> csv.DictReader:
+    """A DictReader for the ways people save tables: cells separated by ',', or by ';' (Excel in a
+    locale whose decimal mark is a comma) or tabs, as the header line shows; spaces after a separator
+    skipped (a hand-written "prompt, gpt-4o" named its model " gpt-4o", and broke the quotes of
+    `, "a prompt, with commas"`); header names trimmed (a spreadsheet cell "prompt ")."""
+    header_line = handle.readline()
+    handle.seek(0)
+    delimiter = next((mark for mark in (",", ";", "\t") if mark in header_line), ",")
+    reader = csv.DictReader(handle, delimiter=delimiter, skipinitialspace=True)
+    if reader.fieldnames:
+        reader.fieldnames = [name.strip() for name in reader.fieldnames]
+    return reader
+
+
+@contextlib.contextmanager
+def _utf8(path: Path):
+    """A file that is not UTF-8 (Excel's plain "CSV" is the Windows code page) named, with the way out."""
+    try:
+        yield
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text (it holds the byte {exc.object[exc.start]:#04x}); save it as "
+                         'UTF-8 (Excel: "CSV UTF-8") or convert it, e.g. iconv -f cp1252 -t utf-8') from None
 
 
 def _where(origin: tuple[Path, int]) -> str:
@@ -209,17 +254,19 @@ def _where(origin: tuple[Path, int]) -> str:
 
 
 def _costs(models: Sequence[str], prompt_tokens: np.ndarray, output_tokens: np.ndarray,
-           prices: dict[str, ModelPrice]) -> tuple[np.ndarray, dict[str, str]]:
+           prices: dict[str, ModelPrice]) -> tuple[np.ndarray, dict[str, str], dict[str, ModelPrice]]:
+    """Each model's costs, where its price came from, and the price itself (None found: NaN costs)."""
     cost = np.full(output_tokens.shape, np.nan)
     origins: dict[str, str] = {}
+    found: dict[str, ModelPrice] = {}
     for j, model in enumerate(models):
         price = find_price(model, prices)
         if price is None:
             origins[model] = "unknown: add it with --prices FILE"
             continue
-        origins[model] = price.origin
+        origins[model], found[model] = price.origin, price
         cost[:, j] = (prompt_tokens * price.input_per_mtok + output_tokens[:, j] * price.output_per_mtok) / 1e6
-    return cost, origins
+    return cost, origins, found
 
 
 def _tokens(text: str | None) -> float:
@@ -229,15 +276,32 @@ def _tokens(text: str | None) -> float:
 # --- user formats ------------------------------------------------------------------------------------
 
 
+def _not_a_model(name: str, header: Sequence[str]) -> bool:
+    """Columns a RouteLLM-style table holds besides its models: ids and labels, a model's response
+    (`<model>_response`, `<model>|model_response`), and the row index pandas' to_csv writes (an unnamed
+    column, `Unnamed: 0` once read and written again), which a table of one or two rows would
+    otherwise turn into a model that scored its row numbers."""
+    return (name.lower() in NOT_MODEL_COLUMNS or name.endswith("_response") or not name.strip()
+            or re.fullmatch(r"Unnamed: \d+", name) is not None
+            or "|" in name and name.rsplit("|", 1)[0] in header)
+
+
+def _some_rows(files: Sequence[Path], rows: list) -> None:
+    """A header and nothing below it is said as such, not as a column or array error further on."""
+    if not rows:
+        raise ValueError(f"{', '.join(map(str, files))}: no rows below the header")
+
+
 def load_routellm_csv(paths: Sequence[str | Path], models: Sequence[str] | None = None,
                       prices_file: str | Path | None = None) -> OutcomeTable:
     files = expand_paths(paths)
     header, rows, origins = _read_csv_rows(files)
+    _some_rows(files, rows)
     ignored = []
     if models is None:
         models = []
         for name in header:
-            if name.lower() in NOT_MODEL_COLUMNS or name.endswith("_response") or "|" in name:
+            if _not_a_model(name, header):
                 continue
             values = [row.get(name) for row in rows]
             parsed = [_score_or_none(value) for value in values]
@@ -257,7 +321,7 @@ def load_routellm_csv(paths: Sequence[str | Path], models: Sequence[str] | None 
                        for i, row in enumerate(rows)], dtype=float)
     output = np.array([[_tokens(row.get(f"{m}_response")) if f"{m}_response" in header else DEFAULT_OUTPUT_TOKENS
                         for m in models] for row in rows], dtype=float)
-    cost, origins_of_prices = _costs(models, prompt_tokens, output, price_table(prices_file))
+    cost, origins_of_prices, list_prices = _costs(models, prompt_tokens, output, price_table(prices_file))
     group_column = next((g for g in ("group", "eval_name", "subject", "category") if g in header), None)
     groups = [row.get(group_column, "") if group_column else (origins[i][0].name.split(".")[0] if len(files) > 1 else "")
               for i, row in enumerate(rows)]
@@ -267,12 +331,14 @@ def load_routellm_csv(paths: Sequence[str | Path], models: Sequence[str] | None 
         description += f"; columns not read as models: {', '.join(ignored)}"
     return OutcomeTable(" + ".join(p.name for p in files[:3]) + (" ..." if len(files) > 3 else ""),
                         [ArmInfo(m, m) for m in models], ids, [row["prompt"] for row in rows], groups, scores,
-                        cost, output, prompt_tokens, description, price_origins=origins_of_prices)
+                        cost, output, prompt_tokens, description, price_origins=origins_of_prices,
+                        list_prices=list_prices)
 
 
 def load_routerbench_csv(paths: Sequence[str | Path], models: Sequence[str] | None = None) -> OutcomeTable:
     files = expand_paths(paths)
     header, rows, origins = _read_csv_rows(files)
+    _some_rows(files, rows)
     if models is None:
         models = [name[: -len("|total_cost")] for name in header if name.endswith("|total_cost")]
     if len(models) < 2 or "prompt" not in header:
@@ -290,11 +356,21 @@ def load_routerbench_csv(paths: Sequence[str | Path], models: Sequence[str] | No
                         price_origins={m: "recorded in the table" for m in models})
 
 
+def _content_text(content: object) -> str:
+    """A message's text: a string, or the text of OpenAI content parts ([{"type": "text", "text": ...}])."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(part["text"] for part in content if isinstance(part, dict) and isinstance(part.get("text"), str))
+    return ""
+
+
 def _prompt_text(record: dict) -> str:
     if isinstance(record.get("prompt"), str):
         return record["prompt"]
     messages = record.get("messages") or []
-    return "\n".join(m.get("content", "") for m in messages if isinstance(m, dict) and isinstance(m.get("content"), str))
+    texts = (_content_text(m.get("content")) for m in messages if isinstance(m, dict))
+    return "\n".join(text for text in texts if text)
 
 
 def _jsonl_record(line: str, path: Path, n: int) -> dict:
@@ -309,6 +385,8 @@ def _jsonl_record(line: str, path: Path, n: int) -> dict:
         raise ValueError(f'{path} line {n}: no "outcomes" object ({{arm: score, ...}})')
     if record.get("task") is not None and not isinstance(record["task"], str):
         raise ValueError(f'{path} line {n}: "task" must be a string, not {record["task"]!r}')
+    if not isinstance(record.get("prompt"), str) and not isinstance(record.get("messages"), list):
+        raise ValueError(f'{path} line {n}: no "prompt" string or "messages" list (keys: {", ".join(record)})')
     record["outcomes"] = {arm: _jsonl_outcome(outcome, f"{path} line {n}, arm `{arm}`")
                           for arm, outcome in record["outcomes"].items()}
     return record
@@ -345,10 +423,16 @@ def _jsonl_records(files: Sequence[Path]) -> list[tuple[str, dict]]:
     """(where, record) for every non-empty line; utf-8-sig reads a file saved with a byte-order mark."""
     records = []
     for path in files:
-        with open(path, encoding="utf-8-sig") as handle:
+        with open(path, encoding="utf-8-sig") as handle, _utf8(path):
             records += [(f"{path} line {n}", _jsonl_record(line, path, n))
                         for n, line in enumerate(handle, 1) if line.strip()]
     return records
+
+
+def _votes(outcome: dict) -> bool:
+    """Whether an arm's samples make a vote arm: two or more (one sample is the arm itself, and a
+    self-consistency arm needs n >= 2)."""
+    return len(outcome["samples"]) >= 2
 
 
 def load_jsonl(paths: Sequence[str | Path], prices_file: str | Path | None = None) -> OutcomeTable:
@@ -360,16 +444,21 @@ def load_jsonl(paths: Sequence[str | Path], prices_file: str | Path | None = Non
     arms: list[str] = []
     for record in records:
         for arm, outcome in record["outcomes"].items():
-            for name in [arm] + ([f"{arm}@vote{len(outcome['samples'])}"] if outcome["samples"] else []):
+            for name in [arm] + ([f"{arm}@vote{len(outcome['samples'])}"] if _votes(outcome) else []):
                 if name not in arms:
                     arms.append(name)
     if not arms:  # nothing to replay: said here rather than as an empty argmax deep in the replay
         raise ValueError(f"{', '.join(map(str, files))}: no row records an outcome")
+    if len(arms) < 2:  # nothing to route between (the report compared the arm with itself)
+        raise ValueError(f"{', '.join(map(str, files))}: every outcome is of one arm, `{arms[0]}`; "
+                         "routing needs two or more")
     n, k = len(records), len(arms)
     scores, cost, output = np.full((n, k), np.nan), np.full((n, k), np.nan), np.full((n, k), np.nan)
+    recorded = np.zeros((n, k), dtype=bool)  # a cost the line gives, not one computed from a price
     prompts = [_prompt_text(r) for r in records]
     prompt_tokens = np.array([_tokens(p) for p in prompts])
     prices = price_table(prices_file)
+    price_of: dict[str, ModelPrice | None] = {}  # per arm, looked up once (100k rows x arms)
     for i, (where, record) in enumerate(located):
         task = record.get("task") or "reasoning"
         for arm, outcome in record["outcomes"].items():
@@ -380,30 +469,45 @@ def load_jsonl(paths: Sequence[str | Path], prices_file: str | Path | None = Non
             scores[i, j] = _read(_score, raw, f"{where}, arm `{arm}`")
             tokens = outcome["output_tokens"]
             output[i, j] = tokens if tokens is not None else _tokens(first.get("text")) or DEFAULT_OUTPUT_TOKENS
-            price = find_price(arm.split("@")[0], prices)
+            if arm not in price_of:
+                price_of[arm] = find_price(arm.split("@")[0], prices)
+            price = price_of[arm]
             one = outcome["cost_usd"]
+            recorded[i, j] = one is not None
             if one is None and price is not None:
                 one = price.cost_usd(prompt_tokens[i], output[i, j])
             cost[i, j] = float(one) if one is not None else math.nan
-            if samples:
+            if _votes(outcome):
                 answers = [s["answer"] for s in samples]
                 texts = [s.get("text") or s["answer"] for s in samples]
+                if all(text is None for text in texts):  # the vote would be "the first sample", silently
+                    raise ValueError(f'{where}, arm `{arm}`: no sample has an "answer" or a "text" to vote on')
                 winner = vote(texts, task, answers=answers if any(a is not None for a in answers) else None).winner
                 v = arms.index(f"{arm}@vote{len(samples)}")
                 scores[i, v] = _read(_score, samples[winner].get("correct", samples[winner].get("score")),
                                      f"{where}, arm `{arm}`, sample {winner + 1}")
                 sample_costs = [s["cost_usd"] for s in samples]
-                cost[i, v] = (sum(sample_costs) if all(c is not None for c in sample_costs)
-                              else cost[i, j] * len(samples))
+                recorded[i, v] = all(c is not None for c in sample_costs)
+                cost[i, v] = sum(sample_costs) if recorded[i, v] else cost[i, j] * len(samples)
                 output[i, v] = output[i, j] * len(samples)
     infos = [ArmInfo(a, a.split("@")[0], "self_consistency" if "@vote" in a else "single",
                      int(a.split("@vote")[1]) if "@vote" in a else 1) for a in arms]
-    origins = {a: ("recorded in the table" if np.isfinite(cost[:, j]).any() else "unknown") for j, a in enumerate(arms)}
+    origins = {}
+    for j, a in enumerate(arms):  # what the report's price column says: recorded, or whose list price
+        price = price_of.get(a.split("@")[0])
+        listed = price.origin if price is not None else "unknown: add it with --prices FILE"
+        answered = np.isfinite(scores[:, j])
+        origins[a] = ("recorded in the table" if recorded[answered, j].all() else
+                      listed if not recorded[:, j].any() else f"recorded in the table, else {listed}")
+    # the list price the policy decides on, for models whose every cost came from it (as for a CSV)
+    list_prices = {a: price_of[a] for j, a in enumerate(arms)
+                   if price_of.get(a) is not None and not recorded[:, j].any()}
     tasks = [r.get("task") for r in records]
     return OutcomeTable(Path(str(paths[0])).name, infos,
                         [str(i if r.get("id") is None else r["id"]) for i, r in enumerate(records)], prompts,
                         [str(r.get("group") or "") for r in records], scores, cost, output, prompt_tokens,
-                        "JSONL outcomes", price_origins=origins, tasks=tasks if any(tasks) else None)
+                        "JSONL outcomes", price_origins=origins, tasks=tasks if any(tasks) else None,
+                        list_prices=list_prices)
 
 
 def load_table(paths: Sequence[str | Path], fmt: str | None = None, models: Sequence[str] | None = None,
@@ -411,7 +515,7 @@ def load_table(paths: Sequence[str | Path], fmt: str | None = None, models: Sequ
     """Any user table; the format is guessed from the extension and the header when not given."""
     files = expand_paths(paths)
     if fmt is None:
-        if files[0].suffix in (".jsonl", ".json"):
+        if files[0].suffix.lower() in (".jsonl", ".json"):  # RUNS.JSONL from Windows too
             fmt = "jsonl"
         else:
             header, _, _ = _read_csv_rows(files[:1])
@@ -467,10 +571,11 @@ def load_mmlu_pro(limit: int | None = None, root: Path | None = None) -> Outcome
                 output[i, j] = float(row["generated_chars"] or 0) / CHARS_PER_TOKEN
     prompts = [_mc_prompt(questions[q]["question"], questions[q]["options"]) for q in order]
     prompt_tokens = np.array([_tokens(p) for p in prompts])
-    cost, origins = _costs(models, prompt_tokens, np.nan_to_num(output), price_table())
+    cost, origins, list_prices = _costs(models, prompt_tokens, np.nan_to_num(output), price_table())
     return OutcomeTable("mmlu-pro", [ArmInfo(m, m) for m in models], [str(q) for q in order], prompts,
                         [questions[q]["category"] for q in order], scores, cost, output, prompt_tokens,
-                        "MMLU-Pro (TIGER-Lab), 29 models' recorded 5-shot CoT correctness", price_origins=origins)
+                        "MMLU-Pro (TIGER-Lab), 29 models' recorded 5-shot CoT correctness", price_origins=origins,
+                        list_prices=list_prices)
 
 
 def load_bbh_effort(root: Path | None = None) -> OutcomeTable:
@@ -496,6 +601,7 @@ def load_bbh_effort(root: Path | None = None) -> OutcomeTable:
                         scores, cost, output, np.array([_tokens(p) for p in prompts]),
                         "BIG-Bench Hard, code-davinci-002 3-shot direct vs CoT (cost = output length)",
                         weak="direct", strong="cot", price_origins={"code-davinci-002": price.origin},
+                        list_prices={"code-davinci-002": price},
                         bills_prompt=False)
 
 
@@ -509,11 +615,11 @@ def load_gsm8k_two_model(root: Path | None = None) -> OutcomeTable:
     scores = np.array([[float(row[c]["is_correct"]) for _, c in columns] for row in rows])
     output = np.array([[_tokens(row[c]["solution"]) for _, c in columns] for row in rows])
     prompt_tokens = np.array([_tokens(p) for p in prompts])
-    cost, origins = _costs([m for m, _ in columns], prompt_tokens, output, price_table())
+    cost, origins, list_prices = _costs([m for m, _ in columns], prompt_tokens, output, price_table())
     return OutcomeTable("gsm8k-2", [ArmInfo(m, m) for m, _ in columns], [str(i) for i in range(len(rows))], prompts,
                         [""] * len(rows), scores, cost, output, prompt_tokens,
                         "GSM8K test, OpenAI fine-tuned GPT-3 6B vs 175B (one sample each)", weak="gsm8k-6b",
-                        strong="gsm8k-175b", price_origins=origins)
+                        strong="gsm8k-175b", price_origins=origins, list_prices=list_prices)
 
 
 MMLU_TWO_MODEL = ("Mixtral-8x7B-Instruct-v0.1", "gemini-1.5-pro-002")  # RouteLLM's weak model; the strongest here

@@ -15,6 +15,7 @@ import pytest
 
 from evals import metrics
 from evals.classification import Scores, leak_free_scores, length_scores
+from evals.prices import find_price
 from evals.tables import ArmInfo, OutcomeTable, load_routellm_csv, load_routerbench_csv, load_table
 
 pytestmark = pytest.mark.timeout(120)
@@ -47,6 +48,42 @@ def test_routellm_csv_true_false_and_01_columns_several_files(tmp_path):
     assert named.arm_names == ["gpt-4-1106-preview", "id"]  # a named column is used even if it looks like an id
 
 
+@pytest.mark.parametrize("index", ["", "Unnamed: 0"])
+def test_a_pandas_row_index_is_no_model(tmp_path, index):
+    """pandas' to_csv writes the row index as an unnamed first column (`Unnamed: 0` once read and
+    written again): in a table of one or two rows its 0 and 1 were read as a third model."""
+    _write_csv(tmp_path / "t.csv", [index, "prompt", "gpt-4o-mini", "gpt-4o"],
+               [["0", "What is 2+2?", "1", "1"], ["1", "Integrate x dx", "0", "1"]])
+    assert load_table([tmp_path / "t.csv"]).arm_names == ["gpt-4o-mini", "gpt-4o"]
+
+
+def test_model_names_with_a_bar_are_models_and_stay_whole_in_the_report(tmp_path):
+    """Every `|` column was skipped as a RouterBench attribute, so `openai|gpt-4o` columns gave 'need at
+    least two model columns; ... found []'; only `<column>|...` attributes of another column are skipped."""
+    from evals.cli import cli
+
+    _write_csv(tmp_path / "t.csv", ["prompt", "openai|gpt-4o-mini", "openai|gpt-4o", "openai|gpt-4o|model_response"],
+               [[f"question {i}", i % 2, 1, "x" * 40] for i in range(6)])
+    (tmp_path / "prices.yaml").write_text('models:\n  "openai|gpt-4o-mini": {input_per_mtok: 0.15, output_per_mtok: '
+                                          '0.6, source: me}\n  "openai|gpt-4o": {input_per_mtok: 2.5, '
+                                          'output_per_mtok: 10, source: me}\n')
+    assert load_table([tmp_path / "t.csv"]).arm_names == ["openai|gpt-4o-mini", "openai|gpt-4o"]
+    assert cli(["--table", str(tmp_path / "t.csv"), "--out", str(tmp_path / "out"), "--no-classifier",
+                "--steps", "2", "--prices", str(tmp_path / "prices.yaml")]) == 0
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "| openai\\|gpt-4o | 1.000 |" in markdown and "| openai\\|gpt-4o-mini | 0.500 |" in markdown
+
+
+def test_routellm_published_header_is_priced(tmp_path):
+    """RouteLLM's own files (gsm8k_responses.csv, mmlu/responses/*.csv) name their weak model
+    `mixtral-8x7b-instruct-v0.1`, in lower case: it had no price, so nothing was replayed."""
+    _write_csv(tmp_path / "gsm8k_responses.csv", ["prompt", "mixtral-8x7b-instruct-v0.1", "gpt-4-1106-preview"],
+               [["Janet's ducks lay 16 eggs per day.", "True", "True"], ["A robe takes 2 bolts.", "False", "True"]])
+    table = load_table([tmp_path / "gsm8k_responses.csv"])
+    assert table.has_costs
+    assert table.price_origins["mixtral-8x7b-instruct-v0.1"] == find_price("Mixtral-8x7B-Instruct-v0.1").origin
+
+
 def test_routellm_csv_rejects_out_of_range_scores(tmp_path):
     _write_csv(tmp_path / "t.csv", ["prompt", "a", "b"], [["p", "1", "2"]])
     with pytest.raises(ValueError):
@@ -77,6 +114,63 @@ def test_routellm_csv_bad_cells_are_named(tmp_path):
     assert "`level` (" in table.description
 
 
+def test_a_hand_written_csv_with_spaces_after_the_commas(tmp_path):
+    """"prompt, gpt-4o, gpt-4o-mini" named the models " gpt-4o" (no price found: no replay), and a
+    quoted prompt after ", " was cut at its first comma."""
+    (tmp_path / "t.csv").write_text('prompt, gpt-4o, gpt-4o-mini\nHi, 1, 0\n  "What, exactly, is 2+2?", 1, 1\n')
+    table = load_table([tmp_path / "t.csv"])
+    assert table.arm_names == ["gpt-4o", "gpt-4o-mini"] and table.has_costs
+    assert table.prompts == ["Hi", "What, exactly, is 2+2?"] and table.scores.tolist() == [[1, 0], [1, 1]]
+    # a spreadsheet header cell with a trailing space: 'no `prompt` column (columns: prompt , ...)'
+    (tmp_path / "t.csv").write_text('prompt ,gpt-4o ,gpt-4o-mini\nHi,1,0\n')
+    assert load_table([tmp_path / "t.csv"]).arm_names == ["gpt-4o", "gpt-4o-mini"]
+
+
+@pytest.mark.parametrize("mark", [";", "\t"])
+def test_a_csv_separated_by_semicolons_or_tabs(tmp_path, mark):
+    """Excel's "CSV UTF-8" in a German or French locale separates cells with ';': it read as one column,
+    'no `prompt` column (columns: prompt;gpt-4o;gpt-4o-mini)'."""
+    rows = ["prompt", "gpt-4o", "gpt-4o-mini"], ["What, or which; is 2+2?", "1", "0"], ["Hi", "1", "1"]
+    with open(tmp_path / "t.csv", "w", newline="", encoding="utf-8-sig") as handle:
+        csv.writer(handle, delimiter=mark, lineterminator="\r\n").writerows(rows)
+    table = load_table([tmp_path / "t.csv"])
+    assert table.arm_names == ["gpt-4o", "gpt-4o-mini"] and table.prompts == ["What, or which; is 2+2?", "Hi"]
+
+
+@pytest.mark.parametrize("body, line, cells", [
+    ("id,prompt,gpt-4o,gpt-4o-mini\n1,What?,1,0\n2\n", 3, "1 cell where the header has 4"),  # was a TypeError
+    ("prompt,gpt-4o,gpt-4o-mini\nWhat is\nthe answer?,1,0\n", 2, "1 cell where the header has 3"),
+])
+def test_a_row_short_of_cells_is_named(tmp_path, body, line, cells):
+    """A truncated row, or a line break in an unquoted prompt: the missing cells were None, so the prompt
+    of the first was None (a TypeError traceback) and the second became two prompts with no records."""
+    (tmp_path / "t.csv").write_text(body)
+    with pytest.raises(ValueError, match=rf"t.csv line {line}: {cells} \(a line break in an unquoted prompt\?\)"):
+        load_table([tmp_path / "t.csv"])
+
+
+def test_a_column_named_twice_is_refused_not_half_read(tmp_path):
+    """csv.DictReader keeps the last of two same-named columns: the first `gpt-4o`'s scores were
+    silently replaced by the second's. Blank names (a spreadsheet's trailing empty columns) may repeat."""
+    _write_csv(tmp_path / "t.csv", ["prompt", "gpt-4o", "gpt-4o-mini", "gpt-4o", "", ""],
+               [["p", "1", "0", "0", "", ""], ["q", "1", "1", "0", "", ""]])
+    with pytest.raises(ValueError, match=r"t.csv: `gpt-4o` named by two columns; rename one to read both"):
+        load_table([tmp_path / "t.csv"])
+    _write_csv(tmp_path / "t.csv", ["prompt", "gpt-4o", "gpt-4o-mini", "", ""], [["p", "1", "0", "", ""]])
+    assert load_table([tmp_path / "t.csv"]).arm_names == ["gpt-4o", "gpt-4o-mini"]
+
+
+@pytest.mark.parametrize("name, body", [
+    ("t.csv", "prompt,gpt-4o,gpt-4o-mini\nWhat\u2019s 2+2?,1,0\n"),  # Excel's plain "CSV": Windows-1252
+    ("t.jsonl", '{"prompt": "caf\xe9", "outcomes": {"a": 1, "b": 0}}\n'),
+])
+def test_a_file_that_is_not_utf8_is_named(tmp_path, name, body):
+    """It was the bare 'utf-8' codec can't decode byte 0x92 in position 30: which file, and what to do?"""
+    (tmp_path / name).write_bytes(body.encode("cp1252"))
+    with pytest.raises(ValueError, match=rf"{name}: not UTF-8 text \(it holds the byte 0x(92|e9)\); save it as UTF-8"):
+        load_table([tmp_path / name])
+
+
 def test_several_csvs_each_need_a_prompt_column_and_blank_rows_are_no_prompts(tmp_path):
     _write_csv(tmp_path / "a.csv", ["prompt", "m1", "m2"], [["p", "1", "0"], ["", "", ""], ["q", "0", "1"]])
     _write_csv(tmp_path / "b.csv", ["question", "m1", "m2"], [["r", "1", "1"]])
@@ -85,6 +179,14 @@ def test_several_csvs_each_need_a_prompt_column_and_blank_rows_are_no_prompts(tm
     table = load_table([tmp_path / "a.csv"])  # the spreadsheet's empty row is not a prompt every model failed
     assert table.prompts == ["p", "q"]
     assert table.scores.tolist() == [[1.0, 0.0], [0.0, 1.0]]
+
+
+def test_a_file_named_twice_is_read_once(tmp_path):
+    """`--table 'runs/*.csv' runs/b.csv` (a glob and a file it already matches) read b.csv twice."""
+    _write_csv(tmp_path / "a.csv", ["prompt", "m1", "m2"], [["p", "1", "0"]])
+    _write_csv(tmp_path / "b.csv", ["prompt", "m1", "m2"], [["q", "0", "1"], ["r", "1", "1"]])
+    table = load_table([str(tmp_path / "*.csv"), str(tmp_path / "b.csv"), tmp_path / "." / "a.csv"])
+    assert table.prompts == ["p", "q", "r"] and table.groups == ["a", "b", "b"]
 
 
 def test_routerbench_csv_uses_recorded_costs(tmp_path):
@@ -119,6 +221,60 @@ def test_jsonl_per_arm_outcomes_and_samples(tmp_path):
     assert table.arms[1] == ArmInfo("small@vote3", "small", "self_consistency", 3)
 
 
+def test_jsonl_prices_say_where_the_costs_came_from(tmp_path):
+    """Every JSONL arm with a cost read 'recorded in the table', those priced from litellm or --prices
+    too, and the replay's policy then decided on a stand-in price instead of that list price."""
+    from evals.routing import build_policy
+
+    records = [{"prompt": "p", "outcomes": {"gpt-4o-mini": 1, "gpt-4o": {"correct": 1, "cost_usd": 0.01},
+                                            "gpt-4o-2024-08-06": {"correct": 0, "cost_usd": 0.002}}},
+               {"prompt": "q", "outcomes": {"gpt-4o-mini": 0, "gpt-4o": {"correct": 1, "cost_usd": 0.02},
+                                            "gpt-4o-2024-08-06": 1}}]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    table = load_table([tmp_path / "t.jsonl"])
+    assert table.price_origins == {"gpt-4o-mini": "litellm:gpt-4o-mini", "gpt-4o": "recorded in the table",
+                                   "gpt-4o-2024-08-06": "recorded in the table, else litellm:gpt-4o-2024-08-06"}
+    backends = {b.model: b.prices for b in build_policy(table, 1.0).backends}
+    assert backends["eval/gpt-4o-mini"].input_per_mtok == find_price("gpt-4o-mini").input_per_mtok
+
+
+def test_an_upper_case_extension_is_the_same_format(tmp_path):
+    """RUNS.JSONL (a Windows habit) was read as a CSV: 'no `prompt` column (columns: {"prompt": ...'."""
+    (tmp_path / "RUNS.JSONL").write_text(json.dumps({"prompt": "p", "outcomes": {"a": 1, "b": 0}}) + "\n")
+    assert load_table([tmp_path / "RUNS.JSONL"]).arm_names == ["a", "b"]
+
+
+def test_jsonl_one_sample_is_no_vote(tmp_path):
+    """A row that kept one sample made an arm `small@vote1`, a self-consistency arm of n=1 that the
+    replay's policy refuses: the whole run failed with 'self_consistency needs n >= 2 samples'."""
+    from evals.cli import cli
+
+    one = {"correct": True, "samples": [{"answer": "42", "correct": True}]}
+    three = {"correct": False, "samples": [{"answer": "1", "correct": False}, {"answer": "2", "correct": True},
+                                           {"answer": "2", "correct": True}]}
+    records = [{"prompt": f"question {i}", "outcomes": {"gpt-4o-mini": one if i % 2 else three, "gpt-4o": 1}}
+               for i in range(6)]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert load_table([tmp_path / "t.jsonl"]).arm_names == ["gpt-4o-mini", "gpt-4o-mini@vote3", "gpt-4o"]
+    assert _table_cli(tmp_path) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [a["arm"] for a in report["arms"]] == ["gpt-4o-mini", "gpt-4o-mini@vote3", "gpt-4o"]
+
+
+def test_jsonl_messages_with_content_parts_are_the_prompt(tmp_path):
+    """OpenAI's content parts ([{"type": "text", "text": ...}], what logged chat requests hold) were read
+    as no text: the prompt was empty, so it was scored as "" and billed no input tokens."""
+    record = {"messages": [{"role": "system", "content": "Be brief."},
+                           {"role": "user", "content": [{"type": "text", "text": "Capital of France?"},
+                                                        {"type": "image_url", "image_url": {"url": "data:,"}}]},
+                           {"role": "assistant", "content": None, "tool_calls": []}],
+              "outcomes": {"gpt-4o-mini": 1, "gpt-4o": 1}}
+    (tmp_path / "o.jsonl").write_text(json.dumps(record) + "\n")
+    table = load_table([tmp_path / "o.jsonl"])
+    assert table.prompts == ["Be brief.\nCapital of France?"]
+    assert table.prompt_tokens[0] == pytest.approx(len("Be brief.\nCapital of France?") / 4)
+
+
 def test_jsonl_numbers_nulls_and_a_byte_order_mark(tmp_path):
     """Answers recorded as JSON numbers are voted on like text; null fields are not recorded."""
     records = [
@@ -146,6 +302,8 @@ def test_jsonl_numbers_nulls_and_a_byte_order_mark(tmp_path):
     ({"samples": [{"answer": [4, 2], "correct": True}]}, "a sample's \"answer\" must be a string or a number"),
     ({"correct": 1, "output_tokens": "many"}, "output_tokens: could not convert string to float: 'many'"),
     ({"correct": 1, "cost_usd": -1}, "cost_usd: -1 is negative"),
+    # correctness only: the @vote2 arm silently scored the first sample
+    ({"samples": [{"correct": True}, {"correct": False}]}, 'no sample has an "answer" or a "text" to vote on'),
     ("maybe", "'maybe' is not a score"),
 ])
 def test_table_run_names_a_bad_outcome_instead_of_a_traceback(tmp_path, capsys, no_scoring, outcome, message):
@@ -212,12 +370,11 @@ def _synthetic_table(n=400, seed=3) -> OutcomeTable:
     arms = [ArmInfo(m, m) for m in ("Llama-2-7b-hf", "gemini-1.5-flash-002", "gemini-1.5-pro-002")]
     tokens = np.full((n, 3), 100.0)
     prompt_tokens = np.array([len(x) / 4 for x in prompts])
-    from evals.prices import find_price
-
     cost = np.c_[[find_price(a.model).cost_usd(prompt_tokens, tokens[:, j]) for j, a in enumerate(arms)]].T
     return OutcomeTable("synthetic", arms, [str(i) for i in range(n)], prompts, ["g1" if h else "g2" for h in hard],
                         scores, cost, tokens, prompt_tokens, "synthetic",
-                        price_origins={a.model: "litellm:test" for a in arms})
+                        price_origins={a.model: "litellm:test" for a in arms},
+                        list_prices={a.model: find_price(a.model) for a in arms})
 
 
 @pytest.mark.parametrize("rows", [
@@ -236,6 +393,61 @@ def test_pair_metrics_are_undefined_without_a_gap(tmp_path, rows):
     markdown = (tmp_path / "out" / "report.md").read_text()
     assert "no gap, so no CPT or APGR" in markdown and "nan" not in markdown and "100.0% | 100.0%" not in markdown
     assert not (tmp_path / "out" / "pgr.png").exists()
+
+
+def test_oracle_router_is_exact_when_an_arm_has_no_price(tmp_path):
+    """Without a price for one arm, the oracle's cost tie-break made every score NaN: it routed in table
+    order and read worse than random (CPT(50%) 52.6%, APGR 0.487 on RouteLLM's GSM8K file)."""
+    from evals.cli import cli
+
+    weak = [1, 0, 0, 1, 0, 0, 1, 0]
+    strong = [1, 0, 0, 1, 1, 1, 1, 0]  # the gain sits in the last rows: table order is the worst order
+    _write_csv(tmp_path / "t.csv", ["prompt", "my-own-model", "gpt-4o"],
+               [[f"question {i}", w, s] for i, (w, s) in enumerate(zip(weak, strong))])
+    assert cli(["--table", str(tmp_path / "t.csv"), "--out", str(tmp_path / "out"), "--no-classifier",
+                "--steps", "2"]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["note"].startswith("no prices for some arms")
+    oracle = report["pair"]["routers"]["oracle"]
+    # 2 of 8 prompts gain: half the gap at 1/8 of the calls, 80% at 1/8 + 0.6/8; APGR = 1 - 2/8 / 2
+    assert oracle["cpt50"] == pytest.approx(1 / 8) and oracle["cpt80"] == pytest.approx(1.6 / 8)
+    assert oracle["apgr"] == pytest.approx(0.875)
+
+
+def test_an_arm_of_a_few_rows_is_no_reference(tmp_path):
+    """Files with different model sets: o1, in a second file of 3 rows and right on all 3, was the
+    'strongest' arm (acc 1.000), so every operating point read 'not reached' and the pair (gpt-4o vs o1)
+    shared no prompt: no CPT. The references are the arms recorded on nearly every prompt."""
+    from evals.cli import cli
+
+    _write_csv(tmp_path / "a.csv", ["prompt", "gpt-4o-mini", "gpt-4o"],
+               [[f"question {i}", int(i % 2 == 0), int(i % 5 != 0)] for i in range(300)])
+    _write_csv(tmp_path / "b.csv", ["prompt", "gpt-4o-mini", "o1"], [[f"puzzle {i}", 0, 1] for i in range(3)])
+    assert cli(["--table", str(tmp_path / "a.csv"), str(tmp_path / "b.csv"), "--out", str(tmp_path / "out"),
+                "--no-classifier", "--steps", "2"]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    t = report["table"]
+    assert (t["weak"], t["strong"], t["strongest"], t["cheapest"]) == ("gpt-4o-mini", "gpt-4o", "gpt-4o", "gpt-4o-mini")
+    assert report["pair"]["rows"] == 300 and report["pair"]["routers"]["oracle"]["cpt50"] is not None
+    assert report["methods"]["ponder warm (recorded, no exploration)"]["within_1pt"] is not None
+
+
+def test_a_missing_price_is_said_before_the_scoring(tmp_path, capsys, no_scoring):
+    """A model litellm does not price meant minutes of classifier fits before the report's note said only
+    the call-share metrics were computed; it is said with what was read, before any scoring."""
+    from evals.cli import cli
+
+    _write_csv(tmp_path / "t.csv", ["prompt", "my-own-model", "gpt-4o"], [["p", "1", "0"], ["q", "0", "1"]])
+    with pytest.raises(AssertionError, match="scored the table"):
+        cli(["--table", str(tmp_path / "t.csv"), "--out", str(tmp_path / "out")])
+    assert ("ponder eval: no price for my-own-model (give prices with --prices FILE): only the two-arm call-share "
+            "metrics (CPT/APGR) will be computed") in capsys.readouterr().err.splitlines()
+    # RouterBench records costs (--prices does not apply): a missing one is said as such
+    (tmp_path / "rb.csv").write_text("prompt,a,b,a|total_cost,b|total_cost\np,1,0,0.001,\nq,0,1,0.001,0.01\n")
+    with pytest.raises(AssertionError, match="scored the table"):
+        cli(["--table", str(tmp_path / "rb.csv"), "--out", str(tmp_path / "out")])
+    assert ("ponder eval: a recorded score without its cost for b: only the two-arm call-share metrics (CPT/APGR) "
+            "will be computed") in capsys.readouterr().err.splitlines()
 
 
 def test_columns_with_the_same_policy_name_stay_two_arms(tmp_path):
@@ -403,6 +615,11 @@ def test_table_loader_refuses_lines_that_are_not_records(tmp_path):
     path.write_text(json.dumps({"prompt": "x", "outcomes": {}}) + "\n")
     with pytest.raises(ValueError, match=r"t.jsonl: no row records an outcome"):
         load_table([path])
+    # a "question" key and no prompt: it was scored and billed as the empty prompt
+    path.write_text(json.dumps({"prompt": "x", "outcomes": {"a": 1, "b": 0}}) + "\n"
+                    + json.dumps({"question": "y", "outcomes": {"a": 1, "b": 0}}) + "\n")
+    with pytest.raises(ValueError, match=r'line 2: no "prompt" string or "messages" list \(keys: question, outcomes\)'):
+        load_table([path])
 
 
 @pytest.mark.parametrize("body, message", [
@@ -422,6 +639,28 @@ def test_table_run_refuses_a_price_file_it_cannot_read(tmp_path, capsys, no_scor
     assert len(err) == 1 and err[0].startswith(f"ponder eval: error: {tmp_path / 'prices.yaml'}") and message in err[0]
 
 
+def test_the_replay_decides_on_the_prices_given_with_prices_file(tmp_path):
+    """--prices for a model litellm also prices (a self-hosted or discounted gpt-4o) made the costs but
+    not the replay's policy, which kept litellm's list price: the cold learner thought gpt-4o 15x the
+    price of gpt-4o-mini and answered everything with mini, though gpt-4o was cheaper and better."""
+    from evals.routing import build_policy
+
+    rows = [[f"question {i}", int(i % 2 == 0), 1] for i in range(40)]
+    _write_csv(tmp_path / "t.csv", ["prompt", "gpt-4o-mini", "gpt-4o"], rows)
+    (tmp_path / "prices.yaml").write_text("models:\n  gpt-4o: {input_per_mtok: 0.01, output_per_mtok: 0.02, "
+                                          "source: self-hosted}\n")
+    table = load_table([tmp_path / "t.csv"], prices_file=tmp_path / "prices.yaml")
+    backends = {b.model: b.prices for b in build_policy(table, 1.0).backends}
+    assert (backends["eval/gpt-4o"].input_per_mtok, backends["eval/gpt-4o"].output_per_mtok) == (0.01, 0.02)
+    assert backends["eval/gpt-4o-mini"].input_per_mtok == table.list_prices["gpt-4o-mini"].input_per_mtok
+    from evals.cli import cli
+
+    assert cli(["--table", str(tmp_path / "t.csv"), "--out", str(tmp_path / "out"), "--no-classifier",
+                "--steps", "2", "--prices", str(tmp_path / "prices.yaml")]) == 0
+    cold = json.loads((tmp_path / "out" / "report.json").read_text())["methods"]["ponder cold"]["points"]
+    assert cold[-1]["accuracy"] > 0.9  # it was 0.5: always gpt-4o-mini
+
+
 @pytest.mark.parametrize("flag", ["--strong", "--weak"])
 def test_table_run_refuses_an_arm_the_table_lacks_before_replaying(tmp_path, capsys, no_scoring, flag):
     _outcomes_file(tmp_path / "t.jsonl")
@@ -429,6 +668,37 @@ def test_table_run_refuses_an_arm_the_table_lacks_before_replaying(tmp_path, cap
     err = capsys.readouterr().err
     assert err.splitlines() == [f"ponder eval: error: {flag} nope: the table has no such arm (its arms: a, b)"]
     assert not (tmp_path / "out" / "report.md").exists()
+
+
+@pytest.mark.parametrize("name, body, message", [
+    # RouteLLM header only: it said 'need at least two model columns; missing [], found []'
+    ("t.csv", "prompt,gpt-4o-mini,gpt-4o\n", "t.csv: no rows below the header"),
+    # RouterBench header only: 'zero-size array to reduction operation maximum which has no identity'
+    ("t.csv", "prompt,a,b,a|total_cost,b|total_cost\r\n", "t.csv: no rows below the header"),
+    # one arm: a report comparing the arm with itself ("Weak a vs strong a")
+    ("t.jsonl", '{"prompt": "x", "outcomes": {"a": 1}}\n', "every outcome is of one arm, `a`; routing needs two"),
+])
+def test_a_table_with_nothing_to_route_is_said_so(tmp_path, capsys, no_scoring, name, body, message):
+    (tmp_path / name).write_text(body)
+    from evals.cli import cli
+
+    assert cli(["--table", str(tmp_path / name), "--out", str(tmp_path / "out"), "--no-classifier"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("ponder eval: error: ") and message in err[0]
+    assert not (tmp_path / "out" / "report.md").exists()
+
+
+def test_the_pair_is_two_arms(tmp_path, capsys, no_scoring):
+    """`--strong M --weak M` replayed a pair of one arm; `--weak` naming the most accurate arm made it
+    the strong arm too."""
+    _outcomes_file(tmp_path / "t.jsonl")
+    assert _table_cli(tmp_path, "--strong", "b", "--weak", "b") == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "ponder eval: error: --strong and --weak both name b: the pair needs two arms"]
+    from evals.routing import pick_pair
+
+    table = load_table([tmp_path / "t.jsonl"])
+    assert pick_pair(table, weak="b") == (1, 0)  # b is the most accurate arm: the strong one is a
 
 
 def test_table_run_with_a_limit_and_a_named_pair(tmp_path):
@@ -512,6 +782,20 @@ def test_leak_free_scores_of_a_user_table_say_what_they_fit(monkeypatch):
     assert "None" not in scores.how
 
 
+def test_cross_fit_of_a_table_whose_prompts_fill_one_fold(monkeypatch):
+    """`--leak-free cross-fit` on a one-row table fitted the empty fold too and failed with scikit-learn's
+    'Found array with 0 sample(s) ... required by TfidfTransformer'."""
+    from evals import classification
+
+    def fit_and_score(training, held, seed):
+        assert held, "fitted a fold with no prompt"
+        return np.full((len(held), 6), 1 / 6), np.full(len(held), 0.5), 0
+
+    monkeypatch.setattr(classification, "_fit_and_score", fit_and_score)
+    scores = leak_free_scores(["What is 2+2?"], source=None, mode="cross-fit", sources=["humaneval"], use_cache=False)
+    assert scores.difficulty.tolist() == [0.5]
+
+
 def test_stats_book_pooled_level_is_the_sum_of_its_buckets():
     """The replay hands decide() the shared level a store's snapshot would give (router.learner.pooled_stats
     over the buckets), and new stats objects on every record, never edited ones."""
@@ -572,6 +856,21 @@ def test_group_buckets_go_through_the_client_task_label():
     assert run.buckets == expected and {b.split(":")[0] for b in expected} == {"easy", "hard-ones"}
 
 
+def test_groups_that_clean_to_one_label_stay_apart():
+    """Groups in another script clean to nothing ('group') and "C++" / "C#" both to "c": the group
+    buckets merged them, while the group ceiling kept them apart."""
+    from evals.routing import build_policy, classify_rows
+
+    table = _synthetic_table(40)
+    table.groups[:] = ["数学" if g == "g1" else "物理" for g in table.groups]
+    assert build_policy(table, 1.0).overrides.task_header == ["group", "group-2"]
+    rows = classify_rows(table, length_scores(table.prompts), "group")
+    assert {row.label for row, group in zip(rows, table.groups) if group == "物理"} == {"group-2"}
+    from evals.routing import task_labels
+
+    assert task_labels(["C++", "C#", "C++", ""]) == {"C++": "c", "C#": "c-2"}
+
+
 def test_reports_are_strict_json_even_where_a_metric_has_nothing_to_average(tmp_path):
     """An arm missing on a whole group leaves some averages empty: the report says null there (it wrote a
     bare NaN, which JSON readers, the dashboard's included, refuse)."""
@@ -588,3 +887,36 @@ def test_reports_are_strict_json_even_where_a_metric_has_nothing_to_average(tmp_
 
     report = json.loads((tmp_path / "out" / "report.json").read_text(), parse_constant=refuse)
     assert report["table"]["prompts"] == 40
+
+
+def test_an_arm_with_no_record_in_the_sample_reads_n_a(tmp_path, recwarn):
+    """An arm recorded only outside a --limit sample (or only as nulls) printed numpy's 'Mean of empty
+    slice' warning and 'nan' in report.md's single arms."""
+    from evals.cli import cli
+
+    rows = [{"prompt": f"question {i}", "outcomes": {"gpt-4o-mini": i % 2, "gpt-4o": 1, "o1": None}} for i in range(8)]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert cli(["--table", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "out"), "--no-classifier",
+                "--steps", "2"]) == 0
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "nan" not in markdown and markdown.rstrip().split("## Single arms")[1].count("| o1 | n/a | n/a | n/a | 0.0% |") == 1
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["table"]["strongest"] == "gpt-4o"
+
+
+@pytest.mark.parametrize("free", ["gpt-4o-mini", "gpt-4o"])
+def test_a_free_self_hosted_arm_gets_a_report(tmp_path, free):
+    """A model priced 0 (self-hosted, `--prices`) failed the run after the whole replay, no report
+    written: 'Geometric sequence cannot include zero' (the cost plot's log axis), and a free strongest
+    arm divided by zero in report.md."""
+    from evals.cli import cli
+
+    _write_csv(tmp_path / "t.csv", ["prompt", "gpt-4o-mini", "gpt-4o"],
+               [[f"question {i}", int(i % 2 == 0), int(i % 5 != 0)] for i in range(40)])
+    (tmp_path / "prices.yaml").write_text(f"models:\n  {free}: {{input_per_mtok: 0, output_per_mtok: 0, source: mine}}\n")
+    assert cli(["--table", str(tmp_path / "t.csv"), "--out", str(tmp_path / "out"), "--no-classifier",
+                "--steps", "2", "--prices", str(tmp_path / "prices.yaml")]) == 0
+    assert (tmp_path / "out" / "cost_accuracy.png").stat().st_size > 0
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "Always-cheapest (gpt-4o" in markdown and "nan" not in markdown
