@@ -266,6 +266,12 @@ def cli(argv: list[str] | None = None) -> int:
     try:
         args.out.mkdir(parents=True, exist_ok=True)  # a file there, or no permission: said, not a traceback
         if args.table:
+            if args.leak_free == "cross-fit" and not args.no_classifier:
+                # cross-fitting holds out folds of the classifier's own training data; a user's prompts
+                # are not in it, so the "in-distribution" scores would be the zero-shot fit, mislabelled
+                raise ValueError("--leak-free cross-fit is for the built-in suites, whose prompts the classifier "
+                                 "is trained on; a --table's prompts are not, so their scores are zero-shot "
+                                 "whatever the mode: use --leak-free source-out (the default)")
             result = run_routing(args, None, args.out, log)
             log(f"wrote {args.out / 'report.md'}")
             print("\n".join(headline("table", result)) or f"see {args.out / 'report.md'}")

@@ -920,3 +920,17 @@ def test_a_free_self_hosted_arm_gets_a_report(tmp_path, free):
     assert (tmp_path / "out" / "cost_accuracy.png").stat().st_size > 0
     markdown = (tmp_path / "out" / "report.md").read_text()
     assert "Always-cheapest (gpt-4o" in markdown and "nan" not in markdown
+
+
+def test_cross_fit_is_refused_for_a_users_table(tmp_path, capsys):
+    """Cross-fitting keeps the other folds of the classifier's own training data; a user's prompts are not
+    in it, so the mode ran the zero-shot fit per fold and called it in-distribution. Refused, before any
+    fit, with the mode that applies."""
+    from evals.cli import cli
+
+    table = tmp_path / "t.csv"
+    table.write_text("prompt,a,b\nWhat is 2+2?,1,0\nName a colour.,0,1\n", encoding="utf-8")
+    assert cli(["--table", str(table), "--out", str(tmp_path / "out"), "--leak-free", "cross-fit"]) == 1
+    err = capsys.readouterr().err
+    assert "--leak-free cross-fit is for the built-in suites" in err and "source-out" in err
+    assert not (tmp_path / "out" / "report.md").exists()
