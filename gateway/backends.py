@@ -640,17 +640,18 @@ def output_limit(body: dict[str, Any]) -> int | None:
 
 def _estimated_usage(body: dict[str, Any], data: dict[str, Any]) -> Usage:
     """An answer that came without `usage` (a server that leaves it out) is billed as a stream without
-    one is (Usage.estimated): the prompt at its estimate and what was written, never $0."""
-    written = 0
+    one is (Usage.estimated): the prompt at its estimate and what was written, never $0. Each choice is
+    capped at max_tokens on its own: a call asked for `n` may write n times the limit."""
+    limit, written = output_limit(body), 0
     for choice in data.get("choices") or ():
         message = choice.get("message") if isinstance(choice, dict) else None
         if isinstance(message, dict):
-            written += sum(len(v) for k in ("content", "reasoning_content", "reasoning")
-                           if isinstance(v := message.get(k), str))
-            written += sum(len(str((call.get("function") or {}).get("arguments") or ""))
-                           for call in message.get("tool_calls") or () if isinstance(call, dict))
-    return Usage.estimated(estimate_prompt_tokens(body.get("messages") or [], body), content_chars=written,
-                           output_limit=output_limit(body))
+            chars = sum(len(v) for k in ("content", "reasoning_content", "reasoning")
+                        if isinstance(v := message.get(k), str))
+            chars += sum(len(str((call.get("function") or {}).get("arguments") or ""))
+                         for call in message.get("tool_calls") or () if isinstance(call, dict))
+            written += Usage.estimated(0, content_chars=chars, output_limit=limit).completion_tokens
+    return Usage(estimate_prompt_tokens(body.get("messages") or [], body), written)
 
 
 def text_content(message: Any) -> bool:

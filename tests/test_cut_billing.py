@@ -242,3 +242,21 @@ def test_an_answer_without_usage_is_billed_by_its_estimate_not_nothing(stack):
     usage = response.json()["usage"]
     assert (usage["prompt_tokens"], usage["completion_tokens"]) == (call["prompt_tokens"], written)
     assert_billed(gateway, before, call["prompt_tokens"] * IN_USD + written * OUT_USD)
+
+
+def test_choices_without_usage_are_each_billed_up_to_max_tokens(stack):
+    """A call asked for `n` choices from a server that leaves `usage` out: each choice may write
+    max_tokens, so each is capped on its own. Three choices cut at max_tokens=5 were billed 5 output
+    tokens in all, not 15 (the cap was applied to their sum)."""
+    gateway, mock = stack
+    reset(mock)
+    long = "extraordinarily " * 20  # cut at 5 words, 4 tokens a word by the estimate: capped at 5 each
+    control(mock, answers=[long, long, long], script=["no_usage"])
+    before = ledger(gateway), metered(gateway)
+    response = post(gateway, body("quiet", max_tokens=5, n=3))
+    assert response.status_code == 200, response.text
+    assert [c["finish_reason"] for c in response.json()["choices"]] == ["length"] * 3
+    [call] = recorded(gateway, response.headers["x-ponder-request-id"])["execution"]["calls"]
+    assert (call["prompt_tokens"], call["completion_tokens"]) == (prompt_tokens(sent(mock)[0]), 3 * 5)
+    assert response.json()["usage"]["completion_tokens"] == 3 * 5
+    assert_billed(gateway, before, call["prompt_tokens"] * IN_USD + 3 * 5 * OUT_USD)
