@@ -48,10 +48,13 @@ def effective_effort(spec: BackendSpec, effort: str | None) -> str | None:
 
 
 def lowest_effort(spec: BackendSpec) -> str:
-    """The least thinking this backend can be asked for: its lowest declared level, else "low" (the
+    """The least thinking this backend can be asked for: its lowest declared level; with none declared,
+    "none" where the knob turns thinking off (a thinking budget, thinking on/off), else "low" (the
     lowest level every OpenAI reasoning model takes)."""
-    order = list(THINKING_BUDGET_TOKENS)
-    return min(spec.efforts, key=order.index) if spec.efforts else "low"
+    if spec.efforts:
+        order = list(THINKING_BUDGET_TOKENS)
+        return min(spec.efforts, key=order.index)
+    return "none" if spec.effort_param in ("thinking_budget", "enable_thinking") else "low"
 
 
 def thinks_at(spec: BackendSpec, effort: str | None) -> bool:

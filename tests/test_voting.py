@@ -400,12 +400,13 @@ def test_a_judge_that_thinks_gets_its_lowest_effort_and_room_to_reach_the_score(
     claude = BackendSpec(name="claude", model="anthropic/claude-sonnet-4-5", reasoning=True,
                          efforts=["none", "low", "medium", "high"])
     chat = BackendSpec(name="mini", model="openai/gpt-4.1-mini")
+    qwen = BackendSpec(name="qwen", model="hosted_vllm/qwen3", reasoning=True, effort_param="enable_thinking")
     for spec, effort in ((gpt5, "minimal"), (o4, "low")):
         body = judge_body(spec, "What is 6 * 7?", "42")
         assert body["reasoning_effort"] == effort
         assert body["max_completion_tokens"] == judge_output_tokens(spec) > 50 * JUDGE_OUTPUT_TOKENS
         assert "max_tokens" not in body
-    for spec in (claude, chat):
+    for spec in (claude, chat, qwen):  # qwen: no levels declared, and its knob turns thinking off
         body = judge_body(spec, "What is 6 * 7?", "42")
         assert body.get("reasoning_effort", "none") == "none" and "thinking" not in body
         assert body.get("max_tokens", body.get("max_completion_tokens")) == JUDGE_OUTPUT_TOKENS
