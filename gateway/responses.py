@@ -76,12 +76,12 @@ class _ResponsesBody(BaseModel):
 
 
 class _InputTokensBody(BaseModel):
-    """`POST /v1/responses/input_tokens`: what of a Responses body makes its prompt (`model` optional)."""
+    """`POST /v1/responses/input_tokens`: what of a Responses body makes its prompt (`model` and `input` optional)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = None
-    input: str | list[dict[str, Any]]
+    input: str | list[dict[str, Any]] = []  # optional, as OpenAI's is: `instructions` alone can be counted
     instructions: str | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
@@ -102,14 +102,10 @@ def parse_responses_request(body: dict[str, Any], *, max_n: int) -> tuple[ChatRe
     """The chat request a Responses body asks for, validated as chat requests are, and the request
     fields a Response echoes back. Raises ApiError 400 naming the Responses parameter."""
     body = {key: value for key, value in body.items() if value is not None}  # null: the default, as in chat
-    for param, why in STATEFUL.items():
-        if param in body:
-            raise refuse(param, f"Ponder's Responses API is stateless: {why}")
+    _refuse_what_needs_state(body)
     if body.get("background") is True:
         raise refuse("background", "Ponder's Responses API is stateless: a background response would have to be "
                                    "stored to be fetched; stream it instead")
-    if body.get("truncation") == "auto":
-        raise refuse("truncation", "`auto` drops context the gateway cannot see the model's window of; trim `input`")
     parsed = _validated(_ResponsesBody, body)
     chat: dict[str, Any] = {"model": parsed.model, "messages": chat_messages(parsed.input, parsed.instructions)}
     chat.update({key: body[key] for key in SAME_IN_CHAT if key in body})
@@ -165,6 +161,15 @@ def parse_responses_request(body: dict[str, Any], *, max_n: int) -> tuple[ChatRe
     return req, echo
 
 
+def _refuse_what_needs_state(body: dict[str, Any]) -> None:
+    """The 400 for what a stateless gateway cannot do, with why (a response, and the count of its input)."""
+    for param, why in STATEFUL.items():
+        if param in body:
+            raise refuse(param, f"Ponder's Responses API is stateless: {why}")
+    if body.get("truncation") == "auto":
+        raise refuse("truncation", "`auto` drops context the gateway cannot see the model's window of; trim `input`")
+
+
 def _validated(model: type[_Body], body: dict[str, Any]) -> _Body:
     """The body as `model` types it, with its fields' defaults for nulls; or a 400 naming the parameter."""
     try:
@@ -186,9 +191,7 @@ def count_input_tokens(body: dict[str, Any]) -> dict[str, Any]:
     4 characters a token): the backends' tokenizers are not known here, so `ponder.estimated` says so,
     and `ponder.input_tokens_bound` is the most tokens it can be (its UTF-8 bytes), what a budget holds."""
     body = {key: value for key, value in body.items() if value is not None}
-    for param, why in STATEFUL.items():
-        if param in body:
-            raise refuse(param, f"Ponder's Responses API is stateless: {why}")
+    _refuse_what_needs_state(body)
     parsed = _validated(_InputTokensBody, body)
     messages = chat_messages(parsed.input, parsed.instructions)
     prompt: dict[str, Any] = {}

@@ -592,6 +592,13 @@ def test_input_tokens_are_counted_as_estimated_and_compaction_is_refused_clearly
     with_tools = client.responses.input_tokens.count(input=text, instructions="Be brief.", tools=[WEATHER])
     assert with_tools.input_tokens > counted.input_tokens + 20  # the tool's definition is prompt too
 
+    # `input` is optional, as in OpenAI's API: a system prompt alone can be sized (it was a 400 "Field required")
+    alone = client.responses.input_tokens.count(model="mock-a", instructions="Be brief.", input=None)
+    assert alone.input_tokens == estimate_prompt_tokens([{"role": "system", "content": "Be brief."}])
+    with pytest.raises(openai.BadRequestError) as truncated:  # said why, as /v1/responses says it
+        client.responses.input_tokens.count(model="mock-a", input="x", truncation="auto")
+    assert truncated.value.param == "truncation" and "trim `input`" in truncated.value.message
+
     with pytest.raises(openai.BadRequestError) as stateful:
         client.responses.input_tokens.count(model="mock-a", input="x", previous_response_id="resp_1")
     assert stateful.value.param == "previous_response_id" and stateful.value.code == "unsupported_parameter"
