@@ -43,6 +43,9 @@ OTHER_REPLICA_WAIT_S = 0.5  # feedback for an id not written yet: how long to lo
 OTHER_REPLICA_POLL_S = 0.05
 MAX_BACKOFF_S = 1.0  # reconnect attempts at most this far apart: the buffer flushes < 5 s after recovery
 SPEND_TTL_S = {"h": 2 * 86400, "d": 35 * 86400}
+# How often a running replica looks in data_dir for journals that dead replicas left (killed while Redis
+# was away, and not restarted: scaled down): their spend is pushed without waiting for a start.
+TAKE_OVER_EVERY_S = 5.0
 # READONLY: we are talking to a replica (a failover demoted our primary): reconnect, do not drop.
 DOWN_ERRORS = (
     RedisConnectionError, RedisTimeoutError, RedisClusterException, ReadOnlyError, OSError, asyncio.TimeoutError
@@ -91,6 +94,7 @@ class RedisStore(BufferedStore):
         # Redis refused or did not answer the last reservation (down, or refusing writes: OOM at
         # maxmemory), so reservations are checked in the in-process ledger until it takes one again.
         self._budgets_fallback = False
+        self._next_take_over = 0.0  # time.monotonic() of the next look for dead replicas' journals
         self._connected = False
         self._backoff = 0.0
         self._next_attempt = 0.0
@@ -206,8 +210,12 @@ class RedisStore(BufferedStore):
 
     async def _periodic(self) -> None:
         """Push budget changes made while Redis was down (or settled locally) back to Redis, and send
-        again the changes whose reply was lost (each under its token: applied at most once)."""
+        again the changes whose reply was lost (each under its token: applied at most once); now and
+        then, take over what replicas that died left in a shared data_dir (`_take_saved_budgets`)."""
         now = time.time()
+        if time.monotonic() >= self._next_take_over:
+            self._next_take_over = time.monotonic() + TAKE_OVER_EVERY_S
+            self._take_saved_budgets()
         self._budgets.purge(now)
         self._budgets.stage_unsynced()
         changes = list(self._budgets.pending.values())
@@ -502,9 +510,13 @@ class RedisStore(BufferedStore):
             return
         journal = self._budgets.journal
         assert journal is not None
+        adopted: list[BudgetChange] = []
 
         def adopt(changes: list[BudgetChange]) -> bool:
-            return self._budgets.add_unsynced(changes, time.time()) and journal.rewrite(self._budgets.unconfirmed())
+            if not (self._budgets.add_unsynced(changes, time.time()) and journal.rewrite(self._budgets.unconfirmed())):
+                return False
+            adopted.extend(changes)
+            return True
 
         try:
             problems = take_over(self.data_dir, adopt, RedisKeys.push_mark)
@@ -513,8 +525,9 @@ class RedisStore(BufferedStore):
             return
         for problem in problems:
             log.error("unreadable saved budget changes, not pushed: %s", problem)
-        if self._budgets.pending:
-            log.info("pushing $%.6f of budget changes an earlier process left unpushed", self._budgets.unpushed_usd())
+        if adopted:
+            log.info("pushing $%.6f of budget changes a process gone from %s left unpushed",
+                     sum(change.delta for change in adopted if change.counted), self.data_dir)
 
     def _save_unpushed_budgets(self) -> None:
         """Budget changes made while Redis was away (or refusing writes) and still not pushed at shutdown

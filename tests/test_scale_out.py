@@ -427,6 +427,34 @@ def test_budget_spent_while_redis_is_away_survives_a_sigkill(shared, r):
         gw.stop()
 
 
+def test_a_running_replica_pushes_what_a_replica_killed_beside_it_journaled(shared, r):
+    """Two replicas on one data directory (a shared volume); one is SIGKILLed while Redis is away and
+    never restarted (scaled down). The survivor takes its journal over and pushes the spend once Redis
+    is back, without waiting for a start: the key could spend it again meanwhile."""
+    key = "sk-scale-survivor"
+    config = {"api_keys": [{"id": "survivor", "sha256": sha(key), "budget_usd_per_day": CAP}],
+              "telemetry": {"redis_url": shared["redis"].url, "refresh_s": 0.2,
+                            "data_dir": str(shared["tmp"] / "shared-volume")}}
+    counter = f"ponder:{{budget:survivor}}:day:{time.strftime('%Y%m%d', time.gmtime())}"
+    survivor = shared["gateway"]("survivor", **config)
+    dying = shared["gateway"]("dying", **config)
+    redis_pid = shared["redis"].pid
+    try:
+        try:
+            _outage_spend(dying, key, redis_pid, 3)
+            dying.stop(signal.SIGKILL)
+        finally:
+            os.kill(redis_pid, signal.SIGCONT)
+        assert r.get(counter) is None  # nothing reached Redis during the outage
+        assert wait_for(lambda: r.get(counter) is not None, timeout=20)
+        assert float(r.get(counter)) == pytest.approx(3 * COST)
+        time.sleep(1.0)
+        assert float(r.get(counter)) == pytest.approx(3 * COST)  # once
+        assert "Traceback" not in survivor.log()
+    finally:
+        dying.stop()
+        survivor.stop()
+
 def test_budget_saved_at_shutdown_survives_a_start_while_redis_is_still_away(shared, r):
     """The start that takes the spend an earlier replica saved cannot push it (Redis still away) and is
     killed: the spend is not lost with it. The one after, with Redis back, pushes it once, and a
