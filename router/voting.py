@@ -8,11 +8,12 @@ Rules (documented in docs/strategies.md):
 - When the task's answers are not comparable (writing, chat, code), or no sample has an extractable
   answer, the winner is the medoid: the sample most similar (token Jaccard) to all the others.
   ``method`` says which rule decided, and the medoid's confidence is only a similarity, a weaker
-  signal than agreement on an extracted answer.
+  signal than agreement on an extracted answer; with no extractable answer at all it is 0.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Sequence
@@ -154,8 +155,14 @@ def weighted_vote(
         answers = [extract(t, task) for t in texts]
     if len(answers) != n or (weights is not None and len(weights) != n):
         raise ValueError("texts, answers and weights must have the same length")
-    if not comparable(task) or all(a is None for a in answers):
+    if not comparable(task):
         return medoid_vote(texts)
+    if all(a is None for a in answers):
+        # The medoid is the answer shown, but no sample gave an answer (all cut off, refused, off
+        # format): none is valid, so nothing vouches for it. Its similarity was reported as confidence
+        # (1.0 for identical cut texts), which kept a cascade from escalating and taught the learner
+        # that the arm was right.
+        return dataclasses.replace(medoid_vote(texts), confidence=0.0, n_valid=0)
 
     labels = cluster_answers(answers, task)
     counts: dict[int, int] = {}

@@ -509,3 +509,17 @@ def test_the_budget_hold_covers_what_the_gateway_adds_to_each_prompt() -> None:
     judge_cost = call_cost(backends["m"].prices, estimate_prompt_tokens(judged), JUDGE_OUTPUT_TOKENS)
     best = Arm("m", "best_of_n", None, 3, verifier="m")
     assert worst_case_usd(backends, best, req) >= 3 * (call_cost(backends["m"].prices, 7, 2) + judge_cost)
+
+
+def test_a_vote_with_no_answer_in_any_sample_vouches_for_nothing() -> None:
+    """Every sample cut off at max_tokens (or off format): the medoid text is shown, but no sample gave an
+    answer, so the vote's confidence is 0, not the texts' similarity (1.0 for identical cut texts, which
+    kept a cascade from escalating and was recorded as the arm's success)."""
+    cut = "Natalia sold 48 clips in April, and in May she sold 48/2 = 24"
+    texts = [cut, cut, cut]
+    result = vote(texts, "math", answers=[sample_answer(t, "math", "length") for t in texts])
+    assert (result.method, result.winner, result.confidence, result.n_valid) == ("medoid", 0, 0.0, 0)
+    signal = confidence_signal(texts, "math", result=result)
+    assert signal.vote_agreement == 0.0 and should_escalate(signal.confidence, 0.6)
+    # open text keeps the medoid's similarity: its answers are compared by their words
+    assert vote(texts, "writing").confidence == pytest.approx(1.0)
