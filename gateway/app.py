@@ -1,4 +1,5 @@
-"""The ASGI app: routes, and the request path of `POST /v1/chat/completions` and `POST /v1/responses`.
+"""The ASGI app: routes, and the request path of `POST /v1/chat/completions` and `POST /v1/responses`
+(and `POST /v1/embeddings`, a pass-through with no plan: gateway/embeddings.py).
 
     auth -> read + validate -> plan (router: classify, decide) -> reserve budget
          -> execute (strategies, through backends) -> respond -> record (telemetry) -> settle budget
@@ -27,6 +28,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway.backends import UpstreamError
+from gateway import embeddings
 from gateway.calls import Caller, cooling_error, upstream_to_api_error
 from gateway.config import GatewayConfig
 from gateway.dashboard import dashboard_routes
@@ -267,6 +269,52 @@ async def responses_not_stored(request: Request) -> Response:
     raise ApiError(404, f"No response {response_id!r}: Ponder's Responses API is stateless "
                         "and stores no responses (`store` is ignored); send the whole conversation as `input`.",
                    param="response_id", code="not_found")
+
+
+async def create_embeddings(request: Request) -> Response:
+    """`client.embeddings.create(...)`: passed through to the backend named as `model` (gateway/embeddings.py)."""
+    started, ts = time.perf_counter(), time.time()
+    gw = gateway_of(request)
+    req = None
+    try:
+        principal = gw.keys.authenticate(request)
+        body = parse_json_body(await read_body(request, gw.config.max_body_bytes, gw.config.body_timeout_s))
+        req = embeddings.parse_embeddings_request(body)
+        backend = gw.embedding_backend(req.model, request.headers)
+        reservation = await gw.budgets.hold(principal, embeddings.worst_case_usd(backend, req), embeddings.what_fits)
+    except ApiError as exc:
+        gw.metrics.refused(req.model if req is not None and req.model in gw.models() else "-", exc.status)
+        raise
+    gw.unsettled.add()  # from here every path ends in settle(): shutdown waits for it
+    request_id = embeddings.new_request_id()
+    headers = {"x-ponder-request-id": request_id, "x-ponder-arm": backend.name, "x-ponder-policy": "direct"}
+    caller = gw.caller()
+
+    async def settle(status: int, error: str | None = None) -> None:
+        try:
+            event = embeddings.embedding_event(request_id, ts, started, principal, backend, req, caller.calls,
+                                               status=status, error=error)
+            gw.publish(event)
+            if reservation is not None:
+                with contextlib.suppress(Exception):  # settling is bookkeeping: never fail the answer for it
+                    await gw.budgets.settle(reservation, event.cost_usd)
+        finally:
+            gw.unsettled.done()
+
+    try:
+        data = await until_disconnect(request, caller.embed(backend.name, req.body), caller)
+    except (ApiError, UpstreamError) as exc:
+        if isinstance(exc, UpstreamError):  # no fallback: an embedding is its own model's, no other's
+            cooling_s = backend.health.cooldown_until - time.monotonic()
+            exc = upstream_to_api_error(exc, cooling_s if cooling_s > 0 else None)
+        failed = exc.response(headers)
+        failed.background = BackgroundTask(settle, **failure_outcome(exc))
+        return failed
+    except Exception as exc:  # a bug, not an upstream's doing: still recorded and settled, then a 500
+        await settle(**failure_outcome(exc))
+        raise
+    headers["x-ponder-cost-usd"] = f"{sum(c.cost_usd for c in caller.calls):.8f}"
+    return json_response(data, headers=headers, background=BackgroundTask(settle, 200))
 
 
 async def serve(request: Request, read: Callable[[dict[str, Any], int], Wire]) -> Response:
@@ -547,6 +595,7 @@ def routes() -> list[Route]:
         Route("/v1/models/{model:path}", retrieve_model, methods=["GET"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/responses", responses, methods=["POST"]),
+        Route("/v1/embeddings", create_embeddings, methods=["POST"]),
         Route("/v1/responses/input_tokens", responses_input_tokens, methods=["POST"]),
         Route("/v1/responses/compact", responses_compact, methods=["POST"]),
         Route("/v1/responses/{response_id:path}", responses_not_stored, methods=["GET", "POST", "DELETE"]),

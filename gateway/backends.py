@@ -28,7 +28,7 @@ from gateway.prices import call_cost, resolve_prices
 from gateway.sse import EventTooLarge, read_events
 from policies.backends import BackendSpec
 from policies.loader import resolve_max_context, resolve_max_output
-from router.estimates import estimate_prompt_tokens
+from router.estimates import estimate_input_tokens, estimate_prompt_tokens
 
 FAST_PATH_PROVIDERS = {"openai", "hosted_vllm", "llamacpp", "lm_studio"}
 # Upstream statuses that are about the request itself: passed on to the client as they are, never
@@ -238,6 +238,7 @@ class Backend:
         )
         base = (self.spec.api_base or "https://api.openai.com/v1").rstrip("/")
         self.url = f"{base}/chat/completions"
+        self.embeddings_url = f"{base}/embeddings"
         self.semaphore = asyncio.Semaphore(self.spec.max_concurrency)
         self.basic_messages = self.spec.message_format == "basic"
         self.claude = is_claude_api(self.spec) and not self.fast_path
@@ -369,10 +370,17 @@ class Backend:
             call.exception()  # an abandoned call's failure is nobody's to report
 
     async def _complete_fast(self, body: dict[str, Any]) -> dict[str, Any]:
+        data = await self._post_json(self.url, self._payload(body))
+        if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
+            raise UpstreamError(self.name, 502, f"{self.name}: upstream answer has no choices", retryable=True)
+        return data
+
+    async def _post_json(self, url: str, payload: dict[str, Any]) -> Any:
+        """POST a JSON body on the shared session; the upstream's JSON answer, or its error translated."""
         assert self.session is not None, "backend used before the gateway started"
         try:
-            async with self.session.post(self.url, data=orjson.dumps(self._payload(body)),
-                                         headers=self._headers(), timeout=self._timeout) as resp:
+            async with self.session.post(url, data=orjson.dumps(payload), headers=self._headers(),
+                                         timeout=self._timeout) as resp:
                 raw = await resp.read()
                 if resp.status >= 400:
                     raise self._http_error(resp.status, raw, resp.headers.get("Retry-After"))
@@ -384,12 +392,45 @@ class Backend:
             raise UpstreamError(self.name, 502, f"{self.name}: {type(exc).__name__}: {exc}",
                                 retryable=True) from None
         try:
-            data = orjson.loads(raw)
+            return orjson.loads(raw)
         except orjson.JSONDecodeError:
             raise UpstreamError(self.name, 502, f"{self.name}: upstream sent invalid JSON", retryable=True) from None
-        if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
-            raise UpstreamError(self.name, 502, f"{self.name}: upstream answer has no choices", retryable=True)
+
+    # -- embeddings -------------------------------------------------------------------------
+    async def embed(self, body: dict[str, Any],
+                    admission: Admission | None = None) -> tuple[dict[str, Any], CallRecord]:
+        """One embeddings call, the client's body passed through (`input`, `encoding_format`,
+        `dimensions`, `user`). Billed by the upstream's `usage.prompt_tokens`, else by the input's
+        estimate; an embedding writes no output tokens."""
+        started = time.perf_counter()
+        async with self.semaphore:
+            if admission is not None:
+                admission.admit()
+            data = await (self._embed_fast(body) if self.fast_path else self._embed_litellm(body))
+        if not isinstance(data.get("data"), list):
+            raise UpstreamError(self.name, 502, f"{self.name}: upstream answer has no embeddings", retryable=True)
+        usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+        prompt_tokens = usage.get("prompt_tokens")
+        if not isinstance(prompt_tokens, int) or isinstance(prompt_tokens, bool):
+            prompt_tokens = estimate_input_tokens(body.get("input") or [])
+            data["usage"] = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}
+        return data, self.record(Usage(prompt_tokens), started)
+
+    async def _embed_fast(self, body: dict[str, Any]) -> dict[str, Any]:
+        data = await self._post_json(self.embeddings_url, self._payload(body))
+        if not isinstance(data, dict):
+            raise UpstreamError(self.name, 502, f"{self.name}: upstream answer has no embeddings", retryable=True)
         return data
+
+    async def _embed_litellm(self, body: dict[str, Any]) -> dict[str, Any]:
+        params = {k: v for k, v in body.items() if k != "model"}
+        try:
+            response = await _litellm().aembedding(model=self.spec.model, api_base=self.spec.api_base,
+                                                   api_key=self._api_key(), timeout=self.spec.timeout_s,
+                                                   num_retries=0, **params)
+        except Exception as exc:  # litellm maps every provider's errors onto its own classes
+            raise _litellm_error(self.name, exc) from None
+        return response.model_dump(exclude_none=True)
 
     def _http_error(self, status: int, raw: bytes, retry_after: str | None) -> UpstreamError:
         try:

@@ -10,12 +10,13 @@ import asyncio
 import itertools
 import random
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.backends import Admission, Backend, CallRecord, Usage, UpstreamError
 from gateway.errors import ApiError, retry_after
-from router.estimates import estimate_prompt_tokens
+from router.estimates import estimate_input_tokens, estimate_prompt_tokens
 
 MIN_CALL_S = 0.01  # less time than this left: a call is not started (see Caller.out_of_time)
 # A call the request's deadline cut off is the backend's fault (a timeout, see Caller.deadline_reached)
@@ -26,6 +27,8 @@ CANCELLED_QUEUED = "cancelled while queued for a free slot: never sent"
 BACKOFF_BASE_S = 0.05
 BACKOFF_MAX_S = 1.0
 _request_ids = itertools.count()
+# One attempt of a call: Backend.complete or Backend.embed
+Send = Callable[[Backend, dict[str, Any], Admission], Awaitable[tuple[dict[str, Any], CallRecord]]]
 
 
 @dataclass
@@ -55,8 +58,14 @@ class Caller:
             raise ApiError(503, f"Backend {name!r} is not configured.", code="backend_missing") from None
 
     async def complete(self, backend_name: str, body: dict[str, Any]) -> dict[str, Any]:
-        """One logical call to one backend: retried with backoff while that backend may recover."""
-        backend = self.backend(backend_name)
+        """One logical chat call to one backend: retried with backoff while that backend may recover."""
+        return await self._call(self.backend(backend_name), body, Backend.complete)
+
+    async def embed(self, backend_name: str, body: dict[str, Any]) -> dict[str, Any]:
+        """One logical embeddings call, under the same rules as a chat call."""
+        return await self._call(self.backend(backend_name), body, Backend.embed)
+
+    async def _call(self, backend: Backend, body: dict[str, Any], send: Send) -> dict[str, Any]:
         attempts = 1 + backend.spec.max_retries
         last: UpstreamError | None = None
         for attempt in range(attempts):
@@ -75,7 +84,7 @@ class Caller:
             try:
                 # asyncio.timeout, not wait_for: no extra task per call on the hot path
                 async with asyncio.timeout(budget):
-                    data, record = await backend.complete(body, admission)
+                    data, record = await send(backend, body, admission)
             except asyncio.CancelledError:
                 self.cancelled_call(backend, body, started, admission)
                 raise
@@ -161,7 +170,10 @@ def _backoff(attempt: int, retry_after: float | None) -> float:
 
 
 def prompt_estimate(body: dict[str, Any]) -> int:
-    """The prompt of a call's body as every estimate counts it (router.estimates)."""
+    """The prompt of a call's body (a chat call's messages, an embeddings call's input) as every
+    estimate counts it (router.estimates)."""
+    if "messages" not in body and "input" in body:
+        return estimate_input_tokens(body["input"])
     return estimate_prompt_tokens(body.get("messages") or [], body)
 
 

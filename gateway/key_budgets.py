@@ -81,28 +81,37 @@ class KeyBudgets:
 
     async def reserve(self, plan: Plan, req: ChatRequest) -> Reservation | None:
         """Hold the request's worst case against the key's budgets (atomic across replicas)."""
-        limits = self.limits(plan.principal)
+        def what_fits(usd: float, where: str, only_if_fits: bool) -> str:
+            return self._what_fits(plan, req, usd, where, only_if_fits=only_if_fits)
+
+        return await self.hold(plan.principal, plan.reserve_usd(), what_fits)
+
+    async def hold(self, principal: Principal, amount_usd: float,
+                   what_fits: Callable[[float, str, bool], str]) -> Reservation | None:
+        """Hold `amount_usd`, a request's worst case, against the key's budgets (atomic across replicas).
+        `what_fits(usd, where, only_if_fits)`: what the client could send instead that costs at most
+        `usd` (see _what_fits), for the refusal's message."""
+        limits = self.limits(principal)
         if not limits or self.store is None:
             return None
-        key_id = plan.principal.key_id
+        key_id = principal.key_id
         try:
-            reservation = await self.store.reserve(key_id, plan.reserve_usd(), limits)
+            reservation = await self.store.reserve(key_id, amount_usd, limits)
         except BudgetExceeded as exc:
             for period, limit, spent in exc.failures:
                 if exc.amount > limit > spent:  # waiting cannot help: the worst case is over the whole cap
                     raise ApiError(400, f"This request may cost up to ${exc.amount:.6f}, more than this key's whole "
                                         f"{period} budget (${limit:.6f}); "
-                                        f"{self._what_fits(plan, req, limit, 'in that budget')}.",
+                                        f"{what_fits(limit, 'in that budget', False)}.",
                                    code="over_budget_cap") from None
             left = min(limit - spent for _period, limit, spent in exc.failures)
             held = self.held_usd.get(key_id, 0.0)
             waited_for = _spent_out({period: limit - spent for period, limit, spent in exc.failures}, exc.amount, held)
             if not waited_for:
-                raise _budget_held(exc.period, held, self._what_fits(plan, req, left, "now", only_if_fits=True)) \
-                    from None
+                raise _budget_held(exc.period, held, what_fits(left, "now", True)) from None
             binding = exceeded([failure for failure in exc.failures if failure[0] in waited_for], exc.amount,
                                time.time())  # of the periods worth waiting for, the one that frees it last
-            advice = self._what_fits(plan, req, left, "in what is left", only_if_fits=True)
+            advice = what_fits(left, "in what is left", True)
             raise ApiError(429, f"Budget exhausted for this key: {binding}" + (f"; {advice}." if advice else "."),
                            code="budget_exhausted", headers=_retry_at_reset(binding.period)) from None
         if reservation.mode != "none":

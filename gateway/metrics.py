@@ -146,7 +146,8 @@ class Metrics:
         if event.cost_usd > 0:
             c(self.cost, arm, task).inc(event.cost_usd)
         c(self.latency, arm).observe(max(0.0, event.latency_ms) / 1000.0)
-        c(self.decisions, arm, event.strategy or "-", event.effort or "-", task).inc()
+        if event.arm_outcome:  # an embedding is no decision
+            c(self.decisions, arm, event.strategy or "-", event.effort or "-", task).inc()
         if event.policy != "direct":  # a client that names a backend bypasses the learner
             c(self.learner, task, "explore" if event.explore else "exploit").inc()
         samples = event.details.get("samples") if isinstance(event.details, dict) else None

@@ -430,10 +430,33 @@ class Gateway:
             else None,
             details=result.details if result else {},
         )
+        self.publish(event)
+        return event
+
+    def publish(self, event: Event) -> None:
+        """An event into the store (learned stats, spend rollups, the dashboard) and the metrics."""
         if self.store is not None:
             self.store.record(event)
         self.metrics.observe(event)
-        return event
+
+    # -- embeddings: a pass-through to the backend the client names ---------------------------
+    def embedding_backend(self, model: str, headers: Any) -> Backend:
+        """The backend an embeddings request names as `model`. An embedding has no effort and no
+        strategy, so nothing is routed: an alias is refused, and so is every backend where the policy
+        routes only its aliases (overrides.direct_backend: false), as for chat."""
+        policy = self._policy_for(headers)
+        if model in self.backends:
+            if not policy.allows_override("direct_backend"):
+                raise ApiError(404, f"The model {model!r} is a backend, and policy `{policy.name}` routes only "
+                                    "its aliases (overrides.direct_backend: false); embeddings need a backend by name.",
+                               param="model", code="model_not_found")
+            return self.backends[model]
+        if model in policy.aliases:
+            raise ApiError(400, f"The model {model!r} is a routed alias, and embeddings are not routed: name an "
+                                "embedding model's backend as `model` (GET /v1/models lists the backends).",
+                           param="model", code="invalid_model")
+        raise ApiError(404, f"The model {model!r} does not exist; embeddings need a configured backend's name "
+                            "(GET /v1/models lists them).", param="model", code="model_not_found")
 
 
 

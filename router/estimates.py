@@ -83,6 +83,27 @@ def _prompt_size(messages: list, body: Mapping[str, Any] | None, measure: Callab
     return size
 
 
+def estimate_input_tokens(inputs: str | list) -> int:
+    """An embeddings request's `input` (a string, strings, token ids or lists of them) counted as a
+    prompt's text is (4 characters a token); token ids are exact, one each."""
+    return sum(-(-len(item) // 4) if isinstance(item, str) else len(item) for item in _inputs(inputs))
+
+
+def input_tokens_bound(inputs: str | list, max_per_input: int | None = None) -> int:
+    """The most tokens an embeddings `input` can be (what a budget holds): a string's UTF-8 bytes, as
+    `prompt_tokens_bound` counts a prompt; token ids exactly. An input over `max_per_input` (the model's
+    window) is refused upstream, and costs nothing, so none counts more."""
+    sizes = (_utf8_bytes(item) if isinstance(item, str) else len(item) for item in _inputs(inputs))
+    return sum(sizes if max_per_input is None else (min(size, max_per_input) for size in sizes))
+
+
+def _inputs(inputs: str | list) -> list:
+    """The separate inputs of an embeddings `input`: one string or one list of token ids is one input."""
+    if isinstance(inputs, str) or (inputs and all(isinstance(item, int) for item in inputs)):
+        return [inputs]
+    return list(inputs)
+
+
 def _utf8_bytes(text: str) -> int:
     return len(text.encode("utf-8", "surrogatepass"))
 

@@ -142,12 +142,14 @@ def decay_factor(dt_s: float, half_life_s: float | None) -> float:
 def group_deltas(
     events: Iterable[Event], half_life_s: float | None
 ) -> dict[tuple[str, str, str], tuple[float, dict[str, float]]]:
-    """Sum the deltas of a batch per (policy, bucket, arm), expressed at the group's latest event time.
+    """Sum the deltas of a batch's arm outcomes per (policy, bucket, arm), expressed at the group's
+    latest event time.
 
     Returns {(policy, bucket, arm): (t, delta)}; one atomic update per group instead of per event."""
     grouped: dict[tuple[str, str, str], list[Event]] = {}
     for ev in events:
-        grouped.setdefault((ev.policy, ev.bucket, ev.arm), []).append(ev)
+        if ev.arm_outcome:  # an embedding is billed (spend_deltas) but answers with no arm
+            grouped.setdefault((ev.policy, ev.bucket, ev.arm), []).append(ev)
     out: dict[tuple[str, str, str], tuple[float, dict[str, float]]] = {}
     for key, evs in grouped.items():
         t = max(ev.ts for ev in evs)

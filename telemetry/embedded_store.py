@@ -224,7 +224,7 @@ class EmbeddedStore(BufferedStore):
             except Exception as exc:
                 self._on_error("serialise", exc)
                 continue
-            if ev.request_id:
+            if ev.request_id and ev.arm_outcome:  # feedback scores an arm's answer
                 meta = {"p": ev.policy, "b": ev.bucket, "a": ev.arm, "ts": ev.ts, "k": ev.key_id}
                 meta.update(s=ev.success, w=ev.success_weight)
                 # Purged by the time it was written, like the Redis key's TTL, not by the request's time.

@@ -27,6 +27,10 @@ SuccessSource = Literal["vote", "verifier", "feedback"]
 # value: '...'" does), and one event must stay the 1-3 KB the store's retention is sized for.
 MAX_ERROR_CHARS = 500
 
+# The task of an embeddings request (POST /v1/embeddings): billed like any request (spend rollups, key
+# budgets, metrics), but no arm answered a prompt, so it is no outcome to learn from or to chart.
+EMBEDDING_TASK = "embedding"
+
 # How much one scored outcome counts in an arm's `weight` (and `successes` = weight x score).
 SIGNAL_WEIGHTS: dict[str, float] = {"feedback": 1.0, "verifier": 0.3, "vote": 0.3}
 
@@ -86,6 +90,11 @@ class Event:
     @property
     def success_weight(self) -> float:
         return signal_weight(self.success_source) if self.success is not None else 0.0
+
+    @property
+    def arm_outcome(self) -> bool:
+        """Whether an arm answered (a chat request): what the per-arm aggregates and feedback count."""
+        return self.task != EMBEDDING_TASK
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -167,7 +167,7 @@ class RedisStore(BufferedStore):
                 self.dropped += 1
                 self._on_error("serialise", exc)
                 continue
-            if ev.request_id:
+            if ev.request_id and ev.arm_outcome:  # feedback scores an arm's answer
                 meta = {"p": ev.policy, "b": ev.bucket, "a": ev.arm, "ts": ev.ts, "k": ev.key_id}
                 meta.update(s=ev.success, w=ev.success_weight)
                 metas.append((k.meta(ev.request_id), orjson.dumps(meta).decode()))

@@ -1,7 +1,8 @@
 """A real OpenAI-compatible HTTP server on loopback, for backends that would cost money.
 
-Run: `python tests/mock_upstream.py --port P`. It answers `/v1/chat/completions` (JSON and SSE) with
-exact, predictable usage (1 token per whitespace-separated word), and can misbehave on demand:
+Run: `python tests/mock_upstream.py --port P`. It answers `/v1/chat/completions` (JSON and SSE) and
+`/v1/embeddings` (a deterministic vector per input: `embeddings`) with exact, predictable usage (1 token
+per whitespace-separated word), and can misbehave on demand:
 
     POST /control {"script": ["500", "ok", ...], "fail_rate": 0.5, "answers": [...], "delay_ms": 0,
                    "cached_tokens": 0}
@@ -36,8 +37,11 @@ One for its chat models (`gpt-4o`, `gpt-4.1-mini`, ...) is refused a `verbosity`
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import random
 import re
+import struct
 import time
 
 import orjson
@@ -224,6 +228,48 @@ async def chat(request: web.Request) -> web.StreamResponse:
     return await stream(request, body, base, answers[0], usage, behaviour, finish[0])
 
 
+EMBEDDING_DIMENSIONS = 8  # a vector's length when the request sets no `dimensions`
+
+
+def embedding_vector(item: str | list[int], dimensions: int) -> list[float]:
+    """The same input always gets the same vector: its sha256's bytes, scaled to [0, 1)."""
+    digest = hashlib.sha256(item.encode() if isinstance(item, str) else orjson.dumps(item)).digest()
+    return [digest[i % len(digest)] / 256 for i in range(dimensions)]
+
+
+async def embeddings(request: web.Request) -> web.Response:
+    """OpenAI's embeddings: a vector per input (embedding_vector), float or base64 (little-endian float32,
+    as OpenAI encodes it), usage = the inputs' words (token ids: one each). Behaviours: ok | 500 | 429 |
+    hang | no_usage."""
+    raw = await request.read()
+    body = orjson.loads(raw)
+    record(STATE, bodies=body, raw_bodies=raw.decode())
+    behaviour = next_behaviour()
+    if STATE["delay_ms"]:
+        await asyncio.sleep(STATE["delay_ms"] / 1000)
+    if behaviour == "500":
+        return web.json_response({"error": {"message": "mock upstream failure", "type": "server_error"}}, status=500)
+    if behaviour == "429":
+        return web.json_response({"error": {"message": "slow down", "type": "rate_limit"}}, status=429,
+                                 headers={"Retry-After": "1"})
+    if behaviour == "hang":
+        await asyncio.sleep(STATE["hang_s"])
+    inputs = body["input"]
+    items = [inputs] if isinstance(inputs, str) or isinstance(inputs[0], int) else inputs
+    dimensions = body.get("dimensions") or EMBEDDING_DIMENSIONS
+    data = []
+    for index, item in enumerate(items):
+        vector = embedding_vector(item, dimensions)
+        if body.get("encoding_format") == "base64":
+            vector = base64.b64encode(struct.pack(f"<{dimensions}f", *vector)).decode()
+        data.append({"object": "embedding", "index": index, "embedding": vector})
+    tokens = sum(words(item) if isinstance(item, str) else len(item) for item in items)
+    answer = {"object": "list", "data": data, "model": body.get("model", "mock")}
+    if behaviour != "no_usage":
+        answer["usage"] = {"prompt_tokens": tokens, "total_tokens": tokens}
+    return web.json_response(answer)
+
+
 def tool_name(body: dict) -> str:
     return ((body.get("tools") or [{}])[0].get("function") or {}).get("name", "f")
 
@@ -326,6 +372,7 @@ def make_app() -> web.Application:
     app = control_app(STATE, initial_state, recorded=("bodies", "raw_bodies"),
                       settable=("script", "fail_rate", "answers", "delay_ms", "hang_s", "cached_tokens", "raw"))
     app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_get("/v1/models", lambda r: web.json_response({"object": "list", "data": []}))
     return app
 

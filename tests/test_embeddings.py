@@ -1,0 +1,259 @@
+"""POST /v1/embeddings: a pass-through to the backend the client names, billed like chat.
+
+A real `ponder serve` in front of the mock upstream (a deterministic vector per input, usage = its
+words), telemetry in a real redis-server, talked to with the real openai SDK.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import struct
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.servers import calls, control, mock_backend, reset, running, sent, start_gateway, start_mock, write_policy
+
+EMB = "text-embedding-3-small"  # priced from litellm's map: $0.02 per million input tokens
+LITELLM_PRICE = 0.02 / 1e6
+PRICED = "emb-priced"  # `prices:` in the config: $5 per million
+KEYS = {"sk-admin": ("admin", None, True), "sk-budget": ("budget", 1.0, False), "sk-tiny": ("tiny", 1e-9, False)}
+
+
+def vector(item: str, dimensions: int = 8) -> list[float]:
+    """The mock's vector of an input (tests/mock_upstream.py embedding_vector)."""
+    digest = hashlib.sha256(item.encode()).digest()
+    return [digest[i % len(digest)] / 256 for i in range(dimensions)]
+
+
+def policy(tmp, name: str, **overrides) -> str:
+    return write_policy(tmp, {
+        "name": name,
+        "arms": {"one": {"backend": "chat", "strategy": "single"}},
+        "routes": [{"name": "all", "candidates": ["one"]}],
+        "exploration": {"share": 0.0},
+        "overrides": {"policy_header": True, **overrides},
+    }, f"{name}.yaml")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, redis_server):
+    tmp = tmp_path_factory.mktemp("embeddings")
+    with running(start_mock(tmp)) as mock:
+        backends = [
+            mock_backend("chat", mock),
+            {**mock_backend(EMB, mock), "prices": None},  # litellm's price for openai/text-embedding-3-small
+            mock_backend(PRICED, mock, prices={"input_per_mtok": 5.0, "output_per_mtok": 0.0}),
+            mock_backend("emb-429", mock),  # its own: a 429 cools it down
+            mock_backend("emb-litellm", mock, fast_path=False),
+        ]
+        config = {"backends": backends, "policy": policy(tmp, "open"),
+                  "extra_policies": {"closed": policy(tmp, "closed", direct_backend=False)},
+                  "telemetry": {"redis_url": redis_server.url, "refresh_s": 0.2},
+                  "api_keys": [{"id": ident, "sha256": hashlib.sha256(key.encode()).hexdigest(), "admin": admin,
+                                **({"budget_usd_per_day": cap} if cap is not None else {})}
+                               for key, (ident, cap, admin) in KEYS.items()]}
+        with running(start_gateway(tmp, config, name="embeddings")) as gw:
+            yield gw, mock
+
+
+@pytest.fixture
+def client(gw):
+    return openai.OpenAI(base_url=gw.url + "/v1", api_key="sk-admin", max_retries=0)
+
+
+def admin(gw, path: str) -> httpx.Response:
+    return httpx.get(gw.url + path, headers={"Authorization": "Bearer sk-admin"})
+
+
+def eventually(check, timeout: float = 5.0):
+    """The event is recorded and the hold settled after the answer is written: poll for it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return check()
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+# -- the openai SDK through the gateway --------------------------------------------------------------
+
+
+def test_a_string_is_embedded_through_the_sdk(client, mock):
+    result = client.embeddings.create(model=EMB, input="hello embedding world")
+    assert [d.embedding for d in result.data] == [vector("hello embedding world")]
+    assert result.usage.prompt_tokens == 3
+    body = sent(mock)[-1]
+    # the SDK asks for base64 (and decodes it), the upstream is sent the backend's own model name
+    assert body == {"model": EMB, "input": "hello embedding world", "encoding_format": "base64"}
+
+
+def test_a_list_of_strings_as_floats(client, mock):
+    result = client.embeddings.create(model=EMB, input=["one two", "three"], encoding_format="float")
+    assert [d.index for d in result.data] == [0, 1]
+    assert [d.embedding for d in result.data] == [vector("one two"), vector("three")]
+    assert result.usage.prompt_tokens == 3
+    assert sent(mock)[-1]["encoding_format"] == "float"
+
+
+def test_base64_is_passed_through_as_the_upstream_wrote_it(gw, mock):
+    response = httpx.post(gw.url + "/v1/embeddings", headers={"Authorization": "Bearer sk-admin"},
+                          json={"model": EMB, "input": "raw bytes", "encoding_format": "base64", "user": "u-1"})
+    assert response.status_code == 200, response.text
+    encoded = response.json()["data"][0]["embedding"]
+    assert isinstance(encoded, str)
+    assert list(struct.unpack("<8f", base64.b64decode(encoded))) == vector("raw bytes")
+    assert sent(mock)[-1]["user"] == "u-1"
+
+
+def test_dimensions_and_token_ids(client, mock):
+    result = client.embeddings.create(model=EMB, input=[[1, 2, 3], [4, 5]], dimensions=4, encoding_format="float")
+    assert [len(d.embedding) for d in result.data] == [4, 4]
+    assert result.usage.prompt_tokens == 5  # one a token id
+    assert sent(mock)[-1]["dimensions"] == 4
+
+
+def test_a_backend_called_through_litellm(client, mock):
+    result = client.embeddings.create(model="emb-litellm", input=["via litellm"])  # the SDK asks for base64
+    assert [d.embedding for d in result.data] == [pytest.approx(vector("via litellm"))]
+    assert result.usage.prompt_tokens == 2
+    assert calls(mock)["count"] == 1
+
+
+# -- money ------------------------------------------------------------------------------------------
+
+
+def test_a_budgeted_key_is_billed_usage_times_the_price(gw, mock):
+    budget = openai.OpenAI(base_url=gw.url + "/v1", api_key="sk-budget", max_retries=0)
+    before = admin(gw, "/v1/ponder/spend").json()
+    spent_before = next(k for k in before["keys"] if k["key_id"] == "budget")["spent"].get("day", 0.0)
+    raw = budget.embeddings.with_raw_response.create(model=EMB, input=["a b c d", "e f"])
+    assert raw.parse().usage.prompt_tokens == 6
+    cost = 6 * LITELLM_PRICE
+    assert float(raw.headers["x-ponder-cost-usd"]) == pytest.approx(cost)
+
+    def settled():
+        key = next(k for k in admin(gw, "/v1/ponder/spend").json()["keys"] if k["key_id"] == "budget")
+        assert key["spent"]["day"] - spent_before == pytest.approx(cost, rel=1e-6)
+        assert key["cost_usd_30d"] == pytest.approx(cost)  # the spend rollups count it too
+    eventually(settled)
+    metrics = admin(gw, "/metrics").text
+    assert f'ponder_cost_usd_total{{arm="{EMB}",task="embedding"}}' in metrics
+
+
+def test_configured_prices_win_over_litellms(client):
+    raw = client.embeddings.with_raw_response.create(model=PRICED, input="five words are billed here")
+    assert float(raw.headers["x-ponder-cost-usd"]) == pytest.approx(5 * 5.0 / 1e6)
+
+
+def test_an_answer_without_usage_is_billed_by_the_estimate(client, mock):
+    control(mock, script=["no_usage"])
+    raw = client.embeddings.with_raw_response.create(model=PRICED, input="x" * 400)
+    assert raw.parse().usage.prompt_tokens == 100  # 4 characters a token
+    assert float(raw.headers["x-ponder-cost-usd"]) == pytest.approx(100 * 5.0 / 1e6)
+
+
+def test_a_budget_too_small_for_the_input_refuses_before_any_call(gw, mock):
+    tiny = openai.OpenAI(base_url=gw.url + "/v1", api_key="sk-tiny", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as info:
+        tiny.embeddings.create(model=PRICED, input="too dear")
+    assert info.value.code == "over_budget_cap"
+    assert calls(mock)["count"] == 0
+
+
+def test_an_embedding_is_no_arm_outcome(gw, client, mock):
+    raw = client.embeddings.with_raw_response.create(model=PRICED, input="not a chat answer")
+    request_id = raw.headers["x-ponder-request-id"]
+
+    def recorded():
+        rows = admin(gw, "/v1/ponder/requests?limit=50").json()["requests"]
+        row = next(r for r in rows if r["request_id"] == request_id)
+        assert (row["task"], row["policy"], row["arm"]) == ("embedding", "direct", PRICED)
+    eventually(recorded)
+    summary = admin(gw, "/v1/ponder/summary?policy=direct").json()
+    assert all(task["task"] != "embedding" for task in summary["tasks"])  # no routing view charts it
+    feedback = httpx.post(gw.url + "/v1/feedback", headers={"Authorization": "Bearer sk-admin"},
+                          json={"request_id": request_id, "score": 1})
+    assert feedback.status_code == 404  # nothing to score: no arm answered
+    assert 'ponder_decisions_total{arm="emb-priced"' not in admin(gw, "/metrics").text
+
+
+# -- refusals and failures --------------------------------------------------------------------------
+
+
+def test_an_unknown_model_is_404(client, mock):
+    with pytest.raises(openai.NotFoundError) as info:
+        client.embeddings.create(model="no-such-model", input="x")
+    assert info.value.code == "model_not_found"
+    assert info.value.body["param"] == "model"
+
+
+def test_a_routed_alias_is_400(client, mock):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.embeddings.create(model="auto", input="x")
+    assert "alias" in info.value.message and "embeddings are not routed" in info.value.message
+    assert calls(mock)["count"] == 0
+
+
+def test_a_policy_without_direct_backends_refuses_as_chat_does(client, mock):
+    with pytest.raises(openai.NotFoundError) as info:
+        client.embeddings.create(model=EMB, input="x", extra_headers={"x-ponder-policy": "closed"})
+    assert info.value.code == "model_not_found" and "direct_backend: false" in info.value.message
+
+
+def test_an_upstream_500_is_retried_on_the_same_backend(client, mock):
+    control(mock, script=["500", "ok"])
+    raw = client.embeddings.with_raw_response.create(model=PRICED, input="second time lucky")
+    assert raw.parse().usage.prompt_tokens == 3
+    assert calls(mock)["count"] == 2
+    assert float(raw.headers["x-ponder-cost-usd"]) == pytest.approx(3 * 5.0 / 1e6)  # the failed call cost nothing
+
+
+def test_an_upstream_that_keeps_failing_is_a_clean_502(client, mock):
+    control(mock, script=["500", "500"])
+    with pytest.raises(openai.InternalServerError) as info:
+        client.embeddings.create(model="chat", input="x")
+    assert info.value.status_code == 502 and info.value.code == "upstream_error"
+    assert calls(mock)["count"] == 2
+
+
+def test_a_429_passes_its_retry_after_on(client, mock):
+    control(mock, script=["429"])
+    with pytest.raises(openai.RateLimitError) as info:
+        client.embeddings.create(model="emb-429", input="x")
+    assert info.value.response.headers["retry-after"] == "1"
+    assert calls(mock)["count"] == 1  # the backend said when: not called again at once
+
+
+def test_more_than_2048_inputs_are_refused(client, mock):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.embeddings.create(model=EMB, input=["x"] * 2049)
+    assert info.value.body["param"] == "input" and "2048" in info.value.message
+    assert calls(mock)["count"] == 0
+    assert len(client.embeddings.create(model=EMB, input=["x"] * 2048).data) == 2048
+
+
+@pytest.mark.parametrize("body, param", [({"model": EMB, "input": []}, "input"),
+                                         ({"model": EMB, "input": ["a", ""]}, "input"),
+                                         ({"model": EMB, "input": ["a", 1]}, "input"),
+                                         ({"model": EMB, "input": "a", "encoding_format": "int8"}, "encoding_format"),
+                                         ({"model": EMB, "input": "a", "dimensions": 0}, "dimensions")])
+def test_invalid_bodies_name_the_field(gw, mock, body, param):
+    response = httpx.post(gw.url + "/v1/embeddings", headers={"Authorization": "Bearer sk-admin"}, json=body)
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == param
+    assert calls(mock)["count"] == 0
+
+
+def test_the_api_key_is_checked(gw, mock):
+    response = httpx.post(gw.url + "/v1/embeddings", json={"model": EMB, "input": "x"})
+    assert response.status_code == 401
+
+
+def test_models_lists_what_it_did(client):
+    assert [m.id for m in client.models.list()] == ["auto", "chat", EMB, PRICED, "emb-429", "emb-litellm"]
