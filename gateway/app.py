@@ -27,8 +27,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.backends import UpstreamError
 from gateway import embeddings
+from gateway.backends import UpstreamError
 from gateway.calls import Caller, cooling_error, upstream_to_api_error
 from gateway.config import GatewayConfig
 from gateway.dashboard import dashboard_routes
