@@ -7,14 +7,15 @@ A vote is only as good as its notion of "the same answer". Each task maps to an 
   cut out of LaTeX); markdown emphasis around a marker or answer dropped; normalised LaTeX;
   equivalence by ``math_verify`` (so ``\\frac{1}{2}``, ``0.5`` and ``\\dfrac12`` are one answer),
   with string equality as fallback.
-- ``multiple_choice``: a letter A-J.
-- ``number``: a plain number, compared with a small relative tolerance.
+- ``multiple_choice``: a letter A-J ("Option B" too; lower case only as "(b)" or "b)").
+- ``number``: a plain number (scientific notation and mixed numbers whole), compared with a small
+  relative tolerance.
 - ``python``: a Python expression (e.g. a predicted call ``f('x')`` or value), compared by its AST
   (only parsed, never executed), so ``'a'`` and ``"a"`` are one answer. Text that does not parse as
   an expression (a generation cut off mid-literal, a runaway repetition) is no answer: it is dropped
   from the vote like a failed sample, and adaptive sampling draws another.
 - ``short_text``: a short final answer (knowledge, reasoning), normalised like SQuAD (case,
-  punctuation, articles); numbers compared as numbers.
+  punctuation, articles); numbers compared as numbers; a refusal is no answer.
 - ``open``: writing, chat and code: no comparable answer; voting falls back to a medoid.
 
 The router's task types map to formats in ``TASK_FORMATS``; a format name is also accepted as a task.
@@ -27,6 +28,7 @@ from __future__ import annotations
 import ast
 import logging
 import re
+from decimal import Decimal
 from fractions import Fraction
 from functools import lru_cache
 
@@ -81,7 +83,17 @@ _FINAL_MARKER = re.compile(
 )
 # The Minerva/lm-eval sign-off after an answer ("$5$. I hope it is correct."): never part of it
 _CLOSING_REMARK = re.compile(r"\.?\s*\b(?:I\s+)?hope\s+(?:it|this|that)\s+is\s+correct\s*[.!]?\s*$", re.IGNORECASE)
-_NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+)?|[-+]?\.\d+")
+# Scientific notation ("1.2e-3", "1.2 × 10^-3", "1.2x10^3", "1.2 \times 10^{-3}"): one number, never its
+# mantissa or exponent alone (an exponent of 4 digits or more is taken whole, to be no number: see _parse_number)
+_E_NOTATION = r"\d+(?:\.\d+)?[eE][-+]?\d+(?!\w|\.\d)"
+_TIMES = r"(?:\\times|\\cdot|[×xX*·])"
+_TIMES_TEN = rf"\d+(?:\.\d+)?\s*{_TIMES}\s*10\s*\^\s*(?:\{{\s*[-+]?\d+\s*\}}|[-+]?\d+)"
+# A mixed number ("3 1/2" is 3.5, not 31/2 or 3): a whole number, a space, a fraction written tight
+_MIXED = r"\d+[ \t]+\d+/\d+(?![\d.])"
+_NUMBER = re.compile(
+    rf"[-+]?(?:{_TIMES_TEN}|{_E_NOTATION}|{_MIXED})"
+    r"|[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+)?|[-+]?\.\d+"
+)
 # A whole math expression for the math fallback: a LaTeX fraction, root or pi (with an optional
 # coefficient, "12\frac{3}{5}", "2\sqrt{3}", "2\pi"), a plain fraction, a decimal. Digits inside LaTeX are
 # never taken alone, and a minus right after a number, letter or bracket is a subtraction, not a sign.
@@ -94,12 +106,18 @@ _SIGN = r"(?:(?<![\w)}\]])[-+])?"
 # nothing is taken out of an exponent or subscript ("x^2", "a_{3}") or off a power's base ("2^n")
 _POWER = r"(?:\d+(?:\.\d+)?\s*(?:\\times|\\cdot|×)\s*)?\d+(?:\.\d+)?\s*\^\s*(?:\{\s*[-+]?\d+\s*\}|[-+]?\d+)"
 _MATH_EXPRESSION = re.compile(
-    rf"(?<!\^)(?<!\^\{{)(?<!_)(?<!_\{{){_SIGN}(?:{_POWER}|(?:\d+(?:\.\d+)?)?(?:{_LATEX_TERM})|{_PLAIN_NUMBER})"
+    rf"(?<!\^)(?<!\^\{{)(?<!_)(?<!_\{{){_SIGN}"
+    rf"(?:{_TIMES_TEN}|{_POWER}|(?:\d+(?:\.\d+)?)?(?:{_LATEX_TERM})|{_E_NOTATION}|{_MIXED}|{_PLAIN_NUMBER})"
     r"(?![\d.]*\s*\^)")
 # A letter on its own ("C", "(C)", "C.", "C) text"); after an answer marker also "C because ..."
 # (but not "I think ...": the pronoun is not option I)
 _LETTER = re.compile(r"^\(?([A-J])\)?(?:[.:),]|$)|^\(([A-J])\)")
 _LETTER_IN_SPAN = re.compile(r"^([A-HJ])\s")
+# "Option B", "choice (C)": the word names an option, so the letter after it is one
+_OPTION_LETTER = re.compile(r"^(?i:option|choice)\s*\(?([A-J])\)?(?!\w)")
+# A lower-case letter only where an option is formatted: "(b)", "b)" after a marker or as the whole reply
+# (a bare "a" or "b" is prose, and "(i)" a roman numeral)
+_LOWER_LETTER = re.compile(r"^\(([a-hj])\)|^([a-hj])\)")
 
 
 def _last_boxed(text: str) -> str | None:
@@ -253,9 +271,13 @@ def _extract_letter(text: str) -> str | None:
         if not candidate:
             continue
         candidate = _strip_wrappers(re.sub(r"\\text\{([^{}]*)\}", r"\1", candidate))
-        match = _LETTER.match(candidate) or (_LETTER_IN_SPAN.match(candidate) if marked else None)
+        match = _LETTER.match(candidate) or _OPTION_LETTER.match(candidate)
+        if not match and marked:
+            match = _LETTER_IN_SPAN.match(candidate) or _LOWER_LETTER.match(candidate)
+        if not match and re.fullmatch(r"\(?[a-hj]\)", candidate):
+            match = _LOWER_LETTER.match(candidate)
         if match:
-            return next(g for g in match.groups() if g)
+            return next(g for g in match.groups() if g).upper()
     # "... so (C) is right": the last parenthesised letter in the text
     letters = re.findall(r"\(([A-J])\)", text)
     return letters[-1] if letters else None
@@ -289,12 +311,24 @@ def _extract_python(text: str) -> str | None:
     return _parsed_python(s)
 
 
+# A refusal ("I'm sorry, but I can't help with that.") is no answer: identical refusals would out-vote
+# real answers. Only a refusal to help or answer: "I'm sorry, I misread: 12" and "Cannot be determined" are answers.
+_REFUSAL = re.compile(
+    r"^\W*(?:(?:i\s*['’]?\s*m|i\s+am)\s+(?:sorry|afraid)|sorry|unfortunately|i\s+apologi[sz]e)?[\s,.!]*(?:but\s*,?\s*)?"
+    r"i\s*(?:can\s*['’]\s*t|can\s*not|won\s*['’]?\s*t|will\s+not|['’]?\s*m\s+(?:unable|not\s+able)|am\s+(?:unable|not\s+able))"
+    r"\s+(?:to\s+)?(?:help|assist|answer|provide|comply|fulfil+|support|share|do\s+that|engage)\b",
+    re.IGNORECASE,
+)
+
+
 def _extract_short_text(text: str) -> str | None:
     span = _last_boxed(text) or _marked_span(text)
     if span is None:
         if len(text.split()) > _SHORT_ANSWER_WORDS:
             return None
         span = text
+    if _REFUSAL.match(span):
+        return None
     span = _strip_wrappers(re.sub(r"\\text\{([^{}]*)\}", r"\1", span))
     number = _parse_number(span) if _NUMBER.fullmatch(span.replace("$", "").strip()) else None
     if number is not None:
@@ -334,6 +368,7 @@ def normalize_math(s: str) -> str:
         s = s[: unit.start() + 1]
     s = re.sub(r"\\(?:text|mbox|mathrm|textbf)\{([^{}]*)\}", r"\1", s)
     s = re.sub(r"\^\s*\{?\\circ\}?", "", s)
+    s = _plain_numbers_to_latex(s)
     s = s.replace("\\%", "").replace("%", "").replace("\\$", "").replace("$", "")
     s = "".join(s.split()).rstrip(".")
     # "x=5" -> "5" (a single variable assigned a value), but keep real equations like "y=2x+1"
@@ -347,8 +382,46 @@ def normalize_math(s: str) -> str:
     return s.lstrip("+")
 
 
+# "1.2e-3" is 0.0012 when it cannot be Euler's e (which sympy reads into "2e-1": 2e - 1): a decimal
+# mantissa, a mantissa of 1, or an unsigned exponent ("2e5")
+_UNAMBIGUOUS_E_NOTATION = re.compile(r"[-+]?(?:\d+\.\d+|1)[eE][-+]?\d{1,3}|[-+]?\d+[eE]\d{1,3}")
+
+
+def _plain_numbers_to_latex(s: str) -> str:
+    """Plain-text scientific notation and mixed numbers in the LaTeX math_verify reads (whitespace still
+    in): "1.2 × 10^-3", "1.2x10^3" -> "1.2\\times10^{-3}"; "1.2e-3" -> "0.0012"; "3 1/2" -> "3\\frac{1}{2}"."""
+    s = s.replace("×", "\\times ")
+    s = re.sub(r"(\d)\s*[xX*·]\s*10\s*\^", r"\1\\times10^", s)
+    s = re.sub(r"\^\s*([-+]\d+)", r"^{\1}", s)  # "10^-3": a signed exponent unbraced is no LaTeX
+    if _UNAMBIGUOUS_E_NOTATION.fullmatch(s.strip()):
+        s = format(Decimal(s.strip()).normalize(), "f")
+    mixed = _MIXED_PARTS.fullmatch(s.strip())
+    if mixed and 0 < int(mixed.group(3)) < int(mixed.group(4)):
+        s = "{}{}\\frac{{{}}}{{{}}}".format(*mixed.groups())
+    return s
+
+
+_TIMES_TEN_PARTS = re.compile(rf"(.+?)\s*{_TIMES}\s*10\s*\^\s*\{{?\s*([-+]?\d+)\s*\}}?")
+_MIXED_PARTS = re.compile(r"([-+]?)(\d+)\s+(\d+)/(\d+)")
+# Fraction builds 10**exponent: "1e99999999" would hold a vote for minutes, so longer exponents are no number
+_HUGE_EXPONENT = re.compile(r"[eE][-+]?\d{4}")
+
+
 def _parse_number(s: str) -> Fraction | None:
-    s = s.replace(",", "").replace("$", "").replace(" ", "").strip().rstrip(".")
+    s = s.replace(",", "").replace("$", "").strip().rstrip(".")
+    times_ten = _TIMES_TEN_PARTS.fullmatch(s)
+    if times_ten:
+        s = f"{times_ten.group(1)}e{times_ten.group(2)}"
+    mixed = _MIXED_PARTS.fullmatch(s)
+    if mixed:
+        sign, whole, numerator, denominator = mixed.groups()
+        if not 0 < int(numerator) < int(denominator):  # "3 7/2" is no mixed number we can read
+            return None
+        value = int(whole) + Fraction(int(numerator), int(denominator))
+        return -value if sign == "-" else value
+    s = s.replace(" ", "")
+    if _HUGE_EXPONENT.search(s):
+        return None
     try:
         return Fraction(s)
     except (ValueError, ZeroDivisionError):

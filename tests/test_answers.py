@@ -182,6 +182,28 @@ def test_multiple_choice_letters(text: str, letter: str | None) -> None:
     assert extract_answer(text, "multiple_choice") == letter
 
 
+@pytest.mark.parametrize(
+    ("text", "letter"),
+    [
+        ("Option B", "B"),
+        ("The answer is option B.", "B"),
+        ("Answer: choice (C)", "C"),
+        ("b)", "B"),
+        ("(b)", "B"),
+        ("The answer is b)", "B"),
+        ("Answer: (d) because the others fail", "D"),
+        # still no letter: a bare lower-case letter is prose, "(i)" a roman numeral, an enumeration is no choice
+        ("Answer: a", None),
+        ("The answer is (i)", None),
+        ("a) first we check 3, b) then 4", None),
+        ("Options A and B both fail.", None),
+    ],
+)
+def test_multiple_choice_letters_named_as_options_or_formatted_in_lower_case(text: str, letter: str | None) -> None:
+    """"Option B", "The answer is option B." and a lower-case "b)" gave no letter: the sample did not vote."""
+    assert extract_answer(text, "multiple_choice") == letter
+
+
 def test_multiple_choice_equivalence() -> None:
     assert answers_equivalent("C", "c", "mc")
     assert not answers_equivalent("C", "D", "mc")
@@ -211,6 +233,76 @@ def test_a_short_text_answer_keeps_its_minus_sign(text: str, other: str) -> None
     """SQuAD normalisation dropped the minus with the punctuation: "-5 degrees" was "5 degrees"."""
     assert not answers_equivalent(extract_answer(text, "short_text"), extract_answer(other, "short_text"), "short_text")
     assert extract_answer("3-5 apples", "short_text") == "3 5 apples"  # a hyphen between words still goes
+
+
+@pytest.mark.parametrize(
+    ("text", "fmt", "value"),
+    [
+        ("It is 1.2e-3", "math", "0.0012"),  # was 3, the exponent
+        ("The answer is 1.2e-3", "math", "0.0012"),
+        ("\\boxed{1.2e-3}", "math", "0.0012"),  # was read by sympy as 1.2e - 3 (Euler's e)
+        ("It is 1.2 \u00d7 10^-3", "math", "0.0012"),
+        ("It is 1.2x10^3", "math", "1200"),  # was 10^3
+        ("The answer is 1e3", "number", "1000"),  # was 1
+        ("It is 1.2 \u00d7 10^-3", "number", "0.0012"),  # was -3
+        ("The answer is 1.2x10^3", "number", "1200"),  # was 1.2
+        ("1.2e-3", "number", "0.0012"),
+        ("The answer is 1.5e3", "knowledge", "1500"),  # was the text "1 5e3"
+    ],
+)
+def test_scientific_notation_is_one_number(text: str, fmt: str, value: str) -> None:
+    answer = extract_answer(text, fmt)
+    assert answers_equivalent(answer, value, fmt)
+    assert not answers_equivalent(answer, "3", fmt) and not answers_equivalent(answer, "1", fmt)
+
+
+def test_e_notation_that_may_be_eulers_number_is_left_to_sympy() -> None:
+    # "2e-1" in a math answer is as likely 2e - 1 as 0.2: it is not read as scientific notation
+    assert extract_answer("\\boxed{2e-1}", "math") == "2e-1"
+    assert not answers_equivalent("2e-1", "0.2", "math")
+    assert answers_equivalent("1e3", "1000", "math") and answers_equivalent("2e5", "200000", "math")
+
+
+def test_a_huge_exponent_is_no_number_to_build() -> None:
+    """Equivalence built 10**9999999 for the short answer "1e9999999" (seconds; minutes a digit more):
+    the vote hung. Such a number is no number: a text on short-text tasks, no answer on the number task."""
+    result: list[bool] = []
+    worker = threading.Thread(target=lambda: result.append(answers_equivalent(
+        extract_answer("The answer is 1e9999999", "knowledge"), "paris", "knowledge")), daemon=True)
+    worker.start()
+    worker.join(timeout=2)
+    assert result == [False]
+    assert extract_answer("The answer is 1e9999999", "number") is None  # not 1, its mantissa
+
+
+@pytest.mark.parametrize(
+    ("text", "fmt"),
+    [("The answer is 3 1/2", "math"), ("It is 3 1/2", "math"), ("Final answer: 3 1/2 cups", "math"),
+     ("The answer is 3 1/2", "number"), ("The answer is 3 1/2", "reasoning")],
+)
+def test_a_mixed_number_is_its_value(text: str, fmt: str) -> None:
+    """"3 1/2" was 31/2 (math), 3 (number) and the text "3 1 2" (short text)."""
+    answer = extract_answer(text, fmt)
+    assert answers_equivalent(answer, "3.5", fmt) and answers_equivalent(answer, "7/2", fmt)
+    assert answers_equivalent(extract_answer("The answer is -3 1/2", fmt), "-3.5", fmt)
+
+
+@pytest.mark.parametrize("task", ["reasoning", "knowledge"])
+@pytest.mark.parametrize(
+    "text",
+    ["I'm sorry, but I can't help with that.", "I\u2019m sorry, but I can\u2019t assist with that request.",
+     "I cannot answer that.", "Sorry, I can't provide that information.",
+     "Final answer: I am unable to help with this."],
+)
+def test_a_refusal_is_no_answer(text: str, task: str) -> None:
+    """Identical refusals were one answer and out-voted the real answers."""
+    assert extract_answer(text, task) is None
+
+
+@pytest.mark.parametrize(("text", "answer"), [("I'm sorry, I misread: 12", "i m sorry i misread 12"),
+                                             ("Cannot be determined", "cannot be determined"), ("Sorry", "sorry")])
+def test_answers_that_only_sound_like_a_refusal_stay_answers(text: str, answer: str) -> None:
+    assert extract_answer(text, "reasoning") == answer
 
 
 def test_python_expressions_compare_by_ast_without_executing() -> None:

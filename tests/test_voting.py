@@ -75,6 +75,13 @@ def test_invalid_and_failed_samples_do_not_vote() -> None:
     assert result.confidence < vote(texts[2:], "multiple_choice").confidence
 
 
+def test_refusals_do_not_out_vote_answers() -> None:
+    refusal = "I'm sorry, but I can't help with that."
+    result = vote([refusal, refusal, refusal, "Paris", "The answer is Paris."], "knowledge")
+    assert result.answer == "paris" and result.winner == 3
+    assert result.n_valid == 2 and result.n == 5
+
+
 def test_medoid_fallback_for_open_text() -> None:
     texts = [
         "The sea is calm and blue under the morning sun.",
