@@ -50,7 +50,9 @@ class _ResponsesBody(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str = Field(min_length=1)
-    input: str | list[dict[str, Any]]
+    # optional, as OpenAI's is: `instructions` alone is a conversation of a system prompt (as chat takes
+    # one); neither is the chat path's 400 about `messages`, named `input`
+    input: str | list[dict[str, Any]] = []
     instructions: str | None = None
     max_output_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)

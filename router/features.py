@@ -44,7 +44,7 @@ SYSTEM_CHARS = 1000
 MAX_USER_BYTES = 4000
 MAX_SYSTEM_BYTES = 1500
 CHUNK_BYTES = 16384  # featurize() vectorises over groups of prompts about this big
-MAX_PARTS = 64  # content parts looked at per message, and messages looked at from the end
+MAX_PARTS = 64  # content parts looked at per message
 MAX_PART_CHARS = USER_HEAD_CHARS + USER_TAIL_CHARS + 1  # enough to truncate; avoids joining 1 MB
 
 WORD_BITS = 14
@@ -168,7 +168,7 @@ def _prompt_from_messages(messages: Any) -> Prompt:
         messages = [messages]
     if not isinstance(messages, (list, tuple)):
         return EMPTY_PROMPT
-    user, user_chars, user_turns, assistant_turns = None, 0, 0, 0
+    last_user, user_chars, user_turns, assistant_turns = None, 0, 0, 0
     systems, system_chars = [], 0
     for message in messages:
         if not isinstance(message, dict):
@@ -176,17 +176,14 @@ def _prompt_from_messages(messages: Any) -> Prompt:
         role = message.get("role")
         if role == "user":
             user_turns += 1
+            last_user = message  # what must be answered now, however many tool round trips came after it
         elif role in ASSISTANT_ROLES:
             assistant_turns += 1
         elif role in SYSTEM_ROLES and system_chars < SYSTEM_CHARS:
             text, full = _content_text(message.get("content"))
             systems.append(text[:SYSTEM_CHARS])
             system_chars += full
-    # The last user turn is what must be answered now; scan from the end, it is usually there.
-    for message in reversed(messages[-4 * MAX_PARTS :] if len(messages) > 4 * MAX_PARTS else messages):
-        if isinstance(message, dict) and message.get("role") == "user":
-            user, user_chars = _content_text(message.get("content"))
-            break
+    user, user_chars = _content_text(last_user.get("content")) if last_user is not None else ("", 0)
     system = "\n".join(systems)[:SYSTEM_CHARS]
     return Prompt(
         user=truncate_user(user or ""),

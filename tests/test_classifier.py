@@ -304,6 +304,20 @@ def test_last_user_turn_is_what_is_classified(clf):
     assert clf.classify(convo[:1]).task == "chat"
 
 
+def test_an_agents_request_is_read_however_many_tool_round_trips_follow_it(clf):
+    """An agent loop's last message is a tool result; the user's request can be hundreds of messages
+    back. The last user turn was looked for among the last 256 messages only, so a coding agent past
+    128 tool calls was classified as an empty prompt (chat, difficulty 0.08: the cheapest arm)."""
+    request = "Refactor the payment module to use async Python and add unit tests"
+    convo = [{"role": "system", "content": "You are a coding agent with shell access."}, {"role": "user", "content": request}]
+    for i in range(200):
+        convo += [{"role": "assistant", "content": None,
+                   "tool_calls": [{"id": f"c{i}", "type": "function", "function": {"name": "bash", "arguments": "{}"}}]},
+                  {"role": "tool", "tool_call_id": f"c{i}", "content": "ok"}]
+    assert F.prompt_from_messages(convo).user == request
+    assert clf.classify(convo).task == "code"
+
+
 def test_parts_content_is_read(clf):
     parts = [{"type": "text", "text": "Write a Python function"}, {"type": "image_url", "image_url": {"url": "x"}},
              {"type": "text", "text": "that returns the n-th Fibonacci number."}]

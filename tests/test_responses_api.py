@@ -126,6 +126,17 @@ def test_instructions_and_a_multi_turn_input(client, mock):
     assert "reasoning_effort" not in body  # mock-a is not a reasoning model: the knob is not sent
 
 
+def test_instructions_alone_are_a_system_prompt_conversation(client, gw, mock):
+    """`input` is optional in OpenAI's API: instructions alone were a 400 'Invalid value for input: Field
+    required', where the same conversation through chat (a system message only) is answered."""
+    response = client.responses.create(model="auto", instructions="You are a helpful assistant.")
+    assert response.status == "completed"
+    [body] = sent(mock)
+    assert body["messages"] == [{"role": "system", "content": "You are a helpful assistant."}]
+    neither = httpx.post(gw.url + "/v1/responses", json={"model": "auto"}, headers={"Authorization": f"Bearer {KEY}"})
+    assert neither.status_code == 400 and neither.json()["error"]["param"] == "input"
+
+
 def test_reasoning_effort_and_reasoning_tokens(client, mock):
     raw = client.responses.with_raw_response.create(model="mock-o", input="x", reasoning={"effort": "high"})
     response = raw.parse()
