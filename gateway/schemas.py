@@ -106,6 +106,10 @@ class ChatRequest:
             # a spoken answer's text is its audio's transcript, not `content` (null): a vote counted
             # every sample as the same empty answer, and the reasoning instruction was spoken
             return "audio output"
+        if self.messages and self.messages[-1].get("role") == "assistant":
+            # a prefill: the answer continues that text; a sample's reasoning instruction would come
+            # before it, and a vote would pick among continuations of one given start
+            return "an assistant turn to continue"
         return None
 
 

@@ -501,6 +501,16 @@ def test_tools_and_json_mode_are_answered_by_one_plain_call(client, mock, model,
     assert raw.parse().model_extra["ponder"]["samples"] == 1 and calls(mock)["count"] == 1
 
 
+@pytest.mark.parametrize("model", ["auto", "mock-a"])
+def test_a_prefilled_assistant_turn_is_continued_by_one_plain_call(client, mock, model):
+    """A conversation that ends in the assistant's own start (a prefill) is continued as sent: a vote
+    put its reasoning instruction in the user turn before the prefill, and voted among continuations."""
+    messages = [{"role": "user", "content": "Solve x^2 = 9."}, {"role": "assistant", "content": "x ="}]
+    raw = client.chat.completions.with_raw_response.create(
+        model=model, messages=messages, extra_headers={"x-ponder-strategy": "self_consistency"})
+    assert raw.headers["x-ponder-arm"].endswith("/single/1")
+    assert calls(mock)["count"] == 1 and calls(mock)["bodies"][0]["messages"] == messages
+
 def test_a_policy_whose_arms_all_vote_or_reason_answers_tools_and_json_by_one_call(tmp_path):
     """With no single arm anywhere in the policy, a tool call was voted on (three billed samples, and the
     vote's confidence of 0 recorded as the arm's success signal) and JSON mode got the reasoning
