@@ -194,8 +194,10 @@ def _read_rows(path: str) -> Iterable[tuple[dict[str, Any], Any, str | None]]:
                 yield {"line": n}, [], f'line {n}: not an object with "prompt" or "messages"'
             elif "messages" in row:
                 yield row, row["messages"], None
+            elif not isinstance(row["prompt"], str):  # null read as the text "None" and was classified
+                yield {"line": n}, [], f'line {n}: "prompt" must be a string'
             else:
-                yield row, str(row["prompt"]), None
+                yield row, row["prompt"], None
 
 
 def _json_line(row: dict[str, Any]) -> str:

@@ -463,15 +463,17 @@ def test_cli_text_and_files(tmp_path, capsys):
         + json.dumps({"messages": [{"role": "user", "content": "def add(a, b): return a + b  # add tests"}]}) + "\n"
         + "not json\n"
         + json.dumps({"text": "no prompt key"}) + "\n"
+        + json.dumps({"prompt": None}) + "\n"  # was classified as the text "None"
     )
     assert classify_cli(["--input", str(src), "--output", str(dst)]) == 0
     rows = [json.loads(line) for line in dst.read_text().splitlines()]
-    assert len(rows) == 4 and rows[0]["id"] == 1 and rows[0]["task"] == "chat"
+    assert len(rows) == 5 and rows[0]["id"] == 1 and rows[0]["task"] == "chat"
+    assert rows[4] == {"line": 5, "error": 'line 5: "prompt" must be a string'}
     assert all(r["task"] in TASK_TYPES for r in rows[:2])
     # a row that cannot be read keeps its place and says why, instead of a guess about nothing
     assert rows[2] == {"line": 3, "error": "line 3: not JSON (Expecting value)"}
     assert rows[3]["line"] == 4 and "prompt" in rows[3]["error"] and "task" not in rows[3]
-    assert "2 row(s) not classified" in capsys.readouterr().err
+    assert "3 row(s) not classified" in capsys.readouterr().err
 
 
 def test_cli_text_goes_to_output_and_system_does_not_go_with_input(tmp_path, capsys):
