@@ -305,7 +305,7 @@ async def create_embeddings(request: Request) -> Response:
         data = await until_disconnect(request, caller.embed(backend.name, req.body), caller)
     except (ApiError, UpstreamError) as exc:
         if isinstance(exc, UpstreamError):  # no fallback: an embedding is its own model's, no other's
-            cooling_s = backend.health.cooldown_until - time.monotonic()
+            cooling_s = backend.for_embeddings.health.cooldown_until - time.monotonic()
             exc = upstream_to_api_error(exc, cooling_s if cooling_s > 0 else None)
         failed = exc.response(headers)
         failed.background = BackgroundTask(settle, **failure_outcome(exc))

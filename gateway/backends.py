@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import re
 import time
@@ -397,6 +398,13 @@ class Backend:
             raise UpstreamError(self.name, 502, f"{self.name}: upstream sent invalid JSON", retryable=True) from None
 
     # -- embeddings -------------------------------------------------------------------------
+    @functools.cached_property
+    def for_embeddings(self) -> Backend:
+        """This backend's embeddings endpoint: the same upstream, with a health (and slots) of its own.
+        A chat server that does not serve embeddings answers them with a 500 (llama.cpp's without
+        `embedding=True`): two clients asking it for embeddings cooled its chat down for everyone."""
+        return Backend(self.spec, self.session)
+
     async def embed(self, body: dict[str, Any],
                     admission: Admission | None = None) -> tuple[dict[str, Any], CallRecord]:
         """One embeddings call, the client's body passed through (`input`, `encoding_format`,

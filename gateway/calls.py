@@ -62,8 +62,9 @@ class Caller:
         return await self._call(self.backend(backend_name), body, Backend.complete)
 
     async def embed(self, backend_name: str, body: dict[str, Any]) -> dict[str, Any]:
-        """One logical embeddings call, under the same rules as a chat call."""
-        return await self._call(self.backend(backend_name), body, Backend.embed)
+        """One logical embeddings call, under the same rules as a chat call (on its endpoint's own
+        health: Backend.for_embeddings)."""
+        return await self._call(self.backend(backend_name).for_embeddings, body, Backend.embed)
 
     async def _call(self, backend: Backend, body: dict[str, Any], send: Send) -> dict[str, Any]:
         attempts = 1 + backend.spec.max_retries

@@ -222,6 +222,17 @@ def test_an_upstream_that_keeps_failing_is_a_clean_502(client, mock):
     assert calls(mock)["count"] == 2
 
 
+def test_embeddings_a_backend_fails_to_serve_do_not_cool_its_chat_down(client, mock):
+    """A chat server that does not serve embeddings answers them 500 (llama.cpp's without embedding=True):
+    two clients asking it for embeddings cooled the backend down, and its chat answered 503 for everyone."""
+    for _ in range(2):
+        control(mock, script=["500", "500"])
+        with pytest.raises(openai.InternalServerError):
+            client.embeddings.create(model="chat", input="x")
+    reset(mock)  # a request refused while cooling down sent nothing: its part of the script is left over
+    answer = client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "hi"}])
+    assert answer.choices[0].message.content
+
 def test_a_429_passes_its_retry_after_on(client, mock):
     control(mock, script=["429"])
     with pytest.raises(openai.RateLimitError) as info:
