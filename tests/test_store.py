@@ -512,6 +512,22 @@ def test_stats_cli_prints_the_table(tmp_path, capsys, redis_url):
     assert stats_cli(["--redis-url", f"redis://127.0.0.1:{free_port()}/0"]) == 1
 
 
+def test_stats_cli_on_a_directory_no_gateway_wrote_says_so(tmp_path, capsys):
+    """`ponder stats` without --config reads .ponder; run beside a gateway whose data_dir is elsewhere
+    (or with a mistyped --data-dir) it said "no telemetry recorded yet", as if the telemetry were lost."""
+    assert stats_cli(["--data-dir", str(tmp_path / "typo")]) == 1
+    printed = capsys.readouterr()
+    assert "no telemetry recorded yet" not in printed.out
+    assert f"no embedded store in {tmp_path / 'typo'}" in printed.err and "--config" in printed.err
+
+    async def fresh():  # a store opened and closed with nothing recorded: that is what the line is for
+        await (await open_store(None, tmp_path / "empty")).close()
+
+    run(fresh())
+    assert stats_cli(["--data-dir", str(tmp_path / "empty")]) == 0
+    assert "no telemetry recorded yet" in capsys.readouterr().out
+
+
 def test_stats_cli_writes_nothing_to_redis(tmp_path, capsys, redis_url):
     """`ponder stats` is a reader: it works against a read replica, and it takes no policy's marker (a
     replica whose refresh finds the marker gone restores its cached stats after Redis lost its data;
