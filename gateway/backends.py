@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import os
 import re
 import time
@@ -30,6 +31,8 @@ from gateway.sse import EventTooLarge, read_events
 from policies.backends import BackendSpec
 from policies.loader import resolve_max_context, resolve_max_output
 from router.estimates import estimate_input_tokens, estimate_prompt_tokens
+
+log = logging.getLogger("ponder.backends")
 
 FAST_PATH_PROVIDERS = {"openai", "hosted_vllm", "llamacpp", "lm_studio"}
 # Upstream statuses that are about the request itself: passed on to the client as they are, never
@@ -117,19 +120,23 @@ class UpstreamError(Exception):
 
 @dataclass(slots=True)
 class BackendHealth:
-    """Cool a failing backend down so later requests skip it at once instead of waiting on it."""
+    """Cool a failing backend down so later requests skip it at once instead of waiting on it. An
+    outage is logged twice, however long it lasts: when the backend is first cooled down, and when it
+    answers again (an operator reads one line per problem, not one per request)."""
 
     consecutive_failures: int = 0
     cooldown_until: float = 0.0
     base_cooldown_s: float = 1.0
     max_cooldown_s: float = 30.0
     last_failed_request: int | None = None
+    name: str = ""
+    failing_since: float | None = None  # time.monotonic() of the cool-down that began this outage
 
     def available(self, now: float) -> bool:
         return now >= self.cooldown_until
 
     def failed(self, now: float, retry_after: float | None = None, *, slow: bool = False,
-               request: int | None = None) -> None:
+               request: int | None = None, error: UpstreamError | None = None) -> None:
         # One failure may be a blip worth one quick retry; failures of two requests in a row, an
         # explicit Retry-After, or one timeout (`slow`: no answer or no first byte in time, which
         # already cost the whole timeout) mean the backend is in trouble, and waiting on it again
@@ -144,11 +151,30 @@ class BackendHealth:
         if retry_after:
             pause = max(pause, min(retry_after, self.max_cooldown_s))
         self.cooldown_until = now + pause
+        if self.failing_since is None:
+            self.failing_since = now
+            log.warning("backend %s is failing (%s): cooled down, its calls are skipped or fall back until it "
+                        "answers again", self.name, _failure(error))
 
     def succeeded(self) -> None:
+        if self.failing_since is not None:
+            log.warning("backend %s answers again, after %.0f s of failures", self.name,
+                        time.monotonic() - self.failing_since)
         self.consecutive_failures = 0
         self.cooldown_until = 0.0
         self.last_failed_request = None
+        self.failing_since = None
+
+
+def _failure(error: UpstreamError | None) -> str:
+    """What failed, for the log. No prompt text reaches the logs, and an upstream's message may quote the
+    request: its status is told, or the gateway's own words up to their first colon ("upstream timed
+    out", "ClientConnectorError", "stream broken"), never what follows them."""
+    if error is None:
+        return "no answer"
+    if error.upstream_status is not None:
+        return f"HTTP {error.upstream_status}"
+    return error.message.removeprefix(f"{error.backend}: ").split(":", 1)[0][:80]
 
 
 USAGE_DETAIL_BLOCKS = ("prompt_tokens_details", "completion_tokens_details")
@@ -227,6 +253,7 @@ class Backend:
 
     def __post_init__(self) -> None:
         self.name = self.spec.name
+        self.health.name = self.name
         self.prices = resolve_prices(self.spec)
         self.max_context = resolve_max_context(self.spec)[0]  # tokens; None: no known limit
         self.max_output = resolve_max_output(self.spec)[0]  # tokens one call can write; None: unknown
@@ -403,7 +430,9 @@ class Backend:
         """This backend's embeddings endpoint: the same upstream, with a health (and slots) of its own.
         A chat server that does not serve embeddings answers them with a 500 (llama.cpp's without
         `embedding=True`): two clients asking it for embeddings cooled its chat down for everyone."""
-        return Backend(self.spec, self.session)
+        endpoint = Backend(self.spec, self.session)
+        endpoint.health.name = f"{self.name} (embeddings)"  # its outages logged as its own
+        return endpoint
 
     async def embed(self, body: dict[str, Any],
                     admission: Admission | None = None) -> tuple[dict[str, Any], CallRecord]:

@@ -109,7 +109,7 @@ class Caller:
     def _failed(self, backend: Backend, body: dict[str, Any], started: float, exc: UpstreamError) -> None:
         now = time.monotonic()
         if exc.status >= 500 or exc.status == 429:  # a 4xx about the request itself says nothing of the backend
-            backend.health.failed(now, exc.retry_after, slow=exc.status == 504, request=self.ident)
+            backend.health.failed(now, exc.retry_after, slow=exc.status == 504, request=self.ident, error=exc)
         if exc.retry_after is None and not backend.health.available(now):
             # If this error reaches the client, it carries when this backend is expected back.
             exc.retry_after = backend.health.cooldown_until - now

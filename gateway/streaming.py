@@ -142,7 +142,7 @@ class PassThrough:
         except UpstreamError as exc:
             usage = usage or self._estimated(content_chunks, content_chars)
             caller.calls.append(self.backend.cut(usage, self.started, exc.message))
-            self.backend.health.failed(time.monotonic(), exc.retry_after, request=caller.ident)
+            self.backend.health.failed(time.monotonic(), exc.retry_after, request=caller.ident, error=exc)
             raise
         except (asyncio.CancelledError, GeneratorExit):
             # The client went away mid-answer: the tokens written so far are billed all the same,

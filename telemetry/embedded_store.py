@@ -332,7 +332,10 @@ def read_aggregates(data_dir: Path) -> dict[str, dict[tuple[str, str], dict[str,
     `ponder stats` works while a gateway holds the store."""
     path = Path(data_dir) / "telemetry.sqlite3"
     if not path.exists():
-        return {}
+        # Not "nothing recorded": a directory no gateway wrote to (a typo, the default .ponder where the
+        # gateway's config names another) read as an empty store, as if its telemetry had been lost.
+        raise FileNotFoundError(f"no embedded store in {data_dir} ({path.name} is not there): give the gateway's "
+                                "--config, or its telemetry.data_dir as --data-dir (or --redis-url)")
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
         rows = db.execute("SELECT policy, bucket, arm, fields FROM aggregates").fetchall()

@@ -96,6 +96,7 @@ class RedisStore(BufferedStore):
         self._budgets_fallback = False
         self._next_take_over = 0.0  # time.monotonic() of the next look for dead replicas' journals
         self._connected = False
+        self._outage_since: float | None = None  # time.monotonic() of the error that began the outage
         self._backoff = 0.0
         self._next_attempt = 0.0
         self.reconnects = 0
@@ -121,6 +122,10 @@ class RedisStore(BufferedStore):
         self._connected, self._backoff = True, 0.0
         self._budgets_fallback = False
         self.reconnects += 1
+        if self._outage_since is not None:
+            log.warning("Redis answers again after %.0f s; writing what was buffered meanwhile",
+                        time.monotonic() - self._outage_since)
+            self._outage_since = None
         return True
 
     def _loop_timeout(self) -> float:
@@ -133,6 +138,13 @@ class RedisStore(BufferedStore):
         super()._on_error(where, exc)
         if isinstance(exc, DOWN_ERRORS):
             self._connected = False
+            # One line per outage, when it begins and when it ends, not one per failed try (every second
+            # while it lasts). Only a started store (a gateway's) logs: `ponder stats` says it itself.
+            if self._outage_since is None and self._started:
+                self._outage_since = time.monotonic()
+                log.warning("Redis is unreachable (%s: %s): events are buffered, decisions use the last "
+                            "learned stats and each replica enforces budgets alone until it answers",
+                            where, self.last_error.split(": ", 1)[1])
 
     # --- writes ----------------------------------------------------------------------------------------
 

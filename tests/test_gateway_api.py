@@ -1829,3 +1829,36 @@ def test_an_effort_between_two_declared_levels_goes_to_the_cheaper_but_not_to_no
     assert effective_effort(gemini, "none") == "none"
     o_series = BackendSpec(name="o", model="openai/o4-mini", reasoning=True, efforts=["low", "high"])
     assert effective_effort(o_series, "medium") == "low"  # a tie between two levels: the cheaper
+
+
+def test_a_backend_outage_is_logged_once_when_it_begins_and_once_when_it_ends(tmp_path):
+    """A backend failing for minutes left nothing in the log (every request answered 502 or 503, the
+    operator saw no line why): one WARNING when it is first cooled down, with the upstream's status but
+    not its message (which may quote the prompt), and one when it answers again; none per request."""
+    with running(start_mock(tmp_path)) as mock, \
+            running(start_gateway(tmp_path, {"backends": [mock_backend("mock-a", mock, max_retries=0),
+                                                          mock_backend("mock-b", mock)],
+                                             "policy": two_mock_policy(tmp_path, "outage")})) as gateway:
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+        control(mock, script=["500"] * 3)  # cooled down 1 s, then 2 s
+        failed = 0
+        deadline = time.monotonic() + 10
+        while calls(mock)["count"] < 3 and time.monotonic() < deadline:  # through its cool-downs
+            with pytest.raises(openai.APIStatusError):
+                client.chat.completions.create(model="mock-a", messages=[{"role": "user", "content": "SECRET-PROMPT"}])
+            failed += 1
+            time.sleep(0.2)
+        assert calls(mock)["count"] == 3
+        while True:  # its last cool-down runs out: it answers again
+            try:
+                client.chat.completions.create(model="mock-a", messages=[{"role": "user", "content": "hi"}])
+                break
+            except openai.APIStatusError:
+                failed += 1
+                time.sleep(0.2)
+        gateway.stop()
+        log = gateway.log()
+    assert failed > 3  # the outage's requests: some refused while it cooled down
+    assert log.count("backend mock-a is failing (HTTP 500)") == 1, log
+    assert log.count("backend mock-a answers again, after") == 1, log
+    assert "SECRET-PROMPT" not in log

@@ -435,6 +435,39 @@ def test_redis_killed_then_restarted(tmp_path):
         proc.stop()
 
 
+def test_a_redis_outage_is_logged_once_when_it_begins_and_once_when_it_ends(tmp_path, caplog):
+    """An operator reading the logs saw nothing while Redis was away (its budgets enforced per replica,
+    its events only buffered), nor when it came back: one line when the outage begins, one when it ends,
+    not one per failed try of the reconnect loop (which tries several times a second)."""
+    proc = start_redis(data_dir=tmp_path / "redis")
+
+    async def go():
+        nonlocal proc
+        store = await open_store(proc.url, tmp_path, refresh_s=0.1)
+        try:
+            store.record(event(0))
+            await store.flush()
+            proc.kill()
+            for i in range(1, 30):  # ~3 s of events and refreshes against a dead Redis
+                store.record(event(i))
+                await asyncio.sleep(0.1)
+            assert not store.health()["connected"]
+            proc = start_redis(port=proc.port, data_dir=tmp_path / "redis")
+            await wait_for(lambda: store.health()["connected"] and store.health()["buffered"] == 0, timeout=5.0)
+        finally:
+            await store.close()
+
+    with caplog.at_level("WARNING", logger="ponder.telemetry"):
+        try:
+            run(go())
+        finally:
+            proc.stop()
+    lines = [r.getMessage() for r in caplog.records if r.name == "ponder.telemetry"]
+    assert len([line for line in lines if line.startswith("Redis is unreachable")]) == 1, lines
+    assert len([line for line in lines if line.startswith("Redis answers again after")]) == 1, lines
+    assert len(lines) == 2, lines
+
+
 def test_buffer_is_bounded_and_redis_down_at_start_is_served(tmp_path):
     async def go():
         url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
@@ -477,6 +510,22 @@ def test_stats_cli_prints_the_table(tmp_path, capsys, redis_url):
     assert stats_cli(["--redis-url", redis_url, "--policy", "p", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["p"]["math:hard"][ARM]["requests"] == 9
     assert stats_cli(["--redis-url", f"redis://127.0.0.1:{free_port()}/0"]) == 1
+
+
+def test_stats_cli_on_a_directory_no_gateway_wrote_says_so(tmp_path, capsys):
+    """`ponder stats` without --config reads .ponder; run beside a gateway whose data_dir is elsewhere
+    (or with a mistyped --data-dir) it said "no telemetry recorded yet", as if the telemetry were lost."""
+    assert stats_cli(["--data-dir", str(tmp_path / "typo")]) == 1
+    printed = capsys.readouterr()
+    assert "no telemetry recorded yet" not in printed.out
+    assert f"no embedded store in {tmp_path / 'typo'}" in printed.err and "--config" in printed.err
+
+    async def fresh():  # a store opened and closed with nothing recorded: that is what the line is for
+        await (await open_store(None, tmp_path / "empty")).close()
+
+    run(fresh())
+    assert stats_cli(["--data-dir", str(tmp_path / "empty")]) == 0
+    assert "no telemetry recorded yet" in capsys.readouterr().out
 
 
 def test_stats_cli_writes_nothing_to_redis(tmp_path, capsys, redis_url):
