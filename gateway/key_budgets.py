@@ -72,6 +72,14 @@ class KeyBudgets:
         # The periods with less left than the cheapest arm costs (than nothing, when that is unknown);
         # the one to wait for is the one that resets last.
         need = exc.cheapest_usd if exc.cheapest_usd is not None else 1e-9
+        limits = self.limits(principal)
+        # Money left, but the cheapest arm costs more than the period's whole cap: waiting cannot help (as
+        # in reserve). A key with nothing left is out of money, as OpenAI's 429 insufficient_quota is.
+        whole = [period for period, left in left_by_period.items() if left > 0 and need > limits[period]]
+        if whole:
+            return ApiError(400, f"{exc} Even the cheapest arm may cost ${need:.6f}, more than this key's whole "
+                                 f"{whole[0]} budget (${limits[whole[0]]:.6f}); send a lower max_tokens.",
+                            code="over_budget_cap")
         short = [period for period, left in left_by_period.items() if left < need]
         period = latest_reset(short, time.time()) if short else min(left_by_period, key=left_by_period.__getitem__)
         held = self.held_usd.get(principal.key_id, 0.0)

@@ -36,6 +36,7 @@ KEYS = {  # key -> (id, daily budget or None)
     "sk-burst-max": ("burst-max", 2.5 * DECLARED_HOLD),
     "sk-left": ("left", 0.05),
     "sk-digits": ("digits", 0.01),
+    "sk-sliver": ("sliver", 1e-12),
 }
 
 
@@ -366,3 +367,13 @@ def test_the_hold_counts_the_prompts_of_the_arms_a_fallback_follows():
     assert (kept.arm, kept.fallbacks) == (a, (b,))  # c would cost more than is left once a and b were cut
     assert any("fallbacks dropped: c/" in reason for reason in kept.reasons)
     assert arms_within(backends, decision, req, None, budget_left_usd=2 * one + vote) is decision
+
+
+def test_a_routed_request_whose_cheapest_arm_is_over_the_whole_cap_is_a_400(stack, mock):
+    """A key with money left whose cap is below what the cheapest arm of `auto` costs: waiting cannot help,
+    so a 400 over_budget_cap, as a named backend's request over the whole cap gets; it was a 429 saying to
+    come back when the period starts anew, which would only be refused again."""
+    for model in ("m", "auto"):
+        refused = post(stack["gateway"].url, "sk-sliver", model=model, max_tokens=2000)
+        assert refused.status_code == 400, (model, refused.text)
+        assert refused.json()["error"]["code"] == "over_budget_cap" and "retry-after" not in refused.headers
