@@ -521,6 +521,14 @@ def natural_prompt_metrics(model_bytes: bytes) -> dict[str, Any]:
     return out
 
 
+def multi_turn_metrics(model_bytes: bytes) -> dict[str, Any]:
+    """The natural sets with k generic earlier exchanges in front (router/multiturn_check.py): a
+    request must not turn into chat because the conversation is long."""
+    from router.multiturn_check import multiturn_metrics
+
+    return multiturn_metrics(lambda batch: onnx_predict(model_bytes, [Example("check", "check", list(m), None, None) for m in batch]))
+
+
 def _accuracy(probs: np.ndarray, examples: Sequence[Example]) -> float:
     return round(float(np.mean([TASK_TYPES[p] == ex.task for p, ex in zip(probs.argmax(1), examples)])), 4)
 
@@ -646,7 +654,7 @@ def train(
     task_probs, difficulty = onnx_predict(model_bytes, test_set)
     bar.update(1)
     metrics = {"held_out": {"task": task_metrics(test_set, task_probs), "difficulty": difficulty_metrics(test_set, difficulty)},
-               "natural_prompts": natural_prompt_metrics(model_bytes)}
+               "natural_prompts": natural_prompt_metrics(model_bytes), "multi_turn": multi_turn_metrics(model_bytes)}
     if loso:
         bar.set_postfix_str("leave-one-source-out")
         metrics["leave_one_source_out"] = leave_one_source_out(train_set, everything, X_all, seed, bar)
@@ -711,6 +719,8 @@ def metrics_table(card: dict[str, Any]) -> str:
         styled = found.get("accuracy_with_style_system_prompt") or {}
         if styled:
             row("  accuracy, worst style system prompt", min(styled.values()))
+    for k, found in (card["metrics"].get("multi_turn") or {}).get("by_k", {}).items():
+        row(f"task macro-F1 (sets A+B+C, {k} earlier exchanges)", found["pooled"]["macro_f1"])
     loso = card["metrics"].get("leave_one_source_out")
     if loso:
         row("task macro-F1 (left-out sources, pooled)", loso["macro_f1_pooled"], ">= 0.80")

@@ -610,3 +610,55 @@ def test_short_requests_are_seeded_labelled_and_apart_from_the_check_sets():
     checked = {" ".join(ex.messages[-1]["content"].lower().split())
                for path in (REPO / "router" / "data").glob("natural_prompts*.jsonl") for ex in load_extra(path)}
     assert not checked & {" ".join(text.lower().split()) for text, _ in rows}
+
+
+# --- earlier turns (issue #3) --------------------------------------------------------------------
+
+
+def test_multi_turn_check_builds_neutral_history():
+    """router/multiturn_check.py puts k small-talk exchanges after the system prompt and before the
+    prompt; its lines are its own (not from the check sets, the short requests or Topical-Chat)."""
+    from router.multiturn_check import HISTORY_ASSISTANT, HISTORY_USER, with_history
+    from router.short_requests import short_requests
+    from router.train_data import load_extra
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Prove it."}]
+    long = with_history(messages, 10)
+    assert long[0] == messages[0] and long[-1] == messages[-1] and len(long) == 22
+    assert [m["role"] for m in long[1:-1]] == ["user", "assistant"] * 10
+    assert with_history(messages, 0) == messages and with_history(messages, 3) == with_history(messages, 3)
+    lines = {" ".join(t.lower().split()) for t in HISTORY_USER + HISTORY_ASSISTANT}
+    checked = {" ".join(str(m["content"]).lower().split())
+               for path in (REPO / "router" / "data").glob("natural_prompts*.jsonl") for ex in load_extra(path)
+               for m in ex.messages}
+    assert not lines & checked
+    assert not lines & {" ".join(text.lower().split()) for text, _ in short_requests(0)}
+
+
+def test_multi_turn_check_on_the_shipped_model(clf):
+    """The natural sets A, B, C with k generic earlier exchanges (docs/classifier.md, "Earlier turns").
+    The shipped model reads a long conversation as chat: pooled macro-F1 0.743 at k=0, 0.720 at k=3,
+    0.658 at k=10 (30% of the non-chat requests read as chat at k=10, 5% at k=0). A refit with the training
+    prompts' earlier turns drawn from the chat examples' spread was measured and not kept (k=3 +0.011,
+    short of the +0.05 fixed beforehand; set B at k=0 -0.014). These floors hold today's numbers so
+    that a change which makes it worse is seen; raise them when a fix is kept."""
+    import json as _json
+
+    from router.multiturn_check import classifier_predict, multiturn_metrics
+
+    found = multiturn_metrics(classifier_predict(clf), ks=(0, 3, 10))["by_k"]
+    card = _json.loads((ARTIFACTS / "classifier.json").read_text())["metrics"]["natural_prompts"]
+    for name, stem in (("A", "natural_prompts"), ("B", "natural_prompts_b"), ("C", "natural_prompts_c")):
+        assert abs(found["0"][name]["macro_f1"] - card[stem]["macro_f1"]) < 1e-3  # k=0 is the plain check
+    assert found["0"]["pooled"]["macro_f1"] >= 0.73
+    assert found["3"]["pooled"]["macro_f1"] >= 0.70
+    assert found["10"]["pooled"]["macro_f1"] >= 0.64
+    assert found["10"]["pooled"]["non_chat_read_as_chat"] <= 0.35
+
+
+@pytest.mark.xfail(strict=True, reason="issue #3: after 10 small-talk exchanges the shipped model reads it as chat")
+def test_a_hard_question_is_still_math_after_ten_exchanges(clf):
+    from router.multiturn_check import with_history
+
+    c = clf.classify(with_history([{"role": "user", "content": "Prove that sqrt(2) is irrational."}], 10))
+    assert c.task == "math"
