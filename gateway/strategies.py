@@ -331,7 +331,9 @@ def _voted(arm: Arm, responses: list[dict[str, Any]], ctx: StrategyContext, deta
     if not texts:  # no sample came back, or only answers without a choice (an upstream's empty 200)
         raise _every_sample_failed(arm.backend, ctx)
     answers = _sample_answers(responses, ctx.task)
-    result = voting.vote([*texts, *[None] * failed], ctx.task, answers=[*answers, *[None] * failed])
+    finished = [c.get("finish_reason") != "length" for r in responses for c in r.get("choices") or []]
+    result = voting.vote([*texts, *[None] * failed], ctx.task, answers=[*answers, *[None] * failed],
+                         finished=[*finished, *[True] * failed])
     order = voting.ranked(texts, ctx.task, result, answers=answers) if client_n > 1 else [result.winner]
     response = _pick_choices(responses, order[:client_n])
     details.update(samples=len(texts), votes=result.counts, agreement=result.agreement, method=result.method,

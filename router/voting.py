@@ -8,12 +8,12 @@ Rules (documented in docs/strategies.md):
 - When the task's answers are not comparable (writing, chat, code), or no sample has an extractable
   answer, the winner is the medoid: the sample most similar (token Jaccard) to all the others.
   ``method`` says which rule decided, and the medoid's confidence is only a similarity, a weaker
-  signal than agreement on an extracted answer; with no extractable answer at all it is 0.
+  signal than agreement on an extracted answer. A sample cut off at its length limit has no answer
+  and is no medoid's either (``finished``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 from collections.abc import Sequence
@@ -127,13 +127,15 @@ def _beta_fraction(x: float, a: float, b: float) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-def vote(texts: Sequence[str | None], task: str, *, answers: Sequence[str | None] | None = None) -> VoteResult:
+def vote(texts: Sequence[str | None], task: str, *, answers: Sequence[str | None] | None = None,
+         finished: Sequence[bool] | None = None) -> VoteResult:
     """Majority vote over the samples' extracted answers; medoid when answers are not comparable.
 
     ``texts`` may hold None for failed samples. ``answers`` (one per text) skips the extraction
-    when the caller already has them.
+    when the caller already has them. ``finished`` (one per text): False for a sample cut off at its
+    length limit, which no medoid of a comparable task counts.
     """
-    return weighted_vote(texts, None, task, answers=answers)
+    return weighted_vote(texts, None, task, answers=answers, finished=finished)
 
 
 def weighted_vote(
@@ -142,6 +144,7 @@ def weighted_vote(
     task: str,
     *,
     answers: Sequence[str | None] | None = None,
+    finished: Sequence[bool] | None = None,
 ) -> VoteResult:
     """Vote where each sample counts its weight (e.g. a verifier's probability) instead of 1.
 
@@ -158,11 +161,13 @@ def weighted_vote(
     if not comparable(task):
         return medoid_vote(texts)
     if all(a is None for a in answers):
-        # The medoid is the answer shown, but no sample gave an answer (all cut off, refused, off
-        # format): none is valid, so nothing vouches for it. Its similarity was reported as confidence
-        # (1.0 for identical cut texts), which kept a cascade from escalating and taught the learner
-        # that the arm was right.
-        return dataclasses.replace(medoid_vote(texts), confidence=0.0, n_valid=0)
+        # No sample gave an answer (prose with no marker, say): the medoid of the samples that finished.
+        # One cut off at its length limit is no answer at all: identical cut texts read as unanimous
+        # (confidence 1.0), which kept a cascade from escalating a truncated answer and told the
+        # learner the arm was right. All cut: the first is shown, and nothing vouches for it.
+        if finished is not None:
+            texts = [text if done else None for text, done in zip(texts, finished)]
+        return medoid_vote(texts)
 
     labels = cluster_answers(answers, task)
     counts: dict[int, int] = {}

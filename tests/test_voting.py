@@ -518,15 +518,19 @@ def test_the_budget_hold_covers_what_the_gateway_adds_to_each_prompt() -> None:
     assert worst_case_usd(backends, best, req) >= 3 * (call_cost(backends["m"].prices, 7, 2) + judge_cost)
 
 
-def test_a_vote_with_no_answer_in_any_sample_vouches_for_nothing() -> None:
-    """Every sample cut off at max_tokens (or off format): the medoid text is shown, but no sample gave an
-    answer, so the vote's confidence is 0, not the texts' similarity (1.0 for identical cut texts, which
-    kept a cascade from escalating and was recorded as the arm's success)."""
+def test_a_vote_whose_samples_were_all_cut_off_vouches_for_nothing() -> None:
+    """Every sample cut off at max_tokens: the first text is shown, but no sample finished, so the vote's
+    confidence is 0, not the texts' similarity (1.0 for identical cut texts, which kept a cascade from
+    escalating and was recorded as the arm's success). Finished prose with no answer marker keeps the
+    medoid's similarity: agreeing answers are still agreement."""
     cut = "Natalia sold 48 clips in April, and in May she sold 48/2 = 24"
     texts = [cut, cut, cut]
-    result = vote(texts, "math", answers=[sample_answer(t, "math", "length") for t in texts])
+    result = vote(texts, "math", answers=[sample_answer(t, "math", "length") for t in texts], finished=[False] * 3)
     assert (result.method, result.winner, result.confidence, result.n_valid) == ("medoid", 0, 0.0, 0)
     signal = confidence_signal(texts, "math", result=result)
     assert signal.vote_agreement == 0.0 and should_escalate(signal.confidence, 0.6)
-    # open text keeps the medoid's similarity: its answers are compared by their words
-    assert vote(texts, "writing").confidence == pytest.approx(1.0)
+    prose = ["The capital of France is Paris, a city that has served as the seat of government for centuries."] * 3
+    assert vote(prose, "knowledge", finished=[True] * 3).confidence == pytest.approx(1.0)
+    # one finished sample among cut ones is the medoid's only voice
+    mixed = vote([cut, cut, prose[0]], "knowledge", finished=[False, False, True])
+    assert (mixed.winner, mixed.n_valid) == (2, 1)
