@@ -281,6 +281,7 @@ async def create_embeddings(request: Request) -> Response:
         body = parse_json_body(await read_body(request, gw.config.max_body_bytes, gw.config.body_timeout_s))
         req = embeddings.parse_embeddings_request(body)
         backend = gw.embedding_backend(req.model, request.headers)
+        gw.check_embedding_cost(embeddings.estimated_usd(backend, req), request.headers)
         reservation = await gw.budgets.hold(principal, embeddings.worst_case_usd(backend, req), embeddings.what_fits)
     except ApiError as exc:
         gw.metrics.refused(req.model if req is not None and req.model in gw.models() else "-", exc.status)

@@ -75,6 +75,12 @@ def worst_case_usd(backend: Backend, req: EmbeddingRequest) -> float:
     return call_cost(backend.prices, input_tokens_bound(req.body["input"], backend.max_context), 0)
 
 
+def estimated_usd(backend: Backend, req: EmbeddingRequest) -> float:
+    """The input at its estimate (4 characters a token; token ids exactly) at the backend's input price:
+    what the request's cost caps are held to, as a chat prompt's estimate is."""
+    return call_cost(backend.prices, estimate_input_tokens(req.body["input"]), 0)
+
+
 def what_fits(usd: float, where: str, only_if_fits: bool) -> str:
     """The advice of a budget refusal (KeyBudgets.hold): no input is cheaper to send in pieces, so only
     a whole budget too small for it says anything."""

@@ -340,7 +340,8 @@ class Gateway:
                         task_probs=classification.task_probs, policy="direct", rule="direct", reasons=tuple(reasons))
 
     @staticmethod
-    def _check_direct_cost(worst_usd: float, hints: RequestHints, policy: CompiledPolicy) -> None:
+    def _check_direct_cost(worst_usd: float, hints: RequestHints, policy: CompiledPolicy,
+                           advice: str = "send a lower max_tokens or a shorter prompt") -> None:
         """A named backend skips the decision, not the request's cost caps (budgets.per_request_usd,
         x-ponder-max-cost-usd where the policy honours it): with no arms to choose from, the caps
         bound the call's worst case (max_tokens, else a default output length per call)."""
@@ -350,7 +351,7 @@ class Gateway:
         for cap, why in caps:
             if cap is not None and worst_usd > cap:
                 raise ApiError(400, f"This request may cost up to ${worst_usd:.6f}, over its cost cap (${cap:.6f}, "
-                                    f"{why}); send a lower max_tokens or a shorter prompt.", code="over_cost_limit")
+                                    f"{why}); {advice}.", code="over_cost_limit")
 
     def _policy_for(self, headers: Any) -> CompiledPolicy:
         assert self.policies is not None
@@ -457,6 +458,17 @@ class Gateway:
                            param="model", code="invalid_model")
         raise ApiError(404, f"The model {model!r} does not exist; embeddings need a configured backend's name "
                             "(GET /v1/models lists them).", param="model", code="model_not_found")
+
+    def check_embedding_cost(self, estimated_usd: float, headers: Any) -> None:
+        """An embeddings request names its backend, and is held to the request's cost caps as a chat
+        request naming one is (budgets.per_request_usd, x-ponder-max-cost-usd where honoured), its input
+        priced at the estimate, as a chat prompt is: it went through whatever its size and cost."""
+        policy = self._policy_for(headers)
+        try:
+            hints = RequestHints.from_request(None, headers, policy)
+        except InvalidHint as exc:
+            raise ApiError(400, str(exc), code="invalid_header") from None
+        self._check_direct_cost(estimated_usd, hints, policy, advice="send fewer or shorter inputs")
 
 
 

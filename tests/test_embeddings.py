@@ -29,13 +29,14 @@ def vector(item: str, dimensions: int = 8) -> list[float]:
     return [digest[i % len(digest)] / 256 for i in range(dimensions)]
 
 
-def policy(tmp, name: str, **overrides) -> str:
+def policy(tmp, name: str, budgets: dict | None = None, **overrides) -> str:
     return write_policy(tmp, {
         "name": name,
         "arms": {"one": {"backend": "chat", "strategy": "single"}},
         "routes": [{"name": "all", "candidates": ["one"]}],
         "exploration": {"share": 0.0},
         "overrides": {"policy_header": True, **overrides},
+        **({"budgets": budgets} if budgets else {}),
     }, f"{name}.yaml")
 
 
@@ -51,7 +52,8 @@ def stack(tmp_path_factory, redis_server):
             mock_backend("emb-litellm", mock, fast_path=False),
         ]
         config = {"backends": backends, "policy": policy(tmp, "open"),
-                  "extra_policies": {"closed": policy(tmp, "closed", direct_backend=False)},
+                  "extra_policies": {"closed": policy(tmp, "closed", direct_backend=False),
+                                     "capped": policy(tmp, "capped", budgets={"per_request_usd": 1e-4})},
                   "telemetry": {"redis_url": redis_server.url, "refresh_s": 0.2},
                   "api_keys": [{"id": ident, "sha256": hashlib.sha256(key.encode()).hexdigest(), "admin": admin,
                                 **({"budget_usd_per_day": cap} if cap is not None else {})}
@@ -164,6 +166,17 @@ def test_a_budget_too_small_for_the_input_refuses_before_any_call(gw, mock):
         tiny.embeddings.create(model=PRICED, input="too dear")
     assert info.value.code == "over_budget_cap"
     assert calls(mock)["count"] == 0
+
+
+def test_the_requests_cost_caps_hold_as_for_a_chat_request_naming_a_backend(client, mock):
+    # $5 per million input tokens: 400 characters (100 tokens at the estimate) may cost $0.0005
+    for headers in ({"x-ponder-policy": "capped"}, {"x-ponder-max-cost-usd": "0.0001"}):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.embeddings.create(model=PRICED, input="x" * 400, extra_headers=headers)
+        assert info.value.code == "over_cost_limit" and "send fewer or shorter inputs" in info.value.message
+    assert calls(mock)["count"] == 0
+    within = client.embeddings.create(model=PRICED, input="x" * 40, extra_headers={"x-ponder-policy": "capped"})
+    assert len(within.data) == 1
 
 
 def test_an_embedding_is_no_arm_outcome(gw, client, mock):
