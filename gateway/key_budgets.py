@@ -75,7 +75,8 @@ class KeyBudgets:
         limits = self.limits(principal)
         # Money left, but the cheapest arm costs more than the period's whole cap: waiting cannot help (as
         # in reserve). A key with nothing left is out of money, as OpenAI's 429 insufficient_quota is.
-        whole = [period for period, left in left_by_period.items() if left > 0 and need > limits[period]]
+        whole = [period for period, left in left_by_period.items()
+                 if left > 0 and period in limits and need > limits[period]]  # (a reload may drop a cap meanwhile)
         if whole:
             return ApiError(400, f"{exc} Even the cheapest arm may cost ${need:.6f}, more than this key's whole "
                                  f"{whole[0]} budget (${limits[whole[0]]:.6f}); send a lower max_tokens.",

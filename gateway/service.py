@@ -155,7 +155,7 @@ class Gateway:
             # Calls that failed while it was down cooled its backend down; ready again means serving
             # again, not a 503 for as long as the cool-down had left to run.
             local = self.backends[LOCAL_BACKEND_NAME]
-            self._tasks.append(asyncio.create_task(self.local_model.watch(on_back=local.health.succeeded)))
+            self._tasks.append(asyncio.create_task(self.local_model.watch(on_back=lambda: _back(local))))
         self._tasks.append(asyncio.create_task(self._watch_policies()))
 
     def learner_half_life_s(self) -> float | None:
@@ -496,6 +496,12 @@ class InFlight:
             return True
         except TimeoutError:
             return False
+
+
+def _back(backend: Backend) -> None:
+    """A restarted local model serves again: chat and embeddings alike, not after their cool-downs."""
+    backend.health.succeeded()
+    backend.for_embeddings.health.succeeded()
 
 
 def configured_backends(config: GatewayConfig) -> list[BackendSpec]:
