@@ -49,6 +49,8 @@ def stack(tmp_path_factory, redis_server):
             mock_backend(PRICED, mock, prices={"input_per_mtok": 5.0, "output_per_mtok": 0.0}),
             mock_backend("emb-429", mock),  # its own: a 429 cools it down
             mock_backend("emb-litellm", mock, fast_path=False),
+            mock_backend("emb-slow", mock, prices={"input_per_mtok": 5.0, "output_per_mtok": 0.0}, max_retries=0,
+                         timeout_s=0.5),
         ]
         config = {"backends": backends, "policy": policy(tmp, "open"),
                   "extra_policies": {"closed": policy(tmp, "closed", direct_backend=False)},
@@ -156,6 +158,25 @@ def test_an_answer_without_usage_is_billed_by_the_estimate(client, mock):
     raw = client.embeddings.with_raw_response.create(model=PRICED, input="x" * 400)
     assert raw.parse().usage.prompt_tokens == 100  # 4 characters a token
     assert float(raw.headers["x-ponder-cost-usd"]) == pytest.approx(100 * 5.0 / 1e6)
+
+
+def test_a_call_cut_by_its_timeout_is_billed_its_input_and_the_error_says_so(gw, client, mock):
+    """The upstream had read the input when the timeout cut it: billed by the estimate, as a cut chat
+    call is, and the 504 carries x-ponder-cost-usd as an answer does (it had none: the client could not
+    reconcile its bill with the key's spend)."""
+    control(mock, script=["hang"], hang_s=3)
+    with pytest.raises(openai.APIStatusError) as info:
+        client.embeddings.create(model="emb-slow", input="x" * 400)
+    assert info.value.status_code == 504
+    cost = 100 * 5.0 / 1e6  # 4 characters a token
+    assert float(info.value.response.headers["x-ponder-cost-usd"]) == pytest.approx(cost)
+    request_id = info.value.response.headers["x-ponder-request-id"]
+
+    def recorded():
+        row = next(r for r in admin(gw, "/v1/ponder/requests?limit=50").json()["requests"]
+                   if r["request_id"] == request_id)
+        assert (row["status"], row["cost_usd"]) == (504, pytest.approx(cost))
+    eventually(recorded)
 
 
 def test_a_budget_too_small_for_the_input_refuses_before_any_call(gw, mock):
@@ -267,4 +288,5 @@ def test_the_api_key_is_checked(gw, mock):
 
 
 def test_models_lists_what_it_did(client):
-    assert [m.id for m in client.models.list()] == ["auto", "chat", EMB, PRICED, "emb-429", "emb-litellm"]
+    assert [m.id for m in client.models.list()] == ["auto", "chat", EMB, PRICED, "emb-429", "emb-litellm",
+                                                     "emb-slow"]
