@@ -7,6 +7,7 @@ words), telemetry in a real redis-server, talked to with the real openai SDK.
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import hashlib
 import struct
 import time
@@ -202,6 +203,26 @@ def test_an_embedding_is_no_arm_outcome(gw, client, mock):
                           json={"request_id": request_id, "score": 1})
     assert feedback.status_code == 404  # nothing to score: no arm answered
     assert 'ponder_decisions_total{arm="emb-priced"' not in admin(gw, "/metrics").text
+
+
+def test_embeddings_do_not_crowd_routed_requests_out_of_the_explore_share(gw, client, mock):
+    """An app that embeds its documents sends many embeddings a chat. The summary's explore share counts
+    the policy's last 500 requests; it looked at the last 500 events of any kind, so after 500
+    embeddings it counted no routed request at all (the page's KPI read '-')."""
+    routed = client.chat.completions.with_raw_response.create(
+        model="auto", messages=[{"role": "user", "content": "route me"}])
+    assert routed.headers["x-ponder-policy"] == "open"
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda i: client.embeddings.create(model=PRICED, input=f"chunk {i}"), range(500)))
+
+    def crowded():
+        rows = admin(gw, "/v1/ponder/requests?limit=500").json()["requests"]
+        assert all(r["task"] == "embedding" for r in rows)  # the latest 500 events: embeddings only
+    eventually(crowded)
+    opened = [r for r in admin(gw, "/v1/ponder/requests?limit=1000").json()["requests"] if r["policy"] == "open"]
+    exploration = admin(gw, "/v1/ponder/summary?policy=open").json()["exploration"]
+    assert exploration["window"] == len(opened) >= 1
+    assert exploration["explored"] + exploration["exploited"] == len(opened)
 
 
 # -- refusals and failures --------------------------------------------------------------------------
