@@ -136,6 +136,12 @@ def plan_headers(plan: Plan) -> dict[str, str]:
     }
 
 
+def cost_header(caller: Caller) -> dict[str, str]:
+    """`x-ponder-cost-usd`: what this request's calls were billed. An error answer carries it too: a
+    call cut off by a timeout or the deadline is billed its prompt, and the client is owed the figure."""
+    return {"x-ponder-cost-usd": f"{sum(c.cost_usd for c in caller.calls):.8f}"}
+
+
 def server_timing(plan: Plan, caller: Caller, received: float, executing: float | None = None, *,
                   finished_calls: bool = True) -> str:
     """The `Server-Timing` header (opt-in, `server_timing: true`): where this request's time went, in ms.
@@ -308,14 +314,13 @@ async def create_embeddings(request: Request) -> Response:
         if isinstance(exc, UpstreamError):  # no fallback: an embedding is its own model's, no other's
             cooling_s = backend.for_embeddings.health.cooldown_until - time.monotonic()
             exc = upstream_to_api_error(exc, cooling_s if cooling_s > 0 else None)
-        failed = exc.response(headers)
+        failed = exc.response({**headers, **cost_header(caller)})
         failed.background = BackgroundTask(settle, **failure_outcome(exc))
         return failed
     except Exception as exc:  # a bug, not an upstream's doing: still recorded and settled, then a 500
         await settle(**failure_outcome(exc))
         raise
-    headers["x-ponder-cost-usd"] = f"{sum(c.cost_usd for c in caller.calls):.8f}"
-    return json_response(data, headers=headers, background=BackgroundTask(settle, 200))
+    return json_response(data, headers={**headers, **cost_header(caller)}, background=BackgroundTask(settle, 200))
 
 
 async def serve(request: Request, read: Callable[[dict[str, Any], int], Wire]) -> Response:
@@ -344,7 +349,7 @@ async def serve(request: Request, read: Callable[[dict[str, Any], int], Wire]) -
     try:
         result = await until_disconnect(request, gw.execute(plan, req, caller), caller)
     except ApiError as exc:
-        failed = wire.error(exc).response(plan_headers(plan))
+        failed = wire.error(exc).response({**plan_headers(plan), **cost_header(caller)})
         failed.background = BackgroundTask(settle, gw, plan, caller, reservation, **failure_outcome(exc))
         return failed
     except Exception as exc:  # a bug, not an upstream's doing: still recorded and settled, then a 500
@@ -354,7 +359,7 @@ async def serve(request: Request, read: Callable[[dict[str, Any], int], Wire]) -
         response = finish_response(plan, caller, result)
         headers = plan_headers(plan)
         headers["x-ponder-arm"] = result.arm.key
-        headers["x-ponder-cost-usd"] = f"{response['ponder']['cost_usd']:.8f}"
+        headers.update(cost_header(caller))
         headers["x-ponder-samples"] = str(response["ponder"]["samples"])
         response = wire.answer(response)
     except Exception as exc:  # the answer could not be written (a bug): its calls still billed, its hold settled
@@ -441,7 +446,7 @@ async def _relayed_stream(request: Request, gw: Gateway, plan: Plan, wire: Wire,
         raise
     if isinstance(opened, ApiError):
         await asyncio.shield(settle(gw, plan, caller, reservation, **failure_outcome(opened)))
-        return wire.error(opened).response(headers)
+        return wire.error(opened).response({**headers, **cost_header(caller)})
     served, passthrough = opened  # a fallback's arm, when the chosen one failed before its first byte
     headers["x-ponder-arm"] = served.key
     if gw.config.server_timing:
@@ -481,7 +486,7 @@ async def _synthesized_stream(request: Request, gw: Gateway, plan: Plan, wire: W
         except Exception as exc:
             await settle(gw, plan, caller, reservation, **failure_outcome(exc))
             if isinstance(exc, ApiError):
-                return wire.error(exc).response(headers)
+                return wire.error(exc).response({**headers, **cost_header(caller)})
             raise  # a bug, not an upstream's doing: recorded and settled, then a 500
         headers["x-ponder-arm"] = result.arm.key
     if gw.config.server_timing:

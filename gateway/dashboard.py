@@ -35,6 +35,7 @@ PAGE_HEADERS = {
 DEFAULT_REQUESTS = 50
 MAX_REQUESTS = 1000
 REQUEST_LOOKUP_WINDOW = 5000  # /requests/{id} looks this far back in the event log
+EXPLORATION_WINDOW = 500  # the summary's explore share: over this many of the policy's latest requests
 MAX_REPORT_BYTES = 20 * 1024 * 1024
 
 
@@ -91,6 +92,22 @@ def current_choices(gw: Any, policy: str, buckets: list[str]) -> dict[str, str |
     return choices
 
 
+async def policy_events(gw: Any, policy: str, count: int) -> list[dict[str, Any]]:
+    """The policy's latest `count` recorded requests. Other events share the log (embeddings, requests
+    naming a backend, other policies': an app that embeds ten chunks a question writes ten of them a
+    chat), so the log is read further back, up to REQUEST_LOOKUP_WINDOW, when the latest `count`
+    events hold fewer of this policy's. `direct` has no learner: nothing to look for."""
+    if policy == "direct":
+        return []
+    events = await gw.store.recent_events(count)
+    mine = [e for e in events if e.get("policy") == policy]
+    if len(mine) < count and len(events) == count:
+        # as far back as this policy's share of the latest events says it takes: one more read
+        depth = min(REQUEST_LOOKUP_WINDOW, math.ceil(1.2 * count * count / max(len(mine), 1)))
+        mine = [e for e in await gw.store.recent_events(depth) if e.get("policy") == policy]
+    return mine[:count]
+
+
 def cost_estimate(gw: Any, policy: str):
     """(arm key, prompt tokens) -> the policy's expected cost of one request, for arms never observed."""
     compiled = gw.policies.get(policy) if gw.policies is not None else None
@@ -120,7 +137,6 @@ async def summary_endpoint(request: Request) -> Response:
     summary = await gw.store.summary()
     policy = chosen_policy(request, gw, summary)
     table = summary.get("policies", {}).get(policy, {})
-    events = await gw.store.recent_events(500)
     return json_response({
         "generated_at": summary.get("generated_at"),
         "policy": policy,
@@ -129,7 +145,7 @@ async def summary_endpoint(request: Request) -> Response:
         "tasks": summaries.task_views(table, current_choices(gw, policy, sorted(table))),
         "latency": summaries.latency_by_arm(table),
         "shares": summaries.shares(table),
-        "exploration": summaries.exploration(e for e in events if e.get("policy") == policy),
+        "exploration": summaries.exploration(await policy_events(gw, policy, EXPLORATION_WINDOW)),
         "health": summary.get("health") or gw.store.health(),
     })
 

@@ -259,6 +259,14 @@ def spend_deltas(events: Iterable[Event]) -> dict[str, dict[str, float]]:
     return out
 
 
+def add_spend(rollups: dict[str, dict[str, float]], deltas: Mapping[str, Mapping[str, float]]) -> None:
+    """Add `spend_deltas(...)` into `rollups`, in place."""
+    for period, fields in deltas.items():
+        row = rollups.setdefault(period, {})
+        for name, value in fields.items():
+            row[name] = row.get(name, 0.0) + float(value)
+
+
 def spend_periods(now: float) -> tuple[list[str], list[str]]:
     """The rollup ids of the last 24 hours and the last 30 days, oldest first."""
     hours = [time.strftime("h:%Y%m%d%H", time.gmtime(now - 3600 * i)) for i in range(SPEND_HOURS - 1, -1, -1)]

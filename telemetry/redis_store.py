@@ -28,7 +28,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ReadOnlyError, RedisClusterException
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .aggregates import group_deltas, spend_deltas
+from .aggregates import SPEND_DAYS, SPEND_HOURS, add_spend, group_deltas, spend_deltas, spend_periods
 from .budget_journal import BudgetJournal, take_over
 from .budgets import BudgetChange, LocalBudgets, Reservation, exceeded, make_reservation, period_id
 from .events import Event
@@ -95,6 +95,9 @@ class RedisStore(BufferedStore):
         # maxmemory), so reservations are checked in the in-process ledger until it takes one again.
         self._budgets_fallback = False
         self._next_take_over = 0.0  # time.monotonic() of the next look for dead replicas' journals
+        # The spend rollups as last read, plus this replica's batches written since: what the spend views
+        # show while Redis is away (with the buffered events' spend), rather than nothing spent.
+        self._spend_seen: dict[str, dict[str, float]] = {}
         self._connected = False
         self._outage_since: float | None = None  # time.monotonic() of the error that began the outage
         self._backoff = 0.0
@@ -203,6 +206,7 @@ class RedisStore(BufferedStore):
                           for period, fields in spend.items()],
             }
             await self._batch_script(keys=[], args=[orjson.dumps(control), *bodies])
+            self._saw_spend(spend)
             return
         # Redis Cluster: the keys live in many slots, so a non-transactional pipeline (at-least-once: a
         # batch that failed half way is retried whole).
@@ -219,6 +223,13 @@ class RedisStore(BufferedStore):
                 pipe.hincrbyfloat(k.spend(period), name, value)
             pipe.expire(k.spend(period), SPEND_TTL_S[period[0]])
         await self._execute(pipe, later)
+        self._saw_spend(spend)
+
+    def _saw_spend(self, spend: dict[str, dict[str, float]]) -> None:
+        add_spend(self._spend_seen, spend)
+        if len(self._spend_seen) > 2 * (SPEND_HOURS + SPEND_DAYS):  # hours went by with no read: drop the old
+            hours, days = spend_periods(time.time())
+            self._spend_seen = {p: self._spend_seen[p] for p in hours + days if p in self._spend_seen}
 
     async def _periodic(self) -> None:
         """Push budget changes made while Redis was down (or settled locally) back to Redis, and send
@@ -328,13 +339,20 @@ class RedisStore(BufferedStore):
         return out
 
     async def _load_spend(self, periods: list[str]) -> dict[str, dict[str, float]]:
-        if not self._connected:
-            return {}
-        pipe = self._client.pipeline(transaction=False)
-        for period in periods:
-            pipe.hgetall(self.keys.spend(period))
-        res = await pipe.execute()
-        return {p: {n: float(v) for n, v in h.items()} for p, h in zip(periods, res) if h}
+        if self._connected:
+            try:
+                pipe = self._client.pipeline(transaction=False)
+                for period in periods:
+                    pipe.hgetall(self.keys.spend(period))
+                res = await pipe.execute()
+                self._spend_seen = {p: {n: float(v) for n, v in h.items()} for p, h in zip(periods, res) if h}
+                return {p: dict(fields) for p, fields in self._spend_seen.items()}
+            except Exception as exc:
+                self._on_error("summary", exc)
+        # Redis away: the spend as last seen, and what the events waiting in the buffer cost
+        rollups = {p: dict(self._spend_seen[p]) for p in periods if p in self._spend_seen}
+        add_spend(rollups, {p: f for p, f in spend_deltas(self._buffer).items() if p in periods})
+        return rollups
 
     async def recent_events(self, limit: int = 100) -> list[dict[str, Any]]:
         out = self._buffered_dicts(limit)
@@ -501,6 +519,9 @@ class RedisStore(BufferedStore):
             return
         self._take_saved_budgets()
         await super().start()
+        if self._connected:  # what the spend views show should Redis be away before anyone looked
+            hours, days = spend_periods(time.time())
+            await self._load_spend(hours + days)
         if (self._budgets.unsynced or self._budgets.pending) and self._connected:
             try:  # now, before the first request reserves against counters that lack them
                 await self._periodic()

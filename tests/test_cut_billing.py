@@ -161,6 +161,8 @@ def test_a_call_cut_by_a_timeout_or_the_deadline_is_billed_its_prompt_and_what_i
     expected = prompt * IN_USD + output * OUT_USD
     assert call["cost_usd"] == pytest.approx(expected, abs=1e-12)
     assert event["request"]["cost_usd"] == pytest.approx(expected, abs=1e-12)
+    if status != 200:  # an error answer tells the client what it was billed, as an answer does
+        assert float(response.headers["x-ponder-cost-usd"]) == pytest.approx(expected, abs=1e-8)
     assert_billed(gateway, before, expected)
     assert f'ponder_backend_calls_total{{backend="{cut}",outcome="cut"}} 1.0' in admin_get(gateway, "/metrics").text
 
@@ -180,6 +182,7 @@ def test_every_sample_of_a_vote_the_deadline_cut_is_billed(stack):
         assert_cut(call, "request deadline reached")
     expected = sum(prompt_tokens(b) for b in sent(mock)) * IN_USD
     assert sum(c["cost_usd"] for c in calls) == pytest.approx(expected, abs=1e-12)
+    assert float(response.headers["x-ponder-cost-usd"]) == pytest.approx(expected, abs=1e-8)
     assert_billed(gateway, before, expected)
 
 

@@ -7,6 +7,7 @@ words), telemetry in a real redis-server, talked to with the real openai SDK.
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import hashlib
 import struct
 import time
@@ -50,6 +51,8 @@ def stack(tmp_path_factory, redis_server):
             mock_backend(PRICED, mock, prices={"input_per_mtok": 5.0, "output_per_mtok": 0.0}),
             mock_backend("emb-429", mock),  # its own: a 429 cools it down
             mock_backend("emb-litellm", mock, fast_path=False),
+            mock_backend("emb-slow", mock, prices={"input_per_mtok": 5.0, "output_per_mtok": 0.0}, max_retries=0,
+                         timeout_s=0.5),
         ]
         config = {"backends": backends, "policy": policy(tmp, "open"),
                   "extra_policies": {"closed": policy(tmp, "closed", direct_backend=False),
@@ -160,6 +163,25 @@ def test_an_answer_without_usage_is_billed_by_the_estimate(client, mock):
     assert float(raw.headers["x-ponder-cost-usd"]) == pytest.approx(100 * 5.0 / 1e6)
 
 
+def test_a_call_cut_by_its_timeout_is_billed_its_input_and_the_error_says_so(gw, client, mock):
+    """The upstream had read the input when the timeout cut it: billed by the estimate, as a cut chat
+    call is, and the 504 carries x-ponder-cost-usd as an answer does (it had none: the client could not
+    reconcile its bill with the key's spend)."""
+    control(mock, script=["hang"], hang_s=3)
+    with pytest.raises(openai.APIStatusError) as info:
+        client.embeddings.create(model="emb-slow", input="x" * 400)
+    assert info.value.status_code == 504
+    cost = 100 * 5.0 / 1e6  # 4 characters a token
+    assert float(info.value.response.headers["x-ponder-cost-usd"]) == pytest.approx(cost)
+    request_id = info.value.response.headers["x-ponder-request-id"]
+
+    def recorded():
+        row = next(r for r in admin(gw, "/v1/ponder/requests?limit=50").json()["requests"]
+                   if r["request_id"] == request_id)
+        assert (row["status"], row["cost_usd"]) == (504, pytest.approx(cost))
+    eventually(recorded)
+
+
 def test_a_budget_too_small_for_the_input_refuses_before_any_call(gw, mock):
     tiny = openai.OpenAI(base_url=gw.url + "/v1", api_key="sk-tiny", max_retries=0)
     with pytest.raises(openai.BadRequestError) as info:
@@ -194,6 +216,26 @@ def test_an_embedding_is_no_arm_outcome(gw, client, mock):
                           json={"request_id": request_id, "score": 1})
     assert feedback.status_code == 404  # nothing to score: no arm answered
     assert 'ponder_decisions_total{arm="emb-priced"' not in admin(gw, "/metrics").text
+
+
+def test_embeddings_do_not_crowd_routed_requests_out_of_the_explore_share(gw, client, mock):
+    """An app that embeds its documents sends many embeddings a chat. The summary's explore share counts
+    the policy's last 500 requests; it looked at the last 500 events of any kind, so after 500
+    embeddings it counted no routed request at all (the page's KPI read '-')."""
+    routed = client.chat.completions.with_raw_response.create(
+        model="auto", messages=[{"role": "user", "content": "route me"}])
+    assert routed.headers["x-ponder-policy"] == "open"
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda i: client.embeddings.create(model=PRICED, input=f"chunk {i}"), range(500)))
+
+    def crowded():
+        rows = admin(gw, "/v1/ponder/requests?limit=500").json()["requests"]
+        assert all(r["task"] == "embedding" for r in rows)  # the latest 500 events: embeddings only
+    eventually(crowded)
+    opened = [r for r in admin(gw, "/v1/ponder/requests?limit=1000").json()["requests"] if r["policy"] == "open"]
+    exploration = admin(gw, "/v1/ponder/summary?policy=open").json()["exploration"]
+    assert exploration["window"] == len(opened) >= 1
+    assert exploration["explored"] + exploration["exploited"] == len(opened)
 
 
 # -- refusals and failures --------------------------------------------------------------------------
@@ -280,4 +322,5 @@ def test_the_api_key_is_checked(gw, mock):
 
 
 def test_models_lists_what_it_did(client):
-    assert [m.id for m in client.models.list()] == ["auto", "chat", EMB, PRICED, "emb-429", "emb-litellm"]
+    assert [m.id for m in client.models.list()] == ["auto", "chat", EMB, PRICED, "emb-429", "emb-litellm",
+                                                     "emb-slow"]

@@ -435,6 +435,44 @@ def test_redis_killed_then_restarted(tmp_path):
         proc.stop()
 
 
+def test_the_spend_views_keep_what_was_spent_while_redis_is_away(tmp_path):
+    """While Redis is away the spend rollups cannot be read: the dashboard's spend per hour, per day and
+    per key showed $0 ("Nothing spent in the last 24 hours") for the whole outage. They show the spend
+    as last seen, this replica's batches written since, and the events waiting in the buffer."""
+    proc = start_redis(data_dir=tmp_path / "redis")
+
+    async def go():
+        store = await open_store(proc.url, tmp_path, refresh_s=0.2, buffer_max=1000)
+        try:
+            other = aioredis.from_url(proc.url)  # another replica's spend, in Redis before this one looked
+            hour = time.strftime("h:%Y%m%d%H", time.gmtime())
+            await other.hset(store.keys.spend(hour), mapping={"_cost": 0.5, "_n": 1, "k:key-b": 0.5, "n:key-b": 1})
+            day = time.strftime("d:%Y%m%d", time.gmtime())
+            await other.hset(store.keys.spend(day), mapping={"_cost": 0.5, "_n": 1, "k:key-b": 0.5, "n:key-b": 1})
+            await other.aclose()
+            await store.summary()  # the dashboard looked once
+            for i in range(6):
+                store.record(event(i))  # written: 0.001 + 0.002 + 0.003, twice
+            await store.flush()
+            proc.kill()
+            for i in range(6, 9):
+                store.record(event(i))  # buffered while Redis is away
+            await wait_for(lambda: not store.health()["connected"])
+            spend = (await store.summary())["spend"]
+            assert not store.health()["connected"]
+            assert sum(h["cost_usd"] for h in spend["by_hour"]) == pytest.approx(0.5 + 0.018)
+            assert sum(d["requests"] for d in spend["by_day"]) == 10
+            assert spend["by_key"] == {"key-a": {"cost_usd": pytest.approx(0.018), "requests": 9},
+                                       "key-b": {"cost_usd": pytest.approx(0.5), "requests": 1}}
+        finally:
+            await store.close()
+
+    try:
+        run(go())
+    finally:
+        proc.stop()
+
+
 def test_a_redis_outage_is_logged_once_when_it_begins_and_once_when_it_ends(tmp_path, caplog):
     """An operator reading the logs saw nothing while Redis was away (its budgets enforced per replica,
     its events only buffered), nor when it came back: one line when the outage begins, one when it ends,
