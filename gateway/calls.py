@@ -38,6 +38,9 @@ class Caller:
     backends: dict[str, Backend]
     deadline: float  # time.monotonic() value
     calls: list[CallRecord] = field(default_factory=list)
+    # Where the calls of the arm trying to answer begin in `calls` (set as each arm starts): the ones
+    # before are arms that failed before it, which the answering arm's own cost leaves out.
+    arm_calls_from: int = 0
     cancelled: bool = False
     opened: float = field(default_factory=time.monotonic)  # when the request's time started to run
     ident: int = field(default_factory=_request_ids.__next__)  # tells backends' health one request from another

@@ -382,6 +382,7 @@ class Gateway:
             params = dict(arm.params)
             ctx = StrategyContext(task=plan.decision.task, params=params, caller=caller, bucket_stats=stats,
                                   output_caps=plan.output_caps)
+            caller.arm_calls_from = len(caller.calls)
             try:
                 return await run_arm(arm, req.body, ctx)
             except UpstreamError as exc:
@@ -393,8 +394,9 @@ class Gateway:
 
     # -- record ---------------------------------------------------------------------------------
     def record(self, plan: Plan, calls: list[CallRecord], *, status: int, result: StrategyResult | None = None,
-               error: str | None = None, served: Arm | None = None) -> Event:
-        """`served`: the arm that answered where no result says so (a relayed stream's fallback)."""
+               error: str | None = None, served: Arm | None = None, arm_calls_from: int = 0) -> Event:
+        """`served`: the arm that answered where no result says so (a relayed stream's fallback).
+        `arm_calls_from`: where the answering arm's own calls begin in `calls` (Caller.arm_calls_from)."""
         decision = plan.decision
         arm = result.arm if result else served or decision.arm
         event = Event(
@@ -418,6 +420,8 @@ class Gateway:
             completion_tokens=sum(c.completion_tokens for c in calls),
             reasoning_tokens=sum(c.reasoning_tokens for c in calls),
             cost_usd=sum(c.cost_usd for c in calls),
+            arm_cost_usd=sum(c.cost_usd for c in calls[arm_calls_from:])
+            if arm_calls_from and (result is not None or served is not None) else None,
             # what the cost model expected of this answer: the learner's cost ratio compares the two
             estimated_cost_usd=(plan.policy.estimated_cost_usd(arm.key, plan.prompt_tokens, plan.max_output_tokens,
                                                                plan.choices)

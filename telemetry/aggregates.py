@@ -88,7 +88,9 @@ def event_delta(event: Event) -> dict[str, float]:
     delta: dict[str, float] = {
         "count": 1.0,
         "total": 1.0,
-        "cost_usd": float(event.cost_usd),
+        # the arm's own cost (a fallback is not charged the cut prompt of the arm that failed before
+        # it); what the request spent, every call of it, is spent_usd
+        "cost_usd": float(event.cost_usd if event.arm_cost_usd is None else event.arm_cost_usd),
         "spent_usd": float(event.cost_usd),
         "latency_ms": float(event.latency_ms),
         "prompt_tokens": float(event.prompt_tokens),

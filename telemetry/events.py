@@ -68,6 +68,9 @@ class Event:
     completion_tokens: int = 0
     reasoning_tokens: int = 0
     cost_usd: float = 0.0
+    # What the arm that answered cost, when arms failed before it (cut calls are billed their prompt):
+    # its own calls only, which the learner's per-arm cost counts; cost_usd, the request's, is spend.
+    arm_cost_usd: float | None = None
     estimated_cost_usd: float | None = None  # the policy's cost model for this request, before learning
     # The prompt's size as the decision estimated it (what priced the arms); its mean per bucket lets
     # the current choice be priced for the bucket's real prompts (router.learner.current_choice).
