@@ -644,13 +644,34 @@ def data_hashes(root: Path) -> dict[str, str]:
     return hashes
 
 
+# Share of non-chat prompts given earlier turns; how many is drawn from the chat examples' own spread.
+NON_CHAT_HISTORY_SHARE = 0.30
+FALLBACK_HISTORY_LENGTHS = (2, 4, 6)  # messages (1-3 exchanges) when no chat example with history is loaded
+
+
+def chat_history_lengths(examples: list[Example]) -> list[int]:
+    """Messages before the last user turn in each chat example that has any (sorted): the spread
+    the non-chat prompts' earlier turns are drawn from (Topical-Chat: 1-27 messages, median 9)."""
+    lengths = []
+    for ex in examples:
+        if ex.task == "chat" and ex.source not in SYNTHETIC_SOURCES:
+            n = sum(1 for m in ex.messages[:-1] if m.get("role") in ("user", "assistant"))
+            if n:
+                lengths.append(n)
+    return sorted(lengths)
+
+
 def augment(examples: list[Example], seed: int) -> None:
     """Add system prompts and earlier turns to some prompts, in place.
 
     The datasets are single-turn and system-less; real traffic is not. Generic system prompts and
     turn counts are added independently of the label so the model does not learn "has history =
     chat"; a few task-specific system prompts teach it that the system prompt carries the task.
+    Earlier turns: NON_CHAT_HISTORY_SHARE of the non-chat prompts get as many earlier messages as a
+    chat example drawn at random has (alternating, ending with the assistant's, as Topical-Chat's),
+    so the turn counts of a long conversation are not a chat-only pattern either.
     """
+    lengths = chat_history_lengths(examples) or list(FALLBACK_HISTORY_LENGTHS)
     for ex in examples:
         if ex.source == SYNTHETIC_SOURCE:
             continue
@@ -660,10 +681,10 @@ def augment(examples: list[Example], seed: int) -> None:
             ex.messages.insert(0, {"role": "system", "content": rng.choice(GENERIC_SYSTEM_PROMPTS)})
         elif roll < 0.27 and ex.task:
             ex.messages.insert(0, {"role": "system", "content": rng.choice(TASK_SYSTEM_PROMPTS[ex.task])})
-        if ex.task != "chat" and rng.random() < 0.15:
-            earlier = []
-            for _ in range(rng.randint(1, 3)):
-                earlier += [{"role": "user", "content": "(earlier question)"}, {"role": "assistant", "content": "(answer)"}]
+        if ex.task != "chat" and rng.random() < NON_CHAT_HISTORY_SHARE:
+            n = rng.choice(lengths)
+            earlier = [{"role": "assistant", "content": "(answer)"} if (n - i) % 2 else {"role": "user", "content": "(earlier question)"}
+                       for i in range(n)]
             at = 1 if ex.messages[0]["role"] == "system" else 0
             ex.messages[at:at] = earlier
 

