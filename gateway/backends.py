@@ -461,6 +461,10 @@ class Backend:
 
     async def _embed_litellm(self, body: dict[str, Any]) -> dict[str, Any]:
         params = {k: v for k, v in body.items() if k != "model"}
+        if params.get("dimensions") is not None and not self._litellm_sends_dimensions:
+            raise UpstreamError(self.name, 400, f"{self.name} ({self.spec.model}) cannot shorten its vectors, which "
+                                                f"'dimensions' asks for: leave 'dimensions' out, or ask a backend that can.",
+                                retryable=False, code="unsupported_parameter", param="dimensions")
         try:
             response = await _litellm().aembedding(model=self.spec.model, api_base=self.spec.api_base,
                                                    api_key=self._api_key(), timeout=self.spec.timeout_s,
@@ -468,6 +472,20 @@ class Backend:
         except Exception as exc:  # litellm maps every provider's errors onto its own classes
             raise _litellm_error(self.name, exc) from None
         return response.model_dump(exclude_none=True)
+
+    @functools.cached_property
+    def _litellm_sends_dimensions(self) -> bool:
+        """Whether litellm sends an embedding's `dimensions` to this model (under its provider's name for
+        it). It drops it where its lists say the model has none (`drop_params`: Mistral, Fireworks, an
+        `openai/` model not named text-embedding-3), and the vectors then come back at full length, which
+        an app's index would refuse or, worse, store."""
+        provider = self.spec.model.partition("/")[0]
+        optional_params = _litellm().utils.get_optional_params_embeddings
+        try:
+            return (optional_params(model=self.upstream_model, custom_llm_provider=provider, dimensions=256)
+                    != optional_params(model=self.upstream_model, custom_llm_provider=provider))
+        except Exception:  # a provider litellm cannot map: it is sent what it is asked, and answers for it
+            return True
 
     def _http_error(self, status: int, raw: bytes, retry_after: str | None) -> UpstreamError:
         try:

@@ -20,6 +20,7 @@ from tests.servers import calls, control, mock_backend, reset, running, sent, st
 
 EMB = "text-embedding-3-small"  # priced from litellm's map: $0.02 per million input tokens
 LITELLM_PRICE = 0.02 / 1e6
+EMB_LARGE = "text-embedding-3-large"
 PRICED = "emb-priced"  # `prices:` in the config: $5 per million
 KEYS = {"sk-admin": ("admin", None, True), "sk-budget": ("budget", 1.0, False), "sk-tiny": ("tiny", 1e-9, False)}
 
@@ -51,6 +52,7 @@ def stack(tmp_path_factory, redis_server):
             mock_backend(PRICED, mock, prices={"input_per_mtok": 5.0, "output_per_mtok": 0.0}),
             mock_backend("emb-429", mock),  # its own: a 429 cools it down
             mock_backend("emb-litellm", mock, fast_path=False),
+            mock_backend(EMB_LARGE, mock, fast_path=False),  # through litellm, which sends it `dimensions`
             mock_backend("emb-slow", mock, prices={"input_per_mtok": 5.0, "output_per_mtok": 0.0}, max_retries=0,
                          timeout_s=0.5),
         ]
@@ -128,6 +130,21 @@ def test_a_backend_called_through_litellm(client, mock):
     assert [d.embedding for d in result.data] == [pytest.approx(vector("via litellm"))]
     assert result.usage.prompt_tokens == 2
     assert calls(mock)["count"] == 1
+
+
+def test_dimensions_litellm_would_drop_are_refused_not_ignored(client, mock):
+    """litellm drops `dimensions` for a model its lists give none (`drop_params`: here an `openai/` model
+    not named text-embedding-3; Mistral's, Fireworks'), and the vectors came back at full length: 8
+    floats where the app asked for 4, into an index built for 4. Refused before any call instead."""
+    reset(mock)
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.embeddings.create(model="emb-litellm", input=["via litellm"], dimensions=4)
+    assert (refused.value.code, refused.value.param) == ("unsupported_parameter", "dimensions")
+    assert calls(mock)["count"] == 0
+    # a model litellm sends them to gets them
+    result = client.embeddings.create(model=EMB_LARGE, input=["via litellm"], dimensions=4, encoding_format="float")
+    assert [d.embedding for d in result.data] == [pytest.approx(vector("via litellm", 4))]
+    assert sent(mock)[-1]["dimensions"] == 4
 
 
 # -- money ------------------------------------------------------------------------------------------
@@ -323,4 +340,4 @@ def test_the_api_key_is_checked(gw, mock):
 
 def test_models_lists_what_it_did(client):
     assert [m.id for m in client.models.list()] == ["auto", "chat", EMB, PRICED, "emb-429", "emb-litellm",
-                                                     "emb-slow"]
+                                                     EMB_LARGE, "emb-slow"]
