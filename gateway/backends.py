@@ -12,11 +12,13 @@ A backend never retries by itself: retries, cool-downs and fallbacks are decided
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import functools
 import logging
 import os
 import re
+import struct
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -465,13 +467,22 @@ class Backend:
             raise UpstreamError(self.name, 400, f"{self.name} ({self.spec.model}) cannot shorten its vectors, which "
                                                 f"'dimensions' asks for: leave 'dimensions' out, or ask a backend that can.",
                                 retryable=False, code="unsupported_parameter", param="dimensions")
+        # Floats are asked for whatever the client wants: litellm maps `base64` (the openai SDK's default)
+        # onto each provider's own idea of it, and Bedrock's Titan then answers its binary embedding,
+        # one 0 or 1 a dimension, as the vector; Gemini's and others' drop it. Encoded here as OpenAI does.
+        base64_asked = params.pop("encoding_format", None) == "base64"
         try:
             response = await _litellm().aembedding(model=self.spec.model, api_base=self.spec.api_base,
                                                    api_key=self._api_key(), timeout=self.spec.timeout_s,
                                                    num_retries=0, **params)
         except Exception as exc:  # litellm maps every provider's errors onto its own classes
             raise _litellm_error(self.name, exc) from None
-        return response.model_dump(exclude_none=True)
+        data = response.model_dump(exclude_none=True)
+        if base64_asked:
+            for item in data.get("data") or ():
+                if isinstance(item, dict) and isinstance(item.get("embedding"), list):
+                    item["embedding"] = _float32_base64(item["embedding"])
+        return data
 
     @functools.cached_property
     def _litellm_sends_dimensions(self) -> bool:
@@ -776,6 +787,11 @@ def text_content(message: Any) -> bool:
 def import_litellm() -> None:
     """Import litellm now (seconds), not at a backend's first call (service.Gateway starts with it)."""
     _litellm()
+
+
+def _float32_base64(vector: list[float]) -> str:
+    """A vector as OpenAI's `encoding_format: "base64"` writes it: little-endian float32s, base64."""
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
 
 
 def _litellm():

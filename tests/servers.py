@@ -102,6 +102,15 @@ def start_gemini_mock(tmp: Path) -> Process:
     return start_mock_server(tmp, "mock_gemini.py", "gemini")
 
 
+def start_bedrock_mock(tmp: Path) -> Process:
+    """A mock of Bedrock's InvokeModel for Titan embeddings (tests/mock_bedrock.py), for `bedrock/` backends
+    called through litellm (give the gateway any AWS credentials and region: BEDROCK_ENV)."""
+    return start_mock_server(tmp, "mock_bedrock.py", "bedrock")
+
+
+BEDROCK_ENV = {"AWS_ACCESS_KEY_ID": "AKIDMOCK", "AWS_SECRET_ACCESS_KEY": "mock-secret", "AWS_REGION_NAME": "us-east-1"}
+
+
 def control(mock: Process, **state) -> None:
     """Set the mock's state for the next requests (its POST /control: script, answers, ...)."""
     httpx.post(mock.url + "/control", json=state).raise_for_status()

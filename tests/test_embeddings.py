@@ -16,11 +16,13 @@ import httpx
 import openai
 import pytest
 
-from tests.servers import calls, control, mock_backend, reset, running, sent, start_gateway, start_mock, write_policy
+from tests.servers import (BEDROCK_ENV, calls, control, mock_backend, reset, running, sent, start_bedrock_mock,
+                           start_gateway, start_mock, write_policy)
 
 EMB = "text-embedding-3-small"  # priced from litellm's map: $0.02 per million input tokens
 LITELLM_PRICE = 0.02 / 1e6
 EMB_LARGE = "text-embedding-3-large"
+TITAN = "titan"  # Bedrock's Titan embeddings, through litellm (tests/mock_bedrock.py)
 PRICED = "emb-priced"  # `prices:` in the config: $5 per million
 KEYS = {"sk-admin": ("admin", None, True), "sk-budget": ("budget", 1.0, False), "sk-tiny": ("tiny", 1e-9, False)}
 
@@ -45,7 +47,7 @@ def policy(tmp, name: str, budgets: dict | None = None, **overrides) -> str:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, redis_server):
     tmp = tmp_path_factory.mktemp("embeddings")
-    with running(start_mock(tmp)) as mock:
+    with running(start_mock(tmp)) as mock, running(start_bedrock_mock(tmp)) as bedrock:
         backends = [
             mock_backend("chat", mock),
             {**mock_backend(EMB, mock), "prices": None},  # litellm's price for openai/text-embedding-3-small
@@ -53,6 +55,8 @@ def stack(tmp_path_factory, redis_server):
             mock_backend("emb-429", mock),  # its own: a 429 cools it down
             mock_backend("emb-litellm", mock, fast_path=False),
             mock_backend(EMB_LARGE, mock, fast_path=False),  # through litellm, which sends it `dimensions`
+            {"name": TITAN, "model": "bedrock/amazon.titan-embed-text-v2:0", "api_base": bedrock.url, "max_retries": 0,
+             "prices": {"input_per_mtok": 0.02, "output_per_mtok": 0.0}},
             mock_backend("emb-slow", mock, prices={"input_per_mtok": 5.0, "output_per_mtok": 0.0}, max_retries=0,
                          timeout_s=0.5),
         ]
@@ -63,8 +67,8 @@ def stack(tmp_path_factory, redis_server):
                   "api_keys": [{"id": ident, "sha256": hashlib.sha256(key.encode()).hexdigest(), "admin": admin,
                                 **({"budget_usd_per_day": cap} if cap is not None else {})}
                                for key, (ident, cap, admin) in KEYS.items()]}
-        with running(start_gateway(tmp, config, name="embeddings")) as gw:
-            yield gw, mock
+        with running(start_gateway(tmp, config, name="embeddings", env=BEDROCK_ENV)) as gw:
+            yield gw, mock, bedrock
 
 
 @pytest.fixture
@@ -145,6 +149,27 @@ def test_dimensions_litellm_would_drop_are_refused_not_ignored(client, mock):
     result = client.embeddings.create(model=EMB_LARGE, input=["via litellm"], dimensions=4, encoding_format="float")
     assert [d.embedding for d in result.data] == [pytest.approx(vector("via litellm", 4))]
     assert sent(mock)[-1]["dimensions"] == 4
+
+
+def titan_vector(text: str, dimensions: int = 8) -> list[float]:
+    """The Bedrock mock's Titan vector of a text (tests/mock_bedrock.py), centred on 0."""
+    return [v - 0.5 for v in vector(text, dimensions)]
+
+
+def test_bedrock_titan_through_the_sdk_gets_its_float_vectors(stack, client):
+    """The openai SDK asks for base64 by default, which litellm maps to Titan's `binary` embedding type:
+    the answer's vector was one 0 or 1 a dimension ([0, 1, 1, ...]), which the SDK handed the app as its
+    embedding. Floats are asked for, and encoded as base64 only where the client asked for it."""
+    bedrock = stack[2]
+    reset(bedrock)
+    result = client.embeddings.create(model=TITAN, input="hello titan")  # the SDK's base64, decoded by it
+    assert [d.embedding for d in result.data] == [pytest.approx(titan_vector("hello titan"))]
+    assert sent(bedrock)[-1].get("embeddingTypes", ["float"]) == ["float"]
+    raw = httpx.post(stack[0].url + "/v1/embeddings", headers={"Authorization": "Bearer sk-admin"},
+                     json={"model": TITAN, "input": "hello titan", "encoding_format": "base64"}).json()
+    encoded = raw["data"][0]["embedding"]
+    assert isinstance(encoded, str)  # the format asked for, as OpenAI writes it: little-endian float32
+    assert list(struct.unpack("<8f", base64.b64decode(encoded))) == pytest.approx(titan_vector("hello titan"))
 
 
 # -- money ------------------------------------------------------------------------------------------
@@ -340,4 +365,4 @@ def test_the_api_key_is_checked(gw, mock):
 
 def test_models_lists_what_it_did(client):
     assert [m.id for m in client.models.list()] == ["auto", "chat", EMB, PRICED, "emb-429", "emb-litellm",
-                                                     EMB_LARGE, "emb-slow"]
+                                                     EMB_LARGE, TITAN, "emb-slow"]
