@@ -106,10 +106,15 @@ class ChatRequest:
             # a spoken answer's text is its audio's transcript, not `content` (null): a vote counted
             # every sample as the same empty answer, and the reasoning instruction was spoken
             return "audio output"
-        if self.messages and self.messages[-1].get("role") == "assistant":
+        last = self.messages[-1].get("role") if self.messages else None
+        if last == "assistant":
             # a prefill: the answer continues that text; a sample's reasoning instruction would come
             # before it, and a vote would pick among continuations of one given start
             return "an assistant turn to continue"
+        if last in ("tool", "function"):
+            # an agent loop's next step, even with the tools left out of this request: the reasoning
+            # instruction would go into a user turn far back, before the calls it led to
+            return "a tool result to answer"
         return None
 
 

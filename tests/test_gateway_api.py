@@ -502,10 +502,17 @@ def test_tools_and_json_mode_are_answered_by_one_plain_call(client, mock, model,
 
 
 @pytest.mark.parametrize("model", ["auto", "mock-a"])
-def test_a_prefilled_assistant_turn_is_continued_by_one_plain_call(client, mock, model):
-    """A conversation that ends in the assistant's own start (a prefill) is continued as sent: a vote
-    put its reasoning instruction in the user turn before the prefill, and voted among continuations."""
+@pytest.mark.parametrize("last", ["prefill", "tool_result"])
+def test_a_prefill_or_a_tool_result_is_answered_by_one_plain_call(client, mock, model, last):
+    """A conversation that ends in the assistant's own start (a prefill) is continued as sent, and one that
+    ends in a tool result (an agent loop's next step, its tools left out of this request) is answered
+    as sent: a vote put its reasoning instruction in the user turn before them, and voted among them."""
     messages = [{"role": "user", "content": "Solve x^2 = 9."}, {"role": "assistant", "content": "x ="}]
+    if last == "tool_result":
+        messages = [{"role": "user", "content": "What is 12 * 12? Use the calculator."},
+                    {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function",
+                     "function": {"name": "calc", "arguments": '{"expr": "12*12"}'}}]},
+                    {"role": "tool", "tool_call_id": "call_1", "content": "144"}]
     raw = client.chat.completions.with_raw_response.create(
         model=model, messages=messages, extra_headers={"x-ponder-strategy": "self_consistency"})
     assert raw.headers["x-ponder-arm"].endswith("/single/1")
