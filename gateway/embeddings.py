@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -26,6 +26,8 @@ from router.estimates import estimate_input_tokens, input_tokens_bound
 from telemetry.events import EMBEDDING_TASK, Event
 
 MAX_INPUTS = 2048  # inputs in one request, as OpenAI takes at most
+TokenId = Annotated[int, Field(ge=0)]
+INPUT_FORMS = "expected a string, a list of strings, a list of token ids (integers >= 0) or a list of such lists"
 ID_PREFIX = "emb-"  # of the request id (the x-ponder-request-id header): an embedding's answer has no id
 
 
@@ -35,8 +37,8 @@ class _EmbeddingsBody(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
 
     model: str = Field(min_length=1)
-    # a string, strings, token ids, or lists of token ids
-    input: str | list[str] | list[int] | list[list[int]]
+    # a string, strings, token ids, or lists of token ids (never negative, as OpenAI checks)
+    input: str | list[str] | list[TokenId] | list[list[TokenId]]
     encoding_format: Literal["float", "base64"] | None = None
     dimensions: int | None = Field(default=None, ge=1)
     user: str | None = None
@@ -56,7 +58,9 @@ def parse_embeddings_request(body: dict[str, Any]) -> EmbeddingRequest:
     except ValidationError as exc:
         err = exc.errors()[0]
         param = ".".join(str(p) for p in err["loc"] if not is_type_tag(p)) or None
-        raise ApiError(400, f"Invalid value for '{param}': {err['msg']}", param=param, code="invalid_value") from None
+        # the union's first branch speaks for all of them ("should be a valid string"): say the forms
+        msg = INPUT_FORMS if err["loc"][:1] == ("input",) else err["msg"]
+        raise ApiError(400, f"Invalid value for '{param}': {msg}", param=param, code="invalid_value") from None
     inputs = parsed.input
     # one string or one list of token ids is one input
     items = [inputs] if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)) else inputs

@@ -349,6 +349,7 @@ def test_more_than_2048_inputs_are_refused(client, mock):
 @pytest.mark.parametrize("body, param", [({"model": EMB, "input": []}, "input"),
                                          ({"model": EMB, "input": ["a", ""]}, "input"),
                                          ({"model": EMB, "input": ["a", 1]}, "input"),
+                                         ({"model": EMB, "input": [-1]}, "input"),  # OpenAI refuses it too
                                          ({"model": EMB, "input": "a", "encoding_format": "int8"}, "encoding_format"),
                                          ({"model": EMB, "input": "a", "dimensions": 0}, "dimensions")])
 def test_invalid_bodies_name_the_field(gw, mock, body, param):
