@@ -162,7 +162,9 @@ def extension(plan: Plan, caller: Caller, result: StrategyResult | None, served:
     """`served`: the arm that answered where no result says so (a relayed stream)."""
     arm = result.arm if result else served or plan.decision.arm
     details = result.details if result else {}
-    extra = {"max_tokens_sent": plan.output_caps} if plan.output_caps else {}  # only where the gateway added one
+    extra: dict[str, Any] = {"max_tokens_sent": plan.output_caps} if plan.output_caps else {}  # only where added
+    if any(call.usage_estimated for call in caller.calls):  # an upstream answered without usage
+        extra["usage_estimated"] = True
     return {
         "request_id": plan.request_id,
         "arm": arm.key,

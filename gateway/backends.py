@@ -70,6 +70,7 @@ class CallRecord:
     # the upstream's other counts (`prompt_tokens_details.cached_tokens`, audio, predicted tokens),
     # by block and name: the client's `usage` sums them over the request's calls
     usage_details: dict[str, dict[str, int]] = field(default_factory=dict)
+    usage_estimated: bool = False  # the upstream's answer had no usage: counted by the gateway's estimate
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -286,7 +287,8 @@ class Backend:
                                                      sock_read=self.spec.first_byte_timeout_s)
 
     # -- accounting -------------------------------------------------------------------------
-    def record(self, usage: Usage, started: float, *, ok: bool = True, error: str | None = None) -> CallRecord:
+    def record(self, usage: Usage, started: float, *, ok: bool = True, error: str | None = None,
+               estimated: bool = False) -> CallRecord:
         return CallRecord(
             backend=self.name,
             prompt_tokens=usage.prompt_tokens,
@@ -298,6 +300,7 @@ class Backend:
             ok=ok,
             error=error,
             usage_details=usage.details,
+            usage_estimated=estimated,
         )
 
     def cut(self, usage: Usage, started: float, why: str) -> CallRecord:
@@ -382,7 +385,9 @@ class Backend:
         for choice in data.get("choices") or ():
             text_content(choice.get("message") if isinstance(choice, dict) else None)
         usage = data.get("usage")
-        return data, self.record(Usage.from_block(usage) if usage else _estimated_usage(body, data), started)
+        if usage:
+            return data, self.record(Usage.from_block(usage), started)
+        return data, self.record(_estimated_usage(body, data), started, estimated=True)
 
     async def _complete_holding_slot(self, body: dict[str, Any], admission: Admission | None) -> dict[str, Any]:
         """The call, its slot released only when the upstream is done with it: a caller that stops

@@ -253,6 +253,7 @@ def test_an_answer_without_usage_is_billed_by_its_estimate_not_nothing(stack):
     assert (call["prompt_tokens"], call["completion_tokens"]) == (prompt_tokens(sent(mock)[0]), written)
     usage = response.json()["usage"]
     assert (usage["prompt_tokens"], usage["completion_tokens"]) == (call["prompt_tokens"], written)
+    assert response.json()["ponder"]["usage_estimated"] is True  # as for a stream without usage
     assert_billed(gateway, before, call["prompt_tokens"] * IN_USD + written * OUT_USD)
 
 
