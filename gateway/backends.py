@@ -47,6 +47,18 @@ MODEL_REFUSALS = frozenset({"unsupported_parameter", "unsupported_value"})
 OPENAI_REASONING_KNOBS = ("max_tokens", "temperature", "top_p", "presence_penalty", "frequency_penalty")
 # What a client asks to get back in the answer, by the litellm parameters that carry it to a provider
 ANSWER_PARAMS = {"logprobs": ("logprobs",), "audio": ("audio", "modalities")}
+# litellm takes a keyword argument it knows as its own option, however it got there: a body field
+# named like one would choose where the call goes and with what key (`base_url`, `api_key`), its headers,
+# an OpenAI organization to bill, retries, a mock answer. Its list (all_litellm_params) has most; these are
+# its call's own arguments and OpenAI client options it maps; providers' credentials and endpoints go by
+# prefix (Bedrock's `aws_sts_endpoint`, Vertex's `vertex_credentials`, Azure's `azure_ad_token`).
+LITELLM_OPTIONS = frozenset({"base_url", "api_base", "api_key", "api_type", "api_version", "organization",
+                             "extra_headers", "default_headers", "custom_llm_provider", "deployment_id",
+                             "model_list", "shared_session", "client", "timeout", "max_retries", "num_retries",
+                             "enable_json_schema_validation", "logger_fn", "caching", "litellm_call_id"})
+LITELLM_OPTION_PREFIXES = ("aws_", "vertex_", "azure_", "litellm_")
+# OpenAI's own fields that litellm also reads (its logging `metadata`): a client sends them as to OpenAI
+OPENAI_FIELDS_LITELLM_READS = frozenset({"metadata", "user"})
 # One streamed event, at most: a chunk with a whole long answer in it (1 MB of text, JSON-escaped) fits;
 # a stream that never ends its event does not hold the gateway's memory.
 MAX_EVENT_BYTES = 16 * 1024 * 1024
@@ -468,6 +480,7 @@ class Backend:
 
     async def _embed_litellm(self, body: dict[str, Any]) -> dict[str, Any]:
         params = {k: v for k, v in body.items() if k != "model"}
+        self._refuse_litellm_options(params)
         if params.get("dimensions") is not None and not self._litellm_sends_dimensions:
             raise UpstreamError(self.name, 400, f"{self.name} ({self.spec.model}) cannot shorten its vectors, which "
                                                 f"'dimensions' asks for: leave 'dimensions' out, or ask a backend that can.",
@@ -521,10 +534,20 @@ class Backend:
 
     def _litellm_params(self, body: dict[str, Any], leave_out: tuple[str, ...]) -> dict[str, Any]:
         params = {k: v for k, v in body.items() if k not in leave_out}
+        self._refuse_litellm_options(params)
         self._refuse_what_would_be_dropped(params)
         if self.claude:
             params = fit_claude_thinking(params, self._claude_thinking(params))
         return params
+
+    def _refuse_litellm_options(self, params: dict[str, Any]) -> None:
+        """A client's field that litellm would take as its own option (LITELLM_OPTIONS) is refused, as
+        OpenAI refuses a field it does not have, before any call: the backend's address and key are the
+        operator's, never a client's to redirect or read."""
+        for name in params:
+            if name in _litellm_options() or name.startswith(LITELLM_OPTION_PREFIXES):
+                raise UpstreamError(self.name, 400, f"Unrecognized request argument supplied: {name}",
+                                    retryable=False, code="unknown_parameter", param=name)
 
     def _refuse_what_would_be_dropped(self, params: dict[str, Any]) -> None:
         """litellm drops a parameter the provider does not have (`drop_params`: a sampling knob one
@@ -797,6 +820,11 @@ def import_litellm() -> None:
 def _float32_base64(vector: list[float]) -> str:
     """A vector as OpenAI's `encoding_format: "base64"` writes it: little-endian float32s, base64."""
     return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
+
+
+@functools.cache
+def _litellm_options() -> frozenset[str]:
+    return frozenset(LITELLM_OPTIONS | set(_litellm().types.utils.all_litellm_params)) - OPENAI_FIELDS_LITELLM_READS
 
 
 def _litellm():

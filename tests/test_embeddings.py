@@ -371,6 +371,33 @@ def test_a_body_of_token_ids_with_one_wrong_is_refused_at_once(gw, mock):
     assert calls(mock)["count"] == 0
 
 
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "base_url": "{other}/v1"}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stream": True,
+                              "base_url": "{other}/v1"}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "mock_response": "free"}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "api_key": "sk-mine"}),
+    ("/v1/embeddings", {"input": "x", "mock_response": [0.5]}),
+    ("/v1/embeddings", {"input": "x", "aws_bedrock_runtime_endpoint": "{other}"}),
+])
+def test_a_field_litellm_takes_as_its_own_option_is_refused(stack, gw, mock, path, body):
+    """Through litellm a body field named like one of its options was taken as that option: `base_url`
+    sent the backend's API key to any address a client named, `mock_response` answered for free, and a
+    clashing `api_key` failed as a 502 that cooled the backend down for every key."""
+    bedrock = stack[2]
+    reset(bedrock)
+    body = {"model": "emb-litellm", **{k: v.replace("{other}", bedrock.url) if isinstance(v, str) else v
+                                       for k, v in body.items()}}
+    for _ in range(3):  # never a mark against the backend either
+        response = httpx.post(gw.url + path, json=body, headers={"Authorization": "Bearer sk-admin"})
+        assert response.status_code == 400, response.text
+        name = next(k for k in body if k not in ("model", "messages", "input", "stream"))
+        assert response.json()["error"]["param"] == name
+    assert calls(mock)["count"] == 0 and calls(bedrock)["count"] == 0
+    assert httpx.post(gw.url + path, json={k: v for k, v in body.items() if k != name},
+                      headers={"Authorization": "Bearer sk-admin"}).status_code == 200
+
+
 def test_the_api_key_is_checked(gw, mock):
     response = httpx.post(gw.url + "/v1/embeddings", json={"model": EMB, "input": "x"})
     assert response.status_code == 401
