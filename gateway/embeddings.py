@@ -56,9 +56,7 @@ def parse_embeddings_request(body: dict[str, Any]) -> EmbeddingRequest:
     except ValidationError as exc:
         err = exc.errors()[0]
         param = ".".join(str(p) for p in err["loc"] if not is_type_tag(p)) or None
-        # the union's first branch speaks for all of them ("should be a valid string"): say the forms
-        msg = INPUT_FORMS if err["loc"][:1] == ("input",) else err["msg"]
-        raise ApiError(400, f"Invalid value for '{param}': {msg}", param=param, code="invalid_value") from None
+        raise ApiError(400, f"Invalid value for '{param}': {err['msg']}", param=param, code="invalid_value") from None
     items = separate_inputs(parsed.input)
     if not items or not all(items):
         raise ApiError(400, "Invalid value for 'input': an input may not be empty.", param="input",

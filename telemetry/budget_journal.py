@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import math
 import os
 import uuid
 from collections.abc import Callable
@@ -175,13 +176,13 @@ def replay(data: bytes) -> tuple[list[BudgetChange], int]:
             if rec[0] == "add":
                 _, token, key, expires, delta = rec
                 if token in changes:
-                    changes[token].delta += float(delta)
+                    changes[token].delta += _number(delta)
                 else:
-                    changes[token] = BudgetChange(str(token), False, (str(key),), (float(expires),), float(delta))
+                    changes[token] = BudgetChange(str(token), False, (str(key),), (_number(expires),), _number(delta))
             elif rec[0] == "put":
                 _, token, hold, keys, expires, delta, counted = rec
                 changes.setdefault(token, BudgetChange(str(token), bool(hold), tuple(map(str, keys)),
-                                                       tuple(map(float, expires)), float(delta), bool(counted)))
+                                                       tuple(map(_number, expires)), _number(delta), bool(counted)))
             elif rec[0] == "done":
                 changes.pop(rec[1], None)
             else:
@@ -190,6 +191,14 @@ def replay(data: bytes) -> tuple[list[BudgetChange], int]:
             bad += 1
     # A settle with nothing to add still frees its hold; a push of nothing is nothing.
     return [c for c in changes.values() if c.consumes_hold or abs(c.delta) > 1e-12], bad
+
+
+def _number(value) -> float:
+    """A journal's amount or expiry: a finite JSON number, as the journal's writer writes them. Anything
+    else (a string, "inf", NaN) is a line someone else wrote into data_dir: unreadable, not pushed."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"not a finite number: {value!r}")
+    return float(value)
 
 
 def _saved_change(row, token_for) -> BudgetChange:

@@ -1222,3 +1222,16 @@ def test_spend_a_late_settle_adds_after_shutdown_saved_the_journal_is_kept_too(t
     taker = LocalBudgets(BudgetJournal(tmp_path / "next"))
     assert take_over(tmp_path, lambda changes: taker.add_unsynced(changes, now), str) == []
     assert taker.unpushed_usd() == pytest.approx(1.5) and not list(tmp_path.glob("budget-unsynced-*"))
+
+
+def test_a_journal_line_with_an_amount_that_is_no_finite_number_is_unreadable():
+    """A journal's amounts and expiries are finite JSON numbers, as its writer writes them; a line with a
+    string, infinity or NaN there was planted in data_dir by someone else: unreadable, never pushed (an
+    infinite delta was taken as a change)."""
+    from telemetry.budget_journal import replay
+
+    planted = [b'["put","u",true,["k"],["inf"],"1e999",false]', b'["put","v",false,["k"],[0],"0.5",true]',
+               b'["add","w","k",0,1e999]', b'["put","x",false,["k"],[0],true,true]']
+    assert replay(b"\n".join(planted)) == ([], len(planted))
+    changes, bad = replay(b'["put","ok",false,["k"],[0],0.25,true]')
+    assert bad == 0 and [(c.token, c.delta) for c in changes] == [("ok", 0.25)]
