@@ -29,7 +29,10 @@ import aiohttp
 import orjson
 
 from gateway.effort import fit_claude_thinking, is_claude_api
-from gateway.litellm_calls import litellm_error, litellm_module
+from gateway.litellm_calls import (
+    claude_thinking, litellm_error, litellm_module, openai_reasoning_config, sends_embedding_dimensions,
+    supported_openai_params,
+)
 from gateway.prices import call_cost, resolve_prices
 from gateway.sse import EventTooLarge, read_events
 from gateway.upstream_errors import UpstreamError, http_error
@@ -238,8 +241,6 @@ class Backend:
         # OpenAI's API called directly for a reasoning model: litellm's knowledge of which of them refuse
         # which knobs is applied on the fast path too (litellm applies it on its own path)
         self.openai_reasoning = self.fast_path and provider == "openai" and bool(self.spec.reasoning)
-        self._reasoning_config: Any = None
-        self._supported_params: frozenset[str] | None = None  # litellm's list for the provider, once needed
         # Built once: aiohttp timeouts are immutable, and per-call construction shows on the hot path.
         self._timeout = aiohttp.ClientTimeout(total=self.spec.timeout_s, sock_connect=self.spec.connect_timeout_s)
         # A stream has no whole-call limit: a long answer that keeps flowing is not cut at timeout_s
@@ -320,14 +321,11 @@ class Backend:
             return body
         if "max_completion_tokens" in body:  # the limit the budget held (ChatRequest.max_output_tokens)
             knobs.pop("max_tokens", None)
-        litellm = litellm_module()
-        if self._reasoning_config is None:
-            self._reasoning_config = litellm.utils.ProviderConfigManager.get_provider_chat_config(
-                self.upstream_model, litellm.types.utils.LlmProviders.OPENAI)
-        if not isinstance(self._reasoning_config, (litellm.OpenAIOSeriesConfig, litellm.OpenAIGPT5Config)):
+        config = openai_reasoning_config(self.upstream_model)
+        if config is None:
             return body  # not one of OpenAI's reasoning models (a self-hosted one under `openai/`)
         effort = {"reasoning_effort": body["reasoning_effort"]} if "reasoning_effort" in body else {}
-        mapped = self._reasoning_config.map_openai_params(knobs, dict(effort), self.upstream_model, drop_params=True)
+        mapped = config.map_openai_params(knobs, dict(effort), self.upstream_model, drop_params=True)
         fitted = {key: value for key, value in body.items() if key not in OPENAI_REASONING_KNOBS}
         fitted.update({key: value for key, value in mapped.items() if key != "reasoning_effort"})
         return fitted
@@ -430,7 +428,7 @@ class Backend:
 
     async def _embed_litellm(self, body: dict[str, Any]) -> dict[str, Any]:
         params = {k: v for k, v in body.items() if k != "model"}
-        if params.get("dimensions") is not None and not self._litellm_sends_dimensions:
+        if params.get("dimensions") is not None and not sends_embedding_dimensions(self.spec.model):
             raise UpstreamError(self.name, 400, f"{self.name} ({self.spec.model}) cannot shorten its vectors, which "
                                                 f"'dimensions' asks for: leave 'dimensions' out, or ask a backend that can.",
                                 retryable=False, code="unsupported_parameter", param="dimensions")
@@ -440,8 +438,8 @@ class Backend:
         base64_asked = params.pop("encoding_format", None) == "base64"
         try:
             response = await litellm_module().aembedding(model=self.spec.model, api_base=self.spec.api_base,
-                                                   api_key=self._api_key(), timeout=self.spec.timeout_s,
-                                                   num_retries=0, **params)
+                                                         api_key=self._api_key(), timeout=self.spec.timeout_s,
+                                                         num_retries=0, **params)
         except Exception as exc:  # litellm maps every provider's errors onto its own classes
             raise litellm_error(self.name, exc) from None
         data = response.model_dump(exclude_none=True)
@@ -451,25 +449,11 @@ class Backend:
                     item["embedding"] = _float32_base64(item["embedding"])
         return data
 
-    @functools.cached_property
-    def _litellm_sends_dimensions(self) -> bool:
-        """Whether litellm sends an embedding's `dimensions` to this model (under its provider's name for
-        it). It drops it where its lists say the model has none (`drop_params`: Mistral, Fireworks, an
-        `openai/` model not named text-embedding-3), and the vectors then come back at full length, which
-        an app's index would refuse or, worse, store."""
-        provider = self.spec.model.partition("/")[0]
-        optional_params = litellm_module().utils.get_optional_params_embeddings
-        try:
-            return (optional_params(model=self.upstream_model, custom_llm_provider=provider, dimensions=256)
-                    != optional_params(model=self.upstream_model, custom_llm_provider=provider))
-        except Exception:  # a provider litellm cannot map: it is sent what it is asked, and answers for it
-            return True
-
     def _litellm_params(self, body: dict[str, Any], leave_out: tuple[str, ...]) -> dict[str, Any]:
         params = {k: v for k, v in body.items() if k not in leave_out}
         self._refuse_what_would_be_dropped(params)
         if self.claude:
-            params = fit_claude_thinking(params, self._claude_thinking(params))
+            params = fit_claude_thinking(params, claude_thinking(params, self.upstream_model))
         return params
 
     def _refuse_what_would_be_dropped(self, params: dict[str, Any]) -> None:
@@ -481,32 +465,14 @@ class Backend:
                  "audio": params.get("audio") or "audio" in (params.get("modalities") or ())}
         if not any(asked.values()):
             return
-        if self._supported_params is None:
-            provider = self.spec.model.partition("/")[0]
-            supported = litellm_module().get_supported_openai_params(model=self.upstream_model, custom_llm_provider=provider)
-            # a provider litellm has no list for: the upstream is sent what it is asked, and answers for it
-            self._supported_params = frozenset(supported if supported is not None else
-                                               (p for names in ANSWER_PARAMS.values() for p in names))
+        supported = supported_openai_params(self.spec.model)
         for name, wanted in asked.items():
-            # what litellm sends the provider for it: `logprobs`; `audio` or output `modalities`
-            if wanted and self._supported_params.isdisjoint(ANSWER_PARAMS[name]):
+            # what litellm sends the provider for it: `logprobs`; `audio` or output `modalities`. A provider
+            # litellm has no list for (None) is sent what it is asked, and answers for it.
+            if wanted and supported is not None and supported.isdisjoint(ANSWER_PARAMS[name]):
                 raise UpstreamError(self.name, 400, f"{self.name} ({self.spec.model}) cannot give {name}, which the "
                                                     f"request asks for: leave '{name}' out, or ask a backend that can.",
                                     retryable=False, code="unsupported_parameter", param=name)
-
-    def _claude_thinking(self, params: dict[str, Any]) -> dict[str, Any] | None:
-        """The thinking a call to Claude turns on: its own `thinking` block, else what litellm makes of
-        its `reasoning_effort` (litellm sends that budget whatever the call's max_tokens, and Anthropic
-        refuses one that is not below it)."""
-        if isinstance(params.get("thinking"), dict):
-            return params["thinking"]
-        effort = params.get("reasoning_effort")
-        if not isinstance(effort, str):
-            return None
-        try:
-            return litellm_module().AnthropicConfig.map_reasoning_effort(effort, self.upstream_model, "anthropic")
-        except Exception:  # a level litellm does not know: the call fails with litellm's own error
-            return None
 
     async def _complete_litellm(self, body: dict[str, Any]) -> dict[str, Any]:
         litellm = litellm_module()

@@ -3,6 +3,7 @@ imported once, offline and only when a backend needs it, and its exceptions mapp
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -29,6 +30,60 @@ def litellm_module():
     return _LITELLM
 
 
+# -- what litellm knows of a model (`model` as configured: provider/name) ----------------------------
+def _provider_and_name(model: str) -> tuple[str, str]:
+    provider, _, name = model.partition("/")
+    return provider, name or provider
+
+
+@functools.cache
+def supported_openai_params(model: str) -> frozenset[str] | None:
+    """The OpenAI parameters litellm sends this model's provider; None where it has no list for it."""
+    provider, name = _provider_and_name(model)
+    supported = litellm_module().get_supported_openai_params(model=name, custom_llm_provider=provider)
+    return frozenset(supported) if supported is not None else None
+
+
+@functools.cache
+def sends_embedding_dimensions(model: str) -> bool:
+    """Whether litellm sends an embedding's `dimensions` to this model (under its provider's name for
+    it). It drops it where its lists say the model has none (`drop_params`: Mistral, Fireworks, an
+    `openai/` model not named text-embedding-3), and the vectors then come back at full length, which
+    an app's index would refuse or, worse, store."""
+    provider, name = _provider_and_name(model)
+    optional_params = litellm_module().utils.get_optional_params_embeddings
+    try:
+        return (optional_params(model=name, custom_llm_provider=provider, dimensions=256)
+                != optional_params(model=name, custom_llm_provider=provider))
+    except Exception:  # a provider litellm cannot map: it is sent what it is asked, and answers for it
+        return True
+
+
+@functools.cache
+def openai_reasoning_config(name: str) -> Any:
+    """litellm's config of OpenAI's reasoning model `name` (o-series, gpt-5), which maps the knobs it
+    refuses; None for any other model (a self-hosted one under `openai/`)."""
+    litellm = litellm_module()
+    config = litellm.utils.ProviderConfigManager.get_provider_chat_config(name, litellm.types.utils.LlmProviders.OPENAI)
+    return config if isinstance(config, (litellm.OpenAIOSeriesConfig, litellm.OpenAIGPT5Config)) else None
+
+
+def claude_thinking(params: dict[str, Any], name: str) -> dict[str, Any] | None:
+    """The thinking a call to Claude model `name` turns on: its own `thinking` block, else what litellm
+    makes of its `reasoning_effort` (litellm sends that budget whatever the call's max_tokens, and
+    Anthropic refuses one that is not below it)."""
+    if isinstance(params.get("thinking"), dict):
+        return params["thinking"]
+    effort = params.get("reasoning_effort")
+    if not isinstance(effort, str):
+        return None
+    try:
+        return litellm_module().AnthropicConfig.map_reasoning_effort(effort, name, "anthropic")
+    except Exception:  # a level litellm does not know: the call fails with litellm's own error
+        return None
+
+
+# -- its errors -----------------------------------------------------------------------------------
 def litellm_error(backend: str, exc: Exception) -> UpstreamError:
     """A litellm exception (litellm maps every provider's errors onto its own classes) as an UpstreamError."""
     status = int(getattr(exc, "status_code", 0) or 0)
