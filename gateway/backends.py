@@ -437,9 +437,7 @@ class Backend:
         # one 0 or 1 a dimension, as the vector; Gemini's and others' drop it. Encoded here as OpenAI does.
         base64_asked = params.pop("encoding_format", None) == "base64"
         try:
-            response = await litellm_module().aembedding(model=self.spec.model, api_base=self.spec.api_base,
-                                                         api_key=self._api_key(), timeout=self.spec.timeout_s,
-                                                         num_retries=0, **params)
+            response = await litellm_module().aembedding(**self._litellm_target(), **params)
         except Exception as exc:  # litellm maps every provider's errors onto its own classes
             raise litellm_error(self.name, exc) from None
         data = response.model_dump(exclude_none=True)
@@ -478,20 +476,22 @@ class Backend:
         litellm = litellm_module()
         params = self._litellm_params(body, ("model", "stream", "stream_options"))
         try:
-            response = await litellm.acompletion(
-                model=self.spec.model, api_base=self.spec.api_base, api_key=self._api_key(),
-                timeout=self.spec.timeout_s, num_retries=0, **params,
-            )
+            response = await litellm.acompletion(**self._litellm_target(), **params)
         except Exception as exc:  # litellm maps every provider's errors onto its own classes
             raise litellm_error(self.name, exc) from None
         return response.model_dump(exclude_none=True)
 
-    def _api_key(self) -> str | None:
+    def _litellm_target(self) -> dict[str, Any]:
+        """What every litellm call of this backend is given: its model, endpoint and key, its timeout, and
+        no retries of litellm's own (gateway/calls.py decides those)."""
         if self.spec.api_key_env:
-            return os.environ.get(self.spec.api_key_env)
-        # A self-hosted endpoint with no key configured (as the fast path sends none): provider SDKs
-        # behind litellm refuse to call without some key, and such a server ignores it.
-        return "no-key" if self.spec.api_base else None
+            api_key = os.environ.get(self.spec.api_key_env)
+        else:
+            # A self-hosted endpoint with no key configured (as the fast path sends none): provider SDKs
+            # behind litellm refuse to call without some key, and such a server ignores it.
+            api_key = "no-key" if self.spec.api_base else None
+        return {"model": self.spec.model, "api_base": self.spec.api_base, "api_key": api_key,
+                "timeout": self.spec.timeout_s, "num_retries": 0}
 
     # -- streaming --------------------------------------------------------------------------
     async def stream(self, body: dict[str, Any],
@@ -570,9 +570,7 @@ class Backend:
         litellm = litellm_module()
         params = self._litellm_params(body, ("model",))
         try:
-            response = await litellm.acompletion(model=self.spec.model, api_base=self.spec.api_base,
-                                                 api_key=self._api_key(), timeout=self.spec.timeout_s,
-                                                 num_retries=0, **params)
+            response = await litellm.acompletion(**self._litellm_target(), **params)
             async for chunk in response:
                 parsed = chunk.model_dump(exclude_none=True)
                 yield orjson.dumps(parsed), parsed
