@@ -3,7 +3,9 @@
 Two transports behind one interface:
 - the fast path: OpenAI-compatible endpoints (OpenAI, vLLM, llama.cpp, ...) called directly over a
   shared aiohttp connection pool; litellm's per-call CPU cost (several ms) would dominate our overhead;
-- litellm for every other provider (Anthropic, Gemini, Bedrock, ...), imported only when needed.
+- litellm for every other provider (Anthropic, Gemini, Bedrock, ...), imported only when needed
+  (gateway/litellm_calls.py).
+Both raise UpstreamError for a failed call (gateway/upstream_errors.py).
 
 A backend never retries by itself: retries, cool-downs and fallbacks are decided in one place
 (gateway/calls.py) so a request's attempts are bounded as a whole.
@@ -17,7 +19,6 @@ import contextlib
 import functools
 import logging
 import os
-import re
 import struct
 import time
 from collections.abc import AsyncIterator
@@ -28,8 +29,13 @@ import aiohttp
 import orjson
 
 from gateway.effort import fit_claude_thinking, is_claude_api
+from gateway.litellm_calls import (
+    claude_thinking, litellm_error, litellm_module, openai_reasoning_config, sends_embedding_dimensions,
+    supported_openai_params,
+)
 from gateway.prices import call_cost, resolve_prices
 from gateway.sse import EventTooLarge, read_events
+from gateway.upstream_errors import UpstreamError, http_error
 from policies.backends import BackendSpec
 from policies.loader import resolve_max_context, resolve_max_output
 from router.estimates import estimate_input_tokens, estimate_prompt_tokens
@@ -37,11 +43,6 @@ from router.estimates import estimate_input_tokens, estimate_prompt_tokens
 log = logging.getLogger("ponder.backends")
 
 FAST_PATH_PROVIDERS = {"openai", "hosted_vllm", "llamacpp", "lm_studio"}
-# Upstream statuses that are about the request itself: passed on to the client as they are, never
-# retried, and no mark against the backend's health.
-REQUEST_ERRORS = frozenset({400, 404, 413, 422})
-# OpenAI's codes for a parameter (or value) the model does not take: another backend's may take it
-MODEL_REFUSALS = frozenset({"unsupported_parameter", "unsupported_value"})
 # Sampling knobs, and the old name of the output limit, that OpenAI's reasoning models (o-series, gpt-5)
 # refuse with a 400 or take under another name: what litellm maps for them is sent (Backend._fit_openai_reasoning)
 OPENAI_REASONING_KNOBS = ("max_tokens", "temperature", "top_p", "presence_penalty", "frequency_penalty")
@@ -95,42 +96,6 @@ class CallRecord:
             "ok": self.ok,
             "error": self.error,
         }
-
-
-class UpstreamError(Exception):
-    """A failed upstream call. `status` is what the client would see if nothing else can serve it."""
-
-    def __init__(self, backend: str, status: int, message: str, *, retryable: bool,
-                 retry_after: float | None = None, code: str | None = None, param: str | None = None,
-                 upstream_status: int | None = None, cut: bool = False) -> None:
-        super().__init__(message)
-        self.backend = backend
-        self.status = status
-        self.message = message
-        self.retryable = retryable
-        self.retry_after = retry_after
-        self.code = code  # the client's error code, when more precise than upstream_error
-        self.param = param  # the request field the error is about, when the upstream named one
-        # the HTTP status the upstream refused the call with; None when it did not answer with one
-        # (no answer, or a stream it accepted and then broke)
-        self.upstream_status = upstream_status
-        # the upstream had the whole request and was answering when the gateway stopped waiting (a
-        # timeout): a cut call, billed as one (Backend.cut), not a failure that cost nothing
-        self.cut = cut
-
-    @property
-    def about_request(self) -> bool:
-        """The upstream refused the request itself (400, 404, 413, 422): every backend would refuse it
-        alike, so no fallback arm is sent it. Other failures a call is not retried for (a 401 for the
-        backend's key) are the backend's, and another backend may serve; so may a 400 for a parameter
-        this model does not take (`logprobs` of a reasoning model, of Claude), which another takes."""
-        return self.refuses_body and self.code not in MODEL_REFUSALS
-
-    @property
-    def refuses_body(self) -> bool:
-        """The upstream refused what it was sent (a 4xx about the request or a parameter of it): every
-        call of that body to this backend would fail alike, so none is made again."""
-        return self.status in REQUEST_ERRORS
 
 
 @dataclass(slots=True)
@@ -288,8 +253,6 @@ class Backend:
         # OpenAI's API called directly for a reasoning model: litellm's knowledge of which of them refuse
         # which knobs is applied on the fast path too (litellm applies it on its own path)
         self.openai_reasoning = self.fast_path and provider == "openai" and bool(self.spec.reasoning)
-        self._reasoning_config: Any = None
-        self._supported_params: frozenset[str] | None = None  # litellm's list for the provider, once needed
         # Built once: aiohttp timeouts are immutable, and per-call construction shows on the hot path.
         self._timeout = aiohttp.ClientTimeout(total=self.spec.timeout_s, sock_connect=self.spec.connect_timeout_s)
         # A stream has no whole-call limit: a long answer that keeps flowing is not cut at timeout_s
@@ -370,14 +333,11 @@ class Backend:
             return body
         if "max_completion_tokens" in body:  # the limit the budget held (ChatRequest.max_output_tokens)
             knobs.pop("max_tokens", None)
-        if self._reasoning_config is None:
-            litellm = _litellm()
-            self._reasoning_config = litellm.utils.ProviderConfigManager.get_provider_chat_config(
-                self.upstream_model, litellm.types.utils.LlmProviders.OPENAI)
-        if not isinstance(self._reasoning_config, (_litellm().OpenAIOSeriesConfig, _litellm().OpenAIGPT5Config)):
+        config = openai_reasoning_config(self.upstream_model)
+        if config is None:
             return body  # not one of OpenAI's reasoning models (a self-hosted one under `openai/`)
         effort = {"reasoning_effort": body["reasoning_effort"]} if "reasoning_effort" in body else {}
-        mapped = self._reasoning_config.map_openai_params(knobs, dict(effort), self.upstream_model, drop_params=True)
+        mapped = config.map_openai_params(knobs, dict(effort), self.upstream_model, drop_params=True)
         fitted = {key: value for key, value in body.items() if key not in OPENAI_REASONING_KNOBS}
         fitted.update({key: value for key, value in mapped.items() if key != "reasoning_effort"})
         return fitted
@@ -430,7 +390,7 @@ class Backend:
                                          timeout=self._timeout) as resp:
                 raw = await resp.read()
                 if resp.status >= 400:
-                    raise self._http_error(resp.status, raw, resp.headers.get("Retry-After"))
+                    raise http_error(self.name, resp.status, raw, resp.headers.get("Retry-After"))
         except aiohttp.ConnectionTimeoutError:  # never connected: nothing was sent, nothing to bill
             raise UpstreamError(self.name, 504, f"{self.name}: upstream connection timed out", retryable=True) from None
         except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
@@ -481,7 +441,7 @@ class Backend:
     async def _embed_litellm(self, body: dict[str, Any]) -> dict[str, Any]:
         params = {k: v for k, v in body.items() if k != "model"}
         self._refuse_litellm_options(params)
-        if params.get("dimensions") is not None and not self._litellm_sends_dimensions:
+        if params.get("dimensions") is not None and not sends_embedding_dimensions(self.spec.model):
             raise UpstreamError(self.name, 400, f"{self.name} ({self.spec.model}) cannot shorten its vectors, which "
                                                 f"'dimensions' asks for: leave 'dimensions' out, or ask a backend that can.",
                                 retryable=False, code="unsupported_parameter", param="dimensions")
@@ -490,11 +450,9 @@ class Backend:
         # one 0 or 1 a dimension, as the vector; Gemini's and others' drop it. Encoded here as OpenAI does.
         base64_asked = params.pop("encoding_format", None) == "base64"
         try:
-            response = await _litellm().aembedding(model=self.spec.model, api_base=self.spec.api_base,
-                                                   api_key=self._api_key(), timeout=self.spec.timeout_s,
-                                                   num_retries=0, **params)
+            response = await litellm_module().aembedding(**self._litellm_target(), **params)
         except Exception as exc:  # litellm maps every provider's errors onto its own classes
-            raise _litellm_error(self.name, exc) from None
+            raise litellm_error(self.name, exc) from None
         data = response.model_dump(exclude_none=True)
         if base64_asked:
             for item in data.get("data") or ():
@@ -502,42 +460,12 @@ class Backend:
                     item["embedding"] = _float32_base64(item["embedding"])
         return data
 
-    @functools.cached_property
-    def _litellm_sends_dimensions(self) -> bool:
-        """Whether litellm sends an embedding's `dimensions` to this model (under its provider's name for
-        it). It drops it where its lists say the model has none (`drop_params`: Mistral, Fireworks, an
-        `openai/` model not named text-embedding-3), and the vectors then come back at full length, which
-        an app's index would refuse or, worse, store."""
-        provider = self.spec.model.partition("/")[0]
-        optional_params = _litellm().utils.get_optional_params_embeddings
-        try:
-            return (optional_params(model=self.upstream_model, custom_llm_provider=provider, dimensions=256)
-                    != optional_params(model=self.upstream_model, custom_llm_provider=provider))
-        except Exception:  # a provider litellm cannot map: it is sent what it is asked, and answers for it
-            return True
-
-    def _http_error(self, status: int, raw: bytes, retry_after: str | None) -> UpstreamError:
-        try:
-            error = orjson.loads(raw)["error"]
-            message = error["message"]
-        except Exception:  # any shape: the upstream's body is only informative
-            error, message = None, raw[:500].decode("utf-8", "replace")
-        retryable = status == 429 or status >= 500 or status == 408
-        client_status = status if status in REQUEST_ERRORS else (429 if status == 429 else 502)
-        code, param = _passed_on(client_status, error)
-        if code is None and client_status == 400 and _says_context_exceeded(str(message)):
-            code, param = "context_length_exceeded", param or "messages"
-        wait = _seconds(retry_after) or _google_retry_delay(raw.decode("utf-8", "replace"))
-        return UpstreamError(self.name, client_status, f"{self.name}: upstream {status}: {message}",
-                             retryable=retryable, retry_after=wait, code=code, param=param,
-                             upstream_status=status)
-
     def _litellm_params(self, body: dict[str, Any], leave_out: tuple[str, ...]) -> dict[str, Any]:
         params = {k: v for k, v in body.items() if k not in leave_out}
         self._refuse_litellm_options(params)
         self._refuse_what_would_be_dropped(params)
         if self.claude:
-            params = fit_claude_thinking(params, self._claude_thinking(params))
+            params = fit_claude_thinking(params, claude_thinking(params, self.upstream_model))
         return params
 
     def _refuse_litellm_options(self, params: dict[str, Any]) -> None:
@@ -558,51 +486,35 @@ class Backend:
                  "audio": params.get("audio") or "audio" in (params.get("modalities") or ())}
         if not any(asked.values()):
             return
-        if self._supported_params is None:
-            provider = self.spec.model.partition("/")[0]
-            supported = _litellm().get_supported_openai_params(model=self.upstream_model, custom_llm_provider=provider)
-            # a provider litellm has no list for: the upstream is sent what it is asked, and answers for it
-            self._supported_params = frozenset(supported if supported is not None else
-                                               (p for names in ANSWER_PARAMS.values() for p in names))
+        supported = supported_openai_params(self.spec.model)
         for name, wanted in asked.items():
-            # what litellm sends the provider for it: `logprobs`; `audio` or output `modalities`
-            if wanted and self._supported_params.isdisjoint(ANSWER_PARAMS[name]):
+            # what litellm sends the provider for it: `logprobs`; `audio` or output `modalities`. A provider
+            # litellm has no list for (None) is sent what it is asked, and answers for it.
+            if wanted and supported is not None and supported.isdisjoint(ANSWER_PARAMS[name]):
                 raise UpstreamError(self.name, 400, f"{self.name} ({self.spec.model}) cannot give {name}, which the "
                                                     f"request asks for: leave '{name}' out, or ask a backend that can.",
                                     retryable=False, code="unsupported_parameter", param=name)
 
-    def _claude_thinking(self, params: dict[str, Any]) -> dict[str, Any] | None:
-        """The thinking a call to Claude turns on: its own `thinking` block, else what litellm makes of
-        its `reasoning_effort` (litellm sends that budget whatever the call's max_tokens, and Anthropic
-        refuses one that is not below it)."""
-        if isinstance(params.get("thinking"), dict):
-            return params["thinking"]
-        effort = params.get("reasoning_effort")
-        if not isinstance(effort, str):
-            return None
-        try:
-            return _litellm().AnthropicConfig.map_reasoning_effort(effort, self.upstream_model, "anthropic")
-        except Exception:  # a level litellm does not know: the call fails with litellm's own error
-            return None
-
     async def _complete_litellm(self, body: dict[str, Any]) -> dict[str, Any]:
-        litellm = _litellm()
+        litellm = litellm_module()
         params = self._litellm_params(body, ("model", "stream", "stream_options"))
         try:
-            response = await litellm.acompletion(
-                model=self.spec.model, api_base=self.spec.api_base, api_key=self._api_key(),
-                timeout=self.spec.timeout_s, num_retries=0, **params,
-            )
+            response = await litellm.acompletion(**self._litellm_target(), **params)
         except Exception as exc:  # litellm maps every provider's errors onto its own classes
-            raise _litellm_error(self.name, exc) from None
+            raise litellm_error(self.name, exc) from None
         return response.model_dump(exclude_none=True)
 
-    def _api_key(self) -> str | None:
+    def _litellm_target(self) -> dict[str, Any]:
+        """What every litellm call of this backend is given: its model, endpoint and key, its timeout, and
+        no retries of litellm's own (gateway/calls.py decides those)."""
         if self.spec.api_key_env:
-            return os.environ.get(self.spec.api_key_env)
-        # A self-hosted endpoint with no key configured (as the fast path sends none): provider SDKs
-        # behind litellm refuse to call without some key, and such a server ignores it.
-        return "no-key" if self.spec.api_base else None
+            api_key = os.environ.get(self.spec.api_key_env)
+        else:
+            # A self-hosted endpoint with no key configured (as the fast path sends none): provider SDKs
+            # behind litellm refuse to call without some key, and such a server ignores it.
+            api_key = "no-key" if self.spec.api_base else None
+        return {"model": self.spec.model, "api_base": self.spec.api_base, "api_key": api_key,
+                "timeout": self.spec.timeout_s, "num_retries": 0}
 
     # -- streaming --------------------------------------------------------------------------
     async def stream(self, body: dict[str, Any],
@@ -641,7 +553,7 @@ class Backend:
             async with self.session.post(self.url, data=orjson.dumps(self._payload(body)),
                                          headers=self._headers(), timeout=self._stream_timeout) as resp:
                 if resp.status >= 400:
-                    raise self._http_error(resp.status, await resp.read(), resp.headers.get("Retry-After"))
+                    raise http_error(self.name, resp.status, await resp.read(), resp.headers.get("Retry-After"))
                 protocol = resp.connection.protocol if resp.connection is not None else None
                 async with contextlib.aclosing(read_events(resp.content.iter_any(), MAX_EVENT_BYTES)) as events:
                     async for payload in events:
@@ -678,19 +590,17 @@ class Backend:
         return parsed
 
     async def _stream_litellm(self, body: dict[str, Any]) -> AsyncIterator[tuple[bytes, dict | None]]:
-        litellm = _litellm()
+        litellm = litellm_module()
         params = self._litellm_params(body, ("model",))
         try:
-            response = await litellm.acompletion(model=self.spec.model, api_base=self.spec.api_base,
-                                                 api_key=self._api_key(), timeout=self.spec.timeout_s,
-                                                 num_retries=0, **params)
+            response = await litellm.acompletion(**self._litellm_target(), **params)
             async for chunk in response:
                 parsed = chunk.model_dump(exclude_none=True)
                 yield orjson.dumps(parsed), parsed
         except UpstreamError:
             raise
         except Exception as exc:
-            raise _litellm_error(self.name, exc) from None
+            raise litellm_error(self.name, exc) from None
 
 
 def _needs_basic(message: dict[str, Any]) -> bool:
@@ -721,49 +631,6 @@ def _basic_message(backend: str, message: dict[str, Any]) -> dict[str, Any]:
                                 retryable=False, code="unsupported_content")
         texts.append(str(part.get("text") or ""))
     return {**message, "content": "\n".join(texts)}
-
-
-def _passed_on(client_status: int, error: Any) -> tuple[str | None, str | None]:
-    """The upstream's `code` and `param` of an error the client gets with the upstream's own status
-    (a request error, a rate limit): apps branch on them (`context_length_exceeded` -> trim the
-    history, `content_filter`, `insufficient_quota`). A 5xx becomes our 502, with our code."""
-    if (client_status not in REQUEST_ERRORS and client_status != 429) or not isinstance(error, dict):
-        return None, None
-    code, param = error.get("code"), error.get("param")
-    return (code if isinstance(code, str) and code else None), (param if isinstance(param, str) and param else None)
-
-
-# How OpenAI-compatible servers word a prompt over the model's window when their error has no string
-# `code` (vLLM's and llama.cpp's `code` is the HTTP status): vLLM ("This model's maximum context length
-# is ...", "The decoder prompt ... is longer than the maximum model length"), SGLang, llama.cpp's server.
-# litellm knows these phrases too, but the fast path does not import it.
-CONTEXT_EXCEEDED_PHRASES = ("maximum context length", "longer than the maximum model length",
-                            "longer than the model's context length", "exceeds the available context size")
-
-
-def _says_context_exceeded(message: str) -> bool:
-    message = message.lower()
-    return any(phrase in message for phrase in CONTEXT_EXCEEDED_PHRASES)
-
-
-def _seconds(value: str | None) -> float | None:
-    try:
-        return max(0.0, float(value)) if value else None
-    except ValueError:
-        return None
-
-
-# Google's APIs (Gemini, Vertex AI) send no Retry-After: a 429's wait is in the error body's RetryInfo
-# detail, a protobuf Duration such as "7s" or "0.5s"
-_GOOGLE_RETRY_DELAY = re.compile(r'"retryDelay"\s*:\s*"(\d+(?:\.\d+)?)s"')
-
-
-def _google_retry_delay(text: str) -> float | None:
-    match = _GOOGLE_RETRY_DELAY.search(text)
-    return float(match.group(1)) if match else None
-
-
-_LITELLM = None
 
 
 def output_limit(body: dict[str, Any]) -> int | None:
@@ -812,11 +679,6 @@ def text_content(message: Any) -> bool:
     return True
 
 
-def import_litellm() -> None:
-    """Import litellm now (seconds), not at a backend's first call (service.Gateway starts with it)."""
-    _litellm()
-
-
 def _float32_base64(vector: list[float]) -> str:
     """A vector as OpenAI's `encoding_format: "base64"` writes it: little-endian float32s, base64."""
     return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
@@ -824,52 +686,5 @@ def _float32_base64(vector: list[float]) -> str:
 
 @functools.cache
 def _litellm_options() -> frozenset[str]:
-    return frozenset(LITELLM_OPTIONS | set(_litellm().types.utils.all_litellm_params)) - OPENAI_FIELDS_LITELLM_READS
-
-
-def _litellm():
-    """Import litellm once, offline: its cost map is bundled, and it must not phone home."""
-    global _LITELLM
-    if _LITELLM is None:
-        os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-        import litellm
-
-        litellm.suppress_debug_info = True
-        litellm.drop_params = True  # a knob one provider lacks must not fail the call
-        _LITELLM = litellm
-    return _LITELLM
-
-
-def _litellm_error(backend: str, exc: Exception) -> UpstreamError:
-    status = int(getattr(exc, "status_code", 0) or 0)
-    message = str(getattr(exc, "message", None) or exc)[:500]
-    if "Timeout" in type(exc).__name__:
-        return UpstreamError(backend, 504, f"{backend}: upstream timed out", retryable=True, cut=True)
-    retryable = status in (0, 408, 429) or status >= 500
-    client_status = status if status in REQUEST_ERRORS or status == 429 else 502
-    # litellm keeps the upstream's error body only as text in its message (Google's RetryInfo with it)
-    retry_after = _seconds(_litellm_headers(exc).get("retry-after")) or _google_retry_delay(str(exc))
-    body = getattr(exc, "body", None)
-    error = dict(body) if isinstance(body, dict) else {}
-    if not error.get("code") and type(exc).__name__ in _LITELLM_CODES:
-        # litellm names these alike for every provider, and does not always keep the upstream's body
-        error["code"] = _LITELLM_CODES[type(exc).__name__]
-    code, param = _passed_on(client_status, error)
-    return UpstreamError(backend, client_status, f"{backend}: {message}", retryable=retryable, retry_after=retry_after,
-                         code=code, param=param)
-
-
-def _litellm_headers(exc: Exception) -> Any:
-    """The upstream's response headers of a litellm error. litellm keeps them on
-    `litellm_response_headers`; its `response` has them only for some providers (for Anthropic's 429 it
-    is a stand-in with none, which lost the upstream's Retry-After)."""
-    for headers in (getattr(exc, "litellm_response_headers", None),
-                    getattr(getattr(exc, "response", None), "headers", None)):
-        if headers:
-            return headers
-    return {}
-
-
-# OpenAI's codes for the errors litellm maps every provider's own onto
-_LITELLM_CODES = {"ContextWindowExceededError": "context_length_exceeded",
-                  "ContentPolicyViolationError": "content_filter"}
+    """The names litellm takes as its own call options, less OpenAI's fields it also reads."""
+    return frozenset(LITELLM_OPTIONS | set(litellm_module().types.utils.all_litellm_params)) - OPENAI_FIELDS_LITELLM_READS

@@ -163,7 +163,7 @@ class KeyBudgets:
 
 def _spent_out(left_by_period: dict[str, float], need_usd: float, held_usd: float) -> list[str]:
     """The periods with less left than `need_usd` even once this process's holds in flight (`held_usd`)
-    are returned: the ones worth waiting for. None: only the holds stand in the way (`_budget_held`)."""
+    are returned: the ones worth waiting for. Empty: only the holds stand in the way (`_budget_held`)."""
     return [period for period, left in left_by_period.items() if left + held_usd < need_usd]
 
 

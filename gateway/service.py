@@ -19,13 +19,14 @@ from typing import Any
 import aiohttp
 
 from gateway.auth import KeyRing, Principal
-from gateway.backends import Backend, CallRecord, UpstreamError, import_litellm
+from gateway.backends import Backend, CallRecord, UpstreamError
 from gateway.calls import Caller, upstream_to_api_error
 from gateway.config import LOCAL_BACKEND_NAME, ConfigError, GatewayConfig
 from gateway.cost_bounds import arms_within, held_prompt_tokens, plan_worst_case_usd, with_output_caps
 from gateway.effort import effective_effort
 from gateway.errors import ApiError
 from gateway.key_budgets import KeyBudgets
+from gateway.litellm_calls import import_litellm
 from gateway.local_model import LocalModelError, LocalModelServer, check_local_model
 from gateway.metrics import Metrics
 from gateway.policy_watch import PolicySet

@@ -149,20 +149,32 @@ def next_behaviour() -> str:
     return "ok"
 
 
+async def delayed_behaviour() -> tuple[str, web.Response | None]:
+    """The next request's behaviour, once `delay_ms` has passed, with what every endpoint does alike for
+    it: the error answer of a 500 or a 429, or `hang_s` waited for a hang (then answered as usual)."""
+    behaviour = next_behaviour()
+    if STATE["delay_ms"]:
+        await asyncio.sleep(STATE["delay_ms"] / 1000)
+    if behaviour == "500":
+        return behaviour, web.json_response({"error": {"message": "mock upstream failure", "type": "server_error"}},
+                                            status=500)
+    if behaviour == "429":
+        return behaviour, web.json_response({"error": {"message": "slow down", "type": "rate_limit"}}, status=429,
+                                            headers={"Retry-After": "1"})
+    if behaviour == "hang":
+        await asyncio.sleep(STATE["hang_s"])
+    return behaviour, None
+
+
 async def chat(request: web.Request) -> web.StreamResponse:
     raw = await request.read()
     body = orjson.loads(raw)
     record(STATE, bodies=body, raw_bodies=raw.decode())
     if (refusal := reasoning_model_refusal(body)) is not None:
         return web.json_response({"error": refusal}, status=400)
-    behaviour = next_behaviour()
-    if STATE["delay_ms"]:
-        await asyncio.sleep(STATE["delay_ms"] / 1000)
-    if behaviour == "500":
-        return web.json_response({"error": {"message": "mock upstream failure", "type": "server_error"}}, status=500)
-    if behaviour == "429":
-        return web.json_response({"error": {"message": "slow down", "type": "rate_limit"}}, status=429,
-                                 headers={"Retry-After": "1"})
+    behaviour, failure = await delayed_behaviour()
+    if failure is not None:
+        return failure
     if behaviour == "429_google":  # Gemini's OpenAI-compatible endpoint: no Retry-After, the wait in RetryInfo
         return web.json_response([{"error": {
             "code": 429, "message": "You exceeded your current quota.", "status": "RESOURCE_EXHAUSTED",
@@ -189,8 +201,6 @@ async def chat(request: web.Request) -> web.StreamResponse:
         return web.json_response({"id": "mock-empty", "object": "chat.completion", "model": body.get("model"),
                                   "choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 0,
                                                            "total_tokens": 1}})
-    if behaviour == "hang":
-        await asyncio.sleep(STATE["hang_s"])
     if behaviour == "reset":
         request.transport.close()
         return web.Response()
@@ -244,16 +254,9 @@ async def embeddings(request: web.Request) -> web.Response:
     raw = await request.read()
     body = orjson.loads(raw)
     record(STATE, bodies=body, raw_bodies=raw.decode())
-    behaviour = next_behaviour()
-    if STATE["delay_ms"]:
-        await asyncio.sleep(STATE["delay_ms"] / 1000)
-    if behaviour == "500":
-        return web.json_response({"error": {"message": "mock upstream failure", "type": "server_error"}}, status=500)
-    if behaviour == "429":
-        return web.json_response({"error": {"message": "slow down", "type": "rate_limit"}}, status=429,
-                                 headers={"Retry-After": "1"})
-    if behaviour == "hang":
-        await asyncio.sleep(STATE["hang_s"])
+    behaviour, failure = await delayed_behaviour()
+    if failure is not None:
+        return failure
     inputs = body["input"]
     items = [inputs] if isinstance(inputs, str) or isinstance(inputs[0], int) else inputs
     dimensions = body.get("dimensions") or EMBEDDING_DIMENSIONS

@@ -347,6 +347,14 @@ def test_a_request_outlasting_the_shutdown_grace_gets_a_503_and_is_settled(share
         admin.stop()
 
 
+def capped_key(key_id: str) -> tuple[str, dict, str]:
+    """A key of a test's own, capped at CAP a day: its secret, the gateway config that has it, and its
+    budget's day counter in Redis."""
+    key = f"sk-scale-{key_id}"
+    config = {"api_keys": [{"id": key_id, "sha256": sha(key), "budget_usd_per_day": CAP}]}
+    return key, config, f"ponder:{{budget:{key_id}}}:day:{time.strftime('%Y%m%d', time.gmtime())}"
+
+
 def _spent(gw, key_id: str) -> float:
     keys = httpx.get(gw.url + "/v1/ponder/spend", headers=auth(), timeout=10).json()["keys"]
     return next((k["spent"].get("day", 0.0) for k in keys if k["key_id"] == key_id), 0.0)
@@ -356,9 +364,7 @@ def test_budget_spent_while_redis_is_away_survives_a_sigterm(shared, r):
     """Redis hangs (SIGSTOP), the gateway keeps answering a capped key from its in-process ledger, and
     is then shut down (SIGTERM) while Redis is still away: the spend it could not push is saved in its
     data directory, and the next start pushes it, so the key cannot overspend by it after a restart."""
-    key = "sk-scale-outage"
-    config = {"api_keys": [{"id": "outage", "sha256": sha(key), "budget_usd_per_day": CAP}]}
-    counter = f"ponder:{{budget:outage}}:day:{time.strftime('%Y%m%d', time.gmtime())}"
+    key, config, counter = capped_key("outage")
     gw = shared["gateway"]("outage", **config)
     redis_pid = shared["redis"].pid
     try:
@@ -401,9 +407,7 @@ def test_budget_spent_while_redis_is_away_survives_a_sigkill(shared, r):
     """A replica killed (SIGKILL: no shutdown runs) while Redis is away has journaled the spend it
     admitted locally; the next start on its data directory pushes it, once: a later restart pushes
     nothing more, so the key can neither overspend by it nor be charged twice."""
-    key = "sk-scale-killed"
-    config = {"api_keys": [{"id": "killed", "sha256": sha(key), "budget_usd_per_day": CAP}]}
-    counter = f"ponder:{{budget:killed}}:day:{time.strftime('%Y%m%d', time.gmtime())}"
+    key, config, counter = capped_key("killed")
     data = shared["tmp"] / "killed-data"
     gw = shared["gateway"]("killed", **config)
     redis_pid = shared["redis"].pid
@@ -431,11 +435,9 @@ def test_a_running_replica_pushes_what_a_replica_killed_beside_it_journaled(shar
     """Two replicas on one data directory (a shared volume); one is SIGKILLed while Redis is away and
     never restarted (scaled down). The survivor takes its journal over and pushes the spend once Redis
     is back, without waiting for a start: the key could spend it again meanwhile."""
-    key = "sk-scale-survivor"
-    config = {"api_keys": [{"id": "survivor", "sha256": sha(key), "budget_usd_per_day": CAP}],
-              "telemetry": {"redis_url": shared["redis"].url, "refresh_s": 0.2,
-                            "data_dir": str(shared["tmp"] / "shared-volume")}}
-    counter = f"ponder:{{budget:survivor}}:day:{time.strftime('%Y%m%d', time.gmtime())}"
+    key, config, counter = capped_key("survivor")
+    config["telemetry"] = {"redis_url": shared["redis"].url, "refresh_s": 0.2,
+                           "data_dir": str(shared["tmp"] / "shared-volume")}
     survivor = shared["gateway"]("survivor", **config)
     dying = shared["gateway"]("dying", **config)
     redis_pid = shared["redis"].pid
@@ -455,13 +457,12 @@ def test_a_running_replica_pushes_what_a_replica_killed_beside_it_journaled(shar
         dying.stop()
         survivor.stop()
 
+
 def test_budget_saved_at_shutdown_survives_a_start_while_redis_is_still_away(shared, r):
     """The start that takes the spend an earlier replica saved cannot push it (Redis still away) and is
     killed: the spend is not lost with it. The one after, with Redis back, pushes it once, and a
     replica that starts while Redis is away counts it against the key's cap."""
-    key = "sk-scale-restart"
-    config = {"api_keys": [{"id": "restart", "sha256": sha(key), "budget_usd_per_day": CAP}]}
-    counter = f"ponder:{{budget:restart}}:day:{time.strftime('%Y%m%d', time.gmtime())}"
+    key, config, counter = capped_key("restart")
     gw = shared["gateway"]("restart", **config)
     redis_pid = shared["redis"].pid
     try:

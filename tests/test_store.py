@@ -1121,6 +1121,17 @@ def test_a_reservation_whose_reply_is_lost_is_not_charged_twice(redis_url, tmp_p
     run(go())
 
 
+async def assert_the_next_start_pushes_all(redis_url: str, data_dir, client, counter: str, spent: float) -> None:
+    """A store started on `data_dir` takes over the budget changes saved there and pushes them: none is
+    left unsynced or on disk, and Redis's `counter` holds `spent`."""
+    store = await open_store(redis_url, data_dir)
+    try:
+        assert store.health()["unsynced_budget_usd"] == 0 and not list(data_dir.glob("budget-unsynced-*"))
+        assert float(await client.get(counter)) == pytest.approx(spent)
+    finally:
+        await store.close()
+
+
 def test_a_settle_in_doubt_at_shutdown_is_saved_and_applied_once_by_the_next_start(redis_url, tmp_path):
     """A settle whose reply is lost just before shutdown is saved with its hold, and the next start
     sends it again: applied once whether or not Redis had applied it. A file an older version saved
@@ -1136,11 +1147,8 @@ def test_a_settle_in_doubt_at_shutdown_is_saved_and_applied_once_by_the_next_sta
         old = tmp_path / "budget-unsynced-1-old.json"
         old.write_bytes(json.dumps([[res.keys[0], 0.1, time.time() + 3600]]).encode())
         try:
-            store = await open_store(redis_url, tmp_path)
-            assert store.health()["unsynced_budget_usd"] == 0 and not list(tmp_path.glob("budget-unsynced-*"))
-            assert float(await client.get(res.keys[0])) == pytest.approx(0.5)
+            await assert_the_next_start_pushes_all(redis_url, tmp_path, client, res.keys[0], 0.5)
         finally:
-            await store.close()
             await client.aclose()
 
     run(go())
@@ -1166,12 +1174,9 @@ def test_a_journaled_change_pushed_just_before_a_crash_is_not_applied_twice(redi
         finally:
             await store.close()
         (tmp_path / "budget-unsynced-1-dead.jsonl").write_bytes(as_at_the_crash)  # no process holds it
-        store = await open_store(redis_url, tmp_path)
         try:
-            assert store.health()["unsynced_budget_usd"] == 0 and not list(tmp_path.glob("budget-unsynced-*"))
-            assert float(await client.get(res.keys[0])) == pytest.approx(0.25)
+            await assert_the_next_start_pushes_all(redis_url, tmp_path, client, res.keys[0], 0.25)
         finally:
-            await store.close()
             await client.aclose()
 
     run(go())

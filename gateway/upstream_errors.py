@@ -1,0 +1,112 @@
+"""Upstream errors: a failed call as UpstreamError, with what the client sees of it (status, OpenAI's
+`code` and `param`) and what the retries need (retryable, the wait an upstream asked for).
+
+Shared by both transports of gateway/backends.py: the fast path's HTTP answers (http_error) and
+litellm's exceptions (gateway/litellm_calls.py).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import orjson
+
+# Upstream statuses that are about the request itself: passed on to the client as they are, never
+# retried, and no mark against the backend's health.
+REQUEST_ERRORS = frozenset({400, 404, 413, 422})
+# OpenAI's codes for a parameter (or value) the model does not take: another backend's may take it
+MODEL_REFUSALS = frozenset({"unsupported_parameter", "unsupported_value"})
+
+class UpstreamError(Exception):
+    """A failed upstream call. `status` is what the client would see if nothing else can serve it."""
+
+    def __init__(self, backend: str, status: int, message: str, *, retryable: bool,
+                 retry_after: float | None = None, code: str | None = None, param: str | None = None,
+                 upstream_status: int | None = None, cut: bool = False) -> None:
+        super().__init__(message)
+        self.backend = backend
+        self.status = status
+        self.message = message
+        self.retryable = retryable
+        self.retry_after = retry_after
+        self.code = code  # the client's error code, when more precise than upstream_error
+        self.param = param  # the request field the error is about, when the upstream named one
+        # the HTTP status the upstream refused the call with; None when it did not answer with one
+        # (no answer, or a stream it accepted and then broke)
+        self.upstream_status = upstream_status
+        # the upstream had the whole request and was answering when the gateway stopped waiting (a
+        # timeout): a cut call, billed as one (Backend.cut), not a failure that cost nothing
+        self.cut = cut
+
+    @property
+    def about_request(self) -> bool:
+        """The upstream refused the request itself (400, 404, 413, 422): every backend would refuse it
+        alike, so no fallback arm is sent it. Other failures a call is not retried for (a 401 for the
+        backend's key) are the backend's, and another backend may serve; so may a 400 for a parameter
+        this model does not take (`logprobs` of a reasoning model, of Claude), which another takes."""
+        return self.refuses_body and self.code not in MODEL_REFUSALS
+
+    @property
+    def refuses_body(self) -> bool:
+        """The upstream refused what it was sent (a 4xx about the request or a parameter of it): every
+        call of that body to this backend would fail alike, so none is made again."""
+        return self.status in REQUEST_ERRORS
+
+
+def http_error(backend: str, status: int, raw: bytes, retry_after: str | None) -> UpstreamError:
+    """An upstream's HTTP error answer (the fast path's) as the UpstreamError the client and the retries act on."""
+    try:
+        error = orjson.loads(raw)["error"]
+        message = error["message"]
+    except Exception:  # any shape: the upstream's body is only informative
+        error, message = None, raw[:500].decode("utf-8", "replace")
+    retryable = status == 429 or status >= 500 or status == 408
+    client_status = status if status in REQUEST_ERRORS else (429 if status == 429 else 502)
+    code, param = passed_on(client_status, error)
+    if code is None and client_status == 400 and _says_context_exceeded(str(message)):
+        code, param = "context_length_exceeded", param or "messages"
+    wait = retry_after_seconds(retry_after) or google_retry_delay(raw.decode("utf-8", "replace"))
+    return UpstreamError(backend, client_status, f"{backend}: upstream {status}: {message}",
+                         retryable=retryable, retry_after=wait, code=code, param=param,
+                         upstream_status=status)
+
+
+def passed_on(client_status: int, error: Any) -> tuple[str | None, str | None]:
+    """The upstream's `code` and `param` of an error the client gets with the upstream's own status
+    (a request error, a rate limit): apps branch on them (`context_length_exceeded` -> trim the
+    history, `content_filter`, `insufficient_quota`). A 5xx becomes our 502, with our code."""
+    if (client_status not in REQUEST_ERRORS and client_status != 429) or not isinstance(error, dict):
+        return None, None
+    code, param = error.get("code"), error.get("param")
+    return (code if isinstance(code, str) and code else None), (param if isinstance(param, str) and param else None)
+
+
+# How OpenAI-compatible servers word a prompt over the model's window when their error has no string
+# `code` (vLLM's and llama.cpp's `code` is the HTTP status): vLLM ("This model's maximum context length
+# is ...", "The decoder prompt ... is longer than the maximum model length"), SGLang, llama.cpp's server.
+# litellm knows these phrases too, but the fast path does not import it.
+CONTEXT_EXCEEDED_PHRASES = ("maximum context length", "longer than the maximum model length",
+                            "longer than the model's context length", "exceeds the available context size")
+
+
+def _says_context_exceeded(message: str) -> bool:
+    message = message.lower()
+    return any(phrase in message for phrase in CONTEXT_EXCEEDED_PHRASES)
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    try:
+        return max(0.0, float(value)) if value else None
+    except ValueError:
+        return None
+
+
+# Google's APIs (Gemini, Vertex AI) send no Retry-After: a 429's wait is in the error body's RetryInfo
+# detail, a protobuf Duration such as "7s" or "0.5s"
+_GOOGLE_RETRY_DELAY = re.compile(r'"retryDelay"\s*:\s*"(\d+(?:\.\d+)?)s"')
+
+
+def google_retry_delay(text: str) -> float | None:
+    match = _GOOGLE_RETRY_DELAY.search(text)
+    return float(match.group(1)) if match else None
