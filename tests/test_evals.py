@@ -247,8 +247,6 @@ def test_an_upper_case_extension_is_the_same_format(tmp_path):
 def test_jsonl_one_sample_is_no_vote(tmp_path):
     """A row that kept one sample made an arm `small@vote1`, a self-consistency arm of n=1 that the
     replay's policy refuses: the whole run failed with 'self_consistency needs n >= 2 samples'."""
-    from evals.cli import cli
-
     one = {"correct": True, "samples": [{"answer": "42", "correct": True}]}
     three = {"correct": False, "samples": [{"answer": "1", "correct": False}, {"answer": "2", "correct": True},
                                            {"answer": "2", "correct": True}]}
