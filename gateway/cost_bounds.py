@@ -69,18 +69,24 @@ def worst_case_usd(backends: Backends, arm: Arm, req: ChatRequest, prompt_tokens
                       for stage in arm.stages)
 
 
+def cut_cost_usd(backends: Backends, arm: Arm, req: ChatRequest, prompt_tokens: int | None, *,
+                 capped: bool = False) -> float:
+    """What an arm that failed over to the next may have cost: the prompts of its calls. One may have
+    been cut off mid-call (a timeout), and a cut call is billed its prompt (Backend.cut); what it had
+    written never reaches the gateway, and its backend then cools down, so no second round follows."""
+    return worst_case_usd(backends, arm, req, prompt_tokens, capped=capped, output_tokens=0)
+
+
 def arm_bounds(backends: Backends, arms: Sequence[Arm], req: ChatRequest, prompt_tokens: int | None, *,
                capped: bool = False, output_tokens: int | None = None) -> list[float]:
     """What the request can cost at most if each of these arms, in fallback order, is the one that
-    answers: its own worst case, plus the prompts of every arm before it. An arm that fails over to the
-    next may have been cut off mid-call (a timeout), and a cut call is billed its prompt (Backend.cut);
-    what it had written never reaches the gateway, and its backend then cools down, so no second round
-    of its calls follows."""
+    answers: its own worst case, plus what the arms before it may have cost (cut_cost_usd)."""
     bounds, cut_before = [], 0.0
-    for arm in arms:
+    for index, arm in enumerate(arms):
         bounds.append(worst_case_usd(backends, arm, req, prompt_tokens, capped=capped,
                                      output_tokens=output_tokens) + cut_before)
-        cut_before += worst_case_usd(backends, arm, req, prompt_tokens, capped=capped, output_tokens=0)
+        if index < len(arms) - 1:  # no arm follows the last: a single-arm plan prices one arm, once
+            cut_before += cut_cost_usd(backends, arm, req, prompt_tokens, capped=capped)
     return bounds
 
 
@@ -121,11 +127,11 @@ def arms_within(backends: Backends, decision: Decision, req: ChatRequest, prompt
     the chosen one stays, and the reservation says what to send instead."""
     arms = (decision.arm, *decision.fallbacks)
     kept: list[Arm] = []
-    cut_before = 0.0  # the prompts of the arms kept before: arm_bounds
+    cut_before = 0.0  # what the arms kept before may have cost, as arm_bounds counts it
     for arm in arms:
         if worst_case_usd(backends, arm, req, prompt_tokens, capped=True) + cut_before <= budget_left_usd:
             kept.append(arm)
-            cut_before += worst_case_usd(backends, arm, req, prompt_tokens, capped=True, output_tokens=0)
+            cut_before += cut_cost_usd(backends, arm, req, prompt_tokens, capped=True)
     if len(kept) == len(arms):
         return decision
     kept = kept or [decision.arm]
