@@ -38,7 +38,7 @@ class PolicySet:
         self.rejected: dict[str, str] = {}  # policy -> why the file on disk is not what serves (its last edit failed)
 
     def _load(self, path: Path) -> str:
-        policy: Policy = load_policy(path, extra_backends=self._backends)
+        policy: Policy = load_policy(path, extra_backends=self._backends, served_inline=self._inline_elsewhere(path))
         self._check_unique(policy.name, path)
         self._entries[policy.name] = _Entry(path, os.stat(path).st_mtime, compile_policy(policy))
         return policy.name
@@ -50,6 +50,14 @@ class PolicySet:
         if other is not None and other.path.resolve() != path.resolve():
             raise PolicyError([(str(path), None, "name", f"{name!r} is already the name of the policy in "
                                                         f"{other.path}; each policy file needs its own name")])
+
+    def _inline_elsewhere(self, path: Path) -> dict[str, tuple[BackendSpec, str]]:
+        """The backends the other policies declare inline (not the gateway config's), with whose they are:
+        the gateway serves one backend per name, so a policy may declare one of them only as they do."""
+        configured = {spec.name for spec in self._backends}
+        return {spec.name: (spec, f"`{name}` ({entry.path})") for name, entry in self._entries.items()
+                if entry.path.resolve() != path.resolve()
+                for spec in entry.compiled.policy.backends if spec.name not in configured}
 
     def get(self, name: str | None = None) -> CompiledPolicy | None:
         entry = self._entries.get(name or self.default_name)
@@ -79,7 +87,8 @@ class PolicySet:
                 continue
             entry.mtime = mtime  # a broken file is reported once, not every poll
             try:
-                policy = load_policy(entry.path, extra_backends=self._backends)
+                policy = load_policy(entry.path, extra_backends=self._backends,
+                                     served_inline=self._inline_elsewhere(entry.path))
                 self._check_unique(policy.name, entry.path)
                 compiled = compile_policy(policy)
             except PolicyError as exc:

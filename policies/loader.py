@@ -15,7 +15,7 @@ import json
 import sys
 import types
 import typing
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import yaml
@@ -38,17 +38,21 @@ SCHEMA_PATH = Path(__file__).with_name("policy.schema.json")
 SUMMARY_PROMPT_TOKENS = 500  # the prompt size the summary prices arms at
 
 
-def load_policy(path: str | Path, extra_backends: Iterable[BackendSpec] = ()) -> Policy:
-    """Read and check a policy file. `extra_backends` (the gateway config's) win over inline ones by name."""
+def load_policy(path: str | Path, extra_backends: Iterable[BackendSpec] = (),
+                served_inline: Mapping[str, tuple[BackendSpec, str]] | None = None) -> Policy:
+    """Read and check a policy file. `extra_backends` (the gateway config's) win over inline ones by name.
+    `served_inline`: backend name -> (spec, which policy) of the inline backends the other policies served
+    with this one declare, which one declared here must equal."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise PolicyError([(str(path), None, "", f"cannot read the file: {exc}")]) from exc
-    return parse_policy(text, str(path), extra_backends)
+    return parse_policy(text, str(path), extra_backends, served_inline)
 
 
-def parse_policy(text: str, source_name: str, extra_backends: Iterable[BackendSpec] = ()) -> Policy:
+def parse_policy(text: str, source_name: str, extra_backends: Iterable[BackendSpec] = (),
+                 served_inline: Mapping[str, tuple[BackendSpec, str]] | None = None) -> Policy:
     loader = yaml.SafeLoader(text)
     try:
         root = loader.get_single_node()
@@ -79,7 +83,16 @@ def parse_policy(text: str, source_name: str, extra_backends: Iterable[BackendSp
             problems.append((source_name, _line_of(root, loc), _dotted(loc), f"backend `{spec.name}` is declared twice"))
         seen.add(spec.name)
     merged = {spec.name: spec for spec in policy.backends}
-    merged.update({spec.name: spec for spec in extra_backends})
+    configured = {spec.name: spec for spec in extra_backends}
+    for index, spec in enumerate(policy.backends):
+        other = (served_inline or {}).get(spec.name)
+        # The gateway serves one backend per name: whichever policy's came last would answer the other's arms.
+        if other is not None and spec.name not in configured and other[0] != spec:
+            loc = ("backends", index)
+            problems.append((source_name, _line_of(root, loc), _dotted(loc),
+                             f"backend `{spec.name}` differs from the one policy {other[1]} declares, and the gateway "
+                             "serves one backend per name; declare it once, under the gateway config's `backends`"))
+    merged.update(configured)
     policy = policy.model_copy(update={"backends": list(merged.values())})
     for loc, message in policy_problems(policy):
         problems.append((source_name, _line_of(root, loc), _dotted(loc), message))

@@ -453,6 +453,31 @@ def test_a_policy_file_that_fails_or_vanishes_is_rejected_until_it_loads_again(t
     assert policies.reload_changed() == ["main"] and policies.rejected == {}
 
 
+def test_two_policies_may_not_declare_one_inline_backend_differently(tmp_path):
+    """The gateway serves one backend per name: a backend two policies declared inline differently was
+    served as whichever came last, so the other policy's arms called its model at its prices. Refused at
+    start and on a reload (the previous version keeps serving); the same declaration twice is fine, and
+    a gateway config's backend of that name replaces both."""
+    from gateway.policy_watch import PolicySet
+
+    text = ("name: {name}\nbackends: [{{name: fast, model: openai/{model}}}]\n"
+            "arms: {{one: {{backend: fast}}}}\nroutes: [{{name: all, candidates: [one]}}]\n")
+    main, alt = tmp_path / "main.yaml", tmp_path / "alt.yaml"
+    main.write_text(text.format(name="main", model="m"))
+    alt.write_text(text.format(name="alt", model="other"))
+    with pytest.raises(PolicyError) as clash:
+        PolicySet(str(main), {"alt": str(alt)}, [])
+    assert f"{alt}:2: backends[0]: backend `fast` differs from the one policy `main` ({main}) declares" \
+        in str(clash.value)
+    assert PolicySet(str(main), {"alt": str(alt)}, [BackendSpec(name="fast", model="openai/cfg")])  # config's wins
+    alt.write_text(text.format(name="alt", model="m"))
+    policies = PolicySet(str(main), {"alt": str(alt)}, [])
+    alt.write_text(text.format(name="alt", model="other") + "# edited\n")
+    assert policies.reload_changed(force=True) == ["main"] and "differs from the one policy `main`" in \
+        policies.rejected["alt"]
+    assert [spec.model for p in policies.all() for spec in p.policy.backends] == ["openai/m", "openai/m"]
+
+
 def test_cli_help_goes_to_stdout_and_policy_help_is_policy_checks(capsys):
     from gateway.cli import main
 
