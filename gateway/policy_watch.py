@@ -80,6 +80,8 @@ class PolicySet:
             try:
                 mtime = os.stat(entry.path).st_mtime
             except OSError as exc:
+                if entry.mtime != -1.0:  # said once, not every poll
+                    log.error("policy file unreadable, the previous %r keeps serving: %s", name, exc)
                 self.last_error = self.rejected[name] = f"{entry.path}: {exc}"
                 entry.mtime = -1.0  # once the file is back it is loaded, whatever its mtime
                 continue

@@ -453,6 +453,21 @@ def test_a_policy_file_that_fails_or_vanishes_is_rejected_until_it_loads_again(t
     assert policies.reload_changed() == ["main"] and policies.rejected == {}
 
 
+def test_a_policy_file_that_vanishes_says_so_once_in_the_log(tmp_path, caplog):
+    """The metric says a file gone is not what serves; the log says why, once, not every poll."""
+    from gateway.policy_watch import PolicySet
+
+    path = tmp_path / "main.yaml"
+    path.write_text("name: main\narms: {one: {backend: b}}\nroutes: [{name: all, candidates: [one]}]\n")
+    policies = PolicySet(str(path), {}, [BackendSpec(name="b", model="openai/b")])
+    path.unlink()
+    with caplog.at_level("ERROR", logger="ponder.policy"):
+        for _ in range(3):
+            policies.reload_changed()
+    lines = [r.getMessage() for r in caplog.records if r.name == "ponder.policy"]
+    assert len(lines) == 1 and "'main' keeps serving" in lines[0] and str(path) in lines[0], lines
+
+
 def test_two_policies_may_not_declare_one_inline_backend_differently(tmp_path):
     """The gateway serves one backend per name: a backend two policies declared inline differently was
     served as whichever came last, so the other policy's arms called its model at its prices. Refused at
