@@ -64,6 +64,7 @@ class Metrics:
         self._store_health = store_health
         self._policy_rejections = policy_rejections
         self._health_at = 0.0
+        self._policies_shown: set[str] = set()  # the `policy` labels of ponder_policy_reload_rejected set so far
         self._children: dict[tuple, Any] = {}  # bounded like the label sets themselves
         r = self.registry
         self.requests = Counter("ponder_requests", "Requests answered (or failed), by routed model and status class.",
@@ -182,8 +183,17 @@ class Metrics:
         if self._policy_rejections is None:
             return
         try:
-            for policy, rejected in self._policy_rejections().items():
+            served = self._policy_rejections()
+            for policy, rejected in served.items():
                 self.policy_rejected.labels(policy).set(1 if rejected else 0)
+            # A policy renamed by an edit is served under its new name only: its old name's last value (1 when
+            # that edit fixed a rejected file) must not keep an alert firing.
+            for gone in self._policies_shown - served.keys():
+                if multiprocess_dir():  # prometheus-client cannot remove a label there
+                    self.policy_rejected.labels(gone).set(0)
+                else:
+                    self.policy_rejected.remove(gone)
+            self._policies_shown = set(served)
         except Exception:  # noqa: BLE001 - a scrape must not fail for it
             pass
 

@@ -1625,6 +1625,35 @@ def test_policy_hot_reload_keeps_serving_through_a_broken_edit(tmp_path):
             assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
 
 
+def test_a_policy_renamed_by_the_edit_that_fixes_it_leaves_no_rejection_alert(tmp_path):
+    """A broken edit sets ponder_policy_reload_rejected{policy=OLD} to 1; the edit that fixes it also
+    renames the policy: OLD is served no more, and its series must not stay at 1 (an alert firing forever)."""
+    import time
+
+    import yaml
+
+    def rejected(url: str) -> dict[str, str]:
+        text = httpx.get(url + "/metrics").text
+        return {line.split('"')[1]: line.rsplit(" ", 1)[1] for line in text.splitlines()
+                if line.startswith("ponder_policy_reload_rejected{")}
+
+    def wait_for(url: str, expected: dict[str, str]) -> dict[str, str]:
+        deadline = time.monotonic() + 10
+        while (seen := rejected(url)) != expected and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return seen
+
+    spec = {"name": "before", "backends": [{"name": "b", "model": "openai/b", "api_base": "http://127.0.0.1:9/v1"}],
+            "arms": {"one": {"backend": "b"}}, "routes": [{"name": "all", "candidates": ["one"]}]}
+    path = write_policy(tmp_path, spec, "renamed.yaml")
+    with running(start_gateway(tmp_path, {"policy": path}, name="rename")) as gateway:
+        assert rejected(gateway.url) == {"before": "0.0"}
+        (tmp_path / "renamed.yaml").write_text("name: before\nroutes: [")
+        assert wait_for(gateway.url, {"before": "1.0"}) == {"before": "1.0"}
+        (tmp_path / "renamed.yaml").write_text(yaml.safe_dump({**spec, "name": "after"}))
+        assert wait_for(gateway.url, {"after": "0.0"}) == {"after": "0.0"}
+
+
 def test_a_client_that_drops_a_stream_pays_for_what_was_streamed(keyed_stack):
     """The client reads one chunk of a relayed stream and hangs up: the tokens the upstream wrote so
     far are billed (estimated: the upstream's usage comes at the end) and charged to the key's budget,
