@@ -92,6 +92,11 @@ def parse_policy(text: str, source_name: str, extra_backends: Iterable[BackendSp
             problems.append((source_name, _line_of(root, loc), _dotted(loc),
                              f"backend `{spec.name}` differs from the one policy {other[1]} declares, and the gateway "
                              "serves one backend per name; declare it once, under the gateway config's `backends`"))
+        if spec.name not in configured and _refuses_reasoning_effort(spec):
+            loc = ("backends", index, "efforts" if spec.efforts else "reasoning")
+            problems.append((source_name, _line_of(root, loc), _dotted(loc),
+                             f"`{spec.model}` is not a reasoning model (litellm's model map), and OpenAI answers its "
+                             "`reasoning_effort` with a 400: leave out `efforts` and `reasoning: true`"))
     merged.update(configured)
     policy = policy.model_copy(update={"backends": list(merged.values())})
     for loc, message in policy_problems(policy):
@@ -264,6 +269,18 @@ def resolve_max_output(spec: BackendSpec) -> tuple[int | None, str]:
         return spec.max_output_tokens, "declared"
     most = _model_map_tokens(spec, "max_output_tokens")
     return (most, "litellm model map") if most is not None else (None, "unknown")
+
+
+def _refuses_reasoning_effort(spec: BackendSpec) -> bool:
+    """Whether the backend would send `reasoning_effort` (efforts or `reasoning: true` declared) to an OpenAI
+    model that litellm's map knows and does not mark as a reasoning model (gpt-4.1, gpt-4o ...). Only
+    OpenAI's own endpoint: a server behind an api_base is whatever its operator runs."""
+    if spec.api_base is not None or spec.effort_param != "reasoning_effort" or not (spec.efforts or spec.reasoning):
+        return False
+    provider, _, name = spec.model.rpartition("/")
+    entry = litellm_cost_map().get(name) or {}
+    return provider in ("", "openai") and entry.get("litellm_provider") == "openai" and \
+        entry.get("mode") == "chat" and not entry.get("supports_reasoning")
 
 
 def _model_map_tokens(spec: BackendSpec, field: str) -> int | None:

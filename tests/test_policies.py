@@ -493,6 +493,23 @@ def test_two_policies_may_not_declare_one_inline_backend_differently(tmp_path):
     assert [spec.model for p in policies.all() for spec in p.policy.backends] == ["openai/m", "openai/m"]
 
 
+def test_efforts_on_an_openai_model_that_does_not_reason_are_refused():
+    """OpenAI answers `reasoning_effort` with a 400 on its chat models (gpt-4.1, gpt-4o): a backend
+    declaring efforts (or `reasoning: true`) on one failed every call its arms made. A reasoning model,
+    and a server behind an api_base, are left as declared."""
+    text = ("name: p\nbackends:\n  - {{name: m, model: {model}, {extra}}}\n"
+            "arms: {{a: {{backend: m, effort: high}}}}\nroutes: [{{name: all, candidates: [a]}}]\n")
+    for model in ("openai/gpt-4.1-mini", "gpt-4o"):
+        with pytest.raises(PolicyError) as refused:
+            parse_policy(text.format(model=model, extra="efforts: [low, high]"), "p.yaml")
+        assert f"p.yaml:3: backends[0].efforts: `{model}` is not a reasoning model" in str(refused.value)
+    with pytest.raises(PolicyError, match=r"backends\[0\]\.reasoning: `openai/gpt-4.1` is not a reasoning model"):
+        parse_policy(text.format(model="openai/gpt-4.1", extra="reasoning: true").replace(", effort: high", ""),
+                     "p.yaml")
+    parse_policy(text.format(model="openai/o4-mini", extra="efforts: [low, high]"), "p.yaml")
+    parse_policy(text.format(model="openai/gpt-4.1-mini", extra="efforts: [high], api_base: 'http://h/v1'"), "p.yaml")
+
+
 def test_cli_help_goes_to_stdout_and_policy_help_is_policy_checks(capsys):
     from gateway.cli import main
 
