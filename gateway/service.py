@@ -7,9 +7,11 @@ HTTP handlers that call into it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
+import signal
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -158,6 +160,10 @@ class Gateway:
             local = self.backends[LOCAL_BACKEND_NAME]
             self._tasks.append(asyncio.create_task(self.local_model.watch(on_back=lambda: _back(local))))
         self._tasks.append(asyncio.create_task(self._watch_policies()))
+        # `kill -HUP` (systemd's ExecReload) re-reads the policies now; without a handler it killed the
+        # gateway on the spot, its requests in flight unanswered and their budget holds unsettled.
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # no signals: not the main thread
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._reload_on_signal)
 
     def learner_half_life_s(self) -> float | None:
         """How fast outcomes fade in the store: the default policy's `learner.half_life_hours` (one store
@@ -167,15 +173,23 @@ class Gateway:
         return hours * 3600.0 if hours else None
 
     async def _watch_policies(self, interval_s: float = 1.0) -> None:
-        assert self.policies is not None
         while True:
             await asyncio.sleep(interval_s)
-            if self.policies.reload_changed():
-                self._serve_inline_backends()
-                self._warn_if_policies_cannot_be_picked()
-                await self._import_litellm_if_used()
-                if self.store is not None:
-                    self.store.half_life_s = self.learner_half_life_s()
+            await self._reload_policies()
+
+    async def _reload_policies(self, *, force: bool = False) -> None:
+        """Reload the policy files that changed (`force`: every file), and serve what they now declare."""
+        assert self.policies is not None
+        if self.policies.reload_changed(force=force):
+            self._serve_inline_backends()
+            self._warn_if_policies_cannot_be_picked()
+            await self._import_litellm_if_used()
+            if self.store is not None:
+                self.store.half_life_s = self.learner_half_life_s()
+
+    def _reload_on_signal(self) -> None:
+        log.info("SIGHUP: re-reading the policy files (the gateway config is read at start only)")
+        self._tasks.append(asyncio.create_task(self._reload_policies(force=True)))
 
     def _warn_if_policies_cannot_be_picked(self) -> None:
         """extra_policies are picked with x-ponder-policy, which only a default policy with
@@ -219,6 +233,8 @@ class Gateway:
             await asyncio.to_thread(import_litellm)
 
     async def close(self) -> None:
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         for task in self._tasks:
             task.cancel()
         # Requests the server has just cancelled still record their events and settle their holds:

@@ -1654,6 +1654,45 @@ def test_a_policy_renamed_by_the_edit_that_fixes_it_leaves_no_rejection_alert(tm
         assert wait_for(gateway.url, {"after": "0.0"}) == {"after": "0.0"}
 
 
+def test_sighup_rereads_the_policies_and_keeps_serving(tmp_path):
+    """`kill -HUP` (systemd's ExecReload) killed the gateway on the spot, a request in flight unanswered.
+    It re-reads every policy file now, even one whose edit the poll cannot see (its mtime put back)."""
+    import os
+    import signal
+    import time
+
+    import yaml
+
+    spec = {"name": "hup", "arms": {"cheap": {"backend": "mock-a"}, "strong": {"backend": "mock-b"}},
+            "routes": [{"name": "all", "candidates": ["cheap"]}], "exploration": {"share": 0.0}}
+    path = tmp_path / "hup.yaml"
+    write_policy(tmp_path, spec, "hup.yaml")
+    body = {"model": "auto", "messages": [{"role": "user", "content": "hello"}]}
+    with running(start_mock(tmp_path)) as mock:
+        with running(start_gateway(tmp_path, {"backends": [mock_backend("mock-a", mock), mock_backend("mock-b", mock)],
+                                              "policy": str(path)}, name="hup", log_level="info")) as gateway:
+            stamp = os.stat(path).st_mtime_ns
+            spec["routes"][0]["candidates"] = ["strong"]
+            path.write_text(yaml.safe_dump(spec))
+            os.utime(path, ns=(stamp, stamp))  # a restore that keeps the old mtime: the poll sees no change
+            time.sleep(1.5)
+            assert httpx.post(gateway.url + "/v1/chat/completions", json=body).headers["x-ponder-arm"].startswith("mock-a")
+            control(mock, delay_ms=1500)
+            in_flight: list[httpx.Response] = []
+            sender = threading.Thread(target=lambda: in_flight.append(
+                httpx.post(gateway.url + "/v1/chat/completions", json=body, timeout=30)))
+            sender.start()
+            time.sleep(0.5)
+            gateway.process.send_signal(signal.SIGHUP)
+            sender.join()
+            control(mock, delay_ms=0)
+            assert in_flight[0].status_code == 200, in_flight[0].text
+            assert gateway.process.poll() is None
+            answer = httpx.post(gateway.url + "/v1/chat/completions", json=body)
+            assert answer.status_code == 200 and answer.headers["x-ponder-arm"].startswith("mock-b")
+            assert "SIGHUP: re-reading the policy files" in gateway.log()
+
+
 def test_a_client_that_drops_a_stream_pays_for_what_was_streamed(keyed_stack):
     """The client reads one chunk of a relayed stream and hangs up: the tokens the upstream wrote so
     far are billed (estimated: the upstream's usage comes at the end) and charged to the key's budget,
