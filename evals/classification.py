@@ -59,10 +59,11 @@ def _code_hash() -> str:
     of router/train.py, so edits to its CLI or metrics do not force minutes of refitting)."""
     import inspect
 
-    from router import features, train, train_data
+    from router import features, train, train_data, train_system_prompts
 
     digest = hashlib.sha256()
-    for part in (inspect.getsource(features), inspect.getsource(train_data), inspect.getsource(train.fit),
+    for part in (inspect.getsource(features), inspect.getsource(train_data), inspect.getsource(train_system_prompts),
+                 inspect.getsource(train.fit),
                  inspect.getsource(train.make_preprocessor), inspect.getsource(train.feature_matrix),
                  inspect.getsource(train.near_duplicates),
                  repr(sorted((k, v) for k, v in vars(train).items() if k.isupper() and isinstance(v, (int, float))))):

@@ -278,7 +278,7 @@ def test_load_errors_are_clear(tmp_path):
 @pytest.mark.parametrize(
     "user,system,task",
     [
-        # Wordings that appear nowhere in training (see train_data.TASK_SYSTEM_PROMPTS / TASK_ROLES).
+        # Wordings that appear nowhere in training (see train_system_prompts.TASK_SYSTEM_PROMPTS / TASK_ROLES).
         # ("How do I reverse a list?" was the programmer's case until the multi-turn refit read it as
         # code on its own, p 0.39 against 0.34 before: a list is a data structure, so that is right.)
         ("How do I reverse the order?", "You are a programming assistant that writes Python code.", "code"),
