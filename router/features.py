@@ -458,7 +458,7 @@ class SparseFeatures(NamedTuple):
 
     Row r's pairs are indices[bounds[3r]:bounds[3r+3]], in three segments, one per TF-IDF block
     (user words, system words, user chars): segment s of the batch is bounds[s]:bounds[s+1]. This is
-    what the ONNX model reads (router/train.py builds it): it gathers only the weights of the n-grams
+    what the ONNX model reads (router/train_onnx.py builds it): it gathers only the weights of the n-grams
     a prompt has (a few hundred) instead of multiplying an 18k-wide, mostly-zero row.
     """
 
@@ -648,7 +648,7 @@ def _hand_matrix(hand: list[list[float]]) -> np.ndarray:
     return np.asarray(hand, dtype=np.float32).reshape(len(hand), N_HANDCRAFTED)
 
 
-# The ONNX model's inputs (router/train.py builds the graph), per session call of b prompts padded
+# The ONNX model's inputs (router/train_onnx.py builds the graph), per session call of b prompts padded
 # to L n-gram slots: "indices" (b, L) the columns each prompt has (padding: column 0), "weights"
 # (b, 6, L) where row k < 3 holds block k's tf values at its n-grams (zero elsewhere and in the
 # padding) and row 3 + k their squares, and "handcrafted" (b, N_HANDCRAFTED). The model multiplies each

@@ -10,13 +10,13 @@ Both heads share one preprocessing graph in one .onnx file, so the runtime makes
 Evaluation is kept honest: the held-out split is by problem id (all prompts made from one problem,
 conversation or instruction stay on one side), test items that are near-duplicates of a training item
 are dropped, and a leave-one-source-out run measures prompts unlike anything trained on.
-The labelled set and the difficulty target are built in router/train_data.py; see docs/classifier.md.
+The labelled set and the difficulty target are built in router/train_data.py, the ONNX graph in
+router/train_onnx.py, the metrics in router/train_metrics.py; see docs/classifier.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import re
@@ -30,20 +30,20 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import scipy.sparse as sp
-from scipy.stats import spearmanr
 from sklearn.compose import ColumnTransformer
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.feature_extraction.text import TfidfTransformer
 from sklearn.linear_model import LogisticRegression, Ridge
-from sklearn.metrics import f1_score, roc_auc_score
+from sklearn.metrics import f1_score
 from sklearn.preprocessing import StandardScaler
 
 from router import features as F
 from router.train_data import DIFFICULTY_NOTES, SOURCE_FAMILY, SHORT_SOURCE, SYNTHETIC_SOURCE, SYNTHETIC_SOURCES, Example, data_hashes, default_datasets_dir, family, load_examples, load_extra
+from router.train_metrics import GRADED_SOURCES, difficulty_metrics, metrics_table, multi_turn_metrics, natural_prompt_metrics, task_metrics
+from router.train_onnx import onnx_predict, reference_onnx, to_onnx
 from router.types import TASK_TYPES
 
 ARTIFACT_DIR = Path(__file__).resolve().parent / "artifacts"
-NATURAL_PROMPTS_DIR = Path(__file__).resolve().parent / "data"
 ONNX_NAME = "classifier.onnx"
 CARD_NAME = "classifier.json"
 TEST_PERCENT = 20  # share of problem ids held out
@@ -235,146 +235,7 @@ def _fit(examples: Sequence[Example], X: sp.csr_matrix, seed: int, with_experts:
     return Models(pre, task, experts)
 
 
-# --- ONNX ----------------------------------------------------------------------------------------
-
-
-def to_onnx(models: Models) -> Any:
-    """The shipped ONNX model, built from the fitted scikit-learn parameters, reading sparse input.
-
-    Inputs (router.features.onnx_feeds), per call of b prompts padded to L n-gram slots: "indices"
-    (b, L) int64 hashed columns of each prompt's n-grams (padding: column 0), "weights" (b, 6, L)
-    float: row k < 3 holds TF-IDF block k's log1p counts tf at its n-grams and zeros elsewhere, row
-    3 + k their squares; "handcrafted" (b, N_HANDCRAFTED). Outputs "task_probs" (b, 6) and "difficulty" (b,).
-
-    The arithmetic is scikit-learn's: TfidfTransformer (tf * idf, then L2 norm per block),
-    StandardScaler(with_mean=False) times the ColumnTransformer weight, then the two linear heads and
-    the expert mixture. Because every step before the heads is linear per block up to the norm,
-    the heads are applied first and divided by the block norm afterwards:
-        head(block) = sum_j W[j] * idf[j] * tf_j / sqrt(sum_j idf[j]^2 * tf_j^2)
-    so the graph gathers one 13-wide row per n-gram present (W*idf for the 6 + 6 head outputs, and
-    idf^2) and one batched MatMul with "weights" gives both sums for every block, instead of
-    multiplying an 18k-wide row that is 97% zeros. Measured slower in onnxruntime 1.32: ScatterElements with
-    reduction, and a float64 running sum differenced at the segment bounds (the broadcast Mul of tf
-    over the gathered rows alone cost ~11 ns per n-gram). reference_onnx() is skl2onnx's own
-    conversion of the same models; train() checks both against scikit-learn.
-    """
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    pre = models.pre
-    blocks = {name: trans for name, trans, _ in pre.transformers_}
-    idf = np.concatenate([blocks[n].idf_ for n in ("words", "system", "chars")])
-    assert len(idf) == F.N_HASHED
-    scaler = blocks["handcrafted"]
-    hand_scale = (pre.transformer_weights or {}).get("handcrafted", 1.0) / scaler.scale_
-    k = len(TASK_TYPES)
-    weights = np.vstack([models.task.coef_, models.experts.coef_]).T  # (N_FEATURES, 12)
-    bias = np.concatenate([models.task.intercept_, models.experts.intercept_])
-    table = np.hstack([weights[: F.N_HASHED] * idf[:, None], (idf * idf)[:, None]]).astype(np.float32)  # (N_HASHED, 13)
-    hand = (weights[F.N_HASHED :] * hand_scale[:, None]).astype(np.float32)  # (N_HANDCRAFTED, 12)
-
-    inits = []
-
-    def const(name: str, value: Any) -> str:
-        inits.append(numpy_helper.from_array(np.asarray(value), name))
-        return name
-
-    n_heads = weights.shape[1]
-    node = helper.make_node
-    nodes = [
-        node("Gather", [const("table", table), "indices"], ["rows"], axis=0),  # (b, L, 13): W*idf | idf^2
-        # weights (b, 6, L): rows 0-2 hold each block's tf, rows 3-5 their squares, so one batched
-        # product gives [block head sums | .] over [. | block squared norms]
-        node("MatMul", ["weights", "rows"], ["sums"]),  # (b, 6, 13)
-        node("Slice", ["sums", const("starts_heads", np.array([0, 0], np.int64)), const("ends_heads", np.array([3, n_heads], np.int64)), const("axes12", np.array([1, 2], np.int64))], ["seg_heads"]),
-        node("Slice", ["sums", const("starts_sq", np.array([3, n_heads], np.int64)), const("ends_sq", np.array([6, n_heads + 1], np.int64)), "axes12"], ["seg_sq"]),
-        node("Sqrt", ["seg_sq"], ["seg_norm"]),
-        # scikit-learn leaves an all-zero block at zero; max() with a tiny value does the same
-        node("Max", ["seg_norm", const("tiny", np.array(1e-30, np.float32))], ["seg_norm_safe"]),
-        node("Div", ["seg_heads", "seg_norm_safe"], ["seg_out"]),  # (b, 3, 12)
-        node("ReduceSum", ["seg_out", const("axis1", np.array([1], np.int64))], ["hashed_out"], keepdims=0),
-        node("Gemm", ["handcrafted", const("hand_weights", hand), const("heads_bias", bias.astype(np.float32))], ["hand_out"]),
-        node("Add", ["hashed_out", "hand_out"], ["heads_logits"]),
-        node("Split", ["heads_logits", const("heads_split", np.array([k, n_heads - k], np.int64))], ["task_scores", "expert_logits"], axis=1),
-        node("Softmax", ["task_scores"], ["task_probs"], axis=1),
-        node("Sigmoid", ["expert_logits"], ["expert_wrong"]),
-        node("Mul", ["task_probs", "expert_wrong"], ["weighted_wrong"]),
-        node("ReduceSum", ["weighted_wrong", "axis1"], ["difficulty"], keepdims=0),
-    ]
-    inputs = [
-        helper.make_tensor_value_info("indices", TensorProto.INT64, ["batch", "slots"]),
-        helper.make_tensor_value_info("weights", TensorProto.FLOAT, ["batch", 6, "slots"]),
-        helper.make_tensor_value_info("handcrafted", TensorProto.FLOAT, ["batch", F.N_HANDCRAFTED]),
-    ]
-    outputs = [
-        helper.make_tensor_value_info("task_probs", TensorProto.FLOAT, ["batch", k]),
-        helper.make_tensor_value_info("difficulty", TensorProto.FLOAT, ["batch"]),
-    ]
-    graph = helper.make_graph(nodes, "ponder_classifier_sparse", inputs, outputs, inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    model.producer_name = "ponder-train"
-    onnx.checker.check_model(model)
-    return model
-
-
-def reference_onnx(models: Models) -> Any:
-    """skl2onnx's conversion of the same fitted models, dense input "features" (n, N_FEATURES):
-    the reference the shipped sparse graph is checked against (not shipped: it multiplies the
-    whole 18k-wide row and is several times slower)."""
-    from onnx import compose, helper
-    from skl2onnx import convert_sklearn
-    from skl2onnx.common.data_types import FloatTensorType
-
-    opset = {"": 17, "ai.onnx.ml": 1}
-    pre = convert_sklearn(models.pre, initial_types=[("features", FloatTensorType([None, F.N_FEATURES]))], target_opset=opset)
-    nodes, inits = list(pre.graph.node), list(pre.graph.initializer)
-    pre_out = pre.graph.output[0].name
-    head_outputs = {}
-    for prefix, head in (("task_", models.task), ("experts_", models.experts)):
-        options = {id(head): {"zipmap": False}} if prefix == "task_" else None
-        converted = convert_sklearn(head, initial_types=[("z", FloatTensorType([None, F.N_FEATURES]))], options=options, target_opset=opset)
-        converted = compose.add_prefix(converted, prefix)
-        for n in converted.graph.node:  # feed the head from the shared preprocessing output
-            n.input[:] = [pre_out if name == prefix + "z" else name for name in n.input]
-        nodes += converted.graph.node
-        inits += converted.graph.initializer
-        head_outputs[prefix] = converted.graph.output[-1].name
-    import onnx
-
-    nodes += [
-        helper.make_node("Identity", [head_outputs["task_"]], ["task_probs"]),
-        helper.make_node("Sigmoid", [head_outputs["experts_"]], ["expert_wrong"]),
-        helper.make_node("Mul", ["task_probs", "expert_wrong"], ["weighted_wrong"]),
-        helper.make_node("ReduceSum", ["weighted_wrong", "mix_axis"], ["difficulty"], keepdims=0),
-    ]
-    inits.append(onnx.numpy_helper.from_array(np.array([1], dtype=np.int64), "mix_axis"))
-    outputs = [
-        helper.make_tensor_value_info("task_probs", onnx.TensorProto.FLOAT, [None, len(TASK_TYPES)]),
-        helper.make_tensor_value_info("difficulty", onnx.TensorProto.FLOAT, [None]),
-    ]
-    graph = helper.make_graph(nodes, "ponder_classifier_reference", list(pre.graph.input), outputs, inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opset.items()])
-    model.ir_version = pre.ir_version
-    onnx.checker.check_model(model)
-    return model
-
-
-def onnx_predict(model_bytes: bytes, examples: Sequence[Example], chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """onnxruntime predictions for examples, through the runtime's own feature path."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
-    tasks, difficulties = [np.zeros((0, len(TASK_TYPES)), np.float32)], [np.zeros(0, np.float32)]
-    for start in range(0, len(examples), chunk):
-        sparse = F.featurize_messages_sparse([ex.messages for ex in examples[start : start + chunk]])
-        task = np.zeros((len(sparse.handcrafted), len(TASK_TYPES)), np.float32)
-        difficulty = np.zeros(len(sparse.handcrafted), np.float32)
-        for rows, feeds in F.onnx_feeds(sparse):
-            task[rows], difficulty[rows] = session.run(["task_probs", "difficulty"], feeds)
-        tasks.append(task)
-        difficulties.append(difficulty)
-    return np.concatenate(tasks), np.concatenate(difficulties)
+# --- checks that refit or need the scikit-learn models ------------------------------------------
 
 
 def agreement(models: Models, model_bytes: bytes, examples: Sequence[Example]) -> dict[str, float]:
@@ -396,141 +257,6 @@ def agreement(models: Models, model_bytes: bytes, examples: Sequence[Example]) -
         "task_argmax_agreement": float((task_sk.argmax(1) == task_ox.argmax(1)).mean()),
         "skl2onnx_reference_max_abs_diff": float(max(np.abs(task_sk - task_ref).max(), np.abs(diff_sk - diff_ref).max())),
     }
-
-
-# --- metrics -------------------------------------------------------------------------------------
-
-
-def _spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
-    if len(a) < 3 or len(set(a)) < 2 or len(set(b)) < 2:
-        return None
-    return round(float(spearmanr(a, b).statistic), 4)
-
-
-def reliability(pred: np.ndarray, target: np.ndarray, bins: int = 10) -> list[dict[str, float]]:
-    table = []
-    edges = np.linspace(0, 1, bins + 1)
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        inside = (pred >= lo) & ((pred < hi) if hi < 1 else (pred <= hi))
-        if inside.any():
-            table.append(
-                {
-                    "bin": f"{lo:.1f}-{hi:.1f}",
-                    "n": int(inside.sum()),
-                    "mean_predicted": round(float(pred[inside].mean()), 3),
-                    "mean_observed": round(float(target[inside].mean()), 3),
-                }
-            )
-    return table
-
-
-def task_metrics(examples: Sequence[Example], probs: np.ndarray) -> dict[str, Any]:
-    rows = [i for i, ex in enumerate(examples) if ex.task is not None]
-    if not rows:
-        return {}
-    y = np.array([TASK_TYPES.index(examples[i].task) for i in rows])
-    pred = probs[rows].argmax(1)
-    labels = list(range(len(TASK_TYPES)))
-    per_class = f1_score(y, pred, labels=labels, average=None, zero_division=0)
-    by_source: dict[str, list[bool]] = defaultdict(list)
-    for i, p in zip(rows, pred):
-        by_source[examples[i].source].append(TASK_TYPES[p] == examples[i].task)
-    confusion = np.zeros((len(TASK_TYPES), len(TASK_TYPES)), dtype=int)
-    np.add.at(confusion, (y, pred), 1)
-    return {
-        "n": len(rows),
-        "macro_f1": round(float(f1_score(y, pred, labels=labels, average="macro", zero_division=0)), 4),
-        "f1": {t: round(float(f), 4) for t, f in zip(TASK_TYPES, per_class)},
-        "accuracy_by_source": {s: round(float(np.mean(v)), 4) for s, v in sorted(by_source.items())},
-        "confusion": {"rows_true_cols_pred": list(TASK_TYPES), "matrix": confusion.tolist()},
-    }
-
-
-def difficulty_metrics(examples: Sequence[Example], diff: np.ndarray) -> dict[str, Any]:
-    def graded(key: str, source: str | None = None) -> tuple[list[float], list[float]]:
-        pairs = [(diff[i], ex.grades[key]) for i, ex in enumerate(examples) if key in ex.grades and (source is None or ex.source == source)]
-        return [p for p, _ in pairs], [g for _, g in pairs]
-
-    out: dict[str, Any] = {}
-    p, g = graded("math_level", "math")
-    out["spearman_math_level"] = _spearman(p, g)
-    p, g = graded("mmlu_fail_share")
-    out["spearman_mmlu_pro_failure_rate"] = _spearman(p, g)
-    p, g = graded("gsm8k_fail_share")
-    out["spearman_gsm8k_failure_share"] = _spearman(p, g)
-    p, g = graded("crux_fail_share")
-    out["spearman_cruxeval_failure_rate"] = _spearman(p, g)
-    per_task: dict[str, list[float]] = defaultdict(list)
-    task_fail: dict[str, float] = {}
-    for i, ex in enumerate(examples):
-        if "bbh_task_direct_fail" in ex.grades:
-            per_task[ex.subset].append(float(diff[i]))
-            task_fail[ex.subset] = ex.grades["bbh_task_direct_fail"]
-    names = sorted(per_task)
-    out["spearman_bbh_task_failure_rate"] = _spearman([float(np.mean(per_task[n])) for n in names], [task_fail[n] for n in names])
-    p, g = graded("direct_wrong")
-    out["auc_bbh_direct_wrong"] = round(float(roc_auc_score(g, p)), 4) if len(set(g)) == 2 else None
-    p, g = graded("ref_wrong")
-    out["auc_mmlu_pro_reference_wrong"] = round(float(roc_auc_score(g, p)), 4) if len(set(g)) == 2 else None
-    out["reliability_mmlu_pro_reference_outcomes"] = reliability(np.array(p), np.array(g)) if p else []
-    levels = defaultdict(list)
-    for i, ex in enumerate(examples):
-        if ex.source == "math" and "math_level" in ex.grades:
-            levels[int(ex.grades["math_level"])].append(float(diff[i]))
-        elif ex.source == "gsm8k":
-            levels[0].append(float(diff[i]))
-    out["mean_by_math_level"] = {("gsm8k" if k == 0 else f"level_{k}"): round(float(np.mean(v)), 4) for k, v in sorted(levels.items())}
-    by_source = defaultdict(list)
-    for i, ex in enumerate(examples):
-        by_source[ex.source].append(float(diff[i]))
-    out["mean_by_source"] = {s: round(float(np.mean(v)), 4) for s, v in sorted(by_source.items())}
-    rows = [i for i, ex in enumerate(examples) if ex.difficulty is not None]
-    if rows:
-        pred, target = diff[rows], np.array([examples[i].difficulty for i in rows])
-        out["mae_vs_target"] = round(float(np.abs(pred - target).mean()), 4)
-        out["spearman_vs_target"] = _spearman(list(pred), list(target))
-        out["reliability_vs_target"] = reliability(pred, target)
-    return out
-
-
-GRADED_SOURCES = ("math", "gsm8k", "mmlu_pro", "bbh", "cruxeval")
-
-
-# Style-only system prompts apps send, none of them in the training set (train_data's generic ones
-# differ): they must not change what a request is.
-STYLE_SYSTEM_PROMPTS = ("Keep answers short.", "Respond briefly.", "Be succinct and polite.",
-                        "Answer in English.", "You are an assistant. Use short sentences.")
-
-
-def natural_prompt_metrics(model_bytes: bytes) -> dict[str, Any]:
-    """Task type on short prompts written as people type them (router/data/natural_prompts*.jsonl,
-    hand-written for this check, never trained on): the benchmarks' formats are not how users ask.
-    Each set is scored as it is and under each of STYLE_SYSTEM_PROMPTS."""
-    out = {}
-    for path in sorted(NATURAL_PROMPTS_DIR.glob("natural_prompts*.jsonl")):
-        examples = load_extra(path)
-        probs, _ = onnx_predict(model_bytes, examples)
-        found = task_metrics(examples, probs)
-        styled = {}
-        for system in STYLE_SYSTEM_PROMPTS:
-            with_system = [dataclasses.replace(ex, messages=[{"role": "system", "content": system}, *ex.messages])
-                           for ex in examples]
-            styled[system] = _accuracy(onnx_predict(model_bytes, with_system)[0], with_system)
-        out[path.stem] = {"n": found["n"], "accuracy": _accuracy(probs, examples), "macro_f1": found["macro_f1"],
-                          "f1": found["f1"], "accuracy_with_style_system_prompt": styled}
-    return out
-
-
-def multi_turn_metrics(model_bytes: bytes) -> dict[str, Any]:
-    """The natural sets with k generic earlier exchanges in front (router/multiturn_check.py): a
-    request must not turn into chat because the conversation is long."""
-    from router.multiturn_check import multiturn_metrics
-
-    return multiturn_metrics(lambda batch: onnx_predict(model_bytes, [Example("check", "check", list(m), None, None) for m in batch]))
-
-
-def _accuracy(probs: np.ndarray, examples: Sequence[Example]) -> float:
-    return round(float(np.mean([TASK_TYPES[p] == ex.task for p, ex in zip(probs.argmax(1), examples)])), 4)
 
 
 def leave_one_source_out(
@@ -701,43 +427,6 @@ def train(
     }
     (out_dir / CARD_NAME).write_text(json.dumps(card, indent=1, sort_keys=False) + "\n", encoding="utf-8")
     return card
-
-
-def metrics_table(card: dict[str, Any]) -> str:
-    held = card["metrics"]["held_out"]
-    lines = [f"{'metric':<44}{'value':>10}  target", "-" * 64]
-
-    def row(name: str, value: Any, target: str = "") -> None:
-        text = "n/a" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
-        lines.append(f"{name:<44}{text:>10}  {target}")
-
-    row("task macro-F1 (held-out)", held["task"]["macro_f1"], ">= 0.90")
-    for t, f in held["task"]["f1"].items():
-        row(f"  F1 {t}", f)
-    for name, found in card["metrics"].get("natural_prompts", {}).items():
-        row(f"task macro-F1 ({name}, n={found['n']})", found["macro_f1"])
-        styled = found.get("accuracy_with_style_system_prompt") or {}
-        if styled:
-            row("  accuracy, worst style system prompt", min(styled.values()))
-    for k, found in (card["metrics"].get("multi_turn") or {}).get("by_k", {}).items():
-        row(f"task macro-F1 (sets A+B+C, {k} earlier exchanges)", found["pooled"]["macro_f1"])
-    loso = card["metrics"].get("leave_one_source_out")
-    if loso:
-        row("task macro-F1 (left-out sources, pooled)", loso["macro_f1_pooled"], ">= 0.80")
-        for s, v in loso["by_source"].items():
-            row(f"  accuracy left out: {s}", v["accuracy"])
-    d = held["difficulty"]
-    row("difficulty Spearman vs MATH level", d["spearman_math_level"], ">= 0.5")
-    row("difficulty Spearman vs MMLU-Pro failure rate", d["spearman_mmlu_pro_failure_rate"], ">= 0.5")
-    row("difficulty Spearman vs BBH task failure", d["spearman_bbh_task_failure_rate"])
-    row("difficulty Spearman vs GSM8K failure share", d["spearman_gsm8k_failure_share"])
-    row("difficulty Spearman vs CRUXEval failure", d["spearman_cruxeval_failure_rate"])
-    row("difficulty AUC vs reference-model MMLU-Pro miss", d["auc_mmlu_pro_reference_wrong"])
-    row("difficulty MAE vs target", d.get("mae_vs_target"))
-    for k, v in d["mean_by_math_level"].items():
-        row(f"  mean difficulty {k}", v)
-    row("onnx vs sklearn max |diff|", max(card["onnx_vs_sklearn"]["task_probs_max_abs_diff"], card["onnx_vs_sklearn"]["difficulty_max_abs_diff"]), "<= 1e-4")
-    return "\n".join(lines)
 
 
 def cli(argv: list[str] | None = None) -> int:

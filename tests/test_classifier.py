@@ -278,7 +278,7 @@ def test_load_errors_are_clear(tmp_path):
 @pytest.mark.parametrize(
     "user,system,task",
     [
-        # Wordings that appear nowhere in training (see train_data.TASK_SYSTEM_PROMPTS / TASK_ROLES).
+        # Wordings that appear nowhere in training (see train_system_prompts.TASK_SYSTEM_PROMPTS / TASK_ROLES).
         # ("How do I reverse a list?" was the programmer's case until the multi-turn refit read it as
         # code on its own, p 0.39 against 0.34 before: a list is a data structure, so that is right.)
         ("How do I reverse the order?", "You are a programming assistant that writes Python code.", "code"),
@@ -361,7 +361,7 @@ def test_natural_prompts_are_read_as_people_type_them(clf):
     the short synthetic requests 83% / 80% (and set C 72%, 64% before them), with the multi-turn refit
     (shipped) 83% / 78% and set C 72% (docs/classifier.md). A style-only system prompt must not change what a request is: "Be brief."
     used to send most of them to knowledge (47% right)."""
-    from router.train import STYLE_SYSTEM_PROMPTS
+    from router.train_metrics import STYLE_SYSTEM_PROMPTS
     from router.train_data import load_extra
 
     # Set C (480 prompts, written apart from the training data and never used to choose) is harder:

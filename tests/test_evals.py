@@ -932,3 +932,19 @@ def test_cross_fit_is_refused_for_a_users_table(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--leak-free cross-fit is for the built-in suites" in err and "source-out" in err
     assert not (tmp_path / "out" / "report.md").exists()
+
+
+@pytest.mark.parametrize("name", ["_fit", "_source_weights", "mix_difficulty"])
+def test_the_score_cache_is_keyed_by_the_fitting_code_itself(monkeypatch, name):
+    """The cache key hashed `fit`, a four-line wrapper: a change to the fitting (`_fit`: class weights,
+    expert rows; the per-source weights; the expert mixture) reused the scores of the old fit."""
+    from evals import classification
+    from router import train as T
+
+    before = classification._code_hash()
+
+    def edited(*args, **kwargs):  # stands for an edit of the function's code
+        return None
+
+    monkeypatch.setattr(T, name, edited)
+    assert classification._code_hash() != before
