@@ -47,6 +47,25 @@ def stack(tmp_path_factory):
             yield gateway, mock
 
 
+def test_the_sdk_logs_the_request_id_of_an_answer_and_of_an_error(client, mock):
+    """The openai SDK reads `x-request-id` into `_request_id` (an answer's, a stream's) and an error's
+    `request_id`, what apps log to report a failed request: it is the request's id (it was None)."""
+    messages = [{"role": "user", "content": "What is 2 + 2?"}]
+    completion = client.chat.completions.create(model="auto", messages=messages)
+    assert completion._request_id == completion.id
+    response = client.responses.create(model="mock-a", input="What is 2 + 2?")
+    assert response._request_id == response.id
+    assert client.embeddings.create(model="mock-a", input="two words")._request_id.startswith("emb-")
+    raw = client.chat.completions.with_raw_response.create(
+        model="auto", messages=messages, stream=True, extra_headers={"x-ponder-strategy": "self_consistency"})
+    assert {chunk.id for chunk in raw.parse()} == {raw.headers["x-request-id"]}
+    control(mock, script=["500", "500"])  # the call and its retry
+    with pytest.raises(openai.InternalServerError) as failed:
+        client.chat.completions.create(model="mock-a", messages=messages)
+    assert failed.value.request_id == failed.value.response.headers["x-ponder-request-id"]
+    assert failed.value.request_id.startswith("chatcmpl-")
+
+
 def test_models_lists_backends_and_routed_aliases(client):
     ids = {m.id for m in client.models.list()}
     assert {"auto", "mock-a", "mock-b"} <= ids
