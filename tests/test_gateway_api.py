@@ -209,6 +209,26 @@ def test_a_backend_called_through_litellm(client, mock):
     assert client.chat.completions.create(model="mock-litellm", messages=[{"role": "user", "content": "x"}]).choices
 
 
+@pytest.mark.parametrize("limit", ["429_ms", "429_date"])
+def test_an_upstreams_wait_in_retry_after_ms_or_as_a_date_is_honoured_and_passed_on(tmp_path, limit):
+    """An upstream's 429 may say its wait as `retry-after-ms` only (Azure OpenAI; the openai SDK reads it
+    first) or as an HTTP-date (RFC 9110): read as seconds only, the wait was lost, so the backend was
+    called again at once and the client's SDK retried on its own short backoff."""
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("mock-a", mock), mock_backend("mock-b", mock),
+                         mock_backend("mock-litellm", mock, fast_path=False)],
+            "policy": policy(tmp_path)}, name="waits")) as gateway:
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+        for backend in ("mock-a", "mock-litellm"):
+            reset(mock)
+            control(mock, script=[limit, limit])
+            with pytest.raises(openai.RateLimitError) as limited:
+                client.chat.completions.create(model=backend, messages=[{"role": "user", "content": "x"}])
+            # 7 s less the time it took to answer (and an HTTP-date's whole seconds)
+            assert 5 <= int(limited.value.response.headers["retry-after"]) <= 7, backend
+            assert calls(mock)["count"] == 1, backend  # not called again within the upstream's wait
+
+
 def test_a_first_call_through_litellm_waits_for_no_import(tmp_path):
     """litellm takes seconds to import, all of them with the event loop blocked. Imported by the first
     call that needed it, that call's first-byte timeout ran out (a 504 that cooled the backend down)
