@@ -53,8 +53,8 @@ SYNTH_HOLD_S = 20.0
 CLIENT_CLOSED = "Client closed the request."
 CLIENT_CLOSED_STATUS = 499
 # What a browser app may read of an answer when CORS is on (the rest of the headers are hidden from it).
-EXPOSED_HEADERS = ["x-ponder-request-id", "x-ponder-arm", "x-ponder-task", "x-ponder-difficulty", "x-ponder-policy",
-                   "x-ponder-cost-usd", "x-ponder-samples", "retry-after", "server-timing"]
+EXPOSED_HEADERS = ["x-ponder-request-id", "x-request-id", "x-ponder-arm", "x-ponder-task", "x-ponder-difficulty",
+                   "x-ponder-policy", "x-ponder-cost-usd", "x-ponder-samples", "retry-after", "server-timing"]
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None,
@@ -125,10 +125,16 @@ async def retrieve_model(request: Request) -> Response:
 # -- the request path: chat completions and responses -----------------------------------------------
 
 
+def request_id_headers(request_id: str) -> dict[str, str]:
+    """The request's id, under Ponder's name and OpenAI's: the openai SDKs read `x-request-id` into a
+    result's `_request_id` and an error's `request_id`, which apps log to report a failed request."""
+    return {"x-ponder-request-id": request_id, "x-request-id": request_id}
+
+
 def plan_headers(plan: Plan) -> dict[str, str]:
     decision = plan.decision
     return {
-        "x-ponder-request-id": plan.request_id,
+        **request_id_headers(plan.request_id),
         "x-ponder-arm": decision.arm.key,
         "x-ponder-task": decision.task,
         "x-ponder-difficulty": f"{decision.difficulty:.3f}",
@@ -296,7 +302,7 @@ async def create_embeddings(request: Request) -> Response:
         raise
     gw.unsettled.add()  # from here every path ends in settle(): shutdown waits for it
     request_id = embeddings.new_request_id()
-    headers = {"x-ponder-request-id": request_id, "x-ponder-arm": backend.name, "x-ponder-policy": "direct"}
+    headers = {**request_id_headers(request_id), "x-ponder-arm": backend.name, "x-ponder-policy": "direct"}
     caller = gw.caller()
 
     async def settle(status: int, error: str | None = None) -> None:

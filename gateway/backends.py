@@ -390,7 +390,7 @@ class Backend:
                                          timeout=self._timeout) as resp:
                 raw = await resp.read()
                 if resp.status >= 400:
-                    raise http_error(self.name, resp.status, raw, resp.headers.get("Retry-After"))
+                    raise http_error(self.name, resp.status, raw, resp.headers)
         except aiohttp.ConnectionTimeoutError:  # never connected: nothing was sent, nothing to bill
             raise UpstreamError(self.name, 504, f"{self.name}: upstream connection timed out", retryable=True) from None
         except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
@@ -553,7 +553,7 @@ class Backend:
             async with self.session.post(self.url, data=orjson.dumps(self._payload(body)),
                                          headers=self._headers(), timeout=self._stream_timeout) as resp:
                 if resp.status >= 400:
-                    raise http_error(self.name, resp.status, await resp.read(), resp.headers.get("Retry-After"))
+                    raise http_error(self.name, resp.status, await resp.read(), resp.headers)
                 protocol = resp.connection.protocol if resp.connection is not None else None
                 async with contextlib.aclosing(read_events(resp.content.iter_any(), MAX_EVENT_BYTES)) as events:
                     async for payload in events:

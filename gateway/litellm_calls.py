@@ -9,7 +9,7 @@ import functools
 import os
 from typing import Any
 
-from gateway.upstream_errors import REQUEST_ERRORS, UpstreamError, google_retry_delay, passed_on, retry_after_seconds
+from gateway.upstream_errors import REQUEST_ERRORS, UpstreamError, google_retry_delay, passed_on, upstream_wait
 
 _LITELLM = None
 
@@ -95,7 +95,7 @@ def litellm_error(backend: str, exc: Exception) -> UpstreamError:
     retryable = status in (0, 408, 429) or status >= 500
     client_status = status if status in REQUEST_ERRORS or status == 429 else 502
     # litellm keeps the upstream's error body only as text in its message (Google's RetryInfo with it)
-    retry_after = retry_after_seconds(_litellm_headers(exc).get("retry-after")) or google_retry_delay(str(exc))
+    retry_after = upstream_wait(_litellm_headers(exc)) or google_retry_delay(str(exc))
     body = getattr(exc, "body", None)
     error = dict(body) if isinstance(body, dict) else {}
     if not error.get("code") and type(exc).__name__ in _LITELLM_CODES:

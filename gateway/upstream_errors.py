@@ -7,7 +7,10 @@ litellm's exceptions (gateway/litellm_calls.py).
 
 from __future__ import annotations
 
+import email.utils
 import re
+import time
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -54,7 +57,7 @@ class UpstreamError(Exception):
         return self.status in REQUEST_ERRORS
 
 
-def http_error(backend: str, status: int, raw: bytes, retry_after: str | None) -> UpstreamError:
+def http_error(backend: str, status: int, raw: bytes, headers: Mapping[str, str]) -> UpstreamError:
     """An upstream's HTTP error answer (the fast path's) as the UpstreamError the client and the retries act on."""
     try:
         error = orjson.loads(raw)["error"]
@@ -66,7 +69,7 @@ def http_error(backend: str, status: int, raw: bytes, retry_after: str | None) -
     code, param = passed_on(client_status, error)
     if code is None and client_status == 400 and _says_context_exceeded(str(message)):
         code, param = "context_length_exceeded", param or "messages"
-    wait = retry_after_seconds(retry_after) or google_retry_delay(raw.decode("utf-8", "replace"))
+    wait = upstream_wait(headers) or google_retry_delay(raw.decode("utf-8", "replace"))
     return UpstreamError(backend, client_status, f"{backend}: upstream {status}: {message}",
                          retryable=retryable, retry_after=wait, code=code, param=param,
                          upstream_status=status)
@@ -95,10 +98,28 @@ def _says_context_exceeded(message: str) -> bool:
     return any(phrase in message for phrase in CONTEXT_EXCEEDED_PHRASES)
 
 
-def retry_after_seconds(value: str | None) -> float | None:
+def upstream_wait(headers: Mapping[str, str]) -> float | None:
+    """The wait, in seconds, an upstream's error answer asks for (headers looked up case-insensitively,
+    as aiohttp's and httpx's are): `retry-after-ms` first, as the openai SDK reads it (Azure OpenAI
+    may send only that one), else `Retry-After` as seconds or as an HTTP-date (RFC 9110)."""
     try:
-        return max(0.0, float(value)) if value else None
+        if milliseconds := headers.get("retry-after-ms"):
+            return max(0.0, float(milliseconds) / 1000)
     except ValueError:
+        pass
+    return retry_after_seconds(headers.get("retry-after"))
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
         return None
 
 

@@ -8,7 +8,7 @@ per whitespace-separated word), and can misbehave on demand:
                    "cached_tokens": 0}
         script: behaviours for the next requests, in order; then fail_rate picks "500" at random.
         cached_tokens: reported in every answer's `usage.prompt_tokens_details` (a prompt cache hit).
-        behaviours: ok | 500 | 429 | 429_google | 401 | too_long | too_long_vllm | echo_400 | empty | hang | reset | truncate | reset_mid | stall | slow_first | hold
+        behaviours: ok | 500 | 429 | 429_ms | 429_date | 429_google | 401 | too_long | too_long_vllm | echo_400 | empty | hang | reset | truncate | reset_mid | stall | slow_first | hold
                     | raw | tool_call | length | no_usage
         (tool_call: the answer is a call of the request's first tool, the picked answer its arguments,
         streamed a word at a time; length: the answer cut at max_tokens/max_completion_tokens words,
@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import email.utils
 import hashlib
 import random
 import re
@@ -175,6 +176,11 @@ async def chat(request: web.Request) -> web.StreamResponse:
     behaviour, failure = await delayed_behaviour()
     if failure is not None:
         return failure
+    if behaviour in ("429_ms", "429_date"):  # the wait as Azure OpenAI writes it, or as an HTTP-date (RFC 9110)
+        wait = {"retry-after-ms": "7000"} if behaviour == "429_ms" else \
+            {"Retry-After": email.utils.formatdate(time.time() + 7, usegmt=True)}
+        return web.json_response({"error": {"code": "429", "message": "Rate limit reached. Please retry after 7 "
+                                                                      "seconds."}}, status=429, headers=wait)
     if behaviour == "429_google":  # Gemini's OpenAI-compatible endpoint: no Retry-After, the wait in RetryInfo
         return web.json_response([{"error": {
             "code": 429, "message": "You exceeded your current quota.", "status": "RESOURCE_EXHAUSTED",

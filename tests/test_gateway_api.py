@@ -47,6 +47,25 @@ def stack(tmp_path_factory):
             yield gateway, mock
 
 
+def test_the_sdk_logs_the_request_id_of_an_answer_and_of_an_error(client, mock):
+    """The openai SDK reads `x-request-id` into `_request_id` (an answer's, a stream's) and an error's
+    `request_id`, what apps log to report a failed request: it is the request's id (it was None)."""
+    messages = [{"role": "user", "content": "What is 2 + 2?"}]
+    completion = client.chat.completions.create(model="auto", messages=messages)
+    assert completion._request_id == completion.id
+    response = client.responses.create(model="mock-a", input="What is 2 + 2?")
+    assert response._request_id == response.id
+    assert client.embeddings.create(model="mock-a", input="two words")._request_id.startswith("emb-")
+    raw = client.chat.completions.with_raw_response.create(
+        model="auto", messages=messages, stream=True, extra_headers={"x-ponder-strategy": "self_consistency"})
+    assert {chunk.id for chunk in raw.parse()} == {raw.headers["x-request-id"]}
+    control(mock, script=["500", "500"])  # the call and its retry
+    with pytest.raises(openai.InternalServerError) as failed:
+        client.chat.completions.create(model="mock-a", messages=messages)
+    assert failed.value.request_id == failed.value.response.headers["x-ponder-request-id"]
+    assert failed.value.request_id.startswith("chatcmpl-")
+
+
 def test_models_lists_backends_and_routed_aliases(client):
     ids = {m.id for m in client.models.list()}
     assert {"auto", "mock-a", "mock-b"} <= ids
@@ -188,6 +207,26 @@ def test_a_backend_called_through_litellm(client, mock):
     assert int(limited.value.response.headers["retry-after"]) >= 1
     time.sleep(int(limited.value.response.headers["retry-after"]) + 0.1)  # its cool-down is over: served again
     assert client.chat.completions.create(model="mock-litellm", messages=[{"role": "user", "content": "x"}]).choices
+
+
+@pytest.mark.parametrize("limit", ["429_ms", "429_date"])
+def test_an_upstreams_wait_in_retry_after_ms_or_as_a_date_is_honoured_and_passed_on(tmp_path, limit):
+    """An upstream's 429 may say its wait as `retry-after-ms` only (Azure OpenAI; the openai SDK reads it
+    first) or as an HTTP-date (RFC 9110): read as seconds only, the wait was lost, so the backend was
+    called again at once and the client's SDK retried on its own short backoff."""
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("mock-a", mock), mock_backend("mock-b", mock),
+                         mock_backend("mock-litellm", mock, fast_path=False)],
+            "policy": policy(tmp_path)}, name="waits")) as gateway:
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+        for backend in ("mock-a", "mock-litellm"):
+            reset(mock)
+            control(mock, script=[limit, limit])
+            with pytest.raises(openai.RateLimitError) as limited:
+                client.chat.completions.create(model=backend, messages=[{"role": "user", "content": "x"}])
+            # 7 s less the time it took to answer (and an HTTP-date's whole seconds)
+            assert 5 <= int(limited.value.response.headers["retry-after"]) <= 7, backend
+            assert calls(mock)["count"] == 1, backend  # not called again within the upstream's wait
 
 
 def test_a_first_call_through_litellm_waits_for_no_import(tmp_path):

@@ -1057,7 +1057,7 @@ def test_cors_when_configured_lets_a_browser_app_read_ponders_headers(tmp_path):
         answer = httpx.post(url, headers={"origin": app_origin}, timeout=10,
                             json={"model": "auto", "messages": [{"role": "user", "content": "hi"}]})
         exposed = {h.strip() for h in answer.headers["access-control-expose-headers"].split(",")}
-        assert {"x-ponder-request-id", "x-ponder-cost-usd", "retry-after"} <= exposed
+        assert {"x-ponder-request-id", "x-request-id", "x-ponder-cost-usd", "retry-after"} <= exposed
         other = httpx.post(url, headers={"origin": "https://evil.example"}, timeout=10,
                            json={"model": "auto", "messages": [{"role": "user", "content": "hi"}]})
         assert "access-control-allow-origin" not in other.headers
