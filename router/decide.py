@@ -184,7 +184,8 @@ def _learned(seen: ArmStats | None, shared: ArmStats | None, alpha: float, beta:
     any outcome its cost ratio is what `calibration` (the route's sums, see _calibration) says of the
     route's *other* arms' estimates, since an estimate's error (e.g. the guessed output length) is
     usually shared by the arms of a route; the arm's own record then moves it level by level, counted
-    once.
+    once. Only costs that no price ever estimated (a replay's recorded costs of unpriced models) are
+    learned as an amount added per request (the cost addend) instead.
     """
     # (an arm widened in from outside the route by an override was never in the route's sums)
     factor, addend = _others_ratio(calibration, shared if in_calibration else None, reference, prior_strength), 0.0
@@ -214,7 +215,9 @@ def _learned(seen: ArmStats | None, shared: ArmStats | None, alpha: float, beta:
                 alpha, beta = strength * mean, strength * (1.0 - mean)
             if count > 1e-9:
                 share = count / (prior_strength + count)
-                if reference > 0:
+                # a ratio wherever a price stood behind the costs (then or now): an arm whose prices
+                # were edited to 0 costs nothing, not the mean it was observed at the old price
+                if reference > 0 or estimated > 1e-15:
                     factor += share * (_cost_ratio(cost_usd, estimated) - factor)
                 else:
                     addend += share * (max(cost_usd, 0.0) / count - addend)
@@ -230,8 +233,9 @@ def _learned(seen: ArmStats | None, shared: ArmStats | None, alpha: float, beta:
         count = seen.count
         if count > 0:
             share = count / (prior_strength + count)
-            if reference > 0:
-                factor += share * (_cost_ratio(seen.cost_usd, _estimated_of(seen, reference)) - factor)
+            estimated = _estimated_of(seen, reference)
+            if reference > 0 or estimated > 1e-15:
+                factor += share * (_cost_ratio(seen.cost_usd, estimated) - factor)
             else:
                 addend += share * (seen.cost_usd / count - addend)
             observed = seen.latency_ms / count

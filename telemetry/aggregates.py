@@ -97,8 +97,12 @@ def event_delta(event: Event) -> dict[str, float]:
         "completion_tokens": float(event.completion_tokens),
         "reasoning_tokens": float(event.reasoning_tokens),
     }
+    left = event.status == CLIENT_CLOSED_STATUS
+    failed = not left and (event.status >= 400 or bool(event.error))
     if event.estimated_cost_usd is not None:  # the cost model's estimate, and that this outcome has one
-        delta[EST_COST] = float(event.estimated_cost_usd)
+        # It estimates an answer: a request no arm answered (every call failed, which bills nothing or
+        # a cut prompt) is compared with $0 of it, else a flaky or just-recovered arm looks cheap.
+        delta[EST_COST] = 0.0 if failed else float(event.estimated_cost_usd)
         delta[EST_COUNT] = 1.0
     if event.estimated_prompt_tokens is not None:
         delta["est_prompt_tokens"] = float(event.estimated_prompt_tokens)
@@ -106,11 +110,10 @@ def event_delta(event: Event) -> dict[str, float]:
     if weight > 0:
         delta["weight"] = weight
         delta["successes"] = weight * float(event.success or 0.0)
-    if event.status == CLIENT_CLOSED_STATUS:
+    if left:
         # The client hung up: not the arm's error, and not its latency either (the answer's time is
         # unknown, only that it took longer than the client waited). Its cost and tokens count above.
         return {k: v for k, v in delta.items() if v}
-    failed = event.status >= 400 or bool(event.error)
     if failed:
         delta["errors"] = 1.0
     if not failed or event.calls:

@@ -162,3 +162,72 @@ def test_a_clients_n_choices_leave_one_answers_cost_as_it_is(tmp_path):
         detail = httpx.get(f"{gateway.url}/v1/ponder/requests/{one.headers['x-ponder-request-id']}").json()
         expected = next(c["expected_cost_usd"] for c in detail["decision"]["candidates"] if c["arm"] == CHEAP)
         assert expected == pytest.approx(float(one.headers["x-ponder-cost-usd"]), rel=0.1)
+
+
+def test_an_arm_made_free_by_a_price_edit_costs_nothing_to_the_learner(tmp_path):
+    """An operator moves `strong` to a free endpoint (its prices edited to 0 in the policy, hot
+    reloaded) and weighs cost more. The learner kept charging the arm most of the mean cost it had
+    observed at the old price (~$0.011 a request), so at cost_weight 100 the free arm, right 90% of the
+    time, lost to `cheap`, right 40%, for as long as its old record lasted (for ever without a
+    half-life). The old record's cost ratio (observed / estimated) applies to the new price, as it
+    does to any other price edit."""
+    def policy(strong_prices: dict, cost_weight: float) -> dict:
+        return {"name": "repriced",
+                "backends": [mock_backend("mock-a", mock_a), mock_backend("mock-b", mock_b, prices=strong_prices)],
+                "arms": {"cheap": {"backend": "mock-a", "prior": 0.5, "tokens": 1},
+                         "strong": {"backend": "mock-b", "prior": 0.9, "tokens": 1}},
+                "routes": [{"name": "all", "candidates": ["cheap", "strong"]}],
+                "objective": {"cost_weight": cost_weight, "latency_weight": 0},
+                "exploration": {"share": 0.0}, "learner": {"half_life_hours": None}}
+
+    with running(start_mock(tmp_path)) as mock_a, running(start_mock(tmp_path)) as mock_b:
+        control(mock_a, answers=answers(0.4))
+        control(mock_b, answers=answers(0.9))
+        path = write_policy(tmp_path, policy({"input_per_mtok": 100.0, "output_per_mtok": 10_000.0}, 20), "repriced.yaml")
+        config = {"policy": path, "telemetry": {"data_dir": str(tmp_path / "data"), "refresh_s": 0.05}}
+        with running(start_gateway(tmp_path, config, name="repriced")) as gateway:
+            app = App(gateway)
+            for _ in range(30):
+                assert app.ask()["arm"] == STRONG  # 0.9 - 20 x $0.011 beats 0.4
+            assert app.log[-1]["cost"] > 0.005
+
+            write_policy(tmp_path, policy({"input_per_mtok": 0.0, "output_per_mtok": 0.0}, 100), "repriced.yaml")
+            time.sleep(2.5)  # the policy watcher looks every second
+            for _ in range(10):
+                row = app.ask()
+                assert (row["arm"], row["cost"]) == (STRONG, 0.0)
+            client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+            raw = client.chat.completions.with_raw_response.create(model="auto", messages=QUESTION)
+            detail = httpx.get(f"{gateway.url}/v1/ponder/requests/{raw.headers['x-ponder-request-id']}").json()
+            expected = {c["arm"]: c["expected_cost_usd"] for c in detail["decision"]["candidates"]}
+            assert expected[STRONG] == 0.0 and raw.headers["x-ponder-arm"] == STRONG
+
+
+def test_requests_no_arm_answered_leave_an_answers_cost_as_it_is(tmp_path):
+    """The route's only backend fails every other call: those requests fail (502), billed nothing.
+    They were recorded with the cost model's estimate of an answer against $0 spent, so the learner
+    expected an answer to cost about half what it does (the ratio of what was spent to what was
+    estimated), and the objective and the cost caps used that: a flaky arm looked cheap, and one
+    outage made an arm look cheap for as long as its record lasted."""
+    arms = {"strong": {"backend": "mock-b", "prior": 0.9, "tokens": 1}}
+    policy = write_policy(tmp_path, {"name": "outage", "arms": arms, "routes": [{"name": "all", "candidates": ["strong"]}],
+                                     "exploration": {"share": 0.0}, "learner": {"half_life_hours": None}}, "outage.yaml")
+    with running(start_mock(tmp_path)) as mock_b:
+        control(mock_b, answers=[RIGHT])
+        config = {"backends": [mock_backend("mock-b", mock_b, max_retries=0,
+                                            prices={"input_per_mtok": 100.0, "output_per_mtok": 10_000.0})],
+                  "policy": policy, "telemetry": {"data_dir": str(tmp_path / "data"), "refresh_s": 0.05}}
+        with running(start_gateway(tmp_path, config, name="outage")) as gateway:
+            client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+            control(mock_b, script=["500", "ok"] * 15)  # flaky: every other call fails
+            for i in range(30):
+                if i % 2 == 0:
+                    with pytest.raises(openai.InternalServerError):
+                        client.chat.completions.create(model="auto", messages=QUESTION)
+                else:
+                    answered = client.chat.completions.with_raw_response.create(model="auto", messages=QUESTION)
+            time.sleep(0.3)
+            one = client.chat.completions.with_raw_response.create(model="auto", messages=QUESTION)
+            detail = httpx.get(f"{gateway.url}/v1/ponder/requests/{one.headers['x-ponder-request-id']}").json()
+            (expected,) = (c["expected_cost_usd"] for c in detail["decision"]["candidates"])
+            assert expected == pytest.approx(float(answered.headers["x-ponder-cost-usd"]), rel=0.1)
