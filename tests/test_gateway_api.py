@@ -406,6 +406,24 @@ def test_usage_details_are_passed_on_and_summed_over_samples(client, mock):
     assert vote.usage.prompt_tokens_details.audio_tokens == 0
 
 
+def test_a_votes_reasoning_tokens_are_summed_over_its_samples(client, mock, gw):
+    """Each of a vote's five samples on a reasoning backend thinks 10 tokens: the client's usage and the
+    recorded event (the `reasoning` token counter in /metrics) count all fifty, not the first sample's."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def reasoning_tokens() -> float:
+        families = text_string_to_metric_families(httpx.get(gw.url + "/metrics").text)
+        return sum(s.value for f in families if f.name == "ponder_tokens" for s in f.samples
+                   if s.name == "ponder_tokens_total" and s.labels["kind"] == "reasoning")
+
+    before = reasoning_tokens()
+    vote = client.chat.completions.create(model="mock-o", messages=[{"role": "user", "content": "What is 3 + 4?"}],
+                                          reasoning_effort="low", extra_headers={"x-ponder-strategy": "self_consistency"})
+    assert vote.model_extra["ponder"]["calls"] == 5
+    assert vote.usage.completion_tokens_details.reasoning_tokens == 5 * 10
+    assert reasoning_tokens() - before == 5 * 10
+
+
 def test_cached_prompt_tokens_are_billed_at_the_cached_price(tmp_path):
     """Input $1000/M, cached input $100/M, output $2000/M: an answer whose usage says 3 of its prompt
     tokens came from the provider's cache pays the cached price for those 3, JSON and stream alike
