@@ -66,6 +66,25 @@ def test_a_request_the_backend_fails_does_not_cool_it_down_for_the_next(client, 
     assert client.chat.completions.create(model="mock-a", messages=[{"role": "user", "content": "y"}]).choices
 
 
+def test_failures_of_two_requests_in_a_row_cool_the_backend_down_for_one_second(client, mock):
+    """docs/api.md: a backend cools down after failed calls of two different requests in a row: it is
+    skipped at once (a 503 with Retry-After, no call), then tried again after 1 s."""
+    # both attempts of the first request; the second's first failure cools the backend, so no retry
+    control(mock, script=["500"] * 3)
+    for _ in range(2):
+        with pytest.raises(openai.APIStatusError) as failed:
+            client.chat.completions.create(model="mock-a", messages=[{"role": "user", "content": "x"}])
+        assert failed.value.status_code == 502
+    assert calls(mock)["count"] == 3
+    with pytest.raises(openai.APIStatusError) as cooling:
+        client.chat.completions.create(model="mock-a", messages=[{"role": "user", "content": "x"}])
+    assert cooling.value.status_code == 503 and cooling.value.response.headers["retry-after"] == "1"
+    assert calls(mock)["count"] == 3  # skipped, not called
+    time.sleep(1.1)
+    assert client.chat.completions.create(model="mock-a", messages=[{"role": "user", "content": "y"}]).choices
+    assert calls(mock)["count"] == 4
+
+
 def test_a_prompt_clearly_over_a_backends_context_window_is_refused_before_any_call(client, mock):
     """OpenAI's 400 `context_length_exceeded` (clients trim their history on it), streamed or not,
     and the upstream is not asked: its window is declared (max_context: 100)."""
