@@ -251,6 +251,18 @@ def test_long_input_is_truncated_deterministically(clf):
     assert clf.classify([{"role": "user", "content": MEGABYTE}]) == clf.classify([{"role": "user", "content": MEGABYTE}])
 
 
+def test_a_long_paste_keeps_its_head_and_the_question_at_its_end():
+    """Long pastes end with the actual question: the classifier reads the first 2,000 characters and the
+    last 500, never the head alone; a prompt of exactly 2,500 characters is read whole."""
+    question = "Given the log above, what is the probability that the job fails twice in a row?"
+    paste = "INFO worker started; " * 400 + question
+    user = F.prompt_from_messages([{"role": "user", "content": paste}]).user
+    assert user == paste[:F.USER_HEAD_CHARS] + "\n" + paste[-F.USER_TAIL_CHARS:]
+    assert user.endswith(question)
+    whole = "x" * (F.USER_HEAD_CHARS + F.USER_TAIL_CHARS)
+    assert F.prompt_from_messages([{"role": "user", "content": whole}]).user == whole
+
+
 def test_internal_failure_returns_safe_default(clf):
     class BrokenSession:
         def run(self, *args, **kwargs):

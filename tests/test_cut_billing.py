@@ -54,7 +54,7 @@ def stack(tmp_path_factory):
         backends = [mock_backend(name, mock, prices=PRICES, max_retries=0, **CUTS[name][0]) for name in CUTS]
         backends += [mock_backend(name, mock, prices=PRICES, max_retries=0, **timeouts) for name, timeouts in
                      (("voter", PATIENT), ("first", QUICK), ("second", PATIENT), ("left", PATIENT),
-                      ("quiet", PATIENT))]
+                      ("quiet", PATIENT), ("broken", PATIENT))]
         policy = write_policy(tmp, {
             "name": "cut",
             "arms": {"vote": {"backend": "voter", "strategy": "self_consistency", "n": 3},
@@ -236,6 +236,27 @@ def test_a_call_the_client_left_is_billed_by_the_same_rule(stack, stream):
     output = 1 if stream else 0
     assert (call["prompt_tokens"], call["completion_tokens"]) == (prompt_tokens(sent(mock)[0]), output)
     assert_billed(gateway, before, call["prompt_tokens"] * IN_USD + output * OUT_USD)
+
+
+def test_a_stream_broken_mid_answer_is_billed_its_prompt_and_what_it_relayed(stack):
+    """The upstream ends its stream half way (no finish_reason, no [DONE]): the client gets the error
+    event, and the call, cut off, is billed by the one rule: its prompt and the six words relayed."""
+    gateway, mock = stack
+    reset(mock)
+    control(mock, answers=[ANSWER], script=["truncate"])
+    before = ledger(gateway), metered(gateway)
+    response = post(gateway, body("broken", stream=True))
+    assert response.status_code == 200  # the headers went out with the first chunk
+    assert b"data: [DONE]" not in response.content and b'"code":"upstream_stream_error"' in response.content
+    event = recorded(gateway, response.headers["x-ponder-request-id"])
+    [call] = event["execution"]["calls"]
+    assert call["ok"] is False and call["error"].startswith("cut off: "), call
+    relayed = "one two three four five six"  # the mock breaks after its sixth word
+    written = max(len(relayed.split()), -(-len(relayed) // 4))  # chunks or characters / 4 (Usage.estimated)
+    assert (call["prompt_tokens"], call["completion_tokens"]) == (prompt_tokens(sent(mock)[0]), written)
+    expected = call["prompt_tokens"] * IN_USD + written * OUT_USD
+    assert event["request"]["cost_usd"] == pytest.approx(expected, abs=1e-12)
+    assert_billed(gateway, before, expected)
 
 
 def test_an_answer_without_usage_is_billed_by_its_estimate_not_nothing(stack):

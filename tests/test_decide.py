@@ -90,6 +90,37 @@ def test_hard_math_gets_a_stronger_arm(policy):
     assert any("chose `mid-high`" in reason for reason in decision.reasons)
 
 
+RANGE_ROUTES = """\
+routes:
+  - name: low-math
+    when: {tasks: [math], difficulty: [0.0, 0.5]}
+    candidates: {quick: 0.9}
+  - name: high-math
+    when: {tasks: [math], difficulty: [0.5, 1.0]}
+    candidates: {mid-high: 0.9}
+  - name: any-high
+    when: {difficulty: [0.5, 1.0]}
+    candidates: {strong-high: 0.9}
+  - name: catch-all
+    candidates: {quick: 0.9, mid-low: 0.9}
+"""
+
+
+def test_difficulty_ranges_are_half_open_and_the_first_matching_route_wins():
+    """docs/policies.md: a route's `difficulty: [low, high)` range leaves out `high` (1.0 itself is in the
+    last range), and the first matching route gives the candidates, later ones that match too do not."""
+    start, end = POLICY.index("routes:"), POLICY.index("aliases:")
+    policy = make_policy(0.0, POLICY[:start] + RANGE_ROUTES + POLICY[end:])
+
+    def rule(task: str, difficulty: float) -> str:
+        return decide(Classification(task, {task: 1.0}, difficulty), policy, {}).rule
+
+    assert rule("math", 0.4999) == "low-math"
+    assert rule("math", 0.5) == "high-math"  # 0.5 is the start of [0.5, 1.0), not in [0.0, 0.5)
+    assert rule("math", 1.0) == "high-math"
+    assert rule("chat", 0.7) == "any-high" and rule("chat", 0.2) == "catch-all"
+
+
 def test_expected_cost_follows_prompt_and_output_tokens(policy):
     small = decide(HARD_MATH, policy, {}, request=RequestHints(prompt_tokens=100))
     big = decide(HARD_MATH, policy, {}, request=RequestHints(prompt_tokens=10_000))

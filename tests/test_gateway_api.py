@@ -85,6 +85,25 @@ def test_a_request_the_backend_fails_does_not_cool_it_down_for_the_next(client, 
     assert client.chat.completions.create(model="mock-a", messages=[{"role": "user", "content": "y"}]).choices
 
 
+def test_failures_of_two_requests_in_a_row_cool_the_backend_down_for_one_second(client, mock):
+    """docs/api.md: a backend cools down after failed calls of two different requests in a row: it is
+    skipped at once (a 503 with Retry-After, no call), then tried again after 1 s."""
+    # both attempts of the first request; the second's first failure cools the backend, so no retry
+    control(mock, script=["500"] * 3)
+    for _ in range(2):
+        with pytest.raises(openai.APIStatusError) as failed:
+            client.chat.completions.create(model="mock-a", messages=[{"role": "user", "content": "x"}])
+        assert failed.value.status_code == 502
+    assert calls(mock)["count"] == 3
+    with pytest.raises(openai.APIStatusError) as cooling:
+        client.chat.completions.create(model="mock-a", messages=[{"role": "user", "content": "x"}])
+    assert cooling.value.status_code == 503 and cooling.value.response.headers["retry-after"] == "1"
+    assert calls(mock)["count"] == 3  # skipped, not called
+    time.sleep(1.1)
+    assert client.chat.completions.create(model="mock-a", messages=[{"role": "user", "content": "y"}]).choices
+    assert calls(mock)["count"] == 4
+
+
 def test_a_prompt_clearly_over_a_backends_context_window_is_refused_before_any_call(client, mock):
     """OpenAI's 400 `context_length_exceeded` (clients trim their history on it), streamed or not,
     and the upstream is not asked: its window is declared (max_context: 100)."""
@@ -443,6 +462,24 @@ def test_usage_details_are_passed_on_and_summed_over_samples(client, mock):
                                           extra_headers={"x-ponder-strategy": "self_consistency"})
     assert vote.model_extra["ponder"]["calls"] == 5 and vote.usage.prompt_tokens_details.cached_tokens == 5 * 2
     assert vote.usage.prompt_tokens_details.audio_tokens == 0
+
+
+def test_a_votes_reasoning_tokens_are_summed_over_its_samples(client, mock, gw):
+    """Each of a vote's five samples on a reasoning backend thinks 10 tokens: the client's usage and the
+    recorded event (the `reasoning` token counter in /metrics) count all fifty, not the first sample's."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def reasoning_tokens() -> float:
+        families = text_string_to_metric_families(httpx.get(gw.url + "/metrics").text)
+        return sum(s.value for f in families if f.name == "ponder_tokens" for s in f.samples
+                   if s.name == "ponder_tokens_total" and s.labels["kind"] == "reasoning")
+
+    before = reasoning_tokens()
+    vote = client.chat.completions.create(model="mock-o", messages=[{"role": "user", "content": "What is 3 + 4?"}],
+                                          reasoning_effort="low", extra_headers={"x-ponder-strategy": "self_consistency"})
+    assert vote.model_extra["ponder"]["calls"] == 5
+    assert vote.usage.completion_tokens_details.reasoning_tokens == 5 * 10
+    assert reasoning_tokens() - before == 5 * 10
 
 
 def test_cached_prompt_tokens_are_billed_at_the_cached_price(tmp_path):

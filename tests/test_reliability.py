@@ -932,6 +932,24 @@ def test_oversized_bodies_are_413_with_or_without_a_content_length(healthy):
         assert assert_openai_error(response)["code"] == "body_too_large"
 
 
+
+def test_a_body_of_exactly_max_body_bytes_is_accepted_and_one_byte_more_is_413(healthy):
+    """max_body_bytes is the largest body accepted (200,000 here), declared or chunked: the limit
+    itself is not over it."""
+    gateway, _mock = healthy
+    small = _dumps(chat("auto", "hello"))
+
+    def post(size: int, *, chunked: bool) -> httpx.Response:
+        body = small + b" " * (size - len(small))  # JSON allows trailing whitespace
+        content = iter([body[i:i + 8192] for i in range(0, len(body), 8192)]) if chunked else body
+        return httpx.post(gateway.url + "/v1/chat/completions", content=content,
+                          headers={"content-type": "application/json"}, timeout=30)
+
+    for chunked in (False, True):
+        assert post(200_000, chunked=chunked).status_code == 200
+        over = post(200_001, chunked=chunked)
+        assert over.status_code == 413 and assert_openai_error(over)["code"] == "body_too_large"
+
 # -- security ---------------------------------------------------------------------------------------
 
 USER_KEY = "sk-user-needle-7f3a9c"

@@ -534,3 +534,22 @@ def test_a_vote_whose_samples_were_all_cut_off_vouches_for_nothing() -> None:
     # one finished sample among cut ones is the medoid's only voice
     mixed = vote([cut, cut, prose[0]], "knowledge", finished=[False, False, True])
     assert (mixed.winner, mixed.n_valid) == (2, 1)
+
+
+def test_stopping_and_escalation_thresholds_are_inclusive_as_documented() -> None:
+    # beta: stop when P(leader is the majority) >= confidence, so a posterior exactly at it stops
+    posterior = leader_posterior(3, 0)
+    assert should_stop(["7", "7", "7"], max_n=16, confidence=posterior).stop
+    assert not should_stop(["7", "7", "7"], max_n=16, confidence=min(1.0, posterior + 1e-9)).stop
+    # the bucket gate stops only *below* min_gain: a vote gaining exactly min_gain still pays
+    assert not should_stop(["7"], max_n=8, sample_value=0.01, min_gain=0.01).stop
+    # a cascade escalates only *below* its threshold
+    assert not should_escalate(0.6, 0.6)
+    assert should_escalate(0.5999, 0.6)
+
+
+def test_window_rule_does_not_stop_on_a_window_of_failed_samples() -> None:
+    # two disagreeing answers, then two failed samples: the last window "agrees" on nothing
+    verdict = should_stop(["7", "8", None, None], max_n=16, rule="window", window=2)
+    assert not verdict.stop
+    assert should_stop(["7", "8", "8", "8"], max_n=16, rule="window", window=2).stop
