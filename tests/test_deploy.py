@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import copy
-import fnmatch
 import hashlib
 import re
 import shlex
@@ -533,18 +532,27 @@ def test_dockerignore_lets_in_the_sources_only():
         assert not in_build_context(excluded), f"{excluded} would be sent to the Docker daemon"
 
 
-def test_the_classifier_artifact_is_package_data():
-    """The image installs the package (not the tree): every artifact file must match package-data."""
+PACKAGES = ("gateway", "router", "policies", "telemetry", "evals")  # [tool.setuptools.packages.find] include
+
+
+def test_every_data_file_of_the_packages_is_package_data():
+    """A regular install (the image, `pip install .`) carries the modules and package-data only: every other
+    file in a package folder (the classifier artifact, policies, dashboard files, the eval price table) must
+    match a package-data glob, or the installed code would not find it."""
     import tomllib
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    globs = project["tool"]["setuptools"]["package-data"]["router"]
-    artifacts = [p for p in (ROOT / "router" / "artifacts").rglob("*") if p.is_file()]
-    assert artifacts, "router/artifacts/ is empty: the image would have no classifier"
-    for path in artifacts:
-        rel = path.relative_to(ROOT / "router").as_posix()
-        assert any(fnmatch.fnmatch(rel, g) and rel.count("/") == g.count("/") for g in globs), (
-            f"router/{rel} is not package data ({globs}): it would be missing from the image")
+    declared = project["tool"]["setuptools"]["package-data"]
+    assert any((ROOT / "router" / "artifacts").rglob("*.onnx")), "router/artifacts/ has no classifier"
+    for package in PACKAGES:
+        globs = declared.get(package, [])
+        for path in sorted((ROOT / package).rglob("*")):
+            # modules, their caches and the C extension's source and build are the build's own business
+            if not path.is_file() or "__pycache__" in path.parts or path.suffix in (".py", ".pyc", ".so", ".c"):
+                continue
+            rel = path.relative_to(ROOT / package).as_posix()
+            assert any(_pattern_regex(glob).match(rel) for glob in globs), (
+                f"{package}/{rel} is not package data ({globs}): an installed ponder would not have it")
 
 
 # --- real processes: Redis with the deploy flags, the gateway with the compose config -----------------
