@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import statistics
 import sys
@@ -48,6 +47,7 @@ from pathlib import Path
 from router.answers import extract_answer
 from router.cascade import confidence_signal, should_escalate
 from router.stopping import bucket_sample_value, estimate_sample_value, should_stop, wave_size
+from router.train_data import datasets_dir
 from router.types import Arm, ArmStats, bucket_key
 from router.voting import best_of_n, cluster_answers, vote, weighted_vote
 
@@ -55,11 +55,6 @@ SUITES: tuple[str, ...] = ("sc-math", "sc-cruxeval", "gsm8k-verifier")
 DEFAULT_ORDERS = 20
 DEFAULT_FOLDS = 5
 SEED = 1234
-
-
-def datasets_root() -> Path:
-    env = os.environ.get("PONDER_DATASETS")
-    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 
 
 @dataclass(frozen=True)
@@ -81,7 +76,7 @@ def _problem(pid: str, bucket: str, task: str, texts: Sequence[str], correct: Se
 
 
 def load_qwen_math(root: Path | None = None) -> list[Problem]:
-    path = (root or datasets_root()) / "qwen_math_rm_maj_samples" / "math_cot_100.jsonl"
+    path = (root or datasets_dir()) / "qwen_math_rm_maj_samples" / "math_cot_100.jsonl"
     problems = []
     for line in path.read_text().splitlines():
         row = json.loads(line)
@@ -94,7 +89,7 @@ def load_qwen_math(root: Path | None = None) -> list[Problem]:
 
 
 def load_cruxeval(kind: str, root: Path | None = None) -> list[Problem]:
-    path = (root or datasets_root()) / "cruxeval" / f"sample_scored_codellama-7b_temp0.2_{kind}.json"
+    path = (root or datasets_dir()) / "cruxeval" / f"sample_scored_codellama-7b_temp0.2_{kind}.json"
     data = json.loads(path.read_text())
     scored = data["raw_scored_generations"]
     return [
@@ -387,7 +382,7 @@ def _extraction_agreement(problems: Sequence[Problem]) -> dict:
     """How often our extraction + equivalence with the gold answer matches the recorded correctness."""
     from router.answers import answers_equivalent
 
-    root = datasets_root() / "qwen_math_rm_maj_samples" / "math_cot_100.jsonl"
+    root = datasets_dir() / "qwen_math_rm_maj_samples" / "math_cot_100.jsonl"
     gold = {str(json.loads(line)["idx"]): json.loads(line)["gt"] for line in root.read_text().splitlines()}
     agree = total = 0
     for p in problems:
@@ -417,7 +412,7 @@ def run_gsm8k_verifier(orders: int, seed: int) -> dict:
     """
     from router.answers import answers_equivalent
 
-    path = datasets_root() / "gsm8k" / "example_model_solutions.jsonl"
+    path = datasets_dir() / "gsm8k" / "example_model_solutions.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     systems = ("6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification")
     accuracy = {s: round(sum(r[s]["is_correct"] for r in rows) / len(rows), 4) for s in systems}

@@ -29,7 +29,6 @@ import glob
 import gzip
 import json
 import math
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from evals.prices import CHARS_PER_TOKEN, ModelPrice, find_price, price_table
+from router.train_data import datasets_dir
 
 DEFAULT_OUTPUT_TOKENS = 300.0  # when a table records neither output text nor length (policies' DIRECT_TOKENS)
 NOT_MODEL_COLUMNS = frozenset({"prompt", "id", "idx", "index", "question_id", "sample_id", "eval_name", "group",
@@ -532,11 +532,6 @@ def load_table(paths: Sequence[str | Path], fmt: str | None = None, models: Sequ
 # --- built-in suites ---------------------------------------------------------------------------------
 
 
-def datasets_root() -> Path:
-    env = os.environ.get("PONDER_DATASETS")
-    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
-
-
 def _mc_prompt(question: str, options: Sequence[str]) -> str:
     letters = "ABCDEFGHIJKLMNOP"
     return question + "\n" + "\n".join(f"{letters[i]}. {option}" for i, option in enumerate(options))
@@ -547,7 +542,7 @@ def load_mmlu_pro(limit: int | None = None, root: Path | None = None) -> Outcome
 
     Billed prompt = the question with its options (what a gateway user sends; the recording's 5-shot
     exemplars are not billed); billed output = the recorded CoT length (generated_chars / 4)."""
-    base = (root or datasets_root()) / "mmlu_pro"
+    base = (root or datasets_dir()) / "mmlu_pro"
     questions = {}
     with gzip.open(base / "questions.jsonl.gz", "rt", encoding="utf-8") as handle:
         for line in handle:
@@ -583,7 +578,7 @@ def load_bbh_effort(root: Path | None = None) -> OutcomeTable:
 
     Cost = output length only (both arms are the same model; the prompt is the same question): CoT's
     recorded output characters, and the direct answer's characters."""
-    base = (root or datasets_root()) / "bbh"
+    base = (root or datasets_dir()) / "bbh"
     inputs: dict[str, list[dict]] = {}
     with open(base / "code-davinci-002_cot_vs_direct.csv", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
@@ -607,7 +602,7 @@ def load_bbh_effort(root: Path | None = None) -> OutcomeTable:
 
 def load_gsm8k_two_model(root: Path | None = None) -> OutcomeTable:
     """OpenAI's GSM8K test solutions: fine-tuned GPT-3 6B (weak) vs 175B (strong), one sample each."""
-    path = (root or datasets_root()) / "gsm8k" / "example_model_solutions.jsonl"
+    path = (root or datasets_dir()) / "gsm8k" / "example_model_solutions.jsonl"
     with open(path, encoding="utf-8") as handle:
         rows = [json.loads(line) for line in handle if line.strip()]
     columns = (("gsm8k-6b", "6b_finetuning"), ("gsm8k-175b", "175b_finetuning"))

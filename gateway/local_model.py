@@ -89,6 +89,11 @@ def model_path(config: LocalModelConfig) -> Path:
     return Path(config.model_path) if config.model_path else default_model_path()
 
 
+# A pip-installed ponder has no scripts/install.sh to point at: name the extra that brings llama.cpp.
+NO_LLAMA_CPP = ("llama-cpp-python is not installed: install ponder with its `local` extra (pip install 'ponder[local]', "
+                "or scripts/install.sh in a checkout)")
+
+
 def check_local_model(config: LocalModelConfig) -> None:
     """Raise LocalModelError for what would make the model server fail to start, before it is started:
     a missing model file, or a fixed port another process holds (its server would answer our readiness
@@ -97,7 +102,7 @@ def check_local_model(config: LocalModelConfig) -> None:
     if not path.is_file():
         raise LocalModelError(f"local_model.model_path: {path} is not a file")
     if importlib.util.find_spec("llama_cpp") is None:
-        raise LocalModelError("llama-cpp-python is not installed (see scripts/install.sh)")
+        raise LocalModelError(NO_LLAMA_CPP)
     if config.port and port_in_use(config.port):
         raise LocalModelError(f"local_model.port: 127.0.0.1:{config.port} is already in use by another process")
 
@@ -136,7 +141,7 @@ class LocalModelServer:
     async def start(self) -> None:
         model = model_path(self.config)
         if importlib.util.find_spec("llama_cpp") is None:
-            raise LocalModelError("llama-cpp-python is not installed (see scripts/install.sh)")
+            raise LocalModelError(NO_LLAMA_CPP)
         if port_in_use(self.port):  # e.g. taken while the model server was down: not ours to serve from
             raise LocalModelError(f"port {self.port} on 127.0.0.1 is in use by another process")
         cmd = [

@@ -104,6 +104,17 @@ def default_datasets_dir(override: str | os.PathLike[str] | None = None) -> Path
     return Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 
 
+def datasets_dir(override: str | os.PathLike[str] | None = None) -> Path:
+    """default_datasets_dir, refused when it is no folder: the default is beside the checkout, so an installed
+    ponder looks inside its virtualenv, and the missing file's path alone would not say how to point elsewhere."""
+    root = default_datasets_dir(override)
+    if not root.is_dir():
+        raise FileNotFoundError(f"no datasets folder at {root}: set PONDER_DATASETS (or `ponder train --datasets`) "
+                                "to the folder that holds math/, gsm8k/, mmlu_pro/, ... (the default is "
+                                "shared/datasets beside the folder ponder's code is in)")
+    return root
+
+
 def _logit(p: float) -> float:
     p = min(max(p, 1e-6), 1 - 1e-6)
     return math.log(p / (1 - p))
@@ -584,7 +595,7 @@ def augment(examples: list[Example], seed: int) -> None:
 
 
 def load_examples(root: Path | None = None, seed: int = 0, sources: list[str] | None = None) -> list[Example]:
-    root = default_datasets_dir(root)
+    root = datasets_dir(root)
     examples: list[Example] = []
     for name in sources or list(LOADERS):
         examples += LOADERS[name](root, seed)

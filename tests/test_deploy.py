@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import copy
-import fnmatch
 import hashlib
 import re
 import shlex
@@ -474,6 +473,48 @@ def test_dockerfile_healthcheck_entrypoint_and_config():
     assert any(word == "EXPOSE" and args == "8000" for word, args in final)
 
 
+def test_dockerfile_installs_the_dependencies_before_the_sources_arrive():
+    """Docker reuses a layer until something copied before it changes: the dependencies (and, for the
+    local image, llama.cpp's compile) must be installed with pyproject.toml alone copied, or every source
+    edit reinstalls them all; the package itself then goes in without them (--no-deps)."""
+    steps = dockerfile_instructions()
+    builder = steps[:max(i for i, (word, _) in enumerate(steps) if word == "FROM")]
+    installs = [i for i, (word, args) in enumerate(builder) if word == "RUN" and "pip install" in args]
+    first = installs[0]
+    copied = [source for word, args in builder[:first] if word == "COPY" for source in shlex.split(args)[:-1]]
+    assert copied == ["pyproject.toml"], f"copied before the first pip install: {copied}"
+    assert "requirements" in builder[first][1]
+    (package_install,) = [i for i in installs if re.search(r"pip install (--no-deps )?\.(\s|$)", builder[i][1])]
+    assert "--no-deps ." in builder[package_install][1]
+
+
+def test_dockerfile_checks_the_installed_package_not_the_sources_beside_it(tmp_path):
+    """The builder's import check runs in WORKDIR /src, which holds the copied sources without the compiled
+    router/_ngrams (the build context leaves *.so out). `python -c` puts the working directory first on
+    sys.path, so the check imported those sources and failed the build; it must see the installed package.
+    Here the check runs as written, in a copy of the build context's sources, with the installed package
+    played by this checkout: first on PYTHONPATH, with site-packages after it and `-S`, so that no editable
+    install's import hook can find router/_ngrams for the copied sources."""
+    import importlib.util
+    import sysconfig
+
+    if importlib.util.find_spec("router._ngrams") is None:
+        pytest.skip("router/_ngrams is not built here (no C compiler at install time)")
+    builder = dockerfile_instructions()[:max(i for i, (w, _) in enumerate(dockerfile_instructions()) if w == "FROM")]
+    (check,) = [args for word, args in builder if word == "RUN" and "import gateway.app" in args]
+    command = re.search(r'/opt/ponder/bin/python( -\w+)* -c "[^"]*"', check).group(0)
+    src = tmp_path / "src"
+    for word, args in builder:
+        for source in shlex.split(args)[:-1] if word == "COPY" else []:
+            if (ROOT / source).is_dir():
+                shutil.copytree(ROOT / source, src / source, ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    python = f"{sys.executable} -S"
+    path = f"{ROOT}:{sysconfig.get_paths()['purelib']}:{sysconfig.get_paths()['platlib']}"
+    done = subprocess.run(["sh", "-c", command.replace("/opt/ponder/bin/python", python)], cwd=src,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": path}, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
 def test_dockerfile_has_no_secrets():
     for word, args in dockerfile_instructions():
         if word in ("ENV", "ARG"):
@@ -533,18 +574,27 @@ def test_dockerignore_lets_in_the_sources_only():
         assert not in_build_context(excluded), f"{excluded} would be sent to the Docker daemon"
 
 
-def test_the_classifier_artifact_is_package_data():
-    """The image installs the package (not the tree): every artifact file must match package-data."""
+PACKAGES = ("gateway", "router", "policies", "telemetry", "evals")  # [tool.setuptools.packages.find] include
+
+
+def test_every_data_file_of_the_packages_is_package_data():
+    """A regular install (the image, `pip install .`) carries the modules and package-data only: every other
+    file in a package folder (the classifier artifact, policies, dashboard files, the eval price table) must
+    match a package-data glob, or the installed code would not find it."""
     import tomllib
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    globs = project["tool"]["setuptools"]["package-data"]["router"]
-    artifacts = [p for p in (ROOT / "router" / "artifacts").rglob("*") if p.is_file()]
-    assert artifacts, "router/artifacts/ is empty: the image would have no classifier"
-    for path in artifacts:
-        rel = path.relative_to(ROOT / "router").as_posix()
-        assert any(fnmatch.fnmatch(rel, g) and rel.count("/") == g.count("/") for g in globs), (
-            f"router/{rel} is not package data ({globs}): it would be missing from the image")
+    declared = project["tool"]["setuptools"]["package-data"]
+    assert any((ROOT / "router" / "artifacts").rglob("*.onnx")), "router/artifacts/ has no classifier"
+    for package in PACKAGES:
+        globs = declared.get(package, [])
+        for path in sorted((ROOT / package).rglob("*")):
+            # modules, their caches and the C extension's source and build are the build's own business
+            if not path.is_file() or "__pycache__" in path.parts or path.suffix in (".py", ".pyc", ".so", ".c"):
+                continue
+            rel = path.relative_to(ROOT / package).as_posix()
+            assert any(_pattern_regex(glob).match(rel) for glob in globs), (
+                f"{package}/{rel} is not package data ({globs}): an installed ponder would not have it")
 
 
 # --- real processes: Redis with the deploy flags, the gateway with the compose config -----------------

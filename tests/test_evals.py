@@ -511,6 +511,24 @@ def test_an_out_folder_that_cannot_be_made_is_an_error_not_a_traceback(tmp_path,
     assert "ponder eval: error:" in capsys.readouterr().err and (tmp_path / "taken").is_file()
 
 
+@pytest.mark.parametrize("what", [["--suite", "mmlu-pro"], ["--suite", "sc-math"], ["--table", "runs.csv"]])
+def test_no_datasets_folder_says_how_to_point_at_one(tmp_path, monkeypatch, capsys, what):
+    """An installed ponder looks for ../shared/datasets beside site-packages, so a user's first `ponder eval`
+    (a suite, or a --table, whose leak-free scores refit the classifier) found no file at a path inside
+    their virtualenv, and the error named that file only; it says where it looked and what to set."""
+    from evals.cli import cli
+
+    (tmp_path / "runs.csv").write_text('prompt,a,b\n"x",1,0\n')
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PONDER_DATASETS", str(tmp_path / "not-here"))
+    monkeypatch.setenv("PONDER_CACHE", str(tmp_path / "cache"))  # no cached scores to answer from
+    assert cli([*what, "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"ponder eval: error: no datasets folder at {tmp_path / 'not-here'}: set PONDER_DATASETS (or "
+                   "`ponder train --datasets`) to the folder that holds math/, gsm8k/, mmlu_pro/, ... (the default "
+                   "is shared/datasets beside the folder ponder's code is in)")
+
+
 def test_group_hindsight_ceiling_beats_every_single_arm_at_each_k(tmp_path):
     from evals.report import write_report
     from evals.routing import arm_summary, evaluate, group_hindsight

@@ -282,6 +282,25 @@ def test_serve_refuses_a_missing_model_file(tmp_path):
         f"ponder: bad config: local_model.model_path: {tmp_path / 'nowhere.gguf'} is not a file"]
 
 
+def test_serve_without_llama_cpp_names_the_extra_that_installs_it(tmp_path):
+    """`pip install ponder` without the `local` extra, then `ponder serve`: the refusal pointed at
+    scripts/install.sh, which an installed package does not have; it names the extra."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    path = tmp_path / "ponder.yaml"
+    path.write_text(yaml.safe_dump({"telemetry": {"data_dir": str(tmp_path / "data")}}))
+    hide_llama_cpp = ("import sys; sys.modules['llama_cpp'] = None; from gateway.cli import main; "
+                      f"raise SystemExit(main(['serve', '--config', {str(path)!r}, '--port', '9']))")
+    done = subprocess.run([sys.executable, "-c", hide_llama_cpp], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "ponder: bad config: llama-cpp-python is not installed: install ponder with its `local` extra "
+        "(pip install 'ponder[local]', or scripts/install.sh in a checkout)"]
+
+
 def test_a_model_file_llama_cpp_cannot_load_is_reported_in_a_line_not_two_tracebacks(tmp_path):
     """The file exists but is no model (a download page saved as .gguf, a truncated file): the model
     server exits at start. The operator reads why, as for a bad config, not Starlette's traceback of
