@@ -66,6 +66,17 @@ def gateway_of(request: Request) -> Gateway:
     return request.app.state.gateway
 
 
+PONDER_HEADER = b"x-ponder-"
+
+
+def ponder_headers(request: Request) -> dict[str, str]:
+    """The request's `x-ponder-*` headers (all that planning reads), in one pass over the raw list:
+    asking Starlette's Headers for each (most are absent) scans every header per name, 5 names a
+    request. The first of a repeated header wins, as Headers.get has it."""
+    return {name.decode("latin-1"): value.decode("latin-1") for name, value in reversed(request.headers.raw)
+            if name.startswith(PONDER_HEADER)}
+
+
 async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
@@ -294,8 +305,9 @@ async def create_embeddings(request: Request) -> Response:
         principal = gw.keys.authenticate(request)
         body = parse_json_body(await read_body(request, gw.config.max_body_bytes, gw.config.body_timeout_s))
         req = embeddings.parse_embeddings_request(body)
-        backend = gw.embedding_backend(req.model, request.headers)
-        gw.check_embedding_cost(embeddings.estimated_usd(backend, req), request.headers)
+        hints = ponder_headers(request)
+        backend = gw.embedding_backend(req.model, hints)
+        gw.check_embedding_cost(embeddings.estimated_usd(backend, req), hints)
         reservation = await gw.budgets.hold(principal, embeddings.worst_case_usd(backend, req), embeddings.what_fits)
     except ApiError as exc:
         gw.metrics.refused(req.model if req is not None and req.model in gw.models() else "-", exc.status)
@@ -340,7 +352,7 @@ async def serve(request: Request, read: Callable[[dict[str, Any], int], Wire]) -
         body = parse_json_body(await read_body(request, gw.config.max_body_bytes, gw.config.body_timeout_s))
         wire = read(body, gw.config.max_n)
         req = wire.req
-        plan = await gw.plan(req, request.headers, principal, id_prefix=wire.id_prefix)
+        plan = await gw.plan(req, ponder_headers(request), principal, id_prefix=wire.id_prefix)
         reservation = await gw.budgets.reserve(plan, req)
     except ApiError as exc:
         gw.metrics.refused(req.model if req is not None and req.model in gw.models() else "-", exc.status)

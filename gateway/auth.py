@@ -24,7 +24,8 @@ ANONYMOUS = Principal(key_id="anonymous", admin=True, budgets={})
 
 class KeyRing:
     def __init__(self, keys: list[ApiKey]) -> None:
-        self._keys = [(bytes.fromhex(k.sha256), k) for k in keys]
+        # each key's Principal built once: the request path hands the same (frozen) one to every request
+        self._keys = [(bytes.fromhex(k.sha256), principal_of(k)) for k in keys]
 
     @property
     def enabled(self) -> bool:
@@ -39,14 +40,14 @@ class KeyRing:
             raise ApiError(401, "Missing API key: send `Authorization: Bearer <key>`.", code="missing_api_key")
         digest = hashlib.sha256(token.strip().encode()).digest()
         match = None
-        for stored, key in self._keys:  # every stored key is compared: timing says nothing about which
+        for stored, principal in self._keys:  # every stored key is compared: timing says nothing about which
             if hmac.compare_digest(stored, digest):
-                match = key
+                match = principal
         if match is None:
             raise ApiError(401, "Invalid API key.", code="invalid_api_key")
         if admin and not match.admin:
             raise ApiError(403, "This endpoint needs an admin key.", code="admin_required")
-        return principal_of(match)
+        return match
 
 
 def principal_of(key: ApiKey) -> Principal:

@@ -11,9 +11,9 @@ import contextlib
 import logging
 import os
 import random
+import secrets
 import signal
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,7 +58,9 @@ class Plan:
     policy: CompiledPolicy | None
     principal: Principal
     alias: str
-    worst_cost_usd: float = 0.0  # what the request may cost at most (cost_bounds.plan_worst_case_usd)
+    # what the request may cost at most (cost_bounds.plan_worst_case_usd), where a budget holds it (`capped`):
+    # a routed request of a key without one is not priced so (a named backend's is: its cost caps read it)
+    worst_cost_usd: float = 0.0
     prompt_tokens: int = 0  # estimated, as the decision saw it
     held_prompt_tokens: int | None = None  # counted as the budget holds it (prompt_counter)
     max_output_tokens: int | None = None  # the client's
@@ -276,7 +278,7 @@ class Gateway:
     async def plan(self, req: ChatRequest, headers: Any, principal: Principal, *,
                    id_prefix: str = "chatcmpl-") -> Plan:
         """`id_prefix`: of the request id, which is also the answer's id (`chatcmpl-`, a response's `resp_`)."""
-        request_id = f"{id_prefix}{uuid.uuid4().hex}"
+        request_id = f"{id_prefix}{secrets.token_hex(16)}"  # 32 hex digits as uuid4().hex, no UUID built
         started = time.perf_counter()
         classification = self.classify(req)
         classified = time.perf_counter()
@@ -331,8 +333,9 @@ class Gateway:
         if budget_left is not None:
             decision = arms_within(self.backends, decision, req, held, budget_left)
         decision, caps = with_output_caps(self.backends, decision, req, capped, hints.prompt_tokens or 0)
-        return Plan(request_id, decision, policy, principal, req.model,
-                    worst_cost_usd=plan_worst_case_usd(self.backends, decision, req, held, capped=capped),
+        # only a key with a budget holds the worst case (KeyBudgets.reserve): not priced for the others
+        worst = plan_worst_case_usd(self.backends, decision, req, held, capped=True) if capped else 0.0
+        return Plan(request_id, decision, policy, principal, req.model, worst_cost_usd=worst,
                     prompt_tokens=hints.prompt_tokens or 0, held_prompt_tokens=held,
                     max_output_tokens=req.max_output_tokens, choices=req.n, capped=capped, output_caps=caps,
                     classify_s=classified - started, decide_s=time.perf_counter() - classified)

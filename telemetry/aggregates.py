@@ -254,10 +254,15 @@ SPEND_DAYS = 30
 def spend_deltas(events: Iterable[Event]) -> dict[str, dict[str, float]]:
     """{"h:YYYYMMDDHH" | "d:YYYYMMDD": {"_cost", "_n", "k:<key_id>", "n:<key_id>": amount}}."""
     out: dict[str, dict[str, float]] = {}
+    periods_of: dict[int, tuple[str, str]] = {}  # UTC hour -> its two ids: formatted once a batch, not per event
     for ev in events:
-        tm = time.gmtime(ev.ts)
+        hour = int(ev.ts // 3600)
+        periods = periods_of.get(hour)
+        if periods is None:
+            tm = time.gmtime(ev.ts)
+            periods = periods_of[hour] = (time.strftime("h:%Y%m%d%H", tm), time.strftime("d:%Y%m%d", tm))
         key = ev.key_id or "anonymous"
-        for period in (time.strftime("h:%Y%m%d%H", tm), time.strftime("d:%Y%m%d", tm)):
+        for period in periods:
             fields = out.setdefault(period, {})
             for name, value in (("_cost", ev.cost_usd), ("_n", 1.0), (f"k:{key}", ev.cost_usd), (f"n:{key}", 1.0)):
                 fields[name] = fields.get(name, 0.0) + float(value)

@@ -433,6 +433,16 @@ def test_self_consistency_votes_and_counts_every_sample(client, mock):
         sum(len(m["content"].split()) for m in b["messages"]) for b in got["bodies"])
 
 
+def test_a_repeated_ponder_header_is_read_as_its_first_value(gw, mock):
+    """x-ponder-* headers are read from the raw header list (app.ponder_headers): sent twice, the first
+    counts, as Starlette's Headers.get has it."""
+    headers = [("x-ponder-strategy", "self_consistency"), ("X-Ponder-Strategy", "single")]
+    resp = httpx.post(f"{gw.url}/v1/chat/completions", headers=headers,
+                      json={"model": "auto", "messages": [{"role": "user", "content": "What is 3 + 4?"}]})
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["ponder"]["strategy"] == "self_consistency"
+
+
 def test_samples_cut_at_max_tokens_do_not_vote(client, mock):
     """Three samples cut at max_tokens after the same first step ("48/2 = 24") out-voted two finished
     answers of 72: the client got 24, a cut text (finish_reason "length"), at 3 votes to 2."""

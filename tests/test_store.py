@@ -13,7 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from telemetry.aggregates import (apply_delta, arm_stats, event_delta, histogram, latency_bucket, percentile,
-                                  summary_row)
+                                  spend_deltas, summary_row)
 from telemetry.budgets import BudgetExceeded, period_id
 from telemetry.cli import stats_cli
 from telemetry.events import Event
@@ -74,6 +74,22 @@ def test_estimates_of_an_older_cost_model_are_not_compared_with_todays_costs():
     stats = arm_stats(both, t)
     assert (stats.count, stats.estimated_count) == (11.0, 1.0)
     assert stats.estimated_cost_usd == pytest.approx(0.004)
+
+def test_spend_rollups_split_a_batch_at_hour_and_day_boundaries():
+    """One batch across midnight UTC: each event counts in its own hour and day (the rollup ids are
+    formatted once per hour of a batch, not per event)."""
+    midnight = 1764460800.0  # 2025-11-30 00:00:00 UTC
+    batch = [Event(request_id=f"r{i}", ts=ts, key_id=key, cost_usd=0.25)
+             for i, (ts, key) in enumerate([(midnight - 0.5, "a"), (midnight + 0.5, "a"), (midnight + 3599.9, None),
+                                            (midnight + 3600.0, "a"), (midnight - 0.1, "b")])]
+    assert spend_deltas(batch) == {
+        "h:2025112923": {"_cost": 0.5, "_n": 2.0, "k:a": 0.25, "n:a": 1.0, "k:b": 0.25, "n:b": 1.0},
+        "d:20251129": {"_cost": 0.5, "_n": 2.0, "k:a": 0.25, "n:a": 1.0, "k:b": 0.25, "n:b": 1.0},
+        "h:2025113000": {"_cost": 0.5, "_n": 2.0, "k:a": 0.25, "n:a": 1.0, "k:anonymous": 0.25, "n:anonymous": 1.0},
+        "h:2025113001": {"_cost": 0.25, "_n": 1.0, "k:a": 0.25, "n:a": 1.0},
+        "d:20251130": {"_cost": 0.75, "_n": 3.0, "k:a": 0.5, "n:a": 2.0, "k:anonymous": 0.25, "n:anonymous": 1.0},
+    }
+
 
 def test_events_land_in_the_stream(redis_url, tmp_path):
     async def go():
