@@ -30,7 +30,7 @@ import orjson
 
 from gateway.effort import fit_claude_thinking, is_claude_api
 from gateway.litellm_calls import (
-    claude_thinking, litellm_error, litellm_module, openai_reasoning_config, sends_embedding_dimensions,
+    StreamEnd, claude_thinking, litellm_error, litellm_module, openai_reasoning_config, sends_embedding_dimensions,
     supported_openai_params,
 )
 from gateway.prices import call_cost, resolve_prices
@@ -594,13 +594,24 @@ class Backend:
         params = self._litellm_params(body, ("model",))
         try:
             response = await litellm.acompletion(**self._litellm_target(), **params)
+            end = StreamEnd(response, self.spec.model)
             async for chunk in response:
                 parsed = chunk.model_dump(exclude_none=True)
+                # litellm writes its finish_reason chunk once the provider's body has ended: the answer
+                # is complete only if the provider said so (StreamEnd), as [DONE] says it on the fast path
+                if end.cut and any(choice.get("finish_reason") for choice in parsed.get("choices") or ()):
+                    raise self._stream_ended_early()
                 yield orjson.dumps(parsed), parsed
+            if end.cut:
+                raise self._stream_ended_early()
         except UpstreamError:
             raise
         except Exception as exc:
             raise litellm_error(self.name, exc) from None
+
+    def _stream_ended_early(self) -> UpstreamError:
+        return UpstreamError(self.name, 502, f"{self.name}: stream ended early, without the provider's end of the "
+                                             f"answer", retryable=True)
 
 
 def _needs_basic(message: dict[str, Any]) -> bool:

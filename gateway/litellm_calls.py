@@ -85,6 +85,71 @@ def claude_thinking(params: dict[str, Any], name: str) -> dict[str, Any] | None:
         return None
 
 
+# -- how its streams end ----------------------------------------------------------------------------
+# Providers whose raw stream events StreamEnd reads (Anthropic's Messages events, Gemini's
+# GenerateContentResponses; Vertex serves both). Others keep litellm's own judgement.
+STREAM_END_PROVIDERS = frozenset({"anthropic", "gemini", "vertex_ai"})
+
+
+class StreamEnd:
+    """Whether a litellm stream ended with the provider's own end of the answer, read from the
+    provider's raw events. litellm's stream wrapper cannot tell: it marks every Gemini chunk "stop"
+    (a candidate's finishReason or none), so a Gemini stream cut cleanly between two events was
+    relayed as a complete answer, with a finish_reason and [DONE]. The end markers: Anthropic's
+    `message_stop`, or a `message_delta` with its `stop_reason`; a `finishReason` on each of
+    Gemini's candidates.
+
+    The raw events are reached where litellm parses them, its provider iterator's `chunk_parser`
+    (opened by the wrapper's `make_call` where it opens the stream lazily). Where litellm has none,
+    `watched` stays False and litellm's own judgement stands."""
+
+    def __init__(self, stream: Any, model: str) -> None:
+        self.watched = False
+        self._stopped = False  # Anthropic's end
+        self._candidates: set[int] = set()  # Gemini's candidates seen, and those finished
+        self._finished: set[int] = set()
+        if _provider_and_name(model)[0] not in STREAM_END_PROVIDERS:
+            return
+        if getattr(stream, "completion_stream", None) is not None:
+            self._tap(stream.completion_stream)
+        elif callable(open_stream := getattr(stream, "make_call", None)):
+            async def make_call(*args: Any, **kwargs: Any) -> Any:
+                source = await open_stream(*args, **kwargs)
+                self._tap(source)
+                return source
+
+            stream.make_call = make_call
+
+    @property
+    def cut(self) -> bool:
+        """The stream ended (or is ending) without the provider's end of the answer."""
+        return self.watched and not (self._stopped or (self._candidates and self._candidates <= self._finished))
+
+    def _tap(self, source: Any) -> None:
+        parse = getattr(source, "chunk_parser", None)
+        if not callable(parse):
+            return
+
+        def chunk_parser(chunk: Any) -> Any:
+            if isinstance(chunk, dict):
+                self._read(chunk)
+            return parse(chunk=chunk)
+
+        source.chunk_parser = chunk_parser
+        self.watched = True
+
+    def _read(self, event: dict[str, Any]) -> None:
+        kind = event.get("type")
+        if kind == "message_stop" or (kind == "message_delta" and (event.get("delta") or {}).get("stop_reason")):
+            self._stopped = True
+        for position, candidate in enumerate(event.get("candidates") or ()):
+            if isinstance(candidate, dict):
+                index = candidate.get("index", position)
+                self._candidates.add(index)
+                if candidate.get("finishReason"):
+                    self._finished.add(index)
+
+
 # -- its errors -----------------------------------------------------------------------------------
 def litellm_error(backend: str, exc: Exception) -> UpstreamError:
     """A litellm exception (litellm maps every provider's errors onto its own classes) as an UpstreamError."""
@@ -92,6 +157,11 @@ def litellm_error(backend: str, exc: Exception) -> UpstreamError:
     message = str(getattr(exc, "message", None) or exc)[:500]
     if "Timeout" in type(exc).__name__:
         return UpstreamError(backend, 504, f"{backend}: upstream timed out", retryable=True, cut=True)
+    if status == 422 and UNREADABLE_ANSWER in message:
+        # litellm's own 422, for a 200 answer it could not read (Gemini's or Bedrock's body cut short, or
+        # not JSON): the upstream failed, not the request, which another try or backend may answer
+        return UpstreamError(backend, 502, f"{backend}: upstream sent an answer that cannot be read: {message}",
+                             retryable=True)
     retryable = status in (0, 408, 429) or status >= 500
     client_status = status if status in REQUEST_ERRORS or status == 429 else 502
     # litellm keeps the upstream's error body only as text in its message (Google's RetryInfo with it)
@@ -117,6 +187,8 @@ def _litellm_headers(exc: Exception) -> Any:
     return {}
 
 
+# How litellm's message starts where it could not read a provider's answer (its status is 422)
+UNREADABLE_ANSWER = "Error converting to valid response block"
 # OpenAI's codes for the errors litellm maps every provider's own onto
 _LITELLM_CODES = {"ContextWindowExceededError": "context_length_exceeded",
                   "ContentPolicyViolationError": "content_filter"}

@@ -16,7 +16,8 @@ top_k, top_p under 0.95, a forced tool call) with its 400.
         (tool_use: a call of the request's first tool with the answer, a JSON object text, as its input;
         break_mid: the stream's connection closes after its first text delta; truncate: the body ends
         there, cleanly, with no message_delta nor message_stop; error_event: the stream
-        sends Anthropic's `event: error` overloaded_error after its first text delta)
+        sends Anthropic's `event: error` overloaded_error after its first text delta; without streaming,
+        break_mid and truncate cut the JSON answer half way, tests/mock_server.py `cut_json`)
         thinking: with `thinking` enabled in the request, a thinking block with this text comes first.
     GET  /calls     {"count": N, "bodies": [...], "headers": [...]}
     POST /reset     forget everything
@@ -29,7 +30,7 @@ import asyncio
 import orjson
 from aiohttp import web
 
-from mock_server import control_app, record, serve  # a sibling: run as a script, tests/ is on sys.path
+from mock_server import control_app, cut_json, record, serve  # a sibling: run as a script, tests/ is on sys.path
 
 STATE: dict = {}
 
@@ -150,6 +151,8 @@ async def messages(request: web.Request) -> web.StreamResponse:
                "model": body.get("model"), "content": blocks, "stop_reason": stop_reason, "stop_sequence": None,
                "usage": usage}
     if not body.get("stream"):
+        if behaviour in ("truncate", "break_mid"):
+            return await cut_json(request, message, behaviour)
         return web.json_response(message)
     return await stream(request, message, behaviour)
 

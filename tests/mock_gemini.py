@@ -19,9 +19,12 @@ maxOutputTokens as Gemini counts it; its text is sent only with `includeThoughts
     POST /control {"script": [...], "answers": [...], "cached": 0, "thinking": "...", "hang_s": 30}
         script: behaviours for the next requests, in order, then "ok".
         behaviours: ok | function_call | 400 | too_long | bad_key | 429 | 500 | 503 | hang | break_mid | truncate
+                    | truncate_at_start
         (function_call: a call of the request's first function with the answer, a JSON object text,
         as its args; break_mid: the stream's connection closes after its first chunk; truncate: the
-        body ends there, cleanly, with no finishReason and no final usage)
+        body ends there, cleanly, with no finishReason and no final usage; truncate_at_start: the
+        stream's body ends before its first chunk; without streaming, break_mid and truncate cut the
+        JSON answer half way, tests/mock_server.py `cut_json`)
     GET  /calls     {"count": N, "bodies": [...], "paths": [...], "headers": [...]}
     POST /reset     forget everything
 """
@@ -33,7 +36,7 @@ import asyncio
 import orjson
 from aiohttp import web
 
-from mock_server import control_app, record, serve  # a sibling: run as a script, tests/ is on sys.path
+from mock_server import control_app, cut_json, record, serve  # a sibling: run as a script, tests/ is on sys.path
 
 STATE: dict = {}
 
@@ -228,6 +231,8 @@ async def generate(request: web.Request) -> web.StreamResponse:
     answer = {"candidates": candidates, "usageMetadata": usage, "modelVersion": model,
               "responseId": f"mock-{STATE['count']}"}
     if method == "generateContent":
+        if behaviour in ("truncate", "break_mid"):
+            return await cut_json(request, answer, behaviour)
         return web.json_response(answer)
     return await stream(request, answer, behaviour)
 
@@ -239,6 +244,9 @@ async def stream(request: web.Request, answer: dict, behaviour: str) -> web.Stre
     await response.prepare(request)
     usage = answer["usageMetadata"]
     early_usage = {"promptTokenCount": usage["promptTokenCount"], "totalTokenCount": usage["promptTokenCount"]}
+    if behaviour == "truncate_at_start":
+        await response.write_eof()
+        return response
     chunks = []
     for one in answer["candidates"]:
         parts = one["content"]["parts"]

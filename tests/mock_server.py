@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
+import orjson
 from aiohttp import web
 
 KEPT_CALLS = 200  # the latest requests each /calls list keeps
@@ -56,3 +57,23 @@ def serve(app: web.Application) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     web.run_app(app, host="127.0.0.1", port=parser.parse_args().port, print=None, access_log=None)
+
+
+async def cut_json(request: web.Request, answer: dict, behaviour: str) -> web.StreamResponse:
+    """A JSON answer whose body stops half way: `truncate` ends it cleanly there (a chunked body's last
+    chunk), `break_mid` closes the connection short of its Content-Length."""
+    body = orjson.dumps(answer)
+    half = body[:len(body) // 2]
+    if behaviour == "truncate":
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        await response.write(half)
+        await response.write_eof()
+        return response
+    response = web.StreamResponse(headers={"Content-Type": "application/json"})
+    response.content_length = len(body)
+    await response.prepare(request)
+    await response.write(half)
+    request.transport.close()
+    return response

@@ -8,7 +8,8 @@ import time
 import openai
 import pytest
 
-from tests.servers import control, running, sent, start_anthropic_mock, start_gateway, write_policy
+from tests.servers import (BEDROCK_ENV, control, running, sent, start_anthropic_mock, start_bedrock_mock, start_gateway,
+                           write_policy)
 
 # litellm's cost map for claude-sonnet-4-5, USD per token
 SONNET_INPUT, SONNET_OUTPUT, SONNET_CACHE_READ, SONNET_CACHE_WRITE = 3e-6, 15e-6, 0.3e-6, 3.75e-6
@@ -41,7 +42,9 @@ def stack(tmp_path_factory):
                          # `supports_n` left at its default (true), as an operator may
                          {**claude_backend("haiku-n", mock, "anthropic/claude-haiku-4-5"), "supports_n": True},
                          # one per test that leaves its backend cooling down
-                         *(claude_backend(f"plain-haiku-{i}", mock, "anthropic/claude-haiku-4-5") for i in range(2))],
+                         *(claude_backend(f"plain-haiku-{i}", mock, "anthropic/claude-haiku-4-5") for i in range(2)),
+                         # one per truncation test: a cut call counts against its backend
+                         *(claude_backend(f"cut-haiku-{i}", mock, "anthropic/claude-haiku-4-5") for i in range(2))],
             "policy": policy}, name="anthropic", env={"ANTHROPIC_API_KEY": "sk-ant-test"})) as gateway:
         yield gateway, mock
 
@@ -216,3 +219,49 @@ def test_logprobs_or_audio_claude_cannot_give_are_refused_not_dropped(client, mo
     # what Claude can do is sent as before: stop sequences become Anthropic's
     client.chat.completions.create(model="sonnet", messages=[{"role": "user", "content": "x"}], stop=["END"])
     assert sent(mock)[-1]["stop_sequences"] == ["END"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_answer_cut_before_message_stop_is_never_passed_off_as_complete(client, mock, stream):
+    """A body that ends cleanly without Anthropic's message_delta and message_stop: a stream that had
+    relayed bytes ends with the SSE error event (no finish_reason); a JSON answer cut half way is the
+    upstream's failure, retried."""
+    control(mock, answers=["one two three four"], script=["truncate"])
+    backend = f"cut-haiku-{int(stream)}"
+    if not stream:
+        completion = client.chat.completions.create(model=backend, messages=[{"role": "user", "content": "count"}])
+        assert completion.choices[0].message.content == "one two three four" and len(sent(mock)) == 2
+        return
+    chunks = []
+    with pytest.raises(openai.APIError) as broken:
+        for chunk in client.chat.completions.create(model=backend, messages=[{"role": "user", "content": "count"}],
+                                                    stream=True):
+            chunks.append(chunk)
+    assert "stream broke before the answer was complete" in broken.value.message
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "one"
+    assert all(choice.finish_reason is None for c in chunks for choice in c.choices)
+    assert len(sent(mock)) == 1
+
+
+def test_a_claude_stream_on_bedrock_cut_before_message_stop_ends_with_an_error(tmp_path):
+    """Claude on Bedrock streams Converse's events: a body that ends cleanly without messageStop is not
+    a complete answer (litellm's own check, which StreamEnd leaves to it there)."""
+    backend = {"name": "bedrock-haiku", "model": "bedrock/anthropic.claude-3-5-haiku-20241022-v1:0",
+               "max_retries": 0, "timeout_s": 5, "first_byte_timeout_s": 3}
+    policy = write_policy(tmp_path, {"name": "bedrock", "arms": {"plain": {"backend": "bedrock-haiku"}},
+                                     "routes": [{"name": "all", "candidates": ["plain"]}]})
+    with running(start_bedrock_mock(tmp_path)) as mock, running(start_gateway(
+            tmp_path, {"backends": [{**backend, "api_base": mock.url}], "policy": policy}, env=BEDROCK_ENV)) as gateway:
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+        messages = [{"role": "user", "content": "count"}]
+        control(mock, answer="one two three four")
+        chunks = list(client.chat.completions.create(model="bedrock-haiku", messages=messages, stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "one two three four"
+        assert [choice.finish_reason for c in chunks for choice in c.choices if choice.finish_reason] == ["stop"]
+        control(mock, script=["truncate"])
+        chunks = []
+        with pytest.raises(openai.APIError) as broken:
+            for chunk in client.chat.completions.create(model="bedrock-haiku", messages=messages, stream=True):
+                chunks.append(chunk)
+        assert "stream broke before the answer was complete" in broken.value.message
+        assert all(choice.finish_reason is None for c in chunks for choice in c.choices)

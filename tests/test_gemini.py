@@ -35,6 +35,8 @@ def stack(tmp_path_factory):
             "backends": [gemini_backend("flash", mock),
                          # one per test that leaves its backend cooling down
                          *(gemini_backend(f"flash-{i}", mock) for i in range(2)),
+                         # one per truncation test: a cut call counts against its backend
+                         *(gemini_backend(f"flash-cut-{i}", mock) for i in range(4)),
                          # Gemini's OpenAI-compatible endpoint, on the fast path
                          {"name": "flash-openai", "model": "openai/gemini-2.5-flash",
                           "api_base": openai_mock.url + "/v1", "max_retries": 1, "timeout_s": 5}],
@@ -103,3 +105,51 @@ def test_a_rate_limit_from_geminis_openai_compatible_endpoint_passes_on_its_retr
         client.chat.completions.create(model="flash-openai", messages=[{"role": "user", "content": "x"}])
     assert limited.value.response.headers["retry-after"] == "7"
     assert calls(openai_mock)["count"] == 1
+
+
+def relayed(response) -> tuple[list, Exception | None]:
+    """A stream's chunks, and the error its SSE error event raised in the openai SDK (None if it ended)."""
+    chunks = []
+    try:
+        for chunk in response:
+            chunks.append(chunk)
+    except openai.APIError as exc:
+        return chunks, exc
+    return chunks, None
+
+
+@pytest.mark.parametrize("break_kind, backend", [("truncate", "flash-cut-0"), ("break_mid", "flash-cut-1")])
+def test_a_gemini_stream_cut_after_bytes_ends_with_an_error_not_a_finish(client, mock, break_kind, backend):
+    """Gemini's stream has no end marker but the candidate's finishReason, and litellm marks every chunk
+    "stop": a body that ended cleanly after its first chunk was relayed as a complete answer, with a
+    finish_reason and [DONE]. It ends with the SSE error event, as a reset mid-stream does."""
+    control(mock, answers=["one two three four five six"], script=[break_kind])
+    chunks, error = relayed(client.chat.completions.create(
+        model=backend, messages=[{"role": "user", "content": "count"}], stream=True))
+    assert error is not None and "stream broke before the answer was complete" in error.message
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "one"
+    assert all(choice.finish_reason is None for c in chunks for choice in c.choices)
+    assert len(sent(mock)) == 1  # bytes had reached the client: not retried
+
+
+def test_a_gemini_stream_cut_before_its_first_chunk_is_retried_invisibly(client, mock):
+    """A body that ended before any event was an empty answer with finish_reason "stop"; nothing had
+    reached the client, so it is retried, and the client gets the whole answer."""
+    control(mock, answers=["one two three"], script=["truncate_at_start"])
+    chunks, error = relayed(client.chat.completions.create(
+        model="flash-cut-2", messages=[{"role": "user", "content": "count"}], stream=True))
+    assert error is None
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "one two three"
+    assert [choice.finish_reason for c in chunks for choice in c.choices if choice.finish_reason] == ["stop"]
+    assert len(sent(mock)) == 2
+
+
+@pytest.mark.parametrize("break_kind", ["truncate", "break_mid"])
+def test_a_gemini_answer_cut_half_way_is_retried_not_the_clients_422(client, mock, break_kind):
+    """A JSON answer whose body stops half way (a 200): litellm cannot read it and says 422, which was
+    passed on as the client's error, not retried, no fallback. It is the upstream's failure (502),
+    retried: the client gets the answer."""
+    control(mock, answers=["one two three"], script=[break_kind])
+    completion = client.chat.completions.create(model="flash-cut-3", messages=[{"role": "user", "content": "count"}])
+    assert completion.choices[0].message.content == "one two three"
+    assert len(sent(mock)) == 2
