@@ -576,7 +576,8 @@ async def open_first_stream(gw: Gateway, plan: Plan, req: ChatRequest,
                 if not exc.retryable:  # not on this backend (a 401 for its key); another may serve
                     break
     assert last is not None
-    return upstream_to_api_error(last, caller.retry_after_s() if last.status in (429, 503) else None)
+    return upstream_to_api_error(last, caller.retry_after_s(a.backend for a in arms)
+                                 if last.status in (429, 503) else None)
 
 
 # -- feedback ---------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import asyncio
 import itertools
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -160,10 +160,13 @@ class Caller:
         backend = self.backends.get(backend_name)
         return backend is not None and backend.health.available(time.monotonic())
 
-    def retry_after_s(self) -> float:
-        """When the soonest cooling backend is expected back (for a Retry-After header)."""
+    def retry_after_s(self, names: Iterable[str]) -> float:
+        """When the soonest of the request's cooling backends (`names`) is expected back, for a
+        Retry-After header: another model's backends, cooling on their own schedule, say nothing
+        about when this request can be served."""
         now = time.monotonic()
-        waits = [b.health.cooldown_until - now for b in self.backends.values() if b.health.cooldown_until > now]
+        waits = [backend.health.cooldown_until - now for name in set(names)
+                 if (backend := self.backends.get(name)) is not None and backend.health.cooldown_until > now]
         return max(1.0, min(waits)) if waits else 1.0
 
 

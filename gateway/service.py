@@ -410,7 +410,8 @@ class Gateway:
                 if exc.about_request or caller.out_of_time():
                     break
         assert last is not None
-        raise upstream_to_api_error(last, caller.retry_after_s() if last.status in (429, 503) else None)
+        raise upstream_to_api_error(last, caller.retry_after_s(a.backend for a in arms)
+                                    if last.status in (429, 503) else None)
 
     # -- record ---------------------------------------------------------------------------------
     def record(self, plan: Plan, calls: list[CallRecord], *, status: int, result: StrategyResult | None = None,

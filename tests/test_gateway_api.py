@@ -248,6 +248,23 @@ def test_an_upstreams_wait_in_retry_after_ms_or_as_a_date_is_honoured_and_passed
             assert calls(mock)["count"] == 1, backend  # not called again within the upstream's wait
 
 
+def test_retry_after_counts_only_the_backends_the_request_could_use(tmp_path):
+    """A 429's Retry-After is when the soonest of the request's own cooling backends is back. It was the
+    soonest of all of them: another model's backend cooling for a second told this request's client to
+    come back in one, seven seconds before its own backend would take a call."""
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("mock-a", mock), mock_backend("mock-b", mock)],
+            "policy": policy(tmp_path)}, name="own-waits")) as gateway:
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+        control(mock, script=["429", "429_ms"])  # mock-b: back in 1 s; then mock-a: back in 7 s
+        with pytest.raises(openai.RateLimitError) as other:
+            client.chat.completions.create(model="mock-b", messages=[{"role": "user", "content": "x"}])
+        assert other.value.response.headers["retry-after"] == "1"
+        with pytest.raises(openai.RateLimitError) as limited:
+            client.chat.completions.create(model="mock-a", messages=[{"role": "user", "content": "x"}])
+        assert 5 <= int(limited.value.response.headers["retry-after"]) <= 7
+
+
 def test_a_first_call_through_litellm_waits_for_no_import(tmp_path):
     """litellm takes seconds to import, all of them with the event loop blocked. Imported by the first
     call that needed it, that call's first-byte timeout ran out (a 504 that cooled the backend down)
