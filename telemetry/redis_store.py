@@ -13,6 +13,7 @@ reply was lost is simply sent again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -118,6 +119,12 @@ class RedisStore(BufferedStore):
             if not self._cluster:
                 await self._client.connection_pool.disconnect()  # drop sockets to the dead server
             await asyncio.wait_for(self._client.ping(), self.op_timeout_s)
+            if self._started:
+                # A gateway's store writes. A server that answers PING but takes no writes (a replica
+                # after a failover: READONLY; CLIENT PAUSE WRITE) is still down: taken as back, every
+                # write failed at once and the store reconnected again, hundreds of times a second.
+                with contextlib.suppress(NoPermissionError):  # an ACL without DEL says nothing of that
+                    await asyncio.wait_for(self._client.delete(self.keys.write_probe), self.op_timeout_s)
         except Exception as exc:
             self._backoff = min(MAX_BACKOFF_S, self._backoff * 2 if self._backoff else 0.05)
             self._next_attempt = now + self._backoff

@@ -542,6 +542,42 @@ def test_a_redis_user_not_allowed_scripts_is_said_once_and_leaks_no_connection(r
     assert len(refusals) == len(set(refusals)) <= 3, refusals  # once per command, not once per refusal
 
 
+def test_a_primary_demoted_to_a_read_only_replica_is_one_outage_not_a_reconnect_loop(tmp_path, caplog):
+    """A failover left the URL on a replica: PING answers, every write is refused with READONLY. The
+    store took each PING as "back", failed its next write at once and reconnected again: hundreds of
+    reconnects and two log lines each, a second. It is one outage (a write probe on reconnect), and the
+    buffered events are written once the server is a primary again."""
+    proc = start_redis(data_dir=tmp_path / "redis")
+    primary = start_redis(data_dir=tmp_path / "other")
+
+    async def go():
+        admin = aioredis.Redis.from_url(proc.url)
+        store = await open_store(proc.url, tmp_path, refresh_s=0.1)
+        try:
+            await admin.replicaof("127.0.0.1", primary.port)
+            for i in range(20):  # ~2 s of events against a server that takes no writes
+                store.record(event(i))
+                await asyncio.sleep(0.1)
+            assert not store.health()["connected"] and store.health()["buffered"] == 20
+            assert store.reconnects <= 3, store.reconnects
+            await admin.replicaof("NO", "ONE")
+            await wait_for(lambda: store.health()["written"] == 20, timeout=5.0)
+            assert await admin.xlen(RedisKeys("ponder").stream) == 20
+        finally:
+            await store.close()
+            await admin.aclose()
+
+    with caplog.at_level("WARNING", logger="ponder.telemetry"):
+        try:
+            run(go())
+        finally:
+            proc.stop()
+            primary.stop()
+    lines = [r.getMessage() for r in caplog.records if r.name == "ponder.telemetry"]
+    assert len([line for line in lines if line.startswith("Redis is unreachable")]) == 1, lines
+    assert len([line for line in lines if line.startswith("Redis answers again after")]) == 1, lines
+
+
 def test_buffer_is_bounded_and_redis_down_at_start_is_served(tmp_path):
     async def go():
         url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
