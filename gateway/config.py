@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
+from urllib.parse import quote
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator
+
+from redis.connection import parse_url
 
 from policies.backends import BackendSpec
 from telemetry.store import DEFAULT_FEEDBACK_WINDOW_S, DEFAULT_STREAM_MAXLEN
@@ -134,12 +138,35 @@ def load_config(path: str | Path | None) -> GatewayConfig:
         raise ConfigError(f"{path}: {problems}") from exc
     base = path.resolve().parent
     if config.telemetry.redis_url:  # `redis://:${REDIS_PASSWORD}@host` keeps the secret out of the file
-        config.telemetry.redis_url = os.path.expandvars(config.telemetry.redis_url)
+        config.telemetry.redis_url = expand_redis_url(config.telemetry.redis_url)
+        try:
+            parse_url(config.telemetry.redis_url)
+        except ValueError:  # its message quotes the URL's pieces, a piece of the password among them
+            raise ConfigError(f"{path}: telemetry.redis_url is not a Redis URL (redis://[user:password@]host:port/db, "
+                              "rediss://..., unix://[user:password@]/path?db=N): percent-encode a user name or "
+                              "password that holds / # ? @ or %") from None
     config.policy = _resolve(base, config.policy)
     config.extra_policies = {k: _resolve(base, v) for k, v in config.extra_policies.items()}
     if config.classifier:
         config.classifier = _resolve(base, config.classifier)
     return config
+
+
+_ENV_VAR = re.compile(r"\$(\w+|\{\w+\})")  # what os.path.expandvars expands
+
+
+def expand_redis_url(url: str) -> str:
+    """Environment variables expanded; those in the user info (`redis://:${REDIS_PASSWORD}@host`) hold
+    the user name or password as it is and are percent-encoded, so a secret with / # ? (base64 keys have
+    /) parses, and as the password: raw, it was read as a port, and the error quoted it."""
+    scheme, sep, rest = url.partition("://")
+    user_info, at, location = rest.rpartition("@")
+
+    def encoded(match: re.Match) -> str:
+        value = os.environ.get(match.group(1).strip("{}"))
+        return match.group(0) if value is None else quote(value, safe="")
+
+    return os.path.expandvars(scheme + sep) + _ENV_VAR.sub(encoded, user_info) + at + os.path.expandvars(location)
 
 
 def _resolve(base: Path, value: str) -> str:

@@ -182,6 +182,8 @@ class RedisKeys:
         self.stream = f"{ns}:{{events}}:stream"
         self.feedback_stream = f"{ns}:{{events}}:feedback"
         self.policies = f"{ns}:{{meta}}:policies"
+        # Never holds a value: deleting it tells whether the server takes writes (a replica does not).
+        self.write_probe = f"{ns}:{{meta}}:write-probe"
 
     def arms(self, policy: str) -> str:
         return f"{self.ns}:{{policy:{_tag(policy)}}}:arms"

@@ -13,6 +13,7 @@ reply was lost is simply sent again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ReadOnlyError, RedisClusterException
+from redis.exceptions import NoPermissionError, ReadOnlyError, RedisClusterException
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .aggregates import SPEND_DAYS, SPEND_HOURS, add_spend, group_deltas, spend_deltas, spend_periods
@@ -104,6 +105,7 @@ class RedisStore(BufferedStore):
         self._next_attempt = 0.0
         self.reconnects = 0
         self.restores = 0
+        self._refused_commands: set[str] = set()  # NOPERM errors logged already
 
     # --- connection state ----------------------------------------------------------------------------
 
@@ -117,6 +119,12 @@ class RedisStore(BufferedStore):
             if not self._cluster:
                 await self._client.connection_pool.disconnect()  # drop sockets to the dead server
             await asyncio.wait_for(self._client.ping(), self.op_timeout_s)
+            if self._started:
+                # A gateway's store writes. A server that answers PING but takes no writes (a replica
+                # after a failover: READONLY; CLIENT PAUSE WRITE) is still down: taken as back, every
+                # write failed at once and the store reconnected again, hundreds of times a second.
+                with contextlib.suppress(NoPermissionError):  # an ACL without DEL says nothing of that
+                    await asyncio.wait_for(self._client.delete(self.keys.write_probe), self.op_timeout_s)
         except Exception as exc:
             self._backoff = min(MAX_BACKOFF_S, self._backoff * 2 if self._backoff else 0.05)
             self._next_attempt = now + self._backoff
@@ -139,6 +147,13 @@ class RedisStore(BufferedStore):
 
     def _on_error(self, where: str, exc: BaseException) -> None:
         super()._on_error(where, exc)
+        if isinstance(exc, NoPermissionError) and str(exc) not in self._refused_commands:
+            # An ACL that forbids a command the store needs is no outage: Redis answers, and refuses that
+            # command every time. Said once per command, loudly, since nothing else would say it.
+            self._refused_commands.add(str(exc))
+            log.error("Redis refuses a command the gateway needs (%s: %s): grant its user the commands listed in "
+                      "docs/telemetry.md; until then whatever uses it fails (without scripts, every event is "
+                      "dropped and each replica enforces budgets alone)", where, exc)
         if isinstance(exc, DOWN_ERRORS):
             self._connected = False
             # One line per outage, when it begins and when it ends, not one per failed try (every second
@@ -165,8 +180,14 @@ class RedisStore(BufferedStore):
         else:
             await self._agg_script(keys=keys, args=args, client=pipe)
 
-    async def _execute(self, pipe, later: list) -> list:
-        results = await pipe.execute()
+    async def _execute(self, pipe, later: list | None = None, raise_on_error: bool = True) -> list:
+        try:
+            results = await pipe.execute(raise_on_error=raise_on_error)
+        finally:
+            # redis-py checks a pipeline's scripts (SCRIPT EXISTS) on a pooled connection before the part
+            # of execute() that gives the connection back: an error there (an ACL without scripting, a
+            # timeout) leaked it, and 32 such errors left the store no connection for good.
+            await pipe.reset()
         if later:
             await asyncio.gather(*(self._agg_script(keys=keys, args=args) for keys, args in later))
         return results
@@ -252,7 +273,7 @@ class RedisStore(BufferedStore):
                 await self._apply_once(change, now, client=pipe)
             # Each reply on its own: a change Redis refuses (OOM at maxmemory) stays for the next turn,
             # the others are done.
-            replies = await pipe.execute(raise_on_error=False)
+            replies = await self._execute(pipe, raise_on_error=False)
         refused = None
         for change, reply in zip(changes, replies):
             if isinstance(reply, BaseException):
@@ -300,7 +321,7 @@ class RedisStore(BufferedStore):
                 pipe.set(k.alive(p), "1", nx=True)
         # A marker Redis refuses to write (OOM at maxmemory with noeviction) must not stop the reads:
         # the stats would go stale for as long as Redis is full. Nothing could be restored then anyway.
-        res = await pipe.execute(raise_on_error=False)
+        res = await self._execute(pipe, raise_on_error=False)
         step = 1 if read_only else 2
         members = {p: res[step * i] for i, p in enumerate(names)}
         for value in members.values():
@@ -330,7 +351,7 @@ class RedisStore(BufferedStore):
         for p, m in order:
             bucket, _, arm = m.partition("|")
             pipe.hgetall(k.agg(p, bucket, arm))
-        hashes = await pipe.execute() if order else []
+        hashes = await self._execute(pipe) if order else []
         out: dict[str, dict[tuple[str, str], dict[str, float]]] = {p: {} for p in names}
         for (p, m), h in zip(order, hashes):
             if h:
@@ -344,7 +365,7 @@ class RedisStore(BufferedStore):
                 pipe = self._client.pipeline(transaction=False)
                 for period in periods:
                     pipe.hgetall(self.keys.spend(period))
-                res = await pipe.execute()
+                res = await self._execute(pipe)
                 self._spend_seen = {p: {n: float(v) for n, v in h.items()} for p, h in zip(periods, res) if h}
                 return {p: dict(fields) for p, fields in self._spend_seen.items()}
             except Exception as exc:

@@ -1644,6 +1644,47 @@ def test_data_dir_check_releases_the_lock_and_skips_it_with_redis(tmp_path):
                                 telemetry={"redis_url": "redis://127.0.0.1:1/0", "data_dir": "/proc/forbidden"}))
 
 
+def test_serve_refuses_a_redis_url_that_does_not_parse_without_quoting_its_password(tmp_path):
+    """A password with a `/` written raw in redis_url was read as the port: the lifespan traceback ended in
+    `Port could not be cast to integer value as 's3cr3t'`, a piece of the password, in the gateway's log."""
+    done = _serve("--port", "9", config={"telemetry": {"redis_url": "redis://ponder:s3cr3t/Tail@127.0.0.1:6379/0"}},
+                  tmp_path=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "bad config" in done.stderr and "telemetry.redis_url is not a Redis URL" in done.stderr
+    assert "s3cr3t" not in done.stderr and "Tail" not in done.stderr
+
+
+def test_a_redis_password_from_the_environment_is_used_as_it_is(tmp_path, redis_server):
+    """`redis://user:${REDIS_PASSWORD}@host` keeps the secret out of the file; a generated password (base64:
+    / + =) was expanded raw into the URL, which then did not parse (the gateway did not start). It is
+    percent-encoded as it is expanded: the gateway logs in as that user, writes its events, and the
+    password is nowhere in its log or on /readyz."""
+    import redis
+
+    secret = "s3cr3t/Pa+ss=word"
+    admin = redis.Redis.from_url(redis_server.url)
+    admin.execute_command("ACL", "SETUSER", "envpw", "reset", "on", f">{secret}", "~*", "&*", "+@all", "-@dangerous")
+    try:
+        with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+                "backends": [mock_backend("mock-a", mock), mock_backend("mock-b", mock)], "policy": policy(tmp_path),
+                "telemetry": {"redis_url": f"redis://envpw:${{PONDER_TEST_REDIS_PASSWORD}}@127.0.0.1:{redis_server.port}/7",
+                              "refresh_s": 0.2}},
+                env={"PONDER_TEST_REDIS_PASSWORD": secret})) as gateway:
+            client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="none", max_retries=0)
+            client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "What is 2+2?"}])
+            deadline = time.monotonic() + 10
+            while (store := httpx.get(gateway.url + "/readyz").json()["store"])["written"] < 1:
+                assert time.monotonic() < deadline, store
+                time.sleep(0.05)
+            assert store["connected"] and store["last_error"] is None
+            with redis.Redis(port=redis_server.port, db=7) as db7:  # the URL's db index, as the user
+                assert db7.xlen("ponder:{events}:stream") >= 1
+            assert secret not in httpx.get(gateway.url + "/readyz").text and secret not in gateway.log()
+    finally:
+        admin.execute_command("ACL", "DELUSER", "envpw")
+        admin.close()
+
+
 def test_telemetry_retention_is_set_in_the_gateway_config(tmp_path):
     """docs/deploy.md tells operators with heavy traffic to lower `feedback_window_s` (the per-request
     records dominate Redis memory) and the stream holds `stream_maxlen` events: both are config keys, and

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import redis
 import redis.asyncio as aioredis
 
 from telemetry.aggregates import (apply_delta, arm_stats, event_delta, histogram, latency_bucket, percentile,
@@ -520,6 +521,77 @@ def test_a_redis_outage_is_logged_once_when_it_begins_and_once_when_it_ends(tmp_
     assert len([line for line in lines if line.startswith("Redis is unreachable")]) == 1, lines
     assert len([line for line in lines if line.startswith("Redis answers again after")]) == 1, lines
     assert len(lines) == 2, lines
+
+
+def test_a_redis_user_not_allowed_scripts_is_said_once_and_leaks_no_connection(redis_server, redis_url, tmp_path,
+                                                                                caplog):
+    """An ACL user without @scripting: Redis answers, and refuses every EVALSHA and SCRIPT EXISTS. The
+    gateway said nothing (events dropped, budgets per replica, only `last_error` knew), and each refused
+    pipeline (a budget push per flush turn) kept its pooled connection: after 32 the store had none left,
+    not even for the reads it is allowed. One ERROR line names the command; the pool stays whole."""
+    admin = redis.Redis.from_url(redis_url)
+    admin.execute_command("ACL", "SETUSER", "noscript", "reset", "on", ">pw-noscript", "~*", "&*", "+@all",
+                          "-@scripting")
+    url = f"redis://noscript:pw-noscript@127.0.0.1:{redis_server.port}/0"
+
+    async def go():
+        store = await open_store(url, tmp_path, op_timeout_s=0.5)
+        try:
+            res = await store.reserve("key-a", 0.5, {"day": 10.0})  # refused: the local ledger takes it
+            assert res.mode == "local"
+            for _ in range(40):  # one budget push per flush turn, each refused
+                with contextlib.suppress(Exception):
+                    await store._periodic()
+            assert await store._client.set("ponder:probe", "1") and await store._client.get("ponder:probe") == "1"
+        finally:
+            await store.close(timeout_s=1.0)
+
+    with caplog.at_level("ERROR", logger="ponder.telemetry"):
+        try:
+            run(go())
+        finally:
+            admin.execute_command("ACL", "DELUSER", "noscript")
+            admin.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "ponder.telemetry"]
+    refusals = [line for line in lines if line.startswith("Redis refuses a command the gateway needs")]
+    assert refusals and all("no permissions to run" in line for line in refusals), lines
+    assert len(refusals) == len(set(refusals)) <= 3, refusals  # once per command, not once per refusal
+
+
+def test_a_primary_demoted_to_a_read_only_replica_is_one_outage_not_a_reconnect_loop(tmp_path, caplog):
+    """A failover left the URL on a replica: PING answers, every write is refused with READONLY. The
+    store took each PING as "back", failed its next write at once and reconnected again: hundreds of
+    reconnects and two log lines each, a second. It is one outage (a write probe on reconnect), and the
+    buffered events are written once the server is a primary again."""
+    proc = start_redis(data_dir=tmp_path / "redis")
+    primary = start_redis(data_dir=tmp_path / "other")
+
+    async def go():
+        admin = aioredis.Redis.from_url(proc.url)
+        store = await open_store(proc.url, tmp_path, refresh_s=0.1)
+        try:
+            await admin.replicaof("127.0.0.1", primary.port)
+            for i in range(20):  # ~2 s of events against a server that takes no writes
+                store.record(event(i))
+                await asyncio.sleep(0.1)
+            assert not store.health()["connected"] and store.health()["buffered"] == 20
+            assert store.reconnects <= 3, store.reconnects
+            await admin.replicaof("NO", "ONE")
+            await wait_for(lambda: store.health()["written"] == 20, timeout=5.0)
+            assert await admin.xlen(RedisKeys("ponder").stream) == 20
+        finally:
+            await store.close()
+            await admin.aclose()
+
+    with caplog.at_level("WARNING", logger="ponder.telemetry"):
+        try:
+            run(go())
+        finally:
+            proc.stop()
+            primary.stop()
+    lines = [r.getMessage() for r in caplog.records if r.name == "ponder.telemetry"]
+    assert len([line for line in lines if line.startswith("Redis is unreachable")]) == 1, lines
+    assert len([line for line in lines if line.startswith("Redis answers again after")]) == 1, lines
 
 
 def test_buffer_is_bounded_and_redis_down_at_start_is_served(tmp_path):
