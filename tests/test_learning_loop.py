@@ -231,3 +231,36 @@ def test_requests_no_arm_answered_leave_an_answers_cost_as_it_is(tmp_path):
             detail = httpx.get(f"{gateway.url}/v1/ponder/requests/{one.headers['x-ponder-request-id']}").json()
             (expected,) = (c["expected_cost_usd"] for c in detail["decision"]["candidates"])
             assert expected == pytest.approx(float(answered.headers["x-ponder-cost-usd"]), rel=0.1)
+
+
+def test_requests_no_arm_answered_leave_an_answers_latency_as_it_is(tmp_path):
+    """The route's only backend answers in 300 ms, or fails at once every other call (502, no answer).
+    The failures' few milliseconds were summed with the answers' latency and divided by every request,
+    so the learner expected an answer in about half the time it takes: with `latency_weight` above 0
+    a flaky arm looked faster than it is (and faster the flakier), as it looked cheaper before."""
+    arms = {"strong": {"backend": "mock-b", "prior": 0.9, "tokens": 1, "latency_ms": 300}}
+    policy = write_policy(tmp_path, {"name": "flaky", "arms": arms, "routes": [{"name": "all", "candidates": ["strong"]}],
+                                     "objective": {"cost_weight": 0, "latency_weight": 0.1},
+                                     "exploration": {"share": 0.0}, "learner": {"half_life_hours": None}}, "flaky.yaml")
+    with running(start_mock(tmp_path)) as mock_b:
+        control(mock_b, answers=[RIGHT])
+        config = {"backends": [mock_backend("mock-b", mock_b, max_retries=0)],
+                  "policy": policy, "telemetry": {"data_dir": str(tmp_path / "data"), "refresh_s": 0.05}}
+        with running(start_gateway(tmp_path, config, name="flaky")) as gateway:
+            client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+            for i in range(30):
+                if i % 2 == 0:
+                    control(mock_b, script=["500"], delay_ms=0)
+                    with pytest.raises(openai.InternalServerError):
+                        client.chat.completions.create(model="auto", messages=QUESTION)
+                else:
+                    control(mock_b, delay_ms=300)
+                    client.chat.completions.create(model="auto", messages=QUESTION)
+            time.sleep(0.3)
+            one = client.chat.completions.with_raw_response.create(model="auto", messages=QUESTION)
+            detail = httpx.get(f"{gateway.url}/v1/ponder/requests/{one.headers['x-ponder-request-id']}").json()
+            (expected,) = (c["expected_latency_ms"] for c in detail["decision"]["candidates"])
+            assert 300 <= expected < 450  # an answer takes 300 ms and a little; the failures say nothing of it
+            summary = httpx.get(gateway.url + "/v1/ponder/summary").json()
+            (row,) = summary["tasks"][0]["arms"]
+            assert 300 <= row["mean_latency_ms"] < 450, row
