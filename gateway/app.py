@@ -178,7 +178,7 @@ def extension(plan: Plan, caller: Caller, result: StrategyResult | None, served:
         "effort": arm.effort,
         "task": plan.decision.task,
         "difficulty": round(plan.decision.difficulty, 4),
-        "explore": plan.decision.explore,
+        "explore": plan.explored(arm),
         "calls": len(caller.calls),
         "samples": details.get("samples", 1),
         "votes": details.get("votes"),

@@ -74,6 +74,12 @@ class Plan:
     def arms(self) -> list[Arm]:
         return [self.decision.arm, *self.decision.fallbacks]
 
+    def explored(self, answered: Arm) -> bool:
+        """Whether the request explored: the arm the exploration drew answered it. A fallback answering
+        for it (the greedy arm, mostly) explored nothing, as an explored arm that gives way to the budget
+        (cost_bounds.arms_within)."""
+        return self.decision.explore and answered == self.decision.arm
+
     def reserve_usd(self) -> float:
         """What the budget holds until the request settles: its worst case, never below the decision
         engine's estimate (estimates learn from cheap past answers; a bound must not)."""
@@ -429,7 +435,7 @@ class Gateway:
             strategy=arm.strategy,
             effort=arm.effort,
             n=arm.n,
-            explore=decision.explore,
+            explore=plan.explored(arm),
             reasons=list(decision.reasons),
             candidates=[_candidate_dict(c) for c in decision.candidates],
             calls=[c.as_dict() for c in calls],

@@ -264,3 +264,38 @@ def test_requests_no_arm_answered_leave_an_answers_latency_as_it_is(tmp_path):
             summary = httpx.get(gateway.url + "/v1/ponder/summary").json()
             (row,) = summary["tasks"][0]["arms"]
             assert 300 <= row["mean_latency_ms"] < 450, row
+
+
+def test_an_explored_arm_that_fails_leaves_the_request_unexplored(tmp_path):
+    """Every request explores `strong` (share 1.0, its prior in doubt). Once, its backend fails and the
+    greedy arm answers as the fallback: that request was recorded under the greedy arm, yet counted as
+    explored, in the client's `ponder.explore`, the request's detail, the summary's explore share and
+    ponder_learner_decisions_total. Explored means the explored arm answered, as when a budget makes
+    it give way before any call (docs/policies.md)."""
+    arms = {"cheap": {"backend": "mock-a", "prior": 0.9, "tokens": 1},
+            "strong": {"backend": "mock-b", "prior": 0.7, "tokens": 1}}
+    policy = write_policy(tmp_path, {"name": "explored", "arms": arms,
+                                     "routes": [{"name": "all", "candidates": ["cheap", "strong"]}],
+                                     "exploration": {"share": 1.0, "max_extra_cost_usd": 1.0},
+                                     "learner": {"half_life_hours": None, "prior_strength": 1}}, "explored.yaml")
+    with running(start_mock(tmp_path)) as mock_a, running(start_mock(tmp_path)) as mock_b:
+        control(mock_a, answers=[RIGHT])
+        control(mock_b, answers=[RIGHT])
+        config = {"backends": [mock_backend("mock-a", mock_a, max_retries=0), mock_backend("mock-b", mock_b, max_retries=0)],
+                  "policy": policy, "telemetry": {"data_dir": str(tmp_path / "data"), "refresh_s": 0.05}}
+        with running(start_gateway(tmp_path, config, name="explored")) as gateway:
+            client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+            explored = client.chat.completions.with_raw_response.create(model="auto", messages=QUESTION)
+            assert explored.headers["x-ponder-arm"] == STRONG and explored.parse().model_extra["ponder"]["explore"]
+            control(mock_b, script=["500"])
+            fell_back = client.chat.completions.with_raw_response.create(model="auto", messages=QUESTION)
+            assert fell_back.headers["x-ponder-arm"] == CHEAP  # strong was chosen, failed, and cheap answered
+            assert fell_back.parse().model_extra["ponder"]["explore"] is False
+            time.sleep(0.3)
+            detail = httpx.get(f"{gateway.url}/v1/ponder/requests/{fell_back.headers['x-ponder-request-id']}").json()
+            assert detail["decision"]["arm"] == CHEAP and detail["decision"]["explore"] is False
+            summary = httpx.get(gateway.url + "/v1/ponder/summary").json()
+            assert summary["exploration"]["explored"] == 1 and summary["exploration"]["exploited"] == 1
+            metrics = httpx.get(gateway.url + "/metrics").text
+            assert sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                       if line.startswith("ponder_learner_decisions_total{") and 'mode="explore"' in line) == 1.0
