@@ -230,7 +230,7 @@ def _learned(seen: ArmStats | None, shared: ArmStats | None, alpha: float, beta:
     if seen is not None:
         weight = seen.weight
         if weight > 0:
-            wins = min(seen.successes, weight)
+            wins = min(max(seen.successes, 0.0), weight)  # (as the levels above: a handed-in record may be off)
             alpha += wins
             beta += weight - wins
         count = seen.count

@@ -237,7 +237,9 @@ def summary_row(fields: Mapping[str, float], now: float, half_life_s: float | No
         "requests": d.get("total", 0.0),
         "count": count,
         "scored_weight": weight,
-        "success_rate": (d.get("successes", 0.0) / weight) if weight > 0 else None,
+        # clamped as arm_stats clamps it: feedback on a request from before a reset of the stats replaces
+        # an automatic score the record no longer holds, and can leave successes below 0
+        "success_rate": (min(max(0.0, d.get("successes", 0.0)), weight) / weight) if weight > 0 else None,
         "error_rate": (d.get("errors", 0.0) / count) if count > 0 else 0.0,
         "mean_cost_usd": mean("cost_usd"),
         "mean_latency_ms": d.get("latency_ms", 0.0) / answered if answered > 0 else 0.0,

@@ -299,3 +299,38 @@ def test_an_explored_arm_that_fails_leaves_the_request_unexplored(tmp_path):
             metrics = httpx.get(gateway.url + "/metrics").text
             assert sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
                        if line.startswith("ponder_learner_decisions_total{") and 'mode="explore"' in line) == 1.0
+
+
+def test_feedback_after_a_reset_of_the_learned_stats_reads_as_a_score(tmp_path, redis_url):
+    """An operator resets a policy's learned stats (docs/telemetry.md: its agg and arms keys deleted,
+    its alive marker kept); the app then grades an answer from before, a vote's (scored 0.94 at weight
+    0.3). The feedback replaces that score in a record that no longer holds it: successes -0.28 over
+    weight 0.7, which the summary and `ponder stats` showed as a success rate of -40%."""
+    import redis
+
+    arms = {"vote": {"backend": "mock-b", "strategy": "self_consistency", "n": 3, "prior": 0.9, "tokens": 1}}
+    policy = write_policy(tmp_path, {"name": "reset", "arms": arms, "routes": [{"name": "all", "candidates": ["vote"]}],
+                                     "exploration": {"share": 0.0}, "learner": {"half_life_hours": None}}, "reset.yaml")
+    with running(start_mock(tmp_path)) as mock_b:
+        control(mock_b, answers=[RIGHT])
+        config = {"backends": [mock_backend("mock-b", mock_b)], "policy": policy,
+                  "telemetry": {"redis_url": redis_url, "refresh_s": 0.05}}
+        with running(start_gateway(tmp_path, config, name="reset")) as gateway:
+            client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+            earlier = client.chat.completions.create(model="auto", messages=QUESTION)
+            assert earlier.model_extra["ponder"]["confidence"] > 0.9
+            time.sleep(0.3)
+            store = redis.Redis.from_url(redis_url)
+            learned = [*store.scan_iter("ponder:{policy:reset}:agg:*"), b"ponder:{policy:reset}:arms"]
+            assert len(learned) == 2 and store.delete(*learned) == 2
+            graded = httpx.post(gateway.url + "/v1/feedback", json={"request_id": earlier.id, "correct": False})
+            assert graded.json()["status"] == "accepted"
+            time.sleep(0.3)
+            (task,) = httpx.get(gateway.url + "/v1/ponder/summary").json()["tasks"]
+            (row,) = task["arms"]
+            assert row["success_rate"] == 0.0, row  # wrong, as the client said; never below 0
+            stats = subprocess.run([PYTHON, "-m", "gateway.cli", "stats", "--redis-url", redis_url, "--json"], cwd=ROOT,
+                                   capture_output=True, text=True, timeout=60)
+            assert stats.returncode == 0, stats.stderr
+            (table,) = json.loads(stats.stdout)["reset"].values()
+            assert table["mock-b/-/self_consistency/3"]["success_rate"] == 0.0
