@@ -189,7 +189,7 @@ def extension(plan: Plan, caller: Caller, result: StrategyResult | None, served:
         "effort": arm.effort,
         "task": plan.decision.task,
         "difficulty": round(plan.decision.difficulty, 4),
-        "explore": plan.decision.explore,
+        "explore": plan.explored(arm),
         "calls": len(caller.calls),
         "samples": details.get("samples", 1),
         "votes": details.get("votes"),
@@ -315,7 +315,7 @@ async def create_embeddings(request: Request) -> Response:
     gw.unsettled.add()  # from here every path ends in settle(): shutdown waits for it
     request_id = embeddings.new_request_id()
     headers = {**request_id_headers(request_id), "x-ponder-arm": backend.name, "x-ponder-policy": "direct"}
-    caller = gw.caller()
+    caller = gw.caller({backend.name: backend})  # its one backend, even if a reload has dropped it since
 
     async def settle(status: int, error: str | None = None) -> None:
         try:
@@ -362,7 +362,7 @@ async def serve(request: Request, read: Callable[[dict[str, Any], int], Wire]) -
     gw.unsettled.add()  # from here every path ends in settle(): shutdown waits for it
     if gw.config.log_prompts:  # opt-in only: prompts are the users' data
         log.info("%s %s prompt: %s", plan.request_id, req.model, prompts.last_user_text(req.messages)[:2000])
-    caller = gw.caller()
+    caller = gw.caller(plan.backends)
     if req.stream:
         return await stream_answer(request, gw, plan, wire, caller, reservation, received)
     executing = time.perf_counter()

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from gateway.auth import Principal
-from gateway.backends import Backend
 from gateway.cost_bounds import affordable_max_tokens, held_without_max_tokens, worst_case_usd
 from gateway.errors import ApiError, retry_after
 from gateway.policy_watch import PolicySet
@@ -31,12 +30,11 @@ log = logging.getLogger("ponder.gateway")
 
 class KeyBudgets:
     """The budgets of every key, as this process enforces them. `store` and `policies` are the gateway's
-    (set when it starts); `backends` returns the backends on offer now (they change on a policy reload)."""
+    (set when it starts)."""
 
-    def __init__(self, backends: Callable[[], dict[str, Backend]]) -> None:
+    def __init__(self) -> None:
         self.store: Store | None = None
         self.policies: PolicySet | None = None
-        self._backends = backends
         self.held_usd: dict[str, float] = {}  # key id -> this process's holds not yet settled
 
     def limits(self, principal: Principal) -> dict[str, float]:
@@ -144,7 +142,7 @@ class KeyBudgets:
         max_tokens, and the most that fits (`where` it fits). What the request held without one is said
         (the backend's maximum output, or the default length the gateway sends as the limit), since a
         client that sent none cannot guess it. "" with `only_if_fits` when no max_tokens would fit."""
-        backends = self._backends()
+        backends = plan.backends  # the request's, as its worst case was priced with them
         arms = plan.arms()
         most = affordable_max_tokens(backends, arms, req, plan.held_prompt_tokens, usd, capped=plan.capped)
         if only_if_fits and not most:

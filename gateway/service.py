@@ -58,6 +58,7 @@ class Plan:
     policy: CompiledPolicy | None
     principal: Principal
     alias: str
+    backends: dict[str, Backend]  # those on offer when it was planned: its calls use them (Gateway.caller)
     # what the request may cost at most (cost_bounds.plan_worst_case_usd), where a budget holds it (`capped`):
     # a routed request of a key without one is not priced so (a named backend's is: its cost caps read it)
     worst_cost_usd: float = 0.0
@@ -75,6 +76,12 @@ class Plan:
 
     def arms(self) -> list[Arm]:
         return [self.decision.arm, *self.decision.fallbacks]
+
+    def explored(self, answered: Arm) -> bool:
+        """Whether the request explored: the arm the exploration drew answered it. A fallback answering
+        for it (the greedy arm, mostly) explored nothing, as an explored arm that gives way to the budget
+        (cost_bounds.arms_within)."""
+        return self.decision.explore and answered == self.decision.arm
 
     def reserve_usd(self) -> float:
         """What the budget holds until the request settles: its worst case, never below the decision
@@ -97,7 +104,7 @@ class Gateway:
         self._rng = random.Random()
         self._configured: set[str] = set()  # backends of the gateway config (policies' inline ones may not replace them)
         self.unsettled = InFlight()  # requests planned and not yet settled (recorded, hold released)
-        self.budgets = KeyBudgets(lambda: self.backends)
+        self.budgets = KeyBudgets()
         self.started_at = time.time()
         self.metrics = Metrics(store_health=lambda: self.store.health() if self.store else None,
                                policy_rejections=self._policy_rejections)
@@ -280,6 +287,9 @@ class Gateway:
         """`id_prefix`: of the request id, which is also the answer's id (`chatcmpl-`, a response's `resp_`)."""
         request_id = f"{id_prefix}{secrets.token_hex(16)}"  # 32 hex digits as uuid4().hex, no UUID built
         started = time.perf_counter()
+        # One map for the whole request: a policy reload during its awaits (the budget read and hold)
+        # replaces self.backends, and may drop a backend the request was planned on.
+        backends = self.backends
         classification = self.classify(req)
         classified = time.perf_counter()
         policy = self._policy_for(headers)
@@ -287,27 +297,27 @@ class Gateway:
             hints = RequestHints.from_request(req, headers, policy)
         except InvalidHint as exc:
             raise ApiError(400, str(exc), code="invalid_header") from None
-        if req.model in self.backends:
+        if req.model in backends:
             if not policy.allows_override("direct_backend"):
                 raise ApiError(404, f"The model {req.model!r} is a backend, and policy `{policy.name}` routes only "
                                     "its aliases (overrides.direct_backend: false); GET /v1/models lists them.",
                                param="model", code="model_not_found")
-            backend = self.backends[req.model]
+            backend = backends[req.model]
             if exceeds_context(hints.prompt_tokens or 0, backend.max_context):
                 raise ApiError(400, context_message(hints.prompt_tokens or 0, backend.max_context), param="messages",
                                code="context_length_exceeded")
-            decision = self._direct(req, headers, classification, policy)
+            decision = self._direct(req, headers, classification, policy, backends[req.model])
             capped = self.budgets.applies_to(principal)
             held = held_prompt_tokens(req, hints, capped)
-            worst = plan_worst_case_usd(self.backends, decision, req, held, capped=capped)
+            worst = plan_worst_case_usd(backends, decision, req, held, capped=capped)
             # the request's own cost cap prices the prompt as routed requests are priced (the estimate):
             # the bytes bound is for the key's budget, and would refuse a budgeted key what it lets others do
             self._check_direct_cost(worst if not capped else
-                                    plan_worst_case_usd(self.backends, decision, req, hints.prompt_tokens,
+                                    plan_worst_case_usd(backends, decision, req, hints.prompt_tokens,
                                                         capped=True),
                                     hints, policy)
-            decision, caps = with_output_caps(self.backends, decision, req, capped, hints.prompt_tokens or 0)
-            return Plan(request_id, decision, policy, principal, req.model, worst_cost_usd=worst,
+            decision, caps = with_output_caps(backends, decision, req, capped, hints.prompt_tokens or 0)
+            return Plan(request_id, decision, policy, principal, req.model, backends, worst_cost_usd=worst,
                         prompt_tokens=hints.prompt_tokens or 0, held_prompt_tokens=held,
                         max_output_tokens=req.max_output_tokens,
                         choices=req.n, capped=capped, output_caps=caps, classify_s=classified - started,
@@ -331,17 +341,17 @@ class Gateway:
         capped = self.budgets.applies_to(principal)
         held = held_prompt_tokens(req, hints, capped)
         if budget_left is not None:
-            decision = arms_within(self.backends, decision, req, held, budget_left)
-        decision, caps = with_output_caps(self.backends, decision, req, capped, hints.prompt_tokens or 0)
+            decision = arms_within(backends, decision, req, held, budget_left)
+        decision, caps = with_output_caps(backends, decision, req, capped, hints.prompt_tokens or 0)
         # only a key with a budget holds the worst case (KeyBudgets.reserve): not priced for the others
-        worst = plan_worst_case_usd(self.backends, decision, req, held, capped=True) if capped else 0.0
-        return Plan(request_id, decision, policy, principal, req.model, worst_cost_usd=worst,
+        worst = plan_worst_case_usd(backends, decision, req, held, capped=True) if capped else 0.0
+        return Plan(request_id, decision, policy, principal, req.model, backends, worst_cost_usd=worst,
                     prompt_tokens=hints.prompt_tokens or 0, held_prompt_tokens=held,
                     max_output_tokens=req.max_output_tokens, choices=req.n, capped=capped, output_caps=caps,
                     classify_s=classified - started, decide_s=time.perf_counter() - classified)
 
     def _direct(self, req: ChatRequest, headers: Any, classification: Classification,
-                policy: CompiledPolicy) -> Decision:
+                policy: CompiledPolicy, backend: Backend) -> Decision:
         """A backend named as `model`: no routing, but the policy may let the client pick a strategy."""
         strategy, n, reasons = "single", 1, [f"client named backend {req.model!r}"]
         asked = headers.get("x-ponder-strategy")
@@ -354,7 +364,7 @@ class Gateway:
                 reasons.append(f"x-ponder-strategy={asked} (n={n})")
             else:
                 reasons.append(f"ignored x-ponder-strategy={asked}: not allowed by policy `{policy.policy.name}`")
-        effort = effective_effort(self.backends[req.model].spec, req.reasoning_effort)  # what is sent, not asked
+        effort = effective_effort(backend.spec, req.reasoning_effort)  # what is sent, not asked
         arm = Arm(backend=req.model, strategy=strategy, effort=effort, n=n)
         return Decision(arm=arm, task=classification.task, difficulty=classification.difficulty,
                         task_probs=classification.task_probs, policy="direct", rule="direct", reasons=tuple(reasons))
@@ -386,8 +396,10 @@ class Gateway:
         return default
 
     # -- execute --------------------------------------------------------------------------------
-    def caller(self) -> Caller:
-        return Caller(self.backends, time.monotonic() + self.config.request_timeout_s)
+    def caller(self, backends: dict[str, Backend]) -> Caller:
+        """`backends`: the request's (Plan.backends), not those on offer now: a reload since may have
+        dropped the one it was planned on."""
+        return Caller(backends, time.monotonic() + self.config.request_timeout_s)
 
     async def execute(self, plan: Plan, req: ChatRequest, caller: Caller) -> StrategyResult:
         """Run the decided arm; on a backend failure fall back through the decision's other arms."""
@@ -433,7 +445,7 @@ class Gateway:
             strategy=arm.strategy,
             effort=arm.effort,
             n=arm.n,
-            explore=decision.explore,
+            explore=plan.explored(arm),
             reasons=list(decision.reasons),
             candidates=[_candidate_dict(c) for c in decision.candidates],
             calls=[c.as_dict() for c in calls],

@@ -196,11 +196,12 @@ def _learned(seen: ArmStats | None, shared: ArmStats | None, alpha: float, beta:
         for record, inner, strength in levels:
             # this level's record less the inner level's (counted there)
             weight, wins, count = record.weight, record.successes, record.count
-            cost_usd, latency_ms = record.cost_usd, record.latency_ms
+            cost_usd, latency_ms, answered = record.cost_usd, record.latency_ms, record.count - record.errors
             estimated = _estimated_of(record, reference)
             if inner is not None:
                 weight, wins, count = weight - inner.weight, wins - inner.successes, count - inner.count
                 cost_usd, latency_ms = cost_usd - inner.cost_usd, latency_ms - inner.latency_ms
+                answered -= inner.count - inner.errors
                 estimated -= _estimated_of(inner, reference)
             if weight > 1e-9:
                 wins = min(max(wins, 0.0), weight)
@@ -221,13 +222,15 @@ def _learned(seen: ArmStats | None, shared: ArmStats | None, alpha: float, beta:
                     factor += share * (_cost_ratio(cost_usd, estimated) - factor)
                 else:
                     addend += share * (max(cost_usd, 0.0) / count - addend)
-                observed = max(latency_ms, 0.0) / count
+            if answered > 1e-9:  # latency: of the requests an arm answered (a fast failure is no answer's)
+                share = answered / (prior_strength + answered)
+                observed = max(latency_ms, 0.0) / answered
                 p95 += share * ((record.latency_p95_ms or observed * P95_OVER_MEAN) - p95)
                 latency += share * (observed - latency)
     if seen is not None:
         weight = seen.weight
         if weight > 0:
-            wins = min(seen.successes, weight)
+            wins = min(max(seen.successes, 0.0), weight)  # (as the levels above: a handed-in record may be off)
             alpha += wins
             beta += weight - wins
         count = seen.count
@@ -238,7 +241,10 @@ def _learned(seen: ArmStats | None, shared: ArmStats | None, alpha: float, beta:
                 factor += share * (_cost_ratio(seen.cost_usd, estimated) - factor)
             else:
                 addend += share * (seen.cost_usd / count - addend)
-            observed = seen.latency_ms / count
+        answered = seen.count - seen.errors
+        if answered > 0:
+            share = answered / (prior_strength + answered)
+            observed = seen.latency_ms / answered
             p95 += share * ((seen.latency_p95_ms or observed * P95_OVER_MEAN) - p95)
             latency += share * (observed - latency)
     alpha, beta = max(alpha, 1e-6), max(beta, 1e-6)

@@ -145,6 +145,9 @@ class ArmStats:
     # summed: their mean is the bucket's typical prompt (router.learner.current_choice prices it).
     estimated_prompt_tokens: float = 0.0
     estimated_prompt_count: float = 0.0
+    # Requests no arm answered (an error other than the client leaving): in `count`, not in `latency_ms`,
+    # whose mean is over the other `count - errors` (a fast failure is no answer's latency).
+    errors: float = 0.0
 
 
 # bucket -> arm key -> stats

@@ -9,8 +9,8 @@ Fields (all floats):
   count, successes, weight, cost_usd, est2_cost_usd and est2_count (the cost model's estimates for the
   requests that carry one, and how many do; named after the cost model's version, see EST_COST),
   est_prompt_tokens and est_prompt_count (likewise the decision's prompt-token estimates),
-  latency_ms, prompt_tokens, completion_tokens, reasoning_tokens,
-  errors, h<i> (latency histogram bucket i, requests that reached a backend)  -- decayed when a half-life is configured
+  latency_ms (of the requests answered: not of those counted in errors), prompt_tokens,
+  completion_tokens, reasoning_tokens, errors, h<i> (latency histogram bucket i, requests that reached a backend)  -- decayed when a half-life is configured
   total  -- raw request count, never decayed (for dashboards)
   spent_usd  -- what the requests cost, never decayed: the spend the dashboard shows (cost_usd is the
                learner's, faded with its half-life)
@@ -115,6 +115,9 @@ def event_delta(event: Event) -> dict[str, float]:
         # unknown, only that it took longer than the client waited). Its cost and tokens count above.
         return {k: v for k, v in delta.items() if v}
     if failed:
+        # No answer, so no answer's latency: a fast failure would make a flaky arm look fast (the mean
+        # is over the requests answered, count - errors; the histogram below keeps a timeout's wait).
+        del delta["latency_ms"]
         delta["errors"] = 1.0
     if not failed or event.calls:
         # Percentiles of the requests that reached a backend: one refused before any call (every
@@ -214,6 +217,7 @@ def arm_stats(fields: Mapping[str, float], now: float, half_life_s: float | None
         estimated_count=min(max(0.0, d.get(EST_COUNT, 0.0)), count),
         estimated_prompt_tokens=max(0.0, d.get("est_prompt_tokens", 0.0)),
         estimated_prompt_count=min(max(0.0, d.get("est_prompt_count", 0.0)), count),
+        errors=min(max(0.0, d.get("errors", 0.0)), count),
     )
 
 
@@ -227,14 +231,18 @@ def summary_row(fields: Mapping[str, float], now: float, half_life_s: float | No
     def mean(name: str) -> float:
         return d.get(name, 0.0) / count if count > 0 else 0.0
 
+    answered = count - min(max(0.0, d.get("errors", 0.0)), count)  # the requests with an answer's latency
+
     return {
         "requests": d.get("total", 0.0),
         "count": count,
         "scored_weight": weight,
-        "success_rate": (d.get("successes", 0.0) / weight) if weight > 0 else None,
+        # clamped as arm_stats clamps it: feedback on a request from before a reset of the stats replaces
+        # an automatic score the record no longer holds, and can leave successes below 0
+        "success_rate": (min(max(0.0, d.get("successes", 0.0)), weight) / weight) if weight > 0 else None,
         "error_rate": (d.get("errors", 0.0) / count) if count > 0 else 0.0,
         "mean_cost_usd": mean("cost_usd"),
-        "mean_latency_ms": mean("latency_ms"),
+        "mean_latency_ms": d.get("latency_ms", 0.0) / answered if answered > 0 else 0.0,
         "p50_latency_ms": percentile(hist, 0.50),
         "p95_latency_ms": percentile(hist, 0.95),
         "mean_prompt_tokens": mean("prompt_tokens"),

@@ -39,8 +39,9 @@ def split_bucket(bucket: str) -> tuple[str, str]:
 def merge_rows(rows: Iterable[Row]) -> dict[str, Any]:
     """Several summary rows of one arm (e.g. its buckets of one task type) as one row.
 
-    Means are weighted by count, the success rate by scored weight. Latency percentiles cannot be merged
-    exactly from percentiles; the count-weighted mean of them is shown (exact when one bucket dominates)."""
+    Means are weighted by count (the mean latency by the requests answered), the success rate by scored
+    weight. Latency percentiles cannot be merged exactly from percentiles; the count-weighted mean of
+    them is shown (exact when one bucket dominates)."""
     rows = list(rows)
     count = sum(float(r.get("count") or 0) for r in rows)
     weight = sum(float(r.get("scored_weight") or 0) for r in rows)
@@ -50,6 +51,10 @@ def merge_rows(rows: Iterable[Row]) -> dict[str, Any]:
     def by_count(name: str) -> float:
         return sum(float(r.get(name) or 0) * float(r.get("count") or 0) for r in rows) / count if count else 0.0
 
+    def answered(r: Mapping[str, Any]) -> float:  # the requests a row's mean latency is over
+        return float(r.get("count") or 0) * (1.0 - float(r.get("error_rate") or 0))
+
+    answers = sum(answered(r) for r in rows)
     cost = sum(float(r.get("cost_usd") or 0) for r in rows)
     return {
         "requests": sum(float(r.get("requests") or 0) for r in rows),
@@ -60,7 +65,8 @@ def merge_rows(rows: Iterable[Row]) -> dict[str, Any]:
         "cost_usd": cost,
         "spent_usd": sum(float(r.get("spent_usd", r.get("cost_usd")) or 0) for r in rows),
         "mean_cost_usd": cost / count if count else 0.0,
-        "mean_latency_ms": by_count("mean_latency_ms"),
+        "mean_latency_ms": sum(float(r.get("mean_latency_ms") or 0) * answered(r) for r in rows) / answers
+        if answers > 0 else 0.0,
         "p50_latency_ms": by_count("p50_latency_ms"),
         "p95_latency_ms": by_count("p95_latency_ms"),
         "mean_prompt_tokens": by_count("mean_prompt_tokens"),

@@ -839,3 +839,13 @@ def test_an_arm_widened_in_by_an_override_keeps_its_own_cost_ratio():
     decision = decide(EASY_CHAT, policy, stats, request=RequestHints(strategy="self_consistency", prompt_tokens=300))
     factor = candidate(decision, policy, "strong-vote").expected_cost_usd / ref_vote
     assert 1.0 < factor < 3.0 and factor == pytest.approx(1 + 5 / 15 * 2, rel=0.05)
+
+
+def test_a_bucket_record_below_zero_successes_counts_as_none(policy):
+    """Feedback on a request from before a reset of the learned stats can leave a record's successes
+    below 0 (the automatic score it replaces is gone): read as 0 right, as the shared levels read it."""
+    key = compile_policy(policy).arms["mid-high"].key
+    for successes in (-0.3, 0.0):
+        stats = {"math:hard": {key: ArmStats(count=0, successes=successes, weight=0.7)}}
+        assert candidate(decide(HARD_MATH, policy, stats), policy, "mid-high").expected_accuracy == \
+            pytest.approx(8.5 / 10.7)

@@ -2081,3 +2081,63 @@ def test_a_backend_outage_is_logged_once_when_it_begins_and_once_when_it_ends(tm
     assert log.count("backend mock-a is failing (HTTP 500)") == 1, log
     assert log.count("backend mock-a answers again, after") == 1, log
     assert "SECRET-PROMPT" not in log
+
+
+def test_a_reload_that_removes_a_backend_spares_the_requests_already_planned_on_it(tmp_path):
+    """A policy reload removes an inline backend while a request planned on it awaits its budget hold
+    (the store: a Redis round trip, or slow): the request took the backends on offer only after the
+    hold, found its backend gone, and got a 503 `backend_missing`, chat and embeddings alike. A request
+    keeps the backends it was planned with. The reload is forced inside the hold, not left to timing."""
+    import asyncio
+
+    import yaml
+
+    from gateway.app import create_app
+    from gateway.config import GatewayConfig, hash_key
+
+    with running(start_mock(tmp_path)) as mock:
+        spec = {"name": "reloading", "backends": [mock_backend("inline-c", mock)],
+                "arms": {"fresh": {"backend": "inline-c"}}, "routes": [{"name": "all", "candidates": ["fresh"]}],
+                "exploration": {"share": 0.0}}
+        path = tmp_path / "reloading.yaml"
+        path.write_text(yaml.safe_dump(spec))
+        config = GatewayConfig.model_validate({
+            "backends": [mock_backend("mock-a", mock)], "policy": str(path), "local_model": {"enabled": False},
+            "api_keys": [{"id": "capped", "sha256": hash_key("sk-capped"), "budget_usd_per_day": 10.0}],
+            "telemetry": {"data_dir": str(tmp_path / "data")}})
+
+        MESSAGES = [{"role": "user", "content": "hello"}]
+
+        async def main() -> list[httpx.Response]:
+            app = create_app(config)
+            gw = app.state.gateway
+            await gw.start()
+            try:
+                hold = gw.budgets.hold
+
+                async def hold_then_reload(*args, **kwargs):
+                    held = await hold(*args, **kwargs)
+                    path.write_text(yaml.safe_dump({**spec, "backends": [], "arms": {"fresh": {"backend": "mock-a"}}}))
+                    await gw._reload_policies(force=True)  # the inline backend is no longer on offer
+                    return held
+
+                gw.budgets.hold = hold_then_reload
+                headers = {"Authorization": "Bearer sk-capped"}
+                answers = []
+                async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw",
+                                             headers=headers, timeout=30) as client:
+                    for url, body in (("/v1/chat/completions", {"model": "auto", "messages": MESSAGES}),
+                                      ("/v1/chat/completions", {"model": "inline-c", "messages": MESSAGES}),
+                                      ("/v1/embeddings", {"model": "inline-c", "input": "hello"})):
+                        path.write_text(yaml.safe_dump(spec))
+                        await gw._reload_policies(force=True)  # inline-c on offer as the request starts
+                        answers.append(await client.post(url, json=body))
+                    return answers
+            finally:
+                await gw.close()
+
+        routed, named, embedded = asyncio.run(main())
+        assert routed.status_code == 200, routed.text
+        assert routed.headers["x-ponder-arm"].startswith("inline-c/")
+        assert named.status_code == 200, named.text
+        assert embedded.status_code == 200, embedded.text
