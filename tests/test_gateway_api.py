@@ -64,6 +64,9 @@ def test_the_sdk_logs_the_request_id_of_an_answer_and_of_an_error(client, mock):
         client.chat.completions.create(model="mock-a", messages=messages)
     assert failed.value.request_id == failed.value.response.headers["x-ponder-request-id"]
     assert failed.value.request_id.startswith("chatcmpl-")
+    # a request that answers leaves mock-a healthy for the module's next tests (one failed request is
+    # half a cool-down: another would skip its retry)
+    assert client.chat.completions.create(model="mock-a", messages=messages).choices
 
 
 def test_models_lists_backends_and_routed_aliases(client):
