@@ -370,10 +370,12 @@ class Gateway:
     def caller(self) -> Caller:
         return Caller(self.backends, time.monotonic() + self.config.request_timeout_s)
 
-    async def execute(self, plan: Plan, req: ChatRequest, caller: Caller) -> StrategyResult:
-        """Run the decided arm; on a backend failure fall back through the decision's other arms."""
+    async def execute(self, plan: Plan, req: ChatRequest, caller: Caller,
+                      arms: list[Arm] | None = None) -> StrategyResult:
+        """Run the decided arm; on a backend failure fall back through the decision's other arms
+        (`arms`: the ones left to try, when a relayed stream's arms failed before them)."""
         last: UpstreamError | None = None
-        arms = plan.arms()
+        arms = plan.arms() if arms is None else arms
         # the learner's stats of the request's bucket, for strategies that gate on them (one lookup)
         stats = self.store.snapshot(plan.decision.policy).get(plan.decision.bucket, {}) if self.store else {}
         for index, arm in enumerate(arms):

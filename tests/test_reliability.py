@@ -316,6 +316,35 @@ def test_a_stream_does_not_call_a_backend_cooling_down_after_its_retry_after(tmp
             assert upstream_calls(mock) == 1
 
 
+def test_a_stream_whose_single_arm_failed_falls_back_to_a_vote_as_a_json_request_does(tmp_path):
+    """The chosen arm (single, on a failing backend) and a fallback that votes on a healthy one: a JSON
+    request is answered by the vote, and so must a stream be, chat or Responses. The relayed stream
+    skipped every fallback that samples, and failed with the first backend's 502."""
+    import openai
+
+    with running(start_mock(tmp_path)) as mock_a, running(start_mock(tmp_path)) as mock_b:
+        backends = [mock_backend("broken", mock_a, max_retries=0), mock_backend("voter", mock_b)]
+        policy = write_policy(tmp_path, {
+            "name": "vote-fallback",
+            "arms": {"direct": {"backend": "broken", "strategy": "single", "prior": 0.9},
+                     "vote": {"backend": "voter", "strategy": "self_consistency", "n": 3, "prior": 0.5}},
+            "routes": [{"name": "all", "candidates": ["direct", "vote"]}],
+            "objective": {"cost_weight": 0, "latency_weight": 0}, "exploration": {"share": 0.0}})
+        with running(start_gateway(tmp_path, {"backends": backends, "policy": policy}, name="vote-fallback")) as gateway:
+            control(mock_a, fail_rate=1.0)
+            control(mock_b, answers=["7"])
+            client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+            question = [{"role": "user", "content": "what is 3 + 4?"}]
+            with client.chat.completions.with_streaming_response.create(model="auto", messages=question,
+                                                                        stream=True) as response:
+                assert response.headers["x-ponder-arm"] == "voter/-/self_consistency/3"
+                chunks = list(response.parse())
+            assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "7"
+            events = list(client.responses.create(model="auto", input="what is 3 + 4?", stream=True))
+            assert events[-1].type == "response.completed" and events[-1].response.output_text == "7"
+            assert events[-1].response.model_extra["ponder"]["arm"] == "voter/-/self_consistency/3"
+
+
 @pytest.mark.parametrize("break_kind", ["truncate", "reset_mid"])
 def test_stream_that_breaks_after_bytes_ends_with_an_error_event_not_a_finish(pair, break_kind):
     gateway, mock_a, mock_b = pair
