@@ -533,6 +533,39 @@ def test_a_failed_sample_still_leaves_the_client_its_n_choices_whatever_the_stra
                 assert all(choice["message"]["content"] == "Score: 7" for choice in choices), (alias, choices)
 
 
+def test_an_arm_left_short_of_the_clients_n_choices_gives_way_to_a_fallback_that_has_them(tmp_path):
+    """n=3 drawn as 3 calls, and the chosen backend answers one: the 2 samples drawn again fail too. The
+    fallback on a healthy backend answers all 3 choices: the request was answered with 1, and an app
+    reading choices[2] of the n=3 it asked for crashed. When the fallback fails too, the short answer
+    is still better than an error."""
+    import openai
+
+    with running(start_mock(tmp_path)) as mock_a, running(start_mock(tmp_path)) as mock_b:
+        backends = [mock_backend("flaky", mock_a, max_retries=0, supports_n=False),
+                    mock_backend("spare", mock_b, max_retries=0)]
+        policy = write_policy(tmp_path, {
+            "name": "short", "arms": {"first": {"backend": "flaky", "strategy": "single", "prior": 0.9},
+                                      "second": {"backend": "spare", "strategy": "single", "prior": 0.5}},
+            "routes": [{"name": "all", "candidates": ["first", "second"]}],
+            "objective": {"cost_weight": 0, "latency_weight": 0}, "exploration": {"share": 0.0}})
+        with running(start_gateway(tmp_path, {"backends": backends, "policy": policy}, name="short")) as gateway:
+            client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+            question = [{"role": "user", "content": "what is 3 + 4?"}]
+            control(mock_a, script=["ok"] + ["500"] * 4, answers=["7"])
+            control(mock_b, answers=["seven"])
+            answered = client.chat.completions.with_raw_response.create(model="auto", messages=question, n=3)
+            assert answered.headers["x-ponder-arm"] == "spare/-/single/1"
+            assert [c.message.content for c in answered.parse().choices] == ["seven"] * 3
+            assert upstream_calls(mock_a) == 5  # 3 samples, the 2 failed ones drawn again: every call billed
+            assert answered.parse().model_extra["ponder"]["calls"] == 6
+
+            control(mock_a, script=["ok"] + ["500"] * 4)
+            control(mock_b, script=["500"])
+            short = client.chat.completions.with_raw_response.create(model="auto", messages=question, n=3)
+            assert short.headers["x-ponder-arm"] == "flaky/-/single/1"
+            assert [c.message.content for c in short.parse().choices] == ["7"]
+
+
 def test_a_vote_refused_by_its_upstream_starts_no_sample_after_the_client_has_its_error(tmp_path):
     """A request error (400) on one sample fails the vote: the samples still queued for a slot must not
     call the upstream afterwards (asyncio.gather left them running: calls made for nobody, and never
