@@ -226,6 +226,28 @@ def test_429_with_retry_after_cools_the_backend_down_and_falls_back_at_once(pair
     assert upstream_calls(mock_a) == 1
 
 
+def test_a_retry_after_is_honoured_though_a_sample_under_way_answers_after_it(tmp_path):
+    """A vote's two samples: one is answered 429 with Retry-After: 1, the other, already under way,
+    answers a moment later. That success ended the cool-down the upstream asked for, and the next
+    request called the rate-limited backend again within its Retry-After instead of the fallback."""
+    with running(start_mock(tmp_path)) as mock_a, running(start_mock(tmp_path)) as mock_b:
+        backends = [mock_backend("limited", mock_a, max_retries=0, supports_n=False), mock_backend("spare", mock_b)]
+        policy = write_policy(tmp_path, {
+            "name": "limited", "arms": {"vote": {"backend": "limited", "strategy": "self_consistency", "n": 2,
+                                                 "prior": 0.9},
+                                        "spare": {"backend": "spare", "strategy": "single", "prior": 0.5}},
+            "routes": [{"name": "all", "candidates": ["vote", "spare"]}],
+            "objective": {"cost_weight": 0, "latency_weight": 0}, "exploration": {"share": 0.0}})
+        with running(start_gateway(tmp_path, {"backends": backends, "policy": policy}, name="limited")) as gateway:
+            control(mock_a, script=["hang", "429"], hang_s=0.3, answers=["7"])  # the hang answers after 0.3 s
+            control(mock_b, answers=["7"])
+            first = httpx.post(gateway.url + "/v1/chat/completions", json=chat("auto", "what is 3 + 4?"), timeout=10)
+            assert first.status_code == 200 and first.headers["x-ponder-arm"] == "limited/-/self_consistency/2"
+            second = httpx.post(gateway.url + "/v1/chat/completions", json=chat("auto", "what is 3 + 4?"), timeout=10)
+            assert second.status_code == 200 and second.headers["x-ponder-arm"] == "spare/-/single/1"
+            assert upstream_calls(mock_a) == 2  # within the second it asked for, not called again
+
+
 def test_hanging_backend_times_out_then_falls_back_within_the_timeout_plus_10_percent(pair):
     gateway, mock_a, mock_b = pair
     reset(mock_a, mock_b)
