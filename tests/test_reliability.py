@@ -531,6 +531,26 @@ def test_adaptive_sampling_of_answers_without_choices_stops_at_its_max_n(tmp_pat
             assert detail["execution"]["details"]["failed_samples"] == made - 1, detail
 
 
+def test_a_backend_answering_without_choices_is_cooled_down(tmp_path):
+    """A backend that answers every call with a 200 and no choices (some do under load) fails every
+    call: the fallback answers, and the backend cools down as for any failure. It counted as healthy,
+    and every request called it first (a wasted, billed call and its latency each time)."""
+    with running(start_mock(tmp_path)) as mock_a, running(start_mock(tmp_path)) as mock_b:
+        backends = [mock_backend("hollow", mock_a), mock_backend("spare", mock_b)]
+        policy = write_policy(tmp_path, {
+            "name": "hollow", "arms": {"first": {"backend": "hollow", "strategy": "single", "prior": 0.9},
+                                       "second": {"backend": "spare", "strategy": "single", "prior": 0.5}},
+            "routes": [{"name": "all", "candidates": ["first", "second"]}],
+            "objective": {"cost_weight": 0, "latency_weight": 0}, "exploration": {"share": 0.0}})
+        with running(start_gateway(tmp_path, {"backends": backends, "policy": policy}, name="hollow")) as gateway:
+            control(mock_a, script=["empty"] * 100)
+            for _ in range(10):
+                answered = httpx.post(gateway.url + "/v1/chat/completions", json=chat("auto"), timeout=10)
+                assert answered.status_code == 200 and answered.headers["x-ponder-arm"] == "spare/-/single/1"
+            # two requests in a row failed on it: cooled down for 1 s, then 2 (a slow machine may reach the 1 s)
+            assert upstream_calls(mock_a) <= 3
+
+
 def test_a_failed_sample_still_leaves_the_client_its_n_choices_whatever_the_strategy(tmp_path):
     """n=3 and one sample failing (a 500, no retry): every strategy draws one more, as the fixed vote
     did, and answers 3 choices. Best-of-N, adaptive consistency and n split into calls answered 2, an
