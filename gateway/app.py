@@ -468,6 +468,8 @@ async def _relayed_stream(request: Request, gw: Gateway, plan: Plan, wire: Wire,
     if isinstance(opened, ApiError):
         await asyncio.shield(settle(gw, plan, caller, reservation, **failure_outcome(opened)))
         return wire.error(opened).response({**headers, **cost_header(caller)})
+    if isinstance(opened, list):  # a fallback that samples: answered whole, as the JSON path would serve it
+        return await _synthesized_stream(request, gw, plan, wire, caller, reservation, received, arms=opened)
     served, passthrough = opened  # a fallback's arm, when the chosen one failed before its first byte
     headers["x-ponder-arm"] = served.key
     if gw.config.server_timing:
@@ -484,10 +486,11 @@ async def _relayed_stream(request: Request, gw: Gateway, plan: Plan, wire: Wire,
 
 
 async def _synthesized_stream(request: Request, gw: Gateway, plan: Plan, wire: Wire, caller: Caller,
-                              reservation: Any, received: float) -> Response:
+                              reservation: Any, received: float, arms: list[Arm] | None = None) -> Response:
+    """`arms`: the plan's arms left to try (all of them by default)."""
     headers = plan_headers(plan)
     executing = time.perf_counter()
-    work = asyncio.ensure_future(gw.execute(plan, wire.req, caller))
+    work = asyncio.ensure_future(gw.execute(plan, wire.req, caller, arms))
     try:
         # The headers wait for the strategy, so that a request no backend could serve gets its HTTP
         # error; only one still sampling after SYNTH_HOLD_S is answered 200 and kept alive with comments.
@@ -549,11 +552,15 @@ def stream_outcome(passthrough: PassThrough, caller: Caller) -> dict[str, Any]:
 
 
 async def open_first_stream(gw: Gateway, plan: Plan, req: ChatRequest,
-                            caller: Caller) -> tuple[Arm, PassThrough] | ApiError:
-    """Open the first arm whose backend sends a first chunk; failures before any byte are invisible."""
+                            caller: Caller) -> tuple[Arm, PassThrough] | ApiError | list[Arm]:
+    """Open the first arm whose backend sends a first chunk; failures before any byte are invisible.
+    A fallback arm that samples (a vote, a cascade) cannot be relayed: the arms from it on are returned,
+    to be answered whole (skipped, a stream failed where the same request without `stream` was served)."""
     last: UpstreamError | None = None
-    arms = [a for a in plan.arms() if a.strategy == "single" or a is plan.decision.arm]
+    arms = plan.arms()
     for index, arm in enumerate(arms):
+        if arm.strategy != "single":
+            return arms[index:]
         if not caller.available(arm.backend) and index < len(arms) - 1:
             continue
         backend = caller.backend(arm.backend)

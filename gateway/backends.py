@@ -111,6 +111,9 @@ class BackendHealth:
     last_failed_request: int | None = None
     name: str = ""
     failing_since: float | None = None  # time.monotonic() of the cool-down that began this outage
+    # The end of the wait the upstream itself asked for (Retry-After): calls already under way when it
+    # asked (a vote's other samples) that answer or fail since must not end it sooner.
+    asked_wait_until: float = 0.0
 
     def available(self, now: float) -> bool:
         return now >= self.cooldown_until
@@ -125,12 +128,12 @@ class BackendHealth:
         if request is None or request != self.last_failed_request:
             self.consecutive_failures += 1
         self.last_failed_request = request
+        if retry_after:
+            self.asked_wait_until = max(self.asked_wait_until, now + min(retry_after, self.max_cooldown_s))
         if self.consecutive_failures < 2 and not retry_after and not slow:
             return
         pause = min(self.base_cooldown_s * 2 ** (self.consecutive_failures - 2), self.max_cooldown_s)
-        if retry_after:
-            pause = max(pause, min(retry_after, self.max_cooldown_s))
-        self.cooldown_until = now + pause
+        self.cooldown_until = max(now + pause, self.asked_wait_until)
         if self.failing_since is None:
             self.failing_since = now
             log.warning("backend %s is failing (%s): cooled down, its calls are skipped or fall back until it "
@@ -141,7 +144,7 @@ class BackendHealth:
             log.warning("backend %s answers again, after %.0f s of failures", self.name,
                         time.monotonic() - self.failing_since)
         self.consecutive_failures = 0
-        self.cooldown_until = 0.0
+        self.cooldown_until = self.asked_wait_until if self.asked_wait_until > time.monotonic() else 0.0
         self.last_failed_request = None
         self.failing_since = None
 

@@ -104,7 +104,13 @@ class Caller:
                     raise
                 await asyncio.sleep(min(_backoff(attempt, exc.retry_after), max(0.0, self.remaining())))
                 continue
-            backend.health.succeeded()
+            if "choices" in data and not data["choices"]:
+                # A chat answer without choices (some servers answer so under load) is a failed call
+                # (billed as it came): counted as a success, it kept a backend that answers nothing but
+                # these out of cool-down, and every request called it first.
+                backend.health.failed(time.monotonic(), request=self.ident)
+            else:
+                backend.health.succeeded()
             self.calls.append(record)
             return data
         raise last or cooling_error(backend)

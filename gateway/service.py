@@ -401,10 +401,16 @@ class Gateway:
         dropped the one it was planned on."""
         return Caller(backends, time.monotonic() + self.config.request_timeout_s)
 
-    async def execute(self, plan: Plan, req: ChatRequest, caller: Caller) -> StrategyResult:
-        """Run the decided arm; on a backend failure fall back through the decision's other arms."""
+    async def execute(self, plan: Plan, req: ChatRequest, caller: Caller,
+                      arms: list[Arm] | None = None) -> StrategyResult:
+        """Run the decided arm; on a backend failure fall back through the decision's other arms
+        (`arms`: the ones left to try, when a relayed stream's arms failed before them)."""
         last: UpstreamError | None = None
-        arms = plan.arms()
+        arms = plan.arms() if arms is None else arms
+        # An answer with fewer choices than the client's `n` (its backend failed the samples drawn again
+        # too): an app reads choices[n - 1], so the next arm is asked for all n, and this answer is kept
+        # in case none can. Not for a key with a budget: its hold bounds one arm's answers, not two.
+        short: tuple[StrategyResult, int] | None = None
         # the learner's stats of the request's bucket, for strategies that gate on them (one lookup)
         stats = self.store.snapshot(plan.decision.policy).get(plan.decision.bucket, {}) if self.store else {}
         for index, arm in enumerate(arms):
@@ -416,11 +422,20 @@ class Gateway:
                                   output_caps=plan.output_caps)
             caller.arm_calls_from = len(caller.calls)
             try:
-                return await run_arm(arm, req.body, ctx)
+                result = await run_arm(arm, req.body, ctx)
             except UpstreamError as exc:
                 last = exc
                 if exc.about_request or caller.out_of_time():
                     break
+                continue
+            choices = len(result.response["choices"])
+            if choices >= req.n or plan.capped:
+                return result
+            if short is None or choices > len(short[0].response["choices"]):
+                short = result, caller.arm_calls_from
+        if short is not None:  # (its arm's cost, as the learner reads it, then counts the later arms' failures too)
+            caller.arm_calls_from = short[1]
+            return short[0]
         assert last is not None
         raise upstream_to_api_error(last, caller.retry_after_s(a.backend for a in arms)
                                     if last.status in (429, 503) else None)

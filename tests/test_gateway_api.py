@@ -562,6 +562,9 @@ def test_a_vote_of_answers_without_choices_is_a_clean_502_and_recorded(client, m
     request_id = failed.value.response.headers["x-ponder-request-id"]
     recorded = httpx.get(f"{gw.url}/v1/ponder/requests/{request_id}")
     assert recorded.status_code == 200 and recorded.json()["request"]["status"] == 502
+    # those answers count against mock-a's health, as any failure: one good answer leaves it healthy,
+    # so that a failure in the next test is not the second in a row (a cool-down)
+    client.chat.completions.create(model="mock-a", messages=[{"role": "user", "content": "What is 3 + 4?"}])
 
 
 def test_an_upstream_error_quoting_a_huge_prompt_is_recorded_short(client, mock, gw):

@@ -226,6 +226,28 @@ def test_429_with_retry_after_cools_the_backend_down_and_falls_back_at_once(pair
     assert upstream_calls(mock_a) == 1
 
 
+def test_a_retry_after_is_honoured_though_a_sample_under_way_answers_after_it(tmp_path):
+    """A vote's two samples: one is answered 429 with Retry-After: 1, the other, already under way,
+    answers a moment later. That success ended the cool-down the upstream asked for, and the next
+    request called the rate-limited backend again within its Retry-After instead of the fallback."""
+    with running(start_mock(tmp_path)) as mock_a, running(start_mock(tmp_path)) as mock_b:
+        backends = [mock_backend("limited", mock_a, max_retries=0, supports_n=False), mock_backend("spare", mock_b)]
+        policy = write_policy(tmp_path, {
+            "name": "limited", "arms": {"vote": {"backend": "limited", "strategy": "self_consistency", "n": 2,
+                                                 "prior": 0.9},
+                                        "spare": {"backend": "spare", "strategy": "single", "prior": 0.5}},
+            "routes": [{"name": "all", "candidates": ["vote", "spare"]}],
+            "objective": {"cost_weight": 0, "latency_weight": 0}, "exploration": {"share": 0.0}})
+        with running(start_gateway(tmp_path, {"backends": backends, "policy": policy}, name="limited")) as gateway:
+            control(mock_a, script=["hang", "429"], hang_s=0.3, answers=["7"])  # the hang answers after 0.3 s
+            control(mock_b, answers=["7"])
+            first = httpx.post(gateway.url + "/v1/chat/completions", json=chat("auto", "what is 3 + 4?"), timeout=10)
+            assert first.status_code == 200 and first.headers["x-ponder-arm"] == "limited/-/self_consistency/2"
+            second = httpx.post(gateway.url + "/v1/chat/completions", json=chat("auto", "what is 3 + 4?"), timeout=10)
+            assert second.status_code == 200 and second.headers["x-ponder-arm"] == "spare/-/single/1"
+            assert upstream_calls(mock_a) == 2  # within the second it asked for, not called again
+
+
 def test_hanging_backend_times_out_then_falls_back_within_the_timeout_plus_10_percent(pair):
     gateway, mock_a, mock_b = pair
     reset(mock_a, mock_b)
@@ -314,6 +336,35 @@ def test_a_stream_does_not_call_a_backend_cooling_down_after_its_retry_after(tmp
                 assert cooling.status_code == 503 and cooling.headers["retry-after"] == "1", cooling.text
                 assert_openai_error(cooling)
             assert upstream_calls(mock) == 1
+
+
+def test_a_stream_whose_single_arm_failed_falls_back_to_a_vote_as_a_json_request_does(tmp_path):
+    """The chosen arm (single, on a failing backend) and a fallback that votes on a healthy one: a JSON
+    request is answered by the vote, and so must a stream be, chat or Responses. The relayed stream
+    skipped every fallback that samples, and failed with the first backend's 502."""
+    import openai
+
+    with running(start_mock(tmp_path)) as mock_a, running(start_mock(tmp_path)) as mock_b:
+        backends = [mock_backend("broken", mock_a, max_retries=0), mock_backend("voter", mock_b)]
+        policy = write_policy(tmp_path, {
+            "name": "vote-fallback",
+            "arms": {"direct": {"backend": "broken", "strategy": "single", "prior": 0.9},
+                     "vote": {"backend": "voter", "strategy": "self_consistency", "n": 3, "prior": 0.5}},
+            "routes": [{"name": "all", "candidates": ["direct", "vote"]}],
+            "objective": {"cost_weight": 0, "latency_weight": 0}, "exploration": {"share": 0.0}})
+        with running(start_gateway(tmp_path, {"backends": backends, "policy": policy}, name="vote-fallback")) as gateway:
+            control(mock_a, fail_rate=1.0)
+            control(mock_b, answers=["7"])
+            client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+            question = [{"role": "user", "content": "what is 3 + 4?"}]
+            with client.chat.completions.with_streaming_response.create(model="auto", messages=question,
+                                                                        stream=True) as response:
+                assert response.headers["x-ponder-arm"] == "voter/-/self_consistency/3"
+                chunks = list(response.parse())
+            assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "7"
+            events = list(client.responses.create(model="auto", input="what is 3 + 4?", stream=True))
+            assert events[-1].type == "response.completed" and events[-1].response.output_text == "7"
+            assert events[-1].response.model_extra["ponder"]["arm"] == "voter/-/self_consistency/3"
 
 
 @pytest.mark.parametrize("break_kind", ["truncate", "reset_mid"])
@@ -480,6 +531,26 @@ def test_adaptive_sampling_of_answers_without_choices_stops_at_its_max_n(tmp_pat
             assert detail["execution"]["details"]["failed_samples"] == made - 1, detail
 
 
+def test_a_backend_answering_without_choices_is_cooled_down(tmp_path):
+    """A backend that answers every call with a 200 and no choices (some do under load) fails every
+    call: the fallback answers, and the backend cools down as for any failure. It counted as healthy,
+    and every request called it first (a wasted, billed call and its latency each time)."""
+    with running(start_mock(tmp_path)) as mock_a, running(start_mock(tmp_path)) as mock_b:
+        backends = [mock_backend("hollow", mock_a), mock_backend("spare", mock_b)]
+        policy = write_policy(tmp_path, {
+            "name": "hollow", "arms": {"first": {"backend": "hollow", "strategy": "single", "prior": 0.9},
+                                       "second": {"backend": "spare", "strategy": "single", "prior": 0.5}},
+            "routes": [{"name": "all", "candidates": ["first", "second"]}],
+            "objective": {"cost_weight": 0, "latency_weight": 0}, "exploration": {"share": 0.0}})
+        with running(start_gateway(tmp_path, {"backends": backends, "policy": policy}, name="hollow")) as gateway:
+            control(mock_a, script=["empty"] * 100)
+            for _ in range(10):
+                answered = httpx.post(gateway.url + "/v1/chat/completions", json=chat("auto"), timeout=10)
+                assert answered.status_code == 200 and answered.headers["x-ponder-arm"] == "spare/-/single/1"
+            # two requests in a row failed on it: cooled down for 1 s, then 2 (a slow machine may reach the 1 s)
+            assert upstream_calls(mock_a) <= 3
+
+
 def test_a_failed_sample_still_leaves_the_client_its_n_choices_whatever_the_strategy(tmp_path):
     """n=3 and one sample failing (a 500, no retry): every strategy draws one more, as the fixed vote
     did, and answers 3 choices. Best-of-N, adaptive consistency and n split into calls answered 2, an
@@ -502,6 +573,39 @@ def test_a_failed_sample_still_leaves_the_client_its_n_choices_whatever_the_stra
                 choices = answered.json()["choices"]
                 assert [choice["index"] for choice in choices] == [0, 1, 2], (alias, choices)
                 assert all(choice["message"]["content"] == "Score: 7" for choice in choices), (alias, choices)
+
+
+def test_an_arm_left_short_of_the_clients_n_choices_gives_way_to_a_fallback_that_has_them(tmp_path):
+    """n=3 drawn as 3 calls, and the chosen backend answers one: the 2 samples drawn again fail too. The
+    fallback on a healthy backend answers all 3 choices: the request was answered with 1, and an app
+    reading choices[2] of the n=3 it asked for crashed. When the fallback fails too, the short answer
+    is still better than an error."""
+    import openai
+
+    with running(start_mock(tmp_path)) as mock_a, running(start_mock(tmp_path)) as mock_b:
+        backends = [mock_backend("flaky", mock_a, max_retries=0, supports_n=False),
+                    mock_backend("spare", mock_b, max_retries=0)]
+        policy = write_policy(tmp_path, {
+            "name": "short", "arms": {"first": {"backend": "flaky", "strategy": "single", "prior": 0.9},
+                                      "second": {"backend": "spare", "strategy": "single", "prior": 0.5}},
+            "routes": [{"name": "all", "candidates": ["first", "second"]}],
+            "objective": {"cost_weight": 0, "latency_weight": 0}, "exploration": {"share": 0.0}})
+        with running(start_gateway(tmp_path, {"backends": backends, "policy": policy}, name="short")) as gateway:
+            client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+            question = [{"role": "user", "content": "what is 3 + 4?"}]
+            control(mock_a, script=["ok"] + ["500"] * 4, answers=["7"])
+            control(mock_b, answers=["seven"])
+            answered = client.chat.completions.with_raw_response.create(model="auto", messages=question, n=3)
+            assert answered.headers["x-ponder-arm"] == "spare/-/single/1"
+            assert [c.message.content for c in answered.parse().choices] == ["seven"] * 3
+            assert upstream_calls(mock_a) == 5  # 3 samples, the 2 failed ones drawn again: every call billed
+            assert answered.parse().model_extra["ponder"]["calls"] == 6
+
+            control(mock_a, script=["ok"] + ["500"] * 4)
+            control(mock_b, script=["500"])
+            short = client.chat.completions.with_raw_response.create(model="auto", messages=question, n=3)
+            assert short.headers["x-ponder-arm"] == "flaky/-/single/1"
+            assert [c.message.content for c in short.parse().choices] == ["7"]
 
 
 def test_a_vote_refused_by_its_upstream_starts_no_sample_after_the_client_has_its_error(tmp_path):
