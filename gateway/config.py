@@ -20,13 +20,13 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, V
 from redis.connection import parse_url
 
 from policies.backends import BackendSpec
+from policies.loader import SHIPPED as SHIPPED_POLICIES, resolve_policy_path
 from telemetry.embedded_store import holds_store
 from telemetry.store import DEFAULT_FEEDBACK_WINDOW_S, DEFAULT_STREAM_MAXLEN
 
 log = logging.getLogger("ponder.config")
 
-PACKAGE_POLICIES = Path(__file__).resolve().parents[1] / "policies"
-DEFAULT_POLICY = PACKAGE_POLICIES / "local.yaml"
+DEFAULT_POLICY = SHIPPED_POLICIES / "local.yaml"
 LOCAL_BACKEND_NAME = "local"
 
 
@@ -151,8 +151,8 @@ def load_config(path: str | Path | None) -> GatewayConfig:
             raise ConfigError(f"{path}: telemetry.redis_url is not a Redis URL (redis://[user:password@]host:port/db, "
                               "rediss://..., unix://[user:password@]/path?db=N): percent-encode a user name or "
                               "password that holds / # ? @ or %") from None
-    config.policy = _resolve(base, config.policy)
-    config.extra_policies = {k: _resolve(base, v) for k, v in config.extra_policies.items()}
+    config.policy = resolve_policy_path(base, config.policy)
+    config.extra_policies = {k: resolve_policy_path(base, v) for k, v in config.extra_policies.items()}
     if config.classifier:
         config.classifier = _resolve(base, config.classifier)
     if "data_dir" in config.telemetry.model_fields_set:
@@ -182,14 +182,7 @@ def expand_redis_url(url: str) -> str:
 
 def _resolve(base: Path, value: str) -> str:
     expanded = os.path.expandvars(value)
-    candidate = Path(expanded)
-    if candidate.is_absolute():
-        return expanded
-    if (base / candidate).exists():
-        return str(base / candidate)
-    if (PACKAGE_POLICIES / candidate.name).exists() and not candidate.parent.parts:
-        return str(PACKAGE_POLICIES / candidate.name)  # `policy: cost-saver.yaml` names a shipped one
-    return str(base / candidate)
+    return expanded if Path(expanded).is_absolute() else str(base / expanded)
 
 
 def _resolve_kept(base: Path, value: str, key: str, holds: Callable[[Path], bool]) -> str:
