@@ -542,3 +542,14 @@ def test_policy_check_takes_a_shipped_policys_name_as_the_config_does(tmp_path, 
     (tmp_path / "cost-saver.yaml").write_text("name: mine\n")  # a file of that name here wins, as in a config
     assert main(["policy", "check", "cost-saver.yaml"]) == 1
     assert "cost-saver.yaml:1: arms: missing required key `arms`" in capsys.readouterr().err
+
+
+def test_cli_tells_its_version(capsys):
+    """`ponder --version` (and `ponder version`), asked for in bug reports, said "unknown command"."""
+    from importlib.metadata import version
+
+    from gateway.cli import main
+
+    for argv in (["--version"], ["version"]):
+        assert main(argv) == 0
+        assert capsys.readouterr().out == f"ponder {version('ponder')}\n"
