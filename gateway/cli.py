@@ -163,7 +163,18 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        status = _dispatch(list(sys.argv[1:] if argv is None else argv))
+        sys.stdout.flush()  # a reader gone shows here, not as "Exception ignored" at exit
+        return status
+    except BrokenPipeError:
+        # The reader stopped early (`ponder stats | head`): stop quietly, as Unix tools do. Python's
+        # recipe: stdout to /dev/null, so the interpreter's last flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _dispatch(argv: list[str]) -> int:
     if argv[:1] == ["policy"]:
         # `policy check` is the one policy command: `ponder policy --help` shows its help
         rest = argv[2:] if argv[1:2] == ["check"] else argv[1:] if argv[1:2] in (["-h"], ["--help"]) else None

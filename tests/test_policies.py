@@ -553,3 +553,17 @@ def test_cli_tells_its_version(capsys):
     for argv in (["--version"], ["version"]):
         assert main(argv) == 0
         assert capsys.readouterr().out == f"ponder {version('ponder')}\n"
+
+
+def test_cli_output_piped_into_a_reader_that_stops_early_ends_quietly():
+    """`ponder policy check ... | head -1`: the reader gone, the next print raised BrokenPipeError and
+    the command ended in a traceback."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    command = subprocess.Popen([sys.executable, "-m", "gateway.cli", "policy", "check", "cost-saver.yaml",
+                                "quality-first.yaml"], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    command.stdout.close()  # as `head` does once it has its lines: before anything is written here
+    _, err = command.communicate(timeout=60)
+    assert command.returncode == 1 and err.decode() == ""
