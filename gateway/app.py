@@ -33,7 +33,7 @@ from gateway.calls import Caller, cooling_error, upstream_to_api_error
 from gateway.config import GatewayConfig
 from gateway.dashboard import dashboard_routes
 from gateway.effort import apply_effort
-from gateway.errors import EXCEPTION_HANDLERS, ApiError, retry_after
+from gateway.errors import EXCEPTION_HANDLERS, NO_CLIENT_RETRY, ApiError, retry_after
 from gateway.local_model import LocalModelError
 from gateway.responses import ResponsesWire, count_input_tokens, parse_responses_request
 from gateway.schemas import ChatRequest, parse_chat_request, parse_json_body
@@ -573,7 +573,8 @@ async def open_first_stream(gw: Gateway, plan: Plan, req: ChatRequest,
                 last = last if attempt else cooling_error(backend)
                 break
             if caller.out_of_time():
-                return ApiError(504, "The request deadline passed before a backend answered.", code="deadline")
+                return ApiError(504, "The request deadline passed before a backend answered.", code="deadline",
+                                headers=NO_CLIENT_RETRY)
             try:
                 return arm, await PassThrough.open(backend, body, caller, plan.prompt_tokens)
             except UpstreamError as exc:

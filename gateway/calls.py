@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.backends import Admission, Backend, CallRecord, Usage, UpstreamError
-from gateway.errors import ApiError, retry_after
+from gateway.errors import NO_CLIENT_RETRY, ApiError, retry_after
 from router.estimates import estimate_input_tokens, estimate_prompt_tokens
 
 MIN_CALL_S = 0.01  # less time than this left: a call is not started (see Caller.out_of_time)
@@ -197,7 +197,11 @@ def cooling_error(backend: Backend) -> UpstreamError:
 
 def upstream_to_api_error(exc: UpstreamError, retry_after_s: float | None = None) -> ApiError:
     """The client's error for a request no backend could serve. Retry-After: when a cooling backend
-    is expected back (given, or carried by the error), whole seconds, at least 1."""
+    is expected back (given, or carried by the error), whole seconds, at least 1. A 502 or 504 comes
+    after the gateway's own retries and fallbacks (a 504's cut call billed its prompt): the SDK's
+    retries would only repeat them, each one a full wait and another billed call."""
     code = exc.code or ("upstream_timeout" if exc.status == 504 else "upstream_error")
-    return ApiError(exc.status, exc.message, param=exc.param, code=code,
-                    headers=retry_after(retry_after_s or exc.retry_after))
+    headers = retry_after(retry_after_s or exc.retry_after)
+    if exc.status in (502, 504):
+        headers.update(NO_CLIENT_RETRY)
+    return ApiError(exc.status, exc.message, param=exc.param, code=code, headers=headers)

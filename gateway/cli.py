@@ -7,6 +7,7 @@
     ponder stats ...                                     per-bucket learned stats
     ponder eval ...                                      replay recorded outcomes
     ponder key [--id ID] | --hash                        a new API key and its config line
+    ponder version | --version                           the installed version (for bug reports)
 """
 
 from __future__ import annotations
@@ -110,6 +111,20 @@ def key(argv: list[str]) -> int:
     return 0
 
 
+def version(argv: list[str]) -> int:
+    """The installed package's version, as pip knows it."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed_version
+
+    argparse.ArgumentParser(prog="ponder version", description=version.__doc__).parse_args(argv)
+    try:
+        print(f"ponder {installed_version('ponder')}")
+    except PackageNotFoundError:  # sources run without `pip install`
+        print("ponder: not installed (no package metadata), so no version to tell", file=sys.stderr)
+        return 1
+    return 0
+
+
 def policy_check(argv: list[str]) -> int:
     from policies.loader import check_cli
 
@@ -143,16 +158,30 @@ COMMANDS = {
     "stats": lambda argv: _delegate("telemetry.cli", "stats_cli", argv),
     "eval": lambda argv: _delegate("evals.cli", "cli", argv),
     "key": lambda argv: key(argv),
+    "version": lambda argv: version(argv),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        status = _dispatch(list(sys.argv[1:] if argv is None else argv))
+        sys.stdout.flush()  # a reader gone shows here, not as "Exception ignored" at exit
+        return status
+    except BrokenPipeError:
+        # The reader stopped early (`ponder stats | head`): stop quietly, as Unix tools do. Python's
+        # recipe: stdout to /dev/null, so the interpreter's last flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _dispatch(argv: list[str]) -> int:
     if argv[:1] == ["policy"]:
         # `policy check` is the one policy command: `ponder policy --help` shows its help
         rest = argv[2:] if argv[1:2] == ["check"] else argv[1:] if argv[1:2] in (["-h"], ["--help"]) else None
         if rest is not None:
             return policy_check(rest)
+    if argv[:1] == ["--version"]:
+        argv[0] = "version"
     if argv[:1] in (["-h"], ["--help"]):
         print(__doc__)  # asked for: to stdout, so `ponder --help | less` shows it
         return 0

@@ -7,8 +7,10 @@ llama.cpp child process, the shipped `local` policy, and the embedded telemetry 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote
 
@@ -18,10 +20,13 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, V
 from redis.connection import parse_url
 
 from policies.backends import BackendSpec
+from policies.loader import SHIPPED as SHIPPED_POLICIES, resolve_policy_path
+from telemetry.embedded_store import holds_store
 from telemetry.store import DEFAULT_FEEDBACK_WINDOW_S, DEFAULT_STREAM_MAXLEN
 
-PACKAGE_POLICIES = Path(__file__).resolve().parents[1] / "policies"
-DEFAULT_POLICY = PACKAGE_POLICIES / "local.yaml"
+log = logging.getLogger("ponder.config")
+
+DEFAULT_POLICY = SHIPPED_POLICIES / "local.yaml"
 LOCAL_BACKEND_NAME = "local"
 
 
@@ -119,7 +124,8 @@ def hash_key(key: str) -> str:
 
 
 def load_config(path: str | Path | None) -> GatewayConfig:
-    """Read a config file; relative paths inside it are resolved against the file's folder."""
+    """Read a config file; relative paths inside it are resolved against the file's folder (a data_dir
+    left out stays `.ponder` in the current directory, as with no config at all)."""
     if path is None:
         return GatewayConfig()
     path = Path(path)
@@ -145,10 +151,15 @@ def load_config(path: str | Path | None) -> GatewayConfig:
             raise ConfigError(f"{path}: telemetry.redis_url is not a Redis URL (redis://[user:password@]host:port/db, "
                               "rediss://..., unix://[user:password@]/path?db=N): percent-encode a user name or "
                               "password that holds / # ? @ or %") from None
-    config.policy = _resolve(base, config.policy)
-    config.extra_policies = {k: _resolve(base, v) for k, v in config.extra_policies.items()}
+    config.policy = resolve_policy_path(base, config.policy)
+    config.extra_policies = {k: resolve_policy_path(base, v) for k, v in config.extra_policies.items()}
     if config.classifier:
         config.classifier = _resolve(base, config.classifier)
+    if "data_dir" in config.telemetry.model_fields_set:
+        config.telemetry.data_dir = _resolve_kept(base, config.telemetry.data_dir, "telemetry.data_dir", holds_store)
+    if config.local_model.model_path:
+        config.local_model.model_path = _resolve_kept(base, config.local_model.model_path,
+                                                      "local_model.model_path", Path.is_file)
     return config
 
 
@@ -171,11 +182,18 @@ def expand_redis_url(url: str) -> str:
 
 def _resolve(base: Path, value: str) -> str:
     expanded = os.path.expandvars(value)
-    candidate = Path(expanded)
-    if candidate.is_absolute():
-        return expanded
-    if (base / candidate).exists():
-        return str(base / candidate)
-    if (PACKAGE_POLICIES / candidate.name).exists() and not candidate.parent.parts:
-        return str(PACKAGE_POLICIES / candidate.name)  # `policy: cost-saver.yaml` names a shipped one
-    return str(base / candidate)
+    return expanded if Path(expanded).is_absolute() else str(base / expanded)
+
+
+def _resolve_kept(base: Path, value: str, key: str, holds: Callable[[Path], bool]) -> str:
+    """`value` against the config's folder. Earlier versions took these from the current directory: where
+    only that one holds something (a store, a model), keep it, so an upgrade loses no data, and say so."""
+    path = Path(os.path.expandvars(value))
+    if path.is_absolute():
+        return str(path)
+    wanted, before = base / path, Path.cwd() / path
+    if not holds(wanted) and holds(before) and wanted.resolve() != before.resolve():
+        log.warning("%s: %s is read from the current directory (%s); relative paths in a config are resolved "
+                    "against its folder (%s): move it there, or write an absolute path", key, value, before, wanted)
+        return str(before)
+    return str(wanted)

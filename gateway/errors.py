@@ -30,6 +30,11 @@ _TYPE_BY_STATUS = {
 }
 
 
+# The OpenAI SDKs retry a 408, 409, 429 and any 5xx (twice by default) unless the answer says this:
+# it goes on answers a client's retry cannot help (docs/api.md "Client retries").
+NO_CLIENT_RETRY = {"x-should-retry": "false"}
+
+
 def retry_after(seconds: float | None) -> dict[str, str]:
     """A Retry-After header in whole seconds, at least 1; none when there is no time to give."""
     return {"Retry-After": str(max(1, math.ceil(seconds)))} if seconds else {}

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from gateway.auth import Principal
 from gateway.cost_bounds import affordable_max_tokens, held_without_max_tokens, worst_case_usd
-from gateway.errors import ApiError, retry_after
+from gateway.errors import NO_CLIENT_RETRY, ApiError, retry_after
 from gateway.policy_watch import PolicySet
 from gateway.schemas import ChatRequest
 from gateway.strategies import output_bound
@@ -180,4 +180,4 @@ def _retry_at_reset(period: str | None) -> dict[str, str]:
     """Retry-After for a spent budget: when its period starts anew (none for a lifetime budget). And
     `x-should-retry: false`, which the OpenAI SDKs honour: their own retries (a second or two apart,
     since they ignore a Retry-After of hours) would only be refused again."""
-    return {**retry_after(seconds_until_reset(period, time.time()) if period else 3600.0), "x-should-retry": "false"}
+    return {**retry_after(seconds_until_reset(period, time.time()) if period else 3600.0), **NO_CLIENT_RETRY}

@@ -12,6 +12,7 @@ import argparse
 import functools
 import importlib.util
 import json
+import os
 import sys
 import types
 import typing
@@ -31,10 +32,11 @@ from policies.schema import (
     policy_problems,
 )
 
-__all__ = ["PolicyError", "load_policy", "parse_policy", "check_cli", "write_json_schema", "resolve_prices",
+__all__ = ["PolicyError", "load_policy", "parse_policy", "resolve_policy_path", "check_cli", "write_json_schema", "resolve_prices",
            "resolve_max_context", "resolve_max_output"]
 
 SCHEMA_PATH = Path(__file__).with_name("policy.schema.json")
+SHIPPED = Path(__file__).parent  # the policies that come with the package
 SUMMARY_PROMPT_TOKENS = 500  # the prompt size the summary prices arms at
 
 
@@ -47,8 +49,29 @@ def load_policy(path: str | Path, extra_backends: Iterable[BackendSpec] = (),
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise PolicyError([(str(path), None, "", f"cannot read the file: {exc}")]) from exc
+        hint = f"; a bare name picks a shipped policy: {', '.join(shipped_policies())}" \
+            if isinstance(exc, FileNotFoundError) else ""
+        raise PolicyError([(str(path), None, "", f"cannot read the file: {exc}{hint}")]) from exc
     return parse_policy(text, str(path), extra_backends, served_inline)
+
+
+def shipped_policies() -> list[str]:
+    return sorted(path.name for path in SHIPPED.glob("*.yaml"))
+
+
+def resolve_policy_path(base: Path, value: str) -> str:
+    """Where a policy named `value` is, as a gateway config names it: `$VARS` expanded, relative to `base`
+    (the config's folder), and a bare file name that is not there one of the shipped policies
+    (`policy: cost-saver.yaml`)."""
+    expanded = os.path.expandvars(value)
+    candidate = Path(expanded)
+    if candidate.is_absolute():
+        return expanded
+    if (base / candidate).exists():
+        return str(base / candidate)
+    if (SHIPPED / candidate.name).exists() and not candidate.parent.parts:
+        return str(SHIPPED / candidate.name)
+    return str(base / candidate)
 
 
 def parse_policy(text: str, source_name: str, extra_backends: Iterable[BackendSpec] = (),
@@ -350,8 +373,8 @@ def check_cli(argv: Sequence[str] | None = None,
         return 1
     failed = 0
     for name in args.files:
-        try:
-            policy = load_policy(name, extra)
+        try:  # a file named as the gateway config names it: a path, or a shipped policy's file name
+            policy = load_policy(resolve_policy_path(Path(), name), extra)
         except PolicyError as exc:
             failed += 1
             count = len(exc.problems)

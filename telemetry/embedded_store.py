@@ -24,6 +24,7 @@ from typing import Any
 import orjson
 
 from .aggregates import apply_delta, group_deltas, spend_deltas
+from .budget_journal import FILE_PREFIX as JOURNAL_PREFIX
 from .budgets import LocalBudgets, Reservation, make_reservation, period_id
 from .events import Event
 from .store import BufferedStore, FeedbackResult
@@ -69,6 +70,12 @@ def check_data_dir(data_dir: Path) -> None:
     os.close(lock_data_dir(data_dir))
     if not os.access(data_dir, os.W_OK | os.X_OK):  # sqlite creates its files next to the lock file
         raise RuntimeError(f"cannot create {data_dir} or write in it (Permission denied)")
+
+
+def holds_store(data_dir: Path) -> bool:
+    """Whether a gateway kept telemetry in `data_dir`: an embedded store, or budget changes journaled
+    while Redis was away."""
+    return (data_dir / "telemetry.sqlite3").exists() or any(data_dir.glob(f"{JOURNAL_PREFIX}*"))
 
 
 class EmbeddedStore(BufferedStore):

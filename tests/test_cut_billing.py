@@ -18,6 +18,7 @@ import socket
 import time
 
 import httpx
+import openai
 import orjson
 import pytest
 
@@ -54,7 +55,8 @@ def stack(tmp_path_factory):
         backends = [mock_backend(name, mock, prices=PRICES, max_retries=0, **CUTS[name][0]) for name in CUTS]
         backends += [mock_backend(name, mock, prices=PRICES, max_retries=0, **timeouts) for name, timeouts in
                      (("voter", PATIENT), ("first", QUICK), ("second", PATIENT), ("left", PATIENT),
-                      ("quiet", PATIENT), ("broken", PATIENT))]
+                      ("quiet", PATIENT), ("broken", PATIENT), ("sdk-timeout", QUICK))]
+        backends.append(mock_backend("sdk-failing", mock, prices=PRICES, max_retries=1, **PATIENT))
         policy = write_policy(tmp, {
             "name": "cut",
             "arms": {"vote": {"backend": "voter", "strategy": "self_consistency", "n": 3},
@@ -165,6 +167,25 @@ def test_a_call_cut_by_a_timeout_or_the_deadline_is_billed_its_prompt_and_what_i
         assert float(response.headers["x-ponder-cost-usd"]) == pytest.approx(expected, abs=1e-8)
     assert_billed(gateway, before, expected)
     assert f'ponder_backend_calls_total{{backend="{cut}",outcome="cut"}} 1.0' in admin_get(gateway, "/metrics").text
+
+
+@pytest.mark.parametrize("backend, behaviour, status, upstream_calls", [
+    ("sdk-timeout", "hang", 504, 1),  # cut by its timeout_s, and billed its prompt
+    ("sdk-failing", "500", 502, 2),  # after the gateway's own retry (max_retries: 1)
+])
+def test_the_sdk_does_not_repeat_what_the_gateway_already_tried(stack, backend, behaviour, status, upstream_calls):
+    """The openai SDK retries any 5xx twice by default: one app call whose upstream timed out became
+    three billed upstream timeouts, a 502 three rounds of the gateway's own retries. Both answers say
+    `x-should-retry: false`, which the SDK obeys. The real SDK, with its default retries."""
+    gateway, mock = stack
+    reset(mock)
+    control(mock, script=[behaviour] * 10, hang_s=5)
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=USER)
+    with pytest.raises(openai.APIStatusError) as failed:
+        client.chat.completions.create(**body(backend))
+    assert failed.value.status_code == status
+    assert len(sent(mock)) == upstream_calls
+    assert failed.value.response.headers["x-should-retry"] == "false"
 
 
 def test_every_sample_of_a_vote_the_deadline_cut_is_billed(stack):

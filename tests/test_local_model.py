@@ -312,6 +312,15 @@ def test_a_model_file_llama_cpp_cannot_load_is_reported_in_a_line_not_two_traceb
             f"ValueError: Failed to load model from file: {tmp_path / 'page.gguf'}") in done.stderr
 
 
+def test_a_relative_model_path_is_found_in_the_configs_folder(tmp_path):
+    """`model_path: page.gguf` beside the config was looked for in the current directory (here the
+    checkout), as `bad config ... is not a file`; relative paths in a config are the config folder's."""
+    (tmp_path / "page.gguf").write_text("<html>Not found</html>")
+    done = _serve_refused(tmp_path, {"model_path": "page.gguf"})
+    assert done.returncode == 3 and "bad config" not in done.stderr, done.stderr
+    assert f"Failed to load model from file: {tmp_path / 'page.gguf'}" in done.stderr
+
+
 def test_serve_refuses_a_local_model_port_another_process_holds(tmp_path):
     """Else the other process's server answers the readiness probe (for a second gateway sharing one
     config: the first one's model server) while our model server exits, restarted every second."""

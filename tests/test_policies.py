@@ -525,3 +525,45 @@ def test_cli_help_goes_to_stdout_and_policy_help_is_policy_checks(capsys):
     assert main(["policy", "chek", "p.yaml"]) == 2  # a typo is named, not answered with the bare usage
     assert "ponder policy: unknown subcommand 'chek'; the one there is: ponder policy check" in capsys.readouterr().err
     assert main(["policy"]) == 2 and "ponder policy: no subcommand" in capsys.readouterr().err
+
+
+def test_policy_check_takes_a_shipped_policys_name_as_the_config_does(tmp_path, monkeypatch, capsys):
+    """`policy: cost-saver.yaml` in a gateway config names the shipped policy, but `ponder policy check
+    cost-saver.yaml` outside a checkout said "No such file"; a name that is none says which are shipped."""
+    from gateway.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["policy", "check", "cost-saver.yaml", "--quiet"]) == 0
+    assert capsys.readouterr().out.strip() == "cost-saver.yaml: OK"
+    assert main(["policy", "check", "cost-saver"]) == 1
+    err = capsys.readouterr().err
+    assert "cost-saver: cannot read the file" in err
+    assert "a bare name picks a shipped policy: cost-saver.yaml, local.yaml, multi-provider.yaml" in err
+    (tmp_path / "cost-saver.yaml").write_text("name: mine\n")  # a file of that name here wins, as in a config
+    assert main(["policy", "check", "cost-saver.yaml"]) == 1
+    assert "cost-saver.yaml:1: arms: missing required key `arms`" in capsys.readouterr().err
+
+
+def test_cli_tells_its_version(capsys):
+    """`ponder --version` (and `ponder version`), asked for in bug reports, said "unknown command"."""
+    from importlib.metadata import version
+
+    from gateway.cli import main
+
+    for argv in (["--version"], ["version"]):
+        assert main(argv) == 0
+        assert capsys.readouterr().out == f"ponder {version('ponder')}\n"
+
+
+def test_cli_output_piped_into_a_reader_that_stops_early_ends_quietly():
+    """`ponder policy check ... | head -1`: the reader gone, the next print raised BrokenPipeError and
+    the command ended in a traceback."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    command = subprocess.Popen([sys.executable, "-m", "gateway.cli", "policy", "check", "cost-saver.yaml",
+                                "quality-first.yaml"], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    command.stdout.close()  # as `head` does once it has its lines: before anything is written here
+    _, err = command.communicate(timeout=60)
+    assert command.returncode == 1 and err.decode() == ""

@@ -5,13 +5,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import random
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import redis
 import redis.asyncio as aioredis
+import yaml
 
 from telemetry.aggregates import (apply_delta, arm_stats, event_delta, histogram, latency_bucket, percentile,
                                   spend_deltas, summary_row)
@@ -22,6 +26,7 @@ from telemetry.redis_schema import RedisKeys
 from telemetry.redis_server import free_port, start_redis
 from telemetry.store import open_store
 
+ROOT = Path(__file__).resolve().parents[1]
 ARM = "mock/-/single/1"
 ARM2 = "mock/high/self_consistency/5"
 
@@ -652,6 +657,47 @@ def test_stats_cli_on_a_directory_no_gateway_wrote_says_so(tmp_path, capsys):
     run(fresh())
     assert stats_cli(["--data-dir", str(tmp_path / "empty")]) == 0
     assert "no telemetry recorded yet" in capsys.readouterr().out
+
+
+def _stats_from(cwd: Path, config: Path) -> subprocess.CompletedProcess:
+    """`ponder stats --config` run as an operator runs it, from a directory of their choosing."""
+    return subprocess.run([sys.executable, "-m", "gateway.cli", "stats", "--config", str(config), "--json"], cwd=cwd,
+                          capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_a_relative_data_dir_is_the_config_folders_and_an_old_store_is_kept(tmp_path):
+    """`telemetry.data_dir: data` was taken from the current directory, though load_config resolves the
+    config's paths against its folder: `ponder stats --config /x/gw.yaml` run elsewhere than `ponder serve`
+    found no store. A store an earlier version left in the current directory is still used, with a warning."""
+    folder, elsewhere = tmp_path / "etc", tmp_path / "elsewhere"
+    folder.mkdir(), elsewhere.mkdir()
+    (folder / "p.yaml").write_text(yaml.safe_dump({
+        "name": "p", "arms": {"a": {"backend": "mock", "strategy": "single"}},
+        "routes": [{"name": "all", "candidates": ["a"]}]}))
+    config = folder / "gw.yaml"
+    config.write_text(yaml.safe_dump({
+        "local_model": {"enabled": False}, "policy": "p.yaml", "telemetry": {"data_dir": "data"},
+        "backends": [{"name": "mock", "model": "openai/mock", "api_base": "http://127.0.0.1:9/v1"}]}))
+
+    async def fill(data_dir: Path, requests: int):
+        store = await open_store(None, data_dir)
+        for i in range(requests):
+            store.record(event(i))
+        await store.close()
+
+    run(fill(folder / "data", 3))
+    stats = _stats_from(elsewhere, config)
+    assert stats.returncode == 0, stats.stderr
+    assert json.loads(stats.stdout)["p"]["math:hard"][ARM]["requests"] == 3
+    assert "current directory" not in stats.stderr
+
+    run(fill(elsewhere / "data", 5))  # where an earlier version, run from here, kept it: still found
+    (folder / "data" / "telemetry.sqlite3").unlink()
+    stats = _stats_from(elsewhere, config)
+    assert stats.returncode == 0, stats.stderr
+    assert json.loads(stats.stdout)["p"]["math:hard"][ARM]["requests"] == 5
+    assert f"read from the current directory ({elsewhere / 'data'})" in stats.stderr
+    assert f"{folder / 'data'}): move it there, or write an absolute path" in stats.stderr
 
 
 def test_stats_cli_writes_nothing_to_redis(tmp_path, capsys, redis_url):
