@@ -97,7 +97,8 @@ class StreamEnd:
     (a candidate's finishReason or none), so a Gemini stream cut cleanly between two events was
     relayed as a complete answer, with a finish_reason and [DONE]. The end markers: Anthropic's
     `message_stop`, or a `message_delta` with its `stop_reason`; a `finishReason` on each of
-    Gemini's candidates.
+    Gemini's candidates, or a `promptFeedback.blockReason` (a prompt its filters blocked: no
+    candidate follows, and litellm answers finish_reason "content_filter").
 
     The raw events are reached where litellm parses them, its provider iterator's `chunk_parser`
     (opened by the wrapper's `make_call` where it opens the stream lazily). Where litellm has none,
@@ -105,7 +106,7 @@ class StreamEnd:
 
     def __init__(self, stream: Any, model: str) -> None:
         self.watched = False
-        self._stopped = False  # Anthropic's end
+        self._stopped = False  # Anthropic's end, or Gemini's blocked prompt
         self._candidates: set[int] = set()  # Gemini's candidates seen, and those finished
         self._finished: set[int] = set()
         if _provider_and_name(model)[0] not in STREAM_END_PROVIDERS:
@@ -141,6 +142,8 @@ class StreamEnd:
     def _read(self, event: dict[str, Any]) -> None:
         kind = event.get("type")
         if kind == "message_stop" or (kind == "message_delta" and (event.get("delta") or {}).get("stop_reason")):
+            self._stopped = True
+        if isinstance(feedback := event.get("promptFeedback"), dict) and feedback.get("blockReason"):
             self._stopped = True
         for position, candidate in enumerate(event.get("candidates") or ()):
             if isinstance(candidate, dict):

@@ -19,12 +19,14 @@ maxOutputTokens as Gemini counts it; its text is sent only with `includeThoughts
     POST /control {"script": [...], "answers": [...], "cached": 0, "thinking": "...", "hang_s": 30}
         script: behaviours for the next requests, in order, then "ok".
         behaviours: ok | function_call | 400 | too_long | bad_key | 429 | 500 | 503 | hang | break_mid | truncate
-                    | truncate_at_start
+                    | truncate_at_start | blocked
         (function_call: a call of the request's first function with the answer, a JSON object text,
         as its args; break_mid: the stream's connection closes after its first chunk; truncate: the
         body ends there, cleanly, with no finishReason and no final usage; truncate_at_start: the
         stream's body ends before its first chunk; without streaming, break_mid and truncate cut the
-        JSON answer half way, tests/mock_server.py `cut_json`)
+        JSON answer half way, tests/mock_server.py `cut_json`; blocked: the prompt is blocked, as Gemini's
+        safety filters answer one, a 200 with promptFeedback's blockReason and no candidates, a stream's
+        one event)
     GET  /calls     {"count": N, "bodies": [...], "paths": [...], "headers": [...]}
     POST /reset     forget everything
 """
@@ -209,6 +211,17 @@ async def generate(request: web.Request) -> web.StreamResponse:
         return error(503, "UNAVAILABLE", "The model is overloaded. Please try again later.")
     if behaviour == "hang":
         await asyncio.sleep(STATE["hang_s"])
+    if behaviour == "blocked":
+        prompt = prompt_tokens(body)
+        answer = {"promptFeedback": {"blockReason": "PROHIBITED_CONTENT"}, "modelVersion": model,
+                  "usageMetadata": {"promptTokenCount": prompt, "totalTokenCount": prompt}}
+        if method == "generateContent":
+            return web.json_response(answer)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"data: " + orjson.dumps(answer) + b"\r\n\r\n")
+        await response.write_eof()
+        return response
     config = body.get("generationConfig") or {}
     limit = config.get("maxOutputTokens")
     thoughts = thought_words(model, config)

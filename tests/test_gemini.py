@@ -37,6 +37,8 @@ def stack(tmp_path_factory):
                          *(gemini_backend(f"flash-{i}", mock) for i in range(2)),
                          # one per truncation test: a cut call counts against its backend
                          *(gemini_backend(f"flash-cut-{i}", mock) for i in range(4)),
+                         # one per stream mode of the blocked-prompt test
+                         *(gemini_backend(f"flash-blocked-{i}", mock) for i in range(2)),
                          # Gemini's OpenAI-compatible endpoint, on the fast path
                          {"name": "flash-openai", "model": "openai/gemini-2.5-flash",
                           "api_base": openai_mock.url + "/v1", "max_retries": 1, "timeout_s": 5}],
@@ -153,3 +155,29 @@ def test_a_gemini_answer_cut_half_way_is_retried_not_the_clients_422(client, moc
     completion = client.chat.completions.create(model="flash-cut-3", messages=[{"role": "user", "content": "count"}])
     assert completion.choices[0].message.content == "one two three"
     assert len(sent(mock)) == 2
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_prompt_geminis_filters_block_is_a_content_filter_answer_not_a_failure(client, mock, stream):
+    """Gemini answers a prompt its safety filters block with promptFeedback.blockReason and no candidate
+    (a stream's one event): litellm makes it finish_reason "content_filter". The stream's end check
+    took the missing candidate for a cut stream: retried, the backend marked failing (two such
+    prompts cooled it down for everyone), and the client got a 502 for its own prompt."""
+    backend = f"flash-blocked-{int(stream)}"
+    for _ in range(2):
+        reset(mock)
+        control(mock, script=["blocked", "blocked"])
+        raw = client.chat.completions.with_raw_response.create(
+            model=backend, messages=[{"role": "user", "content": "something blocked"}], stream=stream)
+        if stream:
+            chunks, error = relayed(raw.parse())
+            assert error is None
+            finishes = [choice.finish_reason for c in chunks for choice in c.choices if choice.finish_reason]
+        else:
+            finishes = [choice.finish_reason for choice in raw.parse().choices]
+        assert finishes == ["content_filter"]
+        assert len(sent(mock)) == 1  # not retried: the answer is Gemini's, not a broken one
+    reset(mock)
+    control(mock, answers=["fine"])  # nor is the backend cooling down after two of them
+    assert client.chat.completions.create(
+        model=backend, messages=[{"role": "user", "content": "x"}]).choices[0].message.content == "fine"
