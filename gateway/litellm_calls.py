@@ -102,7 +102,8 @@ class StreamEnd:
 
     The raw events are reached where litellm parses them, its provider iterator's `chunk_parser`
     (opened by the wrapper's `make_call` where it opens the stream lazily). Where litellm has none,
-    `watched` stays False and litellm's own judgement stands."""
+    or the events are OpenAI's chunks (Vertex's partner models: Llama, DeepSeek, Qwen, Mistral...,
+    which have no such end marker), `watched` is False and litellm's own judgement stands."""
 
     def __init__(self, stream: Any, model: str) -> None:
         self.watched = False
@@ -140,6 +141,9 @@ class StreamEnd:
         self.watched = True
 
     def _read(self, event: dict[str, Any]) -> None:
+        if "choices" in event:  # an OpenAI chunk: not a format read here (every answer would look cut)
+            self.watched = False
+            return
         kind = event.get("type")
         if kind == "message_stop" or (kind == "message_delta" and (event.get("delta") or {}).get("stop_reason")):
             self._stopped = True

@@ -3,7 +3,11 @@ Gemini API (tests/mock_gemini.py), which refuses what Gemini refuses."""
 
 from __future__ import annotations
 
+import asyncio
+import types
+
 import openai
+import orjson
 import pytest
 
 from tests.servers import (calls, control, reset, running, sent, start_gateway, start_gemini_mock, start_mock,
@@ -181,3 +185,38 @@ def test_a_prompt_geminis_filters_block_is_a_content_filter_answer_not_a_failure
     control(mock, answers=["fine"])  # nor is the backend cooling down after two of them
     assert client.chat.completions.create(
         model=backend, messages=[{"role": "user", "content": "x"}]).choices[0].message.content == "fine"
+
+
+def vertex_llama_stream(events: list[dict]):
+    """litellm's own iterator of a Vertex partner model's stream (Llama, served OpenAI-compatible, as
+    DeepSeek, Qwen, gpt-oss and Mistral are there), over these SSE events and [DONE]."""
+    from litellm.llms.vertex_ai.vertex_ai_partner_models.llama.transformation import VertexAILlama3Config
+
+    async def lines():
+        for event in events:
+            yield "data: " + orjson.dumps(event).decode()
+        yield "data: [DONE]"
+
+    return VertexAILlama3Config().get_model_response_iterator(streaming_response=lines(), sync_stream=False)
+
+
+def test_a_vertex_partner_models_whole_stream_is_not_taken_for_a_cut_one():
+    """`vertex_ai/` serves Gemini and Claude, whose ends StreamEnd reads, but also partner models that
+    stream OpenAI's chunks (Llama, DeepSeek, Qwen, Mistral...). Those have no candidate nor
+    message_stop: every whole answer of theirs counted as cut, and each stream ended with the SSE
+    error event after its last word (and marked its backend failing). Their end is litellm's to judge."""
+    from gateway.litellm_calls import StreamEnd
+
+    base = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "meta/llama-3.3-70b-instruct-maas"}
+    events = [{**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hello"}}]},
+              {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+              {**base, "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}}]
+    source = vertex_llama_stream(events)
+    end = StreamEnd(types.SimpleNamespace(completion_stream=source), "vertex_ai/meta/llama-3.3-70b-instruct-maas")
+
+    async def read() -> list:
+        return [chunk async for chunk in source]
+
+    chunks = asyncio.run(read())
+    assert len(chunks) >= 2  # litellm read the whole stream, its finish chunk included
+    assert not end.cut
