@@ -31,6 +31,7 @@ from gateway import embeddings
 from gateway.backends import UpstreamError
 from gateway.calls import Caller, cooling_error, upstream_to_api_error
 from gateway.config import GatewayConfig
+from gateway.cost_bounds import backends_of
 from gateway.dashboard import dashboard_routes
 from gateway.effort import apply_effort
 from gateway.errors import EXCEPTION_HANDLERS, NO_CLIENT_RETRY, ApiError, retry_after
@@ -584,7 +585,7 @@ async def open_first_stream(gw: Gateway, plan: Plan, req: ChatRequest,
                 if not exc.retryable:  # not on this backend (a 401 for its key); another may serve
                     break
     assert last is not None
-    return upstream_to_api_error(last, caller.retry_after_s(a.backend for a in arms)
+    return upstream_to_api_error(last, caller.retry_after_s(backends_of(arms))
                                  if last.status in (429, 503) else None)
 
 

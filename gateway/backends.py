@@ -139,6 +139,12 @@ class BackendHealth:
             log.warning("backend %s is failing (%s): cooled down, its calls are skipped or fall back until it "
                         "answers again", self.name, _failure(error))
 
+    def restarted(self) -> None:
+        """The server behind it started again (the managed local model): what it asked for before
+        (a Retry-After) and its failures are forgotten with it."""
+        self.asked_wait_until = 0.0
+        self.succeeded()
+
     def succeeded(self) -> None:
         if self.failing_since is not None:
             log.warning("backend %s answers again, after %.0f s of failures", self.name,

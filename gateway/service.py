@@ -24,7 +24,9 @@ from gateway.auth import KeyRing, Principal
 from gateway.backends import Backend, CallRecord, UpstreamError
 from gateway.calls import Caller, upstream_to_api_error
 from gateway.config import LOCAL_BACKEND_NAME, ConfigError, GatewayConfig
-from gateway.cost_bounds import arms_within, held_prompt_tokens, plan_worst_case_usd, with_output_caps
+from gateway.cost_bounds import (
+    arms_within, backends_of, held_prompt_tokens, plan_worst_case_usd, with_output_caps,
+)
 from gateway.effort import effective_effort
 from gateway.errors import ApiError
 from gateway.key_budgets import KeyBudgets
@@ -437,7 +439,7 @@ class Gateway:
             caller.arm_calls_from = short[1]
             return short[0]
         assert last is not None
-        raise upstream_to_api_error(last, caller.retry_after_s(a.backend for a in arms)
+        raise upstream_to_api_error(last, caller.retry_after_s(backends_of(arms))
                                     if last.status in (429, 503) else None)
 
     # -- record ---------------------------------------------------------------------------------
@@ -552,8 +554,8 @@ class InFlight:
 
 def _back(backend: Backend) -> None:
     """A restarted local model serves again: chat and embeddings alike, not after their cool-downs."""
-    backend.health.succeeded()
-    backend.for_embeddings.health.succeeded()
+    backend.health.restarted()
+    backend.for_embeddings.health.restarted()
 
 
 def configured_backends(config: GatewayConfig) -> list[BackendSpec]:

@@ -8,6 +8,7 @@ litellm's exceptions (gateway/litellm_calls.py).
 from __future__ import annotations
 
 import email.utils
+import math
 import re
 import time
 from collections.abc import Mapping
@@ -104,7 +105,7 @@ def upstream_wait(headers: Mapping[str, str]) -> float | None:
     may send only that one), else `Retry-After` as seconds or as an HTTP-date (RFC 9110)."""
     try:
         if milliseconds := headers.get("retry-after-ms"):
-            return max(0.0, float(milliseconds) / 1000)
+            return _finite_wait(float(milliseconds) / 1000)
     except ValueError:
         pass
     return retry_after_seconds(headers.get("retry-after"))
@@ -114,13 +115,19 @@ def retry_after_seconds(value: str | None) -> float | None:
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        return _finite_wait(float(value))
     except ValueError:
         pass
     try:
         return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
     except (TypeError, ValueError):
         return None
+
+
+def _finite_wait(seconds: float) -> float | None:
+    """A wait as a number of seconds, none for one that is no number ("1e999", "nan"): it would make
+    the client's Retry-After header (a whole number of seconds) fail to render."""
+    return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
 # Google's APIs (Gemini, Vertex AI) send no Retry-After: a 429's wait is in the error body's RetryInfo

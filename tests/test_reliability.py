@@ -27,6 +27,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gateway.backends import BackendHealth
+from gateway.calls import upstream_to_api_error
+from gateway.upstream_errors import http_error
 from tests.servers import (PYTHON, Process, calls, control, free_port, mock_backend, reset, running, start_gateway,
                            start_mock, write_policy)
 
@@ -246,6 +249,24 @@ def test_a_retry_after_is_honoured_though_a_sample_under_way_answers_after_it(tm
             second = httpx.post(gateway.url + "/v1/chat/completions", json=chat("auto", "what is 3 + 4?"), timeout=10)
             assert second.status_code == 200 and second.headers["x-ponder-arm"] == "spare/-/single/1"
             assert upstream_calls(mock_a) == 2  # within the second it asked for, not called again
+
+
+@pytest.mark.parametrize("headers", [{"retry-after": "1e999"}, {"retry-after-ms": "inf"}, {"retry-after": "nan"}])
+def test_an_upstreams_wait_that_is_no_number_is_no_wait(headers):
+    """An upstream's Retry-After of "1e999" read as infinity: the client's error, which carries the
+    wait as whole seconds, then failed to render (OverflowError, a 500 instead of the 502)."""
+    error = upstream_to_api_error(http_error("b", 500, b'{"error": {"message": "down"}}', headers))
+    assert error.status == 502 and "retry-after" not in {name.lower() for name in error.headers}
+
+
+def test_a_restarted_local_model_forgets_the_wait_it_asked_for():
+    """A Retry-After the model server sent before it was restarted belongs to the process that sent it:
+    the restarted one is called at once (it stayed cooling for the whole wait)."""
+    health = BackendHealth(name="local")
+    health.failed(time.monotonic(), retry_after=20.0)
+    assert not health.available(time.monotonic())
+    health.restarted()
+    assert health.available(time.monotonic())
 
 
 def test_hanging_backend_times_out_then_falls_back_within_the_timeout_plus_10_percent(pair):
