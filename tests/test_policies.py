@@ -567,3 +567,17 @@ def test_cli_output_piped_into_a_reader_that_stops_early_ends_quietly():
     command.stdout.close()  # as `head` does once it has its lines: before anything is written here
     _, err = command.communicate(timeout=60)
     assert command.returncode == 1 and err.decode() == ""
+
+
+def test_every_shipped_policy_can_be_served_beside_every_other(tmp_path):
+    """Shipped policies that declare one backend inline declare it alike: openai-mix wrote out the model
+    map's max_context that quality-first and multi-provider leave to it, so a gateway serving openai-mix
+    with either as an extra policy refused to start ("backend `gpt-4.1-mini` differs")."""
+    from gateway.config import load_config
+    from gateway.service import configured_policies
+
+    config = tmp_path / "gateway.yaml"
+    config.write_text("policy: local.yaml\nextra_policies:\n"
+                      + "".join(f"  {path.stem}: {path.name}\n" for path in SHIPPED if path.stem != "local"))
+    policies = configured_policies(load_config(config))
+    assert sorted(policies.names()) == sorted(path.stem for path in SHIPPED)
