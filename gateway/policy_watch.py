@@ -43,21 +43,24 @@ class PolicySet:
         self._entries[policy.name] = _Entry(path, os.stat(path).st_mtime, compile_policy(policy))
         return policy.name
 
-    def _check_unique(self, name: str, path: Path) -> None:
+    def _check_unique(self, name: str, path: Path, upcoming: dict[str, Path] | None = None) -> None:
         """Policies are chosen by name (x-ponder-policy, telemetry): a second file with a name already
-        served would silently replace the first, the default included."""
-        other = self._entries.get(name)
-        if other is not None and other.path.resolve() != path.resolve():
+        served (or, `upcoming`, taken by another file of the same reload) would silently replace the
+        first, the default included."""
+        entry = self._entries.get(name)
+        other = (upcoming or {}).get(name, entry.path if entry is not None else None)
+        if other is not None and other.resolve() != path.resolve():
             raise PolicyError([(str(path), None, "name", f"{name!r} is already the name of the policy in "
-                                                        f"{other.path}; each policy file needs its own name")])
+                                                        f"{other}; each policy file needs its own name")])
 
-    def _inline_elsewhere(self, path: Path) -> dict[str, tuple[BackendSpec, str]]:
+    def _inline_elsewhere(self, path: Path, upcoming: dict[str, Policy] | None = None) -> dict[str, tuple[BackendSpec, str]]:
         """The backends the other policies declare inline (not the gateway config's), with whose they are:
-        the gateway serves one backend per name, so a policy may declare one of them only as they do."""
+        the gateway serves one backend per name, so a policy may declare one of them only as they do.
+        `upcoming`: policy -> the version a reload is about to serve instead of the one serving."""
         configured = {spec.name for spec in self._backends}
         return {spec.name: (spec, f"`{name}` ({entry.path})") for name, entry in self._entries.items()
                 if entry.path.resolve() != path.resolve()
-                for spec in entry.compiled.policy.backends if spec.name not in configured}
+                for spec in (upcoming or {}).get(name, entry.compiled.policy).backends if spec.name not in configured}
 
     def get(self, name: str | None = None) -> CompiledPolicy | None:
         entry = self._entries.get(name or self.default_name)
@@ -75,7 +78,60 @@ class PolicySet:
 
     def reload_changed(self, *, force: bool = False) -> list[str]:
         """Reload every policy whose file changed; returns the names reloaded."""
+        due = self._changed(force)
+        if due:
+            # A policy refused for declaring a shared inline backend unlike another is read again beside
+            # that one's edit: an edit of such a backend in every file that declares it was refused in
+            # each (checked against the others' versions serving), for good.
+            due.update({name: entry for name, entry in self._entries.items()
+                        if name in self.rejected and name not in due and entry.mtime != -1.0})
+        read: dict[str, tuple[_Entry, CompiledPolicy]] = {}
+        for name, entry in due.items():
+            try:
+                policy = load_policy(entry.path, extra_backends=self._backends)
+                self._check_unique(policy.name, entry.path, {c.policy.name: e.path for e, c in read.values()})
+                read[name] = entry, compile_policy(policy)
+            except PolicyError as exc:
+                self._reject(name, exc)
+        # Then the inline backends of those whose backends changed, against the others as they will
+        # serve: their new version where it loads, else the one serving (a refusal puts that one back, so
+        # the rest are checked again). A policy whose backends did not change clashes with none serving.
+        moved = [name for name, (entry, compiled) in read.items()
+                 if compiled.policy.backends != entry.compiled.policy.backends]
+        checked = False
+        while not checked:
+            checked = True
+            upcoming = {name: read[name][1].policy for name in moved}
+            for name in moved:
+                path = read[name][0].path
+                try:
+                    load_policy(path, extra_backends=self._backends,
+                                served_inline=self._inline_elsewhere(path, upcoming))
+                except PolicyError as exc:
+                    self._reject(name, exc)
+                    del read[name]
+                    moved.remove(name)
+                    checked = False
+                    break
         reloaded = []
+        for name, (entry, compiled) in read.items():
+            new_name = compiled.policy.name
+            if new_name != name:
+                self._entries.pop(name)
+                if name == self.default_name:
+                    self.default_name = new_name
+            self._entries[new_name] = _Entry(entry.path, entry.mtime, compiled)
+            self.rejected.pop(name, None)
+            reloaded.append(new_name)
+            log.info("policy %r reloaded from %s", new_name, entry.path)
+        if reloaded and not any(name in self.rejected for name in due):
+            self.last_error = None
+        return reloaded
+
+    def _changed(self, force: bool) -> dict[str, _Entry]:
+        """The policies whose file changed (every one, forced), their entries' mtimes updated: a broken
+        file is reported once, not every poll. An unreadable file is reported here, once."""
+        due = {}
         for name, entry in list(self._entries.items()):
             try:
                 mtime = os.stat(entry.path).st_mtime
@@ -87,23 +143,10 @@ class PolicySet:
                 continue
             if mtime == entry.mtime and not force:
                 continue
-            entry.mtime = mtime  # a broken file is reported once, not every poll
-            try:
-                policy = load_policy(entry.path, extra_backends=self._backends,
-                                     served_inline=self._inline_elsewhere(entry.path))
-                self._check_unique(policy.name, entry.path)
-                compiled = compile_policy(policy)
-            except PolicyError as exc:
-                self.last_error = self.rejected[name] = str(exc)
-                log.error("policy reload rejected, the previous %r keeps serving: %s", name, exc)
-                continue
-            if policy.name != name:
-                self._entries.pop(name)
-                if name == self.default_name:
-                    self.default_name = policy.name
-            self._entries[policy.name] = _Entry(entry.path, mtime, compiled)
-            self.last_error = None
-            self.rejected.pop(name, None)
-            reloaded.append(policy.name)
-            log.info("policy %r reloaded from %s", policy.name, entry.path)
-        return reloaded
+            entry.mtime = mtime
+            due[name] = entry
+        return due
+
+    def _reject(self, name: str, exc: PolicyError) -> None:
+        self.last_error = self.rejected[name] = str(exc)
+        log.error("policy reload rejected, the previous %r keeps serving: %s", name, exc)

@@ -52,6 +52,8 @@ def merge_rows(rows: Iterable[Row]) -> dict[str, Any]:
         return sum(float(r.get(name) or 0) * float(r.get("count") or 0) for r in rows) / count if count else 0.0
 
     def answered(r: Mapping[str, Any]) -> float:  # the requests a row's mean latency is over
+        if "answered" in r:
+            return float(r["answered"] or 0)
         return float(r.get("count") or 0) * (1.0 - float(r.get("error_rate") or 0))
 
     answers = sum(answered(r) for r in rows)
@@ -59,6 +61,7 @@ def merge_rows(rows: Iterable[Row]) -> dict[str, Any]:
     return {
         "requests": sum(float(r.get("requests") or 0) for r in rows),
         "count": count,
+        "answered": answers,
         "scored_weight": weight,
         "success_rate": successes / weight if weight > 0 else None,
         "error_rate": by_count("error_rate"),

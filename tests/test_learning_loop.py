@@ -350,3 +350,37 @@ def test_feedback_after_a_reset_of_the_learned_stats_reads_as_a_score(tmp_path, 
             assert stats.returncode == 0, stats.stderr
             (table,) = json.loads(stats.stdout)["reset"].values()
             assert table["mock-b/-/self_consistency/3"]["success_rate"] == 0.0
+
+
+def test_requests_whose_client_left_leave_an_answers_latency_as_it_is(tmp_path):
+    """The route's only backend answers in 600 ms; every other client gives up after 150 ms (499: billed,
+    not the arm's error, no latency sample, as docs/telemetry.md says). Each added the 150 ms its client
+    waited to latency_ms and one to the mean's denominator (count - errors), as if an answer had come in
+    150 ms: the learner expected one in about 60% of the time it takes, and the slower an arm, the more
+    clients leave it and the faster it looked. Now they are `left`, out of the sum and the denominator."""
+    arms = {"strong": {"backend": "mock-b", "prior": 0.9, "tokens": 1, "latency_ms": 600}}
+    policy = write_policy(tmp_path, {"name": "slow", "arms": arms, "routes": [{"name": "all", "candidates": ["strong"]}],
+                                     "objective": {"cost_weight": 0, "latency_weight": 0.1},
+                                     "exploration": {"share": 0.0}, "learner": {"half_life_hours": None}}, "slow.yaml")
+    with running(start_mock(tmp_path)) as mock_b:
+        control(mock_b, answers=[RIGHT], delay_ms=600)
+        config = {"backends": [mock_backend("mock-b", mock_b, max_retries=0)],
+                  "policy": policy, "telemetry": {"data_dir": str(tmp_path / "data"), "refresh_s": 0.05}}
+        with running(start_gateway(tmp_path, config, name="slow")) as gateway:
+            client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+            impatient = client.with_options(timeout=0.15)
+            for i in range(12):
+                if i % 2 == 0:
+                    with pytest.raises(openai.APITimeoutError):
+                        impatient.chat.completions.create(model="auto", messages=QUESTION)
+                    time.sleep(0.6)  # the gateway sees the hang-up and records the 499
+                else:
+                    client.chat.completions.create(model="auto", messages=QUESTION)
+            time.sleep(0.3)
+            one = client.chat.completions.with_raw_response.create(model="auto", messages=QUESTION)
+            detail = httpx.get(f"{gateway.url}/v1/ponder/requests/{one.headers['x-ponder-request-id']}").json()
+            (expected,) = (c["expected_latency_ms"] for c in detail["decision"]["candidates"])
+            assert 600 <= expected < 800, expected  # an answer takes 600 ms and a little
+            summary = httpx.get(gateway.url + "/v1/ponder/summary").json()
+            (row,) = summary["tasks"][0]["arms"]
+            assert row["requests"] == 13 and 600 <= row["mean_latency_ms"] < 800, row

@@ -493,6 +493,52 @@ def test_two_policies_may_not_declare_one_inline_backend_differently(tmp_path):
     assert [spec.model for p in policies.all() for spec in p.policy.backends] == ["openai/m", "openai/m"]
 
 
+def test_a_shared_inline_backend_edited_in_every_policy_reloads(tmp_path):
+    """Two policies may declare one inline backend alike. An edit of it in both files was refused in
+    each, checked against the other's version still serving, on every reload (SIGHUP too) until a
+    restart; one file at a time fared no better. Each is now checked against the other's new version."""
+    import os
+
+    from gateway.policy_watch import PolicySet
+
+    text = ("name: {name}\nbackends: [{{name: fast, model: openai/{model}}}]\n"
+            "arms: {{one: {{backend: fast}}}}\nroutes: [{{name: all, candidates: [one]}}]\n")
+    main, alt = tmp_path / "main.yaml", tmp_path / "alt.yaml"
+
+    def edit(path, model, mtime):
+        path.write_text(text.format(name=path.stem, model=model))
+        os.utime(path, (mtime, mtime))
+
+    edit(main, "m", 1000), edit(alt, "m", 1000)
+    policies = PolicySet(str(main), {"alt": str(alt)}, [])
+    edit(main, "n", 2000), edit(alt, "n", 2000)  # both at once (a deploy, a SIGHUP)
+    assert sorted(policies.reload_changed(force=True)) == ["alt", "main"] and not policies.rejected
+    edit(main, "o", 3000)  # one file at a time (the gateway polls in between)
+    assert policies.reload_changed() == [] and "differs from the one policy `alt`" in policies.rejected["main"]
+    assert [spec.model for p in policies.all() for spec in p.policy.backends] == ["openai/n", "openai/n"]
+    edit(alt, "o", 4000)
+    assert sorted(policies.reload_changed()) == ["alt", "main"] and not policies.rejected
+    assert [spec.model for p in policies.all() for spec in p.policy.backends] == ["openai/o", "openai/o"]
+    edit(alt, "p", 5000)  # still refused where the other does not follow
+    assert policies.reload_changed() == [] and "differs from the one policy `main`" in policies.rejected["alt"]
+    assert [spec.model for p in policies.all() for spec in p.policy.backends] == ["openai/o", "openai/o"]
+
+
+def test_two_files_renamed_to_one_name_in_one_reload_keep_one(tmp_path):
+    """A reload reads every changed file before serving any: two renamed to one name in the same reload
+    are told apart as they were one after another (the second is refused, the first serves)."""
+    from gateway.policy_watch import PolicySet
+
+    text = ("name: {name}\nbackends: [{{name: fast, model: openai/m}}]\n"
+            "arms: {{one: {{backend: fast}}}}\nroutes: [{{name: all, candidates: [one]}}]\n")
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text(text.format(name="a")), b.write_text(text.format(name="b"))
+    policies = PolicySet(str(a), {"b": str(b)}, [])
+    a.write_text(text.format(name="same")), b.write_text(text.format(name="same"))
+    assert policies.reload_changed(force=True) == ["same"] and sorted(policies.names()) == ["b", "same"]
+    assert "'same' is already the name of the policy in" in policies.rejected["b"]
+
+
 def test_efforts_on_an_openai_model_that_does_not_reason_are_refused():
     """OpenAI answers `reasoning_effort` with a 400 on its chat models (gpt-4.1, gpt-4o): a backend
     declaring efforts (or `reasoning: true`) on one failed every call its arms made. A reasoning model,
@@ -567,3 +613,17 @@ def test_cli_output_piped_into_a_reader_that_stops_early_ends_quietly():
     command.stdout.close()  # as `head` does once it has its lines: before anything is written here
     _, err = command.communicate(timeout=60)
     assert command.returncode == 1 and err.decode() == ""
+
+
+def test_every_shipped_policy_can_be_served_beside_every_other(tmp_path):
+    """Shipped policies that declare one backend inline declare it alike: openai-mix wrote out the model
+    map's max_context that quality-first and multi-provider leave to it, so a gateway serving openai-mix
+    with either as an extra policy refused to start ("backend `gpt-4.1-mini` differs")."""
+    from gateway.config import load_config
+    from gateway.service import configured_policies
+
+    config = tmp_path / "gateway.yaml"
+    config.write_text("policy: local.yaml\nextra_policies:\n"
+                      + "".join(f"  {path.stem}: {path.name}\n" for path in SHIPPED if path.stem != "local"))
+    policies = configured_policies(load_config(config))
+    assert sorted(policies.names()) == sorted(path.stem for path in SHIPPED)
