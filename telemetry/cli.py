@@ -110,7 +110,11 @@ def stats_cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", help="default: --config's, else $PONDER_DATA_DIR, else .ponder")
     parser.add_argument("--policy", help="only this policy")
     parser.add_argument("--policy-file", help="policy YAML for the learner's current-choice column")
-    parser.add_argument("--config", help="the gateway's config: its policies (with its backends) and its telemetry")
+    # the gateway's own default (`ponder serve` reads $PONDER_CONFIG): in the image, where it is set, the
+    # stats are the serving gateway's, not an empty ./.ponder's
+    parser.add_argument("--config", default=os.environ.get("PONDER_CONFIG"),
+                        help="the gateway's config: its policies (with its backends) and its telemetry "
+                             "(default: $PONDER_CONFIG)")
     parser.add_argument("--half-life-s", type=_half_life, default=None,
                         help="decay to apply to the displayed numbers (default: --config's, else none)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")

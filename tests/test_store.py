@@ -659,10 +659,13 @@ def test_stats_cli_on_a_directory_no_gateway_wrote_says_so(tmp_path, capsys):
     assert "no telemetry recorded yet" in capsys.readouterr().out
 
 
-def _stats_from(cwd: Path, config: Path) -> subprocess.CompletedProcess:
-    """`ponder stats --config` run as an operator runs it, from a directory of their choosing."""
-    return subprocess.run([sys.executable, "-m", "gateway.cli", "stats", "--config", str(config), "--json"], cwd=cwd,
-                          capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+def _stats_from(cwd: Path, config: Path, *, from_environment: bool = False) -> subprocess.CompletedProcess:
+    """`ponder stats --config` run as an operator runs it, from a directory of their choosing (or with the
+    config in $PONDER_CONFIG, as the image sets it for `ponder serve`)."""
+    named = [] if from_environment else ["--config", str(config)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **({"PONDER_CONFIG": str(config)} if from_environment else {})}
+    return subprocess.run([sys.executable, "-m", "gateway.cli", "stats", *named, "--json"], cwd=cwd,
+                          capture_output=True, text=True, timeout=60, env=env)
 
 
 def test_a_relative_data_dir_is_the_config_folders_and_an_old_store_is_kept(tmp_path):
@@ -690,6 +693,10 @@ def test_a_relative_data_dir_is_the_config_folders_and_an_old_store_is_kept(tmp_
     assert stats.returncode == 0, stats.stderr
     assert json.loads(stats.stdout)["p"]["math:hard"][ARM]["requests"] == 3
     assert "current directory" not in stats.stderr
+    # the config `ponder serve` reads from the environment (the image's $PONDER_CONFIG) is stats' too
+    stats = _stats_from(elsewhere, config, from_environment=True)
+    assert stats.returncode == 0, stats.stderr
+    assert json.loads(stats.stdout)["p"]["math:hard"][ARM]["requests"] == 3
 
     run(fill(elsewhere / "data", 5))  # where an earlier version, run from here, kept it: still found
     (folder / "data" / "telemetry.sqlite3").unlink()
