@@ -196,12 +196,12 @@ def _learned(seen: ArmStats | None, shared: ArmStats | None, alpha: float, beta:
         for record, inner, strength in levels:
             # this level's record less the inner level's (counted there)
             weight, wins, count = record.weight, record.successes, record.count
-            cost_usd, latency_ms, answered = record.cost_usd, record.latency_ms, record.count - record.errors
+            cost_usd, latency_ms, answered = record.cost_usd, record.latency_ms, record.answered
             estimated = _estimated_of(record, reference)
             if inner is not None:
                 weight, wins, count = weight - inner.weight, wins - inner.successes, count - inner.count
                 cost_usd, latency_ms = cost_usd - inner.cost_usd, latency_ms - inner.latency_ms
-                answered -= inner.count - inner.errors
+                answered -= inner.answered
                 estimated -= _estimated_of(inner, reference)
             if weight > 1e-9:
                 wins = min(max(wins, 0.0), weight)
@@ -241,7 +241,7 @@ def _learned(seen: ArmStats | None, shared: ArmStats | None, alpha: float, beta:
                 factor += share * (_cost_ratio(seen.cost_usd, estimated) - factor)
             else:
                 addend += share * (seen.cost_usd / count - addend)
-        answered = seen.count - seen.errors
+        answered = seen.answered
         if answered > 0:
             share = answered / (prior_strength + answered)
             observed = seen.latency_ms / answered

@@ -146,7 +146,7 @@ def _pool_snapshot(snapshot: StatsSnapshot) -> tuple[dict[str, ArmStats], dict[s
     cached = _POOLED_CACHE.get(id(snapshot))
     if cached is not None and cached[0] is snapshot:
         return cached[1], cached[2]
-    # One pass of float sums (count, successes, weight, cost, latency, max p95, estimates, errors) per arm,
+    # One pass of float sums (count, successes, weight, cost, latency, max p95, estimates, errors, left) per arm,
     # everywhere and per task; ArmStats built at the end. Once per snapshot (a store refresh), about a
     # microsecond per (bucket, arm).
     totals: dict[str, list[float]] = {}
@@ -161,7 +161,7 @@ def _pool_snapshot(snapshot: StatsSnapshot) -> tuple[dict[str, ArmStats], dict[s
         for key, s in arms.items():
             values = (s.count, s.successes, s.weight, s.cost_usd, s.latency_ms, s.latency_p95_ms,
                       s.estimated_cost_usd, s.estimated_count, s.estimated_prompt_tokens, s.estimated_prompt_count,
-                      s.errors)
+                      s.errors, s.left)
             for level in (totals, inside):
                 sums = level.get(key)
                 if sums is None:
@@ -179,6 +179,7 @@ def _pool_snapshot(snapshot: StatsSnapshot) -> tuple[dict[str, ArmStats], dict[s
                     sums[8] += values[8]
                     sums[9] += values[9]
                     sums[10] += values[10]
+                    sums[11] += values[11]
     everywhere = {key: ArmStats(*sums) for key, sums in totals.items()}
     by_task = {task: {key: ArmStats(*sums) for key, sums in arms.items()} for task, arms in per_task.items()}
     if len(_POOLED_CACHE) >= _POOLED_CACHE_SIZE:

@@ -52,7 +52,7 @@ def merge_rows(rows: Iterable[Row]) -> dict[str, Any]:
         return sum(float(r.get(name) or 0) * float(r.get("count") or 0) for r in rows) / count if count else 0.0
 
     def answered(r: Mapping[str, Any]) -> float:  # the requests a row's mean latency is over
-        return float(r.get("count") or 0) * (1.0 - float(r.get("error_rate") or 0))
+        return float(r.get("answered") or 0)
 
     answers = sum(answered(r) for r in rows)
     cost = sum(float(r.get("cost_usd") or 0) for r in rows)
@@ -65,6 +65,7 @@ def merge_rows(rows: Iterable[Row]) -> dict[str, Any]:
         "cost_usd": cost,
         "spent_usd": sum(float(r.get("spent_usd", r.get("cost_usd")) or 0) for r in rows),
         "mean_cost_usd": cost / count if count else 0.0,
+        "answered": answers,
         "mean_latency_ms": sum(float(r.get("mean_latency_ms") or 0) * answered(r) for r in rows) / answers
         if answers > 0 else 0.0,
         "p50_latency_ms": by_count("p50_latency_ms"),

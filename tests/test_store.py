@@ -771,6 +771,7 @@ def test_latency_percentiles_are_of_requests_that_reached_a_backend():
     left = event_delta(Event(request_id="r", status=499, latency_ms=300.0, error="client left", cost_usd=0.01,
                              calls=[{"backend": "b", "ok": False}]))
     assert left["count"] == 1 and left["cost_usd"] == 0.01 and "errors" not in left
+    assert "latency_ms" not in left and left["left"] == 1  # out of the mean latency's sum and denominator
     assert not any(k.startswith("h") for k in left)
 
 
