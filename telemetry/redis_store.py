@@ -396,7 +396,11 @@ class RedisStore(BufferedStore):
         try:
             raw = await self._client.get(k.meta(request_id))
             if raw is None and (self._buffer or self._flush_lock.locked()):
-                await self.flush()  # feedback may arrive before the request's event was written
+                # feedback may arrive before the request's event was written
+                if not await self.flush() and any(ev.request_id == request_id for ev in self._buffer):
+                    # Redis refused the write (full: OOM under noeviction) and the event waits in the
+                    # buffer: the request is known, its feedback is to be sent again, not a 404
+                    return FeedbackResult("unavailable", request_id)
                 raw = await self._client.get(k.meta(request_id))
             waited = 0.0
             while raw is None and waited < OTHER_REPLICA_WAIT_S:

@@ -563,6 +563,35 @@ def test_a_redis_user_not_allowed_scripts_is_said_once_and_leaks_no_connection(r
     assert len(refusals) == len(set(refusals)) <= 3, refusals  # once per command, not once per refusal
 
 
+def test_feedback_for_an_event_a_full_redis_refused_is_unavailable_not_unknown(tmp_path):
+    """Redis is full (`maxmemory` under `noeviction`): it answers reads and refuses writes with OOM, so
+    the request's event stays buffered. Its feedback flushed, ignored that the flush failed, found no
+    record and answered unknown_request (404: the client does not send it again). It is unavailable
+    (503, retryable), and accepted once Redis takes writes again."""
+    proc = start_redis(data_dir=tmp_path / "redis")
+
+    async def go():
+        admin = aioredis.Redis.from_url(proc.url)
+        store = await open_store(proc.url, tmp_path, refresh_s=0.1)
+        try:
+            await admin.set("filler", "x" * 3_000_000)
+            await admin.config_set("maxmemory-policy", "noeviction")
+            await admin.config_set("maxmemory", "2mb")  # below what it holds: every write is refused
+            store.record(event(1))
+            assert (await store.feedback("req-1", 1.0, "key-a")).status == "unavailable"
+            assert store.health()["buffered"] == 1
+            await admin.config_set("maxmemory", "0")  # room again
+            assert (await store.feedback("req-1", 1.0, "key-a")).status == "accepted"
+        finally:
+            await store.close()
+            await admin.aclose()
+
+    try:
+        run(go())
+    finally:
+        proc.stop()
+
+
 def test_a_primary_demoted_to_a_read_only_replica_is_one_outage_not_a_reconnect_loop(tmp_path, caplog):
     """A failover left the URL on a replica: PING answers, every write is refused with READONLY. The
     store took each PING as "back", failed its next write at once and reconnected again: hundreds of
