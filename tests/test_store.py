@@ -592,6 +592,38 @@ def test_feedback_for_an_event_a_full_redis_refused_is_unavailable_not_unknown(t
         proc.stop()
 
 
+def test_a_redis_that_may_evict_is_said_once_at_start(tmp_path, caplog):
+    """docs/telemetry.md: only noeviction keeps budgets (an evicting Redis drops the counters, holds and
+    push marks). A gateway started on one said nothing. One WARNING at start; none under noeviction, and
+    none (nor a failure) for a user whose ACL refuses INFO."""
+    proc = start_redis(data_dir=tmp_path / "redis")
+
+    async def go():
+        admin = aioredis.Redis.from_url(proc.url)
+        try:
+            await admin.execute_command("ACL", "SETUSER", "gw", "on", ">pw", "~ponder:*", "+@all", "-@dangerous")
+            for policy, url in (("noeviction", proc.url), ("volatile-lru", proc.url),
+                                ("allkeys-lru", f"redis://gw:pw@127.0.0.1:{proc.port}/0")):
+                await admin.config_set("maxmemory-policy", policy)
+                store = await open_store(url, tmp_path / policy, refresh_s=0.1)
+                assert store.health()["connected"]
+                await store.close()
+        finally:
+            await admin.aclose()
+
+    with caplog.at_level("WARNING", logger="ponder.telemetry"):
+        try:
+            run(go())
+        finally:
+            proc.stop()
+    lines = [r.getMessage() for r in caplog.records if r.name == "ponder.telemetry"]
+    assert [line for line in lines if "maxmemory-policy" in line] == [
+        "Redis's maxmemory-policy is volatile-lru, not noeviction: once it is full it evicts keys the gateway needs "
+        "(budget counters, holds, push marks), and keys can spend past their caps (docs/telemetry.md); set "
+        "maxmemory-policy noeviction"], lines
+    assert not any(r.levelname == "ERROR" for r in caplog.records), lines
+
+
 def test_a_primary_demoted_to_a_read_only_replica_is_one_outage_not_a_reconnect_loop(tmp_path, caplog):
     """A failover left the URL on a replica: PING answers, every write is refused with READONLY. The
     store took each PING as "back", failed its next write at once and reconnected again: hundreds of
