@@ -398,7 +398,7 @@ async def settle(gw: Gateway, plan: Plan, caller: Caller, reservation: Any, *, s
                  result: StrategyResult | None = None, error: str | None = None, served: Arm | None = None) -> None:
     try:
         event = gw.record(plan, caller.calls, status=status, result=result, error=error, served=served,
-                          arm_calls_from=caller.arm_calls_from)
+                          arm_calls_from=caller.arm_calls_from, arm_started=caller.arm_started)
         if reservation is not None:
             with contextlib.suppress(Exception):  # settling is bookkeeping: never fail the answer for it
                 await gw.budgets.settle(reservation, event.cost_usd)
@@ -565,7 +565,7 @@ async def open_first_stream(gw: Gateway, plan: Plan, req: ChatRequest,
         if not caller.available(arm.backend) and index < len(arms) - 1:
             continue
         backend = caller.backend(arm.backend)
-        caller.arm_calls_from = len(caller.calls)
+        caller.start_arm()
         body = apply_effort({k: v for k, v in req.body.items() if k != "n"}, backend.spec, arm.effort)
         body = with_output_limit(body, backend.spec, plan.output_caps.get(arm.backend))
         for attempt in range(1 + backend.spec.max_retries):

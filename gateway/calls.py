@@ -38,12 +38,18 @@ class Caller:
     backends: dict[str, Backend]
     deadline: float  # time.monotonic() value
     calls: list[CallRecord] = field(default_factory=list)
-    # Where the calls of the arm trying to answer begin in `calls` (set as each arm starts): the ones
-    # before are arms that failed before it, which the answering arm's own cost leaves out.
+    # Where the calls of the arm trying to answer begin in `calls`, and when it started (perf_counter;
+    # both set as each arm starts, start_arm): the calls and time before are arms that failed before
+    # it, which the answering arm's own cost and latency leave out.
     arm_calls_from: int = 0
+    arm_started: float = 0.0
     cancelled: bool = False
     opened: float = field(default_factory=time.monotonic)  # when the request's time started to run
     ident: int = field(default_factory=_request_ids.__next__)  # tells backends' health one request from another
+
+    def start_arm(self) -> None:
+        """The calls from now on are the next arm's (see arm_calls_from)."""
+        self.arm_calls_from, self.arm_started = len(self.calls), time.perf_counter()
 
     def remaining(self) -> float:
         return self.deadline - time.monotonic()

@@ -12,7 +12,7 @@ import os
 import re
 from collections.abc import Callable
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator
@@ -151,6 +151,12 @@ def load_config(path: str | Path | None) -> GatewayConfig:
             raise ConfigError(f"{path}: telemetry.redis_url is not a Redis URL (redis://[user:password@]host:port/db, "
                               "rediss://..., unix://[user:password@]/path?db=N): percent-encode a user name or "
                               "password that holds / # ? @ or %") from None
+        parts = urlsplit(config.telemetry.redis_url)
+        if parts.scheme != "unix" and not _REDIS_DB_PATH.fullmatch(parts.path):
+            # redis-py reads a path that is not a number (`/abc`, `/0/1`) as no database, or another one:
+            # the gateway used db 0 (or 1) without a word. Not quoted: a raw `/` in a password lands there.
+            raise ConfigError(f"{path}: telemetry.redis_url: the database after host:port must be a number "
+                              "(redis://host:6379/0); percent-encode a user name or password that holds /")
     config.policy = resolve_policy_path(base, config.policy)
     config.extra_policies = {k: resolve_policy_path(base, v) for k, v in config.extra_policies.items()}
     if config.classifier:
@@ -163,6 +169,7 @@ def load_config(path: str | Path | None) -> GatewayConfig:
     return config
 
 
+_REDIS_DB_PATH = re.compile(r"/?|/\d+/?")  # what may follow host:port in redis(s):// (unix:// has ?db=N)
 _ENV_VAR = re.compile(r"\$(\w+|\{\w+\})")  # what os.path.expandvars expands
 
 

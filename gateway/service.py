@@ -412,7 +412,7 @@ class Gateway:
         # An answer with fewer choices than the client's `n` (its backend failed the samples drawn again
         # too): an app reads choices[n - 1], so the next arm is asked for all n, and this answer is kept
         # in case none can. Not for a key with a budget: its hold bounds one arm's answers, not two.
-        short: tuple[StrategyResult, int] | None = None
+        short: tuple[StrategyResult, int, float] | None = None
         # the learner's stats of the request's bucket, for strategies that gate on them (one lookup)
         stats = self.store.snapshot(plan.decision.policy).get(plan.decision.bucket, {}) if self.store else {}
         for index, arm in enumerate(arms):
@@ -422,7 +422,7 @@ class Gateway:
             params = dict(arm.params)
             ctx = StrategyContext(task=plan.decision.task, params=params, caller=caller, bucket_stats=stats,
                                   output_caps=plan.output_caps)
-            caller.arm_calls_from = len(caller.calls)
+            caller.start_arm()
             try:
                 result = await run_arm(arm, req.body, ctx)
             except UpstreamError as exc:
@@ -434,9 +434,9 @@ class Gateway:
             if choices >= req.n or plan.capped:
                 return result
             if short is None or choices > len(short[0].response["choices"]):
-                short = result, caller.arm_calls_from
-        if short is not None:  # (its arm's cost, as the learner reads it, then counts the later arms' failures too)
-            caller.arm_calls_from = short[1]
+                short = result, caller.arm_calls_from, caller.arm_started
+        if short is not None:  # (its arm's cost and time, as the learner reads them, then count the later arms' failures too)
+            _, caller.arm_calls_from, caller.arm_started = short
             return short[0]
         assert last is not None
         raise upstream_to_api_error(last, caller.retry_after_s(backends_of(arms))
@@ -444,10 +444,15 @@ class Gateway:
 
     # -- record ---------------------------------------------------------------------------------
     def record(self, plan: Plan, calls: list[CallRecord], *, status: int, result: StrategyResult | None = None,
-               error: str | None = None, served: Arm | None = None, arm_calls_from: int = 0) -> Event:
+               error: str | None = None, served: Arm | None = None, arm_calls_from: int = 0,
+               arm_started: float = 0.0) -> Event:
         """`served`: the arm that answered where no result says so (a relayed stream's fallback).
-        `arm_calls_from`: where the answering arm's own calls begin in `calls` (Caller.arm_calls_from)."""
+        `arm_calls_from`, `arm_started`: where the answering arm's own calls begin in `calls`, and when
+        (Caller.start_arm)."""
         decision = plan.decision
+        ended = time.perf_counter()
+        # arms failed before the one that answered: its own cost and time are what the learner reads
+        fell_back = bool(arm_calls_from) and (result is not None or served is not None)
         arm = result.arm if result else served or decision.arm
         event = Event(
             request_id=plan.request_id,
@@ -470,14 +475,14 @@ class Gateway:
             completion_tokens=sum(c.completion_tokens for c in calls),
             reasoning_tokens=sum(c.reasoning_tokens for c in calls),
             cost_usd=sum(c.cost_usd for c in calls),
-            arm_cost_usd=sum(c.cost_usd for c in calls[arm_calls_from:])
-            if arm_calls_from and (result is not None or served is not None) else None,
+            arm_cost_usd=sum(c.cost_usd for c in calls[arm_calls_from:]) if fell_back else None,
             # what the cost model expected of this answer: the learner's cost ratio compares the two
             estimated_cost_usd=(plan.policy.estimated_cost_usd(arm.key, plan.prompt_tokens, plan.max_output_tokens,
                                                                plan.choices)
                                 if calls else 0.0) if plan.policy is not None and decision.policy != "direct" else None,
             estimated_prompt_tokens=plan.prompt_tokens,
-            latency_ms=(time.perf_counter() - plan.started) * 1000,
+            latency_ms=(ended - plan.started) * 1000,
+            arm_latency_ms=(ended - arm_started) * 1000 if fell_back else None,
             status=status,
             error=error,
             success=result.confidence if result and result.confidence_source in ("vote", "verifier") else None,

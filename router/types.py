@@ -145,15 +145,16 @@ class ArmStats:
     # summed: their mean is the bucket's typical prompt (router.learner.current_choice prices it).
     estimated_prompt_tokens: float = 0.0
     estimated_prompt_count: float = 0.0
-    # Requests no arm answered (an error other than the client leaving), and requests whose client left
-    # before the answer: in `count`, not in `latency_ms`, whose mean is over the others (`answered`).
+    # Requests no arm answered (an error other than the client leaving) and requests the client left
+    # (499): in `count`, not in `latency_ms`, whose mean is over the other `answered` (a fast failure is
+    # no answer's latency, and a client's hang-up says only that the answer took longer than it waited).
     errors: float = 0.0
     left: float = 0.0
 
     @property
     def answered(self) -> float:
-        """The requests `latency_ms` sums the latency of."""
-        return self.count - self.errors - self.left
+        """The requests `latency_ms` sums the time of."""
+        return max(0.0, self.count - self.errors - self.left)
 
 
 # bucket -> arm key -> stats

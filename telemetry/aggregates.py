@@ -9,8 +9,10 @@ Fields (all floats):
   count, successes, weight, cost_usd, est2_cost_usd and est2_count (the cost model's estimates for the
   requests that carry one, and how many do; named after the cost model's version, see EST_COST),
   est_prompt_tokens and est_prompt_count (likewise the decision's prompt-token estimates),
-  latency_ms (of the requests answered: not of those counted in errors or left), prompt_tokens,
-  completion_tokens, reasoning_tokens, errors, left (requests whose client hung up), h<i> (latency histogram bucket i, requests that reached a backend)  -- decayed when a half-life is configured
+  latency_ms (of the requests answered: not of those counted in errors or left; a fallback's own time,
+  Event.arm_latency_ms), prompt_tokens, completion_tokens, reasoning_tokens, errors, left (requests the
+  client hung up on, status 499), h<i> (latency histogram bucket i, requests that reached a backend: the
+  request's whole time)  -- decayed when a half-life is configured
   total  -- raw request count, never decayed (for dashboards)
   spent_usd  -- what the requests cost, never decayed: the spend the dashboard shows (cost_usd is the
                learner's, faded with its half-life)
@@ -92,7 +94,9 @@ def event_delta(event: Event) -> dict[str, float]:
         # it); what the request spent, every call of it, is spent_usd
         "cost_usd": float(event.cost_usd if event.arm_cost_usd is None else event.arm_cost_usd),
         "spent_usd": float(event.cost_usd),
-        "latency_ms": float(event.latency_ms),
+        # the answering arm's own time (a fallback's, not the failed arms' before it); the histogram
+        # below keeps the request's whole time, which is what its client waited
+        "latency_ms": float(event.latency_ms if event.arm_latency_ms is None else event.arm_latency_ms),
         "prompt_tokens": float(event.prompt_tokens),
         "completion_tokens": float(event.completion_tokens),
         "reasoning_tokens": float(event.reasoning_tokens),
@@ -112,9 +116,8 @@ def event_delta(event: Event) -> dict[str, float]:
         delta["successes"] = weight * float(event.success or 0.0)
     if left:
         # The client hung up: not the arm's error, and not its latency either (the answer's time is
-        # unknown, only that it took longer than the client waited). Its cost and tokens count above;
-        # `left` keeps it out of the mean latency's denominator, else the slower an arm, the more
-        # clients leave it and the faster it looks.
+        # unknown, only that it took longer than the client waited): counted in `left`, which the mean
+        # latency's denominator leaves out as it does errors. Its cost and tokens count above.
         del delta["latency_ms"]
         delta["left"] = 1.0
         return {k: v for k, v in delta.items() if v}
@@ -236,7 +239,7 @@ def summary_row(fields: Mapping[str, float], now: float, half_life_s: float | No
     def mean(name: str) -> float:
         return d.get(name, 0.0) / count if count > 0 else 0.0
 
-    # the requests with an answer's latency: not those no arm answered, nor those whose client left
+    # the requests with an answer's latency: not those no arm answered, nor those the client left
     answered = max(0.0, count - max(0.0, d.get("errors", 0.0)) - max(0.0, d.get("left", 0.0)))
 
     return {

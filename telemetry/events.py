@@ -75,7 +75,10 @@ class Event:
     # The prompt's size as the decision estimated it (what priced the arms); its mean per bucket lets
     # the current choice be priced for the bucket's real prompts (router.learner.current_choice).
     estimated_prompt_tokens: int | None = None
-    latency_ms: float = 0.0
+    latency_ms: float = 0.0  # the request's, from its arrival to its answer's end
+    # The answering arm's own time (from its start to the answer's end), when arms failed before it (a
+    # timeout's wait is theirs): the learner's per-arm latency, as arm_cost_usd is its cost.
+    arm_latency_ms: float | None = None
     status: int = 200  # HTTP status returned to the client
     error: str | None = None
     success: float | None = None  # automatic success score in [0, 1], None when there is none

@@ -396,7 +396,11 @@ class RedisStore(BufferedStore):
         try:
             raw = await self._client.get(k.meta(request_id))
             if raw is None and (self._buffer or self._flush_lock.locked()):
-                await self.flush()  # feedback may arrive before the request's event was written
+                # feedback may arrive before the request's event was written
+                if not await self.flush() and any(ev.request_id == request_id for ev in self._buffer):
+                    # Redis refused the write (full: OOM under noeviction) and the event waits in the
+                    # buffer: the request is known, its feedback is to be sent again, not a 404
+                    return FeedbackResult("unavailable", request_id)
                 raw = await self._client.get(k.meta(request_id))
             waited = 0.0
             while raw is None and waited < OTHER_REPLICA_WAIT_S:
@@ -535,11 +539,31 @@ class RedisStore(BufferedStore):
         )
         return h
 
+    async def _warn_if_evicting(self) -> None:
+        """One WARNING at start when Redis may evict keys: under any maxmemory-policy but noeviction a
+        full Redis drops budget counters, holds and push marks (they have TTLs), so keys overspend.
+        INFO, not CONFIG GET (an admin command): an ACL without it (`-@dangerous`) makes this a no-op."""
+        try:
+            info = await asyncio.wait_for(self._client.info("memory"), self.op_timeout_s)
+        except Exception as exc:  # not needed to serve: no outage, no error logged
+            log.debug("INFO memory refused (%s): maxmemory-policy not checked", exc)
+            return
+        # (Redis Cluster answers per node: {node: {...}})
+        policies = {info["maxmemory_policy"]} if "maxmemory_policy" in info else {
+            node["maxmemory_policy"] for node in info.values() if isinstance(node, dict) and "maxmemory_policy" in node}
+        evicting = sorted(p for p in policies if p != "noeviction")
+        if evicting:
+            log.warning("Redis's maxmemory-policy is %s, not noeviction: once it is full it evicts keys the gateway "
+                        "needs (budget counters, holds, push marks), and keys can spend past their caps (docs/telemetry.md); set "
+                        "maxmemory-policy noeviction", ", ".join(evicting))
+
     async def start(self) -> None:
         if self._started:
             return
         self._take_saved_budgets()
         await super().start()
+        if self._connected:
+            await self._warn_if_evicting()
         if self._connected:  # what the spend views show should Redis be away before anyone looked
             hours, days = spend_periods(time.time())
             await self._load_spend(hours + days)

@@ -1660,6 +1660,16 @@ def test_serve_refuses_a_redis_url_that_does_not_parse_without_quoting_its_passw
     assert "s3cr3t" not in done.stderr and "Tail" not in done.stderr
 
 
+def test_serve_refuses_a_redis_url_whose_database_is_not_a_number(tmp_path):
+    """redis-py reads `/abc` after host:port as no database at all: the gateway wrote to db 0, beside
+    whatever else lives there, without a word. A bad config, that quotes nothing of the URL."""
+    done = _serve("--port", "9", config={"telemetry": {"redis_url": "redis://ponder:s3cr3t@127.0.0.1:6379/abc"}},
+                  tmp_path=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "bad config" in done.stderr and "the database after host:port must be a number" in done.stderr
+    assert "s3cr3t" not in done.stderr and "abc" not in done.stderr
+
+
 def test_a_redis_password_from_the_environment_is_used_as_it_is(tmp_path, redis_server):
     """`redis://user:${REDIS_PASSWORD}@host` keeps the secret out of the file; a generated password (base64:
     / + =) was expanded raw into the URL, which then did not parse (the gateway did not start). It is

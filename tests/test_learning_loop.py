@@ -384,3 +384,69 @@ def test_requests_whose_client_left_leave_an_answers_latency_as_it_is(tmp_path):
             summary = httpx.get(gateway.url + "/v1/ponder/summary").json()
             (row,) = summary["tasks"][0]["arms"]
             assert row["requests"] == 13 and 600 <= row["mean_latency_ms"] < 800, row
+
+
+def test_a_fallbacks_learned_latency_is_its_own_not_the_failed_arms_wait(tmp_path):
+    """`first` times out (its backend's `timeout_s`, 1 s) and `fast`, 100 ms, answers for it. The event's
+    latency is the request's (what the client waited, its histogram and detail keep it), and it was all
+    learned as `fast`'s: an arm answering in 100 ms read as a 1.1 s one, in the objective and on the
+    dashboard, for every timeout of another arm it stood in for."""
+    arms = {"first": {"backend": "slow", "prior": 0.9, "tokens": 1},
+            "fast": {"backend": "fast", "prior": 0.5, "tokens": 1, "latency_ms": 100}}
+    policy = write_policy(tmp_path, {"name": "stand-in", "arms": arms,
+                                     "routes": [{"name": "all", "candidates": ["first", "fast"]}],
+                                     "objective": {"cost_weight": 0, "latency_weight": 0},
+                                     "exploration": {"share": 0.0}, "learner": {"half_life_hours": None}},
+                          "stand-in.yaml")
+    with running(start_mock(tmp_path)) as slow, running(start_mock(tmp_path)) as fast:
+        control(slow, script=["hang"] * 10, hang_s=5)
+        control(fast, answers=[RIGHT], delay_ms=100)
+        config = {"backends": [mock_backend("slow", slow, max_retries=0, timeout_s=1),
+                               mock_backend("fast", fast, max_retries=0)],
+                  "policy": policy, "telemetry": {"data_dir": str(tmp_path / "data"), "refresh_s": 0.05}}
+        with running(start_gateway(tmp_path, config, name="stand-in")) as gateway:
+            client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+            raw = client.chat.completions.with_raw_response.create(model="auto", messages=QUESTION)
+            assert raw.headers["x-ponder-arm"] == "fast/-/single/1"
+            time.sleep(0.3)
+            detail = httpx.get(f"{gateway.url}/v1/ponder/requests/{raw.headers['x-ponder-request-id']}").json()
+            assert [c["ok"] for c in detail["execution"]["calls"]] == [False, True]  # the fallback answered
+            assert detail["request"]["latency_ms"] >= 1000  # the request's whole time, as the client waited
+            summary = httpx.get(gateway.url + "/v1/ponder/summary").json()
+            (row,) = summary["tasks"][0]["arms"]
+            assert 100 <= row["mean_latency_ms"] < 400, row
+            assert row["p50_latency_ms"] >= 900, row  # the histogram: what the requests it answered took
+            one = client.chat.completions.with_raw_response.create(model="auto", messages=QUESTION)
+            detail = httpx.get(f"{gateway.url}/v1/ponder/requests/{one.headers['x-ponder-request-id']}").json()
+            expected = {c["arm"]: c["expected_latency_ms"] for c in detail["decision"]["candidates"]}
+            assert expected["fast/-/single/1"] < 400, expected
+
+
+def test_a_request_the_client_left_is_no_latency_sample(tmp_path):
+    """The client gives up on two requests after 0.3 s (499) and waits for one, 100 ms. docs/telemetry.md:
+    a hang-up is neither the arm's error nor a latency sample, but its 0.3 s was summed into the arm's
+    latency and counted in the mean's denominator: the arm read as 230 ms, and the more clients gave
+    up on a slow arm, the faster it looked."""
+    arms = {"strong": {"backend": "mock-b", "prior": 0.9, "tokens": 1}}
+    policy = write_policy(tmp_path, {"name": "leave", "arms": arms, "routes": [{"name": "all", "candidates": ["strong"]}],
+                                     "exploration": {"share": 0.0}, "learner": {"half_life_hours": None}}, "leave.yaml")
+    with running(start_mock(tmp_path)) as mock_b:
+        config = {"backends": [mock_backend("mock-b", mock_b, max_retries=0)],
+                  "policy": policy, "telemetry": {"data_dir": str(tmp_path / "data"), "refresh_s": 0.05}}
+        with running(start_gateway(tmp_path, config, name="leave")) as gateway:
+            control(mock_b, answers=[RIGHT], delay_ms=100)
+            openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0).chat.completions.create(
+                model="auto", messages=QUESTION)
+            control(mock_b, delay_ms=3000)
+            for _ in range(2):
+                with pytest.raises(httpx.ReadTimeout):
+                    httpx.post(gateway.url + "/v1/chat/completions", json={"model": "auto", "messages": QUESTION},
+                               timeout=httpx.Timeout(10, read=0.3))
+            for _ in range(100):  # recorded once the gateway has seen the client go
+                summary = httpx.get(gateway.url + "/v1/ponder/summary").json()
+                if summary["tasks"] and summary["tasks"][0]["arms"][0]["requests"] == 3:
+                    break
+                time.sleep(0.05)
+            (row,) = summary["tasks"][0]["arms"]
+            assert row["requests"] == 3 and row["error_rate"] == 0, row  # billed and counted, not an error
+            assert 100 <= row["mean_latency_ms"] < 200, row
