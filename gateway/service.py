@@ -435,7 +435,8 @@ class Gateway:
                 return result
             if short is None or choices > len(short[0].response["choices"]):
                 short = result, caller.arm_calls_from, caller.arm_started
-        if short is not None:  # (its arm's cost and time, as the learner reads them, then count the later arms' failures too)
+        # (its arm's cost and time, as the learner reads them, then count the later arms' failures too)
+        if short is not None:
             _, caller.arm_calls_from, caller.arm_started = short
             return short[0]
         assert last is not None
