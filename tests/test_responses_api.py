@@ -497,6 +497,22 @@ def test_a_failure_after_a_synthesized_streams_headers_is_a_failed_response():
     assert events[-1].response.error.message == "mock-a: upstream timed out"
 
 
+@pytest.mark.parametrize("status,code,expected", [
+    (429, "upstream_error", "rate_limit_exceeded"), (429, "rate_limit_exceeded", "rate_limit_exceeded"),
+    (503, "upstream_error", "server_error"), (504, "upstream_timeout", "server_error")])
+def test_a_late_failed_response_carries_the_errors_code(status, code, expected):
+    """The failure after a synthesized stream's headers says a rate limit when it was one (a client
+    waits one out), as its JSON error's 429 would, not always `server_error`; validated, as OpenAI's
+    schema allows only its own few codes there."""
+    from gateway.errors import ApiError
+    from gateway.responses import ResponsesWire, parse_responses_request
+
+    wire = ResponsesWire(*parse_responses_request({"model": "auto", "input": "x", "stream": True}, max_n=4))
+    frames = wire.stream_error("resp_abc", ApiError(status, "mock-a: every sample failed", code=code)).decode()
+    failed = TypeAdapter(ResponseStreamEvent).validate_json(frames.strip().split("\n\n")[-1].split("\ndata: ", 1)[1])
+    assert failed.type == "response.failed" and failed.response.error.code == expected
+
+
 def test_a_tool_choice_without_tools_is_not_sent_upstream(client, mock):
     """Chat APIs refuse a `tool_choice` when there are no tools (OpenAI's and vLLM's 400), so a Responses
     request carrying one with no tools (an agent loop's last turn, say) is sent without it; it is
