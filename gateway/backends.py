@@ -66,6 +66,9 @@ MAX_EVENT_BYTES = 16 * 1024 * 1024
 # How a cut call's error starts (Backend.cut): telemetry and dashboards tell cut calls, billed what the
 # upstream had read and written, from failed ones that cost nothing.
 CUT_OFF = "cut off"
+# How the error of a 200 without choices starts (Caller._call): billed as it came, yet no answer, so a
+# failed call to the backend's health, the ledger and /metrics alike.
+NO_CHOICES = "no choices"
 
 
 @dataclass(slots=True)

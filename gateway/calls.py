@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.backends import Admission, Backend, CallRecord, Usage, UpstreamError
+from gateway.backends import NO_CHOICES, Admission, Backend, CallRecord, Usage, UpstreamError
 from gateway.errors import NO_CLIENT_RETRY, ApiError, retry_after
 from router.estimates import estimate_input_tokens, estimate_prompt_tokens
 
@@ -109,6 +109,7 @@ class Caller:
                 # (billed as it came): counted as a success, it kept a backend that answers nothing but
                 # these out of cool-down, and every request called it first.
                 backend.health.failed(time.monotonic(), request=self.ident)
+                record.ok, record.error = False, f"{NO_CHOICES}: the upstream answered 200 with an empty `choices`"
             else:
                 backend.health.succeeded()
             self.calls.append(record)
