@@ -967,6 +967,22 @@ def test_stream_that_breaks_before_any_byte_is_retried_invisibly(client, mock):
     assert calls(mock)["count"] == 2
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_failed_attempt_is_retried_after_a_backoff_streamed_or_not(client, mock, stream):
+    """A stream's retry before its first byte waits as a JSON call's does (BACKOFF_BASE_S, jittered
+    down to half of it): it went again at once, into the same overload."""
+    from gateway.calls import BACKOFF_BASE_S
+
+    control(mock, script=["500"], answers=["fine after all"])
+    answered = client.chat.completions.create(model="mock-b", messages=[{"role": "user", "content": "a"}],
+                                              stream=stream)
+    text = "".join(c.choices[0].delta.content or "" for c in answered if c.choices) if stream else \
+        answered.choices[0].message.content
+    assert text == "fine after all"
+    first, second = calls(mock)["times"]
+    assert second - first >= BACKOFF_BASE_S / 2, second - first
+
+
 def test_stream_truncated_after_bytes_ends_with_an_error_not_done(gw, mock):
     control(mock, script=["truncate"], answers=["one two three four five six"])
     with httpx.stream("POST", gw.url + "/v1/chat/completions", json={
