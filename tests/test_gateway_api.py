@@ -1971,11 +1971,28 @@ def test_chat_template_kwargs_that_is_not_an_object_is_a_400(client, mock, strea
     assert calls(mock)["count"] == 0
 
 
+def answered_by_each(client, mock, *models: str) -> None:
+    """Each backend answers once, so that the module's earlier tests leave it no failure (one is half a
+    cool-down: this test's failure would cool it, and its arm be skipped); one cooling is waited out."""
+    deadline = time.monotonic() + 10
+    for model in models:
+        while True:
+            try:
+                client.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}])
+                break
+            except openai.APIStatusError as refused:
+                if refused.status_code != 503 or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+    reset(mock)
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_backend_refusing_its_key_is_replaced_by_a_fallback_arm(client, mock, stream):
     """A 401 (a revoked key, a key unset in the environment) is about the backend, not the request: not
     retried on that backend, but the request's fallback arms on other backends answer it (only an
     upstream's 400/404/413/422 about the request itself goes to no fallback)."""
+    answered_by_each(client, mock, "mock-a", "mock-b")
     control(mock, script=["401"], answers=["served by the fallback"])
     answer = client.chat.completions.with_raw_response.create(
         model="auto", messages=[{"role": "user", "content": "Who wrote Hamlet?"}], stream=stream)
