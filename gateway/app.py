@@ -584,6 +584,8 @@ async def open_first_stream(gw: Gateway, plan: Plan, req: ChatRequest,
                     return upstream_to_api_error(exc)
                 if not exc.retryable:  # not on this backend (a 401 for its key); another may serve
                     break
+                if caller.retries(backend, exc, attempt):
+                    await caller.back_off(attempt, exc)  # as a JSON call waits: a retry at once meets the same overload
     assert last is not None
     return upstream_to_api_error(last, caller.retry_after_s(backends_of(arms))
                                  if last.status in (429, 503) else None)

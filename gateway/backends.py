@@ -66,6 +66,9 @@ MAX_EVENT_BYTES = 16 * 1024 * 1024
 # How a cut call's error starts (Backend.cut): telemetry and dashboards tell cut calls, billed what the
 # upstream had read and written, from failed ones that cost nothing.
 CUT_OFF = "cut off"
+# How the error of a 200 without choices starts (Caller._call): billed as it came, yet no answer, so a
+# failed call to the backend's health, the ledger and /metrics alike.
+NO_CHOICES = "no choices"
 
 
 @dataclass(slots=True)
@@ -533,7 +536,7 @@ class Backend:
         The upstream is always asked for usage so the stream can be billed; the caller decides
         whether the client sees that chunk. A stream that ends without [DONE] raises UpstreamError,
         and one whose first event takes longer than `first_byte_timeout_s` (counted once a slot is
-        free, not while queued for one) a 504 one.
+        free, not while queued for one), or that pauses longer than that between two, a 504 one.
         """
         body = {**self._adapt(body), "stream": True, "stream_options": {**(body.get("stream_options") or {}),
                                                                         "include_usage": True}}
@@ -551,7 +554,19 @@ class Backend:
                 if first is None:
                     return
                 yield first
-                async for item in source:
+                if self.fast_path:  # a pause between two events is cut by aiohttp's sock_read (_stream_timeout)
+                    async for item in source:
+                        yield item
+                    return
+                while True:  # litellm's read timeout is the whole call's timeout_s: the same pause, cut here
+                    try:
+                        async with asyncio.timeout(self.spec.first_byte_timeout_s):
+                            item = await anext(source, None)
+                    except TimeoutError:
+                        raise UpstreamError(self.name, 504, f"{self.name}: upstream stream stalled", retryable=True,
+                                            cut=True) from None
+                    if item is None:
+                        return
                     yield item
             finally:
                 await source.aclose()

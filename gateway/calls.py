@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.backends import Admission, Backend, CallRecord, Usage, UpstreamError
+from gateway.backends import NO_CHOICES, Admission, Backend, CallRecord, Usage, UpstreamError
 from gateway.errors import NO_CLIENT_RETRY, ApiError, retry_after
 from router.estimates import estimate_input_tokens, estimate_prompt_tokens
 
@@ -104,22 +104,32 @@ class Caller:
             except UpstreamError as exc:
                 last = exc
                 self._failed(backend, body, started, exc)
-                # A backend that has just gone into cool-down (Retry-After, a timeout, repeated
-                # failures) is not waited for: the next arm answers sooner than a backoff would.
-                if not exc.retryable or attempt == attempts - 1 or not backend.health.available(time.monotonic()):
+                if not self.retries(backend, exc, attempt):
                     raise
-                await asyncio.sleep(min(_backoff(attempt, exc.retry_after), max(0.0, self.remaining())))
+                await self.back_off(attempt, exc)
                 continue
             if "choices" in data and not data["choices"]:
                 # A chat answer without choices (some servers answer so under load) is a failed call
                 # (billed as it came): counted as a success, it kept a backend that answers nothing but
                 # these out of cool-down, and every request called it first.
                 backend.health.failed(time.monotonic(), request=self.ident)
+                record.ok, record.error = False, f"{NO_CHOICES}: the upstream answered 200 with an empty `choices`"
             else:
                 backend.health.succeeded()
             self.calls.append(record)
             return data
         raise last or cooling_error(backend)
+
+    def retries(self, backend: Backend, exc: UpstreamError, attempt: int) -> bool:
+        """Whether a failed attempt (`attempt`, from 0) is tried again on its backend. One that has just
+        gone into cool-down (Retry-After, a timeout, repeated failures) is not waited for: the next arm
+        answers sooner than a backoff would."""
+        return exc.retryable and attempt < backend.spec.max_retries and backend.health.available(time.monotonic())
+
+    async def back_off(self, attempt: int, exc: UpstreamError) -> None:
+        """The wait before retrying a failed attempt (a JSON call's or a stream's first byte): growing
+        from BACKOFF_BASE_S, jittered, or the upstream's Retry-After; never past the deadline."""
+        await asyncio.sleep(min(_backoff(attempt, exc.retry_after), max(0.0, self.remaining())))
 
     def _failed(self, backend: Backend, body: dict[str, Any], started: float, exc: UpstreamError) -> None:
         now = time.monotonic()

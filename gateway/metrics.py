@@ -26,7 +26,7 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
                                disable_created_metrics, generate_latest)
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from gateway.backends import CUT_OFF
+from gateway.backends import CUT_OFF, NO_CHOICES
 from telemetry.events import Event
 
 # `*_created` series would double every scrape for a timestamp nobody graphs; the gateway owns its process.
@@ -44,10 +44,11 @@ def status_class(status: int) -> str:
 
 def call_outcome(call: dict[str, Any]) -> str:
     """`ok`, `cut` (cut off before its end, and billed for what the upstream had read and written:
-    Backend.cut) or `error` (failed, at no cost)."""
+    Backend.cut), `empty` (a 200 without choices, billed as it came) or `error` (failed, at no cost)."""
     if call.get("ok"):
         return "ok"
-    return "cut" if str(call.get("error") or "").startswith(CUT_OFF) else "error"
+    error = str(call.get("error") or "")
+    return "cut" if error.startswith(CUT_OFF) else "empty" if error.startswith(NO_CHOICES) else "error"
 
 
 def multiprocess_dir() -> str | None:

@@ -224,6 +224,13 @@ def responses_error(exc: ApiError) -> ApiError:
     return exc
 
 
+def failure_code(error: ApiError) -> str:
+    """A `response.failed` error's `code`, one of the few OpenAI's schema allows there (it has no `type`
+    beside it, and typed SDKs reject other codes): a rate limit (which a client waits out) as
+    `rate_limit_exceeded`, any other failure as `server_error`; the message says which."""
+    return "rate_limit_exceeded" if error.status == 429 else "server_error"
+
+
 def _responses_param(param: str) -> str:
     """A chat parameter as the Responses parameter it was made from. Upstreams write an index either
     way (`messages.2.content`, OpenAI's `messages[2].content`); a chat tool's fields are under
@@ -604,7 +611,8 @@ class ResponsesWire:
     def stream_error(self, request_id: str, error: ApiError) -> bytes:
         builder = ResponseBuilder(request_id, self.echo, stream=True)
         builder.start()
-        builder.fail(responses_error(error).message)
+        error = responses_error(error)
+        builder.fail(error.message, failure_code(error))
         return builder.take()
 
     async def relay(self, passthrough: PassThrough, caller: Caller, request_id: str,

@@ -13,8 +13,10 @@ top_k, top_p under 0.95, a forced tool call) with its 400.
                    "thinking": "...", "hang_s": 30}
         script: behaviours for the next requests, in order, then "ok".
         behaviours: ok | tool_use | 400 | too_long | 401 | 429 | 500 | 529 | hang | break_mid | truncate | error_event
+                    | stall
         (tool_use: a call of the request's first tool with the answer, a JSON object text, as its input;
-        break_mid: the stream's connection closes after its first text delta; truncate: the body ends
+        break_mid: the stream's connection closes after its first text delta; stall: the stream pauses
+        hang_s there, silent, then goes on; truncate: the body ends
         there, cleanly, with no message_delta nor message_stop; error_event: the stream
         sends Anthropic's `event: error` overloaded_error after its first text delta; without streaming,
         break_mid and truncate cut the JSON answer half way, tests/mock_server.py `cut_json`)
@@ -177,6 +179,8 @@ async def stream(request: web.Request, message: dict, behaviour: str) -> web.Str
                 if i == 0 and behaviour == "break_mid":
                     request.transport.close()
                     return response
+                if i == 0 and behaviour == "stall":
+                    await asyncio.sleep(STATE["hang_s"])
                 if i == 0 and behaviour == "truncate":
                     await response.write_eof()  # a clean end of the body, but no message_stop
                     return response

@@ -16,7 +16,8 @@ per whitespace-separated word), and can misbehave on demand:
         (hold: a stream pauses hang_s after its first chunk; raw: a 200 text/event-stream whose body is
         `raw`, a list of hex strings, each sent as one write, and numbers, seconds to sleep between them,
         so a test says byte for byte how an upstream writes its SSE)
-    GET  /calls     {"count": N, "bodies": [...last 200 bodies], "raw_bodies": [...the same, as the bytes sent]}
+    GET  /calls     {"count": N, "bodies": [...last 200 bodies], "raw_bodies": [...the same, as the bytes sent],
+                     "times": [...when each arrived, time.monotonic() seconds]}
     POST /reset     forget everything
 
 `answers` are picked by the request's `seed` (seed % len), else in turn, so voting can be tested.
@@ -170,7 +171,7 @@ async def delayed_behaviour() -> tuple[str, web.Response | None]:
 async def chat(request: web.Request) -> web.StreamResponse:
     raw = await request.read()
     body = orjson.loads(raw)
-    record(STATE, bodies=body, raw_bodies=raw.decode())
+    record(STATE, bodies=body, raw_bodies=raw.decode(), times=time.monotonic())
     if (refusal := reasoning_model_refusal(body)) is not None:
         return web.json_response({"error": refusal}, status=400)
     behaviour, failure = await delayed_behaviour()
@@ -259,7 +260,7 @@ async def embeddings(request: web.Request) -> web.Response:
     hang | no_usage."""
     raw = await request.read()
     body = orjson.loads(raw)
-    record(STATE, bodies=body, raw_bodies=raw.decode())
+    record(STATE, bodies=body, raw_bodies=raw.decode(), times=time.monotonic())
     behaviour, failure = await delayed_behaviour()
     if failure is not None:
         return failure
@@ -378,7 +379,7 @@ async def raw_stream(request: web.Request) -> web.StreamResponse:
 
 
 def make_app() -> web.Application:
-    app = control_app(STATE, initial_state, recorded=("bodies", "raw_bodies"),
+    app = control_app(STATE, initial_state, recorded=("bodies", "raw_bodies", "times"),
                       settable=("script", "fail_rate", "answers", "delay_ms", "hang_s", "cached_tokens", "raw"))
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_post("/v1/embeddings", embeddings)

@@ -44,7 +44,10 @@ def stack(tmp_path_factory):
                          # one per test that leaves its backend cooling down
                          *(claude_backend(f"plain-haiku-{i}", mock, "anthropic/claude-haiku-4-5") for i in range(2)),
                          # one per truncation test: a cut call counts against its backend
-                         *(claude_backend(f"cut-haiku-{i}", mock, "anthropic/claude-haiku-4-5") for i in range(2))],
+                         *(claude_backend(f"cut-haiku-{i}", mock, "anthropic/claude-haiku-4-5") for i in range(2)),
+                         # a whole call may take long, a pause in its stream may not
+                         claude_backend("stall-haiku", mock, "anthropic/claude-haiku-4-5", timeout_s=60,
+                                        first_byte_timeout_s=1)],
             "policy": policy}, name="anthropic", env={"ANTHROPIC_API_KEY": "sk-ant-test"})) as gateway:
         yield gateway, mock
 
@@ -241,6 +244,21 @@ def test_an_answer_cut_before_message_stop_is_never_passed_off_as_complete(clien
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "one"
     assert all(choice.finish_reason is None for c in chunks for choice in c.choices)
     assert len(sent(mock)) == 1
+
+
+def test_a_claude_stream_that_stalls_mid_answer_is_cut_after_first_byte_timeout(client, mock):
+    """`first_byte_timeout_s` bounds any pause between two events (docs/policies.md), as on the fast
+    path: through litellm only its read timeout (the whole call's `timeout_s`) cut a stalled stream, and
+    the client waited that long (up to the request's deadline) for the error event."""
+    control(mock, answers=["one two three four"], script=["stall"], hang_s=20)
+    chunks, started = [], time.monotonic()
+    with pytest.raises(openai.APIError) as broken:
+        for chunk in client.chat.completions.create(model="stall-haiku", stream=True,
+                                                    messages=[{"role": "user", "content": "count"}]):
+            chunks.append(chunk)
+    assert time.monotonic() - started < 8, "cut at the stream's pause limit (1 s), not after the mock's 20 s"
+    assert "stream stalled" in broken.value.message
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "one"
 
 
 def test_a_claude_stream_on_bedrock_cut_before_message_stop_ends_with_an_error(tmp_path):

@@ -967,6 +967,22 @@ def test_stream_that_breaks_before_any_byte_is_retried_invisibly(client, mock):
     assert calls(mock)["count"] == 2
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_failed_attempt_is_retried_after_a_backoff_streamed_or_not(client, mock, stream):
+    """A stream's retry before its first byte waits as a JSON call's does (BACKOFF_BASE_S, jittered
+    down to half of it): it went again at once, into the same overload."""
+    from gateway.calls import BACKOFF_BASE_S
+
+    control(mock, script=["500"], answers=["fine after all"])
+    answered = client.chat.completions.create(model="mock-b", messages=[{"role": "user", "content": "a"}],
+                                              stream=stream)
+    text = "".join(c.choices[0].delta.content or "" for c in answered if c.choices) if stream else \
+        answered.choices[0].message.content
+    assert text == "fine after all"
+    first, second = calls(mock)["times"]
+    assert second - first >= BACKOFF_BASE_S / 2, second - first
+
+
 def test_stream_truncated_after_bytes_ends_with_an_error_not_done(gw, mock):
     control(mock, script=["truncate"], answers=["one two three four five six"])
     with httpx.stream("POST", gw.url + "/v1/chat/completions", json={
@@ -1965,11 +1981,28 @@ def test_chat_template_kwargs_that_is_not_an_object_is_a_400(client, mock, strea
     assert calls(mock)["count"] == 0
 
 
+def answered_by_each(client, mock, *models: str) -> None:
+    """Each backend answers once, so that the module's earlier tests leave it no failure (one is half a
+    cool-down: this test's failure would cool it, and its arm be skipped); one cooling is waited out."""
+    deadline = time.monotonic() + 10
+    for model in models:
+        while True:
+            try:
+                client.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}])
+                break
+            except openai.APIStatusError as refused:
+                if refused.status_code != 503 or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+    reset(mock)
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_backend_refusing_its_key_is_replaced_by_a_fallback_arm(client, mock, stream):
     """A 401 (a revoked key, a key unset in the environment) is about the backend, not the request: not
     retried on that backend, but the request's fallback arms on other backends answer it (only an
     upstream's 400/404/413/422 about the request itself goes to no fallback)."""
+    answered_by_each(client, mock, "mock-a", "mock-b")
     control(mock, script=["401"], answers=["served by the fallback"])
     answer = client.chat.completions.with_raw_response.create(
         model="auto", messages=[{"role": "user", "content": "Who wrote Hamlet?"}], stream=stream)

@@ -565,11 +565,21 @@ def test_a_backend_answering_without_choices_is_cooled_down(tmp_path):
             "objective": {"cost_weight": 0, "latency_weight": 0}, "exploration": {"share": 0.0}})
         with running(start_gateway(tmp_path, {"backends": backends, "policy": policy}, name="hollow")) as gateway:
             control(mock_a, script=["empty"] * 100)
+            answers = []
             for _ in range(10):
                 answered = httpx.post(gateway.url + "/v1/chat/completions", json=chat("auto"), timeout=10)
                 assert answered.status_code == 200 and answered.headers["x-ponder-arm"] == "spare/-/single/1"
+                answers.append(answered.json())
             # two requests in a row failed on it: cooled down for 1 s, then 2 (a slow machine may reach the 1 s)
             assert upstream_calls(mock_a) <= 3
+            # the ledger and /metrics say so too, as health does (they said `ok`), and it stays billed
+            hollow, spare = httpx.get(gateway.url + f"/v1/ponder/requests/{answers[0]['id']}").json()["execution"]["calls"]
+            assert (hollow["backend"], hollow["ok"], spare["ok"]) == ("hollow", False, True), (hollow, spare)
+            assert hollow["error"].startswith("no choices") and hollow["cost_usd"] > 0, hollow
+            assert answers[0]["usage"]["prompt_tokens"] == hollow["prompt_tokens"] + spare["prompt_tokens"]
+            metrics = httpx.get(gateway.url + "/metrics").text
+            assert f'ponder_backend_calls_total{{backend="hollow",outcome="empty"}} {upstream_calls(mock_a)}.0' in metrics
+            assert 'backend="hollow",outcome="ok"' not in metrics
 
 
 def test_a_failed_sample_still_leaves_the_client_its_n_choices_whatever_the_strategy(tmp_path):
