@@ -211,6 +211,8 @@ def _encode(text: str, limit: int) -> bytes:
     return text.lower().encode("utf-8", "replace")[:limit]
 
 
+# ---------------------------------------------------------------------------------------------
+# The handcrafted numbers, in HANDCRAFTED's order (router/_ngrams.c computes all but the task terms).
 _CODE_WORDS = (b"def ", b"return", b"import ", b"class ", b"function", b"print(", b"#include", b"const ")
 _DIGITS = b"0123456789"
 _OPERATORS = b"=+^*<>"
@@ -334,6 +336,9 @@ def _handcrafted(p: Prompt, user_bytes: bytes, n_words: float, word_bytes: float
     ]
 
 
+# ---------------------------------------------------------------------------------------------
+# Sparse features: a batch in vectorised numpy (featurize_sparse, _chunk_keys), or one prompt, the
+# request path (_sparse_one: router/_ngrams.c when built, else _sparse_one_numpy, the same numbers).
 class SparseFeatures(NamedTuple):
     """The hashed part of a batch as sorted (column, log1p count) pairs, plus the handcrafted numbers.
 
@@ -406,7 +411,54 @@ def featurize_sparse(prompts: Sequence[Prompt]) -> SparseFeatures:
     )
 
 
-_SYSTEM_EDGES = np.array([SYSTEM_OFFSET, CHAR_OFFSET], dtype=np.uint16)
+def _chunks(prompts: Sequence[Prompt]):
+    """Groups of prompts of about CHUNK_BYTES, with their encoded user turns: large enough to
+    amortise numpy's per-call cost, small enough for the temporaries to stay in cache."""
+    if len(prompts) == 1:
+        yield prompts, [_encode(prompts[0].user, MAX_USER_BYTES)]
+        return
+    user_bytes = [_encode(p.user, MAX_USER_BYTES) for p in prompts]
+    start, size = 0, 0
+    for end, ub in enumerate(user_bytes, 1):
+        size += len(ub)
+        if size >= CHUNK_BYTES or end == len(prompts):
+            yield prompts[start:end], user_bytes[start:end]
+            start, size = end, 0
+
+
+def _chunk_keys(prompts: Sequence[Prompt], user_bytes: list[bytes]) -> tuple[np.ndarray, np.ndarray | None, list[list[float]]]:
+    """Every hashed n-gram occurrence: (column, row or None for one prompt), unsorted and repeated,
+    and the handcrafted numbers of each prompt."""
+    batch = len(prompts)
+    raw, rows = _pack(user_bytes)
+    words, word_rows, word_bytes = _word_hashes(raw, rows)
+    same = word_rows[:-1] == word_rows[1:]
+    bigrams = words[:-1][same] * np.uint64(_P) + words[1:][same]
+    if batch == 1:
+        first = np.zeros(min(len(words), 1), dtype=np.intp)
+    else:  # each row's first word
+        first = np.flatnonzero(np.concatenate((np.ones(min(len(words), 1), dtype=bool), ~same)))
+    char_idx, char_rows = _char_ngrams(raw, rows)
+    word_keys = np.concatenate(
+        (words ^ np.uint64(_SALT_USER_WORD), bigrams ^ np.uint64(_SALT_USER_BIGRAM), words[first] ^ np.uint64(_SALT_FIRST_WORD))
+    )
+    index = [_bucket(word_keys, WORD_BITS), char_idx + CHAR_OFFSET]
+    index_rows = [word_rows, word_rows[:-1][same], word_rows[first], char_rows]
+    if any(p.system for p in prompts):  # most requests have none: skip the pass
+        sys_raw, sys_rows = _pack([_encode(p.system, MAX_SYSTEM_BYTES) for p in prompts])
+        sys_words, sys_word_rows, _ = _word_hashes(sys_raw, sys_rows)
+        sys_same = sys_word_rows[:-1] == sys_word_rows[1:]
+        sys_bigrams = sys_words[:-1][sys_same] * np.uint64(_P) + sys_words[1:][sys_same]
+        index += [
+            _bucket(sys_words ^ np.uint64(_SALT_SYSTEM_WORD), SYSTEM_BITS) + SYSTEM_OFFSET,
+            _bucket(sys_bigrams ^ np.uint64(_SALT_USER_BIGRAM), SYSTEM_BITS) + SYSTEM_OFFSET,
+        ]
+        index_rows += [sys_word_rows, sys_word_rows[:-1][sys_same]]
+    cols = np.concatenate(index)
+    rows_of = np.concatenate(index_rows) if batch > 1 else None
+    n_words = np.bincount(word_rows, minlength=batch)
+    hand = [_handcrafted(p, ub, float(n_words[i]), float(word_bytes[i])) for i, (p, ub) in enumerate(zip(prompts, user_bytes))]
+    return cols, rows_of, hand
 
 
 def _concat_rows(rows: list[SparseFeatures]) -> SparseFeatures:
@@ -435,6 +487,23 @@ def _sparse_one(p: Prompt) -> SparseFeatures:
         np.array((0, system_start, char_start, len(counts)), dtype=np.int64),
         _native_handcrafted(p, user_bytes, n_words, word_bytes),
     )
+
+
+def _native_columns(p: Prompt) -> tuple[bytes, tuple]:
+    """The user turn's bytes as hashed, and router/_ngrams.c's sparse_one of the prompt."""
+    user_bytes = _encode(p.user, MAX_USER_BYTES)
+    system_bytes = _encode(p.system, MAX_SYSTEM_BYTES) if p.system else b""
+    return user_bytes, _native.sparse_one(user_bytes, system_bytes)
+
+
+def _native_handcrafted(p: Prompt, user_bytes: bytes, n_words: int, word_bytes: int) -> np.ndarray:
+    return np.frombuffer(_native.handcrafted(user_bytes, p.user_chars, p.system_chars, p.user_turns, p.assistant_turns,
+                                             bool(p.system), len(p.user), p.user.rstrip().endswith("?"), n_words,
+                                             word_bytes) + _TERMS_FORMAT.pack(*_task_terms(user_bytes)),
+                         dtype=np.float32).reshape(1, N_HANDCRAFTED)
+
+
+_SYSTEM_EDGES = np.array([SYSTEM_OFFSET, CHAR_OFFSET], dtype=np.uint16)
 
 
 def _sparse_one_numpy(p: Prompt) -> SparseFeatures:
@@ -529,6 +598,7 @@ def _hand_matrix(hand: list[list[float]]) -> np.ndarray:
     return np.asarray(hand, dtype=np.float32).reshape(len(hand), N_HANDCRAFTED)
 
 
+# ---------------------------------------------------------------------------------------------
 # The ONNX model's inputs (router/train_onnx.py builds the graph), per session call of b prompts padded
 # to L n-gram slots: "indices" (b, L) the columns each prompt has (padding: column 0), "weights"
 # (b, 6, L) where row k < 3 holds block k's tf values at its n-grams (zero elsewhere and in the
@@ -581,20 +651,6 @@ def onnx_feeds_one(p: Prompt) -> dict[str, np.ndarray]:
     }
 
 
-def _native_columns(p: Prompt) -> tuple[bytes, tuple]:
-    """The user turn's bytes as hashed, and router/_ngrams.c's sparse_one of the prompt."""
-    user_bytes = _encode(p.user, MAX_USER_BYTES)
-    system_bytes = _encode(p.system, MAX_SYSTEM_BYTES) if p.system else b""
-    return user_bytes, _native.sparse_one(user_bytes, system_bytes)
-
-
-def _native_handcrafted(p: Prompt, user_bytes: bytes, n_words: int, word_bytes: int) -> np.ndarray:
-    return np.frombuffer(_native.handcrafted(user_bytes, p.user_chars, p.system_chars, p.user_turns, p.assistant_turns,
-                                             bool(p.system), len(p.user), p.user.rstrip().endswith("?"), n_words,
-                                             word_bytes) + _TERMS_FORMAT.pack(*_task_terms(user_bytes)),
-                         dtype=np.float32).reshape(1, N_HANDCRAFTED)
-
-
 def _feeds_one(sf: SparseFeatures) -> dict[str, np.ndarray]:
     n = len(sf.indices)
     weights = np.zeros((1, 6, n), dtype=np.float32)
@@ -624,6 +680,8 @@ def _feeds_rows(sf: SparseFeatures, rows: np.ndarray, lengths: np.ndarray, block
     return {"indices": indices, "weights": weights, "handcrafted": sf.handcrafted[rows]}
 
 
+# ---------------------------------------------------------------------------------------------
+# Dense features and `messages` in (tests, tools, training).
 def featurize(prompts: Sequence[Prompt]) -> np.ndarray:
     """Dense feature matrix (len(prompts), N_FEATURES) float32 (tests, tools; the runtime and
     training use featurize_sparse). A row depends only on its own prompt."""
@@ -633,56 +691,6 @@ def featurize(prompts: Sequence[Prompt]) -> np.ndarray:
     out[rows, sparse.indices] = sparse.tf
     out[:, N_HASHED:] = sparse.handcrafted
     return out
-
-
-def _chunks(prompts: Sequence[Prompt]):
-    """Groups of prompts of about CHUNK_BYTES, with their encoded user turns: large enough to
-    amortise numpy's per-call cost, small enough for the temporaries to stay in cache."""
-    if len(prompts) == 1:
-        yield prompts, [_encode(prompts[0].user, MAX_USER_BYTES)]
-        return
-    user_bytes = [_encode(p.user, MAX_USER_BYTES) for p in prompts]
-    start, size = 0, 0
-    for end, ub in enumerate(user_bytes, 1):
-        size += len(ub)
-        if size >= CHUNK_BYTES or end == len(prompts):
-            yield prompts[start:end], user_bytes[start:end]
-            start, size = end, 0
-
-
-def _chunk_keys(prompts: Sequence[Prompt], user_bytes: list[bytes]) -> tuple[np.ndarray, np.ndarray | None, list[list[float]]]:
-    """Every hashed n-gram occurrence: (column, row or None for one prompt), unsorted and repeated,
-    and the handcrafted numbers of each prompt."""
-    batch = len(prompts)
-    raw, rows = _pack(user_bytes)
-    words, word_rows, word_bytes = _word_hashes(raw, rows)
-    same = word_rows[:-1] == word_rows[1:]
-    bigrams = words[:-1][same] * np.uint64(_P) + words[1:][same]
-    if batch == 1:
-        first = np.zeros(min(len(words), 1), dtype=np.intp)
-    else:  # each row's first word
-        first = np.flatnonzero(np.concatenate((np.ones(min(len(words), 1), dtype=bool), ~same)))
-    char_idx, char_rows = _char_ngrams(raw, rows)
-    word_keys = np.concatenate(
-        (words ^ np.uint64(_SALT_USER_WORD), bigrams ^ np.uint64(_SALT_USER_BIGRAM), words[first] ^ np.uint64(_SALT_FIRST_WORD))
-    )
-    index = [_bucket(word_keys, WORD_BITS), char_idx + CHAR_OFFSET]
-    index_rows = [word_rows, word_rows[:-1][same], word_rows[first], char_rows]
-    if any(p.system for p in prompts):  # most requests have none: skip the pass
-        sys_raw, sys_rows = _pack([_encode(p.system, MAX_SYSTEM_BYTES) for p in prompts])
-        sys_words, sys_word_rows, _ = _word_hashes(sys_raw, sys_rows)
-        sys_same = sys_word_rows[:-1] == sys_word_rows[1:]
-        sys_bigrams = sys_words[:-1][sys_same] * np.uint64(_P) + sys_words[1:][sys_same]
-        index += [
-            _bucket(sys_words ^ np.uint64(_SALT_SYSTEM_WORD), SYSTEM_BITS) + SYSTEM_OFFSET,
-            _bucket(sys_bigrams ^ np.uint64(_SALT_USER_BIGRAM), SYSTEM_BITS) + SYSTEM_OFFSET,
-        ]
-        index_rows += [sys_word_rows, sys_word_rows[:-1][sys_same]]
-    cols = np.concatenate(index)
-    rows_of = np.concatenate(index_rows) if batch > 1 else None
-    n_words = np.bincount(word_rows, minlength=batch)
-    hand = [_handcrafted(p, ub, float(n_words[i]), float(word_bytes[i])) for i, (p, ub) in enumerate(zip(prompts, user_bytes))]
-    return cols, rows_of, hand
 
 
 def featurize_messages(batch: Sequence[Any]) -> np.ndarray:
