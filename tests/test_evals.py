@@ -728,7 +728,7 @@ def test_learner_replay_small_stream_is_close_to_hindsight(tmp_path):
     """A smaller version of issue 5's proof (the full 5,000-request run is in docs/eval.md): 1,500
     BBH requests, two arms, plumbing scores. Bound measured, not tuned: the learner keeps >= 90%."""
     from evals.learner_replay import learner_replay
-    from evals.tables import load_bbh_effort
+    from evals.suites import load_bbh_effort
 
     table = load_bbh_effort()
     result = learner_replay({"bbh": (table, length_scores(table.prompts))}, tmp_path, requests=1500,
@@ -749,7 +749,7 @@ def test_learner_replay_mmlu_pro_from_cold_price_priors():
     docs/eval.md): the default cold priors (rising with price) keep >= 95% of the hindsight utility
     on average, flat priors do not (measured 0.967 and 0.917)."""
     from evals.learner_replay import SWEEP_SEEDS, learner_replay
-    from evals.tables import load_mmlu_pro
+    from evals.suites import load_mmlu_pro
 
     table = load_mmlu_pro()
     streams = {"mmlu": (table, length_scores(table.prompts))}
