@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         os.sched_setaffinity(0, {cpu})
     from router import features as F
     from router.classifier import ARTIFACT_DIR, Classifier
+    from router.prompt import prompt_from_messages
 
     prompts = held_out_prompts(args.prompts)
     started = time.perf_counter()
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     artifact_dir = Path(args.artifact) if args.artifact else ARTIFACT_DIR
     artifact_dir = artifact_dir if artifact_dir.is_dir() else artifact_dir.parent
     size = sum(p.stat().st_size for p in artifact_dir.iterdir() if p.is_file())
-    lengths = sorted(len(F.prompt_from_messages(m).user) for m in prompts)
+    lengths = sorted(len(prompt_from_messages(m).user) for m in prompts)
     result = {
         "machine": {"python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
                     "cores_visible": os.cpu_count(), "pinned_to_one_core": hasattr(os, "sched_setaffinity"),

@@ -55,17 +55,18 @@ def cache_dir() -> Path:
 
 
 def _code_hash() -> str:
-    """What decides the scores: the feature code, the labelled set, and the fitting code (not the rest
-    of router/train.py, so edits to its CLI or metrics do not force minutes of refitting)."""
+    """What decides the scores: the feature code (reading the prompt and hashing it), the labelled set,
+    and the fitting code (not the rest of router/train.py, so edits to its CLI or metrics do not force
+    minutes of refitting)."""
     import inspect
 
-    from router import features, short_requests, train, train_data, train_system_prompts
+    from router import features, prompt, short_requests, train, train_data, train_system_prompts
 
     # fit is a wrapper: the fitting itself is _fit with its weights, and predict mixes the experts
     fitting = (train.fit, train._fit, train._source_weights, train._logit, train.Models, train.mix_difficulty,
                train.make_preprocessor, train.feature_matrix, train.near_duplicates)
     digest = hashlib.sha256()
-    for part in (*(inspect.getsource(module) for module in (features, train_data, train_system_prompts, short_requests)),
+    for part in (*(inspect.getsource(module) for module in (prompt, features, train_data, train_system_prompts, short_requests)),
                  *(inspect.getsource(code) for code in fitting),
                  repr(sorted((k, v) for k, v in vars(train).items() if k.isupper() and isinstance(v, (int, float))))):
         digest.update(part.encode())

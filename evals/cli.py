@@ -29,7 +29,7 @@ GROUP_BUCKETS = {"mmlu-pro": "MMLU-Pro category", "bbh-effort": "BBH task"}
 def _scores(args, name: str | None, table, log):
     """Leak-free scores for a table (a suite is scored whole, then cut to --limit, so caches are shared)."""
     from evals.classification import SUITE_SOURCES, Scores, leak_free_scores, length_scores
-    from evals.tables import SUITE_LOADERS, load_mmlu_pro
+    from evals.suites import SUITE_LOADERS, load_mmlu_pro
 
     if args.no_classifier:
         return length_scores(table.prompts)
@@ -72,7 +72,8 @@ def _routing_steps(n: int, modes: int, lambdas: int) -> int:
 def run_routing(args, name: str | None, out: Path, log) -> dict:
     from evals.report import write_report
     from evals.routing import LAMBDA_STEPS, evaluate
-    from evals.tables import SUITE_LOADERS, load_table
+    from evals.suites import SUITE_LOADERS
+    from evals.tables import load_table
 
     if name is None:
         table = load_table(args.table, args.format, args.models, args.prices)
@@ -111,7 +112,7 @@ def run_routing(args, name: str | None, out: Path, log) -> dict:
 
 def run_learner(args, out: Path, log) -> dict:
     from evals.learner_replay import COST_WEIGHTS, REQUESTS, SWEEP_SEEDS, learner_replay
-    from evals.tables import load_bbh_effort, load_mmlu_pro
+    from evals.suites import load_bbh_effort, load_mmlu_pro
 
     streams = {}
     for name, loader in (("mmlu-pro", load_mmlu_pro), ("bbh-effort", load_bbh_effort)):

@@ -137,7 +137,7 @@ def main(argv=None) -> None:
     import argparse
 
     from evals.classification import SUITE_SOURCES, leak_free_scores
-    from evals.tables import load_bbh_effort, load_mmlu_pro
+    from evals.suites import load_bbh_effort, load_mmlu_pro
     from policies.schema import PricePrior
 
     parser = argparse.ArgumentParser(prog="python -m evals.learner_replay")

@@ -5,20 +5,27 @@ takes its price from the installed litellm's bundled cost map, read as JSON (eva
 gateway/, and importing litellm itself takes seconds); the numbers written in the table are the
 fallback if that key ever disappears. An entry without one cites a public price page in `source`.
 A user's own table (`ponder eval --prices FILE`, same format) is merged over the shipped one.
+list_price_costs prices an outcome table's columns with it.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from policies.loader import litellm_cost_map  # the one reader of litellm's bundled cost map
 
 PRICE_TABLE_PATH = Path(__file__).with_name("price_table.yaml")
 CHARS_PER_TOKEN = 4.0  # the usual English rule of thumb, for tables that record characters, not tokens
+
+
+def estimated_tokens(text: str | None) -> float:
+    return len(text) / CHARS_PER_TOKEN if text else 0.0
 
 
 @dataclass(frozen=True)
@@ -116,3 +123,19 @@ def find_price(model: str, table: dict[str, ModelPrice] | None = None) -> ModelP
             if found is not None:
                 return ModelPrice(model, found[0], found[1], f"litellm:{prefix + key}")
     return None
+
+
+def list_price_costs(models: Sequence[str], prompt_tokens: np.ndarray, output_tokens: np.ndarray,
+                     prices: dict[str, ModelPrice]) -> tuple[np.ndarray, dict[str, str], dict[str, ModelPrice]]:
+    """Each model's costs, where its price came from, and the price itself (None found: NaN costs)."""
+    cost = np.full(output_tokens.shape, np.nan)
+    origins: dict[str, str] = {}
+    found: dict[str, ModelPrice] = {}
+    for j, model in enumerate(models):
+        price = find_price(model, prices)
+        if price is None:
+            origins[model] = "unknown: add it with --prices FILE"
+            continue
+        origins[model], found[model] = price.origin, price
+        cost[:, j] = (prompt_tokens * price.input_per_mtok + output_tokens[:, j] * price.output_per_mtok) / 1e6
+    return cost, origins, found

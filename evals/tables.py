@@ -14,11 +14,10 @@ tokens. Formats (docs/eval.md has examples):
   "correct", "cost_usd"?, "output_tokens"?, "samples"?: [{"answer" or "text", "correct"}]}}}. An arm
   with samples also yields `<arm>@vote<N>`: the majority vote of its N samples, grouped by
   router.voting exactly as the self-consistency strategy does.
-- Built-in suites from ../shared/datasets: `mmlu-pro` (29 models), `bbh-effort` (code-davinci-002
-  direct vs CoT), and the two-model tables `gsm8k-2` (GPT-3 6B vs 175B) and `mmlu-2`.
 
 Costs: a table that records them (RouterBench, JSONL) is taken as is; otherwise cost = prompt tokens
 x input price + output tokens x output price from evals/prices.py, with tokens = characters / 4.
+The built-in suites (evals/suites.py) are read into the same OutcomeTable.
 """
 
 from __future__ import annotations
@@ -36,8 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evals.prices import CHARS_PER_TOKEN, ModelPrice, find_price, price_table
-from router.train_data import datasets_dir
+from evals.prices import ModelPrice, estimated_tokens, find_price, list_price_costs, price_table
 
 DEFAULT_OUTPUT_TOKENS = 300.0  # when a table records neither output text nor length (policies' DIRECT_TOKENS)
 NOT_MODEL_COLUMNS = frozenset({"prompt", "id", "idx", "index", "question_id", "sample_id", "eval_name", "group",
@@ -253,26 +251,6 @@ def _where(origin: tuple[Path, int]) -> str:
     return f"{origin[0]} line {origin[1]}"
 
 
-def _costs(models: Sequence[str], prompt_tokens: np.ndarray, output_tokens: np.ndarray,
-           prices: dict[str, ModelPrice]) -> tuple[np.ndarray, dict[str, str], dict[str, ModelPrice]]:
-    """Each model's costs, where its price came from, and the price itself (None found: NaN costs)."""
-    cost = np.full(output_tokens.shape, np.nan)
-    origins: dict[str, str] = {}
-    found: dict[str, ModelPrice] = {}
-    for j, model in enumerate(models):
-        price = find_price(model, prices)
-        if price is None:
-            origins[model] = "unknown: add it with --prices FILE"
-            continue
-        origins[model], found[model] = price.origin, price
-        cost[:, j] = (prompt_tokens * price.input_per_mtok + output_tokens[:, j] * price.output_per_mtok) / 1e6
-    return cost, origins, found
-
-
-def _tokens(text: str | None) -> float:
-    return len(text) / CHARS_PER_TOKEN if text else 0.0
-
-
 # --- user formats ------------------------------------------------------------------------------------
 
 
@@ -316,12 +294,12 @@ def load_routellm_csv(paths: Sequence[str | Path], models: Sequence[str] | None 
     if missing or len(models) < 2:
         raise ValueError(f"need at least two model columns; missing {missing}, found {list(models)}"
                          + (f"; not read as models: {', '.join(ignored)}" if ignored else ""))
-    prompt_tokens = np.array([_tokens(row["prompt"]) for row in rows])
+    prompt_tokens = np.array([estimated_tokens(row["prompt"]) for row in rows])
     scores = np.array([[_read(_score, row.get(m), f"{_where(origins[i])}, column `{m}`") for m in models]
                        for i, row in enumerate(rows)], dtype=float)
-    output = np.array([[_tokens(row.get(f"{m}_response")) if f"{m}_response" in header else DEFAULT_OUTPUT_TOKENS
-                        for m in models] for row in rows], dtype=float)
-    cost, origins_of_prices, list_prices = _costs(models, prompt_tokens, output, price_table(prices_file))
+    output = np.array([[estimated_tokens(row.get(f"{m}_response")) if f"{m}_response" in header
+                        else DEFAULT_OUTPUT_TOKENS for m in models] for row in rows], dtype=float)
+    cost, origins_of_prices, list_prices = list_price_costs(models, prompt_tokens, output, price_table(prices_file))
     group_column = next((g for g in ("group", "eval_name", "subject", "category") if g in header), None)
     groups = [row.get(group_column, "") if group_column else (origins[i][0].name.split(".")[0] if len(files) > 1 else "")
               for i, row in enumerate(rows)]
@@ -343,12 +321,12 @@ def load_routerbench_csv(paths: Sequence[str | Path], models: Sequence[str] | No
         models = [name[: -len("|total_cost")] for name in header if name.endswith("|total_cost")]
     if len(models) < 2 or "prompt" not in header:
         raise ValueError("RouterBench CSV needs a `prompt` column and `<model>|total_cost` columns for 2+ models")
-    prompt_tokens = np.array([_tokens(row["prompt"]) for row in rows])
+    prompt_tokens = np.array([estimated_tokens(row["prompt"]) for row in rows])
     scores = np.array([[_read(_score, row.get(m), f"{_where(origins[i])}, column `{m}`") for m in models]
                        for i, row in enumerate(rows)], dtype=float)
     cost = np.array([[_read(_number, row.get(f"{m}|total_cost"), f"{_where(origins[i])}, column `{m}|total_cost`")
                       for m in models] for i, row in enumerate(rows)], dtype=float)
-    output = np.array([[_tokens(row.get(f"{m}|model_response")) for m in models] for row in rows], dtype=float)
+    output = np.array([[estimated_tokens(row.get(f"{m}|model_response")) for m in models] for row in rows], dtype=float)
     ids = [row.get("sample_id") or str(i) for i, row in enumerate(rows)]
     return OutcomeTable(files[0].name, [ArmInfo(m, m) for m in models], ids, [row["prompt"] for row in rows],
                         [row.get("eval_name", "") for row in rows], scores, cost, output, prompt_tokens,
@@ -456,7 +434,7 @@ def load_jsonl(paths: Sequence[str | Path], prices_file: str | Path | None = Non
     scores, cost, output = np.full((n, k), np.nan), np.full((n, k), np.nan), np.full((n, k), np.nan)
     recorded = np.zeros((n, k), dtype=bool)  # a cost the line gives, not one computed from a price
     prompts = [_prompt_text(r) for r in records]
-    prompt_tokens = np.array([_tokens(p) for p in prompts])
+    prompt_tokens = np.array([estimated_tokens(p) for p in prompts])
     prices = price_table(prices_file)
     price_of: dict[str, ModelPrice | None] = {}  # per arm, looked up once (100k rows x arms)
     for i, (where, record) in enumerate(located):
@@ -468,7 +446,8 @@ def load_jsonl(paths: Sequence[str | Path], prices_file: str | Path | None = Non
             raw = outcome.get("score", outcome.get("correct", first.get("score", first.get("correct"))))
             scores[i, j] = _read(_score, raw, f"{where}, arm `{arm}`")
             tokens = outcome["output_tokens"]
-            output[i, j] = tokens if tokens is not None else _tokens(first.get("text")) or DEFAULT_OUTPUT_TOKENS
+            output[i, j] = (tokens if tokens is not None
+                            else estimated_tokens(first.get("text")) or DEFAULT_OUTPUT_TOKENS)
             if arm not in price_of:
                 price_of[arm] = find_price(arm.split("@")[0], prices)
             price = price_of[arm]
@@ -527,106 +506,3 @@ def load_table(paths: Sequence[str | Path], fmt: str | None = None, models: Sequ
     if fmt == "routellm":
         return load_routellm_csv(files, models, prices_file)
     raise ValueError(f"unknown format `{fmt}`; expected routellm, routerbench or jsonl")
-
-
-# --- built-in suites ---------------------------------------------------------------------------------
-
-
-def _mc_prompt(question: str, options: Sequence[str]) -> str:
-    letters = "ABCDEFGHIJKLMNOP"
-    return question + "\n" + "\n".join(f"{letters[i]}. {option}" for i, option in enumerate(options))
-
-
-def load_mmlu_pro(limit: int | None = None, root: Path | None = None) -> OutcomeTable:
-    """29 models' 5-shot CoT correctness on 12,032 MMLU-Pro questions, priced by evals/price_table.yaml.
-
-    Billed prompt = the question with its options (what a gateway user sends; the recording's 5-shot
-    exemplars are not billed); billed output = the recorded CoT length (generated_chars / 4)."""
-    base = (root or datasets_dir()) / "mmlu_pro"
-    questions = {}
-    with gzip.open(base / "questions.jsonl.gz", "rt", encoding="utf-8") as handle:
-        for line in handle:
-            q = json.loads(line)
-            questions[int(q["question_id"])] = q
-    order = sorted(questions)
-    if limit is not None:
-        order = order[:limit]
-    row_of = {qid: i for i, qid in enumerate(order)}
-    with open(base / "correctness_matrix.csv", encoding="utf-8") as handle:
-        models = [name for name in next(csv.reader(handle)) if name != "question_id"]
-    n, k = len(order), len(models)
-    scores, output = np.full((n, k), np.nan), np.full((n, k), np.nan)
-    col_of = {m: j for j, m in enumerate(models)}
-    with gzip.open(base / "predictions_long.csv.gz", "rt", encoding="utf-8") as handle:
-        for row in csv.DictReader(handle):
-            i = row_of.get(int(row["question_id"]))
-            if i is not None:
-                j = col_of[row["model"]]
-                scores[i, j] = float(row["correct"])
-                output[i, j] = float(row["generated_chars"] or 0) / CHARS_PER_TOKEN
-    prompts = [_mc_prompt(questions[q]["question"], questions[q]["options"]) for q in order]
-    prompt_tokens = np.array([_tokens(p) for p in prompts])
-    cost, origins, list_prices = _costs(models, prompt_tokens, np.nan_to_num(output), price_table())
-    return OutcomeTable("mmlu-pro", [ArmInfo(m, m) for m in models], [str(q) for q in order], prompts,
-                        [questions[q]["category"] for q in order], scores, cost, output, prompt_tokens,
-                        "MMLU-Pro (TIGER-Lab), 29 models' recorded 5-shot CoT correctness", price_origins=origins,
-                        list_prices=list_prices)
-
-
-def load_bbh_effort(root: Path | None = None) -> OutcomeTable:
-    """code-davinci-002 on BIG-Bench Hard, answering directly or with chain of thought.
-
-    Cost = output length only (both arms are the same model; the prompt is the same question): CoT's
-    recorded output characters, and the direct answer's characters."""
-    base = (root or datasets_dir()) / "bbh"
-    inputs: dict[str, list[dict]] = {}
-    with open(base / "code-davinci-002_cot_vs_direct.csv", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
-    for task in {row["task"] for row in rows}:
-        inputs[task] = json.loads((base / "bbh" / f"{task}.json").read_text(encoding="utf-8"))["examples"]
-    prompts = [inputs[row["task"]][int(row["index"])]["input"] for row in rows]
-    scores = np.array([[float(row["direct_correct"]), float(row["cot_correct"])] for row in rows])
-    output = np.array([[max(1.0, _tokens(row["direct_answer"])), int(row["cot_chars"]) / CHARS_PER_TOKEN]
-                       for row in rows])
-    price = find_price("code-davinci-002")
-    cost = output * price.output_per_mtok / 1e6
-    return OutcomeTable("bbh-effort", [ArmInfo("direct", "code-davinci-002", "single"),
-                                       ArmInfo("cot", "code-davinci-002", "cot")],
-                        [f"{row['task']}/{row['index']}" for row in rows], prompts, [row["task"] for row in rows],
-                        scores, cost, output, np.array([_tokens(p) for p in prompts]),
-                        "BIG-Bench Hard, code-davinci-002 3-shot direct vs CoT (cost = output length)",
-                        weak="direct", strong="cot", price_origins={"code-davinci-002": price.origin},
-                        list_prices={"code-davinci-002": price},
-                        bills_prompt=False)
-
-
-def load_gsm8k_two_model(root: Path | None = None) -> OutcomeTable:
-    """OpenAI's GSM8K test solutions: fine-tuned GPT-3 6B (weak) vs 175B (strong), one sample each."""
-    path = (root or datasets_dir()) / "gsm8k" / "example_model_solutions.jsonl"
-    with open(path, encoding="utf-8") as handle:
-        rows = [json.loads(line) for line in handle if line.strip()]
-    columns = (("gsm8k-6b", "6b_finetuning"), ("gsm8k-175b", "175b_finetuning"))
-    prompts = [row["question"] for row in rows]
-    scores = np.array([[float(row[c]["is_correct"]) for _, c in columns] for row in rows])
-    output = np.array([[_tokens(row[c]["solution"]) for _, c in columns] for row in rows])
-    prompt_tokens = np.array([_tokens(p) for p in prompts])
-    cost, origins, list_prices = _costs([m for m, _ in columns], prompt_tokens, output, price_table())
-    return OutcomeTable("gsm8k-2", [ArmInfo(m, m) for m, _ in columns], [str(i) for i in range(len(rows))], prompts,
-                        [""] * len(rows), scores, cost, output, prompt_tokens,
-                        "GSM8K test, OpenAI fine-tuned GPT-3 6B vs 175B (one sample each)", weak="gsm8k-6b",
-                        strong="gsm8k-175b", price_origins=origins, list_prices=list_prices)
-
-
-MMLU_TWO_MODEL = ("Mixtral-8x7B-Instruct-v0.1", "gemini-1.5-pro-002")  # RouteLLM's weak model; the strongest here
-
-
-def load_mmlu_two_model(limit: int | None = None, root: Path | None = None) -> OutcomeTable:
-    table = load_mmlu_pro(limit, root).select_arms(MMLU_TWO_MODEL)
-    table.name = "mmlu-2"
-    table.description = f"MMLU-Pro, {MMLU_TWO_MODEL[0]} (weak) vs {MMLU_TWO_MODEL[1]} (strong)"
-    keep = np.isfinite(table.scores).all(axis=1)
-    return table.subset(np.flatnonzero(keep))
-
-
-SUITE_LOADERS = {"mmlu-pro": load_mmlu_pro, "bbh-effort": load_bbh_effort, "gsm8k-2": load_gsm8k_two_model,
-                 "mmlu-2": load_mmlu_two_model}

@@ -22,6 +22,7 @@ from typing import Any, Iterable, Sequence
 
 
 from router import features as F
+from router.prompt import Prompt, prompt_from_messages, prompt_from_text
 from router.types import TASK_TYPES, Classification
 
 log = logging.getLogger("ponder.classifier")
@@ -89,24 +90,24 @@ class Classifier:
 
         The request path: one prompt, one session call, no batch bookkeeping."""
         try:
-            task_probs, difficulty = self._session.run(self._outputs, F.onnx_feeds_one(F.prompt_from_messages(messages)))
+            task_probs, difficulty = self._session.run(self._outputs, F.onnx_feeds_one(prompt_from_messages(messages)))
             return self._result(task_probs[0].tolist(), float(difficulty[0]))
         except Exception as exc:  # noqa: BLE001 - the request path gets a safe answer, never an error
             self._warn_once("run", exc)
             return SAFE_DEFAULT
 
     def classify_text(self, text: str, system: str = "") -> Classification:
-        return self._run([F.prompt_from_text(text, system)])[0]
+        return self._run([prompt_from_text(text, system)])[0]
 
     def classify_batch(self, batch: Iterable[Any]) -> list[Classification]:
         try:
-            prompts = [F.prompt_from_messages(m) for m in batch]
+            prompts = [prompt_from_messages(m) for m in batch]
         except Exception as exc:  # noqa: BLE001 - e.g. a generator that raises
             self._warn_once("batch", exc)
             return [SAFE_DEFAULT]
         return self._run(prompts)
 
-    def _run(self, prompts: Sequence[F.Prompt]) -> list[Classification]:
+    def _run(self, prompts: Sequence[Prompt]) -> list[Classification]:
         if not prompts:
             return []
         try:

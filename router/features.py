@@ -1,10 +1,11 @@
-"""Prompt features for the task-type and difficulty classifier: text extraction plus hashed n-grams.
+"""Prompt features for the task-type and difficulty classifier: hashed n-grams plus handcrafted numbers.
 
 Shared by training (router/train.py) and the runtime (router/classifier.py), so it imports only numpy
-and the standard library. Two rules shape everything here:
+and the standard library. It hashes a `Prompt`: the conversation as router/prompt.py reads it, already
+cut to what the features use. Two rules shape everything here:
 
-- Never raise. Whatever the client put in `messages` (nothing, only a system prompt, 1 MB of text,
-  binary junk, emoji, the wrong types), the request path gets a feature vector.
+- Never raise. Whatever the Prompt holds (nothing, only a system prompt, binary junk, emoji), the
+  request path gets a feature vector.
 - Be fast and identical for one prompt or a batch. Word and character n-grams are hashed with
   vectorised numpy over the UTF-8 bytes of the whole batch at once (no per-token Python loop), and
   a prompt's row does not depend on which other prompts share its batch.
@@ -20,10 +21,11 @@ from __future__ import annotations
 import math
 import re
 import struct
-from dataclasses import dataclass
 from typing import Any, NamedTuple, Sequence
 
 import numpy as np
+
+from router.prompt import Prompt, prompt_from_messages
 
 try:  # the same hashing in C (router/_ngrams.c), built by `pip install`; numpy below is the reference
     from router import _ngrams as _native
@@ -34,18 +36,10 @@ except ImportError:  # not built (no compiler): the numpy path gives the same nu
 # the runtime refuses an artifact trained on another version (it would silently score garbage).
 FEATURE_VERSION = 4  # 4: task-term counts; 3: 14-bit word and char hashing, multiple-choice layout numbers
 
-# Deterministic truncation: long pastes usually end with the actual question, so keep head and tail.
-# 2,500 characters hold every MATH, GSM8K, HumanEval and nearly every BBH prompt whole; beyond that
-# more text changes the vector little and costs latency linearly.
-USER_HEAD_CHARS = 2000
-USER_TAIL_CHARS = 500
-SYSTEM_CHARS = 1000
 # Byte caps bound the cost of non-Latin text (up to 4 bytes a character) in the n-gram pass.
 MAX_USER_BYTES = 4000
 MAX_SYSTEM_BYTES = 1500
 CHUNK_BYTES = 16384  # featurize() vectorises over groups of prompts about this big
-MAX_PARTS = 64  # content parts looked at per message
-MAX_PART_CHARS = USER_HEAD_CHARS + USER_TAIL_CHARS + 1  # enough to truncate; avoids joining 1 MB
 
 WORD_BITS = 14
 SYSTEM_BITS = 11
@@ -97,119 +91,6 @@ HANDCRAFTED: tuple[str, ...] = (
 )
 N_HANDCRAFTED = len(HANDCRAFTED)
 N_FEATURES = N_HASHED + N_HANDCRAFTED
-
-SYSTEM_ROLES = frozenset({"system", "developer"})
-ASSISTANT_ROLES = frozenset({"assistant", "tool", "function"})
-TEXT_PART_TYPES = frozenset({"text", "input_text"})
-
-
-@dataclass(frozen=True, slots=True)
-class Prompt:
-    """What the classifier reads from a conversation: already truncated, always valid."""
-
-    user: str = ""  # last user turn (head + tail when long)
-    system: str = ""  # system/developer prompts, first SYSTEM_CHARS characters
-    user_turns: int = 0
-    assistant_turns: int = 0
-    user_chars: int = 0  # length before truncation: long inputs are a signal in themselves
-    system_chars: int = 0
-
-
-EMPTY_PROMPT = Prompt()
-
-
-def _part_text(part: Any) -> str:
-    if isinstance(part, str):
-        return part[:MAX_PART_CHARS]
-    if isinstance(part, dict) and part.get("type", "text") in TEXT_PART_TYPES:
-        text = part.get("text")
-        if isinstance(text, str):
-            return text[:MAX_PART_CHARS]
-    return ""  # images, audio, files, junk: not text, ignored
-
-
-def _content_text(content: Any) -> tuple[str, int]:
-    """(text truncated to what we may keep, full length) of a message's `content`."""
-    if isinstance(content, str):
-        return content, len(content)
-    if isinstance(content, (bytes, bytearray)):
-        text = bytes(content[: 4 * MAX_PART_CHARS]).decode("utf-8", "replace")
-        return text, len(content)
-    if isinstance(content, (list, tuple)):
-        texts, total = [], 0
-        for part in content[:MAX_PARTS]:
-            text = _part_text(part)
-            if text:
-                texts.append(text)
-                full = part.get("text") if isinstance(part, dict) else part
-                total += len(full) if isinstance(full, str) else len(text)
-        return "\n".join(texts), total
-    return "", 0
-
-
-def truncate_user(text: str) -> str:
-    if len(text) <= USER_HEAD_CHARS + USER_TAIL_CHARS:
-        return text
-    return text[:USER_HEAD_CHARS] + "\n" + text[-USER_TAIL_CHARS:]
-
-
-def prompt_from_messages(messages: Any) -> Prompt:
-    """Read an OpenAI `messages` list (or a bare string) into a Prompt. Never raises."""
-    try:
-        return _prompt_from_messages(messages)
-    except Exception:  # noqa: BLE001 - malformed input must not reach the request path
-        return EMPTY_PROMPT
-
-
-def _prompt_from_messages(messages: Any) -> Prompt:
-    if isinstance(messages, str):
-        return prompt_from_text(messages)
-    if isinstance(messages, dict):
-        messages = [messages]
-    if not isinstance(messages, (list, tuple)):
-        return EMPTY_PROMPT
-    last_user, user_chars, user_turns, assistant_turns = None, 0, 0, 0
-    systems, system_chars = [], 0
-    for message in messages:
-        if not isinstance(message, dict):
-            continue
-        role = message.get("role")
-        if role == "user":
-            user_turns += 1
-            last_user = message  # what must be answered now, however many tool round trips came after it
-        elif role in ASSISTANT_ROLES:
-            assistant_turns += 1
-        elif role in SYSTEM_ROLES and system_chars < SYSTEM_CHARS:
-            text, full = _content_text(message.get("content"))
-            systems.append(text[:SYSTEM_CHARS])
-            system_chars += full
-    user, user_chars = _content_text(last_user.get("content")) if last_user is not None else ("", 0)
-    system = "\n".join(systems)[:SYSTEM_CHARS]
-    return Prompt(
-        user=truncate_user(user or ""),
-        system=system,
-        user_turns=user_turns,
-        assistant_turns=assistant_turns,
-        user_chars=user_chars,
-        system_chars=system_chars,
-    )
-
-
-def prompt_from_text(text: Any, system: str = "") -> Prompt:
-    """A single-turn prompt from plain text (the `ponder classify "TEXT"` case). Never raises."""
-    try:
-        body, full = _content_text(text)
-        sys_text, sys_full = _content_text(system)
-        return Prompt(
-            user=truncate_user(body),
-            system=sys_text[:SYSTEM_CHARS],
-            user_turns=1,
-            assistant_turns=0,
-            user_chars=full,
-            system_chars=sys_full,
-        )
-    except Exception:  # noqa: BLE001
-        return EMPTY_PROMPT
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,6 +211,8 @@ def _encode(text: str, limit: int) -> bytes:
     return text.lower().encode("utf-8", "replace")[:limit]
 
 
+# ---------------------------------------------------------------------------------------------
+# The handcrafted numbers, in HANDCRAFTED's order (router/_ngrams.c computes all but the task terms).
 _CODE_WORDS = (b"def ", b"return", b"import ", b"class ", b"function", b"print(", b"#include", b"const ")
 _DIGITS = b"0123456789"
 _OPERATORS = b"=+^*<>"
@@ -453,6 +336,9 @@ def _handcrafted(p: Prompt, user_bytes: bytes, n_words: float, word_bytes: float
     ]
 
 
+# ---------------------------------------------------------------------------------------------
+# Sparse features: a batch in vectorised numpy (featurize_sparse, _chunk_keys), or one prompt, the
+# request path (_sparse_one: router/_ngrams.c when built, else _sparse_one_numpy, the same numbers).
 class SparseFeatures(NamedTuple):
     """The hashed part of a batch as sorted (column, log1p count) pairs, plus the handcrafted numbers.
 
@@ -525,7 +411,54 @@ def featurize_sparse(prompts: Sequence[Prompt]) -> SparseFeatures:
     )
 
 
-_SYSTEM_EDGES = np.array([SYSTEM_OFFSET, CHAR_OFFSET], dtype=np.uint16)
+def _chunks(prompts: Sequence[Prompt]):
+    """Groups of prompts of about CHUNK_BYTES, with their encoded user turns: large enough to
+    amortise numpy's per-call cost, small enough for the temporaries to stay in cache."""
+    if len(prompts) == 1:
+        yield prompts, [_encode(prompts[0].user, MAX_USER_BYTES)]
+        return
+    user_bytes = [_encode(p.user, MAX_USER_BYTES) for p in prompts]
+    start, size = 0, 0
+    for end, ub in enumerate(user_bytes, 1):
+        size += len(ub)
+        if size >= CHUNK_BYTES or end == len(prompts):
+            yield prompts[start:end], user_bytes[start:end]
+            start, size = end, 0
+
+
+def _chunk_keys(prompts: Sequence[Prompt], user_bytes: list[bytes]) -> tuple[np.ndarray, np.ndarray | None, list[list[float]]]:
+    """Every hashed n-gram occurrence: (column, row or None for one prompt), unsorted and repeated,
+    and the handcrafted numbers of each prompt."""
+    batch = len(prompts)
+    raw, rows = _pack(user_bytes)
+    words, word_rows, word_bytes = _word_hashes(raw, rows)
+    same = word_rows[:-1] == word_rows[1:]
+    bigrams = words[:-1][same] * np.uint64(_P) + words[1:][same]
+    if batch == 1:
+        first = np.zeros(min(len(words), 1), dtype=np.intp)
+    else:  # each row's first word
+        first = np.flatnonzero(np.concatenate((np.ones(min(len(words), 1), dtype=bool), ~same)))
+    char_idx, char_rows = _char_ngrams(raw, rows)
+    word_keys = np.concatenate(
+        (words ^ np.uint64(_SALT_USER_WORD), bigrams ^ np.uint64(_SALT_USER_BIGRAM), words[first] ^ np.uint64(_SALT_FIRST_WORD))
+    )
+    index = [_bucket(word_keys, WORD_BITS), char_idx + CHAR_OFFSET]
+    index_rows = [word_rows, word_rows[:-1][same], word_rows[first], char_rows]
+    if any(p.system for p in prompts):  # most requests have none: skip the pass
+        sys_raw, sys_rows = _pack([_encode(p.system, MAX_SYSTEM_BYTES) for p in prompts])
+        sys_words, sys_word_rows, _ = _word_hashes(sys_raw, sys_rows)
+        sys_same = sys_word_rows[:-1] == sys_word_rows[1:]
+        sys_bigrams = sys_words[:-1][sys_same] * np.uint64(_P) + sys_words[1:][sys_same]
+        index += [
+            _bucket(sys_words ^ np.uint64(_SALT_SYSTEM_WORD), SYSTEM_BITS) + SYSTEM_OFFSET,
+            _bucket(sys_bigrams ^ np.uint64(_SALT_USER_BIGRAM), SYSTEM_BITS) + SYSTEM_OFFSET,
+        ]
+        index_rows += [sys_word_rows, sys_word_rows[:-1][sys_same]]
+    cols = np.concatenate(index)
+    rows_of = np.concatenate(index_rows) if batch > 1 else None
+    n_words = np.bincount(word_rows, minlength=batch)
+    hand = [_handcrafted(p, ub, float(n_words[i]), float(word_bytes[i])) for i, (p, ub) in enumerate(zip(prompts, user_bytes))]
+    return cols, rows_of, hand
 
 
 def _concat_rows(rows: list[SparseFeatures]) -> SparseFeatures:
@@ -554,6 +487,23 @@ def _sparse_one(p: Prompt) -> SparseFeatures:
         np.array((0, system_start, char_start, len(counts)), dtype=np.int64),
         _native_handcrafted(p, user_bytes, n_words, word_bytes),
     )
+
+
+def _native_columns(p: Prompt) -> tuple[bytes, tuple]:
+    """The user turn's bytes as hashed, and router/_ngrams.c's sparse_one of the prompt."""
+    user_bytes = _encode(p.user, MAX_USER_BYTES)
+    system_bytes = _encode(p.system, MAX_SYSTEM_BYTES) if p.system else b""
+    return user_bytes, _native.sparse_one(user_bytes, system_bytes)
+
+
+def _native_handcrafted(p: Prompt, user_bytes: bytes, n_words: int, word_bytes: int) -> np.ndarray:
+    return np.frombuffer(_native.handcrafted(user_bytes, p.user_chars, p.system_chars, p.user_turns, p.assistant_turns,
+                                             bool(p.system), len(p.user), p.user.rstrip().endswith("?"), n_words,
+                                             word_bytes) + _TERMS_FORMAT.pack(*_task_terms(user_bytes)),
+                         dtype=np.float32).reshape(1, N_HANDCRAFTED)
+
+
+_SYSTEM_EDGES = np.array([SYSTEM_OFFSET, CHAR_OFFSET], dtype=np.uint16)
 
 
 def _sparse_one_numpy(p: Prompt) -> SparseFeatures:
@@ -648,6 +598,7 @@ def _hand_matrix(hand: list[list[float]]) -> np.ndarray:
     return np.asarray(hand, dtype=np.float32).reshape(len(hand), N_HANDCRAFTED)
 
 
+# ---------------------------------------------------------------------------------------------
 # The ONNX model's inputs (router/train_onnx.py builds the graph), per session call of b prompts padded
 # to L n-gram slots: "indices" (b, L) the columns each prompt has (padding: column 0), "weights"
 # (b, 6, L) where row k < 3 holds block k's tf values at its n-grams (zero elsewhere and in the
@@ -700,20 +651,6 @@ def onnx_feeds_one(p: Prompt) -> dict[str, np.ndarray]:
     }
 
 
-def _native_columns(p: Prompt) -> tuple[bytes, tuple]:
-    """The user turn's bytes as hashed, and router/_ngrams.c's sparse_one of the prompt."""
-    user_bytes = _encode(p.user, MAX_USER_BYTES)
-    system_bytes = _encode(p.system, MAX_SYSTEM_BYTES) if p.system else b""
-    return user_bytes, _native.sparse_one(user_bytes, system_bytes)
-
-
-def _native_handcrafted(p: Prompt, user_bytes: bytes, n_words: int, word_bytes: int) -> np.ndarray:
-    return np.frombuffer(_native.handcrafted(user_bytes, p.user_chars, p.system_chars, p.user_turns, p.assistant_turns,
-                                             bool(p.system), len(p.user), p.user.rstrip().endswith("?"), n_words,
-                                             word_bytes) + _TERMS_FORMAT.pack(*_task_terms(user_bytes)),
-                         dtype=np.float32).reshape(1, N_HANDCRAFTED)
-
-
 def _feeds_one(sf: SparseFeatures) -> dict[str, np.ndarray]:
     n = len(sf.indices)
     weights = np.zeros((1, 6, n), dtype=np.float32)
@@ -743,6 +680,8 @@ def _feeds_rows(sf: SparseFeatures, rows: np.ndarray, lengths: np.ndarray, block
     return {"indices": indices, "weights": weights, "handcrafted": sf.handcrafted[rows]}
 
 
+# ---------------------------------------------------------------------------------------------
+# Dense features and `messages` in (tests, tools, training).
 def featurize(prompts: Sequence[Prompt]) -> np.ndarray:
     """Dense feature matrix (len(prompts), N_FEATURES) float32 (tests, tools; the runtime and
     training use featurize_sparse). A row depends only on its own prompt."""
@@ -752,56 +691,6 @@ def featurize(prompts: Sequence[Prompt]) -> np.ndarray:
     out[rows, sparse.indices] = sparse.tf
     out[:, N_HASHED:] = sparse.handcrafted
     return out
-
-
-def _chunks(prompts: Sequence[Prompt]):
-    """Groups of prompts of about CHUNK_BYTES, with their encoded user turns: large enough to
-    amortise numpy's per-call cost, small enough for the temporaries to stay in cache."""
-    if len(prompts) == 1:
-        yield prompts, [_encode(prompts[0].user, MAX_USER_BYTES)]
-        return
-    user_bytes = [_encode(p.user, MAX_USER_BYTES) for p in prompts]
-    start, size = 0, 0
-    for end, ub in enumerate(user_bytes, 1):
-        size += len(ub)
-        if size >= CHUNK_BYTES or end == len(prompts):
-            yield prompts[start:end], user_bytes[start:end]
-            start, size = end, 0
-
-
-def _chunk_keys(prompts: Sequence[Prompt], user_bytes: list[bytes]) -> tuple[np.ndarray, np.ndarray | None, list[list[float]]]:
-    """Every hashed n-gram occurrence: (column, row or None for one prompt), unsorted and repeated,
-    and the handcrafted numbers of each prompt."""
-    batch = len(prompts)
-    raw, rows = _pack(user_bytes)
-    words, word_rows, word_bytes = _word_hashes(raw, rows)
-    same = word_rows[:-1] == word_rows[1:]
-    bigrams = words[:-1][same] * np.uint64(_P) + words[1:][same]
-    if batch == 1:
-        first = np.zeros(min(len(words), 1), dtype=np.intp)
-    else:  # each row's first word
-        first = np.flatnonzero(np.concatenate((np.ones(min(len(words), 1), dtype=bool), ~same)))
-    char_idx, char_rows = _char_ngrams(raw, rows)
-    word_keys = np.concatenate(
-        (words ^ np.uint64(_SALT_USER_WORD), bigrams ^ np.uint64(_SALT_USER_BIGRAM), words[first] ^ np.uint64(_SALT_FIRST_WORD))
-    )
-    index = [_bucket(word_keys, WORD_BITS), char_idx + CHAR_OFFSET]
-    index_rows = [word_rows, word_rows[:-1][same], word_rows[first], char_rows]
-    if any(p.system for p in prompts):  # most requests have none: skip the pass
-        sys_raw, sys_rows = _pack([_encode(p.system, MAX_SYSTEM_BYTES) for p in prompts])
-        sys_words, sys_word_rows, _ = _word_hashes(sys_raw, sys_rows)
-        sys_same = sys_word_rows[:-1] == sys_word_rows[1:]
-        sys_bigrams = sys_words[:-1][sys_same] * np.uint64(_P) + sys_words[1:][sys_same]
-        index += [
-            _bucket(sys_words ^ np.uint64(_SALT_SYSTEM_WORD), SYSTEM_BITS) + SYSTEM_OFFSET,
-            _bucket(sys_bigrams ^ np.uint64(_SALT_USER_BIGRAM), SYSTEM_BITS) + SYSTEM_OFFSET,
-        ]
-        index_rows += [sys_word_rows, sys_word_rows[:-1][sys_same]]
-    cols = np.concatenate(index)
-    rows_of = np.concatenate(index_rows) if batch > 1 else None
-    n_words = np.bincount(word_rows, minlength=batch)
-    hand = [_handcrafted(p, ub, float(n_words[i]), float(word_bytes[i])) for i, (p, ub) in enumerate(zip(prompts, user_bytes))]
-    return cols, rows_of, hand
 
 
 def featurize_messages(batch: Sequence[Any]) -> np.ndarray:

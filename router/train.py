@@ -38,6 +38,7 @@ from sklearn.metrics import f1_score
 from sklearn.preprocessing import StandardScaler
 
 from router import features as F
+from router import prompt as P
 from router.train_data import DIFFICULTY_NOTES, SOURCE_FAMILY, SHORT_SOURCE, SYNTHETIC_SOURCE, SYNTHETIC_SOURCES, Example, data_hashes, default_datasets_dir, family, load_examples, load_extra
 from router.train_metrics import GRADED_SOURCES, difficulty_metrics, metrics_table, multi_turn_metrics, natural_prompt_metrics, task_metrics
 from router.train_onnx import onnx_predict, reference_onnx, to_onnx
@@ -404,8 +405,8 @@ def train(
             "system_hash_bits": F.SYSTEM_BITS,
             "char_hash_bits": F.CHAR_BITS,
             "char_ngrams": list(F.CHAR_NGRAMS),
-            "user_chars_kept": f"first {F.USER_HEAD_CHARS} + last {F.USER_TAIL_CHARS} of the last user turn",
-            "system_chars_kept": F.SYSTEM_CHARS,
+            "user_chars_kept": f"first {P.USER_HEAD_CHARS} + last {P.USER_TAIL_CHARS} of the last user turn",
+            "system_chars_kept": P.SYSTEM_CHARS,
         },
         "outputs": {"task_probs": "task type probabilities, columns = labels", "difficulty": "P(cheap answer wrong)"},
         "seed": seed,

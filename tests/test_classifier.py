@@ -19,6 +19,7 @@ import pytest
 from router import features as F
 from router.classifier import SAFE_DEFAULT, Classifier, ClassifierError
 from router.classifier import cli as classify_cli
+from router.prompt import USER_HEAD_CHARS, USER_TAIL_CHARS, prompt_from_messages, prompt_from_text
 from router.types import TASK_TYPES, Classification
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,7 +84,7 @@ def test_onnx_matches_sklearn_on_held_out(examples):
     # (empty segments, a whole batch of empty rows), against scikit-learn on the dense matrix.
     session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
     for batch in ([ex.messages for ex in held[:40]] + BAD_INPUTS, [[], []], [[]]):
-        prompts = [F.prompt_from_messages(m) for m in batch]
+        prompts = [prompt_from_messages(m) for m in batch]
         task_ox, diff_ox = np.zeros((len(prompts), len(TASK_TYPES)), np.float32), np.zeros(len(prompts), np.float32)
         for rows, feeds in F.onnx_feeds(F.featurize_sparse(prompts)):
             task_ox[rows], diff_ox[rows] = session.run(["task_probs", "difficulty"], feeds)
@@ -97,7 +98,7 @@ def test_onnx_matches_sklearn_on_held_out(examples):
 def test_sparse_features_are_the_dense_vector():
     """featurize_sparse (what the runtime feeds) holds exactly featurize's vector, row by row, and
     a row does not depend on the rest of its batch."""
-    batch = [F.prompt_from_messages(m) for m in BAD_INPUTS[:20]] + [F.prompt_from_text("x " * i) for i in range(30)]
+    batch = [prompt_from_messages(m) for m in BAD_INPUTS[:20]] + [prompt_from_text("x " * i) for i in range(30)]
     sf = F.featurize_sparse(batch)
     assert sf.bounds[0] == 0 and sf.bounds[-1] == len(sf.indices) == len(sf.tf) and len(sf.bounds) == 3 * len(batch) + 1
     assert np.all(np.diff(sf.bounds) >= 0)
@@ -133,7 +134,7 @@ def test_sparse_features_are_the_dense_vector():
                 assert not weights[i, block, :a].any() and not weights[i, block, b:n].any()
     rng = random.Random(0)
     varied = "".join(chr(rng.randrange(0x20, 0x3000)) for _ in range(3000))  # thousands of distinct n-grams
-    big = F.featurize_sparse([F.prompt_from_text(varied[i : i + 40 * i]) for i in range(64)])
+    big = F.featurize_sparse([prompt_from_text(varied[i : i + 40 * i]) for i in range(64)])
     calls = F.onnx_feeds(big)
     assert len(calls) > 1  # long batches are cut, so padding and the weights input stay small
     assert all(f["indices"].size <= F.MAX_SLOTS for rows, f in calls if len(rows) > 1)
@@ -145,13 +146,13 @@ def test_native_hashing_is_the_numpy_reference(examples):
     system prompts."""
     if F._native is None:
         pytest.fail("router._ngrams is not built: run `pip install -e .` (scripts/install.sh does)")
-    prompts = [F.prompt_from_messages(m) for m in BAD_INPUTS]
-    prompts += [F.prompt_from_messages(ex.messages) for ex in examples[::7]]
+    prompts = [prompt_from_messages(m) for m in BAD_INPUTS]
+    prompts += [prompt_from_messages(ex.messages) for ex in examples[::7]]
     prompts += [
-        F.prompt_from_text("Zürich 1234 snake_case\n(a) 12\n(B) x\x00y", system="You are\x00 terse. 42"),
-        F.prompt_from_text("", system="only a system prompt"),
-        F.prompt_from_text("ab"),
-        F.prompt_from_text("\x00"),
+        prompt_from_text("Zürich 1234 snake_case\n(a) 12\n(B) x\x00y", system="You are\x00 terse. 42"),
+        prompt_from_text("", system="only a system prompt"),
+        prompt_from_text("ab"),
+        prompt_from_text("\x00"),
     ]
     for p in prompts:
         native, reference = F._sparse_one(p), F._sparse_one_numpy(p)
@@ -241,12 +242,12 @@ def test_bad_inputs_in_one_batch(clf):
 def test_classify_text_and_features_on_junk(clf):
     for text in ("", MEGABYTE, JUNK, "\x00" * 1000, None, 3.5):
         _valid(clf.classify_text(text))  # type: ignore[arg-type]
-        assert F.featurize([F.prompt_from_text(text)]).shape == (1, F.N_FEATURES)
+        assert F.featurize([prompt_from_text(text)]).shape == (1, F.N_FEATURES)
 
 
 def test_long_input_is_truncated_deterministically(clf):
-    prompt = F.prompt_from_messages([{"role": "user", "content": MEGABYTE}])
-    assert len(prompt.user) <= F.USER_HEAD_CHARS + F.USER_TAIL_CHARS + 1
+    prompt = prompt_from_messages([{"role": "user", "content": MEGABYTE}])
+    assert len(prompt.user) <= USER_HEAD_CHARS + USER_TAIL_CHARS + 1
     assert prompt.user_chars == len(MEGABYTE)
     assert clf.classify([{"role": "user", "content": MEGABYTE}]) == clf.classify([{"role": "user", "content": MEGABYTE}])
 
@@ -256,11 +257,11 @@ def test_a_long_paste_keeps_its_head_and_the_question_at_its_end():
     last 500, never the head alone; a prompt of exactly 2,500 characters is read whole."""
     question = "Given the log above, what is the probability that the job fails twice in a row?"
     paste = "INFO worker started; " * 400 + question
-    user = F.prompt_from_messages([{"role": "user", "content": paste}]).user
-    assert user == paste[:F.USER_HEAD_CHARS] + "\n" + paste[-F.USER_TAIL_CHARS:]
+    user = prompt_from_messages([{"role": "user", "content": paste}]).user
+    assert user == paste[:USER_HEAD_CHARS] + "\n" + paste[-USER_TAIL_CHARS:]
     assert user.endswith(question)
-    whole = "x" * (F.USER_HEAD_CHARS + F.USER_TAIL_CHARS)
-    assert F.prompt_from_messages([{"role": "user", "content": whole}]).user == whole
+    whole = "x" * (USER_HEAD_CHARS + USER_TAIL_CHARS)
+    assert prompt_from_messages([{"role": "user", "content": whole}]).user == whole
 
 
 def test_internal_failure_returns_safe_default(clf):
@@ -328,7 +329,7 @@ def test_an_agents_request_is_read_however_many_tool_round_trips_follow_it(clf):
         convo += [{"role": "assistant", "content": None,
                    "tool_calls": [{"id": f"c{i}", "type": "function", "function": {"name": "bash", "arguments": "{}"}}]},
                   {"role": "tool", "tool_call_id": f"c{i}", "content": "ok"}]
-    assert F.prompt_from_messages(convo).user == request
+    assert prompt_from_messages(convo).user == request
     assert clf.classify(convo).task == "code"
 
 
@@ -359,7 +360,7 @@ def test_clear_prompts(clf, text, task):
 
 
 def test_task_terms_count_distinct_words_of_each_list():
-    hand = F.featurize_sparse([F.prompt_from_text("Implement quicksort in Rust, then RUST it in C++ and write an email")]).handcrafted[0]
+    hand = F.featurize_sparse([prompt_from_text("Implement quicksort in Rust, then RUST it in C++ and write an email")]).handcrafted[0]
     terms = {name: float(hand[F.HANDCRAFTED.index(f"log_{name}_terms")]) for name in F.TASK_TERMS}
     assert terms["code"] == pytest.approx(math.log1p(2))  # rust (once, whatever its case) and c++
     assert terms["writing"] == pytest.approx(math.log1p(1)) and terms["math"] == terms["reasoning"] == 0.0
@@ -395,7 +396,7 @@ def test_natural_prompts_are_read_as_people_type_them(clf):
 
 
 def _layout(text: str) -> dict[str, float]:
-    hand = F.featurize_sparse([F.prompt_from_text(text)]).handcrafted[0]
+    hand = F.featurize_sparse([prompt_from_text(text)]).handcrafted[0]
     return {name: float(hand[F.HANDCRAFTED.index(name)]) for name in F.HANDCRAFTED if name.startswith(("log_stem", "log_option"))}
 
 

@@ -728,7 +728,7 @@ def test_learner_replay_small_stream_is_close_to_hindsight(tmp_path):
     """A smaller version of issue 5's proof (the full 5,000-request run is in docs/eval.md): 1,500
     BBH requests, two arms, plumbing scores. Bound measured, not tuned: the learner keeps >= 90%."""
     from evals.learner_replay import learner_replay
-    from evals.tables import load_bbh_effort
+    from evals.suites import load_bbh_effort
 
     table = load_bbh_effort()
     result = learner_replay({"bbh": (table, length_scores(table.prompts))}, tmp_path, requests=1500,
@@ -749,7 +749,7 @@ def test_learner_replay_mmlu_pro_from_cold_price_priors():
     docs/eval.md): the default cold priors (rising with price) keep >= 95% of the hindsight utility
     on average, flat priors do not (measured 0.967 and 0.917)."""
     from evals.learner_replay import SWEEP_SEEDS, learner_replay
-    from evals.tables import load_mmlu_pro
+    from evals.suites import load_mmlu_pro
 
     table = load_mmlu_pro()
     streams = {"mmlu": (table, length_scores(table.prompts))}
@@ -965,4 +965,24 @@ def test_the_score_cache_is_keyed_by_the_fitting_code_itself(monkeypatch, name):
         return None
 
     monkeypatch.setattr(T, name, edited)
+    assert classification._code_hash() != before
+
+
+@pytest.mark.parametrize("module, line, edit", [("prompt", "USER_TAIL_CHARS = 500", "USER_TAIL_CHARS = 400"),
+                                                 ("features", "MAX_USER_BYTES = 4000", "MAX_USER_BYTES = 3000")])
+def test_the_score_cache_is_keyed_by_the_prompt_reading_and_hashing_code(tmp_path, monkeypatch, module, line, edit):
+    """The features are router/prompt.py's reading of the conversation plus router/features.py's
+    hashing: an edit to either file (here a truncation limit) must not reuse the old scores."""
+    import importlib
+    from pathlib import Path
+
+    from evals import classification
+
+    before = classification._code_hash()
+    source = importlib.import_module(f"router.{module}")
+    text = Path(source.__file__).read_text(encoding="utf-8")
+    assert line in text
+    edited = tmp_path / f"{module}.py"
+    edited.write_text(text.replace(line, edit), encoding="utf-8")
+    monkeypatch.setattr(source, "__file__", str(edited))  # inspect.getsource reads the module's file
     assert classification._code_hash() != before
