@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         os.sched_setaffinity(0, {cpu})
     from router import features as F
     from router.classifier import ARTIFACT_DIR, Classifier
-    from router.prompt import prompt_from_messages
+    from router.messages import prompt_from_messages
 
     prompts = held_out_prompts(args.prompts)
     started = time.perf_counter()

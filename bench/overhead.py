@@ -374,7 +374,7 @@ def components(repeats: int = 2000) -> None:
     from gateway.schemas import parse_chat_request, parse_json_body
     from router import features
     from router.classifier import Classifier
-    from router.prompt import prompt_from_messages
+    from router.messages import prompt_from_messages
 
     raw = orjson.dumps({**REQUEST, "model": "auto"})
     req = parse_chat_request(parse_json_body(raw), max_n=16)
@@ -388,7 +388,7 @@ def components(repeats: int = 2000) -> None:
         ("gateway/schemas.py: parse_json_body + parse_chat_request", lambda: parse_chat_request(
             parse_json_body(raw), max_n=16)),
         ("router/classifier.py: Classifier.classify (all of it)", lambda: classifier.classify(req.messages)),
-        ("  router/prompt.py: prompt_from_messages", lambda: prompt_from_messages(req.messages)),
+        ("  router/messages.py: prompt_from_messages", lambda: prompt_from_messages(req.messages)),
         ("  router/features.py: featurize_sparse", lambda: features.featurize_sparse([prompt])),
         ("  router/features.py: onnx_feeds", lambda: features.onnx_feeds(sparse)),
         ("  onnxruntime InferenceSession.run", lambda: session.run(outputs, feeds)),

@@ -22,7 +22,7 @@ from typing import Any, Iterable, Sequence
 
 
 from router import features as F
-from router.prompt import Prompt, prompt_from_messages, prompt_from_text
+from router.messages import Prompt, prompt_from_messages, prompt_from_text
 from router.types import TASK_TYPES, Classification
 
 log = logging.getLogger("ponder.classifier")

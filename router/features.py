@@ -1,7 +1,7 @@
 """Prompt features for the task-type and difficulty classifier: hashed n-grams plus handcrafted numbers.
 
 Shared by training (router/train.py) and the runtime (router/classifier.py), so it imports only numpy
-and the standard library. It hashes a `Prompt`: the conversation as router/prompt.py reads it, already
+and the standard library. It hashes a `Prompt`: the conversation as router/messages.py reads it, already
 cut to what the features use. Two rules shape everything here:
 
 - Never raise. Whatever the Prompt holds (nothing, only a system prompt, binary junk, emoji), the
@@ -25,7 +25,7 @@ from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
-from router.prompt import Prompt, prompt_from_messages
+from router.messages import Prompt, prompt_from_messages
 
 try:  # the same hashing in C (router/_ngrams.c), built by `pip install`; numpy below is the reference
     from router import _ngrams as _native

@@ -11,7 +11,7 @@ pooled over A + B + C, the share read as chat, and the mean predicted difficulty
     python -m router.multiturn_check [--artifact DIR] [--json]
 
 The model reads the system prompt, the last user turn and the number of user and assistant turns
-(router/prompt.py), so the earlier turns' wording does not enter the features; the lines are
+(router/messages.py), so the earlier turns' wording does not enter the features; the lines are
 plain anyway, so the check stays fair if that changes.
 """
 

@@ -38,7 +38,7 @@ from sklearn.metrics import f1_score
 from sklearn.preprocessing import StandardScaler
 
 from router import features as F
-from router import prompt as P
+from router import messages as P
 from router.train_data import DIFFICULTY_NOTES, SOURCE_FAMILY, SHORT_SOURCE, SYNTHETIC_SOURCE, SYNTHETIC_SOURCES, Example, data_hashes, default_datasets_dir, family, load_examples, load_extra
 from router.train_metrics import GRADED_SOURCES, difficulty_metrics, metrics_table, multi_turn_metrics, natural_prompt_metrics, task_metrics
 from router.train_onnx import onnx_predict, reference_onnx, to_onnx

@@ -19,7 +19,7 @@ import pytest
 from router import features as F
 from router.classifier import SAFE_DEFAULT, Classifier, ClassifierError
 from router.classifier import cli as classify_cli
-from router.prompt import USER_HEAD_CHARS, USER_TAIL_CHARS, prompt_from_messages, prompt_from_text
+from router.messages import USER_HEAD_CHARS, USER_TAIL_CHARS, prompt_from_messages, prompt_from_text
 from router.types import TASK_TYPES, Classification
 
 REPO = Path(__file__).resolve().parents[1]
