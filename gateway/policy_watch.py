@@ -31,6 +31,7 @@ class PolicySet:
     def __init__(self, default: str, extra: dict[str, str], backends: list[BackendSpec]) -> None:
         self._backends = backends
         self._entries: dict[str, _Entry] = {}
+        self._config_keys = {Path(path): key for key, path in extra.items()}  # the names the config gives them
         problems: list[tuple[str, int | None, str, str]] = []  # every file's, not the first one's alone
         for index, path in enumerate([default, *extra.values()]):
             try:
@@ -80,7 +81,12 @@ class PolicySet:
         if others and not default.overrides.policy_header:
             return [f"policies {', '.join(others)} cannot be picked: the default policy {default.name!r} does not "
                     f"honour x-ponder-policy (overrides.policy_header: false), so every request gets {default.name!r}"]
-        return []
+        # x-ponder-policy picks a policy by the `name` in its file: an extra_policies key that differs
+        # reads as the name to send, and sending it is answered 400 unknown_policy
+        return [f"extra_policies.{key} is policy {name!r} ({entry.path}): clients pick it with "
+                f"x-ponder-policy: {name}, not {key}"
+                for name, entry in self._entries.items()
+                if (key := self._config_keys.get(entry.path)) is not None and key != name]
 
     def get(self, name: str | None = None) -> CompiledPolicy | None:
         entry = self._entries.get(name or self.default_name)
