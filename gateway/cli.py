@@ -3,7 +3,7 @@
     ponder serve [--config FILE] [--host H] [--port P]   run the gateway
     ponder train ...                                     retrain the classifier
     ponder classify "TEXT" | --input F --output F        run the classifier
-    ponder policy check FILE...                          validate policies
+    ponder policy check FILE... | --config FILE          validate policies (a config's: together)
     ponder stats ...                                     per-bucket learned stats
     ponder eval ...                                      replay recorded outcomes
     ponder key [--id ID] | --hash                        a new API key and its config line
@@ -128,7 +128,7 @@ def version(argv: list[str]) -> int:
 def policy_check(argv: list[str]) -> int:
     from policies.loader import check_cli
 
-    return check_cli(argv, config_backends=served_backends)
+    return check_cli(argv, config_backends=served_backends, config_policies=served_policies)
 
 
 def served_backends(path: str) -> list:
@@ -143,6 +143,22 @@ def served_backends(path: str) -> list:
     except ConfigError as exc:
         raise PolicyError([(path, None, "", f"not a valid gateway config: {str(exc).removeprefix(f'{path}: ')}")]) \
             from None
+
+
+def served_policies(path: str) -> tuple[list, list[str]]:
+    """The policies --config serves, loaded together as `ponder serve` loads them (configured_policies),
+    as (file, policy) pairs, default first, and what the gateway would warn about at start."""
+    from gateway.config import ConfigError, load_config
+    from gateway.service import configured_policies
+    from policies.schema import PolicyError
+
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        raise PolicyError([(path, None, "", f"not a valid gateway config: {str(exc).removeprefix(f'{path}: ')}")]) \
+            from None
+    policies = configured_policies(config)
+    return [(str(policies.path(name)), policies.get(name).policy) for name in policies.names()], policies.warnings()
 
 
 def _delegate(module: str, function: str, argv: list[str]) -> int:
@@ -188,7 +204,7 @@ def _dispatch(argv: list[str]) -> int:
     if not argv or argv[0] not in COMMANDS:
         if argv[:1] == ["policy"]:
             print(f"ponder policy: {'unknown subcommand ' + repr(argv[1]) if argv[1:] else 'no subcommand'}; "
-                  "the one there is: ponder policy check FILE...", file=sys.stderr)
+                  "the one there is: ponder policy check FILE... | --config FILE", file=sys.stderr)
         elif argv:
             print(f"ponder: unknown command {argv[0]!r}", file=sys.stderr)
         print(__doc__, file=sys.stderr)

@@ -74,7 +74,8 @@ class GatewayConfig(BaseModel):
     local_model: LocalModelConfig = Field(default_factory=LocalModelConfig)
     policy: str = Field(default=str(DEFAULT_POLICY), description="Path of the policy YAML (hot reloaded).")
     extra_policies: dict[str, str] = Field(
-        default_factory=dict, description="More named policies a client may pick with x-ponder-policy."
+        default_factory=dict, description="More policies a client may pick with x-ponder-policy, by the `name` "
+                                          "in each file (a key is a label)."
     )
     classifier: str | None = Field(default=None, description="Classifier artifact dir; default: the shipped one.")
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)

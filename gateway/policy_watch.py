@@ -31,9 +31,18 @@ class PolicySet:
     def __init__(self, default: str, extra: dict[str, str], backends: list[BackendSpec]) -> None:
         self._backends = backends
         self._entries: dict[str, _Entry] = {}
-        self.default_name = self._load(Path(default))
-        for path in extra.values():
-            self._load(Path(path))
+        self._config_keys = {Path(path): key for key, path in extra.items()}  # the names the config gives them
+        problems: list[tuple[str, int | None, str, str]] = []  # every file's, not the first one's alone
+        for index, path in enumerate([default, *extra.values()]):
+            try:
+                name = self._load(Path(path))
+            except PolicyError as exc:
+                problems += exc.problems
+                continue
+            if index == 0:
+                self.default_name = name
+        if problems:
+            raise PolicyError(problems)
         self.last_error: str | None = None
         self.rejected: dict[str, str] = {}  # policy -> why the file on disk is not what serves (its last edit failed)
 
@@ -62,6 +71,23 @@ class PolicySet:
                 if entry.path.resolve() != path.resolve()
                 for spec in (upcoming or {}).get(name, entry.compiled.policy).backends if spec.name not in configured}
 
+    def warnings(self) -> list[str]:
+        """What serves, but not as the operator likely meant (the gateway logs it at start and on each
+        reload, `ponder policy check --config` prints it). extra_policies are picked with x-ponder-policy,
+        which only a default policy with overrides.policy_header (off by default) honours: else the
+        header is ignored and every request gets the default, with nothing said."""
+        default = self.default.policy
+        others = [name for name in self.names() if name != default.name]
+        if others and not default.overrides.policy_header:
+            return [f"policies {', '.join(others)} cannot be picked: the default policy {default.name!r} does not "
+                    f"honour x-ponder-policy (overrides.policy_header: false), so every request gets {default.name!r}"]
+        # x-ponder-policy picks a policy by the `name` in its file: an extra_policies key that differs
+        # reads as the name to send, and sending it is answered 400 unknown_policy
+        return [f"extra_policies.{key} is policy {name!r} ({entry.path}): clients pick it with "
+                f"x-ponder-policy: {name}, not {key}"
+                for name, entry in self._entries.items()
+                if (key := self._config_keys.get(entry.path)) is not None and key != name]
+
     def get(self, name: str | None = None) -> CompiledPolicy | None:
         entry = self._entries.get(name or self.default_name)
         return entry.compiled if entry else None
@@ -72,6 +98,10 @@ class PolicySet:
 
     def names(self) -> list[str]:
         return list(self._entries)
+
+    def path(self, name: str) -> Path:
+        """The file the policy named `name` was read from."""
+        return self._entries[name].path
 
     def all(self) -> list[CompiledPolicy]:
         return [entry.compiled for entry in self._entries.values()]

@@ -155,7 +155,7 @@ class Gateway:
         self.policies = PolicySet(self.config.policy, self.config.extra_policies, specs)
         self._configured = {spec.name for spec in specs}
         self._serve_inline_backends()
-        self._warn_if_policies_cannot_be_picked()
+        self._log_policy_warnings()
         await self._import_litellm_if_used()
         self.store = await open_store(
             self.config.telemetry.redis_url, Path(self.config.telemetry.data_dir),
@@ -193,7 +193,7 @@ class Gateway:
         assert self.policies is not None
         if self.policies.reload_changed(force=force):
             self._serve_inline_backends()
-            self._warn_if_policies_cannot_be_picked()
+            self._log_policy_warnings()
             await self._import_litellm_if_used()
             if self.store is not None:
                 self.store.half_life_s = self.learner_half_life_s()
@@ -202,17 +202,11 @@ class Gateway:
         log.info("SIGHUP: re-reading the policy files (the gateway config is read at start only)")
         self._tasks.append(asyncio.create_task(self._reload_policies(force=True)))
 
-    def _warn_if_policies_cannot_be_picked(self) -> None:
-        """extra_policies are picked with x-ponder-policy, which only a default policy with
-        overrides.policy_header (off by default) honours: else the header is ignored and every request
-        gets the default, with nothing said. Said once at startup and at each reload that leaves it so."""
+    def _log_policy_warnings(self) -> None:
+        """Said once at startup and at each reload that leaves it so (PolicySet.warnings)."""
         assert self.policies is not None
-        default = self.policies.default.policy
-        others = [name for name in self.policies.names() if name != default.name]
-        if others and not default.overrides.policy_header:
-            log.warning("policies %s cannot be picked: the default policy %r does not honour x-ponder-policy "
-                        "(overrides.policy_header: false), so every request gets %r", ", ".join(others),
-                        default.name, default.name)
+        for warning in self.policies.warnings():
+            log.warning("%s", warning)
 
     def _policy_rejections(self) -> dict[str, bool]:
         """policy -> whether its file's last edit was rejected (the previous version serves)."""

@@ -355,17 +355,30 @@ def write_json_schema(path: str | Path = SCHEMA_PATH) -> Path:
 
 
 def check_cli(argv: Sequence[str] | None = None,
-              config_backends: Callable[[str], list[BackendSpec]] | None = None) -> int:
+              config_backends: Callable[[str], list[BackendSpec]] | None = None,
+              config_policies: Callable[[str], tuple[list[tuple[str, Policy]], list[str]]] | None = None) -> int:
     """`ponder policy check FILE [FILE...]`: print each policy's summary, or its errors. 0 when all pass.
+    `ponder policy check --config GW.yaml` (no FILE): the policies that config serves, checked together.
 
     `config_backends` reads --config's backends (raising PolicyError): `ponder` passes the gateway's
     own reader, which adds the managed local model's `local` as serving does; this module alone (which
-    may not import the gateway) reads the file's `backends` list."""
-    parser = argparse.ArgumentParser(prog="ponder policy check", description="Validate policy files.")
-    parser.add_argument("files", nargs="+", metavar="FILE")
-    parser.add_argument("--config", help="gateway config whose backends the policies may name")
+    may not import the gateway) reads the file's `backends` list. `config_policies` loads the policies
+    a config serves as the gateway does, returning (file, policy) pairs and what the gateway would warn
+    about; without it (this module alone) the config form is not offered."""
+    parser = argparse.ArgumentParser(
+        prog="ponder policy check", description="Validate policy files, or (--config alone) the policies a "
+                                                "gateway config serves, together, as `ponder serve` loads them.")
+    parser.add_argument("files", nargs="*", metavar="FILE")
+    parser.add_argument("--config", help="gateway config whose backends the policies may name; with no FILE, "
+                                          "check its `policy` and `extra_policies` together")
     parser.add_argument("--quiet", action="store_true", help="print only errors")
     args = parser.parse_args(argv)
+    if not args.files:
+        if not args.config:
+            parser.error("give the policy FILEs to check, or --config GW.yaml for the policies it serves")
+        if config_policies is None:
+            parser.error("--config without FILE needs the gateway: run `ponder policy check --config`")
+        return _check_served(args.config, config_policies, args.quiet)
     try:
         extra = (config_backends or _config_backends)(args.config) if args.config else []
     except PolicyError as exc:
@@ -377,12 +390,32 @@ def check_cli(argv: Sequence[str] | None = None,
             policy = load_policy(resolve_policy_path(Path(), name), extra)
         except PolicyError as exc:
             failed += 1
-            count = len(exc.problems)
-            print(f"{name}: FAILED ({count} problem{'s' if count != 1 else ''})", file=sys.stderr)
-            print(exc, file=sys.stderr)
+            _print_failure(name, exc)
             continue
         print(f"{name}: OK" if args.quiet else summarize(policy, name))
     return 1 if failed else 0
+
+
+def _check_served(config: str, config_policies: Callable[[str], tuple[list[tuple[str, Policy]], list[str]]],
+                  quiet: bool) -> int:
+    """Each file checked alone passes, and `ponder serve` may still refuse them together (two names alike,
+    an inline backend declared differently): checked as it loads them, what it refuses fails here."""
+    try:
+        served, warnings = config_policies(config)
+    except PolicyError as exc:
+        _print_failure(config, exc)
+        return 1
+    for source, policy in served:
+        print(f"{source}: OK" if quiet else summarize(policy, source))
+    for warning in warnings:
+        print(f"{config}: warning: {warning}", file=sys.stderr)
+    return 0
+
+
+def _print_failure(name: str, exc: PolicyError) -> None:
+    count = len(exc.problems)
+    print(f"{name}: FAILED ({count} problem{'s' if count != 1 else ''})", file=sys.stderr)
+    print(exc, file=sys.stderr)
 
 
 def _config_backends(path: str) -> list[BackendSpec]:

@@ -872,6 +872,32 @@ def test_extra_policies_the_default_policy_lets_no_client_pick_are_said_at_start
             in gateway.log()
 
 
+def test_an_extra_policies_key_that_is_not_the_policys_name_is_said_at_startup(tmp_path):
+    """x-ponder-policy picks a policy by the `name` in its file, and the extra_policies key is not read:
+    `extra_policies: {premium: quality.yaml}` reads as "send premium", which is answered 400
+    unknown_policy, with nothing said at start. The log (and `ponder policy check --config`) says which
+    name to send."""
+    arms = {"cheap": {"backend": "mock-a"}}
+    main = write_policy(tmp_path, {"name": "main", "arms": arms, "routes": [{"name": "all", "candidates": ["cheap"]}],
+                                   "overrides": {"policy_header": True}}, "main.yaml")
+    quality = write_policy(tmp_path, {"name": "quality", "arms": arms,
+                                      "routes": [{"name": "all", "candidates": ["cheap"]}]}, "quality.yaml")
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("mock-a", mock)], "policy": main, "extra_policies": {"premium": quality}},
+            name="keyed")) as gateway:
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0)
+        question = [{"role": "user", "content": "x"}]
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model="auto", messages=question,
+                                           extra_headers={"x-ponder-policy": "premium"})
+        assert refused.value.code == "unknown_policy"
+        answer = client.chat.completions.with_raw_response.create(model="auto", messages=question,
+                                                                  extra_headers={"x-ponder-policy": "quality"})
+        assert answer.headers["x-ponder-policy"] == "quality"
+        assert f"extra_policies.premium is policy 'quality' ({quality}): clients pick it with x-ponder-policy: " \
+               "quality, not premium" in gateway.log()
+
+
 def test_an_arms_cot_template_is_what_the_upstream_gets(tmp_path):
     path = write_policy(tmp_path, {"name": "templated", "arms": {"think": {
         "backend": "mock-a", "strategy": "cot", "cot_template": "HOUSE STYLE: reason about this {task} question."}},

@@ -324,6 +324,54 @@ def test_ponder_policy_check_config_offers_the_managed_local_model_as_serving_do
     assert f"{config}: not a valid gateway config: local_model.n_ctx" in capsys.readouterr().err
 
 
+def test_policy_check_with_a_config_alone_checks_the_policies_it_serves_together(tmp_path, capsys):
+    """`ponder policy check a.yaml b.yaml` checks each file alone, so a CI passed two policies that
+    `ponder serve` then refused to serve together (an inline backend declared differently, two files of
+    one name). `--config GW.yaml` alone loads its `policy` and `extra_policies` as the gateway does: what
+    serve refuses fails the check (every file's problems, file:line: key), what serve only logs is a
+    warning. The plain form still checks unrelated files each alone."""
+    from gateway.cli import main
+    from gateway.config import ConfigError, load_config
+    from gateway.service import Gateway
+
+    text = ("name: {name}\nbackends: [{{name: fast, model: openai/{model}}}]\n"
+            "arms: {{one: {{backend: fast}}}}\nroutes: [{{name: all, candidates: [one]}}]\n{extra}")
+    a, b, c = tmp_path / "a.yaml", tmp_path / "b.yaml", tmp_path / "c.yaml"
+    a.write_text(text.format(name="a", model="gpt-4.1-mini", extra=""))
+    b.write_text(text.format(name="b", model="gpt-4.1-nano", extra=""))
+    c.write_text(text.format(name="a", model="gpt-4.1-mini", extra=""))
+    config = tmp_path / "gateway.yaml"
+    config.write_text(f"policy: a.yaml\nextra_policies: {{b: b.yaml, c: {c}}}\nextra_policy: {{d: d.yaml}}\n")
+    assert main(["policy", "check", "--quiet", "--config", str(config)]) == 1
+    assert "not a valid gateway config: extra_policy: Extra inputs" in capsys.readouterr().err
+    config.write_text(f"policy: a.yaml\nextra_policies: {{b: b.yaml, c: {c}}}\nlocal_model: {{enabled: false}}\n")
+
+    assert main(["policy", "check", "--quiet", str(a), str(b), str(c)]) == 0  # unrelated files: each alone
+    capsys.readouterr()
+    with pytest.raises(ConfigError) as refused:  # what `ponder serve` says before it starts
+        Gateway.check(load_config(config))
+    assert main(["policy", "check", "--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert f"{config}: FAILED (2 problems)" in err
+    assert f"{b}:2: backends[0]: backend `fast` differs from the one policy `a` ({a}) declares" in err
+    assert f"{c}: name: 'a' is already the name of the policy in {a}" in err
+    assert str(refused.value) in err  # the same problems, all of them, in serve's refusal too
+
+    b.write_text(text.format(name="b", model="gpt-4.1-mini", extra=""))
+    c.write_text(text.format(name="c", model="gpt-4.1-mini", extra=""))
+    assert main(["policy", "check", "--config", str(config)]) == 0
+    out, err = capsys.readouterr()
+    assert f"{a}: OK\npolicy `a`" in out and f"{b}: OK" in out and f"{c}: OK" in out
+    assert err == f"{config}: warning: policies b, c cannot be picked: the default policy 'a' does not honour " \
+                  "x-ponder-policy (overrides.policy_header: false), so every request gets 'a'\n"
+    a.write_text(text.format(name="a", model="gpt-4.1-mini", extra="overrides: {policy_header: true}\n"))
+    assert main(["policy", "check", "--quiet", "--config", str(config)]) == 0
+    assert capsys.readouterr() == (f"{a}: OK\n{b}: OK\n{c}: OK\n", "")
+    with pytest.raises(SystemExit) as usage:  # neither a FILE nor a config: what to give is said
+        main(["policy", "check"])
+    assert usage.value.code == 2 and "or --config GW.yaml for the policies it serves" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_check_summary_shows_the_cost_the_decision_checks_caps_against(path):
     """The summary's cost per arm is the cost model's (a vote's every sample paying the prompt, a
