@@ -1240,3 +1240,36 @@ def test_a_journal_line_with_an_amount_that_is_no_finite_number_is_unreadable():
     assert replay(b"\n".join(planted)) == ([], len(planted))
     changes, bad = replay(b'["put","ok",false,["k"],[0],0.25,true]')
     assert bad == 0 and [(c.token, c.delta) for c in changes] == [("ok", 0.25)]
+
+
+def test_a_journal_replays_to_the_changes_redis_has_not_confirmed(tmp_path):
+    """A change Redis confirmed is marked done in the journal: a start taking the journal over (perhaps
+    days later, when Redis has forgotten the change's once-mark) must not push it again."""
+    from telemetry.budget_journal import BudgetJournal, replay
+    from telemetry.budgets import BudgetChange, LocalBudgets
+
+    expires = (time.time() + 86400,)
+    ledger = LocalBudgets(BudgetJournal(tmp_path))
+    ledger.hold_pending(BudgetChange("confirmed", False, ("day-counter",), expires, 1.0))
+    ledger.hold_pending(BudgetChange("in-doubt", False, ("day-counter",), expires, 0.25))
+    ledger.confirm("confirmed")
+    changes, bad = replay(ledger.journal.path.read_bytes())
+    assert bad == 0 and [(c.token, c.delta) for c in changes] == [("in-doubt", 0.25)]
+    ledger.journal.close()
+
+
+def test_a_dead_journal_is_deleted_only_once_its_changes_are_safe_in_this_ones(tmp_path):
+    """Taking over a dead replica's journal: while this process cannot make the changes durable in its
+    own journal (a full disk), the dead one stays, to be taken at the next look; then it goes."""
+    from telemetry.budget_journal import BudgetJournal, take_over
+    from telemetry.budgets import LocalBudgets
+
+    dead = LocalBudgets(BudgetJournal(tmp_path))
+    dead.charge(("day-counter",), (86400,), 0.5, time.time(), track_unsynced=True)
+    path = dead.journal.path
+    dead.journal.close()  # the process died
+    assert take_over(tmp_path, lambda changes: False, str) == []
+    assert path.exists()
+    adopted: list = []
+    assert take_over(tmp_path, lambda changes: adopted.extend(changes) or True, str) == []
+    assert [c.delta for c in adopted] == [0.5] and not path.exists()
