@@ -1273,3 +1273,39 @@ def test_a_dead_journal_is_deleted_only_once_its_changes_are_safe_in_this_ones(t
     adopted: list = []
     assert take_over(tmp_path, lambda changes: adopted.extend(changes) or True, str) == []
     assert [c.delta for c in adopted] == [0.5] and not path.exists()
+
+
+def test_reservation_replies_arriving_out_of_order_leave_the_higher_spend_for_the_fallback(redis_url, tmp_path):
+    """Two reservations of one key run together; Redis applies the first (spent: 4) then the second
+    (spent: 6), but the first's reply is read last. The ledger keeps 6, so when Redis then stops
+    answering, a reservation of 5 against a cap of 10 is refused on the local fallback, not admitted
+    on a stale 4."""
+    async def go():
+        store = await open_store(redis_url, tmp_path, op_timeout_s=0.3)
+        real = store._reserve_script
+        first_applied, second_read = asyncio.Event(), asyncio.Event()
+        started: list[int] = []
+
+        async def in_this_order(**kwargs):
+            started.append(1)
+            if len(started) == 1:
+                out = await real(**kwargs)
+                first_applied.set()
+                await second_read.wait()
+                return out
+            await first_applied.wait()
+            out = await real(**kwargs)
+            second_read.set()
+            return out
+
+        store._reserve_script = in_this_order
+        try:
+            await asyncio.wait_for(asyncio.gather(store.reserve("key-o", 4.0, {"day": 10.0}),
+                                                  store.reserve("key-o", 2.0, {"day": 10.0})), 5.0)
+            async with redis_blocked(redis_url, 0.8):
+                with pytest.raises(BudgetExceeded):
+                    await store.reserve("key-o", 5.0, {"day": 10.0})
+        finally:
+            await store.close()
+
+    run(go())
