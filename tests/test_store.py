@@ -620,6 +620,24 @@ def test_budget_periods_reset_at_utc_boundaries():
     assert seconds_until_reset("total", now) is None
 
 
+def test_a_budget_counter_is_the_utc_days_whatever_the_servers_zone(monkeypatch):
+    """The day rolls over at UTC midnight (as seconds_until_reset tells clients), not the host's: a
+    replica in New York and one in UTC must charge the same counter."""
+    import calendar
+
+    from telemetry.budgets import period_id
+
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        before = calendar.timegm((2026, 12, 31, 23, 59, 59, 0, 0, 0))
+        assert period_id("day", before)[0] == "20261231" and period_id("month", before)[0] == "202612"
+        assert period_id("day", before + 1)[0] == "20270101" and period_id("month", before + 1)[0] == "202701"
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
 def test_latency_percentiles_are_of_requests_that_reached_a_backend():
     """Two answers at 800 ms and two requests refused before any call (every backend cooling down):
     the arm's p50 is 800 ms, not 1 ms. A timeout did reach the backend and does count."""
