@@ -437,6 +437,12 @@ def test_dashboard_in_a_browser(stack, browser, tmp_path):
     sc_share = page.get_attribute("[data-testid=strategy-shares] [data-name=self_consistency]", "data-share")
     assert float(sc_share) == pytest.approx(2 / len(routed), abs=1e-3)
     assert page.locator("[data-testid=request-row]").count() == len(seeded.records)
+    savings = get(gateway.url, "/v1/ponder/savings").json()  # the panel's default reference
+    saved = page.text_content("[data-testid=saved]")
+    assert saved.endswith(f"({100 * savings['saved_share']:.0f}%)"), (saved, savings)
+    delta, said = savings["success_rate_delta"], page.text_content("[data-testid=success-delta]")
+    assert (f"({'+' if delta >= 0 else ''}{100 * delta:.1f} points)" if delta is not None
+            else "not enough scored requests") in said, (said, savings)
     # every chart is an image with a name that reads its numbers (its parts are hidden from screen readers)
     charts = page.evaluate("[...document.querySelectorAll('svg')].map(s => [s.getAttribute('role'), s.getAttribute('aria-label')])")
     assert len(charts) >= 5 and all(role == "img" and name for role, name in charts), charts

@@ -147,6 +147,16 @@ def test_cost_header_can_only_tighten(policy):
     assert "policy max_cost_usd" in candidate(decision, capped, "mid-high").excluded
 
 
+def test_a_cost_header_tighter_than_the_policy_wins_unless_the_policy_ignores_it(policy):
+    capped = make_policy(text=POLICY.replace("objective: {", "objective: {max_cost_usd: 5.0, "))
+    decision = decide(HARD_MATH, capped, {}, request=RequestHints(max_cost_usd=0.01))
+    assert name_of(capped, decision.arm) == "mid-low"
+    assert "x-ponder-max-cost-usd" in candidate(decision, capped, "mid-high").excluded
+    deaf = make_policy(text=POLICY.replace("overrides:", "overrides:\n  max_cost_header: false"))
+    decision = decide(HARD_MATH, deaf, {}, request=RequestHints(max_cost_usd=0.01))
+    assert name_of(deaf, decision.arm) != "mid-low" and "ignored x-ponder-max-cost-usd" in " ".join(decision.reasons)
+
+
 def test_latency_cap(policy):
     decision = decide(HARD_MATH, policy, {}, request=RequestHints(max_latency_ms=30_000))
     assert name_of(policy, decision.arm) == "mid-low"
@@ -545,7 +555,7 @@ def test_hints_from_a_request():
     assert RequestHints.from_request(SimpleNamespace(messages=[]), {}) == RequestHints(
         prompt_tokens=0, reasoning_effort=None, max_output_tokens=None)
     for bad in ({"x-ponder-max-cost-usd": "cheap"}, {"x-ponder-max-latency-ms": "-5"},
-                {"x-ponder-strategy": "mcts"}):
+                {"x-ponder-max-cost-usd": "nan"}, {"x-ponder-max-cost-usd": "inf"}, {"x-ponder-strategy": "mcts"}):
         with pytest.raises(InvalidHint, match=next(iter(bad))):
             RequestHints.from_request(request, bad)
 

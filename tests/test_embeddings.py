@@ -24,7 +24,8 @@ LITELLM_PRICE = 0.02 / 1e6
 EMB_LARGE = "text-embedding-3-large"
 TITAN = "titan"  # Bedrock's Titan embeddings, through litellm (tests/mock_bedrock.py)
 PRICED = "emb-priced"  # `prices:` in the config: $5 per million
-KEYS = {"sk-admin": ("admin", None, True), "sk-budget": ("budget", 1.0, False), "sk-tiny": ("tiny", 1e-9, False)}
+KEYS = {"sk-admin": ("admin", None, True), "sk-budget": ("budget", 1.0, False), "sk-tiny": ("tiny", 1e-9, False),
+        "sk-mid": ("mid", 0.001, False)}
 
 
 def vector(item: str, dimensions: int = 8) -> list[float]:
@@ -230,6 +231,17 @@ def test_a_budget_too_small_for_the_input_refuses_before_any_call(gw, mock):
         tiny.embeddings.create(model=PRICED, input="too dear")
     assert info.value.code == "over_budget_cap"
     assert calls(mock)["count"] == 0
+
+
+def test_a_budget_holds_the_inputs_worst_case_not_its_estimate(gw, mock):
+    """$0.001 a day at $5 per million: 400 characters are 100 tokens at the estimate ($0.0005) but may be
+    400 (a token per UTF-8 byte, $0.002), so the key cannot hold them; 100 characters it can."""
+    mid = openai.OpenAI(base_url=gw.url + "/v1", api_key="sk-mid", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as info:
+        mid.embeddings.create(model=PRICED, input="x" * 400)
+    assert info.value.code == "over_budget_cap"
+    assert calls(mock)["count"] == 0
+    assert len(mid.embeddings.create(model=PRICED, input="x" * 100).data) == 1
 
 
 def test_the_requests_cost_caps_hold_as_for_a_chat_request_naming_a_backend(client, mock):

@@ -986,3 +986,18 @@ def test_the_score_cache_is_keyed_by_the_prompt_reading_and_hashing_code(tmp_pat
     edited.write_text(text.replace(line, edit), encoding="utf-8")
     monkeypatch.setattr(source, "__file__", str(edited))  # inspect.getsource reads the module's file
     assert classification._code_hash() != before
+
+
+def test_the_oracle_takes_the_cheapest_arm_that_is_right_by_hand():
+    """Four prompts, a dear arm listed first and a cheap one: both right (the cheap one), only the dear
+    one right, only the cheap one right, neither right (the cheap one: nothing is gained by paying)."""
+    from evals.routing import oracle
+
+    arms = [ArmInfo("dear", "dear"), ArmInfo("cheap", "cheap")]
+    scores = np.array([[1.0, 1.0], [1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    cost = np.array([[10.0, 1.0]] * 4)
+    tokens = np.array([[50.0, 5.0]] * 4)
+    table = OutcomeTable("by-hand", arms, ["a", "b", "c", "d"], ["p"] * 4, ["g"] * 4, scores, cost, tokens,
+                         np.full(4, 10.0), "hand")
+    assert oracle(table) == pytest.approx({"accuracy": 0.75, "cost_usd": (1 + 10 + 1 + 1) / 4,
+                                           "output_tokens": (5 + 50 + 5 + 5) / 4})

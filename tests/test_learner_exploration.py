@@ -145,3 +145,15 @@ def test_most_optimism_bounds_what_any_posterior_adds():
         alpha = rng.uniform(1e-6, total - 1e-6)
         assert optimistic_accuracy(alpha, total - alpha) - alpha / total <= most_optimism(strength) + 1e-12
     assert optimistic_accuracy(5.0, 5.0) - 0.5 == most_optimism(10.0)  # reached at 0.5 with no outcomes
+
+
+def test_the_exploration_draw_is_taken_whatever_the_share_so_replays_stay_aligned():
+    """Two replays of one request stream, one with exploration off: each request still takes its one
+    draw, so every later draw is the same in both and the runs differ by the share alone."""
+    from router.learner import should_explore
+
+    off, on, reference = random.Random(5), random.Random(5), random.Random(5)
+    assert [should_explore(0.0, off) for _ in range(50)] == [False] * 50
+    taken = [should_explore(0.3, on) for _ in range(50)]
+    assert taken == [reference.random() < 0.3 for _ in range(50)] and any(taken)
+    assert off.random() == on.random()

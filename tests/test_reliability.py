@@ -388,6 +388,24 @@ def test_a_stream_whose_single_arm_failed_falls_back_to_a_vote_as_a_json_request
             assert events[-1].response.model_extra["ponder"]["arm"] == "voter/-/self_consistency/3"
 
 
+def test_streams_that_break_mid_answer_cool_their_backend_down(tmp_path):
+    """A stream the upstream breaks after its first bytes is that backend failing, as a 500 is: two
+    requests broken so in a row put it in cool-down, and the next request is refused at once (503)
+    without calling it."""
+    with running(start_mock(tmp_path)) as mock:
+        policy = simple_policy(tmp_path, "brittle")
+        with running(start_gateway(tmp_path, {"backends": [mock_backend("brittle", mock, max_retries=0)],
+                                              "policy": policy}, name="brittle")) as gateway:
+            control(mock, answers=[LONG_ANSWER], script=["truncate", "truncate"])
+            for _ in range(2):
+                broken = httpx.post(gateway.url + "/v1/chat/completions", json=chat("auto", stream=True),
+                                    timeout=10)
+                assert broken.status_code == 200 and b"upstream_stream_error" in broken.content
+            cooling = httpx.post(gateway.url + "/v1/chat/completions", json=chat("auto"), timeout=10)
+            assert cooling.status_code == 503, cooling.text
+            assert upstream_calls(mock) == 2
+
+
 @pytest.mark.parametrize("break_kind", ["truncate", "reset_mid"])
 def test_stream_that_breaks_after_bytes_ends_with_an_error_event_not_a_finish(pair, break_kind):
     gateway, mock_a, mock_b = pair

@@ -662,3 +662,43 @@ def test_logprobs_asked_by_include_are_the_output_texts(client, mock):
     control(mock, answers=["no logprobs"])
     client.responses.create(model="mock-a", input="x", include=["reasoning.encrypted_content"])
     assert "logprobs" not in sent(mock)[-1]  # asked for only when the client asks
+
+
+def test_a_call_whose_name_comes_after_its_id_is_named(client, mock):
+    """A server may open a tool call with its id alone and send the function's name in a later delta:
+    the function_call item still carries the name."""
+    opening = {"tool_calls": [{"index": 0, "id": "call_0", "type": "function", "function": {"arguments": ""}}]}
+    named = {"tool_calls": [{"index": 0, "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}]}
+    control(mock, script=["raw"], raw=sse_chunks(opening, named))
+    events = list(client.responses.create(model="mock-a", input="Weather in Rome?", tools=[WEATHER], stream=True))
+    [call] = events[-1].response.output
+    assert call.type == "function_call" and call.name == "get_weather" and call.call_id == "call_0"
+    assert [e.arguments for e in events if e.type == "response.function_call_arguments.done"] == [call.arguments]
+    assert json.loads(call.arguments) == {"city": "Rome"}
+
+
+def test_a_content_filter_cut_is_incomplete(client, mock):
+    """A chat answer the provider's filter cut (finish_reason `content_filter`) is an incomplete Response
+    with that reason, never `completed`."""
+    control(mock, script=["raw"], raw=sse_chunks({"content": "The first part"}, finish="content_filter"))
+    events = list(client.responses.create(model="mock-a", input="x", stream=True))
+    assert events[-1].type == "response.incomplete"
+    response = events[-1].response
+    assert response.status == "incomplete" and response.incomplete_details.reason == "content_filter"
+    assert response.output_text == "The first part" and response.output[0].status == "incomplete"
+
+
+def test_a_relayed_streams_usage_counts_the_call_that_timed_out_before_its_fallback(client, mock):
+    """The chosen arm hangs past its first-byte limit and the stream falls back to the other: the upstream
+    read the first call's prompt (and bills it), so the relayed Response's usage sums both calls, as
+    chat's does. Last in the module: mock-a is left cooling down."""
+    control(mock, script=["hang", "ok"], answers=["three words here"])
+    with client.responses.stream(model="auto", input="What is 3 + 4?") as stream:
+        final = stream.get_final_response()
+    bodies = sent(mock)
+    assert len(bodies) == 2 and final.output_text == "three words here"
+    # the cut call is billed its prompt at the gateway's estimate: usage, at mock-a's prices, is the cost
+    assert final.usage.input_tokens > words(bodies[1]) and final.usage.output_tokens == 3
+    ponder = final.model_extra["ponder"]
+    assert ponder["calls"] == 2
+    assert ponder["cost_usd"] == pytest.approx((final.usage.input_tokens * 1.0 + 3 * 2.0) / 1e6)

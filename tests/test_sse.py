@@ -25,6 +25,21 @@ def test_any_split_of_the_bytes_reads_as_the_same_events(cuts):
     assert events + reader.close() == EVENTS
 
 
+def test_a_crlf_split_between_two_reads_ends_one_line_not_two():
+    """A CR ending one read and its LF opening the next are one line end: the event's two data lines
+    stay one event, wherever the bytes are cut (a stray blank line would dispatch it early)."""
+    stream = b"data: one\r\ndata: two\r\n\r\n"
+    for cut in range(1, len(stream)):
+        reader = EventReader(1024)
+        assert reader.feed(stream[:cut]) + reader.feed(stream[cut:]) + reader.close() == [b"one\ntwo"], cut
+
+
+def test_a_byte_order_mark_before_the_first_field_is_stripped():
+    reader = EventReader(1024)
+    assert reader.feed(b"\xef\xbb\xbfdata: first\n\n") == [b"first"]
+    assert reader.feed(b"\xef\xbb\xbfdata: later\n\n") == []  # only at the stream's start: a field named BOM+data
+
+
 def test_an_event_that_never_ends_is_refused_past_the_limit():
     reader = EventReader(100)
     reader.feed(b"data: " + b"x" * 90)

@@ -761,6 +761,24 @@ def test_budget_periods_reset_at_utc_boundaries():
     assert seconds_until_reset("total", now) is None
 
 
+def test_a_budget_counter_is_the_utc_days_whatever_the_servers_zone(monkeypatch):
+    """The day rolls over at UTC midnight (as seconds_until_reset tells clients), not the host's: a
+    replica in New York and one in UTC must charge the same counter."""
+    import calendar
+
+    from telemetry.budgets import period_id
+
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        before = calendar.timegm((2026, 12, 31, 23, 59, 59, 0, 0, 0))
+        assert period_id("day", before)[0] == "20261231" and period_id("month", before)[0] == "202612"
+        assert period_id("day", before + 1)[0] == "20270101" and period_id("month", before + 1)[0] == "202701"
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
 def test_latency_percentiles_are_of_requests_that_reached_a_backend():
     """Two answers at 800 ms and two requests refused before any call (every backend cooling down):
     the arm's p50 is 800 ms, not 1 ms. A timeout did reach the backend and does count."""
@@ -1382,3 +1400,72 @@ def test_a_journal_line_with_an_amount_that_is_no_finite_number_is_unreadable():
     assert replay(b"\n".join(planted)) == ([], len(planted))
     changes, bad = replay(b'["put","ok",false,["k"],[0],0.25,true]')
     assert bad == 0 and [(c.token, c.delta) for c in changes] == [("ok", 0.25)]
+
+
+def test_a_journal_replays_to_the_changes_redis_has_not_confirmed(tmp_path):
+    """A change Redis confirmed is marked done in the journal: a start taking the journal over (perhaps
+    days later, when Redis has forgotten the change's once-mark) must not push it again."""
+    from telemetry.budget_journal import BudgetJournal, replay
+    from telemetry.budgets import BudgetChange, LocalBudgets
+
+    expires = (time.time() + 86400,)
+    ledger = LocalBudgets(BudgetJournal(tmp_path))
+    ledger.hold_pending(BudgetChange("confirmed", False, ("day-counter",), expires, 1.0))
+    ledger.hold_pending(BudgetChange("in-doubt", False, ("day-counter",), expires, 0.25))
+    ledger.confirm("confirmed")
+    changes, bad = replay(ledger.journal.path.read_bytes())
+    assert bad == 0 and [(c.token, c.delta) for c in changes] == [("in-doubt", 0.25)]
+    ledger.journal.close()
+
+
+def test_a_dead_journal_is_deleted_only_once_its_changes_are_safe_in_this_ones(tmp_path):
+    """Taking over a dead replica's journal: while this process cannot make the changes durable in its
+    own journal (a full disk), the dead one stays, to be taken at the next look; then it goes."""
+    from telemetry.budget_journal import BudgetJournal, take_over
+    from telemetry.budgets import LocalBudgets
+
+    dead = LocalBudgets(BudgetJournal(tmp_path))
+    dead.charge(("day-counter",), (86400,), 0.5, time.time(), track_unsynced=True)
+    path = dead.journal.path
+    dead.journal.close()  # the process died
+    assert take_over(tmp_path, lambda changes: False, str) == []
+    assert path.exists()
+    adopted: list = []
+    assert take_over(tmp_path, lambda changes: adopted.extend(changes) or True, str) == []
+    assert [c.delta for c in adopted] == [0.5] and not path.exists()
+
+
+def test_reservation_replies_arriving_out_of_order_leave_the_higher_spend_for_the_fallback(redis_url, tmp_path):
+    """Two reservations of one key run together; Redis applies the first (spent: 4) then the second
+    (spent: 6), but the first's reply is read last. The ledger keeps 6, so when Redis then stops
+    answering, a reservation of 5 against a cap of 10 is refused on the local fallback, not admitted
+    on a stale 4."""
+    async def go():
+        store = await open_store(redis_url, tmp_path, op_timeout_s=0.3)
+        real = store._reserve_script
+        first_applied, second_read = asyncio.Event(), asyncio.Event()
+        started: list[int] = []
+
+        async def in_this_order(**kwargs):
+            started.append(1)
+            if len(started) == 1:
+                out = await real(**kwargs)
+                first_applied.set()
+                await second_read.wait()
+                return out
+            await first_applied.wait()
+            out = await real(**kwargs)
+            second_read.set()
+            return out
+
+        store._reserve_script = in_this_order
+        try:
+            await asyncio.wait_for(asyncio.gather(store.reserve("key-o", 4.0, {"day": 10.0}),
+                                                  store.reserve("key-o", 2.0, {"day": 10.0})), 5.0)
+            async with redis_blocked(redis_url, 0.8):
+                with pytest.raises(BudgetExceeded):
+                    await store.reserve("key-o", 5.0, {"day": 10.0})
+        finally:
+            await store.close()
+
+    run(go())
