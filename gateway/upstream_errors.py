@@ -104,10 +104,13 @@ def upstream_wait(headers: Mapping[str, str]) -> float | None:
     as aiohttp's and httpx's are): `retry-after-ms` first, as the openai SDK reads it (Azure OpenAI
     may send only that one), else `Retry-After` as seconds or as an HTTP-date (RFC 9110)."""
     try:
-        if milliseconds := headers.get("retry-after-ms"):
-            return _finite_wait(float(milliseconds) / 1000)
+        milliseconds = headers.get("retry-after-ms")
+        wait = _finite_wait(float(milliseconds) / 1000) if milliseconds else None
     except ValueError:
-        pass
+        wait = None
+    if wait is not None:
+        return wait
+    # one that is no number ("inf", "abc") is passed over alike: the Retry-After sent beside it may say
     return retry_after_seconds(headers.get("retry-after"))
 
 

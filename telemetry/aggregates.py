@@ -123,7 +123,7 @@ def event_delta(event: Event) -> dict[str, float]:
         return {k: v for k, v in delta.items() if v}
     if failed:
         # No answer, so no answer's latency: a fast failure would make a flaky arm look fast (the mean
-        # is over the requests answered, count - errors; the histogram below keeps a timeout's wait).
+        # is over the requests answered, ArmStats.answered; the histogram below keeps a timeout's wait).
         del delta["latency_ms"]
         delta["errors"] = 1.0
     if not failed or event.calls:
@@ -239,8 +239,9 @@ def summary_row(fields: Mapping[str, float], now: float, half_life_s: float | No
     def mean(name: str) -> float:
         return d.get(name, 0.0) / count if count > 0 else 0.0
 
-    # the requests with an answer's latency: not those no arm answered, nor those the client left
-    answered = max(0.0, count - max(0.0, d.get("errors", 0.0)) - max(0.0, d.get("left", 0.0)))
+    # the requests with an answer's latency, by the learner's rule (not those no arm answered, nor those
+    # the client left)
+    answered = ArmStats(count=count, errors=max(0.0, d.get("errors", 0.0)), left=max(0.0, d.get("left", 0.0))).answered
 
     return {
         "requests": d.get("total", 0.0),

@@ -259,6 +259,16 @@ def test_an_upstreams_wait_that_is_no_number_is_no_wait(headers):
     assert error.status == 502 and "retry-after" not in {name.lower() for name in error.headers}
 
 
+def test_a_retry_after_ms_that_is_no_number_leaves_the_retry_after_beside_it():
+    """Azure OpenAI sends both headers. A `retry-after-ms` that does not parse (`abc`) fell back to the
+    Retry-After beside it; one that parses to no number (`inf`, `nan`: no wait) dropped that 7 s, and
+    the backend was not cooled for it."""
+    for milliseconds in ("inf", "nan", "abc"):
+        error = http_error("b", 429, b'{"error": {"message": "slow down"}}',
+                           {"retry-after-ms": milliseconds, "retry-after": "7"})
+        assert error.retry_after == 7.0, milliseconds
+
+
 def test_a_restarted_local_model_forgets_the_wait_it_asked_for():
     """A Retry-After the model server sent before it was restarted belongs to the process that sent it:
     the restarted one is called at once (it stayed cooling for the whole wait)."""
