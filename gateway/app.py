@@ -398,7 +398,7 @@ async def settle(gw: Gateway, plan: Plan, caller: Caller, reservation: Any, *, s
                  result: StrategyResult | None = None, error: str | None = None, served: Arm | None = None) -> None:
     try:
         event = gw.record(plan, caller.calls, status=status, result=result, error=error, served=served,
-                          arm_calls_from=caller.arm_calls_from, arm_started=caller.arm_started)
+                          arm_span=caller.arm)
         if reservation is not None:
             with contextlib.suppress(Exception):  # settling is bookkeeping: never fail the answer for it
                 await gw.budgets.settle(reservation, event.cost_usd)

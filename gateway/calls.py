@@ -11,7 +11,7 @@ import itertools
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gateway.backends import NO_CHOICES, Admission, Backend, CallRecord, Usage, UpstreamError
@@ -31,6 +31,22 @@ _request_ids = itertools.count()
 Send = Callable[[Backend, dict[str, Any], Admission], Awaitable[tuple[dict[str, Any], CallRecord]]]
 
 
+@dataclass(frozen=True, slots=True)
+class ArmSpan:
+    """Where one arm's calls lie in a request's ledger (`calls[calls_from:calls_until]`) and when it ran
+    (perf_counter; `ended` None: until the request ends)."""
+
+    calls_from: int = 0
+    started: float = 0.0
+    calls_until: int | None = None
+    ended: float | None = None
+
+    @property
+    def alone(self) -> bool:
+        """No other arm's calls are in the ledger beside this one's (as far as its span says)."""
+        return self.calls_from == 0 and self.calls_until is None
+
+
 @dataclass
 class Caller:
     """Per-request call context: the backends, the deadline, and the ledger of every call made."""
@@ -38,18 +54,21 @@ class Caller:
     backends: dict[str, Backend]
     deadline: float  # time.monotonic() value
     calls: list[CallRecord] = field(default_factory=list)
-    # Where the calls of the arm trying to answer begin in `calls`, and when it started (perf_counter;
-    # both set as each arm starts, start_arm): the calls and time before are arms that failed before
-    # it, which the answering arm's own cost and latency leave out.
-    arm_calls_from: int = 0
-    arm_started: float = 0.0
+    # The calls and time of the arm trying to answer (set as each arm starts, start_arm): what other
+    # arms spent before it (or after it, when its short answer was kept) its learned cost and latency
+    # leave out.
+    arm: ArmSpan = field(default_factory=lambda: ArmSpan())
     cancelled: bool = False
     opened: float = field(default_factory=time.monotonic)  # when the request's time started to run
     ident: int = field(default_factory=_request_ids.__next__)  # tells backends' health one request from another
 
     def start_arm(self) -> None:
-        """The calls from now on are the next arm's (see arm_calls_from)."""
-        self.arm_calls_from, self.arm_started = len(self.calls), time.perf_counter()
+        """The calls from now on are the next arm's (see `arm`)."""
+        self.arm = ArmSpan(len(self.calls), time.perf_counter())
+
+    def arm_done(self) -> ArmSpan:
+        """The answering arm's span, closed now: later arms' calls and time are not its."""
+        return replace(self.arm, calls_until=len(self.calls), ended=time.perf_counter())
 
     def remaining(self) -> float:
         return self.deadline - time.monotonic()

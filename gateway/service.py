@@ -22,7 +22,7 @@ import aiohttp
 
 from gateway.auth import KeyRing, Principal
 from gateway.backends import Backend, CallRecord, UpstreamError
-from gateway.calls import Caller, upstream_to_api_error
+from gateway.calls import ArmSpan, Caller, upstream_to_api_error
 from gateway.config import LOCAL_BACKEND_NAME, ConfigError, GatewayConfig
 from gateway.cost_bounds import (
     arms_within, backends_of, held_prompt_tokens, plan_worst_case_usd, with_output_caps,
@@ -406,7 +406,7 @@ class Gateway:
         # An answer with fewer choices than the client's `n` (its backend failed the samples drawn again
         # too): an app reads choices[n - 1], so the next arm is asked for all n, and this answer is kept
         # in case none can. Not for a key with a budget: its hold bounds one arm's answers, not two.
-        short: tuple[StrategyResult, int, float] | None = None
+        short: tuple[StrategyResult, ArmSpan] | None = None
         # the learner's stats of the request's bucket, for strategies that gate on them (one lookup)
         stats = self.store.snapshot(plan.decision.policy).get(plan.decision.bucket, {}) if self.store else {}
         for index, arm in enumerate(arms):
@@ -428,26 +428,25 @@ class Gateway:
             if choices >= req.n or plan.capped:
                 return result
             if short is None or choices > len(short[0].response["choices"]):
-                short = result, caller.arm_calls_from, caller.arm_started
-        # (its arm's cost and time, as the learner reads them, then count the later arms' failures too)
-        if short is not None:
-            _, caller.arm_calls_from, caller.arm_started = short
-            return short[0]
+                short = result, caller.arm_done()
+        if short is not None:  # its arm is charged its own calls and time, not the later arms' failures
+            result, caller.arm = short
+            return result
         assert last is not None
         raise upstream_to_api_error(last, caller.retry_after_s(backends_of(arms))
                                     if last.status in (429, 503) else None)
 
     # -- record ---------------------------------------------------------------------------------
     def record(self, plan: Plan, calls: list[CallRecord], *, status: int, result: StrategyResult | None = None,
-               error: str | None = None, served: Arm | None = None, arm_calls_from: int = 0,
-               arm_started: float = 0.0) -> Event:
+               error: str | None = None, served: Arm | None = None, arm_span: ArmSpan | None = None) -> Event:
         """`served`: the arm that answered where no result says so (a relayed stream's fallback).
-        `arm_calls_from`, `arm_started`: where the answering arm's own calls begin in `calls`, and when
-        (Caller.start_arm)."""
+        `arm_span`: where the answering arm's own calls lie in `calls`, and when it ran (Caller.arm)."""
         decision = plan.decision
         ended = time.perf_counter()
-        # arms failed before the one that answered: its own cost and time are what the learner reads
-        fell_back = bool(arm_calls_from) and (result is not None or served is not None)
+        # other arms called besides the one that answered (failed before it, or tried after its answer
+        # fell short of n): its own cost and time are what the learner reads
+        answered = result is not None or served is not None
+        own = arm_span if arm_span is not None and not arm_span.alone and answered else None
         arm = result.arm if result else served or decision.arm
         event = Event(
             request_id=plan.request_id,
@@ -470,14 +469,14 @@ class Gateway:
             completion_tokens=sum(c.completion_tokens for c in calls),
             reasoning_tokens=sum(c.reasoning_tokens for c in calls),
             cost_usd=sum(c.cost_usd for c in calls),
-            arm_cost_usd=sum(c.cost_usd for c in calls[arm_calls_from:]) if fell_back else None,
+            arm_cost_usd=sum(c.cost_usd for c in calls[own.calls_from:own.calls_until]) if own else None,
             # what the cost model expected of this answer: the learner's cost ratio compares the two
             estimated_cost_usd=(plan.policy.estimated_cost_usd(arm.key, plan.prompt_tokens, plan.max_output_tokens,
                                                                plan.choices)
                                 if calls else 0.0) if plan.policy is not None and decision.policy != "direct" else None,
             estimated_prompt_tokens=plan.prompt_tokens,
             latency_ms=(ended - plan.started) * 1000,
-            arm_latency_ms=(ended - arm_started) * 1000 if fell_back else None,
+            arm_latency_ms=((ended if own.ended is None else own.ended) - own.started) * 1000 if own else None,
             status=status,
             error=error,
             success=result.confidence if result and result.confidence_source in ("vote", "verifier") else None,

@@ -667,6 +667,45 @@ def test_an_arm_left_short_of_the_clients_n_choices_gives_way_to_a_fallback_that
             assert [c.message.content for c in short.parse().choices] == ["7"]
 
 
+def test_a_short_answer_kept_is_charged_its_own_calls_not_the_later_arms_failures(tmp_path):
+    """The chosen arm answers one choice of n=3 and the fallback asked for all 3 times out (a cut call,
+    billed its prompt, after a second's wait): the short answer is kept, and its arm was charged, in
+    what the learner reads, the fallback's cut call and wait as if they were its own."""
+    import openai
+
+    with running(start_mock(tmp_path)) as mock_a, running(start_mock(tmp_path)) as mock_b:
+        backends = [mock_backend("flaky", mock_a, max_retries=0, supports_n=False),
+                    mock_backend("spare", mock_b, max_retries=0, timeout_s=1)]
+        policy = write_policy(tmp_path, {
+            "name": "short", "arms": {"first": {"backend": "flaky", "strategy": "single", "prior": 0.9},
+                                      "second": {"backend": "spare", "strategy": "single", "prior": 0.5}},
+            "routes": [{"name": "all", "candidates": ["first", "second"]}],
+            "objective": {"cost_weight": 0, "latency_weight": 0}, "exploration": {"share": 0.0},
+            "learner": {"half_life_hours": None}})
+        config = {"backends": backends, "policy": policy,
+                  "telemetry": {"data_dir": str(tmp_path / "data"), "refresh_s": 0.05}}
+        with running(start_gateway(tmp_path, config, name="short-own")) as gateway:
+            client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+            control(mock_a, script=["ok"] + ["500"] * 4, answers=["7"])
+            control(mock_b, script=["hang"], hang_s=3)
+            short = client.chat.completions.with_raw_response.create(
+                model="auto", messages=[{"role": "user", "content": "what is 3 + 4?"}], n=3)
+            assert short.headers["x-ponder-arm"] == "flaky/-/single/1" and len(short.parse().choices) == 1
+            paid = float(short.headers["x-ponder-cost-usd"])
+            detail = httpx.get(f"{gateway.url}/v1/ponder/requests/{short.headers['x-ponder-request-id']}").json()
+            own = sum(c["cost_usd"] for c in detail["execution"]["calls"] if c["backend"] == "flaky")
+            assert own < paid  # the spare's cut call billed its prompt
+            for _ in range(100):
+                arms = {row["arm"]: row for task in httpx.get(gateway.url + "/v1/ponder/summary").json()["tasks"]
+                        for row in task["arms"]}
+                if "flaky/-/single/1" in arms:
+                    break
+                time.sleep(0.05)
+            row = arms["flaky/-/single/1"]
+            assert row["mean_cost_usd"] == pytest.approx(own, rel=1e-6)  # not the request's whole cost
+            assert row["mean_latency_ms"] < 800  # not the spare's second of waiting
+
+
 def test_a_vote_refused_by_its_upstream_starts_no_sample_after_the_client_has_its_error(tmp_path):
     """A request error (400) on one sample fails the vote: the samples still queued for a slot must not
     call the upstream afterwards (asyncio.gather left them running: calls made for nobody, and never
