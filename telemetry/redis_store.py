@@ -100,6 +100,7 @@ class RedisStore(BufferedStore):
         # show while Redis is away (with the buffered events' spend), rather than nothing spent.
         self._spend_seen: dict[str, dict[str, float]] = {}
         self._connected = False
+        self._marked: set[str] = set()  # policies whose data-loss marker this replica has seen in Redis
         self._outage_since: float | None = None  # time.monotonic() of the error that began the outage
         self._backoff = 0.0
         self._next_attempt = 0.0
@@ -319,22 +320,26 @@ class RedisStore(BufferedStore):
             pipe.smembers(k.arms(p))
             if not read_only:
                 pipe.set(k.alive(p), "1", nx=True)
+                pipe.exists(k.alive(p))  # a read: says whether it is there when Redis refuses the SET
         # A marker Redis refuses to write (OOM at maxmemory with noeviction) must not stop the reads:
         # the stats would go stale for as long as Redis is full. Nothing could be restored then anyway.
         res = await self._execute(pipe, raise_on_error=False)
-        step = 1 if read_only else 2
+        step = 1 if read_only else 3
         members = {p: res[step * i] for i, p in enumerate(names)}
         for value in members.values():
             if isinstance(value, Exception):
                 raise value
-        refused = next((v for v in res[1::2] if isinstance(v, Exception)), None) if not read_only else None
+        markers, in_place = ([], []) if read_only else (res[1::3], res[2::3])  # created (True) by this SET NX
+        refused = next((v for v in markers if isinstance(v, Exception)), None)
         if refused is not None:
             self._on_error("refresh marker", refused)
-            res = [False if isinstance(v, Exception) else v for v in res]
         # A missing marker next to a policy we hold stats for means Redis restarted without its data:
         # the replica that re-created the marker adds its cached aggregates back (additively, so events
-        # other replicas flushed since the restart are kept).
-        lost = [] if read_only else [p for i, p in enumerate(names) if res[2 * i + 1] and self._raw.get(p)]
+        # other replicas flushed since the restart are kept). Only a marker this replica has seen in place
+        # was lost: one Redis refused to write (full, a replica) when the policy's first stats came was
+        # never there, and those stats are in Redis still (adding them back doubled them).
+        lost = [p for p, created in zip(names, markers) if created is True and p in self._marked and self._raw.get(p)]
+        self._marked.update(p for p, n in zip(names, in_place) if n == 1)
         if lost:
             pipe, later = self._client.pipeline(transaction=False), []
             for p in lost:

@@ -1053,6 +1053,49 @@ def test_redis_full_says_budgets_are_local_and_stats_keep_refreshing(tmp_path):
         proc.stop()
 
 
+def test_stats_read_while_redis_refused_their_marker_are_not_added_back_once_it_takes_it(tmp_path):
+    """A policy's data-loss marker is written by the refresh after its first events. When Redis refuses
+    that write (full: the batch that brought the policy took its last bytes; a replica), the refresh
+    still reads the stats; once Redis takes writes, the marker's SET NX succeeds, which read as "Redis
+    lost its data" and added the cached stats back on top of the same stats in Redis: every count
+    doubled. Only a marker this replica has seen in place is a loss when it is gone."""
+    proc = start_redis(data_dir=tmp_path / "redis")
+
+    async def go():
+        client = aioredis.from_url(proc.url, decode_responses=True)
+        await client.config_set("maxmemory-policy", "noeviction")
+        store = await open_store(proc.url, tmp_path, refresh_s=3600)  # refreshed here only
+        try:
+            for i in range(3):
+                store.record(event(i))
+            assert await store.flush()  # the policy's first events: no marker yet
+            await client.config_set("maxmemory", 1)
+            await store.refresh()
+            assert store.snapshot("p")["math:hard"][ARM].count == 3
+            await client.config_set("maxmemory", 0)
+            await store.refresh()
+            assert store.snapshot("p")["math:hard"][ARM].count == 3 and store.restores == 0
+            assert float(await client.hget(store.keys.agg("p", "math:hard", ARM), "count")) == 3
+            # A replica started while Redis is full sees the marker in place (a read), so when Redis then
+            # loses its data, the marker gone is a loss, and its cached stats are added back as before.
+            await client.config_set("maxmemory", 1)
+            other = await open_store(proc.url, tmp_path / "other", refresh_s=3600)
+            await client.config_set("maxmemory", 0)
+            await client.flushall()
+            await other.refresh()
+            await other.close()
+            assert other.restores == 1
+            assert float(await client.hget(store.keys.agg("p", "math:hard", ARM), "count")) == 3
+        finally:
+            await store.close()
+            await client.aclose()
+
+    try:
+        run(go())
+    finally:
+        proc.stop()
+
+
 def test_a_budget_push_redis_refuses_half_way_is_not_pushed_twice(redis_url, tmp_path):
     """The push of the ledger's changes is one pipeline of INCRBYFLOATs: when Redis takes some and
     refuses others, the ones it took must not be pushed again on the next turn."""
