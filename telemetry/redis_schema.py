@@ -182,7 +182,7 @@ class RedisKeys:
         self.stream = f"{ns}:{{events}}:stream"
         self.feedback_stream = f"{ns}:{{events}}:feedback"
         self.policies = f"{ns}:{{meta}}:policies"
-        # Never holds a value: deleting it tells whether the server takes writes (a replica does not).
+        # Never holds a value: an LPUSHX to it (which changes nothing) tells whether the server takes writes.
         self.write_probe = f"{ns}:{{meta}}:write-probe"
 
     def arms(self, policy: str) -> str:

@@ -2,8 +2,9 @@
 
 What lives where, and the scripts that change it atomically: redis_schema.py.
 
-Failure behaviour: see docs/telemetry.md. In short, any Redis error marks the store disconnected; the
-flush loop pings with backoff (at most 1 s apart) and flushes the buffer as soon as PING answers;
+Failure behaviour: see docs/telemetry.md. In short, a Redis that is away or takes no writes (full, a
+replica) marks the store disconnected; the flush loop pings with backoff (at most 1 s apart) and
+flushes the buffer as soon as PING answers and a write probe is taken;
 budgets fall back to the in-process ledger and push their deltas when Redis is back (deltas Redis has
 not confirmed are journaled under data_dir as they are made, and the next start pushes what a
 stopped or crashed process left there). Settles and pushes are applied at most once, so one whose
@@ -13,7 +14,6 @@ reply was lost is simply sent again.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from pathlib import Path
@@ -26,7 +26,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoPermissionError, ReadOnlyError, RedisClusterException
+from redis.exceptions import NoPermissionError, OutOfMemoryError, ReadOnlyError, RedisClusterException, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .aggregates import SPEND_DAYS, SPEND_HOURS, add_spend, group_deltas, spend_deltas, spend_periods
@@ -47,10 +47,19 @@ SPEND_TTL_S = {"h": 2 * 86400, "d": 35 * 86400}
 # How often a running replica looks in data_dir for journals that dead replicas left (killed while Redis
 # was away, and not restarted: scaled down): their spend is pushed without waiting for a start.
 TAKE_OVER_EVERY_S = 5.0
-# READONLY: we are talking to a replica (a failover demoted our primary): reconnect, do not drop.
-DOWN_ERRORS = (
-    RedisConnectionError, RedisTimeoutError, RedisClusterException, ReadOnlyError, OSError, asyncio.TimeoutError
-)
+DOWN_ERRORS = (RedisConnectionError, RedisTimeoutError, RedisClusterException, OSError, asyncio.TimeoutError)
+# Refusals that say the server answers but takes no writes now: full (OOM at maxmemory under noeviction),
+# a replica (READONLY: a failover demoted our primary), failing to persist (MISCONF), short of replicas
+# (NOREPLICAS). An outage too: what it refuses is kept and written once it takes writes, never dropped
+# as a batch it "keeps refusing". redis-py has classes for the first two, and leaves the others' codes
+# in a ResponseError's message.
+WRITES_REFUSED = (OutOfMemoryError, ReadOnlyError)
+WRITES_REFUSED_CODES = ("MISCONF ", "NOREPLICAS ")
+
+
+def refuses_writes(exc: BaseException) -> bool:
+    return isinstance(exc, WRITES_REFUSED) or (isinstance(exc, ResponseError)
+                                               and str(exc).startswith(WRITES_REFUSED_CODES))
 
 
 
@@ -100,6 +109,10 @@ class RedisStore(BufferedStore):
         # show while Redis is away (with the buffered events' spend), rather than nothing spent.
         self._spend_seen: dict[str, dict[str, float]] = {}
         self._connected = False
+        self._marked: set[str] = set()  # policies whose data-loss marker this replica has seen in Redis
+        # Not connected, but the server answers reads (it refuses writes: full, a replica): the refresh
+        # goes on reading the stats, so they do not go stale for as long as Redis is full.
+        self._answers_reads = False
         self._outage_since: float | None = None  # time.monotonic() of the error that began the outage
         self._backoff = 0.0
         self._next_attempt = 0.0
@@ -120,11 +133,20 @@ class RedisStore(BufferedStore):
                 await self._client.connection_pool.disconnect()  # drop sockets to the dead server
             await asyncio.wait_for(self._client.ping(), self.op_timeout_s)
             if self._started:
-                # A gateway's store writes. A server that answers PING but takes no writes (a replica
-                # after a failover: READONLY; CLIENT PAUSE WRITE) is still down: taken as back, every
-                # write failed at once and the store reconnected again, hundreds of times a second.
-                with contextlib.suppress(NoPermissionError):  # an ACL without DEL says nothing of that
-                    await asyncio.wait_for(self._client.delete(self.keys.write_probe), self.op_timeout_s)
+                # A gateway's store writes. A server that answers PING but takes no writes (full: OOM; a
+                # replica after a failover: READONLY; CLIENT PAUSE WRITE) is still down: taken as back,
+                # every write failed at once and the store reconnected again, hundreds of times a second.
+                # LPUSHX of a key that never exists changes nothing, and Redis refuses it as it refuses
+                # the store's writes (DEL, which frees memory, is allowed at maxmemory).
+                try:
+                    await asyncio.wait_for(self._client.lpushx(self.keys.write_probe, "1"), self.op_timeout_s)
+                except ResponseError as exc:
+                    if refuses_writes(exc):
+                        raise
+                    # Anything else says nothing of whether writes are taken. An ACL without LPUSHX is said
+                    # once (without the probe, a full Redis is reconnected to in a loop).
+                    if isinstance(exc, NoPermissionError):
+                        self._on_error("write probe", exc)
         except Exception as exc:
             self._backoff = min(MAX_BACKOFF_S, self._backoff * 2 if self._backoff else 0.05)
             self._next_attempt = now + self._backoff
@@ -134,16 +156,20 @@ class RedisStore(BufferedStore):
         self._budgets_fallback = False
         self.reconnects += 1
         if self._outage_since is not None:
-            log.warning("Redis answers again after %.0f s; writing what was buffered meanwhile",
-                        time.monotonic() - self._outage_since)
+            log.warning("Redis %s again after %.0f s; writing what was buffered meanwhile",
+                        "takes writes" if self._answers_reads else "answers", time.monotonic() - self._outage_since)
             self._outage_since = None
+        self._answers_reads = False
         return True
 
     def _loop_timeout(self) -> float:
         return 1.0 if self._connected else max(0.01, self._next_attempt - time.monotonic())
 
     def _is_down(self, exc: BaseException) -> bool:
-        return isinstance(exc, DOWN_ERRORS) or super()._is_down(exc)
+        return isinstance(exc, DOWN_ERRORS) or refuses_writes(exc) or super()._is_down(exc)
+
+    async def _ensure_readable(self) -> bool:
+        return await self._ensure_connected() or self._answers_reads
 
     def _on_error(self, where: str, exc: BaseException) -> None:
         super()._on_error(where, exc)
@@ -154,15 +180,18 @@ class RedisStore(BufferedStore):
             log.error("Redis refuses a command the gateway needs (%s: %s): grant its user the commands listed in "
                       "docs/telemetry.md; until then whatever uses it fails (without scripts, every event is "
                       "dropped and each replica enforces budgets alone)", where, exc)
-        if isinstance(exc, DOWN_ERRORS):
+        if isinstance(exc, DOWN_ERRORS) or refuses_writes(exc):
             self._connected = False
+            self._answers_reads = refuses_writes(exc)
             # One line per outage, when it begins and when it ends, not one per failed try (every second
             # while it lasts). Only a started store (a gateway's) logs: `ponder stats` says it itself.
             if self._outage_since is None and self._started:
                 self._outage_since = time.monotonic()
-                log.warning("Redis is unreachable (%s: %s): events are buffered, decisions use the last "
-                            "learned stats and each replica enforces budgets alone until it answers",
-                            where, self.last_error.split(": ", 1)[1])
+                log.warning("Redis %s (%s: %s): events are buffered, decisions use the last learned stats and "
+                            "each replica enforces budgets alone until it %s",
+                            "takes no writes" if self._answers_reads else "is unreachable",
+                            where, self.last_error.split(": ", 1)[1],
+                            "takes them" if self._answers_reads else "answers")
 
     # --- writes ----------------------------------------------------------------------------------------
 
@@ -319,22 +348,26 @@ class RedisStore(BufferedStore):
             pipe.smembers(k.arms(p))
             if not read_only:
                 pipe.set(k.alive(p), "1", nx=True)
+                pipe.exists(k.alive(p))  # a read: says whether it is there when Redis refuses the SET
         # A marker Redis refuses to write (OOM at maxmemory with noeviction) must not stop the reads:
         # the stats would go stale for as long as Redis is full. Nothing could be restored then anyway.
         res = await self._execute(pipe, raise_on_error=False)
-        step = 1 if read_only else 2
+        step = 1 if read_only else 3
         members = {p: res[step * i] for i, p in enumerate(names)}
         for value in members.values():
             if isinstance(value, Exception):
                 raise value
-        refused = next((v for v in res[1::2] if isinstance(v, Exception)), None) if not read_only else None
+        markers, in_place = ([], []) if read_only else (res[1::3], res[2::3])  # created (True) by this SET NX
+        refused = next((v for v in markers if isinstance(v, Exception)), None)
         if refused is not None:
             self._on_error("refresh marker", refused)
-            res = [False if isinstance(v, Exception) else v for v in res]
         # A missing marker next to a policy we hold stats for means Redis restarted without its data:
         # the replica that re-created the marker adds its cached aggregates back (additively, so events
-        # other replicas flushed since the restart are kept).
-        lost = [] if read_only else [p for i, p in enumerate(names) if res[2 * i + 1] and self._raw.get(p)]
+        # other replicas flushed since the restart are kept). Only a marker this replica has seen in place
+        # was lost: one Redis refused to write (full, a replica) when the policy's first stats came was
+        # never there, and those stats are in Redis still (adding them back doubled them).
+        lost = [p for p, created in zip(names, markers) if created is True and p in self._marked and self._raw.get(p)]
+        self._marked.update(p for p, n in zip(names, in_place) if n == 1)
         if lost:
             pipe, later = self._client.pipeline(transaction=False), []
             for p in lost:
@@ -377,7 +410,7 @@ class RedisStore(BufferedStore):
 
     async def recent_events(self, limit: int = 100) -> list[dict[str, Any]]:
         out = self._buffered_dicts(limit)
-        if len(out) < limit and self._connected:
+        if len(out) < limit and (self._connected or self._answers_reads):  # none of the buffered is written
             try:
                 entries = await self._client.xrevrange(self.keys.stream, count=limit - len(out))
                 out += [orjson.loads(fields["e"]) for _, fields in entries if "e" in fields]

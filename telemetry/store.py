@@ -190,6 +190,10 @@ class BufferedStore(Store):
         """False while the backend is unreachable (the loop retries with backoff unless `force`)."""
         return True
 
+    async def _ensure_readable(self) -> bool:
+        """What the refresh needs: connected, or a backend that serves reads while it refuses writes."""
+        return await self._ensure_connected()
+
     async def _periodic(self) -> None:
         """Housekeeping on every flush-loop turn (push budget deltas, persist dirty state)."""
 
@@ -203,7 +207,7 @@ class BufferedStore(Store):
             return
         self._started = True
         with contextlib.suppress(Exception):
-            if await self._ensure_connected():
+            if await self._ensure_readable():
                 await self.refresh()
         self._tasks = [
             asyncio.create_task(self._flush_loop(), name="ponder-telemetry-flush"),
@@ -287,7 +291,7 @@ class BufferedStore(Store):
         while not self._closing:
             await asyncio.sleep(self.refresh_s)
             try:
-                if await self._ensure_connected():
+                if await self._ensure_readable():
                     await self.refresh()
             except asyncio.CancelledError:
                 raise

@@ -563,6 +563,33 @@ def test_a_redis_user_not_allowed_scripts_is_said_once_and_leaks_no_connection(r
     assert len(refusals) == len(set(refusals)) <= 3, refusals  # once per command, not once per refusal
 
 
+def test_a_redis_user_not_allowed_the_write_probe_is_served_and_told_to_grant_it(redis_server, redis_url, tmp_path,
+                                                                                caplog):
+    """The reconnect's write probe (LPUSHX) tells a Redis that takes writes from one that is full: an ACL
+    without it leaves the store serving (a refusal of the probe that is not Redis refusing writes says
+    nothing of them), and one ERROR says what to grant."""
+    admin = redis.Redis.from_url(redis_url)
+    admin.execute_command("ACL", "SETUSER", "noprobe", "reset", "on", ">pw-noprobe", "~*", "&*", "+@all", "-lpushx")
+    url = f"redis://noprobe:pw-noprobe@127.0.0.1:{redis_server.port}/0"
+
+    async def go():
+        store = await open_store(url, tmp_path)
+        try:
+            store.record(event(1))
+            assert await store.flush() and store.health()["connected"]
+        finally:
+            await store.close()
+
+    with caplog.at_level("ERROR", logger="ponder.telemetry"):
+        try:
+            run(go())
+        finally:
+            admin.execute_command("ACL", "DELUSER", "noprobe")
+            admin.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "ponder.telemetry"]
+    assert len(lines) == 1 and "'lpushx'" in lines[0] and lines[0].startswith("Redis refuses a command"), lines
+
+
 def test_a_primary_demoted_to_a_read_only_replica_is_one_outage_not_a_reconnect_loop(tmp_path, caplog):
     """A failover left the URL on a replica: PING answers, every write is refused with READONLY. The
     store took each PING as "back", failed its next write at once and reconnected again: hundreds of
@@ -595,8 +622,9 @@ def test_a_primary_demoted_to_a_read_only_replica_is_one_outage_not_a_reconnect_
             proc.stop()
             primary.stop()
     lines = [r.getMessage() for r in caplog.records if r.name == "ponder.telemetry"]
-    assert len([line for line in lines if line.startswith("Redis is unreachable")]) == 1, lines
-    assert len([line for line in lines if line.startswith("Redis answers again after")]) == 1, lines
+    assert len([line for line in lines if line.startswith("Redis takes no writes")]) == 1, lines
+    assert len([line for line in lines if line.startswith("Redis takes writes again after")]) == 1, lines
+    assert len(lines) == 2, lines
 
 
 def test_buffer_is_bounded_and_redis_down_at_start_is_served(tmp_path):
@@ -1046,8 +1074,8 @@ def test_redis_full_says_budgets_are_local_and_stats_keep_refreshing(tmp_path):
             await client.config_set("maxmemory", 1)  # every write refused with OOM from now on
             local = await store.reserve("key-f", 2.0, {"day": 10.0})
             assert local.mode == "local"
-            health = store.health()
-            assert health["connected"] and health["budget_mode"] == "local", health
+            health = store.health()  # an outage of the writes (events buffered, not dropped: see below)
+            assert not health["connected"] and health["budget_mode"] == "local", health
             # Another replica's outcomes (written straight to the aggregate, as Redis allows reads and
             # this is only a check of the reads) reach this replica's snapshot while Redis is full.
             await client.config_set("maxmemory", 0)
@@ -1069,6 +1097,116 @@ def test_redis_full_says_budgets_are_local_and_stats_keep_refreshing(tmp_path):
         run(go())
     finally:
         proc.stop()
+
+
+def test_stats_read_while_redis_refused_their_marker_are_not_added_back_once_it_takes_it(tmp_path):
+    """A policy's data-loss marker is written by the refresh after its first events. When Redis refuses
+    that write (full: the batch that brought the policy took its last bytes; a replica), the refresh
+    still reads the stats; once Redis takes writes, the marker's SET NX succeeds, which read as "Redis
+    lost its data" and added the cached stats back on top of the same stats in Redis: every count
+    doubled. Only a marker this replica has seen in place is a loss when it is gone."""
+    proc = start_redis(data_dir=tmp_path / "redis")
+
+    async def go():
+        client = aioredis.from_url(proc.url, decode_responses=True)
+        await client.config_set("maxmemory-policy", "noeviction")
+        store = await open_store(proc.url, tmp_path, refresh_s=3600)  # refreshed here only
+        try:
+            for i in range(3):
+                store.record(event(i))
+            assert await store.flush()  # the policy's first events: no marker yet
+            await client.config_set("maxmemory", 1)
+            await store.refresh()
+            assert store.snapshot("p")["math:hard"][ARM].count == 3
+            await client.config_set("maxmemory", 0)
+            await store.refresh()
+            assert store.snapshot("p")["math:hard"][ARM].count == 3 and store.restores == 0
+            assert float(await client.hget(store.keys.agg("p", "math:hard", ARM), "count")) == 3
+            # A replica started while Redis is full sees the marker in place (a read), so when Redis then
+            # loses its data, the marker gone is a loss, and its cached stats are added back as before.
+            await client.config_set("maxmemory", 1)
+            other = await open_store(proc.url, tmp_path / "other", refresh_s=3600)
+            await client.config_set("maxmemory", 0)
+            await client.flushall()
+            await other.refresh()
+            await other.close()
+            assert other.restores == 1
+            assert float(await client.hget(store.keys.agg("p", "math:hard", ARM), "count")) == 3
+        finally:
+            await store.close()
+            await client.aclose()
+
+    try:
+        run(go())
+    finally:
+        proc.stop()
+
+
+# A refusal that says Redis takes no writes now, the setting that makes it and the one that lifts it, and
+# what its error says.
+WRITES_REFUSED = {
+    "full": ("maxmemory", 1, 0, "maxmemory"),  # OOM at maxmemory under noeviction (docs/deploy.md)
+    "short of replicas": ("min-replicas-to-write", 1, 0, "NOREPLICAS"),
+}
+
+
+@pytest.mark.parametrize("refusal", sorted(WRITES_REFUSED))
+def test_events_redis_refuses_while_it_takes_no_writes_are_kept_and_written_once_it_does(tmp_path, caplog, refusal):
+    """Redis full (OOM under noeviction) or short of the replicas it must write to answers every write with a
+    refusal. Such a batch was taken for one Redis "keeps refusing" and dropped after 3 tries (they came fast:
+    the flush loop and every feedback's own flush), so the requests' spend rollups, learned stats and feedback
+    records were lost for good, and a feedback sent again after its 503 got a 404. It is an outage of the
+    writes: the events stay buffered, feedback is unavailable meanwhile, the store does not reconnect in a
+    loop (its write probe is refused too), and everything, budget spend included, is written once Redis
+    takes writes again."""
+    setting, refuse, allow, said = WRITES_REFUSED[refusal]
+    proc = start_redis(data_dir=tmp_path / "redis")
+
+    async def go():
+        client = aioredis.from_url(proc.url, decode_responses=True)
+        await client.config_set("maxmemory-policy", "noeviction")
+        store = await open_store(proc.url, tmp_path, refresh_s=0.1)
+        try:
+            store.record(event(9, key_id="key-f"))
+            assert await store.flush()
+            await client.config_set(setting, refuse)
+            for i in range(5):
+                store.record(event(i, key_id="key-f"))
+            await asyncio.sleep(0.2)  # the flush loop's first try is refused
+            reservation = await store.reserve("key-f", 1.0, {"day": 10.0})  # a request admitted meanwhile
+            for _ in range(10):
+                assert (await store.feedback("req-0", 1.0, "key-f")).status == "unavailable"
+                await asyncio.sleep(0.1)
+            await store.settle(reservation, 0.25)
+            health = store.health()
+            assert (health["buffered"], health["dropped"], health["connected"]) == (5, 0, False), health
+            assert said in health["last_error"] and health["budget_mode"] == "local", health
+            assert store.reconnects <= 1, store.reconnects
+            # the dashboard's recent events: the buffered ones, and Redis's, which it still reads
+            assert [e["request_id"] for e in await store.recent_events(10)] == [f"req-{i}" for i in (4, 3, 2, 1, 0, 9)]
+            await client.config_set(setting, allow)
+            await wait_for(lambda: store.health()["written"] == 6, timeout=5.0)
+            assert await client.xlen(store.keys.stream) == 6
+            assert (await store.feedback("req-0", 1.0, "key-f")).status == "accepted"
+            await store.refresh()
+            assert store.snapshot("p")["math:hard"][ARM].count == 6
+            day = time.strftime("%Y%m%d", time.gmtime())
+            spend = await client.hgetall(store.keys.spend(f"d:{day}"))
+            assert float(spend["k:key-f"]) == pytest.approx(sum(event(i).cost_usd for i in (0, 1, 2, 3, 4, 9)))
+            await wait_for(lambda: store.health()["unsynced_budget_usd"] == 0, timeout=3.0)
+            assert float(await client.get(store.keys.budget("key-f", "day", day))) == pytest.approx(0.25)
+        finally:
+            await store.close()
+            await client.aclose()
+
+    with caplog.at_level("WARNING", logger="ponder.telemetry"):
+        try:
+            run(go())
+        finally:
+            proc.stop()
+    lines = [r.getMessage() for r in caplog.records if r.name == "ponder.telemetry"]
+    assert [line.split(" (")[0].split(" after ")[0] for line in lines] == [
+        "Redis takes no writes", "Redis takes writes again"], lines
 
 
 def test_a_budget_push_redis_refuses_half_way_is_not_pushed_twice(redis_url, tmp_path):
