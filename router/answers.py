@@ -228,6 +228,9 @@ def _extract_math(text: str) -> str | None:
         span = expressions[-1] if expressions else None
     if span is None:
         return None
+    mixed = _MIXED_PARTS.fullmatch(span.strip())
+    if mixed and not 0 < int(mixed.group(3)) < int(mixed.group(4)):
+        return None  # "3 7/2" is no mixed number (as `number` reads it): not 37/2, its digits glued
     normalized = normalize_math(span)
     return normalized or None
 

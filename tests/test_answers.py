@@ -287,6 +287,14 @@ def test_a_mixed_number_is_its_value(text: str, fmt: str) -> None:
     assert answers_equivalent(extract_answer("The answer is -3 1/2", fmt), "-3.5", fmt)
 
 
+@pytest.mark.parametrize("fmt", ["math", "number"])
+@pytest.mark.parametrize("text", ["The answer is 3 7/2", "x = 3 2/2"])
+def test_a_mixed_number_that_is_none_is_no_answer(text: str, fmt: str) -> None:
+    """"3 7/2" reads as no mixed number: `number` gave no answer, and `math` glued the digits into 37/2
+    (18.5), a vote for a value the sample never wrote."""
+    assert extract_answer(text, fmt) is None
+
+
 @pytest.mark.parametrize("task", ["reasoning", "knowledge"])
 @pytest.mark.parametrize(
     "text",
