@@ -58,6 +58,10 @@ SYNTHETIC_WEIGHT = 4.0
 SHORT_WEIGHT = 2.0  # the short synthetic requests (1,000 against 64,000 dataset prompts)
 LOSO_CAP = 1500  # prompts per source in each leave-one-source-out refit
 SPLIT_SALT = "ponder-split-v1"  # fixed: the held-out set must not move when the seed changes
+# Handcrafted numbers the task head does not read (its weights there are zero; the difficulty experts
+# keep them). The turn counts: chat is the only class whose training prompts come with long
+# histories, so a task head that reads them turns any request in a long conversation into chat.
+TASK_HEAD_EXCLUDED = ("log_user_turns", "log_assistant_turns")
 
 
 @dataclass
@@ -202,8 +206,12 @@ def _fit(examples: Sequence[Example], X: sp.csr_matrix, seed: int, with_experts:
     w = _source_weights([examples[i] for i in rows])
     class_total = np.bincount(y, weights=w, minlength=len(TASK_TYPES))
     w = w * (w.sum() / (len(TASK_TYPES) * class_total[y]))
+    excluded = [F.N_HASHED + F.HANDCRAFTED.index(name) for name in TASK_HEAD_EXCLUDED]
+    keep = np.ones(Z.shape[1])
+    keep[excluded] = 0.0
     task = LogisticRegression(C=TASK_C, max_iter=MAX_ITER, random_state=seed)
-    task.fit(Z[rows], y, sample_weight=w / w.mean())
+    task.fit(Z[rows] @ sp.diags(keep), y, sample_weight=w / w.mean())
+    task.coef_[:, excluded] = 0.0  # already zero (all-zero columns); said outright for the ONNX graph
 
     # Difficulty experts: one ridge regression per task type on the logit of the target, fitted on
     # that type's prompts. Difficulty-only prompts (MMLU-Pro physics, chemistry, engineering, CS and
@@ -410,7 +418,7 @@ def train(
         },
         "outputs": {"task_probs": "task type probabilities, columns = labels", "difficulty": "P(cheap answer wrong)"},
         "seed": seed,
-        "hyperparameters": {"task_C": TASK_C, "expert_alpha": EXPERT_ALPHA, "expert_min_weight": EXPERT_MIN_WEIGHT, "handcrafted_weight": HANDCRAFTED_WEIGHT, "max_iter": MAX_ITER, "source_cap": SOURCE_CAP, "synthetic_weight": SYNTHETIC_WEIGHT, "short_weight": SHORT_WEIGHT},
+        "hyperparameters": {"task_C": TASK_C, "expert_alpha": EXPERT_ALPHA, "expert_min_weight": EXPERT_MIN_WEIGHT, "handcrafted_weight": HANDCRAFTED_WEIGHT, "max_iter": MAX_ITER, "source_cap": SOURCE_CAP, "synthetic_weight": SYNTHETIC_WEIGHT, "short_weight": SHORT_WEIGHT, "task_head_excluded": list(TASK_HEAD_EXCLUDED)},
         "training_data": {
             "datasets_sha256": data_hashes(root),
             "extra_files_sha256": {Path(p).name: hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in extra},
