@@ -25,6 +25,7 @@ import orjson
 
 from .aggregates import apply_delta, group_deltas, spend_deltas
 from .budget_journal import FILE_PREFIX as JOURNAL_PREFIX
+from .unwritten_events import FILE_PREFIX as EVENTS_PREFIX
 from .budgets import LocalBudgets, Reservation, make_reservation, period_id
 from .events import Event
 from .store import BufferedStore, FeedbackResult
@@ -74,8 +75,9 @@ def check_data_dir(data_dir: Path) -> None:
 
 def holds_store(data_dir: Path) -> bool:
     """Whether a gateway kept telemetry in `data_dir`: an embedded store, or budget changes journaled
-    while Redis was away."""
-    return (data_dir / "telemetry.sqlite3").exists() or any(data_dir.glob(f"{JOURNAL_PREFIX}*"))
+    (or events saved) while Redis was away."""
+    return (data_dir / "telemetry.sqlite3").exists() or any(data_dir.glob(f"{JOURNAL_PREFIX}*")) or any(
+        data_dir.glob(f"{EVENTS_PREFIX}*"))
 
 
 class EmbeddedStore(BufferedStore):

@@ -8,7 +8,8 @@ flushes the buffer as soon as PING answers and a write probe is taken;
 budgets fall back to the in-process ledger and push their deltas when Redis is back (deltas Redis has
 not confirmed are journaled under data_dir as they are made, and the next start pushes what a
 stopped or crashed process left there). Settles and pushes are applied at most once, so one whose
-reply was lost is simply sent again.
+reply was lost is simply sent again. Events still buffered at shutdown are saved under data_dir too
+(unwritten_events.py), and written by the next start or a running replica once Redis takes writes.
 """
 
 from __future__ import annotations
@@ -33,10 +34,11 @@ from .aggregates import SPEND_DAYS, SPEND_HOURS, add_spend, group_deltas, spend_
 from .budget_journal import BudgetJournal, take_over
 from .budgets import BudgetChange, LocalBudgets, Reservation, exceeded, make_reservation, period_id
 from .events import Event
+from . import unwritten_events
 from .redis_schema import (
     AGG_UPDATE_LUA, APPLY_ONCE_LUA, BATCH_LUA, BATCH_MARK_TTL_S, ONCE_TTL_S, RESERVE_LUA, RedisKeys,
 )
-from .store import BufferedStore, FeedbackResult
+from .store import BATCH_MAX, BufferedStore, FeedbackResult
 
 log = logging.getLogger("ponder.telemetry")
 MAX_CONNECTIONS = 32  # per replica
@@ -45,7 +47,8 @@ OTHER_REPLICA_POLL_S = 0.05
 MAX_BACKOFF_S = 1.0  # reconnect attempts at most this far apart: the buffer flushes < 5 s after recovery
 SPEND_TTL_S = {"h": 2 * 86400, "d": 35 * 86400}
 # How often a running replica looks in data_dir for journals that dead replicas left (killed while Redis
-# was away, and not restarted: scaled down): their spend is pushed without waiting for a start.
+# was away, and not restarted: scaled down): their spend is pushed without waiting for a start. Events
+# that stopped replicas saved are looked for as often.
 TAKE_OVER_EVERY_S = 5.0
 DOWN_ERRORS = (RedisConnectionError, RedisTimeoutError, RedisClusterException, OSError, asyncio.TimeoutError)
 # Refusals that say the server answers but takes no writes now: full (OOM at maxmemory under noeviction),
@@ -284,11 +287,21 @@ class RedisStore(BufferedStore):
     async def _periodic(self) -> None:
         """Push budget changes made while Redis was down (or settled locally) back to Redis, and send
         again the changes whose reply was lost (each under its token: applied at most once); now and
-        then, take over what replicas that died left in a shared data_dir (`_take_saved_budgets`)."""
-        now = time.time()
-        if time.monotonic() >= self._next_take_over:
+        then, take over what replicas gone from a shared data_dir left there: budget changes
+        (`_take_saved_budgets`), then events (`_write_saved_events`)."""
+        take_over = time.monotonic() >= self._next_take_over
+        if take_over:
             self._next_take_over = time.monotonic() + TAKE_OVER_EVERY_S
             self._take_saved_budgets()
+        await self._push_budget_changes()
+        if take_over:
+            try:  # a file Redis does not take must not hold up this replica's own events
+                await self._write_saved_events()
+            except Exception as exc:
+                self._on_error("saved events", exc)
+
+    async def _push_budget_changes(self) -> None:
+        now = time.time()
         self._budgets.purge(now)
         self._budgets.stage_unsynced()
         changes = list(self._budgets.pending.values())
@@ -605,10 +618,16 @@ class RedisStore(BufferedStore):
                 await self._periodic()
             except Exception as exc:
                 self._on_error("budget push", exc)
+        if self._connected:  # before feedback comes for the requests they record
+            try:
+                await self._write_saved_events()
+            except Exception as exc:
+                self._on_error("saved events", exc)
 
     async def close(self, timeout_s: float = 5.0) -> None:
         await super().close(timeout_s)
         self._save_unpushed_budgets()
+        self._save_unwritten_events()
         try:
             await self._client.aclose()
         except Exception:
@@ -663,3 +682,46 @@ class RedisStore(BufferedStore):
             log.warning("Redis did not take $%.6f of budget changes by shutdown: saved to %s; the next start "
                         "pushes them", total, journal.path)
         journal.close()
+
+    async def _write_saved_events(self) -> None:
+        """Write the events that processes stopped while Redis was away saved in `data_dir`
+        (`_save_unwritten_events`), each file in the batches it was saved in; raises (the file stays)
+        when Redis does not take one."""
+        if self.data_dir is None or not self.data_dir.is_dir():
+            return
+
+        async def write(batch: list[Event]) -> None:
+            batch = self._valid(batch)
+            if batch:
+                await self._write_batch(batch)
+
+        written, problems = await unwritten_events.take_over(self.data_dir, write)
+        for problem in problems:
+            log.error("unreadable saved events, not written: %s", problem)
+        if written:
+            log.info("wrote %d events a process gone from %s saved unwritten", written, self.data_dir)
+
+    def _save_unwritten_events(self) -> None:
+        """Events still buffered at shutdown (Redis away or taking no writes) would be lost: learned
+        stats, request records (feedback for those requests would be a 404), spend rollups. Saved under
+        `data_dir` in the batches they were (or were to be) written in, for the next start there or a
+        replica running beside it."""
+        if not self._buffer:
+            return
+        events = list(self._buffer)
+        # A batch whose write failed (its reply lost, it may be in Redis) stays that batch, so its mark
+        # tells Redis it has it; the rest in the batches the flush would make.
+        first = self._retry_size or BATCH_MAX
+        batches = [events[:first]] + [events[i:i + BATCH_MAX] for i in range(first, len(events), BATCH_MAX)]
+        if self.data_dir is None:
+            log.error("Redis did not take %d buffered events by shutdown: they are lost", len(events))
+            return
+        try:
+            path = unwritten_events.save(self.data_dir, batches)
+        except OSError as exc:
+            log.error("Redis did not take %d buffered events by shutdown, and they could not be saved in %s: "
+                      "%s; they are lost", len(events), self.data_dir, exc)
+            return
+        self._buffer.clear()
+        log.warning("Redis did not take %d buffered events by shutdown: saved to %s; the next start on that "
+                    "directory, or a replica running there, writes them once Redis takes writes", len(events), path)

@@ -23,12 +23,14 @@ from telemetry.budgets import BudgetExceeded, period_id
 from telemetry.cli import stats_cli
 from telemetry.events import Event
 from telemetry.redis_schema import RedisKeys
+from telemetry import unwritten_events
 from telemetry.redis_server import free_port, start_redis
 from telemetry.store import open_store
 
 ROOT = Path(__file__).resolve().parents[1]
 ARM = "mock/-/single/1"
 ARM2 = "mock/high/self_consistency/5"
+STREAM = "ponder:{events}:stream"
 
 
 def run(coro):
@@ -625,6 +627,62 @@ def test_a_primary_demoted_to_a_read_only_replica_is_one_outage_not_a_reconnect_
     assert len([line for line in lines if line.startswith("Redis takes no writes")]) == 1, lines
     assert len([line for line in lines if line.startswith("Redis takes writes again after")]) == 1, lines
     assert len(lines) == 2, lines
+
+
+def test_events_buffered_at_a_shutdown_while_redis_is_full_are_written_once_by_the_next_start(tmp_path, caplog):
+    """A gateway stopped while Redis takes no writes (full) lost every event it had buffered. They are
+    saved under data_dir and the next start writes them, once: here a taker already wrote the first
+    batch before it died (so it is sent again, and skipped by its mark), and the file has a truncated
+    and a garbage line (skipped, said once, the file kept as *.bad)."""
+    proc = start_redis(data_dir=tmp_path / "redis")
+    client = redis.Redis.from_url(proc.url, decode_responses=True)
+    data = tmp_path / "data"
+
+    async def go():
+        store = await open_store(proc.url, data, refresh_s=0.1)
+        store.record(event(0))
+        assert await store.flush()
+        client.config_set("maxmemory-policy", "noeviction")
+        client.config_set("maxmemory", 1)
+        for i in range(1, 1201):
+            store.record(event(i))
+        await wait_for(lambda: not store.health()["connected"])
+        await store.close(timeout_s=1.0)
+        [saved] = data.glob("events-unwritten-*.jsonl")
+        batches, bad = unwritten_events.read(saved.read_bytes())
+        assert [len(b) for b in batches] == [500, 500, 200] and bad == 0
+        with saved.open("ab") as f:
+            f.write(b"not json\n[2, {\"request_id\": \"cut")
+
+        client.config_set("maxmemory", 0)
+        crashed = await open_store(proc.url, tmp_path / "elsewhere")
+        await crashed._write_batch(batches[0])  # a taker wrote batch 0, then died before the rest
+        await crashed.close()
+        assert client.xlen(STREAM) == 501
+
+        again = await open_store(proc.url, data, refresh_s=0.1)
+        try:
+            assert client.xlen(STREAM) == 1201  # written before it serves
+            assert not list(data.glob("events-unwritten-*.jsonl")) and len(list(data.glob("*.bad"))) == 1
+            assert (await again.feedback("req-1200", 1.0, "key-a")).accepted
+            await again.refresh()
+            assert again.snapshot("p")["math:hard"][ARM].count == 1201
+        finally:
+            await again.close()
+        third = await open_store(proc.url, data)  # nothing left to write twice
+        await third.close()
+        assert client.xlen(STREAM) == 1201
+
+    with caplog.at_level("INFO", logger="ponder.telemetry"):
+        try:
+            run(go())
+        finally:
+            client.close()
+            proc.stop()
+    lines = [r.getMessage() for r in caplog.records if r.name == "ponder.telemetry"]
+    assert len([line for line in lines if "1200 buffered events by shutdown: saved to" in line]) == 1, lines
+    assert len([line for line in lines if line.startswith("unreadable saved events")
+                and "2 unreadable lines" in line]) == 1, lines
 
 
 def test_buffer_is_bounded_and_redis_down_at_start_is_served(tmp_path):
