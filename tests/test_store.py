@@ -626,7 +626,9 @@ def test_a_primary_demoted_to_a_read_only_replica_is_one_outage_not_a_reconnect_
     lines = [r.getMessage() for r in caplog.records if r.name == "ponder.telemetry"]
     assert len([line for line in lines if line.startswith("Redis takes no writes")]) == 1, lines
     assert len([line for line in lines if line.startswith("Redis takes writes again after")]) == 1, lines
-    assert len(lines) == 2, lines
+    # (a replica loading the primary's data answers LOADING for a moment: on a slow machine the store may
+    # meet it, one "unreachable" and one "answers again" more; the loop this guards against was hundreds)
+    assert len(lines) <= 4, lines
 
 
 def test_events_buffered_at_a_shutdown_while_redis_is_full_are_written_once_by_the_next_start(tmp_path, caplog):
