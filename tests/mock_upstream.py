@@ -9,13 +9,14 @@ per whitespace-separated word), and can misbehave on demand:
         script: behaviours for the next requests, in order; then fail_rate picks "500" at random.
         cached_tokens: reported in every answer's `usage.prompt_tokens_details` (a prompt cache hit).
         behaviours: ok | 500 | 429 | 429_ms | 429_date | 429_google | 401 | too_long | too_long_vllm | echo_400 | empty | hang | reset | truncate | reset_mid | stall | slow_first | hold
-                    | raw | tool_call | length | no_usage
+                    | raw | tool_call | length | no_usage | error
         (tool_call: the answer is a call of the request's first tool, the picked answer its arguments,
         streamed a word at a time; length: the answer cut at max_tokens/max_completion_tokens words,
         finish_reason "length"; no_usage: a JSON answer without its `usage` block, as some servers write it)
         (hold: a stream pauses hang_s after its first chunk; raw: a 200 text/event-stream whose body is
         `raw`, a list of hex strings, each sent as one write, and numbers, seconds to sleep between them,
-        so a test says byte for byte how an upstream writes its SSE)
+        so a test says byte for byte how an upstream writes its SSE; error: the answer `error` says,
+        {"status": 503, "headers": {...}, "body": "..."}, so a test says what an upstream's failure carries)
     GET  /calls     {"count": N, "bodies": [...last 200 bodies], "raw_bodies": [...the same, as the bytes sent]}
     POST /reset     forget everything
 
@@ -55,7 +56,8 @@ STATE: dict = {}
 
 def initial_state() -> dict:
     return dict(script=[], fail_rate=0.0, answers=["Hello from the mock upstream."], delay_ms=0, turn=0,
-                hang_s=30.0, rng=random.Random(7), cached_tokens=0, raw=[])
+                hang_s=30.0, rng=random.Random(7), cached_tokens=0, raw=[],
+                error={"status": 503, "headers": {}, "body": '{"error": {"message": "overloaded"}}'})
 
 
 def words(text: str) -> int:
@@ -164,6 +166,10 @@ async def delayed_behaviour() -> tuple[str, web.Response | None]:
                                             headers={"Retry-After": "1"})
     if behaviour == "hang":
         await asyncio.sleep(STATE["hang_s"])
+    if behaviour == "error":
+        error = STATE["error"]
+        return behaviour, web.Response(status=error["status"], headers=error.get("headers") or {},
+                                       body=error.get("body", ""), content_type="application/json")
     return behaviour, None
 
 
@@ -379,7 +385,8 @@ async def raw_stream(request: web.Request) -> web.StreamResponse:
 
 def make_app() -> web.Application:
     app = control_app(STATE, initial_state, recorded=("bodies", "raw_bodies"),
-                      settable=("script", "fail_rate", "answers", "delay_ms", "hang_s", "cached_tokens", "raw"))
+                      settable=("script", "fail_rate", "answers", "delay_ms", "hang_s", "cached_tokens", "raw",
+                                "error"))
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_get("/v1/models", lambda r: web.json_response({"object": "list", "data": []}))

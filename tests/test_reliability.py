@@ -24,7 +24,7 @@ import psutil
 import pytest
 import redis
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tests.servers import (PYTHON, Process, calls, control, free_port, mock_backend, reset, running, start_gateway,
@@ -1053,6 +1053,66 @@ def test_a_body_of_exactly_max_body_bytes_is_accepted_and_one_byte_more_is_413(h
         assert post(200_000, chunked=chunked).status_code == 200
         over = post(200_001, chunked=chunked)
         assert over.status_code == 413 and assert_openai_error(over)["code"] == "body_too_large"
+
+# -- upstream error answers with any wait in their headers -------------------------------------------
+
+WAIT_BACKENDS = 40  # per transport: each case takes the next, so one case's cool-down rarely meets the next
+_wait_value = (st.sampled_from(["1", "0", "-3", "2.5", "7000", "inf", "-inf", "nan", "1e999", "1e308", "",
+                                "Fri, 31 Dec 9999 23:59:59 GMT", "Mon, 01 Jan 0001 00:00:00 GMT",
+                                "Wed, 21 Oct 2015 07:28:00 GMT", "Wed, 21 Oct 2015 07:28:00 +9999", "soon"])
+               | st.text(_ascii, max_size=30).map(str.strip))
+_upstream_failure = st.fixed_dictionaries({
+    "status": st.sampled_from([408, 429, 500, 502, 503, 504]),
+    "headers": st.dictionaries(st.sampled_from(["Retry-After", "retry-after-ms"]), _wait_value, max_size=2),
+    "body": st.sampled_from(['{"error": {"message": "busy"}}', "", "not json", '{"error": null}',
+                             '[{"error": {"code": 429, "details": [{"retryDelay": "1e999s"}]}}]']),
+    "litellm": st.booleans(), "endpoint": st.sampled_from(["chat", "stream", "embeddings"]),
+})
+
+
+@pytest.fixture(scope="module")
+def waits(tmp_path_factory):
+    """One gateway in front of one mock, through many backends on each transport (the fast path, litellm)."""
+    tmp = tmp_path_factory.mktemp("waits")
+    with running(start_mock(tmp)) as mock:
+        backends = [mock_backend(f"{transport}-{i}", mock, max_retries=0, fast_path=transport == "fast")
+                    for transport in ("fast", "litellm") for i in range(WAIT_BACKENDS)]
+        with running(start_gateway(tmp, {"backends": backends, "policy": simple_policy(tmp, "fast-0")},
+                                   name="waits")) as gateway:
+            yield gateway, mock
+
+
+def test_upstream_errors_with_any_retry_after_get_a_clean_error_with_a_sane_retry_after(waits):
+    """Upstreams answer 408/429/5xx with whatever `Retry-After` and `retry-after-ms` they like: the client
+    gets the gateway's 429, 502, 503 or 504 in the OpenAI schema, a Retry-After of whole seconds if any,
+    and no traceback is logged. `inf` or `1e999` (floats to Python) crashed writing the client's
+    Retry-After: a 500 with a traceback."""
+    gateway, mock = waits
+    turn = {"fast": 0, "litellm": 0}
+    with httpx.Client(base_url=gateway.url, timeout=30) as client:
+        @settings(max_examples=300 if SOAK else 40, deadline=None, database=None, derandomize=not SOAK,
+                  suppress_health_check=list(HealthCheck))
+        @given(_upstream_failure)
+        @example({"status": 503, "headers": {"Retry-After": "inf"}, "body": "", "litellm": False, "endpoint": "chat"})
+        @example({"status": 500, "headers": {"retry-after-ms": "1e999"}, "body": "", "litellm": True,
+                  "endpoint": "stream"})
+        def run(case: dict[str, Any]) -> None:
+            transport = "litellm" if case["litellm"] else "fast"
+            backend = f"{transport}-{turn[transport] % WAIT_BACKENDS}"
+            turn[transport] += 1
+            control(mock, script=["error"], error={k: case[k] for k in ("status", "headers", "body")})
+            if case["endpoint"] == "embeddings":
+                response = client.post("/v1/embeddings", json={"model": backend, "input": "hello"})
+            else:
+                response = client.post("/v1/chat/completions", json=chat(backend, stream=case["endpoint"] == "stream"))
+            assert response.status_code in (429, 502, 503, 504), (case, response.status_code, response.text[:300])
+            assert_openai_error(response)
+            if "retry-after" in response.headers:
+                assert response.headers["retry-after"].isdigit(), response.headers["retry-after"]
+
+        run()
+    assert "Traceback" not in gateway.log(), gateway.log()[-3000:]
+
 
 # -- security ---------------------------------------------------------------------------------------
 
