@@ -49,7 +49,7 @@ import time
 import orjson
 from aiohttp import web
 
-from mock_server import control_app, record, serve  # a sibling: run as a script, tests/ is on sys.path
+from mock_server import control_app, raw_stream, record, serve  # a sibling: run as a script, tests/ is on sys.path
 
 STATE: dict = {}
 
@@ -217,7 +217,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
         request.transport.close()
         return web.Response()
     if behaviour == "raw":
-        return await raw_stream(request)
+        return await raw_stream(request, STATE["raw"])
     n = int(body.get("n") or 1)
     limits = [body[k] for k in ("max_tokens", "max_completion_tokens") if isinstance(body.get(k), int)]
     reasoning = min([10, *limits]) if body.get("reasoning_effort") else 0
@@ -367,18 +367,6 @@ async def stream_message(request: web.Request, response: web.StreamResponse, bod
     if (body.get("stream_options") or {}).get("include_usage"):
         await response.write(b"data: " + orjson.dumps({**chunk, "choices": [], "usage": usage}) + b"\n\n")
     await response.write(b"data: [DONE]\n\n")
-    await response.write_eof()
-    return response
-
-
-async def raw_stream(request: web.Request) -> web.StreamResponse:
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-    await response.prepare(request)
-    for piece in STATE["raw"]:
-        if isinstance(piece, (int, float)):
-            await asyncio.sleep(piece)
-        else:
-            await response.write(bytes.fromhex(piece))
     await response.write_eof()
     return response
 
