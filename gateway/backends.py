@@ -462,7 +462,8 @@ class Backend:
         # one 0 or 1 a dimension, as the vector; Gemini's and others' drop it. Encoded here as OpenAI does.
         base64_asked = params.pop("encoding_format", None) == "base64"
         try:
-            response = await litellm_module().aembedding(**self._litellm_target(), **params)
+            # embedding() reads no `num_retries`, only `max_retries` (see also litellm_module)
+            response = await litellm_module().aembedding(**self._litellm_target(), max_retries=0, **params)
         except Exception as exc:  # litellm maps every provider's errors onto its own classes
             raise litellm_error(self.name, exc) from None
         data = response.model_dump(exclude_none=True)

@@ -28,6 +28,9 @@ def litellm_module():
 
         litellm.suppress_debug_info = True
         litellm.drop_params = True  # a knob one provider lacks must not fail the call
+        # No retries of litellm's own (gateway/calls.py decides those): its OpenAI embeddings read an
+        # explicit `max_retries=0` as "unset" (`max_retries or DEFAULT_MAX_RETRIES`), and retried twice
+        litellm.DEFAULT_MAX_RETRIES = 0
         _LITELLM = litellm
     return _LITELLM
 

@@ -103,34 +103,31 @@ def upstream_wait(headers: Mapping[str, str]) -> float | None:
     """The wait, in seconds, an upstream's error answer asks for (headers looked up case-insensitively,
     as aiohttp's and httpx's are): `retry-after-ms` first, as the openai SDK reads it (Azure OpenAI
     may send only that one), else `Retry-After` as seconds or as an HTTP-date (RFC 9110)."""
-    try:
-        milliseconds = headers.get("retry-after-ms")
-        wait = _finite_wait(float(milliseconds) / 1000) if milliseconds else None
-    except ValueError:
-        wait = None
-    if wait is not None:
-        return wait
-    # one that is no number ("inf", "abc") is passed over alike: the Retry-After sent beside it may say
+    milliseconds = _finite(headers.get("retry-after-ms"))
+    if milliseconds is not None:
+        return max(0.0, milliseconds / 1000)
     return retry_after_seconds(headers.get("retry-after"))
 
 
 def retry_after_seconds(value: str | None) -> float | None:
     if not value:
         return None
-    try:
-        return _finite_wait(float(value))
-    except ValueError:
-        pass
+    if (seconds := _finite(value)) is not None:
+        return max(0.0, seconds)
     try:
         return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
     except (TypeError, ValueError):
         return None
 
 
-def _finite_wait(seconds: float) -> float | None:
-    """A wait as a number of seconds, none for one that is no number ("1e999", "nan"): it would make
-    the client's Retry-After header (a whole number of seconds) fail to render."""
-    return max(0.0, seconds) if math.isfinite(seconds) else None
+def _finite(value: str | None) -> float | None:
+    """A header's number, or None: "inf", "1e999" and "nan" parse as floats but are no wait (an
+    infinite one crashed the Retry-After written to the client)."""
+    try:
+        number = float(value) if value else None
+    except ValueError:
+        return None
+    return number if number is not None and math.isfinite(number) else None
 
 
 # Google's APIs (Gemini, Vertex AI) send no Retry-After: a 429's wait is in the error body's RetryInfo

@@ -13,7 +13,7 @@ top_k, top_p under 0.95, a forced tool call) with its 400.
                    "thinking": "...", "hang_s": 30}
         script: behaviours for the next requests, in order, then "ok".
         behaviours: ok | tool_use | 400 | too_long | 401 | 429 | 500 | 529 | hang | break_mid | truncate | error_event
-                    | stall
+                    | stall | raw
         (tool_use: a call of the request's first tool with the answer, a JSON object text, as its input;
         break_mid: the stream's connection closes after its first text delta; stall: the stream pauses
         hang_s there, silent, then goes on; truncate: the body ends
@@ -32,14 +32,14 @@ import asyncio
 import orjson
 from aiohttp import web
 
-from mock_server import control_app, cut_json, record, serve  # a sibling: run as a script, tests/ is on sys.path
+from mock_server import control_app, cut_json, raw_stream, record, serve  # a sibling: run as a script, tests/ is on sys.path
 
 STATE: dict = {}
 
 
 def initial_state() -> dict:
     return dict(script=[], answers=["Hello from the mock Anthropic."], cache_read=0, cache_creation=0,
-                thinking="Let me think step by step.", hang_s=30.0, turn=0)
+                thinking="Let me think step by step.", hang_s=30.0, raw=[], turn=0)
 
 
 def words(text: str) -> int:
@@ -114,6 +114,8 @@ async def messages(request: web.Request) -> web.StreamResponse:
     body = orjson.loads(await request.read())
     record(STATE, bodies=body, headers=dict(request.headers))
     behaviour = STATE["script"].pop(0) if STATE["script"] else "ok"
+    if behaviour == "raw":  # a stream written byte for byte as the test says (tests/mock_server.py)
+        return await raw_stream(request, STATE["raw"])
     if behaviour == "400" or (problem := refusal(body)):
         return error(400, "invalid_request_error", "mock refused the request" if behaviour == "400" else problem)
     if behaviour == "too_long":
@@ -211,7 +213,7 @@ async def stream(request: web.Request, message: dict, behaviour: str) -> web.Str
 
 def make_app() -> web.Application:
     app = control_app(STATE, initial_state, recorded=("bodies", "headers"),
-                      settable=("script", "answers", "cache_read", "cache_creation", "thinking", "hang_s"))
+                      settable=("raw", "script", "answers", "cache_read", "cache_creation", "thinking", "hang_s"))
     app.router.add_post("/v1/messages", messages)
     return app
 

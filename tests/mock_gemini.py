@@ -18,7 +18,7 @@ maxOutputTokens as Gemini counts it; its text is sent only with `includeThoughts
 
     POST /control {"script": [...], "answers": [...], "cached": 0, "thinking": "...", "hang_s": 30}
         script: behaviours for the next requests, in order, then "ok".
-        behaviours: ok | function_call | 400 | too_long | bad_key | 429 | 500 | 503 | hang | break_mid | truncate
+        behaviours: ok | function_call | 400 | too_long | bad_key | 429 | 500 | 503 | hang | break_mid | truncate | raw
                     | truncate_at_start | blocked
         (function_call: a call of the request's first function with the answer, a JSON object text,
         as its args; break_mid: the stream's connection closes after its first chunk; truncate: the
@@ -38,7 +38,7 @@ import asyncio
 import orjson
 from aiohttp import web
 
-from mock_server import control_app, cut_json, record, serve  # a sibling: run as a script, tests/ is on sys.path
+from mock_server import control_app, cut_json, raw_stream, record, serve  # a sibling: run as a script, tests/ is on sys.path
 
 STATE: dict = {}
 
@@ -80,7 +80,8 @@ def normalized(body: dict) -> dict:
 
 def initial_state() -> dict:
     return dict(script=[], answers=["Hello from the mock Gemini."], cached=0,
-                thinking="Let me think this through step by step before answering.", hang_s=30.0, turn=0)
+                thinking="Let me think this through step by step before answering.", hang_s=30.0, turn=0,
+                raw=[])
 
 
 def words(text: str) -> int:
@@ -190,6 +191,8 @@ async def generate(request: web.Request) -> web.StreamResponse:
     record(STATE, bodies=body, paths=request.path_qs, headers=dict(request.headers))
     behaviour = STATE["script"].pop(0) if STATE["script"] else "ok"
     key = request.headers.get("x-goog-api-key") or request.query.get("key")
+    if behaviour == "raw":  # a stream written byte for byte as the test says (tests/mock_server.py)
+        return await raw_stream(request, STATE["raw"])
     if behaviour == "bad_key":
         return error(400, "INVALID_ARGUMENT", "API key not valid. Please pass a valid API key.")
     if behaviour == "400" or (problem := refusal(model, body, key)):
@@ -293,7 +296,7 @@ async def stream(request: web.Request, answer: dict, behaviour: str) -> web.Stre
 
 def make_app() -> web.Application:
     app = control_app(STATE, initial_state, recorded=("bodies", "paths", "headers"),
-                      settable=("script", "answers", "cached", "thinking", "hang_s"))
+                      settable=("raw", "script", "answers", "cached", "thinking", "hang_s"))
     app.router.add_post("/v1beta/models/{target}", generate)
     return app
 

@@ -4,11 +4,14 @@ API each imitates: a test's handles on the mock's state, and running it on a loo
     POST /control {...}   sets the state keys the mock names as settable (the others are ignored)
     GET  /calls           {"count": N, and each recorded list: the last 200 requests' bodies, ...}
     POST /reset           the state as the mock started, nothing recorded
+
+Each mock's `raw` behaviour (raw_stream) answers a 200 text/event-stream written byte for byte as a test says.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 from collections.abc import Callable
 
 import orjson
@@ -76,4 +79,18 @@ async def cut_json(request: web.Request, answer: dict, behaviour: str) -> web.St
     await response.prepare(request)
     await response.write(half)
     request.transport.close()
+    return response
+
+
+async def raw_stream(request: web.Request, pieces: list) -> web.StreamResponse:
+    """A 200 text/event-stream whose body is `pieces`: hex strings, each sent as one write, and numbers,
+    seconds to sleep between them (a test says byte for byte how an upstream writes its stream)."""
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    for piece in pieces:
+        if isinstance(piece, (int, float)):
+            await asyncio.sleep(piece)
+        else:
+            await response.write(bytes.fromhex(piece))
+    await response.write_eof()
     return response

@@ -9,13 +9,14 @@ per whitespace-separated word), and can misbehave on demand:
         script: behaviours for the next requests, in order; then fail_rate picks "500" at random.
         cached_tokens: reported in every answer's `usage.prompt_tokens_details` (a prompt cache hit).
         behaviours: ok | 500 | 429 | 429_ms | 429_date | 429_google | 401 | too_long | too_long_vllm | echo_400 | empty | hang | reset | truncate | reset_mid | stall | slow_first | hold
-                    | raw | tool_call | length | no_usage
+                    | raw | tool_call | length | no_usage | error
         (tool_call: the answer is a call of the request's first tool, the picked answer its arguments,
         streamed a word at a time; length: the answer cut at max_tokens/max_completion_tokens words,
         finish_reason "length"; no_usage: a JSON answer without its `usage` block, as some servers write it)
         (hold: a stream pauses hang_s after its first chunk; raw: a 200 text/event-stream whose body is
         `raw`, a list of hex strings, each sent as one write, and numbers, seconds to sleep between them,
-        so a test says byte for byte how an upstream writes its SSE)
+        so a test says byte for byte how an upstream writes its SSE; error: the answer `error` says,
+        {"status": 503, "headers": {...}, "body": "..."}, so a test says what an upstream's failure carries)
     GET  /calls     {"count": N, "bodies": [...last 200 bodies], "raw_bodies": [...the same, as the bytes sent],
                      "times": [...when each arrived, time.monotonic() seconds]}
     POST /reset     forget everything
@@ -49,14 +50,15 @@ import time
 import orjson
 from aiohttp import web
 
-from mock_server import control_app, record, serve  # a sibling: run as a script, tests/ is on sys.path
+from mock_server import control_app, raw_stream, record, serve  # a sibling: run as a script, tests/ is on sys.path
 
 STATE: dict = {}
 
 
 def initial_state() -> dict:
     return dict(script=[], fail_rate=0.0, answers=["Hello from the mock upstream."], delay_ms=0, turn=0,
-                hang_s=30.0, rng=random.Random(7), cached_tokens=0, raw=[])
+                hang_s=30.0, rng=random.Random(7), cached_tokens=0, raw=[],
+                error={"status": 503, "headers": {}, "body": '{"error": {"message": "overloaded"}}'})
 
 
 def words(text: str) -> int:
@@ -165,6 +167,10 @@ async def delayed_behaviour() -> tuple[str, web.Response | None]:
                                             headers={"Retry-After": "1"})
     if behaviour == "hang":
         await asyncio.sleep(STATE["hang_s"])
+    if behaviour == "error":
+        error = STATE["error"]
+        return behaviour, web.Response(status=error["status"], headers=error.get("headers") or {},
+                                       body=error.get("body", ""), content_type="application/json")
     return behaviour, None
 
 
@@ -212,7 +218,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
         request.transport.close()
         return web.Response()
     if behaviour == "raw":
-        return await raw_stream(request)
+        return await raw_stream(request, STATE["raw"])
     n = int(body.get("n") or 1)
     limits = [body[k] for k in ("max_tokens", "max_completion_tokens") if isinstance(body.get(k), int)]
     reasoning = min([10, *limits]) if body.get("reasoning_effort") else 0
@@ -366,21 +372,10 @@ async def stream_message(request: web.Request, response: web.StreamResponse, bod
     return response
 
 
-async def raw_stream(request: web.Request) -> web.StreamResponse:
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-    await response.prepare(request)
-    for piece in STATE["raw"]:
-        if isinstance(piece, (int, float)):
-            await asyncio.sleep(piece)
-        else:
-            await response.write(bytes.fromhex(piece))
-    await response.write_eof()
-    return response
-
-
 def make_app() -> web.Application:
     app = control_app(STATE, initial_state, recorded=("bodies", "raw_bodies", "times"),
-                      settable=("script", "fail_rate", "answers", "delay_ms", "hang_s", "cached_tokens", "raw"))
+                      settable=("script", "fail_rate", "answers", "delay_ms", "hang_s", "cached_tokens", "raw",
+                                "error"))
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_get("/v1/models", lambda r: web.json_response({"object": "list", "data": []}))

@@ -60,6 +60,7 @@ def stack(tmp_path_factory, redis_server):
              "prices": {"input_per_mtok": 0.02, "output_per_mtok": 0.0}},
             mock_backend("emb-slow", mock, prices={"input_per_mtok": 5.0, "output_per_mtok": 0.0}, max_retries=0,
                          timeout_s=0.5),
+            mock_backend("emb-litellm-failing", mock, fast_path=False),  # its own: its failures cool it down
         ]
         config = {"backends": backends, "policy": policy(tmp, "open"),
                   "extra_policies": {"closed": policy(tmp, "closed", direct_backend=False),
@@ -331,6 +332,19 @@ def test_an_upstream_that_keeps_failing_is_a_clean_502(client, mock):
     assert calls(mock)["count"] == 2
 
 
+def test_a_backend_through_litellm_is_called_only_as_often_as_its_max_retries_says(client, mock):
+    """litellm's embedding() reads no `num_retries` (its completion() does): the openai SDK under it made
+    two retries of its own per attempt, on its own backoff (honouring an upstream's Retry-After up to
+    60 s), unseen by the gateway's retries, cool-downs and ledger: six calls where max_retries 1 allows two."""
+    control(mock, script=["500"] * 6)
+    started = time.monotonic()
+    with pytest.raises(openai.InternalServerError) as info:
+        client.embeddings.create(model="emb-litellm-failing", input="x")
+    assert info.value.status_code == 502
+    assert calls(mock)["count"] == 2
+    assert time.monotonic() - started < 1  # no SDK backoff (0.5 s and more) hidden between them
+
+
 def test_embeddings_a_backend_fails_to_serve_do_not_cool_its_chat_down(client, mock):
     """A chat server that does not serve embeddings answers them 500 (llama.cpp's without embedding=True):
     two clients asking it for embeddings cooled the backend down, and its chat answered 503 for everyone."""
@@ -417,4 +431,4 @@ def test_the_api_key_is_checked(gw, mock):
 
 def test_models_lists_what_it_did(client):
     assert [m.id for m in client.models.list()] == ["auto", "chat", EMB, PRICED, "emb-429", "emb-litellm",
-                                                     EMB_LARGE, TITAN, "emb-slow"]
+                                                     EMB_LARGE, TITAN, "emb-slow", "emb-litellm-failing"]

@@ -24,14 +24,14 @@ import psutil
 import pytest
 import redis
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from gateway.backends import BackendHealth
 from gateway.calls import upstream_to_api_error
 from gateway.upstream_errors import http_error
-from tests.servers import (PYTHON, Process, calls, control, free_port, mock_backend, reset, running, start_gateway,
-                           start_mock, write_policy)
+from tests.servers import (PYTHON, Process, calls, control, free_port, mock_backend, reset, running,
+                           start_anthropic_mock, start_gateway, start_gemini_mock, start_mock, write_policy)
 
 SOAK = os.environ.get("PONDER_SOAK") == "1"
 ERROR_FIELDS = {"message", "type", "param", "code"}
@@ -1090,6 +1090,73 @@ def test_fuzzed_requests_never_get_a_5xx_and_every_error_is_an_openai_error(heal
     assert upstream_calls(mock) > 0, "no fuzzed request was valid enough to reach the upstream"
 
 
+# The newer surfaces: embeddings, a Responses prompt's token count, and every x-ponder-* header (read in
+# one pass over the raw list) with any value a client can put in a header, latin-1 included.
+_header_value = (st.sampled_from(["", "0", "-1", "nan", "inf", "-inf", "1e999", "1e-320", "0x10", "1_000", "single",
+                                  "self_consistency", "math", "default", "simple", "MATH", "５"])
+                 | st.text(st.characters(min_codepoint=32, max_codepoint=255, exclude_characters="\x7f"),
+                           max_size=30).map(str.strip))
+_ponder_headers = st.dictionaries(
+    st.sampled_from(["x-ponder-strategy", "x-ponder-max-cost-usd", "x-ponder-policy", "x-ponder-max-latency-ms",
+                     "x-ponder-task", "X-Ponder-Task", "x-ponder-unknown", "x-ponder-"]),
+    _header_value.map(lambda value: value.encode("utf-8" if value == "５" else "latin-1")), max_size=4)
+_embedding_input = (st.text(max_size=50) | st.lists(st.text(max_size=20), max_size=4)
+                    | st.lists(st.integers(-5, 2**40), max_size=6) | st.lists(st.lists(st.integers(-1, 100), max_size=3),
+                                                                               max_size=3) | _json)
+_embeddings_body = st.fixed_dictionaries(
+    {"model": st.sampled_from(["m", "auto", "", "no-such"]) | _leaf, "input": _embedding_input},
+    optional={"encoding_format": st.sampled_from(["float", "base64", "hex"]) | _leaf,
+              "dimensions": _number, "user": _leaf, "extra": _json})
+_responses_input = (st.text(max_size=100) | st.lists(st.fixed_dictionaries(
+    {"role": _roles | _leaf, "content": st.text(max_size=60) | _json}, optional={"type": st.just("message") | _leaf}),
+    max_size=3) | _json)
+_responses_body = st.fixed_dictionaries(
+    {"model": st.sampled_from(["auto", "m"]) | _leaf, "input": _responses_input},
+    optional={"instructions": _leaf | _json, "tools": _json, "text": _json, "max_output_tokens": _number,
+              "reasoning": _json, "previous_response_id": _leaf, "stream": st.booleans(), "store": _leaf})
+
+
+@st.composite
+def _new_surface_request(draw) -> tuple[str, bytes, dict[str, bytes]]:
+    path = draw(st.sampled_from(["/v1/embeddings", "/v1/responses/input_tokens", "/v1/responses",
+                                 "/v1/chat/completions"]))
+    kind = draw(st.sampled_from(["body"] * 8 + ["json", "bytes"]))
+    if kind == "bytes":
+        body = draw(st.binary(max_size=300))
+    elif kind == "json":
+        body = _dumps(draw(_json))
+    elif path == "/v1/embeddings":
+        body = _dumps(draw(_embeddings_body))
+    elif path == "/v1/chat/completions":
+        body = _dumps(draw(_plausible_body))
+    else:
+        body = _dumps(draw(_responses_body))
+    return path, body, {"content-type": b"application/json", **draw(_ponder_headers)}
+
+
+def test_fuzzed_embeddings_token_counts_and_ponder_headers_never_get_a_5xx(healthy):
+    gateway, mock = healthy
+    reset(mock)
+    with httpx.Client(base_url=gateway.url, timeout=30) as client:
+        @settings(max_examples=3000 if SOAK else 300, deadline=None, database=None, derandomize=not SOAK,
+                  suppress_health_check=list(HealthCheck))
+        @given(_new_surface_request())
+        def run(case: tuple[str, bytes, dict[str, bytes]]) -> None:
+            path, body, headers = case
+            response = client.post(path, content=body, headers=headers)
+            assert response.status_code < 500, (case, response.status_code, response.text[:500])
+            if response.status_code >= 400:
+                assert_openai_error(response)
+            elif response.headers.get("content-type", "").startswith("text/event-stream"):
+                assert b"data:" in response.content
+            else:
+                assert isinstance(response.json(), dict)
+
+        run()
+    assert "Traceback" not in gateway.log(), gateway.log()[-3000:]
+    assert upstream_calls(mock) > 0, "no fuzzed request was valid enough to reach the upstream"
+
+
 def _nested(depth: int, *, stream: bool = False) -> bytes:
     head = b'{"model": "auto", "messages": [{"role": "user", "content": "x"}], ' + \
         (b'"stream": true, ' if stream else b"") + b'"extra": '
@@ -1151,6 +1218,193 @@ def test_a_body_of_exactly_max_body_bytes_is_accepted_and_one_byte_more_is_413(h
         assert post(200_000, chunked=chunked).status_code == 200
         over = post(200_001, chunked=chunked)
         assert over.status_code == 413 and assert_openai_error(over)["code"] == "body_too_large"
+
+# -- upstream error answers with any wait in their headers -------------------------------------------
+
+WAIT_BACKENDS = 40  # per transport: each case takes the next, so one case's cool-down rarely meets the next
+_wait_value = (st.sampled_from(["1", "0", "-3", "2.5", "7000", "inf", "-inf", "nan", "1e999", "1e308", "",
+                                "Fri, 31 Dec 9999 23:59:59 GMT", "Mon, 01 Jan 0001 00:00:00 GMT",
+                                "Wed, 21 Oct 2015 07:28:00 GMT", "Wed, 21 Oct 2015 07:28:00 +9999", "soon"])
+               | st.text(_ascii, max_size=30).map(str.strip))
+_upstream_failure = st.fixed_dictionaries({
+    "status": st.sampled_from([408, 429, 500, 502, 503, 504]),
+    "headers": st.dictionaries(st.sampled_from(["Retry-After", "retry-after-ms"]), _wait_value, max_size=2),
+    "body": st.sampled_from(['{"error": {"message": "busy"}}', "", "not json", '{"error": null}',
+                             '[{"error": {"code": 429, "details": [{"retryDelay": "1e999s"}]}}]']),
+    "litellm": st.booleans(), "endpoint": st.sampled_from(["chat", "stream", "embeddings"]),
+})
+
+
+@pytest.fixture(scope="module")
+def waits(tmp_path_factory):
+    """One gateway in front of one mock, through many backends on each transport (the fast path, litellm)."""
+    tmp = tmp_path_factory.mktemp("waits")
+    with running(start_mock(tmp)) as mock:
+        backends = [mock_backend(f"{transport}-{i}", mock, max_retries=0, fast_path=transport == "fast")
+                    for transport in ("fast", "litellm") for i in range(WAIT_BACKENDS)]
+        with running(start_gateway(tmp, {"backends": backends, "policy": simple_policy(tmp, "fast-0")},
+                                   name="waits")) as gateway:
+            yield gateway, mock
+
+
+def test_upstream_errors_with_any_retry_after_get_a_clean_error_with_a_sane_retry_after(waits):
+    """Upstreams answer 408/429/5xx with whatever `Retry-After` and `retry-after-ms` they like: the client
+    gets the gateway's 429, 502, 503 or 504 in the OpenAI schema, a Retry-After of whole seconds if any,
+    and no traceback is logged. `inf` or `1e999` (floats to Python) crashed writing the client's
+    Retry-After: a 500 with a traceback."""
+    gateway, mock = waits
+    turn = {"fast": 0, "litellm": 0}
+    with httpx.Client(base_url=gateway.url, timeout=30) as client:
+        @settings(max_examples=300 if SOAK else 40, deadline=None, database=None, derandomize=not SOAK,
+                  suppress_health_check=list(HealthCheck))
+        @given(_upstream_failure)
+        @example({"status": 503, "headers": {"Retry-After": "inf"}, "body": "", "litellm": False, "endpoint": "chat"})
+        @example({"status": 500, "headers": {"retry-after-ms": "1e999"}, "body": "", "litellm": True,
+                  "endpoint": "stream"})
+        def run(case: dict[str, Any]) -> None:
+            transport = "litellm" if case["litellm"] else "fast"
+            backend = f"{transport}-{turn[transport] % WAIT_BACKENDS}"
+            turn[transport] += 1
+            control(mock, script=["error"], error={k: case[k] for k in ("status", "headers", "body")})
+            if case["endpoint"] == "embeddings":
+                response = client.post("/v1/embeddings", json={"model": backend, "input": "hello"})
+            else:
+                response = client.post("/v1/chat/completions", json=chat(backend, stream=case["endpoint"] == "stream"))
+            assert response.status_code in (429, 502, 503, 504), (case, response.status_code, response.text[:300])
+            assert_openai_error(response)
+            if "retry-after" in response.headers:
+                assert response.headers["retry-after"].isdigit(), response.headers["retry-after"]
+
+        run()
+    assert "Traceback" not in gateway.log(), gateway.log()[-3000:]
+
+
+# -- provider streams through litellm, garbled ------------------------------------------------------
+
+# per provider: each case takes the next, so that no backend fails often enough to be cooling down when
+# its turn comes again (each case fails the backend it took, or half of them would meet a 503)
+STREAM_BACKENDS = 250 if SOAK else 30
+_CLAUDE_EVENTS = [
+    ("message_start", {"type": "message_start", "message": {
+        "id": "msg_1", "type": "message", "role": "assistant", "content": [], "model": "claude-sonnet-4-5",
+        "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 3, "output_tokens": 1}}}),
+    ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+    ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hi"}}),
+    ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": " you"}}),
+    ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+    ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                       "usage": {"output_tokens": 2}}),
+    ("message_stop", {"type": "message_stop"}),
+]
+_GEMINI_EVENTS = [
+    (None, {"candidates": [{"content": {"parts": [{"text": "Hi"}], "role": "model"}, "index": 0}],
+            "usageMetadata": {"promptTokenCount": 3, "candidatesTokenCount": 1, "totalTokenCount": 4},
+            "modelVersion": "gemini-2.5-flash"}),
+    (None, {"candidates": [{"content": {"parts": [{"text": " you"}], "role": "model"}, "finishReason": "STOP",
+                            "index": 0}],
+            "usageMetadata": {"promptTokenCount": 3, "candidatesTokenCount": 2, "totalTokenCount": 5},
+            "modelVersion": "gemini-2.5-flash"}),
+]
+
+
+def _sse_event(name: str | None, data: Any) -> bytes:
+    payload = data if isinstance(data, bytes) else _dumps(data)
+    return (b"event: " + name.encode() + b"\n" if name else b"") + b"data: " + payload + b"\n\n"
+
+
+def _garble(draw, value: Any) -> Any:
+    """One field of a JSON value (or the value itself) replaced by anything."""
+    if isinstance(value, dict) and value and draw(st.booleans()):
+        key = draw(st.sampled_from(sorted(value)))
+        return {**value, key: _garble(draw, value[key])}
+    if isinstance(value, list) and value and draw(st.booleans()):
+        at = draw(st.integers(0, len(value) - 1))
+        return [*value[:at], _garble(draw, value[at]), *value[at + 1:]]
+    return draw(_json)
+
+
+@st.composite
+def _garbled_stream(draw) -> dict[str, Any]:
+    provider = draw(st.sampled_from(["claude", "gemini"]))
+    template = _CLAUDE_EVENTS if provider == "claude" else _GEMINI_EVENTS
+    # The provider's end of the answer (gateway/litellm_calls.py StreamEnd): Anthropic's message_delta
+    # with its stop_reason or message_stop, the finishReason of Gemini's last event. Where each marker
+    # kept whole ends in the body (its data's last byte), and whether any was garbled (may still be one).
+    markers = {"message_delta", "message_stop"} if provider == "claude" else {len(template) - 1}
+    whole, marker_ends, garbled_marker = b"", [], False
+    for index, (name, data) in enumerate(template):
+        fate = draw(st.sampled_from(["keep"] * 5 + ["drop", "twice", "garble", "garble", "junk"]))
+        if fate == "drop":
+            continue
+        if fate == "garble":
+            data = _garble(draw, data)
+        elif fate == "junk":
+            data = draw(st.binary(max_size=40) | st.sampled_from([b"{", b"null", b"[DONE]", b"\xff\xfe", b""]))
+        marker = name in markers or index in markers
+        garbled_marker |= marker and fate == "garble"
+        event = _sse_event(name, data)
+        if marker and fate in ("keep", "twice"):
+            marker_ends.append(len(whole) + len(event) - 2)
+        whole += event * (2 if fate == "twice" else 1)
+    body = whole
+    if draw(st.booleans()):  # cut short at any byte
+        body = body[:draw(st.integers(0, len(body)))]
+    pieces = draw(st.integers(1, 4))
+    step = max(1, len(body) // pieces)
+    # False: the end surely never arrived (no marker whole in what was sent); None: it may have
+    ended = None if garbled_marker or any(len(body) >= end for end in marker_ends) else False
+    return {"provider": provider, "stream": draw(st.booleans()), "ended": ended,
+            "raw": [body[i:i + step].hex() for i in range(0, len(body), step)]}
+
+
+@pytest.fixture(scope="module")
+def providers(tmp_path_factory):
+    """One gateway in front of the Anthropic and Gemini mocks (through litellm), many backends each."""
+    tmp = tmp_path_factory.mktemp("providers")
+    with running(start_anthropic_mock(tmp)) as claude, running(start_gemini_mock(tmp)) as gemini:
+        common = {"max_retries": 0, "timeout_s": 3, "first_byte_timeout_s": 2, "supports_n": False}
+        backends = [*({"name": f"claude-{i}", "model": "anthropic/claude-sonnet-4-5", "api_base": claude.url,
+                       "api_key_env": "ANTHROPIC_API_KEY", **common} for i in range(STREAM_BACKENDS)),
+                    *({"name": f"gemini-{i}", "model": "gemini/gemini-2.5-flash", "api_base": gemini.url + "/v1beta",
+                       "api_key_env": "GEMINI_API_KEY", **common} for i in range(STREAM_BACKENDS))]
+        with running(start_gateway(tmp, {"backends": backends, "policy": simple_policy(tmp, "claude-0")},
+                                   name="providers", env={"ANTHROPIC_API_KEY": "k", "GEMINI_API_KEY": "k"})) as gateway:
+            yield gateway, {"claude": claude, "gemini": gemini}
+
+
+def test_garbled_provider_streams_through_litellm_end_cleanly(providers):
+    """Anthropic's and Gemini's event streams with events dropped, doubled, garbled or replaced by junk,
+    cut at any byte: the client gets a stream that ends in [DONE] or in an SSE error event (every event
+    JSON; [DONE] never where the provider's end marker was lost), or an OpenAI-schema error answer;
+    never a 500, a hang or a traceback."""
+    gateway, mocks = providers
+    turn = {"claude": 0, "gemini": 0}
+    with httpx.Client(base_url=gateway.url, timeout=30) as client:
+        @settings(max_examples=1000 if SOAK else 40, deadline=None, database=None, derandomize=not SOAK,
+                  suppress_health_check=list(HealthCheck))
+        @given(_garbled_stream())
+        def run(case: dict[str, Any]) -> None:
+            provider = case["provider"]
+            backend = f"{provider}-{turn[provider] % STREAM_BACKENDS}"
+            turn[provider] += 1
+            control(mocks[provider], script=["raw"], raw=case["raw"])
+            response = client.post("/v1/chat/completions", json=chat(backend, stream=case["stream"]))
+            assert response.status_code in (200, 429, 502, 503, 504), (case, response.status_code, response.text[:500])
+            if response.status_code != 200:
+                assert_openai_error(response)
+            elif case["stream"]:
+                payloads = sse_payloads(response.content)
+                assert payloads, response.content[:500]
+                events = [orjson.loads(p) for p in payloads if p != b"[DONE]"]
+                assert payloads[-1] == b"[DONE]" or set(events[-1].get("error") or {}) == ERROR_FIELDS, payloads[-3:]
+                if case["ended"] is False:  # never passed off as a complete answer
+                    assert b"[DONE]" not in payloads, (case, payloads[-3:])
+            else:
+                assert response.json()["choices"], response.text[:500]
+
+        run()
+    assert "Traceback" not in gateway.log(), gateway.log()[-3000:]
+
 
 # -- security ---------------------------------------------------------------------------------------
 
