@@ -1079,6 +1079,40 @@ def test_redis_full_says_budgets_are_local_and_stats_keep_refreshing(tmp_path):
         proc.stop()
 
 
+def test_events_a_full_redis_refuses_are_said_dropped_once_and_taken_again_once(tmp_path, caplog):
+    """Redis at maxmemory (noeviction) answers, so it is no outage and nothing was logged: every event
+    was dropped after its batch's third refusal (learned outcomes and spend rollups lost) with only a
+    gauge and `last_error` knowing. One line when the drops begin, one when Redis takes events again."""
+    proc = start_redis(data_dir=tmp_path / "redis")
+
+    async def go():
+        store = await open_store(proc.url, tmp_path, refresh_s=0.1)
+        client = aioredis.from_url(proc.url, decode_responses=True)
+        try:
+            await client.config_set("maxmemory-policy", "noeviction")
+            await client.config_set("maxmemory", 1)  # every write refused with OOM from now on
+            for i in range(12):  # several batches, each refused until dropped
+                store.record(event(i))
+                await store.flush()
+            assert store.health()["dropped"] > 0 and store.health()["connected"], store.health()
+            await client.config_set("maxmemory", 0)
+            store.record(event(99))
+            await wait_for(lambda: store.health()["written"] >= 1 and store.health()["buffered"] == 0, timeout=5.0)
+        finally:
+            await store.close()
+            await client.aclose()
+
+    with caplog.at_level("WARNING", logger="ponder.telemetry"):
+        try:
+            run(go())
+        finally:
+            proc.stop()
+    lines = [r.getMessage() for r in caplog.records if r.name == "ponder.telemetry"]
+    dropping = [line for line in lines if line.startswith("the telemetry store refuses to write events")]
+    assert len(dropping) == 1 and "OutOfMemoryError" in dropping[0], lines
+    assert len([line for line in lines if line.startswith("the telemetry store takes events again")]) == 1, lines
+
+
 def test_a_budget_push_redis_refuses_half_way_is_not_pushed_twice(redis_url, tmp_path):
     """The push of the ledger's changes is one pipeline of INCRBYFLOATs: when Redis takes some and
     refuses others, the ones it took must not be pushed again on the next turn."""
