@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, V
 from redis.connection import parse_url
 
 from policies.backends import BackendSpec
-from policies.loader import SHIPPED as SHIPPED_POLICIES, resolve_policy_path
+from policies.loader import SHIPPED as SHIPPED_POLICIES, reasoning_effort_refusal, resolve_policy_path
 from telemetry.embedded_store import holds_store
 from telemetry.store import DEFAULT_FEEDBACK_WINDOW_S, DEFAULT_STREAM_MAXLEN
 
@@ -97,6 +97,16 @@ class GatewayConfig(BaseModel):
                                    "prompt text in the logs at any level, litellm's debug output included.")
     server_timing: bool = Field(
         default=False, description="Add a Server-Timing header (classify, decide, upstream, total; ms) to answers.")
+
+    @field_validator("backends")
+    @classmethod
+    def _efforts_only_where_they_are_taken(cls, backends: list[BackendSpec]) -> list[BackendSpec]:
+        """As a policy's own backends are checked (policies.loader): efforts on an OpenAI model that does not
+        reason would make every call on its arms a 400."""
+        for index, spec in enumerate(backends):
+            if refusal := reasoning_effort_refusal(spec):
+                raise ValueError(f"backends[{index}] `{spec.name}`: {refusal}")
+        return backends
 
     @field_validator("api_keys")
     @classmethod

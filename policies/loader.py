@@ -115,11 +115,9 @@ def parse_policy(text: str, source_name: str, extra_backends: Iterable[BackendSp
             problems.append((source_name, _line_of(root, loc), _dotted(loc),
                              f"backend `{spec.name}` differs from the one policy {other[1]} declares, and the gateway "
                              "serves one backend per name; declare it once, under the gateway config's `backends`"))
-        if spec.name not in configured and _refuses_reasoning_effort(spec):
+        if spec.name not in configured and (refusal := reasoning_effort_refusal(spec)):
             loc = ("backends", index, "efforts" if spec.efforts else "reasoning")
-            problems.append((source_name, _line_of(root, loc), _dotted(loc),
-                             f"`{spec.model}` is not a reasoning model (litellm's model map), and OpenAI answers its "
-                             "`reasoning_effort` with a 400: leave out `efforts` and `reasoning: true`"))
+            problems.append((source_name, _line_of(root, loc), _dotted(loc), refusal))
     merged.update(configured)
     policy = policy.model_copy(update={"backends": list(merged.values())})
     for loc, message in policy_problems(policy):
@@ -294,16 +292,20 @@ def resolve_max_output(spec: BackendSpec) -> tuple[int | None, str]:
     return (most, "litellm model map") if most is not None else (None, "unknown")
 
 
-def _refuses_reasoning_effort(spec: BackendSpec) -> bool:
-    """Whether the backend would send `reasoning_effort` (efforts or `reasoning: true` declared) to an OpenAI
-    model that litellm's map knows and does not mark as a reasoning model (gpt-4.1, gpt-4o ...). Only
-    OpenAI's own endpoint: a server behind an api_base is whatever its operator runs."""
+def reasoning_effort_refusal(spec: BackendSpec) -> str | None:
+    """Why the backend cannot be served as declared, where it would send `reasoning_effort` (efforts or
+    `reasoning: true` declared) to an OpenAI model that litellm's map knows and does not mark as a reasoning
+    model (gpt-4.1, gpt-4o ...), which OpenAI answers with a 400; else None. Only OpenAI's own endpoint: a
+    server behind an api_base is whatever its operator runs. (The gateway config's backends too: gateway/config.py.)"""
     if spec.api_base is not None or spec.effort_param != "reasoning_effort" or not (spec.efforts or spec.reasoning):
-        return False
+        return None
     provider, _, name = spec.model.rpartition("/")
     entry = litellm_cost_map().get(name) or {}
-    return provider in ("", "openai") and entry.get("litellm_provider") == "openai" and \
-        entry.get("mode") == "chat" and not entry.get("supports_reasoning")
+    if provider in ("", "openai") and entry.get("litellm_provider") == "openai" and \
+            entry.get("mode") == "chat" and not entry.get("supports_reasoning"):
+        return (f"`{spec.model}` is not a reasoning model (litellm's model map), and OpenAI answers its "
+                "`reasoning_effort` with a 400: leave out `efforts` and `reasoning: true`")
+    return None
 
 
 def _model_map_tokens(spec: BackendSpec, field: str) -> int | None:

@@ -106,8 +106,8 @@ def _fmt_rate(value: Any) -> str:
 
 def stats_cli(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ponder stats", description=__doc__.splitlines()[0])
-    parser.add_argument("--redis-url", help="default: --config's, else $PONDER_REDIS_URL")
-    parser.add_argument("--data-dir", help="default: --config's, else $PONDER_DATA_DIR, else .ponder")
+    parser.add_argument("--redis-url", help="default: --config's; without one, $PONDER_REDIS_URL")
+    parser.add_argument("--data-dir", help="default: --config's; without one, $PONDER_DATA_DIR, else .ponder")
     parser.add_argument("--policy", help="only this policy")
     parser.add_argument("--policy-file", help="policy YAML for the learner's current-choice column")
     # the gateway's own default (`ponder serve` reads $PONDER_CONFIG): in the image, where it is set, the
@@ -130,14 +130,15 @@ def stats_cli(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - a config or policy that does not load: say why, once
         print(f"ponder stats: cannot load {args.config}: {exc}", file=sys.stderr)
         return 2
-    if config is not None:  # the config named on the command line beats the environment
+    if config is not None:  # the config beats the environment, its embedded store (no redis_url) too
         args.redis_url = args.redis_url or config.telemetry.redis_url
         args.data_dir = args.data_dir or config.telemetry.data_dir
         if args.half_life_s is None:  # the decay the gateway applies: its default policy's
             hours = policy_for(None).learner.half_life_hours
             args.half_life_s = hours * 3600.0 if hours else None
-    args.redis_url = args.redis_url or os.environ.get("PONDER_REDIS_URL")
-    args.data_dir = args.data_dir or os.environ.get("PONDER_DATA_DIR", ".ponder")
+    else:
+        args.redis_url = args.redis_url or os.environ.get("PONDER_REDIS_URL")
+        args.data_dir = args.data_dir or os.environ.get("PONDER_DATA_DIR", ".ponder")
     try:
         if args.redis_url:
             raw = asyncio.run(_read_redis(args.redis_url, args.half_life_s))

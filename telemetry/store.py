@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import time
 from abc import ABC, abstractmethod
 from collections import deque
@@ -31,6 +32,8 @@ from .budgets import BudgetExceeded, Reservation
 from .events import Event
 
 __all__ = ["BudgetExceeded", "FeedbackResult", "Reservation", "Store", "open_store"]
+
+log = logging.getLogger("ponder.telemetry")
 
 FeedbackStatus = Literal["accepted", "duplicate", "unknown_request", "expired", "forbidden", "unavailable"]
 DEFAULT_FEEDBACK_WINDOW_S = 7 * 86400
@@ -142,6 +145,7 @@ class BufferedStore(Store):
         self._closing = False
         self._started = False
         self._batch_failures = 0
+        self._dropping = False  # batches are being dropped (said once, until one is written again)
         # A failed batch goes back to the head of the buffer and is retried as that same batch (not
         # merged into a larger one), so a store can tell a retry of a batch it already wrote.
         self._retry_size = 0
@@ -258,11 +262,22 @@ class BufferedStore(Store):
                     if self._batch_failures >= MAX_BATCH_FAILURES:
                         self._batch_failures = 0
                         self.dropped += len(batch)
+                        if not self._dropping:
+                            # Learned outcomes and spend rollups are lost from here: one line, not one
+                            # per batch, as for an outage (this is a refusal that is none: a key of the
+                            # wrong type, a script error; a full or read-only Redis is an outage).
+                            self._dropping = True
+                            log.error("the telemetry store refuses to write events (%s: %s): they are dropped "
+                                      "(ponder_store_dropped_events) until it takes them again",
+                                      type(exc).__name__, exc)
                     elif self.requeue_failed_batches:
                         self._requeue(batch)
                         self._retry_size = len(batch)
                     raise
                 self._batch_failures = 0
+                if self._dropping:
+                    self._dropping = False
+                    log.warning("the telemetry store takes events again (%d dropped since start)", self.dropped)
                 self.written += len(batch)
                 self.last_flush_ts = time.time()
 

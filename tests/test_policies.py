@@ -604,6 +604,27 @@ def test_efforts_on_an_openai_model_that_does_not_reason_are_refused():
     parse_policy(text.format(model="openai/gpt-4.1-mini", extra="efforts: [high], api_base: 'http://h/v1'"), "p.yaml")
 
 
+def test_efforts_on_an_openai_model_that_does_not_reason_are_refused_in_the_gateway_config_too(tmp_path, capsys):
+    """The README declares its backends in the gateway config, where the check above did not look: a
+    config backend with efforts on gpt-4o passed `ponder policy check --config` and `ponder serve`, and
+    every call on its arms was OpenAI's 400. The config is refused, saying which backend and why."""
+    from gateway.cli import main
+    from gateway.config import ConfigError, load_config
+
+    policy = tmp_path / "p.yaml"
+    policy.write_text("name: p\narms: {a: {backend: m, effort: low}}\nroutes: [{name: all, candidates: [a]}]\n")
+    config = tmp_path / "gw.yaml"
+    backend = {"name": "m", "model": "openai/gpt-4o", "efforts": ["low", "high"], "api_key_env": "OPENAI_API_KEY"}
+    config.write_text(json.dumps({"backends": [backend], "local_model": {"enabled": False}, "policy": "p.yaml"}))
+    assert main(["policy", "check", "--config", str(config)]) == 1
+    assert "`m`: `openai/gpt-4o` is not a reasoning model" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="is not a reasoning model"):
+        load_config(config)
+    backend.update(model="openai/o4-mini")  # a reasoning model takes them
+    config.write_text(json.dumps({"backends": [backend], "local_model": {"enabled": False}, "policy": "p.yaml"}))
+    assert main(["policy", "check", "--config", str(config)]) == 0
+
+
 def test_cli_help_goes_to_stdout_and_policy_help_is_policy_checks(capsys):
     from gateway.cli import main
 

@@ -1537,6 +1537,21 @@ def test_cors_when_configured_lets_a_browser_app_read_ponders_headers(tmp_path):
         assert "access-control-allow-origin" not in other.headers
 
 
+def test_cors_lets_a_browser_app_read_x_should_retry_on_a_502(tmp_path):
+    """A 502 says `x-should-retry: false` (docs/api.md, "Client retries"), but CORS hid the header from a
+    browser app: fetch() read it as absent, so the openai SDK in a browser retried every 502 and 504."""
+    app_origin = "https://app.example"
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("m", mock)], "policy": simple_policy(tmp_path, "m"),
+            "cors_origins": [app_origin]}, name="cors-retry")) as gateway:
+        control(mock, script=["500"] * 4)
+        answer = httpx.post(gateway.url + "/v1/chat/completions", headers={"origin": app_origin}, timeout=10,
+                            json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+        assert answer.status_code == 502 and answer.headers["x-should-retry"] == "false", answer.text
+        exposed = {h.strip() for h in answer.headers["access-control-expose-headers"].split(",")}
+        assert "x-should-retry" in exposed, exposed
+
+
 def _exchange(url: str, data: bytes | list[bytes], wait_s: float) -> tuple[bytes, float]:
     """Send raw bytes (a list: pieces 0.1 s apart), then read until the server closes the connection:
     (what came back, seconds)."""

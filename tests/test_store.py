@@ -747,11 +747,13 @@ def test_stats_cli_on_a_directory_no_gateway_wrote_says_so(tmp_path, capsys):
     assert "no telemetry recorded yet" in capsys.readouterr().out
 
 
-def _stats_from(cwd: Path, config: Path, *, from_environment: bool = False) -> subprocess.CompletedProcess:
+def _stats_from(cwd: Path, config: Path, *, from_environment: bool = False,
+                env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """`ponder stats --config` run as an operator runs it, from a directory of their choosing (or with the
-    config in $PONDER_CONFIG, as the image sets it for `ponder serve`)."""
+    config in $PONDER_CONFIG, as the image sets it for `ponder serve`), `env` added to the environment."""
     named = [] if from_environment else ["--config", str(config)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), **({"PONDER_CONFIG": str(config)} if from_environment else {})}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **({"PONDER_CONFIG": str(config)} if from_environment else {}),
+           **(env or {})}
     return subprocess.run([sys.executable, "-m", "gateway.cli", "stats", *named, "--json"], cwd=cwd,
                           capture_output=True, text=True, timeout=60, env=env)
 
@@ -793,6 +795,30 @@ def test_a_relative_data_dir_is_the_config_folders_and_an_old_store_is_kept(tmp_
     assert json.loads(stats.stdout)["p"]["math:hard"][ARM]["requests"] == 5
     assert f"read from the current directory ({elsewhere / 'data'})" in stats.stderr
     assert f"{folder / 'data'}): move it there, or write an absolute path" in stats.stderr
+
+
+def test_stats_reads_the_configs_embedded_store_whatever_ponder_redis_url_says(tmp_path):
+    """A config without redis_url serves from its embedded store; `ponder stats --config` read
+    $PONDER_REDIS_URL instead (another deployment's Redis, or none: exit 1), though the config beats
+    the environment for every other setting."""
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({
+        "name": "p", "arms": {"a": {"backend": "mock", "strategy": "single"}},
+        "routes": [{"name": "all", "candidates": ["a"]}]}))
+    config = tmp_path / "gw.yaml"
+    config.write_text(yaml.safe_dump({
+        "local_model": {"enabled": False}, "policy": "p.yaml", "telemetry": {"data_dir": "data"},
+        "backends": [{"name": "mock", "model": "openai/mock", "api_base": "http://127.0.0.1:9/v1"}]}))
+
+    async def fill():
+        store = await open_store(None, tmp_path / "data")
+        for i in range(3):
+            store.record(event(i))
+        await store.close()
+
+    run(fill())
+    stats = _stats_from(tmp_path, config, env={"PONDER_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"})
+    assert stats.returncode == 0, stats.stderr
+    assert json.loads(stats.stdout)["p"]["math:hard"][ARM]["requests"] == 3
 
 
 def test_stats_cli_writes_nothing_to_redis(tmp_path, capsys, redis_url):
@@ -1091,7 +1117,10 @@ def test_a_bad_event_does_not_poison_the_batch(redis_url, tmp_path):
     run(go())
 
 
-def test_a_batch_redis_keeps_refusing_is_dropped_not_retried_forever(redis_url, tmp_path):
+def test_a_batch_redis_keeps_refusing_is_dropped_not_retried_forever(redis_url, tmp_path, caplog):
+    """A refusal that is no outage (a key of the wrong type; a full or read-only Redis is an outage) drops
+    the batch after its third try, with one ERROR when the drops begin and one WARNING when Redis takes
+    events again (nothing was logged: only a gauge and `last_error` knew learned outcomes were lost)."""
     async def go():
         client = aioredis.from_url(redis_url)
         await client.set("ponder:{events}:stream", "not a stream")  # XADD now fails with WRONGTYPE
@@ -1112,7 +1141,12 @@ def test_a_batch_redis_keeps_refusing_is_dropped_not_retried_forever(redis_url, 
             await store.close()
             await client.aclose()
 
-    run(go())
+    with caplog.at_level("WARNING", logger="ponder.telemetry"):
+        run(go())
+    lines = [r.getMessage() for r in caplog.records if r.name == "ponder.telemetry"]
+    dropping = [line for line in lines if line.startswith("the telemetry store refuses to write events")]
+    assert len(dropping) == 1 and "WRONGTYPE" in dropping[0], lines
+    assert len([line for line in lines if line.startswith("the telemetry store takes events again")]) == 1, lines
 
 
 def test_redis_full_says_budgets_are_local_and_stats_keep_refreshing(tmp_path):
