@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -56,13 +57,19 @@ DOWN_ERRORS = (RedisConnectionError, RedisTimeoutError, RedisClusterException, O
 # (NOREPLICAS). An outage too: what it refuses is kept and written once it takes writes, never dropped
 # as a batch it "keeps refusing". redis-py has classes for the first two, and leaves the others' codes
 # in a ResponseError's message.
+# Redis 6.2 wraps a refusal inside a Lua script in its own error ("Error running script ... -OOM
+# command not allowed ..."): the code is found after a dash there.
 WRITES_REFUSED = (OutOfMemoryError, ReadOnlyError)
 WRITES_REFUSED_CODES = ("MISCONF ", "NOREPLICAS ")
+_SCRIPT_REFUSAL = re.compile(r"-(?:OOM|READONLY|MISCONF|NOREPLICAS) ")
 
 
 def refuses_writes(exc: BaseException) -> bool:
-    return isinstance(exc, WRITES_REFUSED) or (isinstance(exc, ResponseError)
-                                               and str(exc).startswith(WRITES_REFUSED_CODES))
+    if isinstance(exc, WRITES_REFUSED):
+        return True
+    message = str(exc)
+    return isinstance(exc, ResponseError) and (message.startswith(WRITES_REFUSED_CODES)
+                                               or _SCRIPT_REFUSAL.search(message) is not None)
 
 
 

@@ -1117,6 +1117,29 @@ def test_a_bad_event_does_not_poison_the_batch(redis_url, tmp_path):
     run(go())
 
 
+@pytest.mark.parametrize("message, refused", [
+    ("OOM command not allowed when used memory > 'maxmemory'.", True),
+    ("MISCONF Redis is configured to save RDB snapshots, but it's currently unable to persist", True),
+    # Redis 6.2 wraps a refusal met inside a Lua script in its own error (7.0 passes the code on)
+    ("Error running script (call to f_0123): @user_script:1: @user_script: 1: -OOM command not allowed when "
+     "used memory > 'maxmemory'.", True),
+    ("Error running script (call to f_0123): @user_script:1: -READONLY You can't write against a read only "
+     "replica.", True),
+    ("WRONGTYPE Operation against a key holding the wrong kind of value", False),
+    ("Error running script (call to f_0123): @user_script:3: user_script:3: attempt to compare nil", False),
+])
+def test_a_refusal_of_writes_is_told_from_a_refusal_of_the_batch(message, refused):
+    """Writes refused for now (full, a replica, failing to persist) are an outage: the batch waits. A
+    batch refused for itself (a key of the wrong type, a script error) is dropped after three tries. On
+    Redis 6.2 the code of a refusal inside a script comes wrapped, and a full Redis dropped events there."""
+    from redis.exceptions import OutOfMemoryError, ResponseError
+
+    from telemetry.redis_store import refuses_writes
+
+    error = OutOfMemoryError(message) if message.startswith("OOM") else ResponseError(message)
+    assert refuses_writes(error) is refused
+
+
 def test_a_batch_redis_keeps_refusing_is_dropped_not_retried_forever(redis_url, tmp_path, caplog):
     """A refusal that is no outage (a key of the wrong type; a full or read-only Redis is an outage) drops
     the batch after its third try, with one ERROR when the drops begin and one WARNING when Redis takes
