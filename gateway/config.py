@@ -155,6 +155,12 @@ def load_config(path: str | Path | None) -> GatewayConfig:
         raise ConfigError(f"{path}: {problems}") from exc
     base = path.resolve().parent
     if config.telemetry.redis_url:  # `redis://:${REDIS_PASSWORD}@host` keeps the secret out of the file
+        if unset := unset_variables(config.telemetry.redis_url):
+            # kept as text, `${REDIS_PASSWORD}` was sent as the password: Redis said only "invalid
+            # username-password pair", and the gateway ran on without its store
+            raise ConfigError(f"{path}: telemetry.redis_url: {', '.join('$' + name for name in unset)} "
+                              f"{'is' if len(unset) == 1 else 'are'} not set in the environment "
+                              "(a `$` meant as itself: write %24)")
         config.telemetry.redis_url = expand_redis_url(config.telemetry.redis_url)
         try:
             parse_url(config.telemetry.redis_url)
@@ -182,6 +188,13 @@ def load_config(path: str | Path | None) -> GatewayConfig:
 
 _REDIS_DB_PATH = re.compile(r"/?|/\d+/?")  # what may follow host:port in redis(s):// (unix:// has ?db=N)
 _ENV_VAR = re.compile(r"\$(\w+|\{\w+\})")  # what os.path.expandvars expands
+
+
+def unset_variables(text: str) -> list[str]:
+    """The names of the environment variables `text` refers to that are not set (expandvars keeps those
+    as they are written)."""
+    names = dict.fromkeys(match.group(1).strip("{}") for match in _ENV_VAR.finditer(text))
+    return [name for name in names if name not in os.environ]
 
 
 def expand_redis_url(url: str) -> str:

@@ -1712,6 +1712,19 @@ def test_serve_refuses_a_redis_url_whose_database_is_not_a_number(tmp_path):
     assert "s3cr3t" not in done.stderr and "abc" not in done.stderr
 
 
+def test_serve_refuses_a_redis_url_naming_an_unset_variable(tmp_path, monkeypatch):
+    """An unset `${REDIS_PASSWORD}` stayed in the URL as text and was sent as the password: the gateway
+    started without its store and said only "invalid username-password pair". A bad config naming the
+    variable, not the values of those that are set."""
+    monkeypatch.delenv("PONDER_TEST_UNSET_PASSWORD", raising=False)
+    monkeypatch.setenv("PONDER_TEST_REDIS_USER", "s3cr3t-user")
+    done = _serve("--port", "9", tmp_path=tmp_path, config={"telemetry": {
+        "redis_url": "redis://${PONDER_TEST_REDIS_USER}:${PONDER_TEST_UNSET_PASSWORD}@127.0.0.1:6379/0"}})
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "bad config" in done.stderr and "$PONDER_TEST_UNSET_PASSWORD is not set" in done.stderr
+    assert "PONDER_TEST_REDIS_USER" not in done.stderr and "s3cr3t-user" not in done.stderr
+
+
 def test_a_redis_password_from_the_environment_is_used_as_it_is(tmp_path, redis_server):
     """`redis://user:${REDIS_PASSWORD}@host` keeps the secret out of the file; a generated password (base64:
     / + =) was expanded raw into the URL, which then did not parse (the gateway did not start). It is
