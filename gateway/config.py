@@ -163,7 +163,7 @@ def load_config(path: str | Path | None) -> GatewayConfig:
                               "(a `$` meant as itself: write %24)")
         config.telemetry.redis_url = expand_redis_url(config.telemetry.redis_url)
         try:
-            parse_url(config.telemetry.redis_url)
+            parsed = parse_url(config.telemetry.redis_url)
         except ValueError:  # its message quotes the URL's pieces, a piece of the password among them
             raise ConfigError(f"{path}: telemetry.redis_url is not a Redis URL (redis://[user:password@]host:port/db, "
                               "rediss://..., unix://[user:password@]/path?db=N): percent-encode a user name or "
@@ -174,6 +174,11 @@ def load_config(path: str | Path | None) -> GatewayConfig:
             # the gateway used db 0 (or 1) without a word. Not quoted: a raw `/` in a password lands there.
             raise ConfigError(f"{path}: telemetry.redis_url: the database after host:port must be a number "
                               "(redis://host:6379/0); percent-encode a user name or password that holds /")
+        path_db = parts.path.strip("/") if parts.scheme != "unix" else ""
+        if path_db and parsed.get("db") != int(path_db):
+            # redis-py takes `?db=N` over the path's number: `/0?db=5` used db 5, the docs say the path's
+            raise ConfigError(f"{path}: telemetry.redis_url names the database twice, differently (the path's "
+                              "/N and ?db=): name it once, after host:port (redis://host:6379/0)")
     config.policy = resolve_policy_path(base, config.policy)
     config.extra_policies = {k: resolve_policy_path(base, v) for k, v in config.extra_policies.items()}
     if config.classifier:

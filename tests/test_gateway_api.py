@@ -1712,6 +1712,22 @@ def test_serve_refuses_a_redis_url_whose_database_is_not_a_number(tmp_path):
     assert "s3cr3t" not in done.stderr and "abc" not in done.stderr
 
 
+def test_serve_refuses_a_redis_url_naming_two_databases(tmp_path):
+    """redis-py takes `?db=5` over the path's `/0`, and docs/deploy.md says the path's number is the
+    database: the gateway wrote to db 5 without a word. Named twice, differently: a bad config, quoting
+    nothing of the URL; named twice alike, the one database."""
+    from gateway.config import load_config
+
+    done = _serve("--port", "9", tmp_path=tmp_path,
+                  config={"telemetry": {"redis_url": "redis://ponder:s3cr3t@127.0.0.1:6379/0?db=5"}})
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "bad config" in done.stderr and "names the database twice, differently" in done.stderr
+    assert "s3cr3t" not in done.stderr and "db=5" not in done.stderr
+    config = tmp_path / "same.yaml"
+    config.write_text("telemetry: {redis_url: 'redis://127.0.0.1:6379/3?db=3'}\n")
+    assert load_config(config).telemetry.redis_url.endswith("/3?db=3")
+
+
 def test_serve_refuses_a_redis_url_naming_an_unset_variable(tmp_path, monkeypatch):
     """An unset `${REDIS_PASSWORD}` stayed in the URL as text and was sent as the password: the gateway
     started without its store and said only "invalid username-password pair". A bad config naming the
