@@ -1305,6 +1305,39 @@ def test_api_keys(keyed_gateway):
     assert "sk-test-key" not in keyed_gateway.log()
 
 
+def test_answers_refused_before_routing_carry_a_request_id(keyed_stack):
+    """OpenAI sends `x-request-id` on every answer; the openai SDK reads it into an error's `request_id`,
+    what apps log to report a failure. A 401, a 400, a 404 (unknown model or path) or the key budget's
+    429 carried none: `request_id` was None. Each now has its own id, under both names; no request
+    record holds it (docs/api.md)."""
+    gateway, _ = keyed_stack
+    question = [{"role": "user", "content": "x"}]
+    keyed = openai.OpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0)
+    refusals = []
+    for client, call, error in [
+        (openai.OpenAI(base_url=gateway.url + "/v1", api_key="sk-wrong", max_retries=0),
+         lambda c: c.chat.completions.create(model="mock-a", messages=question), openai.AuthenticationError),
+        (keyed, lambda c: c.chat.completions.create(model="mock-a", messages=[]), openai.BadRequestError),
+        (keyed, lambda c: c.chat.completions.create(model="no-such-model", messages=question), openai.NotFoundError),
+        (keyed, lambda c: c.models.retrieve("no-such-model"), openai.NotFoundError),
+        (keyed, lambda c: c.responses.create(model="mock-a", input=[]), openai.BadRequestError),
+        (openai.OpenAI(base_url=gateway.url + "/v1", api_key=ZERO_BUDGET_KEY, max_retries=0),
+         lambda c: c.chat.completions.create(model="mock-a", messages=question, max_tokens=5), openai.RateLimitError),
+    ]:
+        with pytest.raises(error) as refused:
+            call(client)
+        headers = refused.value.response.headers
+        assert refused.value.request_id is not None and refused.value.request_id.startswith("req_")
+        assert headers["x-ponder-request-id"] == refused.value.request_id
+        refusals.append(refused.value.request_id)
+    unknown_path = httpx.get(gateway.url + "/v1/no-such-path", headers={"authorization": f"Bearer {KEY}"})
+    assert unknown_path.status_code == 404 and unknown_path.headers["x-request-id"].startswith("req_")
+    refusals.append(unknown_path.headers["x-request-id"])
+    assert len(set(refusals)) == len(refusals)  # one id per answer
+    record = httpx.get(f"{gateway.url}/v1/ponder/requests/{refusals[-2]}", headers={"authorization": f"Bearer {ADMIN_KEY}"})
+    assert record.status_code == 404  # refused before routing: no request record
+
+
 def test_budget_refusals_say_what_to_do(keyed_stack):
     """A day budget of $0.00005 (mock prices: $1 / $2 per M tokens). Without max_tokens a request holds
     1,024 output tokens a call: more than the whole budget, which waiting cannot fix (400). With a small
