@@ -34,7 +34,7 @@ from gateway.config import GatewayConfig
 from gateway.cost_bounds import backends_of
 from gateway.dashboard import dashboard_routes
 from gateway.effort import apply_effort
-from gateway.errors import EXCEPTION_HANDLERS, NO_CLIENT_RETRY, ApiError, retry_after
+from gateway.errors import EXCEPTION_HANDLERS, NO_CLIENT_RETRY, ApiError, request_id_headers, retry_after
 from gateway.local_model import LocalModelError
 from gateway.responses import ResponsesWire, count_input_tokens, parse_responses_request
 from gateway.schemas import ChatRequest, parse_chat_request, parse_json_body
@@ -137,12 +137,6 @@ async def retrieve_model(request: Request) -> Response:
 
 
 # -- the request path: chat completions and responses -----------------------------------------------
-
-
-def request_id_headers(request_id: str) -> dict[str, str]:
-    """The request's id, under Ponder's name and OpenAI's: the openai SDKs read `x-request-id` into a
-    result's `_request_id` and an error's `request_id`, which apps log to report a failed request."""
-    return {"x-ponder-request-id": request_id, "x-request-id": request_id}
 
 
 def plan_headers(plan: Plan) -> dict[str, str]:

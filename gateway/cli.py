@@ -3,7 +3,7 @@
     ponder serve [--config FILE] [--host H] [--port P]   run the gateway
     ponder train ...                                     retrain the classifier
     ponder classify "TEXT" | --input F --output F        run the classifier
-    ponder policy check FILE... | --config FILE          validate policies (a config's: together)
+    ponder policy check FILE... | [--config FILE]        validate policies (a config's: together)
     ponder stats ...                                     per-bucket learned stats
     ponder eval ...                                      replay recorded outcomes
     ponder key [--id ID] | --hash                        a new API key and its config line

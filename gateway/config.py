@@ -155,9 +155,15 @@ def load_config(path: str | Path | None) -> GatewayConfig:
         raise ConfigError(f"{path}: {problems}") from exc
     base = path.resolve().parent
     if config.telemetry.redis_url:  # `redis://:${REDIS_PASSWORD}@host` keeps the secret out of the file
+        if unset := unset_variables(config.telemetry.redis_url):
+            # kept as text, `${REDIS_PASSWORD}` was sent as the password: Redis said only "invalid
+            # username-password pair", and the gateway ran on without its store
+            raise ConfigError(f"{path}: telemetry.redis_url: {', '.join('$' + name for name in unset)} "
+                              f"{'is' if len(unset) == 1 else 'are'} not set in the environment "
+                              "(a `$` meant as itself: write %24)")
         config.telemetry.redis_url = expand_redis_url(config.telemetry.redis_url)
         try:
-            parse_url(config.telemetry.redis_url)
+            parsed = parse_url(config.telemetry.redis_url)
         except ValueError:  # its message quotes the URL's pieces, a piece of the password among them
             raise ConfigError(f"{path}: telemetry.redis_url is not a Redis URL (redis://[user:password@]host:port/db, "
                               "rediss://..., unix://[user:password@]/path?db=N): percent-encode a user name or "
@@ -168,6 +174,11 @@ def load_config(path: str | Path | None) -> GatewayConfig:
             # the gateway used db 0 (or 1) without a word. Not quoted: a raw `/` in a password lands there.
             raise ConfigError(f"{path}: telemetry.redis_url: the database after host:port must be a number "
                               "(redis://host:6379/0); percent-encode a user name or password that holds /")
+        path_db = parts.path.strip("/") if parts.scheme != "unix" else ""
+        if path_db and parsed.get("db") != int(path_db):
+            # redis-py takes `?db=N` over the path's number: `/0?db=5` used db 5, the docs say the path's
+            raise ConfigError(f"{path}: telemetry.redis_url names the database twice, differently (the path's "
+                              "/N and ?db=): name it once, after host:port (redis://host:6379/0)")
     config.policy = resolve_policy_path(base, config.policy)
     config.extra_policies = {k: resolve_policy_path(base, v) for k, v in config.extra_policies.items()}
     if config.classifier:
@@ -182,6 +193,13 @@ def load_config(path: str | Path | None) -> GatewayConfig:
 
 _REDIS_DB_PATH = re.compile(r"/?|/\d+/?")  # what may follow host:port in redis(s):// (unix:// has ?db=N)
 _ENV_VAR = re.compile(r"\$(\w+|\{\w+\})")  # what os.path.expandvars expands
+
+
+def unset_variables(text: str) -> list[str]:
+    """The names of the environment variables `text` refers to that are not set (expandvars keeps those
+    as they are written)."""
+    names = dict.fromkeys(match.group(1).strip("{}") for match in _ENV_VAR.finditer(text))
+    return [name for name in names if name not in os.environ]
 
 
 def expand_redis_url(url: str) -> str:

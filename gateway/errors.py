@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 
 import orjson
 from starlette.exceptions import HTTPException
@@ -40,6 +41,12 @@ def retry_after(seconds: float | None) -> dict[str, str]:
     return {"Retry-After": str(max(1, math.ceil(seconds)))} if seconds else {}
 
 
+def request_id_headers(request_id: str) -> dict[str, str]:
+    """The request's id, under Ponder's name and OpenAI's: the openai SDKs read `x-request-id` into a
+    result's `_request_id` and an error's `request_id`, which apps log to report a failed request."""
+    return {"x-ponder-request-id": request_id, "x-request-id": request_id}
+
+
 class ApiError(Exception):
     def __init__(
         self,
@@ -64,6 +71,11 @@ class ApiError(Exception):
 
     def response(self, extra_headers: dict[str, str] | None = None) -> Response:
         headers = {**self.headers, **(extra_headers or {})}
+        if "x-request-id" not in headers:
+            # refused before routing (auth, validation, budget, an unknown path): no plan, so no id yet.
+            # OpenAI answers every request with one, which clients log and quote; made here, on errors
+            # only. No request record holds it (docs/api.md).
+            headers.update(request_id_headers(f"req_{secrets.token_hex(16)}"))
         return Response(orjson.dumps(self.body()), self.status, headers, media_type="application/json")
 
 

@@ -372,15 +372,20 @@ def check_cli(argv: Sequence[str] | None = None,
                                                 "gateway config serves, together, as `ponder serve` loads them.")
     parser.add_argument("files", nargs="*", metavar="FILE")
     parser.add_argument("--config", help="gateway config whose backends the policies may name; with no FILE, "
-                                          "check its `policy` and `extra_policies` together")
+                                          "check its `policy` and `extra_policies` together (with no FILE, "
+                                          "default: $PONDER_CONFIG, as for `ponder serve`)")
     parser.add_argument("--quiet", action="store_true", help="print only errors")
     args = parser.parse_args(argv)
     if not args.files:
-        if not args.config:
-            parser.error("give the policy FILEs to check, or --config GW.yaml for the policies it serves")
+        # the served form defaults as `ponder serve` does: in the image ($PONDER_CONFIG set) a bare
+        # `ponder policy check` checks what the gateway serves. FILEs are checked alone unless --config.
+        config = args.config or os.environ.get("PONDER_CONFIG")
+        if not config:
+            parser.error("give the policy FILEs to check, or --config GW.yaml for the policies it serves "
+                         "(default: $PONDER_CONFIG, unset)")
         if config_policies is None:
             parser.error("--config without FILE needs the gateway: run `ponder policy check --config`")
-        return _check_served(args.config, config_policies, args.quiet)
+        return _check_served(config, config_policies, args.quiet)
     try:
         extra = (config_backends or _config_backends)(args.config) if args.config else []
     except PolicyError as exc:

@@ -1305,6 +1305,39 @@ def test_api_keys(keyed_gateway):
     assert "sk-test-key" not in keyed_gateway.log()
 
 
+def test_answers_refused_before_routing_carry_a_request_id(keyed_stack):
+    """OpenAI sends `x-request-id` on every answer; the openai SDK reads it into an error's `request_id`,
+    what apps log to report a failure. A 401, a 400, a 404 (unknown model or path) or the key budget's
+    429 carried none: `request_id` was None. Each now has its own id, under both names; no request
+    record holds it (docs/api.md)."""
+    gateway, _ = keyed_stack
+    question = [{"role": "user", "content": "x"}]
+    keyed = openai.OpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0)
+    refusals = []
+    for client, call, error in [
+        (openai.OpenAI(base_url=gateway.url + "/v1", api_key="sk-wrong", max_retries=0),
+         lambda c: c.chat.completions.create(model="mock-a", messages=question), openai.AuthenticationError),
+        (keyed, lambda c: c.chat.completions.create(model="mock-a", messages=[]), openai.BadRequestError),
+        (keyed, lambda c: c.chat.completions.create(model="no-such-model", messages=question), openai.NotFoundError),
+        (keyed, lambda c: c.models.retrieve("no-such-model"), openai.NotFoundError),
+        (keyed, lambda c: c.responses.create(model="mock-a", input=[]), openai.BadRequestError),
+        (openai.OpenAI(base_url=gateway.url + "/v1", api_key=ZERO_BUDGET_KEY, max_retries=0),
+         lambda c: c.chat.completions.create(model="mock-a", messages=question, max_tokens=5), openai.RateLimitError),
+    ]:
+        with pytest.raises(error) as refused:
+            call(client)
+        headers = refused.value.response.headers
+        assert refused.value.request_id is not None and refused.value.request_id.startswith("req_")
+        assert headers["x-ponder-request-id"] == refused.value.request_id
+        refusals.append(refused.value.request_id)
+    unknown_path = httpx.get(gateway.url + "/v1/no-such-path", headers={"authorization": f"Bearer {KEY}"})
+    assert unknown_path.status_code == 404 and unknown_path.headers["x-request-id"].startswith("req_")
+    refusals.append(unknown_path.headers["x-request-id"])
+    assert len(set(refusals)) == len(refusals)  # one id per answer
+    record = httpx.get(f"{gateway.url}/v1/ponder/requests/{refusals[-2]}", headers={"authorization": f"Bearer {ADMIN_KEY}"})
+    assert record.status_code == 404  # refused before routing: no request record
+
+
 def test_budget_refusals_say_what_to_do(keyed_stack):
     """A day budget of $0.00005 (mock prices: $1 / $2 per M tokens). Without max_tokens a request holds
     1,024 output tokens a call: more than the whole budget, which waiting cannot fix (400). With a small
@@ -1710,6 +1743,35 @@ def test_serve_refuses_a_redis_url_whose_database_is_not_a_number(tmp_path):
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "bad config" in done.stderr and "the database after host:port must be a number" in done.stderr
     assert "s3cr3t" not in done.stderr and "abc" not in done.stderr
+
+
+def test_serve_refuses_a_redis_url_naming_two_databases(tmp_path):
+    """redis-py takes `?db=5` over the path's `/0`, and docs/deploy.md says the path's number is the
+    database: the gateway wrote to db 5 without a word. Named twice, differently: a bad config, quoting
+    nothing of the URL; named twice alike, the one database."""
+    from gateway.config import load_config
+
+    done = _serve("--port", "9", tmp_path=tmp_path,
+                  config={"telemetry": {"redis_url": "redis://ponder:s3cr3t@127.0.0.1:6379/0?db=5"}})
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "bad config" in done.stderr and "names the database twice, differently" in done.stderr
+    assert "s3cr3t" not in done.stderr and "db=5" not in done.stderr
+    config = tmp_path / "same.yaml"
+    config.write_text("telemetry: {redis_url: 'redis://127.0.0.1:6379/3?db=3'}\n")
+    assert load_config(config).telemetry.redis_url.endswith("/3?db=3")
+
+
+def test_serve_refuses_a_redis_url_naming_an_unset_variable(tmp_path, monkeypatch):
+    """An unset `${REDIS_PASSWORD}` stayed in the URL as text and was sent as the password: the gateway
+    started without its store and said only "invalid username-password pair". A bad config naming the
+    variable, not the values of those that are set."""
+    monkeypatch.delenv("PONDER_TEST_UNSET_PASSWORD", raising=False)
+    monkeypatch.setenv("PONDER_TEST_REDIS_USER", "s3cr3t-user")
+    done = _serve("--port", "9", tmp_path=tmp_path, config={"telemetry": {
+        "redis_url": "redis://${PONDER_TEST_REDIS_USER}:${PONDER_TEST_UNSET_PASSWORD}@127.0.0.1:6379/0"}})
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "bad config" in done.stderr and "$PONDER_TEST_UNSET_PASSWORD is not set" in done.stderr
+    assert "PONDER_TEST_REDIS_USER" not in done.stderr and "s3cr3t-user" not in done.stderr
 
 
 def test_a_redis_password_from_the_environment_is_used_as_it_is(tmp_path, redis_server):

@@ -372,6 +372,30 @@ def test_policy_check_with_a_config_alone_checks_the_policies_it_serves_together
     assert usage.value.code == 2 and "or --config GW.yaml for the policies it serves" in capsys.readouterr().err
 
 
+def test_bare_policy_check_checks_the_config_in_ponder_config_as_serve_does(tmp_path, monkeypatch, capsys):
+    """In the image ($PONDER_CONFIG=/etc/ponder/gateway.yaml) `ponder serve` and `ponder stats` read that
+    config; a bare `ponder policy check` was a usage error. With no FILE it now checks what that config
+    serves; FILEs given are still checked alone (the env does not bring in a config's backends)."""
+    from gateway.cli import main
+
+    policy = tmp_path / "mine.yaml"
+    policy.write_text("name: mine\nbackends: [{name: fast, model: openai/gpt-4.1-mini}]\n"
+                      "arms: {one: {backend: fast}}\nroutes: [{name: all, candidates: [one]}]\n")
+    config = tmp_path / "gateway.yaml"
+    config.write_text("policy: mine.yaml\nlocal_model: {enabled: false}\n")
+    monkeypatch.delenv("PONDER_CONFIG", raising=False)
+    with pytest.raises(SystemExit) as usage:
+        main(["policy", "check", "--quiet"])
+    assert usage.value.code == 2 and "$PONDER_CONFIG, unset" in capsys.readouterr().err
+    monkeypatch.setenv("PONDER_CONFIG", str(config))
+    assert main(["policy", "check", "--quiet"]) == 0
+    assert capsys.readouterr() == (f"{policy}: OK\n", "")
+    config.write_text("policy: mine.yaml\nlocal_model: {enabled: false}\npolicyy: x\n")
+    assert main(["policy", "check", "--quiet"]) == 1
+    assert f"{config}: FAILED" in capsys.readouterr().err
+    assert main(["policy", "check", "--quiet", str(policy)]) == 0  # a FILE: checked alone, env unread
+
+
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_check_summary_shows_the_cost_the_decision_checks_caps_against(path):
     """The summary's cost per arm is the cost model's (a vote's every sample paying the prompt, a
