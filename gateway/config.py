@@ -17,7 +17,6 @@ from urllib.parse import quote, urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator
 
-from redis.connection import parse_url
 
 from policies.backends import BackendSpec
 from policies.loader import SHIPPED as SHIPPED_POLICIES, reasoning_effort_refusal, resolve_policy_path
@@ -162,6 +161,9 @@ def load_config(path: str | Path | None) -> GatewayConfig:
                               f"{'is' if len(unset) == 1 else 'are'} not set in the environment "
                               "(a `$` meant as itself: write %24)")
         config.telemetry.redis_url = expand_redis_url(config.telemetry.redis_url)
+        # imported here: redis-py (and the OpenTelemetry it loads) is ~6 MB an embedded store never needs
+        from redis.connection import parse_url
+
         try:
             parsed = parse_url(config.telemetry.redis_url)
         except ValueError:  # its message quotes the URL's pieces, a piece of the password among them
