@@ -28,7 +28,10 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoPermissionError, OutOfMemoryError, ReadOnlyError, RedisClusterException, ResponseError
+from redis.exceptions import (
+    ClusterDownError, NoPermissionError, OutOfMemoryError, ReadOnlyError, RedisClusterException, ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .aggregates import SPEND_DAYS, SPEND_HOURS, add_spend, group_deltas, spend_deltas, spend_periods
@@ -51,7 +54,10 @@ SPEND_TTL_S = {"h": 2 * 86400, "d": 35 * 86400}
 # was away, and not restarted: scaled down): their spend is pushed without waiting for a start. Events
 # that stopped replicas saved are looked for as often.
 TAKE_OVER_EVERY_S = 5.0
-DOWN_ERRORS = (RedisConnectionError, RedisTimeoutError, RedisClusterException, OSError, asyncio.TimeoutError)
+# A Redis Cluster in failover answers CLUSTERDOWN or TRYAGAIN (ResponseErrors in redis-py, not
+# RedisClusterException): down for now, as a lost connection is, not a batch to drop.
+DOWN_ERRORS = (RedisConnectionError, RedisTimeoutError, RedisClusterException, ClusterDownError, TryAgainError,
+               OSError, asyncio.TimeoutError)
 # Refusals that say the server answers but takes no writes now: full (OOM at maxmemory under noeviction),
 # a replica (READONLY: a failover demoted our primary), failing to persist (MISCONF), short of replicas
 # (NOREPLICAS). An outage too: what it refuses is kept and written once it takes writes, never dropped

@@ -1140,6 +1140,18 @@ def test_a_refusal_of_writes_is_told_from_a_refusal_of_the_batch(message, refuse
     assert refuses_writes(error) is refused
 
 
+def test_a_cluster_in_failover_is_down_not_refusing_the_batch():
+    """A Redis Cluster mid-failover answers CLUSTERDOWN or TRYAGAIN, which redis-py raises as
+    ResponseErrors: they were taken for a batch Redis keeps refusing, and its events dropped after three
+    tries, where a lost connection keeps them buffered until the cluster answers again."""
+    from redis.exceptions import ClusterDownError, TryAgainError
+
+    from telemetry.redis_store import DOWN_ERRORS
+
+    assert isinstance(ClusterDownError("The cluster is down"), DOWN_ERRORS)
+    assert isinstance(TryAgainError("Multiple keys request during rehashing of slot"), DOWN_ERRORS)
+
+
 def test_a_batch_redis_keeps_refusing_is_dropped_not_retried_forever(redis_url, tmp_path, caplog):
     """A refusal that is no outage (a key of the wrong type; a full or read-only Redis is an outage) drops
     the batch after its third try, with one ERROR when the drops begin and one WARNING when Redis takes
