@@ -23,12 +23,13 @@ counted] records a whole change; ["done", token] says Redis confirmed it.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import math
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import orjson
@@ -222,34 +223,50 @@ def take_over(data_dir: Path, adopt: Callable[[list[BudgetChange]], bool], token
     operator. `token_for(counter)` names a change an older version saved without a token."""
     problems: list[str] = []
     for path in sorted([*data_dir.glob(f"{FILE_PREFIX}*.jsonl"), *data_dir.glob(f"{FILE_PREFIX}*.json")]):
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            continue  # taken by another process meanwhile
-        try:
+        with claimed(path) as data:
+            if data is None:
+                continue  # its process is alive, or another took it meanwhile
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                if os.fstat(fd).st_ino != os.stat(path).st_ino:
-                    continue  # taken (and removed or replaced) by another process meanwhile
-            except OSError:
-                continue  # locked: its process is alive
-            with os.fdopen(os.dup(fd), "rb") as f:
-                data = f.read()
-            try:
-                changes, bad = _read(path, data, token_for)
-            except (ValueError, TypeError, KeyError) as exc:
+                try:
+                    changes, bad = _read(path, data, token_for)
+                except (ValueError, TypeError, KeyError) as exc:
+                    problems.append(f"{path}: {exc}")
+                    os.replace(path, path.with_suffix(".bad"))
+                    continue
+                if not adopt(changes):
+                    continue  # not safe anywhere else yet: leave it for the next start
+                if bad:
+                    problems.append(f"{path}: {bad} unreadable lines (the others are taken)")
+                    os.replace(path, path.with_suffix(".bad"))
+                else:
+                    path.unlink()
+            except OSError as exc:
                 problems.append(f"{path}: {exc}")
-                os.replace(path, path.with_suffix(".bad"))
-                continue
-            if not adopt(changes):
-                continue  # not safe anywhere else yet: leave it for the next start
-            if bad:
-                problems.append(f"{path}: {bad} unreadable lines (the others are taken)")
-                os.replace(path, path.with_suffix(".bad"))
-            else:
-                path.unlink()
-        except OSError as exc:
-            problems.append(f"{path}: {exc}")
-        finally:
-            os.close(fd)
     return problems
+
+
+@contextlib.contextmanager
+def claimed(path: Path) -> Iterator[bytes | None]:
+    """A file another process left, read under an exclusive lock held until the block ends (so two
+    processes never take one file); None when its writer is alive (it holds the lock) or another
+    process took it meanwhile."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        yield None  # taken (removed) by another process meanwhile
+        return
+    try:
+        yield _read_locked(fd, path)
+    finally:
+        os.close(fd)
+
+
+def _read_locked(fd: int, path: Path) -> bytes | None:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.fstat(fd).st_ino != os.stat(path).st_ino:
+            return None  # taken (and removed or replaced) by another process meanwhile
+    except OSError:
+        return None  # locked: its process is alive
+    with os.fdopen(os.dup(fd), "rb") as f:
+        return f.read()

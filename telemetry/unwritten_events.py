@@ -13,7 +13,6 @@ once, and a taker that dies leaves it whole for the next.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import uuid
 from collections.abc import Awaitable, Callable
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import orjson
 
-from .budget_journal import _sync_dir, _write_all
+from .budget_journal import _sync_dir, _write_all, claimed
 from .events import Event
 
 FILE_PREFIX = "events-unwritten-"
@@ -74,19 +73,10 @@ async def take_over(data_dir: Path, write: Callable[[list[Event]], Awaitable[Non
     unreadable lines (kept renamed `*.bad` for an operator once the rest is written)."""
     written, problems = 0, []
     for path in sorted(data_dir.glob(f"{FILE_PREFIX}*.jsonl")):
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            continue  # taken by another process meanwhile
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                if os.fstat(fd).st_ino != os.stat(path).st_ino:
-                    continue  # written and removed by another process meanwhile
-            except OSError:
-                continue  # locked: another process is writing it
-            with os.fdopen(os.dup(fd), "rb") as f:
-                batches, bad = read(f.read())
+        with claimed(path) as data:
+            if data is None:
+                continue  # another process is writing it, or wrote it meanwhile
+            batches, bad = read(data)
             for batch in batches:
                 await write(batch)
             written += sum(map(len, batches))
@@ -95,6 +85,4 @@ async def take_over(data_dir: Path, write: Callable[[list[Event]], Awaitable[Non
                 os.replace(path, path.with_suffix(".bad"))
             else:
                 path.unlink()
-        finally:
-            os.close(fd)
     return written, problems
