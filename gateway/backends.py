@@ -546,12 +546,7 @@ class Backend:
                 admission.admit()
             source = self._stream_fast(body) if self.fast_path else self._stream_litellm(body)
             try:
-                try:
-                    async with asyncio.timeout(self.spec.first_byte_timeout_s):
-                        first = await anext(source, None)
-                except TimeoutError:
-                    raise UpstreamError(self.name, 504, f"{self.name}: no first byte in time", retryable=True,
-                                        cut=True) from None
+                first = await self._next_event(source, "no first byte in time")
                 if first is None:
                     return
                 yield first
@@ -559,18 +554,20 @@ class Backend:
                     async for item in source:
                         yield item
                     return
-                while True:  # litellm's read timeout is the whole call's timeout_s: the same pause, cut here
-                    try:
-                        async with asyncio.timeout(self.spec.first_byte_timeout_s):
-                            item = await anext(source, None)
-                    except TimeoutError:
-                        raise UpstreamError(self.name, 504, f"{self.name}: upstream stream stalled", retryable=True,
-                                            cut=True) from None
-                    if item is None:
-                        return
+                # litellm's read timeout is the whole call's timeout_s: the same pause, cut here
+                while (item := await self._next_event(source, "upstream stream stalled")) is not None:
                     yield item
             finally:
                 await source.aclose()
+
+    async def _next_event(self, source: AsyncIterator[tuple[bytes, dict | None]],
+                          late: str) -> tuple[bytes, dict | None] | None:
+        """The stream's next event (None at its end), cut as a 504 (`late`) after first_byte_timeout_s."""
+        try:
+            async with asyncio.timeout(self.spec.first_byte_timeout_s):
+                return await anext(source, None)
+        except TimeoutError:
+            raise UpstreamError(self.name, 504, f"{self.name}: {late}", retryable=True, cut=True) from None
 
     async def _stream_fast(self, body: dict[str, Any]) -> AsyncIterator[tuple[bytes, dict | None]]:
         assert self.session is not None, "backend used before the gateway started"
