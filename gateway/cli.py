@@ -75,7 +75,8 @@ def serve(argv: list[str]) -> int:
         for name in LITELLM_LOGGERS:
             logging.getLogger(name).setLevel(max(logging.INFO, logging.getLogger().level))
             logging.getLogger(name).addFilter(WithoutUserMedia())
-    http = guarded_protocol(config.max_header_bytes, config.header_timeout_s)  # httptools, with limits
+    # httptools, with limits
+    http = guarded_protocol(config.max_header_bytes, config.header_timeout_s, config.body_timeout_s)
     uvicorn.run(create_app(config), host=args.host, port=args.port, loop="uvloop", http=http,
                 log_level=args.log_level, access_log=False, timeout_graceful_shutdown=config.shutdown_grace_s)
     return 0

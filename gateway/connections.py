@@ -5,7 +5,10 @@ line is held in memory, and a client that never finishes its headers (slowloris)
 forever. Both happen before the app or any API key is seen, so they are refused here: headers still
 unfinished past `max_header_bytes` get a 431 (counted read by read: a header block that arrives whole in
 one read, at most a few hundred KB, passes), headers not complete within `header_timeout_s` of their
-first byte (or of the connection) a 408. A body that stalls is the app's to time out (gateway.app.read_body).
+first byte (or of the connection) a 408. A body that stalls is the app's to time out (gateway.app.read_body),
+but a request answered before its body was read (a 401, a 413 by its Content-Length) leaves the rest to
+uvicorn, which reads and drops it for as long as it comes: that connection is closed once its body is
+not complete within `body_timeout_s` of its headers.
 """
 
 from __future__ import annotations
@@ -18,13 +21,16 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 
 
-def guarded_protocol(max_header_bytes: int, header_timeout_s: float) -> type[HttpToolsProtocol]:
-    """An httptools protocol class (uvicorn's `http=`) enforcing these two limits."""
+def guarded_protocol(max_header_bytes: int, header_timeout_s: float,
+                     body_timeout_s: float) -> type[HttpToolsProtocol]:
+    """An httptools protocol class (uvicorn's `http=`) enforcing these limits."""
 
     class GuardedHttpToolsProtocol(HttpToolsProtocol):
         _in_headers = True  # the bytes arriving now belong to a request's line and headers
         _header_bytes = 0
         _header_timer: asyncio.TimerHandle | None = None
+        _body_deadline = 0.0  # loop time by which the request's body must be complete
+        _body_timer: asyncio.TimerHandle | None = None
         _boundary = False  # during one data_received: a request's headers or a whole request ended in it
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -33,6 +39,7 @@ def guarded_protocol(max_header_bytes: int, header_timeout_s: float) -> type[Htt
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm_header_timer()
+            self._disarm_body_timer()
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
@@ -53,13 +60,33 @@ def guarded_protocol(max_header_bytes: int, header_timeout_s: float) -> type[Htt
         def on_headers_complete(self) -> None:
             self._in_headers, self._boundary = False, True
             self._disarm_header_timer()
+            self._body_deadline = self.loop.time() + body_timeout_s
             super().on_headers_complete()
 
         def on_message_complete(self) -> None:
             super().on_message_complete()
+            self._disarm_body_timer()
             # What comes next on this connection is the next request's headers (keep-alive); its
             # timer starts with its first byte (uvicorn's keep-alive timeout covers the idle gap).
             self._in_headers, self._header_bytes, self._boundary = True, 0, True
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            # answered before its body was all read (this request's: not one pipelined behind it):
+            # the rest is dropped as it comes, until the body's deadline, not for ever
+            if not self._in_headers and self.cycle.response_complete and not self.transport.is_closing():
+                self._body_timer = self.loop.call_later(max(0.0, self._body_deadline - self.loop.time()),
+                                                        self._body_too_slow)
+
+        def _body_too_slow(self) -> None:
+            self._body_timer = None
+            if not self._in_headers and not self.transport.is_closing():
+                self.transport.close()
+
+        def _disarm_body_timer(self) -> None:
+            if self._body_timer is not None:
+                self._body_timer.cancel()
+                self._body_timer = None
 
         def _arm_header_timer(self) -> None:
             self._header_timer = self.loop.call_later(header_timeout_s, self._headers_too_slow)

@@ -1608,6 +1608,64 @@ def test_slow_or_oversized_requests_cannot_hold_the_gateway(tmp_path):
                 time.sleep(0.4)
 
 
+def _held_after_answer(url: str, head: bytes, limit_s: float) -> tuple[bytes, float]:
+    """Send `head` (a request whose body is far from complete), read its answer, then trickle a byte of
+    body every 0.2 s until the server closes the connection or `limit_s` passes: (answer, seconds held)."""
+    host, port = url.removeprefix("http://").split(":")
+    received = b""
+    with socket.create_connection((host, int(port))) as sock:
+        sock.settimeout(0.2)
+        sock.sendall(head)
+        started = time.monotonic()
+        while time.monotonic() - started < limit_s:
+            try:
+                sock.sendall(b"x")
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:  # reset: closed
+                break
+            if not chunk:  # closed
+                break
+            received += chunk
+        return received, time.monotonic() - started
+
+
+def test_a_body_still_coming_after_its_answer_cannot_hold_the_connection(tmp_path):
+    """A request answered before its body was read (a 401 without a key, a 413 by its Content-Length)
+    left its connection open for as long as the client kept trickling the rest of the body, which
+    uvicorn reads and drops: past header_timeout_s and body_timeout_s, forever, without any key. Now it
+    is closed once the body is not complete within body_timeout_s; a body that does complete in time
+    leaves the connection kept alive for the next request."""
+    key = "sk-trickle-needle-0a1b"
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("m", mock)], "policy": simple_policy(tmp_path, "m"),
+            "api_keys": [{"id": "k", "sha256": hashlib.sha256(key.encode()).hexdigest()}],
+            "max_body_bytes": 1000, "header_timeout_s": 1.0, "body_timeout_s": 1.0}, name="trickle")) as gateway:
+        post = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        for headers, status in ((b"Content-Length: 100000000\r\n", b"401"),
+                                (b"Transfer-Encoding: chunked\r\n", b"401"),
+                                (b"Authorization: Bearer " + key.encode() + b"\r\nContent-Length: 100000000\r\n",
+                                 b"413")):
+            chunked = b"chunked" in headers
+            answer, held = _held_after_answer(gateway.url, post + headers + b"\r\n" + (b"100000\r\n" if chunked else b"")
+                                              + b'{"model": "auto"', 8)
+            assert answer.startswith(b"HTTP/1.1 " + status), answer[:200]
+            assert held < 4, f"held {held:.1f} s after its {status.decode()}"
+        # a body that arrives in full after the answer: the connection serves the next request
+        host, port = gateway.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as sock:
+            sock.settimeout(5)
+            sock.sendall(post + b"Content-Length: 20\r\n\r\n" + b"x" * 10)
+            first = sock.recv(65536)
+            time.sleep(0.3)
+            sock.sendall(b"x" * 10 + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            second = sock.recv(65536)
+            while b"HTTP/1.1 200" not in second and (more := sock.recv(65536)):
+                second += more
+        assert first.startswith(b"HTTP/1.1 401") and b"HTTP/1.1 200" in second, (first[:100], second[:100])
+
+
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/feedback"])
 def test_a_client_hanging_up_mid_body_is_not_a_traceback(healthy, path):
     """A client that gives up while sending its body (a cancelled upload, a dropped link) is the
