@@ -26,12 +26,18 @@ RawAggregates = dict[str, dict[tuple[str, str], dict[str, float]]]
 async def _read_redis(url: str, half_life_s: float | None) -> RawAggregates:
     from .redis_store import RedisStore
 
-    store = RedisStore(
-        url, stream_maxlen=1, refresh_s=3600, buffer_max=1, decay_half_life_s=half_life_s, feedback_window_s=0
-    )
+    try:
+        store = RedisStore(
+            url, stream_maxlen=1, refresh_s=3600, buffer_max=1, decay_half_life_s=half_life_s, feedback_window_s=0
+        )
+    except ValueError:  # redis-py's message quotes the URL's pieces, a piece of the password among them
+        raise ValueError("not a Redis URL (redis://[user:password@]host:port/db, rediss://..., "
+                         "unix://[user:password@]/path?db=N): percent-encode a user name or password that "
+                         "holds / # ? @ or %") from None
     try:
         if not await store._ensure_connected(force=True):
-            raise ConnectionError(store.last_error or f"cannot reach {url}")
+            # the URL without its user name and password
+            raise ConnectionError(store.last_error or f"cannot reach {url.rpartition('@')[2]}")
         return await store._load_aggregates(read_only=True)
     finally:
         await store._client.aclose()

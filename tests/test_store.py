@@ -731,6 +731,19 @@ def test_stats_cli_prints_the_table(tmp_path, capsys, redis_url):
     assert stats_cli(["--redis-url", f"redis://127.0.0.1:{free_port()}/0"]) == 1
 
 
+def test_stats_cli_does_not_quote_a_redis_url_it_cannot_parse(capsys, monkeypatch):
+    """A password with a raw `/` (base64 ones have it) in --redis-url or $PONDER_REDIS_URL: redis-py reads
+    its first piece as the port and says so, and `ponder stats` printed that piece to the terminal (and to
+    whatever log catches it), as the gateway's config check no longer does."""
+    url = f"redis://:pw-secret/rest-secret@127.0.0.1:{free_port()}/0"
+    assert stats_cli(["--redis-url", url]) == 1
+    monkeypatch.setenv("PONDER_REDIS_URL", url)
+    assert stats_cli([]) == 1
+    printed = capsys.readouterr()
+    assert "secret" not in printed.out + printed.err, printed.err
+    assert printed.err.count("percent-encode") == 2, printed.err
+
+
 def test_stats_cli_on_a_directory_no_gateway_wrote_says_so(tmp_path, capsys):
     """`ponder stats` without --config reads .ponder; run beside a gateway whose data_dir is elsewhere
     (or with a mistyped --data-dir) it said "no telemetry recorded yet", as if the telemetry were lost."""
