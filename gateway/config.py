@@ -141,8 +141,15 @@ def load_config(path: str | Path | None) -> GatewayConfig:
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
+    except OSError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
+    except yaml.YAMLError as exc:
+        # PyYAML's own message quotes the line, and the line may hold a secret (a redis_url's password):
+        # where and what only, as a policy's syntax error is told (policies/loader.py)
+        said = [f"{text} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else str(text)
+                for text, mark in ((getattr(exc, "context", None), getattr(exc, "context_mark", None)),
+                                   (getattr(exc, "problem", None), getattr(exc, "problem_mark", None))) if text]
+        raise ConfigError(f"{path}: YAML syntax error: {', '.join(said) or type(exc).__name__}") from None
     try:
         config = GatewayConfig.model_validate(raw)
     except ValidationError as exc:

@@ -1735,6 +1735,17 @@ def test_serve_refuses_a_redis_url_that_does_not_parse_without_quoting_its_passw
     assert "s3cr3t" not in done.stderr and "Tail" not in done.stderr
 
 
+def test_a_config_that_is_no_yaml_is_refused_without_quoting_its_lines(tmp_path):
+    """PyYAML's message quotes the line it stopped at: a redis_url whose password holds a quote (or `#`,
+    or `: `) broke the YAML on that very line, and `ponder serve` printed the password in its refusal."""
+    config = tmp_path / "ponder.yaml"
+    config.write_text('local_model: {enabled: false}\ntelemetry:\n  redis_url: "redis://:s3cr3t"Tail@127.0.0.1:6379/0"\n')
+    done = _serve("--port", "9", "--config", str(config))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "bad config" in done.stderr and "YAML syntax error: " in done.stderr and "(line 3, column" in done.stderr, done.stderr
+    assert "s3cr3t" not in done.stderr and "Tail" not in done.stderr, done.stderr
+
+
 def test_serve_refuses_a_redis_url_whose_database_is_not_a_number(tmp_path):
     """redis-py reads `/abc` after host:port as no database at all: the gateway wrote to db 0, beside
     whatever else lives there, without a word. A bad config, that quotes nothing of the URL."""
