@@ -76,7 +76,7 @@ class KeyBudgets:
         whole = [period for period, left in left_by_period.items()
                  if left > 0 and period in limits and need > limits[period]]  # (a reload may drop a cap meanwhile)
         if whole:
-            return ApiError(400, f"{exc} Even the cheapest arm may cost ${need:.6f}, more than this key's whole "
+            return ApiError(400, f"{exc}. Even the cheapest arm may cost ${need:.6f}, more than this key's whole "
                                  f"{whole[0]} budget (${limits[whole[0]]:.6f}); send a lower max_tokens.",
                             code="over_budget_cap")
         short = [period for period, left in left_by_period.items() if left < need]

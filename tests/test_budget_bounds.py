@@ -377,3 +377,4 @@ def test_a_routed_request_whose_cheapest_arm_is_over_the_whole_cap_is_a_400(stac
         refused = post(stack["gateway"].url, "sk-sliver", model=model, max_tokens=2000)
         assert refused.status_code == 400, (model, refused.text)
         assert refused.json()["error"]["code"] == "over_budget_cap" and "retry-after" not in refused.headers
+    assert "USD. Even the cheapest arm may cost" in refused.json()["error"]["message"]  # two sentences (auto's)
