@@ -336,6 +336,12 @@ class Backend:
             # structured outputs as basic servers take them (llama-cpp-python fails on json_schema)
             schema = (response_format.get("json_schema") or {}).get("schema")
             body = {**body, "response_format": {"type": "json_object", **({"schema": schema} if schema else {})}}
+        tools = body.get("tools")
+        if body.get("tool_choice") == "required" and isinstance(tools, list) and len(tools) == 1 \
+                and isinstance(name := (tools[0].get("function") or {}).get("name"), str):
+            # llama-cpp-python ignores "required" (it answers text) but forces a named tool: with one
+            # tool, naming it is the same demand
+            body = {**body, "tool_choice": {"type": "function", "function": {"name": name}}}
         return body
 
     def _fit_openai_reasoning(self, body: dict[str, Any]) -> dict[str, Any]:
