@@ -34,7 +34,8 @@ from gateway.config import GatewayConfig
 from gateway.cost_bounds import backends_of
 from gateway.dashboard import dashboard_routes
 from gateway.effort import apply_effort
-from gateway.errors import EXCEPTION_HANDLERS, NO_CLIENT_RETRY, ApiError, request_id_headers, retry_after
+from gateway.errors import (EXCEPTION_HANDLERS, NO_CLIENT_RETRY, ApiError, request_id_headers, retry_after,
+                            unrouted_request_id)
 from gateway.local_model import LocalModelError
 from gateway.responses import ResponsesWire, count_input_tokens, parse_responses_request
 from gateway.schemas import ChatRequest, parse_chat_request, parse_json_body
@@ -655,7 +656,7 @@ def create_app(config: GatewayConfig) -> Starlette:
         finally:
             await gateway.close()
 
-    middleware = [Middleware(ReadableStartupFailure)]
+    middleware = [Middleware(ReadableStartupFailure), Middleware(RequestIdOnEveryAnswer)]
     if config.cors_origins:
         middleware.append(Middleware(CORSMiddleware, allow_origins=config.cors_origins,
                                      allow_methods=["GET", "POST"], allow_headers=["*"],
@@ -664,6 +665,29 @@ def create_app(config: GatewayConfig) -> Starlette:
                     lifespan=lifespan)
     app.state.gateway = gateway
     return app
+
+
+class RequestIdOnEveryAnswer:
+    """OpenAI answers every request with an `x-request-id`, which the openai SDKs read into every result's
+    `_request_id`. Completions carry their own (the request id) and errors one made for them; any other
+    answer (the model list, health, metrics, feedback, the dashboard) gets one made here."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def with_request_id(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start" and not any(
+                    name == b"x-request-id" for name, _ in message.get("headers", ())):
+                added = [(name.encode(), value.encode())
+                         for name, value in request_id_headers(unrouted_request_id()).items()]
+                message = {**message, "headers": [*message.get("headers", ()), *added]}
+            await send(message)
+
+        await self.app(scope, receive, with_request_id)
 
 
 class ReadableStartupFailure:

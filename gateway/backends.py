@@ -51,13 +51,18 @@ ANSWER_PARAMS = {"logprobs": ("logprobs",), "audio": ("audio", "modalities")}
 # litellm takes a keyword argument it knows as its own option, however it got there: a body field
 # named like one would choose where the call goes and with what key (`base_url`, `api_key`), its headers,
 # an OpenAI organization to bill, retries, a mock answer. Its list (all_litellm_params) has most; these are
-# its call's own arguments and OpenAI client options it maps; providers' credentials and endpoints go by
-# prefix (Bedrock's `aws_sts_endpoint`, Vertex's `vertex_credentials`, Azure's `azure_ad_token`).
+# its call's own arguments and OpenAI client options it maps, and what it reads from its keyword arguments
+# outside that list: logging callbacks (`callbacks: ["generic_api"]` registered one for every later call of
+# the process), a mock answer of tool calls (made up, no upstream call), which parameters to drop; providers'
+# credentials and endpoints go by prefix (Bedrock's `aws_sts_endpoint`, Vertex's `vertex_credentials`,
+# Azure's `azure_ad_token`, GigaChat's `gigachat_auth_url`), as do its private switches (`_skip_mcp_handler`).
 LITELLM_OPTIONS = frozenset({"base_url", "api_base", "api_key", "api_type", "api_version", "organization",
                              "extra_headers", "default_headers", "custom_llm_provider", "deployment_id",
                              "model_list", "shared_session", "client", "timeout", "max_retries", "num_retries",
-                             "enable_json_schema_validation", "logger_fn", "caching", "litellm_call_id"})
-LITELLM_OPTION_PREFIXES = ("aws_", "vertex_", "azure_", "litellm_")
+                             "enable_json_schema_validation", "logger_fn", "caching", "litellm_call_id",
+                             "callbacks", "success_callback", "failure_callback", "mock_tool_calls", "mock_delay",
+                             "drop_params", "additional_drop_params", "original_function"})
+LITELLM_OPTION_PREFIXES = ("aws_", "vertex_", "azure_", "litellm_", "gigachat_", "_")
 # OpenAI's own fields that litellm also reads (its logging `metadata`): a client sends them as to OpenAI
 OPENAI_FIELDS_LITELLM_READS = frozenset({"metadata", "user"})
 # One streamed event, at most: a chunk with a whole long answer in it (1 MB of text, JSON-escaped) fits;
@@ -331,6 +336,12 @@ class Backend:
             # structured outputs as basic servers take them (llama-cpp-python fails on json_schema)
             schema = (response_format.get("json_schema") or {}).get("schema")
             body = {**body, "response_format": {"type": "json_object", **({"schema": schema} if schema else {})}}
+        tools = body.get("tools")
+        if body.get("tool_choice") == "required" and isinstance(tools, list) and len(tools) == 1 \
+                and isinstance(name := (tools[0].get("function") or {}).get("name"), str):
+            # llama-cpp-python ignores "required" (it answers text) but forces a named tool: with one
+            # tool, naming it is the same demand
+            body = {**body, "tool_choice": {"type": "function", "function": {"name": name}}}
         return body
 
     def _fit_openai_reasoning(self, body: dict[str, Any]) -> dict[str, Any]:

@@ -41,6 +41,13 @@ def retry_after(seconds: float | None) -> dict[str, str]:
     return {"Retry-After": str(max(1, math.ceil(seconds)))} if seconds else {}
 
 
+def unrouted_request_id() -> str:
+    """An id for an answer to a request that no plan gave one (a refusal before routing, a model list,
+    a health check): OpenAI answers every request with one, which clients log and quote. No request
+    record holds it (docs/api.md)."""
+    return f"req_{secrets.token_hex(16)}"
+
+
 def request_id_headers(request_id: str) -> dict[str, str]:
     """The request's id, under Ponder's name and OpenAI's: the openai SDKs read `x-request-id` into a
     result's `_request_id` and an error's `request_id`, which apps log to report a failed request."""
@@ -72,10 +79,8 @@ class ApiError(Exception):
     def response(self, extra_headers: dict[str, str] | None = None) -> Response:
         headers = {**self.headers, **(extra_headers or {})}
         if "x-request-id" not in headers:
-            # refused before routing (auth, validation, budget, an unknown path): no plan, so no id yet.
-            # OpenAI answers every request with one, which clients log and quote; made here, on errors
-            # only. No request record holds it (docs/api.md).
-            headers.update(request_id_headers(f"req_{secrets.token_hex(16)}"))
+            # refused before routing (auth, validation, budget, an unknown path): no plan, so no id yet
+            headers.update(request_id_headers(unrouted_request_id()))
         return Response(orjson.dumps(self.body()), self.status, headers, media_type="application/json")
 
 

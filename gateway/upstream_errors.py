@@ -21,6 +21,9 @@ import orjson
 REQUEST_ERRORS = frozenset({400, 404, 413, 422})
 # OpenAI's codes for a parameter (or value) the model does not take: another backend's may take it
 MODEL_REFUSALS = frozenset({"unsupported_parameter", "unsupported_value"})
+# The longest wait an upstream may ask for, as kept: a backend's cool-down holds it at most this long
+# (BackendHealth.max_cooldown_s), so a client told to wait longer (a year's HTTP-date) would wait for nothing
+MAX_UPSTREAM_WAIT_S = 30.0
 
 class UpstreamError(Exception):
     """A failed upstream call. `status` is what the client would see if nothing else can serve it."""
@@ -102,11 +105,13 @@ def _says_context_exceeded(message: str) -> bool:
 def upstream_wait(headers: Mapping[str, str]) -> float | None:
     """The wait, in seconds, an upstream's error answer asks for (headers looked up case-insensitively,
     as aiohttp's and httpx's are): `retry-after-ms` first, as the openai SDK reads it (Azure OpenAI
-    may send only that one), else `Retry-After` as seconds or as an HTTP-date (RFC 9110)."""
+    may send only that one), else `Retry-After` as seconds or as an HTTP-date (RFC 9110); at most
+    MAX_UPSTREAM_WAIT_S."""
     milliseconds = _finite(headers.get("retry-after-ms"))
     if milliseconds is not None:
-        return max(0.0, milliseconds / 1000)
-    return retry_after_seconds(headers.get("retry-after"))
+        return min(max(0.0, milliseconds / 1000), MAX_UPSTREAM_WAIT_S)
+    seconds = retry_after_seconds(headers.get("retry-after"))
+    return None if seconds is None else min(seconds, MAX_UPSTREAM_WAIT_S)
 
 
 def retry_after_seconds(value: str | None) -> float | None:
@@ -137,4 +142,4 @@ _GOOGLE_RETRY_DELAY = re.compile(r'"retryDelay"\s*:\s*"(\d+(?:\.\d+)?)s"')
 
 def google_retry_delay(text: str) -> float | None:
     match = _GOOGLE_RETRY_DELAY.search(text)
-    return float(match.group(1)) if match else None
+    return min(float(match.group(1)), MAX_UPSTREAM_WAIT_S) if match else None

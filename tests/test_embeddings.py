@@ -403,13 +403,19 @@ def test_a_body_of_token_ids_with_one_wrong_is_refused_at_once(gw, mock):
                               "base_url": "{other}/v1"}),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "mock_response": "free"}),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "api_key": "sk-mine"}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "mock_tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "transfer", "arguments": "{}"}}]}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "callbacks": ["generic_api"]}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "_skip_mcp_handler": True}),
     ("/v1/embeddings", {"input": "x", "mock_response": [0.5]}),
     ("/v1/embeddings", {"input": "x", "aws_bedrock_runtime_endpoint": "{other}"}),
 ])
 def test_a_field_litellm_takes_as_its_own_option_is_refused(stack, gw, mock, path, body):
     """Through litellm a body field named like one of its options was taken as that option: `base_url`
     sent the backend's API key to any address a client named, `mock_response` answered for free, and a
-    clashing `api_key` failed as a 502 that cooled the backend down for every key."""
+    clashing `api_key` failed as a 502 that cooled the backend down for every key. Names litellm reads
+    outside its list of options were taken too: `mock_tool_calls` answered made-up tool calls without
+    calling the upstream, `callbacks` registered a logging integration for every later call."""
     bedrock = stack[2]
     reset(bedrock)
     body = {"model": "emb-litellm", **{k: v.replace("{other}", bedrock.url) if isinstance(v, str) else v

@@ -1338,6 +1338,36 @@ def test_answers_refused_before_routing_carry_a_request_id(keyed_stack):
     assert record.status_code == 404  # refused before routing: no request record
 
 
+def test_answers_other_than_completions_carry_a_request_id(keyed_stack):
+    """OpenAI sends `x-request-id` on every answer, and the openai SDK reads it into every result's
+    `_request_id`: the model list, a model, health, metrics, feedback and the operators' views answered
+    200 with none (`client.models.retrieve(...)._request_id` was None)."""
+    gateway, _ = keyed_stack
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0)
+    model = client.models.retrieve("mock-a")
+    assert model._request_id is not None and model._request_id.startswith("req_")
+    completion = client.chat.completions.create(model="mock-a", messages=[{"role": "user", "content": "x"}])
+    for _ in range(50):  # the completion's record is written just after its answer
+        feedback = httpx.post(gateway.url + "/v1/feedback", json={"request_id": completion.id, "score": 1},
+                              headers={"authorization": f"Bearer {KEY}"})
+        if feedback.status_code != 404:
+            break
+        time.sleep(0.1)
+    assert feedback.status_code == 200, feedback.text
+    ids = [feedback.headers["x-request-id"]]
+    admin = {"authorization": f"Bearer {ADMIN_KEY}"}
+    for path in ("/v1/models", "/healthz", "/readyz", "/metrics", "/v1/ponder/summary", "/dashboard"):
+        answer = httpx.get(gateway.url + path, headers=admin)
+        assert answer.status_code == 200, (path, answer.status_code)
+        assert answer.headers.get_list("x-request-id") == answer.headers.get_list("x-ponder-request-id"), path
+        assert len(answer.headers.get_list("x-request-id")) == 1, path
+        ids.append(answer.headers["x-request-id"])
+    assert all(i.startswith("req_") for i in ids) and len(set(ids)) == len(ids)
+    # a completion keeps its own, once
+    raw = client.chat.completions.with_raw_response.create(model="mock-a", messages=[{"role": "user", "content": "x"}])
+    assert raw.headers.get_list("x-request-id") == [raw.parse().id]
+
+
 def test_budget_refusals_say_what_to_do(keyed_stack):
     """A day budget of $0.00005 (mock prices: $1 / $2 per M tokens). Without max_tokens a request holds
     1,024 output tokens a call: more than the whole budget, which waiting cannot fix (400). With a small

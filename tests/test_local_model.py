@@ -124,6 +124,18 @@ def test_a_streamed_tool_call_of_the_local_model_is_one_call(local_gateway):
     assert isinstance(json.loads(streamed[0].function.arguments), dict)
 
 
+def test_a_required_tool_call_of_the_local_model_is_a_tool_call(local_gateway):
+    """llama-cpp-python ignores `tool_choice: "required"` and answered text, though OpenAI's API
+    guarantees a tool call: with one tool the gateway names it, which the server does force."""
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+    client = openai.OpenAI(base_url=local_gateway.url + "/v1", api_key="none", max_retries=0)
+    choice = client.chat.completions.create(model="local", tools=[weather], tool_choice="required", max_tokens=30,
+                                            seed=1, messages=[{"role": "user", "content": "What is the weather in Paris?"}]
+                                            ).choices[0]
+    assert choice.message.tool_calls and choice.message.tool_calls[0].function.name == "get_weather", choice
+
+
 def test_local_model_votes_on_a_math_question(local_gateway):
     """A multi-sample strategy on the real model: every sample is a real call and is counted."""
     response = httpx.post(local_gateway.url + "/v1/chat/completions", timeout=120, json={

@@ -9,6 +9,7 @@ fixed, derandomized set.
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import hashlib
 import hmac
 import os
@@ -1242,6 +1243,8 @@ def waits(tmp_path_factory):
     with running(start_mock(tmp)) as mock:
         backends = [mock_backend(f"{transport}-{i}", mock, max_retries=0, fast_path=transport == "fast")
                     for transport in ("fast", "litellm") for i in range(WAIT_BACKENDS)]
+        backends += [mock_backend(f"far-{i}", mock, max_retries=0, fast_path=i < len(FAR_WAITS) // 2)
+                     for i in range(len(FAR_WAITS))]
         with running(start_gateway(tmp, {"backends": backends, "policy": simple_policy(tmp, "fast-0")},
                                    name="waits")) as gateway:
             yield gateway, mock
@@ -1277,6 +1280,28 @@ def test_upstream_errors_with_any_retry_after_get_a_clean_error_with_a_sane_retr
 
         run()
     assert "Traceback" not in gateway.log(), gateway.log()[-3000:]
+
+
+A_YEAR_ON = email.utils.formatdate(time.time() + 365 * 86400, usegmt=True)
+# (upstream status, its wait headers, streamed): each case on its own backend (far-i), the fast path's
+# then litellm's
+FAR_WAITS = [(status, headers, stream) for status in (500, 400) for headers in
+             ({"Retry-After": A_YEAR_ON}, {"Retry-After": "31536000"}, {"retry-after-ms": "31536000000"})
+             for stream in (False, True)] * 2
+
+
+@pytest.mark.parametrize("case", range(len(FAR_WAITS)))
+def test_an_upstreams_wait_of_a_year_reaches_the_client_as_at_most_the_cool_down(waits, case):
+    """A 500 or 400 whose Retry-After was an HTTP-date a year on (or as many seconds) was passed on as
+    `Retry-After: 31535999`: a client told to wait a year, though the gateway itself calls the backend
+    again after its longest cool-down (30 s), as it does for a 429's wait."""
+    gateway, mock = waits
+    status, headers, stream = FAR_WAITS[case]
+    control(mock, script=["error"], error={"status": status, "headers": headers,
+                                           "body": '{"error": {"message": "busy"}}'})
+    response = httpx.post(gateway.url + "/v1/chat/completions", json=chat(f"far-{case}", stream=stream), timeout=30)
+    assert response.status_code == (502 if status == 500 else 400), response.text
+    assert 1 <= int(response.headers["retry-after"]) <= 30, response.headers["retry-after"]
 
 
 # -- provider streams through litellm, garbled ------------------------------------------------------
