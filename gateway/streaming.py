@@ -22,9 +22,10 @@ from typing import Any
 import orjson
 from starlette.responses import StreamingResponse
 
-from gateway.backends import Admission, Backend, CallRecord, Usage, UpstreamError, output_limit, text_content
+from gateway.backends import Admission, Backend, UpstreamError, text_content
 from gateway.calls import CLIENT_LEFT, Caller
 from gateway.errors import ApiError
+from gateway.usage import CallRecord, Usage, output_limit
 from router.estimates import may_exceed_context
 
 DONE = b"data: [DONE]\n\n"

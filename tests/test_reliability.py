@@ -27,7 +27,7 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from gateway.backends import BackendHealth
+from gateway.backend_health import BackendHealth
 from gateway.calls import upstream_to_api_error
 from gateway.upstream_errors import http_error
 from tests.servers import (PYTHON, Process, calls, control, free_port, mock_backend, reset, running,
