@@ -1,7 +1,7 @@
 """The gateway's state and its three steps per request: plan (router), execute (strategies), record.
 
-Built once at startup (`Gateway.start`) and shared by every request; `gateway/app.py` holds the
-HTTP handlers that call into it.
+Built once at startup (`Gateway.start`) and shared by every request; `gateway/request_path.py` and
+`gateway/app.py` hold the HTTP handlers that call into it.
 """
 
 from __future__ import annotations

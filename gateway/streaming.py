@@ -6,7 +6,7 @@ Two shapes:
   replaced by the next arm invisibly (and a request no arm can serve still gets a proper HTTP error). A
   stream that breaks after bytes reached the client ends with an explicit SSE error event and no
   [DONE]: a truncated answer is never passed off as complete.
-- synthesized (multi-sample strategies, n > 1): the headers wait for the answer (gateway/app.py), so a
+- synthesized (multi-sample strategies, n > 1): the headers wait for the answer (gateway/request_path.py), so a
   failure is an HTTP error; sampling that outlasts that wait is kept alive with SSE comments; then the
   winning answer is sent as chunks.
 """

@@ -899,7 +899,7 @@ def test_a_client_leaving_as_its_answer_completes_does_not_cancel_the_answers_se
     answer's send or its settling (the event unrecorded, the budget hold never settled)."""
     from starlette.requests import Request
 
-    from gateway.app import until_disconnect
+    from gateway.request_path import until_disconnect
     from gateway.calls import Caller
 
     async def main() -> str:
