@@ -14,8 +14,9 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from gateway.backends import NO_CHOICES, Admission, Backend, CallRecord, Usage, UpstreamError
+from gateway.backends import Admission, Backend, UpstreamError
 from gateway.errors import NO_CLIENT_RETRY, ApiError, retry_after
+from gateway.usage import NO_CHOICES, CallRecord, Usage
 from router.estimates import estimate_input_tokens, estimate_prompt_tokens
 
 MIN_CALL_S = 0.01  # less time than this left: a call is not started (see Caller.out_of_time)

@@ -5,7 +5,7 @@ line is held in memory, and a client that never finishes its headers (slowloris)
 forever. Both happen before the app or any API key is seen, so they are refused here: headers still
 unfinished past `max_header_bytes` get a 431 (counted read by read: a header block that arrives whole in
 one read, at most a few hundred KB, passes), headers not complete within `header_timeout_s` of their
-first byte (or of the connection) a 408. A body that stalls is the app's to time out (gateway.app.read_body),
+first byte (or of the connection) a 408. A body that stalls is the app's to time out (gateway.request_path.read_body),
 but a request answered before its body was read (a 401, a 413 by its Content-Length) leaves the rest to
 uvicorn, which reads and drops it for as long as it comes: that connection is closed once its body is
 not complete within `body_timeout_s` of its headers.

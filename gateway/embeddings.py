@@ -18,10 +18,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gateway.auth import Principal
-from gateway.backends import Backend, CallRecord
+from gateway.backends import Backend
 from gateway.errors import ApiError
 from gateway.prices import call_cost
 from gateway.schemas import is_type_tag
+from gateway.usage import CallRecord
 from router.estimates import estimate_input_tokens, input_tokens_bound
 from telemetry.events import EMBEDDING_TASK, Event
 

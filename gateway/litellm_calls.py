@@ -1,7 +1,7 @@
 """litellm, the transport for every provider the fast path does not call (Anthropic, Gemini, Bedrock, ...):
 imported once, offline and only when a backend needs it; what it knows of a model (the parameters it
 sends it), asked once per model; and its exceptions mapped onto UpstreamError. The calls themselves, and
-the rules that use what litellm knows, are the backend's (gateway/backends.py)."""
+the rules that use what litellm knows, are the backend's (gateway/litellm_path.py)."""
 
 from __future__ import annotations
 

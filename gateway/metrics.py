@@ -26,7 +26,7 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
                                disable_created_metrics, generate_latest)
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from gateway.backends import CUT_OFF, NO_CHOICES
+from gateway.usage import CUT_OFF, NO_CHOICES
 from telemetry.events import Event
 
 # `*_created` series would double every scrape for a timestamp nobody graphs; the gateway owns its process.

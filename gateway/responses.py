@@ -1,7 +1,7 @@
 """The OpenAI Responses API (`POST /v1/responses`), stateless, at the edge of the chat request path.
 
 A Responses body is translated into the internal chat request (`parse_responses_request`), served
-exactly as a chat completion is (gateway/app.py), and the chat answer translated back: whole, or as
+exactly as a chat completion is (gateway/request_path.py), and the chat answer translated back: whole, or as
 the Responses event stream (`ResponseBuilder`, fed the chat chunks as they arrive). Nothing is stored:
 what needs a stored response or OpenAI's own servers (previous_response_id, conversation, background,
 built-in tools, uploaded files) is refused with a 400 that names the parameter.
@@ -583,7 +583,7 @@ def _logprob(entry: dict[str, Any]) -> dict[str, Any]:
 
 
 class ResponsesWire:
-    """The Responses API's side of the request path (gateway/app.py, `Wire`)."""
+    """The Responses API's side of the request path (gateway/wire.py, `Wire`)."""
 
     id_prefix = "resp_"
 

@@ -1,7 +1,7 @@
 """The gateway's state and its three steps per request: plan (router), execute (strategies), record.
 
-Built once at startup (`Gateway.start`) and shared by every request; `gateway/app.py` holds the
-HTTP handlers that call into it.
+Built once at startup (`Gateway.start`) and shared by every request; `gateway/request_path.py` and
+`gateway/app.py` hold the HTTP handlers that call into it.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 
 from gateway.auth import KeyRing, Principal
-from gateway.backends import Backend, CallRecord, UpstreamError
+from gateway.backends import Backend, UpstreamError
 from gateway.calls import ArmSpan, Caller, upstream_to_api_error
 from gateway.config import LOCAL_BACKEND_NAME, ConfigError, GatewayConfig
 from gateway.cost_bounds import (
@@ -36,6 +36,7 @@ from gateway.metrics import Metrics
 from gateway.policy_watch import PolicySet
 from gateway.schemas import ChatRequest
 from gateway.strategies import StrategyContext, StrategyResult, run_arm
+from gateway.usage import CallRecord
 from policies.backends import BackendSpec
 from policies.schema import PolicyError
 from router.classifier import Classifier, ClassifierError

@@ -6,7 +6,7 @@ Two shapes:
   replaced by the next arm invisibly (and a request no arm can serve still gets a proper HTTP error). A
   stream that breaks after bytes reached the client ends with an explicit SSE error event and no
   [DONE]: a truncated answer is never passed off as complete.
-- synthesized (multi-sample strategies, n > 1): the headers wait for the answer (gateway/app.py), so a
+- synthesized (multi-sample strategies, n > 1): the headers wait for the answer (gateway/request_path.py), so a
   failure is an HTTP error; sampling that outlasts that wait is kept alive with SSE comments; then the
   winning answer is sent as chunks.
 """
@@ -22,9 +22,10 @@ from typing import Any
 import orjson
 from starlette.responses import StreamingResponse
 
-from gateway.backends import Admission, Backend, CallRecord, Usage, UpstreamError, output_limit, text_content
+from gateway.backends import Admission, Backend, UpstreamError, text_content
 from gateway.calls import CLIENT_LEFT, Caller
 from gateway.errors import ApiError
+from gateway.usage import CallRecord, Usage, output_limit
 from router.estimates import may_exceed_context
 
 DONE = b"data: [DONE]\n\n"

@@ -15,7 +15,7 @@ Every key carries a hash tag so the keys one operation touches live in one Redis
   {ns}:{spend}:h:<YYYYMMDDHH> / d:<YYYYMMDD>   spend rollups for the dashboard
 
 The scripts are the one place where several keys change together; everything else is single commands
-(redis_store.py does the I/O).
+(redis_store.py and redis_budgets.py do the I/O).
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """The Redis store: one events stream, per-arm aggregate hashes, budget counters, shared by replicas.
 
-What lives where, and the scripts that change it atomically: redis_schema.py.
+What lives where, and the scripts that change it atomically: redis_schema.py. The store's connection,
+and when Redis counts as away, are redis_connection.py's; its budgets are redis_budgets.py's; this
+module writes the events and reads back the stats, spend and feedback they make.
 
 Failure behaviour: see docs/telemetry.md. In short, a Redis that is away or takes no writes (full, a
 replica) marks the store disconnected; the flush loop pings with backoff (at most 1 s apart) and
@@ -16,92 +18,33 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import orjson
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import (
-    ClusterDownError, NoPermissionError, OutOfMemoryError, ReadOnlyError, RedisClusterException, ResponseError,
-    TryAgainError,
-)
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .aggregates import SPEND_DAYS, SPEND_HOURS, add_spend, group_deltas, spend_deltas, spend_periods
-from .budget_journal import BudgetJournal, take_over
-from .budgets import BudgetChange, LocalBudgets, Reservation, exceeded, make_reservation, period_id
+from .budget_journal import BudgetJournal
+from .budgets import LocalBudgets
 from .events import Event
 from . import unwritten_events
-from .redis_schema import (
-    AGG_UPDATE_LUA, APPLY_ONCE_LUA, BATCH_LUA, BATCH_MARK_TTL_S, ONCE_TTL_S, RESERVE_LUA, RedisKeys,
-)
-from .store import BATCH_MAX, BufferedStore, FeedbackResult
+from .redis_budgets import RedisBudgets
+from .redis_connection import RedisConnection, make_client
+from .redis_schema import AGG_UPDATE_LUA, APPLY_ONCE_LUA, BATCH_LUA, BATCH_MARK_TTL_S, RESERVE_LUA, RedisKeys
+from .store import BATCH_MAX, FeedbackResult
 
 log = logging.getLogger("ponder.telemetry")
-MAX_CONNECTIONS = 32  # per replica
 OTHER_REPLICA_WAIT_S = 0.5  # feedback for an id not written yet: how long to look again (polls)
 OTHER_REPLICA_POLL_S = 0.05
-MAX_BACKOFF_S = 1.0  # reconnect attempts at most this far apart: the buffer flushes < 5 s after recovery
 SPEND_TTL_S = {"h": 2 * 86400, "d": 35 * 86400}
 # How often a running replica looks in data_dir for journals that dead replicas left (killed while Redis
 # was away, and not restarted: scaled down): their spend is pushed without waiting for a start. Events
 # that stopped replicas saved are looked for as often.
 TAKE_OVER_EVERY_S = 5.0
-# A Redis Cluster in failover answers CLUSTERDOWN or TRYAGAIN (ResponseErrors in redis-py, not
-# RedisClusterException): down for now, as a lost connection is, not a batch to drop.
-DOWN_ERRORS = (RedisConnectionError, RedisTimeoutError, RedisClusterException, ClusterDownError, TryAgainError,
-               OSError, asyncio.TimeoutError)
-# Refusals that say the server answers but takes no writes now: full (OOM at maxmemory under noeviction),
-# a replica (READONLY: a failover demoted our primary), failing to persist (MISCONF), short of replicas
-# (NOREPLICAS). An outage too: what it refuses is kept and written once it takes writes, never dropped
-# as a batch it "keeps refusing". redis-py has classes for the first two, and leaves the others' codes
-# in a ResponseError's message.
-# Redis 6.2 wraps a refusal inside a Lua script in its own error ("Error running script ... -OOM
-# command not allowed ..."): the code is found after a dash there.
-WRITES_REFUSED = (OutOfMemoryError, ReadOnlyError)
-WRITES_REFUSED_CODES = ("MISCONF ", "NOREPLICAS ")
-_SCRIPT_REFUSAL = re.compile(r"-(?:OOM|READONLY|MISCONF|NOREPLICAS) ")
 
 
-def refuses_writes(exc: BaseException) -> bool:
-    if isinstance(exc, WRITES_REFUSED):
-        return True
-    message = str(exc)
-    return isinstance(exc, ResponseError) and (message.startswith(WRITES_REFUSED_CODES)
-                                               or _SCRIPT_REFUSAL.search(message) is not None)
-
-
-
-def make_client(url: str, op_timeout_s: float) -> tuple[Redis | RedisCluster, bool]:
-    """`?cluster=1` in the URL selects the Redis Cluster client. No client-side retries: the store
-    has its own reconnect loop, and a request must not wait on retries while Redis is down."""
-    parts = urlsplit(url)
-    query = parse_qsl(parts.query)
-    cluster = any(k == "cluster" and v.lower() in ("1", "true", "yes") for k, v in query)
-    url = urlunsplit(parts._replace(query=urlencode([(k, v) for k, v in query if k != "cluster"])))
-    kwargs: dict[str, Any] = dict(
-        socket_timeout=op_timeout_s,
-        socket_connect_timeout=op_timeout_s,
-        decode_responses=True,
-        retry=Retry(NoBackoff(), 0),
-    )
-    if cluster:
-        return RedisCluster.from_url(url, **kwargs), True
-    # A bounded pool: a burst of concurrent reservations queues for a connection (each is held for a
-    # fraction of a millisecond) instead of opening hundreds of sockets at once, which under load
-    # overflows the server's accept backlog and shows up as spurious connection errors.
-    pool = BlockingConnectionPool.from_url(url, max_connections=MAX_CONNECTIONS, timeout=op_timeout_s, **kwargs)
-    return Redis.from_pool(pool), False
-
-
-class RedisStore(BufferedStore):
+class RedisStore(RedisBudgets, RedisConnection):
     backend = "redis"
 
     def __init__(self, url: str, *, namespace: str = "ponder", op_timeout_s: float = 1.0,
@@ -136,78 +79,6 @@ class RedisStore(BufferedStore):
         self.restores = 0
         self._refused_commands: set[str] = set()  # NOPERM errors logged already
 
-    # --- connection state ----------------------------------------------------------------------------
-
-    async def _ensure_connected(self, force: bool = False) -> bool:
-        if self._connected:
-            return True
-        now = time.monotonic()
-        if not force and now < self._next_attempt:
-            return False
-        try:
-            if not self._cluster:
-                await self._client.connection_pool.disconnect()  # drop sockets to the dead server
-            await asyncio.wait_for(self._client.ping(), self.op_timeout_s)
-            if self._started:
-                # A gateway's store writes. A server that answers PING but takes no writes (full: OOM; a
-                # replica after a failover: READONLY; CLIENT PAUSE WRITE) is still down: taken as back,
-                # every write failed at once and the store reconnected again, hundreds of times a second.
-                # LPUSHX of a key that never exists changes nothing, and Redis refuses it as it refuses
-                # the store's writes (DEL, which frees memory, is allowed at maxmemory).
-                try:
-                    await asyncio.wait_for(self._client.lpushx(self.keys.write_probe, "1"), self.op_timeout_s)
-                except ResponseError as exc:
-                    if refuses_writes(exc):
-                        raise
-                    # Anything else says nothing of whether writes are taken. An ACL without LPUSHX is said
-                    # once (without the probe, a full Redis is reconnected to in a loop).
-                    if isinstance(exc, NoPermissionError):
-                        self._on_error("write probe", exc)
-        except Exception as exc:
-            self._backoff = min(MAX_BACKOFF_S, self._backoff * 2 if self._backoff else 0.05)
-            self._next_attempt = now + self._backoff
-            self._on_error("connect", exc)
-            return False
-        self._connected, self._backoff = True, 0.0
-        self._budgets_fallback = False
-        self.reconnects += 1
-        if self._outage_since is not None:
-            log.warning("Redis %s again after %.0f s; writing what was buffered meanwhile",
-                        "takes writes" if self._answers_reads else "answers", time.monotonic() - self._outage_since)
-            self._outage_since = None
-        self._answers_reads = False
-        return True
-
-    def _loop_timeout(self) -> float:
-        return 1.0 if self._connected else max(0.01, self._next_attempt - time.monotonic())
-
-    def _is_down(self, exc: BaseException) -> bool:
-        return isinstance(exc, DOWN_ERRORS) or refuses_writes(exc) or super()._is_down(exc)
-
-    async def _ensure_readable(self) -> bool:
-        return await self._ensure_connected() or self._answers_reads
-
-    def _on_error(self, where: str, exc: BaseException) -> None:
-        super()._on_error(where, exc)
-        if isinstance(exc, NoPermissionError) and str(exc) not in self._refused_commands:
-            # An ACL that forbids a command the store needs is no outage: Redis answers, and refuses that
-            # command every time. Said once per command, loudly, since nothing else would say it.
-            self._refused_commands.add(str(exc))
-            log.error("Redis refuses a command the gateway needs (%s: %s): grant its user the commands listed in "
-                      "docs/telemetry.md; until then whatever uses it fails (without scripts, every event is "
-                      "dropped and each replica enforces budgets alone)", where, exc)
-        if isinstance(exc, DOWN_ERRORS) or refuses_writes(exc):
-            self._connected = False
-            self._answers_reads = refuses_writes(exc)
-            # One line per outage, when it begins and when it ends, not one per failed try (every second
-            # while it lasts). Only a started store (a gateway's) logs: `ponder stats` says it itself.
-            if self._outage_since is None and self._started:
-                self._outage_since = time.monotonic()
-                log.warning("Redis %s (%s: %s): events are buffered, decisions use the last learned stats and "
-                            "each replica enforces budgets alone until it %s",
-                            "takes no writes" if self._answers_reads else "is unreachable",
-                            where, self.last_error.split(": ", 1)[1],
-                            "takes them" if self._answers_reads else "answers")
 
     # --- writes ----------------------------------------------------------------------------------------
 
@@ -312,52 +183,6 @@ class RedisStore(BufferedStore):
                 await self._write_saved_events()
             except Exception as exc:
                 self._on_error("saved events", exc)
-
-    async def _push_budget_changes(self) -> None:
-        now = time.time()
-        self._budgets.purge(now)
-        self._budgets.stage_unsynced()
-        changes = list(self._budgets.pending.values())
-        if not changes:
-            return
-        if self._cluster:  # redis-py refuses scripts in cluster pipelines
-            replies = await asyncio.gather(*(self._apply_once(c, now) for c in changes), return_exceptions=True)
-        else:
-            pipe = self._client.pipeline(transaction=False)
-            for change in changes:
-                await self._apply_once(change, now, client=pipe)
-            # Each reply on its own: a change Redis refuses (OOM at maxmemory) stays for the next turn,
-            # the others are done.
-            replies = await self._execute(pipe, raise_on_error=False)
-        refused = None
-        for change, reply in zip(changes, replies):
-            if isinstance(reply, BaseException):
-                refused = reply
-                continue
-            # What a counter refused goes back to the ledger (journaled) before the change is marked done.
-            refused = self._applied(change, reply, now) or refused
-            self._budgets.confirm(change.token)
-        if refused is not None:
-            self._on_error("budget push", refused)
-        else:
-            self._budgets_fallback = False  # Redis takes writes again
-
-    def _apply_once(self, change: BudgetChange, now: float, client=None):
-        args = ["hold" if change.consumes_hold else "mark", repr(change.delta), ONCE_TTL_S, *change.ttls(now)]
-        return self._apply_once_script(keys=[change.token, *change.keys], args=args, client=client)
-
-    def _applied(self, change: BudgetChange, reply: list, now: float) -> Exception | None:
-        """Mirror the counters an `APPLY_ONCE_LUA` reply gives; a counter that refused the change (e.g.
-        WRONGTYPE) never got it, so its delta goes back to the ledger. Returns the last refusal."""
-        refused = None
-        for key, exp, value in zip(change.keys, change.expires, reply[1:]):
-            if isinstance(value, Exception):
-                refused = value
-                if int(reply[0]) == 1:
-                    self._budgets.add(key, change.delta, max(0, int(exp - now)) if exp else 0, now, track_unsynced=True)
-            elif value is not None:
-                self._budgets.observe(key, float(value), 0, now)
-        return refused
 
     # --- reads -----------------------------------------------------------------------------------------
 
@@ -503,88 +328,6 @@ class RedisStore(BufferedStore):
                     pass
             return FeedbackResult("unavailable", request_id)
 
-    # --- budgets ---------------------------------------------------------------------------------------
-
-    async def reserve(self, key_id: str, amount_usd: float, limits: dict[str, float]) -> Reservation:
-        now = time.time()
-        res = make_reservation(key_id, amount_usd, limits, now, self.keys.budget)
-        if not res.keys:
-            return res
-        caps = [float(limits[p]) for p in res.periods]
-        if self._connected:
-            self._budgets.track_inflight(res.keys, res.amount_usd)
-            hold = self.keys.hold(key_id)
-            try:
-                out = await self._reserve_script(keys=[*res.keys, hold],
-                                                 args=[repr(res.amount_usd), *map(repr, caps), *res.ttls, ONCE_TTL_S])
-            except Exception as exc:
-                self._on_error("reserve", exc)  # fall through to the local ledger
-                self._budgets_fallback = True
-                # Redis may have charged it all the same (a timeout after it ran): when it answers
-                # again, give the amount back if the hold is there. Not counted meanwhile (pessimistic).
-                expires = tuple(now + ttl if ttl else 0.0 for ttl in res.ttls)
-                release = BudgetChange(hold, True, res.keys, expires, -res.amount_usd, counted=False)
-                self._budgets.hold_pending(release)
-            else:
-                self._budgets_fallback = False
-                if int(out[0]) == 0:
-                    failures = []
-                    for i, spent in zip(map(int, out[1::2]), map(float, out[2::2])):
-                        self._budgets.observe(res.keys[i - 1], spent, res.ttls[i - 1], now, at_least=True)
-                        failures.append((res.periods[i - 1], caps[i - 1], spent))
-                    raise exceeded(failures, res.amount_usd, now)
-                for key, ttl, value in zip(res.keys, res.ttls, out[1:]):
-                    self._budgets.observe(key, float(value), ttl, now, at_least=True)
-                res.mode, res.hold = "redis", hold
-                return res
-            finally:
-                self._budgets.track_inflight(res.keys, -res.amount_usd)
-        # Redis unreachable: check against the last values Redis gave plus this replica's own changes.
-        self._budgets.reserve(res, caps, now, track_unsynced=True)
-        res.mode = "local"
-        return res
-
-    async def settle(self, reservation: Reservation, actual_usd: float) -> None:
-        delta = reservation.close(actual_usd)
-        if delta is None:
-            return
-        now = time.time()
-        if reservation.mode == "local":
-            if abs(delta) > 1e-12:
-                self._budgets.charge(reservation.keys, reservation.ttls, delta, now, track_unsynced=True)
-                self._wake.set()
-            return
-        # Consuming the hold applies the delta at most once: a settle whose reply is lost (a timeout
-        # after Redis applied it) is sent again as it is. Sent even when the delta is 0, to free the hold.
-        expires = tuple(now + ttl if ttl else 0.0 for ttl in reservation.ttls)
-        change = BudgetChange(reservation.hold, True, reservation.keys, expires, delta)
-        if self._connected:
-            try:
-                reply = await self._apply_once(change, now)
-            except Exception as exc:
-                self._on_error("settle", exc)
-            else:
-                refused = self._applied(change, reply, now)
-                if refused is not None:  # Redis took the other counters' changes; the ledger pushes this one
-                    self._on_error("settle", refused)
-                    self._wake.set()
-                return
-        self._budgets.hold_pending(change)  # sent again by the flush loop
-        self._wake.set()
-
-    async def spent(self, key_id: str, periods=("day", "month")) -> dict[str, float]:
-        now = time.time()
-        ids = {p: period_id(p, now) for p in periods}
-        keys = {p: self.keys.budget(key_id, p, pid) for p, (pid, _) in ids.items()}
-        if self._connected:
-            try:
-                values = await self._client.mget(list(keys.values()))
-                for (p, key), value in zip(keys.items(), values):
-                    self._budgets.observe(key, float(value or 0.0), ids[p][1], now)
-            except Exception as exc:
-                self._on_error("spent", exc)
-        return {p: self._budgets.get(key, now) for p, key in keys.items()}
-
     # --- lifecycle -------------------------------------------------------------------------------------
 
     def health(self) -> dict[str, Any]:
@@ -597,24 +340,6 @@ class RedisStore(BufferedStore):
             restores=self.restores,
         )
         return h
-
-    async def _warn_if_evicting(self) -> None:
-        """One WARNING at start when Redis may evict keys: under any maxmemory-policy but noeviction a
-        full Redis drops budget counters, holds and push marks (they have TTLs), so keys overspend.
-        INFO, not CONFIG GET (an admin command): an ACL without it (`-@dangerous`) makes this a no-op."""
-        try:
-            info = await asyncio.wait_for(self._client.info("memory"), self.op_timeout_s)
-        except Exception as exc:  # not needed to serve: no outage, no error logged
-            log.debug("INFO memory refused (%s): maxmemory-policy not checked", exc)
-            return
-        # (Redis Cluster answers per node: {node: {...}})
-        policies = {info["maxmemory_policy"]} if "maxmemory_policy" in info else {
-            node["maxmemory_policy"] for node in info.values() if isinstance(node, dict) and "maxmemory_policy" in node}
-        evicting = sorted(p for p in policies if p != "noeviction")
-        if evicting:
-            log.warning("Redis's maxmemory-policy is %s, not noeviction: once it is full it evicts keys the gateway "
-                        "needs (budget counters, holds, push marks), and keys can spend past their caps (docs/telemetry.md); set "
-                        "maxmemory-policy noeviction", ", ".join(evicting))
 
     async def start(self) -> None:
         if self._started:
@@ -645,56 +370,6 @@ class RedisStore(BufferedStore):
             await self._client.aclose()
         except Exception:
             pass
-
-    def _take_saved_budgets(self) -> None:
-        """Take over the budget changes that processes gone from `data_dir` (stopped, or killed before
-        Redis had them) left in their journals: into this one's journal first, then off theirs."""
-        if self.data_dir is None or not self.data_dir.is_dir():
-            return
-        journal = self._budgets.journal
-        assert journal is not None
-        adopted: list[BudgetChange] = []
-
-        def adopt(changes: list[BudgetChange]) -> bool:
-            if not (self._budgets.add_unsynced(changes, time.time()) and journal.rewrite(self._budgets.unconfirmed())):
-                return False
-            adopted.extend(changes)
-            return True
-
-        try:
-            problems = take_over(self.data_dir, adopt, RedisKeys.push_mark)
-        except OSError as exc:
-            self._on_error("budget load", exc)
-            return
-        for problem in problems:
-            log.error("unreadable saved budget changes, not pushed: %s", problem)
-        if adopted:
-            log.info("pushing $%.6f of budget changes a process gone from %s left unpushed",
-                     sum(change.delta for change in adopted if change.counted), self.data_dir)
-
-    def _save_unpushed_budgets(self) -> None:
-        """Budget changes made while Redis was away (or refusing writes) and still not pushed at shutdown
-        would be lost, and the keys could overspend by them after a restart: the journal keeps them for
-        the next start (rewritten whole, synced). Staged first: a change a late settle makes after this
-        goes to a new journal under a new token, not onto a token this file has closed."""
-        self._budgets.stage_unsynced()
-        changes = self._budgets.unconfirmed()
-        journal = self._budgets.journal
-        if not changes:
-            if journal is not None:
-                journal.discard()
-            return
-        total = self._budgets.unpushed_usd()
-        if journal is None:
-            log.error("Redis did not take $%.6f of budget changes by shutdown: they are lost", total)
-            return
-        if not journal.rewrite(changes):
-            log.error("Redis did not take $%.6f of budget changes by shutdown, and they could not be saved "
-                      "(see the error above)", total)
-        else:
-            log.warning("Redis did not take $%.6f of budget changes by shutdown: saved to %s; the next start "
-                        "pushes them", total, journal.path)
-        journal.close()
 
     async def _write_saved_events(self) -> None:
         """Write the events that processes stopped while Redis was away saved in `data_dir`

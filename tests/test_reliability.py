@@ -28,7 +28,7 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from gateway.backends import BackendHealth
+from gateway.backend_health import BackendHealth
 from gateway.calls import upstream_to_api_error
 from gateway.upstream_errors import http_error
 from tests.servers import (PYTHON, Process, calls, control, free_port, mock_backend, reset, running,
@@ -900,7 +900,7 @@ def test_a_client_leaving_as_its_answer_completes_does_not_cancel_the_answers_se
     answer's send or its settling (the event unrecorded, the budget hold never settled)."""
     from starlette.requests import Request
 
-    from gateway.app import until_disconnect
+    from gateway.request_path import until_disconnect
     from gateway.calls import Caller
 
     async def main() -> str:

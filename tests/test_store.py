@@ -1147,7 +1147,7 @@ def test_a_refusal_of_writes_is_told_from_a_refusal_of_the_batch(message, refuse
     Redis 6.2 the code of a refusal inside a script comes wrapped, and a full Redis dropped events there."""
     from redis.exceptions import OutOfMemoryError, ResponseError
 
-    from telemetry.redis_store import refuses_writes
+    from telemetry.redis_connection import refuses_writes
 
     error = OutOfMemoryError(message) if message.startswith("OOM") else ResponseError(message)
     assert refuses_writes(error) is refused
@@ -1159,7 +1159,7 @@ def test_a_cluster_in_failover_is_down_not_refusing_the_batch():
     tries, where a lost connection keeps them buffered until the cluster answers again."""
     from redis.exceptions import ClusterDownError, TryAgainError
 
-    from telemetry.redis_store import DOWN_ERRORS
+    from telemetry.redis_connection import DOWN_ERRORS
 
     assert isinstance(ClusterDownError("The cluster is down"), DOWN_ERRORS)
     assert isinstance(TryAgainError("Multiple keys request during rehashing of slot"), DOWN_ERRORS)
