@@ -171,6 +171,7 @@ def _sample_body(arm: Arm, body: dict[str, Any], ctx: StrategyContext, *, sample
         out["seed"] = _seed(int(body["seed"]) + sample)
     if cot:
         out["messages"] = prompts.with_cot_instruction(body["messages"], ctx.task, ctx.params.get("cot_template"))
+        out.pop("stop", None)  # the client's stop sequences end the final answer, not the chain before it
     out = apply_effort(out, backend.spec, arm.effort)
     return with_output_limit(out, backend.spec, ctx.output_caps.get(arm.backend))
 
@@ -227,21 +228,22 @@ async def _cot(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> Strategy
             raise _every_sample_failed(arm.backend, ctx)
         response = _merge_choices(responses)
     _require_choices(arm, response)
-    _hand_final_answers(response, ctx.task)
+    _hand_final_answers(response, ctx.task, body.get("stop"))
     return StrategyResult(response, arm, cascade.stated_confidence(_texts(response)[0]), "stated",
                           {"samples": len(response["choices"])})
 
 
-def _hand_final_answers(response: dict[str, Any], task: str) -> None:
+def _hand_final_answers(response: dict[str, Any], task: str, stop: str | list[str] | None) -> None:
     """Choices written under the reasoning instruction as the client gets them, in place: the answer
-    after its "Final answer:" line as `content` (prompts.final_answer), the whole chain as
-    `reasoning_content`. The instruction is the gateway's, not the app's: its chain and marker line
-    are no part of the reply the app asked for (a JSON reply asked for in the prompt would not parse).
-    A text with no final answer line is the answer itself, and is not repeated as reasoning."""
+    after its "Final answer:" line as `content` (prompts.final_answer), ended at the client's `stop`
+    sequences (the chain was written without them), the whole chain as `reasoning_content`. The
+    instruction is the gateway's, not the app's: its chain and marker line are no part of the reply
+    the app asked for (a JSON reply asked for in the prompt would not parse). A text with no final
+    answer line is the answer itself, and is not repeated as reasoning."""
     for choice in response["choices"]:
         message = choice.get("message") or {}
         chain = message.get("content") or ""
-        answer = prompts.final_answer(chain, task)
+        answer = prompts.until_stop(prompts.final_answer(chain, task), stop)
         choice["message"] = {**message, "content": answer,
                              **({"reasoning_content": chain} if answer != chain.strip() else {})}
 
@@ -334,11 +336,12 @@ def _sample_answers(responses: list[dict[str, Any]], task: str) -> list[str | No
 
 
 def _voted(arm: Arm, responses: list[dict[str, Any]], ctx: StrategyContext, details: dict[str, Any],
-           client_n: int, failed: int = 0, *, cot: bool = False) -> StrategyResult:
+           client_n: int, failed: int = 0, *, cot: bool = False,
+           stop: str | list[str] | None = None) -> StrategyResult:
     """The vote over the samples that came back; the `failed` ones vote as invalid, so the vote's
     confidence (the learner's signal, a cascade's reason to escalate) counts them as doubt. `cot`: the
     samples were written under the reasoning instruction, and the chosen ones are handed over as a
-    cot arm hands its answer (their final answers, the chains as reasoning)."""
+    cot arm hands its answer (their final answers, ended at the client's `stop`; the chains as reasoning)."""
     texts = _sample_texts(responses)
     if not texts:  # no sample came back, or only answers without a choice (an upstream's empty 200)
         raise _every_sample_failed(arm.backend, ctx)
@@ -349,7 +352,7 @@ def _voted(arm: Arm, responses: list[dict[str, Any]], ctx: StrategyContext, deta
     order = voting.ranked(texts, ctx.task, result, answers=answers) if client_n > 1 else [result.winner]
     response = _pick_choices(responses, order[:client_n])
     if cot:
-        _hand_final_answers(response, ctx.task)
+        _hand_final_answers(response, ctx.task, stop)
     details.update(samples=len(texts), votes=result.counts, agreement=result.agreement, method=result.method,
                    answer=result.answer)
     if failed:
@@ -366,7 +369,8 @@ async def _self_consistency(arm: Arm, body: dict[str, Any], ctx: StrategyContext
     responses = await _gather_samples(arm, body, ctx, count=count, cot=cot)
     more, extra = await _missing_choices(arm, body, ctx, responses, client_n=client_n, first=count, cot=cot)
     responses += more
-    return _voted(arm, responses, ctx, {"max_n": count}, client_n, failed=count + extra - len(responses), cot=cot)
+    return _voted(arm, responses, ctx, {"max_n": count}, client_n, failed=count + extra - len(responses), cot=cot,
+                  stop=body.get("stop"))
 
 
 async def _adaptive_consistency(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> StrategyResult:
@@ -411,7 +415,7 @@ async def _adaptive_consistency(arm: Arm, body: dict[str, Any], ctx: StrategyCon
     if value is not None:
         details.update(sample_value=round(value, 4), sample_value_source=source)
     return _voted(arm, responses, ctx, details, client_n, failed=len(answers) - len(_sample_texts(responses)),
-                  cot=cot)
+                  cot=cot, stop=body.get("stop"))
 
 
 async def _best_of_n(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> StrategyResult:

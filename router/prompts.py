@@ -1,7 +1,8 @@
 """Prompt text the strategies add, and the parsers that read the replies back.
 
 - CoT: a step-by-step instruction per task type (a template the policy may override) that asks for a
-  last line "Final answer: ...", and ``final_answer`` which hands the client only that answer.
+  last line "Final answer: ...", and ``final_answer`` which hands the client only that answer (ended
+  at the client's stop sequences by ``until_stop``).
 - Judge: the rubric an LLM judge scores best-of-N samples with, and ``parse_judge_score``.
 
 Templates are plain ``str.format`` strings; unknown placeholders are not used, so a policy can
@@ -86,6 +87,17 @@ def final_answer(text: str | None, task: str) -> str:
         if boxed:
             reply = boxed.group(1).strip()
     return reply
+
+
+def until_stop(text: str, stop: str | Sequence[str] | None) -> str:
+    """``text`` up to the first of a client's ``stop`` sequences, where an upstream would have ended it.
+
+    A reasoning chain is written without the client's stop sequences, which are about the reply: sent
+    with it, "\n\n" (an eval harness's) ended the chain at its first paragraph, before any answer.
+    They end its final answer instead."""
+    sequences = [stop] if isinstance(stop, str) else list(stop or ())
+    cuts = [i for i in (text.find(s) for s in sequences if s) if i >= 0]
+    return text[:min(cuts)] if cuts else text
 
 
 DEFAULT_JUDGE_RUBRIC = """You are grading one candidate answer to a user's request.

@@ -14,6 +14,7 @@ from router.prompts import (
     judge_messages,
     last_user_text,
     parse_judge_score,
+    until_stop,
 )
 
 
@@ -393,6 +394,13 @@ def test_final_answer_uses_the_answer_markers_of_answers_py() -> None:
     assert final_answer("### Final Answer\n$\\boxed{9}$", "math") == "9"
     # an open reply is everything after the marker, its own closing words included
     assert final_answer("Plan.\nFinal answer:\nDear Anna,\nI hope this helps.", "writing") == "Dear Anna,\nI hope this helps."
+
+
+def test_a_final_answer_ends_at_the_clients_first_stop_sequence() -> None:
+    reply = final_answer("Plan.\nFinal answer:\nDear Anna,\nSee you.\nEND\nP.S.", "writing")
+    assert until_stop(reply, ["\nP.S.", "END"]) == "Dear Anna,\nSee you.\n"  # the first one met, not the first listed
+    assert until_stop("7 apples", "\n") == until_stop("7 apples", None) == "7 apples"
+    assert until_stop("7 apples", ["", "ap"]) == "7 "  # an empty sequence stops nothing
 
 
 def test_judge_is_asked_for_the_score_first() -> None:

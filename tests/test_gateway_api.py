@@ -484,6 +484,21 @@ def test_a_vote_over_reasoning_chains_hands_the_client_their_final_answers(clien
     assert [orjson.loads(reply) for reply in replies] == [{"product": 42}, {"product": 41}]
 
 
+def test_the_clients_stop_sequences_end_a_reasoning_votes_answer_not_its_chains(client, mock):
+    """An eval harness's stop sequences ("\\n\\n", "Question:") were sent with each sample's reasoning
+    instruction: every chain ended at its first paragraph, before any answer, and the client got
+    "Tom starts with 3 apples." from a vote with no votes. The chains are written without them; they
+    end the final answer, where the client's reply is."""
+    chain = "Tom starts with 3 apples.\n\nHe buys 4 more: 3 + 4 = 7.\n\nFinal answer: 7\n\nQuestion: Ann has 2 pears."
+    control(mock, answers=[chain])
+    completion = client.chat.completions.create(
+        model="auto", messages=[{"role": "user", "content": "Question: Tom has 3 apples and buys 4. How many?"}],
+        stop=["\n\n", "Question:"], extra_headers={"x-ponder-strategy": "self_consistency"})
+    assert completion.choices[0].message.content == "7" and completion.choices[0].finish_reason == "stop"
+    assert completion.model_extra["ponder"]["votes"] == {"7": 5}
+    assert all("stop" not in body for body in calls(mock)["bodies"])
+
+
 def test_a_repeated_ponder_header_is_read_as_its_first_value(gw, mock):
     """x-ponder-* headers are read from the raw header list (app.ponder_headers): sent twice, the first
     counts, as Starlette's Headers.get has it."""
