@@ -242,7 +242,9 @@ def _hand_final_answers(response: dict[str, Any], task: str, stop: str | list[st
     answer line is the answer itself, and is not repeated as reasoning."""
     for choice in response["choices"]:
         message = choice.get("message") or {}
-        chain = message.get("content") or ""
+        chain = message.get("content")
+        if not chain:
+            continue  # no text (a refusal's null content stays null)
         answer = prompts.until_stop(prompts.final_answer(chain, task), stop)
         choice["message"] = {**message, "content": answer,
                              **({"reasoning_content": chain} if answer != chain.strip() else {})}

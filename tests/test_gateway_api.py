@@ -480,6 +480,9 @@ def test_a_vote_over_reasoning_chains_hands_the_client_their_final_answers(clien
         control(mock, answers=['{"product": 42}'])
         plain = client.chat.completions.create(**asked).choices[0].message
         assert plain.content == '{"product": 42}' and "reasoning_content" not in plain.model_extra
+        control(mock, answers=[{"refusal": "I can't help with that."}])  # no text: its null content stays
+        refused = client.chat.completions.create(**asked).choices[0].message
+        assert refused.content is None and refused.refusal == "I can't help with that."
     assert "Final answer:" in calls(mock)["bodies"][0]["messages"][-1]["content"]  # the samples reasoned
     assert [orjson.loads(reply) for reply in replies] == [{"product": 42}, {"product": 41}]
 
