@@ -1,8 +1,8 @@
 """Prompt text the strategies add, and the parsers that read the replies back.
 
 - CoT: a step-by-step instruction per task type (a template the policy may override) that asks for a
-  last line "Final answer: ...", and ``final_answer`` which hands the client only that answer (ended
-  at the client's stop sequences by ``until_stop``).
+  last line "Final answer: ...", and ``final_answer`` which hands the client only that answer
+  (``reply_until_stop``: where the client's stop sequences end it).
 - Judge: the rubric an LLM judge scores best-of-N samples with, and ``parse_judge_score``.
 
 Templates are plain ``str.format`` strings; unknown placeholders are not used, so a policy can
@@ -15,7 +15,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from router.answers import answer_format, answer_line, last_marker
+from router.answers import answer_format, answer_line, first_marker, last_marker
 
 FINAL_ANSWER_MARKER = "Final answer:"
 
@@ -89,14 +89,18 @@ def final_answer(text: str | None, task: str) -> str:
     return reply
 
 
-def until_stop(text: str, stop: str | Sequence[str] | None) -> str:
-    """``text`` up to the first of a client's ``stop`` sequences, where an upstream would have ended it.
+def reply_until_stop(text: str, stop: str | Sequence[str] | None) -> str:
+    """A CoT output ended where the client's ``stop`` sequences end its reply.
 
-    A reasoning chain is written without the client's stop sequences, which are about the reply: sent
-    with it, "\n\n" (an eval harness's) ended the chain at its first paragraph, before any answer.
-    They end its final answer instead."""
-    sequences = [stop] if isinstance(stop, str) else list(stop or ())
-    cuts = [i for i in (text.find(s) for s in sequences if s) if i >= 0]
+    The chain is written without them: they are about the reply, and sent with it "\n\n" (an eval
+    harness's) ended the chain at its first paragraph, before any answer. The reply starts at the
+    answer after the first "Final answer" marker (the whole text without one), and the first stop
+    sequence from there on ends the output, as it would have ended an upstream's: a few-shot prompt's
+    next "Question:" the model went on to write is dropped, its "Final answer" with it."""
+    sequences = [s for s in ([stop] if isinstance(stop, str) else stop or ()) if s]
+    marker = first_marker(text, final_only=True)
+    start = marker.start(1) if marker else 0
+    cuts = [i for i in (text.find(s, start) for s in sequences) if i >= 0]
     return text[:min(cuts)] if cuts else text
 
 

@@ -14,7 +14,7 @@ from router.prompts import (
     judge_messages,
     last_user_text,
     parse_judge_score,
-    until_stop,
+    reply_until_stop,
 )
 
 
@@ -396,11 +396,17 @@ def test_final_answer_uses_the_answer_markers_of_answers_py() -> None:
     assert final_answer("Plan.\nFinal answer:\nDear Anna,\nI hope this helps.", "writing") == "Dear Anna,\nI hope this helps."
 
 
-def test_a_final_answer_ends_at_the_clients_first_stop_sequence() -> None:
-    reply = final_answer("Plan.\nFinal answer:\nDear Anna,\nSee you.\nEND\nP.S.", "writing")
-    assert until_stop(reply, ["\nP.S.", "END"]) == "Dear Anna,\nSee you.\n"  # the first one met, not the first listed
-    assert until_stop("7 apples", "\n") == until_stop("7 apples", None) == "7 apples"
-    assert until_stop("7 apples", ["", "ap"]) == "7 "  # an empty sequence stops nothing
+def test_the_clients_stop_sequences_end_a_reasoning_chains_reply() -> None:
+    chain = "Plan.\n\nFinal answer:\nDear Anna,\nSee you.\nEND\nP.S."
+    # the first sequence met from the reply on (the answer after the first marker), not the first listed
+    assert reply_until_stop(chain, ["\nP.S.", "END"]) == "Plan.\n\nFinal answer:\nDear Anna,\nSee you.\n"
+    # a few-shot prompt's next question, and the answer the model gave it too, are no part of the reply
+    few_shot = "3 + 4 = 7.\n\nFinal answer: 7\n\nQuestion: And 2 + 2?\nFinal answer: 4"
+    assert final_answer(reply_until_stop(few_shot, ["Question:", "\n\n"]), "math") == "7"
+    # no marker: the whole text is the reply, ended as an upstream ends it
+    assert reply_until_stop("7 apples\n\nQuestion: x", "\n\n") == "7 apples"
+    assert reply_until_stop("7 apples", None) == reply_until_stop("7 apples", "\n") == "7 apples"
+    assert reply_until_stop("7 apples", ["", "ap"]) == "7 "  # an empty sequence stops nothing
 
 
 def test_judge_is_asked_for_the_score_first() -> None:

@@ -490,14 +490,17 @@ def test_a_vote_over_reasoning_chains_hands_the_client_their_final_answers(clien
 def test_the_clients_stop_sequences_end_a_reasoning_votes_answer_not_its_chains(client, mock):
     """An eval harness's stop sequences ("\\n\\n", "Question:") were sent with each sample's reasoning
     instruction: every chain ended at its first paragraph, before any answer, and the client got
-    "Tom starts with 3 apples." from a vote with no votes. The chains are written without them; they
-    end the final answer, where the client's reply is."""
-    chain = "Tom starts with 3 apples.\n\nHe buys 4 more: 3 + 4 = 7.\n\nFinal answer: 7\n\nQuestion: Ann has 2 pears."
-    control(mock, answers=[chain])
+    "Tom starts with 3 apples." from a vote with no votes. The chains are written without them, and
+    end where the sequences end their reply, the final answer: the next question the model went on
+    to write, and its answer, are not voted on."""
+    reply = "Tom starts with 3 apples.\n\nHe buys 4 more: 3 + 4 = 7.\n\nFinal answer: 7"
+    control(mock, answers=[reply + "\n\nQuestion: Ann has 2 pears and gets 3. How many?\nFinal answer: 5"])
     completion = client.chat.completions.create(
         model="auto", messages=[{"role": "user", "content": "Question: Tom has 3 apples and buys 4. How many?"}],
         stop=["\n\n", "Question:"], extra_headers={"x-ponder-strategy": "self_consistency"})
-    assert completion.choices[0].message.content == "7" and completion.choices[0].finish_reason == "stop"
+    choice = completion.choices[0]
+    assert choice.message.content == "7" and choice.finish_reason == "stop"
+    assert choice.message.model_extra["reasoning_content"] == reply
     assert completion.model_extra["ponder"]["votes"] == {"7": 5}
     assert all("stop" not in body for body in calls(mock)["bodies"])
 
