@@ -11,6 +11,7 @@ write any text. The answer-format wording per task matches what ``router.answers
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -78,7 +79,12 @@ def final_answer(text: str | None, task: str) -> str:
     reply = text[marker.start(1) :]
     if answer_format(task) != "open":
         # later paragraphs are checks and sign-offs, not the answer
-        reply = answer_line(re.split(r"\n\s*\n", reply, maxsplit=1)[0])
+        paragraph = re.split(r"\n\s*\n", reply, maxsplit=1)[0]
+        if _is_json(paragraph):
+            # a JSON reply the app asked for in its prompt: whole (answer_line unwrapped a "the answer
+            # is 42" in one of its strings, and the client got `42"}`)
+            return paragraph.strip()
+        reply = answer_line(paragraph)
     reply = reply.strip().strip("*").strip()
     if not reply:
         return text.strip()
@@ -87,6 +93,18 @@ def final_answer(text: str | None, task: str) -> str:
         if boxed:
             reply = boxed.group(1).strip()
     return reply
+
+
+_CODE_FENCE = re.compile(r"\s*```[\w-]*[ \t]*\n(.*?)\n?```\s*", re.DOTALL)
+
+
+def _is_json(text: str) -> bool:
+    """Whether ``text`` is a JSON object or array, bare or in a code fence."""
+    fenced = _CODE_FENCE.fullmatch(text)
+    try:
+        return isinstance(json.loads(fenced.group(1) if fenced else text), (dict, list))
+    except ValueError:
+        return False
 
 
 def reply_until_stop(text: str, stop: str | Sequence[str] | None) -> str:

@@ -396,6 +396,17 @@ def test_final_answer_uses_the_answer_markers_of_answers_py() -> None:
     assert final_answer("Plan.\nFinal answer:\nDear Anna,\nI hope this helps.", "writing") == "Dear Anna,\nI hope this helps."
 
 
+def test_a_json_final_answer_is_handed_over_whole() -> None:
+    """An app that asks for JSON in its prompt gets the object the chain ends on, whatever the task: a
+    comparable task's answer line unwrapped the "the answer is" in one of its strings."""
+    reply = '{"reasoning": "6 * 7 = 42, so the answer is 42", "answer": 42}'
+    for task in ("math", "knowledge", "chat"):
+        assert final_answer(f"Six sevens.\nFinal answer: {reply}\n\nI hope it is correct.", task).startswith(reply)
+    fenced = f"```json\n{reply}\n```"
+    assert final_answer(f"Six sevens.\nFinal answer:\n{fenced}", "math") == fenced
+    assert final_answer("Final answer: The final answer is $5$. I hope it is correct.", "math") == "$5$"  # not JSON
+
+
 def test_the_clients_stop_sequences_end_a_reasoning_chains_reply() -> None:
     chain = "Plan.\n\nFinal answer:\nDear Anna,\nSee you.\nEND\nP.S."
     # the first sequence met from the reply on (the answer after the first marker), not the first listed

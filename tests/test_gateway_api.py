@@ -459,9 +459,9 @@ def test_a_vote_over_reasoning_chains_hands_the_client_their_final_answers(clien
     cot arm does, and answers as one: the final answers as content, the chains as reasoning_content.
     The client got each whole chain and the instruction's 'Final answer:' line, so a JSON reply the
     app asked for in its prompt did not parse (a cot arm handed over the JSON alone)."""
-    chains = ['The app wants JSON. 6 * 7 = 42.\nFinal answer: {"product": 42}',
-              'Six sevens make 42.\nFinal answer: {"product": 42}',
-              'Maybe 6 * 7 = 41.\nFinal answer: {"product": 41}']
+    chains = ['The app wants JSON. 6 * 7 = 42.\nFinal answer: {"why": "6 * 7, so the answer is 42", "product": 42}',
+              'Six sevens make 42.\nFinal answer: {"why": "six sevens: the answer is 42", "product": 42}',
+              'Maybe 6 * 7 = 41.\nFinal answer: {"why": "the answer is 41", "product": 41}']
     control(mock, answers=chains)
     asked = dict(model="auto", n=2, extra_headers={"x-ponder-strategy": "self_consistency"},
                  messages=[{"role": "user", "content": 'What is 6 times 7? Reply with JSON only: {"product": N}'}])
@@ -484,7 +484,7 @@ def test_a_vote_over_reasoning_chains_hands_the_client_their_final_answers(clien
         refused = client.chat.completions.create(**asked).choices[0].message
         assert refused.content is None and refused.refusal == "I can't help with that."
     assert "Final answer:" in calls(mock)["bodies"][0]["messages"][-1]["content"]  # the samples reasoned
-    assert [orjson.loads(reply) for reply in replies] == [{"product": 42}, {"product": 41}]
+    assert [orjson.loads(reply)["product"] for reply in replies] == [42, 41]
 
 
 def test_the_clients_stop_sequences_end_a_reasoning_votes_answer_not_its_chains(client, mock):
