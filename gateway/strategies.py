@@ -241,7 +241,8 @@ def _ended_at_stop(response: dict[str, Any], stop: str | list[str] | None) -> di
     for choice in response.get("choices") or ():
         message = choice.get("message") or {}
         text = message.get("content")
-        ended = prompts.reply_until_stop(text, stop) if text else text
+        finished = choice.get("finish_reason") != "length"
+        ended = prompts.reply_until_stop(text, stop, finished=finished) if text else text
         if ended != text:
             choice["message"] = {**message, "content": ended}
             choice["finish_reason"] = "stop"

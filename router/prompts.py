@@ -107,16 +107,20 @@ def _is_json(text: str) -> bool:
         return False
 
 
-def reply_until_stop(text: str, stop: str | Sequence[str] | None) -> str:
+def reply_until_stop(text: str, stop: str | Sequence[str] | None, *, finished: bool = True) -> str:
     """A CoT output ended where the client's ``stop`` sequences end its reply.
 
     The chain is written without them: they are about the reply, and sent with it "\n\n" (an eval
     harness's) ended the chain at its first paragraph, before any answer. The reply starts at the
     answer after the first "Final answer" marker (the whole text without one), and the first stop
     sequence from there on ends the output, as it would have ended an upstream's: a few-shot prompt's
-    next "Question:" the model went on to write is dropped, its "Final answer" with it."""
+    next "Question:" the model went on to write is dropped, its "Final answer" with it. A chain cut
+    off at its length limit (not ``finished``) before any marker never reached its reply: it stays
+    as it is (cut, no answer), not a first paragraph passed off as a finished reply."""
     sequences = [s for s in ([stop] if isinstance(stop, str) else stop or ()) if s]
     marker = first_marker(text, final_only=True)
+    if marker is None and not finished:
+        return text
     start = marker.start(1) if marker else 0
     cuts = [i for i in (text.find(s, start) for s in sequences) if i >= 0]
     return text[:min(cuts)] if cuts else text

@@ -418,6 +418,9 @@ def test_the_clients_stop_sequences_end_a_reasoning_chains_reply() -> None:
     assert reply_until_stop("7 apples\n\nQuestion: x", "\n\n") == "7 apples"
     assert reply_until_stop("7 apples", None) == reply_until_stop("7 apples", "\n") == "7 apples"
     assert reply_until_stop("7 apples", ["", "ap"]) == "7 "  # an empty sequence stops nothing
+    # cut off at its length limit before any answer: no reply to end, the chain stays cut
+    assert reply_until_stop("Step 1.\n\nStep 2", "\n\n", finished=False) == "Step 1.\n\nStep 2"
+    assert reply_until_stop("Final answer: 7\n\nQ", "\n\n", finished=False) == "Final answer: 7"
 
 
 def test_judge_is_asked_for_the_score_first() -> None:
