@@ -171,7 +171,7 @@ def _sample_body(arm: Arm, body: dict[str, Any], ctx: StrategyContext, *, sample
         out["seed"] = _seed(int(body["seed"]) + sample)
     if cot:
         out["messages"] = prompts.with_cot_instruction(body["messages"], ctx.task, ctx.params.get("cot_template"))
-        out.pop("stop", None)  # the client's stop sequences end the final answer, not the chain before it
+        out.pop("stop", None)  # the client's stop sequences end the reply after the chain (_ended_at_stop)
     out = apply_effort(out, backend.spec, arm.effort)
     return with_output_limit(out, backend.spec, ctx.output_caps.get(arm.backend))
 

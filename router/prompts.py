@@ -110,7 +110,7 @@ def _is_json(text: str) -> bool:
 def reply_until_stop(text: str, stop: str | Sequence[str] | None, *, finished: bool = True) -> str:
     """A CoT output ended where the client's ``stop`` sequences end its reply.
 
-    The chain is written without them: they are about the reply, and sent with it "\n\n" (an eval
+    The chain is written without them: they are about the reply, and sent with it "\\n\\n" (an eval
     harness's) ended the chain at its first paragraph, before any answer. The reply starts at the
     answer after the first "Final answer" marker (the whole text without one), and the first stop
     sequence from there on ends the output, as it would have ended an upstream's: a few-shot prompt's
