@@ -261,8 +261,11 @@ def _hand_final_answers(response: dict[str, Any], task: str) -> None:
         if not chain:
             continue  # no text (a refusal's null content stays null)
         answer = prompts.final_answer(chain, task)
-        choice["message"] = {**message, "content": answer,
-                             **({"reasoning_content": chain} if answer != chain.strip() else {})}
+        handed = {**message, "content": answer}
+        if answer != chain.strip():
+            thought = message.get("reasoning_content")  # a reasoning model's own, before it wrote the chain
+            handed["reasoning_content"] = f"{thought}\n\n{chain}" if thought else chain
+        choice["message"] = handed
 
 
 # -- sampling strategies ----------------------------------------------------------------------------

@@ -487,6 +487,17 @@ def test_a_vote_over_reasoning_chains_hands_the_client_their_final_answers(clien
     assert [orjson.loads(reply)["product"] for reply in replies] == [42, 41]
 
 
+def test_a_reasoning_chains_handed_over_keep_the_models_own_thinking_before_them(client, mock):
+    """A backend that thinks aloud on its own (`reasoning_content`) but samples under the reasoning
+    instruction: its thinking was replaced by the chain, and lost."""
+    control(mock, answers=[{"reasoning_content": "Six sevens, hm.", "content": "6 * 7 = 42.\nFinal answer: 42"}])
+    message = client.chat.completions.create(
+        model="auto", messages=[{"role": "user", "content": "What is 6 times 7?"}],
+        extra_headers={"x-ponder-strategy": "self_consistency"}).choices[0].message
+    assert message.content == "42"
+    assert message.model_extra["reasoning_content"] == "Six sevens, hm.\n\n6 * 7 = 42.\nFinal answer: 42"
+
+
 def test_the_clients_stop_sequences_end_a_reasoning_votes_answer_not_its_chains(client, mock):
     """An eval harness's stop sequences ("\\n\\n", "Question:") were sent with each sample's reasoning
     instruction: every chain ended at its first paragraph, before any answer, and the client got
