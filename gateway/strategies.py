@@ -171,6 +171,7 @@ def _sample_body(arm: Arm, body: dict[str, Any], ctx: StrategyContext, *, sample
         out["seed"] = _seed(int(body["seed"]) + sample)
     if cot:
         out["messages"] = prompts.with_cot_instruction(body["messages"], ctx.task, ctx.params.get("cot_template"))
+        out.pop("stop", None)  # the client's stop sequences end the reply after the chain (_ended_at_stop)
     out = apply_effort(out, backend.spec, arm.effort)
     return with_output_limit(out, backend.spec, ctx.output_caps.get(arm.backend))
 
@@ -218,7 +219,7 @@ async def _cot(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> Strategy
     backend = ctx.caller.backend(arm.backend)
     if n == 1 or backend.spec.supports_n:
         response = await ctx.caller.complete(arm.backend, _sample_body(arm, body, ctx, n=n, cot=True))
-        response = await _with_all_choices(arm, body, ctx, response, n, cot=True)
+        response = await _with_all_choices(arm, body, ctx, _ended_at_stop(response, body.get("stop")), n, cot=True)
     else:
         responses = await _gather_samples(arm, body, ctx, count=n, diverse=False, cot=True)
         responses += (await _missing_choices(arm, body, ctx, responses, client_n=n, first=n, diverse=False,
@@ -227,13 +228,44 @@ async def _cot(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> Strategy
             raise _every_sample_failed(arm.backend, ctx)
         response = _merge_choices(responses)
     _require_choices(arm, response)
-    for choice in response["choices"]:
-        message = choice.get("message") or {}
-        reasoning = message.get("content") or ""
-        message["content"] = prompts.final_answer(reasoning, ctx.task)
-        message["reasoning_content"] = reasoning
+    _hand_final_answers(response, ctx.task)
     return StrategyResult(response, arm, cascade.stated_confidence(_texts(response)[0]), "stated",
                           {"samples": len(response["choices"])})
+
+
+def _ended_at_stop(response: dict[str, Any], stop: str | list[str] | None) -> dict[str, Any]:
+    """A reasoning sample's choices, sent without the client's `stop`, ended where its sequences end
+    their reply (prompts.reply_until_stop), with finish_reason "stop" where one did, in place."""
+    if not stop:
+        return response
+    for choice in response.get("choices") or ():
+        message = choice.get("message") or {}
+        text = message.get("content")
+        finished = choice.get("finish_reason") != "length"
+        ended = prompts.reply_until_stop(text, stop, finished=finished) if text else text
+        if ended != text:
+            choice["message"] = {**message, "content": ended}
+            choice["finish_reason"] = "stop"
+    return response
+
+
+def _hand_final_answers(response: dict[str, Any], task: str) -> None:
+    """Choices written under the reasoning instruction as the client gets them, in place: the answer
+    after its "Final answer:" line as `content` (prompts.final_answer), the whole chain as
+    `reasoning_content`. The instruction is the gateway's, not the app's: its chain and marker line
+    are no part of the reply the app asked for (a JSON reply asked for in the prompt would not parse).
+    A text with no final answer line is the answer itself, and is not repeated as reasoning."""
+    for choice in response["choices"]:
+        message = choice.get("message") or {}
+        chain = message.get("content")
+        if not chain:
+            continue  # no text (a refusal's null content stays null)
+        answer = prompts.final_answer(chain, task)
+        handed = {**message, "content": answer}
+        if answer != chain.strip():
+            thought = message.get("reasoning_content")  # a reasoning model's own, before it wrote the chain
+            handed["reasoning_content"] = f"{thought}\n\n{chain}" if thought else chain
+        choice["message"] = handed
 
 
 # -- sampling strategies ----------------------------------------------------------------------------
@@ -256,6 +288,8 @@ async def _gather_samples(arm: Arm, body: dict[str, Any], ctx: StrategyContext, 
             try:
                 response = await ctx.caller.complete(
                     arm.backend, _sample_body(arm, body, ctx, sample=first + i, diverse=diverse, cot=cot))
+                if cot:
+                    _ended_at_stop(response, body.get("stop"))
                 # kept, it would count as a sample drawn with no answer to count: adaptive waves of
                 # them never reached max n, and called the upstream until the deadline
                 return response if response.get("choices") else None
@@ -324,9 +358,11 @@ def _sample_answers(responses: list[dict[str, Any]], task: str) -> list[str | No
 
 
 def _voted(arm: Arm, responses: list[dict[str, Any]], ctx: StrategyContext, details: dict[str, Any],
-           client_n: int, failed: int = 0) -> StrategyResult:
+           client_n: int, failed: int = 0, *, cot: bool = False) -> StrategyResult:
     """The vote over the samples that came back; the `failed` ones vote as invalid, so the vote's
-    confidence (the learner's signal, a cascade's reason to escalate) counts them as doubt."""
+    confidence (the learner's signal, a cascade's reason to escalate) counts them as doubt. `cot`: the
+    samples were written under the reasoning instruction, and the chosen ones are handed over as a
+    cot arm hands its answer (their final answers, the chains as reasoning)."""
     texts = _sample_texts(responses)
     if not texts:  # no sample came back, or only answers without a choice (an upstream's empty 200)
         raise _every_sample_failed(arm.backend, ctx)
@@ -336,6 +372,8 @@ def _voted(arm: Arm, responses: list[dict[str, Any]], ctx: StrategyContext, deta
                          finished=[*finished, *[True] * failed])
     order = voting.ranked(texts, ctx.task, result, answers=answers) if client_n > 1 else [result.winner]
     response = _pick_choices(responses, order[:client_n])
+    if cot:
+        _hand_final_answers(response, ctx.task)
     details.update(samples=len(texts), votes=result.counts, agreement=result.agreement, method=result.method,
                    answer=result.answer)
     if failed:
@@ -352,7 +390,7 @@ async def _self_consistency(arm: Arm, body: dict[str, Any], ctx: StrategyContext
     responses = await _gather_samples(arm, body, ctx, count=count, cot=cot)
     more, extra = await _missing_choices(arm, body, ctx, responses, client_n=client_n, first=count, cot=cot)
     responses += more
-    return _voted(arm, responses, ctx, {"max_n": count}, client_n, failed=count + extra - len(responses))
+    return _voted(arm, responses, ctx, {"max_n": count}, client_n, failed=count + extra - len(responses), cot=cot)
 
 
 async def _adaptive_consistency(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> StrategyResult:
@@ -396,7 +434,8 @@ async def _adaptive_consistency(arm: Arm, body: dict[str, Any], ctx: StrategyCon
     details = {"max_n": max_n, "drawn": len(answers), "stop_reason": verdict.reason}
     if value is not None:
         details.update(sample_value=round(value, 4), sample_value_source=source)
-    return _voted(arm, responses, ctx, details, client_n, failed=len(answers) - len(_sample_texts(responses)))
+    return _voted(arm, responses, ctx, details, client_n, failed=len(answers) - len(_sample_texts(responses)),
+                  cot=cot)
 
 
 async def _best_of_n(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> StrategyResult:

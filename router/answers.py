@@ -148,6 +148,11 @@ def last_marker(text: str, *, final_only: bool = False) -> re.Match[str] | None:
     return matches[-1] if matches else None
 
 
+def first_marker(text: str, *, final_only: bool = False) -> re.Match[str] | None:
+    """The first answer marker followed by an answer (group 1 starts it); ``final_only`` as for last_marker."""
+    return (_FINAL_MARKER if final_only else _MARKER).search(text)
+
+
 def answer_line(span: str) -> str:
     """The answer in the line after a marker: a nested marker unwrapped, the closing remark dropped.
 

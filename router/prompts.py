@@ -1,7 +1,8 @@
 """Prompt text the strategies add, and the parsers that read the replies back.
 
 - CoT: a step-by-step instruction per task type (a template the policy may override) that asks for a
-  last line "Final answer: ...", and ``final_answer`` which hands the client only that answer.
+  last line "Final answer: ...", and ``final_answer`` which hands the client only that answer
+  (``reply_until_stop``: where the client's stop sequences end it).
 - Judge: the rubric an LLM judge scores best-of-N samples with, and ``parse_judge_score``.
 
 Templates are plain ``str.format`` strings; unknown placeholders are not used, so a policy can
@@ -10,11 +11,12 @@ write any text. The answer-format wording per task matches what ``router.answers
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from typing import Any
 
-from router.answers import answer_format, answer_line, last_marker
+from router.answers import answer_format, answer_line, first_marker, last_marker
 
 FINAL_ANSWER_MARKER = "Final answer:"
 
@@ -77,7 +79,12 @@ def final_answer(text: str | None, task: str) -> str:
     reply = text[marker.start(1) :]
     if answer_format(task) != "open":
         # later paragraphs are checks and sign-offs, not the answer
-        reply = answer_line(re.split(r"\n\s*\n", reply, maxsplit=1)[0])
+        paragraph = re.split(r"\n\s*\n", reply, maxsplit=1)[0]
+        if _is_json(paragraph):
+            # a JSON reply the app asked for in its prompt: whole (answer_line unwrapped a "the answer
+            # is 42" in one of its strings, and the client got `42"}`)
+            return paragraph.strip()
+        reply = answer_line(paragraph)
     reply = reply.strip().strip("*").strip()
     if not reply:
         return text.strip()
@@ -86,6 +93,37 @@ def final_answer(text: str | None, task: str) -> str:
         if boxed:
             reply = boxed.group(1).strip()
     return reply
+
+
+_CODE_FENCE = re.compile(r"\s*```[\w-]*[ \t]*\n(.*?)\n?```\s*", re.DOTALL)
+
+
+def _is_json(text: str) -> bool:
+    """Whether ``text`` is a JSON object or array, bare or in a code fence."""
+    fenced = _CODE_FENCE.fullmatch(text)
+    try:
+        return isinstance(json.loads(fenced.group(1) if fenced else text), (dict, list))
+    except ValueError:
+        return False
+
+
+def reply_until_stop(text: str, stop: str | Sequence[str] | None, *, finished: bool = True) -> str:
+    """A CoT output ended where the client's ``stop`` sequences end its reply.
+
+    The chain is written without them: they are about the reply, and sent with it "\\n\\n" (an eval
+    harness's) ended the chain at its first paragraph, before any answer. The reply starts at the
+    answer after the first "Final answer" marker (the whole text without one), and the first stop
+    sequence from there on ends the output, as it would have ended an upstream's: a few-shot prompt's
+    next "Question:" the model went on to write is dropped, its "Final answer" with it. A chain cut
+    off at its length limit (not ``finished``) before any marker never reached its reply: it stays
+    as it is (cut, no answer), not a first paragraph passed off as a finished reply."""
+    sequences = [s for s in ([stop] if isinstance(stop, str) else stop or ()) if s]
+    marker = first_marker(text, final_only=True)
+    if marker is None and not finished:
+        return text
+    start = marker.start(1) if marker else 0
+    cuts = [i for i in (text.find(s, start) for s in sequences) if i >= 0]
+    return text[:min(cuts)] if cuts else text
 
 
 DEFAULT_JUDGE_RUBRIC = """You are grading one candidate answer to a user's request.

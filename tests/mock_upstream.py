@@ -28,7 +28,8 @@ vLLM names it: its words are output tokens, and it streams first):
 its tool calls stream as OpenAI streams them (the call's id, type and name with empty arguments, then
 the arguments in pieces of a few characters, under the call's index) and finish with "tool_calls".
 A text answer longer than the request's `max_tokens` / `max_completion_tokens` is cut there (its
-reasoning tokens counted in), with finish_reason `length`, as a real upstream cuts it.
+reasoning tokens counted in), with finish_reason `length`, as a real upstream cuts it; one holding
+a `stop` sequence of the request ends before it.
 
 A request for one of OpenAI's reasoning models (`model` o1, o3, o4-mini, gpt-5, gpt-5-mini, ...) is refused
 as OpenAI refuses it, with its 400: `max_tokens` (`unsupported_parameter`), a `temperature` or `top_p`
@@ -145,6 +146,14 @@ def pick_answer(body: dict, index: int) -> str:
     return answers[(STATE["turn"] - 1) % len(answers)]
 
 
+def until_stop(answer: str | dict, stop: str | list[str] | None) -> str | dict:
+    """A text answer ended before the first of the request's stop sequences, as a real upstream ends it."""
+    if not isinstance(answer, str) or not stop:
+        return answer
+    cuts = [i for i in (answer.find(s) for s in ([stop] if isinstance(stop, str) else stop) if s) if i >= 0]
+    return answer[:min(cuts)] if cuts else answer
+
+
 def next_behaviour() -> str:
     if STATE["script"]:
         return STATE["script"].pop(0)
@@ -222,7 +231,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
     n = int(body.get("n") or 1)
     limits = [body[k] for k in ("max_tokens", "max_completion_tokens") if isinstance(body.get(k), int)]
     reasoning = min([10, *limits]) if body.get("reasoning_effort") else 0
-    answers = [pick_answer(body, i) for i in range(n)]
+    answers = [until_stop(pick_answer(body, i), body.get("stop")) for i in range(n)]
     cut = [bool(limits) and isinstance(a, str) and words(a) + reasoning > min(limits) for a in answers]
     answers = [" ".join(a.split()[:min(limits) - reasoning]) if c else a for a, c in zip(answers, cut)]
     finish = ["length" if c or behaviour == "length" else "tool_calls" if behaviour == "tool_call" else finish_reason(a)

@@ -14,6 +14,7 @@ from router.prompts import (
     judge_messages,
     last_user_text,
     parse_judge_score,
+    reply_until_stop,
 )
 
 
@@ -393,6 +394,33 @@ def test_final_answer_uses_the_answer_markers_of_answers_py() -> None:
     assert final_answer("### Final Answer\n$\\boxed{9}$", "math") == "9"
     # an open reply is everything after the marker, its own closing words included
     assert final_answer("Plan.\nFinal answer:\nDear Anna,\nI hope this helps.", "writing") == "Dear Anna,\nI hope this helps."
+
+
+def test_a_json_final_answer_is_handed_over_whole() -> None:
+    """An app that asks for JSON in its prompt gets the object the chain ends on, whatever the task: a
+    comparable task's answer line unwrapped the "the answer is" in one of its strings."""
+    reply = '{"reasoning": "6 * 7 = 42, so the answer is 42", "answer": 42}'
+    for task in ("math", "knowledge", "chat"):
+        assert final_answer(f"Six sevens.\nFinal answer: {reply}\n\nI hope it is correct.", task).startswith(reply)
+    fenced = f"```json\n{reply}\n```"
+    assert final_answer(f"Six sevens.\nFinal answer:\n{fenced}", "math") == fenced
+    assert final_answer("Final answer: The final answer is $5$. I hope it is correct.", "math") == "$5$"  # not JSON
+
+
+def test_the_clients_stop_sequences_end_a_reasoning_chains_reply() -> None:
+    chain = "Plan.\n\nFinal answer:\nDear Anna,\nSee you.\nEND\nP.S."
+    # the first sequence met from the reply on (the answer after the first marker), not the first listed
+    assert reply_until_stop(chain, ["\nP.S.", "END"]) == "Plan.\n\nFinal answer:\nDear Anna,\nSee you.\n"
+    # a few-shot prompt's next question, and the answer the model gave it too, are no part of the reply
+    few_shot = "3 + 4 = 7.\n\nFinal answer: 7\n\nQuestion: And 2 + 2?\nFinal answer: 4"
+    assert final_answer(reply_until_stop(few_shot, ["Question:", "\n\n"]), "math") == "7"
+    # no marker: the whole text is the reply, ended as an upstream ends it
+    assert reply_until_stop("7 apples\n\nQuestion: x", "\n\n") == "7 apples"
+    assert reply_until_stop("7 apples", None) == reply_until_stop("7 apples", "\n") == "7 apples"
+    assert reply_until_stop("7 apples", ["", "ap"]) == "7 "  # an empty sequence stops nothing
+    # cut off at its length limit before any answer: no reply to end, the chain stays cut
+    assert reply_until_stop("Step 1.\n\nStep 2", "\n\n", finished=False) == "Step 1.\n\nStep 2"
+    assert reply_until_stop("Final answer: 7\n\nQ", "\n\n", finished=False) == "Final answer: 7"
 
 
 def test_judge_is_asked_for_the_score_first() -> None:

@@ -453,6 +453,69 @@ def test_self_consistency_votes_and_counts_every_sample(client, mock):
         sum(len(m["content"].split()) for m in b["messages"]) for b in got["bodies"])
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_vote_over_reasoning_chains_hands_the_client_their_final_answers(client, mock, stream):
+    """A vote on a backend that does not reason on its own samples under the reasoning instruction, as a
+    cot arm does, and answers as one: the final answers as content, the chains as reasoning_content.
+    The client got each whole chain and the instruction's 'Final answer:' line, so a JSON reply the
+    app asked for in its prompt did not parse (a cot arm handed over the JSON alone)."""
+    chains = ['The app wants JSON. 6 * 7 = 42.\nFinal answer: {"why": "6 * 7, so the answer is 42", "product": 42}',
+              'Six sevens make 42.\nFinal answer: {"why": "six sevens: the answer is 42", "product": 42}',
+              'Maybe 6 * 7 = 41.\nFinal answer: {"why": "the answer is 41", "product": 41}']
+    control(mock, answers=chains)
+    asked = dict(model="auto", n=2, extra_headers={"x-ponder-strategy": "self_consistency"},
+                 messages=[{"role": "user", "content": 'What is 6 times 7? Reply with JSON only: {"product": N}'}])
+    if stream:
+        contents: dict[int, str] = {}
+        for chunk in client.chat.completions.create(**asked, stream=True):
+            for choice in chunk.choices:
+                contents[choice.index] = contents.get(choice.index, "") + (choice.delta.content or "")
+        replies = [contents[i] for i in sorted(contents)]
+    else:
+        completion = client.chat.completions.create(**asked)
+        assert completion.model_extra["ponder"]["strategy"] == "self_consistency"
+        assert [c.message.model_extra["reasoning_content"] for c in completion.choices] == [chains[0], chains[2]]
+        replies = [c.message.content for c in completion.choices]
+        # a sample with no final answer line is the answer itself: not repeated as reasoning
+        control(mock, answers=['{"product": 42}'])
+        plain = client.chat.completions.create(**asked).choices[0].message
+        assert plain.content == '{"product": 42}' and "reasoning_content" not in plain.model_extra
+        control(mock, answers=[{"refusal": "I can't help with that."}])  # no text: its null content stays
+        refused = client.chat.completions.create(**asked).choices[0].message
+        assert refused.content is None and refused.refusal == "I can't help with that."
+    assert "Final answer:" in calls(mock)["bodies"][0]["messages"][-1]["content"]  # the samples reasoned
+    assert [orjson.loads(reply)["product"] for reply in replies] == [42, 41]
+
+
+def test_a_reasoning_chains_handed_over_keep_the_models_own_thinking_before_them(client, mock):
+    """A backend that thinks aloud on its own (`reasoning_content`) but samples under the reasoning
+    instruction: its thinking was replaced by the chain, and lost."""
+    control(mock, answers=[{"reasoning_content": "Six sevens, hm.", "content": "6 * 7 = 42.\nFinal answer: 42"}])
+    message = client.chat.completions.create(
+        model="auto", messages=[{"role": "user", "content": "What is 6 times 7?"}],
+        extra_headers={"x-ponder-strategy": "self_consistency"}).choices[0].message
+    assert message.content == "42"
+    assert message.model_extra["reasoning_content"] == "Six sevens, hm.\n\n6 * 7 = 42.\nFinal answer: 42"
+
+
+def test_the_clients_stop_sequences_end_a_reasoning_votes_answer_not_its_chains(client, mock):
+    """An eval harness's stop sequences ("\\n\\n", "Question:") were sent with each sample's reasoning
+    instruction: every chain ended at its first paragraph, before any answer, and the client got
+    "Tom starts with 3 apples." from a vote with no votes. The chains are written without them, and
+    end where the sequences end their reply, the final answer: the next question the model went on
+    to write, and its answer, are not voted on."""
+    reply = "Tom starts with 3 apples.\n\nHe buys 4 more: 3 + 4 = 7.\n\nFinal answer: 7"
+    control(mock, answers=[reply + "\n\nQuestion: Ann has 2 pears and gets 3. How many?\nFinal answer: 5"])
+    completion = client.chat.completions.create(
+        model="auto", messages=[{"role": "user", "content": "Question: Tom has 3 apples and buys 4. How many?"}],
+        stop=["\n\n", "Question:"], extra_headers={"x-ponder-strategy": "self_consistency"})
+    choice = completion.choices[0]
+    assert choice.message.content == "7" and choice.finish_reason == "stop"
+    assert choice.message.model_extra["reasoning_content"] == reply
+    assert completion.model_extra["ponder"]["votes"] == {"7": 5}
+    assert all("stop" not in body for body in calls(mock)["bodies"])
+
+
 def test_a_repeated_ponder_header_is_read_as_its_first_value(gw, mock):
     """x-ponder-* headers are read from the raw header list (app.ponder_headers): sent twice, the first
     counts, as Starlette's Headers.get has it."""
@@ -923,7 +986,8 @@ def test_a_cot_arm_answers_the_n_choices_asked_for(tmp_path):
             "backends": [mock_backend("mock-a", mock), mock_backend("mock-split", mock, supports_n=False)],
             "policy": path}, name="cot-n")) as gateway:
         client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
-        control(mock, answers=["6 times 7 makes 42", "so it is 42", "it is 42"])
+        control(mock, answers=["6 times 7 makes 42\nFinal answer: 42", "so it is 42\nFinal answer: 42",
+                               "it is 42\nFinal answer: 42"])
         for model, upstream_calls in (("auto", 1), ("auto-split", 3)):
             before = calls(mock)["count"]
             raw = client.chat.completions.with_raw_response.create(
@@ -932,6 +996,7 @@ def test_a_cot_arm_answers_the_n_choices_asked_for(tmp_path):
             assert raw.headers["x-ponder-arm"].endswith("/cot/1")
             assert [c.index for c in completion.choices] == [0, 1, 2]
             assert all(c.message.model_extra.get("reasoning_content") for c in completion.choices)
+            assert [c.message.content for c in completion.choices] == ["42"] * 3
             assert completion.model_extra["ponder"]["samples"] == 3
             assert calls(mock)["count"] - before == upstream_calls
 
