@@ -39,6 +39,7 @@ from gateway.local_model import LocalModelError
 from gateway.responses import ResponsesWire, count_input_tokens, parse_responses_request
 from gateway.schemas import ChatRequest, parse_chat_request, parse_json_body
 from gateway.service import Gateway, Plan
+from gateway.shedding import LoadShedding
 from gateway.strategies import StrategyResult, with_output_limit
 from gateway.streaming import (DONE, EventStream, PassThrough, completion_to_chunks, sse, synthesized,
                                 usage_block)
@@ -660,6 +661,8 @@ def create_app(config: GatewayConfig) -> Starlette:
         middleware.append(Middleware(CORSMiddleware, allow_origins=config.cors_origins,
                                      allow_methods=["GET", "POST"], allow_headers=["*"],
                                      expose_headers=EXPOSED_HEADERS))
+    if config.max_requests_in_flight:  # inside CORS: a browser app can read its 503
+        middleware.append(Middleware(LoadShedding, limit=config.max_requests_in_flight, metrics=gateway.metrics))
     app = Starlette(routes=routes(), middleware=middleware, exception_handlers=EXCEPTION_HANDLERS,
                     lifespan=lifespan)
     app.state.gateway = gateway
