@@ -7,15 +7,19 @@ it retries a 503 after its Retry-After otherwise) and by raw sockets for clients
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
+import resource
 import socket
 import threading
 import time
 from typing import Any
 
+import aiohttp
 import httpx
 import openai
 import orjson
+import psutil
 import pytest
 
 from gateway.metrics import Metrics
@@ -245,3 +249,40 @@ def test_a_slot_is_released_when_the_app_raises_or_is_cancelled():
 
     asyncio.run(scenario())
 
+
+def test_a_burst_past_the_shells_soft_open_files_limit_is_served(tmp_path):
+    """`ponder serve` started where the soft limit on open files is low (1,024 in shells and systemd
+    services; 256 here, for a burst of 300) raises it to the hard limit: the burst ran out of
+    descriptors, its connections were reset and the healthy upstream, whose connects failed with
+    EMFILE, was cooled down, refusing everyone with 503s."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2048:
+        pytest.skip(f"the hard limit on open files ({hard}) leaves no room to raise")
+    burst = 300
+    with running(start_mock(tmp_path)) as mock:
+        policy = write_policy(tmp_path, {"name": "fds", "arms": {"one": {"backend": "m", "strategy": "single"}},
+                                         "routes": [{"name": "all", "candidates": ["one"]}]})
+        config = {"backends": [mock_backend("m", mock, max_concurrency=burst, timeout_s=30)], "policy": policy}
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))  # what the gateway process inherits
+        try:
+            gateway = start_gateway(tmp_path, config, name="fds")
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        with running(gateway):
+            assert psutil.Process(gateway.process.pid).rlimit(resource.RLIMIT_NOFILE)[0] > 2 * burst
+            control(mock, delay_ms=1000)  # every request holds its sockets at once
+
+            async def fire() -> list[Any]:
+                async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+                    async def one() -> Any:
+                        try:
+                            async with session.post(gateway.url + "/v1/chat/completions",
+                                                    json={"model": "auto", "messages": MESSAGES}) as response:
+                                return response.status
+                        except aiohttp.ClientError as exc:
+                            return type(exc).__name__
+
+                    return await asyncio.gather(*(one() for _ in range(burst)))
+
+            assert collections.Counter(asyncio.run(fire())) == {200: burst}
+            assert "Too many open files" not in gateway.log()
