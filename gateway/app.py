@@ -57,8 +57,8 @@ CLIENT_CLOSED_STATUS = 499
 # What a browser app may read of an answer when CORS is on (the rest of the headers are hidden from it:
 # a hidden x-should-retry reads as absent, and the openai SDK in a browser retried every 502 and 504).
 EXPOSED_HEADERS = ["x-ponder-request-id", "x-request-id", "x-ponder-arm", "x-ponder-task", "x-ponder-difficulty",
-                   "x-ponder-policy", "x-ponder-cost-usd", "x-ponder-samples", "retry-after", "x-should-retry",
-                   "server-timing"]
+                   "x-ponder-policy", "x-ponder-cost-usd", "x-ponder-samples", "retry-after", "retry-after-ms",
+                   "x-should-retry", "server-timing"]
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None,

@@ -30,6 +30,7 @@ LIMIT = 2
 KEY = "sk-shed-budget-key"
 ADMIN_KEY = "sk-shed-admin-key"
 MESSAGES = [{"role": "user", "content": "hello there"}]
+ORIGIN = "https://app.example"
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +47,7 @@ def stack(tmp_path_factory):
         })
         config = {"backends": [mock_backend("m", mock, timeout_s=20, first_byte_timeout_s=20, max_retries=0)],
                   "policy": policy, "max_requests_in_flight": LIMIT, "max_body_bytes": 10_000,
+                  "cors_origins": [ORIGIN],
                   "api_keys": [{"id": "app", "sha256": hashlib.sha256(KEY.encode()).hexdigest(),
                                 "budget_usd_per_day": 5.0},
                                {"id": "ops", "sha256": hashlib.sha256(ADMIN_KEY.encode()).hexdigest(), "admin": True}]}
@@ -150,6 +152,11 @@ def test_past_the_limit_model_requests_get_a_fast_503_in_the_openai_schema_and_n
             attempt()
         took.append(time.perf_counter() - started)
         waits.append(assert_overloaded(caught.value))
+    # a browser app reads the 503 too (CORS on): shed inside the CORS middleware, not before it
+    from_browser = httpx.post(gateway.url + "/v1/chat/completions", json={"model": "auto", "messages": MESSAGES},
+                              headers={"origin": ORIGIN, "authorization": f"Bearer {KEY}"})
+    assert from_browser.status_code == 503 and from_browser.headers["access-control-allow-origin"] == ORIGIN
+    assert {"retry-after", "retry-after-ms"} <= set(from_browser.headers["access-control-expose-headers"].split(", "))
     assert len(set(waits)) > 1, "retry-after-ms is spread, so shed clients do not all come back at once"
     assert max(took) < 1.0, took  # at once, not after the held requests
     # never shed: health, readiness, metrics, models, feedback, the dashboard and its admin API
@@ -165,7 +172,7 @@ def test_past_the_limit_model_requests_get_a_fast_503_in_the_openai_schema_and_n
     assert [status for status, _ in answers] == [200] * LIMIT
     # no upstream work, no record (so nothing for the learner), nothing billed, no budget hold left
     assert calls(mock)["count"] == LIMIT
-    assert metric(gateway, "ponder_shed_requests_total") - shed_before == len(attempts)
+    assert metric(gateway, "ponder_shed_requests_total") - shed_before == len(attempts) + 1
     time.sleep(1.5)  # the store's flush
     recorded = httpx.get(gateway.url + "/v1/ponder/requests?limit=50", headers=ADMIN).json()["requests"]
     assert len([r for r in recorded if r["ts"] >= since]) == LIMIT, recorded
