@@ -86,6 +86,9 @@ class GatewayConfig(BaseModel):
         default=30.0, description="A request's headers must arrive within this (408): slow clients cannot hold "
                                   "connections open.")
     body_timeout_s: PositiveFloat = Field(default=60.0, description="A request's body must arrive within this (408).")
+    stream_stall_timeout_s: PositiveFloat = Field(
+        default=60.0, description="A stream the client reads nothing of for this long (its socket's buffers full) "
+                                  "is ended as the client's leaving, and its connection closed.")
     max_n: PositiveInt = 16
     request_timeout_s: PositiveFloat = 120.0
     shutdown_grace_s: PositiveFloat = Field(

@@ -31,6 +31,7 @@ KEY = "sk-shed-budget-key"
 ADMIN_KEY = "sk-shed-admin-key"
 MESSAGES = [{"role": "user", "content": "hello there"}]
 ORIGIN = "https://app.example"
+STALL_S = 2.0
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,7 @@ def stack(tmp_path_factory):
         })
         config = {"backends": [mock_backend("m", mock, timeout_s=20, first_byte_timeout_s=20, max_retries=0)],
                   "policy": policy, "max_requests_in_flight": LIMIT, "max_body_bytes": 10_000,
-                  "cors_origins": [ORIGIN],
+                  "cors_origins": [ORIGIN], "stream_stall_timeout_s": STALL_S,
                   "api_keys": [{"id": "app", "sha256": hashlib.sha256(KEY.encode()).hexdigest(),
                                 "budget_usd_per_day": 5.0},
                                {"id": "ops", "sha256": hashlib.sha256(ADMIN_KEY.encode()).hexdigest(), "admin": True}]}
@@ -215,6 +216,35 @@ def test_a_slot_is_released_once_however_a_request_ends(stack):
     shed_before = metric(gateway, "ponder_shed_requests_total")
     assert [status for status, _ in join(hold_slots(gateway, mock, seconds=0.5))] == [200] * LIMIT
     assert metric(gateway, "ponder_shed_requests_total") == shed_before
+
+
+def test_a_client_that_stops_reading_its_stream_gives_its_slot_back(stack):
+    """A client that keeps its connection but reads nothing blocks the stream's sends once the socket's
+    buffers are full: it held its slot (and its upstream call) for good, and LIMIT such clients would
+    have had every other request shed. Past stream_stall_timeout_s it is a client that left: 499,
+    billed what was streamed, the connection closed."""
+    gateway, mock = stack
+    reset(mock)
+    control(mock, answers=[" ".join(["word"] * 60_000)])  # far more than the socket buffers hold
+    # max_tokens: a budgeted key's request without one is capped at 1,024 tokens, which the buffers hold
+    payload = orjson.dumps({"model": "auto", "messages": MESSAGES, "stream": True, "max_tokens": 100_000})
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", int(gateway.url.rsplit(":", 1)[1])))
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + KEY.encode() + b"\r\n"
+                     b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+        wait_in_flight(gateway, 1)
+        started = time.monotonic()
+        wait_in_flight(gateway, 0, timeout=4 * STALL_S)
+        assert time.monotonic() - started >= STALL_S / 2  # not before it stalled
+        time.sleep(1.0)  # the record
+        latest = httpx.get(gateway.url + "/v1/ponder/requests?limit=1", headers=ADMIN).json()["requests"][0]
+        assert latest["status"] == 499 and latest["completion_tokens"] > 0, latest
+        sock.settimeout(5)
+        while sock.recv(65536):  # what the buffers held, then the end: the gateway closed the connection
+            pass
+    assert "read nothing of its stream" in gateway.log()
 
 
 class _Sent:
