@@ -42,6 +42,8 @@ class LoadShedding:
         self.metrics = metrics
         self.in_flight = 0
         self._gauge = metrics.in_flight
+        for path in SHED_PATHS:  # exported as 0 from the start: alerts and rate() need the series before any shed
+            metrics.shed_requests.labels(path)
         self._unlogged = 0  # shed since the last log line
         self._logged_at = float("-inf")
 
