@@ -34,13 +34,14 @@ from gateway.request_path import (
 from gateway.responses import ResponsesWire, count_input_tokens, parse_responses_request
 from gateway.schemas import parse_chat_request, parse_json_body
 from gateway.service import Gateway
+from gateway.shedding import LoadShedding
 from gateway.wire import ChatWire, cost_header
 
 # What a browser app may read of an answer when CORS is on (the rest of the headers are hidden from it:
 # a hidden x-should-retry reads as absent, and the openai SDK in a browser retried every 502 and 504).
 EXPOSED_HEADERS = ["x-ponder-request-id", "x-request-id", "x-ponder-arm", "x-ponder-task", "x-ponder-difficulty",
-                   "x-ponder-policy", "x-ponder-cost-usd", "x-ponder-samples", "retry-after", "x-should-retry",
-                   "server-timing"]
+                   "x-ponder-policy", "x-ponder-cost-usd", "x-ponder-samples", "retry-after", "retry-after-ms",
+                   "x-should-retry", "server-timing"]
 
 
 # -- health and discovery ---------------------------------------------------------------------------
@@ -232,6 +233,8 @@ def create_app(config: GatewayConfig) -> Starlette:
         middleware.append(Middleware(CORSMiddleware, allow_origins=config.cors_origins,
                                      allow_methods=["GET", "POST"], allow_headers=["*"],
                                      expose_headers=EXPOSED_HEADERS))
+    if config.max_requests_in_flight:  # inside CORS: a browser app can read its 503
+        middleware.append(Middleware(LoadShedding, limit=config.max_requests_in_flight, metrics=gateway.metrics))
     app = Starlette(routes=routes(), middleware=middleware, exception_handlers=EXCEPTION_HANDLERS,
                     lifespan=lifespan)
     app.state.gateway = gateway

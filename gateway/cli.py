@@ -58,7 +58,7 @@ def serve(argv: list[str]) -> int:
     import uvicorn
 
     from gateway.app import create_app
-    from gateway.connections import guarded_protocol
+    from gateway.connections import guarded_protocol, raise_open_files_limit
     from gateway.config import ConfigError, load_config
     from gateway.service import Gateway
 
@@ -75,6 +75,7 @@ def serve(argv: list[str]) -> int:
         for name in LITELLM_LOGGERS:
             logging.getLogger(name).setLevel(max(logging.INFO, logging.getLogger().level))
             logging.getLogger(name).addFilter(WithoutUserMedia())
+    raise_open_files_limit(config.max_requests_in_flight)
     # httptools, with limits
     http = guarded_protocol(config.max_header_bytes, config.header_timeout_s, config.body_timeout_s)
     uvicorn.run(create_app(config), host=args.host, port=args.port, loop="uvloop", http=http,

@@ -15,7 +15,8 @@ from pathlib import Path
 from urllib.parse import quote, urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError,
+                      field_validator)
 
 
 from policies.backends import BackendSpec
@@ -85,11 +86,18 @@ class GatewayConfig(BaseModel):
         default=30.0, description="A request's headers must arrive within this (408): slow clients cannot hold "
                                   "connections open.")
     body_timeout_s: PositiveFloat = Field(default=60.0, description="A request's body must arrive within this (408).")
+    stream_stall_timeout_s: PositiveFloat = Field(
+        default=60.0, description="A stream the client reads nothing of for this long (its socket's buffers full) "
+                                  "is ended as the client's leaving, and its connection closed.")
     max_n: PositiveInt = 16
     request_timeout_s: PositiveFloat = 120.0
     shutdown_grace_s: PositiveFloat = Field(
         default=30.0, description="After SIGTERM, how long in-flight requests may run before they are answered "
                                   "503 shutting_down (recorded, budget holds settled).")
+    max_requests_in_flight: NonNegativeInt = Field(
+        default=1024, description="Chat, responses and embeddings requests one process serves at once; past it "
+                                  "they are answered 503 `overloaded` with Retry-After at once (0: no limit). "
+                                  "Health, metrics, admin, models and feedback are never shed.")
     cors_origins: list[str] = Field(default_factory=list, description="CORS is off unless origins are listed.")
     log_prompts: bool = Field(
         default=False, description="Log each request's last user message (first 2,000 characters) at INFO. Off: no "

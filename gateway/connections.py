@@ -9,14 +9,25 @@ first byte (or of the connection) a 408. A body that stalls is the app's to time
 but a request answered before its body was read (a 401, a 413 by its Content-Length) leaves the rest to
 uvicorn, which reads and drops it for as long as it comes: that connection is closed once its body is
 not complete within `body_timeout_s` of its headers.
+
+And the process's open-files limit, which every connection counts against: `raise_open_files_limit`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import resource
 
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+log = logging.getLogger("ponder.connections")
+# Sockets a request in flight may hold (the client's and an upstream's), and what else the process keeps
+# open (the store, the policy files, the local model's pipes, libraries).
+FILES_PER_REQUEST = 2
+FILES_KEPT = 256
+NO_LIMIT_CAP = 1 << 20  # a soft limit asked for where the hard one is unlimited (the kernel's usual nr_open)
 
 REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 
@@ -113,3 +124,24 @@ def guarded_protocol(max_header_bytes: int, header_timeout_s: float,
             self.transport.close()
 
     return GuardedHttpToolsProtocol
+
+
+def raise_open_files_limit(max_in_flight: int) -> None:
+    """Raise this process's soft limit on open files to its hard limit, as Go's runtime does. Shells and
+    systemd services start with a soft limit of 1,024 (the hard one is far higher): a burst of ~500
+    concurrent requests then ran out of descriptors, accept() failed (clients saw resets) and so did
+    the connects to a healthy upstream, which was cooled down as if it had failed, refusing everyone.
+    Warns when even the hard limit is short of what `max_in_flight` requests need."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = NO_LIMIT_CAP if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError) as exc:  # a container's seccomp, an nr_open below the cap
+            log.warning("could not raise the open files limit from %d: %s", soft, exc)
+    needed = max_in_flight * FILES_PER_REQUEST + FILES_KEPT
+    if max_in_flight and soft != resource.RLIM_INFINITY and soft < needed:
+        log.warning("the open files limit (%d) is short of what max_requests_in_flight (%d) needs (%d): past it "
+                    "connections fail; raise `ulimit -n` (LimitNOFILE=, the container's nofile) or lower "
+                    "max_requests_in_flight", soft, max_in_flight, needed)

@@ -105,6 +105,12 @@ class Metrics:
                                            "checked in this process's ledger, not in Redis (Redis away, or refusing "
                                            "writes: OOM at maxmemory); each replica then enforces the caps alone.",
                                            multiprocess_mode="livemax", registry=r)
+        self.shed_requests = Counter("ponder_shed_requests", "Requests refused with 503 `overloaded` before any "
+                                     "work, this process being at max_requests_in_flight, by path.", ["path"],
+                                     registry=r)
+        self.in_flight = Gauge("ponder_requests_in_flight", "Model requests (chat, responses, embeddings) being "
+                               "served now; past max_requests_in_flight in one process more are shed.",
+                               multiprocess_mode="livesum", registry=r)
         self.policy_rejected = Gauge("ponder_policy_reload_rejected", "1 while a policy file's last edit failed "
                                      "its check: the previous version keeps serving (the log says why).",
                                      ["policy"], multiprocess_mode="livemax", registry=r)
@@ -126,6 +132,15 @@ class Metrics:
             self._child(self.errors, "-", str(status)).inc()
         except Exception:  # noqa: BLE001 - metrics must not fail an answer
             pass
+
+    def shed(self, path: str) -> None:
+        """Count a request shed at the in-flight limit (gateway/shedding.py: `path` is one of its fixed set).
+        It is an answered 5xx too, as ponder_requests and ponder_errors count refusals."""
+        try:
+            self._child(self.shed_requests, path).inc()
+        except Exception:  # noqa: BLE001 - metrics must not fail an answer
+            pass
+        self.refused("-", 503)
 
     def _child(self, metric: Any, *labels: str) -> Any:
         """`metric.labels(*labels)`, memoised: labels() validates and hashes on every call (~2 us each)."""

@@ -229,7 +229,8 @@ async def _relayed_stream(request: Request, gw: Gateway, plan: Plan, wire: Wire,
         await passthrough.abandon(caller)  # a no-op once the relay has started: it bills its own call
         await settle(gw, plan, caller, reservation, served=served, **stream_outcome(passthrough, caller))
 
-    return EventStream(wire.relay(passthrough, caller, plan.request_id, stream_extension), finish, headers)
+    return EventStream(wire.relay(passthrough, caller, plan.request_id, stream_extension), finish, headers,
+                       gw.config.stream_stall_timeout_s)
 
 
 async def _synthesized_stream(request: Request, gw: Gateway, plan: Plan, wire: Wire, caller: Caller,
@@ -280,7 +281,7 @@ async def _synthesized_stream(request: Request, gw: Gateway, plan: Plan, wire: W
 
     events = synthesized(work, keepalive_s=KEEPALIVE_S, render=render,
                          render_error=lambda exc: wire.stream_error(plan.request_id, exc))
-    return EventStream(events, finish, headers)
+    return EventStream(events, finish, headers, gw.config.stream_stall_timeout_s)
 
 
 def failure_outcome(exc: BaseException) -> dict[str, Any]:

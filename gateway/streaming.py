@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -27,6 +28,8 @@ from gateway.calls import CLIENT_LEFT, Caller
 from gateway.errors import ApiError
 from gateway.usage import CallRecord, Usage, output_limit
 from router.estimates import may_exceed_context
+
+log = logging.getLogger("ponder.streaming")
 
 DONE = b"data: [DONE]\n\n"
 # Where reasoning servers put the chain of thought: `reasoning_content` (DeepSeek, vLLM's reasoning
@@ -183,14 +186,46 @@ class EventStream(StreamingResponse):
     then sits paused at a `yield`) or before the body started (Starlette then never starts it)."""
 
     def __init__(self, body: AsyncIterator[bytes], finish: Callable[[], Awaitable[None]],
-                 headers: dict[str, str]) -> None:
+                 headers: dict[str, str], stall_timeout_s: float = 60.0) -> None:  # config's default
         super().__init__(body, media_type="text/event-stream", headers=headers)
         self._finish = finish
+        self._stall_timeout_s = stall_timeout_s
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        """A client that stops reading (but keeps its connection) blocks the send once the socket's
+        buffers are full, and held the stream, its upstream call, its backend slot and its place under
+        max_requests_in_flight for good: a send under way for `stall_timeout_s` ends it as a client
+        that left. Watched by one timer a stream, not a timeout a chunk (~10 µs each)."""
+        loop, task = asyncio.get_running_loop(), asyncio.current_task()
+        assert task is not None
+        sending_since: float | None = None
+        stalled = False
+
+        async def watched(message: dict[str, Any]) -> None:
+            nonlocal sending_since
+            sending_since = loop.time()
+            await send(message)
+            sending_since = None
+
+        def watch() -> None:
+            nonlocal stalled, timer
+            if sending_since is not None and loop.time() - sending_since >= self._stall_timeout_s:
+                stalled = True
+                task.cancel()
+            else:
+                timer = loop.call_later(self._stall_timeout_s / 2, watch)
+
+        timer = loop.call_later(self._stall_timeout_s / 2, watch)
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, watched)
+        except asyncio.CancelledError:
+            if not stalled:
+                raise
+            task.uncancel()
+            log.warning("a client read nothing of its stream for %g s: the stream is ended as the client's leaving "
+                        "and its connection closed", self._stall_timeout_s)
         finally:
+            timer.cancel()
             await asyncio.shield(self._close_and_finish())  # a server shutting down must not cut it short
 
     async def _close_and_finish(self) -> None:

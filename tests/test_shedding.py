@@ -1,0 +1,325 @@
+"""Load shedding (gateway/shedding.py): past `max_requests_in_flight`, a fast 503 in the OpenAI schema.
+
+Real `ponder serve` in front of the mock upstream, a limit of 2, driven by the openai SDK (max_retries=0:
+it retries a 503 after its Retry-After otherwise) and by raw sockets for clients that hang up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import resource
+import socket
+import threading
+import time
+from typing import Any
+
+import aiohttp
+import httpx
+import openai
+import orjson
+import psutil
+import pytest
+
+from gateway.metrics import Metrics
+from gateway.shedding import LoadShedding
+from tests.servers import calls, control, mock_backend, reset, running, start_gateway, start_mock, write_policy
+
+LIMIT = 2
+KEY = "sk-shed-budget-key"
+ADMIN_KEY = "sk-shed-admin-key"
+MESSAGES = [{"role": "user", "content": "hello there"}]
+ORIGIN = "https://app.example"
+STALL_S = 2.0
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("shedding")
+    with running(start_mock(tmp)) as mock:
+        policy = write_policy(tmp, {
+            "name": "shed",
+            "arms": {"one": {"backend": "m", "strategy": "single"},
+                     "vote": {"backend": "m", "strategy": "self_consistency", "n": 3}},
+            "routes": [{"name": "all", "candidates": ["one"]}],
+            "exploration": {"share": 0.0},
+            "overrides": {"strategy_header": ["self_consistency", "single"]},
+        })
+        config = {"backends": [mock_backend("m", mock, timeout_s=20, first_byte_timeout_s=20, max_retries=0)],
+                  "policy": policy, "max_requests_in_flight": LIMIT, "max_body_bytes": 10_000,
+                  "cors_origins": [ORIGIN], "stream_stall_timeout_s": STALL_S,
+                  "api_keys": [{"id": "app", "sha256": hashlib.sha256(KEY.encode()).hexdigest(),
+                                "budget_usd_per_day": 5.0},
+                               {"id": "ops", "sha256": hashlib.sha256(ADMIN_KEY.encode()).hexdigest(), "admin": True}]}
+        with running(start_gateway(tmp, config, name="shed")) as gateway:
+            yield gateway, mock
+
+
+def client(gateway, key: str = KEY) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0)
+
+
+ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
+
+
+def metric(gateway, name: str) -> float:
+    """A metric's value (summed over its label sets), from the gateway's own /metrics."""
+    text = httpx.get(gateway.url + "/metrics", headers=ADMIN).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + " ") or line.startswith(name + "{"))
+
+
+def wait_in_flight(gateway, count: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while (now := metric(gateway, "ponder_requests_in_flight")) != count:
+        assert time.monotonic() < deadline, f"{now} requests in flight, not {count}"
+        time.sleep(0.05)
+
+
+def hold_slots(gateway, mock, seconds: float) -> list[Any]:
+    """LIMIT requests the upstream keeps waiting for `seconds`: every slot taken until then. Returns the
+    threads and, last, the list their answers (status, billed cost) go into."""
+    control(mock, script=["hang"] * LIMIT, hang_s=seconds)
+    answers: list[tuple[int, float]] = []
+
+    def one() -> None:
+        raw = client(gateway).chat.completions.with_raw_response.create(model="auto", messages=MESSAGES)
+        answers.append((raw.status_code, float(raw.headers["x-ponder-cost-usd"])))
+
+    threads = [threading.Thread(target=one) for _ in range(LIMIT)]
+    for thread in threads:
+        thread.start()
+    wait_in_flight(gateway, LIMIT)
+    return [*threads, answers]
+
+
+def join(held: list[Any]) -> list[tuple[int, float]]:
+    *threads, answers = held
+    for thread in threads:
+        thread.join(30)
+    return answers
+
+
+def spent_today(gateway) -> float:
+    keys = httpx.get(gateway.url + "/v1/ponder/spend", headers=ADMIN).json()["keys"]
+    return next(k["spent"].get("day", 0.0) for k in keys if k["key_id"] == "app")
+
+
+def raw_request_then_close(gateway, body: dict[str, Any], after_s: float) -> None:
+    """A client that gives up: the request on a bare socket, hung up after `after_s`."""
+    payload = orjson.dumps(body)
+    with socket.create_connection(("127.0.0.1", int(gateway.url.rsplit(":", 1)[1]))) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + KEY.encode() + b"\r\n"
+                     b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+        time.sleep(after_s)
+
+
+def assert_overloaded(exc: openai.APIStatusError) -> float:
+    """The 503 a shed request gets; returns its retry-after-ms in seconds."""
+    assert exc.status_code == 503
+    error = exc.response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert (error["type"], error["param"], error["code"]) == ("service_unavailable", None, "overloaded")
+    assert f"limit of {LIMIT} requests in flight" in error["message"]
+    headers = exc.response.headers
+    assert headers["retry-after"] == "1" and headers["content-type"] == "application/json"
+    assert exc.request_id and exc.request_id.startswith("req_") and headers["x-ponder-request-id"] == exc.request_id
+    wait_s = int(headers["retry-after-ms"]) / 1000
+    assert 0.5 <= wait_s <= 1.5
+    return wait_s
+
+
+def test_past_the_limit_model_requests_get_a_fast_503_in_the_openai_schema_and_nothing_else_is_shed(stack):
+    gateway, mock = stack
+    reset(mock)
+    spent_before, since = spent_today(gateway), time.time()
+    shed_before = metric(gateway, "ponder_shed_requests_total")
+    held = hold_slots(gateway, mock, seconds=3.0)
+    sdk = client(gateway)
+    waits, took = [], []
+    attempts = [
+        lambda: sdk.chat.completions.create(model="auto", messages=MESSAGES),
+        lambda: sdk.chat.completions.create(model="auto", messages=MESSAGES, stream=True),
+        lambda: sdk.responses.create(model="auto", input="hello there"),
+        lambda: sdk.embeddings.create(model="m", input="hello there"),
+        # refused before its body is read, however large: the same connection then serves the next request
+        lambda: sdk.chat.completions.create(model="auto", messages=[{"role": "user", "content": "x " * 4000}]),
+    ]
+    for attempt in attempts:
+        started = time.perf_counter()
+        with pytest.raises(openai.InternalServerError) as caught:
+            attempt()
+        took.append(time.perf_counter() - started)
+        waits.append(assert_overloaded(caught.value))
+    # a browser app reads the 503 too (CORS on): shed inside the CORS middleware, not before it
+    from_browser = httpx.post(gateway.url + "/v1/chat/completions", json={"model": "auto", "messages": MESSAGES},
+                              headers={"origin": ORIGIN, "authorization": f"Bearer {KEY}"})
+    assert from_browser.status_code == 503 and from_browser.headers["access-control-allow-origin"] == ORIGIN
+    assert {"retry-after", "retry-after-ms"} <= set(from_browser.headers["access-control-expose-headers"].split(", "))
+    assert len(set(waits)) > 1, "retry-after-ms is spread, so shed clients do not all come back at once"
+    assert max(took) < 1.0, took  # at once, not after the held requests
+    # never shed: health, readiness, metrics, models, feedback, the dashboard and its admin API
+    with httpx.Client(base_url=gateway.url, headers={"authorization": f"Bearer {KEY}"}) as http:
+        assert http.get("/healthz").status_code == 200
+        assert http.get("/readyz").status_code == 200
+        assert http.get("/v1/models").status_code == 200
+        assert http.post("/v1/feedback", json={"request_id": "chatcmpl-none", "score": 1}).status_code == 404
+        for path in ("/metrics", "/v1/ponder/summary", "/v1/ponder/requests?limit=1", "/dashboard"):
+            assert http.get(path, headers=ADMIN).status_code == 200, path
+    assert metric(gateway, "ponder_requests_in_flight") == LIMIT
+    answers = join(held)
+    assert [status for status, _ in answers] == [200] * LIMIT
+    # no upstream work, no record (so nothing for the learner), nothing billed, no budget hold left
+    assert calls(mock)["count"] == LIMIT
+    assert metric(gateway, "ponder_shed_requests_total") - shed_before == len(attempts) + 1
+    time.sleep(1.5)  # the store's flush
+    recorded = httpx.get(gateway.url + "/v1/ponder/requests?limit=50", headers=ADMIN).json()["requests"]
+    assert len([r for r in recorded if r["ts"] >= since]) == LIMIT, recorded
+    assert spent_today(gateway) - spent_before == pytest.approx(sum(cost for _, cost in answers), abs=1e-9)
+    assert metric(gateway, "ponder_requests_in_flight") == 0
+    assert f"answered 503 at max_requests_in_flight ({LIMIT})" in gateway.log()  # the operator is told
+
+
+def test_a_slot_is_released_once_however_a_request_ends(stack):
+    """A counter left high by a request that ended oddly sheds forever: after streams (relayed and
+    synthesized, read whole or dropped), upstream errors, refused requests and clients that hung up,
+    the count is back to 0, and LIMIT requests at once are all served."""
+    gateway, mock = stack
+    reset(mock)
+    control(mock, answers=["one two three four five six seven eight"])
+    sdk = client(gateway)
+    sdk.chat.completions.create(model="auto", messages=MESSAGES)
+    assert "".join(c.choices[0].delta.content or "" for c in
+                   sdk.chat.completions.create(model="auto", messages=MESSAGES, stream=True) if c.choices)
+    voted = sdk.chat.completions.create(model="auto", messages=MESSAGES, stream=True,
+                                        extra_headers={"x-ponder-strategy": "self_consistency"})
+    assert list(voted)
+    with sdk.chat.completions.create(model="auto", messages=MESSAGES, stream=True) as dropped:
+        next(iter(dropped))  # the client reads one chunk and closes
+    control(mock, script=["500"])
+    with pytest.raises(openai.APIStatusError):
+        sdk.chat.completions.create(model="auto", messages=MESSAGES)
+    with pytest.raises(openai.BadRequestError):
+        sdk.chat.completions.create(model="auto", messages=[{"role": "nobody", "content": "x"}])
+    with pytest.raises(openai.APIStatusError) as too_large:
+        sdk.chat.completions.create(model="auto", messages=[{"role": "user", "content": "x" * 20_000}])
+    assert too_large.value.status_code == 413
+    with pytest.raises(openai.AuthenticationError):
+        client(gateway, "sk-wrong").chat.completions.create(model="auto", messages=MESSAGES)
+    # clients that hang up: while the upstream hangs, before the first chunk, and in the middle of a stream
+    for behaviour, stream in (("hang", False), ("stall", True), ("hold", True)):
+        control(mock, script=[behaviour], hang_s=8)  # the mock's handlers sleep on: not longer, so it stops soon
+        raw_request_then_close(gateway, {"model": "auto", "messages": MESSAGES, "stream": stream}, after_s=0.5)
+    wait_in_flight(gateway, 0, timeout=3.0)  # at once, not when the upstream would have answered
+    shed_before = metric(gateway, "ponder_shed_requests_total")
+    assert [status for status, _ in join(hold_slots(gateway, mock, seconds=0.5))] == [200] * LIMIT
+    assert metric(gateway, "ponder_shed_requests_total") == shed_before
+
+
+def test_a_client_that_stops_reading_its_stream_gives_its_slot_back(stack):
+    """A client that keeps its connection but reads nothing blocks the stream's sends once the socket's
+    buffers are full: it held its slot (and its upstream call) for good, and LIMIT such clients would
+    have had every other request shed. Past stream_stall_timeout_s it is a client that left: 499,
+    billed what was streamed, the connection closed."""
+    gateway, mock = stack
+    reset(mock)
+    control(mock, answers=[" ".join(["word"] * 60_000)])  # far more than the socket buffers hold
+    # max_tokens: a budgeted key's request without one is capped at 1,024 tokens, which the buffers hold
+    payload = orjson.dumps({"model": "auto", "messages": MESSAGES, "stream": True, "max_tokens": 100_000})
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", int(gateway.url.rsplit(":", 1)[1])))
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + KEY.encode() + b"\r\n"
+                     b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+        wait_in_flight(gateway, 1)
+        started = time.monotonic()
+        wait_in_flight(gateway, 0, timeout=4 * STALL_S)
+        assert time.monotonic() - started >= STALL_S / 2  # not before it stalled
+        time.sleep(1.0)  # the record
+        latest = httpx.get(gateway.url + "/v1/ponder/requests?limit=1", headers=ADMIN).json()["requests"][0]
+        assert latest["status"] == 499 and latest["completion_tokens"] > 0, latest
+        sock.settimeout(5)
+        while sock.recv(65536):  # what the buffers held, then the end: the gateway closed the connection
+            pass
+    assert "read nothing of its stream" in gateway.log()
+
+
+class _Sent:
+    def __init__(self) -> None:
+        self.messages: list[dict[str, Any]] = []
+
+    async def __call__(self, message: dict[str, Any]) -> None:
+        self.messages.append(message)
+
+
+def test_a_slot_is_released_when_the_app_raises_or_is_cancelled():
+    """A bug's exception (the 500 is written outside, by Starlette) and a task cancelled by a server
+    shutting down leave the count where it was."""
+    async def scenario() -> None:
+        started = asyncio.Event()
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            if scope["path"] == "/v1/responses":
+                raise RuntimeError("a bug")
+            started.set()
+            await asyncio.sleep(60)
+
+        shedding = LoadShedding(app, limit=1, metrics=Metrics())
+        scope = {"type": "http", "method": "POST", "path": "/v1/responses", "headers": []}
+        with pytest.raises(RuntimeError):
+            await shedding(scope, None, _Sent())
+        assert shedding.in_flight == 0
+        task = asyncio.ensure_future(shedding({**scope, "path": "/v1/chat/completions"}, None, _Sent()))
+        await started.wait()
+        assert shedding.in_flight == 1
+        sent = _Sent()
+        await shedding({**scope, "path": "/v1/embeddings"}, None, sent)
+        assert sent.messages[0]["status"] == 503
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert shedding.in_flight == 0
+        assert shedding.metrics.registry.get_sample_value("ponder_requests_in_flight") == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_burst_past_the_shells_soft_open_files_limit_is_served(tmp_path):
+    """`ponder serve` started where the soft limit on open files is low (1,024 in shells and systemd
+    services; 256 here, for a burst of 300) raises it to the hard limit: the burst ran out of
+    descriptors, its connections were reset and the healthy upstream, whose connects failed with
+    EMFILE, was cooled down, refusing everyone with 503s."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2048:
+        pytest.skip(f"the hard limit on open files ({hard}) leaves no room to raise")
+    burst = 300
+    with running(start_mock(tmp_path)) as mock:
+        policy = write_policy(tmp_path, {"name": "fds", "arms": {"one": {"backend": "m", "strategy": "single"}},
+                                         "routes": [{"name": "all", "candidates": ["one"]}]})
+        config = {"backends": [mock_backend("m", mock, max_concurrency=burst, timeout_s=30)], "policy": policy}
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))  # what the gateway process inherits
+        try:
+            gateway = start_gateway(tmp_path, config, name="fds")
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        with running(gateway):
+            assert psutil.Process(gateway.process.pid).rlimit(resource.RLIMIT_NOFILE)[0] > 2 * burst
+            control(mock, delay_ms=1000)  # every request holds its sockets at once
+
+            async def fire() -> list[Any]:
+                async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+                    async def one() -> Any:
+                        try:
+                            async with session.post(gateway.url + "/v1/chat/completions",
+                                                    json={"model": "auto", "messages": MESSAGES}) as response:
+                                return response.status
+                        except aiohttp.ClientError as exc:
+                            return type(exc).__name__
+
+                    return await asyncio.gather(*(one() for _ in range(burst)))
+
+            assert collections.Counter(asyncio.run(fire())) == {200: burst}
+            assert "Too many open files" not in gateway.log()
