@@ -8,9 +8,10 @@ The request path of `POST /v1/chat/completions` and `POST /v1/responses` is gate
 from __future__ import annotations
 
 import contextlib
+import gc
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from starlette.applications import Starlette
@@ -224,7 +225,8 @@ def create_app(config: GatewayConfig) -> Starlette:
             await gateway.close()  # a failed start must not leave the model process or sessions behind
             raise
         try:
-            yield
+            with long_lived_heap():
+                yield
         finally:
             await gateway.close()
 
@@ -262,6 +264,29 @@ class RequestIdOnEveryAnswer:
             await send(message)
 
         await self.app(scope, receive, with_request_id)
+
+
+# Collect the youngest generation after this many new container objects (Python's default: 700).
+YOUNG_GC_THRESHOLD = 10_000
+
+
+@contextlib.contextmanager
+def long_lived_heap() -> Iterator[None]:
+    """While the gateway serves: what startup built (the classifier, the policies, litellm's modules and
+    cost map where a backend needs it; 60,000 to 390,000 objects) is frozen out of the cyclic garbage
+    collector, which walked all of it in every full collection (30 ms of CPU, 200 ms with litellm
+    loaded, each a stall of every request in flight). A request leaves no cycles behind, but 16 in
+    flight cross Python's 700 new objects every few requests: each young collection, 0.2 ms, walked
+    live requests to free nothing. Undone at shutdown (an app in a test process)."""
+    threshold = gc.get_threshold()
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(YOUNG_GC_THRESHOLD, *threshold[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*threshold)
+        gc.unfreeze()
 
 
 class ReadableStartupFailure:
