@@ -11,8 +11,8 @@ Fields (all floats):
   est_prompt_tokens and est_prompt_count (likewise the decision's prompt-token estimates),
   latency_ms (of the requests answered: not of those counted in errors or left; a fallback's own time,
   Event.arm_latency_ms), prompt_tokens, completion_tokens, reasoning_tokens, errors, left (requests the
-  client hung up on, status 499), h<i> (latency histogram bucket i, requests that reached a backend: the
-  request's whole time)  -- decayed when a half-life is configured
+  client hung up on, status 499), h<i> (latency histogram bucket i: the requests answered, at the
+  answering arm's own time, as latency_ms)  -- decayed when a half-life is configured
   total  -- raw request count, never decayed (for dashboards)
   spent_usd  -- what the requests cost, never decayed: the spend the dashboard shows (cost_usd is the
                learner's, faded with its half-life)
@@ -87,6 +87,7 @@ CLIENT_CLOSED_STATUS = 499  # the status a request the client left is recorded w
 def event_delta(event: Event) -> dict[str, float]:
     """What one event adds to its arm's aggregates (zero fields left out)."""
     weight = event.success_weight
+    answer_ms = float(event.latency_ms if event.arm_latency_ms is None else event.arm_latency_ms)
     delta: dict[str, float] = {
         "count": 1.0,
         "total": 1.0,
@@ -94,9 +95,8 @@ def event_delta(event: Event) -> dict[str, float]:
         # it); what the request spent, every call of it, is spent_usd
         "cost_usd": float(event.cost_usd if event.arm_cost_usd is None else event.arm_cost_usd),
         "spent_usd": float(event.cost_usd),
-        # the answering arm's own time (a fallback's, not the failed arms' before it); the histogram
-        # below keeps the request's whole time, which is what its client waited
-        "latency_ms": float(event.latency_ms if event.arm_latency_ms is None else event.arm_latency_ms),
+        # the answering arm's own time (a fallback's, not the failed arms' before it): the mean's sum
+        "latency_ms": answer_ms,
         "prompt_tokens": float(event.prompt_tokens),
         "completion_tokens": float(event.completion_tokens),
         "reasoning_tokens": float(event.reasoning_tokens),
@@ -122,15 +122,15 @@ def event_delta(event: Event) -> dict[str, float]:
         delta["left"] = 1.0
         return {k: v for k, v in delta.items() if v}
     if failed:
-        # No answer, so no answer's latency: a fast failure would make a flaky arm look fast (the mean
-        # is over the requests answered, ArmStats.answered; the histogram below keeps a timeout's wait).
+        # No answer, so no answer's latency: a fast failure would make a flaky arm look fast, a timeout
+        # slow (the mean is over the requests answered, ArmStats.answered, and so is the histogram).
         del delta["latency_ms"]
         delta["errors"] = 1.0
-    if not failed or event.calls:
-        # Percentiles of the requests that reached a backend: one refused before any call (every
-        # backend cooling down) would read as a 1 ms arm, while one that waited out a timeout
-        # says something true about this arm's latency.
-        delta[f"h{latency_bucket(event.latency_ms)}"] = 1.0
+        return {k: v for k, v in delta.items() if v}
+    # The percentiles are of the same answers as the mean, at the same time: the arm's own. At the
+    # request's whole time a fallback's p95 held the timeouts of the arm it stood in for, and a policy's
+    # max_p95_latency_ms then ruled out the fallback that answered them (and the requests failed).
+    delta[f"h{latency_bucket(answer_ms)}"] = 1.0
     return {k: v for k, v in delta.items() if v}
 
 

@@ -893,19 +893,24 @@ def test_a_budget_counter_is_the_utc_days_whatever_the_servers_zone(monkeypatch)
         time.tzset()
 
 
-def test_latency_percentiles_are_of_requests_that_reached_a_backend():
-    """Two answers at 800 ms and two requests refused before any call (every backend cooling down):
-    the arm's p50 is 800 ms, not 1 ms. A timeout did reach the backend and does count."""
+def test_latency_percentiles_are_of_the_requests_answered_at_the_arms_own_time():
+    """Two answers at 800 ms, two requests refused before any call (every backend cooling down), a
+    timeout, and a fallback that answered in 800 ms after another arm's 60 s timeout: the arm's p50 and
+    p95 are 800 ms, its answers' as its mean latency is. A failure's wait, fast or slow, is no answer's
+    time, and the timeout the fallback stood in for is the other arm's (its p95 of 60 s ruled out the
+    fallback under a policy's max_p95_latency_ms)."""
     refused = dict(status=503, latency_ms=0.4, error="cooling down")
     timeout = dict(status=504, latency_ms=60_000.0, error="timed out", calls=[{"backend": "b", "ok": False}])
+    fallback = dict(latency_ms=60_800.0, arm_latency_ms=800.0, calls=[{"backend": "a", "ok": False}, {"backend": "b"}])
     fields: dict[str, float] = {}
-    for kind in (dict(latency_ms=800.0), refused, dict(latency_ms=800.0), refused, timeout):
+    for kind in (dict(latency_ms=800.0), refused, dict(latency_ms=800.0), refused, timeout, fallback):
         for k, v in event_delta(Event(request_id="r", **kind)).items():
             fields[k] = fields.get(k, 0.0) + v
     hist = histogram(fields)
     assert sum(hist.values()) == 3 and percentile(hist, 0.5) == pytest.approx(800, rel=0.09)
-    assert percentile(hist, 0.95) > 10_000
-    assert fields["count"] == 5 and fields["errors"] == 3
+    assert percentile(hist, 0.95) == pytest.approx(800, rel=0.09)
+    assert arm_stats(fields, time.time()).latency_p95_ms == pytest.approx(800, rel=0.09)
+    assert fields["count"] == 6 and fields["errors"] == 3
     # a client that hung up (499) is billed, but is neither the arm's error nor a latency sample
     left = event_delta(Event(request_id="r", status=499, latency_ms=300.0, error="client left", cost_usd=0.01,
                              calls=[{"backend": "b", "ok": False}]))
