@@ -14,6 +14,8 @@ Fields (all floats):
   client hung up on, status 499), h<i> (latency histogram bucket i: the requests answered, at the
   answering arm's own time, as latency_ms)  -- decayed when a half-life is configured
   total  -- raw request count, never decayed (for dashboards)
+  errors_total  -- raw count of the requests in `errors`, never decayed: the savings view prices the
+               reference arm for the others only (a refusal costs $0 whichever arm it is sent to)
   spent_usd  -- what the requests cost, never decayed: the spend the dashboard shows (cost_usd is the
                learner's, faded with its half-life)
   t      -- the time the decayed fields are expressed at (only with a half-life)
@@ -35,7 +37,7 @@ from .events import Event
 
 HIST_PER_DOUBLING = 4
 HIST_MAX_INDEX = 80
-UNDECAYED_FIELDS = frozenset({"total", "spent_usd", "t"})
+UNDECAYED_FIELDS = frozenset({"total", "errors_total", "spent_usd", "t"})
 
 # The cost model's estimates are summed under names that change when the model does: the learned
 # cost ratio (actual / estimated) must compare like with like. v1 (`est_cost_usd`) charged a vote's
@@ -125,7 +127,7 @@ def event_delta(event: Event) -> dict[str, float]:
         # No answer, so no answer's latency: a fast failure would make a flaky arm look fast, a timeout
         # slow (the mean is over the requests answered, ArmStats.answered, and so is the histogram).
         del delta["latency_ms"]
-        delta["errors"] = 1.0
+        delta["errors"] = delta["errors_total"] = 1.0
         return {k: v for k, v in delta.items() if v}
     # The percentiles are of the same answers as the mean, at the same time: the arm's own. At the
     # request's whole time a fallback's p95 held the timeouts of the arm it stood in for, and a policy's
@@ -245,6 +247,7 @@ def summary_row(fields: Mapping[str, float], now: float, half_life_s: float | No
 
     return {
         "requests": d.get("total", 0.0),
+        "failed_requests": d.get("errors_total", 0.0),
         "count": count,
         "scored_weight": weight,
         # clamped as arm_stats clamps it: feedback on a request from before a reset of the stats replaces

@@ -322,7 +322,8 @@ def test_decay_is_the_same_in_lua_and_python(redis_url, tmp_path):
         now = time.time()
         rng = random.Random(3)
         events = [event(i, ts=now - rng.uniform(0, 7200), success=rng.random(), success_source="vote",
-                        estimated_prompt_tokens=rng.randint(5, 500) if i % 3 else None) for i in range(300)]
+                        estimated_prompt_tokens=rng.randint(5, 500) if i % 3 else None,
+                        **({"status": 502, "error": "upstream failed"} if i % 7 == 0 else {})) for i in range(300)]
         snaps = []
         for url, path in ((redis_url, tmp_path / "r"), (None, tmp_path / "e")):
             store = await open_store(url, path, decay_half_life_s=3600.0)
@@ -352,9 +353,10 @@ def test_decay_is_the_same_in_lua_and_python(redis_url, tmp_path):
             assert got.estimated_prompt_count == pytest.approx(expected_estimates, rel=1e-3)
         assert red.estimated_prompt_tokens == pytest.approx(emb.estimated_prompt_tokens, rel=1e-6)
         assert red.estimated_prompt_count == pytest.approx(emb.estimated_prompt_count, rel=1e-6)
-        for fields in snaps:  # money spent is never decayed (the dashboard's spend and savings)
-            row = summary_row(fields, t_read, 3600.0)
+        for fields in snaps:  # money spent is never decayed (the dashboard's spend and savings), nor are
+            row = summary_row(fields, t_read, 3600.0)  # the requests that failed (the savings leave them out)
             assert row["spent_usd"] == pytest.approx(sum(ev.cost_usd for ev in events), rel=1e-9)
+            assert row["failed_requests"] == pytest.approx(sum(1 for ev in events if ev.status >= 400), rel=1e-9)
             assert row["cost_usd"] < 0.9 * row["spent_usd"]
 
     run(go())
