@@ -107,8 +107,9 @@ def event_delta(event: Event) -> dict[str, float]:
     failed = not left and (event.status >= 400 or bool(event.error))
     if event.estimated_cost_usd is not None:  # the cost model's estimate, and that this outcome has one
         # It estimates an answer: a request no arm answered (every call failed, which bills nothing or
-        # a cut prompt) is compared with $0 of it, else a flaky or just-recovered arm looks cheap.
-        delta[EST_COST] = 0.0 if failed else float(event.estimated_cost_usd)
+        # a cut prompt) or whose client left (billed its cut calls, a part of an answer) is compared
+        # with $0 of it, else a flaky or just-recovered arm, or one clients give up on, looks cheap.
+        delta[EST_COST] = 0.0 if failed or left else float(event.estimated_cost_usd)
         delta[EST_COUNT] = 1.0
     if event.estimated_prompt_tokens is not None:
         delta["est_prompt_tokens"] = float(event.estimated_prompt_tokens)

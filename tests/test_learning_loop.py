@@ -389,6 +389,45 @@ def test_requests_whose_client_left_leave_an_answers_latency_as_it_is(tmp_path):
             assert row["requests"] == 13 and 600 <= row["mean_latency_ms"] < 800, row
 
 
+def test_requests_whose_client_left_leave_an_answers_cost_as_it_is(tmp_path):
+    """Two answers, then six clients who leave after 0.2 s (499), each call cut and billed its prompt
+    (about a tenth of an answer). Each was recorded with the cost model's estimate of a whole answer
+    against that partial bill, so the learner expected an answer to cost less than it does (observed
+    ratio 0.35, three quarters of it after the prior's shrinkage), and the objective and the per-request cost caps used that: the more clients gave up on an arm,
+    the cheaper it looked. Like a request no arm answered, a hang-up has no answer to estimate."""
+    arms = {"strong": {"backend": "mock-b", "prior": 0.9, "tokens": 1}}
+    policy = write_policy(tmp_path, {"name": "gone", "arms": arms, "routes": [{"name": "all", "candidates": ["strong"]}],
+                                     "exploration": {"share": 0.0}, "learner": {"half_life_hours": None}}, "gone.yaml")
+    with running(start_mock(tmp_path)) as mock_b:
+        control(mock_b, answers=[RIGHT])
+        config = {"backends": [mock_backend("mock-b", mock_b, max_retries=0,
+                                            prices={"input_per_mtok": 100.0, "output_per_mtok": 10_000.0})],
+                  "policy": policy, "telemetry": {"data_dir": str(tmp_path / "data"), "refresh_s": 0.05}}
+        with running(start_gateway(tmp_path, config, name="gone")) as gateway:
+            client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+            for _ in range(2):
+                answered = client.chat.completions.with_raw_response.create(model="auto", messages=QUESTION)
+            control(mock_b, delay_ms=3000)
+            for _ in range(6):
+                with pytest.raises(httpx.ReadTimeout):
+                    httpx.post(gateway.url + "/v1/chat/completions", json={"model": "auto", "messages": QUESTION},
+                               timeout=httpx.Timeout(10, read=0.2))
+            for _ in range(100):  # recorded once the gateway has seen the client go
+                (row,) = httpx.get(gateway.url + "/v1/ponder/summary").json()["tasks"][0]["arms"]
+                if row["requests"] == 8:
+                    break
+                time.sleep(0.05)
+            assert row["requests"] == 8 and row["spent_usd"] > 2 * float(answered.headers["x-ponder-cost-usd"]), row
+            control(mock_b, delay_ms=0)
+            one = client.chat.completions.with_raw_response.create(model="auto", messages=QUESTION)
+            detail = httpx.get(f"{gateway.url}/v1/ponder/requests/{one.headers['x-ponder-request-id']}").json()
+            (expected,) = (c["expected_cost_usd"] for c in detail["decision"]["candidates"])
+            # never under what an answer costs (the cost caps hold); a little over, as the hang-ups' cut
+            # prompts are charged to the answers, as a failure's cut prompt is (it was 0.74 of it)
+            answer = float(answered.headers["x-ponder-cost-usd"])
+            assert answer <= expected < 1.3 * answer, (expected, answer)
+
+
 def test_a_fallbacks_learned_latency_is_its_own_not_the_failed_arms_wait(tmp_path):
     """`first` times out (its backend's `timeout_s`, 1 s) and `fast`, 100 ms, answers for it. The event's
     latency is the request's (what the client waited, its detail keeps it), and it was all learned as

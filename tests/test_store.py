@@ -17,8 +17,8 @@ import redis
 import redis.asyncio as aioredis
 import yaml
 
-from telemetry.aggregates import (apply_delta, arm_stats, event_delta, histogram, latency_bucket, percentile,
-                                  spend_deltas, summary_row)
+from telemetry.aggregates import (EST_COST, EST_COUNT, apply_delta, arm_stats, event_delta, histogram, latency_bucket,
+                                  percentile, spend_deltas, summary_row)
 from telemetry.budgets import BudgetExceeded, period_id
 from telemetry.cli import stats_cli
 from telemetry.events import Event
@@ -915,8 +915,9 @@ def test_latency_percentiles_are_of_the_requests_answered_at_the_arms_own_time()
     assert fields["count"] == 6 and fields["errors"] == 3
     # a client that hung up (499) is billed, but is neither the arm's error nor a latency sample
     left = event_delta(Event(request_id="r", status=499, latency_ms=300.0, error="client left", cost_usd=0.01,
-                             calls=[{"backend": "b", "ok": False}]))
+                             estimated_cost_usd=0.05, calls=[{"backend": "b", "ok": False}]))
     assert left["count"] == 1 and left["cost_usd"] == 0.01 and "errors" not in left
+    assert EST_COST not in left and left[EST_COUNT] == 1  # its cut bill is no answer's: no answer's estimate
     assert "latency_ms" not in left and left["left"] == 1  # out of the mean latency's sum and its denominator
     assert not any(k.startswith("h") for k in left)
 
