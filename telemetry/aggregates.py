@@ -8,7 +8,9 @@ tests compare both backends on the same events.
 Fields (all floats):
   count, successes, weight, cost_usd, est2_cost_usd and est2_count (the cost model's estimates for the
   requests that carry one, and how many do; named after the cost model's version, see EST_COST),
-  est_prompt_tokens and est_prompt_count (likewise the decision's prompt-token estimates),
+  est_prompt_tokens and est_prompt_count (likewise the decision's prompt-token estimates), est_choices
+  (the client's n, over the same requests), cap_tokens and cap_count (the client's max_tokens, and how
+  many requests sent one),
   latency_ms (of the requests answered: not of those counted in errors or left; a fallback's own time,
   Event.arm_latency_ms), prompt_tokens, completion_tokens, reasoning_tokens, errors, left (requests the
   client hung up on, status 499), h<i> (latency histogram bucket i: the requests answered, at the
@@ -114,6 +116,10 @@ def event_delta(event: Event) -> dict[str, float]:
     if event.estimated_prompt_tokens is not None:
         delta["est_prompt_tokens"] = float(event.estimated_prompt_tokens)
         delta["est_prompt_count"] = 1.0
+        delta["est_choices"] = float(event.choices)
+        if event.max_output_tokens is not None:
+            delta["cap_tokens"] = float(event.max_output_tokens)
+            delta["cap_count"] = 1.0
     if weight > 0:
         delta["weight"] = weight
         delta["successes"] = weight * float(event.success or 0.0)
@@ -229,6 +235,9 @@ def arm_stats(fields: Mapping[str, float], now: float, half_life_s: float | None
         estimated_prompt_count=min(max(0.0, d.get("est_prompt_count", 0.0)), count),
         errors=min(max(0.0, d.get("errors", 0.0)), count),
         left=min(max(0.0, d.get("left", 0.0)), count),
+        estimated_choices=max(0.0, d.get("est_choices", 0.0)),
+        output_cap_tokens=max(0.0, d.get("cap_tokens", 0.0)),
+        capped_count=min(max(0.0, d.get("cap_count", 0.0)), count),
     )
 
 

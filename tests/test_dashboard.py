@@ -686,6 +686,36 @@ def test_savings_price_the_reference_for_the_requests_that_did_not_fail(tmp_path
         page.close()
 
 
+def test_the_current_choice_is_priced_for_the_requests_max_tokens(tmp_path, browser):
+    """Every client caps its answer at 20 tokens, so `strong` (2,000 tokens expected, 10x the price
+    of its answer at 20) is worth its price and answers them all. The current choice was priced for
+    an uncapped request: the page showed `cheap` as the choice with 0% of the requests, and `ponder
+    stats` marked no arm."""
+    from playwright.sync_api import expect
+
+    policy = write_policy(tmp_path, {
+        "name": "capped", "arms": {"cheap": {"backend": "mock-a", "prior": 0.6, "tokens": 1},
+                                   "strong": {"backend": "mock-b", "prior": 0.9, "tokens": 2000}},
+        "routes": [{"name": "all", "candidates": ["cheap", "strong"]}],
+        "objective": {"cost_weight": 10, "latency_weight": 0}, "exploration": {"share": 0.0}}, "capped.yaml")
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("mock-a", mock),
+                         mock_backend("mock-b", mock, prices={"input_per_mtok": 1.0, "output_per_mtok": 100.0})],
+            "policy": policy, "telemetry": {"data_dir": str(tmp_path / "data"), "refresh_s": 0.1}},
+            name="capped")) as gateway:
+        for _ in range(3):
+            response = httpx.post(gateway.url + "/v1/chat/completions", timeout=30, json={
+                "model": "auto", "max_tokens": 20, "messages": [{"role": "user", "content": "What is 6 times 7?"}]})
+            assert response.status_code == 200 and response.headers["x-ponder-arm"] == "mock-b/-/single/1"
+        page = browser.new_page()
+        page.goto(gateway.url + "/dashboard")
+        page.wait_for_selector("[data-testid=arm-point]")
+        expect(page.get_by_test_id("tier-choice")).to_contain_text("mock-b — 100% of 3 requests")
+        ring = page.locator("[data-testid=arm-point]", has=page.get_by_test_id("current-choice"))
+        expect(ring).to_have_attribute("data-arm", "mock-b/-/single/1")
+        page.close()
+
+
 def test_dashboard_fits_a_phone_screen(stack, browser):
     """At 375 px wide the page never scrolls sideways: wide tables scroll inside their panel."""
     gateway, *_ = stack

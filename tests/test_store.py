@@ -403,6 +403,16 @@ def test_records_from_before_prompt_estimates_still_load():
     assert event_delta(event(2, estimated_prompt_tokens=15))["est_prompt_tokens"] == 15.0
 
 
+def test_the_clients_max_tokens_and_n_reach_the_arms_stats():
+    """What the decision priced besides the prompt (router.learner.typical_output reads it)."""
+    fields: dict[str, float] = {}
+    for extra in ({"max_output_tokens": 50, "choices": 3}, {}):
+        ev = Event.from_dict(json.loads(event(1, estimated_prompt_tokens=15, **extra).to_json()))
+        apply_delta(fields, event_delta(ev), time.time(), None)
+    stats = arm_stats(fields, time.time())
+    assert (stats.estimated_choices, stats.output_cap_tokens, stats.capped_count) == (4.0, 50.0, 1.0)
+
+
 def test_redis_killed_then_restarted(tmp_path):
     """Kill -9 Redis: nothing raises into the request path, stats stay cached, events buffer, budgets go
     local; restart on the same port: the buffer is flushed within 5 s and the learned stats restored."""
