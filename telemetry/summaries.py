@@ -40,8 +40,9 @@ def merge_rows(rows: Iterable[Row]) -> dict[str, Any]:
     """Several summary rows of one arm (e.g. its buckets of one task type) as one row.
 
     Means are weighted by count (the mean latency by the requests answered), the success rate by scored
-    weight. Latency percentiles cannot be merged exactly from percentiles; the count-weighted mean of
-    them is shown (exact when one bucket dominates)."""
+    weight. Latency percentiles cannot be merged exactly from percentiles; their mean weighted by the
+    requests answered (what they are of) is shown (exact when one bucket dominates): a bucket whose
+    requests all failed has no latency, not a p95 of 0 ms."""
     rows = list(rows)
     count = sum(float(r.get("count") or 0) for r in rows)
     weight = sum(float(r.get("scored_weight") or 0) for r in rows)
@@ -57,6 +58,9 @@ def merge_rows(rows: Iterable[Row]) -> dict[str, Any]:
         return float(r.get("count") or 0) * (1.0 - float(r.get("error_rate") or 0))
 
     answers = sum(answered(r) for r in rows)
+
+    def by_answers(name: str) -> float:
+        return sum(float(r.get(name) or 0) * answered(r) for r in rows) / answers if answers > 0 else 0.0
     cost = sum(float(r.get("cost_usd") or 0) for r in rows)
     return {
         "requests": sum(float(r.get("requests") or 0) for r in rows),
@@ -71,8 +75,8 @@ def merge_rows(rows: Iterable[Row]) -> dict[str, Any]:
         "mean_cost_usd": cost / count if count else 0.0,
         "mean_latency_ms": sum(float(r.get("mean_latency_ms") or 0) * answered(r) for r in rows) / answers
         if answers > 0 else 0.0,
-        "p50_latency_ms": by_count("p50_latency_ms"),
-        "p95_latency_ms": by_count("p95_latency_ms"),
+        "p50_latency_ms": by_answers("p50_latency_ms"),
+        "p95_latency_ms": by_answers("p95_latency_ms"),
         "mean_prompt_tokens": by_count("mean_prompt_tokens"),
         "mean_completion_tokens": by_count("mean_completion_tokens"),
         "mean_reasoning_tokens": by_count("mean_reasoning_tokens"),

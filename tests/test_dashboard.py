@@ -332,6 +332,19 @@ def test_spend_by_hour_and_by_key_against_budget(stack):
     assert keys["ops"]["budget"] == {} and keys["ops"]["spent"] == {} and keys["ops"]["requests_30d"] == 0
 
 
+def test_a_merged_rows_latency_percentiles_are_of_its_answers():
+    """An arm answered ten requests in one bucket (p95 1 s) and none of ten in another (every call
+    failed: no latency at all). Weighted by count, the arm's p95 on the page read 500 ms."""
+    from telemetry.summaries import merge_rows
+
+    answered = {"requests": 10.0, "count": 10.0, "answered": 10.0, "error_rate": 0.0,
+                "p50_latency_ms": 600.0, "p95_latency_ms": 1000.0, "mean_latency_ms": 650.0}
+    failed = {"requests": 10.0, "count": 10.0, "answered": 0.0, "error_rate": 1.0,
+              "p50_latency_ms": 0.0, "p95_latency_ms": 0.0, "mean_latency_ms": 0.0}
+    merged = merge_rows([answered, failed])
+    assert (merged["p50_latency_ms"], merged["p95_latency_ms"], merged["mean_latency_ms"]) == (600.0, 1000.0, 650.0)
+
+
 def test_savings_against_a_reference_arm(stack):
     gateway, _, seeded, _ = stack
     routed = seeded.routed()
