@@ -495,6 +495,30 @@ def test_a_fallbacks_p95_is_not_the_failed_arms_wait_under_a_latency_cap(tmp_pat
             assert row["p95_latency_ms"] < 400, row
 
 
+def test_an_arm_ruled_out_by_the_latency_cap_alone_answers_when_the_fast_one_fails(tmp_path):
+    """`fast` (100 ms) fails every call; `slow` (expected 2 s, p95 3 s) is affordable but over the
+    policy's max_p95_latency_ms of 1 s. Latency is a soft limit (docs/policies.md), yet `slow` was no
+    fallback: every request failed (502, then 503 while `fast` cooled down) though `slow` answers."""
+    arms = {"fast": {"backend": "fast", "prior": 0.9, "tokens": 1, "latency_ms": 100},
+            "slow": {"backend": "slow", "prior": 0.9, "tokens": 1, "latency_ms": 2000}}
+    policy = write_policy(tmp_path, {"name": "soft", "arms": arms,
+                                     "routes": [{"name": "all", "candidates": ["fast", "slow"]}],
+                                     "objective": {"cost_weight": 0, "latency_weight": 0, "max_p95_latency_ms": 1000},
+                                     "exploration": {"share": 0.0}, "learner": {"half_life_hours": None}},
+                          "soft.yaml")
+    with running(start_mock(tmp_path)) as fast, running(start_mock(tmp_path)) as slow:
+        control(fast, script=["500"] * 10)
+        control(slow, answers=[RIGHT])
+        config = {"backends": [mock_backend("fast", fast, max_retries=0), mock_backend("slow", slow, max_retries=0)],
+                  "policy": policy, "telemetry": {"data_dir": str(tmp_path / "data"), "refresh_s": 0.05}}
+        with running(start_gateway(tmp_path, config, name="soft")) as gateway:
+            client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+            for _ in range(3):
+                raw = client.chat.completions.with_raw_response.create(model="auto", messages=QUESTION)
+                assert raw.headers["x-ponder-arm"] == "slow/-/single/1"
+                assert raw.parse().choices[0].message.content == RIGHT
+
+
 def test_a_request_the_client_left_is_no_latency_sample(tmp_path):
     """The client gives up on two requests after 0.3 s (499) and waits for one, 100 ms. docs/telemetry.md:
     a hang-up is neither the arm's error nor a latency sample, but its 0.3 s was summed into the arm's
