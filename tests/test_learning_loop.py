@@ -393,10 +393,12 @@ def test_requests_whose_client_left_leave_an_answers_cost_as_it_is(tmp_path):
     """Two answers, then six clients who leave after 0.2 s (499), each call cut and billed its prompt
     (about a tenth of an answer). Each was recorded with the cost model's estimate of a whole answer
     against that partial bill, so the learner expected an answer to cost less than it does (observed
-    ratio 0.35, three quarters of it after the prior's shrinkage), and the objective and the per-request cost caps used that: the more clients gave up on an arm,
-    the cheaper it looked. Like a request no arm answered, a hang-up has no answer to estimate."""
+    ratio 0.35, three quarters of it after the prior's shrinkage), and the objective and the
+    per-request cost caps used that: the more clients gave up on an arm, the cheaper it looked. Like
+    a request no arm answered, a hang-up has no answer to estimate."""
     arms = {"strong": {"backend": "mock-b", "prior": 0.9, "tokens": 1}}
-    policy = write_policy(tmp_path, {"name": "gone", "arms": arms, "routes": [{"name": "all", "candidates": ["strong"]}],
+    policy = write_policy(tmp_path, {"name": "gone", "arms": arms,
+                                     "routes": [{"name": "all", "candidates": ["strong"]}],
                                      "exploration": {"share": 0.0}, "learner": {"half_life_hours": None}}, "gone.yaml")
     with running(start_mock(tmp_path)) as mock_b:
         control(mock_b, answers=[RIGHT])
