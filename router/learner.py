@@ -319,9 +319,9 @@ def typical_output(arms: Mapping[str, ArmStats]) -> tuple[int | None, int]:
     requests send one (None when most do not), and the mean `n` rounded (1 where none is recorded)."""
     priced = sum(s.estimated_prompt_count for s in arms.values())
     capped = sum(s.capped_count for s in arms.values())
-    cap = round(sum(s.output_cap_tokens for s in arms.values()) / capped) if capped > priced / 2 else None
-    choices = sum(s.estimated_choices for s in arms.values())
-    return (max(1, cap) if cap is not None else None), max(1, round(choices / priced)) if priced > 0 else 1
+    cap = max(1, round(sum(s.output_cap_tokens for s in arms.values()) / capped)) if capped > priced / 2 else None
+    choices = max(1, round(sum(s.estimated_choices for s in arms.values()) / priced)) if priced > 0 else 1
+    return cap, choices
 
 
 def current_choice(bucket: str, policy: Policy, stats: StatsSnapshot, alias: str = "auto") -> Arm:

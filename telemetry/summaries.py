@@ -61,6 +61,7 @@ def merge_rows(rows: Iterable[Row]) -> dict[str, Any]:
 
     def by_answers(name: str) -> float:
         return sum(float(r.get(name) or 0) * answered(r) for r in rows) / answers if answers > 0 else 0.0
+
     cost = sum(float(r.get("cost_usd") or 0) for r in rows)
     return {
         "requests": sum(float(r.get("requests") or 0) for r in rows),
