@@ -476,6 +476,8 @@ class Gateway:
                                                                plan.choices)
                                 if calls else 0.0) if plan.policy is not None and decision.policy != "direct" else None,
             estimated_prompt_tokens=plan.prompt_tokens,
+            max_output_tokens=plan.max_output_tokens,
+            choices=plan.choices,
             latency_ms=(ended - plan.started) * 1000,
             arm_latency_ms=((ended if own.ended is None else own.ended) - own.started) * 1000 if own else None,
             status=status,

@@ -603,6 +603,12 @@ def decide(
         elif len(same_backend) < MAX_FALLBACKS:
             same_backend.append(i)
     fallbacks = (other_backend + same_backend)[:MAX_FALLBACKS]
+    if len(fallbacks) < MAX_FALLBACKS and not degraded:
+        # Latency is a soft limit: an arm ruled out only by it answers, fastest first, when every
+        # eligible one has failed, later than they would have rather than not at all (a 502 or 503).
+        slow = sorted((i for i, kind in kinds.items() if kind == 3 and i != chosen),
+                      key=lambda i: candidates[i].expected_latency_ms)
+        fallbacks += slow[:MAX_FALLBACKS - len(fallbacks)]
     return Decision(
         arm=winner.arm,
         task=task,

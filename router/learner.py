@@ -314,15 +314,30 @@ def typical_prompt_tokens(arms: Mapping[str, ArmStats]) -> int | None:
     return round(tokens / count) if count > 0 else None
 
 
+def typical_output(arms: Mapping[str, ArmStats]) -> tuple[int | None, int]:
+    """The client's `max_tokens` and `n` of a bucket's typical request: the mean cap when most of its
+    requests send one (None when most do not), and the mean `n` rounded (1 where none is recorded)."""
+    priced = sum(s.estimated_prompt_count for s in arms.values())
+    capped = sum(s.capped_count for s in arms.values())
+    cap = max(1, round(sum(s.output_cap_tokens for s in arms.values()) / capped)) if capped > priced / 2 else None
+    choices = max(1, round(sum(s.estimated_choices for s in arms.values()) / priced)) if priced > 0 else 1
+    return cap, choices
+
+
 def current_choice(bucket: str, policy: Policy, stats: StatsSnapshot, alias: str = "auto") -> Arm:
     """The arm the learner would pick now for a bucket (`task:tier`), with no exploration and no budget
     pressure: what `ponder stats` and the dashboard show as the current choice.
 
     Priced for the bucket's own traffic: at the mean of its requests' prompt estimates (cost is linear
-    in the prompt, so that arm has the best mean utility over them), else at decide()'s default."""
+    in the prompt, so that arm has the best mean utility over them), else at decide()'s default, and
+    for its typical request's `max_tokens` and `n` (typical_output): a bucket whose clients cap the
+    output at 20 tokens pays for 20, and the dashboard showed an arm its requests never got."""
     from router.decide import RequestHints, decide  # decide uses this module's functions: avoid a cycle
 
     task, _, tier = bucket.partition(":")
     classification = Classification(task=task, task_probs={task: 1.0}, difficulty=tier_midpoint(tier or "medium"))
-    hints = RequestHints(prompt_tokens=typical_prompt_tokens(stats.get(bucket) or _EMPTY))
+    arms = stats.get(bucket) or _EMPTY
+    max_output_tokens, choices = typical_output(arms)
+    hints = RequestHints(prompt_tokens=typical_prompt_tokens(arms), max_output_tokens=max_output_tokens,
+                         choices=choices)
     return decide(classification, policy, stats, alias=alias, request=hints, rng=None).arm

@@ -150,6 +150,12 @@ class ArmStats:
     # no answer's latency, and a client's hang-up says only that the answer took longer than it waited).
     errors: float = 0.0
     left: float = 0.0
+    # What the decisions priced besides the prompt: the client's `n`, summed over the requests counted
+    # in `estimated_prompt_count`, and its `max_tokens`, summed over the `capped_count` that sent one.
+    # router.learner.current_choice prices the bucket's typical request with them.
+    estimated_choices: float = 0.0
+    output_cap_tokens: float = 0.0
+    capped_count: float = 0.0
 
     @property
     def answered(self) -> float:

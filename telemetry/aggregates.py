@@ -8,12 +8,16 @@ tests compare both backends on the same events.
 Fields (all floats):
   count, successes, weight, cost_usd, est2_cost_usd and est2_count (the cost model's estimates for the
   requests that carry one, and how many do; named after the cost model's version, see EST_COST),
-  est_prompt_tokens and est_prompt_count (likewise the decision's prompt-token estimates),
+  est_prompt_tokens and est_prompt_count (likewise the decision's prompt-token estimates), est_choices
+  (the client's n, over the same requests), cap_tokens and cap_count (the client's max_tokens, and how
+  many requests sent one),
   latency_ms (of the requests answered: not of those counted in errors or left; a fallback's own time,
   Event.arm_latency_ms), prompt_tokens, completion_tokens, reasoning_tokens, errors, left (requests the
-  client hung up on, status 499), h<i> (latency histogram bucket i, requests that reached a backend: the
-  request's whole time)  -- decayed when a half-life is configured
+  client hung up on, status 499), h<i> (latency histogram bucket i: the requests answered, at the
+  answering arm's own time, as latency_ms)  -- decayed when a half-life is configured
   total  -- raw request count, never decayed (for dashboards)
+  errors_total  -- raw count of the requests in `errors`, never decayed: the savings view prices the
+               reference arm for the others only (a refusal costs $0 whichever arm it is sent to)
   spent_usd  -- what the requests cost, never decayed: the spend the dashboard shows (cost_usd is the
                learner's, faded with its half-life)
   t      -- the time the decayed fields are expressed at (only with a half-life)
@@ -35,7 +39,7 @@ from .events import Event
 
 HIST_PER_DOUBLING = 4
 HIST_MAX_INDEX = 80
-UNDECAYED_FIELDS = frozenset({"total", "spent_usd", "t"})
+UNDECAYED_FIELDS = frozenset({"total", "errors_total", "spent_usd", "t"})
 
 # The cost model's estimates are summed under names that change when the model does: the learned
 # cost ratio (actual / estimated) must compare like with like. v1 (`est_cost_usd`) charged a vote's
@@ -87,6 +91,7 @@ CLIENT_CLOSED_STATUS = 499  # the status a request the client left is recorded w
 def event_delta(event: Event) -> dict[str, float]:
     """What one event adds to its arm's aggregates (zero fields left out)."""
     weight = event.success_weight
+    answer_ms = float(event.latency_ms if event.arm_latency_ms is None else event.arm_latency_ms)
     delta: dict[str, float] = {
         "count": 1.0,
         "total": 1.0,
@@ -94,9 +99,8 @@ def event_delta(event: Event) -> dict[str, float]:
         # it); what the request spent, every call of it, is spent_usd
         "cost_usd": float(event.cost_usd if event.arm_cost_usd is None else event.arm_cost_usd),
         "spent_usd": float(event.cost_usd),
-        # the answering arm's own time (a fallback's, not the failed arms' before it); the histogram
-        # below keeps the request's whole time, which is what its client waited
-        "latency_ms": float(event.latency_ms if event.arm_latency_ms is None else event.arm_latency_ms),
+        # the answering arm's own time (a fallback's, not the failed arms' before it): the mean's sum
+        "latency_ms": answer_ms,
         "prompt_tokens": float(event.prompt_tokens),
         "completion_tokens": float(event.completion_tokens),
         "reasoning_tokens": float(event.reasoning_tokens),
@@ -105,12 +109,17 @@ def event_delta(event: Event) -> dict[str, float]:
     failed = not left and (event.status >= 400 or bool(event.error))
     if event.estimated_cost_usd is not None:  # the cost model's estimate, and that this outcome has one
         # It estimates an answer: a request no arm answered (every call failed, which bills nothing or
-        # a cut prompt) is compared with $0 of it, else a flaky or just-recovered arm looks cheap.
-        delta[EST_COST] = 0.0 if failed else float(event.estimated_cost_usd)
+        # a cut prompt) or whose client left (billed its cut calls, a part of an answer) is compared
+        # with $0 of it, else a flaky or just-recovered arm, or one clients give up on, looks cheap.
+        delta[EST_COST] = 0.0 if failed or left else float(event.estimated_cost_usd)
         delta[EST_COUNT] = 1.0
     if event.estimated_prompt_tokens is not None:
         delta["est_prompt_tokens"] = float(event.estimated_prompt_tokens)
         delta["est_prompt_count"] = 1.0
+        delta["est_choices"] = float(event.choices)
+        if event.max_output_tokens is not None:
+            delta["cap_tokens"] = float(event.max_output_tokens)
+            delta["cap_count"] = 1.0
     if weight > 0:
         delta["weight"] = weight
         delta["successes"] = weight * float(event.success or 0.0)
@@ -122,15 +131,15 @@ def event_delta(event: Event) -> dict[str, float]:
         delta["left"] = 1.0
         return {k: v for k, v in delta.items() if v}
     if failed:
-        # No answer, so no answer's latency: a fast failure would make a flaky arm look fast (the mean
-        # is over the requests answered, ArmStats.answered; the histogram below keeps a timeout's wait).
+        # No answer, so no answer's latency: a fast failure would make a flaky arm look fast, a timeout
+        # slow (the mean is over the requests answered, ArmStats.answered, and so is the histogram).
         del delta["latency_ms"]
-        delta["errors"] = 1.0
-    if not failed or event.calls:
-        # Percentiles of the requests that reached a backend: one refused before any call (every
-        # backend cooling down) would read as a 1 ms arm, while one that waited out a timeout
-        # says something true about this arm's latency.
-        delta[f"h{latency_bucket(event.latency_ms)}"] = 1.0
+        delta["errors"] = delta["errors_total"] = 1.0
+        return {k: v for k, v in delta.items() if v}
+    # The percentiles are of the same answers as the mean, at the same time: the arm's own. At the
+    # request's whole time a fallback's p95 held the timeouts of the arm it stood in for, and a policy's
+    # max_p95_latency_ms then ruled out the fallback that answered them (and the requests failed).
+    delta[f"h{latency_bucket(answer_ms)}"] = 1.0
     return {k: v for k, v in delta.items() if v}
 
 
@@ -226,6 +235,9 @@ def arm_stats(fields: Mapping[str, float], now: float, half_life_s: float | None
         estimated_prompt_count=min(max(0.0, d.get("est_prompt_count", 0.0)), count),
         errors=min(max(0.0, d.get("errors", 0.0)), count),
         left=min(max(0.0, d.get("left", 0.0)), count),
+        estimated_choices=max(0.0, d.get("est_choices", 0.0)),
+        output_cap_tokens=max(0.0, d.get("cap_tokens", 0.0)),
+        capped_count=min(max(0.0, d.get("cap_count", 0.0)), count),
     )
 
 
@@ -245,6 +257,7 @@ def summary_row(fields: Mapping[str, float], now: float, half_life_s: float | No
 
     return {
         "requests": d.get("total", 0.0),
+        "failed_requests": d.get("errors_total", 0.0),
         "count": count,
         "scored_weight": weight,
         # clamped as arm_stats clamps it: feedback on a request from before a reset of the stats replaces

@@ -75,6 +75,10 @@ class Event:
     # The prompt's size as the decision estimated it (what priced the arms); its mean per bucket lets
     # the current choice be priced for the bucket's real prompts (router.learner.current_choice).
     estimated_prompt_tokens: int | None = None
+    # What else the decision priced the arms for: the client's `max_tokens` (None: not capped) and `n`.
+    # Their typical values per bucket price the current choice for the bucket's real requests.
+    max_output_tokens: int | None = None
+    choices: int = 1
     latency_ms: float = 0.0  # the request's, from its arrival to its answer's end
     # The answering arm's own time (from its start to the answer's end), when arms failed before it (a
     # timeout's wait is theirs): the learner's per-arm latency, as arm_cost_usd is its cost.

@@ -51,7 +51,7 @@ local function agg_update(key, arms_key, member, t, hl, deltas)
       local cur = redis.call('HGETALL', key)
       local upd = {'t', string.format('%.17g', t)}
       for i = 1, #cur, 2 do
-        if cur[i] ~= 't' and cur[i] ~= 'total' and cur[i] ~= 'spent_usd' then
+        if cur[i] ~= 't' and cur[i] ~= 'total' and cur[i] ~= 'errors_total' and cur[i] ~= 'spent_usd' then
           upd[#upd + 1] = cur[i]
           upd[#upd + 1] = string.format('%.17g', tonumber(cur[i + 1]) * f)
         end
@@ -63,7 +63,7 @@ local function agg_update(key, arms_key, member, t, hl, deltas)
   end
   for i = 1, #deltas, 2 do
     local v = tonumber(deltas[i + 1])
-    if deltas[i] ~= 'total' and deltas[i] ~= 'spent_usd' then v = v * scale end
+    if deltas[i] ~= 'total' and deltas[i] ~= 'errors_total' and deltas[i] ~= 'spent_usd' then v = v * scale end
     redis.call('HINCRBYFLOAT', key, deltas[i], string.format('%.17g', v))
   end
   redis.call('SADD', arms_key, member)

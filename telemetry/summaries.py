@@ -40,8 +40,9 @@ def merge_rows(rows: Iterable[Row]) -> dict[str, Any]:
     """Several summary rows of one arm (e.g. its buckets of one task type) as one row.
 
     Means are weighted by count (the mean latency by the requests answered), the success rate by scored
-    weight. Latency percentiles cannot be merged exactly from percentiles; the count-weighted mean of
-    them is shown (exact when one bucket dominates)."""
+    weight. Latency percentiles cannot be merged exactly from percentiles; their mean weighted by the
+    requests answered (what they are of) is shown (exact when one bucket dominates): a bucket whose
+    requests all failed has no latency, not a p95 of 0 ms."""
     rows = list(rows)
     count = sum(float(r.get("count") or 0) for r in rows)
     weight = sum(float(r.get("scored_weight") or 0) for r in rows)
@@ -57,9 +58,14 @@ def merge_rows(rows: Iterable[Row]) -> dict[str, Any]:
         return float(r.get("count") or 0) * (1.0 - float(r.get("error_rate") or 0))
 
     answers = sum(answered(r) for r in rows)
+
+    def by_answers(name: str) -> float:
+        return sum(float(r.get(name) or 0) * answered(r) for r in rows) / answers if answers > 0 else 0.0
+
     cost = sum(float(r.get("cost_usd") or 0) for r in rows)
     return {
         "requests": sum(float(r.get("requests") or 0) for r in rows),
+        "failed_requests": sum(float(r.get("failed_requests") or 0) for r in rows),
         "count": count,
         "answered": answers,
         "scored_weight": weight,
@@ -70,8 +76,8 @@ def merge_rows(rows: Iterable[Row]) -> dict[str, Any]:
         "mean_cost_usd": cost / count if count else 0.0,
         "mean_latency_ms": sum(float(r.get("mean_latency_ms") or 0) * answered(r) for r in rows) / answers
         if answers > 0 else 0.0,
-        "p50_latency_ms": by_count("p50_latency_ms"),
-        "p95_latency_ms": by_count("p95_latency_ms"),
+        "p50_latency_ms": by_answers("p50_latency_ms"),
+        "p95_latency_ms": by_answers("p95_latency_ms"),
         "mean_prompt_tokens": by_count("mean_prompt_tokens"),
         "mean_completion_tokens": by_count("mean_completion_tokens"),
         "mean_reasoning_tokens": by_count("mean_reasoning_tokens"),
@@ -205,16 +211,23 @@ def exploration(events: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
 CostEstimate = Callable[[str, float], float | None]  # (arm key, mean prompt tokens) -> USD per request
 
 
+def _unfailed(row: Row) -> float:
+    """A row's (decayed) requests that did not fail: answered, or left by their client."""
+    return float(row.get("count") or 0) * (1.0 - float(row.get("error_rate") or 0))
+
+
 def savings(table: Table, reference: str, estimate: CostEstimate | None = None) -> dict[str, Any]:
     """What always answering with `reference` would have cost, bucket by bucket, and the success delta.
 
     The reference's cost per request in a bucket is, in order of preference: its observed mean there
     (`observed`), its observed mean over all buckets (`observed_elsewhere`), the policy's estimate for
-    the bucket's mean prompt size (`policy_estimate`). A bucket with none of them is left out of both
-    totals (`unknown`). Both sides are money spent, which a half-life must not fade: the bucket's
-    `spent_usd` against that cost per request times its `requests`. The success delta compares, over the
-    buckets where both were scored, the actual success rate with the reference's own success rate there,
-    weighted by the bucket's traffic."""
+    the bucket's mean prompt size (`policy_estimate`); an observed mean is over the requests that did
+    not fail. A bucket with none of them is left out of both totals (`unknown`). Both sides are money
+    spent, which a half-life must not fade: the bucket's `spent_usd` against that cost per request times
+    its requests less its failed ones (a request refused, or that no arm answered, cost $0 or a cut
+    prompt; priced at the reference's answer, every refusal read as money saved). The success delta
+    compares, over the buckets where both were scored, the actual success rate with the reference's
+    own success rate there, weighted by the bucket's traffic."""
     overall = per_arm(table).get(reference)
     buckets = []
     actual_cost = reference_cost = 0.0
@@ -224,23 +237,28 @@ def savings(table: Table, reference: str, estimate: CostEstimate | None = None) 
         merged = merge_rows(arms.values())
         count = merged["count"]
         ref_row = arms.get(reference)
-        if ref_row is not None and float(ref_row.get("count") or 0) > 0:
-            per_request, basis = float(ref_row["mean_cost_usd"]), "observed"
-        elif overall is not None and overall["count"] > 0:
-            per_request, basis = overall["mean_cost_usd"], "observed_elsewhere"
+        if ref_row is not None and _unfailed(ref_row) > 0:
+            per_request, basis = float(ref_row.get("cost_usd") or 0) / _unfailed(ref_row), "observed"
+        elif overall is not None and _unfailed(overall) > 0:
+            per_request, basis = overall["cost_usd"] / _unfailed(overall), "observed_elsewhere"
         else:
-            guess = estimate(reference, merged["mean_prompt_tokens"]) if estimate else None
+            # the prompt of the requests it prices (one refused before it was read billed no tokens)
+            answered = _unfailed(merged)
+            prompt = merged["mean_prompt_tokens"] * merged["count"] / answered if answered > 0 else 0.0
+            guess = estimate(reference, prompt) if estimate else None
             per_request, basis = (guess, "policy_estimate") if guess is not None else (None, "unknown")
         ref_success = ref_row.get("success_rate") if ref_row is not None else None
-        requests = merged["requests"]
-        row = {"bucket": bucket, "requests": requests, "actual_cost_usd": round(merged["spent_usd"], 10),
-               "reference_cost_usd": round(per_request * requests, 10) if per_request is not None else None,
+        requests, failed = merged["requests"], merged["failed_requests"]
+        priced = max(0.0, requests - failed)
+        row = {"bucket": bucket, "requests": requests, "failed_requests": failed,
+               "actual_cost_usd": round(merged["spent_usd"], 10),
+               "reference_cost_usd": round(per_request * priced, 10) if per_request is not None else None,
                "reference_cost_basis": basis, "actual_success_rate": merged["success_rate"],
                "reference_success_rate": ref_success}
         buckets.append(row)
         if per_request is not None:
             actual_cost += merged["spent_usd"]
-            reference_cost += per_request * requests
+            reference_cost += per_request * priced
         if merged["success_rate"] is not None and ref_success is not None:
             acc_num += merged["success_rate"] * count
             ref_num += float(ref_success) * count

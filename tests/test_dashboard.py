@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -25,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from router.types import bucket_key
 from telemetry.redis_server import start_redis
-from tests.servers import ROOT, mock_backend, running, start_gateway, start_mock, two_mock_policy
+from tests.servers import ROOT, mock_backend, running, start_gateway, start_mock, two_mock_policy, write_policy
 
 USER_KEY = "sk-dash-user-1"
 ADMIN_KEY = "sk-dash-admin-2"
@@ -330,6 +331,19 @@ def test_spend_by_hour_and_by_key_against_budget(stack):
     assert team["used"]["day"] == pytest.approx(seeded.cost() / DAY_BUDGET, abs=1e-4)
     assert set(team["spent"]) == {"day"}  # no monthly cap: no monthly ledger, rather than a $0
     assert keys["ops"]["budget"] == {} and keys["ops"]["spent"] == {} and keys["ops"]["requests_30d"] == 0
+
+
+def test_a_merged_rows_latency_percentiles_are_of_its_answers():
+    """An arm answered ten requests in one bucket (p95 1 s) and none of ten in another (every call
+    failed: no latency at all). Weighted by count, the arm's p95 on the page read 500 ms."""
+    from telemetry.summaries import merge_rows
+
+    answered = {"requests": 10.0, "count": 10.0, "answered": 10.0, "error_rate": 0.0,
+                "p50_latency_ms": 600.0, "p95_latency_ms": 1000.0, "mean_latency_ms": 650.0}
+    failed = {"requests": 10.0, "count": 10.0, "answered": 0.0, "error_rate": 1.0,
+              "p50_latency_ms": 0.0, "p95_latency_ms": 0.0, "mean_latency_ms": 0.0}
+    merged = merge_rows([answered, failed])
+    assert (merged["p50_latency_ms"], merged["p95_latency_ms"], merged["mean_latency_ms"]) == (600.0, 1000.0, 650.0)
 
 
 def test_savings_against_a_reference_arm(stack):
@@ -641,6 +655,78 @@ def test_the_default_policys_half_life_ages_the_learned_stats(tmp_path, browser)
         page.wait_for_selector("[data-testid=arm-point]")
         assert float(page.get_attribute("[data-testid=total-cost]", "data-value")) == pytest.approx(paid, rel=1e-6)
         assert page.text_content("[data-testid=actual-cost]") == page.text_content("[data-testid=total-cost]")
+        page.close()
+
+
+def test_savings_price_the_reference_for_the_requests_that_did_not_fail(tmp_path, browser):
+    """Two answered requests, then three the upstream refuses (400: the prompt is over its context), $0
+    each: the reference arm would have been refused them too. They were priced at its answer's cost,
+    so the panel's "Always strong" grew by 150% and the refusals read as money saved."""
+    from playwright.sync_api import expect
+
+    strong = "mock-b/-/single/1"
+    policy = write_policy(tmp_path, {
+        "name": "refusals", "arms": {"cheap": {"backend": "mock-a", "prior": 0.9, "tokens": 1},
+                                     "strong": {"backend": "mock-b", "prior": 0.5, "tokens": 1}},
+        "routes": [{"name": "all", "candidates": ["cheap", "strong"]}],
+        "objective": {"cost_weight": 0, "latency_weight": 0}, "exploration": {"share": 0.0}}, "refusals.yaml")
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("mock-a", mock, max_retries=0),
+                         mock_backend("mock-b", mock, prices={"input_per_mtok": 100.0, "output_per_mtok": 10_000.0})],
+            "policy": policy, "telemetry": {"data_dir": str(tmp_path / "data"), "refresh_s": 0.1}},
+            name="refusals")) as gateway:
+        prompt = "What is 6 times 7?"
+        for _ in range(2):
+            assert chat(gateway.url, "auto", prompt).status_code == 200
+        page = browser.new_page()
+        page.goto(gateway.url + "/dashboard")
+        page.wait_for_selector("[data-testid=arm-point]")
+        page.select_option("#reference", strong)
+        expect(page.locator("#savings .savings-big .label").first).to_have_text("Always mock-b")
+        expect(page.get_by_test_id("savings-requests")).to_have_text("2")
+        answered_only = page.text_content("[data-testid=reference-cost]")
+        before = httpx.get(gateway.url + "/v1/ponder/savings", params={"reference": strong}).json()
+        assert before["buckets"][0]["reference_cost_basis"] == "policy_estimate" and before["saved_usd"] > 0
+
+        httpx.post(mock.url + "/control", json={"script": ["too_long"] * 3}).raise_for_status()
+        for _ in range(3):
+            assert chat(gateway.url, "auto", prompt).status_code == 400
+        expect(page.get_by_test_id("savings-requests")).to_have_text(re.compile(r"^5\b"), timeout=15_000)
+        assert page.text_content("[data-testid=reference-cost]") == answered_only
+        assert page.text_content("[data-testid=savings-requests]") == "5 (3 failed)"
+        after = httpx.get(gateway.url + "/v1/ponder/savings", params={"reference": strong}).json()
+        assert after["reference_cost_usd"] == pytest.approx(before["reference_cost_usd"], rel=1e-6)
+        assert after["saved_usd"] == pytest.approx(before["saved_usd"], rel=1e-6)
+        page.close()
+
+
+def test_the_current_choice_is_priced_for_the_requests_max_tokens(tmp_path, browser):
+    """Every client caps its answer at 20 tokens, so `strong` (2,000 tokens expected, 10x the price
+    of its answer at 20) is worth its price and answers them all. The current choice was priced for
+    an uncapped request: the page showed `cheap` as the choice with 0% of the requests, and `ponder
+    stats` marked no arm."""
+    from playwright.sync_api import expect
+
+    policy = write_policy(tmp_path, {
+        "name": "capped", "arms": {"cheap": {"backend": "mock-a", "prior": 0.6, "tokens": 1},
+                                   "strong": {"backend": "mock-b", "prior": 0.9, "tokens": 2000}},
+        "routes": [{"name": "all", "candidates": ["cheap", "strong"]}],
+        "objective": {"cost_weight": 10, "latency_weight": 0}, "exploration": {"share": 0.0}}, "capped.yaml")
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("mock-a", mock),
+                         mock_backend("mock-b", mock, prices={"input_per_mtok": 1.0, "output_per_mtok": 100.0})],
+            "policy": policy, "telemetry": {"data_dir": str(tmp_path / "data"), "refresh_s": 0.1}},
+            name="capped")) as gateway:
+        for _ in range(3):
+            response = httpx.post(gateway.url + "/v1/chat/completions", timeout=30, json={
+                "model": "auto", "max_tokens": 20, "messages": [{"role": "user", "content": "What is 6 times 7?"}]})
+            assert response.status_code == 200 and response.headers["x-ponder-arm"] == "mock-b/-/single/1"
+        page = browser.new_page()
+        page.goto(gateway.url + "/dashboard")
+        page.wait_for_selector("[data-testid=arm-point]")
+        expect(page.get_by_test_id("tier-choice")).to_contain_text("mock-b — 100% of 3 requests")
+        ring = page.locator("[data-testid=arm-point]", has=page.get_by_test_id("current-choice"))
+        expect(ring).to_have_attribute("data-arm", "mock-b/-/single/1")
         page.close()
 
 

@@ -220,6 +220,20 @@ def test_pooled_stats_sum_buckets_once_per_snapshot():
     assert pooled_stats({**snapshot, POOLED_BUCKET: given}) is given  # a store's own pooled level wins
 
 
+def test_the_typical_request_caps_its_output_and_asks_n_as_most_of_the_buckets_requests_do():
+    from router.learner import typical_output
+
+    # three of four requests capped (mean 30 tokens), n = 2 or 3 (mean 2.25)
+    capped = ArmStats(count=3, estimated_prompt_count=3, estimated_choices=7, output_cap_tokens=90, capped_count=3)
+    plain = ArmStats(count=1, estimated_prompt_count=1, estimated_choices=2)
+    assert typical_output({"x": capped, "y": plain}) == (30, 2)
+    # one of four capped: the typical request is not
+    few = ArmStats(count=3, estimated_prompt_count=3, estimated_choices=3)
+    assert typical_output({"x": few, "y": ArmStats(count=1, estimated_prompt_count=1, estimated_choices=1,
+                                                   output_cap_tokens=10, capped_count=1)}) == (None, 1)
+    assert typical_output({}) == (None, 1)  # nothing recorded: decide()'s defaults
+
+
 def test_shared_levels_per_task_and_per_snapshot():
     from router.learner import shared_levels
 

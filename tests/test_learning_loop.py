@@ -23,7 +23,7 @@ import openai
 import pytest
 import yaml
 
-from tests.servers import (PYTHON, ROOT, Process, control, mock_backend, running, start_gateway, start_mock,
+from tests.servers import (PYTHON, ROOT, Process, calls, control, mock_backend, running, start_gateway, start_mock,
                            write_policy)
 
 RIGHT, WRONG = "42", "17"
@@ -389,11 +389,52 @@ def test_requests_whose_client_left_leave_an_answers_latency_as_it_is(tmp_path):
             assert row["requests"] == 13 and 600 <= row["mean_latency_ms"] < 800, row
 
 
+def test_requests_whose_client_left_leave_an_answers_cost_as_it_is(tmp_path):
+    """Two answers, then six clients who leave after 0.2 s (499), each call cut and billed its prompt
+    (about a tenth of an answer). Each was recorded with the cost model's estimate of a whole answer
+    against that partial bill, so the learner expected an answer to cost less than it does (observed
+    ratio 0.35, three quarters of it after the prior's shrinkage), and the objective and the
+    per-request cost caps used that: the more clients gave up on an arm, the cheaper it looked. Like
+    a request no arm answered, a hang-up has no answer to estimate."""
+    arms = {"strong": {"backend": "mock-b", "prior": 0.9, "tokens": 1}}
+    policy = write_policy(tmp_path, {"name": "gone", "arms": arms,
+                                     "routes": [{"name": "all", "candidates": ["strong"]}],
+                                     "exploration": {"share": 0.0}, "learner": {"half_life_hours": None}}, "gone.yaml")
+    with running(start_mock(tmp_path)) as mock_b:
+        control(mock_b, answers=[RIGHT])
+        config = {"backends": [mock_backend("mock-b", mock_b, max_retries=0,
+                                            prices={"input_per_mtok": 100.0, "output_per_mtok": 10_000.0})],
+                  "policy": policy, "telemetry": {"data_dir": str(tmp_path / "data"), "refresh_s": 0.05}}
+        with running(start_gateway(tmp_path, config, name="gone")) as gateway:
+            client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+            for _ in range(2):
+                answered = client.chat.completions.with_raw_response.create(model="auto", messages=QUESTION)
+            control(mock_b, delay_ms=3000)
+            for _ in range(6):
+                with pytest.raises(httpx.ReadTimeout):
+                    httpx.post(gateway.url + "/v1/chat/completions", json={"model": "auto", "messages": QUESTION},
+                               timeout=httpx.Timeout(10, read=0.2))
+            for _ in range(100):  # recorded once the gateway has seen the client go
+                (row,) = httpx.get(gateway.url + "/v1/ponder/summary").json()["tasks"][0]["arms"]
+                if row["requests"] == 8:
+                    break
+                time.sleep(0.05)
+            assert row["requests"] == 8 and row["spent_usd"] > 2 * float(answered.headers["x-ponder-cost-usd"]), row
+            control(mock_b, delay_ms=0)
+            one = client.chat.completions.with_raw_response.create(model="auto", messages=QUESTION)
+            detail = httpx.get(f"{gateway.url}/v1/ponder/requests/{one.headers['x-ponder-request-id']}").json()
+            (expected,) = (c["expected_cost_usd"] for c in detail["decision"]["candidates"])
+            # never under what an answer costs (the cost caps hold); a little over, as the hang-ups' cut
+            # prompts are charged to the answers, as a failure's cut prompt is (it was 0.74 of it)
+            answer = float(answered.headers["x-ponder-cost-usd"])
+            assert answer <= expected < 1.3 * answer, (expected, answer)
+
+
 def test_a_fallbacks_learned_latency_is_its_own_not_the_failed_arms_wait(tmp_path):
     """`first` times out (its backend's `timeout_s`, 1 s) and `fast`, 100 ms, answers for it. The event's
-    latency is the request's (what the client waited, its histogram and detail keep it), and it was all
-    learned as `fast`'s: an arm answering in 100 ms read as a 1.1 s one, in the objective and on the
-    dashboard, for every timeout of another arm it stood in for."""
+    latency is the request's (what the client waited, its detail keeps it), and it was all learned as
+    `fast`'s: an arm answering in 100 ms read as a 1.1 s one, in the objective and on the dashboard
+    (mean and percentiles), for every timeout of another arm it stood in for."""
     arms = {"first": {"backend": "slow", "prior": 0.9, "tokens": 1},
             "fast": {"backend": "fast", "prior": 0.5, "tokens": 1, "latency_ms": 100}}
     policy = write_policy(tmp_path, {"name": "stand-in", "arms": arms,
@@ -418,11 +459,66 @@ def test_a_fallbacks_learned_latency_is_its_own_not_the_failed_arms_wait(tmp_pat
             summary = httpx.get(gateway.url + "/v1/ponder/summary").json()
             (row,) = summary["tasks"][0]["arms"]
             assert 100 <= row["mean_latency_ms"] < 400, row
-            assert row["p50_latency_ms"] >= 900, row  # the histogram: what the requests it answered took
+            assert row["p50_latency_ms"] < 400 and row["p95_latency_ms"] < 400, row
             one = client.chat.completions.with_raw_response.create(model="auto", messages=QUESTION)
             detail = httpx.get(f"{gateway.url}/v1/ponder/requests/{one.headers['x-ponder-request-id']}").json()
             expected = {c["arm"]: c["expected_latency_ms"] for c in detail["decision"]["candidates"]}
             assert expected["fast/-/single/1"] < 400, expected
+
+
+def test_a_fallbacks_p95_is_not_the_failed_arms_wait_under_a_latency_cap(tmp_path):
+    """`first` (expected 200 ms) times out now and then at 1 s and `fast`, 100 ms, answers for it, under
+    max_p95_latency_ms 500. The fallback's p95 was its requests' whole time, the other arm's timeouts
+    included: after two of them `fast` was ruled out as over the cap, so it was no fallback either,
+    and every request from then on failed (504, then 503 while `first` cooled down)."""
+    arms = {"first": {"backend": "slow", "prior": 0.9, "tokens": 1, "latency_ms": 200},
+            "fast": {"backend": "fast", "prior": 0.5, "tokens": 1, "latency_ms": 100}}
+    policy = write_policy(tmp_path, {"name": "capped", "arms": arms,
+                                     "routes": [{"name": "all", "candidates": ["first", "fast"]}],
+                                     "objective": {"cost_weight": 0, "latency_weight": 0, "max_p95_latency_ms": 500},
+                                     "exploration": {"share": 0.0}, "learner": {"half_life_hours": None}},
+                          "capped.yaml")
+    with running(start_mock(tmp_path)) as slow, running(start_mock(tmp_path)) as fast:
+        control(slow, script=["hang"] * 30, hang_s=5)
+        control(fast, answers=[RIGHT], delay_ms=100)
+        config = {"backends": [mock_backend("slow", slow, max_retries=0, timeout_s=1),
+                               mock_backend("fast", fast, max_retries=0)],
+                  "policy": policy, "telemetry": {"data_dir": str(tmp_path / "data"), "refresh_s": 0.05}}
+        with running(start_gateway(tmp_path, config, name="capped")) as gateway:
+            client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+            served = []
+            for _ in range(10):
+                raw = client.chat.completions.with_raw_response.create(model="auto", messages=QUESTION)
+                served.append(raw.headers["x-ponder-arm"])
+                time.sleep(0.15)  # recorded and refreshed before the next decision
+            assert served == ["fast/-/single/1"] * 10
+            assert calls(slow)["count"] >= 3  # `first` was tried, timed out, and `fast` stood in
+            (row,) = httpx.get(gateway.url + "/v1/ponder/summary").json()["tasks"][0]["arms"]
+            assert row["p95_latency_ms"] < 400, row
+
+
+def test_an_arm_ruled_out_by_the_latency_cap_alone_answers_when_the_fast_one_fails(tmp_path):
+    """`fast` (100 ms) fails every call; `slow` (expected 2 s, p95 3 s) is affordable but over the
+    policy's max_p95_latency_ms of 1 s. Latency is a soft limit (docs/policies.md), yet `slow` was no
+    fallback: every request failed (502, then 503 while `fast` cooled down) though `slow` answers."""
+    arms = {"fast": {"backend": "fast", "prior": 0.9, "tokens": 1, "latency_ms": 100},
+            "slow": {"backend": "slow", "prior": 0.9, "tokens": 1, "latency_ms": 2000}}
+    policy = write_policy(tmp_path, {"name": "soft", "arms": arms,
+                                     "routes": [{"name": "all", "candidates": ["fast", "slow"]}],
+                                     "objective": {"cost_weight": 0, "latency_weight": 0, "max_p95_latency_ms": 1000},
+                                     "exploration": {"share": 0.0}, "learner": {"half_life_hours": None}},
+                          "soft.yaml")
+    with running(start_mock(tmp_path)) as fast, running(start_mock(tmp_path)) as slow:
+        control(fast, script=["500"] * 10)
+        control(slow, answers=[RIGHT])
+        config = {"backends": [mock_backend("fast", fast, max_retries=0), mock_backend("slow", slow, max_retries=0)],
+                  "policy": policy, "telemetry": {"data_dir": str(tmp_path / "data"), "refresh_s": 0.05}}
+        with running(start_gateway(tmp_path, config, name="soft")) as gateway:
+            client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+            for _ in range(3):
+                raw = client.chat.completions.with_raw_response.create(model="auto", messages=QUESTION)
+                assert raw.headers["x-ponder-arm"] == "slow/-/single/1"
+                assert raw.parse().choices[0].message.content == RIGHT
 
 
 def test_a_request_the_client_left_is_no_latency_sample(tmp_path):

@@ -17,8 +17,8 @@ import redis
 import redis.asyncio as aioredis
 import yaml
 
-from telemetry.aggregates import (apply_delta, arm_stats, event_delta, histogram, latency_bucket, percentile,
-                                  spend_deltas, summary_row)
+from telemetry.aggregates import (EST_COST, EST_COUNT, apply_delta, arm_stats, event_delta, histogram, latency_bucket,
+                                  percentile, spend_deltas, summary_row)
 from telemetry.budgets import BudgetExceeded, period_id
 from telemetry.cli import stats_cli
 from telemetry.events import Event
@@ -322,7 +322,8 @@ def test_decay_is_the_same_in_lua_and_python(redis_url, tmp_path):
         now = time.time()
         rng = random.Random(3)
         events = [event(i, ts=now - rng.uniform(0, 7200), success=rng.random(), success_source="vote",
-                        estimated_prompt_tokens=rng.randint(5, 500) if i % 3 else None) for i in range(300)]
+                        estimated_prompt_tokens=rng.randint(5, 500) if i % 3 else None,
+                        **({"status": 502, "error": "upstream failed"} if i % 7 == 0 else {})) for i in range(300)]
         snaps = []
         for url, path in ((redis_url, tmp_path / "r"), (None, tmp_path / "e")):
             store = await open_store(url, path, decay_half_life_s=3600.0)
@@ -352,9 +353,10 @@ def test_decay_is_the_same_in_lua_and_python(redis_url, tmp_path):
             assert got.estimated_prompt_count == pytest.approx(expected_estimates, rel=1e-3)
         assert red.estimated_prompt_tokens == pytest.approx(emb.estimated_prompt_tokens, rel=1e-6)
         assert red.estimated_prompt_count == pytest.approx(emb.estimated_prompt_count, rel=1e-6)
-        for fields in snaps:  # money spent is never decayed (the dashboard's spend and savings)
-            row = summary_row(fields, t_read, 3600.0)
+        for fields in snaps:  # money spent is never decayed (the dashboard's spend and savings), nor are
+            row = summary_row(fields, t_read, 3600.0)  # the requests that failed (the savings leave them out)
             assert row["spent_usd"] == pytest.approx(sum(ev.cost_usd for ev in events), rel=1e-9)
+            assert row["failed_requests"] == pytest.approx(sum(1 for ev in events if ev.status >= 400), rel=1e-9)
             assert row["cost_usd"] < 0.9 * row["spent_usd"]
 
     run(go())
@@ -399,6 +401,16 @@ def test_records_from_before_prompt_estimates_still_load():
     stats = arm_stats({"count": 4.0, "total": 4.0, "cost_usd": 0.01, "est_cost_usd": 0.01, "est_count": 4.0}, time.time())
     assert (stats.count, stats.estimated_prompt_tokens, stats.estimated_prompt_count) == (4.0, 0.0, 0.0)
     assert event_delta(event(2, estimated_prompt_tokens=15))["est_prompt_tokens"] == 15.0
+
+
+def test_the_clients_max_tokens_and_n_reach_the_arms_stats():
+    """What the decision priced besides the prompt (router.learner.typical_output reads it)."""
+    fields: dict[str, float] = {}
+    for extra in ({"max_output_tokens": 50, "choices": 3}, {}):
+        ev = Event.from_dict(json.loads(event(1, estimated_prompt_tokens=15, **extra).to_json()))
+        apply_delta(fields, event_delta(ev), time.time(), None)
+    stats = arm_stats(fields, time.time())
+    assert (stats.estimated_choices, stats.output_cap_tokens, stats.capped_count) == (4.0, 50.0, 1.0)
 
 
 def test_redis_killed_then_restarted(tmp_path):
@@ -906,23 +918,29 @@ def test_a_budget_counter_is_the_utc_days_whatever_the_servers_zone(monkeypatch)
         time.tzset()
 
 
-def test_latency_percentiles_are_of_requests_that_reached_a_backend():
-    """Two answers at 800 ms and two requests refused before any call (every backend cooling down):
-    the arm's p50 is 800 ms, not 1 ms. A timeout did reach the backend and does count."""
+def test_latency_percentiles_are_of_the_requests_answered_at_the_arms_own_time():
+    """Two answers at 800 ms, two requests refused before any call (every backend cooling down), a
+    timeout, and a fallback that answered in 800 ms after another arm's 60 s timeout: the arm's p50 and
+    p95 are 800 ms, its answers' as its mean latency is. A failure's wait, fast or slow, is no answer's
+    time, and the timeout the fallback stood in for is the other arm's (its p95 of 60 s ruled out the
+    fallback under a policy's max_p95_latency_ms)."""
     refused = dict(status=503, latency_ms=0.4, error="cooling down")
     timeout = dict(status=504, latency_ms=60_000.0, error="timed out", calls=[{"backend": "b", "ok": False}])
+    fallback = dict(latency_ms=60_800.0, arm_latency_ms=800.0, calls=[{"backend": "a", "ok": False}, {"backend": "b"}])
     fields: dict[str, float] = {}
-    for kind in (dict(latency_ms=800.0), refused, dict(latency_ms=800.0), refused, timeout):
+    for kind in (dict(latency_ms=800.0), refused, dict(latency_ms=800.0), refused, timeout, fallback):
         for k, v in event_delta(Event(request_id="r", **kind)).items():
             fields[k] = fields.get(k, 0.0) + v
     hist = histogram(fields)
     assert sum(hist.values()) == 3 and percentile(hist, 0.5) == pytest.approx(800, rel=0.09)
-    assert percentile(hist, 0.95) > 10_000
-    assert fields["count"] == 5 and fields["errors"] == 3
+    assert percentile(hist, 0.95) == pytest.approx(800, rel=0.09)
+    assert arm_stats(fields, time.time()).latency_p95_ms == pytest.approx(800, rel=0.09)
+    assert fields["count"] == 6 and fields["errors"] == 3
     # a client that hung up (499) is billed, but is neither the arm's error nor a latency sample
     left = event_delta(Event(request_id="r", status=499, latency_ms=300.0, error="client left", cost_usd=0.01,
-                             calls=[{"backend": "b", "ok": False}]))
+                             estimated_cost_usd=0.05, calls=[{"backend": "b", "ok": False}]))
     assert left["count"] == 1 and left["cost_usd"] == 0.01 and "errors" not in left
+    assert EST_COST not in left and left[EST_COUNT] == 1  # its cut bill is no answer's: no answer's estimate
     assert "latency_ms" not in left and left["left"] == 1  # out of the mean latency's sum and its denominator
     assert not any(k.startswith("h") for k in left)
 

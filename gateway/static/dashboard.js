@@ -409,7 +409,7 @@ function renderSavings(sv) {
       ? "Success rate delta: not enough scored requests on both sides yet."
       : `Success rate: routed ${pct(sv.actual_success_rate, 1)} vs always-${shortArm(sv.reference)} ${pct(sv.reference_success_rate, 1)} (${delta >= 0 ? "+" : ""}${(100 * delta).toFixed(1)} points)` }),
     h("div", { class: "table-scroll short" }, h("table", { class: "grid" }, h("thead", {}, h("tr", {}, ["bucket", "requests", "actual", "reference", "basis", "success actual / ref"].map((t, i) => h("th", { class: i && i < 4 ? "num" : "", text: t })))),
-      h("tbody", {}, sv.buckets.map((b) => h("tr", {}, h("td", { text: b.bucket }), h("td", { class: "num", text: count(b.requests) }),
+      h("tbody", {}, sv.buckets.map((b) => h("tr", {}, h("td", { text: b.bucket }), h("td", { class: "num", "data-testid": "savings-requests", text: count(b.requests) + (b.failed_requests ? ` (${count(b.failed_requests)} failed)` : "") }),
         h("td", { class: "num", text: usd(b.actual_cost_usd) }), h("td", { class: "num", text: usd(b.reference_cost_usd) }),
         h("td", { text: b.reference_cost_basis.replace(/_/g, " ") }), h("td", { text: `${pct(b.actual_success_rate)} / ${pct(b.reference_success_rate)}` })))))));
 }
