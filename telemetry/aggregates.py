@@ -188,10 +188,11 @@ def group_deltas(
 
 def apply_delta(fields: dict[str, float], delta: Mapping[str, float], t: float, half_life_s: float | None) -> None:
     """Add `delta` (expressed at time t) to `fields` in place. Mirror of the Lua AGG_UPDATE script."""
-    if "spent_usd" not in fields and "count" in fields:
-        # a record from before spent_usd was kept: its cost so far (exact unless it was decayed) is the
-        # best start there is
-        fields["spent_usd"] = fields.get("cost_usd", 0.0)
+    if "count" in fields:
+        # a record from before spent_usd (errors_total) was kept: its cost (errors) so far, exact unless
+        # it was decayed, is the best start there is
+        fields.setdefault("spent_usd", fields.get("cost_usd", 0.0))
+        fields.setdefault("errors_total", fields.get("errors", 0.0))
     if half_life_s:
         t0 = fields.get("t")
         scale = 1.0
@@ -257,7 +258,8 @@ def summary_row(fields: Mapping[str, float], now: float, half_life_s: float | No
 
     return {
         "requests": d.get("total", 0.0),
-        "failed_requests": d.get("errors_total", 0.0),
+        # a record from before errors_total was kept (and not written since): its errors
+        "failed_requests": d.get("errors_total", d.get("errors", 0.0)),
         "count": count,
         "scored_weight": weight,
         # clamped as arm_stats clamps it: feedback on a request from before a reset of the stats replaces

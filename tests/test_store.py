@@ -389,6 +389,37 @@ def test_records_from_before_spent_usd_keep_their_cost(redis_url, tmp_path):
     assert run(go())["spent_usd"] == pytest.approx(0.005)
 
 
+def test_records_from_before_errors_total_keep_their_failures(redis_url, tmp_path):
+    """An aggregate written before `errors_total` was kept starts it from its errors so far, in Lua and
+    in Python alike, and a row not written since reads them: else the savings view priced the old
+    failures at the reference arm's answer, savings that were never made."""
+    old = {"count": 10.0, "total": 10.0, "errors": 3.0, "cost_usd": 0.007, "spent_usd": 0.007, "latency_ms": 700.0}
+    assert summary_row(old, time.time())["failed_requests"] == 3.0
+    fields = dict(old)
+    apply_delta(fields, event_delta(event(1, status=502, error="upstream failed")), time.time(), None)
+    apply_delta(fields, event_delta(event(2)), time.time(), None)
+    assert summary_row(fields, time.time())["failed_requests"] == 4.0
+
+    async def go():
+        client = aioredis.Redis.from_url(redis_url)
+        try:
+            await client.hset(RedisKeys("ponder").agg("p", "math:hard", ARM), mapping=old)
+        finally:
+            await client.aclose()
+        store = await open_store(redis_url, tmp_path, decay_half_life_s=3600.0)
+        try:
+            store.record(event(1, status=502, error="upstream failed"))
+            await store.flush()
+            store.record(event(2))
+            await store.flush()
+            await store.refresh()
+            return dict(store._raw["p"][("math:hard", ARM)])
+        finally:
+            await store.close()
+
+    assert summary_row(run(go()), time.time(), 3600.0)["failed_requests"] == pytest.approx(4.0)
+
+
 def test_records_from_before_prompt_estimates_still_load():
     """Events and aggregates written before the decision's prompt estimate was kept carry none: they
     load, count as requests, and add nothing to the estimate's sum or count."""
