@@ -140,6 +140,26 @@ def _word_problem(rng: random.Random) -> str:
     ))
 
 
+_STATEMENTS = ("the square of an odd number is odd", "the product of two odd numbers is odd",
+               "n^2 + n is even for every integer n", "n^3 - n is divisible by 3 for every integer n",
+               "the sum of three consecutive integers is divisible by 3", "there is no largest even number",
+               "every integer greater than 1 has a prime factor", "1 + 3 + 5 + ... + (2n-1) = n^2",
+               "the angles of a triangle add up to 180 degrees", "the rationals are countable",
+               "a function with a positive derivative is increasing", "1/n tends to 0 as n goes to infinity",
+               "the diagonals of a parallelogram bisect each other", "2^n > n for every positive integer n",
+               "log_2 3 is irrational", "between any two rationals there is another rational")
+
+
+def _proof(rng: random.Random) -> str:
+    # A proof asked for is math: the datasets have one such request (Self-Instruct), so short
+    # ones ("Prove that there are infinitely many primes.") read as chat or knowledge.
+    claim = rng.choice(_STATEMENTS + (f"sqrt({rng.choice((3, 5, 6, 7, 10, 11))}) is irrational",
+                                      f"{rng.randint(3, 9)}^n - 1 is divisible by the base minus 1 for every n >= 1"))
+    verb = rng.choice(("Prove that", "prove", "Show that", "Can you prove that", "how do I prove that",
+                       "Give a proof that", "Prove by induction that", "proof that", "Prove rigorously that"))
+    return f"{verb} {claim}{rng.choice(('.', '', '.', '?', ' please'))}"
+
+
 _LANGUAGES = ("python", "Python", "javascript", "JS", "java", "C++", "rust", "go", "typescript", "bash", "C#", "ruby")
 _CODE_TASKS = ("reverse a string", "read a csv file", "sort a list of dicts by a key", "check if a number is prime",
                "remove duplicates from a list", "merge two sorted arrays", "make an http request",
@@ -244,7 +264,7 @@ def _chat(rng: random.Random) -> str:
 
 TEMPLATES: dict[str, tuple[Template, ...]] = {
     "math": (_arithmetic, _percent, _powers, _number_theory, _algebra, _calculus, _fractions_and_units,
-             _stats_and_probability, _word_problem),
+             _stats_and_probability, _word_problem, _proof),
     "code": (_code,),
     "reasoning": (_reasoning,),
     "knowledge": (_knowledge,),

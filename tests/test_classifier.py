@@ -697,3 +697,12 @@ def test_a_hard_question_is_still_math_after_ten_exchanges(clf):
 
     c = clf.classify(with_history([{"role": "user", "content": "Prove that sqrt(2) is irrational."}], 10))
     assert c.task == "math"
+
+
+def test_short_proof_requests_are_math(clf):
+    """Issue #3's weak spot: a short request for a proof read as chat (0.47 and 0.59) because the
+    datasets hold one labelled proof request; router/short_requests.py now has proof templates,
+    none of these statements among them."""
+    for text in ("Prove that there are infinitely many primes.", "Prove that the sum of two even numbers is even."):
+        c = clf.classify([{"role": "user", "content": text}])
+        assert c.task == "math", (text, c.task_probs)
