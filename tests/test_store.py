@@ -321,9 +321,15 @@ def test_decay_is_the_same_in_lua_and_python(redis_url, tmp_path):
     async def go():
         now = time.time()
         rng = random.Random(3)
+        # every kind of outcome, so that every field is written: answered (by a fallback at its own time
+        # and cost), failed, left by its client; with and without estimates, max_tokens and n
+        outcomes = ({}, {"status": 502, "error": "upstream failed"}, {"status": 499, "error": "client left"},
+                    {"arm_latency_ms": 40.0, "arm_cost_usd": 0.0005})
         events = [event(i, ts=now - rng.uniform(0, 7200), success=rng.random(), success_source="vote",
                         estimated_prompt_tokens=rng.randint(5, 500) if i % 3 else None,
-                        **({"status": 502, "error": "upstream failed"} if i % 7 == 0 else {})) for i in range(300)]
+                        estimated_cost_usd=rng.uniform(0, 0.01) if i % 5 else None,
+                        max_output_tokens=rng.randint(1, 900) if i % 2 else None, choices=1 + i % 4,
+                        **outcomes[0 if i % 7 else 1 + i % 3]) for i in range(300)]
         snaps = []
         for url, path in ((redis_url, tmp_path / "r"), (None, tmp_path / "e")):
             store = await open_store(url, path, decay_half_life_s=3600.0)
@@ -337,6 +343,10 @@ def test_decay_is_the_same_in_lua_and_python(redis_url, tmp_path):
             finally:
                 await store.close()
         t_read = time.time()
+        assert snaps[0].keys() == snaps[1].keys()
+        for name in snaps[0]:  # every field the update writes, the new ones with the old
+            assert snaps[0][name] == pytest.approx(snaps[1][name], rel=1e-9), name
+        assert {"errors_total", "left", "est_choices", "cap_tokens", "cap_count", EST_COST} <= snaps[0].keys()
         red, emb = (arm_stats(fields, t_read, 3600.0) for fields in snaps)
         expected_count = sum(0.5 ** ((t_read - ev.ts) / 3600.0) for ev in events)
         for got in (red, emb):
@@ -356,7 +366,8 @@ def test_decay_is_the_same_in_lua_and_python(redis_url, tmp_path):
         for fields in snaps:  # money spent is never decayed (the dashboard's spend and savings), nor are
             row = summary_row(fields, t_read, 3600.0)  # the requests that failed (the savings leave them out)
             assert row["spent_usd"] == pytest.approx(sum(ev.cost_usd for ev in events), rel=1e-9)
-            assert row["failed_requests"] == pytest.approx(sum(1 for ev in events if ev.status >= 400), rel=1e-9)
+            failed = sum(1 for ev in events if ev.status >= 400 and ev.status != 499)  # a hang-up is no failure
+            assert row["failed_requests"] == pytest.approx(failed, rel=1e-9)
             assert row["cost_usd"] < 0.9 * row["spent_usd"]
 
     run(go())
