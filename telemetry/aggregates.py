@@ -17,7 +17,8 @@ Fields (all floats):
   answering arm's own time, as latency_ms)  -- decayed when a half-life is configured
   total  -- raw request count, never decayed (for dashboards)
   errors_total  -- raw count of the requests in `errors`, never decayed: the savings view prices the
-               reference arm for the others only (a refusal costs $0 whichever arm it is sent to)
+               reference arm for the others only (a refusal costs $0 whichever arm it is sent to); a
+               record from before it starts it from its `errors`
   spent_usd  -- what the requests cost, never decayed: the spend the dashboard shows (cost_usd is the
                learner's, faded with its half-life)
   t      -- the time the decayed fields are expressed at (only with a half-life)
@@ -192,6 +193,10 @@ def apply_delta(fields: dict[str, float], delta: Mapping[str, float], t: float, 
         # a record from before spent_usd was kept: its cost so far (exact unless it was decayed) is the
         # best start there is
         fields["spent_usd"] = fields.get("cost_usd", 0.0)
+    if "errors_total" not in fields and "errors" in fields:
+        # a record from before errors_total was kept: its errors so far (exact unless they were decayed),
+        # else the savings priced its failures at the reference's answer for good (total never fades)
+        fields["errors_total"] = fields["errors"]
     if half_life_s:
         t0 = fields.get("t")
         scale = 1.0
@@ -257,7 +262,8 @@ def summary_row(fields: Mapping[str, float], now: float, half_life_s: float | No
 
     return {
         "requests": d.get("total", 0.0),
-        "failed_requests": d.get("errors_total", 0.0),
+        # a record from before errors_total, not updated since: its errors as stored (apply_delta's start)
+        "failed_requests": d["errors_total"] if "errors_total" in d else float(fields.get("errors", 0.0)),
         "count": count,
         "scored_weight": weight,
         # clamped as arm_stats clamps it: feedback on a request from before a reset of the stats replaces

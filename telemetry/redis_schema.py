@@ -42,6 +42,10 @@ local function agg_update(key, arms_key, member, t, hl, deltas)
     -- a record from before spent_usd was kept: its cost so far is the best start there is
     redis.call('HSET', key, 'spent_usd', redis.call('HGET', key, 'cost_usd') or '0')
   end
+  if redis.call('HEXISTS', key, 'errors_total') == 0 and redis.call('HEXISTS', key, 'errors') == 1 then
+    -- a record from before errors_total was kept: its errors so far are the best start there is
+    redis.call('HSET', key, 'errors_total', redis.call('HGET', key, 'errors'))
+  end
   if hl > 0 then
     local t0 = tonumber(redis.call('HGET', key, 't'))
     if t0 == nil then

@@ -400,6 +400,45 @@ def test_records_from_before_spent_usd_keep_their_cost(redis_url, tmp_path):
     assert run(go())["spent_usd"] == pytest.approx(0.005)
 
 
+def test_records_from_before_errors_total_keep_their_failures_out_of_the_savings(redis_url, tmp_path):
+    """An aggregate written before `errors_total` was kept (10 requests, 4 failed in an outage) starts it
+    from its `errors`, in Lua and in Python alike, and a summary reads them there until it is updated:
+    counted as 0, the savings priced the 4 failures at the reference's answer for good (`total` never
+    fades), and routing every request to the reference arm itself read as money saved."""
+    from telemetry.summaries import savings
+
+    old = {"count": 10.0, "total": 10.0, "errors": 4.0, "cost_usd": 0.006, "spent_usd": 0.006, "latency_ms": 600.0}
+    answer = event(1, cost_usd=0.001)
+
+    def saved(fields: dict[str, float]) -> tuple[float, dict]:
+        row = summary_row(fields, time.time())
+        bucket = savings({"math:hard": {ARM: row}}, ARM)["buckets"][0]
+        return row["failed_requests"], bucket
+
+    failed, bucket = saved(old)  # not updated since the upgrade
+    assert failed == 4 and bucket["reference_cost_usd"] == pytest.approx(bucket["actual_cost_usd"]) == 0.006
+    fields = dict(old)
+    apply_delta(fields, event_delta(answer), time.time(), None)
+    assert fields["errors_total"] == 4 and saved(fields)[1]["reference_cost_usd"] == pytest.approx(0.007)
+
+    async def go():
+        client = aioredis.Redis.from_url(redis_url)
+        try:
+            await client.hset(RedisKeys("ponder").agg("p", "math:hard", ARM), mapping=old)
+        finally:
+            await client.aclose()
+        store = await open_store(redis_url, tmp_path)
+        try:
+            store.record(answer)
+            await store.flush()
+            await store.refresh()
+            return dict(store._raw["p"][("math:hard", ARM)])
+        finally:
+            await store.close()
+
+    assert run(go())["errors_total"] == 4
+
+
 def test_records_from_before_prompt_estimates_still_load():
     """Events and aggregates written before the decision's prompt estimate was kept carry none: they
     load, count as requests, and add nothing to the estimate's sum or count."""
