@@ -9,8 +9,8 @@ Fields (all floats):
   count, successes, weight, cost_usd, est2_cost_usd and est2_count (the cost model's estimates for the
   requests that carry one, and how many do; named after the cost model's version, see EST_COST),
   est_prompt_tokens and est_prompt_count (likewise the decision's prompt-token estimates), est_choices
-  (the client's n, over the same requests), cap_tokens and cap_count (the client's max_tokens, and how
-  many requests sent one),
+  (the client's n, over the same requests; a record from before it starts it at n=1 each), cap_tokens
+  and cap_count (the client's max_tokens, and how many requests sent one),
   latency_ms (of the requests answered: not of those counted in errors or left; a fallback's own time,
   Event.arm_latency_ms), prompt_tokens, completion_tokens, reasoning_tokens, errors, left (requests the
   client hung up on, status 499), h<i> (latency histogram bucket i: the requests answered, at the
@@ -197,6 +197,10 @@ def apply_delta(fields: dict[str, float], delta: Mapping[str, float], t: float, 
         # a record from before errors_total was kept: its errors so far (exact unless they were decayed),
         # else the savings priced its failures at the reference's answer for good (total never fades)
         fields["errors_total"] = fields["errors"]
+    if "est_choices" not in fields and "est_prompt_count" in fields:
+        # a record from before the client's n was kept: its requests asked for one answer, the default
+        # (read as n=0, they pulled the bucket's typical n below what its clients send)
+        fields["est_choices"] = fields["est_prompt_count"]
     if half_life_s:
         t0 = fields.get("t")
         scale = 1.0
@@ -240,7 +244,8 @@ def arm_stats(fields: Mapping[str, float], now: float, half_life_s: float | None
         estimated_prompt_count=min(max(0.0, d.get("est_prompt_count", 0.0)), count),
         errors=min(max(0.0, d.get("errors", 0.0)), count),
         left=min(max(0.0, d.get("left", 0.0)), count),
-        estimated_choices=max(0.0, d.get("est_choices", 0.0)),
+        # a record from before the client's n was kept, not updated since: n=1 (apply_delta's start)
+        estimated_choices=max(0.0, d["est_choices"] if "est_choices" in d else d.get("est_prompt_count", 0.0)),
         output_cap_tokens=max(0.0, d.get("cap_tokens", 0.0)),
         capped_count=min(max(0.0, d.get("cap_count", 0.0)), count),
     )

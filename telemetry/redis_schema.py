@@ -46,6 +46,10 @@ local function agg_update(key, arms_key, member, t, hl, deltas)
     -- a record from before errors_total was kept: its errors so far are the best start there is
     redis.call('HSET', key, 'errors_total', redis.call('HGET', key, 'errors'))
   end
+  if redis.call('HEXISTS', key, 'est_choices') == 0 and redis.call('HEXISTS', key, 'est_prompt_count') == 1 then
+    -- a record from before the client's n was kept: its requests asked for one answer, the default
+    redis.call('HSET', key, 'est_choices', redis.call('HGET', key, 'est_prompt_count'))
+  end
   if hl > 0 then
     local t0 = tonumber(redis.call('HGET', key, 't'))
     if t0 == nil then

@@ -439,6 +439,44 @@ def test_records_from_before_errors_total_keep_their_failures_out_of_the_savings
     assert run(go())["errors_total"] == 4
 
 
+def test_requests_recorded_before_the_clients_n_was_kept_count_as_n_1(redis_url, tmp_path):
+    """A record from before `est_choices` was kept has 100 priced requests of unknown `n`; 60 more send
+    n=3. Its requests count as n=1 (a client's default) in Lua and Python alike: read as n=0, the
+    bucket's typical n was 180 / 160, rounded 1, and its current choice was priced for one answer."""
+    from router.learner import typical_output
+
+    old = {"count": 100.0, "total": 100.0, "cost_usd": 0.1, "spent_usd": 0.1, "latency_ms": 5000.0,
+           "est_prompt_tokens": 3000.0, "est_prompt_count": 100.0}
+    voted = [event(i, estimated_prompt_tokens=30, choices=3) for i in range(60)]
+    assert typical_output({ARM: arm_stats(old, time.time())}) == (None, 1)
+    fields = dict(old)
+    for ev in voted:
+        apply_delta(fields, event_delta(ev), time.time(), None)
+    assert fields["est_choices"] == 100 + 180 and typical_output({ARM: arm_stats(fields, time.time())}) == (None, 2)
+    fresh: dict[str, float] = {}  # the 60 on another arm: the old record, not updated since, is read alike
+    for ev in voted:
+        apply_delta(fresh, event_delta(ev), time.time(), None)
+    assert typical_output({ARM: arm_stats(old, time.time()), ARM2: arm_stats(fresh, time.time())}) == (None, 2)
+
+    async def go():
+        client = aioredis.Redis.from_url(redis_url)
+        try:
+            await client.hset(RedisKeys("ponder").agg("p", "math:hard", ARM), mapping=old)
+        finally:
+            await client.aclose()
+        store = await open_store(redis_url, tmp_path)
+        try:
+            for ev in voted:
+                store.record(ev)
+            await store.flush()
+            await store.refresh()
+            return dict(store._raw["p"][("math:hard", ARM)])
+        finally:
+            await store.close()
+
+    assert run(go())["est_choices"] == pytest.approx(100 + 180)
+
+
 def test_records_from_before_prompt_estimates_still_load():
     """Events and aggregates written before the decision's prompt estimate was kept carry none: they
     load, count as requests, and add nothing to the estimate's sum or count."""
