@@ -9,15 +9,16 @@ Fields (all floats):
   count, successes, weight, cost_usd, est2_cost_usd and est2_count (the cost model's estimates for the
   requests that carry one, and how many do; named after the cost model's version, see EST_COST),
   est_prompt_tokens and est_prompt_count (likewise the decision's prompt-token estimates), est_choices
-  (the client's n, over the same requests), cap_tokens and cap_count (the client's max_tokens, and how
-  many requests sent one),
+  (the client's n, over the same requests; a record from before it starts it at n=1 each), cap_tokens
+  and cap_count (the client's max_tokens, and how many requests sent one),
   latency_ms (of the requests answered: not of those counted in errors or left; a fallback's own time,
   Event.arm_latency_ms), prompt_tokens, completion_tokens, reasoning_tokens, errors, left (requests the
   client hung up on, status 499), h<i> (latency histogram bucket i: the requests answered, at the
   answering arm's own time, as latency_ms)  -- decayed when a half-life is configured
   total  -- raw request count, never decayed (for dashboards)
   errors_total  -- raw count of the requests in `errors`, never decayed: the savings view prices the
-               reference arm for the others only (a refusal costs $0 whichever arm it is sent to)
+               reference arm for the others only (a refusal costs $0 whichever arm it is sent to); a
+               record from before it starts it from its `errors`
   spent_usd  -- what the requests cost, never decayed: the spend the dashboard shows (cost_usd is the
                learner's, faded with its half-life)
   t      -- the time the decayed fields are expressed at (only with a half-life)
@@ -188,11 +189,18 @@ def group_deltas(
 
 def apply_delta(fields: dict[str, float], delta: Mapping[str, float], t: float, half_life_s: float | None) -> None:
     """Add `delta` (expressed at time t) to `fields` in place. Mirror of the Lua AGG_UPDATE script."""
-    if "count" in fields:
-        # a record from before spent_usd (errors_total) was kept: its cost (errors) so far, exact unless
-        # it was decayed, is the best start there is
-        fields.setdefault("spent_usd", fields.get("cost_usd", 0.0))
-        fields.setdefault("errors_total", fields.get("errors", 0.0))
+    if "spent_usd" not in fields and "count" in fields:
+        # a record from before spent_usd was kept: its cost so far (exact unless it was decayed) is the
+        # best start there is
+        fields["spent_usd"] = fields.get("cost_usd", 0.0)
+    if "errors_total" not in fields and "errors" in fields:
+        # a record from before errors_total was kept: its errors so far (exact unless they were decayed),
+        # else the savings priced its failures at the reference's answer for good (total never fades)
+        fields["errors_total"] = fields["errors"]
+    if "est_choices" not in fields and "est_prompt_count" in fields:
+        # a record from before the client's n was kept: its requests asked for one answer, the default
+        # (read as n=0, they pulled the bucket's typical n below what its clients send)
+        fields["est_choices"] = fields["est_prompt_count"]
     if half_life_s:
         t0 = fields.get("t")
         scale = 1.0
@@ -236,7 +244,8 @@ def arm_stats(fields: Mapping[str, float], now: float, half_life_s: float | None
         estimated_prompt_count=min(max(0.0, d.get("est_prompt_count", 0.0)), count),
         errors=min(max(0.0, d.get("errors", 0.0)), count),
         left=min(max(0.0, d.get("left", 0.0)), count),
-        estimated_choices=max(0.0, d.get("est_choices", 0.0)),
+        # a record from before the client's n was kept, not updated since: n=1 (apply_delta's start)
+        estimated_choices=max(0.0, d["est_choices"] if "est_choices" in d else d.get("est_prompt_count", 0.0)),
         output_cap_tokens=max(0.0, d.get("cap_tokens", 0.0)),
         capped_count=min(max(0.0, d.get("cap_count", 0.0)), count),
     )
@@ -258,8 +267,8 @@ def summary_row(fields: Mapping[str, float], now: float, half_life_s: float | No
 
     return {
         "requests": d.get("total", 0.0),
-        # a record from before errors_total was kept (and not written since): its errors
-        "failed_requests": d.get("errors_total", d.get("errors", 0.0)),
+        # a record from before errors_total, not updated since: its errors as stored (apply_delta's start)
+        "failed_requests": d["errors_total"] if "errors_total" in d else float(fields.get("errors", 0.0)),
         "count": count,
         "scored_weight": weight,
         # clamped as arm_stats clamps it: feedback on a request from before a reset of the stats replaces

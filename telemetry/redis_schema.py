@@ -38,14 +38,17 @@ local function agg_update(key, arms_key, member, t, hl, deltas)
   t = tonumber(t)
   hl = tonumber(hl)
   local scale = 1.0
-  if redis.call('HEXISTS', key, 'count') == 1 then
-    -- a record from before spent_usd (errors_total) was kept: its cost (errors) so far is the best start
-    if redis.call('HEXISTS', key, 'spent_usd') == 0 then
-      redis.call('HSET', key, 'spent_usd', redis.call('HGET', key, 'cost_usd') or '0')
-    end
-    if redis.call('HEXISTS', key, 'errors_total') == 0 then
-      redis.call('HSET', key, 'errors_total', redis.call('HGET', key, 'errors') or '0')
-    end
+  if redis.call('HEXISTS', key, 'spent_usd') == 0 and redis.call('HEXISTS', key, 'count') == 1 then
+    -- a record from before spent_usd was kept: its cost so far is the best start there is
+    redis.call('HSET', key, 'spent_usd', redis.call('HGET', key, 'cost_usd') or '0')
+  end
+  if redis.call('HEXISTS', key, 'errors_total') == 0 and redis.call('HEXISTS', key, 'errors') == 1 then
+    -- a record from before errors_total was kept: its errors so far are the best start there is
+    redis.call('HSET', key, 'errors_total', redis.call('HGET', key, 'errors'))
+  end
+  if redis.call('HEXISTS', key, 'est_choices') == 0 and redis.call('HEXISTS', key, 'est_prompt_count') == 1 then
+    -- a record from before the client's n was kept: its requests asked for one answer, the default
+    redis.call('HSET', key, 'est_choices', redis.call('HGET', key, 'est_prompt_count'))
   end
   if hl > 0 then
     local t0 = tonumber(redis.call('HGET', key, 't'))

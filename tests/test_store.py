@@ -321,9 +321,15 @@ def test_decay_is_the_same_in_lua_and_python(redis_url, tmp_path):
     async def go():
         now = time.time()
         rng = random.Random(3)
+        # every kind of outcome, so that every field is written: answered (by a fallback at its own time
+        # and cost), failed, left by its client; with and without estimates, max_tokens and n
+        outcomes = ({}, {"status": 502, "error": "upstream failed"}, {"status": 499, "error": "client left"},
+                    {"arm_latency_ms": 40.0, "arm_cost_usd": 0.0005})
         events = [event(i, ts=now - rng.uniform(0, 7200), success=rng.random(), success_source="vote",
                         estimated_prompt_tokens=rng.randint(5, 500) if i % 3 else None,
-                        **({"status": 502, "error": "upstream failed"} if i % 7 == 0 else {})) for i in range(300)]
+                        estimated_cost_usd=rng.uniform(0, 0.01) if i % 5 else None,
+                        max_output_tokens=rng.randint(1, 900) if i % 2 else None, choices=1 + i % 4,
+                        **outcomes[0 if i % 7 else 1 + i % 3]) for i in range(300)]
         snaps = []
         for url, path in ((redis_url, tmp_path / "r"), (None, tmp_path / "e")):
             store = await open_store(url, path, decay_half_life_s=3600.0)
@@ -337,6 +343,10 @@ def test_decay_is_the_same_in_lua_and_python(redis_url, tmp_path):
             finally:
                 await store.close()
         t_read = time.time()
+        assert snaps[0].keys() == snaps[1].keys()
+        for name in snaps[0]:  # every field the update writes, the new ones with the old
+            assert snaps[0][name] == pytest.approx(snaps[1][name], rel=1e-9), name
+        assert {"errors_total", "left", "est_choices", "cap_tokens", "cap_count", EST_COST} <= snaps[0].keys()
         red, emb = (arm_stats(fields, t_read, 3600.0) for fields in snaps)
         expected_count = sum(0.5 ** ((t_read - ev.ts) / 3600.0) for ev in events)
         for got in (red, emb):
@@ -356,7 +366,8 @@ def test_decay_is_the_same_in_lua_and_python(redis_url, tmp_path):
         for fields in snaps:  # money spent is never decayed (the dashboard's spend and savings), nor are
             row = summary_row(fields, t_read, 3600.0)  # the requests that failed (the savings leave them out)
             assert row["spent_usd"] == pytest.approx(sum(ev.cost_usd for ev in events), rel=1e-9)
-            assert row["failed_requests"] == pytest.approx(sum(1 for ev in events if ev.status >= 400), rel=1e-9)
+            failed = sum(1 for ev in events if ev.status >= 400 and ev.status != 499)  # a hang-up is no failure
+            assert row["failed_requests"] == pytest.approx(failed, rel=1e-9)
             assert row["cost_usd"] < 0.9 * row["spent_usd"]
 
     run(go())
@@ -389,16 +400,26 @@ def test_records_from_before_spent_usd_keep_their_cost(redis_url, tmp_path):
     assert run(go())["spent_usd"] == pytest.approx(0.005)
 
 
-def test_records_from_before_errors_total_keep_their_failures(redis_url, tmp_path):
-    """An aggregate written before `errors_total` was kept starts it from its errors so far, in Lua and
-    in Python alike, and a row not written since reads them: else the savings view priced the old
-    failures at the reference arm's answer, savings that were never made."""
-    old = {"count": 10.0, "total": 10.0, "errors": 3.0, "cost_usd": 0.007, "spent_usd": 0.007, "latency_ms": 700.0}
-    assert summary_row(old, time.time())["failed_requests"] == 3.0
+def test_records_from_before_errors_total_keep_their_failures_out_of_the_savings(redis_url, tmp_path):
+    """An aggregate written before `errors_total` was kept (10 requests, 4 failed in an outage) starts it
+    from its `errors`, in Lua and in Python alike, and a summary reads them there until it is updated:
+    counted as 0, the savings priced the 4 failures at the reference's answer for good (`total` never
+    fades), and routing every request to the reference arm itself read as money saved."""
+    from telemetry.summaries import savings
+
+    old = {"count": 10.0, "total": 10.0, "errors": 4.0, "cost_usd": 0.006, "spent_usd": 0.006, "latency_ms": 600.0}
+    answer = event(1, cost_usd=0.001)
+
+    def saved(fields: dict[str, float]) -> tuple[float, dict]:
+        row = summary_row(fields, time.time())
+        bucket = savings({"math:hard": {ARM: row}}, ARM)["buckets"][0]
+        return row["failed_requests"], bucket
+
+    failed, bucket = saved(old)  # not updated since the upgrade
+    assert failed == 4 and bucket["reference_cost_usd"] == pytest.approx(bucket["actual_cost_usd"]) == 0.006
     fields = dict(old)
-    apply_delta(fields, event_delta(event(1, status=502, error="upstream failed")), time.time(), None)
-    apply_delta(fields, event_delta(event(2)), time.time(), None)
-    assert summary_row(fields, time.time())["failed_requests"] == 4.0
+    apply_delta(fields, event_delta(answer), time.time(), None)
+    assert fields["errors_total"] == 4 and saved(fields)[1]["reference_cost_usd"] == pytest.approx(0.007)
 
     async def go():
         client = aioredis.Redis.from_url(redis_url)
@@ -406,18 +427,54 @@ def test_records_from_before_errors_total_keep_their_failures(redis_url, tmp_pat
             await client.hset(RedisKeys("ponder").agg("p", "math:hard", ARM), mapping=old)
         finally:
             await client.aclose()
-        store = await open_store(redis_url, tmp_path, decay_half_life_s=3600.0)
+        store = await open_store(redis_url, tmp_path)
         try:
-            store.record(event(1, status=502, error="upstream failed"))
-            await store.flush()
-            store.record(event(2))
+            store.record(answer)
             await store.flush()
             await store.refresh()
             return dict(store._raw["p"][("math:hard", ARM)])
         finally:
             await store.close()
 
-    assert summary_row(run(go()), time.time(), 3600.0)["failed_requests"] == pytest.approx(4.0)
+    assert run(go())["errors_total"] == 4
+
+
+def test_requests_recorded_before_the_clients_n_was_kept_count_as_n_1(redis_url, tmp_path):
+    """A record from before `est_choices` was kept has 100 priced requests of unknown `n`; 60 more send
+    n=3. Its requests count as n=1 (a client's default) in Lua and Python alike: read as n=0, the
+    bucket's typical n was 180 / 160, rounded 1, and its current choice was priced for one answer."""
+    from router.learner import typical_output
+
+    old = {"count": 100.0, "total": 100.0, "cost_usd": 0.1, "spent_usd": 0.1, "latency_ms": 5000.0,
+           "est_prompt_tokens": 3000.0, "est_prompt_count": 100.0}
+    voted = [event(i, estimated_prompt_tokens=30, choices=3) for i in range(60)]
+    assert typical_output({ARM: arm_stats(old, time.time())}) == (None, 1)
+    fields = dict(old)
+    for ev in voted:
+        apply_delta(fields, event_delta(ev), time.time(), None)
+    assert fields["est_choices"] == 100 + 180 and typical_output({ARM: arm_stats(fields, time.time())}) == (None, 2)
+    fresh: dict[str, float] = {}  # the 60 on another arm: the old record, not updated since, is read alike
+    for ev in voted:
+        apply_delta(fresh, event_delta(ev), time.time(), None)
+    assert typical_output({ARM: arm_stats(old, time.time()), ARM2: arm_stats(fresh, time.time())}) == (None, 2)
+
+    async def go():
+        client = aioredis.Redis.from_url(redis_url)
+        try:
+            await client.hset(RedisKeys("ponder").agg("p", "math:hard", ARM), mapping=old)
+        finally:
+            await client.aclose()
+        store = await open_store(redis_url, tmp_path)
+        try:
+            for ev in voted:
+                store.record(ev)
+            await store.flush()
+            await store.refresh()
+            return dict(store._raw["p"][("math:hard", ARM)])
+        finally:
+            await store.close()
+
+    assert run(go())["est_choices"] == pytest.approx(100 + 180)
 
 
 def test_records_from_before_prompt_estimates_still_load():
