@@ -10,14 +10,22 @@ but a request answered before its body was read (a 401, a 413 by its Content-Len
 uvicorn, which reads and drops it for as long as it comes: that connection is closed once its body is
 not complete within `body_timeout_s` of its headers.
 
+What the app may know of its client's connection rides in each request's scope (`ClientConnection`):
+how much of the answer the client has not taken yet, and a way to drop the connection.
+
 And the process's open-files limit, which every connection counts against: `raise_open_files_limit`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import logging
 import resource
+import socket
+import struct
+import termios
 
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -30,6 +38,32 @@ FILES_KEPT = 256
 NO_LIMIT_CAP = 1 << 20  # a soft limit asked for where the hard one is unlimited (the kernel's usual nr_open)
 
 REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+CLIENT_CONNECTION = "ponder.client_connection"  # the scope's extension that holds a ClientConnection
+
+
+class ClientConnection:
+    """A request's client connection, as gateway/streaming.py's stall watch needs it."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+
+    def unsent_bytes(self) -> int:
+        """What was written and the client has not taken: the transport's buffer, and the kernel's send
+        queue (unsent or unacknowledged: Linux's SIOCOUTQ), which the transport fills first. It goes
+        down only as the client reads."""
+        unsent = self._transport.get_write_buffer_size()
+        with contextlib.suppress(OSError, AttributeError, ValueError):  # elsewhere: the transport's alone
+            sock = self._transport.get_extra_info("socket")
+            unsent += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+        return unsent
+
+    def abort(self) -> None:
+        """Drop the connection and what is buffered for it: a close waits for a client that reads
+        nothing to take it (for ever), and holds the socket and its buffers (megabytes) meanwhile."""
+        with contextlib.suppress(OSError, AttributeError, ValueError):
+            sock = self._transport.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # a reset, not a FIN
+        self._transport.abort()
 
 
 def guarded_protocol(max_header_bytes: int, header_timeout_s: float,
@@ -46,6 +80,7 @@ def guarded_protocol(max_header_bytes: int, header_timeout_s: float,
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
+            self._client = ClientConnection(transport)
             self._arm_header_timer()
 
         def connection_lost(self, exc: Exception | None) -> None:
@@ -70,6 +105,7 @@ def guarded_protocol(max_header_bytes: int, header_timeout_s: float,
 
         def on_headers_complete(self) -> None:
             self._in_headers, self._boundary = False, True
+            self.scope.setdefault("extensions", {})[CLIENT_CONNECTION] = self._client  # the app's, from here
             self._disarm_header_timer()
             self._body_deadline = self.loop.time() + body_timeout_s
             super().on_headers_complete()

@@ -25,6 +25,7 @@ from starlette.responses import StreamingResponse
 
 from gateway.backends import Admission, Backend, UpstreamError, text_content
 from gateway.calls import CLIENT_LEFT, Caller
+from gateway.connections import CLIENT_CONNECTION, ClientConnection
 from gateway.errors import ApiError
 from gateway.usage import CallRecord, Usage, output_limit
 from router.estimates import may_exceed_context
@@ -195,20 +196,32 @@ class EventStream(StreamingResponse):
         """A client that stops reading (but keeps its connection) blocks the send once the socket's
         buffers are full, and held the stream, its upstream call, its backend slot and its place under
         max_requests_in_flight for good: a send under way for `stall_timeout_s` ends it as a client
-        that left. Watched by one timer a stream, not a timeout a chunk (~10 µs each)."""
+        that left. Watched by one timer a stream, not a timeout a chunk (~10 µs each). A client that
+        reads, however slowly, is no stalled one: a send waits until it has taken some 48 KB (uvicorn's
+        buffer from its high-water mark to its low one), more than a minute below 800 B/s, so the
+        wait starts again whenever it has taken anything (`ponder serve`'s connections tell how much
+        is left: gateway/connections.py). Its connection is dropped, not closed: a close waited for
+        it to take what was buffered, for ever, and held the socket and its buffers meanwhile."""
         loop, task = asyncio.get_running_loop(), asyncio.current_task()
         assert task is not None
+        client: ClientConnection | None = scope.get("extensions", {}).get(CLIENT_CONNECTION)
         sending_since: float | None = None
+        unsent: int | None = None  # what the client had not taken at the last look during this send
         stalled = False
 
         async def watched(message: dict[str, Any]) -> None:
-            nonlocal sending_since
-            sending_since = loop.time()
+            nonlocal sending_since, unsent
+            sending_since, unsent = loop.time(), None
             await send(message)
             sending_since = None
 
         def watch() -> None:
-            nonlocal stalled, timer
+            nonlocal stalled, timer, sending_since, unsent
+            if sending_since is not None and client is not None:
+                left = client.unsent_bytes()
+                if unsent is not None and left < unsent:  # it took some since the last look
+                    sending_since = loop.time()
+                unsent = left
             if sending_since is not None and loop.time() - sending_since >= self._stall_timeout_s:
                 stalled = True
                 task.cancel()
@@ -224,6 +237,8 @@ class EventStream(StreamingResponse):
             task.uncancel()
             log.warning("a client read nothing of its stream for %g s: the stream is ended as the client's leaving "
                         "and its connection closed", self._stall_timeout_s)
+            if client is not None:
+                client.abort()
         finally:
             timer.cancel()
             await asyncio.shield(self._close_and_finish())  # a server shutting down must not cut it short

@@ -241,10 +241,41 @@ def test_a_client_that_stops_reading_its_stream_gives_its_slot_back(stack):
         time.sleep(1.0)  # the record
         latest = httpx.get(gateway.url + "/v1/ponder/requests?limit=1", headers=ADMIN).json()["requests"][0]
         assert latest["status"] == 499 and latest["completion_tokens"] > 0, latest
+        # dropped, not closed: a close waited for the client to take megabytes it never reads, and the
+        # gateway held the socket and its buffers for as long as the client kept it
+        port = sock.getsockname()[1]
+        held = [c for c in psutil.Process(gateway.process.pid).net_connections() if c.raddr and c.raddr.port == port]
+        assert held == []
         sock.settimeout(5)
-        while sock.recv(65536):  # what the buffers held, then the end: the gateway closed the connection
-            pass
+        with pytest.raises(ConnectionResetError):
+            while sock.recv(65536):
+                pass
     assert "read nothing of its stream" in gateway.log()
+
+
+def test_a_client_that_reads_its_stream_slowly_is_not_cut_off(stack):
+    """A send waits until the client has taken some 48 KB (uvicorn's buffer from its high-water mark to
+    its low one): a client reading 8 KB/s, slower than that over stream_stall_timeout_s, was cut off
+    as one that read nothing. Taking anything restarts the wait."""
+    gateway, mock = stack
+    reset(mock)
+    control(mock, answers=[" ".join(["word"] * 60_000)])
+    payload = orjson.dumps({"model": "auto", "messages": MESSAGES, "stream": True, "max_tokens": 100_000})
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", int(gateway.url.rsplit(":", 1)[1])))
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + KEY.encode() + b"\r\n"
+                     b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+        sock.settimeout(5)
+        read, started = 0, time.monotonic()
+        while time.monotonic() - started < 4 * STALL_S:
+            chunk = sock.recv(4096)
+            assert chunk, f"the gateway ended the stream of a client reading, after {read} bytes"
+            read += len(chunk)
+            time.sleep(0.5)
+        assert metric(gateway, "ponder_requests_in_flight") == 1
+    wait_in_flight(gateway, 0)
 
 
 class _Sent:
