@@ -396,13 +396,15 @@ def decide(
             ruled_out = {row[1]: f"{why} {asked}" for row in rows if not fits(row[0])}
 
     max_out = hints.max_output_tokens if hints.max_output_tokens is not None else _NO_CAP
-    if max_out < _NO_CAP and not ruled_out and all(row[0].reasons_aloud and max_out < row[5] for row in rows):
+    live = [row for row in rows if row[1] not in ruled_out] if max_out < _NO_CAP and want_strategy is None else ()
+    if live and all(row[0].reasons_aloud and max_out < row[5] for row in live):
         # The client's max_tokens cuts every arm's chain of thought short of the answer line it ends on:
         # a plain call to the same model (the policy's single arm there, else one standing in) competes,
-        # and wins where the cap leaves little of the chains (their P(correct) is scaled below).
+        # and wins where the cap leaves little of the chains (their P(correct) is scaled below). Not
+        # where the client asked for a strategy: it gets what it asked for.
         present = {row[0] for row in rows}
         direct: dict[CompiledArm, float] = {}  # a stand-in is as likely right as the best arm it stands in for
-        for carm, _, _, alpha, beta, *_ in rows:
+        for carm, _, _, alpha, beta, *_ in live:
             plain = compiled.plain_calls[carm.backend, carm.effort]
             prior = plain.prior if plain.name in compiled.arms else alpha / (alpha + beta)
             direct[plain] = max(prior, direct.get(plain, 0.0))

@@ -299,8 +299,9 @@ def test_a_cap_too_small_to_reason_aloud_gets_a_direct_answer():
     assert [c.expected_accuracy for c in only_vote.candidates] == pytest.approx([0.9 * 5 / 600, 0.9])
     assert decide(math, aloud, {}, alias="vote-only", request=RequestHints(max_output_tokens=600)).arm.strategy \
         == "self_consistency"
-    asked = decide(math, aloud, {}, request=RequestHints(max_output_tokens=5, strategy="cot"))
-    assert asked.arm.strategy == "cot"
+    for alias in ("auto", "think-only"):  # (the route also has a direct arm; the alias only the cot arm)
+        asked = decide(math, aloud, {}, alias=alias, request=RequestHints(max_output_tokens=5, strategy="cot"))
+        assert asked.arm.strategy == "cot" and asked.rule in ("all", "all+override")
 
 
 def windowed(**windows: int):
