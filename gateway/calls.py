@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -27,7 +28,10 @@ CLIENT_LEFT = "the client left (or the server stopped) before the answer"
 CANCELLED_QUEUED = "cancelled while queued for a free slot: never sent"
 BACKOFF_BASE_S = 0.05
 BACKOFF_MAX_S = 1.0
+OUT_OF_FILES_LOG_EVERY_S = 10.0  # the gateway running out of descriptors is logged at most this often
 _request_ids = itertools.count()
+log = logging.getLogger("ponder.calls")
+_out_of_files_logged = float("-inf")
 # One attempt of a call: Backend.complete or Backend.embed
 Send = Callable[[Backend, dict[str, Any], Admission], Awaitable[tuple[dict[str, Any], CallRecord]]]
 
@@ -153,7 +157,9 @@ class Caller:
 
     def _failed(self, backend: Backend, body: dict[str, Any], started: float, exc: UpstreamError) -> None:
         now = time.monotonic()
-        if exc.status >= 500 or exc.status == 429:  # a 4xx about the request itself says nothing of the backend
+        if exc.local:  # the gateway's own failure: a healthy backend cooled down would refuse everyone
+            _log_out_of_files(now)
+        elif exc.status >= 500 or exc.status == 429:  # a 4xx about the request itself says nothing of the backend
             backend.health.failed(now, exc.retry_after, slow=exc.status == 504, request=self.ident, error=exc)
         if exc.retry_after is None and not backend.health.available(now):
             # If this error reaches the client, it carries when this backend is expected back.
@@ -212,6 +218,14 @@ class Caller:
         return max(1.0, min(waits)) if waits else 1.0
 
 
+def _log_out_of_files(now: float) -> None:
+    global _out_of_files_logged
+    if now - _out_of_files_logged >= OUT_OF_FILES_LOG_EVERY_S:
+        _out_of_files_logged = now
+        log.warning("the gateway has run out of open files: calls fail with 503 until connections close; raise "
+                    "`ulimit -n` (LimitNOFILE=, the container's nofile) or lower max_requests_in_flight")
+
+
 def _backoff(attempt: int, retry_after: float | None) -> float:
     if retry_after is not None:
         return min(retry_after, BACKOFF_MAX_S)
@@ -237,7 +251,8 @@ def upstream_to_api_error(exc: UpstreamError, retry_after_s: float | None = None
     after the gateway's own retries and fallbacks (a 504's cut call billed its prompt): the SDK's
     retries would only repeat them, each one a full wait and another billed call."""
     code = exc.code or ("upstream_timeout" if exc.status == 504 else "upstream_error")
-    headers = retry_after(retry_after_s or exc.retry_after)
+    # (a call the gateway could not make for want of file descriptors: worth sending again in a moment)
+    headers = retry_after(retry_after_s or exc.retry_after or (1.0 if exc.local else None))
     if exc.status in (502, 504):
         headers.update(NO_CLIENT_RETRY)
     return ApiError(exc.status, exc.message, param=exc.param, code=code, headers=headers)

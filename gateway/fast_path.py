@@ -17,7 +17,7 @@ import aiohttp
 import orjson
 
 from gateway.sse import EventTooLarge, read_events
-from gateway.upstream_errors import UpstreamError, http_error
+from gateway.upstream_errors import UpstreamError, http_error, out_of_files_error
 
 # One streamed event, at most: a chunk with a whole long answer in it (1 MB of text, JSON-escaped) fits;
 # a stream that never ends its event does not hold the gateway's memory.
@@ -57,8 +57,8 @@ class FastPath:
         except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
             raise UpstreamError(self.name, 504, f"{self.name}: upstream timed out", retryable=True, cut=True) from None
         except aiohttp.ClientError as exc:
-            raise UpstreamError(self.name, 502, f"{self.name}: {type(exc).__name__}: {exc}",
-                                retryable=True) from None
+            raise out_of_files_error(self.name, exc) or UpstreamError(
+                self.name, 502, f"{self.name}: {type(exc).__name__}: {exc}", retryable=True) from None
         try:
             return orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -97,8 +97,8 @@ class FastPath:
             raise UpstreamError(self.name, 504, f"{self.name}: upstream stream stalled", retryable=True,
                                 cut=True) from None
         except aiohttp.ClientError as exc:
-            raise UpstreamError(self.name, 502, f"{self.name}: stream broken: {type(exc).__name__}",
-                                retryable=True) from None
+            raise out_of_files_error(self.name, exc) or UpstreamError(
+                self.name, 502, f"{self.name}: stream broken: {type(exc).__name__}", retryable=True) from None
         except EventTooLarge as exc:
             raise UpstreamError(self.name, 502, f"{self.name}: stream broken: {exc}", retryable=True) from None
         raise UpstreamError(self.name, 502, f"{self.name}: stream ended without [DONE]", retryable=True)

@@ -9,7 +9,9 @@ import functools
 import os
 from typing import Any
 
-from gateway.upstream_errors import REQUEST_ERRORS, UpstreamError, google_retry_delay, passed_on, upstream_wait
+from gateway.upstream_errors import (
+    REQUEST_ERRORS, UpstreamError, google_retry_delay, out_of_files_error, passed_on, upstream_wait,
+)
 
 _LITELLM = None
 
@@ -167,6 +169,8 @@ def litellm_error(backend: str, exc: Exception) -> UpstreamError:
     message = str(getattr(exc, "message", None) or exc)[:500]
     if "Timeout" in type(exc).__name__:
         return UpstreamError(backend, 504, f"{backend}: upstream timed out", retryable=True, cut=True)
+    if (local := out_of_files_error(backend, exc)) is not None:
+        return local
     if status == 422 and UNREADABLE_ANSWER in message:
         # litellm's own 422, for a 200 answer it could not read (Gemini's or Bedrock's body cut short, or
         # not JSON): the upstream failed, not the request, which another try or backend may answer

@@ -8,6 +8,7 @@ litellm's exceptions (gateway/litellm_calls.py).
 from __future__ import annotations
 
 import email.utils
+import errno
 import math
 import re
 import time
@@ -30,7 +31,7 @@ class UpstreamError(Exception):
 
     def __init__(self, backend: str, status: int, message: str, *, retryable: bool,
                  retry_after: float | None = None, code: str | None = None, param: str | None = None,
-                 upstream_status: int | None = None, cut: bool = False) -> None:
+                 upstream_status: int | None = None, cut: bool = False, local: bool = False) -> None:
         super().__init__(message)
         self.backend = backend
         self.status = status
@@ -45,6 +46,9 @@ class UpstreamError(Exception):
         # the upstream had the whole request and was answering when the gateway stopped waiting (a
         # timeout): a cut call, billed as one (Backend.cut), not a failure that cost nothing
         self.cut = cut
+        # the gateway itself could not make the call (out of file descriptors): no mark against the
+        # backend's health, and the client is told to come back (a 503, `overloaded`)
+        self.local = local
 
     @property
     def about_request(self) -> bool:
@@ -59,6 +63,26 @@ class UpstreamError(Exception):
         """The upstream refused what it was sent (a 4xx about the request or a parameter of it): every
         call of that body to this backend would fail alike, so none is made again."""
         return self.status in REQUEST_ERRORS
+
+
+# The process (EMFILE) or the system (ENFILE) has no file descriptor left for the call's socket
+OUT_OF_FILES = frozenset({errno.EMFILE, errno.ENFILE})
+
+
+def out_of_files_error(backend: str, exc: BaseException) -> UpstreamError | None:
+    """The gateway's own lack of file descriptors behind a failed connect, as the error a client may
+    retry (503 `overloaded`), or None when the failure was not that. aiohttp keeps the OSError on
+    `os_error`; litellm's and httpx's errors carry it as a cause."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.errno in OUT_OF_FILES:
+            return UpstreamError(backend, 503, f"{backend}: not called: the gateway has run out of open files "
+                                 f"({cause.strerror or 'Too many open files'}); send the request again after the "
+                                 "time in Retry-After", retryable=True, code="overloaded", local=True)
+        cause = getattr(cause, "os_error", None) or cause.__cause__ or cause.__context__
+    return None
 
 
 def http_error(backend: str, status: int, raw: bytes, headers: Mapping[str, str]) -> UpstreamError:

@@ -395,6 +395,25 @@ def decide(
         if any(fits(row[0]) for row in rows):
             ruled_out = {row[1]: f"{why} {asked}" for row in rows if not fits(row[0])}
 
+    max_out = hints.max_output_tokens if hints.max_output_tokens is not None else _NO_CAP
+    live = [row for row in rows if row[1] not in ruled_out] if max_out < _NO_CAP and want_strategy is None else ()
+    if live and all(row[0].reasons_aloud and max_out < row[5] for row in live):
+        # The client's max_tokens cuts every arm's chain of thought short of the answer line it ends on:
+        # a plain call to the same model (the policy's single arm there, else one standing in) competes,
+        # and wins where the cap leaves little of the chains (their P(correct) is scaled below). Not
+        # where the client asked for a strategy: it gets what it asked for.
+        present = {row[0] for row in rows}
+        direct: dict[CompiledArm, float] = {}  # a stand-in is as likely right as the best arm it stands in for
+        for carm, _, _, alpha, beta, *_ in live:
+            plain = compiled.plain_calls[carm.backend, carm.effort]
+            prior = plain.prior if plain.name in compiled.arms else alpha / (alpha + beta)
+            direct[plain] = max(prior, direct.get(plain, 0.0))
+        wider = tuple(candidate_row(arm, prior, strength) for arm, prior in direct.items() if arm not in present)
+        if wider:
+            reasons.append(f"max_tokens {max_out} is below the chain of thought every arm of route "
+                           f"`{route.name}` is expected to write: a direct call to the same model competes")
+            rows, rule = rows + wider, f"{rule}+direct"
+
     prompt_tokens = hints.prompt_tokens if hints.prompt_tokens is not None else DEFAULT_PROMPT_TOKENS
     if prompt_tokens > compiled.context_floor:  # rare: some arm of the policy cannot hold this prompt
         def holds(arm: CompiledArm) -> bool:
@@ -452,7 +471,6 @@ def decide(
     # loop is the hot path (up to 50 arms within a 0.1 ms budget): locals only, one dict lookup per
     # arm, learned numbers from the route's cache (`_learned`), the Candidate built in place
     # (see _candidate_setters).
-    max_out = hints.max_output_tokens if hints.max_output_tokens is not None else _NO_CAP
     choices = hints.choices
     bucket_stats = stats.get(classification.bucket) or _NO_STATS
     pooled, within_task = learner.shared_levels(stats, task) if stats else (_NO_STATS, _NO_STATS)
@@ -490,6 +508,7 @@ def decide(
                 route.learned.clear()
             memo = route.learned[classification.bucket] = [None] * len(rows) + [assumed, pooled, within_task]
     i = -1
+    chains_cut = False
     in_route = len(route.rows)  # rows past these were widened in by an override: not in the route's sums
     for carm, key, arm, alpha, beta, tokens, per_token, fixed, reference, latency, p95 in rows:
         i += 1
@@ -499,6 +518,11 @@ def decide(
             acc, factor, addend, latency, p95, evidence = _learned(
                 seen, shared_for(key), alpha, beta, reference, latency, p95, strength, calibration, task_for(key),
                 bucket_strength, i < in_route)
+            if carm.reasons_aloud:
+                # A chain cut before its "Final answer:" line answers nothing (router.voting.sample_answer):
+                # the share of the expected chain that the cap leaves room for is its chance to end.
+                acc *= max_out / tokens
+                chains_cut = True
         elif memo is not None:
             found = memo[i]
             if found is None or found[0] is not seen:
@@ -541,6 +565,9 @@ def decide(
         add_util(util)
         add_evidence(evidence)
 
+    if chains_cut:
+        reasons.append(f"max_tokens {max_out} leaves room for part of a chain of thought: the P(correct) of an "
+                       "arm that reasons aloud is scaled by the share of its expected chain that fits")
     if not eligible:
         affordable = [i for i, kind in kinds.items() if kind == 3]
         if not affordable:

@@ -135,7 +135,7 @@ class CompiledArm:
 
     __slots__ = ("name", "arm", "key", "backend", "effort", "strategy", "prior", "cost_per_prompt_token",
                  "cost_fixed", "cost_reference", "latency_ms", "latency_p95_ms", "tokens", "spec", "_policy",
-                 "_capped", "max_context", "samples", "prompt_once")
+                 "_capped", "max_context", "samples", "prompt_once", "reasons_aloud")
 
     def __init__(self, name: str, spec: ArmSpec, policy: Policy, backends: dict[str, BackendSpec]):
         self.name = name
@@ -146,6 +146,10 @@ class CompiledArm:
         # an arm without a prior of its own: CompiledPolicy replaces this with price_priors()'s
         self.prior = spec.prior if spec.prior is not None else DEFAULT_PRIOR
         self.tokens = expected_output_tokens(spec, backends[spec.backend])
+        # Its samples are asked to reason step by step before a "Final answer:" line, as the gateway asks
+        # them (gateway/strategies.py uses_cot): a sample cut before that line answers nothing.
+        self.reasons_aloud = spec.strategy == "cot" or (
+            spec.strategy in ("self_consistency", "adaptive_consistency") and not backends[spec.backend].reasoning)
         # the first call's backend: a cascade stage that cannot hold the prompt fails alone (400), and
         # the answer so far stands
         self.max_context = resolve_max_context(backends[spec.backend])[0]
@@ -275,6 +279,9 @@ class CompiledPolicy:
         self.by_key = {arm.key: arm for arm in self.arms.values()}
         self.plain_stand_ins = self._plain_stand_ins(policy, backends)
         self.by_key.update((arm.key, arm) for arm in self.plain_stand_ins)
+        # (backend, effort) -> the one plain call there: the policy's single arm, else its stand-in
+        self.plain_calls = {(arm.backend, arm.effort): arm for arm in (*self.arms.values(), *self.plain_stand_ins)
+                            if arm.strategy == "single"}
         # a prompt estimated at or below this fits every arm: decide() checks windows only above it
         self.context_floor = min((arm.max_context * CONTEXT_MARGIN for arm in self.arms.values()
                                   if arm.max_context is not None), default=math.inf)

@@ -279,9 +279,16 @@ def savings(table: Table, reference: str, estimate: CostEstimate | None = None) 
 
 
 def default_reference(table: Table) -> str | None:
-    """The most expensive arm seen: the 'always use the strongest' baseline."""
+    """The most expensive arm seen: the 'always use the strongest' baseline. Ranked by its cost per
+    request that did not fail, as savings() prices it: its failures cost $0 (or a cut prompt), and a
+    mean over them made a flaky expensive arm rank below a cheap one that always answers."""
     merged = per_arm(table)
-    return max(merged, key=lambda k: (merged[k]["mean_cost_usd"], k)) if merged else None
+
+    def per_request(key: str) -> float:
+        unfailed = _unfailed(merged[key])
+        return merged[key]["cost_usd"] / unfailed if unfailed > 0 else 0.0
+
+    return max(merged, key=lambda k: (per_request(k), k)) if merged else None
 
 
 # --- spend against budgets -------------------------------------------------------------------------

@@ -700,6 +700,41 @@ def test_savings_price_the_reference_for_the_requests_that_did_not_fail(tmp_path
         page.close()
 
 
+def test_the_default_reference_is_the_priciest_arm_per_request_that_did_not_fail(tmp_path):
+    """The Savings panel's default reference is the most expensive arm seen. Ranked by a mean cost over
+    every request, its $0 failures counted in, a flaky expensive arm (one answer at $0.000048, four
+    upstream 500s) ranked below a cheap one that always answers ($0.000012): the panel compared the
+    routing with always using the cheap arm, and showed a loss."""
+    pricey = "mock-b/-/single/1"
+    policy = write_policy(tmp_path, {
+        "name": "flaky", "arms": {"cheap": {"backend": "mock-a"}, "pricey": {"backend": "mock-b"}},
+        "routes": [{"name": "all", "candidates": ["cheap", "pricey"]}],
+        "aliases": {"cheap": {"arms": ["cheap"], "explore": False}, "pricey": {"arms": ["pricey"], "explore": False}},
+        "exploration": {"share": 0.0}}, "flaky.yaml")
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("mock-a", mock, max_retries=0),
+                         mock_backend("mock-b", mock, max_retries=0, prices={"input_per_mtok": 4.0, "output_per_mtok": 8.0})],
+            "policy": policy, "telemetry": {"data_dir": str(tmp_path / "data"), "refresh_s": 0.1}},
+            name="flaky")) as gateway:
+        prompt = "hello there"  # 2 prompt tokens, and the mock's 5-word answer
+        for _ in range(3):
+            assert chat(gateway.url, "cheap", prompt).status_code == 200
+        assert chat(gateway.url, "pricey", prompt).status_code == 200
+        httpx.post(mock.url + "/control", json={"script": ["500"] * 4}).raise_for_status()
+        for _ in range(4):
+            assert chat(gateway.url, "pricey", prompt).status_code in (502, 503)  # failed, or skipped cooling
+        deadline = time.monotonic() + 10
+        savings = get(gateway.url, "/v1/ponder/savings").json()
+        while sum(bucket["requests"] for bucket in savings.get("buckets", ())) < 8:  # recorded, all 8
+            assert time.monotonic() < deadline, savings
+            time.sleep(0.1)
+            savings = get(gateway.url, "/v1/ponder/savings").json()
+        assert savings["reference"] == pricey, savings
+        # always pricey: its answer's cost for each of the 4 requests that did not fail
+        assert savings["reference_cost_usd"] == pytest.approx(4 * (2 * 4.0 + 5 * 8.0) / 1e6, rel=1e-6)
+        assert savings["saved_usd"] > 0
+
+
 def test_the_current_choice_is_priced_for_the_requests_max_tokens(tmp_path, browser):
     """Every client caps its answer at 20 tokens, so `strong` (2,000 tokens expected, 10x the price
     of its answer at 20) is worth its price and answers them all. The current choice was priced for

@@ -256,6 +256,54 @@ def test_a_policy_with_no_single_arm_answers_tools_by_one_call_on_its_arms_backe
     assert {arm.key for arm in compiled.plain_stand_ins} == {"cheap/-/single/1", "strong/medium/single/1"}
 
 
+REASONING_ALOUD = """\
+name: aloud
+backends:
+  - {name: cheap, model: test/cheap, prices: {input_per_mtok: 0.1, output_per_mtok: 0.4}}
+  - {name: other, model: test/other, prices: {input_per_mtok: 0.1, output_per_mtok: 0.4}}
+arms:
+  direct: {backend: cheap, prior: 0.6}
+  think:  {backend: cheap, strategy: cot, prior: 0.9}
+  vote:   {backend: other, strategy: self_consistency, n: 3, prior: 0.9}
+routes:
+  - name: all
+    candidates: [direct, think]
+aliases:
+  think-only: {arms: [think]}
+  vote-only: {arms: [vote]}
+exploration: {share: 0.0}
+overrides: {strategy_header: [cot]}
+"""
+
+
+def test_a_cap_too_small_to_reason_aloud_gets_a_direct_answer():
+    """docs/policies.md: a client's max_tokens below an arm's expected chain of thought cuts the chain
+    before its "Final answer:" line, so the arm's P(correct) is scaled by the share of the chain that
+    fits (it was priced as cheaper, and won); where every arm of the route reasons aloud, a direct call
+    to the same model competes: the policy's single arm there, else one standing in, as likely right
+    as the arm it stands for. A client's own x-ponder-strategy still gets what it asked for."""
+    aloud = parse_policy(REASONING_ALOUD, "aloud.yaml")
+    math = Classification("math", {"math": 1.0}, 0.5)
+    assert decide(math, aloud, {}).arm.strategy == "cot"
+    assert decide(math, aloud, {}, request=RequestHints(max_output_tokens=600)).arm.strategy == "cot"
+    capped = decide(math, aloud, {}, request=RequestHints(max_output_tokens=5))
+    assert name_of(aloud, capped.arm) == "direct" and capped.rule == "all"
+    assert candidate(capped, aloud, "think").expected_accuracy == pytest.approx(0.9 * 5 / 600)
+    assert candidate(capped, aloud, "direct").expected_accuracy == pytest.approx(0.6)
+    assert any("max_tokens 5 leaves room for part of a chain of thought" in r for r in capped.reasons)
+
+    only_cot = decide(math, aloud, {}, alias="think-only", request=RequestHints(max_output_tokens=5))
+    assert name_of(aloud, only_cot.arm) == "direct" and only_cot.rule == "all+direct"
+    only_vote = decide(math, aloud, {}, alias="vote-only", request=RequestHints(max_output_tokens=5))
+    assert only_vote.arm.key == "other/-/single/1" and only_vote.rule == "all+direct"
+    assert [c.expected_accuracy for c in only_vote.candidates] == pytest.approx([0.9 * 5 / 600, 0.9])
+    assert decide(math, aloud, {}, alias="vote-only", request=RequestHints(max_output_tokens=600)).arm.strategy \
+        == "self_consistency"
+    for alias in ("auto", "think-only"):  # (the route also has a direct arm; the alias only the cot arm)
+        asked = decide(math, aloud, {}, alias=alias, request=RequestHints(max_output_tokens=5, strategy="cot"))
+        assert asked.arm.strategy == "cot" and asked.rule in ("all", "all+override")
+
+
 def windowed(**windows: int):
     """POLICY with these backends' context windows (max_context) declared."""
     text = POLICY

@@ -1001,6 +1001,38 @@ def test_a_cot_arm_answers_the_n_choices_asked_for(tmp_path):
             assert calls(mock)["count"] - before == upstream_calls
 
 
+def test_a_max_tokens_too_small_to_reason_aloud_gets_a_direct_answer(tmp_path):
+    """docs/policies.md: a client's max_tokens that leaves no room for a chain of thought is answered by
+    a direct call, not by chains cut before their answer line (the client got "Let us think step by"
+    with finish_reason `length`, from one cot call or from every sample of a vote). A routed alias
+    prefers its direct arm; an alias of reasoning arms only gets a plain call to the same model."""
+    path = write_policy(tmp_path, {
+        "name": "aloud",
+        "arms": {"direct": {"backend": "mock-a", "prior": 0.6},
+                 "think": {"backend": "mock-a", "strategy": "cot", "prior": 0.9},
+                 "vote": {"backend": "mock-b", "strategy": "self_consistency", "n": 3, "prior": 0.9}},
+        "routes": [{"name": "all", "candidates": ["direct", "think"]}],
+        "aliases": {"auto": {}, "auto-vote": {"arms": ["vote"]}},
+        "exploration": {"share": 0.0}}, "aloud.yaml")
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("mock-a", mock), mock_backend("mock-b", mock)], "policy": path},
+            name="aloud")) as gateway:
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+        control(mock, answers=["Let us think step by step. 6 * 7 = 42.\nFinal answer: 42"])
+        question = [{"role": "user", "content": "What is 6 * 7?"}]
+        for model, reasoning, direct in (("auto", "mock-a/-/cot/1", "mock-a/-/single/1"),
+                                         ("auto-vote", "mock-b/-/self_consistency/3", "mock-b/-/single/1")):
+            uncapped = client.chat.completions.with_raw_response.create(model=model, messages=question)
+            assert uncapped.headers["x-ponder-arm"] == reasoning
+            assert uncapped.parse().choices[0].message.content == "42"
+            before = calls(mock)["count"]
+            raw = client.chat.completions.with_raw_response.create(model=model, messages=question, max_tokens=5)
+            assert raw.headers["x-ponder-arm"] == direct
+            assert raw.parse().model_extra["ponder"]["strategy"] == "single"
+            assert calls(mock)["count"] - before == 1
+            assert calls(mock)["bodies"][-1]["messages"] == question  # asked directly, no reasoning instruction
+
+
 def test_refused_requests_are_counted_in_metrics(gw, client):
     """A request refused before any decision (bad input, a cost cap) has no event, but /metrics counts it
     by status; the alias label is the model only when it is a known one."""

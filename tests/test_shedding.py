@@ -354,3 +354,43 @@ def test_a_burst_past_the_shells_soft_open_files_limit_is_served(tmp_path):
 
             assert collections.Counter(asyncio.run(fire())) == {200: burst}
             assert "Too many open files" not in gateway.log()
+
+
+def test_a_gateway_out_of_open_files_answers_503_and_leaves_the_backend_healthy(tmp_path):
+    """Where even the hard limit on open files is short of a burst (256 here, for 300 requests), the
+    connects to the upstream fail with EMFILE: that is the gateway's own shortage, not the backend's.
+    Each request that could not be served gets a 503 `overloaded` with Retry-After (the SDKs retry
+    it), and the healthy backend is not cooled down: it was, and every request for the next 30 s got
+    "cooling down after repeated failures" long after the burst had passed."""
+    burst = 300
+    with running(start_mock(tmp_path)) as mock:
+        policy = write_policy(tmp_path, {"name": "emfile", "arms": {"one": {"backend": "m", "strategy": "single"}},
+                                         "routes": [{"name": "all", "candidates": ["one"]}]})
+        config = {"backends": [mock_backend("m", mock, max_concurrency=burst, timeout_s=30)], "policy": policy}
+        with running(start_gateway(tmp_path, config, name="emfile")) as gateway:
+            served = psutil.Process(gateway.process.pid)
+            served.rlimit(resource.RLIMIT_NOFILE, (256, 256))  # as `ulimit -n 256` before `ponder serve`
+            control(mock, delay_ms=1000)  # every request holds its sockets at once
+
+            async def fire() -> list[Any]:
+                async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+                    async def one() -> Any:
+                        try:
+                            async with session.post(gateway.url + "/v1/chat/completions",
+                                                    json={"model": "auto", "messages": MESSAGES}) as response:
+                                body = await response.json(content_type=None)
+                                return response.status, body["error"]["code"] if response.status != 200 else None, \
+                                    response.headers.get("retry-after")
+                        except aiohttp.ClientError:  # not accepted: the gateway had no descriptor for it either
+                            return None
+
+                    return await asyncio.gather(*(one() for _ in range(burst)))
+
+            answers = collections.Counter(result for result in asyncio.run(fire()) if result is not None)
+            assert answers[(503, "overloaded", "1")] > 0, answers  # the burst did run the gateway out of files
+            assert set(answers) <= {(200, None, None), (503, "overloaded", "1")}, answers
+            control(mock, delay_ms=0)
+            after = client(gateway, key="unused").chat.completions.create(model="auto", messages=MESSAGES)
+            assert after.choices[0].message.content == "Hello from the mock upstream."
+            assert "backend m is failing" not in gateway.log()
+            assert "the gateway has run out of open files" in gateway.log()
