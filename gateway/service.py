@@ -558,9 +558,10 @@ class InFlight:
 
 
 def cooling_backends(backends: dict[str, Backend]) -> frozenset[str]:
-    """The backends cooling down after failures now: the decision plans their arms last."""
+    """The backends cooling down after failures now, or being tested by a call since (in_doubt): the
+    decision plans their arms last."""
     now = time.monotonic()
-    return frozenset(name for name, backend in backends.items() if not backend.health.available(now))
+    return frozenset(name for name, backend in backends.items() if backend.health.in_doubt(now))
 
 
 def _back(backend: Backend) -> None:
