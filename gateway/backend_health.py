@@ -27,9 +27,29 @@ class BackendHealth:
     # The end of the wait the upstream itself asked for (Retry-After): calls already under way when it
     # asked (a vote's other samples) that answer or fail since must not end it sooner.
     asked_wait_until: float = 0.0
+    # While the first call after a cool-down tests whether the backend is back (time.monotonic() until
+    # which that call may run, `probe`), requests that have another arm take it: each one arriving
+    # meanwhile was sent to it too, and one that still hangs held them all for its whole timeout.
+    probe_until: float = 0.0
 
     def available(self, now: float) -> bool:
+        """Whether a call may be sent to it now (its cool-down is over)."""
         return now >= self.cooldown_until
+
+    def in_doubt(self, now: float) -> bool:
+        """Cooling down, or being tested by a call after its cool-down: another arm answers if one can."""
+        return now < self.cooldown_until or now < self.probe_until
+
+    def probe(self, now: float, lease_s: float) -> bool:
+        """Whether a call starting now is the one that tests a failing backend after its cool-down: then
+        the backend is in doubt until `probe_ended`, or `lease_s` (the call's time) has passed."""
+        if self.failing_since is None or self.in_doubt(now):
+            return False
+        self.probe_until = now + lease_s
+        return True
+
+    def probe_ended(self) -> None:
+        self.probe_until = 0.0
 
     def failed(self, now: float, retry_after: float | None = None, *, slow: bool = False,
                request: int | None = None, error: UpstreamError | None = None) -> None:
@@ -64,6 +84,7 @@ class BackendHealth:
                         time.monotonic() - self.failing_since)
         self.consecutive_failures = 0
         self.cooldown_until = self.asked_wait_until if self.asked_wait_until > time.monotonic() else 0.0
+        self.probe_until = 0.0
         self.last_failed_request = None
         self.failing_since = None
 

@@ -115,10 +115,15 @@ class Caller:
                                     retryable=False, code="deadline")
             started = time.perf_counter()
             admission = Admission()
+            probe = backend.health.probe(time.monotonic(), budget)
             try:
-                # asyncio.timeout, not wait_for: no extra task per call on the hot path
-                async with asyncio.timeout(budget):
-                    data, record = await send(backend, body, admission)
+                try:
+                    # asyncio.timeout, not wait_for: no extra task per call on the hot path
+                    async with asyncio.timeout(budget):
+                        data, record = await send(backend, body, admission)
+                finally:
+                    if probe:  # the call has ended, however: what it says is marked below, at once
+                        backend.health.probe_ended()
             except asyncio.CancelledError:
                 self.cancelled_call(backend, body, started, admission)
                 raise
@@ -205,8 +210,10 @@ class Caller:
         self.calls.append(backend.cut(Usage.estimated(prompt_estimate(body)), started, CLIENT_LEFT))
 
     def available(self, backend_name: str) -> bool:
+        """Whether an arm on this backend is worth trying now: not cooling down, nor being tested by
+        another call after its cool-down (BackendHealth.in_doubt)."""
         backend = self.backends.get(backend_name)
-        return backend is not None and backend.health.available(time.monotonic())
+        return backend is not None and not backend.health.in_doubt(time.monotonic())
 
     def retry_after_s(self, names: Iterable[str]) -> float:
         """When the soonest of the request's cooling backends (`names`) is expected back, for a

@@ -309,8 +309,8 @@ async def open_first_stream(gw: Gateway, plan: Plan, req: ChatRequest,
     for index, arm in enumerate(arms):
         if arm.strategy != "single":
             return arms[index:]
-        if not caller.available(arm.backend) and index < len(arms) - 1:
-            continue
+        if not caller.available(arm.backend) and (index < len(arms) - 1 or last is not None):
+            continue  # cooling down: as Gateway.execute skips it
         backend = caller.backend(arm.backend)
         caller.start_arm()
         body = apply_effort({k: v for k, v in req.body.items() if k != "n"}, backend.spec, arm.effort)

@@ -327,7 +327,8 @@ class Gateway:
         budget_left = min(left_by_period.values()) if left_by_period else None
         try:
             decision = decide(classification, policy, self.store.snapshot(policy.policy.name), alias=req.model,
-                              request=hints, budget_left_usd=budget_left, rng=self._rng)
+                              request=hints, budget_left_usd=budget_left, rng=self._rng,
+                              cooling=cooling_backends(backends))
         except ContextTooLong as exc:
             raise ApiError(400, str(exc), param="messages", code="context_length_exceeded") from None
         except BudgetExhausted as exc:
@@ -411,9 +412,11 @@ class Gateway:
         # the learner's stats of the request's bucket, for strategies that gate on them (one lookup)
         stats = self.store.snapshot(plan.decision.policy).get(plan.decision.bucket, {}) if self.store else {}
         for index, arm in enumerate(arms):
-            is_last = index == len(arms) - 1
-            if not caller.available(arm.backend) and not is_last:
-                continue  # cooling down: skip at once rather than wait on it
+            if not caller.available(arm.backend) and (index < len(arms) - 1 or last is not None):
+                # cooling down: skipped at once rather than waited on; the last one is called (and
+                # refuses at once, 503 with Retry-After) only when no other was, so that an arm that
+                # did fail before it is the error the client gets
+                continue
             params = dict(arm.params)
             ctx = StrategyContext(task=plan.decision.task, params=params, caller=caller, bucket_stats=stats,
                                   output_caps=plan.output_caps)
@@ -552,6 +555,13 @@ class InFlight:
             return True
         except TimeoutError:
             return False
+
+
+def cooling_backends(backends: dict[str, Backend]) -> frozenset[str]:
+    """The backends cooling down after failures now, or being tested by a call since (in_doubt): the
+    decision plans their arms last."""
+    now = time.monotonic()
+    return frozenset(name for name, backend in backends.items() if backend.health.in_doubt(now))
 
 
 def _back(backend: Backend) -> None:

@@ -71,8 +71,13 @@ class PassThrough:
         started = time.perf_counter()
         admission = Admission()
         source = backend.stream(body, admission)  # it bounds the wait for the first byte itself
+        probe = backend.health.probe(time.monotonic(), caller.remaining())
         try:
-            first = await asyncio.wait_for(anext(source), timeout=max(0.01, caller.remaining()))
+            try:
+                first = await asyncio.wait_for(anext(source), timeout=max(0.01, caller.remaining()))
+            finally:
+                if probe:  # a first event, or none: what it says is marked below
+                    backend.health.probe_ended()
         except StopAsyncIteration:
             error = UpstreamError(backend.name, 502, f"{backend.name}: empty stream", retryable=True)
         except asyncio.TimeoutError:

@@ -1,7 +1,8 @@
 """The decision engine: which arm answers this request, and why.
 
-Pure: the classification, the policy, the learned stats and the request's hints go in, a `Decision`
-comes out; the same inputs and rng seed always give the same decision, so evals/ can replay it.
+Pure: the classification, the policy, the learned stats, the request's hints and the backends cooling
+down (the gateway's health) go in, a `Decision` comes out; the same inputs and rng seed always give the
+same decision, so evals/ can replay it.
 
 For each candidate arm of the matching route it estimates
 - P(correct): the route's prior blended with the learner's Beta posterior for the bucket;
@@ -25,7 +26,7 @@ import dataclasses
 import math
 import random
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -317,12 +318,16 @@ def decide(
     request: RequestHints | None = None,
     budget_left_usd: float | None = None,
     rng: random.Random | None = None,
+    cooling: Collection[str] = frozenset(),
 ) -> Decision:
     """Choose the arm for one request. Raises BudgetExhausted (-> 429) when nothing affordable fits, and
     ContextTooLong (-> 400) when no arm's backend can hold the prompt.
 
     `budget_left_usd` is what the API key has left (the lower of its day and month), None if unlimited.
     `rng` drives exploration; with None the decision is greedy (replays, `ponder stats`).
+    `cooling`: the backends cooling down after failures now (the gateway's health). Arms are ranked by
+    merit as ever; the best one whose backend answers then serves, and the cooling ones are planned
+    last, never explored, and never the reason for a refusal (see _stand_in).
     """
     compiled = policy if isinstance(policy, CompiledPolicy) else compile_policy(policy)
     policy = compiled.policy
@@ -579,13 +584,22 @@ def decide(
                 + (f"; the cheapest would cost {cheapest:.6f} USD" if cheapest is not None else ""),
                 scope=scope, budget_left_usd=budget_left_usd, cheapest_usd=cheapest,
             )
-        # Latency is a soft limit: rather than refuse, answer as fast as the money allows.
-        fastest = min(affordable, key=lambda i: (candidates[i].expected_latency_ms, -utils[i]))
+        # Latency is a soft limit: rather than refuse, answer as fast as the money allows (with a
+        # backend that answers now, where one does).
+        fastest = min(_answering(affordable, rows, cooling) or affordable,
+                      key=lambda i: (candidates[i].expected_latency_ms, -utils[i]))
         reasons.append(f"no arm meets {latency_cap_why} {latency_cap:g} ms: taking the fastest affordable one")
         candidates[fastest] = dataclasses.replace(candidates[fastest], excluded=None)
         eligible = [fastest]
     if degraded and degrade.max_cost_usd is None and len(eligible) > 1:
-        cheapest_i = min(eligible, key=lambda i: (costs[i], -utils[i]))
+        def cheapest_of(indices: list[int]) -> int:
+            return min(indices, key=lambda i: (costs[i], -utils[i]))
+
+        cheapest_i = cheapest_of(eligible)
+        if cooling and rows[cheapest_i][0].backend in cooling and (answering := _answering(eligible, rows, cooling)):
+            cheapest_i = cheapest_of(answering)
+            reasons.append(f"budget low: `{rows[cheapest_i][0].name}` is the cheapest arm whose backend is not "
+                           "cooling down")
         for i in eligible:
             if i != cheapest_i:
                 candidates[i] = dataclasses.replace(candidates[i], excluded="budget low: cheapest arm only")
@@ -593,12 +607,23 @@ def decide(
 
     greedy = max(eligible, key=utils.__getitem__)
     chosen, explore = greedy, False
+    ready = eligible
+    if cooling:
+        ready = _answering(eligible, rows, cooling)
+        stand_in = _stand_in(ready, kinds, rows, cooling, candidates, utils, degraded) \
+            if rows[greedy][0].backend in cooling else None
+        if stand_in is not None:
+            chosen = stand_in
+            reasons.append(f"`{rows[greedy][0].name}` would win, but backend `{rows[greedy][0].backend}` is "
+                           f"cooling down after failures: `{rows[chosen][0].name}` answers until it is back")
     if not degraded and view.explore and learner.should_explore(policy.exploration.share, rng):
         # Top-two Thompson: one draw among the arms within the allowance that could still beat the
-        # greedy arm (learner.challengers); where none can, the greedy arm keeps the request.
+        # greedy arm (learner.challengers); where none can, the greedy arm keeps the request. An arm
+        # whose backend is cooling down is no challenger (it would not be called), nor the one
+        # standing in for the greedy arm while its backend is (it answers anyway).
         reach = utils[greedy] - learner.most_optimism(strength)
-        pool = [i for i in learner.explore_pool(greedy, eligible, costs, policy.exploration.max_extra_cost_usd)
-                if utils[i] > reach]
+        pool = [i for i in learner.explore_pool(greedy, ready, costs, policy.exploration.max_extra_cost_usd)
+                if utils[i] > reach and i != chosen]
         draws = [_posterior_of(candidates[i], evidences[i]) + (costs[i], candidates[i].expected_latency_ms)
                  for i in pool]
         shortlist = learner.challengers(utils[greedy], draws, cost_weight, objective.latency_weight)
@@ -620,22 +645,30 @@ def decide(
     # again), then the same backend.
     other_backend: list[int] = []
     same_backend: list[int] = []
+    room = len(rows) if cooling else MAX_FALLBACKS  # cooling ones are moved last: rank them all
     for i in sorted(eligible, key=utils.__getitem__, reverse=True):
         if i == chosen:
             continue
         if rows[i][0].backend != winner.backend:
             other_backend.append(i)
-            if len(other_backend) == MAX_FALLBACKS:
+            if len(other_backend) == room:
                 break
-        elif len(same_backend) < MAX_FALLBACKS:
+        elif len(same_backend) < room:
             same_backend.append(i)
-    fallbacks = (other_backend + same_backend)[:MAX_FALLBACKS]
-    if len(fallbacks) < MAX_FALLBACKS and not degraded:
+    fallbacks = other_backend + same_backend
+    slow: list[int] = []
+    if (cooling or len(fallbacks) < MAX_FALLBACKS) and not degraded:
         # Latency is a soft limit: an arm ruled out only by it answers, fastest first, when every
         # eligible one has failed, later than they would have rather than not at all (a 502 or 503).
         slow = sorted((i for i, kind in kinds.items() if kind == 3 and i != chosen),
                       key=lambda i: candidates[i].expected_latency_ms)
-        fallbacks += slow[:MAX_FALLBACKS - len(fallbacks)]
+    if cooling:
+        # Arms whose backend cools down come after all the others, in the same order: the gateway
+        # skips them, unless the cool-down has ended by the time the others have failed.
+        answering = set(_answering(fallbacks, rows, cooling) + _answering(slow, rows, cooling))
+        fallbacks = sorted(fallbacks + slow, key=lambda i: i not in answering)[:MAX_FALLBACKS]
+    else:
+        fallbacks = (fallbacks[:MAX_FALLBACKS] + slow)[:MAX_FALLBACKS]
     return Decision(
         arm=winner.arm,
         task=task,
@@ -648,3 +681,23 @@ def decide(
         candidates=tuple(candidates),
         reasons=tuple(reasons),
     )
+
+
+def _answering(indices: list[int], rows: tuple, cooling: Collection[str]) -> list[int]:
+    """The candidates (by index) whose backend is not cooling down."""
+    return [i for i in indices if rows[i][0].backend not in cooling] if cooling else indices
+
+
+def _stand_in(ready: list[int], kinds: dict[int, int], rows: tuple, cooling: Collection[str],
+              candidates: list[Candidate], utils: list[float], degraded: bool) -> int | None:
+    """Who answers while the greedy arm's backend cools down: the best eligible arm whose backend
+    answers now; else (latency being a soft limit, and not under the degrade line) the fastest one
+    ruled out by the latency limit alone; else nobody but the greedy arm itself (None), whose cool-down
+    may end before the request is served and whose refusal says when it ends (503 with Retry-After)."""
+    if ready:
+        return max(ready, key=utils.__getitem__)
+    if not degraded:
+        slow = _answering([i for i, kind in kinds.items() if kind == 3], rows, cooling)
+        if slow:
+            return min(slow, key=lambda i: (candidates[i].expected_latency_ms, -utils[i]))
+    return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections import Counter
 from pathlib import Path
 
 import orjson
@@ -534,6 +535,65 @@ def test_no_exploration_while_degraded():
     policy = make_policy(share=1.0)
     rng = random.Random(5)
     assert not any(decide(HARD_MATH, policy, {}, budget_left_usd=0.5, rng=rng).explore for _ in range(100))
+
+
+def test_an_arm_whose_backend_is_cooling_down_gives_way_and_is_planned_last(policy):
+    """While `mid` cools down after failures, the best arm of another backend answers (not explored,
+    the reasons say why), and mid-high, the best by merit, stays in the plan last, for a cool-down that
+    ends before the others have failed. Its numbers are unchanged: the learner ranks it as before."""
+    healthy = decide(HARD_MATH, policy, {})
+    assert name_of(policy, healthy.arm) == "mid-high"
+    decision = decide(HARD_MATH, policy, {}, cooling=frozenset({"mid"}))
+    assert name_of(policy, decision.arm) == "strong-vote" and not decision.explore
+    assert [name_of(policy, arm) for arm in decision.fallbacks] == ["quick-cot", "strong-high", "mid-high"]
+    assert any("backend `mid` is cooling down" in reason for reason in decision.reasons)
+    assert decision.candidates == healthy.candidates
+    # a fallback's backend cooling down: the same arm answers, and an answering arm takes the fallback's place
+    assert [name_of(policy, arm) for arm in healthy.fallbacks] == ["strong-vote", "strong-high", "quick-cot"]
+    other = decide(HARD_MATH, policy, {}, cooling=frozenset({"cheap"}))
+    assert other.arm == healthy.arm and other.reasons == healthy.reasons
+    assert [name_of(policy, arm) for arm in other.fallbacks] == ["strong-vote", "strong-high", "mid-low"]
+
+
+def test_every_backend_cooling_down_plans_as_if_none_were(policy):
+    """No refusal in the decision when every arm's backend cools down: the gateway calls the first
+    whose cool-down has ended by then, or answers 503 with when the soonest ends (Retry-After)."""
+    assert decide(HARD_MATH, policy, {}, cooling=frozenset({"mid", "strong", "cheap"})) == decide(HARD_MATH, policy, {})
+
+
+def test_an_arm_over_the_latency_limit_stands_in_when_every_eligible_backend_cools_down():
+    """Latency is a soft limit: when the arms within it all cool down, the fastest arm over it whose
+    backend answers serves, rather than a 503."""
+    policy = make_policy(share=0.0)
+    limited = RequestHints(max_latency_ms=25_000)  # quick-cot (p95 9.3 s) and mid-low (23 s) are within it
+    assert name_of(policy, decide(HARD_MATH, policy, {}, request=limited).arm) == "mid-low"
+    decision = decide(HARD_MATH, policy, {}, request=limited, cooling=frozenset({"cheap", "mid"}))
+    assert name_of(policy, decision.arm) == "strong-vote"
+    assert [name_of(policy, arm) for arm in decision.fallbacks] == ["strong-high", "mid-low", "quick-cot"]
+    fastest = decide(HARD_MATH, policy, {}, request=RequestHints(max_latency_ms=10), cooling=frozenset({"cheap"}))
+    assert name_of(policy, fastest.arm) == "mid-low"  # none within it: the fastest whose backend answers
+
+
+def test_no_exploration_of_an_arm_whose_backend_cools_down_nor_of_its_stand_in():
+    """An explored arm whose backend cools down would be skipped (the fallback answering explores
+    nothing), and the arm standing in for the greedy one answers anyway: neither is drawn."""
+    policy = make_policy(share=1.0)
+    rng = random.Random(3)
+    drawn = Counter()
+    for _ in range(300):
+        decision = decide(HARD_MATH, policy, {}, rng=rng, cooling=frozenset({"mid"}))
+        if decision.explore:
+            drawn[name_of(policy, decision.arm)] += 1
+    assert drawn and set(drawn) <= {"strong-high", "quick-cot"}, drawn
+    assert not any(decide(HARD_MATH, policy, {}, rng=rng, cooling=frozenset({"strong"})).arm.backend == "strong"
+                   for _ in range(300))
+
+
+def test_degraded_takes_the_cheapest_arm_whose_backend_answers():
+    policy = make_policy(text=POLICY.replace("max_cost_usd: 0.001}", "max_cost_usd: null}"))
+    decision = decide(EASY_CHAT, policy, {}, budget_left_usd=0.5, cooling=frozenset({"cheap"}))
+    assert name_of(policy, decision.arm) == "mid-low" and decision.fallbacks == ()
+    assert any("cheapest arm whose backend is not cooling down" in reason for reason in decision.reasons)
 
 
 def test_current_choice_is_the_greedy_arm(policy):

@@ -10,6 +10,7 @@ and feedback sent for every answer (compared with the known right one), as an ap
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -519,6 +520,91 @@ def test_an_arm_ruled_out_by_the_latency_cap_alone_answers_when_the_fast_one_fai
                 raw = client.chat.completions.with_raw_response.create(model="auto", messages=QUESTION)
                 assert raw.headers["x-ponder-arm"] == "slow/-/single/1"
                 assert raw.parse().choices[0].message.content == RIGHT
+
+
+# An upstream's overload that asks for a wait: its backend cools down at once, for that long
+OVERLOADED = {"status": 503, "headers": {"Retry-After": "3"}, "body": '{"error": {"message": "overloaded"}}'}
+
+
+def test_while_the_best_arms_backends_cool_down_the_best_arm_whose_backend_answers_serves(tmp_path):
+    """Arms on backends `a` to `d` (one upstream, which fails asking for 3 s) rank above `e`'s. The first
+    request tries four of them (the decision's arm and its three fallbacks), and fails. `e` was never a
+    fallback, and for as long as they cooled down every request was refused 503 at once although `e`
+    answers: the decision did not know which backends cool down. Now `e` serves meanwhile (greedily, not
+    explored, the reasons say why), the cooling backends are not called, and once their cool-down is
+    over the best arm serves again."""
+    arms = {name: {"backend": name, "prior": prior, "tokens": 1}
+            for name, prior in (("a", 0.9), ("b", 0.85), ("c", 0.8), ("d", 0.75), ("e", 0.5))}
+    policy = write_policy(tmp_path, {"name": "cool", "arms": arms, "routes": [{"name": "all", "candidates": [*arms]}],
+                                     "objective": {"cost_weight": 0, "latency_weight": 0},
+                                     "exploration": {"share": 0.0}, "learner": {"half_life_hours": None}},
+                          "cool.yaml")
+    with running(start_mock(tmp_path)) as down, running(start_mock(tmp_path)) as up:
+        control(down, script=["error"] * 4, error=OVERLOADED, answers=[RIGHT])
+        control(up, answers=[RIGHT])
+        config = {"backends": [mock_backend(name, down if name != "e" else up, max_retries=0) for name in arms],
+                  "policy": policy, "telemetry": {"data_dir": str(tmp_path / "data"), "refresh_s": 0.05}}
+        with running(start_gateway(tmp_path, config, name="cool")) as gateway:
+            client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+            with pytest.raises(openai.APIStatusError) as refused:
+                client.chat.completions.create(model="auto", messages=QUESTION)
+            assert refused.value.status_code == 502 and calls(down)["count"] == 4
+            cooled = time.monotonic()
+            for stream in (False, True, False):
+                raw = client.chat.completions.with_raw_response.create(model="auto", messages=QUESTION, stream=stream)
+                assert raw.headers["x-ponder-arm"] == "e/-/single/1"
+                if not stream:
+                    completion = raw.parse()
+                    assert completion.choices[0].message.content == RIGHT
+                    assert completion.model_extra["ponder"]["explore"] is False
+                else:
+                    assert "".join(chunk.choices[0].delta.content or "" for chunk in raw.parse()
+                                   if chunk.choices) == RIGHT
+            control(up, script=["500", "500"])  # the arm standing in fails: its failure is the answer, as ever
+            for stream in (False, True):
+                with pytest.raises(openai.APIStatusError) as failed:
+                    client.chat.completions.create(model="auto", messages=QUESTION, stream=stream)
+                assert failed.value.status_code == 502 and "e: upstream 500" in failed.value.message
+                assert failed.value.response.headers["x-should-retry"] == "false"
+            assert time.monotonic() - cooled < 3, "the test ran past the cool-down"
+            assert calls(down)["count"] == 4  # nothing sent to a backend cooling down
+            detail = httpx.get(f"{gateway.url}/v1/ponder/requests/{completion.id}").json()["decision"]
+            assert any("backend `a` is cooling down" in reason for reason in detail["reasons"]), detail["reasons"]
+            time.sleep(max(0.0, cooled + 3.2 - time.monotonic()))  # their cool-down is over: the best arm again
+            raw = client.chat.completions.with_raw_response.create(model="auto", messages=QUESTION)
+            assert raw.headers["x-ponder-arm"] == "a/-/single/1" and raw.parse().choices[0].message.content == RIGHT
+
+
+def test_a_degraded_key_gets_the_cheapest_arm_whose_backend_answers(tmp_path):
+    """Under the degrade line (no `max_cost_usd`) a key gets the cheapest arm only, with no fallback. While
+    that arm's backend cooled down, each of the key's requests was refused 503, although the next
+    cheapest arm fits its budget and answers."""
+    arms = {"cheap": {"backend": "cheap", "prior": 0.8, "tokens": 1},
+            "dear": {"backend": "dear", "prior": 0.9, "tokens": 1}}
+    policy = write_policy(tmp_path, {"name": "low", "arms": arms, "routes": [{"name": "all", "candidates": [*arms]}],
+                                     "objective": {"cost_weight": 0, "latency_weight": 0},
+                                     "budgets": {"degrade": {"below_usd": 100}},
+                                     "exploration": {"share": 0.0}, "learner": {"half_life_hours": None}}, "low.yaml")
+    key = "sk-low"
+    with running(start_mock(tmp_path)) as cheap, running(start_mock(tmp_path)) as dear:
+        control(cheap, script=["error"], error=OVERLOADED, answers=[RIGHT])
+        control(dear, answers=[RIGHT])
+        config = {"backends": [mock_backend("cheap", cheap, max_retries=0),
+                               mock_backend("dear", dear, max_retries=0,
+                                            prices={"input_per_mtok": 5.0, "output_per_mtok": 10.0})],
+                  "api_keys": [{"id": "low", "sha256": hashlib.sha256(key.encode()).hexdigest(),
+                                "budget_usd_per_day": 10}],
+                  "policy": policy, "telemetry": {"data_dir": str(tmp_path / "data"), "refresh_s": 0.05}}
+        with running(start_gateway(tmp_path, config, name="low")) as gateway:
+            client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0)
+            with pytest.raises(openai.APIStatusError) as refused:  # the cheapest arm only: no fallback
+                client.chat.completions.create(model="auto", messages=QUESTION)
+            assert refused.value.status_code == 502
+            for _ in range(2):
+                raw = client.chat.completions.with_raw_response.create(model="auto", messages=QUESTION)
+                assert raw.headers["x-ponder-arm"] == "dear/-/single/1"
+                assert raw.parse().choices[0].message.content == RIGHT
+            assert calls(cheap)["count"] == 1
 
 
 def test_a_request_the_client_left_is_no_latency_sample(tmp_path):

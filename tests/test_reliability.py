@@ -9,6 +9,7 @@ fixed, derandomized set.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import email.utils
 import hashlib
 import hmac
@@ -290,6 +291,62 @@ def test_hanging_backend_times_out_then_falls_back_within_the_timeout_plus_10_pe
     seconds = [s for _status, s, _h, _b in results]
     assert percentile(seconds, 0.99) <= timeout * 1.10, f"p99 {percentile(seconds, 0.99):.3f} s"
     assert upstream_calls(mock_a) < 20, "the hanging backend was not cooled down"
+
+
+def test_while_one_call_tests_a_hanging_backend_after_its_cool_down_the_others_go_elsewhere(tmp_path):
+    """A backend that hangs is cooled down by its first timeout. When the cool-down ended, every request
+    arriving while the next call to it hung was sent to it too, and waited its whole timeout before the
+    fallback answered: with timeouts of 60 s and cool-downs of at most 30 s, most requests of a long
+    outage. Now one call tests it, and the requests arriving meanwhile are planned on the other arm."""
+    with running(start_mock(tmp_path)) as mock_a, running(start_mock(tmp_path)) as mock_b:
+        backends = [mock_backend("hangs", mock_a, max_retries=0, timeout_s=3.0), mock_backend("spare", mock_b)]
+        policy = write_policy(tmp_path, {
+            "name": "probe", "arms": {"first": {"backend": "hangs", "prior": 0.9}, "spare": {"backend": "spare", "prior": 0.5}},
+            "routes": [{"name": "all", "candidates": ["first", "spare"]}],
+            "objective": {"cost_weight": 0, "latency_weight": 0}, "exploration": {"share": 0.0}})
+        with running(start_gateway(tmp_path, {"backends": backends, "policy": policy}, name="probe")) as gateway:
+            control(mock_a, script=["hang"] * 10, hang_s=30)
+            control(mock_b, answers=["7"])
+
+            def ask(stream: bool = False) -> tuple[httpx.Response, float]:
+                started = time.monotonic()
+                answer = httpx.post(gateway.url + "/v1/chat/completions", json=chat("auto", stream=stream), timeout=20)
+                return answer, time.monotonic() - started
+
+            first, seconds = ask()  # its timeout cools `hangs` down for half a second
+            assert first.headers["x-ponder-arm"] == "spare/-/single/1" and seconds >= 3.0
+            time.sleep(0.6)
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                probe = pool.submit(ask)  # the first call since: it tests `hangs`, and waits its timeout
+                deadline = time.monotonic() + 10
+                while calls(mock_a)["count"] < 2 and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                for stream in (False, True, False):
+                    answer, seconds = ask(stream)
+                    assert answer.status_code == 200 and answer.headers["x-ponder-arm"] == "spare/-/single/1"
+                    assert seconds < 1.5, f"waited {seconds:.1f} s on the backend being tested"
+                tested, seconds = probe.result()
+            assert tested.status_code == 200 and tested.headers["x-ponder-arm"] == "spare/-/single/1" and seconds >= 3.0
+            assert calls(mock_a)["count"] == 2
+
+
+def test_a_backend_is_tested_by_one_call_at_a_time_after_its_cool_down():
+    """BackendHealth: once a failing backend's cool-down is over, the first call tests it; it is in
+    doubt (other arms answer first) until that call ends, however it ends, but never refused."""
+    health = BackendHealth(name="b")
+    now = time.monotonic()
+    assert not health.probe(now, 5.0) and not health.in_doubt(now)  # a healthy backend is no test
+    health.failed(now, retry_after=0.01)  # cooled down for half a second
+    assert not health.available(now) and health.in_doubt(now) and not health.probe(now, 5.0)
+    later = now + 1.0
+    assert health.available(later) and not health.in_doubt(later)
+    assert health.probe(later, 5.0) and health.in_doubt(later) and health.available(later)
+    assert not health.probe(later, 5.0)  # one at a time
+    health.probe_ended()  # cancelled, or a refusal about the request: the next call tests it
+    assert not health.in_doubt(later) and health.probe(later, 5.0)
+    assert not health.in_doubt(later + 5.0)  # a test that never ended holds no longer than its call may run
+    health.succeeded()
+    assert not health.in_doubt(later) and not health.probe(later, 5.0)
 
 
 def test_connection_reset_is_retried_or_falls_back(pair):
