@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
+from starlette.requests import ClientDisconnect
 from starlette.responses import StreamingResponse
 
 from gateway.backends import Admission, Backend, UpstreamError, text_content
@@ -206,16 +207,29 @@ class EventStream(StreamingResponse):
         buffer from its high-water mark to its low one), more than a minute below 800 B/s, so the
         wait starts again whenever it has taken anything (`ponder serve`'s connections tell how much
         is left: gateway/connections.py). Its connection is dropped, not closed: a close waited for
-        it to take what was buffered, for ever, and held the socket and its buffers meanwhile."""
+        it to take what was buffered, for ever, and held the socket and its buffers meanwhile.
+
+        A client that hangs up is seen by its `http.disconnect`, and the next send ends the stream: uvicorn
+        drops sends to a gone client silently, and Starlette's cancel never reaches a relay whose upstream
+        events are already buffered (anyio cancels only a task that waits), so the relay ran to the end
+        and the request was recorded as a whole answer."""
         loop, task = asyncio.get_running_loop(), asyncio.current_task()
         assert task is not None
         client: ClientConnection | None = scope.get("extensions", {}).get(CLIENT_CONNECTION)
         sending_since: float | None = None
         unsent: int | None = None  # what the client had not taken at the last look during this send
-        stalled = False
+        stalled = left = False
+
+        async def listened() -> dict[str, Any]:
+            nonlocal left
+            message = await receive()
+            left = left or message["type"] == "http.disconnect"
+            return message
 
         async def watched(message: dict[str, Any]) -> None:
             nonlocal sending_since, unsent
+            if left:
+                raise ClientDisconnect
             sending_since, unsent = loop.time(), None
             await send(message)
             sending_since = None
@@ -235,7 +249,9 @@ class EventStream(StreamingResponse):
 
         timer = loop.call_later(self._stall_timeout_s / 2, watch)
         try:
-            await super().__call__(scope, receive, watched)
+            await super().__call__(scope, listened, watched)
+        except ClientDisconnect:
+            pass  # the body is closed below, as the client's leaving
         except asyncio.CancelledError:
             if not stalled:
                 raise

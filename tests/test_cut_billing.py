@@ -55,7 +55,8 @@ def stack(tmp_path_factory):
         backends = [mock_backend(name, mock, prices=PRICES, max_retries=0, **CUTS[name][0]) for name in CUTS]
         backends += [mock_backend(name, mock, prices=PRICES, max_retries=0, **timeouts) for name, timeouts in
                      (("voter", PATIENT), ("first", QUICK), ("second", PATIENT), ("left", PATIENT),
-                      ("quiet", PATIENT), ("broken", PATIENT), ("sdk-timeout", QUICK))]
+                      ("quiet", PATIENT), ("broken", PATIENT), ("sdk-timeout", QUICK),
+                      ("hangup", PATIENT))]
         backends.append(mock_backend("sdk-failing", mock, prices=PRICES, max_retries=1, **PATIENT))
         policy = write_policy(tmp, {
             "name": "cut",
@@ -257,6 +258,41 @@ def test_a_call_the_client_left_is_billed_by_the_same_rule(stack, stream):
     output = 1 if stream else 0
     assert (call["prompt_tokens"], call["completion_tokens"]) == (prompt_tokens(sent(mock)[0]), output)
     assert_billed(gateway, before, call["prompt_tokens"] * IN_USD + output * OUT_USD)
+
+
+def test_a_client_that_hangs_up_on_a_long_stream_is_recorded_as_leaving(stack):
+    """A client hangs up after reading part of a long answer whose rest the gateway already has: uvicorn
+    drops sends to a gone client silently, and the relay ran to the end, so the request was recorded as
+    200 with the whole answer (60,000 tokens), learned from as an answer and billed for what no one read
+    at the upstream's count. The disconnect ends the stream: a 499, the call cut off and billed what
+    was relayed."""
+    gateway, mock = stack
+    reset(mock)
+    words = 60_000
+    control(mock, answers=[" ".join(["word"] * words)])
+    before, previous = (ledger(gateway), metered(gateway)), latest_id(gateway)
+    data = orjson.dumps(body("hangup", stream=True, max_tokens=100_000))
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a slow reader: the gateway gets ahead
+        sock.connect(("127.0.0.1", int(gateway.url.rsplit(":", 1)[1])))
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + USER.encode() + b"\r\nContent-Length: " + str(len(data)).encode()
+                     + b"\r\n\r\n" + data)
+        read = 0
+        while read < 100_000:
+            read += len(sock.recv(8192))
+    for _ in range(200):  # recorded once the gateway has seen the client go
+        if (request_id := latest_id(gateway)) != previous:
+            break
+        time.sleep(0.05)
+    event = recorded(gateway, request_id)
+    assert event["request"]["status"] == 499, event["request"]
+    [call] = event["execution"]["calls"]
+    assert_cut(call, "the client left")
+    assert 0 < call["completion_tokens"] < words // 2, call
+    assert call["cost_usd"] == pytest.approx(call["prompt_tokens"] * IN_USD + call["completion_tokens"] * OUT_USD,
+                                             abs=1e-12)
+    assert_billed(gateway, before, call["cost_usd"])
 
 
 def test_a_stream_broken_mid_answer_is_billed_its_prompt_and_what_it_relayed(stack):
