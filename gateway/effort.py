@@ -14,37 +14,13 @@ from __future__ import annotations
 from typing import Any
 
 from policies.backends import BackendSpec
+from policies.thinking import (  # re-exported: the gateway's effort knowledge, also the router's
+    CLAUDE_MIN_THINKING_BUDGET, THINKING_BUDGET_TOKENS, effective_effort, is_claude_api, takes_reasoning_effort,
+    thinks_at,
+)
 
-# In increasing order; "xhigh" (OpenAI's level above high) is accepted from clients naming a backend
-THINKING_BUDGET_TOKENS = {"none": 0, "minimal": 512, "low": 1024, "medium": 4096, "high": 16384, "xhigh": 32768}
-# Claude's extended thinking: a budget of at least this, and below the call's max_tokens
-CLAUDE_MIN_THINKING_BUDGET = 1024
 # top_p Claude takes while it thinks: from this to 1
 CLAUDE_THINKING_MIN_TOP_P = 0.95
-
-
-def is_claude_api(spec: BackendSpec) -> bool:
-    """Whether the backend is Claude on Anthropic's Messages API (litellm's `anthropic/` provider),
-    which has no chat template and refuses fields it does not know."""
-    return spec.model.partition("/")[0] == "anthropic"
-
-
-def takes_reasoning_effort(spec: BackendSpec) -> bool:
-    """Whether the backend's API has OpenAI's `reasoning_effort` (a non-reasoning OpenAI model
-    answers it with a 400)."""
-    return spec.effort_param == "reasoning_effort" and bool(spec.reasoning or spec.efforts)
-
-
-def effective_effort(spec: BackendSpec, effort: str | None) -> str | None:
-    """The effort this backend actually gets for `effort`: the closest level it declares, or None
-    when it has no knob (what an arm key and telemetry should say was used)."""
-    if effort is None or spec.effort_param == "none":
-        return None
-    if spec.effort_param == "reasoning_effort" and not takes_reasoning_effort(spec):
-        return None
-    if spec.efforts and effort not in spec.efforts:
-        return _closest(effort, spec.efforts)
-    return effort
 
 
 def lowest_effort(spec: BackendSpec) -> str:
@@ -55,21 +31,6 @@ def lowest_effort(spec: BackendSpec) -> str:
         order = list(THINKING_BUDGET_TOKENS)
         return min(spec.efforts, key=order.index)
     return "none" if spec.effort_param in ("thinking_budget", "enable_thinking") else "low"
-
-
-def thinks_at(spec: BackendSpec, effort: str | None) -> bool:
-    """Whether a call to this backend at this effort thinks before it answers, spending output tokens
-    the answer never shows: a reasoning model does unless its knob turns thinking off."""
-    if not spec.reasoning:
-        return False
-    effort = effective_effort(spec, effort)
-    if effort is None:
-        return True  # no knob (an always-thinking model on vLLM): it thinks at its own length
-    if spec.effort_param == "thinking_budget":
-        return THINKING_BUDGET_TOKENS.get(effort, 0) > 0
-    if spec.effort_param == "enable_thinking":
-        return effort not in ("none", "minimal", "low")
-    return effort != "none"
 
 
 def apply_effort(body: dict[str, Any], spec: BackendSpec, effort: str | None) -> dict[str, Any]:
@@ -141,11 +102,3 @@ def fit_claude_thinking(body: dict[str, Any], thinking: dict[str, Any] | None) -
     if isinstance(body.get("top_p"), (int, float)) and body["top_p"] < CLAUDE_THINKING_MIN_TOP_P:
         del body["top_p"]
     return body
-
-
-def _closest(effort: str, supported: list[str]) -> str:
-    """The declared level nearest `effort`; between two as near, the cheaper, but never "none" for a
-    request that asked for some thinking: "minimal" on a backend with none and low is low."""
-    order = list(THINKING_BUDGET_TOKENS)
-    want = order.index(effort) if effort in order else 2
-    return min(supported, key=lambda e: (abs(order.index(e) - want), e == "none" != effort, order.index(e)))

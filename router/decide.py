@@ -523,9 +523,10 @@ def decide(
             acc, factor, addend, latency, p95, evidence = _learned(
                 seen, shared_for(key), alpha, beta, reference, latency, p95, strength, calibration, task_for(key),
                 bucket_strength, i < in_route)
-            if carm.reasons_aloud:
-                # A chain cut before its "Final answer:" line answers nothing (router.voting.sample_answer):
-                # the share of the expected chain that the cap leaves room for is its chance to end.
+            if carm.reasons_aloud or (carm.thinks_above is not None and max_out > carm.thinks_above):
+                # A chain cut before its "Final answer:" line answers nothing (router.voting.sample_answer),
+                # nor does a reasoning model cut while it thinks (empty content, finish_reason length): the
+                # share of the expected chain that the cap leaves room for is its chance to end.
                 acc *= max_out / tokens
                 chains_cut = True
         elif memo is not None:
@@ -572,7 +573,7 @@ def decide(
 
     if chains_cut:
         reasons.append(f"max_tokens {max_out} leaves room for part of a chain of thought: the P(correct) of an "
-                       "arm that reasons aloud is scaled by the share of its expected chain that fits")
+                       "arm that reasons aloud or thinks is scaled by the share of its expected chain that fits")
     if not eligible:
         affordable = [i for i, kind in kinds.items() if kind == 3]
         if not affordable:

@@ -19,6 +19,7 @@ from policies.loader import resolve_max_context, resolve_prices
 from policies.schema import (
     ArmSpec, Objective, Policy, PolicyError, PricePrior, expected_output_tokens, policy_problems,
 )
+from policies.thinking import thinking_cap_floor
 from router.types import DIFFICULTY_TIERS, TASK_TYPES, Arm
 
 DEFAULT_PROMPT_TOKENS = 300  # when the gateway could not count the prompt
@@ -135,7 +136,7 @@ class CompiledArm:
 
     __slots__ = ("name", "arm", "key", "backend", "effort", "strategy", "prior", "cost_per_prompt_token",
                  "cost_fixed", "cost_reference", "latency_ms", "latency_p95_ms", "tokens", "spec", "_policy",
-                 "_capped", "max_context", "samples", "prompt_once", "reasons_aloud")
+                 "_capped", "max_context", "samples", "prompt_once", "reasons_aloud", "thinks_above")
 
     def __init__(self, name: str, spec: ArmSpec, policy: Policy, backends: dict[str, BackendSpec]):
         self.name = name
@@ -150,6 +151,9 @@ class CompiledArm:
         # them (gateway/strategies.py uses_cot): a sample cut before that line answers nothing.
         self.reasons_aloud = spec.strategy == "cot" or (
             spec.strategy in ("self_consistency", "adaptive_consistency") and not backends[spec.backend].reasoning)
+        # Its backend thinks at its effort (policies/thinking.py), within the client's max_tokens, above this
+        # cap (None: it answers at once): a call cut while it thinks answers nothing.
+        self.thinks_above = thinking_cap_floor(backends[spec.backend], spec.effort)
         # the first call's backend: a cascade stage that cannot hold the prompt fails alone (400), and
         # the answer so far stands
         self.max_context = resolve_max_context(backends[spec.backend])[0]

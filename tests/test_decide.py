@@ -305,6 +305,59 @@ def test_a_cap_too_small_to_reason_aloud_gets_a_direct_answer():
         assert asked.arm.strategy == "cot" and asked.rule in ("all", "all+override")
 
 
+THINKING = """\
+name: thinking
+backends:
+  - {name: plain, model: test/plain, prices: {input_per_mtok: 0.1, output_per_mtok: 0.4}}
+  - {name: o, model: openai/o4-mini, reasoning: true, efforts: [none, low, high],
+     prices: {input_per_mtok: 0.1, output_per_mtok: 0.4}}
+  - {name: sonnet, model: anthropic/claude-x, reasoning: true, effort_param: thinking_budget, efforts: [high],
+     prices: {input_per_mtok: 0.1, output_per_mtok: 0.4}}
+arms:
+  direct: {backend: plain, prior: 0.6}
+  high:   {backend: o, effort: high, prior: 0.9}
+  low:    {backend: o, effort: low, prior: 0.8}
+  none:   {backend: o, effort: none, prior: 0.5}
+  claude: {backend: sonnet, effort: high, prior: 0.95}
+routes:
+  - {name: efforts, when: {tasks: [code]}, candidates: [none, high]}
+  - {name: claude, when: {tasks: [chat]}, candidates: [claude, direct]}
+  - {name: all, candidates: [direct, high, low]}
+objective: {cost_weight: 0, latency_weight: 0}
+exploration: {share: 0.0}
+"""
+
+
+def test_a_cap_too_small_to_think_within_prefers_an_arm_that_answers():
+    """docs/policies.md: a reasoning backend spends its thinking within the client's max_tokens, and a
+    call cut while it thinks answers nothing (empty content, finish_reason length): an arm whose backend
+    thinks at its effort has its P(correct) scaled by the share of its expected tokens the cap leaves
+    room for, as an arm that reasons aloud does (an effort `high` arm under max_tokens 50 won, and
+    answered nothing). An effort that turns thinking off is not scaled, nor is Claude under a cap its
+    thinking is left off for (it answers at once)."""
+    policy = parse_policy(THINKING, "thinking.yaml")
+    math = Classification("math", {"math": 1.0}, 0.5)
+    assert name_of(policy, decide(math, policy, {}).arm) == "high"
+    capped = decide(math, policy, {}, request=RequestHints(max_output_tokens=50))
+    assert name_of(policy, capped.arm) == "direct"
+    assert candidate(capped, policy, "high").expected_accuracy == pytest.approx(0.9 * 50 / 6000)
+    assert candidate(capped, policy, "low").expected_accuracy == pytest.approx(0.8 * 50 / 1200)
+    assert any("reasons aloud or thinks" in r for r in capped.reasons)
+    room_for_low = decide(math, policy, {}, request=RequestHints(max_output_tokens=2000))
+    assert name_of(policy, room_for_low.arm) == "low"
+    assert candidate(room_for_low, policy, "high").expected_accuracy == pytest.approx(0.9 * 2000 / 6000)
+
+    code, chat = Classification("code", {"code": 1.0}, 0.5), Classification("chat", {"chat": 1.0}, 0.5)
+    unthinking = decide(code, policy, {}, request=RequestHints(max_output_tokens=50))
+    assert name_of(policy, unthinking.arm) == "none"
+    assert candidate(unthinking, policy, "none").expected_accuracy == pytest.approx(0.5)
+    claude = decide(chat, policy, {}, request=RequestHints(max_output_tokens=50))
+    assert name_of(policy, claude.arm) == "claude"
+    assert candidate(claude, policy, "claude").expected_accuracy == pytest.approx(0.95)
+    claude_thinking = decide(chat, policy, {}, request=RequestHints(max_output_tokens=2000))
+    assert candidate(claude_thinking, policy, "claude").expected_accuracy == pytest.approx(0.95 * 2000 / 6000)
+
+
 def windowed(**windows: int):
     """POLICY with these backends' context windows (max_context) declared."""
     text = POLICY

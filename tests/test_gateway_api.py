@@ -1033,6 +1033,33 @@ def test_a_max_tokens_too_small_to_reason_aloud_gets_a_direct_answer(tmp_path):
             assert calls(mock)["bodies"][-1]["messages"] == question  # asked directly, no reasoning instruction
 
 
+def test_a_max_tokens_too_small_to_think_within_gets_an_arm_that_answers(tmp_path):
+    """docs/policies.md: a reasoning backend spends its thinking within the client's max_tokens (the mock
+    thinks 10 tokens at any effort, as a real one does thousands): under a cap its effort `high` cannot
+    think within, the route answers with its direct arm, not with empty content and finish_reason
+    `length` from the thinking arm (which won: it was priced as cheaper under the cap, and as likely right)."""
+    path = write_policy(tmp_path, {
+        "name": "thinking",
+        "arms": {"direct": {"backend": "mock-a", "prior": 0.6},
+                 "high": {"backend": "mock-r", "effort": "high", "prior": 0.9}},
+        "routes": [{"name": "all", "candidates": ["direct", "high"]}],
+        "objective": {"cost_weight": 0, "latency_weight": 0},
+        "exploration": {"share": 0.0}}, "thinking.yaml")
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("mock-a", mock),
+                         mock_backend("mock-r", mock, reasoning=True, efforts=["low", "medium", "high"])],
+            "policy": path}, name="thinking")) as gateway:
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+        control(mock, answers=["The answer is 42"])
+        question = [{"role": "user", "content": "What is 6 * 7?"}]
+        uncapped = client.chat.completions.with_raw_response.create(model="auto", messages=question)
+        assert uncapped.headers["x-ponder-arm"] == "mock-r/high/single/1"
+        raw = client.chat.completions.with_raw_response.create(model="auto", messages=question, max_tokens=5)
+        assert raw.headers["x-ponder-arm"] == "mock-a/-/single/1"
+        answer = raw.parse().choices[0]
+        assert (answer.message.content, answer.finish_reason) == ("The answer is 42", "stop")
+
+
 def test_refused_requests_are_counted_in_metrics(gw, client):
     """A request refused before any decision (bad input, a cost cap) has no event, but /metrics counts it
     by status; the alias label is the model only when it is a known one."""
