@@ -11,7 +11,7 @@ import itertools
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -19,6 +19,7 @@ from gateway.backends import Admission, Backend, UpstreamError
 from gateway.errors import NO_CLIENT_RETRY, ApiError, retry_after
 from gateway.usage import NO_CHOICES, CallRecord, Usage
 from router.estimates import estimate_input_tokens, estimate_prompt_tokens
+from router.types import Arm
 
 MIN_CALL_S = 0.01  # less time than this left: a call is not started (see Caller.out_of_time)
 # A call the request's deadline cut off is the backend's fault (a timeout, see Caller.deadline_reached)
@@ -214,6 +215,21 @@ class Caller:
         another call after its cool-down (BackendHealth.in_doubt)."""
         backend = self.backends.get(backend_name)
         return backend is not None and not backend.health.in_doubt(time.monotonic())
+
+    def passes_over(self, arms: Sequence[Arm], index: int, tried: bool) -> bool:
+        """Whether a request skips its arm `arms[index]` rather than call it: its backend is in doubt
+        (`available`), and either a later arm's backend is not, or it still cools down and is called
+        only as the last arm when no arm was `tried` (to refuse at once, 503 with Retry-After). A
+        backend whose cool-down is over, being tested by another call, is called when no arm after
+        it answers sooner: the other arms still cooling down, it is this request's best chance."""
+        name = arms[index].backend
+        if self.available(name):
+            return False
+        if any(self.available(arm.backend) for arm in arms[index + 1:]):
+            return True
+        backend = self.backends.get(name)
+        cooling = backend is None or not backend.health.available(time.monotonic())
+        return cooling and (index < len(arms) - 1 or tried)
 
     def retry_after_s(self, names: Iterable[str]) -> float:
         """When the soonest of the request's cooling backends (`names`) is expected back, for a

@@ -309,7 +309,7 @@ async def open_first_stream(gw: Gateway, plan: Plan, req: ChatRequest,
     for index, arm in enumerate(arms):
         if arm.strategy != "single":
             return arms[index:]
-        if not caller.available(arm.backend) and (index < len(arms) - 1 or last is not None):
+        if caller.passes_over(arms, index, tried=last is not None):
             continue  # cooling down: as Gateway.execute skips it
         backend = caller.backend(arm.backend)
         caller.start_arm()

@@ -412,7 +412,7 @@ class Gateway:
         # the learner's stats of the request's bucket, for strategies that gate on them (one lookup)
         stats = self.store.snapshot(plan.decision.policy).get(plan.decision.bucket, {}) if self.store else {}
         for index, arm in enumerate(arms):
-            if not caller.available(arm.backend) and (index < len(arms) - 1 or last is not None):
+            if caller.passes_over(arms, index, tried=last is not None):
                 # cooling down: skipped at once rather than waited on; the last one is called (and
                 # refuses at once, 503 with Retry-After) only when no other was, so that an arm that
                 # did fail before it is the error the client gets

@@ -330,6 +330,43 @@ def test_while_one_call_tests_a_hanging_backend_after_its_cool_down_the_others_g
             assert calls(mock_a)["count"] == 2
 
 
+def test_a_request_whose_other_backends_cool_down_is_sent_to_the_backend_being_tested(tmp_path):
+    """docs/api.md: while one call tests a backend after its cool-down, the requests that have another
+    arm take it; a request whose other arms' backends still cool down has none. It was refused 503 at
+    once (Retry-After: the other backend's long wait) when the tested backend ranked first, and sent to
+    it when it ranked last: the skip treated a backend being tested as one still cooling down."""
+    overloaded = {"status": 503, "headers": {"Retry-After": "20"}, "body": '{"error": {"message": "overloaded"}}'}
+    with running(start_mock(tmp_path)) as mock_a, running(start_mock(tmp_path)) as mock_b:
+        backends = [mock_backend("tested", mock_a, max_retries=0, timeout_s=2.0),
+                    mock_backend("waits", mock_b, max_retries=0)]
+        policy = write_policy(tmp_path, {
+            "name": "probe2", "arms": {"first": {"backend": "tested", "prior": 0.9},
+                                       "second": {"backend": "waits", "prior": 0.5}},
+            "routes": [{"name": "all", "candidates": ["first", "second"]}],
+            "objective": {"cost_weight": 0, "latency_weight": 0}, "exploration": {"share": 0.0}})
+        with running(start_gateway(tmp_path, {"backends": backends, "policy": policy}, name="probe2")) as gateway:
+            control(mock_a, script=["hang", "hang"], hang_s=30, answers=["7"])
+            control(mock_b, script=["error"], error=overloaded)
+
+            def ask(stream: bool = False) -> httpx.Response:
+                return httpx.post(gateway.url + "/v1/chat/completions", json=chat("auto", stream=stream), timeout=20)
+
+            # `tested` times out (cooled down half a second), `waits` asks for 20 s: both cool down
+            assert ask().status_code >= 500
+            time.sleep(0.6)
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                probe = pool.submit(ask)  # the first call since tests `tested`, and hangs
+                deadline = time.monotonic() + 10
+                while calls(mock_a)["count"] < 2 and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                for stream in (False, True):
+                    answer = ask(stream)
+                    assert answer.status_code == 200, answer.text
+                    assert answer.headers["x-ponder-arm"] == "tested/-/single/1"
+                probe.result()
+            assert calls(mock_b)["count"] == 1  # never called while it asked to wait
+
+
 def test_a_backend_is_tested_by_one_call_at_a_time_after_its_cool_down():
     """BackendHealth: once a failing backend's cool-down is over, the first call tests it; it is in
     doubt (other arms answer first) until that call ends, however it ends, but never refused."""
