@@ -16,7 +16,6 @@ from typing import Any
 from policies.backends import BackendSpec
 from policies.thinking import (  # re-exported: the gateway's effort knowledge, also the router's
     CLAUDE_MIN_THINKING_BUDGET, THINKING_BUDGET_TOKENS, effective_effort, is_claude_api, takes_reasoning_effort,
-    thinks_at,
 )
 
 # top_p Claude takes while it thinks: from this to 1

@@ -17,8 +17,9 @@ from typing import Any
 
 from gateway.backends import Backend, UpstreamError
 from gateway.calls import Caller
-from gateway.effort import apply_effort, lowest_effort, thinks_at
+from gateway.effort import apply_effort, lowest_effort
 from policies.backends import BackendSpec
+from policies.thinking import thinks_at
 from router import cascade, prompts, stopping, voting
 from router.estimates import estimate_prompt_tokens
 from router.types import TASK_TYPES, Arm, ArmStats
