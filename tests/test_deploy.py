@@ -711,3 +711,67 @@ def test_promtool_accepts_the_prometheus_config():
     result = subprocess.run([promtool, "check", "config", "--syntax-only", str(DEPLOY / "prometheus.yml")],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- the docs' config reference ----------------------------------------------------------------------
+
+
+def config_fields(model: type, prefix: str = "") -> dict[str, object]:
+    """Every key of a config model, nested ones dotted (`telemetry.data_dir`, `api_keys[].id`), with its
+    default (`REQUIRED` for one without). A section (a nested model) is its keys, not a row of its own;
+    `backends` is one row, its fields being the policy format's (checked below)."""
+    from pydantic import BaseModel
+    from pydantic_core import PydanticUndefined
+
+    out: dict[str, object] = {}
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            out.update(config_fields(annotation, f"{prefix}{name}."))
+            continue
+        default = field.get_default(call_default_factory=True)
+        out[prefix + name] = REQUIRED if default is PydanticUndefined else default
+        item = (getattr(annotation, "__args__", None) or (None,))[0]
+        if name != "backends" and isinstance(item, type) and issubclass(item, BaseModel):
+            out.update(config_fields(item, f"{prefix}{name}[]."))
+    return out
+
+
+REQUIRED = object()
+
+
+def documented_config() -> dict[str, str]:
+    """docs/deploy.md "The gateway config": key -> the default column as written."""
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    section = text.split("\n## The gateway config\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split(" | ") for line in section.splitlines() if line.startswith("| `")]
+    return {cells[0].strip("| `"): cells[1].strip() for cells in rows}
+
+
+def test_deploy_docs_list_every_gateway_config_key_with_its_default(tmp_path):
+    """The config reference is a contract: every key the schema takes is documented, every documented key
+    is taken (an unknown one is a bad config), and the default written is the default loaded."""
+    from policies.loader import resolve_policy_path
+
+    schema, documented = config_fields(GatewayConfig), documented_config()
+    assert sorted(set(schema) - set(documented)) == [], "keys the config takes that docs/deploy.md does not list"
+    assert sorted(set(documented) - set(schema)) == [], "keys docs/deploy.md lists that the config refuses"
+    for key, written in documented.items():
+        if schema[key] is REQUIRED:
+            assert written == "(required)", key
+            continue
+        value = yaml.safe_load(written.strip("`"))
+        if key == "policy":  # written as the shipped file's name, loaded as its path
+            value = resolve_policy_path(tmp_path, value)
+        assert value == schema[key], f"{key}: docs/deploy.md says {written}, the config's default is {schema[key]!r}"
+
+
+def test_policies_docs_backend_example_names_every_backend_field():
+    """docs/policies.md's backend in "The format" shows every field a backend takes (a commented one
+    counts), so none is known only from the source."""
+    from policies.backends import BackendSpec
+
+    text = (ROOT / "docs" / "policies.md").read_text()
+    example = text.split("\n## The format\n", 1)[1].split("\narms:\n", 1)[0]
+    shown = set(re.findall(r"^\s+(?:- |# )?(\w+):", example, re.M))
+    assert sorted(set(BackendSpec.model_fields) - shown) == []
