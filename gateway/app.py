@@ -235,8 +235,8 @@ def create_app(config: GatewayConfig) -> Starlette:
         middleware.append(Middleware(CORSMiddleware, allow_origins=config.cors_origins,
                                      allow_methods=["GET", "POST"], allow_headers=["*"],
                                      expose_headers=EXPOSED_HEADERS))
-    if config.max_requests_in_flight:  # inside CORS: a browser app can read its 503
-        middleware.append(Middleware(LoadShedding, limit=config.max_requests_in_flight, metrics=gateway.metrics))
+    # inside CORS: a browser app can read its 503; with no limit (0) it still counts ponder_requests_in_flight
+    middleware.append(Middleware(LoadShedding, limit=config.max_requests_in_flight, metrics=gateway.metrics))
     app = Starlette(routes=routes(), middleware=middleware, exception_handlers=EXCEPTION_HANDLERS,
                     lifespan=lifespan)
     app.state.gateway = gateway

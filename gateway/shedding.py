@@ -34,7 +34,8 @@ log = logging.getLogger("ponder.shedding")
 
 
 class LoadShedding:
-    """Pure ASGI middleware (uvicorn's `limit_concurrency` answers plain text and counts every path)."""
+    """Pure ASGI middleware (uvicorn's `limit_concurrency` answers plain text and counts every path).
+    A `limit` of 0 sheds nothing and still counts: the in-flight gauge is the operators' view either way."""
 
     def __init__(self, app: Any, limit: int, metrics: Metrics) -> None:
         self.app = app
@@ -50,7 +51,7 @@ class LoadShedding:
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["path"] not in SHED_PATHS:
             return await self.app(scope, receive, send)
-        if self.in_flight >= self.limit:
+        if self.limit and self.in_flight >= self.limit:  # 0: no limit, but the count is still kept
             return await self._shed(scope, receive, send)
         self.in_flight += 1
         self._gauge.inc()

@@ -394,3 +394,35 @@ def test_a_gateway_out_of_open_files_answers_503_and_leaves_the_backend_healthy(
             assert after.choices[0].message.content == "Hello from the mock upstream."
             assert "backend m is failing" not in gateway.log()
             assert "the gateway has run out of open files" in gateway.log()
+
+
+def test_without_a_limit_the_requests_in_flight_are_still_counted(tmp_path):
+    """`max_requests_in_flight: 0` turns shedding off, not the count: ponder_requests_in_flight read 0
+    with requests waiting on their upstream (the middleware that counts was left out), so an operator
+    who lifted the limit for slow upstreams lost the one gauge that says how many wait."""
+    with running(start_mock(tmp_path)) as mock:
+        policy = write_policy(tmp_path, {"name": "unlimited", "arms": {"one": {"backend": "m", "strategy": "single"}},
+                                         "routes": [{"name": "all", "candidates": ["one"]}],
+                                         "exploration": {"share": 0.0}})
+        config = {"backends": [mock_backend("m", mock, timeout_s=20, max_retries=0)], "policy": policy,
+                  "max_requests_in_flight": 0,
+                  "api_keys": [{"id": "app", "sha256": hashlib.sha256(KEY.encode()).hexdigest()},
+                               {"id": "ops", "sha256": hashlib.sha256(ADMIN_KEY.encode()).hexdigest(), "admin": True}]}
+        with running(start_gateway(tmp_path, config, name="unlimited")) as gateway:
+            held = LIMIT + 1  # past what a limit of 2 would take: none of them is shed
+            control(mock, script=["hang"] * held, hang_s=1.5)
+            statuses: list[int] = []
+
+            def one() -> None:
+                raw = client(gateway).chat.completions.with_raw_response.create(model="auto", messages=MESSAGES)
+                statuses.append(raw.status_code)
+
+            threads = [threading.Thread(target=one) for _ in range(held)]
+            for thread in threads:
+                thread.start()
+            wait_in_flight(gateway, held)
+            for thread in threads:
+                thread.join(30)
+            assert statuses == [200] * held
+            wait_in_flight(gateway, 0)
+            assert metric(gateway, "ponder_shed_requests_total") == 0
