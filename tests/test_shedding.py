@@ -323,3 +323,32 @@ def test_a_burst_past_the_shells_soft_open_files_limit_is_served(tmp_path):
 
             assert collections.Counter(asyncio.run(fire())) == {200: burst}
             assert "Too many open files" not in gateway.log()
+
+
+def test_shedding_is_logged_at_once_then_at_most_every_log_every_s(monkeypatch, caplog):
+    """A burst shed thousands of requests a second: one warning each would flood the log (and spend the
+    CPU the shedding saves). The first is said at once, the rest counted into the next report."""
+    import gateway.shedding as shedding_module
+
+    now = [1000.0]
+    monkeypatch.setattr(shedding_module.time, "monotonic", lambda: now[0])
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError("never reached: every request is past a limit of 0")
+
+    async def shed(count: int) -> None:
+        for _ in range(count):
+            sent = _Sent()
+            await shedding(scope, None, sent)
+            assert sent.messages[0]["status"] == 503
+
+    shedding = LoadShedding(app, limit=0, metrics=Metrics())
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": []}
+    with caplog.at_level("WARNING", logger="ponder.shedding"):
+        asyncio.run(shed(5))
+        now[0] += shedding_module.LOG_EVERY_S - 0.1
+        asyncio.run(shed(3))
+        assert [r.getMessage().split(" request(s)")[0] for r in caplog.records] == ["overloaded: 1"]
+        now[0] += 0.1
+        asyncio.run(shed(1))
+    assert [r.getMessage().split(" request(s)")[0] for r in caplog.records] == ["overloaded: 1", "overloaded: 8"]
