@@ -1287,10 +1287,12 @@ A_YEAR_ON = email.utils.formatdate(time.time() + 365 * 86400, usegmt=True)
 A_YEARS_RETRY_INFO = orjson.dumps([{"error": {"code": 429, "message": "busy", "status": "RESOURCE_EXHAUSTED", "details": [
     {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "31536000s"}]}}]).decode()
 # (upstream status, its wait headers, streamed): each case on its own backend (far-i), the fast path's
-# then litellm's; no headers: the wait is the body's RetryInfo
-FAR_WAITS = [*[(status, headers, stream) for status in (500, 400) for headers in
-               ({"Retry-After": A_YEAR_ON}, {"Retry-After": "31536000"}, {"retry-after-ms": "31536000000"})
-               for stream in (False, True)], (429, {}, False), (429, {}, True)] * 2
+# then litellm's; no headers: the wait is the body's RetryInfo (a 503's on the fast path, a 429's through
+# litellm, which passes on none of a 500's)
+_HEADER_WAITS = [(status, headers, stream) for status in (500, 400) for headers in
+                 ({"Retry-After": A_YEAR_ON}, {"Retry-After": "31536000"}, {"retry-after-ms": "31536000000"})
+                 for stream in (False, True)]
+FAR_WAITS = [*_HEADER_WAITS, (503, {}, False), (503, {}, True), *_HEADER_WAITS, (429, {}, False), (429, {}, True)]
 
 
 @pytest.mark.parametrize("case", range(len(FAR_WAITS)))
@@ -1304,7 +1306,7 @@ def test_an_upstreams_wait_of_a_year_reaches_the_client_as_at_most_the_cool_down
     control(mock, script=["error"], error={"status": status, "headers": headers,
                                            "body": '{"error": {"message": "busy"}}' if headers else A_YEARS_RETRY_INFO})
     response = httpx.post(gateway.url + "/v1/chat/completions", json=chat(f"far-{case}", stream=stream), timeout=30)
-    assert response.status_code == {500: 502, 400: 400, 429: 429}[status], response.text
+    assert response.status_code == {500: 502, 503: 502, 400: 400, 429: 429}[status], response.text
     assert 1 <= int(response.headers["retry-after"]) <= 30, response.headers["retry-after"]
 
 
