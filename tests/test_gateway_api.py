@@ -1656,6 +1656,29 @@ def test_basic_format_backend_gets_a_kept_history_and_its_output_limit(keyed_sta
     assert sent["max_tokens"] == 7 and "max_completion_tokens" not in sent
 
 
+def _tool(name: str) -> dict:
+    return {"type": "function", "function": {"name": name, "parameters": {"type": "object", "properties": {}}}}
+
+
+@pytest.mark.parametrize("tools, tool_choice, sent_choice", [
+    ([_tool("get_weather")], "required", {"type": "function", "function": {"name": "get_weather"}}),
+    # two tools: naming one would force the one the model may not have chosen
+    ([_tool("get_weather"), _tool("get_time")], "required", "required"),
+    ([_tool("get_weather")], "auto", "auto"),
+    ([_tool("get_weather")], "none", "none"),
+])
+def test_basic_format_backend_gets_a_required_tool_call_as_the_one_tool_named(keyed_stack, tools, tool_choice,
+                                                                              sent_choice):
+    """A basic server (llama-cpp-python) ignores `tool_choice: "required"` but forces a named tool: with
+    one tool, that tool is named; any other choice, or more tools, goes as the client sent it."""
+    gateway, mock = keyed_stack
+    reset(mock)
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0)
+    client.chat.completions.create(model="mock-text", messages=[{"role": "user", "content": "Weather in Paris?"}],
+                                   tools=tools, tool_choice=tool_choice)
+    assert calls(mock)["bodies"][-1]["tool_choice"] == sent_choice
+
+
 def test_n_without_upstream_n_draws_distinct_seeded_samples(keyed_stack):
     gateway, mock = keyed_stack
     reset(mock)
