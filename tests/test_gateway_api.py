@@ -1001,6 +1001,39 @@ def test_a_cot_arm_answers_the_n_choices_asked_for(tmp_path):
             assert calls(mock)["count"] - before == upstream_calls
 
 
+def test_the_clients_stop_sequences_end_a_cot_arms_reply_not_its_chain(tmp_path):
+    """As for a vote's chains (test_the_clients_stop_sequences_end_a_reasoning_votes_answer_not_its_chains),
+    for a cot arm's, from one call (n) or one call each: the reply ends where the client's sequences end
+    it, "stop" where they did; a chain cut at its length before any answer stays cut ("length"), not its
+    first paragraph passed off as a finished reply."""
+    path = write_policy(tmp_path, {
+        "name": "cot-stop",
+        "arms": {"think": {"backend": "mock-a", "strategy": "cot"},
+                 "think-split": {"backend": "mock-split", "strategy": "cot"}},
+        "routes": [{"name": "all", "candidates": ["think"]}],
+        "aliases": {"auto": {}, "auto-split": {"arms": ["think-split"]}}}, "cot-stop.yaml")
+    reply = "Tom starts with 3 apples.\n\nHe buys 4 more: 3 + 4 = 7.\n\nFinal answer: 7"
+    question = "Question: Tom has 3 apples and buys 4. How many?"
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("mock-a", mock), mock_backend("mock-split", mock, supports_n=False)],
+            "policy": path}, name="cot-stop")) as gateway:
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+        for model in ("auto", "auto-split"):
+            for behaviour in ("ok", "length"):  # the model went on to the next question, then ran out
+                control(mock, script=[behaviour] * 2, answers=[
+                    reply + "\n\nQuestion: Ann has 2 pears and gets 3. How many?\nFinal answer: 5"])
+                choice = client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
+                                                        stop=["\n\n", "Question:"]).choices[0]
+                assert (choice.message.content, choice.finish_reason) == ("7", "stop"), (model, behaviour)
+                assert choice.message.model_extra["reasoning_content"] == reply
+            cut = "Tom starts with 3 apples.\n\nHe buys 4"
+            control(mock, script=["length"], answers=[cut])
+            choice = client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
+                                                    stop=["\n\n", "Question:"]).choices[0]
+            assert (choice.message.content, choice.finish_reason) == (cut, "length"), model
+        assert all("stop" not in body for body in calls(mock)["bodies"])
+
+
 def test_refused_requests_are_counted_in_metrics(gw, client):
     """A request refused before any decision (bad input, a cost cap) has no event, but /metrics counts it
     by status; the alias label is the model only when it is a known one."""
