@@ -487,6 +487,24 @@ def test_a_vote_over_reasoning_chains_hands_the_client_their_final_answers(clien
     assert [orjson.loads(reply)["product"] for reply in replies] == [42, 41]
 
 
+def test_an_adaptive_vote_over_reasoning_chains_hands_the_client_their_final_answers(tmp_path):
+    """As a fixed-size vote does (test_a_vote_over_reasoning_chains_hands_the_client_their_final_answers),
+    an adaptive one whose samples reasoned: the final answer as content, the chain as reasoning."""
+    path = write_policy(tmp_path, {
+        "name": "adaptive-cot", "arms": {"vote": {"backend": "mock-a", "strategy": "adaptive_consistency", "n": 4}},
+        "routes": [{"name": "all", "candidates": ["vote"]}]}, "adaptive-cot.yaml")
+    chain = "Six sevens make 42.\nFinal answer: 42"
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("mock-a", mock)], "policy": path}, name="adaptive-cot")) as gateway:
+        control(mock, answers=[chain])
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+        completion = client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "6 * 7?"}])
+        assert completion.model_extra["ponder"]["strategy"] == "adaptive_consistency"
+        assert "Final answer:" in calls(mock)["bodies"][0]["messages"][-1]["content"]  # the samples reasoned
+        message = completion.choices[0].message
+        assert (message.content, message.model_extra["reasoning_content"]) == ("42", chain)
+
+
 def test_a_reasoning_chains_handed_over_keep_the_models_own_thinking_before_them(client, mock):
     """A backend that thinks aloud on its own (`reasoning_content`) but samples under the reasoning
     instruction: its thinking was replaced by the chain, and lost."""
