@@ -346,6 +346,24 @@ def test_a_merged_rows_latency_percentiles_are_of_its_answers():
     assert (merged["p50_latency_ms"], merged["p95_latency_ms"], merged["mean_latency_ms"]) == (600.0, 1000.0, 650.0)
 
 
+def test_savings_price_the_reference_at_its_cost_per_request_it_answered():
+    """The reference arm spent $0.04 on the two of its four requests that did not fail (the failed two
+    billed nothing): an answer from it costs $0.02, not the $0.01 its mean over all four reads, in its
+    own bucket and in one it never served."""
+    from telemetry.summaries import savings
+
+    ref = {"requests": 4.0, "failed_requests": 2.0, "count": 4.0, "error_rate": 0.5, "cost_usd": 0.04,
+           "mean_cost_usd": 0.01, "spent_usd": 0.04}
+    cheap = {"requests": 10.0, "failed_requests": 0.0, "count": 10.0, "error_rate": 0.0, "cost_usd": 0.01,
+             "mean_cost_usd": 0.001, "spent_usd": 0.01}
+    result = savings({"math:hard": {"ref": ref, "cheap": cheap}, "math:easy": {"cheap": cheap}}, "ref")
+    by_bucket = {b["bucket"]: b for b in result["buckets"]}
+    assert by_bucket["math:hard"]["reference_cost_basis"] == "observed"
+    assert by_bucket["math:hard"]["reference_cost_usd"] == pytest.approx(0.02 * 12)  # its 12 requests not failed
+    assert by_bucket["math:easy"]["reference_cost_basis"] == "observed_elsewhere"
+    assert by_bucket["math:easy"]["reference_cost_usd"] == pytest.approx(0.02 * 10)
+
+
 def test_savings_against_a_reference_arm(stack):
     gateway, _, seeded, _ = stack
     routed = seeded.routed()
