@@ -186,6 +186,10 @@ def test_degrade_without_a_cost_line_takes_the_cheapest():
     decision = decide(EASY_CHAT, policy, {}, budget_left_usd=0.5)
     assert name_of(policy, decision.arm) == "quick"
     assert candidate(decision, policy, "mid-low").excluded == "budget low: cheapest arm only"
+    # and only it: an arm the latency cap alone ruled out is no fallback either (it costs more)
+    slow = decide(HARD_MATH, policy, {}, budget_left_usd=0.5, request=RequestHints(max_latency_ms=30_000))
+    assert "p95 latency" in candidate(slow, policy, "mid-high").excluded
+    assert name_of(policy, slow.arm) == "quick-cot" and slow.fallbacks == ()
 
 
 def test_request_cap_that_nothing_fits_raises(policy):
