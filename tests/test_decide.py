@@ -138,6 +138,10 @@ def test_cost_cap_excludes_expensive_arms_with_a_reason(policy):
         excluded = candidate(decision, policy, name).excluded
         assert excluded and "x-ponder-max-cost-usd" in excluded and "expected cost" in excluded
     assert candidate(decision, policy, "mid-low").excluded is None
+    # a hard limit: an arm over it is no fallback, where one the latency cap alone ruled out is
+    decision = decide(HARD_MATH, policy, {}, request=RequestHints(max_cost_usd=0.01, max_latency_ms=10_000))
+    assert name_of(policy, decision.arm) == "quick-cot"
+    assert [name_of(policy, arm) for arm in decision.fallbacks] == ["mid-low"]
 
 
 def test_cost_header_can_only_tighten(policy):
@@ -165,6 +169,10 @@ def test_latency_cap(policy):
     decision = decide(HARD_MATH, policy, {}, request=RequestHints(max_latency_ms=10))
     assert name_of(policy, decision.arm) == "quick-cot"
     assert any("fastest" in reason for reason in decision.reasons)
+    # a soft limit: the arms it alone ruled out stand in when the one fast enough fails, fastest first
+    decision = decide(HARD_MATH, policy, {}, request=RequestHints(max_latency_ms=20_000))
+    assert name_of(policy, decision.arm) == "quick-cot"
+    assert [name_of(policy, arm) for arm in decision.fallbacks] == ["mid-low", "strong-vote", "mid-high"]
 
 
 def test_budget_degrades_then_refuses(policy):
