@@ -1477,6 +1477,8 @@ def test_answers_other_than_completions_carry_a_request_id(keyed_stack):
         assert answer.status_code == 200, (path, answer.status_code)
         assert answer.headers.get_list("x-request-id") == answer.headers.get_list("x-ponder-request-id"), path
         assert len(answer.headers.get_list("x-request-id")) == 1, path
+        # added to the answer's own headers, not in their place
+        assert answer.headers["content-length"] == str(len(answer.content)) and "content-type" in answer.headers, path
         ids.append(answer.headers["x-request-id"])
     assert all(i.startswith("req_") for i in ids) and len(set(ids)) == len(ids)
     # a completion keeps its own, once
