@@ -457,3 +457,36 @@ def test_the_open_files_limit_is_raised_to_the_hard_one_and_a_short_one_said(mon
         raise_open_files_limit(in_flight)
     assert asked == ([] if raised_to is None else [(raised_to, hard)])
     assert ("is short of what max_requests_in_flight" in caplog.text) is short, caplog.text
+
+
+def test_a_stalled_stream_ends_as_a_client_that_left_and_its_task_goes_on_uncancelled():
+    """The watch cancels the stream's task to end a send that stalls, and takes that cancellation back:
+    the task (uvicorn's, the middleware's code after the app) goes on as a task that was never
+    cancelled, and the stream is settled."""
+    from gateway.streaming import EventStream
+
+    async def scenario() -> tuple[list[bool], int]:
+        async def body() -> Any:
+            while True:
+                yield b"data: {}\n\n"
+
+        async def receive() -> dict[str, Any]:
+            await asyncio.sleep(60)
+            return {"type": "http.disconnect"}
+
+        async def stalled_send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.body":
+                await asyncio.Event().wait()  # a client that reads nothing: the send never completes
+
+        finished: list[bool] = []
+
+        async def finish() -> None:
+            finished.append(True)
+
+        await EventStream(body(), finish, {}, stall_timeout_s=0.05)(
+            {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": []}, receive, stalled_send)
+        task = asyncio.current_task()
+        assert task is not None
+        return finished, task.cancelling()
+
+    assert asyncio.run(asyncio.wait_for(scenario(), 10)) == ([True], 0)
