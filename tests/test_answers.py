@@ -405,6 +405,8 @@ def test_a_json_final_answer_is_handed_over_whole() -> None:
     fenced = f"```json\n{reply}\n```"
     assert final_answer(f"Six sevens.\nFinal answer:\n{fenced}", "math") == fenced
     assert final_answer("Final answer: The final answer is $5$. I hope it is correct.", "math") == "$5$"  # not JSON
+    listed = '["so the answer is 42", 42]'  # an array too
+    assert final_answer(f"Six sevens.\nFinal answer: {listed}", "math") == listed
 
 
 def test_the_clients_stop_sequences_end_a_reasoning_chains_reply() -> None:
@@ -418,6 +420,11 @@ def test_the_clients_stop_sequences_end_a_reasoning_chains_reply() -> None:
     assert reply_until_stop("7 apples\n\nQuestion: x", "\n\n") == "7 apples"
     assert reply_until_stop("7 apples", None) == reply_until_stop("7 apples", "\n") == "7 apples"
     assert reply_until_stop("7 apples", ["", "ap"]) == "7 "  # an empty sequence stops nothing
+    # a sequence on the answer's own line ends it there
+    assert reply_until_stop("3 + 4 = 7.\nFinal answer: 7 Question: And 2 + 2?", "Question:") == "3 + 4 = 7.\nFinal answer: 7 "
+    # the reply starts at the instruction's own marker, not at a chain's "the answer is" before it
+    second_thoughts = "I think the answer is 6.\n\nNo: 3 + 4 = 7.\n\nFinal answer: 7"
+    assert reply_until_stop(second_thoughts, "\n\n") == second_thoughts
     # cut off at its length limit before any answer: no reply to end, the chain stays cut
     assert reply_until_stop("Step 1.\n\nStep 2", "\n\n", finished=False) == "Step 1.\n\nStep 2"
     assert reply_until_stop("Final answer: 7\n\nQ", "\n\n", finished=False) == "Final answer: 7"

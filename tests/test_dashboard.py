@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from router.types import bucket_key
 from telemetry.redis_server import start_redis
-from tests.servers import ROOT, mock_backend, running, start_gateway, start_mock, two_mock_policy, write_policy
+from tests.servers import ROOT, control, mock_backend, running, start_gateway, start_mock, two_mock_policy, write_policy
 
 USER_KEY = "sk-dash-user-1"
 ADMIN_KEY = "sk-dash-admin-2"
@@ -344,6 +344,24 @@ def test_a_merged_rows_latency_percentiles_are_of_its_answers():
               "p50_latency_ms": 0.0, "p95_latency_ms": 0.0, "mean_latency_ms": 0.0}
     merged = merge_rows([answered, failed])
     assert (merged["p50_latency_ms"], merged["p95_latency_ms"], merged["mean_latency_ms"]) == (600.0, 1000.0, 650.0)
+
+
+def test_savings_price_the_reference_at_its_cost_per_request_it_answered():
+    """The reference arm spent $0.04 on the two of its four requests that did not fail (the failed two
+    billed nothing): an answer from it costs $0.02, not the $0.01 its mean over all four reads, in its
+    own bucket and in one it never served."""
+    from telemetry.summaries import savings
+
+    ref = {"requests": 4.0, "failed_requests": 2.0, "count": 4.0, "error_rate": 0.5, "cost_usd": 0.04,
+           "mean_cost_usd": 0.01, "spent_usd": 0.04}
+    cheap = {"requests": 10.0, "failed_requests": 0.0, "count": 10.0, "error_rate": 0.0, "cost_usd": 0.01,
+             "mean_cost_usd": 0.001, "spent_usd": 0.01}
+    result = savings({"math:hard": {"ref": ref, "cheap": cheap}, "math:easy": {"cheap": cheap}}, "ref")
+    by_bucket = {b["bucket"]: b for b in result["buckets"]}
+    assert by_bucket["math:hard"]["reference_cost_basis"] == "observed"
+    assert by_bucket["math:hard"]["reference_cost_usd"] == pytest.approx(0.02 * 12)  # its 12 requests not failed
+    assert by_bucket["math:easy"]["reference_cost_basis"] == "observed_elsewhere"
+    assert by_bucket["math:easy"]["reference_cost_usd"] == pytest.approx(0.02 * 10)
 
 
 def test_savings_against_a_reference_arm(stack):
@@ -763,6 +781,30 @@ def test_the_current_choice_is_priced_for_the_requests_max_tokens(tmp_path, brow
         ring = page.locator("[data-testid=arm-point]", has=page.get_by_test_id("current-choice"))
         expect(ring).to_have_attribute("data-arm", "mock-b/-/single/1")
         page.close()
+
+
+def test_the_current_choice_is_priced_for_the_requests_n(tmp_path):
+    """Every client asks n=4 answers: a single call costs four answers then, as much as a vote of four
+    (which draws them anyway and is likelier right), so the vote answers them all. The current choice
+    is priced for that typical n, not for one answer, where the single call is four times cheaper."""
+    policy = write_policy(tmp_path, {
+        "name": "four", "arms": {"one": {"backend": "mock-b", "prior": 0.6, "tokens": 100},
+                                 "vote": {"backend": "mock-b", "strategy": "self_consistency", "n": 4, "prior": 0.9,
+                                          "tokens": 100}},
+        "routes": [{"name": "all", "candidates": ["one", "vote"]}],
+        "objective": {"cost_weight": 20, "latency_weight": 0}, "exploration": {"share": 0.0}}, "four.yaml")
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("mock-b", mock, prices={"input_per_mtok": 1.0, "output_per_mtok": 100.0})],
+            "policy": policy, "telemetry": {"data_dir": str(tmp_path / "data"), "refresh_s": 0.1}},
+            name="four")) as gateway:
+        control(mock, answers=[" ".join(["word"] * 100)])  # as long as the arms' estimate
+        for _ in range(3):
+            response = httpx.post(gateway.url + "/v1/chat/completions", timeout=30, json={
+                "model": "auto", "n": 4, "messages": [{"role": "user", "content": "What is 6 times 7?"}]})
+            assert response.status_code == 200 and response.headers["x-ponder-arm"] == "mock-b/-/self_consistency/4"
+        time.sleep(0.5)  # the stats' refresh
+        [task] = get(gateway.url, "/v1/ponder/summary", key=None).json()["tasks"]
+        assert [tier["current_choice"] for tier in task["tiers"]] == ["mock-b/-/self_consistency/4"]
 
 
 def test_dashboard_fits_a_phone_screen(stack, browser):

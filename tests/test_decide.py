@@ -139,6 +139,10 @@ def test_cost_cap_excludes_expensive_arms_with_a_reason(policy):
         excluded = candidate(decision, policy, name).excluded
         assert excluded and "x-ponder-max-cost-usd" in excluded and "expected cost" in excluded
     assert candidate(decision, policy, "mid-low").excluded is None
+    # a hard limit: an arm over it is no fallback, where one the latency cap alone ruled out is
+    decision = decide(HARD_MATH, policy, {}, request=RequestHints(max_cost_usd=0.01, max_latency_ms=10_000))
+    assert name_of(policy, decision.arm) == "quick-cot"
+    assert [name_of(policy, arm) for arm in decision.fallbacks] == ["mid-low"]
 
 
 def test_cost_header_can_only_tighten(policy):
@@ -166,6 +170,10 @@ def test_latency_cap(policy):
     decision = decide(HARD_MATH, policy, {}, request=RequestHints(max_latency_ms=10))
     assert name_of(policy, decision.arm) == "quick-cot"
     assert any("fastest" in reason for reason in decision.reasons)
+    # a soft limit: the arms it alone ruled out stand in when the one fast enough fails, fastest first
+    decision = decide(HARD_MATH, policy, {}, request=RequestHints(max_latency_ms=20_000))
+    assert name_of(policy, decision.arm) == "quick-cot"
+    assert [name_of(policy, arm) for arm in decision.fallbacks] == ["mid-low", "strong-vote", "mid-high"]
 
 
 def test_budget_degrades_then_refuses(policy):
@@ -187,6 +195,10 @@ def test_degrade_without_a_cost_line_takes_the_cheapest():
     decision = decide(EASY_CHAT, policy, {}, budget_left_usd=0.5)
     assert name_of(policy, decision.arm) == "quick"
     assert candidate(decision, policy, "mid-low").excluded == "budget low: cheapest arm only"
+    # and only it: an arm the latency cap alone ruled out is no fallback either (it costs more)
+    slow = decide(HARD_MATH, policy, {}, budget_left_usd=0.5, request=RequestHints(max_latency_ms=30_000))
+    assert "p95 latency" in candidate(slow, policy, "mid-high").excluded
+    assert name_of(policy, slow.arm) == "quick-cot" and slow.fallbacks == ()
 
 
 def test_request_cap_that_nothing_fits_raises(policy):

@@ -407,6 +407,9 @@ def test_a_body_of_token_ids_with_one_wrong_is_refused_at_once(gw, mock):
         {"id": "call_1", "type": "function", "function": {"name": "transfer", "arguments": "{}"}}]}),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "callbacks": ["generic_api"]}),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "_skip_mcp_handler": True}),
+    # litellm's call arguments outside its list of options: what to drop, how long to wait
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "drop_params": False}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "timeout": 0.001}),
     ("/v1/embeddings", {"input": "x", "mock_response": [0.5]}),
     ("/v1/embeddings", {"input": "x", "aws_bedrock_runtime_endpoint": "{other}"}),
 ])

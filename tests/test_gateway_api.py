@@ -487,6 +487,24 @@ def test_a_vote_over_reasoning_chains_hands_the_client_their_final_answers(clien
     assert [orjson.loads(reply)["product"] for reply in replies] == [42, 41]
 
 
+def test_an_adaptive_vote_over_reasoning_chains_hands_the_client_their_final_answers(tmp_path):
+    """As a fixed-size vote does (test_a_vote_over_reasoning_chains_hands_the_client_their_final_answers),
+    an adaptive one whose samples reasoned: the final answer as content, the chain as reasoning."""
+    path = write_policy(tmp_path, {
+        "name": "adaptive-cot", "arms": {"vote": {"backend": "mock-a", "strategy": "adaptive_consistency", "n": 4}},
+        "routes": [{"name": "all", "candidates": ["vote"]}]}, "adaptive-cot.yaml")
+    chain = "Six sevens make 42.\nFinal answer: 42"
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("mock-a", mock)], "policy": path}, name="adaptive-cot")) as gateway:
+        control(mock, answers=[chain])
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+        completion = client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "6 * 7?"}])
+        assert completion.model_extra["ponder"]["strategy"] == "adaptive_consistency"
+        assert "Final answer:" in calls(mock)["bodies"][0]["messages"][-1]["content"]  # the samples reasoned
+        message = completion.choices[0].message
+        assert (message.content, message.model_extra["reasoning_content"]) == ("42", chain)
+
+
 def test_a_reasoning_chains_handed_over_keep_the_models_own_thinking_before_them(client, mock):
     """A backend that thinks aloud on its own (`reasoning_content`) but samples under the reasoning
     instruction: its thinking was replaced by the chain, and lost."""
@@ -1060,6 +1078,39 @@ def test_a_max_tokens_too_small_to_think_within_gets_an_arm_that_answers(tmp_pat
         assert (answer.message.content, answer.finish_reason) == ("The answer is 42", "stop")
 
 
+def test_the_clients_stop_sequences_end_a_cot_arms_reply_not_its_chain(tmp_path):
+    """As for a vote's chains (test_the_clients_stop_sequences_end_a_reasoning_votes_answer_not_its_chains),
+    for a cot arm's, from one call (n) or one call each: the reply ends where the client's sequences end
+    it, "stop" where they did; a chain cut at its length before any answer stays cut ("length"), not its
+    first paragraph passed off as a finished reply."""
+    path = write_policy(tmp_path, {
+        "name": "cot-stop",
+        "arms": {"think": {"backend": "mock-a", "strategy": "cot"},
+                 "think-split": {"backend": "mock-split", "strategy": "cot"}},
+        "routes": [{"name": "all", "candidates": ["think"]}],
+        "aliases": {"auto": {}, "auto-split": {"arms": ["think-split"]}}}, "cot-stop.yaml")
+    reply = "Tom starts with 3 apples.\n\nHe buys 4 more: 3 + 4 = 7.\n\nFinal answer: 7"
+    question = "Question: Tom has 3 apples and buys 4. How many?"
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("mock-a", mock), mock_backend("mock-split", mock, supports_n=False)],
+            "policy": path}, name="cot-stop")) as gateway:
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+        for model in ("auto", "auto-split"):
+            for behaviour in ("ok", "length"):  # the model went on to the next question, then ran out
+                control(mock, script=[behaviour] * 2, answers=[
+                    reply + "\n\nQuestion: Ann has 2 pears and gets 3. How many?\nFinal answer: 5"])
+                choice = client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
+                                                        stop=["\n\n", "Question:"]).choices[0]
+                assert (choice.message.content, choice.finish_reason) == ("7", "stop"), (model, behaviour)
+                assert choice.message.model_extra["reasoning_content"] == reply
+            cut = "Tom starts with 3 apples.\n\nHe buys 4"
+            control(mock, script=["length"], answers=[cut])
+            choice = client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
+                                                    stop=["\n\n", "Question:"]).choices[0]
+            assert (choice.message.content, choice.finish_reason) == (cut, "length"), model
+        assert all("stop" not in body for body in calls(mock)["bodies"])
+
+
 def test_refused_requests_are_counted_in_metrics(gw, client):
     """A request refused before any decision (bad input, a cost cap) has no event, but /metrics counts it
     by status; the alias label is the model only when it is a known one."""
@@ -1485,6 +1536,8 @@ def test_answers_other_than_completions_carry_a_request_id(keyed_stack):
         assert answer.status_code == 200, (path, answer.status_code)
         assert answer.headers.get_list("x-request-id") == answer.headers.get_list("x-ponder-request-id"), path
         assert len(answer.headers.get_list("x-request-id")) == 1, path
+        # added to the answer's own headers, not in their place
+        assert answer.headers["content-length"] == str(len(answer.content)) and "content-type" in answer.headers, path
         ids.append(answer.headers["x-request-id"])
     assert all(i.startswith("req_") for i in ids) and len(set(ids)) == len(ids)
     # a completion keeps its own, once
@@ -1713,6 +1766,29 @@ def test_basic_format_backend_gets_a_kept_history_and_its_output_limit(keyed_sta
     sent = calls(mock)["bodies"][-1]
     assert sent["messages"][1] == {"role": "assistant", "content": first.choices[0].message.content}
     assert sent["max_tokens"] == 7 and "max_completion_tokens" not in sent
+
+
+def _tool(name: str) -> dict:
+    return {"type": "function", "function": {"name": name, "parameters": {"type": "object", "properties": {}}}}
+
+
+@pytest.mark.parametrize("tools, tool_choice, sent_choice", [
+    ([_tool("get_weather")], "required", {"type": "function", "function": {"name": "get_weather"}}),
+    # two tools: naming one would force the one the model may not have chosen
+    ([_tool("get_weather"), _tool("get_time")], "required", "required"),
+    ([_tool("get_weather")], "auto", "auto"),
+    ([_tool("get_weather")], "none", "none"),
+])
+def test_basic_format_backend_gets_a_required_tool_call_as_the_one_tool_named(keyed_stack, tools, tool_choice,
+                                                                              sent_choice):
+    """A basic server (llama-cpp-python) ignores `tool_choice: "required"` but forces a named tool: with
+    one tool, that tool is named; any other choice, or more tools, goes as the client sent it."""
+    gateway, mock = keyed_stack
+    reset(mock)
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=KEY, max_retries=0)
+    client.chat.completions.create(model="mock-text", messages=[{"role": "user", "content": "Weather in Paris?"}],
+                                   tools=tools, tool_choice=tool_choice)
+    assert calls(mock)["bodies"][-1]["tool_choice"] == sent_choice
 
 
 def test_n_without_upstream_n_draws_distinct_seeded_samples(keyed_stack):

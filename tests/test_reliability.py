@@ -1377,24 +1377,30 @@ def test_upstream_errors_with_any_retry_after_get_a_clean_error_with_a_sane_retr
 
 
 A_YEAR_ON = email.utils.formatdate(time.time() + 365 * 86400, usegmt=True)
+# Google's wait is in the error body (RetryInfo), not in a header
+A_YEARS_RETRY_INFO = orjson.dumps([{"error": {"code": 429, "message": "busy", "status": "RESOURCE_EXHAUSTED", "details": [
+    {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "31536000s"}]}}]).decode()
 # (upstream status, its wait headers, streamed): each case on its own backend (far-i), the fast path's
-# then litellm's
-FAR_WAITS = [(status, headers, stream) for status in (500, 400) for headers in
-             ({"Retry-After": A_YEAR_ON}, {"Retry-After": "31536000"}, {"retry-after-ms": "31536000000"})
-             for stream in (False, True)] * 2
+# then litellm's; no headers: the wait is the body's RetryInfo (a 503's on the fast path, a 429's through
+# litellm, which passes on none of a 500's)
+_HEADER_WAITS = [(status, headers, stream) for status in (500, 400) for headers in
+                 ({"Retry-After": A_YEAR_ON}, {"Retry-After": "31536000"}, {"retry-after-ms": "31536000000"})
+                 for stream in (False, True)]
+FAR_WAITS = [*_HEADER_WAITS, (503, {}, False), (503, {}, True), *_HEADER_WAITS, (429, {}, False), (429, {}, True)]
 
 
 @pytest.mark.parametrize("case", range(len(FAR_WAITS)))
 def test_an_upstreams_wait_of_a_year_reaches_the_client_as_at_most_the_cool_down(waits, case):
     """A 500 or 400 whose Retry-After was an HTTP-date a year on (or as many seconds) was passed on as
     `Retry-After: 31535999`: a client told to wait a year, though the gateway itself calls the backend
-    again after its longest cool-down (30 s), as it does for a 429's wait."""
+    again after its longest cool-down (30 s), as it does for a 429's wait (and for Google's 429, whose
+    wait is in its body's RetryInfo)."""
     gateway, mock = waits
     status, headers, stream = FAR_WAITS[case]
     control(mock, script=["error"], error={"status": status, "headers": headers,
-                                           "body": '{"error": {"message": "busy"}}'})
+                                           "body": '{"error": {"message": "busy"}}' if headers else A_YEARS_RETRY_INFO})
     response = httpx.post(gateway.url + "/v1/chat/completions", json=chat(f"far-{case}", stream=stream), timeout=30)
-    assert response.status_code == (502 if status == 500 else 400), response.text
+    assert response.status_code == {500: 502, 503: 502, 400: 400, 429: 429}[status], response.text
     assert 1 <= int(response.headers["retry-after"]) <= 30, response.headers["retry-after"]
 
 
@@ -1783,6 +1789,41 @@ def test_a_body_still_coming_after_its_answer_cannot_hold_the_connection(tmp_pat
             while b"HTTP/1.1 200" not in second and (more := sock.recv(65536)):
                 second += more
         assert first.startswith(b"HTTP/1.1 401") and b"HTTP/1.1 200" in second, (first[:100], second[:100])
+
+
+def test_a_body_deadline_ends_with_its_body_not_with_the_next_requests(tmp_path):
+    """A body deadline is kept only for an early answer's body, and disarmed once that body is complete:
+    left armed, or armed after a whole request's answer, it closed the kept-alive connection in the
+    middle of the next request, whose body was well within its own body_timeout_s."""
+    key = "sk-deadline-needle-7c2d"
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("m", mock)], "policy": simple_policy(tmp_path, "m"),
+            "api_keys": [{"id": "k", "sha256": hashlib.sha256(key.encode()).hexdigest()}],
+            "header_timeout_s": 3.0, "body_timeout_s": 3.0}, name="deadline")) as gateway:
+        host, port = gateway.url.removeprefix("http://").split(":")
+        post = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        body = orjson.dumps({"model": "auto", "messages": [{"role": "user", "content": "hi"}]})
+        keyed = post + b"Authorization: Bearer " + key.encode() + b"\r\nContent-Length: " + str(len(body)).encode()
+        # the first request: answered before its body was all read (no key: a 401), or a whole one
+        for opening, rest, status in ((post + b"Content-Length: 20\r\n\r\n" + b"x" * 10, b"x" * 10, b"401"),
+                                      (keyed + b"\r\n\r\n" + body, b"", b"200")):
+            second = b""
+            with socket.create_connection((host, int(port))) as sock:
+                sock.settimeout(10)
+                started = time.monotonic()
+                sock.sendall(opening)
+                first = sock.recv(65536)
+                sock.sendall(rest)  # the rest of its body, in time
+                time.sleep(1.0)
+                sock.sendall(keyed + b"\r\n\r\n" + body[:10])
+                time.sleep(max(0.0, started + 3.5 - time.monotonic()))  # past the first one's deadline, not its own
+                try:
+                    sock.sendall(body[10:])
+                    while b"HTTP/1.1 200" not in second and (more := sock.recv(65536)):
+                        second += more
+                except OSError:  # reset: the connection was closed
+                    pass
+            assert first.startswith(b"HTTP/1.1 " + status) and b"HTTP/1.1 200" in second, (first[:100], second[:100])
 
 
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/feedback"])

@@ -426,3 +426,170 @@ def test_without_a_limit_the_requests_in_flight_are_still_counted(tmp_path):
             assert statuses == [200] * held
             wait_in_flight(gateway, 0)
             assert metric(gateway, "ponder_shed_requests_total") == 0
+
+
+def test_shedding_is_logged_at_once_then_at_most_every_log_every_s(monkeypatch, caplog):
+    """A burst shed thousands of requests a second: one warning each would flood the log (and spend the
+    CPU the shedding saves). The first is said at once, the rest counted into the next report."""
+    import gateway.shedding as shedding_module
+
+    now = [1000.0]
+    monkeypatch.setattr(shedding_module.time, "monotonic", lambda: now[0])
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError("never reached: every request is past a limit of 0")
+
+    async def shed(count: int) -> None:
+        for _ in range(count):
+            sent = _Sent()
+            await shedding(scope, None, sent)
+            assert sent.messages[0]["status"] == 503
+
+    shedding = LoadShedding(app, limit=0, metrics=Metrics())
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": []}
+    with caplog.at_level("WARNING", logger="ponder.shedding"):
+        asyncio.run(shed(5))
+        now[0] += shedding_module.LOG_EVERY_S - 0.1
+        asyncio.run(shed(3))
+        assert [r.getMessage().split(" request(s)")[0] for r in caplog.records] == ["overloaded: 1"]
+        now[0] += 0.1
+        asyncio.run(shed(1))
+    assert [r.getMessage().split(" request(s)")[0] for r in caplog.records] == ["overloaded: 1", "overloaded: 8"]
+
+
+def test_a_streams_stall_watch_ends_with_the_stream(monkeypatch):
+    """The stall watch re-arms itself every stall_timeout_s / 2 while its stream lasts: one left armed by
+    a stream that ended fired for the life of the process, one more for every stream served."""
+    from gateway.streaming import EventStream
+
+    async def scenario() -> tuple[int, list[bool]]:
+        loop = asyncio.get_running_loop()
+        armed: list[Any] = []
+        call_later = loop.call_later
+
+        def counted(delay: float, callback: Any, *args: Any, **kwargs: Any) -> asyncio.TimerHandle:
+            if "EventStream" in getattr(callback, "__qualname__", ""):  # not asyncio.sleep's
+                armed.append(callback)
+            return call_later(delay, callback, *args, **kwargs)
+
+        monkeypatch.setattr(loop, "call_later", counted)
+
+        async def body() -> Any:
+            for _ in range(3):
+                await asyncio.sleep(0.03)  # longer than half the stall timeout: the watch fires during it
+                yield b"data: {}\n\n"
+
+        async def receive() -> dict[str, Any]:
+            await asyncio.sleep(60)
+            return {"type": "http.disconnect"}
+
+        finished: list[bool] = []
+
+        async def finish() -> None:
+            finished.append(True)
+
+        sent = _Sent()
+        await EventStream(body(), finish, {}, stall_timeout_s=0.04)(
+            {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": []}, receive, sent)
+        assert sent.messages[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
+        assert len(armed) > 1  # it watched while the stream lasted
+        ended_with = len(armed)
+        await asyncio.sleep(0.3)
+        return len(armed) - ended_with, finished
+
+    rearmed, finished = asyncio.run(scenario())
+    assert finished == [True] and rearmed == 0
+
+
+def test_a_stream_cancelled_by_its_server_stays_cancelled_and_is_no_stalled_client(caplog):
+    """The stall watch ends its stream by cancelling it, and takes that one cancellation back: a cancel
+    from outside (a server shutting down, a task group) still ends the stream cancelled and settled,
+    and is not logged as a client that read nothing."""
+    from gateway.streaming import EventStream
+
+    async def scenario() -> list[bool]:
+        started = asyncio.Event()
+
+        async def body() -> Any:
+            yield b"data: {}\n\n"
+            started.set()
+            await asyncio.sleep(60)
+            yield b"data: {}\n\n"
+
+        async def receive() -> dict[str, Any]:
+            await asyncio.sleep(60)
+            return {"type": "http.disconnect"}
+
+        finished: list[bool] = []
+
+        async def finish() -> None:
+            finished.append(True)
+
+        stream = EventStream(body(), finish, {}, stall_timeout_s=30.0)
+        task = asyncio.ensure_future(stream({"type": "http", "method": "POST", "path": "/v1/chat/completions",
+                                             "headers": []}, receive, _Sent()))
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return finished
+
+    with caplog.at_level("WARNING", logger="ponder.streaming"):
+        assert asyncio.run(scenario()) == [True]
+    assert "read nothing" not in caplog.text
+
+
+INFINITY = resource.RLIM_INFINITY
+
+
+@pytest.mark.parametrize("soft, hard, in_flight, raised_to, short", [
+    (1024, 4096, 1000, 4096, False),  # to the hard limit, which holds 1,000 requests' sockets
+    (1024, 2048, 1000, 2048, True),  # raised, and still short of what 1,000 need: said
+    (1024, INFINITY, 1000, 1 << 20, False),  # an unlimited hard limit: the kernel's usual cap, not infinity
+    (INFINITY, INFINITY, 1000, None, False),  # nothing to raise
+    (512, 512, 0, None, False),  # no limit on requests in flight: nothing to size
+])
+def test_the_open_files_limit_is_raised_to_the_hard_one_and_a_short_one_said(monkeypatch, caplog, soft, hard,
+                                                                             in_flight, raised_to, short):
+    from gateway.connections import raise_open_files_limit
+
+    asked: list[tuple[int, int]] = []
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (soft, hard))
+    monkeypatch.setattr(resource, "setrlimit", lambda which, limits: asked.append(limits))
+    with caplog.at_level("WARNING", logger="ponder.connections"):
+        raise_open_files_limit(in_flight)
+    assert asked == ([] if raised_to is None else [(raised_to, hard)])
+    assert ("is short of what max_requests_in_flight" in caplog.text) is short, caplog.text
+
+
+def test_a_stalled_stream_ends_as_a_client_that_left_and_its_task_goes_on_uncancelled():
+    """The watch cancels the stream's task to end a send that stalls, and takes that cancellation back:
+    the task (uvicorn's, the middleware's code after the app) goes on as a task that was never
+    cancelled, and the stream is settled."""
+    from gateway.streaming import EventStream
+
+    async def scenario() -> tuple[list[bool], int]:
+        async def body() -> Any:
+            while True:
+                yield b"data: {}\n\n"
+
+        async def receive() -> dict[str, Any]:
+            await asyncio.sleep(60)
+            return {"type": "http.disconnect"}
+
+        async def stalled_send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.body":
+                await asyncio.Event().wait()  # a client that reads nothing: the send never completes
+
+        finished: list[bool] = []
+
+        async def finish() -> None:
+            finished.append(True)
+
+        await EventStream(body(), finish, {}, stall_timeout_s=0.05)(
+            {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": []}, receive, stalled_send)
+        task = asyncio.current_task()
+        assert task is not None
+        return finished, task.cancelling()
+
+    assert asyncio.run(asyncio.wait_for(scenario(), 10)) == ([True], 0)
