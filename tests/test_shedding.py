@@ -437,7 +437,7 @@ def test_shedding_is_logged_at_once_then_at_most_every_log_every_s(monkeypatch, 
     monkeypatch.setattr(shedding_module.time, "monotonic", lambda: now[0])
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
-        raise AssertionError("never reached: every request is past a limit of 0")
+        raise AssertionError("never reached: every request is past the limit of 1, which one holds")
 
     async def shed(count: int) -> None:
         for _ in range(count):
@@ -445,7 +445,8 @@ def test_shedding_is_logged_at_once_then_at_most_every_log_every_s(monkeypatch, 
             await shedding(scope, None, sent)
             assert sent.messages[0]["status"] == 503
 
-    shedding = LoadShedding(app, limit=0, metrics=Metrics())
+    shedding = LoadShedding(app, limit=1, metrics=Metrics())
+    shedding.in_flight = 1  # one request held throughout (a limit of 0 is no limit)
     scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": []}
     with caplog.at_level("WARNING", logger="ponder.shedding"):
         asyncio.run(shed(5))
