@@ -51,6 +51,16 @@ class BackendHealth:
     def probe_ended(self) -> None:
         self.probe_until = 0.0
 
+    def answered(self) -> None:
+        """A stream's first event came: the backend answers again, and the outage is over (logged once),
+        so the next calls test nothing and the requests that had gone elsewhere come back. Its failures
+        are kept until a call ends well: a stream that breaks mid-answer cools it down again at once."""
+        if self.failing_since is not None:
+            log.warning("backend %s answers again, after %.0f s of failures", self.name,
+                        time.monotonic() - self.failing_since)
+        self.failing_since = None
+        self.probe_until = 0.0
+
     def failed(self, now: float, retry_after: float | None = None, *, slow: bool = False,
                request: int | None = None, error: UpstreamError | None = None) -> None:
         # One failure may be a blip worth one quick retry; failures of two requests in a row, an
@@ -79,14 +89,10 @@ class BackendHealth:
         self.succeeded()
 
     def succeeded(self) -> None:
-        if self.failing_since is not None:
-            log.warning("backend %s answers again, after %.0f s of failures", self.name,
-                        time.monotonic() - self.failing_since)
+        self.answered()
         self.consecutive_failures = 0
         self.cooldown_until = self.asked_wait_until if self.asked_wait_until > time.monotonic() else 0.0
-        self.probe_until = 0.0
         self.last_failed_request = None
-        self.failing_since = None
 
 
 def _failure(error: UpstreamError | None) -> str:

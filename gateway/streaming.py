@@ -91,6 +91,7 @@ class PassThrough:
             await source.aclose()
             raise
         else:
+            backend.health.answered()  # its first event is the proof: no wait for the stream's end
             return cls(backend, source, first, started, prompt_tokens, output_limit(body))
         await source.aclose()
         if error.status == 502 and error.upstream_status is None and may_exceed_context(prompt_tokens,

@@ -615,8 +615,13 @@ def decide(
             if rows[greedy][0].backend in cooling else None
         if stand_in is not None:
             chosen = stand_in
+            over_limit = ""
+            if kinds.get(chosen) == 3:  # latency is a soft limit: the arm serving is not ruled out (as above)
+                over_limit = f", over {latency_cap_why} {latency_cap:g} ms,"
+                candidates[chosen] = dataclasses.replace(candidates[chosen], excluded=None)
             reasons.append(f"`{rows[greedy][0].name}` would win, but backend `{rows[greedy][0].backend}` is "
-                           f"cooling down after failures: `{rows[chosen][0].name}` answers until it is back")
+                           f"cooling down after failures: `{rows[chosen][0].name}`{over_limit} answers until it "
+                           "is back")
     if not degraded and view.explore and learner.should_explore(policy.exploration.share, rng):
         # Top-two Thompson: one draw among the arms within the allowance that could still beat the
         # greedy arm (learner.challengers); where none can, the greedy arm keeps the request. An arm

@@ -637,6 +637,13 @@ def test_an_arm_over_the_latency_limit_stands_in_when_every_eligible_backend_coo
     assert [name_of(policy, arm) for arm in decision.fallbacks] == ["strong-high", "mid-low", "quick-cot"]
     fastest = decide(HARD_MATH, policy, {}, request=RequestHints(max_latency_ms=10), cooling=frozenset({"cheap"}))
     assert name_of(policy, fastest.arm) == "mid-low"  # none within it: the fastest whose backend answers
+    # the arm serving is not ruled out (the request's record marked it both chosen and excluded), as
+    # when no arm meets the limit; the slower fallbacks still are, and the reasons say why it serves
+    for served in (fastest, decision):
+        excluded = {name_of(policy, c.arm): c.excluded for c in served.candidates}
+        assert excluded[name_of(policy, served.arm)] is None
+    assert excluded["strong-high"].startswith("expected p95 latency")  # decision's fallback
+    assert any("`strong-vote`, over x-ponder-max-latency-ms 25000 ms, answers" in r for r in decision.reasons)
 
 
 def test_no_exploration_of_an_arm_whose_backend_cools_down_nor_of_its_stand_in():

@@ -15,6 +15,7 @@ import hashlib
 import hmac
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -367,6 +368,58 @@ def test_a_request_whose_other_backends_cool_down_is_sent_to_the_backend_being_t
             assert calls(mock_b)["count"] == 1  # never called while it asked to wait
 
 
+def test_a_streamed_test_of_a_backend_ends_its_outage_at_the_first_event(tmp_path):
+    """docs/api.md: the call that tests a backend after its cool-down ends at a stream's first event.
+    The test's lease ended there, but the backend counted as failing until the whole stream was over:
+    each call meanwhile became a test of its own, and the requests arriving during one went elsewhere.
+    Now the first event ends the outage: the calls that follow test nothing, and all go to it."""
+    overloaded = {"status": 503, "headers": {"Retry-After": "1"}, "body": '{"error": {"message": "overloaded"}}'}
+    with running(start_mock(tmp_path)) as mock_a, running(start_mock(tmp_path)) as mock_b:
+        backends = [mock_backend("tested", mock_a, max_retries=0, timeout_s=10,
+                                    first_byte_timeout_s=5), mock_backend("spare", mock_b)]
+        policy = write_policy(tmp_path, {
+            "name": "probe3", "arms": {"first": {"backend": "tested", "prior": 0.9},
+                                       "spare": {"backend": "spare", "prior": 0.5}},
+            "routes": [{"name": "all", "candidates": ["first", "spare"]}],
+            "objective": {"cost_weight": 0, "latency_weight": 0}, "exploration": {"share": 0.0}})
+        with running(start_gateway(tmp_path, {"backends": backends, "policy": policy}, name="probe3")) as gateway:
+            # every call to `tested` waits 0.8 s for its first byte; the stream that tests it then holds 3 s
+            control(mock_a, script=["error", "hold"], error=overloaded, hang_s=3, delay_ms=800, answers=["7"])
+            control(mock_b, answers=["7"])
+
+            def ask() -> httpx.Response:
+                return httpx.post(gateway.url + "/v1/chat/completions", json=chat("auto"), timeout=20)
+
+            assert ask().headers["x-ponder-arm"] == "spare/-/single/1"  # `tested` cools down for 1 s
+            time.sleep(1.1)
+            first_event = threading.Event()
+
+            def test_call() -> tuple[httpx.Response, list[str]]:
+                with httpx.stream("POST", gateway.url + "/v1/chat/completions", json=chat("auto", stream=True),
+                                  timeout=20) as answer:
+                    lines = []
+                    for line in answer.iter_lines():
+                        if line.startswith("data:"):
+                            first_event.set()
+                            lines.append(line)
+                    return answer, lines
+
+            with concurrent.futures.ThreadPoolExecutor(2) as pool:
+                probe = pool.submit(test_call)  # the first call since: it tests `tested`
+                assert first_event.wait(10)
+                second = pool.submit(ask)  # in its 0.8 s wait: still a test of `tested`, before
+                deadline = time.monotonic() + 10
+                while calls(mock_a)["count"] < 3 and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                third = ask()
+                assert third.status_code == 200 and third.headers["x-ponder-arm"] == "tested/-/single/1", \
+                    third.headers.get("x-ponder-arm")
+                assert second.result().headers["x-ponder-arm"] == "tested/-/single/1"
+                streamed, lines = probe.result()
+            assert streamed.headers["x-ponder-arm"] == "tested/-/single/1" and lines[-1] == "data: [DONE]"
+            assert calls(mock_a)["count"] == 4 and calls(mock_b)["count"] == 1
+
+
 def test_a_backend_is_tested_by_one_call_at_a_time_after_its_cool_down():
     """BackendHealth: once a failing backend's cool-down is over, the first call tests it; it is in
     doubt (other arms answer first) until that call ends, however it ends, but never refused."""
@@ -384,6 +437,21 @@ def test_a_backend_is_tested_by_one_call_at_a_time_after_its_cool_down():
     assert not health.in_doubt(later + 5.0)  # a test that never ended holds no longer than its call may run
     health.succeeded()
     assert not health.in_doubt(later) and not health.probe(later, 5.0)
+
+
+def test_a_first_event_ends_the_outage_but_a_break_after_it_cools_the_backend_down_again():
+    """BackendHealth.answered (a stream's first event): the backend answers again, so the calls after
+    it test nothing; its failures are kept until a call ends well, so a stream that then breaks
+    mid-answer cools it down at once, as the failure of a test does."""
+    health = BackendHealth(name="b")
+    now = time.monotonic()
+    health.failed(now, retry_after=0.01, request=1)
+    later = now + 1.0
+    assert health.probe(later, 5.0)
+    health.answered()
+    assert health.failing_since is None and not health.in_doubt(later) and not health.probe(later, 5.0)
+    health.failed(later, request=2)  # the stream broke mid-answer
+    assert not health.available(later) and health.failing_since == later
 
 
 def test_connection_reset_is_retried_or_falls_back(pair):
