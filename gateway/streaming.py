@@ -238,10 +238,10 @@ class EventStream(StreamingResponse):
         def watch() -> None:
             nonlocal stalled, timer, sending_since, unsent
             if sending_since is not None and client is not None:
-                left = client.unsent_bytes()
-                if unsent is not None and left < unsent:  # it took some since the last look
+                now_unsent = client.unsent_bytes()
+                if unsent is not None and now_unsent < unsent:  # it took some since the last look
                     sending_since = loop.time()
-                unsent = left
+                unsent = now_unsent
             if sending_since is not None and loop.time() - sending_since >= self._stall_timeout_s:
                 stalled = True
                 task.cancel()
