@@ -30,6 +30,7 @@ from gateway.cost_bounds import (
 from gateway.effort import effective_effort
 from gateway.errors import ApiError
 from gateway.key_budgets import KeyBudgets
+from gateway.key_limits import KeyLimits
 from gateway.litellm_calls import import_litellm
 from gateway.local_model import LocalModelError, LocalModelServer, check_local_model
 from gateway.metrics import Metrics
@@ -97,6 +98,7 @@ class Gateway:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
         self.keys = KeyRing(config.api_keys)
+        self.key_limits = KeyLimits(config.api_keys)
         self.backends: dict[str, Backend] = {}
         self.local_model: LocalModelServer | None = None
         self.session: aiohttp.ClientSession | None = None
