@@ -23,7 +23,8 @@ from typing import Any
 
 from gateway.config import ApiKey
 from gateway.errors import ApiError, retry_after
-from gateway.shedding import RETRY_AFTER_MS, RETRY_AFTER_S, SHED_PATHS
+from gateway.metrics import Metrics
+from gateway.shedding import RETRY_AFTER_MS, SHED_PATHS
 
 # Where the request's admission lives between the middleware and the handler.
 SCOPE_KEY = "ponder.key_admission"
@@ -38,6 +39,7 @@ class KeyLimit:
     key_id: str
     max_in_flight: int | None
     per_minute: int | None
+    on_refused: Callable[[str, str], None]  # told (key id, the limit's config name) of each refusal
     clock: Callable[[], float] = time.monotonic
     in_flight: int = 0
     tokens: float = 0.0
@@ -68,23 +70,24 @@ class KeyLimit:
         if self.per_minute is not None:
             self._refill(now)
         if self.max_in_flight is not None and self.in_flight >= self.max_in_flight:
-            raise ApiError(429, f"Rate limit reached for key `{self.key_id}` on requests in flight "
-                                f"(max_requests_in_flight): limit {self.max_in_flight}, in flight {self.in_flight}; "
-                                "send it again when one of them has finished.", **RATE_LIMITED,
-                           headers={**self.headers(), **retry_after(RETRY_AFTER_S),
-                                    "retry-after-ms": str(random.randint(*RETRY_AFTER_MS))})
+            raise self._refused("max_requests_in_flight", f"requests in flight (max_requests_in_flight): limit "
+                                f"{self.max_in_flight}, in flight {self.in_flight}; send it again when one of "
+                                "them has finished", random.randint(*RETRY_AFTER_MS) / 1000)
         if self.per_minute is not None:
             if self.tokens < 1.0:
                 wait_s = (1.0 - self.tokens) * 60.0 / self.per_minute
-                raise ApiError(429, f"Rate limit reached for key `{self.key_id}` on requests per minute "
-                                    f"(requests_per_minute): limit {self.per_minute}; "
-                                    f"try again in {duration(wait_s)}.", **RATE_LIMITED,
-                               headers={**self.headers(), **retry_after(wait_s),
-                                        "retry-after-ms": str(math.ceil(wait_s * 1000))})
+                raise self._refused("requests_per_minute", f"requests per minute (requests_per_minute): limit "
+                                    f"{self.per_minute}; try again in {duration(wait_s)}", wait_s)
             self.tokens -= 1.0
         if self.max_in_flight is not None:
             self.in_flight += 1
         return self.headers()
+
+    def _refused(self, limit: str, said: str, wait_s: float) -> ApiError:
+        self.on_refused(self.key_id, limit)
+        waits = {**retry_after(wait_s), "retry-after-ms": str(math.ceil(wait_s * 1000))}
+        return ApiError(429, f"Rate limit reached for key `{self.key_id}` on {said}.", **RATE_LIMITED,
+                        headers={**self.headers(), **waits})
 
 
 def duration(seconds: float) -> str:
@@ -113,10 +116,16 @@ class Admission:
 
 
 class KeyLimits:
-    def __init__(self, keys: list[ApiKey], clock: Callable[[], float] = time.monotonic) -> None:
-        self._by_id = {key.id: KeyLimit(key.id, key.max_requests_in_flight, key.requests_per_minute, clock)
+    def __init__(self, keys: list[ApiKey], metrics: Metrics, clock: Callable[[], float] = time.monotonic) -> None:
+        self._by_id = {key.id: KeyLimit(key.id, key.max_requests_in_flight, key.requests_per_minute,
+                                        metrics.key_limited, clock)
                        for key in keys
                        if key.max_requests_in_flight is not None or key.requests_per_minute is not None}
+        for limit in self._by_id.values():  # exported as 0 from the start: alerts need the series before a refusal
+            for name, value in (("max_requests_in_flight", limit.max_in_flight),
+                                ("requests_per_minute", limit.per_minute)):
+                if value is not None:
+                    metrics.rate_limited.labels(limit.key_id, name)
 
     @property
     def enabled(self) -> bool:

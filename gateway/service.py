@@ -98,7 +98,6 @@ class Gateway:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
         self.keys = KeyRing(config.api_keys)
-        self.key_limits = KeyLimits(config.api_keys)
         self.backends: dict[str, Backend] = {}
         self.local_model: LocalModelServer | None = None
         self.session: aiohttp.ClientSession | None = None
@@ -113,6 +112,7 @@ class Gateway:
         self.started_at = time.time()
         self.metrics = Metrics(store_health=lambda: self.store.health() if self.store else None,
                                policy_rejections=self._policy_rejections)
+        self.key_limits = KeyLimits(config.api_keys, self.metrics)
 
     # -- lifecycle ------------------------------------------------------------------------------
     @staticmethod

@@ -21,6 +21,7 @@ import pytest
 from gateway.config import ApiKey
 from gateway.key_limits import SCOPE_KEY, Admission, KeyLimits, duration
 from gateway.errors import ApiError
+from gateway.metrics import Metrics
 from tests.servers import calls, control, mock_backend, reset, running, start_gateway, start_mock, write_policy
 
 BUSY, CALM, METERED, ADMIN_KEY = "sk-busy-key", "sk-calm-key", "sk-metered-key", "sk-limited-admin-key"
@@ -144,6 +145,9 @@ def test_a_key_at_its_requests_in_flight_gets_a_429_and_other_keys_are_served(st
     assert busy.models.list().data
     assert httpx.post(gateway.url + "/v1/feedback", json={"request_id": "chatcmpl-none", "score": 1},
                       headers={"authorization": f"Bearer {BUSY}"}).status_code == 404
+    metrics = httpx.get(gateway.url + "/metrics", headers=ADMIN).text
+    assert 'ponder_rate_limited_requests_total{key_id="busy",limit="max_requests_in_flight"} 5.0' in metrics
+    assert 'ponder_rate_limited_requests_total{key_id="metered",limit="requests_per_minute"} 0.0' in metrics
     assert join(held) == [200] * IN_FLIGHT
     assert busy.chat.completions.create(model="auto", messages=MESSAGES).choices  # its slots are back
     assert calls(mock)["count"] == IN_FLIGHT + 2  # the held streams, the calm key's and the last one
@@ -247,8 +251,9 @@ def test_an_admin_keys_limits_leave_the_admin_endpoints_alone(stack):
 
 def test_the_bucket_refills_with_time_and_a_refusal_takes_no_token():
     now = [1000.0]
+    metrics = Metrics()
     limits = KeyLimits([ApiKey(id="k", sha256="0" * 64, requests_per_minute=2, max_requests_in_flight=1)],
-                       clock=lambda: now[0])
+                       metrics, clock=lambda: now[0])
     scopes = [{SCOPE_KEY: Admission()} for _ in range(3)]
     limits.admit("k", scopes[0])
     with pytest.raises(ApiError) as in_flight:  # its one slot is held
@@ -269,4 +274,8 @@ def test_the_bucket_refills_with_time_and_a_refusal_takes_no_token():
     limits.admit("k", scopes[2])
     assert dict(scopes[2][SCOPE_KEY].headers)[b"x-ratelimit-reset-requests"] == b"1m0s"
     limits.admit("other", {})  # a key without limits passes, counted nowhere
+    refused = {limit: metrics.registry.get_sample_value("ponder_rate_limited_requests_total",
+                                                        {"key_id": "k", "limit": limit})
+               for limit in ("max_requests_in_flight", "requests_per_minute")}
+    assert refused == {"max_requests_in_flight": 1.0, "requests_per_minute": 2.0}
     assert [duration(s) for s in (0.12, 8.64, 60.0, 90.5)] == ["120ms", "8.64s", "1m0s", "1m30.5s"]
