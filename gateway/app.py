@@ -28,6 +28,7 @@ from gateway.calls import upstream_to_api_error
 from gateway.config import GatewayConfig
 from gateway.dashboard import dashboard_routes
 from gateway.errors import EXCEPTION_HANDLERS, ApiError, request_id_headers, retry_after, unrouted_request_id
+from gateway.key_limits import KeySlots
 from gateway.local_model import LocalModelError
 from gateway.request_path import (
     failure_outcome, gateway_of, json_response, ponder_headers, read_body, serve, until_disconnect,
@@ -42,7 +43,8 @@ from gateway.wire import ChatWire, cost_header
 # a hidden x-should-retry reads as absent, and the openai SDK in a browser retried every 502 and 504).
 EXPOSED_HEADERS = ["x-ponder-request-id", "x-request-id", "x-ponder-arm", "x-ponder-task", "x-ponder-difficulty",
                    "x-ponder-policy", "x-ponder-cost-usd", "x-ponder-samples", "retry-after", "retry-after-ms",
-                   "x-should-retry", "server-timing"]
+                   "x-should-retry", "server-timing", "x-ratelimit-limit-requests", "x-ratelimit-remaining-requests",
+                   "x-ratelimit-reset-requests"]
 
 
 # -- health and discovery ---------------------------------------------------------------------------
@@ -121,6 +123,7 @@ async def create_embeddings(request: Request) -> Response:
     req = None
     try:
         principal = gw.keys.authenticate(request)
+        gw.key_limits.admit(principal.key_id, request.scope)
         body = parse_json_body(await read_body(request, gw.config.max_body_bytes, gw.config.body_timeout_s))
         req = embeddings.parse_embeddings_request(body)
         hints = ponder_headers(request)
@@ -237,6 +240,8 @@ def create_app(config: GatewayConfig) -> Starlette:
                                      expose_headers=EXPOSED_HEADERS))
     # inside CORS: a browser app can read its 503; with no limit (0) it still counts ponder_requests_in_flight
     middleware.append(Middleware(LoadShedding, limit=config.max_requests_in_flight, metrics=gateway.metrics))
+    if gateway.key_limits.enabled:  # inside shedding: a shed request takes no key slot
+        middleware.append(Middleware(KeySlots))
     app = Starlette(routes=routes(), middleware=middleware, exception_handlers=EXCEPTION_HANDLERS,
                     lifespan=lifespan)
     app.state.gateway = gateway

@@ -52,6 +52,12 @@ class ApiKey(BaseModel):
     admin: bool = False
     budget_usd_per_day: float | None = Field(default=None, ge=0)
     budget_usd_per_month: float | None = Field(default=None, ge=0)
+    # per process, as max_requests_in_flight (gateway/key_limits.py): N replicas let a key do N times these
+    max_requests_in_flight: PositiveInt | None = Field(
+        default=None, description="The key's chat, responses and embeddings requests served at once; past it 429.")
+    requests_per_minute: PositiveInt | None = Field(
+        default=None, description="The key's requests per minute (a token bucket: a minute's worth at once); "
+                                  "past it 429.")
 
 
 class TelemetryConfig(BaseModel):
@@ -119,7 +125,8 @@ class GatewayConfig(BaseModel):
     @classmethod
     def _keys_are_unambiguous(cls, keys: list[ApiKey]) -> list[ApiKey]:
         """One key, one entry: a sha256 listed twice would be admitted as whichever entry came last. One
-        id may have several keys (a rotation: old and new), sharing its budget, so they must agree on it."""
+        id may have several keys (a rotation: old and new), sharing its budget and limits, so they must
+        agree on them."""
         by_hash: dict[str, str] = {}
         by_id: dict[str, ApiKey] = {}
         for key in keys:
@@ -128,8 +135,9 @@ class GatewayConfig(BaseModel):
             by_hash[key.sha256] = key.id
             first = by_id.setdefault(key.id, key)
             if key.model_dump(exclude={"sha256"}) != first.model_dump(exclude={"sha256"}):
-                raise ValueError(f"the keys of id `{key.id}` differ in admin or budgets; an id's keys share "
-                                 "its budget (a rotation lists the old and the new key with the same settings)")
+                raise ValueError(f"the keys of id `{key.id}` differ in admin, budgets or limits; an id's keys "
+                                 "share its budget and limits (a rotation lists the old and the new key with the "
+                                 "same settings)")
         return keys
 
 

@@ -108,6 +108,9 @@ class Metrics:
         self.shed_requests = Counter("ponder_shed_requests", "Requests refused with 503 `overloaded` before any "
                                      "work, this process being at max_requests_in_flight, by path.", ["path"],
                                      registry=r)
+        self.rate_limited = Counter("ponder_rate_limited_requests", "Requests refused with 429 "
+                                    "`rate_limit_exceeded` at a key's own limit (api_keys), by key and limit.",
+                                    ["key_id", "limit"], registry=r)
         self.in_flight = Gauge("ponder_requests_in_flight", "Model requests (chat, responses, embeddings) being "
                                "served now; past max_requests_in_flight in one process more are shed.",
                                multiprocess_mode="livesum", registry=r)
@@ -141,6 +144,14 @@ class Metrics:
         except Exception:  # noqa: BLE001 - metrics must not fail an answer
             pass
         self.refused("-", 503)
+
+    def key_limited(self, key_id: str, limit: str) -> None:
+        """Count a request refused at its key's own limit (gateway/key_limits.py: `key_id` is a configured
+        key's, `limit` the limit's config name). The handler counts it as a refused 429 too."""
+        try:
+            self._child(self.rate_limited, key_id, limit).inc()
+        except Exception:  # noqa: BLE001 - metrics must not fail an answer
+            pass
 
     def _child(self, metric: Any, *labels: str) -> Any:
         """`metric.labels(*labels)`, memoised: labels() validates and hashes on every call (~2 us each)."""

@@ -96,6 +96,7 @@ async def serve(request: Request, read: Callable[[dict[str, Any], int], Wire]) -
     req = None
     try:
         principal = gw.keys.authenticate(request)
+        gw.key_limits.admit(principal.key_id, request.scope)  # before the body: a refusal costs nothing
         body = parse_json_body(await read_body(request, gw.config.max_body_bytes, gw.config.body_timeout_s))
         wire = read(body, gw.config.max_n)
         req = wire.req

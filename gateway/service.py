@@ -30,6 +30,7 @@ from gateway.cost_bounds import (
 from gateway.effort import effective_effort
 from gateway.errors import ApiError
 from gateway.key_budgets import KeyBudgets
+from gateway.key_limits import KeyLimits
 from gateway.litellm_calls import import_litellm
 from gateway.local_model import LocalModelError, LocalModelServer, check_local_model
 from gateway.metrics import Metrics
@@ -111,6 +112,7 @@ class Gateway:
         self.started_at = time.time()
         self.metrics = Metrics(store_health=lambda: self.store.health() if self.store else None,
                                policy_rejections=self._policy_rejections)
+        self.key_limits = KeyLimits(config.api_keys, self.metrics)
 
     # -- lifecycle ------------------------------------------------------------------------------
     @staticmethod

@@ -1906,7 +1906,7 @@ def test_serve_refuses_api_keys_that_are_ambiguous(tmp_path):
     rotation = [{"id": "a", "sha256": digest, "budget_usd_per_day": 5},
                 {"id": "a", "sha256": hashlib.sha256(b"new").hexdigest(), "budget_usd_per_day": 50}]
     done = _serve("--port", "9", config={"api_keys": rotation}, tmp_path=tmp_path)
-    assert done.returncode == 2 and "the keys of id `a` differ in admin or budgets" in done.stderr
+    assert done.returncode == 2 and "the keys of id `a` differ in admin, budgets or limits" in done.stderr
 
 
 def test_serve_refuses_a_data_dir_it_cannot_create(tmp_path):
