@@ -10,7 +10,8 @@ import orjson
 import pytest
 
 from policies.loader import load_policy, parse_policy
-from router.decide import BudgetExhausted, ContextTooLong, UnknownAlias, decide
+from router.candidates import ContextTooLong
+from router.decide import BudgetExhausted, UnknownAlias, decide
 from router.estimates import compile_policy, estimate_prompt_tokens
 from router.learner import current_choice
 from router.request_hints import RequestHints
