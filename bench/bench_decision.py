@@ -25,8 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from policies.backends import BackendSpec, Prices  # noqa: E402
 from policies.schema import Policy  # noqa: E402
-from router.decide import RequestHints, decide  # noqa: E402
+from router.decide import decide  # noqa: E402
 from router.estimates import compile_policy  # noqa: E402
+from router.request_hints import RequestHints  # noqa: E402
 from router.types import DIFFICULTY_TIERS, TASK_TYPES, ArmStats, Classification, bucket_key  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "decision.json"

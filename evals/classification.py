@@ -60,13 +60,14 @@ def _code_hash() -> str:
     minutes of refitting)."""
     import inspect
 
-    from router import features, messages, short_requests, train, train_data, train_system_prompts
+    from router import features, handcrafted, messages, short_requests, train, train_data, train_system_prompts
 
     # fit is a wrapper: the fitting itself is _fit with its weights, and predict mixes the experts
     fitting = (train.fit, train._fit, train._source_weights, train._logit, train.Models, train.mix_difficulty,
                train.make_preprocessor, train.feature_matrix, train.near_duplicates)
     digest = hashlib.sha256()
-    for part in (*(inspect.getsource(module) for module in (messages, features, train_data, train_system_prompts, short_requests)),
+    for part in (*(inspect.getsource(module)
+                   for module in (messages, features, handcrafted, train_data, train_system_prompts, short_requests)),
                  *(inspect.getsource(code) for code in fitting),
                  repr(sorted((k, v) for k, v in vars(train).items() if k.isupper() and isinstance(v, (int, float))))):
         digest.update(part.encode())

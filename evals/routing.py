@@ -39,8 +39,9 @@ from policies.backends import BackendSpec, Prices
 from policies.schema import (
     ArmSpec, Exploration, LearnerSettings, Objective, Overrides, Policy, PricePrior, RouteMatch, RouteSpec,
 )
-from router.decide import RequestHints, decide
+from router.decide import decide
 from router.estimates import CompiledPolicy, compile_policy
+from router.request_hints import RequestHints
 from router.types import DIFFICULTY_TIERS, POOLED_BUCKET, POOLED_TIER, Classification, bucket_key, difficulty_tier
 from telemetry.aggregates import apply_delta, arm_stats
 

@@ -16,7 +16,7 @@ from gateway.strategies import (
     OutputBound, cot_instruction_tokens, first_stage, judge_output_tokens, output_bound, uses_cot,
 )
 from router import prompts
-from router.decide import RequestHints
+from router.request_hints import RequestHints
 from router.estimates import estimate_prompt_tokens, prompt_tokens_bound
 from router.types import Arm, Decision
 

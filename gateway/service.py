@@ -40,9 +40,11 @@ from gateway.strategies import StrategyContext, StrategyResult, run_arm
 from gateway.usage import CallRecord
 from policies.backends import BackendSpec
 from policies.schema import PolicyError
+from router.candidates import ContextTooLong, context_message
 from router.classifier import Classifier, ClassifierError
-from router.decide import BudgetExhausted, ContextTooLong, InvalidHint, RequestHints, context_message, decide
+from router.decide import BudgetExhausted, decide
 from router.estimates import CompiledPolicy, exceeds_context
+from router.request_hints import InvalidHint, RequestHints
 from router.types import Arm, Classification, Decision
 from telemetry.embedded_store import check_data_dir
 from telemetry.events import Event

@@ -22,11 +22,11 @@
  *
  * handcrafted(user, user_chars, system_chars, user_turns, assistant_turns, has_system, user_len,
  *             ends_with_question, n_words, word_bytes) -> bytes
- *   the first N_HANDCRAFTED float32 numbers of features._handcrafted, in its order, from the same inputs
- *   (features.py appends the task-term counts, a set intersection that is no faster here)
+ *   the first N_HANDCRAFTED float32 numbers of handcrafted.handcrafted_numbers, in its order, from the
+ *   same inputs (features.py appends the task-term counts, a set intersection that is no faster here)
  *   (user_len: the user turn's length in characters; ends_with_question: 0 or 1).
  *
- * Every constant below is the one of the same name in router/features.py.
+ * Every constant below is the one of the same name in router/features.py or router/handcrafted.py.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -192,7 +192,7 @@ static Py_ssize_t count_of(const unsigned char *s, Py_ssize_t len, const char *p
 }
 
 /* End of the option line starting at the newline s[i] ("\n(a) ", "\na. ", "\na) "), or 0:
- * features._OPTION_LINE, rb"\n\(?[a-j][.)] ". */
+ * handcrafted._OPTION_LINE, rb"\n\(?[a-j][.)] ". */
 static Py_ssize_t option_line_end(const unsigned char *s, Py_ssize_t len, Py_ssize_t i) {
     Py_ssize_t j = i + 1;
     if (j < len && s[j] == '(') j++;
@@ -201,7 +201,7 @@ static Py_ssize_t option_line_end(const unsigned char *s, Py_ssize_t len, Py_ssi
     return 0;
 }
 
-#define N_HANDCRAFTED 24  /* features.HANDCRAFTED up to the task-term counts */
+#define N_HANDCRAFTED 24  /* handcrafted.HANDCRAFTED up to the task-term counts */
 static const char *CODE_WORDS[] = {"def ", "return", "import ", "class ", "function", "print(", "#include", "const "};
 
 static PyObject *handcrafted(PyObject *self, PyObject *args) {
@@ -312,7 +312,7 @@ done:
 static PyMethodDef methods[] = {
     {"sparse_one", sparse_one, METH_VARARGS, "Hashed n-gram columns and counts of one prompt (see the module source)."},
     {"feeds", feeds, METH_VARARGS, "sparse_one's output as the ONNX inputs of a batch of one (see the module source)."},
-    {"handcrafted", handcrafted, METH_VARARGS, "features._handcrafted's numbers as float32 bytes (see the module source)."},
+    {"handcrafted", handcrafted, METH_VARARGS, "handcrafted.handcrafted_numbers's numbers as float32 bytes (see the module source)."},
     {NULL, NULL, 0, NULL},
 };
 

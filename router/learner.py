@@ -9,7 +9,7 @@ How it learns (see docs/policies.md):
   pseudo-outcomes); updated by the task's other tiers, the bucket's (worth `bucket_strength`: at
   least `prior_strength`, more where the snapshot's buckets differ from their task's other tiers
   no more than noise explains; `shared_levels`); then every scored outcome in the bucket adds its
-  success score (router.decide._learned). Decay is the store's job (it shrinks `weight` and
+  success score (router.learned.learned_numbers). Decay is the store's job (it shrinks `weight` and
   `successes` with `decay_factor`), so old outcomes fade and a provider that gets worse is noticed.
 - Most requests go to the greedy arm: the highest posterior-mean utility. On a share of requests set
   by the policy, the request goes to a challenger (top-two Thompson sampling): among the other
@@ -191,7 +191,7 @@ def _pool_snapshot(snapshot: StatsSnapshot) -> tuple[dict[str, ArmStats], dict[s
 def shared_levels(snapshot: StatsSnapshot, task: str) -> tuple[dict[str, ArmStats], dict[str, ArmStats]]:
     """The learner's shared levels for a request of `task`: every arm's stats summed over all the
     snapshot's buckets, and over the buckets of that task (every tier). An arm's record there is its
-    prior in a bucket (router.decide._learned).
+    prior in a bucket (router.learned.learned_numbers).
 
     A store may put these in the snapshot when it builds one, under POOLED_BUCKET (`*`) and
     `<task>:*`; they are then read as they are. Otherwise they are computed here once per snapshot
@@ -248,7 +248,7 @@ def bucket_strength(snapshot: StatsSnapshot, fallback: float) -> float:
     pooled over arms): where a task's tiers behave alike a sparse bucket leans on its task (its noise
     is what differs); where they differ it trusts its own outcomes sooner. Never below `fallback`
     (the policy's prior_strength: a low estimate must not let one bucket's first outcomes override
-    everything else). router.decide._learned also caps it by what the task level knows."""
+    everything else). router.learned.learned_numbers also caps it by what the task level knows."""
     found = estimated_strength(snapshot)
     return fallback if found is None else max(fallback, found)
 
@@ -332,7 +332,8 @@ def current_choice(bucket: str, policy: Policy, stats: StatsSnapshot, alias: str
     in the prompt, so that arm has the best mean utility over them), else at decide()'s default, and
     for its typical request's `max_tokens` and `n` (typical_output): a bucket whose clients cap the
     output at 20 tokens pays for 20, and the dashboard showed an arm its requests never got."""
-    from router.decide import RequestHints, decide  # decide uses this module's functions: avoid a cycle
+    from router.decide import decide  # decide uses this module's functions: avoid a cycle
+    from router.request_hints import RequestHints
 
     task, _, tier = bucket.partition(":")
     classification = Classification(task=task, task_probs={task: 1.0}, difficulty=tier_midpoint(tier or "medium"))

@@ -38,6 +38,7 @@ from sklearn.metrics import f1_score
 from sklearn.preprocessing import StandardScaler
 
 from router import features as F
+from router import handcrafted as H
 from router import messages as P
 from router.train_data import DIFFICULTY_NOTES, SOURCE_FAMILY, SHORT_SOURCE, SYNTHETIC_SOURCE, SYNTHETIC_SOURCES, Example, data_hashes, default_datasets_dir, family, load_examples, load_extra
 from router.train_metrics import GRADED_SOURCES, difficulty_metrics, metrics_table, multi_turn_metrics, natural_prompt_metrics, task_metrics
@@ -206,7 +207,7 @@ def _fit(examples: Sequence[Example], X: sp.csr_matrix, seed: int, with_experts:
     w = _source_weights([examples[i] for i in rows])
     class_total = np.bincount(y, weights=w, minlength=len(TASK_TYPES))
     w = w * (w.sum() / (len(TASK_TYPES) * class_total[y]))
-    excluded = [F.N_HASHED + F.HANDCRAFTED.index(name) for name in TASK_HEAD_EXCLUDED]
+    excluded = [F.N_HASHED + H.HANDCRAFTED.index(name) for name in TASK_HEAD_EXCLUDED]
     keep = np.ones(Z.shape[1])
     keep[excluded] = 0.0
     task = LogisticRegression(C=TASK_C, max_iter=MAX_ITER, random_state=seed)
@@ -402,7 +403,7 @@ def train(
         "name": "ponder-classifier",
         "feature_version": F.FEATURE_VERSION,
         "n_features": F.N_FEATURES,
-        "handcrafted_features": list(F.HANDCRAFTED),
+        "handcrafted_features": list(H.HANDCRAFTED),
         "labels": list(TASK_TYPES),
         "onnx": ONNX_NAME,
         "onnx_sha256": hashlib.sha256(model_bytes).hexdigest(),

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from router import features as F
+from router import handcrafted as H
 from router.classifier import SAFE_DEFAULT, Classifier, ClassifierError
 from router.classifier import cli as classify_cli
 from router.messages import USER_HEAD_CHARS, USER_TAIL_CHARS, prompt_from_messages, prompt_from_text
@@ -72,7 +73,7 @@ def test_onnx_matches_sklearn_on_held_out(examples):
     held = rng.sample(test_pool, 300) + [ex for ex in test_pool if ex.messages[0]["role"] == "system"][:50]
     models = T.fit(small, T.feature_matrix(small), seed=0)
     # the task head reads no turn counts (issue #3); the difficulty experts do
-    excluded = [F.N_HASHED + F.HANDCRAFTED.index(name) for name in T.TASK_HEAD_EXCLUDED]
+    excluded = [F.N_HASHED + H.HANDCRAFTED.index(name) for name in T.TASK_HEAD_EXCLUDED]
     assert not models.task.coef_[:, excluded].any() and models.experts.coef_[:, excluded].any()
 
     model_bytes = T.to_onnx(models).SerializeToString()
@@ -368,11 +369,11 @@ def test_clear_prompts(clf, text, task):
 
 def test_task_terms_count_distinct_words_of_each_list():
     hand = F.featurize_sparse([prompt_from_text("Implement quicksort in Rust, then RUST it in C++ and write an email")]).handcrafted[0]
-    terms = {name: float(hand[F.HANDCRAFTED.index(f"log_{name}_terms")]) for name in F.TASK_TERMS}
+    terms = {name: float(hand[H.HANDCRAFTED.index(f"log_{name}_terms")]) for name in H.TASK_TERMS}
     assert terms["code"] == pytest.approx(math.log1p(2))  # rust (once, whatever its case) and c++
     assert terms["writing"] == pytest.approx(math.log1p(1)) and terms["math"] == terms["reasoning"] == 0.0
     for a, b in [("code", "math"), ("code", "writing"), ("math", "writing"), ("math", "reasoning")]:
-        assert not F.TASK_TERMS[a] & F.TASK_TERMS[b], (a, b)  # a word counts for one task only
+        assert not H.TASK_TERMS[a] & H.TASK_TERMS[b], (a, b)  # a word counts for one task only
 
 
 def test_natural_prompts_are_read_as_people_type_them(clf):
@@ -404,7 +405,7 @@ def test_natural_prompts_are_read_as_people_type_them(clf):
 
 def _layout(text: str) -> dict[str, float]:
     hand = F.featurize_sparse([prompt_from_text(text)]).handcrafted[0]
-    return {name: float(hand[F.HANDCRAFTED.index(name)]) for name in F.HANDCRAFTED if name.startswith(("log_stem", "log_option"))}
+    return {name: float(hand[H.HANDCRAFTED.index(name)]) for name in H.HANDCRAFTED if name.startswith(("log_stem", "log_option"))}
 
 
 def test_multiple_choice_layout_features():

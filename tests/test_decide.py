@@ -10,9 +10,11 @@ import orjson
 import pytest
 
 from policies.loader import load_policy, parse_policy
-from router.decide import BudgetExhausted, ContextTooLong, RequestHints, UnknownAlias, decide
+from router.candidates import ContextTooLong
+from router.decide import BudgetExhausted, UnknownAlias, decide
 from router.estimates import compile_policy, estimate_prompt_tokens
 from router.learner import current_choice
+from router.request_hints import RequestHints
 from router.types import DIFFICULTY_TIERS, POOLED_BUCKET, TASK_TYPES, ArmStats, Classification
 
 POLICY = """\
@@ -722,7 +724,7 @@ def test_candidates_built_on_the_fast_path_equal_constructed_ones(policy, monkey
 def test_hints_from_a_request():
     from types import SimpleNamespace
 
-    from router.decide import InvalidHint
+    from router.request_hints import InvalidHint
 
     request = SimpleNamespace(messages=[{"role": "user", "content": "x" * 400},
                                         {"role": "user", "content": [{"type": "text", "text": "y" * 40}]}],
@@ -874,7 +876,7 @@ def test_client_task_label_keys_the_bucket():
 
 @pytest.mark.parametrize("label", ["Legal", "a:b", "x" * 65, "*", "-lead", "two words"])
 def test_malformed_task_label_is_a_bad_request(label):
-    from router.decide import InvalidHint
+    from router.request_hints import InvalidHint
 
     with pytest.raises(InvalidHint, match="x-ponder-task"):
         RequestHints.from_request(object(), {"x-ponder-task": label})

@@ -969,10 +969,12 @@ def test_the_score_cache_is_keyed_by_the_fitting_code_itself(monkeypatch, name):
 
 
 @pytest.mark.parametrize("module, line, edit", [("messages", "USER_TAIL_CHARS = 500", "USER_TAIL_CHARS = 400"),
-                                                 ("features", "MAX_USER_BYTES = 4000", "MAX_USER_BYTES = 3000")])
+                                                 ("features", "MAX_USER_BYTES = 4000", "MAX_USER_BYTES = 3000"),
+                                                 ("handcrafted", '_DIGITS = b"0123456789"', '_DIGITS = b"0123456"')])
 def test_the_score_cache_is_keyed_by_the_prompt_reading_and_hashing_code(tmp_path, monkeypatch, module, line, edit):
     """The features are router/messages.py's reading of the conversation plus router/features.py's
-    hashing: an edit to either file (here a truncation limit) must not reuse the old scores."""
+    hashing and router/handcrafted.py's numbers: an edit to any of them (here a truncation limit or the
+    digits counted) must not reuse the old scores."""
     import importlib
     from pathlib import Path
 

@@ -164,7 +164,7 @@ def _short_prompt_traffic(with_estimates: bool) -> dict[str, dict[str, ArmStats]
 def test_current_choice_is_priced_for_the_buckets_own_prompts():
     """The dashboard's and `ponder stats`' current choice is what decide() picks for the bucket's real
     prompts, not for a 300-token prompt nobody sends."""
-    from router.decide import RequestHints
+    from router.request_hints import RequestHints
 
     policy = parse_policy(PROMPT_PRICED, "prompt-priced.yaml")
     arms = compile_policy(policy).arms
