@@ -148,10 +148,11 @@ def test_past_the_limit_model_requests_get_a_fast_503_in_the_openai_schema_and_n
         lambda: sdk.chat.completions.create(model="auto", messages=[{"role": "user", "content": "x " * 4000}]),
     ]
     for attempt in attempts:
-        started = time.perf_counter()
         with pytest.raises(openai.InternalServerError) as caught:
             attempt()
-        took.append(time.perf_counter() - started)
+        # the gateway's time (send to last byte), not the SDK's: its first call of a resource imports
+        # and builds that resource's types, over 1 s on a loaded machine
+        took.append(caught.value.response.elapsed.total_seconds())
         waits.append(assert_overloaded(caught.value))
     # a browser app reads the 503 too (CORS on): shed inside the CORS middleware, not before it
     from_browser = httpx.post(gateway.url + "/v1/chat/completions", json={"model": "auto", "messages": MESSAGES},
