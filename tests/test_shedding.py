@@ -413,7 +413,7 @@ def test_without_a_limit_the_requests_in_flight_are_still_counted(tmp_path):
                                {"id": "ops", "sha256": hashlib.sha256(ADMIN_KEY.encode()).hexdigest(), "admin": True}]}
         with running(start_gateway(tmp_path, config, name="unlimited")) as gateway:
             held = LIMIT + 1  # past what a limit of 2 would take: none of them is shed
-            control(mock, script=["hang"] * held, hang_s=1.5)
+            control(mock, script=["hang"] * held, hang_s=3)  # long enough to see all in flight on a loaded machine
             statuses: list[int] = []
 
             def one() -> None:
