@@ -1453,8 +1453,11 @@ def test_events_redis_refuses_while_it_takes_no_writes_are_kept_and_written_once
         finally:
             proc.stop()
     lines = [r.getMessage() for r in caplog.records if r.name == "ponder.telemetry"]
-    assert [line.split(" (")[0].split(" after ")[0] for line in lines] == [
-        "Redis takes no writes", "Redis takes writes again"], lines
+    # One line as the outage begins and one as it ends, not one per try. The end says "takes writes
+    # again", or "answers again" where a call timed out meanwhile (seen once on a loaded CI machine: the
+    # store then counts Redis as unreachable, and says so).
+    assert [line.split(" (")[0].split(" after ")[0] for line in lines] in (
+        ["Redis takes no writes", "Redis takes writes again"], ["Redis takes no writes", "Redis answers again"]), lines
 
 
 def test_a_budget_push_redis_refuses_half_way_is_not_pushed_twice(redis_url, tmp_path):
