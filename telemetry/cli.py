@@ -90,7 +90,12 @@ def _policy_loader(policy_file: str | None, config: Any):
         if given is not None and given.name == name:
             return given
         path = Path(__file__).resolve().parents[1] / "policies" / f"{name}.yaml"
-        return read(path, f"policy {name!r}") if path.exists() else None
+        if path.exists():
+            return read(path, f"policy {name!r}")
+        if name != "direct":  # requests that named a backend: no policy, no learner, nothing to say
+            print(f"ponder stats: no current-choice column for policy {name!r}: no policies/{name}.yaml; give the "
+                  "gateway's --config, or the policy's file as --policy-file", file=sys.stderr)
+        return None
 
     return load, given
 

@@ -831,6 +831,24 @@ def test_stats_cli_prints_the_table(tmp_path, capsys, redis_url):
     assert stats_cli(["--redis-url", f"redis://127.0.0.1:{free_port()}/0"]) == 1
 
 
+def test_stats_cli_says_why_a_policy_has_no_choice_column(tmp_path, capsys):
+    """docs/telemetry.md: a policy that does not load leaves the current-choice column out "with one line
+    on stderr saying why"; one with no policies/<name>.yaml (a user's own, read without --config) was left
+    out silently. `direct` (requests naming a backend) has no policy to load and gets no line."""
+    async def fill():
+        store = await open_store(None, tmp_path / "data")
+        store.record(event(0))
+        store.record(event(1, policy="direct"))
+        await store.close()
+
+    run(fill())
+    assert stats_cli(["--data-dir", str(tmp_path / "data")]) == 0
+    printed = capsys.readouterr()
+    assert "policy p\n" in printed.out and "policy direct\n" in printed.out and "choice" not in printed.out
+    assert printed.err.splitlines() == ["ponder stats: no current-choice column for policy 'p': no policies/p.yaml; "
+                                        "give the gateway's --config, or the policy's file as --policy-file"]
+
+
 def test_stats_cli_does_not_quote_a_redis_url_it_cannot_parse(capsys, monkeypatch):
     """A password with a raw `/` (base64 ones have it) in --redis-url or $PONDER_REDIS_URL: redis-py reads
     its first piece as the port and says so, and `ponder stats` printed that piece to the terminal (and to
