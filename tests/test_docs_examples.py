@@ -12,6 +12,7 @@ import functools
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 import pytest
@@ -277,3 +278,21 @@ def test_the_readme_python_example_runs_as_written(stack):
     assert re.search(r"^mock-a/\S+ \w+ \d+\.\d{8}$", result.stdout, re.M), result.stdout
     assert "CompletionUsage(completion_tokens=" in result.stdout and "'strategy': " in result.stdout
 
+
+
+# --- cross-references ------------------------------------------------------------------------------
+
+def test_every_section_a_doc_points_to_exists():
+    """`docs/policies.md, "Budgets"`: the page has a heading that starts with that name, as written (or a
+    paragraph led by it in bold or as code, as api.md's `usage` paragraph is), so a renamed section
+    leaves no dangling pointer."""
+    texts = {Path(doc).name: text for doc, text in doc_texts().items()}
+    problems = []
+    for doc, text in doc_texts().items():
+        for page, section in re.findall(r"\b([a-z]+\.md),? \"([^\"]+)\"", text):
+            target = texts.get(page)
+            section = " ".join(section.split())  # a pointer may wrap across lines
+            name = r"\s+".join(map(re.escape, section.split()))
+            if target is None or not re.search(rf"^(#+ {name}\b|\*\*{name}\b|`{name}`)", target, re.M):
+                problems.append(f"{doc}: {page}, \"{section}\"")
+    assert problems == []
