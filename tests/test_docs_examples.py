@@ -295,4 +295,7 @@ def test_every_section_a_doc_points_to_exists():
             name = r"\s+".join(map(re.escape, section.split()))
             if target is None or not re.search(rf"^(#+ {name}\b|\*\*{name}\b|`{name}`)", target, re.M):
                 problems.append(f"{doc}: {page}, \"{section}\"")
+        for section in re.findall(r"\"([A-Z][^\"\n]{2,60})\" (?:below|above)", text):  # ("Logs" below)
+            if not re.search(rf"^(#+ {re.escape(section)}\b|\*\*{re.escape(section)}\b)", text, re.M):
+                problems.append(f"{doc}: \"{section}\" below/above")
     assert problems == []
