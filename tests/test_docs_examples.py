@@ -84,7 +84,19 @@ def test_every_ponder_command_and_flag_in_the_docs_exists():
         usage = help_text(*PONDER, *sub)
         problems += [f"{doc}: `ponder {rest}`: `{' '.join(['ponder', *sub])}` has no {flag}"
                      for flag in FLAG.findall(args) if not re.search(rf"(?<![\w-]){flag}\b", usage)]
+        problems += [f"{doc}: `ponder {rest}`: {flag} does not take {sorted(set(values) - choices(usage)[flag])}" for flag, values in
+                     flag_values(args) if flag in choices(usage) and not set(values) <= choices(usage)[flag]]
     assert problems == []
+
+
+def flag_values(args: str) -> list[tuple[str, list[str]]]:
+    """`--suite all`, `[--format routellm|routerbench|jsonl]`: (flag, the values shown)."""
+    return [(flag, values.split("|")) for flag, values in re.findall(r"(--[a-z][a-z0-9-]*) ([a-z][a-z0-9|-]*)", args)]
+
+
+def choices(usage: str) -> dict[str, set[str]]:
+    """argparse's `--flag {a,b,c}` in a help text."""
+    return {flag: set(values.split(",")) for flag, values in re.findall(r"(--[a-z][a-z0-9-]*) \{([^}]*)\}", usage)}
 
 
 def test_every_module_and_script_flag_in_the_docs_exists():
