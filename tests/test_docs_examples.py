@@ -84,8 +84,9 @@ def test_every_ponder_command_and_flag_in_the_docs_exists():
         usage = help_text(*PONDER, *sub)
         problems += [f"{doc}: `ponder {rest}`: `{' '.join(['ponder', *sub])}` has no {flag}"
                      for flag in FLAG.findall(args) if not re.search(rf"(?<![\w-]){flag}\b", usage)]
-        problems += [f"{doc}: `ponder {rest}`: {flag} does not take {sorted(set(values) - choices(usage)[flag])}" for flag, values in
-                     flag_values(args) if flag in choices(usage) and not set(values) <= choices(usage)[flag]]
+        allowed = choices(usage)
+        problems += [f"{doc}: `ponder {rest}`: {flag} does not take {sorted(set(values) - allowed[flag])}"
+                     for flag, values in flag_values(args) if flag in allowed and not set(values) <= allowed[flag]]
     assert problems == []
 
 
@@ -128,7 +129,8 @@ def stack(tmp_path_factory):
     with running(start_mock(tmp)) as mock:
         policy = write_policy(tmp, {
             "name": "docs",
-            "arms": {"one": {"backend": "mock-a"}, "vote": {"backend": "mock-a", "strategy": "self_consistency", "n": 3}},
+            "arms": {"one": {"backend": "mock-a"},
+                     "vote": {"backend": "mock-a", "strategy": "self_consistency", "n": 3}},
             "routes": [{"name": "all", "candidates": ["one", "vote"]}],
             "exploration": {"share": 0.0},
             "overrides": {"policy_header": True, "strategy_header": ["single", "self_consistency"],
