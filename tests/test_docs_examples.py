@@ -1,6 +1,8 @@
-"""The docs as a contract, the cheap part: every command, flag, metric, route and `x-ponder-*` header
-that README.md and docs/*.md name is one the code has, and the other way round for metrics, routes and
-headers. Renaming any of them without the docs fails here.
+"""The docs as a contract, the cheap part: every command, flag (and value of a flag with choices), make
+target, metric and label, route, `x-ponder-*` header and section pointer that README.md and docs/*.md
+name is one the code (or the page pointed to) has, and the other way round for metrics, routes,
+headers and error codes. Renaming any of them without the docs fails here; README's openai-SDK
+example is run as written.
 
 Commands and flags are checked against each program's own `--help` (argparse's, as a user sees it);
 metrics, routes and headers against a real gateway (`ponder serve` in front of the mock upstream)
