@@ -336,3 +336,22 @@ def test_every_error_code_the_gateway_answers_with_is_documented():
         documented |= set(re.findall(r"`([a-z_]+)`", text))
     assert sorted(raised - documented - UNSEEN_CODES) == []
     assert UNSEEN_CODES <= raised, "a code listed as unseen is no longer raised: take it off the list"
+
+
+# --- files -------------------------------------------------------------------------------------------
+
+TOP_FOLDERS = "gateway|router|policies|telemetry|evals|bench|deploy|docs|tests|scripts"
+REPO_PATH = re.compile(rf"(?:^|(?<=[\s(`\[]))((?:{TOP_FOLDERS})/[\w./-]*\w)")
+# made at run time, or not a path in the repository: the bench's own venv (git-ignored), the compose
+# stack's secrets file, kubectl's `deploy/NAME` (a Deployment, not a folder)
+NOT_IN_REPO = {"bench/.litellm-venv", "deploy/.env", "deploy/ponder-gateway"}
+
+
+def test_every_repository_file_the_docs_name_exists():
+    """`router/features.py`, `deploy/k8s/...`, `tests/test_reliability.py`: a moved or renamed file leaves
+    no doc pointing at nothing."""
+    named = [(doc, path) for doc, text in doc_texts().items() for path in REPO_PATH.findall(text)]
+    assert len(named) >= 50
+    missing = [f"{doc}: {path}" for doc, path in named
+               if path not in NOT_IN_REPO and not (ROOT / path).exists()]
+    assert missing == []
