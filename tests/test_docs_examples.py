@@ -355,3 +355,45 @@ def test_every_repository_file_the_docs_name_exists():
     missing = [f"{doc}: {path}" for doc, path in named
                if path not in NOT_IN_REPO and not (ROOT / path).exists()]
     assert missing == []
+
+
+# --- Python snippets ---------------------------------------------------------------------------------
+
+def python_blocks() -> list[tuple[str, str]]:
+    out = []
+    for doc, text in doc_texts().items():
+        out += [(doc, block) for block in re.findall(r"^ *```python\n(.*?)^ *```", text, re.M | re.S)]
+    return out
+
+
+def defining_module(name: str):
+    """The module of router/, telemetry/ or gateway/ that defines class `name`, imported; None if none does."""
+    import importlib
+
+    for package in ("router", "telemetry", "gateway"):
+        for path in sorted((ROOT / package).glob("*.py")):
+            if re.search(rf"^class {name}\b", path.read_text(), re.M):
+                return importlib.import_module(f"{package}.{path.stem}")
+    return None
+
+
+def test_the_docs_python_imports_and_dataclasses_are_the_codes():
+    """Every `from M import N` a doc's Python shows imports, and a dataclass a doc spells out
+    (strategies.md's VoteResult) has the fields of the real one, in order."""
+    import dataclasses
+    import importlib
+
+    blocks = python_blocks()
+    assert len(blocks) >= 4
+    problems = []
+    for doc, block in blocks:
+        for module, names in re.findall(r"^from ([\w.]+) import ([\w, ]+)$", block, re.M):
+            problems += [f"{doc}: from {module} import {name}" for name in map(str.strip, names.split(","))
+                         if not hasattr(importlib.import_module(module), name)]
+        for name, body in re.findall(r"^class (\w+):\n((?:    .*\n)+)", block, re.M):
+            shown = re.findall(r"^    (\w+):", body, re.M)
+            module = defining_module(name)
+            real = [f.name for f in dataclasses.fields(getattr(module, name))] if module else None
+            if shown != real:
+                problems.append(f"{doc}: class {name} shows fields {shown}; the code's: {real}")
+    assert problems == []
