@@ -22,6 +22,7 @@ from typing import Any
 TICK_S = 0.05  # 20 wake-ups a second, ~1 µs each: nothing next to a request's ~700 µs
 LATE_TICKS = 2  # ticks in a row past the bound before shedding starts
 RECOVER_S = 1.0  # ticks within half the bound this long before it stops
+LOG_EVERY_S = 10.0  # the start of shedding is said at once, then at most this often, with how many starts
 
 log = logging.getLogger("ponder.loop_lag")
 
@@ -38,6 +39,8 @@ class EventLoopLag:
         self._late_ticks = 0
         self._calm_since = 0.0  # when the ticks last went within half the bound
         self._due = 0.0
+        self._unlogged = 0  # starts of shedding since the last log line
+        self._logged_at = float("-inf")
         self._timer: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
@@ -68,9 +71,13 @@ class EventLoopLag:
             self._calm_since = now
         if not self.overloaded and self._late_ticks >= LATE_TICKS:
             self.overloaded = True
-            log.warning("overloaded: the event loop runs %.0f ms late (max_event_loop_lag_ms: %.0f); new chat, "
-                        "responses and embeddings requests are answered 503 until it is back within %.0f ms for "
-                        "%.0f s", lag_s * 1000, self.max_lag_s * 1000, self.max_lag_s * 500, RECOVER_S)
+            self._unlogged += 1
+            if now - self._logged_at >= LOG_EVERY_S:  # a process at its limit may start and stop every second
+                log.warning("overloaded: the event loop runs %.0f ms late (max_event_loop_lag_ms: %.0f); new chat, "
+                            "responses and embeddings requests are answered 503 until it is back within %.0f ms "
+                            "for %.0f s (%d time(s) since the last report)", lag_s * 1000, self.max_lag_s * 1000,
+                            self.max_lag_s * 500, RECOVER_S, self._unlogged)
+                self._unlogged, self._logged_at = 0, now
         elif self.overloaded and now - self._calm_since >= RECOVER_S:
             self.overloaded = False
             log.info("the event loop is on time again (%.0f ms late): requests are admitted", lag_s * 1000)
