@@ -118,10 +118,11 @@ def start_upstream(tmp: Path, *, delay_ms: float = 0, chunks: int = 32) -> Serve
 
 
 def start_ponder(tmp: Path, upstream: Server, policy: dict[str, Any], *, name: str = "ponder",
-                 wrapper: list[str] | None = None, api_key: str | None = None, server_timing: bool = False) -> Server:
+                 wrapper: list[str] | None = None, api_key: str | None = None, server_timing: bool = False,
+                 config: dict[str, Any] | None = None) -> Server:
     """`ponder serve` exactly as deployed: one uvicorn worker, uvloop + httptools, embedded store.
     `wrapper` replaces the interpreter (e.g. `python -m cProfile -o F`); `server_timing` turns on the
-    Server-Timing header (where each request's time went)."""
+    Server-Timing header (where each request's time went); `config` adds or replaces top-level keys."""
     port = free_port()
     upstream_url = upstream.url + "/v1"
     policy_path = tmp / f"{name}-policy.yaml"
@@ -133,6 +134,7 @@ def start_ponder(tmp: Path, upstream: Server, policy: dict[str, Any], *, name: s
         "local_model": {"enabled": False},
         "telemetry": {"data_dir": str(tmp / f"{name}-data")},
         "server_timing": server_timing,
+        **(config or {}),
     }
     if api_key:
         config["api_keys"] = [{"id": "bench", "sha256": hashlib.sha256(api_key.encode()).hexdigest()}]

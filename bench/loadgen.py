@@ -8,6 +8,10 @@ Prints one JSON object on stdout. Modes:
   closed    `concurrency` workers back to back, for `requests` requests or `duration_s` seconds
             (after `warmup` requests): latency percentiles, requests/s, errors; with
             `"server_timing": true` also the percentiles of each Server-Timing entry the server sent.
+  open      `rate` requests a second for `duration_s`, each sent on time however the earlier ones fare
+            (an open loop: what a crowd of independent clients does to an overloaded server): latency
+            percentiles of the answers in `accept` and of the others, counts by status or error; with
+            `connections`, over a pool of that many connections opened first.
   stream    `requests` streamed completions one after another: time to first byte, time from the
             first to the last byte, to the last byte, events received, whether each ended with [DONE].
 """
@@ -93,6 +97,67 @@ async def closed_loop(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+async def open_loop(spec: dict[str, Any]) -> dict[str, Any]:
+    # `body_path`: the body read from a file (one too large for a command line)
+    url = spec["url"]
+    body = open(spec["body_path"], "rb").read() if "body_path" in spec else orjson.dumps(spec["body"])
+    headers = {"Content-Type": "application/json", **spec.get("headers", {})}
+    accept = set(spec.get("accept", [200]))
+    rate, duration = float(spec["rate"]), float(spec["duration_s"])
+    served: list[float] = []
+    refused: list[float] = []
+    outcomes: dict[str, int] = {}
+    # `connections`: a pool of that many kept-alive connections opened before the run (as an SDK's pool,
+    # a balancer's), so the requests arrive on open connections; 0: a new connection whenever none is idle
+    pool = int(spec.get("connections", 0))
+    connector = aiohttp.TCPConnector(limit=pool, keepalive_timeout=60)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
+        if pool:
+            warm_url = url.split("/v1/", 1)[0] + "/healthz"
+
+            async def opened() -> None:
+                async with session.get(warm_url) as response:
+                    await response.read()
+                    await asyncio.sleep(0.5)  # held, so that every one opens its own connection
+
+            await asyncio.gather(*(opened() for _ in range(pool)))
+
+        async def one() -> None:
+            started = time.perf_counter()
+            try:
+                async with session.post(url, data=body, headers=headers) as response:
+                    await response.read()
+                    key = str(response.status)
+                    (served if response.status in accept else refused).append(time.perf_counter() - started)
+            except Exception as exc:  # every failure is counted, none aborts the run
+                key = type(exc).__name__
+            outcomes[key] = outcomes.get(key, 0) + 1
+
+        own_lag: list[float] = []  # this client's own loop, late: a starved client's waits are its own
+
+        async def watch() -> None:
+            while True:
+                due = time.perf_counter() + 0.05
+                await asyncio.sleep(0.05)
+                own_lag.append(time.perf_counter() - due)
+
+        watcher = asyncio.ensure_future(watch())
+        tasks = []
+        started = time.perf_counter()
+        for i in range(int(rate * duration)):
+            if (delay := started + i / rate - time.perf_counter()) > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.ensure_future(one()))
+        sent_s = time.perf_counter() - started
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - started
+        watcher.cancel()
+    ms = lambda values: {k: (v * 1000 if k != "n" else v) for k, v in percentiles(values).items()}  # noqa: E731
+    return {"mode": "open", "rate": rate, "sent": len(tasks), "sent_s": sent_s, "elapsed_s": elapsed,
+            "outcomes": outcomes, "served_ms": ms(served), "refused_ms": ms(refused),
+            "client_loop_lag_ms": ms(own_lag)}
+
+
 def server_timings(headers: list[str]) -> dict[str, list[float]]:
     """`Server-Timing: classify;dur=0.1, total;dur=0.5` headers as {name: [ms, ...]}."""
     found: dict[str, list[float]] = {}
@@ -138,7 +203,7 @@ def main() -> None:
     spec = orjson.loads(sys.argv[1])
     import uvloop
 
-    runner = {"closed": closed_loop, "stream": streams}[spec["mode"]]
+    runner = {"closed": closed_loop, "open": open_loop, "stream": streams}[spec["mode"]]
     result = uvloop.run(runner(spec))
     sys.stdout.write(orjson.dumps(result).decode() + "\n")
 

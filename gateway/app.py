@@ -30,6 +30,7 @@ from gateway.dashboard import dashboard_routes
 from gateway.errors import EXCEPTION_HANDLERS, ApiError, request_id_headers, retry_after, unrouted_request_id
 from gateway.key_limits import KeySlots
 from gateway.local_model import LocalModelError
+from gateway.loop_lag import EventLoopLag
 from gateway.request_path import (
     failure_outcome, gateway_of, json_response, ponder_headers, read_body, serve, until_disconnect,
 )
@@ -219,6 +220,7 @@ def routes() -> list[Route]:
 
 def create_app(config: GatewayConfig) -> Starlette:
     gateway = Gateway(config)
+    loop_lag = EventLoopLag(config.max_event_loop_lag_ms, gateway.metrics.event_loop_lag)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -227,10 +229,12 @@ def create_app(config: GatewayConfig) -> Starlette:
         except BaseException:
             await gateway.close()  # a failed start must not leave the model process or sessions behind
             raise
+        loop_lag.start()
         try:
             with long_lived_heap():
                 yield
         finally:
+            loop_lag.stop()
             await gateway.close()
 
     middleware = [Middleware(ReadableStartupFailure), Middleware(RequestIdOnEveryAnswer)]
@@ -239,7 +243,8 @@ def create_app(config: GatewayConfig) -> Starlette:
                                      allow_methods=["GET", "POST"], allow_headers=["*"],
                                      expose_headers=EXPOSED_HEADERS))
     # inside CORS: a browser app can read its 503; with no limit (0) it still counts ponder_requests_in_flight
-    middleware.append(Middleware(LoadShedding, limit=config.max_requests_in_flight, metrics=gateway.metrics))
+    middleware.append(Middleware(LoadShedding, limit=config.max_requests_in_flight, metrics=gateway.metrics,
+                                 lag=loop_lag))
     if gateway.key_limits.enabled:  # inside shedding: a shed request takes no key slot
         middleware.append(Middleware(KeySlots))
     app = Starlette(routes=routes(), middleware=middleware, exception_handlers=EXCEPTION_HANDLERS,

@@ -15,8 +15,8 @@ from pathlib import Path
 from urllib.parse import quote, urlsplit
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError,
-                      field_validator)
+from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
+                      ValidationError, field_validator)
 
 
 from policies.backends import BackendSpec
@@ -104,6 +104,10 @@ class GatewayConfig(BaseModel):
         default=1024, description="Chat, responses and embeddings requests one process serves at once; past it "
                                   "they are answered 503 `overloaded` with Retry-After at once (0: no limit). "
                                   "Health, metrics, admin, models and feedback are never shed.")
+    max_event_loop_lag_ms: NonNegativeFloat = Field(
+        default=500.0, description="While the event loop runs later than this (two 50 ms ticks in a row), "
+                                  "new chat, responses and embeddings requests are answered 503 `overloaded` at once, "
+                                  "until it has been within half of it for 1 s (0: never; the lag is measured anyway).")
     cors_origins: list[str] = Field(default_factory=list, description="CORS is off unless origins are listed.")
     log_prompts: bool = Field(
         default=False, description="Log each request's last user message (first 2,000 characters) at INFO. Off: no "

@@ -107,7 +107,9 @@ class Metrics:
                                            "writes: OOM at maxmemory); each replica then enforces the caps alone.",
                                            multiprocess_mode="livemax", registry=r)
         self.shed_requests = Counter("ponder_shed_requests", "Requests refused with 503 `overloaded` before any "
-                                     "work, this process being at max_requests_in_flight, by path.", ["path"],
+                                     "work, by path and reason: `in_flight` (this process at max_requests_in_flight) or "
+                                     "`event_loop_lag` (its event loop later than max_event_loop_lag_ms).",
+                                     ["path", "reason"],
                                      registry=r)
         self.rate_limited = Counter("ponder_rate_limited_requests", "Requests refused with 429 "
                                     "`rate_limit_exceeded` at a key's own limit (api_keys), by key and limit.",
@@ -115,6 +117,10 @@ class Metrics:
         self.in_flight = Gauge("ponder_requests_in_flight", "Model requests (chat, responses, embeddings) being "
                                "served now; past max_requests_in_flight in one process more are shed.",
                                multiprocess_mode="livesum", registry=r)
+        self.event_loop_lag = Gauge("ponder_event_loop_lag_seconds", "How late the event loop ran a timer due "
+                                    "every 50 ms, at its last tick: the wait of work queued in this process. Past "
+                                    "max_event_loop_lag_ms new model requests are shed.",
+                                    multiprocess_mode="livemax", registry=r)
         self.policy_rejected = Gauge("ponder_policy_reload_rejected", "1 while a policy file's last edit failed "
                                      "its check: the previous version keeps serving (the log says why).",
                                      ["policy"], multiprocess_mode="livemax", registry=r)
@@ -137,11 +143,11 @@ class Metrics:
         except Exception:  # noqa: BLE001 - metrics must not fail an answer
             pass
 
-    def shed(self, path: str) -> None:
-        """Count a request shed at the in-flight limit (gateway/shedding.py: `path` is one of its fixed set).
+    def shed(self, path: str, reason: str = "in_flight") -> None:
+        """Count a request shed (gateway/shedding.py: `path` and `reason` are each one of its fixed set).
         It is an answered 5xx too, as ponder_requests and ponder_errors count refusals."""
         try:
-            self._child(self.shed_requests, path).inc()
+            self._child(self.shed_requests, path, reason).inc()
         except Exception:  # noqa: BLE001 - metrics must not fail an answer
             pass
         self.refused("-", 503)

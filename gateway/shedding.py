@@ -10,6 +10,9 @@ Only the endpoints that plan or call a backend are counted and shed: health, rea
 dashboard and its admin API, models and feedback always pass, so an overloaded process still reports
 its state and still learns. A request holds its slot until the app returns (a stream: after its last
 byte and its settling), however it ends: answer, error, client gone or cancelled.
+
+The count cannot see requests still waiting for a CPU-starved event loop; `lag` (gateway/loop_lag.py)
+can, and while it says the loop is late new requests are shed the same way. Admitted ones finish.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import time
 from typing import Any
 
 from gateway.errors import ApiError, retry_after
+from gateway.loop_lag import EventLoopLag
 from gateway.metrics import Metrics
 
 # The paths that do model work (chat and responses plan, classify and call; embeddings call).
@@ -37,14 +41,16 @@ class LoadShedding:
     """Pure ASGI middleware (uvicorn's `limit_concurrency` answers plain text and counts every path).
     A `limit` of 0 sheds nothing and still counts: the in-flight gauge is the operators' view either way."""
 
-    def __init__(self, app: Any, limit: int, metrics: Metrics) -> None:
+    def __init__(self, app: Any, limit: int, metrics: Metrics, lag: EventLoopLag | None = None) -> None:
         self.app = app
         self.limit = limit
+        self.lag = lag
         self.metrics = metrics
         self.in_flight = 0
         self._gauge = metrics.in_flight
         for path in SHED_PATHS:  # exported as 0 from the start: alerts and rate() need the series before any shed
-            metrics.shed_requests.labels(path)
+            for reason in ("in_flight", "event_loop_lag"):
+                metrics.shed_requests.labels(path, reason)
         self._unlogged = 0  # shed since the last log line
         self._logged_at = float("-inf")
 
@@ -53,6 +59,8 @@ class LoadShedding:
             return await self.app(scope, receive, send)
         if self.limit and self.in_flight >= self.limit:  # 0: no limit, but the count is still kept
             return await self._shed(scope, receive, send)
+        if self.lag is not None and self.lag.overloaded:
+            return await self._shed_for_lag(scope, receive, send)
         self.in_flight += 1
         self._gauge.inc()
         try:
@@ -70,7 +78,18 @@ class LoadShedding:
                         "raise it if this process has CPU to spare (its upstreams are slow), else add processes",
                         self._unlogged, self.limit)
             self._unlogged, self._logged_at = 0, now
-        error = ApiError(503, f"The gateway is at its limit of {self.limit} requests in flight and cannot serve "
-                              "this one in time; send it again after the time in Retry-After.", code="overloaded",
-                         headers={**retry_after(RETRY_AFTER_S), "retry-after-ms": str(random.randint(*RETRY_AFTER_MS))})
-        await error.response()(scope, receive, send)
+        await overloaded(f"The gateway is at its limit of {self.limit} requests in flight and cannot serve this "
+                         "one in time; send it again after the time in Retry-After.")(scope, receive, send)
+
+    async def _shed_for_lag(self, scope: Any, receive: Any, send: Any) -> None:
+        """As `_shed`; loop_lag logs when this starts and stops."""
+        self.metrics.shed(scope["path"], "event_loop_lag")
+        await overloaded(f"The gateway is busier than it can serve in time (its event loop runs "
+                         f"{self.lag.lag_s * 1000:.0f} ms late); send it again after the time in Retry-After."
+                         )(scope, receive, send)
+
+
+def overloaded(message: str) -> Any:
+    """The 503 `overloaded` answer (an ASGI app), with the waits the openai SDKs read."""
+    return ApiError(503, message, code="overloaded", headers={
+        **retry_after(RETRY_AFTER_S), "retry-after-ms": str(random.randint(*RETRY_AFTER_MS))}).response()
