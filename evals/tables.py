@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from evals.prices import ModelPrice, estimated_tokens, find_price, list_price_costs, price_table
+from router.messages import messages_problem
 
 DEFAULT_OUTPUT_TOKENS = 300.0  # when a table records neither output text nor length (policies' DIRECT_TOKENS)
 NOT_MODEL_COLUMNS = frozenset({"prompt", "id", "idx", "index", "question_id", "sample_id", "eval_name", "group",
@@ -232,6 +233,9 @@ def _read_csv_rows(paths: Sequence[Path], required: Sequence[str] = ("prompt",),
                         cells = sum(value is not None for key, value in row.items() if key is not None)
                         raise ValueError(f"{path} line {reader.line_num}: {cells} cell{'s' * (cells != 1)} where "
                                          f"the header has {len(names)} (a line break in an unquoted prompt?)")
+                    if "prompt" in required and not (row.get("prompt") or "").strip():
+                        # a row of scores under an empty prompt was replayed as the empty prompt
+                        raise ValueError(f"{path} line {reader.line_num}: the `prompt` cell is empty")
                     rows.append(row)
                     origins.append((path, reader.line_num))
     return header, rows, origins
@@ -406,6 +410,10 @@ def _jsonl_record(line: str, path: Path, n: int) -> dict:
         raise ValueError(f'{path} line {n}: "task" must be a string, not {record["task"]!r}')
     if not isinstance(record.get("prompt"), str) and not isinstance(record.get("messages"), list):
         raise ValueError(f'{path} line {n}: no "prompt" string or "messages" list (keys: {", ".join(record)})')
+    if not isinstance(record.get("prompt"), str) and (problem := messages_problem(record["messages"])):
+        raise ValueError(f"{path} line {n}: {problem}")
+    if not _prompt_text(record).strip():  # scored and billed as the empty prompt
+        raise ValueError(f'{path} line {n}: the prompt is empty (no text in its "prompt" or "messages")')
     made = next((arm for arm in record["outcomes"] if VOTE_ARM.fullmatch(arm)), None)
     if made is not None:  # it would be read as that vote arm (and its model as the part before @vote)
         raise ValueError(f"{path} line {n}: arm `{made}`: a name ending in @voteN is kept for the vote arm "

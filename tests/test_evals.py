@@ -832,6 +832,22 @@ def test_a_jsonl_model_name_with_an_at_sign_keeps_it(tmp_path, capsys):
         "vote arm made from an arm's samples; rename it"]
 
 
+@pytest.mark.parametrize("name, body, message", [
+    ("t.csv", "prompt,a,b\nx,1,0\n,0,1\n", "t.csv line 3: the `prompt` cell is empty"),
+    ("t.jsonl", '{"prompt": "x", "outcomes": {"a": 1, "b": 0}}\n{"prompt": " ", "outcomes": {"a": 1, "b": 0}}\n',
+     't.jsonl line 2: the prompt is empty (no text in its "prompt" or "messages")'),
+    ("t.jsonl", '{"messages": [{"role": "user", "content": 42}], "outcomes": {"a": 1, "b": 0}}\n',
+     't.jsonl line 1: "messages" item 1: "content" must be a string or a list of parts, not 42'),
+    ("t.jsonl", '{"messages": [], "outcomes": {"a": 1, "b": 0}}\n', 't.jsonl line 1: "messages" must be a non-empty list'),
+])
+def test_a_row_without_a_prompt_is_refused(tmp_path, capsys, no_scoring, name, body, message):
+    """Scores under an empty prompt cell, or messages with no text, were replayed and billed as the empty prompt."""
+    (tmp_path / name).write_text(body)
+    assert _eval_cli(tmp_path, tmp_path / name) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"ponder eval: error: {tmp_path}") and message in err[0]
+
+
 def test_table_run_with_a_limit_and_a_named_pair(tmp_path):
     _outcomes_file(tmp_path / "t.jsonl")
     assert _table_cli(tmp_path, "--limit", "4", "--strong", "b", "--weak", "a") == 0
