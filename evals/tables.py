@@ -326,9 +326,15 @@ def load_routellm_csv(paths: Sequence[str | Path], models: Sequence[str] | None 
                 # scores in some rows, or numbers out of range (a 1-5 rating): said, with the cell that
                 # kept it out, where a column of 2s and 3s used to vanish without a word (text columns do)
                 ignored.append(f"`{name}` ({_where(origins[bad])}: {values[bad]!r} is not a score)")
+    where = ", ".join(map(str, files))
     missing = [m for m in models if m not in header]
-    if missing or len(models) < 2:
-        raise ValueError(f"need at least two model columns; missing {missing}, found {list(models)}"
+    if missing:  # named with --models: it said "missing ['x'], found ['a', 'x']"
+        raise ValueError(f"{where}: no column {', '.join(f'`{m}`' for m in missing)} (columns: {', '.join(header)})")
+    twice = sorted({m for m in models if list(models).count(m) > 1})
+    if twice:  # `--models a a` replayed a against itself
+        raise ValueError(f"--models names {', '.join(f'`{m}`' for m in twice)} twice")
+    if len(models) < 2:
+        raise ValueError(f"{where}: need at least two model columns, found {', '.join(f'`{m}`' for m in models) or 'none'}"
                          + (f"; not read as models: {', '.join(ignored)}" if ignored else ""))
     prompt_tokens = np.array([estimated_tokens(row["prompt"]) for row in rows])
     scores = np.array([[_read(_score, row.get(m), f"{_where(origins[i])}, column `{m}`") for m in models]
@@ -357,6 +363,9 @@ def load_routerbench_csv(paths: Sequence[str | Path], models: Sequence[str] | No
     if models is None:
         models = [name[: -len("|total_cost")] for name in header if name.endswith("|total_cost")]
     where = ", ".join(map(str, files))
+    twice = sorted({m for m in models if list(models).count(m) > 1})
+    if twice:
+        raise ValueError(f"--models names {', '.join(f'`{m}`' for m in twice)} twice")
     if len(models) < 2:
         raise ValueError(f"{where}: a RouterBench-style CSV needs `<model>|total_cost` columns for two or more models "
                          f"(found: {', '.join(f'`{m}|total_cost`' for m in models) or 'none'})")
@@ -401,9 +410,12 @@ def _jsonl_record(line: str, path: Path, n: int) -> dict:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} line {n}: not JSON ({exc.msg})") from None
+        # a .json file of one array, or pretty-printed objects, fails on its first line: say what is wanted
+        hint = "; one object per line is wanted (JSONL)" if line.strip() in ("[", "{") else ""
+        raise ValueError(f"{path} line {n}: not JSON ({exc.msg}){hint}") from None
     if not isinstance(record, dict):
-        raise ValueError(f"{path} line {n}: not an object")
+        raise ValueError(f"{path} line {n}: not an object"
+                         + ("; one object per line is wanted (JSONL), not an array" if isinstance(record, list) else ""))
     if not isinstance(record.get("outcomes"), dict):
         raise ValueError(f'{path} line {n}: no "outcomes" object ({{arm: score, ...}})')
     if record.get("task") is not None and not isinstance(record["task"], str):

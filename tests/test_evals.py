@@ -848,6 +848,22 @@ def test_a_row_without_a_prompt_is_refused(tmp_path, capsys, no_scoring, name, b
     assert len(err) == 1 and err[0].startswith(f"ponder eval: error: {tmp_path}") and message in err[0]
 
 
+@pytest.mark.parametrize("name, body, models, message", [
+    ("t.csv", "prompt,a,b\nx,1,0\n", ["a", "x"], "t.csv: no column `x` (columns: prompt, a, b)"),  # "missing ['x'], found ['a', 'x']"
+    ("t.csv", "prompt,a,b\nx,1,0\n", ["a", "a"], "--models names `a` twice"),  # replayed a against itself, exit 0
+    ("t.csv", "prompt,a,b,a|total_cost,b|total_cost\nx,1,0,0.1,0.2\n", ["b", "b"], "--models names `b` twice"),
+    ("t.json", '[{"prompt": "x", "outcomes": {"a": 1, "b": 0}}]\n',
+     None, "t.json line 1: not an object; one object per line is wanted (JSONL), not an array"),
+    ("t.json", '[\n  {"prompt": "x", "outcomes": {"a": 1, "b": 0}}\n]\n',
+     None, "t.json line 1: not JSON (Expecting value); one object per line is wanted (JSONL)"),
+])
+def test_models_named_wrong_and_a_json_array_are_said_so(tmp_path, capsys, no_scoring, name, body, models, message):
+    (tmp_path / name).write_text(body)
+    assert _eval_cli(tmp_path, tmp_path / name, extra=["--models", *models] if models else []) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("ponder eval: error: ") and err[0].endswith(message)
+
+
 def test_table_run_with_a_limit_and_a_named_pair(tmp_path):
     _outcomes_file(tmp_path / "t.jsonl")
     assert _table_cli(tmp_path, "--limit", "4", "--strong", "b", "--weak", "a") == 0
