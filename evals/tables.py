@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from evals.prices import ModelPrice, estimated_tokens, find_price, list_price_costs, price_table
+from router.answers import FORMATS, TASK_FORMATS, answer_format
 from router.messages import messages_problem
 
 DEFAULT_OUTPUT_TOKENS = 300.0  # when a table records neither output text nor length (policies' DIRECT_TOKENS)
@@ -435,6 +436,11 @@ def _jsonl_record(line: str, path: Path, n: int) -> dict:
     return record
 
 
+def _known_task(task: str) -> bool:
+    key = task.strip().lower()
+    return key in TASK_FORMATS or key in FORMATS or answer_format(key) != "open"
+
+
 def _model_and_votes(arm: str) -> tuple[str, str, int]:
     """(model, strategy, n) of an arm: `<arm>@voteN` is the vote of N samples of <arm>. Only that
     suffix is cut: a model name may hold an @ itself (Vertex AI's `claude-3-5-sonnet@20240620`), which
@@ -534,6 +540,10 @@ def load_jsonl(paths: Sequence[str | Path], prices_file: str | Path | None = Non
                 texts = [s.get("text") or s["answer"] for s in samples]
                 if all(text is None for text in texts):  # the vote would be "the first sample", silently
                     raise ValueError(f'{where}, arm `{arm}`: no sample has an "answer" or a "text" to vote on')
+                if not _known_task(task):  # "algebra" is no format: answers given were ignored for a text medoid
+                    raise ValueError(f"{where}: task {task!r} is not a task type or answer format ("
+                                     f"{', '.join(sorted({*TASK_FORMATS, *FORMATS}))}), so arm `{arm}`'s samples "
+                                     "could not be voted by their answers; put a label of your own in \"group\"")
                 winner = vote(texts, task, answers=answers if any(a is not None for a in answers) else None).winner
                 v = arms.index(f"{arm}@vote{len(samples)}")
                 scores[i, v] = _read(_score, samples[winner].get("correct", samples[winner].get("score")),

@@ -864,6 +864,25 @@ def test_models_named_wrong_and_a_json_array_are_said_so(tmp_path, capsys, no_sc
     assert len(err) == 1 and err[0].startswith("ponder eval: error: ") and err[0].endswith(message)
 
 
+def test_a_vote_under_an_unknown_task_is_refused(tmp_path, capsys, no_scoring):
+    """"task": "algebra" (a group, not a task type) made router.voting treat the samples as open text: the
+    given answers were ignored and the @vote arm scored a text medoid, exit 0. Rows without a vote may
+    carry any task label; a known one in any letter case votes by the answers."""
+    voted = {"samples": [{"answer": "41", "correct": False}, {"answer": "42", "correct": True},
+                         {"answer": "42", "correct": True}]}
+    rows = [{"prompt": "6*7?", "task": "Math", "outcomes": {"a": voted, "b": 0}},
+            {"prompt": "Capital of France?", "task": "geography", "outcomes": {"a": 1, "b": 0}}]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert load_table([tmp_path / "t.jsonl"]).scores[0].tolist() == [0.0, 1.0, 0.0]  # a, a@vote3, b
+    rows[0]["task"] = "algebra"
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert _table_cli(tmp_path) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"ponder eval: error: {tmp_path / 't.jsonl'} line 1: task 'algebra' "
+                                               "is not a task type or answer format (chat, code, knowledge, math, ")
+    assert err[0].endswith("so arm `a`'s samples could not be voted by their answers; put a label of your own in \"group\"")
+
+
 def test_table_run_with_a_limit_and_a_named_pair(tmp_path):
     _outcomes_file(tmp_path / "t.jsonl")
     assert _table_cli(tmp_path, "--limit", "4", "--strong", "b", "--weak", "a") == 0
