@@ -46,6 +46,7 @@ NOT_MODEL_COLUMNS = frozenset({"prompt", "id", "idx", "index", "question_id", "s
 # table says NA or N/A where pandas' to_csv leaves the cell empty).
 MISSING_CELLS = frozenset({"", "nan", "-nan", "none", "null", "na", "n/a", "#n/a", "<na>"})
 VOTE_ARM = re.compile(r"(.+)@vote(\d+)")  # the arm load_jsonl makes from an arm's N samples
+DECIMAL_COMMA = re.compile(r"^\s*([+-]?\d*),(\d+(?:[eE][+-]?\d+)?%?)\s*$")  # "0,5", "-1,25e-3", "50,5%"
 csv.field_size_limit(1 << 28)
 
 
@@ -228,7 +229,11 @@ def _read_csv_rows(paths: Sequence[Path], required: Sequence[str] = ("prompt",),
             for name in names:
                 if name not in header:
                     header.append(name)
+            decimal_comma = reader.reader.dialect.delimiter != ","  # a locale that separates cells with ';'
             for row in reader:
+                if decimal_comma:  # writes 0.5 as "0,5": it was "not a score", and a cost "not a float"
+                    row = {name: DECIMAL_COMMA.sub(r"\1.\2", value) if name != "prompt" and isinstance(value, str)
+                           else value for name, value in row.items()}
                 if any(value and value.strip() for value in row.values() if isinstance(value, str)):
                     if None in row.values():  # DictReader's filler for cells the line lacks
                         cells = sum(value is not None for key, value in row.items() if key is not None)

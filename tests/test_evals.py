@@ -883,6 +883,23 @@ def test_a_vote_under_an_unknown_task_is_refused(tmp_path, capsys, no_scoring):
     assert err[0].endswith("so arm `a`'s samples could not be voted by their answers; put a label of your own in \"group\"")
 
 
+@pytest.mark.parametrize("mark", [";", "\t"])
+def test_a_decimal_comma_locale_writes_scores_and_costs_with_commas(tmp_path, capsys, mark):
+    """Excel where cells are separated by ';' writes 0.5 as "0,5": a partial-credit column was "not a
+    score" (no model left: refused) and a RouterBench cost "could not convert string to float". The prompt
+    keeps its commas."""
+    rows = [["prompt", "a", "b", "a|total_cost", "b|total_cost"], ["x, or y?", "0,5", "1", "0,0012", "0,5"],
+            ["3,5", "1", "0,25", "0,002", "0,1"]]
+    with open(tmp_path / "t.csv", "w", newline="", encoding="utf-8-sig") as handle:
+        csv.writer(handle, delimiter=mark, lineterminator="\r\n").writerows(rows)
+    assert _eval_cli(tmp_path, tmp_path / "t.csv") == 0
+    table = load_table([tmp_path / "t.csv"])
+    assert table.prompts == ["x, or y?", "3,5"] and table.scores.tolist() == [[0.5, 1.0], [1.0, 0.25]]
+    assert table.cost_usd.tolist() == [[0.0012, 0.5], [0.002, 0.1]]
+    arms = json.loads((tmp_path / "out" / "report.json").read_text())["arms"]
+    assert [arm["accuracy"] for arm in arms] == [0.75, 0.625]
+
+
 def test_table_run_with_a_limit_and_a_named_pair(tmp_path):
     _outcomes_file(tmp_path / "t.jsonl")
     assert _table_cli(tmp_path, "--limit", "4", "--strong", "b", "--weak", "a") == 0
