@@ -193,7 +193,9 @@ def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
     found: list[Path] = []
     for item in paths:
         text = str(item)
-        matches = sorted(glob.glob(text)) if any(ch in text for ch in "*?[") else [text]
+        # a file that is there is that file: `runs[1].csv` was read as a glob matching only `runs1.csv`
+        globbed = any(ch in text for ch in "*?[") and not Path(text).exists()
+        matches = sorted(glob.glob(text)) if globbed else [text]
         if not matches:
             raise FileNotFoundError(f"no file matches {text}")
         found += [Path(match) for match in matches]

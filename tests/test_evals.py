@@ -900,6 +900,15 @@ def test_a_decimal_comma_locale_writes_scores_and_costs_with_commas(tmp_path, ca
     assert [arm["accuracy"] for arm in arms] == [0.75, 0.625]
 
 
+def test_a_file_whose_name_looks_like_a_glob_is_that_file(tmp_path, capsys):
+    """`results[1].csv` (a browser's name for a second download) was taken as a glob matching only
+    `results1.csv`: 'no file matches ...' for a file that is there."""
+    _write_csv(tmp_path / "results[1].csv", ["prompt", "a", "b"], [["p", "1", "0"], ["q", "0", "1"]])
+    assert _eval_cli(tmp_path, tmp_path / "results[1].csv") == 0
+    assert "RouteLLM-style CSV, 1 file(s): 2 prompts, arms a, b" in capsys.readouterr().err
+    assert load_table([str(tmp_path / "results*.csv")]).prompts == ["p", "q"]  # a glob is still a glob
+
+
 def test_table_run_with_a_limit_and_a_named_pair(tmp_path):
     _outcomes_file(tmp_path / "t.jsonl")
     assert _table_cli(tmp_path, "--limit", "4", "--strong", "b", "--weak", "a") == 0
