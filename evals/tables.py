@@ -553,8 +553,12 @@ def load_jsonl(paths: Sequence[str | Path], prices_file: str | Path | None = Non
                                      "could not be voted by their answers; put a label of your own in \"group\"")
                 winner = vote(texts, task, answers=answers if any(a is not None for a in answers) else None).winner
                 v = arms.index(f"{arm}@vote{len(samples)}")
-                scores[i, v] = _read(_score, samples[winner].get("correct", samples[winner].get("score")),
-                                     f"{where}, arm `{arm}`, sample {winner + 1}")
+                verdict = samples[winner].get("correct", samples[winner].get("score"))
+                if "correct" not in samples[winner] and "score" not in samples[winner]:
+                    # left out (a null is "not recorded", as documented): the vote arm "failed" the row unsaid
+                    raise ValueError(f'{where}, arm `{arm}`, sample {winner + 1}: the vote\'s winner has no "correct" '
+                                     '(or "score"); every sample that answers needs one')
+                scores[i, v] = _read(_score, verdict, f"{where}, arm `{arm}`, sample {winner + 1}")
                 sample_costs = [s["cost_usd"] for s in samples]
                 recorded[i, v] = all(c is not None for c in sample_costs)
                 cost[i, v] = sum(sample_costs) if recorded[i, v] else cost[i, j] * len(samples)

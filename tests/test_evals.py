@@ -909,6 +909,22 @@ def test_a_file_whose_name_looks_like_a_glob_is_that_file(tmp_path, capsys):
     assert load_table([str(tmp_path / "results*.csv")]).prompts == ["p", "q"]  # a glob is still a glob
 
 
+def test_a_vote_won_by_a_sample_without_its_correctness_is_refused(tmp_path, capsys, no_scoring):
+    """The winning sample had an answer but no "correct": the @vote arm's record was missing, so the
+    replay counted a failed call on that row, exit 0 (another sample said the answer was right)."""
+    samples = [{"answer": "42"}, {"answer": "42", "correct": True}, {"answer": "41", "correct": False}]
+    (tmp_path / "t.jsonl").write_text(json.dumps({"prompt": "p", "outcomes": {"a": 1, "b": 1}}) + "\n"
+                                      + json.dumps({"prompt": "q", "outcomes": {"a": {"correct": False,
+                                                                                      "samples": samples}, "b": 0}}) + "\n")
+    assert _table_cli(tmp_path) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"ponder eval: error: {tmp_path / 't.jsonl'} line 2, arm `a`, sample 1: the vote's winner has no \"correct\" "
+        "(or \"score\"); every sample that answers needs one"]
+    samples[0]["correct"] = None  # said not recorded: a missing record, as documented
+    (tmp_path / "t.jsonl").write_text(json.dumps({"prompt": "q", "outcomes": {"a": {"samples": samples}, "b": 0}}) + "\n")
+    assert math.isnan(load_table([tmp_path / "t.jsonl"]).scores[0, 1])
+
+
 def test_table_run_with_a_limit_and_a_named_pair(tmp_path):
     _outcomes_file(tmp_path / "t.jsonl")
     assert _table_cli(tmp_path, "--limit", "4", "--strong", "b", "--weak", "a") == 0
