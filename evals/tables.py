@@ -219,6 +219,8 @@ def _read_csv_rows(paths: Sequence[Path], required: Sequence[str] = ("prompt",),
         with _open_csv(path) as handle, _utf8(path):
             reader = _csv_reader(handle)
             names = reader.fieldnames or []
+            if not names:  # it said "no `prompt` column (columns: none)"
+                raise ValueError(f"{path}: empty file (no header line)")
             absent = [column for column in required if column not in names]
             if absent:
                 raise ValueError(f"{path}: no {', '.join(f'`{c}`' for c in absent)} column "

@@ -687,6 +687,9 @@ def test_table_run_refuses_an_arm_the_table_lacks_before_replaying(tmp_path, cap
 
 
 @pytest.mark.parametrize("name, body, message", [
+    # an empty file: it said 'no `prompt` column (columns: none)'
+    ("t.csv", "", "t.csv: empty file (no header line)"),
+    ("t.jsonl", "\n", "t.jsonl: no row records an outcome"),
     # RouteLLM header only: it said 'need at least two model columns; missing [], found []'
     ("t.csv", "prompt,gpt-4o-mini,gpt-4o\n", "t.csv: no rows below the header"),
     # RouterBench header only: 'zero-size array to reduction operation maximum which has no identity'
