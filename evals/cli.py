@@ -26,6 +26,11 @@ ALL_SUITES = (*ROUTING_SUITES, "learner", *SAMPLING_SUITES)
 GROUP_BUCKETS = {"mmlu-pro": "MMLU-Pro category", "bbh-effort": "BBH task"}
 
 
+class RefusedInput(Exception):
+    """The user's files or arguments, refused before any work: exit status 2, as for argparse's own
+    refusals (1 is for a run that failed: an --out that cannot be written, no datasets folder)."""
+
+
 def _scores(args, name: str | None, table, log):
     """Leak-free scores for a table (a suite is scored whole, then cut to --limit, so caches are shared)."""
     from evals.classification import SUITE_SOURCES, Scores, leak_free_scores, length_scores
@@ -47,9 +52,25 @@ def _check_pair(args, table) -> None:
     """--strong and --weak must name arms of the table: said before the scoring and the replay, not after."""
     for flag, arm in (("--strong", args.strong), ("--weak", args.weak)):
         if arm is not None and arm not in table.arm_names:
-            raise ValueError(f"{flag} {arm}: the table has no such arm (its arms: {', '.join(table.arm_names)})")
+            raise RefusedInput(f"{flag} {arm}: the table has no such arm (its arms: {', '.join(table.arm_names)})")
     if args.strong is not None and args.strong == args.weak:
-        raise ValueError(f"--strong and --weak both name {args.strong}: the pair needs two arms")
+        raise RefusedInput(f"--strong and --weak both name {args.strong}: the pair needs two arms")
+
+
+def _say_unused_prices(path: str, table, log) -> None:
+    """A --prices entry that prices no arm (a typo, `gpt-4o-typo` for `gpt-4o`) was dropped without a
+    word, and the arm kept litellm's price. A warning, not a refusal: one price file may serve many tables."""
+    from evals.prices import find_price, price_table, read_price_file
+
+    if table.price_origins and all(origin == "recorded in the table" for origin in table.price_origins.values()):
+        log(f"{path}: not used: the table's costs are taken as recorded")
+        return
+    prices = price_table(path)
+    used = {found.model for info in table.arms if (found := find_price(info.model, prices)) is not None}
+    unused = [model for model in read_price_file(path) if model not in used]
+    if unused:
+        log(f"{path}: no arm of the table is priced by {', '.join(unused[:8])}{' ...' if len(unused) > 8 else ''} "
+            f"(its arms: {', '.join(table.arm_names)})")
 
 
 def _limited(table, limit: int | None):
@@ -76,7 +97,10 @@ def run_routing(args, name: str | None, out: Path, log) -> dict:
     from evals.tables import load_table
 
     if name is None:
-        table = load_table(args.table, args.format, args.models, args.prices)
+        try:
+            table = load_table(args.table, args.format, args.models, args.prices)
+        except (OSError, ValueError) as exc:  # the user's files: missing, unreadable or not in a table format
+            raise RefusedInput(str(exc)) from None
     else:
         table = SUITE_LOADERS[name]()
     _check_pair(args, table)
@@ -93,6 +117,8 @@ def run_routing(args, name: str | None, out: Path, log) -> dict:
             reasons.append(f"a recorded score without its cost for {', '.join(costless)}")
         if reasons:
             log("; ".join(reasons) + ": only the two-arm call-share metrics (CPT/APGR) will be computed")
+        if args.prices:
+            _say_unused_prices(args.prices, table, log)
     table = _limited(table, args.limit)
     scores = _scores(args, name, table, log)
     modes = ["classifier"]
@@ -270,7 +296,7 @@ def cli(argv: list[str] | None = None) -> int:
             if args.leak_free == "cross-fit" and not args.no_classifier:
                 # cross-fitting holds out folds of the classifier's own training data; a user's prompts
                 # are not in it, so the "in-distribution" scores would be the zero-shot fit, mislabelled
-                raise ValueError("--leak-free cross-fit is for the built-in suites, whose prompts the classifier "
+                raise RefusedInput("--leak-free cross-fit is for the built-in suites, whose prompts the classifier "
                                  "is trained on; a --table's prompts are not, so their scores are zero-shot "
                                  "whatever the mode: use --leak-free source-out (the default)")
             result = run_routing(args, None, args.out, log)
@@ -300,6 +326,9 @@ def cli(argv: list[str] | None = None) -> int:
         for name, result in results.items():
             rows = headline(name, result) if name in ROUTING_SUITES else []
             print("\n".join(rows) or f"{name}: see its report.md")
+    except RefusedInput as exc:
+        log(f"error: {exc}")
+        return 2
     except (OSError, ValueError, KeyError) as exc:
         log(f"error: {exc}")
         return 1

@@ -11,6 +11,7 @@ list_price_costs prices an outcome table's columns with it.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,11 +57,23 @@ def _entry(model: str, raw: dict) -> ModelPrice:
             return ModelPrice(model, found[0], found[1], f"litellm:{key}", note)
         if "input_per_mtok" not in raw:
             raise KeyError(f"price of `{model}`: litellm key `{key}` not in the installed cost map and no fallback")
-        return ModelPrice(model, float(raw["input_per_mtok"]), float(raw["output_per_mtok"]),
+        return ModelPrice(model, _usd(raw, "input_per_mtok"), _usd(raw, "output_per_mtok"),
                           f"litellm key missing, table value:{key}", note)
     if "source" not in raw:
         raise ValueError(f"price of `{model}`: give a `litellm` key or cite a `source`")
-    return ModelPrice(model, float(raw["input_per_mtok"]), float(raw["output_per_mtok"]), str(raw["source"]), note)
+    return ModelPrice(model, _usd(raw, "input_per_mtok"), _usd(raw, "output_per_mtok"), str(raw["source"]), note)
+
+
+def _usd(raw: dict, key: str) -> float:
+    """A price in USD per million tokens: a number >= 0. A negative one failed the replay's policy with
+    a many-line validation error, NaN made the model unpriced, and YAML's `true` read as 1."""
+    value = raw[key]
+    if isinstance(value, bool):
+        raise ValueError(f"{key} must be a number, not {value!r}")
+    number = float(value)
+    if not math.isfinite(number) or number < 0:
+        raise ValueError(f"{key} must be a number >= 0, not {value!r}")
+    return number
 
 
 def read_price_file(path: str | Path) -> dict[str, ModelPrice]:

@@ -4,8 +4,8 @@ Every format becomes one `OutcomeTable`: for each prompt and arm, the recorded s
 where the arm has no record: the replay treats that as a failed call), the cost in USD and the output
 tokens. Formats (docs/eval.md has examples):
 
-- RouteLLM-style CSV: a `prompt` column and one column per model holding 0/1, True/False or a 0..1
-  score (NA-style cells are missing records). Other columns (`<model>_response`, ids, ...) are ignored
+- RouteLLM-style CSV: a `prompt` column and one column per model holding 0/1, True/False, a 0..1
+  score or a percentage (NA-style cells are missing records). Other columns (`<model>_response`, ids, ...) are ignored
   unless named with `models=`; a `<model>_response` column, when present, gives that model's output length. Several files (or a
   glob, e.g. one CSV per subject) are read as one table.
 - RouterBench-style CSV: per-model score columns plus `<model>|total_cost`; `eval_name` (if present)
@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 
 from evals.prices import ModelPrice, estimated_tokens, find_price, list_price_costs, price_table
+from router.answers import FORMATS, TASK_FORMATS, answer_format
+from router.messages import messages_problem
 
 DEFAULT_OUTPUT_TOKENS = 300.0  # when a table records neither output text nor length (policies' DIRECT_TOKENS)
 NOT_MODEL_COLUMNS = frozenset({"prompt", "id", "idx", "index", "question_id", "sample_id", "eval_name", "group",
@@ -43,6 +45,8 @@ NOT_MODEL_COLUMNS = frozenset({"prompt", "id", "idx", "index", "question_id", "s
 # Cells that mean "no record": empty, and the NA spellings of spreadsheets, R and pandas (a hand-edited
 # table says NA or N/A where pandas' to_csv leaves the cell empty).
 MISSING_CELLS = frozenset({"", "nan", "-nan", "none", "null", "na", "n/a", "#n/a", "<na>"})
+VOTE_ARM = re.compile(r"(.+)@vote(\d+)")  # the arm load_jsonl makes from an arm's N samples
+DECIMAL_COMMA = re.compile(r"^\s*([+-]?\d*),(\d+(?:[eE][+-]?\d+)?%?)\s*$")  # "0,5", "-1,25e-3", "50,5%"
 csv.field_size_limit(1 << 28)
 
 
@@ -135,10 +139,11 @@ def _score(value: object) -> float:
             return 1.0
         if text in ("false", "no", "incorrect"):
             return 0.0
+        percent = text.endswith("%")  # a spreadsheet's percent format writes 0.5 as "50%"
         try:
-            number = float(text)
+            number = float(text.removesuffix("%")) / (100.0 if percent else 1.0)
         except ValueError:
-            raise ValueError(f"{value!r} is not a score (0/1, True/False or a number in [0, 1])") from None
+            raise ValueError(f"{value!r} is not a score (0/1, True/False, a number in [0, 1] or a percentage)") from None
     if not 0.0 <= number <= 1.0:
         raise ValueError(f"score {value!r} is not in [0, 1]")
     return number
@@ -164,6 +169,19 @@ def _read(parse, value: object, where: str) -> float:
         raise ValueError(f"{where}: {exc}") from None
 
 
+def _is_number(value: object) -> bool:
+    try:
+        float(str(value).strip().removesuffix("%"))
+    except ValueError:
+        return False
+    return True
+
+
+def _all_scores(values: Sequence[object]) -> bool:
+    parsed = [_score_or_none(value) for value in values]
+    return None not in parsed and any(not math.isnan(score) for score in parsed)
+
+
 def _score_or_none(value: object) -> float | None:
     try:
         return _score(value)
@@ -175,7 +193,9 @@ def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
     found: list[Path] = []
     for item in paths:
         text = str(item)
-        matches = sorted(glob.glob(text)) if any(ch in text for ch in "*?[") else [text]
+        # a file that is there is that file: `runs[1].csv` was read as a glob matching only `runs1.csv`
+        globbed = any(ch in text for ch in "*?[") and not Path(text).exists()
+        matches = sorted(glob.glob(text)) if globbed else [text]
         if not matches:
             raise FileNotFoundError(f"no file matches {text}")
         found += [Path(match) for match in matches]
@@ -196,10 +216,11 @@ def _read_csv_rows(paths: Sequence[Path], required: Sequence[str] = ("prompt",),
     rows: list[dict[str, str]] = []
     origins: list[tuple[Path, int]] = []
     for path in paths:
-        opener = gzip.open if path.suffix.lower() == ".gz" else open
-        with opener(path, "rt", encoding="utf-8-sig", newline="") as handle, _utf8(path):
+        with _open_csv(path) as handle, _utf8(path):
             reader = _csv_reader(handle)
             names = reader.fieldnames or []
+            if not names:  # it said "no `prompt` column (columns: none)"
+                raise ValueError(f"{path}: empty file (no header line)")
             absent = [column for column in required if column not in names]
             if absent:
                 raise ValueError(f"{path}: no {', '.join(f'`{c}`' for c in absent)} column "
@@ -212,15 +233,27 @@ def _read_csv_rows(paths: Sequence[Path], required: Sequence[str] = ("prompt",),
             for name in names:
                 if name not in header:
                     header.append(name)
+            decimal_comma = reader.reader.dialect.delimiter != ","  # a locale that separates cells with ';'
             for row in reader:
+                if decimal_comma:  # writes 0.5 as "0,5": it was "not a score", and a cost "not a float"
+                    row = {name: DECIMAL_COMMA.sub(r"\1.\2", value) if name != "prompt" and isinstance(value, str)
+                           else value for name, value in row.items()}
                 if any(value and value.strip() for value in row.values() if isinstance(value, str)):
                     if None in row.values():  # DictReader's filler for cells the line lacks
                         cells = sum(value is not None for key, value in row.items() if key is not None)
                         raise ValueError(f"{path} line {reader.line_num}: {cells} cell{'s' * (cells != 1)} where "
                                          f"the header has {len(names)} (a line break in an unquoted prompt?)")
+                    if "prompt" in required and not (row.get("prompt") or "").strip():
+                        # a row of scores under an empty prompt was replayed as the empty prompt
+                        raise ValueError(f"{path} line {reader.line_num}: the `prompt` cell is empty")
                     rows.append(row)
                     origins.append((path, reader.line_num))
     return header, rows, origins
+
+
+def _open_csv(path: Path):
+    opener = gzip.open if path.suffix.lower() == ".gz" else open
+    return opener(path, "rt", encoding="utf-8-sig", newline="")
 
 
 def _csv_reader(handle) -> csv.DictReader:
@@ -270,6 +303,15 @@ def _some_rows(files: Sequence[Path], rows: list) -> None:
         raise ValueError(f"{', '.join(map(str, files))}: no rows below the header")
 
 
+def _each_scored(models: Sequence[str], scores: np.ndarray, files: Sequence[Path]) -> None:
+    """A model column with no score in any row (named with --models, or a RouterBench column left
+    empty) was replayed as an arm that fails every call."""
+    empty = [m for m, column in zip(models, scores.T) if np.isnan(column).all()]
+    if empty:
+        raise ValueError(f"{', '.join(map(str, files))}: no score in any row of "
+                         f"{', '.join(f'`{m}`' for m in empty)}")
+
+
 def load_routellm_csv(paths: Sequence[str | Path], models: Sequence[str] | None = None,
                       prices_file: str | Path | None = None) -> OutcomeTable:
     files = expand_paths(paths)
@@ -279,24 +321,35 @@ def load_routellm_csv(paths: Sequence[str | Path], models: Sequence[str] | None 
     if models is None:
         models = []
         for name in header:
-            if _not_a_model(name, header):
-                continue
             values = [row.get(name) for row in rows]
+            if _not_a_model(name, header):
+                if name.lower() in NOT_MODEL_COLUMNS - {"prompt"} and _all_scores(values):
+                    ignored.append(f"`{name}` (a reserved column name: name it with --models to read it as a model)")
+                continue
             parsed = [_score_or_none(value) for value in values]
             bad = next((i for i, score in enumerate(parsed) if score is None), None)
-            if not any(score is not None and not math.isnan(score) for score in parsed):
-                continue
+            scored = any(score is not None and not math.isnan(score) for score in parsed)
             if bad is None:
-                models.append(name)
-            else:  # scores in some rows, something else in another: say which cell kept it out
+                if scored:
+                    models.append(name)
+            elif scored or _is_number(values[bad]):
+                # scores in some rows, or numbers out of range (a 1-5 rating): said, with the cell that
+                # kept it out, where a column of 2s and 3s used to vanish without a word (text columns do)
                 ignored.append(f"`{name}` ({_where(origins[bad])}: {values[bad]!r} is not a score)")
+    where = ", ".join(map(str, files))
     missing = [m for m in models if m not in header]
-    if missing or len(models) < 2:
-        raise ValueError(f"need at least two model columns; missing {missing}, found {list(models)}"
+    if missing:  # named with --models: it said "missing ['x'], found ['a', 'x']"
+        raise ValueError(f"{where}: no column {', '.join(f'`{m}`' for m in missing)} (columns: {', '.join(header)})")
+    twice = sorted({m for m in models if list(models).count(m) > 1})
+    if twice:  # `--models a a` replayed a against itself
+        raise ValueError(f"--models names {', '.join(f'`{m}`' for m in twice)} twice")
+    if len(models) < 2:
+        raise ValueError(f"{where}: need at least two model columns, found {', '.join(f'`{m}`' for m in models) or 'none'}"
                          + (f"; not read as models: {', '.join(ignored)}" if ignored else ""))
     prompt_tokens = np.array([estimated_tokens(row["prompt"]) for row in rows])
     scores = np.array([[_read(_score, row.get(m), f"{_where(origins[i])}, column `{m}`") for m in models]
                        for i, row in enumerate(rows)], dtype=float)
+    _each_scored(models, scores, files)
     output = np.array([[estimated_tokens(row.get(f"{m}_response")) if f"{m}_response" in header
                         else DEFAULT_OUTPUT_TOKENS for m in models] for row in rows], dtype=float)
     cost, origins_of_prices, list_prices = list_price_costs(models, prompt_tokens, output, price_table(prices_file))
@@ -319,11 +372,22 @@ def load_routerbench_csv(paths: Sequence[str | Path], models: Sequence[str] | No
     _some_rows(files, rows)
     if models is None:
         models = [name[: -len("|total_cost")] for name in header if name.endswith("|total_cost")]
-    if len(models) < 2 or "prompt" not in header:
-        raise ValueError("RouterBench CSV needs a `prompt` column and `<model>|total_cost` columns for 2+ models")
+    where = ", ".join(map(str, files))
+    twice = sorted({m for m in models if list(models).count(m) > 1})
+    if twice:
+        raise ValueError(f"--models names {', '.join(f'`{m}`' for m in twice)} twice")
+    if len(models) < 2:
+        raise ValueError(f"{where}: a RouterBench-style CSV needs `<model>|total_cost` columns for two or more models "
+                         f"(found: {', '.join(f'`{m}|total_cost`' for m in models) or 'none'})")
+    # a cost column without its score column read every score as missing, and the replay failed with a TypeError
+    scoreless = [m for m in models if m not in header]
+    if scoreless:
+        raise ValueError(f"{where}: no score column for {', '.join(f'`{m}`' for m in scoreless)} "
+                         f"(each `<model>|total_cost` goes with a `<model>` column of 0/1 or 0..1 scores)")
     prompt_tokens = np.array([estimated_tokens(row["prompt"]) for row in rows])
     scores = np.array([[_read(_score, row.get(m), f"{_where(origins[i])}, column `{m}`") for m in models]
                        for i, row in enumerate(rows)], dtype=float)
+    _each_scored(models, scores, files)
     cost = np.array([[_read(_number, row.get(f"{m}|total_cost"), f"{_where(origins[i])}, column `{m}|total_cost`")
                       for m in models] for i, row in enumerate(rows)], dtype=float)
     output = np.array([[estimated_tokens(row.get(f"{m}|model_response")) for m in models] for row in rows], dtype=float)
@@ -356,18 +420,42 @@ def _jsonl_record(line: str, path: Path, n: int) -> dict:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} line {n}: not JSON ({exc.msg})") from None
+        # a .json file of one array, or pretty-printed objects, fails on its first line: say what is wanted
+        hint = "; one object per line is wanted (JSONL)" if line.strip() in ("[", "{") else ""
+        raise ValueError(f"{path} line {n}: not JSON ({exc.msg}){hint}") from None
     if not isinstance(record, dict):
-        raise ValueError(f"{path} line {n}: not an object")
+        raise ValueError(f"{path} line {n}: not an object"
+                         + ("; one object per line is wanted (JSONL), not an array" if isinstance(record, list) else ""))
     if not isinstance(record.get("outcomes"), dict):
         raise ValueError(f'{path} line {n}: no "outcomes" object ({{arm: score, ...}})')
     if record.get("task") is not None and not isinstance(record["task"], str):
         raise ValueError(f'{path} line {n}: "task" must be a string, not {record["task"]!r}')
     if not isinstance(record.get("prompt"), str) and not isinstance(record.get("messages"), list):
         raise ValueError(f'{path} line {n}: no "prompt" string or "messages" list (keys: {", ".join(record)})')
+    if not isinstance(record.get("prompt"), str) and (problem := messages_problem(record["messages"])):
+        raise ValueError(f"{path} line {n}: {problem}")
+    if not _prompt_text(record).strip():  # scored and billed as the empty prompt
+        raise ValueError(f'{path} line {n}: the prompt is empty (no text in its "prompt" or "messages")')
+    made = next((arm for arm in record["outcomes"] if VOTE_ARM.fullmatch(arm)), None)
+    if made is not None:  # it would be read as that vote arm (and its model as the part before @vote)
+        raise ValueError(f"{path} line {n}: arm `{made}`: a name ending in @voteN is kept for the vote arm "
+                         "made from an arm's samples; rename it")
     record["outcomes"] = {arm: _jsonl_outcome(outcome, f"{path} line {n}, arm `{arm}`")
                           for arm, outcome in record["outcomes"].items()}
     return record
+
+
+def _known_task(task: str) -> bool:
+    key = task.strip().lower()
+    return key in TASK_FORMATS or key in FORMATS or answer_format(key) != "open"
+
+
+def _model_and_votes(arm: str) -> tuple[str, str, int]:
+    """(model, strategy, n) of an arm: `<arm>@voteN` is the vote of N samples of <arm>. Only that
+    suffix is cut: a model name may hold an @ itself (Vertex AI's `claude-3-5-sonnet@20240620`), which
+    was cut off, so the arm was priced as another model and its price said to be unknown."""
+    vote = VOTE_ARM.fullmatch(arm)
+    return (vote[1], "self_consistency", int(vote[2])) if vote else (arm, "single", 1)
 
 
 def _answer(value: object, where: str) -> str | None:
@@ -449,7 +537,7 @@ def load_jsonl(paths: Sequence[str | Path], prices_file: str | Path | None = Non
             output[i, j] = (tokens if tokens is not None
                             else estimated_tokens(first.get("text")) or DEFAULT_OUTPUT_TOKENS)
             if arm not in price_of:
-                price_of[arm] = find_price(arm.split("@")[0], prices)
+                price_of[arm] = find_price(arm, prices)
             price = price_of[arm]
             one = outcome["cost_usd"]
             recorded[i, j] = one is not None
@@ -461,19 +549,26 @@ def load_jsonl(paths: Sequence[str | Path], prices_file: str | Path | None = Non
                 texts = [s.get("text") or s["answer"] for s in samples]
                 if all(text is None for text in texts):  # the vote would be "the first sample", silently
                     raise ValueError(f'{where}, arm `{arm}`: no sample has an "answer" or a "text" to vote on')
+                if not _known_task(task):  # "algebra" is no format: answers given were ignored for a text medoid
+                    raise ValueError(f"{where}: task {task!r} is not a task type or answer format ("
+                                     f"{', '.join(sorted({*TASK_FORMATS, *FORMATS}))}), so arm `{arm}`'s samples "
+                                     "could not be voted by their answers; put a label of your own in \"group\"")
                 winner = vote(texts, task, answers=answers if any(a is not None for a in answers) else None).winner
                 v = arms.index(f"{arm}@vote{len(samples)}")
-                scores[i, v] = _read(_score, samples[winner].get("correct", samples[winner].get("score")),
-                                     f"{where}, arm `{arm}`, sample {winner + 1}")
+                verdict = samples[winner].get("correct", samples[winner].get("score"))
+                if "correct" not in samples[winner] and "score" not in samples[winner]:
+                    # left out (a null is "not recorded", as documented): the vote arm "failed" the row unsaid
+                    raise ValueError(f'{where}, arm `{arm}`, sample {winner + 1}: the vote\'s winner has no "correct" '
+                                     '(or "score"); every sample that answers needs one')
+                scores[i, v] = _read(_score, verdict, f"{where}, arm `{arm}`, sample {winner + 1}")
                 sample_costs = [s["cost_usd"] for s in samples]
                 recorded[i, v] = all(c is not None for c in sample_costs)
                 cost[i, v] = sum(sample_costs) if recorded[i, v] else cost[i, j] * len(samples)
                 output[i, v] = output[i, j] * len(samples)
-    infos = [ArmInfo(a, a.split("@")[0], "self_consistency" if "@vote" in a else "single",
-                     int(a.split("@vote")[1]) if "@vote" in a else 1) for a in arms]
+    infos = [ArmInfo(a, *_model_and_votes(a)) for a in arms]
     origins = {}
     for j, a in enumerate(arms):  # what the report's price column says: recorded, or whose list price
-        price = price_of.get(a.split("@")[0])
+        price = price_of.get(_model_and_votes(a)[0])
         listed = price.origin if price is not None else "unknown: add it with --prices FILE"
         answered = np.isfinite(scores[:, j])
         origins[a] = ("recorded in the table" if recorded[answered, j].all() else
@@ -489,16 +584,30 @@ def load_jsonl(paths: Sequence[str | Path], prices_file: str | Path | None = Non
                         list_prices=list_prices)
 
 
+FORMAT_NAMES = {"jsonl": "JSONL", "routerbench": "a RouterBench-style CSV", "routellm": "a RouteLLM-style CSV"}
+
+
+def _guessed_format(path: Path) -> str:
+    if path.suffix.lower() in (".jsonl", ".json"):  # RUNS.JSONL from Windows too
+        return "jsonl"
+    with _open_csv(path) as handle, _utf8(path):
+        header = _csv_reader(handle).fieldnames or []  # the header only: the loader reads the rows
+    return "routerbench" if any(name.endswith("|total_cost") for name in header) else "routellm"
+
+
 def load_table(paths: Sequence[str | Path], fmt: str | None = None, models: Sequence[str] | None = None,
                prices_file: str | Path | None = None) -> OutcomeTable:
     """Any user table; the format is guessed from the extension and the header when not given."""
     files = expand_paths(paths)
     if fmt is None:
-        if files[0].suffix.lower() in (".jsonl", ".json"):  # RUNS.JSONL from Windows too
-            fmt = "jsonl"
-        else:
-            header, _, _ = _read_csv_rows(files[:1])
-            fmt = "routerbench" if any(name.endswith("|total_cost") for name in header) else "routellm"
+        # each file's own: the first file's format used to be every file's, so a JSONL after a CSV was
+        # "no `prompt` column", and a RouterBench CSV after a RouteLLM one had its recorded costs ignored
+        formats = {path: _guessed_format(path) for path in files}
+        if len(set(formats.values())) > 1:
+            raise ValueError("--table mixes formats: " + "; ".join(f"{path} is {FORMAT_NAMES[kind]}"
+                                                                     for path, kind in formats.items())
+                             + "; read files of one format together")
+        fmt = formats[files[0]]
     if fmt == "jsonl":
         return load_jsonl(files, prices_file)
     if fmt == "routerbench":

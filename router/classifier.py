@@ -22,7 +22,7 @@ from typing import Any, Iterable, Sequence
 
 
 from router import features as F
-from router.messages import Prompt, prompt_from_messages, prompt_from_text
+from router.messages import Prompt, messages_problem, prompt_from_messages, prompt_from_text
 from router.types import TASK_TYPES, Classification
 
 log = logging.getLogger("ponder.classifier")
@@ -175,30 +175,41 @@ def _as_json(c: Classification) -> dict[str, Any]:
 
 
 def _read_rows(path: str) -> Iterable[tuple[dict[str, Any], Any, str | None]]:
-    """(row, what to classify, why the row cannot be read or None), one per non-empty line. Lines are
-    decoded one by one, so one line in another encoding is one bad row; a leading byte-order mark is dropped."""
+    """(row, what to classify, why the row cannot be read or None), one per line, so that output line N
+    is input line N: a blank line inside the file is an error row too (skipping it shifted every later
+    row up one), blank lines at the end are none. Lines are decoded one by one, so one line in another
+    encoding is one bad row; a leading byte-order mark is dropped."""
+    blank: list[int] = []  # blank lines not yet known to be inside the file
     with open(path, "rb") as handle:
         for n, raw in enumerate(handle, 1):
             try:
                 line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
             except UnicodeDecodeError:
-                yield {"line": n}, [], f"line {n}: not UTF-8"
+                line = None
+            if line is not None and not line.strip():
+                blank.append(n)
                 continue
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield {"line": n}, [], f"line {n}: not JSON ({exc.msg})"
-                continue
-            if not isinstance(row, dict) or ("messages" not in row and "prompt" not in row):
-                yield {"line": n}, [], f'line {n}: not an object with "prompt" or "messages"'
-            elif "messages" in row:
-                yield row, row["messages"], None
-            elif not isinstance(row["prompt"], str):  # null read as the text "None" and was classified
-                yield {"line": n}, [], f'line {n}: "prompt" must be a string'
-            else:
-                yield row, row["prompt"], None
+            for empty in blank:
+                yield {"line": empty}, [], f"line {empty}: empty"
+            blank.clear()
+            yield _row(line, n) if line is not None else ({"line": n}, [], f"line {n}: not UTF-8")
+
+
+def _row(line: str, n: int) -> tuple[dict[str, Any], Any, str | None]:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return {"line": n}, [], f"line {n}: not JSON ({exc.msg})"
+    if not isinstance(row, dict) or ("messages" not in row and "prompt" not in row):
+        return {"line": n}, [], f'line {n}: not an object with "prompt" or "messages"'
+    if "messages" in row:
+        problem = messages_problem(row["messages"])
+        return ({"line": n}, [], f"line {n}: {problem}") if problem else (row, row["messages"], None)
+    if not isinstance(row["prompt"], str):  # null read as the text "None" and was classified
+        return {"line": n}, [], f'line {n}: "prompt" must be a string'
+    if not row["prompt"].strip():  # classified as a confident "chat" about nothing
+        return {"line": n}, [], f'line {n}: "prompt" is empty'
+    return row, row["prompt"], None
 
 
 def _json_line(row: dict[str, Any]) -> str:
@@ -237,6 +248,8 @@ def cli(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.text is None) == (args.input is None):
         parser.error("give either TEXT or --input FILE.jsonl")
+    if args.text is not None and not args.text.strip():  # `ponder classify "$UNSET"` printed a confident "chat"
+        parser.error("TEXT is empty: nothing to classify")
     if args.system and args.input is not None:  # it was ignored: each row says its own
         parser.error("--system goes with TEXT; an --input row gives its system prompt in `messages`")
     try:
@@ -255,10 +268,14 @@ def cli(argv: list[str] | None = None) -> int:
             print(f"ponder classify: {exc}", file=sys.stderr)
             return 1
         return 0
+    try:
+        rows = list(_read_rows(args.input))  # all read before the output is opened: it may be the same file
+    except OSError as exc:  # no such file, a directory, no permission: the input refused (argparse's status)
+        print(f"ponder classify: {exc}", file=sys.stderr)
+        return 2
     problems = []
     out = sys.stdout
     try:
-        rows = list(_read_rows(args.input))  # all read before the output is opened: it may be the same file
         if args.output:
             out = open(args.output, "w", encoding="utf-8")
         for start in range(0, len(rows), args.batch_size):

@@ -132,3 +132,23 @@ def prompt_from_text(text: Any, system: str = "") -> Prompt:
         )
     except Exception:  # noqa: BLE001
         return EMPTY_PROMPT
+
+
+def messages_problem(messages: Any) -> str | None:
+    """What is wrong with `messages` read from a user's file (classify --input, train --extra), or None.
+    The request path takes anything (prompt_from_messages); a file is held to the documented form, as a
+    string, null or `{"content": 42}` used to be classified (or trained on) as an empty conversation."""
+    if not isinstance(messages, list) or not messages:
+        return f'"messages" must be a non-empty list of {{"role": ..., "content": ...}} objects, not {_shown(messages)}'
+    for n, message in enumerate(messages, 1):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            return f'"messages" item {n} must be an object with a "role" string, not {_shown(message)}'
+        content = message.get("content")
+        if content is not None and not isinstance(content, (str, list)):
+            return f'"messages" item {n}: "content" must be a string or a list of parts, not {_shown(content)}'
+    return None
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."

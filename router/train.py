@@ -40,7 +40,7 @@ from sklearn.preprocessing import StandardScaler
 from router import features as F
 from router import handcrafted as H
 from router import messages as P
-from router.train_data import DIFFICULTY_NOTES, SOURCE_FAMILY, SHORT_SOURCE, SYNTHETIC_SOURCE, SYNTHETIC_SOURCES, Example, data_hashes, default_datasets_dir, family, load_examples, load_extra
+from router.train_data import DIFFICULTY_NOTES, SOURCE_FAMILY, SHORT_SOURCE, SYNTHETIC_SOURCE, SYNTHETIC_SOURCES, Example, data_hashes, default_datasets_dir, family, load_examples, load_extras
 from router.train_metrics import GRADED_SOURCES, difficulty_metrics, metrics_table, multi_turn_metrics, natural_prompt_metrics, task_metrics
 from router.train_onnx import onnx_predict, reference_onnx, to_onnx
 from router.types import TASK_TYPES
@@ -338,7 +338,7 @@ def validate(seed: int = 0, datasets: str | Path | None = None, extra: Sequence[
 
     The held-out split is for reporting; settings (features, expert fitting) are compared here.
     """
-    mine = [ex for path in extra for ex in load_extra(path)]  # a bad row is said before the datasets load
+    mine = load_extras(extra)  # a bad row is said before the datasets load
     examples = load_examples(default_datasets_dir(datasets), seed) + mine
     train_set = [ex for ex in examples if not is_test_group(ex.group)]
 
@@ -369,7 +369,7 @@ def train(
 
     started = time.time()
     root = default_datasets_dir(datasets)
-    mine = [ex for path in extra for ex in load_extra(path)]  # a bad row is said before the datasets load
+    mine = load_extras(extra)  # a bad row is said before the datasets load
     examples = load_examples(root, seed) + mine
     train_set, test_set, dropped = split(examples)
     everything = train_set + test_set
@@ -456,6 +456,11 @@ def cli(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.validate and args.loso:
         parser.error("--loso is a run of train (it writes the artifact); --validate only scores the validation split")
+    try:  # the user's files first: refused (exit 2, as argparse's refusals) before minutes of loading
+        load_extras(args.extra)
+    except (OSError, ValueError) as exc:
+        print(f"ponder train: {exc}", file=sys.stderr)
+        return 2
     try:
         if args.validate:  # with the --extra rows (they were ignored: the same scores, a malformed file passed)
             result = validate(args.seed, args.datasets, args.extra)

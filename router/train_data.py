@@ -29,10 +29,12 @@ import math
 import os
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from router.messages import messages_problem
 from router.short_requests import short_requests
 from router.train_system_prompts import AMBIGUOUS_REQUESTS, GENERIC_SYSTEM_PROMPTS, TASK_SYSTEM_PROMPTS, synthetic_system_prompt
 
@@ -606,12 +608,40 @@ def load_examples(root: Path | None = None, seed: int = 0, sources: list[str] | 
 def load_extra(path: str | os.PathLike[str]) -> list[Example]:
     """User-labelled prompts: JSONL rows {"prompt": str | "messages": [...], "task": str, "difficulty"?: float}.
     ValueError naming the file and line for a row that is not one (a byte-order mark is dropped)."""
+    return load_extras([path])
+
+
+def load_extras(paths: Sequence[str | os.PathLike[str]]) -> list[Example]:
+    """The rows of every --extra file (a file named twice is read once), checked together: one
+    conversation labelled two ways, in one file or two (a copy edited in one place), trained on both
+    labels; it is refused, naming both lines. The same labels twice are kept."""
     out = []
-    with open(path, encoding="utf-8-sig") as handle:
-        for n, line in enumerate(handle, 1):
-            if line.strip():
-                out.append(_extra_example(line, f"{path}:{n}"))
+    seen: dict[str, tuple[str, str | None, float | None]] = {}  # conversation -> (where, task, difficulty)
+    for path in dict.fromkeys(Path(p).resolve() for p in paths):
+        shown = next(p for p in paths if Path(p).resolve() == path)  # as the user wrote it
+        for where, line in _lines(shown):
+            example = _extra_example(line, where)
+            first, task, difficulty = seen.setdefault(example.group, (where, example.task, example.difficulty))
+            if (task, difficulty) != (example.task, example.difficulty):
+                raise ValueError(f"{where}: the prompt of {first} again, labelled differently "
+                                 f"(task {example.task!r}, difficulty {example.difficulty!r} here; "
+                                 f"task {task!r}, difficulty {difficulty!r} there)")
+            out.append(example)
     return out
+
+
+def _lines(path: str | os.PathLike[str]) -> Iterator[tuple[str, str]]:
+    """(file:line, text) of each non-blank line, decoded one by one: a file not in UTF-8 was the bare
+    "'utf-8' codec can't decode byte 0xe9 in position 12", naming neither the file nor the line."""
+    with open(path, "rb") as handle:
+        for n, raw in enumerate(handle, 1):
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{path}:{n}: not UTF-8 (the byte {raw[exc.start]:#04x}); save the file as "
+                                 "UTF-8 or convert it, e.g. iconv -f cp1252 -t utf-8") from None
+            if line.strip():
+                yield f"{path}:{n}", line
 
 
 def _extra_example(line: str, where: str) -> Example:
@@ -625,9 +655,12 @@ def _extra_example(line: str, where: str) -> Example:
         raise ValueError(f'{where}: expected an object like {{"prompt": "...", "task": "writing"}}')
     if "messages" in row:
         messages = row["messages"]
-        if not (isinstance(messages, list) and messages and all(isinstance(m, dict) and "role" in m for m in messages)):
-            raise ValueError(f'{where}: "messages" must be a non-empty list of {{"role": ..., "content": ...}} objects')
+        problem = messages_problem(messages)
+        if problem:
+            raise ValueError(f"{where}: {problem}")
     elif isinstance(row.get("prompt"), str):
+        if not row["prompt"].strip():  # a label on no text teaches the classifier nothing true
+            raise ValueError(f'{where}: "prompt" is empty')
         messages = _user(row["prompt"])
     else:
         raise ValueError(f'{where}: a row needs "prompt" (a string) or "messages"')
@@ -636,9 +669,10 @@ def _extra_example(line: str, where: str) -> Example:
         raise ValueError(f"{where}: task must be one of {TASK_TYPES}, got {task!r}")
     diff = row.get("difficulty")
     if diff is not None:
-        if isinstance(diff, bool) or not isinstance(diff, (int, float)) or not math.isfinite(diff):
+        # out of [0, 1] is refused, not clipped: 1.5 or -0.2 (a 0-100 or a centred scale) trained as 1 or 0
+        if isinstance(diff, bool) or not isinstance(diff, (int, float)) or not 0.0 <= diff <= 1.0:
             raise ValueError(f"{where}: difficulty must be a number in [0, 1], got {diff!r}")
-        diff = min(max(float(diff), 0.0), 1.0)
+        diff = float(diff)
     if task is None and diff is None:
         raise ValueError(f"{where}: a row needs a task, a difficulty, or both")
     group = "extra:" + hashlib.sha1(json.dumps(messages, sort_keys=True).encode()).hexdigest()[:16]

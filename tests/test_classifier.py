@@ -547,6 +547,43 @@ def test_cli_output_may_be_its_input_and_odd_lines_are_rows(tmp_path):
     assert rows[2]["prompt"] == "half an emoji \ud83d" and rows[2]["task"] in TASK_TYPES
 
 
+def test_cli_output_lines_up_with_the_input_lines(tmp_path, capsys):
+    """A blank line inside the file was skipped, so every later output row sat one line above its input
+    row; `messages` that were a string, null, empty or held a number for content were classified as an
+    empty conversation (task chat) instead of being said. Blank lines at the end make no rows."""
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    lines = [json.dumps({"prompt": "What is 2+2?", "id": 1}), "",
+             json.dumps({"messages": "Write a poem"}), json.dumps({"messages": None}),
+             json.dumps({"prompt": "x", "messages": []}),
+             json.dumps({"messages": [{"role": "user", "content": 42}]}),
+             json.dumps({"messages": [{"content": "no role"}]}), json.dumps({"prompt": " "}),
+             json.dumps({"messages": [{"role": "user", "content": [{"type": "text", "text": "def f(): pass"}]}], "id": 8}),
+             "", ""]
+    src.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert classify_cli(["--input", str(src), "--output", str(dst)]) == 0
+    rows = [json.loads(line) for line in dst.read_text().splitlines()]
+    assert len(rows) == 9 and [r.get("id") for r in rows] == [1, None, None, None, None, None, None, None, 8]
+    assert rows[0]["task"] in TASK_TYPES and rows[8]["task"] in TASK_TYPES
+    assert rows[1] == {"line": 2, "error": "line 2: empty"}
+    must = '"messages" must be a non-empty list of {"role": ..., "content": ...} objects, not '
+    assert [r["error"] for r in rows[2:7]] == [
+        f"line 3: {must}'Write a poem'", f"line 4: {must}None", f"line 5: {must}[]",
+        'line 6: "messages" item 1: "content" must be a string or a list of parts, not 42',
+        "line 7: \"messages\" item 1 must be an object with a \"role\" string, not {'content': 'no role'}"]
+    assert rows[7] == {"line": 8, "error": 'line 8: "prompt" is empty'}
+    assert "7 row(s) not classified" in capsys.readouterr().err
+    assert classify_cli(["--input", str(tmp_path / "nowhere.jsonl")]) == 2  # the input refused, as argparse's
+    assert capsys.readouterr().err.startswith("ponder classify: [Errno 2] No such file or directory")
+
+
+@pytest.mark.parametrize("text", ["", "  \n"])
+def test_cli_refuses_empty_text(capsys, text):
+    """`ponder classify "$UNSET"` printed a confident "chat" (0.94) about nothing, exit 0."""
+    with pytest.raises(SystemExit) as done:
+        classify_cli([text])
+    assert done.value.code == 2 and "TEXT is empty: nothing to classify" in capsys.readouterr().err
+
+
 def test_extra_jsonl_format(tmp_path):
     from router.train_data import load_extra
 
@@ -570,6 +607,16 @@ def test_extra_jsonl_format(tmp_path):
     ('{"prompt": "x", "difficulty": "hard"}', "difficulty must be a number in [0, 1], got 'hard'"),
     ('{"prompt": "x", "task": "math", "difficulty": NaN}', "difficulty must be a number in [0, 1], got nan"),
     ("{'prompt': 'x', 'task': 'math'}", "not JSON (Expecting property name"),
+    # out of [0, 1] was clipped to 1 or 0 and trained on; an empty prompt or a number for content trained
+    # a label on no text; one prompt labelled two ways trained on both labels
+    ('{"prompt": "x", "difficulty": 1.5}', "difficulty must be a number in [0, 1], got 1.5"),
+    ('{"prompt": "x", "task": "math", "difficulty": -0.2}', "difficulty must be a number in [0, 1], got -0.2"),
+    ('{"prompt": " ", "task": "chat"}', '"prompt" is empty'),
+    ('{"messages": [{"role": "user", "content": 42}], "task": "chat"}',
+     '"messages" item 1: "content" must be a string or a list of parts, not 42'),
+    ('{"messages": [{"role": "user", "content": "Fix my SQL join"}], "task": "math"}',
+     "mine.jsonl:1 again, labelled differently (task 'math', difficulty None here; task 'code', "
+     "difficulty None there)"),
 ])
 def test_train_refuses_a_bad_extra_row_before_loading_the_datasets(tmp_path, monkeypatch, capsys, line, message):
     """A typo in the user's file used to train on an empty prompt ("text" for "prompt"), or fail after
@@ -580,12 +627,37 @@ def test_train_refuses_a_bad_extra_row_before_loading_the_datasets(tmp_path, mon
     path = tmp_path / "mine.jsonl"
     path.write_text("\ufeff" + json.dumps({"prompt": "Fix my SQL join", "task": "code"}) + "\n\n" + line + "\n",
                     encoding="utf-8")
-    assert T.cli(["--out", str(tmp_path / "art"), "--extra", str(path)]) == 1
+    assert T.cli(["--out", str(tmp_path / "art"), "--extra", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"ponder train: {path}:3: ") and message in err and "\n" not in err
     assert not (tmp_path / "art").exists()
-    assert T.cli(["--validate", "--extra", str(path)]) == 1  # --validate reads them too (it ignored them)
+    assert T.cli(["--validate", "--extra", str(path)]) == 2  # --validate reads them too (it ignored them)
     assert capsys.readouterr().err.strip() == err
+
+
+def test_train_reads_several_extra_files_as_one(tmp_path, monkeypatch, capsys):
+    """A file not in UTF-8 was the bare "'utf-8' codec can't decode byte 0xe9" (no file, no line); one
+    prompt labelled two ways in two files trained on both labels; a file named twice counted every row
+    twice."""
+    from router import train as T
+    from router.train_data import load_extras
+
+    monkeypatch.setattr(T, "load_examples", lambda *a, **k: pytest.fail("loaded the datasets first"))
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"prompt": "Fix my SQL join", "task": "code"}\n{"prompt": "caf\xe9?", "task": "chat"}\n')
+    assert T.cli(["--out", str(tmp_path / "art"), "--extra", str(latin)]) == 2
+    assert capsys.readouterr().err == (f"ponder train: {latin}:2: not UTF-8 (the byte 0xe9); save the file as UTF-8 "
+                                       "or convert it, e.g. iconv -f cp1252 -t utf-8\n")
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    one.write_text(json.dumps({"prompt": "Fix my SQL join", "task": "code"}) + "\n")
+    two.write_text(json.dumps({"prompt": "Write a haiku", "task": "writing"}) + "\n"
+                   + json.dumps({"prompt": "Fix my SQL join", "difficulty": 0.3, "task": "code"}) + "\n")
+    assert T.cli(["--out", str(tmp_path / "art"), "--extra", str(one), "--extra", str(two)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"ponder train: {two}:2: the prompt of {one}:1 again, labelled differently (task 'code', difficulty 0.3 "
+        "here; task 'code', difficulty None there)")
+    assert not (tmp_path / "art").exists()
+    assert [ex.task for ex in load_extras([one, str(one), tmp_path / "." / "one.jsonl"])] == ["code"]
 
 
 def test_train_validate_fits_and_scores_the_extra_rows_too(tmp_path, monkeypatch, capsys):

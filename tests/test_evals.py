@@ -307,7 +307,7 @@ def test_jsonl_numbers_nulls_and_a_byte_order_mark(tmp_path):
 def test_table_run_names_a_bad_outcome_instead_of_a_traceback(tmp_path, capsys, no_scoring, outcome, message):
     (tmp_path / "t.jsonl").write_text(json.dumps({"prompt": "p", "outcomes": {"b": 1}}) + "\n"
                                       + json.dumps({"prompt": "q", "outcomes": {"a": outcome, "b": 1}}) + "\n")
-    assert _table_cli(tmp_path) == 1
+    assert _table_cli(tmp_path) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith(f"ponder eval: error: {tmp_path / 't.jsonl'} line 2, arm `a`")
     assert message in err[0]
@@ -614,7 +614,7 @@ def test_table_run_refuses_counts_below_one(tmp_path, capsys, no_scoring, flag, 
 
 def test_table_run_names_the_line_without_outcomes(tmp_path, capsys, no_scoring):
     table = _outcomes_file(tmp_path / "t.jsonl", missing_at=2)
-    assert _table_cli(tmp_path) == 1
+    assert _table_cli(tmp_path) == 2
     assert capsys.readouterr().err.splitlines() == [
         f'ponder eval: error: {table} line 3: no "outcomes" object ({{arm: score, ...}})']
     assert not (tmp_path / "out" / "report.md").exists()
@@ -650,7 +650,7 @@ def test_table_loader_refuses_lines_that_are_not_records(tmp_path):
 def test_table_run_refuses_a_price_file_it_cannot_read(tmp_path, capsys, no_scoring, body, message):
     _outcomes_file(tmp_path / "t.jsonl")
     (tmp_path / "prices.yaml").write_text(body)
-    assert _table_cli(tmp_path, "--prices", str(tmp_path / "prices.yaml")) == 1
+    assert _table_cli(tmp_path, "--prices", str(tmp_path / "prices.yaml")) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith(f"ponder eval: error: {tmp_path / 'prices.yaml'}") and message in err[0]
 
@@ -680,13 +680,16 @@ def test_the_replay_decides_on_the_prices_given_with_prices_file(tmp_path):
 @pytest.mark.parametrize("flag", ["--strong", "--weak"])
 def test_table_run_refuses_an_arm_the_table_lacks_before_replaying(tmp_path, capsys, no_scoring, flag):
     _outcomes_file(tmp_path / "t.jsonl")
-    assert _table_cli(tmp_path, flag, "nope") == 1
+    assert _table_cli(tmp_path, flag, "nope") == 2
     err = capsys.readouterr().err
     assert err.splitlines() == [f"ponder eval: error: {flag} nope: the table has no such arm (its arms: a, b)"]
     assert not (tmp_path / "out" / "report.md").exists()
 
 
 @pytest.mark.parametrize("name, body, message", [
+    # an empty file: it said 'no `prompt` column (columns: none)'
+    ("t.csv", "", "t.csv: empty file (no header line)"),
+    ("t.jsonl", "\n", "t.jsonl: no row records an outcome"),
     # RouteLLM header only: it said 'need at least two model columns; missing [], found []'
     ("t.csv", "prompt,gpt-4o-mini,gpt-4o\n", "t.csv: no rows below the header"),
     # RouterBench header only: 'zero-size array to reduction operation maximum which has no identity'
@@ -698,7 +701,7 @@ def test_a_table_with_nothing_to_route_is_said_so(tmp_path, capsys, no_scoring, 
     (tmp_path / name).write_text(body)
     from evals.cli import cli
 
-    assert cli(["--table", str(tmp_path / name), "--out", str(tmp_path / "out"), "--no-classifier"]) == 1
+    assert cli(["--table", str(tmp_path / name), "--out", str(tmp_path / "out"), "--no-classifier"]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith("ponder eval: error: ") and message in err[0]
     assert not (tmp_path / "out" / "report.md").exists()
@@ -708,13 +711,221 @@ def test_the_pair_is_two_arms(tmp_path, capsys, no_scoring):
     """`--strong M --weak M` replayed a pair of one arm; `--weak` naming the most accurate arm made it
     the strong arm too."""
     _outcomes_file(tmp_path / "t.jsonl")
-    assert _table_cli(tmp_path, "--strong", "b", "--weak", "b") == 1
+    assert _table_cli(tmp_path, "--strong", "b", "--weak", "b") == 2
     assert capsys.readouterr().err.splitlines() == [
         "ponder eval: error: --strong and --weak both name b: the pair needs two arms"]
     from evals.routing import pick_pair
 
     table = load_table([tmp_path / "t.jsonl"])
     assert pick_pair(table, weak="b") == (1, 0)  # b is the most accurate arm: the strong one is a
+
+
+def _eval_cli(tmp_path, *tables, extra=()):
+    from evals.cli import cli
+
+    return cli(["--table", *map(str, tables), "--out", str(tmp_path / "out"), "--no-classifier", "--steps", "2",
+                *extra])
+
+
+@pytest.mark.parametrize("body, message", [
+    # cost columns and no score columns: every score missing, then a TypeError deep in the replay
+    ("prompt,a|total_cost,b|total_cost\nx,0.1,0.5\ny,0.2,0.01\n",
+     "t.csv: no score column for `a`, `b` (each `<model>|total_cost` goes with a `<model>` column"),
+    ("prompt,a,b,a|total_cost\nx,1,0,0.1\n",
+     "t.csv: a RouterBench-style CSV needs `<model>|total_cost` columns for two or more models (found: `a|total_cost`)"),
+    ("prompt,a,b,a|total_cost,b|total_cost\nx,1,,0.1,\ny,0,,0.2,\n", "t.csv: no score in any row of `b`"),
+    ("prompt,a,b,a|total_cost,b|total_cost\nx,1,0,0.1,-0.5\n", "t.csv line 2, column `b|total_cost`: '-0.5' is negative"),
+])
+def test_a_routerbench_csv_without_its_scores_is_refused(tmp_path, capsys, no_scoring, body, message):
+    (tmp_path / "t.csv").write_text(body)
+    assert _eval_cli(tmp_path, tmp_path / "t.csv") == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"ponder eval: error: {tmp_path}") and message in err[0]
+
+
+def test_a_model_named_with_models_and_never_scored_is_refused(tmp_path, capsys, no_scoring):
+    """`--models a b` with b's column empty replayed b as an arm that fails every call, exit 0."""
+    (tmp_path / "t.csv").write_text("prompt,a,b\nx,1,\ny,0,NA\n")
+    assert _eval_cli(tmp_path, tmp_path / "t.csv", extra=["--models", "a", "b"]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"ponder eval: error: {tmp_path / 't.csv'}: no score in any row of `b`"]
+
+
+@pytest.mark.parametrize("second, kind", [
+    ("two.jsonl", "JSONL"),  # was 'two.jsonl: no `prompt` column (columns: {"prompt": "z", ...'
+    ("two.csv", "a RouterBench-style CSV"),  # its recorded costs were ignored: read as a RouteLLM CSV
+])
+def test_files_of_two_formats_are_refused_not_misread(tmp_path, capsys, no_scoring, second, kind):
+    (tmp_path / "one.csv").write_text("prompt,a,b\nx,1,0\ny,0,1\n")
+    (tmp_path / "two.jsonl").write_text(json.dumps({"prompt": "z", "outcomes": {"a": 1, "b": 0}}) + "\n")
+    (tmp_path / "two.csv").write_text("prompt,a,b,a|total_cost,b|total_cost\nz,1,0,0.1,0.01\n")
+    assert _eval_cli(tmp_path, tmp_path / "one.csv", tmp_path / second) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"ponder eval: error: --table mixes formats: {tmp_path / 'one.csv'} is a RouteLLM-style CSV; "
+        f"{tmp_path / second} is {kind}; read files of one format together"]
+
+
+def test_percentages_are_scores_and_a_rating_column_is_said(tmp_path, capsys):
+    """A spreadsheet's percent format ("50%") kept the column out of the models without a word, and so
+    did a column of numbers none of which was in [0, 1] (a 1-5 rating); a 0/1 column under a reserved
+    name (`task`, `label`, ...) too."""
+    (tmp_path / "t.csv").write_text("prompt,a,b,rating,label\nx,50%,0,3,1\ny,100%,1,5,0\nz,0%,1,4,1\n")
+    assert _eval_cli(tmp_path, tmp_path / "t.csv") == 0
+    said = capsys.readouterr().err.splitlines()[0]
+    assert said.startswith("ponder eval: RouteLLM-style CSV, 1 file(s); columns not read as models: ")
+    assert f"`rating` ({tmp_path / 't.csv'} line 2: '3' is not a score)" in said
+    assert "`label` (a reserved column name: name it with --models to read it as a model)" in said
+    assert said.endswith(": 3 prompts, arms a, b")
+    arms = json.loads((tmp_path / "out" / "report.json").read_text())["arms"]
+    assert [(arm["arm"], arm["accuracy"]) for arm in arms] == [("a", 0.5), ("b", pytest.approx(2 / 3))]
+    (tmp_path / "t.csv").write_text("prompt,a,b\nx,150%,0\ny,1,1\n")
+    assert _eval_cli(tmp_path, tmp_path / "t.csv", extra=["--models", "a", "b"]) == 2
+    assert "t.csv line 2, column `a`: score '150%' is not in [0, 1]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("price, message", [
+    ("-1", "input_per_mtok must be a number >= 0, not -1"),  # was a many-line pydantic error after the load
+    (".nan", "input_per_mtok must be a number >= 0, not nan"),  # was 'no price for gpt-4o'
+    ("true", "input_per_mtok must be a number, not True"),  # was 1 USD per million tokens
+])
+def test_a_price_that_is_no_price_is_refused(tmp_path, capsys, no_scoring, price, message):
+    (tmp_path / "t.csv").write_text("prompt,gpt-4o-mini,gpt-4o\nx,1,0\ny,0,1\n")
+    (tmp_path / "p.yaml").write_text(f"models:\n  gpt-4o: {{input_per_mtok: {price}, output_per_mtok: 2, source: me}}\n")
+    assert _eval_cli(tmp_path, tmp_path / "t.csv", extra=["--prices", str(tmp_path / "p.yaml")]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"ponder eval: error: {tmp_path / 'p.yaml'}: `gpt-4o`: {message}"]
+
+
+def test_a_price_for_no_arm_of_the_table_is_said(tmp_path, capsys):
+    """A typo in --prices (`gpt-4o-typo`) left gpt-4o on litellm's price without a word."""
+    (tmp_path / "t.csv").write_text("prompt,gpt-4o-mini,gpt-4o\nx,1,0\ny,0,1\n")
+    (tmp_path / "p.yaml").write_text("models:\n  gpt-4o-typo: {input_per_mtok: 1, output_per_mtok: 2, source: me}\n"
+                                     "  GPT-4O-MINI: {input_per_mtok: 0.1, output_per_mtok: 0.2, source: me}\n")
+    assert _eval_cli(tmp_path, tmp_path / "t.csv", extra=["--prices", str(tmp_path / "p.yaml")]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert (f"ponder eval: {tmp_path / 'p.yaml'}: no arm of the table is priced by gpt-4o-typo "
+            "(its arms: gpt-4o-mini, gpt-4o)") in err
+    (tmp_path / "rb.csv").write_text("prompt,a,b,a|total_cost,b|total_cost\nx,1,0,0.1,0.01\ny,0,1,0.2,0.02\n")
+    assert _eval_cli(tmp_path, tmp_path / "rb.csv", extra=["--prices", str(tmp_path / "p.yaml")]) == 0
+    assert f"ponder eval: {tmp_path / 'p.yaml'}: not used: the table's costs are taken as recorded" in \
+        capsys.readouterr().err.splitlines()
+
+
+def test_a_glob_that_matches_nothing_or_a_missing_file_is_refused(tmp_path, capsys, no_scoring):
+    assert _eval_cli(tmp_path, tmp_path / "runs" / "*.csv") == 2
+    assert capsys.readouterr().err.splitlines() == [f"ponder eval: error: no file matches {tmp_path / 'runs' / '*.csv'}"]
+    assert _eval_cli(tmp_path, tmp_path / "runs.csv") == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "No such file or directory" in err[0] and str(tmp_path / "runs.csv") in err[0]
+
+
+def test_a_jsonl_model_name_with_an_at_sign_keeps_it(tmp_path, capsys):
+    """Vertex AI names versions with an @ (`claude-3-5-sonnet@20240620`): the JSONL loader cut the name at
+    the @, priced the arm as another model, and the report said its price was unknown."""
+    arm = "vertex_ai/claude-3-5-sonnet@20240620"
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({"prompt": f"q{i}", "outcomes": {arm: 1, "gpt-4o-mini": i % 2}})
+                                              + "\n" for i in range(4)))
+    assert _table_cli(tmp_path) == 0
+    arms = {a["arm"]: a for a in json.loads((tmp_path / "out" / "report.json").read_text())["arms"]}
+    assert arms[arm]["price"] == f"litellm:{arm}"
+    assert arms[arm]["cost_usd"] == pytest.approx(find_price(arm).cost_usd(0.5, 300))
+    (tmp_path / "t.jsonl").write_text(json.dumps({"prompt": "q", "outcomes": {"a@vote3": 1, "a": 0}}) + "\n")
+    capsys.readouterr()
+    assert _table_cli(tmp_path) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"ponder eval: error: {tmp_path / 't.jsonl'} line 1: arm `a@vote3`: a name ending in @voteN is kept for the "
+        "vote arm made from an arm's samples; rename it"]
+
+
+@pytest.mark.parametrize("name, body, message", [
+    ("t.csv", "prompt,a,b\nx,1,0\n,0,1\n", "t.csv line 3: the `prompt` cell is empty"),
+    ("t.jsonl", '{"prompt": "x", "outcomes": {"a": 1, "b": 0}}\n{"prompt": " ", "outcomes": {"a": 1, "b": 0}}\n',
+     't.jsonl line 2: the prompt is empty (no text in its "prompt" or "messages")'),
+    ("t.jsonl", '{"messages": [{"role": "user", "content": 42}], "outcomes": {"a": 1, "b": 0}}\n',
+     't.jsonl line 1: "messages" item 1: "content" must be a string or a list of parts, not 42'),
+    ("t.jsonl", '{"messages": [], "outcomes": {"a": 1, "b": 0}}\n', 't.jsonl line 1: "messages" must be a non-empty list'),
+])
+def test_a_row_without_a_prompt_is_refused(tmp_path, capsys, no_scoring, name, body, message):
+    """Scores under an empty prompt cell, or messages with no text, were replayed and billed as the empty prompt."""
+    (tmp_path / name).write_text(body)
+    assert _eval_cli(tmp_path, tmp_path / name) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"ponder eval: error: {tmp_path}") and message in err[0]
+
+
+@pytest.mark.parametrize("name, body, models, message", [
+    ("t.csv", "prompt,a,b\nx,1,0\n", ["a", "x"], "t.csv: no column `x` (columns: prompt, a, b)"),  # "missing ['x'], found ['a', 'x']"
+    ("t.csv", "prompt,a,b\nx,1,0\n", ["a", "a"], "--models names `a` twice"),  # replayed a against itself, exit 0
+    ("t.csv", "prompt,a,b,a|total_cost,b|total_cost\nx,1,0,0.1,0.2\n", ["b", "b"], "--models names `b` twice"),
+    ("t.json", '[{"prompt": "x", "outcomes": {"a": 1, "b": 0}}]\n',
+     None, "t.json line 1: not an object; one object per line is wanted (JSONL), not an array"),
+    ("t.json", '[\n  {"prompt": "x", "outcomes": {"a": 1, "b": 0}}\n]\n',
+     None, "t.json line 1: not JSON (Expecting value); one object per line is wanted (JSONL)"),
+])
+def test_models_named_wrong_and_a_json_array_are_said_so(tmp_path, capsys, no_scoring, name, body, models, message):
+    (tmp_path / name).write_text(body)
+    assert _eval_cli(tmp_path, tmp_path / name, extra=["--models", *models] if models else []) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("ponder eval: error: ") and err[0].endswith(message)
+
+
+def test_a_vote_under_an_unknown_task_is_refused(tmp_path, capsys, no_scoring):
+    """"task": "algebra" (a group, not a task type) made router.voting treat the samples as open text: the
+    given answers were ignored and the @vote arm scored a text medoid, exit 0. Rows without a vote may
+    carry any task label; a known one in any letter case votes by the answers."""
+    voted = {"samples": [{"answer": "41", "correct": False}, {"answer": "42", "correct": True},
+                         {"answer": "42", "correct": True}]}
+    rows = [{"prompt": "6*7?", "task": "Math", "outcomes": {"a": voted, "b": 0}},
+            {"prompt": "Capital of France?", "task": "geography", "outcomes": {"a": 1, "b": 0}}]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert load_table([tmp_path / "t.jsonl"]).scores[0].tolist() == [0.0, 1.0, 0.0]  # a, a@vote3, b
+    rows[0]["task"] = "algebra"
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert _table_cli(tmp_path) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"ponder eval: error: {tmp_path / 't.jsonl'} line 1: task 'algebra' "
+                                               "is not a task type or answer format (chat, code, knowledge, math, ")
+    assert err[0].endswith("so arm `a`'s samples could not be voted by their answers; put a label of your own in \"group\"")
+
+
+@pytest.mark.parametrize("mark", [";", "\t"])
+def test_a_decimal_comma_locale_writes_scores_and_costs_with_commas(tmp_path, capsys, mark):
+    """Excel where cells are separated by ';' writes 0.5 as "0,5": a partial-credit column was "not a
+    score" (no model left: refused) and a RouterBench cost "could not convert string to float". The prompt
+    keeps its commas."""
+    rows = [["prompt", "a", "b", "a|total_cost", "b|total_cost"], ["x, or y?", "0,5", "1", "0,0012", "0,5"],
+            ["3,5", "1", "0,25", "0,002", "0,1"]]
+    with open(tmp_path / "t.csv", "w", newline="", encoding="utf-8-sig") as handle:
+        csv.writer(handle, delimiter=mark, lineterminator="\r\n").writerows(rows)
+    assert _eval_cli(tmp_path, tmp_path / "t.csv") == 0
+    table = load_table([tmp_path / "t.csv"])
+    assert table.prompts == ["x, or y?", "3,5"] and table.scores.tolist() == [[0.5, 1.0], [1.0, 0.25]]
+    assert table.cost_usd.tolist() == [[0.0012, 0.5], [0.002, 0.1]]
+    arms = json.loads((tmp_path / "out" / "report.json").read_text())["arms"]
+    assert [arm["accuracy"] for arm in arms] == [0.75, 0.625]
+
+
+def test_a_file_whose_name_looks_like_a_glob_is_that_file(tmp_path, capsys):
+    """`results[1].csv` (a browser's name for a second download) was taken as a glob matching only
+    `results1.csv`: 'no file matches ...' for a file that is there."""
+    _write_csv(tmp_path / "results[1].csv", ["prompt", "a", "b"], [["p", "1", "0"], ["q", "0", "1"]])
+    assert _eval_cli(tmp_path, tmp_path / "results[1].csv") == 0
+    assert "RouteLLM-style CSV, 1 file(s): 2 prompts, arms a, b" in capsys.readouterr().err
+    assert load_table([str(tmp_path / "results*.csv")]).prompts == ["p", "q"]  # a glob is still a glob
+
+
+def test_a_vote_won_by_a_sample_without_its_correctness_is_refused(tmp_path, capsys, no_scoring):
+    """The winning sample had an answer but no "correct": the @vote arm's record was missing, so the
+    replay counted a failed call on that row, exit 0 (another sample said the answer was right)."""
+    samples = [{"answer": "42"}, {"answer": "42", "correct": True}, {"answer": "41", "correct": False}]
+    (tmp_path / "t.jsonl").write_text(json.dumps({"prompt": "p", "outcomes": {"a": 1, "b": 1}}) + "\n"
+                                      + json.dumps({"prompt": "q", "outcomes": {"a": {"correct": False,
+                                                                                      "samples": samples}, "b": 0}}) + "\n")
+    assert _table_cli(tmp_path) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"ponder eval: error: {tmp_path / 't.jsonl'} line 2, arm `a`, sample 1: the vote's winner has no \"correct\" "
+        "(or \"score\"); every sample that answers needs one"]
+    samples[0]["correct"] = None  # said not recorded: a missing record, as documented
+    (tmp_path / "t.jsonl").write_text(json.dumps({"prompt": "q", "outcomes": {"a": {"samples": samples}, "b": 0}}) + "\n")
+    assert math.isnan(load_table([tmp_path / "t.jsonl"]).scores[0, 1])
 
 
 def test_table_run_with_a_limit_and_a_named_pair(tmp_path):
@@ -946,7 +1157,7 @@ def test_cross_fit_is_refused_for_a_users_table(tmp_path, capsys):
 
     table = tmp_path / "t.csv"
     table.write_text("prompt,a,b\nWhat is 2+2?,1,0\nName a colour.,0,1\n", encoding="utf-8")
-    assert cli(["--table", str(table), "--out", str(tmp_path / "out"), "--leak-free", "cross-fit"]) == 1
+    assert cli(["--table", str(table), "--out", str(tmp_path / "out"), "--leak-free", "cross-fit"]) == 2
     err = capsys.readouterr().err
     assert "--leak-free cross-fit is for the built-in suites" in err and "source-out" in err
     assert not (tmp_path / "out" / "report.md").exists()
