@@ -2159,10 +2159,60 @@ def test_a_policy_renamed_by_the_edit_that_fixes_it_leaves_no_rejection_alert(tm
         assert wait_for(gateway.url, {"after": "0.0"}) == {"after": "0.0"}
 
 
+def test_a_configmap_swap_reloads_the_policy_and_requests_in_flight_finish_on_the_old_one(tmp_path):
+    """Kubernetes mounts a ConfigMap as `policy.yaml -> ..data/policy.yaml`, `..data -> ..<timestamp>/`,
+    and updates it by writing a new timestamped folder and renaming a new `..data` link over the old one.
+    The poll compared the file's mtime: a new file with the old one's mtime (written in the same tick of
+    the file clock, or restored with it) was never served. A request in flight during the swap finishes
+    on the policy it was planned with."""
+    import os
+    import time
+
+    import yaml
+
+    spec = {"name": "mounted", "arms": {"cheap": {"backend": "mock-a"}, "strong": {"backend": "mock-b"}},
+            "routes": [{"name": "all", "candidates": ["cheap"]}], "exploration": {"share": 0.0}}
+    mount = tmp_path / "policies"
+    (mount / "..2026_01").mkdir(parents=True)
+    (mount / "..2026_01" / "policy.yaml").write_text(yaml.safe_dump(spec))
+    stamp = os.stat(mount / "..2026_01" / "policy.yaml").st_mtime_ns
+    os.symlink("..2026_01", mount / "..data")
+    os.symlink("..data/policy.yaml", mount / "policy.yaml")
+    body = {"model": "auto", "messages": [{"role": "user", "content": "hello"}]}
+    with running(start_mock(tmp_path)) as mock:
+        with running(start_gateway(tmp_path, {"backends": [mock_backend("mock-a", mock), mock_backend("mock-b", mock)],
+                                              "policy": str(mount / "policy.yaml")}, name="configmap")) as gateway:
+            control(mock, delay_ms=2500)
+            in_flight: list[httpx.Response] = []
+            sender = threading.Thread(target=lambda: in_flight.append(
+                httpx.post(gateway.url + "/v1/chat/completions", json=body, timeout=30)))
+            sender.start()
+            time.sleep(0.5)
+            spec["routes"][0]["candidates"] = ["strong"]
+            (mount / "..2026_02").mkdir()
+            (mount / "..2026_02" / "policy.yaml").write_text(yaml.safe_dump(spec))
+            os.utime(mount / "..2026_02" / "policy.yaml", ns=(stamp, stamp))
+            os.symlink("..2026_02", mount / "..data_tmp")
+            os.replace(mount / "..data_tmp", mount / "..data")  # what the kubelet does
+            (mount / "..2026_01" / "policy.yaml").unlink()
+            (mount / "..2026_01").rmdir()
+            sender.join()
+            control(mock, delay_ms=0)
+            assert in_flight[0].status_code == 200, in_flight[0].text
+            assert in_flight[0].headers["x-ponder-arm"].startswith("mock-a")  # planned before the swap
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                arm = httpx.post(gateway.url + "/v1/chat/completions", json=body).headers["x-ponder-arm"]
+                if arm.startswith("mock-b"):
+                    break
+                time.sleep(0.2)
+            assert arm.startswith("mock-b"), "the swapped ConfigMap was never served"
+            assert 'ponder_policy_reload_rejected{policy="mounted"} 0.0' in httpx.get(gateway.url + "/metrics").text
+
+
 def test_sighup_rereads_the_policies_and_keeps_serving(tmp_path):
     """`kill -HUP` (systemd's ExecReload) killed the gateway on the spot, a request in flight unanswered.
-    It re-reads every policy file now, even one whose edit the poll cannot see (its mtime put back)."""
-    import os
+    It re-reads every policy file now, changed or not."""
     import signal
     import time
 
@@ -2176,12 +2226,8 @@ def test_sighup_rereads_the_policies_and_keeps_serving(tmp_path):
     with running(start_mock(tmp_path)) as mock:
         with running(start_gateway(tmp_path, {"backends": [mock_backend("mock-a", mock), mock_backend("mock-b", mock)],
                                               "policy": str(path)}, name="hup", log_level="info")) as gateway:
-            stamp = os.stat(path).st_mtime_ns
-            spec["routes"][0]["candidates"] = ["strong"]
-            path.write_text(yaml.safe_dump(spec))
-            os.utime(path, ns=(stamp, stamp))  # a restore that keeps the old mtime: the poll sees no change
-            time.sleep(1.5)
-            assert httpx.post(gateway.url + "/v1/chat/completions", json=body).headers["x-ponder-arm"].startswith("mock-a")
+            time.sleep(1.5)  # the poll has looked at the file since the start: an unchanged file, not read again
+            assert "reloaded from" not in gateway.log()
             control(mock, delay_ms=1500)
             in_flight: list[httpx.Response] = []
             sender = threading.Thread(target=lambda: in_flight.append(
@@ -2194,8 +2240,9 @@ def test_sighup_rereads_the_policies_and_keeps_serving(tmp_path):
             assert in_flight[0].status_code == 200, in_flight[0].text
             assert gateway.process.poll() is None
             answer = httpx.post(gateway.url + "/v1/chat/completions", json=body)
-            assert answer.status_code == 200 and answer.headers["x-ponder-arm"].startswith("mock-b")
+            assert answer.status_code == 200 and answer.headers["x-ponder-arm"].startswith("mock-a")
             assert "SIGHUP: re-reading the policy files" in gateway.log()
+            assert f"policy 'hup' reloaded from {path}" in gateway.log()  # read again though unchanged
 
 
 def test_a_client_that_drops_a_stream_pays_for_what_was_streamed(keyed_stack):

@@ -540,6 +540,33 @@ def test_a_policy_file_that_vanishes_says_so_once_in_the_log(tmp_path, caplog):
     assert len(lines) == 1 and "'main' keeps serving" in lines[0] and str(path) in lines[0], lines
 
 
+def test_an_edit_that_keeps_the_files_mtime_is_reloaded(tmp_path):
+    """Two saves within one tick of the kernel's file clock (a few ms) leave one mtime, as do a restore
+    with `cp -p` and an atomic save's rename of a file written in the same tick: the poll compared
+    mtimes, so the second save never served until a restart. It compares what the file holds."""
+    import os
+
+    from gateway.policy_watch import PolicySet
+
+    text = "name: main\narms: {{one: {{backend: b}}, two: {{backend: c}}}}\nroutes: [{{name: all, candidates: [{arm}]}}]\n"
+    backends = [BackendSpec(name="b", model="openai/b"), BackendSpec(name="c", model="openai/c")]
+    path = tmp_path / "main.yaml"
+    path.write_text(text.format(arm="one"))
+    stamp = os.stat(path).st_mtime_ns
+    policies = PolicySet(str(path), {}, backends)
+    path.write_text(text.format(arm="two"))  # the same size, the same mtime: only the content differs
+    os.utime(path, ns=(stamp, stamp))
+    assert policies.reload_changed() == ["main"]
+    assert list(policies.default.policy.routes[0].candidates) == ["two"]
+    saved = tmp_path / ".main.yaml.swp"  # an editor's atomic save: a new file renamed over the old one
+    saved.write_text(text.format(arm="one"))
+    os.utime(saved, ns=(stamp, stamp))
+    os.replace(saved, path)
+    assert policies.reload_changed() == ["main"]
+    assert list(policies.default.policy.routes[0].candidates) == ["one"]
+    assert policies.reload_changed() == []  # nothing changed: nothing reloaded, nothing logged
+
+
 def test_two_policies_may_not_declare_one_inline_backend_differently(tmp_path):
     """The gateway serves one backend per name: a backend two policies declared inline differently was
     served as whichever came last, so the other policy's arms called its model at its prices. Refused at
