@@ -14,13 +14,13 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
-import yaml
 from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError,
                       field_validator)
 
 
 from policies.backends import BackendSpec
 from policies.loader import SHIPPED as SHIPPED_POLICIES, reasoning_effort_refusal, resolve_policy_path
+from policies.yaml_source import YamlSyntaxError, compose, dotted, format_problem, validation_problems
 from telemetry.embedded_store import holds_store
 from telemetry.store import DEFAULT_FEEDBACK_WINDOW_S, DEFAULT_STREAM_MAXLEN
 
@@ -119,6 +119,11 @@ class GatewayConfig(BaseModel):
         for index, spec in enumerate(backends):
             if refusal := reasoning_effort_refusal(spec):
                 raise ValueError(f"backends[{index}] `{spec.name}`: {refusal}")
+        names = [spec.name for spec in backends]
+        if twice := sorted({name for name in names if names.count(name) > 1}):
+            # served by name: the last would silently replace the first
+            raise ValueError(f"backend {', '.join(f'`{name}`' for name in twice)} is declared more than once; "
+                             "each backend needs its own name")
         return backends
 
     @field_validator("api_keys")
@@ -142,7 +147,12 @@ class GatewayConfig(BaseModel):
 
 
 class ConfigError(Exception):
-    pass
+    """A config that cannot be served. `problems`: (file, line, key path, message) where the file's
+    keys are at fault, as a policy's are told (PolicyError)."""
+
+    def __init__(self, message: str, problems: list[tuple[str, int | None, str, str]] | None = None):
+        super().__init__(message)
+        self.problems = problems or []
 
 
 def hash_key(key: str) -> str:
@@ -156,25 +166,30 @@ def load_config(path: str | Path | None) -> GatewayConfig:
         return GatewayConfig()
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except OSError as exc:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: {exc}") from exc
-    except yaml.YAMLError as exc:
-        # PyYAML's own message quotes the line, and the line may hold a secret (a redis_url's password):
-        # where and what only, as a policy's syntax error is told (policies/loader.py)
-        said = [f"{text} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else str(text)
-                for text, mark in ((getattr(exc, "context", None), getattr(exc, "context_mark", None)),
-                                   (getattr(exc, "problem", None), getattr(exc, "problem_mark", None))) if text]
-        raise ConfigError(f"{path}: YAML syntax error: {', '.join(said) or type(exc).__name__}") from None
+    try:
+        root, raw, duplicates = compose(text)
+    except YamlSyntaxError as exc:
+        # where and what only, never the line itself: it may hold a secret (a redis_url's password)
+        where = f" (line {exc.line}, column {exc.column})" if exc.line else ""
+        raise ConfigError(f"{path}: YAML syntax error: {exc.detail}{where}") from None
+    if raw is None:  # an empty file, or comments only: the defaults, as with no file at all
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}:{root.start_mark.line + 1}: expected a mapping of config keys "
+                          f"({', '.join(list(GatewayConfig.model_fields)[:4])}, ...); got a {type(raw).__name__}")
+    problems = [(str(path), line, dotted(loc), message) for loc, line, message in duplicates]
     try:
         config = GatewayConfig.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
-        )
-        if isinstance(raw, dict) and {"arms", "routes"} <= raw.keys():  # a policy given where the config goes
-            problems = f"this is a policy, not a gateway config: name it in a config (`policy: {path.name}`)"
-        raise ConfigError(f"{path}: {problems}") from exc
+        if {"arms", "routes"} <= raw.keys():  # a policy given where the config goes
+            raise ConfigError(f"{path}: this is a policy, not a gateway config: name it in a config "
+                              f"(`policy: {path.name}`)") from None
+        problems += validation_problems(exc, root, GatewayConfig, str(path), quote_text=False)
+    if problems:
+        raise ConfigError("\n".join(format_problem(*problem) for problem in problems), problems)
     base = path.resolve().parent
     if config.telemetry.redis_url:  # `redis://:${REDIS_PASSWORD}@host` keeps the secret out of the file
         if unset := unset_variables(config.telemetry.redis_url):

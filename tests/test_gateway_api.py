@@ -1845,7 +1845,8 @@ def test_server_timing_is_off_by_default(client):
 @pytest.mark.parametrize("config,says", [
     ({"policy": "/nonexistent/policy.yaml"}, "cannot read the file"),
     ({"classifier": "/nonexistent/artifact"}, "cannot load classifier"),
-    ({"backends": [{"name": "a", "model": "openai/a", "api_bse": "http://x"}]}, "Extra inputs are not permitted"),
+    ({"backends": [{"name": "a", "model": "openai/a", "api_bse": "http://x"}]},
+     "backends[0].api_bse: unknown key `api_bse`; did you mean `api_base`?"),
     ({"backends": [{"name": "a", "model": "openai/a", "prices": {"input_per_mtok": float("inf"),
                                                                "output_per_mtok": 1}}]}, "finite number"),
     # a policy file given as the config: said so, not "name: Extra inputs are not permitted; arms: ..."
@@ -1879,6 +1880,40 @@ def _serve(*argv: str, config: dict | None = None, tmp_path=None):
         path.write_text(yaml.safe_dump({"local_model": {"enabled": False}, **config}))
         args += ["--config", str(path)]
     return subprocess.run(args, capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.parametrize("text,says", [
+    # a misspelt key: its file, line and key path, the key it likely meant and every key allowed there
+    ("local_model: {enabled: false}\ntelemetry:\n  redis_ulr: redis://127.0.0.1:6379/0\n",
+     "ponder.yaml:3: telemetry.redis_ulr: unknown key `redis_ulr`; did you mean `redis_url`? expected one of: "
+     "redis_url, data_dir"),
+    # YAML keeps the last of two equal keys: the first was ignored unsaid
+    ("local_model: {enabled: false}\nmax_n: 4\nmax_n: 8\n", "ponder.yaml:3: max_n: key `max_n` appears twice"),
+    # served by name: the second silently replaced the first
+    ("local_model: {enabled: false}\nbackends:\n  - {name: a, model: openai/gpt-4.1-mini}\n"
+     "  - {name: a, model: openai/gpt-4o}\n", "ponder.yaml:2: backends: backend `a` is declared more than once"),
+    ("- policy: local.yaml\n", "ponder.yaml:1: expected a mapping of config keys (backends, local_model, policy, "
+                                "extra_policies, ...); got a list"),
+    ("local_model:\n\tenabled: false\n", "(a tab: YAML takes spaces only) (line 2, column 1)"),
+    # a raw key pasted where its sha256 goes is refused without being repeated (stderr lands in logs)
+    ("local_model: {enabled: false}\napi_keys:\n  - {id: a, sha256: sk-secret-raw-key}\n",
+     "ponder.yaml:3: api_keys[0].sha256: String should match pattern '^[0-9a-f]{64}$' (got a str)"),
+])
+def test_serve_refuses_a_config_mistake_naming_its_line_and_key(tmp_path, text, says):
+    """A bad config said `polcy: Extra inputs are not permitted`: no line, nothing of what was meant or
+    allowed; two equal keys and two backends of one name loaded, the last winning; a file holding a list
+    said `: Input should be a valid dictionary or instance of GatewayConfig`."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "ponder.yaml"
+    path.write_text(text)
+    done = subprocess.run([sys.executable, "-m", "gateway.cli", "serve", "--config", str(path), "--port", "9"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.startswith(f"ponder: bad config: {tmp_path}/"), done.stderr
+    assert says in done.stderr, done.stderr
+    assert "sk-secret-raw-key" not in done.stderr
 
 
 @pytest.mark.parametrize("flags,says", [

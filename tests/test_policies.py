@@ -86,7 +86,9 @@ BROKEN = [
     ("infinite-number", BASE + "objective:\n  cost_weight: .inf\n", "finite number", "cost_weight: .inf"),
     ("unknown-top-key", BASE + "colour: blue\n", "unknown key `colour`; expected one of: name", "colour: blue"),
     ("unknown-arm-key", replace("    backend: cheap\n", "    backend: cheap\n    strateg: cot\n"),
-     "unknown key `strateg`; expected one of: backend, strategy", "strateg: cot"),
+     "unknown key `strateg`; did you mean `strategy`? expected one of: backend, strategy", "strateg: cot"),
+    ("misspelt-section", BASE + "objectve:\n  cost_weight: 5\n", "unknown key `objectve`; did you mean `objective`?",
+     "objectve:"),
     ("unknown-backend-key", replace("    reasoning: true\n", "    reasoning: true\n    thinking: yes\n"),
      "unknown key `thinking`", "thinking: yes"),
     ("unknown-backend", replace("    backend: cheap\n", "    backend: nope\n"), "unknown backend `nope`",
@@ -132,7 +134,12 @@ BROKEN = [
     ("yaml-unclosed-bracket", replace("efforts: [low, high]", "efforts: [low, high"), "YAML syntax error", None),
     ("yaml-bad-indent", replace("    backend: cheap\n", "    backend: cheap\n   strategy: cot\n"),
      "YAML syntax error", "strategy: cot"),
-    ("yaml-tab", replace("    backend: cheap\n", "\tbackend: cheap\n"), "YAML syntax error", "backend: cheap"),
+    ("yaml-tab", replace("    backend: cheap\n", "\tbackend: cheap\n"), "(a tab: YAML takes spaces only)",
+     "backend: cheap"),
+    # a key that overrides one merged in from an anchor is the point of `<<`; a key written twice is not
+    ("duplicate-key-beside-a-merge", replace("  deep:\n", "  deep: &deep\n") + "  - name: other\n"
+     "    candidates: {fast: 0.5}\n    when: {tasks: [math]}\n    when: {tasks: [code]}\n", "appears twice",
+     "when: {tasks: [code]}"),
     ("duplicate-key", replace("    effort: high\n", "    effort: high\n    effort: low\n"), "appears twice",
      "effort: low"),
     ("missing-backend", replace("  fast:\n    backend: cheap\n", "  fast:\n    strategy: cot\n"),
@@ -186,6 +193,22 @@ def test_broken_policy_names_problem_and_line(case_id, text, expected, marker):
         want = next(number for number, line in enumerate(text.splitlines(), 1) if marker in line)
         assert want in lines, f"expected line {want} ({marker!r}) in: {message}"
         assert f"broken.yaml:{want}:" in message
+
+
+def test_yaml_anchors_and_merge_keys_may_share_settings_between_arms():
+    """`<<: *anchor` with a key of its own overriding the merged one is how YAML shares settings; the
+    duplicate-key check ran on the node tree after merging, so every override was refused as a key
+    written twice. A misspelt key beside a merge is still refused, on its own line."""
+    text = replace("  deep:\n    backend: thinker\n    effort: high\n",
+                   "  deep: &deep\n    backend: thinker\n    effort: high\n    tokens: 3000\n"
+                   "  shallow:\n    <<: *deep\n    effort: low\n")
+    policy = parse_policy(text, "anchors.yaml")
+    assert policy.arms["shallow"].effort == "low" and policy.arms["shallow"].tokens == 3000
+    misspelt = text.replace("    effort: low\n", "    efort: low\n")
+    line = misspelt.splitlines().index("    efort: low") + 1
+    with pytest.raises(PolicyError) as caught:
+        parse_policy(misspelt, "anchors.yaml")
+    assert str(caught.value).startswith(f"anchors.yaml:{line}: arms.shallow.efort: unknown key `efort`; did you mean `effort`?")
 
 
 def test_a_route_shadowed_in_the_policy_order_may_serve_an_alias_or_a_task_label():
@@ -321,7 +344,7 @@ def test_ponder_policy_check_config_offers_the_managed_local_model_as_serving_do
     assert "unknown backend `local`" in capsys.readouterr().err
     config.write_text("policy: p.yaml\nlocal_model: {n_ctx: -1}\n")
     assert main(["policy", "check", "--config", str(config), str(policy)]) == 1
-    assert f"{config}: not a valid gateway config: local_model.n_ctx" in capsys.readouterr().err
+    assert f"{config}:2: local_model.n_ctx: Input should be greater than 0 (got -1)" in capsys.readouterr().err
 
 
 def test_policy_check_with_a_config_alone_checks_the_policies_it_serves_together(tmp_path, capsys):
@@ -343,7 +366,7 @@ def test_policy_check_with_a_config_alone_checks_the_policies_it_serves_together
     config = tmp_path / "gateway.yaml"
     config.write_text(f"policy: a.yaml\nextra_policies: {{b: b.yaml, c: {c}}}\nextra_policy: {{d: d.yaml}}\n")
     assert main(["policy", "check", "--quiet", "--config", str(config)]) == 1
-    assert "not a valid gateway config: extra_policy: Extra inputs" in capsys.readouterr().err
+    assert f"{config}:3: extra_policy: unknown key `extra_policy`; did you mean `extra_policies`?" in capsys.readouterr().err
     config.write_text(f"policy: a.yaml\nextra_policies: {{b: b.yaml, c: {c}}}\nlocal_model: {{enabled: false}}\n")
 
     assert main(["policy", "check", "--quiet", str(a), str(b), str(c)]) == 0  # unrelated files: each alone
