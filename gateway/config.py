@@ -19,7 +19,7 @@ from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloa
 
 
 from policies.backends import BackendSpec
-from policies.loader import SHIPPED as SHIPPED_POLICIES, reasoning_effort_refusal, resolve_policy_path
+from policies.loader import SHIPPED as SHIPPED_POLICIES, reasoning_effort_refusal, resolve_policy_path, unpriced_refusal
 from policies.yaml_source import YamlSyntaxError, compose, dotted, format_problem, validation_problems
 from telemetry.embedded_store import holds_store
 from telemetry.store import DEFAULT_FEEDBACK_WINDOW_S, DEFAULT_STREAM_MAXLEN
@@ -115,9 +115,9 @@ class GatewayConfig(BaseModel):
     @classmethod
     def _efforts_only_where_they_are_taken(cls, backends: list[BackendSpec]) -> list[BackendSpec]:
         """As a policy's own backends are checked (policies.loader): efforts on an OpenAI model that does not
-        reason would make every call on its arms a 400."""
+        reason would make every call on its arms a 400; a provider's model without a price would be billed $0."""
         for index, spec in enumerate(backends):
-            if refusal := reasoning_effort_refusal(spec):
+            if refusal := reasoning_effort_refusal(spec) or unpriced_refusal(spec):
                 raise ValueError(f"backends[{index}] `{spec.name}`: {refusal}")
         names = [spec.name for spec in backends]
         if twice := sorted({name for name in names if names.count(name) > 1}):

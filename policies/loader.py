@@ -31,7 +31,7 @@ from policies.schema import (
 )
 
 __all__ = ["PolicyError", "load_policy", "parse_policy", "resolve_policy_path", "check_cli", "write_json_schema", "resolve_prices",
-           "resolve_max_context", "resolve_max_output"]
+           "resolve_max_context", "resolve_max_output", "unpriced_refusal"]
 
 SCHEMA_PATH = Path(__file__).with_name("policy.schema.json")
 SHIPPED = Path(__file__).parent  # the policies that come with the package
@@ -108,6 +108,9 @@ def parse_policy(text: str, source_name: str, extra_backends: Iterable[BackendSp
                              "serves one backend per name; declare it once, under the gateway config's `backends`"))
         if spec.name not in configured and (refusal := reasoning_effort_refusal(spec)):
             loc = ("backends", index, "efforts" if spec.efforts else "reasoning")
+            problems.append((source_name, _line_of(root, loc), _dotted(loc), refusal))
+        if spec.name not in configured and (refusal := unpriced_refusal(spec)):
+            loc = ("backends", index, "model")
             problems.append((source_name, _line_of(root, loc), _dotted(loc), refusal))
     merged.update(configured)
     policy = policy.model_copy(update={"backends": list(merged.values())})
@@ -187,6 +190,19 @@ def reasoning_effort_refusal(spec: BackendSpec) -> str | None:
         return (f"`{spec.model}` is not a reasoning model (litellm's model map), and OpenAI answers its "
                 "`reasoning_effort` with a 400: leave out `efforts` and `reasoning: true`")
     return None
+
+
+def unpriced_refusal(spec: BackendSpec) -> str | None:
+    """Why the backend cannot be served as declared, where it calls a provider's own endpoint (no
+    api_base: a provider bills it) with no `prices` and a model litellm's cost map does not price:
+    every call would be counted as $0, so budgets, cost caps and the cost the learner weighs would never
+    hold. A server behind an api_base is the operator's own: zero unless priced. Else None. (The gateway
+    config's backends too: gateway/config.py.)"""
+    if spec.api_base is not None or spec.prices is not None or resolve_prices(spec)[1] != "unknown: zero":
+        return None
+    return (f"litellm's cost map has no price for `{spec.model}`, and its calls would be counted as $0: give "
+            "`prices: {input_per_mtok: ..., output_per_mtok: ...}` (USD per million tokens; 0 for a free model), "
+            "or check the model name")
 
 
 def _model_map_tokens(spec: BackendSpec, field: str) -> int | None:

@@ -1892,6 +1892,9 @@ def _serve(*argv: str, config: dict | None = None, tmp_path=None):
     # served by name: the second silently replaced the first
     ("local_model: {enabled: false}\nbackends:\n  - {name: a, model: openai/gpt-4.1-mini}\n"
      "  - {name: a, model: openai/gpt-4o}\n", "ponder.yaml:2: backends: backend `a` is declared more than once"),
+    # a provider's model litellm does not price was billed $0: budgets and cost caps never held
+    ("local_model: {enabled: false}\nbackends:\n  - {name: a, model: anthropic/claude-sonnet-9}\n",
+     "ponder.yaml:2: backends: backends[0] `a`: litellm's cost map has no price for `anthropic/claude-sonnet-9`"),
     ("- policy: local.yaml\n", "ponder.yaml:1: expected a mapping of config keys (backends, local_model, policy, "
                                 "extra_policies, ...); got a list"),
     ("local_model:\n\tenabled: false\n", "(a tab: YAML takes spaces only) (line 2, column 1)"),

@@ -175,6 +175,9 @@ BROKEN = [
     # an outcome window was never kept by the store (decayed sums only): refused, not silently ignored
     ("learner-window", BASE + "learner:\n  half_life_hours: 24\n  window: 100\n", "unknown key `window`", "window:"),
     ("bad-override-strategy", BASE + "overrides:\n  strategy_header: [mcts]\n", "'cascade'", "mcts"),
+    # a provider bills it, and it was counted as $0: budgets and cost caps never held
+    ("unpriced-provider-model", replace("    model: openai/o4-mini\n", "    model: openai/o4-mini-2099\n"),
+     "litellm's cost map has no price for `openai/o4-mini-2099`", "model: openai/o4-mini-2099"),
     ("empty-file", "", "empty policy", None),
     ("top-level-list", "- name: t\n", "expected a mapping", None),
 ]
@@ -193,6 +196,19 @@ def test_broken_policy_names_problem_and_line(case_id, text, expected, marker):
         want = next(number for number, line in enumerate(text.splitlines(), 1) if marker in line)
         assert want in lines, f"expected line {want} ({marker!r}) in: {message}"
         assert f"broken.yaml:{want}:" in message
+
+
+def test_a_model_without_a_price_is_served_where_its_price_is_known_or_its_server_is_our_own():
+    """The unpriced refusal is for a provider's own endpoint only: declared prices, or an api_base (a
+    self-hosted server: zero unless priced), load."""
+    unknown = replace("    model: openai/o4-mini\n", "    model: openai/o4-mini-2099\n")
+    priced = replace("    reasoning: true\n", "    reasoning: true\n    prices: {input_per_mtok: 1, output_per_mtok: 4}\n", unknown)
+    assert parse_policy(priced, "p.yaml").backend("thinker").prices.output_per_mtok == 4
+    hosted = replace("    reasoning: true\n", "    reasoning: true\n    api_base: http://127.0.0.1:8000/v1\n", unknown)
+    assert parse_policy(hosted, "p.yaml").backend("thinker").prices is None
+    # the gateway config's backend of that name wins, and is checked there
+    assert parse_policy(unknown, "p.yaml", [BackendSpec(name="thinker", model="openai/o4-mini", reasoning=True,
+                                                          efforts=["low", "high"])])
 
 
 def test_yaml_anchors_and_merge_keys_may_share_settings_between_arms():
@@ -357,7 +373,7 @@ def test_policy_check_with_a_config_alone_checks_the_policies_it_serves_together
     from gateway.config import ConfigError, load_config
     from gateway.service import Gateway
 
-    text = ("name: {name}\nbackends: [{{name: fast, model: openai/{model}}}]\n"
+    text = ("name: {name}\nbackends: [{{name: fast, model: openai/{model}, prices: {{input_per_mtok: 1, output_per_mtok: 2}}}}]\n"
             "arms: {{one: {{backend: fast}}}}\nroutes: [{{name: all, candidates: [one]}}]\n{extra}")
     a, b, c = tmp_path / "a.yaml", tmp_path / "b.yaml", tmp_path / "c.yaml"
     a.write_text(text.format(name="a", model="gpt-4.1-mini", extra=""))
@@ -597,7 +613,7 @@ def test_two_policies_may_not_declare_one_inline_backend_differently(tmp_path):
     a gateway config's backend of that name replaces both."""
     from gateway.policy_watch import PolicySet
 
-    text = ("name: {name}\nbackends: [{{name: fast, model: openai/{model}}}]\n"
+    text = ("name: {name}\nbackends: [{{name: fast, model: openai/{model}, prices: {{input_per_mtok: 1, output_per_mtok: 2}}}}]\n"
             "arms: {{one: {{backend: fast}}}}\nroutes: [{{name: all, candidates: [one]}}]\n")
     main, alt = tmp_path / "main.yaml", tmp_path / "alt.yaml"
     main.write_text(text.format(name="main", model="m"))
@@ -623,7 +639,7 @@ def test_a_shared_inline_backend_edited_in_every_policy_reloads(tmp_path):
 
     from gateway.policy_watch import PolicySet
 
-    text = ("name: {name}\nbackends: [{{name: fast, model: openai/{model}}}]\n"
+    text = ("name: {name}\nbackends: [{{name: fast, model: openai/{model}, prices: {{input_per_mtok: 1, output_per_mtok: 2}}}}]\n"
             "arms: {{one: {{backend: fast}}}}\nroutes: [{{name: all, candidates: [one]}}]\n")
     main, alt = tmp_path / "main.yaml", tmp_path / "alt.yaml"
 
@@ -651,7 +667,7 @@ def test_two_files_renamed_to_one_name_in_one_reload_keep_one(tmp_path):
     are told apart as they were one after another (the second is refused, the first serves)."""
     from gateway.policy_watch import PolicySet
 
-    text = ("name: {name}\nbackends: [{{name: fast, model: openai/m}}]\n"
+    text = ("name: {name}\nbackends: [{{name: fast, model: openai/m, prices: {{input_per_mtok: 1, output_per_mtok: 2}}}}]\n"
             "arms: {{one: {{backend: fast}}}}\nroutes: [{{name: all, candidates: [one]}}]\n")
     a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
     a.write_text(text.format(name="a")), b.write_text(text.format(name="b"))
