@@ -1895,6 +1895,9 @@ def _serve(*argv: str, config: dict | None = None, tmp_path=None):
     # a provider's model litellm does not price was billed $0: budgets and cost caps never held
     ("local_model: {enabled: false}\nbackends:\n  - {name: a, model: anthropic/claude-sonnet-9}\n",
      "ponder.yaml:2: backends: backends[0] `a`: litellm's cost map has no price for `anthropic/claude-sonnet-9`"),
+    # the key itself where its variable's name goes: refused, and not written out (it was, in a warning)
+    ("local_model: {enabled: false}\nbackends:\n  - {name: a, model: openai/gpt-4.1-mini, api_key_env: sk-secret-raw-key}\n",
+     "ponder.yaml:3: backends[0].api_key_env: not a variable's name"),
     ("- policy: local.yaml\n", "ponder.yaml:1: expected a mapping of config keys (backends, local_model, policy, "
                                 "extra_policies, ...); got a list"),
     ("local_model:\n\tenabled: false\n", "(a tab: YAML takes spaces only) (line 2, column 1)"),

@@ -178,6 +178,9 @@ BROKEN = [
     # a provider bills it, and it was counted as $0: budgets and cost caps never held
     ("unpriced-provider-model", replace("    model: openai/o4-mini\n", "    model: openai/o4-mini-2099\n"),
      "litellm's cost map has no price for `openai/o4-mini-2099`", "model: openai/o4-mini-2099"),
+    # looked up as a variable named `$OPENAI_API_KEY`, never set: every call was unauthorised
+    ("api-key-env-with-dollar", replace("    model: openai/o4-mini\n", "    model: openai/o4-mini\n    api_key_env: $OPENAI_KEY\n"),
+     "the variable's name without `$`: `api_key_env: OPENAI_KEY`", "api_key_env: $OPENAI_KEY"),
     ("empty-file", "", "empty policy", None),
     ("top-level-list", "- name: t\n", "expected a mapping", None),
 ]
