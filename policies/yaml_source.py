@@ -58,8 +58,35 @@ def validation_problems(exc: ValidationError, root: yaml.Node, model: type[BaseM
     problems: list[Problem] = []
     for error in exc.errors():
         loc = tuple(error["loc"])
+        if loc and loc[-1] == "[key]" and (key := _unquoted_key(root, loc[:-2], error.get("input"))) is not None:
+            problems.append((source, key.start_mark.line + 1, dotted(loc[:-2] + (key.value,)),
+                             f"YAML reads the key `{key.value}` as a {_YAML_TYPES.get(key.tag, 'value')}, not a name: "
+                             f'quote it ("{key.value}":)'))
+            continue
         problems.append((source, line_of(root, loc), dotted(loc), explain(error, model, quote_text=quote_text)))
     return problems
+
+
+_YAML_TYPES = {"tag:yaml.org,2002:bool": "boolean", "tag:yaml.org,2002:int": "number",
+               "tag:yaml.org,2002:float": "number", "tag:yaml.org,2002:null": "null"}
+
+
+def _unquoted_key(root: yaml.Node, loc: Loc, value: Any) -> yaml.ScalarNode | None:
+    """The key node of the mapping at `loc` that YAML read as `value`, not as text (`on:` and `yes:` are
+    booleans, `2024:` a number): pydantic's location holds the value, which the file does not."""
+    node: yaml.Node | None = root
+    for part in loc:
+        found = _child(node, part)
+        node = found[1] if found else None
+        if node is None:
+            return None
+    if not isinstance(node, yaml.MappingNode):
+        return None
+    for key, _ in node.value:
+        if isinstance(key, yaml.ScalarNode) and key.tag in _YAML_TYPES and \
+                yaml.safe_load(key.value) == value and type(yaml.safe_load(key.value)) is type(value):
+            return key
+    return None
 
 
 def format_problem(source: str, line: int | None, path: str, message: str) -> str:

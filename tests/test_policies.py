@@ -181,6 +181,9 @@ BROKEN = [
     # looked up as a variable named `$OPENAI_API_KEY`, never set: every call was unauthorised
     ("api-key-env-with-dollar", replace("    model: openai/o4-mini\n", "    model: openai/o4-mini\n    api_key_env: $OPENAI_KEY\n"),
      "the variable's name without `$`: `api_key_env: OPENAI_KEY`", "api_key_env: $OPENAI_KEY"),
+    # YAML 1.1 reads on/off/yes/no as booleans: the message was `aliases[1].[key]: Input should be a valid string`
+    ("key-read-as-boolean", BASE + "aliases:\n  auto: {}\n  on: {arms: [fast]}\n",
+     "aliases.on: YAML reads the key `on` as a boolean, not a name: quote it", "  on: {arms"),
     ("empty-file", "", "empty policy", None),
     ("top-level-list", "- name: t\n", "expected a mapping", None),
 ]
