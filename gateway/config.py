@@ -20,7 +20,7 @@ from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloa
 
 from policies.backends import BackendSpec
 from policies.loader import SHIPPED as SHIPPED_POLICIES, reasoning_effort_refusal, resolve_policy_path, unpriced_refusal
-from policies.yaml_source import YamlSyntaxError, compose, dotted, format_problem, validation_problems
+from policies.yaml_source import YamlSyntaxError, compose, dotted, format_problem, line_of, validation_problems
 from telemetry.embedded_store import holds_store
 from telemetry.store import DEFAULT_FEEDBACK_WINDOW_S, DEFAULT_STREAM_MAXLEN
 
@@ -219,6 +219,14 @@ def load_config(path: str | Path | None) -> GatewayConfig:
             # redis-py takes `?db=N` over the path's number: `/0?db=5` used db 5, the docs say the path's
             raise ConfigError(f"{path}: telemetry.redis_url names the database twice, differently (the path's "
                               "/N and ?db=): name it once, after host:port (redis://host:6379/0)")
+    paths = {"policy": config.policy, "classifier": config.classifier, "telemetry.data_dir": config.telemetry.data_dir,
+             "local_model.model_path": config.local_model.model_path,
+             **{f"extra_policies.{key}": value for key, value in config.extra_policies.items()}}
+    unset = [(key, names) for key, value in paths.items() if value and (names := unset_variables(value))]
+    if unset:  # kept as text, `$POLICY_DIR/p.yaml` was looked for as a folder named `$POLICY_DIR`
+        raise ConfigError("\n".join(
+            f"{path}:{line_of(root, tuple(key.split('.')))}: {key}: {', '.join('$' + name for name in names)} "
+            f"{'is' if len(names) == 1 else 'are'} not set in the environment" for key, names in unset))
     config.policy = resolve_policy_path(base, config.policy)
     config.extra_policies = {k: resolve_policy_path(base, v) for k, v in config.extra_policies.items()}
     if config.classifier:

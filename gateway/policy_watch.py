@@ -46,7 +46,7 @@ class PolicySet:
             try:
                 name = self._load(Path(path))
             except PolicyError as exc:
-                problems += exc.problems
+                problems += [problem for problem in exc.problems if problem not in problems]  # a file named twice
                 continue
             if index == 0:
                 self.default_name = name

@@ -1898,6 +1898,9 @@ def _serve(*argv: str, config: dict | None = None, tmp_path=None):
     # the key itself where its variable's name goes: refused, and not written out (it was, in a warning)
     ("local_model: {enabled: false}\nbackends:\n  - {name: a, model: openai/gpt-4.1-mini, api_key_env: sk-secret-raw-key}\n",
      "ponder.yaml:3: backends[0].api_key_env: not a variable's name"),
+    # kept as text, the variable was looked for as a folder named `$PONDER_TEST_UNSET_DIR`
+    ("local_model: {enabled: false}\npolicy: $PONDER_TEST_UNSET_DIR/p.yaml\n",
+     "ponder.yaml:2: policy: $PONDER_TEST_UNSET_DIR is not set in the environment"),
     ("- policy: local.yaml\n", "ponder.yaml:1: expected a mapping of config keys (backends, local_model, policy, "
                                 "extra_policies, ...); got a list"),
     ("local_model:\n\tenabled: false\n", "(a tab: YAML takes spaces only) (line 2, column 1)"),

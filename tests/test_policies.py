@@ -570,6 +570,17 @@ def test_a_policy_file_that_fails_or_vanishes_is_rejected_until_it_loads_again(t
     assert policies.reload_changed() == ["main"] and policies.rejected == {}
 
 
+def test_a_broken_file_served_as_two_policies_is_reported_once(tmp_path):
+    """A config naming one file as `policy` and in `extra_policies` listed each of its problems twice."""
+    from gateway.policy_watch import PolicySet
+
+    path = tmp_path / "main.yaml"
+    path.write_text("name: main\narms: {one: {backend: nowhere}}\nroutes: [{name: all, candidates: [one]}]\n")
+    with pytest.raises(PolicyError) as refused:
+        PolicySet(str(path), {"again": str(path)}, [])
+    assert len(refused.value.problems) == 1 and "unknown backend `nowhere`" in str(refused.value)
+
+
 def test_a_policy_file_that_vanishes_says_so_once_in_the_log(tmp_path, caplog):
     """The metric says a file gone is not what serves; the log says why, once, not every poll."""
     from gateway.policy_watch import PolicySet
