@@ -2260,8 +2260,6 @@ def test_sighup_rereads_the_policies_and_keeps_serving(tmp_path):
     import signal
     import time
 
-    import yaml
-
     spec = {"name": "hup", "arms": {"cheap": {"backend": "mock-a"}, "strong": {"backend": "mock-b"}},
             "routes": [{"name": "all", "candidates": ["cheap"]}], "exploration": {"share": 0.0}}
     path = tmp_path / "hup.yaml"
