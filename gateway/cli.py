@@ -143,8 +143,8 @@ def served_backends(path: str) -> list:
     try:
         return configured_backends(load_config(path))
     except ConfigError as exc:
-        raise PolicyError([(path, None, "", f"not a valid gateway config: {str(exc).removeprefix(f'{path}: ')}")]) \
-            from None
+        raise PolicyError(exc.problems or [(path, None, "", f"not a valid gateway config: "
+                                                            f"{str(exc).removeprefix(f'{path}: ')}")]) from None
 
 
 def served_policies(path: str) -> tuple[list, list[str]]:
@@ -157,8 +157,8 @@ def served_policies(path: str) -> tuple[list, list[str]]:
     try:
         config = load_config(path)
     except ConfigError as exc:
-        raise PolicyError([(path, None, "", f"not a valid gateway config: {str(exc).removeprefix(f'{path}: ')}")]) \
-            from None
+        raise PolicyError(exc.problems or [(path, None, "", f"not a valid gateway config: "
+                                                            f"{str(exc).removeprefix(f'{path}: ')}")]) from None
     policies = configured_policies(config)
     return [(str(policies.path(name)), policies.get(name).policy) for name in policies.names()], policies.warnings()
 

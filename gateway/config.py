@@ -14,13 +14,13 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
-import yaml
 from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
                       ValidationError, field_validator)
 
 
 from policies.backends import BackendSpec
-from policies.loader import SHIPPED as SHIPPED_POLICIES, reasoning_effort_refusal, resolve_policy_path
+from policies.loader import SHIPPED as SHIPPED_POLICIES, reasoning_effort_refusal, resolve_policy_path, unpriced_refusal
+from policies.yaml_source import YamlSyntaxError, compose, dotted, format_problem, line_of, validation_problems
 from telemetry.embedded_store import holds_store
 from telemetry.store import DEFAULT_FEEDBACK_WINDOW_S, DEFAULT_STREAM_MAXLEN
 
@@ -119,10 +119,15 @@ class GatewayConfig(BaseModel):
     @classmethod
     def _efforts_only_where_they_are_taken(cls, backends: list[BackendSpec]) -> list[BackendSpec]:
         """As a policy's own backends are checked (policies.loader): efforts on an OpenAI model that does not
-        reason would make every call on its arms a 400."""
+        reason would make every call on its arms a 400; a provider's model without a price would be billed $0."""
         for index, spec in enumerate(backends):
-            if refusal := reasoning_effort_refusal(spec):
+            if refusal := reasoning_effort_refusal(spec) or unpriced_refusal(spec):
                 raise ValueError(f"backends[{index}] `{spec.name}`: {refusal}")
+        names = [spec.name for spec in backends]
+        if twice := sorted({name for name in names if names.count(name) > 1}):
+            # served by name: the last would silently replace the first
+            raise ValueError(f"backend {', '.join(f'`{name}`' for name in twice)} is declared more than once; "
+                             "each backend needs its own name")
         return backends
 
     @field_validator("api_keys")
@@ -146,7 +151,12 @@ class GatewayConfig(BaseModel):
 
 
 class ConfigError(Exception):
-    pass
+    """A config that cannot be served. `problems`: (file, line, key path, message) where the file's
+    keys are at fault, as a policy's are told (PolicyError)."""
+
+    def __init__(self, message: str, problems: list[tuple[str, int | None, str, str]] | None = None):
+        super().__init__(message)
+        self.problems = problems or []
 
 
 def hash_key(key: str) -> str:
@@ -160,25 +170,30 @@ def load_config(path: str | Path | None) -> GatewayConfig:
         return GatewayConfig()
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except OSError as exc:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: {exc}") from exc
-    except yaml.YAMLError as exc:
-        # PyYAML's own message quotes the line, and the line may hold a secret (a redis_url's password):
-        # where and what only, as a policy's syntax error is told (policies/loader.py)
-        said = [f"{text} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else str(text)
-                for text, mark in ((getattr(exc, "context", None), getattr(exc, "context_mark", None)),
-                                   (getattr(exc, "problem", None), getattr(exc, "problem_mark", None))) if text]
-        raise ConfigError(f"{path}: YAML syntax error: {', '.join(said) or type(exc).__name__}") from None
+    try:
+        root, raw, duplicates = compose(text)
+    except YamlSyntaxError as exc:
+        # where and what only, never the line itself: it may hold a secret (a redis_url's password)
+        where = f" (line {exc.line}, column {exc.column})" if exc.line else ""
+        raise ConfigError(f"{path}: YAML syntax error: {exc.detail}{where}") from None
+    if raw is None:  # an empty file, or comments only: the defaults, as with no file at all
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}:{root.start_mark.line + 1}: expected a mapping of config keys "
+                          f"({', '.join(list(GatewayConfig.model_fields)[:4])}, ...); got a {type(raw).__name__}")
+    problems = [(str(path), line, dotted(loc), message) for loc, line, message in duplicates]
     try:
         config = GatewayConfig.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
-        )
-        if isinstance(raw, dict) and {"arms", "routes"} <= raw.keys():  # a policy given where the config goes
-            problems = f"this is a policy, not a gateway config: name it in a config (`policy: {path.name}`)"
-        raise ConfigError(f"{path}: {problems}") from exc
+        if {"arms", "routes"} <= raw.keys():  # a policy given where the config goes
+            raise ConfigError(f"{path}: this is a policy, not a gateway config: name it in a config "
+                              f"(`policy: {path.name}`)") from None
+        problems += validation_problems(exc, root, GatewayConfig, str(path), quote_text=False)
+    if problems:
+        raise ConfigError("\n".join(format_problem(*problem) for problem in problems), problems)
     base = path.resolve().parent
     if config.telemetry.redis_url:  # `redis://:${REDIS_PASSWORD}@host` keeps the secret out of the file
         if unset := unset_variables(config.telemetry.redis_url):
@@ -208,6 +223,14 @@ def load_config(path: str | Path | None) -> GatewayConfig:
             # redis-py takes `?db=N` over the path's number: `/0?db=5` used db 5, the docs say the path's
             raise ConfigError(f"{path}: telemetry.redis_url names the database twice, differently (the path's "
                               "/N and ?db=): name it once, after host:port (redis://host:6379/0)")
+    paths = {"policy": config.policy, "classifier": config.classifier, "telemetry.data_dir": config.telemetry.data_dir,
+             "local_model.model_path": config.local_model.model_path,
+             **{f"extra_policies.{key}": value for key, value in config.extra_policies.items()}}
+    unset = [(key, names) for key, value in paths.items() if value and (names := unset_variables(value))]
+    if unset:  # kept as text, `$POLICY_DIR/p.yaml` was looked for as a folder named `$POLICY_DIR`
+        raise ConfigError("\n".join(
+            f"{path}:{line_of(root, tuple(key.split('.')))}: {key}: {', '.join('$' + name for name in names)} "
+            f"{'is' if len(names) == 1 else 'are'} not set in the environment" for key, names in unset))
     config.policy = resolve_policy_path(base, config.policy)
     config.extra_policies = {k: resolve_policy_path(base, v) for k, v in config.extra_policies.items()}
     if config.classifier:

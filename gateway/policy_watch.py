@@ -3,12 +3,16 @@
 A broken edit is logged, kept in `rejected` until the file loads again (the gateway's /metrics shows
 it), and the previous policy keeps serving; in-flight requests keep the policy
 object they started with (policies are immutable once loaded).
+
+A change is what the file holds, not its mtime: two saves within one tick of the kernel's file clock
+(a few ms) leave one mtime, and a file restored with its old mtime (`cp -p`, `rsync -t`) or swapped
+under a symlink (a Kubernetes ConfigMap's `..data`) may look unchanged to a stat.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,8 +27,13 @@ log = logging.getLogger("ponder.policy")
 @dataclass
 class _Entry:
     path: Path
-    mtime: float
+    digest: bytes | None  # of the file's content when last read; None while it cannot be read
     compiled: CompiledPolicy
+
+
+def _digest(path: Path) -> bytes:
+    """What the file holds, hashed (a policy is a few KB: read every poll, it costs microseconds)."""
+    return hashlib.blake2b(path.read_bytes(), digest_size=16).digest()
 
 
 class PolicySet:
@@ -37,7 +46,7 @@ class PolicySet:
             try:
                 name = self._load(Path(path))
             except PolicyError as exc:
-                problems += exc.problems
+                problems += [problem for problem in exc.problems if problem not in problems]  # a file named twice
                 continue
             if index == 0:
                 self.default_name = name
@@ -47,9 +56,10 @@ class PolicySet:
         self.rejected: dict[str, str] = {}  # policy -> why the file on disk is not what serves (its last edit failed)
 
     def _load(self, path: Path) -> str:
+        digest = _digest(path) if path.is_file() else None  # an unreadable file: load_policy says why
         policy: Policy = load_policy(path, extra_backends=self._backends, served_inline=self._inline_elsewhere(path))
         self._check_unique(policy.name, path)
-        self._entries[policy.name] = _Entry(path, os.stat(path).st_mtime, compile_policy(policy))
+        self._entries[policy.name] = _Entry(path, digest, compile_policy(policy))
         return policy.name
 
     def _check_unique(self, name: str, path: Path, upcoming: dict[str, Path] | None = None) -> None:
@@ -114,7 +124,7 @@ class PolicySet:
             # that one's edit: an edit of such a backend in every file that declares it was refused in
             # each (checked against the others' versions serving), for good.
             due.update({name: entry for name, entry in self._entries.items()
-                        if name in self.rejected and name not in due and entry.mtime != -1.0})
+                        if name in self.rejected and name not in due and entry.digest is not None})
         read: dict[str, tuple[_Entry, CompiledPolicy]] = {}
         for name, entry in due.items():
             try:
@@ -150,7 +160,7 @@ class PolicySet:
                 self._entries.pop(name)
                 if name == self.default_name:
                     self.default_name = new_name
-            self._entries[new_name] = _Entry(entry.path, entry.mtime, compiled)
+            self._entries[new_name] = _Entry(entry.path, entry.digest, compiled)
             self.rejected.pop(name, None)
             reloaded.append(new_name)
             log.info("policy %r reloaded from %s", new_name, entry.path)
@@ -159,21 +169,21 @@ class PolicySet:
         return reloaded
 
     def _changed(self, force: bool) -> dict[str, _Entry]:
-        """The policies whose file changed (every one, forced), their entries' mtimes updated: a broken
-        file is reported once, not every poll. An unreadable file is reported here, once."""
+        """The policies whose file's content changed (every one, forced), their entries' digests updated:
+        a broken file is reported once, not every poll. An unreadable file is reported here, once."""
         due = {}
         for name, entry in list(self._entries.items()):
             try:
-                mtime = os.stat(entry.path).st_mtime
+                digest = _digest(entry.path)
             except OSError as exc:
-                if entry.mtime != -1.0:  # said once, not every poll
+                if entry.digest is not None:  # said once, not every poll
                     log.error("policy file unreadable, the previous %r keeps serving: %s", name, exc)
                 self.last_error = self.rejected[name] = f"{entry.path}: {exc}"
-                entry.mtime = -1.0  # once the file is back it is loaded, whatever its mtime
+                entry.digest = None  # once the file is back it is loaded, whatever it holds
                 continue
-            if mtime == entry.mtime and not force:
+            if digest == entry.digest and not force:
                 continue
-            entry.mtime = mtime
+            entry.digest = digest
             due[name] = entry
         return due
 

@@ -6,9 +6,12 @@ backends, and the decision engine needs their prices and capabilities to estimat
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class Prices(BaseModel):
@@ -34,7 +37,8 @@ class BackendSpec(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$", description="Name clients may use as `model`.")
     model: str = Field(description="litellm model string, e.g. `openai/gpt-4.1-mini`, `anthropic/claude-sonnet-4-5`.")
     api_base: str | None = Field(default=None, description="Base URL, e.g. http://127.0.0.1:8080/v1.")
-    api_key_env: str | None = Field(default=None, description="Environment variable holding the API key.")
+    api_key_env: str | None = Field(default=None, description="Name of the environment variable holding the API key "
+                                                              "(`OPENAI_API_KEY`: the name, never the key).")
     prices: Prices | None = Field(default=None, description="Defaults to litellm's bundled cost map, else zero.")
     reasoning: bool = Field(default=False, description="A reasoning model (thinks before answering).")
     efforts: list[Literal["none", "minimal", "low", "medium", "high"]] = Field(default_factory=list)
@@ -79,3 +83,18 @@ class BackendSpec(BaseModel):
         description="Call an OpenAI-compatible endpoint directly instead of through litellm. "
         "Default: on for `openai/...` models and any backend with an api_base.",
     )
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _a_variables_name(cls, value: str | None) -> str | None:
+        """The name of a variable. `$OPENAI_API_KEY` was looked up as a variable named so (never set: every
+        call unauthorised), and a key pasted here was written to the log in the "is not set" warning."""
+        if value is None or _ENV_NAME.fullmatch(value):
+            return value
+        bare = value.strip().removeprefix("$").removeprefix("{").removesuffix("}")
+        if value.strip().startswith("$") and _ENV_NAME.fullmatch(bare):
+            raise ValueError(f"the variable's name without `$`: `api_key_env: {bare}`")
+        # not quoted: it may be the key itself
+        raise ValueError("not a variable's name (letters, digits and _, not starting with a digit): give the name "
+                         "of the environment variable that holds the key, e.g. OPENAI_API_KEY, never the key itself")
+

@@ -1,8 +1,7 @@
 """Read policy YAML into a checked `Policy`, with errors an operator can act on.
 
-Every error names the file, the line and the key path, and says what was expected. Lines come from a
-walk over the YAML node tree (yaml.compose keeps each node's position), so pydantic's error locations
-and our own cross-field checks both point at the line to fix.
+Every error names the file, the line and the key path, and says what was expected (policies/yaml_source.py
+finds the lines, for our own cross-field checks too).
 Also: the `ponder policy check` command and the JSON Schema shipped for editors.
 """
 
@@ -14,18 +13,17 @@ import importlib.util
 import json
 import os
 import sys
-import types
-import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 from pydantic.json_schema import GenerateJsonSchema
 
 from policies.backends import BackendSpec, Prices
+from policies.yaml_source import YamlSyntaxError, compose, validation_problems
+from policies.yaml_source import dotted as _dotted, line_of as _line_of
 from policies.schema import (
-    Loc,
     Policy,
     PolicyError,
     expected_output_tokens,
@@ -33,7 +31,7 @@ from policies.schema import (
 )
 
 __all__ = ["PolicyError", "load_policy", "parse_policy", "resolve_policy_path", "check_cli", "write_json_schema", "resolve_prices",
-           "resolve_max_context", "resolve_max_output"]
+           "resolve_max_context", "resolve_max_output", "unpriced_refusal"]
 
 SCHEMA_PATH = Path(__file__).with_name("policy.schema.json")
 SHIPPED = Path(__file__).parent  # the policies that come with the package
@@ -76,28 +74,21 @@ def resolve_policy_path(base: Path, value: str) -> str:
 
 def parse_policy(text: str, source_name: str, extra_backends: Iterable[BackendSpec] = (),
                  served_inline: Mapping[str, tuple[BackendSpec, str]] | None = None) -> Policy:
-    loader = yaml.SafeLoader(text)
     try:
-        root = loader.get_single_node()
-        data = loader.construct_document(root) if root is not None else None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-        line = mark.line + 1 if mark is not None else None
-        detail = " ".join(str(part) for part in (getattr(exc, "context", None), getattr(exc, "problem", None)) if part)
-        raise PolicyError([(source_name, line, "", f"YAML syntax error: {detail or exc}")]) from exc
-    finally:
-        loader.dispose()
+        root, data, duplicates = compose(text)
+    except YamlSyntaxError as exc:
+        raise PolicyError([(source_name, exc.line, "", f"YAML syntax error: {exc.detail}")]) from None
     if root is None or data is None:
         raise PolicyError([(source_name, 1, "", "empty policy; expected a mapping with at least name, arms, routes")])
+    if not isinstance(data, dict):
+        raise PolicyError([(source_name, root.start_mark.line + 1, "", "expected a mapping with at least name, arms, "
+                                                                     f"routes; got a {type(data).__name__}")])
 
-    problems = [(source_name, line, _dotted(loc), message) for loc, line, message in _duplicate_keys(root)]
+    problems = [(source_name, line, _dotted(loc), message) for loc, line, message in duplicates]
     try:
         policy = Policy.model_validate(data)
     except ValidationError as exc:
-        for error in exc.errors():
-            loc = tuple(error["loc"])
-            problems.append((source_name, _line_of(root, loc), _dotted(loc), _explain(error)))
-        raise PolicyError(problems) from None
+        raise PolicyError(problems + validation_problems(exc, root, Policy, source_name)) from None
 
     seen: set[str] = set()
     for index, spec in enumerate(policy.backends):  # checked before the merge below hides it
@@ -118,6 +109,9 @@ def parse_policy(text: str, source_name: str, extra_backends: Iterable[BackendSp
         if spec.name not in configured and (refusal := reasoning_effort_refusal(spec)):
             loc = ("backends", index, "efforts" if spec.efforts else "reasoning")
             problems.append((source_name, _line_of(root, loc), _dotted(loc), refusal))
+        if spec.name not in configured and (refusal := unpriced_refusal(spec)):
+            loc = ("backends", index, "model")
+            problems.append((source_name, _line_of(root, loc), _dotted(loc), refusal))
     merged.update(configured)
     policy = policy.model_copy(update={"backends": list(merged.values())})
     for loc, message in policy_problems(policy):
@@ -125,116 +119,6 @@ def parse_policy(text: str, source_name: str, extra_backends: Iterable[BackendSp
     if problems:
         raise PolicyError(problems)
     return policy
-
-
-# --- mapping error locations to YAML lines -------------------------------------------------------
-
-
-def _line_of(root: yaml.Node, loc: Loc) -> int:
-    """Line of the deepest key on `loc` that exists (a missing key points at its parent).
-
-    A mapping entry is reported on its key's line, where an operator looks for it, not on its value's
-    (a nested mapping starts on the next line).
-    """
-    node, line = root, root.start_mark.line + 1
-    for part in loc:
-        found = _child(node, part)
-        if found is None:
-            break
-        line, node = found
-    return line
-
-
-def _child(node: yaml.Node, part: str | int) -> tuple[int, yaml.Node] | None:
-    if isinstance(node, yaml.MappingNode):
-        for key, value in node.value:
-            if isinstance(key, yaml.ScalarNode) and key.value == str(part):
-                return key.start_mark.line + 1, value
-        return None
-    if isinstance(node, yaml.SequenceNode):
-        if isinstance(part, int) and 0 <= part < len(node.value):
-            item = node.value[part]
-            return item.start_mark.line + 1, item
-        for item in node.value:  # a list of names addressed by name (route candidates given as a list)
-            if isinstance(item, yaml.ScalarNode) and item.value == str(part):
-                return item.start_mark.line + 1, item
-    return None
-
-
-def _duplicate_keys(node: yaml.Node, loc: Loc = ()) -> list[tuple[Loc, int, str]]:
-    """YAML quietly keeps the last of two equal keys; in a policy that hides a mistake, so it is an error."""
-    found: list[tuple[Loc, int, str]] = []
-    if isinstance(node, yaml.MappingNode):
-        seen: set[str] = set()
-        for key, value in node.value:
-            name = key.value if isinstance(key, yaml.ScalarNode) else str(key)
-            if name in seen:
-                found.append((loc + (name,), key.start_mark.line + 1, f"key `{name}` appears twice in this mapping"))
-            seen.add(name)
-            found += _duplicate_keys(value, loc + (name,))
-    elif isinstance(node, yaml.SequenceNode):
-        for index, item in enumerate(node.value):
-            found += _duplicate_keys(item, loc + (index,))
-    return found
-
-
-def _dotted(loc: Loc) -> str:
-    return "".join(f"[{part}]" if isinstance(part, int) else (f".{part}" if i else str(part)) for i, part in enumerate(loc))
-
-
-def _explain(error: dict) -> str:
-    """Pydantic's message, reworded where it would not tell an operator what to write instead."""
-    kind, loc = error["type"], tuple(error["loc"])
-    if kind == "extra_forbidden":
-        allowed = _allowed_keys(loc[:-1])
-        expected = f"; expected one of: {', '.join(allowed)}" if allowed else ""
-        return f"unknown key `{loc[-1]}`{expected}"
-    if not loc and kind in ("model_type", "dict_type"):
-        return f"expected a mapping with at least name, arms, routes; got a {type(error.get('input')).__name__}"
-    if kind == "missing":
-        return f"missing required key `{loc[-1]}`"
-    got = error.get("input")
-    shown = repr(got) if not isinstance(got, (dict, list)) else type(got).__name__
-    return f"{error['msg']} (got {shown})"
-
-
-def _allowed_keys(loc: Loc) -> list[str]:
-    model: object = Policy
-    for part in loc:
-        model = _step(model, part)
-        if model is None:
-            return []
-    if isinstance(model, type) and issubclass(model, BaseModel):
-        return list(model.model_fields)
-    return []
-
-
-def _step(annotation: object, part: str | int) -> object:
-    annotation = _unwrap(annotation)
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        field = annotation.model_fields.get(str(part))
-        return _unwrap(field.annotation) if field else None
-    origin = typing.get_origin(annotation)
-    if origin in (list, tuple):
-        return _unwrap(typing.get_args(annotation)[0])
-    if origin is dict:
-        return _unwrap(typing.get_args(annotation)[1])
-    return None
-
-
-def _unwrap(annotation: object) -> object:
-    """Strip Annotated[...] and Optional[...] down to the model, list or dict inside."""
-    while True:
-        origin = typing.get_origin(annotation)
-        if origin is typing.Annotated:
-            annotation = typing.get_args(annotation)[0]
-        elif origin in (typing.Union, types.UnionType):
-            options = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
-            annotation = options[0] if len(options) == 1 else annotation
-            if len(options) != 1:
-                return annotation
-        else:
-            return annotation
 
 
 # --- prices ---------------------------------------------------------------------------------------
@@ -306,6 +190,19 @@ def reasoning_effort_refusal(spec: BackendSpec) -> str | None:
         return (f"`{spec.model}` is not a reasoning model (litellm's model map), and OpenAI answers its "
                 "`reasoning_effort` with a 400: leave out `efforts` and `reasoning: true`")
     return None
+
+
+def unpriced_refusal(spec: BackendSpec) -> str | None:
+    """Why the backend cannot be served as declared, where it calls a provider's own endpoint (no
+    api_base: a provider bills it) with no `prices` and a model litellm's cost map does not price:
+    every call would be counted as $0, so budgets, cost caps and the cost the learner weighs would never
+    hold. A server behind an api_base is the operator's own: zero unless priced. Else None. (The gateway
+    config's backends too: gateway/config.py.)"""
+    if spec.api_base is not None or spec.prices is not None or resolve_prices(spec)[1] != "unknown: zero":
+        return None
+    return (f"litellm's cost map has no price for `{spec.model}`, and its calls would be counted as $0: give "
+            "`prices: {input_per_mtok: ..., output_per_mtok: ...}` (USD per million tokens; 0 for a free model), "
+            "or check the model name")
 
 
 def _model_map_tokens(spec: BackendSpec, field: str) -> int | None:

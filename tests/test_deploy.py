@@ -775,3 +775,49 @@ def test_policies_docs_backend_example_names_every_backend_field():
     example = text.split("\n## The format\n", 1)[1].split("\narms:\n", 1)[0]
     shown = set(re.findall(r"^\s+(?:- |# )?(\w+):", example, re.M))
     assert sorted(set(BackendSpec.model_fields) - shown) == []
+
+
+DOCS_WITH_CONFIG_YAML = ["README.md", "docs/policies.md", "docs/deploy.md", "docs/strategies.md", "docs/telemetry.md"]
+
+
+def documented_yaml_blocks() -> list[tuple[str, str]]:
+    """Every ```yaml block of the docs that show Ponder's own files, as (file:line, text)."""
+    blocks = []
+    for name in DOCS_WITH_CONFIG_YAML:
+        text = (ROOT / name).read_text()
+        for match in re.finditer(r"^```ya?ml\n(.*?)^```", text, re.S | re.M):
+            blocks.append((f"{name}:{text[:match.start()].count(chr(10)) + 1}", match.group(1)))
+    return blocks
+
+
+@pytest.mark.parametrize("where,text", documented_yaml_blocks(), ids=[where for where, _ in documented_yaml_blocks()])
+def test_every_yaml_example_in_the_docs_loads(where, text, tmp_path):
+    """The docs' YAML is what operators copy: each block loads as what it shows. A policy (it has `arms`)
+    is checked whole, as `ponder policy check` does; a gateway config (or a part of one) is loaded as
+    `ponder serve` loads it; a list continues a `backends` list, each item a backend. The sha256 of an
+    `api_keys` entry is a placeholder in the docs (`"…"`, `<64 hex digits>`): any valid one stands in."""
+    from policies.backends import BackendSpec
+    from policies.loader import parse_policy
+
+    data = yaml.safe_load(text)
+    assert data, f"{where}: an empty YAML block"
+    if isinstance(data, list):
+        for item in data:
+            BackendSpec.model_validate(item)
+        return
+    assert isinstance(data, dict), f"{where}: a YAML block that is neither a mapping nor a list"
+    if "arms" in data:
+        parse_policy(text, where)
+        return
+    for key in data.get("api_keys") or []:
+        if not re.fullmatch(r"[0-9a-f]{64}", str(key.get("sha256"))):
+            key["sha256"] = hashlib.sha256(key["id"].encode()).hexdigest()
+    path = tmp_path / "ponder.yaml"
+    path.write_text(yaml.safe_dump(data))
+    load_config(path)
+
+
+def test_the_docs_show_a_policy_and_a_gateway_config_as_yaml():
+    """The block finder above finds what it is meant to (a renamed fence would leave nothing checked)."""
+    kinds = {"policy" if "arms:" in text else "config" for _, text in documented_yaml_blocks()}
+    assert kinds == {"policy", "config"} and len(documented_yaml_blocks()) >= 8

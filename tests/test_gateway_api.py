@@ -1845,7 +1845,8 @@ def test_server_timing_is_off_by_default(client):
 @pytest.mark.parametrize("config,says", [
     ({"policy": "/nonexistent/policy.yaml"}, "cannot read the file"),
     ({"classifier": "/nonexistent/artifact"}, "cannot load classifier"),
-    ({"backends": [{"name": "a", "model": "openai/a", "api_bse": "http://x"}]}, "Extra inputs are not permitted"),
+    ({"backends": [{"name": "a", "model": "openai/a", "api_bse": "http://x"}]},
+     "backends[0].api_bse: unknown key `api_bse`; did you mean `api_base`?"),
     ({"backends": [{"name": "a", "model": "openai/a", "prices": {"input_per_mtok": float("inf"),
                                                                "output_per_mtok": 1}}]}, "finite number"),
     # a policy file given as the config: said so, not "name: Extra inputs are not permitted; arms: ..."
@@ -1879,6 +1880,49 @@ def _serve(*argv: str, config: dict | None = None, tmp_path=None):
         path.write_text(yaml.safe_dump({"local_model": {"enabled": False}, **config}))
         args += ["--config", str(path)]
     return subprocess.run(args, capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.parametrize("text,says", [
+    # a misspelt key: its file, line and key path, the key it likely meant and every key allowed there
+    ("local_model: {enabled: false}\ntelemetry:\n  redis_ulr: redis://127.0.0.1:6379/0\n",
+     "ponder.yaml:3: telemetry.redis_ulr: unknown key `redis_ulr`; did you mean `redis_url`? expected one of: "
+     "redis_url, data_dir"),
+    # YAML keeps the last of two equal keys: the first was ignored unsaid
+    ("local_model: {enabled: false}\nmax_n: 4\nmax_n: 8\n", "ponder.yaml:3: max_n: key `max_n` appears twice"),
+    # served by name: the second silently replaced the first
+    ("local_model: {enabled: false}\nbackends:\n  - {name: a, model: openai/gpt-4.1-mini}\n"
+     "  - {name: a, model: openai/gpt-4o}\n", "ponder.yaml:2: backends: backend `a` is declared more than once"),
+    # a provider's model litellm does not price was billed $0: budgets and cost caps never held
+    ("local_model: {enabled: false}\nbackends:\n  - {name: a, model: anthropic/claude-sonnet-9}\n",
+     "ponder.yaml:2: backends: backends[0] `a`: litellm's cost map has no price for `anthropic/claude-sonnet-9`"),
+    # the key itself where its variable's name goes: refused, and not written out (it was, in a warning)
+    ("local_model: {enabled: false}\nbackends:\n  - {name: a, model: openai/gpt-4.1-mini, api_key_env: sk-secret-raw-key}\n",
+     "ponder.yaml:3: backends[0].api_key_env: not a variable's name"),
+    # kept as text, the variable was looked for as a folder named `$PONDER_TEST_UNSET_DIR`
+    ("local_model: {enabled: false}\npolicy: $PONDER_TEST_UNSET_DIR/p.yaml\n",
+     "ponder.yaml:2: policy: $PONDER_TEST_UNSET_DIR is not set in the environment"),
+    ("- policy: local.yaml\n", "ponder.yaml:1: expected a mapping of config keys (backends, local_model, policy, "
+                                "extra_policies, ...); got a list"),
+    ("local_model:\n\tenabled: false\n", "(a tab: YAML takes spaces only) (line 2, column 1)"),
+    # a raw key pasted where its sha256 goes is refused without being repeated (stderr lands in logs)
+    ("local_model: {enabled: false}\napi_keys:\n  - {id: a, sha256: sk-secret-raw-key}\n",
+     "ponder.yaml:3: api_keys[0].sha256: String should match pattern '^[0-9a-f]{64}$' (got a str)"),
+])
+def test_serve_refuses_a_config_mistake_naming_its_line_and_key(tmp_path, text, says):
+    """A bad config said `polcy: Extra inputs are not permitted`: no line, nothing of what was meant or
+    allowed; two equal keys and two backends of one name loaded, the last winning; a file holding a list
+    said `: Input should be a valid dictionary or instance of GatewayConfig`."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "ponder.yaml"
+    path.write_text(text)
+    done = subprocess.run([sys.executable, "-m", "gateway.cli", "serve", "--config", str(path), "--port", "9"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.startswith(f"ponder: bad config: {tmp_path}/"), done.stderr
+    assert says in done.stderr, done.stderr
+    assert "sk-secret-raw-key" not in done.stderr
 
 
 @pytest.mark.parametrize("flags,says", [
@@ -2159,14 +2203,62 @@ def test_a_policy_renamed_by_the_edit_that_fixes_it_leaves_no_rejection_alert(tm
         assert wait_for(gateway.url, {"after": "0.0"}) == {"after": "0.0"}
 
 
-def test_sighup_rereads_the_policies_and_keeps_serving(tmp_path):
-    """`kill -HUP` (systemd's ExecReload) killed the gateway on the spot, a request in flight unanswered.
-    It re-reads every policy file now, even one whose edit the poll cannot see (its mtime put back)."""
+def test_a_configmap_swap_reloads_the_policy_and_requests_in_flight_finish_on_the_old_one(tmp_path):
+    """Kubernetes mounts a ConfigMap as `policy.yaml -> ..data/policy.yaml`, `..data -> ..<timestamp>/`,
+    and updates it by writing a new timestamped folder and renaming a new `..data` link over the old one.
+    The poll compared the file's mtime: a new file with the old one's mtime (written in the same tick of
+    the file clock, or restored with it) was never served. A request in flight during the swap finishes
+    on the policy it was planned with."""
     import os
-    import signal
     import time
 
     import yaml
+
+    spec = {"name": "mounted", "arms": {"cheap": {"backend": "mock-a"}, "strong": {"backend": "mock-b"}},
+            "routes": [{"name": "all", "candidates": ["cheap"]}], "exploration": {"share": 0.0}}
+    mount = tmp_path / "policies"
+    (mount / "..2026_01").mkdir(parents=True)
+    (mount / "..2026_01" / "policy.yaml").write_text(yaml.safe_dump(spec))
+    stamp = os.stat(mount / "..2026_01" / "policy.yaml").st_mtime_ns
+    os.symlink("..2026_01", mount / "..data")
+    os.symlink("..data/policy.yaml", mount / "policy.yaml")
+    body = {"model": "auto", "messages": [{"role": "user", "content": "hello"}]}
+    with running(start_mock(tmp_path)) as mock:
+        with running(start_gateway(tmp_path, {"backends": [mock_backend("mock-a", mock), mock_backend("mock-b", mock)],
+                                              "policy": str(mount / "policy.yaml")}, name="configmap")) as gateway:
+            control(mock, delay_ms=2500)
+            in_flight: list[httpx.Response] = []
+            sender = threading.Thread(target=lambda: in_flight.append(
+                httpx.post(gateway.url + "/v1/chat/completions", json=body, timeout=30)))
+            sender.start()
+            time.sleep(0.5)
+            spec["routes"][0]["candidates"] = ["strong"]
+            (mount / "..2026_02").mkdir()
+            (mount / "..2026_02" / "policy.yaml").write_text(yaml.safe_dump(spec))
+            os.utime(mount / "..2026_02" / "policy.yaml", ns=(stamp, stamp))
+            os.symlink("..2026_02", mount / "..data_tmp")
+            os.replace(mount / "..data_tmp", mount / "..data")  # what the kubelet does
+            (mount / "..2026_01" / "policy.yaml").unlink()
+            (mount / "..2026_01").rmdir()
+            sender.join()
+            control(mock, delay_ms=0)
+            assert in_flight[0].status_code == 200, in_flight[0].text
+            assert in_flight[0].headers["x-ponder-arm"].startswith("mock-a")  # planned before the swap
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                arm = httpx.post(gateway.url + "/v1/chat/completions", json=body).headers["x-ponder-arm"]
+                if arm.startswith("mock-b"):
+                    break
+                time.sleep(0.2)
+            assert arm.startswith("mock-b"), "the swapped ConfigMap was never served"
+            assert 'ponder_policy_reload_rejected{policy="mounted"} 0.0' in httpx.get(gateway.url + "/metrics").text
+
+
+def test_sighup_rereads_the_policies_and_keeps_serving(tmp_path):
+    """`kill -HUP` (systemd's ExecReload) killed the gateway on the spot, a request in flight unanswered.
+    It re-reads every policy file now, changed or not."""
+    import signal
+    import time
 
     spec = {"name": "hup", "arms": {"cheap": {"backend": "mock-a"}, "strong": {"backend": "mock-b"}},
             "routes": [{"name": "all", "candidates": ["cheap"]}], "exploration": {"share": 0.0}}
@@ -2176,12 +2268,8 @@ def test_sighup_rereads_the_policies_and_keeps_serving(tmp_path):
     with running(start_mock(tmp_path)) as mock:
         with running(start_gateway(tmp_path, {"backends": [mock_backend("mock-a", mock), mock_backend("mock-b", mock)],
                                               "policy": str(path)}, name="hup", log_level="info")) as gateway:
-            stamp = os.stat(path).st_mtime_ns
-            spec["routes"][0]["candidates"] = ["strong"]
-            path.write_text(yaml.safe_dump(spec))
-            os.utime(path, ns=(stamp, stamp))  # a restore that keeps the old mtime: the poll sees no change
-            time.sleep(1.5)
-            assert httpx.post(gateway.url + "/v1/chat/completions", json=body).headers["x-ponder-arm"].startswith("mock-a")
+            time.sleep(1.5)  # the poll has looked at the file since the start: an unchanged file, not read again
+            assert "reloaded from" not in gateway.log()
             control(mock, delay_ms=1500)
             in_flight: list[httpx.Response] = []
             sender = threading.Thread(target=lambda: in_flight.append(
@@ -2194,8 +2282,9 @@ def test_sighup_rereads_the_policies_and_keeps_serving(tmp_path):
             assert in_flight[0].status_code == 200, in_flight[0].text
             assert gateway.process.poll() is None
             answer = httpx.post(gateway.url + "/v1/chat/completions", json=body)
-            assert answer.status_code == 200 and answer.headers["x-ponder-arm"].startswith("mock-b")
+            assert answer.status_code == 200 and answer.headers["x-ponder-arm"].startswith("mock-a")
             assert "SIGHUP: re-reading the policy files" in gateway.log()
+            assert f"policy 'hup' reloaded from {path}" in gateway.log()  # read again though unchanged
 
 
 def test_a_client_that_drops_a_stream_pays_for_what_was_streamed(keyed_stack):

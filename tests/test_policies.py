@@ -86,7 +86,9 @@ BROKEN = [
     ("infinite-number", BASE + "objective:\n  cost_weight: .inf\n", "finite number", "cost_weight: .inf"),
     ("unknown-top-key", BASE + "colour: blue\n", "unknown key `colour`; expected one of: name", "colour: blue"),
     ("unknown-arm-key", replace("    backend: cheap\n", "    backend: cheap\n    strateg: cot\n"),
-     "unknown key `strateg`; expected one of: backend, strategy", "strateg: cot"),
+     "unknown key `strateg`; did you mean `strategy`? expected one of: backend, strategy", "strateg: cot"),
+    ("misspelt-section", BASE + "objectve:\n  cost_weight: 5\n", "unknown key `objectve`; did you mean `objective`?",
+     "objectve:"),
     ("unknown-backend-key", replace("    reasoning: true\n", "    reasoning: true\n    thinking: yes\n"),
      "unknown key `thinking`", "thinking: yes"),
     ("unknown-backend", replace("    backend: cheap\n", "    backend: nope\n"), "unknown backend `nope`",
@@ -132,7 +134,12 @@ BROKEN = [
     ("yaml-unclosed-bracket", replace("efforts: [low, high]", "efforts: [low, high"), "YAML syntax error", None),
     ("yaml-bad-indent", replace("    backend: cheap\n", "    backend: cheap\n   strategy: cot\n"),
      "YAML syntax error", "strategy: cot"),
-    ("yaml-tab", replace("    backend: cheap\n", "\tbackend: cheap\n"), "YAML syntax error", "backend: cheap"),
+    ("yaml-tab", replace("    backend: cheap\n", "\tbackend: cheap\n"), "(a tab: YAML takes spaces only)",
+     "backend: cheap"),
+    # a key that overrides one merged in from an anchor is the point of `<<`; a key written twice is not
+    ("duplicate-key-beside-a-merge", replace("  deep:\n", "  deep: &deep\n") + "  - name: other\n"
+     "    candidates: {fast: 0.5}\n    when: {tasks: [math]}\n    when: {tasks: [code]}\n", "appears twice",
+     "when: {tasks: [code]}"),
     ("duplicate-key", replace("    effort: high\n", "    effort: high\n    effort: low\n"), "appears twice",
      "effort: low"),
     ("missing-backend", replace("  fast:\n    backend: cheap\n", "  fast:\n    strategy: cot\n"),
@@ -168,6 +175,15 @@ BROKEN = [
     # an outcome window was never kept by the store (decayed sums only): refused, not silently ignored
     ("learner-window", BASE + "learner:\n  half_life_hours: 24\n  window: 100\n", "unknown key `window`", "window:"),
     ("bad-override-strategy", BASE + "overrides:\n  strategy_header: [mcts]\n", "'cascade'", "mcts"),
+    # a provider bills it, and it was counted as $0: budgets and cost caps never held
+    ("unpriced-provider-model", replace("    model: openai/o4-mini\n", "    model: openai/o4-mini-2099\n"),
+     "litellm's cost map has no price for `openai/o4-mini-2099`", "model: openai/o4-mini-2099"),
+    # looked up as a variable named `$OPENAI_API_KEY`, never set: every call was unauthorised
+    ("api-key-env-with-dollar", replace("    model: openai/o4-mini\n", "    model: openai/o4-mini\n    api_key_env: $OPENAI_KEY\n"),
+     "the variable's name without `$`: `api_key_env: OPENAI_KEY`", "api_key_env: $OPENAI_KEY"),
+    # YAML 1.1 reads on/off/yes/no as booleans: the message was `aliases[1].[key]: Input should be a valid string`
+    ("key-read-as-boolean", BASE + "aliases:\n  auto: {}\n  on: {arms: [fast]}\n",
+     "aliases.on: YAML reads the key `on` as a boolean, not a name: quote it", "  on: {arms"),
     ("empty-file", "", "empty policy", None),
     ("top-level-list", "- name: t\n", "expected a mapping", None),
 ]
@@ -186,6 +202,35 @@ def test_broken_policy_names_problem_and_line(case_id, text, expected, marker):
         want = next(number for number, line in enumerate(text.splitlines(), 1) if marker in line)
         assert want in lines, f"expected line {want} ({marker!r}) in: {message}"
         assert f"broken.yaml:{want}:" in message
+
+
+def test_a_model_without_a_price_is_served_where_its_price_is_known_or_its_server_is_our_own():
+    """The unpriced refusal is for a provider's own endpoint only: declared prices, or an api_base (a
+    self-hosted server: zero unless priced), load."""
+    unknown = replace("    model: openai/o4-mini\n", "    model: openai/o4-mini-2099\n")
+    priced = replace("    reasoning: true\n", "    reasoning: true\n    prices: {input_per_mtok: 1, output_per_mtok: 4}\n", unknown)
+    assert parse_policy(priced, "p.yaml").backend("thinker").prices.output_per_mtok == 4
+    hosted = replace("    reasoning: true\n", "    reasoning: true\n    api_base: http://127.0.0.1:8000/v1\n", unknown)
+    assert parse_policy(hosted, "p.yaml").backend("thinker").prices is None
+    # the gateway config's backend of that name wins, and is checked there
+    assert parse_policy(unknown, "p.yaml", [BackendSpec(name="thinker", model="openai/o4-mini", reasoning=True,
+                                                          efforts=["low", "high"])])
+
+
+def test_yaml_anchors_and_merge_keys_may_share_settings_between_arms():
+    """`<<: *anchor` with a key of its own overriding the merged one is how YAML shares settings; the
+    duplicate-key check ran on the node tree after merging, so every override was refused as a key
+    written twice. A misspelt key beside a merge is still refused, on its own line."""
+    text = replace("  deep:\n    backend: thinker\n    effort: high\n",
+                   "  deep: &deep\n    backend: thinker\n    effort: high\n    tokens: 3000\n"
+                   "  shallow:\n    <<: *deep\n    effort: low\n")
+    policy = parse_policy(text, "anchors.yaml")
+    assert policy.arms["shallow"].effort == "low" and policy.arms["shallow"].tokens == 3000
+    misspelt = text.replace("    effort: low\n", "    efort: low\n")
+    line = misspelt.splitlines().index("    efort: low") + 1
+    with pytest.raises(PolicyError) as caught:
+        parse_policy(misspelt, "anchors.yaml")
+    assert str(caught.value).startswith(f"anchors.yaml:{line}: arms.shallow.efort: unknown key `efort`; did you mean `effort`?")
 
 
 def test_a_route_shadowed_in_the_policy_order_may_serve_an_alias_or_a_task_label():
@@ -321,7 +366,7 @@ def test_ponder_policy_check_config_offers_the_managed_local_model_as_serving_do
     assert "unknown backend `local`" in capsys.readouterr().err
     config.write_text("policy: p.yaml\nlocal_model: {n_ctx: -1}\n")
     assert main(["policy", "check", "--config", str(config), str(policy)]) == 1
-    assert f"{config}: not a valid gateway config: local_model.n_ctx" in capsys.readouterr().err
+    assert f"{config}:2: local_model.n_ctx: Input should be greater than 0 (got -1)" in capsys.readouterr().err
 
 
 def test_policy_check_with_a_config_alone_checks_the_policies_it_serves_together(tmp_path, capsys):
@@ -334,7 +379,7 @@ def test_policy_check_with_a_config_alone_checks_the_policies_it_serves_together
     from gateway.config import ConfigError, load_config
     from gateway.service import Gateway
 
-    text = ("name: {name}\nbackends: [{{name: fast, model: openai/{model}}}]\n"
+    text = ("name: {name}\nbackends: [{{name: fast, model: openai/{model}, prices: {{input_per_mtok: 1, output_per_mtok: 2}}}}]\n"
             "arms: {{one: {{backend: fast}}}}\nroutes: [{{name: all, candidates: [one]}}]\n{extra}")
     a, b, c = tmp_path / "a.yaml", tmp_path / "b.yaml", tmp_path / "c.yaml"
     a.write_text(text.format(name="a", model="gpt-4.1-mini", extra=""))
@@ -343,7 +388,7 @@ def test_policy_check_with_a_config_alone_checks_the_policies_it_serves_together
     config = tmp_path / "gateway.yaml"
     config.write_text(f"policy: a.yaml\nextra_policies: {{b: b.yaml, c: {c}}}\nextra_policy: {{d: d.yaml}}\n")
     assert main(["policy", "check", "--quiet", "--config", str(config)]) == 1
-    assert "not a valid gateway config: extra_policy: Extra inputs" in capsys.readouterr().err
+    assert f"{config}:3: extra_policy: unknown key `extra_policy`; did you mean `extra_policies`?" in capsys.readouterr().err
     config.write_text(f"policy: a.yaml\nextra_policies: {{b: b.yaml, c: {c}}}\nlocal_model: {{enabled: false}}\n")
 
     assert main(["policy", "check", "--quiet", str(a), str(b), str(c)]) == 0  # unrelated files: each alone
@@ -525,6 +570,17 @@ def test_a_policy_file_that_fails_or_vanishes_is_rejected_until_it_loads_again(t
     assert policies.reload_changed() == ["main"] and policies.rejected == {}
 
 
+def test_a_broken_file_served_as_two_policies_is_reported_once(tmp_path):
+    """A config naming one file as `policy` and in `extra_policies` listed each of its problems twice."""
+    from gateway.policy_watch import PolicySet
+
+    path = tmp_path / "main.yaml"
+    path.write_text("name: main\narms: {one: {backend: nowhere}}\nroutes: [{name: all, candidates: [one]}]\n")
+    with pytest.raises(PolicyError) as refused:
+        PolicySet(str(path), {"again": str(path)}, [])
+    assert len(refused.value.problems) == 1 and "unknown backend `nowhere`" in str(refused.value)
+
+
 def test_a_policy_file_that_vanishes_says_so_once_in_the_log(tmp_path, caplog):
     """The metric says a file gone is not what serves; the log says why, once, not every poll."""
     from gateway.policy_watch import PolicySet
@@ -540,6 +596,33 @@ def test_a_policy_file_that_vanishes_says_so_once_in_the_log(tmp_path, caplog):
     assert len(lines) == 1 and "'main' keeps serving" in lines[0] and str(path) in lines[0], lines
 
 
+def test_an_edit_that_keeps_the_files_mtime_is_reloaded(tmp_path):
+    """Two saves within one tick of the kernel's file clock (a few ms) leave one mtime, as do a restore
+    with `cp -p` and an atomic save's rename of a file written in the same tick: the poll compared
+    mtimes, so the second save never served until a restart. It compares what the file holds."""
+    import os
+
+    from gateway.policy_watch import PolicySet
+
+    text = "name: main\narms: {{one: {{backend: b}}, two: {{backend: c}}}}\nroutes: [{{name: all, candidates: [{arm}]}}]\n"
+    backends = [BackendSpec(name="b", model="openai/b"), BackendSpec(name="c", model="openai/c")]
+    path = tmp_path / "main.yaml"
+    path.write_text(text.format(arm="one"))
+    stamp = os.stat(path).st_mtime_ns
+    policies = PolicySet(str(path), {}, backends)
+    path.write_text(text.format(arm="two"))  # the same size, the same mtime: only the content differs
+    os.utime(path, ns=(stamp, stamp))
+    assert policies.reload_changed() == ["main"]
+    assert list(policies.default.policy.routes[0].candidates) == ["two"]
+    saved = tmp_path / ".main.yaml.swp"  # an editor's atomic save: a new file renamed over the old one
+    saved.write_text(text.format(arm="one"))
+    os.utime(saved, ns=(stamp, stamp))
+    os.replace(saved, path)
+    assert policies.reload_changed() == ["main"]
+    assert list(policies.default.policy.routes[0].candidates) == ["one"]
+    assert policies.reload_changed() == []  # nothing changed: nothing reloaded, nothing logged
+
+
 def test_two_policies_may_not_declare_one_inline_backend_differently(tmp_path):
     """The gateway serves one backend per name: a backend two policies declared inline differently was
     served as whichever came last, so the other policy's arms called its model at its prices. Refused at
@@ -547,7 +630,7 @@ def test_two_policies_may_not_declare_one_inline_backend_differently(tmp_path):
     a gateway config's backend of that name replaces both."""
     from gateway.policy_watch import PolicySet
 
-    text = ("name: {name}\nbackends: [{{name: fast, model: openai/{model}}}]\n"
+    text = ("name: {name}\nbackends: [{{name: fast, model: openai/{model}, prices: {{input_per_mtok: 1, output_per_mtok: 2}}}}]\n"
             "arms: {{one: {{backend: fast}}}}\nroutes: [{{name: all, candidates: [one]}}]\n")
     main, alt = tmp_path / "main.yaml", tmp_path / "alt.yaml"
     main.write_text(text.format(name="main", model="m"))
@@ -573,7 +656,7 @@ def test_a_shared_inline_backend_edited_in_every_policy_reloads(tmp_path):
 
     from gateway.policy_watch import PolicySet
 
-    text = ("name: {name}\nbackends: [{{name: fast, model: openai/{model}}}]\n"
+    text = ("name: {name}\nbackends: [{{name: fast, model: openai/{model}, prices: {{input_per_mtok: 1, output_per_mtok: 2}}}}]\n"
             "arms: {{one: {{backend: fast}}}}\nroutes: [{{name: all, candidates: [one]}}]\n")
     main, alt = tmp_path / "main.yaml", tmp_path / "alt.yaml"
 
@@ -601,7 +684,7 @@ def test_two_files_renamed_to_one_name_in_one_reload_keep_one(tmp_path):
     are told apart as they were one after another (the second is refused, the first serves)."""
     from gateway.policy_watch import PolicySet
 
-    text = ("name: {name}\nbackends: [{{name: fast, model: openai/m}}]\n"
+    text = ("name: {name}\nbackends: [{{name: fast, model: openai/m, prices: {{input_per_mtok: 1, output_per_mtok: 2}}}}]\n"
             "arms: {{one: {{backend: fast}}}}\nroutes: [{{name: all, candidates: [one]}}]\n")
     a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
     a.write_text(text.format(name="a")), b.write_text(text.format(name="b"))
