@@ -2549,3 +2549,58 @@ def test_while_serving_what_startup_built_is_frozen_out_of_the_garbage_collector
     assert frozen > 10_000 and not classifier_walked
     assert serving_threshold == (YOUNG_GC_THRESHOLD, *threshold[1:])
     assert gc.get_freeze_count() == 0 and gc.get_threshold() == threshold
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_a_backend_refusing_the_gateways_credentials_is_a_502_that_names_no_key(tmp_path, status):
+    """A backend's 401 or 403 (the operator's key for it revoked, wrong, unset, not allowed the model) is the
+    gateway's problem, not the client's: a 502 naming the backend's failure, on the fast path and
+    litellm's, JSON and streamed. The client got the upstream's own words, which quote the masked key
+    ("Incorrect API key provided: sk-abc*****wxyz"): they go to the gateway's log, once per outage. A
+    revoked key does not come back in a second: the backend cools down at once for the longest
+    cool-down (30 s), skipped by every request meanwhile, and a routed request takes another arm."""
+    quoted = "Incorrect API key provided: sk-abc*****wxyz. You can find your API key at https://example"
+    refusal = {"status": status, "body": orjson.dumps({"error": {
+        "message": quoted, "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}}).decode()}
+    with running(start_mock(tmp_path)) as mock:
+        names = {"fast-json": {}, "fast-stream": {}, "litellm-json": {"fast_path": False},
+                 "litellm-stream": {"fast_path": False}}
+        backends = [mock_backend(name, mock, **extra) for name, extra in names.items()]
+        backends.append(mock_backend("spare", mock))
+        routed = write_policy(tmp_path, {
+            "name": "keys", "arms": {"revoked": {"backend": "fast-json", "prior": 0.9},
+                                     "spare": {"backend": "spare", "prior": 0.5}},
+            "routes": [{"name": "all", "candidates": ["revoked", "spare"]}],
+            "objective": {"cost_weight": 0, "latency_weight": 0}, "exploration": {"share": 0.0}})
+        with running(start_gateway(tmp_path, {"backends": backends, "policy": routed}, name="keys")) as gateway:
+            sdk = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+            for name in names:
+                control(mock, script=["error"] * 5, error=refusal)
+                made = calls(mock)["count"]
+                with pytest.raises(openai.APIStatusError) as refused:
+                    answer = sdk.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}],
+                                                         stream=name.endswith("stream"))
+                    list(answer) if name.endswith("stream") else None
+                error = refused.value
+                assert error.status_code == 502, (name, error.response.text)
+                assert error.code == "upstream_error" and error.response.headers["x-should-retry"] == "false"
+                assert f"{name}: the backend refused the gateway's credentials" in error.message, error.message
+                assert "sk-abc" not in error.response.text and "Incorrect API key" not in error.response.text
+                assert calls(mock)["count"] == made + 1, name  # not retried on that backend
+                # cooled down at once, for the longest cool-down: the next request does not call it
+                with pytest.raises(openai.APIStatusError) as cooling:
+                    sdk.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}])
+                assert cooling.value.status_code == 503 and int(cooling.value.response.headers["retry-after"]) >= 25
+                assert calls(mock)["count"] == made + 1, name
+            # a routed request whose best arm's backend refused its key: the other arm, with no call to it
+            control(mock, script=[])
+            made = calls(mock)["count"]
+            answer = sdk.chat.completions.with_raw_response.create(
+                model="auto", messages=[{"role": "user", "content": "hi"}])
+            assert answer.headers["x-ponder-arm"].startswith("spare/")
+            assert [body["model"] for body in calls(mock)["bodies"][made:]] == ["spare"]
+            log = gateway.log()
+            for name in names:  # the detail is the operator's: in the log, once (litellm's words before it)
+                [line] = [line for line in log.splitlines()
+                          if f"backend {name} refuses the gateway's credentials (HTTP {status}: " in line]
+                assert quoted in line and " ERROR " in line, line
