@@ -2310,37 +2310,26 @@ def test_chat_template_kwargs_that_is_not_an_object_is_a_400(client, mock, strea
     assert calls(mock)["count"] == 0
 
 
-def answered_by_each(client, mock, *models: str) -> None:
-    """Each backend answers once, so that the module's earlier tests leave it no failure (one is half a
-    cool-down: this test's failure would cool it, and its arm be skipped); one cooling is waited out."""
-    deadline = time.monotonic() + 10
-    for model in models:
-        while True:
-            try:
-                client.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}])
-                break
-            except openai.APIStatusError as refused:
-                if refused.status_code != 503 or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
-    reset(mock)
-
-
 @pytest.mark.parametrize("stream", [False, True])
-def test_a_backend_refusing_its_key_is_replaced_by_a_fallback_arm(client, mock, stream):
+def test_a_backend_refusing_its_key_is_replaced_by_a_fallback_arm(tmp_path, stream):
     """A 401 (a revoked key, a key unset in the environment) is about the backend, not the request: not
     retried on that backend, but the request's fallback arms on other backends answer it (only an
-    upstream's 400/404/413/422 about the request itself goes to no fallback)."""
-    answered_by_each(client, mock, "mock-a", "mock-b")
-    control(mock, script=["401"], answers=["served by the fallback"])
-    answer = client.chat.completions.with_raw_response.create(
-        model="auto", messages=[{"role": "user", "content": "Who wrote Hamlet?"}], stream=stream)
-    assert answer.headers["x-ponder-arm"].startswith("mock-b/")
-    if stream:
-        assert "".join(c.choices[0].delta.content or "" for c in answer.parse() if c.choices) == "served by the fallback"
-    else:
-        assert answer.parse().choices[0].message.content == "served by the fallback"
-    assert [body["model"] for body in calls(mock)["bodies"]] == ["mock-a", "mock-b"]
+    upstream's 400/404/413/422 about the request itself goes to no fallback). A gateway of its own: the
+    refusal cools its backend down for 30 s (docs/api.md, "Errors")."""
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("mock-a", mock), mock_backend("mock-b", mock)],
+            "policy": two_mock_policy(tmp_path, "refused")}, name="refused")) as gateway:
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+        control(mock, script=["401"], answers=["served by the fallback"])
+        answer = client.chat.completions.with_raw_response.create(
+            model="auto", messages=[{"role": "user", "content": "Who wrote Hamlet?"}], stream=stream)
+        assert answer.headers["x-ponder-arm"].startswith("mock-b/")
+        if stream:
+            assert "".join(c.choices[0].delta.content or "" for c in answer.parse() if c.choices) == \
+                "served by the fallback"
+        else:
+            assert answer.parse().choices[0].message.content == "served by the fallback"
+        assert [body["model"] for body in calls(mock)["bodies"]] == ["mock-a", "mock-b"]
 
 
 def test_the_context_probe_asks_for_one_token_in_the_words_the_backend_takes():
