@@ -100,8 +100,8 @@ async def http_exception_handler(request: Request, exc: Exception) -> Response:
 
 def internal_error() -> ApiError:
     """What a client is told of a bug (an unhandled exception): no traceback, no exception text (it may
-    quote the request or a backend's answer); the traceback goes to the log (app.py, AnswerEveryRequest)."""
-    return ApiError(500, "The gateway failed on this request (an internal error, logged); it was not served.",
+    quote the request or a backend's answer); the traceback goes to the log (AnswerEveryRequest, below)."""
+    return ApiError(500, "Internal error in the gateway; the request was not served.",
                     type="server_error", code="internal_error")
 
 

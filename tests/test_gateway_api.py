@@ -2606,7 +2606,7 @@ def test_an_unhandled_error_is_a_500_in_the_openai_schema_with_the_request_id_an
                 answer = httpx.request(method, url + "/test/raises", headers={"origin": origin})
                 assert answer.status_code == 500, answer.text
                 assert answer.json() == {"error": {
-                    "message": "The gateway failed on this request (an internal error, logged); it was not served.",
+                    "message": "Internal error in the gateway; the request was not served.",
                     "type": "server_error", "param": None, "code": "internal_error"}}
                 assert answer.headers["x-request-id"].startswith("req_")
                 assert answer.headers["access-control-allow-origin"] == origin
