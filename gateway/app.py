@@ -27,7 +27,9 @@ from gateway.backends import UpstreamError
 from gateway.calls import upstream_to_api_error
 from gateway.config import GatewayConfig
 from gateway.dashboard import dashboard_routes
-from gateway.errors import EXCEPTION_HANDLERS, ApiError, request_id_headers, retry_after, unrouted_request_id
+from gateway.errors import (
+    EXCEPTION_HANDLERS, REQUEST_ID_SCOPE_KEY, AnswerEveryRequest, ApiError, request_id_headers, retry_after,
+)
 from gateway.key_limits import KeySlots
 from gateway.local_model import LocalModelError
 from gateway.loop_lag import EventLoopLag
@@ -135,7 +137,7 @@ async def create_embeddings(request: Request) -> Response:
         gw.metrics.refused(req.model if req is not None and req.model in gw.models() else "-", exc.status)
         raise
     gw.unsettled.add()  # from here every path ends in settle(): shutdown waits for it
-    request_id = embeddings.new_request_id()
+    request_id = request.scope[REQUEST_ID_SCOPE_KEY] = embeddings.new_request_id()  # a bug's 500 names it too
     headers = {**request_id_headers(request_id), "x-ponder-arm": backend.name, "x-ponder-policy": "direct"}
     caller = gw.caller({backend.name: backend})  # its one backend, even if a reload has dropped it since
 
@@ -237,11 +239,13 @@ def create_app(config: GatewayConfig) -> Starlette:
             loop_lag.stop()
             await gateway.close()
 
-    middleware = [Middleware(ReadableStartupFailure), Middleware(RequestIdOnEveryAnswer)]
+    middleware = [Middleware(ReadableStartupFailure)]
     if config.cors_origins:
         middleware.append(Middleware(CORSMiddleware, allow_origins=config.cors_origins,
                                      allow_methods=["GET", "POST"], allow_headers=["*"],
                                      expose_headers=EXPOSED_HEADERS))
+    # inside CORS: a browser app reads a 500 of a bug too (a preflight, CORS's own answer, has no request id)
+    middleware.append(Middleware(AnswerEveryRequest))
     # inside CORS: a browser app can read its 503; with no limit (0) it still counts ponder_requests_in_flight
     middleware.append(Middleware(LoadShedding, limit=config.max_requests_in_flight, metrics=gateway.metrics,
                                  lag=loop_lag))
@@ -251,29 +255,6 @@ def create_app(config: GatewayConfig) -> Starlette:
                     lifespan=lifespan)
     app.state.gateway = gateway
     return app
-
-
-class RequestIdOnEveryAnswer:
-    """OpenAI answers every request with an `x-request-id`, which the openai SDKs read into every result's
-    `_request_id`. Completions carry their own (the request id) and errors one made for them; any other
-    answer (the model list, health, metrics, feedback, the dashboard) gets one made here."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-
-        async def with_request_id(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start" and not any(
-                    name == b"x-request-id" for name, _ in message.get("headers", ())):
-                added = [(name.encode(), value.encode())
-                         for name, value in request_id_headers(unrouted_request_id()).items()]
-                message = {**message, "headers": [*message.get("headers", ()), *added]}
-            await send(message)
-
-        await self.app(scope, receive, with_request_id)
 
 
 # Collect the youngest generation after this many new container objects (Python's default: 700).

@@ -73,14 +73,24 @@ class BackendHealth:
         self.last_failed_request = request
         if retry_after:
             self.asked_wait_until = max(self.asked_wait_until, now + min(retry_after, self.max_cooldown_s))
-        if self.consecutive_failures < 2 and not retry_after and not slow:
+        # A refusal of the gateway's credentials (a key revoked or wrong) will not mend in a second: it
+        # cools the backend down at once, for the longest cool-down, and one call tests it again after
+        # each (a key fixed in its environment or in a reloaded config is picked up within that time).
+        credentials = error is not None and error.credentials
+        if self.consecutive_failures < 2 and not retry_after and not slow and not credentials:
             return
-        pause = min(self.base_cooldown_s * 2 ** (self.consecutive_failures - 2), self.max_cooldown_s)
+        pause = self.max_cooldown_s if credentials else \
+            min(self.base_cooldown_s * 2 ** (self.consecutive_failures - 2), self.max_cooldown_s)
         self.cooldown_until = max(now + pause, self.asked_wait_until)
         if self.failing_since is None:
             self.failing_since = now
-            log.warning("backend %s is failing (%s): cooled down, its calls are skipped or fall back until it "
-                        "answers again", self.name, _failure(error))
+            if credentials:  # the operator's to fix: said as an error, with what the upstream said
+                log.error("backend %s refuses the gateway's credentials (HTTP %s: %s): check its API key; cooled "
+                          "down, its calls fall back to other arms, tested again every %g s", self.name,
+                          error.upstream_status, error.detail, self.max_cooldown_s)
+            else:
+                log.warning("backend %s is failing (%s): cooled down, its calls are skipped or fall back until it "
+                            "answers again", self.name, _failure(error))
 
     def restarted(self) -> None:
         """The server behind it started again (the managed local model): what it asked for before

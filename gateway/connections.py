@@ -57,6 +57,10 @@ class ClientConnection:
             unsent += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
         return unsent
 
+    def lost(self) -> bool:
+        """The connection is closed or closing: uvicorn drops what is sent on it after, silently."""
+        return self._transport.is_closing()
+
     def abort(self) -> None:
         """Drop the connection and what is buffered for it: a close waits for a client that reads
         nothing to take it (for ever), and holds the socket and its buffers (megabytes) meanwhile."""

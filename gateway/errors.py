@@ -9,6 +9,8 @@ import logging
 import math
 import secrets
 
+from typing import Any
+
 import orjson
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -96,14 +98,62 @@ async def http_exception_handler(request: Request, exc: Exception) -> Response:
     return ApiError(exc.status_code, str(exc.detail), code=code, headers=dict(exc.headers or {})).response()
 
 
-async def unhandled_error_handler(request: Request, exc: Exception) -> Response:
-    log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return ApiError(500, "Internal error in the gateway; the request was not served.", type="api_error",
-                    code="internal_error").response()
+def internal_error() -> ApiError:
+    """What a client is told of a bug (an unhandled exception): no traceback, no exception text (it may
+    quote the request or a backend's answer); the traceback goes to the log (AnswerEveryRequest, below)."""
+    return ApiError(500, "Internal error in the gateway; the request was not served.",
+                    type="server_error", code="internal_error")
 
 
+# The request id a request's plan assigned it, kept in its ASGI scope: an unhandled error after the
+# plan is answered under the id the request's record has.
+REQUEST_ID_SCOPE_KEY = "ponder.request_id"
+
+# An unhandled exception is no handler's: Starlette answers it from outside every middleware (no
+# x-request-id, no CORS headers), so AnswerEveryRequest answers it instead (gateway/app.py).
 EXCEPTION_HANDLERS = {
     ApiError: api_error_handler,
     HTTPException: http_exception_handler,
-    Exception: unhandled_error_handler,
 }
+
+
+class AnswerEveryRequest:
+    """Every answer carries an `x-request-id`, and an unhandled exception on any route is answered.
+
+    OpenAI answers every request with an `x-request-id`, which the openai SDKs read into every result's
+    `_request_id` and every error's `request_id`. Completions carry their own (the request id) and
+    errors one made for them; any other answer (the model list, health, metrics, the dashboard) gets
+    one made here. A bug (an exception no handler took) is answered a 500 `internal_error` in the OpenAI
+    schema, under the id the request's plan gave it if it had one, inside the CORS middleware (a browser
+    app reads it), and its traceback is logged once, here: Starlette's own answer came from outside
+    every middleware, and it raised the exception again for the server to log a second time. An answer
+    whose headers went out cannot become a 500 (a stream ends with its API's error event instead:
+    streaming.EventStream). One send wrapper and one try for both: no extra cost per request."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def with_request_id(message: dict[str, Any]) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                if not any(name == b"x-request-id" for name, _ in message.get("headers", ())):
+                    added = [(name.encode(), value.encode()) for name, value in
+                             request_id_headers(scope.get(REQUEST_ID_SCOPE_KEY) or unrouted_request_id()).items()]
+                    message = {**message, "headers": [*message.get("headers", ()), *added]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, with_request_id)
+        except Exception:
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            if started:  # its headers (or all of it: a background task failed after) went out already
+                return
+            request_id = scope.get(REQUEST_ID_SCOPE_KEY)
+            await internal_error().response(request_id_headers(request_id) if request_id else None)(
+                scope, receive, with_request_id)

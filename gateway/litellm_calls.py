@@ -10,7 +10,8 @@ import os
 from typing import Any
 
 from gateway.upstream_errors import (
-    REQUEST_ERRORS, UpstreamError, google_retry_delay, out_of_files_error, passed_on, upstream_wait,
+    CREDENTIAL_REFUSALS, REQUEST_ERRORS, UpstreamError, credentials_refused, google_retry_delay, out_of_files_error,
+    passed_on, upstream_wait,
 )
 
 _LITELLM = None
@@ -176,6 +177,8 @@ def litellm_error(backend: str, exc: Exception) -> UpstreamError:
         # not JSON): the upstream failed, not the request, which another try or backend may answer
         return UpstreamError(backend, 502, f"{backend}: upstream sent an answer that cannot be read: {message}",
                              retryable=True)
+    if status in CREDENTIAL_REFUSALS:  # litellm's AuthenticationError, PermissionDeniedError
+        return credentials_refused(backend, status, message)
     retryable = status in (0, 408, 429) or status >= 500
     client_status = status if status in REQUEST_ERRORS or status == 429 else 502
     # litellm keeps the upstream's error body only as text in its message (Google's RetryInfo with it)

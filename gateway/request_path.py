@@ -26,8 +26,9 @@ from starlette.responses import Response
 from gateway.backends import UpstreamError
 from gateway.calls import Caller, cooling_error, upstream_to_api_error
 from gateway.cost_bounds import backends_of
+from gateway.connections import CLIENT_CONNECTION, ClientConnection
 from gateway.effort import apply_effort
-from gateway.errors import NO_CLIENT_RETRY, ApiError, retry_after
+from gateway.errors import NO_CLIENT_RETRY, REQUEST_ID_SCOPE_KEY, ApiError, retry_after
 from gateway.schemas import ChatRequest, parse_json_body
 from gateway.service import Gateway, Plan
 from gateway.strategies import StrategyResult, with_output_limit
@@ -108,6 +109,7 @@ async def serve(request: Request, read: Callable[[dict[str, Any], int], Wire]) -
             raise
         raise wire.error(exc) from None
     gw.unsettled.add()  # from here every path ends in settle(): shutdown waits for it
+    request.scope[REQUEST_ID_SCOPE_KEY] = plan.request_id  # a bug's 500 (errors.AnswerEveryRequest) names it too
     if gw.config.log_prompts:  # opt-in only: prompts are the users' data
         log.info("%s %s prompt: %s", plan.request_id, req.model, prompts.last_user_text(req.messages)[:2000])
     caller = gw.caller(plan.backends)
@@ -228,10 +230,12 @@ async def _relayed_stream(request: Request, gw: Gateway, plan: Plan, wire: Wire,
 
     async def finish() -> None:  # once the body is closed (EventStream): its call is in the ledger
         await passthrough.abandon(caller)  # a no-op once the relay has started: it bills its own call
-        await settle(gw, plan, caller, reservation, served=served, **stream_outcome(passthrough, caller))
+        outcome = failure_outcome(stream.failure) if stream.failure else stream_outcome(passthrough, caller)
+        await settle(gw, plan, caller, reservation, served=served, **outcome)
 
-    return EventStream(wire.relay(passthrough, caller, plan.request_id, stream_extension), finish, headers,
-                       gw.config.stream_stall_timeout_s)
+    stream = EventStream(wire.relay(passthrough, caller, plan.request_id, stream_extension), finish, headers,
+                         gw.config.stream_stall_timeout_s, lambda exc: wire.stream_error(plan.request_id, exc))
+    return stream
 
 
 async def _synthesized_stream(request: Request, gw: Gateway, plan: Plan, wire: Wire, caller: Caller,
@@ -268,6 +272,15 @@ async def _synthesized_stream(request: Request, gw: Gateway, plan: Plan, wire: W
     def render(result: StrategyResult) -> list[bytes]:
         return wire.synthesized(finish_response(plan, caller, result))
 
+    written: list[bool] = []  # set once the answer's last frame went out to a client still connected
+    connection: ClientConnection | None = request.scope.get("extensions", {}).get(CLIENT_CONNECTION)
+
+    def last_frame_sent() -> None:
+        # uvicorn drops what is sent to a client gone, silently, and a vote's frames are sent at once:
+        # its disconnect, read after them, raced them (under `ponder serve` only: another server says not)
+        if connection is None or not connection.lost():
+            written.append(True)
+
     async def finish() -> None:
         if not work.done():  # the client went away: stop sampling for it, and bill what was cut off
             work.cancel()
@@ -275,14 +288,23 @@ async def _synthesized_stream(request: Request, gw: Gateway, plan: Plan, wire: W
         if work.cancelled():  # here or by synthesized() when the body was closed early
             caller.cancelled = True
             await settle(gw, plan, caller, reservation, status=CLIENT_CLOSED_STATUS, error=CLIENT_CLOSED)
-        elif (failure := work.exception()) is not None:
+        elif (failure := work.exception() or stream.failure) is not None:
             await settle(gw, plan, caller, reservation, **failure_outcome(failure))
+        elif not written:
+            # The answer was decided (every sample called and billed), but the client hung up while its
+            # frames were written: a client that left, as a relayed stream cut off is (`left`, not 200)
+            await settle(gw, plan, caller, reservation, status=CLIENT_CLOSED_STATUS, error=CLIENT_CLOSED,
+                         served=work.result().arm)
         else:
             await settle(gw, plan, caller, reservation, status=200, result=work.result())
 
-    events = synthesized(work, keepalive_s=KEEPALIVE_S, render=render,
-                         render_error=lambda exc: wire.stream_error(plan.request_id, exc))
-    return EventStream(events, finish, headers, gw.config.stream_stall_timeout_s)
+    def render_error(exc: ApiError) -> bytes:
+        return wire.stream_error(plan.request_id, exc)
+
+    events = synthesized(work, keepalive_s=KEEPALIVE_S, render=render, render_error=render_error,
+                         written=last_frame_sent)
+    stream = EventStream(events, finish, headers, gw.config.stream_stall_timeout_s, render_error)
+    return stream
 
 
 def failure_outcome(exc: BaseException) -> dict[str, Any]:

@@ -26,7 +26,8 @@ from gateway.errors import ApiError, retry_after
 from gateway.loop_lag import EventLoopLag
 from gateway.metrics import Metrics
 
-# The paths that do model work (chat and responses plan, classify and call; embeddings call).
+# The paths that do model work (chat and responses plan, classify and call; embeddings call), all POST:
+# another method on them does none (the router answers it 405), so it is neither counted nor shed.
 SHED_PATHS = frozenset({"/v1/chat/completions", "/v1/responses", "/v1/embeddings"})
 RETRY_AFTER_S = 1.0
 # retry-after-ms, which the openai SDKs prefer to Retry-After and wait exactly: spread over a second so
@@ -55,7 +56,7 @@ class LoadShedding:
         self._logged_at = float("-inf")
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["path"] not in SHED_PATHS:
+        if scope["type"] != "http" or scope["path"] not in SHED_PATHS or scope["method"] != "POST":
             return await self.app(scope, receive, send)
         if self.limit and self.in_flight >= self.limit:  # 0: no limit, but the count is still kept
             return await self._shed(scope, receive, send)

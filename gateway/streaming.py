@@ -27,7 +27,7 @@ from starlette.responses import StreamingResponse
 from gateway.backends import Admission, Backend, UpstreamError, text_content
 from gateway.calls import CLIENT_LEFT, Caller
 from gateway.connections import CLIENT_CONNECTION, ClientConnection
-from gateway.errors import ApiError
+from gateway.errors import ApiError, internal_error
 from gateway.usage import CallRecord, Usage, output_limit
 from router.estimates import may_exceed_context
 
@@ -194,10 +194,14 @@ class EventStream(StreamingResponse):
     then sits paused at a `yield`) or before the body started (Starlette then never starts it)."""
 
     def __init__(self, body: AsyncIterator[bytes], finish: Callable[[], Awaitable[None]],
-                 headers: dict[str, str], stall_timeout_s: float = 60.0) -> None:  # config's default
+                 headers: dict[str, str], stall_timeout_s: float = 60.0,  # config's default
+                 render_error: Callable[[ApiError], bytes] = lambda error: sse(error.body())) -> None:
         super().__init__(body, media_type="text/event-stream", headers=headers)
         self._finish = finish
         self._stall_timeout_s = stall_timeout_s
+        self._render_error = render_error  # a failure after the headers, as the API's error event
+        # what ended the body, if it raised (a bug): `finish` records the request as failed (a 500)
+        self.failure: Exception | None = None
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         """A client that stops reading (but keeps its connection) blocks the send once the socket's
@@ -213,13 +217,18 @@ class EventStream(StreamingResponse):
         A client that hangs up is seen by its `http.disconnect`, and the next send ends the stream: uvicorn
         drops sends to a gone client silently, and Starlette's cancel never reaches a relay whose upstream
         events are already buffered (anyio cancels only a task that waits), so the relay ran to the end
-        and the request was recorded as a whole answer."""
+        and the request was recorded as a whole answer.
+
+        A body that raises (a bug in a translation or a render) after the headers went out cannot become a
+        500: the stream ends with the API's error event (`internal_error`, as an upstream that broke ends
+        it with its own), the traceback is logged once, and `failure` tells `finish`. One that raises
+        before its headers is left to errors.AnswerEveryRequest, which answers it a 500."""
         loop, task = asyncio.get_running_loop(), asyncio.current_task()
         assert task is not None
         client: ClientConnection | None = scope.get("extensions", {}).get(CLIENT_CONNECTION)
         sending_since: float | None = None
         unsent: int | None = None  # what the client had not taken at the last look during this send
-        stalled = left = False
+        stalled = left = started = False
 
         async def listened() -> dict[str, Any]:
             nonlocal left
@@ -228,10 +237,10 @@ class EventStream(StreamingResponse):
             return message
 
         async def watched(message: dict[str, Any]) -> None:
-            nonlocal sending_since, unsent
+            nonlocal sending_since, unsent, started
             if left:
                 raise ClientDisconnect
-            sending_since, unsent = loop.time(), None
+            sending_since, unsent, started = loop.time(), None, True
             await send(message)
             sending_since = None
 
@@ -253,6 +262,14 @@ class EventStream(StreamingResponse):
             await super().__call__(scope, listened, watched)
         except ClientDisconnect:
             pass  # the body is closed below, as the client's leaving
+        except Exception as exc:
+            self.failure = exc
+            if not started:
+                raise
+            log.exception("a stream's body failed after its headers: ended with an error event")
+            error = exc if isinstance(exc, ApiError) else internal_error()
+            with contextlib.suppress(Exception):  # the client gone meanwhile: nothing to tell
+                await watched({"type": "http.response.body", "body": self._render_error(error), "more_body": False})
         except asyncio.CancelledError:
             if not stalled:
                 raise
@@ -381,9 +398,12 @@ def usage_block(calls: list[CallRecord]) -> dict[str, Any]:
 
 
 async def synthesized(work: asyncio.Task, *, keepalive_s: float, render: Callable[[Any], list[bytes]],
-                      render_error: Callable[[ApiError], bytes]) -> AsyncIterator[bytes]:
+                      render_error: Callable[[ApiError], bytes],
+                      written: Callable[[], None] = lambda: None) -> AsyncIterator[bytes]:
     """Keep the client's connection alive while `work` runs, then stream its answer (`render`: the
-    result as this API's SSE frames; `render_error`: a failure as its error event)."""
+    result as this API's SSE frames; `render_error`: a failure as its error event). `written` is called
+    right after the last frame was sent (in the same loop turn: no disconnect is read in between): a
+    body closed before it is a client that left mid-answer."""
     try:
         while True:
             done, _ = await asyncio.wait({work}, timeout=keepalive_s)
@@ -397,6 +417,7 @@ async def synthesized(work: asyncio.Task, *, keepalive_s: float, render: Callabl
             return
         for frame in render(result):
             yield frame
+        written()
     finally:
         if not work.done():
             work.cancel()  # the client went away: stop sampling for it

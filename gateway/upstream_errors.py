@@ -22,6 +22,9 @@ import orjson
 REQUEST_ERRORS = frozenset({400, 404, 413, 422})
 # OpenAI's codes for a parameter (or value) the model does not take: another backend's may take it
 MODEL_REFUSALS = frozenset({"unsupported_parameter", "unsupported_value"})
+# Upstream statuses that refuse the gateway's own credentials for the backend (its API key wrong, revoked,
+# unset, or not allowed this model): the operator's to fix, never the client's (credentials_refused)
+CREDENTIAL_REFUSALS = frozenset({401, 403})
 # The longest wait an upstream may ask for, as kept: a backend's cool-down holds it at most this long
 # (BackendHealth.max_cooldown_s), so a client told to wait longer (a year's HTTP-date) would wait for nothing
 MAX_UPSTREAM_WAIT_S = 30.0
@@ -31,7 +34,8 @@ class UpstreamError(Exception):
 
     def __init__(self, backend: str, status: int, message: str, *, retryable: bool,
                  retry_after: float | None = None, code: str | None = None, param: str | None = None,
-                 upstream_status: int | None = None, cut: bool = False, local: bool = False) -> None:
+                 upstream_status: int | None = None, cut: bool = False, local: bool = False,
+                 detail: str | None = None) -> None:
         super().__init__(message)
         self.backend = backend
         self.status = status
@@ -49,6 +53,14 @@ class UpstreamError(Exception):
         # the gateway itself could not make the call (out of file descriptors): no mark against the
         # backend's health, and the client is told to come back (a 503, `overloaded`)
         self.local = local
+        # what the upstream said, for the operator's log only, where `message` (the client's) must not
+        # say it: a refusal of the gateway's credentials may quote its key (credentials_refused)
+        self.detail = detail
+
+    @property
+    def credentials(self) -> bool:
+        """The upstream refused the gateway's credentials for this backend (a 401 or 403)."""
+        return self.upstream_status in CREDENTIAL_REFUSALS
 
     @property
     def about_request(self) -> bool:
@@ -85,6 +97,17 @@ def out_of_files_error(backend: str, exc: BaseException) -> UpstreamError | None
     return None
 
 
+def credentials_refused(backend: str, status: int, detail: str) -> UpstreamError:
+    """A backend's 401 or 403: the gateway's key for it is wrong, revoked, unset or not allowed the model.
+    The operator's problem, not the client's: a 502 naming the backend's failure, never a 401 (the
+    client's key is fine) nor the upstream's words (they may quote the masked key, or name the
+    account); those go to the log (BackendHealth). Not retried on this backend, which another arm
+    replaces, and which cools down at once for its longest cool-down (BackendHealth.failed)."""
+    return UpstreamError(backend, 502, f"{backend}: the backend refused the gateway's credentials for it "
+                         f"(upstream {status}); the gateway's operator must fix its key", retryable=False,
+                         upstream_status=status, detail=detail[:500])
+
+
 def http_error(backend: str, status: int, raw: bytes, headers: Mapping[str, str]) -> UpstreamError:
     """An upstream's HTTP error answer (the fast path's) as the UpstreamError the client and the retries act on."""
     try:
@@ -92,6 +115,8 @@ def http_error(backend: str, status: int, raw: bytes, headers: Mapping[str, str]
         message = error["message"]
     except Exception:  # any shape: the upstream's body is only informative
         error, message = None, raw[:500].decode("utf-8", "replace")
+    if status in CREDENTIAL_REFUSALS:
+        return credentials_refused(backend, status, str(message))
     retryable = status == 429 or status >= 500 or status == 408
     client_status = status if status in REQUEST_ERRORS else (429 if status == 429 else 502)
     code, param = passed_on(client_status, error)

@@ -1,6 +1,7 @@
 """Real servers on loopback for the tests: the gateway (uvicorn, as `ponder serve` runs it), the mock
 OpenAI-compatible upstream, and the mock Anthropic and Gemini APIs. Each is a separate process, talked
-to over HTTP only."""
+to over HTTP only; `serving` runs, in this process, an app a test built (to add what no production app
+has, such as a route that raises), on uvicorn on loopback all the same."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -186,3 +188,26 @@ TODAYS_CHAT_MESSAGES = [
      "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
     {"role": "tool", "tool_call_id": "c1", "content": "5"},
 ]
+
+
+@contextlib.contextmanager
+def serving(app, **uvicorn_options) -> Iterator[str]:
+    """An ASGI app the test built, served by uvicorn on a free loopback port in a thread of this process
+    (lifespan included), as `ponder serve` serves its own; yields its base URL."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           **uvicorn_options))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "the app did not start"
+            time.sleep(0.05)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(30)

@@ -2399,37 +2399,26 @@ def test_chat_template_kwargs_that_is_not_an_object_is_a_400(client, mock, strea
     assert calls(mock)["count"] == 0
 
 
-def answered_by_each(client, mock, *models: str) -> None:
-    """Each backend answers once, so that the module's earlier tests leave it no failure (one is half a
-    cool-down: this test's failure would cool it, and its arm be skipped); one cooling is waited out."""
-    deadline = time.monotonic() + 10
-    for model in models:
-        while True:
-            try:
-                client.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}])
-                break
-            except openai.APIStatusError as refused:
-                if refused.status_code != 503 or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
-    reset(mock)
-
-
 @pytest.mark.parametrize("stream", [False, True])
-def test_a_backend_refusing_its_key_is_replaced_by_a_fallback_arm(client, mock, stream):
+def test_a_backend_refusing_its_key_is_replaced_by_a_fallback_arm(tmp_path, stream):
     """A 401 (a revoked key, a key unset in the environment) is about the backend, not the request: not
     retried on that backend, but the request's fallback arms on other backends answer it (only an
-    upstream's 400/404/413/422 about the request itself goes to no fallback)."""
-    answered_by_each(client, mock, "mock-a", "mock-b")
-    control(mock, script=["401"], answers=["served by the fallback"])
-    answer = client.chat.completions.with_raw_response.create(
-        model="auto", messages=[{"role": "user", "content": "Who wrote Hamlet?"}], stream=stream)
-    assert answer.headers["x-ponder-arm"].startswith("mock-b/")
-    if stream:
-        assert "".join(c.choices[0].delta.content or "" for c in answer.parse() if c.choices) == "served by the fallback"
-    else:
-        assert answer.parse().choices[0].message.content == "served by the fallback"
-    assert [body["model"] for body in calls(mock)["bodies"]] == ["mock-a", "mock-b"]
+    upstream's 400/404/413/422 about the request itself goes to no fallback). A gateway of its own: the
+    refusal cools its backend down for 30 s (docs/api.md, "Errors")."""
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("mock-a", mock), mock_backend("mock-b", mock)],
+            "policy": two_mock_policy(tmp_path, "refused")}, name="refused")) as gateway:
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+        control(mock, script=["401"], answers=["served by the fallback"])
+        answer = client.chat.completions.with_raw_response.create(
+            model="auto", messages=[{"role": "user", "content": "Who wrote Hamlet?"}], stream=stream)
+        assert answer.headers["x-ponder-arm"].startswith("mock-b/")
+        if stream:
+            assert "".join(c.choices[0].delta.content or "" for c in answer.parse() if c.choices) == \
+                "served by the fallback"
+        else:
+            assert answer.parse().choices[0].message.content == "served by the fallback"
+        assert [body["model"] for body in calls(mock)["bodies"]] == ["mock-a", "mock-b"]
 
 
 def test_the_context_probe_asks_for_one_token_in_the_words_the_backend_takes():
@@ -2638,3 +2627,176 @@ def test_while_serving_what_startup_built_is_frozen_out_of_the_garbage_collector
     assert frozen > 10_000 and not classifier_walked
     assert serving_threshold == (YOUNG_GC_THRESHOLD, *threshold[1:])
     assert gc.get_freeze_count() == 0 and gc.get_threshold() == threshold
+
+
+def test_an_unhandled_error_is_a_500_in_the_openai_schema_with_the_request_id_and_cors(tmp_path, caplog,
+                                                                                        monkeypatch):
+    """A bug (an exception no handler takes) on any route: Starlette answered it from outside every
+    middleware (no x-request-id, no CORS headers: a browser app could not read it), and its traceback
+    was logged twice (by the handler, then by uvicorn, to which Starlette raised it again). Now a 500
+    in the OpenAI schema, under the id the request's record has once it was planned, readable by a
+    browser app, its traceback logged once and never in the body. A stream whose headers went out ends
+    with its API's error event instead, recorded as the 500 it is. The bugs are injected into the app
+    this test builds (a route of its own, a failing method on its gateway object, a relay that breaks):
+    no production app has such a hook."""
+    from starlette.routing import Route
+
+    import gateway.wire
+    from gateway.app import create_app
+    from gateway.config import GatewayConfig
+    from gateway.streaming import EventStream, sse
+    from tests.servers import serving
+
+    origin = "https://app.example"
+    secret = "the bug's own words, which may quote a request"
+
+    async def raises(request):
+        raise RuntimeError(secret)
+
+    finished: list[Exception | None] = []
+
+    async def breaks_after_headers(request):
+        async def body():
+            yield sse({"choices": []})
+            raise RuntimeError(secret)
+
+        async def finish():
+            finished.append(stream.failure)
+
+        stream = EventStream(body(), finish, {})
+        return stream
+
+    relay = gateway.wire.ChatWire.relay
+
+    def breaking_relay(self, *args, **kwargs):
+        async def relayed():
+            async for frame in relay(self, *args, **kwargs):
+                yield frame
+                raise KeyError(secret)
+        return relayed()
+
+    monkeypatch.setattr(gateway.wire.ChatWire, "relay", breaking_relay)
+
+    with running(start_mock(tmp_path)) as mock:
+        config = GatewayConfig.model_validate({
+            "backends": [mock_backend("mock-a", mock)], "local_model": {"enabled": False}, "cors_origins": [origin],
+            "telemetry": {"data_dir": str(tmp_path / "data")}})
+        app = create_app(config)
+        app.router.routes += [Route("/test/raises", raises, methods=["GET", "POST"]),
+                              Route("/test/breaks", breaks_after_headers)]
+
+        async def execute_raises(*args, **kwargs):
+            raise ZeroDivisionError(secret)
+
+        app.state.gateway.execute = execute_raises
+        with caplog.at_level("ERROR"), serving(app) as url:
+            # a route's own bug, before any plan: an id made for the answer, as any refusal's
+            for method in ("GET", "POST"):
+                answer = httpx.request(method, url + "/test/raises", headers={"origin": origin})
+                assert answer.status_code == 500, answer.text
+                assert answer.json() == {"error": {
+                    "message": "Internal error in the gateway; the request was not served.",
+                    "type": "server_error", "param": None, "code": "internal_error"}}
+                assert answer.headers["x-request-id"].startswith("req_")
+                assert answer.headers["access-control-allow-origin"] == origin
+                assert "x-request-id" in answer.headers["access-control-expose-headers"]
+            # after the plan: the request's own id, the one its record has (recorded as a 500)
+            sdk = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+            with pytest.raises(openai.InternalServerError) as failed:
+                sdk.chat.completions.create(model="mock-a", messages=[{"role": "user", "content": "hi"}],
+                                            extra_headers={"origin": origin})
+            request_id = failed.value.request_id
+            assert request_id.startswith("chatcmpl-") and failed.value.code == "internal_error"
+            assert failed.value.response.headers["access-control-allow-origin"] == origin
+            assert secret not in failed.value.response.text and "Traceback" not in failed.value.response.text
+            # a stream whose headers went out: its error event, no [DONE], the failure told to its finish
+            broken = httpx.get(url + "/test/breaks")
+            assert broken.status_code == 200 and broken.headers["x-request-id"].startswith("req_")
+            events = [orjson.loads(e.removeprefix(b"data: ")) for e in broken.content.split(b"\n\n") if e]
+            assert events[0] == {"choices": []}
+            assert events[1]["error"]["code"] == "internal_error" and events[1]["error"]["type"] == "server_error"
+            assert len(events) == 2 and secret not in broken.text
+            deadline = time.monotonic() + 5
+            while not finished:  # run once the body is closed, after its last byte went out
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            assert len(finished) == 1 and isinstance(finished[0], RuntimeError)
+            # the same on the real relay: the client sees the first chunk, then the error event
+            chunks, error = [], None
+            with sdk.chat.completions.with_streaming_response.create(
+                    model="mock-a", messages=[{"role": "user", "content": "hi"}], stream=True) as streamed:
+                relayed_id = streamed.headers["x-request-id"]
+                for line in streamed.iter_lines():
+                    if line.startswith("data: "):
+                        payload = orjson.loads(line.removeprefix("data: "))
+                        if "error" in payload:
+                            error = payload["error"]
+                        else:
+                            chunks.append(payload)
+            assert len(chunks) == 1 and chunks[0]["id"] == relayed_id
+            assert error is not None and error["code"] == "internal_error" and secret not in str(error)
+            deadline = time.monotonic() + 10
+            while (records := [httpx.get(f"{url}/v1/ponder/requests/{rid}") for rid in (request_id, relayed_id)]) \
+                    and any(r.status_code != 200 for r in records):
+                assert time.monotonic() < deadline, [r.text for r in records]
+                time.sleep(0.2)
+            assert [r.json()["request"]["status"] for r in records] == [500, 500]
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    # once each: two on /test/raises, the chat request's, two streams'; nothing logged by uvicorn
+    assert len(tracebacks) == 5, [(r.name, r.getMessage()) for r in tracebacks]
+    assert not [r for r in caplog.records if r.name.startswith("uvicorn")], caplog.text
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_a_backend_refusing_the_gateways_credentials_is_a_502_that_names_no_key(tmp_path, status):
+    """A backend's 401 or 403 (the operator's key for it revoked, wrong, unset, not allowed the model) is the
+    gateway's problem, not the client's: a 502 naming the backend's failure, on the fast path and
+    litellm's, JSON and streamed. The client got the upstream's own words, which quote the masked key
+    ("Incorrect API key provided: sk-abc*****wxyz"): they go to the gateway's log, once per outage. A
+    revoked key does not come back in a second: the backend cools down at once for the longest
+    cool-down (30 s), skipped by every request meanwhile, and a routed request takes another arm."""
+    quoted = "Incorrect API key provided: sk-abc*****wxyz. You can find your API key at https://example"
+    refusal = {"status": status, "body": orjson.dumps({"error": {
+        "message": quoted, "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}}).decode()}
+    with running(start_mock(tmp_path)) as mock:
+        names = {"fast-json": {}, "fast-stream": {}, "litellm-json": {"fast_path": False},
+                 "litellm-stream": {"fast_path": False}}
+        backends = [mock_backend(name, mock, **extra) for name, extra in names.items()]
+        backends.append(mock_backend("spare", mock))
+        routed = write_policy(tmp_path, {
+            "name": "keys", "arms": {"revoked": {"backend": "fast-json", "prior": 0.9},
+                                     "spare": {"backend": "spare", "prior": 0.5}},
+            "routes": [{"name": "all", "candidates": ["revoked", "spare"]}],
+            "objective": {"cost_weight": 0, "latency_weight": 0}, "exploration": {"share": 0.0}})
+        with running(start_gateway(tmp_path, {"backends": backends, "policy": routed}, name="keys")) as gateway:
+            sdk = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+            for name in names:
+                control(mock, script=["error"] * 5, error=refusal)
+                made = calls(mock)["count"]
+                with pytest.raises(openai.APIStatusError) as refused:
+                    answer = sdk.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}],
+                                                         stream=name.endswith("stream"))
+                    list(answer) if name.endswith("stream") else None
+                error = refused.value
+                assert error.status_code == 502, (name, error.response.text)
+                assert error.code == "upstream_error" and error.response.headers["x-should-retry"] == "false"
+                assert f"{name}: the backend refused the gateway's credentials" in error.message, error.message
+                assert "sk-abc" not in error.response.text and "Incorrect API key" not in error.response.text
+                assert calls(mock)["count"] == made + 1, name  # not retried on that backend
+                # cooled down at once, for the longest cool-down: the next request does not call it
+                with pytest.raises(openai.APIStatusError) as cooling:
+                    sdk.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}])
+                assert cooling.value.status_code == 503 and int(cooling.value.response.headers["retry-after"]) >= 25
+                assert calls(mock)["count"] == made + 1, name
+            # a routed request whose best arm's backend refused its key: the other arm, with no call to it
+            control(mock, script=[])
+            made = calls(mock)["count"]
+            answer = sdk.chat.completions.with_raw_response.create(
+                model="auto", messages=[{"role": "user", "content": "hi"}])
+            assert answer.headers["x-ponder-arm"].startswith("spare/")
+            assert [body["model"] for body in calls(mock)["bodies"][made:]] == ["spare"]
+            log = gateway.log()
+            for name in names:  # the detail is the operator's: in the log, once (litellm's words before it)
+                [line] = [line for line in log.splitlines()
+                          if f"backend {name} refuses the gateway's credentials (HTTP {status}: " in line]
+                assert quoted in line and " ERROR " in line, line

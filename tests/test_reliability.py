@@ -722,6 +722,48 @@ def test_a_vote_whose_samples_all_failed_answers_with_their_failures_status(tmp_
             assert int(cooling.headers["retry-after"]) >= 1
 
 
+def test_a_votes_stream_whose_client_leaves_during_its_frames_is_recorded_as_left(tmp_path):
+    """A vote's stream is written once the vote is decided: every sample was called and billed before its
+    first byte. A client that hung up while the answer's frames were being written was recorded 200, an
+    answer delivered (and learned as one); it is a 499, `left`, as every other stream is, billed every
+    sample. The answer is one word of 6 MB, more than the kernel's buffers on both sides hold, so the
+    frames are still being written when the client, which reads only the headers, hangs up."""
+    big = "A" * 6_000_000  # one word: one token at the mock
+    with running(start_mock(tmp_path)) as mock:
+        backend = mock_backend("voter", mock, max_retries=0, supports_n=False)  # one call a sample
+        policy = write_policy(tmp_path, {
+            "name": "voter", "arms": {"vote": {"backend": "voter", "strategy": "self_consistency", "n": 3}},
+            "routes": [{"name": "all", "candidates": ["vote"]}], "exploration": {"share": 0.0}})
+        with running(start_gateway(tmp_path, {"backends": [backend], "policy": policy}, name="leaver")) as gateway:
+            control(mock, answers=[big])
+            payload = orjson.dumps(chat("auto", stream=True))
+            host, port = gateway.url.removeprefix("http://").split(":")
+            with socket.socket() as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: a small window
+                sock.settimeout(30)
+                sock.connect((host, int(port)))
+                sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    head += sock.recv(4096)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            assert head.startswith(b"HTTP/1.1 200"), head[:200]
+            request_id = next(line.split(b":", 1)[1].strip().decode() for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"x-request-id:"))
+            deadline = time.monotonic() + 15
+            while (detail := httpx.get(f"{gateway.url}/v1/ponder/requests/{request_id}")).status_code != 200:
+                assert time.monotonic() < deadline, detail.text
+                time.sleep(0.2)
+            record = detail.json()
+            assert record["request"]["status"] == 499, record["request"]
+            calls_made = record["execution"]["calls"]
+            assert len(calls_made) == upstream_calls(mock) == 3 and all(c["ok"] for c in calls_made), calls_made
+            prompt = sum(c["prompt_tokens"] for c in calls_made)
+            assert sum(c["completion_tokens"] for c in calls_made) == 3  # every sample billed its one-word answer
+            assert record["request"]["cost_usd"] == pytest.approx((prompt * 1.0 + 3 * 2.0) / 1e6, abs=1e-12)
+
+
 def test_adaptive_sampling_of_answers_without_choices_stops_at_its_max_n(tmp_path):
     """An upstream answering 200 with no choices (some do under load): each such sample is a failed
     one, counted against max n. They counted as drawn samples with no answer, so the waves never

@@ -183,6 +183,26 @@ def test_past_the_limit_model_requests_get_a_fast_503_in_the_openai_schema_and_n
     assert f"answered 503 at max_requests_in_flight ({LIMIT})" in gateway.log()  # the operator is told
 
 
+def test_a_wrong_method_on_a_model_path_at_the_limit_is_a_405_not_a_503(stack):
+    """A GET (or any method but POST) on a model path does no model work: the router's 405, with the
+    methods the path takes, whatever the load. It was shed first, a 503 `overloaded` that a client
+    retried after Retry-After to get the same mistake back; it is neither counted nor shed."""
+    gateway, mock = stack
+    reset(mock)
+    shed_before = metric(gateway, "ponder_shed_requests_total")
+    held = hold_slots(gateway, mock, seconds=2.0)
+    with httpx.Client(base_url=gateway.url, headers={"authorization": f"Bearer {KEY}"}) as http:
+        for method in ("GET", "PUT", "DELETE"):
+            for path in ("/v1/chat/completions", "/v1/responses", "/v1/embeddings"):
+                answer = http.request(method, path)
+                assert answer.status_code == 405, (method, path, answer.text)
+                assert answer.json()["error"]["code"] == "method_not_allowed"
+                assert "POST" in answer.headers["allow"] and answer.headers["x-request-id"].startswith("req_")
+    assert metric(gateway, "ponder_shed_requests_total") == shed_before
+    assert metric(gateway, "ponder_requests_in_flight") == LIMIT  # the held requests alone
+    assert [status for status, _ in join(held)] == [200] * LIMIT
+
+
 def test_a_slot_is_released_once_however_a_request_ends(stack):
     """A counter left high by a request that ended oddly sheds forever: after streams (relayed and
     synthesized, read whole or dropped), upstream errors, refused requests and clients that hung up,
