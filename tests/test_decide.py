@@ -372,6 +372,57 @@ def test_a_cap_too_small_to_think_within_prefers_an_arm_that_answers():
     assert candidate(claude_thinking, policy, "claude").expected_accuracy == pytest.approx(0.95 * 2000 / 6000)
 
 
+EVERY_ARM_THINKS = """\
+name: thinkers
+backends:
+  - {name: o, model: test/o, reasoning: true, efforts: [none, low, high], prices: {input_per_mtok: 0.1, output_per_mtok: 0.4}}
+  - {name: r, model: test/r, reasoning: true, efforts: [none, low, high], prices: {input_per_mtok: 0.1, output_per_mtok: 0.4}}
+  - {name: deep, model: test/deep, reasoning: true, efforts: [low, high], prices: {input_per_mtok: 0.1, output_per_mtok: 0.4}}
+arms:
+  high:      {backend: o, effort: high, prior: 0.9}
+  low:       {backend: o, effort: low, prior: 0.8}
+  none:      {backend: o, effort: none, prior: 0.55}
+  r-high:    {backend: r, effort: high, prior: 0.85}
+  deep-low:  {backend: deep, effort: low, prior: 0.8}
+  deep-high: {backend: deep, effort: high, prior: 0.9}
+routes:
+  - {name: o-route, when: {tasks: [math]}, candidates: [high, low]}
+  - {name: r-route, when: {tasks: [code]}, candidates: [r-high]}
+  - {name: all, candidates: [deep-low, deep-high]}
+objective: {cost_weight: 0, latency_weight: 0}
+exploration: {share: 0.0}
+overrides: {reasoning_effort: true}
+"""
+
+
+def test_a_cap_too_small_to_think_within_gets_a_call_at_an_effort_that_does_not_think():
+    """docs/policies.md: where every arm of the route thinks and the client's max_tokens is below what
+    each is expected to write, the lowest effort won through the scaling and a reasoning model given
+    max_tokens 20 spent them thinking (empty content, finish_reason length). A plain call to the same
+    model at an effort that turns thinking off competes (rule `<route>+direct`): the policy's single arm
+    there with its own prior, else one standing in, as likely right as the best arm it stands for. None
+    where the backend has no such level, nor where the client asked for an effort."""
+    policy = parse_policy(EVERY_ARM_THINKS, "thinkers.yaml")
+    math, code, chat = (Classification(task, {task: 1.0}, 0.5) for task in ("math", "code", "chat"))
+    assert name_of(policy, decide(math, policy, {}, request=RequestHints(max_output_tokens=2000)).arm) == "low"
+    capped = decide(math, policy, {}, request=RequestHints(max_output_tokens=20))
+    assert name_of(policy, capped.arm) == "none" and capped.rule == "o-route+direct"
+    assert capped.arm.effort == "none" and capped.arm.strategy == "single"
+    assert candidate(capped, policy, "none").expected_accuracy == pytest.approx(0.55)  # its own prior
+    assert any("at an effort that does not think" in r for r in capped.reasons), capped.reasons
+
+    stand_in = decide(code, policy, {}, request=RequestHints(max_output_tokens=20))
+    assert stand_in.rule == "r-route+direct" and stand_in.arm.key == "r/none/single/1"
+    assert [round(c.expected_accuracy, 4) for c in stand_in.candidates] == [round(0.85 * 20 / 6000, 4), 0.85]
+
+    # `deep` declares no level without thinking: nothing stands in, the cheapest chain still wins
+    no_level = decide(chat, policy, {}, request=RequestHints(max_output_tokens=20))
+    assert name_of(policy, no_level.arm) == "deep-low" and no_level.rule == "all"
+    # a client's own reasoning_effort gets what it asked for
+    asked = decide(math, policy, {}, request=RequestHints(max_output_tokens=20, reasoning_effort="high"))
+    assert name_of(policy, asked.arm) == "high" and "+direct" not in asked.rule
+
+
 def windowed(**windows: int):
     """POLICY with these backends' context windows (max_context) declared."""
     text = POLICY
