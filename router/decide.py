@@ -290,7 +290,13 @@ def decide(
         for i in eligible:
             if i != cheapest_i:
                 candidates[i] = dataclasses.replace(candidates[i], excluded="budget low: cheapest arm only")
+        # They stay fallbacks, cheapest first, for when it fails: each is within the key's remaining
+        # budget (an eligible arm's expected cost), and the gateway holds, and drops, their worst cases
+        # as it does any fallback's (gateway/cost_bounds.py arms_within), so the key cannot overspend.
+        degraded_fallbacks = sorted((i for i in eligible if i != cheapest_i), key=lambda i: (costs[i], -utils[i]))
         eligible = [cheapest_i]
+    else:
+        degraded_fallbacks = None
 
     greedy = max(eligible, key=utils.__getitem__)
     chosen, explore = greedy, False
@@ -333,7 +339,8 @@ def decide(
         f"{objective.latency_weight:g} x {picked.expected_latency_ms / 1000:.2f} s"
     )
 
-    fallbacks = plan_fallbacks(eligible, chosen, winner, rows, utils, kinds, candidates, cooling, degraded)
+    fallbacks = plan_fallbacks(eligible, chosen, winner, rows, utils, kinds, candidates, cooling, degraded,
+                               degraded_fallbacks)
     return Decision(
         arm=winner.arm,
         task=task,

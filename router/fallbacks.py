@@ -15,8 +15,14 @@ MAX_FALLBACKS = 3
 
 def plan_fallbacks(eligible: list[int], chosen: int, winner: CompiledArm, rows: tuple, utils: list[float],
                    kinds: dict[int, int], candidates: list[Candidate], cooling: Collection[str],
-                   degraded: bool) -> list[int]:
-    """The fallbacks (by index) after the chosen arm, at most MAX_FALLBACKS."""
+                   degraded: bool, cheapest_next: list[int] | None = None) -> list[int]:
+    """The fallbacks (by index) after the chosen arm, at most MAX_FALLBACKS. `cheapest_next`: under the
+    degrade line without `max_cost_usd` (the cheapest arm only), the other affordable arms, cheapest
+    first: they fall back in that order, other backends and those answering now first."""
+    if cheapest_next is not None:
+        answering = set(answering_now(cheapest_next, rows, cooling))
+        return sorted(cheapest_next, key=lambda i: (i not in answering, rows[i][0].backend == winner.backend)
+                      )[:MAX_FALLBACKS]
     # Fallbacks: the next best eligible arms, other backends first (a failing backend tends to fail
     # again), then the same backend.
     other_backend: list[int] = []

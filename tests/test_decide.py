@@ -193,14 +193,27 @@ def test_budget_degrades_then_refuses(policy):
 
 
 def test_degrade_without_a_cost_line_takes_the_cheapest():
+    """Under the degrade line without `max_cost_usd` the cheapest arm answers; the other affordable arms
+    are its fallbacks, other backends first, then cheapest first (there were none: a failed cheapest arm
+    was the client's 502 or 503 although another arm within the key's budget answered). An arm the
+    latency cap alone ruled out is no fallback (it costs more), nor one over what the key has left."""
     policy = make_policy(text=POLICY.replace("max_cost_usd: 0.001}", "max_cost_usd: null}"))
     decision = decide(EASY_CHAT, policy, {}, budget_left_usd=0.5)
     assert name_of(policy, decision.arm) == "quick"
     assert candidate(decision, policy, "mid-low").excluded == "budget low: cheapest arm only"
-    # and only it: an arm the latency cap alone ruled out is no fallback either (it costs more)
+    assert [name_of(policy, arm) for arm in decision.fallbacks] == ["mid-low", "quick-cot"]
     slow = decide(HARD_MATH, policy, {}, budget_left_usd=0.5, request=RequestHints(max_latency_ms=30_000))
     assert "p95 latency" in candidate(slow, policy, "mid-high").excluded
-    assert name_of(policy, slow.arm) == "quick-cot" and slow.fallbacks == ()
+    assert name_of(policy, slow.arm) == "quick-cot" and [name_of(policy, arm) for arm in slow.fallbacks] == ["mid-low"]
+    # cheapest first: strong-vote (3 x medium) and strong-high cost more than mid-high, mid-low less
+    uncapped = decide(HARD_MATH, policy, {}, budget_left_usd=0.5)
+    assert [name_of(policy, arm) for arm in uncapped.fallbacks] == ["mid-low", "mid-high", "strong-high"]
+    cost = {c.arm: c.expected_cost_usd for c in uncapped.candidates}
+    assert [cost[arm] for arm in uncapped.fallbacks] == sorted(cost[arm] for arm in uncapped.fallbacks)
+    # what the key has left bounds them, as every cost limit does
+    tight = decide(HARD_MATH, policy, {}, budget_left_usd=0.01)
+    assert all(c.expected_cost_usd <= 0.01 for c in tight.candidates if c.arm in (tight.arm, *tight.fallbacks))
+    assert "strong-high" not in [name_of(policy, arm) for arm in tight.fallbacks]
 
 
 def test_request_cap_that_nothing_fits_raises(policy):
@@ -717,7 +730,9 @@ def test_no_exploration_of_an_arm_whose_backend_cools_down_nor_of_its_stand_in()
 def test_degraded_takes_the_cheapest_arm_whose_backend_answers():
     policy = make_policy(text=POLICY.replace("max_cost_usd: 0.001}", "max_cost_usd: null}"))
     decision = decide(EASY_CHAT, policy, {}, budget_left_usd=0.5, cooling=frozenset({"cheap"}))
-    assert name_of(policy, decision.arm) == "mid-low" and decision.fallbacks == ()
+    assert name_of(policy, decision.arm) == "mid-low"
+    # the cooling arms stay fallbacks, planned last (the gateway skips them while they cool down)
+    assert [name_of(policy, arm) for arm in decision.fallbacks] == ["quick", "quick-cot"]
     assert any("cheapest arm whose backend is not cooling down" in reason for reason in decision.reasons)
 
 
