@@ -136,7 +136,8 @@ class CompiledArm:
 
     __slots__ = ("name", "arm", "key", "backend", "effort", "strategy", "prior", "cost_per_prompt_token",
                  "cost_fixed", "cost_reference", "latency_ms", "latency_p95_ms", "tokens", "spec", "_policy",
-                 "_capped", "max_context", "samples", "prompt_once", "reasons_aloud", "thinks_above")
+                 "_capped", "max_context", "samples", "prompt_once", "reasons_aloud", "thinks_above",
+                 "stage_backends")
 
     def __init__(self, name: str, spec: ArmSpec, policy: Policy, backends: dict[str, BackendSpec]):
         self.name = name
@@ -144,6 +145,8 @@ class CompiledArm:
         self.arm = _build_arm(spec, policy)
         self.key = self.arm.key
         self.backend, self.effort, self.strategy = spec.backend, spec.effort, spec.strategy
+        # a cascade's later stages' backends: it escalates to the first of them that answers
+        self.stage_backends = tuple(stage.backend for stage in self.arm.stages)
         # an arm without a prior of its own: CompiledPolicy replaces this with price_priors()'s
         self.prior = spec.prior if spec.prior is not None else DEFAULT_PRIOR
         self.tokens = expected_output_tokens(spec, backends[spec.backend])

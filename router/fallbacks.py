@@ -55,8 +55,25 @@ def plan_fallbacks(eligible: list[int], chosen: int, winner: CompiledArm, rows: 
 
 
 def answering_now(indices: list[int], rows: tuple, cooling: Collection[str]) -> list[int]:
-    """The candidates (by index) whose backend is not cooling down."""
-    return [i for i in indices if rows[i][0].backend not in cooling] if cooling else indices
+    """The candidates (by index) whose backend is not cooling down (nor, for a cascade, every backend it
+    escalates to: see cools)."""
+    return [i for i in indices if not cools(rows[i][0], cooling)] if cooling else indices
+
+
+def cools(arm: CompiledArm, cooling: Collection[str]) -> bool:
+    """Whether the arm cannot answer as planned now: its backend cools down, or it is a cascade whose
+    every later stage's backend does. Such a cascade would answer with its first stage alone, however
+    unsure (gateway/strategies.py passes the stages over), which is not what it was ranked for: the best
+    arm that answers stands in for it, as for an arm whose own backend cools down."""
+    return arm.backend in cooling or (bool(arm.stage_backends) and all(b in cooling for b in arm.stage_backends))
+
+
+def what_cools(arm: CompiledArm, cooling: Collection[str]) -> str:
+    """What cools down, for the decision's reasons (see cools)."""
+    if arm.backend in cooling:
+        return f"backend `{arm.backend}` is"
+    stages = ", ".join(f"`{backend}`" for backend in dict.fromkeys(arm.stage_backends))
+    return f"the backends its cascade escalates to ({stages}) are"
 
 
 def pick_stand_in(ready: list[int], kinds: dict[int, int], rows: tuple, cooling: Collection[str],

@@ -686,6 +686,28 @@ def test_an_arm_whose_backend_is_cooling_down_gives_way_and_is_planned_last(poli
     assert [name_of(policy, arm) for arm in other.fallbacks] == ["strong-vote", "strong-high", "mid-low"]
 
 
+def test_a_cascade_whose_every_later_stage_cools_down_gives_way_as_a_cooling_arm_does():
+    """A cascade ranked for its escalation cannot escalate while every backend of its later stages cools
+    down (the gateway passes them over, and it answers with its first stage however unsure): the best
+    arm that answers stands in, and the reasons say why; one stage of two still answering, or no other
+    arm answering, the cascade serves."""
+    text = POLICY.replace("  strong-vote:", "  escalate:     {backend: cheap, strategy: cascade, stages: [mid-high, "
+                          "strong-high]}\n  strong-vote:").replace(
+        "candidates: {strong-high: 0.9,", "candidates: {escalate: 0.99, strong-high: 0.9,")
+    policy = make_policy(share=0.0, text=text)
+    assert name_of(policy, decide(HARD_MATH, policy, {}).arm) == "escalate"
+    assert name_of(policy, decide(HARD_MATH, policy, {}, cooling=frozenset({"mid"})).arm) == "escalate"
+    decision = decide(HARD_MATH, policy, {}, cooling=frozenset({"mid", "strong"}))
+    assert name_of(policy, decision.arm) == "quick-cot"  # the only arm that answers
+    assert any("the backends its cascade escalates to (`mid`, `strong`) are cooling down" in reason
+               for reason in decision.reasons), decision.reasons
+    healthy = decide(HARD_MATH, policy, {})
+    assert decision.candidates == healthy.candidates  # ranked as ever
+    assert [name_of(policy, arm) for arm in decision.fallbacks] == ["mid-high", "strong-vote", "strong-high"]
+    everything = decide(HARD_MATH, policy, {}, cooling=frozenset({"cheap", "mid", "strong"}))
+    assert name_of(policy, everything.arm) == "escalate"
+
+
 def test_every_backend_cooling_down_plans_as_if_none_were(policy):
     """No refusal in the decision when every arm's backend cools down: the gateway calls the first
     whose cool-down has ended by then, or answers 503 with when the soonest ends (Retry-After)."""
