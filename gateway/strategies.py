@@ -477,7 +477,10 @@ async def _cascade(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> Stra
     result: StrategyResult | None = None
     failure: UpstreamError | None = None
     samples = 0
-    for stage in stages:
+    for index, stage in enumerate(stages):
+        if stage is not first and _passes_over_stage(stages, index, result is not None, ctx):
+            tried.append({"arm": stage.key, "skipped": "backend cooling down"})
+            continue
         # each stage samples with its own arm's knobs; the first is this arm's own answer
         stage_ctx = ctx if stage is first else dataclasses.replace(ctx, params=dict(stage.params))
         try:
@@ -509,6 +512,16 @@ async def _cascade(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> Stra
     result.details = {**result.details, "stages": tried, "samples": samples}
     result.arm = arm
     return result
+
+
+def _passes_over_stage(stages: list[Arm], index: int, answered: bool, ctx: StrategyContext) -> bool:
+    """Whether a cascade skips its later stage `stages[index]`, as the gateway skips an arm (Caller.passes_over):
+    its backend cools down, or is being tested by another call after its cool-down (a call sent now would
+    wait on that test, for as long as the backend hangs). With an answer in hand it is always skipped
+    (the next stage, else that answer, serves at once); without one, as a fallback arm would be."""
+    if ctx.caller.available(stages[index].backend):
+        return False
+    return answered or ctx.caller.passes_over(stages, index, tried=True)
 
 
 # -- assembling responses ---------------------------------------------------------------------------

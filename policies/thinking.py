@@ -54,6 +54,22 @@ def thinks_at(spec: BackendSpec, effort: str | None) -> bool:
     return effort != "none"
 
 
+def unthinking_effort(spec: BackendSpec) -> str | None:
+    """The least effort at which a call to this backend answers at once, without thinking: a declared
+    level that turns thinking off (`none` where the knob is a thinking budget or an on/off switch and no
+    levels are declared). None where no level does: an OpenAI reasoning model that declares no `none`
+    (o4-mini refuses it with a 400), a server without a knob."""
+    if spec.efforts:
+        levels = spec.efforts
+    else:
+        levels = ["none"] if spec.effort_param in ("thinking_budget", "enable_thinking") else []
+    order = list(THINKING_BUDGET_TOKENS)
+    for effort in sorted(levels, key=lambda e: order.index(e) if e in order else len(order)):
+        if not thinks_at(spec, effort):
+            return effort
+    return None
+
+
 def thinking_cap_floor(spec: BackendSpec, effort: str | None) -> int | None:
     """The client's output cap above which a call at this effort thinks (None: it never does). Claude
     thinks only above its least budget: under a lower cap the gateway leaves its thinking off

@@ -31,6 +31,18 @@ def context_message(prompt_tokens: int, max_context: int, model: str | None = No
             "(estimated). Please reduce the length of the messages.")
 
 
+def thinks_within(arm: CompiledArm, max_out: int) -> bool:
+    """Whether a call of this arm thinks under the client's output cap (Claude does not under a small
+    one: the gateway leaves its thinking off)."""
+    return arm.thinks_above is not None and max_out > arm.thinks_above
+
+
+def cut_short(arm: CompiledArm, max_out: int, tokens: float) -> bool:
+    """Whether the client's cap cuts this arm before its answer: it reasons aloud or thinks, and the cap
+    is below the output it is expected to write (its chain of thought, its thinking)."""
+    return max_out < tokens and (arm.reasons_aloud or thinks_within(arm, max_out))
+
+
 def candidate_rows(compiled: CompiledPolicy, view: CompiledAlias, route: CompiledRoute, rows: tuple, rule: str,
                    hints: RequestHints, strength: float, reasons: list[str],
                    ) -> tuple[tuple, str, dict[str, str], int, int]:
@@ -88,21 +100,34 @@ def candidate_rows(compiled: CompiledPolicy, view: CompiledAlias, route: Compile
 
     max_out = hints.max_output_tokens if hints.max_output_tokens is not None else _NO_CAP
     live = [row for row in rows if row[1] not in ruled_out] if max_out < _NO_CAP and want_strategy is None else ()
-    if live and all(row[0].reasons_aloud and max_out < row[5] for row in live):
-        # The client's max_tokens cuts every arm's chain of thought short of the answer line it ends on:
-        # a plain call to the same model (the policy's single arm there, else one standing in) competes,
-        # and wins where the cap leaves little of the chains (their P(correct) is scaled below). Not
-        # where the client asked for a strategy: it gets what it asked for.
+    if live and all(cut_short(row[0], max_out, row[5]) for row in live):
+        # The client's max_tokens cuts every arm short of its answer: the chain of thought it writes before
+        # its "Final answer:" line, or the thinking its backend does first (a reasoning model cut while it
+        # thinks answers empty content). A plain call to the same model that answers at once competes (the
+        # policy's single arm there, else one standing in): at the arm's effort where the arm reasons
+        # aloud, at an effort that turns thinking off where its backend thinks (policies/thinking.py
+        # `unthinking_effort`; none where the backend has no such level). It wins where the cap leaves
+        # little of the chains (their P(correct) is scaled in decide()). Not where the client asked for a
+        # strategy, nor (for thinking) an effort: it gets what it asked for.
         present = {row[0] for row in rows}
         direct: dict[CompiledArm, float] = {}  # a stand-in is as likely right as the best arm it stands in for
+        unthinking = False
         for carm, _, _, alpha, beta, *_ in live:
-            plain = compiled.plain_calls[carm.backend, carm.effort]
+            if thinks_within(carm, max_out):
+                plain = compiled.unthinking_calls.get(carm.backend) if want_effort is None else None
+                if plain is None:
+                    continue
+                unthinking = True
+            else:
+                plain = compiled.plain_calls[carm.backend, carm.effort]
             prior = plain.prior if plain.name in compiled.arms else alpha / (alpha + beta)
             direct[plain] = max(prior, direct.get(plain, 0.0))
         wider = tuple(candidate_row(arm, prior, strength) for arm, prior in direct.items() if arm not in present)
         if wider:
-            reasons.append(f"max_tokens {max_out} is below the chain of thought every arm of route "
-                           f"`{route.name}` is expected to write: a direct call to the same model competes")
+            what = "the chain of thought or thinking" if unthinking else "the chain of thought"
+            reasons.append(f"max_tokens {max_out} is below {what} every arm of route `{route.name}` is expected "
+                           "to write: a direct call to the same model competes"
+                           + (" (at an effort that does not think)" if unthinking else ""))
             rows, rule = rows + wider, f"{rule}+direct"
 
     prompt_tokens = hints.prompt_tokens if hints.prompt_tokens is not None else DEFAULT_PROMPT_TOKENS

@@ -31,7 +31,7 @@ from policies.schema import Policy
 from router import learner
 from router.candidates import candidate_rows
 from router.estimates import CompiledPolicy, compile_policy
-from router.fallbacks import answering_now, pick_stand_in, plan_fallbacks
+from router.fallbacks import answering_now, cools, pick_stand_in, plan_fallbacks, what_cools
 from router.learned import learned_numbers, posterior_of, route_calibration
 from router.request_hints import RequestHints
 from router.types import (
@@ -283,14 +283,20 @@ def decide(
             return min(indices, key=lambda i: (costs[i], -utils[i]))
 
         cheapest_i = cheapest_of(eligible)
-        if cooling and rows[cheapest_i][0].backend in cooling and (answering := answering_now(eligible, rows, cooling)):
+        if cooling and cools(rows[cheapest_i][0], cooling) and (answering := answering_now(eligible, rows, cooling)):
             cheapest_i = cheapest_of(answering)
             reasons.append(f"budget low: `{rows[cheapest_i][0].name}` is the cheapest arm whose backend is not "
                            "cooling down")
         for i in eligible:
             if i != cheapest_i:
                 candidates[i] = dataclasses.replace(candidates[i], excluded="budget low: cheapest arm only")
+        # They stay fallbacks, cheapest first, for when it fails: each is within the key's remaining
+        # budget (an eligible arm's expected cost), and the gateway holds, and drops, their worst cases
+        # as it does any fallback's (gateway/cost_bounds.py arms_within), so the key cannot overspend.
+        degraded_fallbacks = sorted((i for i in eligible if i != cheapest_i), key=lambda i: (costs[i], -utils[i]))
         eligible = [cheapest_i]
+    else:
+        degraded_fallbacks = None
 
     greedy = max(eligible, key=utils.__getitem__)
     chosen, explore = greedy, False
@@ -298,14 +304,14 @@ def decide(
     if cooling:
         ready = answering_now(eligible, rows, cooling)
         stand_in = pick_stand_in(ready, kinds, rows, cooling, candidates, utils, degraded) \
-            if rows[greedy][0].backend in cooling else None
+            if cools(rows[greedy][0], cooling) else None
         if stand_in is not None:
             chosen = stand_in
             over_limit = ""
             if kinds.get(chosen) == 3:  # latency is a soft limit: the arm serving is not ruled out (as above)
                 over_limit = f", over {latency_cap_why} {latency_cap:g} ms,"
                 candidates[chosen] = dataclasses.replace(candidates[chosen], excluded=None)
-            reasons.append(f"`{rows[greedy][0].name}` would win, but backend `{rows[greedy][0].backend}` is "
+            reasons.append(f"`{rows[greedy][0].name}` would win, but {what_cools(rows[greedy][0], cooling)} "
                            f"cooling down after failures: `{rows[chosen][0].name}`{over_limit} answers until it "
                            "is back")
     if not degraded and view.explore and learner.should_explore(policy.exploration.share, rng):
@@ -333,7 +339,8 @@ def decide(
         f"{objective.latency_weight:g} x {picked.expected_latency_ms / 1000:.2f} s"
     )
 
-    fallbacks = plan_fallbacks(eligible, chosen, winner, rows, utils, kinds, candidates, cooling, degraded)
+    fallbacks = plan_fallbacks(eligible, chosen, winner, rows, utils, kinds, candidates, cooling, degraded,
+                               degraded_fallbacks)
     return Decision(
         arm=winner.arm,
         task=task,

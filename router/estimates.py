@@ -19,7 +19,7 @@ from policies.loader import resolve_max_context, resolve_prices
 from policies.schema import (
     ArmSpec, Objective, Policy, PolicyError, PricePrior, expected_output_tokens, policy_problems,
 )
-from policies.thinking import thinking_cap_floor
+from policies.thinking import thinking_cap_floor, unthinking_effort
 from router.types import DIFFICULTY_TIERS, TASK_TYPES, Arm
 
 DEFAULT_PROMPT_TOKENS = 300  # when the gateway could not count the prompt
@@ -136,7 +136,8 @@ class CompiledArm:
 
     __slots__ = ("name", "arm", "key", "backend", "effort", "strategy", "prior", "cost_per_prompt_token",
                  "cost_fixed", "cost_reference", "latency_ms", "latency_p95_ms", "tokens", "spec", "_policy",
-                 "_capped", "max_context", "samples", "prompt_once", "reasons_aloud", "thinks_above")
+                 "_capped", "max_context", "samples", "prompt_once", "reasons_aloud", "thinks_above",
+                 "stage_backends")
 
     def __init__(self, name: str, spec: ArmSpec, policy: Policy, backends: dict[str, BackendSpec]):
         self.name = name
@@ -144,6 +145,8 @@ class CompiledArm:
         self.arm = _build_arm(spec, policy)
         self.key = self.arm.key
         self.backend, self.effort, self.strategy = spec.backend, spec.effort, spec.strategy
+        # a cascade's later stages' backends: it escalates to the first of them that answers
+        self.stage_backends = tuple(stage.backend for stage in self.arm.stages)
         # an arm without a prior of its own: CompiledPolicy replaces this with price_priors()'s
         self.prior = spec.prior if spec.prior is not None else DEFAULT_PRIOR
         self.tokens = expected_output_tokens(spec, backends[spec.backend])
@@ -286,6 +289,10 @@ class CompiledPolicy:
         # (backend, effort) -> the one plain call there: the policy's single arm, else its stand-in
         self.plain_calls = {(arm.backend, arm.effort): arm for arm in (*self.arms.values(), *self.plain_stand_ins)
                             if arm.strategy == "single"}
+        # backend -> a plain call there at an effort that does not think, for a backend some arm thinks on:
+        # the policy's single arm at that effort, else one standing in (decide(): a cap too small to think)
+        self.unthinking_calls = self._unthinking_calls(policy, backends)
+        self.by_key.update((arm.key, arm) for arm in self.unthinking_calls.values())
         # a prompt estimated at or below this fits every arm: decide() checks windows only above it
         self.context_floor = min((arm.max_context * CONTEXT_MARGIN for arm in self.arms.values()
                                   if arm.max_context is not None), default=math.inf)
@@ -329,6 +336,21 @@ class CompiledPolicy:
                 stand_in.prior = arm.prior
                 stand_ins.append(stand_in)
         return stand_ins
+
+    def _unthinking_calls(self, policy: Policy, backends: dict[str, BackendSpec]) -> dict[str, CompiledArm]:
+        calls: dict[str, CompiledArm] = {}
+        for arm in self.arms.values():
+            if arm.thinks_above is None or arm.backend in calls:
+                continue
+            effort = unthinking_effort(backends[arm.backend])
+            if effort is None:
+                continue
+            plain = self.plain_calls.get((arm.backend, effort))
+            if plain is None:
+                plain = CompiledArm(f"{arm.backend} (effort {effort}, one call)",
+                                    ArmSpec(backend=arm.backend, effort=effort), policy, backends)
+            calls[arm.backend] = plain
+        return calls
 
     @property
     def name(self) -> str:

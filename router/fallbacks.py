@@ -15,8 +15,14 @@ MAX_FALLBACKS = 3
 
 def plan_fallbacks(eligible: list[int], chosen: int, winner: CompiledArm, rows: tuple, utils: list[float],
                    kinds: dict[int, int], candidates: list[Candidate], cooling: Collection[str],
-                   degraded: bool) -> list[int]:
-    """The fallbacks (by index) after the chosen arm, at most MAX_FALLBACKS."""
+                   degraded: bool, cheapest_next: list[int] | None = None) -> list[int]:
+    """The fallbacks (by index) after the chosen arm, at most MAX_FALLBACKS. `cheapest_next`: under the
+    degrade line without `max_cost_usd` (the cheapest arm only), the other affordable arms, cheapest
+    first: they fall back in that order, other backends and those answering now first."""
+    if cheapest_next is not None:
+        answering = set(answering_now(cheapest_next, rows, cooling))
+        return sorted(cheapest_next, key=lambda i: (i not in answering, rows[i][0].backend == winner.backend)
+                      )[:MAX_FALLBACKS]
     # Fallbacks: the next best eligible arms, other backends first (a failing backend tends to fail
     # again), then the same backend.
     other_backend: list[int] = []
@@ -49,8 +55,25 @@ def plan_fallbacks(eligible: list[int], chosen: int, winner: CompiledArm, rows: 
 
 
 def answering_now(indices: list[int], rows: tuple, cooling: Collection[str]) -> list[int]:
-    """The candidates (by index) whose backend is not cooling down."""
-    return [i for i in indices if rows[i][0].backend not in cooling] if cooling else indices
+    """The candidates (by index) whose backend is not cooling down (nor, for a cascade, every backend it
+    escalates to: see cools)."""
+    return [i for i in indices if not cools(rows[i][0], cooling)] if cooling else indices
+
+
+def cools(arm: CompiledArm, cooling: Collection[str]) -> bool:
+    """Whether the arm cannot answer as planned now: its backend cools down, or it is a cascade whose
+    every later stage's backend does. Such a cascade would answer with its first stage alone, however
+    unsure (gateway/strategies.py passes the stages over), which is not what it was ranked for: the best
+    arm that answers stands in for it, as for an arm whose own backend cools down."""
+    return arm.backend in cooling or (bool(arm.stage_backends) and all(b in cooling for b in arm.stage_backends))
+
+
+def what_cools(arm: CompiledArm, cooling: Collection[str]) -> str:
+    """What cools down, for the decision's reasons (see cools)."""
+    if arm.backend in cooling:
+        return f"backend `{arm.backend}` is"
+    stages = ", ".join(f"`{backend}`" for backend in dict.fromkeys(arm.stage_backends))
+    return f"the backends its cascade escalates to ({stages}) are"
 
 
 def pick_stand_in(ready: list[int], kinds: dict[int, int], rows: tuple, cooling: Collection[str],

@@ -28,7 +28,8 @@ vLLM names it: its words are output tokens, and it streams first):
 its tool calls stream as OpenAI streams them (the call's id, type and name with empty arguments, then
 the arguments in pieces of a few characters, under the call's index) and finish with "tool_calls".
 A text answer longer than the request's `max_tokens` / `max_completion_tokens` is cut there (its
-reasoning tokens counted in), with finish_reason `length`, as a real upstream cuts it; one holding
+reasoning tokens counted in: 10 for a request with a `reasoning_effort` other than `none`), with
+finish_reason `length`, as a real upstream cuts it; one holding
 a `stop` sequence of the request ends before it.
 
 A request for one of OpenAI's reasoning models (`model` o1, o3, o4-mini, gpt-5, gpt-5-mini, ...) is refused
@@ -230,7 +231,8 @@ async def chat(request: web.Request) -> web.StreamResponse:
         return await raw_stream(request, STATE["raw"])
     n = int(body.get("n") or 1)
     limits = [body[k] for k in ("max_tokens", "max_completion_tokens") if isinstance(body.get(k), int)]
-    reasoning = min([10, *limits]) if body.get("reasoning_effort") else 0
+    # a reasoning model thinks 10 tokens at any effort but `none`, which turns its thinking off
+    reasoning = min([10, *limits]) if body.get("reasoning_effort") not in (None, "none") else 0
     answers = [until_stop(pick_answer(body, i), body.get("stop")) for i in range(n)]
     cut = [bool(limits) and isinstance(a, str) and words(a) + reasoning > min(limits) for a in answers]
     answers = [" ".join(a.split()[:min(limits) - reasoning]) if c else a for a, c in zip(answers, cut)]

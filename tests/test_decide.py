@@ -193,14 +193,27 @@ def test_budget_degrades_then_refuses(policy):
 
 
 def test_degrade_without_a_cost_line_takes_the_cheapest():
+    """Under the degrade line without `max_cost_usd` the cheapest arm answers; the other affordable arms
+    are its fallbacks, other backends first, then cheapest first (there were none: a failed cheapest arm
+    was the client's 502 or 503 although another arm within the key's budget answered). An arm the
+    latency cap alone ruled out is no fallback (it costs more), nor one over what the key has left."""
     policy = make_policy(text=POLICY.replace("max_cost_usd: 0.001}", "max_cost_usd: null}"))
     decision = decide(EASY_CHAT, policy, {}, budget_left_usd=0.5)
     assert name_of(policy, decision.arm) == "quick"
     assert candidate(decision, policy, "mid-low").excluded == "budget low: cheapest arm only"
-    # and only it: an arm the latency cap alone ruled out is no fallback either (it costs more)
+    assert [name_of(policy, arm) for arm in decision.fallbacks] == ["mid-low", "quick-cot"]
     slow = decide(HARD_MATH, policy, {}, budget_left_usd=0.5, request=RequestHints(max_latency_ms=30_000))
     assert "p95 latency" in candidate(slow, policy, "mid-high").excluded
-    assert name_of(policy, slow.arm) == "quick-cot" and slow.fallbacks == ()
+    assert name_of(policy, slow.arm) == "quick-cot" and [name_of(policy, arm) for arm in slow.fallbacks] == ["mid-low"]
+    # cheapest first: strong-vote (3 x medium) and strong-high cost more than mid-high, mid-low less
+    uncapped = decide(HARD_MATH, policy, {}, budget_left_usd=0.5)
+    assert [name_of(policy, arm) for arm in uncapped.fallbacks] == ["mid-low", "mid-high", "strong-high"]
+    cost = {c.arm: c.expected_cost_usd for c in uncapped.candidates}
+    assert [cost[arm] for arm in uncapped.fallbacks] == sorted(cost[arm] for arm in uncapped.fallbacks)
+    # what the key has left bounds them, as every cost limit does
+    tight = decide(HARD_MATH, policy, {}, budget_left_usd=0.01)
+    assert all(c.expected_cost_usd <= 0.01 for c in tight.candidates if c.arm in (tight.arm, *tight.fallbacks))
+    assert "strong-high" not in [name_of(policy, arm) for arm in tight.fallbacks]
 
 
 def test_request_cap_that_nothing_fits_raises(policy):
@@ -370,6 +383,57 @@ def test_a_cap_too_small_to_think_within_prefers_an_arm_that_answers():
     assert candidate(claude, policy, "claude").expected_accuracy == pytest.approx(0.95)
     claude_thinking = decide(chat, policy, {}, request=RequestHints(max_output_tokens=2000))
     assert candidate(claude_thinking, policy, "claude").expected_accuracy == pytest.approx(0.95 * 2000 / 6000)
+
+
+EVERY_ARM_THINKS = """\
+name: thinkers
+backends:
+  - {name: o, model: test/o, reasoning: true, efforts: [none, low, high], prices: {input_per_mtok: 0.1, output_per_mtok: 0.4}}
+  - {name: r, model: test/r, reasoning: true, efforts: [none, low, high], prices: {input_per_mtok: 0.1, output_per_mtok: 0.4}}
+  - {name: deep, model: test/deep, reasoning: true, efforts: [low, high], prices: {input_per_mtok: 0.1, output_per_mtok: 0.4}}
+arms:
+  high:      {backend: o, effort: high, prior: 0.9}
+  low:       {backend: o, effort: low, prior: 0.8}
+  none:      {backend: o, effort: none, prior: 0.55}
+  r-high:    {backend: r, effort: high, prior: 0.85}
+  deep-low:  {backend: deep, effort: low, prior: 0.8}
+  deep-high: {backend: deep, effort: high, prior: 0.9}
+routes:
+  - {name: o-route, when: {tasks: [math]}, candidates: [high, low]}
+  - {name: r-route, when: {tasks: [code]}, candidates: [r-high]}
+  - {name: all, candidates: [deep-low, deep-high]}
+objective: {cost_weight: 0, latency_weight: 0}
+exploration: {share: 0.0}
+overrides: {reasoning_effort: true}
+"""
+
+
+def test_a_cap_too_small_to_think_within_gets_a_call_at_an_effort_that_does_not_think():
+    """docs/policies.md: where every arm of the route thinks and the client's max_tokens is below what
+    each is expected to write, the lowest effort won through the scaling and a reasoning model given
+    max_tokens 20 spent them thinking (empty content, finish_reason length). A plain call to the same
+    model at an effort that turns thinking off competes (rule `<route>+direct`): the policy's single arm
+    there with its own prior, else one standing in, as likely right as the best arm it stands for. None
+    where the backend has no such level, nor where the client asked for an effort."""
+    policy = parse_policy(EVERY_ARM_THINKS, "thinkers.yaml")
+    math, code, chat = (Classification(task, {task: 1.0}, 0.5) for task in ("math", "code", "chat"))
+    assert name_of(policy, decide(math, policy, {}, request=RequestHints(max_output_tokens=2000)).arm) == "low"
+    capped = decide(math, policy, {}, request=RequestHints(max_output_tokens=20))
+    assert name_of(policy, capped.arm) == "none" and capped.rule == "o-route+direct"
+    assert capped.arm.effort == "none" and capped.arm.strategy == "single"
+    assert candidate(capped, policy, "none").expected_accuracy == pytest.approx(0.55)  # its own prior
+    assert any("at an effort that does not think" in r for r in capped.reasons), capped.reasons
+
+    stand_in = decide(code, policy, {}, request=RequestHints(max_output_tokens=20))
+    assert stand_in.rule == "r-route+direct" and stand_in.arm.key == "r/none/single/1"
+    assert [round(c.expected_accuracy, 4) for c in stand_in.candidates] == [round(0.85 * 20 / 6000, 4), 0.85]
+
+    # `deep` declares no level without thinking: nothing stands in, the cheapest chain still wins
+    no_level = decide(chat, policy, {}, request=RequestHints(max_output_tokens=20))
+    assert name_of(policy, no_level.arm) == "deep-low" and no_level.rule == "all"
+    # a client's own reasoning_effort gets what it asked for
+    asked = decide(math, policy, {}, request=RequestHints(max_output_tokens=20, reasoning_effort="high"))
+    assert name_of(policy, asked.arm) == "high" and "+direct" not in asked.rule
 
 
 def windowed(**windows: int):
@@ -622,6 +686,28 @@ def test_an_arm_whose_backend_is_cooling_down_gives_way_and_is_planned_last(poli
     assert [name_of(policy, arm) for arm in other.fallbacks] == ["strong-vote", "strong-high", "mid-low"]
 
 
+def test_a_cascade_whose_every_later_stage_cools_down_gives_way_as_a_cooling_arm_does():
+    """A cascade ranked for its escalation cannot escalate while every backend of its later stages cools
+    down (the gateway passes them over, and it answers with its first stage however unsure): the best
+    arm that answers stands in, and the reasons say why; one stage of two still answering, or no other
+    arm answering, the cascade serves."""
+    text = POLICY.replace("  strong-vote:", "  escalate:     {backend: cheap, strategy: cascade, stages: [mid-high, "
+                          "strong-high]}\n  strong-vote:").replace(
+        "candidates: {strong-high: 0.9,", "candidates: {escalate: 0.99, strong-high: 0.9,")
+    policy = make_policy(share=0.0, text=text)
+    assert name_of(policy, decide(HARD_MATH, policy, {}).arm) == "escalate"
+    assert name_of(policy, decide(HARD_MATH, policy, {}, cooling=frozenset({"mid"})).arm) == "escalate"
+    decision = decide(HARD_MATH, policy, {}, cooling=frozenset({"mid", "strong"}))
+    assert name_of(policy, decision.arm) == "quick-cot"  # the only arm that answers
+    assert any("the backends its cascade escalates to (`mid`, `strong`) are cooling down" in reason
+               for reason in decision.reasons), decision.reasons
+    healthy = decide(HARD_MATH, policy, {})
+    assert decision.candidates == healthy.candidates  # ranked as ever
+    assert [name_of(policy, arm) for arm in decision.fallbacks] == ["mid-high", "strong-vote", "strong-high"]
+    everything = decide(HARD_MATH, policy, {}, cooling=frozenset({"cheap", "mid", "strong"}))
+    assert name_of(policy, everything.arm) == "escalate"
+
+
 def test_every_backend_cooling_down_plans_as_if_none_were(policy):
     """No refusal in the decision when every arm's backend cools down: the gateway calls the first
     whose cool-down has ended by then, or answers 503 with when the soonest ends (Retry-After)."""
@@ -666,7 +752,9 @@ def test_no_exploration_of_an_arm_whose_backend_cools_down_nor_of_its_stand_in()
 def test_degraded_takes_the_cheapest_arm_whose_backend_answers():
     policy = make_policy(text=POLICY.replace("max_cost_usd: 0.001}", "max_cost_usd: null}"))
     decision = decide(EASY_CHAT, policy, {}, budget_left_usd=0.5, cooling=frozenset({"cheap"}))
-    assert name_of(policy, decision.arm) == "mid-low" and decision.fallbacks == ()
+    assert name_of(policy, decision.arm) == "mid-low"
+    # the cooling arms stay fallbacks, planned last (the gateway skips them while they cool down)
+    assert [name_of(policy, arm) for arm in decision.fallbacks] == ["quick", "quick-cot"]
     assert any("cheapest arm whose backend is not cooling down" in reason for reason in decision.reasons)
 
 

@@ -10,7 +10,7 @@ import openai
 import orjson
 import pytest
 
-from tests.servers import (TODAYS_CHAT_MESSAGES, calls, control, mock_backend, reset, running, start_gateway,
+from tests.servers import (TODAYS_CHAT_MESSAGES, calls, control, mock_backend, reset, running, sent, start_gateway,
                            start_mock, two_mock_policy, write_policy)
 
 KEY = "sk-test-key-123"
@@ -1076,6 +1076,37 @@ def test_a_max_tokens_too_small_to_think_within_gets_an_arm_that_answers(tmp_pat
         assert raw.headers["x-ponder-arm"] == "mock-a/-/single/1"
         answer = raw.parse().choices[0]
         assert (answer.message.content, answer.finish_reason) == ("The answer is 42", "stop")
+
+
+def test_a_max_tokens_too_small_to_think_within_on_a_route_where_every_arm_thinks(tmp_path):
+    """docs/policies.md: where every arm of the route thinks (efforts low and high), the lowest effort won
+    under a tiny max_tokens (the scaling leaves it the most), and answered the client empty content with
+    finish_reason `length`: the mock thought the whole cap away. A call to the same model at effort
+    `none` (its thinking off) competes and answers (rule `all+direct`); the decision's reasons say so."""
+    path = write_policy(tmp_path, {
+        "name": "thinkers",
+        "arms": {"high": {"backend": "mock-r", "effort": "high", "prior": 0.9},
+                 "low": {"backend": "mock-r", "effort": "low", "prior": 0.8}},
+        "routes": [{"name": "all", "candidates": ["high", "low"]}],
+        "objective": {"cost_weight": 0, "latency_weight": 0},
+        "exploration": {"share": 0.0}}, "thinkers.yaml")
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("mock-r", mock, reasoning=True, efforts=["none", "low", "high"])],
+            "policy": path}, name="thinkers")) as gateway:
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+        control(mock, answers=["The answer is 42"])
+        question = [{"role": "user", "content": "What is 6 * 7?"}]
+        raw = client.chat.completions.with_raw_response.create(model="auto", messages=question, max_tokens=8)
+        assert raw.headers["x-ponder-arm"] == "mock-r/none/single/1"
+        completion = raw.parse()
+        answer = completion.choices[0]
+        assert (answer.message.content, answer.finish_reason) == ("The answer is 42", "stop")
+        assert sent(mock)[-1]["reasoning_effort"] == "none"
+        decision = httpx.get(f"{gateway.url}/v1/ponder/requests/{completion.id}").json()["decision"]
+        assert any("a direct call to the same model competes (at an effort that does not think)" in reason
+                   for reason in decision["reasons"]), decision["reasons"]
+        uncapped = client.chat.completions.with_raw_response.create(model="auto", messages=question)
+        assert uncapped.headers["x-ponder-arm"] == "mock-r/high/single/1"
 
 
 def test_the_clients_stop_sequences_end_a_cot_arms_reply_not_its_chain(tmp_path):

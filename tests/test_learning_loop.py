@@ -575,36 +575,45 @@ def test_while_the_best_arms_backends_cool_down_the_best_arm_whose_backend_answe
             assert raw.headers["x-ponder-arm"] == "a/-/single/1" and raw.parse().choices[0].message.content == RIGHT
 
 
-def test_a_degraded_key_gets_the_cheapest_arm_whose_backend_answers(tmp_path):
-    """Under the degrade line (no `max_cost_usd`) a key gets the cheapest arm only, with no fallback. While
-    that arm's backend cooled down, each of the key's requests was refused 503, although the next
-    cheapest arm fits its budget and answers."""
+def test_a_degraded_key_falls_back_to_the_next_cheapest_arm_its_budget_holds(tmp_path):
+    """Under the degrade line (no `max_cost_usd`) a key gets the cheapest arm, and the next cheapest arms
+    are its fallbacks (it had none: a key whose cheapest arm failed got a 502 although the next cheapest
+    fit its budget and answered). Never beyond the budget: a fallback whose worst case is more than the
+    key has left is dropped (cost_bounds.arms_within), and that key gets the 502. While the cheapest arm's
+    backend cools down the next cheapest serves without calling it."""
     arms = {"cheap": {"backend": "cheap", "prior": 0.8, "tokens": 1},
             "dear": {"backend": "dear", "prior": 0.9, "tokens": 1}}
     policy = write_policy(tmp_path, {"name": "low", "arms": arms, "routes": [{"name": "all", "candidates": [*arms]}],
                                      "objective": {"cost_weight": 0, "latency_weight": 0},
                                      "budgets": {"degrade": {"below_usd": 100}},
                                      "exploration": {"share": 0.0}, "learner": {"half_life_hours": None}}, "low.yaml")
-    key = "sk-low"
+    # without max_tokens a budget holds 1,024 output tokens a call: cheap's worst case is $0.0021 (2/M
+    # output), dear's $0.0105 (10/M): a key with $0.005 holds the cheap arm only
+    keys = {"sk-low": ("low", 10), "sk-tiny": ("tiny", 0.005)}
     with running(start_mock(tmp_path)) as cheap, running(start_mock(tmp_path)) as dear:
-        control(cheap, script=["error"], error=OVERLOADED, answers=[RIGHT])
+        control(cheap, script=["500"], answers=[RIGHT])
         control(dear, answers=[RIGHT])
         config = {"backends": [mock_backend("cheap", cheap, max_retries=0),
                                mock_backend("dear", dear, max_retries=0,
                                             prices={"input_per_mtok": 5.0, "output_per_mtok": 10.0})],
-                  "api_keys": [{"id": "low", "sha256": hashlib.sha256(key.encode()).hexdigest(),
-                                "budget_usd_per_day": 10}],
+                  "api_keys": [{"id": ident, "sha256": hashlib.sha256(key.encode()).hexdigest(),
+                                "budget_usd_per_day": cap} for key, (ident, cap) in keys.items()],
                   "policy": policy, "telemetry": {"data_dir": str(tmp_path / "data"), "refresh_s": 0.05}}
         with running(start_gateway(tmp_path, config, name="low")) as gateway:
-            client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0)
-            with pytest.raises(openai.APIStatusError) as refused:  # the cheapest arm only: no fallback
-                client.chat.completions.create(model="auto", messages=QUESTION)
-            assert refused.value.status_code == 502
-            for _ in range(2):
-                raw = client.chat.completions.with_raw_response.create(model="auto", messages=QUESTION)
-                assert raw.headers["x-ponder-arm"] == "dear/-/single/1"
-                assert raw.parse().choices[0].message.content == RIGHT
-            assert calls(cheap)["count"] == 1
+            def client(key: str) -> openai.OpenAI:
+                return openai.OpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0)
+
+            raw = client("sk-low").chat.completions.with_raw_response.create(model="auto", messages=QUESTION)
+            assert raw.headers["x-ponder-arm"] == "dear/-/single/1"  # the cheapest failed: the next cheapest
+            assert raw.parse().choices[0].message.content == RIGHT
+            assert calls(cheap)["count"] == 1 and calls(dear)["count"] == 1
+            control(cheap, script=["500"])  # its second failure in a row: it cools down
+            with pytest.raises(openai.APIStatusError) as refused:  # dear's worst case is over what tiny has
+                client("sk-tiny").chat.completions.create(model="auto", messages=QUESTION)
+            assert refused.value.status_code == 502 and calls(dear)["count"] == 1  # dear was never called
+            raw = client("sk-low").chat.completions.with_raw_response.create(model="auto", messages=QUESTION)
+            assert raw.headers["x-ponder-arm"] == "dear/-/single/1"
+            assert calls(cheap)["count"] == 2  # cooling down: not called
 
 
 def test_a_request_the_client_left_is_no_latency_sample(tmp_path):

@@ -983,6 +983,61 @@ def test_a_cascade_passes_a_request_error_on_and_answers_past_the_deadline_with_
             assert answered.json()["choices"][0]["message"]["content"] == "7"
 
 
+def test_a_cascades_later_stage_whose_backend_is_in_doubt_is_passed_over(tmp_path):
+    """A cascade escalating to a stage whose backend is cooling down, or is being tested by another
+    request's call after its cool-down, passes it over as the gateway passes over such an arm: the next
+    stage answers at once. It called the stage, and waited with it on the hanging backend (its 2 s
+    timeout) before the next stage answered."""
+    with running(start_mock(tmp_path)) as mock_a, running(start_mock(tmp_path)) as mock_b, \
+            running(start_mock(tmp_path)) as mock_c:
+        backends = [mock_backend("cheap", mock_a, max_retries=0),
+                    mock_backend("strong", mock_b, max_retries=0, timeout_s=2),
+                    mock_backend("strongest", mock_c, max_retries=0)]
+        policy = write_policy(tmp_path, {
+            "name": "cascading",
+            "arms": {"strong": {"backend": "strong", "strategy": "single"},
+                     "strongest": {"backend": "strongest", "strategy": "single"},
+                     "escalate": {"backend": "cheap", "strategy": "cascade", "stages": ["strong", "strongest"],
+                                  "escalate_below": 0.9}},
+            "routes": [{"name": "all", "candidates": ["escalate"]}], "exploration": {"share": 0.0}})
+        with running(start_gateway(tmp_path, {"backends": backends, "policy": policy, "request_timeout_s": 20},
+                                   name="cascade-doubt")) as gateway:
+            control(mock_a, answers=["I'm not sure, maybe 7"])  # unsure: every request escalates
+            control(mock_b, script=["hang"] * 5, hang_s=10)
+            control(mock_c, answers=["7"])
+
+            def ask() -> tuple[httpx.Response, float]:
+                started = time.monotonic()
+                answer = httpx.post(gateway.url + "/v1/chat/completions", json=chat("auto", "what is 3 + 4?"),
+                                    timeout=15)
+                return answer, time.monotonic() - started
+
+            first, _ = ask()  # strong hangs: timed out after 2 s, and cooled down; strongest answers
+            assert first.status_code == 200 and first.json()["choices"][0]["message"]["content"] == "7"
+            assert upstream_calls(mock_b) == 1
+            cooling, took = ask()  # while it cools down
+            assert cooling.json()["choices"][0]["message"]["content"] == "7" and took < 1.0, took
+            time.sleep(1.5)  # its cool-down is over: the next call to it tests whether it is back
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                testing = pool.submit(ask)
+                for _ in range(100):
+                    if upstream_calls(mock_b) == 2:
+                        break
+                    time.sleep(0.02)
+                assert upstream_calls(mock_b) == 2
+                passed_over, took = ask()  # meanwhile: strong is in doubt
+                assert passed_over.status_code == 200, passed_over.text
+                assert passed_over.json()["choices"][0]["message"]["content"] == "7"
+                assert took < 1.0 and upstream_calls(mock_b) == 2, took
+                tested, _ = testing.result()
+                assert tested.status_code == 200 and tested.json()["choices"][0]["message"]["content"] == "7"
+            detail = httpx.get(gateway.url + f"/v1/ponder/requests/{passed_over.headers['x-ponder-request-id']}").json()
+            stages = detail["execution"]["details"]["stages"]
+            assert [stage["arm"] for stage in stages] == ["cheap/-/single/1", "strong/-/single/1",
+                                                          "strongest/-/single/1"], stages
+            assert stages[1] == {"arm": "strong/-/single/1", "skipped": "backend cooling down"}, stages
+
+
 def test_a_best_of_n_whose_judge_would_start_past_the_deadline_answers_with_its_sample(tmp_path):
     """A sample answered, the others ran into the deadline: the verifier (another backend, not cooling
     down) is not called past it, and the request answers with the unscored sample (best_of_n's rule
