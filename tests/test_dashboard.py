@@ -837,3 +837,52 @@ def test_dashboard_fits_a_phone_screen(stack, browser):
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "dashboard-phone.png"), full_page=True)
     page.close()
+
+
+def test_times_are_utc_whatever_the_browsers_time_zone(tmp_path, browser):
+    """The recent requests' times were the browser's local time, unlabelled, beside spend bars in UTC: an
+    operator at UTC+13:45 read a request 13 h 45 min away from its hour's bar. Every time is UTC now."""
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("mock-a", mock), mock_backend("mock-b", mock)],
+            "policy": two_mock_policy(tmp_path, "zoned"),
+            "telemetry": {"data_dir": str(tmp_path / "data"), "refresh_s": 0.2}}, name="zoned")) as gateway:
+        assert chat(gateway.url, "auto", "hello there").status_code == 200
+        [row] = get(gateway.url, "/v1/ponder/requests", key=None).json()["requests"]
+        context = browser.new_context(timezone_id="Pacific/Chatham")  # UTC+12:45 or +13:45, never UTC
+        page = context.new_page()
+        page.goto(gateway.url + "/dashboard")
+        cells = page.locator("[data-testid=request-row] td")
+        cells.first.wait_for()
+        assert page.locator("[data-testid=requests-table] th").first.text_content() == "time (UTC)"
+        assert cells.first.text_content() == time.strftime("%H:%M:%S", time.gmtime(row["ts"]))
+        assert page.text_content("[data-testid=last-updated]").endswith(" UTC")
+        context.close()
+
+
+def test_a_policy_or_arm_a_reload_removes_is_not_asked_for_again(tmp_path, browser):
+    """The page asks for the policy and the savings reference on show every 4 s. A policy edit that
+    removed that reference arm, or renamed the policy (with no traffic yet, so it was known by name
+    only), made every refresh fail for good ("refresh failed: Unknown ..."): the page froze. It now
+    falls back to the default policy / reference and carries on."""
+    from playwright.sync_api import expect
+
+    policy = {"name": "before", "arms": {"cheap": {"backend": "mock-a"}, "strong": {"backend": "mock-b"}},
+              "routes": [{"name": "all", "candidates": ["cheap", "strong"]}]}
+    path = write_policy(tmp_path, policy, "live.yaml")
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("mock-a", mock), mock_backend("mock-b", mock)], "policy": path,
+            "telemetry": {"data_dir": str(tmp_path / "data"), "refresh_s": 0.2}}, name="reload")) as gateway:
+        page = browser.new_page()
+        page.goto(gateway.url + "/dashboard")
+        expect(page.get_by_test_id("policy-select")).to_have_value("before")
+        page.select_option("[data-testid=reference-select]", "mock-b/-/single/1")
+        expect(page.get_by_test_id("last-updated")).to_contain_text("updated")
+        del policy["arms"]["strong"]
+        policy["routes"][0]["candidates"] = ["cheap"]
+        write_policy(tmp_path, policy, "live.yaml")
+        expect(page.get_by_test_id("reference-select")).to_have_value("mock-a/-/single/1", timeout=15_000)
+        expect(page.get_by_test_id("last-updated")).to_contain_text("updated")
+        write_policy(tmp_path, {**policy, "name": "after"}, "live.yaml")
+        expect(page.get_by_test_id("policy-select")).to_have_value("after", timeout=15_000)
+        expect(page.get_by_test_id("last-updated")).to_contain_text("updated")
+        page.close()

@@ -73,7 +73,10 @@ function usdTick(x) { return x === 0 ? "$0" : "$" + String(Number(x.toPrecision(
 function pct(x, digits = 0) { return x === null || x === undefined ? "–" : (100 * x).toFixed(digits) + "%"; }
 function ms(x) { return x === null || x === undefined ? "–" : x >= 10000 ? (x / 1000).toFixed(1) + " s" : Math.round(x) + " ms"; }
 function count(x) { return x === null || x === undefined ? "–" : Math.round(x).toLocaleString("en-US"); }
-function time(ts) { return new Date(ts * 1000).toLocaleTimeString([], { hour12: false }); }
+// Times are UTC, as the spend buckets are (the browser's zone would put a request and its hour's bar
+// hours apart, and two operators in different zones would read different times for one request).
+function time(ts) { return new Date(ts * 1000).toISOString().slice(11, 19); }
+function stamp(ts) { return new Date(ts * 1000).toISOString().slice(0, 19).replace("T", " ") + " UTC"; }
 
 function parseArm(key) {
   const parts = key.split("/");
@@ -99,6 +102,8 @@ function colorOf(key) {
 // -- API -----------------------------------------------------------------------------------------
 
 class AuthError extends Error {}
+// An error answer's `code` (e.g. unknown_policy), to recover from the ones a policy reload causes.
+class ApiFailure extends Error { constructor(message, code) { super(message); this.code = code; } }
 
 async function api(path, options = {}) {
   const headers = { ...(options.headers || {}) };
@@ -110,7 +115,7 @@ async function api(path, options = {}) {
   }
   if (!response.ok) {
     const body = await response.json().catch(() => ({}));
-    throw new Error(body.error?.message || `HTTP ${response.status}`);
+    throw new ApiFailure(body.error?.message || `HTTP ${response.status}`, body.error?.code);
   }
   return response.json();
 }
@@ -179,13 +184,22 @@ async function refresh() {
     renderShares(summary.shares);
     renderRequests(requests.requests);
     state.lastOk = Date.now();
-    $("status").textContent = "updated " + new Date().toLocaleTimeString([], { hour12: false });
+    $("status").textContent = "updated " + time(Date.now() / 1000) + " UTC";
     $("status").classList.remove("stale");
   } catch (err) {
     if (err instanceof AuthError) {
       showLogin(state.key ? err.message : "");
       state.busy = false;
       return;
+    }
+    // The policy or reference arm on show is gone (a policy reload renamed or removed it): show the
+    // default instead of asking for the missing one every 4 s.
+    const gone = err.code === "unknown_policy" && state.policy ? "policy" : err.code === "unknown_arm" && state.reference ? "reference" : null;
+    if (gone) {
+      if (gone === "policy") state.policy = "";
+      state.reference = "";
+      state.busy = false;
+      return refresh();
     }
     $("status").textContent = "refresh failed: " + err.message;
     $("status").classList.add("stale");
@@ -465,13 +479,13 @@ function renderShares(shares) {
 // -- recent requests and one request's reasons -----------------------------------------------------
 
 function renderRequests(rows) {
-  const head = h("tr", {}, ["time", "bucket", "arm", "mode", "samples", "cost", "latency", "status"].map((t, i) => h("th", { class: i >= 4 && i <= 6 ? "num" : "", text: t })));
+  const head = h("tr", {}, ["time (UTC)", "bucket", "arm", "mode", "samples", "cost", "latency", "status"].map((t, i) => h("th", { class: i >= 4 && i <= 6 ? "num" : "", text: t })));
   const body = h("tbody", {}, rows.map((r) => {
     // a row opens with a click, or from the keyboard (Tab to it, Enter or Space)
     const tr = h("tr", { "data-testid": "request-row", "data-request-id": r.request_id, class: r.request_id === state.selected ? "selected" : "",
       tabindex: 0, onclick: () => openRequest(r.request_id),
       onkeydown: (ev) => { if (ev.key === "Enter" || ev.key === " ") { ev.preventDefault(); openRequest(r.request_id); } } },
-      h("td", { text: time(r.ts) }), h("td", { text: r.bucket }), h("td", { title: r.arm, text: shortArm(r.arm) }),
+      h("td", { title: stamp(r.ts), text: time(r.ts) }), h("td", { text: r.bucket }), h("td", { title: r.arm, text: shortArm(r.arm) }),
       h("td", {}, r.policy === "direct" ? h("span", { class: "tag", text: "direct" }) : h("span", { class: "tag" + (r.explore ? " explore" : ""), text: r.explore ? "explore" : "exploit" })),
       h("td", { class: "num", text: r.samples }), h("td", { class: "num", text: usd(r.cost_usd) }), h("td", { class: "num", text: ms(r.latency_ms) }),
       h("td", {}, h("span", { class: "tag " + (r.status < 400 ? "ok" : "err"), text: r.status })));
@@ -503,7 +517,7 @@ async function openRequest(id) {
   fill(root, 
     h("h2", { text: "Why this arm" }),
     h("p", { class: "hint", text: r.request_id }),
-    kv([["arm", h("b", { "data-testid": "detail-arm", text: dec.arm })], ["policy", dec.policy],
+    kv([["arm", h("b", { "data-testid": "detail-arm", text: dec.arm })], ["policy", dec.policy], ["time", stamp(r.ts)],
       ["mode", h("span", { "data-testid": "detail-mode", text: dec.policy === "direct" ? "direct (client named a backend)" : dec.explore ? "explore" : "exploit" })],
       ["cost", usd(r.cost_usd)], ["latency", ms(r.latency_ms)], ["tokens", `${r.prompt_tokens} in · ${r.completion_tokens} out · ${r.reasoning_tokens} reasoning`],
       ["status", String(r.status) + (r.error ? " — " + r.error : "")]]),
