@@ -886,3 +886,45 @@ def test_a_policy_or_arm_a_reload_removes_is_not_asked_for_again(tmp_path, brows
         expect(page.get_by_test_id("policy-select")).to_have_value("after", timeout=15_000)
         expect(page.get_by_test_id("last-updated")).to_contain_text("updated")
         page.close()
+
+
+def test_redis_going_away_while_the_page_is_open_is_said_and_recovered_from(tmp_path, browser):
+    """While Redis is away the gateway keeps answering from what it last read, and the event log holds
+    only this replica's buffered events: the page said "No requests yet." and "updated <now>" over
+    frozen numbers, and a request's reasons were a 404 "no request". It says the store is unreachable
+    (the JSON says so too, and a lookup is a 503), and goes back to normal by itself when Redis is back."""
+    from playwright.sync_api import expect
+
+    redis_proc = start_redis(data_dir=tmp_path / "redis")
+    port = int(redis_proc.url.rsplit(":", 1)[1].split("/")[0])
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(lambda: redis_proc.stop())
+        mock = cleanup.enter_context(running(start_mock(tmp_path)))
+        gateway = cleanup.enter_context(running(start_gateway(tmp_path, {
+            "backends": [mock_backend("mock-a", mock), mock_backend("mock-b", mock)],
+            "policy": two_mock_policy(tmp_path, "away"),
+            "telemetry": {"data_dir": str(tmp_path / "data"), "refresh_s": 0.2, "redis_url": redis_proc.url}},
+            name="away")))
+        first = chat(gateway.url, "auto", "hello there")
+        assert first.status_code == 200
+        page = browser.new_page()
+        page.goto(gateway.url + "/dashboard")
+        page.wait_for_selector("[data-testid=request-row]")
+        redis_proc.stop()
+        expect(page.get_by_test_id("requests-unreadable")).to_have_text(
+            "Telemetry store unreachable: no requests to show until it is back.", timeout=15_000)
+        expect(page.get_by_test_id("last-updated")).to_contain_text("telemetry store unreachable: numbers as of")
+        assert page.get_by_test_id("requests-empty").count() == 0
+        listed = get(gateway.url, "/v1/ponder/requests", key=None).json()
+        assert listed["store_readable"] is False and listed["requests"] == []
+        lookup = get(gateway.url, "/v1/ponder/requests/" + first.headers["x-ponder-request-id"], key=None)
+        assert lookup.status_code == 503 and lookup.json()["error"]["code"] == "store_unavailable", lookup.text
+        redis_proc = start_redis(port=port, data_dir=tmp_path / "redis")  # back, empty (no persistence)
+        again = chat(gateway.url, "auto", "hello again")
+        assert again.status_code == 200
+        row = page.locator(f"[data-testid=request-row][data-request-id='{again.headers['x-ponder-request-id']}']")
+        expect(row).to_have_count(1, timeout=15_000)
+        expect(page.get_by_test_id("requests-unreadable")).to_have_count(0, timeout=10_000)
+        expect(page.get_by_test_id("last-updated")).not_to_contain_text("unreachable")
+        assert get(gateway.url, "/v1/ponder/requests", key=None).json()["store_readable"] is True
+        page.close()

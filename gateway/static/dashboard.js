@@ -182,10 +182,15 @@ async function refresh() {
     renderSavings(savings);
     renderLatency(summary.latency);
     renderShares(summary.shares);
-    renderRequests(requests.requests);
+    renderRequests(requests.requests, requests.store_readable !== false);
     state.lastOk = Date.now();
-    $("status").textContent = "updated " + time(Date.now() / 1000) + " UTC";
-    $("status").classList.remove("stale");
+    // Redis away: the gateway answers from what it last read; saying "updated" alone would pass
+    // those numbers off as current.
+    const hl = summary.health || {};
+    const unread = hl.connected === false && !hl.answers_reads;
+    $("status").textContent = "updated " + time(Date.now() / 1000) + " UTC" + (unread
+      ? " · telemetry store unreachable: numbers as of " + (hl.last_refresh_ts ? time(hl.last_refresh_ts) + " UTC" : "start") : "");
+    $("status").classList.toggle("stale", unread);
   } catch (err) {
     if (err instanceof AuthError) {
       showLogin(state.key ? err.message : "");
@@ -478,7 +483,7 @@ function renderShares(shares) {
 
 // -- recent requests and one request's reasons -----------------------------------------------------
 
-function renderRequests(rows) {
+function renderRequests(rows, readable) {
   const head = h("tr", {}, ["time (UTC)", "bucket", "arm", "mode", "samples", "cost", "latency", "status"].map((t, i) => h("th", { class: i >= 4 && i <= 6 ? "num" : "", text: t })));
   const body = h("tbody", {}, rows.map((r) => {
     // a row opens with a click, or from the keyboard (Tab to it, Enter or Space)
@@ -491,7 +496,10 @@ function renderRequests(rows) {
       h("td", {}, h("span", { class: "tag " + (r.status < 400 ? "ok" : "err"), text: r.status })));
     return tr;
   }));
-  if (!rows.length) body.append(h("tr", {}, h("td", { colspan: head.children.length, class: "empty", "data-testid": "requests-empty", text: "No requests yet." })));
+  // the store unreachable: only this gateway's buffered requests came back, which is not "none yet"
+  if (!readable) body.prepend(h("tr", {}, h("td", { colspan: head.children.length, class: "empty error", "data-testid": "requests-unreadable",
+    text: `Telemetry store unreachable: ${rows.length ? `only the ${rows.length} request(s) this gateway still holds in memory` : "no requests to show"} until it is back.` })));
+  else if (!rows.length) body.append(h("tr", {}, h("td", { colspan: head.children.length, class: "empty", "data-testid": "requests-empty", text: "No requests yet." })));
   const focused = document.activeElement?.dataset.testid === "request-row" ? document.activeElement.dataset.requestId : null;
   fill($("requests"), h("thead", {}, head), body);
   // the refresh redraws the rows: the keyboard's place stays on the same request
