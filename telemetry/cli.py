@@ -19,6 +19,7 @@ import orjson
 from router.types import StatsSnapshot
 
 from .aggregates import arm_stats, summary_row
+from .summaries import LATENCY_FIELDS
 
 RawAggregates = dict[str, dict[tuple[str, str], dict[str, float]]]
 
@@ -110,6 +111,10 @@ def _fmt_rate(value: Any) -> str:
     return "-" if value is None else f"{100 * value:5.1f}%"
 
 
+def _fmt_ms(value: Any) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
 def stats_cli(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ponder stats", description=__doc__.splitlines()[0])
     parser.add_argument("--redis-url", help="default: --config's; without one, $PONDER_REDIS_URL")
@@ -172,6 +177,8 @@ def stats_cli(argv: list[str] | None = None) -> int:
         table: dict[str, dict[str, dict[str, Any]]] = {}
         for (bucket, arm), fields in sorted(arms.items()):
             row = summary_row(fields, now, args.half_life_s)
+            if not row["answered"] > 0:  # as the dashboard shows it: no answer, no latency (not 0 ms)
+                row.update(dict.fromkeys(LATENCY_FIELDS))
             if choose is not None:
                 row["current_choice"] = choose(bucket) == arm
             table.setdefault(bucket, {})[arm] = row
@@ -191,7 +198,7 @@ def stats_cli(argv: list[str] | None = None) -> int:
         for bucket, arms in table.items():
             for arm, r in arms.items():
                 line = (f"  {bucket:<18} {arm:<44} {int(r['requests']):>9} {_fmt_rate(r['success_rate']):>8} "
-                        f"{r['mean_cost_usd']:>10.6f} {r['p95_latency_ms']:>9.0f}")
+                        f"{r['mean_cost_usd']:>10.6f} {_fmt_ms(r['p95_latency_ms']):>9}")
                 if with_choice:
                     line += "  *" if r.get("current_choice") else ""
                 print(line)

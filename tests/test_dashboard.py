@@ -928,3 +928,47 @@ def test_redis_going_away_while_the_page_is_open_is_said_and_recovered_from(tmp_
         expect(page.get_by_test_id("last-updated")).not_to_contain_text("unreachable")
         assert get(gateway.url, "/v1/ponder/requests", key=None).json()["store_readable"] is True
         page.close()
+
+
+def test_an_arm_that_never_answered_has_no_latency_not_0_ms(tmp_path, browser):
+    """An arm whose every request failed has no latency sample: its p50/p95 were 0 ms, in the JSON, in
+    `ponder stats` and on the page, where it was drawn as the fastest arm. Now null, "-", and said."""
+    from playwright.sync_api import expect
+
+    data = tmp_path / "data"
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("mock-a", mock), mock_backend("mock-b", mock)],
+            "policy": two_mock_policy(tmp_path, "lat"), "telemetry": {"data_dir": str(data), "refresh_s": 0.2}},
+            name="lat")) as gateway:
+        assert chat(gateway.url, "mock-b", "one two three").status_code == 200
+        control(mock, script=["500", "500"])
+        assert chat(gateway.url, "mock-a", "this one fails").status_code == 502
+        failed = "mock-a/-/single/1"
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            summary = get(gateway.url, "/v1/ponder/summary?policy=direct", key=None).json()
+            if summary["totals"]["requests"] == 2:
+                break
+            time.sleep(0.2)
+        latency = {row["arm"]: row for row in summary["latency"]}
+        assert latency[failed]["p95_latency_ms"] is None and latency[failed]["p50_latency_ms"] is None
+        assert latency["mock-b/-/single/1"]["p95_latency_ms"] > 0
+        rows = [a for t in summary["tasks"] for a in [*t["arms"], *(x for tier in t["tiers"] for x in tier["arms"])]
+                if a["arm"] == failed]
+        assert rows and all(a["p95_latency_ms"] is None and a["mean_latency_ms"] is None for a in rows), rows
+        stats = subprocess.run([sys.executable, "-m", "gateway.cli", "stats", "--data-dir", str(data), "--json",
+                                "--policy", "direct"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert stats.returncode == 0, stats.stderr
+        [row] = [r for arms in json.loads(stats.stdout)["direct"].values() for arm, r in arms.items() if arm == failed]
+        assert row["p95_latency_ms"] is None, row
+        text = subprocess.run([sys.executable, "-m", "gateway.cli", "stats", "--data-dir", str(data),
+                               "--policy", "direct"], cwd=ROOT, capture_output=True, text=True, timeout=60).stdout
+        assert re.search(r"mock-a/-/single/1 +1 +- +0\.000000 +-", text), text
+        page = browser.new_page()
+        page.goto(gateway.url + "/dashboard")
+        page.wait_for_selector("[data-testid=policy-select] option[value=direct]", state="attached")
+        page.select_option("[data-testid=policy-select]", "direct")
+        expect(page.locator(f"[data-testid=latency-row][data-arm='{failed}'] [data-testid=latency-none]")).to_have_text(
+            "no answers: 1 request, none answered")
+        assert "mock-a/-/single/1: no answers" in page.get_attribute("[data-testid=latency-svg]", "aria-label")
+        page.close()

@@ -439,14 +439,20 @@ function renderLatency(rows) {
   const root = $("latency-chart");
   if (!rows.length) { fill(root, h("p", { class: "empty", text: "No requests yet." })); return; }
   const width = 560, rowH = 30, m = { l: 190, r: 70, t: 4 }, height = m.t + rows.length * rowH + 4;
-  const max = Math.max(...rows.map((r) => r.p95_latency_ms), 1);
+  const max = Math.max(...rows.map((r) => r.p95_latency_ms ?? 0), 1);
   const X = scale(0, max, m.l, width - m.r, false);
-  const read = rows.map((r) => `${r.arm}: p50 ${ms(r.p50_latency_ms)}, p95 ${ms(r.p95_latency_ms)}`).join("; ");
+  // an arm that never answered has no latency (null): said, not drawn as the fastest arm at 0 ms
+  const read = rows.map((r) => `${r.arm}: ` + (r.p95_latency_ms === null ? "no answers" : `p50 ${ms(r.p50_latency_ms)}, p95 ${ms(r.p95_latency_ms)}`)).join("; ");
   const svg = s("svg", { viewBox: `0 0 ${width} ${height}`, role: "img", "aria-label": `Latency per arm. ${read}`, "data-testid": "latency-svg" });
   rows.forEach((r, i) => {
     const y = m.t + i * rowH;
     const g = s("g", { "data-testid": "latency-row", "data-arm": r.arm });
     g.append(titled(s("text", { class: "value-label", x: m.l - 8, y: y + 17, "text-anchor": "end", text: shortArm(r.arm) }), r.arm));
+    if (r.p95_latency_ms === null) {
+      g.append(s("text", { x: m.l + 4, y: y + 17, "data-testid": "latency-none", text: `no answers: ${count(r.requests)} request${r.requests === 1 ? "" : "s"}, none answered`  }));
+      svg.append(g);
+      return;
+    }
     g.append(titled(s("rect", { class: "p95", x: m.l, y: y + 3, height: 10, width: Math.max(X(r.p95_latency_ms) - m.l, 1) }), `p95 ${ms(r.p95_latency_ms)}`));
     g.append(titled(s("rect", { class: "p50", x: m.l, y: y + 14, height: 10, width: Math.max(X(r.p50_latency_ms) - m.l, 1) }), `p50 ${ms(r.p50_latency_ms)}`));
     g.append(s("text", { class: "value-label", x: X(r.p95_latency_ms) + 4, y: y + 12, text: ms(r.p95_latency_ms) }));
