@@ -972,3 +972,34 @@ def test_an_arm_that_never_answered_has_no_latency_not_0_ms(tmp_path, browser):
             "no answers: 1 request, none answered")
         assert "mock-a/-/single/1: no answers" in page.get_attribute("[data-testid=latency-svg]", "aria-label")
         page.close()
+
+
+def test_outside_text_shows_as_text_with_its_invisible_characters_named(tmp_path, browser):
+    """Markup in what an upstream answers (its error message; names from YAML are validated to
+    [A-Za-z0-9._:-]) is shown as text, and the page's CSP allows no inline script. Bidi overrides and
+    zero-width characters in it were written as they are: U+202E turned the rest of the line around (an
+    error read backwards, "exe.txt" for "txt.exe") and a zero-width space made two different strings
+    look the same. They show as [U+202E] / [U+200B] now."""
+    payload = "<img src=x onerror=window.__pwned=1></script><script>window.__pwned=2</script>javascript:alert(1)"
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("mock-a", mock), mock_backend("mock-b", mock)],
+            "policy": two_mock_policy(tmp_path, "inject"),
+            "telemetry": {"data_dir": str(tmp_path / "data"), "refresh_s": 0.2}}, name="inject")) as gateway:
+        control(mock, script=["error", "error"],
+                error={"status": 400, "headers": {}, "body": json.dumps({"error": {"message": payload + "\u202eevil\u200b"}})})
+        failed = chat(gateway.url, "mock-a", "hello there")
+        assert failed.status_code == 400, failed.text
+        page = browser.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        response = page.goto(gateway.url + "/dashboard")
+        csp = response.headers["content-security-policy"]
+        assert "script-src 'self'" in csp and "unsafe" not in csp, csp
+        page.click(f"[data-testid=request-row][data-request-id='{failed.headers['x-ponder-request-id']}']")
+        page.wait_for_selector("[data-testid=detail-samples]")
+        detail = page.text_content("[data-testid=request-detail]")
+        assert detail.count(payload + "[U+202E]evil[U+200B]") == 2, detail  # the status line and the call's
+        assert "\u202e" not in detail and "\u200b" not in detail
+        assert page.locator("img, script:not([src])").count() == 0
+        assert page.evaluate("window.__pwned") is None and not errors, errors
+        page.close()

@@ -36,10 +36,20 @@ function s(tag, attrs, ...children) {
   return node;
 }
 
+// Text from outside the operator's code (an upstream's error message, a model's answer in a vote, names
+// from YAML) may hold invisible characters: bidi overrides that show "exe.txt" as "txt.exe" and turn the
+// rest of a line around, zero-width ones that make two different ids look the same. Every text the page
+// writes shows them as their code point instead. (Markup is never parsed: text goes in as text.)
+const INVISIBLE = /[\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff]/g;
+function visible(text) {
+  return String(text).replace(INVISIBLE, (c) => `[U+${c.charCodeAt(0).toString(16).toUpperCase().padStart(4, "0")}]`);
+}
+
 function setAttrs(node, attrs) {
   for (const [name, value] of Object.entries(attrs || {})) {
     if (value === null || value === undefined || value === false) continue;
-    if (name === "text") node.textContent = value;
+    if (name === "text") node.textContent = visible(value);
+    else if (name === "title" || name === "aria-label") node.setAttribute(name, visible(value));
     else if (name.startsWith("on")) node.addEventListener(name.slice(2), value);
     // The CSP forbids style attributes; styles set through the CSSOM are allowed.
     else if (name === "style") node.style.cssText = value;
@@ -50,7 +60,7 @@ function setAttrs(node, attrs) {
 function append(node, children) {
   for (const child of children.flat()) {
     if (child === null || child === undefined || child === false) continue;
-    node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+    node.append(child instanceof Node ? child : document.createTextNode(visible(child)));
   }
 }
 
@@ -134,7 +144,7 @@ function showLogin(message) {
   $("app").hidden = true;
   $("login").hidden = false;
   $("logout").hidden = true;
-  $("login-error").textContent = message || "";
+  $("login-error").textContent = visible(message || "");
   $("status").textContent = "";
   $("key-input").focus();
 }
@@ -206,7 +216,7 @@ async function refresh() {
       state.busy = false;
       return refresh();
     }
-    $("status").textContent = "refresh failed: " + err.message;
+    $("status").textContent = "refresh failed: " + visible(err.message);
     $("status").classList.add("stale");
   }
   state.busy = false;
