@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import sys
 import time
@@ -111,6 +112,21 @@ def _fmt_rate(value: Any) -> str:
     return "-" if value is None else f"{100 * value:5.1f}%"
 
 
+def _fmt_usd(value: float) -> str:
+    """As the dashboard writes money (dashboard.js usd()): a fixed 6 decimals printed a request of
+    $4e-7 (a small model, a short prompt) as 0.000000, the same as a free local model's."""
+    a = abs(value)
+    if a == 0:
+        return "0"
+    if a >= 0.01:
+        return f"{value:.0f}" if a >= 100 else f"{value:.2f}" if a >= 1 else f"{value:.3f}"
+    exponent = math.floor(math.log10(float(f"{a:.2e}")))  # of the value as rounded to 3 digits
+    if exponent >= -6:
+        return f"{value:.{2 - exponent}f}"
+    mantissa, _, power = f"{value:.2e}".partition("e")
+    return f"{mantissa}e{int(power)}"
+
+
 def _fmt_ms(value: Any) -> str:
     return "-" if value is None else f"{value:.0f}"
 
@@ -198,7 +214,7 @@ def stats_cli(argv: list[str] | None = None) -> int:
         for bucket, arms in table.items():
             for arm, r in arms.items():
                 line = (f"  {bucket:<18} {arm:<44} {int(r['requests']):>9} {_fmt_rate(r['success_rate']):>8} "
-                        f"{r['mean_cost_usd']:>10.6f} {_fmt_ms(r['p95_latency_ms']):>9}")
+                        f"{_fmt_usd(r['mean_cost_usd']):>10} {_fmt_ms(r['p95_latency_ms']):>9}")
                 if with_choice:
                     line += "  *" if r.get("current_choice") else ""
                 print(line)

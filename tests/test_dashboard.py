@@ -963,7 +963,7 @@ def test_an_arm_that_never_answered_has_no_latency_not_0_ms(tmp_path, browser):
         assert row["p95_latency_ms"] is None, row
         text = subprocess.run([sys.executable, "-m", "gateway.cli", "stats", "--data-dir", str(data),
                                "--policy", "direct"], cwd=ROOT, capture_output=True, text=True, timeout=60).stdout
-        assert re.search(r"mock-a/-/single/1 +1 +- +0\.000000 +-", text), text
+        assert re.search(r"mock-a/-/single/1 +1 +- +0 +-", text), text
         page = browser.new_page()
         page.goto(gateway.url + "/dashboard")
         page.wait_for_selector("[data-testid=policy-select] option[value=direct]", state="attached")
@@ -1003,3 +1003,31 @@ def test_outside_text_shows_as_text_with_its_invisible_characters_named(tmp_path
         assert page.locator("img, script:not([src])").count() == 0
         assert page.evaluate("window.__pwned") is None and not errors, errors
         page.close()
+
+
+def test_a_billionth_of_a_dollar_reads_the_same_on_the_page_and_in_ponder_stats(tmp_path, browser):
+    """One request that cost $1e-9 (one prompt token at $0.001 per million, free output): the page
+    shows $1.00e-9, and `ponder stats` printed its mean cost with 6 fixed decimals: 0.000000, the same
+    as a free model's. It writes money as the page does now."""
+    from playwright.sync_api import expect
+
+    data = tmp_path / "data"
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("mock-a", mock, prices={"input_per_mtok": 0.001, "output_per_mtok": 0}),
+                         mock_backend("mock-b", mock)],
+            "policy": two_mock_policy(tmp_path, "tiny"), "telemetry": {"data_dir": str(data), "refresh_s": 0.2}},
+            name="tiny")) as gateway:
+        response = chat(gateway.url, "mock-a", "hi")
+        assert response.status_code == 200 and response.json()["usage"]["prompt_tokens"] == 1
+        paid = response.json()["ponder"]["cost_usd"]  # (the x-ponder-cost-usd header has 8 decimals: 0.00000000)
+        assert paid == pytest.approx(1e-9)
+        page = browser.new_page()
+        page.goto(gateway.url + "/dashboard")
+        page.wait_for_selector("[data-testid=policy-select] option[value=direct]", state="attached")
+        page.select_option("[data-testid=policy-select]", "direct")
+        expect(page.get_by_test_id("total-cost")).to_have_text("$1.00e-9")
+        assert float(page.get_attribute("[data-testid=total-cost]", "data-value")) == pytest.approx(paid, rel=1e-9)
+        page.close()
+        text = subprocess.run([sys.executable, "-m", "gateway.cli", "stats", "--data-dir", str(data), "--policy",
+                               "direct"], cwd=ROOT, capture_output=True, text=True, timeout=60).stdout
+        assert re.search(r"mock-a/-/single/1 +1 +- +1\.00e-9 ", text), text
