@@ -26,7 +26,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from router.types import bucket_key
 from telemetry.redis_server import start_redis
-from tests.servers import ROOT, control, mock_backend, running, start_gateway, start_mock, two_mock_policy, write_policy
+from tests.servers import (ROOT, control, free_port, mock_backend, running, start_gateway, start_mock, two_mock_policy,
+                           write_policy)
 
 USER_KEY = "sk-dash-user-1"
 ADMIN_KEY = "sk-dash-admin-2"
@@ -1031,3 +1032,30 @@ def test_a_billionth_of_a_dollar_reads_the_same_on_the_page_and_in_ponder_stats(
         text = subprocess.run([sys.executable, "-m", "gateway.cli", "stats", "--data-dir", str(data), "--policy",
                                "direct"], cwd=ROOT, capture_output=True, text=True, timeout=60).stdout
         assert re.search(r"mock-a/-/single/1 +1 +- +1\.00e-9 ", text), text
+
+
+def test_redis_away_since_the_gateway_started_is_not_shown_as_no_traffic(tmp_path, browser):
+    """With Redis unreachable from the start the gateway has read nothing: the panels said "No requests
+    recorded for this policy yet." and "Nothing spent", a guess. They say the store is unreachable, and
+    the page fills in by itself once Redis answers."""
+    from playwright.sync_api import expect
+
+    port = free_port()
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("mock-a", mock), mock_backend("mock-b", mock)],
+            "policy": two_mock_policy(tmp_path, "late"),
+            "telemetry": {"data_dir": str(tmp_path / "data"), "refresh_s": 0.2,
+                          "redis_url": f"redis://127.0.0.1:{port}/0"}}, name="late")) as gateway:
+        page = browser.new_page()
+        page.goto(gateway.url + "/dashboard")
+        expect(page.get_by_test_id("tasks-empty")).to_have_text("Nothing to show: the telemetry store is unreachable.")
+        expect(page.get_by_test_id("spend-empty")).to_have_text("Nothing to show: the telemetry store is unreachable.")
+        expect(page.get_by_test_id("last-updated")).to_contain_text("telemetry store unreachable: nothing read from it yet")
+        redis_proc = start_redis(port=port, data_dir=tmp_path / "redis")
+        try:
+            assert chat(gateway.url, "auto", "hello there").status_code == 200
+            expect(page.get_by_test_id("arm-point")).to_have_count(1, timeout=20_000)
+            expect(page.get_by_test_id("last-updated")).not_to_contain_text("unreachable")
+        finally:
+            redis_proc.stop()
+        page.close()

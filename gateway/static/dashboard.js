@@ -15,7 +15,7 @@ const TIER_LETTER = { easy: "E", medium: "M", hard: "H" };
 const state = {
   key: sessionStorage.getItem(KEY_STORAGE) || "",
   policy: "", reference: "", spendMode: "hour", selected: null, timer: null, busy: false, again: false, lastOk: 0,
-  spend: null,
+  spend: null, unread: false,
 };
 
 // -- small DOM helpers ---------------------------------------------------------------------------
@@ -63,6 +63,10 @@ function append(node, children) {
     node.append(child instanceof Node ? child : document.createTextNode(visible(child)));
   }
 }
+
+// An empty panel's line. With the store unreachable since the gateway started nothing has been read:
+// "nothing yet" would be a guess.
+function nothingYet(text) { return state.unread ? "Nothing to show: the telemetry store is unreachable." : text; }
 
 function fill(node, ...children) { node.replaceChildren(); append(node, children); }
 
@@ -183,6 +187,11 @@ async function refresh() {
       return refresh();
     }
     showApp();
+    // Redis away: the gateway answers from what it last read; saying "updated" alone would pass
+    // those numbers off as current.
+    const hl = summary.health || {};
+    const unread = hl.connected === false && !hl.answers_reads;
+    state.unread = unread && !hl.last_refresh_ts;  // nothing read since start: "nothing yet" would be a guess
     state.policy = summary.policy;
     renderPolicies(summary);
     renderKpis(summary, spend);
@@ -194,12 +203,8 @@ async function refresh() {
     renderShares(summary.shares);
     renderRequests(requests.requests, requests.store_readable !== false);
     state.lastOk = Date.now();
-    // Redis away: the gateway answers from what it last read; saying "updated" alone would pass
-    // those numbers off as current.
-    const hl = summary.health || {};
-    const unread = hl.connected === false && !hl.answers_reads;
-    $("status").textContent = "updated " + time(Date.now() / 1000) + " UTC" + (unread
-      ? " · telemetry store unreachable: numbers as of " + (hl.last_refresh_ts ? time(hl.last_refresh_ts) + " UTC" : "start") : "");
+    $("status").textContent = "updated " + time(Date.now() / 1000) + " UTC" + (!unread ? ""
+      : " · telemetry store unreachable: " + (hl.last_refresh_ts ? `numbers as of ${time(hl.last_refresh_ts)} UTC` : "nothing read from it yet"));
     $("status").classList.toggle("stale", unread);
   } catch (err) {
     if (err instanceof AuthError) {
@@ -346,7 +351,7 @@ function renderArmLegend(tasks) {
 function renderTasks(tasks) {
   renderArmLegend(tasks);
   const root = $("tasks");
-  if (!tasks.length) { fill(root, h("p", { class: "empty", text: "No requests recorded for this policy yet." })); return; }
+  if (!tasks.length) { fill(root, h("p", { class: "empty", "data-testid": "tasks-empty", text: nothingYet("No requests recorded for this policy yet.") })); return; }
   fill(root, ...tasks.map((task) => {
     const points = task.arms.map((a) => ({
       key: a.arm, label: shortArm(a.arm), x: a.mean_cost_usd, y: a.success_rate,
@@ -403,7 +408,7 @@ function renderSpend() {
   fill($("spend-chart"), rows.some((r) => r.cost_usd > 0)
     ? bars(rows.map((r) => r.cost_usd), { labels, format: usd, testid: "spend-svg", barTestid: "spend-bar", every: hourly ? 3 : 5,
       name: `Spend per ${hourly ? "hour" : "day"} over ${period}` })
-    : h("p", { class: "empty", "data-testid": "spend-empty", text: `Nothing spent in ${period}.` }));
+    : h("p", { class: "empty", "data-testid": "spend-empty", text: nothingYet(`Nothing spent in ${period}.`) }));
   const head = h("tr", {}, ["key", "30 days", "requests", "today vs daily budget", "this month vs monthly budget"].map((t, i) => h("th", { class: i && i < 3 ? "num" : "", text: t })));
   const meter = (spent, cap, used) => {
     // no ledger without a cap: 30-day spend is beside it (a cap of $0 is a cap: the key may spend nothing)
@@ -427,7 +432,7 @@ function renderSavings(sv) {
   }
   if (sv.reference) select.value = sv.reference;
   const root = $("savings");
-  if (!sv.reference) { fill(root, h("p", { class: "empty", text: "No traffic yet." })); return; }
+  if (!sv.reference) { fill(root, h("p", { class: "empty", text: nothingYet("No traffic yet.") })); return; }
   const delta = sv.success_rate_delta;
   fill(root, 
     h("div", { class: "savings-big" },
@@ -447,7 +452,7 @@ function renderSavings(sv) {
 
 function renderLatency(rows) {
   const root = $("latency-chart");
-  if (!rows.length) { fill(root, h("p", { class: "empty", text: "No requests yet." })); return; }
+  if (!rows.length) { fill(root, h("p", { class: "empty", text: nothingYet("No requests yet.") })); return; }
   const width = 560, rowH = 30, m = { l: 190, r: 70, t: 4 }, height = m.t + rows.length * rowH + 4;
   const max = Math.max(...rows.map((r) => r.p95_latency_ms ?? 0), 1);
   const X = scale(0, max, m.l, width - m.r, false);
@@ -492,7 +497,7 @@ function stacked(label, rows, colors, testid) {
 }
 
 function renderShares(shares) {
-  if (!shares.strategy.length) { fill($("shares"), h("p", { class: "empty", text: "No requests yet." })); return; }
+  if (!shares.strategy.length) { fill($("shares"), h("p", { class: "empty", text: nothingYet("No requests yet.") })); return; }
   fill($("shares"), stacked("strategy", shares.strategy, STRATEGY_COLORS, "strategy-shares"),
     stacked("effort", shares.effort, EFFORT_COLORS, "effort-shares"));
 }
