@@ -1059,3 +1059,27 @@ def test_redis_away_since_the_gateway_started_is_not_shown_as_no_traffic(tmp_pat
         finally:
             redis_proc.stop()
         page.close()
+
+
+def test_fifty_arms_get_fifty_colours(tmp_path, browser):
+    """Each arm has its own colour in the legend and on the scatter: the palette's ten colours were
+    reused from the 11th arm on, so with 50 arms five shared each colour and could not be told apart."""
+    names = [f"m{i:02d}" for i in range(50)]
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend(name, mock) for name in names],
+            "policy": write_policy(tmp_path, {"name": "wide", "arms": {n: {"backend": n} for n in names},
+                                              "routes": [{"name": "all", "candidates": names}]}, "wide.yaml"),
+            "telemetry": {"data_dir": str(tmp_path / "data"), "refresh_s": 0.2}}, name="wide")) as gateway:
+        for name in names:  # the same prompt to each: one task type, 50 arms on its chart
+            assert chat(gateway.url, name, "hello there").status_code == 200
+        page = browser.new_page()
+        page.goto(gateway.url + "/dashboard")
+        page.wait_for_selector("[data-testid=policy-select] option[value=direct]", state="attached")
+        page.select_option("[data-testid=policy-select]", "direct")
+        points = page.locator("[data-testid=task-chart] [data-testid=arm-point] circle.point")
+        points.nth(49).wait_for()
+        fills = points.evaluate_all("(cs) => cs.map((c) => getComputedStyle(c).fill)")
+        assert len(fills) == 50 and len(set(fills)) == 50, sorted(fills)
+        legend = page.locator("[data-testid=arm-legend] i").evaluate_all("(is) => is.map((i) => getComputedStyle(i).backgroundColor)")
+        assert len(set(legend)) == 50
+        page.close()

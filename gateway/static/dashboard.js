@@ -109,8 +109,15 @@ function shortArm(key) {
 const ARM_PALETTE = ["#2563eb", "#d97706", "#059669", "#dc2626", "#7c3aed", "#0891b2", "#db2777", "#65a30d", "#92400e", "#475569"];
 const armColors = new Map();
 function colorOf(key) {
-  if (!armColors.has(key)) armColors.set(key, ARM_PALETTE[armColors.size % ARM_PALETTE.length]);
+  if (!armColors.has(key)) armColors.set(key, nthColor(armColors.size));
   return armColors.get(key);
+}
+// Past the palette, hues a golden angle apart (and three lightnesses): the 11th arm no longer takes the
+// 1st one's colour, which made two arms one in the legend and on the chart.
+function nthColor(i) {
+  if (i < ARM_PALETTE.length) return ARM_PALETTE[i];
+  const j = i - ARM_PALETTE.length;
+  return `hsl(${Math.round((j * 137.508) % 360)}, 70%, ${[38, 50, 30][j % 3]}%)`;
 }
 
 // -- API -----------------------------------------------------------------------------------------
@@ -583,7 +590,7 @@ async function openReport(file) {
     // Points of one method (its operating points, `.../points/3`) share a colour and a legend entry.
     const groupOf = (name) => name.replace(/ \/ (points \/ )?\d+$/, "").replace(/^methods \/ /, "");
     const groups = [...new Set(report.points.map((p) => groupOf(p.name)))];
-    const colour = (g) => ARM_PALETTE[groups.indexOf(g) % ARM_PALETTE.length];
+    const colour = (g) => nthColor(groups.indexOf(g));
     const points = report.points.map((p) => ({
       key: p.name, label: groupOf(p.name), x: p.cost, y: p.accuracy, r: 5, color: colour(groupOf(p.name)),
       pareto: p.pareto, testid: "report-point", rings: [],
