@@ -1004,6 +1004,15 @@ def test_outside_text_shows_as_text_with_its_invisible_characters_named(tmp_path
         assert page.locator("img, script:not([src])").count() == 0
         assert page.evaluate("window.__pwned") is None and not errors, errors
         page.close()
+        # and nothing a client or an upstream chooses becomes a Prometheus label (unbounded series)
+        unknown = httpx.post(gateway.url + "/v1/chat/completions", timeout=10, headers={"x-request-id": "client-id-1"},
+                             json={"model": "<b>no-such-model</b>", "user": "user-label-1", "metadata": {"m": "meta-1"},
+                                   "messages": [{"role": "user", "content": "x"}]})
+        assert unknown.status_code == 404
+        exposition = get(gateway.url, "/metrics", key=None).text
+        for chosen in ("no-such-model", "client-id-1", "user-label-1", "meta-1", "pwned", failed.headers["x-ponder-request-id"]):
+            assert chosen not in exposition, chosen
+        assert 'ponder_requests_total{alias="-",status_class="4xx",task="-"} 1.0' in exposition
 
 
 def test_a_billionth_of_a_dollar_reads_the_same_on_the_page_and_in_ponder_stats(tmp_path, browser):

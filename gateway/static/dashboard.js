@@ -416,7 +416,7 @@ function renderSpend() {
     ? bars(rows.map((r) => r.cost_usd), { labels, format: usd, testid: "spend-svg", barTestid: "spend-bar", every: hourly ? 3 : 5,
       name: `Spend per ${hourly ? "hour" : "day"} over ${period}` })
     : h("p", { class: "empty", "data-testid": "spend-empty", text: nothingYet(`Nothing spent in ${period}.`) }));
-  const head = h("tr", {}, ["key", "30 days", "requests", "today vs daily budget", "this month vs monthly budget"].map((t, i) => h("th", { class: i && i < 3 ? "num" : "", text: t })));
+  const head = h("tr", {}, ["key", "30 days", "requests", "today (UTC) vs daily budget", "this month (UTC) vs monthly budget"].map((t, i) => h("th", { class: i && i < 3 ? "num" : "", text: t })));
   const meter = (spent, cap, used) => {
     // no ledger without a cap: 30-day spend is beside it (a cap of $0 is a cap: the key may spend nothing)
     if (cap === undefined || cap === null) return h("span", { text: "no cap" });
