@@ -275,11 +275,19 @@ def savings(table: Table, reference: str, estimate: CostEstimate | None = None) 
             acc_den += count
     actual_rate = acc_num / acc_den if acc_den else None
     ref_rate = ref_num / acc_den if acc_den else None
+    # No bucket priced (the reference never answered and the policy has no estimate for it): totals
+    # over nothing would read "$0 against $0, saved $0", as if the routed requests had cost nothing.
+    priced = sum(1 for b in buckets if b["reference_cost_usd"] is not None)
+
+    def total(value: float) -> float | None:
+        return round(value, 10) if priced or not buckets else None
+
     return {
         "reference": reference,
-        "actual_cost_usd": round(actual_cost, 10),
-        "reference_cost_usd": round(reference_cost, 10),
-        "saved_usd": round(reference_cost - actual_cost, 10),
+        "priced_buckets": priced,
+        "actual_cost_usd": total(actual_cost),
+        "reference_cost_usd": total(reference_cost),
+        "saved_usd": total(reference_cost - actual_cost),
         "saved_share": round(1 - actual_cost / reference_cost, 4) if reference_cost > 0 else None,
         "actual_success_rate": actual_rate,
         "reference_success_rate": ref_rate,

@@ -931,11 +931,10 @@ def test_redis_going_away_while_the_page_is_open_is_said_and_recovered_from(tmp_
         page.close()
 
 
-def test_an_arm_that_never_answered_has_no_latency_not_0_ms(tmp_path, browser):
-    """An arm whose every request failed has no latency sample: its p50/p95 were 0 ms, in the JSON, in
-    `ponder stats` and on the page, where it was drawn as the fastest arm. Now null, "-", and said."""
-    from playwright.sync_api import expect
-
+@contextlib.contextmanager
+def direct_requests_one_arm_failing(tmp_path):
+    """A keyless gateway that recorded two direct requests: one answered by mock-b, one mock-a failed
+    (502). Yields (gateway, its data dir, the direct policy's summary)."""
     data = tmp_path / "data"
     with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
             "backends": [mock_backend("mock-a", mock), mock_backend("mock-b", mock)],
@@ -944,13 +943,22 @@ def test_an_arm_that_never_answered_has_no_latency_not_0_ms(tmp_path, browser):
         assert chat(gateway.url, "mock-b", "one two three").status_code == 200
         control(mock, script=["500", "500"])
         assert chat(gateway.url, "mock-a", "this one fails").status_code == 502
-        failed = "mock-a/-/single/1"
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             summary = get(gateway.url, "/v1/ponder/summary?policy=direct", key=None).json()
             if summary["totals"]["requests"] == 2:
                 break
             time.sleep(0.2)
+        yield gateway, data, summary
+
+
+def test_an_arm_that_never_answered_has_no_latency_not_0_ms(tmp_path, browser):
+    """An arm whose every request failed has no latency sample: its p50/p95 were 0 ms, in the JSON, in
+    `ponder stats` and on the page, where it was drawn as the fastest arm. Now null, "-", and said."""
+    from playwright.sync_api import expect
+
+    failed = "mock-a/-/single/1"
+    with direct_requests_one_arm_failing(tmp_path) as (gateway, data, summary):
         latency = {row["arm"]: row for row in summary["latency"]}
         assert latency[failed]["p95_latency_ms"] is None and latency[failed]["p50_latency_ms"] is None
         assert latency["mock-b/-/single/1"]["p95_latency_ms"] > 0
@@ -1091,4 +1099,31 @@ def test_fifty_arms_get_fifty_colours(tmp_path, browser):
         assert len(fills) == 50 and len(set(fills)) == 50, sorted(fills)
         legend = page.locator("[data-testid=arm-legend] i").evaluate_all("(is) => is.map((i) => getComputedStyle(i).backgroundColor)")
         assert len(set(legend)) == 50
+        page.close()
+
+
+def test_savings_against_an_arm_with_no_price_say_so_not_saved_0(tmp_path, browser):
+    """Against a reference that answered none of the requests and that the policy has no estimate for,
+    every bucket is left out of both totals: the panel read "Always mock-a $0 · Actual routed spend $0 ·
+    Saved $0" in green, beside a KPI of what was really spent. The totals are null now and the panel
+    says the reference has no price."""
+    from playwright.sync_api import expect
+
+    with direct_requests_one_arm_failing(tmp_path) as (gateway, _, summary):
+        assert summary["totals"]["spent_usd"] > 0
+        savings = get(gateway.url, "/v1/ponder/savings?policy=direct&reference=mock-a/-/single/1", key=None).json()
+        assert {b["reference_cost_basis"] for b in savings["buckets"]} == {"unknown"}
+        assert savings["reference_cost_usd"] is None and savings["actual_cost_usd"] is None and savings["saved_usd"] is None
+        assert savings["priced_buckets"] == 0
+        priced = get(gateway.url, "/v1/ponder/savings?policy=direct&reference=mock-b/-/single/1", key=None).json()
+        assert priced["priced_buckets"] == len(priced["buckets"]) and priced["actual_cost_usd"] == pytest.approx(
+            summary["totals"]["spent_usd"])
+        page = browser.new_page()
+        page.goto(gateway.url + "/dashboard")
+        page.wait_for_selector("[data-testid=policy-select] option[value=direct]", state="attached")
+        page.select_option("[data-testid=policy-select]", "direct")
+        page.wait_for_selector("[data-testid=reference-select] option[value='mock-a/-/single/1']", state="attached")
+        page.select_option("[data-testid=reference-select]", "mock-a/-/single/1")
+        expect(page.get_by_test_id("savings-unpriced")).to_contain_text("No price for always mock-a")
+        assert page.get_by_test_id("saved").count() == 0
         page.close()

@@ -441,11 +441,17 @@ function renderSavings(sv) {
   const root = $("savings");
   if (!sv.reference) { fill(root, h("p", { class: "empty", text: nothingYet("No traffic yet.") })); return; }
   const delta = sv.success_rate_delta;
+  const unpriced = sv.buckets.filter((b) => b.reference_cost_basis === "unknown").length;
   fill(root, 
-    h("div", { class: "savings-big" },
+    sv.reference_cost_usd === null
+      ? h("p", { class: "empty", "data-testid": "savings-unpriced", text: `No price for always ${shortArm(sv.reference)}: it answered none of these requests, and the policy has no estimate for it. Pick another reference.` })
+      : h("div", { class: "savings-big" },
       h("div", {}, h("span", { class: "label", text: `Always ${shortArm(sv.reference)}` }), h("span", { class: "value", "data-testid": "reference-cost", text: usd(sv.reference_cost_usd) })),
       h("div", {}, h("span", { class: "label", text: "Actual routed spend" }), h("span", { class: "value", "data-testid": "actual-cost", text: usd(sv.actual_cost_usd) })),
       h("div", {}, h("span", { class: "label", text: "Saved" }), h("span", { class: "value " + (sv.saved_usd >= 0 ? "good" : "bad"), "data-testid": "saved", text: `${usd(sv.saved_usd)}${sv.saved_share === null ? "" : " (" + pct(sv.saved_share) + ")"}` }))),
+    unpriced && sv.reference_cost_usd !== null
+      ? h("p", { class: "hint", "data-testid": "savings-left-out", text: `Left out of both totals: ${unpriced} bucket${unpriced === 1 ? "" : "s"} with no price for the reference (basis "unknown").` })
+      : null,
     h("p", { "data-testid": "success-delta", text: delta === null
       ? "Success rate delta: not enough scored requests on both sides yet."
       : `Success rate: routed ${pct(sv.actual_success_rate, 1)} vs always-${shortArm(sv.reference)} ${pct(sv.reference_success_rate, 1)} (${delta >= 0 ? "+" : ""}${(100 * delta).toFixed(1)} points)` }),
