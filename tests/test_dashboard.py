@@ -808,17 +808,9 @@ def test_the_current_choice_is_priced_for_the_requests_n(tmp_path):
         assert [tier["current_choice"] for tier in task["tiers"]] == ["mock-b/-/self_consistency/4"]
 
 
-def test_dashboard_fits_a_phone_screen(stack, browser):
-    """At 375 px wide the page never scrolls sideways: wide tables scroll inside their panel."""
-    gateway, *_ = stack
-    page = browser.new_page(viewport={"width": 375, "height": 812})
-    page.goto(gateway.url + "/dashboard")
-    page.fill("[data-testid=key-input]", ADMIN_KEY)
-    page.click("[data-testid=login-submit]")
-    page.wait_for_selector("[data-testid=request-row]")
-    page.click("[data-testid=request-row] >> nth=0")
-    page.wait_for_selector("[data-testid=detail-reasons] li")
-    overflowing = page.evaluate("""() => {
+def overflowing(page) -> list[str]:
+    """Elements that stick out past the viewport's right edge, outside any box that scrolls or clips them."""
+    return page.evaluate("""() => {
         const width = document.documentElement.clientWidth;
         const out = [];
         for (const el of document.querySelectorAll('body *')) {
@@ -833,7 +825,20 @@ def test_dashboard_fits_a_phone_screen(stack, browser):
         }
         return out;
     }""")
-    assert overflowing == [], overflowing[:12]
+
+
+def test_dashboard_fits_a_phone_screen(stack, browser):
+    """At 375 px wide the page never scrolls sideways: wide tables scroll inside their panel."""
+    gateway, *_ = stack
+    page = browser.new_page(viewport={"width": 375, "height": 812})
+    page.goto(gateway.url + "/dashboard")
+    page.fill("[data-testid=key-input]", ADMIN_KEY)
+    page.click("[data-testid=login-submit]")
+    page.wait_for_selector("[data-testid=request-row]")
+    page.click("[data-testid=request-row] >> nth=0")
+    page.wait_for_selector("[data-testid=detail-reasons] li")
+    out = overflowing(page)
+    assert out == [], out[:12]
     assert page.evaluate("document.documentElement.scrollWidth") <= 375
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "dashboard-phone.png"), full_page=True)
@@ -1126,4 +1131,35 @@ def test_savings_against_an_arm_with_no_price_say_so_not_saved_0(tmp_path, brows
         page.select_option("[data-testid=reference-select]", "mock-a/-/single/1")
         expect(page.get_by_test_id("savings-unpriced")).to_contain_text("No price for always mock-a")
         assert page.get_by_test_id("saved").count() == 0
+        page.close()
+
+
+def test_long_names_do_not_push_the_page_sideways(tmp_path, browser):
+    """A 128-character backend name (names are validated for their characters, not their length), an
+    80-character policy name and a 100-character key id: the policy and reference selects grew to fit
+    them and the page scrolled sideways to ~3000 px at 1440, the latency chart's label ran off its
+    left edge. Names wrap, selects keep a width, SVG labels and table cells are cut in the middle
+    (the full name in their title)."""
+    long = "a-very-long-backend-name-" + "x" * 100 + "-end"
+    key = "k" * 100
+    policy = write_policy(tmp_path, {"name": "p" * 80, "arms": {"l" * 60: {"backend": long}},
+                                     "routes": [{"name": "r", "candidates": ["l" * 60]}]}, "long.yaml")
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend(long, mock), mock_backend("mock-b", mock)], "policy": policy,
+            "api_keys": [{"id": key, "sha256": hashlib.sha256(ADMIN_KEY.encode()).hexdigest(), "admin": True}],
+            "telemetry": {"data_dir": str(tmp_path / "data"), "refresh_s": 0.2}}, name="long")) as gateway:
+        for model in ("auto", long):
+            response = httpx.post(gateway.url + "/v1/chat/completions", headers=bearer(ADMIN_KEY), timeout=30,
+                                  json={"model": model, "messages": [{"role": "user", "content": "hello there"}]})
+            assert response.status_code == 200, response.text
+        page = browser.new_page(viewport={"width": 1440, "height": 900})
+        page.goto(gateway.url + "/dashboard#key=" + ADMIN_KEY)
+        page.wait_for_selector("[data-testid=latency-row]")
+        page.click("[data-testid=request-row] >> nth=0")
+        page.wait_for_selector("[data-testid=detail-reasons] li")
+        assert overflowing(page) == [], overflowing(page)[:12]
+        assert page.evaluate("document.documentElement.scrollWidth") <= 1440
+        label = page.locator(f"[data-testid=latency-row][data-arm='{long}/-/single/1'] text").first
+        assert label.bounding_box()["x"] >= 0 and "…" in label.text_content()
+        assert page.locator(f"[data-testid=key-spend-row] td[title='{key}']").count() == 1
         page.close()

@@ -99,6 +99,14 @@ function parseArm(key) {
   return { backend: parts.join("/"), effort: effort === "-" ? null : effort, strategy, n };
 }
 
+// SVG text does not wrap: a long name there is cut in the middle (its start and its end, the backend
+// and the strategy, are what tell arms apart); the full name is in the element's title.
+function clip(text, max) {
+  if (text.length <= max) return text;
+  const head = Math.ceil((max - 1) * 0.6);
+  return text.slice(0, head) + "…" + text.slice(text.length - (max - 1 - head));
+}
+
 function shortArm(key) {
   const a = parseArm(key);
   const strat = { single: "", cot: "CoT", self_consistency: "SC", adaptive_consistency: "ASC", best_of_n: "BoN", cascade: "cascade" }[a.strategy] ?? a.strategy;
@@ -342,7 +350,7 @@ function scatter(points, { xLabel, xFormat, testid, name, width = 420, height = 
     }
     if (labels === "all" || (labels === "frontier" && p.pareto)) {
       const right = cx < width * 0.7;
-      g.append(s("text", { class: "point-label", x: cx + (right ? p.r + 6 : -p.r - 6), y: cy + 3, "text-anchor": right ? "start" : "end", text: p.label }));
+      g.append(s("text", { class: "point-label", x: cx + (right ? p.r + 6 : -p.r - 6), y: cy + 3, "text-anchor": right ? "start" : "end", text: clip(p.label, 40) }));
     }
     svg.append(g);
   }
@@ -425,7 +433,7 @@ function renderSpend() {
       `${usd(spent || 0)} / ${usd(cap)}`);
   };
   fill($("key-spend"), h("thead", {}, head), h("tbody", {}, spend.keys.map((k) => h("tr", { "data-testid": "key-spend-row", "data-key": k.key_id },
-    h("td", { text: k.key_id }), h("td", { class: "num", text: usd(k.cost_usd_30d) }), h("td", { class: "num", text: count(k.requests_30d) }),
+    h("td", { title: k.key_id, text: clip(k.key_id, 40) }), h("td", { class: "num", text: usd(k.cost_usd_30d) }), h("td", { class: "num", text: count(k.requests_30d) }),
     h("td", {}, meter(k.spent.day, k.budget.day, k.used.day)), h("td", {}, meter(k.spent.month, k.budget.month, k.used.month))))));
 }
 
@@ -475,7 +483,7 @@ function renderLatency(rows) {
   rows.forEach((r, i) => {
     const y = m.t + i * rowH;
     const g = s("g", { "data-testid": "latency-row", "data-arm": r.arm });
-    g.append(titled(s("text", { class: "value-label", x: m.l - 8, y: y + 17, "text-anchor": "end", text: shortArm(r.arm) }), r.arm));
+    g.append(titled(s("text", { class: "value-label", x: m.l - 8, y: y + 17, "text-anchor": "end", text: clip(shortArm(r.arm), 30) }), r.arm));
     if (r.p95_latency_ms === null) {
       g.append(s("text", { x: m.l + 4, y: y + 17, "data-testid": "latency-none", text: `no answers: ${count(r.requests)} request${r.requests === 1 ? "" : "s"}, none answered`  }));
       svg.append(g);
@@ -524,7 +532,7 @@ function renderRequests(rows, readable) {
     const tr = h("tr", { "data-testid": "request-row", "data-request-id": r.request_id, class: r.request_id === state.selected ? "selected" : "",
       tabindex: 0, onclick: () => openRequest(r.request_id),
       onkeydown: (ev) => { if (ev.key === "Enter" || ev.key === " ") { ev.preventDefault(); openRequest(r.request_id); } } },
-      h("td", { title: stamp(r.ts), text: time(r.ts) }), h("td", { text: r.bucket }), h("td", { title: r.arm, text: shortArm(r.arm) }),
+      h("td", { title: stamp(r.ts), text: time(r.ts) }), h("td", { text: r.bucket }), h("td", { title: r.arm, text: clip(shortArm(r.arm), 40) }),
       h("td", {}, r.policy === "direct" ? h("span", { class: "tag", text: "direct" }) : h("span", { class: "tag" + (r.explore ? " explore" : ""), text: r.explore ? "explore" : "exploit" })),
       h("td", { class: "num", text: r.samples }), h("td", { class: "num", text: usd(r.cost_usd) }), h("td", { class: "num", text: ms(r.latency_ms) }),
       h("td", {}, h("span", { class: "tag " + (r.status < 400 ? "ok" : "err"), text: r.status })));
@@ -572,7 +580,7 @@ async function openRequest(id) {
     dec.candidates.length ? h("table", { class: "grid", "data-testid": "detail-candidates" },
       h("thead", {}, h("tr", {}, ["arm", "P(correct)", "exp. cost", "exp. latency", "utility", "excluded"].map((t, i) => h("th", { class: i && i < 5 ? "num" : "", text: t })))),
       h("tbody", {}, dec.candidates.map((k) => h("tr", { class: k.chosen ? "chosen" : "", "data-testid": "candidate-row" },
-        h("td", { title: k.arm, text: shortArm(k.arm) }), h("td", { class: "num", text: pct(k.expected_accuracy, 1) }),
+        h("td", { title: k.arm, text: clip(shortArm(k.arm), 40) }), h("td", { class: "num", text: pct(k.expected_accuracy, 1) }),
         h("td", { class: "num", text: usd(k.expected_cost_usd) }), h("td", { class: "num", text: ms(k.expected_latency_ms) }),
         h("td", { class: "num", text: (k.utility ?? 0).toFixed(4) }), h("td", { text: k.excluded || "" })))))
       : h("p", { class: "hint", text: "No candidates: the client named a backend directly." }),
