@@ -113,13 +113,14 @@ def _fmt_rate(value: Any) -> str:
 
 
 def _fmt_usd(value: float) -> str:
-    """As the dashboard writes money (dashboard.js usd()): a fixed 6 decimals printed a request of
-    $4e-7 (a small model, a short prompt) as 0.000000, the same as a free local model's."""
+    """As the dashboard writes money (dashboard.js usd(): to the cent from $1 up, 3 significant digits
+    below a cent). A fixed 6 decimals printed a request of $4e-7 (a small model, a short prompt) as
+    0.000000, the same as a free local model's."""
     a = abs(value)
     if a == 0:
         return "0"
     if a >= 0.01:
-        return f"{value:.0f}" if a >= 100 else f"{value:.2f}" if a >= 1 else f"{value:.3f}"
+        return f"{value:,.2f}" if a >= 1 else f"{value:.3f}"
     exponent = math.floor(math.log10(float(f"{a:.2e}")))  # of the value as rounded to 3 digits
     if exponent >= -6:
         return f"{value:.{2 - exponent}f}"

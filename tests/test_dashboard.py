@@ -1028,32 +1028,39 @@ def test_outside_text_shows_as_text_with_its_invisible_characters_named(tmp_path
         assert 'ponder_requests_total{alias="-",status_class="4xx",task="-"} 1.0' in exposition
 
 
-def test_a_billionth_of_a_dollar_reads_the_same_on_the_page_and_in_ponder_stats(tmp_path, browser):
-    """One request that cost $1e-9 (one prompt token at $0.001 per million, free output): the page
-    shows $1.00e-9, and `ponder stats` printed its mean cost with 6 fixed decimals: 0.000000, the same
-    as a free model's. It writes money as the page does now."""
+def test_money_reads_the_same_on_the_page_and_in_ponder_stats(tmp_path, browser):
+    """A request that cost $1e-9 (one prompt token at $0.001 per million, free output) and one that cost
+    $246.913578 (two prompt tokens at $123.456789 each). `ponder stats` printed mean costs with 6 fixed
+    decimals (0.000000 for the first, the same as a free model's) and the page rounded $100 and up to
+    the dollar ($247). Both write money alike now: 3 significant digits below a cent, cents from $1."""
     from playwright.sync_api import expect
 
     data = tmp_path / "data"
     with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
             "backends": [mock_backend("mock-a", mock, prices={"input_per_mtok": 0.001, "output_per_mtok": 0}),
-                         mock_backend("mock-b", mock)],
-            "policy": two_mock_policy(tmp_path, "tiny"), "telemetry": {"data_dir": str(data), "refresh_s": 0.2}},
-            name="tiny")) as gateway:
-        response = chat(gateway.url, "mock-a", "hi")
-        assert response.status_code == 200 and response.json()["usage"]["prompt_tokens"] == 1
-        paid = response.json()["ponder"]["cost_usd"]  # (the x-ponder-cost-usd header has 8 decimals: 0.00000000)
-        assert paid == pytest.approx(1e-9)
+                         mock_backend("mock-p", mock, prices={"input_per_mtok": 123_456_789, "output_per_mtok": 0})],
+            "policy": write_policy(tmp_path, {"name": "money", "arms": {"a": {"backend": "mock-a"}},
+                                              "routes": [{"name": "all", "candidates": ["a"]}]}, "money.yaml"),
+            "telemetry": {"data_dir": str(data), "refresh_s": 0.2}}, name="money")) as gateway:
+        paid = {}
+        for backend, prompt in (("mock-a", "hi"), ("mock-p", "hello there")):
+            response = chat(gateway.url, backend, prompt)
+            assert response.status_code == 200, response.text
+            paid[backend] = response.json()["ponder"]["cost_usd"]  # (x-ponder-cost-usd has 8 decimals: 0.00000000)
+        assert paid == {"mock-a": pytest.approx(1e-9), "mock-p": pytest.approx(246.913578)}
         page = browser.new_page()
         page.goto(gateway.url + "/dashboard")
         page.wait_for_selector("[data-testid=policy-select] option[value=direct]", state="attached")
         page.select_option("[data-testid=policy-select]", "direct")
-        expect(page.get_by_test_id("total-cost")).to_have_text("$1.00e-9")
-        assert float(page.get_attribute("[data-testid=total-cost]", "data-value")) == pytest.approx(paid, rel=1e-9)
+        expect(page.get_by_test_id("total-cost")).to_have_text("$246.91")
+        assert float(page.get_attribute("[data-testid=total-cost]", "data-value")) == pytest.approx(sum(paid.values()))
+        tips = {arm: page.text_content(f"[data-testid=arm-point][data-arm='{arm}/-/single/1'] title") for arm in paid}
+        assert "mean cost $1.00e-9" in tips["mock-a"] and "mean cost $246.91" in tips["mock-p"], tips
         page.close()
         text = subprocess.run([sys.executable, "-m", "gateway.cli", "stats", "--data-dir", str(data), "--policy",
                                "direct"], cwd=ROOT, capture_output=True, text=True, timeout=60).stdout
         assert re.search(r"mock-a/-/single/1 +1 +- +1\.00e-9 ", text), text
+        assert re.search(r"mock-p/-/single/1 +1 +- +246\.91 ", text), text
 
 
 def test_redis_away_since_the_gateway_started_is_not_shown_as_no_traffic(tmp_path, browser):

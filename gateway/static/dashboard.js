@@ -78,8 +78,8 @@ function usd(x) {
   if (x === null || x === undefined) return "–";
   if (x === 0) return "$0";
   const a = Math.abs(x);
-  if (a >= 100) return "$" + x.toFixed(0);
-  if (a >= 1) return "$" + x.toFixed(2);
+  // to the cent from $1 up ($1234.56 read "$1235"), with thousands separators
+  if (a >= 1) return (x < 0 ? "-$" : "$") + a.toLocaleString("en-US", { minimumFractionDigits: 2, maximumFractionDigits: 2 });
   if (a >= 0.01) return "$" + x.toFixed(3);
   return "$" + x.toPrecision(3);
 }
