@@ -552,6 +552,28 @@ def test_a_policy_picked_while_a_refresh_is_on_its_way_is_kept(stack, browser):
     page.close()
 
 
+def test_the_detail_shows_the_last_request_picked_not_the_last_answered(stack, browser):
+    """Click one request, then another before the first one's reasons arrived: the first answer, landing
+    last, replaced the second's reasons, so the panel explained a request other than the highlighted one."""
+    from playwright.sync_api import expect
+
+    page, seeded = _dashboard_with_requests(stack, browser)
+    first, second = seeded.records[0]["id"], seeded.records[1]["id"]
+    held = []
+    page.route(f"**/v1/ponder/requests/{first}", lambda route: held.append(route))
+    page.click(f"[data-testid=request-row][data-request-id='{first}']")
+    deadline = time.monotonic() + 10
+    while not held and time.monotonic() < deadline:
+        page.wait_for_timeout(50)
+    assert held, "the first request's reasons were never asked for"
+    page.click(f"[data-testid=request-row][data-request-id='{second}']")
+    expect(page.locator("[data-testid=request-detail] .hint").first).to_have_text(second)
+    held[0].continue_()
+    page.wait_for_timeout(500)  # the first answer has landed
+    expect(page.locator("[data-testid=request-detail] .hint").first).to_have_text(second)
+    page.close()
+
+
 def test_a_request_opens_from_the_keyboard(stack, browser):
     """Tab reaches the recent requests and Enter opens one's reasons, as a click does; the 4 s refresh
     that redraws the rows leaves the keyboard on the same request."""

@@ -558,9 +558,11 @@ async function openRequest(id) {
     d = await api("/v1/ponder/requests/" + encodeURIComponent(id));
   } catch (err) {
     if (err instanceof AuthError) return showLogin(err.message);
-    fill(root, h("p", { class: "error", text: err.message }));
+    if (state.selected === id) fill(root, h("p", { class: "error", text: err.message }));
     return;
   }
+  // another row was picked while this one's reasons were on their way: its answer must not replace them
+  if (state.selected !== id) return;
   const r = d.request, c = d.classifier, dec = d.decision, ex = d.execution;
   const probs = Object.entries(c.task_probs || {}).sort((a, b) => b[1] - a[1]);
   const kv = (pairs) => h("dl", { class: "kv" }, pairs.flatMap(([k, v]) => [h("dt", { text: k }), h("dd", {}, v)]));
