@@ -26,8 +26,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from router.types import bucket_key
 from telemetry.redis_server import start_redis
-from tests.servers import (ROOT, control, free_port, mock_backend, running, start_gateway, start_mock, two_mock_policy,
-                           write_policy)
+from tests.servers import (ROOT, Process, control, free_port, mock_backend, running, start_gateway, start_mock,
+                           two_mock_policy, write_policy)
 
 USER_KEY = "sk-dash-user-1"
 ADMIN_KEY = "sk-dash-admin-2"
@@ -1192,3 +1192,34 @@ def test_long_names_do_not_push_the_page_sideways(tmp_path, browser):
         assert label.bounding_box()["x"] >= 0 and "…" in label.text_content()
         assert page.locator(f"[data-testid=key-spend-row] td[title='{key}']").count() == 1
         page.close()
+
+
+def test_a_gateway_restarted_while_the_page_is_open(tmp_path, browser):
+    """While the gateway is down the page keeps its last numbers and said only "refresh failed: Failed to
+    fetch": now it says the gateway is unreachable, how old the numbers are and that it retries; and it
+    picks up by itself (same tab, no reload) once the gateway answers again."""
+    from playwright.sync_api import expect
+
+    with running(start_mock(tmp_path)) as mock:
+        config = {"backends": [mock_backend("mock-a", mock), mock_backend("mock-b", mock)],
+                  "policy": two_mock_policy(tmp_path, "restart"),
+                  "telemetry": {"data_dir": str(tmp_path / "data"), "refresh_s": 0.2}}
+        gateway = start_gateway(tmp_path, config, name="restart")
+        with contextlib.ExitStack() as cleanup:
+            cleanup.callback(lambda: gateway.stop())
+            assert chat(gateway.url, "auto", "hello there").status_code == 200
+            page = browser.new_page()
+            page.goto(gateway.url + "/dashboard")
+            expect(page.get_by_test_id("total-requests")).to_have_text("1")
+            page.evaluate("window.__sameDocument = true")
+            gateway.stop()
+            expect(page.get_by_test_id("last-updated")).to_contain_text(
+                re.compile(r"refresh failed at \d\d:\d\d:\d\d UTC: gateway unreachable · numbers from \d\d:\d\d:\d\d UTC · retrying"),
+                timeout=10_000)
+            expect(page.get_by_test_id("total-requests")).to_have_text("1")  # the last numbers stay
+            gateway = Process(list(gateway.process.args), gateway.url, "/readyz", tmp_path / "restart-again.log")
+            assert chat(gateway.url, "auto", "hello again").status_code == 200
+            expect(page.get_by_test_id("total-requests")).to_have_text("2", timeout=15_000)
+            expect(page.get_by_test_id("last-updated")).to_contain_text(re.compile(r"^updated "))
+            assert page.evaluate("window.__sameDocument") is True
+            page.close()

@@ -236,7 +236,11 @@ async function refresh() {
       state.busy = false;
       return refresh();
     }
-    $("status").textContent = "refresh failed: " + visible(err.message);
+    // The panels keep the last numbers drawn: say how old they are, and that the page keeps trying
+    // (a gateway restarting answers again within seconds; fetch's own message is "Failed to fetch").
+    const why = err instanceof TypeError ? "gateway unreachable" : visible(err.message);
+    $("status").textContent = `refresh failed at ${time(Date.now() / 1000)} UTC: ${why}` +
+      (state.lastOk ? ` · numbers from ${time(state.lastOk / 1000)} UTC` : "") + " · retrying";
     $("status").classList.add("stale");
   }
   state.busy = false;
