@@ -971,12 +971,13 @@ def direct_requests_one_arm_failing(tmp_path):
         control(mock, script=["500", "500"])
         assert chat(gateway.url, "mock-a", "this one fails").status_code == 502
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            summary = get(gateway.url, "/v1/ponder/summary?policy=direct", key=None).json()
-            if summary["totals"]["requests"] == 2:
+        while True:  # `direct` is a 404 (unknown policy) until the store has read its first event
+            response = get(gateway.url, "/v1/ponder/summary?policy=direct", key=None)
+            if response.status_code == 200 and response.json()["totals"]["requests"] == 2:
                 break
+            assert time.monotonic() < deadline, response.text
             time.sleep(0.2)
-        yield gateway, data, summary
+        yield gateway, data, response.json()
 
 
 def test_an_arm_that_never_answered_has_no_latency_not_0_ms(tmp_path, browser):
