@@ -45,6 +45,13 @@ def json_response(data: Any, status: int = 200) -> Response:
                     media_type="application/json")
 
 
+def store_readable(gw: Any) -> bool:
+    """Whether the store answers reads: while Redis is away the event log holds only this replica's
+    buffered events, and an empty list (or an id not found) must not read as 'no requests'."""
+    health = gw.store.health()
+    return bool(health.get("connected", True) or health.get("answers_reads"))
+
+
 def admin_gateway(request: Request) -> Any:
     gw = request.app.state.gateway
     gw.keys.authenticate(request, admin=True)
@@ -200,7 +207,7 @@ async def requests_endpoint(request: Request) -> Response:
     gw = admin_gateway(request)
     events = await gw.store.recent_events(_limit(request))
     rows = [summaries.request_row(e) for e in events]
-    return json_response({"requests": rows, "count": len(rows)})
+    return json_response({"requests": rows, "count": len(rows), "store_readable": store_readable(gw)})
 
 
 async def request_endpoint(request: Request) -> Response:
@@ -209,6 +216,10 @@ async def request_endpoint(request: Request) -> Response:
     for event in await gw.store.recent_events(REQUEST_LOOKUP_WINDOW):
         if event.get("request_id") == request_id:
             return json_response(summaries.request_detail(event))
+    if not store_readable(gw):
+        raise ApiError(503, f"The telemetry store is unreachable: request {request_id!r} is not among the requests "
+                       "this gateway still holds in memory; try again when the store is back.",
+                       param="request_id", code="store_unavailable")
     raise ApiError(404, f"No request {request_id!r} among the last {REQUEST_LOOKUP_WINDOW} recorded.",
                    param="request_id", code="unknown_request")
 

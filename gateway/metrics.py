@@ -5,8 +5,8 @@
 that are bounded by configuration, never by clients: arm keys and aliases come from the policy and the
 backend list (an unknown `model` is refused before anything is recorded), tasks from the classifier's
 fixed label set, efforts from a validated enum, and HTTP statuses are grouped into classes (errors keep
-the exact code: the gateway only returns a dozen). Request ids are never labels; key ids only label
-the rate-limited count, and come from the config's api_keys.
+the exact code: the gateway only returns a dozen). Request ids are never labels; key ids only in
+`ponder_rate_limited_requests`, where they are the configured keys' (bounded by the config).
 
 Multi-process: when the server runs several worker processes, set `PROMETHEUS_MULTIPROC_DIR` to an
 empty, writable folder before the workers start (and wipe it on every deploy). prometheus-client then

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import sys
 import time
@@ -19,6 +20,7 @@ import orjson
 from router.types import StatsSnapshot
 
 from .aggregates import arm_stats, summary_row
+from .summaries import LATENCY_FIELDS
 
 RawAggregates = dict[str, dict[tuple[str, str], dict[str, float]]]
 
@@ -115,6 +117,26 @@ def _fmt_rate(value: Any) -> str:
     return "-" if value is None else f"{100 * value:5.1f}%"
 
 
+def _fmt_usd(value: float) -> str:
+    """As the dashboard writes money (dashboard.js usd(): to the cent from $1 up, 3 significant digits
+    below a cent). A fixed 6 decimals printed a request of $4e-7 (a small model, a short prompt) as
+    0.000000, the same as a free local model's."""
+    a = abs(value)
+    if a == 0:
+        return "0"
+    if a >= 0.01:
+        return f"{value:,.2f}" if a >= 1 else f"{value:.3f}"
+    exponent = math.floor(math.log10(float(f"{a:.2e}")))  # of the value as rounded to 3 digits
+    if exponent >= -6:
+        return f"{value:.{2 - exponent}f}"
+    mantissa, _, power = f"{value:.2e}".partition("e")
+    return f"{mantissa}e{int(power)}"
+
+
+def _fmt_ms(value: Any) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
 def stats_cli(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ponder stats", description=__doc__.splitlines()[0])
     parser.add_argument("--redis-url", help="default: --config's; without one, $PONDER_REDIS_URL")
@@ -177,6 +199,8 @@ def stats_cli(argv: list[str] | None = None) -> int:
         table: dict[str, dict[str, dict[str, Any]]] = {}
         for (bucket, arm), fields in sorted(arms.items()):
             row = summary_row(fields, now, args.half_life_s)
+            if not row["answered"] > 0:  # as the dashboard shows it: no answer, no latency (not 0 ms)
+                row.update(dict.fromkeys(LATENCY_FIELDS))
             if choose is not None:
                 row["current_choice"] = choose(bucket) == arm
             table.setdefault(bucket, {})[arm] = row
@@ -196,7 +220,7 @@ def stats_cli(argv: list[str] | None = None) -> int:
         for bucket, arms in table.items():
             for arm, r in arms.items():
                 line = (f"  {bucket:<18} {arm:<44} {int(r['requests']):>9} {_fmt_rate(r['success_rate']):>8} "
-                        f"{r['mean_cost_usd']:>10.6f} {r['p95_latency_ms']:>9.0f}")
+                        f"{_fmt_usd(r['mean_cost_usd']):>10} {_fmt_ms(r['p95_latency_ms']):>9}")
                 if with_choice:
                     line += "  *" if r.get("current_choice") else ""
                 print(line)

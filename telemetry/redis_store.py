@@ -334,6 +334,7 @@ class RedisStore(RedisBudgets, RedisConnection):
         h = super().health()
         h.update(
             connected=self._connected,
+            answers_reads=self._answers_reads,  # refusing writes (OOM), still readable: the dashboard's lists
             budget_mode="redis" if self._connected and not self._budgets_fallback else "local",
             unsynced_budget_usd=self._budgets.unpushed_usd(),
             reconnects=self.reconnects,

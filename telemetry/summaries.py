@@ -63,6 +63,8 @@ def merge_rows(rows: Iterable[Row]) -> dict[str, Any]:
         return sum(float(r.get(name) or 0) * answered(r) for r in rows) / answers if answers > 0 else 0.0
 
     cost = sum(float(r.get("cost_usd") or 0) for r in rows)
+    # no answer, no latency: a p95 of no samples is unknown, not 0 ms (the fastest arm on the chart)
+    latency = answers > 0
     return {
         "requests": sum(float(r.get("requests") or 0) for r in rows),
         "failed_requests": sum(float(r.get("failed_requests") or 0) for r in rows),
@@ -75,9 +77,9 @@ def merge_rows(rows: Iterable[Row]) -> dict[str, Any]:
         "spent_usd": sum(float(r.get("spent_usd", r.get("cost_usd")) or 0) for r in rows),
         "mean_cost_usd": cost / count if count else 0.0,
         "mean_latency_ms": sum(float(r.get("mean_latency_ms") or 0) * answered(r) for r in rows) / answers
-        if answers > 0 else 0.0,
-        "p50_latency_ms": by_answers("p50_latency_ms"),
-        "p95_latency_ms": by_answers("p95_latency_ms"),
+        if latency else None,
+        "p50_latency_ms": by_answers("p50_latency_ms") if latency else None,
+        "p95_latency_ms": by_answers("p95_latency_ms") if latency else None,
         "mean_prompt_tokens": by_count("mean_prompt_tokens"),
         "mean_completion_tokens": by_count("mean_completion_tokens"),
         "mean_reasoning_tokens": by_count("mean_reasoning_tokens"),
@@ -98,6 +100,9 @@ def pareto_frontier(points: list[Mapping[str, Any]], cost: str = "mean_cost_usd"
     return frontier
 
 
+LATENCY_FIELDS = ("mean_latency_ms", "p50_latency_ms", "p95_latency_ms")
+
+
 def _rounded(row: Mapping[str, Any]) -> dict[str, Any]:
     out = {}
     for key, value in row.items():
@@ -106,6 +111,8 @@ def _rounded(row: Mapping[str, Any]) -> dict[str, Any]:
             out[key] = round(value, 10) if key.endswith("_usd") else round(value, 4)
         else:
             out[key] = value
+    if "answered" in row and not float(row["answered"] or 0) > 0:  # a store row of an arm that never answered
+        out.update(dict.fromkeys(LATENCY_FIELDS))
     return out
 
 
@@ -171,8 +178,11 @@ def per_arm(table: Table) -> dict[str, dict[str, Any]]:
 
 def latency_by_arm(table: Table) -> list[dict[str, Any]]:
     merged = per_arm(table)
-    return [{"arm": key, "requests": row["requests"], "p50_latency_ms": round(row["p50_latency_ms"], 1),
-             "p95_latency_ms": round(row["p95_latency_ms"], 1), "mean_latency_ms": round(row["mean_latency_ms"], 1)}
+    def ms(value: float | None) -> float | None:
+        return None if value is None else round(value, 1)
+
+    return [{"arm": key, "requests": row["requests"], "answered": round(row["answered"], 4),
+             **{name: ms(row[name]) for name in LATENCY_FIELDS}}
             for key, row in sorted(merged.items(), key=lambda kv: -kv[1]["requests"])]
 
 
@@ -265,11 +275,19 @@ def savings(table: Table, reference: str, estimate: CostEstimate | None = None) 
             acc_den += count
     actual_rate = acc_num / acc_den if acc_den else None
     ref_rate = ref_num / acc_den if acc_den else None
+    # No bucket priced (the reference never answered and the policy has no estimate for it): totals
+    # over nothing would read "$0 against $0, saved $0", as if the routed requests had cost nothing.
+    priced = sum(1 for b in buckets if b["reference_cost_usd"] is not None)
+
+    def total(value: float) -> float | None:
+        return round(value, 10) if priced or not buckets else None
+
     return {
         "reference": reference,
-        "actual_cost_usd": round(actual_cost, 10),
-        "reference_cost_usd": round(reference_cost, 10),
-        "saved_usd": round(reference_cost - actual_cost, 10),
+        "priced_buckets": priced,
+        "actual_cost_usd": total(actual_cost),
+        "reference_cost_usd": total(reference_cost),
+        "saved_usd": total(reference_cost - actual_cost),
         "saved_share": round(1 - actual_cost / reference_cost, 4) if reference_cost > 0 else None,
         "actual_success_rate": actual_rate,
         "reference_success_rate": ref_rate,

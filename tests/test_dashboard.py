@@ -26,7 +26,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from router.types import bucket_key
 from telemetry.redis_server import start_redis
-from tests.servers import ROOT, control, mock_backend, running, start_gateway, start_mock, two_mock_policy, write_policy
+from tests.servers import (ROOT, Process, control, free_port, mock_backend, running, start_gateway, start_mock,
+                           two_mock_policy, write_policy)
 
 USER_KEY = "sk-dash-user-1"
 ADMIN_KEY = "sk-dash-admin-2"
@@ -551,6 +552,28 @@ def test_a_policy_picked_while_a_refresh_is_on_its_way_is_kept(stack, browser):
     page.close()
 
 
+def test_the_detail_shows_the_last_request_picked_not_the_last_answered(stack, browser):
+    """Click one request, then another before the first one's reasons arrived: the first answer, landing
+    last, replaced the second's reasons, so the panel explained a request other than the highlighted one."""
+    from playwright.sync_api import expect
+
+    page, seeded = _dashboard_with_requests(stack, browser)
+    first, second = seeded.records[0]["id"], seeded.records[1]["id"]
+    held = []
+    page.route(f"**/v1/ponder/requests/{first}", lambda route: held.append(route))
+    page.click(f"[data-testid=request-row][data-request-id='{first}']")
+    deadline = time.monotonic() + 10
+    while not held and time.monotonic() < deadline:
+        page.wait_for_timeout(50)
+    assert held, "the first request's reasons were never asked for"
+    page.click(f"[data-testid=request-row][data-request-id='{second}']")
+    expect(page.locator("[data-testid=request-detail] .hint").first).to_have_text(second)
+    held[0].continue_()
+    page.wait_for_timeout(500)  # the first answer has landed
+    expect(page.locator("[data-testid=request-detail] .hint").first).to_have_text(second)
+    page.close()
+
+
 def test_a_request_opens_from_the_keyboard(stack, browser):
     """Tab reaches the recent requests and Enter opens one's reasons, as a click does; the 4 s refresh
     that redraws the rows leaves the keyboard on the same request."""
@@ -807,17 +830,9 @@ def test_the_current_choice_is_priced_for_the_requests_n(tmp_path):
         assert [tier["current_choice"] for tier in task["tiers"]] == ["mock-b/-/self_consistency/4"]
 
 
-def test_dashboard_fits_a_phone_screen(stack, browser):
-    """At 375 px wide the page never scrolls sideways: wide tables scroll inside their panel."""
-    gateway, *_ = stack
-    page = browser.new_page(viewport={"width": 375, "height": 812})
-    page.goto(gateway.url + "/dashboard")
-    page.fill("[data-testid=key-input]", ADMIN_KEY)
-    page.click("[data-testid=login-submit]")
-    page.wait_for_selector("[data-testid=request-row]")
-    page.click("[data-testid=request-row] >> nth=0")
-    page.wait_for_selector("[data-testid=detail-reasons] li")
-    overflowing = page.evaluate("""() => {
+def overflowing(page) -> list[str]:
+    """Elements that stick out past the viewport's right edge, outside any box that scrolls or clips them."""
+    return page.evaluate("""() => {
         const width = document.documentElement.clientWidth;
         const out = [];
         for (const el of document.querySelectorAll('body *')) {
@@ -832,8 +847,380 @@ def test_dashboard_fits_a_phone_screen(stack, browser):
         }
         return out;
     }""")
-    assert overflowing == [], overflowing[:12]
+
+
+def test_dashboard_fits_a_phone_screen(stack, browser):
+    """At 375 px wide the page never scrolls sideways: wide tables scroll inside their panel."""
+    gateway, *_ = stack
+    page = browser.new_page(viewport={"width": 375, "height": 812})
+    page.goto(gateway.url + "/dashboard")
+    page.fill("[data-testid=key-input]", ADMIN_KEY)
+    page.click("[data-testid=login-submit]")
+    page.wait_for_selector("[data-testid=request-row]")
+    page.click("[data-testid=request-row] >> nth=0")
+    page.wait_for_selector("[data-testid=detail-reasons] li")
+    out = overflowing(page)
+    assert out == [], out[:12]
     assert page.evaluate("document.documentElement.scrollWidth") <= 375
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "dashboard-phone.png"), full_page=True)
     page.close()
+
+
+def test_times_are_utc_whatever_the_browsers_time_zone(tmp_path, browser):
+    """The recent requests' times were the browser's local time, unlabelled, beside spend bars in UTC: an
+    operator at UTC+13:45 read a request 13 h 45 min away from its hour's bar. Every time is UTC now."""
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("mock-a", mock), mock_backend("mock-b", mock)],
+            "policy": two_mock_policy(tmp_path, "zoned"),
+            "telemetry": {"data_dir": str(tmp_path / "data"), "refresh_s": 0.2}}, name="zoned")) as gateway:
+        assert chat(gateway.url, "auto", "hello there").status_code == 200
+        [row] = get(gateway.url, "/v1/ponder/requests", key=None).json()["requests"]
+        context = browser.new_context(timezone_id="Pacific/Chatham")  # UTC+12:45 or +13:45, never UTC
+        page = context.new_page()
+        page.goto(gateway.url + "/dashboard")
+        cells = page.locator("[data-testid=request-row] td")
+        cells.first.wait_for()
+        assert page.locator("[data-testid=requests-table] th").first.text_content() == "time (UTC)"
+        assert cells.first.text_content() == time.strftime("%H:%M:%S", time.gmtime(row["ts"]))
+        assert page.text_content("[data-testid=last-updated]").endswith(" UTC")
+        context.close()
+
+
+def test_a_policy_or_arm_a_reload_removes_is_not_asked_for_again(tmp_path, browser):
+    """The page asks for the policy and the savings reference on show every 4 s. A policy edit that
+    removed that reference arm, or renamed the policy (with no traffic yet, so it was known by name
+    only), made every refresh fail for good ("refresh failed: Unknown ..."): the page froze. It now
+    falls back to the default policy / reference and carries on."""
+    from playwright.sync_api import expect
+
+    policy = {"name": "before", "arms": {"cheap": {"backend": "mock-a"}, "strong": {"backend": "mock-b"}},
+              "routes": [{"name": "all", "candidates": ["cheap", "strong"]}]}
+    path = write_policy(tmp_path, policy, "live.yaml")
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("mock-a", mock), mock_backend("mock-b", mock)], "policy": path,
+            "telemetry": {"data_dir": str(tmp_path / "data"), "refresh_s": 0.2}}, name="reload")) as gateway:
+        page = browser.new_page()
+        page.goto(gateway.url + "/dashboard")
+        expect(page.get_by_test_id("policy-select")).to_have_value("before")
+        page.select_option("[data-testid=reference-select]", "mock-b/-/single/1")
+        expect(page.get_by_test_id("last-updated")).to_contain_text("updated")
+        del policy["arms"]["strong"]
+        policy["routes"][0]["candidates"] = ["cheap"]
+        write_policy(tmp_path, policy, "live.yaml")
+        expect(page.get_by_test_id("reference-select")).to_have_value("mock-a/-/single/1", timeout=15_000)
+        expect(page.get_by_test_id("last-updated")).to_contain_text("updated")
+        write_policy(tmp_path, {**policy, "name": "after"}, "live.yaml")
+        expect(page.get_by_test_id("policy-select")).to_have_value("after", timeout=15_000)
+        expect(page.get_by_test_id("last-updated")).to_contain_text("updated")
+        page.close()
+
+
+def test_redis_going_away_while_the_page_is_open_is_said_and_recovered_from(tmp_path, browser):
+    """While Redis is away the gateway keeps answering from what it last read, and the event log holds
+    only this replica's buffered events: the page said "No requests yet." and "updated <now>" over
+    frozen numbers, and a request's reasons were a 404 "no request". It says the store is unreachable
+    (the JSON says so too, and a lookup is a 503), and goes back to normal by itself when Redis is back."""
+    from playwright.sync_api import expect
+
+    redis_proc = start_redis(data_dir=tmp_path / "redis")
+    port = int(redis_proc.url.rsplit(":", 1)[1].split("/")[0])
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(lambda: redis_proc.stop())
+        mock = cleanup.enter_context(running(start_mock(tmp_path)))
+        gateway = cleanup.enter_context(running(start_gateway(tmp_path, {
+            "backends": [mock_backend("mock-a", mock), mock_backend("mock-b", mock)],
+            "policy": two_mock_policy(tmp_path, "away"),
+            "telemetry": {"data_dir": str(tmp_path / "data"), "refresh_s": 0.2, "redis_url": redis_proc.url}},
+            name="away")))
+        first = chat(gateway.url, "auto", "hello there")
+        assert first.status_code == 200
+        page = browser.new_page()
+        page.goto(gateway.url + "/dashboard")
+        page.wait_for_selector("[data-testid=request-row]")
+        redis_proc.stop()
+        expect(page.get_by_test_id("requests-unreadable")).to_have_text(
+            "Telemetry store unreachable: no requests to show until it is back.", timeout=15_000)
+        expect(page.get_by_test_id("last-updated")).to_contain_text("telemetry store unreachable: numbers as of")
+        assert page.get_by_test_id("requests-empty").count() == 0
+        listed = get(gateway.url, "/v1/ponder/requests", key=None).json()
+        assert listed["store_readable"] is False and listed["requests"] == []
+        lookup = get(gateway.url, "/v1/ponder/requests/" + first.headers["x-ponder-request-id"], key=None)
+        assert lookup.status_code == 503 and lookup.json()["error"]["code"] == "store_unavailable", lookup.text
+        redis_proc = start_redis(port=port, data_dir=tmp_path / "redis")  # back, empty (no persistence)
+        again = chat(gateway.url, "auto", "hello again")
+        assert again.status_code == 200
+        row = page.locator(f"[data-testid=request-row][data-request-id='{again.headers['x-ponder-request-id']}']")
+        expect(row).to_have_count(1, timeout=15_000)
+        expect(page.get_by_test_id("requests-unreadable")).to_have_count(0, timeout=10_000)
+        expect(page.get_by_test_id("last-updated")).not_to_contain_text("unreachable")
+        assert get(gateway.url, "/v1/ponder/requests", key=None).json()["store_readable"] is True
+        page.close()
+
+
+@contextlib.contextmanager
+def direct_requests_one_arm_failing(tmp_path):
+    """A keyless gateway that recorded two direct requests: one answered by mock-b, one mock-a failed
+    (502). Yields (gateway, its data dir, the direct policy's summary)."""
+    data = tmp_path / "data"
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("mock-a", mock), mock_backend("mock-b", mock)],
+            "policy": two_mock_policy(tmp_path, "lat"), "telemetry": {"data_dir": str(data), "refresh_s": 0.2}},
+            name="lat")) as gateway:
+        assert chat(gateway.url, "mock-b", "one two three").status_code == 200
+        control(mock, script=["500", "500"])
+        assert chat(gateway.url, "mock-a", "this one fails").status_code == 502
+        deadline = time.monotonic() + 10
+        while True:  # `direct` is a 404 (unknown policy) until the store has read its first event
+            response = get(gateway.url, "/v1/ponder/summary?policy=direct", key=None)
+            if response.status_code == 200 and response.json()["totals"]["requests"] == 2:
+                break
+            assert time.monotonic() < deadline, response.text
+            time.sleep(0.2)
+        yield gateway, data, response.json()
+
+
+def test_an_arm_that_never_answered_has_no_latency_not_0_ms(tmp_path, browser):
+    """An arm whose every request failed has no latency sample: its p50/p95 were 0 ms, in the JSON, in
+    `ponder stats` and on the page, where it was drawn as the fastest arm. Now null, "-", and said."""
+    from playwright.sync_api import expect
+
+    failed = "mock-a/-/single/1"
+    with direct_requests_one_arm_failing(tmp_path) as (gateway, data, summary):
+        latency = {row["arm"]: row for row in summary["latency"]}
+        assert latency[failed]["p95_latency_ms"] is None and latency[failed]["p50_latency_ms"] is None
+        assert latency["mock-b/-/single/1"]["p95_latency_ms"] > 0
+        rows = [a for t in summary["tasks"] for a in [*t["arms"], *(x for tier in t["tiers"] for x in tier["arms"])]
+                if a["arm"] == failed]
+        assert rows and all(a["p95_latency_ms"] is None and a["mean_latency_ms"] is None for a in rows), rows
+        stats = subprocess.run([sys.executable, "-m", "gateway.cli", "stats", "--data-dir", str(data), "--json",
+                                "--policy", "direct"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert stats.returncode == 0, stats.stderr
+        [row] = [r for arms in json.loads(stats.stdout)["direct"].values() for arm, r in arms.items() if arm == failed]
+        assert row["p95_latency_ms"] is None, row
+        text = subprocess.run([sys.executable, "-m", "gateway.cli", "stats", "--data-dir", str(data),
+                               "--policy", "direct"], cwd=ROOT, capture_output=True, text=True, timeout=60).stdout
+        assert re.search(r"mock-a/-/single/1 +1 +- +0 +-", text), text
+        page = browser.new_page()
+        page.goto(gateway.url + "/dashboard")
+        page.wait_for_selector("[data-testid=policy-select] option[value=direct]", state="attached")
+        page.select_option("[data-testid=policy-select]", "direct")
+        expect(page.locator(f"[data-testid=latency-row][data-arm='{failed}'] [data-testid=latency-none]")).to_have_text(
+            "no answers: 1 request, none answered")
+        assert "mock-a/-/single/1: no answers" in page.get_attribute("[data-testid=latency-svg]", "aria-label")
+        page.close()
+
+
+def test_outside_text_shows_as_text_with_its_invisible_characters_named(tmp_path, browser):
+    """Markup in what an upstream answers (its error message; names from YAML are validated to
+    [A-Za-z0-9._:-]) is shown as text, and the page's CSP allows no inline script. Bidi overrides and
+    zero-width characters in it were written as they are: U+202E turned the rest of the line around (an
+    error read backwards, "exe.txt" for "txt.exe") and a zero-width space made two different strings
+    look the same. They show as [U+202E] / [U+200B] now."""
+    payload = "<img src=x onerror=window.__pwned=1></script><script>window.__pwned=2</script>javascript:alert(1)"
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("mock-a", mock), mock_backend("mock-b", mock)],
+            "policy": two_mock_policy(tmp_path, "inject"),
+            "telemetry": {"data_dir": str(tmp_path / "data"), "refresh_s": 0.2}}, name="inject")) as gateway:
+        control(mock, script=["error", "error"],
+                error={"status": 400, "headers": {}, "body": json.dumps({"error": {"message": payload + "\u202eevil\u200b"}})})
+        failed = chat(gateway.url, "mock-a", "hello there")
+        assert failed.status_code == 400, failed.text
+        page = browser.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        response = page.goto(gateway.url + "/dashboard")
+        csp = response.headers["content-security-policy"]
+        assert "script-src 'self'" in csp and "unsafe" not in csp, csp
+        page.click(f"[data-testid=request-row][data-request-id='{failed.headers['x-ponder-request-id']}']")
+        page.wait_for_selector("[data-testid=detail-samples]")
+        detail = page.text_content("[data-testid=request-detail]")
+        assert detail.count(payload + "[U+202E]evil[U+200B]") == 2, detail  # the status line and the call's
+        assert "\u202e" not in detail and "\u200b" not in detail
+        assert page.locator("img, script:not([src])").count() == 0
+        assert page.evaluate("window.__pwned") is None and not errors, errors
+        page.close()
+        # and nothing a client or an upstream chooses becomes a Prometheus label (unbounded series)
+        unknown = httpx.post(gateway.url + "/v1/chat/completions", timeout=10, headers={"x-request-id": "client-id-1"},
+                             json={"model": "<b>no-such-model</b>", "user": "user-label-1", "metadata": {"m": "meta-1"},
+                                   "messages": [{"role": "user", "content": "x"}]})
+        assert unknown.status_code == 404
+        exposition = get(gateway.url, "/metrics", key=None).text
+        for chosen in ("no-such-model", "client-id-1", "user-label-1", "meta-1", "pwned", failed.headers["x-ponder-request-id"]):
+            assert chosen not in exposition, chosen
+        assert 'ponder_requests_total{alias="-",status_class="4xx",task="-"} 1.0' in exposition
+
+
+def test_money_reads_the_same_on_the_page_and_in_ponder_stats(tmp_path, browser):
+    """A request that cost $1e-9 (one prompt token at $0.001 per million, free output) and one that cost
+    $246.913578 (two prompt tokens at $123.456789 each). `ponder stats` printed mean costs with 6 fixed
+    decimals (0.000000 for the first, the same as a free model's) and the page rounded $100 and up to
+    the dollar ($247). Both write money alike now: 3 significant digits below a cent, cents from $1."""
+    from playwright.sync_api import expect
+
+    data = tmp_path / "data"
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("mock-a", mock, prices={"input_per_mtok": 0.001, "output_per_mtok": 0}),
+                         mock_backend("mock-p", mock, prices={"input_per_mtok": 123_456_789, "output_per_mtok": 0})],
+            "policy": write_policy(tmp_path, {"name": "money", "arms": {"a": {"backend": "mock-a"}},
+                                              "routes": [{"name": "all", "candidates": ["a"]}]}, "money.yaml"),
+            "telemetry": {"data_dir": str(data), "refresh_s": 0.2}}, name="money")) as gateway:
+        paid = {}
+        for backend, prompt in (("mock-a", "hi"), ("mock-p", "hello there")):
+            response = chat(gateway.url, backend, prompt)
+            assert response.status_code == 200, response.text
+            paid[backend] = response.json()["ponder"]["cost_usd"]  # (x-ponder-cost-usd has 8 decimals: 0.00000000)
+        assert paid == {"mock-a": pytest.approx(1e-9), "mock-p": pytest.approx(246.913578)}
+        page = browser.new_page()
+        page.goto(gateway.url + "/dashboard")
+        page.wait_for_selector("[data-testid=policy-select] option[value=direct]", state="attached")
+        page.select_option("[data-testid=policy-select]", "direct")
+        expect(page.get_by_test_id("total-cost")).to_have_text("$246.91")
+        assert float(page.get_attribute("[data-testid=total-cost]", "data-value")) == pytest.approx(sum(paid.values()))
+        tips = {arm: page.text_content(f"[data-testid=arm-point][data-arm='{arm}/-/single/1'] title") for arm in paid}
+        assert "mean cost $1.00e-9" in tips["mock-a"] and "mean cost $246.91" in tips["mock-p"], tips
+        page.close()
+        text = subprocess.run([sys.executable, "-m", "gateway.cli", "stats", "--data-dir", str(data), "--policy",
+                               "direct"], cwd=ROOT, capture_output=True, text=True, timeout=60).stdout
+        assert re.search(r"mock-a/-/single/1 +1 +- +1\.00e-9 ", text), text
+        assert re.search(r"mock-p/-/single/1 +1 +- +246\.91 ", text), text
+
+
+def test_redis_away_since_the_gateway_started_is_not_shown_as_no_traffic(tmp_path, browser):
+    """With Redis unreachable from the start the gateway has read nothing: the panels said "No requests
+    recorded for this policy yet." and "Nothing spent", a guess. They say the store is unreachable, and
+    the page fills in by itself once Redis answers."""
+    from playwright.sync_api import expect
+
+    port = free_port()
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("mock-a", mock), mock_backend("mock-b", mock)],
+            "policy": two_mock_policy(tmp_path, "late"),
+            "telemetry": {"data_dir": str(tmp_path / "data"), "refresh_s": 0.2,
+                          "redis_url": f"redis://127.0.0.1:{port}/0"}}, name="late")) as gateway:
+        page = browser.new_page()
+        page.goto(gateway.url + "/dashboard")
+        expect(page.get_by_test_id("tasks-empty")).to_have_text("Nothing to show: the telemetry store is unreachable.")
+        expect(page.get_by_test_id("spend-empty")).to_have_text("Nothing to show: the telemetry store is unreachable.")
+        expect(page.get_by_test_id("last-updated")).to_contain_text("telemetry store unreachable: nothing read from it yet")
+        redis_proc = start_redis(port=port, data_dir=tmp_path / "redis")
+        try:
+            assert chat(gateway.url, "auto", "hello there").status_code == 200
+            expect(page.get_by_test_id("arm-point")).to_have_count(1, timeout=20_000)
+            expect(page.get_by_test_id("last-updated")).not_to_contain_text("unreachable")
+        finally:
+            redis_proc.stop()
+        page.close()
+
+
+def test_fifty_arms_get_fifty_colours(tmp_path, browser):
+    """Each arm has its own colour in the legend and on the scatter: the palette's ten colours were
+    reused from the 11th arm on, so with 50 arms five shared each colour and could not be told apart."""
+    names = [f"m{i:02d}" for i in range(50)]
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend(name, mock) for name in names],
+            "policy": write_policy(tmp_path, {"name": "wide", "arms": {n: {"backend": n} for n in names},
+                                              "routes": [{"name": "all", "candidates": names}]}, "wide.yaml"),
+            "telemetry": {"data_dir": str(tmp_path / "data"), "refresh_s": 0.2}}, name="wide")) as gateway:
+        for name in names:  # the same prompt to each: one task type, 50 arms on its chart
+            assert chat(gateway.url, name, "hello there").status_code == 200
+        page = browser.new_page()
+        page.goto(gateway.url + "/dashboard")
+        page.wait_for_selector("[data-testid=policy-select] option[value=direct]", state="attached")
+        page.select_option("[data-testid=policy-select]", "direct")
+        points = page.locator("[data-testid=task-chart] [data-testid=arm-point] circle.point")
+        points.nth(49).wait_for()
+        fills = points.evaluate_all("(cs) => cs.map((c) => getComputedStyle(c).fill)")
+        assert len(fills) == 50 and len(set(fills)) == 50, sorted(fills)
+        legend = page.locator("[data-testid=arm-legend] i").evaluate_all("(is) => is.map((i) => getComputedStyle(i).backgroundColor)")
+        assert len(set(legend)) == 50
+        page.close()
+
+
+def test_savings_against_an_arm_with_no_price_say_so_not_saved_0(tmp_path, browser):
+    """Against a reference that answered none of the requests and that the policy has no estimate for,
+    every bucket is left out of both totals: the panel read "Always mock-a $0 · Actual routed spend $0 ·
+    Saved $0" in green, beside a KPI of what was really spent. The totals are null now and the panel
+    says the reference has no price."""
+    from playwright.sync_api import expect
+
+    with direct_requests_one_arm_failing(tmp_path) as (gateway, _, summary):
+        assert summary["totals"]["spent_usd"] > 0
+        savings = get(gateway.url, "/v1/ponder/savings?policy=direct&reference=mock-a/-/single/1", key=None).json()
+        assert {b["reference_cost_basis"] for b in savings["buckets"]} == {"unknown"}
+        assert savings["reference_cost_usd"] is None and savings["actual_cost_usd"] is None and savings["saved_usd"] is None
+        assert savings["priced_buckets"] == 0
+        priced = get(gateway.url, "/v1/ponder/savings?policy=direct&reference=mock-b/-/single/1", key=None).json()
+        assert priced["priced_buckets"] == len(priced["buckets"]) and priced["actual_cost_usd"] == pytest.approx(
+            summary["totals"]["spent_usd"])
+        page = browser.new_page()
+        page.goto(gateway.url + "/dashboard")
+        page.wait_for_selector("[data-testid=policy-select] option[value=direct]", state="attached")
+        page.select_option("[data-testid=policy-select]", "direct")
+        page.wait_for_selector("[data-testid=reference-select] option[value='mock-a/-/single/1']", state="attached")
+        page.select_option("[data-testid=reference-select]", "mock-a/-/single/1")
+        expect(page.get_by_test_id("savings-unpriced")).to_contain_text("No price for always mock-a")
+        assert page.get_by_test_id("saved").count() == 0
+        page.close()
+
+
+def test_long_names_do_not_push_the_page_sideways(tmp_path, browser):
+    """A 128-character backend name (names are validated for their characters, not their length), an
+    80-character policy name and a 100-character key id: the policy and reference selects grew to fit
+    them and the page scrolled sideways to ~3000 px at 1440, the latency chart's label ran off its
+    left edge. Names wrap, selects keep a width, SVG labels and table cells are cut in the middle
+    (the full name in their title)."""
+    long = "a-very-long-backend-name-" + "x" * 100 + "-end"
+    key = "k" * 100
+    policy = write_policy(tmp_path, {"name": "p" * 80, "arms": {"l" * 60: {"backend": long}},
+                                     "routes": [{"name": "r", "candidates": ["l" * 60]}]}, "long.yaml")
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend(long, mock), mock_backend("mock-b", mock)], "policy": policy,
+            "api_keys": [{"id": key, "sha256": hashlib.sha256(ADMIN_KEY.encode()).hexdigest(), "admin": True}],
+            "telemetry": {"data_dir": str(tmp_path / "data"), "refresh_s": 0.2}}, name="long")) as gateway:
+        for model in ("auto", long):
+            response = httpx.post(gateway.url + "/v1/chat/completions", headers=bearer(ADMIN_KEY), timeout=30,
+                                  json={"model": model, "messages": [{"role": "user", "content": "hello there"}]})
+            assert response.status_code == 200, response.text
+        page = browser.new_page(viewport={"width": 1440, "height": 900})
+        page.goto(gateway.url + "/dashboard#key=" + ADMIN_KEY)
+        page.wait_for_selector("[data-testid=latency-row]")
+        page.click("[data-testid=request-row] >> nth=0")
+        page.wait_for_selector("[data-testid=detail-reasons] li")
+        assert overflowing(page) == [], overflowing(page)[:12]
+        assert page.evaluate("document.documentElement.scrollWidth") <= 1440
+        label = page.locator(f"[data-testid=latency-row][data-arm='{long}/-/single/1'] text").first
+        assert label.bounding_box()["x"] >= 0 and "…" in label.text_content()
+        assert page.locator(f"[data-testid=key-spend-row] td[title='{key}']").count() == 1
+        page.close()
+
+
+def test_a_gateway_restarted_while_the_page_is_open(tmp_path, browser):
+    """While the gateway is down the page keeps its last numbers and said only "refresh failed: Failed to
+    fetch": now it says the gateway is unreachable, how old the numbers are and that it retries; and it
+    picks up by itself (same tab, no reload) once the gateway answers again."""
+    from playwright.sync_api import expect
+
+    with running(start_mock(tmp_path)) as mock:
+        config = {"backends": [mock_backend("mock-a", mock), mock_backend("mock-b", mock)],
+                  "policy": two_mock_policy(tmp_path, "restart"),
+                  "telemetry": {"data_dir": str(tmp_path / "data"), "refresh_s": 0.2}}
+        gateway = start_gateway(tmp_path, config, name="restart")
+        with contextlib.ExitStack() as cleanup:
+            cleanup.callback(lambda: gateway.stop())
+            assert chat(gateway.url, "auto", "hello there").status_code == 200
+            page = browser.new_page()
+            page.goto(gateway.url + "/dashboard")
+            expect(page.get_by_test_id("total-requests")).to_have_text("1")
+            page.evaluate("window.__sameDocument = true")
+            gateway.stop()
+            expect(page.get_by_test_id("last-updated")).to_contain_text(
+                re.compile(r"refresh failed at \d\d:\d\d:\d\d UTC: gateway unreachable · numbers from \d\d:\d\d:\d\d UTC · retrying"),
+                timeout=10_000)
+            expect(page.get_by_test_id("total-requests")).to_have_text("1")  # the last numbers stay
+            gateway = Process(list(gateway.process.args), gateway.url, "/readyz", tmp_path / "restart-again.log")
+            assert chat(gateway.url, "auto", "hello again").status_code == 200
+            expect(page.get_by_test_id("total-requests")).to_have_text("2", timeout=15_000)
+            expect(page.get_by_test_id("last-updated")).to_contain_text(re.compile(r"^updated "))
+            assert page.evaluate("window.__sameDocument") is True
+            page.close()

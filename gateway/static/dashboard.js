@@ -15,7 +15,7 @@ const TIER_LETTER = { easy: "E", medium: "M", hard: "H" };
 const state = {
   key: sessionStorage.getItem(KEY_STORAGE) || "",
   policy: "", reference: "", spendMode: "hour", selected: null, timer: null, busy: false, again: false, lastOk: 0,
-  spend: null,
+  spend: null, unread: false,
 };
 
 // -- small DOM helpers ---------------------------------------------------------------------------
@@ -36,10 +36,20 @@ function s(tag, attrs, ...children) {
   return node;
 }
 
+// Text from outside the operator's code (an upstream's error message, a model's answer in a vote, names
+// from YAML) may hold invisible characters: bidi overrides that show "exe.txt" as "txt.exe" and turn the
+// rest of a line around, zero-width ones that make two different ids look the same. Every text the page
+// writes shows them as their code point instead. (Markup is never parsed: text goes in as text.)
+const INVISIBLE = /[\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff]/g;
+function visible(text) {
+  return String(text).replace(INVISIBLE, (c) => `[U+${c.charCodeAt(0).toString(16).toUpperCase().padStart(4, "0")}]`);
+}
+
 function setAttrs(node, attrs) {
   for (const [name, value] of Object.entries(attrs || {})) {
     if (value === null || value === undefined || value === false) continue;
-    if (name === "text") node.textContent = value;
+    if (name === "text") node.textContent = visible(value);
+    else if (name === "title" || name === "aria-label") node.setAttribute(name, visible(value));
     else if (name.startsWith("on")) node.addEventListener(name.slice(2), value);
     // The CSP forbids style attributes; styles set through the CSSOM are allowed.
     else if (name === "style") node.style.cssText = value;
@@ -50,9 +60,13 @@ function setAttrs(node, attrs) {
 function append(node, children) {
   for (const child of children.flat()) {
     if (child === null || child === undefined || child === false) continue;
-    node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+    node.append(child instanceof Node ? child : document.createTextNode(visible(child)));
   }
 }
+
+// An empty panel's line. With the store unreachable since the gateway started nothing has been read:
+// "nothing yet" would be a guess.
+function nothingYet(text) { return state.unread ? "Nothing to show: the telemetry store is unreachable." : text; }
 
 function fill(node, ...children) { node.replaceChildren(); append(node, children); }
 
@@ -64,8 +78,8 @@ function usd(x) {
   if (x === null || x === undefined) return "–";
   if (x === 0) return "$0";
   const a = Math.abs(x);
-  if (a >= 100) return "$" + x.toFixed(0);
-  if (a >= 1) return "$" + x.toFixed(2);
+  // to the cent from $1 up ($1234.56 read "$1235"), with thousands separators
+  if (a >= 1) return (x < 0 ? "-$" : "$") + a.toLocaleString("en-US", { minimumFractionDigits: 2, maximumFractionDigits: 2 });
   if (a >= 0.01) return "$" + x.toFixed(3);
   return "$" + x.toPrecision(3);
 }
@@ -73,13 +87,24 @@ function usdTick(x) { return x === 0 ? "$0" : "$" + String(Number(x.toPrecision(
 function pct(x, digits = 0) { return x === null || x === undefined ? "–" : (100 * x).toFixed(digits) + "%"; }
 function ms(x) { return x === null || x === undefined ? "–" : x >= 10000 ? (x / 1000).toFixed(1) + " s" : Math.round(x) + " ms"; }
 function count(x) { return x === null || x === undefined ? "–" : Math.round(x).toLocaleString("en-US"); }
-function time(ts) { return new Date(ts * 1000).toLocaleTimeString([], { hour12: false }); }
+// Times are UTC, as the spend buckets are (the browser's zone would put a request and its hour's bar
+// hours apart, and two operators in different zones would read different times for one request).
+function time(ts) { return new Date(ts * 1000).toISOString().slice(11, 19); }
+function stamp(ts) { return new Date(ts * 1000).toISOString().slice(0, 19).replace("T", " ") + " UTC"; }
 
 function parseArm(key) {
   const parts = key.split("/");
   if (parts.length < 4) return { backend: key, effort: null, strategy: "single", n: 1 };
   const n = parseInt(parts.pop(), 10), strategy = parts.pop(), effort = parts.pop();
   return { backend: parts.join("/"), effort: effort === "-" ? null : effort, strategy, n };
+}
+
+// SVG text does not wrap: a long name there is cut in the middle (its start and its end, the backend
+// and the strategy, are what tell arms apart); the full name is in the element's title.
+function clip(text, max) {
+  if (text.length <= max) return text;
+  const head = Math.ceil((max - 1) * 0.6);
+  return text.slice(0, head) + "…" + text.slice(text.length - (max - 1 - head));
 }
 
 function shortArm(key) {
@@ -92,13 +117,22 @@ function shortArm(key) {
 const ARM_PALETTE = ["#2563eb", "#d97706", "#059669", "#dc2626", "#7c3aed", "#0891b2", "#db2777", "#65a30d", "#92400e", "#475569"];
 const armColors = new Map();
 function colorOf(key) {
-  if (!armColors.has(key)) armColors.set(key, ARM_PALETTE[armColors.size % ARM_PALETTE.length]);
+  if (!armColors.has(key)) armColors.set(key, nthColor(armColors.size));
   return armColors.get(key);
+}
+// Past the palette, hues a golden angle apart (and three lightnesses): the 11th arm no longer takes the
+// 1st one's colour, which made two arms one in the legend and on the chart.
+function nthColor(i) {
+  if (i < ARM_PALETTE.length) return ARM_PALETTE[i];
+  const j = i - ARM_PALETTE.length;
+  return `hsl(${Math.round((j * 137.508) % 360)}, 70%, ${[38, 50, 30][j % 3]}%)`;
 }
 
 // -- API -----------------------------------------------------------------------------------------
 
 class AuthError extends Error {}
+// An error answer's `code` (e.g. unknown_policy), to recover from the ones a policy reload causes.
+class ApiFailure extends Error { constructor(message, code) { super(message); this.code = code; } }
 
 async function api(path, options = {}) {
   const headers = { ...(options.headers || {}) };
@@ -110,7 +144,7 @@ async function api(path, options = {}) {
   }
   if (!response.ok) {
     const body = await response.json().catch(() => ({}));
-    throw new Error(body.error?.message || `HTTP ${response.status}`);
+    throw new ApiFailure(body.error?.message || `HTTP ${response.status}`, body.error?.code);
   }
   return response.json();
 }
@@ -129,7 +163,7 @@ function showLogin(message) {
   $("app").hidden = true;
   $("login").hidden = false;
   $("logout").hidden = true;
-  $("login-error").textContent = message || "";
+  $("login-error").textContent = visible(message || "");
   $("status").textContent = "";
   $("key-input").focus();
 }
@@ -168,6 +202,11 @@ async function refresh() {
       return refresh();
     }
     showApp();
+    // Redis away: the gateway answers from what it last read; saying "updated" alone would pass
+    // those numbers off as current.
+    const hl = summary.health || {};
+    const unread = hl.connected === false && !hl.answers_reads;
+    state.unread = unread && !hl.last_refresh_ts;  // nothing read since start: "nothing yet" would be a guess
     state.policy = summary.policy;
     renderPolicies(summary);
     renderKpis(summary, spend);
@@ -177,17 +216,31 @@ async function refresh() {
     renderSavings(savings);
     renderLatency(summary.latency);
     renderShares(summary.shares);
-    renderRequests(requests.requests);
+    renderRequests(requests.requests, requests.store_readable !== false);
     state.lastOk = Date.now();
-    $("status").textContent = "updated " + new Date().toLocaleTimeString([], { hour12: false });
-    $("status").classList.remove("stale");
+    $("status").textContent = "updated " + time(Date.now() / 1000) + " UTC" + (!unread ? ""
+      : " · telemetry store unreachable: " + (hl.last_refresh_ts ? `numbers as of ${time(hl.last_refresh_ts)} UTC` : "nothing read from it yet"));
+    $("status").classList.toggle("stale", unread);
   } catch (err) {
     if (err instanceof AuthError) {
       showLogin(state.key ? err.message : "");
       state.busy = false;
       return;
     }
-    $("status").textContent = "refresh failed: " + err.message;
+    // The policy or reference arm on show is gone (a policy reload renamed or removed it): show the
+    // default instead of asking for the missing one every 4 s.
+    const gone = err.code === "unknown_policy" && state.policy ? "policy" : err.code === "unknown_arm" && state.reference ? "reference" : null;
+    if (gone) {
+      if (gone === "policy") state.policy = "";
+      state.reference = "";
+      state.busy = false;
+      return refresh();
+    }
+    // The panels keep the last numbers drawn: say how old they are, and that the page keeps trying
+    // (a gateway restarting answers again within seconds; fetch's own message is "Failed to fetch").
+    const why = err instanceof TypeError ? "gateway unreachable" : visible(err.message);
+    $("status").textContent = `refresh failed at ${time(Date.now() / 1000)} UTC: ${why}` +
+      (state.lastOk ? ` · numbers from ${time(state.lastOk / 1000)} UTC` : "") + " · retrying";
     $("status").classList.add("stale");
   }
   state.busy = false;
@@ -301,7 +354,7 @@ function scatter(points, { xLabel, xFormat, testid, name, width = 420, height = 
     }
     if (labels === "all" || (labels === "frontier" && p.pareto)) {
       const right = cx < width * 0.7;
-      g.append(s("text", { class: "point-label", x: cx + (right ? p.r + 6 : -p.r - 6), y: cy + 3, "text-anchor": right ? "start" : "end", text: p.label }));
+      g.append(s("text", { class: "point-label", x: cx + (right ? p.r + 6 : -p.r - 6), y: cy + 3, "text-anchor": right ? "start" : "end", text: clip(p.label, 40) }));
     }
     svg.append(g);
   }
@@ -317,7 +370,7 @@ function renderArmLegend(tasks) {
 function renderTasks(tasks) {
   renderArmLegend(tasks);
   const root = $("tasks");
-  if (!tasks.length) { fill(root, h("p", { class: "empty", text: "No requests recorded for this policy yet." })); return; }
+  if (!tasks.length) { fill(root, h("p", { class: "empty", "data-testid": "tasks-empty", text: nothingYet("No requests recorded for this policy yet.") })); return; }
   fill(root, ...tasks.map((task) => {
     const points = task.arms.map((a) => ({
       key: a.arm, label: shortArm(a.arm), x: a.mean_cost_usd, y: a.success_rate,
@@ -374,8 +427,8 @@ function renderSpend() {
   fill($("spend-chart"), rows.some((r) => r.cost_usd > 0)
     ? bars(rows.map((r) => r.cost_usd), { labels, format: usd, testid: "spend-svg", barTestid: "spend-bar", every: hourly ? 3 : 5,
       name: `Spend per ${hourly ? "hour" : "day"} over ${period}` })
-    : h("p", { class: "empty", "data-testid": "spend-empty", text: `Nothing spent in ${period}.` }));
-  const head = h("tr", {}, ["key", "30 days", "requests", "today vs daily budget", "this month vs monthly budget"].map((t, i) => h("th", { class: i && i < 3 ? "num" : "", text: t })));
+    : h("p", { class: "empty", "data-testid": "spend-empty", text: nothingYet(`Nothing spent in ${period}.`) }));
+  const head = h("tr", {}, ["key", "30 days", "requests", "today (UTC) vs daily budget", "this month (UTC) vs monthly budget"].map((t, i) => h("th", { class: i && i < 3 ? "num" : "", text: t })));
   const meter = (spent, cap, used) => {
     // no ledger without a cap: 30-day spend is beside it (a cap of $0 is a cap: the key may spend nothing)
     if (cap === undefined || cap === null) return h("span", { text: "no cap" });
@@ -384,7 +437,7 @@ function renderSpend() {
       `${usd(spent || 0)} / ${usd(cap)}`);
   };
   fill($("key-spend"), h("thead", {}, head), h("tbody", {}, spend.keys.map((k) => h("tr", { "data-testid": "key-spend-row", "data-key": k.key_id },
-    h("td", { text: k.key_id }), h("td", { class: "num", text: usd(k.cost_usd_30d) }), h("td", { class: "num", text: count(k.requests_30d) }),
+    h("td", { title: k.key_id, text: clip(k.key_id, 40) }), h("td", { class: "num", text: usd(k.cost_usd_30d) }), h("td", { class: "num", text: count(k.requests_30d) }),
     h("td", {}, meter(k.spent.day, k.budget.day, k.used.day)), h("td", {}, meter(k.spent.month, k.budget.month, k.used.month))))));
 }
 
@@ -398,13 +451,19 @@ function renderSavings(sv) {
   }
   if (sv.reference) select.value = sv.reference;
   const root = $("savings");
-  if (!sv.reference) { fill(root, h("p", { class: "empty", text: "No traffic yet." })); return; }
+  if (!sv.reference) { fill(root, h("p", { class: "empty", text: nothingYet("No traffic yet.") })); return; }
   const delta = sv.success_rate_delta;
+  const unpriced = sv.buckets.filter((b) => b.reference_cost_basis === "unknown").length;
   fill(root, 
-    h("div", { class: "savings-big" },
+    sv.reference_cost_usd === null
+      ? h("p", { class: "empty", "data-testid": "savings-unpriced", text: `No price for always ${shortArm(sv.reference)}: it answered none of these requests, and the policy has no estimate for it. Pick another reference.` })
+      : h("div", { class: "savings-big" },
       h("div", {}, h("span", { class: "label", text: `Always ${shortArm(sv.reference)}` }), h("span", { class: "value", "data-testid": "reference-cost", text: usd(sv.reference_cost_usd) })),
       h("div", {}, h("span", { class: "label", text: "Actual routed spend" }), h("span", { class: "value", "data-testid": "actual-cost", text: usd(sv.actual_cost_usd) })),
       h("div", {}, h("span", { class: "label", text: "Saved" }), h("span", { class: "value " + (sv.saved_usd >= 0 ? "good" : "bad"), "data-testid": "saved", text: `${usd(sv.saved_usd)}${sv.saved_share === null ? "" : " (" + pct(sv.saved_share) + ")"}` }))),
+    unpriced && sv.reference_cost_usd !== null
+      ? h("p", { class: "hint", "data-testid": "savings-left-out", text: `Left out of both totals: ${unpriced} bucket${unpriced === 1 ? "" : "s"} with no price for the reference (basis "unknown").` })
+      : null,
     h("p", { "data-testid": "success-delta", text: delta === null
       ? "Success rate delta: not enough scored requests on both sides yet."
       : `Success rate: routed ${pct(sv.actual_success_rate, 1)} vs always-${shortArm(sv.reference)} ${pct(sv.reference_success_rate, 1)} (${delta >= 0 ? "+" : ""}${(100 * delta).toFixed(1)} points)` }),
@@ -418,16 +477,22 @@ function renderSavings(sv) {
 
 function renderLatency(rows) {
   const root = $("latency-chart");
-  if (!rows.length) { fill(root, h("p", { class: "empty", text: "No requests yet." })); return; }
+  if (!rows.length) { fill(root, h("p", { class: "empty", text: nothingYet("No requests yet.") })); return; }
   const width = 560, rowH = 30, m = { l: 190, r: 70, t: 4 }, height = m.t + rows.length * rowH + 4;
-  const max = Math.max(...rows.map((r) => r.p95_latency_ms), 1);
+  const max = Math.max(...rows.map((r) => r.p95_latency_ms ?? 0), 1);
   const X = scale(0, max, m.l, width - m.r, false);
-  const read = rows.map((r) => `${r.arm}: p50 ${ms(r.p50_latency_ms)}, p95 ${ms(r.p95_latency_ms)}`).join("; ");
+  // an arm that never answered has no latency (null): said, not drawn as the fastest arm at 0 ms
+  const read = rows.map((r) => `${r.arm}: ` + (r.p95_latency_ms === null ? "no answers" : `p50 ${ms(r.p50_latency_ms)}, p95 ${ms(r.p95_latency_ms)}`)).join("; ");
   const svg = s("svg", { viewBox: `0 0 ${width} ${height}`, role: "img", "aria-label": `Latency per arm. ${read}`, "data-testid": "latency-svg" });
   rows.forEach((r, i) => {
     const y = m.t + i * rowH;
     const g = s("g", { "data-testid": "latency-row", "data-arm": r.arm });
-    g.append(titled(s("text", { class: "value-label", x: m.l - 8, y: y + 17, "text-anchor": "end", text: shortArm(r.arm) }), r.arm));
+    g.append(titled(s("text", { class: "value-label", x: m.l - 8, y: y + 17, "text-anchor": "end", text: clip(shortArm(r.arm), 30) }), r.arm));
+    if (r.p95_latency_ms === null) {
+      g.append(s("text", { x: m.l + 4, y: y + 17, "data-testid": "latency-none", text: `no answers: ${count(r.requests)} request${r.requests === 1 ? "" : "s"}, none answered`  }));
+      svg.append(g);
+      return;
+    }
     g.append(titled(s("rect", { class: "p95", x: m.l, y: y + 3, height: 10, width: Math.max(X(r.p95_latency_ms) - m.l, 1) }), `p95 ${ms(r.p95_latency_ms)}`));
     g.append(titled(s("rect", { class: "p50", x: m.l, y: y + 14, height: 10, width: Math.max(X(r.p50_latency_ms) - m.l, 1) }), `p50 ${ms(r.p50_latency_ms)}`));
     g.append(s("text", { class: "value-label", x: X(r.p95_latency_ms) + 4, y: y + 12, text: ms(r.p95_latency_ms) }));
@@ -457,27 +522,30 @@ function stacked(label, rows, colors, testid) {
 }
 
 function renderShares(shares) {
-  if (!shares.strategy.length) { fill($("shares"), h("p", { class: "empty", text: "No requests yet." })); return; }
+  if (!shares.strategy.length) { fill($("shares"), h("p", { class: "empty", text: nothingYet("No requests yet.") })); return; }
   fill($("shares"), stacked("strategy", shares.strategy, STRATEGY_COLORS, "strategy-shares"),
     stacked("effort", shares.effort, EFFORT_COLORS, "effort-shares"));
 }
 
 // -- recent requests and one request's reasons -----------------------------------------------------
 
-function renderRequests(rows) {
-  const head = h("tr", {}, ["time", "bucket", "arm", "mode", "samples", "cost", "latency", "status"].map((t, i) => h("th", { class: i >= 4 && i <= 6 ? "num" : "", text: t })));
+function renderRequests(rows, readable) {
+  const head = h("tr", {}, ["time (UTC)", "bucket", "arm", "mode", "samples", "cost", "latency", "status"].map((t, i) => h("th", { class: i >= 4 && i <= 6 ? "num" : "", text: t })));
   const body = h("tbody", {}, rows.map((r) => {
     // a row opens with a click, or from the keyboard (Tab to it, Enter or Space)
     const tr = h("tr", { "data-testid": "request-row", "data-request-id": r.request_id, class: r.request_id === state.selected ? "selected" : "",
       tabindex: 0, onclick: () => openRequest(r.request_id),
       onkeydown: (ev) => { if (ev.key === "Enter" || ev.key === " ") { ev.preventDefault(); openRequest(r.request_id); } } },
-      h("td", { text: time(r.ts) }), h("td", { text: r.bucket }), h("td", { title: r.arm, text: shortArm(r.arm) }),
+      h("td", { title: stamp(r.ts), text: time(r.ts) }), h("td", { text: r.bucket }), h("td", { title: r.arm, text: clip(shortArm(r.arm), 40) }),
       h("td", {}, r.policy === "direct" ? h("span", { class: "tag", text: "direct" }) : h("span", { class: "tag" + (r.explore ? " explore" : ""), text: r.explore ? "explore" : "exploit" })),
       h("td", { class: "num", text: r.samples }), h("td", { class: "num", text: usd(r.cost_usd) }), h("td", { class: "num", text: ms(r.latency_ms) }),
       h("td", {}, h("span", { class: "tag " + (r.status < 400 ? "ok" : "err"), text: r.status })));
     return tr;
   }));
-  if (!rows.length) body.append(h("tr", {}, h("td", { colspan: head.children.length, class: "empty", "data-testid": "requests-empty", text: "No requests yet." })));
+  // the store unreachable: only this gateway's buffered requests came back, which is not "none yet"
+  if (!readable) body.prepend(h("tr", {}, h("td", { colspan: head.children.length, class: "empty error", "data-testid": "requests-unreadable",
+    text: `Telemetry store unreachable: ${rows.length ? `only the ${rows.length} request(s) this gateway still holds in memory` : "no requests to show"} until it is back.` })));
+  else if (!rows.length) body.append(h("tr", {}, h("td", { colspan: head.children.length, class: "empty", "data-testid": "requests-empty", text: "No requests yet." })));
   const focused = document.activeElement?.dataset.testid === "request-row" ? document.activeElement.dataset.requestId : null;
   fill($("requests"), h("thead", {}, head), body);
   // the refresh redraws the rows: the keyboard's place stays on the same request
@@ -494,16 +562,18 @@ async function openRequest(id) {
     d = await api("/v1/ponder/requests/" + encodeURIComponent(id));
   } catch (err) {
     if (err instanceof AuthError) return showLogin(err.message);
-    fill(root, h("p", { class: "error", text: err.message }));
+    if (state.selected === id) fill(root, h("p", { class: "error", text: err.message }));
     return;
   }
+  // another row was picked while this one's reasons were on their way: its answer must not replace them
+  if (state.selected !== id) return;
   const r = d.request, c = d.classifier, dec = d.decision, ex = d.execution;
   const probs = Object.entries(c.task_probs || {}).sort((a, b) => b[1] - a[1]);
   const kv = (pairs) => h("dl", { class: "kv" }, pairs.flatMap(([k, v]) => [h("dt", { text: k }), h("dd", {}, v)]));
   fill(root, 
     h("h2", { text: "Why this arm" }),
     h("p", { class: "hint", text: r.request_id }),
-    kv([["arm", h("b", { "data-testid": "detail-arm", text: dec.arm })], ["policy", dec.policy],
+    kv([["arm", h("b", { "data-testid": "detail-arm", text: dec.arm })], ["policy", dec.policy], ["time", stamp(r.ts)],
       ["mode", h("span", { "data-testid": "detail-mode", text: dec.policy === "direct" ? "direct (client named a backend)" : dec.explore ? "explore" : "exploit" })],
       ["cost", usd(r.cost_usd)], ["latency", ms(r.latency_ms)], ["tokens", `${r.prompt_tokens} in · ${r.completion_tokens} out · ${r.reasoning_tokens} reasoning`],
       ["status", String(r.status) + (r.error ? " — " + r.error : "")]]),
@@ -516,7 +586,7 @@ async function openRequest(id) {
     dec.candidates.length ? h("table", { class: "grid", "data-testid": "detail-candidates" },
       h("thead", {}, h("tr", {}, ["arm", "P(correct)", "exp. cost", "exp. latency", "utility", "excluded"].map((t, i) => h("th", { class: i && i < 5 ? "num" : "", text: t })))),
       h("tbody", {}, dec.candidates.map((k) => h("tr", { class: k.chosen ? "chosen" : "", "data-testid": "candidate-row" },
-        h("td", { title: k.arm, text: shortArm(k.arm) }), h("td", { class: "num", text: pct(k.expected_accuracy, 1) }),
+        h("td", { title: k.arm, text: clip(shortArm(k.arm), 40) }), h("td", { class: "num", text: pct(k.expected_accuracy, 1) }),
         h("td", { class: "num", text: usd(k.expected_cost_usd) }), h("td", { class: "num", text: ms(k.expected_latency_ms) }),
         h("td", { class: "num", text: (k.utility ?? 0).toFixed(4) }), h("td", { text: k.excluded || "" })))))
       : h("p", { class: "hint", text: "No candidates: the client named a backend directly." }),
@@ -540,7 +610,7 @@ async function openReport(file) {
     // Points of one method (its operating points, `.../points/3`) share a colour and a legend entry.
     const groupOf = (name) => name.replace(/ \/ (points \/ )?\d+$/, "").replace(/^methods \/ /, "");
     const groups = [...new Set(report.points.map((p) => groupOf(p.name)))];
-    const colour = (g) => ARM_PALETTE[groups.indexOf(g) % ARM_PALETTE.length];
+    const colour = (g) => nthColor(groups.indexOf(g));
     const points = report.points.map((p) => ({
       key: p.name, label: groupOf(p.name), x: p.cost, y: p.accuracy, r: 5, color: colour(groupOf(p.name)),
       pareto: p.pareto, testid: "report-point", rings: [],
