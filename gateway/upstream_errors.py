@@ -20,8 +20,9 @@ import orjson
 # Upstream statuses that are about the request itself: passed on to the client as they are, never
 # retried, and no mark against the backend's health.
 REQUEST_ERRORS = frozenset({400, 404, 413, 422})
-# OpenAI's codes for a parameter (or value) the model does not take: another backend's may take it
-MODEL_REFUSALS = frozenset({"unsupported_parameter", "unsupported_value"})
+# OpenAI's codes for a parameter (or value) the model does not take, and the gateway's for a content part
+# a text-only backend cannot read (an image for the local model): another backend may take it
+MODEL_REFUSALS = frozenset({"unsupported_parameter", "unsupported_value", "unsupported_content"})
 # The longest wait an upstream may ask for, as kept: a backend's cool-down holds it at most this long
 # (BackendHealth.max_cooldown_s), so a client told to wait longer (a year's HTTP-date) would wait for nothing
 MAX_UPSTREAM_WAIT_S = 30.0

@@ -2549,3 +2549,42 @@ def test_while_serving_what_startup_built_is_frozen_out_of_the_garbage_collector
     assert frozen > 10_000 and not classifier_walked
     assert serving_threshold == (YOUNG_GC_THRESHOLD, *threshold[1:])
     assert gc.get_freeze_count() == 0 and gc.get_threshold() == threshold
+
+
+def test_an_image_routed_to_a_text_only_arm_is_answered_by_the_next_arm(tmp_path):
+    """A routed request with an image part, whose decision picked a text-only backend (the local
+    llama.cpp model, `message_format: basic`, a policy's usual cheap arm), got that backend's 400
+    `unsupported_content` as if no backend could see the image. Another backend may: the next arm
+    answers it, image and all, streamed or not, chat or Responses. A request naming the text-only
+    backend still gets its 400."""
+    path = write_policy(tmp_path, {"name": "vision", "exploration": {"share": 0.0},
+                                   "arms": {"local": {"backend": "mock-text", "prior": 0.95},
+                                            "vision": {"backend": "mock-a", "prior": 0.3}},
+                                   "routes": [{"name": "all", "candidates": ["local", "vision"]}]}, "vision.yaml")
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("mock-text", mock, message_format="basic"), mock_backend("mock-a", mock)],
+            "policy": path}, name="vision")) as gateway:
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+        image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+        messages = [{"role": "user", "content": [{"type": "text", "text": "What is in this picture?"}, image]}]
+        assert client.chat.completions.with_raw_response.create(
+            model="auto", messages=[{"role": "user", "content": "x"}]).headers["x-ponder-arm"] == "mock-text/-/single/1"
+        for stream in (False, True):
+            reset(mock)
+            raw = client.chat.completions.with_raw_response.create(model="auto", messages=messages, stream=stream)
+            assert raw.headers["x-ponder-arm"] == "mock-a/-/single/1"
+            answer = raw.parse()
+            text = "".join(c.choices[0].delta.content or "" for c in answer if c.choices) if stream else \
+                answer.choices[0].message.content
+            assert text == "Hello from the mock upstream."
+            [body] = calls(mock)["bodies"]  # the text-only backend was sent nothing
+            assert body["model"] == "mock-a" and body["messages"][0]["content"][1] == image
+        reset(mock)
+        response = client.responses.create(model="auto", input=[{"role": "user", "content": [
+            {"type": "input_text", "text": "What is in this picture?"},
+            {"type": "input_image", "image_url": image["image_url"]["url"]}]}])
+        assert response.output_text == "Hello from the mock upstream."
+        assert calls(mock)["bodies"][-1]["messages"][0]["content"][1]["image_url"]["url"] == image["image_url"]["url"]
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model="mock-text", messages=messages)
+        assert refused.value.code == "unsupported_content"
