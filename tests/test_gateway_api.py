@@ -2588,3 +2588,32 @@ def test_an_image_routed_to_a_text_only_arm_is_answered_by_the_next_arm(tmp_path
         with pytest.raises(openai.BadRequestError) as refused:
             client.chat.completions.create(model="mock-text", messages=messages)
         assert refused.value.code == "unsupported_content"
+
+
+def test_a_best_of_n_judge_sees_the_images_the_answers_are_about(tmp_path):
+    """A best-of-N judge was shown the last user turn's text only: asked "What is in this picture?",
+    it scored each sample's description of an image it never saw, a verdict on nothing. The judge is
+    sent the question's images (and audio) with its text, as the samples were."""
+    path = write_policy(tmp_path, {"name": "judged", "exploration": {"share": 0.0},
+                                   "arms": {"best": {"backend": "mock-a", "strategy": "best_of_n", "n": 2}},
+                                   "routes": [{"name": "all", "candidates": ["best"]}]}, "judged.yaml")
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("mock-a", mock)], "policy": path}, name="judged")) as gateway:
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+        image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+        control(mock, answers=["Score: 8"])
+        messages = [{"role": "user", "content": "Describe pictures briefly."}, {"role": "assistant", "content": "OK."},
+                    {"role": "user", "content": [{"type": "text", "text": "What is in this picture?"}, image]}]
+        raw = client.chat.completions.with_raw_response.create(model="auto", messages=messages)
+        assert raw.headers["x-ponder-arm"] == "mock-a/-/best_of_n/2"
+        judged = [b for b in calls(mock)["bodies"] if b["messages"][0]["role"] == "system"]
+        assert len(judged) == 2
+        for body in judged:
+            [text, seen] = body["messages"][1]["content"]
+            assert "What is in this picture?" in text["text"] and "Score: 8" in text["text"]
+            assert seen == image
+        reset(mock)
+        control(mock, answers=["Score: 8"])
+        client.chat.completions.create(model="auto", messages=messages[:1])  # text only: the judge's prompt as ever
+        judged = [b for b in calls(mock)["bodies"] if b["messages"][0]["role"] == "system"]
+        assert len(judged) == 2 and all(isinstance(b["messages"][1]["content"], str) for b in judged)
