@@ -20,6 +20,7 @@ import orjson
 from gateway.effort import fit_claude_thinking
 from gateway.litellm_calls import (
     StreamEnd, claude_thinking, litellm_error, litellm_module, sends_embedding_dimensions, supported_openai_params,
+    thoughts_left_out,
 )
 from gateway.upstream_errors import UpstreamError
 
@@ -52,7 +53,8 @@ class LitellmPath:
         self._refuse_litellm_options(params)
         self._refuse_what_would_be_dropped(params)
         if self.claude:
-            params = fit_claude_thinking(params, claude_thinking(params, self.upstream_model))
+            params = fit_claude_thinking(params, claude_thinking(params, self.upstream_model),
+                                         thoughts_left_out=thoughts_left_out(params.get("messages") or []))
         return params
 
     def _refuse_litellm_options(self, params: dict[str, Any]) -> None:

@@ -15,7 +15,8 @@ import pytest
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
-from tests.servers import control, mock_backend, reset, running, sent, start_gateway, start_mock, two_mock_policy
+from tests.servers import (control, mock_backend, reset, running, sent, start_gateway, start_mock, two_mock_policy,
+                           write_policy)
 
 KEY = "sk-resp-key-123"
 ADMIN_KEY = "sk-resp-admin-456"
@@ -702,3 +703,58 @@ def test_a_relayed_streams_usage_counts_the_call_that_timed_out_before_its_fallb
     ponder = final.model_extra["ponder"]
     assert ponder["calls"] == 2
     assert ponder["cost_usd"] == pytest.approx((final.usage.input_tokens * 1.0 + 3 * 2.0) / 1e6)
+
+
+def test_a_claude_tool_loop_with_thinking_continues_without_its_thoughts(tmp_path):
+    """Claude thinking (an effort above none) refuses a conversation whose last assistant turn called
+    tools without the thinking blocks (signed) it wrote before them: every agent loop over the
+    Responses API (which takes no thought back: reasoning items are dropped) and every chat app that
+    writes its assistant turns itself got a 400 at its second step. That turn is answered without
+    thinking, as litellm does with its `modify_params`; a chat client that sends back the message
+    as the SDK gave it, thinking blocks and all, keeps thinking."""
+    from tests.servers import start_anthropic_mock
+    from tests.test_anthropic import claude_backend
+
+    policy = write_policy(tmp_path, {"name": "claude-loop", "arms": {"plain": {"backend": "sonnet"}},
+                                     "routes": [{"name": "all", "candidates": ["plain"]}]}, "claude-loop.yaml")
+    with running(start_anthropic_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [claude_backend("sonnet", mock, reasoning=True, efforts=["none", "low", "medium", "high"])],
+            "policy": policy}, name="claude-loop", env={"ANTHROPIC_API_KEY": "sk-ant-test"})) as gateway:
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+        control(mock, script=["tool_use"], answers=['{"city": "Paris"}', "Sunny in Paris."], thinking="Ask the tool.")
+        first = client.responses.create(model="sonnet", input="Weather in Paris?", tools=[WEATHER],
+                                        reasoning={"effort": "high"})
+        assert [item.type for item in first.output] == ["reasoning", "function_call"]
+        call = first.output[1]
+        for stream in (False, True):
+            loop = [{"role": "user", "content": "Weather in Paris?"}, *first.output,
+                    {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}]
+            if stream:
+                with client.responses.stream(model="sonnet", input=loop, tools=[WEATHER],
+                                             reasoning={"effort": "high"}) as events:
+                    answer = events.get_final_response()
+            else:
+                answer = client.responses.create(model="sonnet", input=loop, tools=[WEATHER],
+                                                 reasoning={"effort": "high"})
+            assert answer.status == "completed" and answer.output_text == "Sunny in Paris."
+            assert "thinking" not in sent(mock)[-1]  # this turn without: it has no thought to go on from
+            control(mock, answers=["Sunny in Paris."])
+        # a chat app that keeps the message as the SDK gave it sends its thinking blocks back: thinking stays on
+        reset(mock)
+        control(mock, script=["tool_use"], answers=['{"city": "Paris"}', "Sunny in Paris."], thinking="Ask the tool.")
+        tools = [{"type": "function", "function": {k: WEATHER[k] for k in ("name", "description", "parameters")}}]
+        messages = [{"role": "user", "content": "Weather in Paris?"}]
+        message = client.chat.completions.create(model="sonnet", messages=messages, tools=tools,
+                                                 reasoning_effort="high").choices[0].message
+        kept = [*messages, message.model_dump(exclude_none=True),
+                {"role": "tool", "tool_call_id": message.tool_calls[0].id, "content": "sunny"}]
+        answer = client.chat.completions.create(model="sonnet", messages=kept, tools=tools, reasoning_effort="high")
+        assert answer.choices[0].message.content == "Sunny in Paris."
+        body = sent(mock)[-1]
+        assert body["thinking"]["type"] == "enabled" and body["messages"][1]["content"][0]["type"] == "thinking"
+        # one that writes its assistant turn itself, without them: answered, without thinking
+        control(mock, answers=["Sunny in Paris."])
+        written = [*messages, {"role": "assistant", "content": None, "tool_calls": [tc.model_dump() for tc in
+                                                                               message.tool_calls]}, kept[2]]
+        answer = client.chat.completions.create(model="sonnet", messages=written, tools=tools, reasoning_effort="high")
+        assert answer.choices[0].message.content == "Sunny in Paris." and "thinking" not in sent(mock)[-1]
