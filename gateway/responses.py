@@ -34,7 +34,8 @@ STATEFUL = {
     "context_management": "the conversation is not kept, so there is nothing to compact",
 }
 # The Responses fields that become chat fields of the same name and meaning.
-SAME_IN_CHAT = ("temperature", "top_p", "user", "safety_identifier", "prompt_cache_key", "service_tier")
+SAME_IN_CHAT = ("temperature", "top_p", "user", "safety_identifier", "prompt_cache_key", "prompt_cache_retention",
+                "service_tier")
 
 
 # What `include` may ask for: the output text's logprobs, and data of what only OpenAI's servers make
@@ -65,6 +66,7 @@ class _ResponsesBody(BaseModel):
     user: str | None = None
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None  # "in_memory" | "24h", a caching hint as chat's
     service_tier: str | None = None
     metadata: dict[str, str] | None = None
     store: bool | None = None  # accepted; nothing is stored either way

@@ -758,3 +758,16 @@ def test_a_claude_tool_loop_with_thinking_continues_without_its_thoughts(tmp_pat
                                                                                message.tool_calls]}, kept[2]]
         answer = client.chat.completions.create(model="sonnet", messages=written, tools=tools, reasoning_effort="high")
         assert answer.choices[0].message.content == "Sunny in Paris." and "thinking" not in sent(mock)[-1]
+
+
+def test_the_prompt_cache_and_safety_hints_reach_the_backend_as_chat_sends_them(client, mock):
+    """`prompt_cache_retention` (OpenAI's extended prompt caching, "24h") is a chat parameter too, which
+    the chat path forwards as sent: on this API it was a 400 `unsupported_parameter`, so an app that
+    set it could not switch its base_url. It and the other hints go to the backend under their names."""
+    client.responses.create(model="mock-a", input="hi", prompt_cache_key="app-1", prompt_cache_retention="24h",
+                            safety_identifier="u-hash", service_tier="flex", user="u-1")
+    [body] = sent(mock)
+    assert {k: body.get(k) for k in ("prompt_cache_key", "prompt_cache_retention", "safety_identifier",
+                                      "service_tier", "user")} == {
+        "prompt_cache_key": "app-1", "prompt_cache_retention": "24h", "safety_identifier": "u-hash",
+        "service_tier": "flex", "user": "u-1"}
