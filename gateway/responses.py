@@ -304,9 +304,16 @@ def _chat_part(part: Any, param: str) -> dict[str, Any]:
                                 "stored on OpenAI's servers, which a gateway in front of other backends cannot read")
         return {"type": "image_url", "image_url": {"url": part["image_url"], "detail": part.get("detail") or "auto"}}
     if kind == "input_file":
-        raise refuse(param, "input files are not supported: the chat request path carries text and images only")
-    raise refuse(f"{param}.type", f"a content part of type {kind!r} is not supported (input_text, output_text and "
-                                  "input_image with an image_url are)")
+        if "file_data" not in part:
+            raise refuse(param, "a file is taken inline, by `file_data` (a base64 data URL) and its `filename`; a "
+                                "`file_id` names a file stored on OpenAI's servers, and a `file_url` one the chat "
+                                "backends behind this gateway would have to fetch")
+        file = {"file_data": _string(part, "file_data", param)}
+        if part.get("filename") is not None:
+            file["filename"] = _string(part, "filename", param)
+        return {"type": "file", "file": file}  # chat's document part (OpenAI; litellm: Claude, Gemini)
+    raise refuse(f"{param}.type", f"a content part of type {kind!r} is not supported (input_text, output_text, "
+                                  "input_image with an image_url and input_file with its file_data are)")
 
 
 def _text_of(content: Any, param: str) -> str:

@@ -448,6 +448,8 @@ def test_an_upstreams_param_is_named_as_the_responses_field(upstream_param, para
      "input.0.content.0", "unsupported_parameter"),
     ({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "file-1"}]}]},
      "input.0.content.0", "unsupported_parameter"),
+    ({"input": [{"role": "user", "content": [{"type": "input_file", "file_data": 7}]}]},
+     "input.0.content.0.file_data", "invalid_value"),
     ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input.0", "unsupported_parameter"),
     ({"top_logprobs": 21}, "top_logprobs", "invalid_value"),
     ({"include": ["message.output_text.logprobs", "output_text.annotations"]}, "include.1", "invalid_value"),
@@ -475,6 +477,24 @@ def test_an_image_url_part_reaches_the_upstream_as_a_chat_image(client, mock):
     [parts] = [b["messages"][0]["content"] for b in sent(mock) if isinstance(b["messages"][0]["content"], list)]
     assert parts == [{"type": "text", "text": "What is this?"},
                      {"type": "image_url", "image_url": {"url": "https://example.com/cat.png", "detail": "low"}}]
+
+
+def test_an_inline_file_part_reaches_the_upstream_as_a_chat_file(client, mock):
+    """A document sent inline (`input_file` with `file_data`, a base64 data URL, as the openai SDK's
+    examples send a PDF) is chat's `file` part, which OpenAI's chat API and litellm's providers
+    (Claude, Gemini) read: it was a 400, though the chat path carries it. One stored at OpenAI
+    (`file_id`) or fetched by URL (`file_url`, which chat has no part for) is still refused, saying so."""
+    pdf = "data:application/pdf;base64,JVBERi0xLjQK"
+    client.responses.create(model="mock-a", input=[{"role": "user", "content": [
+        {"type": "input_text", "text": "Summarise this."},
+        {"type": "input_file", "filename": "report.pdf", "file_data": pdf}]}])
+    [parts] = [b["messages"][0]["content"] for b in sent(mock) if isinstance(b["messages"][0]["content"], list)]
+    assert parts == [{"type": "text", "text": "Summarise this."},
+                     {"type": "file", "file": {"filename": "report.pdf", "file_data": pdf}}]
+    for part, says in (({"file_id": "file-1"}, "stored on OpenAI's servers"), ({"file_url": "https://x/r.pdf"}, "file_data")):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.responses.create(model="mock-a", input=[{"role": "user", "content": [{"type": "input_file", **part}]}])
+        assert refused.value.param == "input.0.content.0" and says in refused.value.message
 
 
 def test_stored_responses_are_not_found(client):
