@@ -210,7 +210,7 @@ def count_input_tokens(body: dict[str, Any]) -> dict[str, Any]:
 # A chat field's name as the Responses field it is made from (`max_tokens`: what a backend may be sent).
 _RESPONSES_NAMES = {"messages": "input", "max_completion_tokens": "max_output_tokens",
                     "max_tokens": "max_output_tokens", "reasoning_effort": "reasoning.effort",
-                    "response_format": "text.format", "logprobs": "include"}
+                    "response_format": "text.format", "logprobs": "include", "verbosity": "text.verbosity"}
 # The output limit as the gateway's own messages (budget advice) and upstreams' name it in a message.
 _CHAT_OUTPUT_LIMIT = re.compile(r"\bmax_(?:completion_)?tokens\b")
 

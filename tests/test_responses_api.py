@@ -425,6 +425,7 @@ def test_errors_of_the_chat_path_name_the_responses_field(client, gw, mock):
 @pytest.mark.parametrize("upstream_param, param", [
     ("messages[3].content", "input"), ("max_tokens", "max_output_tokens"), ("response_format", "text.format"),
     ("tools[0].function.parameters", "tools[0].parameters"), ("tool_choice.function.name", "tool_choice.name"),
+    ("verbosity", "text.verbosity"),  # a model refusing `text.verbosity` (it was named `verbosity`)
 ])
 def test_an_upstreams_param_is_named_as_the_responses_field(upstream_param, param):
     """OpenAI's own errors index with brackets, and a chat tool's fields are under `function`. Pure."""
