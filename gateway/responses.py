@@ -368,7 +368,19 @@ def chat_tool_choice(choice: str | dict[str, Any]) -> str | dict[str, Any]:
         return choice
     if choice.get("type") == "function":
         return {"type": "function", "function": {"name": _string(choice, "name", "tool_choice")}}
-    raise refuse("tool_choice", f"a tool_choice of type {choice.get('type')!r} is not supported (a function is)")
+    if choice.get("type") == "allowed_tools":  # chat has it too, its tools nested as chat nests a tool
+        if choice.get("mode") not in ("auto", "required"):
+            raise ApiError(400, "Invalid value for 'tool_choice.mode': expected auto or required",
+                           param="tool_choice.mode", code="invalid_value")
+        allowed = []
+        for i, tool in enumerate(_list(choice.get("tools"), "tool_choice.tools")):
+            if not isinstance(tool, dict) or tool.get("type") != "function":
+                raise refuse(f"tool_choice.tools.{i}.type", "only function tools can be allowed; built-in tools run "
+                                                          "on OpenAI's servers")
+            allowed.append({"type": "function", "function": {"name": _string(tool, "name", f"tool_choice.tools.{i}")}})
+        return {"type": "allowed_tools", "allowed_tools": {"mode": choice["mode"], "tools": allowed}}
+    raise refuse("tool_choice", f"a tool_choice of type {choice.get('type')!r} is not supported (a function or "
+                                "allowed_tools is)")
 
 
 def chat_response_format(fmt: Any) -> dict[str, Any] | None:

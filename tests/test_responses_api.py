@@ -176,6 +176,26 @@ def test_a_function_tool_round_trip(client, mock):
     ]
 
 
+def test_allowed_tools_are_chats_allowed_tools(client, mock):
+    """`tool_choice: {type: allowed_tools, mode, tools}` (the model may call only these, the tool list
+    staying whole for the prompt cache) is a tool_choice of chat too, nested as chat nests a tool: it
+    was a 400 `unsupported_parameter`. A built-in tool among them is refused as built-in tools are."""
+    control(mock, script=["tool_call"], answers=['{"city": "Paris"}'])
+    other = {**WEATHER, "name": "get_time"}
+    response = client.responses.create(model="mock-a", input="Weather in Paris?", tools=[WEATHER, other],
+                                       tool_choice={"type": "allowed_tools", "mode": "required",
+                                                    "tools": [{"type": "function", "name": "get_weather"}]})
+    assert response.output[0].name == "get_weather" and response.tool_choice.type == "allowed_tools"
+    assert sent(mock)[-1]["tool_choice"] == {"type": "allowed_tools", "allowed_tools": {
+        "mode": "required", "tools": [{"type": "function", "function": {"name": "get_weather"}}]}}
+    for choice, param in (({"mode": "sometimes", "tools": []}, "tool_choice.mode"),
+                          ({"mode": "auto", "tools": [{"type": "web_search"}]}, "tool_choice.tools.0.type")):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.responses.create(model="mock-a", input="x", tools=[WEATHER],
+                                    tool_choice={"type": "allowed_tools", **choice})
+        assert refused.value.param == param
+
+
 def test_a_json_schema_format(client, mock):
     control(mock, answers=['{"sum": 5}'])
     schema = {"type": "object", "properties": {"sum": {"type": "integer"}}, "required": ["sum"],
