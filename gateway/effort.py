@@ -104,3 +104,17 @@ def fit_claude_thinking(body: dict[str, Any], thinking: dict[str, Any] | None, *
     if isinstance(body.get("top_p"), (int, float)) and body["top_p"] < CLAUDE_THINKING_MIN_TOP_P:
         del body["top_p"]
     return body
+
+
+def thoughts_left_out(messages: list[dict[str, Any]]) -> bool:
+    """Whether the conversation's last assistant turn called tools without the thinking blocks that led
+    to them (and no turn has any: Claude refuses those without thinking): Claude continues a tool loop
+    only from its signed thinking, and refuses to think on from such a turn. A Responses API client
+    sends no thought back (reasoning items are dropped), nor does a chat app that writes its turns
+    itself. Only the last assistant turn counts, as Anthropic's rule says: a tool loop that ended in
+    an answer earlier in the conversation leaves the next question free to think (litellm's own test,
+    under its `modify_params`, looks at the last turn that called tools, however far back)."""
+    last = next((m for m in reversed(messages) if isinstance(m, dict) and m.get("role") == "assistant"), None)
+    if last is None or not last.get("tool_calls") or last.get("thinking_blocks"):
+        return False
+    return not any(isinstance(m, dict) and m.get("role") == "assistant" and m.get("thinking_blocks") for m in messages)

@@ -90,16 +90,6 @@ def claude_thinking(params: dict[str, Any], name: str) -> dict[str, Any] | None:
         return None
 
 
-def thoughts_left_out(messages: list[dict[str, Any]]) -> bool:
-    """Whether the conversation's last assistant turn that called tools comes without the thinking
-    blocks that led to them, and no turn has any (litellm's test for dropping Claude's thinking under
-    its `modify_params`): Claude refuses to think on from such a turn. A Responses API client sends no
-    thought back (reasoning items are dropped), nor does a chat app that writes its turns itself."""
-    utils = litellm_module().utils
-    return (utils.last_assistant_with_tool_calls_has_no_thinking_blocks(messages)
-            and not utils.any_assistant_message_has_thinking_blocks(messages))
-
-
 # -- how its streams end ----------------------------------------------------------------------------
 # Providers whose raw stream events StreamEnd reads (Anthropic's Messages events, Gemini's
 # GenerateContentResponses; Vertex serves both). Others keep litellm's own judgement.

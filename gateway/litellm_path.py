@@ -17,10 +17,9 @@ from typing import Any
 
 import orjson
 
-from gateway.effort import fit_claude_thinking
+from gateway.effort import fit_claude_thinking, thoughts_left_out
 from gateway.litellm_calls import (
     StreamEnd, claude_thinking, litellm_error, litellm_module, sends_embedding_dimensions, supported_openai_params,
-    thoughts_left_out,
 )
 from gateway.upstream_errors import UpstreamError
 

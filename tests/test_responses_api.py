@@ -799,6 +799,11 @@ def test_a_claude_tool_loop_with_thinking_continues_without_its_thoughts(tmp_pat
                                                                                message.tool_calls]}, kept[2]]
         answer = client.chat.completions.create(model="sonnet", messages=written, tools=tools, reasoning_effort="high")
         assert answer.choices[0].message.content == "Sunny in Paris." and "thinking" not in sent(mock)[-1]
+        # that loop over (answered), the next question thinks again: only the last assistant turn counts
+        control(mock, answers=["Take an umbrella."])
+        later = [*written, {"role": "assistant", "content": "Sunny in Paris."}, {"role": "user", "content": "Umbrella?"}]
+        answer = client.chat.completions.create(model="sonnet", messages=later, tools=tools, reasoning_effort="high")
+        assert answer.choices[0].message.content == "Take an umbrella." and sent(mock)[-1]["thinking"]["type"] == "enabled"
 
 
 def test_the_prompt_cache_and_safety_hints_reach_the_backend_as_chat_sends_them(client, mock):
