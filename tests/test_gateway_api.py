@@ -430,6 +430,31 @@ def test_a_stream_repeating_each_tool_calls_id_and_name_reaches_the_client_as_op
     assert message.function_call.name == "get_weather"
 
 
+@pytest.mark.parametrize("index", [0, None])
+def test_parallel_tool_calls_streamed_under_one_index_reach_the_client_numbered_apart(client, mock, index):
+    """Some servers stream parallel tool calls each whole under one index (0 for every call, or none at
+    all): the SDK's stream helper joined them into one call ('call_acall_b', the two argument objects
+    end to end). A delta with a new id is a new call, sent under the next index, and so are the pieces
+    after it."""
+    def chunk(delta: dict, finish: str | None = None) -> bytes:
+        return b"data: " + orjson.dumps({"id": "up-1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                                         "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}) + b"\n\n"
+
+    def call(arguments: str, call_id: str | None = None) -> dict:
+        head = {"id": call_id, "type": "function", "function": {"name": "get_weather", "arguments": arguments}} \
+            if call_id else {"function": {"arguments": arguments}}
+        return {"tool_calls": [{**head, **({"index": index} if index is not None else {})}]}
+
+    pieces = [chunk({"role": "assistant", "content": None}), chunk(call('{"city": ', "call_a")), chunk(call('"Paris"}')),
+              chunk(call('{"city": ', "call_b")), chunk(call('"Rome"}')), chunk({}, "tool_calls"), b"data: [DONE]\n\n"]
+    control(mock, script=["raw"], raw=[p.hex() for p in pieces])
+    with client.chat.completions.stream(model="mock-a", messages=[{"role": "user", "content": "Weather?"}],
+                                        tools=[WEATHER]) as events:
+        message = events.get_final_completion().choices[0].message
+    assert [(c.id, c.function.name, c.function.arguments) for c in message.tool_calls] == [
+        ("call_a", "get_weather", '{"city": "Paris"}'), ("call_b", "get_weather", '{"city": "Rome"}')]
+
+
 def test_streaming_without_usage_sends_no_usage_chunk(client, mock):
     chunks = list(client.chat.completions.create(model="mock-a", messages=[{"role": "user", "content": "a"}],
                                                  stream=True))

@@ -817,3 +817,26 @@ def test_the_prompt_cache_and_safety_hints_reach_the_backend_as_chat_sends_them(
                                       "service_tier", "user")} == {
         "prompt_cache_key": "app-1", "prompt_cache_retention": "24h", "safety_identifier": "u-hash",
         "service_tier": "flex", "user": "u-1"}
+
+
+@pytest.mark.parametrize("index", [0, None])
+def test_parallel_calls_streamed_under_one_index_are_separate_calls(client, mock, index):
+    """Some servers stream parallel tool calls each whole, under one index (0 for every call, or none
+    at all, as Gemini's OpenAI-compatible endpoint writes them): keyed by index alone, the second
+    call's arguments were joined onto the first's ('{"city": "Paris"}{"city": "Rome"}', under the
+    first call's name and id). A delta with a new id is a new call; its later pieces are its own."""
+    def opening(call_id: str, city: str) -> dict:
+        call = {"id": call_id, "type": "function", "function": {"name": "get_weather", "arguments": '{"city": '}}
+        return {"tool_calls": [{**call, **({"index": index} if index is not None else {})}]}
+
+    def rest(city: str) -> dict:
+        call = {"function": {"arguments": f'"{city}"}}'}}
+        return {"tool_calls": [{**call, **({"index": index} if index is not None else {})}]}
+
+    control(mock, script=["raw"], raw=sse_chunks(opening("call_a", "Paris"), rest("Paris"),
+                                                 opening("call_b", "Rome"), rest("Rome")))
+    events = list(client.responses.create(model="mock-a", input="Weather?", tools=[WEATHER], stream=True))
+    done = [(e.output_index, e.arguments) for e in events if e.type == "response.function_call_arguments.done"]
+    assert done == [(0, '{"city": "Paris"}'), (1, '{"city": "Rome"}')]
+    assert [(o.call_id, o.name, json.loads(o.arguments)) for o in events[-1].response.output] == [
+        ("call_a", "get_weather", {"city": "Paris"}), ("call_b", "get_weather", {"city": "Rome"})]
