@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -2642,3 +2643,30 @@ def test_a_best_of_n_judge_sees_the_images_the_answers_are_about(tmp_path):
         client.chat.completions.create(model="auto", messages=messages[:1])  # text only: the judge's prompt as ever
         judged = [b for b in calls(mock)["bodies"] if b["messages"][0]["role"] == "system"]
         assert len(judged) == 2 and all(isinstance(b["messages"][1]["content"], str) for b in judged)
+
+
+def test_a_streamed_claude_tool_call_has_no_content_as_openai_streams_it(tmp_path):
+    """litellm streams Claude's tool call with `content: ""` in every delta, so the openai SDK's stream
+    helper gave the app a message whose content was "" beside its tool call, where OpenAI's stream (and
+    the same answer not streamed) has none (null): apps that show `content` when it is not None showed
+    an empty reply. A delta carrying a tool call carries no empty content."""
+    from tests.servers import start_anthropic_mock
+    from tests.test_anthropic import claude_backend
+
+    path = write_policy(tmp_path, {"name": "claude", "arms": {"plain": {"backend": "sonnet"}},
+                                   "routes": [{"name": "all", "candidates": ["plain"]}]}, "claude.yaml")
+    with running(start_anthropic_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [claude_backend("sonnet", mock)], "policy": path}, name="claude",
+            env={"ANTHROPIC_API_KEY": "sk-ant-test"})) as gateway:
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+        messages = [{"role": "user", "content": "Weather in Paris?"}]
+        control(mock, script=["tool_use"], answers=['{"city": "Paris"}'])
+        whole = client.chat.completions.create(model="sonnet", messages=messages, tools=[WEATHER]).choices[0].message
+        control(mock, script=["tool_use"], answers=['{"city": "Paris"}'])
+        with client.chat.completions.stream(model="sonnet", messages=messages, tools=[WEATHER]) as events:
+            streamed = events.get_final_completion().choices[0].message
+        assert whole.content is None and streamed.content is None
+        assert [json.loads(m.tool_calls[0].function.arguments) for m in (whole, streamed)] == [{"city": "Paris"}] * 2
+        control(mock, answers=["Sunny."])  # a text answer streams its text as ever
+        with client.chat.completions.stream(model="sonnet", messages=messages) as events:
+            assert events.get_final_completion().choices[0].message.content == "Sunny."
