@@ -64,7 +64,8 @@ def apply_effort(body: dict[str, Any], spec: BackendSpec, effort: str | None) ->
     return body
 
 
-def fit_claude_thinking(body: dict[str, Any], thinking: dict[str, Any] | None) -> dict[str, Any]:
+def fit_claude_thinking(body: dict[str, Any], thinking: dict[str, Any] | None, *,
+                        thoughts_left_out: bool = False) -> dict[str, Any]:
     """The body as Claude takes it while it thinks (the input is not modified). `thinking` is what the
     call turns on: the body's own `thinking` block, or what litellm makes of its `reasoning_effort`.
 
@@ -74,7 +75,9 @@ def fit_claude_thinking(body: dict[str, Any], thinking: dict[str, Any] | None) -
     for it: a budget under Claude's least (1,024; `minimal` is 512) is raised to it, as litellm maps
     `minimal`; the budget is cut to fit the client's output limit (as OpenAI's reasoning models spend
     reasoning within max_completion_tokens), thinking is left off where no budget fits or a tool call is
-    forced, and sampling knobs Claude cannot take while thinking are left out (it samples at 1)."""
+    forced or the conversation's last tool calls come without the thinking that led to them
+    (`thoughts_left_out`: Claude continues a tool loop only from its signed thinking blocks), and
+    sampling knobs Claude cannot take while thinking are left out (it samples at 1)."""
     if not isinstance(thinking, dict) or thinking.get("type") not in ("enabled", "adaptive"):
         return body
     limits = [body[k] for k in ("max_tokens", "max_completion_tokens") if isinstance(body.get(k), int)]
@@ -86,7 +89,7 @@ def fit_claude_thinking(body: dict[str, Any], thinking: dict[str, Any] | None) -
         body = {**body, "thinking": thinking}
     tool_choice = body.get("tool_choice")
     forced = tool_choice == "required" or (isinstance(tool_choice, dict) and tool_choice.get("type") == "function")
-    if forced or (limit is not None and isinstance(budget, int) and limit <= CLAUDE_MIN_THINKING_BUDGET):
+    if forced or thoughts_left_out or (limit is not None and isinstance(budget, int) and limit <= CLAUDE_MIN_THINKING_BUDGET):
         body = {k: v for k, v in body.items() if k != "thinking"}
         if "reasoning_effort" in body:
             body["reasoning_effort"] = "none"
@@ -101,3 +104,17 @@ def fit_claude_thinking(body: dict[str, Any], thinking: dict[str, Any] | None) -
     if isinstance(body.get("top_p"), (int, float)) and body["top_p"] < CLAUDE_THINKING_MIN_TOP_P:
         del body["top_p"]
     return body
+
+
+def thoughts_left_out(messages: list[dict[str, Any]]) -> bool:
+    """Whether the conversation's last assistant turn called tools without the thinking blocks that led
+    to them (and no turn has any: Claude refuses those without thinking): Claude continues a tool loop
+    only from its signed thinking, and refuses to think on from such a turn. A Responses API client
+    sends no thought back (reasoning items are dropped), nor does a chat app that writes its turns
+    itself. Only the last assistant turn counts, as Anthropic's rule says: a tool loop that ended in
+    an answer earlier in the conversation leaves the next question free to think (litellm's own test,
+    under its `modify_params`, looks at the last turn that called tools, however far back)."""
+    last = next((m for m in reversed(messages) if isinstance(m, dict) and m.get("role") == "assistant"), None)
+    if last is None or not last.get("tool_calls") or last.get("thinking_blocks"):
+        return False
+    return not any(isinstance(m, dict) and m.get("role") == "assistant" and m.get("thinking_blocks") for m in messages)

@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from gateway.effort import fit_claude_thinking
+from gateway.effort import fit_claude_thinking, thoughts_left_out
 from gateway.litellm_calls import (
     StreamEnd, claude_thinking, litellm_error, litellm_module, sends_embedding_dimensions, supported_openai_params,
 )
@@ -52,7 +52,8 @@ class LitellmPath:
         self._refuse_litellm_options(params)
         self._refuse_what_would_be_dropped(params)
         if self.claude:
-            params = fit_claude_thinking(params, claude_thinking(params, self.upstream_model))
+            params = fit_claude_thinking(params, claude_thinking(params, self.upstream_model),
+                                         thoughts_left_out=thoughts_left_out(params.get("messages") or []))
         return params
 
     def _refuse_litellm_options(self, params: dict[str, Any]) -> None:
@@ -111,6 +112,7 @@ class LitellmPath:
             end = StreamEnd(response, self.spec.model)
             async for chunk in response:
                 parsed = chunk.model_dump(exclude_none=True)
+                _no_empty_content_beside_calls(parsed)
                 # litellm writes its finish_reason chunk once the provider's body has ended: the answer
                 # is complete only if the provider said so (StreamEnd), as [DONE] says it on the fast path
                 if end.cut and any(choice.get("finish_reason") for choice in parsed.get("choices") or ()):
@@ -160,3 +162,12 @@ def _float32_base64(vector: list[float]) -> str:
 def _litellm_options() -> frozenset[str]:
     """The names litellm takes as its own call options, less OpenAI's fields it also reads."""
     return frozenset(LITELLM_OPTIONS | set(litellm_module().types.utils.all_litellm_params)) - OPENAI_FIELDS_LITELLM_READS
+
+
+def _no_empty_content_beside_calls(chunk: dict[str, Any]) -> None:
+    """litellm streams Claude's tool calls with `content: ""` in each delta: the SDK's stream helper then
+    gave apps "" as the content beside the call, where OpenAI streams (and the JSON answer has) none."""
+    for choice in chunk.get("choices") or ():
+        delta = choice.get("delta")
+        if isinstance(delta, dict) and delta.get("tool_calls") and delta.get("content") == "":
+            del delta["content"]

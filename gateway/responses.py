@@ -34,7 +34,8 @@ STATEFUL = {
     "context_management": "the conversation is not kept, so there is nothing to compact",
 }
 # The Responses fields that become chat fields of the same name and meaning.
-SAME_IN_CHAT = ("temperature", "top_p", "user", "safety_identifier", "prompt_cache_key", "service_tier")
+SAME_IN_CHAT = ("temperature", "top_p", "user", "safety_identifier", "prompt_cache_key", "prompt_cache_retention",
+                "service_tier")
 
 
 # What `include` may ask for: the output text's logprobs, and data of what only OpenAI's servers make
@@ -65,6 +66,7 @@ class _ResponsesBody(BaseModel):
     user: str | None = None
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None  # "in_memory" | "24h", a caching hint as chat's
     service_tier: str | None = None
     metadata: dict[str, str] | None = None
     store: bool | None = None  # accepted; nothing is stored either way
@@ -208,7 +210,7 @@ def count_input_tokens(body: dict[str, Any]) -> dict[str, Any]:
 # A chat field's name as the Responses field it is made from (`max_tokens`: what a backend may be sent).
 _RESPONSES_NAMES = {"messages": "input", "max_completion_tokens": "max_output_tokens",
                     "max_tokens": "max_output_tokens", "reasoning_effort": "reasoning.effort",
-                    "response_format": "text.format", "logprobs": "include"}
+                    "response_format": "text.format", "logprobs": "include", "verbosity": "text.verbosity"}
 # The output limit as the gateway's own messages (budget advice) and upstreams' name it in a message.
 _CHAT_OUTPUT_LIMIT = re.compile(r"\bmax_(?:completion_)?tokens\b")
 
@@ -302,9 +304,16 @@ def _chat_part(part: Any, param: str) -> dict[str, Any]:
                                 "stored on OpenAI's servers, which a gateway in front of other backends cannot read")
         return {"type": "image_url", "image_url": {"url": part["image_url"], "detail": part.get("detail") or "auto"}}
     if kind == "input_file":
-        raise refuse(param, "input files are not supported: the chat request path carries text and images only")
-    raise refuse(f"{param}.type", f"a content part of type {kind!r} is not supported (input_text, output_text and "
-                                  "input_image with an image_url are)")
+        if "file_data" not in part:
+            raise refuse(param, "a file is taken inline, by `file_data` (a base64 data URL) and its `filename`; a "
+                                "`file_id` names a file stored on OpenAI's servers, and a `file_url` one the chat "
+                                "backends behind this gateway would have to fetch")
+        file = {"file_data": _string(part, "file_data", param)}
+        if part.get("filename") is not None:
+            file["filename"] = _string(part, "filename", param)
+        return {"type": "file", "file": file}  # chat's document part (OpenAI; litellm: Claude, Gemini)
+    raise refuse(f"{param}.type", f"a content part of type {kind!r} is not supported (input_text, output_text, "
+                                  "input_image with an image_url and input_file with its file_data are)")
 
 
 def _text_of(content: Any, param: str) -> str:
@@ -359,7 +368,19 @@ def chat_tool_choice(choice: str | dict[str, Any]) -> str | dict[str, Any]:
         return choice
     if choice.get("type") == "function":
         return {"type": "function", "function": {"name": _string(choice, "name", "tool_choice")}}
-    raise refuse("tool_choice", f"a tool_choice of type {choice.get('type')!r} is not supported (a function is)")
+    if choice.get("type") == "allowed_tools":  # chat has it too, its tools nested as chat nests a tool
+        if choice.get("mode") not in ("auto", "required"):
+            raise ApiError(400, "Invalid value for 'tool_choice.mode': expected auto or required",
+                           param="tool_choice.mode", code="invalid_value")
+        allowed = []
+        for i, tool in enumerate(_list(choice.get("tools"), "tool_choice.tools")):
+            if not isinstance(tool, dict) or tool.get("type") != "function":
+                raise refuse(f"tool_choice.tools.{i}.type", "only function tools can be allowed; built-in tools run "
+                                                          "on OpenAI's servers")
+            allowed.append({"type": "function", "function": {"name": _string(tool, "name", f"tool_choice.tools.{i}")}})
+        return {"type": "allowed_tools", "allowed_tools": {"mode": choice["mode"], "tools": allowed}}
+    raise refuse("tool_choice", f"a tool_choice of type {choice.get('type')!r} is not supported (a function or "
+                                "allowed_tools is)")
 
 
 def chat_response_format(fmt: Any) -> dict[str, Any] | None:

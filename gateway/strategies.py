@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -116,10 +116,11 @@ def judge_output_tokens(spec: BackendSpec) -> int:
     return JUDGE_OUTPUT_TOKENS + (JUDGE_THINKING_TOKENS if thinks_at(spec, lowest_effort(spec)) else 0)
 
 
-def judge_body(spec: BackendSpec, question: str, answer: str) -> dict[str, Any]:
-    """A best-of-N judge's call: the rubric, question and answer, at the judge's lowest effort (a
-    score needs no long thinking) and with room for what that effort still thinks."""
-    body = apply_effort({"messages": prompts.judge_messages(question, answer), "temperature": 0},
+def judge_body(spec: BackendSpec, question: str, answer: str,
+               media: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    """A best-of-N judge's call: the rubric, question (with its images: `media`) and answer, at the
+    judge's lowest effort (a score needs no long thinking) and with room for what that effort still thinks."""
+    body = apply_effort({"messages": prompts.judge_messages(question, answer, media=media), "temperature": 0},
                         spec, lowest_effort(spec))
     return with_output_limit(body, spec, judge_output_tokens(spec))
 
@@ -449,12 +450,13 @@ async def _best_of_n(arm: Arm, body: dict[str, Any], ctx: StrategyContext) -> St
     texts = _sample_texts(responses)
     verifier = arm.verifier or arm.backend
     question = prompts.last_user_text(body["messages"])
+    media = prompts.last_user_media(body["messages"])  # what the question shows: the judge must see it too
 
     judge = ctx.caller.backend(verifier).spec
 
     async def score(text: str) -> float | None:
         try:
-            verdict = await ctx.caller.complete(verifier, judge_body(judge, question, text))
+            verdict = await ctx.caller.complete(verifier, judge_body(judge, question, text, media))
         except UpstreamError:
             return None
         return prompts.parse_judge_score(_texts(verdict)[0] if verdict.get("choices") else "")

@@ -324,15 +324,20 @@ class ToolCallHeads:
     arguments: clients join every string a delta brings (the openai SDK's stream helper, agent
     frameworks). llama-cpp-python's server (the local model) repeats them in every delta, which joined
     make a call to 'get_weatherget_weather...' with an id as long: a repeat of what the call's first
-    delta said is dropped (as it is of a legacy function_call's name). Compliant streams pass as sent."""
+    delta said is dropped (as it is of a legacy function_call's name). Some servers stream parallel
+    calls each whole under one index (0, or none): a delta with a new id is a new call, given the next
+    index, as are the pieces after it (clients joined them all into the first call). Compliant streams
+    pass as sent."""
 
-    __slots__ = ("_heads",)
+    __slots__ = ("_heads", "_slots", "_calls")
 
     def __init__(self) -> None:
         self._heads: dict[tuple, dict[str, Any]] = {}  # (choice, tool call index | "function_call") -> first fields
+        self._slots: dict[tuple, int] = {}  # (choice, the upstream's index) -> the index the client is sent
+        self._calls: dict[Any, int] = {}  # choice -> its calls so far
 
     def drop_repeats(self, chunk: dict) -> bool:
-        """Remove repeated heads from the chunk in place; whether any was removed."""
+        """Remove repeated heads from the chunk in place, and number calls apart; whether it changed."""
         dropped = False
         for choice in chunk.get("choices") or ():
             delta = choice.get("delta") if isinstance(choice, dict) else None
@@ -346,7 +351,14 @@ class ToolCallHeads:
                 function = function if isinstance(function, dict) else {}
                 head = {"id": call.get("id"), "type": call.get("type"), "name": function.get("name")}
                 first = self._heads.setdefault(key, head)
-                if first is head:
+                if key[1] != "function_call" and (first is head or (head["id"] and first["id"] and head["id"] != first["id"])):
+                    self._heads[key] = head  # a call of its own: the next index
+                    self._slots[key] = self._calls.get(key[0], 0)
+                    self._calls[key[0]] = self._slots[key] + 1
+                if key[1] != "function_call" and call.get("index") != (slot := self._slots[key]):
+                    call["index"] = slot
+                    dropped = True
+                if first is head or self._heads[key] is head:
                     continue
                 for field, holder in (("id", call), ("type", call), ("name", function)):
                     if holder.get(field) is not None and holder[field] == first[field]:

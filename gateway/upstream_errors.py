@@ -20,8 +20,9 @@ import orjson
 # Upstream statuses that are about the request itself: passed on to the client as they are, never
 # retried, and no mark against the backend's health.
 REQUEST_ERRORS = frozenset({400, 404, 413, 422})
-# OpenAI's codes for a parameter (or value) the model does not take: another backend's may take it
-MODEL_REFUSALS = frozenset({"unsupported_parameter", "unsupported_value"})
+# OpenAI's codes for a parameter (or value) the model does not take, and the gateway's for a content part
+# a text-only backend cannot read (an image for the local model): another backend may take it
+MODEL_REFUSALS = frozenset({"unsupported_parameter", "unsupported_value", "unsupported_content"})
 # Upstream statuses that refuse the gateway's own credentials for the backend (its API key wrong, revoked,
 # unset, or not allowed this model): the operator's to fix, never the client's (credentials_refused)
 CREDENTIAL_REFUSALS = frozenset({401, 403})

@@ -153,15 +153,29 @@ def last_user_text(messages: Sequence[dict[str, Any]]) -> str:
     return ""
 
 
-def judge_messages(question: str, answer: str, rubric: str | None = None) -> list[dict[str, str]]:
-    """Chat messages asking an LLM judge to score one candidate answer with the rubric."""
+def last_user_media(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The parts of the last user turn that are no text (images, audio), which a judge must see too:
+    "What is in this picture?" says nothing without the picture."""
+    for message in reversed(messages):
+        if message.get("role") != "user":
+            continue
+        content = message.get("content")
+        if not isinstance(content, list):
+            return []
+        return [p for p in content if isinstance(p, dict) and p.get("type") not in ("text", None)]
+    return []
+
+
+def judge_messages(question: str, answer: str, rubric: str | None = None,
+                   media: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+    """Chat messages asking an LLM judge to score one candidate answer with the rubric; `media`: the
+    request's images and audio (last_user_media), after the text, as the question had them."""
+    text = (f"User request:\n<request>\n{question}\n</request>\n\n"
+            f"Candidate answer:\n<answer>\n{answer}\n</answer>\n\nGrade the candidate answer.")
+    content: str | list[dict[str, Any]] = [{"type": "text", "text": text}, *media] if media else text
     return [
         {"role": "system", "content": (rubric or DEFAULT_JUDGE_RUBRIC).strip()},
-        {
-            "role": "user",
-            "content": f"User request:\n<request>\n{question}\n</request>\n\n"
-            f"Candidate answer:\n<answer>\n{answer}\n</answer>\n\nGrade the candidate answer.",
-        },
+        {"role": "user", "content": content},
     ]
 
 

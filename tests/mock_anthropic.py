@@ -7,7 +7,8 @@ input_json_delta for tool_use, message_delta with stop_reason and usage, message
 usage (1 token per whitespace-separated word of the messages' text; cache counts as set), and refuses
 what Anthropic refuses (no max_tokens, a field the Messages API does not have, a `system` role in
 messages; with thinking: budget_tokens under 1024 or not below max_tokens, a temperature other than 1,
-top_k, top_p under 0.95, a forced tool call) with its 400.
+top_k, top_p under 0.95, a forced tool call, a final assistant turn whose tool calls come without the
+thinking that led to them) with its 400.
 
     POST /control {"script": [...], "answers": [...], "cache_read": 0, "cache_creation": 0,
                    "thinking": "...", "hang_s": 30}
@@ -102,6 +103,18 @@ def refusal(body: dict) -> str | None:
             return "`top_p` must be between 0.95 and 1 when thinking is enabled."
         if (body.get("tool_choice") or {}).get("type") in ("any", "tool"):
             return "Thinking may not be enabled when tool_choice forces tool use."
+        # a tool loop's turn is continued with its thinking: the final assistant turn that called tools
+        # must start with the thinking blocks the model wrote before those calls (with their signature)
+        assistant = [(i, m) for i, m in enumerate(body.get("messages") or []) if m.get("role") == "assistant"]
+        if assistant:
+            i, last = assistant[-1]
+            blocks = last.get("content") if isinstance(last.get("content"), list) else []
+            if any(b.get("type") == "tool_use" for b in blocks) and \
+                    blocks[0].get("type") not in ("thinking", "redacted_thinking"):
+                return (f"messages.{i}.content.0.type: Expected `thinking` or `redacted_thinking`, but found "
+                        f"`{blocks[0].get('type')}`. When `thinking` is enabled, a final `assistant` message must "
+                        "start with a thinking block (preceeding the lastmost set of `tool_use` and `tool_result` "
+                        "blocks).")
     return None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -428,6 +429,31 @@ def test_a_stream_repeating_each_tool_calls_id_and_name_reaches_the_client_as_op
     assert (call.id, call.type, call.function.name, call.function.arguments) == (
         "call_0", "function", "get_weather", '{"city": "Paris"}')
     assert message.function_call.name == "get_weather"
+
+
+@pytest.mark.parametrize("index", [0, None])
+def test_parallel_tool_calls_streamed_under_one_index_reach_the_client_numbered_apart(client, mock, index):
+    """Some servers stream parallel tool calls each whole under one index (0 for every call, or none at
+    all): the SDK's stream helper joined them into one call ('call_acall_b', the two argument objects
+    end to end). A delta with a new id is a new call, sent under the next index, and so are the pieces
+    after it."""
+    def chunk(delta: dict, finish: str | None = None) -> bytes:
+        return b"data: " + orjson.dumps({"id": "up-1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                                         "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}) + b"\n\n"
+
+    def call(arguments: str, call_id: str | None = None) -> dict:
+        head = {"id": call_id, "type": "function", "function": {"name": "get_weather", "arguments": arguments}} \
+            if call_id else {"function": {"arguments": arguments}}
+        return {"tool_calls": [{**head, **({"index": index} if index is not None else {})}]}
+
+    pieces = [chunk({"role": "assistant", "content": None}), chunk(call('{"city": ', "call_a")), chunk(call('"Paris"}')),
+              chunk(call('{"city": ', "call_b")), chunk(call('"Rome"}')), chunk({}, "tool_calls"), b"data: [DONE]\n\n"]
+    control(mock, script=["raw"], raw=[p.hex() for p in pieces])
+    with client.chat.completions.stream(model="mock-a", messages=[{"role": "user", "content": "Weather?"}],
+                                        tools=[WEATHER]) as events:
+        message = events.get_final_completion().choices[0].message
+    assert [(c.id, c.function.name, c.function.arguments) for c in message.tool_calls] == [
+        ("call_a", "get_weather", '{"city": "Paris"}'), ("call_b", "get_weather", '{"city": "Rome"}')]
 
 
 def test_streaming_without_usage_sends_no_usage_chunk(client, mock):
@@ -2831,3 +2857,98 @@ def test_a_backend_refusing_the_gateways_credentials_is_a_502_that_names_no_key(
                 [line] = [line for line in log.splitlines()
                           if f"backend {name} refuses the gateway's credentials (HTTP {status}: " in line]
                 assert quoted in line and " ERROR " in line, line
+
+
+def test_an_image_routed_to_a_text_only_arm_is_answered_by_the_next_arm(tmp_path):
+    """A routed request with an image part, whose decision picked a text-only backend (the local
+    llama.cpp model, `message_format: basic`, a policy's usual cheap arm), got that backend's 400
+    `unsupported_content` as if no backend could see the image. Another backend may: the next arm
+    answers it, image and all, streamed or not, chat or Responses. A request naming the text-only
+    backend still gets its 400."""
+    path = write_policy(tmp_path, {"name": "vision", "exploration": {"share": 0.0},
+                                   "arms": {"local": {"backend": "mock-text", "prior": 0.95},
+                                            "vision": {"backend": "mock-a", "prior": 0.3}},
+                                   "routes": [{"name": "all", "candidates": ["local", "vision"]}]}, "vision.yaml")
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("mock-text", mock, message_format="basic"), mock_backend("mock-a", mock)],
+            "policy": path}, name="vision")) as gateway:
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+        image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+        messages = [{"role": "user", "content": [{"type": "text", "text": "What is in this picture?"}, image]}]
+        assert client.chat.completions.with_raw_response.create(
+            model="auto", messages=[{"role": "user", "content": "x"}]).headers["x-ponder-arm"] == "mock-text/-/single/1"
+        for stream in (False, True):
+            reset(mock)
+            raw = client.chat.completions.with_raw_response.create(model="auto", messages=messages, stream=stream)
+            assert raw.headers["x-ponder-arm"] == "mock-a/-/single/1"
+            answer = raw.parse()
+            text = "".join(c.choices[0].delta.content or "" for c in answer if c.choices) if stream else \
+                answer.choices[0].message.content
+            assert text == "Hello from the mock upstream."
+            [body] = calls(mock)["bodies"]  # the text-only backend was sent nothing
+            assert body["model"] == "mock-a" and body["messages"][0]["content"][1] == image
+        reset(mock)
+        response = client.responses.create(model="auto", input=[{"role": "user", "content": [
+            {"type": "input_text", "text": "What is in this picture?"},
+            {"type": "input_image", "image_url": image["image_url"]["url"]}]}])
+        assert response.output_text == "Hello from the mock upstream."
+        assert calls(mock)["bodies"][-1]["messages"][0]["content"][1]["image_url"]["url"] == image["image_url"]["url"]
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model="mock-text", messages=messages)
+        assert refused.value.code == "unsupported_content"
+
+
+def test_a_best_of_n_judge_sees_the_images_the_answers_are_about(tmp_path):
+    """A best-of-N judge was shown the last user turn's text only: asked "What is in this picture?",
+    it scored each sample's description of an image it never saw, a verdict on nothing. The judge is
+    sent the question's images (and audio) with its text, as the samples were."""
+    path = write_policy(tmp_path, {"name": "judged", "exploration": {"share": 0.0},
+                                   "arms": {"best": {"backend": "mock-a", "strategy": "best_of_n", "n": 2}},
+                                   "routes": [{"name": "all", "candidates": ["best"]}]}, "judged.yaml")
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("mock-a", mock)], "policy": path}, name="judged")) as gateway:
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+        image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+        control(mock, answers=["Score: 8"])
+        messages = [{"role": "user", "content": "Describe pictures briefly."}, {"role": "assistant", "content": "OK."},
+                    {"role": "user", "content": [{"type": "text", "text": "What is in this picture?"}, image]}]
+        raw = client.chat.completions.with_raw_response.create(model="auto", messages=messages)
+        assert raw.headers["x-ponder-arm"] == "mock-a/-/best_of_n/2"
+        judged = [b for b in calls(mock)["bodies"] if b["messages"][0]["role"] == "system"]
+        assert len(judged) == 2
+        for body in judged:
+            [text, seen] = body["messages"][1]["content"]
+            assert "What is in this picture?" in text["text"] and "Score: 8" in text["text"]
+            assert seen == image
+        reset(mock)
+        control(mock, answers=["Score: 8"])
+        client.chat.completions.create(model="auto", messages=messages[:1])  # text only: the judge's prompt as ever
+        judged = [b for b in calls(mock)["bodies"] if b["messages"][0]["role"] == "system"]
+        assert len(judged) == 2 and all(isinstance(b["messages"][1]["content"], str) for b in judged)
+
+
+def test_a_streamed_claude_tool_call_has_no_content_as_openai_streams_it(tmp_path):
+    """litellm streams Claude's tool call with `content: ""` in every delta, so the openai SDK's stream
+    helper gave the app a message whose content was "" beside its tool call, where OpenAI's stream (and
+    the same answer not streamed) has none (null): apps that show `content` when it is not None showed
+    an empty reply. A delta carrying a tool call carries no empty content."""
+    from tests.servers import start_anthropic_mock
+    from tests.test_anthropic import claude_backend
+
+    path = write_policy(tmp_path, {"name": "claude", "arms": {"plain": {"backend": "sonnet"}},
+                                   "routes": [{"name": "all", "candidates": ["plain"]}]}, "claude.yaml")
+    with running(start_anthropic_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [claude_backend("sonnet", mock)], "policy": path}, name="claude",
+            env={"ANTHROPIC_API_KEY": "sk-ant-test"})) as gateway:
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+        messages = [{"role": "user", "content": "Weather in Paris?"}]
+        control(mock, script=["tool_use"], answers=['{"city": "Paris"}'])
+        whole = client.chat.completions.create(model="sonnet", messages=messages, tools=[WEATHER]).choices[0].message
+        control(mock, script=["tool_use"], answers=['{"city": "Paris"}'])
+        with client.chat.completions.stream(model="sonnet", messages=messages, tools=[WEATHER]) as events:
+            streamed = events.get_final_completion().choices[0].message
+        assert whole.content is None and streamed.content is None
+        assert [json.loads(m.tool_calls[0].function.arguments) for m in (whole, streamed)] == [{"city": "Paris"}] * 2
+        control(mock, answers=["Sunny."])  # a text answer streams its text as ever
+        with client.chat.completions.stream(model="sonnet", messages=messages) as events:
+            assert events.get_final_completion().choices[0].message.content == "Sunny."

@@ -15,7 +15,8 @@ import pytest
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
-from tests.servers import control, mock_backend, reset, running, sent, start_gateway, start_mock, two_mock_policy
+from tests.servers import (control, mock_backend, reset, running, sent, start_gateway, start_mock, two_mock_policy,
+                           write_policy)
 
 KEY = "sk-resp-key-123"
 ADMIN_KEY = "sk-resp-admin-456"
@@ -173,6 +174,26 @@ def test_a_function_tool_round_trip(client, mock):
              "function": {"name": "get_weather", "arguments": call.arguments}}]},
         {"role": "tool", "tool_call_id": call.call_id, "content": "sunny, 21 C"},
     ]
+
+
+def test_allowed_tools_are_chats_allowed_tools(client, mock):
+    """`tool_choice: {type: allowed_tools, mode, tools}` (the model may call only these, the tool list
+    staying whole for the prompt cache) is a tool_choice of chat too, nested as chat nests a tool: it
+    was a 400 `unsupported_parameter`. A built-in tool among them is refused as built-in tools are."""
+    control(mock, script=["tool_call"], answers=['{"city": "Paris"}'])
+    other = {**WEATHER, "name": "get_time"}
+    response = client.responses.create(model="mock-a", input="Weather in Paris?", tools=[WEATHER, other],
+                                       tool_choice={"type": "allowed_tools", "mode": "required",
+                                                    "tools": [{"type": "function", "name": "get_weather"}]})
+    assert response.output[0].name == "get_weather" and response.tool_choice.type == "allowed_tools"
+    assert sent(mock)[-1]["tool_choice"] == {"type": "allowed_tools", "allowed_tools": {
+        "mode": "required", "tools": [{"type": "function", "function": {"name": "get_weather"}}]}}
+    for choice, param in (({"mode": "sometimes", "tools": []}, "tool_choice.mode"),
+                          ({"mode": "auto", "tools": [{"type": "web_search"}]}, "tool_choice.tools.0.type")):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.responses.create(model="mock-a", input="x", tools=[WEATHER],
+                                    tool_choice={"type": "allowed_tools", **choice})
+        assert refused.value.param == param
 
 
 def test_a_json_schema_format(client, mock):
@@ -424,6 +445,7 @@ def test_errors_of_the_chat_path_name_the_responses_field(client, gw, mock):
 @pytest.mark.parametrize("upstream_param, param", [
     ("messages[3].content", "input"), ("max_tokens", "max_output_tokens"), ("response_format", "text.format"),
     ("tools[0].function.parameters", "tools[0].parameters"), ("tool_choice.function.name", "tool_choice.name"),
+    ("verbosity", "text.verbosity"),  # a model refusing `text.verbosity` (it was named `verbosity`)
 ])
 def test_an_upstreams_param_is_named_as_the_responses_field(upstream_param, param):
     """OpenAI's own errors index with brackets, and a chat tool's fields are under `function`. Pure."""
@@ -447,6 +469,8 @@ def test_an_upstreams_param_is_named_as_the_responses_field(upstream_param, para
      "input.0.content.0", "unsupported_parameter"),
     ({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "file-1"}]}]},
      "input.0.content.0", "unsupported_parameter"),
+    ({"input": [{"role": "user", "content": [{"type": "input_file", "file_data": 7}]}]},
+     "input.0.content.0.file_data", "invalid_value"),
     ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input.0", "unsupported_parameter"),
     ({"top_logprobs": 21}, "top_logprobs", "invalid_value"),
     ({"include": ["message.output_text.logprobs", "output_text.annotations"]}, "include.1", "invalid_value"),
@@ -474,6 +498,24 @@ def test_an_image_url_part_reaches_the_upstream_as_a_chat_image(client, mock):
     [parts] = [b["messages"][0]["content"] for b in sent(mock) if isinstance(b["messages"][0]["content"], list)]
     assert parts == [{"type": "text", "text": "What is this?"},
                      {"type": "image_url", "image_url": {"url": "https://example.com/cat.png", "detail": "low"}}]
+
+
+def test_an_inline_file_part_reaches_the_upstream_as_a_chat_file(client, mock):
+    """A document sent inline (`input_file` with `file_data`, a base64 data URL, as the openai SDK's
+    examples send a PDF) is chat's `file` part, which OpenAI's chat API and litellm's providers
+    (Claude, Gemini) read: it was a 400, though the chat path carries it. One stored at OpenAI
+    (`file_id`) or fetched by URL (`file_url`, which chat has no part for) is still refused, saying so."""
+    pdf = "data:application/pdf;base64,JVBERi0xLjQK"
+    client.responses.create(model="mock-a", input=[{"role": "user", "content": [
+        {"type": "input_text", "text": "Summarise this."},
+        {"type": "input_file", "filename": "report.pdf", "file_data": pdf}]}])
+    [parts] = [b["messages"][0]["content"] for b in sent(mock) if isinstance(b["messages"][0]["content"], list)]
+    assert parts == [{"type": "text", "text": "Summarise this."},
+                     {"type": "file", "file": {"filename": "report.pdf", "file_data": pdf}}]
+    for part, says in (({"file_id": "file-1"}, "stored on OpenAI's servers"), ({"file_url": "https://x/r.pdf"}, "file_data")):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.responses.create(model="mock-a", input=[{"role": "user", "content": [{"type": "input_file", **part}]}])
+        assert refused.value.param == "input.0.content.0" and says in refused.value.message
 
 
 def test_stored_responses_are_not_found(client):
@@ -702,3 +744,99 @@ def test_a_relayed_streams_usage_counts_the_call_that_timed_out_before_its_fallb
     ponder = final.model_extra["ponder"]
     assert ponder["calls"] == 2
     assert ponder["cost_usd"] == pytest.approx((final.usage.input_tokens * 1.0 + 3 * 2.0) / 1e6)
+
+
+def test_a_claude_tool_loop_with_thinking_continues_without_its_thoughts(tmp_path):
+    """Claude thinking (an effort above none) refuses a conversation whose last assistant turn called
+    tools without the thinking blocks (signed) it wrote before them: every agent loop over the
+    Responses API (which takes no thought back: reasoning items are dropped) and every chat app that
+    writes its assistant turns itself got a 400 at its second step. That turn is answered without
+    thinking, as litellm does with its `modify_params`; a chat client that sends back the message
+    as the SDK gave it, thinking blocks and all, keeps thinking."""
+    from tests.servers import start_anthropic_mock
+    from tests.test_anthropic import claude_backend
+
+    policy = write_policy(tmp_path, {"name": "claude-loop", "arms": {"plain": {"backend": "sonnet"}},
+                                     "routes": [{"name": "all", "candidates": ["plain"]}]}, "claude-loop.yaml")
+    with running(start_anthropic_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [claude_backend("sonnet", mock, reasoning=True, efforts=["none", "low", "medium", "high"])],
+            "policy": policy}, name="claude-loop", env={"ANTHROPIC_API_KEY": "sk-ant-test"})) as gateway:
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+        control(mock, script=["tool_use"], answers=['{"city": "Paris"}', "Sunny in Paris."], thinking="Ask the tool.")
+        first = client.responses.create(model="sonnet", input="Weather in Paris?", tools=[WEATHER],
+                                        reasoning={"effort": "high"})
+        assert [item.type for item in first.output] == ["reasoning", "function_call"]
+        call = first.output[1]
+        for stream in (False, True):
+            loop = [{"role": "user", "content": "Weather in Paris?"}, *first.output,
+                    {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}]
+            if stream:
+                with client.responses.stream(model="sonnet", input=loop, tools=[WEATHER],
+                                             reasoning={"effort": "high"}) as events:
+                    answer = events.get_final_response()
+            else:
+                answer = client.responses.create(model="sonnet", input=loop, tools=[WEATHER],
+                                                 reasoning={"effort": "high"})
+            assert answer.status == "completed" and answer.output_text == "Sunny in Paris."
+            assert "thinking" not in sent(mock)[-1]  # this turn without: it has no thought to go on from
+            control(mock, answers=["Sunny in Paris."])
+        # a chat app that keeps the message as the SDK gave it sends its thinking blocks back: thinking stays on
+        reset(mock)
+        control(mock, script=["tool_use"], answers=['{"city": "Paris"}', "Sunny in Paris."], thinking="Ask the tool.")
+        tools = [{"type": "function", "function": {k: WEATHER[k] for k in ("name", "description", "parameters")}}]
+        messages = [{"role": "user", "content": "Weather in Paris?"}]
+        message = client.chat.completions.create(model="sonnet", messages=messages, tools=tools,
+                                                 reasoning_effort="high").choices[0].message
+        kept = [*messages, message.model_dump(exclude_none=True),
+                {"role": "tool", "tool_call_id": message.tool_calls[0].id, "content": "sunny"}]
+        answer = client.chat.completions.create(model="sonnet", messages=kept, tools=tools, reasoning_effort="high")
+        assert answer.choices[0].message.content == "Sunny in Paris."
+        body = sent(mock)[-1]
+        assert body["thinking"]["type"] == "enabled" and body["messages"][1]["content"][0]["type"] == "thinking"
+        # one that writes its assistant turn itself, without them: answered, without thinking
+        control(mock, answers=["Sunny in Paris."])
+        written = [*messages, {"role": "assistant", "content": None, "tool_calls": [tc.model_dump() for tc in
+                                                                               message.tool_calls]}, kept[2]]
+        answer = client.chat.completions.create(model="sonnet", messages=written, tools=tools, reasoning_effort="high")
+        assert answer.choices[0].message.content == "Sunny in Paris." and "thinking" not in sent(mock)[-1]
+        # that loop over (answered), the next question thinks again: only the last assistant turn counts
+        control(mock, answers=["Take an umbrella."])
+        later = [*written, {"role": "assistant", "content": "Sunny in Paris."}, {"role": "user", "content": "Umbrella?"}]
+        answer = client.chat.completions.create(model="sonnet", messages=later, tools=tools, reasoning_effort="high")
+        assert answer.choices[0].message.content == "Take an umbrella." and sent(mock)[-1]["thinking"]["type"] == "enabled"
+
+
+def test_the_prompt_cache_and_safety_hints_reach_the_backend_as_chat_sends_them(client, mock):
+    """`prompt_cache_retention` (OpenAI's extended prompt caching, "24h") is a chat parameter too, which
+    the chat path forwards as sent: on this API it was a 400 `unsupported_parameter`, so an app that
+    set it could not switch its base_url. It and the other hints go to the backend under their names."""
+    client.responses.create(model="mock-a", input="hi", prompt_cache_key="app-1", prompt_cache_retention="24h",
+                            safety_identifier="u-hash", service_tier="flex", user="u-1")
+    [body] = sent(mock)
+    assert {k: body.get(k) for k in ("prompt_cache_key", "prompt_cache_retention", "safety_identifier",
+                                      "service_tier", "user")} == {
+        "prompt_cache_key": "app-1", "prompt_cache_retention": "24h", "safety_identifier": "u-hash",
+        "service_tier": "flex", "user": "u-1"}
+
+
+@pytest.mark.parametrize("index", [0, None])
+def test_parallel_calls_streamed_under_one_index_are_separate_calls(client, mock, index):
+    """Some servers stream parallel tool calls each whole, under one index (0 for every call, or none
+    at all, as Gemini's OpenAI-compatible endpoint writes them): keyed by index alone, the second
+    call's arguments were joined onto the first's ('{"city": "Paris"}{"city": "Rome"}', under the
+    first call's name and id). A delta with a new id is a new call; its later pieces are its own."""
+    def opening(call_id: str, city: str) -> dict:
+        call = {"id": call_id, "type": "function", "function": {"name": "get_weather", "arguments": '{"city": '}}
+        return {"tool_calls": [{**call, **({"index": index} if index is not None else {})}]}
+
+    def rest(city: str) -> dict:
+        call = {"function": {"arguments": f'"{city}"}}'}}
+        return {"tool_calls": [{**call, **({"index": index} if index is not None else {})}]}
+
+    control(mock, script=["raw"], raw=sse_chunks(opening("call_a", "Paris"), rest("Paris"),
+                                                 opening("call_b", "Rome"), rest("Rome")))
+    events = list(client.responses.create(model="mock-a", input="Weather?", tools=[WEATHER], stream=True))
+    done = [(e.output_index, e.arguments) for e in events if e.type == "response.function_call_arguments.done"]
+    assert done == [(0, '{"city": "Paris"}'), (1, '{"city": "Rome"}')]
+    assert [(o.call_id, o.name, json.loads(o.arguments)) for o in events[-1].response.output] == [
+        ("call_a", "get_weather", {"city": "Paris"}), ("call_b", "get_weather", {"city": "Rome"})]
