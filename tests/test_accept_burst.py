@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
+import os
+import resource
 import socket
 
 import pytest
 
 from bench.accept_burst import burst
-from gateway.accept import DrainingLoop, listening_sockets
+from gateway.accept import RETRY_AFTER_SHORTAGE_S, DrainingLoop, listening_sockets
 from tests.servers import mock_backend, running, start_gateway, start_mock, write_policy
 
 LIMIT = 8
@@ -103,3 +106,45 @@ def test_listening_sockets_bind_every_address_on_one_port():
     finally:
         for sock in sockets:
             sock.close()
+
+
+def test_out_of_descriptors_the_server_pauses_and_then_accepts_what_waited(caplog):
+    """accept() failing with EMFILE must neither spin the loop nor drop the listener: the connections stay
+    queued in the kernel (not reset), accepting stops for RETRY_AFTER_SHORTAGE_S and then takes them."""
+
+    async def main() -> tuple[int, int, float]:
+        loop = asyncio.get_running_loop()
+        made: list[float] = []
+
+        class Closing(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                made.append(loop.time())
+                transport.close()
+
+        server = await loop.create_server(Closing, "127.0.0.1", 0, backlog=64)
+        port = server.sockets[0].getsockname()[1]
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(5)]
+        try:
+            # no descriptor number free under the limit: the next accept() fails with EMFILE
+            lowest_free = os.dup(0)
+            os.close(lowest_free)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))
+            short_since = loop.time()
+            await asyncio.sleep(0.3)
+            during = len(made)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        while len(made) < len(clients) and loop.time() - short_since < 10:
+            await asyncio.sleep(0.01)
+        server.close()
+        for sock in clients:
+            sock.close()
+        return during, len(made), (made[-1] - short_since) if made else -1.0
+
+    with caplog.at_level(logging.ERROR, logger="ponder.accept"), asyncio.Runner(loop_factory=DrainingLoop) as runner:
+        during, accepted, after_s = runner.run(main())
+    assert during == 0
+    assert accepted == 5, "connections queued during the shortage were lost"
+    assert after_s >= RETRY_AFTER_SHORTAGE_S * 0.9, after_s
+    assert "accepting connections failed" in caplog.text
