@@ -78,7 +78,9 @@ def serve(argv: list[str]) -> int:
     raise_open_files_limit(config.max_requests_in_flight)
     # httptools, with limits
     http = guarded_protocol(config.max_header_bytes, config.header_timeout_s, config.body_timeout_s)
-    uvicorn.run(create_app(config), host=args.host, port=args.port, loop="uvloop", http=http,
+    # uvloop, whose listening socket is drained at each turn (gateway/accept.py): a burst of new connections
+    # reaches the load shedding instead of waiting in the kernel, one admitted per turn of a busy loop
+    uvicorn.run(create_app(config), host=args.host, port=args.port, loop="gateway.accept:new_event_loop", http=http,
                 log_level=args.log_level, access_log=False, timeout_graceful_shutdown=config.shutdown_grace_s)
     return 0
 
