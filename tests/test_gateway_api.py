@@ -2284,11 +2284,15 @@ def test_a_configmap_swap_reloads_the_policy_and_requests_in_flight_finish_on_th
         with running(start_gateway(tmp_path, {"backends": [mock_backend("mock-a", mock), mock_backend("mock-b", mock)],
                                               "policy": str(mount / "policy.yaml")}, name="configmap")) as gateway:
             control(mock, delay_ms=2500)
+            called = calls(mock)["count"]
             in_flight: list[httpx.Response] = []
             sender = threading.Thread(target=lambda: in_flight.append(
                 httpx.post(gateway.url + "/v1/chat/completions", json=body, timeout=30)))
             sender.start()
-            time.sleep(0.5)
+            deadline = time.monotonic() + 10
+            while calls(mock)["count"] == called:  # planned and at the upstream (a fixed 0.5 s: a loaded machine
+                assert time.monotonic() < deadline  # had not planned it yet, and it was planned on the new policy)
+                time.sleep(0.02)
             spec["routes"][0]["candidates"] = ["strong"]
             (mount / "..2026_02").mkdir()
             (mount / "..2026_02" / "policy.yaml").write_text(yaml.safe_dump(spec))

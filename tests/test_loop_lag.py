@@ -24,6 +24,7 @@ from tests.servers import control, mock_backend, running, start_gateway, start_m
 from tests.test_shedding import ADMIN_KEY, KEY, MESSAGES, client, metric, wait_in_flight
 
 BOUND_MS = 100
+ORIGIN = "https://app.example"  # a browser app reads the 503 too (CORS), under an x-request-id as any answer
 SHED_BY_LAG = 'ponder_shed_requests_total{path="/v1/chat/completions",reason="event_loop_lag"}'
 
 
@@ -42,6 +43,7 @@ def lagging(tmp_path):
                                          "exploration": {"share": 0.0}})
         config = {"backends": [mock_backend("m", mock, timeout_s=60, first_byte_timeout_s=60, max_retries=0)],
                   "policy": policy, "max_event_loop_lag_ms": BOUND_MS, "max_body_bytes": 64_000_000,
+                  "cors_origins": [ORIGIN],
                   "api_keys": [{"id": "app", "sha256": hashlib.sha256(KEY.encode()).hexdigest()},
                                {"id": "ops", "sha256": hashlib.sha256(ADMIN_KEY.encode()).hexdigest(), "admin": True}]}
         with running(start_gateway(tmp_path, config, name="lag")) as gateway:
@@ -80,7 +82,7 @@ def test_while_the_loop_lags_new_requests_are_shed_admitted_ones_finish_and_then
             health.append(httpx.get(gateway.url + "/healthz", timeout=30).status_code)
             lags.append(metric(gateway, "ponder_event_loop_lag_seconds"))
             try:
-                sdk.chat.completions.create(model="auto", messages=MESSAGES)
+                sdk.chat.completions.create(model="auto", messages=MESSAGES, extra_headers={"origin": ORIGIN})
             except openai.InternalServerError as exc:
                 shed.append(exc)
                 shed_at = time.monotonic()
@@ -94,6 +96,7 @@ def test_while_the_loop_lags_new_requests_are_shed_admitted_ones_finish_and_then
     assert shed[0].status_code == 503 and (error["type"], error["code"]) == ("service_unavailable", "overloaded")
     assert "event loop runs" in error["message"] and "ms late" in error["message"]
     assert shed[0].response.headers["retry-after"] == "1" and 500 <= int(shed[0].response.headers["retry-after-ms"]) <= 1500
+    assert shed[0].request_id.startswith("req_") and shed[0].response.headers["access-control-allow-origin"] == ORIGIN
     # at once, not after the queued work: generous, the machine is shared and the loop is busy by design
     assert shed[0].response.elapsed.total_seconds() < 3.0
     assert 400 in heavy_statuses  # admitted, parsed and refused: the CPU that made the loop late

@@ -987,7 +987,9 @@ def test_a_cascades_later_stage_whose_backend_is_in_doubt_is_passed_over(tmp_pat
     """A cascade escalating to a stage whose backend is cooling down, or is being tested by another
     request's call after its cool-down, passes it over as the gateway passes over such an arm: the next
     stage answers at once. It called the stage, and waited with it on the hanging backend (its 2 s
-    timeout) before the next stage answered."""
+    timeout) before the next stage answered. The cool-down is the upstream's own Retry-After (3 s), not
+    the 0.5 s one timeout gives: the second request had to reach the stage within 0.5 s of the first's
+    timeout, and a loaded machine made it a 2 s probe that failed the test."""
     with running(start_mock(tmp_path)) as mock_a, running(start_mock(tmp_path)) as mock_b, \
             running(start_mock(tmp_path)) as mock_c:
         backends = [mock_backend("cheap", mock_a, max_retries=0),
@@ -1003,7 +1005,8 @@ def test_a_cascades_later_stage_whose_backend_is_in_doubt_is_passed_over(tmp_pat
         with running(start_gateway(tmp_path, {"backends": backends, "policy": policy, "request_timeout_s": 20},
                                    name="cascade-doubt")) as gateway:
             control(mock_a, answers=["I'm not sure, maybe 7"])  # unsure: every request escalates
-            control(mock_b, script=["hang"] * 5, hang_s=10)
+            control(mock_b, script=["error"] + ["hang"] * 5, hang_s=10,
+                    error={"status": 503, "headers": {"Retry-After": "3"}, "body": '{"error": {"message": "busy"}}'})
             control(mock_c, answers=["7"])
 
             def ask() -> tuple[httpx.Response, float]:
@@ -1012,12 +1015,15 @@ def test_a_cascades_later_stage_whose_backend_is_in_doubt_is_passed_over(tmp_pat
                                     timeout=15)
                 return answer, time.monotonic() - started
 
-            first, _ = ask()  # strong hangs: timed out after 2 s, and cooled down; strongest answers
+            cools_from = time.monotonic() + 3.0  # the cool-down's end, at the earliest ...
+            first, _ = ask()  # strong refuses, asking for 3 s: cooled down that long; strongest answers
+            cooled_until = time.monotonic() + 3.0  # ... and at the latest
             assert first.status_code == 200 and first.json()["choices"][0]["message"]["content"] == "7"
             assert upstream_calls(mock_b) == 1
             cooling, took = ask()  # while it cools down
             assert cooling.json()["choices"][0]["message"]["content"] == "7" and took < 1.0, took
-            time.sleep(1.5)  # its cool-down is over: the next call to it tests whether it is back
+            assert upstream_calls(mock_b) == 1 and time.monotonic() < cools_from  # passed over, not called
+            time.sleep(cooled_until - time.monotonic() + 0.3)  # over: the next call to it tests whether it is back
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
                 testing = pool.submit(ask)
                 for _ in range(100):
