@@ -623,6 +623,39 @@ def test_an_edit_that_keeps_the_files_mtime_is_reloaded(tmp_path):
     assert policies.reload_changed() == []  # nothing changed: nothing reloaded, nothing logged
 
 
+def test_the_poll_reads_an_unchanged_policy_file_only_while_its_stat_may_hide_a_save(tmp_path, monkeypatch):
+    """The poll runs on the event loop every second. It read and hashed every file each time: a 10 MB
+    policy held the loop ~50 ms a second (a file on a slow network mount, longer). Once a file's stat
+    has settled, an unchanged stat means an unchanged file; an edit, even one that restores the old
+    mtime (`cp -p`, same size), changes the ctime and is read."""
+    import os
+    import statistics
+    import time
+
+    from gateway import policy_watch
+    from gateway.policy_watch import PolicySet
+
+    monkeypatch.setattr(policy_watch, "SETTLE_S", 0.0, raising=False)  # the stat is trusted at once
+    text = "name: main\narms: {{one: {{backend: b}}, two: {{backend: c}}}}\nroutes: [{{name: all, candidates: [{arm}]}}]\n"
+    padding = ("# " + "x" * 97 + "\n") * 20_000  # 2 MB of comments (reading and parsing more takes seconds)
+    backends = [BackendSpec(name="b", model="openai/b"), BackendSpec(name="c", model="openai/c")]
+    path = tmp_path / "main.yaml"
+    path.write_text(text.format(arm="one") + padding)
+    stamp = os.stat(path).st_mtime_ns
+    policies = PolicySet(str(path), {}, backends)
+    polls = []
+    for _ in range(15):
+        start = time.perf_counter()
+        assert policies.reload_changed() == []
+        polls.append(time.perf_counter() - start)
+    assert statistics.median(polls) < 0.0005, f"a poll of an unchanged 2 MB file took {statistics.median(polls):.4f} s"
+    time.sleep(0.01)  # a later ctime, whatever the file clock's tick
+    path.write_text(text.format(arm="two") + padding)  # the same size, the old mtime put back
+    os.utime(path, ns=(stamp, stamp))
+    assert policies.reload_changed() == ["main"]
+    assert list(policies.default.policy.routes[0].candidates) == ["two"]
+
+
 def test_two_policies_may_not_declare_one_inline_backend_differently(tmp_path):
     """The gateway serves one backend per name: a backend two policies declared inline differently was
     served as whichever came last, so the other policy's arms called its model at its prices. Refused at
