@@ -217,6 +217,39 @@ def test_a_model_without_a_price_is_served_where_its_price_is_known_or_its_serve
                                                           efforts=["low", "high"])])
 
 
+def test_a_local_providers_model_without_a_price_is_served():
+    """Ollama, a llamafile, LM Studio and vLLM run on the operator's machine by litellm's default, with no
+    api_base to declare: `ollama/llama3.2` (not in the cost map) was refused as a provider's unpriced
+    model, though nobody bills its calls. It is served at zero, as a server behind an api_base is."""
+    for model in ("ollama/llama3.2", "ollama_chat/llama3.1", "llamafile/mistral-7b", "lm_studio/qwen2.5-7b"):
+        text = replace("    model: openai/gpt-4.1-mini\n    prices: {input_per_mtok: 0.4, output_per_mtok: 1.6}\n",
+                       f"    model: {model}\n")
+        assert parse_policy(text, "p.yaml").backend("cheap").model == model
+
+
+@pytest.mark.parametrize("model,priced_as", [
+    ("bedrock/converse/anthropic.claude-3-5-sonnet-20240620-v1:0", "anthropic.claude-3-5-sonnet-20240620-v1:0"),
+    ("openrouter/openai/gpt-4.1-mini", "gpt-4.1-mini"),
+])
+def test_an_unpriced_model_the_map_prices_behind_a_prefix_is_told_the_line_to_add(model, priced_as):
+    """A policy that loaded yesterday is refused on upgrade where its model is litellm's route or a
+    reseller's spelling of one the map prices (`bedrock/converse/...`, `openrouter/openai/...`): the
+    refusal said `prices: {input_per_mtok: ..., ...}`; it now gives the line, and that line loads."""
+    from policies.loader import resolve_prices
+
+    text = replace("    model: openai/gpt-4.1-mini\n    prices: {input_per_mtok: 0.4, output_per_mtok: 1.6}\n",
+                   f"    model: {model}\n")
+    with pytest.raises(PolicyError) as refused:
+        parse_policy(text, "p.yaml")
+    known = resolve_prices(BackendSpec(name="x", model=priced_as))
+    assert known[1] == "litellm cost map"
+    line = (f"prices: {{input_per_mtok: {round(known[0].input_per_mtok, 6):g}, "
+            f"output_per_mtok: {round(known[0].output_per_mtok, 6):g}}}")
+    assert f"the map prices `{priced_as}` so; if that is what this model costs you, add `{line}`" in str(refused.value)
+    fixed = parse_policy(replace(f"    model: {model}\n", f"    model: {model}\n    {line}\n", text), "p.yaml")
+    assert fixed.backend("cheap").prices.input_per_mtok == pytest.approx(known[0].input_per_mtok)
+
+
 def test_yaml_anchors_and_merge_keys_may_share_settings_between_arms():
     """`<<: *anchor` with a key of its own overriding the merged one is how YAML shares settings; the
     duplicate-key check ran on the node tree after merging, so every override was refused as a key
