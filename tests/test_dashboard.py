@@ -1124,6 +1124,18 @@ def test_money_reads_the_same_on_the_page_and_in_ponder_stats(tmp_path, browser)
         assert re.search(r"mock-p/-/single/1 +1 +- +246\.91 ", text), text
 
 
+def test_a_negative_amount_reads_with_its_sign_before_the_dollar(stack, browser):
+    """"Saved" is negative where routing cost more than the reference: from $1 the page wrote -$1.00,
+    below it $-0.500. Every amount puts the sign first."""
+    gateway = stack[0]
+    page = browser.new_page()
+    page.goto(gateway.url + "/dashboard")
+    page.wait_for_selector("[data-testid=login]", state="attached")  # the script has run
+    written = page.evaluate("[-1234.5, -0.5, -0.001234, 0.5, 1234.5].map(usd)")
+    assert written == ["-$1,234.50", "-$0.500", "-$0.00123", "$0.500", "$1,234.50"]
+    page.close()
+
+
 def test_redis_away_since_the_gateway_started_is_not_shown_as_no_traffic(tmp_path, browser):
     """With Redis unreachable from the start the gateway has read nothing: the panels said "No requests
     recorded for this policy yet." and "Nothing spent", a guess. They say the store is unreachable, and
