@@ -6,13 +6,19 @@ object they started with (policies are immutable once loaded).
 
 A change is what the file holds, not its mtime: two saves within one tick of the kernel's file clock
 (a few ms) leave one mtime, and a file restored with its old mtime (`cp -p`, `rsync -t`) or swapped
-under a symlink (a Kubernetes ConfigMap's `..data`) may look unchanged to a stat.
+under a symlink (a Kubernetes ConfigMap's `..data`) may look unchanged to an mtime. The poll runs on
+the event loop, so the file is read only when its stat (inode, size, mtime, ctime) differs from the
+one it had when last read, or for SETTLE_S after a stat first seen (a second save in the same clock
+tick leaves the same stat): a 10 MB policy was read and hashed every second (47 ms of the loop each
+time), and a file on a slow network mount would stall every request for each read.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,11 +35,24 @@ class _Entry:
     path: Path
     digest: bytes | None  # of the file's content when last read; None while it cannot be read
     compiled: CompiledPolicy
+    stat: tuple[int, ...] | None = None  # the file's _stat_key when its digest was taken
+    stat_seen: float = 0.0  # monotonic time that stat was first seen: it is trusted SETTLE_S after
+
+
+# Longer than any file clock's tick (FAT's is 2 s): a save after it changes the stat for sure
+SETTLE_S = 3.0
 
 
 def _digest(path: Path) -> bytes:
-    """What the file holds, hashed (a policy is a few KB: read every poll, it costs microseconds)."""
+    """What the file holds, hashed."""
     return hashlib.blake2b(path.read_bytes(), digest_size=16).digest()
+
+
+def _stat_key(path: Path) -> tuple[int, ...]:
+    """What a stat says of the file (through a symlink): any save or swap changes one of these, though
+    not always within one clock tick (see SETTLE_S); ctime cannot be set back as mtime can (`cp -p`)."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 class PolicySet:
@@ -56,10 +75,11 @@ class PolicySet:
         self.rejected: dict[str, str] = {}  # policy -> why the file on disk is not what serves (its last edit failed)
 
     def _load(self, path: Path) -> str:
+        stat = _stat_key(path) if path.is_file() else None  # taken before the read: a save meanwhile shows
         digest = _digest(path) if path.is_file() else None  # an unreadable file: load_policy says why
         policy: Policy = load_policy(path, extra_backends=self._backends, served_inline=self._inline_elsewhere(path))
         self._check_unique(policy.name, path)
-        self._entries[policy.name] = _Entry(path, digest, compile_policy(policy))
+        self._entries[policy.name] = _Entry(path, digest, compile_policy(policy), stat, time.monotonic())
         return policy.name
 
     def _check_unique(self, name: str, path: Path, upcoming: dict[str, Path] | None = None) -> None:
@@ -160,7 +180,7 @@ class PolicySet:
                 self._entries.pop(name)
                 if name == self.default_name:
                     self.default_name = new_name
-            self._entries[new_name] = _Entry(entry.path, entry.digest, compiled)
+            self._entries[new_name] = _Entry(entry.path, entry.digest, compiled, entry.stat, entry.stat_seen)
             self.rejected.pop(name, None)
             reloaded.append(new_name)
             log.info("policy %r reloaded from %s", new_name, entry.path)
@@ -172,8 +192,15 @@ class PolicySet:
         """The policies whose file's content changed (every one, forced), their entries' digests updated:
         a broken file is reported once, not every poll. An unreadable file is reported here, once."""
         due = {}
+        now = time.monotonic()
         for name, entry in list(self._entries.items()):
             try:
+                stat = _stat_key(entry.path)
+                if stat == entry.stat and entry.digest is not None and now - entry.stat_seen > SETTLE_S \
+                        and not force:
+                    continue  # unchanged, and past the tick in which a second save could hide
+                if stat != entry.stat:
+                    entry.stat, entry.stat_seen = stat, now
                 digest = _digest(entry.path)
             except OSError as exc:
                 if entry.digest is not None:  # said once, not every poll

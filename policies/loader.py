@@ -192,17 +192,46 @@ def reasoning_effort_refusal(spec: BackendSpec) -> str | None:
     return None
 
 
+# litellm providers whose default endpoint is the operator's own machine (Ollama at localhost:11434, a
+# llamafile, vLLM in process, LM Studio): served without an api_base, and nobody bills their calls
+LOCAL_PROVIDERS = frozenset({"ollama", "ollama_chat", "llamafile", "lm_studio", "vllm", "hosted_vllm"})
+
+
 def unpriced_refusal(spec: BackendSpec) -> str | None:
     """Why the backend cannot be served as declared, where it calls a provider's own endpoint (no
-    api_base: a provider bills it) with no `prices` and a model litellm's cost map does not price:
-    every call would be counted as $0, so budgets, cost caps and the cost the learner weighs would never
-    hold. A server behind an api_base is the operator's own: zero unless priced. Else None. (The gateway
-    config's backends too: gateway/config.py.)"""
-    if spec.api_base is not None or spec.prices is not None or resolve_prices(spec)[1] != "unknown: zero":
+    api_base, not a local provider: a provider bills it) with no `prices` and a model litellm's cost map
+    does not price: every call would be counted as $0, so budgets, cost caps and the cost the learner
+    weighs would never hold. A server behind an api_base is the operator's own: zero unless priced.
+    Else None. (The gateway config's backends too: gateway/config.py.)"""
+    if spec.api_base is not None or spec.prices is not None or spec.model.split("/", 1)[0] in LOCAL_PROVIDERS \
+            or resolve_prices(spec)[1] != "unknown: zero":
         return None
-    return (f"litellm's cost map has no price for `{spec.model}`, and its calls would be counted as $0: give "
-            "`prices: {input_per_mtok: ..., output_per_mtok: ...}` (USD per million tokens; 0 for a free model), "
-            "or check the model name")
+    said = f"litellm's cost map has no price for `{spec.model}`, and its calls would be counted as $0: "
+    if near := _priced_under_another_name(spec.model):
+        # a policy that loaded before this check: say the very line to add, and whose price it is
+        name, prices = near
+        line = f"prices: {{input_per_mtok: {_per_mtok(prices.input_per_mtok)}, " \
+               f"output_per_mtok: {_per_mtok(prices.output_per_mtok)}}}"
+        return (said + f"the map prices `{name}` so; if that is what this model costs you, add `{line}` to this "
+                "backend, else your provider's prices (USD per million tokens; 0 for a free model)")
+    return (said + "give `prices: {input_per_mtok: ..., output_per_mtok: ...}` (USD per million tokens; 0 for a "
+            "free model), or check the model name")
+
+
+def _per_mtok(value: float) -> str:
+    return f"{round(value, 6):g}"
+
+
+def _priced_under_another_name(model: str) -> tuple[str, Prices] | None:
+    """The cost map's entry for the same model behind a route or reseller's prefix (`bedrock/converse/...`,
+    `openrouter/openai/...`). Only said in the refusal, never billed: a reseller's price may not be the
+    maker's. (A close name is not offered: `grok-3` is close to `grok-4.3`, at another price.)"""
+    table = litellm_cost_map()
+    parts = model.split("/")
+    for index in range(2, len(parts)):  # resolve_prices tried the whole and the first prefix dropped
+        if "input_cost_per_token" in (table.get(name := "/".join(parts[index:])) or {}):
+            return name, resolve_prices(BackendSpec(name="x", model=name))[0]
+    return None
 
 
 def _model_map_tokens(spec: BackendSpec, field: str) -> int | None:

@@ -419,7 +419,7 @@ def test_report_points(stack):
 
 
 @pytest.fixture(scope="module")
-def browser():
+def chromium():
     from playwright.sync_api import sync_playwright
 
     assert Path(CHROMIUM).exists(), "install Debian's chromium (scripts/install.sh --test)"
@@ -427,6 +427,44 @@ def browser():
         instance = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield instance
         instance.close()
+
+
+class WatchedBrowser:
+    """The browser, each page of which has its script's uncaught exceptions and console errors collected: a
+    page test can pass while the script throws on a path it does not look at (a refresh, a retry)."""
+
+    # Chromium logs every non-2xx or refused fetch so; the tests that cause them (401, 503, a gateway
+    # restarting) check what the page says of them
+    NETWORK = "Failed to load resource: "
+
+    def __init__(self, browser) -> None:
+        self._browser = browser
+        self.errors: list[str] = []
+
+    def new_page(self, **options):
+        page = self._browser.new_page(**options)
+        self._watch(page)
+        return page
+
+    def new_context(self, **options):
+        context = self._browser.new_context(**options)
+        context.on("page", self._watch)
+        return context
+
+    def _watch(self, page) -> None:
+        page.on("pageerror", lambda exc: self.errors.append(f"uncaught: {exc}"))
+        page.on("console", lambda message: self.errors.append(f"console.error: {message.text}")
+                if message.type == "error" and not message.text.startswith(self.NETWORK) else None)
+
+    def __getattr__(self, name: str):
+        return getattr(self._browser, name)
+
+
+@pytest.fixture
+def browser(chromium):
+    watched = WatchedBrowser(chromium)
+    yield watched
+    assert not watched.errors, f"the dashboard's script failed in the browser: {watched.errors}"
 
 
 def test_dashboard_in_a_browser(stack, browser, tmp_path):
@@ -1084,6 +1122,18 @@ def test_money_reads_the_same_on_the_page_and_in_ponder_stats(tmp_path, browser)
                                "direct"], cwd=ROOT, capture_output=True, text=True, timeout=60).stdout
         assert re.search(r"mock-a/-/single/1 +1 +- +1\.00e-9 ", text), text
         assert re.search(r"mock-p/-/single/1 +1 +- +246\.91 ", text), text
+
+
+def test_a_negative_amount_reads_with_its_sign_before_the_dollar(stack, browser):
+    """"Saved" is negative where routing cost more than the reference: from $1 the page wrote -$1.00,
+    below it $-0.500. Every amount puts the sign first."""
+    gateway = stack[0]
+    page = browser.new_page()
+    page.goto(gateway.url + "/dashboard")
+    page.wait_for_selector("[data-testid=login]", state="attached")  # the script has run
+    written = page.evaluate("[-1234.5, -0.5, -0.001234, 0.5, 1234.5].map(usd)")
+    assert written == ["-$1,234.50", "-$0.500", "-$0.00123", "$0.500", "$1,234.50"]
+    page.close()
 
 
 def test_redis_away_since_the_gateway_started_is_not_shown_as_no_traffic(tmp_path, browser):

@@ -217,6 +217,39 @@ def test_a_model_without_a_price_is_served_where_its_price_is_known_or_its_serve
                                                           efforts=["low", "high"])])
 
 
+def test_a_local_providers_model_without_a_price_is_served():
+    """Ollama, a llamafile, LM Studio and vLLM run on the operator's machine by litellm's default, with no
+    api_base to declare: `ollama/llama3.2` (not in the cost map) was refused as a provider's unpriced
+    model, though nobody bills its calls. It is served at zero, as a server behind an api_base is."""
+    for model in ("ollama/llama3.2", "ollama_chat/llama3.1", "llamafile/mistral-7b", "lm_studio/qwen2.5-7b"):
+        text = replace("    model: openai/gpt-4.1-mini\n    prices: {input_per_mtok: 0.4, output_per_mtok: 1.6}\n",
+                       f"    model: {model}\n")
+        assert parse_policy(text, "p.yaml").backend("cheap").model == model
+
+
+@pytest.mark.parametrize("model,priced_as", [
+    ("bedrock/converse/anthropic.claude-3-5-sonnet-20240620-v1:0", "anthropic.claude-3-5-sonnet-20240620-v1:0"),
+    ("openrouter/openai/gpt-4.1-mini", "gpt-4.1-mini"),
+])
+def test_an_unpriced_model_the_map_prices_behind_a_prefix_is_told_the_line_to_add(model, priced_as):
+    """A policy that loaded yesterday is refused on upgrade where its model is litellm's route or a
+    reseller's spelling of one the map prices (`bedrock/converse/...`, `openrouter/openai/...`): the
+    refusal said `prices: {input_per_mtok: ..., ...}`; it now gives the line, and that line loads."""
+    from policies.loader import resolve_prices
+
+    text = replace("    model: openai/gpt-4.1-mini\n    prices: {input_per_mtok: 0.4, output_per_mtok: 1.6}\n",
+                   f"    model: {model}\n")
+    with pytest.raises(PolicyError) as refused:
+        parse_policy(text, "p.yaml")
+    known = resolve_prices(BackendSpec(name="x", model=priced_as))
+    assert known[1] == "litellm cost map"
+    line = (f"prices: {{input_per_mtok: {round(known[0].input_per_mtok, 6):g}, "
+            f"output_per_mtok: {round(known[0].output_per_mtok, 6):g}}}")
+    assert f"the map prices `{priced_as}` so; if that is what this model costs you, add `{line}`" in str(refused.value)
+    fixed = parse_policy(replace(f"    model: {model}\n", f"    model: {model}\n    {line}\n", text), "p.yaml")
+    assert fixed.backend("cheap").prices.input_per_mtok == pytest.approx(known[0].input_per_mtok)
+
+
 def test_yaml_anchors_and_merge_keys_may_share_settings_between_arms():
     """`<<: *anchor` with a key of its own overriding the merged one is how YAML shares settings; the
     duplicate-key check ran on the node tree after merging, so every override was refused as a key
@@ -621,6 +654,39 @@ def test_an_edit_that_keeps_the_files_mtime_is_reloaded(tmp_path):
     assert policies.reload_changed() == ["main"]
     assert list(policies.default.policy.routes[0].candidates) == ["one"]
     assert policies.reload_changed() == []  # nothing changed: nothing reloaded, nothing logged
+
+
+def test_the_poll_reads_an_unchanged_policy_file_only_while_its_stat_may_hide_a_save(tmp_path, monkeypatch):
+    """The poll runs on the event loop every second. It read and hashed every file each time: a 10 MB
+    policy held the loop ~50 ms a second (a file on a slow network mount, longer). Once a file's stat
+    has settled, an unchanged stat means an unchanged file; an edit, even one that restores the old
+    mtime (`cp -p`, same size), changes the ctime and is read."""
+    import os
+    import statistics
+    import time
+
+    from gateway import policy_watch
+    from gateway.policy_watch import PolicySet
+
+    monkeypatch.setattr(policy_watch, "SETTLE_S", 0.0, raising=False)  # the stat is trusted at once
+    text = "name: main\narms: {{one: {{backend: b}}, two: {{backend: c}}}}\nroutes: [{{name: all, candidates: [{arm}]}}]\n"
+    padding = ("# " + "x" * 97 + "\n") * 20_000  # 2 MB of comments (reading and parsing more takes seconds)
+    backends = [BackendSpec(name="b", model="openai/b"), BackendSpec(name="c", model="openai/c")]
+    path = tmp_path / "main.yaml"
+    path.write_text(text.format(arm="one") + padding)
+    stamp = os.stat(path).st_mtime_ns
+    policies = PolicySet(str(path), {}, backends)
+    polls = []
+    for _ in range(15):
+        start = time.perf_counter()
+        assert policies.reload_changed() == []
+        polls.append(time.perf_counter() - start)
+    assert statistics.median(polls) < 0.0005, f"a poll of an unchanged 2 MB file took {statistics.median(polls):.4f} s"
+    time.sleep(0.01)  # a later ctime, whatever the file clock's tick
+    path.write_text(text.format(arm="two") + padding)  # the same size, the old mtime put back
+    os.utime(path, ns=(stamp, stamp))
+    assert policies.reload_changed() == ["main"]
+    assert list(policies.default.policy.routes[0].candidates) == ["two"]
 
 
 def test_two_policies_may_not_declare_one_inline_backend_differently(tmp_path):

@@ -1155,8 +1155,8 @@ def test_stats_cli_marks_every_bucket_it_can_when_one_has_no_choice(tmp_path, ca
     policy.write_text("""\
 name: long
 backends:
-  - {name: small, model: t/small, max_context: 1000}
-  - {name: big, model: t/big, max_context: 200000}
+  - {name: small, model: t/small, max_context: 1000, prices: {input_per_mtok: 0, output_per_mtok: 0}}
+  - {name: big, model: t/big, max_context: 200000, prices: {input_per_mtok: 0, output_per_mtok: 0}}
 arms:
   small: {backend: small}
   big: {backend: big}

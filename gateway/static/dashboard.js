@@ -77,11 +77,11 @@ function titled(node, text) { node.append(s("title", { text })); return node; }
 function usd(x) {
   if (x === null || x === undefined) return "–";
   if (x === 0) return "$0";
-  const a = Math.abs(x);
+  const a = Math.abs(x), sign = x < 0 ? "-$" : "$";  // -$0.500 as -$1.00 (a loss in "Saved"), not $-0.500
   // to the cent from $1 up ($1234.56 read "$1235"), with thousands separators
-  if (a >= 1) return (x < 0 ? "-$" : "$") + a.toLocaleString("en-US", { minimumFractionDigits: 2, maximumFractionDigits: 2 });
-  if (a >= 0.01) return "$" + x.toFixed(3);
-  return "$" + x.toPrecision(3);
+  if (a >= 1) return sign + a.toLocaleString("en-US", { minimumFractionDigits: 2, maximumFractionDigits: 2 });
+  if (a >= 0.01) return sign + a.toFixed(3);
+  return sign + a.toPrecision(3);
 }
 function usdTick(x) { return x === 0 ? "$0" : "$" + String(Number(x.toPrecision(2))); }
 function pct(x, digits = 0) { return x === null || x === undefined ? "–" : (100 * x).toFixed(digits) + "%"; }
