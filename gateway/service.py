@@ -297,7 +297,7 @@ class Gateway:
         try:
             hints = RequestHints.from_request(req, headers, policy)
         except InvalidHint as exc:
-            raise ApiError(400, str(exc), code="invalid_header") from None
+            raise ApiError(400, str(exc), param=exc.header, code="invalid_header") from None
         if req.model in backends:
             if not policy.allows_override("direct_backend"):
                 raise ApiError(404, f"The model {req.model!r} is a backend, and policy `{policy.name}` routes only "
@@ -530,7 +530,7 @@ class Gateway:
         try:
             hints = RequestHints.from_request(None, headers, policy)
         except InvalidHint as exc:
-            raise ApiError(400, str(exc), code="invalid_header") from None
+            raise ApiError(400, str(exc), param=exc.header, code="invalid_header") from None
         self._check_direct_cost(estimated_usd, hints, policy, advice="send fewer or shorter inputs")
 
 

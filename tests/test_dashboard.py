@@ -1069,7 +1069,7 @@ def test_money_reads_the_same_on_the_page_and_in_ponder_stats(tmp_path, browser)
         for backend, prompt in (("mock-a", "hi"), ("mock-p", "hello there")):
             response = chat(gateway.url, backend, prompt)
             assert response.status_code == 200, response.text
-            paid[backend] = response.json()["ponder"]["cost_usd"]  # (x-ponder-cost-usd has 8 decimals: 0.00000000)
+            paid[backend] = response.json()["ponder"]["cost_usd"]
         assert paid == {"mock-a": pytest.approx(1e-9), "mock-p": pytest.approx(246.913578)}
         page = browser.new_page()
         page.goto(gateway.url + "/dashboard")
