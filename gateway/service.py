@@ -190,9 +190,14 @@ class Gateway:
         return hours * 3600.0 if hours else None
 
     async def _watch_policies(self, interval_s: float = 1.0) -> None:
+        """Every second: the policy files that changed are reloaded, and an edit of the gateway config
+        file (read at start only) is said once, at WARNING (gateway/config_watch.py)."""
+        config_file = self.config.file_watch
         while True:
             await asyncio.sleep(interval_s)
             await self._reload_policies()
+            if config_file is not None:
+                config_file.check()
 
     async def _reload_policies(self, *, force: bool = False) -> None:
         """Reload the policy files that changed (`force`: every file), and serve what they now declare."""

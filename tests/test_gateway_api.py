@@ -2355,6 +2355,38 @@ def test_a_policy_reload_reads_and_compiles_off_the_event_loop(tmp_path):
     assert slowest < read_s / 4, (slowest, read_s)  # on the loop, one /healthz waited for the whole read
 
 
+def test_an_edit_of_the_gateway_config_is_said_once_to_need_a_restart(tmp_path):
+    """The gateway config is read at start only: an edit of it was ignored without a word (the operator
+    believed a new key or budget was in force). The policy poll hashes it too, and logs one WARNING per
+    change naming the file; what serves is unchanged until a restart."""
+    body = {"model": "auto", "messages": [{"role": "user", "content": "hello"}]}
+    warning = "changed; the gateway reads it at start only: restart the gateway to apply the change"
+    with running(start_mock(tmp_path)) as mock:
+        with running(start_gateway(tmp_path, {"backends": [mock_backend("mock-a", mock), mock_backend("mock-b", mock)],
+                                              "policy": two_mock_policy(tmp_path, "cfg")}, name="cfg")) as gateway:
+            [config] = tmp_path.glob("cfg-*.yaml")
+            config.write_text(config.read_text() + "max_n: 2\n")
+
+            def warnings() -> list[str]:
+                return [line for line in gateway.log().splitlines() if warning in line]
+
+            deadline = time.monotonic() + 10
+            while not warnings() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            [line] = warnings()
+            assert "WARNING ponder.config:" in line and str(config) in line
+            time.sleep(2.5)  # more polls of the same content: nothing more said
+            assert len(warnings()) == 1
+            # the config it started with still serves (max_n 16, not the edit's 2)
+            answer = httpx.post(gateway.url + "/v1/chat/completions", json={**body, "n": 3}, timeout=30)
+            assert answer.status_code == 200, answer.text
+            config.write_text(config.read_text() + "max_n: 3\n")  # another change: said again
+            deadline = time.monotonic() + 10
+            while len(warnings()) < 2 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert len(warnings()) == 2
+
+
 def write_policy_text(spec: dict) -> str:
     import yaml
 
