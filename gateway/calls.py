@@ -168,7 +168,8 @@ class Caller:
         elif exc.status >= 500 or exc.status == 429:  # a 4xx about the request itself says nothing of the backend
             backend.health.failed(now, exc.retry_after, slow=exc.status == 504, request=self.ident, error=exc)
         if exc.retry_after is None and not backend.health.available(now):
-            # If this error reaches the client, it carries when this backend is expected back.
+            # If this error reaches the client as a 503 or 429, it carries when this backend is expected back
+            # (a 502 or 504 carries none: upstream_to_api_error).
             exc.retry_after = backend.health.cooldown_until - now
         self._ended(backend, body, started, exc)
 
