@@ -17,7 +17,6 @@ from urllib.parse import quote, urlsplit
 from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
                       PrivateAttr, ValidationError, field_validator)
 
-
 from gateway.config_watch import ConfigFileWatch, content_digest
 from policies.backends import BackendSpec
 from policies.loader import SHIPPED as SHIPPED_POLICIES, reasoning_effort_refusal, resolve_policy_path, unpriced_refusal

@@ -206,13 +206,12 @@ class Gateway:
         # swapped in here on the loop at once; one reload at a time (the poll, a SIGHUP).
         async with self._policy_reload:
             pending = await asyncio.to_thread(self.policies.read_changed, force=force)
-            reloaded = self.policies.swap_in(pending)
-        if reloaded:
-            self._serve_inline_backends()
-            self._log_policy_warnings()
-            await self._import_litellm_if_used()
-            if self.store is not None:
-                self.store.half_life_s = self.learner_half_life_s()
+            if self.policies.swap_in(pending):
+                self._serve_inline_backends()
+                self._log_policy_warnings()
+                await self._import_litellm_if_used()
+                if self.store is not None:
+                    self.store.half_life_s = self.learner_half_life_s()
 
     def _reload_on_signal(self) -> None:
         log.info("SIGHUP: re-reading the policy files (the gateway config is read at start only)")
