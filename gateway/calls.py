@@ -168,7 +168,8 @@ class Caller:
         elif exc.status >= 500 or exc.status == 429:  # a 4xx about the request itself says nothing of the backend
             backend.health.failed(now, exc.retry_after, slow=exc.status == 504, request=self.ident, error=exc)
         if exc.retry_after is None and not backend.health.available(now):
-            # If this error reaches the client, it carries when this backend is expected back.
+            # If this error reaches the client as a 503 or 429, it carries when this backend is expected back
+            # (a 502 or 504 carries none: upstream_to_api_error).
             exc.retry_after = backend.health.cooldown_until - now
         self._ended(backend, body, started, exc)
 
@@ -272,10 +273,12 @@ def upstream_to_api_error(exc: UpstreamError, retry_after_s: float | None = None
     """The client's error for a request no backend could serve. Retry-After: when a cooling backend
     is expected back (given, or carried by the error), whole seconds, at least 1. A 502 or 504 comes
     after the gateway's own retries and fallbacks (a 504's cut call billed its prompt): the SDK's
-    retries would only repeat them, each one a full wait and another billed call."""
+    retries would only repeat them, each one a full wait and another billed call, so it says
+    `x-should-retry: false` and no Retry-After, even when its backend now cools down (an upstream
+    503 with a Retry-After, passed on as a 502): a wait beside "do not retry" is a contradiction."""
     code = exc.code or ("upstream_timeout" if exc.status == 504 else "upstream_error")
+    if exc.status in (502, 504):
+        return ApiError(exc.status, exc.message, param=exc.param, code=code, headers=dict(NO_CLIENT_RETRY))
     # (a call the gateway could not make for want of file descriptors: worth sending again in a moment)
     headers = retry_after(retry_after_s or exc.retry_after or (1.0 if exc.local else None))
-    if exc.status in (502, 504):
-        headers.update(NO_CLIENT_RETRY)
     return ApiError(exc.status, exc.message, param=exc.param, code=code, headers=headers)

@@ -15,9 +15,9 @@ from pathlib import Path
 from urllib.parse import quote, urlsplit
 
 from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
-                      ValidationError, field_validator)
+                      PrivateAttr, ValidationError, field_validator)
 
-
+from gateway.config_watch import ConfigFileWatch, content_digest
 from policies.backends import BackendSpec
 from policies.loader import SHIPPED as SHIPPED_POLICIES, reasoning_effort_refusal, resolve_policy_path, unpriced_refusal
 from policies.yaml_source import YamlSyntaxError, compose, dotted, format_problem, line_of, validation_problems
@@ -114,6 +114,12 @@ class GatewayConfig(BaseModel):
                                    "prompt text in the logs at any level, litellm's debug output included.")
     server_timing: bool = Field(
         default=False, description="Add a Server-Timing header (classify, decide, upstream, total; ms) to answers.")
+    # the file it was read from, watched for edits that need a restart (load_config sets it; none: no file)
+    _file_watch: ConfigFileWatch | None = PrivateAttr(default=None)
+
+    @property
+    def file_watch(self) -> ConfigFileWatch | None:
+        return self._file_watch
 
     @field_validator("backends")
     @classmethod
@@ -170,7 +176,8 @@ def load_config(path: str | Path | None) -> GatewayConfig:
         return GatewayConfig()
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
+        text = data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: {exc}") from exc
     try:
@@ -231,6 +238,7 @@ def load_config(path: str | Path | None) -> GatewayConfig:
         raise ConfigError("\n".join(
             f"{path}:{line_of(root, tuple(key.split('.')))}: {key}: {', '.join('$' + name for name in names)} "
             f"{'is' if len(names) == 1 else 'are'} not set in the environment" for key, names in unset))
+    config._file_watch = ConfigFileWatch(path, content_digest(data))  # an edit is said, not applied (restart)
     config.policy = resolve_policy_path(base, config.policy)
     config.extra_policies = {k: resolve_policy_path(base, v) for k, v in config.extra_policies.items()}
     if config.classifier:

@@ -9,6 +9,7 @@ script and stylesheet are public static files. See docs/dashboard.md for every e
 
 from __future__ import annotations
 
+import asyncio
 import math
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ MAX_REQUESTS = 1000
 REQUEST_LOOKUP_WINDOW = 5000  # /requests/{id} looks this far back in the event log
 EXPLORATION_WINDOW = 500  # the summary's explore share: over this many of the policy's latest requests
 MAX_REPORT_BYTES = 20 * 1024 * 1024
+SPEND_READ_BATCH = 16  # /spend reads this many keys' ledgers at once: half the Redis pool (MAX_CONNECTIONS)
 
 
 def json_response(data: Any, status: int = 200) -> Response:
@@ -161,14 +163,21 @@ async def spend_endpoint(request: Request) -> Response:
     gw = admin_gateway(request)
     summary = await gw.store.summary()
     budgets = key_budgets(gw)
-    spent = {}
-    for key_id, caps in list(budgets.items())[:200]:
+    spent: dict[str, dict[str, float]] = {}
+
+    async def read(key_id: str, caps: dict[str, float]) -> None:
         # The budget ledger counts only periods with a cap (what enforcement needs): an uncapped
         # period has no ledger to show, rather than a $0 that reads as nothing spent.
         try:
             spent[key_id] = await gw.store.spent(key_id, tuple(caps)) if caps else {}
         except Exception:  # noqa: BLE001 - store unreachable: the rollups still show
             spent[key_id] = {}
+
+    # Every configured key (only the first 200 were read: the others showed $0 against their caps),
+    # SPEND_READ_BATCH reads at a time, so thousands of keys do not open as many Redis connections.
+    items = list(budgets.items())
+    for start in range(0, len(items), SPEND_READ_BATCH):
+        await asyncio.gather(*(read(key_id, caps) for key_id, caps in items[start:start + SPEND_READ_BATCH]))
     return json_response({"generated_at": summary.get("generated_at"),
                           **summaries.spend_view(summary.get("spend") or {}, budgets, spent)})
 

@@ -6,11 +6,11 @@ object they started with (policies are immutable once loaded).
 
 A change is what the file holds, not its mtime: two saves within one tick of the kernel's file clock
 (a few ms) leave one mtime, and a file restored with its old mtime (`cp -p`, `rsync -t`) or swapped
-under a symlink (a Kubernetes ConfigMap's `..data`) may look unchanged to an mtime. The poll runs on
-the event loop, so the file is read only when its stat (inode, size, mtime, ctime) differs from the
-one it had when last read, or for SETTLE_S after a stat first seen (a second save in the same clock
-tick leaves the same stat): a 10 MB policy was read and hashed every second (47 ms of the loop each
-time), and a file on a slow network mount would stall every request for each read.
+under a symlink (a Kubernetes ConfigMap's `..data`) may look unchanged to an mtime. The file is read
+only when its stat (inode, size, mtime, ctime) differs from the one it had when last read, or for
+SETTLE_S after a stat first seen (a second save in the same clock tick leaves the same stat): a 10 MB
+policy was read and hashed every second (47 ms of the loop each time, before reads moved to a thread),
+and a file on a slow network mount would be read for each poll.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import hashlib
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from policies.backends import BackendSpec
@@ -53,6 +53,17 @@ def _stat_key(path: Path) -> tuple[int, ...]:
     not always within one clock tick (see SETTLE_S); ctime cannot be set back as mtime can (`cp -p`)."""
     st = os.stat(path)
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+@dataclass
+class PendingReload:
+    """What PolicySet.read_changed read and compiled, for swap_in to serve."""
+
+    due: dict[str, None] = field(default_factory=dict)  # the policies read again, in order (a set's is random)
+    digests: dict[str, bytes] = field(default_factory=dict)  # policy -> its file's content now
+    unreadable: dict[str, OSError] = field(default_factory=dict)
+    refused: dict[str, PolicyError] = field(default_factory=dict)
+    read: dict[str, tuple[_Entry, CompiledPolicy]] = field(default_factory=dict)  # what loads, compiled
 
 
 class PolicySet:
@@ -137,22 +148,48 @@ class PolicySet:
         return [entry.compiled for entry in self._entries.values()]
 
     def reload_changed(self, *, force: bool = False) -> list[str]:
-        """Reload every policy whose file changed; returns the names reloaded."""
-        due = self._changed(force)
-        if due:
+        """Reload every policy whose file changed; returns the names reloaded. (The gateway splits it:
+        read_changed in a thread, then swap_in on the event loop.)"""
+        return self.swap_in(self.read_changed(force=force))
+
+    def read_changed(self, *, force: bool = False) -> PendingReload:
+        """Read, validate and compile every policy whose file changed (`force`: every file), changing
+        nothing: what a big policy costs (~50 ms for multi-provider.yaml) runs off the event loop, in a
+        thread, while requests are served; swap_in then serves the result. One at a time: the gateway
+        holds a lock from this call to swap_in's."""
+        pending = PendingReload()
+        now = time.monotonic()
+        for name, entry in list(self._entries.items()):
+            try:
+                stat = _stat_key(entry.path)
+                if stat == entry.stat and entry.digest is not None and now - entry.stat_seen > SETTLE_S \
+                        and not force:
+                    continue  # unchanged, and past the tick in which a second save could hide
+                if stat != entry.stat:  # only read_changed uses these, one call at a time (the gateway's lock)
+                    entry.stat, entry.stat_seen = stat, now
+                digest = _digest(entry.path)
+            except OSError as exc:
+                pending.unreadable[name] = exc
+                continue
+            if digest == entry.digest and not force:
+                continue
+            pending.digests[name] = digest
+            pending.due[name] = None
+        if pending.due:
             # A policy refused for declaring a shared inline backend unlike another is read again beside
             # that one's edit: an edit of such a backend in every file that declares it was refused in
             # each (checked against the others' versions serving), for good.
-            due.update({name: entry for name, entry in self._entries.items()
-                        if name in self.rejected and name not in due and entry.digest is not None})
-        read: dict[str, tuple[_Entry, CompiledPolicy]] = {}
-        for name, entry in due.items():
+            pending.due.update(dict.fromkeys(name for name, entry in self._entries.items() if name in self.rejected
+                                             and entry.digest is not None and name not in pending.unreadable))
+        read = pending.read
+        for name in pending.due:
+            entry = self._entries[name]
             try:
                 policy = load_policy(entry.path, extra_backends=self._backends)
                 self._check_unique(policy.name, entry.path, {c.policy.name: e.path for e, c in read.values()})
                 read[name] = entry, compile_policy(policy)
             except PolicyError as exc:
-                self._reject(name, exc)
+                pending.refused[name] = exc
         # Then the inline backends of those whose backends changed, against the others as they will
         # serve: their new version where it loads, else the one serving (a refusal puts that one back, so
         # the rest are checked again). A policy whose backends did not change clashes with none serving.
@@ -168,13 +205,28 @@ class PolicySet:
                     load_policy(path, extra_backends=self._backends,
                                 served_inline=self._inline_elsewhere(path, upcoming))
                 except PolicyError as exc:
-                    self._reject(name, exc)
+                    pending.refused[name] = exc
                     del read[name]
                     moved.remove(name)
                     checked = False
                     break
+        return pending
+
+    def swap_in(self, pending: PendingReload) -> list[str]:
+        """Serve what read_changed compiled, all at once (no await here: no request sees half of it);
+        requests in flight keep the compiled policy they started with. Returns the names reloaded."""
+        for name, exc in pending.unreadable.items():
+            entry = self._entries[name]
+            if entry.digest is not None:  # said once, not every poll
+                log.error("policy file unreadable, the previous %r keeps serving: %s", name, exc)
+            self.last_error = self.rejected[name] = f"{entry.path}: {exc}"
+            entry.digest = None  # once the file is back it is loaded, whatever it holds
+        for name, digest in pending.digests.items():
+            self._entries[name].digest = digest  # a broken file is reported once, not every poll
+        for name, exc in pending.refused.items():
+            self._reject(name, exc)
         reloaded = []
-        for name, (entry, compiled) in read.items():
+        for name, (entry, compiled) in pending.read.items():
             new_name = compiled.policy.name
             if new_name != name:
                 self._entries.pop(name)
@@ -184,35 +236,9 @@ class PolicySet:
             self.rejected.pop(name, None)
             reloaded.append(new_name)
             log.info("policy %r reloaded from %s", new_name, entry.path)
-        if reloaded and not any(name in self.rejected for name in due):
+        if reloaded and not any(name in self.rejected for name in pending.due):
             self.last_error = None
         return reloaded
-
-    def _changed(self, force: bool) -> dict[str, _Entry]:
-        """The policies whose file's content changed (every one, forced), their entries' digests updated:
-        a broken file is reported once, not every poll. An unreadable file is reported here, once."""
-        due = {}
-        now = time.monotonic()
-        for name, entry in list(self._entries.items()):
-            try:
-                stat = _stat_key(entry.path)
-                if stat == entry.stat and entry.digest is not None and now - entry.stat_seen > SETTLE_S \
-                        and not force:
-                    continue  # unchanged, and past the tick in which a second save could hide
-                if stat != entry.stat:
-                    entry.stat, entry.stat_seen = stat, now
-                digest = _digest(entry.path)
-            except OSError as exc:
-                if entry.digest is not None:  # said once, not every poll
-                    log.error("policy file unreadable, the previous %r keeps serving: %s", name, exc)
-                self.last_error = self.rejected[name] = f"{entry.path}: {exc}"
-                entry.digest = None  # once the file is back it is loaded, whatever it holds
-                continue
-            if digest == entry.digest and not force:
-                continue
-            entry.digest = digest
-            due[name] = entry
-        return due
 
     def _reject(self, name: str, exc: PolicyError) -> None:
         self.last_error = self.rejected[name] = str(exc)

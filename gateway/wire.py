@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable
+from decimal import Decimal
 from typing import Any, Protocol
 
 from gateway.calls import Caller
@@ -32,7 +33,15 @@ def plan_headers(plan: Plan) -> dict[str, str]:
 def cost_header(caller: Caller) -> dict[str, str]:
     """`x-ponder-cost-usd`: what this request's calls were billed. An error answer carries it too: a
     call cut off by a timeout or the deadline is billed its prompt, and the client is owed the figure."""
-    return {"x-ponder-cost-usd": f"{sum(c.cost_usd for c in caller.calls):.8f}"}
+    return {"x-ponder-cost-usd": decimal_usd(sum(c.cost_usd for c in caller.calls))}
+
+
+def decimal_usd(amount: float) -> str:
+    """The shortest decimal that reads back as `amount` (`float()` of it is the body's `cost_usd`
+    exactly), written without an exponent: a fixed 8 decimals wrote a $1e-9 request as 0.00000000, and
+    repr's `1e-09` is no decimal to a client that parses the header as one (docs/api.md)."""
+    shortest = repr(amount)
+    return shortest if "e" not in shortest else format(Decimal(shortest), "f")
 
 
 def server_timing(plan: Plan, caller: Caller, received: float, executing: float | None = None, *,

@@ -37,11 +37,12 @@ class RequestHints:
         Raises InvalidHint (-> 400) on a malformed header."""
         strategy = headers.get("x-ponder-strategy") or None
         if strategy is not None and strategy not in STRATEGIES:
-            raise InvalidHint(f"x-ponder-strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
+            raise InvalidHint("x-ponder-strategy",
+                              f"x-ponder-strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
         task = headers.get("x-ponder-task") or None
         if task is not None and not _TASK_LABEL.match(task):
-            raise InvalidHint(f"x-ponder-task must be a lowercase label of letters, digits, '_', '.' or '-' "
-                              f"(at most 64); got {task[:80]!r}")
+            raise InvalidHint("x-ponder-task", f"x-ponder-task must be a lowercase label of letters, digits, '_', "
+                              f"'.' or '-' (at most 64); got {task[:80]!r}")
         return cls(
             task=task,
             max_cost_usd=_header_number(headers, "x-ponder-max-cost-usd"),
@@ -60,7 +61,12 @@ _TASK_LABEL = re.compile(TASK_LABEL_PATTERN)
 
 
 class InvalidHint(ValueError):
-    """A malformed client override (the gateway answers 400 with this message)."""
+    """A malformed client override (the gateway answers 400 with this message, and the header's name
+    as the error's `param`, as OpenAI names the offending field)."""
+
+    def __init__(self, header: str, message: str) -> None:
+        super().__init__(message)
+        self.header = header
 
 
 def _header_number(headers: Mapping[str, str], name: str) -> float | None:
@@ -70,7 +76,7 @@ def _header_number(headers: Mapping[str, str], name: str) -> float | None:
     try:
         value = float(raw)
     except ValueError:
-        raise InvalidHint(f"{name} must be a number; got {raw!r}") from None
+        raise InvalidHint(name, f"{name} must be a number; got {raw!r}") from None
     if not math.isfinite(value) or value < 0:
-        raise InvalidHint(f"{name} must be a non-negative number; got {raw!r}")
+        raise InvalidHint(name, f"{name} must be a non-negative number; got {raw!r}")
     return value

@@ -48,6 +48,7 @@ from router.types import TASK_TYPES
 ARTIFACT_DIR = Path(__file__).resolve().parent / "artifacts"
 ONNX_NAME = "classifier.onnx"
 CARD_NAME = "classifier.json"
+DATASETS_FLAG = "`ponder train --datasets`"  # named when the datasets folder is missing
 TEST_PERCENT = 20  # share of problem ids held out
 SOURCE_CAP = 3000  # per-source weight cap, so MATH and GSM8K (21k prompts) do not drown the rest
 TASK_C = 10.0
@@ -339,7 +340,7 @@ def validate(seed: int = 0, datasets: str | Path | None = None, extra: Sequence[
     The held-out split is for reporting; settings (features, expert fitting) are compared here.
     """
     mine = load_extras(extra)  # a bad row is said before the datasets load
-    examples = load_examples(default_datasets_dir(datasets), seed) + mine
+    examples = load_examples(default_datasets_dir(datasets), seed, flag=DATASETS_FLAG) + mine
     train_set = [ex for ex in examples if not is_test_group(ex.group)]
 
     def held(ex: Example) -> bool:
@@ -370,7 +371,7 @@ def train(
     started = time.time()
     root = default_datasets_dir(datasets)
     mine = load_extras(extra)  # a bad row is said before the datasets load
-    examples = load_examples(root, seed) + mine
+    examples = load_examples(root, seed, flag=DATASETS_FLAG) + mine
     train_set, test_set, dropped = split(examples)
     everything = train_set + test_set
     steps = len(everything) // 512 + 5 + (len({ex.source for ex in everything}) if loso else 0)

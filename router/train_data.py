@@ -106,12 +106,14 @@ def default_datasets_dir(override: str | os.PathLike[str] | None = None) -> Path
     return Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 
 
-def datasets_dir(override: str | os.PathLike[str] | None = None) -> Path:
+def datasets_dir(override: str | os.PathLike[str] | None = None, *, flag: str | None = None) -> Path:
     """default_datasets_dir, refused when it is no folder: the default is beside the checkout, so an installed
-    ponder looks inside its virtualenv, and the missing file's path alone would not say how to point elsewhere."""
+    ponder looks inside its virtualenv, and the missing file's path alone would not say how to point elsewhere.
+    `flag`: the calling command's own option for the folder, if it has one (`ponder eval` has none: a
+    message naming another command's flag sent its user to the wrong command)."""
     root = default_datasets_dir(override)
     if not root.is_dir():
-        raise FileNotFoundError(f"no datasets folder at {root}: set PONDER_DATASETS (or `ponder train --datasets`) "
+        raise FileNotFoundError(f"no datasets folder at {root}: set PONDER_DATASETS{f' (or {flag})' if flag else ''} "
                                 "to the folder that holds math/, gsm8k/, mmlu_pro/, ... (the default is "
                                 "shared/datasets beside the folder ponder's code is in)")
     return root
@@ -596,8 +598,10 @@ def augment(examples: list[Example], seed: int) -> None:
             ex.messages[at:at] = earlier
 
 
-def load_examples(root: Path | None = None, seed: int = 0, sources: list[str] | None = None) -> list[Example]:
-    root = datasets_dir(root)
+def load_examples(root: Path | None = None, seed: int = 0, sources: list[str] | None = None, *,
+                  flag: str | None = None) -> list[Example]:
+    """`flag`: the calling command's option for the datasets folder, named if it is missing (datasets_dir)."""
+    root = datasets_dir(root, flag=flag)
     examples: list[Example] = []
     for name in sources or list(LOADERS):
         examples += LOADERS[name](root, seed)

@@ -678,7 +678,9 @@ def test_train_validate_fits_and_scores_the_extra_rows_too(tmp_path, monkeypatch
     assert T.cli(["--validate", "--extra", str(mine)]) == 0 and json.loads(capsys.readouterr().out)["macro_f1"] > 0
     monkeypatch.undo()
     assert T.cli(["--validate", "--datasets", str(tmp_path / "nowhere")]) == 1
-    assert capsys.readouterr().err.startswith("ponder train: ")
+    err = capsys.readouterr().err
+    assert err.startswith(f"ponder train: no datasets folder at {tmp_path / 'nowhere'}: set PONDER_DATASETS "
+                          "(or `ponder train --datasets`) to the folder")  # its own flag, which `ponder eval` lacks
 
 
 def test_datasets_path_override(monkeypatch, tmp_path):

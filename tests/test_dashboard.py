@@ -1107,7 +1107,7 @@ def test_money_reads_the_same_on_the_page_and_in_ponder_stats(tmp_path, browser)
         for backend, prompt in (("mock-a", "hi"), ("mock-p", "hello there")):
             response = chat(gateway.url, backend, prompt)
             assert response.status_code == 200, response.text
-            paid[backend] = response.json()["ponder"]["cost_usd"]  # (x-ponder-cost-usd has 8 decimals: 0.00000000)
+            paid[backend] = response.json()["ponder"]["cost_usd"]
         assert paid == {"mock-a": pytest.approx(1e-9), "mock-p": pytest.approx(246.913578)}
         page = browser.new_page()
         page.goto(gateway.url + "/dashboard")
@@ -1274,3 +1274,23 @@ def test_a_gateway_restarted_while_the_page_is_open(tmp_path, browser):
             expect(page.get_by_test_id("last-updated")).to_contain_text(re.compile(r"^updated "))
             assert page.evaluate("window.__sameDocument") is True
             page.close()
+
+
+def test_spend_reads_the_ledger_of_every_configured_key(tmp_path):
+    """The spend view read the budget ledger of the first 200 keys only: a key past them showed $0 of
+    its cap although it had spent. 250 keys, each with a day cap; the last one spends."""
+    keys = [{"id": f"key-{i:03d}", "sha256": hashlib.sha256(f"sk-many-{i}".encode()).hexdigest(),
+             "budget_usd_per_day": 5} for i in range(250)]
+    keys.append({"id": "ops", "sha256": hashlib.sha256(ADMIN_KEY.encode()).hexdigest(), "admin": True})
+    with running(start_mock(tmp_path)) as mock, running(start_gateway(tmp_path, {
+            "backends": [mock_backend("mock-a", mock), mock_backend("mock-b", mock)],
+            "policy": two_mock_policy(tmp_path, "many"), "api_keys": keys}, name="many")) as gateway:
+        answer = httpx.post(gateway.url + "/v1/chat/completions", headers=bearer("sk-many-249"), timeout=30,
+                            json={"model": "mock-a", "messages": [{"role": "user", "content": "one two three"}]})
+        assert answer.status_code == 200, answer.text
+        paid = answer.json()["ponder"]["cost_usd"]
+        rows = {row["key_id"]: row for row in get(gateway.url, "/v1/ponder/spend").json()["keys"]}
+        assert len(rows) == 251 and paid > 0
+        assert rows["key-249"]["spent"]["day"] == pytest.approx(paid)
+        assert rows["key-249"]["used"]["day"] == pytest.approx(round(paid / 5, 4))
+        assert rows["key-000"]["spent"]["day"] == 0

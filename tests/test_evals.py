@@ -524,9 +524,13 @@ def test_no_datasets_folder_says_how_to_point_at_one(tmp_path, monkeypatch, caps
     monkeypatch.setenv("PONDER_CACHE", str(tmp_path / "cache"))  # no cached scores to answer from
     assert cli([*what, "--out", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err == (f"ponder eval: error: no datasets folder at {tmp_path / 'not-here'}: set PONDER_DATASETS (or "
-                   "`ponder train --datasets`) to the folder that holds math/, gsm8k/, mmlu_pro/, ... (the default "
+    # only the eval's own way: it has no --datasets (`ponder eval --help`), so naming `ponder train`'s misled
+    assert err == (f"ponder eval: error: no datasets folder at {tmp_path / 'not-here'}: set PONDER_DATASETS "
+                   "to the folder that holds math/, gsm8k/, mmlu_pro/, ... (the default "
                    "is shared/datasets beside the folder ponder's code is in)")
+    with pytest.raises(SystemExit):
+        cli(["--help"])
+    assert "--datasets" not in capsys.readouterr().out
 
 
 def test_group_hindsight_ceiling_beats_every_single_arm_at_each_k(tmp_path):

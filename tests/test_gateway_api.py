@@ -2348,6 +2348,81 @@ def test_sighup_rereads_the_policies_and_keeps_serving(tmp_path):
             assert f"policy 'hup' reloaded from {path}" in gateway.log()  # read again though unchanged
 
 
+def test_a_policy_reload_reads_and_compiles_off_the_event_loop(tmp_path):
+    """A reload parsed and compiled the edited file on the event loop: every request waited for it
+    (~50 ms for policies/multi-provider.yaml, each edit). Here a policy that takes over a second to
+    read (2 MB of comments, which the YAML scanner reads a character at a time): while the gateway
+    reads its edit, /healthz still answers in a fraction of that; the edit is then served."""
+    from policies.backends import BackendSpec
+    from policies.loader import load_policy
+
+    spec = {"name": "big", "arms": {"cheap": {"backend": "mock-a"}, "strong": {"backend": "mock-b"}},
+            "routes": [{"name": "all", "candidates": ["cheap"]}], "exploration": {"share": 0.0}}
+    comments = ("# " + "x" * 98 + "\n") * 20_000
+    path = tmp_path / "big.yaml"
+    path.write_text(write_policy_text(spec) + comments)
+    started = time.perf_counter()  # what a reload costs, read here the way the gateway reads it
+    load_policy(path, extra_backends=[BackendSpec(name="mock-a", model="openai/a"),
+                                      BackendSpec(name="mock-b", model="openai/b")])
+    read_s = time.perf_counter() - started
+    assert read_s > 0.5, read_s  # the premise: a reload long enough to see
+    body = {"model": "auto", "messages": [{"role": "user", "content": "hello"}]}
+    with running(start_mock(tmp_path)) as mock:
+        with running(start_gateway(tmp_path, {"backends": [mock_backend("mock-a", mock), mock_backend("mock-b", mock)],
+                                              "policy": str(path)}, name="big", log_level="info")) as gateway:
+            slowest, served = 0.0, False
+            spec["routes"][0]["candidates"] = ["strong"]
+            path.write_text(write_policy_text(spec) + comments)
+            deadline = time.monotonic() + 30
+            with httpx.Client(timeout=30) as client:
+                while time.monotonic() < deadline and "policy 'big' reloaded" not in gateway.log():
+                    asked = time.perf_counter()
+                    assert client.get(gateway.url + "/healthz").status_code == 200
+                    slowest = max(slowest, time.perf_counter() - asked)
+                    time.sleep(0.01)
+                served = client.post(gateway.url + "/v1/chat/completions", json=body).headers["x-ponder-arm"]
+    assert "policy 'big' reloaded" in gateway.log() and served.startswith("mock-b")
+    assert slowest < read_s / 4, (slowest, read_s)  # on the loop, one /healthz waited for the whole read
+
+
+def test_an_edit_of_the_gateway_config_is_said_once_to_need_a_restart(tmp_path):
+    """The gateway config is read at start only: an edit of it was ignored without a word (the operator
+    believed a new key or budget was in force). The policy poll hashes it too, and logs one WARNING per
+    change naming the file; what serves is unchanged until a restart."""
+    body = {"model": "auto", "messages": [{"role": "user", "content": "hello"}]}
+    warning = "changed; the gateway reads it at start only: restart the gateway to apply the change"
+    with running(start_mock(tmp_path)) as mock:
+        with running(start_gateway(tmp_path, {"backends": [mock_backend("mock-a", mock), mock_backend("mock-b", mock)],
+                                              "policy": two_mock_policy(tmp_path, "cfg")}, name="cfg")) as gateway:
+            [config] = tmp_path.glob("cfg-*.yaml")
+            config.write_text(config.read_text() + "max_n: 2\n")
+
+            def warnings() -> list[str]:
+                return [line for line in gateway.log().splitlines() if warning in line]
+
+            deadline = time.monotonic() + 10
+            while not warnings() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            [line] = warnings()
+            assert "WARNING ponder.config:" in line and str(config) in line
+            time.sleep(2.5)  # more polls of the same content: nothing more said
+            assert len(warnings()) == 1
+            # the config it started with still serves (max_n 16, not the edit's 2)
+            answer = httpx.post(gateway.url + "/v1/chat/completions", json={**body, "n": 3}, timeout=30)
+            assert answer.status_code == 200, answer.text
+            config.write_text(config.read_text() + "max_n: 3\n")  # another change: said again
+            deadline = time.monotonic() + 10
+            while len(warnings()) < 2 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert len(warnings()) == 2
+
+
+def write_policy_text(spec: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(spec, sort_keys=False)
+
+
 def test_a_client_that_drops_a_stream_pays_for_what_was_streamed(keyed_stack):
     """The client reads one chunk of a relayed stream and hangs up: the tokens the upstream wrote so
     far are billed (estimated: the upstream's usage comes at the end) and charged to the key's budget,

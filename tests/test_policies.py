@@ -689,6 +689,31 @@ def test_the_poll_reads_an_unchanged_policy_file_only_while_its_stat_may_hide_a_
     assert list(policies.default.policy.routes[0].candidates) == ["two"]
 
 
+def test_a_reload_is_read_apart_and_served_only_when_swapped_in(tmp_path):
+    """The gateway reads and compiles an edit in a thread (read_changed), then serves it on the event
+    loop (swap_in): reading changes nothing a request can see, a broken edit included, so requests
+    go on with the policy serving until the swap, which serves every file's result at once."""
+    from gateway.policy_watch import PolicySet
+
+    text = "name: {name}\narms: {{one: {{backend: b}}, two: {{backend: c}}}}\nroutes: [{{name: all, candidates: [{arm}]}}]\n"
+    backends = [BackendSpec(name="b", model="openai/b"), BackendSpec(name="c", model="openai/c")]
+    main, other = tmp_path / "main.yaml", tmp_path / "other.yaml"
+    main.write_text(text.format(name="main", arm="one"))
+    other.write_text(text.format(name="other", arm="one"))
+    policies = PolicySet(str(main), {"other": str(other)}, backends)
+    serving = policies.default
+    main.write_text(text.format(name="main", arm="two"))
+    other.write_text("name: other\narms: [")  # broken
+    pending = policies.read_changed()
+    assert list(pending.due) == ["main", "other"] and set(pending.refused) == {"other"}
+    assert policies.default is serving and policies.rejected == {} and policies.last_error is None
+    assert policies.read_changed().due == pending.due  # nothing was marked read: the next poll sees the same
+    assert policies.swap_in(pending) == ["main"]
+    assert list(policies.default.policy.routes[0].candidates) == ["two"] and list(serving.policy.routes[0].candidates) == ["one"]
+    assert set(policies.rejected) == {"other"} and policies.get("other") is not None  # the old one serves
+    assert policies.read_changed().due == {}  # read once: a broken file is reported once, not every poll
+
+
 def test_two_policies_may_not_declare_one_inline_backend_differently(tmp_path):
     """The gateway serves one backend per name: a backend two policies declared inline differently was
     served as whichever came last, so the other policy's arms called its model at its prices. Refused at

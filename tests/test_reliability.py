@@ -1065,7 +1065,7 @@ def test_a_best_of_n_whose_judge_would_start_past_the_deadline_answers_with_its_
             assert upstream_calls(mock) == 3  # the three samples, no judge
 
 
-def test_all_backends_failing_gives_a_fast_clean_error_with_retry_after(pair):
+def test_all_backends_failing_gives_a_fast_clean_error_with_consistent_retry_advice(pair):
     gateway, mock_a, mock_b = pair
     reset(mock_a, mock_b)
     for mock in (mock_a, mock_b):
@@ -1079,7 +1079,10 @@ def test_all_backends_failing_gives_a_fast_clean_error_with_retry_after(pair):
         seconds.append(time.perf_counter() - started)
         assert response.status_code in (502, 503), response.text
         assert_openai_error(response)
-        assert int(response.headers.get("retry-after", 0)) >= 1, (response.status_code, response.text)
+        if response.status_code == 503:  # cooling down: come back then, and the SDK may
+            assert int(response.headers.get("retry-after", 0)) >= 1, response.text
+        else:  # after the gateway's own retries and fallbacks: not the SDK's to retry, and no wait beside that
+            assert response.headers["x-should-retry"] == "false" and "retry-after" not in response.headers
     assert percentile(seconds, 0.5) <= 0.100, f"p50 {percentile(seconds, 0.5) * 1000:.0f} ms"
 
 
@@ -1567,14 +1570,18 @@ def test_an_upstreams_wait_of_a_year_reaches_the_client_as_at_most_the_cool_down
     """A 500 or 400 whose Retry-After was an HTTP-date a year on (or as many seconds) was passed on as
     `Retry-After: 31535999`: a client told to wait a year, though the gateway itself calls the backend
     again after its longest cool-down (30 s), as it does for a 429's wait (and for Google's 429, whose
-    wait is in its body's RetryInfo)."""
+    wait is in its body's RetryInfo). A 502 carries no wait at all: it says `x-should-retry: false`
+    (docs/api.md "Client retries")."""
     gateway, mock = waits
     status, headers, stream = FAR_WAITS[case]
     control(mock, script=["error"], error={"status": status, "headers": headers,
                                            "body": '{"error": {"message": "busy"}}' if headers else A_YEARS_RETRY_INFO})
     response = httpx.post(gateway.url + "/v1/chat/completions", json=chat(f"far-{case}", stream=stream), timeout=30)
     assert response.status_code == {500: 502, 503: 502, 400: 400, 429: 429}[status], response.text
-    assert 1 <= int(response.headers["retry-after"]) <= 30, response.headers["retry-after"]
+    if response.status_code == 502:
+        assert response.headers["x-should-retry"] == "false" and "retry-after" not in response.headers
+    else:
+        assert 1 <= int(response.headers["retry-after"]) <= 30, response.headers["retry-after"]
 
 
 # -- provider streams through litellm, garbled ------------------------------------------------------
