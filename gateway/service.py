@@ -195,9 +195,17 @@ class Gateway:
         config_file = self.config.file_watch
         while True:
             await asyncio.sleep(interval_s)
-            await self._reload_policies()
+            await self._reload_policies_logged()
             if config_file is not None:
                 config_file.check()
+
+    async def _reload_policies_logged(self, *, force: bool = False) -> None:
+        """A reload that fails unexpectedly is logged, and the next poll tries again: raised out of the
+        watcher task it ended the task unseen, and no edit was reloaded after (nor a SIGHUP's said)."""
+        try:
+            await self._reload_policies(force=force)
+        except Exception:
+            log.exception("policy reload failed; the policies serving keep serving, the next poll tries again")
 
     async def _reload_policies(self, *, force: bool = False) -> None:
         """Reload the policy files that changed (`force`: every file), and serve what they now declare."""
@@ -215,7 +223,7 @@ class Gateway:
 
     def _reload_on_signal(self) -> None:
         log.info("SIGHUP: re-reading the policy files (the gateway config is read at start only)")
-        self._tasks.append(asyncio.create_task(self._reload_policies(force=True)))
+        self._tasks.append(asyncio.create_task(self._reload_policies_logged(force=True)))
 
     def _log_policy_warnings(self) -> None:
         """Said once at startup and at each reload that leaves it so (PolicySet.warnings)."""

@@ -33,11 +33,20 @@ def compose(text: str) -> tuple[yaml.Node | None, Any, list[tuple[Loc, int, str]
     """The document's node tree, its data and its duplicate keys (loc, line, message). Raises
     YamlSyntaxError. Duplicates are found before the data is constructed: constructing flattens merge
     keys (`<<: *anchor`) into the node tree, which made a key overriding a merged one look repeated."""
-    loader = yaml.SafeLoader(text)
+    loader: yaml.SafeLoader | None = None
     try:
+        loader = yaml.SafeLoader(text)  # refuses a control character (a NUL) already
         root = loader.get_single_node()
         duplicates = duplicate_keys(root) if root is not None else []
         data = loader.construct_document(root) if root is not None else None
+    except yaml.reader.ReaderError as exc:
+        raise YamlSyntaxError(None, None, f"character #x{exc.character:04x} at offset {exc.position}: "
+                                          f"{exc.reason}") from None
+    except (ValueError, RecursionError) as exc:
+        # An integer of over 4300 digits (Python's int limit), lists nested past Python's stack: they
+        # escaped as tracebacks, and killed the gateway's policy watcher (no reload after)
+        what = "nested too deep" if isinstance(exc, RecursionError) else str(exc).split(";")[0]
+        raise YamlSyntaxError(None, None, what) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         detail = " ".join(str(part) for part in (getattr(exc, "context", None), getattr(exc, "problem", None)) if part)
@@ -46,7 +55,8 @@ def compose(text: str) -> tuple[yaml.Node | None, Any, list[tuple[Loc, int, str]
         raise YamlSyntaxError(mark.line + 1 if mark else None, mark.column + 1 if mark else None,
                               detail or type(exc).__name__) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     return root, data, duplicates
 
 

@@ -3031,3 +3031,33 @@ def test_a_streamed_claude_tool_call_has_no_content_as_openai_streams_it(tmp_pat
         control(mock, answers=["Sunny."])  # a text answer streams its text as ever
         with client.chat.completions.stream(model="sonnet", messages=messages) as events:
             assert events.get_final_completion().choices[0].message.content == "Sunny."
+
+
+def test_the_policy_watcher_outlives_an_edit_that_yaml_refuses_oddly(tmp_path):
+    """A policy saved with a NUL in it raised a ReaderError out of the reload thread: the watcher task
+    ended without a word, and no edit was reloaded after (the fixing edit below was never served)."""
+    import time
+
+    import yaml
+
+    def rejected(url: str) -> dict[str, str]:
+        text = httpx.get(url + "/metrics").text
+        return {line.split('"')[1]: line.rsplit(" ", 1)[1] for line in text.splitlines()
+                if line.startswith("ponder_policy_reload_rejected{")}
+
+    def wait_for(url: str, expected: dict[str, str]) -> dict[str, str]:
+        deadline = time.monotonic() + 10
+        while (seen := rejected(url)) != expected and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return seen
+
+    spec = {"name": "before", "backends": [{"name": "b", "model": "openai/b", "api_base": "http://127.0.0.1:9/v1"}],
+            "arms": {"one": {"backend": "b"}}, "routes": [{"name": "all", "candidates": ["one"]}]}
+    path = write_policy(tmp_path, spec, "odd.yaml")
+    with running(start_gateway(tmp_path, {"policy": path}, name="odd-edit")) as gateway:
+        assert rejected(gateway.url) == {"before": "0.0"}
+        (tmp_path / "odd.yaml").write_text(yaml.safe_dump(spec) + "comment: \x00\n")
+        assert wait_for(gateway.url, {"before": "1.0"}) == {"before": "1.0"}
+        (tmp_path / "odd.yaml").write_text(yaml.safe_dump({**spec, "name": "after"}))
+        assert wait_for(gateway.url, {"after": "0.0"}) == {"after": "0.0"}
+        assert "Traceback" not in gateway.log()

@@ -894,3 +894,16 @@ def test_every_shipped_policy_can_be_served_beside_every_other(tmp_path):
                       + "".join(f"  {path.stem}: {path.name}\n" for path in SHIPPED if path.stem != "local"))
     policies = configured_policies(load_config(config))
     assert sorted(policies.names()) == sorted(path.stem for path in SHIPPED)
+
+
+@pytest.mark.parametrize("text", ["name: bad\x00name\n", "name: x\nzz: " + "9" * 5000 + "\n", "[" * 5000 + "]" * 5000],
+                         ids=["nul-character", "integer-past-python-limit", "nested-past-the-stack"])
+def test_yaml_that_python_itself_refuses_is_a_policy_error_naming_the_file(tmp_path, text):
+    """A NUL (a binary file saved over the policy), an integer of over 4300 digits, lists nested past
+    Python's stack escaped load_policy as ReaderError / ValueError / RecursionError: a traceback from
+    `ponder policy check`, and in the gateway the end of its policy watcher (no reload after)."""
+    path = tmp_path / "odd.yaml"
+    path.write_text(text)
+    with pytest.raises(PolicyError) as caught:
+        load_policy(path)
+    assert str(path) in str(caught.value) and "YAML syntax error" in str(caught.value)
