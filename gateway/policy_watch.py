@@ -64,6 +64,7 @@ class PendingReload:
     unreadable: dict[str, OSError] = field(default_factory=dict)
     refused: dict[str, PolicyError] = field(default_factory=dict)
     read: dict[str, tuple[_Entry, CompiledPolicy]] = field(default_factory=dict)  # what loads, compiled
+    stats: dict[str, tuple[tuple[int, ...], float]] = field(default_factory=dict)  # policy -> a new stat, when seen
 
 
 class PolicySet:
@@ -165,8 +166,8 @@ class PolicySet:
                 if stat == entry.stat and entry.digest is not None and now - entry.stat_seen > SETTLE_S \
                         and not force:
                     continue  # unchanged, and past the tick in which a second save could hide
-                if stat != entry.stat:  # only read_changed uses these, one call at a time (the gateway's lock)
-                    entry.stat, entry.stat_seen = stat, now
+                if stat != entry.stat:  # kept by swap_in: a reload that fails or is dropped reads it again
+                    pending.stats[name] = stat, now
                 digest = _digest(entry.path)
             except OSError as exc:
                 pending.unreadable[name] = exc
@@ -215,6 +216,8 @@ class PolicySet:
     def swap_in(self, pending: PendingReload) -> list[str]:
         """Serve what read_changed compiled, all at once (no await here: no request sees half of it);
         requests in flight keep the compiled policy they started with. Returns the names reloaded."""
+        for name, (stat, seen) in pending.stats.items():
+            self._entries[name].stat, self._entries[name].stat_seen = stat, seen
         for name, exc in pending.unreadable.items():
             entry = self._entries[name]
             if entry.digest is not None:  # said once, not every poll

@@ -907,3 +907,23 @@ def test_yaml_that_python_itself_refuses_is_a_policy_error_naming_the_file(tmp_p
     with pytest.raises(PolicyError) as caught:
         load_policy(path)
     assert str(path) in str(caught.value) and "YAML syntax error" in str(caught.value)
+
+
+def test_a_reload_read_but_never_swapped_in_is_read_again(tmp_path, monkeypatch):
+    """read_changed runs in a thread and changes nothing: the new stat it saw is kept by swap_in. It
+    kept the stat itself, so a reload that failed or was dropped between the two (an unexpected error
+    in the thread, logged by the gateway's watcher) left the edit unread for good once SETTLE_S passed:
+    the stat matched, and the old policy served until a restart."""
+    from gateway import policy_watch
+    from gateway.policy_watch import PolicySet
+
+    text = "name: main\narms: {{one: {{backend: b}}, two: {{backend: c}}}}\nroutes: [{{name: all, candidates: [{arm}]}}]\n"
+    path = tmp_path / "main.yaml"
+    path.write_text(text.format(arm="one"))
+    backends = [BackendSpec(name=name, model=f"openai/{name}") for name in ("b", "c")]
+    policies = PolicySet(str(path), {}, backends)
+    monkeypatch.setattr(policy_watch, "SETTLE_S", 0.0)  # past the settling time at once
+    path.write_text(text.format(arm="two") + "# longer\n")
+    assert list(policies.read_changed().due) == ["main"]  # read, then dropped: never swapped in
+    assert policies.reload_changed() == ["main"]
+    assert list(policies.default.policy.routes[0].candidates) == ["two"]
