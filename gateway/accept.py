@@ -87,6 +87,9 @@ class DrainingServer:
             await self._loop.connect_accepted_socket(self._protocol_factory, conn)
         except OSError:  # the client is gone already
             conn.close()
+        except Exception:  # not to leak the socket, nor leave an exception no one retrieves
+            conn.close()
+            log.exception("a new connection could not be set up")
 
     def _resume(self, listener: socket.socket) -> None:
         if listener.fileno() != -1:

@@ -223,7 +223,9 @@ class Gateway:
 
     def _reload_on_signal(self) -> None:
         log.info("SIGHUP: re-reading the policy files (the gateway config is read at start only)")
-        self._tasks.append(asyncio.create_task(self._reload_policies_logged(force=True)))
+        task = asyncio.create_task(self._reload_policies_logged(force=True))
+        self._tasks.append(task)
+        task.add_done_callback(self._tasks.remove)  # ended: nothing left to cancel at close (no list growing per signal)
 
     def _log_policy_warnings(self) -> None:
         """Said once at startup and at each reload that leaves it so (PolicySet.warnings)."""
