@@ -2195,7 +2195,7 @@ def test_policy_hot_reload_keeps_serving_through_a_broken_edit(tmp_path):
             assert routed_to(gateway.url) == "mock-a"
             spec["routes"][0]["candidates"] = ["strong"]
             (tmp_path / "reloading.yaml").write_text(yaml.safe_dump(spec))
-            assert wait_for(gateway.url, "mock-b")
+            assert wait_for_rejected_policies(gateway.url, "mock-b")
             (tmp_path / "reloading.yaml").write_text("name: reloading\narms: {cheap: {backend: nowhere}}\nroutes: [")
             time.sleep(2.5)  # more than one reload poll
             assert all(routed_to(gateway.url) == "mock-b" for _ in range(5))  # the previous policy serves
@@ -2207,7 +2207,7 @@ def test_policy_hot_reload_keeps_serving_through_a_broken_edit(tmp_path):
             spec["arms"]["fresh"] = {"backend": "inline-c"}
             spec["routes"][0]["candidates"] = ["fresh"]
             (tmp_path / "reloading.yaml").write_text(yaml.safe_dump(spec))
-            assert wait_for(gateway.url, "inline-c")
+            assert wait_for_rejected_policies(gateway.url, "inline-c")
             assert 'ponder_policy_reload_rejected{policy="reloading"} 0.0' in httpx.get(gateway.url + "/metrics").text
             # ... and a reload that removes it: a request on it in flight is answered, later ones are not
             # sent to it (it stayed listed and callable by name, at its cost, after the operator removed it)
@@ -2224,40 +2224,42 @@ def test_policy_hot_reload_keeps_serving_through_a_broken_edit(tmp_path):
             sender.join()
             control(mock, delay_ms=0)
             assert in_flight[0].status_code == 200, in_flight[0].text
-            assert wait_for(gateway.url, "mock-b")
+            assert wait_for_rejected_policies(gateway.url, "mock-b")
             models = [m["id"] for m in httpx.get(gateway.url + "/v1/models").json()["data"]]
             assert "inline-c" not in models and {"mock-a", "mock-b"} <= set(models)
             gone = httpx.post(gateway.url + "/v1/chat/completions", json=direct)
             assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
 
 
+def rejected_policies(url: str) -> dict[str, str]:
+    """The gateway's ponder_policy_reload_rejected series: policy -> value."""
+    text = httpx.get(url + "/metrics").text
+    return {line.split('"')[1]: line.rsplit(" ", 1)[1] for line in text.splitlines()
+            if line.startswith("ponder_policy_reload_rejected{")}
+
+
+def wait_for_rejected_policies(url: str, expected: dict[str, str]) -> dict[str, str]:
+    """The series once they read `expected`, or as they read after 10 s."""
+    deadline = time.monotonic() + 10
+    while (seen := rejected_policies(url)) != expected and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return seen
+
+
 def test_a_policy_renamed_by_the_edit_that_fixes_it_leaves_no_rejection_alert(tmp_path):
     """A broken edit sets ponder_policy_reload_rejected{policy=OLD} to 1; the edit that fixes it also
     renames the policy: OLD is served no more, and its series must not stay at 1 (an alert firing forever)."""
-    import time
-
     import yaml
-
-    def rejected(url: str) -> dict[str, str]:
-        text = httpx.get(url + "/metrics").text
-        return {line.split('"')[1]: line.rsplit(" ", 1)[1] for line in text.splitlines()
-                if line.startswith("ponder_policy_reload_rejected{")}
-
-    def wait_for(url: str, expected: dict[str, str]) -> dict[str, str]:
-        deadline = time.monotonic() + 10
-        while (seen := rejected(url)) != expected and time.monotonic() < deadline:
-            time.sleep(0.2)
-        return seen
 
     spec = {"name": "before", "backends": [{"name": "b", "model": "openai/b", "api_base": "http://127.0.0.1:9/v1"}],
             "arms": {"one": {"backend": "b"}}, "routes": [{"name": "all", "candidates": ["one"]}]}
     path = write_policy(tmp_path, spec, "renamed.yaml")
     with running(start_gateway(tmp_path, {"policy": path}, name="rename")) as gateway:
-        assert rejected(gateway.url) == {"before": "0.0"}
+        assert rejected_policies(gateway.url) == {"before": "0.0"}
         (tmp_path / "renamed.yaml").write_text("name: before\nroutes: [")
-        assert wait_for(gateway.url, {"before": "1.0"}) == {"before": "1.0"}
+        assert wait_for_rejected_policies(gateway.url, {"before": "1.0"}) == {"before": "1.0"}
         (tmp_path / "renamed.yaml").write_text(yaml.safe_dump({**spec, "name": "after"}))
-        assert wait_for(gateway.url, {"after": "0.0"}) == {"after": "0.0"}
+        assert wait_for_rejected_policies(gateway.url, {"after": "0.0"}) == {"after": "0.0"}
 
 
 def test_a_configmap_swap_reloads_the_policy_and_requests_in_flight_finish_on_the_old_one(tmp_path):
@@ -3036,28 +3038,15 @@ def test_a_streamed_claude_tool_call_has_no_content_as_openai_streams_it(tmp_pat
 def test_the_policy_watcher_outlives_an_edit_that_yaml_refuses_oddly(tmp_path):
     """A policy saved with a NUL in it raised a ReaderError out of the reload thread: the watcher task
     ended without a word, and no edit was reloaded after (the fixing edit below was never served)."""
-    import time
-
     import yaml
-
-    def rejected(url: str) -> dict[str, str]:
-        text = httpx.get(url + "/metrics").text
-        return {line.split('"')[1]: line.rsplit(" ", 1)[1] for line in text.splitlines()
-                if line.startswith("ponder_policy_reload_rejected{")}
-
-    def wait_for(url: str, expected: dict[str, str]) -> dict[str, str]:
-        deadline = time.monotonic() + 10
-        while (seen := rejected(url)) != expected and time.monotonic() < deadline:
-            time.sleep(0.2)
-        return seen
 
     spec = {"name": "before", "backends": [{"name": "b", "model": "openai/b", "api_base": "http://127.0.0.1:9/v1"}],
             "arms": {"one": {"backend": "b"}}, "routes": [{"name": "all", "candidates": ["one"]}]}
     path = write_policy(tmp_path, spec, "odd.yaml")
     with running(start_gateway(tmp_path, {"policy": path}, name="odd-edit")) as gateway:
-        assert rejected(gateway.url) == {"before": "0.0"}
+        assert rejected_policies(gateway.url) == {"before": "0.0"}
         (tmp_path / "odd.yaml").write_text(yaml.safe_dump(spec) + "comment: \x00\n")
-        assert wait_for(gateway.url, {"before": "1.0"}) == {"before": "1.0"}
+        assert wait_for_rejected_policies(gateway.url, {"before": "1.0"}) == {"before": "1.0"}
         (tmp_path / "odd.yaml").write_text(yaml.safe_dump({**spec, "name": "after"}))
-        assert wait_for(gateway.url, {"after": "0.0"}) == {"after": "0.0"}
+        assert wait_for_rejected_policies(gateway.url, {"after": "0.0"}) == {"after": "0.0"}
         assert "Traceback" not in gateway.log()
